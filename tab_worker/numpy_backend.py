@@ -1,0 +1,123 @@
+"""The numpy backend: the fast path on CPU-only hosts and the behavioural reference for wgpu.
+
+Weights are dequantized once at load into f32 (q/k/v fused into one matrix, gate/up fused
+into another) so every step is a few BLAS matmuls per layer; the per-kernel math is the
+numpy twins in kernels.reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import reference as ref
+from kernels.quant import dequantize
+from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+
+
+class _KVCache:
+    """One session's keys and values for every held layer: f32 [layers, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, capacity: int):
+        self.k = np.zeros((n_layers, n_kv, capacity, head_dim), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+
+    def ensure(self, needed: int) -> None:
+        cap = self.k.shape[2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = np.zeros(old.shape[:2] + (new_cap,) + old.shape[3:], np.float32)
+            grown[:, :, :cap] = old
+            setattr(self, name, grown)
+
+
+class _DenseLayer:
+    def __init__(self, w: LayerWeights):
+        self.attn_norm = np.asarray(w.attn_norm, np.float32)
+        self.ffn_norm = np.asarray(w.ffn_norm, np.float32)
+        self.w_qkv_t = np.ascontiguousarray(np.concatenate([dequantize(w.wq), dequantize(w.wk), dequantize(w.wv)]).T)
+        self.wo_t = np.ascontiguousarray(dequantize(w.wo).T)
+        self.w_gate_up_t = np.ascontiguousarray(np.concatenate([dequantize(w.w_gate), dequantize(w.w_up)]).T)
+        self.w_down_t = np.ascontiguousarray(dequantize(w.w_down).T)
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int, **_device_options):
+        self.config = config
+        self.layer_ids = sorted(layers)
+        if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
+            raise ValueError(f"layers must be a contiguous range, got {self.layer_ids}")
+        self.max_ctx = max_ctx
+        self._layers = [_DenseLayer(layers[i]) for i in self.layer_ids]
+        self._head_norm = None if head is None else np.asarray(head.output_norm, np.float32)
+        self._head_t = None if head is None else np.ascontiguousarray(dequantize(head.output).T)
+        self._sessions: dict[str, _KVCache] = {}
+        c = config
+        self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+
+    # ------------------------------------------------------------------ sessions
+    def session_length(self, session_id: str) -> int:
+        s = self._sessions.get(session_id)
+        return 0 if s is None else s.length
+
+    def drop_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    def _cache_for(self, sl: SessionSlice) -> _KVCache:
+        end = sl.start_pos + sl.length
+        if end > self.max_ctx:
+            raise ValueError(f"session {sl.session_id}: position {end} exceeds the context of {self.max_ctx}")
+        cache = self._sessions.get(sl.session_id)
+        if cache is None:
+            if sl.start_pos != 0:
+                raise ValueError(f"session {sl.session_id} is unknown here and starts at {sl.start_pos}, not 0")
+            c = self.config
+            cache = self._sessions[sl.session_id] = _KVCache(len(self._layers), c.n_kv_heads, c.head_dim, max(16, end))
+        elif sl.start_pos > cache.length:
+            raise ValueError(f"session {sl.session_id}: start {sl.start_pos} leaves a gap after length {cache.length}")
+        cache.ensure(end)
+        return cache
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, slices: list[SessionSlice], hidden: np.ndarray) -> np.ndarray:
+        c = self.config
+        x = np.array(hidden, dtype=np.float32, copy=True)
+        if x.ndim != 2 or x.shape[1] != c.hidden or x.shape[0] != sum(s.length for s in slices):
+            raise ValueError(f"hidden has shape {hidden.shape}; expected ({sum(s.length for s in slices)}, {c.hidden})")
+        caches = [self._cache_for(s) for s in slices]
+        positions = np.concatenate([np.arange(s.start_pos, s.start_pos + s.length) for s in slices]) if slices else np.zeros(0, np.int64)
+        offsets = np.cumsum([0] + [s.length for s in slices])
+        for li, layer in enumerate(self._layers):
+            h = ref.rmsnorm(x, layer.attn_norm, c.rms_eps)
+            qkv = h @ layer.w_qkv_t
+            q = ref.rope(qkv[:, : self._q_dim].reshape(-1, c.n_heads, c.head_dim), positions, c.rope_base)
+            k = ref.rope(qkv[:, self._q_dim : self._q_dim + self._kv_dim].reshape(-1, c.n_kv_heads, c.head_dim), positions, c.rope_base)
+            v = qkv[:, self._q_dim + self._kv_dim :].reshape(-1, c.n_kv_heads, c.head_dim)
+            attn = np.empty((x.shape[0], c.n_heads, c.head_dim), np.float32)
+            for si, (sl, cache) in enumerate(zip(slices, caches)):
+                rows = slice(offsets[si], offsets[si + 1])
+                end = sl.start_pos + sl.length
+                cache.k[li, :, sl.start_pos:end] = k[rows].transpose(1, 0, 2)
+                cache.v[li, :, sl.start_pos:end] = v[rows].transpose(1, 0, 2)
+                attn[rows] = ref.attention(q[rows], cache.k[li, :, :end], cache.v[li, :, :end], sl.start_pos)
+            x += attn.reshape(x.shape[0], -1) @ layer.wo_t
+            h = ref.rmsnorm(x, layer.ffn_norm, c.rms_eps)
+            gate_up = h @ layer.w_gate_up_t
+            x += ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]) @ layer.w_down_t
+        for sl, cache in zip(slices, caches):
+            # a replay (start_pos < length) truncates whatever came after it
+            cache.length = sl.start_pos + sl.length
+        return x
+
+    def head_topk(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._head_t is None:
+            raise ValueError("this backend holds no head")
+        h = ref.rmsnorm(np.asarray(hidden, np.float32), self._head_norm, self.config.rms_eps)
+        return ref.topk(h @ self._head_t, k)

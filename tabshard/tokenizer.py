@@ -1,0 +1,85 @@
+"""The GGUF's own tokenizer (GPT-2 style byte-level BPE) and chat template.
+
+Built with the `tokenizers` library from `tokenizer.ggml.tokens` / `merges`; control tokens
+(token_type 3, e.g. <|im_start|>) become special tokens so the chat template's markers are
+single ids. The chat template is rendered with jinja2 exactly as written in the GGUF.
+"""
+from __future__ import annotations
+
+import jinja2
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from tabshard.errors import ModelError
+
+_CONTROL = 3
+_USER_DEFINED = 4
+
+
+class GGUFTokenizer:
+    def __init__(self, gguf_model):
+        g = gguf_model
+        kind = g.field("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelError(f"{g.path.name}: tokenizer model {kind!r} is not supported (only GPT-2 style BPE)")
+        tokens = g.field("tokenizer.ggml.tokens")
+        merges = g.field("tokenizer.ggml.merges") or []
+        types = g.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+        tk = Tokenizer(bpe)
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(g.field("tokenizer.ggml.add_space_prefix", False)), use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)]
+        tk.add_special_tokens(special)
+        self._tk = tk
+        self.vocab_size = len(tokens)
+        self.eos_id = int(g.field("tokenizer.ggml.eos_token_id", 2))
+        bos = g.field("tokenizer.ggml.bos_token_id")
+        self.bos_id = None if bos is None else int(bos)
+        self.add_bos = bool(g.field("tokenizer.ggml.add_bos_token", False))
+        self.special_ids = {tokens[i]: i for i, t in enumerate(types) if t == _CONTROL}
+        self.chat_template = g.field("tokenizer.chat_template")
+        self._tokens = tokens
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tokens[token_id]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ModelError("this model has no chat template; use a plain prompt without --chat")
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        tmpl = env.from_string(self.chat_template)
+        return tmpl.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._tokens[self.bos_id] if self.bos_id is not None else "",
+            eos_token=self._tokens[self.eos_id],
+        )
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text increments without splitting UTF-8
+    characters across byte-level tokens (a pending replacement char is held back)."""
+
+    def __init__(self, tokenizer: GGUFTokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta
