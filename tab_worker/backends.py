@@ -1,0 +1,31 @@
+"""Backend selection: `numpy`, `wgpu`, or `auto` (wgpu on a real GPU, numpy on CPU-only hosts,
+where numpy is several times faster than wgpu on lavapipe; see PLATFORM.md)."""
+from __future__ import annotations
+
+from tabshard.errors import ConfigError
+
+BACKENDS = ("auto", "numpy", "wgpu")
+
+
+def resolve_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name != "auto":
+        return name
+    try:
+        from kernels.runner import shared_device
+
+        return "wgpu" if shared_device().is_real_gpu() else "numpy"
+    except Exception:
+        return "numpy"
+
+
+def make_backend(name: str, config, layers, head, max_ctx: int, **device_options):
+    name = resolve_backend_name(name)
+    if name == "numpy":
+        from tab_worker.numpy_backend import NumpyBackend
+
+        return NumpyBackend(config, layers, head, max_ctx)
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    return WgpuBackend(config, layers, head, max_ctx, **device_options)

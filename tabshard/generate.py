@@ -1,0 +1,93 @@
+"""Single-worker generation: embedding and sampling here, every layer and the head in one backend."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.quant import QuantTensor, dequantize
+from tab_worker.backends import make_backend
+from tab_worker.engine_types import ModelConfig, SessionSlice
+from tabshard.errors import TabshardError
+from tabshard.sampling import Sampler, SamplingParams
+
+
+def embed(embedding: QuantTensor, token_ids) -> np.ndarray:
+    """f32 rows of the quantized embedding for the given ids (the numpy twin of embedding.wgsl
+    applied on the coordinator, which embeds tokens for every pipeline)."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= embedding.n):
+        raise TabshardError(f"token id out of range [0, {embedding.n})")
+    rows = QuantTensor(embedding.spec, len(ids), embedding.k, embedding.qweight[ids], embedding.scales[ids])
+    return dequantize(rows)
+
+
+def check_request(config: ModelConfig, prompt_ids: list[int], max_tokens: int) -> None:
+    if max_tokens < 1:
+        raise TabshardError(f"max tokens must be at least 1, got {max_tokens}")
+    if not prompt_ids:
+        raise TabshardError("the prompt is empty after tokenization")
+    if len(prompt_ids) >= config.context:
+        raise TabshardError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {config.context}")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    generated: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.generated - 1) / self.decode_s if self.generated > 1 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class LocalGenerator:
+    def __init__(self, weights, backend: str = "numpy", max_ctx: int | None = None, **device_options):
+        self.config: ModelConfig = weights.config
+        self.embedding = weights.embedding
+        self.max_ctx = min(max_ctx or self.config.context, self.config.context)
+        self.backend = make_backend(
+            backend, self.config, dict(enumerate(weights.layers)), weights.head, self.max_ctx, **device_options
+        )
+        self._next_session = 0
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
+                 stats: GenerationStats | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+        check_request(self.config, prompt_ids, max_tokens)
+        max_tokens = min(max_tokens, self.max_ctx - len(prompt_ids))
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_ids)
+        sampler = Sampler(params)
+        sid = f"local-{self._next_session}"
+        self._next_session += 1
+        try:
+            t0 = time.perf_counter()
+            hidden = self.backend.forward([SessionSlice(sid, 0, len(prompt_ids))], embed(self.embedding, prompt_ids))
+            ids, logits = self.backend.head_topk(hidden[-1:], params.candidates)
+            stats.prefill_s = time.perf_counter() - t0
+            pos = len(prompt_ids)
+            t_decode = time.perf_counter()
+            for step in range(max_tokens):
+                if step:
+                    t = time.perf_counter()
+                    hidden = self.backend.forward([SessionSlice(sid, pos, 1)], embed(self.embedding, [token]))
+                    ids, logits = self.backend.head_topk(hidden, params.candidates)
+                    pos += 1
+                    stats.step_times.append(time.perf_counter() - t)
+                token = sampler.choose(ids[0], logits[0], step)
+                stats.generated += 1
+                stats.decode_s = time.perf_counter() - t_decode
+                yield token
+                if stop_at_eos and token == self.config.eos_id:
+                    return
+        finally:
+            self.backend.drop_session(sid)
