@@ -1,0 +1,130 @@
+"""Weight blobs: one self-describing, checksummed byte string per layer (and one for the head).
+
+A blob is a plain msgpack map (tensors in the wire format's tensor encoding), so the browser
+decodes it with the same codec as every message. Its sha256 is its identity: a tab that
+already holds a blob with that hash (in memory, or in the browser's Cache API) skips the
+download. Blobs travel in chunks of CHUNK_BYTES, each with its own sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from kernels.quant import QuantSpec, QuantTensor
+from tab_worker.engine_types import HeadWeights, LayerWeights
+
+CHUNK_BYTES = 1 << 20
+_DTYPES = {"f32": np.float32, "u32": np.uint32}
+
+
+class BlobError(ValueError):
+    """A weight blob or chunk that is corrupt or does not describe what it claims."""
+
+
+def _tensor(a: np.ndarray) -> dict:
+    a = np.ascontiguousarray(a)
+    name = {np.dtype(np.float32): "f32", np.dtype(np.uint32): "u32"}[a.dtype]
+    return {"__t": name, "s": list(a.shape), "b": a.data.cast("B")}
+
+
+def _array(d: dict) -> np.ndarray:
+    try:
+        arr = np.frombuffer(d["b"], dtype=_DTYPES[d["__t"]])
+        return arr.reshape(d["s"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BlobError(f"bad tensor in weight blob: {exc}") from None
+
+
+def _quant(t: QuantTensor) -> dict:
+    return {"spec": t.spec.name, "n": t.n, "k": t.k, "q": _tensor(t.qweight), "s": _tensor(t.scales)}
+
+
+def _unquant(d: dict) -> QuantTensor:
+    return QuantTensor(QuantSpec.parse(d["spec"]), int(d["n"]), int(d["k"]), _array(d["q"]), _array(d["s"]))
+
+
+def pack_layer(index: int, w: LayerWeights) -> bytes:
+    body = {"kind": "layer", "index": index, "attn_norm": _tensor(w.attn_norm), "ffn_norm": _tensor(w.ffn_norm)}
+    body.update({m: _quant(getattr(w, m)) for m in LayerWeights.MATRICES})
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def pack_head(h: HeadWeights) -> bytes:
+    return msgpack.packb({"kind": "head", "output_norm": _tensor(h.output_norm), "output": _quant(h.output)}, use_bin_type=True)
+
+
+def unpack_blob(data: bytes) -> tuple[str, int | None, LayerWeights | HeadWeights]:
+    try:
+        body = msgpack.unpackb(data, raw=False)
+        if body["kind"] == "layer":
+            w = LayerWeights(
+                attn_norm=_array(body["attn_norm"]).copy(), ffn_norm=_array(body["ffn_norm"]).copy(),
+                **{m: _unquant(body[m]) for m in LayerWeights.MATRICES},
+            )
+            return "layer", int(body["index"]), w
+        if body["kind"] == "head":
+            return "head", None, HeadWeights(output_norm=_array(body["output_norm"]).copy(), output=_unquant(body["output"]))
+    except BlobError:
+        raise
+    except Exception as exc:
+        raise BlobError(f"weight blob does not decode: {type(exc).__name__}: {exc}") from None
+    raise BlobError(f"weight blob of unknown kind {body.get('kind')!r}")
+
+
+def sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What the coordinator announces about a blob in an assignment."""
+
+    key: str  # "layer:3" or "head"
+    sha256: str
+    size: int
+    chunks: int
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "sha256": self.sha256, "size": self.size, "chunks": self.chunks}
+
+
+def blob_info(key: str, data: bytes) -> BlobInfo:
+    return BlobInfo(key, sha256(data), len(data), max(1, -(-len(data) // CHUNK_BYTES)))
+
+
+def chunk(data: bytes, index: int) -> memoryview:
+    return memoryview(data)[index * CHUNK_BYTES : (index + 1) * CHUNK_BYTES]
+
+
+class BlobAssembler:
+    """Collects a blob's chunks (in any order, each checked), resumable: `have` says which
+    chunk indices already arrived so a reconnecting worker can ask only for the rest."""
+
+    def __init__(self, info: BlobInfo):
+        self.info = info
+        self.buf = bytearray(info.size)
+        self.have: set[int] = set()
+
+    def add(self, index: int, offset: int, data: bytes, digest: str) -> bool:
+        if not (0 <= index < self.info.chunks) or offset != index * CHUNK_BYTES:
+            raise BlobError(f"chunk {index} at offset {offset} does not belong to blob {self.info.key}")
+        if offset + len(data) > self.info.size:
+            raise BlobError(f"chunk {index} of {self.info.key} overruns the blob size {self.info.size}")
+        if sha256(data) != digest:
+            raise BlobError(f"chunk {index} of {self.info.key} fails its checksum")
+        self.buf[offset : offset + len(data)] = data
+        self.have.add(index)
+        return self.complete
+
+    @property
+    def complete(self) -> bool:
+        return len(self.have) == self.info.chunks
+
+    def result(self) -> bytes:
+        data = bytes(self.buf)
+        if sha256(data) != self.info.sha256:
+            raise BlobError(f"blob {self.info.key} fails its checksum after assembly")
+        return data

@@ -1,0 +1,209 @@
+"""The tab worker's logic, with no I/O: fed decoded messages, it returns the messages to send.
+
+The same steps, in the same order and with the same names, live in the browser tab's
+worker.js. The asyncio adapter (tab_worker/client.py) owns the socket and the heartbeat
+timer and calls `handle` for every message in arrival order; `handle` may block while it
+computes, which is why the adapter runs it off the event loop.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+
+from kernels.quant import QuantSpec, quantize_rtn
+from tab_worker.backends import make_backend, resolve_backend_name
+from tab_worker.engine_types import LayerWeights, ModelConfig, SessionSlice
+from tab_worker.weights import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
+from tabshard.wire import PROTOCOL_VERSION
+
+# bytes a backend holds per byte of packed weights: numpy dequantizes to f32 (~7x a 4.5-bit
+# packing) and keeps the packed blob; wgpu uploads the packed words as they are
+EXPANSION = {"numpy": 8.0, "wgpu": 1.2}
+
+
+def msg(type_: str, **fields) -> dict:
+    return {"v": PROTOCOL_VERSION, "type": type_, **fields}
+
+
+class TabWorker:
+    def __init__(self, name: str, backend: str = "auto", token: str | None = None,
+                 memory_bytes: int | None = None, device_options: dict | None = None,
+                 profile: dict | None = None, blob_store: dict[str, bytes] | None = None):
+        self.name = name
+        self.backend_name = resolve_backend_name(backend)
+        self.token = token
+        self.memory_bytes = memory_bytes or 4 << 30
+        self.device_options = device_options or {}
+        self.profile = profile or {}
+        self.worker_id: str | None = None
+        self.epoch = 0
+        self.heartbeat_ms = 250
+        self.blobs: dict[str, bytes] = blob_store if blob_store is not None else {}  # sha256 -> blob
+        self._assembling: dict[str, BlobAssembler] = {}
+        self._assignments: dict[int, dict] = {}  # assignment_id -> assign message, while loading
+        self.ranges: dict[tuple[int, int], object] = {}  # (layer_start, layer_end) -> backend
+        self.range_heads: dict[tuple[int, int], bool] = {}
+        self.steps_served = 0
+        self.tokens_served = 0
+        self.bytes_received = 0
+        self.slow_factor = 1.0  # fault injection and profiles scale compute time with this
+
+    # ------------------------------------------------------------------ join
+    def capabilities(self) -> dict:
+        caps = {
+            "kind": "python",
+            "backend": self.backend_name,
+            "memory_bytes": int(self.memory_bytes),
+            "expansion": EXPANSION[self.backend_name],
+            "platform": f"{platform.system()} {platform.machine()}",
+            "cpus": os.cpu_count() or 1,
+            "profile": self.profile,
+        }
+        if self.backend_name == "wgpu":
+            try:
+                from kernels.runner import describe_device
+
+                caps.update(describe_device(**self.device_options))
+            except Exception as exc:  # report, do not die: the planner can still use numpy peers
+                caps["adapter_error"] = str(exc)
+        return caps
+
+    def hello(self) -> dict:
+        partial = {a.info.sha256: sorted(a.have) for a in self._assembling.values()}
+        return msg("hello", worker_name=self.name, token=self.token or "", capabilities=self.capabilities(),
+                   resume={"have": sorted(self.blobs), "partial": partial, "worker_id": self.worker_id})
+
+    def heartbeat(self, seq: int) -> dict:
+        return msg("heartbeat", seq=seq, load={"steps": self.steps_served, "ranges": [list(r) for r in self.ranges]})
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, m: dict) -> list[dict]:
+        handler = getattr(self, f"on_{m['type']}", None)
+        if handler is None:
+            return [msg("error", code="unexpected_type", field="type", message=f"a worker does not accept {m['type']!r}")]
+        return handler(m) or []
+
+    def on_welcome(self, m):
+        self.worker_id, self.epoch, self.heartbeat_ms = m["worker_id"], m["epoch"], m["heartbeat_ms"]
+
+    def on_error(self, m):
+        return None
+
+    def on_calibrate(self, m):
+        """Time one synthetic layer of the model's shape: the planner's measure of this worker."""
+        cfg = ModelConfig.from_dict(m["model"])
+        tokens = int(m.get("tokens") or 4)
+        layer = synthetic_layer(cfg, seed=0)
+        backend = make_backend(self.backend_name, cfg, {0: layer}, None, tokens + 1, **self.device_options)
+        x = np.random.default_rng(0).standard_normal((1, cfg.hidden)).astype(np.float32)
+        backend.forward([SessionSlice("calibration", 0, 1)], x)  # warm-up (pipelines, caches)
+        t0 = time.perf_counter()
+        for pos in range(1, tokens):
+            backend.forward([SessionSlice("calibration", pos, 1)], x)
+        ms = (time.perf_counter() - t0) * 1000 / max(tokens - 1, 1) * self.slow_factor
+        return [msg("calibration_result", step_ms=ms, details={"backend": self.backend_name, "tokens": tokens})]
+
+    def on_assign(self, m):
+        infos = [BlobInfo(**c) for c in m["chunks"]]
+        need = sum(i.size for i in infos) * EXPANSION[self.backend_name]
+        if need > self.memory_bytes:
+            return [msg("refuse", reason="memory", detail={"assignment_id": m["assignment_id"], "needed": int(need), "budget": int(self.memory_bytes)})]
+        self._assignments[m["assignment_id"]] = m
+        for info in infos:
+            if info.sha256 not in self.blobs and info.sha256 not in self._assembling:
+                self._assembling[info.sha256] = BlobAssembler(info)
+        return self._finish_ready_assignments()
+
+    def on_weights_chunk(self, m):
+        asm = self._assembling.get(m.get("blob") or "")
+        if asm is None:
+            return [msg("weights_ack", chunk_id=m["chunk_id"], ok=True)]  # already complete: a resend
+        try:
+            data = bytes(m["data"])
+            asm.add(m["chunk_id"], m["offset"], data, m["sha256"])
+            self.bytes_received += len(data)
+            out = [msg("weights_ack", chunk_id=m["chunk_id"], ok=True, blob=asm.info.sha256)]
+            if asm.complete:
+                self.blobs[asm.info.sha256] = asm.result()
+                del self._assembling[asm.info.sha256]
+                out += self._finish_ready_assignments()
+            return out
+        except BlobError as exc:
+            return [msg("weights_ack", chunk_id=m["chunk_id"], ok=False, error=str(exc), blob=asm.info.sha256)]
+
+    def _finish_ready_assignments(self) -> list[dict]:
+        out = []
+        for aid, m in list(self._assignments.items()):
+            shas = [c["sha256"] for c in m["chunks"]]
+            if not all(s in self.blobs for s in shas):
+                continue
+            del self._assignments[aid]
+            cfg = ModelConfig.from_dict(m["model"])
+            layers, head = {}, None
+            for s in shas:
+                kind, index, w = unpack_blob(self.blobs[s])
+                if kind == "layer":
+                    layers[index] = w
+                else:
+                    head = w
+            key = (m["layer_start"], m["layer_end"])
+            self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **self.device_options)
+            self.range_heads[key] = head is not None
+            out.append(msg("ready", assignment_id=aid, layers=list(key), checksum=sha256("".join(shas).encode())))
+        return out
+
+    def on_step(self, m):
+        key = (m["layer_start"], m["layer_end"])
+        backend = self.ranges.get(key)
+        if backend is None:
+            return [msg("error", code="not_assigned", field="layer_start", message=f"layers {key} are not held here", step_id=m["step_id"])]
+        slices = [SessionSlice(s["session_id"], int(s["start_pos"]), int(s["length"])) for s in m["sessions"]]
+        t0 = time.perf_counter()
+        try:
+            out = backend.forward(slices, m["hidden"])
+        except ValueError as exc:
+            return [msg("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
+        reply = msg("step_result", step_id=m["step_id"], epoch=m["epoch"])
+        want = int(m.get("want_topk") or 0)
+        if self.range_heads.get(key) and want:
+            ends = np.cumsum([s.length for s in slices]) - 1
+            ids, logits = backend.head_topk(out[ends], want)
+            reply.update(topk_ids=ids.astype(np.int32), topk_logits=logits.astype(np.float32))
+            reply["output"] = np.zeros((0, out.shape[1]), np.float32)
+            self.tokens_served += len(slices)
+        else:
+            reply["output"] = out
+        elapsed = time.perf_counter() - t0
+        if self.slow_factor > 1:
+            time.sleep(elapsed * (self.slow_factor - 1))
+        reply["compute_ms"] = (time.perf_counter() - t0) * 1000
+        self.steps_served += 1
+        return [reply]
+
+    def on_drop_session(self, m):
+        for backend in self.ranges.values():
+            backend.drop_session(m["session_id"])
+
+    def on_unload(self, m):
+        if "layer_start" in m:
+            self.ranges.pop((m["layer_start"], m["layer_end"]), None)
+        else:
+            self.ranges.clear()
+
+
+def synthetic_layer(cfg: ModelConfig, seed: int, spec: QuantSpec = QuantSpec(4, 32, False)) -> LayerWeights:
+    """A layer of the model's shape with deterministic pseudo-random weights."""
+    rng = np.random.default_rng(seed)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+    def mat(n, k):
+        return quantize_rtn((rng.standard_normal((n, k), dtype=np.float32) * (1.0 / np.sqrt(k))), spec)
+
+    return LayerWeights(
+        attn_norm=np.ones(cfg.hidden, np.float32), wq=mat(q, cfg.hidden), wk=mat(kv, cfg.hidden), wv=mat(kv, cfg.hidden),
+        wo=mat(cfg.hidden, q), ffn_norm=np.ones(cfg.hidden, np.float32), w_gate=mat(cfg.ffn, cfg.hidden),
+        w_up=mat(cfg.ffn, cfg.hidden), w_down=mat(cfg.hidden, cfg.ffn),
+    )

@@ -1,0 +1,27 @@
+import os
+import tempfile
+
+import pytest
+
+# Mesa prints an error at every start without a private runtime dir (PLATFORM.md)
+if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    from tabshard.model import GGUFModel
+
+    return GGUFModel()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_model):
+    from tabshard.tokenizer import GGUFTokenizer
+
+    return GGUFTokenizer(smollm2_model)
+
+
+@pytest.fixture(scope="session")
+def smollm2_weights(smollm2_model):
+    return smollm2_model.load_all()
