@@ -87,6 +87,11 @@ class TabWorker:
         return handler(m) or []
 
     def on_welcome(self, m):
+        # a new welcome is a new membership: the coordinator re-assigns, so old ranges and
+        # their KV caches are released (the weight blobs stay for the re-assignment)
+        self.ranges.clear()
+        self.range_heads.clear()
+        self._assignments.clear()
         self.worker_id, self.epoch, self.heartbeat_ms = m["worker_id"], m["epoch"], m["heartbeat_ms"]
 
     def on_error(self, m):

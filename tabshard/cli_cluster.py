@@ -1,5 +1,118 @@
-"""Cluster commands (serve, worker, status, demo); filled in as the coordinator lands."""
+"""Cluster commands: serve (the coordinator), worker (a Python tab), status, demo."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.request
+
+
+def _serve_args(p) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", metavar="PATH")
+    p.add_argument("--token", help="join token workers must present (default: random, printed)")
+    p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--heartbeat-ms", type=int, default=None)
+    p.add_argument("--max-stages", type=int, default=None)
+    p.add_argument("--no-coordinator-compute", action="store_true", help="never run layers on the coordinator itself")
+    p.add_argument("--config", metavar="TOML", help="settings file; flags override it")
+
+
+def settings_from_args(a):
+    from coordinator.config import load_settings
+
+    overrides = {}
+    if a.replicas is not None:
+        overrides["replicas"] = a.replicas
+    if a.heartbeat_ms is not None:
+        overrides["heartbeat_ms"] = a.heartbeat_ms
+    if a.max_stages is not None:
+        overrides["max_stages"] = a.max_stages
+    if a.no_coordinator_compute:
+        overrides["coordinator_compute"] = False
+    return load_settings(a.config, overrides)
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    from coordinator.app import build_app
+    from coordinator.server import CoordinatorService
+
+    settings = settings_from_args(a)
+    service = CoordinatorService(a.model, settings, join_token=a.token)
+    app = build_app(service)
+    base = f"http://{a.host}:{a.port}"
+    print(f"tabshard coordinator for {service.model.path.name}", flush=True)
+    print(f"  worker join URL: ws://{a.host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
+    print(f"  tab join URL:    {base}/tab?token={service.join_token}", flush=True)
+    print(f"  API URL:         {base}/v1  (OpenAI-compatible), status {base}/status", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", ws_max_size=64 << 20, ws_ping_interval=None,
+                ws_per_message_deflate=False, timeout_graceful_shutdown=1)
+    return 0
+
+
+def cmd_worker(a) -> int:
+    from tab_worker.client import run_worker
+    from tab_worker.worker import TabWorker
+
+    url = a.connect
+    worker = TabWorker(a.name or f"py-{__import__('os').getpid()}", backend=a.backend, token=a.token,
+                       memory_bytes=int(a.memory_mb * (1 << 20)) if a.memory_mb else None)
+    try:
+        asyncio.run(run_worker(url, worker))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_status(a) -> int:
+    from tabshard.errors import TabshardError
+
+    try:
+        with urllib.request.urlopen(f"{a.url.rstrip('/')}/status", timeout=5) as r:
+            st = json.loads(r.read())
+    except OSError as exc:
+        raise TabshardError(f"no coordinator answers at {a.url}: {exc}") from None
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(format_status(st))
+    return 0
+
+
+def format_status(st: dict) -> str:
+    lines = [f"plan v{st['plan_version']}  {'DEGRADED' if st['degraded'] else 'healthy'}  "
+             f"{st['model'].get('name', '')} ({st['model']['layers']} layers)"]
+    names = {w["worker_id"]: w for w in st["workers"]}
+    for s in st["stages"]:
+        holders = ", ".join(f"{h}{'' if h in s['ready'] else ' (loading)'} [{names.get(h, {}).get('name', '?')}]" for h in s["holders"])
+        lines.append(f"  stage {s['index']}: layers {s['layers'][0]:>2}-{s['layers'][1] - 1:>2}{' + head' if s['head'] else '       '}  -> {holders or 'UNSERVED'}")
+    for w in st["workers"]:
+        lines.append(f"  worker {w['worker_id']:>4} {w['name']:<16} {w['state']:<11} {w['backend'] or '':<6} "
+                     f"{w['ms_per_layer']:.2f} ms/layer  steps {w['steps']}  heartbeat {w['heartbeat_age_ms']} ms ago")
+    return "\n".join(lines)
 
 
 def add_commands(sub) -> None:
-    return None
+    s = sub.add_parser("serve", help="run the coordinator")
+    _serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run a Python tab worker")
+    w.add_argument("--connect", required=True, metavar="URL", help="ws://HOST:PORT/ws/worker")
+    w.add_argument("--token")
+    w.add_argument("--backend", default="auto", choices=["auto", "numpy", "wgpu"])
+    w.add_argument("--name")
+    w.add_argument("--memory-mb", type=float)
+    w.set_defaults(func=cmd_worker)
+
+    st = sub.add_parser("status", help="print the shard map of a running coordinator")
+    st.add_argument("--url", default="http://127.0.0.1:8000")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    from tabshard.demo import add_demo_command
+
+    add_demo_command(sub)

@@ -1,0 +1,62 @@
+"""`serve` settings from a TOML file and flags, validated with the key, the value and what is allowed."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from coordinator.state import CoordinatorSettings
+from tabshard.errors import ConfigError
+
+_RULES = {
+    "heartbeat_ms": (int, 20, 10_000),
+    "dead_after_ms": (int, 50, 60_000),
+    "step_deadline_factor": (float, 1.0, 1000.0),
+    "step_deadline_min_ms": (int, 10, 600_000),
+    "suspect_evict_factor": (float, 1.0, 1000.0),
+    "replicas": (int, 1, 16),
+    "max_stages": (int, 1, 1024),
+    "max_batch": (int, 1, 1024),
+    "prefill_chunk": (int, 1, 8192),
+    "coordinator_compute": (bool, None, None),
+    "replan_delay_ms": (int, 0, 60_000),
+    "max_ctx": (int, 16, 1 << 20),
+    "request_timeout_s": (float, 0.1, 3600.0),
+    "calibration_tokens": (int, 2, 256),
+    "max_sessions": (int, 1, 100_000),
+}
+
+
+def load_settings(path: str | None, overrides: dict | None = None) -> CoordinatorSettings:
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+        values.update(data.get("serve", data))
+    values.update(overrides or {})
+    for key, value in values.items():
+        if key not in _RULES:
+            raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(sorted(_RULES))}")
+        kind, lo, hi = _RULES[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            values[key] = value
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"setting {key!r} = {value!r}: expected {kind.__name__}")
+        if lo is not None and not (lo <= value <= hi):
+            raise ConfigError(f"setting {key!r} = {value!r}: allowed range is {lo} to {hi}")
+    if "dead_after_ms" not in values and "heartbeat_ms" in values:
+        values["dead_after_ms"] = int(values["heartbeat_ms"] * 3.2)
+    settings = CoordinatorSettings(**values)
+    if settings.dead_after_ms < 2 * settings.heartbeat_ms:
+        raise ConfigError(f"setting 'dead_after_ms' = {settings.dead_after_ms}: must be at least twice heartbeat_ms ({settings.heartbeat_ms})")
+    return settings
+
+
+def settings_dict(s: CoordinatorSettings) -> dict:
+    return dataclasses.asdict(s)

@@ -1,0 +1,190 @@
+"""The asyncio adapter around the coordinator's state machine: WebSockets in, actions out.
+
+One event loop owns the `Coordinator`; every socket's frames are decoded here (wire.decode)
+and fed in with the time; the returned actions are carried out without awaiting inside the
+state machine: each connection has its own ordered outbox drained by a writer task. The
+coordinator's own compute (used when tabs cannot hold the model) is an in-process TabWorker
+on a single worker thread that speaks the same messages, minus the bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Log, Send
+from tab_worker.weights import pack_head, pack_layer
+from tab_worker.worker import TabWorker
+from tabshard import wire
+from tabshard.generate import embed
+from tabshard.model import GGUFModel
+from tabshard.sampling import SamplingParams
+from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
+
+log = logging.getLogger("tabshard.coordinator")
+
+WORKER_LIMITS = wire.Limits(max_frame_bytes=64 << 20, max_tensor_elements=16 << 20)
+TICK_S = 0.02
+
+
+@dataclass
+class ClientStream:
+    """Events for one request, plus the text decoder that turns token ids into text."""
+
+    queue: asyncio.Queue
+    decoder: StreamDecoder
+    prompt_tokens: int
+    tokens: list = field(default_factory=list)
+
+
+class CoordinatorService:
+    def __init__(self, model_path: str | None = None, settings: CoordinatorSettings = CoordinatorSettings(),
+                 join_token: str | None = None, local_backend: str = "numpy"):
+        self.model = GGUFModel(model_path)
+        self.tokenizer = GGUFTokenizer(self.model)
+        weights = self.model.load_all()
+        self.weights = weights
+        blobs = {f"layer:{i}": pack_layer(i, lw) for i, lw in enumerate(weights.layers)}
+        blobs["head"] = pack_head(weights.head)
+        self.join_token = join_token if join_token is not None else secrets.token_urlsafe(16)
+        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, self.join_token)
+        self.settings = settings
+        self._outboxes: dict[str, asyncio.Queue] = {}
+        self._sockets: dict[str, object] = {}
+        self._conn_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self.clients: dict[str, ClientStream] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._tick_task = None
+        self._local_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-compute")
+        self._local = None
+        if settings.coordinator_compute:
+            store = {}
+            for data in blobs.values():
+                from tab_worker.weights import sha256
+
+                store[sha256(data)] = data
+            self._local = TabWorker("coordinator", backend=local_backend, blob_store=store, memory_bytes=64 << 30)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._tick_task = asyncio.create_task(self._ticker())
+        if self._local is not None:
+            self._local_send(self._local.hello())
+
+    async def stop(self) -> None:
+        if self._tick_task:
+            self._tick_task.cancel()
+        self._local_exec.shutdown(wait=False, cancel_futures=True)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.perform(self.core.tick(time.monotonic()))
+            except Exception:  # a bug here must not stop failure detection for everyone
+                log.exception("tick failed")
+
+    # ------------------------------------------------------------------ actions
+    def perform(self, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                if a.conn == LOCAL:
+                    self._local_exec.submit(self._local_handle, a.msg)
+                else:
+                    box = self._outboxes.get(a.conn)
+                    if box is not None:
+                        box.put_nowait(a.msg)
+            elif isinstance(a, Close):
+                box = self._outboxes.get(a.conn)
+                if box is not None:
+                    box.put_nowait(a)
+            elif isinstance(a, Emit):
+                self._emit(a)
+            elif isinstance(a, Log):
+                log.info("%s %s", a.kind, a.detail)
+
+    def _local_handle(self, m: dict) -> None:
+        replies = self._local.handle(m)
+        for r in replies:
+            self.loop.call_soon_threadsafe(self._local_send, r)
+
+    def _local_send(self, m: dict) -> None:
+        self.perform(self.core.on_message(LOCAL, m, time.monotonic()))
+
+    def _emit(self, a: Emit) -> None:
+        client = self.clients.get(a.request_id)
+        if client is None:
+            return
+        ev = dict(a.event)
+        if ev["type"] == "token":
+            client.tokens.append(ev["token_id"])
+            ev["text"] = "" if ev["token_id"] == self.core.config.eos_id else client.decoder.push(ev["token_id"])
+        client.queue.put_nowait(ev)
+
+    # ------------------------------------------------------------------ worker sockets
+    async def serve_worker(self, ws) -> None:
+        """ws: a starlette WebSocket, already accepted."""
+        conn = f"c{next(self._conn_ids)}"
+        box: asyncio.Queue = asyncio.Queue()
+        self._outboxes[conn] = box
+        writer = asyncio.create_task(self._writer(conn, ws, box))
+        reason = "closed"
+        try:
+            while True:
+                frame = await ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                data = frame.get("bytes")
+                now = time.monotonic()
+                if data is None:
+                    err = wire.ProtocolError("malformed", "text frames are not part of the protocol; send binary msgpack", None)
+                    self.perform(self.core.on_protocol_error(conn, err, now))
+                    continue
+                try:
+                    m = wire.decode(data, WORKER_LIMITS)
+                except wire.ProtocolError as err:
+                    self.perform(self.core.on_protocol_error(conn, err, now))
+                    continue
+                self.perform(self.core.on_message(conn, m, now))
+        except Exception as exc:  # the socket broke: same as a close
+            reason = f"error {type(exc).__name__}"
+        finally:
+            self.perform(self.core.on_disconnect(conn, time.monotonic(), reason))
+            writer.cancel()
+            self._outboxes.pop(conn, None)
+
+    async def _writer(self, conn: str, ws, box: asyncio.Queue) -> None:
+        try:
+            while True:
+                item = await box.get()
+                if isinstance(item, Close):
+                    await ws.close(code=item.code, reason=item.reason)
+                    return
+                await ws.send_bytes(wire.encode(item, validate=False))
+        except Exception:
+            return
+
+    # ------------------------------------------------------------------ clients
+    def open_request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+                     request_id: str | None = None) -> tuple[str, ClientStream]:
+        rid = request_id or f"req-{next(self._request_ids)}-{secrets.token_hex(4)}"
+        client = ClientStream(asyncio.Queue(), StreamDecoder(self.tokenizer), len(prompt_ids))
+        self.clients[rid] = client
+        self.perform(self.core.submit(rid, prompt_ids, max_tokens, params, time.monotonic()))
+        return rid, client
+
+    def close_request(self, rid: str, cancelled: bool) -> None:
+        if cancelled:
+            self.perform(self.core.cancel(rid, time.monotonic()))
+        self.clients.pop(rid, None)
+
+    def status(self) -> dict:
+        st = self.core.status(time.monotonic())
+        st["model"]["name"] = self.model.path.name
+        return st

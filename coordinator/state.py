@@ -1,0 +1,735 @@
+"""The coordinator as a pure state machine: fed decoded messages and the time, it returns actions.
+
+Everything that decides anything lives here: joins and calibration, the plan, weight
+streaming, the pipelined scheduler (batching across sessions), failure detection, fencing and
+the explicit rebuild of a dead stage by replaying its stored inputs. The asyncio server
+(server.py) only moves bytes and clocks in and out; tests drive this class directly.
+
+Worker lifecycle (one table, see WORKER_TRANSITIONS):
+    joining -> calibrating -> idle -> loading -> ready <-> (busy is per stage) -> dead
+    any live state -> suspect (missed step deadline, heartbeats still arrive) -> ready | dead
+    any state -> quarantined (broke the protocol) ; dead / quarantined are terminal: a worker
+    that comes back is a new worker (its late results carry a stale epoch and are ignored).
+
+A session's token path: submit -> embed (here) -> stage 0 ... stage N-1 (head: top-k) ->
+sample (here) -> emit -> embed the new token -> stage 0 ...
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
+from tab_worker.engine_types import ModelConfig
+from tab_worker.weights import CHUNK_BYTES, BlobInfo, chunk, sha256
+from tabshard.sampling import Sampler, SamplingParams
+from tabshard.wire import PROTOCOL_VERSION, ProtocolError
+
+LOCAL = "local"  # connection id of the coordinator's own compute worker
+
+WORKER_TRANSITIONS = {
+    "joining": {"calibrating", "dead", "quarantined"},
+    "calibrating": {"idle", "dead", "quarantined"},
+    "idle": {"loading", "dead", "quarantined"},
+    "loading": {"ready", "idle", "loading", "dead", "quarantined"},
+    "ready": {"loading", "suspect", "idle", "dead", "quarantined"},
+    "suspect": {"ready", "dead", "quarantined"},
+    "dead": set(),
+    "quarantined": set(),
+}
+
+
+# ---------------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class Send:
+    conn: str
+    msg: dict
+
+
+@dataclass(frozen=True)
+class Close:
+    conn: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An event for a client: type token / done / error."""
+
+    request_id: str
+    event: dict
+
+
+@dataclass(frozen=True)
+class Log:
+    kind: str  # join, death, detection, recovery, quarantine, plan, ...
+    detail: dict
+
+
+def _msg(type_: str, **fields) -> dict:
+    return {"v": PROTOCOL_VERSION, "type": type_, **fields}
+
+
+# ---------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    heartbeat_ms: int = 250
+    dead_after_ms: int = 800  # silence before a worker is declared dead (<= 1 s detection)
+    step_deadline_factor: float = 8.0  # x the worker's measured time for that step
+    step_deadline_min_ms: int = 1500
+    suspect_evict_factor: float = 4.0  # a step this many deadlines late: evict the worker
+    replicas: int = 1
+    max_stages: int | None = None
+    max_batch: int = 16
+    prefill_chunk: int = 256
+    coordinator_compute: bool = True
+    replan_delay_ms: int = 300  # let a burst of joins settle before re-planning
+    max_ctx: int = 2048
+    request_timeout_s: float = 30.0  # a request with no way to be served fails after this
+    calibration_tokens: int = 4
+    max_sessions: int = 64
+
+
+# ---------------------------------------------------------------------- records
+@dataclass
+class Worker:
+    conn: str
+    worker_id: str
+    name: str
+    caps: dict
+    epoch: int
+    joined_at: float
+    last_seen: float
+    state: str = "joining"
+    ms_per_layer: float = 1.0
+    stages: set = field(default_factory=set)  # stage indexes held (primary or standby)
+    have_blobs: set = field(default_factory=set)  # sha256 of blobs the worker holds
+    loading: dict = field(default_factory=dict)  # assignment_id -> (stage index, blob shas)
+    bytes_sent: int = 0
+    steps: int = 0
+    last_step_ms: float | None = None
+    local: bool = False
+
+    def move(self, new: str) -> None:
+        if new != self.state and new not in WORKER_TRANSITIONS[self.state]:
+            raise AssertionError(f"worker {self.worker_id}: illegal transition {self.state} -> {new}")
+        self.state = new
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("dead", "quarantined")
+
+    def capacity(self) -> WorkerCapacity:
+        return WorkerCapacity(self.worker_id, self.ms_per_layer, int(self.caps.get("memory_bytes", 1 << 30)),
+                              float(self.caps.get("expansion", 1.0)), self.local)
+
+
+@dataclass
+class WorkItem:
+    """Rows of one session for one stage. Rows at positions >= forward_from go on to the next
+    stage (a rebuild replays history whose outputs are not needed again)."""
+
+    session_id: str
+    start_pos: int
+    rows: np.ndarray  # f32 [length, hidden]
+    forward_from: int
+    wants_token: bool  # at the last stage: sample a token from the last row
+
+    @property
+    def end(self) -> int:
+        return self.start_pos + len(self.rows)
+
+
+@dataclass
+class Stage:
+    index: int
+    layer_start: int
+    layer_end: int
+    include_head: bool
+    holders: list[str]  # worker ids: primary first, then warm standbys
+    ready: set = field(default_factory=set)  # holders that have loaded the range
+    queue: deque = field(default_factory=deque)
+    inflight: dict | None = None  # {"step_id", "worker", "items", "sent_at", "deadline"}
+    needs_rebuild: bool = False
+
+    @property
+    def primary(self) -> str | None:
+        return self.holders[0] if self.holders else None
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "layers": [self.layer_start, self.layer_end], "head": self.include_head,
+                "holders": list(self.holders), "ready": sorted(self.ready), "queued": len(self.queue),
+                "busy": self.inflight is not None}
+
+
+@dataclass
+class Session:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    created: float
+    tokens: list[int] = field(default_factory=list)
+    logs: dict = field(default_factory=dict)  # stage index -> list[(start_pos, rows)] sent there
+    finished: bool = False
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    stop_at_eos: bool = True
+
+    @property
+    def position(self) -> int:
+        """Tokens whose KV the pipeline holds or is computing."""
+        return len(self.prompt_ids) + max(0, len(self.tokens) - 1)
+
+
+# ---------------------------------------------------------------------- coordinator
+class Coordinator:
+    def __init__(self, config: ModelConfig, blobs: dict[str, bytes], embed_fn, settings: CoordinatorSettings = CoordinatorSettings(),
+                 join_token: str | None = None):
+        """blobs: "layer:i" / "head" -> packed weight blob; embed_fn(ids) -> f32 rows."""
+        self.config = config
+        self.settings = settings
+        self.join_token = join_token
+        self.embed = embed_fn
+        self.blob_bytes = blobs
+        self.blob_info = {k: BlobInfo(k, sha256(v), len(v), max(1, -(-len(v) // CHUNK_BYTES))) for k, v in blobs.items()}
+        self.layer_bytes = max(self.blob_info[f"layer:{i}"].size for i in range(config.n_layers))
+        self.head_bytes = self.blob_info["head"].size
+        self.workers: dict[str, Worker] = {}  # worker_id -> record
+        self.conn_worker: dict[str, str] = {}  # connection -> worker_id
+        self.stages: list[Stage] = []
+        self.sessions: dict[str, Session] = {}
+        self.plan_version = 0
+        self._ids = itertools.count(1)
+        self._epoch = itertools.count(1)
+        self._replan_at: float | None = None
+        self.events: deque = deque(maxlen=500)  # failure/detection/recovery timeline
+        self.counters = {"steps": 0, "tokens": 0, "weight_bytes_sent": 0, "protocol_errors": 0, "rejected_joins": 0,
+                         "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0}
+        self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
+        self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
+        self._waiting: list[WorkItem] = []  # stage-0 work submitted before any plan exists
+        self._deferred_replan = False
+        self.degraded = False
+
+    # ================================================================== connections
+    def on_connect(self, conn: str, now: float) -> list:
+        return []
+
+    def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:
+        wid = self.conn_worker.pop(conn, None)
+        if wid is None:
+            return []
+        w = self.workers[wid]
+        if not w.alive:
+            return []
+        return self._worker_lost(w, now, f"socket {reason}")
+
+    def on_protocol_error(self, conn: str, err: ProtocolError, now: float) -> list:
+        """A frame that does not decode or validate: answer naming the field, quarantine the sender."""
+        self.counters["protocol_errors"] += 1
+        out = [Send(conn, err.to_message())]
+        wid = self.conn_worker.pop(conn, None)
+        out.append(Close(conn, 1008, f"protocol error: {err.code}"))
+        if wid is not None and self.workers[wid].alive:
+            out += self._worker_lost(self.workers[wid], now, f"quarantined: {err.code} at {err.field}", quarantine=True)
+        return out
+
+    def on_message(self, conn: str, m: dict, now: float) -> list:
+        wid = self.conn_worker.get(conn)
+        if m["type"] == "hello":
+            return self._on_hello(conn, m, now)
+        if wid is None:
+            return [Send(conn, _msg("error", code="not_joined", field="type", message="send hello first")), Close(conn, 1008, "not joined")]
+        w = self.workers[wid]
+        if not w.alive:
+            return []
+        w.last_seen = now
+        handler = getattr(self, f"_on_{m['type']}", None)
+        if handler is None:
+            err = ProtocolError("unknown_type", f"a coordinator does not accept {m['type']!r} from a worker", "type")
+            return self.on_protocol_error(conn, err, now)
+        return handler(w, m, now) or []
+
+    # ================================================================== join
+    def _on_hello(self, conn: str, m: dict, now: float) -> list:
+        if self.join_token and m.get("token") != self.join_token and conn != LOCAL:
+            self.counters["rejected_joins"] += 1
+            return [Send(conn, _msg("error", code="bad_token", field="token", message="wrong or missing join token")),
+                    Close(conn, 1008, "bad join token")]
+        if conn in self.conn_worker:
+            return [Send(conn, _msg("error", code="already_joined", field="type", message="hello sent twice"))]
+        wid = LOCAL if conn == LOCAL else f"w{next(self._ids)}"
+        w = Worker(conn, wid, str(m["worker_name"]), dict(m["capabilities"]), next(self._epoch), now, now, local=conn == LOCAL)
+        w.have_blobs = set((m.get("resume") or {}).get("have") or [])
+        self.workers[wid] = w
+        self.conn_worker[conn] = wid
+        w.move("calibrating")
+        self.events.append({"t": now, "kind": "join", "worker": wid, "name": w.name})
+        return [
+            Send(conn, _msg("welcome", worker_id=wid, heartbeat_ms=self.settings.heartbeat_ms, epoch=w.epoch)),
+            Send(conn, _msg("calibrate", model=self.config.to_dict(), tokens=self.settings.calibration_tokens, layers=1)),
+        ]
+
+    def _on_calibration_result(self, w: Worker, m: dict, now: float) -> list:
+        w.ms_per_layer = max(float(m["step_ms"]), 1e-3)
+        if w.state == "calibrating":
+            w.move("idle")
+        self._schedule_replan(now)
+        return []
+
+    def _on_heartbeat(self, w: Worker, m: dict, now: float) -> list:
+        return []
+
+    def _on_bye(self, w: Worker, m: dict, now: float) -> list:
+        self.conn_worker.pop(w.conn, None)
+        return self._worker_lost(w, now, f"left: {m['reason']}") + [Close(w.conn, 1000, "bye")]
+
+    def _on_error(self, w: Worker, m: dict, now: float) -> list:
+        self.events.append({"t": now, "kind": "worker_error", "worker": w.worker_id, "code": m["code"], "message": m["message"]})
+        # an error about a step means that step will never be answered: treat the stage as failed
+        for st in self.stages:
+            if st.inflight and st.inflight["worker"] == w.worker_id and m.get("step_id") == st.inflight["step_id"]:
+                return self._worker_lost(w, now, f"step failed: {m['message']}")
+        return []
+
+    def _on_refuse(self, w: Worker, m: dict, now: float) -> list:
+        self.events.append({"t": now, "kind": "refused", "worker": w.worker_id, "reason": m["reason"], "detail": m.get("detail")})
+        aid = (m.get("detail") or {}).get("assignment_id")
+        if aid in w.loading:
+            stage_index, _ = w.loading.pop(aid)
+            if stage_index < len(self.stages):
+                st = self.stages[stage_index]
+                if w.worker_id in st.holders:
+                    st.holders.remove(w.worker_id)
+                w.stages.discard(stage_index)
+                # the planner now knows this worker's real limit
+                w.caps["memory_bytes"] = int((m.get("detail") or {}).get("budget", 0))
+                if w.state == "loading" and not w.loading:
+                    w.move("idle" if not w.stages else "ready")
+                return self._repair_stage(st, now)
+        return []
+
+    # ================================================================== planning and loading
+    def _schedule_replan(self, now: float) -> None:
+        self._replan_at = now + self.settings.replan_delay_ms / 1000
+
+    def _live_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.alive and w.state not in ("joining", "calibrating")]
+
+    def _replan(self, now: float) -> list:
+        workers = self._live_workers()
+        remote = [w for w in workers if not w.local]
+        if not self.settings.coordinator_compute or remote:
+            workers = remote if remote else workers
+        if not workers:
+            return []
+        try:
+            stages = plan([w.capacity() for w in workers], self.config.n_layers, self.layer_bytes, self.head_bytes,
+                          self.settings.replicas, self.settings.max_stages)
+        except PlanError as exc:
+            self.degraded = True
+            self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
+            return []
+        out = []
+        old = {(s.layer_start, s.layer_end): s for s in self.stages}
+        self.plan_version += 1
+        self.stages = []
+        for w in self.workers.values():
+            w.stages = set()
+        for i, sp in enumerate(stages):
+            prev = old.get((sp.layer_start, sp.layer_end))
+            st = Stage(i, sp.layer_start, sp.layer_end, sp.include_head, list(sp.workers))
+            if prev is not None:
+                st.ready = {h for h in prev.ready if h in st.holders}
+            self.stages.append(st)
+            for wid in st.holders:
+                self.workers[wid].stages.add(i)
+                if wid not in st.ready:
+                    out += self._assign(self.workers[wid], st)
+        # ranges a worker held but no longer does are unloaded to free its memory
+        for key, prev in old.items():
+            for wid in prev.ready:
+                w = self.workers.get(wid)
+                if w and w.alive and not any((s.layer_start, s.layer_end) == key and wid in s.holders for s in self.stages):
+                    out.append(Send(w.conn, _msg("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
+        self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
+        self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages]})
+        return out
+
+    def _stage_blobs(self, st: Stage) -> list[str]:
+        keys = [f"layer:{i}" for i in range(st.layer_start, st.layer_end)]
+        return keys + (["head"] if st.include_head else [])
+
+    def _assign(self, w: Worker, st: Stage) -> list:
+        aid = next(self._ids)
+        keys = self._stage_blobs(st)
+        infos = [self.blob_info[k] for k in keys]
+        w.loading[aid] = (st.index, [i.sha256 for i in infos])
+        if w.state in ("idle", "ready"):
+            w.move("loading")
+        out = [Send(w.conn, _msg("assign", assignment_id=aid, layer_start=st.layer_start, layer_end=st.layer_end,
+                                 include_head=st.include_head, model=self.config.to_dict(), max_ctx=self.settings.max_ctx,
+                                 chunks=[i.to_dict() for i in infos]))]
+        # stream what the worker does not hold yet, in layer order: the earliest layers first
+        for info in infos:
+            if info.sha256 in w.have_blobs:
+                continue
+            data = self.blob_bytes[info.key]
+            for c in range(info.chunks):
+                piece = chunk(data, c)
+                out.append(Send(w.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256, offset=c * CHUNK_BYTES,
+                                             total=info.size, data=piece, sha256=sha256(piece))))
+                w.bytes_sent += len(piece)
+                self.counters["weight_bytes_sent"] += len(piece)
+        return out
+
+    def _on_weights_ack(self, w: Worker, m: dict, now: float) -> list:
+        if not m["ok"]:
+            return self._worker_lost(w, now, f"weights rejected: {m.get('error')}", quarantine=True)
+        return []
+
+    def _on_load_progress(self, w: Worker, m: dict, now: float) -> list:
+        return []
+
+    def _on_ready(self, w: Worker, m: dict, now: float) -> list:
+        entry = w.loading.pop(m.get("assignment_id"), None)
+        if entry is None:
+            return []
+        stage_index, shas = entry
+        w.have_blobs.update(shas)
+        if not w.loading:
+            w.move("ready")
+        if stage_index >= len(self.stages):
+            return []
+        st = self.stages[stage_index]
+        if w.worker_id not in st.holders:
+            return []
+        st.ready.add(w.worker_id)
+        if st.needs_rebuild and st.primary == w.worker_id:
+            return self._rebuild(st, now)
+        return self._pump(now)
+
+    # ================================================================== requests
+    def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams, now: float,
+               stop_at_eos: bool = True) -> list:
+        self.counters["requests"] += 1
+        if request_id in self.sessions:
+            return [Emit(request_id, {"type": "error", "code": "duplicate_request", "message": f"request {request_id} exists", "retriable": False})]
+        if len(self.sessions) >= self.settings.max_sessions:
+            self.counters["failed"] += 1
+            return [Emit(request_id, {"type": "error", "code": "overloaded", "message": f"{len(self.sessions)} sessions are running; retry later", "retriable": True})]
+        limit = min(self.settings.max_ctx, self.config.context)
+        if not prompt_ids or len(prompt_ids) >= limit:
+            self.counters["failed"] += 1
+            return [Emit(request_id, {"type": "error", "code": "bad_prompt", "message": f"the prompt has {len(prompt_ids)} tokens; it must have 1 to {limit - 1}", "retriable": False})]
+        max_tokens = min(max_tokens, limit - len(prompt_ids))
+        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos)
+        self.sessions[request_id] = s
+        if not self.stages:
+            self._replan_at = min(self._replan_at or now, now)
+        rows = self.embed(s.prompt_ids)
+        step = self.settings.prefill_chunk
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            last = start + len(part) == len(rows)
+            self._enqueue(0, WorkItem(request_id, start, part, start, last), s)
+        return self._pump(now)
+
+    def cancel(self, request_id: str, now: float, reason: str = "cancelled") -> list:
+        s = self.sessions.get(request_id)
+        if s is None:
+            return []
+        self.counters["cancelled"] += 1
+        return self._finish(s, reason, now, emit=False)
+
+    def _enqueue(self, stage_index: int, item: WorkItem, s: Session) -> None:
+        if not self.stages:
+            self._waiting.append(item)
+        else:
+            self.stages[stage_index].queue.append(item)
+
+    def _finish(self, s: Session, reason: str, now: float, emit: bool = True) -> list:
+        s.finished = True
+        self.sessions.pop(s.request_id, None)
+        for st in self.stages:
+            st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+        out = []
+        if emit:
+            out.append(Emit(s.request_id, {"type": "done", "finish_reason": reason, "tokens": len(s.tokens),
+                                           "prompt_tokens": len(s.prompt_ids)}))
+        notified = set()
+        for st in self.stages:
+            for wid in st.holders:
+                w = self.workers.get(wid)
+                if w and w.alive and wid not in notified:
+                    notified.add(wid)
+                    out.append(Send(w.conn, _msg("drop_session", session_id=s.request_id)))
+        if not self.sessions and self._replan_pending():
+            self._replan_at = now
+        return out
+
+    def _replan_pending(self) -> bool:
+        """Membership changed while sessions ran: apply the new plan once they finish."""
+        return self._deferred_replan
+
+    # ================================================================== the scheduler
+    def _pump(self, now: float) -> list:
+        out = []
+        for st in self.stages:
+            if st.inflight is not None or not st.queue or st.needs_rebuild:
+                continue
+            wid = st.primary
+            if wid is None or wid not in st.ready:
+                continue
+            w = self.workers[wid]
+            if not w.alive:
+                continue
+            items, seen = [], set()
+            rest = deque()
+            while st.queue and len(items) < self.settings.max_batch:
+                it = st.queue.popleft()
+                if it.session_id in seen:  # one slice per session per step: KV order
+                    rest.append(it)
+                    continue
+                seen.add(it.session_id)
+                items.append(it)
+            st.queue.extendleft(reversed(rest))
+            out += self._send_step(st, w, items, now)
+        return out
+
+    def _send_step(self, st: Stage, w: Worker, items: list[WorkItem], now: float) -> list:
+        step_id = next(self._ids)
+        for it in items:
+            s = self.sessions.get(it.session_id)
+            if s is None:
+                continue
+            log = [e for e in s.logs.get(st.index, []) if e[0] < it.start_pos]
+            log.append((it.start_pos, it.rows))
+            s.logs[st.index] = log
+        rows = sum(len(i.rows) for i in items)
+        expected_ms = w.ms_per_layer * (st.layer_end - st.layer_start) * max(1.0, rows / 8) + (20 if st.include_head else 0)
+        deadline = now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
+        st.inflight = {"step_id": step_id, "worker": w.worker_id, "items": items, "sent_at": now, "deadline": deadline,
+                       "epoch": w.epoch}
+        want = 0
+        if st.include_head and any(i.wants_token for i in items):
+            want = max(self.sessions[i.session_id].params.candidates for i in items if i.session_id in self.sessions)
+        hidden = np.concatenate([i.rows for i in items]) if len(items) > 1 else items[0].rows
+        m = _msg("step", step_id=step_id, epoch=w.epoch, layer_start=st.layer_start, layer_end=st.layer_end,
+                 sessions=[{"session_id": i.session_id, "start_pos": i.start_pos, "length": len(i.rows)} for i in items],
+                 hidden=np.ascontiguousarray(hidden, dtype=np.float32), want_topk=want)
+        self.counters["steps"] += 1
+        return [Send(w.conn, m)]
+
+    def _on_step_result(self, w: Worker, m: dict, now: float) -> list:
+        st = next((s for s in self.stages if s.inflight and s.inflight["step_id"] == m["step_id"]), None)
+        if st is None or st.inflight["worker"] != w.worker_id or m["epoch"] != w.epoch:
+            self.counters["late_results_ignored"] += 1
+            return []
+        items: list[WorkItem] = st.inflight["items"]
+        total = sum(len(i.rows) for i in items)
+        out_rows = m["output"]
+        # a head stage's hidden output is not needed (its top-k is): any row count is accepted
+        if out_rows.ndim != 2 or out_rows.shape[1] != self.config.hidden or (not st.include_head and out_rows.shape[0] != total):
+            err = ProtocolError("bad_shape", f"step_result output has shape {tuple(out_rows.shape)}, expected ({total}, {self.config.hidden})", "output")
+            return self.on_protocol_error(w.conn, err, now)
+        if not np.all(np.isfinite(out_rows)):
+            return self.on_protocol_error(w.conn, ProtocolError("bad_field", "step_result output holds NaN or inf", "output"), now)
+        topk_ids = m.get("topk_ids")
+        if st.include_head and any(i.wants_token for i in items):
+            if topk_ids is None or topk_ids.shape[0] != len(items):
+                return self.on_protocol_error(w.conn, ProtocolError("bad_field", "head stage must return topk_ids, one row per session", "topk_ids"), now)
+            if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= self.config.vocab):
+                return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
+        w.steps += 1
+        w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
+        if w.state == "suspect":
+            w.move("ready")
+        st.inflight = None
+        out = []
+        offset = 0
+        for i, it in enumerate(items):
+            rows = None if st.include_head else out_rows[offset: offset + len(it.rows)]
+            offset += len(it.rows)
+            s = self.sessions.get(it.session_id)
+            if s is None or s.finished:
+                continue
+            if not st.include_head:
+                skip = max(0, it.forward_from - it.start_pos)
+                if skip < len(it.rows):
+                    self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip, it.wants_token), s)
+            elif it.wants_token and it.forward_from < it.end:
+                out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
+        return out + self._pump(now)
+
+    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
+        token = Sampler(s.params).choose(ids, logits, len(s.tokens))
+        for stage, detected in self._awaiting_recovery:
+            self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
+        self._awaiting_recovery = []
+        s.tokens.append(token)
+        s.last_token_at = now
+        if s.first_token_at is None:
+            s.first_token_at = now
+        self.counters["tokens"] += 1
+        out = [Emit(s.request_id, {"type": "token", "index": len(s.tokens) - 1, "token_id": token})]
+        if s.stop_at_eos and token == self.config.eos_id:
+            self.counters["completed"] += 1
+            return out + self._finish(s, "stop", now)
+        if len(s.tokens) >= s.max_tokens:
+            self.counters["completed"] += 1
+            return out + self._finish(s, "length", now)
+        pos = len(s.prompt_ids) + len(s.tokens) - 1
+        self._enqueue(0, WorkItem(s.request_id, pos, self.embed([token]), pos, True), s)
+        return out
+
+    # ================================================================== time
+    def tick(self, now: float) -> list:
+        out = []
+        silence = self.settings.dead_after_ms / 1000
+        for w in list(self.workers.values()):
+            if w.alive and not w.local and now - w.last_seen > silence:
+                self.events.append({"t": now, "kind": "silent", "worker": w.worker_id, "silent_s": now - w.last_seen})
+                out += self._worker_lost(w, now, f"silent for {int((now - w.last_seen) * 1000)} ms")
+        for st in self.stages:
+            f = st.inflight
+            if not f or now <= f["deadline"]:
+                continue
+            w = self.workers[f["worker"]]
+            if not w.alive:
+                continue
+            late = now - f["sent_at"]
+            allowed = f["deadline"] - f["sent_at"]
+            if late > allowed * self.settings.suspect_evict_factor:
+                out += self._worker_lost(w, now, f"step {f['step_id']} {late:.1f}s late (slow worker evicted)")
+            elif w.state == "ready":
+                w.move("suspect")
+                self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
+        if self._replan_at is not None and now >= self._replan_at:
+            if self.sessions and self.stages and all(s.primary for s in self.stages):
+                self._deferred_replan = True  # running sessions keep their plan
+                self._replan_at = None
+            else:
+                self._replan_at = None
+                self._deferred_replan = False
+                out += self._replan(now)
+                if self.stages:
+                    self.stages[0].queue.extend(it for it in self._waiting if it.session_id in self.sessions)
+                    self._waiting = []
+        # requests that cannot be served fail after a bound, with a retriable error
+        if not self.stages or any(not st.holders for st in self.stages):
+            for s in list(self.sessions.values()):
+                if now - (s.last_token_at or s.created) > self.settings.request_timeout_s:
+                    self.counters["failed"] += 1
+                    out.append(Emit(s.request_id, {"type": "error", "code": "no_capacity", "retriable": True,
+                                                   "message": "no workers can serve the model right now; retry later"}))
+                    out += self._finish(s, "error", now, emit=False)
+        return out + self._pump(now)
+
+    # ================================================================== failure and recovery
+    def _worker_lost(self, w: Worker, now: float, reason: str, quarantine: bool = False) -> list:
+        """Fence the worker (its epoch dies with it) and repair every stage it served."""
+        w.move("quarantined" if quarantine else "dead")
+        self.events.append({"t": now, "kind": "quarantine" if quarantine else "death", "worker": w.worker_id,
+                            "reason": reason, "last_seen_s": now - w.last_seen})
+        out = []
+        if w.conn in self.conn_worker:
+            self.conn_worker.pop(w.conn, None)
+            out.append(Close(w.conn, 4000, f"fenced: {reason}"[:120]))
+        for st in self.stages:
+            if w.worker_id not in st.holders:
+                continue
+            was_primary = st.primary == w.worker_id
+            st.holders.remove(w.worker_id)
+            st.ready.discard(w.worker_id)
+            if was_primary:
+                self._awaiting_recovery.append((st.index, now))
+                out += self._repair_stage(st, now)
+        w.stages = set()
+        if not any(x.alive and not x.local for x in self.workers.values()):
+            self.degraded = True
+        self._schedule_replan(now)
+        return out
+
+    def _repair_stage(self, st: Stage, now: float) -> list:
+        """Give the stage a new primary (a warm standby if any, else the least loaded live
+        worker that can hold it, else the coordinator itself) and rebuild its KV caches."""
+        st.needs_rebuild = True
+        if st.inflight is not None:
+            # the lost step's inputs are in the logs: the replay recomputes them and forwards
+            # exactly the rows the lost step would have forwarded
+            for it in st.inflight["items"]:
+                self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token)
+            st.inflight = None
+        if st.primary is None:
+            need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
+            candidates = [w for w in self._live_workers() if not w.local and
+                          w.capacity().memory_bytes / w.capacity().expansion >= need + self._held_bytes(w)]
+            candidates.sort(key=lambda w: (len(w.stages), w.ms_per_layer))
+            if candidates:
+                st.holders.append(candidates[0].worker_id)
+            elif self.settings.coordinator_compute and LOCAL in self.workers and self.workers[LOCAL].alive:
+                st.holders.append(LOCAL)
+                self.degraded = True
+            else:
+                self.degraded = True
+                self.events.append({"t": now, "kind": "stage_unserved", "stage": st.index})
+                return []
+        w = self.workers[st.primary]
+        w.stages.add(st.index)
+        if st.primary in st.ready:
+            return self._rebuild(st, now)
+        if not any(e[0] == st.index for e in w.loading.values()):
+            return self._assign(w, st)
+        return []
+
+    def _held_bytes(self, w: Worker) -> int:
+        return sum(sum(self.blob_info[k].size for k in self._stage_blobs(self.stages[i])) for i in w.stages if i < len(self.stages))
+
+    def _rebuild(self, st: Stage, now: float) -> list:
+        """The named rebuild step: replay every session's stored inputs for this stage, in one
+        batched step, so the new holder's KV cache equals the lost one. Rows that were in
+        flight when the stage died are forwarded as if nothing had happened."""
+        st.needs_rebuild = False
+        replays = []
+        for s in self.sessions.values():
+            log = s.logs.get(st.index)
+            if not log:
+                continue
+            rows = np.concatenate([r for _, r in log])
+            end = log[-1][0] + len(log[-1][1])
+            # without a lost step, the logged inputs' outputs were already forwarded: the
+            # replay only rebuilds the cache and forwards nothing
+            forward_from, wants = self._inflight_lost.pop((st.index, s.request_id), (end, False))
+            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants))
+        for it in reversed(replays):
+            st.queue.appendleft(it)
+        self.events.append({"t": now, "kind": "rebuild", "stage": st.index, "worker": st.primary, "sessions": len(replays)})
+        return self._pump(now)
+
+    # ================================================================== status
+    def status(self, now: float) -> dict:
+        return {
+            "model": {"layers": self.config.n_layers, "hidden": self.config.hidden, "vocab": self.config.vocab},
+            "plan_version": self.plan_version,
+            "degraded": self.degraded or any(not s.holders for s in self.stages) or not self.stages,
+            "stages": [s.to_dict() for s in self.stages],
+            "workers": [{
+                "worker_id": w.worker_id, "name": w.name, "state": w.state, "local": w.local,
+                "backend": w.caps.get("backend"), "kind": w.caps.get("kind"), "adapter": w.caps.get("adapter"),
+                "profile": w.caps.get("profile"), "memory_bytes": w.caps.get("memory_bytes"),
+                "ms_per_layer": round(w.ms_per_layer, 3), "stages": sorted(w.stages), "steps": w.steps,
+                "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
+                "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
+            } for w in self.workers.values()],
+            "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
+                          "max_tokens": s.max_tokens} for s in self.sessions.values()],
+            "counters": dict(self.counters),
+            "events": list(self.events)[-50:],
+        }

@@ -1,0 +1,107 @@
+"""The asyncio adapter of a Python tab worker: a WebSocket to the coordinator, a heartbeat
+timer, and one compute thread that runs `TabWorker.handle` for each message in order.
+
+Heartbeats come from the event loop, not the compute thread, so a long step never looks
+like a death. The connection is re-made with backoff when it drops (a coordinator restart,
+or fencing after a freeze): the worker keeps its weight blobs and reports them in `hello`,
+so nothing is downloaded twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import websockets
+
+from tab_worker.worker import TabWorker
+from tabshard import wire
+
+log = logging.getLogger("tabshard.worker")
+MAX_FRAME = 64 << 20
+
+
+class WorkerConnection:
+    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True):
+        self.worker = worker
+        self.url = url
+        self.reconnect = reconnect
+        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tab-compute")
+        self._stop = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.sessions_joined = 0
+        # fault hooks (simulation): drop everything both ways while set
+        self.partitioned = threading.Event()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
+                                              open_timeout=10) as ws:
+                    backoff = 0.1
+                    await self._session(ws)
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+                log.info("connection to %s lost: %s", self.url, exc)
+            self.connected.clear()
+            if not self.reconnect or self._stop.is_set():
+                return
+            await asyncio.sleep(backoff * (1 + random.random() * 0.2))
+            backoff = min(backoff * 2, 5.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _session(self, ws) -> None:
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue = asyncio.Queue()
+        await ws.send(wire.encode(self.worker.hello()))
+        self.sessions_joined += 1
+
+        def deliver(replies):
+            for r in replies:
+                outbox.put_nowait(r)
+
+        def handle(m):
+            try:
+                replies = self.worker.handle(m)
+            except Exception as exc:  # our bug: report it as an error message, keep serving
+                log.exception("handling %s failed", m.get("type"))
+                replies = [wire.make("error", code="worker_failure", field=None, message=f"{type(exc).__name__}: {exc}",
+                                     step_id=m.get("step_id", -1))]
+            loop.call_soon_threadsafe(deliver, replies)
+
+        async def writer():
+            while True:
+                m = await outbox.get()
+                if not self.partitioned.is_set():
+                    await ws.send(wire.encode(m, validate=False))
+
+        async def heartbeats():
+            seq = 0
+            while True:
+                await asyncio.sleep(self.worker.heartbeat_ms / 1000)
+                seq += 1
+                if not self.partitioned.is_set():
+                    outbox.put_nowait(self.worker.heartbeat(seq))
+
+        tasks = [asyncio.create_task(writer()), asyncio.create_task(heartbeats())]
+        try:
+            async for data in ws:
+                if self.partitioned.is_set():
+                    continue
+                m = wire.decode(data)
+                if m["type"] == "welcome":
+                    self.connected.set()
+                loop.run_in_executor(self._exec, handle, m)
+        except wire.ProtocolError as err:
+            await ws.send(wire.encode(err.to_message()))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+async def run_worker(url: str, worker: TabWorker, reconnect: bool = True) -> None:
+    await WorkerConnection(worker, url, reconnect).run()

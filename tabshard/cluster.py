@@ -1,0 +1,124 @@
+"""Start a coordinator and worker processes on 127.0.0.1 (demo, tests, benchmarks).
+
+Every process is ours by PID: stop() ends exactly those, nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tabshard.errors import TabshardError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, workers: int = 4, backend: str = "numpy", port: int | None = None, token: str = "demo-token",
+                 serve_args: list[str] | None = None, log_dir: str | None = None, model: str | None = None):
+        self.port = port or free_port()
+        self.token = token
+        self.backend = backend
+        self.n_workers = workers
+        self.serve_args = serve_args or []
+        self.model = model
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.coordinator: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def worker_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/worker"
+
+    def _out(self, name: str):
+        if self.log_dir is None:
+            return subprocess.DEVNULL
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"{name}.log", "wb")
+
+    def start(self, timeout: float = 120) -> "LocalCluster":
+        cmd = [sys.executable, "-m", "tabshard.cli", "serve", "--port", str(self.port), "--token", self.token, *self.serve_args]
+        if self.model:
+            cmd += ["--model", self.model]
+        self.coordinator = subprocess.Popen(cmd, env=self._env, stdout=self._out("coordinator"), stderr=subprocess.STDOUT)
+        self.wait_for(lambda st: True, timeout, what="coordinator up")
+        for _ in range(self.n_workers):
+            self.add_worker()
+        self.wait_for(lambda st: st["stages"] and all(s["holders"] and s["holders"][0] in s["ready"] for s in st["stages"])
+                      and sum(1 for w in st["workers"] if not w["local"] and w["state"] == "ready") >= self.n_workers
+                      and not any(h == "local" for s in st["stages"] for h in s["holders"][:1]) if self.n_workers else
+                      st["stages"] and all(s["holders"][0] in s["ready"] for s in st["stages"]), timeout, what="plan ready")
+        return self
+
+    def add_worker(self, name: str | None = None, extra: list[str] | None = None) -> subprocess.Popen:
+        name = name or f"worker-{len(self.workers)}"
+        cmd = [sys.executable, "-m", "tabshard.cli", "worker", "--connect", self.worker_url, "--token", self.token,
+               "--backend", self.backend, "--name", name, *(extra or [])]
+        p = subprocess.Popen(cmd, env=self._env, stdout=self._out(name), stderr=subprocess.STDOUT)
+        self.workers.append(p)
+        return p
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"{self.base}/status", timeout=5) as r:
+            return json.loads(r.read())
+
+    def wait_for(self, pred, timeout: float, what: str = "condition") -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.coordinator is not None and self.coordinator.poll() is not None:
+                raise TabshardError(f"the coordinator exited with code {self.coordinator.returncode}")
+            try:
+                last = self.status()
+                if pred(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TabshardError(f"timed out after {timeout:.0f}s waiting for {what}; last status: {json.dumps(last)[:2000]}")
+
+    def stage_worker_pid(self, stage: int) -> int:
+        """The PID of the worker process serving a stage (matched by the worker's name)."""
+        st = self.status()
+        wid = st["stages"][stage]["holders"][0]
+        name = next(w["name"] for w in st["workers"] if w["worker_id"] == wid)
+        return self.workers[int(name.rsplit("-", 1)[1])].pid
+
+    def signal_worker(self, pid: int, sig: int) -> None:
+        os.kill(pid, sig)
+
+    def stop(self) -> None:
+        for p in self.workers + ([self.coordinator] if self.coordinator else []):
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGCONT)
+                except OSError:
+                    pass
+                p.terminate()
+        for p in self.workers + ([self.coordinator] if self.coordinator else []):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,696 @@
+"""The one wire format every tabshard peer speaks: msgpack maps carrying numpy tensors.
+
+Workers (browser tabs, Python tabs), the coordinator and clients exchange WebSocket binary
+messages. Each message is ONE msgpack map (plain msgpack: any library, e.g. JS
+``@msgpack/msgpack``, reads it) with at least
+
+    "v"     int   protocol version, PROTOCOL_VERSION
+    "type"  str   a key of MESSAGES, which lists each type's fields
+
+Byte-level example, ``{"v": 1, "type": "heartbeat", "seq": 7}``::
+
+    83                          map, 3 entries
+    a1 76  01                   "v"    -> 1
+    a4 74 79 70 65              "type" -> a9 "heartbeat" (68 65 61 72 74 62 65 61 74)
+    a3 73 65 71  07             "seq"  -> 7
+
+Tensors (numpy arrays) may appear anywhere in a message: as a field, in a list, in a map. A tensor
+is a 3-entry map, in this key order::
+
+    {"__t": dtype name, "s": [shape...], "b": bin: raw little-endian bytes in C order}
+
+so ``np.array([1.0, 2.0], np.float32)`` is::
+
+    83 a3 5f 5f 74 a3 66 33 32      "__t" -> "f32"
+       a1 73 91 02                  "s"   -> [2]
+       a1 62 c4 08                  "b"   -> bin, 8 bytes:
+       00 00 80 3f 00 00 00 40                 1.0f, 2.0f little-endian
+
+Dtype names: f32 f16 i32 u32 u8 i8 i64 (DTYPES). f64 is refused: cast to f32 first, so that a
+browser tab never receives a type WebGPU cannot use. A map with a "__t" key is always a tensor;
+no other map may carry that key.
+
+Determinism: ``encode`` writes map keys in dict insertion order, integers and bins in their
+smallest msgpack form, floats as float64, str as str (never bin) and bytes as bin; ``make`` puts
+"v" and "type" first. The same message built the same way gives the same bytes, in Python and in
+JS (tests/vectors holds frames both codecs must reproduce). One JS caveat: a JS number with an
+integral value (2.0) encodes as an int, so float fields accept ints.
+
+Errors: ``decode`` raises only ``ProtocolError``, whatever the bytes; ``.code`` says what kind:
+
+    malformed          not msgpack, truncated, trailing bytes, non-map top level, non-str map
+                       key, ext types, a tensor map with other keys
+    frame_too_large    frame longer than Limits.max_frame_bytes (checked before unpacking)
+    limit_exceeded     a str, bin, list or map longer than Limits allows
+    too_deep           maps/lists nested deeper than Limits.max_depth
+    bad_dtype          tensor dtype unknown or not in Limits.allowed_dtypes (also on encode)
+    bad_shape          tensor shape not a list of ints >= 0, or byte length != shape x itemsize
+    tensor_too_large   more elements than Limits.max_tensor_elements
+    version_mismatch   "v" is an int other than PROTOCOL_VERSION
+    unknown_type       "type" is not in MESSAGES
+    bad_field          a required field missing, or a field of the wrong type
+
+``.field`` is the dotted path of the offending field ("sessions.0.length"), or None.
+``ProtocolError.to_message()`` is the "error" message to send back to the peer.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field as dataclass_field
+from typing import Any, Mapping, Union
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "PROTOCOL_VERSION", "DTYPES", "ProtocolError", "Limits", "DEFAULT_LIMITS", "CLIENT_LIMITS",
+    "encode", "decode", "validate", "make", "MESSAGES", "MessageSchema", "Field", "Tensor",
+    "ListOf", "Struct", "opt",
+]
+
+PROTOCOL_VERSION = 1
+
+# Wire dtype names -> the little-endian numpy dtype the bytes are in.
+DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "i32": np.dtype("<i4"),
+    "u32": np.dtype("<u4"),
+    "u8": np.dtype("u1"),
+    "i8": np.dtype("i1"),
+    "i64": np.dtype("<i8"),
+}
+# (kind, itemsize) finds the wire name whatever the array's byte order.
+_WIRE_NAME = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items()}
+_WIRE_NAME_OF_DTYPE = {dt: name for name, dt in DTYPES.items()}
+
+MAX_TENSOR_RANK = 8
+TENSOR_TAG = "__t"
+
+# Raw buffers at least this big are spliced into the frame after a hand-written bin header instead
+# of going through the Packer, which would copy them into its own growing buffer first (and then
+# once more into the final bytes). Smaller ones are cheaper to let the Packer copy.
+SPLICE_MIN_BYTES = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """A message broke the wire format or a message schema.
+
+    ``code`` is a short machine string (see the module docstring), ``field`` the dotted path of the
+    offending field or None, ``str(err)`` a sentence naming the field.
+    """
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ProtocolError(code={self.code!r}, field={self.field!r}, message={self.message!r})"
+
+    def to_message(self) -> dict:
+        """The "error" message that tells the peer what was wrong."""
+        return {"v": PROTOCOL_VERSION, "type": "error", "code": self.code, "field": self.field,
+                "message": self.message}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What ``decode`` accepts. A peer that exceeds these gets a ProtocolError, never a crash."""
+
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_tensor_elements: int = 16 * 1024 * 1024
+    allowed_dtypes: frozenset[str] = frozenset(DTYPES)
+    max_depth: int = 16          # nested maps/lists, the message's own map counting as 1
+    max_list_len: int = 1 << 20  # entries in any one list or map
+    max_str_len: int = 1 << 20   # bytes of UTF-8 in any one str (map keys included)
+
+    def __post_init__(self):
+        unknown = set(self.allowed_dtypes) - set(DTYPES)
+        if unknown:
+            raise ValueError(f"unknown dtype names in allowed_dtypes: {sorted(unknown)}")
+
+
+DEFAULT_LIMITS = Limits()
+# For sockets facing API clients: they send small generate/cancel messages and never tensors.
+# A small frame limit also bounds the memory a hostile frame can blow up into (an empty msgpack
+# list is 1 byte on the wire and ~60 bytes as a Python object).
+CLIENT_LIMITS = Limits(max_frame_bytes=1 << 20, max_tensor_elements=0, allowed_dtypes=frozenset())
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode(msg: dict, *, validate: bool = True) -> bytes:
+    """One message -> one frame of msgpack bytes.
+
+    Checks the message against MESSAGES first (``validate=False`` skips that, e.g. to build bad
+    frames in tests). Large top-level tensors and bytes are copied exactly once, into the
+    returned bytes; tensors nested in lists/maps are correct too, with one extra copy.
+    Raises ProtocolError (bad_field, bad_dtype, ...) for messages that cannot go on the wire.
+    Map keys must be str: checked here for the message's own keys, by the decoder for nested maps.
+    """
+    if validate:
+        _validate_message(msg)
+    elif not isinstance(msg, dict):
+        raise ProtocolError("malformed", f"a message must be a dict, got {type(msg).__name__}")
+    if not any(type(key) is not str or _is_large_buffer(value) for key, value in msg.items()):
+        try:  # the common case, e.g. a step with one token's hidden state: one C call
+            return msgpack.packb(msg, default=_encode_nested)
+        except (TypeError, ValueError, OverflowError, ProtocolError):
+            pass  # the field by field path below says which field is wrong
+    return _encode_by_field(msg)
+
+
+_BUFFER_TYPES = (np.ndarray, bytes, bytearray, memoryview)
+
+
+def _is_large_buffer(value: Any) -> bool:
+    if not isinstance(value, _BUFFER_TYPES):
+        return False
+    size = value.nbytes if isinstance(value, (np.ndarray, memoryview)) else len(value)
+    return size >= SPLICE_MIN_BYTES
+
+
+def _encode_by_field(msg: dict) -> bytes:
+    """Packs field by field, splicing large tensors and bytes in, and names the field that fails."""
+    frame = _FrameBuilder()
+    frame.packer.pack_map_header(len(msg))
+    for key, value in msg.items():
+        if type(key) is not str:
+            raise ProtocolError("bad_field", f"message keys must be str, got {key!r}", str(key))
+        frame.packer.pack(key)
+        try:
+            if isinstance(value, np.ndarray):
+                frame.tensor(value)
+            elif isinstance(value, (bytes, bytearray, memoryview)):
+                frame.bin(memoryview(value).cast("B"))
+            else:
+                frame.packer.pack(value)  # nested tensors go through _encode_nested
+        except ProtocolError as err:
+            err.field = key if err.field is None else f"{key}.{err.field}"
+            raise
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ProtocolError("bad_field", f"field {key!r} cannot be encoded: {err}", key) from err
+    return frame.finish()
+
+
+def make(type_: str, **fields: Any) -> dict:
+    """A message dict with "v" and "type" first: ``make("cancel", request_id="r1")``."""
+    return {"v": PROTOCOL_VERSION, "type": type_, **fields}
+
+
+class _FrameBuilder:
+    """A frame as a list of byte pieces: what the Packer packed, and big buffers spliced in as-is."""
+
+    __slots__ = ("packer", "parts")
+
+    def __init__(self):
+        self.packer = msgpack.Packer(default=_encode_nested, autoreset=False)
+        self.parts: list = []
+
+    def bin(self, data: memoryview) -> None:
+        size = data.nbytes
+        if size < SPLICE_MIN_BYTES:
+            self.packer.pack(data)
+            return
+        self.parts.append(self.packer.bytes())
+        self.packer.reset()
+        self.parts.append(_bin_header(size))
+        self.parts.append(data)
+
+    def tensor(self, array: np.ndarray) -> None:
+        name, data = _tensor_bytes(array)
+        if data.nbytes < SPLICE_MIN_BYTES:
+            self.packer.pack({TENSOR_TAG: name, "s": list(array.shape), "b": data})
+            return
+        pack = self.packer.pack
+        self.packer.pack_map_header(3)
+        pack(TENSOR_TAG), pack(name), pack("s"), pack(list(array.shape)), pack("b")
+        self.bin(data)
+
+    def finish(self) -> bytes:
+        if not self.parts:
+            return self.packer.bytes()
+        self.parts.append(self.packer.bytes())
+        return b"".join(self.parts)  # the one copy of the big buffers
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack bin header in its smallest form, as any msgpack encoder writes it."""
+    if size < 0x100:
+        return struct.pack(">BB", 0xC4, size)
+    if size < 0x10000:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
+
+
+def _tensor_bytes(array: np.ndarray) -> tuple[str, memoryview]:
+    """Wire dtype name and a byte view of the array, little-endian and C-ordered (copied only if
+    it was not already)."""
+    name = _WIRE_NAME_OF_DTYPE.get(array.dtype)  # exact little-endian dtypes: the fast path
+    if name is None:
+        name = _WIRE_NAME.get((array.dtype.kind, array.dtype.itemsize))
+        if name is None:
+            hint = " (cast f64 to f32)" if array.dtype.kind == "f" else ""
+            raise ProtocolError("bad_dtype", f"dtype {array.dtype} cannot go on the wire{hint}; "
+                                             f"allowed: {', '.join(DTYPES)}")
+        array = array.astype(DTYPES[name])  # big-endian -> little-endian
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    if array.size == 0:
+        return name, memoryview(b"")  # memoryview.cast refuses shapes with a 0 in them
+    return name, memoryview(array).cast("B")
+
+
+def _encode_nested(obj: Any) -> Any:
+    """Packer ``default`` hook: what msgpack itself cannot pack, in lists and maps."""
+    if isinstance(obj, np.ndarray):
+        name, data = _tensor_bytes(obj)
+        return {TENSOR_TAG: name, "s": list(obj.shape), "b": data}
+    if isinstance(obj, np.generic):  # np.float32(1.5) from a computation -> 1.5
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not a msgpack type")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+_SCALAR_TYPES = (type(None), bool, int, float, str, bytes)
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = True) -> dict:
+    """One frame -> one message dict, tensors as (read-only) numpy arrays over the bytes msgpack
+    decoded. Raises ProtocolError and nothing else, for any input.
+
+    ``validate=False`` still enforces the format and the limits, but not MESSAGES.
+    """
+    try:
+        size = memoryview(data).nbytes
+    except TypeError:
+        raise ProtocolError("malformed", f"a frame must be bytes, got {type(data).__name__}") from None
+    if size > limits.max_frame_bytes:
+        raise ProtocolError("frame_too_large",
+                            f"frame of {size} bytes exceeds the limit of {limits.max_frame_bytes}")
+    try:
+        msg = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, ext_hook=_refuse_ext,
+            max_str_len=limits.max_str_len, max_bin_len=limits.max_frame_bytes,
+            max_array_len=limits.max_list_len, max_map_len=limits.max_list_len,
+            max_ext_len=limits.max_frame_bytes)
+    except ProtocolError:
+        raise
+    except msgpack.exceptions.ExtraData:
+        raise ProtocolError("malformed", "trailing bytes after the message") from None
+    except msgpack.exceptions.StackError:
+        raise ProtocolError("too_deep", "nested deeper than msgpack's own stack") from None
+    except ValueError as err:
+        code = "limit_exceeded" if "exceeds max_" in str(err) else "malformed"
+        raise ProtocolError(code, f"not a valid msgpack frame: {err}") from None
+    except Exception as err:  # noqa: BLE001 - decode must never let a peer's bytes crash us
+        raise ProtocolError("malformed", f"not a valid msgpack frame: {type(err).__name__}: {err}") from None
+    if type(msg) is not dict:
+        raise ProtocolError("malformed", f"a message must be a map, got {type(msg).__name__}")
+    _decode_tree(msg, "", 1, limits)
+    if validate:
+        _validate_message(msg)
+    return msg
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("malformed", f"msgpack ext type {code} is not part of the protocol")
+
+
+def _decode_tree(node: dict | list, path: str, depth: int, limits: Limits) -> None:
+    """Checks one decoded map or list in place (depth, key types, no foreign objects) and turns
+    tensor maps into arrays."""
+    if depth > limits.max_depth:
+        raise ProtocolError("too_deep", f"{path or 'message'} is nested deeper than "
+                                        f"{limits.max_depth} maps/lists", path or None)
+    items = node.items() if type(node) is dict else enumerate(node)
+    for key, value in items:
+        if type(key) is not str and type(node) is dict:
+            raise ProtocolError("malformed", f"map keys must be str, got {key!r} in "
+                                             f"{path or 'message'}", path or None)
+        kind = type(value)
+        if kind is dict:
+            where = f"{path}.{key}" if path else str(key)
+            if TENSOR_TAG in value:
+                node[key] = _tensor_from_map(value, where, limits)
+            else:
+                _decode_tree(value, where, depth + 1, limits)
+        elif kind is list:
+            _decode_tree(value, f"{path}.{key}" if path else str(key), depth + 1, limits)
+        elif kind not in _SCALAR_TYPES:  # e.g. msgpack's Timestamp (ext -1)
+            where = f"{path}.{key}" if path else str(key)
+            raise ProtocolError("malformed", f"{where}: {kind.__name__} is not part of the protocol",
+                                where)
+
+
+def _tensor_from_map(tensor_map: dict, where: str, limits: Limits) -> np.ndarray:
+    if len(tensor_map) != 3 or "s" not in tensor_map or "b" not in tensor_map:
+        raise ProtocolError("malformed", f"tensor {where} must have exactly the keys __t, s, b, "
+                                         f"got {sorted(map(str, tensor_map))}", where)
+    name, shape, data = tensor_map[TENSOR_TAG], tensor_map["s"], tensor_map["b"]
+    if type(name) is not str or name not in limits.allowed_dtypes:
+        raise ProtocolError("bad_dtype", f"tensor {where} has dtype {name!r:.40}, allowed: "
+                                         f"{', '.join(sorted(limits.allowed_dtypes)) or 'none'}", where)
+    if type(shape) is not list or len(shape) > MAX_TENSOR_RANK or not all(
+            type(dim) is int and dim >= 0 for dim in shape):
+        raise ProtocolError("bad_shape", f"tensor {where} shape must be a list of at most "
+                                         f"{MAX_TENSOR_RANK} ints >= 0, got {shape!r:.80}", where)
+    count = math.prod(shape)
+    if count > limits.max_tensor_elements:
+        raise ProtocolError("tensor_too_large", f"tensor {where} has {count} elements, limit "
+                                                f"{limits.max_tensor_elements}", where)
+    if type(data) is not bytes:
+        raise ProtocolError("malformed", f"tensor {where} data must be bin, got "
+                                         f"{type(data).__name__}", where)
+    dtype = DTYPES[name]
+    if len(data) != count * dtype.itemsize:
+        raise ProtocolError("bad_shape", f"tensor {where} has {len(data)} bytes, shape {shape} "
+                                         f"x {dtype.itemsize} needs {count * dtype.itemsize}", where)
+    return np.ndarray(tuple(shape), dtype, data)  # a view of msgpack's bytes: read-only, no copy
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas: which fields each message type has. Field types are:
+#   int float str bool bytes dict list     the Python type (float also accepts int: see above)
+#   Tensor(("f32", "f16"), rank=2)         an array of one of these dtypes (rank None: any)
+#   ListOf(int)                            a list whose items all are of the given type
+#   Struct({"name": str, ...})             a map with fields of its own (opt() works inside)
+#   opt(type)                              optional: may be missing or nil
+# Fields not listed are allowed (forward compatibility) and pass through untouched.
+
+
+@dataclass(frozen=True)
+class Tensor:
+    dtypes: tuple[str, ...]
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: "Spec"
+
+
+@dataclass(frozen=True)
+class Struct:
+    fields: Mapping[str, Any]  # name -> Spec or Field, like a message's
+
+    def __post_init__(self):
+        object.__setattr__(self, "fields", _fields(self.fields))
+
+
+Spec = Union[type, Tensor, ListOf, Struct]
+
+
+@dataclass(frozen=True)
+class Field:
+    spec: Spec
+    required: bool = True
+
+
+def opt(spec: Spec) -> Field:
+    return Field(spec, required=False)
+
+
+@dataclass(frozen=True)
+class MessageSchema:
+    type: str
+    sender: str  # "worker", "coordinator", "client" or "any"
+    fields: Mapping[str, Any] = dataclass_field(default_factory=dict)  # name -> Spec or Field
+    _check: Any = dataclass_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fields", _fields(self.fields))
+        object.__setattr__(self, "_check", _checker(Struct(self.fields)))
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(name for name, f in self.fields.items() if f.required)
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        return tuple(name for name, f in self.fields.items() if not f.required)
+
+
+def _fields(table: Mapping[str, Any]) -> dict[str, Field]:
+    return {name: f if isinstance(f, Field) else Field(f) for name, f in table.items()}
+
+
+# A checker returns None when the value fits, else (path below the value, what was expected,
+# the value found); "expected" None means a required field is missing. Checkers are built once
+# per schema, and a path string only when something is wrong: validation runs on every message.
+_Checker = Any
+
+
+def _checker(spec: Spec) -> _Checker:
+    expected = _spec_name(spec)
+    if isinstance(spec, Tensor):
+        dtypes, rank = frozenset(spec.dtypes), spec.rank
+
+        def check_tensor(value):
+            if (isinstance(value, np.ndarray) and _wire_name(value.dtype) in dtypes
+                    and (rank is None or value.ndim == rank)):
+                return None
+            return (), expected, value
+        return check_tensor
+    if isinstance(spec, ListOf):
+        check_item = _checker(spec.item)
+
+        def check_list(value):
+            if not isinstance(value, (list, tuple)):
+                return (), expected, value
+            for index, item in enumerate(value):
+                problem = check_item(item)
+                if problem is not None:
+                    return (index, *problem[0]), problem[1], problem[2]
+            return None
+        return check_list
+    if isinstance(spec, Struct):
+        fields = [(name, f.required, _checker(f.spec)) for name, f in spec.fields.items()]
+
+        def check_struct(value):
+            if not isinstance(value, dict):
+                return (), expected, value
+            for name, required, check_field in fields:
+                item = value.get(name)
+                if item is None:
+                    if required:
+                        return (name,), None, None
+                    continue
+                problem = check_field(item)
+                if problem is not None:
+                    return (name, *problem[0]), problem[1], problem[2]
+            return None
+        return check_struct
+    fits = _SIMPLE_CHECKS[spec]
+    return lambda value: None if fits(value) else ((), expected, value)
+
+
+def _wire_name(dtype: np.dtype) -> str | None:
+    return _WIRE_NAME_OF_DTYPE.get(dtype) or _WIRE_NAME.get((dtype.kind, dtype.itemsize))
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int or (isinstance(value, (int, np.integer))
+                                  and not isinstance(value, (bool, np.bool_)))
+
+
+_SIMPLE_CHECKS = {
+    int: _is_int,
+    float: lambda v: type(v) is float or isinstance(v, (float, np.floating)) or _is_int(v),
+    str: lambda v: isinstance(v, str),
+    bool: lambda v: isinstance(v, (bool, np.bool_)),
+    bytes: lambda v: isinstance(v, (bytes, bytearray, memoryview)),
+    dict: lambda v: isinstance(v, dict),
+    list: lambda v: isinstance(v, (list, tuple)),
+}
+
+
+def _spec_name(spec: Spec) -> str:
+    if isinstance(spec, Tensor):
+        rank = "" if spec.rank is None else f", rank {spec.rank}"
+        return f"a tensor of {'|'.join(spec.dtypes)}{rank}"
+    if isinstance(spec, ListOf):
+        return f"list[{_spec_name(spec.item)}]"
+    if isinstance(spec, Struct):
+        return "a map with " + ", ".join(spec.fields)
+    return spec.__name__
+
+
+WORKER, COORDINATOR, CLIENT, ANY = "worker", "coordinator", "client", "any"
+
+_ERROR_FIELDS = {"code": str, "field": opt(str), "message": str}
+_SESSION = Struct({"session_id": str, "start_pos": int, "length": int})
+
+_SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
+    # -- worker -> coordinator --------------------------------------------------------------
+    ("hello", WORKER, {
+        "worker_name": str,
+        "token": opt(str),
+        "capabilities": dict,
+        "resume": opt(dict),
+    }),
+    ("calibration_result", WORKER, {
+        "step_ms": float,
+        "details": opt(dict),
+    }),
+    ("load_progress", WORKER, {
+        "layer": int,
+        "received_bytes": int,
+        "total_bytes": int,
+    }),
+    ("weights_ack", WORKER, {
+        "chunk_id": int,
+        "ok": bool,
+        "error": opt(str),
+    }),
+    ("ready", WORKER, {
+        "layers": ListOf(int),
+        "checksum": str,
+    }),
+    ("step_result", WORKER, {
+        "step_id": int,
+        "epoch": int,
+        "output": Tensor(("f32", "f16")),
+        "topk_ids": opt(Tensor(("i32",))),
+        "topk_logits": opt(Tensor(("f32",))),
+        "compute_ms": opt(float),
+    }),
+    ("heartbeat", WORKER, {
+        "seq": int,
+        "load": opt(dict),
+    }),
+    ("refuse", WORKER, {
+        "reason": str,
+        "detail": opt(dict),
+    }),
+    ("bye", WORKER, {
+        "reason": str,
+    }),
+    # -- coordinator -> worker --------------------------------------------------------------
+    ("welcome", COORDINATOR, {
+        "worker_id": str,
+        "heartbeat_ms": int,
+        "epoch": int,
+    }),
+    ("calibrate", COORDINATOR, {
+        "layers": opt(int),
+        "tokens": opt(int),
+    }),
+    ("assign", COORDINATOR, {
+        "assignment_id": int,
+        "layer_start": int,
+        "layer_end": int,
+        "include_head": bool,
+        "precision": opt(dict),
+        "model": dict,
+        "chunks": list,
+    }),
+    ("weights_chunk", COORDINATOR, {
+        "chunk_id": int,
+        "name": str,
+        "offset": int,
+        "total": int,
+        "data": bytes,
+        "sha256": str,
+    }),
+    ("step", COORDINATOR, {
+        "step_id": int,
+        "epoch": int,
+        "sessions": ListOf(_SESSION),
+        "hidden": Tensor(("f32",)),
+        "want_topk": opt(int),
+    }),
+    ("drop_session", COORDINATOR, {
+        "session_id": str,
+    }),
+    ("truncate_session", COORDINATOR, {
+        "session_id": str,
+        "length": int,
+    }),
+    ("unload", COORDINATOR, {
+        "reason": opt(str),
+    }),
+    # -- client <-> coordinator (token stream) -----------------------------------------------
+    ("generate", CLIENT, {
+        "request_id": str,
+        "prompt": opt(str),
+        "messages": opt(list),
+        "max_tokens": opt(int),
+        "temperature": opt(float),
+        "top_p": opt(float),
+        "top_k": opt(int),
+        "seed": opt(int),
+        "greedy": opt(bool),
+    }),
+    ("cancel", CLIENT, {
+        "request_id": str,
+    }),
+    ("token", COORDINATOR, {
+        "request_id": str,
+        "index": int,
+        "token_id": int,
+        "text": str,
+    }),
+    ("done", COORDINATOR, {
+        "request_id": str,
+        "finish_reason": str,
+        "usage": opt(dict),
+    }),
+    # -- any direction -----------------------------------------------------------------------
+    ("error", ANY, _ERROR_FIELDS),
+]
+
+MESSAGES: dict[str, MessageSchema] = {
+    name: MessageSchema(name, sender, table) for name, sender, table in _SCHEMA_TABLE
+}
+
+
+def validate(msg: dict) -> dict:
+    """Checks a message against MESSAGES; returns it unchanged, or raises ProtocolError
+    (version_mismatch, unknown_type, bad_field)."""
+    return _validate_message(msg)
+
+
+def _validate_message(msg: Any) -> dict:
+    if not isinstance(msg, dict):
+        raise ProtocolError("malformed", f"a message must be a map, got {type(msg).__name__}")
+    version = msg.get("v")
+    if not _is_int(version):
+        raise ProtocolError("bad_field", f"field 'v' must be the protocol version (int), got "
+                                         f"{_describe(version)}", "v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("version_mismatch", f"protocol version {version} is not "
+                                                f"{PROTOCOL_VERSION}", "v")
+    type_ = msg.get("type")
+    if not isinstance(type_, str):
+        raise ProtocolError("bad_field", f"field 'type' must be str, got {_describe(type_)}", "type")
+    schema = MESSAGES.get(type_)
+    if schema is None:
+        raise ProtocolError("unknown_type", f"unknown message type {type_!r:.80}", "type")
+    problem = schema._check(msg)
+    if problem is not None:
+        path, expected, value = problem
+        where = ".".join(map(str, path))
+        if expected is None:
+            raise ProtocolError("bad_field", f"{type_}: required field {where!r} is missing or nil",
+                                where)
+        raise ProtocolError("bad_field", f"{type_}: field {where!r} must be {expected}, got "
+                                         f"{_describe(value)}", where)
+    return msg
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        name = _wire_name(value.dtype) or str(value.dtype)
+        return f"a tensor of {name}, shape {list(value.shape)}"
+    if isinstance(value, (str, bytes, bytearray, list, tuple, dict)):  # never repr a huge value
+        return f"{type(value).__name__} of length {len(value)}"
+    return f"{type(value).__name__} {value!r:.60}"
