@@ -5,10 +5,38 @@ math the numpy backend (tab_worker/numpy_backend.py) runs. Signatures used by Nu
 rmsnorm(x, weight, eps), rope(x[T, heads, head_dim], positions[T], base),
 attention(q[T, n_heads, hd], k[n_kv, L, hd], v[n_kv, L, hd], start_pos), silu_gate(gate, up),
 topk(logits[rows, vocab], k) -> (ids i32, logits f32) sorted by logit desc, ties by lower id.
+
+The twins use the kernels' logical view: no row strides, column offsets or buffer splits.
+A kernel that serves several sessions at once (kv_store, attention) gives each row its own
+cache slot and absolute position; its twin here takes one session's contiguous rows.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from kernels.quant import QuantTensor
+
+# The lowest finite f32: topk ranks NaN and -inf logits as this value (and pads short
+# segments with it, under id 0xFFFFFFFF), so its order never rests on infinity arithmetic.
+LOWEST = np.float32(np.finfo(np.float32).min)
+
+
+def qmatvec(x: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
+    """x f32[rows, k] @ dequantize(w).T -> f32[rows, n], added onto ``y`` when given
+    (the kernels' ``accumulate`` flag: how the residual stream is updated)."""
+    out = np.asarray(x, np.float32) @ w.dequantize().T
+    return out if y is None else (y + out).astype(np.float32)
+
+
+def qmatmul(x: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
+    """The prefill kernel (tiles of many rows) computes exactly what qmatvec does."""
+    return qmatvec(x, w, y)
+
+
+def embedding(ids: np.ndarray, table: QuantTensor) -> np.ndarray:
+    """Rows ``ids`` of a quantized [vocab, hidden] table, dequantized: f32[len(ids), hidden]."""
+    ids = np.asarray(ids, np.int64)
+    return QuantTensor(table.spec, len(ids), table.k, table.qweight[ids], table.scales[ids]).dequantize()
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -51,17 +79,37 @@ def silu_gate(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
 
 
+def kv_store(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> None:
+    """Write one session's rows k, v f32[T, n_kv, hd] into its caches f32[n_kv, capacity, hd]
+    at positions [start_pos, start_pos+T), in place."""
+    end = start_pos + k.shape[0]
+    k_cache[:, start_pos:end] = k.transpose(1, 0, 2)
+    v_cache[:, start_pos:end] = v.transpose(1, 0, 2)
+
+
+def residual_add(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return (y + x).astype(np.float32)
+
+
 def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k largest logits sorted descending, ties to the lower id; NaN and -inf
+    rank as LOWEST (the values returned are the logits as given)."""
     logits = np.asarray(logits, np.float32)
+    rank = np.where(np.isnan(logits) | (logits < LOWEST), LOWEST, logits)
     k = min(k, logits.shape[-1])
-    part = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+    part = np.argpartition(-rank, k - 1, axis=-1)[:, :k]
     ids = np.empty((logits.shape[0], k), np.int32)
     vals = np.empty((logits.shape[0], k), np.float32)
     for r in range(logits.shape[0]):
         # ties at the k-th value may fall outside `part`; include every id equal to the cut
-        cut = logits[r, part[r]].min()
-        cand = np.nonzero(logits[r] >= cut)[0]
-        order = np.lexsort((cand, -logits[r, cand]))[:k]
+        cut = rank[r, part[r]].min()
+        cand = np.nonzero(rank[r] >= cut)[0]
+        order = np.lexsort((cand, -rank[r, cand]))[:k]
         ids[r] = cand[order]
         vals[r] = logits[r, ids[r]]
     return ids, vals
+
+
+def head_topk(hidden: np.ndarray, output_norm: np.ndarray, eps: float, output: QuantTensor, k: int):
+    """The final head as the device runs it: rmsnorm, qmatvec over the vocabulary, topk."""
+    return topk(qmatvec(rmsnorm(hidden, output_norm, eps), output), k)

@@ -1,0 +1,471 @@
+"""The native wgpu-py runner: one ``Device`` (adapter, device, limits, pipeline cache, buffer
+helpers) and one launcher per kernel that binds buffers once and is then recorded into many
+compute passes.
+
+Every kernel is ``kernels/NAME.wgsl`` with an ``override`` for each compile-time choice
+(quant format, workgroup size) and a ``struct Params`` uniform at binding 0, followed by its
+storage buffers in binding order. The Python side reads the Params field list from the WGSL
+itself, so a launcher passes ``name=value`` pairs and the layout lives in one place; a
+browser worker loads the very same files the same way.
+
+Hot path (PLATFORM.md): pipelines are built once per (kernel, overrides); bind groups and
+params buffers once per launcher; a caller records many launchers into ONE compute pass of
+ONE command encoder and reads back once.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.quant import QuantTensor
+
+KERNEL_DIR = Path(__file__).resolve().parent
+
+# The WebGPU specification's default limits: what every conformant browser grants without
+# asking. "min-*" limits are alignments (smaller is better), every other one a maximum.
+WEBGPU_DEFAULT_LIMITS = {
+    "max-buffer-size": 256 * 2**20,
+    "max-storage-buffer-binding-size": 128 * 2**20,
+    "max-uniform-buffer-binding-size": 64 * 2**10,
+    "max-compute-workgroup-storage-size": 16384,
+    "max-compute-invocations-per-workgroup": 256,
+    "max-compute-workgroup-size-x": 256,
+    "max-compute-workgroup-size-y": 256,
+    "max-compute-workgroup-size-z": 64,
+    "max-compute-workgroups-per-dimension": 65535,
+    "max-storage-buffers-per-shader-stage": 8,
+    "max-uniform-buffers-per-shader-stage": 12,
+    "max-bind-groups": 4,
+    "max-bindings-per-bind-group": 1000,
+    "min-storage-buffer-offset-alignment": 256,
+    "min-uniform-buffer-offset-alignment": 256,
+}
+
+# Words in an adapter's description that mean "a CPU rasteriser, not a GPU".
+SOFTWARE_ADAPTERS = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render")
+
+class NoAdapterError(RuntimeError):
+    """No WebGPU adapter on this host (no Vulkan/Metal/DX12 driver, not even lavapipe)."""
+
+
+class LimitError(ValueError):
+    """A request that this device's limits cannot hold."""
+
+
+def _better(key: str, a: int, b: int) -> int:
+    return min(a, b) if key.startswith("min-") else max(a, b)
+
+
+def _worse(key: str, a: int, b: int) -> int:
+    return max(a, b) if key.startswith("min-") else min(a, b)
+
+
+class Device:
+    """A wgpu device and what our kernels need to know about it.
+
+    ``limits``: ``"adapter"`` asks for the adapter's best values of WEBGPU_DEFAULT_LIMITS'
+    keys (wgpu would otherwise cap buffers at 256 MiB); ``"webgpu-default"`` asks for the
+    spec defaults, to prove kernels run under any conformant browser; a dict gives explicit
+    values (a simulated browser's profile), keys it leaves out take the spec defaults.
+    ``self.limits`` holds the limits the kernels plan with: never better than requested,
+    even where the driver grants more, so a simulated profile is honoured exactly (values
+    below the spec default are planned with, though the driver is asked for the default).
+    """
+
+    def __init__(self, limits: str | dict = "adapter", power_preference: str = "high-performance"):
+        try:
+            import wgpu
+        except ImportError as exc:  # pragma: no cover - wgpu is a dependency
+            raise NoAdapterError(f"wgpu is not installed: {exc}") from None
+        self._wgpu = wgpu
+        try:
+            self.adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+        except Exception as exc:
+            raise NoAdapterError(f"no WebGPU adapter: {exc}") from None
+        if self.adapter is None:
+            raise NoAdapterError("no WebGPU adapter")
+        adapter_limits = dict(self.adapter.limits)
+        if limits == "adapter":
+            wanted = {k: adapter_limits.get(k, v) for k, v in WEBGPU_DEFAULT_LIMITS.items()}
+        elif limits == "webgpu-default":
+            wanted = dict(WEBGPU_DEFAULT_LIMITS)
+        elif isinstance(limits, dict):
+            wanted = {**WEBGPU_DEFAULT_LIMITS, **limits}
+        else:
+            raise ValueError(f"limits must be 'adapter', 'webgpu-default' or a dict, got {limits!r}")
+        # plan with what was asked, but never more than the adapter has
+        self.limits = {k: _worse(k, v, adapter_limits.get(k, v)) for k, v in wanted.items()}
+        # the driver is asked for at least the spec default (WebGPU grants no less anyway)
+        required = {k: _worse(k, _better(k, v, WEBGPU_DEFAULT_LIMITS[k]), adapter_limits.get(k, v))
+                    for k, v in self.limits.items() if k in WEBGPU_DEFAULT_LIMITS}
+        self.device = self.adapter.request_device_sync(required_limits=required)
+        self.queue = self.device.queue
+        self.features = set(self.device.features)
+        self._modules: dict[str, object] = {}
+        self._pipelines: dict[tuple, object] = {}
+        self._params: dict[str, list[tuple[str, str]]] = {}
+
+    # ------------------------------------------------------------------ description
+    @property
+    def adapter_info(self) -> dict:
+        info = dict(self.adapter.info)
+        info["is_fallback"] = info.get("adapter_type") == "CPU" or not self.is_real_gpu()
+        return info
+
+    def is_real_gpu(self) -> bool:
+        """False for CPU rasterisers (lavapipe/llvmpipe, SwiftShader, ...): there numpy is faster."""
+        info = dict(self.adapter.info)
+        text = " ".join(str(info.get(k, "")) for k in ("device", "description", "vendor")).lower()
+        return info.get("adapter_type") in ("DiscreteGPU", "IntegratedGPU", "VirtualGPU") and not any(
+            s in text for s in SOFTWARE_ADAPTERS)
+
+    def describe(self) -> str:
+        info = self.adapter.info
+        return f"{info.get('device', '?')} ({info.get('adapter_type', '?')}) via {info.get('backend_type', '?')}"
+
+    @property
+    def max_binding(self) -> int:
+        return min(self.limits["max-storage-buffer-binding-size"], self.limits["max-buffer-size"])
+
+    def workgroup_size(self, preferred: int) -> int:
+        """The largest power of two <= preferred that the limits allow in x."""
+        cap = min(preferred, self.limits["max-compute-invocations-per-workgroup"],
+                  self.limits["max-compute-workgroup-size-x"])
+        return 1 << (cap.bit_length() - 1)
+
+    # ------------------------------------------------------------------ kernels
+    def source(self, kernel: str) -> str:
+        return (KERNEL_DIR / f"{kernel}.wgsl").read_text()
+
+    def pipeline(self, kernel: str, **constants):
+        """The compute pipeline of kernel.wgsl's ``main`` with these override values, built once."""
+        key = (kernel, tuple(sorted(constants.items())))
+        pipe = self._pipelines.get(key)
+        if pipe is None:
+            module = self._modules.get(kernel)
+            if module is None:
+                module = self._modules[kernel] = self.device.create_shader_module(code=self.source(kernel), label=kernel)
+            values = {k: float(v) for k, v in constants.items()}  # bools and ints alike
+            pipe = self.device.create_compute_pipeline(
+                layout="auto", label=f"{kernel}{key[1]}",
+                compute={"module": module, "entry_point": "main", "constants": values})
+            self._pipelines[key] = pipe
+        return pipe
+
+    def params_fields(self, kernel: str) -> list[tuple[str, str]]:
+        """[(name, wgsl type)] of the kernel's ``struct Params``, in order."""
+        fields = self._params.get(kernel)
+        if fields is None:
+            code = re.sub(r"//[^\n]*", "", self.source(kernel))
+            body = re.search(r"struct\s+Params\s*\{(.*?)\}", code, re.S)
+            fields = self._params[kernel] = re.findall(r"(\w+)\s*:\s*(u32|i32|f32)", body.group(1)) if body else []
+        return fields
+
+    def pack_params(self, kernel: str, values: dict) -> bytes:
+        fields = self.params_fields(kernel)
+        names = [n for n, _ in fields]
+        if sorted(names) != sorted(values):
+            raise TypeError(f"{kernel} params are {names}, got {sorted(values)}")
+        fmt = "<" + "".join({"u32": "I", "i32": "i", "f32": "f"}[t] for _, t in fields)
+        data = struct.pack(fmt, *(values[n] for n in names))
+        return data + bytes(-len(data) % 16)
+
+    # ------------------------------------------------------------------ buffers
+    def buffer(self, nbytes: int, label: str = "", uniform: bool = False):
+        """A zero-filled storage (or uniform) buffer; size rounded up to 16 bytes."""
+        u = self._wgpu.BufferUsage
+        usage = (u.UNIFORM if uniform else u.STORAGE | u.COPY_SRC) | u.COPY_DST
+        size = max(16, -(-int(nbytes) // 16) * 16)
+        if size > self.limits["max-buffer-size"]:
+            raise LimitError(f"buffer {label!r} of {size} bytes exceeds maxBufferSize {self.limits['max-buffer-size']}")
+        return self.device.create_buffer(size=size, usage=usage, label=label)
+
+    def upload(self, array: np.ndarray, label: str = ""):
+        data = np.ascontiguousarray(array)
+        buf = self.buffer(data.nbytes, label)
+        if data.nbytes:
+            self.queue.write_buffer(buf, 0, data)
+        return buf
+
+    def write(self, buf, array: np.ndarray, offset: int = 0) -> None:
+        data = np.ascontiguousarray(array)
+        if data.nbytes % 4:
+            data = np.frombuffer(data.tobytes() + bytes(-data.nbytes % 4), np.uint8)
+        self.queue.write_buffer(buf, offset, data)
+
+    def read(self, buf, dtype=np.float32, count: int | None = None, offset: int = 0) -> np.ndarray:
+        """Wait for all submitted work and copy ``count`` items of ``dtype`` out of ``buf``."""
+        itemsize = np.dtype(dtype).itemsize
+        size = buf.size - offset if count is None else count * itemsize
+        data = self.queue.read_buffer(buf, offset, -(-size // 4) * 4)
+        return np.frombuffer(data, dtype, count=size // itemsize).copy()
+
+    def bind_group(self, pipeline, buffers: list):
+        entries = [{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)]
+        return self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+
+    # ------------------------------------------------------------------ execution
+    def encoder(self):
+        return self.device.create_command_encoder()
+
+    def run(self, launchers: list, rows: int, copies: list = ()) -> None:
+        """Record launchers (each ``record(cpass, rows)``) into one pass, then buffer copies
+        (src, dst, nbytes), and submit once. Does not wait: ``read`` does."""
+        enc = self.device.create_command_encoder()
+        cpass = enc.begin_compute_pass()
+        for launcher in launchers:
+            launcher.record(cpass, rows)
+        cpass.end()
+        for src, dst, nbytes in copies:
+            enc.copy_buffer_to_buffer(src, 0, dst, 0, -(-nbytes // 4) * 4)
+        self.queue.submit([enc.finish()])
+
+
+_shared: Device | None = None
+
+
+def shared_device() -> Device:
+    """The process's default Device (adapter limits), created on first use."""
+    global _shared
+    if _shared is None:
+        _shared = Device()
+    return _shared
+
+
+# ====================================================================== launchers
+
+
+class Launch:
+    """One kernel with its buffers bound and its params in its own small uniform buffer."""
+
+    def __init__(self, dev: Device, kernel: str, constants: dict, buffers: list, **params):
+        self.dev, self.kernel = dev, kernel
+        self.pipeline = dev.pipeline(kernel, **constants)
+        self.params = params
+        self._packed = dev.pack_params(kernel, params)
+        self.params_buffer = dev.buffer(len(self._packed), f"{kernel}.params", uniform=True)
+        dev.queue.write_buffer(self.params_buffer, 0, self._packed)
+        self.bind_group = dev.bind_group(self.pipeline, [self.params_buffer, *buffers])
+
+    def set(self, **changes) -> None:
+        """Change params (rewrites the uniform buffer only when a value differs)."""
+        params = {**self.params, **changes}
+        packed = self.dev.pack_params(self.kernel, params)
+        if packed != self._packed:
+            self.params, self._packed = params, packed
+            self.dev.queue.write_buffer(self.params_buffer, 0, packed)
+
+    def dispatch(self, cpass, x: int, y: int = 1, z: int = 1) -> None:
+        limit = self.dev.limits["max-compute-workgroups-per-dimension"]
+        if max(x, y, z) > limit:
+            raise LimitError(f"{self.kernel}: dispatch {(x, y, z)} exceeds {limit} workgroups per dimension")
+        if x and y and z:
+            cpass.set_pipeline(self.pipeline)
+            cpass.set_bind_group(0, self.bind_group)
+            cpass.dispatch_workgroups(x, y, z)
+
+
+def quant_constants(t) -> dict:
+    return {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric}
+
+
+@dataclass
+class GpuQuantTensor:
+    """A QuantTensor on the device, split by rows into chunks that each fit one binding:
+    chunks are (first row, rows, qweight buffer, scales buffer)."""
+
+    spec: object
+    n: int
+    k: int
+    chunks: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.size + s.size for _, _, q, s in self.chunks)
+
+
+def upload_quant(dev: Device, t: QuantTensor, label: str = "") -> GpuQuantTensor:
+    row_bytes = max(t.qweight[0].nbytes, t.scales[0].nbytes) if t.n else 1
+    rows_per_chunk = min(max(t.n, 1), dev.max_binding // row_bytes, dev.limits["max-compute-workgroups-per-dimension"])
+    if rows_per_chunk < 1:
+        raise LimitError(f"one row of {label or 'a tensor'} ({row_bytes} bytes) exceeds the binding limit {dev.max_binding}")
+    chunks = []
+    for start in range(0, t.n, rows_per_chunk):
+        part = t.rows(start, min(t.n, start + rows_per_chunk))
+        chunks.append((start, part.n, dev.upload(part.qweight, f"{label}.q[{start}]"), dev.upload(part.scales, f"{label}.s[{start}]")))
+    return GpuQuantTensor(t.spec, t.n, t.k, chunks)
+
+
+def matvec_threads_per_row(k: int, wg: int) -> int:
+    """Threads sharing one output of qmatvec: about one per 32-input block, at most 32."""
+    blocks = -(-k // 32)
+    return min(wg, 32, 1 << max(0, blocks.bit_length() - 1))
+
+
+class QuantLinear:
+    """y[:, y_col : y_col+n] (+)= x @ W.T for ``rows`` rows of x: qmatvec.wgsl up to
+    ``matvec_max_rows`` rows (decode), qmatmul.wgsl above (prefill). One dispatch per chunk."""
+
+    def __init__(self, dev: Device, w: GpuQuantTensor, x, x_stride: int, y, y_stride: int,
+                 y_col: int = 0, accumulate: bool = False, matvec_max_rows: int = 4):
+        if x_stride % 4:
+            raise ValueError(f"x_stride {x_stride} must be a multiple of 4 (qmatvec reads vec4)")
+        self.dev, self.w, self.matvec_max_rows = dev, w, matvec_max_rows
+        self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
+        self.wg = dev.workgroup_size(256)
+        self.tpr = matvec_threads_per_row(w.k, self.wg)
+        self.tile = 64 if dev.workgroup_size(256) >= 256 else 32
+        self._matvec: list | None = None
+        self._matmul: list | None = None
+
+    def _launches(self, kernel: str) -> list:
+        x, x_stride, y, y_stride, y_col, acc = self._args
+        out = []
+        for start, n, qweight, scales in self.w.chunks:
+            common = dict(n=n, k=self.w.k, x_stride=x_stride, y_stride=y_stride, y_col=y_col + start, accumulate=acc)
+            if kernel == "qmatvec":
+                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr}
+                out.append((n, Launch(self.dev, kernel, consts, [qweight, scales, x, y], **common)))
+            else:
+                consts = {**quant_constants(self.w), "TILE": self.tile}
+                out.append((n, Launch(self.dev, kernel, consts, [qweight, scales, x, y], m=0, **common)))
+        return out
+
+    def record(self, cpass, rows: int) -> None:
+        if rows <= self.matvec_max_rows:
+            if self._matvec is None:
+                self._matvec = self._launches("qmatvec")
+            rows_per_wg = self.wg // self.tpr
+            for n, launch in self._matvec:
+                launch.dispatch(cpass, -(-n // rows_per_wg), rows)
+        else:
+            if self._matmul is None:
+                self._matmul = self._launches("qmatmul")
+            for n, launch in self._matmul:
+                launch.set(m=rows)
+                launch.dispatch(cpass, -(-n // self.tile), -(-rows // self.tile))
+
+
+class RmsNorm:
+    def __init__(self, dev: Device, x, x_stride: int, weight, y, y_stride: int, n: int, eps: float):
+        self.launch = Launch(dev, "rmsnorm", {"WG": dev.workgroup_size(256)}, [x, weight, y],
+                             n=n, x_stride=x_stride, y_stride=y_stride, eps=float(eps))
+
+    def record(self, cpass, rows: int) -> None:
+        self.launch.dispatch(cpass, rows)
+
+
+def rope_freq_turns(head_dim: int, base: float) -> np.ndarray:
+    """base**(-2i/head_dim) / (2*pi) for each pair i, computed in float64: rope.wgsl's table."""
+    inv_freq = float(base) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return (inv_freq / (2 * math.pi)).astype(np.float32)
+
+
+class Rope:
+    def __init__(self, dev: Device, x, x_stride: int, x_col: int, n_heads: int, head_dim: int, positions, freq_turns):
+        self.wg = dev.workgroup_size(64)
+        self.pairs = n_heads * head_dim // 2
+        self.launch = Launch(dev, "rope", {"WG": self.wg}, [x, positions, freq_turns],
+                             n_heads=n_heads, head_dim=head_dim, x_stride=x_stride, x_col=x_col)
+
+    def record(self, cpass, rows: int) -> None:
+        self.launch.dispatch(cpass, -(-self.pairs // self.wg), rows)
+
+
+class KvStore:
+    def __init__(self, dev: Device, src, src_stride: int, k_col: int, v_col: int, positions, slots,
+                 k_cache, v_cache, n_kv: int, head_dim: int, ctx: int):
+        self.wg = dev.workgroup_size(64)
+        self.width = n_kv * head_dim
+        self.launch = Launch(dev, "kv_store", {"WG": self.wg}, [src, positions, slots, k_cache, v_cache],
+                             n_kv=n_kv, head_dim=head_dim, ctx=ctx, src_stride=src_stride, k_col=k_col, v_col=v_col)
+
+    def record(self, cpass, rows: int) -> None:
+        self.launch.dispatch(cpass, -(-self.width // self.wg), rows)
+
+
+class Attention:
+    def __init__(self, dev: Device, q, q_stride: int, q_col: int, positions, slots, k_cache, v_cache,
+                 out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int):
+        if head_dim % 4 or n_heads % n_kv:
+            raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
+        wg = dev.workgroup_size(256)
+        if head_dim > wg:
+            raise LimitError(f"head_dim {head_dim} exceeds the workgroup size {wg}")
+        self.n_heads = n_heads
+        self.launch = Launch(dev, "attention", {"WG": wg, "HEAD_DIM": head_dim},
+                             [q, positions, slots, k_cache, v_cache, out],
+                             n_heads=n_heads, n_kv=n_kv, ctx=ctx, q_stride=q_stride, q_col=q_col,
+                             out_stride=out_stride, scale=1.0 / math.sqrt(head_dim))
+
+    def record(self, cpass, rows: int) -> None:
+        self.launch.dispatch(cpass, self.n_heads, rows)
+
+
+class SiluGate:
+    def __init__(self, dev: Device, src, src_stride: int, gate_col: int, up_col: int, y, y_stride: int, n: int):
+        self.wg, self.n = dev.workgroup_size(64), n
+        self.launch = Launch(dev, "silu_gate", {"WG": self.wg}, [src, y],
+                             n=n, src_stride=src_stride, gate_col=gate_col, up_col=up_col, y_stride=y_stride)
+
+    def record(self, cpass, rows: int) -> None:
+        self.launch.dispatch(cpass, -(-self.n // self.wg), rows)
+
+
+class ResidualAdd:
+    def __init__(self, dev: Device, x, x_stride: int, y, y_stride: int, n: int):
+        self.wg, self.n = dev.workgroup_size(64), n
+        self.launch = Launch(dev, "residual_add", {"WG": self.wg}, [x, y], n=n, x_stride=x_stride, y_stride=y_stride)
+
+    def record(self, cpass, rows: int) -> None:
+        self.launch.dispatch(cpass, -(-self.n // self.wg), rows)
+
+
+class Embedding:
+    """y[r] = row ids[r] of a (row-split) quantized table; one dispatch per chunk."""
+
+    def __init__(self, dev: Device, table: GpuQuantTensor, ids, y, y_stride: int):
+        consts = {**quant_constants(table), "WG": dev.workgroup_size(64)}
+        self.launches = [Launch(dev, "embedding", consts, [ids, qweight, scales, y],
+                                k=table.k, row_start=start, n_rows=n, y_stride=y_stride)
+                         for start, n, qweight, scales in table.chunks]
+
+    def record(self, cpass, rows: int) -> None:
+        for launch in self.launches:
+            launch.dispatch(cpass, rows)
+
+
+class TopK:
+    """Per row, the k best of ``count`` logits (ids u32 and values f32 [rows, k] in
+    ``ids``/``values``, best first) by repeated topk.wgsl stages, for up to rows_cap rows."""
+
+    SEG = 1024
+
+    def __init__(self, dev: Device, logits, logits_stride: int, count: int, k: int, rows_cap: int):
+        if not 1 <= k <= min(count, self.SEG // 2):
+            raise ValueError(f"top-k needs 1 <= k <= min(count, {self.SEG // 2}); got k={k}, count={count}")
+        self.k = k
+        wg = dev.workgroup_size(self.SEG // 2)
+        in_values, in_ids, in_stride, implicit = logits, dev.buffer(16, "topk.no_ids"), logits_stride, 1
+        self.stages = []
+        while True:
+            segments = -(-count // self.SEG)
+            out_stride = segments * k
+            values = dev.buffer(rows_cap * out_stride * 4, "topk.values")
+            ids = dev.buffer(rows_cap * out_stride * 4, "topk.ids")
+            launch = Launch(dev, "topk", {"WG": wg, "SEG": self.SEG}, [in_values, in_ids, values, ids],
+                            count=count, in_stride=in_stride, k=k, out_stride=out_stride, implicit_ids=implicit)
+            self.stages.append((segments, launch))
+            if segments == 1:
+                break
+            in_values, in_ids, in_stride, implicit, count = values, ids, out_stride, 0, out_stride
+        self.values, self.ids = values, ids
+
+    def record(self, cpass, rows: int) -> None:
+        for segments, launch in self.stages:
+            launch.dispatch(cpass, segments, rows)
