@@ -59,6 +59,10 @@ def _capacity_layers(w: WorkerCapacity, layer_bytes: int, head: int) -> int:
 
 
 def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages) -> list[StagePlan]:
+    # a worker that cannot hold even one layer serves no stage
+    pool = [w for w in pool if _capacity_layers(w, layer_bytes, 0) >= 1]
+    if not pool:
+        raise PlanError("no worker can hold a single layer")
     replicas = max(1, min(replicas, len(pool)))
     n_stages = max(1, len(pool) // replicas)
     if max_stages:
@@ -76,8 +80,9 @@ def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages) ->
     while sum(counts) > n_layers:
         i = max((j for j in range(n_stages) if counts[j] > 1), key=lambda j: counts[j] - raw[j])
         counts[i] -= 1
-    # respect memory: move layers from stages over budget to stages with room
-    caps = [_capacity_layers(w, layer_bytes, head_bytes if i == n_stages - 1 else 0) for i, w in enumerate(primaries)]
+    # respect memory: move layers from stages over budget to stages with room (the last
+    # stage also holds the head)
+    caps = [max(0, _capacity_layers(w, layer_bytes, head_bytes if i == n_stages - 1 else 0)) for i, w in enumerate(primaries)]
     for i in range(n_stages):
         while counts[i] > caps[i]:
             room = [j for j in range(n_stages) if counts[j] < caps[j]]
@@ -86,12 +91,13 @@ def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages) ->
             j = max(room, key=lambda j: caps[j] - counts[j])
             counts[i] -= 1
             counts[j] += 1
+    if counts[-1] == 0:
+        raise PlanError("the worker for the head has no room for it")
     stages, start = [], 0
     for i, c in enumerate(counts):
-        if c <= 0:
-            continue
-        stages.append(StagePlan(start, start + c, i == n_stages - 1, [primaries[i].worker_id]))
-        start += c
+        if c > 0:
+            stages.append(StagePlan(start, start + c, i == n_stages - 1, [primaries[i].worker_id]))
+            start += c
     # standbys: each stage gets replicas-1 more holders that can fit it
     free = list(standbys)
     for st in stages:

@@ -1,0 +1,107 @@
+"""Drives the coordinator's state machine and in-process TabWorkers with a fake clock and no
+sockets: every message still goes through the real wire codec (encode + decode + validate)."""
+from __future__ import annotations
+
+from collections import deque
+
+from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
+from tab_worker.weights import pack_head, pack_layer
+from tab_worker.worker import TabWorker
+from tabshard import wire
+from tabshard.generate import embed
+
+
+class Net:
+    def __init__(self, weights, settings: CoordinatorSettings = CoordinatorSettings(), local: bool = False, token=None):
+        self.weights = weights
+        blobs = {f"layer:{i}": pack_layer(i, lw) for i, lw in enumerate(weights.layers)}
+        blobs["head"] = pack_head(weights.head)
+        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, token)
+        self.now = 0.0
+        self.workers: dict[str, TabWorker] = {}
+        self.dead: set[str] = set()  # conns whose process is gone: messages vanish
+        self.frozen: set[str] = set()  # conns that neither answer nor heartbeat (held messages)
+        self.held: dict[str, list] = {}
+        self.closed: dict[str, tuple] = {}
+        self.events: dict[str, list] = {}
+        self.queue: deque = deque()  # (direction, conn, msg)
+        self.sent_bytes = 0
+        self._n = 0
+        if local:
+            self.add_worker(conn=LOCAL)
+
+    def add_worker(self, conn: str | None = None, **kw) -> str:
+        self._n += 1
+        conn = conn or f"c{self._n}"
+        w = TabWorker(f"tab-{self._n}", backend="numpy", **kw)
+        self.workers[conn] = w
+        self.to_coordinator(conn, w.hello())
+        return conn
+
+    # ---------------------------------------------------------------- routing
+    def to_coordinator(self, conn, m):
+        self.queue.append(("up", conn, m))
+
+    def perform(self, actions):
+        for a in actions:
+            if isinstance(a, Send):
+                self.queue.append(("down", a.conn, a.msg))
+            elif isinstance(a, Close):
+                self.closed[a.conn] = (a.code, a.reason)
+            elif isinstance(a, Emit):
+                self.events.setdefault(a.request_id, []).append(a.event)
+
+    def run(self, max_messages: int = 100_000, until=None):
+        n = 0
+        while self.queue and n < max_messages:
+            if until is not None and until():
+                return
+            n += 1
+            direction, conn, m = self.queue.popleft()
+            data = wire.encode(m, validate=False)
+            self.sent_bytes += len(data)
+            m = wire.decode(data)
+            if direction == "down":
+                if conn in self.dead or conn in self.closed and conn != LOCAL and m["type"] != "error":
+                    continue
+                if conn in self.frozen:
+                    self.held.setdefault(conn, []).append(m)
+                    continue
+                for r in self.workers[conn].handle(m):
+                    self.to_coordinator(conn, r)
+            else:
+                if conn in self.dead:
+                    continue
+                self.perform(self.core.on_message(conn, m, self.now))
+
+    def advance(self, seconds: float, step: float = 0.05, heartbeats: bool = True, until=None):
+        """Move the clock; live, unfrozen workers heartbeat every 250 ms."""
+        end = self.now + seconds
+        while self.now < end - 1e-9:
+            self.now = min(end, self.now + step)
+            if heartbeats:
+                for conn, w in self.workers.items():
+                    if conn not in self.dead and conn not in self.frozen and conn not in self.closed and conn != LOCAL:
+                        self.to_coordinator(conn, w.heartbeat(0))
+            self.perform(self.core.tick(self.now))
+            self.run(until=until)
+
+    def kill(self, conn: str, socket_closes: bool = True):
+        self.dead.add(conn)
+        if socket_closes:
+            self.perform(self.core.on_disconnect(conn, self.now))
+
+    def submit(self, rid, prompt_ids, max_tokens, params=None, **kw):
+        from tabshard.sampling import SamplingParams
+
+        self.perform(self.core.submit(rid, prompt_ids, max_tokens, params or SamplingParams(), self.now, **kw))
+
+    def tokens(self, rid) -> list[int]:
+        return [e["token_id"] for e in self.events.get(rid, []) if e["type"] == "token"]
+
+    def done(self, rid) -> bool:
+        return any(e["type"] in ("done", "error") for e in self.events.get(rid, []))
+
+    def stage_conn(self, index: int) -> str:
+        wid = self.core.stages[index].holders[0]
+        return self.core.workers[wid].conn

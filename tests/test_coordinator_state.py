@@ -1,0 +1,261 @@
+"""The coordinator's state machine driven without sockets (tests/harness.py): planning,
+pipelined decode, failure detection, fencing, exact recovery, quarantine, cancellation."""
+import numpy as np
+import pytest
+
+from coordinator.state import CoordinatorSettings
+from tabshard import wire
+from tabshard.generate import LocalGenerator
+from tabshard.sampling import SamplingParams
+from tests.harness import Net
+from tests.tiny_model import tiny_weights
+
+PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
+N_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights()
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    gen = LocalGenerator(weights, backend="numpy", max_ctx=256)
+    return list(gen.generate(PROMPT, N_TOKENS, stop_at_eos=False))
+
+
+def start(weights, n_workers, **settings):
+    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings))
+    for _ in range(n_workers):
+        net.add_worker()
+    net.run()
+    net.advance(0.5)  # calibration done, re-plan delay passed, weights streamed
+    assert net.core.stages and all(s.primary in s.ready for s in net.core.stages)
+    return net
+
+
+def run_until_done(net, rids, seconds=30):
+    for _ in range(int(seconds / 0.05)):
+        if all(net.done(r) for r in rids):
+            return
+        net.advance(0.05)
+    raise AssertionError(f"not done: {[r for r in rids if not net.done(r)]}")
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 4])
+def test_pipeline_tokens_equal_single_worker(weights, reference, n_workers):
+    net = start(weights, n_workers)
+    assert len(net.core.stages) == n_workers
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.events["r"][-1] == {"type": "done", "finish_reason": "length", "tokens": N_TOKENS, "prompt_tokens": len(PROMPT)}
+
+
+def test_plan_covers_every_layer_once_and_head_last(weights):
+    net = start(weights, 3)
+    stages = net.core.stages
+    assert stages[0].layer_start == 0 and stages[-1].layer_end == weights.config.n_layers
+    assert all(a.layer_end == b.layer_start for a, b in zip(stages, stages[1:]))
+    assert [s.include_head for s in stages] == [False, False, True]
+
+
+def test_many_sessions_batch_and_stay_exact(weights, reference):
+    net = start(weights, 2)
+    for i in range(5):
+        net.submit(f"r{i}", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, [f"r{i}" for i in range(5)])
+    for i in range(5):
+        assert net.tokens(f"r{i}") == reference
+    # decode steps of different sessions shared stage steps
+    assert net.core.counters["steps"] < 5 * (N_TOKENS + 1) * 2
+
+
+@pytest.mark.parametrize("victim_stage", [0, 1, 2])
+def test_killed_worker_mid_decode_gives_identical_tokens(weights, reference, victim_stage):
+    net = start(weights, 4)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 6)
+    net.kill(net.stage_conn(victim_stage))
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    kinds = [e["kind"] for e in net.core.events]
+    assert "death" in kinds and "rebuild" in kinds and "recovered" in kinds
+
+
+def test_silent_worker_detected_within_a_second_and_fenced(weights, reference):
+    net = start(weights, 3)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 5)
+    victim = net.stage_conn(1)
+    victim_id = net.core.conn_worker[victim]
+    net.frozen.add(victim)
+    frozen_at = net.now
+    run_until_done(net, ["r"])
+    death = next(e for e in net.core.events if e["kind"] == "death" and e["worker"] == victim_id)
+    assert death["t"] - frozen_at <= 1.0
+    assert net.tokens("r") == reference
+    # the frozen worker wakes up and answers its stale step: ignored (fenced)
+    ignored = net.core.counters["late_results_ignored"]
+    net.frozen.discard(victim)
+    for m in net.held.pop(victim, []):
+        for r in net.workers[victim].handle(m):
+            net.perform(net.core.on_message(victim, r, net.now))
+    assert net.core.workers[victim_id].state == "dead"
+    assert net.core.counters["late_results_ignored"] >= ignored
+    assert victim in net.closed
+
+
+def test_slow_worker_is_suspect_not_dead(weights):
+    net = start(weights, 2, step_deadline_min_ms=100, step_deadline_factor=1.0, suspect_evict_factor=1000)
+    net.submit("r", PROMPT, 4, stop_at_eos=False)
+    victim = net.stage_conn(0)
+    net.frozen.add(victim)  # holds its messages but keeps heartbeating below
+    for _ in range(10):
+        net.now += 0.05
+        net.to_coordinator(victim, net.workers[victim].heartbeat(1))
+        for c in net.workers:
+            if c != victim:
+                net.to_coordinator(c, net.workers[c].heartbeat(1))
+        net.run()
+        net.perform(net.core.tick(net.now))
+    assert net.core.workers[net.core.conn_worker[victim]].state == "suspect"
+    net.frozen.discard(victim)
+    for m in net.held.pop(victim, []):
+        for r in net.workers[victim].handle(m):
+            net.to_coordinator(victim, r)
+    run_until_done(net, ["r"])
+    assert net.core.workers[net.core.conn_worker[victim]].state == "ready"
+
+
+def test_replica_standby_takes_over_without_download(weights, reference):
+    net = start(weights, 4, replicas=2)
+    assert all(len(s.holders) == 2 for s in net.core.stages)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    sent = net.core.counters["weight_bytes_sent"]
+    net.kill(net.stage_conn(0))
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.counters["weight_bytes_sent"] == sent
+
+
+def test_worker_joining_mid_session_is_used_by_later_sessions(weights, reference):
+    net = start(weights, 1)
+    net.submit("a", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("a")) >= 3)
+    late = net.add_worker()
+    for k in range(6):  # time passes while "a" decodes a token per 0.1 s
+        net.advance(0.1, until=lambda: len(net.tokens("a")) >= 4 + k)
+    assert not net.done("a")
+    assert len(net.core.stages) == 1  # the running session keeps its plan
+    run_until_done(net, ["a"])
+    assert net.tokens("a") == reference
+    net.advance(0.6)
+    assert len(net.core.stages) == 2
+    net.submit("b", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["b"])
+    assert net.tokens("b") == reference
+    assert net.core.workers[net.core.conn_worker[late]].steps > 0
+
+
+def test_cancel_frees_every_stage(weights):
+    net = start(weights, 2)
+    net.submit("r", PROMPT, 100, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 2)
+    net.perform(net.core.cancel("r", net.now))
+    net.advance(0.2)
+    for w in net.workers.values():
+        assert all("r" not in b.sessions() for b in w.ranges.values())
+    assert "r" not in net.core.sessions
+
+
+def test_malformed_message_quarantines_only_the_offender(weights, reference):
+    net = start(weights, 2)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 3)
+    bad = net.add_worker()
+    net.run()
+    bad_id = net.core.conn_worker[bad]
+    err = wire.ProtocolError("malformed", "garbage frame", None)
+    net.perform(net.core.on_protocol_error(bad, err, net.now))
+    assert net.core.workers[bad_id].state == "quarantined"
+    assert net.closed[bad][0] == 1008
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
+def test_wrong_shape_result_is_rejected_and_recomputed(weights, reference):
+    net = start(weights, 3)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 3)
+    liar = net.stage_conn(0)
+    real = net.workers[liar].on_step
+
+    def lying_step(m):
+        out = real(m)
+        out[0]["output"] = np.zeros((out[0]["output"].shape[0], 7), np.float32)
+        return out
+
+    net.workers[liar].on_step = lying_step
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.workers[net.core.conn_worker.get(liar, "w1")].state == "quarantined" or liar in net.closed
+
+
+def test_bad_join_token_is_refused(weights):
+    net = Net(weights, CoordinatorSettings(max_ctx=256), token="secret")
+    conn = net.add_worker(token="wrong")
+    net.run()
+    assert net.closed[conn][0] == 1008
+    assert net.core.counters["rejected_joins"] == 1 and not net.core.workers
+
+
+def test_no_capacity_fails_with_retriable_error(weights):
+    net = Net(weights, CoordinatorSettings(max_ctx=256, request_timeout_s=1.0, coordinator_compute=False))
+    net.submit("r", PROMPT, 4)
+    net.advance(1.5)
+    err = net.events["r"][-1]
+    assert err["type"] == "error" and err["retriable"] is True
+
+
+def test_coordinator_compute_serves_when_every_worker_dies(weights, reference):
+    net = Net(weights, CoordinatorSettings(max_ctx=256), local=True)
+    net.add_worker()
+    net.run()
+    net.advance(0.5)
+    assert net.core.stages[0].primary != "local"
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    net.kill(net.stage_conn(0))
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.status(net.now)["degraded"] is True
+
+
+def test_seeded_sampling_is_reproducible_across_a_failure(weights):
+    params = SamplingParams(greedy=False, temperature=0.8, top_p=0.95, seed=7)
+    net = start(weights, 3)
+    net.submit("a", PROMPT, N_TOKENS, params, stop_at_eos=False)
+    run_until_done(net, ["a"])
+    net2 = start(weights, 3)
+    net2.submit("b", PROMPT, N_TOKENS, params, stop_at_eos=False)
+    net2.run(until=lambda: len(net2.tokens("b")) >= 7)
+    net2.kill(net2.stage_conn(2))
+    run_until_done(net2, ["b"])
+    assert net.tokens("a") == net2.tokens("b")
+
+
+def test_memory_refusal_replans_elsewhere(weights, reference):
+    net = Net(weights, CoordinatorSettings(max_ctx=256))
+    small = net.add_worker()
+    net.workers[small].memory_bytes = 1  # announced 4 GiB in hello, then finds it has no room
+    net.add_worker()
+    net.run()
+    net.advance(1.0)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert any(e["kind"] == "refused" for e in net.core.events)
+    assert all(net.core.conn_worker[small] not in s.holders for s in net.core.stages)
