@@ -2,9 +2,12 @@
 // (starting at column x_col), the adjacent pair (x[2i], x[2i+1]) turns by the angle
 // positions[r] * base^(-2i/head_dim). One thread per pair; workgroup_id.y is the row.
 //
-// freq_turns[i] = base^(-2i/head_dim) / (2*pi) comes from the host, computed in float64.
-// The angle in turns is reduced to [-1/2, 1/2] before sin/cos, because GPU sin/cos are only
-// accurate near zero; what remains is the f32 rounding of pos * freq (~pos * 6e-8 turns).
+// The angle is computed in turns and reduced to [-1/2, 1/2] before sin/cos, because GPU
+// sin/cos are only accurate near zero. A plain f32 pos * freq would be off by ~pos * 6e-8
+// turns (1.5e-3 rad at position 4096), so the host (runner.rope_freq_turns) splits each
+// freq = base^(-2i/head_dim) / (2*pi), computed in float64, into hi + mid + lo with 8-bit
+// mantissas in hi and mid: pos * hi and pos * mid are then exact for pos < 2^16 and so are
+// their fractions, leaving an angle error of ~1e-6 rad.
 
 override WG: u32 = 64u;
 
@@ -18,7 +21,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read> positions: array<u32>;
-@group(0) @binding(3) var<storage, read> freq_turns: array<f32>;
+@group(0) @binding(3) var<storage, read> freq_turns: array<vec4<f32>>;  // (hi, mid, lo, 0) per pair
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -29,7 +32,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     return;
   }
   let i = pair % half;
-  let turns = f32(positions[r]) * freq_turns[i];
+  let pos = f32(positions[r]);
+  let freq = freq_turns[i];
+  let turns = fract(pos * freq.x) + fract(pos * freq.y) + pos * freq.z;
   let angle = (turns - round(turns)) * 6.2831853071795864;
   let c = cos(angle);
   let s = sin(angle);

@@ -360,10 +360,20 @@ class RmsNorm:
         self.launch.dispatch(cpass, rows)
 
 
+def _leading_bits(v: np.ndarray, bits: int) -> np.ndarray:
+    mantissa, exponent = np.frexp(v)
+    return np.ldexp(np.floor(mantissa * 2.0**bits), exponent - bits)
+
+
 def rope_freq_turns(head_dim: int, base: float) -> np.ndarray:
-    """base**(-2i/head_dim) / (2*pi) for each pair i, computed in float64: rope.wgsl's table."""
-    inv_freq = float(base) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    return (inv_freq / (2 * math.pi)).astype(np.float32)
+    """rope.wgsl's table, f32 [head_dim/2, 4]: freq = base**(-2i/head_dim) / (2*pi) in turns
+    per position (float64), split as (hi, mid, lo, 0) with 8-bit hi and mid so that the
+    shader's pos * hi and pos * mid are exact f32 products for positions below 2**16."""
+    freq = float(base) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * math.pi)
+    hi = _leading_bits(freq, 8)
+    mid = _leading_bits(freq - hi, 8)
+    table = np.stack([hi, mid, freq - hi - mid, np.zeros_like(freq)], axis=-1)
+    return table.astype(np.float32)
 
 
 class Rope:

@@ -1,0 +1,280 @@
+"""Parity of every WGSL kernel with its numpy twin (kernels/reference.py), on whatever wgpu
+adapter this host has (lavapipe on CPU-only machines). Shapes are small and awkward on
+purpose: odd row counts, k not a multiple of the quant group, batches that fill no tile.
+
+Tolerances are f32 round-off: a dot product over k inputs of unit-scale values differs by
+a few ulp of its partial sums, hence atol around 1e-5 * sqrt(k) and rtol 1e-4 throughout.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from kernels import reference as ref
+from kernels import runner as R
+from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, quantize_rtn
+
+SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, (False, True))]
+MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
+
+
+def _device(**kwargs) -> R.Device:
+    try:
+        return R.Device(**kwargs)
+    except R.NoAdapterError as exc:
+        pytest.skip(f"no wgpu adapter on this host: {exc}")
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return _device()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def padded(x: np.ndarray, stride: int) -> np.ndarray:
+    out = np.zeros((x.shape[0], stride), np.float32)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def read_rows(dev, buf, rows, stride, cols, dtype=np.float32, col=0):
+    return dev.read(buf, dtype, count=rows * stride).reshape(rows, stride)[:, col : col + cols]
+
+
+# ---------------------------------------------------------------------------- meta
+
+
+def test_every_kernel_has_a_numpy_twin_and_portable_source():
+    kernels = sorted(p.stem for p in R.KERNEL_DIR.glob("*.wgsl"))
+    assert kernels, "no kernels found"
+    for name in kernels:
+        assert callable(getattr(ref, name, None)), f"{name}.wgsl has no reference.{name}"
+        source = (R.KERNEL_DIR / f"{name}.wgsl").read_text()
+        # Chromium's Tint must load these too: no extensions (f16 only in dedicated variants)
+        assert "enable " not in source, f"{name}.wgsl enables an extension"
+
+
+def test_device_reports_adapter_and_caches_pipelines(dev):
+    info = dev.adapter_info
+    assert {"device", "description", "vendor", "adapter_type", "is_fallback"} <= set(info)
+    assert dev.limits["max-storage-buffer-binding-size"] >= 128 * 2**20
+    if "llvmpipe" in str(info["device"]).lower():
+        assert not dev.is_real_gpu() and info["is_fallback"]
+    consts = dict(BITS=4, GROUP=32, SYMMETRIC=False, WG=64, TPR=8)
+    assert dev.pipeline("qmatvec", **consts) is dev.pipeline("qmatvec", **consts)
+
+
+# ---------------------------------------------------------------------------- matmuls
+
+
+def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False):
+    w = quantize_rtn(randn(rng, n, k), spec)
+    x = randn(rng, rows, k)
+    x_stride = -(-k // 4) * 4
+    y_stride, y_col = n + 3, 2  # output lands in a column range of a wider buffer
+    y0 = randn(rng, rows, y_stride)
+    xb, yb = dev.upload(padded(x, x_stride)), dev.upload(y0)
+    op = R.QuantLinear(dev, R.upload_quant(dev, w), xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows)
+    dev.run([op], rows)
+    got = dev.read(yb, count=rows * y_stride).reshape(rows, y_stride)
+    want = ref.qmatvec(x, w, y0[:, y_col : y_col + n] if accumulate else None)
+    np.testing.assert_allclose(got[:, y_col : y_col + n], want, **MATMUL_TOL)
+    np.testing.assert_array_equal(got[:, :y_col], y0[:, :y_col])  # nothing outside the range
+    np.testing.assert_array_equal(got[:, y_col + n :], y0[:, y_col + n :])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_qmatvec(dev, rng, spec):
+    # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows
+    _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_qmatmul(dev, rng, spec):
+    # 67 rows and 37 outputs fill no 64x64 tile exactly
+    _quant_linear(dev, rng, spec, n=37, k=70, rows=67, matvec_max_rows=0)
+
+
+@pytest.mark.parametrize("matvec_max_rows", [8, 0], ids=["qmatvec", "qmatmul"])
+def test_quant_linear_accumulates_and_handles_long_rows(dev, rng, matvec_max_rows):
+    # k = 1000: many blocks per thread, a ragged last block; accumulate = residual add
+    _quant_linear(dev, rng, QuantSpec(4, 32, False), n=70, k=1000, rows=5, matvec_max_rows=matvec_max_rows, accumulate=True)
+
+
+@pytest.mark.parametrize("k", [1, 5, 32, 33, 128, 576])
+def test_qmatvec_k_edge_cases(dev, rng, k):
+    _quant_linear(dev, rng, QuantSpec(3, 128, True), n=9, k=k, rows=2, matvec_max_rows=8)
+
+
+# ---------------------------------------------------------------------------- the rest
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_embedding(dev, rng, spec):
+    table = quantize_rtn(randn(rng, 50, 70), spec)
+    ids = np.array([3, 49, 0, 3, 17], np.uint32)
+    yb = dev.buffer(len(ids) * 72 * 4)
+    dev.run([R.Embedding(dev, R.upload_quant(dev, table), dev.upload(ids), yb, 72)], len(ids))
+    np.testing.assert_allclose(read_rows(dev, yb, len(ids), 72, 70), ref.embedding(ids, table), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 70, 576])
+def test_rmsnorm(dev, rng, n):
+    rows, stride = 5, n + 6
+    x, w = randn(rng, rows, n, scale=3.0), randn(rng, n)
+    yb = dev.buffer(rows * stride * 4)
+    dev.run([R.RmsNorm(dev, dev.upload(padded(x, stride)), stride, dev.upload(w), yb, stride, n, 1e-5)], rows)
+    np.testing.assert_allclose(read_rows(dev, yb, rows, stride, n), ref.rmsnorm(x, w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def _rope_exact(heads, positions, base):
+    head_dim = heads.shape[-1]
+    angle = positions[:, None].astype(np.float64) * float(base) ** (-np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    even, odd = heads[..., 0::2].astype(np.float64), heads[..., 1::2].astype(np.float64)
+    return np.stack([even * cos - odd * sin, even * sin + odd * cos], -1).reshape(len(heads), -1)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_rope(dev, rng, head_dim):
+    n_heads, x_col, base = 3, 4, 100000.0
+    positions = np.array([0, 1, 2, 7, 100, 1000, 4095, 8191, 65535], np.uint32)
+    rows, stride = len(positions), x_col + n_heads * head_dim + 4
+    x = randn(rng, rows, stride)
+    xb = dev.upload(x)
+    dev.run([R.Rope(dev, xb, stride, x_col, n_heads, head_dim, dev.upload(positions), dev.upload(R.rope_freq_turns(head_dim, base)))], rows)
+    got = dev.read(xb, count=x.size).reshape(rows, stride)
+    heads = x[:, x_col : x_col + n_heads * head_dim].reshape(rows, n_heads, head_dim)
+    got_heads = got[:, x_col : x_col + n_heads * head_dim]
+    # against exact (float64) angles: the shader's angle is good to ~1e-6 rad at any position
+    np.testing.assert_allclose(got_heads, _rope_exact(heads, positions, base), atol=2e-5, rtol=0)
+    # the twin rounds pos * inv_freq to f32 like HF transformers: ~pos * 1e-7 rad off exact
+    near = positions <= 1000
+    want = ref.rope(heads[near], positions[near], base).reshape(near.sum(), -1)
+    np.testing.assert_allclose(got_heads[near], want, atol=2e-4, rtol=0)
+    np.testing.assert_array_equal(got[:, :x_col], x[:, :x_col])
+
+
+def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions):
+    """sessions: [(slot, start_pos, length, cached)]: each writes rows at [start, start+length)
+    into its slot over `cached` random positions already there; returns got, want."""
+    n_slots = max(s for s, *_ in sessions) + 1
+    k_cache, v_cache = randn(rng, n_slots, n_kv, ctx, head_dim), randn(rng, n_slots, n_kv, ctx, head_dim)
+    slots = np.concatenate([[s] * n for s, _, n, _ in sessions]).astype(np.uint32)
+    positions = np.concatenate([np.arange(p, p + n) for _, p, n, _ in sessions]).astype(np.uint32)
+    rows = len(slots)
+    q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    stride = q_dim + 2 * kv_dim
+    qkv = randn(rng, rows, stride)
+    kb, vb, out = dev.upload(k_cache), dev.upload(v_cache), dev.buffer(rows * q_dim * 4)
+    pb, sb, qb = dev.upload(positions), dev.upload(slots), dev.upload(qkv)
+    ops = [R.KvStore(dev, qb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx),
+           R.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx)]
+    dev.run(ops, rows)
+    got = dev.read(out, count=rows * q_dim).reshape(rows, q_dim)
+    want, r = [], 0
+    for slot, start, n, _ in sessions:
+        k_new = qkv[r : r + n, q_dim : q_dim + kv_dim].reshape(n, n_kv, head_dim)
+        v_new = qkv[r : r + n, q_dim + kv_dim :].reshape(n, n_kv, head_dim)
+        kc, vc = k_cache[slot].copy(), v_cache[slot].copy()
+        ref.kv_store(k_new, v_new, kc, vc, start)
+        q = qkv[r : r + n, :q_dim].reshape(n, n_heads, head_dim)
+        want.append(ref.attention(q, kc[:, : start + n], vc[:, : start + n], start).reshape(n, q_dim))
+        r += n
+    kv_got = dev.read(kb, count=k_cache.size).reshape(k_cache.shape)
+    return got, np.concatenate(want), kv_got, k_cache, qkv, slots, positions
+
+
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(4, 2, 8), (3, 1, 64), (2, 2, 16)])
+def test_kv_store_and_attention_batched_sessions(dev, rng, n_heads, n_kv, head_dim):
+    # slot 2 prefills 5 rows; slot 0 decodes one row at 300 (two 256-key chunks); slot 1
+    # replays rows 3-4 over a cache that had more (the stale tail stays unread)
+    sessions = [(2, 0, 5, 0), (0, 300, 1, 300), (1, 3, 2, 9)]
+    got, want, kv_got, kv_before, qkv, slots, positions = _attention_case(dev, rng, n_heads, n_kv, head_dim, 320, sessions)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    expect = kv_before.copy()
+    for r, (s, p) in enumerate(zip(slots, positions)):
+        expect[s, :, p] = qkv[r, q_dim : q_dim + kv_dim].reshape(n_kv, head_dim)
+    np.testing.assert_array_equal(kv_got, expect)
+
+
+def test_silu_gate_and_residual_add(dev, rng):
+    rows, n = 3, 70
+    src = randn(rng, rows, 2 * n + 2, scale=4.0)
+    yb = dev.buffer(rows * n * 4)
+    dev.run([R.SiluGate(dev, dev.upload(src), 2 * n + 2, 1, n + 2, yb, n, n)], rows)
+    np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.silu_gate(src[:, 1 : n + 1], src[:, n + 2 :]), atol=1e-5, rtol=1e-5)
+    x, y = randn(rng, rows, n + 2), randn(rng, rows, n)
+    yb = dev.upload(y)
+    dev.run([R.ResidualAdd(dev, dev.upload(x), n + 2, yb, n, n)], rows)
+    np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.residual_add(y, x[:, :n]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vocab,k", [(300, 1), (300, 64), (1024, 5), (3000, 40), (49152, 64)])
+def test_topk(dev, rng, vocab, k):
+    rows = 3
+    logits = randn(rng, rows, vocab)
+    logits[1] = np.round(logits[1])  # many ties: lower id first
+    logits[2, 7], logits[2, 11] = np.nan, -np.inf
+    logits[2, 100 % vocab] = 9.0
+    op = R.TopK(dev, dev.upload(logits), vocab, vocab, k, rows)
+    dev.run([op], rows)
+    ids = dev.read(op.ids, np.uint32, count=rows * k).reshape(rows, k)
+    values = dev.read(op.values, count=rows * k).reshape(rows, k)
+    want_ids, want_values = ref.topk(logits, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(values, want_values)
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+def test_kernels_run_under_webgpu_default_limits(rng):
+    """Any conformant browser grants these: 256 invocations, 16 KiB workgroup memory."""
+    small = _device(limits="webgpu-default")
+    assert small.limits["max-compute-invocations-per-workgroup"] == 256
+    assert small.device.limits["max-compute-invocations-per-workgroup"] == 256
+    _quant_linear(small, rng, QuantSpec(4, 32, False), n=37, k=70, rows=2, matvec_max_rows=8)
+    _quant_linear(small, rng, QuantSpec(3, 64, True), n=37, k=70, rows=67, matvec_max_rows=0)
+    got, want, *_ = _attention_case(small, rng, 3, 1, 64, 300, [(0, 290, 3, 290)])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    logits = randn(rng, 2, 3000)
+    op = R.TopK(small, small.upload(logits), 3000, 3000, 64, 2)
+    small.run([op], 2)
+    np.testing.assert_array_equal(small.read(op.ids, np.uint32, count=128).reshape(2, 64), ref.topk(logits, 64)[0])
+
+
+def test_small_binding_limit_splits_the_head_and_embedding(rng):
+    """A 4 KiB maxStorageBufferBindingSize cuts a 300 x 64 head into row chunks, each bound
+    and dispatched separately, writing its own column range of the logits."""
+    tiny = _device(limits={"max-storage-buffer-binding-size": 4096})
+    vocab, hidden, rows, k = 300, 64, 3, 10
+    head = quantize_rtn(randn(rng, vocab, hidden), QuantSpec(4, 32, False))
+    norm = randn(rng, hidden)
+    gpu_head = R.upload_quant(tiny, head, "head")
+    assert len(gpu_head.chunks) >= 3 and all(q.size <= 4096 and s.size <= 4096 for _, _, q, s in gpu_head.chunks)
+    x = randn(rng, rows, hidden)
+    xb, xn, logits = tiny.upload(x), tiny.buffer(rows * hidden * 4), tiny.buffer(rows * vocab * 4)
+    for matvec_max_rows in (8, 0):
+        ops = [R.RmsNorm(tiny, xb, hidden, tiny.upload(norm), xn, hidden, hidden, 1e-5),
+               R.QuantLinear(tiny, gpu_head, xn, hidden, logits, vocab, matvec_max_rows=matvec_max_rows),
+               R.TopK(tiny, logits, vocab, vocab, k, rows)]
+        tiny.run(ops, rows)
+        want_ids, want_values = ref.head_topk(x, norm, 1e-5, head, k)
+        np.testing.assert_array_equal(tiny.read(ops[2].ids, np.uint32, count=rows * k).reshape(rows, k), want_ids)
+        np.testing.assert_allclose(tiny.read(ops[2].values, count=rows * k).reshape(rows, k), want_values, atol=1e-4, rtol=1e-4)
+    ids = np.array([0, 299, 150, 77], np.uint32)
+    yb = tiny.buffer(len(ids) * hidden * 4)
+    tiny.run([R.Embedding(tiny, gpu_head, tiny.upload(ids), yb, hidden)], len(ids))
+    np.testing.assert_allclose(read_rows(tiny, yb, len(ids), hidden, hidden), ref.embedding(ids, head), atol=1e-6, rtol=0)
