@@ -215,26 +215,47 @@ class Device:
 
     def run(self, launchers: list, rows: int, copies: list = ()) -> None:
         """Record launchers (each ``record(cpass, rows)``) into one pass, then buffer copies
-        (src, dst, nbytes), and submit once. Does not wait: ``read`` does."""
+        (src, dst, nbytes[, dst_offset]), and submit once. Does not wait: ``read`` does."""
         enc = self.device.create_command_encoder()
         cpass = enc.begin_compute_pass()
         for launcher in launchers:
             launcher.record(cpass, rows)
         cpass.end()
-        for src, dst, nbytes in copies:
-            enc.copy_buffer_to_buffer(src, 0, dst, 0, -(-nbytes // 4) * 4)
+        for src, dst, nbytes, *dst_offset in copies:
+            enc.copy_buffer_to_buffer(src, 0, dst, dst_offset[0] if dst_offset else 0, -(-nbytes // 4) * 4)
         self.queue.submit([enc.finish()])
 
 
-_shared: Device | None = None
+_devices: dict[tuple, Device] = {}
+
+
+def get_device(limits: str | dict = "adapter", power_preference: str = "high-performance") -> Device:
+    """One Device per distinct (limits, power_preference) in this process, created on first use:
+    backends of several layer ranges share their device, its pipelines and its memory."""
+    key = (repr(sorted(limits.items())) if isinstance(limits, dict) else limits, power_preference)
+    if key not in _devices:
+        _devices[key] = Device(limits, power_preference)
+    return _devices[key]
 
 
 def shared_device() -> Device:
-    """The process's default Device (adapter limits), created on first use."""
-    global _shared
-    if _shared is None:
-        _shared = Device()
-    return _shared
+    """The process's default Device (the adapter's own limits)."""
+    return get_device()
+
+
+def describe_device(limits: str | dict = "adapter", power_preference: str = "high-performance", device: Device | None = None,
+                    **_backend_options) -> dict:
+    """What a worker reports about its WebGPU device in its capabilities."""
+    dev = device or get_device(limits, power_preference)
+    info = dev.adapter_info
+    return {
+        "adapter": dev.describe(),
+        "adapter_type": info.get("adapter_type"),
+        "is_real_gpu": dev.is_real_gpu(),
+        "is_fallback": info["is_fallback"],
+        "features": sorted(dev.features),
+        "limits": {k: int(v) for k, v in dev.limits.items()},
+    }
 
 
 # ====================================================================== launchers

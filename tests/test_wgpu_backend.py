@@ -1,0 +1,165 @@
+"""WgpuBackend against NumpyBackend (the behavioural reference) on a tiny random model: batched
+prefill and decode across sessions, replays, the head's top-k, session bookkeeping, errors,
+and a device whose binding limit forces split tensors and chunked batches.
+
+Tolerance: the two backends differ only by f32 round-off in different summation orders,
+amplified through 3 layers; atol/rtol 2e-4 on hidden states of magnitude ~10.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import runner as R
+from kernels.quant import QuantSpec, quantize_rtn
+from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+from tab_worker.numpy_backend import NumpyBackend
+
+HIDDEN_TOL = dict(atol=2e-4, rtol=2e-4)
+LOGIT_TOL = dict(atol=2e-4, rtol=2e-4)
+
+# hidden 70: not a multiple of any quant group, nor of 4 (row strides get padded)
+CONFIG = ModelConfig(n_layers=3, hidden=70, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=300,
+                     rope_base=10000.0, rms_eps=1e-5, context=64, eos_id=2, bos_id=1)
+MAX_CTX = 40
+
+
+def _layer(rng, c: ModelConfig, specs: dict[str, QuantSpec]) -> LayerWeights:
+    def q(name, n, k):
+        return quantize_rtn((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32), specs.get(name, QuantSpec(4, 32)))
+
+    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return LayerWeights(
+        attn_norm=(1 + 0.1 * rng.standard_normal(c.hidden)).astype(np.float32),
+        wq=q("wq", qd, c.hidden), wk=q("wk", kvd, c.hidden), wv=q("wv", kvd, c.hidden), wo=q("wo", c.hidden, qd),
+        ffn_norm=(1 + 0.1 * rng.standard_normal(c.hidden)).astype(np.float32),
+        w_gate=q("w_gate", c.ffn, c.hidden), w_up=q("w_up", c.ffn, c.hidden), w_down=q("w_down", c.hidden, c.ffn))
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(7)
+    layers = {
+        0: _layer(rng, CONFIG, {}),
+        # mismatched formats: q/k/v and gate/up cannot be fused and write column ranges instead
+        1: _layer(rng, CONFIG, {"wq": QuantSpec(3, 64, True), "wk": QuantSpec(8, 32, True), "w_up": QuantSpec(2, 128),
+                                "w_down": QuantSpec(4, 128, True)}),
+        2: _layer(rng, CONFIG, {s: QuantSpec(8, 64) for s in LayerWeights.MATRICES}),
+    }
+    head = HeadWeights(output_norm=(1 + 0.1 * rng.standard_normal(CONFIG.hidden)).astype(np.float32),
+                       output=quantize_rtn(rng.standard_normal((CONFIG.vocab, CONFIG.hidden)).astype(np.float32), QuantSpec(8, 32, True)))
+    return layers, head
+
+
+@pytest.fixture(scope="module")
+def device():
+    try:
+        return R.get_device()
+    except R.NoAdapterError as exc:
+        pytest.skip(f"no wgpu adapter on this host: {exc}")
+
+
+def _pair(model, device, **options):
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    layers, head = model
+    return (WgpuBackend(CONFIG, layers, head, MAX_CTX, device=device, **options),
+            NumpyBackend(CONFIG, layers, head, MAX_CTX))
+
+
+def _step(backends, slices, rng):
+    hidden = rng.standard_normal((sum(s.length for s in slices), CONFIG.hidden)).astype(np.float32)
+    gpu, ref = (b.forward(slices, hidden) for b in backends)
+    np.testing.assert_allclose(gpu, ref, **HIDDEN_TOL)
+    return gpu
+
+
+def _check_head(backends, hidden, k):
+    (gpu_ids, gpu_logits), (ref_ids, ref_logits) = (b.head_topk(hidden, k) for b in backends)
+    assert gpu_ids.dtype == np.int32 and gpu_logits.dtype == np.float32 and gpu_ids.shape == (len(hidden), k)
+    np.testing.assert_array_equal(gpu_ids, ref_ids)
+    np.testing.assert_allclose(gpu_logits, ref_logits, **LOGIT_TOL)
+
+
+def test_prefill_decode_replay_and_head_match_numpy(model, device):
+    backends = _pair(model, device)
+    gpu = backends[0]
+    rng = np.random.default_rng(0)
+    # two sessions prefill in one batch (qmatmul path), then decode together (qmatvec path)
+    out = _step(backends, [SessionSlice("a", 0, 6), SessionSlice("b", 0, 3)], rng)
+    _check_head(backends, out[[5, 8]], 10)
+    for pos in range(3):
+        out = _step(backends, [SessionSlice("a", 6 + pos, 1), SessionSlice("b", 3 + pos, 1)], rng)
+        _check_head(backends, out, 5)
+    assert (gpu.session_length("a"), gpu.session_length("b")) == (9, 6)
+    # a third session joins mid-stream while "a" replays from position 4 (truncating 4..8)
+    _step(backends, [SessionSlice("c", 0, 7), SessionSlice("a", 4, 2)], rng)
+    assert (gpu.session_length("a"), gpu.session_length("c")) == (6, 7)
+    for pos in range(2):
+        _step(backends, [SessionSlice("b", 6 + pos, 1), SessionSlice("a", 6 + pos, 1), SessionSlice("c", 7 + pos, 1)], rng)
+    # a dropped session's slot is reused by a newcomer, which must not see the old keys
+    gpu.drop_session("b")
+    backends[1].drop_session("b")
+    assert gpu.session_length("b") == 0 and sorted(gpu.sessions()) == ["a", "c"]
+    _step(backends, [SessionSlice("d", 0, 2), SessionSlice("a", 8, 1)], rng)
+    # prefill up to the context end
+    _step(backends, [SessionSlice("e", 0, MAX_CTX)], rng)
+    _check_head(backends, rng.standard_normal((3, CONFIG.hidden)).astype(np.float32), 64)
+
+
+def test_many_sessions_grow_the_kv_pools(model, device):
+    backends = _pair(model, device)
+    rng = np.random.default_rng(1)
+    _step(backends, [SessionSlice(f"s{i}", 0, 2) for i in range(3)], rng)
+    _step(backends, [SessionSlice(f"s{i}", 0 if i >= 3 else 2, 2 if i >= 3 else 1) for i in range(11)], rng)
+    assert backends[0]._pool_slots >= 11
+    _step(backends, [SessionSlice(f"s{i}", backends[1].session_length(f"s{i}"), 1) for i in range(11)], rng)
+
+
+def test_partial_layer_range_and_head_only(model, device):
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    layers, head = model
+    rng = np.random.default_rng(2)
+    middle = {1: layers[1], 2: layers[2]}
+    backends = (WgpuBackend(CONFIG, middle, None, MAX_CTX, device=device), NumpyBackend(CONFIG, middle, None, MAX_CTX))
+    _step(backends, [SessionSlice("x", 0, 4)], rng)
+    _step(backends, [SessionSlice("x", 4, 1)], rng)
+    with pytest.raises(ValueError, match="no head"):
+        backends[0].head_topk(np.zeros((1, CONFIG.hidden), np.float32), 3)
+    head_only = (WgpuBackend(CONFIG, {}, head, MAX_CTX, device=device), NumpyBackend(CONFIG, {}, head, MAX_CTX))
+    _check_head(head_only, rng.standard_normal((2, CONFIG.hidden)).astype(np.float32), 7)
+
+
+def test_errors_match_numpy(model, device):
+    backends = _pair(model, device)
+    x1 = np.zeros((1, CONFIG.hidden), np.float32)
+    for b in backends:
+        b.forward([SessionSlice("a", 0, 2)], np.zeros((2, CONFIG.hidden), np.float32))
+        with pytest.raises(ValueError, match="unknown"):
+            b.forward([SessionSlice("new", 3, 1)], x1)
+        with pytest.raises(ValueError, match="gap"):
+            b.forward([SessionSlice("a", 3, 1)], x1)
+        with pytest.raises(ValueError, match="context"):
+            b.forward([SessionSlice("a", MAX_CTX, 1)], x1)
+        with pytest.raises(ValueError, match="shape"):
+            b.forward([SessionSlice("a", 2, 2)], x1)
+        assert b.session_length("a") == 2 and b.session_length("new") == 0
+    with pytest.raises(ValueError, match="twice"):
+        backends[0].forward([SessionSlice("a", 2, 1), SessionSlice("a", 3, 1)], np.zeros((2, CONFIG.hidden), np.float32))
+
+
+def test_tiny_binding_limit_splits_tensors_and_chunks_batches(model):
+    """A 12 KiB binding limit (room for two 5 KiB KV slots): the head splits into row chunks, a 20-row
+    prefill runs as consecutive row chunks, and results still match numpy."""
+    try:
+        tiny = R.Device(limits={"max-storage-buffer-binding-size": 12288})
+    except R.NoAdapterError as exc:
+        pytest.skip(f"no wgpu adapter on this host: {exc}")
+    backends = _pair(model, tiny)
+    gpu = backends[0]
+    assert len(gpu._head[1].chunks) > 1 and gpu._max_rows < 20
+    rng = np.random.default_rng(3)
+    out = _step(backends, [SessionSlice("a", 0, 20), SessionSlice("b", 0, 3)], rng)
+    _check_head(backends, out, 8)
+    _step(backends, [SessionSlice("a", 20, 1), SessionSlice("b", 3, 1)], rng)
