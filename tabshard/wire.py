@@ -52,6 +52,11 @@ Errors: ``decode`` raises only ``ProtocolError``, whatever the bytes; ``.code`` 
 
 ``.field`` is the dotted path of the offending field ("sessions.0.length"), or None.
 ``ProtocolError.to_message()`` is the "error" message to send back to the peer.
+
+Cost: ``encode`` copies a big tensor once (into the returned bytes), ``decode`` once (msgpack's
+bin -> bytes; arrays are views of those bytes, read-only). Frames up to ~16 MiB copy at memcpy
+speed; glibc mmaps every buffer above 32 MiB afresh, and its page faults make a 64 MB frame 5-6x
+slower per byte (benchmarks/bench_codec.py), so send weights in chunks of a few MiB.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ import numpy as np
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "ProtocolError", "Limits", "DEFAULT_LIMITS", "CLIENT_LIMITS",
     "encode", "decode", "validate", "make", "MESSAGES", "MessageSchema", "Field", "Tensor",
-    "ListOf", "Struct", "opt",
+    "ListOf", "Struct", "opt", "WORKER", "COORDINATOR", "CLIENT", "ANY",
 ]
 
 PROTOCOL_VERSION = 1
@@ -158,7 +163,10 @@ def encode(msg: dict, *, validate: bool = True) -> bytes:
         _validate_message(msg)
     elif not isinstance(msg, dict):
         raise ProtocolError("malformed", f"a message must be a dict, got {type(msg).__name__}")
-    if not any(type(key) is not str or _is_large_buffer(value) for key, value in msg.items()):
+    for key, value in msg.items():
+        if type(key) is not str or (isinstance(value, _BUFFER_TYPES) and _is_large_buffer(value)):
+            break
+    else:
         try:  # the common case, e.g. a step with one token's hidden state: one C call
             return msgpack.packb(msg, default=_encode_nested)
         except (TypeError, ValueError, OverflowError, ProtocolError):
@@ -170,8 +178,6 @@ _BUFFER_TYPES = (np.ndarray, bytes, bytearray, memoryview)
 
 
 def _is_large_buffer(value: Any) -> bool:
-    if not isinstance(value, _BUFFER_TYPES):
-        return False
     size = value.nbytes if isinstance(value, (np.ndarray, memoryview)) else len(value)
     return size >= SPLICE_MIN_BYTES
 
@@ -182,7 +188,7 @@ def _encode_by_field(msg: dict) -> bytes:
     frame.packer.pack_map_header(len(msg))
     for key, value in msg.items():
         if type(key) is not str:
-            raise ProtocolError("bad_field", f"message keys must be str, got {key!r}", str(key))
+            raise ProtocolError("bad_field", f"message keys must be str, got {key!r:.40}", str(key))
         frame.packer.pack(key)
         try:
             if isinstance(value, np.ndarray):
@@ -228,9 +234,9 @@ class _FrameBuilder:
         if data.nbytes < SPLICE_MIN_BYTES:
             self.packer.pack({TENSOR_TAG: name, "s": list(array.shape), "b": data})
             return
-        pack = self.packer.pack
         self.packer.pack_map_header(3)
-        pack(TENSOR_TAG), pack(name), pack("s"), pack(list(array.shape)), pack("b")
+        for item in (TENSOR_TAG, name, "s", list(array.shape), "b"):
+            self.packer.pack(item)
         self.bin(data)
 
     def finish(self) -> bytes:
@@ -246,7 +252,9 @@ def _bin_header(size: int) -> bytes:
         return struct.pack(">BB", 0xC4, size)
     if size < 0x10000:
         return struct.pack(">BH", 0xC5, size)
-    return struct.pack(">BI", 0xC6, size)
+    if size < 0x100000000:
+        return struct.pack(">BI", 0xC6, size)
+    raise ProtocolError("frame_too_large", f"{size} bytes do not fit one msgpack bin (4 GiB)")
 
 
 def _tensor_bytes(array: np.ndarray) -> tuple[str, memoryview]:
@@ -331,10 +339,10 @@ def _decode_tree(node: dict | list, path: str, depth: int, limits: Limits) -> No
     if depth > limits.max_depth:
         raise ProtocolError("too_deep", f"{path or 'message'} is nested deeper than "
                                         f"{limits.max_depth} maps/lists", path or None)
-    items = node.items() if type(node) is dict else enumerate(node)
-    for key, value in items:
-        if type(key) is not str and type(node) is dict:
-            raise ProtocolError("malformed", f"map keys must be str, got {key!r} in "
+    is_map = type(node) is dict
+    for key, value in node.items() if is_map else enumerate(node):
+        if is_map and type(key) is not str:
+            raise ProtocolError("malformed", f"map keys must be str, got {key!r:.40} in "
                                              f"{path or 'message'}", path or None)
         kind = type(value)
         if kind is dict:
@@ -354,7 +362,7 @@ def _decode_tree(node: dict | list, path: str, depth: int, limits: Limits) -> No
 def _tensor_from_map(tensor_map: dict, where: str, limits: Limits) -> np.ndarray:
     if len(tensor_map) != 3 or "s" not in tensor_map or "b" not in tensor_map:
         raise ProtocolError("malformed", f"tensor {where} must have exactly the keys __t, s, b, "
-                                         f"got {sorted(map(str, tensor_map))}", where)
+                                         f"got {list(tensor_map)[:6]!r:.80}", where)
     name, shape, data = tensor_map[TENSOR_TAG], tensor_map["s"], tensor_map["b"]
     if type(name) is not str or name not in limits.allowed_dtypes:
         raise ProtocolError("bad_dtype", f"tensor {where} has dtype {name!r:.40}, allowed: "
@@ -610,6 +618,11 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     }),
     ("drop_session", COORDINATOR, {
         "session_id": str,
+    }),
+    ("fork_session", COORDINATOR, {
+        "source_id": str,
+        "session_id": str,
+        "length": int,
     }),
     ("truncate_session", COORDINATOR, {
         "session_id": str,
