@@ -86,6 +86,7 @@ class CoordinatorSettings:
     replicas: int = 1
     max_stages: int | None = None
     max_batch: int = 16
+    target_step_ms: float = 200.0  # a stage's batch shrinks when its steps take longer than this
     prefill_chunk: int = 256
     coordinator_compute: bool = True
     replan_delay_ms: int = 300  # let a burst of joins settle before re-planning
@@ -93,6 +94,8 @@ class CoordinatorSettings:
     request_timeout_s: float = 30.0  # a request with no way to be served fails after this
     calibration_tokens: int = 4
     max_sessions: int = 64
+    prefix_cache_entries: int = 16  # prompts whose KV stays on the stages for reuse (0: off)
+    prefix_min_tokens: int = 16  # shorter shared prefixes are not worth a fork
 
 
 # ---------------------------------------------------------------------- records
@@ -156,6 +159,7 @@ class Stage:
     queue: deque = field(default_factory=deque)
     inflight: dict | None = None  # {"step_id", "worker", "items", "sent_at", "deadline"}
     needs_rebuild: bool = False
+    batch_limit: int = 16  # adapted to measured step latency (see _adapt_batch)
 
     @property
     def primary(self) -> str | None:
@@ -164,7 +168,18 @@ class Stage:
     def to_dict(self) -> dict:
         return {"index": self.index, "layers": [self.layer_start, self.layer_end], "head": self.include_head,
                 "holders": list(self.holders), "ready": sorted(self.ready), "queued": len(self.queue),
-                "busy": self.inflight is not None}
+                "busy": self.inflight is not None, "batch_limit": self.batch_limit}
+
+
+@dataclass
+class PrefixEntry:
+    """A finished prompt whose KV every stage primary still holds under `cache_id`, with the
+    inputs each stage received for it (so sessions forked from it can be rebuilt too)."""
+
+    cache_id: str
+    tokens: list[int]
+    logs: dict  # stage index -> f32 rows [len(tokens), hidden]
+    last_used: float
 
 
 @dataclass
@@ -210,12 +225,14 @@ class Coordinator:
         self._replan_at: float | None = None
         self.events: deque = deque(maxlen=500)  # failure/detection/recovery timeline
         self.counters = {"steps": 0, "tokens": 0, "weight_bytes_sent": 0, "protocol_errors": 0, "rejected_joins": 0,
-                         "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0}
+                         "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0,
+                         "prefix_hits": 0, "prefix_tokens_reused": 0}
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
         self._waiting: list[WorkItem] = []  # stage-0 work submitted before any plan exists
         self._deferred_replan = False
         self.degraded = False
+        self.prefix_cache: dict[str, PrefixEntry] = {}
 
     # ================================================================== connections
     def on_connect(self, conn: str, now: float) -> list:
@@ -336,7 +353,7 @@ class Coordinator:
             self.degraded = True
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
             return []
-        out = []
+        out = self._forget_prefixes()
         old = {(s.layer_start, s.layer_end): s for s in self.stages}
         self.plan_version += 1
         self.stages = []
@@ -344,7 +361,7 @@ class Coordinator:
             w.stages = set()
         for i, sp in enumerate(stages):
             prev = old.get((sp.layer_start, sp.layer_end))
-            st = Stage(i, sp.layer_start, sp.layer_end, sp.include_head, list(sp.workers))
+            st = Stage(i, sp.layer_start, sp.layer_end, sp.include_head, list(sp.workers), batch_limit=self.settings.max_batch)
             if prev is not None:
                 st.ready = {h for h in prev.ready if h in st.holders}
             self.stages.append(st)
@@ -433,13 +450,74 @@ class Coordinator:
         self.sessions[request_id] = s
         if not self.stages:
             self._replan_at = min(self._replan_at or now, now)
-        rows = self.embed(s.prompt_ids)
+        out = self._reuse_prefix(s, now)
+        first = s.logs[0][0][1].shape[0] if s.logs else 0
+        rows = self.embed(s.prompt_ids[first:])
         step = self.settings.prefill_chunk
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
             last = start + len(part) == len(rows)
-            self._enqueue(0, WorkItem(request_id, start, part, start, last), s)
-        return self._pump(now)
+            self._enqueue(0, WorkItem(request_id, first + start, part, first + start, last), s)
+        return out + self._pump(now)
+
+    # ================================================================== prefix cache
+    def _reuse_prefix(self, s: Session, now: float) -> list:
+        """Fork the longest cached prefix of this prompt on every stage instead of recomputing it."""
+        if not self.prefix_cache or not self.stages or any(st.primary not in st.ready or st.needs_rebuild for st in self.stages):
+            return []
+        best, best_len = None, 0
+        for e in self.prefix_cache.values():
+            n = min(len(e.tokens), len(s.prompt_ids) - 1)  # the last prompt token must be computed
+            common = next((i for i in range(n) if e.tokens[i] != s.prompt_ids[i]), n)
+            if common > best_len:
+                best, best_len = e, common
+        if best is None or best_len < self.settings.prefix_min_tokens:
+            return []
+        best.last_used = now
+        self.counters["prefix_hits"] += 1
+        self.counters["prefix_tokens_reused"] += best_len
+        out = []
+        for st in self.stages:
+            s.logs[st.index] = [(0, best.logs[st.index][:best_len])]
+            out.append(Send(self.workers[st.primary].conn, _msg("fork_session", source_id=best.cache_id,
+                                                               session_id=s.request_id, length=best_len)))
+        return out
+
+    def _remember_prefix(self, s: Session, now: float) -> list:
+        n = len(s.prompt_ids)
+        if (self.settings.prefix_cache_entries <= 0 or n < self.settings.prefix_min_tokens or not self.stages
+                or any(st.primary not in st.ready for st in self.stages)
+                or any(sum(len(r) for _, r in s.logs.get(st.index, [])) < n for st in self.stages)
+                or any(e.tokens == s.prompt_ids for e in self.prefix_cache.values())):
+            return []
+        cache_id = f"prefix-{next(self._ids)}"
+        logs = {st.index: np.concatenate([r for _, r in s.logs[st.index]])[:n] for st in self.stages}
+        self.prefix_cache[cache_id] = PrefixEntry(cache_id, list(s.prompt_ids), logs, now)
+        out = [Send(self.workers[st.primary].conn, _msg("fork_session", source_id=s.request_id, session_id=cache_id, length=n))
+               for st in self.stages]
+        while len(self.prefix_cache) > self.settings.prefix_cache_entries:
+            old = min(self.prefix_cache.values(), key=lambda e: e.last_used)
+            out += self._drop_everywhere(old.cache_id)
+            del self.prefix_cache[old.cache_id]
+        return out
+
+    def _drop_everywhere(self, session_id: str) -> list:
+        out, notified = [], set()
+        for st in self.stages:
+            for wid in st.holders:
+                w = self.workers.get(wid)
+                if w and w.alive and wid not in notified:
+                    notified.add(wid)
+                    out.append(Send(w.conn, _msg("drop_session", session_id=session_id)))
+        return out
+
+    def _forget_prefixes(self) -> list:
+        """A stage lost its KV (failure or re-plan): cached prefixes are gone with it."""
+        out = []
+        for cache_id in list(self.prefix_cache):
+            out += self._drop_everywhere(cache_id)
+        self.prefix_cache.clear()
+        return out
 
     def cancel(self, request_id: str, now: float, reason: str = "cancelled") -> list:
         s = self.sessions.get(request_id)
@@ -463,13 +541,8 @@ class Coordinator:
         if emit:
             out.append(Emit(s.request_id, {"type": "done", "finish_reason": reason, "tokens": len(s.tokens),
                                            "prompt_tokens": len(s.prompt_ids)}))
-        notified = set()
-        for st in self.stages:
-            for wid in st.holders:
-                w = self.workers.get(wid)
-                if w and w.alive and wid not in notified:
-                    notified.add(wid)
-                    out.append(Send(w.conn, _msg("drop_session", session_id=s.request_id)))
+            out += self._remember_prefix(s, now)
+        out += self._drop_everywhere(s.request_id)
         if not self.sessions and self._replan_pending():
             self._replan_at = now
         return out
@@ -492,7 +565,7 @@ class Coordinator:
                 continue
             items, seen = [], set()
             rest = deque()
-            while st.queue and len(items) < self.settings.max_batch:
+            while st.queue and len(items) < st.batch_limit:
                 it = st.queue.popleft()
                 if it.session_id in seen:  # one slice per session per step: KV order
                     rest.append(it)
@@ -549,6 +622,7 @@ class Coordinator:
                 return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
         w.steps += 1
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
+        self._adapt_batch(st, len(items), w.last_step_ms)
         if w.state == "suspect":
             w.move("ready")
         st.inflight = None
@@ -567,6 +641,16 @@ class Coordinator:
             elif it.wants_token and it.forward_from < it.end:
                 out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
         return out + self._pump(now)
+
+    def _adapt_batch(self, st: Stage, batch: int, step_ms: float) -> None:
+        """Multiplicative decrease when a step overran the latency target, additive increase
+        while full batches stay well under it: sessions share steps without any one of them
+        waiting behind a huge batch."""
+        target = self.settings.target_step_ms
+        if step_ms > target and batch > 1:
+            st.batch_limit = max(1, min(st.batch_limit, batch) // 2)
+        elif step_ms < target / 2 and batch >= st.batch_limit:
+            st.batch_limit = min(self.settings.max_batch, st.batch_limit + 1)
 
     def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
         token = Sampler(s.params).choose(ids, logits, len(s.tokens))
@@ -650,6 +734,7 @@ class Coordinator:
             st.ready.discard(w.worker_id)
             if was_primary:
                 self._awaiting_recovery.append((st.index, now))
+                out += self._forget_prefixes()  # part of their KV died with this stage
                 out += self._repair_stage(st, now)
         w.stages = set()
         if not any(x.alive and not x.local for x in self.workers.values()):

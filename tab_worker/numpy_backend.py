@@ -70,6 +70,17 @@ class NumpyBackend:
     def sessions(self) -> list[str]:
         return list(self._sessions)
 
+    def fork_session(self, src: str, dst: str, length: int) -> None:
+        """dst starts as a copy of src's first `length` positions (a shared prompt prefix)."""
+        cache = self._sessions[src]
+        if length > cache.length:
+            raise ValueError(f"session {src} holds {cache.length} positions, cannot fork {length}")
+        new = _KVCache(len(self._layers), self.config.n_kv_heads, self.config.head_dim, max(16, length))
+        new.k[:, :, :length] = cache.k[:, :, :length]
+        new.v[:, :, :length] = cache.v[:, :, :length]
+        new.length = length
+        self._sessions[dst] = new
+
     def _cache_for(self, sl: SessionSlice) -> _KVCache:
         end = sl.start_pos + sl.length
         if end > self.max_ctx:

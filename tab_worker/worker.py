@@ -192,6 +192,11 @@ class TabWorker:
         for backend in self.ranges.values():
             backend.drop_session(m["session_id"])
 
+    def on_fork_session(self, m):
+        for backend in self.ranges.values():
+            if m["source_id"] in backend.sessions():
+                backend.fork_session(m["source_id"], m["session_id"], int(m["length"]))
+
     def on_unload(self, m):
         if "layer_start" in m:
             self.ranges.pop((m["layer_start"], m["layer_end"]), None)

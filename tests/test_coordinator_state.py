@@ -259,3 +259,48 @@ def test_memory_refusal_replans_elsewhere(weights, reference):
     assert net.tokens("r") == reference
     assert any(e["kind"] == "refused" for e in net.core.events)
     assert all(net.core.conn_worker[small] not in s.holders for s in net.core.stages)
+
+
+def test_prefix_cache_reuses_a_shared_prompt_prefix_exactly(weights):
+    system = list(range(20, 60))  # a 40-token shared prefix, like a chat template's system prompt
+    a, b = system + [5, 6, 7], system + [8, 9]
+    gen = LocalGenerator(weights, backend="numpy", max_ctx=256)
+    ref_b = list(gen.generate(b, N_TOKENS, stop_at_eos=False))
+    net = start(weights, 3)
+    net.submit("a", a, 4, stop_at_eos=False)
+    run_until_done(net, ["a"])
+    assert len(net.core.prefix_cache) == 1
+    rows_before = net.sent_bytes
+    net.submit("b", b, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["b"])
+    assert net.tokens("b") == ref_b
+    assert net.core.counters["prefix_hits"] == 1 and net.core.counters["prefix_tokens_reused"] == 40
+    del rows_before
+    # a failure after the fork still rebuilds b exactly: its logs include the reused prefix
+    net.submit("c", b, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("c")) >= 3)
+    net.kill(net.stage_conn(1))
+    run_until_done(net, ["c"])
+    assert net.tokens("c") == ref_b
+
+
+def test_prefix_cache_is_bounded_lru(weights):
+    net = start(weights, 1, prefix_cache_entries=2)
+    for i in range(4):
+        net.submit(f"p{i}", [100 + i] * 20, 2, stop_at_eos=False)
+        run_until_done(net, [f"p{i}"])
+    assert len(net.core.prefix_cache) == 2
+    held = set(next(iter(net.workers.values())).ranges[(0, 6)].sessions())
+    assert held == set(net.core.prefix_cache)
+
+
+def test_batch_limit_adapts_to_step_latency(weights):
+    net = start(weights, 1, max_batch=8, target_step_ms=100)
+    st = net.core.stages[0]
+    net.core._adapt_batch(st, 8, 400.0)
+    assert st.batch_limit == 4
+    net.core._adapt_batch(st, 4, 10.0)
+    assert st.batch_limit == 5
+    for _ in range(10):
+        net.core._adapt_batch(st, st.batch_limit, 10.0)
+    assert st.batch_limit == 8
