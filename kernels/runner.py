@@ -322,52 +322,79 @@ def upload_quant(dev: Device, t: QuantTensor, label: str = "") -> GpuQuantTensor
     return GpuQuantTensor(t.spec, t.n, t.k, chunks)
 
 
-def matvec_threads_per_row(k: int, wg: int) -> int:
-    """Threads sharing one output of qmatvec: about one per 32-input block, at most 32."""
+MATVEC_ROWS = (1, 2, 4, 8)  # qmatvec's ROWS variants: batch rows sharing each decoded weight
+
+
+@dataclass(frozen=True)
+class MatmulTuning:
+    """How QuantLinear shapes its dispatches on one device (see bench_kernels.py)."""
+
+    matvec_wg: int
+    matvec_max_tpr: int  # threads cooperating on one output (1: no reduction)
+    matvec_max_rows: int  # batches up to this many rows use qmatvec, larger ones qmatmul
+    tile: int  # qmatmul's output tile
+
+
+def matmul_tuning(dev: Device) -> MatmulTuning:
+    """GPUs want many threads per output and the tiled kernel from a few rows on; CPU
+    rasterisers (lavapipe, SwiftShader) run one invocation per SIMD lane with costly
+    barriers: one thread per output, no reduction, and row-blocked qmatvec at every batch size."""
+    wg = dev.workgroup_size(256)
+    tile = 64 if wg >= 256 else 32
+    if dev.is_real_gpu():
+        return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=8, tile=tile)
+    # lavapipe, k=576: row-blocked qmatvec ~2.3 GFLOP/s at any batch, qmatmul <= 1.9 (M=64)
+    return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
+
+
+def matvec_threads_per_row(k: int, wg: int, max_tpr: int = 32) -> int:
+    """Threads sharing one output of qmatvec: about one per 32-input block, at most max_tpr."""
     blocks = -(-k // 32)
-    return min(wg, 32, 1 << max(0, blocks.bit_length() - 1))
+    return min(wg, max_tpr, 1 << max(0, blocks.bit_length() - 1))
 
 
 class QuantLinear:
     """y[:, y_col : y_col+n] (+)= x @ W.T for ``rows`` rows of x: qmatvec.wgsl up to
-    ``matvec_max_rows`` rows (decode), qmatmul.wgsl above (prefill). One dispatch per chunk."""
+    ``matvec_max_rows`` rows (decode; ROWS batch rows per workgroup share each decoded
+    weight), qmatmul.wgsl above (prefill). One dispatch per chunk of a split W."""
 
     def __init__(self, dev: Device, w: GpuQuantTensor, x, x_stride: int, y, y_stride: int,
-                 y_col: int = 0, accumulate: bool = False, matvec_max_rows: int = 4):
+                 y_col: int = 0, accumulate: bool = False, matvec_max_rows: int | None = None,
+                 tuning: MatmulTuning | None = None):
         if x_stride % 4:
             raise ValueError(f"x_stride {x_stride} must be a multiple of 4 (qmatvec reads vec4)")
-        self.dev, self.w, self.matvec_max_rows = dev, w, matvec_max_rows
+        self.dev, self.w = dev, w
+        self.tuning = tuning or matmul_tuning(dev)
+        self.matvec_max_rows = self.tuning.matvec_max_rows if matvec_max_rows is None else matvec_max_rows
         self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
-        self.wg = dev.workgroup_size(256)
-        self.tpr = matvec_threads_per_row(w.k, self.wg)
-        self.tile = 64 if dev.workgroup_size(256) >= 256 else 32
-        self._matvec: list | None = None
-        self._matmul: list | None = None
+        self.wg = self.tuning.matvec_wg
+        self.tpr = matvec_threads_per_row(w.k, self.wg, self.tuning.matvec_max_tpr)
+        self.tile = self.tuning.tile
+        self._launches: dict[tuple, list] = {}
 
-    def _launches(self, kernel: str) -> list:
-        x, x_stride, y, y_stride, y_col, acc = self._args
-        out = []
-        for start, n, qweight, scales in self.w.chunks:
-            common = dict(n=n, k=self.w.k, x_stride=x_stride, y_stride=y_stride, y_col=y_col + start, accumulate=acc)
+    def _chunk_launches(self, kernel: str, rows_per_wg: int) -> list:
+        key = (kernel, rows_per_wg)
+        if key not in self._launches:
+            x, x_stride, y, y_stride, y_col, acc = self._args
             if kernel == "qmatvec":
-                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr}
-                out.append((n, Launch(self.dev, kernel, consts, [qweight, scales, x, y], **common)))
+                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
             else:
                 consts = {**quant_constants(self.w), "TILE": self.tile}
-                out.append((n, Launch(self.dev, kernel, consts, [qweight, scales, x, y], m=0, **common)))
-        return out
+            self._launches[key] = [
+                (n, Launch(self.dev, kernel, consts, [qweight, scales, x, y], n=n, k=self.w.k, m=0, x_stride=x_stride,
+                           y_stride=y_stride, y_col=y_col + start, accumulate=acc))
+                for start, n, qweight, scales in self.w.chunks]
+        return self._launches[key]
 
     def record(self, cpass, rows: int) -> None:
         if rows <= self.matvec_max_rows:
-            if self._matvec is None:
-                self._matvec = self._launches("qmatvec")
-            rows_per_wg = self.wg // self.tpr
-            for n, launch in self._matvec:
-                launch.dispatch(cpass, -(-n // rows_per_wg), rows)
+            rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
+            outputs_per_wg = self.wg // self.tpr
+            for n, launch in self._chunk_launches("qmatvec", rows_per_wg):
+                launch.set(m=rows)
+                launch.dispatch(cpass, -(-n // outputs_per_wg), -(-rows // rows_per_wg))
         else:
-            if self._matmul is None:
-                self._matmul = self._launches("qmatmul")
-            for n, launch in self._matmul:
+            for n, launch in self._chunk_launches("qmatmul", 0):
                 launch.set(m=rows)
                 launch.dispatch(cpass, -(-n // self.tile), -(-rows // self.tile))
 
@@ -425,7 +452,9 @@ class Attention:
                  out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int):
         if head_dim % 4 or n_heads % n_kv:
             raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
-        wg = dev.workgroup_size(256)
+        # keys scored per chunk: a GPU wants many threads; a CPU rasteriser pays for every
+        # invocation, and short contexts leave most of a wide workgroup idle
+        wg = dev.workgroup_size(256 if dev.is_real_gpu() else max(64, head_dim))
         if head_dim > wg:
             raise LimitError(f"head_dim {head_dim} exceeds the workgroup size {wg}")
         self.n_heads = n_heads

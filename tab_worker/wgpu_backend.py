@@ -61,10 +61,11 @@ class WgpuBackend:
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
                  device: R.Device | None = None, limits: str | dict = "adapter",
-                 power_preference: str = "high-performance", matvec_max_rows: int = 4):
+                 power_preference: str = "high-performance", matvec_max_rows: int | None = None):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
-        to this many rows use qmatvec, larger ones qmatmul."""
+        to this many rows use qmatvec, larger ones qmatmul (default: by device, see
+        kernels.runner.matmul_tuning)."""
         self.config = c = config
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):

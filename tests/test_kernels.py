@@ -18,6 +18,11 @@ from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, quantize_
 
 SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, (False, True))]
 MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
+# both shapes of qmatvec run on every adapter, whichever one matmul_tuning would pick here
+TUNINGS = {
+    "gpu": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=8, tile=64),
+    "cpu": R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=32, tile=64),
+}
 
 
 def _device(**kwargs) -> R.Device:
@@ -70,21 +75,21 @@ def test_device_reports_adapter_and_caches_pipelines(dev):
     assert dev.limits["max-storage-buffer-binding-size"] >= 128 * 2**20
     if "llvmpipe" in str(info["device"]).lower():
         assert not dev.is_real_gpu() and info["is_fallback"]
-    consts = dict(BITS=4, GROUP=32, SYMMETRIC=False, WG=64, TPR=8)
+    consts = dict(BITS=4, GROUP=32, SYMMETRIC=False, WG=64, TPR=8, ROWS=1)
     assert dev.pipeline("qmatvec", **consts) is dev.pipeline("qmatvec", **consts)
 
 
 # ---------------------------------------------------------------------------- matmuls
 
 
-def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False):
+def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False, tuning=None):
     w = quantize_rtn(randn(rng, n, k), spec)
     x = randn(rng, rows, k)
     x_stride = -(-k // 4) * 4
     y_stride, y_col = n + 3, 2  # output lands in a column range of a wider buffer
     y0 = randn(rng, rows, y_stride)
     xb, yb = dev.upload(padded(x, x_stride)), dev.upload(y0)
-    op = R.QuantLinear(dev, R.upload_quant(dev, w), xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows)
+    op = R.QuantLinear(dev, R.upload_quant(dev, w), xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows, tuning)
     dev.run([op], rows)
     got = dev.read(yb, count=rows * y_stride).reshape(rows, y_stride)
     want = ref.qmatvec(x, w, y0[:, y_col : y_col + n] if accumulate else None)
@@ -93,10 +98,18 @@ def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False)
     np.testing.assert_array_equal(got[:, y_col + n :], y0[:, y_col + n :])
 
 
+@pytest.mark.parametrize("tuning", list(TUNINGS))
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_qmatvec(dev, rng, spec):
-    # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows
-    _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8)
+def test_qmatvec(dev, rng, spec, tuning):
+    # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
+    _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8, tuning=TUNINGS[tuning])
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11, 19])
+def test_qmatvec_batch_rows(dev, rng, rows, tuning):
+    # ROWS = 1, 2, 8 with masked rows, and several workgroup rows of 8
+    _quant_linear(dev, rng, QuantSpec(4, 64, True), n=70, k=200, rows=rows, matvec_max_rows=32, tuning=TUNINGS[tuning])
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -105,15 +118,22 @@ def test_qmatmul(dev, rng, spec):
     _quant_linear(dev, rng, spec, n=37, k=70, rows=67, matvec_max_rows=0)
 
 
+@pytest.mark.parametrize("tile", [16, 32])
+def test_qmatmul_smaller_tiles(dev, rng, tile):
+    tuning = R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=0, tile=tile)
+    _quant_linear(dev, rng, QuantSpec(2, 32, False), n=37, k=70, rows=35, matvec_max_rows=0, tuning=tuning)
+
+
 @pytest.mark.parametrize("matvec_max_rows", [8, 0], ids=["qmatvec", "qmatmul"])
 def test_quant_linear_accumulates_and_handles_long_rows(dev, rng, matvec_max_rows):
     # k = 1000: many blocks per thread, a ragged last block; accumulate = residual add
-    _quant_linear(dev, rng, QuantSpec(4, 32, False), n=70, k=1000, rows=5, matvec_max_rows=matvec_max_rows, accumulate=True)
+    _quant_linear(dev, rng, QuantSpec(4, 32, False), n=70, k=1000, rows=5, matvec_max_rows=matvec_max_rows,
+                  accumulate=True, tuning=TUNINGS["gpu"])
 
 
 @pytest.mark.parametrize("k", [1, 5, 32, 33, 128, 576])
 def test_qmatvec_k_edge_cases(dev, rng, k):
-    _quant_linear(dev, rng, QuantSpec(3, 128, True), n=9, k=k, rows=2, matvec_max_rows=8)
+    _quant_linear(dev, rng, QuantSpec(3, 128, True), n=9, k=k, rows=2, matvec_max_rows=8, tuning=TUNINGS["gpu"])
 
 
 # ---------------------------------------------------------------------------- the rest
