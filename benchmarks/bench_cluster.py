@@ -1,0 +1,207 @@
+"""Cluster figures on 127.0.0.1, measured side by side in one run:
+
+    .venv/bin/python benchmarks/bench_cluster.py [--quick] [--faults 20]
+
+* hop: round trip of a `step` carrying one token's hidden state (576 f32) through the real
+  codec over a loopback WebSocket to a worker process that answers at once (p50/p99 ms);
+* in-situ hop: (decode ms/token with 4 stages - with 1 stage) / 3 extra hops;
+* sharding ratio: single-stream decode tok/s with 4 workers / with 1 worker (numpy);
+* concurrency: aggregate tok/s of 8 concurrent streams / 1 stream on 4 workers;
+* prefix cache: time to first token of a long shared-prefix prompt, cold vs warm;
+* faults: detection latency and recovery time (detection -> next token) over N kills (SIGKILL)
+  and N freezes (SIGSTOP), each replaced by a fresh worker.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import websockets  # noqa: E402
+
+from tabshard import wire  # noqa: E402
+from tabshard.cluster import LocalCluster, free_port  # noqa: E402
+
+PROMPT = "Write a short paragraph about the history of the printing press."
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# ---------------------------------------------------------------- raw hop
+def _echo_worker(port: int) -> None:
+    async def main():
+        async with websockets.connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+            async for data in ws:
+                m = wire.decode(data)
+                await ws.send(wire.encode(wire.make("step_result", step_id=m["step_id"], epoch=m["epoch"], output=m["hidden"])))
+
+    asyncio.run(main())
+
+
+def bench_hop(n: int = 2000) -> dict:
+    port = free_port()
+    times = []
+    done = asyncio.Event
+
+    async def main():
+        finished = done()
+
+        async def handler(ws):
+            hidden = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
+            for i in range(n + 200):
+                t0 = time.perf_counter()
+                await ws.send(wire.encode(wire.make("step", step_id=i, epoch=1, sessions=[{"session_id": "s", "start_pos": i, "length": 1}],
+                                                    hidden=hidden, want_topk=0)))
+                m = wire.decode(await ws.recv())
+                assert m["step_id"] == i
+                if i >= 200:
+                    times.append((time.perf_counter() - t0) * 1000)
+            finished.set()
+
+        async with websockets.serve(handler, "127.0.0.1", port, compression=None, max_size=None):
+            p = mp.get_context("spawn").Process(target=_echo_worker, args=(port,))
+            p.start()
+            await finished.wait()
+            p.terminate()
+            p.join()
+
+    asyncio.run(main())
+    return {"hop_rtt_p50_ms": statistics.median(times), "hop_rtt_p99_ms": pct(times, 99)}
+
+
+# ---------------------------------------------------------------- streaming helpers
+def stream(base: str, prompt=PROMPT, max_tokens=48, on_token=None) -> dict:
+    async def go():
+        async with websockets.connect(base.replace("http", "ws") + "/v1/stream", compression=None) as ws:
+            t0 = time.perf_counter()
+            await ws.send(wire.encode(wire.make("generate", request_id="b", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, greedy=True)))
+            stamps, ids = [], []
+            while True:
+                m = wire.decode(await ws.recv())
+                if m["type"] == "token":
+                    stamps.append(time.perf_counter())
+                    ids.append(m["token_id"])
+                    if on_token:
+                        on_token(len(ids))
+                elif m["type"] == "done":
+                    break
+                else:
+                    raise RuntimeError(m)
+            gaps = np.diff(stamps)
+            return {"ttft_s": stamps[0] - t0, "tokens": len(ids), "ids": ids,
+                    "decode_tok_s": (len(ids) - 1) / (stamps[-1] - stamps[0]) if len(ids) > 1 else 0.0,
+                    "itl_p50_ms": float(np.median(gaps) * 1000) if len(gaps) else 0.0}
+
+    return asyncio.run(go())
+
+
+def concurrent(base: str, n: int, max_tokens=32) -> float:
+    results = [None] * n
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(base, f"{PROMPT} ({i})", max_tokens))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(r["tokens"] for r in results) / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- faults
+def faults(cluster: LocalCluster, n: int, sig: int) -> dict:
+    detections, recoveries, wrong = [], [], 0
+    reference = stream(cluster.base, max_tokens=24)["ids"]
+    for i in range(n):
+        cluster.wait_for(lambda st: not st["sessions"] and all(s["holders"] and s["holders"][0] in s["ready"] for s in st["stages"]), 60, "idle")
+        hit = {}
+
+        def on_token(k):
+            if k == 4 and not hit:
+                st = cluster.status()
+                stage = i % len(st["stages"])
+                wid = st["stages"][stage]["holders"][0]
+                hit["wid"] = wid
+                hit["pid"] = cluster.stage_worker_pid(stage)
+                cluster.signal_worker(hit["pid"], sig)
+                hit["t"] = time.monotonic()
+
+        ids = stream(cluster.base, max_tokens=24, on_token=on_token)["ids"]
+        wrong += ids != reference
+        ev = cluster.status()["events"]
+        death = next(e for e in ev if e["kind"] == "death" and e["worker"] == hit["wid"])
+        detections.append(death["t"] - hit["t"])
+        rec = [e for e in ev if e["kind"] == "recovered" and e["t"] >= death["t"]]
+        if rec:
+            recoveries.append(rec[0]["recovery_s"])
+        if sig == signal.SIGSTOP:
+            cluster.signal_worker(hit["pid"], signal.SIGCONT)  # it rejoins as a new worker after fencing
+        else:
+            cluster.add_worker()
+    return {"n": n, "wrong_sequences": wrong,
+            "detect_p50_s": statistics.median(detections), "detect_p99_s": pct(detections, 99), "detect_max_s": max(detections),
+            "recover_p50_s": statistics.median(recoveries) if recoveries else None,
+            "recover_p99_s": pct(recoveries, 99) if recoveries else None, "recovered": len(recoveries)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--faults", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    out = {}
+    out.update(bench_hop(500 if a.quick else 2000))
+    print(f"hop round trip (576 f32 step, codec + loopback WS): p50 {out['hop_rtt_p50_ms']:.3f} ms, p99 {out['hop_rtt_p99_ms']:.3f} ms", flush=True)
+
+    with LocalCluster(workers=1) as c1:
+        one = stream(c1.base)
+    with LocalCluster(workers=4) as c4:
+        four = stream(c4.base)
+        assert four["ids"] == one["ids"], "4-stage tokens differ from 1-stage tokens"
+        single = concurrent(c4.base, 1)
+        eight = concurrent(c4.base, 8)
+        long_prefix = "Background: " + " ".join(f"item {i} is stored in slot {i * 7 % 31}." for i in range(60))
+        cold = stream(c4.base, long_prefix + " Question: which slot holds item 5?", max_tokens=4)
+        warm = stream(c4.base, long_prefix + " Question: which slot holds item 9?", max_tokens=4)
+        prefix_hits = c4.status()["counters"]["prefix_hits"]
+    out.update({
+        "decode_tok_s_1_worker": one["decode_tok_s"], "decode_tok_s_4_workers": four["decode_tok_s"],
+        "sharding_ratio_4_over_1": four["decode_tok_s"] / one["decode_tok_s"],
+        "in_situ_hop_ms": (1000 / four["decode_tok_s"] - 1000 / one["decode_tok_s"]) / 3,
+        "aggregate_tok_s_1_stream": single, "aggregate_tok_s_8_streams": eight, "concurrency_ratio_8_over_1": eight / single,
+        "ttft_cold_s": cold["ttft_s"], "ttft_warm_prefix_s": warm["ttft_s"], "prefix_hits": prefix_hits,
+    })
+    print(f"decode 1 worker {one['decode_tok_s']:.1f} tok/s | 4 workers {four['decode_tok_s']:.1f} tok/s | ratio {out['sharding_ratio_4_over_1']:.2f} "
+          f"| in-situ hop {out['in_situ_hop_ms']:.2f} ms", flush=True)
+    print(f"aggregate on 4 workers: 1 stream {single:.1f} tok/s | 8 streams {eight:.1f} tok/s | ratio {out['concurrency_ratio_8_over_1']:.2f}", flush=True)
+    print(f"time to first token, {len(long_prefix.split())}-word shared prefix: cold {cold['ttft_s'] * 1000:.0f} ms | "
+          f"warm {warm['ttft_s'] * 1000:.0f} ms (prefix hits {prefix_hits})", flush=True)
+
+    if a.faults:
+        with LocalCluster(workers=4, serve_args=[]) as c:
+            kills = faults(c, a.faults, signal.SIGKILL)
+            freezes = faults(c, a.faults, signal.SIGSTOP)
+        out["kills"], out["freezes"] = kills, freezes
+        for name, r in (("kill -9", kills), ("SIGSTOP", freezes)):
+            print(f"{name} x{r['n']}: detection p50 {r['detect_p50_s'] * 1000:.0f} ms p99 {r['detect_p99_s'] * 1000:.0f} ms | "
+                  f"recovery p50 {r['recover_p50_s'] * 1000:.0f} ms p99 {r['recover_p99_s'] * 1000:.0f} ms "
+                  f"({r['recovered']} recovered) | wrong sequences {r['wrong_sequences']}", flush=True)
+    if a.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
