@@ -254,8 +254,21 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
         finally:
             await service.stop()
 
+    # pages and sockets of other areas (browser tab page, dashboard) register themselves here
+    extra_routes = []
+    import importlib
+
+    for module in ("coordinator.tab_routes", "coordinator.dashboard"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        extra_routes += mod.routes(service)
+
     return Starlette(
-        routes=[
+        routes=extra_routes + [
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", text_completions, methods=["POST"]),
             Route("/v1/models", models),

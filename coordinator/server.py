@@ -21,7 +21,7 @@ from tab_worker.weights import pack_head, pack_layer
 from tab_worker.worker import TabWorker
 from tabshard import wire
 from tabshard.generate import embed
-from tabshard.model import GGUFModel
+from tabshard.model import open_model
 from tabshard.sampling import SamplingParams
 from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
 
@@ -44,7 +44,7 @@ class ClientStream:
 class CoordinatorService:
     def __init__(self, model_path: str | None = None, settings: CoordinatorSettings = CoordinatorSettings(),
                  join_token: str | None = None, local_backend: str = "numpy"):
-        self.model = GGUFModel(model_path)
+        self.model = open_model(model_path)
         self.tokenizer = GGUFTokenizer(self.model)
         weights = self.model.load_all()
         self.weights = weights

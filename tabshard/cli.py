@@ -36,13 +36,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(a) -> int:
     from tabshard.generate import LocalGenerator
-    from tabshard.model import GGUFModel
+    from tabshard.model import open_model
     from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
 
     if a.max_tokens < 1:
         raise TabshardError(f"--max-tokens must be at least 1, got {a.max_tokens}")
     params = _sampling_from_args(a)
-    model = GGUFModel(a.model)
+    model = open_model(a.model)
     tok = GGUFTokenizer(model)
     text = tok.render_chat([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     prompt_ids = tok.encode(text)
@@ -74,9 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
-    from tabshard import cli_cluster
+    # each area registers its own subcommands; a module that is not there yet adds none
+    import importlib
 
-    cli_cluster.add_commands(sub)
+    for module in ("tabshard.cli_cluster", "tabshard.cli_quant", "tabshard.cli_simulate", "tabshard.cli_bench"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.add_commands(sub)
     return p
 
 

@@ -50,6 +50,19 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
+QUANTIZED_SUFFIX = ".tsq"  # tabshard's own quantized model files (tabshard quantize)
+
+
+def open_model(path: str | os.PathLike | None = None):
+    """A GGUF, or one of our quantized model files; both expose config, tokenizer fields and
+    load_all()."""
+    if path is not None and str(path).endswith(QUANTIZED_SUFFIX):
+        from tabshard.qmodel import QuantizedModel
+
+        return QuantizedModel(path)
+    return GGUFModel(path)
+
+
 class GGUFModel:
     """An opened GGUF file: metadata, tokenizer data and lazily imported tensors."""
 
