@@ -317,7 +317,8 @@ class Coordinator:
 
     def _on_refuse(self, w: Worker, m: dict, now: float) -> list:
         self.events.append({"t": now, "kind": "refused", "worker": w.worker_id, "reason": m["reason"], "detail": m.get("detail")})
-        aid = (m.get("detail") or {}).get("assignment_id")
+        detail = m.get("detail") or {}
+        aid = detail.get("assignment_id")
         if aid in w.loading:
             stage_index, _ = w.loading.pop(aid)
             if stage_index < len(self.stages):
@@ -330,7 +331,22 @@ class Coordinator:
                 if w.state == "loading" and not w.loading:
                     w.move("idle" if not w.stages else "ready")
                 return self._repair_stage(st, now)
-        return []
+        span = (detail.get("layer_start"), detail.get("layer_end"))
+        if m["reason"] == "memory_pressure" and "budget" in detail:
+            w.caps["memory_bytes"] = int(detail["budget"])
+        st = next((s for s in self.stages if (s.layer_start, s.layer_end) == span and w.worker_id in s.holders), None)
+        if st is None:
+            return []
+        # a ready worker handed a range back (memory pressure): move it like a failed stage,
+        # replaying its inputs into the new holder
+        was_primary = st.primary == w.worker_id
+        st.holders.remove(w.worker_id)
+        st.ready.discard(w.worker_id)
+        w.stages.discard(st.index)
+        if not was_primary:
+            return []
+        self._awaiting_recovery.append((st.index, now))
+        return self._forget_prefixes() + self._repair_stage(st, now)
 
     # ================================================================== planning and loading
     def _schedule_replan(self, now: float) -> None:

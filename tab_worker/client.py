@@ -34,6 +34,7 @@ class WorkerConnection:
         self.sessions_joined = 0
         # fault hooks (simulation): drop everything both ways while set
         self.partitioned = threading.Event()
+        self._ws = None
 
     async def run(self) -> None:
         backoff = 0.1
@@ -54,9 +55,21 @@ class WorkerConnection:
     def stop(self) -> None:
         self._stop.set()
 
+    async def evict(self, reason: str = "evicted by the browser", code: int = 4001) -> None:
+        """The browser discards the tab: the socket closes with a reason and nothing reconnects."""
+        self._stop.set()
+        if self._ws is not None:
+            await self._ws.close(code=code, reason=reason)
+
+    async def send(self, m: dict) -> None:
+        """Send a message outside the request/reply flow (e.g. a memory-pressure refusal)."""
+        if self._ws is not None:
+            await self._ws.send(wire.encode(m))
+
     async def _session(self, ws) -> None:
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
+        self._ws = ws
         await ws.send(wire.encode(self.worker.hello()))
         self.sessions_joined += 1
 

@@ -46,6 +46,7 @@ class TabWorker:
         self._assignments: dict[int, dict] = {}  # assignment_id -> assign message, while loading
         self.ranges: dict[tuple[int, int], object] = {}  # (layer_start, layer_end) -> backend
         self.range_heads: dict[tuple[int, int], bool] = {}
+        self.range_blobs: dict[tuple[int, int], list[str]] = {}
         self.steps_served = 0
         self.tokens_served = 0
         self.bytes_received = 0
@@ -157,6 +158,7 @@ class TabWorker:
             key = (m["layer_start"], m["layer_end"])
             self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **self.device_options)
             self.range_heads[key] = head is not None
+            self.range_blobs[key] = shas
             out.append(msg("ready", assignment_id=aid, layers=list(key), checksum=sha256("".join(shas).encode())))
         return out
 
@@ -196,6 +198,25 @@ class TabWorker:
         for backend in self.ranges.values():
             if m["source_id"] in backend.sessions():
                 backend.fork_session(m["source_id"], m["session_id"], int(m["length"]))
+
+    def shrink_budget(self, memory_bytes: int) -> list[dict]:
+        """Memory pressure: the budget shrinks; hand back ranges (largest first) until what is
+        held fits, telling the coordinator which ones so it can move them."""
+        self.memory_bytes = int(memory_bytes)
+        out = []
+        while self.ranges and self.held_bytes() > self.memory_bytes:
+            key = max(self.ranges, key=lambda k: k[1] - k[0])
+            del self.ranges[key]
+            self.range_heads.pop(key, None)
+            self.range_blobs.pop(key, None)
+            out.append(msg("refuse", reason="memory_pressure",
+                           detail={"layer_start": key[0], "layer_end": key[1], "budget": self.memory_bytes}))
+        return out
+
+    def held_bytes(self) -> int:
+        """Bytes the held ranges take as this backend holds them (packed size x expansion)."""
+        packed = sum(len(self.blobs.get(sha, b"")) for key in self.ranges for sha in self.range_blobs.get(key, ()))
+        return int(packed * EXPANSION[self.backend_name])
 
     def on_unload(self, m):
         if "layer_start" in m:

@@ -304,3 +304,18 @@ def test_batch_limit_adapts_to_step_latency(weights):
     for _ in range(10):
         net.core._adapt_batch(st, st.batch_limit, 10.0)
     assert st.batch_limit == 8
+
+
+def test_memory_pressure_hands_layers_back_and_they_move_exactly(weights, reference):
+    net = start(weights, 3)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 5)
+    conn = net.stage_conn(1)
+    span = (net.core.stages[1].layer_start, net.core.stages[1].layer_end)
+    for m in net.workers[conn].shrink_budget(1):
+        net.to_coordinator(conn, m)
+    assert not net.workers[conn].ranges
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    st = next(s for s in net.core.stages if (s.layer_start, s.layer_end) == span)
+    assert net.core.workers[st.primary].conn != conn
