@@ -1,0 +1,323 @@
+"""A simulated browser tab as a Ray actor: the Python tab worker on the WebSocket protocol.
+
+`SimulatedTab` is the public facade; `_TabActor` the private actor it drives. Ray places, runs
+and kills the tab; tensors never travel over Ray calls -- the tab talks to the coordinator over
+the same WebSocket protocol as a browser tab, so every fault is detected by the coordinator's
+own mechanisms (socket close, heartbeat silence, step deadlines), never by Ray.
+
+    >>> tab = SimulatedTab("t0", "ws://127.0.0.1:8000/ws/worker", "token", profile="cpu-wasm")  # doctest: +SKIP
+    >>> tab.wait_connected(); tab.freeze(2.0); tab.info()["sessions_joined"]                  # doctest: +SKIP
+
+Fault hooks, callable while the tab serves: crash (the process exits), freeze (SIGSTOP for D
+seconds, then SIGCONT), slow (compute time x factor), partition (both directions dropped for D
+seconds, and no rejoin until it heals), evict (the socket closes with a reason; no reconnect),
+memory_pressure (the budget shrinks; the worker hands layers back with `refuse`).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from tab_worker.client import WorkerConnection
+from tab_worker.engine_types import SessionSlice
+from tab_worker.worker import TabWorker, msg
+from tabshard.errors import TabshardError
+
+from simulation.profiles import HIDDEN, Profile, get_profile
+
+
+class TabGone(TabshardError):
+    """The tab's process is gone (crashed, evicted and stopped, or killed)."""
+
+
+class TabUnresponsive(TabshardError):
+    """The tab did not answer a control call in time (frozen, or its host is overloaded)."""
+
+
+# ---------------------------------------------------------------------- the worker as a browser would run it
+class SimTabWorker(TabWorker):
+    """TabWorker plus what a browser tab adds: pipelines built (and validated) at load, so a
+    kernel beyond the device's limits fails there and is refused back to the coordinator; a
+    hidden tab's heartbeat jitter."""
+
+    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, **kw):
+        self._hb_base = 250
+        self.heartbeat_jitter_ms = heartbeat_jitter_ms
+        self._rng = random.Random(seed)
+        super().__init__(*a, **kw)
+        self.load_failures: list[str] = []
+
+    @property
+    def heartbeat_ms(self) -> float:  # the adapter's heartbeat loop reads this before every beat
+        return self._hb_base + (self._rng.random() * self.heartbeat_jitter_ms if self.heartbeat_jitter_ms else 0.0)
+
+    @heartbeat_ms.setter
+    def heartbeat_ms(self, value) -> None:
+        self._hb_base = value
+
+    def _finish_ready_assignments(self) -> list[dict]:
+        out = []
+        for m in super()._finish_ready_assignments():
+            if m["type"] != "ready":
+                out.append(m)
+                continue
+            key = tuple(m["layers"])
+            try:  # the browser creates its pipelines at load: run one throwaway position
+                backend = self.ranges[key]
+                backend.forward([SessionSlice("__probe__", 0, 1)], np.zeros((1, backend.config.hidden), np.float32))
+                backend.drop_session("__probe__")
+                out.append(m)
+            except Exception as exc:
+                self.ranges.pop(key, None)
+                self.range_heads.pop(key, None)
+                self.range_blobs.pop(key, None)
+                self.load_failures.append(f"{type(exc).__name__}: {exc}"[:300])
+                # budget 0: the coordinator moves the stage and never plans this tab again
+                out.append(msg("refuse", reason="device_limits",
+                               detail={"assignment_id": m["assignment_id"], "budget": 0, "error": self.load_failures[-1]}))
+        return out
+
+
+class _SimConnection(WorkerConnection):
+    """A partitioned tab does not rejoin until the partition heals: its hello would not get through."""
+
+    async def _session(self, ws) -> None:
+        while self.partitioned.is_set():
+            await asyncio.sleep(0.02)
+        await super()._session(ws)
+
+
+def _enforce_pipeline_limits(dev) -> None:
+    """Validate each pipeline's workgroup size against the device's limits at creation, as a
+    browser's WebGPU does (Dawn's createComputePipeline). wgpu-native 29 does not check
+    override-sized workgroups (seen here: WG=2048 created on a 256-invocation device), so
+    without this a kernel that breaks on the browser would silently run here."""
+    if getattr(dev, "_limits_enforced", False):
+        return
+    import re
+
+    from kernels.runner import LimitError
+
+    original = dev.pipeline
+
+    def pipeline(kernel: str, **constants):
+        m = re.search(r"@workgroup_size\(([^)]*)\)", dev.source(kernel))
+        dims = [d.strip() for d in m.group(1).split(",")] if m else []
+        sizes = [int(constants.get(d, d)) if not d.isdigit() else int(d) for d in dims if d]
+        sizes += [1] * (3 - len(sizes))
+        total = sizes[0] * sizes[1] * sizes[2]
+        lim = dev.limits
+        if (total > lim["max-compute-invocations-per-workgroup"] or sizes[0] > lim["max-compute-workgroup-size-x"]
+                or sizes[1] > lim["max-compute-workgroup-size-y"] or sizes[2] > lim["max-compute-workgroup-size-z"]):
+            raise LimitError(f"createComputePipeline({kernel}): workgroup size {tuple(sizes)} ({total} invocations) exceeds "
+                             f"maxComputeInvocationsPerWorkgroup {lim['max-compute-invocations-per-workgroup']} / "
+                             f"maxComputeWorkgroupSizeX {lim['max-compute-workgroup-size-x']}")
+        return original(kernel, **constants)
+
+    dev.pipeline = pipeline
+    dev._limits_enforced = True
+
+
+def _force_workgroup(dev, size: int) -> None:
+    """Configure every kernel on this device at `size` invocations whatever the limits say
+    (the test of 'a kernel configured beyond a profile's limit')."""
+    dev.workgroup_size = lambda preferred: size
+
+
+def _peak_rss() -> tuple[int, int]:
+    rss = hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+# ---------------------------------------------------------------------- the private actor
+class _TabActor:
+    def __init__(self, name: str, url: str, token: str, profile: dict, backend: str, memory_bytes: int,
+                 hidden: bool, device_options: dict, seed: int, lean: bool = False):
+        if not os.environ.get("XDG_RUNTIME_DIR") or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
+        self.name = name
+        self.profile = profile
+        device_options = dict(device_options or {})
+        force_wg = device_options.pop("force_workgroup", None)
+        if backend == "wgpu":
+            from kernels.runner import get_device
+
+            limits = profile.get("limits") or "adapter"
+            device_options.setdefault("limits", limits)
+            _enforce_pipeline_limits(get_device(device_options["limits"]))
+            if force_wg:
+                _force_workgroup(get_device(device_options["limits"]), int(force_wg))
+        if lean:
+            device_options["lean"] = True
+        speed = float(profile.get("speed", 1.0)) * (HIDDEN["speed_factor"] if hidden else 1.0)
+        self.base_slow = 1.0 / max(speed, 1e-3)
+        self.worker = SimTabWorker(name, backend=backend, token=token, memory_bytes=memory_bytes,
+                                   device_options=device_options,
+                                   profile={"name": profile.get("name"), "browser": profile.get("browser"),
+                                            "features": list(profile.get("features", ())), "hidden": hidden,
+                                            "speed": speed},
+                                   heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0, seed=seed)
+        self.worker.slow_factor = self.base_slow
+        self.started = time.monotonic()
+        self.loop = asyncio.new_event_loop()
+        self.conn: _SimConnection | None = None
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.conn = _SimConnection(self.worker, url, reconnect=True)
+            ready.set()
+            self.loop.run_until_complete(self.conn.run())
+
+        self.thread = threading.Thread(target=run, name=f"tab-{name}", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict:
+        rss, hwm = _peak_rss()
+        w = self.worker
+        return {"name": self.name, "pid": os.getpid(), "worker_id": w.worker_id, "epoch": w.epoch,
+                "connected": self.conn.connected.is_set(), "sessions_joined": self.conn.sessions_joined,
+                "ranges": [list(r) for r in w.ranges], "held_bytes": w.held_bytes(), "memory_bytes": w.memory_bytes,
+                "steps": w.steps_served, "tokens": w.tokens_served, "bytes_received": w.bytes_received,
+                "slow_factor": w.slow_factor, "rss_bytes": rss, "peak_rss_bytes": hwm,
+                "load_failures": list(w.load_failures), "backend": w.backend_name}
+
+    # ------------------------------------------------------------------ faults
+    def crash(self, code: int = 137) -> None:
+        threading.Timer(0.02, os._exit, (code,)).start()  # let this call's reply leave first
+
+    def freeze(self, seconds: float) -> None:
+        # a helper outside the process stops and resumes it: no heartbeat, no answer, then resume
+        pid = os.getpid()
+        subprocess.Popen(["/bin/sh", "-c", f"kill -STOP {pid}; sleep {float(seconds)}; kill -CONT {pid}"],
+                         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def slow(self, factor: float, seconds: float | None = None) -> None:
+        self.worker.slow_factor = self.base_slow * float(factor)
+        if seconds:
+            threading.Timer(seconds, self._unslow).start()
+
+    def _unslow(self) -> None:
+        self.worker.slow_factor = self.base_slow
+
+    def partition(self, seconds: float) -> None:
+        self.conn.partitioned.set()
+        threading.Timer(float(seconds), self.conn.partitioned.clear).start()
+
+    def evict(self, reason: str = "tab discarded by the browser") -> None:
+        asyncio.run_coroutine_threadsafe(self.conn.evict(reason), self.loop).result(5)
+
+    def memory_pressure(self, budget_bytes: int) -> list:
+        # on the compute thread, after any step in progress (the browser's worker is single-threaded)
+        refusals = self.conn._exec.submit(self.worker.shrink_budget, int(budget_bytes)).result(60)
+        for m in refusals:
+            asyncio.run_coroutine_threadsafe(self.conn.send(m), self.loop).result(5)
+        return [m["detail"] for m in refusals]
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.conn.evict("tab closed", code=1000), self.loop).result(5)
+
+
+# ---------------------------------------------------------------------- the public facade
+_remote_cls = None
+
+
+def _remote():
+    global _remote_cls
+    if _remote_cls is None:
+        import ray
+
+        _remote_cls = ray.remote(num_cpus=0, max_restarts=0)(_TabActor)
+    return _remote_cls
+
+
+class SimulatedTab:
+    """A browser tab simulated by a Ray actor. Ray errors never leak: a dead actor raises
+    TabGone, a control call that times out raises TabUnresponsive."""
+
+    def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
+                 backend: str | None = None, hidden: bool | None = None, memory_bytes: int | None = None,
+                 device_options: dict | None = None, seed: int = 0, lean: bool = False, actor_options: dict | None = None):
+        prof = get_profile(profile) if isinstance(profile, str) else profile
+        self.name = name
+        self.profile = prof
+        self.backend = backend or prof.backend
+        if self.backend == "wgpu" and not prof.webgpu:
+            raise TabshardError(f"profile {prof.name} has no WebGPU; use backend 'numpy'")
+        self.hidden = prof.hidden if hidden is None else hidden
+        self.memory_bytes = int(memory_bytes or prof.memory_bytes)
+        self._actor = _remote().options(**(actor_options or {})).remote(
+            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options or {}, seed, lean)
+        self.killed = False
+
+    def _call(self, method: str, *args, timeout: float = 30.0):
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return ray.get(getattr(self._actor, method).remote(*args), timeout=timeout)
+        except RayActorError as exc:
+            raise TabGone(f"tab {self.name}: its process is gone ({type(exc).__name__})") from None
+        except GetTimeoutError:
+            raise TabUnresponsive(f"tab {self.name}: no answer to {method} within {timeout:.0f}s") from None
+
+    def pid(self) -> int:
+        return self._call("pid")
+
+    def info(self, timeout: float = 30.0) -> dict:
+        return self._call("info", timeout=timeout)
+
+    def wait_connected(self, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            i = self.info(timeout=max(1.0, deadline - time.monotonic()))
+            if i["connected"]:
+                return i
+            time.sleep(0.1)
+        raise TabUnresponsive(f"tab {self.name} did not join within {timeout:.0f}s")
+
+    def crash(self) -> None:
+        self._call("crash")
+
+    def freeze(self, seconds: float) -> None:
+        self._call("freeze", seconds)
+
+    def slow(self, factor: float, seconds: float | None = None) -> None:
+        self._call("slow", factor, seconds)
+
+    def partition(self, seconds: float) -> None:
+        self._call("partition", seconds)
+
+    def evict(self, reason: str = "tab discarded by the browser") -> None:
+        self._call("evict", reason)
+
+    def memory_pressure(self, budget_bytes: int) -> list:
+        return self._call("memory_pressure", int(budget_bytes), timeout=90)
+
+    def kill(self) -> None:
+        """End the actor through Ray (cleanup; not a fault hook -- use crash for that)."""
+        import ray
+
+        if not self.killed:
+            self.killed = True
+            try:
+                ray.kill(self._actor, no_restart=True)
+            except Exception:
+                pass

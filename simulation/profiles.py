@@ -1,0 +1,169 @@
+"""Browser and device profiles for simulated tabs: WebGPU limits and features, memory, speed, visibility.
+
+Every value says where it comes from. Three kinds of source:
+
+* [spec]      the WebGPU specification's default limits (https://www.w3.org/TR/webgpu/#limits,
+              "Limit" table, default column) -- also kernels.runner.WEBGPU_DEFAULT_LIMITS.
+* [measured]  seen on this project's machines (/work/shared/notes/PLATFORM.md: headless Chromium 156
+              with SwiftShader; lavapipe; an H100 through wgpu/Vulkan).
+* [report]    published adapter reports (webgpureport.org entries for the named browser and GPU
+              family) and browser release notes; quoted from memory of those pages, not re-fetched
+              here -- re-check before relying on an exact value.
+* [assumption] invented for the simulation, chosen to be plausible; labelled as such.
+
+How a profile is applied to a Python tab (actors/tab.py): the limits are requested from the
+native adapter with kernels.runner.get_device(limits=...), which never grants more than either
+the profile or the adapter (lavapipe: 1024 invocations, 128 MiB bindings), so a kernel that
+would break on that browser breaks here. Features are reported in the tab's capabilities; the
+kernels request none (no shader-f16, no subgroups), so a feature gap cannot break them.
+Memory caps the tab's weight budget (TabWorker.memory_bytes). Speed scales step time
+(TabWorker.slow_factor = 1 / speed; 1.0 = this host's full speed). `hidden` tabs compute slower
+and send heartbeats with a background tab's timer jitter (see HIDDEN below).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from tabshard.errors import ConfigError
+
+MiB, GiB = 1 << 20, 1 << 30
+
+# [spec] WebGPU default limits, the floor every conformant browser grants
+SPEC_DEFAULTS = {
+    "max-storage-buffer-binding-size": 128 * MiB,
+    "max-buffer-size": 256 * MiB,
+    "max-compute-workgroup-storage-size": 16384,
+    "max-compute-invocations-per-workgroup": 256,
+    "max-compute-workgroup-size-x": 256,
+    "max-compute-workgroup-size-y": 256,
+    "max-compute-workgroup-size-z": 64,
+    "max-compute-workgroups-per-dimension": 65535,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    browser: str
+    limits: dict = field(default_factory=dict)  # WebGPU limits (runner names); {} = no WebGPU
+    features: tuple = ()
+    memory_bytes: int = 2 * GiB  # weight budget the tab may hold
+    speed: float = 1.0  # relative to this host's full speed
+    hidden: bool = False
+    backend: str = "wgpu"  # what the browser would run: wgpu (WebGPU) or numpy (the WASM/CPU stand-in)
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def webgpu(self) -> bool:
+        return bool(self.limits)
+
+    def with_(self, **changes) -> "Profile":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+
+def _limits(**over) -> dict:
+    out = dict(SPEC_DEFAULTS)
+    out.update({k.replace("_", "-"): v for k, v in over.items()})
+    return out
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile(
+        "chrome-desktop-discrete", "Chrome/Edge 130+ on Windows, discrete NVIDIA GPU (D3D12)",
+        limits=_limits(max_storage_buffer_binding_size=2 * GiB - 4, max_buffer_size=2 * GiB,
+                       max_compute_workgroup_storage_size=32768, max_compute_invocations_per_workgroup=1024,
+                       max_compute_workgroup_size_x=1024, max_compute_workgroup_size_y=1024),
+        features=("shader-f16", "subgroups", "timestamp-query"),
+        memory_bytes=4 * GiB, speed=1.0,
+        sources={"limits": "[report] webgpureport.org, Chrome/Windows NVIDIA entries (D3D12: 32 KiB groupshared, 1024 threads)",
+                 "features": "[report] shader-f16 shipped in Chrome 120, subgroups in Chrome 134 release notes",
+                 "memory": "[assumption] 4 GiB per tab: the seed's '7B in tabs of 4 GB' figure",
+                 "speed": "[assumption] the reference tab = 1.0"}),
+    Profile(
+        "chrome-desktop-integrated", "Chrome/Edge on Windows/ChromeOS, integrated Intel GPU",
+        limits=_limits(max_storage_buffer_binding_size=1 * GiB, max_buffer_size=1 * GiB,
+                       max_compute_workgroup_storage_size=32768, max_compute_invocations_per_workgroup=1024,
+                       max_compute_workgroup_size_x=1024, max_compute_workgroup_size_y=1024),
+        features=("shader-f16", "subgroups", "timestamp-query"),
+        memory_bytes=2 * GiB, speed=0.35,
+        sources={"limits": "[report] webgpureport.org, Chrome Intel UHD/Iris Xe entries (approximate)",
+                 "memory": "[assumption] integrated GPUs share system RAM; 2 GiB per tab",
+                 "speed": "[assumption] ~1/3 of a discrete GPU for memory-bound matvec"}),
+    Profile(
+        "firefox-desktop", "Firefox 141+ on Windows (WebGPU via wgpu)",
+        limits=_limits(max_storage_buffer_binding_size=1 * GiB, max_buffer_size=1 * GiB,
+                       max_compute_workgroup_storage_size=16384, max_compute_invocations_per_workgroup=256),
+        features=("timestamp-query",),
+        memory_bytes=2 * GiB, speed=0.6,
+        sources={"availability": "[report] Firefox 141 release notes (July 2025): WebGPU enabled on Windows",
+                 "limits": "[assumption] spec defaults for invocations/storage, 1 GiB bindings",
+                 "features": "[assumption] no shader-f16 at launch",
+                 "memory": "[assumption]", "speed": "[assumption]"}),
+    Profile(
+        "safari-macos", "Safari 26 on macOS, Apple silicon (Metal)",
+        limits=_limits(max_storage_buffer_binding_size=1 * GiB, max_buffer_size=1 * GiB,
+                       max_compute_workgroup_storage_size=32768, max_compute_invocations_per_workgroup=1024,
+                       max_compute_workgroup_size_x=1024, max_compute_workgroup_size_y=1024),
+        features=("shader-f16", "timestamp-query"),
+        memory_bytes=4 * GiB, speed=0.8,
+        sources={"availability": "[report] Safari 26 release notes (WWDC 2025): WebGPU on by default",
+                 "limits": "[report] Metal: 32 KiB threadgroup memory, 1024 threads per threadgroup on Apple GPUs; "
+                           "[assumption] WebKit's 1 GiB binding cap",
+                 "memory": "[assumption] unified memory, 4 GiB per tab", "speed": "[assumption]"}),
+    Profile(
+        "safari-ios", "Safari 26 on iOS/iPadOS (Metal, mobile)",
+        limits=_limits(max_storage_buffer_binding_size=256 * MiB, max_buffer_size=256 * MiB,
+                       max_compute_workgroup_storage_size=16384, max_compute_invocations_per_workgroup=256),
+        features=("shader-f16",),
+        memory_bytes=1 * GiB, speed=0.3,
+        sources={"availability": "[report] Safari 26 release notes: WebGPU on iOS 26",
+                 "limits": "[assumption] spec defaults for compute, 256 MiB bindings",
+                 "memory": "[assumption] iOS Jetsam ends web content processes around 1.5 GB; 1 GiB of weights",
+                 "speed": "[assumption]"}),
+    Profile(
+        "chrome-android", "Chrome 121+ on Android (Qualcomm Adreno / ARM Mali, Vulkan)",
+        limits=_limits(),  # spec defaults
+        features=(),
+        memory_bytes=1 * GiB, speed=0.15,
+        sources={"availability": "[report] Chrome 121 release notes (Jan 2024): WebGPU on Android 12+",
+                 "limits": "[spec] defaults; WebLLM #209 reports Android adapters at the 128 MiB binding floor",
+                 "memory": "[assumption] Android kills background tabs early; 1 GiB",
+                 "speed": "[assumption]"}),
+    Profile(
+        "chromium-swiftshader", "headless Chromium 156, SwiftShader fallback adapter",
+        limits=_limits(max_storage_buffer_binding_size=1 * GiB, max_buffer_size=1 * GiB),
+        features=("subgroups", "timestamp-query"),
+        memory_bytes=2 * GiB, speed=0.3,
+        sources={"limits": "[measured] PLATFORM.md: 1 GiB bindings, 256 invocations, no shader-f16",
+                 "speed": "[measured] PLATFORM.md: 1-1.5 GFLOP/s matvec vs 3.5-4 on lavapipe (x0.3)",
+                 "memory": "[assumption]"}),
+    Profile(
+        "cpu-wasm", "any browser without WebGPU: WASM SIMD fallback",
+        limits={}, features=(), backend="numpy",
+        memory_bytes=2 * GiB, speed=0.25,
+        sources={"limits": "no WebGPU adapter: the tab runs the CPU path (numpy stands in for WASM SIMD)",
+                 "memory": "[report] wasm32 linear memory tops out at 4 GiB; [assumption] 2 GiB of weights",
+                 "speed": "[report] ANCHORS.md: wllama WASM ~3-4x slower than native CPU -> 0.25"}),
+]}
+
+# Hidden tabs. Chrome throttles a hidden page's main-thread timers (1/s after 5 min; once a
+# minute under intensive throttling: https://developer.chrome.com/blog/timer-throttling-in-chrome-88)
+# but not a dedicated Web Worker's, which is where the browser tab keeps its socket, heartbeat
+# and compute (PLATFORM.md). What remains is timer jitter and slower, lower-priority compute:
+HIDDEN = {
+    "heartbeat_jitter_ms": 200,  # [assumption] each heartbeat up to this late (background scheduling)
+    "speed_factor": 0.5,  # [assumption] a background tab's GPU/CPU work gets half the throughput
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}") from None
