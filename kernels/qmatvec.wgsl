@@ -9,6 +9,10 @@
 // all ROWS rows, then a workgroup tree reduction sums their partial dot products.
 // (On CPU adapters TPR = 1 is fastest: no reduction, one output per thread.)
 //
+// Several rows are handled four at a time as a mat4x4 whose columns are the rows' x:
+// q * X is then the four rows' dot products. Vectors and matrices stay in registers where
+// a private array indexed in a loop may not (it was 8x slower on an NVIDIA GPU).
+//
 // Per block the thread accumulates (q . x, sum x) per row and applies the group's scale and
 // min once: sum_j (scale*q_j + min) x_j = scale*(q . x) + min*(sum x).
 
@@ -17,8 +21,7 @@ override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
 override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale*q + min
 override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
-override ROWS: u32 = 1u;          // batch rows per workgroup, at most MAX_ROWS
-const MAX_ROWS = 8u;
+override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 
 struct Params {
   n: u32,          // output rows of W (in this buffer)
@@ -36,7 +39,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-var<workgroup> partial: array<f32, WG * ROWS>;
+override QUADS: u32 = (ROWS + 3u) / 4u;
+var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 
 // (scale, min) of group g of row n, so that w = scale * q + min.
 fn scale_min(n: u32, g: u32, groups: u32) -> vec2<f32> {
@@ -72,6 +76,12 @@ fn load_x(i: u32, j0: u32, valid: u32) -> vec4<f32> {
   return select(vec4<f32>(0.0), v, vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(valid));
 }
 
+// The four rows of x starting at vec4 index xi of rows r0..r3 (vec4 indices of row starts).
+fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32) -> mat4x4<f32> {
+  return mat4x4<f32>(load_x(r.x + xi, j0, valid), load_x(r.y + xi, j0, valid),
+                     load_x(r.z + xi, j0, valid), load_x(r.w + xi, j0, valid));
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let lane = t % TPR;
@@ -80,47 +90,59 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let blocks = (p.k + 31u) / 32u;  // blocks made only of padding are skipped
-  var x_row: array<u32, MAX_ROWS>;  // vec4 index of each batch row (rows past m re-read the last)
-  for (var r = 0u; r < ROWS; r++) {
-    x_row[r] = min(m0 + r, p.m - 1u) * (p.x_stride / 4u);
-  }
-  var acc: array<f32, MAX_ROWS>;
-  for (var r = 0u; r < ROWS; r++) {
-    acc[r] = 0.0;
-  }
+  // vec4 index of each batch row's start; rows past m re-read the last row (never written)
+  let row_vec4s = p.x_stride / 4u;
+  let last = p.m - 1u;
+  let rows_lo = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last)) * row_vec4s;
+  let rows_hi = min(vec4<u32>(m0) + vec4<u32>(4u, 5u, 6u, 7u), vec4<u32>(last)) * row_vec4s;
+  let ones = vec4<f32>(1.0);
+  var acc_lo = vec4<f32>(0.0);  // rows m0..m0+3 (just .x when ROWS == 1)
+  var acc_hi = vec4<f32>(0.0);  // rows m0+4..m0+7
   if (n < p.n) {
     for (var b = lane; b < blocks; b += TPR) {
       let wbase = n * words_per_row + b * BITS;
       let valid = min(32u, p.k - b * 32u);
-      var qx: array<vec4<f32>, MAX_ROWS>;
-      var xs: array<vec4<f32>, MAX_ROWS>;
-      for (var r = 0u; r < ROWS; r++) {
-        qx[r] = vec4<f32>(0.0);
-        xs[r] = vec4<f32>(0.0);
-      }
-      for (var j0 = 0u; j0 < 32u; j0 += 4u) {
-        let q = codes4(wbase, j0);
-        for (var r = 0u; r < ROWS; r++) {
-          let xv = load_x(x_row[r] + b * 8u + j0 / 4u, j0, valid);
-          qx[r] += q * xv;
-          xs[r] += xv;
-        }
-      }
       let sm = scale_min(n, b * 32u / GROUP, groups);
-      let ones = vec4<f32>(1.0);
-      for (var r = 0u; r < ROWS; r++) {
-        acc[r] += sm.x * dot(qx[r], ones) + sm.y * dot(xs[r], ones);
+      if (ROWS == 1u) {
+        var qx = vec4<f32>(0.0);
+        var xs = vec4<f32>(0.0);
+        for (var j0 = 0u; j0 < 32u; j0 += 4u) {
+          let xv = load_x(rows_lo.x + b * 8u + j0 / 4u, j0, valid);
+          qx += codes4(wbase, j0) * xv;
+          xs += xv;
+        }
+        acc_lo.x += sm.x * dot(qx, ones) + sm.y * dot(xs, ones);
+      } else {
+        var qx_lo = vec4<f32>(0.0);
+        var xs_lo = vec4<f32>(0.0);
+        var qx_hi = vec4<f32>(0.0);
+        var xs_hi = vec4<f32>(0.0);
+        for (var j0 = 0u; j0 < 32u; j0 += 4u) {
+          let q = codes4(wbase, j0);
+          let x_lo = load_quad(rows_lo, b * 8u + j0 / 4u, j0, valid);
+          qx_lo += q * x_lo;
+          xs_lo += ones * x_lo;
+          if (ROWS > 4u) {
+            let x_hi = load_quad(rows_hi, b * 8u + j0 / 4u, j0, valid);
+            qx_hi += q * x_hi;
+            xs_hi += ones * x_hi;
+          }
+        }
+        acc_lo += sm.x * qx_lo + sm.y * xs_lo;
+        acc_hi += sm.x * qx_hi + sm.y * xs_hi;
       }
     }
   }
-  for (var r = 0u; r < ROWS; r++) {
-    partial[r * WG + t] = acc[r];
+  partial[t] = acc_lo;
+  if (QUADS > 1u) {
+    partial[WG + t] = acc_hi;
   }
   workgroupBarrier();
   for (var stride = TPR / 2u; stride > 0u; stride >>= 1u) {
     if (lane < stride) {
-      for (var r = 0u; r < ROWS; r++) {
-        partial[r * WG + t] += partial[r * WG + t + stride];
+      partial[t] += partial[t + stride];
+      if (QUADS > 1u) {
+        partial[WG + t] += partial[WG + t + stride];
       }
     }
     workgroupBarrier();
@@ -134,7 +156,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (p.accumulate != 0u) {
           previous = y[i];
         }
-        y[i] = previous + partial[r * WG + t];
+        y[i] = previous + partial[(r / 4u) * WG + t][r % 4u];
       }
     }
   }

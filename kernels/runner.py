@@ -261,6 +261,24 @@ def describe_device(limits: str | dict = "adapter", power_preference: str = "hig
 # ====================================================================== launchers
 
 
+def _raw_pass_calls():
+    """wgpu-py wraps each native call in an error-capturing proxy costing ~3 us; a forward
+    records ~900 of them (set pipeline, set bind group, dispatch per launcher), as much as
+    the GPU work of a decode step. Recording into a pass cannot fail in a way we recover
+    from (validation errors still surface at finish/submit), so call the native functions
+    directly when this wgpu-py exposes them, else fall back to the public API."""
+    try:
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+        return (lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup,
+                lib.wgpuComputePassEncoderDispatchWorkgroups, ffi.NULL)
+    except (ImportError, AttributeError):  # pragma: no cover - other wgpu-py versions
+        return None
+
+
+_RAW_PASS_CALLS = _raw_pass_calls()
+
+
 class Launch:
     """One kernel with its buffers bound and its params in its own small uniform buffer."""
 
@@ -272,20 +290,32 @@ class Launch:
         self.params_buffer = dev.buffer(len(self._packed), f"{kernel}.params", uniform=True)
         dev.queue.write_buffer(self.params_buffer, 0, self._packed)
         self.bind_group = dev.bind_group(self.pipeline, [self.params_buffer, *buffers])
+        self._max_groups = dev.limits["max-compute-workgroups-per-dimension"]
+        self._raw = None
+        if _RAW_PASS_CALLS is not None and hasattr(self.pipeline, "_internal") and hasattr(self.bind_group, "_internal"):
+            self._raw = (self.pipeline._internal, self.bind_group._internal)
 
     def set(self, **changes) -> None:
         """Change params (rewrites the uniform buffer only when a value differs)."""
+        if all(self.params.get(k) == v for k, v in changes.items()):
+            return
         params = {**self.params, **changes}
         packed = self.dev.pack_params(self.kernel, params)
-        if packed != self._packed:
-            self.params, self._packed = params, packed
-            self.dev.queue.write_buffer(self.params_buffer, 0, packed)
+        self.params, self._packed = params, packed
+        self.dev.queue.write_buffer(self.params_buffer, 0, packed)
 
     def dispatch(self, cpass, x: int, y: int = 1, z: int = 1) -> None:
-        limit = self.dev.limits["max-compute-workgroups-per-dimension"]
-        if max(x, y, z) > limit:
-            raise LimitError(f"{self.kernel}: dispatch {(x, y, z)} exceeds {limit} workgroups per dimension")
-        if x and y and z:
+        if x > self._max_groups or y > self._max_groups or z > self._max_groups:
+            raise LimitError(f"{self.kernel}: dispatch {(x, y, z)} exceeds {self._max_groups} workgroups per dimension")
+        if not (x and y and z):
+            return
+        pass_handle = getattr(cpass, "_internal", None)
+        if self._raw is not None and pass_handle is not None:
+            set_pipeline, set_bind_group, dispatch, null = _RAW_PASS_CALLS
+            set_pipeline(pass_handle, self._raw[0])
+            set_bind_group(pass_handle, 0, self._raw[1], 0, null)
+            dispatch(pass_handle, x, y, z)
+        else:
             cpass.set_pipeline(self.pipeline)
             cpass.set_bind_group(0, self.bind_group)
             cpass.dispatch_workgroups(x, y, z)
@@ -322,7 +352,7 @@ def upload_quant(dev: Device, t: QuantTensor, label: str = "") -> GpuQuantTensor
     return GpuQuantTensor(t.spec, t.n, t.k, chunks)
 
 
-MATVEC_ROWS = (1, 2, 4, 8)  # qmatvec's ROWS variants: batch rows sharing each decoded weight
+MATVEC_ROWS = (1, 4, 8)  # qmatvec's ROWS variants: batch rows sharing each decoded weight
 
 
 @dataclass(frozen=True)
@@ -347,10 +377,15 @@ def matmul_tuning(dev: Device) -> MatmulTuning:
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
-def matvec_threads_per_row(k: int, wg: int, max_tpr: int = 32) -> int:
-    """Threads sharing one output of qmatvec: about one per 32-input block, at most max_tpr."""
+def matvec_threads_per_row(n: int, k: int, wg: int, max_tpr: int = 32) -> int:
+    """Threads sharing one output of qmatvec: about one per 32-input block, at most max_tpr,
+    and fewer for very tall matrices, which have parallelism enough in their rows (H200,
+    49152 x 576: 33 us at 4 threads per row, 45 at 8, 56 at 16)."""
     blocks = -(-k // 32)
-    return min(wg, max_tpr, 1 << max(0, blocks.bit_length() - 1))
+    tpr = min(wg, max_tpr, 1 << max(0, blocks.bit_length() - 1))
+    while tpr > 4 and n * tpr > 1 << 18:
+        tpr //= 2
+    return tpr
 
 
 class QuantLinear:
@@ -368,7 +403,7 @@ class QuantLinear:
         self.matvec_max_rows = self.tuning.matvec_max_rows if matvec_max_rows is None else matvec_max_rows
         self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
         self.wg = self.tuning.matvec_wg
-        self.tpr = matvec_threads_per_row(w.k, self.wg, self.tuning.matvec_max_tpr)
+        self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr)
         self.tile = self.tuning.tile
         self._launches: dict[tuple, list] = {}
 
