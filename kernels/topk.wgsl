@@ -24,7 +24,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out_values: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out_ids: array<u32>;
 
-const LOWEST = -3.40282347e38;
+const LOWEST = -0x1.fffffep+127f;  // the lowest finite f32, exactly
 const NO_ID = 0xffffffffu;
 
 var<workgroup> values: array<f32, SEG>;

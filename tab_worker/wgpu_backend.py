@@ -11,8 +11,9 @@ Layout on the device:
   sessions; the pools grow (by copy) as sessions arrive, up to the binding limit;
 * scratch activations are sized for the largest batch seen, row strides rounded to 4 floats.
 
-A forward call records every layer of the range into one compute pass of one command encoder
-and reads the hidden rows back once. Batches larger than the scratch can bind are run as
+A forward call records every layer of the range into one compute pass (cut into a few
+command buffers, submitted as they are recorded so the GPU need not wait for Python) and
+reads the hidden rows back once. Batches larger than the scratch can bind are run as
 consecutive row chunks: each session's rows stay in order, so this is chunked prefill.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kernels.quant import QuantTensor
 from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 MAX_TOPK = R.TopK.SEG // 2
+SUBMIT_EVERY = 64  # launchers per command buffer: the GPU starts while the rest is recorded
 
 
 def _round4(n: int) -> int:
@@ -240,7 +242,7 @@ class WgpuBackend:
         self._write_hidden(hidden)
         self.dev.write(self._buf["positions"], positions)
         self.dev.write(self._buf["slots"], slots)
-        self.dev.run(self._layer_ops, rows)
+        self.dev.run(self._layer_ops, rows, submit_every=SUBMIT_EVERY)
         return self._read_hidden(rows)
 
     def head_topk(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

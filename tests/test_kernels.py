@@ -20,8 +20,8 @@ SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUP
 MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
 # both shapes of qmatvec run on every adapter, whichever one matmul_tuning would pick here
 TUNINGS = {
-    "gpu": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=8, tile=64),
-    "cpu": R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=32, tile=64),
+    "gpu": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64),
+    "cpu": R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=64),
 }
 
 
@@ -298,3 +298,71 @@ def test_small_binding_limit_splits_the_head_and_embedding(rng):
     yb = tiny.buffer(len(ids) * hidden * 4)
     tiny.run([R.Embedding(tiny, gpu_head, tiny.upload(ids), yb, hidden)], len(ids))
     np.testing.assert_allclose(read_rows(tiny, yb, len(ids), hidden, hidden), ref.embedding(ids, head), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- Chromium's Tint
+
+# one pipeline per kernel, at its most demanding overrides (creating one costs ~1 s in SwiftShader)
+TINT_VARIANTS = [
+    ("qmatvec", {"BITS": 3, "GROUP": 64, "SYMMETRIC": 1, "WG": 256, "TPR": 16, "ROWS": 8}),
+    ("qmatvec", {"BITS": 4, "GROUP": 32, "SYMMETRIC": 0, "WG": 64, "TPR": 1, "ROWS": 1}),
+    ("qmatmul", {"BITS": 2, "GROUP": 128, "SYMMETRIC": 0, "TILE": 64}),
+    ("embedding", {"BITS": 8, "GROUP": 32, "SYMMETRIC": 1, "WG": 64}),
+    ("attention", {"WG": 256, "HEAD_DIM": 64}),
+    ("topk", {"WG": 256, "SEG": 1024}),
+    ("rmsnorm", {"WG": 256}), ("rope", {"WG": 64}), ("kv_store", {"WG": 64}), ("silu_gate", {"WG": 64}), ("residual_add", {"WG": 64}),
+]
+TINT_JS = """
+async ({sources, variants}) => {
+  const adapter = await navigator.gpu.requestAdapter();
+  const device = await adapter.requestDevice();  // the spec's default limits
+  const problems = [], modules = {};
+  for (const [name, code] of Object.entries(sources)) {
+    modules[name] = device.createShaderModule({code});
+    const info = await modules[name].getCompilationInfo();
+    for (const m of info.messages) problems.push(`${name}.wgsl:${m.lineNum}:${m.linePos} ${m.type}: ${m.message}`);
+  }
+  await Promise.all(variants.map(async ([name, constants]) => {
+    device.pushErrorScope('validation');
+    try {
+      await device.createComputePipelineAsync({layout: 'auto', compute: {module: modules[name], entryPoint: 'main', constants}});
+    } catch (e) { problems.push(`${name} ${JSON.stringify(constants)}: ${e.message}`); }
+    const error = await device.popErrorScope();
+    if (error) problems.push(`${name} ${JSON.stringify(constants)}: ${error.message}`);
+  }));
+  return {adapter: (adapter.info && adapter.info.architecture) || '?', problems};
+}
+"""
+
+
+def test_kernels_compile_in_chromium_tint():
+    """Chromium's WebGPU compiler (Tint) is stricter than wgpu's naga in places (it rejected
+    an f32 literal one ulp out of range that naga rounded): compile every kernel there."""
+    import http.server
+    import shutil
+    import threading
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if chromium is None:
+        pytest.skip("no chromium on this host")
+    # WebGPU needs a secure context: any page served from 127.0.0.1 is one
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=[
+                "--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+                if not page.evaluate("!!navigator.gpu && navigator.gpu.requestAdapter().then(a => !!a)"):
+                    pytest.skip("this Chromium has no WebGPU adapter")
+                sources = {p.stem: p.read_text() for p in sorted(R.KERNEL_DIR.glob("*.wgsl"))}
+                result = page.evaluate(TINT_JS, {"sources": sources, "variants": TINT_VARIANTS})
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+    assert not result["problems"], "\n".join(result["problems"])

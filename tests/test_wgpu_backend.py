@@ -81,8 +81,9 @@ def _check_head(backends, hidden, k):
     np.testing.assert_allclose(gpu_logits, ref_logits, **LOGIT_TOL)
 
 
-def test_prefill_decode_replay_and_head_match_numpy(model, device):
-    backends = _pair(model, device)
+@pytest.mark.parametrize("matvec_max_rows", [None, 4], ids=["default", "qmatmul-above-4-rows"])
+def test_prefill_decode_replay_and_head_match_numpy(model, device, matvec_max_rows):
+    backends = _pair(model, device, matvec_max_rows=matvec_max_rows)
     gpu = backends[0]
     rng = np.random.default_rng(0)
     # two sessions prefill in one batch (qmatmul path), then decode together (qmatvec path)
