@@ -550,31 +550,20 @@ class Embedding:
 
 
 class TopK:
-    """Per row, the k best of ``count`` logits (ids u32 and values f32 [rows, k] in
-    ``ids``/``values``, best first) by repeated topk.wgsl stages, for up to rows_cap rows."""
+    """Per row, the k best of ``count`` logits, best first: ids u32 and values f32 [rows, k]
+    in ``ids`` and ``values`` (for up to rows_cap rows). One topk.wgsl dispatch."""
 
-    SEG = 1024
+    MAX_K = 1024
 
     def __init__(self, dev: Device, logits, logits_stride: int, count: int, k: int, rows_cap: int):
-        if not 1 <= k <= min(count, self.SEG // 2):
-            raise ValueError(f"top-k needs 1 <= k <= min(count, {self.SEG // 2}); got k={k}, count={count}")
+        if not 1 <= k <= min(count, self.MAX_K):
+            raise ValueError(f"top-k needs 1 <= k <= min(count, {self.MAX_K}); got k={k}, count={count}")
         self.k = k
-        wg = dev.workgroup_size(self.SEG // 2)
-        in_values, in_ids, in_stride, implicit = logits, dev.buffer(16, "topk.no_ids"), logits_stride, 1
-        self.stages = []
-        while True:
-            segments = -(-count // self.SEG)
-            out_stride = segments * k
-            values = dev.buffer(rows_cap * out_stride * 4, "topk.values")
-            ids = dev.buffer(rows_cap * out_stride * 4, "topk.ids")
-            launch = Launch(dev, "topk", {"WG": wg, "SEG": self.SEG}, [in_values, in_ids, values, ids],
-                            count=count, in_stride=in_stride, k=k, out_stride=out_stride, implicit_ids=implicit)
-            self.stages.append((segments, launch))
-            if segments == 1:
-                break
-            in_values, in_ids, in_stride, implicit, count = values, ids, out_stride, 0, out_stride
-        self.values, self.ids = values, ids
+        self.values = dev.buffer(rows_cap * k * 4, "topk.values")
+        self.ids = dev.buffer(rows_cap * k * 4, "topk.ids")
+        slots = 1 << (k - 1).bit_length()
+        self.launch = Launch(dev, "topk", {"WG": dev.workgroup_size(256), "KP": slots}, [logits, self.values, self.ids],
+                             count=count, in_stride=logits_stride, k=k, out_stride=k)
 
     def record(self, cpass, rows: int) -> None:
-        for segments, launch in self.stages:
-            launch.dispatch(cpass, segments, rows)
+        self.launch.dispatch(cpass, rows)

@@ -24,7 +24,7 @@ from kernels import runner as R
 from kernels.quant import QuantTensor
 from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
-MAX_TOPK = R.TopK.SEG // 2
+MAX_TOPK = R.TopK.MAX_K
 SUBMIT_EVERY = 64  # launchers per command buffer: the GPU starts while the rest is recorded
 
 

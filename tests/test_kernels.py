@@ -241,13 +241,18 @@ def test_silu_gate_and_residual_add(dev, rng):
     np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.residual_add(y, x[:, :n]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("vocab,k", [(300, 1), (300, 64), (1024, 5), (3000, 40), (49152, 64)])
+@pytest.mark.parametrize("vocab,k", [(300, 1), (300, 64), (64, 64), (1024, 5), (3000, 40), (49152, 64), (5000, 700)])
 def test_topk(dev, rng, vocab, k):
-    rows = 3
+    rows = 6
     logits = randn(rng, rows, vocab)
-    logits[1] = np.round(logits[1])  # many ties: lower id first
+    logits[1] = np.round(logits[1])  # many ties: lower id first, also at the k-th place
     logits[2, 7], logits[2, 11] = np.nan, -np.inf
     logits[2, 100 % vocab] = 9.0
+    logits[3] = 0.0  # all equal: the first k ids
+    logits[3, vocab // 2] = -0.0  # equal to 0.0
+    logits[4, :] = -np.inf  # all rank as the lowest finite value
+    logits[4, vocab - 1] = np.nan
+    logits[5] = np.float32(2.0) ** rng.integers(-20, 20, vocab)  # keys differing in high bits only
     op = R.TopK(dev, dev.upload(logits), vocab, vocab, k, rows)
     dev.run([op], rows)
     ids = dev.read(op.ids, np.uint32, count=rows * k).reshape(rows, k)
@@ -309,7 +314,7 @@ TINT_VARIANTS = [
     ("qmatmul", {"BITS": 2, "GROUP": 128, "SYMMETRIC": 0, "TILE": 64}),
     ("embedding", {"BITS": 8, "GROUP": 32, "SYMMETRIC": 1, "WG": 64}),
     ("attention", {"WG": 256, "HEAD_DIM": 64}),
-    ("topk", {"WG": 256, "SEG": 1024}),
+    ("topk", {"WG": 256, "KP": 64}),
     ("rmsnorm", {"WG": 256}), ("rope", {"WG": 64}), ("kv_store", {"WG": 64}), ("silu_gate", {"WG": 64}), ("residual_add", {"WG": 64}),
 ]
 TINT_JS = """
