@@ -47,8 +47,9 @@ class SimTabWorker(TabWorker):
     kernel beyond the device's limits fails there and is refused back to the coordinator; a
     hidden tab's heartbeat jitter."""
 
-    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, **kw):
+    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, force_workgroup: int | None = None, **kw):
         self._hb_base = 250
+        self.force_workgroup = force_workgroup
         self.heartbeat_jitter_ms = heartbeat_jitter_ms
         self._rng = random.Random(seed)
         super().__init__(*a, **kw)
@@ -63,6 +64,12 @@ class SimTabWorker(TabWorker):
         self._hb_base = value
 
     def _finish_ready_assignments(self) -> list[dict]:
+        if self.force_workgroup and self.backend_name == "wgpu":
+            # the forced size applies to the kernels built for assigned ranges (calibration ran
+            # with the device's own tuning, so the tab joins and is planned first)
+            from kernels.runner import get_device
+
+            _force_workgroup(get_device(self.device_options.get("limits", "adapter")), int(self.force_workgroup))
         out = []
         for m in super()._finish_ready_assignments():
             if m["type"] != "ready":
@@ -158,8 +165,6 @@ class _TabActor:
             limits = profile.get("limits") or "adapter"
             device_options.setdefault("limits", limits)
             _enforce_pipeline_limits(get_device(device_options["limits"]))
-            if force_wg:
-                _force_workgroup(get_device(device_options["limits"]), int(force_wg))
         if lean:
             device_options["lean"] = True
         speed = float(profile.get("speed", 1.0)) * (HIDDEN["speed_factor"] if hidden else 1.0)
@@ -169,7 +174,8 @@ class _TabActor:
                                    profile={"name": profile.get("name"), "browser": profile.get("browser"),
                                             "features": list(profile.get("features", ())), "hidden": hidden,
                                             "speed": speed},
-                                   heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0, seed=seed)
+                                   heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0, seed=seed,
+                                   force_workgroup=force_wg)
         self.worker.slow_factor = self.base_slow
         self.started = time.monotonic()
         self.loop = asyncio.new_event_loop()
@@ -222,7 +228,8 @@ class _TabActor:
         threading.Timer(float(seconds), self.conn.partitioned.clear).start()
 
     def evict(self, reason: str = "tab discarded by the browser") -> None:
-        asyncio.run_coroutine_threadsafe(self.conn.evict(reason), self.loop).result(5)
+        # the browser does not wait for the closing handshake: start the close and return
+        asyncio.run_coroutine_threadsafe(self.conn.evict(reason), self.loop)
 
     def memory_pressure(self, budget_bytes: int) -> list:
         # on the compute thread, after any step in progress (the browser's worker is single-threaded)
@@ -232,7 +239,7 @@ class _TabActor:
         return [m["detail"] for m in refusals]
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.conn.evict("tab closed", code=1000), self.loop).result(5)
+        asyncio.run_coroutine_threadsafe(self.conn.evict("tab closed", code=1000), self.loop)
 
 
 # ---------------------------------------------------------------------- the public facade
