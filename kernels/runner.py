@@ -555,14 +555,17 @@ class TopK:
 
     MAX_K = 1024
 
-    def __init__(self, dev: Device, logits, logits_stride: int, count: int, k: int, rows_cap: int):
+    def __init__(self, dev: Device, logits, logits_stride: int, count: int, k: int, rows_cap: int, wg: int | None = None):
         if not 1 <= k <= min(count, self.MAX_K):
             raise ValueError(f"top-k needs 1 <= k <= min(count, {self.MAX_K}); got k={k}, count={count}")
         self.k = k
         self.values = dev.buffer(rows_cap * k * 4, "topk.values")
         self.ids = dev.buffer(rows_cap * k * 4, "topk.ids")
         slots = 1 << (k - 1).bit_length()
-        self.launch = Launch(dev, "topk", {"WG": dev.workgroup_size(256), "KP": slots}, [logits, self.values, self.ids],
+        # one workgroup walks a whole row: as wide as allowed on a GPU; on a CPU rasteriser
+        # width buys nothing (lavapipe: same time at 64 and 256)
+        wg = wg or dev.workgroup_size(1024 if dev.is_real_gpu() else 256)
+        self.launch = Launch(dev, "topk", {"WG": wg, "KP": slots}, [logits, self.values, self.ids],
                              count=count, in_stride=logits_stride, k=k, out_stride=k)
 
     def record(self, cpass, rows: int) -> None:

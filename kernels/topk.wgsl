@@ -5,14 +5,14 @@
 // Radix select, then a small sort, so no pass sorts the whole row:
 // 1. Each logit maps to a u32 key that orders like its value (-0 and +0 share one). Up to
 //    four rounds histogram the next 8 bits of the keys inside the current bucket and move
-//    to the bucket holding the k-th largest. A round ends the search early once the whole
-//    bucket is needed.
+//    to the bucket holding the k-th largest. The search ends early once the whole bucket
+//    is needed (usually after two rounds).
 // 2. One pass collects keys above the bucket (fewer than k), and from the bucket either all
 //    of it or, when its keys are equal and too many, the lowest ids: each thread walks a
 //    contiguous range of ids, so an exclusive scan of per-thread counts ranks them by id.
 // 3. A bitonic sort of the k candidates (KP slots) orders them.
 
-override WG: u32 = 256u;   // a power of two
+override WG: u32 = 256u;   // a power of two; a GPU wants many (one workgroup does a whole row)
 override KP: u32 = 64u;    // candidate slots: a power of two >= k
 
 struct Params {
@@ -72,24 +72,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
   // 1. radix select
   for (var round = 0u; round < 4u; round++) {
+    // (a uniform value, so leaving the loop keeps the barriers in uniform control flow)
+    let b = workgroupUniformLoad(&bucket);
+    if (b.z == b.y) {
+      break;  // every key of the bucket is needed
+    }
     let shift = 24u - 8u * round;
     for (var i = t; i < 256u; i += WG) {
       atomicStore(&histogram[i], 0u);
     }
     workgroupBarrier();
-    let b = bucket;
-    let refine = b.z != b.y;  // else every key of the bucket is needed
     let high_mask = select(~((1u << (shift + 8u)) - 1u), 0u, round == 0u);
-    if (refine) {
-      for (var i = t; i < n; i += WG) {
-        let key = key_of(logits[row + i]);
-        if ((key & high_mask) == b.x) {
-          atomicAdd(&histogram[(key >> shift) & 255u], 1u);
-        }
+    for (var i = t; i < n; i += WG) {
+      let key = key_of(logits[row + i]);
+      if ((key & high_mask) == b.x) {
+        atomicAdd(&histogram[(key >> shift) & 255u], 1u);
       }
     }
     workgroupBarrier();
-    if (t == 0u && refine) {
+    if (t == 0u) {
       var need = b.y;
       var digit = 255u;
       loop {
@@ -106,7 +107,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   }
 
   // 2. collect the k candidates
-  let b = bucket;
+  let b = workgroupUniformLoad(&bucket);
   let take_all = b.z == b.y;
   let bucket_hi = select(b.x | ((1u << b.w) - 1u), 0xffffffffu, b.w >= 32u);
   let per_thread = (n + WG - 1u) / WG;
@@ -124,19 +125,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       mine += 1u;
     }
   }
-  ranked_before[t] = mine;
-  workgroupBarrier();
-  if (t == 0u) {
-    var total = 0u;
-    for (var i = 0u; i < WG; i++) {
-      let c = ranked_before[i];
-      ranked_before[i] = total;
-      total += c;
+  if (!take_all) {
+    // the bucket is one key (all 32 bits resolved) held by more ids than places are left:
+    // the lowest ids win, ranked by an exclusive scan of the per-thread counts
+    ranked_before[t] = mine;
+    workgroupBarrier();
+    if (t == 0u) {
+      var total = 0u;
+      for (var i = 0u; i < WG; i++) {
+        let c = ranked_before[i];
+        ranked_before[i] = total;
+        total += c;
+      }
     }
-  }
-  workgroupBarrier();
-  if (!take_all && mine > 0u) {
-    // here the bucket is one key (all 32 bits resolved): its lowest ids fill the last places
+    workgroupBarrier();
     var rank_in_bucket = ranked_before[t];
     let above = p.k - b.y;
     for (var i = first; i < last && rank_in_bucket < b.y; i++) {

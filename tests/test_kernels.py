@@ -241,8 +241,9 @@ def test_silu_gate_and_residual_add(dev, rng):
     np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.residual_add(y, x[:, :n]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("wg", [64, 1024])
 @pytest.mark.parametrize("vocab,k", [(300, 1), (300, 64), (64, 64), (1024, 5), (3000, 40), (49152, 64), (5000, 700)])
-def test_topk(dev, rng, vocab, k):
+def test_topk(dev, rng, vocab, k, wg):
     rows = 6
     logits = randn(rng, rows, vocab)
     logits[1] = np.round(logits[1])  # many ties: lower id first, also at the k-th place
@@ -253,7 +254,7 @@ def test_topk(dev, rng, vocab, k):
     logits[4, :] = -np.inf  # all rank as the lowest finite value
     logits[4, vocab - 1] = np.nan
     logits[5] = np.float32(2.0) ** rng.integers(-20, 20, vocab)  # keys differing in high bits only
-    op = R.TopK(dev, dev.upload(logits), vocab, vocab, k, rows)
+    op = R.TopK(dev, dev.upload(logits), vocab, vocab, k, rows, wg=min(wg, dev.workgroup_size(wg)))
     dev.run([op], rows)
     ids = dev.read(op.ids, np.uint32, count=rows * k).reshape(rows, k)
     values = dev.read(op.values, count=rows * k).reshape(rows, k)
