@@ -229,7 +229,6 @@ class Coordinator:
                          "prefix_hits": 0, "prefix_tokens_reused": 0}
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
-        self._waiting: list[WorkItem] = []  # stage-0 work submitted before any plan exists
         self._deferred_replan = False
         self.degraded = False
         self.prefix_cache: dict[str, PrefixEntry] = {}
@@ -393,6 +392,9 @@ class Coordinator:
                     out.append(Send(w.conn, _msg("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
         self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
         self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages]})
+        self._inflight_lost.clear()  # it described stages of the old plan
+        for sess in self.sessions.values():
+            self._restart_session(sess)
         return out
 
     def _stage_blobs(self, st: Stage) -> list[str]:
@@ -465,16 +467,28 @@ class Coordinator:
         s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos)
         self.sessions[request_id] = s
         if not self.stages:
+            # no plan yet: the session starts when one exists (see _restart_session)
             self._replan_at = min(self._replan_at or now, now)
+            return []
         out = self._reuse_prefix(s, now)
         first = s.logs[0][0][1].shape[0] if s.logs else 0
-        rows = self.embed(s.prompt_ids[first:])
+        self._enqueue_prefill(s, s.prompt_ids, first)
+        return out + self._pump(now)
+
+    def _enqueue_prefill(self, s: Session, ids: list[int], first: int) -> None:
+        """Positions [first, len(ids)) into stage 0 in chunks; the last row yields the next token."""
+        rows = self.embed(ids[first:])
         step = self.settings.prefill_chunk
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
             last = start + len(part) == len(rows)
-            self._enqueue(0, WorkItem(request_id, first + start, part, first + start, last), s)
-        return out + self._pump(now)
+            self._enqueue(0, WorkItem(s.request_id, first + start, part, first + start, last), s)
+
+    def _restart_session(self, s: Session) -> None:
+        """A new plan holds none of this session's KV: run its whole history (prompt and the
+        tokens already streamed) through the new stages; the next token follows exactly."""
+        s.logs = {}
+        self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
 
     # ================================================================== prefix cache
     def _reuse_prefix(self, s: Session, now: float) -> list:
@@ -543,10 +557,7 @@ class Coordinator:
         return self._finish(s, reason, now, emit=False)
 
     def _enqueue(self, stage_index: int, item: WorkItem, s: Session) -> None:
-        if not self.stages:
-            self._waiting.append(item)
-        else:
-            self.stages[stage_index].queue.append(item)
+        self.stages[stage_index].queue.append(item)
 
     def _finish(self, s: Session, reason: str, now: float, emit: bool = True) -> list:
         s.finished = True
@@ -719,9 +730,6 @@ class Coordinator:
                 self._replan_at = None
                 self._deferred_replan = False
                 out += self._replan(now)
-                if self.stages:
-                    self.stages[0].queue.extend(it for it in self._waiting if it.session_id in self.sessions)
-                    self._waiting = []
         # requests that cannot be served fail after a bound, with a retriable error
         if not self.stages or any(not st.holders for st in self.stages):
             for s in list(self.sessions.values()):

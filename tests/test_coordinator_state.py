@@ -319,3 +319,18 @@ def test_memory_pressure_hands_layers_back_and_they_move_exactly(weights, refere
     assert net.tokens("r") == reference
     st = next(s for s in net.core.stages if (s.layer_start, s.layer_end) == span)
     assert net.core.workers[st.primary].conn != conn
+
+
+def test_sessions_survive_losing_every_worker_then_a_new_one_joining(weights, reference):
+    """No worker left and no coordinator compute: the session waits; a new worker makes a new
+    plan, the session's history is replayed through it, and the stream continues exactly."""
+    net = start(weights, 2, coordinator_compute=False, request_timeout_s=10.0)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 6)
+    for conn in list(net.workers):
+        net.kill(conn)
+    net.advance(1.0)
+    assert not net.done("r") and net.core.status(net.now)["degraded"]
+    net.add_worker()
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
