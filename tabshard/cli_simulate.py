@@ -1,0 +1,29 @@
+"""`tabshard simulate SCENARIO`: simulated tabs on Ray (local, or an existing cluster with --address)."""
+from __future__ import annotations
+
+import sys
+
+
+def cmd_simulate(a) -> int:
+    from simulation.report import format_table
+    from simulation.scenario import run_scenario
+
+    def progress(line: str, end: str = "\n") -> None:
+        if not a.quiet:
+            sys.stderr.write(line + end)
+            sys.stderr.flush()
+
+    out = a.out or f"sim-out/{__import__('pathlib').Path(a.scenario).stem}"
+    report = run_scenario(a.scenario, address=a.address, out_dir=out, progress=progress)
+    print(format_table(report))
+    print(f"report: {out}/report.json  plots: {report.get('plots')}")
+    return 0 if report["passed"] else 1
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("simulate", help="run a simulated-tab scenario (TOML) on Ray and report")
+    s.add_argument("scenario", metavar="SCENARIO", help="a scenario TOML (see simulation/scenarios/)")
+    s.add_argument("--address", metavar="RAY_ADDRESS", help="an existing Ray cluster (default: start a local Ray)")
+    s.add_argument("--out", metavar="DIR", help="where report.json and the PNG go (default sim-out/NAME)")
+    s.add_argument("--quiet", action="store_true", help="no progress display")
+    s.set_defaults(func=cmd_simulate)
