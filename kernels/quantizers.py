@@ -1,0 +1,264 @@
+"""Quantizers better than round-to-nearest, all producing our packed formats (kernels/quant.py).
+
+Every quantizer maps a f32 matrix ``w`` (n, k) to a ``QuantTensor`` of a given ``QuantSpec``;
+they differ only in how codes and per-group scale/min are chosen:
+
+``rtn``      round to nearest with the group's full range (quant.quantize_rtn, the baseline).
+``clip``     per-group search over shrunken ranges, then a least-squares refit of scale (and
+             min), minimising the group's reconstruction error. With ``importance`` (one weight
+             per input column, e.g. the mean squared activation of that input on calibration
+             text: the diagonal of X^T X) the error is weighted by it: an importance matrix in
+             llama.cpp's sense.
+``gptq``     GPTQ (Frantar et al. 2022): columns are quantized one by one (most active input
+             first) and each column's rounding error is pushed onto the columns not yet
+             quantized, using the inverse of the input Hessian H = X^T X of real activations
+             (second-order information). Group scales/mins come from the ``clip`` search
+             weighted by diag(H).
+``hqq``      calibration-free half-quadratic fitting of the zero point (Badri & Shaji 2023)
+             under an l_p<1 loss, which tolerates the outliers plain least squares overfits.
+
+The f16 rounding of scales and mins is applied before codes are chosen, so the codes are
+optimal for the values the kernels will actually read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.quant import QuantSpec, QuantTensor, from_codes, padded_k, quantize_rtn
+
+METHODS = ("rtn", "clip", "gptq", "hqq")
+_SHRINK = np.linspace(1.0, 0.55, 19, dtype=np.float32)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _groups(w: np.ndarray, group: int) -> np.ndarray:
+    n, k = w.shape
+    kp = padded_k(k, group)
+    wp = np.zeros((n, kp), np.float32)
+    wp[:, :k] = w
+    return wp.reshape(n, kp // group, group)
+
+
+def _codes(g: np.ndarray, scale: np.ndarray, minimum: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Codes for groups g [..., group] given (scale, min) [...]: the exact rounding the
+    packed format represents (symmetric min is -scale * 2**(bits-1))."""
+    safe = np.where(scale == 0, 1, scale)
+    return np.clip(np.rint((g - minimum[..., None]) / safe[..., None]), 0, (1 << spec.bits) - 1)
+
+
+def _sym_min(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    return -scale * np.float32(1 << (spec.bits - 1))
+
+
+def fit_groups(g: np.ndarray, d: np.ndarray, spec: QuantSpec, refit: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (scale, min) for groups g [n, G, group] minimising sum_j d_j (w_j - ŵ_j)^2,
+    d [G, group] (or broadcastable) >= 0. Grid over shrink factors of the range, then
+    ``refit`` rounds of weighted least squares on the chosen codes. Returns f16-exact f32."""
+    levels = (1 << spec.bits) - 1
+    d = np.broadcast_to(np.asarray(d, np.float32), g.shape)
+    best_err = np.full(g.shape[:2], np.inf, np.float32)
+    best_s = np.zeros(g.shape[:2], np.float32)
+    best_m = np.zeros(g.shape[:2], np.float32)
+    if spec.symmetric:
+        half = 1 << (spec.bits - 1)
+        amax = np.abs(g).max(-1)
+        # two anchorings: the largest magnitude maps to -half (full negative range) or to half-1
+        bases = [amax / half, amax / max(half - 1, 1)]
+    else:
+        lo, hi = g.min(-1), g.max(-1)
+    for r in _SHRINK:
+        cands = []
+        if spec.symmetric:
+            for base in bases:
+                s = _f16(base * r)
+                cands.append((s, _sym_min(s, spec)))
+        else:
+            m = _f16(lo * r)
+            s = _f16((hi * r - m) / levels)
+            cands.append((s, m))
+        for s, m in cands:
+            q = _codes(g, s, m, spec)
+            err = (d * (g - (s[..., None] * q + m[..., None])) ** 2).sum(-1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+            best_m = np.where(better, m, best_m)
+    for _ in range(refit):
+        q = _codes(g, best_s, best_m, spec)
+        if spec.symmetric:
+            qc = q - half
+            num, den = (d * g * qc).sum(-1), (d * qc * qc).sum(-1)
+            s = _f16(np.where(den > 0, num / np.where(den > 0, den, 1), best_s))
+            s = np.maximum(s, 0)
+            m = _sym_min(s, spec)
+        else:
+            # weighted 2x2 normal equations for w ≈ s q + m
+            sw, sq, sqq = d.sum(-1), (d * q).sum(-1), (d * q * q).sum(-1)
+            sy, sqy = (d * g).sum(-1), (d * q * g).sum(-1)
+            det = sw * sqq - sq * sq
+            ok = np.abs(det) > 1e-12 * np.maximum(sw * sqq, 1e-30)
+            dets = np.where(ok, det, 1)
+            s = _f16(np.where(ok, (sw * sqy - sq * sy) / dets, best_s))
+            m = _f16(np.where(ok, (sqq * sy - sq * sqy) / dets, best_m))
+            s = np.maximum(s, 0)
+        q = _codes(g, s, m, spec)
+        err = (d * (g - (s[..., None] * q + m[..., None])) ** 2).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_m = np.where(better, m, best_m)
+    return best_s, best_m
+
+
+def _assemble(g: np.ndarray, scale: np.ndarray, minimum: np.ndarray, spec: QuantSpec, k: int) -> QuantTensor:
+    n = g.shape[0]
+    codes = _codes(g, scale, minimum, spec).reshape(n, -1).astype(np.uint8)
+    return from_codes(codes, scale, None if spec.symmetric else minimum, spec, k)
+
+
+def quantize_clip(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None) -> QuantTensor:
+    """Clipping/scale search per group; ``importance`` [k] weights the input columns."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    g = _groups(w, spec.group)
+    d = np.ones(g.shape[1:], np.float32) if importance is None else _groups(_importance(importance, k)[None], spec.group)[0]
+    s, m = fit_groups(g, d, spec)
+    return _assemble(g, s, m, spec, k)
+
+
+def _importance(imp: np.ndarray, k: int) -> np.ndarray:
+    imp = np.asarray(imp, np.float32).reshape(-1)
+    if imp.shape[0] != k:
+        raise ValueError(f"importance has {imp.shape[0]} entries for {k} input columns")
+    # a floor keeps never-seen inputs from being rounded arbitrarily
+    return np.maximum(imp, 1e-3 * max(float(imp.mean()), 1e-30))
+
+
+def quantize_hqq(w: np.ndarray, spec: QuantSpec, iters: int = 20, p: float = 0.7, beta: float = 10.0) -> QuantTensor:
+    """HQQ-style: start from the range, then alternate a shrinkage (l_p, p<1) of the error and a
+    closed-form zero-point (min) update; the scale is chosen by the clip search first.
+    Symmetric formats have no free zero point, so they fall back to ``quantize_clip``."""
+    if spec.symmetric:
+        return quantize_clip(w, spec)
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    g = _groups(w, spec.group)
+    s, m = fit_groups(g, np.ones(g.shape[1:], np.float32), spec, refit=0)
+    safe = np.where(s == 0, 1, s)[..., None]
+    levels = (1 << spec.bits) - 1
+    z = -m[..., None] / safe  # zero point in code units: w ≈ s (q - z)
+    for _ in range(iters):
+        q = np.clip(np.rint(g / safe + z), 0, levels)
+        e = g - safe * (q - z)
+        # generalized soft-thresholding (proximal step of |e|^p)
+        a = np.abs(e)
+        shrink = np.maximum(a - (np.power(np.maximum(a, 1e-12), p - 1) / beta), 0)
+        e = np.sign(e) * shrink
+        z = (q - (g - e) / safe).mean(-1, keepdims=True)
+        beta *= 1.01
+    m = _f16(-z[..., 0] * s)
+    return _assemble(g, s, m, spec, k)
+
+
+@dataclass
+class GPTQHessian:
+    """What GPTQ needs from H = X^T X, computed once and shared by every tensor that reads the
+    same input (q/k/v, gate/up) and every format tried."""
+
+    hinv: np.ndarray  # upper Cholesky factor of (H + damp)^-1, in visiting order (f64)
+    order: np.ndarray  # column visiting order
+    importance: np.ndarray  # diag(H), floored: the clip search's column weights
+    dead: np.ndarray  # inputs never active on calibration text
+
+    @staticmethod
+    def of(h: np.ndarray, damp: float = 0.01, act_order: bool = True) -> "GPTQHessian":
+        h = np.array(h, dtype=np.float64)
+        k = h.shape[0]
+        if h.shape != (k, k):
+            raise ValueError(f"Hessian has shape {h.shape}; expected square")
+        dead = np.diag(h) <= 0
+        h[dead, dead] = 1
+        diag = np.diag(h).copy()
+        order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+        hp = h[np.ix_(order, order)]
+        for extra in (damp, 0.1, 1.0):
+            hp[np.diag_indices(k)] += extra * diag.mean()
+            try:
+                hinv = np.linalg.cholesky(np.linalg.inv(hp)).T
+                break
+            except np.linalg.LinAlgError:
+                continue
+        return GPTQHessian(hinv, order, _importance(np.maximum(diag, 0), k), dead)
+
+
+def gptq(w: np.ndarray, h, spec: QuantSpec, block: int = 128) -> QuantTensor:
+    """GPTQ. ``h`` is X^T X [k, k] over calibration rows, or a prepared ``GPTQHessian``.
+
+    Columns are visited in decreasing diag(H) ("act order": the most used inputs are quantized
+    first, while the most unquantized columns remain to absorb their error); every group's
+    scale/min is fixed up front by the importance-weighted clip search on the original weights
+    ("static groups"), so the packed layout keeps plain contiguous groups."""
+    hs = h if isinstance(h, GPTQHessian) else GPTQHessian.of(h)
+    w = np.array(w, dtype=np.float64)
+    n, k = w.shape
+    if hs.hinv.shape != (k, k):
+        raise ValueError(f"Hessian is {hs.hinv.shape[0]}-wide; the matrix has {k} inputs")
+    w[:, hs.dead] = 0
+    g0 = _groups(w.astype(np.float32), spec.group)
+    scale, minimum = fit_groups(g0, _groups(hs.importance[None], spec.group)[0], spec)
+    s_cols = np.repeat(scale, spec.group, axis=1)[:, :k][:, hs.order].astype(np.float64)
+    m_cols = np.repeat(minimum, spec.group, axis=1)[:, :k][:, hs.order].astype(np.float64)
+    safe = np.where(s_cols == 0, 1, s_cols)
+    wq = w[:, hs.order]
+    q_ord = np.zeros((n, k), np.float64)
+    levels = (1 << spec.bits) - 1
+    hinv = hs.hinv
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = wq[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            x = w1[:, i]
+            q = np.clip(np.rint((x - m_cols[:, c]) / safe[:, c]), 0, levels)
+            q_ord[:, c] = q
+            e = (x - (s_cols[:, c] * q + m_cols[:, c])) / hinv1[i, i]
+            w1[:, i + 1:] -= e[:, None] * hinv1[i, i + 1:]
+            err1[:, i] = e
+        wq[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    codes = np.zeros((n, padded_k(k, spec.group)), np.uint8)
+    codes[:, hs.order] = q_ord
+    return from_codes(codes, scale, None if spec.symmetric else minimum, spec, k)
+
+
+def quantize(w: np.ndarray, spec: QuantSpec, method: str = "rtn", *, hessian: np.ndarray | None = None,
+             importance: np.ndarray | None = None) -> QuantTensor:
+    """One entry point: method in METHODS. gptq needs ``hessian``; clip uses ``importance`` if
+    given (else diag(hessian) if given, else unweighted)."""
+    if method == "rtn":
+        return quantize_rtn(w, spec)
+    if method == "clip":
+        if importance is None and hessian is not None:
+            importance = np.diag(hessian)
+        return quantize_clip(w, spec, importance)
+    if method == "hqq":
+        return quantize_hqq(w, spec)
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("gptq needs a calibration Hessian")
+        return gptq(w, hessian, spec)
+    raise ValueError(f"unknown quantization method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def output_error(w: np.ndarray, t: QuantTensor, h: np.ndarray) -> float:
+    """Relative output error on calibration activations: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
+    dw = (t.dequantize() - w).astype(np.float64)
+    w = np.asarray(w, np.float64)
+    h = np.asarray(h, np.float64)
+    return float(((dw @ h) * dw).sum() / max(((w @ h) * w).sum(), 1e-30))

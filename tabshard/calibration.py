@@ -1,0 +1,446 @@
+"""Calibration and evaluation for quantization: a numpy forward over whole windows that can tap
+the inputs of every linear layer, the Hessians X^T X GPTQ needs, perplexity and greedy agreement.
+
+Texts (disjoint by construction):
+
+* evaluation: Python's own documentation, ``pydoc_data.topics.topics`` (every topic, in the
+  module's order, joined by blank lines), tokenized; the FIRST ``eval_tokens`` tokens (8192 by
+  default), scored in non-overlapping 512-token windows. ``quant-report --text PATH`` replaces
+  it with any UTF-8 file.
+* calibration: the LAST ``calib_tokens`` tokens (4096 by default) of that same tokenized text.
+  The text is ~113k tokens long, so the two slices never meet (``split_ids`` checks); the
+  calibration slice covers topics that start late in the alphabet of topic names, the
+  evaluation slice topics that start early.
+
+Perplexity is exp(mean negative log-likelihood) of every token of a window given the window's
+tokens before it (the first token of each window is context only).
+
+The forward here is the same math as tab_worker/numpy_backend.py (kernels/reference.py's twins)
+without a KV cache: whole windows at once, which is what calibration and scoring need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import reference as ref
+from kernels.quant import dequantize
+from tab_worker.engine_types import LayerWeights, ModelConfig, ModelWeights
+
+EVAL_TOKENS = 8192
+CALIB_TOKENS = 4096
+WINDOW = 512
+# where each linear layer reads its input: the Hessian it is calibrated with
+TAP_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
+          "w_gate": "ffn_in", "w_up": "ffn_in", "w_down": "down_in"}
+TAPS = ("attn_in", "o_in", "ffn_in", "down_in")
+
+
+def docs_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
+
+def split_ids(tokenizer, eval_tokens: int = EVAL_TOKENS, calib_tokens: int = CALIB_TOKENS,
+              text: str | None = None) -> tuple[list[int], list[int]]:
+    """(evaluation ids, calibration ids) from the Python docs: head and tail, disjoint."""
+    ids = tokenizer.encode(text if text is not None else docs_text())
+    if eval_tokens + calib_tokens > len(ids):
+        raise ValueError(f"the text has {len(ids)} tokens; {eval_tokens} + {calib_tokens} do not fit disjointly")
+    return ids[:eval_tokens], ids[len(ids) - calib_tokens:]
+
+
+def windows(ids, window: int = WINDOW) -> list[np.ndarray]:
+    ids = np.asarray(ids, np.int64)
+    return [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+
+
+@dataclass
+class DenseLayer:
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    mats: dict  # attr -> f32 (n, k)
+
+    @staticmethod
+    def of(w: LayerWeights) -> "DenseLayer":
+        return DenseLayer(np.asarray(w.attn_norm, np.float32), np.asarray(w.ffn_norm, np.float32),
+                          {m: dequantize(getattr(w, m)) for m in LayerWeights.MATRICES})
+
+
+class DenseModel:
+    """f32 weights of a ModelWeights (dequantized once), with a windowed forward."""
+
+    def __init__(self, weights: ModelWeights, layers: list[DenseLayer] | None = None,
+                 embedding: np.ndarray | None = None, head: np.ndarray | None = None):
+        self.config: ModelConfig = weights.config
+        self.embedding = dequantize(weights.embedding) if embedding is None else embedding
+        self.layers = [DenseLayer.of(lw) for lw in weights.layers] if layers is None else layers
+        self.head_norm = np.asarray(weights.head.output_norm, np.float32)
+        if head is not None:
+            self.head = head
+        elif weights.head.output is weights.embedding:
+            self.head = self.embedding
+        else:
+            self.head = dequantize(weights.head.output)
+
+    def layer_forward(self, li: int, x: np.ndarray, tap=None) -> np.ndarray:
+        c, L = self.config, self.layers[li]
+        t = x.shape[0]
+        pos = np.arange(t)
+        qd = c.n_heads * c.head_dim
+        h = ref.rmsnorm(x, L.attn_norm, c.rms_eps)
+        if tap:
+            tap(li, "attn_in", h)
+        q = ref.rope((h @ L.mats["wq"].T).reshape(t, c.n_heads, c.head_dim), pos, c.rope_base)
+        k = ref.rope((h @ L.mats["wk"].T).reshape(t, c.n_kv_heads, c.head_dim), pos, c.rope_base)
+        v = (h @ L.mats["wv"].T).reshape(t, c.n_kv_heads, c.head_dim)
+        a = ref.attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0).reshape(t, qd)
+        if tap:
+            tap(li, "o_in", a)
+        x = x + a @ L.mats["wo"].T
+        h = ref.rmsnorm(x, L.ffn_norm, c.rms_eps)
+        if tap:
+            tap(li, "ffn_in", h)
+        g = ref.silu_gate(h @ L.mats["w_gate"].T, h @ L.mats["w_up"].T)
+        if tap:
+            tap(li, "down_in", g)
+        return x + g @ L.mats["w_down"].T
+
+    def final_hidden(self, ids: np.ndarray, tap=None) -> np.ndarray:
+        x = self.embedding[np.asarray(ids)]
+        for li in range(len(self.layers)):
+            x = self.layer_forward(li, x, tap)
+        h = ref.rmsnorm(x, self.head_norm, self.config.rms_eps)
+        if tap:
+            tap(None, "head_in", h)
+        return h
+
+    def logits(self, ids: np.ndarray, tap=None) -> np.ndarray:
+        return self.final_hidden(ids, tap) @ self.head.T
+
+    def nll(self, ids_windows: list[np.ndarray]) -> tuple[float, int]:
+        """Sum of negative log-likelihoods and the number of scored tokens."""
+        total, count = 0.0, 0
+        for w in ids_windows:
+            z = self.logits(w[:-1]).astype(np.float64)
+            z -= z.max(-1, keepdims=True)
+            lse = np.log(np.exp(z).sum(-1))
+            total += float((lse - z[np.arange(len(w) - 1), w[1:]]).sum())
+            count += len(w) - 1
+        return total, count
+
+    def perplexity(self, ids, window: int = WINDOW) -> float:
+        total, count = self.nll(windows(ids, window))
+        return float(np.exp(total / max(count, 1)))
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """Greedy continuation of n tokens (full recompute per token: fine for short prompts)."""
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(np.argmax(self.logits(np.asarray(ids))[-1])))
+        return ids[len(prompt):]
+
+    def agreement(self, prompt: list[int], target: list[int]) -> float:
+        """Share of ``target`` (the source model's greedy continuation) that this model's argmax
+        reproduces, teacher-forced on the target's own prefix."""
+        seq = np.asarray(list(prompt) + list(target[:-1]))
+        pred = np.argmax(self.logits(seq)[len(prompt) - 1:], -1)
+        return float(np.mean(pred == np.asarray(target)))
+
+
+def hessians(model: DenseModel, ids, window: int = WINDOW) -> tuple[list[dict], np.ndarray]:
+    """Per layer {tap: X^T X (f64)} over the calibration tokens, and the head input's X^T X.
+    Activations come from the unquantized (source) model, so every tensor's GPTQ is
+    independent of the others' precision and any mixed plan can be assembled afterwards."""
+    c = model.config
+    per_layer = [dict() for _ in model.layers]
+    head = np.zeros((c.hidden, c.hidden), np.float64)
+
+    def tap(li, name, x):
+        nonlocal head
+        xtx = (x.T @ x).astype(np.float64)
+        if li is None:
+            head += xtx
+        else:
+            d = per_layer[li]
+            d[name] = d.get(name, 0) + xtx
+
+    for w in windows(ids, window):
+        model.final_hidden(w, tap)
+    return per_layer, head
+
+
+def limit_blas_threads(n: int) -> bool:
+    """Cap numpy's OpenBLAS threads at n (it busy-waits: on a shared machine one thread can be
+    4x faster than two). True if the cap was applied."""
+    import ctypes
+    import glob
+    import os
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    for lib in libs:
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            f = getattr(dll, sym, None)
+            if f is not None:
+                f(ctypes.c_int(n))
+                return True
+    return False
+
+
+# ------------------------------------------------------------------ the quantization pipeline
+
+TYPE_OF = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+           "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+EMBEDDING = "token_embd"
+LINEAR_TYPES = tuple(TYPE_OF.values())
+SOURCE = "source"
+
+
+def tensor_names(n_layers: int) -> list[str]:
+    """Every quantizable tensor: 'blk.{i}.{type}' (GGUF's names) and the embedding/LM head."""
+    return [f"blk.{i}.{t}" for i in range(n_layers) for t in LINEAR_TYPES] + [EMBEDDING]
+
+
+def parse_choice(choice: str):
+    """'gptq:s3g32' -> ('gptq', QuantSpec); 'source' -> None."""
+    from kernels.quant import QuantSpec
+
+    if choice == SOURCE:
+        return None
+    method, _, spec = choice.partition(":")
+    return method, QuantSpec.parse(spec)
+
+
+class Calibrator:
+    """Source weights, calibration Hessians, and every (tensor, method, format) quantized once.
+
+    Hessians come from the source model's activations on the calibration text, so each tensor
+    is quantized independently of the others: any mixed plan is assembled from the cache."""
+
+    def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW):
+        from kernels.quantizers import GPTQHessian
+
+        self.source = weights
+        self.config = weights.config
+        self.dense = DenseModel(weights)
+        self.calib_ids = list(calib_ids)
+        self.hessians, self.head_hessian = hessians(self.dense, self.calib_ids, window)
+        self._prepared: dict = {}
+        self._GPTQHessian = GPTQHessian
+        self._cache: dict = {}
+        self.seconds: dict = {}  # choice -> quantization seconds spent (summed over tensors)
+
+    def source_tensor(self, name: str):
+        if name == EMBEDDING:
+            return self.source.embedding
+        _, i, t = name.split(".")
+        attr = {v: k for k, v in TYPE_OF.items()}[t]
+        return getattr(self.source.layers[int(i)], attr)
+
+    def source_dense(self, name: str) -> np.ndarray:
+        if name == EMBEDDING:
+            return self.dense.embedding
+        _, i, t = name.split(".")
+        attr = {v: k for k, v in TYPE_OF.items()}[t]
+        return self.dense.layers[int(i)].mats[attr]
+
+    def hessian(self, name: str) -> np.ndarray:
+        if name == EMBEDDING:
+            return self.head_hessian
+        _, i, t = name.split(".")
+        attr = {v: k for k, v in TYPE_OF.items()}[t]
+        return self.hessians[int(i)][TAP_OF[attr]]
+
+    def _prepared_hessian(self, name: str):
+        if name == EMBEDDING:
+            key = EMBEDDING
+        else:
+            _, i, t = name.split(".")
+            key = (int(i), TAP_OF[{v: k for k, v in TYPE_OF.items()}[t]])
+        if key not in self._prepared:
+            self._prepared[key] = self._GPTQHessian.of(self.hessian(name))
+        return self._prepared[key]
+
+    def embedding_importance(self) -> np.ndarray:
+        """The tied embedding is both a lookup table (every column counts alike) and the LM
+        head (columns count by the head input's energy): weight both, normalised."""
+        d = np.diag(self.head_hessian)
+        return (d / max(d.mean(), 1e-30) + 1.0).astype(np.float32)
+
+    def quantized(self, name: str, choice: str):
+        """The tensor under one choice ('source' or 'method:spec'), cached."""
+        import time
+
+        from kernels import quantizers as Q
+
+        if choice == SOURCE:
+            return self.source_tensor(name)
+        key = (name, choice)
+        if key not in self._cache:
+            method, spec = parse_choice(choice)
+            w = self.source_dense(name)
+            t0 = time.perf_counter()
+            if name == EMBEDDING:
+                # a lookup table too, so no GPTQ (it would trade lookups for logits): weighted clip
+                t = Q.quantize_rtn(w, spec) if method == "rtn" else Q.quantize_clip(w, spec, self.embedding_importance())
+            elif method == "gptq":
+                t = Q.gptq(w, self._prepared_hessian(name), spec)
+            elif method == "clip":  # importance-weighted (diag of the Hessian)
+                t = Q.quantize_clip(w, spec, np.diag(self.hessian(name)))
+            else:
+                t = Q.quantize(w, spec, method)
+            self.seconds[choice] = self.seconds.get(choice, 0.0) + time.perf_counter() - t0
+            self._cache[key] = t
+        return self._cache[key]
+
+    def proxy(self, name: str, choice: str) -> float:
+        """Cheap cost of one tensor's quantization: its relative output error on calibration
+        activations, tr(dW H dW^T) / tr(W H W^T)."""
+        from kernels.quantizers import output_error
+
+        if choice == SOURCE:
+            return 0.0
+        key = ("proxy", name, choice)
+        if key not in self._cache:
+            w = self.source_dense(name)
+            t = self.quantized(name, choice)
+            if name == EMBEDDING:
+                self._cache[key] = output_error(w, t, self.head_hessian)
+            else:
+                self._cache[key] = output_error(w, t, self.hessian(name))
+        return self._cache[key]
+
+    def assemble(self, plan: dict) -> ModelWeights:
+        """ModelWeights with each tensor as the plan says (missing names stay source)."""
+        from dataclasses import replace
+
+        layers = []
+        for i, lw in enumerate(self.source.layers):
+            kw = {}
+            for attr, t in TYPE_OF.items():
+                kw[attr] = self.quantized(f"blk.{i}.{t}", plan.get(f"blk.{i}.{t}", SOURCE))
+            layers.append(replace(lw, **kw))
+        emb = self.quantized(EMBEDDING, plan.get(EMBEDDING, SOURCE))
+        head = self.source.head
+        tied = head.output is self.source.embedding
+        head = replace(head, output=emb if tied else head.output)
+        return ModelWeights(config=self.config, embedding=emb, layers=layers, head=head)
+
+    def dense_of(self, plan: dict) -> DenseModel:
+        """A DenseModel of the plan, reusing the source's f32 matrices where unchanged."""
+        w = self.assemble(plan)
+        layers = []
+        for i, (lw, src) in enumerate(zip(w.layers, self.dense.layers)):
+            mats = {attr: (src.mats[attr] if plan.get(f"blk.{i}.{t}", SOURCE) == SOURCE else dequantize(getattr(lw, attr)))
+                    for attr, t in TYPE_OF.items()}
+            layers.append(DenseLayer(src.attn_norm, src.ffn_norm, mats))
+        emb = self.dense.embedding if plan.get(EMBEDDING, SOURCE) == SOURCE else dequantize(w.embedding)
+        head = emb if w.head.output is w.embedding else self.dense.head
+        return DenseModel(w, layers=layers, embedding=emb, head=head)
+
+    def sensitivity(self, probe: str, ids, types=LINEAR_TYPES + (EMBEDDING,), embedding_probe: str = "clip:s4g32") -> dict:
+        """Measured cost per tensor type: the increase in mean NLL per token on ``ids`` (calibration
+        text) when that type alone is quantized with ``probe`` and everything else is source.
+        Returns {type: (delta_nll, sum of the type's proxies under the probe)}."""
+        base, count = self.dense.nll(windows(ids))
+        out = {}
+        for t in types:
+            choice = embedding_probe if t == EMBEDDING else probe
+            names = [EMBEDDING] if t == EMBEDDING else [f"blk.{i}.{t}" for i in range(self.config.n_layers)]
+            plan = {n: choice for n in names}
+            total, _ = self.dense_of(plan).nll(windows(ids))
+            out[t] = ((total - base) / count, sum(self.proxy(n, choice) for n in names))
+        return out
+
+
+def plan_bytes(cal: "Calibrator", plan: dict) -> int:
+    return model_bytes(cal.assemble(plan))
+
+
+def model_bytes(w: ModelWeights) -> int:
+    """The whole model as packed: every matrix (the tied head counted once) and norm vector."""
+    total = w.embedding.nbytes + sum(lw.nbytes for lw in w.layers) + w.head.output_norm.nbytes
+    if w.head.output is not w.embedding:
+        total += w.head.output.nbytes
+    return total
+
+
+def linear_bits_per_weight(w: ModelWeights) -> float:
+    """Effective bits per weight of the transformer layers' matrices, scales/mins and group
+    padding included (the table in issue 7)."""
+    nbytes = sum(getattr(lw, m).nbytes for lw in w.layers for m in LayerWeights.MATRICES)
+    count = sum(getattr(lw, m).n * getattr(lw, m).k for lw in w.layers for m in LayerWeights.MATRICES)
+    return 8.0 * nbytes / count
+
+
+# ------------------------------------------------------------------ plans
+
+MIXED_FORMATS = ("gptq:s2g32", "gptq:s3g64", "gptq:s3g32", "gptq:s4g64", "gptq:s4g32", SOURCE)
+EMBEDDING_FORMATS = ("clip:s4g32", "clip:s4g64", SOURCE)
+PROBE = "gptq:s3g64"
+
+
+def uniform_plan(n_layers: int, linears: str, embedding: str = SOURCE) -> dict:
+    plan = {f"blk.{i}.{t}": linears for i in range(n_layers) for t in LINEAR_TYPES}
+    plan[EMBEDDING] = embedding
+    return plan
+
+
+def estimated_costs(cal: Calibrator, sens_ids, probe: str = PROBE, embedding_probe: str = "clip:s4g32") -> dict:
+    """Per type: nats per token per unit of proxy (alpha), measured once at the probe format:
+    alpha_type = measured delta NLL(type at probe) / sum of the type's proxies at the probe.
+    A tensor's estimated cost under a choice is then alpha_type * proxy(tensor, choice)."""
+    sens = cal.sensitivity(probe, sens_ids, embedding_probe=embedding_probe)
+    return {t: (max(d, 0.0) / p if p > 0 else 0.0, d) for t, (d, p) in sens.items()}
+
+
+def tensor_options(cal: Calibrator, alphas: dict, formats=MIXED_FORMATS, embedding_formats=EMBEDDING_FORMATS,
+                   embedding_fixed: str | None = None) -> dict:
+    """{tensor: [Option]} for coordinator.precision (embedding options too unless fixed)."""
+    from coordinator.precision import Option
+
+    opts = {}
+    for name in tensor_names(cal.config.n_layers):
+        if name == EMBEDDING:
+            choices = (embedding_fixed,) if embedding_fixed else embedding_formats
+            t = EMBEDDING
+        else:
+            choices, t = formats, name.split(".")[2]
+        alpha = alphas.get(t, (0.0, 0.0))[0]
+        opts[name] = [Option(c, cal.quantized(name, c).nbytes, alpha * cal.proxy(name, c)) for c in choices]
+    return opts
+
+
+def fixed_bytes(w: ModelWeights) -> int:
+    """Bytes no plan changes: the norm vectors."""
+    return sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in w.layers) + w.head.output_norm.nbytes
+
+
+def linear_weight_count(config: ModelConfig) -> int:
+    c = config
+    per = c.hidden * (c.n_heads * c.head_dim) * 2 + c.hidden * (c.n_kv_heads * c.head_dim) * 2 + 3 * c.hidden * c.ffn
+    return per * c.n_layers
+
+
+def mixed_plan(cal: Calibrator, alphas: dict, *, budget_bytes: int | None = None, bits_per_weight: float | None = None,
+               embedding: str | None = None, formats=MIXED_FORMATS) -> dict:
+    """The least-cost plan within a whole-model byte budget, or within bits_per_weight on the
+    linear layers (then the embedding is ``embedding``, default source)."""
+    from coordinator.precision import choose
+
+    if (budget_bytes is None) == (bits_per_weight is None):
+        raise ValueError("give exactly one of budget_bytes and bits_per_weight")
+    if bits_per_weight is not None:
+        opts = tensor_options(cal, alphas, formats, embedding_fixed=embedding or SOURCE)
+        emb = opts.pop(EMBEDDING)[0]
+        plan = choose(opts, int(bits_per_weight * linear_weight_count(cal.config) / 8))
+        plan[EMBEDDING] = emb.choice
+        return plan
+    opts = tensor_options(cal, alphas, formats, embedding_fixed=embedding)
+    return choose(opts, budget_bytes, fixed_bytes(cal.source))
