@@ -1,0 +1,188 @@
+"""Scale figures for simulated tabs (not CI: each takes minutes).
+
+    python benchmarks/bench_simulation.py tabs32              # 32 Ray-actor tabs joined and serving; memory
+    python benchmarks/bench_simulation.py conns1000 [--seconds 300] [--conns 1000] [--procs 4]
+                                                            # heartbeat-only connections; false detections,
+                                                            # coordinator CPU and memory
+Results print as JSON (and go to sim-out/bench-*.json).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _meminfo_used_mb() -> float:
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":")
+            info[k] = int(v.split()[0])
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def tabs32(args) -> dict:
+    from simulation.scenario import run_scenario
+
+    used0 = _meminfo_used_mb()
+    scn = {"name": "tabs32", "seed": 5, "duration_s": 20,
+           "coordinator": {"max_stages": 16, "replicas": 2},
+           "tabs": [{"profile": "cpu-wasm", "count": args.tabs}],
+           "workload": {"streams": 2, "requests": 4, "arrival_rate": 0.5, "prompt_tokens": 10, "output_tokens": 12,
+                        "request_timeout_s": 600}}
+    peak = {"used_mb": used0}
+
+    def progress(line, end="\n"):
+        peak["used_mb"] = max(peak["used_mb"], _meminfo_used_mb())
+        print(line, end=end, file=sys.stderr, flush=True)
+
+    rep = run_scenario(scn, out_dir="sim-out/tabs32", progress=progress)
+    per_tab = [t for t in rep["tabs"]["per_tab"].values() if "peak_rss_mb" in t]
+    serving = sum(1 for t in per_tab if t["held_weights_mb"] > 0)
+    return {"tabs": args.tabs, "alive": rep["tabs"]["alive_at_end"], "tabs_holding_layers": serving,
+            "startup_s": rep["startup_s"], "passed": rep["passed"], "tokens_per_s": rep["tokens"]["per_s"],
+            "tab_peak_rss_mb": {"min": min(t["peak_rss_mb"] for t in per_tab), "max": max(t["peak_rss_mb"] for t in per_tab),
+                                "total": round(sum(t["peak_rss_mb"] for t in per_tab), 1)},
+            "host_used_mb": {"before": round(used0), "peak_during": round(peak["used_mb"]),
+                             "delta": round(peak["used_mb"] - used0)},
+            "coordinator_peak_rss_mb": rep["coordinator"]["peak_rss_mb"]}
+
+
+# ---------------------------------------------------------------------- 1,000 heartbeat-only connections
+def _client_proc(url: str, token: str, first: int, count: int, seconds: float, ramp_s: float, q) -> None:
+    import websockets
+
+    from tabshard import wire
+
+    stats = {"connected": 0, "closed_by_coordinator": 0, "close_reasons": [], "heartbeats": 0, "late_beats": 0}
+
+    async def one(i: int):
+        await asyncio.sleep(ramp_s * (i - first) / max(count, 1))
+        async with websockets.connect(url, compression=None, ping_interval=None, open_timeout=60) as ws:
+            await ws.send(wire.encode(wire.make("hello", worker_name=f"hb-{i}", token=token,
+                                                capabilities={"memory_bytes": 1, "kind": "heartbeat-only"})))
+            stats["connected"] += 1
+            period = 0.25
+            end = time.monotonic() + seconds
+
+            async def reader():
+                async for data in ws:
+                    m = wire.decode(data)
+                    if m["type"] == "welcome":
+                        nonlocal period
+                        period = m["heartbeat_ms"] / 1000
+
+            rt = asyncio.create_task(reader())
+            seq = 0
+            nxt = time.monotonic()
+            try:
+                while time.monotonic() < end and not rt.done():
+                    nxt += period
+                    await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+                    if time.monotonic() - nxt > 0.2:
+                        stats["late_beats"] += 1
+                    seq += 1
+                    await ws.send(wire.encode(wire.make("heartbeat", seq=seq, load={"steps": 0, "ranges": []})))
+                    stats["heartbeats"] += 1
+            except websockets.ConnectionClosed:
+                pass
+            if rt.done():
+                stats["closed_by_coordinator"] += 1
+                if ws.close_reason:
+                    stats["close_reasons"].append(ws.close_reason)
+            rt.cancel()
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(first, first + count)), return_exceptions=True)
+
+    asyncio.run(main())
+    q.put(stats)
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    rss = hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def conns1000(args) -> dict:
+    from simulation.runtime import CoordinatorProcess, EventLog
+
+    with CoordinatorProcess(["--no-coordinator-compute", "--heartbeat-ms", "250"], log_path="/tmp/conns1000-coordinator.log") as coord:
+        pid = coord.proc.pid
+        rss_idle, _ = _rss_mb(pid)
+        q = mp.Queue()
+        per = args.conns // args.procs
+        procs = [mp.Process(target=_client_proc, args=(coord.worker_url, coord.token, i * per, per, args.seconds + args.ramp,
+                                                      args.ramp, q)) for i in range(args.procs)]
+        for p in procs:
+            p.start()
+        coord.wait_for(lambda st: sum(1 for w in st["workers"] if w["state"] != "dead") >= args.conns, args.ramp + 120,
+                       f"{args.conns} connections")
+        t0, cpu0 = time.monotonic(), _cpu_s(pid)
+        log = EventLog()
+        samples = []
+        while time.monotonic() - t0 < args.seconds:
+            time.sleep(5)
+            st = coord.status()
+            log.absorb(st)
+            alive = sum(1 for w in st["workers"] if w["state"] not in ("dead", "quarantined"))
+            samples.append({"t": round(time.monotonic() - t0), "alive": alive, "rss_mb": round(_rss_mb(pid)[0], 1),
+                            "max_heartbeat_age_ms": max(w["heartbeat_age_ms"] for w in st["workers"])})
+            print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
+        wall, cpu = time.monotonic() - t0, _cpu_s(pid) - cpu0
+        final = coord.status()
+        log.absorb(final)
+        stats = [q.get(timeout=args.ramp + 60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        rss, hwm = _rss_mb(pid)
+    deaths = [e for e in log.sorted() if e["kind"] in ("death", "silent") and e["t"] >= t0]
+    return {"connections": args.conns, "processes": args.procs, "held_s": round(wall, 1), "heartbeat_ms": 250,
+            "false_detections": sum(1 for e in deaths if e["kind"] == "death"),
+            "alive_at_end": sum(1 for w in final["workers"] if w["state"] not in ("dead", "quarantined")),
+            "closed_by_coordinator": sum(s["closed_by_coordinator"] for s in stats),
+            "heartbeats_sent": sum(s["heartbeats"] for s in stats), "late_beats_client_side": sum(s["late_beats"] for s in stats),
+            "coordinator_cpu_percent_of_one_core": round(100 * cpu / wall, 1),
+            "coordinator_rss_mb": {"idle_before": round(rss_idle, 1), "end": round(rss, 1), "peak": round(hwm, 1)},
+            "max_heartbeat_age_ms_seen": max(s["max_heartbeat_age_ms"] for s in samples) if samples else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("tabs32")
+    a.add_argument("--tabs", type=int, default=32)
+    b = sub.add_parser("conns1000")
+    b.add_argument("--conns", type=int, default=1000)
+    b.add_argument("--procs", type=int, default=4)
+    b.add_argument("--seconds", type=float, default=300)
+    b.add_argument("--ramp", type=float, default=20)
+    args = p.parse_args()
+    out = {"tabs32": tabs32, "conns1000": conns1000}[args.cmd](args)
+    Path("sim-out").mkdir(exist_ok=True)
+    Path(f"sim-out/bench-{args.cmd}.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
