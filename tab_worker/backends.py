@@ -22,6 +22,10 @@ def resolve_backend_name(name: str) -> str:
 
 def make_backend(name: str, config, layers, head, max_ctx: int, **device_options):
     name = resolve_backend_name(name)
+    if name == "numpy" and device_options.get("lean"):  # packed weights, dequantized per step (lean_backend.py)
+        from tab_worker.lean_backend import LeanNumpyBackend
+
+        return LeanNumpyBackend(config, layers, head, max_ctx)
     if name == "numpy":
         from tab_worker.numpy_backend import NumpyBackend
 
