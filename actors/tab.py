@@ -165,7 +165,7 @@ class _TabActor:
             limits = profile.get("limits") or "adapter"
             device_options.setdefault("limits", limits)
             _enforce_pipeline_limits(get_device(device_options["limits"]))
-        if lean:
+        if lean and backend == "numpy":
             device_options["lean"] = True
         speed = float(profile.get("speed", 1.0)) * (HIDDEN["speed_factor"] if hidden else 1.0)
         self.base_slow = 1.0 / max(speed, 1e-3)
