@@ -11,8 +11,13 @@ For each shape (n x k: n outputs, k inputs) and quant format, side by side:
 wgpu calls are recorded back to back into one compute pass (recording is not timed), then
 submitted once and waited for, repeated until --min-time has passed.
 
+``--model`` instead times whole decode steps of WgpuBackend and NumpyBackend on SmolLM2-135M's
+shapes (30 layers of random a4g32 weights, s8g32 head): forward + head_topk(40) per step for
+1, 8 and 32 sessions decoding together, everything included (recording, readbacks).
+
     python benchmarks/bench_kernels.py                     # default formats, 1 row
     python benchmarks/bench_kernels.py --formats all --rows 8 --limits webgpu-default
+    python benchmarks/bench_kernels.py --model
 """
 from __future__ import annotations
 
@@ -82,6 +87,51 @@ def numpy_seconds(fn, min_time: float) -> float:
     return timed(run, min_time)
 
 
+def bench_model(dev: R.Device, layers: int, batches: list[int]) -> None:
+    from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+    from tab_worker.numpy_backend import NumpyBackend
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    c = ModelConfig(n_layers=layers, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
+                    rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2)
+    rng = np.random.default_rng(0)
+    q4 = QuantSpec.parse("a4g32")
+    ones = np.ones(c.hidden, np.float32)
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+
+    def layer() -> LayerWeights:
+        def w(n, k):
+            return random_quant(rng, n, k, q4)
+        return LayerWeights(ones, w(q_dim, c.hidden), w(kv_dim, c.hidden), w(kv_dim, c.hidden), w(c.hidden, q_dim),
+                            ones, w(c.ffn, c.hidden), w(c.ffn, c.hidden), w(c.hidden, c.ffn))
+
+    weights = {i: layer() for i in range(layers)}
+    head = HeadWeights(ones, random_quant(rng, c.vocab, c.hidden, QuantSpec.parse("s8g32")))
+    print(f"decode steps, SmolLM2-135M shapes, {layers} layers (a4g32) + head (s8g32); prefill of 16 tokens per session first")
+    print(f"{'backend':>7} {'batch':>5} | {'forward ms':>10} {'head+top40 ms':>13} | {'tok/s':>8}")
+    for name, make in [("wgpu", lambda: WgpuBackend(c, weights, head, 256, device=dev)),
+                       ("numpy", lambda: NumpyBackend(c, weights, head, 256))]:
+        backend = make()
+        for batch in batches:
+            ids = [f"{name}{batch}.{i}" for i in range(batch)]
+            backend.forward([SessionSlice(s, 0, 16) for s in ids], (rng.standard_normal((16 * batch, c.hidden)) * 0.1).astype(np.float32))
+            x = (rng.standard_normal((batch, c.hidden)) * 0.1).astype(np.float32)
+            forward = head_s = 0.0
+            steps = 5
+            for step in range(steps + 1):  # the first step warms this batch size's pipelines
+                t0 = time.perf_counter()
+                h = backend.forward([SessionSlice(s, 16 + step, 1) for s in ids], x)
+                t1 = time.perf_counter()
+                backend.head_topk(h, 40)
+                if step:
+                    forward += t1 - t0
+                    head_s += time.perf_counter() - t1
+            forward, head_s = forward / steps, head_s / steps
+            print(f"{name:>7} {batch:>5} | {forward * 1e3:10.2f} {head_s * 1e3:13.2f} | {batch / (forward + head_s):8.1f}", flush=True)
+            for s in ids:
+                backend.drop_session(s)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help="comma-separated quant specs, or 'all'")
@@ -90,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limits", default="adapter", choices=["adapter", "webgpu-default"])
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds to time each cell for")
     ap.add_argument("--no-deq", action="store_true", help="skip the (slow) numpy dequantize-per-call column")
+    ap.add_argument("--model", action="store_true", help="time whole decode steps of the two backends instead")
+    ap.add_argument("--layers", type=int, default=30, help="layers for --model")
+    ap.add_argument("--batches", default="1,8,32", help="sessions decoding together, for --model")
     args = ap.parse_args(argv)
 
     formats = ([QuantSpec(b, g, s).name for b in SUPPORTED_BITS for g in SUPPORTED_GROUPS for s in (False, True)]
@@ -103,6 +156,10 @@ def main(argv=None) -> int:
     tuning = R.matmul_tuning(dev)
     kernel = "qmatvec" if args.rows <= tuning.matvec_max_rows else "qmatmul"
     print(f"wgpu adapter: {dev.describe()}  real GPU: {dev.is_real_gpu()}  limits: {args.limits}")
+    if args.model:
+        print(f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
+        bench_model(dev, args.layers, [int(b) for b in args.batches.split(",")])
+        return 0
     print(f"tuning: {tuning}  -> {kernel} for {args.rows} row(s)")
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
     header = (f"{'shape':>11} {'format':>6} {'MB':>6} | {'wgpu ms':>8} {'GB/s':>7} | "
