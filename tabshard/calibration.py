@@ -418,8 +418,9 @@ def tensor_options(cal: Calibrator, alphas: dict, formats=MIXED_FORMATS, embeddi
 
 
 def fixed_bytes(w: ModelWeights) -> int:
-    """Bytes no plan changes: the norm vectors."""
-    return sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in w.layers) + w.head.output_norm.nbytes
+    """Bytes no plan changes: the norm vectors, and an untied LM head (kept as loaded)."""
+    untied = 0 if w.head.output is w.embedding else w.head.output.nbytes
+    return sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in w.layers) + w.head.output_norm.nbytes + untied
 
 
 def linear_weight_count(config: ModelConfig) -> int:
