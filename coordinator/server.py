@@ -39,6 +39,7 @@ class ClientStream:
     decoder: StreamDecoder
     prompt_tokens: int
     tokens: list = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
 
 
 class CoordinatorService:
@@ -60,6 +61,10 @@ class CoordinatorService:
         self.clients: dict[str, ClientStream] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tick_task = None
+        # read-only watchers (the dashboard): called with every non-empty action list and the
+        # time, and with every decoded worker message; they must not raise or block
+        self.observers: list = []
+        self.message_observers: list = []
         self._local_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-compute")
         self._local = None
         if settings.coordinator_compute:
@@ -92,6 +97,10 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------ actions
     def perform(self, actions: list) -> None:
+        if actions and self.observers:
+            now = time.monotonic()
+            for fn in self.observers:
+                fn(actions, now)
         for a in actions:
             if isinstance(a, Send):
                 if a.conn == LOCAL:
@@ -151,6 +160,8 @@ class CoordinatorService:
                 except wire.ProtocolError as err:
                     self.perform(self.core.on_protocol_error(conn, err, now))
                     continue
+                for fn in self.message_observers:
+                    fn(conn, m, now)
                 self.perform(self.core.on_message(conn, m, now))
         except Exception as exc:  # the socket broke: same as a close
             reason = f"error {type(exc).__name__}"
