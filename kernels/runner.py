@@ -57,6 +57,34 @@ class LimitError(ValueError):
     """A request that this device's limits cannot hold."""
 
 
+def _eval_wgsl_int(expr: str, names: dict) -> int:
+    """An integer override expression of our kernels (literals, names, + - * / % ( ))."""
+    py = re.sub(r"\b(\d+)[ui]\b", r"\1", expr.strip()).replace("/", "//")
+    py = re.sub(r"\btrue\b", "1", re.sub(r"\bfalse\b", "0", py))
+    if not re.fullmatch(r"[\w\s+\-*/%()]*", py):
+        raise ValueError(f"cannot evaluate WGSL expression {expr!r}")
+    return int(eval(py, {"__builtins__": {}}, dict(names)))
+
+
+def _wgsl_type_size(type_: str, names: dict) -> int:
+    """Bytes of a WGSL type as our workgroup variables use them (host-shareable layout)."""
+    m = re.fullmatch(r"array<\s*(.+)\s*,\s*([^,<>]+)>", type_)
+    if m:
+        elem = m.group(1).strip()
+        align = 16 if elem.startswith(("vec3", "vec4", "mat")) else (8 if elem.startswith("vec2") else 4)
+        return -(-_wgsl_type_size(elem, names) // align) * align * _eval_wgsl_int(m.group(2), names)
+    scalar = {"f32": 4, "u32": 4, "i32": 4, "f16": 2, "bool": 4, "atomic<u32>": 4, "atomic<i32>": 4}
+    if type_ in scalar:
+        return scalar[type_]
+    m = re.fullmatch(r"vec([234])<(\w+)>", type_)
+    if m:
+        return {2: 8, 3: 16, 4: 16}[int(m.group(1))] * scalar[m.group(2)] // 4
+    m = re.fullmatch(r"mat([234])x([234])<f32>", type_)
+    if m:
+        return int(m.group(1)) * _wgsl_type_size(f"vec{m.group(2)}<f32>", names)
+    raise ValueError(f"unknown WGSL type {type_!r}")
+
+
 def _better(key: str, a: int, b: int) -> int:
     return min(a, b) if key.startswith("min-") else max(a, b)
 
@@ -143,10 +171,12 @@ class Device:
         return (KERNEL_DIR / f"{kernel}.wgsl").read_text()
 
     def pipeline(self, kernel: str, **constants):
-        """The compute pipeline of kernel.wgsl's ``main`` with these override values, built once."""
+        """The compute pipeline of kernel.wgsl's ``main`` with these override values, built once.
+        Raises LimitError where a browser's WebGPU would refuse it (see check_workgroup)."""
         key = (kernel, tuple(sorted(constants.items())))
         pipe = self._pipelines.get(key)
         if pipe is None:
+            self.check_workgroup(kernel, constants)
             module = self._modules.get(kernel)
             if module is None:
                 module = self._modules[kernel] = self.device.create_shader_module(code=self.source(kernel), label=kernel)
@@ -156,6 +186,40 @@ class Device:
                 compute={"module": module, "entry_point": "main", "constants": values})
             self._pipelines[key] = pipe
         return pipe
+
+    def workgroup_shape(self, kernel: str, constants: dict) -> tuple[tuple[int, int, int], int]:
+        """((x, y, z) workgroup size, workgroup memory in bytes) of the kernel's ``main`` for
+        these override values, read from the WGSL: its ``override`` declarations are
+        evaluated in order, then ``@workgroup_size`` and every ``var<workgroup>``."""
+        code = re.sub(r"//[^\n]*", "", self.source(kernel))
+        values = {k: int(v) for k, v in constants.items()}
+        for name, expr in re.findall(r"override\s+(\w+)\s*:\s*\w+\s*=\s*([^;]+);", code):
+            if name not in values:
+                values[name] = _eval_wgsl_int(expr, values)
+        dims = re.search(r"@workgroup_size\(([^)]*)\)", code).group(1).split(",")
+        size = [_eval_wgsl_int(d, values) for d in dims if d.strip()] + [1, 1]
+        storage = 0
+        for type_ in re.findall(r"var<workgroup>\s+\w+\s*:\s*([^;]+);", code):
+            storage += -(-_wgsl_type_size(type_.strip(), values) // 16) * 16
+        return (size[0], size[1], size[2]), storage
+
+    def check_workgroup(self, kernel: str, constants: dict) -> None:
+        """Refuse, as Dawn's createComputePipeline does, a workgroup beyond the device's
+        limits. wgpu-native 29 does not check override-sized workgroups (it built a
+        1024-invocation, 64 KiB pipeline on a device granted 256 and 16 KiB), so without this
+        a kernel that fails in a browser would run here."""
+        (x, y, z), storage = self.workgroup_shape(kernel, constants)
+        lim = self.limits
+        problems = []
+        if x * y * z > lim["max-compute-invocations-per-workgroup"]:
+            problems.append(f"{x * y * z} invocations > maxComputeInvocationsPerWorkgroup {lim['max-compute-invocations-per-workgroup']}")
+        for size, axis in zip((x, y, z), "xyz"):
+            if size > lim[f"max-compute-workgroup-size-{axis}"]:
+                problems.append(f"size {axis} {size} > maxComputeWorkgroupSize{axis.upper()} {lim[f'max-compute-workgroup-size-{axis}']}")
+        if storage > lim["max-compute-workgroup-storage-size"]:
+            problems.append(f"{storage} bytes of workgroup memory > maxComputeWorkgroupStorageSize {lim['max-compute-workgroup-storage-size']}")
+        if problems:
+            raise LimitError(f"{kernel}{constants}: " + "; ".join(problems))
 
     def params_fields(self, kernel: str) -> list[tuple[str, str]]:
         """[(name, wgsl type)] of the kernel's ``struct Params``, in order."""

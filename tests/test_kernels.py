@@ -281,6 +281,18 @@ def test_kernels_run_under_webgpu_default_limits(rng):
     np.testing.assert_array_equal(small.read(op.ids, np.uint32, count=128).reshape(2, 64), ref.topk(logits, 64)[0])
 
 
+def test_pipelines_beyond_the_limits_are_refused_like_a_browser():
+    """wgpu-native builds override-sized workgroups beyond the device's limits; a browser
+    refuses them, and so does Device.pipeline."""
+    small = _device(limits="webgpu-default")
+    assert small.workgroup_shape("qmatmul", dict(BITS=4, GROUP=32, SYMMETRIC=0, TILE=64)) == ((256, 1, 1), 16384)
+    with pytest.raises(R.LimitError, match="maxComputeInvocationsPerWorkgroup 256"):
+        small.pipeline("rmsnorm", WG=512)
+    with pytest.raises(R.LimitError, match="maxComputeWorkgroupStorageSize 16384"):
+        small.pipeline("topk", WG=256, KP=4096)
+    small.pipeline("topk", WG=256, KP=1024)  # TopK.MAX_K fits the spec's 16 KiB
+
+
 def test_small_binding_limit_splits_the_head_and_embedding(rng):
     """A 4 KiB maxStorageBufferBindingSize cuts a 300 x 64 head into row chunks, each bound
     and dispatched separately, writing its own column range of the logits."""
