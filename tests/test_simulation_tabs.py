@@ -76,6 +76,23 @@ def _first(events, t0, kinds, worker=None):
                  and (worker is None or e.get("worker") == worker)), None)
 
 
+def test_hidden_tab_heartbeat_jitter_is_tolerated(sim):
+    """A hidden tab's heartbeats come up to 200 ms late (profiles.HIDDEN: background scheduling of
+    the Web Worker that owns the socket); the 800 ms silence bound must never fire on it."""
+    coord, tabs = sim
+    st = coord.status()
+    w0 = next(w for w in st["workers"] if w["name"] == "tab-0" and w["state"] not in ("dead", "quarantined"))
+    assert w0["profile"]["hidden"] is True
+    ages = []
+    for _ in range(15):
+        time.sleep(0.2)
+        st = coord.status()
+        w = next(w for w in st["workers"] if w["worker_id"] == w0["worker_id"])
+        assert w["state"] not in ("dead", "quarantined"), w
+        ages.append(w["heartbeat_age_ms"])
+    assert max(ages) < 800 and tabs["tab-0"].info()["sessions_joined"] == 1
+
+
 def test_memory_pressure_hands_layers_back_and_tokens_are_exact(sim, reference):
     coord, tabs = sim
     res, t0, wid, tab, ev = _run_with_fault(coord, tabs, lambda t: t.memory_pressure(0))
@@ -134,16 +151,6 @@ def test_crash_is_a_closed_socket_and_tokens_are_exact(sim, reference):
     assert death and "socket" in death["reason"] and death["t"] - t0 < 0.15
     with pytest.raises(TabGone):
         tab.info()
-
-
-def test_hidden_tab_heartbeat_jitter_is_tolerated(sim):
-    coord, tabs = sim
-    st = coord.status()
-    hidden = [w for w in st["workers"] if w["name"] == "tab-0"]
-    assert hidden and (hidden[0]["profile"] or {}).get("hidden") is True
-    # its heartbeats come up to 200 ms late (HIDDEN): the 800 ms silence bound never fires
-    # unless the tab itself was frozen or partitioned by a test above
-    assert hidden[0]["steps"] >= 0 and hidden[0]["state"] != "dead" or tabs["tab-0"].info()["sessions_joined"] > 1
 
 
 def test_kernel_beyond_profile_limit_is_refused_and_replanned(ray_rt, tmp_path):
