@@ -9,8 +9,9 @@ itself, so a launcher passes ``name=value`` pairs and the layout lives in one pl
 browser worker loads the very same files the same way.
 
 Hot path (PLATFORM.md): pipelines are built once per (kernel, overrides); bind groups and
-params buffers once per launcher; a caller records many launchers into ONE compute pass of
-ONE command encoder and reads back once.
+params buffers once per launcher; a caller records many launchers into one compute pass
+(``Device.run``, which may cut it into a few command buffers submitted as they are recorded)
+and reads back once.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ WEBGPU_DEFAULT_LIMITS = {
 
 # Words in an adapter's description that mean "a CPU rasteriser, not a GPU".
 SOFTWARE_ADAPTERS = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render")
+
 
 class NoAdapterError(RuntimeError):
     """No WebGPU adapter on this host (no Vulkan/Metal/DX12 driver, not even lavapipe)."""

@@ -6,9 +6,10 @@ Layout on the device:
 
 * weights are uploaded once, quantized as packed (q/k/v fused into one matrix and gate/up into
   another when their formats agree; otherwise the parts write column ranges of one output);
-* every layer keeps a KV pool per K and V: f32 [slot][kv head][max_ctx][head_dim], one slot
-  per session, so one kv_store and one attention dispatch per layer serve a whole batch of
-  sessions; the pools grow (by copy) as sessions arrive, up to the binding limit;
+* every layer keeps a KV pool per K and V: f32 [slot][kv head][ctx][head_dim], one slot per
+  session, so one kv_store and one attention dispatch per layer serve a whole batch of
+  sessions; the pools grow by copy, in slots as sessions arrive and in ctx (doubling up to
+  max_ctx) as they lengthen, so memory follows use; one layer's pool must fit one binding;
 * scratch activations are sized for the largest batch seen, row strides rounded to 4 floats.
 
 A forward call records every layer of the range into one compute pass (cut into a few
@@ -94,15 +95,14 @@ class WgpuBackend:
         if self._max_rows < 1 or (self._head and self._head_max_rows < 1):
             raise R.LimitError(f"one row of activations does not fit the binding limit {dev.max_binding}")
 
-        # sessions: KV slot and length
-        self._slot_bytes = c.n_kv_heads * self.max_ctx * c.head_dim * 4
-        self._max_slots = dev.max_binding // self._slot_bytes
-        if self._layers and self._max_slots < 1:
-            raise R.LimitError(f"one session's KV cache per layer ({self._slot_bytes} bytes at max_ctx {self.max_ctx}) "
-                               f"exceeds the binding limit {dev.max_binding}; lower max_ctx")
+        # sessions: a KV slot each, and their lengths
+        self._position_bytes = c.n_kv_heads * c.head_dim * 4  # one position of one layer's K (or V)
+        if self._layers and self._position_bytes > dev.max_binding:
+            raise R.LimitError(f"one KV position ({self._position_bytes} bytes) exceeds the binding limit {dev.max_binding}")
         self._slots: dict[str, int] = {}
         self._lengths: dict[str, int] = {}
-        self._pool_slots = 0
+        self._pool_slots = 0  # sessions the pools hold
+        self._pool_ctx = 0  # positions per slot: grows by doubling up to max_ctx
         self._pools: list[tuple] = []  # per layer (k_pool, v_pool)
 
         self._rows_cap = 0
@@ -139,33 +139,52 @@ class WgpuBackend:
             elif sl.start_pos > self._lengths[sl.session_id]:
                 raise ValueError(f"session {sl.session_id}: start {sl.start_pos} leaves a gap after length "
                                  f"{self._lengths[sl.session_id]}")
+        if self._layers:
+            slots, ctx = self._pool_shape_for(slices)
+            if slots * ctx * self._position_bytes > self.dev.max_binding:
+                raise R.LimitError(f"{slots} sessions of up to {ctx} positions need more KV memory per layer than one "
+                                   f"binding holds ({self.dev.max_binding} bytes); drop sessions or shorten them")
+
+    def _pool_shape_for(self, slices: list[SessionSlice]) -> tuple[int, int]:
+        """(slots, positions per slot) the pools need to also hold these slices."""
         new = sum(1 for sl in slices if sl.session_id not in self._slots)
-        if self._layers and len(self._slots) + new > self._max_slots:
-            raise R.LimitError(f"{len(self._slots) + new} sessions need more KV memory than one binding "
-                               f"({self._max_slots} sessions at max_ctx {self.max_ctx}); drop sessions or lower max_ctx")
+        slots = max(self._pool_slots, len(self._slots) + new)
+        longest = max([sl.start_pos + sl.length for sl in slices] + [self._pool_ctx, 1])
+        ctx = self._pool_ctx if longest <= self._pool_ctx else min(self.max_ctx, 1 << (longest - 1).bit_length())
+        return slots, max(ctx, min(self.max_ctx, 16))
 
     def _assign_slots(self, slices: list[SessionSlice]) -> None:
+        needed_slots, needed_ctx = self._pool_shape_for(slices) if self._layers else (0, 0)
         for sl in slices:
             if sl.session_id not in self._slots:
                 used = set(self._slots.values())
                 self._slots[sl.session_id] = next(s for s in range(len(used) + 1) if s not in used)
-        if self._layers and len(self._slots) > self._pool_slots:
-            self._grow_pools(len(self._slots))
+        if needed_slots > self._pool_slots or needed_ctx > self._pool_ctx:
+            self._grow_pools(needed_slots, needed_ctx)
 
-    def _grow_pools(self, needed: int) -> None:
-        slots = min(self._max_slots, max(needed, 2 * self._pool_slots, 4))
-        pools = []
+    def _grow_pools(self, needed_slots: int, ctx: int) -> None:
+        """New pools of at least needed_slots (doubling, as far as the binding allows) by ctx
+        positions, with the old contents copied over. Layout [slot][kv head][ctx][head_dim]:
+        with ctx unchanged the old pool is a prefix of the new one; else each (slot, head)
+        run of positions moves to its new place."""
+        per_slot = self._position_bytes * ctx
+        slots = self._pool_slots
+        if needed_slots > slots:
+            slots = max(needed_slots, min(2 * slots, self.dev.max_binding // per_slot))
+        n_kv, run = self.config.n_kv_heads, self._pool_ctx * self._position_bytes // self.config.n_kv_heads
         enc = self.dev.encoder()
-        for li in range(len(self._layers)):
-            k = self.dev.buffer(slots * self._slot_bytes, f"layer{li}.k_pool")
-            v = self.dev.buffer(slots * self._slot_bytes, f"layer{li}.v_pool")
-            if self._pools:  # slot-major layout: old slots are a prefix of the new pool
-                old_k, old_v = self._pools[li]
-                enc.copy_buffer_to_buffer(old_k, 0, k, 0, old_k.size)
-                enc.copy_buffer_to_buffer(old_v, 0, v, 0, old_v.size)
-            pools.append((k, v))
+        pools = []
+        for li, old in enumerate(self._pools or [None] * len(self._layers)):
+            new = (self.dev.buffer(slots * per_slot, f"layer{li}.k_pool"), self.dev.buffer(slots * per_slot, f"layer{li}.v_pool"))
+            for old_buf, new_buf in zip(old or (), new):
+                if ctx == self._pool_ctx:
+                    enc.copy_buffer_to_buffer(old_buf, 0, new_buf, 0, old_buf.size)
+                else:
+                    for row in range(self._pool_slots * n_kv):  # row = slot * n_kv + kv head
+                        enc.copy_buffer_to_buffer(old_buf, row * run, new_buf, row * run * ctx // self._pool_ctx, run)
+            pools.append(new)
         self.dev.queue.submit([enc.finish()])
-        self._pools, self._pool_slots = pools, slots
+        self._pools, self._pool_slots, self._pool_ctx = pools, slots, ctx
         self._layer_ops = None
 
     # ------------------------------------------------------------------ scratch and ops
@@ -195,9 +214,9 @@ class WgpuBackend:
             ops += [self._linear(w, "xn", "qkv", col) for w, col in layer.qkv]
             ops.append(R.Rope(dev, b["qkv"], s["qkv"], 0, c.n_heads + c.n_kv_heads, c.head_dim, b["positions"], self._freq_turns))
             ops.append(R.KvStore(dev, b["qkv"], s["qkv"], self._q_dim, self._q_dim + self._kv_dim, b["positions"],
-                                 b["slots"], k_pool, v_pool, c.n_kv_heads, c.head_dim, self.max_ctx))
+                                 b["slots"], k_pool, v_pool, c.n_kv_heads, c.head_dim, self._pool_ctx))
             ops.append(R.Attention(dev, b["qkv"], s["qkv"], 0, b["positions"], b["slots"], k_pool, v_pool,
-                                   b["attn"], s["attn"], c.n_heads, c.n_kv_heads, c.head_dim, self.max_ctx))
+                                   b["attn"], s["attn"], c.n_heads, c.n_kv_heads, c.head_dim, self._pool_ctx))
             ops.append(self._linear(layer.wo, "attn", "h", accumulate=True))
             ops.append(R.RmsNorm(dev, b["h"], s["h"], layer.ffn_norm, b["xn"], s["xn"], c.hidden, c.rms_eps))
             ops += [self._linear(w, "xn", "gate_up", col) for w, col in layer.gate_up]

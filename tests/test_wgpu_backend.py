@@ -115,6 +115,13 @@ def test_many_sessions_grow_the_kv_pools(model, device):
     _step(backends, [SessionSlice(f"s{i}", 0 if i >= 3 else 2, 2 if i >= 3 else 1) for i in range(11)], rng)
     assert backends[0]._pool_slots >= 11
     _step(backends, [SessionSlice(f"s{i}", backends[1].session_length(f"s{i}"), 1) for i in range(11)], rng)
+    # KV memory follows use: 16 positions per slot so far, then 32 and 40 (max_ctx) as one grows
+    assert backends[0]._pool_ctx == 16
+    _step(backends, [SessionSlice("s0", backends[1].session_length("s0"), 20), SessionSlice("s5", 2, 1)], rng)
+    assert backends[0]._pool_ctx == 32
+    _step(backends, [SessionSlice("s0", 23, MAX_CTX - 23), SessionSlice("s1", 3, 1)], rng)
+    assert backends[0]._pool_ctx == MAX_CTX
+    _step(backends, [SessionSlice(f"s{i}", backends[1].session_length(f"s{i}"), 1) for i in range(1, 11)], rng)
 
 
 def test_partial_layer_range_and_head_only(model, device):
