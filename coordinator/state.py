@@ -230,6 +230,7 @@ class Coordinator:
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
         self._deferred_replan = False
+        self._last_tick: float | None = None
         self.degraded = False
         self.prefix_cache: dict[str, PrefixEntry] = {}
 
@@ -704,6 +705,14 @@ class Coordinator:
     def tick(self, now: float) -> list:
         out = []
         silence = self.settings.dead_after_ms / 1000
+        # If this loop itself stalled (GC, a long synchronous step, an overloaded host), the
+        # heartbeats of that stall are still queued in the sockets, unread: credit the stall
+        # to every worker instead of declaring them all dead at once.
+        stall = now - self._last_tick if self._last_tick is not None else 0.0
+        self._last_tick = now
+        if stall > self.settings.heartbeat_ms / 1000:
+            for w in self.workers.values():
+                w.last_seen = min(now, w.last_seen + stall)
         for w in list(self.workers.values()):
             if w.alive and not w.local and now - w.last_seen > silence:
                 self.events.append({"t": now, "kind": "silent", "worker": w.worker_id, "silent_s": now - w.last_seen})

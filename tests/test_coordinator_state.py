@@ -334,3 +334,15 @@ def test_sessions_survive_losing_every_worker_then_a_new_one_joining(weights, re
     net.add_worker()
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
+
+
+def test_a_stall_of_the_coordinator_itself_kills_nobody(weights):
+    net = start(weights, 3)
+    net.perform(net.core.tick(net.now + 0.01))
+    net.now += 2.0  # the coordinator's loop was stuck for 2 s; heartbeats sit unread in sockets
+    net.perform(net.core.tick(net.now))
+    assert all(w.state == "ready" for w in net.core.workers.values())
+    for _ in range(18):  # but real silence after the stall is still detected, ticking normally
+        net.now += 0.05
+        net.perform(net.core.tick(net.now))
+    assert all(w.state == "dead" for w in net.core.workers.values())
