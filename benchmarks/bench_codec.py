@@ -2,22 +2,32 @@
 
     .venv/bin/python benchmarks/bench_codec.py
 
-Prints, side by side,
-  * GB/s of encode, decode and encode+decode for one float32 tensor of 16 MB and 64 MB,
+Prints
+  * GB/s of encode, decode and both for one float32 tensor of 16 MB and 64 MB (a step_result),
   * microseconds per message for a `step` carrying one token's hidden state (576 float32),
-for three codecs:
-  wire        tabshard.wire: big buffers spliced after a hand-written bin header (one copy on
-              encode), np.frombuffer views of msgpack's bytes on decode (one copy, msgpack's own)
-  packer+mv   msgpack.packb with memoryviews of the arrays (Packer buffer copy + final copy)
-  naive       msgpack.packb with arr.tobytes() in the default hook (copies everywhere)
+for these codecs:
+  wire, copying     tabshard.wire as it was: encode joins the pieces into one bytes (one copy),
+                    decode through msgpack's C unpacker (one copy, msgpack's own bin -> bytes)
+  wire              encode as above, decode zero-copy (the default for frames >= 1 MiB): the
+                    pure-Python reader returns the tensor as a view of the frame
+  wire parts        encode_parts (the tensor is a memoryview of the caller's array: no copy) and
+                    the zero-copy decode: what a sender passing the pieces to websockets' send()
+                    and a receiver decoding the frame it got pay in the codec. Its "both" column is
+                    encode_parts + decode of a frame already received, since joining the pieces is
+                    the transport's work (the kernel copies them into the socket either way).
+  packer+mv         msgpack.packb with memoryviews of the arrays (Packer buffer copy + final copy)
+  naive             msgpack.packb with arr.tobytes() in the default hook (copies everywhere)
 and what one copy into a fresh bytes object costs (the floor for an encoder returning bytes).
+For the others, "both" is decode(encode(m)) timed as one call.
+
 Then the tensor rows again in a child process run with TUNED_GLIBC below. Why: the copies are
 not what costs at 64 MB. glibc mmaps every allocation above 32 MiB afresh, and on this kind of VM
 the page faults of a fresh 64 MB buffer cap a copy at ~1.5-2 GB/s. Below 32 MiB glibc reuses its
 heap, except when a freed top of heap exceeds its (dynamic) trim threshold and goes back to the
 OS: decode(encode(m)) in one loop frees two tensor-sized buffers at once and hits exactly that, so
-its "round trip" column can sit far below encode and decode alone. Huge pages (hugetlb=1) make
-faults cheap; a fixed mmap/trim threshold keeps the heap.
+its "both" column can sit far below encode and decode alone. Huge pages (hugetlb=1) make
+faults cheap; a fixed mmap/trim threshold keeps the heap. The zero-copy rows allocate nothing
+tensor-sized, so neither effect touches them.
 """
 
 from __future__ import annotations
@@ -92,40 +102,56 @@ def plain_decode(frame: bytes) -> dict:
     return msgpack.unpackb(frame, object_hook=_to_array)
 
 
+def zero_copy_decode(frame, limits=wire.DEFAULT_LIMITS) -> dict:
+    return wire.decode(frame, limits, zero_copy=True)
+
+
+def copying_decode(frame, limits=wire.DEFAULT_LIMITS) -> dict:
+    return wire.decode(frame, limits, zero_copy=False)
+
+
+# name -> (encode, decode, whether encode returns pieces rather than one frame)
 CODECS = {
-    "wire": (wire.encode, wire.decode),
-    "packer+mv": (memoryview_encode, plain_decode),
-    "naive": (naive_encode, plain_decode),
+    "wire, copying": (wire.encode, copying_decode, False),
+    "wire": (wire.encode, zero_copy_decode, False),
+    "wire parts": (wire.encode_parts, zero_copy_decode, True),
+    "packer+mv": (memoryview_encode, plain_decode, False),
+    "naive": (naive_encode, plain_decode, False),
 }
+WIRE_DECODERS = (zero_copy_decode, copying_decode)
 
 
 def bench_large(sizes_mb: list[int], repeats: int) -> None:
-    print(f"{'one float32 tensor':<22}" + "".join(f"{name:>30}" for name in CODECS)
-          + f"{'floor: 1 copy':>16}")
-    print(f"{'':<22}" + f"{'encode  decode  round trip':>30}" * len(CODECS)
-          + f"{'into new bytes':>16}   (GB/s)")
+    print(f"{'one float32 tensor':<24}{'codec':<16}{'encode':>8}{'decode':>8}{'both':>8}   (GB/s)")
     for size_mb in sizes_mb:
         count = size_mb * 1_000_000 // 4
         array = np.random.default_rng(0).random(count, dtype=np.float32)
         msg = wire.make("step_result", step_id=1, epoch=0, output=array)
         limits = wire.Limits(max_frame_bytes=size_mb * 1_000_000 + 4096, max_tensor_elements=count)
-        row = f"{size_mb} MB ({count:,} f32)".ljust(22)
-        for name, (encode, decode) in CODECS.items():
-            if decode is wire.decode:
-                decode = lambda frame: wire.decode(frame, limits)  # noqa: E731
-            frame = encode(msg)
+        label = f"{size_mb} MB ({count:,} f32)"
+        for name, (encode, decode, gives_pieces) in CODECS.items():
+            if decode in WIRE_DECODERS:
+                decode = lambda frame, decode=decode: decode(frame, limits)  # noqa: E731
+            encoded = encode(msg)
+            frame = b"".join(encoded) if gives_pieces else encoded
+            del encoded
             assert np.array_equal(decode(frame)["output"], array)
             encode_s = median_seconds(lambda: encode(msg), repeats)
             decode_s = median_seconds(lambda: decode(frame), repeats)
-            del frame
-            round_trip_s = median_seconds(lambda: decode(encode(msg)), repeats)
-            nbytes = array.nbytes
-            row += f"{nbytes / encode_s / 1e9:>12.2f}{nbytes / decode_s / 1e9:>8.2f}" \
-                   f"{nbytes / round_trip_s / 1e9:>10.2f}"
+            if gives_pieces:  # the transport joins the pieces; see the module docstring
+                both_s = median_seconds(lambda: (encode(msg), decode(frame)), repeats)
+                del frame
+            else:
+                del frame
+                both_s = median_seconds(lambda: decode(encode(msg)), repeats)
+            gbps = [array.nbytes / seconds / 1e9 for seconds in (encode_s, decode_s, both_s)]
+            print(f"{label:<24}{name:<16}" + "".join(f"{value:>8.2f}" for value in gbps), flush=True)
+            label = ""
         # What any bytes-returning encoder (and msgpack's bin decoding) must at least pay.
         raw = memoryview(array).cast("B")
-        row += f"{array.nbytes / median_seconds(lambda: bytes(raw), repeats) / 1e9:>16.2f}"
-        print(row, flush=True)
+        print(f"{'':<24}{'floor: 1 copy':<16}"
+              f"{array.nbytes / median_seconds(lambda: bytes(raw), repeats) / 1e9:>8.2f}"
+              f"{'':>16}   (into a new bytes)", flush=True)
 
 
 def bench_step_message() -> None:
@@ -139,8 +165,9 @@ def bench_step_message() -> None:
         "wire": (wire.encode, wire.decode),
         "wire, no validate": (lambda m: wire.encode(m, validate=False),
                               lambda f: wire.decode(f, validate=False)),
-        "packer+mv": CODECS["packer+mv"],
-        "naive": CODECS["naive"],
+        "wire, zero-copy": (wire.encode, zero_copy_decode),  # what it would cost: not used here
+        "packer+mv": CODECS["packer+mv"][:2],
+        "naive": CODECS["naive"][:2],
     }
     for name, (encode, decode) in rows.items():
         frame = encode(msg)

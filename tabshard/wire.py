@@ -53,10 +53,30 @@ Errors: ``decode`` raises only ``ProtocolError``, whatever the bytes; ``.code`` 
 ``.field`` is the dotted path of the offending field ("sessions.0.length"), or None.
 ``ProtocolError.to_message()`` is the "error" message to send back to the peer.
 
-Cost: ``encode`` copies a big tensor once (into the returned bytes), ``decode`` once (msgpack's
-bin -> bytes; arrays are views of those bytes, read-only). Frames up to ~16 MiB copy at memcpy
-speed; glibc mmaps every buffer above 32 MiB afresh, and its page faults make a 64 MB frame 5-6x
-slower per byte (benchmarks/bench_codec.py), so send weights in chunks of a few MiB.
+Cost, and who owns the bytes:
+
+  * ``encode_parts`` returns the frame as a list of pieces (bytes and memoryviews) whose
+    concatenation is exactly ``encode``'s frame. Top-level tensors and bytes of at least
+    SPLICE_MIN_BYTES are pieces of their own: memoryviews of the caller's arrays, not copies
+    (tensors nested in lists/maps are copied, through the Packer). The caller must not modify those
+    arrays until the pieces have been sent. websockets' ``send(pieces)`` sends them as the
+    fragments of one message; the peer receives one frame.
+  * ``encode`` joins the pieces into one bytes: one copy of the big buffers.
+  * ``decode`` of a frame of at least ZERO_COPY_MIN_BYTES (1 MiB) reads it with a small pure-Python
+    msgpack reader over a memoryview of the frame: tensors are read-only numpy views of the frame
+    itself and bins of at least SPLICE_MIN_BYTES are read-only memoryviews of it (bytes fields
+    accept any buffer: use ``bytes(m["data"])`` to keep a copy). No byte of a big tensor is copied,
+    and such a view keeps the whole frame alive. Smaller bins come back as bytes (copies), so that a
+    small value kept for long does not hold on to a big frame. A view may be unaligned for its
+    dtype (the wire has no padding): numpy handles that, ``np.require(a, requirements="A")``
+    gives an aligned copy. Smaller frames (per-token messages) go through msgpack's C unpacker,
+    10-20x faster per item: tensors are views of the bytes it decoded, i.e. one copy. So does a
+    big frame made of many small items (more than one per 4 KiB): there the reader's per-item
+    cost would exceed the copies it saves.
+  Both decode paths accept the same frames and refuse the same ones with the same code and field
+  (tests/test_wire.py checks that on arbitrary bytes). Why avoid the copies at all: glibc mmaps
+  every buffer above 32 MiB afresh, and its page faults make a fresh 64 MB copy 5-6x slower per
+  byte than a 16 MB one (benchmarks/bench_codec.py).
 """
 
 from __future__ import annotations
@@ -71,8 +91,8 @@ import numpy as np
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "ProtocolError", "Limits", "DEFAULT_LIMITS", "CLIENT_LIMITS",
-    "encode", "decode", "validate", "make", "MESSAGES", "MessageSchema", "Field", "Tensor",
-    "ListOf", "Struct", "opt", "WORKER", "COORDINATOR", "CLIENT", "ANY",
+    "encode", "encode_parts", "decode", "validate", "make", "MESSAGES", "MessageSchema", "Field",
+    "Tensor", "ListOf", "Struct", "opt", "WORKER", "COORDINATOR", "CLIENT", "ANY",
 ]
 
 PROTOCOL_VERSION = 1
@@ -159,6 +179,19 @@ def encode(msg: dict, *, validate: bool = True) -> bytes:
     Raises ProtocolError (bad_field, bad_dtype, ...) for messages that cannot go on the wire.
     Map keys must be str: checked here for the message's own keys, by the decoder for nested maps.
     """
+    parts = encode_parts(msg, validate=validate)
+    return parts[0] if len(parts) == 1 else b"".join(parts)  # the one copy of the big buffers
+
+
+def encode_parts(msg: dict, *, validate: bool = True) -> list[bytes | memoryview]:
+    """One message -> the pieces of its frame: ``b"".join(encode_parts(m)) == encode(m)``.
+
+    Top-level tensors and bytes of at least SPLICE_MIN_BYTES are pieces of their own, memoryviews
+    of the caller's buffers (no copy; an array that is not little-endian and C-ordered is
+    converted first, and the view is of that copy). The caller must not modify those buffers until
+    the pieces have been sent or joined. Everything else is in bytes pieces, a small message in a
+    single one. Same checks and errors as ``encode``.
+    """
     if validate:
         _validate_message(msg)
     elif not isinstance(msg, dict):
@@ -168,7 +201,7 @@ def encode(msg: dict, *, validate: bool = True) -> bytes:
             break
     else:
         try:  # the common case, e.g. a step with one token's hidden state: one C call
-            return msgpack.packb(msg, default=_encode_nested)
+            return [msgpack.packb(msg, default=_encode_nested)]
         except (TypeError, ValueError, OverflowError, ProtocolError):
             pass  # the field by field path below says which field is wrong
     return _encode_by_field(msg)
@@ -182,7 +215,7 @@ def _is_large_buffer(value: Any) -> bool:
     return size >= SPLICE_MIN_BYTES
 
 
-def _encode_by_field(msg: dict) -> bytes:
+def _encode_by_field(msg: dict) -> list[bytes | memoryview]:
     """Packs field by field, splicing large tensors and bytes in, and names the field that fails."""
     frame = _FrameBuilder()
     frame.packer.pack_map_header(len(msg))
@@ -211,22 +244,23 @@ def make(type_: str, **fields: Any) -> dict:
 
 
 class _FrameBuilder:
-    """A frame as a list of byte pieces: what the Packer packed, and big buffers spliced in as-is."""
+    """A frame as a list of pieces: bytes the Packer packed, and big buffers spliced in as-is
+    (memoryviews), each after the bin header that the Packer would have written for it."""
 
     __slots__ = ("packer", "parts")
 
     def __init__(self):
         self.packer = msgpack.Packer(default=_encode_nested, autoreset=False)
-        self.parts: list = []
+        self.parts: list[bytes | memoryview] = []
 
     def bin(self, data: memoryview) -> None:
         size = data.nbytes
         if size < SPLICE_MIN_BYTES:
             self.packer.pack(data)
             return
-        self.parts.append(self.packer.bytes())
+        # What was packed so far and the header go out as one piece: fewer, bigger fragments.
+        self.parts.append(self.packer.bytes() + _bin_header(size))
         self.packer.reset()
-        self.parts.append(_bin_header(size))
         self.parts.append(data)
 
     def tensor(self, array: np.ndarray) -> None:
@@ -239,11 +273,11 @@ class _FrameBuilder:
             self.packer.pack(item)
         self.bin(data)
 
-    def finish(self) -> bytes:
-        if not self.parts:
-            return self.packer.bytes()
-        self.parts.append(self.packer.bytes())
-        return b"".join(self.parts)  # the one copy of the big buffers
+    def finish(self) -> list[bytes | memoryview]:
+        tail = self.packer.bytes()
+        if tail or not self.parts:  # no empty piece after a buffer that ends the message
+            self.parts.append(tail)
+        return self.parts
 
 
 def _bin_header(size: int) -> bytes:
@@ -288,24 +322,48 @@ def _encode_nested(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
-_SCALAR_TYPES = (type(None), bool, int, float, str, bytes)
+# Frames at least this big are decoded zero-copy, by _read_msgpack below; smaller ones by
+# msgpack's C unpacker. The reader saves a copy of every big bin but costs ~10x more per item
+# than C, which wins for the many small per-token messages.
+ZERO_COPY_MIN_BYTES = 1 << 20
+
+_SCALAR_TYPES = (type(None), bool, int, float, str, bytes, memoryview)
 
 
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = True) -> dict:
-    """One frame -> one message dict, tensors as (read-only) numpy arrays over the bytes msgpack
-    decoded. Raises ProtocolError and nothing else, for any input.
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = True,
+           zero_copy: bool | None = None) -> dict:
+    """One frame -> one message dict, tensors as read-only numpy arrays. Raises ProtocolError and
+    nothing else, for any input.
 
     ``validate=False`` still enforces the format and the limits, but not MESSAGES.
+    ``zero_copy`` picks the decoder (see the module docstring): None (the default) by the frame's
+    size against ZERO_COPY_MIN_BYTES; True the zero-copy reader, whose tensors and big bins are
+    views of ``data`` (do not modify ``data`` while the message is in use), unless the frame has
+    too many items for it; False msgpack's C unpacker. All accept and refuse the same frames.
     """
     try:
-        size = memoryview(data).nbytes
+        frame = memoryview(data)
     except TypeError:
         raise ProtocolError("malformed", f"a frame must be bytes, got {type(data).__name__}") from None
+    size = frame.nbytes
     if size > limits.max_frame_bytes:
         raise ProtocolError("frame_too_large",
                             f"frame of {size} bytes exceeds the limit of {limits.max_frame_bytes}")
+    if zero_copy is None:
+        zero_copy = size >= ZERO_COPY_MIN_BYTES
+    msg = _unpack_zero_copy(frame, limits) if zero_copy else _unpack_copying(data, limits)
+    if type(msg) is not dict:
+        raise ProtocolError("malformed", f"a message must be a map, got {type(msg).__name__}")
+    _decode_tree(msg, "", 1, limits)
+    if validate:
+        _validate_message(msg)
+    return msg
+
+
+def _unpack_copying(data: bytes, limits: Limits) -> Any:
+    """msgpack's C unpacker: bins come back as bytes (copies)."""
     try:
-        msg = msgpack.unpackb(
+        return msgpack.unpackb(
             data, raw=False, use_list=True, strict_map_key=True, ext_hook=_refuse_ext,
             max_str_len=limits.max_str_len, max_bin_len=limits.max_frame_bytes,
             max_array_len=limits.max_list_len, max_map_len=limits.max_list_len,
@@ -315,22 +373,197 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = Tru
     except msgpack.exceptions.ExtraData:
         raise ProtocolError("malformed", "trailing bytes after the message") from None
     except msgpack.exceptions.StackError:
-        raise ProtocolError("too_deep", "nested deeper than msgpack's own stack") from None
+        raise _deeper_than_msgpack_stack() from None
     except ValueError as err:
         code = "limit_exceeded" if "exceeds max_" in str(err) else "malformed"
         raise ProtocolError(code, f"not a valid msgpack frame: {err}") from None
     except Exception as err:  # noqa: BLE001 - decode must never let a peer's bytes crash us
         raise ProtocolError("malformed", f"not a valid msgpack frame: {type(err).__name__}: {err}") from None
-    if type(msg) is not dict:
-        raise ProtocolError("malformed", f"a message must be a map, got {type(msg).__name__}")
-    _decode_tree(msg, "", 1, limits)
-    if validate:
-        _validate_message(msg)
-    return msg
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("malformed", f"msgpack ext type {code} is not part of the protocol")
+
+
+def _deeper_than_msgpack_stack() -> ProtocolError:
+    return ProtocolError("too_deep", "nested deeper than msgpack's own stack")
+
+
+def _unpack_zero_copy(frame: memoryview, limits: Limits) -> Any:
+    """The zero-copy reader, or the C unpacker for a frame with too many items to be worth it."""
+    try:
+        if frame.format != "B" or frame.ndim != 1:
+            frame = frame.cast("B")  # raises TypeError for a non-contiguous buffer
+        # A budget of items keeps a hostile big frame of tiny items (64 MB of nils) from costing
+        # much more here than in C: past it, C decodes the frame, with the same outcome.
+        max_items = _READER_MIN_ITEMS + frame.nbytes // _READER_BYTES_PER_ITEM
+        return _read_msgpack(frame.toreadonly(), limits, max_items)
+    except _TooManyItems:
+        return _unpack_copying(frame, limits)
+    except ProtocolError:
+        raise
+    except Exception as err:  # noqa: BLE001 - as in _unpack_copying
+        raise ProtocolError("malformed", f"not a valid msgpack frame: {type(err).__name__}: {err}") from None
+
+
+# The reader's item budget: 256 items, plus one per 4 KiB of frame. An item costs the reader
+# ~0.5-1 us, C ~20-100 ns, and 4 KiB of copy ~1 us: past the budget, the frame is mostly small
+# items, which C decodes faster than the reader saves by not copying the bins.
+_READER_MIN_ITEMS = 256
+_READER_BYTES_PER_ITEM = 4096
+# msgpack's C unpacker holds at most this many open (non-empty) containers, and refuses any
+# container header beyond it with a StackError: the reader does the same.
+_MSGPACK_STACK_SIZE = 1024
+
+
+class _TooManyItems(Exception):
+    """The frame has more items than the reader's budget: decode it with the C unpacker."""
+
+
+# What follows each msgpack header byte from 0xC0 on (0x00-0xBF and 0xE0-0xFF are fixint,
+# fixmap, fixarray and fixstr, handled inline). 0xC1 is never used.
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
+_NUMBERS = {head: struct.Struct(fmt) for head, fmt in [
+    (0xCA, ">f"), (0xCB, ">d"), (0xCC, ">B"), (0xCD, ">H"), (0xCE, ">I"), (0xCF, ">Q"),
+    (0xD0, ">b"), (0xD1, ">h"), (0xD2, ">i"), (0xD3, ">q")]}
+_STR, _BIN, _EXT, _ARRAY, _MAP = "str", "bin", "ext", "array", "map"
+_SIZED = {head: (kind, struct.Struct(fmt)) for head, kind, fmt in [  # kind, then its length
+    (0xC4, _BIN, ">B"), (0xC5, _BIN, ">H"), (0xC6, _BIN, ">I"),
+    (0xC7, _EXT, ">B"), (0xC8, _EXT, ">H"), (0xC9, _EXT, ">I"),
+    (0xD9, _STR, ">B"), (0xDA, _STR, ">H"), (0xDB, _STR, ">I"),
+    (0xDC, _ARRAY, ">H"), (0xDD, _ARRAY, ">I"), (0xDE, _MAP, ">H"), (0xDF, _MAP, ">I")]}
+_FIXEXT_LENGTH = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_NO_KEY = object()  # an open map waiting for its next key
+
+
+def _read_msgpack(buf: memoryview, limits: Limits, max_items: int) -> Any:
+    """Decodes one msgpack object from ``buf`` (read-only bytes) as msgpack's C unpacker does with
+    decode's options, and refuses what it refuses, at the same point and with the same code. The
+    difference: bins of at least SPLICE_MIN_BYTES come back as memoryview slices of ``buf``.
+
+    One loop, no recursion: read one object; if it is a non-empty map or array, open it and read
+    its first item; else hand it to the innermost open container, closing each container it fills.
+    """
+    end = len(buf)
+    pos = 0
+    open_containers: list[list] = []  # [map or list, items still to come, key read or _NO_KEY]
+    items_budget = max_items
+    while True:
+        # -- one object: a scalar in ``value``, or a container header in (kind, length)
+        if pos >= end:
+            raise _truncated()
+        head = buf[pos]
+        pos += 1
+        kind = None
+        if head <= 0x7F:
+            value = head
+        elif head >= 0xE0:
+            value = head - 0x100
+        elif head <= 0x8F:
+            kind, length = _MAP, head & 0x0F
+        elif head <= 0x9F:
+            kind, length = _ARRAY, head & 0x0F
+        elif head <= 0xBF:
+            kind, length = _STR, head & 0x1F
+        elif head in _CONSTANTS:
+            value = _CONSTANTS[head]
+        elif head in _NUMBERS:
+            number = _NUMBERS[head]
+            if pos + number.size > end:
+                raise _truncated()
+            value = number.unpack_from(buf, pos)[0]
+            pos += number.size
+        elif head in _FIXEXT_LENGTH:
+            kind, length = _EXT, _FIXEXT_LENGTH[head]
+        elif head in _SIZED:
+            kind, length_format = _SIZED[head]
+            if pos + length_format.size > end:
+                raise _truncated()
+            length = length_format.unpack_from(buf, pos)[0]
+            pos += length_format.size
+        else:  # 0xC1
+            raise ProtocolError("malformed", f"not a valid msgpack frame: byte 0x{head:02X} at "
+                                             f"offset {pos - 1} is not a msgpack type")
+
+        if kind is _MAP or kind is _ARRAY:
+            if len(open_containers) >= _MSGPACK_STACK_SIZE:
+                raise _deeper_than_msgpack_stack()
+            if length > limits.max_list_len:
+                raise _too_long(length, f"max_{kind}_len", limits.max_list_len)
+            if length:
+                items_budget -= 2 * length if kind is _MAP else length
+                if items_budget < 0:
+                    raise _TooManyItems()
+                open_containers.append([{} if kind is _MAP else [], length, _NO_KEY])
+                continue
+            value = {} if kind is _MAP else []
+        elif kind is not None:  # str, bin or ext: ``length`` bytes of data (ext: after its type)
+            if kind is _EXT:
+                length += 1
+            if pos + length > end:
+                raise _truncated()
+            start, pos = pos, pos + length
+            if kind is _STR:
+                # max_bin_len and max_ext_len are max_frame_bytes in decode: a frame can't hold
+                # a longer bin or ext, so only str has a limit to check
+                if length > limits.max_str_len:
+                    raise _too_long(length, "max_str_len", limits.max_str_len)
+                try:
+                    value = str(buf[start:pos], "utf-8")
+                except UnicodeDecodeError as err:
+                    raise ProtocolError("malformed", f"not a valid msgpack frame: {err}") from None
+            elif kind is _BIN:
+                value = buf[start:pos] if length >= SPLICE_MIN_BYTES else bytes(buf[start:pos])
+            else:
+                value = _ext_value(buf[start], buf[start + 1:pos])
+
+        # -- hand the finished object to the innermost open container, closing full ones
+        while open_containers:
+            innermost = open_containers[-1]
+            container = innermost[0]
+            if type(container) is list:
+                container.append(value)
+            elif innermost[2] is _NO_KEY:
+                innermost[2] = bytes(value) if type(value) is memoryview else value
+                break  # its value comes next
+            else:
+                key = innermost[2]
+                # strict_map_key, checked once the value is read, as C does
+                if type(key) is not str and type(key) is not bytes:
+                    raise ProtocolError("malformed", f"not a valid msgpack frame: "
+                                                     f"{type(key).__name__} is not allowed for map key")
+                container[key] = value
+                innermost[2] = _NO_KEY
+            innermost[1] -= 1
+            if innermost[1]:
+                break
+            open_containers.pop()
+            value = container
+        else:  # the top-level object is complete
+            if pos != end:
+                raise ProtocolError("malformed", "trailing bytes after the message")
+            return value
+
+
+def _ext_value(type_byte: int, data: memoryview) -> Any:
+    """Ext -1 is msgpack's Timestamp, which the C unpacker builds (and _decode_tree refuses with
+    the field's path); any other ext type is refused here, as _refuse_ext does."""
+    code = type_byte - 0x100 if type_byte >= 0x80 else type_byte
+    if code != -1:
+        _refuse_ext(code, data)
+    try:
+        return msgpack.Timestamp.from_bytes(bytes(data))
+    except ValueError as err:
+        raise ProtocolError("malformed", f"not a valid msgpack frame: {err}") from None
+
+
+def _truncated() -> ProtocolError:
+    return ProtocolError("malformed", "not a valid msgpack frame: incomplete input")
+
+
+def _too_long(length: int, limit_name: str, limit: int) -> ProtocolError:
+    return ProtocolError("limit_exceeded", f"not a valid msgpack frame: {length} exceeds "
+                                           f"{limit_name}({limit})")
 
 
 def _decode_tree(node: dict | list, path: str, depth: int, limits: Limits) -> None:
@@ -375,14 +608,14 @@ def _tensor_from_map(tensor_map: dict, where: str, limits: Limits) -> np.ndarray
     if count > limits.max_tensor_elements:
         raise ProtocolError("tensor_too_large", f"tensor {where} has {count} elements, limit "
                                                 f"{limits.max_tensor_elements}", where)
-    if type(data) is not bytes:
+    if type(data) is not bytes and type(data) is not memoryview:  # memoryview: zero-copy reader
         raise ProtocolError("malformed", f"tensor {where} data must be bin, got "
                                          f"{type(data).__name__}", where)
     dtype = DTYPES[name]
     if len(data) != count * dtype.itemsize:
         raise ProtocolError("bad_shape", f"tensor {where} has {len(data)} bytes, shape {shape} "
                                          f"x {dtype.itemsize} needs {count * dtype.itemsize}", where)
-    return np.ndarray(tuple(shape), dtype, data)  # a view of msgpack's bytes: read-only, no copy
+    return np.ndarray(tuple(shape), dtype, data)  # a read-only view of the bin: no copy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Tests for tabshard.wire: round trips, bad input -> ProtocolError, golden vectors.
+"""Tests for tabshard.wire: round trips, bad input -> ProtocolError, golden vectors, and the two
+decoders (msgpack's C unpacker, the zero-copy reader) agreeing.
+
+Every test here runs twice (the module-wide fixture ``decoder``): once as decode picks by frame
+size, so these small frames go through the C unpacker, and once with ZERO_COPY_MIN_BYTES = 0,
+so every frame goes through the zero-copy reader.
 
 The golden vectors in tests/vectors/ are written only on purpose:
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import sys
 from pathlib import Path
 
@@ -21,6 +27,16 @@ from tabshard import wire
 from tabshard.wire import DEFAULT_LIMITS, Limits, ProtocolError, decode, encode, make
 
 VECTORS_DIR = Path(__file__).parent / "vectors"
+
+
+@pytest.fixture(scope="module", autouse=True, params=["c_unpacker", "zero_copy_reader"])
+def decoder(request):
+    """Which decoder ``decode`` uses for the frames of this module's tests (all small)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "zero_copy_reader":
+            patch.setattr(wire, "ZERO_COPY_MIN_BYTES", 0)
+        yield request.param
+
 
 # ---------------------------------------------------------------------------------------------
 # One sample of every message type
@@ -84,7 +100,11 @@ def assert_same(actual, expected, path="message"):
         assert isinstance(actual, list) and len(actual) == len(expected), path
         for index, (a, e) in enumerate(zip(actual, expected)):
             assert_same(a, e, f"{path}.{index}")
-    elif isinstance(expected, (bytearray, memoryview)):
+    elif isinstance(expected, (bytes, bytearray, memoryview)):
+        if isinstance(actual, memoryview):  # the zero-copy reader's view of a big bin
+            assert actual.readonly and actual.nbytes >= wire.SPLICE_MIN_BYTES, path
+        else:
+            assert type(actual) is bytes, path
         assert actual == bytes(expected), path
     elif isinstance(expected, float) and math.isnan(expected):
         assert isinstance(actual, float) and math.isnan(actual), path
@@ -227,13 +247,16 @@ def test_bytes_like_fields_encode_as_bin():
         assert decode(encode(msg))["data"] == bytes(data)
 
 
-def test_decode_does_not_copy_tensor_bytes():
+def test_decode_does_not_copy_tensor_bytes(decoder):
     frame = encode(SAMPLES["step"])
     hidden = decode(frame)["hidden"]
     assert hidden.base is not None and not hidden.flags.owndata
-    assert isinstance(hidden.base, bytes)        # a view of the bytes msgpack decoded
-    assert not hidden.flags.writeable            # documented: arrays may be read-only
-    assert np.shares_memory(hidden, np.frombuffer(hidden.base, np.uint8))
+    assert not hidden.flags.writeable            # documented: arrays are read-only
+    if decoder == "c_unpacker":
+        assert isinstance(hidden.base, bytes)    # a view of the bytes msgpack decoded
+        assert np.shares_memory(hidden, np.frombuffer(hidden.base, np.uint8))
+    else:  # small bins are copied by the reader too, so that they don't hold on to the frame
+        assert not np.shares_memory(hidden, np.frombuffer(frame, np.uint8))
 
 
 def test_tensors_nested_in_lists_and_maps():
@@ -409,6 +432,7 @@ def test_frame_size_is_checked_before_unpacking(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("unpacked an oversized frame")
     monkeypatch.setattr(msgpack, "unpackb", fail)
+    monkeypatch.setattr(wire, "_read_msgpack", fail)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         decode(bytes(101), Limits(max_frame_bytes=100))
 
@@ -457,6 +481,230 @@ def test_schema_table_is_extensible(monkeypatch):
 def test_limits_refuse_unknown_dtype_names():
     with pytest.raises(ValueError):
         Limits(allowed_dtypes=frozenset({"f64"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero copy: encode_parts hands out views of the caller's buffers, and the reader decodes big
+# frames into views of the frame
+
+
+def big_f32(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(count, dtype=np.float32)
+
+
+BIG = big_f32(wire.ZERO_COPY_MIN_BYTES // 4 + 1000)  # one such tensor makes a big frame
+
+
+def frame_bytes_view(frame) -> np.ndarray:
+    return np.frombuffer(frame, np.uint8)
+
+
+@pytest.mark.parametrize("msg", [
+    *SAMPLES.values(),
+    make("step_result", step_id=1, epoch=0, output=BIG, topk_ids=np.arange(8, dtype=np.int32)),
+    make("step_result", step_id=1, epoch=0, output=BIG.reshape(-1, 8)[:, ::2]),   # strided
+    make("step_result", step_id=1, epoch=0, output=BIG.astype(">f4")),            # big-endian
+    make("weights_chunk", chunk_id=0, name="n", offset=0, total=1, sha256="", data=bytes(70000)),
+    make("weights_chunk", chunk_id=0, name="n", offset=0, total=1, sha256="",
+         data=memoryview(bytearray(70000))),
+    make("heartbeat", seq=1, a=BIG[:20000], b=bytes(65536), c=[BIG[:20000]], d=BIG[:3]),
+], ids=[*SAMPLES, "big_tensor", "strided", "big_endian", "big_bytes", "big_memoryview", "mixed"])
+def test_encode_parts_join_to_encode(msg):
+    parts = wire.encode_parts(msg, validate=False)
+    assert b"".join(parts) == encode(msg, validate=False)
+    assert all(type(part) in (bytes, memoryview) and len(part) for part in parts)
+
+
+def test_encode_parts_of_a_small_message_is_one_bytes():
+    assert wire.encode_parts(SAMPLES["step"]) == [encode(SAMPLES["step"])]
+
+
+def test_encode_parts_keep_big_buffers_as_views_of_the_callers_arrays():
+    data = bytearray(70000)
+    msg = make("heartbeat", seq=1, big=BIG, data=data, nested=[BIG[:20000]], small=BIG[:10])
+    parts = wire.encode_parts(msg)
+    views = [part for part in parts if type(part) is memoryview]
+    assert len(views) == 2  # top-level only: nested tensors go through the Packer (copied)
+    assert np.shares_memory(np.asarray(views[0]), BIG) and views[0].nbytes == BIG.nbytes
+    assert np.shares_memory(np.asarray(views[1]), np.frombuffer(data, np.uint8))
+    data[0] = 7  # documented: the pieces see the caller's later changes until they are sent
+    assert views[1][0] == 7
+
+
+def test_encode_parts_views_a_converted_copy_of_a_non_native_array():
+    big_endian = BIG.astype(">f4")
+    parts = wire.encode_parts(make("step_result", step_id=1, epoch=0, output=big_endian))
+    view = next(part for part in parts if type(part) is memoryview)
+    assert not np.shares_memory(np.asarray(view), big_endian)
+    assert np.array_equal(np.frombuffer(view, "<f4"), BIG)
+
+
+def big_frame_message() -> dict:
+    return make("step_result", step_id=300, epoch=2, output=BIG.reshape(-1, 8),
+                topk_ids=np.array([[5, 7]], np.int32), extra={"blob": bytes(70000), "tag": b"t"})
+
+
+def test_big_frame_decodes_into_views_of_the_frame():
+    msg = big_frame_message()
+    frame = encode(msg)
+    assert len(frame) >= wire.ZERO_COPY_MIN_BYTES
+    decoded = decode(frame)
+    assert_same(decoded, msg)
+    output = decoded["output"]
+    assert np.shares_memory(output, frame_bytes_view(frame))  # not one byte of it copied
+    assert not output.flags.writeable and not output.flags.owndata
+    blob = decoded["extra"]["blob"]
+    assert type(blob) is memoryview and blob.readonly and blob.obj is frame
+    # Small values are copies: a kept topk must not keep a 4 MB frame alive.
+    assert not np.shares_memory(decoded["topk_ids"], frame_bytes_view(frame))
+    assert type(decoded["extra"]["tag"]) is bytes
+
+
+def test_small_frames_go_through_the_c_unpacker_unless_asked(monkeypatch):
+    monkeypatch.setattr(wire, "ZERO_COPY_MIN_BYTES", 1 << 20)
+    msg = make("step_result", step_id=1, epoch=0, output=big_f32(200_000))
+    frame = encode(msg)
+    assert wire.SPLICE_MIN_BYTES < len(frame) < wire.ZERO_COPY_MIN_BYTES
+    assert not np.shares_memory(decode(frame)["output"], frame_bytes_view(frame))
+    assert np.shares_memory(decode(frame, zero_copy=True)["output"], frame_bytes_view(frame))
+    big_frame = encode(big_frame_message())
+    assert not np.shares_memory(decode(big_frame, zero_copy=False)["output"],
+                                frame_bytes_view(big_frame))
+
+
+def test_zero_copy_views_of_a_bytearray_frame_are_read_only():
+    frame = bytearray(encode(big_frame_message()))
+    output = decode(frame)["output"]
+    assert np.shares_memory(output, frame_bytes_view(frame)) and not output.flags.writeable
+    assert_same(decode(memoryview(frame)[:]), big_frame_message())
+
+
+def test_reader_hands_frames_of_many_small_items_to_c(monkeypatch):
+    msg = make("ready", layers=list(range(2_000)), checksum="x")
+    frame = encode(msg)
+    with pytest.raises(wire._TooManyItems):
+        wire._read_msgpack(memoryview(frame), DEFAULT_LIMITS, max_items=1_000)
+    assert wire._read_msgpack(memoryview(frame), DEFAULT_LIMITS, max_items=2_010) == msgpack.unpackb(frame)
+    c_unpackb, calls = msgpack.unpackb, []
+    monkeypatch.setattr(msgpack, "unpackb", lambda *args, **kwargs: calls.append(1) or c_unpackb(
+        *args, **kwargs))
+    assert_same(decode(frame, zero_copy=True), msg)
+    assert calls == [1]
+
+
+def test_reader_and_c_agree_past_msgpacks_stack_limit():
+    limits = Limits(max_depth=2000)
+    for frame in (b"\x91" * 1023 + b"\x90", b"\x91" * 1024 + b"\x90", b"\x91" * 1024 + b"\x01"):
+        # _decode_tree can't walk 1024 levels under Python's recursion limit, so compare what
+        # each unpacker itself returns or raises.
+        outcomes = set()
+        for unpack in (lambda: wire._unpack_copying(frame, limits),
+                       lambda: wire._read_msgpack(memoryview(frame), limits, max_items=1 << 20)):
+            try:
+                value = unpack()
+                depth = 0
+                while type(value) is list and value:
+                    value, depth = value[0], depth + 1
+                outcomes.add(("ok", depth, repr(value)))
+            except ProtocolError as err:
+                outcomes.add((err.code, err.field))
+        assert len(outcomes) == 1, (frame[-2:], outcomes)
+
+
+# Hand-made frames at the edges of the msgpack format and the limits. Each must get the same
+# outcome from both decoders (the message decoded, or the same error code and field).
+def raw_map(*pairs: bytes) -> bytes:
+    assert len(pairs) % 2 == 0
+    return bytes([0x80 | len(pairs) // 2]) + b"".join(pairs)
+
+
+HB_HEAD = b"\xa1v\x01\xa4type\xa9heartbeat\xa3seq\x01"
+EDGE_FRAMES = {
+    "ints_every_width": b"\x84" + HB_HEAD + b"\xa1x\x9b\x00\x7f\xe0\xcc\xff\xcd\xff\xff"
+                        b"\xce\xff\xff\xff\xff\xcf" + b"\xff" * 8 + b"\xd0\x80\xd1\x80\x00"
+                        b"\xd2\x80\x00\x00\x00\xd3\x80" + b"\x00" * 7,
+    "non_minimal_forms": b"\xde\x00\x04" + HB_HEAD + b"\xd9\x01x\xdd\x00\x00\x00\x02\xda\x00\x01a"
+                         b"\xdb\x00\x00\x00\x01b",
+    "floats": b"\x84" + HB_HEAD + b"\xa1x\x93\xca\x3f\xc0\x00\x00\xcb\x3f\xf8" + bytes(6)
+              + b"\xca\x7f\xa0\x00\x01",
+    "bins_every_width": b"\x84" + HB_HEAD + b"\xa1x\x93\xc4\x01a\xc5\x00\x01b\xc6\x00\x00\x00\x01c",
+    "tensor_in_bin16": b"\x84" + HB_HEAD + b"\xa1t\x83\xa3__t\xa2u8\xa1s\x91\x02\xa1b\xc5\x00\x02ab",
+    "tensor_in_str": b"\x84" + HB_HEAD + b"\xa1t\x83\xa3__t\xa2u8\xa1s\x91\x02\xa1b\xa2ab",
+    "tensor_keys_reordered": b"\x84" + HB_HEAD + b"\xa1t\x83\xa1b\xc4\x02ab\xa1s\x91\x02\xa3__t\xa2u8",
+    "duplicate_keys": b"\x84" + HB_HEAD + b"\xa3seq\x02",
+    "reserved_c1": b"\x84" + HB_HEAD + b"\xa1x\xc1",
+    "bin_key": b"\x84" + HB_HEAD + b"\xc4\x01k\x01",
+    "int_key_then_truncated_value": b"\x84" + HB_HEAD + b"\x01\xd9\x05abc",
+    "int_key_then_too_long_str": b"\x84" + HB_HEAD + b"\x01\xa5abcde",
+    "map_key": b"\x84" + HB_HEAD + b"\x80\x01",
+    "nil_key": b"\x84" + HB_HEAD + b"\xc0\x01",
+    "str_too_long_but_truncated": b"\x84" + HB_HEAD + b"\xa1x\xa5abc",
+    "list_too_long_but_truncated": b"\x84" + HB_HEAD + b"\xa1x\xdc\x00\x09",
+    "invalid_utf8_key": b"\x84" + HB_HEAD + b"\xa2\xc3\x28\x01",
+    "utf8_surrogate": b"\x84" + HB_HEAD + b"\xa1x\xa3\xed\xa0\x80",
+    "timestamp32": b"\x84" + HB_HEAD + b"\xa1x\xd6\xff\x00\x00\x00\x01",
+    "timestamp64_bad_nanoseconds": b"\x84" + HB_HEAD + b"\xa1x\xd7\xff" + b"\xff" * 8,
+    "timestamp96": b"\x84" + HB_HEAD + b"\xa1x\xc7\x0c\xff" + bytes(12),
+    "timestamp_bad_length": b"\x84" + HB_HEAD + b"\xa1x\xd5\xff\x00\x00",
+    "timestamp_as_key": b"\x84" + HB_HEAD + b"\xd6\xff\x00\x00\x00\x01\x01",
+    "ext_positive": b"\x84" + HB_HEAD + b"\xa1x\xd4\x05\x00",
+    "ext_empty": b"\x84" + HB_HEAD + b"\xa1x\xc7\x00\x05",
+    "ext_truncated": b"\x84" + HB_HEAD + b"\xa1x\xc8\x00\x05\x05ab",
+    "header_truncated": b"\x84" + HB_HEAD + b"\xa1x\xcd\x01",
+    "length_truncated": b"\x84" + HB_HEAD + b"\xa1x\xdb\x00\x00",
+    "empty_containers": b"\x86" + HB_HEAD + b"\xa1x\x90\xa1y\x80\xa1z\xdc\x00\x00",
+    "scalar_top_level": b"\x01",
+    "nil_top_level": b"\xc0",
+    "trailing_after_map": b"\x83" + HB_HEAD + b"\xc0",
+    "deep_within_limit": b"\x84" + HB_HEAD + b"\xa1x" + b"\x91" * 15 + b"\x01",
+    "deep_beyond_limit": b"\x84" + HB_HEAD + b"\xa1x" + b"\x91" * 16 + b"\x01",
+    "deep_then_truncated": b"\x84" + HB_HEAD + b"\xa1x" + b"\x91" * 30,
+}
+
+
+def outcome(frame, zero_copy: bool, limits: Limits = DEFAULT_LIMITS, validate: bool = True):
+    """What decode did, comparable between the decoders: ("ok", message) or the error."""
+    try:
+        return "ok", comparable(decode(frame, limits, validate=validate, zero_copy=zero_copy))
+    except ProtocolError as err:
+        assert err.code and isinstance(err.message, str)
+        return "error", err.code, err.field
+
+
+def comparable(value):
+    """A decoded value as plain comparable data: floats by their bits (NaN == NaN), bins by their
+    bytes, whether bytes or the reader's view of a big bin."""
+    if isinstance(value, np.ndarray):
+        return "tensor", value.dtype.str, value.shape, value.tobytes()
+    if isinstance(value, memoryview):
+        assert value.readonly and value.nbytes >= wire.SPLICE_MIN_BYTES
+        return "bin", value.tobytes()
+    if isinstance(value, bytes):
+        return "bin", value
+    if isinstance(value, float):
+        return "float", struct.pack(">d", value)
+    if isinstance(value, dict):
+        return "map", [(comparable(key), comparable(item)) for key, item in value.items()]
+    if isinstance(value, list):
+        return "list", [comparable(item) for item in value]
+    return type(value).__name__, value
+
+
+@pytest.mark.parametrize("frame", EDGE_FRAMES.values(), ids=EDGE_FRAMES)
+@pytest.mark.parametrize("limits", [DEFAULT_LIMITS, Limits(max_str_len=3, max_list_len=2)],
+                         ids=["default_limits", "small_limits"])
+def test_decoders_agree_on_edge_frames(frame, limits):
+    for validate in (True, False):
+        assert outcome(frame, True, limits, validate) == outcome(frame, False, limits, validate)
+
+
+def test_edge_frames_decode_as_expected():
+    decoded = decode(EDGE_FRAMES["ints_every_width"], zero_copy=True)
+    assert decoded["x"] == [0, 127, -32, 255, 65535, 2**32 - 1, 2**64 - 1, -128, -32768, -2**31,
+                            -2**63]
+    assert decode(EDGE_FRAMES["floats"], zero_copy=True)["x"][:2] == [1.5, 1.5]
+    assert decode(EDGE_FRAMES["duplicate_keys"], zero_copy=True)["seq"] == 2
+    assert decode(EDGE_FRAMES["tensor_keys_reordered"], zero_copy=True)["t"].tolist() == [97, 98]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +778,174 @@ def test_any_native_extra_field_round_trips(value):
     assume(nesting(value) < DEFAULT_LIMITS.max_depth)
     msg = make("heartbeat", seq=1, extra=value)
     assert_same(decode(encode(msg)), msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoders agree: the same messages from valid frames, the same errors from any other bytes
+
+
+@FUZZ
+@given(native_values, st.sampled_from([(), (0,), (3,), (2, 5)]), st.sampled_from(sorted(NUMPY_DTYPES)))
+def test_decoders_agree_on_valid_messages(value, shape, dtype):
+    assume(nesting(value) < DEFAULT_LIMITS.max_depth - 1)
+    msg = make("heartbeat", seq=1, extra=value, t=[sample_array(dtype, shape), {"u": value}])
+    frame = encode(msg)
+    assert outcome(frame, True) == outcome(frame, False) == ("ok", comparable(decode(frame)))
+    assert_same(decode(frame, zero_copy=True), msg)
+
+
+def pack_length(small_head: int | None, heads: tuple[int, int, int], length: int, form: int) -> bytes:
+    """A msgpack header for ``length``: its fix form (if any and it fits) or a wider one: msgpack
+    allows non-minimal forms, and the decoders must accept them alike."""
+    candidates = []
+    if small_head is not None and length < (16 if small_head in (0x80, 0x90) else 32):
+        candidates.append(bytes([small_head | length]))
+    for head, fmt, limit in zip(heads, (">B", ">H", ">I"), (1 << 8, 1 << 16, 1 << 32)):
+        if head is not None and length < limit:
+            candidates.append(bytes([head]) + struct.pack(fmt, length))
+    return candidates[min(form, len(candidates) - 1)]
+
+
+def raw_int(head_and_format: tuple[int, str]):
+    head, fmt = head_and_format
+    bits = 8 * struct.calcsize(fmt)
+    low, high = (0, 2 ** bits - 1) if fmt.isupper() else (-2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return st.integers(low, high).map(lambda i: bytes([head]) + struct.pack(">" + fmt, i))
+
+
+FIXEXT_HEADS = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+
+
+def raw_ext(code: int, length: int, fixed: bool) -> bytes:
+    head = bytes([FIXEXT_HEADS[length]]) if fixed and length in FIXEXT_HEADS else bytes([0xC7, length])
+    return head + struct.pack(">b", code) + bytes(range(length))
+
+
+def raw_tensor(dtype: str, shape: list, length_error: int, form: int) -> bytes:
+    """A tensor map, its byte count off by ``length_error`` itemsizes (0: a valid one)."""
+    itemsize = 8 if dtype in ("f64", "i64") else 4 if dtype == "f32" else 1
+    data = bytes(max(0, math.prod(shape) + length_error) * itemsize)
+    return (b"\x83\xa3__t" + bytes([0xA0 | len(dtype)]) + dtype.encode() + b"\xa1s"
+            + bytes([0x90 | len(shape)]) + bytes(shape) + b"\xa1b"
+            + pack_length(None, (0xC4, 0xC5, 0xC6), len(data), form) + data)
+
+
+forms = st.integers(0, 3)
+valid_scalars = st.one_of(
+    st.integers(-32, 127).map(lambda i: struct.pack(">b" if i < 0 else ">B", i)),  # fixint
+    st.sampled_from([b"\xc0", b"\xc2", b"\xc3"]),                                 # nil, bools
+    st.sampled_from(list(zip(range(0xCC, 0xD4), "BHIQbhiq"))).flatmap(raw_int),
+    st.binary(min_size=4, max_size=4).map(lambda bits: b"\xca" + bits),              # any float32
+    st.binary(min_size=8, max_size=8).map(lambda bits: b"\xcb" + bits),
+    st.builds(lambda data, form: pack_length(0xA0, (0xD9, 0xDA, 0xDB), len(data), form) + data,
+              st.text(max_size=12).map(str.encode), forms),
+    st.builds(lambda data, form: pack_length(None, (0xC4, 0xC5, 0xC6), len(data), form) + data,
+              st.binary(max_size=6), forms),
+    st.builds(raw_tensor, st.sampled_from(["f32", "u8"]), st.lists(st.integers(0, 3), max_size=2),
+              st.just(0), forms),
+)
+faulty_scalars = st.one_of(
+    st.just(b"\xc1"),                                                                # never used
+    st.builds(lambda data: bytes([0xA0 | len(data)]) + data, st.binary(max_size=6)),  # maybe not UTF-8
+    st.builds(raw_ext, st.sampled_from([-1, -1, 0, 5, -128, 127]),
+              st.sampled_from([0, 1, 2, 4, 8, 12, 16]), st.booleans()),
+    st.builds(raw_tensor, st.sampled_from(["f32", "u8", "f64", "i64"]),
+              st.lists(st.integers(0, 3), max_size=2), st.integers(-1, 1), forms),
+)
+raw_scalars = st.one_of(valid_scalars, valid_scalars, valid_scalars, faulty_scalars)
+str_keys = st.sampled_from(["v", "type", "seq", "x", "__t", "s", "b", "é"]).map(
+    lambda key: pack_length(0xA0, (0xD9, 0xDA, 0xDB), len(key.encode()), 0) + key.encode())
+raw_values = st.recursive(raw_scalars, lambda children: st.one_of(
+    st.tuples(st.lists(children, max_size=4), forms).map(
+        lambda t: pack_length(0x90, (None, 0xDC, 0xDD), len(t[0]), t[1]) + b"".join(t[0])),
+    st.tuples(st.lists(st.tuples(st.one_of(str_keys, str_keys, str_keys, children), children),
+                       max_size=4), forms).map(
+        lambda t: pack_length(0x80, (None, 0xDE, 0xDF), len(t[0]), t[1])
+        + b"".join(key + value for key, value in t[0]))), max_leaves=12)
+# Tight enough for generated values to cross them, loose enough for the frame's "v" and "type".
+small_limits = st.builds(Limits, max_tensor_elements=st.integers(0, 8),
+                         allowed_dtypes=st.sets(st.sampled_from(sorted(wire.DTYPES))).map(frozenset),
+                         max_depth=st.integers(2, 6), max_list_len=st.integers(3, 7),
+                         max_str_len=st.integers(9, 12))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.one_of(str_keys, str_keys, str_keys, raw_values), raw_values),
+                max_size=5), st.integers(0, 2),
+       st.sampled_from(["whole", "whole", "whole", "cut", "trailing"]), st.integers(1, 3),
+       small_limits | st.just(DEFAULT_LIMITS))
+def test_decoders_agree_on_raw_msgpack(fields, header_form, ending, count, limits):
+    """Frames built byte by byte, with every msgpack type and header form, good and bad keys,
+    ext types, tensor maps right and wrong, truncated or with trailing bytes, under tight limits."""
+    frame = (pack_length(0x80, (None, 0xDE, 0xDF), len(fields) + 2, header_form)
+             + b"\xa1v\x01\xa4type\xa9heartbeat" + b"".join(key + value for key, value in fields))
+    if ending == "cut":
+        frame = frame[:-count]
+    elif ending == "trailing":
+        frame += bytes(count)
+    for validate in (True, False):
+        assert outcome(frame, True, limits, validate) == outcome(frame, False, limits, validate)
+
+
+tensor_like_maps = st.fixed_dictionaries(
+    {"__t": st.sampled_from(["f32", "u8", "i64", "f64", 7]),
+     "s": st.lists(st.integers(-1, 3), max_size=3) | st.integers(0, 3),
+     "b": st.binary(max_size=24) | st.text(max_size=3)},
+    optional={"x": st.none()})
+packed_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats()
+    | st.text(max_size=14) | st.binary(max_size=8) | tensor_like_maps,
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=4) | st.binary(max_size=2) | st.integers(0, 2), children,
+                      max_size=5),
+    max_leaves=16)
+
+
+@FUZZ
+@given(packed_values, st.one_of(st.just(DEFAULT_LIMITS), st.just(DEFAULT_LIMITS), small_limits))
+def test_decoders_agree_on_packed_values(value, limits):
+    """Valid msgpack, built by msgpack itself, that the message layer may refuse: tensor maps right
+    and wrong, bin and int keys, deep nesting, under tight limits."""
+    frame = msgpack.packb({"v": 1, "type": "heartbeat", "seq": 1, "x": value})
+    for validate in (True, False):
+        assert outcome(frame, True, limits, validate) == outcome(frame, False, limits, validate)
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_decoders_agree_on_arbitrary_bytes(data):
+    for frame in (data, b"\x83\xa1v\x01\xa4type\xa9heartbeat" + data):
+        assert outcome(frame, True, validate=False) == outcome(frame, False, validate=False)
+
+
+# and one with a bin big enough to come back as a view
+AGREEMENT_FRAMES = MUTABLE_FRAMES + [encode(make("weights_chunk", chunk_id=1, name="n", offset=0,
+                                                 total=9, data=bytes(range(256)) * 300, sha256="ab"))]
+
+
+@FUZZ
+@given(st.sampled_from(AGREEMENT_FRAMES), st.data())
+def test_decoders_agree_on_mutated_frames(frame, data):
+    frame = bytearray(frame)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "set", "cut", "insert", "truncate"]))
+        # Half of the mutations hit the first bytes, where the headers are.
+        at = data.draw(st.integers(0, max(min(len(frame), 96) - 1, 0))
+                       | st.integers(0, max(len(frame) - 1, 0)))
+        if kind == "flip" and frame:
+            frame[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "set" and frame:
+            frame[at] = data.draw(st.sampled_from([0x00, 0x7F, 0x80, 0xC1, 0xC6, 0xCF, 0xD9, 0xDC,
+                                                   0xDF, 0xFF, 0x90, 0xA3, 0xC0, 0xD6, 0xC5]))
+        elif kind == "cut":
+            del frame[at:at + data.draw(st.integers(1, 8))]
+        elif kind == "insert":
+            frame[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            del frame[at:]
+    frame = bytes(frame)
+    for validate in (True, False):
+        assert outcome(frame, True, validate=validate) == outcome(frame, False, validate=validate)
 
 
 # ---------------------------------------------------------------------------------------------
