@@ -17,11 +17,13 @@ from kernels.quant import QuantSpec, quantize_rtn
 from tab_worker.backends import make_backend, resolve_backend_name
 from tab_worker.engine_types import LayerWeights, ModelConfig, SessionSlice
 from tab_worker.weights import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
+from tabshard.synthetic import random_layer
 from tabshard.wire import PROTOCOL_VERSION
 
 # bytes a backend holds per byte of packed weights: numpy dequantizes to f32 (~7x a 4.5-bit
-# packing) and keeps the packed blob; wgpu uploads the packed words as they are
-EXPANSION = {"numpy": 8.0, "wgpu": 1.2}
+# packing) and keeps the packed blob; wgpu uploads the packed words as they are; lean numpy
+# (device option lean=True) keeps blob + packed tensors (tab_worker/lean_backend.py)
+EXPANSION = {"numpy": 8.0, "wgpu": 1.2, "numpy-lean": 2.2}
 
 
 def msg(type_: str, **fields) -> dict:
@@ -58,7 +60,7 @@ class TabWorker:
             "kind": "python",
             "backend": self.backend_name,
             "memory_bytes": int(self.memory_bytes),
-            "expansion": EXPANSION[self.backend_name],
+            "expansion": self.expansion,
             "platform": f"{platform.system()} {platform.machine()}",
             "cpus": os.cpu_count() or 1,
             "profile": self.profile,
@@ -71,6 +73,11 @@ class TabWorker:
             except Exception as exc:  # report, do not die: the planner can still use numpy peers
                 caps["adapter_error"] = str(exc)
         return caps
+
+    @property
+    def expansion(self) -> float:
+        lean = self.backend_name == "numpy" and self.device_options.get("lean")
+        return EXPANSION["numpy-lean" if lean else self.backend_name]
 
     def hello(self) -> dict:
         partial = {a.info.sha256: sorted(a.have) for a in self._assembling.values()}
@@ -102,7 +109,9 @@ class TabWorker:
         """Time one synthetic layer of the model's shape: the planner's measure of this worker."""
         cfg = ModelConfig.from_dict(m["model"])
         tokens = int(m.get("tokens") or 4)
-        layer = synthetic_layer(cfg, seed=0)
+        # random packed codes, not quantize_rtn of random floats: at 7B shapes that would cost
+        # seconds and GiBs per tab before the tab is even planned
+        layer = random_layer(cfg, 0, spec=QuantSpec(4, 32, False))
         backend = make_backend(self.backend_name, cfg, {0: layer}, None, tokens + 1, **self.device_options)
         x = np.random.default_rng(0).standard_normal((1, cfg.hidden)).astype(np.float32)
         backend.forward([SessionSlice("calibration", 0, 1)], x)  # warm-up (pipelines, caches)
@@ -114,7 +123,7 @@ class TabWorker:
 
     def on_assign(self, m):
         infos = [BlobInfo(**c) for c in m["chunks"]]
-        need = sum(i.size for i in infos) * EXPANSION[self.backend_name]
+        need = sum(i.size for i in infos) * self.expansion
         if need > self.memory_bytes:
             return [msg("refuse", reason="memory", detail={"assignment_id": m["assignment_id"], "needed": int(need), "budget": int(self.memory_bytes)})]
         self._assignments[m["assignment_id"]] = m
@@ -216,7 +225,7 @@ class TabWorker:
     def held_bytes(self) -> int:
         """Bytes the held ranges take as this backend holds them (packed size x expansion)."""
         packed = sum(len(self.blobs.get(sha, b"")) for key in self.ranges for sha in self.range_blobs.get(key, ()))
-        return int(packed * EXPANSION[self.backend_name])
+        return int(packed * self.expansion)
 
     def on_unload(self, m):
         if "layer_start" in m:

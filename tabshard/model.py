@@ -54,8 +54,12 @@ QUANTIZED_SUFFIX = ".tsq"  # tabshard's own quantized model files (tabshard quan
 
 
 def open_model(path: str | os.PathLike | None = None):
-    """A GGUF, or one of our quantized model files; both expose config, tokenizer fields and
-    load_all()."""
+    """A GGUF, one of our quantized model files, or a synthetic model ("synthetic:llama-7b",
+    tabshard/synthetic.py); all expose config, tokenizer fields and load_all()."""
+    if path is not None and str(path).startswith("synthetic:"):
+        from tabshard.synthetic import SyntheticModel
+
+        return SyntheticModel(str(path))
     if path is not None and str(path).endswith(QUANTIZED_SUFFIX):
         from tabshard.qmodel import QuantizedModel
 
