@@ -27,6 +27,8 @@ _RULES = {
     "request_timeout_s": (float, 0.1, 3600.0),
     "calibration_tokens": (int, 2, 256),
     "max_sessions": (int, 1, 100_000),
+    "compute_dtype": (str, ("f32", "f16"), None),
+    "workgroup_size": (int, 1, 4096),
 }
 
 
@@ -51,7 +53,10 @@ def load_settings(path: str | None, overrides: dict | None = None) -> Coordinato
             values[key] = value
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"setting {key!r} = {value!r}: expected {kind.__name__}")
-        if lo is not None and not (lo <= value <= hi):
+        if isinstance(lo, tuple):
+            if value not in lo:
+                raise ConfigError(f"setting {key!r} = {value!r}: allowed values are {', '.join(lo)}")
+        elif lo is not None and not (lo <= value <= hi):
             raise ConfigError(f"setting {key!r} = {value!r}: allowed range is {lo} to {hi}")
     if "dead_after_ms" not in values and "heartbeat_ms" in values:
         values["dead_after_ms"] = int(values["heartbeat_ms"] * 3.2)

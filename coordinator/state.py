@@ -96,6 +96,8 @@ class CoordinatorSettings:
     max_sessions: int = 64
     prefix_cache_entries: int = 16  # prompts whose KV stays on the stages for reuse (0: off)
     prefix_min_tokens: int = 16  # shorter shared prefixes are not worth a fork
+    compute_dtype: str = "f32"  # asked of every tab; a tab that cannot honour it reports a correction
+    workgroup_size: int | None = None  # invocations per workgroup asked of WebGPU tabs (None: their best)
 
 
 # ---------------------------------------------------------------------- records
@@ -117,6 +119,7 @@ class Worker:
     steps: int = 0
     last_step_ms: float | None = None
     local: bool = False
+    corrections: list = field(default_factory=list)
 
     def move(self, new: str) -> None:
         if new != self.state and new not in WORKER_TRANSITIONS[self.state]:
@@ -411,6 +414,7 @@ class Coordinator:
             w.move("loading")
         out = [Send(w.conn, _msg("assign", assignment_id=aid, layer_start=st.layer_start, layer_end=st.layer_end,
                                  include_head=st.include_head, model=self.config.to_dict(), max_ctx=self.settings.max_ctx,
+                                 precision=self._precision(),
                                  chunks=[i.to_dict() for i in infos]))]
         # stream what the worker does not hold yet, in layer order: the earliest layers first
         for info in infos:
@@ -424,6 +428,12 @@ class Coordinator:
                 w.bytes_sent += len(piece)
                 self.counters["weight_bytes_sent"] += len(piece)
         return out
+
+    def _precision(self) -> dict:
+        p = {"compute": self.settings.compute_dtype}
+        if self.settings.workgroup_size:
+            p["workgroup_size"] = self.settings.workgroup_size
+        return p
 
     def _on_weights_ack(self, w: Worker, m: dict, now: float) -> list:
         if not m["ok"]:
@@ -439,12 +449,20 @@ class Coordinator:
             return []
         stage_index, shas = entry
         w.have_blobs.update(shas)
+        for c in m.get("corrections") or []:
+            if c not in w.corrections:
+                w.corrections.append(c)
+                self.events.append({"t": now, "kind": "correction", "worker": w.worker_id, **c})
         if not w.loading:
             w.move("ready")
-        if stage_index >= len(self.stages):
-            return []
-        st = self.stages[stage_index]
-        if w.worker_id not in st.holders:
+        st = self.stages[stage_index] if stage_index < len(self.stages) else None
+        layers = tuple(m.get("layers") or ())
+        if st is None or w.worker_id not in st.holders or (layers and layers != (st.layer_start, st.layer_end)):
+            # loaded for a plan replaced meanwhile (joins re-plan while others still load): the
+            # index may now name other layers. Free the range, or tabs pile up orphan ranges
+            # (seen with 32 tabs joining: 1 GB held each, for a 100 MB model)
+            if layers and not any((s.layer_start, s.layer_end) == layers and w.worker_id in s.holders for s in self.stages):
+                return [Send(w.conn, _msg("unload", reason="re-plan", layer_start=layers[0], layer_end=layers[1]))]
             return []
         st.ready.add(w.worker_id)
         if st.needs_rebuild and st.primary == w.worker_id:
@@ -845,6 +863,7 @@ class Coordinator:
                 "ms_per_layer": round(w.ms_per_layer, 3), "stages": sorted(w.stages), "steps": w.steps,
                 "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
+                "corrections": list(w.corrections),
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
                           "max_tokens": s.max_tokens} for s in self.sessions.values()],

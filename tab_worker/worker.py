@@ -165,11 +165,51 @@ class TabWorker:
                 else:
                     head = w
             key = (m["layer_start"], m["layer_end"])
-            self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **self.device_options)
+            options, corrections = self.honour_precision(m.get("precision") or {})
+            self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **options)
             self.range_heads[key] = head is not None
             self.range_blobs[key] = shas
-            out.append(msg("ready", assignment_id=aid, layers=list(key), checksum=sha256("".join(shas).encode())))
+            out.append(msg("ready", assignment_id=aid, layers=list(key), checksum=sha256("".join(shas).encode()),
+                           corrections=corrections))
         return out
+
+    def honour_precision(self, precision: dict) -> tuple[dict, list[dict]]:
+        """Settings the coordinator asks of every tab, corrected to what this tab can do: the
+        device options to build the backend with, and each correction (reported, never silent)."""
+        options, corrections = dict(self.device_options), []
+
+        def correct(setting, asked, used, reason):
+            corrections.append({"setting": setting, "asked": asked, "used": used, "reason": reason})
+
+        compute = precision.get("compute")
+        if compute not in (None, "f32"):
+            why = ("the numpy backend computes in f32" if self.backend_name == "numpy"
+                   else "this tab's kernels are f32-only" + ("" if self._has_feature("shader-f16") else " and its adapter lacks shader-f16"))
+            correct("compute", compute, "f32", why)
+        wg = precision.get("workgroup_size")
+        if wg is not None:
+            if self.backend_name != "wgpu":
+                correct("workgroup_size", wg, None, f"the {self.backend_name} backend has no workgroups")
+            else:
+                from kernels.runner import get_device
+
+                base = dict(get_device(options.get("limits", "adapter")).limits)
+                cap = base["max-compute-invocations-per-workgroup"]
+                used = min(int(wg), cap, base["max-compute-workgroup-size-x"])
+                if used != wg:
+                    correct("workgroup_size", wg, used, f"the adapter allows at most {cap} invocations per workgroup")
+                base["max-compute-invocations-per-workgroup"] = used
+                base["max-compute-workgroup-size-x"] = min(base["max-compute-workgroup-size-x"], used)
+                options["limits"] = base
+        return options, corrections
+
+    def _has_feature(self, name: str) -> bool:
+        try:
+            from kernels.runner import shared_device
+
+            return name in shared_device().adapter.features
+        except Exception:
+            return False
 
     def on_step(self, m):
         key = (m["layer_start"], m["layer_end"])

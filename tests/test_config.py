@@ -31,3 +31,11 @@ def test_bad_values_name_key_value_and_allowed(tmp_path, text, needle):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings("/nonexistent/serve.toml")
+
+
+def test_choice_settings(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("compute_dtype = 'f64'\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(f))
+    assert "'compute_dtype' = 'f64': allowed values are f32, f16" in str(e.value)

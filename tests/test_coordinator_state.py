@@ -346,3 +346,16 @@ def test_a_stall_of_the_coordinator_itself_kills_nobody(weights):
         net.now += 0.05
         net.perform(net.core.tick(net.now))
     assert all(w.state == "dead" for w in net.core.workers.values())
+
+
+def test_settings_a_tab_cannot_honour_are_corrected_and_reported(weights, reference):
+    net = start(weights, 2, compute_dtype="f16", workgroup_size=1024)
+    st = net.core.status(net.now)
+    for w in st["workers"]:
+        settings = {c["setting"]: c for c in w["corrections"]}
+        assert settings["compute"]["used"] == "f32" and "numpy" in settings["compute"]["reason"]
+        assert settings["workgroup_size"]["used"] is None
+    assert sum(e["kind"] == "correction" for e in net.core.events) == 4
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
