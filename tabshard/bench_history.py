@@ -10,7 +10,10 @@ percentage:
 
     history  = the last `HISTORY` figures of this metric on this fingerprint (at least `MIN_HISTORY`)
     center   = median(history)
-    noise    = max(1.4826 * MAD(history),          # how much run medians wander between runs
+    between  = max(1.4826 * MAD(history),         # how much run medians wander between runs:
+                   stdev(history without its 10 % farthest from the center))  # (MAD alone is
+                                                    # unstable on ~10 points; trimming keeps it robust)
+    noise    = max(between * sqrt(1 + 1/n),         # a prediction interval for one new run
                    1.4826 * median(spread of each run, this one included) / sqrt(repeats),
                    EPS * |center|)                  # floor: a perfectly repeatable metric
     z        = (new - center) / noise, signed so that positive is worse
@@ -170,7 +173,11 @@ def judge(value: float, better: str, history: list[tuple[float, float]], spread:
     values = [v for v, _ in hist]
     center = statistics.median(values)
     within = statistics.median([s for _, s in hist] + [spread])
-    noise = max(MAD_TO_SIGMA * _mad(values), MAD_TO_SIGMA * within / math.sqrt(max(1, repeats)), EPS * abs(center), 1e-12)
+    by_distance = sorted(values, key=lambda v: abs(v - center))
+    kept = by_distance[: len(values) - max(1, len(values) // 10)]
+    between = max(MAD_TO_SIGMA * _mad(values), statistics.stdev(kept) if len(kept) > 1 else 0.0)
+    noise = max(between * math.sqrt(1 + 1 / len(values)), MAD_TO_SIGMA * within / math.sqrt(max(1, repeats)),
+                EPS * abs(center), 1e-12)
     z = (value - center) / noise * (1 if better == "lower" else -1)
     verdict = "regression" if z > k else "improvement" if z < -k else "ok"
     return Verdict(metric, value, verdict, z, center, noise, len(hist))
