@@ -7,9 +7,9 @@ without ever holding the others: the coordinator packs layer after layer, a refe
 rebuilds them, and nothing is read from disk. Weights are born packed (3-bit symmetric, groups
 of 64 by default): uniform random codes in the 3-bit bit-plane packing ARE uniform random u32
 words (every bit of a uniform code in [0, 8) is an independent fair coin), so the words are
-drawn directly and no float matrix of 7B parameters ever exists. Per-group f16 scales make
-each row's norm about 1 (E[(q-4)^2] = 5.5 for uniform q), so activations stay O(1) through
-the layers. The output head is untied (a head tied to a random embedding repeats one token).
+drawn directly and no float matrix of 7B parameters ever exists. Per-group f16 scales of random
+sign make each row's norm about 1 (E[(q-4)^2] = 5.5 for uniform q), so activations stay O(1)
+through the layers. The output head is untied (a head tied to a random embedding repeats one token).
 
 The tokenizer is byte-level with no merges: ids 0-2 are <unk>/<s>/</s> (control), 3-258 the
 256 bytes, the rest `<tN>` placeholders, exposed through the same `field()` keys as a GGUF so
@@ -57,7 +57,10 @@ def random_matrix(n: int, k: int, seed: list[int], spec: QuantSpec = SPEC) -> Qu
     half = 1 << (spec.bits - 1)
     offset_sq = float(np.mean((np.arange(1 << spec.bits) - half) ** 2))
     base = 1.0 / np.sqrt(k * offset_sq)
-    scale = (base * (0.5 + rng.random((n, groups), dtype=np.float32))).astype(np.float16)
+    # random signs: symmetric codes have mean offset -1/2, and positive scales would give every
+    # row the same bias along the input's mean, so a stream of such layers repeats one token
+    sign = np.where(rng.random((n, groups), dtype=np.float32) < 0.5, -1.0, 1.0).astype(np.float32)
+    scale = (sign * base * (0.5 + rng.random((n, groups), dtype=np.float32))).astype(np.float16)
     if not spec.symmetric:  # the same values as the symmetric format: min = -scale * 2**(bits-1)
         minimum = (-scale.astype(np.float32) * half).astype(np.float16)
         words = scale.view(np.uint16).astype(np.uint32) | (minimum.view(np.uint16).astype(np.uint32) << 16)

@@ -25,3 +25,14 @@ def smollm2_tokenizer(smollm2_model):
 @pytest.fixture(scope="session")
 def smollm2_weights(smollm2_model):
     return smollm2_model.load_all()
+
+
+@pytest.fixture(scope="session")
+def ray_rt():
+    """One local Ray for every simulated-tab test of the session (starting one costs seconds);
+    started on first use, shut down at the end (never `ray stop`)."""
+    pytest.importorskip("ray")
+    from simulation.runtime import ray_session
+
+    with ray_session() as ray:
+        yield ray

@@ -21,7 +21,7 @@ def test_shipped_scenarios_parse_and_chaos_has_100_faults():
         run_scenario({"tabs": [{"profile": "netscape"}]})
 
 
-def test_smoke_scenario_passes_with_exact_tokens(tmp_path):
+def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     report = run_scenario(SCENARIOS / "smoke.toml", out_dir=tmp_path, progress=lambda *a, **k: None)
     print(format_table(report))
     assert report["passed"], format_table(report)

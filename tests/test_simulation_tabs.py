@@ -11,17 +11,11 @@ import pytest
 pytest.importorskip("ray")
 
 from actors.tab import SimulatedTab, TabGone  # noqa: E402
-from simulation.runtime import CoordinatorProcess, EventLog, plan_served, ray_session  # noqa: E402
+from simulation.runtime import CoordinatorProcess, EventLog, plan_served  # noqa: E402
 from simulation.workload import Reference, make_prompt, stream_request  # noqa: E402
 
 N = 16
 PROMPT = make_prompt(7, 12)
-
-
-@pytest.fixture(scope="module")
-def ray_rt():
-    with ray_session() as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
