@@ -142,6 +142,9 @@ class ProtocolError(Exception):
                 "message": self.message}
 
 
+MAX_DEPTH_LIMIT = 256
+
+
 @dataclass(frozen=True)
 class Limits:
     """What ``decode`` accepts. A peer that exceeds these gets a ProtocolError, never a crash."""
@@ -157,6 +160,9 @@ class Limits:
         unknown = set(self.allowed_dtypes) - set(DTYPES)
         if unknown:
             raise ValueError(f"unknown dtype names in allowed_dtypes: {sorted(unknown)}")
+        # the decoded tree is checked recursively: keep far below Python's recursion limit
+        if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"max_depth must be in [1, {MAX_DEPTH_LIMIT}], got {self.max_depth}")
 
 
 DEFAULT_LIMITS = Limits()

@@ -593,7 +593,10 @@ def test_reader_hands_frames_of_many_small_items_to_c(monkeypatch):
 
 
 def test_reader_and_c_agree_past_msgpacks_stack_limit():
-    limits = Limits(max_depth=2000)
+    # Limits refuses a max_depth this deep (decode's tree walk would exhaust Python's stack);
+    # this test compares only the two unpackers, so it sets the field past the check
+    limits = Limits()
+    object.__setattr__(limits, "max_depth", 2000)
     for frame in (b"\x91" * 1023 + b"\x90", b"\x91" * 1024 + b"\x90", b"\x91" * 1024 + b"\x01"):
         # _decode_tree can't walk 1024 levels under Python's recursion limit, so compare what
         # each unpacker itself returns or raises.
@@ -1120,3 +1123,8 @@ if __name__ == "__main__":
         write_vectors()
     else:
         sys.exit(f"usage: {sys.argv[0]} --write-vectors   (tests run under pytest)")
+
+
+def test_limits_refuse_a_depth_the_tree_walk_cannot_honour():
+    with pytest.raises(ValueError, match="max_depth"):
+        Limits(max_depth=2000)
