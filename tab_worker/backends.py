@@ -2,7 +2,11 @@
 where numpy is several times faster than wgpu on lavapipe; see PLATFORM.md)."""
 from __future__ import annotations
 
-from tabshard.errors import ConfigError
+from tabshard.errors import ConfigError, TabshardError
+
+
+class BackendUnavailable(TabshardError):
+    """The chosen backend cannot run here (no adapter, or limits too small for the request)."""
 
 BACKENDS = ("auto", "numpy", "wgpu")
 
@@ -22,7 +26,8 @@ def resolve_backend_name(name: str) -> str:
 
 def make_backend(name: str, config, layers, head, max_ctx: int, **device_options):
     name = resolve_backend_name(name)
-    if name == "numpy" and device_options.get("lean"):  # packed weights, dequantized per step (lean_backend.py)
+    lean = device_options.pop("lean", False)
+    if name == "numpy" and lean:  # packed weights, dequantized per step (lean_backend.py)
         from tab_worker.lean_backend import LeanNumpyBackend
 
         return LeanNumpyBackend(config, layers, head, max_ctx)
@@ -30,6 +35,12 @@ def make_backend(name: str, config, layers, head, max_ctx: int, **device_options
         from tab_worker.numpy_backend import NumpyBackend
 
         return NumpyBackend(config, layers, head, max_ctx)
+    from kernels.runner import LimitError, NoAdapterError
     from tab_worker.wgpu_backend import WgpuBackend
 
-    return WgpuBackend(config, layers, head, max_ctx, **device_options)
+    try:
+        return WgpuBackend(config, layers, head, max_ctx, **device_options)
+    except NoAdapterError as exc:
+        raise BackendUnavailable(f"the wgpu backend has no adapter here ({exc}); use --backend numpy") from None
+    except LimitError as exc:
+        raise BackendUnavailable(f"the WebGPU adapter's limits are too small: {exc}") from None

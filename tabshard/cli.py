@@ -35,7 +35,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(a) -> int:
-    from tabshard.generate import LocalGenerator
+    from tabshard.generate import LocalGenerator, check_request
     from tabshard.model import open_model
     from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
 
@@ -46,6 +46,7 @@ def cmd_generate(a) -> int:
     tok = GGUFTokenizer(model)
     text = tok.render_chat([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     prompt_ids = tok.encode(text)
+    check_request(model.config, prompt_ids, a.max_tokens)  # before the slow part: loading weights
     gen = LocalGenerator(model.load_all(), backend=a.backend)
     stream = StreamDecoder(tok)
     tokens = []
