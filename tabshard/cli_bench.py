@@ -133,8 +133,10 @@ def bench_codec(ctx: Ctx) -> list[Figure]:
 
 
 def bench_cluster(ctx: Ctx) -> list[Figure]:
-    """Real processes on 127.0.0.1: sharding ratio (N workers / 1), concurrent streams, and
-    failure detection and recovery over kills by PID."""
+    """Real processes on 127.0.0.1: sharding ratio, concurrent streams, detection/recovery.
+
+    Sharding: decode tok/s with N workers / 1; concurrency: aggregate tok/s of several streams /
+    one; faults: detection and recovery over kills by PID (and SIGSTOP freezes in full)."""
     bc = _script("bench_cluster")
     from tabshard.cluster import LocalCluster
 
@@ -239,8 +241,10 @@ def bench_anchors(ctx: Ctx) -> list[Figure]:
 
 
 def bench_compat(ctx: Ctx) -> list[Figure]:
-    """The compatibility matrix: each profile on this host's wgpu under its limits, and real
-    headless Chromium (full suite, or quick when Chromium is here: ~10 s)."""
+    """Compatibility matrix: every profile under its limits on this host, and real Chromium.
+
+    Native: wgpu with the profile's limits (numpy for profiles without WebGPU); real: headless
+    Chromium compiles every kernel and times a step-sized matvec (~10 s)."""
     from tabshard import compat_matrix as cm
 
     profiles = cm._profiles()

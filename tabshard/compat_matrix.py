@@ -192,8 +192,12 @@ def measure_chromium(chromium: str = "/usr/bin/chromium", timeout_s: float = 120
         return None
     class Quiet(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(204)
+            body = b"<!doctype html><title>tabshard compat</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
@@ -263,7 +267,7 @@ def _display(rec: dict, profile=None) -> dict:
         "wg_mem": "–" if wgm is None else f"{wgm // 1024} KiB",
         "features": ", ".join(profile.features) if profile and profile.features else "–",
         "kernels": f"{len(ok)}: {', '.join(ok)}" if ok else "none",
-        "failed": "; ".join(failed) if failed else "none",
+        "failed": "; ".join(f.replace("\n", " ")[:160] for f in failed) if failed else "none",
         "step": step_s,
         "_class": {"failed": "bad" if failed else "ok"},
     }
