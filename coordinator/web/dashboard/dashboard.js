@@ -80,7 +80,7 @@ function makeChart(el, label, color, dots) {
   const width = Math.max(200, el.clientWidth || 300);
   return new uPlot({ width, height: 170, legend: { show: false }, cursor: { show: true },
     scales: { x: { time: true } },
-    axes: [{ size: 28, values: (u, splits) => splits.map((v) => clock(v).slice(0, 5)) }, { size: 44 }],
+    axes: [{ size: 28, values: (u, splits) => splits.map((v) => clock(v).slice(0, 5)) }, { size: 54 }],
     series: [{}, { label, stroke: color, width: 1.5, fill: color + "22", spanGaps: false,
                    points: { show: dots, size: 5, fill: color } }],
   }, [[], []], el);
