@@ -264,3 +264,19 @@ export function f16ToNumber(h) {
   if (e === 31) return f ? NaN : s * Infinity;
   return s * (1 + f / 1024) * 2 ** (e - 15);
 }
+
+// Any msgpack value with tensor maps turned into Tensors, without message validation: the
+// weight blobs (tab_worker/weights.py) are such maps.
+export function decodeValue(bytes, limits = { ...Limits, maxFrameBytes: 2 ** 31 - 1, maxTensorElements: 2 ** 31 - 1 }) {
+  let decoder = decoders.get(limits);
+  if (!decoder) decoders.set(limits, (decoder = makeDecoder(limits)));
+  let value;
+  try {
+    value = decoder.decode(bytes);
+  } catch (err) {
+    if (err instanceof ProtocolError) throw err;
+    throw new ProtocolError("malformed", `not valid msgpack: ${err.message}`);
+  }
+  if (isDict(value)) walk(value, "", 1, limits);
+  return value;
+}

@@ -1,0 +1,612 @@
+// The WebGPU backend of a browser tab: the very kernels/*.wgsl files the native path runs
+// (fetched from the coordinator's /kernels/NAME.wgsl), launched as kernels/runner.py and
+// tab_worker/wgpu_backend.py launch them: params uniform at binding 0 then the storage
+// buffers in binding order, the Params fields parsed from the WGSL, override constants
+// chosen from the adapter's limits, qmatvec's ROWS variants, top-k on the device.
+//
+// Pipelines are created once, asynchronously, at load (only those the held layers need); a
+// step records every layer (and the head, for the last stage) into ONE command encoder and
+// reads back once.
+const SOFTWARE_ADAPTERS = ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render"];
+const LIMIT_KEYS = ["maxBufferSize", "maxStorageBufferBindingSize", "maxUniformBufferBindingSize",
+  "maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX",
+  "maxComputeWorkgroupSizeY", "maxComputeWorkgroupSizeZ", "maxComputeWorkgroupsPerDimension",
+  "maxStorageBuffersPerShaderStage", "minStorageBufferOffsetAlignment", "minUniformBufferOffsetAlignment"];
+export const MATVEC_ROWS = [1, 4, 8];
+export const TOPK_SLOTS = 64;  // one topk pipeline (KP = 64) serves every k <= 64
+const SUBMIT_EVERY = 0;  // one command buffer per step
+
+export class LimitError extends RangeError {}
+
+// ====================================================================== device
+export class WebGpuDevice {
+  static async create(limitsMode = "adapter", base = "") {
+    if (!navigator.gpu) throw new Error("navigator.gpu is missing");
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+    if (!adapter) throw new Error("requestAdapter() returned null (no usable GPU or WebGPU disabled)");
+    // "adapter": the adapter's best values of the limits the kernels plan with; "default":
+    // none requested, i.e. the spec's defaults, as any conformant browser grants (Safari, phones)
+    const requiredLimits = {};
+    if (limitsMode !== "default") for (const k of LIMIT_KEYS) if (!k.startsWith("min")) requiredLimits[k] = adapter.limits[k];
+    const device = await adapter.requestDevice({ requiredLimits });
+    return new WebGpuDevice(adapter, device, limitsMode, base);
+  }
+
+  constructor(adapter, device, limitsMode, base) {
+    this.adapter = adapter;
+    this.device = device;
+    this.queue = device.queue;
+    this.limitsMode = limitsMode;
+    this.base = base;
+    this.limits = {};
+    for (const k of LIMIT_KEYS) this.limits[k] = device.limits[k];
+    this.features = [...device.features].sort();
+    this.adapterFeatures = [...adapter.features].sort();
+    const info = adapter.info || {};
+    this.info = {
+      vendor: info.vendor || "", architecture: info.architecture || "", device: info.device || "", description: info.description || "",
+      is_fallback: !!(info.isFallbackAdapter ?? adapter.isFallbackAdapter),
+    };
+    this._sources = new Map();
+    this._modules = new Map();
+    this._pipelines = new Map();
+    this._params = new Map();
+    this.lost = null;
+    device.lost.then((l) => { this.lost = `${l.reason}: ${l.message}`; });
+  }
+
+  isRealGpu() {
+    const text = `${this.info.vendor} ${this.info.architecture} ${this.info.device} ${this.info.description}`.toLowerCase();
+    return !this.info.is_fallback && !SOFTWARE_ADAPTERS.some((s) => text.includes(s));
+  }
+
+  describe() {
+    const i = this.info;
+    return {
+      adapter: [i.description || i.device || i.architecture || "?", i.vendor && `(${i.vendor}${i.architecture ? ` ${i.architecture}` : ""})`].filter(Boolean).join(" "),
+      adapter_info: i, is_fallback: i.is_fallback, is_real_gpu: this.isRealGpu(), features: this.features,
+      adapter_features: this.adapterFeatures, limits: this.limits, limits_mode: this.limitsMode,
+      f16: this.adapterFeatures.includes("shader-f16"), subgroups: this.adapterFeatures.includes("subgroups"),
+    };
+  }
+
+  get maxBinding() { return Math.min(this.limits.maxStorageBufferBindingSize, this.limits.maxBufferSize); }
+
+  workgroupSize(preferred) {
+    const cap = Math.min(preferred, this.limits.maxComputeInvocationsPerWorkgroup, this.limits.maxComputeWorkgroupSizeX);
+    return 2 ** Math.floor(Math.log2(cap));
+  }
+
+  // ------------------------------------------------------------------ kernels
+  async source(kernel) {
+    if (!this._sources.has(kernel)) {
+      this._sources.set(kernel, fetch(`${this.base}/kernels/${kernel}.wgsl`).then((r) => {
+        if (!r.ok) throw new Error(`kernel ${kernel}.wgsl: HTTP ${r.status}`);
+        return r.text();
+      }));
+    }
+    return this._sources.get(kernel);
+  }
+
+  static key(kernel, constants) {
+    return kernel + JSON.stringify(Object.entries(constants).sort());
+  }
+
+  // Creates (once, asynchronously, in parallel) the pipelines of these [kernel, constants].
+  async prepare(list) {
+    await Promise.all(list.map(async ([kernel, constants]) => {
+      const key = WebGpuDevice.key(kernel, constants);
+      if (!this._pipelines.has(key)) {
+        this._pipelines.set(key, (async () => {
+          const code = await this.source(kernel);
+          if (!this._params.has(kernel)) this._params.set(kernel, parseParams(code));
+          let module = this._modules.get(kernel);
+          if (!module) this._modules.set(kernel, (module = this.device.createShaderModule({ code, label: kernel })));
+          const values = {};
+          for (const [k, v] of Object.entries(constants)) values[k] = Number(v);
+          try {
+            return await this.device.createComputePipelineAsync({ layout: "auto", label: key,
+              compute: { module, entryPoint: "main", constants: values } });
+          } catch (err) {
+            throw new LimitError(`${kernel} ${JSON.stringify(constants)}: ${err.message}`);
+          }
+        })());
+      }
+      this._pipelines.set(key, await this._pipelines.get(key));
+    }));
+  }
+
+  pipeline(kernel, constants) {
+    const p = this._pipelines.get(WebGpuDevice.key(kernel, constants));
+    if (!p || p instanceof Promise) throw new Error(`pipeline ${kernel} ${JSON.stringify(constants)} was not prepared`);
+    return p;
+  }
+
+  packParams(kernel, values) {
+    const fields = this._params.get(kernel);
+    const names = fields.map(([n]) => n);
+    if ([...names].sort().join() !== Object.keys(values).sort().join()) throw new TypeError(`${kernel} params are ${names}, got ${Object.keys(values)}`);
+    const buf = new ArrayBuffer(Math.ceil((fields.length * 4) / 16) * 16 || 16), view = new DataView(buf);
+    fields.forEach(([n, t], i) => {
+      if (t === "f32") view.setFloat32(4 * i, values[n], true);
+      else if (t === "i32") view.setInt32(4 * i, values[n], true);
+      else view.setUint32(4 * i, values[n], true);
+    });
+    return buf;
+  }
+
+  // ------------------------------------------------------------------ buffers
+  buffer(nbytes, label = "", uniform = false) {
+    const size = Math.max(16, Math.ceil(nbytes / 16) * 16);
+    if (size > this.limits.maxBufferSize) throw new LimitError(`buffer ${label} of ${size} bytes exceeds maxBufferSize ${this.limits.maxBufferSize}`);
+    const U = GPUBufferUsage;
+    return this.device.createBuffer({ size, label, usage: (uniform ? U.UNIFORM : U.STORAGE | U.COPY_SRC) | U.COPY_DST });
+  }
+
+  upload(array, label = "") {
+    const buf = this.buffer(array.byteLength, label);
+    if (array.byteLength) this.write(buf, array);
+    return buf;
+  }
+
+  write(buf, array, offset = 0) {
+    let bytes = new Uint8Array(array.buffer, array.byteOffset, array.byteLength);
+    if (bytes.byteLength % 4) { const padded = new Uint8Array(Math.ceil(bytes.byteLength / 4) * 4); padded.set(bytes); bytes = padded; }
+    this.queue.writeBuffer(buf, offset, bytes);
+  }
+
+  bindGroup(pipeline, buffers) {
+    return this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0),
+      entries: buffers.map((b, i) => ({ binding: i, resource: { buffer: b } })) });
+  }
+}
+
+function parseParams(code) {
+  const body = /struct\s+Params\s*\{([\s\S]*?)\}/.exec(code.replace(/\/\/[^\n]*/g, ""));
+  return body ? [...body[1].matchAll(/(\w+)\s*:\s*(u32|i32|f32)/g)].map((m) => [m[1], m[2]]) : [];
+}
+
+// ====================================================================== launchers
+class Launch {
+  constructor(dev, kernel, constants, buffers, params) {
+    this.dev = dev;
+    this.kernel = kernel;
+    this.pipeline = dev.pipeline(kernel, constants);
+    this.params = params;
+    const packed = dev.packParams(kernel, params);
+    this.paramsBuffer = dev.buffer(packed.byteLength, `${kernel}.params`, true);
+    dev.queue.writeBuffer(this.paramsBuffer, 0, packed);
+    this.bindGroup = dev.bindGroup(this.pipeline, [this.paramsBuffer, ...buffers]);
+    this.maxGroups = dev.limits.maxComputeWorkgroupsPerDimension;
+  }
+  set(changes) {
+    if (Object.entries(changes).every(([k, v]) => this.params[k] === v)) return;
+    this.params = { ...this.params, ...changes };
+    this.dev.queue.writeBuffer(this.paramsBuffer, 0, this.dev.packParams(this.kernel, this.params));
+  }
+  dispatch(pass, x, y = 1, z = 1) {
+    if (x > this.maxGroups || y > this.maxGroups || z > this.maxGroups) throw new LimitError(`${this.kernel}: dispatch ${[x, y, z]} exceeds ${this.maxGroups} workgroups per dimension`);
+    if (!(x && y && z)) return;
+    pass.setPipeline(this.pipeline);
+    pass.setBindGroup(0, this.bindGroup);
+    pass.dispatchWorkgroups(x, y, z);
+  }
+}
+
+const quantConstants = (spec) => ({ BITS: spec.bits, GROUP: spec.group, SYMMETRIC: spec.symmetric ? 1 : 0 });
+
+// A packed matrix on the device, split by rows into chunks that each fit one binding
+function uploadQuant(dev, t, label) {
+  const wpr = t.q.length / t.n, spr = t.s.length / t.n;
+  const rowBytes = Math.max(wpr, spr) * 4;
+  const perChunk = Math.min(t.n, Math.floor(dev.maxBinding / rowBytes), dev.limits.maxComputeWorkgroupsPerDimension);
+  if (perChunk < 1) throw new LimitError(`one row of ${label} (${rowBytes} bytes) exceeds the binding limit ${dev.maxBinding}`);
+  const chunks = [];
+  for (let start = 0; start < t.n; start += perChunk) {
+    const n = Math.min(perChunk, t.n - start);
+    chunks.push({ start, n, q: dev.upload(t.q.subarray(start * wpr, (start + n) * wpr), `${label}.q[${start}]`),
+      s: dev.upload(t.s.subarray(start * spr, (start + n) * spr), `${label}.s[${start}]`) });
+  }
+  return { spec: t.spec, n: t.n, k: t.k, chunks };
+}
+
+// runner.matmul_tuning: GPUs want several threads per output; CPU rasterisers one.
+function matmulTuning(dev) {
+  if (dev.isRealGpu()) return { wg: dev.workgroupSize(256), maxTpr: 32 };
+  return { wg: dev.workgroupSize(64), maxTpr: 1 };
+}
+
+function threadsPerRow(n, k, wg, maxTpr) {
+  const blocks = Math.ceil(k / 32);
+  let tpr = Math.min(wg, maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(blocks))));
+  while (tpr > 4 && n * tpr > 2 ** 18) tpr /= 2;
+  return tpr;
+}
+
+const rowsVariant = (rows) => MATVEC_ROWS.find((r) => r >= rows) ?? MATVEC_ROWS[MATVEC_ROWS.length - 1];
+
+class QuantLinear {
+  constructor(dev, w, x, xStride, y, yStride, yCol = 0, accumulate = false) {
+    Object.assign(this, { dev, w, x, xStride, y, yStride, yCol, accumulate: accumulate ? 1 : 0 });
+    const t = matmulTuning(dev);
+    this.wg = t.wg;
+    this.tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
+    this._launches = new Map();
+  }
+  constants(rowsPerWg) { return { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.tpr, ROWS: rowsPerWg }; }
+  pipelinesFor(rows) { return [["qmatvec", this.constants(rowsVariant(rows))]]; }
+  record(pass, rows) {
+    const r = rowsVariant(rows);
+    if (!this._launches.has(r)) {
+      this._launches.set(r, this.w.chunks.map((c) => [c.n, new Launch(this.dev, "qmatvec", this.constants(r), [c.q, c.s, this.x, this.y],
+        { n: c.n, k: this.w.k, m: 0, x_stride: this.xStride, y_stride: this.yStride, y_col: this.yCol + c.start, accumulate: this.accumulate })]));
+    }
+    const perWg = this.wg / this.tpr;
+    for (const [n, launch] of this._launches.get(r)) {
+      launch.set({ m: rows });
+      launch.dispatch(pass, Math.ceil(n / perWg), Math.ceil(rows / r));
+    }
+  }
+}
+
+class Simple {  // a one-launch kernel dispatched as (gx(rows), rows) or (rows)
+  constructor(dev, kernel, constants, buffers, params, grid) {
+    this.launch = new Launch(dev, kernel, constants, buffers, params);
+    this.grid = grid;
+  }
+  pipelinesFor() { return []; }
+  record(pass, rows) { const [x, y] = this.grid(rows); this.launch.dispatch(pass, x, y); }
+}
+
+export function ropeFreqTurns(headDim, base) {
+  const lead = (v, bits) => {
+    if (v === 0) return 0;
+    let e = Math.floor(Math.log2(Math.abs(v))) + 1;
+    let m = v / 2 ** e;
+    while (Math.abs(m) >= 1) { e += 1; m = v / 2 ** e; }
+    while (Math.abs(m) < 0.5) { e -= 1; m = v / 2 ** e; }
+    return Math.floor(m * 2 ** bits) * 2 ** (e - bits);
+  };
+  const out = new Float32Array((headDim / 2) * 4);
+  for (let i = 0; i < headDim / 2; i++) {
+    const freq = base ** (-(2 * i) / headDim) / (2 * Math.PI);
+    const hi = lead(freq, 8), mid = lead(freq - hi, 8);
+    out.set([hi, mid, freq - hi - mid, 0], 4 * i);
+  }
+  return out;
+}
+
+const round4 = (n) => Math.ceil(n / 4) * 4;
+
+// ====================================================================== backend
+export class WebGpuBackend {
+  constructor(gpu, config, layers, head, maxCtx) {
+    this.name = "webgpu";
+    this.dev = gpu;
+    this.config = config;
+    this.layerIds = Object.keys(layers).map(Number).sort((a, b) => a - b);
+    this.maxCtx = maxCtx;
+    this._weights = { layers, head };
+    const c = config;
+    this.qDim = c.n_heads * c.head_dim;
+    this.kvDim = c.n_kv_heads * c.head_dim;
+    this.strides = { h: round4(c.hidden), xn: round4(c.hidden), qkv: round4(this.qDim + 2 * this.kvDim), attn: round4(this.qDim),
+      gate_up: round4(2 * c.ffn), act: round4(c.ffn) };
+    this.logitsStride = round4(c.vocab);
+    const widest = Math.max(...Object.values(this.strides)) * 4;
+    this.maxRows = Math.min(Math.floor(gpu.maxBinding / widest), gpu.limits.maxComputeWorkgroupsPerDimension);
+    this.headMaxRows = Math.min(this.maxRows, Math.floor(gpu.maxBinding / (this.logitsStride * 4)));
+    this.positionBytes = c.n_kv_heads * c.head_dim * 4;
+    this._slots = new Map();
+    this._lengths = new Map();
+    this.poolSlots = 0;
+    this.poolCtx = 0;
+    this._pools = [];
+    this.rowsCap = 0;
+    this.buf = {};
+    this._layerOps = null;
+    this._headOps = null;
+  }
+
+  // Uploads the weights and creates every pipeline the held layers and head need, at once.
+  async init() {
+    const dev = this.dev, c = this.config, { layers, head } = this._weights;
+    const fused = (ts) => {  // q/k/v (gate/up) as one matrix when their formats agree
+      const f = ts[0];
+      if (ts.every((t) => t.spec.name === f.spec.name && t.k === f.k)) {
+        const cat = (key) => { const out = new Uint32Array(ts.reduce((a, t) => a + t[key].length, 0)); let o = 0; for (const t of ts) { out.set(t[key], o); o += t[key].length; } return out; };
+        return [[{ spec: f.spec, n: ts.reduce((a, t) => a + t.n, 0), k: f.k, q: cat("q"), s: cat("s") }, 0]];
+      }
+      let col = 0;
+      return ts.map((t) => { const r = [t, col]; col += t.n; return r; });
+    };
+    this._layers = this.layerIds.map((i) => {
+      const w = layers[i];
+      return {
+        attn_norm: dev.upload(w.attn_norm, `layer${i}.attn_norm`), ffn_norm: dev.upload(w.ffn_norm, `layer${i}.ffn_norm`),
+        qkv: fused([w.wq, w.wk, w.wv]).map(([t, col]) => [uploadQuant(dev, t, `layer${i}.qkv`), col]),
+        gate_up: fused([w.w_gate, w.w_up]).map(([t, col]) => [uploadQuant(dev, t, `layer${i}.gate_up`), col]),
+        wo: uploadQuant(dev, w.wo, `layer${i}.wo`), w_down: uploadQuant(dev, w.w_down, `layer${i}.w_down`),
+      };
+    });
+    this._head = head ? { norm: dev.upload(head.output_norm, "output_norm"), output: uploadQuant(dev, head.output, "output") } : null;
+    this._weights = null;  // the blobs stay with the worker; the device holds its own copy
+    this._freqTurns = dev.upload(ropeFreqTurns(c.head_dim, c.rope_base), "rope.freq_turns");
+    if (this.maxRows < 1 || (this._head && this.headMaxRows < 1)) throw new LimitError(`one row of activations does not fit the binding limit ${dev.maxBinding}`);
+    await dev.prepare(this.pipelineList());
+  }
+
+  pipelineList() {
+    const dev = this.dev, c = this.config, real = dev.isRealGpu(), t = matmulTuning(dev), list = [];
+    const mv = (w, rowsVariants) => {
+      const tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
+      for (const r of rowsVariants) list.push(["qmatvec", { ...quantConstants(w.spec), WG: t.wg, TPR: tpr, ROWS: r }]);
+    };
+    if (this._layers.length) {
+      list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["rope", { WG: dev.workgroupSize(64) }],
+        ["kv_store", { WG: dev.workgroupSize(64) }], ["silu_gate", { WG: dev.workgroupSize(64) }],
+        ["attention", { WG: dev.workgroupSize(real ? 256 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
+      for (const L of this._layers) for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, MATVEC_ROWS);
+    }
+    if (this._head) {
+      list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["topk", { WG: dev.workgroupSize(real ? 1024 : 256), KP: TOPK_SLOTS }]);
+      mv(this._head.output, [1]);  // one row per session wanting a token; 4/8 rows are prepared when a batch needs them
+    }
+    const seen = new Set();
+    return list.filter(([k, cst]) => { const key = WebGpuDevice.key(k, cst); if (seen.has(key)) return false; seen.add(key); return true; });
+  }
+
+  destroy() {
+    for (const b of Object.values(this.buf)) b.destroy?.();
+    for (const [k, v] of this._pools) { k.destroy(); v.destroy(); }
+  }
+
+  // ------------------------------------------------------------------ sessions
+  sessions() { return [...this._lengths.keys()]; }
+  session_length(id) { return this._lengths.get(id) ?? 0; }
+  drop_session(id) { this._lengths.delete(id); this._slots.delete(id); }
+
+  fork_session(src, dst, length) {
+    if (length > (this._lengths.get(src) ?? 0)) throw new Error(`session ${src} cannot fork ${length} positions`);
+    this._assignSlots([{ session_id: dst, start_pos: 0, length }]);
+    const from = this._slots.get(src), to = this._slots.get(dst), run = length * this.positionBytes / this.config.n_kv_heads;
+    const enc = this.dev.device.createCommandEncoder();
+    for (const [k, v] of this._pools) {
+      for (let h = 0; h < this.config.n_kv_heads; h++) {
+        const off = (s) => ((s * this.config.n_kv_heads + h) * this.poolCtx) * this.positionBytes / this.config.n_kv_heads;
+        if (run) { enc.copyBufferToBuffer(k, off(from), k, off(to), run); enc.copyBufferToBuffer(v, off(from), v, off(to), run); }
+      }
+    }
+    this.dev.queue.submit([enc.finish()]);
+    this._lengths.set(dst, length);
+  }
+
+  _check(slices) {
+    const seen = new Set();
+    for (const sl of slices) {
+      if (seen.has(sl.session_id)) throw new RangeError(`session ${sl.session_id} appears twice in one batch`);
+      seen.add(sl.session_id);
+      const end = sl.start_pos + sl.length;
+      if (end > this.maxCtx) throw new RangeError(`session ${sl.session_id}: position ${end} exceeds the context of ${this.maxCtx}`);
+      if (!this._lengths.has(sl.session_id)) {
+        if (sl.start_pos !== 0) throw new RangeError(`session ${sl.session_id} is unknown here and starts at ${sl.start_pos}, not 0`);
+      } else if (sl.start_pos > this._lengths.get(sl.session_id)) {
+        throw new RangeError(`session ${sl.session_id}: start ${sl.start_pos} leaves a gap after length ${this._lengths.get(sl.session_id)}`);
+      }
+    }
+    if (this._layers.length) {
+      const [slots, ctx] = this._poolShapeFor(slices);
+      if (slots * ctx * this.positionBytes > this.dev.maxBinding) {
+        throw new RangeError(`${slots} sessions of up to ${ctx} positions need more KV memory per layer than one binding holds (${this.dev.maxBinding} bytes)`);
+      }
+    }
+  }
+
+  _poolShapeFor(slices) {
+    const fresh = slices.filter((s) => !this._slots.has(s.session_id)).length;
+    const slots = Math.max(this.poolSlots, this._slots.size + fresh);
+    const longest = Math.max(...slices.map((s) => s.start_pos + s.length), this.poolCtx, 1);
+    const ctx = longest <= this.poolCtx ? this.poolCtx : Math.min(this.maxCtx, 2 ** Math.ceil(Math.log2(longest)));
+    return [slots, Math.max(ctx, Math.min(this.maxCtx, 16))];
+  }
+
+  _assignSlots(slices) {
+    const [needSlots, needCtx] = this._layers.length ? this._poolShapeFor(slices) : [0, 0];
+    for (const sl of slices) {
+      if (!this._slots.has(sl.session_id)) {
+        const used = new Set(this._slots.values());
+        let s = 0;
+        while (used.has(s)) s++;
+        this._slots.set(sl.session_id, s);
+      }
+    }
+    if (needSlots > this.poolSlots || needCtx > this.poolCtx) this._growPools(needSlots, needCtx);
+  }
+
+  _growPools(needSlots, ctx) {
+    const perSlot = this.positionBytes * ctx;
+    let slots = this.poolSlots;
+    if (needSlots > slots) slots = Math.max(needSlots, Math.min(2 * slots, Math.floor(this.dev.maxBinding / perSlot)));
+    const nKv = this.config.n_kv_heads, run = this.poolCtx * this.positionBytes / nKv;
+    const enc = this.dev.device.createCommandEncoder();
+    const pools = [];
+    this._layers.forEach((_, li) => {
+      const old = this._pools[li];
+      const fresh = [this.dev.buffer(slots * perSlot, `layer${li}.k_pool`), this.dev.buffer(slots * perSlot, `layer${li}.v_pool`)];
+      if (old) {
+        old.forEach((ob, j) => {
+          if (ctx === this.poolCtx) enc.copyBufferToBuffer(ob, 0, fresh[j], 0, ob.size);
+          else for (let row = 0; row < this.poolSlots * nKv; row++) if (run) enc.copyBufferToBuffer(ob, row * run, fresh[j], row * run * ctx / this.poolCtx, run);
+        });
+      }
+      pools.push(fresh);
+    });
+    this.dev.queue.submit([enc.finish()]);
+    for (const [k, v] of this._pools) { k.destroy(); v.destroy(); }  // after submit: destroy waits for queued use
+    this._pools = pools;
+    this.poolSlots = slots;
+    this.poolCtx = ctx;
+    this._layerOps = null;
+  }
+
+  // ------------------------------------------------------------------ scratch and ops
+  _ensureRows(rows) {
+    if (rows <= this.rowsCap) return;
+    const cap = Math.min(this.maxRows, Math.max(rows, 2 * this.rowsCap, 8));
+    for (const b of Object.values(this.buf)) b.destroy();
+    this.buf = {};
+    for (const [name, stride] of Object.entries(this.strides)) this.buf[name] = this.dev.buffer(cap * stride * 4, name);
+    this.buf.positions = this.dev.buffer(cap * 4, "positions");
+    this.buf.slots = this.dev.buffer(cap * 4, "slots");
+    if (this._head) {
+      const headCap = Math.min(cap, this.headMaxRows);
+      this.buf.head_in = this.dev.buffer(headCap * this.strides.h * 4, "head_in");
+      this.buf.logits = this.dev.buffer(headCap * this.logitsStride * 4, "logits");
+      this.buf.topk_values = this.dev.buffer(headCap * TOPK_SLOTS * 4, "topk.values");
+      this.buf.topk_ids = this.dev.buffer(headCap * TOPK_SLOTS * 4, "topk.ids");
+    }
+    this.buf.readback = this.dev.device.createBuffer({ size: Math.max(cap * this.strides.h * 4, 2 * Math.min(cap, this.headMaxRows) * TOPK_SLOTS * 4),
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST, label: "readback" });
+    this.rowsCap = cap;
+    this._layerOps = null;
+    this._headOps = null;
+  }
+
+  _linear(w, x, y, yCol = 0, accumulate = false) {
+    return new QuantLinear(this.dev, w, this.buf[x], this.strides[x], this.buf[y], this.strides[y], yCol, accumulate);
+  }
+
+  _buildLayerOps() {
+    const c = this.config, dev = this.dev, b = this.buf, s = this.strides, ops = [];
+    const wg64 = dev.workgroupSize(64), real = dev.isRealGpu();
+    this._layers.forEach((L, li) => {
+      const [kPool, vPool] = this._pools[li];
+      const pairs = (c.n_heads + c.n_kv_heads) * c.head_dim / 2, width = c.n_kv_heads * c.head_dim;
+      ops.push(new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.attn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]));
+      for (const [w, col] of L.qkv) ops.push(this._linear(w, "xn", "qkv", col));
+      ops.push(new Simple(dev, "rope", { WG: wg64 }, [b.qkv, b.positions, this._freqTurns],
+        { n_heads: c.n_heads + c.n_kv_heads, head_dim: c.head_dim, x_stride: s.qkv, x_col: 0 }, (r) => [Math.ceil(pairs / wg64), r]));
+      ops.push(new Simple(dev, "kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, kPool, vPool],
+        { n_kv: c.n_kv_heads, head_dim: c.head_dim, ctx: this.poolCtx, src_stride: s.qkv, k_col: this.qDim, v_col: this.qDim + this.kvDim },
+        (r) => [Math.ceil(width / wg64), r]));
+      ops.push(new Simple(dev, "attention", { WG: dev.workgroupSize(real ? 256 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim },
+        [b.qkv, b.positions, b.slots, kPool, vPool, b.attn],
+        { n_heads: c.n_heads, n_kv: c.n_kv_heads, ctx: this.poolCtx, q_stride: s.qkv, q_col: 0, out_stride: s.attn, scale: 1 / Math.sqrt(c.head_dim) },
+        (r) => [c.n_heads, r]));
+      ops.push(this._linear(L.wo, "attn", "h", 0, true));
+      ops.push(new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.ffn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]));
+      for (const [w, col] of L.gate_up) ops.push(this._linear(w, "xn", "gate_up", col));
+      ops.push(new Simple(dev, "silu_gate", { WG: wg64 }, [b.gate_up, b.act], { n: c.ffn, src_stride: s.gate_up, gate_col: 0, up_col: c.ffn, y_stride: s.act },
+        (r) => [Math.ceil(c.ffn / wg64), r]));
+      ops.push(this._linear(L.w_down, "act", "h", 0, true));
+    });
+    return ops;
+  }
+
+  _buildHeadOps() {
+    const c = this.config, dev = this.dev, b = this.buf, s = this.strides, real = dev.isRealGpu();
+    return [
+      new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.head_in, this._head.norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]),
+      new QuantLinear(dev, this._head.output, b.xn, s.xn, b.logits, this.logitsStride),
+    ];
+  }
+
+  _topk(k) {
+    const c = this.config, dev = this.dev, b = this.buf;
+    const launch = new Launch(dev, "topk", { WG: dev.workgroupSize(dev.isRealGpu() ? 1024 : 256), KP: TOPK_SLOTS }, [b.logits, b.topk_values, b.topk_ids],
+      { count: c.vocab, in_stride: this.logitsStride, k, out_stride: k });
+    return { record: (pass, rows) => launch.dispatch(pass, rows) };
+  }
+
+  // ------------------------------------------------------------------ compute
+  _writeInputs(hidden, rows, positions, slots) {
+    const H = this.config.hidden, stride = this.strides.h;
+    let data = hidden;
+    if (stride !== H) { data = new Float32Array(rows * stride); for (let r = 0; r < rows; r++) data.set(hidden.subarray(r * H, r * H + H), r * stride); }
+    this.dev.write(this.buf.h, data);
+    if (positions) { this.dev.write(this.buf.positions, positions); this.dev.write(this.buf.slots, slots); }
+  }
+
+  async _readback(bytes) {
+    const rb = this.buf.readback;
+    await rb.mapAsync(GPUMapMode.READ, 0, bytes);
+    const out = rb.getMappedRange(0, bytes).slice(0);
+    rb.unmap();
+    if (this.dev.lost) throw new Error(`the WebGPU device was lost: ${this.dev.lost}`);
+    return out;
+  }
+
+  async forward(slices, hidden) {
+    return (await this.forward_head_topk(slices, hidden, 0)).output;
+  }
+
+  // The whole step in one encoder and one readback: every held layer, then (k > 0) the head
+  // and top-k of each session's last row. -> {output (k == 0) | ids, values (k > 0)}
+  async forward_head_topk(slices, hidden, k) {
+    const c = this.config, H = c.hidden;
+    const total = slices.reduce((a, s) => a + s.length, 0);
+    if (hidden.length !== total * H) throw new RangeError(`hidden has ${hidden.length} floats; expected ${total} x ${H}`);
+    if (k && !this._head) throw new Error("this backend holds no head");
+    if (k > TOPK_SLOTS) throw new RangeError(`k must be in [1, ${TOPK_SLOTS}], got ${k}`);
+    this._check(slices);
+    this._assignSlots(slices);
+    const positions = new Uint32Array(total), slots = new Uint32Array(total);
+    let r = 0;
+    for (const s of slices) for (let i = 0; i < s.length; i++, r++) { positions[r] = s.start_pos + i; slots[r] = this._slots.get(s.session_id); }
+    if (total > this.maxRows || (k && slices.length > this.headMaxRows)) throw new RangeError(`a step of ${total} rows exceeds this device's ${this.maxRows}`);
+    this._ensureRows(total);
+    if (this._layers.length && !this._layerOps) this._layerOps = this._buildLayerOps();
+    const ops = this._layers.length ? this._layerOps : [];
+    const headRows = slices.length;
+    if (k) {
+      if (!this._headOps) this._headOps = this._buildHeadOps();
+      await this.dev.prepare(this._headOps[1].pipelinesFor(headRows));  // a batch of sessions: its ROWS variant, once
+    }
+    await this.dev.prepare(ops.flatMap((op) => op.pipelinesFor(total)));  // no-ops once created at init
+    this._writeInputs(hidden, total, positions, slots);
+    const enc = this.dev.device.createCommandEncoder();
+    let pass = enc.beginComputePass();
+    for (const op of ops) op.record(pass, total);
+    pass.end();
+    const rowBytes = this.strides.h * 4;
+    let bytes;
+    if (k) {
+      let end = -1;
+      slices.forEach((s, i) => { end += s.length; enc.copyBufferToBuffer(this.buf.h, end * rowBytes, this.buf.head_in, i * rowBytes, rowBytes); });
+      pass = enc.beginComputePass();
+      for (const op of this._headOps) op.record(pass, headRows);
+      this._topk(k).record(pass, headRows);
+      pass.end();
+      bytes = headRows * k * 4;
+      enc.copyBufferToBuffer(this.buf.topk_values, 0, this.buf.readback, 0, Math.ceil(bytes / 4) * 4);
+      enc.copyBufferToBuffer(this.buf.topk_ids, 0, this.buf.readback, bytes, Math.ceil(bytes / 4) * 4);
+      bytes *= 2;
+    } else {
+      bytes = total * rowBytes;
+      enc.copyBufferToBuffer(this.buf.h, 0, this.buf.readback, 0, bytes);
+    }
+    this.dev.queue.submit([enc.finish()]);
+    for (const s of slices) this._lengths.set(s.session_id, s.start_pos + s.length);
+    const data = await this._readback(bytes);
+    if (k) {
+      const n = headRows * k;
+      return { values: new Float32Array(data, 0, n).slice(), ids: new Int32Array(data, n * 4, n).slice() };
+    }
+    const out = new Float32Array(total * H), f = new Float32Array(data);
+    for (let i = 0; i < total; i++) out.set(f.subarray(i * this.strides.h, i * this.strides.h + H), i * H);
+    return { output: out };
+  }
+
+  // the head alone on given rows (benchmarks, tests); a step uses forward_head_topk
+  async head_topk(rows, k) {
+    const n = rows.length / this.config.hidden;
+    const saved = this._layers;
+    this._layers = [];
+    try {
+      return await this.forward_head_topk(Array.from({ length: n }, (_, i) => ({ session_id: `__head${i}`, start_pos: 0, length: 1 })), rows, k);
+    } finally {
+      this._layers = saved;
+      for (let i = 0; i < n; i++) this.drop_session(`__head${i}`);
+    }
+  }
+}
