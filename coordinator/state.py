@@ -119,6 +119,7 @@ class Worker:
     steps: int = 0
     last_step_ms: float | None = None
     local: bool = False
+    load_progress: dict = field(default_factory=dict)  # the worker's last load_progress report
     corrections: list = field(default_factory=list)
 
     def move(self, new: str) -> None:
@@ -298,6 +299,12 @@ class Coordinator:
 
     def _on_calibration_result(self, w: Worker, m: dict, now: float) -> list:
         w.ms_per_layer = max(float(m["step_ms"]), 1e-3)
+        details = m.get("details") or {}
+        w.caps["calibration"] = details  # e.g. a browser tab's measured engines and its choice
+        if isinstance(details.get("backend"), str):
+            w.caps["backend"] = details["backend"]
+        if isinstance(details.get("expansion"), (int, float)):
+            w.caps["expansion"] = float(details["expansion"])
         if w.state == "calibrating":
             w.move("idle")
         self._schedule_replan(now)
@@ -441,6 +448,7 @@ class Coordinator:
         return []
 
     def _on_load_progress(self, w: Worker, m: dict, now: float) -> list:
+        w.load_progress = {"layer": m["layer"], "received_bytes": m["received_bytes"], "total_bytes": m["total_bytes"]}
         return []
 
     def _on_ready(self, w: Worker, m: dict, now: float) -> list:
