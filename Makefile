@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tabshard-installed
 
+WEB := coordinator/web
+DASHBOARD := $(WEB)/dist/dashboard/index.html
+
 .PHONY: demo test setup system-packages bench
 
 demo: setup
@@ -12,7 +15,11 @@ demo: setup
 test: setup
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x --durations=15 tests
 
-setup: system-packages $(STAMP)
+setup: system-packages $(STAMP) $(DASHBOARD)
+
+# JS dependencies from npm, bundled into git-ignored dist/ folders the server serves
+$(DASHBOARD): $(WEB)/package-lock.json $(WEB)/build.mjs $(wildcard $(WEB)/dashboard/*)
+	cd $(WEB) && npm ci --no-audit --no-fund && npm run build
 
 # Debian packages only where missing, and only where we are root with apt.
 system-packages:
@@ -34,4 +41,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(VENV)/bin/tabshard bench --suite quick --report --run --out artifacts/report.html
