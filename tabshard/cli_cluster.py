@@ -48,9 +48,26 @@ def cmd_serve(a) -> int:
     print(f"  worker join URL: ws://{a.host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
     print(f"  tab join URL:    {base}/tab?token={service.join_token}", flush=True)
     print(f"  API URL:         {base}/v1  (OpenAI-compatible), status {base}/status", flush=True)
+    _print_tab_qr(a.host, a.port, service.join_token)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", ws_max_size=64 << 20, ws_ping_interval=None,
                 ws_per_message_deflate=False, timeout_graceful_shutdown=1)
     return 0
+
+
+def _print_tab_qr(host: str, port: int, token: str) -> None:
+    """The tab join URL as a QR code, for a phone on the LAN (a wildcard bind address is shown
+    as this host's LAN address; 127.0.0.1 is only reachable from this machine)."""
+    from coordinator.tab_routes import join_url, qr_text
+
+    url = join_url(host, port, token)
+    try:
+        qr = qr_text(url)
+    except ImportError:  # segno is optional for serving; the URL above still works
+        return
+    where = "scan to join from a phone on the LAN" if not url.startswith("http://127.") else \
+        "scan to join (bind --host 0.0.0.0 to let other machines in)"
+    print(f"  tab join QR ({where}): {url}", flush=True)
+    print(qr, flush=True)
 
 
 def cmd_worker(a) -> int:
