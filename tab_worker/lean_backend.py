@@ -19,9 +19,6 @@ from tab_worker.engine_types import LayerWeights
 from tab_worker.numpy_backend import NumpyBackend
 
 BLOCK_BYTES = 16 << 20  # f32 bytes of one dequantized block of rows
-# bytes held per byte of packed weights: the tab keeps the received blob (for a resume without
-# a re-download) and its unpacked tensors, plus one block of f32 per step
-EXPANSION = 2.2
 
 
 # 3-bit planes, a byte at a time: a byte of a block's low-bit words holds 4 codes' low 2 bits,

@@ -56,9 +56,37 @@ def pack_head(h: HeadWeights) -> bytes:
     return msgpack.packb({"kind": "head", "output_norm": _tensor(h.output_norm), "output": _quant(h.output)}, use_bin_type=True)
 
 
-def unpack_blob(data: bytes) -> tuple[str, int | None, LayerWeights | HeadWeights]:
+_BIN_HEADER = {0xC4: 2, 0xC5: 3, 0xC6: 5}  # msgpack bin8/16/32: type byte + length bytes
+
+
+def _read_views(u: msgpack.Unpacker, data: memoryview):
+    """One msgpack value whose bins come back as views of `data` (tell() is the offset of the
+    next value); maps are walked, anything else is unpacked as usual."""
+    first = data[u.tell()]
+    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
+        out = {}
+        for _ in range(u.read_map_header()):
+            key = u.unpack()
+            out[key] = _read_views(u, data)
+        return out
+    if first in _BIN_HEADER:
+        start = u.tell()
+        u.skip()
+        return data[start + _BIN_HEADER[first]:u.tell()]
+    return u.unpack()
+
+
+def unpack_blob(data: bytes, zero_copy: bool = False) -> tuple[str, int | None, LayerWeights | HeadWeights]:
+    """zero_copy: tensors are read-only views of `data` (which they keep alive) instead of
+    copies, so a worker that keeps the blob holds its weights once, not twice."""
     try:
-        body = msgpack.unpackb(data, raw=False)
+        if zero_copy:
+            import io
+
+            u = msgpack.Unpacker(io.BytesIO(data), raw=False, max_buffer_size=max(len(data), 1 << 20))
+            body = _read_views(u, memoryview(data))
+        else:
+            body = msgpack.unpackb(data, raw=False)
         if body["kind"] == "layer":
             w = LayerWeights(
                 attn_norm=_array(body["attn_norm"]).copy(), ffn_norm=_array(body["ffn_norm"]).copy(),

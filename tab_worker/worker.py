@@ -22,8 +22,8 @@ from tabshard.wire import PROTOCOL_VERSION
 
 # bytes a backend holds per byte of packed weights: numpy dequantizes to f32 (~7x a 4.5-bit
 # packing) and keeps the packed blob; wgpu uploads the packed words as they are; lean numpy
-# (device option lean=True) keeps blob + packed tensors (tab_worker/lean_backend.py)
-EXPANSION = {"numpy": 8.0, "wgpu": 1.2, "numpy-lean": 2.2}
+# (device option lean=True) keeps the blob, its tensors are views of it (tab_worker/lean_backend.py)
+EXPANSION = {"numpy": 8.0, "wgpu": 1.2, "numpy-lean": 1.2}
 
 
 def msg(type_: str, **fields) -> dict:
@@ -75,9 +75,12 @@ class TabWorker:
         return caps
 
     @property
+    def lean(self) -> bool:
+        return self.backend_name == "numpy" and bool(self.device_options.get("lean"))
+
+    @property
     def expansion(self) -> float:
-        lean = self.backend_name == "numpy" and self.device_options.get("lean")
-        return EXPANSION["numpy-lean" if lean else self.backend_name]
+        return EXPANSION["numpy-lean" if self.lean else self.backend_name]
 
     def hello(self) -> dict:
         partial = {a.info.sha256: sorted(a.have) for a in self._assembling.values()}
@@ -158,8 +161,8 @@ class TabWorker:
             del self._assignments[aid]
             cfg = ModelConfig.from_dict(m["model"])
             layers, head = {}, None
-            for s in shas:
-                kind, index, w = unpack_blob(self.blobs[s])
+            for s in shas:  # a lean backend's tensors are views of the kept blob, not copies
+                kind, index, w = unpack_blob(self.blobs[s], zero_copy=self.lean)
                 if kind == "layer":
                     layers[index] = w
                 else:
