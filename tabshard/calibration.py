@@ -46,10 +46,24 @@ def docs_text() -> str:
 def split_ids(tokenizer, eval_tokens: int = EVAL_TOKENS, calib_tokens: int = CALIB_TOKENS,
               text: str | None = None) -> tuple[list[int], list[int]]:
     """(evaluation ids, calibration ids) from the Python docs: head and tail, disjoint."""
-    ids = tokenizer.encode(text if text is not None else docs_text())
+    ids = _encode_cached(tokenizer, text if text is not None else docs_text())
     if eval_tokens + calib_tokens > len(ids):
         raise ValueError(f"the text has {len(ids)} tokens; {eval_tokens} + {calib_tokens} do not fit disjointly")
     return ids[:eval_tokens], ids[len(ids) - calib_tokens:]
+
+
+_ENCODED: dict = {}
+
+
+def _encode_cached(tokenizer, text: str) -> list[int]:
+    """The docs are ~470k characters (seconds to tokenize): encode them once per process and
+    tokenizer (told apart by a probe encoding)."""
+    key = (type(tokenizer).__name__, getattr(tokenizer, "vocab_size", None),
+           tuple(tokenizer.encode("tabshard probe: def f(x): return ünï")), hash(text))
+    if key not in _ENCODED:
+        _ENCODED.clear()
+        _ENCODED[key] = tokenizer.encode(text)
+    return _ENCODED[key]
 
 
 def windows(ids, window: int = WINDOW) -> list[np.ndarray]:
@@ -223,7 +237,7 @@ class Calibrator:
     Hessians come from the source model's activations on the calibration text, so each tensor
     is quantized independently of the others: any mixed plan is assembled from the cache."""
 
-    def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW):
+    def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW, cache_dir: str | None = None):
         from kernels.quantizers import GPTQHessian
 
         self.source = weights
@@ -235,6 +249,16 @@ class Calibrator:
         self._GPTQHessian = GPTQHessian
         self._cache: dict = {}
         self.seconds: dict = {}  # choice -> quantization seconds spent (summed over tensors)
+        self.cache_dir = None
+        if cache_dir:
+            import hashlib
+            import os
+
+            key = hashlib.sha256(np.asarray(self.calib_ids, np.int64).tobytes())
+            for lw in weights.layers[:2]:
+                key.update(lw.wq.qweight.tobytes())
+            self.cache_dir = os.path.join(cache_dir, key.hexdigest()[:16])
+            os.makedirs(self.cache_dir, exist_ok=True)
 
     def source_tensor(self, name: str):
         if name == EMBEDDING:
@@ -284,6 +308,11 @@ class Calibrator:
         key = (name, choice)
         if key not in self._cache:
             method, spec = parse_choice(choice)
+            cached = self._disk_load(name, choice, spec)
+            if cached is not None:
+                self._cache[key] = cached[0]
+                self.seconds[choice] = self.seconds.get(choice, 0.0) + cached[1]
+                return cached[0]
             w = self.source_dense(name)
             t0 = time.perf_counter()
             if name == EMBEDDING:
@@ -295,9 +324,36 @@ class Calibrator:
                 t = Q.quantize_clip(w, spec, np.diag(self.hessian(name)))
             else:
                 t = Q.quantize(w, spec, method)
-            self.seconds[choice] = self.seconds.get(choice, 0.0) + time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.seconds[choice] = self.seconds.get(choice, 0.0) + spent
             self._cache[key] = t
+            self._disk_save(name, choice, t, spent)
         return self._cache[key]
+
+    def _disk_path(self, name: str, choice: str):
+        import os
+
+        return None if not self.cache_dir else os.path.join(self.cache_dir, f"{name}__{choice.replace(':', '_')}.npz")
+
+    def _disk_load(self, name, choice, spec):
+        from kernels.quant import QuantTensor
+
+        p = self._disk_path(name, choice)
+        if not p:
+            return None
+        try:
+            with np.load(p) as z:
+                return QuantTensor(spec, int(z["n"]), int(z["k"]), z["q"], z["s"]), float(z["sec"])
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def _disk_save(self, name, choice, t, spent):
+        p = self._disk_path(name, choice)
+        if p:
+            np.savez(p + ".part.npz", n=t.n, k=t.k, q=t.qweight, s=t.scales, sec=spent)
+            import os
+
+            os.replace(p + ".part.npz", p)
 
     def proxy(self, name: str, choice: str) -> float:
         """Cheap cost of one tensor's quantization: its relative output error on calibration
@@ -383,7 +439,6 @@ def linear_bits_per_weight(w: ModelWeights) -> float:
 
 MIXED_FORMATS = ("gptq:s2g32", "gptq:s3g64", "gptq:s3g32", "gptq:s4g64", "gptq:s4g32", SOURCE)
 EMBEDDING_FORMATS = ("clip:s4g32", "clip:s4g64", SOURCE)
-PROBE = "gptq:s3g64"
 
 
 def uniform_plan(n_layers: int, linears: str, embedding: str = SOURCE) -> dict:
@@ -392,15 +447,49 @@ def uniform_plan(n_layers: int, linears: str, embedding: str = SOURCE) -> dict:
     return plan
 
 
-def estimated_costs(cal: Calibrator, sens_ids, probe: str = PROBE, embedding_probe: str = "clip:s4g32") -> dict:
-    """Per type: nats per token per unit of proxy (alpha), measured once at the probe format:
-    alpha_type = measured delta NLL(type at probe) / sum of the type's proxies at the probe.
-    A tensor's estimated cost under a choice is then alpha_type * proxy(tensor, choice)."""
-    sens = cal.sensitivity(probe, sens_ids, embedding_probe=embedding_probe)
-    return {t: (max(d, 0.0) / p if p > 0 else 0.0, d) for t, (d, p) in sens.items()}
+PROBES = ("gptq:s2g32", "gptq:s3g64")
+EMBEDDING_PROBE = "clip:s4g32"
 
 
-def tensor_options(cal: Calibrator, alphas: dict, formats=MIXED_FORMATS, embedding_formats=EMBEDDING_FORMATS,
+class Costs:
+    """Estimated cost of a tensor's quantization (increase in mean NLL per token, nats):
+    alpha[type, probe] * proxy(tensor, choice). Each alpha is measured once per tensor type and
+    probe format: delta NLL with that type alone at the probe (everything else source), divided
+    by the sum of the type's proxies there. A choice uses the probe nearest its bit width
+    (2-bit choices the 2-bit probe, 3- and 4-bit ones the 3-bit probe): the proxy-to-loss ratio
+    is not the same at 2 bits as at 3, and a 3-bit probe can be too small to see at all."""
+
+    def __init__(self, measured: dict):
+        self.measured = measured  # {type: {probe: (delta_nll, proxy_sum)}}
+
+    def alpha(self, t: str, choice: str) -> float:
+        probes = self.measured.get(t, {})
+        if not probes or choice == SOURCE:
+            return 0.0
+        bits = parse_choice(choice)[1].bits
+        probe = min(probes, key=lambda p: (abs(parse_choice(p)[1].bits - bits), parse_choice(p)[1].bits))
+        d, p = probes[probe]
+        return max(d, 0.0) / p if p > 0 else 0.0
+
+    def cost(self, cal: "Calibrator", name: str, choice: str) -> float:
+        t = EMBEDDING if name == EMBEDDING else name.split(".")[2]
+        return self.alpha(t, choice) * cal.proxy(name, choice)
+
+    def summary(self) -> dict:
+        return {t: {p: round(d, 4) for p, (d, _) in v.items()} for t, v in self.measured.items()}
+
+
+def estimated_costs(cal: Calibrator, sens_ids, probes=PROBES, embedding_probe: str = EMBEDDING_PROBE) -> Costs:
+    """Measure every type's sensitivity at each probe on ``sens_ids`` (calibration text)."""
+    measured: dict = {}
+    for i, probe in enumerate(probes):
+        types = LINEAR_TYPES + ((EMBEDDING,) if i == 0 else ())
+        for t, v in cal.sensitivity(probe, sens_ids, types=types, embedding_probe=embedding_probe).items():
+            measured.setdefault(t, {})[embedding_probe if t == EMBEDDING else probe] = v
+    return Costs(measured)
+
+
+def tensor_options(cal: Calibrator, costs: Costs, formats=MIXED_FORMATS, embedding_formats=EMBEDDING_FORMATS,
                    embedding_fixed: str | None = None) -> dict:
     """{tensor: [Option]} for coordinator.precision (embedding options too unless fixed)."""
     from coordinator.precision import Option
@@ -409,11 +498,9 @@ def tensor_options(cal: Calibrator, alphas: dict, formats=MIXED_FORMATS, embeddi
     for name in tensor_names(cal.config.n_layers):
         if name == EMBEDDING:
             choices = (embedding_fixed,) if embedding_fixed else embedding_formats
-            t = EMBEDDING
         else:
-            choices, t = formats, name.split(".")[2]
-        alpha = alphas.get(t, (0.0, 0.0))[0]
-        opts[name] = [Option(c, cal.quantized(name, c).nbytes, alpha * cal.proxy(name, c)) for c in choices]
+            choices = formats
+        opts[name] = [Option(c, cal.quantized(name, c).nbytes, costs.cost(cal, name, c)) for c in choices]
     return opts
 
 
@@ -429,7 +516,7 @@ def linear_weight_count(config: ModelConfig) -> int:
     return per * c.n_layers
 
 
-def mixed_plan(cal: Calibrator, alphas: dict, *, budget_bytes: int | None = None, bits_per_weight: float | None = None,
+def mixed_plan(cal: Calibrator, costs: Costs, *, budget_bytes: int | None = None, bits_per_weight: float | None = None,
                embedding: str | None = None, formats=MIXED_FORMATS) -> dict:
     """The least-cost plan within a whole-model byte budget, or within bits_per_weight on the
     linear layers (then the embedding is ``embedding``, default source)."""
@@ -438,10 +525,10 @@ def mixed_plan(cal: Calibrator, alphas: dict, *, budget_bytes: int | None = None
     if (budget_bytes is None) == (bits_per_weight is None):
         raise ValueError("give exactly one of budget_bytes and bits_per_weight")
     if bits_per_weight is not None:
-        opts = tensor_options(cal, alphas, formats, embedding_fixed=embedding or SOURCE)
+        opts = tensor_options(cal, costs, formats, embedding_fixed=embedding or SOURCE)
         emb = opts.pop(EMBEDDING)[0]
         plan = choose(opts, int(bits_per_weight * linear_weight_count(cal.config) / 8))
         plan[EMBEDDING] = emb.choice
         return plan
-    opts = tensor_options(cal, alphas, formats, embedding_fixed=embedding)
+    opts = tensor_options(cal, costs, formats, embedding_fixed=embedding)
     return choose(opts, budget_bytes, fixed_bytes(cal.source))

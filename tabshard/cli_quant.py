@@ -68,14 +68,14 @@ def scheme_plan(cal, scheme: str, alphas_fn) -> dict:
 
 
 def run_report(source, eval_ids, calib_ids, prompt_ids, schemes, *, gen_tokens: int = 24, sens_tokens: int = 512,
-               log=None) -> list[dict]:
+               log=None, cache_dir: str | None = None) -> list[dict]:
     """One row per scheme: bits/weight (linears), bytes (whole model), perplexity, agreement,
     seconds to quantize. ``source`` is ModelWeights; ids are token lists."""
     from tabshard import calibration as C
 
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
-    cal = C.Calibrator(source, calib_ids)
+    cal = C.Calibrator(source, calib_ids, cache_dir=cache_dir)
     log(f"calibration: {len(calib_ids)} tokens, Hessians in {time.perf_counter() - t0:.1f}s")
     targets = [cal.dense.greedy(p, gen_tokens) for p in prompt_ids]
     alphas_cache = {}
@@ -83,10 +83,9 @@ def run_report(source, eval_ids, calib_ids, prompt_ids, schemes, *, gen_tokens: 
     def alphas():
         if not alphas_cache:
             t = time.perf_counter()
-            alphas_cache.update(C.estimated_costs(cal, calib_ids[:sens_tokens]))
-            log(f"sensitivity probes in {time.perf_counter() - t:.1f}s: " +
-                ", ".join(f"{k} {v[1]:+.3f}" for k, v in alphas_cache.items()))
-        return alphas_cache
+            alphas_cache["costs"] = C.estimated_costs(cal, calib_ids[:sens_tokens])
+            log(f"sensitivity probes in {time.perf_counter() - t:.1f}s (delta NLL per token): {alphas_cache['costs'].summary()}")
+        return alphas_cache["costs"]
 
     rows = []
     for scheme in schemes:
@@ -110,9 +109,8 @@ def run_report(source, eval_ids, calib_ids, prompt_ids, schemes, *, gen_tokens: 
             from collections import Counter
 
             row["plan_summary"] = {t: dict(Counter(plan[f"blk.{i}.{t}"] for i in range(cal.config.n_layers))) for t in C.LINEAR_TYPES}
-            a = alphas()
-            row["predicted_delta_nll"] = round(sum(a.get(n.split(".")[2] if n != C.EMBEDDING else C.EMBEDDING, (0, 0))[0] * cal.proxy(n, c)
-                                                   for n, c in plan.items()), 4)
+            costs = alphas()
+            row["predicted_delta_nll"] = round(sum(costs.cost(cal, n, c) for n, c in plan.items()), 4)
         rows.append(row)
         log(f"{scheme:32s} {row['bits_per_weight']:6.3f} bpw {row['bytes'] / 1e6:7.2f} MB ppl {ppl:10.3f} agree {agree:.3f} quantize {row['quantize_s']:.1f}s")
     src = next((r for r in rows if r["scheme"] == "source"), None)
@@ -200,7 +198,7 @@ def cmd_quant_report(a) -> int:
     for s in schemes:
         parse_scheme(s)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if (a.json or a.verbose) else (lambda m: None)
-    rows = run_report(weights, eval_ids, calib, [tok.encode(p) for p in PROMPTS], schemes, log=log)
+    rows = run_report(weights, eval_ids, calib, [tok.encode(p) for p in PROMPTS], schemes, log=log, cache_dir=a.cache)
     if a.plot:
         plot(rows, a.plot)
     if a.json:
@@ -225,7 +223,7 @@ def cmd_quantize(a) -> int:
     model, tok, weights = _load(a)
     _, calib = C.split_ids(tok, 0, a.calib_tokens)
     t0 = time.perf_counter()
-    cal = C.Calibrator(weights, calib)
+    cal = C.Calibrator(weights, calib, cache_dir=a.cache)
     emb = a.embedding
     report: dict = {"calibration_tokens": len(calib)}
     try:
@@ -233,7 +231,7 @@ def cmd_quantize(a) -> int:
             plan = scheme_plan(cal, a.scheme, lambda: C.estimated_costs(cal, calib[:512]))
         else:
             alphas = C.estimated_costs(cal, calib[:512])
-            report["sensitivity_delta_nll"] = {k: v[1] for k, v in alphas.items()}
+            report["sensitivity_delta_nll"] = alphas.summary()
             if a.bits_per_weight is not None:
                 plan = C.mixed_plan(cal, alphas, bits_per_weight=a.bits_per_weight, embedding=emb or C.SOURCE)
             elif a.budget_bytes is not None:
@@ -265,6 +263,7 @@ def add_commands(sub) -> None:
     def common(p):
         p.add_argument("--model", metavar="PATH", help="source model: a GGUF or .tsq (default: SmolLM2-135M-Instruct)")
         p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens from the tail of the Python docs")
+        p.add_argument("--cache", metavar="DIR", help="keep quantized tensors here, keyed by model and calibration text, to reuse across runs")
         p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: OpenBLAS busy-waits on a shared host; 0 leaves it)")
 
     q = sub.add_parser("quantize", help="requantize a model to fit a memory budget (writes a .tsq)")

@@ -113,7 +113,7 @@ def tiny_tsq(tmp_path_factory, weights, smollm2_model):
 
 def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     out = tmp_path / "mixed.tsq"
-    args = ["--model", str(tiny_tsq), "--calib-tokens", "256"]
+    args = ["--model", str(tiny_tsq), "--calib-tokens", "256", "--cache", str(tmp_path / "cache")]
     assert main(["quantize", *args, "--out", str(out), "--bits-per-weight", "3.0", "--embedding", "clip:s4g32"]) == 0
     assert "bits/weight" in capsys.readouterr().out
     m = qmodel.QuantizedModel(out)

@@ -9,7 +9,7 @@ import pytest
 from coordinator.precision import Option, PrecisionError, choose, fit_tabs, plan_cost
 from kernels import quantizers as Q
 from kernels import reference as ref
-from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, dequantize, group_scales, quantize_rtn
+from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, dequantize, group_scales, quantize_rtn, unpack_codes
 
 SPECS = [QuantSpec(b, g, s) for b in SUPPORTED_BITS for g in SUPPORTED_GROUPS for s in (False, True)]
 
@@ -142,3 +142,31 @@ def test_fit_tabs_packs_contiguous_ranges_within_each_budget():
     assert "lo" in tight.plan.values()
     with pytest.raises(PrecisionError):
         fit_tabs(opts, layer_of, [100, 100])
+
+
+# ------------------------------------------------------------------ the WGSL kernels read what the quantizers write
+
+RECOMMENDED = ["a3g32", "s3g32", "s3g64", "s2g32", "s4g64", "a4g64", "s4g32"]
+
+
+def test_wgsl_qmatvec_runs_the_recommended_formats_as_quantized_by_gptq_and_clip(problem):
+    """Symmetric clip/GPTQ output uses code 0 (-2**(bits-1) * scale), which round-to-nearest never
+    produces; check the shader decodes it (and every recommended format) like its numpy twin."""
+    from kernels import runner as R
+
+    w, h = problem
+    dev = R.Device()
+    x = np.random.default_rng(5).standard_normal((3, w.shape[1])).astype(np.float32)
+    stride = -(-w.shape[1] // 4) * 4
+    xp = np.zeros((3, stride), np.float32)
+    xp[:, : w.shape[1]] = x
+    for name in RECOMMENDED:
+        spec = QuantSpec.parse(name)
+        for t in (Q.gptq(w, h, spec), Q.quantize_clip(w, spec, np.diag(h))):
+            if spec.symmetric:
+                assert (unpack_codes(t.qweight, spec.bits) == 0).any()
+            xb, yb = dev.upload(xp), dev.upload(np.zeros((3, t.n), np.float32))
+            op = R.QuantLinear(dev, R.upload_quant(dev, t), xb, stride, yb, t.n, 0, False, 8)
+            dev.run([op], 3)
+            got = dev.read(yb, count=3 * t.n).reshape(3, t.n)
+            np.testing.assert_allclose(got, ref.qmatvec(x, t), atol=2e-4 * np.sqrt(w.shape[1]), rtol=1e-4)
