@@ -872,6 +872,7 @@ class Coordinator:
                 "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),
+                "load_progress": w.load_progress, "capabilities": w.caps,
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
                           "max_tokens": s.max_tokens} for s in self.sessions.values()],
