@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import websockets
 
@@ -174,3 +175,134 @@ def test_three_webgpu_tabs_on_default_limits_serve_identical_tokens(cluster, bro
     state = pages[0].evaluate("window.tabState")
     assert state["caps"]["webgpu"] and state["caps"]["limits_mode"] == "default"
     assert state["caps"]["limits"]["maxComputeInvocationsPerWorkgroup"] == 256
+
+
+def page_of(browser, name):
+    return next(p for p in browser._tabshard_pages if not p.is_closed() and p.evaluate("window.tabState.name") == name)
+
+
+def test_tab_closed_mid_generation_recovers_identical_tokens(cluster, browser, reference):
+    st = cluster.status()
+    victim = served_by(st)[len(st["stages"]) // 2]  # a middle stage: work before and after it
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(ws_tokens_async, cluster.base, PROMPT, N)
+        cluster.wait_for(lambda s: any(x["tokens"] >= 2 for x in s["sessions"]) or future.done(), 120, what="2 tokens")
+        assert not future.done(), "the generation finished before the tab could be closed"
+        page_of(browser, victim).close()
+        closed_at = time.monotonic()
+        tokens = future.result(timeout=240)
+    assert tokens == reference
+    events = cluster.status()["events"]
+    death = next(e for e in events if e["kind"] == "death" and "socket" in e["reason"])
+    assert death["last_seen_s"] < 1.0  # a closed tab is seen at once, not after a timeout
+    assert any(e["kind"] == "recovered" for e in events)
+    assert time.monotonic() - closed_at < 240
+
+
+def test_reloaded_tab_rejoins_from_its_cache(cluster, browser, reference):
+    live = [p for p in browser._tabshard_pages if not p.is_closed()]
+    page = live[0]
+    name = page.evaluate("window.tabState.name")
+    cluster.wait_for(lambda s: name in served_by(s), 240, what=f"{name} serving")
+    page.reload()
+    st = cluster.wait_for(lambda s: name in served_by(s) and sum(1 for w in tab_workers(s) if w["name"] == name) == 1
+                          and any(w["name"] == name and w["state"] == "ready" for w in tab_workers(s)), 240,
+                          what=f"{name} rejoined and serving")
+    me = next(w for w in tab_workers(st) if w["name"] == name)
+    assert me["weight_bytes_sent"] == 0  # the coordinator sent this tab no weight bytes
+    stats = page.evaluate("window.tabState.stats")
+    assert stats["bytes_received"] == 0 and stats["bytes_from_cache"] > 0
+    assert ws_tokens(cluster.base) == reference
+
+
+def test_wasm_fallback_without_unsafe_webgpu(cluster, playwright, browser, reference):
+    ctx = launch(playwright, webgpu=False)
+    try:
+        page = open_tab(ctx, cluster, "wasm-0")
+        page.wait_for_function("window.tabState.caps !== null", timeout=60_000)
+        caps = page.evaluate("window.tabState.caps")
+        assert caps["webgpu"] is False and caps["wasm_simd"] is True, caps
+        names = {p.evaluate("window.tabState.name") for p in browser._tabshard_pages if not p.is_closed()} | {"wasm-0"}
+        st = wait_plan(cluster, names)
+        me = next(w for w in tab_workers(st) if w["name"] == "wasm-0")
+        assert me["backend"] == "wasm" and "wasm" in me["capabilities"]["calibration"]["measured_ms"]
+        assert ws_tokens(cluster.base) == reference
+        assert next(w for w in tab_workers(cluster.status()) if w["name"] == "wasm-0")["steps"] > 0
+    finally:
+        close(ctx)
+    cluster.wait_for(lambda s: "wasm-0" not in served_by(s) and served_by(s), 240, what="plan without wasm-0")
+
+
+def test_mixed_pool_of_tabs_and_python_workers(cluster, browser, reference):
+    cluster.add_worker(name="py-0")
+    names = {p.evaluate("window.tabState.name") for p in browser._tabshard_pages if not p.is_closed()} | {"py-0"}
+    st = wait_plan(cluster, names)
+    kinds = {w["name"]: w["kind"] for w in st["workers"]}
+    assert {kinds[n] for n in served_by(st)} == {"browser", "python"}
+    assert ws_tokens(cluster.base) == reference
+    st = cluster.status()
+    assert all(w["steps"] > 0 for w in st["workers"] if w["name"] in names and w["state"] == "ready")
+    loads = [w["load_progress"] for w in tab_workers(st)]
+    assert loads and all(p.get("total_bytes") and p["received_bytes"] == p["total_bytes"] for p in loads), loads
+
+
+KERNEL_JS = """
+async ({cases}) => {
+  const { WebGpuDevice, runKernel } = await import("/tab/static/backend_webgpu.js");
+  const gpu = await WebGpuDevice.create("default", location.origin);
+  const T = {f32: Float32Array, u32: Uint32Array};
+  const out = {limits: gpu.limits};
+  for (const c of cases) {
+    const bufs = c.buffers.map(([dtype, values]) => T[dtype].from(values));
+    out[c.name] = await runKernel(gpu, c.kernel, c.constants, c.params, bufs, c.grid);
+  }
+  return out;
+}
+"""
+
+
+def test_kernels_outside_the_serving_path_run_on_default_limits(cluster, browser):
+    """The serving tests run rmsnorm, qmatvec, rope, kv_store, attention, silu_gate and topk
+    on a device with the spec's default limits; this runs the rest (qmatmul at its largest
+    tile, which needs exactly the default 16 KiB of workgroup memory and 256 invocations;
+    embedding; residual_add; the 3-bit qmatvec) and checks them against kernels/reference.py."""
+    from kernels import reference as ref
+    from kernels.quant import QuantSpec, quantize_rtn
+
+    rng = np.random.default_rng(7)
+    n, k, m = 40, 72, 5
+    w = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), QuantSpec(4, 32, False))
+    x = rng.standard_normal((m, 72)).astype(np.float32)
+    w3 = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), QuantSpec(3, 64, True))
+    table = quantize_rtn(rng.standard_normal((50, 40)).astype(np.float32), QuantSpec(8, 32, True))
+    ids = np.array([3, 49, 0, 17], np.uint32)
+    ra_x, ra_y = rng.standard_normal((3, 44)).astype(np.float32), rng.standard_normal((3, 44)).astype(np.float32)
+
+    def quant(t, spec):
+        return {"BITS": spec.bits, "GROUP": spec.group, "SYMMETRIC": int(spec.symmetric)}
+
+    mm = dict(n=n, k=k, m=m, x_stride=72, y_stride=n, y_col=0, accumulate=0)
+    cases = [
+        {"name": "qmatmul", "kernel": "qmatmul", "constants": {**quant(w, w.spec), "TILE": 64}, "params": mm,
+         "buffers": [["u32", w.qweight.ravel().tolist()], ["u32", w.scales.ravel().tolist()], ["f32", x.ravel().tolist()],
+                     ["f32", [0.0] * (m * n)]], "grid": [1, 1, 1]},
+        {"name": "qmatvec3", "kernel": "qmatvec", "constants": {**quant(w3, w3.spec), "WG": 64, "TPR": 1, "ROWS": 8}, "params": mm,
+         "buffers": [["u32", w3.qweight.ravel().tolist()], ["u32", w3.scales.ravel().tolist()], ["f32", x.ravel().tolist()],
+                     ["f32", [0.0] * (m * n)]], "grid": [1, 1, 1]},
+        {"name": "embedding", "kernel": "embedding", "constants": {**quant(table, table.spec), "WG": 64},
+         "params": dict(k=40, row_start=0, n_rows=50, y_stride=40),
+         "buffers": [["u32", ids.tolist()], ["u32", table.qweight.ravel().tolist()], ["u32", table.scales.ravel().tolist()],
+                     ["f32", [0.0] * (4 * 40)]], "grid": [4, 1, 1]},
+        {"name": "residual_add", "kernel": "residual_add", "constants": {"WG": 64}, "params": dict(n=44, x_stride=44, y_stride=44),
+         "buffers": [["f32", ra_x.ravel().tolist()], ["f32", ra_y.ravel().tolist()]], "grid": [1, 3, 1]},
+    ]
+    page = browser.new_page()
+    page.goto(f"{cluster.base}/tab/static/index.html")  # any page of the origin: the modules load from it
+    out = page.evaluate(KERNEL_JS, {"cases": cases})
+    page.close()
+    assert out["limits"]["maxComputeWorkgroupStorageSize"] == 16384 and out["limits"]["maxComputeInvocationsPerWorkgroup"] == 256
+    tol = dict(atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.array(out["qmatmul"][3]).reshape(m, n), ref.qmatmul(x, w), **tol)
+    np.testing.assert_allclose(np.array(out["qmatvec3"][3]).reshape(m, n), ref.qmatvec(x, w3), **tol)
+    np.testing.assert_allclose(np.array(out["embedding"][3]).reshape(4, 40), ref.embedding(ids, table), **tol)
+    np.testing.assert_allclose(np.array(out["residual_add"][1]).reshape(3, 44), ref.residual_add(ra_y, ra_x), **tol)

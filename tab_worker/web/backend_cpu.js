@@ -126,9 +126,9 @@ export class WasmEngine {
   }
 
   static supported() {
-    // a module using one SIMD instruction (v128.const + drop) validates only with SIMD
-    const probe = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 4, 1, 96, 0, 0, 3, 2, 1, 0, 10, 22, 1, 20, 0,
-      253, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 26, 11]);
+    // a function returning i8x16.popcnt(i8x16.splat(0)): validates only where SIMD does
+    const probe = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 10, 1, 8, 0, 65, 0,
+      253, 15, 253, 98, 11]);
     try { return typeof WebAssembly === "object" && WebAssembly.validate(probe); } catch { return false; }
   }
 

@@ -70,6 +70,14 @@ export class WebGpuDevice {
     };
   }
 
+  // The same device, planning with at most `cap` invocations per workgroup (a coordinator
+  // setting); pipelines and buffers are shared with this one.
+  withWorkgroupCap(cap) {
+    const limits = { ...this.limits, maxComputeInvocationsPerWorkgroup: Math.min(cap, this.limits.maxComputeInvocationsPerWorkgroup),
+      maxComputeWorkgroupSizeX: Math.min(cap, this.limits.maxComputeWorkgroupSizeX) };
+    return Object.create(this, { limits: { value: limits } });
+  }
+
   get maxBinding() { return Math.min(this.limits.maxStorageBufferBindingSize, this.limits.maxBufferSize); }
 
   workgroupSize(preferred) {
@@ -609,4 +617,32 @@ export class WebGpuBackend {
       for (let i = 0; i < n; i++) this.drop_session(`__head${i}`);
     }
   }
+}
+
+// One kernel on given buffers, the way the backend launches it (params uniform at binding 0,
+// then the storage buffers in binding order), and every buffer read back: what the browser
+// kernel tests use. buffers: typed arrays; grid: [x, y, z] workgroups.
+export async function runKernel(gpu, kernel, constants, params, buffers, grid) {
+  await gpu.prepare([[kernel, constants]]);
+  const bufs = buffers.map((data, i) => gpu.upload(data, `${kernel}.arg${i}`));
+  const launch = new Launch(gpu, kernel, constants, bufs, params);
+  const enc = gpu.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  launch.dispatch(pass, ...grid);
+  pass.end();
+  const reads = bufs.map((b) => {
+    const rb = gpu.device.createBuffer({ size: b.size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    enc.copyBufferToBuffer(b, 0, rb, 0, b.size);
+    return rb;
+  });
+  gpu.queue.submit([enc.finish()]);
+  const out = [];
+  for (const [i, rb] of reads.entries()) {
+    await rb.mapAsync(GPUMapMode.READ);
+    out.push(Array.from(new buffers[i].constructor(rb.getMappedRange().slice(0, buffers[i].byteLength))));
+    rb.unmap();
+    rb.destroy();
+    bufs[i].destroy();
+  }
+  return out;
 }

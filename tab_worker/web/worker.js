@@ -168,10 +168,36 @@ export class TabWorker {
 
   on_error() { return null; }
 
-  async make_backend(name, cfg, layers, head, maxCtx) {
+  // Settings the coordinator asks of every tab, corrected to what this tab can do (reported
+  // in ready, never silent): as worker.py's honour_precision.
+  honour_precision(precision) {
+    const options = {}, corrections = [];
+    const correct = (setting, asked, used, reason) => corrections.push({ setting, asked, used, reason });
+    const compute = precision.compute;
+    if (compute != null && compute !== "f32") {
+      correct("compute", compute, "f32", this.backend_name === "webgpu"
+        ? `this tab's kernels are f32-only${this.caps.f16 ? "" : " and its adapter lacks shader-f16"}`
+        : `the ${this.backend_name} backend computes in f32`);
+    }
+    const wg = precision.workgroup_size;
+    if (wg != null) {
+      if (this.backend_name !== "webgpu") {
+        correct("workgroup_size", wg, null, `the ${this.backend_name} backend has no workgroups`);
+      } else {
+        const cap = this.gpu.limits.maxComputeInvocationsPerWorkgroup;
+        const used = Math.min(Number(wg), cap, this.gpu.limits.maxComputeWorkgroupSizeX);
+        if (used !== wg) correct("workgroup_size", wg, used, `the adapter allows at most ${cap} invocations per workgroup`);
+        options.maxWorkgroup = used;
+      }
+    }
+    return { options, corrections };
+  }
+
+  async make_backend(name, cfg, layers, head, maxCtx, options = {}) {
     if (name === "webgpu") {
       const { WebGpuBackend } = await import("./backend_webgpu.js");
-      const be = new WebGpuBackend(this.gpu, cfg, layers, head, maxCtx);
+      const gpu = options.maxWorkgroup ? this.gpu.withWorkgroupCap(options.maxWorkgroup) : this.gpu;
+      const be = new WebGpuBackend(gpu, cfg, layers, head, maxCtx);
       await be.init();  // pipelines, created once and asynchronously
       return be;
     }
@@ -286,8 +312,9 @@ export class TabWorker {
         else head = b.weights;
       }
       const key = `${m.layer_start},${m.layer_end}`;
+      const { options, corrections } = this.honour_precision(m.precision || {});
       try {
-        this.ranges.set(key, await this.make_backend(this.backend_name, m.model, layers, head, Number(m.max_ctx || m.model.context)));
+        this.ranges.set(key, await this.make_backend(this.backend_name, m.model, layers, head, Number(m.max_ctx || m.model.context), options));
       } catch (err) {
         // the device cannot hold it (binding or workgroup limits, out of memory): the planner
         // learns this tab's real limit from the budget
@@ -296,7 +323,8 @@ export class TabWorker {
       }
       this.range_heads.set(key, head !== null);
       this.progress.received = this.progress.total;
-      out.push(make("ready", { assignment_id: aid, layers: [m.layer_start, m.layer_end], checksum: await sha256(new TextEncoder().encode(shas.join(""))) }));
+      out.push(make("ready", { assignment_id: aid, layers: [m.layer_start, m.layer_end], checksum: await sha256(new TextEncoder().encode(shas.join(""))),
+        corrections }));
     }
     return out;
   }
