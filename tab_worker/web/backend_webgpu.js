@@ -354,7 +354,8 @@ export class WebGpuBackend {
       list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["rope", { WG: dev.workgroupSize(64) }],
         ["kv_store", { WG: dev.workgroupSize(64) }], ["silu_gate", { WG: dev.workgroupSize(64) }],
         ["attention", { WG: dev.workgroupSize(real ? 256 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
-      for (const L of this._layers) for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, MATVEC_ROWS);
+      // decode (1 row) and prefill / replay chunks (8): a step of 2-4 rows prepares ROWS=4 when it comes
+      for (const L of this._layers) for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, [1, 8]);
     }
     if (this._head) {
       list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["topk", { WG: dev.workgroupSize(real ? 1024 : 256), KP: TOPK_SLOTS }]);
