@@ -45,7 +45,7 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
     from simulation.workload import Reference, differing_tokens
 
     scn = run.scn
-    ref = Reference(scn.get("coordinator", {}).get("model"))
+    ref = Reference.shared(scn.get("coordinator", {}).get("model"))
     events = run.events.sorted()
     results = sorted(run.results, key=lambda r: r.request_id)
     completed = [r for r in results if r.error is None and r.finish_reason]

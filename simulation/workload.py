@@ -97,6 +97,16 @@ class Reference:
         self.gen = LocalGenerator(model.load_all(), backend="numpy", max_ctx=2048)
         self._cache: dict = {}
 
+    _shared: dict = {}
+
+    @classmethod
+    def shared(cls, model_path: str | None = None) -> "Reference":
+        """One per model per process: loading a model and dequantizing it costs seconds, and
+        the report, the tests and their fixtures all want the same reference."""
+        if model_path not in cls._shared:
+            cls._shared[model_path] = cls(model_path)
+        return cls._shared[model_path]
+
     def tokens(self, prompt: str, max_tokens: int) -> list[int]:
         key = (prompt, max_tokens)
         if key not in self._cache:

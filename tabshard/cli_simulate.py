@@ -5,6 +5,12 @@ import sys
 
 
 def cmd_simulate(a) -> int:
+    import os
+
+    # before numpy loads: the reference run in this process shares 2 cores with the tabs, where
+    # OpenBLAS's spinning threads made it ~10x slower than one thread (the tabs run one each)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from simulation.report import format_table
     from simulation.scenario import run_scenario
 

@@ -1,7 +1,14 @@
 import os
 import tempfile
 
-import pytest
+# One BLAS thread per process, before numpy loads: on the 2-core hosts this suite runs on, with
+# Ray actors and other jobs busy, OpenBLAS's spinning threads made a single-process SmolLM2
+# reference 10x slower (169 s instead of 17 s for 96 tokens at load ~13). The simulated tabs
+# already run single-threaded (simulation.runtime.ACTOR_ENV).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
 
 # Mesa prints an error at every start without a private runtime dir (PLATFORM.md)
 if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):

@@ -20,7 +20,7 @@ PROMPT = make_prompt(7, 12)
 
 @pytest.fixture(scope="module")
 def reference():
-    return Reference().tokens(PROMPT, N)
+    return Reference.shared().tokens(PROMPT, N)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_crash_is_a_closed_socket_and_tokens_are_exact(sim, reference):
 
 def test_kernel_beyond_profile_limit_is_refused_and_replanned(ray_rt, tmp_path):
     prompt, n = make_prompt(3, 6), 6
-    want = Reference().tokens(prompt, n)
+    want = Reference.shared().tokens(prompt, n)
     with CoordinatorProcess(["--no-coordinator-compute"], log_path=str(tmp_path / "c.log")) as coord:
         bad = SimulatedTab("android-wg512", coord.worker_url, coord.token, profile="chrome-android", backend="wgpu",
                            device_options={"force_workgroup": 512})
