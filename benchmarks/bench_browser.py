@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import statistics
 import sys
 import threading
@@ -23,6 +25,8 @@ from types import SimpleNamespace
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):  # Mesa complains without one (PLATFORM.md)
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
 sys.path.insert(0, str(ROOT))
 
 from coordinator.tab_routes import routes  # noqa: E402
