@@ -155,6 +155,38 @@ def test_js_codec_passes_golden_vectors():
     assert "22 passed, 0 failed" in r.stdout
 
 
+def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
+    """WASM SIMD and plain JS (in node) against NumpyBackend on two real layers and the head."""
+    from tab_worker.engine_types import SessionSlice
+    from tab_worker.numpy_backend import NumpyBackend
+    from tab_worker.weights import pack_head, pack_layer
+    from tabshard.generate import embed
+
+    build_assets()
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    w = smollm2_weights
+    for i in (0, 1):
+        (tmp_path / f"layer{i}.blob").write_bytes(pack_layer(i, w.layers[i]))
+    (tmp_path / "head.blob").write_bytes(pack_head(w.head))
+    (tmp_path / "config.json").write_text(json.dumps(w.config.to_dict()))
+    x = embed(w.embedding, [504, 3575, 282, 4649, 314, 7042, 30])
+    x.astype("<f4").tofile(tmp_path / "x.f32")
+    be = NumpyBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64)
+    want = np.concatenate([be.forward([SessionSlice("s", 0, 6)], x[:6]), be.forward([SessionSlice("s", 6, 1)], x[6:])])
+    ids, values = be.head_topk(want[-1:], 5)
+    r = subprocess.run([node, str(ROOT / "tests" / "js" / "cpu_backend_parity.mjs"), str(DIST), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["engine"] for e in results] == ["wasm", "js"]
+    for e in results:
+        np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=e["engine"])
+        assert e["ids"] == ids[0].tolist(), e["engine"]
+        np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=e["engine"])
+
+
 def test_wrong_token_gets_a_clear_403(cluster, browser):
     page = browser.new_page()
     resp = page.goto(f"{cluster.base}/tab?token=nope")

@@ -116,7 +116,8 @@ export class WasmEngine {
     this.memory = new WebAssembly.Memory({ initial: 256 });  // 16 MiB, grows
     this.instance = new WebAssembly.Instance(module, { env: { memory: this.memory } });
     this.k = this.instance.exports;
-    this.top = 1 << 16;  // bump allocator (the first 64 KiB are the C stack and data)
+    // bump allocator above the C data and stack (wasm-ld puts the stack below __heap_base)
+    this.top = this.k.__heap_base ? Number(this.k.__heap_base.value) : 1 << 20;
     this.scratch = { ptr: 0, bytes: 0 };
   }
 

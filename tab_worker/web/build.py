@@ -45,7 +45,7 @@ def build_wasm(out: Path) -> bool:
         print("warning: clang not found: no WASM build (tabs fall back to plain JS); apt-get install clang lld", file=sys.stderr)
         return False
     cmd = [clang, "--target=wasm32", "-O3", "-msimd128", "-nostdlib", "-Wl,--no-entry", "-Wl,--import-memory",
-           "-Wl,--export-dynamic", "-o", str(out), *map(str, sources)]
+           "-Wl,--export-dynamic", "-Wl,--export=__heap_base", "-o", str(out), *map(str, sources)]
     subprocess.run(cmd, check=True)
     return True
 

@@ -10,7 +10,8 @@
 // 2^-8, 2^-12) is exact. Other widths take the scalar path.
 //
 // Build (tab_worker/web/build.py): clang --target=wasm32 -O3 -msimd128 -nostdlib
-//   -Wl,--no-entry -Wl,--import-memory -Wl,--export-dynamic
+//   -Wl,--no-entry -Wl,--import-memory -Wl,--export-dynamic -Wl,--export=__heap_base
+// (JS allocates weights and scratch from __heap_base up: below it are the C data and stack)
 #include <stdint.h>
 #include <wasm_simd128.h>
 
