@@ -113,3 +113,22 @@ def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def head_topk(hidden: np.ndarray, output_norm: np.ndarray, eps: float, output: QuantTensor, k: int):
     """The final head as the device runs it: rmsnorm, qmatvec over the vocabulary, topk."""
     return topk(qmatvec(rmsnorm(hidden, output_norm, eps), output), k)
+
+
+def qmatvec_norm(x: np.ndarray, w: QuantTensor, norm_weight: np.ndarray, eps: float, y: np.ndarray | None = None) -> np.ndarray:
+    """rmsnorm folded into qmatvec: qmatvec(rmsnorm(x, norm_weight, eps), w, y)."""
+    return qmatvec(rmsnorm(x, norm_weight, eps), w, y)
+
+
+def qmatvec_silu(gate: np.ndarray, up: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
+    """silu_gate folded into qmatvec's input: qmatvec(silu_gate(gate, up), w, y)."""
+    return qmatvec(silu_gate(gate, up), w, y)
+
+
+def rope_kv_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, base: float,
+                  k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """rope on q f32[T, n_heads, hd] and k f32[T, n_kv, hd], then kv_store of the turned k and
+    of v into one session's caches (in place); returns the turned (q, k)."""
+    q_rot, k_rot = rope(q, positions, base), rope(k, positions, base)
+    kv_store(k_rot, v, k_cache, v_cache, start_pos)
+    return q_rot, k_rot

@@ -9,9 +9,10 @@ itself, so a launcher passes ``name=value`` pairs and the layout lives in one pl
 browser worker loads the very same files the same way.
 
 Hot path (PLATFORM.md): pipelines are built once per (kernel, overrides); bind groups and
-params buffers once per launcher; a caller records many launchers into one compute pass
-(``Device.run``, which may cut it into a few command buffers submitted as they are recorded)
-and reads back once.
+params buffers once per launcher; a caller plans its launchers at a row count once
+(``Device.plan``: a list of native handles and grid sizes), replays the plan into one compute
+pass (``Device.execute``, which may cut it into a few command buffers submitted as they are
+recorded) and reads back once, through a persistent mappable buffer in the same submission.
 """
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def _better(key: str, a: int, b: int) -> int:
 
 def _worse(key: str, a: int, b: int) -> int:
     return max(a, b) if key.startswith("min-") else min(a, b)
+
+
+WAIT_IN_CALLER = True  # Device.execute's readback: wgpuDevicePoll(wait) in the caller before mapping
 
 
 class Device:
@@ -279,26 +283,95 @@ class Device:
     def encoder(self):
         return self.device.create_command_encoder()
 
-    def run(self, launchers: list, rows: int, copies: list = (), submit_every: int = 0) -> None:
-        """Record launchers (each ``record(cpass, rows)``) into one compute pass, then buffer
-        copies (src, dst, nbytes[, dst_offset]), and submit. Does not wait: ``read`` does.
+    def run(self, launchers: list, rows: int, copies: list = (), submit_every: int = 0, readback: list = ()):
+        """Record launchers (each ``dispatches(rows)``, see Launcher) into one compute pass,
+        then buffer copies (src, dst, nbytes[, dst_offset]), and submit. Does not wait unless
+        ``readback`` is given: see ``execute``.
 
-        ``submit_every`` > 0 cuts the pass into command buffers of that many launchers, each
-        submitted as soon as it is recorded, so the GPU starts while Python records the rest
-        (recording a SmolLM2 forward takes about as long as the GPU runs it)."""
+        ``submit_every`` > 0 cuts the pass into command buffers of that many dispatches, each
+        submitted as soon as it is recorded, so the GPU starts while Python records the rest."""
+        return self.execute(self.plan(launchers, rows), copies, submit_every, readback)
+
+    def plan(self, launchers: list, rows: int) -> list:
+        """The dispatches (and in-stream copies) of ``launchers`` at ``rows``, resolved to what
+        ``execute`` replays: recording a cached plan costs three native calls per dispatch and
+        no Python per launcher. Building it also sets each launcher's rows-dependent params, so
+        a plan stays valid until the same launchers are planned at another ``rows``."""
+        items = []
+        for launcher in launchers:
+            items += launcher.dispatches(rows)
+        return [item.resolved() if isinstance(item, Dispatch) else item for item in items]
+
+    def execute(self, plan: list, copies: list = (), submit_every: int = 0, readback: list = ()):
+        """Replay a plan into one compute pass (cut into command buffers of ``submit_every``
+        dispatches, each submitted once recorded), then copies (src, dst, nbytes[, dst_offset]).
+        ``readback`` [(src, src_offset, nbytes)]: also copied, in the same command buffer, into
+        a persistent mappable buffer; then this waits and returns those bytes concatenated
+        (np.uint8, each part at a 4-byte-aligned offset) - one submit and one wait in all."""
         enc = self.device.create_command_encoder()
         cpass = enc.begin_compute_pass()
-        for i, launcher in enumerate(launchers, 1):
-            launcher.record(cpass, rows)
-            if submit_every and i % submit_every == 0 and i < len(launchers):
+        raw = _RAW_PASS_CALLS is not None and getattr(cpass, "_internal", None) is not None
+        if raw:
+            set_pipeline, set_bind_group, dispatch, null = _RAW_PASS_CALLS
+            handle = cpass._internal
+        count = 0
+        for item in plan:
+            if item.__class__ is tuple:
+                pipe, bg, x, y, z, pipe_obj, bg_obj = item
+                if raw:
+                    set_pipeline(handle, pipe)
+                    set_bind_group(handle, 0, bg, 0, null)
+                    dispatch(handle, x, y, z)
+                else:
+                    cpass.set_pipeline(pipe_obj)
+                    cpass.set_bind_group(0, bg_obj)
+                    cpass.dispatch_workgroups(x, y, z)
+                count += 1
+                if submit_every and count % submit_every == 0:
+                    cpass.end()
+                    self.queue.submit([enc.finish()])
+                    enc = self.device.create_command_encoder()
+                    cpass = enc.begin_compute_pass()
+                    handle = cpass._internal if raw else None
+            else:  # a BufferCopy: between two passes of the same encoder
                 cpass.end()
-                self.queue.submit([enc.finish()])
-                enc = self.device.create_command_encoder()
+                enc.copy_buffer_to_buffer(item.src, item.src_offset, item.dst, item.dst_offset, item.nbytes)
                 cpass = enc.begin_compute_pass()
+                handle = cpass._internal if raw else None
         cpass.end()
         for src, dst, nbytes, *dst_offset in copies:
             enc.copy_buffer_to_buffer(src, 0, dst, dst_offset[0] if dst_offset else 0, -(-nbytes // 4) * 4)
+        total = 0
+        if readback:
+            sizes = [-(-nbytes // 4) * 4 for _, _, nbytes in readback]
+            staging = self._staging_buffer(sum(sizes))
+            for (src, src_offset, _), size in zip(readback, sizes):
+                if size:
+                    enc.copy_buffer_to_buffer(src, src_offset, staging, total, size)
+                total += size
         self.queue.submit([enc.finish()])
+        if not readback:
+            return None
+        if not total:
+            return np.zeros(0, np.uint8)
+        if WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
+            # block in this thread (the GIL released) until the GPU is done, so that the map
+            # below resolves at once instead of after hand-offs to wgpu-py's poll thread
+            self.device._poll_wait()
+        staging.map_sync(self._wgpu.MapMode.READ, 0, total)
+        try:
+            return np.frombuffer(staging.read_mapped(0, total, copy=True), np.uint8)
+        finally:
+            staging.unmap()
+
+    def _staging_buffer(self, nbytes: int):
+        """A MAP_READ buffer of at least nbytes, kept for the next readback (grows by doubling)."""
+        buf = getattr(self, "_staging", None)
+        if buf is None or buf.size < nbytes:
+            u = self._wgpu.BufferUsage
+            size = max(256, 1 << (max(nbytes, 1) - 1).bit_length())
+            buf = self._staging = self.device.create_buffer(size=size, usage=u.MAP_READ | u.COPY_DST, label="staging")
+        return buf
 
 
 _devices: dict[tuple, Device] = {}
@@ -354,6 +427,59 @@ def _raw_pass_calls():
 _RAW_PASS_CALLS = _raw_pass_calls()
 
 
+@dataclass(frozen=True)
+class BufferCopy:
+    """A buffer-to-buffer copy inside a plan: ends the compute pass, copies, begins another."""
+
+    src: object
+    src_offset: int
+    dst: object
+    dst_offset: int
+    nbytes: int
+
+    def dispatches(self, rows: int) -> list:
+        return [self]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    launch: "Launch"
+    x: int
+    y: int
+    z: int
+
+    def resolved(self) -> tuple:
+        """(native pipeline, native bind group, x, y, z, pipeline, bind group) for Device.execute."""
+        raw = self.launch._raw or (None, None)
+        return (raw[0], raw[1], self.x, self.y, self.z, self.launch.pipeline, self.launch.bind_group)
+
+
+class Launcher:
+    """Something recorded into a pass: ``dispatches(rows)`` lists its Dispatch (and
+    BufferCopy) items at that many rows, setting any rows-dependent params on the way."""
+
+    def dispatches(self, rows: int) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def record(self, cpass, rows: int) -> None:
+        for d in self.dispatches(rows):
+            d.launch.dispatch(cpass, d.x, d.y, d.z)
+
+
+class ByRows(Launcher):
+    """``small`` launchers up to ``max_rows`` rows, else ``large`` (a fused decode kernel that
+    has no batched counterpart, and the unfused ops that replace it for prefill)."""
+
+    def __init__(self, max_rows: int, small: list, large: list):
+        self.max_rows, self.small, self.large = max_rows, small, large
+
+    def dispatches(self, rows: int) -> list:
+        items = []
+        for launcher in (self.small if rows <= self.max_rows else self.large):
+            items += launcher.dispatches(rows)
+        return items
+
+
 class Launch:
     """One kernel with its buffers bound and its params in its own small uniform buffer."""
 
@@ -378,6 +504,12 @@ class Launch:
         packed = self.dev.pack_params(self.kernel, params)
         self.params, self._packed = params, packed
         self.dev.queue.write_buffer(self.params_buffer, 0, packed)
+
+    def at(self, x: int, y: int = 1, z: int = 1) -> list:
+        """[Dispatch] of this launch over (x, y, z) workgroups ([] when any is 0)."""
+        if x > self._max_groups or y > self._max_groups or z > self._max_groups:
+            raise LimitError(f"{self.kernel}: dispatch {(x, y, z)} exceeds {self._max_groups} workgroups per dimension")
+        return [Dispatch(self, x, y, z)] if x and y and z else []
 
     def dispatch(self, cpass, x: int, y: int = 1, z: int = 1) -> None:
         if x > self._max_groups or y > self._max_groups or z > self._max_groups:
@@ -468,20 +600,30 @@ def matvec_threads_per_row(n: int, k: int, wg: int, max_tpr: int = 32) -> int:
     return tpr
 
 
-class QuantLinear:
+class QuantLinear(Launcher):
     """y[:, y_col : y_col+n] (+)= x @ W.T for ``rows`` rows of x: qmatvec.wgsl up to
     ``matvec_max_rows`` rows (decode; ROWS batch rows per workgroup share each decoded
-    weight), qmatmul.wgsl above (prefill). One dispatch per chunk of a split W."""
+    weight), qmatmul.wgsl above (prefill). One dispatch per chunk of a split W.
+
+    ``norm=(weight buffer, eps)``: x is first RMS-normalised (qmatvec_norm.wgsl);
+    ``silu_up_col=c``: the input is silu(x[:, :k]) * x[:, c : c+k] (qmatvec_silu.wgsl). Both
+    exist for qmatvec only: such a linear serves up to ``matvec_max_rows`` rows (see ByRows)."""
 
     def __init__(self, dev: Device, w: GpuQuantTensor, x, x_stride: int, y, y_stride: int,
                  y_col: int = 0, accumulate: bool = False, matvec_max_rows: int | None = None,
-                 tuning: MatmulTuning | None = None):
+                 tuning: MatmulTuning | None = None, norm: tuple | None = None, silu_up_col: int | None = None):
         if x_stride % 4:
             raise ValueError(f"x_stride {x_stride} must be a multiple of 4 (qmatvec reads vec4)")
+        if norm is not None and silu_up_col is not None:
+            raise ValueError("one prologue at a time: norm or silu_up_col")
+        if silu_up_col is not None and silu_up_col % 4:
+            raise ValueError(f"silu_up_col {silu_up_col} must be a multiple of 4")
         self.dev, self.w = dev, w
         self.tuning = tuning or matmul_tuning(dev)
         self.matvec_max_rows = self.tuning.matvec_max_rows if matvec_max_rows is None else matvec_max_rows
         self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
+        self.norm, self.silu_up_col = norm, silu_up_col
+        self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
         self.wg = self.tuning.matvec_wg
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr)
         self.tile = self.tuning.tile
@@ -491,36 +633,45 @@ class QuantLinear:
         key = (kernel, rows_per_wg)
         if key not in self._launches:
             x, x_stride, y, y_stride, y_col, acc = self._args
-            if kernel == "qmatvec":
+            buffers, extra = [], {}
+            if kernel.startswith("qmatvec"):
                 consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
+                if kernel == "qmatvec_norm":
+                    buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
+                elif kernel == "qmatvec_silu":
+                    extra = {"up_col": int(self.silu_up_col)}
             else:
                 consts = {**quant_constants(self.w), "TILE": self.tile}
             self._launches[key] = [
-                (n, Launch(self.dev, kernel, consts, [qweight, scales, x, y], n=n, k=self.w.k, m=0, x_stride=x_stride,
-                           y_stride=y_stride, y_col=y_col + start, accumulate=acc))
+                (n, Launch(self.dev, kernel, consts, [qweight, scales, x, y, *buffers], n=n, k=self.w.k, m=0,
+                           x_stride=x_stride, y_stride=y_stride, y_col=y_col + start, accumulate=acc, **extra))
                 for start, n, qweight, scales in self.w.chunks]
         return self._launches[key]
 
-    def record(self, cpass, rows: int) -> None:
+    def dispatches(self, rows: int) -> list:
+        items = []
         if rows <= self.matvec_max_rows:
             rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
             outputs_per_wg = self.wg // self.tpr
-            for n, launch in self._chunk_launches("qmatvec", rows_per_wg):
+            for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg):
                 launch.set(m=rows)
-                launch.dispatch(cpass, -(-n // outputs_per_wg), -(-rows // rows_per_wg))
+                items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))
+        elif self.matvec_kernel != "qmatvec":
+            raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
         else:
             for n, launch in self._chunk_launches("qmatmul", 0):
                 launch.set(m=rows)
-                launch.dispatch(cpass, -(-n // self.tile), -(-rows // self.tile))
+                items += launch.at(-(-n // self.tile), -(-rows // self.tile))
+        return items
 
 
-class RmsNorm:
+class RmsNorm(Launcher):
     def __init__(self, dev: Device, x, x_stride: int, weight, y, y_stride: int, n: int, eps: float):
         self.launch = Launch(dev, "rmsnorm", {"WG": dev.workgroup_size(256)}, [x, weight, y],
                              n=n, x_stride=x_stride, y_stride=y_stride, eps=float(eps))
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(rows)
 
 
 def _leading_bits(v: np.ndarray, bits: int) -> np.ndarray:
@@ -539,18 +690,18 @@ def rope_freq_turns(head_dim: int, base: float) -> np.ndarray:
     return table.astype(np.float32)
 
 
-class Rope:
+class Rope(Launcher):
     def __init__(self, dev: Device, x, x_stride: int, x_col: int, n_heads: int, head_dim: int, positions, freq_turns):
         self.wg = dev.workgroup_size(64)
         self.pairs = n_heads * head_dim // 2
         self.launch = Launch(dev, "rope", {"WG": self.wg}, [x, positions, freq_turns],
                              n_heads=n_heads, head_dim=head_dim, x_stride=x_stride, x_col=x_col)
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, -(-self.pairs // self.wg), rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(-(-self.pairs // self.wg), rows)
 
 
-class KvStore:
+class KvStore(Launcher):
     def __init__(self, dev: Device, src, src_stride: int, k_col: int, v_col: int, positions, slots,
                  k_cache, v_cache, n_kv: int, head_dim: int, ctx: int):
         self.wg = dev.workgroup_size(64)
@@ -558,18 +709,39 @@ class KvStore:
         self.launch = Launch(dev, "kv_store", {"WG": self.wg}, [src, positions, slots, k_cache, v_cache],
                              n_kv=n_kv, head_dim=head_dim, ctx=ctx, src_stride=src_stride, k_col=k_col, v_col=v_col)
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, -(-self.width // self.wg), rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(-(-self.width // self.wg), rows)
 
 
-class Attention:
+class RopeKvStore(Launcher):
+    """Rope on the q heads (from column 0) and k heads (from k_col) of each x row, and the
+    turned keys and the values (from v_col) into the KV caches: rope_kv_store.wgsl."""
+
+    def __init__(self, dev: Device, x, x_stride: int, k_col: int, v_col: int, positions, slots, freq_turns,
+                 k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int, ctx: int):
+        if head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+        self.wg = dev.workgroup_size(64)
+        self.pairs = (n_heads + 2 * n_kv) * head_dim // 2
+        self.launch = Launch(dev, "rope_kv_store", {"WG": self.wg}, [x, positions, slots, freq_turns, k_cache, v_cache],
+                             n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, ctx=ctx, x_stride=x_stride,
+                             k_col=k_col, v_col=v_col)
+
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(-(-self.pairs // self.wg), rows)
+
+
+class Attention(Launcher):
     def __init__(self, dev: Device, q, q_stride: int, q_col: int, positions, slots, k_cache, v_cache,
                  out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int):
         if head_dim % 4 or n_heads % n_kv:
             raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
         # keys scored per chunk: a GPU wants many threads; a CPU rasteriser pays for every
-        # invocation, and short contexts leave most of a wide workgroup idle
-        wg = dev.workgroup_size(256 if dev.is_real_gpu() else max(64, head_dim))
+        # invocation, and short contexts leave most of a wide workgroup idle. On a GPU the
+        # serial part is one walk of up to WG / PARTS = head_dim keys per chunk, each waiting
+        # on a V load: 1024 threads make one chunk (and one walk) of the first 1024 positions
+        # instead of one per 256 (H100 decode at 256-384 positions: 2 walks -> 1 per layer)
+        wg = dev.workgroup_size(1024 if dev.is_real_gpu() else max(64, head_dim))
         if head_dim > wg:
             raise LimitError(f"head_dim {head_dim} exceeds the workgroup size {wg}")
         self.n_heads = n_heads
@@ -578,30 +750,30 @@ class Attention:
                              n_heads=n_heads, n_kv=n_kv, ctx=ctx, q_stride=q_stride, q_col=q_col,
                              out_stride=out_stride, scale=1.0 / math.sqrt(head_dim))
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, self.n_heads, rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(self.n_heads, rows)
 
 
-class SiluGate:
+class SiluGate(Launcher):
     def __init__(self, dev: Device, src, src_stride: int, gate_col: int, up_col: int, y, y_stride: int, n: int):
         self.wg, self.n = dev.workgroup_size(64), n
         self.launch = Launch(dev, "silu_gate", {"WG": self.wg}, [src, y],
                              n=n, src_stride=src_stride, gate_col=gate_col, up_col=up_col, y_stride=y_stride)
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, -(-self.n // self.wg), rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(-(-self.n // self.wg), rows)
 
 
-class ResidualAdd:
+class ResidualAdd(Launcher):
     def __init__(self, dev: Device, x, x_stride: int, y, y_stride: int, n: int):
         self.wg, self.n = dev.workgroup_size(64), n
         self.launch = Launch(dev, "residual_add", {"WG": self.wg}, [x, y], n=n, x_stride=x_stride, y_stride=y_stride)
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, -(-self.n // self.wg), rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(-(-self.n // self.wg), rows)
 
 
-class Embedding:
+class Embedding(Launcher):
     """y[r] = row ids[r] of a (row-split) quantized table; one dispatch per chunk."""
 
     def __init__(self, dev: Device, table: GpuQuantTensor, ids, y, y_stride: int):
@@ -610,12 +782,11 @@ class Embedding:
                                 k=table.k, row_start=start, n_rows=n, y_stride=y_stride)
                          for start, n, qweight, scales in table.chunks]
 
-    def record(self, cpass, rows: int) -> None:
-        for launch in self.launches:
-            launch.dispatch(cpass, rows)
+    def dispatches(self, rows: int) -> list:
+        return [d for launch in self.launches for d in launch.at(rows)]
 
 
-class TopK:
+class TopK(Launcher):
     """Per row, the k best of ``count`` logits, best first: ids u32 and values f32 [rows, k]
     in ``ids`` and ``values`` (for up to rows_cap rows). One topk.wgsl dispatch."""
 
@@ -634,5 +805,5 @@ class TopK:
         self.launch = Launch(dev, "topk", {"WG": wg, "KP": slots}, [logits, self.values, self.ids],
                              count=count, in_stride=logits_stride, k=k, out_stride=k)
 
-    def record(self, cpass, rows: int) -> None:
-        self.launch.dispatch(cpass, rows)
+    def dispatches(self, rows: int) -> list:
+        return self.launch.at(rows)

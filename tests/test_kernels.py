@@ -136,6 +136,106 @@ def test_qmatvec_k_edge_cases(dev, rng, k):
     _quant_linear(dev, rng, QuantSpec(3, 128, True), n=9, k=k, rows=2, matvec_max_rows=8, tuning=TUNINGS["gpu"])
 
 
+# ---------------------------------------------------------------------------- fused decode matvecs
+
+
+def _fused_linear(dev, rng, spec, n, k, rows, tuning, prologue, accumulate=True):
+    """qmatvec_norm (prologue "norm") or qmatvec_silu ("silu") against their twins, output
+    in a column range of a wider buffer."""
+    w = quantize_rtn(randn(rng, n, k), spec)
+    y_stride, y_col = n + 3, 2
+    y0 = randn(rng, rows, y_stride)
+    yb = dev.upload(y0)
+    if prologue == "norm":
+        x, nw = randn(rng, rows, k, scale=3.0), randn(rng, k)
+        x_stride = -(-k // 4) * 4
+        xpad = padded(x, x_stride)
+        xpad[:, k:] = 7.0  # padding past k must not enter the norm
+        op = R.QuantLinear(dev, R.upload_quant(dev, w), dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate,
+                           tuning=tuning, norm=(dev.upload(nw), 1e-5))
+        want = ref.qmatvec_norm(x, w, nw, 1e-5, y0[:, y_col : y_col + n] if accumulate else None)
+    else:
+        up_col = -(-k // 4) * 4 + 4
+        x_stride = up_col + -(-k // 4) * 4
+        src = randn(rng, rows, x_stride, scale=3.0)
+        op = R.QuantLinear(dev, R.upload_quant(dev, w), dev.upload(src), x_stride, yb, y_stride, y_col, accumulate,
+                           tuning=tuning, silu_up_col=up_col)
+        want = ref.qmatvec_silu(src[:, :k], src[:, up_col : up_col + k], w, y0[:, y_col : y_col + n] if accumulate else None)
+    dev.run([op], rows)
+    got = dev.read(yb, count=rows * y_stride).reshape(rows, y_stride)
+    np.testing.assert_allclose(got[:, y_col : y_col + n], want, atol=5e-4, rtol=2e-4)
+    np.testing.assert_array_equal(got[:, :y_col], y0[:, :y_col])
+    np.testing.assert_array_equal(got[:, y_col + n :], y0[:, y_col + n :])
+
+
+@pytest.mark.parametrize("prologue", ["norm", "silu"])
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_qmatvec_fused_prologues(dev, rng, prologue, tuning, rows):
+    # k = 70: no multiple of the group nor of 4; rows 3 (ROWS=4, masked), 8, 11 (two workgroup rows)
+    _fused_linear(dev, rng, QuantSpec(4, 32, False), n=37, k=70, rows=rows, tuning=TUNINGS[tuning], prologue=prologue)
+
+
+@pytest.mark.parametrize("prologue", ["norm", "silu"])
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64, True), QuantSpec(8, 32, True), QuantSpec(2, 128, False)], ids=lambda s: s.name)
+def test_qmatvec_fused_formats_and_overwrite(dev, rng, prologue, spec):
+    _fused_linear(dev, rng, spec, n=45, k=576, rows=2, tuning=TUNINGS["gpu"], prologue=prologue, accumulate=False)
+
+
+def test_fused_linear_refuses_batches_above_matvec_max_rows(dev, rng):
+    w = R.upload_quant(dev, quantize_rtn(randn(rng, 8, 32), QuantSpec(4, 32)))
+    xb, yb, nw = dev.buffer(16 * 32 * 4), dev.buffer(16 * 8 * 4), dev.buffer(32 * 4)
+    op = R.QuantLinear(dev, w, xb, 32, yb, 8, matvec_max_rows=4, norm=(nw, 1e-5))
+    with pytest.raises(ValueError, match="qmatvec_norm serves up to 4 rows"):
+        dev.run([op], 5)
+    # ByRows picks the unfused ops above the limit
+    plain = R.QuantLinear(dev, w, xb, 32, yb, 8, matvec_max_rows=4)
+    assert len(dev.plan([R.ByRows(4, [op], [R.RmsNorm(dev, xb, 32, nw, xb, 32, 32, 1e-5), plain])], 5)) == 2
+
+
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(4, 2, 8), (9, 3, 64)])
+def test_rope_kv_store(dev, rng, n_heads, n_kv, head_dim):
+    """One dispatch = rope.wgsl on q and k + kv_store.wgsl of the turned k and v: compared
+    with exactly those two kernels run on the same inputs (bit for bit) and with the twin."""
+    base, ctx, n_slots = 100000.0, 300, 3
+    positions = np.array([0, 1, 299, 5, 6, 100], np.uint32)
+    slots = np.array([2, 2, 0, 1, 1, 0], np.uint32)
+    rows = len(positions)
+    q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    stride = q_dim + 2 * kv_dim + 4
+    x = randn(rng, rows, stride)
+    caches = randn(rng, 2, n_slots, n_kv, ctx, head_dim)
+    freq = dev.upload(R.rope_freq_turns(head_dim, base))
+    pb, sb = dev.upload(positions), dev.upload(slots)
+    results = []
+    for fused in (True, False):
+        xb, kb, vb = dev.upload(x), dev.upload(caches[0]), dev.upload(caches[1])
+        if fused:
+            ops = [R.RopeKvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, freq, kb, vb, n_heads, n_kv, head_dim, ctx)]
+        else:
+            ops = [R.Rope(dev, xb, stride, 0, n_heads + n_kv, head_dim, pb, freq),
+                   R.KvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx)]
+        dev.run(ops, rows)
+        results.append([dev.read(b, count=n).reshape(shape) for b, n, shape in
+                        ((xb, x.size, x.shape), (kb, caches[0].size, caches[0].shape), (vb, caches[1].size, caches[1].shape))])
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    got_x, got_k, got_v = results[0]
+    np.testing.assert_array_equal(got_x[:, q_dim + kv_dim :], x[:, q_dim + kv_dim :])  # values and padding untouched
+    # the twin, per session (rows of one slot are consecutive positions here)
+    for slot, idx in ((2, [0, 1]), (1, [3, 4]), (0, [5]), (0, [2])):
+        idx = np.array(idx)
+        start = int(positions[idx[0]])
+        q = x[idx, :q_dim].reshape(len(idx), n_heads, head_dim)
+        k = x[idx, q_dim : q_dim + kv_dim].reshape(len(idx), n_kv, head_dim)
+        v = x[idx, q_dim + kv_dim : q_dim + 2 * kv_dim].reshape(len(idx), n_kv, head_dim)
+        kc, vc = caches[0][slot].copy(), caches[1][slot].copy()
+        q_rot, k_rot = ref.rope_kv_store(q, k, v, positions[idx], base, kc, vc, start)
+        np.testing.assert_allclose(got_x[idx, :q_dim], q_rot.reshape(len(idx), -1), atol=2e-4, rtol=0)
+        np.testing.assert_allclose(got_k[slot][:, start : start + len(idx)], kc[:, start : start + len(idx)], atol=2e-4, rtol=0)
+        np.testing.assert_array_equal(got_v[slot][:, start : start + len(idx)], vc[:, start : start + len(idx)])
+
+
 # ---------------------------------------------------------------------------- the rest
 
 
@@ -324,6 +424,11 @@ def test_small_binding_limit_splits_the_head_and_embedding(rng):
 TINT_VARIANTS = [
     ("qmatvec", {"BITS": 3, "GROUP": 64, "SYMMETRIC": 1, "WG": 256, "TPR": 16, "ROWS": 8}),
     ("qmatvec", {"BITS": 4, "GROUP": 32, "SYMMETRIC": 0, "WG": 64, "TPR": 1, "ROWS": 1}),
+    ("qmatvec_norm", {"BITS": 3, "GROUP": 64, "SYMMETRIC": 1, "WG": 256, "TPR": 16, "ROWS": 8}),
+    ("qmatvec_norm", {"BITS": 4, "GROUP": 32, "SYMMETRIC": 0, "WG": 64, "TPR": 1, "ROWS": 1}),
+    ("qmatvec_silu", {"BITS": 3, "GROUP": 64, "SYMMETRIC": 1, "WG": 256, "TPR": 16, "ROWS": 8}),
+    ("qmatvec_silu", {"BITS": 4, "GROUP": 32, "SYMMETRIC": 0, "WG": 64, "TPR": 1, "ROWS": 1}),
+    ("rope_kv_store", {"WG": 64}),
     ("qmatmul", {"BITS": 2, "GROUP": 128, "SYMMETRIC": 0, "TILE": 64}),
     ("embedding", {"BITS": 8, "GROUP": 32, "SYMMETRIC": 1, "WG": 64}),
     ("attention", {"WG": 256, "HEAD_DIM": 64}),

@@ -108,6 +108,49 @@ def test_prefill_decode_replay_and_head_match_numpy(model, device, matvec_max_ro
     _check_head(backends, rng.standard_normal((3, CONFIG.hidden)).astype(np.float32), 64)
 
 
+def _check_forward_topk(backends, slices, rng, k):
+    """WgpuBackend.forward_topk (one submission) against NumpyBackend's forward + head_topk."""
+    from tab_worker.wgpu_backend import forward_topk
+
+    hidden = rng.standard_normal((sum(s.length for s in slices), CONFIG.hidden)).astype(np.float32)
+    gpu_ids, gpu_logits = backends[0].forward_topk(slices, hidden, k)
+    ref_ids, ref_logits = forward_topk(backends[1], slices, hidden, k)  # numpy: the fallback
+    assert gpu_ids.dtype == np.int32 and gpu_logits.dtype == np.float32 and gpu_ids.shape == (len(slices), k)
+    np.testing.assert_array_equal(gpu_ids, ref_ids)
+    np.testing.assert_allclose(gpu_logits, ref_logits, **LOGIT_TOL)
+    for sl in slices:
+        assert backends[0].session_length(sl.session_id) == sl.start_pos + sl.length
+
+
+@pytest.mark.parametrize("matvec_max_rows", [None, 4], ids=["default", "qmatmul-above-4-rows"])
+def test_forward_topk_matches_forward_then_head(model, device, matvec_max_rows):
+    backends = _pair(model, device, matvec_max_rows=matvec_max_rows)
+    rng = np.random.default_rng(5)
+    # prefill of two sessions: last rows gathered (5 and 8) for the head
+    _check_forward_topk(backends, [SessionSlice("a", 0, 6), SessionSlice("b", 0, 3)], rng, 10)
+    for pos in range(3):  # decode: every row is a last row, read in place; k changes
+        _check_forward_topk(backends, [SessionSlice("a", 6 + pos, 1), SessionSlice("b", 3 + pos, 1)], rng, 5 if pos else 1)
+    _check_forward_topk(backends, [SessionSlice("a", 9, 1)], rng, 5)  # fewer rows than before
+    _step(backends, [SessionSlice("b", 6, 1)], rng)  # plain forward in between: plans stay right
+    _check_forward_topk(backends, [SessionSlice("c", 0, 2), SessionSlice("a", 10, 1), SessionSlice("b", 7, 1)], rng, 64)
+    _check_head(backends, rng.standard_normal((2, CONFIG.hidden)).astype(np.float32), 5)
+    _check_forward_topk(backends, [SessionSlice("a", 11, 1), SessionSlice("b", 8, 1)], rng, 5)
+    with pytest.raises(ValueError, match="at least one row"):
+        backends[0].forward_topk([SessionSlice("a", 12, 0)], np.zeros((0, CONFIG.hidden), np.float32), 3)
+
+
+def test_forward_topk_without_layers_or_head(model, device):
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    layers, head = model
+    rng = np.random.default_rng(6)
+    head_only = (WgpuBackend(CONFIG, {}, head, MAX_CTX, device=device), NumpyBackend(CONFIG, {}, head, MAX_CTX))
+    _check_forward_topk(head_only, [SessionSlice("x", 0, 3), SessionSlice("y", 0, 1)], rng, 7)
+    no_head = WgpuBackend(CONFIG, {0: layers[0]}, None, MAX_CTX, device=device)
+    with pytest.raises(ValueError, match="no head"):
+        no_head.forward_topk([SessionSlice("x", 0, 1)], np.zeros((1, CONFIG.hidden), np.float32), 3)
+
+
 def test_many_sessions_grow_the_kv_pools(model, device):
     backends = _pair(model, device)
     rng = np.random.default_rng(1)
@@ -171,6 +214,8 @@ def test_tiny_binding_limit_splits_tensors_and_chunks_batches(model):
     out = _step(backends, [SessionSlice("a", 0, 20), SessionSlice("b", 0, 3)], rng)
     _check_head(backends, out, 8)
     _step(backends, [SessionSlice("a", 20, 1), SessionSlice("b", 3, 1)], rng)
+    _check_forward_topk(backends, [SessionSlice("a", 21, 1), SessionSlice("b", 4, 1)], rng, 8)
+    _check_forward_topk(backends, [SessionSlice("c", 0, 20)], rng, 3)  # more rows than a chunk: the fallback
 
 
 def test_smollm2_teacher_forced_matches_transformers(smollm2_weights, device):
