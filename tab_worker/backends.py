@@ -44,3 +44,17 @@ def make_backend(name: str, config, layers, head, max_ctx: int, **device_options
         raise BackendUnavailable(f"the wgpu backend has no adapter here ({exc}); use --backend numpy") from None
     except LimitError as exc:
         raise BackendUnavailable(f"the WebGPU adapter's limits are too small: {exc}") from None
+
+
+def forward_topk(backend, slices, hidden, k: int):
+    """Layers, final norm, head and top-k of each slice's last row: the backend's fused
+    ``forward_topk`` when it has one (wgpu: one submission, only k ids and logits read
+    back), else forward() then head_topk() (same result)."""
+    import numpy as np
+
+    fused = getattr(backend, "forward_topk", None)
+    if fused is not None:
+        return fused(slices, hidden, k)
+    out = backend.forward(slices, hidden)
+    ends = np.cumsum([sl.length for sl in slices]) - 1
+    return backend.head_topk(out[ends], k)

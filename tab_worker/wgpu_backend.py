@@ -422,13 +422,3 @@ class WgpuBackend:
         ids = data[nbytes: 2 * nbytes].view(np.uint32).astype(np.int32).reshape(rows, k)
         return ids, values
 
-
-def forward_topk(backend, slices: list[SessionSlice], hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Any backend: its fused ``forward_topk`` when it has one, else forward() then
-    head_topk() of each slice's last row (same result)."""
-    fused = getattr(backend, "forward_topk", None)
-    if fused is not None:
-        return fused(slices, hidden, k)
-    out = backend.forward(slices, hidden)
-    ends = np.cumsum([sl.length for sl in slices]) - 1
-    return backend.head_topk(out[ends], k)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from kernels.quant import QuantSpec, quantize_rtn
-from tab_worker.backends import make_backend, resolve_backend_name
+from tab_worker.backends import forward_topk, make_backend, resolve_backend_name
 from tab_worker.engine_types import LayerWeights, ModelConfig, SessionSlice
 from tab_worker.weights import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
 from tabshard.synthetic import random_layer
@@ -221,20 +221,19 @@ class TabWorker:
             return [msg("error", code="not_assigned", field="layer_start", message=f"layers {key} are not held here", step_id=m["step_id"])]
         slices = [SessionSlice(s["session_id"], int(s["start_pos"]), int(s["length"])) for s in m["sessions"]]
         t0 = time.perf_counter()
-        try:
-            out = backend.forward(slices, m["hidden"])
-        except ValueError as exc:
-            return [msg("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
         reply = msg("step_result", step_id=m["step_id"], epoch=m["epoch"])
         want = int(m.get("want_topk") or 0)
-        if self.range_heads.get(key) and want:
-            ends = np.cumsum([s.length for s in slices]) - 1
-            ids, logits = backend.head_topk(out[ends], want)
-            reply.update(topk_ids=ids.astype(np.int32), topk_logits=logits.astype(np.float32))
-            reply["output"] = np.zeros((0, out.shape[1]), np.float32)
-            self.tokens_served += len(slices)
-        else:
-            reply["output"] = out
+        try:
+            if self.range_heads.get(key) and want:
+                # the head stage returns k candidates per session, not hidden rows
+                ids, logits = forward_topk(backend, slices, m["hidden"], want)
+                reply.update(topk_ids=ids.astype(np.int32), topk_logits=logits.astype(np.float32),
+                             output=np.zeros((0, m["hidden"].shape[1]), np.float32))
+                self.tokens_served += len(slices)
+            else:
+                reply["output"] = backend.forward(slices, m["hidden"])
+        except ValueError as exc:
+            return [msg("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
         elapsed = time.perf_counter() - t0
         if self.slow_factor > 1:
             time.sleep(elapsed * (self.slow_factor - 1))

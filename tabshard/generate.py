@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels.quant import QuantTensor, dequantize
-from tab_worker.backends import make_backend
+from tab_worker.backends import forward_topk, make_backend
 from tab_worker.engine_types import ModelConfig, SessionSlice
 from tabshard.errors import TabshardError
 from tabshard.sampling import Sampler, SamplingParams
@@ -71,16 +71,16 @@ class LocalGenerator:
         self._next_session += 1
         try:
             t0 = time.perf_counter()
-            hidden = self.backend.forward([SessionSlice(sid, 0, len(prompt_ids))], embed(self.embedding, prompt_ids))
-            ids, logits = self.backend.head_topk(hidden[-1:], params.candidates)
+            ids, logits = forward_topk(self.backend, [SessionSlice(sid, 0, len(prompt_ids))], embed(self.embedding, prompt_ids),
+                                       params.candidates)
             stats.prefill_s = time.perf_counter() - t0
             pos = len(prompt_ids)
             t_decode = time.perf_counter()
             for step in range(max_tokens):
                 if step:
                     t = time.perf_counter()
-                    hidden = self.backend.forward([SessionSlice(sid, pos, 1)], embed(self.embedding, [token]))
-                    ids, logits = self.backend.head_topk(hidden, params.candidates)
+                    ids, logits = forward_topk(self.backend, [SessionSlice(sid, pos, 1)], embed(self.embedding, [token]),
+                                               params.candidates)
                     pos += 1
                     stats.step_times.append(time.perf_counter() - t)
                 token = sampler.choose(ids[0], logits[0], step)

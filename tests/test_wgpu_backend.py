@@ -110,7 +110,7 @@ def test_prefill_decode_replay_and_head_match_numpy(model, device, matvec_max_ro
 
 def _check_forward_topk(backends, slices, rng, k):
     """WgpuBackend.forward_topk (one submission) against NumpyBackend's forward + head_topk."""
-    from tab_worker.wgpu_backend import forward_topk
+    from tab_worker.backends import forward_topk
 
     hidden = rng.standard_normal((sum(s.length for s in slices), CONFIG.hidden)).astype(np.float32)
     gpu_ids, gpu_logits = backends[0].forward_topk(slices, hidden, k)
