@@ -155,6 +155,17 @@ def test_js_codec_passes_golden_vectors():
     assert "22 passed, 0 failed" in r.stdout
 
 
+def test_tab_refuses_an_assignment_beyond_its_budget():
+    """worker.js's TabWorker steps in node: an assignment beyond the memory budget is refused
+    with the numbers the planner acts on; hello, heartbeat and errors are valid wire messages."""
+    build_assets()
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    r = subprocess.run([node, str(ROOT / "tests" / "js" / "tab_worker_steps.mjs"), str(DIST)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
     """WASM SIMD and plain JS (in node) against NumpyBackend on two real layers and the head."""
     from tab_worker.engine_types import SessionSlice

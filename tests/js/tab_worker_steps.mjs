@@ -1,0 +1,27 @@
+// TabWorker's protocol steps without a browser (node): memory-aware refusal of an assignment,
+// hello/heartbeat shapes, and the message names worker.py uses. Usage: node THIS DIST
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+
+const dist = process.argv[2];
+const { TabWorker, EXPANSION } = await import(pathToFileURL(join(dist, "worker.js")));
+const { encode, decode } = await import(pathToFileURL(join(dist, "codec.js")));
+const check = (cond, what) => { if (!cond) { console.log(`FAIL ${what}`); process.exitCode = 1; } };
+
+const w = new TabWorker("t", { memoryBytes: 10 << 20 });
+w.caps = { kind: "browser", backend: "wasm", memory_bytes: w.memory_budget };
+w.backend_name = "wasm";
+w.on_welcome({ worker_id: "w1", epoch: 3, heartbeat_ms: 200 });
+const chunks = [{ key: "layer:0", sha256: "a".repeat(64), size: 3 << 20, chunks: 3 }, { key: "layer:1", sha256: "b".repeat(64), size: 3 << 20, chunks: 3 }];
+const out = await w.on_assign({ type: "assign", assignment_id: 7, layer_start: 0, layer_end: 2, include_head: false, model: {}, chunks });
+check(out.length === 1 && out[0].type === "refuse" && out[0].reason === "memory", "assignment beyond the budget is refused");
+check(out[0].detail.assignment_id === 7 && out[0].detail.budget === 10 << 20 && out[0].detail.needed === Math.round((6 << 20) * EXPANSION.wasm), "refusal names assignment, need and budget");
+decode(encode(out[0]));  // a valid wire message
+const ok = await w.on_assign({ type: "assign", assignment_id: 8, layer_start: 0, layer_end: 1, include_head: false, model: {}, chunks: chunks.slice(0, 1) });
+check(ok.length === 1 && ok[0].type === "load_progress" && ok[0].total_bytes === 3 << 20 && ok[0].received_bytes === 0, "accepted assignment reports load progress");
+const hello = decode(encode(w.hello()));
+check(hello.type === "hello" && hello.resume.worker_id === "w1" && hello.resume.partial["a".repeat(64)].length === 0, "hello resumes with partial blobs");
+check(decode(encode(w.heartbeat(5))).seq === 5, "heartbeat");
+const unexpected = await w.handle({ v: 1, type: "token" });
+check(unexpected[0].type === "error" && unexpected[0].code === "unexpected_type", "unexpected message type answered with an error");
+console.log(process.exitCode ? "failed" : "ok");
