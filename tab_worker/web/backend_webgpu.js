@@ -5,8 +5,10 @@
 // chosen from the adapter's limits, qmatvec's ROWS variants, top-k on the device.
 //
 // Pipelines are created once, asynchronously, at load (only those the held layers need); a
-// step records every layer (and the head, for the last stage) into ONE command encoder and
-// reads back once.
+// step records every layer (and the head, for the last stage: forward_topk, as the native
+// backend's) into ONE command encoder and reads back once. This mirrors the unfused launch
+// sequence (10 dispatches a layer); the native decode path's fused kernels (qmatvec_norm,
+// qmatvec_silu, rope_kv_store: 6 a layer) are not used here yet.
 const SOFTWARE_ADAPTERS = ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render"];
 const LIMIT_KEYS = ["maxBufferSize", "maxStorageBufferBindingSize", "maxUniformBufferBindingSize",
   "maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX",
@@ -353,7 +355,7 @@ export class WebGpuBackend {
     if (this._layers.length) {
       list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["rope", { WG: dev.workgroupSize(64) }],
         ["kv_store", { WG: dev.workgroupSize(64) }], ["silu_gate", { WG: dev.workgroupSize(64) }],
-        ["attention", { WG: dev.workgroupSize(real ? 256 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
+        ["attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
       // decode (1 row) and prefill / replay chunks (8): a step of 2-4 rows prepares ROWS=4 when it comes
       for (const L of this._layers) for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, [1, 8]);
     }
@@ -498,7 +500,7 @@ export class WebGpuBackend {
       ops.push(new Simple(dev, "kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, kPool, vPool],
         { n_kv: c.n_kv_heads, head_dim: c.head_dim, ctx: this.poolCtx, src_stride: s.qkv, k_col: this.qDim, v_col: this.qDim + this.kvDim },
         (r) => [Math.ceil(width / wg64), r]));
-      ops.push(new Simple(dev, "attention", { WG: dev.workgroupSize(real ? 256 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim },
+      ops.push(new Simple(dev, "attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim },
         [b.qkv, b.positions, b.slots, kPool, vPool, b.attn],
         { n_heads: c.n_heads, n_kv: c.n_kv_heads, ctx: this.poolCtx, q_stride: s.qkv, q_col: 0, out_stride: s.attn, scale: 1 / Math.sqrt(c.head_dim) },
         (r) => [c.n_heads, r]));
@@ -546,12 +548,12 @@ export class WebGpuBackend {
   }
 
   async forward(slices, hidden) {
-    return (await this.forward_head_topk(slices, hidden, 0)).output;
+    return (await this.forward_topk(slices, hidden, 0)).output;
   }
 
   // The whole step in one encoder and one readback: every held layer, then (k > 0) the head
   // and top-k of each session's last row. -> {output (k == 0) | ids, values (k > 0)}
-  async forward_head_topk(slices, hidden, k) {
+  async forward_topk(slices, hidden, k) {
     const c = this.config, H = c.hidden;
     const total = slices.reduce((a, s) => a + s.length, 0);
     if (hidden.length !== total * H) throw new RangeError(`hidden has ${hidden.length} floats; expected ${total} x ${H}`);
@@ -606,13 +608,13 @@ export class WebGpuBackend {
     return { output: out };
   }
 
-  // the head alone on given rows (benchmarks, tests); a step uses forward_head_topk
+  // the head alone on given rows (benchmarks, tests); a step uses forward_topk
   async head_topk(rows, k) {
     const n = rows.length / this.config.hidden;
     const saved = this._layers;
     this._layers = [];
     try {
-      return await this.forward_head_topk(Array.from({ length: n }, (_, i) => ({ session_id: `__head${i}`, start_pos: 0, length: 1 })), rows, k);
+      return await this.forward_topk(Array.from({ length: n }, (_, i) => ({ session_id: `__head${i}`, start_pos: 0, length: 1 })), rows, k);
     } finally {
       this._layers = saved;
       for (let i = 0; i < n; i++) this.drop_session(`__head${i}`);

@@ -340,8 +340,8 @@ export class TabWorker {
     const head = this.range_heads.get(key) && want > 0;
     let out, top;
     try {
-      if (head && backend.forward_head_topk) {
-        top = await backend.forward_head_topk(slices, m.hidden.data, want);  // one encoder, one readback
+      if (head && backend.forward_topk) {
+        top = await backend.forward_topk(slices, m.hidden.data, want);  // one encoder, one readback
       } else {
         out = await backend.forward(slices, m.hidden.data);
       }
