@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tabshard-installed
 
-WEB := coordinator/web
-DASHBOARD := $(WEB)/dist/dashboard/index.html
+DASHBOARD := coordinator/web/dist/dashboard/index.html
+TAB_ASSETS := tab_worker/web/dist/index.html
+NODE_DEPS := node_modules/.package-lock.json
 
 .PHONY: demo test setup system-packages bench
 
@@ -15,17 +16,25 @@ demo: setup
 test: setup
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x --durations=15 tests
 
-setup: system-packages $(STAMP) $(DASHBOARD)
+setup: system-packages $(STAMP) $(DASHBOARD) $(TAB_ASSETS)
 
-# JS dependencies from npm, bundled into git-ignored dist/ folders the server serves
-$(DASHBOARD): $(WEB)/package-lock.json $(WEB)/build.mjs $(wildcard $(WEB)/dashboard/*)
-	cd $(WEB) && npm ci --no-audit --no-fund && npm run build
+# JS dependencies from npm (package.json at the root), copied into git-ignored dist/ folders
+# that the coordinator serves; the tab's WASM fallback is compiled from C with clang/lld
+$(NODE_DEPS): package-lock.json
+	npm ci --no-audit --no-fund
+
+$(DASHBOARD): $(NODE_DEPS) coordinator/web/build.mjs $(wildcard coordinator/web/dashboard/*)
+	node coordinator/web/build.mjs
+
+$(TAB_ASSETS): $(NODE_DEPS) $(STAMP) tab_worker/web/build.py $(wildcard tab_worker/web/*.js tab_worker/web/*.html tab_worker/web/*.css tab_worker/web/wasm/*)
+	$(PY) tab_worker/web/build.py --require-wasm
 
 # Debian packages only where missing, and only where we are root with apt.
 system-packages:
 	@need=""; \
 	[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need="$$need mesa-vulkan-drivers libvulkan1"; \
 	[ -x /usr/bin/chromium ] || need="$$need chromium"; \
+	command -v clang >/dev/null && command -v wasm-ld >/dev/null || need="$$need clang lld"; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$need"; \
