@@ -29,6 +29,9 @@ _RULES = {
     "max_sessions": (int, 1, 100_000),
     "compute_dtype": (str, ("f32", "f16"), None),
     "workgroup_size": (int, 1, 4096),
+    "spot_check_fraction": (float, 0.0, 1.0),  # steps recomputed by a trusted worker and compared
+    "spot_check_rtol": (float, 1e-7, 1.0),  # allowed max |difference| / max |recomputed|
+    "spot_check_seed": (int, 0, 1 << 62),
 }
 
 

@@ -17,6 +17,7 @@ sample (here) -> emit -> embed the new token -> stage 0 ...
 from __future__ import annotations
 
 import itertools
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,12 @@ class CoordinatorSettings:
     prefix_min_tokens: int = 16  # shorter shared prefixes are not worth a fork
     compute_dtype: str = "f32"  # asked of every tab; a tab that cannot honour it reports a correction
     workgroup_size: int | None = None  # invocations per workgroup asked of WebGPU tabs (None: their best)
+    # untrusted results: this fraction of steps is recomputed by a trusted worker (the
+    # coordinator's own, else another holder of the stage) and compared; a mismatch beyond
+    # the tolerance (max abs difference / max abs of the recomputed rows) quarantines the tab
+    spot_check_fraction: float = 0.02
+    spot_check_rtol: float = 2e-3  # honest f32 numpy vs numpy: ~1e-6; raise it for f16 tabs
+    spot_check_seed: int = 0
 
 
 # ---------------------------------------------------------------------- records
@@ -146,6 +153,7 @@ class WorkItem:
     rows: np.ndarray  # f32 [length, hidden]
     forward_from: int
     wants_token: bool  # at the last stage: sample a token from the last row
+    generation: int = 0  # the session's generation when queued: a restarted session ignores older items
 
     @property
     def end(self) -> int:
@@ -199,6 +207,7 @@ class Session:
     first_token_at: float | None = None
     last_token_at: float | None = None
     stop_at_eos: bool = True
+    generation: int = 0  # bumped when the session's KV is recomputed from its tokens
 
     @property
     def position(self) -> int:
@@ -230,13 +239,19 @@ class Coordinator:
         self.events: deque = deque(maxlen=500)  # failure/detection/recovery timeline
         self.counters = {"steps": 0, "tokens": 0, "weight_bytes_sent": 0, "protocol_errors": 0, "rejected_joins": 0,
                          "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0,
-                         "prefix_hits": 0, "prefix_tokens_reused": 0}
+                         "prefix_hits": 0, "prefix_tokens_reused": 0,
+                         "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0}
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
         self._deferred_replan = False
         self._last_tick: float | None = None
         self.degraded = False
         self.prefix_cache: dict[str, PrefixEntry] = {}
+        self._spot_rng = random.Random(settings.spot_check_seed)
+        self._checks: dict[int, dict] = {}  # verification step id -> what the checked worker answered
+        self._verify_ranges: dict[tuple, str] = {}  # (layer_start, layer_end) on LOCAL -> loading | ready
+        self._verify_assign: dict[int, tuple] = {}  # assignment id -> range, for LOCAL's verify ranges
+        self._verify_parked: dict[tuple, list] = {}  # range -> check messages waiting for LOCAL to load it
 
     # ================================================================== connections
     def on_connect(self, conn: str, now: float) -> list:
@@ -319,6 +334,11 @@ class Coordinator:
 
     def _on_error(self, w: Worker, m: dict, now: float) -> list:
         self.events.append({"t": now, "kind": "worker_error", "worker": w.worker_id, "code": m["code"], "message": m["message"]})
+        check = self._checks.pop(m.get("step_id"), None)
+        if check is not None:  # the verifier could not run the check (e.g. its range was unloaded)
+            self.counters["spot_checks_skipped"] += 1
+            self._verify_ranges.pop(check["range"], None)
+            return []
         # an error about a step means that step will never be answered: treat the stage as failed
         for st in self.stages:
             if st.inflight and st.inflight["worker"] == w.worker_id and m.get("step_id") == st.inflight["step_id"]:
@@ -401,6 +421,8 @@ class Coordinator:
                 w = self.workers.get(wid)
                 if w and w.alive and not any((s.layer_start, s.layer_end) == key and wid in s.holders for s in self.stages):
                     out.append(Send(w.conn, _msg("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
+                    if wid == LOCAL:
+                        self._verify_ranges.pop(key, None)
         self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
         self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages]})
         self._inflight_lost.clear()  # it described stages of the old plan
@@ -452,6 +474,10 @@ class Coordinator:
         return []
 
     def _on_ready(self, w: Worker, m: dict, now: float) -> list:
+        key = self._verify_assign.pop(m.get("assignment_id"), None)
+        if key is not None:  # LOCAL loaded a range only to verify others' steps
+            self._verify_ranges[key] = "ready"
+            return [Send(w.conn, c) for c in self._verify_parked.pop(key, [])]
         entry = w.loading.pop(m.get("assignment_id"), None)
         if entry is None:
             return []
@@ -509,7 +535,7 @@ class Coordinator:
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
             last = start + len(part) == len(rows)
-            self._enqueue(0, WorkItem(s.request_id, first + start, part, first + start, last), s)
+            self._enqueue(0, WorkItem(s.request_id, first + start, part, first + start, last, s.generation), s)
 
     def _restart_session(self, s: Session) -> None:
         """A new plan holds none of this session's KV: run its whole history (prompt and the
@@ -655,6 +681,8 @@ class Coordinator:
         return [Send(w.conn, m)]
 
     def _on_step_result(self, w: Worker, m: dict, now: float) -> list:
+        if m["step_id"] in self._checks:
+            return self._on_check_result(w, m, now)
         st = next((s for s in self.stages if s.inflight and s.inflight["step_id"] == m["step_id"]), None)
         if st is None or st.inflight["worker"] != w.worker_id or m["epoch"] != w.epoch:
             self.counters["late_results_ignored"] += 1
@@ -675,6 +703,7 @@ class Coordinator:
             if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= self.config.vocab):
                 return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
         w.steps += 1
+        checks = self._maybe_spot_check(st, w, items, m, now)
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
         self._adapt_batch(st, len(items), w.last_step_ms)
         if w.state == "suspect":
@@ -686,15 +715,16 @@ class Coordinator:
             rows = None if st.include_head else out_rows[offset: offset + len(it.rows)]
             offset += len(it.rows)
             s = self.sessions.get(it.session_id)
-            if s is None or s.finished:
+            if s is None or s.finished or it.generation != s.generation:
                 continue
             if not st.include_head:
                 skip = max(0, it.forward_from - it.start_pos)
                 if skip < len(it.rows):
-                    self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip, it.wants_token), s)
+                    self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
+                                                         it.wants_token, it.generation), s)
             elif it.wants_token and it.forward_from < it.end:
                 out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
-        return out + self._pump(now)
+        return checks + out + self._pump(now)
 
     def _adapt_batch(self, st: Stage, batch: int, step_ms: float) -> None:
         """Multiplicative decrease when a step overran the latency target, additive increase
@@ -705,6 +735,132 @@ class Coordinator:
             st.batch_limit = max(1, min(st.batch_limit, batch) // 2)
         elif step_ms < target / 2 and batch >= st.batch_limit:
             st.batch_limit = min(self.settings.max_batch, st.batch_limit + 1)
+
+    # ================================================================== spot checks
+    def _maybe_spot_check(self, st: Stage, w: Worker, items: list[WorkItem], m: dict, now: float) -> list:
+        """Sample this step for verification: one of its sessions' rows is recomputed from the
+        stage's input log (position 0 up to the step's end, under a scratch session id that the
+        verifier drops at once, so no real KV cache is touched) and compared on arrival."""
+        fraction = self.settings.spot_check_fraction
+        if fraction <= 0 or w.local or self._spot_rng.random() >= fraction:
+            return []
+        verifier = self._verifier(st, w)
+        candidates = [i for i, it in enumerate(items) if it.session_id in self.sessions
+                      and (not st.include_head or (it.wants_token and it.forward_from < it.end))]
+        if verifier is None or not candidates:
+            self.counters["spot_checks_skipped"] += 1
+            return []
+        i = candidates[self._spot_rng.randrange(len(candidates))]
+        it = items[i]
+        log = [r for p, r in self.sessions[it.session_id].logs.get(st.index, []) if p < it.end]
+        history = np.concatenate(log)[:it.end] if log else np.zeros((0, self.config.hidden), np.float32)
+        if len(history) != it.end:
+            self.counters["spot_checks_skipped"] += 1
+            return []
+        offset = sum(len(x.rows) for x in items[:i])
+        if st.include_head:
+            claimed = (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
+            want = len(claimed[0])
+        else:
+            claimed = np.array(m["output"][offset: offset + len(it.rows)])
+            want = 0
+        step_id = next(self._ids)
+        scratch = f"check-{step_id}"
+        key = (st.layer_start, st.layer_end)
+        self._checks[step_id] = {"worker": w.worker_id, "epoch": w.epoch, "verifier": verifier.worker_id, "stage": st.index,
+                                 "range": key, "start": it.start_pos, "claimed": claimed, "at": now, "worker_steps": w.steps}
+        self.counters["spot_checks"] += 1
+        msgs = [_msg("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
+                     sessions=[{"session_id": scratch, "start_pos": 0, "length": len(history)}],
+                     hidden=np.ascontiguousarray(history, dtype=np.float32), want_topk=want),
+                _msg("drop_session", session_id=scratch)]
+        if verifier.worker_id == LOCAL and not (verifier.worker_id in st.ready and verifier.worker_id in st.holders):
+            state = self._verify_ranges.get(key)
+            if state != "ready":
+                self._verify_parked.setdefault(key, []).extend(msgs)
+                if state is None:  # LOCAL holds every blob: loading a range streams nothing
+                    self._verify_ranges[key] = "loading"
+                    aid = next(self._ids)
+                    self._verify_assign[aid] = key
+                    infos = [self.blob_info[k] for k in self._stage_blobs(st)]
+                    out = [Send(verifier.conn, _msg("assign", assignment_id=aid, layer_start=key[0], layer_end=key[1],
+                                                    include_head=st.include_head, model=self.config.to_dict(),
+                                                    max_ctx=self.settings.max_ctx, precision={"compute": "f32"},
+                                                    chunks=[i.to_dict() for i in infos]))]
+                    for info in infos:
+                        if info.sha256 not in verifier.have_blobs:
+                            data = self.blob_bytes[info.key]
+                            for c in range(info.chunks):
+                                piece = chunk(data, c)
+                                out.append(Send(verifier.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256,
+                                                                    offset=c * CHUNK_BYTES, total=info.size, data=piece,
+                                                                    sha256=sha256(piece))))
+                    verifier.have_blobs.update(i.sha256 for i in infos)
+                    return out
+                return []
+        return [Send(verifier.conn, x) for x in msgs]
+
+    def _verifier(self, st: Stage, w: Worker) -> Worker | None:
+        """The coordinator's own worker (trusted, can load any range), else another ready holder."""
+        local = self.workers.get(LOCAL)
+        if local is not None and local.alive and local.state not in ("joining", "calibrating"):
+            return local
+        for wid in st.holders:
+            other = self.workers.get(wid)
+            if wid != w.worker_id and wid in st.ready and other is not None and other.alive:
+                return other
+        return None
+
+    def _on_check_result(self, v: Worker, m: dict, now: float) -> list:
+        check = self._checks.pop(m["step_id"])
+        if v.worker_id != check["verifier"]:
+            return []
+        claimed = check["claimed"]
+        if isinstance(claimed, tuple):  # head stage: the chosen candidates and their logits
+            ids, logits = m.get("topk_ids"), m.get("topk_logits")
+            if ids is None or logits is None or len(ids) != 1:
+                return []
+            scale = max(1.0, float(np.max(np.abs(logits[0]))))
+            n = min(len(ids[0]), len(claimed[0]))
+            error = float(np.max(np.abs(logits[0][:n] - claimed[1][:n]))) / scale if n else 0.0
+            if n and int(ids[0][0]) != int(claimed[0][0]):
+                error = max(error, 1.0)
+        else:
+            ref = m["output"][check["start"]:]
+            if ref.shape != claimed.shape:
+                return []
+            error = float(np.max(np.abs(ref - claimed))) / max(float(np.max(np.abs(ref))), 1e-6)
+        if error <= self.settings.spot_check_rtol:
+            return []
+        return self._on_liar(check, error, now)
+
+    def _on_liar(self, check: dict, error: float, now: float) -> list:
+        """A step's result disagreed with the recomputation: quarantine the worker (both, when
+        the verifier was itself an untrusted tab) and recompute every session's KV from its
+        tokens, so nothing the liar computed stays in any stage's cache."""
+        self.counters["spot_check_mismatches"] += 1
+        suspects = [check["worker"]] + ([check["verifier"]] if check["verifier"] != LOCAL else [])
+        out = []
+        for wid in suspects:
+            w = self.workers.get(wid)
+            self.events.append({"t": now, "kind": "liar_detected", "worker": wid, "stage": check["stage"], "error": error,
+                                "worker_steps": check["worker_steps"], "verifier": check["verifier"]})
+            if w is not None and w.alive and (wid != check["worker"] or w.epoch == check["epoch"]):
+                out += self._worker_lost(w, now, f"spot check: outputs off by {error:.3g} (relative)", quarantine=True)
+        return out + self._recompute_sessions(now)
+
+    def _recompute_sessions(self, now: float) -> list:
+        """Every live session starts over from its prompt and streamed tokens (a new generation:
+        queued and in-flight items of the old one are ignored); the next token follows exactly."""
+        for st in self.stages:
+            st.queue = deque(i for i in st.queue if i.session_id not in self.sessions)
+        for s in self.sessions.values():
+            s.generation += 1
+            for st in self.stages:
+                self._inflight_lost.pop((st.index, s.request_id), None)
+            self._restart_session(s)
+        self.events.append({"t": now, "kind": "recompute", "sessions": len(self.sessions)})
+        return self._pump(now)
 
     def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
         token = Sampler(s.params).choose(ids, logits, len(s.tokens))
@@ -724,7 +880,7 @@ class Coordinator:
             self.counters["completed"] += 1
             return out + self._finish(s, "length", now)
         pos = len(s.prompt_ids) + len(s.tokens) - 1
-        self._enqueue(0, WorkItem(s.request_id, pos, self.embed([token]), pos, True), s)
+        self._enqueue(0, WorkItem(s.request_id, pos, self.embed([token]), pos, True, s.generation), s)
         return out
 
     # ================================================================== time
@@ -757,6 +913,9 @@ class Coordinator:
             elif w.state == "ready":
                 w.move("suspect")
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
+        for step_id in [k for k, c in self._checks.items() if now - c["at"] > 60.0]:
+            del self._checks[step_id]  # the verifier died or never answered: forget the check
+            self.counters["spot_checks_skipped"] += 1
         if self._replan_at is not None and now >= self._replan_at:
             if self.sessions and self.stages and all(s.primary for s in self.stages):
                 self._deferred_replan = True  # running sessions keep their plan
@@ -851,7 +1010,7 @@ class Coordinator:
             # without a lost step, the logged inputs' outputs were already forwarded: the
             # replay only rebuilds the cache and forwards nothing
             forward_from, wants = self._inflight_lost.pop((st.index, s.request_id), (end, False))
-            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants))
+            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants, s.generation))
         for it in reversed(replays):
             st.queue.appendleft(it)
         self.events.append({"t": now, "kind": "rebuild", "stage": st.index, "worker": st.primary, "sessions": len(replays)})

@@ -53,6 +53,7 @@ class TabWorker:
         self.tokens_served = 0
         self.bytes_received = 0
         self.slow_factor = 1.0  # fault injection and profiles scale compute time with this
+        self.liar = 0.0  # fault injection: noise added to every result, relative to its RMS (0: honest)
 
     # ------------------------------------------------------------------ join
     def capabilities(self) -> dict:
@@ -234,12 +235,25 @@ class TabWorker:
                 reply["output"] = backend.forward(slices, m["hidden"])
         except ValueError as exc:
             return [msg("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
+        if self.liar:
+            self._lie(reply)
         elapsed = time.perf_counter() - t0
         if self.slow_factor > 1:
             time.sleep(elapsed * (self.slow_factor - 1))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
         self.steps_served += 1
         return [reply]
+
+    def _lie(self, reply: dict) -> None:
+        """The "liar" fault: subtly wrong activations (or logits), of the right shape, finite:
+        noise of `liar` times the result's RMS."""
+        rng = np.random.default_rng(self.steps_served)
+        for key in ("topk_logits", "output"):
+            x = reply.get(key)
+            if x is not None and x.size:
+                scale = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
+                reply[key] = (x + self.liar * scale * rng.standard_normal(x.shape)).astype(np.float32)
+                return
 
     def on_drop_session(self, m):
         for backend in self.ranges.values():

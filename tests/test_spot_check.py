@@ -1,0 +1,114 @@
+"""Untrusted results: spot-check verification of workers' steps (socket-free, tests/harness.py).
+A "liar" worker (TabWorker.liar: subtly perturbed activations of the right shape) is caught by
+recomputation on the coordinator's own worker, quarantined, and every session's KV recomputed
+from its tokens, so the streamed tokens stay exactly those of a single honest worker."""
+import numpy as np
+import pytest
+
+from coordinator.state import CoordinatorSettings
+from tabshard.generate import LocalGenerator
+from tests.harness import Net
+from tests.tiny_model import tiny_weights
+
+PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
+N_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights()
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    gen = LocalGenerator(weights, backend="numpy", max_ctx=256)
+    return list(gen.generate(PROMPT, N_TOKENS, stop_at_eos=False))
+
+
+def start(weights, n_workers, local=True, **settings):
+    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local)
+    for _ in range(n_workers):
+        net.add_worker()
+    net.run()
+    net.advance(0.5)
+    assert net.core.stages and all(s.primary in s.ready and s.primary != "local" for s in net.core.stages)
+    return net
+
+
+def run_until_done(net, rids, seconds=60):
+    for _ in range(int(seconds / 0.05)):
+        if all(net.done(r) for r in rids):
+            return
+        net.advance(0.05)
+    raise AssertionError(f"not done: {[r for r in rids if not net.done(r)]}")
+
+
+def test_honest_workers_pass_every_check(weights, reference):
+    net = start(weights, 3, spot_check_fraction=1.0)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    c = net.core.counters
+    assert c["spot_checks"] > 50 and c["spot_check_mismatches"] == 0
+    assert all(w.alive for w in net.core.workers.values())
+    # the verifier dropped every scratch session: no KV is left behind
+    local = net.workers["local"]
+    assert not any(sid.startswith("check-") for b in local.ranges.values() for sid in b.sessions())
+
+
+@pytest.mark.parametrize("victim_stage", [0, 2])  # a middle layer range, and the head
+def test_liar_is_caught_quarantined_and_tokens_stay_exact(weights, reference, victim_stage):
+    net = start(weights, 3, spot_check_fraction=0.25)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 5)
+    victim = net.stage_conn(victim_stage)
+    victim_id = net.core.conn_worker[victim]
+    net.workers[victim].liar = 0.01
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.workers[victim_id].state == "quarantined"
+    detected = [e for e in net.core.events if e["kind"] == "liar_detected"]
+    assert [e["worker"] for e in detected] == [victim_id]
+    assert any(e["kind"] == "recompute" for e in net.core.events)
+    assert victim in net.closed
+
+
+def detection_delay(weights, seed, fraction=0.02, liar=0.01, sessions=4):
+    """Steps the liar served from its first lie until it was caught."""
+    net = start(weights, 3, spot_check_fraction=fraction, spot_check_seed=seed)
+    victim = net.stage_conn(1)
+    victim_id = net.core.conn_worker[victim]
+    net.workers[victim].liar = liar
+    lied_from = net.core.workers[victim_id].steps
+    for round_ in range(40):
+        rids = [f"r{round_}-{i}" for i in range(sessions)]
+        for r in rids:
+            net.submit(r, PROMPT, N_TOKENS, stop_at_eos=False)
+        run_until_done(net, rids)
+        ev = next((e for e in net.core.events if e["kind"] == "liar_detected"), None)
+        if ev is not None:
+            return ev["worker_steps"] - lied_from
+    raise AssertionError("liar never detected")
+
+
+def test_detection_delay_in_steps(weights, capsys):
+    delays = [detection_delay(weights, seed) for seed in range(6)]
+    with capsys.disabled():
+        print(f"\nspot-check detection delay at fraction 0.02 (steps served by the liar until caught): "
+              f"{delays} median {float(np.median(delays))}")
+    assert max(delays) < 400  # geometric with mean 1/0.02 = 50
+
+
+def test_replica_verifies_when_no_trusted_worker(weights, reference):
+    """No coordinator compute: a warm standby of the stage recomputes; a mismatch quarantines
+    both (neither is trusted) and the rest of the pool serves the exact tokens."""
+    net = start(weights, 4, local=False, spot_check_fraction=0.5, replicas=2)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 3)
+    st = next(s for s in net.core.stages if len(s.ready) > 1)
+    victim = net.core.workers[st.primary].conn
+    net.workers[victim].liar = 0.01
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.counters["spot_check_mismatches"] >= 1
+    assert any(e["kind"] == "liar_detected" and net.core.workers[e["worker"]].conn == victim for e in net.core.events)
