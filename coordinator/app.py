@@ -10,11 +10,13 @@ import time
 import uuid
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from coordinator.security import AccessGuard
 from coordinator.server import CoordinatorService
 from tabshard import wire
 from tabshard.errors import ConfigError
@@ -278,4 +280,5 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             WebSocketRoute("/v1/stream", token_stream),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(AccessGuard, service=service)],
     )

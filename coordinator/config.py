@@ -32,6 +32,7 @@ _RULES = {
     "spot_check_fraction": (float, 0.0, 1.0),  # steps recomputed by a trusted worker and compared
     "spot_check_rtol": (float, 1e-7, 1.0),  # allowed max |difference| / max |recomputed|
     "spot_check_seed": (int, 0, 1 << 62),
+    "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
 }
 
 

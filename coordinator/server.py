@@ -44,7 +44,7 @@ class ClientStream:
 
 class CoordinatorService:
     def __init__(self, model_path: str | None = None, settings: CoordinatorSettings = CoordinatorSettings(),
-                 join_token: str | None = None, local_backend: str = "numpy"):
+                 join_token: str | None = None, local_backend: str = "numpy", api_key: str | None = None):
         self.model = open_model(model_path)
         self.tokenizer = GGUFTokenizer(self.model)
         weights = self.model.load_all()
@@ -54,6 +54,9 @@ class CoordinatorService:
         self.join_token = join_token if join_token is not None else secrets.token_urlsafe(16)
         self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, self.join_token)
         self.settings = settings
+        self.api_key = api_key  # never shown by any endpoint (coordinator/security.py checks it)
+        self.allowed_origins = {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
+        self.refusals = {"api_key": 0, "origin": 0}
         self._outboxes: dict[str, asyncio.Queue] = {}
         self._sockets: dict[str, object] = {}
         self._conn_ids = itertools.count(1)
@@ -198,4 +201,7 @@ class CoordinatorService:
     def status(self) -> dict:
         st = self.core.status(time.monotonic())
         st["model"]["name"] = self.model.path.name
+        st["counters"].update(refused_api_key=self.refusals["api_key"], refused_origin=self.refusals["origin"])
+        st["access"] = {"api_key_required": bool(self.api_key), "join_token_required": bool(self.join_token),
+                        "allowed_origins": sorted(self.allowed_origins)}
         return st

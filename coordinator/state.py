@@ -105,6 +105,7 @@ class CoordinatorSettings:
     spot_check_fraction: float = 0.02
     spot_check_rtol: float = 2e-3  # honest f32 numpy vs numpy: ~1e-6; raise it for f16 tabs
     spot_check_seed: int = 0
+    allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
 
 
 # ---------------------------------------------------------------------- records

@@ -17,6 +17,11 @@ def _serve_args(p) -> None:
     p.add_argument("--max-stages", type=int, default=None)
     p.add_argument("--no-coordinator-compute", action="store_true", help="never run layers on the coordinator itself")
     p.add_argument("--config", metavar="TOML", help="settings file; flags override it")
+    p.add_argument("--api-key", help="key API clients must send (Authorization: Bearer KEY); default $TABSHARD_API_KEY, "
+                                     "else required and random (printed) on a non-loopback --host, off on loopback")
+    p.add_argument("--allowed-origins", help="extra browser origins allowed to join as tabs, comma-separated")
+    p.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss")
+    p.add_argument("--keyfile", help="TLS private key (PEM)")
 
 
 def settings_from_args(a):
@@ -31,6 +36,8 @@ def settings_from_args(a):
         overrides["max_stages"] = a.max_stages
     if a.no_coordinator_compute:
         overrides["coordinator_compute"] = False
+    if getattr(a, "allowed_origins", None):
+        overrides["allowed_origins"] = a.allowed_origins
     return load_settings(a.config, overrides)
 
 
@@ -40,17 +47,31 @@ def cmd_serve(a) -> int:
     from coordinator.app import build_app
     from coordinator.server import CoordinatorService
 
+    import os
+
+    from coordinator.security import api_key_for
+    from tabshard.errors import ConfigError
+
+    if bool(a.certfile) != bool(a.keyfile):
+        raise ConfigError("--certfile and --keyfile go together: give both to serve TLS")
+    for f in (a.certfile, a.keyfile):
+        if f and not os.path.isfile(f):
+            raise ConfigError(f"TLS file {f!r} does not exist")
     settings = settings_from_args(a)
-    service = CoordinatorService(a.model, settings, join_token=a.token)
+    api_key, generated = api_key_for(a.host, a.api_key or os.environ.get("TABSHARD_API_KEY"))
+    service = CoordinatorService(a.model, settings, join_token=a.token, api_key=api_key)
     app = build_app(service)
-    base = f"http://{a.host}:{a.port}"
+    http, ws = ("https", "wss") if a.certfile else ("http", "ws")
+    base = f"{http}://{a.host}:{a.port}"
     print(f"tabshard coordinator for {service.model.path.name}", flush=True)
-    print(f"  worker join URL: ws://{a.host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
+    print(f"  worker join URL: {ws}://{a.host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
     print(f"  tab join URL:    {base}/tab?token={service.join_token}", flush=True)
     print(f"  API URL:         {base}/v1  (OpenAI-compatible), status {base}/status", flush=True)
+    if api_key:
+        print(f"  API key:         {api_key if generated else '(as given)'}  (send Authorization: Bearer <key>)", flush=True)
     _print_tab_qr(a.host, a.port, service.join_token)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", ws_max_size=64 << 20, ws_ping_interval=None,
-                ws_per_message_deflate=False, timeout_graceful_shutdown=1)
+                ws_per_message_deflate=False, timeout_graceful_shutdown=1, ssl_certfile=a.certfile, ssl_keyfile=a.keyfile)
     return 0
 
 

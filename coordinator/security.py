@@ -1,0 +1,96 @@
+"""Who may talk to the coordinator: an ASGI guard in front of every route.
+
+- The client API (/v1/...) needs the API key when one is set: `Authorization: Bearer KEY` or
+  `X-API-Key: KEY` (a WebSocket client that cannot set headers may pass `?api_key=KEY`).
+  `serve` sets a key whenever it binds a non-loopback address (`--api-key`, $TABSHARD_API_KEY,
+  else a random one, printed); on loopback the key is optional.
+- Browser tabs (/tab..., /ws/worker) are checked against an Origin allowlist: same origin,
+  loopback origins, and the `allowed_origins` setting. A request without an Origin header is
+  not a browser's; it still needs the join token (checked in the state machine's hello).
+- Refusals are answered in one sentence (401/403, or a WebSocket close 4401/4403 with the
+  reason) and counted; nothing behind the guard runs for them.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+from urllib.parse import parse_qs, urlsplit
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_for(host: str, given: str | None) -> tuple[str | None, bool]:
+    """The API key `serve` enforces and whether it was generated (so it must be printed)."""
+    if given:
+        return given, False
+    if is_loopback(host):
+        return None, False
+    return secrets.token_urlsafe(24), True
+
+
+def origin_allowed(origin: str | None, host_header: str | None, extra: set[str]) -> bool:
+    if not origin:
+        return True
+    if "*" in extra or origin in extra:
+        return True
+    parts = urlsplit(origin)
+    if parts.netloc and host_header and parts.netloc.lower() == host_header.lower():
+        return True  # same origin
+    return is_loopback(parts.hostname or "")
+
+
+class AccessGuard:
+    """ASGI middleware; `service` carries `api_key`, `allowed_origins` and `refusals`."""
+
+    def __init__(self, app, service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = getattr(self.service, "api_key", None)
+        if key and path.startswith("/v1/") and not self._key_ok(key, headers, scope):
+            self.service.refusals["api_key"] += 1
+            return await self._deny(scope, receive, send, 401, 4401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                    "invalid_api_key")
+        if path == "/ws/worker" or path == "/tab" or path.startswith("/tab/"):
+            extra = set(getattr(self.service, "allowed_origins", ()) or ())
+            if not origin_allowed(headers.get("origin"), headers.get("host"), extra):
+                self.service.refusals["origin"] += 1
+                return await self._deny(scope, receive, send, 403, 4403, "this page's origin may not join as a tab "
+                                        "(see the allowed_origins setting)", "origin_not_allowed")
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    def _key_ok(key: str, headers: dict, scope) -> bool:
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+        if not given and scope["type"] == "websocket":
+            given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key") or [""])[0]
+        return bool(given) and secrets.compare_digest(given.encode(), key.encode())
+
+    @staticmethod
+    async def _deny(scope, receive, send, status: int, ws_code: int, message: str, kind: str):
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": ws_code, "reason": message[:120]})
+            return
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+        extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + extra})
+        await send({"type": "http.response.body", "body": body})
