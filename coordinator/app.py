@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from coordinator.security import AccessGuard
+from coordinator.security import AccessGuard, RateLimit
 from coordinator.server import CoordinatorService
 from tabshard import wire
 from tabshard.errors import ConfigError
@@ -32,7 +32,9 @@ class BadRequest(Exception):
 
 
 def _error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+                        headers=headers)
 
 
 def _num(body: dict, key: str, kind, default, lo=None, hi=None):
@@ -62,6 +64,16 @@ def sampling_from_body(body: dict) -> SamplingParams:
 
 def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlette:
     tok = service.tokenizer
+    limits = service.settings
+
+    def check_admission(ids: list[int], param: str) -> None:
+        """Refuse before any work: a prompt over the limit (400), or a full house (429, retry)."""
+        if len(ids) > limits.max_prompt_tokens:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_tokens} are allowed", param)
+        if len(service.core.sessions) >= limits.max_sessions:
+            service.refusals["overloaded"] += 1
+            raise BadRequest(f"{len(service.core.sessions)} requests are running, the most this server takes; retry later",
+                             None, 429)
 
     def prompt_ids_from_chat(body: dict) -> list[int]:
         messages = body.get("messages")
@@ -86,10 +98,12 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
         if body.get("model") not in (None, model_id):
             raise BadRequest(f"model {body.get('model')!r} is not served here; use {model_id!r}", "model", 404)
         ids = prompt_ids_from_chat(body) if chat else prompt_ids_from_completion(body)
-        max_tokens = _num(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", int, 256, 1, 8192)
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _num(body, key, int, min(256, limits.max_output_tokens), 1, limits.max_output_tokens)
         n = _num(body, "n", int, 1, 1, 1)
         del n
         params = sampling_from_body(body)
+        check_admission(ids, "messages" if chat else "prompt")
         return service.open_request(ids, max_tokens, params)
 
     async def completions(request: Request, chat: bool):
@@ -102,7 +116,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
         try:
             rid, client = await run_request(body, chat)
         except BadRequest as exc:
-            return _error(str(exc), exc.status, exc.param)
+            return _error(str(exc), exc.status, exc.param, "overloaded" if exc.status == 429 else "invalid_request_error")
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         oid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -163,7 +177,8 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                     break
                 if ev["type"] == "error":
                     finished = True
-                    return _error(ev["message"], 503 if ev.get("retriable") else 400, kind=ev["code"])
+                    status = 429 if ev["code"] == "overloaded" else 503 if ev.get("retriable") else 400
+                    return _error(ev["message"], status, kind=ev["code"])
         finally:
             service.close_request(rid, cancelled=not finished)
         text = tok.decode([t for t in client.tokens if t != service.core.config.eos_id])
@@ -197,6 +212,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
         """Client token stream: send `generate` / `cancel` (msgpack), receive `token` / `done` / `error`."""
         await ws.accept()
         active: dict[str, asyncio.Task] = {}
+        rate = RateLimit(limits.client_max_msgs_per_s)
 
         async def pump(rid, client, request_id):
             finished = False
@@ -222,6 +238,10 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             while True:
                 data = await ws.receive_bytes()
                 try:
+                    if not rate.allow(time.monotonic()):
+                        service.refusals["rate"] += 1
+                        raise wire.ProtocolError("rate_limited", f"more than {limits.client_max_msgs_per_s} messages a "
+                                                 "second on this socket; this one was dropped", None)
                     m = wire.decode(data, wire.CLIENT_LIMITS)
                     if m["type"] == "generate":
                         body = {k: m[k] for k in ("temperature", "top_p", "top_k", "seed", "greedy") if k in m}
@@ -230,7 +250,10 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                             ids = prompt_ids_from_chat({"messages": m["messages"]})
                         else:
                             ids = prompt_ids_from_completion({"prompt": m.get("prompt")})
-                        rid, client = service.open_request(ids, int(m.get("max_tokens") or 256), params)
+                        max_tokens = _num({"max_tokens": m.get("max_tokens")}, "max_tokens", int, min(256, limits.max_output_tokens),
+                                          1, limits.max_output_tokens)
+                        check_admission(ids, "messages" if m.get("messages") else "prompt")
+                        rid, client = service.open_request(ids, max_tokens, params)
                         active[m["request_id"]] = asyncio.create_task(pump(rid, client, m["request_id"]))
                     elif m["type"] == "cancel":
                         task = active.get(m["request_id"])
@@ -241,7 +264,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                 except wire.ProtocolError as err:
                     await ws.send_bytes(wire.encode(err.to_message()))
                 except BadRequest as exc:
-                    await ws.send_bytes(wire.encode(wire.make("error", code="bad_request", field=exc.param, message=str(exc))))
+                    await ws.send_bytes(wire.encode(wire.make("error", code="overloaded" if exc.status == 429 else "bad_request", field=exc.param, message=str(exc))))
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:

@@ -94,3 +94,22 @@ class AccessGuard:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + extra})
         await send({"type": "http.response.body", "body": body})
+
+
+class RateLimit:
+    """A token bucket: `per_s` messages a second on average, bursts of `burst` (2 s worth)."""
+
+    def __init__(self, per_s: float, burst: float | None = None):
+        self.rate = float(per_s)
+        self.capacity = float(burst if burst is not None else 2 * per_s)
+        self.tokens = self.capacity
+        self.t: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self.t is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False

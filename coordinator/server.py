@@ -9,6 +9,7 @@ on a single worker thread that speaks the same messages, minus the bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -16,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from coordinator.security import RateLimit
 from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Log, Send
 from tab_worker.weights import pack_head, pack_layer
 from tab_worker.worker import TabWorker
@@ -56,7 +58,7 @@ class CoordinatorService:
         self.settings = settings
         self.api_key = api_key  # never shown by any endpoint (coordinator/security.py checks it)
         self.allowed_origins = {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
-        self.refusals = {"api_key": 0, "origin": 0}
+        self.refusals = {"api_key": 0, "origin": 0, "rate": 0, "overloaded": 0}
         self._outboxes: dict[str, asyncio.Queue] = {}
         self._sockets: dict[str, object] = {}
         self._conn_ids = itertools.count(1)
@@ -147,6 +149,7 @@ class CoordinatorService:
         self._outboxes[conn] = box
         writer = asyncio.create_task(self._writer(conn, ws, box))
         reason = "closed"
+        limit = RateLimit(self.settings.worker_max_msgs_per_s)
         try:
             while True:
                 frame = await ws.receive()
@@ -154,6 +157,14 @@ class CoordinatorService:
                     break
                 data = frame.get("bytes")
                 now = time.monotonic()
+                if not limit.allow(now):
+                    self.refusals["rate"] += 1
+                    err = wire.ProtocolError("rate_limited", f"more than {self.settings.worker_max_msgs_per_s} messages "
+                                             "a second on this socket", None)
+                    self.perform(self.core.on_protocol_error(conn, err, now))
+                    with contextlib.suppress(Exception):  # let the error and the close reach the peer
+                        await asyncio.wait_for(writer, 2.0)
+                    break
                 if data is None:
                     err = wire.ProtocolError("malformed", "text frames are not part of the protocol; send binary msgpack", None)
                     self.perform(self.core.on_protocol_error(conn, err, now))
@@ -201,7 +212,7 @@ class CoordinatorService:
     def status(self) -> dict:
         st = self.core.status(time.monotonic())
         st["model"]["name"] = self.model.path.name
-        st["counters"].update(refused_api_key=self.refusals["api_key"], refused_origin=self.refusals["origin"])
+        st["counters"].update({f"refused_{k}": v for k, v in self.refusals.items()})
         st["access"] = {"api_key_required": bool(self.api_key), "join_token_required": bool(self.join_token),
                         "allowed_origins": sorted(self.allowed_origins)}
         return st

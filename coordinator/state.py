@@ -105,6 +105,12 @@ class CoordinatorSettings:
     spot_check_fraction: float = 0.02
     spot_check_rtol: float = 2e-3  # honest f32 numpy vs numpy: ~1e-6; raise it for f16 tabs
     spot_check_seed: int = 0
+    # limits (each a clear refusal, never unbounded memory): prompt and output tokens per request,
+    # messages per second per worker / client socket (a burst of twice that is allowed)
+    max_prompt_tokens: int = 4096
+    max_output_tokens: int = 2048
+    worker_max_msgs_per_s: int = 2000
+    client_max_msgs_per_s: int = 50
     allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
 
 
@@ -513,11 +519,11 @@ class Coordinator:
         if len(self.sessions) >= self.settings.max_sessions:
             self.counters["failed"] += 1
             return [Emit(request_id, {"type": "error", "code": "overloaded", "message": f"{len(self.sessions)} sessions are running; retry later", "retriable": True})]
-        limit = min(self.settings.max_ctx, self.config.context)
+        limit = min(self.settings.max_ctx, self.config.context, self.settings.max_prompt_tokens + 1)
         if not prompt_ids or len(prompt_ids) >= limit:
             self.counters["failed"] += 1
             return [Emit(request_id, {"type": "error", "code": "bad_prompt", "message": f"the prompt has {len(prompt_ids)} tokens; it must have 1 to {limit - 1}", "retriable": False})]
-        max_tokens = min(max_tokens, limit - len(prompt_ids))
+        max_tokens = min(max_tokens, self.settings.max_output_tokens, min(self.settings.max_ctx, self.config.context) - len(prompt_ids))
         s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos)
         self.sessions[request_id] = s
         if not self.stages:

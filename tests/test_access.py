@@ -73,9 +73,16 @@ async def ws_close(url, origin=None, send=None, **kw):
         return ws.close_code, ws.close_reason, first
 
 
+LIMITS = {"max_sessions": 1, "max_prompt_tokens": 64, "max_output_tokens": 24, "client_max_msgs_per_s": 5,
+          "worker_max_msgs_per_s": 50}
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=0, token=JOIN, serve_args=["--api-key", KEY, "--allowed-origins", "https://lab.example"])
+def cluster(tmp_path_factory):
+    conf = tmp_path_factory.mktemp("serve") / "serve.toml"
+    conf.write_text("[serve]\n" + "".join(f"{k} = {v}\n" for k, v in LIMITS.items()))
+    c = LocalCluster(workers=0, token=JOIN, serve_args=["--api-key", KEY, "--allowed-origins", "https://lab.example",
+                                                        "--config", str(conf)])
     with c:
         yield c
 
@@ -131,6 +138,66 @@ def test_no_endpoint_reveals_a_secret(cluster):
     assert st["access"] == {"api_key_required": True, "join_token_required": True, "allowed_origins": ["https://lab.example"]}
     for path, body in bodies.items():
         assert JOIN not in body and KEY not in body, path
+
+
+def test_limits_refuse_clearly(cluster):
+    base, auth = cluster.base, {"Authorization": f"Bearer {KEY}"}
+    chat = lambda content, n: post(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": content}],  # noqa: E731
+                                                                  "max_tokens": n, "temperature": 0}, auth)
+    code, body = chat("word " * 200, 4)
+    assert code == 400 and "at most 64 are allowed" in body
+    code, body = chat("hi", 25)
+    assert code == 400 and "'max_tokens' must be between 1 and 24" in body
+    # one session at a time: a second request while one streams gets 429 + Retry-After
+    req = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "count to twenty"}], "max_tokens": 24, "temperature": 0, "stream": True,
+         "ignore_eos": True}).encode(), {"Content-Type": "application/json", **auth})
+    with urllib.request.urlopen(req, timeout=60) as stream:
+        stream.readline()  # the first chunk: the session is running
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(
+                {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode(),
+                {"Content-Type": "application/json", **auth}), timeout=30)
+            raise AssertionError("expected 429")
+        except urllib.error.HTTPError as e:
+            assert e.code == 429 and e.headers["Retry-After"] == "1"
+            assert "retry later" in json.loads(e.read())["error"]["message"]
+        stream.read()
+
+    async def flood_stream():
+        errors = 0
+        async with websockets.connect(base.replace("http", "ws") + "/v1/stream", additional_headers=auth) as ws:
+            for _ in range(30):
+                await ws.send(wire.encode(wire.make("cancel", request_id="nothing")))
+            while True:
+                try:
+                    m = wire.decode(await asyncio.wait_for(ws.recv(), 1.0))
+                except asyncio.TimeoutError:
+                    return errors
+                errors += m["code"] == "rate_limited"
+
+    assert asyncio.run(flood_stream()) >= 15  # burst of 10, then refusals
+
+    async def flood_worker():
+        async with websockets.connect(base.replace("http", "ws") + "/ws/worker") as ws:
+            await ws.send(wire.encode(wire.make("hello", worker_name="flood", token=JOIN, capabilities={"kind": "python"},
+                                                resume={"have": []})))
+            try:
+                for i in range(1000):
+                    await ws.send(wire.encode(wire.make("heartbeat", seq=i, load={})))
+                async for data in ws:
+                    m = wire.decode(data)
+                    if m["type"] == "error":
+                        return m["code"], None
+            except websockets.ConnectionClosed:
+                pass
+            return None, ws.close_code
+
+    code, close = asyncio.run(flood_worker())
+    assert code == "rate_limited" or close == 1008
+    st = cluster.status()
+    assert st["counters"]["refused_rate"] >= 16 and st["counters"]["refused_overloaded"] >= 1
+    assert any(w["name"] == "flood" and w["state"] == "quarantined" for w in st["workers"])
 
 
 def self_signed(tmp_path):
