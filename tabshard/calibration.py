@@ -15,6 +15,20 @@ Texts (disjoint by construction):
 Perplexity is exp(mean negative log-likelihood) of every token of a window given the window's
 tokens before it (the first token of each window is context only).
 
+Quantization pipeline (``Calibrator``): one pass of the source model over the calibration
+tokens collects X^T X at each linear layer's input (GPTQ's Hessian; its diagonal is the
+importance matrix); every (tensor, method, format) is then quantized independently and cached,
+so any mixed plan is assembled without re-running anything.
+
+Sensitivity and mixed precision: a tensor's cost is estimated as alpha * proxy, where the proxy
+is its relative output error on calibration activations, tr(dW H dW^T) / tr(W H W^T), and alpha
+(per tensor type and probe format) converts proxy into measured loss: quantize ONE type in
+every layer at the probe, keep the rest source, measure the increase in NLL per token on
+calibration text, divide by the type's summed proxies (``Costs``). Measured probes: 2-bit
+(s2g32) and 3-bit (s3g64) GPTQ for the linears, s4g32 for the embedding — 15 short forwards.
+``coordinator/precision.py`` then picks the formats (a multiple-choice knapsack). The report
+prints each mixed plan's predicted delta NLL beside its measured perplexity: the validation.
+
 The forward here is the same math as tab_worker/numpy_backend.py (kernels/reference.py's twins)
 without a KV cache: whole windows at once, which is what calibration and scoring need.
 """
