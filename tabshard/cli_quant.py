@@ -229,6 +229,8 @@ def cmd_quantize(a) -> int:
     try:
         if a.scheme:
             plan = scheme_plan(cal, a.scheme, lambda: C.estimated_costs(cal, calib[:512]))
+            if emb:
+                plan[C.EMBEDDING] = emb
         else:
             alphas = C.estimated_costs(cal, calib[:512])
             report["sensitivity_delta_nll"] = alphas.summary()
