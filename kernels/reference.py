@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.quant import QuantTensor
+from kernels.quant import QuantTensor, group_scales, unpack_codes
 
 # The lowest finite f32: topk ranks NaN and -inf logits as this value (and pads short
 # segments with it, under id 0xFFFFFFFF), so its order never rests on infinity arithmetic.
@@ -132,3 +132,40 @@ def rope_kv_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.nda
     q_rot, k_rot = rope(q, positions, base), rope(k, positions, base)
     kv_store(k_rot, v, k_cache, v_cache, start_pos)
     return q_rot, k_rot
+
+
+# ---------------------------------------------------------------------------- f16 variants
+# The NAME_f16.wgsl kernels (devices with shader-f16): each weight dequantized to f16 (one
+# rounding of the exact scale * q + min), each input rounded from f32 to f16, their product
+# rounded to f16, and every product summed in f32. Computed here exactly so (float16 arrays;
+# an f16 x f16 product is exact in f32, so numpy's float16 multiply rounds it once).
+
+
+def dequantize_f16(w: QuantTensor) -> np.ndarray:
+    """f16 [n, k]: the f16 kernels' weights, scale * q + min computed exactly (float64) and
+    rounded once to f16."""
+    codes = unpack_codes(w.qweight, w.spec.bits).astype(np.float64).reshape(w.n, w.groups, w.spec.group)
+    scale, minimum = (s.astype(np.float64)[..., None] for s in group_scales(w))
+    return np.ascontiguousarray((scale * codes + minimum).reshape(w.n, w.k_pad)[:, : w.k].astype(np.float16))
+
+
+def qmatvec_f16(x: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
+    """qmatvec with f16 weights, inputs and products, accumulated in f32."""
+    x16 = np.asarray(x, np.float32).astype(np.float16)
+    w16 = dequantize_f16(w)
+    out = np.empty((x16.shape[0], w.n), np.float32)
+    step = max(1, (1 << 22) // max(w.k, 1))  # output rows per chunk: bounded temporaries
+    for r, row in enumerate(x16):
+        for s in range(0, w.n, step):
+            out[r, s : s + step] = (w16[s : s + step] * row).astype(np.float32).sum(axis=-1, dtype=np.float32)
+    return out if y is None else (y + out).astype(np.float32)
+
+
+def qmatvec_norm_f16(x: np.ndarray, w: QuantTensor, norm_weight: np.ndarray, eps: float, y: np.ndarray | None = None) -> np.ndarray:
+    """rmsnorm (f32) folded into qmatvec_f16: the normalised inputs are what is rounded to f16."""
+    return qmatvec_f16(rmsnorm(x, norm_weight, eps), w, y)
+
+
+def qmatvec_silu_f16(gate: np.ndarray, up: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
+    """silu_gate (f32) folded into qmatvec_f16's input."""
+    return qmatvec_f16(silu_gate(gate, up), w, y)

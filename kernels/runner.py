@@ -48,6 +48,9 @@ WEBGPU_DEFAULT_LIMITS = {
     "min-uniform-buffer-offset-alignment": 256,
 }
 
+# Features a Device asks for where its adapter has them.
+OPTIONAL_FEATURES = ("shader-f16",)
+
 # Words in an adapter's description that mean "a CPU rasteriser, not a GPU".
 SOFTWARE_ADAPTERS = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render")
 
@@ -137,7 +140,10 @@ class Device:
         # the driver is asked for at least the spec default (WebGPU grants no less anyway)
         required = {k: _worse(k, _better(k, v, WEBGPU_DEFAULT_LIMITS[k]), adapter_limits.get(k, v))
                     for k, v in self.limits.items() if k in WEBGPU_DEFAULT_LIMITS}
-        self.device = self.adapter.request_device_sync(required_limits=required)
+        # shader-f16 wherever the adapter has it: the NAME_f16.wgsl kernels need it, and asking
+        # costs the f32 kernels nothing (Chromium's SwiftShader lacks it: browsers stay f32)
+        features = [f for f in OPTIONAL_FEATURES if f in self.adapter.features]
+        self.device = self.adapter.request_device_sync(required_features=features, required_limits=required)
         self.queue = self.device.queue
         self.features = set(self.device.features)
         self._modules: dict[str, object] = {}
@@ -182,6 +188,8 @@ class Device:
         key = (kernel, tuple(sorted(constants.items())))
         pipe = self._pipelines.get(key)
         if pipe is None:
+            if self.source(kernel).startswith("enable f16;") and "shader-f16" not in self.features:
+                raise LimitError(f"{kernel} needs the shader-f16 feature, which this device lacks")
             self.check_workgroup(kernel, constants)
             module = self._modules.get(kernel)
             if module is None:
@@ -607,11 +615,15 @@ class QuantLinear(Launcher):
 
     ``norm=(weight buffer, eps)``: x is first RMS-normalised (qmatvec_norm.wgsl);
     ``silu_up_col=c``: the input is silu(x[:, :k]) * x[:, c : c+k] (qmatvec_silu.wgsl). Both
-    exist for qmatvec only: such a linear serves up to ``matvec_max_rows`` rows (see ByRows)."""
+    exist for qmatvec only: such a linear serves up to ``matvec_max_rows`` rows (see ByRows).
+
+    ``compute_dtype="f16"``: the matvecs run their ``_f16`` variants (f16 weights, inputs and
+    products, f32 sums; the device needs shader-f16); qmatmul (prefill) stays f32."""
 
     def __init__(self, dev: Device, w: GpuQuantTensor, x, x_stride: int, y, y_stride: int,
                  y_col: int = 0, accumulate: bool = False, matvec_max_rows: int | None = None,
-                 tuning: MatmulTuning | None = None, norm: tuple | None = None, silu_up_col: int | None = None):
+                 tuning: MatmulTuning | None = None, norm: tuple | None = None, silu_up_col: int | None = None,
+                 compute_dtype: str = "f32"):
         if x_stride % 4:
             raise ValueError(f"x_stride {x_stride} must be a multiple of 4 (qmatvec reads vec4)")
         if norm is not None and silu_up_col is not None:
@@ -623,7 +635,10 @@ class QuantLinear(Launcher):
         self.matvec_max_rows = self.tuning.matvec_max_rows if matvec_max_rows is None else matvec_max_rows
         self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
         self.norm, self.silu_up_col = norm, silu_up_col
+        if compute_dtype not in ("f32", "f16"):
+            raise ValueError(f"compute_dtype must be 'f32' or 'f16', got {compute_dtype!r}")
         self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
+        self.matvec_kernel += "_f16" if compute_dtype == "f16" else ""
         self.wg = self.tuning.matvec_wg
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr)
         self.tile = self.tuning.tile
@@ -636,9 +651,9 @@ class QuantLinear(Launcher):
             buffers, extra = [], {}
             if kernel.startswith("qmatvec"):
                 consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
-                if kernel == "qmatvec_norm":
+                if kernel.startswith("qmatvec_norm"):
                     buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
-                elif kernel == "qmatvec_silu":
+                elif kernel.startswith("qmatvec_silu"):
                     extra = {"up_col": int(self.silu_up_col)}
             else:
                 consts = {**quant_constants(self.w), "TILE": self.tile}
@@ -656,7 +671,7 @@ class QuantLinear(Launcher):
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg):
                 launch.set(m=rows)
                 items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))
-        elif self.matvec_kernel != "qmatvec":
+        elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16"):
             raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
         else:
             for n, launch in self._chunk_launches("qmatmul", 0):

@@ -75,11 +75,17 @@ class WgpuBackend:
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
                  device: R.Device | None = None, limits: str | dict = "adapter",
-                 power_preference: str = "high-performance", matvec_max_rows: int | None = None):
+                 power_preference: str = "high-performance", matvec_max_rows: int | None = None,
+                 compute_dtype: str = "f32"):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
-        kernels.runner.matmul_tuning)."""
+        kernels.runner.matmul_tuning). ``compute_dtype``: "f32"; "f16", the matvecs (the
+        fused ones and the head's too) on their NAME_f16.wgsl variants, which need the
+        device's shader-f16 (f16 weights, inputs and products, f32 sums; activations, the
+        KV cache, attention, norms and prefill's qmatmul stay f32); "auto", f16 where the
+        device has shader-f16. The default is f32: on lavapipe the f16 matvecs run at
+        0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet."""
         self.config = c = config
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
@@ -87,6 +93,13 @@ class WgpuBackend:
         self.max_ctx = int(max_ctx)
         self.matvec_max_rows = matvec_max_rows
         self.dev = dev = device or R.get_device(limits, power_preference)
+        if compute_dtype == "auto":
+            compute_dtype = "f16" if "shader-f16" in dev.features else "f32"
+        if compute_dtype not in ("f32", "f16"):
+            raise ValueError(f"compute_dtype must be 'f32', 'f16' or 'auto', got {compute_dtype!r}")
+        if compute_dtype == "f16" and "shader-f16" not in dev.features:
+            raise ValueError(f"compute_dtype 'f16' needs the shader-f16 feature, which {dev.describe()} lacks")
+        self.compute_dtype = compute_dtype
         self._layers = [_GpuLayer(dev, i, layers[i]) for i in self.layer_ids]
         self._head = None
         if head is not None:
@@ -217,7 +230,8 @@ class WgpuBackend:
 
     def _linear(self, w: R.GpuQuantTensor, x: str, y: str, y_col: int = 0, accumulate: bool = False, **prologue) -> R.QuantLinear:
         b, s = self._buf, self._strides
-        return R.QuantLinear(self.dev, w, b[x], s[x], b[y], s[y], y_col, accumulate, self.matvec_max_rows, **prologue)
+        return R.QuantLinear(self.dev, w, b[x], s[x], b[y], s[y], y_col, accumulate, self.matvec_max_rows,
+                             compute_dtype=self.compute_dtype, **prologue)
 
     @property
     def _fuse_max_rows(self) -> int:
@@ -270,9 +284,10 @@ class WgpuBackend:
             norm_w, output = self._head
             norm = R.RmsNorm(dev, b[src], s[src], norm_w, b["xn"], s["xn"], c.hidden, c.rms_eps)
             plain = R.QuantLinear(dev, output, b["xn"], s["xn"], b["logits"], self._logits_stride,
-                                  matvec_max_rows=self.matvec_max_rows)
+                                  matvec_max_rows=self.matvec_max_rows, compute_dtype=self.compute_dtype)
             fused = R.QuantLinear(dev, output, b[src], s[src], b["logits"], self._logits_stride,
-                                  matvec_max_rows=self.matvec_max_rows, norm=(norm_w, c.rms_eps))
+                                  matvec_max_rows=self.matvec_max_rows, norm=(norm_w, c.rms_eps),
+                                  compute_dtype=self.compute_dtype)
             ops = R.ByRows(self._fuse_max_rows if FUSE else 0, [fused], [norm, plain])
             self._head_ops = {**(self._head_ops or {}), src: ops}
         topk = self._topk.get(k)

@@ -243,3 +243,94 @@ def test_smollm2_teacher_forced_matches_transformers(smollm2_weights, device):
         for tid, value in zip(top_ids[i], top_logits[i]):
             if tid in expected:
                 assert abs(value - expected[tid]) < 2e-3, f"step {i} token {tid}: {value} vs {expected[tid]}"
+
+
+# ---------------------------------------------------------------------------- compute_dtype="f16"
+# The matvecs on their f16 variants (f16 weights, inputs and products, f32 sums; see
+# kernels/qmatvec_f16.wgsl). Each product carries three f16 roundings (2^-11 relative each):
+# on this model the hidden states (|h| <= ~10) moved by <= 5e-3 and the logits (|l| <= ~30) by
+# <= 1e-2 from NumpyBackend's f32 on lavapipe; the tolerances allow 4x that.
+F16_HIDDEN_TOL = dict(atol=2e-2, rtol=5e-3)
+F16_LOGIT_TOL = dict(atol=4e-2, rtol=5e-3)
+
+
+@pytest.fixture(scope="module")
+def f16_device(device):
+    if "shader-f16" not in device.features:
+        pytest.skip(f"{device.describe()} lacks shader-f16: compute_dtype='f16' cannot run here")
+    return device
+
+
+def test_f16_compute_matches_numpy_within_half_precision(model, f16_device):
+    from tab_worker.backends import forward_topk
+
+    gpu, ref = _pair(model, f16_device, compute_dtype="f16")
+    f32 = _pair(model, f16_device)[0]
+    assert gpu.compute_dtype == "f16"
+    rng = np.random.default_rng(0)
+    # prefill of two sessions (qmatvec_f16 at 9 rows), then decode (the fused f16 kernels)
+    for slices in ([SessionSlice("a", 0, 6), SessionSlice("b", 0, 3)], [SessionSlice("a", 6, 1), SessionSlice("b", 3, 1)],
+                   [SessionSlice("a", 7, 1), SessionSlice("b", 4, 1)]):
+        hidden = rng.standard_normal((sum(s.length for s in slices), CONFIG.hidden)).astype(np.float32)
+        got, want, full = gpu.forward(slices, hidden), ref.forward(slices, hidden), f32.forward(slices, hidden)
+        np.testing.assert_allclose(got, want, **F16_HIDDEN_TOL)
+        assert np.abs(got - want).max() > 10 * np.abs(full - want).max(), "f16 changed nothing: still the f32 kernels?"
+    # the head: every returned logit against numpy's logit of that id, and the same best id
+    ids, logits = gpu.head_topk(got, 8)
+    all_ids, all_logits = ref.head_topk(got, CONFIG.vocab)
+    for row in range(len(got)):
+        by_id = dict(zip(all_ids[row], all_logits[row]))
+        np.testing.assert_allclose(logits[row], [by_id[i] for i in ids[row]], **F16_LOGIT_TOL)
+    np.testing.assert_array_equal(ids[:, 0], all_ids[:, 0])
+    slices = [SessionSlice("a", 8, 1), SessionSlice("b", 5, 1)]
+    hidden = rng.standard_normal((2, CONFIG.hidden)).astype(np.float32)
+    (gi, gl), (ri, rl) = gpu.forward_topk(slices, hidden, 1), forward_topk(ref, slices, hidden, 1)
+    np.testing.assert_array_equal(gi, ri)
+    np.testing.assert_allclose(gl, rl, **F16_LOGIT_TOL)
+
+
+def test_compute_dtype_choices(model, device):
+    layers, head = model
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    auto = WgpuBackend(CONFIG, {0: layers[0]}, None, MAX_CTX, device=device, compute_dtype="auto")
+    assert auto.compute_dtype == ("f16" if "shader-f16" in device.features else "f32")
+    assert WgpuBackend(CONFIG, {0: layers[0]}, None, MAX_CTX, device=device).compute_dtype == "f32"
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        WgpuBackend(CONFIG, {0: layers[0]}, None, MAX_CTX, device=device, compute_dtype="bf16")
+    saved = device.features
+    device.features = saved - {"shader-f16"}  # as on Chromium's SwiftShader
+    try:
+        with pytest.raises(ValueError, match="needs the shader-f16 feature"):
+            WgpuBackend(CONFIG, {0: layers[0]}, None, MAX_CTX, device=device, compute_dtype="f16")
+        assert WgpuBackend(CONFIG, {0: layers[0]}, None, MAX_CTX, device=device, compute_dtype="auto").compute_dtype == "f32"
+    finally:
+        device.features = saved
+
+
+def test_smollm2_f16_greedy_tokens_match_numpy(smollm2_weights, f16_device):
+    """SmolLM2 decoding greedily on the f16 kernels gives numpy's tokens for a short prompt:
+    "The capital of France is" -> " Paris.\\n\\n", whose smallest top-1 margin (1.3 logits) is far
+    above f16's drift. Prefill runs the batched qmatvec_f16, the 3 decode steps the fused ones."""
+    import json
+    from pathlib import Path
+
+    from tab_worker.backends import forward_topk
+    from tabshard.generate import embed
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    golden = json.loads((Path(__file__).parent / "fixtures" / "smollm2_golden.json").read_text())
+    prompt = next(c for c in golden["cases"] if c["name"] == "raw_prose_capital")["prompt_ids"]
+    w = smollm2_weights
+
+    def greedy(backend, steps=4):
+        ids, _ = forward_topk(backend, [SessionSlice("g", 0, len(prompt))], embed(w.embedding, prompt), 1)
+        tokens = [int(ids[0, 0])]
+        for i in range(steps - 1):
+            ids, _ = forward_topk(backend, [SessionSlice("g", len(prompt) + i, 1)], embed(w.embedding, tokens[-1:]), 1)
+            tokens.append(int(ids[0, 0]))
+        return tokens
+
+    layers = dict(enumerate(w.layers))
+    want = greedy(NumpyBackend(w.config, layers, w.head, 32))
+    assert greedy(WgpuBackend(w.config, layers, w.head, 32, device=f16_device, compute_dtype="f16")) == want
