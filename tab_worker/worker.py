@@ -186,9 +186,11 @@ class TabWorker:
             corrections.append({"setting": setting, "asked": asked, "used": used, "reason": reason})
 
         compute = precision.get("compute")
-        if compute not in (None, "f32"):
+        if compute == "f16" and self.backend_name == "wgpu" and self._has_feature("shader-f16"):
+            options["compute_dtype"] = "f16"  # the matvecs' NAME_f16.wgsl variants
+        elif compute not in (None, "f32"):
             why = ("the numpy backend computes in f32" if self.backend_name == "numpy"
-                   else "this tab's kernels are f32-only" + ("" if self._has_feature("shader-f16") else " and its adapter lacks shader-f16"))
+                   else "its adapter lacks shader-f16")
             correct("compute", compute, "f32", why)
         wg = precision.get("workgroup_size")
         if wg is not None:

@@ -334,3 +334,15 @@ def test_smollm2_f16_greedy_tokens_match_numpy(smollm2_weights, f16_device):
     layers = dict(enumerate(w.layers))
     want = greedy(NumpyBackend(w.config, layers, w.head, 32))
     assert greedy(WgpuBackend(w.config, layers, w.head, 32, device=f16_device, compute_dtype="f16")) == want
+
+
+def test_wgpu_tab_honours_f16_only_with_shader_f16(device):
+    from tab_worker.worker import TabWorker
+
+    tab = TabWorker("t", backend="wgpu")
+    options, corrections = tab.honour_precision({"compute": "f16"})
+    if "shader-f16" in device.adapter.features:
+        assert options.get("compute_dtype") == "f16" and corrections == []
+    else:
+        assert "compute_dtype" not in options and corrections[0]["reason"] == "its adapter lacks shader-f16"
+    assert tab.honour_precision({"compute": "f32"}) == ({}, [])
