@@ -49,7 +49,8 @@ def bench(backend_name: str, weights: ModelWeights, tokens: int, prompt: int) ->
     be = make_backend(backend_name, cfg, dict(enumerate(weights.layers)), weights.head, 1024)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((prompt, cfg.hidden)).astype(np.float32)
+    # at least 32 rows: the warm-up below needs them whatever --prompt is
+    x = rng.standard_normal((max(prompt, 32), cfg.hidden)).astype(np.float32)
     # warm-up covers both kernel sets: batches above the fused-decode limit (16 rows) run the
     # plain ops, smaller ones the fused kernels (pipelines and bind groups are built on first use)
     be.forward([SessionSlice("warm", 0, 32)], x[:32])
@@ -57,7 +58,7 @@ def bench(backend_name: str, weights: ModelWeights, tokens: int, prompt: int) ->
     be.head_topk(x[:1], 1)
     be.drop_session("warm")
     t0 = time.perf_counter()
-    h = be.forward([SessionSlice("s", 0, prompt)], x)
+    h = be.forward([SessionSlice("s", 0, prompt)], x[:prompt])
     be.head_topk(h[-1:], 1)
     prefill_s = time.perf_counter() - t0
     steps = []
@@ -79,9 +80,9 @@ def bench(backend_name: str, weights: ModelWeights, tokens: int, prompt: int) ->
         batch_steps.append(time.perf_counter() - t)
     fused = {}
     if hasattr(be, "forward_topk"):
-        be.forward_topk([SessionSlice("f", 0, prompt)], x, 1)  # warm: plans at these row counts
+        be.forward_topk([SessionSlice("f", 0, prompt)], x[:prompt], 1)  # warm: plans at these row counts
         t0 = time.perf_counter()
-        be.forward_topk([SessionSlice("g", 0, prompt)], x, 1)
+        be.forward_topk([SessionSlice("g", 0, prompt)], x[:prompt], 1)
         fused["fused_prefill_tok_s"] = prompt / (time.perf_counter() - t0)
         fsteps = []
         for i in range(tokens):
