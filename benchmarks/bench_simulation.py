@@ -57,7 +57,11 @@ def tabs32(args) -> dict:
 
 
 # ---------------------------------------------------------------------- 1,000 heartbeat-only connections
-def _client_proc(url: str, token: str, first: int, count: int, seconds: float, ramp_s: float, q) -> None:
+def _client_proc(url: str, token: str, first: int, count: int, seconds: float, ramp_s: float, q, stop=None) -> None:
+    """`count` heartbeat-only connections, beating on absolute deadlines until `stop` (an
+    mp.Event the parent sets after its last /status poll) or `seconds` at most: a fixed
+    lifetime per connection ended the first-joined ones inside the measured window, and the
+    coordinator rightly declared them dead (counted as false detections before)."""
     import websockets
 
     from tabshard import wire
@@ -84,7 +88,7 @@ def _client_proc(url: str, token: str, first: int, count: int, seconds: float, r
             seq = 0
             nxt = time.monotonic()
             try:
-                while time.monotonic() < end and not rt.done():
+                while time.monotonic() < end and not rt.done() and not stopping.is_set():
                     nxt += period
                     await asyncio.sleep(max(0.0, nxt - time.monotonic()))
                     if time.monotonic() - nxt > 0.2:
@@ -100,8 +104,18 @@ def _client_proc(url: str, token: str, first: int, count: int, seconds: float, r
                     stats["close_reasons"].append(ws.close_reason)
             rt.cancel()
 
+    stopping = asyncio.Event()
+
+    async def watch_stop():
+        while stop is not None and not stop.is_set():
+            await asyncio.sleep(0.5)
+        stopping.set()
+
     async def main():
+        watcher = asyncio.create_task(watch_stop()) if stop is not None else None
         await asyncio.gather(*(one(i) for i in range(first, first + count)), return_exceptions=True)
+        if watcher:
+            watcher.cancel()
 
     asyncio.run(main())
     q.put(stats)
@@ -131,9 +145,11 @@ def conns1000(args) -> dict:
         pid = coord.proc.pid
         rss_idle, _ = _rss_mb(pid)
         q = mp.Queue()
+        stop = mp.Event()
         per = args.conns // args.procs
-        procs = [mp.Process(target=_client_proc, args=(coord.worker_url, coord.token, i * per, per, args.seconds + args.ramp,
-                                                      args.ramp, q)) for i in range(args.procs)]
+        # connections beat until told to stop (bounded by the whole run's length plus slack)
+        procs = [mp.Process(target=_client_proc, args=(coord.worker_url, coord.token, i * per, per, args.seconds + args.ramp + 180,
+                                                      args.ramp, q, stop)) for i in range(args.procs)]
         for p in procs:
             p.start()
         # /status lists every worker: poll it seldom, or the poll itself loads the coordinator's loop
@@ -145,7 +161,7 @@ def conns1000(args) -> dict:
             print(json.dumps({"ramp": True, "joined": joined, "dead": len(st["workers"]) - joined}), file=sys.stderr, flush=True)
             if joined >= args.conns or time.monotonic() > deadline:
                 break
-        t0, cpu0 = time.monotonic(), _cpu_s(pid)
+        t0, cpu0, load0 = time.monotonic(), _cpu_s(pid), os.getloadavg()
         log = EventLog()
         samples = []
         while time.monotonic() - t0 < args.seconds:
@@ -160,12 +176,14 @@ def conns1000(args) -> dict:
         wall, cpu = time.monotonic() - t0, _cpu_s(pid) - cpu0
         final = coord.status()
         log.absorb(final)
-        stats = [q.get(timeout=args.ramp + 60) for _ in procs]
+        stop.set()
+        stats = [q.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(30)
         rss, hwm = _rss_mb(pid)
     deaths = [e for e in log.sorted() if e["kind"] in ("death", "silent") and e["t"] >= t0]
     return {"connections": args.conns, "processes": args.procs, "held_s": round(wall, 1), "heartbeat_ms": 250,
+            "host_load_avg": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]},
             # every connection is healthy by construction: each one declared dead is a false detection
             # (the event window in /status holds only the last 50, so count the survivors instead)
             "false_detections": args.conns - sum(1 for w in final["workers"] if w["state"] not in ("dead", "quarantined")),
