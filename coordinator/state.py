@@ -111,6 +111,7 @@ class CoordinatorSettings:
     max_output_tokens: int = 2048
     worker_max_msgs_per_s: int = 2000
     client_max_msgs_per_s: int = 50
+    resume_wait_ms: int = 5000  # after a restart, wait this long for rejoining workers whose weights tile the model
     allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
 
 
@@ -254,6 +255,7 @@ class Coordinator:
         self._last_tick: float | None = None
         self.degraded = False
         self.prefix_cache: dict[str, PrefixEntry] = {}
+        self._first_join_at: float | None = None
         self._spot_rng = random.Random(settings.spot_check_seed)
         self._checks: dict[int, dict] = {}  # verification step id -> what the checked worker answered
         self._verify_ranges: dict[tuple, str] = {}  # (layer_start, layer_end) on LOCAL -> loading | ready
@@ -312,6 +314,8 @@ class Coordinator:
         w.have_blobs = set((m.get("resume") or {}).get("have") or [])
         self.workers[wid] = w
         self.conn_worker[conn] = wid
+        if self._first_join_at is None and conn != LOCAL:
+            self._first_join_at = now
         w.move("calibrating")
         self.events.append({"t": now, "kind": "join", "worker": wid, "name": w.name})
         return [
@@ -400,12 +404,13 @@ class Coordinator:
         if not workers:
             return []
         try:
-            stages = plan([w.capacity() for w in workers], self.config.n_layers, self.layer_bytes, self.head_bytes,
-                          self.settings.replicas, self.settings.max_stages)
+            stages = self._resume_plan(workers) or plan([w.capacity() for w in workers], self.config.n_layers, self.layer_bytes,
+                                                        self.head_bytes, self.settings.replicas, self.settings.max_stages)
         except PlanError as exc:
             self.degraded = True
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
             return []
+        self._prefer_held_blobs(stages)
         out = self._forget_prefixes()
         old = {(s.layer_start, s.layer_end): s for s in self.stages}
         self.plan_version += 1
@@ -436,6 +441,69 @@ class Coordinator:
         for sess in self.sessions.values():
             self._restart_session(sess)
         return out
+
+    def _in_resume_window(self, now: float) -> bool:
+        return self._first_join_at is not None and now - self._first_join_at <= self.settings.resume_wait_ms / 1000
+
+    def _awaiting_resume(self, now: float) -> bool:
+        """The first plans of a (restarted) coordinator wait a little while workers arrive holding
+        weights that do not tile the model yet: the rest of the old pool is reconnecting."""
+        if not self._in_resume_window(now):
+            return False
+        workers = [w for w in self._live_workers() if not w.local]
+        return bool(workers) and all(w.have_blobs for w in workers) and self._resume_plan(workers) is None
+
+    def _resume_plan(self, workers: list[Worker]) -> list[StagePlan] | None:
+        """While the resume window lasts: when the live workers' held weights tile the model (each
+        holds a contiguous range, the last one the head: a restarted coordinator's rejoining
+        pool), give each a part of what it holds, so nothing is downloaded again."""
+        workers = [w for w in workers if not w.local]
+        if self.settings.replicas != 1 or not workers or self._last_tick is None or not self._in_resume_window(self._last_tick):
+            return None
+        by_sha = {i.sha256: k for k, i in self.blob_info.items()}
+        ranges = []
+        for w in workers:
+            keys = {by_sha[h] for h in w.have_blobs if h in by_sha}
+            layers = sorted(int(k.split(":")[1]) for k in keys if k.startswith("layer:"))
+            if not layers or layers != list(range(layers[0], layers[-1] + 1)):
+                return None
+            ranges.append((layers[0], layers[-1] + 1, "head" in keys, w.worker_id))
+        ranges.sort()
+        if ranges[0][0] != 0 or ranges[-1][1] != self.config.n_layers or not ranges[-1][2]:
+            return None
+        starts = [0]
+        for prev, cur in zip(ranges, ranges[1:]):
+            b = cur[0] if cur[0] > starts[-1] else prev[1]  # the previous worker keeps all it holds
+            if not (starts[-1] < b <= prev[1] and b < cur[1]):
+                return None
+            starts.append(b)
+        if self.settings.max_stages and len(ranges) > self.settings.max_stages:
+            return None
+        ends = starts[1:] + [self.config.n_layers]
+        return [StagePlan(a, b, r is ranges[-1], [r[3]]) for a, b, r in zip(starts, ends, ranges)]
+
+    def _prefer_held_blobs(self, stages: list[StagePlan]) -> None:
+        """Swap primaries between stages when both fit and more of the weights are already held
+        (workers that rejoin a restarted coordinator keep their ranges: nothing re-downloads)."""
+        def held(wid, sp):
+            w = self.workers[wid]
+            keys = [f"layer:{i}" for i in range(sp.layer_start, sp.layer_end)] + (["head"] if sp.include_head else [])
+            return sum(self.blob_info[k].size for k in keys if self.blob_info[k].sha256 in w.have_blobs)
+
+        def fits(wid, sp):
+            cap = self.workers[wid].capacity()
+            need = sp.layers * self.layer_bytes + (self.head_bytes if sp.include_head else 0)
+            return cap.memory_bytes / cap.expansion >= need
+
+        for a in stages:
+            for b in stages:
+                if a is b or not a.workers or not b.workers:
+                    continue
+                wa, wb = a.workers[0], b.workers[0]
+                if wb in a.workers or wa in b.workers:
+                    continue
+                if held(wb, a) + held(wa, b) > held(wa, a) + held(wb, b) and fits(wb, a) and fits(wa, b):
+                    a.workers[0], b.workers[0] = wb, wa
 
     def _stage_blobs(self, st: Stage) -> list[str]:
         keys = [f"layer:{i}" for i in range(st.layer_start, st.layer_end)]
@@ -923,7 +991,7 @@ class Coordinator:
         for step_id in [k for k, c in self._checks.items() if now - c["at"] > 60.0]:
             del self._checks[step_id]  # the verifier died or never answered: forget the check
             self.counters["spot_checks_skipped"] += 1
-        if self._replan_at is not None and now >= self._replan_at:
+        if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
             if self.sessions and self.stages and all(s.primary for s in self.stages):
                 self._deferred_replan = True  # running sessions keep their plan
                 self._replan_at = None
