@@ -905,7 +905,10 @@ class Coordinator:
             if ref.shape != claimed.shape:
                 return []
             error = float(np.max(np.abs(ref - claimed))) / max(float(np.max(np.abs(ref))), 1e-6)
-        if error <= self.settings.spot_check_rtol:
+        # f16 tabs round where the f32 verifier does not: an honest f16 result is ~1e-2 off
+        # (not measured against the verifier yet; 5e-2 is a guess kept on the safe side)
+        tolerance = self.settings.spot_check_rtol if self.settings.compute_dtype == "f32" else max(self.settings.spot_check_rtol, 5e-2)
+        if error <= tolerance:
             return []
         return self._on_liar(check, error, now)
 
