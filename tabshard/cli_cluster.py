@@ -128,8 +128,8 @@ def format_status(st: dict) -> str:
         holders = ", ".join(f"{h}{'' if h in s['ready'] else ' (loading)'} [{names.get(h, {}).get('name', '?')}]" for h in s["holders"])
         lines.append(f"  stage {s['index']}: layers {s['layers'][0]:>2}-{s['layers'][1] - 1:>2}{' + head' if s['head'] else '       '}  -> {holders or 'UNSERVED'}")
     for w in st["workers"]:
-        lines.append(f"  worker {w['worker_id']:>4} {w['name']:<16} {w['state']:<11} {w['backend'] or '':<6} "
-                     f"{w['ms_per_layer']:.2f} ms/layer  steps {w['steps']}  heartbeat {w['heartbeat_age_ms']} ms ago")
+        lines.append(f"  {w['worker_id']:>5} {w['name'][:14]:<14} {w['state']:<11} {w['backend'] or '':<6} "
+                     f"{w['ms_per_layer']:5.2f} ms/layer  {w['steps']:>5} steps  hb {w['heartbeat_age_ms']} ms")
     return "\n".join(lines)
 
 
