@@ -13,11 +13,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from tabshard.errors import TabshardError
+from tabshard.cluster import fetch_status, wait_for_status
 
 # before ray.init: Ray's raylet (and so every actor) inherits this environment
 ACTOR_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -100,23 +98,10 @@ class CoordinatorProcess:
         return self
 
     def status(self) -> dict:
-        with urllib.request.urlopen(f"{self.base}/status", timeout=5) as r:
-            return json.loads(r.read())
+        return fetch_status(self.base)
 
     def wait_for(self, pred, timeout: float, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise TabshardError(f"the coordinator exited with code {self.proc.returncode}")
-            try:
-                last = self.status()
-                if pred(last):
-                    return last
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TabshardError(f"timed out after {timeout:.0f}s waiting for {what}; last status: {json.dumps(last)[:1500]}")
+        return wait_for_status(self.base, self.proc, pred, timeout, what)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

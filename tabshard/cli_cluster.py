@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import urllib.request
 
 
@@ -67,6 +66,7 @@ def cmd_serve(a) -> int:
     print(f"  worker join URL: {ws}://{a.host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
     print(f"  tab join URL:    {base}/tab?token={service.join_token}", flush=True)
     print(f"  API URL:         {base}/v1  (OpenAI-compatible), status {base}/status", flush=True)
+    print(f"  dashboard:       {base}/dashboard?token={service.join_token}  (with the join QR)", flush=True)
     if api_key:
         print(f"  API key:         {api_key if generated else '(as given)'}  (send Authorization: Bearer <key>)", flush=True)
     _print_tab_qr(a.host, a.port, service.join_token)

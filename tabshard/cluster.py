@@ -23,6 +23,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fetch_status(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_for_status(base: str, coordinator: subprocess.Popen | None, pred, timeout: float, what: str = "condition") -> dict:
+    """Poll a coordinator's /status until pred(status) holds; fail early if its process exits."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if coordinator is not None and coordinator.poll() is not None:
+            raise TabshardError(f"the coordinator exited with code {coordinator.returncode}")
+        try:
+            last = fetch_status(base)
+            if pred(last):
+                return last
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TabshardError(f"timed out after {timeout:.0f}s waiting for {what}; last status: {json.dumps(last)[:2000]}")
+
+
 class LocalCluster:
     def __init__(self, workers: int = 4, backend: str = "numpy", port: int | None = None, token: str = "demo-token",
                  serve_args: list[str] | None = None, log_dir: str | None = None, model: str | None = None):
@@ -74,23 +96,10 @@ class LocalCluster:
         return p
 
     def status(self) -> dict:
-        with urllib.request.urlopen(f"{self.base}/status", timeout=5) as r:
-            return json.loads(r.read())
+        return fetch_status(self.base)
 
     def wait_for(self, pred, timeout: float, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.coordinator is not None and self.coordinator.poll() is not None:
-                raise TabshardError(f"the coordinator exited with code {self.coordinator.returncode}")
-            try:
-                last = self.status()
-                if pred(last):
-                    return last
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TabshardError(f"timed out after {timeout:.0f}s waiting for {what}; last status: {json.dumps(last)[:2000]}")
+        return wait_for_status(self.base, self.coordinator, pred, timeout, what)
 
     def stage_worker_pid(self, stage: int) -> int:
         """The PID of the worker process serving a stage (matched by the worker's name)."""

@@ -124,5 +124,18 @@ function connect(delay = 500) {
   };
 }
 
+// The join QR needs the join token, which the server never reveals: an operator who opens
+// /dashboard?token=T (the URL `serve` prints) sees it, anyone else does not.
+function showJoin() {
+  const token = new URLSearchParams(location.search).get("token");
+  if (!token) return;
+  const url = `${location.origin}/tab?token=${encodeURIComponent(token)}`;
+  $("#join-qr").src = `/tab/qr.svg?token=${encodeURIComponent(token)}`;
+  $("#join-link").textContent = url;
+  $("#join-link").href = url;
+  $("#join").hidden = false;
+}
+
+showJoin();
 connect();
 fetch("/dashboard/compat.json").then((r) => r.json()).then(renderCompat).catch((e) => { $("#compat").textContent = String(e); });
