@@ -32,3 +32,6 @@ def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     assert all(f["detection_s"] < 1.2 for f in faults)
     assert json.loads((tmp_path / "report.json").read_text())["passed"]
     assert (tmp_path / "timeline.png").stat().st_size > 1000
+    # numpy and wgpu (lavapipe here) tabs both served a stage
+    backends = {t.get("backend") for t in report["tabs"]["per_tab"].values() if t.get("steps", 0) > 0}
+    assert {"numpy", "wgpu"} <= backends, report["tabs"]
