@@ -105,3 +105,22 @@ class Net:
     def stage_conn(self, index: int) -> str:
         wid = self.core.stages[index].holders[0]
         return self.core.workers[wid].conn
+
+
+def start_net(weights, n_workers: int, local: bool = False, **settings) -> Net:
+    """A coordinator with n in-process numpy workers, planned, loaded and ready to serve."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local)
+    for _ in range(n_workers):
+        net.add_worker()
+    net.run()
+    net.advance(0.5)  # calibration done, re-plan delay passed, weights streamed
+    assert net.core.stages and all(s.primary in s.ready and s.primary != LOCAL for s in net.core.stages)
+    return net
+
+
+def run_until_done(net: Net, rids, seconds: float = 30) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if all(net.done(r) for r in rids):
+            return
+        net.advance(0.05)
+    raise AssertionError(f"not done: {[r for r in rids if not net.done(r)]}")

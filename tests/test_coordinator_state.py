@@ -7,7 +7,8 @@ from coordinator.state import CoordinatorSettings
 from tabshard import wire
 from tabshard.generate import LocalGenerator
 from tabshard.sampling import SamplingParams
-from tests.harness import Net
+from tests.harness import Net, start_net
+from tests.harness import run_until_done as run_until_done_in
 from tests.tiny_model import tiny_weights
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
@@ -25,22 +26,11 @@ def reference(weights):
     return list(gen.generate(PROMPT, N_TOKENS, stop_at_eos=False))
 
 
-def start(weights, n_workers, **settings):
-    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings))
-    for _ in range(n_workers):
-        net.add_worker()
-    net.run()
-    net.advance(0.5)  # calibration done, re-plan delay passed, weights streamed
-    assert net.core.stages and all(s.primary in s.ready for s in net.core.stages)
-    return net
+start = start_net
 
 
 def run_until_done(net, rids, seconds=30):
-    for _ in range(int(seconds / 0.05)):
-        if all(net.done(r) for r in rids):
-            return
-        net.advance(0.05)
-    raise AssertionError(f"not done: {[r for r in rids if not net.done(r)]}")
+    return run_until_done_in(net, rids, seconds)
 
 
 @pytest.mark.parametrize("n_workers", [1, 2, 4])

@@ -5,9 +5,9 @@ from its tokens, so the streamed tokens stay exactly those of a single honest wo
 import numpy as np
 import pytest
 
-from coordinator.state import CoordinatorSettings
 from tabshard.generate import LocalGenerator
-from tests.harness import Net
+from tests.harness import start_net
+from tests.harness import run_until_done as run_until_done_in
 from tests.tiny_model import tiny_weights
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
@@ -26,21 +26,11 @@ def reference(weights):
 
 
 def start(weights, n_workers, local=True, **settings):
-    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local)
-    for _ in range(n_workers):
-        net.add_worker()
-    net.run()
-    net.advance(0.5)
-    assert net.core.stages and all(s.primary in s.ready and s.primary != "local" for s in net.core.stages)
-    return net
+    return start_net(weights, n_workers, local=local, **settings)
 
 
 def run_until_done(net, rids, seconds=60):
-    for _ in range(int(seconds / 0.05)):
-        if all(net.done(r) for r in rids):
-            return
-        net.advance(0.05)
-    raise AssertionError(f"not done: {[r for r in rids if not net.done(r)]}")
+    return run_until_done_in(net, rids, seconds)
 
 
 def test_honest_workers_pass_every_check(weights, reference):
