@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from coordinator.security import RateLimit
-from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Log, Send
+from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
 from tab_worker.weights import pack_head, pack_layer
 from tab_worker.worker import TabWorker
 from tabshard import wire
@@ -73,11 +73,8 @@ class CoordinatorService:
         self._local_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-compute")
         self._local = None
         if settings.coordinator_compute:
-            store = {}
-            for data in blobs.values():
-                from tab_worker.weights import sha256
-
-                store[sha256(data)] = data
+            # the coordinator's own worker holds every blob already (hashed once, by the core)
+            store = {info.sha256: blobs[key] for key, info in self.core.blob_info.items()}
             self._local = TabWorker("coordinator", backend=local_backend, blob_store=store, memory_bytes=64 << 30)
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,8 +117,6 @@ class CoordinatorService:
                     box.put_nowait(a)
             elif isinstance(a, Emit):
                 self._emit(a)
-            elif isinstance(a, Log):
-                log.info("%s %s", a.kind, a.detail)
 
     def _local_handle(self, m: dict) -> None:
         replies = self._local.handle(m)

@@ -20,13 +20,12 @@ import itertools
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
 from tab_worker.engine_types import ModelConfig
-from tab_worker.weights import CHUNK_BYTES, BlobInfo, chunk, sha256
+from tab_worker.weights import CHUNK_BYTES, blob_info, chunk, sha256
 from tabshard.sampling import Sampler, SamplingParams
 from tabshard.wire import PROTOCOL_VERSION, ProtocolError
 
@@ -64,12 +63,6 @@ class Emit:
 
     request_id: str
     event: dict
-
-
-@dataclass(frozen=True)
-class Log:
-    kind: str  # join, death, detection, recovery, quarantine, plan, ...
-    detail: dict
 
 
 def _msg(type_: str, **fields) -> dict:
@@ -233,7 +226,7 @@ class Coordinator:
         self.join_token = join_token
         self.embed = embed_fn
         self.blob_bytes = blobs
-        self.blob_info = {k: BlobInfo(k, sha256(v), len(v), max(1, -(-len(v) // CHUNK_BYTES))) for k, v in blobs.items()}
+        self.blob_info = {k: blob_info(k, v) for k, v in blobs.items()}
         self.layer_bytes = max(self.blob_info[f"layer:{i}"].size for i in range(config.n_layers))
         self.head_bytes = self.blob_info["head"].size
         self.workers: dict[str, Worker] = {}  # worker_id -> record
@@ -263,9 +256,6 @@ class Coordinator:
         self._verify_parked: dict[tuple, list] = {}  # range -> check messages waiting for LOCAL to load it
 
     # ================================================================== connections
-    def on_connect(self, conn: str, now: float) -> list:
-        return []
-
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:
         wid = self.conn_worker.pop(conn, None)
         if wid is None:
