@@ -135,7 +135,14 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                         yield f"data: {json.dumps(first)}\n\n"
                     while True:
                         ev = await client.queue.get()
-                        if ev["type"] == "token":
+                        if ev["type"] == "rewind":
+                            # no OpenAI field withdraws text: an extension field says how much to drop
+                            chunk = {"id": oid, "object": "chat.completion.chunk" if chat else obj, "created": created,
+                                     "model": model_id, "choices": [{"index": 0, "delta": {}, "finish_reason": None} if chat else
+                                                                    {"index": 0, "text": "", "finish_reason": None, "logprobs": None}],
+                                     "tabshard_rewind": {"index": ev["index"], "retract_chars": ev["retract_chars"], "reason": ev["reason"]}}
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                        elif ev["type"] == "token":
                             if not ev["text"]:
                                 continue
                             choice = ({"index": 0, "delta": {"content": ev["text"]}, "finish_reason": None} if chat
@@ -172,6 +179,8 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                         get.cancel()
                         return _error("client disconnected", 499)
                 ev = get.result()
+                if ev["type"] in ("token", "rewind"):
+                    continue  # the answer is built from client.tokens, already rewound
                 if ev["type"] == "done":
                     finished = True
                     break
@@ -221,6 +230,9 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                     ev = await client.queue.get()
                     if ev["type"] == "token":
                         await ws.send_bytes(wire.encode(wire.make("token", request_id=request_id, index=ev["index"], token_id=ev["token_id"], text=ev["text"])))
+                    elif ev["type"] == "rewind":
+                        await ws.send_bytes(wire.encode(wire.make("rewind", request_id=request_id, index=ev["index"],
+                                                                  retract_chars=ev["retract_chars"], reason=ev["reason"])))
                     elif ev["type"] == "done":
                         finished = True
                         await ws.send_bytes(wire.encode(wire.make("done", request_id=request_id, finish_reason=ev["finish_reason"],

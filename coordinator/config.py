@@ -36,6 +36,8 @@ _RULES = {
     "max_output_tokens": (int, 1, 1 << 20),  # a larger max_tokens is refused (400)
     "worker_max_msgs_per_s": (int, 10, 1_000_000),  # a worker sending faster is quarantined
     "client_max_msgs_per_s": (int, 1, 100_000),  # a /v1/stream client sending faster gets rate_limited errors
+    "load_timeout_min_s": (float, 1.0, 86_400.0),  # a tab still loading after this (+ bytes at the rate below) loses its range
+    "load_min_bytes_per_s": (float, 1e3, 1e12),
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
 }

@@ -131,9 +131,14 @@ class CoordinatorService:
         if client is None:
             return
         ev = dict(a.event)
+        eos = self.core.config.eos_id
         if ev["type"] == "token":
             client.tokens.append(ev["token_id"])
-            ev["text"] = "" if ev["token_id"] == self.core.config.eos_id else client.decoder.push(ev["token_id"])
+            ev["text"] = "" if ev["token_id"] == eos else client.decoder.push(ev["token_id"])
+        elif ev["type"] == "rewind":  # tokens from a caught liar: the client drops them and their text
+            kept = sum(1 for t in client.tokens[:ev["index"]] if t != eos)  # the decoder never saw EOS
+            del client.tokens[ev["index"]:]
+            ev["retract_chars"] = client.decoder.rewind(kept)
         client.queue.put_nowait(ev)
 
     # ------------------------------------------------------------------ worker sockets

@@ -104,6 +104,10 @@ class CoordinatorSettings:
     max_output_tokens: int = 2048
     worker_max_msgs_per_s: int = 2000
     client_max_msgs_per_s: int = 50
+    # a tab that heartbeats but never finishes loading its range (a stalled download, a tab that
+    # lies about loading) loses it after this long plus the time its bytes take at the minimum rate
+    load_timeout_min_s: float = 60.0
+    load_min_bytes_per_s: float = 1e6
     resume_wait_ms: int = 5000  # after a restart, wait this long for rejoining workers whose weights tile the model
     allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
 
@@ -123,6 +127,7 @@ class Worker:
     stages: set = field(default_factory=set)  # stage indexes held (primary or standby)
     have_blobs: set = field(default_factory=set)  # sha256 of blobs the worker holds
     loading: dict = field(default_factory=dict)  # assignment_id -> (stage index, blob shas)
+    load_deadline: float | None = None  # while loading: when the range goes elsewhere
     bytes_sent: int = 0
     steps: int = 0
     last_step_ms: float | None = None
@@ -193,6 +198,7 @@ class PrefixEntry:
     tokens: list[int]
     logs: dict  # stage index -> f32 rows [len(tokens), hidden]
     last_used: float
+    workers: frozenset = frozenset()  # who computed it: a session forked from it trusts them from token 0
 
 
 @dataclass
@@ -209,6 +215,12 @@ class Session:
     last_token_at: float | None = None
     stop_at_eos: bool = True
     generation: int = 0  # bumped when the session's KV is recomputed from its tokens
+    # worker id -> how many tokens had been streamed when that worker first computed for this
+    # session: the first token a worker found lying could have changed (see _on_liar)
+    touched: dict = field(default_factory=dict)
+    # tokens streamed before a liar was caught, being recomputed: each new token that equals
+    # the next of these is already with the client; the first that differs rewinds the stream
+    unconfirmed: list = field(default_factory=list)
 
     @property
     def position(self) -> int:
@@ -241,7 +253,8 @@ class Coordinator:
         self.counters = {"steps": 0, "tokens": 0, "weight_bytes_sent": 0, "protocol_errors": 0, "rejected_joins": 0,
                          "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0,
                          "prefix_hits": 0, "prefix_tokens_reused": 0,
-                         "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0}
+                         "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
+                         "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0}
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
         self._deferred_replan = False
@@ -416,7 +429,7 @@ class Coordinator:
             for wid in st.holders:
                 self.workers[wid].stages.add(i)
                 if wid not in st.ready:
-                    out += self._assign(self.workers[wid], st)
+                    out += self._assign(self.workers[wid], st, now)
         # ranges a worker held but no longer does are unloaded to free its memory
         for key, prev in old.items():
             for wid in prev.ready:
@@ -499,13 +512,16 @@ class Coordinator:
         keys = [f"layer:{i}" for i in range(st.layer_start, st.layer_end)]
         return keys + (["head"] if st.include_head else [])
 
-    def _assign(self, w: Worker, st: Stage) -> list:
+    def _assign(self, w: Worker, st: Stage, now: float) -> list:
         aid = next(self._ids)
         keys = self._stage_blobs(st)
         infos = [self.blob_info[k] for k in keys]
         w.loading[aid] = (st.index, [i.sha256 for i in infos])
         if w.state in ("idle", "ready"):
             w.move("loading")
+        to_send = sum(i.size for i in infos if i.sha256 not in w.have_blobs)
+        allowed = self.settings.load_timeout_min_s + to_send / self.settings.load_min_bytes_per_s
+        w.load_deadline = max(w.load_deadline or now, now + allowed)
         out = [Send(w.conn, _msg("assign", assignment_id=aid, layer_start=st.layer_start, layer_end=st.layer_end,
                                  include_head=st.include_head, model=self.config.to_dict(), max_ctx=self.settings.max_ctx,
                                  precision=self._precision(),
@@ -554,6 +570,7 @@ class Coordinator:
                 self.events.append({"t": now, "kind": "correction", "worker": w.worker_id, **c})
         if not w.loading:
             w.move("ready")
+            w.load_deadline = None
         st = self.stages[stage_index] if stage_index < len(self.stages) else None
         layers = tuple(m.get("layers") or ())
         if st is None or w.worker_id not in st.holders or (layers and layers != (st.layer_start, st.layer_end)):
@@ -622,6 +639,8 @@ class Coordinator:
         if best is None or best_len < self.settings.prefix_min_tokens:
             return []
         best.last_used = now
+        for wid in best.workers:
+            s.touched.setdefault(wid, 0)
         self.counters["prefix_hits"] += 1
         self.counters["prefix_tokens_reused"] += best_len
         out = []
@@ -640,7 +659,7 @@ class Coordinator:
             return []
         cache_id = f"prefix-{next(self._ids)}"
         logs = {st.index: np.concatenate([r for _, r in s.logs[st.index]])[:n] for st in self.stages}
-        self.prefix_cache[cache_id] = PrefixEntry(cache_id, list(s.prompt_ids), logs, now)
+        self.prefix_cache[cache_id] = PrefixEntry(cache_id, list(s.prompt_ids), logs, now, frozenset(s.touched))
         out = [Send(self.workers[st.primary].conn, _msg("fork_session", source_id=s.request_id, session_id=cache_id, length=n))
                for st in self.stages]
         while len(self.prefix_cache) > self.settings.prefix_cache_entries:
@@ -730,6 +749,7 @@ class Coordinator:
             log = [e for e in s.logs.get(st.index, []) if e[0] < it.start_pos]
             log.append((it.start_pos, it.rows))
             s.logs[st.index] = log
+            s.touched.setdefault(w.worker_id, len(s.tokens))
         rows = sum(len(i.rows) for i in items)
         expected_ms = w.ms_per_layer * (st.layer_end - st.layer_start) * max(1.0, rows / 8) + (20 if st.include_head else 0)
         deadline = now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
@@ -904,8 +924,13 @@ class Coordinator:
 
     def _on_liar(self, check: dict, error: float, now: float) -> list:
         """A step's result disagreed with the recomputation: quarantine the worker (both, when
-        the verifier was itself an untrusted tab) and recompute every session's KV from its
-        tokens, so nothing the liar computed stays in any stage's cache."""
+        the verifier was itself an untrusted tab) and recompute every session without it.
+
+        A liar may have lied in any step it ran, sampled or not, so every token streamed since
+        it first computed for a session is unconfirmed: the session restarts from its prompt
+        and the tokens before that point, and re-decodes the rest on honest workers. Tokens
+        that come out the same are not sent again; at the first that differs the client gets
+        a `rewind` to that index, then the right tokens (see _on_token)."""
         self.counters["spot_check_mismatches"] += 1
         suspects = [check["worker"]] + ([check["verifier"]] if check["verifier"] != LOCAL else [])
         out = []
@@ -915,19 +940,26 @@ class Coordinator:
                                 "worker_steps": check["worker_steps"], "verifier": check["verifier"]})
             if w is not None and w.alive and (wid != check["worker"] or w.epoch == check["epoch"]):
                 out += self._worker_lost(w, now, f"spot check: outputs off by {error:.3g} (relative)", quarantine=True)
-        return out + self._recompute_sessions(now)
+        return out + self._recompute_sessions(now, suspects)
 
-    def _recompute_sessions(self, now: float) -> list:
-        """Every live session starts over from its prompt and streamed tokens (a new generation:
-        queued and in-flight items of the old one are ignored); the next token follows exactly."""
+    def _recompute_sessions(self, now: float, suspects: list[str]) -> list:
+        """Every live session starts over (a new generation: queued and in-flight items of the
+        old one are ignored) from its prompt and the tokens no suspect had a hand in."""
         for st in self.stages:
             st.queue = deque(i for i in st.queue if i.session_id not in self.sessions)
+        unconfirmed = 0
         for s in self.sessions.values():
             s.generation += 1
             for st in self.stages:
                 self._inflight_lost.pop((st.index, s.request_id), None)
+            trusted = min((s.touched[w] for w in suspects if w in s.touched), default=len(s.tokens))
+            if trusted < len(s.tokens):
+                s.unconfirmed = s.tokens[trusted:] + s.unconfirmed
+                del s.tokens[trusted:]
+                unconfirmed += len(s.unconfirmed)
+            s.touched = {w: n for w, n in s.touched.items() if w not in suspects}
             self._restart_session(s)
-        self.events.append({"t": now, "kind": "recompute", "sessions": len(self.sessions)})
+        self.events.append({"t": now, "kind": "recompute", "sessions": len(self.sessions), "unconfirmed_tokens": unconfirmed})
         return self._pump(now)
 
     def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
@@ -935,12 +967,24 @@ class Coordinator:
         for stage, detected in self._awaiting_recovery:
             self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
         self._awaiting_recovery = []
+        out = []
+        if s.unconfirmed and s.unconfirmed[0] == token:
+            s.unconfirmed.pop(0)  # recomputed, and the client already has it
+            self.counters["tokens_confirmed"] += 1
+        else:
+            if s.unconfirmed:  # a liar changed this token: the client drops it and what followed
+                self.counters["tokens_retracted"] += len(s.unconfirmed)
+                self.events.append({"t": now, "kind": "rewind", "request_id": s.request_id, "index": len(s.tokens),
+                                    "retracted": len(s.unconfirmed)})
+                out.append(Emit(s.request_id, {"type": "rewind", "index": len(s.tokens),
+                                               "reason": f"{len(s.unconfirmed)} tokens came from a worker caught returning wrong results"}))
+                s.unconfirmed = []
+            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token}))
+            self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
         if s.first_token_at is None:
             s.first_token_at = now
-        self.counters["tokens"] += 1
-        out = [Emit(s.request_id, {"type": "token", "index": len(s.tokens) - 1, "token_id": token})]
         if s.stop_at_eos and token == self.config.eos_id:
             self.counters["completed"] += 1
             return out + self._finish(s, "stop", now)
@@ -967,6 +1011,13 @@ class Coordinator:
             if w.alive and not w.local and now - w.last_seen > silence:
                 self.events.append({"t": now, "kind": "silent", "worker": w.worker_id, "silent_s": now - w.last_seen})
                 out += self._worker_lost(w, now, f"silent for {int((now - w.last_seen) * 1000)} ms")
+        for w in list(self.workers.values()):
+            if w.alive and not w.local and w.loading and w.load_deadline is not None and now > w.load_deadline:
+                self.counters["load_timeouts"] += 1
+                self.events.append({"t": now, "kind": "load_timeout", "worker": w.worker_id,
+                                    "progress": dict(w.load_progress)})
+                out += self._worker_lost(w, now, "still loading its layers at the load deadline "
+                                                 f"(last progress: {w.load_progress or 'none'})")
         for st in self.stages:
             f = st.inflight
             if not f or now <= f["deadline"]:
@@ -1057,7 +1108,7 @@ class Coordinator:
         if st.primary in st.ready:
             return self._rebuild(st, now)
         if not any(e[0] == st.index for e in w.loading.values()):
-            return self._assign(w, st)
+            return self._assign(w, st, now)
         return []
 
     def _held_bytes(self, w: Worker) -> int:

@@ -6,6 +6,8 @@ single ids. The chat template is rendered with jinja2 exactly as written in the 
 """
 from __future__ import annotations
 
+import os
+
 import jinja2
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -83,3 +85,12 @@ class StreamDecoder:
         delta = text[len(self.emitted):]
         self.emitted = text
         return delta
+
+    def rewind(self, n: int) -> int:
+        """Withdraw the ids from index n on; returns how many characters of the text already
+        given out go with them."""
+        del self.ids[n:]
+        keep = len(os.path.commonprefix([self.tok.decode(self.ids), self.emitted]))
+        retracted = len(self.emitted) - keep
+        self.emitted = self.emitted[:keep]
+        return retracted

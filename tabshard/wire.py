@@ -896,6 +896,15 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "finish_reason": str,
         "usage": opt(dict),
     }),
+    # tokens from `index` on were withdrawn (a worker caught returning wrong results made
+    # them), with the last `retract_chars` characters of the text sent so far; the next
+    # token message has this index
+    ("rewind", COORDINATOR, {
+        "request_id": str,
+        "index": int,
+        "retract_chars": int,
+        "reason": str,
+    }),
     # -- any direction -----------------------------------------------------------------------
     ("error", ANY, _ERROR_FIELDS),
 ]

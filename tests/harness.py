@@ -97,7 +97,20 @@ class Net:
         self.perform(self.core.submit(rid, prompt_ids, max_tokens, params or SamplingParams(), self.now, **kw))
 
     def tokens(self, rid) -> list[int]:
-        return [e["token_id"] for e in self.events.get(rid, []) if e["type"] == "token"]
+        """The request's tokens as a client holds them: a rewind withdraws those from its index
+        on; each token must come at the next index (no gap, no duplicate)."""
+        out = []
+        for e in self.events.get(rid, []):
+            if e["type"] == "rewind":
+                assert e["index"] < len(out), f"rewind to {e['index']} with {len(out)} tokens streamed"
+                del out[e["index"]:]
+            elif e["type"] == "token":
+                assert e["index"] == len(out), f"token index {e['index']} after {len(out)} tokens"
+                out.append(e["token_id"])
+        return out
+
+    def rewinds(self, rid) -> list[dict]:
+        return [e for e in self.events.get(rid, []) if e["type"] == "rewind"]
 
     def done(self, rid) -> bool:
         return any(e["type"] in ("done", "error") for e in self.events.get(rid, []))

@@ -349,3 +349,26 @@ def test_settings_a_tab_cannot_honour_are_corrected_and_reported(weights, refere
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
+
+
+def test_a_tab_that_never_finishes_loading_loses_its_range(weights, reference):
+    """It heartbeats, so it is not silent, but it never reports its range loaded: at the load
+    deadline (minimum + its bytes at the minimum rate) the range goes to a tab that loads it."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, load_timeout_min_s=5.0, request_timeout_s=60.0))
+    stuck = net.add_worker()
+    real = net.workers[stuck].handle
+    net.workers[stuck].handle = lambda m: [] if m["type"] in ("assign", "weights_chunk") else real(m)
+    net.run()
+    net.advance(0.5)
+    stuck_id = net.core.conn_worker[stuck]
+    assert net.core.workers[stuck_id].state == "loading" and net.core.stages[0].primary == stuck_id
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.add_worker()  # joins while the first one stalls: the plan keeps waiting for the stuck tab
+    net.advance(4.0)
+    assert not net.done("r") and net.core.workers[stuck_id].state == "loading"
+    net.advance(3.0)
+    assert [e["worker"] for e in net.core.events if e["kind"] == "load_timeout"] == [stuck_id]
+    assert net.core.workers[stuck_id].state == "dead" and stuck in net.closed
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.counters["load_timeouts"] == 1

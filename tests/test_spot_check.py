@@ -63,6 +63,42 @@ def test_liar_is_caught_quarantined_and_tokens_stay_exact(weights, reference, vi
     assert victim in net.closed
 
 
+def test_tokens_a_liar_changed_are_rewound_and_recomputed(weights, reference):
+    """A loud liar changes tokens before a check catches it: every token streamed since it
+    first computed for the session is recomputed on honest workers; the client gets a rewind
+    to the first that differs, then the right tokens, and ends with exactly the reference."""
+    net = start(weights, 3, spot_check_fraction=0.1, spot_check_seed=3)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    victim = net.stage_conn(1)
+    net.workers[victim].liar = 3.0
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    rewinds = net.rewinds("r")
+    assert len(rewinds) >= 1 and net.core.counters["tokens_retracted"] >= 1
+    assert all(r["index"] < N_TOKENS for r in rewinds)
+    # tokens the honest recomputation confirmed were not sent twice
+    sent = [e for e in net.events["r"] if e["type"] == "token"]
+    assert len(sent) == N_TOKENS + net.core.counters["tokens_retracted"]
+
+
+def test_tokens_before_the_liar_joined_stay_confirmed(weights, reference):
+    """Only tokens streamed after the liar first computed for a session are unconfirmed."""
+    net = start(weights, 3, spot_check_fraction=0.2, spot_check_seed=1)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 6)
+    victim = net.stage_conn(2)
+    vid = net.core.conn_worker[victim]
+    s = net.core.sessions["r"]
+    assert s.touched[vid] == 0  # it computed the prompt: everything it touched is suspect
+    s.touched[vid] = 6  # pretend it joined the session at token 6
+    net.workers[victim].liar = 0.01
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    recompute = next(e for e in net.core.events if e["kind"] == "recompute")
+    assert recompute["unconfirmed_tokens"] <= N_TOKENS - 6
+
+
 def detection_delay(weights, seed, fraction=0.02, liar=0.01, sessions=4):
     """Steps the liar served from its first lie until it was caught."""
     net = start(weights, 3, spot_check_fraction=fraction, spot_check_seed=seed)

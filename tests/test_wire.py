@@ -82,6 +82,7 @@ SAMPLES: dict[str, dict] = {
     "cancel": make("cancel", request_id="r1"),
     "token": make("token", request_id="r1", index=0, token_id=2, text="Hello"),
     "done": make("done", request_id="r1", finish_reason="stop", usage={"prompt_tokens": 3}),
+    "rewind": make("rewind", request_id="r1", index=3, retract_chars=7, reason="liar caught"),
 }
 
 
