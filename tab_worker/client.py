@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,16 +19,23 @@ import websockets
 
 from tab_worker.worker import TabWorker
 from tabshard import wire
+from tabshard.errors import TabshardError
 
 log = logging.getLogger("tabshard.worker")
 MAX_FRAME = 64 << 20
 
 
 class WorkerConnection:
-    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True):
+    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True, cafile: str | None = None):
+        """cafile: a PEM certificate (bundle) to trust for a wss:// coordinator, e.g. its own
+        self-signed certificate; without it the system's trust store decides."""
         self.worker = worker
         self.url = url
         self.reconnect = reconnect
+        try:
+            self._tls = {"ssl": ssl.create_default_context(cafile=cafile)} if cafile else {}
+        except (OSError, ssl.SSLError) as exc:
+            raise TabshardError(f"--cafile {cafile}: not a readable PEM certificate ({exc})") from None
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tab-compute")
         self._stop = asyncio.Event()
         self.connected = asyncio.Event()
@@ -41,9 +49,12 @@ class WorkerConnection:
         while not self._stop.is_set():
             try:
                 async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
-                                              open_timeout=10) as ws:
+                                              open_timeout=10, **self._tls) as ws:
                     backoff = 0.1
                     await self._session(ws)
+            except ssl.SSLCertVerificationError as exc:  # permanent: retrying cannot fix trust
+                raise TabshardError(f"{self.url}: certificate verify failed ({exc.verify_message}): pass --cafile "
+                                    "with the coordinator's certificate (PEM) to trust it") from None
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
                 log.info("connection to %s lost: %s", self.url, exc)
             self.connected.clear()
@@ -116,5 +127,5 @@ class WorkerConnection:
                 t.cancel()
 
 
-async def run_worker(url: str, worker: TabWorker, reconnect: bool = True) -> None:
-    await WorkerConnection(worker, url, reconnect).run()
+async def run_worker(url: str, worker: TabWorker, reconnect: bool = True, cafile: str | None = None) -> None:
+    await WorkerConnection(worker, url, reconnect, cafile).run()

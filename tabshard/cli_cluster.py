@@ -94,12 +94,15 @@ def _print_tab_qr(host: str, port: int, token: str) -> None:
 def cmd_worker(a) -> int:
     from tab_worker.client import run_worker
     from tab_worker.worker import TabWorker
+    from tabshard.errors import ConfigError
 
     url = a.connect
+    if a.cafile and not url.startswith("wss://"):
+        raise ConfigError(f"--cafile is for a TLS coordinator: connect to wss://..., not {url}")
     worker = TabWorker(a.name or f"py-{__import__('os').getpid()}", backend=a.backend, token=a.token,
                        memory_bytes=int(a.memory_mb * (1 << 20)) if a.memory_mb else None)
     try:
-        asyncio.run(run_worker(url, worker))
+        asyncio.run(run_worker(url, worker, cafile=a.cafile))
     except KeyboardInterrupt:
         pass
     return 0
@@ -139,7 +142,8 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run a Python tab worker")
-    w.add_argument("--connect", required=True, metavar="URL", help="ws://HOST:PORT/ws/worker")
+    w.add_argument("--connect", required=True, metavar="URL", help="ws://HOST:PORT/ws/worker (wss:// for a TLS coordinator)")
+    w.add_argument("--cafile", metavar="PEM", help="certificate to trust for wss://, e.g. the coordinator's self-signed --certfile")
     w.add_argument("--token")
     w.add_argument("--backend", default="auto", choices=["auto", "numpy", "wgpu"])
     w.add_argument("--name")

@@ -201,14 +201,15 @@ def test_limits_refuse_clearly(cluster):
 
 
 def self_signed(tmp_path):
-    """A self-signed certificate for 127.0.0.1 (the openssl command line; the venv has no `cryptography`)."""
+    """A self-signed certificate for 127.0.0.1 and localhost (the openssl command line; the venv has no
+    `cryptography`)."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("no openssl to make a test certificate")
     certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", str(keyfile), "-out", str(certfile), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
     return str(certfile), str(keyfile)
 
 
