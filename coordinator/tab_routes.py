@@ -45,11 +45,12 @@ def lan_address() -> str:
             return "127.0.0.1"
 
 
-def join_url(host: str, port: int, token: str) -> str:
-    """The tab join URL others can open: a wildcard bind address becomes the LAN address."""
+def join_url(host: str, port: int, token: str, scheme: str = "http") -> str:
+    """The tab join URL others can open: a wildcard bind address becomes the LAN address;
+    scheme "https" when the coordinator serves TLS."""
     if host in ("0.0.0.0", "::", ""):
         host = lan_address()
-    return f"http://{host}:{port}/tab?token={token}"
+    return f"{scheme}://{host}:{port}/tab?token={token}"
 
 
 def qr_text(url: str) -> str:
@@ -102,9 +103,10 @@ def routes(service) -> list:
 
         import segno
 
-        host, port = request.url.hostname or "127.0.0.1", request.url.port or 80
+        scheme = request.url.scheme  # https under TLS: the QR opens the page as this request reached it
+        host, port = request.url.hostname or "127.0.0.1", request.url.port or (443 if scheme == "https" else 80)
         buf = io.BytesIO()
-        segno.make(join_url(host, port, service.join_token), error="m").save(buf, kind="svg", scale=6, border=2)
+        segno.make(join_url(host, port, service.join_token, scheme), error="m").save(buf, kind="svg", scale=6, border=2)
         return Response(buf.getvalue(), media_type="image/svg+xml")
 
     return [

@@ -69,23 +69,23 @@ def cmd_serve(a) -> int:
     print(f"  dashboard:       {base}/dashboard?token={service.join_token}  (with the join QR)", flush=True)
     if api_key:
         print(f"  API key:         {api_key if generated else '(as given)'}  (send Authorization: Bearer <key>)", flush=True)
-    _print_tab_qr(a.host, a.port, service.join_token)
+    _print_tab_qr(a.host, a.port, service.join_token, http)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", ws_max_size=64 << 20, ws_ping_interval=None,
                 ws_per_message_deflate=False, timeout_graceful_shutdown=1, ssl_certfile=a.certfile, ssl_keyfile=a.keyfile)
     return 0
 
 
-def _print_tab_qr(host: str, port: int, token: str) -> None:
+def _print_tab_qr(host: str, port: int, token: str, scheme: str = "http") -> None:
     """The tab join URL as a QR code, for a phone on the LAN (a wildcard bind address is shown
     as this host's LAN address; 127.0.0.1 is only reachable from this machine)."""
     from coordinator.tab_routes import join_url, qr_text
 
-    url = join_url(host, port, token)
+    url = join_url(host, port, token, scheme)
     try:
         qr = qr_text(url)
     except ImportError:  # segno is optional for serving; the URL above still works
         return
-    where = "scan to join from a phone on the LAN" if not url.startswith("http://127.") else \
+    where = "scan to join from a phone on the LAN" if "://127." not in url else \
         "scan to join (bind --host 0.0.0.0 to let other machines in)"
     print(f"  tab join QR ({where}): {url}", flush=True)
     print(qr, flush=True)

@@ -121,3 +121,30 @@ def test_worker_with_cafile_serves_over_wss(tls):
     assert asyncio.run(stream_ids()) == GOLDEN["greedy_ids"]
     st = https_status(tls)
     assert next(w for w in st["workers"] if w["name"] == "tls-worker")["steps"] > 0
+
+
+def test_every_url_shown_says_https_and_wss(tls):
+    """What `serve` prints (join URLs, API URL, the QR and the URL it encodes) and the QR that the
+    dashboard shows (/tab/qr.svg) all name https/wss under TLS."""
+    import io
+
+    import segno
+
+    from coordinator.tab_routes import join_url, qr_text
+
+    out, port = tls["log"].read_text(), tls["port"]
+    tab = f"https://127.0.0.1:{port}/tab?token={JOIN}"
+    assert f"wss://127.0.0.1:{port}/ws/worker" in out and f"https://127.0.0.1:{port}/v1" in out
+    assert f"): {tab}\n" in out and qr_text(tab) in out  # the terminal QR encodes the https URL
+    assert "http://" not in out and "ws://" not in out, out
+    r = httpx.get(f"{tls['base']}/tab/qr.svg", params={"token": JOIN}, verify=tls["ctx"], timeout=10)
+    assert r.status_code == 200
+
+    def svg(url):
+        buf = io.BytesIO()
+        segno.make(url, error="m").save(buf, kind="svg", scale=6, border=2)
+        return buf.getvalue()
+
+    assert r.content == svg(tab) != svg(tab.replace("https", "http"))
+    assert join_url("127.0.0.1", 8443, "t", "https") == "https://127.0.0.1:8443/tab?token=t"
+    assert join_url("0.0.0.0", 8443, "t", "https").startswith("https://")
