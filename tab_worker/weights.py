@@ -151,6 +151,11 @@ class BlobAssembler:
     def complete(self) -> bool:
         return len(self.have) == self.info.chunks
 
+    @property
+    def received_bytes(self) -> int:
+        last = self.info.chunks - 1  # the only chunk that may be short
+        return len(self.have) * CHUNK_BYTES - (CHUNK_BYTES * self.info.chunks - self.info.size if last in self.have else 0)
+
     def result(self) -> bytes:
         data = bytes(self.buf)
         if sha256(data) != self.info.sha256:

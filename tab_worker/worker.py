@@ -24,6 +24,7 @@ from tabshard.wire import PROTOCOL_VERSION
 # packing) and keeps the packed blob; wgpu uploads the packed words as they are; lean numpy
 # (device option lean=True) keeps the blob, its tensors are views of it (tab_worker/lean_backend.py)
 EXPANSION = {"numpy": 8.0, "wgpu": 1.2, "numpy-lean": 1.2}
+PROGRESS_S = 0.25  # the most often load_progress goes out while a blob is still arriving
 
 
 def msg(type_: str, **fields) -> dict:
@@ -54,6 +55,11 @@ class TabWorker:
         self.bytes_received = 0
         self.slow_factor = 1.0  # fault injection and profiles scale compute time with this
         self.liar = 0.0  # fault injection: noise added to every result, relative to its RMS (0: honest)
+        # load_progress goes out on an accepted assignment, on each completed blob, and between
+        # those at most every PROGRESS_S of `clock` (never per chunk: a chunk is 1 MiB)
+        self.clock = time.monotonic
+        self._progress_at = float("-inf")
+        self._progress_layer = 0
 
     # ------------------------------------------------------------------ join
     def capabilities(self) -> dict:
@@ -134,7 +140,8 @@ class TabWorker:
         for info in infos:
             if info.sha256 not in self.blobs and info.sha256 not in self._assembling:
                 self._assembling[info.sha256] = BlobAssembler(info)
-        return self._finish_ready_assignments()
+        self._progress_layer = m["layer_start"]
+        return self._load_progress() + self._finish_ready_assignments()
 
     def on_weights_chunk(self, m):
         asm = self._assembling.get(m.get("blob") or "")
@@ -145,13 +152,28 @@ class TabWorker:
             asm.add(m["chunk_id"], m["offset"], data, m["sha256"])
             self.bytes_received += len(data)
             out = [msg("weights_ack", chunk_id=m["chunk_id"], ok=True, blob=asm.info.sha256)]
+            if asm.info.key.startswith("layer:"):
+                self._progress_layer = int(asm.info.key[6:])
             if asm.complete:
                 self.blobs[asm.info.sha256] = asm.result()
                 del self._assembling[asm.info.sha256]
-                out += self._finish_ready_assignments()
+                out += self._load_progress() + self._finish_ready_assignments()
+            elif self.clock() - self._progress_at >= PROGRESS_S:
+                out += self._load_progress()
             return out
         except BlobError as exc:
             return [msg("weights_ack", chunk_id=m["chunk_id"], ok=False, error=str(exc), blob=asm.info.sha256)]
+
+    def _load_progress(self) -> list[dict]:
+        """Bytes held of the blobs that the pending assignments need (all of them, each counted
+        once); nothing when no assignment is pending."""
+        infos = {c["sha256"]: c["size"] for a in self._assignments.values() for c in a["chunks"]}
+        if not infos:
+            return []
+        got = sum(size if sha in self.blobs else self._assembling[sha].received_bytes if sha in self._assembling else 0
+                  for sha, size in infos.items())
+        self._progress_at = self.clock()
+        return [msg("load_progress", layer=self._progress_layer, received_bytes=got, total_bytes=sum(infos.values()))]
 
     def _finish_ready_assignments(self) -> list[dict]:
         out = []

@@ -1,0 +1,109 @@
+"""The Python tab worker reports load_progress as the browser tab does, at a bounded rate: on an
+accepted assignment, on each completed blob, and between those at most every PROGRESS_S of its
+clock, never per chunk. State machine level: a fake clock, no sockets (tests/harness.py for the
+coordinator side). Chunks are shrunk to 512 bytes so the tiny model's blobs take dozens each."""
+import itertools
+
+import pytest
+
+import coordinator.state
+import tab_worker.weights
+from coordinator.dashboard import DashboardFeed
+from coordinator.state import CoordinatorSettings
+from tab_worker.weights import blob_info, chunk, pack_head, pack_layer, sha256
+from tab_worker.worker import PROGRESS_S, TabWorker
+from tabshard import wire
+from tests.harness import Net
+from tests.tiny_model import TINY, tiny_weights
+
+CHUNK = 512
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(tab_worker.weights, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(coordinator.state, "CHUNK_BYTES", CHUNK)  # the coordinator's chunk offsets
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights()
+
+
+def assignment(blobs: dict[str, bytes]) -> tuple[dict, list[dict]]:
+    """An assign of layers 0-1 plus the head, and the weights_chunk messages the coordinator streams."""
+    infos = [blob_info(k, v) for k, v in blobs.items()]
+    assign = wire.make("assign", assignment_id=1, layer_start=0, layer_end=2, include_head=True, model=TINY.to_dict(),
+                       max_ctx=64, precision={}, chunks=[i.to_dict() for i in infos])
+    chunks = [wire.make("weights_chunk", chunk_id=c, name=i.key, blob=i.sha256, offset=c * CHUNK, total=i.size,
+                        data=bytes(chunk(blobs[i.key], c)), sha256=sha256(chunk(blobs[i.key], c)))
+              for i in infos for c in range(i.chunks)]
+    return assign, chunks
+
+
+def load(weights, seconds_per_chunk: float):
+    blobs = {"layer:0": pack_layer(0, weights.layers[0]), "layer:1": pack_layer(1, weights.layers[1]),
+             "head": pack_head(weights.head)}
+    assign, chunks = assignment(blobs)
+    tab = TabWorker("t", backend="numpy")
+    now = [100.0]
+    tab.clock = lambda: now[0]
+    first = tab.handle(assign)
+    out = []
+    for m in chunks:
+        now[0] += seconds_per_chunk
+        out += tab.handle(wire.decode(wire.encode(m)))
+    return blobs, first, chunks, out, now[0] - 100.0
+
+
+def test_assignment_reports_what_it_needs(small_chunks, weights):
+    blobs, first, *_ = load(weights, 0.0)
+    total = sum(map(len, blobs.values()))
+    assert first == [wire.make("load_progress", layer=0, received_bytes=0, total_bytes=total)]
+
+
+def test_progress_per_blob_when_chunks_come_fast(small_chunks, weights):
+    blobs, _, chunks, out, _ = load(weights, 0.0)
+    progress = [m for m in out if m["type"] == "load_progress"]
+    assert len(chunks) > 60 and len(progress) == len(blobs)  # one per completed blob, none per chunk
+    sizes = list(map(len, blobs.values()))
+    assert [p["received_bytes"] for p in progress] == [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    assert [p["layer"] for p in progress] == [0, 1, 1]  # the head keeps the last layer, as in worker.js
+    assert [m["type"] for m in out[-2:]] == ["load_progress", "ready"]  # 100% first, then ready
+    for p in progress:
+        assert wire.decode(wire.encode(p)) == p  # the MESSAGES schema accepts it
+
+
+def test_progress_between_blobs_at_most_every_interval(small_chunks, weights):
+    step = 0.01
+    blobs, _, chunks, out, elapsed = load(weights, step)
+    progress = [m for m in out if m["type"] == "load_progress"]
+    received = [p["received_bytes"] for p in progress]
+    assert received == sorted(received) and received[-1] == progress[-1]["total_bytes"] == sum(map(len, blobs.values()))
+    boundaries = set(itertools.accumulate(map(len, blobs.values())))
+    timed = [r for r in received if r not in boundaries]
+    assert len(timed) >= int(elapsed / PROGRESS_S) - len(blobs)  # mid-blob reports keep coming...
+    assert len(progress) <= len(blobs) + elapsed / PROGRESS_S + 1  # ...but no faster than the interval
+    assert len(progress) < len(chunks) / 10
+
+
+def test_coordinator_and_dashboard_take_the_reports(small_chunks, weights):
+    net = Net(weights, CoordinatorSettings(max_ctx=256))
+    conn = net.add_worker()
+    ticks = itertools.count()
+    net.workers[conn].clock = lambda: next(ticks) * 0.05
+    sent, up = [], net.to_coordinator
+    net.to_coordinator = lambda c, m: (sent.append(m) if m["type"] == "load_progress" else None, up(c, m))
+    feed = DashboardFeed()
+    net.run()
+    net.advance(0.5)
+    assert net.core.stages and all(s.primary in s.ready for s in net.core.stages)
+    chunks = sum(i.chunks for i in net.core.blob_info.values())
+    assert 0 < len(sent) < chunks / 4
+    for m in sent:
+        feed.observe_message(conn, m, net.now)
+    w = net.core.workers[net.core.conn_worker[conn]]
+    last = {k: sent[-1][k] for k in ("layer", "received_bytes", "total_bytes")}
+    assert w.state == "ready" and w.load_progress == last and last["received_bytes"] == last["total_bytes"]
+    assert net.core.counters["protocol_errors"] == 0 and not net.closed
+    assert feed.load_progress[conn] == (last["received_bytes"], last["total_bytes"])
