@@ -230,6 +230,33 @@ def profile(weights: ModelWeights, steps: int = 100) -> None:
     print(f"profile: empty submit + readback round trip p50 {med(wait_only):.3f} ms", flush=True)
     plan_t = med(lambda: be.dev.plan([*be._layer_ops, *be._head_launchers("h", 1)], 1), 20)
     print(f"profile: building the plan (what each step cost before plans) p50 {plan_t:.3f} ms", flush=True)
+    kernel_breakdown(be, rows_plan)
+
+
+def kernel_breakdown(be, rows_plan: list, reps: int = 30) -> None:
+    """GPU time of each kernel's share of a decode step: that kernel's dispatches alone, `reps`
+    steps' worth submitted back to back, one wait (in-stream copies left out). The shares add
+    up to more than a full step when dispatches overlap in the full one."""
+    groups: dict[str, list] = {}
+    for item in rows_plan:
+        if item.__class__ is tuple:
+            groups.setdefault(item[5].label or "?", []).append(item)
+
+    def gpu_ms(plan):
+        be.dev.execute(plan)
+        be.dev.device._poll_wait()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            be.dev.execute(plan)
+        be.dev.device._poll_wait()
+        return (time.perf_counter() - t0) * 1000 / reps
+
+    empty = gpu_ms([])
+    full = gpu_ms([i for i in rows_plan if i.__class__ is tuple])
+    print(f"profile: kernels: full step {full:.3f} ms GPU-bound, empty submit {empty:.3f} ms", flush=True)
+    for label, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        t = gpu_ms(items)
+        print(f"profile: kernel {label:40s} x{len(items):3d}  {t:.3f} ms/step  {1000 * (t - empty) / len(items):.1f} us each", flush=True)
 
 
 def main() -> None:

@@ -6,14 +6,21 @@
 // reads KV head h / (n_heads / n_kv). Scores are scaled by 1/sqrt(head_dim) (p.scale).
 //
 // Keys go in chunks of WG: each thread scores one key of the chunk into workgroup memory;
-// then the threads split into PARTS parts of HEAD_DIM threads, part j taking a 1/PARTS slice
-// of the chunk and thread d of it the output dimension d, with an online softmax (running
-// max and sum, rescaled when the max grows). At the end the parts' partial results combine.
+// then the threads split into PARTS parts of LANES = HEAD_DIM / 4 threads, part j taking a
+// 1/PARTS slice of the chunk and lane l of it output dimensions 4l..4l+3 (V read as vec4),
+// with an online softmax (running max and sum, rescaled when the max grows). The walk over a
+// part's keys is the serial path (each step waits on a V load): vec4 lanes make parts 4x
+// more numerous and walks 4x shorter than a thread per dimension would. At the end the parts'
+// partial results fold pairwise in workgroup memory (half the parts at a time: the folding
+// buffer is half the size a one-shot combine would need, which keeps WG = 1024 inside
+// WebGPU's default 16 KiB of workgroup storage).
 // Only finite sentinels are used (-3e38, not -inf): shader compilers may assume no infinities.
 
-override WG: u32 = 256u;                // keys per chunk; at least HEAD_DIM
+override WG: u32 = 256u;                // keys per chunk; at least HEAD_DIM / 4
 override HEAD_DIM: u32 = 64u;           // a multiple of 4
-override PARTS: u32 = WG / HEAD_DIM;
+override LANES: u32 = HEAD_DIM / 4u;
+override PARTS: u32 = WG / LANES;
+override KEYS_PER_PART: u32 = (WG + PARTS - 1u) / PARTS;
 
 struct Params {
   n_heads: u32,
@@ -30,16 +37,16 @@ struct Params {
 @group(0) @binding(2) var<storage, read> positions: array<u32>;
 @group(0) @binding(3) var<storage, read> slots: array<u32>;
 @group(0) @binding(4) var<storage, read> k_cache: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> v_cache: array<f32>;
+@group(0) @binding(5) var<storage, read> v_cache: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
 const NONE = -3.0e38;
 
-var<workgroup> q_head: array<vec4<f32>, HEAD_DIM / 4u>;
+var<workgroup> q_head: array<vec4<f32>, LANES>;
 var<workgroup> scores: array<f32, WG>;
-var<workgroup> part_max: array<f32, PARTS>;
-var<workgroup> part_sum: array<f32, PARTS>;
-var<workgroup> part_acc: array<f32, WG>;
+var<workgroup> fold_max: array<f32, (PARTS + 1u) / 2u>;
+var<workgroup> fold_sum: array<f32, (PARTS + 1u) / 2u>;
+var<workgroup> fold_acc: array<vec4<f32>, (PARTS + 1u) / 2u * LANES>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -48,35 +55,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let kv_head = head / (p.n_heads / p.n_kv);
   let n_keys = positions[r] + 1u;
   let first_key = (slots[r] * p.n_kv + kv_head) * p.ctx;  // cache row of position 0
-  if (t < HEAD_DIM / 4u) {
+  if (t < LANES) {
     let at = r * p.q_stride + p.q_col + head * HEAD_DIM + 4u * t;
     q_head[t] = vec4<f32>(q[at], q[at + 1u], q[at + 2u], q[at + 3u]) * p.scale;
   }
   workgroupBarrier();
 
-  let d = t % HEAD_DIM;
-  let part = t / HEAD_DIM;
-  let keys_per_part = WG / PARTS;
+  let lane = t % LANES;
+  let part = t / LANES;
   var run_max = NONE;
   var run_sum = 0.0;
-  var acc = 0.0;
+  var acc = vec4<f32>(0.0);
   let chunks = (n_keys + WG - 1u) / WG;
   for (var c = 0u; c < chunks; c++) {
     let chunk_start = c * WG;
     let key = chunk_start + t;
     var s = NONE;
     if (key < n_keys) {
-      let kbase = (first_key + key) * (HEAD_DIM / 4u);
+      let kbase = (first_key + key) * LANES;
       var dot4 = vec4<f32>(0.0);
-      for (var i = 0u; i < HEAD_DIM / 4u; i++) {
+      for (var i = 0u; i < LANES; i++) {
         dot4 += q_head[i] * k_cache[kbase + i];
       }
       s = dot4.x + dot4.y + dot4.z + dot4.w;
     }
     scores[t] = s;
     workgroupBarrier();
-    let lo = part * keys_per_part;
-    let hi = min(lo + keys_per_part, n_keys - chunk_start);
+    let lo = part * KEYS_PER_PART;
+    let hi = min(lo + KEYS_PER_PART, min(WG, n_keys - chunk_start));
     if (part < PARTS && lo < hi) {
       var chunk_max = NONE;
       for (var j = lo; j < hi; j++) {
@@ -89,33 +95,47 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       for (var j = lo; j < hi; j++) {
         let w = exp(scores[j] - new_max);
         run_sum += w;
-        acc += w * v_cache[(first_key + chunk_start + j) * HEAD_DIM + d];
+        acc += w * v_cache[(first_key + chunk_start + j) * LANES + lane];
       }
       run_max = new_max;
     }
     workgroupBarrier();  // before the next chunk overwrites `scores`
   }
 
-  if (part < PARTS) {
-    part_acc[part * HEAD_DIM + d] = acc;
-    if (d == 0u) {
-      part_max[part] = run_max;
-      part_sum[part] = run_sum;
+  // fold parts [half, n) into [0, n - half) until one is left (a part that saw no key has
+  // run_max = NONE and run_sum = 0: its weight exp(NONE - m) is 0)
+  var n = PARTS;
+  loop {
+    if (n <= 1u) {
+      break;
     }
+    let half = (n + 1u) / 2u;
+    if (part >= half && part < n) {
+      fold_acc[(part - half) * LANES + lane] = acc;
+      if (lane == 0u) {
+        fold_max[part - half] = run_max;
+        fold_sum[part - half] = run_sum;
+      }
+    }
+    workgroupBarrier();
+    if (part < n - half) {
+      let other_max = fold_max[part];
+      let m = max(run_max, other_max);
+      let a = exp(run_max - m);
+      let b = exp(other_max - m);
+      run_sum = run_sum * a + fold_sum[part] * b;
+      acc = acc * a + fold_acc[part * LANES + lane] * b;
+      run_max = m;
+    }
+    workgroupBarrier();
+    n = half;
   }
-  workgroupBarrier();
-  if (t < HEAD_DIM) {
-    var m = NONE;
-    for (var j = 0u; j < PARTS; j++) {
-      m = max(m, part_max[j]);
-    }
-    var total = 0.0;
-    var o = 0.0;
-    for (var j = 0u; j < PARTS; j++) {
-      let w = exp(part_max[j] - m);
-      total += part_sum[j] * w;
-      o += part_acc[j * HEAD_DIM + t] * w;
-    }
-    out[r * p.out_stride + head * HEAD_DIM + t] = o / total;
+  if (part == 0u) {
+    let o = acc / run_sum;
+    let at = r * p.out_stride + head * HEAD_DIM + 4u * lane;
+    out[at] = o.x;
+    out[at + 1u] = o.y;
+    out[at + 2u] = o.z;
+    out[at + 3u] = o.w;
   }
 }

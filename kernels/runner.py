@@ -748,7 +748,7 @@ class RopeKvStore(Launcher):
 
 class Attention(Launcher):
     def __init__(self, dev: Device, q, q_stride: int, q_col: int, positions, slots, k_cache, v_cache,
-                 out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int):
+                 out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int, wg: int | None = None):
         if head_dim % 4 or n_heads % n_kv:
             raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
         # keys scored per chunk: a GPU wants many threads; a CPU rasteriser pays for every
@@ -756,9 +756,9 @@ class Attention(Launcher):
         # serial part is one walk of up to WG / PARTS = head_dim keys per chunk, each waiting
         # on a V load: 1024 threads make one chunk (and one walk) of the first 1024 positions
         # instead of one per 256 (H100 decode at 256-384 positions: 2 walks -> 1 per layer)
-        wg = dev.workgroup_size(1024 if dev.is_real_gpu() else max(64, head_dim))
-        if head_dim > wg:
-            raise LimitError(f"head_dim {head_dim} exceeds the workgroup size {wg}")
+        wg = wg or dev.workgroup_size(1024 if dev.is_real_gpu() else max(64, head_dim))
+        if head_dim // 4 > wg:
+            raise LimitError(f"head_dim {head_dim} needs {head_dim // 4} invocations; the workgroup size is {wg}")
         self.n_heads = n_heads
         self.launch = Launch(dev, "attention", {"WG": wg, "HEAD_DIM": head_dim},
                              [q, positions, slots, k_cache, v_cache, out],

@@ -286,7 +286,7 @@ def test_rope(dev, rng, head_dim):
     np.testing.assert_array_equal(got[:, :x_col], x[:, :x_col])
 
 
-def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions):
+def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions, wg=None):
     """sessions: [(slot, start_pos, length, cached)]: each writes rows at [start, start+length)
     into its slot over `cached` random positions already there; returns got, want."""
     n_slots = max(s for s, *_ in sessions) + 1
@@ -300,7 +300,7 @@ def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions):
     kb, vb, out = dev.upload(k_cache), dev.upload(v_cache), dev.buffer(rows * q_dim * 4)
     pb, sb, qb = dev.upload(positions), dev.upload(slots), dev.upload(qkv)
     ops = [R.KvStore(dev, qb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx),
-           R.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx)]
+           R.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx, wg=wg)]
     dev.run(ops, rows)
     got = dev.read(out, count=rows * q_dim).reshape(rows, q_dim)
     want, r = [], 0
@@ -340,6 +340,16 @@ def test_silu_gate_and_residual_add(dev, rng):
     yb = dev.upload(y)
     dev.run([R.ResidualAdd(dev, dev.upload(x), n + 2, yb, n, n)], rows)
     np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.residual_add(y, x[:, :n]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("wg", [16, 64, 256, 1024])
+@pytest.mark.parametrize("head_dim", [8, 20, 64])
+def test_attention_every_workgroup_size(dev, rng, wg, head_dim):
+    """Parts of LANES = head_dim / 4 threads fold pairwise: odd part counts (head_dim 20 at
+    WG 64: 12 parts, 4 idle threads), one part (WG 16, head_dim 64), 256 parts."""
+    sessions = [(1, 0, 3, 0), (0, 1500, 1, 1500), (2, 37, 2, 40)]
+    got, want, *_ = _attention_case(dev, rng, 6, 2, head_dim, 1600, sessions, wg=min(wg, dev.workgroup_size(wg)))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("wg", [64, 1024])
