@@ -1,45 +1,41 @@
 """Weight blobs: one self-describing, checksummed byte string per layer (and one for the head).
 
-A blob is a plain msgpack map (tensors in the wire format's tensor encoding), so the browser
-decodes it with the same codec as every message. Its sha256 is its identity: a tab that
-already holds a blob with that hash (in memory, or in the browser's Cache API) skips the
-download. Blobs travel in chunks of CHUNK_BYTES, each with its own sha256.
+A blob is a plain msgpack map that the wire codec writes and reads (tabshard/wire.py: its
+tensor encoding, its zero-copy reader), so the browser decodes it with the same codec as every
+message. Its sha256 is its identity: a tab that already holds a blob with that hash (in memory,
+or in the browser's Cache API) skips the download. Blobs travel in chunks of CHUNK_BYTES, each
+with its own sha256.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 
 from kernels.quant import QuantSpec, QuantTensor
 from tab_worker.engine_types import HeadWeights, LayerWeights
+from tabshard import wire
 
 CHUNK_BYTES = 1 << 20
-_DTYPES = {"f32": np.float32, "u32": np.uint32}
+# What a blob may hold: wire's limits, with tensors of any size (a 7B head is 32000 x 4096) in
+# the two dtypes a backend takes, and frames as large as the biggest layer
+BLOB_LIMITS = wire.Limits(max_frame_bytes=1 << 40, max_tensor_elements=1 << 40,
+                          allowed_dtypes=frozenset({"f32", "u32"}))
 
 
 class BlobError(ValueError):
     """A weight blob or chunk that is corrupt or does not describe what it claims."""
 
 
-def _tensor(a: np.ndarray) -> dict:
-    a = np.ascontiguousarray(a)
-    name = {np.dtype(np.float32): "f32", np.dtype(np.uint32): "u32"}[a.dtype]
-    return {"__t": name, "s": list(a.shape), "b": a.data.cast("B")}
-
-
-def _array(d: dict) -> np.ndarray:
-    try:
-        arr = np.frombuffer(d["b"], dtype=_DTYPES[d["__t"]])
-        return arr.reshape(d["s"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BlobError(f"bad tensor in weight blob: {exc}") from None
+def _array(a) -> np.ndarray:
+    if not isinstance(a, np.ndarray):  # wire.decode made every tensor map an array
+        raise BlobError(f"bad tensor in weight blob: a {type(a).__name__}")
+    return a
 
 
 def _quant(t: QuantTensor) -> dict:
-    return {"spec": t.spec.name, "n": t.n, "k": t.k, "q": _tensor(t.qweight), "s": _tensor(t.scales)}
+    return {"spec": t.spec.name, "n": t.n, "k": t.k, "q": t.qweight, "s": t.scales}
 
 
 def _unquant(d: dict) -> QuantTensor:
@@ -47,46 +43,20 @@ def _unquant(d: dict) -> QuantTensor:
 
 
 def pack_layer(index: int, w: LayerWeights) -> bytes:
-    body = {"kind": "layer", "index": index, "attn_norm": _tensor(w.attn_norm), "ffn_norm": _tensor(w.ffn_norm)}
+    body = {"kind": "layer", "index": index, "attn_norm": w.attn_norm, "ffn_norm": w.ffn_norm}
     body.update({m: _quant(getattr(w, m)) for m in LayerWeights.MATRICES})
-    return msgpack.packb(body, use_bin_type=True)
+    return wire.encode(body, validate=False)
 
 
 def pack_head(h: HeadWeights) -> bytes:
-    return msgpack.packb({"kind": "head", "output_norm": _tensor(h.output_norm), "output": _quant(h.output)}, use_bin_type=True)
-
-
-_BIN_HEADER = {0xC4: 2, 0xC5: 3, 0xC6: 5}  # msgpack bin8/16/32: type byte + length bytes
-
-
-def _read_views(u: msgpack.Unpacker, data: memoryview):
-    """One msgpack value whose bins come back as views of `data` (tell() is the offset of the
-    next value); maps are walked, anything else is unpacked as usual."""
-    first = data[u.tell()]
-    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
-        out = {}
-        for _ in range(u.read_map_header()):
-            key = u.unpack()
-            out[key] = _read_views(u, data)
-        return out
-    if first in _BIN_HEADER:
-        start = u.tell()
-        u.skip()
-        return data[start + _BIN_HEADER[first]:u.tell()]
-    return u.unpack()
+    return wire.encode({"kind": "head", "output_norm": h.output_norm, "output": _quant(h.output)}, validate=False)
 
 
 def unpack_blob(data: bytes, zero_copy: bool = False) -> tuple[str, int | None, LayerWeights | HeadWeights]:
     """zero_copy: tensors are read-only views of `data` (which they keep alive) instead of
     copies, so a worker that keeps the blob holds its weights once, not twice."""
     try:
-        if zero_copy:
-            import io
-
-            u = msgpack.Unpacker(io.BytesIO(data), raw=False, max_buffer_size=max(len(data), 1 << 20))
-            body = _read_views(u, memoryview(data))
-        else:
-            body = msgpack.unpackb(data, raw=False)
+        body = wire.decode(data, BLOB_LIMITS, validate=False, zero_copy=zero_copy, view_min_bytes=0)
         if body["kind"] == "layer":
             w = LayerWeights(
                 attn_norm=_array(body["attn_norm"]).copy(), ffn_norm=_array(body["ffn_norm"]).copy(),
@@ -97,7 +67,7 @@ def unpack_blob(data: bytes, zero_copy: bool = False) -> tuple[str, int | None, 
             return "head", None, HeadWeights(output_norm=_array(body["output_norm"]).copy(), output=_unquant(body["output"]))
     except BlobError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # wire.ProtocolError for bad bytes, KeyError/ValueError for a bad layout
         raise BlobError(f"weight blob does not decode: {type(exc).__name__}: {exc}") from None
     raise BlobError(f"weight blob of unknown kind {body.get('kind')!r}")
 

@@ -337,7 +337,7 @@ _SCALAR_TYPES = (type(None), bool, int, float, str, bytes, memoryview)
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = True,
-           zero_copy: bool | None = None) -> dict:
+           zero_copy: bool | None = None, view_min_bytes: int = SPLICE_MIN_BYTES) -> dict:
     """One frame -> one message dict, tensors as read-only numpy arrays. Raises ProtocolError and
     nothing else, for any input.
 
@@ -346,6 +346,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = Tru
     size against ZERO_COPY_MIN_BYTES; True the zero-copy reader, whose tensors and big bins are
     views of ``data`` (do not modify ``data`` while the message is in use), unless the frame has
     too many items for it; False msgpack's C unpacker. All accept and refuse the same frames.
+    ``view_min_bytes``: the zero-copy reader's smallest bin read as a view (smaller ones are
+    copied); 0 views every bin, for a frame whose every part is kept as long as the frame is.
     """
     try:
         frame = memoryview(data)
@@ -357,7 +359,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, validate: bool = Tru
                             f"frame of {size} bytes exceeds the limit of {limits.max_frame_bytes}")
     if zero_copy is None:
         zero_copy = size >= ZERO_COPY_MIN_BYTES
-    msg = _unpack_zero_copy(frame, limits) if zero_copy else _unpack_copying(data, limits)
+    msg = _unpack_zero_copy(frame, limits, view_min_bytes) if zero_copy else _unpack_copying(data, limits)
     if type(msg) is not dict:
         raise ProtocolError("malformed", f"a message must be a map, got {type(msg).__name__}")
     _decode_tree(msg, "", 1, limits)
@@ -395,7 +397,7 @@ def _deeper_than_msgpack_stack() -> ProtocolError:
     return ProtocolError("too_deep", "nested deeper than msgpack's own stack")
 
 
-def _unpack_zero_copy(frame: memoryview, limits: Limits) -> Any:
+def _unpack_zero_copy(frame: memoryview, limits: Limits, view_min_bytes: int = SPLICE_MIN_BYTES) -> Any:
     """The zero-copy reader, or the C unpacker for a frame with too many items to be worth it."""
     try:
         if frame.format != "B" or frame.ndim != 1:
@@ -403,7 +405,7 @@ def _unpack_zero_copy(frame: memoryview, limits: Limits) -> Any:
         # A budget of items keeps a hostile big frame of tiny items (64 MB of nils) from costing
         # much more here than in C: past it, C decodes the frame, with the same outcome.
         max_items = _READER_MIN_ITEMS + frame.nbytes // _READER_BYTES_PER_ITEM
-        return _read_msgpack(frame.toreadonly(), limits, max_items)
+        return _read_msgpack(frame.toreadonly(), limits, max_items, view_min_bytes)
     except _TooManyItems:
         return _unpack_copying(frame, limits)
     except ProtocolError:
@@ -442,10 +444,10 @@ _FIXEXT_LENGTH = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
 _NO_KEY = object()  # an open map waiting for its next key
 
 
-def _read_msgpack(buf: memoryview, limits: Limits, max_items: int) -> Any:
+def _read_msgpack(buf: memoryview, limits: Limits, max_items: int, view_min_bytes: int = SPLICE_MIN_BYTES) -> Any:
     """Decodes one msgpack object from ``buf`` (read-only bytes) as msgpack's C unpacker does with
     decode's options, and refuses what it refuses, at the same point and with the same code. The
-    difference: bins of at least SPLICE_MIN_BYTES come back as memoryview slices of ``buf``.
+    difference: bins of at least ``view_min_bytes`` come back as memoryview slices of ``buf``.
 
     One loop, no recursion: read one object; if it is a non-empty map or array, open it and read
     its first item; else hand it to the innermost open container, closing each container it fills.
@@ -519,7 +521,7 @@ def _read_msgpack(buf: memoryview, limits: Limits, max_items: int) -> Any:
                 except UnicodeDecodeError as err:
                     raise ProtocolError("malformed", f"not a valid msgpack frame: {err}") from None
             elif kind is _BIN:
-                value = buf[start:pos] if length >= SPLICE_MIN_BYTES else bytes(buf[start:pos])
+                value = buf[start:pos] if length >= view_min_bytes else bytes(buf[start:pos])
             else:
                 value = _ext_value(buf[start], buf[start + 1:pos])
 

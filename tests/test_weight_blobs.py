@@ -1,0 +1,62 @@
+"""Weight blobs go through the wire codec (tabshard/wire.py) and keep their format: the bytes are
+the msgpack map of the wire's tensor encoding spelled out by hand here (a blob's sha256 is its
+identity: tabs cache blobs by it), zero-copy unpacking views every tensor, and bad blobs are
+BlobErrors."""
+import msgpack
+import numpy as np
+import pytest
+
+from tab_worker.engine_types import LayerWeights
+from tab_worker.weights import BlobError, pack_head, pack_layer, unpack_blob
+from tests.tiny_model import tiny_weights
+
+
+def by_hand(a: np.ndarray) -> dict:
+    return {"__t": {np.dtype(np.float32): "f32", np.dtype(np.uint32): "u32"}[a.dtype], "s": list(a.shape),
+            "b": np.ascontiguousarray(a).tobytes()}
+
+
+def quant_by_hand(t) -> dict:
+    return {"spec": t.spec.name, "n": t.n, "k": t.k, "q": by_hand(t.qweight), "s": by_hand(t.scales)}
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights()
+
+
+def test_blob_bytes_are_the_wire_tensor_maps(weights):
+    lw = weights.layers[3]
+    body = {"kind": "layer", "index": 3, "attn_norm": by_hand(lw.attn_norm), "ffn_norm": by_hand(lw.ffn_norm)}
+    body.update({m: quant_by_hand(getattr(lw, m)) for m in LayerWeights.MATRICES})
+    assert pack_layer(3, lw) == msgpack.packb(body)
+    h = weights.head
+    assert pack_head(h) == msgpack.packb({"kind": "head", "output_norm": by_hand(h.output_norm), "output": quant_by_hand(h.output)})
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_unpack_round_trips_and_views_only_when_asked(weights, zero_copy):
+    lw = weights.layers[1]
+    blob = pack_layer(1, lw)
+    kind, index, got = unpack_blob(blob, zero_copy=zero_copy)
+    assert (kind, index) == ("layer", 1)
+    buf = np.frombuffer(blob, np.uint8)
+    for m in LayerWeights.MATRICES:
+        a, b = getattr(lw, m), getattr(got, m)
+        assert (a.spec, a.n, a.k) == (b.spec, b.n, b.k)
+        for x, y in ((a.qweight, b.qweight), (a.scales, b.scales)):
+            assert x.dtype == y.dtype and np.array_equal(x, y) and not y.flags.writeable
+            assert np.shares_memory(y, buf) == zero_copy  # every tensor, however small
+    assert np.array_equal(got.attn_norm, lw.attn_norm) and got.attn_norm.flags.writeable  # norms are copies
+    kind, _, head = unpack_blob(pack_head(weights.head), zero_copy=zero_copy)
+    assert kind == "head" and np.array_equal(head.output.qweight, weights.head.output.qweight)
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_bad_blobs_are_blob_errors(weights, zero_copy):
+    good = pack_layer(0, weights.layers[0])
+    f64 = msgpack.packb({"kind": "head", "output_norm": {"__t": "f64", "s": [1], "b": bytes(8)}, "output": {}})
+    not_tensor = msgpack.packb({"kind": "head", "output_norm": 3, "output": {}})
+    for bad in (b"", b"\x80", good[:-3], good + b"\x00", f64, not_tensor, msgpack.packb({"kind": "tail"})):
+        with pytest.raises(BlobError):
+            unpack_blob(bad, zero_copy=zero_copy)
