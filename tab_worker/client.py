@@ -23,6 +23,7 @@ from tabshard.errors import TabshardError
 
 log = logging.getLogger("tabshard.worker")
 MAX_FRAME = 64 << 20
+NAME_MISMATCH = {62, 64}  # OpenSSL: X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 class WorkerConnection:
@@ -53,8 +54,9 @@ class WorkerConnection:
                     backoff = 0.1
                     await self._session(ws)
             except ssl.SSLCertVerificationError as exc:  # permanent: retrying cannot fix trust
-                raise TabshardError(f"{self.url}: certificate verify failed ({exc.verify_message}): pass --cafile "
-                                    "with the coordinator's certificate (PEM) to trust it") from None
+                hint = ("connect to a host name or address that the certificate names" if exc.verify_code in NAME_MISMATCH
+                        else "pass --cafile with the coordinator's certificate (PEM) to trust it")
+                raise TabshardError(f"{self.url}: certificate verify failed ({exc.verify_message}): {hint}") from None
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
                 log.info("connection to %s lost: %s", self.url, exc)
             self.connected.clear()

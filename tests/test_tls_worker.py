@@ -148,3 +148,34 @@ def test_every_url_shown_says_https_and_wss(tls):
     assert r.content == svg(tab) != svg(tab.replace("https", "http"))
     assert join_url("127.0.0.1", 8443, "t", "https") == "https://127.0.0.1:8443/tab?token=t"
     assert join_url("0.0.0.0", 8443, "t", "https").startswith("https://")
+
+
+def test_certificate_for_another_name_says_so(tmp_path):
+    """A trusted certificate that does not name the host connected to: the hint is the name, not --cafile."""
+    import shutil
+
+    from tab_worker.client import WorkerConnection
+    from tab_worker.worker import TabWorker
+    from tabshard.errors import TabshardError
+
+    certfile, keyfile = tmp_path / "other.pem", tmp_path / "other.key"
+    subprocess.run([shutil.which("openssl") or pytest.skip("no openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(keyfile), "-out", str(certfile), "-days", "1",
+                    "-subj", "/CN=elsewhere.invalid", "-addext", "subjectAltName=DNS:elsewhere.invalid"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certfile, keyfile)
+
+    async def go():
+        server = await websockets.serve(lambda ws: ws.wait_closed(), "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            conn = WorkerConnection(TabWorker("t", backend="numpy"), f"wss://127.0.0.1:{port}/ws/worker", cafile=str(certfile))
+            with pytest.raises(TabshardError) as err:
+                await asyncio.wait_for(conn.run(), 30)
+            return str(err.value)
+        finally:
+            server.close()
+
+    message = asyncio.run(go())
+    assert "certificate verify failed" in message and "that the certificate names" in message and "--cafile" not in message
