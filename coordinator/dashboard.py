@@ -48,7 +48,6 @@ class DashboardFeed:
         self.last_token: dict[str, float] = {}  # request id -> time of its last token
         self.first_token: dict[str, tuple[float, int]] = {}  # request id -> (first token time, tokens)
         self.created: dict[str, float] = {}
-        self.load_progress: dict[str, tuple[int, int]] = {}  # connection -> (received, total) bytes
         self.version = 0  # bumped on every observed change
         self._waiters: set[asyncio.Event] = set()
 
@@ -92,8 +91,6 @@ class DashboardFeed:
             self.touch()
 
     def observe_message(self, conn: str, m: dict, now: float) -> None:
-        if m.get("type") == "load_progress":
-            self.load_progress[conn] = (int(m["received_bytes"]), int(m["total_bytes"]))
         if m.get("type") != "heartbeat":
             self.touch()
 
@@ -140,8 +137,8 @@ class DashboardFeed:
             elif state == "ready" and w["worker_id"] in busy:
                 state = "busy"
             progress = None
-            if state == "loading" and rec is not None:
-                got, total = self.load_progress.get(rec.conn, (0, 0))
+            if state == "loading":  # the worker's last load_progress report (Coordinator keeps it)
+                got, total = (w.get("load_progress") or {}).get("received_bytes", 0), (w.get("load_progress") or {}).get("total_bytes", 0)
                 progress = round(got / total, 3) if total else None
             if w["local"]:
                 kind = "coordinator (local compute)"

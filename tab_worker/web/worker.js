@@ -16,6 +16,7 @@ const ROLE = new URL(import.meta.url).searchParams.get("role") || "socket";
 export const EXPANSION = { webgpu: 2.3, wasm: 2.5, js: 2.5 };
 const CACHE_NAME = "tabshard-weights-v1";
 const CACHE_PREFIX = "/tabshard-blob/";
+const PROGRESS_EVERY_MS = 250;
 
 // ====================================================================== capabilities
 export function browserInfo(nav = navigator) {
@@ -276,7 +277,13 @@ export class TabWorker {
       this.progress.received += m.data.byteLength;
       const key = asm.info.key;
       if (key.startsWith("layer:")) this.progress.layer = Number(key.slice(6));
-      let out = [make("weights_ack", { chunk_id: m.chunk_id, ok: true, blob: asm.info.sha256 }), this._load_progress()];
+      let out = [make("weights_ack", { chunk_id: m.chunk_id, ok: true, blob: asm.info.sha256 })];
+      // progress at a bounded rate, as the Python worker: each completed blob, else every 250 ms
+      const now = performance.now();
+      if (asm.complete || !(now - this._progress_at < PROGRESS_EVERY_MS)) {
+        this._progress_at = now;
+        out.push(this._load_progress());
+      }
       if (asm.complete) {
         const data = await asm.result();
         this.blobs.set(asm.info.sha256, data);
