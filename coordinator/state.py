@@ -571,6 +571,7 @@ class Coordinator:
         if not w.loading:
             w.move("ready")
             w.load_deadline = None
+            w.load_progress = {}  # a later assignment's reports start afresh
         st = self.stages[stage_index] if stage_index < len(self.stages) else None
         layers = tuple(m.get("layers") or ())
         if st is None or w.worker_id not in st.holders or (layers and layers != (st.layer_start, st.layer_end)):
@@ -727,14 +728,18 @@ class Coordinator:
             w = self.workers[wid]
             if not w.alive:
                 continue
-            items, seen = [], set()
+            items, seen, rows = [], set(), 0
             rest = deque()
             while st.queue and len(items) < st.batch_limit:
                 it = st.queue.popleft()
-                if it.session_id in seen:  # one slice per session per step: KV order
+                # one slice per session per step (KV order); prompt rows only up to one prefill
+                # chunk per step, so a burst of new prompts cannot make a step of decode rows slow
+                if it.session_id in seen or (items and len(it.rows) > 1 and rows + len(it.rows) > self.settings.prefill_chunk):
+                    seen.add(it.session_id)
                     rest.append(it)
                     continue
                 seen.add(it.session_id)
+                rows += len(it.rows)
                 items.append(it)
             st.queue.extendleft(reversed(rest))
             out += self._send_step(st, w, items, now)
@@ -790,7 +795,8 @@ class Coordinator:
         w.steps += 1
         checks = self._maybe_spot_check(st, w, items, m, now)
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
-        self._adapt_batch(st, len(items), w.last_step_ms)
+        if all(len(i.rows) == 1 for i in items):  # prefill steps are long by nature: decode steps set the pace
+            self._adapt_batch(st, len(items), w.last_step_ms)
         if w.state == "suspect":
             w.move("ready")
         st.inflight = None
