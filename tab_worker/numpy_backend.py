@@ -105,11 +105,14 @@ class NumpyBackend:
         caches = [self._cache_for(s) for s in slices]
         positions = np.concatenate([np.arange(s.start_pos, s.start_pos + s.length) for s in slices]) if slices else np.zeros(0, np.int64)
         offsets = np.cumsum([0] + [s.length for s in slices])
+        tables = ref.rope_tables(positions, c.head_dim, c.rope_base)
+        n_qk = c.n_heads + c.n_kv_heads
         for li, layer in enumerate(self._layers):
             h = ref.rmsnorm(x, layer.attn_norm, c.rms_eps)
             qkv = h @ layer.w_qkv_t
-            q = ref.rope(qkv[:, : self._q_dim].reshape(-1, c.n_heads, c.head_dim), positions, c.rope_base)
-            k = ref.rope(qkv[:, self._q_dim : self._q_dim + self._kv_dim].reshape(-1, c.n_kv_heads, c.head_dim), positions, c.rope_base)
+            # q and k heads side by side: one rope over both, with the forward's tables
+            qk = ref.rope(qkv[:, : self._q_dim + self._kv_dim].reshape(-1, n_qk, c.head_dim), positions, c.rope_base, tables)
+            q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
             v = qkv[:, self._q_dim + self._kv_dim :].reshape(-1, c.n_kv_heads, c.head_dim)
             attn = np.empty((x.shape[0], c.n_heads, c.head_dim), np.float32)
             for si, (sl, cache) in enumerate(zip(slices, caches)):
