@@ -20,9 +20,20 @@ from coordinator.security import AccessGuard, RateLimit
 from coordinator.server import CoordinatorService
 from tabshard import wire
 from tabshard.errors import ConfigError
-from tabshard.sampling import SamplingParams
+from tabshard.sampling import CANDIDATES, SamplingParams
 
 MODEL_ID = "smollm2-135m-instruct"
+# numeric request fields: (type, default, lowest, highest), checked by `_num`; null means the
+# default. coordinator/openapi.py documents these very tables (GET /openapi.json).
+SAMPLING_FIELDS = {"temperature": (float, 1.0, 0.0, 2.0), "top_p": (float, 1.0, 0.0, 1.0),
+                   "top_k": (int, 0, 0, CANDIDATES), "seed": (int, None, 0, 2**64 - 1)}
+N_FIELD = (int, 1, 1, 1)
+DEFAULT_MAX_TOKENS = 256
+FLAGS = ("stream", "greedy")  # booleans (null: false)
+
+
+def max_tokens_field(limits) -> tuple:
+    return (int, min(DEFAULT_MAX_TOKENS, limits.max_output_tokens), 1, limits.max_output_tokens)
 
 
 class BadRequest(Exception):
@@ -43,6 +54,8 @@ def _num(body: dict, key: str, kind, default, lo=None, hi=None):
         return default
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
+    if kind is int and isinstance(v, float) and v.is_integer():
+        v = int(v)  # JSON has one number type: 2.0 is the integer 2
     if not isinstance(v, kind) or isinstance(v, bool):
         raise BadRequest(f"'{key}' must be a {kind.__name__}", key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -50,12 +63,24 @@ def _num(body: dict, key: str, kind, default, lo=None, hi=None):
     return v
 
 
+def _flag(body: dict, key: str) -> bool:
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise BadRequest(f"'{key}' must be a boolean", key)
+    return bool(v)
+
+
+def _text(s: str, param: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{param}' is not valid Unicode (it holds a lone surrogate)", param) from None
+    return s
+
+
 def sampling_from_body(body: dict) -> SamplingParams:
-    temperature = _num(body, "temperature", float, 1.0, 0.0, 2.0)
-    top_p = _num(body, "top_p", float, 1.0, 0.0, 1.0)
-    top_k = _num(body, "top_k", int, 0, 0, 64)
-    seed = _num(body, "seed", int, None)
-    greedy = bool(body.get("greedy", False)) or temperature == 0.0
+    temperature, top_p, top_k, seed = (_num(body, k, *rule) for k, rule in SAMPLING_FIELDS.items())
+    greedy = _flag(body, "greedy") or temperature == 0.0
     try:
         return SamplingParams(greedy=greedy, temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=top_k, seed=seed)
     except ConfigError as exc:
@@ -68,6 +93,8 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
 
     def check_admission(ids: list[int], param: str) -> None:
         """Refuse before any work: a prompt over the limit (400), or a full house (429, retry)."""
+        if not ids:
+            raise BadRequest("the prompt has no tokens (only characters the tokenizer drops)", param)
         if len(ids) > limits.max_prompt_tokens:
             raise BadRequest(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_tokens} are allowed", param)
         if len(service.core.sessions) >= limits.max_sessions:
@@ -83,7 +110,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise BadRequest(f"messages[{i}] needs string 'role' and 'content'", f"messages.{i}")
-            clean.append({"role": m["role"], "content": m["content"]})
+            clean.append({"role": _text(m["role"], f"messages.{i}.role"), "content": _text(m["content"], f"messages.{i}.content")})
         return tok.encode(tok.render_chat(clean))
 
     def prompt_ids_from_completion(body: dict) -> list[int]:
@@ -92,16 +119,17 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string", "prompt")
-        return tok.encode(prompt)
+        return tok.encode(_text(prompt, "prompt"))
 
     async def run_request(body: dict, chat: bool):
         if body.get("model") not in (None, model_id):
             raise BadRequest(f"model {body.get('model')!r} is not served here; use {model_id!r}", "model", 404)
         ids = prompt_ids_from_chat(body) if chat else prompt_ids_from_completion(body)
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _num(body, key, int, min(256, limits.max_output_tokens), 1, limits.max_output_tokens)
-        n = _num(body, "n", int, 1, 1, 1)
-        del n
+        max_tokens = _num(body, "max_tokens", *max_tokens_field(limits))
+        max_tokens = _num(body, "max_completion_tokens", int, max_tokens, *max_tokens_field(limits)[2:])
+        _num(body, "n", *N_FIELD)
+        for key in FLAGS:
+            _flag(body, key)
         params = sampling_from_body(body)
         check_admission(ids, "messages" if chat else "prompt")
         return service.open_request(ids, max_tokens, params)
@@ -125,7 +153,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             return {"prompt_tokens": client.prompt_tokens, "completion_tokens": len(client.tokens),
                     "total_tokens": client.prompt_tokens + len(client.tokens)}
 
-        if body.get("stream"):
+        if body.get("stream"):  # a boolean (run_request checked)
             async def events():
                 finished = False
                 try:
@@ -213,6 +241,11 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
     async def status(request: Request):
         return JSONResponse(service.status())
 
+    async def openapi(request: Request):
+        from coordinator.openapi import build_spec  # it reads this module's tables
+
+        return JSONResponse(build_spec(limits, model_id, api_key_required=bool(service.api_key)))
+
     async def worker_socket(ws: WebSocket):
         await ws.accept()
         await service.serve_worker(ws)
@@ -262,8 +295,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                             ids = prompt_ids_from_chat({"messages": m["messages"]})
                         else:
                             ids = prompt_ids_from_completion({"prompt": m.get("prompt")})
-                        max_tokens = _num({"max_tokens": m.get("max_tokens")}, "max_tokens", int, min(256, limits.max_output_tokens),
-                                          1, limits.max_output_tokens)
+                        max_tokens = _num({"max_tokens": m.get("max_tokens")}, "max_tokens", *max_tokens_field(limits))
                         check_admission(ids, "messages" if m.get("messages") else "prompt")
                         rid, client = service.open_request(ids, max_tokens, params)
                         active[m["request_id"]] = asyncio.create_task(pump(rid, client, m["request_id"]))
@@ -311,6 +343,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             Route("/v1/models", models),
             Route("/health", health),
             Route("/status", status),
+            Route("/openapi.json", openapi),
             WebSocketRoute("/ws/worker", worker_socket),
             WebSocketRoute("/v1/stream", token_stream),
         ],

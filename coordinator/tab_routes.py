@@ -67,7 +67,7 @@ def qr_text(url: str) -> str:
 def routes(service) -> list:
     def token_ok(request: Request) -> bool:
         given = request.query_params.get("token", "")
-        return not service.join_token or secrets.compare_digest(given, service.join_token)
+        return not service.join_token or secrets.compare_digest(given.encode(), service.join_token.encode())  # bytes: any text
 
     async def tab_page(request: Request):
         if not request.query_params.get("token"):

@@ -1,0 +1,280 @@
+"""The coordinator's HTTP API as an OpenAPI 3.1 document, served at GET /openapi.json.
+
+Built per server from the tables coordinator/app.py validates requests with (SAMPLING_FIELDS,
+N_FIELD, FLAGS, max_tokens_field) and the server's own limits (max_output_tokens,
+max_prompt_tokens), so the ranges it states are the ones enforced. WebSocket endpoints
+(/v1/stream, /ws/worker, /ws/dashboard) are not HTTP operations and are not described here.
+The API key is described as a header scheme only; its value never appears.
+
+tests/test_openapi_fuzz.py checks that every HTTP route of the app is described, and fuzzes
+the description against a running server with schemathesis.
+"""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from coordinator import app as api
+from coordinator.tab_routes import KERNEL_DIR
+
+JSON = "application/json"
+NULL = {"type": "null"}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _field(rule: tuple, description: str) -> dict:
+    """A JSON Schema for one `_num` rule (type, default, lowest, highest); null means the default."""
+    kind, default, lo, hi = rule
+    schema: dict = {"type": ["integer" if kind is int else "number", "null"], "description": description}
+    if lo is not None:
+        schema["minimum"] = lo
+    if hi is not None:
+        schema["maximum"] = hi
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
+    out = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _text(media: str, description: str) -> dict:
+    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def _generation_fields(limits, model_id: str) -> dict:
+    max_tokens = _field(api.max_tokens_field(limits), "tokens to generate at most (the server's max_output_tokens is "
+                                                       "the maximum; fewer where the context runs out)")
+    descriptions = {"temperature": "0 means greedy decoding", "top_p": "nucleus sampling mass (0 means 1)",
+                    "top_k": "sample among the k most likely tokens (0: all candidates)",
+                    "seed": "sampling seed: the same seed gives the same tokens",
+                    "stream": "true: the answer comes as server-sent events (text/event-stream)",
+                    "greedy": "true: always the most likely token (as temperature 0)"}
+    return {
+        "model": {"enum": [model_id, None], "description": "the one model served (optional)"},
+        "max_tokens": max_tokens,
+        "max_completion_tokens": {**max_tokens, "description": "the same as max_tokens, and wins over it"},
+        "n": _field(api.N_FIELD, "choices per request: only 1"),
+        **{k: _field(rule, descriptions[k]) for k, rule in api.SAMPLING_FIELDS.items()},
+        **{k: {"type": ["boolean", "null"], "default": False, "description": descriptions[k]} for k in api.FLAGS},
+    }
+
+
+def _schemas(limits, model_id: str) -> dict:
+    fields = _generation_fields(limits, model_id)
+    prompt_note = (f"At most {limits.max_prompt_tokens} prompt tokens (after the chat template) are accepted, and "
+                   "fewer where the model's context is shorter; a longer prompt, or one the tokenizer reduces to no "
+                   "tokens, is refused with 400 (error.param names the field). Fields not "
+                   "listed (stop, presence_penalty, user, ...) are accepted and ignored.")
+    usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+             "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    finish = {"enum": ["stop", "length"]}
+
+    def completion(obj: str, choice: dict, chunk: bool = False) -> dict:
+        """An answer, or one chunk of a streamed answer (only the last chunk has usage)."""
+        return {"type": "object", "required": ["id", "object", "created", "model", "choices"] + ([] if chunk else ["usage"]),
+                "properties": {"id": {"type": "string"}, "object": {"const": obj}, "created": {"type": "integer"},
+                               "model": {"const": model_id},
+                               "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": choice},
+                               "usage": _ref("Usage")}}
+
+    def event(answer_chunk: str) -> dict:
+        """One server-sent event: its data a JSON chunk, a JSON error, or the closing [DONE]."""
+        payload = {"anyOf": [_ref(answer_chunk), _ref("StreamError")]}
+        return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"}, {"type": "string", "contentMediaType": JSON, "contentSchema": payload}]}}}
+
+    stream_finish = {"enum": ["stop", "length", None]}
+    return {
+        "ChatCompletionChunk": completion("chat.completion.chunk", chunk=True, choice={
+            "type": "object", "required": ["index", "delta", "finish_reason"],
+            "properties": {"index": {"const": 0}, "finish_reason": stream_finish,
+                           "delta": {"type": "object", "properties": {"role": {"const": "assistant"},
+                                                                      "content": {"type": "string"}}}}}),
+        "TextCompletionChunk": completion("text_completion", chunk=True, choice={
+            "type": "object", "required": ["index", "text", "finish_reason"],
+            "properties": {"index": {"const": 0}, "text": {"type": "string"}, "finish_reason": stream_finish,
+                           "logprobs": NULL}}),
+        "StreamError": {
+            "type": "object", "required": ["error"], "description": "a failure after the stream began",
+            "properties": {"error": {"type": "object", "required": ["message", "type", "retriable"],
+                                     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                    "retriable": {"type": "boolean"}}}}},
+        "ChatCompletionEvent": event("ChatCompletionChunk"),
+        "TextCompletionEvent": event("TextCompletionChunk"),
+        "Error": {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {
+                "type": "object", "required": ["message", "type", "param", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"], "description": "the request field at fault"},
+                               "code": {"type": ["integer", "null"]}}}},
+        },
+        "ChatMessage": {
+            "type": "object", "required": ["role", "content"], "additionalProperties": True,
+            "properties": {"role": {"type": "string", "description": "system, user, assistant, ..."},
+                           "content": {"type": "string"}},
+        },
+        "ChatCompletionRequest": {
+            "type": "object", "required": ["messages"], "additionalProperties": True, "description": prompt_note,
+            "properties": {"messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")}, **fields},
+        },
+        "CompletionRequest": {
+            "type": "object", "required": ["prompt"], "additionalProperties": True, "description": prompt_note,
+            "properties": {"prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                                                {"type": "array", "minItems": 1, "maxItems": 1,
+                                                 "items": {"type": "string", "minLength": 1}}]}, **fields},
+        },
+        "Usage": usage,
+        "ChatCompletion": completion("chat.completion", {
+            "type": "object", "required": ["index", "message", "finish_reason"],
+            "properties": {"index": {"const": 0}, "finish_reason": finish, "logprobs": NULL,
+                           "message": {"type": "object", "required": ["role", "content"],
+                                       "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}}),
+        "TextCompletion": completion("text_completion", {
+            "type": "object", "required": ["index", "text", "finish_reason"],
+            "properties": {"index": {"const": 0}, "text": {"type": "string"}, "finish_reason": finish, "logprobs": NULL}}),
+        "ModelList": {
+            "type": "object", "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "object", "created", "owned_by"],
+                "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                               "owned_by": {"type": "string"}}}}},
+        },
+        "Health": {"type": "object", "required": ["ok", "workers"],
+                   "properties": {"ok": {"type": "boolean"}, "workers": {"type": "integer", "minimum": 0}}},
+        "Status": {
+            "type": "object", "description": "the shard map: stages, workers, sessions, counters, recent events",
+            "required": ["model", "plan_version", "degraded", "stages", "workers", "sessions", "counters", "events", "access"],
+            "properties": {"model": {"type": "object"}, "plan_version": {"type": "integer"}, "degraded": {"type": "boolean"},
+                           "stages": {"type": "array"}, "workers": {"type": "array"}, "sessions": {"type": "array"},
+                           "counters": {"type": "object"}, "events": {"type": "array"},
+                           "access": {"type": "object", "required": ["api_key_required", "join_token_required", "allowed_origins"],
+                                      "properties": {"api_key_required": {"type": "boolean"},
+                                                     "join_token_required": {"type": "boolean"},
+                                                     "allowed_origins": {"type": "array", "items": {"type": "string"}}}}},
+        },
+        "DashboardSnapshot": {
+            "type": "object",
+            "required": ["t", "model", "plan_version", "degraded", "workers", "stages", "sessions", "counters", "timeline", "series"],
+            "properties": {"t": {"type": "number"}, "model": {"type": "object"}, "plan_version": {"type": "integer"},
+                           "degraded": {"type": "boolean"}, "workers": {"type": "array"}, "stages": {"type": "array"},
+                           "sessions": {"type": "array"}, "counters": {"type": "object"}, "timeline": {"type": "array"},
+                           "series": {"type": "object"}},
+        },
+        "CompatMatrix": {"type": "object", "required": ["rows"], "properties": {"rows": {"type": "array"}}},
+    }
+
+
+def _generation(summary: str, request: str, answer: str, chunk_object: str, secured: list, errors: dict) -> dict:
+    """With "stream": true the 200 is text/event-stream; its schema describes one event (as
+    OpenAPI 3.2's itemSchema does, and schemathesis reads a 3.1 event-stream schema)."""
+    return {
+        "summary": summary, "tags": ["OpenAI-compatible"], "security": secured,
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "responses": {
+            "200": {"description": "the answer; with \"stream\": true, server-sent events instead: `data: {JSON}` chunks "
+                                   f"(object \"{chunk_object}\"), the last with finish_reason and usage, then "
+                                   "`data: [DONE]`; a failure mid-stream is a `data: {\"error\": {...}}` event",
+                    "content": {JSON: {"schema": _ref(answer)}, "text/event-stream": {"schema": _ref(f"{answer}Event")}}},
+            **errors,
+        },
+    }
+
+
+def _version() -> str:
+    try:
+        return version("tabshard")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = False) -> dict:
+    """The OpenAPI document for a server with these limits (CoordinatorSettings)."""
+    error = _ref("Error")
+    responses = {
+        "BadRequest": _json(error, "the body is not a JSON object, a field is missing, of the wrong type or out of "
+                                   "range (error.param names it), the prompt is too long, or generation failed"),
+        "Unauthorized": _json(error, "missing or wrong API key", {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+        "ModelNotFound": _json(error, "the model asked for is not served here (error.param is \"model\")"),
+        "Overloaded": _json(error, "max_sessions requests are running: retry later", RETRY_AFTER),
+        "Unavailable": _json(error, "no worker could serve the request in time (retriable)", RETRY_AFTER),
+    }
+    ref = lambda name: {"$ref": f"#/components/responses/{name}"}  # noqa: E731
+    api_errors = {"401": ref("Unauthorized")} if api_key_required else {}
+    gen_errors = {"400": ref("BadRequest"), **api_errors, "404": ref("ModelNotFound"), "429": ref("Overloaded"),
+                  "503": ref("Unavailable")}
+    secured = [{"bearerAuth": []}, {"apiKeyHeader": []}] if api_key_required else [{}, {"bearerAuth": []}, {"apiKeyHeader": []}]
+    html, not_found = "text/html; charset=utf-8", _text("text/plain", "no such file")
+    token = {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "the join token `tabshard serve` printed"}
+
+    def path_param(name: str, description: str, examples: list) -> dict:
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "examples": examples},
+                "description": description}
+
+    def get(summary: str, tag: str, responses: dict, **extra) -> dict:
+        return {"get": {"summary": summary, "tags": [tag], "responses": responses, **extra}}
+
+    paths = {
+        "/v1/chat/completions": {"post": _generation("Chat completion (OpenAI-compatible)", "ChatCompletionRequest",
+                                                     "ChatCompletion", "chat.completion.chunk", secured, gen_errors)},
+        "/v1/completions": {"post": _generation("Text completion (OpenAI-compatible)", "CompletionRequest",
+                                                "TextCompletion", "text_completion", secured, gen_errors)},
+        "/v1/models": get("The model served", "OpenAI-compatible", {"200": _json(_ref("ModelList"), "one model"), **api_errors},
+                          security=secured),
+        "/health": get("Whether every stage has a serving worker", "operations", {
+            "200": _json(_ref("Health"), "every stage is served"),
+            "503": _json(_ref("Health"), "some stage has no serving worker (or no plan yet)", None)}),
+        "/status": get("The shard map: stages, workers, sessions, counters", "operations",
+                       {"200": _json(_ref("Status"), "the coordinator's state")}),
+        "/openapi.json": get("This document", "operations", {"200": _json({"type": "object"}, "OpenAPI 3.1")}),
+        "/dashboard": get("The live dashboard page", "dashboard", {
+            "200": _text(html, "the page"), "503": _text(html, "the dashboard's assets are not built")}),
+        "/dashboard/snapshot.json": get("The dashboard's current view", "dashboard",
+                                        {"200": _json(_ref("DashboardSnapshot"), "the snapshot the page draws")}),
+        "/dashboard/compat.json": get("The browser compatibility matrix", "dashboard",
+                                      {"200": _json(_ref("CompatMatrix"), "rows of profiles and what they support")}),
+        "/dashboard/static/{path}": get("The dashboard's static files", "dashboard", {
+            "200": {"description": "the file"}, "404": not_found},
+            parameters=[path_param("path", "a file of the dashboard's assets", ["dashboard.js"])]),
+        "/tab": get("The browser tab join page", "tabs", {
+            "200": _text(html, "the page; it joins at /ws/worker"),
+            "403": _text(html, "no or wrong join token, or a foreign Origin"),
+            "503": _text(html, "the tab's assets are not built")}, parameters=[token]),
+        "/tab/qr.svg": get("The tab join URL as a QR code", "tabs", {
+            "200": _text("image/svg+xml", "the QR code"), "403": _text("text/plain", "wrong join token")},
+            parameters=[token]),
+        "/tab/static/{path}": get("The tab page's static files", "tabs", {"200": {"description": "the file"}, "404": not_found},
+                                  parameters=[path_param("path", "a file of tab_worker/web/dist", ["page.js"])]),
+        "/kernels/{name}.wgsl": get("A WGSL kernel the tabs run", "tabs", {
+            "200": _text("text/plain; charset=utf-8", "the shader source"), "404": _text("text/plain", "no such kernel")},
+            parameters=[path_param("name", "a kernel name (letters, digits, _)",
+                                   sorted(p.stem for p in KERNEL_DIR.glob("*.wgsl"))[:3])]),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tabshard coordinator", "version": _version(),
+                 "description": "An LLM sharded across browser tabs, behind an OpenAI-compatible API. A token "
+                                "stream over WebSocket (msgpack) is at /v1/stream; workers join at /ws/worker."},
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(limits, model_id),
+            "responses": responses,
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "the API key `tabshard serve` set (--api-key); needed on /v1/ when one is set"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                 "description": "the same API key, as a header"},
+            },
+        },
+    }
