@@ -32,6 +32,7 @@ _RULES = {
     "spot_check_fraction": (float, 0.0, 1.0),  # steps recomputed by a trusted worker and compared
     "spot_check_rtol": (float, 1e-7, 1.0),  # allowed max |difference| / max |recomputed|
     "spot_check_seed": (int, 0, 1 << 62),
+    "spot_check_timeout_s": (float, 0.1, 3600.0),  # an unanswered check is dropped after this
     "max_prompt_tokens": (int, 1, 1 << 20),  # longer prompts are refused (400)
     "max_output_tokens": (int, 1, 1 << 20),  # a larger max_tokens is refused (400)
     "worker_max_msgs_per_s": (int, 10, 1_000_000),  # a worker sending faster is quarantined

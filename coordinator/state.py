@@ -98,6 +98,7 @@ class CoordinatorSettings:
     spot_check_fraction: float = 0.02
     spot_check_rtol: float = 2e-3  # honest f32 numpy vs numpy: ~1e-6; raise it for f16 tabs
     spot_check_seed: int = 0
+    spot_check_timeout_s: float = 60.0  # a check unanswered this long is dropped (and stops holding "done" back)
     # limits (each a clear refusal, never unbounded memory): prompt and output tokens per request,
     # messages per second per worker / client socket (a burst of twice that is allowed)
     max_prompt_tokens: int = 4096
@@ -221,6 +222,9 @@ class Session:
     # tokens streamed before a liar was caught, being recomputed: each new token that equals
     # the next of these is already with the client; the first that differs rewinds the stream
     unconfirmed: list = field(default_factory=list)
+    # the last token is out, but a spot check of a worker that computed for this session is
+    # still pending: "done" waits for it, so a liar it catches can still rewind the stream
+    finish_pending: str | None = None
 
     @property
     def position(self) -> int:
@@ -255,6 +259,7 @@ class Coordinator:
                          "prefix_hits": 0, "prefix_tokens_reused": 0,
                          "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
                          "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0}
+        self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
         self._deferred_replan = False
@@ -697,6 +702,21 @@ class Coordinator:
     def _enqueue(self, stage_index: int, item: WorkItem, s: Session) -> None:
         self.stages[stage_index].queue.append(item)
 
+    def _finish_verified(self, s: Session, reason: str, now: float) -> list:
+        """Finish once no spot check of a worker that computed for the session is pending."""
+        if self._holding_finishes or any(c["worker"] in s.touched for c in self._checks.values()):
+            s.finish_pending = reason
+            return []
+        s.finish_pending = None
+        self.counters["completed"] += 1
+        return self._finish(s, reason, now)
+
+    def _release_finishes(self, now: float) -> list:
+        out = []
+        for s in [x for x in self.sessions.values() if x.finish_pending]:
+            out += self._finish_verified(s, s.finish_pending, now)
+        return out
+
     def _finish(self, s: Session, reason: str, now: float, emit: bool = True) -> list:
         s.finished = True
         self.sessions.pop(s.request_id, None)
@@ -905,12 +925,12 @@ class Coordinator:
     def _on_check_result(self, v: Worker, m: dict, now: float) -> list:
         check = self._checks.pop(m["step_id"])
         if v.worker_id != check["verifier"]:
-            return []
+            return self._release_finishes(now)
         claimed = check["claimed"]
         if isinstance(claimed, tuple):  # head stage: the chosen candidates and their logits
             ids, logits = m.get("topk_ids"), m.get("topk_logits")
             if ids is None or logits is None or len(ids) != 1:
-                return []
+                return self._release_finishes(now)
             scale = max(1.0, float(np.max(np.abs(logits[0]))))
             n = min(len(ids[0]), len(claimed[0]))
             error = float(np.max(np.abs(logits[0][:n] - claimed[1][:n]))) / scale if n else 0.0
@@ -919,13 +939,13 @@ class Coordinator:
         else:
             ref = m["output"][check["start"]:]
             if ref.shape != claimed.shape:
-                return []
+                return self._release_finishes(now)
             error = float(np.max(np.abs(ref - claimed))) / max(float(np.max(np.abs(ref))), 1e-6)
         # f16 tabs round where the f32 verifier does not: an honest f16 result is ~1e-2 off
         # (not measured against the verifier yet; 5e-2 is a guess kept on the safe side)
         tolerance = self.settings.spot_check_rtol if self.settings.compute_dtype == "f32" else max(self.settings.spot_check_rtol, 5e-2)
         if error <= tolerance:
-            return []
+            return self._release_finishes(now)
         return self._on_liar(check, error, now)
 
     def _on_liar(self, check: dict, error: float, now: float) -> list:
@@ -940,33 +960,43 @@ class Coordinator:
         self.counters["spot_check_mismatches"] += 1
         suspects = [check["worker"]] + ([check["verifier"]] if check["verifier"] != LOCAL else [])
         out = []
+        self._holding_finishes = True  # none may finish before _recompute_sessions has looked at it
         for wid in suspects:
             w = self.workers.get(wid)
             self.events.append({"t": now, "kind": "liar_detected", "worker": wid, "stage": check["stage"], "error": error,
                                 "worker_steps": check["worker_steps"], "verifier": check["verifier"]})
             if w is not None and w.alive and (wid != check["worker"] or w.epoch == check["epoch"]):
                 out += self._worker_lost(w, now, f"spot check: outputs off by {error:.3g} (relative)", quarantine=True)
+        self._holding_finishes = False
         return out + self._recompute_sessions(now, suspects)
 
     def _recompute_sessions(self, now: float, suspects: list[str]) -> list:
         """Every live session starts over (a new generation: queued and in-flight items of the
-        old one are ignored) from its prompt and the tokens no suspect had a hand in."""
+        old one are ignored) from its prompt and the tokens no suspect had a hand in. A session
+        whose last token was out, waiting on checks, finishes if no suspect touched it."""
         for st in self.stages:
             st.queue = deque(i for i in st.queue if i.session_id not in self.sessions)
-        unconfirmed = 0
+        unconfirmed, clean_finished = 0, []
         for s in self.sessions.values():
             s.generation += 1
             for st in self.stages:
                 self._inflight_lost.pop((st.index, s.request_id), None)
             trusted = min((s.touched[w] for w in suspects if w in s.touched), default=len(s.tokens))
+            s.touched = {w: n for w, n in s.touched.items() if w not in suspects}
             if trusted < len(s.tokens):
                 s.unconfirmed = s.tokens[trusted:] + s.unconfirmed
                 del s.tokens[trusted:]
                 unconfirmed += len(s.unconfirmed)
-            s.touched = {w: n for w, n in s.touched.items() if w not in suspects}
+            elif s.finish_pending:
+                clean_finished.append(s)
+                continue
+            s.finish_pending = None  # its last tokens are being recomputed too
             self._restart_session(s)
         self.events.append({"t": now, "kind": "recompute", "sessions": len(self.sessions), "unconfirmed_tokens": unconfirmed})
-        return self._pump(now)
+        out = []
+        for s in clean_finished:
+            out += self._finish_verified(s, s.finish_pending, now)
+        return out + self._pump(now)
 
     def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
         token = Sampler(s.params).choose(ids, logits, len(s.tokens))
@@ -992,11 +1022,9 @@ class Coordinator:
         if s.first_token_at is None:
             s.first_token_at = now
         if s.stop_at_eos and token == self.config.eos_id:
-            self.counters["completed"] += 1
-            return out + self._finish(s, "stop", now)
+            return out + self._finish_verified(s, "stop", now)
         if len(s.tokens) >= s.max_tokens:
-            self.counters["completed"] += 1
-            return out + self._finish(s, "length", now)
+            return out + self._finish_verified(s, "length", now)
         pos = len(s.prompt_ids) + len(s.tokens) - 1
         self._enqueue(0, WorkItem(s.request_id, pos, self.embed([token]), pos, True, s.generation), s)
         return out
@@ -1038,9 +1066,12 @@ class Coordinator:
             elif w.state == "ready":
                 w.move("suspect")
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
-        for step_id in [k for k, c in self._checks.items() if now - c["at"] > 60.0]:
+        expired = [k for k, c in self._checks.items() if now - c["at"] > self.settings.spot_check_timeout_s]
+        for step_id in expired:
             del self._checks[step_id]  # the verifier died or never answered: forget the check
             self.counters["spot_checks_skipped"] += 1
+        if expired:
+            out += self._release_finishes(now)
         if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
             if self.sessions and self.stages and all(s.primary for s in self.stages):
                 self._deferred_replan = True  # running sessions keep their plan
@@ -1063,6 +1094,9 @@ class Coordinator:
     def _worker_lost(self, w: Worker, now: float, reason: str, quarantine: bool = False) -> list:
         """Fence the worker (its epoch dies with it) and repair every stage it served."""
         w.move("quarantined" if quarantine else "dead")
+        for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
+            del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
+            self.counters["spot_checks_skipped"] += 1
         self.events.append({"t": now, "kind": "quarantine" if quarantine else "death", "worker": w.worker_id,
                             "reason": reason, "last_seen_s": now - w.last_seen})
         out = []
@@ -1083,7 +1117,7 @@ class Coordinator:
         if not any(x.alive and not x.local for x in self.workers.values()):
             self.degraded = True
         self._schedule_replan(now)
-        return out
+        return out + self._release_finishes(now)
 
     def _repair_stage(self, st: Stage, now: float) -> list:
         """Give the stage a new primary (a warm standby if any, else the least loaded live

@@ -86,6 +86,14 @@ class Net:
             self.perform(self.core.tick(self.now))
             self.run(until=until)
 
+    def thaw(self, conn: str):
+        """A frozen worker wakes: it handles every message held for it, in order."""
+        self.frozen.discard(conn)
+        for m in self.held.pop(conn, []):
+            for r in self.workers[conn].handle(m):
+                self.to_coordinator(conn, r)
+        self.run()
+
     def kill(self, conn: str, socket_closes: bool = True):
         self.dead.add(conn)
         if socket_closes:

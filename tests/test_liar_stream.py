@@ -2,8 +2,9 @@
 two Python tab workers joined over WebSocket (in this process, so the test can turn one into a
 liar mid-stream: TabWorker.liar, the same hook the simulation uses). The client streams over
 /v1/stream; the tokens the liar changed come back withdrawn by a `rewind`, and what the client
-ends with is exactly the single-worker `generate` result. A non-streaming request served
-during the same lie returns the exact answer too."""
+ends with is exactly the single-worker `generate` result, also when the liar is caught only
+after the last token went out ("done" waits for pending checks). A non-streaming request
+afterwards returns the exact answer too."""
 import asyncio
 import json
 import threading
@@ -52,7 +53,7 @@ class InProcessWorkers:
 
 def test_liar_tokens_are_rewound_and_the_client_ends_exact(tmp_path, reference, smollm2_tokenizer):
     cfg = tmp_path / "serve.toml"
-    cfg.write_text("spot_check_fraction = 0.15\nspot_check_seed = 5\nprefix_cache_entries = 0\n")
+    cfg.write_text("spot_check_fraction = 0.3\nspot_check_seed = 5\nprefix_cache_entries = 0\n")
     with LocalCluster(workers=0, serve_args=["--config", str(cfg)], log_dir=str(tmp_path / "logs")) as cluster:
         pool = InProcessWorkers(cluster.worker_url, cluster.token, ["tab-a", "tab-b"])
         try:

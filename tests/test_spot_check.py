@@ -82,6 +82,24 @@ def test_tokens_a_liar_changed_are_rewound_and_recomputed(weights, reference):
     assert len(sent) == N_TOKENS + net.core.counters["tokens_retracted"]
 
 
+def test_done_waits_for_pending_checks_so_a_last_lie_is_rewound(weights, reference):
+    """The liar lies only in the step of the last token, and the verdict comes after that token
+    went out: "done" waits for the pending check, so the stream is rewound and ends exact."""
+    net = start(weights, 3, spot_check_fraction=1.0)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= N_TOKENS - 1)
+    net.workers[net.stage_conn(1)].liar = 50.0
+    net.frozen.add("local")  # the verifier answers late (the coordinator's compute thread is busy)
+    net.run()
+    assert len(net.tokens("r")) == N_TOKENS and not net.done("r")  # the wrong last token is out, "done" is not
+    net.thaw("local")
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    kinds = [e["type"] for e in net.events["r"]]
+    assert kinds.count("rewind") == 1 and kinds[-3:] == ["rewind", "token", "done"]
+    assert net.core.counters["completed"] == 1 and net.core.counters["tokens_retracted"] == 1
+
+
 def test_tokens_before_the_liar_joined_stay_confirmed(weights, reference):
     """Only tokens streamed after the liar first computed for a session are unconfirmed."""
     net = start(weights, 3, spot_check_fraction=0.2, spot_check_seed=1)
