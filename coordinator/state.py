@@ -834,7 +834,14 @@ class Coordinator:
                     self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
                                                          it.wants_token, it.generation), s)
             elif it.wants_token and it.forward_from < it.end:
-                out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
+                try:
+                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
+                except Exception as exc:  # our bug (e.g. sampling parameters nobody checked): this session alone fails
+                    self.counters["failed"] += 1
+                    self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
+                    out.append(Emit(s.request_id, {"type": "error", "code": "internal_error", "retriable": False,
+                                                   "message": f"generation failed: {type(exc).__name__}: {exc}"}))
+                    out += self._finish(s, "error", now, emit=False)
         return checks + out + self._pump(now)
 
     def _adapt_batch(self, st: Stage, batch: int, step_ms: float) -> None:

@@ -372,3 +372,16 @@ def test_a_tab_that_never_finishes_loading_loses_its_range(weights, reference):
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
     assert net.core.counters["load_timeouts"] == 1
+
+
+def test_a_failure_inside_one_session_ends_only_that_session(weights, reference):
+    """A sampling parameter nobody validated (a negative seed) raises while choosing a token:
+    that session gets a clear error, the other is untouched."""
+    net = start(weights, 2)
+    net.submit("bad", PROMPT, N_TOKENS, SamplingParams(greedy=False, temperature=0.7, seed=-5), stop_at_eos=False)
+    net.submit("good", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["bad", "good"])
+    err = net.events["bad"][-1]
+    assert err["type"] == "error" and err["code"] == "internal_error" and err["message"].startswith("generation failed: ValueError")
+    assert net.tokens("good") == reference
+    assert "bad" not in net.core.sessions
