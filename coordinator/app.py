@@ -134,9 +134,25 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
         check_admission(ids, "messages" if chat else "prompt")
         return service.open_request(ids, max_tokens, params)
 
+    async def read_body(request: Request) -> bytes | None:
+        """The request body, or None past max_request_bytes (read no further: a huge body would
+        otherwise sit in memory and be tokenized on the event loop before any limit applies)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_request_bytes:
+            return None
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limits.max_request_bytes:
+                return None
+        return bytes(data)
+
     async def completions(request: Request, chat: bool):
+        raw = await read_body(request)
+        if raw is None:
+            return _error(f"the body exceeds max_request_bytes ({limits.max_request_bytes} bytes)", 413)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except Exception:
             return _error("the body is not valid JSON", 400)
         if not isinstance(body, dict):

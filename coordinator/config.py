@@ -35,6 +35,7 @@ _RULES = {
     "spot_check_timeout_s": (float, 0.1, 3600.0),  # an unanswered check is dropped after this
     "max_prompt_tokens": (int, 1, 1 << 20),  # longer prompts are refused (400)
     "max_output_tokens": (int, 1, 1 << 20),  # a larger max_tokens is refused (400)
+    "max_request_bytes": (int, 1024, 1 << 30),  # a larger HTTP body is refused (413) without being read
     "worker_max_msgs_per_s": (int, 10, 1_000_000),  # a worker sending faster is quarantined
     "client_max_msgs_per_s": (int, 1, 100_000),  # a /v1/stream client sending faster gets rate_limited errors
     "load_timeout_min_s": (float, 1.0, 86_400.0),  # a tab still loading after this (+ bytes at the rate below) loses its range

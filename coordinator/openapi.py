@@ -206,12 +206,13 @@ def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = Fa
                                    "range (error.param names it), the prompt is too long, or generation failed"),
         "Unauthorized": _json(error, "missing or wrong API key", {"WWW-Authenticate": {"schema": {"type": "string"}}}),
         "ModelNotFound": _json(error, "the model asked for is not served here (error.param is \"model\")"),
+        "TooLarge": _json(error, f"the body is larger than max_request_bytes ({limits.max_request_bytes} bytes)"),
         "Overloaded": _json(error, "max_sessions requests are running: retry later", RETRY_AFTER),
         "Unavailable": _json(error, "no worker could serve the request in time (retriable)", RETRY_AFTER),
     }
     ref = lambda name: {"$ref": f"#/components/responses/{name}"}  # noqa: E731
     api_errors = {"401": ref("Unauthorized")} if api_key_required else {}
-    gen_errors = {"400": ref("BadRequest"), **api_errors, "404": ref("ModelNotFound"), "429": ref("Overloaded"),
+    gen_errors = {"400": ref("BadRequest"), **api_errors, "404": ref("ModelNotFound"), "413": ref("TooLarge"), "429": ref("Overloaded"),
                   "503": ref("Unavailable")}
     secured = [{"bearerAuth": []}, {"apiKeyHeader": []}] if api_key_required else [{}, {"bearerAuth": []}, {"apiKeyHeader": []}]
     html, not_found = "text/html; charset=utf-8", _text("text/plain", "no such file")

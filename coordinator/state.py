@@ -103,6 +103,7 @@ class CoordinatorSettings:
     # messages per second per worker / client socket (a burst of twice that is allowed)
     max_prompt_tokens: int = 4096
     max_output_tokens: int = 2048
+    max_request_bytes: int = 1 << 20  # an HTTP request body larger than this is refused (413) unread
     worker_max_msgs_per_s: int = 2000
     client_max_msgs_per_s: int = 50
     # a tab that heartbeats but never finishes loading its range (a stalled download, a tab that

@@ -73,7 +73,7 @@ async def ws_close(url, origin=None, send=None, **kw):
         return ws.close_code, ws.close_reason, first
 
 
-LIMITS = {"max_sessions": 1, "max_prompt_tokens": 64, "max_output_tokens": 24, "client_max_msgs_per_s": 5,
+LIMITS = {"max_request_bytes": 65536, "max_sessions": 1, "max_prompt_tokens": 64, "max_output_tokens": 24, "client_max_msgs_per_s": 5,
           "worker_max_msgs_per_s": 50}
 
 
@@ -148,6 +148,8 @@ def test_limits_refuse_clearly(cluster):
     assert code == 400 and "at most 64 are allowed" in body
     code, body = chat("hi", 25)
     assert code == 400 and "'max_tokens' must be between 1 and 24" in body
+    code, body = chat("x" * 70_000, 4)  # refused by size before it is read whole or tokenized
+    assert code == 413 and "max_request_bytes (65536 bytes)" in body
     # one session at a time: a second request while one streams gets 429 + Retry-After
     req = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "count to twenty"}], "max_tokens": 24, "temperature": 0, "stream": True,
