@@ -133,6 +133,9 @@ class Worker:
     bytes_sent: int = 0
     steps: int = 0
     last_step_ms: float | None = None
+    # a step's time seen here minus the compute time the worker reports: the hop (codec,
+    # sockets, event loops, queueing) both ways, smoothed; what pipelining over tabs costs
+    transport_ms: float | None = None
     local: bool = False
     load_progress: dict = field(default_factory=dict)  # the worker's last load_progress report
     corrections: list = field(default_factory=list)
@@ -816,6 +819,10 @@ class Coordinator:
         w.steps += 1
         checks = self._maybe_spot_check(st, w, items, m, now)
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
+        compute = m.get("compute_ms")
+        if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
+            hop = w.last_step_ms - compute
+            w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
         if all(len(i.rows) == 1 for i in items):  # prefill steps are long by nature: decode steps set the pace
             self._adapt_batch(st, len(items), w.last_step_ms)
         if w.state == "suspect":
@@ -1196,6 +1203,7 @@ class Coordinator:
                 "profile": w.caps.get("profile"), "memory_bytes": w.caps.get("memory_bytes"),
                 "ms_per_layer": round(w.ms_per_layer, 3), "stages": sorted(w.stages), "steps": w.steps,
                 "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
+                "transport_ms": None if w.transport_ms is None else round(w.transport_ms, 3),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),
                 "load_progress": w.load_progress, "capabilities": w.caps,
