@@ -11,7 +11,10 @@ own mechanisms (socket close, heartbeat silence, step deadlines), never by Ray.
 Fault hooks, callable while the tab serves: crash (the process exits), freeze (SIGSTOP for D
 seconds, then SIGCONT), slow (compute time x factor), partition (both directions dropped for D
 seconds, and no rejoin until it heals), evict (the socket closes with a reason; no reconnect),
-memory_pressure (the budget shrinks; the worker hands layers back with `refuse`).
+memory_pressure (the budget shrinks; the worker hands layers back with `refuse`), lie (every
+result gets relative noise of `factor` times its RMS -- TabWorker.liar -- until the coordinator's
+spot check fences the tab; a fenced liar then leaves like an evicted tab instead of rejoining
+under a new worker id and lying again).
 """
 from __future__ import annotations
 
@@ -93,12 +96,21 @@ class SimTabWorker(TabWorker):
 
 
 class _SimConnection(WorkerConnection):
-    """A partitioned tab does not rejoin until the partition heals: its hello would not get through."""
+    """A partitioned tab does not rejoin until the partition heals: its hello would not get through.
+    A lying tab that the coordinator fences (close code 4000) does not rejoin at all."""
+
+    FENCED = 4000
+    caught_at: float | None = None  # time.monotonic() when a lying tab was fenced
 
     async def _session(self, ws) -> None:
         while self.partitioned.is_set():
             await asyncio.sleep(0.02)
-        await super()._session(ws)
+        try:
+            await super()._session(ws)
+        finally:
+            if self.worker.liar and ws.close_code == self.FENCED:
+                self.caught_at = time.monotonic()
+                self._stop.set()
 
 
 def _enforce_pipeline_limits(dev) -> None:
@@ -202,7 +214,8 @@ class _TabActor:
                 "connected": self.conn.connected.is_set(), "sessions_joined": self.conn.sessions_joined,
                 "ranges": [list(r) for r in w.ranges], "held_bytes": w.held_bytes(), "memory_bytes": w.memory_bytes,
                 "steps": w.steps_served, "tokens": w.tokens_served, "bytes_received": w.bytes_received,
-                "slow_factor": w.slow_factor, "rss_bytes": rss, "peak_rss_bytes": hwm,
+                "slow_factor": w.slow_factor, "liar": w.liar, "caught_at": self.conn.caught_at,
+                "rss_bytes": rss, "peak_rss_bytes": hwm,
                 "load_failures": list(w.load_failures), "backend": w.backend_name}
 
     # ------------------------------------------------------------------ faults
@@ -232,11 +245,21 @@ class _TabActor:
         asyncio.run_coroutine_threadsafe(self.conn.evict(reason), self.loop)
 
     def memory_pressure(self, budget_bytes: int) -> list:
-        # on the compute thread, after any step in progress (the browser's worker is single-threaded)
-        refusals = self.conn._exec.submit(self.worker.shrink_budget, int(budget_bytes)).result(60)
-        for m in refusals:
-            asyncio.run_coroutine_threadsafe(self.conn.send(m), self.loop).result(5)
-        return [m["detail"] for m in refusals]
+        def shrink() -> list:
+            refusals = self.worker.shrink_budget(int(budget_bytes))
+            # sent before the next step runs, as the browser's single-threaded worker would: a
+            # step queued behind this fails ("not held here") and its error must not arrive first
+            for m in refusals:
+                asyncio.run_coroutine_threadsafe(self.conn.send(m), self.loop).result(5)
+            return refusals
+
+        # on the compute thread, after any step in progress
+        return [m["detail"] for m in self.conn._exec.submit(shrink).result(60)]
+
+    def lie(self, factor: float = 0.05) -> int:
+        # read by the compute thread at the end of every step: the next result is already wrong
+        self.worker.liar = float(factor)
+        return self.worker.steps_served
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.conn.evict("tab closed", code=1000), self.loop)
@@ -317,6 +340,11 @@ class SimulatedTab:
 
     def memory_pressure(self, budget_bytes: int) -> list:
         return self._call("memory_pressure", int(budget_bytes), timeout=90)
+
+    def lie(self, factor: float = 0.05) -> int:
+        """Every result from now on is off by `factor` x its RMS (random noise), until the
+        coordinator catches the tab (then it leaves). Returns the steps served so far."""
+        return self._call("lie", float(factor))
 
     def kill(self) -> None:
         """End the actor through Ray (cleanup; not a fault hook -- use crash for that)."""

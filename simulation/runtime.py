@@ -134,7 +134,7 @@ class EventLog:
 
     def absorb(self, st: dict) -> None:
         for e in st.get("events", []):
-            key = (e["t"], e["kind"], str(e.get("worker")), str(e.get("stage")))
+            key = (e["t"], e["kind"], str(e.get("worker")), str(e.get("stage")), str(e.get("request_id")))
             if key not in self._seen:
                 self._seen.add(key)
                 self.events.append(e)

@@ -4,9 +4,10 @@ returns the report (simulation/report.py renders it).
     name = "smoke"
     duration_s = 40            # the workload's arrival window; in-flight requests then finish
     seed = 1
-    [coordinator]              # `tabshard serve` settings (flags)
-    max_stages = 3
+    [coordinator]              # `tabshard serve` settings: any of coordinator/config.py, plus model
+    max_stages = 3             # (coordinator_compute defaults to false here: tabs do the work)
     replicas = 1
+    spot_check_fraction = 0.2
     [[tabs]]                   # repeated: profile and count (+ backend, hidden, memory_mb)
     profile = "cpu-wasm"
     count = 4
@@ -16,16 +17,33 @@ returns the report (simulation/report.py renders it).
     arrival_rate = 0.5         # requests per second (Poisson, seeded)
     prompt_tokens = 12         # about (words)
     output_tokens = 16
+    # closed_loop = true       # instead: `streams` clients back to back until duration_s
+    # distinct_prompts = 16    # request i asks prompt i % 16 (default: every prompt differs)
     [[faults]]                 # timed: at (s), kind, target ("random", "stage:N", a tab name), duration, factor
     at = 6.0
     kind = "freeze"
-    [random_faults]            # random: count, kinds, start, end, duration
+    [random_faults]            # random: count, kinds, start, end, duration, factor (slow), liar_factor,
+                               # each_kind (every kind at least once)
     [churn]                    # tabs leave (evict) and new ones join every interval_s
-    [respawn]                  # crashed/evicted tabs are replaced after delay_s
+    [respawn]                  # crashed/evicted/refusing/caught-lying tabs are replaced after delay_s
+    [pass]                     # criteria (default: no_lost_requests, no_wrong_tokens); see report.CRITERIA
+    criteria = ["no_lost_requests", "no_failed_requests", "no_wrong_tokens", "all_faults_detected", "memory_flat"]
+    min_faults = 10            # all_faults_detected also needs this many injected
+    memory_warmup_s = 20       # coordinator RSS "start" is sampled this long after streaming starts
+
+Fault kinds: crash, freeze (duration), slow (factor x compute time, duration), partition
+(duration), evict, memory (budget_mb, default 0: the tab refuses every layer), liar (factor:
+noise relative to each result's RMS, default 0.05). A liar has no duration: it lies until the
+coordinator's spot checks catch it (event liar_detected, the tab fenced), and only that counts
+as its detection -- a liar the checks never sampled is reported undetected. Random faults do
+not hit a tab that is lying undetected (the liar would vanish for another reason), and a liar
+is only planted in a tab that serves a stage.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import random
 import threading
 import time
@@ -37,8 +55,17 @@ from tabshard.errors import ConfigError
 
 from simulation.profiles import get_profile
 
-FAULT_KINDS = ("crash", "freeze", "slow", "partition", "evict", "memory")
+FAULT_KINDS = ("crash", "freeze", "slow", "partition", "evict", "memory", "liar")
 DETECTION_EVENTS = {"death", "quarantine", "refused", "suspect"}
+LIAR_FACTOR = 0.05  # default noise of a liar, relative to each result's RMS
+
+
+def detects(kind: str, event: dict) -> bool:
+    """Whether a coordinator event (about the faulty tab's worker) detects a fault of `kind`."""
+    if kind == "liar":
+        return event["kind"] == "liar_detected" or (
+            event["kind"] == "quarantine" and str(event.get("reason", "")).startswith("spot check"))
+    return event["kind"] in DETECTION_EVENTS
 
 
 def load_scenario(path: str | Path) -> dict:
@@ -63,6 +90,11 @@ def validate(scn: dict) -> dict:
     for f in scn.get("faults", []):
         if f.get("kind") not in FAULT_KINDS:
             raise ConfigError(f"fault kind {f.get('kind')!r}; known: {', '.join(FAULT_KINDS)}")
+    c = scn.get("coordinator", {})
+    if c:
+        from coordinator.config import load_settings
+
+        load_settings(None, {k: v for k, v in c.items() if k != "model"})  # unknown keys, bad values: ConfigError
     w = scn.setdefault("workload", {})
     w.setdefault("streams", 2)
     w.setdefault("requests", 4)
@@ -71,7 +103,22 @@ def validate(scn: dict) -> dict:
     w.setdefault("output_tokens", 16)
     scn.setdefault("duration_s", 30.0)
     scn.setdefault("seed", 0)
+    from simulation.report import CRITERIA
+
+    crit = scn.setdefault("pass", {}).setdefault("criteria", ["no_lost_requests", "no_wrong_tokens"])
+    for name in crit:
+        if name not in CRITERIA:
+            raise ConfigError(f"pass criterion {name!r}; known: {', '.join(CRITERIA)}")
     return scn
+
+
+def serve_config(c: dict) -> str:
+    """The [coordinator] table as a `tabshard serve --config` file (coordinator_compute off unless asked)."""
+    values = {"coordinator_compute": False, **{k: v for k, v in c.items() if k != "model"}}
+    lines = ["[serve]"]
+    for k, v in values.items():
+        lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else json.dumps(v)}")
+    return "\n".join(lines) + "\n"
 
 
 def fault_schedule(scn: dict) -> list[dict]:
@@ -82,9 +129,14 @@ def fault_schedule(scn: dict) -> list[dict]:
         rng = random.Random(rf.get("seed", scn["seed"]))
         kinds = rf.get("kinds", list(FAULT_KINDS))
         start, end = float(rf.get("start", 2.0)), float(rf.get("end", scn["duration_s"]))
-        for _ in range(int(rf["count"])):
-            out.append({"at": rng.uniform(start, end), "kind": rng.choice(kinds), "target": "random",
-                        "duration": float(rf.get("duration", 1.5)), "factor": float(rf.get("factor", 2000))})
+        n = int(rf["count"])
+        # each_kind: every kind at least once (in a random order), the rest drawn as usual
+        first = rng.sample(kinds, len(kinds)) if rf.get("each_kind") else []
+        for i in range(n):
+            at, kind = rng.uniform(start, end), first[i] if i < len(first) else rng.choice(kinds)
+            factor = float(rf.get("liar_factor", LIAR_FACTOR)) if kind == "liar" else float(rf.get("factor", 2000))
+            out.append({"at": at, "kind": kind, "target": "random", "duration": float(rf.get("duration", 1.5)),
+                        "factor": factor})
     return sorted(out, key=lambda f: f["at"])
 
 
@@ -100,8 +152,14 @@ class ScenarioRun:
         self.gone: set = set()
         self.faults: list[dict] = []
         self.results: list = []
+        self.requested = 0
         self.tab_info: dict = {}
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sim-control")
+        self.liars: dict = {}  # tab name -> its liar fault record, until the coordinator catches it
+        self.names: dict = {}  # tab name -> every worker id it joined as (from join events)
+        self.coord_rss: list = []  # (s since streaming started, coordinator VmRSS bytes)
+        self.status_errors: list[str] = []  # /status polls that failed (retried)
+        self._events_read = 0
+        self._pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="sim-control")
         self._n_tabs = 0
         self._lock = threading.Lock()
 
@@ -133,13 +191,15 @@ class ScenarioRun:
                 return name if name in alive else None
             return None
         if target == "random":
-            # prefer tabs that serve a stage: a fault on an idle tab tests little
+            # prefer tabs that serve a stage: a fault on an idle tab tests little (a liar that
+            # serves nothing is never checked: only serving tabs); leave undetected liars be
+            alive = [n for n in alive if n not in self.liars]
             serving = {w["name"] for w in st["workers"] if w["stages"] and w["state"] not in ("dead", "quarantined")}
-            pool = [n for n in alive if n in serving] or alive
+            pool = [n for n in alive if n in serving] or ([] if f["kind"] == "liar" else alive)
             return self.rng.choice(pool) if pool else None
         return target if target in alive else None
 
-    def _inject(self, f: dict, name: str) -> None:
+    def _inject(self, f: dict, name: str):
         tab = self.tabs[name]
         kind, d = f["kind"], float(f.get("duration", 2.0))
         if kind == "crash":
@@ -154,8 +214,30 @@ class ScenarioRun:
             tab.evict(f.get("reason", "tab discarded by the browser"))
         elif kind == "memory":
             tab.memory_pressure(int(f.get("budget_mb", 0) * (1 << 20)))
+        elif kind == "liar":
+            return tab.lie(float(f.get("factor", LIAR_FACTOR)))
         if kind in ("crash", "evict"):
             self.gone.add(name)
+
+    def _watch_events(self, loop) -> None:
+        """Learn which worker ids each tab joined as, and notice liars the coordinator caught:
+        such a tab left (fenced, it does not rejoin) and is replaced like an evicted one."""
+        new = self.events.events[self._events_read:]
+        self._events_read += len(new)
+        for e in new:
+            if e["kind"] == "join" and e.get("name"):
+                self.names.setdefault(e["name"], set()).add(e.get("worker"))
+        for name, rec in list(self.liars.items()):
+            wids = self.names.get(name, set())
+            if any(e["t"] >= rec["t"] - 0.05 and e.get("worker") in wids and detects("liar", e) for e in new):
+                del self.liars[name]
+                self.gone.add(name)
+                self._respawn_later(loop, name)
+
+    def _sample_rss(self, t0: float) -> None:
+        rss = proc_rss(self.coord.proc.pid)
+        if rss:
+            self.coord_rss.append((round(time.monotonic() - t0, 2), rss))
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -163,10 +245,8 @@ class ScenarioRun:
 
         scn = self.scn
         c = scn.get("coordinator", {})
-        serve = ["--no-coordinator-compute"] if not c.get("coordinator_compute", False) else []
-        for key in ("replicas", "max_stages", "heartbeat_ms"):
-            if key in c:
-                serve += [f"--{key.replace('_', '-')}", str(c[key])]
+        (self.out_dir / "serve.toml").write_text(serve_config(c))
+        serve = ["--config", str(self.out_dir / "serve.toml")]
         t_start = time.monotonic()
         with ray_session(self.address):
             self.coord = CoordinatorProcess(serve, host="0.0.0.0" if self.address else "127.0.0.1",
@@ -185,6 +265,7 @@ class ScenarioRun:
                               f"after {t_ready - t_start:.1f}s")
                 self.events = EventLog()
                 asyncio.run(self._drive(t_ready))
+                self._sample_rss(t_ready)  # the end: every request answered, before any teardown
                 self.events.absorb(self.coord.status())
                 for name in self._alive():
                     try:
@@ -192,15 +273,21 @@ class ScenarioRun:
                     except Exception as exc:
                         self.tab_info[name] = {"error": str(exc)}
                 final = self.coord.status()
-                coord_pid = self.coord.proc.pid
-                coord_rss = _proc_rss(coord_pid)
+                coord_rss = _proc_rss(self.coord.proc.pid)
             finally:
                 for tab in self.tabs.values():
                     tab.kill()
                 self.coord.stop()
                 self._pool.shutdown(wait=False, cancel_futures=True)
         from simulation.report import build_report
+        from simulation.runtime import write_json
 
+        # the raw run first: a long soak's figures survive a failure in the report code
+        write_json(self.out_dir / "run.json", {
+            "t0": t_ready, "requested": self.requested, "results": [{**r.to_dict(), "prompt": r.prompt, "ids": r.ids,
+                                                                     "times": r.times} for r in self.results],
+            "faults": self.faults, "events": self.events.sorted(), "coordinator_rss": self.coord_rss,
+            "status_errors": self.status_errors, "final_status": final})
         return build_report(self, t_ready, t_ready - t_start, final, coord_rss)
 
     async def _drive(self, t0: float) -> None:
@@ -209,44 +296,77 @@ class ScenarioRun:
         loop = asyncio.get_running_loop()
         scn, w = self.scn, self.scn["workload"]
         duration = float(scn["duration_s"])
+        distinct = int(w.get("distinct_prompts", 0))
         sem = asyncio.Semaphore(int(w["streams"]))
         tasks = []
 
         async def one(i):
-            async with sem:
-                prompt = make_prompt(scn["seed"] * 100_003 + i, int(w["prompt_tokens"]))
-                res = await stream_request(self.coord.base, f"{scn['name']}-{i}", prompt, int(w["output_tokens"]),
-                                           timeout=float(w.get("request_timeout_s", 300)))
-                self.results.append(res)
+            prompt = make_prompt(scn["seed"] * 100_003 + (i % distinct if distinct else i), int(w["prompt_tokens"]))
+            res = await stream_request(self.coord.base, f"{scn['name']}-{i}", prompt, int(w["output_tokens"]),
+                                       timeout=float(w.get("request_timeout_s", 300)))
+            self.results.append(res)
 
         async def arrivals():
+            """Open loop: Poisson arrivals of `requests`, at most `streams` in flight."""
             rng = random.Random(scn["seed"] + 1)
+            self.requested = int(w["requests"])
+
+            async def queued(i):
+                async with sem:
+                    await one(i)
+
             for i in range(int(w["requests"])):
-                tasks.append(asyncio.create_task(one(i)))
+                tasks.append(asyncio.create_task(queued(i)))
                 await asyncio.sleep(rng.expovariate(float(w["arrival_rate"])))
                 if time.monotonic() - t0 > duration:
                     break
 
+        async def closed_loop():
+            """`streams` clients, each starting its next request when the last one ends, until duration_s."""
+            ids = itertools.count()
+
+            async def client():
+                while time.monotonic() - t0 < duration:
+                    self.requested += 1
+                    await one(next(ids))
+
+            await asyncio.gather(*(client() for _ in range(int(w["streams"]))))
+
+        async def status():
+            """/status, retried: an overloaded host may miss the 5 s timeout now and then."""
+            for attempt in range(5):
+                try:
+                    return await loop.run_in_executor(self._pool, self.coord.status)
+                except Exception as exc:
+                    self.status_errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                    await asyncio.sleep(0.5 * (attempt + 1))
+            return None
+
         async def faults():
             for f in fault_schedule(scn):
                 await asyncio.sleep(max(0.0, t0 + float(f["at"]) - time.monotonic()))
-                st = await loop.run_in_executor(self._pool, self.coord.status)
-                name = self._target(f, st)
+                st = await status()
+                name = self._target(f, st) if st is not None else None
                 if name is None:
-                    self.faults.append({**f, "tab": None, "t": time.monotonic(), "skipped": "no target"})
+                    self.faults.append({**f, "tab": None, "t": time.monotonic(),
+                                        "skipped": "no target" if st is not None else "no /status"})
                     continue
                 wids = [x["worker_id"] for x in st["workers"] if x["name"] == name and x["state"] not in ("dead", "quarantined")]
                 rec = {**f, "tab": name, "worker_ids": wids, "t": time.monotonic(),
                        "stages": sorted({s for x in st["workers"] if x["worker_id"] in wids for s in x["stages"]})}
+                if f["kind"] == "liar":
+                    self.liars[name] = rec  # before the first lie can be caught
                 try:
-                    await loop.run_in_executor(self._pool, self._inject, f, name)
+                    got = await loop.run_in_executor(self._pool, self._inject, f, name)
+                    if f["kind"] == "liar":
+                        rec["steps_before"] = got
                 except Exception as exc:
                     rec["inject_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                    self.liars.pop(name, None)
                 self.faults.append(rec)
-                if f["kind"] in ("crash", "evict", "memory") and scn.get("respawn"):
+                if f["kind"] in ("crash", "evict", "memory"):
                     # a tab that lost its budget is closed and replaced like a crashed one
-                    loop.call_later(float(scn["respawn"].get("delay_s", 1.0)),
-                                    lambda n=name, spec=self._spec_of(name): loop.run_in_executor(self._pool, self._replace, n, spec))
+                    self._respawn_later(loop, name)
 
         async def churn():
             ch = scn.get("churn")
@@ -266,25 +386,47 @@ class ScenarioRun:
         async def poll():
             last = 0.0
             while True:
-                st = await loop.run_in_executor(self._pool, self.coord.status)
+                st = await status()
+                if st is None:
+                    continue
                 self.events.absorb(st)
+                self._watch_events(loop)
                 if time.monotonic() - last >= 1.0:
                     last = time.monotonic()
+                    self._sample_rss(t0)
                     done = len(self.results)
                     toks = sum(len(r.ids) for r in self.results) + sum(s["tokens"] for s in st["sessions"])
                     live = sum(1 for x in st["workers"] if x["state"] not in ("dead", "quarantined") and not x["local"])
-                    self.progress(f"\r[{scn['name']}] t={time.monotonic() - t0:6.1f}s  requests {done}/{w['requests']}  "
-                                  f"tokens {toks}  faults {len(self.faults)}  live tabs {live}  "
+                    rss = self.coord_rss[-1][1] / 2**20 if self.coord_rss else 0
+                    self.progress(f"\r[{scn['name']}] t={time.monotonic() - t0:6.1f}s  requests {done}/{self.requested}  "
+                                  f"tokens {toks}  faults {len(self.faults)}  live tabs {live}  coordinator {rss:.0f} MiB  "
                                   f"{'DEGRADED' if st['degraded'] else 'served'}   ", end="")
                 await asyncio.sleep(0.2)
 
         poller = asyncio.create_task(poll())
         side = [asyncio.create_task(faults()), asyncio.create_task(churn())]
-        await arrivals()
+        await (closed_loop() if w.get("closed_loop") else arrivals())
         await asyncio.gather(*side)
         await asyncio.gather(*tasks)
+        # no step runs once the workload is done: a liar not caught by now is reported undetected
         poller.cancel()
+        st = await status()
+        if st is not None:
+            self.events.absorb(st)
+            self._watch_events(loop)
         self.progress("")
+
+    def _respawn_later(self, loop, name: str) -> None:
+        """With [respawn]: replace the tab after delay_s (a new tab of the same kind joins)."""
+        if self.scn.get("respawn"):
+            spec = self._spec_of(name)
+
+            def replace():
+                done = loop.run_in_executor(self._pool, self._replace, name, spec)
+                # then, once the coordinator has seen the old tab go, free its process
+                done.add_done_callback(lambda _: loop.call_later(3.0, loop.run_in_executor, self._pool, self._retire, name))
+
+            loop.call_later(float(self.scn["respawn"].get("delay_s", 1.0)), replace)
 
     def _replace(self, name: str, spec: dict) -> None:
         if name not in self.gone:
@@ -295,20 +437,35 @@ class ScenarioRun:
                 pass
         self._spawn(spec)
 
+    def _retire(self, name: str) -> None:
+        """Record a gone tab's last figures, then end its actor (an evicted or caught tab's
+        process would otherwise hold its weights until the scenario ends)."""
+        tab = self.tabs[name]
+        try:
+            self.tab_info[name] = {**tab.info(timeout=5), "gone": True}
+        except Exception:
+            pass
+        tab.kill()
+
     def _spec_of(self, name: str) -> dict:
         tab = self.tabs[name]
         return {"profile": tab.profile.name, "backend": tab.backend, "hidden": tab.hidden}
 
 
-def _proc_rss(pid: int) -> int:
+def _proc_rss(pid: int, field: str = "VmHWM") -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def proc_rss(pid: int) -> int:
+    """A process's resident set now (VmRSS, bytes; 0 when it is gone)."""
+    return _proc_rss(pid, "VmRSS")
 
 
 def run_scenario(path_or_dict, address: str | None = None, out_dir: str | Path = "sim-out", progress=print) -> dict:

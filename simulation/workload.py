@@ -1,5 +1,10 @@
 """Client side of a simulation: requests streamed over the coordinator's /v1/stream WebSocket,
-with the time of every token, and the fault-free reference tokens to compare them with."""
+with the time of every token, and the fault-free reference tokens to compare them with.
+
+A `rewind` message ({"type": "rewind", "index": k, "retract_chars": n, "reason": ...})
+withdraws every token with index >= k already received (a worker caught lying computed them);
+the next token has index k. The client applies it, so what is compared with the reference is
+the final, corrected stream."""
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +38,8 @@ class RequestResult:
     finished: float | None = None
     finish_reason: str | None = None
     error: str | None = None
+    rewinds: int = 0  # rewind messages applied
+    retracted: int = 0  # tokens they withdrew
 
     @property
     def ttft(self) -> float | None:
@@ -45,7 +52,7 @@ class RequestResult:
     def to_dict(self) -> dict:
         return {"request_id": self.request_id, "max_tokens": self.max_tokens, "submitted": self.submitted,
                 "tokens": len(self.ids), "finished": self.finished, "finish_reason": self.finish_reason,
-                "error": self.error, "ttft_s": self.ttft}
+                "error": self.error, "ttft_s": self.ttft, "rewinds": self.rewinds, "retracted": self.retracted}
 
 
 async def stream_request(base: str, request_id: str, prompt: str, max_tokens: int, on_token=None,
@@ -60,7 +67,15 @@ async def stream_request(base: str, request_id: str, prompt: str, max_tokens: in
             deadline = time.monotonic() + timeout
             while True:
                 m = wire.decode(await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic())))
-                if m["type"] == "token":
+                if m["type"] == "rewind":
+                    k = m["index"]
+                    if not 0 <= k <= len(res.ids):
+                        res.error = f"rewind to index {k} after {len(res.ids)} tokens"
+                        break
+                    res.rewinds += 1
+                    res.retracted += len(res.ids) - k
+                    del res.ids[k:], res.times[k:]
+                elif m["type"] == "token":
                     if m["index"] != len(res.ids):
                         res.error = f"token index {m['index']} after {len(res.ids)} tokens (gap or duplicate)"
                         break
@@ -76,7 +91,7 @@ async def stream_request(base: str, request_id: str, prompt: str, max_tokens: in
                 else:
                     res.error = f"{m.get('code')}: {m.get('message')}"
                     break
-    except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+    except (OSError, websockets.WebSocketException, asyncio.TimeoutError, wire.ProtocolError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     res.finished = time.monotonic()
     return res

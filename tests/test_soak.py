@@ -1,0 +1,88 @@
+"""The chaos soak. simulation/scenarios/soak.toml streams for 30 minutes under 120 random faults
+(`tabshard simulate`, not run here); its CI twin soak_ci.toml runs here on real (local) Ray:
+continuous streaming for 75 s while faults of every kind hit, liars included, judged by the
+same criteria -- no request lost or failed, every final stream (rewinds applied) equal to the
+fault-free reference, every fault detected (a liar only by a spot check), the coordinator's
+RSS reported at start, end and peak, and flat."""
+import asyncio
+from pathlib import Path
+
+import pytest
+import websockets
+
+pytest.importorskip("ray")
+
+from simulation.report import format_table  # noqa: E402
+from simulation.scenario import FAULT_KINDS, detects, fault_schedule, load_scenario, run_scenario  # noqa: E402
+from simulation.workload import stream_request  # noqa: E402
+from tabshard import wire  # noqa: E402
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "simulation" / "scenarios"
+CRITERIA = {"no_lost_requests", "no_failed_requests", "no_wrong_tokens", "all_faults_detected", "memory_flat"}
+
+
+def test_soak_scenario_is_30_minutes_of_100_faults_of_every_kind():
+    scn = load_scenario(SCENARIOS / "soak.toml")
+    assert scn["duration_s"] >= 1800 and scn["workload"]["closed_loop"]
+    faults = fault_schedule(scn)
+    assert len(faults) >= 100 and {f["kind"] for f in faults} == set(FAULT_KINDS)
+    assert set(scn["pass"]["criteria"]) == CRITERIA and scn["pass"]["min_faults"] >= 100
+    ci = load_scenario(SCENARIOS / "soak_ci.toml")
+    assert set(ci["pass"]["criteria"]) == CRITERIA
+    assert {f["kind"] for f in fault_schedule(ci)} == set(FAULT_KINDS)
+
+
+def test_a_liar_is_detected_only_by_a_spot_check():
+    death = {"kind": "death", "reason": "socket closed"}
+    assert detects("crash", death) and not detects("liar", death)
+    assert detects("liar", {"kind": "liar_detected"})
+    assert detects("liar", {"kind": "quarantine", "reason": "spot check: outputs off by 0.01 (relative)"})
+    assert not detects("liar", {"kind": "quarantine", "reason": "quarantined: bad_field at hidden"})
+
+
+def test_stream_request_applies_rewinds():
+    """Tokens 0-3 arrive, a rewind withdraws 2 and 3, tokens 2-4 arrive again: the client keeps
+    the corrected stream and counts the rewind."""
+
+    async def coordinator(ws):
+        m = wire.decode(await ws.recv())
+        rid = m["request_id"]
+        for i, t in enumerate([10, 11, 12, 13]):
+            await ws.send(wire.encode(wire.make("token", request_id=rid, index=i, token_id=t, text="")))
+        await ws.send(wire.encode(wire.make("rewind", request_id=rid, index=2, retract_chars=0,
+                                            reason="2 tokens came from a worker caught returning wrong results")))
+        for i, t in [(2, 22), (3, 23), (4, 24)]:
+            await ws.send(wire.encode(wire.make("token", request_id=rid, index=i, token_id=t, text="")))
+        await ws.send(wire.encode(wire.make("done", request_id=rid, finish_reason="length")))
+
+    async def main():
+        async with websockets.serve(coordinator, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            return await stream_request(f"http://127.0.0.1:{port}", "r", "hi", 5, timeout=10)
+
+    res = asyncio.run(main())
+    assert res.error is None and res.finish_reason == "length"
+    assert res.ids == [10, 11, 22, 23, 24] and len(res.times) == 5
+    assert res.rewinds == 1 and res.retracted == 2
+
+
+def test_soak_ci_scenario_passes(ray_rt, tmp_path):
+    report = run_scenario(SCENARIOS / "soak_ci.toml", out_dir=tmp_path, progress=lambda *a, **k: None)
+    table = format_table(report)
+    print(table)
+    assert set(report["criteria"]) == CRITERIA
+    assert report["requests"]["lost"] == 0 and report["requests"]["failed"] == 0, table
+    assert report["requests"]["completed"] >= 4, table
+    assert report["tokens"]["differing_from_reference"] == 0, table
+    faults = report["faults"]
+    assert faults["skipped"] == 0 and faults["injected"] >= 14, table
+    assert faults["detected"] == faults["injected"], faults["undetected"]
+    assert set(faults["by_kind"]) == set(FAULT_KINDS)
+    liars = [f for f in faults["list"] if f["kind"] == "liar"]
+    assert liars and all(f["detected_by"].startswith(("liar_detected", "quarantine (spot check")) for f in liars)
+    assert report["coordinator"]["counters"]["spot_check_mismatches"] >= len(liars)
+    rss = report["coordinator"]["rss"]
+    assert 0 < rss["start_mb"] and 0 < rss["end_mb"] <= rss["peak_mb"] and rss["samples"] >= 60
+    assert rss["flat"], rss
+    assert report["passed"], table
+    assert (tmp_path / "timeline.png").stat().st_size > 1000 and (tmp_path / "run.json").exists()
