@@ -27,6 +27,7 @@ def resolve_backend_name(name: str) -> str:
 def make_backend(name: str, config, layers, head, max_ctx: int, **device_options):
     name = resolve_backend_name(name)
     lean = device_options.pop("lean", False)
+    shared = {k: device_options.pop(k) for k in ("shared", "shared_keys") if k in device_options}  # numpy only
     if name == "numpy" and lean:  # packed weights, dequantized per step (lean_backend.py)
         from tab_worker.lean_backend import LeanNumpyBackend
 
@@ -34,7 +35,7 @@ def make_backend(name: str, config, layers, head, max_ctx: int, **device_options
     if name == "numpy":
         from tab_worker.numpy_backend import NumpyBackend
 
-        return NumpyBackend(config, layers, head, max_ctx)
+        return NumpyBackend(config, layers, head, max_ctx, **shared)
     from kernels.runner import LimitError, NoAdapterError
     from tab_worker.wgpu_backend import WgpuBackend
 

@@ -46,15 +46,31 @@ class _DenseLayer:
 class NumpyBackend:
     name = "numpy"
 
-    def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int, **_device_options):
+    def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
+                 shared: dict | None = None, shared_keys: dict | None = None, **_device_options):
+        """shared / shared_keys: a dict the owner keeps across backends, and each layer index's
+        (and "head"'s) key in it (the blob's sha256): ranges overlapping one already built reuse
+        its dequantized f32 matrices instead of making (and holding) another copy. The
+        coordinator's verifier holds every stage's range at once; a tab re-planned onto a
+        neighbouring range keeps the layers it had."""
         self.config = config
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
             raise ValueError(f"layers must be a contiguous range, got {self.layer_ids}")
         self.max_ctx = max_ctx
-        self._layers = [_DenseLayer(layers[i]) for i in self.layer_ids]
+        shared = {} if shared is None else shared
+        keys = shared_keys or {}
+
+        def built(key, make):
+            if key is None:
+                return make()
+            if key not in shared:
+                shared[key] = make()
+            return shared[key]
+
+        self._layers = [built(keys.get(i), lambda i=i: _DenseLayer(layers[i])) for i in self.layer_ids]
         self._head_norm = None if head is None else np.asarray(head.output_norm, np.float32)
-        self._head_t = None if head is None else np.ascontiguousarray(dequantize(head.output).T)
+        self._head_t = None if head is None else built(keys.get("head"), lambda: np.ascontiguousarray(dequantize(head.output).T))
         self._sessions: dict[str, _KVCache] = {}
         c = config
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim

@@ -50,6 +50,7 @@ class TabWorker:
         self.ranges: dict[tuple[int, int], object] = {}  # (layer_start, layer_end) -> backend
         self.range_heads: dict[tuple[int, int], bool] = {}
         self.range_blobs: dict[tuple[int, int], list[str]] = {}
+        self._dense: dict[str, object] = {}  # blob sha256 -> the numpy backend's dequantized layer (shared by ranges)
         self.steps_served = 0
         self.tokens_served = 0
         self.bytes_received = 0
@@ -183,15 +184,20 @@ class TabWorker:
                 continue
             del self._assignments[aid]
             cfg = ModelConfig.from_dict(m["model"])
-            layers, head = {}, None
+            layers, head, keys = {}, None, {}
             for s in shas:  # a lean backend's tensors are views of the kept blob, not copies
                 kind, index, w = unpack_blob(self.blobs[s], zero_copy=self.lean)
                 if kind == "layer":
                     layers[index] = w
+                    keys[index] = s
                 else:
                     head = w
+                    keys["head"] = s
             key = (m["layer_start"], m["layer_end"])
             options, corrections = self.honour_precision(m.get("precision") or {})
+            if self.backend_name == "numpy" and not self.lean:
+                self._prune_dense()
+                options.update(shared=self._dense, shared_keys=keys)
             self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **options)
             self.range_heads[key] = head is not None
             self.range_blobs[key] = shas
@@ -298,6 +304,7 @@ class TabWorker:
             del self.ranges[key]
             self.range_heads.pop(key, None)
             self.range_blobs.pop(key, None)
+            self._prune_dense()
             out.append(msg("refuse", reason="memory_pressure",
                            detail={"layer_start": key[0], "layer_end": key[1], "budget": self.memory_bytes}))
         return out
@@ -312,6 +319,13 @@ class TabWorker:
             self.ranges.pop((m["layer_start"], m["layer_end"]), None)
         else:
             self.ranges.clear()
+        self._prune_dense()
+
+    def _prune_dense(self) -> None:
+        """Drop dequantized layers no held range uses any more (their memory goes with them)."""
+        used = {sha for key in self.ranges for sha in self.range_blobs.get(key, ())}
+        for sha in [s for s in self._dense if s not in used]:
+            del self._dense[sha]
 
 
 def synthetic_layer(cfg: ModelConfig, seed: int, spec: QuantSpec = QuantSpec(4, 32, False)) -> LayerWeights:

@@ -385,3 +385,28 @@ def test_a_failure_inside_one_session_ends_only_that_session(weights, reference)
     assert err["type"] == "error" and err["code"] == "internal_error" and err["message"].startswith("generation failed: ValueError")
     assert net.tokens("good") == reference
     assert "bad" not in net.core.sessions
+
+
+def test_overlapping_ranges_share_dequantized_layers(weights):
+    """A worker holding overlapping ranges (the coordinator's verifier holds every stage's range
+    beside its own) builds each dequantized layer once; unloading frees what no range uses."""
+    net = start(weights, 3, local=True, spot_check_fraction=1.0)
+    net.submit("r", PROMPT, 8, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    local = net.workers["local"]
+    stage_keys = sorted(local.ranges)
+    assert len(stage_keys) == 3 and len(local._dense) == weights.config.n_layers + 1  # every layer and the head, once
+    # the whole model as one more range (the coordinator computing alone): nothing is rebuilt
+    blobs = [net.core.blob_info[f"layer:{i}"] for i in range(weights.config.n_layers)] + [net.core.blob_info["head"]]
+    before = {k: id(v) for k, v in local._dense.items()}
+    local.handle(wire.make("assign", assignment_id=999, layer_start=0, layer_end=weights.config.n_layers, include_head=True,
+                           model=weights.config.to_dict(), max_ctx=256, precision={"compute": "f32"},
+                           chunks=[b.to_dict() for b in blobs]))
+    full = local.ranges[(0, weights.config.n_layers)]
+    assert {k: id(v) for k, v in local._dense.items()} == before
+    for key in stage_keys:
+        for i in range(*key):
+            assert local.ranges[key]._layers[i - key[0]] is full._layers[i]
+    for key in [*stage_keys, (0, weights.config.n_layers)]:
+        local.handle(wire.make("unload", layer_start=key[0], layer_end=key[1]))
+    assert local._dense == {}
