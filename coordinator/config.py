@@ -17,6 +17,7 @@ _RULES = {
     "replicas": (int, 1, 16),
     "max_stages": (int, 1, 1024),
     "max_batch": (int, 1, 1024),
+    "pipeline_groups": (int, 0, 1024),  # sessions split into this many micro-batches in flight (0: one per stage)
     "target_step_ms": (float, 1.0, 600_000.0),
     "prefix_cache_entries": (int, 0, 10_000),
     "prefix_min_tokens": (int, 1, 1 << 20),

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class CoordinatorService:
         self.observers: list = []
         self.message_observers: list = []
         self._local_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-compute")
+        # That thread's numpy holds the GIL between BLAS calls; by default the event loop waits
+        # up to 5 ms for it at every wake-up, and each pipeline hop goes through this loop.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._local = None
         if settings.coordinator_compute:
             # the coordinator's own worker holds every blob already (hashed once, by the core)

@@ -80,6 +80,7 @@ class CoordinatorSettings:
     replicas: int = 1
     max_stages: int | None = None
     max_batch: int = 16
+    pipeline_groups: int = 1
     target_step_ms: float = 200.0  # a stage's batch shrinks when its steps take longer than this
     prefill_chunk: int = 256
     coordinator_compute: bool = True
@@ -439,6 +440,12 @@ class Coordinator:
                 self.workers[wid].stages.add(i)
                 if wid not in st.ready:
                     out += self._assign(self.workers[wid], st, now)
+        # the verifier loads every stage's range now, while it may still hold an older range
+        # over the same layers (their dequantized matrices are reused), not at the first check
+        if self.settings.spot_check_fraction > 0:
+            for st in self.stages:
+                if LOCAL not in st.holders:
+                    out += self._load_verify_range(st)
         # ranges a worker held but no longer does are unloaded to free its memory
         for key, prev in old.items():
             for wid in prev.ready:
@@ -743,6 +750,11 @@ class Coordinator:
     # ================================================================== the scheduler
     def _pump(self, now: float) -> list:
         out = []
+        # pipeline micro-batches: sessions go in at most `pipeline_groups` groups (0: one per
+        # stage), so a stage works on one group while the next works on another instead of one
+        # big batch walking the stages together with all but one stage idle
+        groups = self.settings.pipeline_groups or len(self.stages)
+        group = max(1, -(-len(self.sessions) // max(1, min(groups, len(self.stages)))))
         for st in self.stages:
             if st.inflight is not None or not st.queue or st.needs_rebuild:
                 continue
@@ -754,7 +766,7 @@ class Coordinator:
                 continue
             items, seen, rows = [], set(), 0
             rest = deque()
-            while st.queue and len(items) < st.batch_limit:
+            while st.queue and len(items) < min(st.batch_limit, group):
                 it = st.queue.popleft()
                 # one slice per session per step (KV order); prompt rows only up to one prefill
                 # chunk per step, so a burst of new prompts cannot make a step of decode rows slow
@@ -901,30 +913,35 @@ class Coordinator:
                      hidden=np.ascontiguousarray(history, dtype=np.float32), want_topk=want),
                 _msg("drop_session", session_id=scratch)]
         if verifier.worker_id == LOCAL and not (verifier.worker_id in st.ready and verifier.worker_id in st.holders):
-            state = self._verify_ranges.get(key)
-            if state != "ready":
+            if self._verify_ranges.get(key) != "ready":
                 self._verify_parked.setdefault(key, []).extend(msgs)
-                if state is None:  # LOCAL holds every blob: loading a range streams nothing
-                    self._verify_ranges[key] = "loading"
-                    aid = next(self._ids)
-                    self._verify_assign[aid] = key
-                    infos = [self.blob_info[k] for k in self._stage_blobs(st)]
-                    out = [Send(verifier.conn, _msg("assign", assignment_id=aid, layer_start=key[0], layer_end=key[1],
-                                                    include_head=st.include_head, model=self.config.to_dict(),
-                                                    max_ctx=self.settings.max_ctx, precision={"compute": "f32"},
-                                                    chunks=[i.to_dict() for i in infos]))]
-                    for info in infos:
-                        if info.sha256 not in verifier.have_blobs:
-                            data = self.blob_bytes[info.key]
-                            for c in range(info.chunks):
-                                piece = chunk(data, c)
-                                out.append(Send(verifier.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256,
-                                                                    offset=c * CHUNK_BYTES, total=info.size, data=piece,
-                                                                    sha256=sha256(piece))))
-                    verifier.have_blobs.update(i.sha256 for i in infos)
-                    return out
-                return []
+                return self._load_verify_range(st)
         return [Send(verifier.conn, x) for x in msgs]
+
+    def _load_verify_range(self, st: Stage) -> list:
+        """Have the coordinator's own worker load a stage's range to recompute others' steps of
+        it (once; checks wait for it in _verify_parked)."""
+        key = (st.layer_start, st.layer_end)
+        local = self.workers.get(LOCAL)
+        if key in self._verify_ranges or local is None or not local.alive:
+            return []
+        self._verify_ranges[key] = "loading"
+        aid = next(self._ids)
+        self._verify_assign[aid] = key
+        infos = [self.blob_info[k] for k in self._stage_blobs(st)]
+        out = [Send(local.conn, _msg("assign", assignment_id=aid, layer_start=key[0], layer_end=key[1],
+                                     include_head=st.include_head, model=self.config.to_dict(),
+                                     max_ctx=self.settings.max_ctx, precision={"compute": "f32"},
+                                     chunks=[i.to_dict() for i in infos]))]
+        for info in infos:  # LOCAL holds every blob already: normally nothing streams
+            if info.sha256 not in local.have_blobs:
+                data = self.blob_bytes[info.key]
+                for c in range(info.chunks):
+                    piece = chunk(data, c)
+                    out.append(Send(local.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256,
+                                                     offset=c * CHUNK_BYTES, total=info.size, data=piece, sha256=sha256(piece))))
+        local.have_blobs.update(i.sha256 for i in infos)
+        return out
 
     def _verifier(self, st: Stage, w: Worker) -> Worker | None:
         """The coordinator's own worker (trusted, can load any range), else another ready holder."""
@@ -1197,6 +1214,8 @@ class Coordinator:
             "plan_version": self.plan_version,
             "degraded": self.degraded or any(not s.holders for s in self.stages) or not self.stages,
             "stages": [s.to_dict() for s in self.stages],
+            # ranges the coordinator's own worker holds to recompute sampled steps: loading | ready
+            "verifier_ranges": [[k[0], k[1], v] for k, v in sorted(self._verify_ranges.items())],
             "workers": [{
                 "worker_id": w.worker_id, "name": w.name, "state": w.state, "local": w.local,
                 "backend": w.caps.get("backend"), "kind": w.caps.get("kind"), "adapter": w.caps.get("adapter"),

@@ -83,7 +83,9 @@ class LocalCluster:
             self.add_worker()
         self.wait_for(lambda st: st["stages"] and all(s["holders"] and s["holders"][0] in s["ready"] for s in st["stages"])
                       and sum(1 for w in st["workers"] if not w["local"] and w["state"] == "ready") >= self.n_workers
-                      and not any(h == "local" for s in st["stages"] for h in s["holders"][:1]) if self.n_workers else
+                      and not any(h == "local" for s in st["stages"] for h in s["holders"][:1])
+                      # the spot-check verifier has built its ranges: nothing loads behind the first requests
+                      and all(r[2] == "ready" for r in st.get("verifier_ranges", [])) if self.n_workers else
                       st["stages"] and all(s["holders"][0] in s["ready"] for s in st["stages"]), timeout, what="plan ready")
         return self
 
