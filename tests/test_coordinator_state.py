@@ -410,3 +410,19 @@ def test_overlapping_ranges_share_dequantized_layers(weights):
     for key in [*stage_keys, (0, weights.config.n_layers)]:
         local.handle(wire.make("unload", layer_start=key[0], layer_end=key[1]))
     assert local._dense == {}
+
+
+def test_pipeline_groups_split_sessions_into_micro_batches(weights, reference):
+    """pipeline_groups = 0: one micro-batch per stage, so 6 sessions on 3 stages go 2 per step
+    (each stage busy with one group while the next works on another); tokens stay exact."""
+    for groups, batched in ((0, False), (1, True)):
+        net = start(weights, 3, pipeline_groups=groups)
+        sent = []
+        real = net.core._send_step
+        net.core._send_step = lambda st, w, items, now: (sent.append(len(items)), real(st, w, items, now))[1]
+        rids = [f"r{i}" for i in range(6)]
+        for r in rids:
+            net.submit(r, PROMPT, N_TOKENS, stop_at_eos=False)
+        run_until_done(net, rids)
+        assert all(net.tokens(r) == reference for r in rids)
+        assert (max(sent) > 2) == batched and max(sent) >= 2
