@@ -46,7 +46,7 @@ def bench(backend_name: str, weights: ModelWeights, tokens: int, prompt: int) ->
 
     cfg = weights.config
     t0 = time.perf_counter()
-    be = make_backend(backend_name, cfg, dict(enumerate(weights.layers)), weights.head, 1024)
+    be = make_backend(backend_name, cfg, dict(enumerate(weights.layers)), weights.head, max(1024, prompt + tokens + 64))
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     # at least 32 rows: the warm-up below needs them whatever --prompt is
