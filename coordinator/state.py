@@ -230,6 +230,7 @@ class Session:
     # the last token is out, but a spot check of a worker that computed for this session is
     # still pending: "done" waits for it, so a liar it catches can still rewind the stream
     finish_pending: str | None = None
+    log_epoch: int = 0  # bumped whenever `logs` restart from position 0
 
     @property
     def position(self) -> int:
@@ -277,6 +278,9 @@ class Coordinator:
         self._verify_ranges: dict[tuple, str] = {}  # (layer_start, layer_end) on LOCAL -> loading | ready
         self._verify_assign: dict[int, tuple] = {}  # assignment id -> range, for LOCAL's verify ranges
         self._verify_parked: dict[tuple, list] = {}  # range -> check messages waiting for LOCAL to load it
+        # (session, range, verifier) -> (positions the verifier's scratch KV holds, the session's
+        # log epoch then): a later check of that session sends only the rows since
+        self._verify_kv: dict[tuple, tuple[int, int]] = {}
 
     # ================================================================== connections
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:
@@ -361,8 +365,10 @@ class Coordinator:
         check = self._checks.pop(m.get("step_id"), None)
         if check is not None:  # the verifier could not run the check (e.g. its range was unloaded)
             self.counters["spot_checks_skipped"] += 1
-            self._verify_ranges.pop(check["range"], None)
-            return []
+            self._verify_kv.pop(check["kv_key"], None)  # the next check of it starts from position 0
+            if m.get("code") == "not_assigned":
+                self._verify_ranges.pop(check["range"], None)
+            return self._release_finishes(now)
         # an error about a step means that step will never be answered: treat the stage as failed
         for st in self.stages:
             if st.inflight and st.inflight["worker"] == w.worker_id and m.get("step_id") == st.inflight["step_id"]:
@@ -454,6 +460,7 @@ class Coordinator:
                     out.append(Send(w.conn, _msg("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
                     if wid == LOCAL:
                         self._verify_ranges.pop(key, None)
+                        self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)  # unloaded with the range
         self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
         self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages]})
         self._inflight_lost.clear()  # it described stages of the old plan
@@ -640,6 +647,7 @@ class Coordinator:
         """A new plan holds none of this session's KV: run its whole history (prompt and the
         tokens already streamed) through the new stages; the next token follows exactly."""
         s.logs = {}
+        s.log_epoch += 1  # the verifiers' scratch KV of it no longer matches what stages receive
         self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
 
     # ================================================================== prefix cache
@@ -739,6 +747,7 @@ class Coordinator:
                                            "prompt_tokens": len(s.prompt_ids)}))
             out += self._remember_prefix(s, now)
         out += self._drop_everywhere(s.request_id)
+        out += self._forget_verify_kv(lambda k: k[0] == s.request_id)
         if not self.sessions and self._replan_pending():
             self._replan_at = now
         return out
@@ -877,8 +886,10 @@ class Coordinator:
     # ================================================================== spot checks
     def _maybe_spot_check(self, st: Stage, w: Worker, items: list[WorkItem], m: dict, now: float) -> list:
         """Sample this step for verification: one of its sessions' rows is recomputed from the
-        stage's input log (position 0 up to the step's end, under a scratch session id that the
-        verifier drops at once, so no real KV cache is touched) and compared on arrival."""
+        stage's input log under a scratch session on the verifier (no real KV cache is touched)
+        and compared on arrival. The scratch KV stays for that session's later checks, which
+        send only the rows since the previous one: a check costs the rows it covers, not the
+        whole context again; it is dropped with the session."""
         fraction = self.settings.spot_check_fraction
         if fraction <= 0 or w.local or self._spot_rng.random() >= fraction:
             return []
@@ -890,7 +901,8 @@ class Coordinator:
             return []
         i = candidates[self._spot_rng.randrange(len(candidates))]
         it = items[i]
-        log = [r for p, r in self.sessions[it.session_id].logs.get(st.index, []) if p < it.end]
+        s = self.sessions[it.session_id]
+        log = [r for p, r in s.logs.get(st.index, []) if p < it.end]
         history = np.concatenate(log)[:it.end] if log else np.zeros((0, self.config.hidden), np.float32)
         if len(history) != it.end:
             self.counters["spot_checks_skipped"] += 1
@@ -903,15 +915,19 @@ class Coordinator:
             claimed = np.array(m["output"][offset: offset + len(it.rows)])
             want = 0
         step_id = next(self._ids)
-        scratch = f"check-{step_id}"
         key = (st.layer_start, st.layer_end)
+        kv_key = (it.session_id, key, verifier.worker_id)
+        held, epoch = self._verify_kv.get(kv_key, (0, -1))
+        first = min(held, it.start_pos) if epoch == s.log_epoch else 0  # the verifier truncates to `first`
+        self._verify_kv[kv_key] = (it.end, s.log_epoch)
+        scratch = f"check-{it.session_id}-{key[0]}-{key[1]}"
         self._checks[step_id] = {"worker": w.worker_id, "epoch": w.epoch, "verifier": verifier.worker_id, "stage": st.index,
-                                 "range": key, "start": it.start_pos, "claimed": claimed, "at": now, "worker_steps": w.steps}
+                                 "range": key, "start": it.start_pos - first, "claimed": claimed, "at": now, "worker_steps": w.steps,
+                                 "kv_key": kv_key}
         self.counters["spot_checks"] += 1
         msgs = [_msg("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
-                     sessions=[{"session_id": scratch, "start_pos": 0, "length": len(history)}],
-                     hidden=np.ascontiguousarray(history, dtype=np.float32), want_topk=want),
-                _msg("drop_session", session_id=scratch)]
+                     sessions=[{"session_id": scratch, "start_pos": first, "length": it.end - first}],
+                     hidden=np.ascontiguousarray(history[first:], dtype=np.float32), want_topk=want)]
         if verifier.worker_id == LOCAL and not (verifier.worker_id in st.ready and verifier.worker_id in st.holders):
             if self._verify_ranges.get(key) != "ready":
                 self._verify_parked.setdefault(key, []).extend(msgs)
@@ -925,6 +941,7 @@ class Coordinator:
         local = self.workers.get(LOCAL)
         if key in self._verify_ranges or local is None or not local.alive:
             return []
+        self._forget_verify_kv(lambda k: k[1] == key and k[2] == LOCAL)  # a fresh range holds no scratch KV
         self._verify_ranges[key] = "loading"
         aid = next(self._ids)
         self._verify_assign[aid] = key
@@ -941,6 +958,17 @@ class Coordinator:
                     out.append(Send(local.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256,
                                                      offset=c * CHUNK_BYTES, total=info.size, data=piece, sha256=sha256(piece))))
         local.have_blobs.update(i.sha256 for i in infos)
+        return out
+
+    def _forget_verify_kv(self, which) -> list:
+        """Forget the verifiers' scratch KV for the (session, range, verifier) keys `which`
+        selects; live verifiers are told to drop it."""
+        out = []
+        for k in [k for k in self._verify_kv if which(k)]:
+            del self._verify_kv[k]
+            v = self.workers.get(k[2])
+            if v is not None and v.alive:
+                out.append(Send(v.conn, _msg("drop_session", session_id=f"check-{k[0]}-{k[1][0]}-{k[1][1]}")))
         return out
 
     def _verifier(self, st: Stage, w: Worker) -> Worker | None:
@@ -1100,7 +1128,7 @@ class Coordinator:
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
         expired = [k for k, c in self._checks.items() if now - c["at"] > self.settings.spot_check_timeout_s]
         for step_id in expired:
-            del self._checks[step_id]  # the verifier died or never answered: forget the check
+            self._verify_kv.pop(self._checks.pop(step_id)["kv_key"], None)  # the verifier died or never answered
             self.counters["spot_checks_skipped"] += 1
         if expired:
             out += self._release_finishes(now)
@@ -1129,6 +1157,7 @@ class Coordinator:
         for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
             del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
             self.counters["spot_checks_skipped"] += 1
+        self._forget_verify_kv(lambda k: k[2] == w.worker_id)
         self.events.append({"t": now, "kind": "quarantine" if quarantine else "death", "worker": w.worker_id,
                             "reason": reason, "last_seen_s": now - w.last_seen})
         out = []

@@ -46,6 +46,22 @@ def test_honest_workers_pass_every_check(weights, reference):
     assert not any(sid.startswith("check-") for b in local.ranges.values() for sid in b.sessions())
 
 
+def test_checks_send_only_the_rows_since_the_last_check(weights, reference):
+    """The verifier keeps a checked session's scratch KV: checking every step of a 40-token
+    generation costs about one pass over the positions per stage, not one per check."""
+    net = start(weights, 3, spot_check_fraction=1.0)
+    sent, perform = [], net.perform
+    net.perform = lambda actions: (sent.extend(a.msg for a in actions if getattr(a, "conn", None) == "local"
+                                               and getattr(a, "msg", {}).get("type") == "step"), perform(actions))[1]
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference and net.core.counters["spot_check_mismatches"] == 0
+    rows = sum(x["length"] for m in sent for x in m["sessions"])
+    positions = len(PROMPT) + N_TOKENS
+    assert len(sent) > 100 and rows <= len(net.core.stages) * positions  # recomputing from 0 each time: ~20x more
+    assert not any(sid.startswith("check-") for b in net.workers["local"].ranges.values() for sid in b.sessions())
+
+
 @pytest.mark.parametrize("victim_stage", [0, 2])  # a middle layer range, and the head
 def test_liar_is_caught_quarantined_and_tokens_stay_exact(weights, reference, victim_stage):
     net = start(weights, 3, spot_check_fraction=0.25)
