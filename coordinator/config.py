@@ -41,6 +41,7 @@ _RULES = {
     "client_max_msgs_per_s": (int, 1, 100_000),  # a /v1/stream client sending faster gets rate_limited errors
     "load_timeout_min_s": (float, 1.0, 86_400.0),  # a tab still loading after this (+ bytes at the rate below) loses its range
     "load_min_bytes_per_s": (float, 1e3, 1e12),
+    "dead_workers_kept": (int, 0, 1_000_000),  # ended workers' records kept for /status
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
 }

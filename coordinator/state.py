@@ -111,6 +111,7 @@ class CoordinatorSettings:
     # lies about loading) loses it after this long plus the time its bytes take at the minimum rate
     load_timeout_min_s: float = 60.0
     load_min_bytes_per_s: float = 1e6
+    dead_workers_kept: int = 64  # records of dead/quarantined workers kept for /status and the dashboard
     resume_wait_ms: int = 5000  # after a restart, wait this long for rejoining workers whose weights tile the model
     allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
 
@@ -131,6 +132,7 @@ class Worker:
     have_blobs: set = field(default_factory=set)  # sha256 of blobs the worker holds
     loading: dict = field(default_factory=dict)  # assignment_id -> (stage index, blob shas)
     load_deadline: float | None = None  # while loading: when the range goes elsewhere
+    ended_at: float | None = None  # when it was declared dead or quarantined
     bytes_sent: int = 0
     steps: int = 0
     last_step_ms: float | None = None
@@ -960,6 +962,20 @@ class Coordinator:
         local.have_blobs.update(i.sha256 for i in infos)
         return out
 
+    def _prune_ended_workers(self) -> None:
+        """Tabs come and go for as long as the service runs: keep only the newest records of
+        ended workers that nothing refers to any more."""
+        ended = [w for w in self.workers.values() if not w.alive and w.ended_at is not None]
+        if len(ended) <= self.settings.dead_workers_kept:
+            return
+        busy = {st.inflight["worker"] for st in self.stages if st.inflight} | {h for st in self.stages for h in st.holders}
+        busy |= {c["worker"] for c in self._checks.values()} | {c["verifier"] for c in self._checks.values()}
+        busy |= set(self.conn_worker.values())
+        ended.sort(key=lambda w: w.ended_at)
+        for w in ended[: len(ended) - self.settings.dead_workers_kept]:
+            if w.worker_id not in busy:
+                del self.workers[w.worker_id]
+
     def _forget_verify_kv(self, which) -> list:
         """Forget the verifiers' scratch KV for the (session, range, verifier) keys `which`
         selects; live verifiers are told to drop it."""
@@ -1126,6 +1142,7 @@ class Coordinator:
             elif w.state == "ready":
                 w.move("suspect")
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
+        self._prune_ended_workers()
         expired = [k for k, c in self._checks.items() if now - c["at"] > self.settings.spot_check_timeout_s]
         for step_id in expired:
             self._verify_kv.pop(self._checks.pop(step_id)["kv_key"], None)  # the verifier died or never answered
@@ -1154,6 +1171,7 @@ class Coordinator:
     def _worker_lost(self, w: Worker, now: float, reason: str, quarantine: bool = False) -> list:
         """Fence the worker (its epoch dies with it) and repair every stage it served."""
         w.move("quarantined" if quarantine else "dead")
+        w.ended_at = now
         for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
             del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
             self.counters["spot_checks_skipped"] += 1

@@ -426,3 +426,19 @@ def test_pipeline_groups_split_sessions_into_micro_batches(weights, reference):
         run_until_done(net, rids)
         assert all(net.tokens(r) == reference for r in rids)
         assert (max(sent) > 2) == batched and max(sent) >= 2
+
+
+def test_records_of_ended_workers_are_bounded(weights, reference):
+    """Tabs come and go all day: only the newest `dead_workers_kept` ended records stay."""
+    net = start(weights, 2, dead_workers_kept=3)
+    for _ in range(6):
+        conn = net.add_worker()
+        net.run()
+        net.advance(0.3)
+        net.kill(conn)
+        net.advance(0.3)
+    ended = [w for w in net.core.workers.values() if not w.alive]
+    assert len(ended) == 3 and len(net.core.status(net.now)["workers"]) == 2 + 3
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
