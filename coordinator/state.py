@@ -542,6 +542,7 @@ class Coordinator:
         keys = self._stage_blobs(st)
         infos = [self.blob_info[k] for k in keys]
         w.loading[aid] = (st.index, [i.sha256 for i in infos])
+        w.load_progress = {}  # this assignment's reports start afresh (the last one stays after ready)
         if w.state in ("idle", "ready"):
             w.move("loading")
         to_send = sum(i.size for i in infos if i.sha256 not in w.have_blobs)
@@ -596,7 +597,6 @@ class Coordinator:
         if not w.loading:
             w.move("ready")
             w.load_deadline = None
-            w.load_progress = {}  # a later assignment's reports start afresh
         st = self.stages[stage_index] if stage_index < len(self.stages) else None
         layers = tuple(m.get("layers") or ())
         if st is None or w.worker_id not in st.holders or (layers and layers != (st.layer_start, st.layer_end)):

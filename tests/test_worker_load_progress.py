@@ -122,6 +122,8 @@ def test_coordinator_and_dashboard_take_the_reports(small_chunks, weights):
     assert 0 < len(sent) < chunks / 4
     last = sent[-1]
     assert last["received_bytes"] == last["total_bytes"]
-    # ready: the report is cleared, so a later assignment's progress starts afresh
-    assert w.state == "ready" and w.load_progress == {}
+    # ready: the last (100 %) report stays; a new assignment starts afresh
+    assert w.state == "ready" and w.load_progress == {k: last[k] for k in ("layer", "received_bytes", "total_bytes")}
+    net.perform(net.core._assign(w, net.core.stages[0], net.now))
+    assert w.load_progress == {}
     assert net.core.counters["protocol_errors"] == 0 and not net.closed
