@@ -2,8 +2,8 @@
 
     GET /tab?token=T              the tab page (403 with a clear message for a wrong token)
     GET /tab/static/PATH          tab_worker/web/dist/ (built by tab_worker/web/build.py)
-    GET /kernels/NAME.wgsl        kernels/NAME.wgsl itself: the browser runs the very files
-                                  the native wgpu path runs, never copies
+    GET /kernels/NAME.wgsl        kernels/NAME.wgsl with its includes (kernels.wgsl_source): the
+                                  browser runs the very text the native wgpu path compiles
     GET /tab/qr.svg?token=T       the join URL as a QR code (for phones on the LAN)
 
 The page's worker then joins at /ws/worker like any Python worker.
@@ -19,6 +19,8 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from kernels import wgsl_source
 
 WEB = Path(__file__).resolve().parent.parent / "tab_worker" / "web"
 DIST = WEB / "dist"
@@ -94,7 +96,7 @@ def routes(service) -> list:
         path = KERNEL_DIR / f"{name}.wgsl"
         if not re.fullmatch(r"\w+", name) or not path.is_file():
             return PlainTextResponse(f"no kernel {name!r}", status_code=404)
-        return FileResponse(path, media_type=MEDIA_TYPES[".wgsl"], headers=NO_CACHE)
+        return Response(wgsl_source(name), media_type=MEDIA_TYPES[".wgsl"], headers=NO_CACHE)
 
     async def qr_svg(request: Request):
         if not token_ok(request):

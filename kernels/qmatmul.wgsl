@@ -33,25 +33,9 @@ struct Params {
 var<workgroup> x_tile: array<f32, 32u * TILE>;  // [input of the block][batch row]
 var<workgroup> w_tile: array<f32, 32u * TILE>;  // [input of the block][weight row]
 
-// (scale, min) of group g of row n, so that w = scale * q + min.
-fn scale_min(n: u32, g: u32, groups: u32) -> vec2<f32> {
-  if (SYMMETRIC) {
-    let pair = unpack2x16float(scales[n * ((groups + 1u) / 2u) + g / 2u]);
-    let s = select(pair.x, pair.y, (g & 1u) == 1u);
-    return vec2<f32>(s, -s * f32(1u << (BITS - 1u)));
-  }
-  return unpack2x16float(scales[n * groups + g]);
-}
+// #include "scale_min.wgsl"
 
-// The code of input j (0-31) of the block whose words start at qweight[wbase].
-fn code_at(wbase: u32, j: u32) -> u32 {
-  if (BITS == 3u) {
-    let low = (qweight[wbase + j / 16u] >> (2u * (j % 16u))) & 3u;
-    let high = (qweight[wbase + 2u] >> j) & 1u;
-    return low | (high << 2u);
-  }
-  return (qweight[wbase + j * BITS / 32u] >> (j * BITS % 32u)) & ((1u << BITS) - 1u);
-}
+// #include "code_at.wgsl"
 
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {

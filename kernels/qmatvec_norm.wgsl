@@ -50,29 +50,9 @@ override QUADS: u32 = (ROWS + 3u) / 4u;
 var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
-// (scale, min) of group g of row n, so that w = scale * q + min.
-fn scale_min(n: u32, g: u32, groups: u32) -> vec2<f32> {
-  if (SYMMETRIC) {
-    let pair = unpack2x16float(scales[n * ((groups + 1u) / 2u) + g / 2u]);
-    let s = select(pair.x, pair.y, (g & 1u) == 1u);
-    return vec2<f32>(s, -s * f32(1u << (BITS - 1u)));
-  }
-  return unpack2x16float(scales[n * groups + g]);
-}
+// #include "scale_min.wgsl"
 
-// The codes of inputs j0..j0+3 (j0 a multiple of 4) of the block at qweight[wbase].
-fn codes4(wbase: u32, j0: u32) -> vec4<f32> {
-  if (BITS == 3u) {
-    // words 0-1: low two bits of inputs 0-15 and 16-31; word 2: the high bit of input j at bit j
-    let low = vec4<u32>(qweight[wbase + j0 / 16u]) >> (vec4<u32>(0u, 2u, 4u, 6u) + 2u * (j0 % 16u));
-    let high = vec4<u32>(qweight[wbase + 2u]) >> (vec4<u32>(0u, 1u, 2u, 3u) + j0);
-    return vec4<f32>((low & vec4<u32>(3u)) | ((high & vec4<u32>(1u)) << vec4<u32>(2u)));
-  }
-  // input j sits in word j*BITS/32 at bit j*BITS%32
-  let word = vec4<u32>(qweight[wbase + j0 * BITS / 32u]);
-  let shifts = vec4<u32>(0u, 1u, 2u, 3u) * BITS + (j0 * BITS) % 32u;
-  return vec4<f32>((word >> shifts) & vec4<u32>((1u << BITS) - 1u));
-}
+// #include "codes4.wgsl"
 
 // Four inputs of x * norm_weight at vec4 index i, block input j0 (norm_weight's vec4 index is
 // i's offset within the row: i - row start); inputs at or past `valid` read as 0.

@@ -36,37 +36,9 @@ override QUADS: u32 = (ROWS + 3u) / 4u;
 var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
-// (scale, min) of group g of row n, so that w = scale * q + min.
-fn scale_min(n: u32, g: u32, groups: u32) -> vec2<f32> {
-  if (SYMMETRIC) {
-    let pair = unpack2x16float(scales[n * ((groups + 1u) / 2u) + g / 2u]);
-    let s = select(pair.x, pair.y, (g & 1u) == 1u);
-    return vec2<f32>(s, -s * f32(1u << (BITS - 1u)));
-  }
-  return unpack2x16float(scales[n * groups + g]);
-}
+// #include "scale_min.wgsl"
 
-// The codes of inputs j0..j0+3 (j0 a multiple of 4) of the block at qweight[wbase].
-fn codes4(wbase: u32, j0: u32) -> vec4<u32> {
-  if (BITS == 3u) {
-    // words 0-1: low two bits of inputs 0-15 and 16-31; word 2: the high bit of input j at bit j
-    let low = vec4<u32>(qweight[wbase + j0 / 16u]) >> (vec4<u32>(0u, 2u, 4u, 6u) + 2u * (j0 % 16u));
-    let high = vec4<u32>(qweight[wbase + 2u]) >> (vec4<u32>(0u, 1u, 2u, 3u) + j0);
-    return (low & vec4<u32>(3u)) | ((high & vec4<u32>(1u)) << vec4<u32>(2u));
-  }
-  // input j sits in word j*BITS/32 at bit j*BITS%32
-  let word = vec4<u32>(qweight[wbase + j0 * BITS / 32u]);
-  let shifts = vec4<u32>(0u, 1u, 2u, 3u) * BITS + (j0 * BITS) % 32u;
-  return (word >> shifts) & vec4<u32>((1u << BITS) - 1u);
-}
-
-// The f16 weights of inputs j0..j0+3 of the block at qweight[wbase], group (scale, min) sm:
-// scale * q is exact in f32 (11 + 8 bits), so this is one f32 rounding of the sum at most
-// (none when symmetric), then the one rounding to f16, fused fma or not. (An f16 fma, unfused
-// as on lavapipe, rounds scale * q first: errors up to 255 ulp of w in 8-bit asymmetric.)
-fn weights4(wbase: u32, j0: u32, sm: vec2<f32>) -> vec4<f16> {
-  return vec4<f16>(fma(vec4<f32>(codes4(wbase, j0)), vec4<f32>(sm.x), vec4<f32>(sm.y)));
-}
+// #include "codes4_f16.wgsl"
 
 // Four inputs x * inv * norm_weight at vec4 index i, block input j0 (norm_weight's vec4 index
 // is i's offset within the row: i - row start), inv the row's 1/rms; inputs at or past
@@ -89,12 +61,6 @@ fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32, inv: vec4<f32>) -> mat4
 // x[i] with inputs at or past k (counting from the row's first input, vec4 index c) as 0.
 fn x_masked(i: u32, c: u32, k: u32) -> vec4<f32> {
   return select(vec4<f32>(0.0), x[i], vec4<u32>(4u * c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(k));
-}
-
-// w times each of four rows of inputs (the columns of xs), rounded to f16, products widened.
-fn products(w: vec4<f16>, xs: mat4x4<f32>) -> mat4x4<f32> {
-  let h = mat4x4<f16>(xs);
-  return mat4x4<f32>(mat4x4<f16>(w * h[0], w * h[1], w * h[2], w * h[3]));
 }
 
 @compute @workgroup_size(WG)

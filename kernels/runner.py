@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels import wgsl_source
 from kernels.quant import QuantTensor
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -180,7 +181,7 @@ class Device:
 
     # ------------------------------------------------------------------ kernels
     def source(self, kernel: str) -> str:
-        return (KERNEL_DIR / f"{kernel}.wgsl").read_text()
+        return wgsl_source(kernel)
 
     def pipeline(self, kernel: str, **constants):
         """The compute pipeline of kernel.wgsl's ``main`` with these override values, built once.

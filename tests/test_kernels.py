@@ -14,6 +14,7 @@ import pytest
 
 from kernels import reference as ref
 from kernels import runner as R
+from kernels import wgsl_source
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, quantize_rtn
 
 SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, (False, True))]
@@ -64,7 +65,7 @@ def test_every_kernel_has_a_numpy_twin_and_portable_source():
     assert kernels, "no kernels found"
     for name in kernels:
         assert callable(getattr(ref, name, None)), f"{name}.wgsl has no reference.{name}"
-        source = (R.KERNEL_DIR / f"{name}.wgsl").read_text()
+        source = wgsl_source(name)
         # Chromium's Tint must load these too: no extensions (f16 only in the NAME_f16 variants,
         # which only shader-f16 devices load: see test_kernels_f16.py)
         assert "enable " not in source or name.endswith("_f16"), f"{name}.wgsl enables an extension"
@@ -494,7 +495,7 @@ def test_kernels_compile_in_chromium_tint():
                 if not page.evaluate("!!navigator.gpu && navigator.gpu.requestAdapter().then(a => !!a)"):
                     pytest.skip("this Chromium has no WebGPU adapter")
                 # the f16 variants need shader-f16, which SwiftShader lacks: tabs never load them
-                sources = {p.stem: p.read_text() for p in sorted(R.KERNEL_DIR.glob("*.wgsl")) if not p.stem.endswith("_f16")}
+                sources = {p.stem: wgsl_source(p.stem) for p in sorted(R.KERNEL_DIR.glob("*.wgsl")) if not p.stem.endswith("_f16")}
                 result = page.evaluate(TINT_JS, {"sources": sources, "variants": TINT_VARIANTS})
             finally:
                 browser.close()

@@ -1,0 +1,15 @@
+// Included (kernels.wgsl_source) by the kernels that share it: 4-bit-at-a-time code unpacking of a kernels/quant.py tensor (needs `qweight`, BITS).
+
+// The codes of inputs j0..j0+3 (j0 a multiple of 4) of the block at qweight[wbase].
+fn codes4(wbase: u32, j0: u32) -> vec4<f32> {
+  if (BITS == 3u) {
+    // words 0-1: low two bits of inputs 0-15 and 16-31; word 2: the high bit of input j at bit j
+    let low = vec4<u32>(qweight[wbase + j0 / 16u]) >> (vec4<u32>(0u, 2u, 4u, 6u) + 2u * (j0 % 16u));
+    let high = vec4<u32>(qweight[wbase + 2u]) >> (vec4<u32>(0u, 1u, 2u, 3u) + j0);
+    return vec4<f32>((low & vec4<u32>(3u)) | ((high & vec4<u32>(1u)) << vec4<u32>(2u)));
+  }
+  // input j sits in word j*BITS/32 at bit j*BITS%32
+  let word = vec4<u32>(qweight[wbase + j0 * BITS / 32u]);
+  let shifts = vec4<u32>(0u, 1u, 2u, 3u) * BITS + (j0 * BITS) % 32u;
+  return vec4<f32>((word >> shifts) & vec4<u32>((1u << BITS) - 1u));
+}
