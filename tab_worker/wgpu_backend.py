@@ -329,7 +329,9 @@ class WgpuBackend:
         return hidden, total, positions, slots
 
     def forward(self, slices: list[SessionSlice], hidden: np.ndarray) -> np.ndarray:
-        hidden, total, positions, slots = self._prepare(slices, hidden)
+        return self._forward_prepared(slices, *self._prepare(slices, hidden))
+
+    def _forward_prepared(self, slices, hidden, total, positions, slots) -> np.ndarray:
         out = hidden.copy()
         if self._layers:
             for start in range(0, total, self._max_rows):
@@ -374,13 +376,7 @@ class WgpuBackend:
         hidden, total, positions, slots = self._prepare(slices, hidden)
         n = len(slices)
         if not self._layers or total > self._max_rows or n > self._head_max_rows or n == 0:
-            out = hidden.copy()
-            if self._layers:
-                for start in range(0, total, self._max_rows):
-                    stop = min(total, start + self._max_rows)
-                    out[start:stop] = self._forward_rows(hidden[start:stop], positions[start:stop], slots[start:stop])
-            for sl in slices:
-                self._lengths[sl.session_id] = sl.start_pos + sl.length
+            out = self._forward_prepared(slices, hidden, total, positions, slots)
             ends = np.cumsum([sl.length for sl in slices]) - 1
             return self.head_topk(out[ends], k)
         rows = self._stage_rows(hidden, positions, slots)
