@@ -552,7 +552,16 @@ class Coordinator:
                                  include_head=st.include_head, model=self.config.to_dict(), max_ctx=self.settings.max_ctx,
                                  precision=self._precision(),
                                  chunks=[i.to_dict() for i in infos]))]
-        # stream what the worker does not hold yet, in layer order: the earliest layers first
+        chunks = self._weight_chunks(w, infos)
+        sent = sum(len(c.msg["data"]) for c in chunks)
+        w.bytes_sent += sent
+        self.counters["weight_bytes_sent"] += sent
+        return out + chunks
+
+    def _weight_chunks(self, w: Worker, infos: list) -> list:
+        """The weights_chunk messages of the blobs `w` does not hold yet, in layer order (the
+        earliest layers first)."""
+        out = []
         for info in infos:
             if info.sha256 in w.have_blobs:
                 continue
@@ -561,8 +570,6 @@ class Coordinator:
                 piece = chunk(data, c)
                 out.append(Send(w.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256, offset=c * CHUNK_BYTES,
                                              total=info.size, data=piece, sha256=sha256(piece))))
-                w.bytes_sent += len(piece)
-                self.counters["weight_bytes_sent"] += len(piece)
         return out
 
     def _precision(self) -> dict:
@@ -952,13 +959,7 @@ class Coordinator:
                                      include_head=st.include_head, model=self.config.to_dict(),
                                      max_ctx=self.settings.max_ctx, precision={"compute": "f32"},
                                      chunks=[i.to_dict() for i in infos]))]
-        for info in infos:  # LOCAL holds every blob already: normally nothing streams
-            if info.sha256 not in local.have_blobs:
-                data = self.blob_bytes[info.key]
-                for c in range(info.chunks):
-                    piece = chunk(data, c)
-                    out.append(Send(local.conn, _msg("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256,
-                                                     offset=c * CHUNK_BYTES, total=info.size, data=piece, sha256=sha256(piece))))
+        out += self._weight_chunks(local, infos)  # LOCAL holds every blob already: normally none
         local.have_blobs.update(i.sha256 for i in infos)
         return out
 
