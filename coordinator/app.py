@@ -170,6 +170,13 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                     "total_tokens": client.prompt_tokens + len(client.tokens)}
 
         if body.get("stream"):  # a boolean (run_request checked)
+            def sse_chunk(text: str, finish_reason: str | None, **extra) -> str:
+                choice = ({"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason} if chat
+                          else {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None})
+                chunk = {"id": oid, "object": "chat.completion.chunk" if chat else obj, "created": created,
+                         "model": model_id, "choices": [choice], **extra}
+                return f"data: {json.dumps(chunk)}\n\n"
+
             async def events():
                 finished = False
                 try:
@@ -181,26 +188,14 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                         ev = await client.queue.get()
                         if ev["type"] == "rewind":
                             # no OpenAI field withdraws text: an extension field says how much to drop
-                            chunk = {"id": oid, "object": "chat.completion.chunk" if chat else obj, "created": created,
-                                     "model": model_id, "choices": [{"index": 0, "delta": {}, "finish_reason": None} if chat else
-                                                                    {"index": 0, "text": "", "finish_reason": None, "logprobs": None}],
-                                     "tabshard_rewind": {"index": ev["index"], "retract_chars": ev["retract_chars"], "reason": ev["reason"]}}
-                            yield f"data: {json.dumps(chunk)}\n\n"
+                            yield sse_chunk("", None, tabshard_rewind={"index": ev["index"], "retract_chars": ev["retract_chars"],
+                                                                       "reason": ev["reason"]})
                         elif ev["type"] == "token":
-                            if not ev["text"]:
-                                continue
-                            choice = ({"index": 0, "delta": {"content": ev["text"]}, "finish_reason": None} if chat
-                                      else {"index": 0, "text": ev["text"], "finish_reason": None, "logprobs": None})
-                            chunk = {"id": oid, "object": "chat.completion.chunk" if chat else obj, "created": created,
-                                     "model": model_id, "choices": [choice]}
-                            yield f"data: {json.dumps(chunk)}\n\n"
+                            if ev["text"]:
+                                yield sse_chunk(ev["text"], None)
                         elif ev["type"] == "done":
                             finished = True
-                            choice = ({"index": 0, "delta": {}, "finish_reason": ev["finish_reason"]} if chat
-                                      else {"index": 0, "text": "", "finish_reason": ev["finish_reason"], "logprobs": None})
-                            chunk = {"id": oid, "object": "chat.completion.chunk" if chat else obj, "created": created,
-                                     "model": model_id, "choices": [choice], "usage": usage()}
-                            yield f"data: {json.dumps(chunk)}\n\n"
+                            yield sse_chunk("", ev["finish_reason"], usage=usage())
                             yield "data: [DONE]\n\n"
                             return
                         else:

@@ -36,7 +36,8 @@ class InProcessWorkers:
     def __init__(self, url: str, token: str, names: list[str]):
         self.workers = {n: TabWorker(n, backend="numpy", token=token) for n in names}
         self.loop = asyncio.new_event_loop()
-        self.conns = [WorkerConnection(w, url) for w in self.workers.values()]
+        # a caught liar stays out: its tab would rejoin under a new id and lie again
+        self.conns = [WorkerConnection(w, url, reconnect=False) for w in self.workers.values()]
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
