@@ -17,6 +17,7 @@ test: setup
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x --durations=15 tests
 
 setup: system-packages $(STAMP) $(DASHBOARD) $(TAB_ASSETS)
+	@$(PY) -m tab_worker.cpu_kernels
 
 # JS dependencies from npm (package.json at the root), copied into git-ignored dist/ folders
 # that the coordinator serves; the tab's WASM fallback is compiled from C with clang/lld

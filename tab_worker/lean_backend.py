@@ -3,18 +3,20 @@
 NumpyBackend holds every matrix as f32 (~8x the packed bytes); a tab capped at 1 GiB of weights
 (the 7B-in-tabs setup) cannot afford that. This backend holds the packed QuantTensors and, at
 each matmul, builds the f32 matrix (in the layout NumpyBackend uses: fused q/k/v and gate/up,
-transposed) BLOCK_BYTES of it at a time, so the transient f32 is a few MiB whatever the matrix
+[out, in]) BLOCK_BYTES of it at a time, so the transient f32 is a few MiB whatever the matrix
 (a 7B layer's fused gate/up would be 360 MB at once). The output head stays packed too (32000 x
 4096 in f32 would be 512 MB). A matrix that fits one block computes exactly what NumpyBackend
-does (tests/test_simulation_lean.py); bigger ones are computed block by block on the transposed
-view, equal to NumpyBackend's up to float rounding (the single-process reference of the 7B run
-uses this same backend). The step is slower: every step dequantizes every weight it uses.
+does (tests/test_simulation_lean.py); bigger ones are computed block by block, equal to
+NumpyBackend's on decode-sized steps (the compiled rows kernel computes each output alone) and
+up to float rounding on BLAS-sized ones (the single-process reference of the 7B run uses this
+same backend). The step is slower: every step dequantizes every weight it uses.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from kernels.quant import QuantTensor, dequantize, group_scales
+from tab_worker.cpu_kernels import matmul_nt
 from tab_worker.engine_types import LayerWeights
 from tab_worker.numpy_backend import NumpyBackend
 
@@ -43,11 +45,8 @@ def dequantize_fast(t: QuantTensor) -> np.ndarray:
 
 
 class _PackedMatrix:
-    """The row-concatenation of packed (n_i, k) matrices, used as the transposed f32 matrix W_t
-    (k, sum n_i) in `x @ W_t` without ever existing whole: numpy defers `@` to __rmatmul__
-    because __array_ufunc__ is None."""
-
-    __array_ufunc__ = None
+    """The row-concatenation of packed (n_i, k) matrices W (sum n_i, k): apply(x) = x @ W.T like
+    numpy_backend.DenseMatrix, without the f32 W ever existing whole."""
 
     def __init__(self, parts: list[QuantTensor]):
         self.parts = parts
@@ -69,14 +68,14 @@ class _PackedMatrix:
                 out.append(dequantize_fast(p.rows(lo - s, hi - s)))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+    def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
-        if self.n <= self.block_rows:  # NumpyBackend's exact operation (its transposed copy is cheap here)
-            return x @ np.ascontiguousarray(self.rows(0, self.n).T)
+        if self.n <= self.block_rows:  # NumpyBackend's exact operation
+            return matmul_nt(x, self.rows(0, self.n))
         out = np.empty(x.shape[:-1] + (self.n,), np.float32)
         for a in range(0, self.n, self.block_rows):
             b = min(self.n, a + self.block_rows)
-            out[..., a:b] = x @ self.rows(a, b).T  # BLAS reads the transpose in place: no copy
+            out[..., a:b] = matmul_nt(x, self.rows(a, b))
         return out
 
 
@@ -84,10 +83,10 @@ class _LeanLayer:
     def __init__(self, w: LayerWeights):
         self.attn_norm = np.asarray(w.attn_norm, np.float32)
         self.ffn_norm = np.asarray(w.ffn_norm, np.float32)
-        self.w_qkv_t = _PackedMatrix([w.wq, w.wk, w.wv])
-        self.wo_t = _PackedMatrix([w.wo])
-        self.w_gate_up_t = _PackedMatrix([w.w_gate, w.w_up])
-        self.w_down_t = _PackedMatrix([w.w_down])
+        self.w_qkv = _PackedMatrix([w.wq, w.wk, w.wv])
+        self.wo = _PackedMatrix([w.wo])
+        self.w_gate_up = _PackedMatrix([w.w_gate, w.w_up])
+        self.w_down = _PackedMatrix([w.w_down])
 
 
 class LeanNumpyBackend(NumpyBackend):
@@ -102,4 +101,4 @@ class LeanNumpyBackend(NumpyBackend):
         self._layers = [_LeanLayer(layers[i]) for i in self.layer_ids]
         if head is not None:
             self._head_norm = np.asarray(head.output_norm, np.float32)
-            self._head_t = _PackedMatrix([head.output])
+            self._head = _PackedMatrix([head.output])

@@ -1,8 +1,9 @@
 """The numpy backend: the fast path on CPU-only hosts and the behavioural reference for wgpu.
 
 Weights are dequantized once at load into f32 (q/k/v fused into one matrix, gate/up fused
-into another) so every step is a few BLAS matmuls per layer; the per-kernel math is the
-numpy twins in kernels.reference.
+into another) so every step is a few matmuls per layer: decode-sized steps on the compiled
+few-row kernel (tab_worker/cpu_kernels.c: batch-invariant, reads each weight once for all rows),
+prefill chunks on BLAS. The per-kernel math is the numpy twins in kernels.reference.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from kernels import reference as ref
 from kernels.quant import dequantize
+from tab_worker.cpu_kernels import matmul_nt
 from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
@@ -33,14 +35,27 @@ class _KVCache:
             setattr(self, name, grown)
 
 
+class DenseMatrix:
+    """An f32 weight in its [out, in] layout; apply(x) = x @ W.T (lean_backend's packed
+    matrices offer the same apply)."""
+
+    __slots__ = ("w",)
+
+    def __init__(self, w: np.ndarray):
+        self.w = np.ascontiguousarray(w, np.float32)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return matmul_nt(x, self.w)
+
+
 class _DenseLayer:
     def __init__(self, w: LayerWeights):
         self.attn_norm = np.asarray(w.attn_norm, np.float32)
         self.ffn_norm = np.asarray(w.ffn_norm, np.float32)
-        self.w_qkv_t = np.ascontiguousarray(np.concatenate([dequantize(w.wq), dequantize(w.wk), dequantize(w.wv)]).T)
-        self.wo_t = np.ascontiguousarray(dequantize(w.wo).T)
-        self.w_gate_up_t = np.ascontiguousarray(np.concatenate([dequantize(w.w_gate), dequantize(w.w_up)]).T)
-        self.w_down_t = np.ascontiguousarray(dequantize(w.w_down).T)
+        self.w_qkv = DenseMatrix(np.concatenate([dequantize(w.wq), dequantize(w.wk), dequantize(w.wv)]))
+        self.wo = DenseMatrix(dequantize(w.wo))
+        self.w_gate_up = DenseMatrix(np.concatenate([dequantize(w.w_gate), dequantize(w.w_up)]))
+        self.w_down = DenseMatrix(dequantize(w.w_down))
 
 
 class NumpyBackend:
@@ -70,7 +85,7 @@ class NumpyBackend:
 
         self._layers = [built(keys.get(i), lambda i=i: _DenseLayer(layers[i])) for i in self.layer_ids]
         self._head_norm = None if head is None else np.asarray(head.output_norm, np.float32)
-        self._head_t = None if head is None else built(keys.get("head"), lambda: np.ascontiguousarray(dequantize(head.output).T))
+        self._head = None if head is None else built(keys.get("head"), lambda: DenseMatrix(dequantize(head.output)))
         self._sessions: dict[str, _KVCache] = {}
         c = config
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -125,7 +140,7 @@ class NumpyBackend:
         n_qk = c.n_heads + c.n_kv_heads
         for li, layer in enumerate(self._layers):
             h = ref.rmsnorm(x, layer.attn_norm, c.rms_eps)
-            qkv = h @ layer.w_qkv_t
+            qkv = layer.w_qkv.apply(h)
             # q and k heads side by side: one rope over both, with the forward's tables
             qk = ref.rope(qkv[:, : self._q_dim + self._kv_dim].reshape(-1, n_qk, c.head_dim), positions, c.rope_base, tables)
             q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
@@ -137,17 +152,17 @@ class NumpyBackend:
                 cache.k[li, :, sl.start_pos:end] = k[rows].transpose(1, 0, 2)
                 cache.v[li, :, sl.start_pos:end] = v[rows].transpose(1, 0, 2)
                 attn[rows] = ref.attention(q[rows], cache.k[li, :, :end], cache.v[li, :, :end], sl.start_pos)
-            x += attn.reshape(x.shape[0], -1) @ layer.wo_t
+            x += layer.wo.apply(attn.reshape(x.shape[0], -1))
             h = ref.rmsnorm(x, layer.ffn_norm, c.rms_eps)
-            gate_up = h @ layer.w_gate_up_t
-            x += ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]) @ layer.w_down_t
+            gate_up = layer.w_gate_up.apply(h)
+            x += layer.w_down.apply(ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]))
         for sl, cache in zip(slices, caches):
             # a replay (start_pos < length) truncates whatever came after it
             cache.length = sl.start_pos + sl.length
         return x
 
     def head_topk(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._head_t is None:
+        if self._head is None:
             raise ValueError("this backend holds no head")
         h = ref.rmsnorm(np.asarray(hidden, np.float32), self._head_norm, self.config.rms_eps)
-        return ref.topk(h @ self._head_t, k)
+        return ref.topk(self._head.apply(h), k)

@@ -73,6 +73,10 @@ class TabWorker:
             "cpus": os.cpu_count() or 1,
             "profile": self.profile,
         }
+        if self.backend_name == "numpy":  # which path its decode matmuls take (status() says why not compiled)
+            from tab_worker.cpu_kernels import status
+
+            caps["cpu_kernel"] = status()["rows_kernel"] or "blas"
         if self.backend_name == "wgpu":
             try:
                 from kernels.runner import describe_device
