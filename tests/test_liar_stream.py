@@ -102,3 +102,46 @@ def test_liar_tokens_are_rewound_and_the_client_ends_exact(tmp_path, reference, 
             assert answer == smollm2_tokenizer.decode([t for t in reference if t != 2])
         finally:
             pool.stop()
+
+
+def test_liar_tokens_are_rewound_in_the_sse_stream(tmp_path, reference, smollm2_tokenizer):
+    """The same over OpenAI-style SSE: the withdrawn text comes as a `tabshard_rewind` chunk
+    (index, retract_chars), and the text the client ends with is the exact answer."""
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text("spot_check_fraction = 0.3\nspot_check_seed = 5\nprefix_cache_entries = 0\n")
+    with LocalCluster(workers=0, serve_args=["--config", str(cfg)], log_dir=str(tmp_path / "logs")) as cluster:
+        pool = InProcessWorkers(cluster.worker_url, cluster.token, ["tab-a", "tab-b"])
+        try:
+            st = cluster.wait_for(lambda s: len(s["stages"]) == 2 and all(
+                x["holders"] and x["holders"][0] in x["ready"] and x["holders"][0] != "local" for x in s["stages"]),
+                120, "both tabs serving")
+            by_id = {w["worker_id"]: w["name"] for w in st["workers"]}
+            liar = pool.workers[by_id[st["stages"][0]["holders"][0]]]
+            body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0,
+                               "stream": True}).encode()
+            req = urllib.request.Request(f"{cluster.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+            text, chunks, rewinds, finish = "", 0, [], None
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for raw in r:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    if "tabshard_rewind" in chunk:
+                        rw = chunk["tabshard_rewind"]
+                        assert 0 <= rw["retract_chars"] <= len(text)
+                        text = text[:len(text) - rw["retract_chars"]]
+                        rewinds.append(rw)
+                    choice = chunk["choices"][0]
+                    piece = choice["delta"].get("content") or ""
+                    if piece:
+                        text += piece
+                        chunks += 1
+                        if chunks == 3:
+                            liar.liar = 3.0
+                    finish = choice["finish_reason"] or finish
+            assert rewinds and finish in ("stop", "length")
+            assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
+        finally:
+            pool.stop()
