@@ -131,7 +131,8 @@ def kernel_rows_matmul(x: np.ndarray, w: np.ndarray, isa: str | None = None) -> 
 def matmul_nt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w.T: the compiled kernel for decode-sized x where available, BLAS otherwise."""
     if 0 < x.shape[0] <= MAX_KERNEL_ROWS and _load() is not None:
-        return kernel_rows_matmul(x, w)
+        # lean_backend's dequantized blocks may be column slices of a padded matrix
+        return kernel_rows_matmul(x, np.ascontiguousarray(w, np.float32))
     return x @ w.T  # BLAS reads the transposed view in place
 
 

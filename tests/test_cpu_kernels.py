@@ -118,3 +118,26 @@ def test_failed_build_falls_back_to_blas_with_the_reason(tmp_path):
     assert first.startswith("None | build failed: false failed on cpu_kernels.c"), first
     assert second == str([[16.0] * 3] * 2)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@pytest.mark.parametrize("spec", ["a4g32", "s3g64", "a4g128"])
+def test_lean_blocks_match_the_dense_matrix_on_padded_rows(spec, monkeypatch):
+    """lean_backend dequantizes a block of rows at a time; with k not a multiple of the group
+    its f32 rows are column slices of a padded block (not C-contiguous). Decode-sized steps
+    still give NumpyBackend's bits, for one block and for many."""
+    from kernels.quant import QuantSpec, dequantize, quantize_rtn
+    from tab_worker import lean_backend
+    from tab_worker.numpy_backend import DenseMatrix
+
+    rng = np.random.default_rng(11)
+    q = quantize_rtn(rng.standard_normal((300, 100)).astype(np.float32), QuantSpec.parse(spec))
+    x = rng.standard_normal((4, 100)).astype(np.float32)
+    dense = DenseMatrix(dequantize(q)).apply(x)
+    assert np.array_equal(lean_backend._PackedMatrix([q]).apply(x), dense)
+    monkeypatch.setattr(lean_backend, "BLOCK_BYTES", 64 * 100 * 4)  # 64-row blocks: five of them
+    packed = lean_backend._PackedMatrix([q])
+    assert packed.block_rows == 64
+    if ISAS:  # each output alone: blocks cannot change a bit
+        assert np.array_equal(packed.apply(x), dense)
+    else:
+        assert np.allclose(packed.apply(x), dense, rtol=1e-5, atol=1e-5)
