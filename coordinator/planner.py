@@ -37,18 +37,22 @@ class PlanError(Exception):
 
 
 def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_bytes: int,
-         replicas: int = 1, max_stages: int | None = None) -> list[StagePlan]:
+         replicas: int = 1, max_stages: int | None = None, head_cost_layers: float = 0.0) -> list[StagePlan]:
     """Split [0, n_layers) into stages. Every remote worker is used (pipeline parallelism pools
     them) unless `max_stages` caps the hops; with replicas R, workers are grouped into R
     pipelines' worth of stages and each stage gets R holders. The local compute is used only
-    when remote workers cannot hold the model."""
+    when remote workers cannot hold the model.
+
+    head_cost_layers: the final norm + LM head's decode cost in layers (SmolLM2-135M's 49152 x
+    576 head weighs as much as 8 of its layers): the head stage takes that many fewer layers,
+    so that it is not the pipeline's bottleneck."""
     remote = sorted((w for w in workers if not w.local), key=lambda w: (w.ms_per_layer, w.worker_id))
     local = [w for w in workers if w.local]
     for pool in (remote, remote + local, local):
         if not pool:
             continue
         try:
-            return _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages)
+            return _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages, head_cost_layers)
         except PlanError:
             continue
     raise PlanError(f"the {len(workers)} worker(s) cannot hold {n_layers} layers of {layer_bytes} bytes plus a {head_bytes}-byte head")
@@ -58,7 +62,7 @@ def _capacity_layers(w: WorkerCapacity, layer_bytes: int, head: int) -> int:
     return int((w.memory_bytes / w.expansion - head) // max(layer_bytes, 1))
 
 
-def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages) -> list[StagePlan]:
+def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages, head_cost_layers=0.0) -> list[StagePlan]:
     # a worker that cannot hold even one layer serves no stage
     pool = [w for w in pool if _capacity_layers(w, layer_bytes, 0) >= 1]
     if not pool:
@@ -71,8 +75,15 @@ def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages) ->
     primaries = pool[:n_stages]
     standbys = pool[n_stages:]
     speed = [1.0 / max(w.ms_per_layer, 1e-6) for w in primaries]
-    # proportional split, then fix rounding so counts sum to n_layers and each >= 1
-    raw = [n_layers * s / sum(speed) for s in speed]
+    # proportional split of the work (layers + the head's cost, which the last stage carries),
+    # then fix rounding so counts sum to n_layers and each >= 1
+    raw = [(n_layers + head_cost_layers) * s / sum(speed) for s in speed]
+    if n_stages > 1:
+        raw[-1] = max(1.0, raw[-1] - head_cost_layers)
+        rest = sum(raw[:-1])
+        raw[:-1] = [r * (n_layers - raw[-1]) / rest for r in raw[:-1]]
+    else:
+        raw = [float(n_layers)]
     counts = [max(1, int(r)) for r in raw]
     while sum(counts) < n_layers:
         i = max(range(n_stages), key=lambda j: raw[j] - counts[j])

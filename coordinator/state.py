@@ -87,7 +87,7 @@ class CoordinatorSettings:
     replan_delay_ms: int = 300  # let a burst of joins settle before re-planning
     max_ctx: int = 2048
     request_timeout_s: float = 30.0  # a request with no way to be served fails after this
-    calibration_tokens: int = 4
+    calibration_tokens: int = 8
     max_sessions: int = 64
     prefix_cache_entries: int = 16  # prompts whose KV stays on the stages for reuse (0: off)
     prefix_min_tokens: int = 16  # shorter shared prefixes are not worth a fork
@@ -139,6 +139,7 @@ class Worker:
     # a step's time seen here minus the compute time the worker reports: the hop (codec,
     # sockets, event loops, queueing) both ways, smoothed; what pipelining over tabs costs
     transport_ms: float | None = None
+    compute_ms: float | None = None  # smoothed compute time it reports for decode steps
     local: bool = False
     load_progress: dict = field(default_factory=dict)  # the worker's last load_progress report
     corrections: list = field(default_factory=list)
@@ -417,6 +418,14 @@ class Coordinator:
     def _live_workers(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.alive and w.state not in ("joining", "calibrating")]
 
+    def _head_cost_layers(self) -> float:
+        """The head's decode cost in layers: decode streams every weight once per token, so
+        cost goes with parameter count (vocab x hidden against a layer's matrices)."""
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        layer = c.hidden * (q + 2 * kv) + q * c.hidden + 3 * c.hidden * c.ffn
+        return c.vocab * c.hidden / layer
+
     def _replan(self, now: float) -> list:
         workers = self._live_workers()
         remote = [w for w in workers if not w.local]
@@ -426,7 +435,8 @@ class Coordinator:
             return []
         try:
             stages = self._resume_plan(workers) or plan([w.capacity() for w in workers], self.config.n_layers, self.layer_bytes,
-                                                        self.head_bytes, self.settings.replicas, self.settings.max_stages)
+                                                        self.head_bytes, self.settings.replicas, self.settings.max_stages,
+                                                        self._head_cost_layers())
         except PlanError as exc:
             self.degraded = True
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
@@ -853,6 +863,8 @@ class Coordinator:
         if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
             hop = w.last_step_ms - compute
             w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
+            if all(len(i.rows) == 1 for i in items):  # decode steps only, like the batch limit
+                w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
         if all(len(i.rows) == 1 for i in items):  # prefill steps are long by nature: decode steps set the pace
             self._adapt_batch(st, len(items), w.last_step_ms)
         if w.state == "suspect":
@@ -1271,6 +1283,7 @@ class Coordinator:
                 "ms_per_layer": round(w.ms_per_layer, 3), "stages": sorted(w.stages), "steps": w.steps,
                 "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
                 "transport_ms": None if w.transport_ms is None else round(w.transport_ms, 3),
+                "compute_ms": None if w.compute_ms is None else round(w.compute_ms, 3),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),
                 "load_progress": w.load_progress, "capabilities": w.caps,

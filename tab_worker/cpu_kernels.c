@@ -3,14 +3,14 @@
 //
 // Why not BLAS here: OpenBLAS sgemm packs the weight matrix on every call, so at 2-8 rows it
 // costs 2.5-4.3x a 1-row gemv although the weights come from memory once either way, and a
-// decode step is 1-16 rows. Here each group of 8 weight rows is streamed from memory once and
+// decode step is 1 row per session. Here each group of 8 weight rows is streamed from memory once and
 // used for every x row while it sits in L1/L2 (x rows in groups of up to 4 in registers).
 // Long prefill chunks still go to BLAS (tab_worker/cpu_kernels.py picks by row count).
 //
 // Every output is computed the same way whatever the number of rows and the tile it lands in:
-// 8 lanes of fused multiply-adds over k in order, one fixed horizontal sum, then fmaf over the
-// k % 8 tail. So a session's row gives bit-identical results alone or in a batch of 16
-// (batch-invariant decode: concurrency never changes a greedy token).
+// LANES (8 AVX2, 16 AVX-512) of fused multiply-adds over k in order, one fixed horizontal sum,
+// then fmaf over the k % LANES tail. So a session's row gives bit-identical results alone or in
+// a batch of 32 (batch-invariant decode: concurrency never changes a greedy token).
 //
 // Built by tab_worker/cpu_kernels.py with the host's C compiler (gcc or clang, -O3 -shared);
 // the AVX-512 or AVX2+FMA code is chosen at run time, so the library loads on any x86-64 and

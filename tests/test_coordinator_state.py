@@ -51,6 +51,29 @@ def test_plan_covers_every_layer_once_and_head_last(weights):
     assert [s.include_head for s in stages] == [False, False, True]
 
 
+def test_head_stage_takes_fewer_layers_by_the_heads_cost():
+    """The head streams as many weights per token as several layers (SmolLM2-135M: 8), so the
+    stage that holds it gets that many fewer layers; equal workers' stages then cost alike."""
+    from coordinator.planner import WorkerCapacity, plan
+
+    workers = [WorkerCapacity(f"w{i}", 1.0, 1 << 30) for i in range(4)]
+    spans = lambda stages: [s.layer_end - s.layer_start for s in stages]  # noqa: E731
+    assert spans(plan(workers, 30, 1000, 8000)) == [8, 8, 7, 7]  # head ignored: last stage costs 15
+    balanced = plan(workers, 30, 1000, 8000, head_cost_layers=8.0)
+    assert spans(balanced) == [10, 10, 9, 1] and balanced[-1].include_head  # costs 10, 10, 9, 9
+    assert spans(plan(workers, 30, 1000, 8000, head_cost_layers=2.0)) == [8, 8, 8, 6]
+    assert spans(plan(workers[:1], 30, 1000, 8000, head_cost_layers=8.0)) == [30]
+    # a head costlier than a whole share still leaves its stage one layer
+    assert spans(plan(workers, 30, 1000, 8000, head_cost_layers=50.0))[-1] == 1
+
+
+def test_coordinator_weighs_the_head_by_its_parameters(weights):
+    net = start(weights, 2)
+    c = weights.config
+    layer = c.hidden * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.hidden + 3 * c.hidden * c.ffn
+    assert net.core._head_cost_layers() == pytest.approx(c.vocab * c.hidden / layer)
+
+
 def test_many_sessions_batch_and_stay_exact(weights, reference):
     net = start(weights, 2)
     for i in range(5):
