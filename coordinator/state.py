@@ -69,6 +69,11 @@ def _msg(type_: str, **fields) -> dict:
     return {"v": PROTOCOL_VERSION, "type": type_, **fields}
 
 
+def _check_session(session_id: str, layers: tuple) -> str:
+    """The verifier's scratch session for spot checks of one session over one layer range."""
+    return f"check-{session_id}-{layers[0]}-{layers[1]}"
+
+
 # ---------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class CoordinatorSettings:
@@ -860,12 +865,13 @@ class Coordinator:
         checks = self._maybe_spot_check(st, w, items, m, now)
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
         compute = m.get("compute_ms")
+        decode = all(len(i.rows) == 1 for i in items)  # prefill steps are long by nature: decode steps set the pace
         if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
             hop = w.last_step_ms - compute
             w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
-            if all(len(i.rows) == 1 for i in items):  # decode steps only, like the batch limit
+            if decode:
                 w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
-        if all(len(i.rows) == 1 for i in items):  # prefill steps are long by nature: decode steps set the pace
+        if decode:
             self._adapt_batch(st, len(items), w.last_step_ms)
         if w.state == "suspect":
             w.move("ready")
@@ -941,7 +947,7 @@ class Coordinator:
         held, epoch = self._verify_kv.get(kv_key, (0, -1))
         first = min(held, it.start_pos) if epoch == s.log_epoch else 0  # the verifier truncates to `first`
         self._verify_kv[kv_key] = (it.end, s.log_epoch)
-        scratch = f"check-{it.session_id}-{key[0]}-{key[1]}"
+        scratch = _check_session(it.session_id, key)
         self._checks[step_id] = {"worker": w.worker_id, "epoch": w.epoch, "verifier": verifier.worker_id, "stage": st.index,
                                  "range": key, "start": it.start_pos - first, "claimed": claimed, "at": now, "worker_steps": w.steps,
                                  "kv_key": kv_key}
@@ -997,7 +1003,7 @@ class Coordinator:
             del self._verify_kv[k]
             v = self.workers.get(k[2])
             if v is not None and v.alive:
-                out.append(Send(v.conn, _msg("drop_session", session_id=f"check-{k[0]}-{k[1][0]}-{k[1][1]}")))
+                out.append(Send(v.conn, _msg("drop_session", session_id=_check_session(k[0], k[1]))))
         return out
 
     def _verifier(self, st: Stage, w: Worker) -> Worker | None:

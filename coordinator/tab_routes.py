@@ -20,11 +20,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from kernels import wgsl_source
+from kernels import KERNEL_DIR, wgsl_source
 
 WEB = Path(__file__).resolve().parent.parent / "tab_worker" / "web"
 DIST = WEB / "dist"
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".html": "text/html; charset=utf-8",
                ".css": "text/css", ".wasm": "application/wasm", ".json": "application/json", ".wgsl": "text/plain; charset=utf-8"}
 NO_CACHE = {"Cache-Control": "no-cache"}  # a rebuilt dist/ must reach open tabs on reload

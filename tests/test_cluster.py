@@ -87,6 +87,9 @@ def test_four_workers_match_single_worker(cluster4, reference, smollm2_tokenizer
     st = cluster4.status()
     assert len(st["stages"]) == 4 and not st["degraded"]
     assert ws_tokens(cluster4.base) == reference
+    # each tab's decode step, split into the compute it reports and the hop around it
+    tabs = [w for w in cluster4.status()["workers"] if not w["local"] and w["state"] == "ready"]
+    assert tabs and all(w["compute_ms"] > 0 and w["transport_ms"] >= 0 for w in tabs)
     text = chat(cluster4.base)
     assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
 

@@ -6,6 +6,7 @@ ends with is exactly the single-worker `generate` result, also when the liar is 
 after the last token went out ("done" waits for pending checks). A non-streaming request
 afterwards returns the exact answer too."""
 import asyncio
+import contextlib
 import json
 import threading
 import urllib.request
@@ -52,7 +53,10 @@ class InProcessWorkers:
         self.thread.join(10)
 
 
-def test_liar_tokens_are_rewound_and_the_client_ends_exact(tmp_path, reference, smollm2_tokenizer):
+@contextlib.contextmanager
+def two_tabs_one_to_lie(tmp_path):
+    """A coordinator (spot checks at 30 %) and two in-process tabs serving a stage each; yields
+    the cluster and the first stage's TabWorker, the one a test turns into a liar."""
     cfg = tmp_path / "serve.toml"
     cfg.write_text("spot_check_fraction = 0.3\nspot_check_seed = 5\nprefix_cache_entries = 0\n")
     with LocalCluster(workers=0, serve_args=["--config", str(cfg)], log_dir=str(tmp_path / "logs")) as cluster:
@@ -62,86 +66,78 @@ def test_liar_tokens_are_rewound_and_the_client_ends_exact(tmp_path, reference, 
                 x["holders"] and x["holders"][0] in x["ready"] and x["holders"][0] != "local" for x in s["stages"]),
                 120, "both tabs serving")
             by_id = {w["worker_id"]: w["name"] for w in st["workers"]}
-            liar = pool.workers[by_id[st["stages"][0]["holders"][0]]]
-
-            async def stream():
-                events, ids, text = [], [], ""
-                async with websockets.connect(cluster.base.replace("http", "ws") + "/v1/stream", compression=None) as ws:
-                    await ws.send(wire.encode(wire.make("generate", request_id="poem", max_tokens=N, greedy=True,
-                                                        messages=[{"role": "user", "content": PROMPT}])))
-                    while True:
-                        m = wire.decode(await asyncio.wait_for(ws.recv(), 120))
-                        events.append(m["type"])
-                        if m["type"] == "token":
-                            assert m["index"] == len(ids)  # no gap, no duplicate
-                            ids.append(m["token_id"])
-                            text += m["text"]
-                            if len(ids) == 3:
-                                liar.liar = 3.0  # from here on, every result it returns is wrong
-                        elif m["type"] == "rewind":
-                            assert m["index"] < len(ids) and m["retract_chars"] <= len(text)
-                            del ids[m["index"]:]
-                            text = text[:len(text) - m["retract_chars"]]
-                        elif m["type"] == "done":
-                            return ids, text, events
-                        else:
-                            raise AssertionError(m)
-
-            ids, text, events = asyncio.run(stream())
-            assert ids == reference
-            assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
-            assert "rewind" in events
-            st = cluster.status()
-            assert any(w["name"] == liar.name and w["state"] == "quarantined" for w in st["workers"])
-            assert st["counters"]["tokens_retracted"] >= 1
-            # the pool without the liar (tab-b and the coordinator) answers exactly
-            body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0}).encode()
-            req = urllib.request.Request(f"{cluster.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=120) as r:
-                answer = json.loads(r.read())["choices"][0]["message"]["content"]
-            assert answer == smollm2_tokenizer.decode([t for t in reference if t != 2])
+            yield cluster, pool.workers[by_id[st["stages"][0]["holders"][0]]]
         finally:
             pool.stop()
+
+
+def test_liar_tokens_are_rewound_and_the_client_ends_exact(tmp_path, reference, smollm2_tokenizer):
+    with two_tabs_one_to_lie(tmp_path) as (cluster, liar):
+        async def stream():
+            events, ids, text = [], [], ""
+            async with websockets.connect(cluster.base.replace("http", "ws") + "/v1/stream", compression=None) as ws:
+                await ws.send(wire.encode(wire.make("generate", request_id="poem", max_tokens=N, greedy=True,
+                                                    messages=[{"role": "user", "content": PROMPT}])))
+                while True:
+                    m = wire.decode(await asyncio.wait_for(ws.recv(), 120))
+                    events.append(m["type"])
+                    if m["type"] == "token":
+                        assert m["index"] == len(ids)  # no gap, no duplicate
+                        ids.append(m["token_id"])
+                        text += m["text"]
+                        if len(ids) == 3:
+                            liar.liar = 3.0  # from here on, every result it returns is wrong
+                    elif m["type"] == "rewind":
+                        assert m["index"] < len(ids) and m["retract_chars"] <= len(text)
+                        del ids[m["index"]:]
+                        text = text[:len(text) - m["retract_chars"]]
+                    elif m["type"] == "done":
+                        return ids, text, events
+                    else:
+                        raise AssertionError(m)
+
+        ids, text, events = asyncio.run(stream())
+        assert ids == reference
+        assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
+        assert "rewind" in events
+        st = cluster.status()
+        assert any(w["name"] == liar.name and w["state"] == "quarantined" for w in st["workers"])
+        assert st["counters"]["tokens_retracted"] >= 1
+        # the pool without the liar (tab-b and the coordinator) answers exactly
+        body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{cluster.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+        assert answer == smollm2_tokenizer.decode([t for t in reference if t != 2])
 
 
 def test_liar_tokens_are_rewound_in_the_sse_stream(tmp_path, reference, smollm2_tokenizer):
     """The same over OpenAI-style SSE: the withdrawn text comes as a `tabshard_rewind` chunk
     (index, retract_chars), and the text the client ends with is the exact answer."""
-    cfg = tmp_path / "serve.toml"
-    cfg.write_text("spot_check_fraction = 0.3\nspot_check_seed = 5\nprefix_cache_entries = 0\n")
-    with LocalCluster(workers=0, serve_args=["--config", str(cfg)], log_dir=str(tmp_path / "logs")) as cluster:
-        pool = InProcessWorkers(cluster.worker_url, cluster.token, ["tab-a", "tab-b"])
-        try:
-            st = cluster.wait_for(lambda s: len(s["stages"]) == 2 and all(
-                x["holders"] and x["holders"][0] in x["ready"] and x["holders"][0] != "local" for x in s["stages"]),
-                120, "both tabs serving")
-            by_id = {w["worker_id"]: w["name"] for w in st["workers"]}
-            liar = pool.workers[by_id[st["stages"][0]["holders"][0]]]
-            body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0,
-                               "stream": True}).encode()
-            req = urllib.request.Request(f"{cluster.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
-            text, chunks, rewinds, finish = "", 0, [], None
-            with urllib.request.urlopen(req, timeout=120) as r:
-                for raw in r:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    assert "error" not in chunk, chunk
-                    if "tabshard_rewind" in chunk:
-                        rw = chunk["tabshard_rewind"]
-                        assert 0 <= rw["retract_chars"] <= len(text)
-                        text = text[:len(text) - rw["retract_chars"]]
-                        rewinds.append(rw)
-                    choice = chunk["choices"][0]
-                    piece = choice["delta"].get("content") or ""
-                    if piece:
-                        text += piece
-                        chunks += 1
-                        if chunks == 3:
-                            liar.liar = 3.0
-                    finish = choice["finish_reason"] or finish
-            assert rewinds and finish in ("stop", "length")
-            assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
-        finally:
-            pool.stop()
+    with two_tabs_one_to_lie(tmp_path) as (cluster, liar):
+        body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0,
+                           "stream": True}).encode()
+        req = urllib.request.Request(f"{cluster.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        text, chunks, rewinds, finish = "", 0, [], None
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if "tabshard_rewind" in chunk:
+                    rw = chunk["tabshard_rewind"]
+                    assert 0 <= rw["retract_chars"] <= len(text)
+                    text = text[:len(text) - rw["retract_chars"]]
+                    rewinds.append(rw)
+                choice = chunk["choices"][0]
+                piece = choice["delta"].get("content") or ""
+                if piece:
+                    text += piece
+                    chunks += 1
+                    if chunks == 3:
+                        liar.liar = 3.0
+                finish = choice["finish_reason"] or finish
+        assert rewinds and finish in ("stop", "length")
+        assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
