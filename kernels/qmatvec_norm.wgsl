@@ -54,6 +54,8 @@ var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
 // #include "codes4.wgsl"
 
+// #include "reduce_store.wgsl"
+
 // Four inputs of x * norm_weight at vec4 index i, block input j0 (norm_weight's vec4 index is
 // i's offset within the row: i - row start); inputs at or past `valid` read as 0.
 fn load_x(i: u32, j0: u32, valid: u32, wi: u32) -> vec4<f32> {
@@ -173,27 +175,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   if (QUADS > 1u) {
     partial[WG + t] = acc_hi;
   }
-  workgroupBarrier();
-  for (var stride = TPR / 2u; stride > 0u; stride >>= 1u) {
-    if (lane < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
-  if (lane == 0u && n < p.n) {
-    for (var r = 0u; r < ROWS; r++) {
-      let m = m0 + r;
-      if (m < p.m) {
-        let i = m * p.y_stride + p.y_col + n;
-        var previous = 0.0;
-        if (p.accumulate != 0u) {
-          previous = y[i];
-        }
-        y[i] = previous + partial[(r / 4u) * WG + t][r % 4u] * inv_rms[r / 4u][r % 4u];
-      }
-    }
-  }
+  reduce_store(t, lane, n, m0, inv_rms[0], inv_rms[1]);
 }

@@ -43,27 +43,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   if (QUADS > 1u) {
     partial[WG + t] = ones * acc_hi;
   }
-  workgroupBarrier();
-  for (var stride = TPR / 2u; stride > 0u; stride >>= 1u) {
-    if (lane < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
-  if (lane == 0u && n < p.n) {
-    for (var r = 0u; r < ROWS; r++) {
-      let m = m0 + r;
-      if (m < p.m) {
-        let i = m * p.y_stride + p.y_col + n;
-        var previous = 0.0;
-        if (p.accumulate != 0u) {
-          previous = y[i];
-        }
-        y[i] = previous + partial[(r / 4u) * WG + t][r % 4u];
-      }
-    }
-  }
+  reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
 }
