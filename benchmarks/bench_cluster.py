@@ -28,6 +28,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     ap.add_argument("--compare-blas", action="store_true", help="also measure 8 streams with the compiled kernel off")
+    ap.add_argument("--spot-check-fraction", type=float, metavar="F",
+                    help="serve setting for the sharding and concurrency clusters (default: the coordinator's, 0.02)")
     a = ap.parse_args()
     out = {}
     out.update(bench_hop(500 if a.quick else 2000))
@@ -179,7 +182,12 @@ def main() -> None:
     rounds = 1 if a.quick else 3
     # both clusters up at once and measured in alternation, so drift in the host's load (this is a
     # shared 2-core VM) hits both sides of each ratio alike; the figure is the median round
-    with LocalCluster(workers=1) as c1, LocalCluster(workers=4) as c4:
+    serve_args = []
+    if a.spot_check_fraction is not None:
+        cfg = Path(tempfile.mkdtemp(prefix="bench-cluster-")) / "serve.toml"
+        cfg.write_text(f"spot_check_fraction = {a.spot_check_fraction}\n")
+        serve_args = ["--config", str(cfg)]
+    with LocalCluster(workers=1, serve_args=serve_args) as c1, LocalCluster(workers=4, serve_args=serve_args) as c4:
         ones, fours = [], []
         for _ in range(rounds):
             ones.append(stream(c1.base, max_tokens=64))
@@ -237,20 +245,21 @@ def main() -> None:
             print(f"{name} x{r['n']}: detection p50 {r['detect_p50_s'] * 1000:.0f} ms p99 {r['detect_p99_s'] * 1000:.0f} ms | "
                   f"recovery p50 {r['recover_p50_s'] * 1000:.0f} ms p99 {r['recover_p99_s'] * 1000:.0f} ms "
                   f"({r['recovered']} recovered) | wrong sequences {r['wrong_sequences']}", flush=True)
-    if not a.no_history:
-        record(out)
+    if not a.no_history:  # figures under another spot-check setting are not this history's
+        record(out, "" if a.spot_check_fraction is None else f".spot_checks_{a.spot_check_fraction:g}")
     if a.json:
         print(json.dumps(out))
 
 
-def record(out: dict) -> None:
-    """Append this run's figures to the benchmark history (the database `tabshard bench` keeps)."""
+def record(out: dict, tag: str = "") -> None:
+    """Append this run's figures to the benchmark history (the database `tabshard bench` keeps);
+    `tag` suffixes the cluster metrics of a run under non-default serve settings."""
     from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
 
     figures = [Figure.of("hop.rtt_p50_ms", [out["hop_rtt_p50_ms"]], "ms", "lower"),
-               Figure.of("cluster.sharding_ratio_4_over_1", out["sharding_ratio_rounds"], "×", "higher"),
-               Figure.of("cluster.concurrency_ratio_8_over_1", out["concurrency_ratio_rounds"], "×", "higher"),
-               Figure.of("cluster.aggregate_tok_s_8_streams", [out["aggregate_tok_s_8_streams"]], "tok/s", "higher")]
+               Figure.of(f"cluster.sharding_ratio_4_over_1{tag}", out["sharding_ratio_rounds"], "×", "higher"),
+               Figure.of(f"cluster.concurrency_ratio_8_over_1{tag}", out["concurrency_ratio_rounds"], "×", "higher"),
+               Figure.of(f"cluster.aggregate_tok_s_8_streams{tag}", [out["aggregate_tok_s_8_streams"]], "tok/s", "higher")]
     for name in ("kills", "freezes"):
         if name in out:
             figures += [Figure.of(f"faults.{name}_detect_p99_ms", [out[name]["detect_p99_s"] * 1000], "ms", "lower"),
