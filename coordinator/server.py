@@ -107,6 +107,9 @@ class CoordinatorService:
             now = time.monotonic()
             for fn in self.observers:
                 fn(actions, now)
+        # workers' messages first, clients' events after: a token's event wakes its client's
+        # task, and a task woken first runs first, so emitting first would put the client's
+        # send ahead of the next pipeline step (order within each socket is unchanged)
         for a in actions:
             if isinstance(a, Send):
                 if a.conn == LOCAL:
@@ -119,7 +122,8 @@ class CoordinatorService:
                 box = self._outboxes.get(a.conn)
                 if box is not None:
                     box.put_nowait(a)
-            elif isinstance(a, Emit):
+        for a in actions:
+            if isinstance(a, Emit):
                 self._emit(a)
 
     def _local_handle(self, m: dict) -> None:

@@ -2,8 +2,13 @@
 timer, and one compute thread that runs `TabWorker.handle` for each message in order.
 
 Heartbeats come from the event loop, not the compute thread, so a long step never looks
-like a death. The connection is re-made with backoff when it drops (a coordinator restart,
-or fencing after a freeze): the worker keeps its weight blobs and reports them in `hello`,
+like a death. The exception is a decode step known to be quick (its range's last one took
+under a fifth of the heartbeat interval) arriving while the compute thread is idle: it runs
+on the event loop and its result is sent from there, because the two thread hand-offs (wake
+the compute thread, then wake the loop with the result) cost ~0.4 ms a hop, measured in a
+4-stage pipeline on this 2-vCPU host: a third of what a hop cost beyond compute.
+
+The connection is re-made with backoff when it drops (a coordinator restart, or fencing after a freeze): the worker keeps its weight blobs and reports them in `hello`,
 so nothing is downloaded twice.
 """
 from __future__ import annotations
@@ -86,18 +91,24 @@ class WorkerConnection:
         await ws.send(wire.encode(self.worker.hello()))
         self.sessions_joined += 1
 
+        in_thread = 0  # messages handed to the compute thread and not answered yet
+
         def deliver(replies):
+            nonlocal in_thread
+            in_thread -= 1
             for r in replies:
                 outbox.put_nowait(r)
 
-        def handle(m):
+        def answer(m) -> list:
             try:
-                replies = self.worker.handle(m)
+                return self.worker.handle(m)
             except Exception as exc:  # our bug: report it as an error message, keep serving
                 log.exception("handling %s failed", m.get("type"))
-                replies = [wire.make("error", code="worker_failure", field=None, message=f"{type(exc).__name__}: {exc}",
-                                     step_id=m.get("step_id", -1))]
-            loop.call_soon_threadsafe(deliver, replies)
+                return [wire.make("error", code="worker_failure", field=None, message=f"{type(exc).__name__}: {exc}",
+                                  step_id=m.get("step_id", -1))]
+
+        def handle(m):
+            loop.call_soon_threadsafe(deliver, answer(m))
 
         async def writer():
             while True:
@@ -121,6 +132,14 @@ class WorkerConnection:
                 m = wire.decode(data)
                 if m["type"] == "welcome":
                     self.connected.set()
+                if not in_thread and self.worker.is_quick_step(m, self.worker.heartbeat_ms / 5):
+                    for r in answer(m):
+                        if outbox.empty() and not self.partitioned.is_set():
+                            await ws.send(wire.encode(r, validate=False))  # nothing queued would go first
+                        else:
+                            outbox.put_nowait(r)
+                    continue
+                in_thread += 1
                 loop.run_in_executor(self._exec, handle, m)
         except wire.ProtocolError as err:
             await ws.send(wire.encode(err.to_message()))

@@ -56,6 +56,7 @@ class TabWorker:
         self.bytes_received = 0
         self.slow_factor = 1.0  # fault injection and profiles scale compute time with this
         self.liar = 0.0  # fault injection: noise added to every result, relative to its RMS (0: honest)
+        self.decode_ms: dict[tuple[int, int], float] = {}  # range -> compute time of its last decode-sized step
         # load_progress goes out on an accepted assignment, on each completed blob, and between
         # those at most every PROGRESS_S of `clock` (never per chunk: a chunk is 1 MiB)
         self.clock = time.monotonic
@@ -280,8 +281,23 @@ class TabWorker:
         if self.slow_factor > 1:
             time.sleep(elapsed * (self.slow_factor - 1))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
+        if len(slices) == m["hidden"].shape[0]:  # one row per session: a decode step
+            self.decode_ms[key] = reply["compute_ms"]
         self.steps_served += 1
         return [reply]
+
+    def is_quick_step(self, m: dict, budget_ms: float) -> bool:
+        """Whether `m` is a decode step on a range whose last decode step took under budget_ms,
+        so that an adapter may run it where it received it (no hand-off to a compute thread) and
+        still keep its heartbeats on time. Never under simulated slowness: that sleeps inside the
+        step, and a slow tab's heartbeats must keep flowing while it sleeps."""
+        if m.get("type") != "step" or self.slow_factor != 1.0:
+            return False
+        hidden, sessions = m.get("hidden"), m.get("sessions")
+        if not isinstance(sessions, list) or getattr(hidden, "ndim", 0) != 2 or hidden.shape[0] != len(sessions):
+            return False
+        last = self.decode_ms.get((m.get("layer_start"), m.get("layer_end")))
+        return last is not None and last < budget_ms
 
     def _lie(self, reply: dict) -> None:
         """The "liar" fault: subtly wrong activations (or logits), of the right shape, finite:

@@ -1,0 +1,103 @@
+"""The Python worker's asyncio adapter (tab_worker/client.py) on a real loopback WebSocket.
+
+A decode step known to be quick runs on the event loop (no hand-off to the compute thread and
+back) and answers bit for bit what the compute thread would; the first step of a range, a
+prefill and a slowed tab's step go to the compute thread; heartbeats keep flowing."""
+import asyncio
+import threading
+
+import numpy as np
+import websockets
+
+from tab_worker.client import WorkerConnection
+from tabshard import wire
+from tabshard.cluster import free_port
+from tests.harness import start_net
+from tests.tiny_model import tiny_weights
+
+
+def loaded_worker():
+    """A numpy TabWorker holding the whole tiny model, joined and loaded through the real protocol."""
+    net = start_net(tiny_weights(), 1)
+    st = net.core.stages[0]
+    return net.workers[net.stage_conn(0)], (st.layer_start, st.layer_end), net.core.config.hidden
+
+
+def steps(layers, hidden):
+    rng = np.random.default_rng(3)
+    shapes = [(0, 4), (4, 1), (5, 1), (6, 1), (7, 1)]  # a prefill, then decode steps
+    return [wire.make("step", step_id=i + 1, epoch=1, layer_start=layers[0], layer_end=layers[1],
+                      sessions=[{"session_id": "s", "start_pos": pos, "length": n}],
+                      hidden=rng.standard_normal((n, hidden)).astype(np.float32), want_topk=0)
+            for i, (pos, n) in enumerate(shapes)]
+
+
+def test_quick_decode_steps_run_on_the_loop_and_answer_exactly():
+    worker, layers, hidden = loaded_worker()
+    twin, _, _ = loaded_worker()  # computes the same steps directly, for the expected answers
+    worker.heartbeat_ms = 40
+    ran_on = []
+    on_step = worker.on_step
+
+    def recording(m):
+        ran_on.append(threading.current_thread().name)
+        if m["step_id"] == 4:  # from the next step on, this tab is slowed (the simulation's fault)
+            worker.slow_factor = 1.5
+        return on_step(m)
+
+    worker.on_step = recording
+    port = free_port()
+    msgs = steps(layers, hidden)
+    answers, heartbeats = [], []
+
+    async def coordinator(ws):
+        assert wire.decode(await ws.recv())["type"] == "hello"
+        for m in msgs:
+            await ws.send(wire.encode(m))
+            while True:
+                r = wire.decode(await ws.recv())
+                if r["type"] == "heartbeat":
+                    heartbeats.append(r)
+                    continue
+                answers.append(r)
+                break
+        await asyncio.sleep(0.15)  # idle: heartbeats only
+        while True:
+            try:
+                heartbeats.append(wire.decode(await asyncio.wait_for(ws.recv(), 0.01)))
+            except asyncio.TimeoutError:
+                break
+        await ws.close()
+
+    async def main():
+        async with websockets.serve(coordinator, "127.0.0.1", port, compression=None, max_size=None):
+            await asyncio.wait_for(WorkerConnection(worker, f"ws://127.0.0.1:{port}", reconnect=False).run(), 30)
+
+    asyncio.run(main())
+    loop_thread = threading.current_thread().name
+    # prefill and first decode step of the range: compute thread (nothing measured yet); then on
+    # the loop; the slowed tab's step goes back to the compute thread
+    assert [name == loop_thread for name in ran_on] == [False, False, True, True, False]
+    assert all(name.startswith("tab-compute") for name in ran_on if name != loop_thread)
+    assert [a["type"] for a in answers] == ["step_result"] * len(msgs)
+    for m, a in zip(msgs, answers):
+        expected = twin.handle(m)[0]
+        assert a["step_id"] == m["step_id"]
+        np.testing.assert_array_equal(a["output"], expected["output"])
+    assert heartbeats and all(h["type"] == "heartbeat" for h in heartbeats)
+
+
+def test_is_quick_step_needs_a_measured_decode_step_under_budget():
+    worker, layers, hidden = loaded_worker()
+    prefill, decode, *_ = steps(layers, hidden)
+    assert not worker.is_quick_step(decode, 1e9)  # never measured on this range
+    worker.handle(prefill)
+    assert not worker.is_quick_step(decode, 1e9)  # a prefill does not count
+    worker.handle(decode)
+    assert worker.is_quick_step(decode, 1e9)
+    assert not worker.is_quick_step(decode, 0.0)  # over budget
+    assert not worker.is_quick_step(prefill, 1e9)  # prefill rows
+    other = dict(decode, layer_start=layers[0], layer_end=layers[1] + 1)
+    assert not worker.is_quick_step(other, 1e9)  # another range
+    worker.slow_factor = 2.0
+    assert not worker.is_quick_step(decode, 1e9)
