@@ -10,11 +10,14 @@ import urllib.request
 DEFAULT_PROMPT = "Explain in three sentences why splitting a model across browser tabs can work."
 
 
-def stream_chat(base: str, prompt: str, max_tokens: int, on_text=None) -> tuple[str, dict]:
+def stream_chat(base: str, prompt: str, max_tokens: int, on_text=None, on_rewind=None) -> tuple[str, dict]:
+    """Stream a chat completion over SSE; returns the text and the usage (plus ttft_s, tok_s and
+    finish_reason). A `tabshard_rewind` chunk (a tab caught lying: its tokens are recomputed)
+    withdraws the last retract_chars characters, and on_rewind gets it."""
     body = json.dumps({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
     req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
-    text, usage, t0, first = [], {}, time.perf_counter(), None
+    text, usage, t0, first, finish = "", {}, time.perf_counter(), None, None
     with urllib.request.urlopen(req, timeout=300) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -24,16 +27,24 @@ def stream_chat(base: str, prompt: str, max_tokens: int, on_text=None) -> tuple[
             if "error" in ev:
                 raise RuntimeError(ev["error"]["message"])
             usage = ev.get("usage") or usage
-            piece = ev["choices"][0].get("delta", {}).get("content", "")
+            rewind = ev.get("tabshard_rewind")
+            if rewind:
+                text = text[:max(0, len(text) - int(rewind["retract_chars"]))]
+                if on_rewind:
+                    on_rewind(rewind)
+            choice = ev["choices"][0]
+            finish = choice.get("finish_reason") or finish
+            piece = choice.get("delta", {}).get("content", "")
             if piece:
                 first = first or time.perf_counter()
-                text.append(piece)
+                text += piece
                 if on_text:
                     on_text(piece)
     end = time.perf_counter()
     usage["ttft_s"] = (first or end) - t0
     usage["tok_s"] = (usage.get("completion_tokens", 1) - 1) / max(end - (first or end), 1e-9)
-    return "".join(text), usage
+    usage["finish_reason"] = finish
+    return text, usage
 
 
 def cmd_demo(a) -> int:
@@ -60,7 +71,10 @@ def cmd_demo(a) -> int:
                 cluster.signal_worker(pid, signal.SIGKILL)
                 killed["pid"], killed["t"] = pid, time.monotonic()
 
-        text, usage = stream_chat(cluster.base, a.prompt, a.max_tokens, on_text)
+        def on_rewind(rw):
+            console.print(f"\n[yellow]<- {rw['retract_chars']} characters withdrawn ({rw['reason']}); recomputed:[/] ", end="")
+
+        text, usage = stream_chat(cluster.base, a.prompt, a.max_tokens, on_text, on_rewind)
         console.print("\n")
         st = cluster.status()
         console.print(format_status(st))

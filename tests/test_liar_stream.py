@@ -18,6 +18,7 @@ from tab_worker.client import WorkerConnection
 from tab_worker.worker import TabWorker
 from tabshard import wire
 from tabshard.cluster import LocalCluster
+from tabshard.demo import stream_chat
 from tabshard.generate import LocalGenerator
 
 PROMPT = "Write a short poem about the sea."
@@ -115,29 +116,16 @@ def test_liar_tokens_are_rewound_in_the_sse_stream(tmp_path, reference, smollm2_
     """The same over OpenAI-style SSE: the withdrawn text comes as a `tabshard_rewind` chunk
     (index, retract_chars), and the text the client ends with is the exact answer."""
     with two_tabs_one_to_lie(tmp_path) as (cluster, liar):
-        body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0,
-                           "stream": True}).encode()
-        req = urllib.request.Request(f"{cluster.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
-        text, chunks, rewinds, finish = "", 0, [], None
-        with urllib.request.urlopen(req, timeout=120) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if "tabshard_rewind" in chunk:
-                    rw = chunk["tabshard_rewind"]
-                    assert 0 <= rw["retract_chars"] <= len(text)
-                    text = text[:len(text) - rw["retract_chars"]]
-                    rewinds.append(rw)
-                choice = chunk["choices"][0]
-                piece = choice["delta"].get("content") or ""
-                if piece:
-                    text += piece
-                    chunks += 1
-                    if chunks == 3:
-                        liar.liar = 3.0
-                finish = choice["finish_reason"] or finish
-        assert rewinds and finish in ("stop", "length")
+        pieces, rewinds = [], []
+
+        def on_text(piece):
+            pieces.append(piece)
+            if len(pieces) == 3:
+                liar.liar = 3.0
+
+        # the demo's SSE reader (tabshard demo prints what it returns)
+        text, usage = stream_chat(cluster.base, PROMPT, N, on_text, rewinds.append)
+        assert rewinds and all(rw["retract_chars"] >= 0 and rw["reason"] for rw in rewinds)
+        assert usage["finish_reason"] in ("stop", "length")
         assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
+        assert "".join(pieces) != text  # the liar's text did reach the client before it was withdrawn
