@@ -22,9 +22,9 @@ computed -> coordinator has it 0.42 ms (encode + send + wake), coordinator's own
 0.24 ms: ~1.1 ms a hop beyond compute (was ~1.7 ms).
 Reading the sharding ratio: what moves it from round to round (0.80-0.99 within one run) is
 compute, not hops. The two vCPUs are unequal (the same 8-layer stage pinned: 8.3 ms on cpu0
-against 7.2 ms on cpu1, medians of four sittings), a single worker tends to stay on one of them
-while four stages land on both, and the summed stage compute of one token varies by +-4 ms
-between runs of 64 tokens.
+against 7.2 ms on cpu1, medians of four sittings) and the scheduler decides who runs where
+(one sampled 64-token stream each: the single worker ran 66 % of its time on cpu1, the four
+stages together 27 %); the summed stage compute of one token varies by +-4 ms between runs.
 """
 from __future__ import annotations
 
