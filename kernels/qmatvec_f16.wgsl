@@ -47,7 +47,7 @@ var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 
 // Four inputs of x at vec4 index i, block input j0; inputs at or past `valid` read as 0
 // (the last block of a row whose k is not a multiple of 32).
-fn load_x(i: u32, j0: u32, valid: u32) -> vec4<f32> {
+fn load_x(i: u32, j0: u32, valid: u32, wi: u32, scale: f32) -> vec4<f32> {  // wi, scale: qmatvec_norm_f16's; unused here
   let v = x[i];
   if (valid >= 32u) {
     return v;
@@ -56,9 +56,11 @@ fn load_x(i: u32, j0: u32, valid: u32) -> vec4<f32> {
 }
 
 // The four rows of x starting at vec4 index xi of rows r0..r3 (vec4 indices of row starts).
-fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32) -> mat4x4<f32> {
-  return mat4x4<f32>(load_x(r.x + xi, j0, valid), load_x(r.y + xi, j0, valid),
-                     load_x(r.z + xi, j0, valid), load_x(r.w + xi, j0, valid));
+fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32, scale: vec4<f32>) -> mat4x4<f32> {
+  return mat4x4<f32>(load_x(r.x + xi, j0, valid, xi, scale.x), load_x(r.y + xi, j0, valid, xi, scale.y),
+                     load_x(r.z + xi, j0, valid, xi, scale.z), load_x(r.w + xi, j0, valid, xi, scale.w));
 }
+
+// #include "qmatvec_blocks_f16.wgsl"
 
 // #include "qmatvec_main_f16.wgsl"

@@ -3,8 +3,8 @@
 // rmsnorm.wgsl + qmatvec.wgsl: every workgroup first sums the squares of its ROWS rows of x
 // (k is small: the hidden size), then runs qmatvec.wgsl's loop on x * norm_weight and scales
 // each row's result by 1 / sqrt(mean(x^2) + eps) at the end (the norm is linear in x * weight).
-// Everything below is qmatvec.wgsl's, apart from load_x, the prologue and the final write.
-//
+// The block loop is qmatvec.wgsl's (include/qmatvec_blocks.wgsl, reading x through this
+// kernel's load_x) and the prologue is shared with qmatvec_norm_f16 (include/inverse_rms.wgsl).
 //
 // W is a kernels/quant.py tensor: rows contiguous along k, every 32 inputs packed into BITS
 // u32 words, one f16 scale (and f16 min when asymmetric) per GROUP inputs. A workgroup
@@ -17,9 +17,6 @@
 // Several rows are handled four at a time as a mat4x4 whose columns are the rows' x:
 // q * X is then the four rows' dot products. Vectors and matrices stay in registers where
 // a private array indexed in a loop may not (it was 8x slower on an NVIDIA GPU).
-//
-// Per block the thread accumulates (q . x, sum x) per row and applies the group's scale and
-// min once: sum_j (scale*q_j + min) x_j = scale*(q . x) + min*(sum x).
 
 override BITS: u32 = 4u;          // 2, 3, 4 or 8
 override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
@@ -72,108 +69,16 @@ fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32) -> mat4x4<f32> {
                      load_x(r.z + xi, j0, valid, xi), load_x(r.w + xi, j0, valid, xi));
 }
 
-// x[i] with inputs at or past k (counting from the row's first input, vec4 index c) as 0.
-fn x_masked(i: u32, c: u32, k: u32) -> vec4<f32> {
-  return select(vec4<f32>(0.0), x[i], vec4<u32>(4u * c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(k));
-}
+// #include "qmatvec_blocks.wgsl"
+
+// #include "inverse_rms.wgsl"
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let lane = t % TPR;
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
-  let groups = (p.k + GROUP - 1u) / GROUP;
-  let words_per_row = groups * GROUP / 32u * BITS;
-  let blocks = (p.k + 31u) / 32u;  // blocks made only of padding are skipped
-  // vec4 index of each batch row's start; rows past m re-read the last row (never written)
-  let row_vec4s = p.x_stride / 4u;
-  let last = p.m - 1u;
-  let rows_lo = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last)) * row_vec4s;
-  let rows_hi = min(vec4<u32>(m0) + vec4<u32>(4u, 5u, 6u, 7u), vec4<u32>(last)) * row_vec4s;
-  let ones = vec4<f32>(1.0);
-
-  // prologue: sum of squares of each of the ROWS rows, then 1/rms per row
-  var sq_lo = vec4<f32>(0.0);
-  var sq_hi = vec4<f32>(0.0);
-  for (var c = t; c < (p.k + 3u) / 4u; c += WG) {
-    let a0 = x_masked(rows_lo.x + c, c, p.k);
-    sq_lo.x += dot(a0, a0);
-    if (ROWS > 1u) {
-      let a1 = x_masked(rows_lo.y + c, c, p.k);
-      let a2 = x_masked(rows_lo.z + c, c, p.k);
-      let a3 = x_masked(rows_lo.w + c, c, p.k);
-      sq_lo += vec4<f32>(0.0, dot(a1, a1), dot(a2, a2), dot(a3, a3));
-    }
-    if (ROWS > 4u) {
-      let a4 = x_masked(rows_hi.x + c, c, p.k);
-      let a5 = x_masked(rows_hi.y + c, c, p.k);
-      let a6 = x_masked(rows_hi.z + c, c, p.k);
-      let a7 = x_masked(rows_hi.w + c, c, p.k);
-      sq_hi += vec4<f32>(dot(a4, a4), dot(a5, a5), dot(a6, a6), dot(a7, a7));
-    }
-  }
-  partial[t] = sq_lo;
-  if (QUADS > 1u) {
-    partial[WG + t] = sq_hi;
-  }
-  workgroupBarrier();
-  for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-    if (t < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
-  if (t == 0u) {
-    inv_rms[0] = inverseSqrt(partial[0] / f32(p.k) + vec4<f32>(p.eps));
-    if (QUADS > 1u) {
-      inv_rms[1] = inverseSqrt(partial[(QUADS - 1u) * WG] / f32(p.k) + vec4<f32>(p.eps));  // partial[WG], indexed so that it stays in bounds when QUADS == 1
-    }
-  }
-  workgroupBarrier();  // partial is reused below
-
-  var acc_lo = vec4<f32>(0.0);  // rows m0..m0+3 (just .x when ROWS == 1)
-  var acc_hi = vec4<f32>(0.0);  // rows m0+4..m0+7
-  if (n < p.n) {
-    for (var b = lane; b < blocks; b += TPR) {
-      let wbase = n * words_per_row + b * BITS;
-      let valid = min(32u, p.k - b * 32u);
-      let sm = scale_min(n, b * 32u / GROUP, groups);
-      if (ROWS == 1u) {
-        var qx = vec4<f32>(0.0);
-        var xs = vec4<f32>(0.0);
-        for (var j0 = 0u; j0 < 32u; j0 += 4u) {
-          let xv = load_x(rows_lo.x + b * 8u + j0 / 4u, j0, valid, b * 8u + j0 / 4u);
-          qx += codes4(wbase, j0) * xv;
-          xs += xv;
-        }
-        acc_lo.x += sm.x * dot(qx, ones) + sm.y * dot(xs, ones);
-      } else {
-        var qx_lo = vec4<f32>(0.0);
-        var xs_lo = vec4<f32>(0.0);
-        var qx_hi = vec4<f32>(0.0);
-        var xs_hi = vec4<f32>(0.0);
-        for (var j0 = 0u; j0 < 32u; j0 += 4u) {
-          let q = codes4(wbase, j0);
-          let x_lo = load_quad(rows_lo, b * 8u + j0 / 4u, j0, valid);
-          qx_lo += q * x_lo;
-          xs_lo += ones * x_lo;
-          if (ROWS > 4u) {
-            let x_hi = load_quad(rows_hi, b * 8u + j0 / 4u, j0, valid);
-            qx_hi += q * x_hi;
-            xs_hi += ones * x_hi;
-          }
-        }
-        acc_lo += sm.x * qx_lo + sm.y * xs_lo;
-        acc_hi += sm.x * qx_hi + sm.y * xs_hi;
-      }
-    }
-  }
-  partial[t] = acc_lo;
-  if (QUADS > 1u) {
-    partial[WG + t] = acc_hi;
-  }
+  inverse_rms(t, m0);
+  qmatvec_blocks(t, lane, n, m0);
   reduce_store(t, lane, n, m0, inv_rms[0], inv_rms[1]);
 }

@@ -60,97 +60,16 @@ fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32, inv: vec4<f32>) -> mat4
                      load_x(r.z + xi, j0, valid, xi, inv.z), load_x(r.w + xi, j0, valid, xi, inv.w));
 }
 
-// x[i] with inputs at or past k (counting from the row's first input, vec4 index c) as 0.
-fn x_masked(i: u32, c: u32, k: u32) -> vec4<f32> {
-  return select(vec4<f32>(0.0), x[i], vec4<u32>(4u * c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(k));
-}
+// #include "qmatvec_blocks_f16.wgsl"
+
+// #include "inverse_rms.wgsl"
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let lane = t % TPR;
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
-  let groups = (p.k + GROUP - 1u) / GROUP;
-  let words_per_row = groups * GROUP / 32u * BITS;
-  let blocks = (p.k + 31u) / 32u;  // blocks made only of padding are skipped
-  // vec4 index of each batch row's start; rows past m re-read the last row (never written)
-  let row_vec4s = p.x_stride / 4u;
-  let last = p.m - 1u;
-  let rows_lo = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last)) * row_vec4s;
-  let rows_hi = min(vec4<u32>(m0) + vec4<u32>(4u, 5u, 6u, 7u), vec4<u32>(last)) * row_vec4s;
-  let ones = vec4<f32>(1.0);
-  // prologue: sum of squares of each of the ROWS rows, then 1/rms per row
-  var sq_lo = vec4<f32>(0.0);
-  var sq_hi = vec4<f32>(0.0);
-  for (var c = t; c < (p.k + 3u) / 4u; c += WG) {
-    let a0 = x_masked(rows_lo.x + c, c, p.k);
-    sq_lo.x += dot(a0, a0);
-    if (ROWS > 1u) {
-      let a1 = x_masked(rows_lo.y + c, c, p.k);
-      let a2 = x_masked(rows_lo.z + c, c, p.k);
-      let a3 = x_masked(rows_lo.w + c, c, p.k);
-      sq_lo += vec4<f32>(0.0, dot(a1, a1), dot(a2, a2), dot(a3, a3));
-    }
-    if (ROWS > 4u) {
-      let a4 = x_masked(rows_hi.x + c, c, p.k);
-      let a5 = x_masked(rows_hi.y + c, c, p.k);
-      let a6 = x_masked(rows_hi.z + c, c, p.k);
-      let a7 = x_masked(rows_hi.w + c, c, p.k);
-      sq_hi += vec4<f32>(dot(a4, a4), dot(a5, a5), dot(a6, a6), dot(a7, a7));
-    }
-  }
-  partial[t] = sq_lo;
-  if (QUADS > 1u) {
-    partial[WG + t] = sq_hi;
-  }
-  workgroupBarrier();
-  for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-    if (t < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
-  if (t == 0u) {
-    inv_rms[0] = inverseSqrt(partial[0] / f32(p.k) + vec4<f32>(p.eps));
-    if (QUADS > 1u) {
-      inv_rms[1] = inverseSqrt(partial[(QUADS - 1u) * WG] / f32(p.k) + vec4<f32>(p.eps));  // partial[WG], indexed so that it stays in bounds when QUADS == 1
-    }
-  }
-  workgroupBarrier();  // partial is reused below
-
-  let inv_lo = inv_rms[0];
-  let inv_hi = inv_rms[1];  // unset (and unused) when ROWS <= 4
-  var acc = vec4<f32>(0.0);          // ROWS == 1: four lanes of row m0's sum
-  var acc_lo = mat4x4<f32>();        // column r: four lanes of row m0+r's sum
-  var acc_hi = mat4x4<f32>();        // rows m0+4..m0+7
-  if (n < p.n) {
-    for (var b = lane; b < blocks; b += TPR) {
-      let wbase = n * words_per_row + b * BITS;
-      let valid = min(32u, p.k - b * 32u);
-      let sm = scale_min(n, b * 32u / GROUP, groups);
-      for (var j0 = 0u; j0 < 32u; j0 += 4u) {
-        let w = weights4(wbase, j0, sm);
-        if (ROWS == 1u) {
-          acc += vec4<f32>(w * vec4<f16>(load_x(rows_lo.x + b * 8u + j0 / 4u, j0, valid, b * 8u + j0 / 4u, inv_lo.x)));
-        } else {
-          acc_lo += products(w, load_quad(rows_lo, b * 8u + j0 / 4u, j0, valid, inv_lo));
-          if (ROWS > 4u) {
-            acc_hi += products(w, load_quad(rows_hi, b * 8u + j0 / 4u, j0, valid, inv_hi));
-          }
-        }
-      }
-    }
-  }
-  if (ROWS == 1u) {
-    partial[t] = vec4<f32>(dot(acc, ones), 0.0, 0.0, 0.0);
-  } else {
-    partial[t] = ones * acc_lo;  // row r's sum in component r
-  }
-  if (QUADS > 1u) {
-    partial[WG + t] = ones * acc_hi;
-  }
+  inverse_rms(t, m0);
+  qmatvec_blocks(t, lane, n, m0, inv_rms[0], inv_rms[1]);
   reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
 }

@@ -182,6 +182,7 @@ def measure_chromium(chromium: str = "/usr/bin/chromium", timeout_s: float = 120
     import threading
 
     from kernels import runner as R
+    from kernels import wgsl_source
 
     exe = chromium if Path(chromium).exists() else shutil.which("chromium")
     try:
@@ -211,7 +212,7 @@ def measure_chromium(chromium: str = "/usr/bin/chromium", timeout_s: float = 120
                 page = browser.new_page()
                 page.set_default_timeout(timeout_s * 1000)
                 page.goto(f"http://127.0.0.1:{server.server_address[1]}/")  # a secure context
-                sources = {k: (R.KERNEL_DIR / f"{k}.wgsl").read_text() for k in KERNELS}
+                sources = {k: wgsl_source(k) for k in KERNELS}  # includes resolved, as tabs get them
                 res = page.evaluate(CHROMIUM_JS, {"sources": sources, "variants": kernel_variants(dict(R.WEBGPU_DEFAULT_LIMITS))})
                 version = browser.version
             finally:
