@@ -34,6 +34,7 @@ _RULES = {
     "spot_check_rtol": (float, 1e-7, 1.0),  # allowed max |difference| / max |recomputed|
     "spot_check_seed": (int, 0, 1 << 62),
     "spot_check_timeout_s": (float, 0.1, 3600.0),  # an unanswered check is dropped after this
+    "spot_check_at_finish": (bool, None, None),  # check every stage's part in a session's last token before "done"
     "max_prompt_tokens": (int, 1, 1 << 20),  # longer prompts are refused (400)
     "max_output_tokens": (int, 1, 1 << 20),  # a larger max_tokens is refused (400)
     "max_request_bytes": (int, 1024, 1 << 30),  # a larger HTTP body is refused (413) without being read

@@ -105,6 +105,9 @@ class CoordinatorSettings:
     spot_check_rtol: float = 2e-3  # honest f32 numpy vs numpy: ~1e-6; raise it for f16 tabs
     spot_check_seed: int = 0
     spot_check_timeout_s: float = 60.0  # a check unanswered this long is dropped (and stops holding "done" back)
+    # also check every stage's part in a session's last token before its "done": sampled checks
+    # alone can miss a liar whose few wrong steps end a session (see _audit_finish)
+    spot_check_at_finish: bool = False
     # limits (each a clear refusal, never unbounded memory): prompt and output tokens per request,
     # messages per second per worker / client socket (a burst of twice that is allowed)
     max_prompt_tokens: int = 4096
@@ -239,6 +242,9 @@ class Session:
     # still pending: "done" waits for it, so a liar it catches can still rewind the stream
     finish_pending: str | None = None
     log_epoch: int = 0  # bumped whenever `logs` restart from position 0
+    last_by: dict = field(default_factory=dict)  # stage index -> (worker id, epoch) of its latest step for this session
+    last_head: tuple | None = None  # the head's (top-k ids, logits) behind the latest token
+    audited: bool = False  # the last token's steps were sent for checking (spot_check_at_finish)
 
     @property
     def position(self) -> int:
@@ -672,6 +678,7 @@ class Coordinator:
         tokens already streamed) through the new stages; the next token follows exactly."""
         s.logs = {}
         s.log_epoch += 1  # the verifiers' scratch KV of it no longer matches what stages receive
+        s.audited = False
         self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
 
     # ================================================================== prefix cache
@@ -747,6 +754,12 @@ class Coordinator:
 
     def _finish_verified(self, s: Session, reason: str, now: float) -> list:
         """Finish once no spot check of a worker that computed for the session is pending."""
+        if self.settings.spot_check_at_finish and not s.audited and not self._holding_finishes:
+            s.audited = True
+            checks = self._audit_finish(s, now)
+            if checks:
+                s.finish_pending = reason
+                return checks
         if self._holding_finishes or any(c["worker"] in s.touched for c in self._checks.values()):
             s.finish_pending = reason
             return []
@@ -884,6 +897,7 @@ class Coordinator:
             s = self.sessions.get(it.session_id)
             if s is None or s.finished or it.generation != s.generation:
                 continue
+            s.last_by[st.index] = (w.worker_id, w.epoch)
             if not st.include_head:
                 skip = max(0, it.forward_from - it.start_pos)
                 if skip < len(it.rows):
@@ -928,37 +942,76 @@ class Coordinator:
             return []
         i = candidates[self._spot_rng.randrange(len(candidates))]
         it = items[i]
-        s = self.sessions[it.session_id]
-        log = [r for p, r in s.logs.get(st.index, []) if p < it.end]
-        history = np.concatenate(log)[:it.end] if log else np.zeros((0, self.config.hidden), np.float32)
-        if len(history) != it.end:
-            self.counters["spot_checks_skipped"] += 1
-            return []
         offset = sum(len(x.rows) for x in items[:i])
         if st.include_head:
             claimed = (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
-            want = len(claimed[0])
         else:
             claimed = np.array(m["output"][offset: offset + len(it.rows)])
-            want = 0
+        return self._send_check(st, (w.worker_id, w.epoch), verifier, self.sessions[it.session_id], it.start_pos, it.end,
+                                claimed, now)
+
+    def _audit_finish(self, s: Session, now: float) -> list:
+        """spot_check_at_finish: before a session's "done", check every stage's step behind its
+        last token (the head's top-k, and each other stage's output row as the next stage
+        received it). Sampled checks can miss a liar for a few steps; without this, a session
+        those steps end would be done with their tokens. A liar caught here rewinds the stream
+        like any other (_on_liar), and the session finishes again after its recomputation."""
+        pos = len(s.prompt_ids) + len(s.tokens) - 2  # the input row of the last token
+        out = []
+        for st in self.stages:
+            by = s.last_by.get(st.index)
+            if by is None or by[0] == LOCAL:
+                continue
+            if st.include_head:
+                if s.last_head is None:
+                    continue
+                claimed = (np.array(s.last_head[0]), np.array(s.last_head[1]))
+            else:
+                row = next((rows[pos - p: pos - p + 1] for p, rows in s.logs.get(st.index + 1, []) if p <= pos < p + len(rows)), None)
+                if row is None:
+                    continue
+                claimed = np.array(row)
+            w = self.workers.get(by[0])
+            verifier = self._verifier(st, w) if w is not None else None
+            if verifier is None:
+                self.counters["spot_checks_skipped"] += 1
+                continue
+            out += self._send_check(st, by, verifier, s, pos, pos + 1, claimed, now)
+        return out
+
+    def _send_check(self, st: Stage, by: tuple, verifier: Worker, s: Session, start_pos: int, end: int, claimed, now: float) -> list:
+        """Have `verifier` recompute stage `st` for session rows [start_pos, end) from the
+        stage's input log (under a scratch session) and compare with what worker `by` = (id,
+        epoch) claimed: hidden rows, or the head's (top-k ids, logits) for the last row."""
+        log = [r for p, r in s.logs.get(st.index, []) if p < end]
+        history = np.concatenate(log)[:end] if log else np.zeros((0, self.config.hidden), np.float32)
+        if len(history) != end:
+            self.counters["spot_checks_skipped"] += 1
+            return []
+        want = len(claimed[0]) if st.include_head else 0
         step_id = next(self._ids)
         key = (st.layer_start, st.layer_end)
-        kv_key = (it.session_id, key, verifier.worker_id)
+        kv_key = (s.request_id, key, verifier.worker_id)
+        out = []
+        parked = (verifier.worker_id == LOCAL and not (LOCAL in st.ready and LOCAL in st.holders)
+                  and self._verify_ranges.get(key) != "ready")
+        if parked:  # the check waits for the range; loading it afresh forgets stale scratch KV of it,
+            out = self._load_verify_range(st)  # so this comes before this check's scratch KV is recorded
         held, epoch = self._verify_kv.get(kv_key, (0, -1))
-        first = min(held, it.start_pos) if epoch == s.log_epoch else 0  # the verifier truncates to `first`
-        self._verify_kv[kv_key] = (it.end, s.log_epoch)
-        scratch = _check_session(it.session_id, key)
-        self._checks[step_id] = {"worker": w.worker_id, "epoch": w.epoch, "verifier": verifier.worker_id, "stage": st.index,
-                                 "range": key, "start": it.start_pos - first, "claimed": claimed, "at": now, "worker_steps": w.steps,
-                                 "kv_key": kv_key}
+        first = min(held, start_pos) if epoch == s.log_epoch else 0  # the verifier truncates to `first`
+        self._verify_kv[kv_key] = (end, s.log_epoch)
+        scratch = _check_session(s.request_id, key)
+        w = self.workers.get(by[0])
+        self._checks[step_id] = {"worker": by[0], "epoch": by[1], "verifier": verifier.worker_id, "stage": st.index,
+                                 "range": key, "start": start_pos - first, "claimed": claimed, "at": now,
+                                 "worker_steps": w.steps if w is not None else 0, "kv_key": kv_key}
         self.counters["spot_checks"] += 1
         msgs = [_msg("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
-                     sessions=[{"session_id": scratch, "start_pos": first, "length": it.end - first}],
+                     sessions=[{"session_id": scratch, "start_pos": first, "length": end - first}],
                      hidden=np.ascontiguousarray(history[first:], dtype=np.float32), want_topk=want)]
-        if verifier.worker_id == LOCAL and not (verifier.worker_id in st.ready and verifier.worker_id in st.holders):
-            if self._verify_ranges.get(key) != "ready":
-                self._verify_parked.setdefault(key, []).extend(msgs)
-                return self._load_verify_range(st)
+        if parked:
+            self._verify_parked.setdefault(key, []).extend(msgs)
+            return out
         return [Send(verifier.conn, x) for x in msgs]
 
     def _load_verify_range(self, st: Stage) -> list:
@@ -1095,6 +1148,7 @@ class Coordinator:
 
     def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
         token = Sampler(s.params).choose(ids, logits, len(s.tokens))
+        s.last_head = (ids, logits)
         for stage, detected in self._awaiting_recovery:
             self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
         self._awaiting_recovery = []

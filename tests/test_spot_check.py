@@ -116,6 +116,41 @@ def test_done_waits_for_pending_checks_so_a_last_lie_is_rewound(weights, referen
     assert net.core.counters["completed"] == 1 and net.core.counters["tokens_retracted"] == 1
 
 
+@pytest.mark.parametrize("victim_stage", [0, 1, 2])  # the first and a middle layer range, and the head
+def test_finish_audit_catches_a_liar_no_sample_hit(weights, reference, victim_stage):
+    """spot_check_at_finish: the liar lies only in the steps of the last token and no step is
+    sampled (fraction 0). Without the audit that wrong token is final; with it, every stage's
+    part in the last token is checked before "done": the liar is quarantined, the stream is
+    rewound and ends exact."""
+    for audit in (False, True):
+        net = start(weights, 3, spot_check_fraction=0.0, spot_check_at_finish=audit)
+        net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+        net.run(until=lambda: len(net.tokens("r")) >= N_TOKENS - 1)
+        victim = net.stage_conn(victim_stage)
+        victim_id = net.core.conn_worker[victim]
+        net.workers[victim].liar = 50.0
+        run_until_done(net, ["r"])
+        if not audit:  # the lie goes unnoticed (the head's noisy logits leave a greedy token as it was)
+            assert net.core.counters["spot_checks"] == 0 and not any(e["kind"] == "liar_detected" for e in net.core.events)
+            assert (net.tokens("r") != reference) == (victim_stage != 2)
+            continue
+        assert net.tokens("r") == reference
+        assert [e["worker"] for e in net.core.events if e["kind"] == "liar_detected"] == [victim_id]
+        assert net.core.workers[victim_id].state == "quarantined"
+        assert len(net.rewinds("r")) == (victim_stage != 2) and net.core.counters["completed"] == 1
+
+
+def test_finish_audit_passes_honest_workers(weights, reference):
+    net = start(weights, 3, spot_check_fraction=0.0, spot_check_at_finish=True)
+    for rid in ("a", "b"):
+        net.submit(rid, PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["a", "b"])
+    assert net.tokens("a") == reference and net.tokens("b") == reference
+    c = net.core.counters
+    assert c["spot_checks"] == 2 * 3 and c["spot_check_mismatches"] == 0 and c["completed"] == 2
+    assert not any(sid.startswith("check-") for b in net.workers["local"].ranges.values() for sid in b.sessions())
+
+
 def test_tokens_before_the_liar_joined_stay_confirmed(weights, reference):
     """Only tokens streamed after the liar first computed for a session are unconfirmed."""
     net = start(weights, 3, spot_check_fraction=0.2, spot_check_seed=1)
