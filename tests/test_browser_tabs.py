@@ -360,6 +360,7 @@ def test_compat_matrix_chromium_row_compiles_every_kernel():
     it (includes resolved); it once compiled the raw files and failed qmatvec, qmatmul and embedding."""
     from tabshard import compat_matrix as cm
 
-    row = cm.measure_chromium(CHROMIUM)
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API refuses a thread with a running event loop (this module's)
+        row = pool.submit(cm.measure_chromium, CHROMIUM).result()
     assert row is not None and row["backend"] == "WebGPU", row
     assert row["kernels_failed"] == [] and sorted(row["kernels_ok"]) == sorted(cm.KERNELS)
