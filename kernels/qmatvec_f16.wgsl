@@ -45,6 +45,8 @@ var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 
 // #include "reduce_store.wgsl"
 
+// #include "row_starts.wgsl"
+
 // Four inputs of x at vec4 index i, block input j0; inputs at or past `valid` read as 0
 // (the last block of a row whose k is not a multiple of 32).
 fn load_x(i: u32, j0: u32, valid: u32, wi: u32, scale: f32) -> vec4<f32> {  // wi, scale: qmatvec_norm_f16's; unused here

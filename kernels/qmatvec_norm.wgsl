@@ -53,6 +53,8 @@ var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
 // #include "reduce_store.wgsl"
 
+// #include "row_starts.wgsl"
+
 // Four inputs of x * norm_weight at vec4 index i, block input j0 (norm_weight's vec4 index is
 // i's offset within the row: i - row start); inputs at or past `valid` read as 0.
 fn load_x(i: u32, j0: u32, valid: u32, wi: u32) -> vec4<f32> {

@@ -42,6 +42,8 @@ var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
 // #include "reduce_store.wgsl"
 
+// #include "row_starts.wgsl"
+
 // Four inputs x * inv * norm_weight at vec4 index i, block input j0 (norm_weight's vec4 index
 // is i's offset within the row: i - row start), inv the row's 1/rms; inputs at or past
 // `valid` read as 0.

@@ -8,8 +8,9 @@ on the event loop and its result is sent from there, because the two thread hand
 the compute thread, then wake the loop with the result) cost ~0.4 ms a hop, measured in a
 4-stage pipeline on this 2-vCPU host: a third of what a hop cost beyond compute.
 
-The connection is re-made with backoff when it drops (a coordinator restart, or fencing after a freeze): the worker keeps its weight blobs and reports them in `hello`,
-so nothing is downloaded twice.
+The connection is re-made with backoff when it drops (a coordinator restart, or fencing after
+a freeze): the worker keeps its weight blobs and reports them in `hello`, so nothing is
+downloaded twice.
 """
 from __future__ import annotations
 

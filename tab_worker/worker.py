@@ -31,6 +31,12 @@ def msg(type_: str, **fields) -> dict:
     return {"v": PROTOCOL_VERSION, "type": type_, **fields}
 
 
+def _is_decode_step(m: dict) -> bool:
+    """A step of one row per session (any message: the adapter asks before validation)."""
+    hidden, sessions = m.get("hidden"), m.get("sessions")
+    return isinstance(sessions, list) and getattr(hidden, "ndim", 0) == 2 and hidden.shape[0] == len(sessions)
+
+
 class TabWorker:
     def __init__(self, name: str, backend: str = "auto", token: str | None = None,
                  memory_bytes: int | None = None, device_options: dict | None = None,
@@ -281,7 +287,7 @@ class TabWorker:
         if self.slow_factor > 1:
             time.sleep(elapsed * (self.slow_factor - 1))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
-        if len(slices) == m["hidden"].shape[0]:  # one row per session: a decode step
+        if _is_decode_step(m):
             self.decode_ms[key] = reply["compute_ms"]
         self.steps_served += 1
         return [reply]
@@ -291,10 +297,7 @@ class TabWorker:
         so that an adapter may run it where it received it (no hand-off to a compute thread) and
         still keep its heartbeats on time. Never under simulated slowness: that sleeps inside the
         step, and a slow tab's heartbeats must keep flowing while it sleeps."""
-        if m.get("type") != "step" or self.slow_factor != 1.0:
-            return False
-        hidden, sessions = m.get("hidden"), m.get("sessions")
-        if not isinstance(sessions, list) or getattr(hidden, "ndim", 0) != 2 or hidden.shape[0] != len(sessions):
+        if m.get("type") != "step" or self.slow_factor != 1.0 or not _is_decode_step(m):
             return False
         last = self.decode_ms.get((m.get("layer_start"), m.get("layer_end")))
         return last is not None and last < budget_ms

@@ -1,5 +1,5 @@
 // Included (kernels.wgsl_source) by qmatvec_norm and qmatvec_norm_f16 (needs `p`, `x`, `partial`,
-// `inv_rms`, row_starts, WG, ROWS, QUADS). Called from main in uniform control flow.
+// `inv_rms`, row_starts, sum_partials, WG, ROWS, QUADS). Called from main in uniform control flow.
 
 // x[i] with inputs at or past k (counting from the row's first input, vec4 index c) as 0.
 fn x_masked(i: u32, c: u32, k: u32) -> vec4<f32> {
@@ -34,16 +34,7 @@ fn inverse_rms(t: u32, m0: u32) {
   if (QUADS > 1u) {
     partial[WG + t] = sq_hi;
   }
-  workgroupBarrier();
-  for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-    if (t < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
+  sum_partials(t, t, WG);
   if (t == 0u) {
     inv_rms[0] = inverseSqrt(partial[0] / f32(p.k) + vec4<f32>(p.eps));
     if (QUADS > 1u) {

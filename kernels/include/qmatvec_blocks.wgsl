@@ -1,12 +1,6 @@
 // Included (kernels.wgsl_source) by the f32 kernels of the qmatvec family (qmatvec, qmatvec_silu,
-// qmatvec_norm; needs `p`, `partial`, codes4, scale_min and the kernel's own load_x / load_quad,
-// which say what the "x" of x . w is: x itself, silu(gate) * up, or x * norm_weight).
-
-// vec4 index of the starts of batch rows first..first+3; rows past m re-read the last row
-// (their results are never written).
-fn row_starts(first: u32) -> vec4<u32> {
-  return min(vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.m - 1u)) * (p.x_stride / 4u);
-}
+// qmatvec_norm; needs `p`, `partial`, codes4, scale_min, row_starts and the kernel's own load_x /
+// load_quad, which say what the "x" of x . w is: x itself, silu(gate) * up, or x * norm_weight).
 
 // This thread's share of output n's dot products with batch rows m0..m0+ROWS-1, left in
 // partial[t] (rows m0..m0+3; just .x when ROWS == 1) and partial[WG + t] (rows m0+4..m0+7)

@@ -1,12 +1,6 @@
 // Included (kernels.wgsl_source) by the f16 kernels of the qmatvec family (qmatvec_f16,
-// qmatvec_silu_f16, qmatvec_norm_f16; needs `p`, `partial`, weights4 / products, scale_min and
-// the kernel's own load_x / load_quad, which say what the "x" of x . w is).
-
-// vec4 index of the starts of batch rows first..first+3; rows past m re-read the last row
-// (their results are never written).
-fn row_starts(first: u32) -> vec4<u32> {
-  return min(vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.m - 1u)) * (p.x_stride / 4u);
-}
+// qmatvec_silu_f16, qmatvec_norm_f16; needs `p`, `partial`, weights4 / products, scale_min,
+// row_starts and the kernel's own load_x / load_quad, which say what the "x" of x . w is).
 
 // This thread's share of output n's dot products with batch rows m0..m0+ROWS-1, left in
 // partial[t] (rows m0..m0+3; just .x when ROWS == 1) and partial[WG + t] (rows m0+4..m0+7)

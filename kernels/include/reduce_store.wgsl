@@ -6,16 +6,7 @@
 // Add the TPR lanes of each output together and store row r's sum times scale[r / 4][r % 4]
 // (1 except in qmatvec_norm: each row's inverse RMS) at y, added to y when p.accumulate.
 fn reduce_store(t: u32, lane: u32, n: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) {
-  workgroupBarrier();
-  for (var stride = TPR / 2u; stride > 0u; stride >>= 1u) {
-    if (lane < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
+  sum_partials(t, lane, TPR);
   if (lane == 0u && n < p.n) {
     for (var r = 0u; r < ROWS; r++) {
       let m = m0 + r;
@@ -29,5 +20,21 @@ fn reduce_store(t: u32, lane: u32, n: u32, m0: u32, scale_lo: vec4<f32>, scale_h
         y[i] = previous + partial[(r / 4u) * WG + t][r % 4u] * scale[r % 4u];
       }
     }
+  }
+}
+
+// Tree-sum partial[] over groups of `span` consecutive threads (span a power of two; i: this
+// thread's index in its group): the group's first thread ends with the sum, for rows m0..m0+3
+// (partial[t]) and m0+4..m0+7 (partial[WG + t]). Called in uniform control flow.
+fn sum_partials(t: u32, i: u32, span: u32) {
+  workgroupBarrier();
+  for (var stride = span / 2u; stride > 0u; stride >>= 1u) {
+    if (i < stride) {
+      partial[t] += partial[t + stride];
+      if (QUADS > 1u) {
+        partial[WG + t] += partial[WG + t + stride];
+      }
+    }
+    workgroupBarrier();
   }
 }
