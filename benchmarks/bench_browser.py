@@ -1,6 +1,7 @@
 """Per-token step time of a fixed layer range in a browser tab: WebGPU vs WASM SIMD vs plain
-JS, side by side in one headless Chromium run, and the same range in the native workers
-(wgpu-py's WgpuBackend, and NumpyBackend) on the same machine.
+JS (and WebGPU with the fused decode kernels forced, webgpu-fused: a software adapter's
+default is unfused), side by side in one headless Chromium run, and the same range in the
+native workers (wgpu-py's WgpuBackend, and NumpyBackend) on the same machine.
 
     .venv/bin/python benchmarks/bench_browser.py [--layers 0:4] [--tokens 16] [--json OUT]
 
@@ -55,9 +56,9 @@ async ({cfg, keys, tokens, prompt, engines}) => {
   for (const name of engines) {
     try {
       let be, t0 = performance.now();
-      if (name === "webgpu") {
+      if (name.startsWith("webgpu")) {  // "webgpu": fused decode kernels on a real GPU only; -fused / -unfused: forced
         const gpu = await WebGpuDevice.create("adapter", location.origin);
-        be = new WebGpuBackend(gpu, cfg, layers, null, prompt + tokens + 1);
+        be = new WebGpuBackend(gpu, cfg, layers, null, prompt + tokens + 1, { "webgpu-fused": 16, "webgpu-unfused": 0 }[name]);
         await be.init();
         out.adapter = gpu.describe().adapter;
       } else {
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0:4", help="layer range START:END (default 0:4)")
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--engines", default="webgpu,wasm,js")
+    ap.add_argument("--engines", default="webgpu,webgpu-fused,wasm,js",
+                    help="tab engines: webgpu (fused decode kernels on a real GPU only), webgpu-fused, webgpu-unfused, wasm, js")
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args(argv)

@@ -17,10 +17,13 @@ command buffers, submitted as they are recorded so the GPU need not wait for Pyt
 reads the hidden rows back once. Batches larger than the scratch can bind are run as
 consecutive row chunks: each session's rows stay in order, so this is chunked prefill.
 
-Decode batches (up to FUSE_MAX_ROWS rows) run 6 dispatches per layer instead of 10: the
-norms fold into the following matvec (qmatvec_norm.wgsl), silu_gate into the down
+On a real GPU, decode batches (up to FUSE_MAX_ROWS rows) run 6 dispatches per layer instead
+of 10: the norms fold into the following matvec (qmatvec_norm.wgsl), silu_gate into the down
 projection's input (qmatvec_silu.wgsl), rope and kv_store into one kernel
-(rope_kv_store.wgsl). The dispatches of a call are planned once per row count (runner.Device
+(rope_kv_store.wgsl). CPU rasterisers keep the 10: the fused matvecs redo the norm in every
+workgroup and silu for every output row, which a GPU hides behind dispatch costs and a CPU
+pays in full (lavapipe, 8 SmolLM2 layers + head, forward_topk of one token: 59 ms unfused
+against 91 ms fused, medians of 8 alternating rounds). The dispatches of a call are planned once per row count (runner.Device
 .plan) and replayed as native calls. ``forward_topk`` runs layers, final norm, head and
 top-k in one submission and reads back only the k ids and logits of each session: on an
 H100 (SmolLM2-135M shape, 182 dispatches a token) 3.2-3.5 ms a token against 4.6 ms for
@@ -36,8 +39,7 @@ from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, Sess
 
 MAX_TOPK = R.TopK.MAX_K
 SUBMIT_EVERY = 64  # dispatches per command buffer: the GPU starts while the rest is recorded
-FUSE = True  # fused decode kernels (qmatvec_norm, qmatvec_silu, rope_kv_store); False: the unfused ops
-FUSE_MAX_ROWS = 16  # batches up to this many rows use them: decode; prefill keeps the plain ops
+FUSE_MAX_ROWS = 16  # batches up to this many rows may use the fused decode kernels; prefill keeps the plain ops
 
 
 def _round4(n: int) -> int:
@@ -76,7 +78,7 @@ class WgpuBackend:
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
                  device: R.Device | None = None, limits: str | dict = "adapter",
                  power_preference: str = "high-performance", matvec_max_rows: int | None = None,
-                 compute_dtype: str = "f32"):
+                 compute_dtype: str = "f32", fuse_decode: bool | None = None):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
@@ -85,7 +87,9 @@ class WgpuBackend:
         device's shader-f16 (f16 weights, inputs and products, f32 sums; activations, the
         KV cache, attention, norms and prefill's qmatmul stay f32); "auto", f16 where the
         device has shader-f16. The default is f32: on lavapipe the f16 matvecs run at
-        0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet."""
+        0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet.
+        ``fuse_decode``: run decode batches on the fused kernels (see the module docstring);
+        None (the default) does on a real GPU and not on a CPU rasteriser."""
         self.config = c = config
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
@@ -93,6 +97,7 @@ class WgpuBackend:
         self.max_ctx = int(max_ctx)
         self.matvec_max_rows = matvec_max_rows
         self.dev = dev = device or R.get_device(limits, power_preference)
+        self.fuse_decode = dev.is_real_gpu() if fuse_decode is None else bool(fuse_decode)
         if compute_dtype == "auto":
             compute_dtype = "f16" if "shader-f16" in dev.features else "f32"
         if compute_dtype not in ("f32", "f16"):
@@ -244,7 +249,7 @@ class WgpuBackend:
         """Per layer, 6 dispatches when fused (norm+qkv, rope+kv_store, attention, wo,
         norm+gate/up, silu+down) for up to _fuse_max_rows rows; the unfused 10 above."""
         c, dev, b, s = self.config, self.dev, self._buf, self._strides
-        fuse_rows = self._fuse_max_rows if FUSE else 0
+        fuse_rows = self._fuse_max_rows if self.fuse_decode else 0
         silu_fusable = c.ffn % 4 == 0  # qmatvec_silu reads the up half as vec4
         ops = []
         for layer, (k_pool, v_pool) in zip(self._layers, self._pools):
@@ -288,7 +293,7 @@ class WgpuBackend:
             fused = R.QuantLinear(dev, output, b[src], s[src], b["logits"], self._logits_stride,
                                   matvec_max_rows=self.matvec_max_rows, norm=(norm_w, c.rms_eps),
                                   compute_dtype=self.compute_dtype)
-            ops = R.ByRows(self._fuse_max_rows if FUSE else 0, [fused], [norm, plain])
+            ops = R.ByRows(self._fuse_max_rows if self.fuse_decode else 0, [fused], [norm, plain])
             self._head_ops = {**(self._head_ops or {}), src: ops}
         topk = self._topk.get(k)
         if topk is None:

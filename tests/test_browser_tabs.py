@@ -198,6 +198,66 @@ def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
         np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=e["engine"])
 
 
+WEBGPU_PARITY_JS = """
+async ({fuseRuns}) => {
+  const { WebGpuDevice, WebGpuBackend } = await import("/tab/static/backend_webgpu.js");
+  const { unpack_blob } = await import("/tab/static/weights.js");
+  const get = async (name) => new Uint8Array(await (await fetch(`/parity-files/${name}`)).arrayBuffer());
+  const layers = {};
+  for (const name of ["layer0.blob", "layer1.blob"]) { const b = unpack_blob(await get(name)); layers[b.index] = b.weights; }
+  const head = unpack_blob(await get("head.blob")).weights;
+  const cfg = JSON.parse(new TextDecoder().decode(await get("config.json")));
+  const xb = await get("x.f32"), x = new Float32Array(xb.slice().buffer);
+  const H = cfg.hidden, T = x.length / H;
+  const gpu = await WebGpuDevice.create("default", location.origin);
+  const out = {};
+  for (const [name, fuseMaxRows] of fuseRuns) {
+    const be = new WebGpuBackend(gpu, cfg, layers, head, 64, fuseMaxRows);
+    await be.init();
+    const a = await be.forward([{ session_id: "s", start_pos: 0, length: T - 1 }], x.subarray(0, (T - 1) * H));
+    const before = gpu.dispatches;
+    const b = await be.forward([{ session_id: "s", start_pos: T - 1, length: 1 }], x.subarray((T - 1) * H));
+    const decodeDispatches = gpu.dispatches - before;
+    const top = await be.forward_topk([{ session_id: "t", start_pos: 0, length: T }], x, 5);
+    out[name] = { hidden: [...new Float32Array(a), ...new Float32Array(b)], decodeDispatches, ids: [...top.ids], values: [...top.values] };
+    be.destroy();
+  }
+  return out;
+}
+"""
+
+
+def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smollm2_weights, tmp_path):
+    """The tab's WebGPU backend (SwiftShader here) on two real layers and the head: decode steps
+    run the fused kernels (norm + q/k/v, rope + KV store, attention, wo, norm + gate/up, silu +
+    down: 6 dispatches a layer), and with fusing off the 10 unfused ones; both against
+    NumpyBackend, and the head's top-k (its norm folded into its matvec) against numpy's."""
+    from tab_worker.engine_types import SessionSlice
+    from tab_worker.numpy_backend import NumpyBackend
+    from tab_worker.weights import pack_head, pack_layer
+    from tabshard.generate import embed
+
+    w = smollm2_weights
+    files = {f"layer{i}.blob": pack_layer(i, w.layers[i]) for i in (0, 1)}
+    files["head.blob"] = pack_head(w.head)
+    files["config.json"] = json.dumps(w.config.to_dict()).encode()
+    x = embed(w.embedding, [504, 3575, 282, 4649, 314, 7042, 30])
+    files["x.f32"] = x.astype("<f4").tobytes()
+    be = NumpyBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64)
+    want = np.concatenate([be.forward([SessionSlice("s", 0, 6)], x[:6]), be.forward([SessionSlice("s", 6, 1)], x[6:])])
+    ids, values = be.head_topk(want[-1:], 5)
+    page = browser.new_page()
+    page.route("**/parity-files/*", lambda route: route.fulfill(status=200, body=files[route.request.url.rsplit("/", 1)[1]]))
+    page.goto(f"{cluster.base}/tab/static/index.html")  # any page of the origin: the modules load from it
+    out = page.evaluate(WEBGPU_PARITY_JS, {"fuseRuns": [["unfused", 0], ["fused", 16]]})
+    page.close()
+    assert out["fused"]["decodeDispatches"] == 2 * 6 and out["unfused"]["decodeDispatches"] == 2 * 10, out
+    for name, e in out.items():
+        np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=name)
+        assert e["ids"] == ids[0].tolist(), name
+        np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=name)
+
+
 def test_wrong_token_gets_a_clear_403(cluster, browser):
     page = browser.new_page()
     resp = page.goto(f"{cluster.base}/tab?token=nope")

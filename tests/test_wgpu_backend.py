@@ -81,9 +81,13 @@ def _check_head(backends, hidden, k):
     np.testing.assert_allclose(gpu_logits, ref_logits, **LOGIT_TOL)
 
 
-@pytest.mark.parametrize("matvec_max_rows", [None, 4], ids=["default", "qmatmul-above-4-rows"])
-def test_prefill_decode_replay_and_head_match_numpy(model, device, matvec_max_rows):
-    backends = _pair(model, device, matvec_max_rows=matvec_max_rows)
+# "fused": the fused decode kernels, which the default leaves to real GPUs (this is lavapipe)
+OPTIONS = {"default": {}, "qmatmul-above-4-rows": {"matvec_max_rows": 4}, "fused": {"fuse_decode": True}}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_prefill_decode_replay_and_head_match_numpy(model, device, options):
+    backends = _pair(model, device, **options)
     gpu = backends[0]
     rng = np.random.default_rng(0)
     # two sessions prefill in one batch (qmatmul path), then decode together (qmatvec path)
@@ -122,9 +126,9 @@ def _check_forward_topk(backends, slices, rng, k):
         assert backends[0].session_length(sl.session_id) == sl.start_pos + sl.length
 
 
-@pytest.mark.parametrize("matvec_max_rows", [None, 4], ids=["default", "qmatmul-above-4-rows"])
-def test_forward_topk_matches_forward_then_head(model, device, matvec_max_rows):
-    backends = _pair(model, device, matvec_max_rows=matvec_max_rows)
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_forward_topk_matches_forward_then_head(model, device, options):
+    backends = _pair(model, device, **options)
     rng = np.random.default_rng(5)
     # prefill of two sessions: last rows gathered (5 and 8) for the head
     _check_forward_topk(backends, [SessionSlice("a", 0, 6), SessionSlice("b", 0, 3)], rng, 10)
@@ -264,7 +268,7 @@ def f16_device(device):
 def test_f16_compute_matches_numpy_within_half_precision(model, f16_device):
     from tab_worker.backends import forward_topk
 
-    gpu, ref = _pair(model, f16_device, compute_dtype="f16")
+    gpu, ref = _pair(model, f16_device, compute_dtype="f16", fuse_decode=True)
     f32 = _pair(model, f16_device)[0]
     assert gpu.compute_dtype == "f16"
     rng = np.random.default_rng(0)
@@ -287,6 +291,30 @@ def test_f16_compute_matches_numpy_within_half_precision(model, f16_device):
     (gi, gl), (ri, rl) = gpu.forward_topk(slices, hidden, 1), forward_topk(ref, slices, hidden, 1)
     np.testing.assert_array_equal(gi, ri)
     np.testing.assert_allclose(gl, rl, **F16_LOGIT_TOL)
+
+
+def test_decode_fusing_follows_the_device(model, device, rng=np.random.default_rng(3)):
+    """The fused decode kernels are the default on a real GPU only (on CPU rasterisers they
+    are slower, see wgpu_backend's docstring): 6 dispatches a layer for a decode step when on,
+    10 when off, the same numbers either way."""
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    layers, head = model
+    default = WgpuBackend(CONFIG, layers, head, MAX_CTX, device=device)
+    assert default.fuse_decode == device.is_real_gpu()
+    per_layer = {}
+    outputs = {}
+    hidden = rng.standard_normal((3, CONFIG.hidden)).astype(np.float32)
+    for fuse in (True, False):
+        be = WgpuBackend(CONFIG, layers, head, MAX_CTX, device=device, fuse_decode=fuse)
+        assert be.fuse_decode is fuse
+        be.forward([SessionSlice("a", 0, 2)], hidden[:2])
+        outputs[fuse] = be.forward([SessionSlice("a", 2, 1)], hidden[2:])
+        per_layer[fuse] = sum(len(op.dispatches(1)) for op in be._layer_ops) / len(layers)
+    # 6 and 10 where q/k/v and gate/up are one matrix each; this model's layer 1 splits them,
+    # which adds dispatches to both alike: 2 norms, silu_gate and kv_store (into rope) fold away
+    assert per_layer[False] - per_layer[True] == 4 and per_layer[True] >= 6, per_layer
+    np.testing.assert_allclose(outputs[True], outputs[False], **HIDDEN_TOL)
 
 
 def test_compute_dtype_choices(model, device):
@@ -333,7 +361,7 @@ def test_smollm2_f16_greedy_tokens_match_numpy(smollm2_weights, f16_device):
 
     layers = dict(enumerate(w.layers))
     want = greedy(NumpyBackend(w.config, layers, w.head, 32))
-    assert greedy(WgpuBackend(w.config, layers, w.head, 32, device=f16_device, compute_dtype="f16")) == want
+    assert greedy(WgpuBackend(w.config, layers, w.head, 32, device=f16_device, compute_dtype="f16", fuse_decode=True)) == want
 
 
 def test_wgpu_tab_honours_f16_only_with_shader_f16(device):

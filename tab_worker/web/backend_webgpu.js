@@ -6,9 +6,12 @@
 //
 // Pipelines are created once, asynchronously, at load (only those the held layers need); a
 // step records every layer (and the head, for the last stage: forward_topk, as the native
-// backend's) into ONE command encoder and reads back once. This mirrors the unfused launch
-// sequence (10 dispatches a layer); the native decode path's fused kernels (qmatvec_norm,
-// qmatvec_silu, rope_kv_store: 6 a layer) are not used here yet.
+// backend's) into ONE command encoder and reads back once. On a real GPU, decode-sized steps
+// (up to FUSE_MAX_ROWS rows) run the native decode path's fused kernels (norm + q/k/v, rope +
+// KV store, attention, wo, norm + gate/up, silu + down: 6 dispatches a layer, the head's norm
+// folded into its matvec); longer ones (prefill, replay) and every step on a CPU rasteriser
+// the unfused 10, as wgpu_backend.py (SwiftShader, 4 layers: 124 ms a token unfused against
+// 168-180 fused: the fused matvecs redo the norm per workgroup and silu per output row).
 const SOFTWARE_ADAPTERS = ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render"];
 const LIMIT_KEYS = ["maxBufferSize", "maxStorageBufferBindingSize", "maxUniformBufferBindingSize",
   "maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX",
@@ -16,6 +19,7 @@ const LIMIT_KEYS = ["maxBufferSize", "maxStorageBufferBindingSize", "maxUniformB
   "maxStorageBuffersPerShaderStage", "minStorageBufferOffsetAlignment", "minUniformBufferOffsetAlignment"];
 export const MATVEC_ROWS = [1, 4, 8];
 export const TOPK_SLOTS = 64;  // one topk pipeline (KP = 64) serves every k <= 64
+export const FUSE_MAX_ROWS = 16;  // wgpu_backend.FUSE_MAX_ROWS: batches up to this many rows use the fused kernels
 const SUBMIT_EVERY = 0;  // one command buffer per step
 
 export class LimitError extends RangeError {}
@@ -54,6 +58,7 @@ export class WebGpuDevice {
     this._pipelines = new Map();
     this._params = new Map();
     this.lost = null;
+    this.dispatches = 0;  // dispatches recorded so far (tests count a step's)
     device.lost.then((l) => { this.lost = `${l.reason}: ${l.message}`; });
   }
 
@@ -200,6 +205,7 @@ class Launch {
     pass.setPipeline(this.pipeline);
     pass.setBindGroup(0, this.bindGroup);
     pass.dispatchWorkgroups(x, y, z);
+    this.dev.dispatches++;
   }
 }
 
@@ -235,21 +241,29 @@ function threadsPerRow(n, k, wg, maxTpr) {
 
 const rowsVariant = (rows) => MATVEC_ROWS.find((r) => r >= rows) ?? MATVEC_ROWS[MATVEC_ROWS.length - 1];
 
+// y[:, yCol:] (+)= x @ W.T by qmatvec; as runner.QuantLinear, `prologue` may fold the op before
+// it in: {norm: [weight buffer, eps]} RMS-normalises x first (qmatvec_norm), {siluUpCol: c}
+// takes silu(x[:, :k]) * x[:, c:c+k] as the input (qmatvec_silu).
 class QuantLinear {
-  constructor(dev, w, x, xStride, y, yStride, yCol = 0, accumulate = false) {
+  constructor(dev, w, x, xStride, y, yStride, yCol = 0, accumulate = false, prologue = {}) {
     Object.assign(this, { dev, w, x, xStride, y, yStride, yCol, accumulate: accumulate ? 1 : 0 });
+    if (prologue.norm && prologue.siluUpCol !== undefined) throw new TypeError("one prologue at a time: norm or siluUpCol");
+    if (prologue.siluUpCol !== undefined && prologue.siluUpCol % 4) throw new RangeError(`siluUpCol ${prologue.siluUpCol} must be a multiple of 4`);
+    this.kernel = prologue.norm ? "qmatvec_norm" : prologue.siluUpCol !== undefined ? "qmatvec_silu" : "qmatvec";
+    this.extraBuffers = prologue.norm ? [prologue.norm[0]] : [];
+    this.extraParams = prologue.norm ? { eps: prologue.norm[1] } : prologue.siluUpCol !== undefined ? { up_col: prologue.siluUpCol } : {};
     const t = matmulTuning(dev);
     this.wg = t.wg;
     this.tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
     this._launches = new Map();
   }
   constants(rowsPerWg) { return { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.tpr, ROWS: rowsPerWg }; }
-  pipelinesFor(rows) { return [["qmatvec", this.constants(rowsVariant(rows))]]; }
+  pipelinesFor(rows) { return [[this.kernel, this.constants(rowsVariant(rows))]]; }
   record(pass, rows) {
     const r = rowsVariant(rows);
     if (!this._launches.has(r)) {
-      this._launches.set(r, this.w.chunks.map((c) => [c.n, new Launch(this.dev, "qmatvec", this.constants(r), [c.q, c.s, this.x, this.y],
-        { n: c.n, k: this.w.k, m: 0, x_stride: this.xStride, y_stride: this.yStride, y_col: this.yCol + c.start, accumulate: this.accumulate })]));
+      this._launches.set(r, this.w.chunks.map((c) => [c.n, new Launch(this.dev, this.kernel, this.constants(r), [c.q, c.s, this.x, this.y, ...this.extraBuffers],
+        { n: c.n, k: this.w.k, m: 0, x_stride: this.xStride, y_stride: this.yStride, y_col: this.yCol + c.start, accumulate: this.accumulate, ...this.extraParams })]));
     }
     const perWg = this.wg / this.tpr;
     for (const [n, launch] of this._launches.get(r)) {
@@ -257,6 +271,13 @@ class QuantLinear {
       launch.dispatch(pass, Math.ceil(n / perWg), Math.ceil(rows / r));
     }
   }
+}
+
+class ByRows {  // runner.ByRows: the `small` ops (fused decode kernels) up to maxRows rows, else `large`
+  constructor(maxRows, small, large) { Object.assign(this, { maxRows, small, large }); }
+  pick(rows) { return rows <= this.maxRows ? this.small : this.large; }
+  pipelinesFor(rows) { return this.pick(rows).flatMap((op) => op.pipelinesFor(rows)); }
+  record(pass, rows) { for (const op of this.pick(rows)) op.record(pass, rows); }
 }
 
 class Simple {  // a one-launch kernel dispatched as (gx(rows), rows) or (rows)
@@ -290,9 +311,12 @@ const round4 = (n) => Math.ceil(n / 4) * 4;
 
 // ====================================================================== backend
 export class WebGpuBackend {
-  constructor(gpu, config, layers, head, maxCtx) {
+  // fuseMaxRows: steps of up to this many rows run the fused kernels (0: never); by default
+  // FUSE_MAX_ROWS on a real GPU, 0 on a CPU rasteriser
+  constructor(gpu, config, layers, head, maxCtx, fuseMaxRows = undefined) {
     this.name = "webgpu";
     this.dev = gpu;
+    this.fuseMaxRows = fuseMaxRows ?? (gpu.isRealGpu() ? FUSE_MAX_ROWS : 0);
     this.config = config;
     this.layerIds = Object.keys(layers).map(Number).sort((a, b) => a - b);
     this.maxCtx = maxCtx;
@@ -307,6 +331,7 @@ export class WebGpuBackend {
     this.maxRows = Math.min(Math.floor(gpu.maxBinding / widest), gpu.limits.maxComputeWorkgroupsPerDimension);
     this.headMaxRows = Math.min(this.maxRows, Math.floor(gpu.maxBinding / (this.logitsStride * 4)));
     this.positionBytes = c.n_kv_heads * c.head_dim * 4;
+    this.siluFusable = c.ffn % 4 === 0;  // qmatvec_silu reads the up half as vec4
     this._slots = new Map();
     this._lengths = new Map();
     this.poolSlots = 0;
@@ -348,20 +373,30 @@ export class WebGpuBackend {
 
   pipelineList() {
     const dev = this.dev, c = this.config, real = dev.isRealGpu(), t = matmulTuning(dev), list = [];
-    const mv = (w, rowsVariants) => {
+    const mv = (w, rowsVariants, kernel = "qmatvec") => {
       const tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
-      for (const r of rowsVariants) list.push(["qmatvec", { ...quantConstants(w.spec), WG: t.wg, TPR: tpr, ROWS: r }]);
+      for (const r of rowsVariants) list.push([kernel, { ...quantConstants(w.spec), WG: t.wg, TPR: tpr, ROWS: r }]);
     };
     if (this._layers.length) {
       list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["rope", { WG: dev.workgroupSize(64) }],
         ["kv_store", { WG: dev.workgroupSize(64) }], ["silu_gate", { WG: dev.workgroupSize(64) }],
         ["attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
-      // decode (1 row) and prefill / replay chunks (8): a step of 2-4 rows prepares ROWS=4 when it comes
-      for (const L of this._layers) for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, [1, 8]);
+      // decode (1 row: fused kernels where this backend fuses) and prefill / replay chunks (8,
+      // unfused): a step of 2-4 rows prepares its ROWS=4 variants when it comes
+      const fuse = this.fuseMaxRows > 0;
+      if (fuse) list.push(["rope_kv_store", { WG: dev.workgroupSize(64) }]);
+      for (const L of this._layers) {
+        for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, [8]);
+        for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q)]) mv(w, [1], fuse ? "qmatvec_norm" : "qmatvec");
+        mv(L.wo, [1]);
+        mv(L.w_down, [1], fuse && this.siluFusable ? "qmatvec_silu" : "qmatvec");
+      }
     }
     if (this._head) {
+      // rmsnorm: the head's own norm when it is not folded into the matvec
       list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["topk", { WG: dev.workgroupSize(real ? 1024 : 256), KP: TOPK_SLOTS }]);
-      mv(this._head.output, [1]);  // one row per session wanting a token; 4/8 rows are prepared when a batch needs them
+      // one session wanting a token; 4/8 rows are prepared when a batch needs them
+      mv(this._head.output, [1], this.fuseMaxRows > 0 ? "qmatvec_norm" : "qmatvec");
     }
     const seen = new Set();
     return list.filter(([k, cst]) => { const key = WebGpuDevice.key(k, cst); if (seen.has(key)) return false; seen.add(key); return true; });
@@ -483,43 +518,52 @@ export class WebGpuBackend {
     this._headOps = null;
   }
 
-  _linear(w, x, y, yCol = 0, accumulate = false) {
-    return new QuantLinear(this.dev, w, this.buf[x], this.strides[x], this.buf[y], this.strides[y], yCol, accumulate);
+  _linear(w, x, y, yCol = 0, accumulate = false, prologue = {}) {
+    return new QuantLinear(this.dev, w, this.buf[x], this.strides[x], this.buf[y], this.strides[y], yCol, accumulate, prologue);
   }
 
   _buildLayerOps() {
     const c = this.config, dev = this.dev, b = this.buf, s = this.strides, ops = [];
     const wg64 = dev.workgroupSize(64), real = dev.isRealGpu();
+    // the fused ops (built only where this backend fuses: their pipelines are prepared then) up
+    // to fuseMaxRows rows, else the unfused ones
+    const byRows = (fused, unfused) => (this.fuseMaxRows > 0 ? [new ByRows(this.fuseMaxRows, fused(), unfused)] : unfused);
     this._layers.forEach((L, li) => {
       const [kPool, vPool] = this._pools[li];
       const pairs = (c.n_heads + c.n_kv_heads) * c.head_dim / 2, width = c.n_kv_heads * c.head_dim;
-      ops.push(new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.attn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]));
-      for (const [w, col] of L.qkv) ops.push(this._linear(w, "xn", "qkv", col));
-      ops.push(new Simple(dev, "rope", { WG: wg64 }, [b.qkv, b.positions, this._freqTurns],
-        { n_heads: c.n_heads + c.n_kv_heads, head_dim: c.head_dim, x_stride: s.qkv, x_col: 0 }, (r) => [Math.ceil(pairs / wg64), r]));
-      ops.push(new Simple(dev, "kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, kPool, vPool],
+      const attnNorm = new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.attn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]);
+      ops.push(...byRows(() => L.qkv.map(([w, col]) => this._linear(w, "h", "qkv", col, false, { norm: [L.attn_norm, c.rms_eps] })),
+        [attnNorm, ...L.qkv.map(([w, col]) => this._linear(w, "xn", "qkv", col))]));
+      const rope = new Simple(dev, "rope", { WG: wg64 }, [b.qkv, b.positions, this._freqTurns],
+        { n_heads: c.n_heads + c.n_kv_heads, head_dim: c.head_dim, x_stride: s.qkv, x_col: 0 }, (r) => [Math.ceil(pairs / wg64), r]);
+      const kvStore = new Simple(dev, "kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, kPool, vPool],
         { n_kv: c.n_kv_heads, head_dim: c.head_dim, ctx: this.poolCtx, src_stride: s.qkv, k_col: this.qDim, v_col: this.qDim + this.kvDim },
-        (r) => [Math.ceil(width / wg64), r]));
+        (r) => [Math.ceil(width / wg64), r]);
+      ops.push(...byRows(() => [new Simple(dev, "rope_kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, this._freqTurns, kPool, vPool],
+        { n_heads: c.n_heads, n_kv: c.n_kv_heads, head_dim: c.head_dim, ctx: this.poolCtx, x_stride: s.qkv, k_col: this.qDim, v_col: this.qDim + this.kvDim },
+        (r) => [Math.ceil(((c.n_heads + 2 * c.n_kv_heads) * c.head_dim / 2) / wg64), r])], [rope, kvStore]));
       ops.push(new Simple(dev, "attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim },
         [b.qkv, b.positions, b.slots, kPool, vPool, b.attn],
         { n_heads: c.n_heads, n_kv: c.n_kv_heads, ctx: this.poolCtx, q_stride: s.qkv, q_col: 0, out_stride: s.attn, scale: 1 / Math.sqrt(c.head_dim) },
         (r) => [c.n_heads, r]));
       ops.push(this._linear(L.wo, "attn", "h", 0, true));
-      ops.push(new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.ffn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]));
-      for (const [w, col] of L.gate_up) ops.push(this._linear(w, "xn", "gate_up", col));
-      ops.push(new Simple(dev, "silu_gate", { WG: wg64 }, [b.gate_up, b.act], { n: c.ffn, src_stride: s.gate_up, gate_col: 0, up_col: c.ffn, y_stride: s.act },
-        (r) => [Math.ceil(c.ffn / wg64), r]));
-      ops.push(this._linear(L.w_down, "act", "h", 0, true));
+      const ffnNorm = new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.ffn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]);
+      ops.push(...byRows(() => L.gate_up.map(([w, col]) => this._linear(w, "h", "gate_up", col, false, { norm: [L.ffn_norm, c.rms_eps] })),
+        [ffnNorm, ...L.gate_up.map(([w, col]) => this._linear(w, "xn", "gate_up", col))]));
+      const silu = new Simple(dev, "silu_gate", { WG: wg64 }, [b.gate_up, b.act], { n: c.ffn, src_stride: s.gate_up, gate_col: 0, up_col: c.ffn, y_stride: s.act },
+        (r) => [Math.ceil(c.ffn / wg64), r]);
+      const down = this._linear(L.w_down, "act", "h", 0, true);
+      if (this.siluFusable) ops.push(...byRows(() => [this._linear(L.w_down, "gate_up", "h", 0, true, { siluUpCol: c.ffn })], [silu, down]));
+      else ops.push(silu, down);
     });
     return ops;
   }
 
   _buildHeadOps() {
     const c = this.config, dev = this.dev, b = this.buf, s = this.strides, real = dev.isRealGpu();
-    return [
-      new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.head_in, this._head.norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]),
-      new QuantLinear(dev, this._head.output, b.xn, s.xn, b.logits, this.logitsStride),
-    ];
+    const norm = new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.head_in, this._head.norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]);
+    return new ByRows(this.fuseMaxRows, [new QuantLinear(dev, this._head.output, b.head_in, s.h, b.logits, this.logitsStride, 0, false, { norm: [this._head.norm, c.rms_eps] })],
+      [norm, new QuantLinear(dev, this._head.output, b.xn, s.xn, b.logits, this.logitsStride)]);
   }
 
   _topk(k) {
@@ -571,7 +615,7 @@ export class WebGpuBackend {
     const headRows = slices.length;
     if (k) {
       if (!this._headOps) this._headOps = this._buildHeadOps();
-      await this.dev.prepare(this._headOps[1].pipelinesFor(headRows));  // a batch of sessions: its ROWS variant, once
+      await this.dev.prepare(this._headOps.pipelinesFor(headRows));  // a batch of sessions: its ROWS variant, once
     }
     await this.dev.prepare(ops.flatMap((op) => op.pipelinesFor(total)));  // no-ops once created at init
     this._writeInputs(hidden, total, positions, slots);
@@ -585,7 +629,7 @@ export class WebGpuBackend {
       let end = -1;
       slices.forEach((s, i) => { end += s.length; enc.copyBufferToBuffer(this.buf.h, end * rowBytes, this.buf.head_in, i * rowBytes, rowBytes); });
       pass = enc.beginComputePass();
-      for (const op of this._headOps) op.record(pass, headRows);
+      this._headOps.record(pass, headRows);
       this._topk(k).record(pass, headRows);
       pass.end();
       bytes = headRows * k * 4;
