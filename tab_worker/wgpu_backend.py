@@ -24,8 +24,10 @@ projection's input (qmatvec_silu.wgsl), rope and kv_store into one kernel
 workgroup and silu for every output row, which a GPU hides behind dispatch costs and a CPU
 pays in full (lavapipe, 8 SmolLM2 layers + head, forward_topk of one token: 59 ms unfused
 against 91 ms fused, medians of 8 alternating rounds; H100, the whole SmolLM2-135M shape at
-272-512 positions: 360 tok/s fused against 341 unfused, medians of 6 alternating rounds). The dispatches of a call are planned once per row count (runner.Device
-.plan) and replayed as native calls. ``forward_topk`` runs layers, final norm, head and
+272-512 positions: 360 tok/s fused against 341 unfused, medians of 6 alternating rounds).
+
+The dispatches of a call are planned once per row count (runner.Device.plan) and replayed as
+native calls. ``forward_topk`` runs layers, final norm, head and
 top-k in one submission and reads back only the k ids and logits of each session: on an
 H100 (SmolLM2-135M shape, 182 dispatches a token) 3.2-3.5 ms a token against 4.6 ms for
 forward() + head_topk() before these changes, of which ~2.4 ms is GPU time.

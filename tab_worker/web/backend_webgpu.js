@@ -10,8 +10,9 @@
 // (up to FUSE_MAX_ROWS rows) run the native decode path's fused kernels (norm + q/k/v, rope +
 // KV store, attention, wo, norm + gate/up, silu + down: 6 dispatches a layer, the head's norm
 // folded into its matvec); longer ones (prefill, replay) and every step on a CPU rasteriser
-// the unfused 10, as wgpu_backend.py (SwiftShader, 4 layers: 124 ms a token unfused against
-// 168-180 fused: the fused matvecs redo the norm per workgroup and silu per output row).
+// the unfused 10, as wgpu_backend.py (SwiftShader, 4 layers: 110.6 ms a token unfused against
+// 183.1 fused, bench_browser.py: the fused matvecs redo the norm per workgroup and silu per
+// output row).
 const SOFTWARE_ADAPTERS = ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render"];
 const LIMIT_KEYS = ["maxBufferSize", "maxStorageBufferBindingSize", "maxUniformBufferBindingSize",
   "maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX",
