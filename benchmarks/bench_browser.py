@@ -1,7 +1,8 @@
 """Per-token step time of a fixed layer range in a browser tab: WebGPU vs WASM SIMD vs plain
 JS (and WebGPU with the fused decode kernels forced, webgpu-fused: a software adapter's
 default is unfused), side by side in one headless Chromium run, and the same range in the
-native workers (wgpu-py's WgpuBackend, and NumpyBackend) on the same machine.
+native workers (wgpu-py's WgpuBackend by default and with fused kernels forced, and
+NumpyBackend) on the same machine.
 
     .venv/bin/python benchmarks/bench_browser.py [--layers 0:4] [--tokens 16] [--json OUT]
 
@@ -45,7 +46,7 @@ PAGE_JS = """
 async ({cfg, keys, tokens, prompt, engines}) => {
   const { unpack_blob } = await import("/tab/static/weights.js");
   const { CpuBackend, JsEngine, WasmEngine } = await import("/tab/static/backend_cpu.js");
-  const { WebGpuDevice, WebGpuBackend } = await import("/tab/static/backend_webgpu.js");
+  const { WebGpuDevice, WebGpuBackend, FUSE_MAX_ROWS } = await import("/tab/static/backend_webgpu.js");
   const layers = {};
   for (const k of keys) {
     const b = unpack_blob(new Uint8Array(await (await fetch(`/bench/blob/${k}`)).arrayBuffer()));
@@ -58,7 +59,7 @@ async ({cfg, keys, tokens, prompt, engines}) => {
       let be, t0 = performance.now();
       if (name.startsWith("webgpu")) {  // "webgpu": fused decode kernels on a real GPU only; -fused / -unfused: forced
         const gpu = await WebGpuDevice.create("adapter", location.origin);
-        be = new WebGpuBackend(gpu, cfg, layers, null, prompt + tokens + 1, { "webgpu-fused": 16, "webgpu-unfused": 0 }[name]);
+        be = new WebGpuBackend(gpu, cfg, layers, null, prompt + tokens + 1, { "webgpu-fused": FUSE_MAX_ROWS, "webgpu-unfused": 0 }[name]);
         await be.init();
         out.adapter = gpu.describe().adapter;
       } else {
@@ -113,10 +114,13 @@ def serve(blobs: dict[str, bytes], x: np.ndarray):
 
 
 def native(weights, layer_ids, x, tokens, backend):
+    """backend: numpy, wgpu (fused decode kernels on a real GPU only) or wgpu-fused (forced)."""
     from tab_worker.backends import make_backend
 
     t0 = time.perf_counter()
-    be = make_backend(backend, weights.config, {i: weights.layers[i] for i in layer_ids}, None, PROMPT + tokens + 1)
+    options = {"fuse_decode": True} if backend == "wgpu-fused" else {}
+    be = make_backend(backend.removesuffix("-fused"), weights.config, {i: weights.layers[i] for i in layer_ids}, None,
+                      PROMPT + tokens + 1, **options)
     load_ms = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     be.forward([SessionSlice("s", 0, PROMPT)], x[:PROMPT])
@@ -127,7 +131,7 @@ def native(weights, layer_ids, x, tokens, backend):
         last = be.forward([SessionSlice("s", PROMPT + i, 1)], x[PROMPT + i: PROMPT + i + 1])
         steps.append((time.perf_counter() - t0) * 1000)
     return {"load_ms": load_ms, "prefill_ms": prefill_ms, "step_ms": statistics.median(steps), "min_ms": min(steps),
-            "last": [float(v) for v in last[0, :8]], "adapter": _adapter() if backend == "wgpu" else "numpy"}
+            "last": [float(v) for v in last[0, :8]], "adapter": _adapter() if backend.startswith("wgpu") else "numpy"}
 
 
 def _adapter() -> str:
@@ -165,21 +169,21 @@ def main(argv=None) -> int:
     adapter = results.pop("adapter", "?")
     rows = {f"tab {k}": v for k, v in results.items()}
     if not a.no_native:
-        for backend in ("wgpu", "numpy"):
+        for backend in ("wgpu", "wgpu-fused", "numpy"):
             try:
                 rows[f"native {backend}"] = native(weights, range(start, end), x, a.tokens, backend)
             except Exception as exc:  # no Vulkan/lavapipe: report, do not die
                 rows[f"native {backend}"] = {"error": str(exc)}
     print(f"layers {start}-{end - 1} of SmolLM2 ({end - start} layers), decode of 1 token after a {PROMPT}-token prompt, "
           f"median of {a.tokens} steps; tab WebGPU adapter: {adapter}")
-    print(f"{'where':<16}{'ms/token':>10}{'ms/layer':>10}{'min ms':>9}{'prefill ms':>12}{'load ms':>10}")
+    print(f"{'where':<18}{'ms/token':>10}{'ms/layer':>10}{'min ms':>9}{'prefill ms':>12}{'load ms':>10}")
     ref = rows.get("native numpy", {}).get("last")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<16}  failed: {r['error'][:100]}")
+            print(f"{name:<18}  failed: {r['error'][:100]}")
             continue
         diff = "" if ref is None else f"  max|diff| vs numpy {max(abs(u - v) for u, v in zip(r['last'], ref)):.2e}"
-        print(f"{name:<16}{r['step_ms']:>10.2f}{r['step_ms'] / (end - start):>10.2f}{r['min_ms']:>9.2f}{r['prefill_ms']:>12.1f}"
+        print(f"{name:<18}{r['step_ms']:>10.2f}{r['step_ms'] / (end - start):>10.2f}{r['min_ms']:>9.2f}{r['prefill_ms']:>12.1f}"
               f"{r['load_ms']:>10.0f}{diff}")
     if a.json:
         Path(a.json).write_text(json.dumps({"layers": [start, end], "tokens": a.tokens, "adapter": adapter, "rows": rows}, indent=2))

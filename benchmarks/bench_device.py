@@ -5,6 +5,10 @@ machine. Compares against the numpy backend on the same weights in the same run.
 
     python benchmarks/bench_device.py [--tokens 128] [--backends wgpu,numpy] [--check]
 
+--backends also takes wgpu-fused and wgpu-unfused: the wgpu backend with its fused decode
+kernels forced on or off (WgpuBackend(fuse_decode=...); the default fuses on a real GPU only),
+e.g. --backends wgpu-fused,wgpu-unfused,wgpu-fused,wgpu-unfused for an A/B in one run.
+
 "decode" is forward() then head_topk() per token (two submissions, two readbacks); "fused"
 is forward_topk() where the backend has it (layers + head + top-k in one submission, one
 readback of the k ids and logits). --check first compares wgpu with numpy on the same
@@ -41,12 +45,17 @@ def synthetic_model(cfg: ModelConfig) -> ModelWeights:
     return ModelWeights(cfg, emb, layers, HeadWeights(np.ones(cfg.hidden, np.float32), emb))
 
 
+# --backends names beyond make_backend's: the wgpu backend with an option forced
+VARIANTS = {"wgpu-fused": ("wgpu", {"fuse_decode": True}), "wgpu-unfused": ("wgpu", {"fuse_decode": False})}
+
+
 def bench(backend_name: str, weights: ModelWeights, tokens: int, prompt: int) -> dict:
     from tab_worker.backends import make_backend
 
     cfg = weights.config
     t0 = time.perf_counter()
-    be = make_backend(backend_name, cfg, dict(enumerate(weights.layers)), weights.head, max(1024, prompt + tokens + 64))
+    name, options = VARIANTS.get(backend_name, (backend_name, {}))
+    be = make_backend(name, cfg, dict(enumerate(weights.layers)), weights.head, max(1024, prompt + tokens + 64), **options)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     # at least 32 rows: the warm-up below needs them whatever --prompt is

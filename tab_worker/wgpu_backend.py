@@ -22,9 +22,10 @@ of 10: the norms fold into the following matvec (qmatvec_norm.wgsl), silu_gate i
 projection's input (qmatvec_silu.wgsl), rope and kv_store into one kernel
 (rope_kv_store.wgsl). CPU rasterisers keep the 10: the fused matvecs redo the norm in every
 workgroup and silu for every output row, which a GPU hides behind dispatch costs and a CPU
-pays in full (lavapipe, 8 SmolLM2 layers + head, forward_topk of one token: 59 ms unfused
-against 91 ms fused, medians of 8 alternating rounds; H100, the whole SmolLM2-135M shape at
-272-512 positions: 360 tok/s fused against 341 unfused, medians of 6 alternating rounds).
+pays in full. `benchmarks/bench_device.py --backends wgpu-unfused,wgpu-fused,wgpu-unfused,
+wgpu-fused` (whole SmolLM2-135M shape, forward_topk decode): lavapipe (--tokens 16 --prompt
+32) 4.3 and 4.7 tok/s unfused against 2.4 and 2.5 fused; H100 (defaults) 323 and 317 tok/s
+unfused against 365 and 351 fused.
 
 The dispatches of a call are planned once per row count (runner.Device.plan) and replayed as
 native calls. ``forward_topk`` runs layers, final norm, head and
@@ -244,7 +245,10 @@ class WgpuBackend:
     @property
     def _fuse_max_rows(self) -> int:
         """Batches up to this many rows run the fused decode kernels (qmatvec_norm,
-        qmatvec_silu: they exist for qmatvec only); larger ones the unfused ops."""
+        qmatvec_silu: they exist for qmatvec only); larger ones the unfused ops. 0 where this
+        backend does not fuse (fuse_decode)."""
+        if not self.fuse_decode:
+            return 0
         limit = R.matmul_tuning(self.dev).matvec_max_rows if self.matvec_max_rows is None else self.matvec_max_rows
         return min(limit, FUSE_MAX_ROWS)
 
@@ -252,7 +256,7 @@ class WgpuBackend:
         """Per layer, 6 dispatches when fused (norm+qkv, rope+kv_store, attention, wo,
         norm+gate/up, silu+down) for up to _fuse_max_rows rows; the unfused 10 above."""
         c, dev, b, s = self.config, self.dev, self._buf, self._strides
-        fuse_rows = self._fuse_max_rows if self.fuse_decode else 0
+        fuse_rows = self._fuse_max_rows
         silu_fusable = c.ffn % 4 == 0  # qmatvec_silu reads the up half as vec4
         ops = []
         for layer, (k_pool, v_pool) in zip(self._layers, self._pools):
@@ -296,7 +300,7 @@ class WgpuBackend:
             fused = R.QuantLinear(dev, output, b[src], s[src], b["logits"], self._logits_stride,
                                   matvec_max_rows=self.matvec_max_rows, norm=(norm_w, c.rms_eps),
                                   compute_dtype=self.compute_dtype)
-            ops = R.ByRows(self._fuse_max_rows if self.fuse_decode else 0, [fused], [norm, plain])
+            ops = R.ByRows(self._fuse_max_rows, [fused], [norm, plain])
             self._head_ops = {**(self._head_ops or {}), src: ops}
         topk = self._topk.get(k)
         if topk is None:

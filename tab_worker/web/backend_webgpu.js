@@ -10,9 +10,9 @@
 // (up to FUSE_MAX_ROWS rows) run the native decode path's fused kernels (norm + q/k/v, rope +
 // KV store, attention, wo, norm + gate/up, silu + down: 6 dispatches a layer, the head's norm
 // folded into its matvec); longer ones (prefill, replay) and every step on a CPU rasteriser
-// the unfused 10, as wgpu_backend.py (SwiftShader, 4 layers: 110.6 ms a token unfused against
-// 183.1 fused, bench_browser.py: the fused matvecs redo the norm per workgroup and silu per
-// output row).
+// the unfused 10, as wgpu_backend.py (the fused matvecs redo the norm per workgroup and silu
+// per output row; benchmarks/bench_browser.py, SwiftShader, 4 layers, ms a token unfused
+// against fused in three runs: 110.6 vs 183.1, 170.3 vs 230.1, 173.2 vs 218.0).
 const SOFTWARE_ADAPTERS = ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render"];
 const LIMIT_KEYS = ["maxBufferSize", "maxStorageBufferBindingSize", "maxUniformBufferBindingSize",
   "maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX",
@@ -374,6 +374,7 @@ export class WebGpuBackend {
 
   pipelineList() {
     const dev = this.dev, c = this.config, real = dev.isRealGpu(), t = matmulTuning(dev), list = [];
+    const fuse = this.fuseMaxRows > 0;  // decode steps (1 row) on the fused kernels
     const mv = (w, rowsVariants, kernel = "qmatvec") => {
       const tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
       for (const r of rowsVariants) list.push([kernel, { ...quantConstants(w.spec), WG: t.wg, TPR: tpr, ROWS: r }]);
@@ -384,11 +385,11 @@ export class WebGpuBackend {
         ["attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
       // decode (1 row: fused kernels where this backend fuses) and prefill / replay chunks (8,
       // unfused): a step of 2-4 rows prepares its ROWS=4 variants when it comes
-      const fuse = this.fuseMaxRows > 0;
       if (fuse) list.push(["rope_kv_store", { WG: dev.workgroupSize(64) }]);
       for (const L of this._layers) {
-        for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q), L.wo, L.w_down]) mv(w, [8]);
-        for (const w of [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q)]) mv(w, [1], fuse ? "qmatvec_norm" : "qmatvec");
+        const normed = [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q)];  // the matvecs a norm precedes
+        for (const w of [...normed, L.wo, L.w_down]) mv(w, [8]);
+        for (const w of normed) mv(w, [1], fuse ? "qmatvec_norm" : "qmatvec");
         mv(L.wo, [1]);
         mv(L.w_down, [1], fuse && this.siluFusable ? "qmatvec_silu" : "qmatvec");
       }
@@ -397,7 +398,7 @@ export class WebGpuBackend {
       // rmsnorm: the head's own norm when it is not folded into the matvec
       list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["topk", { WG: dev.workgroupSize(real ? 1024 : 256), KP: TOPK_SLOTS }]);
       // one session wanting a token; 4/8 rows are prepared when a batch needs them
-      mv(this._head.output, [1], this.fuseMaxRows > 0 ? "qmatvec_norm" : "qmatvec");
+      mv(this._head.output, [1], fuse ? "qmatvec_norm" : "qmatvec");
     }
     const seen = new Set();
     return list.filter(([k, cst]) => { const key = WebGpuDevice.key(k, cst); if (seen.has(key)) return false; seen.add(key); return true; });
