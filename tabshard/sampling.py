@@ -51,6 +51,15 @@ class Sampler:
         # a fresh generator per (seed, step) makes the choice a pure function of the
         # candidates and the step, so recovery after a failure re-draws identically
         rng = np.random.default_rng([p.seed if p.seed is not None else 0, step])
+        ids, prob = self.distribution(ids, logits)
+        return int(ids[rng.choice(len(ids), p=prob)])
+
+    def distribution(self, ids: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution `choose` samples from: (candidate ids, probabilities summing to 1);
+        greedy is all mass on the first. Speculative sampling verifies drafts against it."""
+        p = self.params
+        if p.greedy:
+            return ids[:1], np.ones(1)
         z = logits.astype(np.float64) / p.temperature
         if p.top_k:
             z, ids = z[: p.top_k], ids[: p.top_k]
@@ -59,4 +68,4 @@ class Sampler:
         if p.top_p < 1:
             keep = np.searchsorted(np.cumsum(prob), p.top_p) + 1
             prob, ids = prob[:keep] / prob[:keep].sum(), ids[:keep]
-        return int(ids[rng.choice(len(ids), p=prob)])
+        return ids, prob
