@@ -24,6 +24,8 @@ override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale
 override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
+override SPAN: u32 = 8u;          // vec4s of inputs a lane takes at a time: 8 (whole blocks, CPU) or 1, 2, 4 (GPU)
+override OPT: u32 = 1u;           // outputs per thread: 1, 2 or 4 (> 1 or SPAN < 8: include/qmatvec_lanes.wgsl)
 
 struct Params {
   n: u32,          // output rows of W (in this buffer)
@@ -73,6 +75,8 @@ fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32) -> mat4x4<f32> {
 
 // #include "qmatvec_blocks.wgsl"
 
+// #include "qmatvec_lanes.wgsl"
+
 // #include "inverse_rms.wgsl"
 
 @compute @workgroup_size(WG)
@@ -81,6 +85,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
   inverse_rms(t, m0);
-  qmatvec_blocks(t, lane, n, m0);
-  reduce_store(t, lane, n, m0, inv_rms[0], inv_rms[1]);
+  if (SPAN == 8u && OPT == 1u) {
+    qmatvec_blocks(t, lane, n, m0);
+    reduce_store(t, lane, n, m0, inv_rms[0], inv_rms[1]);
+  } else {
+    qmatvec_lanes(t, lane, n * OPT, m0, inv_rms[0], inv_rms[1]);
+  }
 }

@@ -26,6 +26,8 @@ override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale
 override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
+override SPAN: u32 = 8u;          // vec4s of inputs a lane takes at a time: 8 (whole blocks, CPU) or 1, 2, 4 (GPU)
+override OPT: u32 = 1u;           // outputs per thread: 1, 2 or 4 (> 1 or SPAN < 8: include/qmatvec_lanes.wgsl)
 
 struct Params {
   n: u32,          // output rows of W (in this buffer)
@@ -73,5 +75,7 @@ fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32) -> mat4x4<f32> {
 }
 
 // #include "qmatvec_blocks.wgsl"
+
+// #include "qmatvec_lanes.wgsl"
 
 // #include "qmatvec_main.wgsl"

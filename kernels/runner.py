@@ -122,7 +122,9 @@ class Device:
             raise NoAdapterError(f"wgpu is not installed: {exc}") from None
         self._wgpu = wgpu
         try:
-            self.adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+            from kernels.adapters import request_adapter
+
+            self.adapter = request_adapter(power_preference)  # the process's chosen adapter, else wgpu's default
         except Exception as exc:
             raise NoAdapterError(f"no WebGPU adapter: {exc}") from None
         if self.adapter is None:
@@ -389,7 +391,9 @@ _devices: dict[tuple, Device] = {}
 def get_device(limits: str | dict = "adapter", power_preference: str = "high-performance") -> Device:
     """One Device per distinct (limits, power_preference) in this process, created on first use:
     backends of several layer ranges share their device, its pipelines and its memory."""
-    key = (repr(sorted(limits.items())) if isinstance(limits, dict) else limits, power_preference)
+    from kernels.adapters import current_choice
+
+    key = (repr(sorted(limits.items())) if isinstance(limits, dict) else limits, power_preference, current_choice())
     if key not in _devices:
         _devices[key] = Device(limits, power_preference)
     return _devices[key]
@@ -579,6 +583,8 @@ class MatmulTuning:
     matvec_max_tpr: int  # threads cooperating on one output (1: no reduction)
     matvec_max_rows: int  # batches up to this many rows use qmatvec, larger ones qmatmul
     tile: int  # qmatmul's output tile
+    matvec_span: int = 8  # qmatvec's SPAN: 8 walks whole blocks per lane (CPU), 1/2/4 interleave lanes (GPU)
+    matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4)
 
 
 def matmul_tuning(dev: Device) -> MatmulTuning:
@@ -594,14 +600,23 @@ def matmul_tuning(dev: Device) -> MatmulTuning:
     wg = dev.workgroup_size(256)
     tile = 64 if wg >= 256 else 32
     if dev.is_real_gpu():
-        return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile)
+        return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
+                            matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT)
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
-def matvec_threads_per_row(n: int, k: int, wg: int, max_tpr: int = 32) -> int:
+# qmatvec's lane layout on a real GPU (include/qmatvec_lanes.wgsl; see bench_device.py --kernels)
+GPU_MATVEC_SPAN = 1
+GPU_MATVEC_OPT = 2
+
+
+def matvec_threads_per_row(n: int, k: int, wg: int, max_tpr: int = 32, span: int = 8) -> int:
     """Threads sharing one output of qmatvec: about one per 32-input block, at most max_tpr,
     and fewer for very tall matrices, which have parallelism enough in their rows (H200,
     49152 x 576: 33 us at 4 threads per row, 45 at 8, 56 at 16)."""
+    if span < 8:  # interleaved lanes: a warp per output, as many lanes as there are steps
+        steps = -(-k // (4 * span))
+        return min(wg, max_tpr, 1 << max(0, steps.bit_length() - 1))
     blocks = -(-k // 32)
     tpr = min(wg, max_tpr, 1 << max(0, blocks.bit_length() - 1))
     while tpr > 4 and n * tpr > 1 << 18:
@@ -641,7 +656,13 @@ class QuantLinear(Launcher):
         self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
         self.matvec_kernel += "_f16" if compute_dtype == "f16" else ""
         self.wg = self.tuning.matvec_wg
-        self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr)
+        # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 ones walk whole blocks
+        f32 = compute_dtype == "f32"
+        self.span = self.tuning.matvec_span if f32 else 8
+        self.opt = self.tuning.matvec_opt if f32 else 1
+        if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
+            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
+        self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
         self.tile = self.tuning.tile
         self._launches: dict[tuple, list] = {}
 
@@ -652,6 +673,8 @@ class QuantLinear(Launcher):
             buffers, extra = [], {}
             if kernel.startswith("qmatvec"):
                 consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
+                if self.span != 8 or self.opt != 1:
+                    consts.update(SPAN=self.span, OPT=self.opt)
                 if kernel.startswith("qmatvec_norm"):
                     buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
                 elif kernel.startswith("qmatvec_silu"):
@@ -668,7 +691,7 @@ class QuantLinear(Launcher):
         items = []
         if rows <= self.matvec_max_rows:
             rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
-            outputs_per_wg = self.wg // self.tpr
+            outputs_per_wg = self.wg // self.tpr * self.opt
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg):
                 launch.set(m=rows)
                 items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))

@@ -20,8 +20,13 @@ from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, quantize_
 SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, (False, True))]
 MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
 # both shapes of qmatvec run on every adapter, whichever one matmul_tuning would pick here
+# (the GPU's lane layouts too: include/qmatvec_lanes.wgsl, SPAN vec4s per lane step, OPT outputs per thread)
 TUNINGS = {
-    "gpu": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64),
+    "gpu": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+                          matvec_span=R.GPU_MATVEC_SPAN, matvec_opt=R.GPU_MATVEC_OPT),
+    "gpu-blocks": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64),
+    "gpu-span2-opt4": R.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+                                     matvec_span=2, matvec_opt=4),
     "cpu": R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=64),
 }
 

@@ -1,11 +1,15 @@
-// Included (kernels.wgsl_source) by qmatvec and qmatvec_silu, after qmatvec_blocks.wgsl and
-// reduce_store.wgsl: their entry point (the two differ only in load_x / load_quad).
+// Included (kernels.wgsl_source) by qmatvec and qmatvec_silu, after qmatvec_blocks.wgsl,
+// qmatvec_lanes.wgsl and reduce_store.wgsl: their entry point (the two differ only in load_x / load_quad).
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let lane = t % TPR;
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
-  qmatvec_blocks(t, lane, n, m0);
-  reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
+  if (SPAN == 8u && OPT == 1u) {
+    qmatvec_blocks(t, lane, n, m0);
+    reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
+  } else {
+    qmatvec_lanes(t, lane, n * OPT, m0, vec4<f32>(1.0), vec4<f32>(1.0));
+  }
 }

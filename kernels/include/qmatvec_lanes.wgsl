@@ -1,0 +1,140 @@
+// Included (kernels.wgsl_source) by the f32 kernels of the qmatvec family (qmatvec, qmatvec_silu,
+// qmatvec_norm; needs `p`, `partial`, codes4, scale_min, row_starts, reduce_store, the kernel's
+// own load_x / load_quad, and the overrides SPAN and OPT): their GPU loop, chosen when SPAN < 8
+// or OPT > 1 (qmatvec_blocks.wgsl stays the CPU rasterisers' loop, SPAN = 8 and OPT = 1).
+//
+// Why another loop: in qmatvec_blocks each of an output's TPR lanes walks whole 32-input
+// blocks, so neighbouring lanes read x 128 bytes apart: on a GPU every x load of a warp touches
+// 32 cache lines, and a decode step spends its time in L1 wavefronts for x, not in reading
+// weights. Here lane l takes the SPAN consecutive vec4s of inputs starting at vec4 l * SPAN,
+// then steps by TPR * SPAN: a warp's x loads are one contiguous run, and the weight words of
+// neighbouring lanes are neighbours too. Each thread computes OPT consecutive outputs from the
+// same x registers (the loads of x, the dominant L1 traffic with several batch rows, are
+// divided by OPT), and each output's group scale and min are applied per vec4 of inputs:
+// sum_j (scale*q_j + min) x_j = scale*(q . x) + min*(sum x), with sum x shared by the OPT outputs.
+
+// Output n's (rows m0..m0+3) share of one vec4 of inputs: q . X per row, scaled, plus min * sum x.
+fn lanes_term(sm: vec2<f32>, q: vec4<f32>, xq: mat4x4<f32>, xs: vec4<f32>) -> vec4<f32> {
+  return sm.x * (q * xq) + sm.y * xs;
+}
+
+fn lanes_term1(sm: vec2<f32>, q: vec4<f32>, xv: vec4<f32>, xs: f32) -> f32 {
+  return sm.x * dot(q, xv) + sm.y * xs;
+}
+
+// Outputs n0..n0+OPT-1 for batch rows m0..m0+ROWS-1: accumulate, then reduce and store each
+// (reduce_store, scaling row r by scale_lo / scale_hi as qmatvec_blocks' callers do). Called
+// from main in uniform control flow.
+fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) {
+  let groups = (p.k + GROUP - 1u) / GROUP;
+  let words_per_row = groups * GROUP / 32u * BITS;
+  let units = (p.k + 3u) / 4u;  // vec4s of inputs; the last one's tail is masked by load_x
+  let rows_lo = row_starts(m0);
+  let rows_hi = row_starts(m0 + 4u);
+  let ones = vec4<f32>(1.0);
+  // rows past n read the last row (their results are never stored)
+  let last = max(p.n, 1u) - 1u;
+  let n1 = min(n0 + 1u, last);
+  let n2 = min(n0 + 2u, last);
+  let n3 = min(n0 + 3u, last);
+  let w0 = min(n0, last) * words_per_row;
+  let w1 = n1 * words_per_row;
+  let w2 = n2 * words_per_row;
+  let w3 = n3 * words_per_row;
+  var a0 = vec4<f32>(0.0);  // output n0+o: rows m0..m0+3 in a<o>, m0+4..m0+7 in h<o>
+  var a1 = vec4<f32>(0.0);
+  var a2 = vec4<f32>(0.0);
+  var a3 = vec4<f32>(0.0);
+  var h0 = vec4<f32>(0.0);
+  var h1 = vec4<f32>(0.0);
+  var h2 = vec4<f32>(0.0);
+  var h3 = vec4<f32>(0.0);
+  for (var u0 = lane * SPAN; u0 < units; u0 += TPR * SPAN) {
+    let b = u0 / 8u;  // SPAN divides 8: the SPAN vec4s share one block and one group
+    let g = b * 32u / GROUP;
+    let valid = min(32u, p.k - b * 32u);
+    let wb = b * BITS;
+    let s0 = scale_min(min(n0, last), g, groups);
+    var s1 = vec2<f32>(0.0);
+    var s2 = vec2<f32>(0.0);
+    var s3 = vec2<f32>(0.0);
+    if (OPT > 1u) {
+      s1 = scale_min(n1, g, groups);
+    }
+    if (OPT > 2u) {
+      s2 = scale_min(n2, g, groups);
+      s3 = scale_min(n3, g, groups);
+    }
+    for (var s = 0u; s < SPAN; s++) {
+      let u = u0 + s;
+      if (u < units) {
+        let j0 = (u % 8u) * 4u;
+        if (ROWS == 1u) {
+          let xv = load_x(rows_lo.x + u, j0, valid, u);
+          let xs = dot(xv, ones);
+          a0.x += lanes_term1(s0, codes4(w0 + wb, j0), xv, xs);
+          if (OPT > 1u) {
+            a1.x += lanes_term1(s1, codes4(w1 + wb, j0), xv, xs);
+          }
+          if (OPT > 2u) {
+            a2.x += lanes_term1(s2, codes4(w2 + wb, j0), xv, xs);
+            a3.x += lanes_term1(s3, codes4(w3 + wb, j0), xv, xs);
+          }
+        } else {
+          let q0 = codes4(w0 + wb, j0);
+          var q1 = vec4<f32>(0.0);
+          var q2 = vec4<f32>(0.0);
+          var q3 = vec4<f32>(0.0);
+          if (OPT > 1u) {
+            q1 = codes4(w1 + wb, j0);
+          }
+          if (OPT > 2u) {
+            q2 = codes4(w2 + wb, j0);
+            q3 = codes4(w3 + wb, j0);
+          }
+          let xl = load_quad(rows_lo, u, j0, valid);
+          let xsl = ones * xl;
+          a0 += lanes_term(s0, q0, xl, xsl);
+          if (OPT > 1u) {
+            a1 += lanes_term(s1, q1, xl, xsl);
+          }
+          if (OPT > 2u) {
+            a2 += lanes_term(s2, q2, xl, xsl);
+            a3 += lanes_term(s3, q3, xl, xsl);
+          }
+          if (ROWS > 4u) {
+            let xh = load_quad(rows_hi, u, j0, valid);
+            let xsh = ones * xh;
+            h0 += lanes_term(s0, q0, xh, xsh);
+            if (OPT > 1u) {
+              h1 += lanes_term(s1, q1, xh, xsh);
+            }
+            if (OPT > 2u) {
+              h2 += lanes_term(s2, q2, xh, xsh);
+              h3 += lanes_term(s3, q3, xh, xsh);
+            }
+          }
+        }
+      }
+    }
+  }
+  lanes_store(t, lane, n0, m0, a0, h0, scale_lo, scale_hi);
+  if (OPT > 1u) {
+    lanes_store(t, lane, n0 + 1u, m0, a1, h1, scale_lo, scale_hi);
+  }
+  if (OPT > 2u) {
+    lanes_store(t, lane, n0 + 2u, m0, a2, h2, scale_lo, scale_hi);
+    lanes_store(t, lane, n0 + 3u, m0, a3, h3, scale_lo, scale_hi);
+  }
+}
+
+// One output's lane sums into partial, then reduce_store (its tree sum begins with a barrier,
+// and reads another thread's slot only before its last barrier: the next output may refill).
+fn lanes_store(t: u32, lane: u32, n: u32, m0: u32, lo: vec4<f32>, hi: vec4<f32>, scale_lo: vec4<f32>,
+               scale_hi: vec4<f32>) {
+  partial[t] = lo;
+  if (QUADS > 1u) {
+    partial[WG + t] = hi;
+  }
+  reduce_store(t, lane, n, m0, scale_lo, scale_hi);
+}
