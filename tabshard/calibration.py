@@ -245,23 +245,42 @@ def parse_choice(choice: str):
     return method, QuantSpec.parse(spec)
 
 
+HEAD = "output"
+ROTATED_SOURCE = "rtn:s8g32"  # a rotated model has no packed source: 8-bit is its lossless stand-in
+
+
 class Calibrator:
     """Source weights, calibration Hessians, and every (tensor, method, format) quantized once.
 
     Hessians come from the source model's activations on the calibration text, so each tensor
-    is quantized independently of the others: any mixed plan is assembled from the cache."""
+    is quantized independently of the others: any mixed plan is assembled from the cache.
+    ``assemble(plan, sequential=True)`` instead runs GPTQ layer by layer, each layer's Hessians
+    from the outputs of the already-quantized layers before it (``sequential``).
 
-    def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW, cache_dir: str | None = None):
+    ``rotation`` (a seed) works in a rotated residual basis (tabshard/rotation.py): norms folded
+    and set to one, the head untied (tensor ``output``, quantized like the embedding unless the
+    plan names it). Its ``source`` is ``ROTATED_SOURCE``: no packed source exists there."""
+
+    def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW, cache_dir: str | None = None,
+                 rotation: int | None = None, damp: float = 0.01, act_order: bool = True):
         from kernels.quantizers import GPTQHessian
 
         self.source = weights
         self.config = weights.config
+        self.rotation = rotation
+        self.damp, self.act_order = damp, act_order
+        self.window = window
         self.dense = DenseModel(weights)
+        if rotation is not None:
+            from tabshard.rotation import rotate_dense
+
+            self.dense = rotate_dense(self.dense, rotation)
         self.calib_ids = list(calib_ids)
         self.hessians, self.head_hessian = hessians(self.dense, self.calib_ids, window)
         self._prepared: dict = {}
         self._GPTQHessian = GPTQHessian
         self._cache: dict = {}
+        self._sequential: dict = {}
         self.seconds: dict = {}  # choice -> quantization seconds spent (summed over tensors)
         self.cache_dir = None
         if cache_dir:
@@ -271,10 +290,26 @@ class Calibrator:
             key = hashlib.sha256(np.asarray(self.calib_ids, np.int64).tobytes())
             for lw in weights.layers[:2]:
                 key.update(lw.wq.qweight.tobytes())
+            key.update(repr((rotation, damp, act_order, window)).encode())
             self.cache_dir = os.path.join(cache_dir, key.hexdigest()[:16])
             os.makedirs(self.cache_dir, exist_ok=True)
 
+    @property
+    def rotated(self) -> bool:
+        return self.rotation is not None
+
+    def tensor_names(self) -> list[str]:
+        return tensor_names(self.config.n_layers) + ([HEAD] if self.rotated else [])
+
+    def _choice(self, plan: dict, name: str) -> str:
+        """The plan's choice for a tensor: the rotated head follows the embedding unless named;
+        'source' in a rotated basis is its 8-bit stand-in."""
+        c = plan.get(name, plan.get(EMBEDDING, SOURCE) if name == HEAD else SOURCE)
+        return ROTATED_SOURCE if (c == SOURCE and self.rotated) else c
+
     def source_tensor(self, name: str):
+        if self.rotated:
+            return self.quantized(name, ROTATED_SOURCE)
         if name == EMBEDDING:
             return self.source.embedding
         _, i, t = name.split(".")
@@ -284,60 +319,73 @@ class Calibrator:
     def source_dense(self, name: str) -> np.ndarray:
         if name == EMBEDDING:
             return self.dense.embedding
+        if name == HEAD:
+            return self.dense.head
         _, i, t = name.split(".")
         attr = {v: k for k, v in TYPE_OF.items()}[t]
         return self.dense.layers[int(i)].mats[attr]
 
     def hessian(self, name: str) -> np.ndarray:
-        if name == EMBEDDING:
+        if name in (EMBEDDING, HEAD):
             return self.head_hessian
         _, i, t = name.split(".")
         attr = {v: k for k, v in TYPE_OF.items()}[t]
         return self.hessians[int(i)][TAP_OF[attr]]
 
     def _prepared_hessian(self, name: str):
-        if name == EMBEDDING:
+        if name in (EMBEDDING, HEAD):
             key = EMBEDDING
         else:
             _, i, t = name.split(".")
             key = (int(i), TAP_OF[{v: k for k, v in TYPE_OF.items()}[t]])
         if key not in self._prepared:
-            self._prepared[key] = self._GPTQHessian.of(self.hessian(name))
+            self._prepared[key] = self._GPTQHessian.of(self.hessian(name), self.damp, self.act_order)
         return self._prepared[key]
 
     def embedding_importance(self) -> np.ndarray:
         """The tied embedding is both a lookup table (every column counts alike) and the LM
-        head (columns count by the head input's energy): weight both, normalised."""
+        head (columns count by the head input's energy): weight both, normalised. Untied (a
+        rotated model), the lookup table alone: every column alike."""
+        if self.rotated:
+            return np.ones(self.config.hidden, np.float32)
         d = np.diag(self.head_hessian)
         return (d / max(d.mean(), 1e-30) + 1.0).astype(np.float32)
+
+    def _quantize(self, name: str, choice: str, w: np.ndarray, hessian=None):
+        """One tensor under one 'method:spec' choice; ``hessian`` (GPTQHessian) overrides the
+        calibration one (sequential GPTQ)."""
+        from kernels import quantizers as Q
+
+        method, spec = parse_choice(choice)
+        if name == EMBEDDING:
+            # a lookup table too, so no GPTQ (it would trade lookups for logits): weighted clip
+            return Q.quantize_rtn(w, spec) if method == "rtn" else Q.quantize_clip(w, spec, self.embedding_importance())
+        if name == HEAD and method == "gptq":
+            method = "clip"  # the head's 49k rows: importance-weighted clip, GPTQ's gain is small there
+        if method == "gptq":
+            return Q.gptq(w, hessian if hessian is not None else self._prepared_hessian(name), spec)
+        if method == "clip":  # importance-weighted (diag of the Hessian)
+            h = self.hessian(name) if hessian is None else None
+            imp = np.diag(h) if h is not None else hessian.importance
+            return Q.quantize_clip(w, spec, imp)
+        return Q.quantize(w, spec, method)
 
     def quantized(self, name: str, choice: str):
         """The tensor under one choice ('source' or 'method:spec'), cached."""
         import time
 
-        from kernels import quantizers as Q
-
         if choice == SOURCE:
             return self.source_tensor(name)
         key = (name, choice)
         if key not in self._cache:
-            method, spec = parse_choice(choice)
+            _, spec = parse_choice(choice)
             cached = self._disk_load(name, choice, spec)
             if cached is not None:
                 self._cache[key] = cached[0]
                 self.seconds[choice] = self.seconds.get(choice, 0.0) + cached[1]
                 return cached[0]
-            w = self.source_dense(name)
             t0 = time.perf_counter()
-            if name == EMBEDDING:
-                # a lookup table too, so no GPTQ (it would trade lookups for logits): weighted clip
-                t = Q.quantize_rtn(w, spec) if method == "rtn" else Q.quantize_clip(w, spec, self.embedding_importance())
-            elif method == "gptq":
-                t = Q.gptq(w, self._prepared_hessian(name), spec)
-            elif method == "clip":  # importance-weighted (diag of the Hessian)
-                t = Q.quantize_clip(w, spec, np.diag(self.hessian(name)))
-            else:
-                t = Q.quantize(w, spec, method)
+            t = self._quantize(name, choice, self.source_dense(name))
             spent = time.perf_counter() - t0
             self.seconds[choice] = self.seconds.get(choice, 0.0) + spent
             self._cache[key] = t
@@ -374,56 +422,171 @@ class Calibrator:
         activations, tr(dW H dW^T) / tr(W H W^T)."""
         from kernels.quantizers import output_error
 
-        if choice == SOURCE:
+        if choice == SOURCE and not self.rotated:
             return 0.0
         key = ("proxy", name, choice)
         if key not in self._cache:
             w = self.source_dense(name)
             t = self.quantized(name, choice)
-            if name == EMBEDDING:
-                self._cache[key] = output_error(w, t, self.head_hessian)
-            else:
-                self._cache[key] = output_error(w, t, self.hessian(name))
+            self._cache[key] = output_error(w, t, self.hessian(name))
         return self._cache[key]
 
-    def assemble(self, plan: dict) -> ModelWeights:
+    # ---------------------------------------------------------------- sequential GPTQ
+
+    def sequential(self, plan: dict) -> dict:
+        """{tensor: QuantTensor} for the plan with GPTQ run layer after layer: each layer's
+        Hessians come from the calibration text passed through the already-quantized layers
+        before it (and, inside a layer, through its already-quantized matrices: q/k/v, then o,
+        then gate/up, then down), so a layer's GPTQ also compensates the error the layers
+        before it made. Embedding and head are quantized as in ``quantized``. Cached per plan
+        (memory and disk)."""
+        import hashlib
+        import json
+        import time
+
+        from kernels.quant import dequantize as deq
+
+        key = hashlib.sha256(json.dumps(sorted((n, self._choice(plan, n)) for n in self.tensor_names())).encode()).hexdigest()[:16]
+        if key in self._sequential:
+            return self._sequential[key]
+        loaded = self._seq_load(key)
+        if loaded is not None:
+            self._sequential[key] = loaded
+            return loaded
+        c = self.config
+        t0 = time.perf_counter()
+        out = {n: self.quantized(n, self._choice(plan, n)) for n in ([EMBEDDING] + ([HEAD] if self.rotated else []))}
+        emb = self.dense.embedding if self._choice(plan, EMBEDDING) == SOURCE else deq(out[EMBEDDING])
+        xs = [emb[w] for w in windows(self.calib_ids, self.window)]
+        for li, src in enumerate(self.dense.layers):
+            mats = dict(src.mats)
+
+            def run(group, tap_inputs):
+                h = sum((x.T @ x).astype(np.float64) for x in tap_inputs)
+                prepared = None
+                for attr in group:
+                    name = f"blk.{li}.{TYPE_OF[attr]}"
+                    choice = self._choice(plan, name)
+                    if choice == SOURCE:
+                        out[name] = self.source_tensor(name)
+                    else:
+                        if parse_choice(choice)[0] in ("gptq", "clip") and prepared is None:
+                            prepared = self._GPTQHessian.of(h, self.damp, self.act_order)
+                        out[name] = self._quantize(name, choice, mats[attr], prepared)
+                    mats[attr] = deq(out[name])
+
+            hs = [ref.rmsnorm(x, src.attn_norm, c.rms_eps) for x in xs]
+            run(("wq", "wk", "wv"), hs)
+            attn = []
+            for h in hs:
+                t = h.shape[0]
+                pos = np.arange(t)
+                q = ref.rope((h @ mats["wq"].T).reshape(t, c.n_heads, c.head_dim), pos, c.rope_base)
+                k = ref.rope((h @ mats["wk"].T).reshape(t, c.n_kv_heads, c.head_dim), pos, c.rope_base)
+                v = (h @ mats["wv"].T).reshape(t, c.n_kv_heads, c.head_dim)
+                attn.append(ref.attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0).reshape(t, -1))
+            run(("wo",), attn)
+            xs = [x + a @ mats["wo"].T for x, a in zip(xs, attn)]
+            hs = [ref.rmsnorm(x, src.ffn_norm, c.rms_eps) for x in xs]
+            run(("w_gate", "w_up"), hs)
+            gs = [ref.silu_gate(h @ mats["w_gate"].T, h @ mats["w_up"].T) for h in hs]
+            run(("w_down",), gs)
+            xs = [x + g @ mats["w_down"].T for x, g in zip(xs, gs)]
+        self.seconds[f"sequential:{key}"] = time.perf_counter() - t0
+        self._seq_save(key, out, self.seconds[f"sequential:{key}"])
+        self._sequential[key] = out
+        return out
+
+    def _seq_path(self, key):
+        import os
+
+        return None if not self.cache_dir else os.path.join(self.cache_dir, f"sequential_{key}.npz")
+
+    def _seq_load(self, key):
+        from kernels.quant import QuantSpec, QuantTensor
+
+        p = self._seq_path(key)
+        if not p:
+            return None
+        try:
+            with np.load(p) as z:
+                names = [str(x) for x in z["names"]]
+                out = {n: QuantTensor(QuantSpec.parse(str(z[f"{n}|spec"])), int(z[f"{n}|n"]), int(z[f"{n}|k"]),
+                                      z[f"{n}|q"], z[f"{n}|s"]) for n in names}
+                self.seconds[f"sequential:{key}"] = float(z["sec"])
+                return out
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def _seq_save(self, key, out, sec):
+        import os
+
+        p = self._seq_path(key)
+        if not p:
+            return
+        arrays = {"names": np.array(list(out)), "sec": sec}
+        for n, t in out.items():
+            arrays.update({f"{n}|spec": t.spec.name, f"{n}|n": t.n, f"{n}|k": t.k, f"{n}|q": t.qweight, f"{n}|s": t.scales})
+        np.savez(p + ".part.npz", **arrays)
+        os.replace(p + ".part.npz", p)
+
+    # ---------------------------------------------------------------- plans to models
+
+    def assemble(self, plan: dict, sequential: bool = False) -> ModelWeights:
         """ModelWeights with each tensor as the plan says (missing names stay source)."""
         from dataclasses import replace
 
+        seq = self.sequential(plan) if sequential else None
+
+        def get(name):
+            return seq[name] if seq is not None else self.quantized(name, self._choice(plan, name))
+
         layers = []
         for i, lw in enumerate(self.source.layers):
-            kw = {}
-            for attr, t in TYPE_OF.items():
-                kw[attr] = self.quantized(f"blk.{i}.{t}", plan.get(f"blk.{i}.{t}", SOURCE))
+            kw = {attr: get(f"blk.{i}.{t}") for attr, t in TYPE_OF.items()}
+            if self.rotated:
+                kw.update(attn_norm=self.dense.layers[i].attn_norm, ffn_norm=self.dense.layers[i].ffn_norm)
             layers.append(replace(lw, **kw))
-        emb = self.quantized(EMBEDDING, plan.get(EMBEDDING, SOURCE))
+        emb = get(EMBEDDING)
         head = self.source.head
-        tied = head.output is self.source.embedding
-        head = replace(head, output=emb if tied else head.output)
+        if self.rotated:
+            head = replace(head, output=get(HEAD), output_norm=self.dense.head_norm)
+        else:
+            tied = head.output is self.source.embedding
+            head = replace(head, output=emb if tied else head.output)
         return ModelWeights(config=self.config, embedding=emb, layers=layers, head=head)
 
-    def dense_of(self, plan: dict) -> DenseModel:
+    def dense_of(self, plan: dict, sequential: bool = False) -> DenseModel:
         """A DenseModel of the plan, reusing the source's f32 matrices where unchanged."""
-        w = self.assemble(plan)
+        w = self.assemble(plan, sequential)
+        keep = not self.rotated  # a rotated model's 'source' is 8-bit: dequantize it too
         layers = []
         for i, (lw, src) in enumerate(zip(w.layers, self.dense.layers)):
-            mats = {attr: (src.mats[attr] if plan.get(f"blk.{i}.{t}", SOURCE) == SOURCE else dequantize(getattr(lw, attr)))
+            mats = {attr: (src.mats[attr] if keep and plan.get(f"blk.{i}.{t}", SOURCE) == SOURCE else dequantize(getattr(lw, attr)))
                     for attr, t in TYPE_OF.items()}
             layers.append(DenseLayer(src.attn_norm, src.ffn_norm, mats))
-        emb = self.dense.embedding if plan.get(EMBEDDING, SOURCE) == SOURCE else dequantize(w.embedding)
-        head = emb if w.head.output is w.embedding else self.dense.head
-        return DenseModel(w, layers=layers, embedding=emb, head=head)
+        emb = self.dense.embedding if keep and plan.get(EMBEDDING, SOURCE) == SOURCE else dequantize(w.embedding)
+        if self.rotated:
+            head = dequantize(w.head.output)
+        else:
+            head = emb if w.head.output is w.embedding else self.dense.head
+        d = DenseModel(w, layers=layers, embedding=emb, head=head)
+        d.head_norm = self.dense.head_norm
+        return d
 
     def sensitivity(self, probe: str, ids, types=LINEAR_TYPES + (EMBEDDING,), embedding_probe: str = "clip:s4g32") -> dict:
-        """Measured cost per tensor type: the increase in mean NLL per token on ``ids`` (calibration
-        text) when that type alone is quantized with ``probe`` and everything else is source.
-        Returns {type: (delta_nll, sum of the type's proxies under the probe)}."""
-        base, count = self.dense.nll(windows(ids))
+        """Measured cost per tensor type: the increase in mean NLL per token on ``ids`` (text
+        held out from the Hessians) when that type alone is quantized with ``probe`` and
+        everything else is source. Returns {type: (delta_nll, sum of the type's proxies under
+        the probe)}."""
+        base, count = (self.dense_of({}) if self.rotated else self.dense).nll(windows(ids))
         out = {}
         for t in types:
             choice = embedding_probe if t == EMBEDDING else probe
             names = [EMBEDDING] if t == EMBEDDING else [f"blk.{i}.{t}" for i in range(self.config.n_layers)]
             plan = {n: choice for n in names}
+            if t == EMBEDDING and self.rotated:
+                plan[HEAD] = ROTATED_SOURCE
             total, _ = self.dense_of(plan).nll(windows(ids))
             out[t] = ((total - base) / count, sum(self.proxy(n, choice) for n in names))
         return out
@@ -486,7 +649,7 @@ class Costs:
         return max(d, 0.0) / p if p > 0 else 0.0
 
     def cost(self, cal: "Calibrator", name: str, choice: str) -> float:
-        t = EMBEDDING if name == EMBEDDING else name.split(".")[2]
+        t = EMBEDDING if name in (EMBEDDING, HEAD) else name.split(".")[2]
         return self.alpha(t, choice) * cal.proxy(name, choice)
 
     def summary(self) -> dict:
@@ -509,8 +672,8 @@ def tensor_options(cal: Calibrator, costs: Costs, formats=MIXED_FORMATS, embeddi
     from coordinator.precision import Option
 
     opts = {}
-    for name in tensor_names(cal.config.n_layers):
-        if name == EMBEDDING:
+    for name in cal.tensor_names():
+        if name in (EMBEDDING, HEAD):
             choices = (embedding_fixed,) if embedding_fixed else embedding_formats
         else:
             choices = formats
@@ -540,9 +703,9 @@ def mixed_plan(cal: Calibrator, costs: Costs, *, budget_bytes: int | None = None
         raise ValueError("give exactly one of budget_bytes and bits_per_weight")
     if bits_per_weight is not None:
         opts = tensor_options(cal, costs, formats, embedding_fixed=embedding or SOURCE)
-        emb = opts.pop(EMBEDDING)[0]
+        fixed = {n: opts.pop(n)[0].choice for n in (EMBEDDING, HEAD) if n in opts}
         plan = choose(opts, int(bits_per_weight * linear_weight_count(cal.config) / 8))
-        plan[EMBEDDING] = emb.choice
+        plan.update(fixed)
         return plan
     opts = tensor_options(cal, costs, formats, embedding_fixed=embedding)
     return choose(opts, budget_bytes, fixed_bytes(cal.source))
