@@ -92,7 +92,7 @@ import numpy as np
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "ProtocolError", "Limits", "DEFAULT_LIMITS", "CLIENT_LIMITS",
     "encode", "encode_parts", "decode", "validate", "make", "MESSAGES", "MessageSchema", "Field",
-    "Tensor", "ListOf", "Struct", "opt", "WORKER", "COORDINATOR", "CLIENT", "ANY",
+    "Tensor", "ListOf", "Struct", "Int", "Float", "Str", "opt", "WORKER", "COORDINATOR", "CLIENT", "ANY",
 ]
 
 PROTOCOL_VERSION = 1
@@ -633,7 +633,14 @@ def _tensor_from_map(tensor_map: dict, where: str, limits: Limits) -> np.ndarray
 #   ListOf(int)                            a list whose items all are of the given type
 #   Struct({"name": str, ...})             a map with fields of its own (opt() works inside)
 #   opt(type)                              optional: may be missing or nil
-# Fields not listed are allowed (forward compatibility) and pass through untouched.
+#   Int(lo, hi) Float(lo, hi)              a number within [lo, hi] (a float is always finite)
+#   Str(max_len)                           a str of at most max_len characters
+#   ListOf(spec, max_len=N)                at most N items
+#   Struct({...}, max_bytes=N)             the whole map packs to at most N msgpack bytes
+# A plain float is finite too: NaN and inf mean nothing in any field of this protocol, and a
+# peer's NaN stored as is would reach JSON (/status) and the planner's arithmetic.
+# Fields not listed are allowed (forward compatibility) and pass through untouched; a Struct
+# with max_bytes bounds them too, so nothing a peer sends is stored unbounded.
 
 
 @dataclass(frozen=True)
@@ -645,17 +652,39 @@ class Tensor:
 @dataclass(frozen=True)
 class ListOf:
     item: "Spec"
+    max_len: int | None = None
 
 
 @dataclass(frozen=True)
 class Struct:
     fields: Mapping[str, Any]  # name -> Spec or Field, like a message's
+    max_bytes: int | None = None  # the map as msgpack, unlisted fields included
 
     def __post_init__(self):
         object.__setattr__(self, "fields", _fields(self.fields))
 
 
-Spec = Union[type, Tensor, ListOf, Struct]
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int = I64_MIN
+    hi: int = I64_MAX
+
+
+@dataclass(frozen=True)
+class Float:
+    lo: float = -math.inf
+    hi: float = math.inf
+
+
+@dataclass(frozen=True)
+class Str:
+    max_len: int
+
+
+Spec = Union[type, Tensor, ListOf, Struct, Int, Float, Str]
 
 
 @dataclass(frozen=True)
@@ -710,10 +739,10 @@ def _checker(spec: Spec) -> _Checker:
             return (), expected, value
         return check_tensor
     if isinstance(spec, ListOf):
-        check_item = _checker(spec.item)
+        check_item, max_len = _checker(spec.item), spec.max_len
 
         def check_list(value):
-            if not isinstance(value, (list, tuple)):
+            if not isinstance(value, (list, tuple)) or (max_len is not None and len(value) > max_len):
                 return (), expected, value
             for index, item in enumerate(value):
                 problem = check_item(item)
@@ -723,9 +752,10 @@ def _checker(spec: Spec) -> _Checker:
         return check_list
     if isinstance(spec, Struct):
         fields = [(name, f.required, _checker(f.spec)) for name, f in spec.fields.items()]
+        max_bytes = spec.max_bytes
 
         def check_struct(value):
-            if not isinstance(value, dict):
+            if not isinstance(value, dict) or (max_bytes is not None and _packed_size(value, max_bytes) > max_bytes):
                 return (), expected, value
             for name, required, check_field in fields:
                 item = value.get(name)
@@ -738,8 +768,26 @@ def _checker(spec: Spec) -> _Checker:
                     return (name, *problem[0]), problem[1], problem[2]
             return None
         return check_struct
+    if isinstance(spec, Int):
+        lo, hi = spec.lo, spec.hi
+        return lambda value: None if _is_int(value) and lo <= value <= hi else ((), expected, value)
+    if isinstance(spec, Float):
+        lo, hi = spec.lo, spec.hi
+        return lambda value: None if _is_float(value) and lo <= value <= hi else ((), expected, value)
+    if isinstance(spec, Str):
+        max_len = spec.max_len
+        return lambda value: None if isinstance(value, str) and len(value) <= max_len else ((), expected, value)
     fits = _SIMPLE_CHECKS[spec]
     return lambda value: None if fits(value) else ((), expected, value)
+
+
+def _packed_size(value: dict, limit: int) -> int:
+    """msgpack size of a decoded map (tensors as their wire maps); only the small maps that
+    carry a max_bytes are measured, and at most once per message."""
+    try:
+        return len(msgpack.packb(value, default=_encode_nested))
+    except (TypeError, ValueError, OverflowError, ProtocolError):
+        return limit + 1
 
 
 def _wire_name(dtype: np.dtype) -> str | None:
@@ -751,9 +799,15 @@ def _is_int(value: Any) -> bool:
                                   and not isinstance(value, (bool, np.bool_)))
 
 
+def _is_float(value: Any) -> bool:
+    if type(value) is float or isinstance(value, (float, np.floating)):
+        return math.isfinite(value)
+    return _is_int(value)
+
+
 _SIMPLE_CHECKS = {
     int: _is_int,
-    float: lambda v: type(v) is float or isinstance(v, (float, np.floating)) or _is_int(v),
+    float: _is_float,
     str: lambda v: isinstance(v, str),
     bool: lambda v: isinstance(v, (bool, np.bool_)),
     bytes: lambda v: isinstance(v, (bytes, bytearray, memoryview)),
@@ -767,61 +821,98 @@ def _spec_name(spec: Spec) -> str:
         rank = "" if spec.rank is None else f", rank {spec.rank}"
         return f"a tensor of {'|'.join(spec.dtypes)}{rank}"
     if isinstance(spec, ListOf):
-        return f"list[{_spec_name(spec.item)}]"
+        bound = "" if spec.max_len is None else f" of at most {spec.max_len} items"
+        return f"list[{_spec_name(spec.item)}]{bound}"
     if isinstance(spec, Struct):
-        return "a map with " + ", ".join(spec.fields)
+        bound = "" if spec.max_bytes is None else f" (at most {spec.max_bytes} bytes)"
+        return ("a map with " + ", ".join(spec.fields) if spec.fields else "a map") + bound
+    if isinstance(spec, Int):
+        return f"an int in [{spec.lo}, {spec.hi}]"
+    if isinstance(spec, Float):
+        return f"a finite float in [{spec.lo:g}, {spec.hi:g}]"
+    if isinstance(spec, Str):
+        return f"a str of at most {spec.max_len} characters"
+    if spec is float:
+        return "a finite float"
     return spec.__name__
 
 
 WORKER, COORDINATOR, CLIENT, ANY = "worker", "coordinator", "client", "any"
 
-_ERROR_FIELDS = {"code": str, "field": opt(str), "message": str}
-_SESSION = Struct({"session_id": str, "start_pos": int, "length": int})
+# Bounds on what peers send. Every number a worker reports feeds the planner, deadlines or
+# /status, every str and map may be stored for as long as the worker's record is kept: each has
+# a range or a size, so that a token holder can neither poison arithmetic nor fill memory.
+MAX_NAME = 128           # names, ids, codes, reasons
+MAX_TEXT = 4096          # an error's message
+MAX_PEER_MAP_BYTES = 16 << 10   # free-form maps (capabilities, calibration details, load...)
+MAX_BYTES_FIELD = 1 << 50       # byte counts and memory sizes
+MAX_LAYER = 1 << 20
+MAX_STEP_MS = 3_600_000.0       # an hour: any claim beyond is not a measurement
+MAX_BLOBS = 4096                # blob digests a worker may claim to hold
+NAME, TEXT, COUNT = Str(MAX_NAME), Str(MAX_TEXT), Int(0, I64_MAX)
+PEER_MAP = Struct({}, max_bytes=MAX_PEER_MAP_BYTES)
+
+_ERROR_FIELDS = {"code": Str(64), "field": opt(Str(256)), "message": TEXT}
+# topk_rows: at a head stage, the top-k of this many of the session's last rows (default 1;
+# a speculative step verifies a session's k drafts with k+1 rows); topk_ids has one row per
+# such row, sessions in order
+_SESSION = Struct({"session_id": str, "start_pos": int, "length": int, "topk_rows": opt(int)})
+_CAPABILITIES = Struct({
+    "memory_bytes": opt(Int(0, MAX_BYTES_FIELD)),
+    "expansion": opt(Float(0.01, 1000.0)),  # weight bytes in memory per byte on the wire
+    "backend": opt(Str(64)),
+    "kind": opt(Str(64)),
+}, max_bytes=MAX_PEER_MAP_BYTES)
+_RESUME = Struct({
+    "have": opt(ListOf(Str(128), max_len=MAX_BLOBS)),
+    "worker_id": opt(NAME),
+}, max_bytes=MAX_BLOBS * 80)
 
 _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     # -- worker -> coordinator --------------------------------------------------------------
     ("hello", WORKER, {
-        "worker_name": str,
-        "token": opt(str),
-        "capabilities": dict,
-        "resume": opt(dict),
+        "worker_name": NAME,
+        "token": opt(Str(256)),
+        "capabilities": _CAPABILITIES,
+        "resume": opt(_RESUME),
     }),
     ("calibration_result", WORKER, {
-        "step_ms": float,
-        "details": opt(dict),
+        "step_ms": Float(0.0, MAX_STEP_MS),
+        "details": opt(Struct({"expansion": opt(Float(0.01, 1000.0)), "backend": opt(Str(64))},
+                              max_bytes=MAX_PEER_MAP_BYTES)),
     }),
     ("load_progress", WORKER, {
-        "layer": int,
-        "received_bytes": int,
-        "total_bytes": int,
+        "layer": Int(0, MAX_LAYER),
+        "received_bytes": Int(0, MAX_BYTES_FIELD),
+        "total_bytes": Int(0, MAX_BYTES_FIELD),
     }),
     ("weights_ack", WORKER, {
-        "chunk_id": int,
+        "chunk_id": COUNT,
         "ok": bool,
-        "error": opt(str),
+        "error": opt(TEXT),
     }),
     ("ready", WORKER, {
-        "layers": ListOf(int),
-        "checksum": str,
+        "layers": ListOf(Int(0, MAX_LAYER)),
+        "checksum": Str(128),
     }),
     ("step_result", WORKER, {
-        "step_id": int,
-        "epoch": int,
+        "step_id": COUNT,
+        "epoch": COUNT,
         "output": Tensor(("f32", "f16")),
         "topk_ids": opt(Tensor(("i32",))),
         "topk_logits": opt(Tensor(("f32",))),
-        "compute_ms": opt(float),
+        "compute_ms": opt(Float(0.0, MAX_STEP_MS)),
     }),
     ("heartbeat", WORKER, {
         "seq": int,
-        "load": opt(dict),
+        "load": opt(PEER_MAP),
     }),
     ("refuse", WORKER, {
-        "reason": str,
-        "detail": opt(dict),
+        "reason": NAME,
+        "detail": opt(Struct({"budget": opt(Int(0, MAX_BYTES_FIELD))}, max_bytes=MAX_PEER_MAP_BYTES)),
     }),
     ("bye", WORKER, {
-        "reason": str,
+        "reason": Str(256),
     }),
     # -- coordinator -> worker --------------------------------------------------------------
     ("welcome", COORDINATOR, {
@@ -865,6 +956,7 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "session_id": str,
         "length": int,
     }),
+    # the session's KV keeps positions [0, length) on every range held here (rejected drafts go)
     ("truncate_session", COORDINATOR, {
         "session_id": str,
         "length": int,
@@ -874,7 +966,7 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     }),
     # -- client <-> coordinator (token stream) -----------------------------------------------
     ("generate", CLIENT, {
-        "request_id": str,
+        "request_id": NAME,
         "prompt": opt(str),
         "messages": opt(list),
         "max_tokens": opt(int),
@@ -885,7 +977,7 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "greedy": opt(bool),
     }),
     ("cancel", CLIENT, {
-        "request_id": str,
+        "request_id": NAME,
     }),
     ("token", COORDINATOR, {
         "request_id": str,
