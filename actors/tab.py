@@ -150,6 +150,29 @@ def _force_workgroup(dev, size: int) -> None:
     dev.workgroup_size = lambda preferred: size
 
 
+def _choose_adapter(spec: str | int | None) -> str | None:
+    """Pick this tab's WebGPU adapter before its device exists: ``spec`` names one (index or part
+    of a name), or "ray" / None maps the GPU that Ray gave this actor (num_gpus > 0) to its
+    adapter. Returns how the adapter was chosen, for info() and the log; None: wgpu's default."""
+    from kernels import adapters
+
+    if spec in (None, "", "ray"):
+        import ray
+
+        ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        if not ids:
+            if spec == "ray":
+                raise TabshardError("adapter = 'ray', but Ray gave this tab no GPU (ask for num_gpus > 0)")
+            return None
+        index, how = adapters.index_for_gpu(int(float(ids[0])), adapters.list_adapters())
+        adapters.choose(index)
+        print(f"tab adapter: {how}", flush=True)
+        return how
+    adapters.choose(spec)
+    index = adapters.resolve(spec, adapters.list_adapters())
+    return f"adapter {spec!r} as configured -> {adapters.list_adapters()[index].describe()}"
+
+
 def _peak_rss() -> tuple[int, int]:
     rss = hwm = 0
     with open("/proc/self/status") as f:
@@ -171,6 +194,7 @@ class _TabActor:
         self.profile = profile
         device_options = dict(device_options or {})
         force_wg = device_options.pop("force_workgroup", None)
+        self.adapter_note = _choose_adapter(device_options.pop("adapter", None)) if backend == "wgpu" else None
         if backend == "wgpu":
             from kernels.runner import get_device
 
@@ -216,7 +240,7 @@ class _TabActor:
                 "steps": w.steps_served, "tokens": w.tokens_served, "bytes_received": w.bytes_received,
                 "slow_factor": w.slow_factor, "liar": w.liar, "caught_at": self.conn.caught_at,
                 "rss_bytes": rss, "peak_rss_bytes": hwm,
-                "load_failures": list(w.load_failures), "backend": w.backend_name}
+                "load_failures": list(w.load_failures), "backend": w.backend_name, "adapter": self.adapter_note}
 
     # ------------------------------------------------------------------ faults
     def crash(self, code: int = 137) -> None:
@@ -284,7 +308,8 @@ class SimulatedTab:
 
     def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
                  backend: str | None = None, hidden: bool | None = None, memory_bytes: int | None = None,
-                 device_options: dict | None = None, seed: int = 0, lean: bool = False, actor_options: dict | None = None):
+                 device_options: dict | None = None, seed: int = 0, lean: bool = False, actor_options: dict | None = None,
+                 num_gpus: float = 0.0, adapter: str | int | None = None):
         prof = get_profile(profile) if isinstance(profile, str) else profile
         self.name = name
         self.profile = prof
@@ -293,8 +318,11 @@ class SimulatedTab:
             raise TabshardError(f"profile {prof.name} has no WebGPU; use backend 'numpy'")
         self.hidden = prof.hidden if hidden is None else hidden
         self.memory_bytes = int(memory_bytes or prof.memory_bytes)
-        self._actor = _remote().options(**(actor_options or {})).remote(
-            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options or {}, seed, lean)
+        # a GPU tab: Ray reserves (a share of) a GPU, and the actor computes on that GPU's adapter
+        options = {**(actor_options or {}), **({"num_gpus": float(num_gpus)} if num_gpus else {})}
+        device_options = {**(device_options or {}), **({"adapter": adapter} if adapter is not None else {})}
+        self._actor = _remote().options(**options).remote(
+            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed, lean)
         self.killed = False
 
     def _call(self, method: str, *args, timeout: float = 30.0):

@@ -24,9 +24,10 @@ ACTOR_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREA
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int = 2):
+def ray_session(address: str | None = None, num_cpus: int = 2, num_gpus: float | None = None):
     """A Ray of our own (`address` None) or a connection to an existing cluster. Never `ray stop`:
-    only `ray.shutdown()` of what this call started."""
+    only `ray.shutdown()` of what this call started. `num_gpus` declares the local Ray's GPUs
+    (None: Ray detects them)."""
     import ray
 
     for k, v in ACTOR_ENV.items():
@@ -40,6 +41,7 @@ def ray_session(address: str | None = None, num_cpus: int = 2):
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 **({"num_gpus": num_gpus} if num_gpus is not None else {}),
                  object_store_memory=200 << 20, _system_config={"automatic_object_spilling_enabled": False})
     try:
         yield ray

@@ -8,9 +8,11 @@ returns the report (simulation/report.py renders it).
     max_stages = 3             # (coordinator_compute defaults to false here: tabs do the work)
     replicas = 1
     spot_check_fraction = 0.2
-    [[tabs]]                   # repeated: profile and count (+ backend, hidden, memory_mb)
-    profile = "cpu-wasm"
-    count = 4
+    [[tabs]]                   # repeated: profile and count (+ backend, hidden, memory_mb, lean,
+    profile = "cpu-wasm"       #   num_gpus: a GPU (or a share: 0.25) reserved by Ray for each tab,
+    count = 4                  #   whose adapter the tab then computes on; adapter: an index or name)
+    [ray]                      # the local Ray's resources (ignored with --address): num_cpus (2),
+                               #   num_gpus (detected when absent; declare them to test on a CPU host)
     [workload]
     streams = 2                # concurrent streams at most
     requests = 8               # total requests
@@ -19,6 +21,9 @@ returns the report (simulation/report.py renders it).
     output_tokens = 16
     # closed_loop = true       # instead: `streams` clients back to back until duration_s
     # distinct_prompts = 16    # request i asks prompt i % 16 (default: every prompt differs)
+    # [[workload.phases]]      # closed loop only: from `at` seconds on, `streams` clients run
+    # at = 20                  #   (e.g. 1 stream, then 32)
+    # streams = 32
     [[faults]]                 # timed: at (s), kind, target ("random", "stage:N", a tab name), duration, factor
     at = 6.0
     kind = "freeze"
@@ -87,6 +92,17 @@ def validate(scn: dict) -> dict:
         get_profile(t.get("profile", ""))
         if int(t.get("count", 1)) < 1:
             raise ConfigError(f"tabs.count must be >= 1, got {t.get('count')}")
+        gpus = t.get("num_gpus", 0)
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 64:
+            raise ConfigError(f"tabs.num_gpus must be a number of GPUs from 0 to 64 (0.25: a quarter), got {gpus!r}")
+        if (gpus or t.get("adapter") is not None) and t.get("backend", get_profile(t["profile"]).backend) != "wgpu":
+            raise ConfigError(f"tabs with num_gpus or adapter compute on WebGPU: set backend = \"wgpu\" "
+                              f"(profile {t['profile']!r} defaults to another backend)")
+    r = scn.get("ray", {})
+    for key in ("num_cpus", "num_gpus"):
+        v = r.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise ConfigError(f"ray.{key} must be a number >= 0, got {v!r}")
     for f in scn.get("faults", []):
         if f.get("kind") not in FAULT_KINDS:
             raise ConfigError(f"fault kind {f.get('kind')!r}; known: {', '.join(FAULT_KINDS)}")
@@ -96,6 +112,12 @@ def validate(scn: dict) -> dict:
 
         load_settings(None, {k: v for k, v in c.items() if k != "model"})  # unknown keys, bad values: ConfigError
     w = scn.setdefault("workload", {})
+    for ph in w.get("phases", []):
+        if not isinstance(ph, dict) or not isinstance(ph.get("at"), (int, float)) or not isinstance(ph.get("streams"), int) \
+                or isinstance(ph.get("streams"), bool) or ph["at"] < 0 or not 0 <= ph["streams"] <= 1024:
+            raise ConfigError(f"workload.phases entries need at (seconds >= 0) and streams (0-1024), got {ph!r}")
+    if w.get("phases") and not w.get("closed_loop"):
+        raise ConfigError("workload.phases needs closed_loop = true (an open-loop workload has arrival_rate instead)")
     w.setdefault("streams", 2)
     w.setdefault("requests", 4)
     w.setdefault("arrival_rate", 1.0)
@@ -110,6 +132,16 @@ def validate(scn: dict) -> dict:
         if name not in CRITERIA:
             raise ConfigError(f"pass criterion {name!r}; known: {', '.join(CRITERIA)}")
     return scn
+
+
+def check_gpus(scn: dict, have: float) -> None:
+    """Refuse to start when the tabs ask Ray for more GPUs than the cluster has: otherwise Ray
+    would queue the actors forever and the run would hang waiting for them to join."""
+    want = sum(float(t.get("num_gpus", 0)) * int(t.get("count", 1)) for t in scn["tabs"])
+    if want > have + 1e-9:
+        raise ConfigError(f"scenario {scn.get('name')!r} asks for {want:g} GPU(s) for its tabs, but the Ray cluster "
+                          f"has {have:g}; run it where there are enough GPUs, lower tabs.num_gpus, or declare "
+                          f"[ray] num_gpus for a local Ray")
 
 
 def serve_config(c: dict) -> str:
@@ -161,6 +193,7 @@ class ScenarioRun:
         self._events_read = 0
         self._pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="sim-control")
         self._n_tabs = 0
+        self._specs: dict = {}  # tab name -> the [[tabs]] entry it was spawned from
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ tabs
@@ -173,7 +206,9 @@ class ScenarioRun:
         mem = int(spec["memory_mb"] * (1 << 20)) if spec.get("memory_mb") else None
         tab = SimulatedTab(name, self.coord.worker_url, self.coord.token, profile=spec["profile"],
                            backend=spec.get("backend"), hidden=spec.get("hidden"), memory_bytes=mem,
-                           seed=self._n_tabs, lean=bool(spec.get("lean")))
+                           seed=self._n_tabs, lean=bool(spec.get("lean")),
+                           num_gpus=float(spec.get("num_gpus", 0)), adapter=spec.get("adapter"))
+        self._specs[name] = spec
         self.tabs[name] = tab
         return tab
 
@@ -248,7 +283,9 @@ class ScenarioRun:
         (self.out_dir / "serve.toml").write_text(serve_config(c))
         serve = ["--config", str(self.out_dir / "serve.toml")]
         t_start = time.monotonic()
-        with ray_session(self.address):
+        r = scn.get("ray", {})
+        with ray_session(self.address, num_cpus=int(r.get("num_cpus", 2)), num_gpus=r.get("num_gpus")) as ray:
+            check_gpus(scn, ray.cluster_resources().get("GPU", 0.0))
             self.coord = CoordinatorProcess(serve, host="0.0.0.0" if self.address else "127.0.0.1",
                                             log_path=str(self.out_dir / "coordinator.log"), model=c.get("model"))
             self.coord.start()
@@ -325,12 +362,26 @@ class ScenarioRun:
             """`streams` clients, each starting its next request when the last one ends, until duration_s."""
             ids = itertools.count()
 
-            async def client():
+            phases = sorted(w.get("phases", []), key=lambda ph: float(ph["at"]))
+
+            def streams_now() -> int:
+                """`streams`, or the streams of the last [[workload.phases]] entry that has begun."""
+                now, n = time.monotonic() - t0, int(w["streams"])
+                for ph in phases:
+                    if float(ph["at"]) <= now:
+                        n = int(ph["streams"])
+                return n
+
+            async def client(k: int):
                 while time.monotonic() - t0 < duration:
+                    if k >= streams_now():  # this client's phase has not begun, or has ended
+                        await asyncio.sleep(0.05)
+                        continue
                     self.requested += 1
                     await one(next(ids))
 
-            await asyncio.gather(*(client() for _ in range(int(w["streams"]))))
+            most = max([int(w["streams"])] + [int(ph["streams"]) for ph in phases])
+            await asyncio.gather(*(client(k) for k in range(most)))
 
         async def status():
             """/status, retried: an overloaded host may miss the 5 s timeout now and then."""
@@ -449,7 +500,9 @@ class ScenarioRun:
 
     def _spec_of(self, name: str) -> dict:
         tab = self.tabs[name]
-        return {"profile": tab.profile.name, "backend": tab.backend, "hidden": tab.hidden}
+        spec = self._specs.get(name, {})
+        return {"profile": tab.profile.name, "backend": tab.backend, "hidden": tab.hidden,
+                **{k: spec[k] for k in ("num_gpus", "adapter", "lean", "memory_mb") if k in spec}}
 
 
 def _proc_rss(pid: int, field: str = "VmHWM") -> int:

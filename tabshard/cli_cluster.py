@@ -96,6 +96,18 @@ def cmd_worker(a) -> int:
     from tab_worker.worker import TabWorker
     from tabshard.errors import ConfigError
 
+    if a.list_adapters:
+        return _list_adapters()
+    if not a.connect:
+        raise ConfigError("tabshard worker needs --connect ws://HOST:PORT/ws/worker (or --list-adapters)")
+    if a.adapter is not None:
+        from kernels.adapters import AdapterChoiceError, choose, list_adapters, resolve
+
+        try:  # refuse a wrong choice now, not after joining
+            print(f"adapter: {list_adapters()[resolve(a.adapter, list_adapters())].describe()}", flush=True)
+        except AdapterChoiceError as exc:
+            raise ConfigError(str(exc)) from None
+        choose(a.adapter)
     url = a.connect
     if a.cafile and not url.startswith("wss://"):
         raise ConfigError(f"--cafile is for a TLS coordinator: connect to wss://..., not {url}")
@@ -105,6 +117,18 @@ def cmd_worker(a) -> int:
         asyncio.run(run_worker(url, worker, cafile=a.cafile))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _list_adapters() -> int:
+    from kernels.adapters import gpu_adapters, list_adapters
+
+    adapters = list_adapters()
+    gpus = {x.index for x in gpu_adapters(adapters)}
+    for x in adapters:
+        print(x.describe() + ("  <- GPU" if x.index in gpus else ""))
+    if not adapters:
+        print("no WebGPU adapter on this host (no Vulkan/Metal/DX12 driver, not even lavapipe)")
     return 0
 
 
@@ -142,7 +166,10 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run a Python tab worker")
-    w.add_argument("--connect", required=True, metavar="URL", help="ws://HOST:PORT/ws/worker (wss:// for a TLS coordinator)")
+    w.add_argument("--connect", metavar="URL", help="ws://HOST:PORT/ws/worker (wss:// for a TLS coordinator)")
+    w.add_argument("--adapter", metavar="INDEX|NAME", help="the WebGPU adapter to compute on (see --list-adapters; "
+                   "default: wgpu's high-performance choice)")
+    w.add_argument("--list-adapters", action="store_true", help="list this host's WebGPU adapters and exit")
     w.add_argument("--cafile", metavar="PEM", help="certificate to trust for wss://, e.g. the coordinator's self-signed --certfile")
     w.add_argument("--token")
     w.add_argument("--backend", default="auto", choices=["auto", "numpy", "wgpu"])

@@ -41,5 +41,7 @@ def ray_rt():
     pytest.importorskip("ray")
     from simulation.runtime import ray_session
 
-    with ray_session() as ray:
+    # one GPU declared, so that GPU tabs (num_gpus > 0) can be placed on a CPU host: lavapipe
+    # stands in for it (tests/test_gpu_tabs.py)
+    with ray_session(num_gpus=1) as ray:
         yield ray
