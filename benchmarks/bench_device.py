@@ -1,19 +1,24 @@
-"""wgpu decode/prefill on a GPU machine, for a SmolLM2-135M-shaped model with synthetic weights
-in the same formats (a4g32 linears, s8g32 tied embedding/head): the speed of a model depends on
-its shapes and formats, not its values, and the real GGUF (100 MB) does not travel to the device
-machine. Compares against the numpy backend on the same weights in the same run.
+"""wgpu decode on a GPU machine, at the memory roofline's measure: for a model shape (the
+SmolLM2-135M shape with synthetic a4g32 linears and an s8g32 head, or a synthetic LLaMA-7B shape
+in any packed format), per workload (1/8/32/64 sessions decoding together, forward_topk: layers,
+head and top-k in one submission): step time, tok/s, weight bytes per step / step time as GB/s
+and as a fraction of this device's copy bandwidth measured in the same run, dispatches per
+token, and the middle stage's hop (upload the rows, read them back, no dispatch). The speed of a
+model depends on its shapes and formats, not its values; the real GGUF does not travel to the
+device machine. Figures are appended to the benchmark history (tabshard/bench_history.py).
 
-    python benchmarks/bench_device.py [--tokens 128] [--backends wgpu,numpy] [--check]
+    python benchmarks/bench_device.py [--model smollm2|synthetic:llama-7b] [--formats s3g64,s4g64,s2g64]
+        [--variants wgpu-blocks,wgpu] [--rows 1,8,32,64] [--steps 20] [--kernels] [--history PATH]
 
---backends also takes wgpu-fused and wgpu-unfused: the wgpu backend with its fused decode
-kernels forced on or off (WgpuBackend(fuse_decode=...); the default fuses on a real GPU only),
-e.g. --backends wgpu-fused,wgpu-unfused,wgpu-fused,wgpu-unfused for an A/B in one run.
+--variants compares matvec lane layouts side by side in one run: "wgpu" is the device's default
+(kernels.runner.matmul_tuning), "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
+before include/qmatvec_lanes.wgsl), "wgpu-sSoO" SPAN=S and OPT=O, "wgpu-unfused" the default
+without the fused decode kernels. --kernels first times each matvec of the model's shapes alone
+per layout (several copies of each matrix cycled so that L2 does not hold them).
 
-"decode" is forward() then head_topk() per token (two submissions, two readbacks); "fused"
-is forward_topk() where the backend has it (layers + head + top-k in one submission, one
-readback of the k ids and logits). --check first compares wgpu with numpy on the same
-weights (hidden states, top-k of prefill and decode, fused and not) and exits non-zero on a
-mismatch.
+--backends runs the older comparison instead (decode = forward() then head_topk(); "fused" =
+forward_topk(); numpy alongside). --check first compares wgpu with numpy on the SmolLM2-shaped
+weights and exits non-zero on a mismatch; --profile breaks a decode step down.
 """
 from __future__ import annotations
 
@@ -268,14 +273,267 @@ def kernel_breakdown(be, rows_plan: list, reps: int = 30) -> None:
         print(f"profile: kernel {label:40s} x{len(items):3d}  {t:.3f} ms/step  {1000 * (t - empty) / len(items):.1f} us each", flush=True)
 
 
+
+# ---------------------------------------------------------------------- roofline workloads
+def model_weights(model: str, fmt: str | None) -> ModelWeights:
+    """The SmolLM2-135M shape ("smollm2"; a4g32, s8g32 head) or a synthetic model's shape
+    ("synthetic:llama-7b") with every linear and the head in ``fmt`` (default s3g64)."""
+    if model == "smollm2":
+        return synthetic_model(SMOLLM2)
+    from tabshard.synthetic import _HEAD, CONFIGS, PREFIX, random_layer, random_matrix
+
+    name = model[len(PREFIX):] if model.startswith(PREFIX) else model
+    if name not in CONFIGS:
+        raise SystemExit(f"unknown model {model!r}: smollm2 or synthetic:{'|'.join(CONFIGS)}")
+    cfg, spec = CONFIGS[name], QuantSpec.parse(fmt or "s3g64")
+    layers = [random_layer(cfg, i, 0, spec) for i in range(cfg.n_layers)]
+    head = HeadWeights(np.ones(cfg.hidden, np.float32), random_matrix(cfg.vocab, cfg.hidden, [0, _HEAD, 0], spec))
+    return ModelWeights(cfg, None, layers, head)
+
+
+def weight_bytes(weights: ModelWeights) -> int:
+    """Packed bytes a decode step reads: every layer's linears and the head."""
+    total = sum(getattr(layer, m).nbytes for layer in weights.layers for m in type(layer).MATRICES)
+    return total + (weights.head.output.nbytes if weights.head else 0)
+
+
+def variant_tuning(dev, variant: str):
+    """(MatmulTuning, backend options) of a --variants name."""
+    import dataclasses
+    import re
+
+    from kernels import runner as R
+
+    base = R.matmul_tuning(dev)
+    if variant == "wgpu":
+        return base, {}
+    if variant == "wgpu-unfused":
+        return base, {"fuse_decode": False}
+    if variant == "wgpu-blocks":
+        return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
+    m = re.fullmatch(r"wgpu-s(\d)o(\d)", variant)
+    if not m:
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO")
+    return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2))), {}
+
+
+def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> float:
+    """The device's own copy bandwidth, bytes read + written per second (GB/s): ``reps``
+    buffer-to-buffer copies of nbytes in one submission, the best of ``rounds``."""
+    src, dst = dev.buffer(nbytes, "copy.src"), dev.buffer(nbytes, "copy.dst")
+    dev.write(src, np.arange(nbytes // 4, dtype=np.uint32))  # not zeros
+    best = float("inf")
+    for r in range(rounds + 1):
+        enc = dev.encoder()
+        for _ in range(reps):
+            enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+        t = time.perf_counter()
+        dev.queue.submit([enc.finish()])
+        dev.read(dst, np.uint32, count=1)
+        if r:  # the first round warms up
+            best = min(best, time.perf_counter() - t)
+    src.destroy()
+    dst.destroy()
+    return 2 * nbytes * reps / best / 1e9
+
+
+def gpu_bound_ms(be, plan, reps: int = 20) -> float:
+    """A cached plan replayed ``reps`` times back to back with one wait: GPU time per step
+    (recording overlaps the GPU), free of the per-step readback and host work."""
+    dev = be.dev
+    dev.execute(plan)
+    dev.device._poll_wait()
+    t = time.perf_counter()
+    for _ in range(reps):
+        dev.execute(plan)
+    dev.device._poll_wait()
+    return (time.perf_counter() - t) * 1000 / reps
+
+
+def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rng) -> dict:
+    """``rows`` sessions (a prompt of ``prompt`` tokens each, prefilled together) decoding
+    together: forward_topk steps of one row each, the first two untimed."""
+    ids = [f"r{rows}.{j}" for j in range(rows)]
+    x = (rng.standard_normal((rows * prompt, cfg.hidden)) * 0.5).astype(np.float32)
+    be.forward_topk([SessionSlice(s, 0, prompt) for s in ids], x, 1)
+    one = x[:rows]
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        be.forward_topk([SessionSlice(s, prompt + i, 1) for s in ids], one, 1)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    cached = be._plans.get(("forward_topk", "h", 1, None))
+    plan = cached[2] if cached else []
+    out = {"rows": rows, "step_ms": [t * 1000 for t in times],
+           "dispatches": sum(1 for item in plan if item.__class__ is tuple),
+           "gpu_ms": gpu_bound_ms(be, plan) if plan else float("nan")}
+    for s in ids:
+        be.drop_session(s)
+    return out
+
+
+def hop_ms(be, rows: int, reps: int = 30) -> float:
+    """A middle stage's hop without its layers: upload ``rows`` hidden rows and read them back
+    (one write, one submission with the readback copy, one wait), median ms."""
+    dev, buf, stride = be.dev, be._buf["h"], be._strides["h"]
+    x = np.ones((rows, stride), np.float32)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        dev.write(buf, x)
+        dev.execute([], readback=[(buf, 0, rows * stride * 4)])
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: list[int], reps: int = 5) -> list[dict]:
+    """Each distinct linear of the model's layer alone, per lane layout and row count: ms per
+    matvec and GB/s of packed weights. Copies of the matrix are cycled (>= 256 MB in all) so
+    the timing reads memory, not L2."""
+    import dataclasses
+
+    from kernels import runner as R
+    from tab_worker.wgpu_backend import _fused_parts
+
+    layer = weights.layers[0]
+    mats = {"qkv": _fused_parts([layer.wq, layer.wk, layer.wv])[0][0], "wo": layer.wo,
+            "gate_up": _fused_parts([layer.w_gate, layer.w_up])[0][0], "down": layer.w_down}
+    out = []
+    for name, w in mats.items():
+        copies = max(1, min(32, -(-(256 << 20) // w.nbytes)))
+        gw = R.upload_quant(dev, w, name)
+        bufs = [gw] + [R.upload_quant(dev, w, f"{name}.{i}") for i in range(1, copies)]
+        rmax = max(rows_list)
+        xb = dev.upload(np.random.default_rng(5).standard_normal((rmax, w.k)).astype(np.float32))
+        yb = dev.buffer(rmax * w.n * 4)
+        for variant in variants:
+            tuning, options = variant_tuning(dev, variant)
+            if options:
+                continue
+            tuning = dataclasses.replace(tuning, matvec_max_rows=1 << 30)
+            ops = [R.QuantLinear(dev, g, xb, w.k, yb, w.n, tuning=tuning) for g in bufs]
+            for rows in rows_list:
+                plan = dev.plan(ops, rows)
+                dev.execute(plan)
+                dev.device._poll_wait()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    dev.execute(plan)
+                dev.device._poll_wait()
+                ms = (time.perf_counter() - t) * 1000 / (reps * copies)
+                row = {"matrix": name, "n": w.n, "k": w.k, "variant": variant, "rows": rows, "ms": ms,
+                       "gbps": w.nbytes / ms / 1e6}
+                out.append(row)
+                print(f"kernel {name:>7} {w.n:>5}x{w.k:<5} {variant:>14} rows {rows:>2}: {ms * 1000:8.1f} us "
+                      f"{row['gbps']:7.1f} GB/s", flush=True)
+        for g in bufs:
+            for _, _, q, sc in g.chunks:
+                q.destroy()
+                sc.destroy()
+    return out
+
+
+def roofline(a) -> int:
+    from kernels import runner as R
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    dev = R.get_device()
+    print(f"device: {dev.describe()} (real GPU: {dev.is_real_gpu()}; features: {', '.join(sorted(dev.features))})", flush=True)
+    copy_bytes = min(1 << 30 if dev.is_real_gpu() else 64 << 20, dev.limits["max-buffer-size"] // 16 * 16)
+    copy = copy_gbps(dev, copy_bytes)
+    print(f"copy bandwidth: {copy:.0f} GB/s (read + write, {copy_bytes >> 20} MiB buffers)", flush=True)
+    rows_list = [int(r) for r in a.rows.split(",")]
+    variants = a.variants.split(",")
+    formats = a.formats.split(",") if a.formats else [None]
+    results = {"device": dev.describe(), "copy_gbps": copy, "model": a.model, "workloads": [], "kernels": [], "hops": {}}
+    rng = np.random.default_rng(1)
+    for fmt in formats:
+        t0 = time.perf_counter()
+        weights = model_weights(a.model, fmt)
+        cfg, wbytes = weights.config, weight_bytes(weights)
+        label = f"{a.model}" + (f" {fmt}" if fmt else "")
+        print(f"{label}: {wbytes / 1e9:.3f} GB of packed weights per step, generated in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+        if a.kernels:
+            results["kernels"] += [{"format": fmt, **r} for r in kernel_table(dev, weights, variants, [1, 8])]
+        for variant in variants:
+            tuning, options = variant_tuning(dev, variant)
+            t0 = time.perf_counter()
+            be = WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, 1024, device=dev, tuning=tuning, **options)
+            load_s = time.perf_counter() - t0
+            for rows in rows_list:
+                r = decode_workload(be, cfg, rows, a.steps, a.prompt, rng)
+                step = float(np.median(r["step_ms"]))
+                gbps = wbytes / step / 1e6
+                row = {"format": fmt, "variant": variant, "rows": rows, "step_ms": step, "tok_s": rows * 1000 / step,
+                       "gbps": gbps, "copy_fraction": gbps / copy, "gpu_ms": r["gpu_ms"], "dispatches": r["dispatches"],
+                       "load_s": load_s, "samples_ms": r["step_ms"]}
+                results["workloads"].append(row)
+                print(f"{label:>24} {variant:>14} rows {rows:>2}: step {step:7.2f} ms (GPU-bound {r['gpu_ms']:7.2f}) "
+                      f"{row['tok_s']:8.0f} tok/s | weights {gbps:6.0f} GB/s = {100 * row['copy_fraction']:5.1f}% of copy "
+                      f"| {r['dispatches']} dispatches/step", flush=True)
+            if variant == variants[0]:
+                hops = {rows: hop_ms(be, rows) for rows in (1, 8, 64) if rows <= be._rows_cap}
+                results["hops"][label] = hops
+                print(f"{label:>24} middle-stage hop (upload rows + readback, no dispatch): "
+                      + ", ".join(f"{r} rows {ms:.3f} ms" for r, ms in hops.items()), flush=True)
+            del be
+            import gc
+            gc.collect()
+        del weights
+    print("summary: format variant rows | step ms | tok/s | GB/s | % copy | dispatches")
+    for w in results["workloads"]:
+        print(f"  {w['format'] or '-':>6} {w['variant']:>14} {w['rows']:>2} | {w['step_ms']:7.2f} | {w['tok_s']:8.0f} | "
+              f"{w['gbps']:6.0f} | {100 * w['copy_fraction']:5.1f} | {w['dispatches']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results))
+    if a.history != "none":
+        append_history(results, a.history)
+    return 0
+
+
+def append_history(results: dict, path: str) -> None:
+    from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+
+    h = History(path or DEFAULT_DB)
+    try:
+        run = h.start_run(machine(), suite="bench_device")
+        h.add(run, Figure.of("device.copy_gbps", [results["copy_gbps"]], "GB/s", "higher"))
+        model = results["model"].replace("synthetic:", "")
+        for w in results["workloads"]:
+            base = f"device.{model}.{w['format'] or 'default'}.{w['variant']}.rows{w['rows']}"
+            h.add(run, Figure.of(f"{base}.tok_s", [w["rows"] * 1000 / t for t in w["samples_ms"]], "tok/s", "higher"))
+            h.add(run, Figure.of(f"{base}.copy_fraction", [w["copy_fraction"]], "fraction", "higher"))
+            h.add(run, Figure.of(f"{base}.dispatches", [w["dispatches"]], "dispatches", "lower"))
+        for label, hops in results["hops"].items():
+            for rows, ms in hops.items():
+                h.add(run, Figure.of(f"device.{label.replace(' ', '.').replace('synthetic:', '')}.hop_ms.rows{rows}", [ms], "ms", "lower"))
+    finally:
+        h.close()
+    print(f"history: appended to {path or DEFAULT_DB}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--backends", default="wgpu,numpy")
-    ap.add_argument("--check", action="store_true", help="compare wgpu with numpy first")
+    ap.add_argument("--model", default="smollm2", help="smollm2 or synthetic:llama-7b")
+    ap.add_argument("--formats", default="", help="packed formats of a synthetic model's linears, e.g. s3g64,s4g64,s2g64")
+    ap.add_argument("--variants", default="wgpu-blocks,wgpu", help="matvec layouts side by side (see the docstring)")
+    ap.add_argument("--rows", default="1,8,32,64", help="sessions decoding together, per workload")
+    ap.add_argument("--steps", type=int, default=20, help="timed decode steps per workload")
+    ap.add_argument("--kernels", action="store_true", help="time each linear of a layer alone per layout first")
+    ap.add_argument("--json", default="", help="write every figure here too")
+    ap.add_argument("--history", default="", help="benchmark history database (default: the repository's; 'none': skip)")
+    ap.add_argument("--tokens", type=int, default=128, help="--backends mode: decode tokens")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per session (default 16; --backends mode 256)")
+    ap.add_argument("--backends", default="", help="the older comparison (e.g. wgpu,numpy) instead of the workloads")
+    ap.add_argument("--check", action="store_true", help="compare wgpu with numpy first (SmolLM2 shape)")
     ap.add_argument("--profile", action="store_true", help="break a wgpu decode step down, then exit")
     a = ap.parse_args()
+    if not (a.backends or a.check or a.profile):
+        a.prompt = 16 if a.prompt is None else a.prompt
+        sys.exit(roofline(a))
+    a.prompt = 256 if a.prompt is None else a.prompt
     t0 = time.perf_counter()
     weights = synthetic_model(SMOLLM2)
     print(f"synthetic SmolLM2-135M-shaped weights in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -286,7 +544,7 @@ def main() -> None:
         profile(weights)
         return
     rows = []
-    for b in a.backends.split(","):
+    for b in (a.backends or "wgpu,numpy").split(","):
         r = bench(b, weights, a.tokens, a.prompt)
         rows.append(r)
         print(f"{b:>6}: load {r['load_s']:.1f}s | prefill {r['prefill_tok_s']:.0f} tok/s ({a.prompt} tokens) | decode "

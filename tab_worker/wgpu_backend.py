@@ -82,7 +82,7 @@ class WgpuBackend:
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
                  device: R.Device | None = None, limits: str | dict = "adapter",
                  power_preference: str = "high-performance", matvec_max_rows: int | None = None,
-                 compute_dtype: str = "f32", fuse_decode: bool | None = None):
+                 compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: R.MatmulTuning | None = None):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
@@ -93,7 +93,8 @@ class WgpuBackend:
         device has shader-f16. The default is f32: on lavapipe the f16 matvecs run at
         0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet.
         ``fuse_decode``: run decode batches on the fused kernels (see the module docstring);
-        None (the default) does on a real GPU and not on a CPU rasteriser."""
+        None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
+        matvecs' shapes (kernels.runner.MatmulTuning; default: by device)."""
         self.config = c = config
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
@@ -101,6 +102,7 @@ class WgpuBackend:
         self.max_ctx = int(max_ctx)
         self.matvec_max_rows = matvec_max_rows
         self.dev = dev = device or R.get_device(limits, power_preference)
+        self.tuning = tuning or R.matmul_tuning(dev)
         self.fuse_decode = dev.is_real_gpu() if fuse_decode is None else bool(fuse_decode)
         if compute_dtype == "auto":
             compute_dtype = "f16" if "shader-f16" in dev.features else "f32"
@@ -152,6 +154,11 @@ class WgpuBackend:
 
     def sessions(self) -> list[str]:
         return list(self._lengths)
+
+    def truncate_session(self, session_id: str, length: int) -> None:
+        """Keep positions [0, length) (a speculative step's rejected drafts go); longer is a no-op."""
+        if session_id in self._lengths:
+            self._lengths[session_id] = min(self._lengths[session_id], max(0, int(length)))
 
     def drop_session(self, session_id: str) -> None:
         self._lengths.pop(session_id, None)
@@ -240,7 +247,7 @@ class WgpuBackend:
     def _linear(self, w: R.GpuQuantTensor, x: str, y: str, y_col: int = 0, accumulate: bool = False, **prologue) -> R.QuantLinear:
         b, s = self._buf, self._strides
         return R.QuantLinear(self.dev, w, b[x], s[x], b[y], s[y], y_col, accumulate, self.matvec_max_rows,
-                             compute_dtype=self.compute_dtype, **prologue)
+                             tuning=self.tuning, compute_dtype=self.compute_dtype, **prologue)
 
     @property
     def _fuse_max_rows(self) -> int:
@@ -249,7 +256,7 @@ class WgpuBackend:
         backend does not fuse (fuse_decode)."""
         if not self.fuse_decode:
             return 0
-        limit = R.matmul_tuning(self.dev).matvec_max_rows if self.matvec_max_rows is None else self.matvec_max_rows
+        limit = self.tuning.matvec_max_rows if self.matvec_max_rows is None else self.matvec_max_rows
         return min(limit, FUSE_MAX_ROWS)
 
     def _build_layer_ops(self) -> list:
@@ -296,9 +303,9 @@ class WgpuBackend:
             norm_w, output = self._head
             norm = R.RmsNorm(dev, b[src], s[src], norm_w, b["xn"], s["xn"], c.hidden, c.rms_eps)
             plain = R.QuantLinear(dev, output, b["xn"], s["xn"], b["logits"], self._logits_stride,
-                                  matvec_max_rows=self.matvec_max_rows, compute_dtype=self.compute_dtype)
+                                  matvec_max_rows=self.matvec_max_rows, tuning=self.tuning, compute_dtype=self.compute_dtype)
             fused = R.QuantLinear(dev, output, b[src], s[src], b["logits"], self._logits_stride,
-                                  matvec_max_rows=self.matvec_max_rows, norm=(norm_w, c.rms_eps),
+                                  matvec_max_rows=self.matvec_max_rows, tuning=self.tuning, norm=(norm_w, c.rms_eps),
                                   compute_dtype=self.compute_dtype)
             ops = R.ByRows(self._fuse_max_rows, [fused], [norm, plain])
             self._head_ops = {**(self._head_ops or {}), src: ops}
