@@ -45,6 +45,9 @@ _RULES = {
     "dead_workers_kept": (int, 0, 1_000_000),  # ended workers' records kept for /status
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
+    "speculation": (str, ("off", "prompt-lookup", "draft-model"), None),  # drafts verified k+1 rows a trip
+    "speculation_max_k": (int, 0, 16),  # the most drafts a trip carries (tab_worker.worker.DRAFT_ROWS)
+    "draft_model": (str, None, None),  # the GGUF the draft-model mode runs on the coordinator
 }
 
 
@@ -76,6 +79,10 @@ def load_settings(path: str | None, overrides: dict | None = None) -> Coordinato
             raise ConfigError(f"setting {key!r} = {value!r}: allowed range is {lo} to {hi}")
     if "dead_after_ms" not in values and "heartbeat_ms" in values:
         values["dead_after_ms"] = int(values["heartbeat_ms"] * 3.2)
+    if values.get("speculation") == "draft-model" and not values.get("draft_model"):
+        raise ConfigError("setting 'speculation' = 'draft-model' needs 'draft_model' (--draft-model PATH), a GGUF of the same vocabulary")
+    if values.get("draft_model") and not Path(values["draft_model"]).is_file():
+        raise ConfigError(f"setting 'draft_model' = {values['draft_model']!r}: no such file")
     settings = CoordinatorSettings(**values)
     if settings.dead_after_ms < 2 * settings.heartbeat_ms:
         raise ConfigError(f"setting 'dead_after_ms' = {settings.dead_after_ms}: must be at least twice heartbeat_ms ({settings.heartbeat_ms})")

@@ -47,15 +47,21 @@ def make_backend(name: str, config, layers, head, max_ctx: int, **device_options
         raise BackendUnavailable(f"the WebGPU adapter's limits are too small: {exc}") from None
 
 
-def forward_topk(backend, slices, hidden, k: int):
-    """Layers, final norm, head and top-k of each slice's last row: the backend's fused
-    ``forward_topk`` when it has one (wgpu: one submission, only k ids and logits read
-    back), else forward() then head_topk() (same result)."""
+def forward_topk(backend, slices, hidden, k: int, topk_rows: list[int] | None = None):
+    """Layers, final norm, head and top-k of each slice's last row (or of its last
+    ``topk_rows[i]`` rows: a speculative step verifies drafts with several): the backend's
+    fused ``forward_topk`` when it has one and one row per slice is wanted (wgpu: one
+    submission, only k ids and logits read back), else forward() then head_topk() (same
+    result). Returns ids and logits with one row per wanted row, slices in order."""
     import numpy as np
 
     fused = getattr(backend, "forward_topk", None)
-    if fused is not None:
+    several = topk_rows is not None and any(r != 1 for r in topk_rows)
+    if fused is not None and not several:
         return fused(slices, hidden, k)
     out = backend.forward(slices, hidden)
-    ends = np.cumsum([sl.length for sl in slices]) - 1
-    return backend.head_topk(out[ends], k)
+    ends = np.cumsum([sl.length for sl in slices])
+    counts = topk_rows if several else [1] * len(slices)
+    rows = np.concatenate([np.arange(e - max(1, min(r, sl.length)), e) for e, r, sl in zip(ends, counts, slices)]
+                          or [np.zeros(0, np.int64)])
+    return backend.head_topk(out[rows], k)

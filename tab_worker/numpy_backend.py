@@ -101,6 +101,12 @@ class NumpyBackend:
     def sessions(self) -> list[str]:
         return list(self._sessions)
 
+    def truncate_session(self, session_id: str, length: int) -> None:
+        """Keep positions [0, length) (a speculative step's rejected drafts go); longer is a no-op."""
+        cache = self._sessions.get(session_id)
+        if cache is not None:
+            cache.length = min(cache.length, max(0, int(length)))
+
     def fork_session(self, src: str, dst: str, length: int) -> None:
         """dst starts as a copy of src's first `length` positions (a shared prompt prefix)."""
         cache = self._sessions[src]

@@ -160,6 +160,11 @@ class WgpuBackend:
         if session_id in self._lengths:
             self._lengths[session_id] = min(self._lengths[session_id], max(0, int(length)))
 
+    def truncate_session(self, session_id: str, length: int) -> None:
+        """Keep positions [0, length) (a speculative step's rejected drafts go); longer is a no-op."""
+        if session_id in self._lengths:
+            self._lengths[session_id] = min(self._lengths[session_id], max(0, int(length)))
+
     def drop_session(self, session_id: str) -> None:
         self._lengths.pop(session_id, None)
         self._slots.pop(session_id, None)  # the slot's stale contents are never read again

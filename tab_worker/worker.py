@@ -32,9 +32,13 @@ def msg(type_: str, **fields) -> dict:
 
 
 def _is_decode_step(m: dict) -> bool:
-    """A step of one row per session (any message: the adapter asks before validation)."""
+    """A step of one row per session, or of a speculative trip's rows (a session's token and
+    drafts: its `topk_rows`) (any message: the adapter asks before validation)."""
     hidden, sessions = m.get("hidden"), m.get("sessions")
-    return isinstance(sessions, list) and getattr(hidden, "ndim", 0) == 2 and hidden.shape[0] == len(sessions)
+    if not isinstance(sessions, list) or getattr(hidden, "ndim", 0) != 2:
+        return False
+    rows = [s.get("topk_rows") if isinstance(s, dict) else None for s in sessions]
+    return hidden.shape[0] == sum(r if type(r) is int and r > 0 else 1 for r in rows)
 
 
 class TabWorker:
@@ -273,10 +277,11 @@ class TabWorker:
         try:
             if self.range_heads.get(key) and want:
                 # the head stage returns k candidates per session, not hidden rows
-                ids, logits = forward_topk(backend, slices, m["hidden"], want)
+                rows = [int(s.get("topk_rows") or 1) for s in m["sessions"]]
+                ids, logits = forward_topk(backend, slices, m["hidden"], want, rows)
                 reply.update(topk_ids=ids.astype(np.int32), topk_logits=logits.astype(np.float32),
                              output=np.zeros((0, m["hidden"].shape[1]), np.float32))
-                self.tokens_served += len(slices)
+                self.tokens_served += len(ids)
             else:
                 reply["output"] = backend.forward(slices, m["hidden"])
         except ValueError as exc:
@@ -316,6 +321,10 @@ class TabWorker:
     def on_drop_session(self, m):
         for backend in self.ranges.values():
             backend.drop_session(m["session_id"])
+
+    def on_truncate_session(self, m):
+        for backend in self.ranges.values():
+            backend.truncate_session(m["session_id"], int(m["length"]))
 
     def on_fork_session(self, m):
         for backend in self.ranges.values():

@@ -16,6 +16,10 @@ def _serve_args(p) -> None:
     p.add_argument("--max-stages", type=int, default=None)
     p.add_argument("--no-coordinator-compute", action="store_true", help="never run layers on the coordinator itself")
     p.add_argument("--config", metavar="TOML", help="settings file; flags override it")
+    p.add_argument("--speculation", choices=["off", "prompt-lookup", "draft-model"], default=None,
+                   help="verify drafted tokens several per trip through the tabs (default off)")
+    p.add_argument("--speculation-max-k", type=int, default=None, metavar="K", help="the most drafts per trip (default 6)")
+    p.add_argument("--draft-model", metavar="PATH", help="GGUF of the same vocabulary drafting for --speculation draft-model")
     p.add_argument("--api-key", help="key API clients must send (Authorization: Bearer KEY); default $TABSHARD_API_KEY, "
                                      "else required and random (printed) on a non-loopback --host, off on loopback")
     p.add_argument("--allowed-origins", help="extra browser origins allowed to join as tabs, comma-separated")
@@ -35,6 +39,9 @@ def settings_from_args(a):
         overrides["max_stages"] = a.max_stages
     if a.no_coordinator_compute:
         overrides["coordinator_compute"] = False
+    for flag in ("speculation", "speculation_max_k", "draft_model"):
+        if getattr(a, flag, None) is not None:
+            overrides[flag] = getattr(a, flag)
     if getattr(a, "allowed_origins", None):
         overrides["allowed_origins"] = a.allowed_origins
     return load_settings(a.config, overrides)

@@ -853,9 +853,9 @@ NAME, TEXT, COUNT = Str(MAX_NAME), Str(MAX_TEXT), Int(0, I64_MAX)
 PEER_MAP = Struct({}, max_bytes=MAX_PEER_MAP_BYTES)
 
 _ERROR_FIELDS = {"code": Str(64), "field": opt(Str(256)), "message": TEXT}
-# topk_rows: at a head stage, the top-k of this many of the session's last rows (default 1;
-# a speculative step verifies a session's k drafts with k+1 rows); topk_ids has one row per
-# such row, sessions in order
+# topk_rows: the session's last rows that are one decode trip's (default 1; a speculative step
+# carries a session's token and its k drafts: k+1 rows); a head stage returns the top-k of each
+# of them (topk_ids: one row per such row, sessions in order)
 _SESSION = Struct({"session_id": str, "start_pos": int, "length": int, "topk_rows": opt(int)})
 _CAPABILITIES = Struct({
     "memory_bytes": opt(Int(0, MAX_BYTES_FIELD)),

@@ -255,6 +255,8 @@ export class CpuBackend {
   sessions() { return [...this._sessions.keys()]; }
   session_length(id) { return this._sessions.get(id)?.length ?? 0; }
   drop_session(id) { this._sessions.delete(id); }
+  // keep positions [0, length): a speculative step's rejected drafts go (longer: no-op)
+  truncate_session(id, length) { const c = this._sessions.get(id); if (c) c.length = Math.min(c.length, Math.max(0, length)); }
 
   fork_session(src, dst, length) {
     const cache = this._sessions.get(src);

@@ -413,6 +413,8 @@ export class WebGpuBackend {
   sessions() { return [...this._lengths.keys()]; }
   session_length(id) { return this._lengths.get(id) ?? 0; }
   drop_session(id) { this._lengths.delete(id); this._slots.delete(id); }
+  // keep positions [0, length): a speculative step's rejected drafts go (longer: no-op)
+  truncate_session(id, length) { if (this._lengths.has(id)) this._lengths.set(id, Math.min(this._lengths.get(id), Math.max(0, length))); }
 
   fork_session(src, dst, length) {
     if (length > (this._lengths.get(src) ?? 0)) throw new Error(`session ${src} cannot fork ${length} positions`);

@@ -351,9 +351,14 @@ export class TabWorker {
     const H = m.hidden.shape[1];
     const want = Number(m.want_topk || 0);
     const head = this.range_heads.get(key) && want > 0;
+    // a speculative step wants the top-k of several last rows of a session (its drafts'): the
+    // fused path reads back one row per slice, so those steps take forward + head_topk
+    const topkRows = m.sessions.map((s) => Number(s.topk_rows || 1));
+    const several = topkRows.some((r) => r !== 1);
+    const nRows = topkRows.reduce((a, r, i) => a + Math.max(1, Math.min(r, slices[i].length)), 0);
     let out, top;
     try {
-      if (head && backend.forward_topk) {
+      if (head && backend.forward_topk && !several) {
         top = await backend.forward_topk(slices, m.hidden.data, want);  // one encoder, one readback
       } else {
         out = await backend.forward(slices, m.hidden.data);
@@ -365,17 +370,20 @@ export class TabWorker {
     const reply = make("step_result", { step_id: m.step_id, epoch: m.epoch });
     if (head) {
       if (!top) {
-        const ends = new Float32Array(slices.length * H);
-        let end = -1;
-        slices.forEach((s, i) => { end += s.length; ends.set(out.subarray(end * H, end * H + H), i * H); });
+        const ends = new Float32Array(nRows * H);
+        let end = 0, row = 0;
+        slices.forEach((s, i) => {
+          end += s.length;
+          for (let r = end - Math.max(1, Math.min(topkRows[i], s.length)); r < end; r++, row++) ends.set(out.subarray(r * H, r * H + H), row * H);
+        });
         top = await backend.head_topk(ends, want);
       }
       const { ids, values } = top;
-      const k = ids.length / slices.length;
+      const k = ids.length / nRows;
       reply.output = new Tensor("f32", [0, H], new Float32Array(0));
-      reply.topk_ids = new Tensor("i32", [slices.length, k], ids);
-      reply.topk_logits = new Tensor("f32", [slices.length, k], values);
-      this.tokens_served += slices.length;
+      reply.topk_ids = new Tensor("i32", [nRows, k], ids);
+      reply.topk_logits = new Tensor("f32", [nRows, k], values);
+      this.tokens_served += nRows;
     } else {
       reply.output = new Tensor("f32", [out.length / H, H], out);
     }
@@ -386,6 +394,10 @@ export class TabWorker {
 
   on_drop_session(m) {
     for (const b of this.ranges.values()) b.drop_session(m.session_id);
+  }
+
+  on_truncate_session(m) {
+    for (const b of this.ranges.values()) b.truncate_session(m.session_id, Number(m.length));
   }
 
   on_fork_session(m) {

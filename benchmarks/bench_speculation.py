@@ -1,0 +1,228 @@
+"""Speculative decoding side by side: single-stream decode tok/s with speculation off and on, the
+same prompts, the same cluster, in alternating rounds, at simulated per-hop latencies:
+
+    .venv/bin/python benchmarks/bench_speculation.py [--quick] [--hops 0,5,20] [--workers 4,1]
+
+* The coordinator (real `tabshard serve` code: CoordinatorService and its Starlette app on
+  uvicorn, SmolLM2-135M) runs in this process, so that speculation can be switched between
+  requests (core.speculation) and the per-hop delay set (simulation/network.py: every message to
+  a remote worker leaves hop_ms later); workers are `tabshard worker` processes on 127.0.0.1.
+* Prompts: GROUNDED, built from passages of Python's own docs (pydoc_data) -- repeat, summarise,
+  correct or continue a given passage, complete code that repeats its identifiers -- and FREE,
+  with nothing to look up. Greedy; each prompt's tokens must be identical with and without
+  speculation (checked: a mismatch is reported and fails the run).
+* Figures: decode tok/s (tokens after the first / time from the first to the last) summed over
+  the prompts of a set, per round; the ratio on/off of each round; the median over rounds. Also
+  the acceptance rate and tokens per trip. Appended to the benchmark history (--no-history: not).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOKEN = "bench-speculation"
+
+
+def grounded_prompts() -> list[str]:
+    """Ten prompts whose answers quote what the prompt holds (pydoc_data passages, code)."""
+    from pydoc_data.topics import topics
+
+    def passage(key: str, chars: int = 420) -> str:
+        text = " ".join(topics[key].split())
+        cut = text.rfind(". ", 0, chars)
+        return text[: cut + 1 if cut > 0 else chars]
+
+    typo = passage("while").replace("the ", "teh ", 3).replace("loop", "lopo", 2)
+    code = ('def mean_of_values(values):\n    total_of_values = 0\n    for value in values:\n'
+            '        total_of_values += value\n    return total_of_values / len(values)\n\n\n'
+            'def variance_of_values(values):\n    mean_value = mean_of_values(values)\n')
+    code2 = ('class Inventory:\n    def __init__(self):\n        self.items_by_name = {}\n\n'
+             '    def add_item(self, name, count):\n        self.items_by_name[name] = self.items_by_name.get(name, 0) + count\n\n'
+             '    def remove_item(self, name, count):\n')
+    return [
+        f"Repeat the following passage word for word:\n\n{passage('for')}",
+        f"Repeat the following passage word for word:\n\n{passage('if')}",
+        f"Summarise this passage from the Python documentation:\n\n{passage('with')}",
+        f"Summarise this passage from the Python documentation:\n\n{passage('try')}",
+        f"Correct the spelling mistakes in this text and give back the whole corrected text:\n\n{typo}",
+        f"Rewrite this passage in plain words, keeping its terms:\n\n{passage('return')}",
+        f"Quote the first two sentences of this passage, then explain them:\n\n{passage('import')}",
+        f"Copy this passage, then list the keywords it names:\n\n{passage('lambda')}",
+        f"Complete this Python code:\n\n```python\n{code}```",
+        f"Complete this Python code:\n\n```python\n{code2}```",
+    ]
+
+
+FREE = [
+    "Write a short poem about the sea at night.",
+    "Give me three ideas for a birthday present for a ten-year-old.",
+    "What is a good way to start learning to cook?",
+    "Tell me a short story about a cat who wants to fly.",
+]
+
+
+async def generate(service, ids: list[int], max_tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens of one request, and its decode time (first token to last)."""
+    from tabshard.sampling import SamplingParams
+
+    rid, client = service.open_request(ids, max_tokens, SamplingParams())
+    tokens, stamps = [], []
+    try:
+        while True:
+            ev = await asyncio.wait_for(client.queue.get(), 120)
+            if ev["type"] == "token":
+                tokens.append(ev["token_id"])
+                stamps.append(time.perf_counter())
+            elif ev["type"] == "rewind":
+                del tokens[ev["index"]:]
+                del stamps[ev["index"]:]
+            elif ev["type"] in ("done", "error"):
+                if ev["type"] == "error":
+                    raise RuntimeError(f"request failed: {ev}")
+                break
+    finally:
+        service.close_request(rid, cancelled=False)
+    return tokens, (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+
+
+async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens: int, max_k: int, prompts: dict) -> dict:
+    import uvicorn
+
+    from coordinator.app import build_app
+    from coordinator.speculation import Speculator
+    from coordinator.state import CoordinatorSettings
+    from simulation.network import LatencyService
+    from tabshard.cluster import LocalCluster, free_port
+
+    settings = CoordinatorSettings(max_ctx=2048)
+    service = LatencyService(None, settings, join_token=TOKEN)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning",
+                                           ws_max_size=64 << 20, ws_ping_interval=None, ws_per_message_deflate=False))
+    serving = asyncio.create_task(server.serve())
+    cluster = LocalCluster(workers=n_workers, port=port, token=TOKEN)
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        for _ in range(n_workers):
+            cluster.add_worker()
+        deadline = time.monotonic() + 300
+        while True:
+            st = service.status()
+            remote = [w for w in st["workers"] if not w["local"] and w["state"] == "ready"]
+            if (st["stages"] and len(remote) >= n_workers and all(s["holders"] and s["holders"][0] in s["ready"]
+                                                                   and s["holders"][0] != "local" for s in st["stages"])
+                    and all(r[2] == "ready" for r in st.get("verifier_ranges", []))):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster of {n_workers} not ready: {json.dumps(st)[:1500]}")
+            await asyncio.sleep(0.2)
+        tok = service.tokenizer
+        encoded = {name: [tok.encode_chat([{"role": "user", "content": p}]) for p in ps] for name, ps in prompts.items()}
+        await generate(service, encoded["free"][0], 8)  # warm-up
+        arms = {"off": lambda: Speculator("off", max_k), "on": lambda: Speculator("prompt-lookup", max_k)}
+        result = {"workers": n_workers, "stages": len(service.core.stages), "hops": {}}
+        for hop in hops:
+            service.hop_ms = hop
+            per = {name: {"off": [], "on": []} for name in encoded}
+            spec_stats = {name: [] for name in encoded}
+            mismatches = []
+            for r in range(rounds):
+                for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    for name, ids_list in encoded.items():
+                        service.core.speculation = arms[arm]()
+                        n_tok, secs, outs = 0, 0.0, []
+                        for ids in ids_list:
+                            tokens, t = await generate(service, ids, max_tokens)
+                            outs.append(tokens)
+                            n_tok += len(tokens) - 1
+                            secs += t
+                        per[name][arm].append((n_tok / secs if secs else 0.0, outs))
+                        if arm == "on":
+                            spec_stats[name].append(service.core.speculation.status())
+            for name in encoded:
+                off = [x for x, _ in per[name]["off"]]
+                on = [x for x, _ in per[name]["on"]]
+                same = all(a == b for (_, oa), (_, ob) in zip(per[name]["off"], per[name]["on"]) for a, b in zip(oa, ob))
+                if not same:
+                    mismatches.append(name)
+                last = spec_stats[name][-1]
+                result["hops"].setdefault(str(hop), {})[name] = {
+                    "off_tok_s": statistics.median(off), "on_tok_s": statistics.median(on),
+                    "ratio": statistics.median(b / a for a, b in zip(off, on)), "ratio_rounds": [b / a for a, b in zip(off, on)],
+                    "tokens_identical": same, "acceptance_rate": last["acceptance_rate"],
+                    "tokens_per_trip": last["tokens_per_trip"], "tokens": sum(len(t) for t in per[name]["on"][0][1])}
+                h = result["hops"][str(hop)][name]
+                print(f"  {n_workers} worker(s), hop {hop:g} ms, {name:8s}: off {h['off_tok_s']:6.2f} tok/s | on {h['on_tok_s']:6.2f} tok/s | "
+                      f"ratio {h['ratio']:.2f} (rounds {', '.join(f'{x:.2f}' for x in h['ratio_rounds'])}) | "
+                      f"acceptance {h['acceptance_rate']} | tokens/trip {h['tokens_per_trip']} | identical {same}", flush=True)
+            result["hops"][str(hop)]["mismatches"] = mismatches
+        return result
+    finally:
+        cluster.coordinator = None
+        cluster.stop()
+        server.should_exit = True
+        await serving
+
+
+def record(results: list[dict]) -> None:
+    from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+
+    figures = []
+    for res in results:
+        for hop, sets in res["hops"].items():
+            for name in ("grounded", "free"):
+                h = sets[name]
+                tag = f"speculation.{name}.w{res['workers']}.hop{hop}ms"
+                figures += [Figure.of(f"{tag}.ratio_on_over_off", h["ratio_rounds"], "×", "higher"),
+                            Figure.of(f"{tag}.on_tok_s", [h["on_tok_s"]], "tok/s", "higher")]
+    hist = History(DEFAULT_DB)
+    try:
+        run = hist.start_run(machine(adapter=False), suite="bench_speculation")
+        verdicts = [hist.add(run, f) for f in figures]
+    finally:
+        hist.close()
+    flagged = [v.describe() for v in verdicts if v.verdict in ("regression", "improvement")]
+    print(f"history: {len(figures)} figures appended to {DEFAULT_DB}" + "".join(f"\n  {d}" for d in flagged), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 round, 32 tokens, 4 grounded and 2 free prompts")
+    ap.add_argument("--workers", default="4,1", help="cluster sizes, comma-separated (default 4,1)")
+    ap.add_argument("--hops", default="0,5,20", help="simulated per-hop latencies in ms (default 0,5,20)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating off/on rounds (default 3; --quick 1)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tokens per prompt (default 64; --quick 32)")
+    ap.add_argument("--max-k", type=int, default=6)
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
+    a = ap.parse_args()
+    rounds = a.rounds or (1 if a.quick else 3)
+    max_tokens = a.max_tokens or (32 if a.quick else 64)
+    prompts = {"grounded": grounded_prompts(), "free": FREE}
+    if a.quick:
+        prompts = {"grounded": prompts["grounded"][::3], "free": FREE[:2]}
+    hops = [float(x) for x in a.hops.split(",")]
+    results = []
+    for n in (int(x) for x in a.workers.split(",")):
+        print(f"cluster of {n} worker(s): {rounds} rounds, {max_tokens} tokens a prompt, "
+              f"{len(prompts['grounded'])} grounded + {len(prompts['free'])} free prompts, max k {a.max_k}", flush=True)
+        results.append(asyncio.run(run_cluster(n, hops, rounds, max_tokens, a.max_k, prompts)))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    if not a.no_history:
+        record(results)
+    bad = [(r["workers"], hop) for r in results for hop, s in r["hops"].items() if s["mismatches"]]
+    if bad:
+        sys.exit(f"tokens differ with speculation on (workers, hop ms): {bad}")
+
+
+if __name__ == "__main__":
+    main()

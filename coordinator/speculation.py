@@ -1,0 +1,274 @@
+"""Speculative decoding: draft tokens for a session, keep those the model itself would produce.
+
+A single stream over N tabs pays N hops per token. The coordinator instead drafts up to k tokens,
+sends the session's last token and the drafts through the pipeline as k+1 rows of one step, and
+the head returns its candidates for every one of those rows (the step's `topk_rows`). Row j's
+candidates decide token j exactly as a plain decode would (the session's sampler at the same
+step index); drafts are kept while they equal what was decided, and the first disagreement is
+replaced by the decided token. A trip yields at least one token and at most k+1, and they are
+the tokens of plain decoding:
+
+* greedy: a draft is kept when it is the row's argmax.
+* sampling: both sources draft one token per position (prompt lookup; the draft model's
+  argmax), so q is a point mass on the draft d. Speculative sampling's rule -- keep d with
+  probability min(1, p(d)/q(d)) = p(d), else draw from the residual (p - q)+ normalised, i.e. p
+  without d -- is then exactly "draw from p and keep d if the draw is d; else the draw is the
+  token". Drawing with the session's own seeded generator gives the very tokens of plain
+  sampling, seed for seed (tests/test_speculation.py also checks the distribution).
+
+Draft sources sit behind ``DraftSource``: ``PromptLookup`` (no second model: the last n tokens
+matched against the prompt and the text so far, proposing what followed them) and
+``DraftModel`` (a small GGUF of the same vocabulary run by the coordinator's own compute).
+``AdaptiveK`` picks each session's k from its recent acceptance; k = 0 when drafts stop paying.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from tabshard.sampling import Sampler
+
+MODES = ("off", "prompt-lookup", "draft-model")
+
+
+# ---------------------------------------------------------------------- draft sources
+@dataclass(frozen=True)
+class Draft:
+    """Tokens proposed to follow a context, one choice per position (a point-mass q)."""
+
+    tokens: list[int]
+
+
+class DraftSource(Protocol):
+    def propose(self, session_id: str, context: list[int], k: int, sampler: Sampler, step: int) -> Draft:
+        """Up to k tokens to follow `context` (prompt + tokens so far); `step` is the index of the
+        first drafted token in the session's output (the sampler's step)."""
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: drop whatever is kept for it."""
+
+
+class PromptLookup:
+    """Drafts by lookup: find the latest earlier occurrence of the context's last n tokens
+    (n from max_ngram down to min_ngram) and propose the tokens that followed it. Costs a scan
+    of the context per trip (~20 us for 2,000 tokens) and no model."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"ngram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, session_id: str, context: list[int], k: int, sampler: Sampler | None = None, step: int = 0) -> Draft:
+        return Draft(lookup(context, k, self.max_ngram, self.min_ngram))
+
+    def forget(self, session_id: str) -> None:
+        pass
+
+
+def lookup(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """What followed the latest earlier occurrence of the longest suffix of `context` (at most
+    max_ngram, at least min_ngram tokens) that occurred before; up to k tokens."""
+    if k <= 0 or len(context) < min_ngram + 1:
+        return []
+    a = np.asarray(context, dtype=np.int64)
+    size = len(a)
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        # windows starting at 0 .. size-n-1: each has a token after it, and none is the suffix itself
+        win = np.lib.stride_tricks.sliding_window_view(a[:-1], n)
+        hits = np.flatnonzero((win == a[size - n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return a[start:start + k].tolist()
+    return []
+
+
+class DraftModel:
+    """Drafts with a small model of the same vocabulary, run on the coordinator's own compute:
+    its argmax at each position (a point-mass q, whatever the session's sampling). Each session
+    keeps a KV cache here; rejected drafts are rolled back by starting the next feed at the
+    first token that differs from what the cache holds."""
+
+    def __init__(self, weights, backend: str = "numpy", max_ctx: int | None = None):
+        from tab_worker.backends import make_backend
+        from tabshard.generate import embed
+
+        self.config = weights.config
+        self.embedding = weights.embedding
+        self._embed = embed
+        self.max_ctx = min(max_ctx or self.config.context, self.config.context)
+        self.backend = make_backend(backend, self.config, dict(enumerate(weights.layers)), weights.head, self.max_ctx)
+        self._fed: dict[str, list[int]] = {}  # session -> tokens whose KV the draft cache holds
+
+    def propose(self, session_id: str, context: list[int], k: int, sampler: Sampler | None = None, step: int = 0) -> Draft:
+        from tab_worker.backends import forward_topk
+        from tab_worker.engine_types import SessionSlice
+
+        k = min(k, self.max_ctx - len(context))
+        if k <= 0:
+            return Draft([])
+        fed = self._fed.get(session_id, [])
+        common = 0
+        for a, b in zip(fed, context):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(context) - 1)  # the last context token is fed again: its row drafts
+        self.backend.truncate_session(session_id, common)
+        tokens, feed, pos = [], context[common:], common
+        for _ in range(k):
+            ids, _logits = forward_topk(self.backend, [SessionSlice(session_id, pos, len(feed))],
+                                        self._embed(self.embedding, feed), 1)
+            pos += len(feed)
+            tokens.append(int(ids[0][0]))
+            feed = tokens[-1:]
+        self._fed[session_id] = list(context) + tokens[:-1]  # the last draft's KV is not computed
+        return Draft(tokens)
+
+    def forget(self, session_id: str) -> None:
+        self._fed.pop(session_id, None)
+        self.backend.drop_session(session_id)
+
+
+# ---------------------------------------------------------------------- how many drafts
+@dataclass
+class AdaptiveK:
+    """A session's draft length from its recent acceptance. `rate` estimates the chance that a
+    draft token is accepted given the ones before it were (an average over recent trips, and
+    over drafts that were proposed but not sent: whether their first token came true is known
+    for free). k maximises the tokens a trip yields per unit of its cost, E[tokens] =
+    (1 - rate^(k+1)) / (1 - rate) against 1 + row_cost * k, so it falls to 0 when drafts stop
+    paying and comes back when the lookup starts hitting again."""
+
+    max_k: int
+    row_cost: float = 0.15  # a drafted row's cost relative to a whole trip (extra rows, rollback messages)
+    rate: float = 0.5
+    memory: float = 0.8  # weight of the past in `rate`
+    trips: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+
+    def k(self) -> int:
+        best, best_gain = 0, 1.0
+        r = min(self.rate, 0.999)
+        for k in range(1, self.max_k + 1):
+            gain = (1 - r ** (k + 1)) / (1 - r) / (1 + self.row_cost * k)
+            if gain > best_gain * 1.02:  # a marginal gain is noise: keep the shorter draft
+                best, best_gain = k, gain
+        return best
+
+    def observe(self, sent: int, accepted: int, first_came_true: bool | None = None) -> None:
+        """A trip verified `sent` drafts and kept `accepted` of them; or (sent 0) a draft was
+        proposed but not sent, and its first token `first_came_true`."""
+        if sent:
+            # accepted successes, then one failure unless every draft was kept
+            trials = accepted + (1 if accepted < sent else 0)
+            for i in range(trials):
+                self.rate = self.memory * self.rate + (1 - self.memory) * (1.0 if i < accepted else 0.0)
+        elif first_came_true is not None:
+            self.rate = self.memory * self.rate + (1 - self.memory) * (1.0 if first_came_true else 0.0)
+
+    def count_trip(self, sent: int, accepted: int, tokens: int) -> None:
+        self.trips += 1
+        self.drafted += sent
+        self.accepted += accepted
+        self.tokens += tokens
+
+    def to_dict(self) -> dict:
+        return {"k": self.k(), "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
+                "tokens_per_trip": round(self.tokens / self.trips, 3) if self.trips else None,
+                "trips": self.trips, "drafted": self.drafted, "accepted": self.accepted}
+
+
+# ---------------------------------------------------------------------- acceptance
+def decide_trip(sampler: Sampler, step: int, rows: list[tuple[np.ndarray, np.ndarray]], draft: Draft) -> list[int]:
+    """The tokens a trip decides from the head's candidates for its rows (row j follows the j-th
+    draft; row 0 the session's last token): each row's token is the sampler's choice at step
+    `step + j`, and the trip stops after the first that differs from its draft, or after the row
+    past the last draft (the bonus token). len(result) - 1 drafts were kept."""
+    out = []
+    for j, (ids, logits) in enumerate(rows):
+        token = sampler.choose(ids, logits, step + j)
+        out.append(token)
+        if j >= len(draft.tokens) or token != draft.tokens[j]:
+            break
+    return out
+
+
+# ---------------------------------------------------------------------- per-session bookkeeping
+class Speculator:
+    """The coordinator's speculation: a draft source, each session's AdaptiveK, and the totals
+    /status shows. The scheduler asks ``draft`` for a trip's drafts and tells ``verified`` what
+    the head kept of them."""
+
+    def __init__(self, mode: str = "off", max_k: int = 6, source: DraftSource | None = None, row_cost: float = 0.15):
+        if mode not in MODES:
+            raise ValueError(f"speculation must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode, self.max_k, self.row_cost = mode, max_k, row_cost
+        self.source = source if source is not None else (PromptLookup() if mode == "prompt-lookup" else None)
+        self.sessions: dict[str, AdaptiveK] = {}
+        self._shadow: dict[str, int] = {}  # session -> the token a draft not sent guessed next
+        self.totals = {"trips": 0, "drafted": 0, "accepted": 0, "tokens": 0, "rollbacks": 0}
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off" and self.source is not None and self.max_k > 0
+
+    def draft(self, session_id: str, context: list[int], sampler: Sampler, step: int, limit: int) -> Draft:
+        """Drafts to follow `context` (its last token is the one the trip carries), at most
+        `limit` (the room left in the session's output and context)."""
+        if not self.on:
+            return Draft([])
+        a = self.sessions.setdefault(session_id, AdaptiveK(self.max_k, self.row_cost))
+        guess = self._shadow.pop(session_id, None)
+        if guess is not None:
+            a.observe(0, 0, context[-1] == guess)
+        k = min(a.k(), limit)
+        if k <= 0:
+            # a draft not sent costs a lookup, not a row: learn from it whether drafts pay again
+            if limit > 0 and isinstance(self.source, PromptLookup):
+                guess = self.source.propose(session_id, context, 1)
+                if guess.tokens:
+                    self._shadow[session_id] = guess.tokens[0]
+            return Draft([])
+        return self.source.propose(session_id, context, k, sampler, step)
+
+    def verified(self, session_id: str, sent: int, kept: int, tokens: int) -> None:
+        a = self.sessions.setdefault(session_id, AdaptiveK(self.max_k, self.row_cost))
+        a.observe(sent, kept)
+        a.count_trip(sent, kept, tokens)
+        t = self.totals
+        t["trips"] += 1
+        t["drafted"] += sent
+        t["accepted"] += kept
+        t["tokens"] += tokens
+        t["rollbacks"] += kept < sent
+
+    def forget(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+        self._shadow.pop(session_id, None)
+        if self.source is not None:
+            self.source.forget(session_id)
+
+    def session_status(self, session_id: str) -> dict | None:
+        a = self.sessions.get(session_id)
+        return None if a is None else a.to_dict()
+
+    def status(self) -> dict:
+        t = self.totals
+        return {"mode": self.mode, "max_k": self.max_k, **t,
+                "acceptance_rate": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
+                "tokens_per_trip": round(t["tokens"] / t["trips"], 3) if t["trips"] else None}
+
+
+def make_speculator(mode: str, max_k: int, draft_model: str = "", max_ctx: int | None = None) -> Speculator:
+    """The Speculator `serve` settings ask for; a draft model is loaded here (any GGUF of the
+    served model's vocabulary, run by the coordinator's own numpy compute)."""
+    source = None
+    if mode == "draft-model":
+        from tabshard.model import open_model
+
+        source = DraftModel(open_model(draft_model).load_all(), max_ctx=max_ctx)
+    return Speculator(mode, max_k, source)

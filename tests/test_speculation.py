@@ -1,0 +1,293 @@
+"""Speculative decoding (coordinator/speculation.py and the scheduler's trips of k+1 rows), with
+the tiny model through the real wire codec (tests/harness.py): drafts from prompt lookup and from
+a draft model, verified by the head's top-k of every row, rejected drafts rolled back on every
+stage; greedy and seeded sampling give exactly the tokens of plain decoding; a worker killed
+mid-trip and a liar are handled as without speculation; the sampled distribution is checked by
+a chi-square test against plain sampling."""
+import math
+
+import numpy as np
+import pytest
+
+from coordinator.speculation import AdaptiveK, Draft, DraftModel, PromptLookup, Speculator, decide_trip, lookup
+from tab_worker.engine_types import SessionSlice
+from tab_worker.worker import TabWorker
+from tabshard.generate import LocalGenerator, embed
+from tabshard.sampling import Sampler, SamplingParams
+from tests.harness import run_until_done, start_net
+from tests.tiny_model import tiny_weights
+
+PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
+N_TOKENS = 24
+SAMPLED = SamplingParams(greedy=False, temperature=0.8, seed=11)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights()
+
+
+@pytest.fixture(scope="module")
+def other_weights():
+    return tiny_weights(seed=1)  # a draft model that mostly disagrees with the target
+
+
+def reference_of(weights, prompt, n, params=SamplingParams()):
+    return list(LocalGenerator(weights, backend="numpy", max_ctx=256).generate(prompt, n, params, stop_at_eos=False))
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    return reference_of(weights, PROMPT, N_TOKENS)
+
+
+def speculating_net(weights, n_workers, source, max_k=4, local=False, **settings):
+    net = start_net(weights, n_workers, local=local, **settings)
+    net.core.speculation = Speculator("draft-model" if isinstance(source, DraftModel) else "prompt-lookup", max_k, source)
+    return net
+
+
+def truncates(net):
+    """Every truncate_session message the coordinator sends, as (conn, session, length)."""
+    seen, perform = [], net.perform
+
+    def watch(actions):
+        seen.extend((a.conn, a.msg["session_id"], a.msg["length"]) for a in actions
+                    if getattr(a, "msg", None) and a.msg.get("type") == "truncate_session")
+        perform(actions)
+    net.perform = watch
+    return seen
+
+
+# ---------------------------------------------------------------------- drafts and k
+def test_lookup_proposes_what_followed_the_latest_match():
+    assert lookup([1, 2, 3, 4, 9, 1, 2, 3], 3) == [4, 9, 1]
+    assert lookup([7, 1, 2, 8, 1, 2, 9, 5, 1, 2], 2) == [9, 5]  # the latest earlier occurrence
+    assert lookup([1, 2, 3, 4, 9, 8, 3], 5, max_ngram=3) == [4, 9, 8, 3]  # a 1-gram when nothing longer matches
+    assert lookup([1, 2, 3, 4], 3) == [] and lookup([5], 3) == [] and lookup([1, 2, 1], 0) == []
+    assert lookup([4, 1, 2, 3, 1, 2], 2, min_ngram=2) == [3, 1]
+    assert lookup([4, 1, 2, 3, 5, 2], 2, min_ngram=2) == []
+
+
+def test_adaptive_k_backs_off_to_zero_and_comes_back():
+    a = AdaptiveK(max_k=8)
+    assert 1 <= a.k() <= 8
+    for _ in range(12):
+        a.observe(a.k() or 1, 0)
+    assert a.k() == 0
+    for _ in range(12):
+        a.observe(0, 0, first_came_true=True)  # drafts not sent came true: they pay again
+    assert a.k() >= 4
+    for _ in range(10):
+        a.observe(a.k(), a.k())
+    assert a.k() == 8
+
+
+def test_draft_model_rolls_its_cache_back_to_the_context(weights):
+    """Proposals from a draft model that is the target itself are what greedy decoding makes,
+    also after a context that departs from its last drafts."""
+    ref = reference_of(weights, PROMPT, 10)
+    dm = DraftModel(weights, max_ctx=256)
+    greedy = Sampler(SamplingParams())
+    assert dm.propose("s", PROMPT, 4, greedy, 0).tokens == ref[:4]
+    assert dm.propose("s", PROMPT + ref[:2], 3, greedy, 2).tokens == ref[2:5]  # 2 of its drafts kept
+    other = PROMPT + [ref[0], (ref[1] + 1) % 300]  # its second draft rejected: a different token came
+    assert dm.propose("s", other, 2, greedy, 2).tokens == reference_of(weights, other, 2)
+    dm.forget("s")
+    assert "s" not in dm.backend.sessions()
+
+
+# ---------------------------------------------------------------------- the worker's side
+def test_worker_returns_topk_for_a_speculative_slice_and_truncates(weights):
+    from tabshard import wire
+
+    net = start_net(weights, 1)
+    w = net.workers[net.stage_conn(0)]
+    cfg = weights.config
+    backend = w.ranges[(0, cfg.n_layers)]
+    ids = PROMPT + [3, 4, 5]
+    step = wire.make("step", step_id=1, epoch=w.epoch, layer_start=0, layer_end=cfg.n_layers, want_topk=5,
+                     sessions=[{"session_id": "a", "start_pos": 0, "length": len(ids), "topk_rows": 4}],
+                     hidden=embed(weights.embedding, ids))
+    (reply,) = w.handle(wire.decode(wire.encode(step)))
+    assert reply["topk_ids"].shape == (4, 5)
+    ref = LocalGenerator(weights, backend="numpy", max_ctx=64).backend
+    hidden = ref.forward([SessionSlice("b", 0, len(ids))], embed(weights.embedding, ids))
+    want_ids, want_logits = ref.head_topk(hidden[-4:], 5)
+    np.testing.assert_array_equal(reply["topk_ids"], want_ids)
+    np.testing.assert_allclose(reply["topk_logits"], want_logits, rtol=1e-5, atol=1e-5)
+    w.handle(wire.decode(wire.encode(wire.make("truncate_session", session_id="a", length=len(PROMPT) + 1))))
+    assert backend.session_length("a") == len(PROMPT) + 1
+
+
+# ---------------------------------------------------------------------- exact tokens
+@pytest.mark.parametrize("n_workers", [1, 4])
+@pytest.mark.parametrize("draft", ["same-model", "other-model"])
+def test_greedy_tokens_identical_with_draft_models(weights, other_weights, reference, n_workers, draft):
+    source = DraftModel(weights if draft == "same-model" else other_weights, max_ctx=256)
+    net = speculating_net(weights, n_workers, source)
+    sent = truncates(net)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    t = net.core.speculation.totals
+    if draft == "same-model":  # every draft kept: max_k + 1 tokens a trip, no rollback
+        assert t["tokens"] == N_TOKENS - 1  # all but the prompt trip's token came from speculative trips
+        assert t["accepted"] == t["drafted"] and t["trips"] <= 7 and not sent
+    else:  # mostly rejected: rolled back on every stage's worker
+        assert t["accepted"] < t["drafted"] and t["rollbacks"] >= 1
+        assert len(sent) == t["rollbacks"] * n_workers
+        assert len({c for c, _, _ in sent}) == n_workers
+    # the workers' KV holds no position past the tokens the session kept
+    assert not any(b.sessions() for w in net.workers.values() for b in w.ranges.values())
+
+
+def test_prompt_lookup_on_a_repeating_prompt_keeps_tokens_and_rolls_back(weights):
+    """A prompt quoting the model's own continuation: lookup drafts hit for a while, then miss."""
+    ref = reference_of(weights, PROMPT, 12)
+    prompt = PROMPT + ref + [9, 8] + PROMPT
+    want = reference_of(weights, prompt, 20)
+    net = speculating_net(weights, 4, PromptLookup())
+    net.submit("r", prompt, 20, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == want
+    t = net.core.speculation.totals
+    assert t["accepted"] >= 1 and t["trips"] < 19
+    status = net.core.status(net.now)["speculation"]
+    assert status["mode"] == "prompt-lookup" and status["tokens_per_trip"] > 1
+
+
+def test_sampled_tokens_identical_seed_for_seed(weights, other_weights):
+    want = reference_of(weights, PROMPT, N_TOKENS, SAMPLED)
+    for w in (weights, other_weights):
+        net = speculating_net(weights, 2, DraftModel(w, max_ctx=256))
+        net.submit("r", PROMPT, N_TOKENS, SAMPLED, stop_at_eos=False)
+        run_until_done(net, ["r"])
+        assert net.tokens("r") == want
+
+
+def test_speculative_steps_mix_sessions(weights, reference):
+    """Two sessions' trips (one greedy, one sampled: their drafts are kept for different spans)
+    share stage steps: a step carries one session's draft rows beside the other's rows."""
+    net = speculating_net(weights, 1, DraftModel(weights, max_ctx=256))
+    steps, perform = [], net.perform
+
+    def watch(actions):
+        steps.extend(a.msg for a in actions if getattr(a, "msg", None) and a.msg.get("type") == "step")
+        perform(actions)
+    net.perform = watch
+    net.submit("a", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.submit("b", PROMPT, N_TOKENS, SAMPLED, stop_at_eos=False)
+    run_until_done(net, ["a", "b"])
+    assert net.tokens("a") == reference and net.tokens("b") == reference_of(weights, PROMPT, N_TOKENS, SAMPLED)
+    mixed = [m for m in steps if len(m["sessions"]) == 2 and m["hidden"].shape[0] > 2 and m["hidden"].shape[0] < 20]
+    assert mixed
+
+
+# ---------------------------------------------------------------------- failures and liars
+@pytest.mark.parametrize("victim_stage", [0, 3])
+def test_worker_killed_mid_trip_gives_identical_tokens(weights, other_weights, reference, victim_stage):
+    net = speculating_net(weights, 4, DraftModel(other_weights, max_ctx=256))
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    # kill while a speculative item is in flight
+    net.run(until=lambda: len(net.tokens("r")) >= 6 and any(
+        st.inflight and any(i.draft for i in st.inflight["items"]) for st in net.core.stages))
+    net.kill(net.stage_conn(victim_stage))
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    kinds = [e["kind"] for e in net.core.events]
+    assert "death" in kinds and "rebuild" in kinds
+
+
+def test_liar_at_the_head_is_caught_in_speculative_steps(weights, reference):
+    net = speculating_net(weights, 3, DraftModel(weights, max_ctx=256), local=True, spot_check_fraction=1.0)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 3)
+    victim = net.stage_conn(2)
+    victim_id = net.core.conn_worker[victim]
+    net.workers[victim].liar = 0.01
+    run_until_done(net, ["r"], seconds=60)
+    assert net.tokens("r") == reference
+    assert net.core.workers[victim_id].state == "quarantined"
+    assert net.core.speculation.totals["drafted"] > 0
+
+
+def test_honest_speculative_steps_pass_checks_of_all_their_rows(weights, reference):
+    net = speculating_net(weights, 3, DraftModel(weights, max_ctx=256), local=True, spot_check_fraction=1.0)
+    checks, perform = [], net.perform
+
+    def watch(actions):
+        checks.extend(a.msg for a in actions if getattr(a, "conn", None) == "local" and getattr(a, "msg", None)
+                      and a.msg.get("type") == "step" and a.msg["sessions"][0].get("topk_rows"))
+        perform(actions)
+    net.perform = watch
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"], seconds=60)
+    assert net.tokens("r") == reference
+    assert checks and net.core.counters["spot_check_mismatches"] == 0
+
+
+# ---------------------------------------------------------------------- the distribution
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty: the chi-square quantile at the normal quantile z (3.09: p = 0.001)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_distribution_matches_plain_sampling_chi_square():
+    """The first 3 tokens at T = 0.8 from a small synthetic model (its logits a function of the
+    context), 3,000 samples with speculation and 3,000 without, on different seeds: the joint
+    distributions agree (two-sample chi-square, p > 0.001), though drafts were often rejected."""
+    vocab, n, rng0 = 6, 3000, np.random.default_rng(0)
+    table = {}
+
+    def head(context):
+        key = tuple(context[-2:])
+        if key not in table:
+            table[key] = rng0.standard_normal(vocab) * 1.5
+        logits = table[key]
+        order = np.argsort(-logits)
+        return order.astype(np.int32), logits[order].astype(np.float32)
+
+    def plain(seed):
+        s, ctx = Sampler(SamplingParams(greedy=False, temperature=0.8, seed=seed)), [0]
+        for step in range(3):
+            ctx.append(s.choose(*head(ctx), step))
+        return tuple(ctx[1:])
+
+    def speculative(seed):
+        s, ctx, kept = Sampler(SamplingParams(greedy=False, temperature=0.8, seed=seed)), [0], 0
+        draft_rng = np.random.default_rng(10_000 + seed)
+        while len(ctx) < 4:
+            draft = Draft([int(t) for t in draft_rng.integers(0, vocab, 2)])  # a poor draft source
+            rows = [head(ctx + draft.tokens[:j]) for j in range(len(draft.tokens) + 1)]
+            decided = decide_trip(s, len(ctx) - 1, rows, draft)
+            kept += len(decided) - 1
+            ctx += decided
+        return tuple(ctx[1:4]), kept
+
+    a = [plain(seed) for seed in range(n)]
+    b, kept = zip(*[speculative(seed) for seed in range(n, 2 * n)])
+    assert 100 < sum(kept) < 2 * n  # drafts were kept and rejected alike
+    cells = sorted(set(a) | set(b))
+    ca = np.array([a.count(c) for c in cells], float)
+    cb = np.array([b.count(c) for c in cells], float)
+    keep = (ca + cb) >= 10  # rare cells pooled
+    ca = np.append(ca[keep], ca[~keep].sum())
+    cb = np.append(cb[keep], cb[~keep].sum())
+    total = ca + cb
+    stat = float(np.sum((ca - total / 2) ** 2 / (total / 2) + (cb - total / 2) ** 2 / (total / 2)))
+    df = len(total) - 1
+    assert df >= 10
+    assert stat < _chi2_critical(df), (stat, df)
+    # and the test has teeth: plain sampling at another temperature is told apart
+    def hotter(seed):
+        s, ctx = Sampler(SamplingParams(greedy=False, temperature=1.3, seed=seed)), [0]
+        for step in range(3):
+            ctx.append(s.choose(*head(ctx), step))
+        return tuple(ctx[1:])
+    c = [hotter(seed) for seed in range(n)]
+    cc = np.array([c.count(x) for x in cells], float)
+    cc = np.append(cc[keep], cc[~keep].sum())
+    t2 = ca + cc
+    stat2 = float(np.sum((ca - t2 / 2) ** 2 / (t2 / 2) + (cc - t2 / 2) ** 2 / (t2 / 2)))
+    assert stat2 > _chi2_critical(df)
