@@ -26,12 +26,9 @@ def resolve_backend_name(name: str) -> str:
 
 def make_backend(name: str, config, layers, head, max_ctx: int, **device_options):
     name = resolve_backend_name(name)
-    lean = device_options.pop("lean", False)
+    # "lean" (packed weights only) was the CPU backend's option; it now always holds only them
+    device_options.pop("lean", None)
     shared = {k: device_options.pop(k) for k in ("shared", "shared_keys") if k in device_options}  # numpy only
-    if name == "numpy" and lean:  # packed weights, dequantized per step (lean_backend.py)
-        from tab_worker.lean_backend import LeanNumpyBackend
-
-        return LeanNumpyBackend(config, layers, head, max_ctx)
     if name == "numpy":
         from tab_worker.numpy_backend import NumpyBackend
 

@@ -1,16 +1,20 @@
-"""The numpy backend's compiled few-row matmul (cpu_kernels.c): build, load, dispatch.
+"""The CPU workers' packed-weight kernels (kernels/c/packed_kernels.c): build, load, dispatch.
 
-`matmul_nt(x, w)` is `x @ w.T` for f32 x [M, K] and a weight w [N, K] (its natural layout).
-Decode-sized M (<= MAX_KERNEL_ROWS) goes to the compiled kernel, which reads w once for every
-row and gives each row bit-identical results whatever the batch; longer M (prefill chunks) goes
-to BLAS, which is faster there.
+`PackedMatrix(parts).apply(x)` is `x @ W.T` for f32 x [M, K] and W the row-concatenation of
+packed QuantTensors (q/k/v or gate/up side by side), computed on the packed words: no f32 copy
+of W is ever kept. Steps of up to MAX_KERNEL_ROWS rows (decode, short prefill) run the compiled
+kernel, which reads each packed word once for every row and gives each row the same bits
+whatever the batch; longer chunks dequantize DEQUANT_BLOCK_BYTES of W at a time and hand them
+to BLAS, which is faster there (benchmarks/bench_cpu_kernel.py measures the crossover).
 
 The library is compiled on first use with the host's C compiler into a cache folder
 (`$TABSHARD_CACHE_DIR`, else `$XDG_CACHE_HOME/tabshard`, else `~/.cache/tabshard`), named by a
 hash of the source and the compiler, so an edited source or another compiler builds anew and
-concurrent workers never load a half-written file. `make` builds it at setup
-(`python -m tab_worker.cpu_kernels`). Without a compiler, on a CPU without AVX2+FMA, or with
-`TABSHARD_ROWS_KERNEL=0`, every matmul is BLAS; `status()` says which and why.
+concurrent workers never load a half-written file. `make setup` builds it
+(`python -m tab_worker.cpu_kernels`). Its path is the host's best of AVX-512, AVX2+FMA and the
+portable scalar C (every other CPU, e.g. ARM). Without a compiler, or with
+`TABSHARD_ROWS_KERNEL=0`, the portable numpy path dequantizes blocks of rows for BLAS at every
+step instead; `status()` says which path runs and why.
 """
 from __future__ import annotations
 
@@ -25,15 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-# Rows up to which the compiled kernel beats OpenBLAS sgemm on an 8-layer SmolLM2 stage
-# (benchmarks/bench_cpu_kernel.py, 2-core Xeon with AVX-512: 1.13x at 1 row, 3.0-3.7x at 2-8,
-# 1.3x at 32, 0.94x at 64).
+from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantTensor, dequantize
+
+SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "c" / "packed_kernels.c"
+# Rows up to which the kernel beats dequantize-a-block + BLAS (bench_cpu_kernel.py); a decode
+# step of 32 sessions stays on the kernel, so its rows are batch-invariant.
 MAX_KERNEL_ROWS = 32
+# f32 bytes of one dequantized block of W on the BLAS path (a 7B layer's gate/up would be 360 MB)
+DEQUANT_BLOCK_BYTES = 4 << 20
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off"]
 
-ISA_NAMES = {1: "avx2", 2: "avx512"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _state: dict = {}
+
+
+class UnsupportedFormat(ValueError):
+    """A packed tensor the kernels cannot read (a bit width or group size they do not know)."""
 
 
 def cache_dir() -> Path:
@@ -52,13 +63,13 @@ def _compiler() -> str | None:
 
 
 def build() -> Path:
-    """Compile cpu_kernels.c (once per source and compiler) and return the library's path."""
+    """Compile packed_kernels.c (once per source and compiler) and return the library's path."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, CFLAGS)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"cpu_kernels-{digest}.so"
+    out = cache_dir() / f"packed_kernels-{digest}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +86,11 @@ def build() -> Path:
     return out
 
 
+class _Part(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("n", ctypes.c_size_t), ("k", ctypes.c_size_t),
+                ("fmt", ctypes.c_uint32), ("y_col", ctypes.c_uint32)]
+
+
 def _load():
     if "lib" in _state:
         return _state["lib"]
@@ -83,62 +99,164 @@ def _load():
         reason = "disabled by TABSHARD_ROWS_KERNEL=0"
     else:
         try:
-            handle = ctypes.CDLL(str(build()))
-            isa = handle.rows_matmul_available()
-            if isa:
-                handle.rows_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                                               ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-                handle.rows_matmul.restype = None
-                lib = handle
-                _state["isa"] = isa
-            else:
-                reason = "this CPU lacks AVX2+FMA"
+            lib = ctypes.CDLL(str(build()))
+            P, Z, I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+            lib.pk_best_isa.restype = I
+            lib.pk_matmul.argtypes = [I, P, P, Z, Z, I, I, I, P, Z, Z, P, Z, I]
+            lib.pk_matmul_parts.argtypes = [I, P, I, P, Z, Z, P, Z, I]
+            lib.pk_dequantize.argtypes = [I, P, P, Z, Z, I, I, I, Z, Z, P, Z]
+            for f in (lib.pk_matmul, lib.pk_matmul_parts, lib.pk_dequantize):
+                f.restype = None
+            _state["isa"] = lib.pk_best_isa()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            reason = f"build failed: {exc}"
+            lib, reason = None, f"build failed: {exc}"
     _state["lib"], _state["reason"] = lib, reason
     return lib
 
 
 def status() -> dict:
-    """Which path decode-sized matmuls take here, for capabilities and benchmark reports."""
+    """Which path the CPU backend's matmuls take here, for `tabshard generate`, capabilities and
+    benchmark reports: `kernel` is avx512, avx2 or scalar (compiled C), or None (numpy blocks + BLAS)."""
     lib = _load()
-    return {"rows_kernel": ISA_NAMES[_state["isa"]] if lib is not None else None,
+    return {"kernel": ISA_NAMES[_state["isa"]] if lib is not None else None,
             "max_rows": MAX_KERNEL_ROWS if lib is not None else 0, "reason": _state["reason"]}
 
 
+def describe() -> str:
+    """One line for people: which path the packed-weight matmuls take here."""
+    s = status()
+    if s["kernel"]:
+        return f"packed-weight C kernel, {s['kernel']} path (steps of <= {s['max_rows']} rows; BLAS on per-chunk dequantized blocks beyond)"
+    return f"portable numpy path: packed blocks dequantized per step for BLAS ({s['reason']})"
+
+
 def kernel_isas() -> list[str]:
-    """The kernel paths this CPU can run, best last (tests check each)."""
-    return [ISA_NAMES[i] for i in range(1, _state["isa"] + 1)] if _load() is not None else []
+    """The compiled paths this CPU can run, best last (tests check that they agree bit for bit)."""
+    return [ISA_NAMES[i] for i in range(0, _state["isa"] + 1)] if _load() is not None else []
 
 
-def kernel_rows_matmul(x: np.ndarray, w: np.ndarray, isa: str | None = None) -> np.ndarray:
-    """x @ w.T by the compiled kernel, for any M (benchmarks and parity tests call it
-    directly); isa picks a path other than the host's best."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the compiled rows kernel is unavailable: {_state['reason']}")
-    level = _state["isa"] if isa is None else {v: k for k, v in ISA_NAMES.items()}.get(isa, 99)
+def _isa_level(isa: str | None) -> int:
+    if _load() is None:
+        raise RuntimeError(f"the compiled packed kernel is unavailable: {_state['reason']}")
+    if isa is None:
+        return _state["isa"]
+    level = {v: k for k, v in ISA_NAMES.items()}.get(isa, 99)
     if level > _state["isa"]:
         raise ValueError(f"isa must be one of {kernel_isas()}, got {isa!r}")
-    x = np.ascontiguousarray(x, np.float32)
-    if w.dtype != np.float32 or not w.flags.c_contiguous or w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"rows_matmul needs f32 C-contiguous x [M, K] and w [N, K]; got {x.shape} and {w.shape} {w.dtype}")
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    lib.rows_matmul(level, x.ctypes.data, x.shape[0], x.shape[1], w.ctypes.data, w.shape[0], y.ctypes.data)
+    return level
+
+
+def check_format(t: QuantTensor, name: str) -> None:
+    """Refuse, naming the tensor, a packed format the kernels cannot read (at load, not mid-step)."""
+    spec = t.spec
+    if spec.bits not in SUPPORTED_BITS or spec.group not in SUPPORTED_GROUPS:
+        raise UnsupportedFormat(f"tensor {name}: format {spec.name} is not one the CPU kernels read "
+                                f"(bits {SUPPORTED_BITS}, groups {SUPPORTED_GROUPS})")
+    words = t.k_pad // 32 * spec.bits
+    if t.qweight.dtype != np.uint32 or t.qweight.shape != (t.n, words) or t.scales.dtype != np.uint32 \
+            or t.scales.shape[0] != t.n:
+        raise UnsupportedFormat(f"tensor {name}: packed arrays {t.qweight.shape} {t.qweight.dtype} / {t.scales.shape} "
+                                f"{t.scales.dtype} do not hold a {t.n} x {t.k} {spec.name} matrix")
+
+
+def _fmt(t: QuantTensor) -> int:
+    return t.spec.bits | t.spec.group << 8 | int(t.spec.symmetric) << 16
+
+
+def _rows_contiguous(a: np.ndarray) -> np.ndarray:
+    """u32 rows the kernel can walk: C-contiguous (a worker's tensors are views of its blob: no copy)."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _padded(x: np.ndarray, k_pad: int) -> np.ndarray:
+    """f32 C-contiguous rows of k_pad floats, zeros past k."""
+    x = np.asarray(x, np.float32)
+    if x.shape[1] == k_pad and x.flags.c_contiguous:
+        return x
+    out = np.zeros((x.shape[0], k_pad), np.float32)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def kernel_matmul(x: np.ndarray, t: QuantTensor, isa: str | None = None) -> np.ndarray:
+    """x @ dequantize(t).T by the compiled kernel on one path, for any M (tests, benchmarks)."""
+    level = _isa_level(isa)
+    if x.ndim != 2 or x.shape[1] != t.k:
+        raise ValueError(f"x has shape {x.shape}; expected (rows, {t.k})")
+    xp = _padded(x, t.k_pad)
+    q, s = _rows_contiguous(t.qweight), _rows_contiguous(t.scales)
+    y = np.empty((x.shape[0], t.n), np.float32)
+    _state["lib"].pk_matmul(level, q.ctypes.data, s.ctypes.data, t.n, t.k, t.spec.bits, t.spec.group, int(t.spec.symmetric),
+                            xp.ctypes.data, xp.shape[0], xp.shape[1], y.ctypes.data, t.n, 0)
     return y
 
 
-def matmul_nt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w.T: the compiled kernel for decode-sized x where available, BLAS otherwise."""
-    if 0 < x.shape[0] <= MAX_KERNEL_ROWS and _load() is not None:
-        # lean_backend's dequantized blocks may be column slices of a padded matrix
-        return kernel_rows_matmul(x, np.ascontiguousarray(w, np.float32))
-    return x @ w.T  # BLAS reads the transposed view in place
+def dequantize_rows(t: QuantTensor, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+    """f32 rows [a, b) of t, [b - a, k] (a view of out's first columns when given [>= b - a, k_pad])."""
+    lib = _load()
+    if lib is None:
+        return dequantize(t.rows(a, b))
+    q, s = _rows_contiguous(t.qweight), _rows_contiguous(t.scales)
+    if out is None:
+        out = np.empty((b - a, t.k_pad), np.float32)
+    lib.pk_dequantize(_state["isa"], q.ctypes.data, s.ctypes.data, t.n, t.k, t.spec.bits, t.spec.group,
+                      int(t.spec.symmetric), a, b, out.ctypes.data, out.shape[1])
+    return out[: b - a, : t.k]
+
+
+class PackedMatrix:
+    """The row-concatenation W (sum n_i, k) of packed matrices of one k: apply(x) = x @ W.T, the
+    packed words read in place (parts may differ in format)."""
+
+    def __init__(self, parts: list[QuantTensor], names: list[str] | None = None):
+        if len({p.k for p in parts}) != 1:
+            raise ValueError(f"parts of one matrix must share k, got {[p.k for p in parts]}")
+        for i, p in enumerate(parts):
+            check_format(p, names[i] if names else f"part {i}")
+        self.parts = [QuantTensor(p.spec, p.n, p.k, _rows_contiguous(p.qweight), _rows_contiguous(p.scales)) for p in parts]
+        self.k = parts[0].k
+        self.k_pad = max(p.k_pad for p in parts)
+        self.n = sum(p.n for p in parts)
+        self.starts = np.cumsum([0] + [p.n for p in parts])
+        self._c_parts = (_Part * len(parts))(*[
+            _Part(p.qweight.ctypes.data, p.scales.ctypes.data, p.n, p.k, _fmt(p), int(s)) for p, s in zip(self.parts, self.starts)])
+        self.block_rows = max(16, DEQUANT_BLOCK_BYTES // (4 * self.k_pad))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x @ W.T as f32 [M, n]; with out (f32 C-contiguous [M, n]) it is added onto out in place
+        (the residual update: the same one rounding as out + x @ W.T)."""
+        m = x.shape[0]
+        lib = _load()
+        if lib is not None and 0 < m <= MAX_KERNEL_ROWS:
+            xp = _padded(x, self.k_pad)
+            y = out if out is not None else np.empty((m, self.n), np.float32)
+            lib.pk_matmul_parts(_state["isa"], ctypes.addressof(self._c_parts), len(self.parts), xp.ctypes.data, m,
+                                xp.shape[1], y.ctypes.data, self.n, int(out is not None))
+            return y
+        y = self._blas(np.asarray(x, np.float32))
+        if out is not None:
+            out += y
+            return out
+        return y
+
+    def _blas(self, x: np.ndarray) -> np.ndarray:
+        """Long chunks: W a block of rows at a time dequantized into one reused buffer, then BLAS."""
+        y = np.empty((x.shape[0], self.n), np.float32)
+        buf = np.empty((self.block_rows, self.k_pad), np.float32)
+        for p, s in zip(self.parts, self.starts):
+            for a in range(0, p.n, self.block_rows):
+                b = min(p.n, a + self.block_rows)
+                y[:, s + a : s + b] = x @ dequantize_rows(p, a, b, buf).T
+        return y
 
 
 if __name__ == "__main__":  # `make setup` builds the library here, once per source and compiler
     state = status()
-    if state["rows_kernel"]:
-        print(f"numpy backend: compiled {state['rows_kernel']} kernel for steps of <= {state['max_rows']} rows ({build()})")
-    else:  # setup goes on: the numpy backend falls back to BLAS
-        print(f"warning: numpy backend without its compiled kernel ({state['reason']}); BLAS for every step", file=sys.stderr)
+    if state["kernel"]:
+        print(f"CPU backend: {describe()} ({build()})")
+    else:  # setup goes on: the CPU backend takes the portable numpy path
+        print(f"warning: {describe()}", file=sys.stderr)

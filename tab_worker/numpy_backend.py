@@ -1,17 +1,18 @@
-"""The numpy backend: the fast path on CPU-only hosts and the behavioural reference for wgpu.
+"""The CPU backend: the fast path on CPU-only hosts and the behavioural reference for wgpu.
 
-Weights are dequantized once at load into f32 (q/k/v fused into one matrix, gate/up fused
-into another) so every step is a few matmuls per layer: decode-sized steps on the compiled
-few-row kernel (tab_worker/cpu_kernels.c: batch-invariant, reads each weight once for all rows),
-prefill chunks on BLAS. The per-kernel math is the numpy twins in kernels.reference.
+It holds only the packed weights (the QuantTensors as loaded: a worker's are views of the blob
+it keeps) and computes on them: every matmul is a tab_worker.cpu_kernels.PackedMatrix, q/k/v
+and gate/up each one matrix of parts. Decode steps and short chunks run the compiled
+packed-weight kernel (kernels/c/packed_kernels.c: reads each packed word once for all rows,
+batch-invariant); long prefill chunks dequantize a block of rows at a time for BLAS. No f32
+copy of a weight matrix is ever kept. The per-kernel math is the numpy twins in kernels.reference.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from kernels import reference as ref
-from kernels.quant import dequantize
-from tab_worker.cpu_kernels import matmul_nt
+from tab_worker.cpu_kernels import PackedMatrix
 from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
@@ -35,27 +36,15 @@ class _KVCache:
             setattr(self, name, grown)
 
 
-class DenseMatrix:
-    """An f32 weight in its [out, in] layout; apply(x) = x @ W.T (lean_backend's packed
-    matrices offer the same apply)."""
-
-    __slots__ = ("w",)
-
-    def __init__(self, w: np.ndarray):
-        self.w = np.ascontiguousarray(w, np.float32)
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return matmul_nt(x, self.w)
-
-
-class _DenseLayer:
-    def __init__(self, w: LayerWeights):
+class _PackedLayer:
+    def __init__(self, w: LayerWeights, index: int):
+        name = f"blk.{index}"
         self.attn_norm = np.asarray(w.attn_norm, np.float32)
         self.ffn_norm = np.asarray(w.ffn_norm, np.float32)
-        self.w_qkv = DenseMatrix(np.concatenate([dequantize(w.wq), dequantize(w.wk), dequantize(w.wv)]))
-        self.wo = DenseMatrix(dequantize(w.wo))
-        self.w_gate_up = DenseMatrix(np.concatenate([dequantize(w.w_gate), dequantize(w.w_up)]))
-        self.w_down = DenseMatrix(dequantize(w.w_down))
+        self.w_qkv = PackedMatrix([w.wq, w.wk, w.wv], [f"{name}.wq", f"{name}.wk", f"{name}.wv"])
+        self.wo = PackedMatrix([w.wo], [f"{name}.wo"])
+        self.w_gate_up = PackedMatrix([w.w_gate, w.w_up], [f"{name}.w_gate", f"{name}.w_up"])
+        self.w_down = PackedMatrix([w.w_down], [f"{name}.w_down"])
 
 
 class NumpyBackend:
@@ -65,9 +54,9 @@ class NumpyBackend:
                  shared: dict | None = None, shared_keys: dict | None = None, **_device_options):
         """shared / shared_keys: a dict the owner keeps across backends, and each layer index's
         (and "head"'s) key in it (the blob's sha256): ranges overlapping one already built reuse
-        its dequantized f32 matrices instead of making (and holding) another copy. The
-        coordinator's verifier holds every stage's range at once; a tab re-planned onto a
-        neighbouring range keeps the layers it had."""
+        its prepared layers (the coordinator's verifier holds every stage's range at once; a
+        tab re-planned onto a neighbouring range keeps the layers it had).
+        A tensor in a format the kernels cannot read raises UnsupportedFormat naming it."""
         self.config = config
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
@@ -83,9 +72,9 @@ class NumpyBackend:
                 shared[key] = make()
             return shared[key]
 
-        self._layers = [built(keys.get(i), lambda i=i: _DenseLayer(layers[i])) for i in self.layer_ids]
+        self._layers = [built(keys.get(i), lambda i=i: _PackedLayer(layers[i], i)) for i in self.layer_ids]
         self._head_norm = None if head is None else np.asarray(head.output_norm, np.float32)
-        self._head = None if head is None else built(keys.get("head"), lambda: DenseMatrix(dequantize(head.output)))
+        self._head = None if head is None else built(keys.get("head"), lambda: PackedMatrix([head.output], ["output"]))
         self._sessions: dict[str, _KVCache] = {}
         c = config
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -158,10 +147,10 @@ class NumpyBackend:
                 cache.k[li, :, sl.start_pos:end] = k[rows].transpose(1, 0, 2)
                 cache.v[li, :, sl.start_pos:end] = v[rows].transpose(1, 0, 2)
                 attn[rows] = ref.attention(q[rows], cache.k[li, :, :end], cache.v[li, :, :end], sl.start_pos)
-            x += layer.wo.apply(attn.reshape(x.shape[0], -1))
+            layer.wo.apply(attn.reshape(x.shape[0], -1), out=x)  # the residual add, in place
             h = ref.rmsnorm(x, layer.ffn_norm, c.rms_eps)
             gate_up = layer.w_gate_up.apply(h)
-            x += layer.w_down.apply(ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]))
+            layer.w_down.apply(ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]), out=x)
         for sl, cache in zip(slices, caches):
             # a replay (start_pos < length) truncates whatever came after it
             cache.length = sl.start_pos + sl.length

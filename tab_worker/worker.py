@@ -20,10 +20,10 @@ from tab_worker.weights import BlobAssembler, BlobError, BlobInfo, sha256, unpac
 from tabshard.synthetic import random_layer
 from tabshard.wire import PROTOCOL_VERSION
 
-# bytes a backend holds per byte of packed weights: numpy dequantizes to f32 (~7x a 4.5-bit
-# packing) and keeps the packed blob; wgpu uploads the packed words as they are; lean numpy
-# (device option lean=True) keeps the blob, its tensors are views of it (tab_worker/lean_backend.py)
-EXPANSION = {"numpy": 8.0, "wgpu": 1.2, "numpy-lean": 1.2}
+# bytes a backend holds per byte of packed weights: numpy (the CPU backend) computes on the
+# packed words, its tensors views of the kept blob (tab_worker/cpu_kernels.py); wgpu uploads
+# the packed words as they are
+EXPANSION = {"numpy": 1.2, "wgpu": 1.2}
 PROGRESS_S = 0.25  # the most often load_progress goes out while a blob is still arriving
 
 
@@ -60,7 +60,7 @@ class TabWorker:
         self.ranges: dict[tuple[int, int], object] = {}  # (layer_start, layer_end) -> backend
         self.range_heads: dict[tuple[int, int], bool] = {}
         self.range_blobs: dict[tuple[int, int], list[str]] = {}
-        self._dense: dict[str, object] = {}  # blob sha256 -> the numpy backend's dequantized layer (shared by ranges)
+        self._dense: dict[str, object] = {}  # blob sha256 -> the numpy backend's prepared packed layer (shared by ranges)
         self.steps_served = 0
         self.tokens_served = 0
         self.bytes_received = 0
@@ -87,7 +87,7 @@ class TabWorker:
         if self.backend_name == "numpy":  # which path its decode matmuls take (status() says why not compiled)
             from tab_worker.cpu_kernels import status
 
-            caps["cpu_kernel"] = status()["rows_kernel"] or "blas"
+            caps["cpu_kernel"] = status()["kernel"] or "blas"
         if self.backend_name == "wgpu":
             try:
                 from kernels.runner import describe_device
@@ -99,11 +99,12 @@ class TabWorker:
 
     @property
     def lean(self) -> bool:
-        return self.backend_name == "numpy" and bool(self.device_options.get("lean"))
+        """Whether the backend's tensors are views of the kept blobs (the CPU backend's are)."""
+        return self.backend_name == "numpy"
 
     @property
     def expansion(self) -> float:
-        return EXPANSION["numpy-lean" if self.lean else self.backend_name]
+        return EXPANSION[self.backend_name]
 
     def hello(self) -> dict:
         partial = {a.info.sha256: sorted(a.have) for a in self._assembling.values()}
@@ -215,7 +216,7 @@ class TabWorker:
                     keys["head"] = s
             key = (m["layer_start"], m["layer_end"])
             options, corrections = self.honour_precision(m.get("precision") or {})
-            if self.backend_name == "numpy" and not self.lean:
+            if self.backend_name == "numpy":
                 self._prune_dense()
                 options.update(shared=self._dense, shared_keys=keys)
             self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **options)

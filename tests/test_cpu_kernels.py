@@ -1,9 +1,11 @@
-"""The numpy backend's compiled few-row matmul (tab_worker/cpu_kernels.c): parity with float64,
-bit-identical rows whatever the batch (on every kernel path this CPU has), the backend-level
-consequence (a session's decode step alone == in a batch), and the BLAS fallback when the
-kernel is disabled or cannot be built."""
+"""The CPU workers' packed-weight kernel (kernels/c/packed_kernels.c via tab_worker/cpu_kernels.py):
+parity with the numpy reference for every packed format, the same bits on every compiled path
+(scalar, AVX2, AVX-512) and whatever the batch, the CPU backend's decode batch-invariance, the
+BLAS path for long chunks, and the portable numpy path when the kernel is disabled or cannot
+be built."""
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -12,70 +14,86 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernels import reference as ref
+from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, dequantize, quantize_rtn
 from tab_worker import cpu_kernels
 from tab_worker.engine_types import SessionSlice
 
 ROOT = Path(__file__).resolve().parents[1]
 ISAS = cpu_kernels.kernel_isas()
-needs_kernel = pytest.mark.skipif(not ISAS, reason=f"no compiled rows kernel here: {cpu_kernels.status()['reason']}")
+SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, (False, True))]
+needs_kernel = pytest.mark.skipif(not ISAS, reason=f"no compiled kernel here: {cpu_kernels.status()['reason']}")
 
 
-def test_kernel_is_built_where_a_compiler_and_avx2_exist():
-    # this project's CI hosts are x86-64 with gcc: the fallback must not hide a broken build
+def _tensor(spec: QuantSpec, n: int, k: int, seed: int):
+    return quantize_rtn(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32), spec)
+
+
+def test_kernel_is_built_where_a_compiler_exists():
+    # CI hosts are x86-64 with gcc and AVX2: the fallback must not hide a broken build
+    assert ISAS, cpu_kernels.status()
     if os.uname().machine == "x86_64" and "avx2" in Path("/proc/cpuinfo").read_text():
-        assert ISAS, cpu_kernels.status()
+        assert "avx2" in ISAS, ISAS
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_every_format_matches_the_reference_on_every_path(spec):
+    """k past the last group (zero padding), tails of weight rows and activation rows on every tile."""
+    for m, k, n in [(1, 100, 13), (5, 256, 9), (33, 160, 7)]:
+        t = _tensor(spec, n, k, m * 100 + k)
+        x = np.random.default_rng(k).standard_normal((m, k)).astype(np.float32)
+        exact = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
+        ys = [cpu_kernels.kernel_matmul(x, t, isa) for isa in ISAS]
+        np.testing.assert_allclose(ys[0], ref.qmatvec(x, t), rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+        assert np.abs(ys[0] - exact).max() <= 2e-6 * np.sqrt(k) * np.abs(exact).max()
+        for isa, y in zip(ISAS, ys):  # scalar, AVX2, AVX-512: the same operations in the same order
+            assert np.array_equal(y, ys[0]), (spec.name, isa)
 
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (3, 64, 8), (5, 40, 13), (8, 1536, 576), (17, 33, 29), (33, 576, 100)])
-def test_rows_matmul_matches_float64(isa, m, k, n):
-    rng = np.random.default_rng(m * 1000 + k + n)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    y = cpu_kernels.kernel_rows_matmul(x, w, isa)
-    exact = x.astype(np.float64) @ w.T.astype(np.float64)
-    assert y.shape == (m, n) and y.dtype == np.float32
-    assert np.abs(y - exact).max() <= 1e-5 * np.sqrt(k) * np.abs(exact).max()
+def test_a_row_gives_the_same_bits_alone_or_in_a_batch_of_32(isa):
+    t = _tensor(QuantSpec(4, 32, False), 45, 200, 1)
+    x = np.random.default_rng(7).standard_normal((32, 200)).astype(np.float32)
+    full = cpu_kernels.kernel_matmul(x, t, isa)
+    for m in range(32):
+        assert np.array_equal(cpu_kernels.kernel_matmul(x[m : m + 1], t, isa), full[m : m + 1]), m
+        assert np.array_equal(cpu_kernels.kernel_matmul(x[: m + 1], t, isa), full[: m + 1]), m
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", ISAS)
-def test_a_row_gives_the_same_bits_in_any_batch(isa):
-    # K with a tail past the vector width, N past the widest tile: every tile shape and tail runs
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((20, 100)).astype(np.float32)
-    w = rng.standard_normal((45, 100)).astype(np.float32)
-    full = cpu_kernels.kernel_rows_matmul(x, w, isa)
-    for m in range(1, 21):
-        assert np.array_equal(cpu_kernels.kernel_rows_matmul(x[:m], w, isa), full[:m]), m
-        alone = cpu_kernels.kernel_rows_matmul(x[m - 1 : m], w, isa)
-        assert np.array_equal(alone, full[m - 1 : m]), m
-    # and whatever block of weight rows an output is computed in (lean_backend splits matrices)
-    assert np.array_equal(np.concatenate([cpu_kernels.kernel_rows_matmul(x, w[a : a + 9], isa) for a in range(0, 45, 9)], axis=1), full)
+def test_fused_parts_and_the_residual_add():
+    """q/k/v as one matrix of parts (formats may differ), and apply(out=y) adding in place."""
+    a, b = _tensor(QuantSpec(4, 32, False), 24, 96, 1), _tensor(QuantSpec(3, 64, True), 8, 96, 2)
+    x = np.random.default_rng(3).standard_normal((3, 96)).astype(np.float32)
+    pm = cpu_kernels.PackedMatrix([a, b])
+    want = np.concatenate([cpu_kernels.kernel_matmul(x, a), cpu_kernels.kernel_matmul(x, b)], axis=1)
+    assert np.array_equal(pm.apply(x), want)
+    y = np.random.default_rng(4).standard_normal((3, 32)).astype(np.float32)
+    assert np.array_equal(pm.apply(x, out=y.copy()), y + want)
 
 
 @needs_kernel
-def test_bad_operands_are_refused():
-    x = np.zeros((2, 8), np.float32)
-    with pytest.raises(ValueError, match="rows_matmul needs"):
-        cpu_kernels.kernel_rows_matmul(x, np.zeros((4, 9), np.float32))
-    with pytest.raises(ValueError, match="rows_matmul needs"):
-        cpu_kernels.kernel_rows_matmul(x, np.zeros((4, 8), np.float64))
-    with pytest.raises(ValueError, match="isa must be one of"):
-        cpu_kernels.kernel_rows_matmul(x, np.zeros((4, 8), np.float32), "sve")
+def test_long_chunks_take_blas_on_dequantized_blocks(monkeypatch):
+    t = _tensor(QuantSpec(4, 64, False), 300, 100, 5)
+    x = np.random.default_rng(6).standard_normal((cpu_kernels.MAX_KERNEL_ROWS + 3, 100)).astype(np.float32)
+    monkeypatch.setattr(cpu_kernels, "DEQUANT_BLOCK_BYTES", 64 * 128 * 4)  # 64-row blocks: five of them
+    pm = cpu_kernels.PackedMatrix([t])
+    assert pm.block_rows == 64
+    np.testing.assert_allclose(pm.apply(x), x @ dequantize(t).T, rtol=1e-5, atol=1e-4)
 
 
-def test_matmul_nt_takes_blas_for_long_chunks():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((cpu_kernels.MAX_KERNEL_ROWS + 1, 64)).astype(np.float32)
-    w = rng.standard_normal((16, 64)).astype(np.float32)
-    assert np.array_equal(cpu_kernels.matmul_nt(x, w), x @ w.T)
+def test_a_format_the_kernels_cannot_read_is_refused_naming_the_tensor():
+    t = _tensor(QuantSpec(4, 32, False), 4, 64, 1)
+    bad = type(t)(t.spec, t.n, t.k, t.qweight[:, :4], t.scales)  # words of a 2-bit row
+    with pytest.raises(cpu_kernels.UnsupportedFormat, match="tensor blk.3.wq"):
+        cpu_kernels.PackedMatrix([bad], ["blk.3.wq"])
 
 
 @needs_kernel
-def test_numpy_backend_decode_is_batch_invariant():
-    """A session's decode step gives the same bits alone and batched with 7 others, so
+def test_cpu_backend_decode_is_batch_invariant_over_32_sessions():
+    """A session's decode step gives the same bits alone and batched with 31 others, so
     concurrency never changes its tokens."""
     from tab_worker.numpy_backend import NumpyBackend
     from tests.tiny_model import tiny_weights
@@ -83,7 +101,7 @@ def test_numpy_backend_decode_is_batch_invariant():
     weights = tiny_weights()
     cfg, layers, head = weights.config, dict(enumerate(weights.layers)), weights.head
     rng = np.random.default_rng(3)
-    prompts = {f"s{i}": rng.standard_normal((5 + i, cfg.hidden)).astype(np.float32) for i in range(8)}
+    prompts = {f"s{i}": rng.standard_normal((2 + i % 5, cfg.hidden)).astype(np.float32) for i in range(32)}
 
     def prefilled():
         be = NumpyBackend(cfg, layers, head, max_ctx=64)
@@ -91,53 +109,36 @@ def test_numpy_backend_decode_is_batch_invariant():
             be.forward([SessionSlice(sid, 0, len(h))], h)
         return be
 
-    step = rng.standard_normal((8, cfg.hidden)).astype(np.float32)
-    batched = prefilled().forward([SessionSlice(sid, len(h), 1) for sid, h in prompts.items()], step)
+    step = rng.standard_normal((32, cfg.hidden)).astype(np.float32)
+    batched_be = prefilled()
+    batched = batched_be.forward([SessionSlice(sid, len(h), 1) for sid, h in prompts.items()], step)
+    top_batched = batched_be.head_topk(batched, 3)
     alone_backend = prefilled()
     for i, (sid, h) in enumerate(prompts.items()):
         alone = alone_backend.forward([SessionSlice(sid, len(h), 1)], step[i : i + 1])
         assert np.array_equal(alone[0], batched[i]), sid
+        ids, logits = alone_backend.head_topk(alone, 3)
+        assert np.array_equal(ids[0], top_batched[0][i]) and np.array_equal(logits[0], top_batched[1][i]), sid
 
 
 def _run(env_extra: dict) -> str:
-    code = ("import numpy as np; from tab_worker import cpu_kernels as c; s = c.status(); print(s['rows_kernel'], '|', s['reason']);"
-            "x = np.ones((2, 16), np.float32); w = np.ones((3, 16), np.float32); print(c.matmul_nt(x, w).tolist())")
+    code = ("import numpy as np; from kernels.quant import QuantSpec, quantize_rtn; from tab_worker import cpu_kernels as c;"
+            "s = c.status(); print(s['kernel'], '|', s['reason']);"
+            "t = quantize_rtn(np.ones((3, 64), np.float32), QuantSpec(4, 32, False));"
+            "print(c.PackedMatrix([t]).apply(np.ones((2, 64), np.float32)).tolist())")
     env = dict(os.environ, **env_extra)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
                           check=True).stdout
 
 
-def test_disabled_kernel_falls_back_to_blas():
+def test_disabled_kernel_takes_the_portable_numpy_path():
     out = _run({"TABSHARD_ROWS_KERNEL": "0"})
-    assert out.splitlines() == ["None | disabled by TABSHARD_ROWS_KERNEL=0", str([[16.0] * 3] * 2)]
+    assert out.splitlines() == ["None | disabled by TABSHARD_ROWS_KERNEL=0", str([[64.0] * 3] * 2)]
 
 
-def test_failed_build_falls_back_to_blas_with_the_reason(tmp_path):
+def test_failed_build_takes_the_portable_path_with_the_reason(tmp_path):
     out = _run({"CC": "false", "TABSHARD_CACHE_DIR": str(tmp_path)})
     first, second = out.splitlines()
-    assert first.startswith("None | build failed: false failed on cpu_kernels.c"), first
-    assert second == str([[16.0] * 3] * 2)
+    assert first.startswith("None | build failed: false failed on packed_kernels.c"), first
+    assert second == str([[64.0] * 3] * 2)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
-
-
-@pytest.mark.parametrize("spec", ["a4g32", "s3g64", "a4g128"])
-def test_lean_blocks_match_the_dense_matrix_on_padded_rows(spec, monkeypatch):
-    """lean_backend dequantizes a block of rows at a time; with k not a multiple of the group
-    its f32 rows are column slices of a padded block (not C-contiguous). Decode-sized steps
-    still give NumpyBackend's bits, for one block and for many."""
-    from kernels.quant import QuantSpec, dequantize, quantize_rtn
-    from tab_worker import lean_backend
-    from tab_worker.numpy_backend import DenseMatrix
-
-    rng = np.random.default_rng(11)
-    q = quantize_rtn(rng.standard_normal((300, 100)).astype(np.float32), QuantSpec.parse(spec))
-    x = rng.standard_normal((4, 100)).astype(np.float32)
-    dense = DenseMatrix(dequantize(q)).apply(x)
-    assert np.array_equal(lean_backend._PackedMatrix([q]).apply(x), dense)
-    monkeypatch.setattr(lean_backend, "BLOCK_BYTES", 64 * 100 * 4)  # 64-row blocks: five of them
-    packed = lean_backend._PackedMatrix([q])
-    assert packed.block_rows == 64
-    if ISAS:  # each output alone: blocks cannot change a bit
-        assert np.array_equal(packed.apply(x), dense)
-    else:
-        assert np.allclose(packed.apply(x), dense, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,530 @@
+// Packed-weight matmul for every format of kernels/quant.py (2/3/4/8-bit codes, groups of
+// 32/64/128, symmetric or asymmetric), the one C source of the CPU workers: compiled natively
+// by tab_worker/cpu_kernels.py (scalar, AVX2+FMA+F16C and AVX-512 paths, chosen at run time)
+// and to WebAssembly SIMD by tab_worker/web/build.py for the browser tab.
+//
+//   y[r, o] (+)= sum_k x[r, k] * W[o, k],  W[o, k] = scale(o, g) * code(o, k) + min(o, g)
+//
+// W stays packed: the u32 code words and f16 scale words exactly as quant.py lays them out
+// (the same words the WGSL reads). Each 16 codes are unpacked in registers to f32, turned into
+// weights with one fma(code, scale, min) and multiplied into f32 activations. Each packed word
+// is read once per call for all rows of the step: a tile holds up to 4 activation rows and
+// NG weight rows, and the dequantized weights are used for every row before moving on.
+//
+// Why f32 activations and not int8 ones (llama.cpp's Q8 dot products): measured on the 2-core
+// EPYC (benchmarks/bench_cpu_kernel.py) a SmolLM2 token's matvecs are bound by the packed
+// bytes and the code unpacking, not by the multiply-adds, and f32 keeps the logits within
+// 1e-5 of the numpy reference so greedy tokens equal Hugging Face's fixtures.
+//
+// Determinism: every output is 16 accumulator lanes (input j of a 32-block goes to lane j % 16),
+// fma for each weight and each product, the blocks in order, then one fixed reduction tree
+// (lanes j + 8, then j + 4, j + 2, j + 1). The scalar, AVX2 and AVX-512 paths do exactly
+// these operations, so they give the same bits, and a row's result never depends on which
+// other rows share the call (batch invariance: concurrency never changes a greedy token).
+// The WASM build has no fused multiply-add: mul then add, so it agrees to rounding only.
+//
+// Activations: x rows of at least k_pad floats (k rounded up to the group), zeros past k.
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__wasm__)
+#include <wasm_simd128.h>
+#define EXPORT(name) __attribute__((export_name(name)))
+#else
+#define EXPORT(name)
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+// ------------------------------------------------------------------ formats and scales
+
+typedef struct {
+  const uint32_t *q, *s;  // code words [n, wpr], scale words [n, spr]
+  size_t n, k_pad, wpr, spr;
+  int bits, group, sym;
+} Mat;
+
+INLINE Mat mat_of(const uint32_t *q, const uint32_t *s, size_t n, size_t k, int bits, int group, int sym) {
+  Mat w;
+  w.q = q, w.s = s, w.n = n, w.bits = bits, w.group = group, w.sym = sym;
+  w.k_pad = (k + group - 1) / group * group;
+  w.wpr = w.k_pad / 32 * bits;
+  const size_t groups = w.k_pad / group;
+  w.spr = sym ? (groups + 1) / 2 : groups;
+  return w;
+}
+
+// IEEE half to float, exact for every input (subnormals, inf, NaN).
+INLINE float f16_to_f32(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  union { uint32_t u; float f; } v;
+  if (e == 0) {
+    v.f = (float)man * 5.9604644775390625e-8f;  // man * 2^-24, exact
+    v.u |= sign;
+  } else {
+    v.u = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112) << 23) | (man << 13));
+  }
+  return v.f;
+}
+
+// (scale, min) of group g of one row: w = scale * code + min; symmetric formats store only the
+// scale, min = -scale * 2^(bits-1) (exact: a power of two).
+INLINE void group_scale(const Mat *w, const uint32_t *srow, size_t g, float *scale, float *mn) {
+  if (w->sym) {
+    const uint32_t word = srow[g >> 1];
+    *scale = f16_to_f32(g & 1 ? word >> 16 : word & 0xffffu);
+    *mn = -*scale * (float)(1 << (w->bits - 1));
+  } else {
+    const uint32_t word = srow[g];
+    *scale = f16_to_f32(word & 0xffffu);
+    *mn = f16_to_f32(word >> 16);
+  }
+}
+
+// ------------------------------------------------------------------ portable scalar path
+#if !defined(__wasm__)
+#include <math.h>
+
+// Code of input i (0..31) of a 32-block whose `bits` words start at wb (quant.py's layout:
+// 2/4/8 bits little-endian in word i*bits/32; 3 bits as two low-bit planes and a high-bit word).
+INLINE uint32_t code_at(const uint32_t *wb, int bits, int i) {
+  if (bits == 3) return ((wb[i >> 4] >> (2 * (i & 15))) & 3u) | (((wb[2] >> i) & 1u) << 2);
+  return (wb[(i * bits) >> 5] >> ((i * bits) & 31)) & ((1u << bits) - 1u);
+}
+
+// the reduction tree every path uses: lanes j + 8, j + 4, j + 2, j + 1
+INLINE float reduce16(const float *a) {
+  float t8[8], t4[4], t2[2];
+  for (int j = 0; j < 8; j++) t8[j] = a[j] + a[j + 8];
+  for (int j = 0; j < 4; j++) t4[j] = t8[j] + t8[j + 4];
+  for (int j = 0; j < 2; j++) t2[j] = t4[j] + t4[j + 2];
+  return t2[0] + t2[1];
+}
+
+static void matmul_scalar(const Mat *w, const float *x, size_t m, size_t ldx, float *y, size_t ldy, int accumulate) {
+  const size_t blocks = w->k_pad / 32;
+  for (size_t o = 0; o < w->n; o++) {
+    const uint32_t *qrow = w->q + o * w->wpr, *srow = w->s + o * w->spr;
+    for (size_t r = 0; r < m; r++) {
+      float acc[16] = {0};
+      const float *xr = x + r * ldx;
+      for (size_t b = 0; b < blocks; b++) {
+        float sc, mn;
+        group_scale(w, srow, b * 32 / w->group, &sc, &mn);
+        const uint32_t *wb = qrow + b * w->bits;
+        for (int i = 0; i < 32; i++) {
+          const float wt = fmaf((float)code_at(wb, w->bits, i), sc, mn);
+          acc[i & 15] = fmaf(wt, xr[b * 32 + i], acc[i & 15]);
+        }
+      }
+      const float s = reduce16(acc);
+      float *dst = y + r * ldy + o;
+      *dst = accumulate ? *dst + s : s;
+    }
+  }
+}
+
+static void dequantize_scalar(const Mat *w, size_t r0, size_t r1, float *out, size_t ldo) {
+  for (size_t o = r0; o < r1; o++) {
+    const uint32_t *qrow = w->q + o * w->wpr, *srow = w->s + o * w->spr;
+    float *dst = out + (o - r0) * ldo;
+    for (size_t b = 0; b < w->k_pad / 32; b++) {
+      float sc, mn;
+      group_scale(w, srow, b * 32 / w->group, &sc, &mn);
+      for (int i = 0; i < 32; i++) dst[b * 32 + i] = fmaf((float)code_at(qrow + b * w->bits, w->bits, i), sc, mn);
+    }
+  }
+}
+#endif
+
+// ------------------------------------------------------------------ x86: AVX2 and AVX-512
+#if defined(__x86_64__) && !defined(__wasm__)
+#include <immintrin.h>
+
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define T_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+// Per (bits, half h of the 32-block), lane j holds input 16h + j: which of the block's words
+// and which shift. 3 bits: the low planes (word h, shift 2j); its high bit is word 2, bit 16h + j.
+static const int32_t WORD_IDX[9][2][16] = {
+    [2] = {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
+    [3] = {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
+    [4] = {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3}},
+    [8] = {{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7}},
+};
+static const int32_t SHIFT[9][16] = {
+    [2] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+    [3] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+    [4] = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
+    [8] = {0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24},
+};
+
+// ---- AVX2: a 16-lane value is two __m256 (lanes 0-7, 8-15)
+typedef struct { __m256 lo, hi; } V2;
+typedef struct { __m256i idx[2][2], sh[2], hsh[2][2], mask; } Unpack2;
+
+T_AVX2 INLINE Unpack2 unpack2_init(int bits) {
+  Unpack2 u;
+  for (int h = 0; h < 2; h++)
+    for (int p = 0; p < 2; p++) {
+      u.idx[h][p] = _mm256_loadu_si256((const __m256i *)&WORD_IDX[bits][h][8 * p]);
+      u.hsh[h][p] = _mm256_setr_epi32(16 * h + 8 * p, 16 * h + 8 * p + 1, 16 * h + 8 * p + 2, 16 * h + 8 * p + 3,
+                                      16 * h + 8 * p + 4, 16 * h + 8 * p + 5, 16 * h + 8 * p + 6, 16 * h + 8 * p + 7);
+    }
+  for (int p = 0; p < 2; p++) u.sh[p] = _mm256_loadu_si256((const __m256i *)&SHIFT[bits][8 * p]);
+  u.mask = _mm256_set1_epi32(bits == 3 ? 3 : (1 << bits) - 1);
+  return u;
+}
+
+// the 16 codes of half h of the block at wb, as f32
+T_AVX2 INLINE V2 codes2(const uint32_t *wb, const int bits, int h, const Unpack2 *u) {
+  // a block has bits <= 8 words: one 256-bit load (masked for fewer, so no read past a row)
+  __m256i words;
+  if (bits == 8) words = _mm256_loadu_si256((const __m256i *)wb);
+  else if (bits == 4) words = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wb));
+  else if (bits == 3) words = _mm256_setr_epi32(wb[0], wb[1], wb[2], 0, 0, 0, 0, 0);
+  else words = _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)wb));
+  __m256i c[2];
+  for (int p = 0; p < 2; p++) {
+    c[p] = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, u->idx[h][p]), u->sh[p]), u->mask);
+    if (bits == 3) {
+      const __m256i high = _mm256_srlv_epi32(_mm256_set1_epi32(wb[2]), u->hsh[h][p]);
+      c[p] = _mm256_or_si256(c[p], _mm256_slli_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), 2));
+    }
+  }
+  V2 v = {_mm256_cvtepi32_ps(c[0]), _mm256_cvtepi32_ps(c[1])};
+  return v;
+}
+
+T_AVX2 INLINE float hsum8_avx2(__m256 v) {  // lanes j + 4, j + 2, j + 1 of an 8-lane partial
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+T_AVX2 INLINE void scale2(const Mat *w, const uint32_t *srow, size_t g, float *sc, float *mn) {
+  if (w->sym) {
+    const uint32_t word = srow[g >> 1];
+    *sc = _cvtsh_ss((unsigned short)(g & 1 ? word >> 16 : word & 0xffffu));
+    *mn = -*sc * (float)(1 << (w->bits - 1));
+  } else {
+    const uint32_t word = srow[g];
+    *sc = _cvtsh_ss((unsigned short)(word & 0xffffu));
+    *mn = _cvtsh_ss((unsigned short)(word >> 16));
+  }
+}
+
+// RG activation rows x NG weight rows
+#define TILE2(RG, NG)                                                                                  \
+  T_AVX2 INLINE void tile2_##RG##_##NG(const Mat *w, const int bits, const Unpack2 *u, size_t o0,       \
+                                        const float *x, size_t ldx, float *y, size_t ldy, int accumulate) { \
+    __m256 lo[RG][NG], hi[RG][NG];                                                                     \
+    for (int r = 0; r < RG; r++)                                                                       \
+      for (int c = 0; c < NG; c++) lo[r][c] = hi[r][c] = _mm256_setzero_ps();                          \
+    const size_t blocks = w->k_pad / 32;                                                               \
+    for (size_t b = 0; b < blocks; b++) {                                                              \
+      const size_t g = b * 32 / w->group;                                                              \
+      __m256 sc[NG], mn[NG];                                                                           \
+      for (int c = 0; c < NG; c++) {                                                                   \
+        float s_, m_;                                                                                  \
+        scale2(w, w->s + (o0 + c) * w->spr, g, &s_, &m_);                                              \
+        sc[c] = _mm256_set1_ps(s_), mn[c] = _mm256_set1_ps(m_);                                        \
+      }                                                                                                \
+      for (int h = 0; h < 2; h++) {                                                                    \
+        V2 wt[NG];                                                                                     \
+        for (int c = 0; c < NG; c++) {                                                                 \
+          V2 cd = codes2(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u);                             \
+          wt[c].lo = _mm256_fmadd_ps(cd.lo, sc[c], mn[c]);                                             \
+          wt[c].hi = _mm256_fmadd_ps(cd.hi, sc[c], mn[c]);                                             \
+        }                                                                                              \
+        for (int r = 0; r < RG; r++) {                                                                 \
+          const float *xp = x + r * ldx + b * 32 + 16 * h;                                             \
+          const __m256 xlo = _mm256_loadu_ps(xp), xhi = _mm256_loadu_ps(xp + 8);                       \
+          for (int c = 0; c < NG; c++) {                                                               \
+            lo[r][c] = _mm256_fmadd_ps(wt[c].lo, xlo, lo[r][c]);                                       \
+            hi[r][c] = _mm256_fmadd_ps(wt[c].hi, xhi, hi[r][c]);                                       \
+          }                                                                                            \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int r = 0; r < RG; r++)                                                                       \
+      for (int c = 0; c < NG; c++) {                                                                   \
+        const float s = hsum8_avx2(_mm256_add_ps(lo[r][c], hi[r][c]));                                 \
+        float *dst = y + r * ldy + o0 + c;                                                             \
+        *dst = accumulate ? *dst + s : s;                                                              \
+      }                                                                                                \
+  }
+
+TILE2(1, 4) TILE2(2, 2) TILE2(3, 1) TILE2(4, 1) TILE2(1, 1) TILE2(2, 1)
+
+T_AVX2 INLINE void matmul_avx2_bits(const Mat *w, const int bits, const float *x, size_t m, size_t ldx, float *y,
+                                    size_t ldy, int accumulate) {
+  const Unpack2 u = unpack2_init(bits);
+  const size_t ng = m == 1 ? 4 : m == 2 ? 2 : 1;
+  for (size_t o = 0; o < w->n;) {
+    const size_t take = w->n - o >= ng ? ng : 1;
+    for (size_t r = 0; r < m; r += 4) {
+      const size_t rg = m - r < 4 ? m - r : 4;
+      const float *xr = x + r * ldx;
+      float *yr = y + r * ldy;
+      if (take == 4) tile2_1_4(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      else if (take == 2) tile2_2_2(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      else if (rg == 4) tile2_4_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      else if (rg == 3) tile2_3_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      else if (rg == 2) tile2_2_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      else tile2_1_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+    }
+    o += take;
+  }
+}
+
+T_AVX2 static void matmul_avx2(const Mat *w, const float *x, size_t m, size_t ldx, float *y, size_t ldy, int accumulate) {
+  switch (w->bits) {  // each width its own specialised copy of the loops
+    case 2: matmul_avx2_bits(w, 2, x, m, ldx, y, ldy, accumulate); break;
+    case 3: matmul_avx2_bits(w, 3, x, m, ldx, y, ldy, accumulate); break;
+    case 4: matmul_avx2_bits(w, 4, x, m, ldx, y, ldy, accumulate); break;
+    default: matmul_avx2_bits(w, 8, x, m, ldx, y, ldy, accumulate); break;
+  }
+}
+
+T_AVX2 static void dequantize_avx2(const Mat *w, size_t r0, size_t r1, float *out, size_t ldo) {
+  const Unpack2 u = unpack2_init(w->bits);
+  for (size_t o = r0; o < r1; o++) {
+    float *dst = out + (o - r0) * ldo;
+    for (size_t b = 0; b < w->k_pad / 32; b++) {
+      float s_, m_;
+      scale2(w, w->s + o * w->spr, b * 32 / w->group, &s_, &m_);
+      const __m256 sc = _mm256_set1_ps(s_), mn = _mm256_set1_ps(m_);
+      for (int h = 0; h < 2; h++) {
+        const V2 cd = codes2(w->q + o * w->wpr + b * w->bits, w->bits, h, &u);
+        _mm256_storeu_ps(dst + b * 32 + 16 * h, _mm256_fmadd_ps(cd.lo, sc, mn));
+        _mm256_storeu_ps(dst + b * 32 + 16 * h + 8, _mm256_fmadd_ps(cd.hi, sc, mn));
+      }
+    }
+  }
+}
+
+// ---- AVX-512: a 16-lane value is one __m512
+typedef struct { __m512i idx[2], sh, hsh[2], mask; } Unpack5;
+
+T_AVX512 INLINE Unpack5 unpack5_init(int bits) {
+  Unpack5 u;
+  for (int h = 0; h < 2; h++) {
+    u.idx[h] = _mm512_loadu_si512(WORD_IDX[bits][h]);
+    u.hsh[h] = _mm512_add_epi32(_mm512_set1_epi32(16 * h),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  u.sh = _mm512_loadu_si512(SHIFT[bits]);
+  u.mask = _mm512_set1_epi32(bits == 3 ? 3 : (1 << bits) - 1);
+  return u;
+}
+
+T_AVX512 INLINE __m512 codes5(const uint32_t *wb, const int bits, int h, const Unpack5 *u) {
+  const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << bits) - 1u), wb);
+  __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(u->idx[h], words), u->sh), u->mask);
+  if (bits == 3) {
+    const __m512i high = _mm512_srlv_epi32(_mm512_set1_epi32(wb[2]), u->hsh[h]);
+    c = _mm512_or_si512(c, _mm512_slli_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), 2));
+  }
+  return _mm512_cvtepi32_ps(c);
+}
+
+#define TILE5(RG, NG)                                                                                  \
+  T_AVX512 INLINE void tile5_##RG##_##NG(const Mat *w, const int bits, const Unpack5 *u, size_t o0,     \
+                                          const float *x, size_t ldx, float *y, size_t ldy, int accumulate) { \
+    __m512 acc[RG][NG];                                                                                \
+    for (int r = 0; r < RG; r++)                                                                       \
+      for (int c = 0; c < NG; c++) acc[r][c] = _mm512_setzero_ps();                                    \
+    const size_t blocks = w->k_pad / 32;                                                               \
+    for (size_t b = 0; b < blocks; b++) {                                                              \
+      const size_t g = b * 32 / w->group;                                                              \
+      __m512 sc[NG], mn[NG];                                                                           \
+      for (int c = 0; c < NG; c++) {                                                                   \
+        float s_, m_;                                                                                  \
+        scale2(w, w->s + (o0 + c) * w->spr, g, &s_, &m_);                                              \
+        sc[c] = _mm512_set1_ps(s_), mn[c] = _mm512_set1_ps(m_);                                        \
+      }                                                                                                \
+      for (int h = 0; h < 2; h++) {                                                                    \
+        __m512 wt[NG];                                                                                 \
+        for (int c = 0; c < NG; c++)                                                                   \
+          wt[c] = _mm512_fmadd_ps(codes5(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u), sc[c], mn[c]); \
+        for (int r = 0; r < RG; r++) {                                                                 \
+          const __m512 xv = _mm512_loadu_ps(x + r * ldx + b * 32 + 16 * h);                            \
+          for (int c = 0; c < NG; c++) acc[r][c] = _mm512_fmadd_ps(wt[c], xv, acc[r][c]);              \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int r = 0; r < RG; r++)                                                                       \
+      for (int c = 0; c < NG; c++) {                                                                   \
+        const __m256 hi8 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][c]), 1));   \
+        const float s = hsum8_avx2(_mm256_add_ps(_mm512_castps512_ps256(acc[r][c]), hi8));             \
+        float *dst = y + r * ldy + o0 + c;                                                             \
+        *dst = accumulate ? *dst + s : s;                                                              \
+      }                                                                                                \
+  }
+
+TILE5(1, 4) TILE5(2, 4) TILE5(3, 4) TILE5(4, 4) TILE5(1, 1) TILE5(2, 1) TILE5(3, 1) TILE5(4, 1)
+
+T_AVX512 INLINE void matmul_avx512_bits(const Mat *w, const int bits, const float *x, size_t m, size_t ldx, float *y,
+                                        size_t ldy, int accumulate) {
+  const Unpack5 u = unpack5_init(bits);
+  for (size_t o = 0; o < w->n;) {
+    const int wide = w->n - o >= 4;
+    for (size_t r = 0; r < m; r += 4) {
+      const size_t rg = m - r < 4 ? m - r : 4;
+      const float *xr = x + r * ldx;
+      float *yr = y + r * ldy;
+      if (wide) {
+        if (rg == 4) tile5_4_4(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+        else if (rg == 3) tile5_3_4(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+        else if (rg == 2) tile5_2_4(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+        else tile5_1_4(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      } else {
+        if (rg == 4) tile5_4_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+        else if (rg == 3) tile5_3_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+        else if (rg == 2) tile5_2_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+        else tile5_1_1(w, bits, &u, o, xr, ldx, yr, ldy, accumulate);
+      }
+    }
+    o += wide ? 4 : 1;
+  }
+}
+
+T_AVX512 static void matmul_avx512(const Mat *w, const float *x, size_t m, size_t ldx, float *y, size_t ldy, int accumulate) {
+  switch (w->bits) {
+    case 2: matmul_avx512_bits(w, 2, x, m, ldx, y, ldy, accumulate); break;
+    case 3: matmul_avx512_bits(w, 3, x, m, ldx, y, ldy, accumulate); break;
+    case 4: matmul_avx512_bits(w, 4, x, m, ldx, y, ldy, accumulate); break;
+    default: matmul_avx512_bits(w, 8, x, m, ldx, y, ldy, accumulate); break;
+  }
+}
+#endif  // x86
+
+// ------------------------------------------------------------------ native entry points
+#if !defined(__wasm__)
+
+// 0: the portable scalar path, 1: AVX2+FMA+F16C, 2: AVX-512 (F) on top of those.
+int pk_best_isa(void) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+  // F16C comes with every AVX2 CPU; __builtin_cpu_supports has no name for it on older gcc
+  return __builtin_cpu_supports("avx512f") ? 2 : 1;
+#else
+  return 0;
+#endif
+}
+
+// y[r * ldy + o] (+)= sum_k x[r * ldx + k] * W[o, k] for r < m, o < n; isa at most pk_best_isa().
+void pk_matmul(int isa, const uint32_t *q, const uint32_t *s, size_t n, size_t k, int bits, int group, int sym,
+               const float *x, size_t m, size_t ldx, float *y, size_t ldy, int accumulate) {
+  const Mat w = mat_of(q, s, n, k, bits, group, sym);
+#if defined(__x86_64__)
+  if (isa == 2) return matmul_avx512(&w, x, m, ldx, y, ldy, accumulate);
+  if (isa == 1) return matmul_avx2(&w, x, m, ldx, y, ldy, accumulate);
+#endif
+  (void)isa;
+  matmul_scalar(&w, x, m, ldx, y, ldy, accumulate);
+}
+
+// One fused matrix as several packed parts side by side in y (q/k/v, gate/up): parts[i] =
+// {q, s, n, k, bits | group << 8 | sym << 16, y column}, read in one call.
+typedef struct { const uint32_t *q, *s; size_t n, k; uint32_t fmt; uint32_t y_col; } Part;
+
+void pk_matmul_parts(int isa, const Part *parts, int nparts, const float *x, size_t m, size_t ldx, float *y,
+                     size_t ldy, int accumulate) {
+  for (int i = 0; i < nparts; i++) {
+    const Part *p = &parts[i];
+    pk_matmul(isa, p->q, p->s, p->n, p->k, p->fmt & 0xff, (p->fmt >> 8) & 0xff, (p->fmt >> 16) & 1, x, m, ldx,
+              y + p->y_col, ldy, accumulate);
+  }
+}
+
+// f32 rows [r0, r1) of W (k_pad columns each) into out (rows of ldo floats): for BLAS on long
+// prefill chunks, a chunk at a time.
+void pk_dequantize(int isa, const uint32_t *q, const uint32_t *s, size_t n, size_t k, int bits, int group, int sym,
+                   size_t r0, size_t r1, float *out, size_t ldo) {
+  const Mat w = mat_of(q, s, n, k, bits, group, sym);
+#if defined(__x86_64__)
+  if (isa >= 1) return dequantize_avx2(&w, r0, r1, out, ldo);
+#endif
+  (void)isa;
+  dequantize_scalar(&w, r0, r1, out, ldo);
+}
+#endif  // native
+
+// ------------------------------------------------------------------ WebAssembly SIMD (the tab)
+#if defined(__wasm__)
+// 4 lanes at a time: the 4 codes of lanes j..j+3 sit in one word for 2/4/8 bits (and in one
+// low-plane word for 3 bits), so splat the word, mask each lane's field in place and convert:
+// (code << shift) is exact in f32 and scaling by 2^-shift is exact too.
+INLINE v128_t codes4(const uint32_t *wb, int bits, int i0) {
+  if (bits == 3) {
+    const int sh = 2 * (i0 & 15);
+    v128_t lo = wasm_v128_and(wasm_u32x4_splat(wb[i0 >> 4] >> sh), wasm_u32x4_make(3, 3 << 2, 3 << 4, 3 << 6));
+    v128_t hi = wasm_v128_and(wasm_u32x4_splat(wb[2] >> i0), wasm_u32x4_make(1, 2, 4, 8));
+    return wasm_f32x4_add(wasm_f32x4_mul(wasm_f32x4_convert_u32x4(lo), wasm_f32x4_make(1.f, 0.25f, 0.0625f, 0.015625f)),
+                          wasm_f32x4_mul(wasm_f32x4_convert_u32x4(hi), wasm_f32x4_make(4.f, 2.f, 1.f, 0.5f)));
+  }
+  const int sh = (i0 * bits) & 31;
+  const uint32_t m = (1u << bits) - 1u;
+  const v128_t word = wasm_u32x4_splat(wb[(i0 * bits) >> 5] >> sh);
+  const v128_t mask = wasm_u32x4_make(m, m << bits, m << 2 * bits, m << 3 * bits);
+  const float s1 = 1.0f / (float)(1 << bits), s2 = s1 * s1, s3 = s2 * s1;
+  return wasm_f32x4_mul(wasm_f32x4_convert_u32x4(wasm_v128_and(word, mask)), wasm_f32x4_make(1.f, s1, s2, s3));
+}
+
+INLINE float reduce16_wasm(v128_t a0, v128_t a1, v128_t a2, v128_t a3) {  // lanes j + 8, j + 4, j + 2, j + 1
+  const v128_t t = wasm_f32x4_add(wasm_f32x4_add(a0, a2), wasm_f32x4_add(a1, a3));
+  return (wasm_f32x4_extract_lane(t, 0) + wasm_f32x4_extract_lane(t, 2)) +
+         (wasm_f32x4_extract_lane(t, 1) + wasm_f32x4_extract_lane(t, 3));
+}
+
+#define WASM_ROWS 4
+INLINE void matmul_wasm_bits(const Mat *w, const int bits, const float *x, int m, int ldx, float *y, int ldy,
+                             int accumulate) {
+  const size_t blocks = w->k_pad / 32;
+  for (int r0 = 0; r0 < m; r0 += WASM_ROWS) {
+    const int rg = m - r0 < WASM_ROWS ? m - r0 : WASM_ROWS;
+    for (size_t o = 0; o < w->n; o++) {
+      const uint32_t *qrow = w->q + o * w->wpr, *srow = w->s + o * w->spr;
+      v128_t acc[WASM_ROWS][4];
+      for (int r = 0; r < WASM_ROWS; r++)
+        for (int l = 0; l < 4; l++) acc[r][l] = wasm_f32x4_splat(0.f);
+      for (size_t b = 0; b < blocks; b++) {
+        float sc_, mn_;
+        group_scale(w, srow, b * 32 / w->group, &sc_, &mn_);
+        const v128_t sc = wasm_f32x4_splat(sc_), mn = wasm_f32x4_splat(mn_);
+        const uint32_t *wb = qrow + b * bits;
+        for (int i = 0; i < 32; i += 4) {
+          const v128_t wt = wasm_f32x4_add(wasm_f32x4_mul(codes4(wb, bits, i), sc), mn);
+          for (int r = 0; r < rg; r++) {
+            const v128_t xv = wasm_v128_load(x + (size_t)(r0 + r) * ldx + b * 32 + i);
+            acc[r][(i & 15) >> 2] = wasm_f32x4_add(acc[r][(i & 15) >> 2], wasm_f32x4_mul(wt, xv));
+          }
+        }
+      }
+      for (int r = 0; r < rg; r++) {
+        const float s = reduce16_wasm(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        float *dst = y + (size_t)(r0 + r) * ldy + o;
+        *dst = accumulate ? *dst + s : s;
+      }
+    }
+  }
+}
+
+// The tab's qmatvec: y[r * ldy + o] (+)= x[r] . W[o] for r < m (x rows of ldx >= k_pad floats,
+// zeros past k). The JS engine (backend_cpu.js) passes the tensor's words as they arrived.
+EXPORT("pk_matmul")
+void pk_matmul(const uint32_t *q, const uint32_t *s, int n, int k, int bits, int group, int sym, const float *x,
+               int m, int ldx, float *y, int ldy, int accumulate) {
+  const Mat w = mat_of(q, s, (size_t)n, (size_t)k, bits, group, sym);
+  switch (bits) {
+    case 2: matmul_wasm_bits(&w, 2, x, m, ldx, y, ldy, accumulate); break;
+    case 3: matmul_wasm_bits(&w, 3, x, m, ldx, y, ldy, accumulate); break;
+    case 4: matmul_wasm_bits(&w, 4, x, m, ldx, y, ldy, accumulate); break;
+    default: matmul_wasm_bits(&w, 8, x, m, ldx, y, ldy, accumulate); break;
+  }
+}
+#endif
