@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import uuid
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -20,15 +19,15 @@ from coordinator.security import AccessGuard, RateLimit
 from coordinator.server import CoordinatorService
 from tabshard import wire
 from tabshard.errors import ConfigError
-from tabshard.sampling import CANDIDATES, SamplingParams
+from tabshard.sampling import CANDIDATES, SEED_MAX, USER_DEFAULTS, SamplingParams, resolve_params
 
 MODEL_ID = "smollm2-135m-instruct"
 # numeric request fields: (type, default, lowest, highest), checked by `_num`; null means the
 # default. coordinator/openapi.py documents these very tables (GET /openapi.json).
 SAMPLING_FIELDS = {"temperature": (float, 1.0, 0.0, 2.0), "top_p": (float, 1.0, 0.0, 1.0),
-                   "top_k": (int, 0, 0, CANDIDATES), "seed": (int, None, 0, 2**64 - 1)}
-N_FIELD = (int, 1, 1, 1)
-DEFAULT_MAX_TOKENS = 256
+                   "top_k": (int, 0, 0, CANDIDATES), "seed": (int, None, 0, SEED_MAX)}
+N_FIELD = (int, 1, 1, 16)
+DEFAULT_MAX_TOKENS = USER_DEFAULTS["max_tokens"]  # the CLI's too
 FLAGS = ("stream", "greedy")  # booleans (null: false)
 
 
@@ -79,17 +78,52 @@ def _text(s: str, param: str) -> str:
 
 
 def sampling_from_body(body: dict) -> SamplingParams:
-    temperature, top_p, top_k, seed = (_num(body, k, *rule) for k, rule in SAMPLING_FIELDS.items())
-    greedy = _flag(body, "greedy") or temperature == 0.0
+    """The sampling fields -> SamplingParams by the rules the CLI shares (sampling.resolve_params):
+    no seed draws a fresh one, greedy with a non-zero temperature is refused."""
+    values = {k: _num(body, k, kind, None, lo, hi) for k, (kind, _default, lo, hi) in SAMPLING_FIELDS.items()}
     try:
-        return SamplingParams(greedy=greedy, temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=top_k, seed=seed)
+        return resolve_params(**values, greedy=_flag(body, "greedy"))
     except ConfigError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(str(exc), "greedy" if "contradict" in str(exc) else None) from None
 
 
-def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlette:
+async def read_body(request: Request, limits) -> bytes | None:
+    """The request body, or None past max_request_bytes (read no further: a huge body would
+    otherwise sit in memory and be tokenized on the event loop before any limit applies)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_request_bytes:
+        return None
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > limits.max_request_bytes:
+            return None
+    return bytes(data)
+
+
+def cors_middleware(limits) -> list:
+    """Browser web apps on these origins (the cors_origins setting, comma-separated, "*" for
+    any) may call the API, preflight included; none by default."""
+    origins = [o.strip() for o in getattr(limits, "cors_origins", "").split(",") if o.strip()]
+    if not origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+                       expose_headers=["X-Tabshard-Seed", "Retry-After"], max_age=600)]
+
+
+def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_model_names: list[str] | None = None) -> Starlette:
+    """served_model_names: the names clients may ask for (vLLM's --served-model-name): the first
+    is the model's id, the others aliases; default [model_id]."""
+    from coordinator import openai_api
+    from coordinator.metrics import Metrics
+
+    names = list(dict.fromkeys(served_model_names or [model_id]))
+    model_id = names[0]
     tok = service.tokenizer
     limits = service.settings
+    metrics = Metrics(service)
+    service.metrics = metrics
 
     def check_admission(ids: list[int], param: str) -> None:
         """Refuse before any work: a prompt over the limit (400), or a full house (429, retry)."""
@@ -103,15 +137,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
                              None, 429)
 
     def prompt_ids_from_chat(body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list", "messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise BadRequest(f"messages[{i}] needs string 'role' and 'content'", f"messages.{i}")
-            clean.append({"role": _text(m["role"], f"messages.{i}.role"), "content": _text(m["content"], f"messages.{i}.content")})
-        return tok.encode(tok.render_chat(clean))
+        return tok.encode(tok.render_chat(openai_api.parse_messages(body.get("messages"), [], "none")))
 
     def prompt_ids_from_completion(body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -121,128 +147,32 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             raise BadRequest("'prompt' must be a non-empty string", "prompt")
         return tok.encode(_text(prompt, "prompt"))
 
-    async def run_request(body: dict, chat: bool):
-        if body.get("model") not in (None, model_id):
-            raise BadRequest(f"model {body.get('model')!r} is not served here; use {model_id!r}", "model", 404)
-        ids = prompt_ids_from_chat(body) if chat else prompt_ids_from_completion(body)
-        max_tokens = _num(body, "max_tokens", *max_tokens_field(limits))
-        max_tokens = _num(body, "max_completion_tokens", int, max_tokens, *max_tokens_field(limits)[2:])
-        _num(body, "n", *N_FIELD)
-        for key in FLAGS:
-            _flag(body, key)
-        params = sampling_from_body(body)
-        check_admission(ids, "messages" if chat else "prompt")
-        return service.open_request(ids, max_tokens, params)
-
-    async def read_body(request: Request) -> bytes | None:
-        """The request body, or None past max_request_bytes (read no further: a huge body would
-        otherwise sit in memory and be tokenized on the event loop before any limit applies)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_request_bytes:
-            return None
-        data = bytearray()
-        async for piece in request.stream():
-            data += piece
-            if len(data) > limits.max_request_bytes:
-                return None
-        return bytes(data)
-
-    async def completions(request: Request, chat: bool):
-        raw = await read_body(request)
-        if raw is None:
-            return _error(f"the body exceeds max_request_bytes ({limits.max_request_bytes} bytes)", 413)
-        try:
-            body = json.loads(raw)
-        except Exception:
-            return _error("the body is not valid JSON", 400)
-        if not isinstance(body, dict):
-            return _error("the body must be a JSON object", 400)
-        try:
-            rid, client = await run_request(body, chat)
-        except BadRequest as exc:
-            return _error(str(exc), exc.status, exc.param, "overloaded" if exc.status == 429 else "invalid_request_error")
-        created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
-        oid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-        def usage():
-            return {"prompt_tokens": client.prompt_tokens, "completion_tokens": len(client.tokens),
-                    "total_tokens": client.prompt_tokens + len(client.tokens)}
-
-        if body.get("stream"):  # a boolean (run_request checked)
-            def sse_chunk(text: str, finish_reason: str | None, **extra) -> str:
-                choice = ({"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason} if chat
-                          else {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None})
-                chunk = {"id": oid, "object": "chat.completion.chunk" if chat else obj, "created": created,
-                         "model": model_id, "choices": [choice], **extra}
-                return f"data: {json.dumps(chunk)}\n\n"
-
-            async def events():
-                finished = False
-                try:
-                    if chat:
-                        first = {"id": oid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                        yield f"data: {json.dumps(first)}\n\n"
-                    while True:
-                        ev = await client.queue.get()
-                        if ev["type"] == "rewind":
-                            # no OpenAI field withdraws text: an extension field says how much to drop
-                            yield sse_chunk("", None, tabshard_rewind={"index": ev["index"], "retract_chars": ev["retract_chars"],
-                                                                       "reason": ev["reason"]})
-                        elif ev["type"] == "token":
-                            if ev["text"]:
-                                yield sse_chunk(ev["text"], None)
-                        elif ev["type"] == "done":
-                            finished = True
-                            yield sse_chunk("", ev["finish_reason"], usage=usage())
-                            yield "data: [DONE]\n\n"
-                            return
-                        else:
-                            finished = True
-                            yield f"data: {json.dumps({'error': {'message': ev['message'], 'type': ev['code'], 'retriable': ev.get('retriable', False)}})}\n\n"
-                            return
-                finally:
-                    service.close_request(rid, cancelled=not finished)
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        finished = False
-        try:
-            while True:
-                # a client that goes away while we wait cancels its work
-                get = asyncio.ensure_future(client.queue.get())
-                while not get.done():
-                    await asyncio.wait([get], timeout=0.25)
-                    if not get.done() and await request.is_disconnected():
-                        get.cancel()
-                        return _error("client disconnected", 499)
-                ev = get.result()
-                if ev["type"] in ("token", "rewind"):
-                    continue  # the answer is built from client.tokens, already rewound
-                if ev["type"] == "done":
-                    finished = True
-                    break
-                if ev["type"] == "error":
-                    finished = True
-                    status = 429 if ev["code"] == "overloaded" else 503 if ev.get("retriable") else 400
-                    return _error(ev["message"], status, kind=ev["code"])
-        finally:
-            service.close_request(rid, cancelled=not finished)
-        text = tok.decode([t for t in client.tokens if t != service.core.config.eos_id])
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ev["finish_reason"], "logprobs": None}
-                  if chat else {"index": 0, "text": text, "finish_reason": ev["finish_reason"], "logprobs": None})
-        return JSONResponse({"id": oid, "object": obj, "created": created, "model": model_id, "choices": [choice],
-                             "usage": usage()})
-
     async def chat_completions(request: Request):
-        return await completions(request, chat=True)
+        return await openai_api.handle(request, service, True, names, metrics)
 
     async def text_completions(request: Request):
-        return await completions(request, chat=False)
+        return await openai_api.handle(request, service, False, names, metrics)
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "tabshard", "root": model_id,
+                "max_model_len": min(limits.max_ctx, service.core.config.context)}
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "tabshard"}]})
+        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
+
+    async def model_detail(request: Request):
+        name = request.path_params["model"]
+        if name not in names:
+            return _error(f"model {name!r} is not served here; use {model_id!r}", 404, "model", "model_not_found")
+        return JSONResponse(model_card(name))
+
+    async def root(request: Request):
+        return JSONResponse({"name": "tabshard coordinator", "model": model_id, "aliases": names[1:],
+                             "api": "/v1 (OpenAI-compatible)", "openapi": "/openapi.json", "status": "/status",
+                             "health": "/health", "metrics": "/metrics", "dashboard": "/dashboard", "docs": "docs/ in the repository"})
+
+    async def prometheus(request: Request):
+        return metrics.response()
 
     async def health(request: Request):
         st = service.core
@@ -255,7 +185,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
     async def openapi(request: Request):
         from coordinator.openapi import build_spec  # it reads this module's tables
 
-        return JSONResponse(build_spec(limits, model_id, api_key_required=bool(service.api_key)))
+        return JSONResponse(build_spec(limits, model_id, api_key_required=bool(service.api_key), aliases=tuple(names[1:])))
 
     async def worker_socket(ws: WebSocket):
         await ws.accept()
@@ -352,6 +282,9 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", text_completions, methods=["POST"]),
             Route("/v1/models", models),
+            Route("/v1/models/{model:path}", model_detail),
+            Route("/", root),
+            Route("/metrics", prometheus),
             Route("/health", health),
             Route("/status", status),
             Route("/openapi.json", openapi),
@@ -359,5 +292,6 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID) -> Starlett
             WebSocketRoute("/v1/stream", token_stream),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(AccessGuard, service=service)],
+        # CORS outermost: a browser's preflight (OPTIONS, no credentials) is answered before the guard
+        middleware=[*cors_middleware(limits), Middleware(AccessGuard, service=service)],
     )

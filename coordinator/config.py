@@ -45,6 +45,7 @@ _RULES = {
     "dead_workers_kept": (int, 0, 1_000_000),  # ended workers' records kept for /status
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
+    "cors_origins": (str, None, None),  # web app origins allowed to call the API from a browser ("*": any)
     "speculation": (str, ("off", "prompt-lookup", "draft-model"), None),  # drafts verified k+1 rows a trip
     "speculation_max_k": (int, 0, 16),  # the most drafts a trip carries (tab_worker.worker.DRAFT_ROWS)
     "draft_model": (str, None, None),  # the GGUF the draft-model mode runs on the coordinator

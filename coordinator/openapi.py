@@ -1,8 +1,9 @@
 """The coordinator's HTTP API as an OpenAPI 3.1 document, served at GET /openapi.json.
 
-Built per server from the tables coordinator/app.py validates requests with (SAMPLING_FIELDS,
-N_FIELD, FLAGS, max_tokens_field) and the server's own limits (max_output_tokens,
-max_prompt_tokens), so the ranges it states are the ones enforced. WebSocket endpoints
+Built per server from the tables coordinator/app.py and coordinator/openai_api.py validate
+requests with (SAMPLING_FIELDS, N_FIELD, FLAGS, max_tokens_field, FIELDS, NEUTRAL) and the
+server's own limits (max_output_tokens, max_prompt_tokens), so the ranges it states are the
+ones enforced; a field not described is refused (400 naming it). WebSocket endpoints
 (/v1/stream, /ws/worker, /ws/dashboard) are not HTTP operations and are not described here.
 The API key is described as a header scheme only; its value never appears.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from coordinator import app as api
+from coordinator import openai_api as oa
 from coordinator.tab_routes import KERNEL_DIR
 
 JSON = "application/json"
@@ -51,7 +53,14 @@ def _text(media: str, description: str) -> dict:
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
-def _generation_fields(limits, model_id: str) -> dict:
+def _neutral(value) -> dict:
+    """A field accepted only in the value that asks for nothing."""
+    if value == {}:
+        return {"type": ["object", "null"], "maxProperties": 0, "description": "accepted only empty"}
+    return {"enum": [value, None], "description": f"accepted only as {value!r} (anything else is refused)"}
+
+
+def _generation_fields(limits, model_ids: list, chat: bool) -> dict:
     max_tokens = _field(api.max_tokens_field(limits), "tokens to generate at most (the server's max_output_tokens is "
                                                        "the maximum; fewer where the context runs out)")
     descriptions = {"temperature": "0 means greedy decoding", "top_p": "nucleus sampling mass (0 means 1)",
@@ -59,33 +68,78 @@ def _generation_fields(limits, model_id: str) -> dict:
                     "seed": "sampling seed: the same seed gives the same tokens",
                     "stream": "true: the answer comes as server-sent events (text/event-stream)",
                     "greedy": "true: always the most likely token (as temperature 0)"}
-    return {
-        "model": {"enum": [model_id, None], "description": "the one model served (optional)"},
+    descriptions["seed"] = "sampling seed: the same seed gives the same tokens (default: a fresh one, returned as seed)"
+    descriptions["top_p"] = "nucleus sampling mass; 0 keeps only the most likely token (greedy)"
+    top = oa.MAX_TOP_LOGPROBS
+    fields = {
+        "model": {"enum": [*model_ids, None], "description": "the model served, by its id or an alias (optional)"},
         "max_tokens": max_tokens,
         "max_completion_tokens": {**max_tokens, "description": "the same as max_tokens, and wins over it"},
-        "n": _field(api.N_FIELD, "choices per request: only 1"),
+        "n": _field(api.N_FIELD, "choices per request, each sampled with seed + its index; they share the prompt's KV"),
         **{k: _field(rule, descriptions[k]) for k, rule in api.SAMPLING_FIELDS.items()},
         **{k: {"type": ["boolean", "null"], "default": False, "description": descriptions[k]} for k in api.FLAGS},
+        "stop": {"description": f"up to {oa.MAX_STOPS} strings that end the answer; they are not returned (nor streamed)",
+                 "anyOf": [{"type": "string", "minLength": 1}, {"type": "null"},
+                           {"type": "array", "maxItems": oa.MAX_STOPS, "items": {"type": "string", "minLength": 1}}]},
+        "stream_options": {"type": ["object", "null"], "additionalProperties": False,
+                           "properties": {"include_usage": {"type": ["boolean", "null"]}},
+                           "description": "with stream only; include_usage: a last chunk with no choices carries the usage"},
+        "user": {"type": ["string", "null"], "description": "an end-user id: accepted, not stored"},
+        "metadata": {"type": ["object", "null"], "description": "accepted, not stored"},
+        "parallel_tool_calls": {"type": ["boolean", "null"], "description": "at most one call is made either way"},
+        **{k: _neutral(v) for k, v in oa.NEUTRAL.items()},
     }
+    if chat:
+        fields.update({
+            "logprobs": {"type": ["boolean", "null"], "description": "return each token's log-probability (exact, "
+                                                                     "over the whole vocabulary)"},
+            "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": top,
+                             "description": "and this many most likely alternatives (needs logprobs)"},
+            "response_format": {"type": ["object", "null"], "required": ["type"],
+                                "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                                               "json_schema": {"type": "object"}},
+                                "description": "json_object: a JSON object; json_schema: JSON matching "
+                                               "json_schema.schema (grammar-constrained decoding)"},
+            "tools": {"type": ["array", "null"], "minItems": 1, "items": {
+                "type": "object", "required": ["type", "function"],
+                "properties": {"type": {"const": "function"},
+                               "function": {"type": "object", "required": ["name"],
+                                            "properties": {"name": {"type": "string", "minLength": 1},
+                                                           "description": {"type": "string"},
+                                                           "parameters": {"type": ["object", "null"]}}}}}},
+            "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required", None]},
+                                      {"type": "object", "required": ["type", "function"]}],
+                            "description": "required or a named function: the answer is a call (JSON constrained "
+                                           "by the function's parameters), returned as tool_calls"},
+        })
+    else:
+        fields["logprobs"] = {"type": ["integer", "null"], "minimum": 0, "maximum": top,
+                              "description": "return each token's log-probability and this many alternatives"}
+    return fields
 
 
-def _schemas(limits, model_id: str) -> dict:
-    fields = _generation_fields(limits, model_id)
+def _schemas(limits, model_ids: list) -> dict:
+    model_id = model_ids[0]
     prompt_note = (f"At most {limits.max_prompt_tokens} prompt tokens (after the chat template) are accepted, and "
                    "fewer where the model's context is shorter; a longer prompt, or one the tokenizer reduces to no "
-                   "tokens, is refused with 400 (error.param names the field). Fields not "
-                   "listed (stop, presence_penalty, user, ...) are accepted and ignored.")
+                   "tokens, is refused with 400 (error.param names the field). A field not listed is refused "
+                   "(400 naming it): none is silently ignored.")
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
              "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    finish = {"enum": ["stop", "length"]}
+    finish = {"enum": ["stop", "length", "tool_calls"]}
+    logprobs = {"type": ["object", "null"], "description": "chat: {content: [{token, logprob, bytes, top_logprobs}]}; "
+                                                          "completions: {tokens, token_logprobs, top_logprobs, text_offset}"}
+    tool_calls = {"type": "array", "items": {"type": "object", "required": ["id", "type", "function"]}}
 
     def completion(obj: str, choice: dict, chunk: bool = False) -> dict:
         """An answer, or one chunk of a streamed answer (only the last chunk has usage)."""
         return {"type": "object", "required": ["id", "object", "created", "model", "choices"] + ([] if chunk else ["usage"]),
                 "properties": {"id": {"type": "string"}, "object": {"const": obj}, "created": {"type": "integer"},
-                               "model": {"const": model_id},
-                               "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": choice},
-                               "usage": _ref("Usage")}}
+                               "model": {"enum": model_ids},
+                               "choices": {"type": "array", "minItems": 0 if chunk else 1, "maxItems": api.N_FIELD[3],
+                                           "items": choice},
+                               "usage": {"anyOf": [_ref("Usage"), NULL]} if chunk else _ref("Usage"),
+                               "seed": {"type": "integer", "description": "the seed used (choice i: seed + i)"}}}
 
     def event(answer_chunk: str) -> dict:
         """One server-sent event: its data a JSON chunk, a JSON error, or the closing [DONE]."""
@@ -93,17 +147,18 @@ def _schemas(limits, model_id: str) -> dict:
         return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
             {"const": "[DONE]"}, {"type": "string", "contentMediaType": JSON, "contentSchema": payload}]}}}
 
-    stream_finish = {"enum": ["stop", "length", None]}
+    stream_finish = {"enum": ["stop", "length", "tool_calls", None]}
     return {
         "ChatCompletionChunk": completion("chat.completion.chunk", chunk=True, choice={
             "type": "object", "required": ["index", "delta", "finish_reason"],
-            "properties": {"index": {"const": 0}, "finish_reason": stream_finish,
+            "properties": {"index": {"type": "integer", "minimum": 0}, "finish_reason": stream_finish, "logprobs": logprobs,
                            "delta": {"type": "object", "properties": {"role": {"const": "assistant"},
-                                                                      "content": {"type": "string"}}}}}),
+                                                                      "content": {"type": "string"},
+                                                                      "tool_calls": tool_calls}}}}),
         "TextCompletionChunk": completion("text_completion", chunk=True, choice={
             "type": "object", "required": ["index", "text", "finish_reason"],
-            "properties": {"index": {"const": 0}, "text": {"type": "string"}, "finish_reason": stream_finish,
-                           "logprobs": NULL}}),
+            "properties": {"index": {"type": "integer", "minimum": 0}, "text": {"type": "string"},
+                           "finish_reason": stream_finish, "logprobs": logprobs}}),
         "StreamError": {
             "type": "object", "required": ["error"], "description": "a failure after the stream began",
             "properties": {"error": {"type": "object", "required": ["message", "type", "retriable"],
@@ -120,36 +175,49 @@ def _schemas(limits, model_id: str) -> dict:
                                "code": {"type": ["integer", "null"]}}}},
         },
         "ChatMessage": {
-            "type": "object", "required": ["role", "content"], "additionalProperties": True,
-            "properties": {"role": {"type": "string", "description": "system, user, assistant, ..."},
-                           "content": {"type": "string"}},
+            "type": "object", "required": ["role"], "additionalProperties": True,
+            "properties": {"role": {"enum": sorted(oa.ROLES), "description": "developer is read as system"},
+                           "content": {"anyOf": [{"type": "string"}, NULL, {"type": "array", "items": {
+                               "type": "object", "required": ["type", "text"],
+                               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}],
+                               "description": "text, a list of text parts, or null for an assistant message "
+                                              "with tool_calls"},
+                           "tool_calls": {"type": ["array", "null"]},
+                           "tool_call_id": {"type": ["string", "null"]}},
         },
         "ChatCompletionRequest": {
-            "type": "object", "required": ["messages"], "additionalProperties": True, "description": prompt_note,
-            "properties": {"messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")}, **fields},
+            "type": "object", "required": ["messages"], "additionalProperties": False, "description": prompt_note,
+            "properties": {"messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+                           **_generation_fields(limits, model_ids, True)},
         },
         "CompletionRequest": {
-            "type": "object", "required": ["prompt"], "additionalProperties": True, "description": prompt_note,
+            "type": "object", "required": ["prompt"], "additionalProperties": False, "description": prompt_note,
             "properties": {"prompt": {"oneOf": [{"type": "string", "minLength": 1},
                                                 {"type": "array", "minItems": 1, "maxItems": 1,
-                                                 "items": {"type": "string", "minLength": 1}}]}, **fields},
+                                                 "items": {"type": "string", "minLength": 1}}]},
+                           **_generation_fields(limits, model_ids, False)},
         },
         "Usage": usage,
         "ChatCompletion": completion("chat.completion", {
             "type": "object", "required": ["index", "message", "finish_reason"],
-            "properties": {"index": {"const": 0}, "finish_reason": finish, "logprobs": NULL,
+            "properties": {"index": {"type": "integer", "minimum": 0}, "finish_reason": finish, "logprobs": logprobs,
                            "message": {"type": "object", "required": ["role", "content"],
-                                       "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}}),
+                                       "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                                      "tool_calls": tool_calls}}}}),
         "TextCompletion": completion("text_completion", {
             "type": "object", "required": ["index", "text", "finish_reason"],
-            "properties": {"index": {"const": 0}, "text": {"type": "string"}, "finish_reason": finish, "logprobs": NULL}}),
+            "properties": {"index": {"type": "integer", "minimum": 0}, "text": {"type": "string"}, "finish_reason": finish,
+                           "logprobs": logprobs}}),
+        "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
+                  "properties": {"id": {"enum": model_ids}, "object": {"const": "model"}, "created": {"type": "integer"},
+                                 "owned_by": {"type": "string"}, "root": {"const": model_id},
+                                 "max_model_len": {"type": "integer"}}},
         "ModelList": {
             "type": "object", "required": ["object", "data"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-                "type": "object", "required": ["id", "object", "created", "owned_by"],
-                "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
-                               "owned_by": {"type": "string"}}}}},
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
         },
+        "Root": {"type": "object", "required": ["name", "model"],
+                 "properties": {"name": {"type": "string"}, "model": {"const": model_id}}},
         "Health": {"type": "object", "required": ["ok", "workers"],
                    "properties": {"ok": {"type": "boolean"}, "workers": {"type": "integer", "minimum": 0}}},
         "Status": {
@@ -198,8 +266,10 @@ def _version() -> str:
         return "unknown"
 
 
-def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = False) -> dict:
-    """The OpenAPI document for a server with these limits (CoordinatorSettings)."""
+def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = False, aliases: tuple = ()) -> dict:
+    """The OpenAPI document for a server with these limits (CoordinatorSettings), serving
+    `model_id` (also known by `aliases`)."""
+    model_ids = [model_id, *[a for a in aliases if a != model_id]]
     error = _ref("Error")
     responses = {
         "BadRequest": _json(error, "the body is not a JSON object, a field is missing, of the wrong type or out of "
@@ -231,8 +301,13 @@ def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = Fa
                                                      "ChatCompletion", "chat.completion.chunk", secured, gen_errors)},
         "/v1/completions": {"post": _generation("Text completion (OpenAI-compatible)", "CompletionRequest",
                                                 "TextCompletion", "text_completion", secured, gen_errors)},
-        "/v1/models": get("The model served", "OpenAI-compatible", {"200": _json(_ref("ModelList"), "one model"), **api_errors},
-                          security=secured),
+        "/v1/models": get("The model served (by its id and each alias)", "OpenAI-compatible",
+                          {"200": _json(_ref("ModelList"), "the model, once per name"), **api_errors}, security=secured),
+        "/v1/models/{model}": get("One model by its id or an alias", "OpenAI-compatible", {
+            "200": _json(_ref("Model"), "the model"), **api_errors, "404": ref("ModelNotFound")}, security=secured,
+            parameters=[path_param("model", "the model id or an alias", model_ids)]),
+        "/": get("What this server is and where its endpoints are", "operations", {"200": _json(_ref("Root"), "a JSON index")}),
+        "/metrics": get("Prometheus metrics", "operations", {"200": _text("text/plain", "the text exposition format")}),
         "/health": get("Whether every stage has a serving worker", "operations", {
             "200": _json(_ref("Health"), "every stage is served"),
             "503": _json(_ref("Health"), "some stage has no serving worker (or no plan yet)", None)}),
@@ -269,7 +344,7 @@ def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = Fa
                                 "stream over WebSocket (msgpack) is at /v1/stream; workers join at /ws/worker."},
         "paths": paths,
         "components": {
-            "schemas": _schemas(limits, model_id),
+            "schemas": _schemas(limits, model_ids),
             "responses": responses,
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer",

@@ -18,8 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from coordinator.security import RateLimit
 from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
+from kernels.quant import dequantize
+from kernels.reference import rmsnorm
+from tab_worker.engine_types import ModelWeights
 from tab_worker.weights import pack_head, pack_layer
 from tab_worker.worker import TabWorker
 from tabshard import wire
@@ -47,15 +52,22 @@ class ClientStream:
 
 class CoordinatorService:
     def __init__(self, model_path: str | None = None, settings: CoordinatorSettings = CoordinatorSettings(),
-                 join_token: str | None = None, local_backend: str = "numpy", api_key: str | None = None):
+                 join_token: str | None = None, local_backend: str = "numpy", api_key: str | None = None,
+                 progress=None):
+        """progress(what, done, total): told as the model loads (serve draws a bar from it)."""
+        progress = progress or (lambda what, done, total: None)
+        progress("opening the GGUF", 0, 1)
         self.model = open_model(model_path)
         self.tokenizer = GGUFTokenizer(self.model)
-        weights = self.model.load_all()
+        weights = self._load_weights(progress)
         self.weights = weights
         blobs = {f"layer:{i}": pack_layer(i, lw) for i, lw in enumerate(weights.layers)}
         blobs["head"] = pack_head(weights.head)
         self.join_token = join_token if join_token is not None else secrets.token_urlsafe(16)
         self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, self.join_token)
+        self.core.head_logits = self._head_logits
+        self._head_matrix = None  # the head dequantized, made on the first request that needs it
+        self.bytes_to_workers = 0  # every frame sent on worker sockets (/metrics)
         self.settings = settings
         self.api_key = api_key  # never shown by any endpoint (coordinator/security.py checks it)
         self.allowed_origins = {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
@@ -80,6 +92,28 @@ class CoordinatorService:
             # the coordinator's own worker holds every blob already (hashed once, by the core)
             store = {info.sha256: blobs[key] for key, info in self.core.blob_info.items()}
             self._local = TabWorker("coordinator", backend=local_backend, blob_store=store, memory_bytes=64 << 30)
+
+    def _load_weights(self, progress) -> ModelWeights:
+        """The model's weights, layer by layer with progress (as GGUFModel.load_all reads them)."""
+        m = self.model
+        n = m.config.n_layers
+        emb = m.embedding()
+        layers = []
+        for i in range(n):
+            layers.append(m.layer(i))
+            progress(f"layer {i + 1} of {n}", i + 1, n + 1)
+        weights = ModelWeights(config=m.config, embedding=emb, layers=layers, head=m.head(emb))
+        progress("weights loaded", n + 1, n + 1)
+        return weights
+
+    def _head_logits(self, rows: np.ndarray) -> np.ndarray:
+        """The whole vocabulary's logits of last-stage output rows, as a worker's numpy head
+        computes them (for sessions with logprobs or a grammar: see Coordinator.head_logits)."""
+        head = self.weights.head
+        if self._head_matrix is None:
+            self._head_matrix = np.ascontiguousarray(dequantize(head.output).T)
+        h = rmsnorm(np.asarray(rows, np.float32), np.asarray(head.output_norm, np.float32), self.core.config.rms_eps)
+        return h @ self._head_matrix
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -199,17 +233,20 @@ class CoordinatorService:
                 if isinstance(item, Close):
                     await ws.close(code=item.code, reason=item.reason)
                     return
-                await ws.send_bytes(wire.encode(item, validate=False))
+                frame = wire.encode(item, validate=False)
+                self.bytes_to_workers += len(frame)
+                await ws.send_bytes(frame)
         except Exception:
             return
 
     # ------------------------------------------------------------------ clients
     def open_request(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-                     request_id: str | None = None) -> tuple[str, ClientStream]:
+                     request_id: str | None = None, **session_options) -> tuple[str, ClientStream]:
+        """session_options: Coordinator.submit's chooser / share_prefix (coordinator/openai_api.py)."""
         rid = request_id or f"req-{next(self._request_ids)}-{secrets.token_hex(4)}"
         client = ClientStream(asyncio.Queue(), StreamDecoder(self.tokenizer), len(prompt_ids))
         self.clients[rid] = client
-        self.perform(self.core.submit(rid, prompt_ids, max_tokens, params, time.monotonic()))
+        self.perform(self.core.submit(rid, prompt_ids, max_tokens, params, time.monotonic(), **session_options))
         return rid, client
 
     def close_request(self, rid: str, cancelled: bool) -> None:

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
+from kernels.reference import topk
 from coordinator.speculation import Draft, decide_trip, make_speculator
 from tab_worker.engine_types import ModelConfig
 from tab_worker.weights import CHUNK_BYTES, blob_info, chunk, sha256
-from tabshard.sampling import Sampler, SamplingParams
+from tabshard.sampling import CANDIDATES, Sampler, SamplingParams
 from tabshard.wire import PROTOCOL_VERSION, ProtocolError
 
 LOCAL = "local"  # connection id of the coordinator's own compute worker
@@ -123,6 +124,7 @@ class CoordinatorSettings:
     dead_workers_kept: int = 64  # records of dead/quarantined workers kept for /status and the dashboard
     resume_wait_ms: int = 5000  # after a restart, wait this long for rejoining workers whose weights tile the model
     allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
+    cors_origins: str = ""  # comma-separated web app origins whose browsers may call the API ("*": any)
     # speculative decoding (coordinator/speculation.py): "off" | "prompt-lookup" | "draft-model",
     # at most speculation_max_k drafts per trip; draft_model: the GGUF the draft-model mode runs
     speculation: str = "off"
@@ -257,6 +259,11 @@ class Session:
     last_by: dict = field(default_factory=dict)  # stage index -> (worker id, epoch) of its latest step for this session
     last_head: tuple | None = None  # the head's (top-k ids, logits) behind the latest token
     audited: bool = False  # the last token's steps were sent for checking (spot_check_at_finish)
+    # the API's hooks (coordinator/openai_api.py): a chooser that needs the whole vocabulary's
+    # logits (logprobs, a grammar; see sampling.FullVocabChooser), and whether sibling
+    # sessions (n > 1) will fork this one's prompt KV as soon as it is computed
+    chooser: object | None = None
+    share_prefix: bool = False
 
     @property
     def position(self) -> int:
@@ -307,6 +314,9 @@ class Coordinator:
         # (session, range, verifier) -> (positions the verifier's scratch KV holds, the session's
         # log epoch then): a later check of that session sends only the rows since
         self._verify_kv: dict[tuple, tuple[int, int]] = {}
+        # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
+        # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
+        self.head_logits = None
         self.speculation = make_speculator(settings.speculation, settings.speculation_max_k, settings.draft_model,
                                            min(settings.max_ctx, config.context))
         self._trip_more: set[str] = set()  # sessions whose trip still has rows to decide (see _verify_drafts)
@@ -656,7 +666,7 @@ class Coordinator:
 
     # ================================================================== requests
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams, now: float,
-               stop_at_eos: bool = True) -> list:
+               stop_at_eos: bool = True, chooser=None, share_prefix: bool = False) -> list:
         self.counters["requests"] += 1
         if request_id in self.sessions:
             return [Emit(request_id, {"type": "error", "code": "duplicate_request", "message": f"request {request_id} exists", "retriable": False})]
@@ -668,7 +678,8 @@ class Coordinator:
             self.counters["failed"] += 1
             return [Emit(request_id, {"type": "error", "code": "bad_prompt", "message": f"the prompt has {len(prompt_ids)} tokens; it must have 1 to {limit - 1}", "retriable": False})]
         max_tokens = min(max_tokens, self.settings.max_output_tokens, min(self.settings.max_ctx, self.config.context) - len(prompt_ids))
-        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos)
+        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos, chooser=chooser,
+                    share_prefix=share_prefix)
         self.sessions[request_id] = s
         if not self.stages:
             # no plan yet: the session starts when one exists (see _restart_session)
@@ -859,7 +870,11 @@ class Coordinator:
         st.inflight = {"step_id": step_id, "worker": w.worker_id, "items": items, "sent_at": now, "deadline": deadline,
                        "epoch": w.epoch}
         want = 0
-        if st.include_head and any(i.wants_token for i in items):
+        # a session that needs the whole vocabulary's logits: the head stage returns its hidden
+        # rows instead of top-k (want_topk 0), and the coordinator computes every session's head
+        st.inflight["full_logits"] = st.include_head and self.head_logits is not None and any(
+            i.wants_token and i.session_id in self.sessions and self.sessions[i.session_id].chooser is not None for i in items)
+        if st.include_head and any(i.wants_token for i in items) and not st.inflight["full_logits"]:
             want = max(self.sessions[i.session_id].params.candidates for i in items if i.session_id in self.sessions)
         hidden = np.concatenate([i.rows for i in items]) if len(items) > 1 else items[0].rows
         m = _msg("step", step_id=step_id, epoch=w.epoch, layer_start=st.layer_start, layer_end=st.layer_end,
@@ -890,6 +905,15 @@ class Coordinator:
             if m is None:
                 err = ProtocolError("bad_field", f"head stage must return topk_ids, {sum(i.head_rows for i in items)} rows", "topk_ids")
                 return self.on_protocol_error(w.conn, err, now)
+        full = None
+        if st.inflight.get("full_logits"):
+            if out_rows.shape[0] != total:
+                err = ProtocolError("bad_shape", f"step_result output has {out_rows.shape[0]} rows, expected {total}", "output")
+                return self.on_protocol_error(w.conn, err, now)
+            ends = np.cumsum([len(i.rows) for i in items]) - 1
+            full = self.head_logits(out_rows[ends])
+            m = {**m}
+            m["topk_ids"], m["topk_logits"] = topk(full, CANDIDATES)
         topk_ids = m.get("topk_ids")
         if st.include_head and any(i.wants_token for i in items):
             if topk_ids is None or topk_ids.shape[0] != len(items):
@@ -929,7 +953,7 @@ class Coordinator:
                 out += self._verify_drafts(s, it, m["_draft_rows"][i], now)
             elif it.wants_token and it.forward_from < it.end:
                 try:
-                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
+                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now, None if full is None else full[i])
                 except Exception as exc:  # our bug (e.g. sampling parameters nobody checked): this session alone fails
                     self.counters["failed"] += 1
                     self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
@@ -1173,8 +1197,12 @@ class Coordinator:
             out += self._finish_verified(s, s.finish_pending, now)
         return out + self._pump(now)
 
-    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
-        token = Sampler(s.params).choose(ids, logits, len(s.tokens))
+    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float, full: np.ndarray | None = None) -> list:
+        logprob = None
+        if s.chooser is not None and full is not None:
+            token, logprob = s.chooser.choose(full, s.tokens)
+        else:
+            token = Sampler(s.params).choose(ids, logits, len(s.tokens))
         s.last_head = (ids, logits)
         for stage, detected in self._awaiting_recovery:
             self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
@@ -1191,12 +1219,15 @@ class Coordinator:
                 out.append(Emit(s.request_id, {"type": "rewind", "index": len(s.tokens),
                                                "reason": f"{len(s.unconfirmed)} tokens came from a worker caught returning wrong results"}))
                 s.unconfirmed = []
-            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token}))
+            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token,
+                                           **({"logprob": logprob} if logprob is not None else {})}))
             self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
         if s.first_token_at is None:
             s.first_token_at = now
+            if s.share_prefix:  # the prompt's KV is complete on every stage: siblings fork it
+                out += self._remember_prefix(s, now)
         if s.stop_at_eos and token == self.config.eos_id:
             return out + self._finish_verified(s, "stop", now)
         if len(s.tokens) >= s.max_tokens:

@@ -10,13 +10,21 @@ the compute thread, then wake the loop with the result) cost ~0.4 ms a hop, meas
 
 The connection is re-made with backoff when it drops (a coordinator restart, or fencing after
 a freeze): the worker keeps its weight blobs and reports them in `hello`, so nothing is
-downloaded twice.
+downloaded twice. What cannot be fixed by retrying ends the run with a `TabshardError` naming
+the cause: a refused join token, a protocol version the coordinator does not speak, an
+endpoint that is not there (HTTP 404), a URL that is not ws:// or wss://.
+
+`say` (the `tabshard worker` command passes a printer) gets one line per lifecycle event:
+connecting, joined as wN, loading layers with progress, ready for layers a-b, unloaded,
+fenced or closed with the coordinator's reason, reconnecting in N s and why, stopped.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import signal
 import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +40,40 @@ MAX_FRAME = 64 << 20
 NAME_MISMATCH = {62, 64}  # OpenSSL: X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
+# errors from the coordinator that retrying cannot fix: code -> what to tell the user
+FATAL = {
+    "bad_token": "the coordinator refused the join token {token}: pass the token `tabshard serve` printed (--token)",
+    "version_mismatch": "the coordinator speaks another protocol version than this worker ({message}): run the same "
+                        "tabshard version on both sides",
+}
+
+
+def check_url(url: str) -> None:
+    """A worker URL is ws:// or wss://; an http(s) URL gets the ws one it probably meant."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme in ("ws", "wss") and parts.netloc:
+        return
+    if parts.scheme in ("http", "https") and parts.netloc:
+        ws = ("wss" if parts.scheme == "https" else "ws") + url[len(parts.scheme):]
+        if not parts.path.rstrip("/").endswith("/ws/worker"):
+            ws = ws.rstrip("/") + "/ws/worker" if parts.path in ("", "/") else ws
+        raise TabshardError(f"{url} is an {parts.scheme}:// URL; workers connect over WebSocket: use {ws}")
+    raise TabshardError(f"{url!r} is not a worker URL: use ws://HOST:PORT/ws/worker (wss:// for a TLS coordinator)")
+
+
 class WorkerConnection:
-    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True, cafile: str | None = None):
+    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True, cafile: str | None = None, say=None):
         """cafile: a PEM certificate (bundle) to trust for a wss:// coordinator, e.g. its own
-        self-signed certificate; without it the system's trust store decides."""
+        self-signed certificate; without it the system's trust store decides. say: called with
+        one line per lifecycle event (None: silent, as simulated tabs are)."""
+        check_url(url)
         self.worker = worker
         self.url = url
+        self.say = say or (lambda line: None)
+        self.fatal: str | None = None  # set by a refusal that retrying cannot fix
+        self._loading: dict = {}  # layer_start -> (layer_end, last percent said)
         self.reconnect = reconnect
         try:
             self._tls = {"ssl": ssl.create_default_context(cafile=cafile)} if cafile else {}
@@ -54,22 +90,88 @@ class WorkerConnection:
     async def run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
+            why = "the connection closed"
+            self.say(f"connecting to {self.url}")
             try:
                 async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
                                               open_timeout=10, **self._tls) as ws:
                     backoff = 0.1
                     await self._session(ws)
+                    why = self._closed(ws)
             except ssl.SSLCertVerificationError as exc:  # permanent: retrying cannot fix trust
                 hint = ("connect to a host name or address that the certificate names" if exc.verify_code in NAME_MISMATCH
                         else "pass --cafile with the coordinator's certificate (PEM) to trust it")
                 raise TabshardError(f"{self.url}: certificate verify failed ({exc.verify_message}): {hint}") from None
+            except websockets.InvalidStatus as exc:
+                status = exc.response.status_code
+                if status == 404:
+                    raise TabshardError(f"{self.url}: no worker endpoint there (HTTP 404): the path is /ws/worker") from None
+                why = f"the coordinator answered HTTP {status}"
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
                 log.info("connection to %s lost: %s", self.url, exc)
+                why = _reason(exc)
             self.connected.clear()
+            if self.fatal:
+                raise TabshardError(self.fatal)
             if not self.reconnect or self._stop.is_set():
                 return
-            await asyncio.sleep(backoff * (1 + random.random() * 0.2))
+            wait = backoff * (1 + random.random() * 0.2)
+            self.say(f"reconnecting in {wait:.1f} s because {why}")
+            await asyncio.sleep(wait)
             backoff = min(backoff * 2, 5.0)
+
+    def _closed(self, ws) -> str:
+        code, reason = ws.close_code, ws.close_reason or ""
+        if self._stop.is_set():
+            return "stopped"
+        if code == 4000:
+            self.say(f"fenced by the coordinator: {reason.removeprefix('fenced: ')}")
+            return "the coordinator fenced this worker"
+        if code in (1000, 1001) and not reason:
+            return "the coordinator closed the connection"
+        return f"the coordinator closed the connection ({code} {reason})".rstrip()
+
+    def _observe_in(self, m: dict) -> None:
+        """Lifecycle lines (and fatal refusals) from what the coordinator sends."""
+        kind = m.get("type")
+        if kind == "welcome":
+            self.say(f"joined as {m['worker_id']} (heartbeat every {m['heartbeat_ms']} ms)")
+        elif kind == "error" and m.get("code") in FATAL:
+            token = repr(self.worker.token) if self.worker.token else "(none given)"
+            self.fatal = FATAL[m["code"]].format(token=token, message=m.get("message", ""))
+        elif kind == "error" and m.get("code") == "backoff":
+            self.say(f"refused for now: {m.get('message')}")
+        elif kind == "assign":
+            self._loading[m["layer_start"]] = (m["layer_end"], -1)
+            self.say(f"loading layers {m['layer_start']}-{m['layer_end'] - 1}"
+                     f"{' + head' if m.get('include_head') else ''}")
+        elif kind == "unload":
+            self.say(f"unloaded layers {m['layer_start']}-{m['layer_end'] - 1} ({m.get('reason', 're-plan')})")
+
+    def _observe_out(self, m: dict) -> None:
+        kind = m.get("type")
+        if kind == "load_progress" and m.get("total_bytes"):
+            end, said = self._loading.get(m["layer"], (None, -1))
+            pct = int(100 * m["received_bytes"] / m["total_bytes"])
+            if pct >= said + 25 or (pct == 100 and said < 100):  # a line per quarter, not per chunk
+                bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+                self.say(f"  [{bar}] {pct:3d}%  {m['received_bytes'] / 1e6:.1f} of {m['total_bytes'] / 1e6:.1f} MB")
+                self._loading[m["layer"]] = (end, pct - pct % 25)
+        elif kind == "ready":
+            a, b = m["layers"]
+            self.say(f"ready for layers {a}-{b - 1}")
+        elif kind == "refuse":
+            self.say(f"refused an assignment: {m.get('reason')} {m.get('detail') or ''}".rstrip())
+
+    async def leave(self, reason: str = "stopped") -> None:
+        """Stop for good: say goodbye to the coordinator (it moves the layers at once instead of
+        waiting for silence) and close."""
+        self._stop.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.send(wire.encode(wire.make("bye", reason=reason)))
+                await ws.close(code=1000, reason=reason)
 
     def stop(self) -> None:
         self._stop.set()
@@ -114,6 +216,7 @@ class WorkerConnection:
         async def writer():
             while True:
                 m = await outbox.get()
+                self._observe_out(m)
                 if not self.partitioned.is_set():
                     await ws.send(wire.encode(m, validate=False))
 
@@ -131,6 +234,7 @@ class WorkerConnection:
                 if self.partitioned.is_set():
                     continue
                 m = wire.decode(data)
+                self._observe_in(m)
                 if m["type"] == "welcome":
                     self.connected.set()
                 if not in_thread and self.worker.is_quick_step(m, self.worker.heartbeat_ms / 5):
@@ -149,5 +253,37 @@ class WorkerConnection:
                 t.cancel()
 
 
-async def run_worker(url: str, worker: TabWorker, reconnect: bool = True, cafile: str | None = None) -> None:
-    await WorkerConnection(worker, url, reconnect, cafile).run()
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing accepts connections there (is `tabshard serve` running?)"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "the connection timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def run_worker(url: str, worker: TabWorker, reconnect: bool = True, cafile: str | None = None, say=None) -> None:
+    """Serve until stopped. With `say`, SIGTERM and SIGINT leave cleanly (a bye to the
+    coordinator, then return)."""
+    conn = WorkerConnection(worker, url, reconnect, cafile, say)
+    loop = asyncio.get_running_loop()
+    stopping = []
+    if say is not None:
+        def stop(name: str) -> None:
+            if not stopping:
+                stopping.append(name)
+                conn.say(f"stopping ({name}): leaving the coordinator")
+                loop.create_task(conn.leave(f"worker stopped ({name})"))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop, sig.name)
+    try:
+        await conn.run()
+    finally:
+        if say is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+    if stopping:
+        conn.say("stopped")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 
@@ -23,6 +24,10 @@ def _serve_args(p) -> None:
     p.add_argument("--api-key", help="key API clients must send (Authorization: Bearer KEY); default $TABSHARD_API_KEY, "
                                      "else required and random (printed) on a non-loopback --host, off on loopback")
     p.add_argument("--allowed-origins", help="extra browser origins allowed to join as tabs, comma-separated")
+    p.add_argument("--cors-origins", help="web app origins whose browsers may call the API (CORS, preflight included), "
+                                          "comma-separated; \"*\" for any")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model id clients use (default smollm2-135m-instruct); more names are aliases")
     p.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
 
@@ -44,6 +49,8 @@ def settings_from_args(a):
             overrides[flag] = getattr(a, flag)
     if getattr(a, "allowed_origins", None):
         overrides["allowed_origins"] = a.allowed_origins
+    if getattr(a, "cors_origins", None):
+        overrides["cors_origins"] = a.cors_origins
     return load_settings(a.config, overrides)
 
 
@@ -65,21 +72,66 @@ def cmd_serve(a) -> int:
             raise ConfigError(f"TLS file {f!r} does not exist")
     settings = settings_from_args(a)
     api_key, generated = api_key_for(a.host, a.api_key or os.environ.get("TABSHARD_API_KEY"))
-    service = CoordinatorService(a.model, settings, join_token=a.token, api_key=api_key)
-    app = build_app(service)
+    names = _served_names(a.served_model_name)
+    service = CoordinatorService(a.model, settings, join_token=a.token, api_key=api_key, progress=_load_progress())
+    app = build_app(service, served_model_names=names)
     http, ws = ("https", "wss") if a.certfile else ("http", "ws")
-    base = f"{http}://{a.host}:{a.port}"
-    print(f"tabshard coordinator for {service.model.path.name}", flush=True)
-    print(f"  worker join URL: {ws}://{a.host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
+    host = reachable_host(a.host)
+    base = f"{http}://{host}:{a.port}"
+    print(f"tabshard coordinator: model {names[0]!r}{' (aliases: ' + ', '.join(names[1:]) + ')' if names[1:] else ''}, "
+          f"from {service.model.path.name}", flush=True)
+    if host != a.host:
+        print(f"  listening on {a.host}:{a.port}; other machines reach it at {host}", flush=True)
+    print(f"  worker join URL: {ws}://{host}:{a.port}/ws/worker  (token {service.join_token})", flush=True)
     print(f"  tab join URL:    {base}/tab?token={service.join_token}", flush=True)
-    print(f"  API URL:         {base}/v1  (OpenAI-compatible), status {base}/status", flush=True)
+    print(f"  API URL:         {base}/v1  (OpenAI-compatible; model {names[0]!r}), metrics {base}/metrics, "
+          f"status {base}/status", flush=True)
     print(f"  dashboard:       {base}/dashboard?token={service.join_token}  (with the join QR)", flush=True)
     if api_key:
         print(f"  API key:         {api_key if generated else '(as given)'}  (send Authorization: Bearer <key>)", flush=True)
+    if settings.cors_origins:
+        print(f"  CORS origins:    {settings.cors_origins}", flush=True)
     _print_tab_qr(a.host, a.port, service.join_token, http)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", ws_max_size=64 << 20, ws_ping_interval=None,
                 ws_per_message_deflate=False, timeout_graceful_shutdown=1, ssl_certfile=a.certfile, ssl_keyfile=a.keyfile)
     return 0
+
+
+def _served_names(given: list[str] | None) -> list[str]:
+    from coordinator.app import MODEL_ID
+    from tabshard.errors import ConfigError
+
+    names = list(dict.fromkeys(given or [MODEL_ID]))
+    for n in names:
+        if not n or len(n) > 256 or any(c.isspace() for c in n):
+            raise ConfigError(f"--served-model-name {n!r}: a model name is 1 to 256 characters without spaces")
+    return names
+
+
+def reachable_host(host: str) -> str:
+    """The address others use: a wildcard bind (0.0.0.0, ::) becomes this host's LAN address."""
+    from coordinator.tab_routes import lan_address
+
+    return lan_address() if host in ("0.0.0.0", "::", "") else host
+
+
+def _load_progress():
+    """A progress line for the model load (redrawn in place on a terminal, a few lines otherwise)."""
+    import sys
+
+    state = {"said": -1}
+
+    def progress(what: str, done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if sys.stdout.isatty():
+            bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+            end = "\n" if done >= total else ""
+            print(f"\r  loading the model: [{bar}] {pct:3d}%  {what:<24}", end=end, flush=True)
+        elif pct >= state["said"] + 25 or done >= total:
+            state["said"] = pct - pct % 25
+            print(f"  loading the model: {pct:3d}%  {what}", flush=True)
+
+    return progress
 
 
 def _print_tab_qr(host: str, port: int, token: str, scheme: str = "http") -> None:
@@ -99,7 +151,9 @@ def _print_tab_qr(host: str, port: int, token: str, scheme: str = "http") -> Non
 
 
 def cmd_worker(a) -> int:
-    from tab_worker.client import run_worker
+    import os
+
+    from tab_worker.client import check_url, run_worker
     from tab_worker.worker import TabWorker
     from tabshard.errors import ConfigError
 
@@ -116,14 +170,22 @@ def cmd_worker(a) -> int:
             raise ConfigError(str(exc)) from None
         choose(a.adapter)
     url = a.connect
+    check_url(url)
     if a.cafile and not url.startswith("wss://"):
         raise ConfigError(f"--cafile is for a TLS coordinator: connect to wss://..., not {url}")
-    worker = TabWorker(a.name or f"py-{__import__('os').getpid()}", backend=a.backend, token=a.token,
-                       memory_bytes=int(a.memory_mb * (1 << 20)) if a.memory_mb else None)
+    if a.memory_mb is not None and a.memory_mb <= 0:
+        raise ConfigError(f"--memory-mb must be positive, got {a.memory_mb}")
+    name = a.name or f"py-{os.getpid()}"
+
+    def say(line: str) -> None:  # one line per lifecycle event; refusals exit 2 via TabshardError
+        print(f"worker {name}: {line}", flush=True)
+
+    worker = TabWorker(name, backend=a.backend, token=a.token, memory_bytes=int(a.memory_mb * (1 << 20)) if a.memory_mb else None)
+    say(f"backend {worker.backend_name}")
     try:
-        asyncio.run(run_worker(url, worker, cafile=a.cafile))
+        asyncio.run(run_worker(url, worker, cafile=a.cafile, say=say))  # SIGTERM/SIGINT: a clean leave, exit 0
     except KeyboardInterrupt:
-        pass
+        say("stopped (interrupted)")
     return 0
 
 
@@ -140,30 +202,71 @@ def _list_adapters() -> int:
 
 
 def cmd_status(a) -> int:
+    """The shard map; exits quietly (status 0) when its reader goes away (`| head`)."""
+    import os
+    import sys
+
     from tabshard.errors import TabshardError
 
+    key = a.api_key or os.environ.get("TABSHARD_API_KEY")
+    req = urllib.request.Request(f"{a.url.rstrip('/')}/status", headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(f"{a.url.rstrip('/')}/status", timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5) as r:
             st = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        hint = ": pass --api-key (or set TABSHARD_API_KEY)" if exc.code in (401, 403) else ""
+        raise TabshardError(f"{a.url} answered HTTP {exc.code} for /status{hint}") from None
     except OSError as exc:
         raise TabshardError(f"no coordinator answers at {a.url}: {exc}") from None
-    if a.json:
-        print(json.dumps(st, indent=2))
-        return 0
-    print(format_status(st))
+    text = json.dumps(st, indent=2) if a.json else format_status(st, show_ended=a.all)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # the reader closed the pipe: nothing more to say, and no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-def format_status(st: dict) -> str:
-    lines = [f"plan v{st['plan_version']}  {'DEGRADED' if st['degraded'] else 'healthy'}  "
-             f"{st['model'].get('name', '')} ({st['model']['layers']} layers)"]
-    names = {w["worker_id"]: w for w in st["workers"]}
-    for s in st["stages"]:
-        holders = ", ".join(f"{h}{'' if h in s['ready'] else ' (loading)'} [{names.get(h, {}).get('name', '?')}]" for h in s["holders"])
-        lines.append(f"  stage {s['index']}: layers {s['layers'][0]:>2}-{s['layers'][1] - 1:>2}{' + head' if s['head'] else '       '}  -> {holders or 'UNSERVED'}")
-    for w in st["workers"]:
-        lines.append(f"  {w['worker_id']:>5} {w['name'][:14]:<14} {w['state']:<11} {w['backend'] or '':<6} "
-                     f"{w['ms_per_layer']:5.2f} ms/layer  {w['steps']:>5} steps  hb {w['heartbeat_age_ms']} ms")
+ENDED = ("dead", "quarantined")
+
+
+def degraded_reason(st: dict) -> str | None:
+    """Why the cluster is not healthy: a stage nobody serves, one held by a worker that is gone,
+    or one the coordinator computes itself because the tab that held it is missing."""
+    workers = {w["worker_id"]: w for w in st["workers"]}
+    if not st["stages"]:
+        return "no plan yet (no worker has joined, or the model does not fit)"
+    for stage in st["stages"]:
+        holder = stage["holders"][0] if stage["holders"] else None
+        w = workers.get(holder)
+        if holder is None:
+            return f"stage {stage['index']} has no worker"
+        if w is None or w["state"] in ENDED:
+            return f"stage {stage['index']} is held by {holder}, which has ended"
+        if w.get("local") and any(not x.get("local") for x in st["workers"]):
+            return f"stage {stage['index']} runs on the coordinator's own compute (a tab is missing)"
+    return "the coordinator reports it degraded" if st.get("degraded") else None
+
+
+def format_status(st: dict, show_ended: bool = False) -> str:
+    """Workers by their id everywhere (names only in the worker table); ended workers only with
+    show_ended (`--all`)."""
+    why = degraded_reason(st)
+    model = st["model"]
+    lines = [f"plan v{st['plan_version']}  {'DEGRADED: ' + why if why else 'healthy'}  "
+             f"{model.get('name', '')} ({model['layers']} layers)"]
+    for stg in st["stages"]:
+        holders = ", ".join(f"{h}{'' if h in stg['ready'] else ' (loading)'}" for h in stg["holders"])
+        lines.append(f"  stage {stg['index']}: layers {stg['layers'][0]:>2}-{stg['layers'][1] - 1:>2}"
+                     f"{' + head' if stg['head'] else '       '}  -> {holders or 'UNSERVED'}")
+    shown = [w for w in st["workers"] if show_ended or w["state"] not in ENDED]
+    hidden = len(st["workers"]) - len(shown)
+    lines.append(f"  {'id':>7} {'name':<14} {'state':<11} {'backend':<7} {'ms/layer':>8} {'steps':>6}  heartbeat")
+    for w in shown:
+        lines.append(f"  {w['worker_id']:>7} {w['name'][:14]:<14} {w['state']:<11} {w['backend'] or '':<7} "
+                     f"{w['ms_per_layer']:8.2f} {w['steps']:>6}  {w['heartbeat_age_ms']} ms ago")
+    if hidden:
+        lines.append(f"  ({hidden} ended worker{'s' if hidden > 1 else ''} not shown: --all)")
     return "\n".join(lines)
 
 
@@ -187,6 +290,8 @@ def add_commands(sub) -> None:
     st = sub.add_parser("status", help="print the shard map of a running coordinator")
     st.add_argument("--url", default="http://127.0.0.1:8000")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--all", action="store_true", help="also list ended (dead, quarantined) workers")
+    st.add_argument("--api-key", help="the API key, when the coordinator asks one for /status (default $TABSHARD_API_KEY)")
     st.set_defaults(func=cmd_status)
 
     from tabshard.demo import add_demo_command

@@ -15,7 +15,8 @@ def stream_chat(base: str, prompt: str, max_tokens: int, on_text=None, on_rewind
     finish_reason). A `tabshard_rewind` chunk (a tab caught lying: its tokens are recomputed)
     withdraws the last retract_chars characters, and on_rewind gets it."""
     body = json.dumps({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
     text, usage, t0, first, finish = "", {}, time.perf_counter(), None, None
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -32,6 +33,8 @@ def stream_chat(base: str, prompt: str, max_tokens: int, on_text=None, on_rewind
                 text = text[:max(0, len(text) - int(rewind["retract_chars"]))]
                 if on_rewind:
                     on_rewind(rewind)
+            if not ev["choices"]:  # the usage chunk (stream_options.include_usage)
+                continue
             choice = ev["choices"][0]
             finish = choice.get("finish_reason") or finish
             piece = choice.get("delta", {}).get("content", "")
