@@ -1,128 +1,187 @@
 """`tabshard quantize` and `tabshard quant-report`: requantize a model below its source precision.
 
-Schemes (the report's rows, and ``quantize --scheme``) are written ``LINEARS[+emb=CHOICE]``:
+Schemes (the report's rows, and ``quantize --scheme``) are written
+``LINEARS[+rot[=SEED]][+seq][+emb=CHOICE]``:
 
 ``source``                 the model as loaded (SmolLM2: Q4_1 linears, Q8_0 embedding)
 ``METHOD:SPEC``            every linear matrix with one quantizer and format, e.g. ``gptq:s3g32``
                            (methods: rtn, clip = importance-weighted clip search, hqq, gptq;
                            specs: kernels.quant.QuantSpec names, a|s + bits + g + group)
-``mixed@B``                per-tensor formats chosen for B bits/weight on the linear layers
-``...+emb=CHOICE``         the embedding/LM head too, e.g. ``+emb=clip:s4g32``
+``mixed@B``                per-tensor formats chosen for B bits/weight on the linear layers,
+                           scored on calibration-domain text held out from the Hessians
+``+rot``                   quantize in a rotated residual basis (tabshard/rotation.py; seed 22
+                           unless ``+rot=SEED``): folded into the weights, the same kernels run it
+``+seq``                   sequential GPTQ: each layer calibrated on the quantized layers' outputs
+``+emb=CHOICE``            the embedding/LM head too, e.g. ``+emb=clip:s4g32``
 
-Calibration is on the tail of the Python docs, evaluation on their head (tabshard/calibration.py).
+Calibration is a mixed-domain text and evaluation is per held-out domain, none of it seen in
+calibration (tabshard/calibration_text.py); ``--text PATH`` adds a domain of your own.
+``--quick`` reports only the recommended scheme of each class (``QUICK``).
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from typing import NamedTuple
 
 from tabshard.errors import TabshardError
 
+# The full table (the default): each lever with and without, on the classes the targets name.
 DEFAULT_SCHEMES = (
     "source",
-    "rtn:a4g64", "rtn:s4g64", "gptq:s4g64", "gptq:a4g64",
-    "rtn:a3g32", "clip:a3g32", "gptq:a3g32", "gptq:s3g32", "rtn:s3g64", "gptq:s3g64",
-    "mixed@4.0",
-    "rtn:s2g32", "gptq:s2g32", "mixed@3.0", "mixed@2.75",
-    "source+emb=clip:s4g32", "source+emb=rtn:s4g32", "gptq:s4g64+emb=clip:s4g32", "mixed@3.0+emb=clip:s4g32",
+    "gptq:a4g64", "gptq:a4g64+seq", "gptq:a4g64+rot+seq",
+    "gptq:a3g32", "gptq:a3g32+seq", "gptq:a3g32+rot", "gptq:a3g32+rot+seq",
+    "gptq:s3g64+seq", "gptq:s3g64+rot+seq",
+    "mixed@4.0+seq", "mixed@4.0+rot+seq",
+    "mixed@3.0", "mixed@3.0+seq", "mixed@3.0+rot", "mixed@3.0+rot+seq",
+    "gptq:s2g32+seq", "gptq:s2g32+rot+seq", "mixed@2.5+rot+seq",
+    "mixed@3.0+rot+seq+emb=clip:s4g32",
 )
+# The recommended scheme of each class, as measured (benchmarks/quant_report_full.md).
+QUICK = {
+    "source": "source",
+    "4-bit": "gptq:a4g64+rot+seq",
+    "<=4.0 bpw": "gptq:a3g32+rot+seq",
+    "<=3.0 bpw": "mixed@3.0+rot+seq",
+    "<=2.5 bpw": "mixed@2.5+rot+seq",
+}
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "Water boils at a temperature of",
     "The three primary colors are",
 )
+ROTATION_SEED = 22
 
 
-def parse_scheme(scheme: str) -> tuple[str, str]:
-    """'gptq:s3g32+emb=clip:s4g32' -> ('gptq:s3g32', 'clip:s4g32')."""
+class Scheme(NamedTuple):
+    linears: str
+    embedding: str
+    rotation: int | None = None
+    sequential: bool = False
+
+
+def parse_scheme(scheme: str) -> Scheme:
+    """'gptq:s3g32+rot+seq+emb=clip:s4g32' -> Scheme('gptq:s3g32', 'clip:s4g32', 22, True)."""
     from tabshard.calibration import SOURCE, parse_choice
 
-    linears, _, rest = scheme.partition("+")
-    emb = SOURCE
-    if rest:
-        if not rest.startswith("emb="):
-            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected emb=CHOICE")
-        emb = rest[4:]
+    linears, *opts = scheme.split("+")
+    emb, rotation, sequential = SOURCE, None, False
+    for o in opts:
+        if o.startswith("emb="):
+            emb = o[4:]
+        elif o == "rot" or o.startswith("rot="):
+            try:
+                rotation = int(o[4:]) if "=" in o else ROTATION_SEED
+            except ValueError:
+                raise TabshardError(f"bad scheme {scheme!r}: rotation seed must be an integer") from None
+        elif o == "seq":
+            sequential = True
+        else:
+            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, seq or emb=CHOICE, got {o!r}")
     try:
         for c in ([] if linears.startswith("mixed@") else [linears]) + [emb]:
-            parse_choice(c) if c != SOURCE else None
+            if c != SOURCE and parse_choice(c)[0] not in ("rtn", "clip", "gptq", "hqq"):
+                raise ValueError(f"unknown method in {c!r}")
         if linears.startswith("mixed@"):
             float(linears[6:])
     except (ValueError, IndexError) as exc:
         raise TabshardError(f"bad scheme {scheme!r}: {exc}") from None
-    return linears, emb
+    if sequential and (linears == SOURCE or (not linears.startswith("mixed@") and parse_choice(linears)[0] != "gptq")):
+        raise TabshardError(f"bad scheme {scheme!r}: +seq is sequential GPTQ; the linears here are not GPTQ")
+    return Scheme(linears, emb, rotation, sequential)
 
 
-def scheme_plan(cal, scheme: str, alphas_fn) -> dict:
-    from tabshard.calibration import mixed_plan, parse_choice, uniform_plan
+def scheme_plan(cal, scheme: Scheme, alphas_fn) -> dict:
+    from tabshard.calibration import mixed_plan, uniform_plan
 
-    linears, emb = parse_scheme(scheme)
-    if linears.startswith("mixed@"):
-        return mixed_plan(cal, alphas_fn(), bits_per_weight=float(linears[6:]), embedding=emb)
-    for c in (linears, emb):
-        if c != "source" and parse_choice(c)[0] not in ("rtn", "clip", "gptq", "hqq"):
-            raise TabshardError(f"unknown method in {c!r}")
-    return uniform_plan(cal.config.n_layers, linears, emb)
+    if scheme.linears.startswith("mixed@"):
+        return mixed_plan(cal, alphas_fn(), bits_per_weight=float(scheme.linears[6:]), embedding=scheme.embedding)
+    return uniform_plan(cal.config.n_layers, scheme.linears, scheme.embedding)
 
 
-def run_report(source, eval_ids, calib_ids, prompt_ids, schemes, *, gen_tokens: int = 24, sens_tokens: int = 512,
-               log=None, cache_dir: str | None = None) -> list[dict]:
-    """One row per scheme: bits/weight (linears), bytes (whole model), perplexity, agreement,
-    seconds to quantize. ``source`` is ModelWeights; ids are token lists."""
+def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_ids=None, gen_tokens: int = 24,
+               log=None, cache_dir: str | None = None, window: int | None = None) -> list[dict]:
+    """One row per scheme: bits/weight (linears), bytes (whole model), perplexity per evaluation
+    domain and its ratio to the source's, the worst ratio, agreement, seconds to quantize.
+    ``source`` is ModelWeights; ``eval_sets`` {domain: ids}; ``sens_ids`` (text held out from
+    the Hessians) scores mixed precision, default the first 512 calibration ids."""
     from tabshard import calibration as C
 
     log = log or (lambda msg: None)
-    t0 = time.perf_counter()
-    cal = C.Calibrator(source, calib_ids, cache_dir=cache_dir)
-    log(f"calibration: {len(calib_ids)} tokens, Hessians in {time.perf_counter() - t0:.1f}s")
-    targets = [cal.dense.greedy(p, gen_tokens) for p in prompt_ids]
-    alphas_cache = {}
+    window = window or C.WINDOW
+    sens_ids = list(sens_ids) if sens_ids is not None else list(calib_ids[:512])
+    cals: dict = {}
+    costs: dict = {}
 
-    def alphas():
-        if not alphas_cache:
-            t = time.perf_counter()
-            alphas_cache["costs"] = C.estimated_costs(cal, calib_ids[:sens_tokens])
-            log(f"sensitivity probes in {time.perf_counter() - t:.1f}s (delta NLL per token): {alphas_cache['costs'].summary()}")
-        return alphas_cache["costs"]
+    def calibrator(rotation):
+        if rotation not in cals:
+            t0 = time.perf_counter()
+            cals[rotation] = C.Calibrator(source, calib_ids, window=window, cache_dir=cache_dir, rotation=rotation)
+            log(f"calibration{'' if rotation is None else f' (rotation seed {rotation})'}: {len(calib_ids)} tokens, "
+                f"Hessians in {time.perf_counter() - t0:.1f}s")
+        return cals[rotation]
 
+    src_dense = C.DenseModel(source)
+    targets = [src_dense.greedy(p, gen_tokens) for p in prompt_ids]
     rows = []
-    for scheme in schemes:
-        plan = scheme_plan(cal, scheme, alphas)
-        w = cal.assemble(plan)
-        dense = cal.dense_of(plan)
-        ppl = dense.perplexity(eval_ids)
+    for text in schemes:
+        scheme = parse_scheme(text)
+        cal = calibrator(scheme.rotation)
+
+        def alphas(cal=cal, rotation=scheme.rotation):
+            if rotation not in costs:
+                t = time.perf_counter()
+                costs[rotation] = C.estimated_costs(cal, sens_ids)
+                log(f"sensitivity probes in {time.perf_counter() - t:.1f}s (delta NLL per token): {costs[rotation].summary()}")
+            return costs[rotation]
+
+        if text == C.SOURCE:
+            plan, w, dense = {}, source, src_dense
+        else:
+            plan = scheme_plan(cal, scheme, alphas)
+            w = cal.assemble(plan, scheme.sequential)
+            dense = cal.dense_of(plan, scheme.sequential)
+        ppl = {d: round(dense.perplexity(ids, window), 4) for d, ids in eval_sets.items()}
         agree = sum(dense.agreement(p, tg) for p, tg in zip(prompt_ids, targets)) / max(len(prompt_ids), 1)
-        choices = sorted(set(plan.values()))
         row = {
-            "scheme": scheme,
+            "scheme": text,
             "bits_per_weight": round(C.linear_bits_per_weight(w), 4),
             "bytes": C.model_bytes(w),
-            "embedding_bytes": w.embedding.nbytes,
-            "perplexity": round(ppl, 4),
+            "embedding_bytes": w.embedding.nbytes + (0 if w.head.output is w.embedding else w.head.output.nbytes),
+            "perplexity": ppl,
             "agreement": round(agree, 4),
-            "quantize_s": round(_scheme_seconds(cal, plan), 2),
-            "formats": choices,
+            "quantize_s": round(_scheme_seconds(cal, plan, scheme.sequential), 2) if plan else 0.0,
+            "formats": sorted(set(plan.values())) if plan else ["source"],
         }
-        if scheme.startswith("mixed@"):
+        if scheme.linears.startswith("mixed@"):
             from collections import Counter
 
             row["plan_summary"] = {t: dict(Counter(plan[f"blk.{i}.{t}"] for i in range(cal.config.n_layers))) for t in C.LINEAR_TYPES}
-            costs = alphas()
-            row["predicted_delta_nll"] = round(sum(costs.cost(cal, n, c) for n, c in plan.items()), 4)
+            row["predicted_delta_nll"] = round(sum(alphas().cost(cal, n, c) for n, c in plan.items()), 4)
         rows.append(row)
-        log(f"{scheme:32s} {row['bits_per_weight']:6.3f} bpw {row['bytes'] / 1e6:7.2f} MB ppl {ppl:10.3f} agree {agree:.3f} quantize {row['quantize_s']:.1f}s")
+        log(f"{text:36s} {row['bits_per_weight']:6.3f} bpw {row['bytes'] / 1e6:7.2f} MB ppl "
+            + " ".join(f"{d} {v:.3f}" for d, v in ppl.items()) + f" agree {agree:.3f} quantize {row['quantize_s']:.1f}s")
     src = next((r for r in rows if r["scheme"] == "source"), None)
     for r in rows:
         if src:
-            r["ppl_ratio"] = round(r["perplexity"] / src["perplexity"], 4)
+            r["ppl_ratio"] = {d: round(r["perplexity"][d] / src["perplexity"][d], 4) for d in r["perplexity"]}
+            r["worst_ratio"] = max(r["ppl_ratio"].values())
     return rows
 
 
-def _scheme_seconds(cal, plan: dict) -> float:
-    """Seconds this plan's quantization takes from scratch: per-choice totals apportioned by
-    how many of each choice's cached tensors the plan uses."""
+def geomean_perplexity(row: dict) -> float:
+    v = list(row["perplexity"].values())
+    return math.exp(sum(math.log(x) for x in v) / len(v))
+
+
+def _scheme_seconds(cal, plan: dict, sequential: bool = False) -> float:
+    """Seconds this plan's quantization takes from scratch: the sequential pass as timed, else
+    per-choice totals apportioned by how many of each choice's cached tensors the plan uses."""
+    if sequential:
+        return cal.seconds.get(f"sequential:{cal.plan_key(plan)}", 0.0)
     counts = {}
     for name, c in plan.items():
         counts[c] = counts.get(c, 0) + 1
@@ -144,24 +203,31 @@ def plot(rows: list[dict], path: str) -> None:
     for r in rows:
         method = r["scheme"].split(":")[0].split("@")[0].split("+")[0]
         marker = {"source": "*", "rtn": "x", "clip": "s", "gptq": "o", "mixed": "D", "hqq": "^"}.get(method, "o")
-        ax.scatter(r["bytes"] / 1e6, r["perplexity"], marker=marker, s=60)
-        ax.annotate(r["scheme"], (r["bytes"] / 1e6, r["perplexity"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        y = r.get("worst_ratio", geomean_perplexity(r))
+        ax.scatter(r["bytes"] / 1e6, y, marker=marker, s=60)
+        ax.annotate(r["scheme"], (r["bytes"] / 1e6, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("model bytes (MB)")
-    ax.set_ylabel("perplexity (held-out text, log scale)")
-    ax.set_title("tabshard quant-report: perplexity vs bytes")
+    ax.set_ylabel("worst perplexity / source over held-out domains (log)")
+    ax.set_title("tabshard quant-report: held-out perplexity ratio vs bytes")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| scheme | bits/weight (linears) | bytes | perplexity | × source | agreement | quantize s |",
-             "|---|---|---|---|---|---|---|"]
+def format_table(rows: list[dict], classes: dict | None = None) -> str:
+    domains = list(rows[0]["perplexity"]) if rows else []
+    head = "| " + ("class | " if classes else "") + "scheme | bits/weight (linears) | bytes | " + \
+        " | ".join(f"{d} ppl (× source)" for d in domains) + " | worst × | agreement | quantize s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    cls = {v: k for k, v in (classes or {}).items()}
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['bits_per_weight']:.3f} | {r['bytes']:,} | {r['perplexity']:.2f} | "
-                     f"{r.get('ppl_ratio', float('nan')):.2f} | {r['agreement']:.3f} | {r['quantize_s']:.1f} |")
+        ratio = r.get("ppl_ratio", {})
+        cells = " | ".join(f"{r['perplexity'][d]:.2f} ({ratio.get(d, float('nan')):.2f})" for d in domains)
+        lines.append("| " + (f"{cls.get(r['scheme'], '')} | " if classes else "") +
+                     f"{r['scheme']} | {r['bits_per_weight']:.3f} | {r['bytes']:,} | {cells} | "
+                     f"{r.get('worst_ratio', float('nan')):.2f} | {r['agreement']:.3f} | {r['quantize_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -179,34 +245,55 @@ def _load(a):
     return model, GGUFTokenizer(model), model.load_all()
 
 
-def cmd_quant_report(a) -> int:
-    from tabshard import calibration as C
+def _domains(arg: str | None, default):
+    return default if arg is None else tuple(d for d in arg.split(",") if d)
 
+
+def _mixed_text(a, tok):
+    from tabshard import calibration_text as T
+
+    try:
+        return T.build(tok, calib_tokens=a.calib_tokens, sens_tokens=a.sens_tokens,
+                       eval_tokens=getattr(a, "tokens", 2048), seed=a.seed,
+                       calibration=_domains(a.calib_domains, T.CALIBRATION_DOMAINS),
+                       # quantize evaluates nothing: no held-out domain to build
+                       heldout=_domains(a.eval_domains, T.HELDOUT_DOMAINS) if hasattr(a, "eval_domains") else (),
+                       cache_dir=a.cache)
+    except ValueError as exc:
+        raise TabshardError(str(exc)) from None
+
+
+def cmd_quant_report(a) -> int:
+    if a.quick and a.scheme:
+        raise TabshardError("give --quick or --scheme, not both")
     model, tok, weights = _load(a)
-    _, calib = C.split_ids(tok, 0, a.calib_tokens)
+    mixed = _mixed_text(a, tok)
+    eval_sets = dict(mixed.eval)
     if a.text:
         try:
             text = open(a.text, encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as exc:
             raise TabshardError(f"cannot read --text {a.text}: {exc}") from None
-        eval_ids = tok.encode(text)[: a.tokens]
-        if len(eval_ids) < 2:
+        ids = tok.encode(text)[: a.tokens]
+        if len(ids) < 2:
             raise TabshardError(f"--text {a.text} has fewer than 2 tokens")
-    else:
-        eval_ids, _ = C.split_ids(tok, a.tokens, a.calib_tokens)
-    schemes = a.scheme or list(DEFAULT_SCHEMES)
+        eval_sets[f"text:{a.text}"] = ids
+    if not eval_sets:
+        raise TabshardError("no held-out domain has text on this machine; give --text PATH")
+    schemes = list(QUICK.values()) if a.quick else (a.scheme or list(DEFAULT_SCHEMES))
     for s in schemes:
         parse_scheme(s)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if (a.json or a.verbose) else (lambda m: None)
-    rows = run_report(weights, eval_ids, calib, [tok.encode(p) for p in PROMPTS], schemes, log=log, cache_dir=a.cache)
+    log(mixed.describe())
+    rows = run_report(weights, eval_sets, mixed.calib_ids, [tok.encode(p) for p in PROMPTS], schemes,
+                      sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache)
     if a.plot:
         plot(rows, a.plot)
     if a.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"text": mixed.describe(), "rows": rows}, indent=1))
     else:
-        print(f"evaluation: {len(eval_ids)} tokens of {a.text or 'Python docs (pydoc_data.topics), head'}; "
-              f"calibration: last {a.calib_tokens} tokens of the Python docs")
-        print(format_table(rows))
+        print(mixed.describe())
+        print(format_table(rows, QUICK if a.quick else None))
     return 0
 
 
@@ -220,19 +307,23 @@ def cmd_quantize(a) -> int:
         raise TabshardError("give exactly one of --budget-bytes, --bits-per-weight, --scheme, --tab-budgets")
     if not a.out.endswith(".tsq"):
         raise TabshardError(f"--out must end in .tsq, got {a.out!r}")
+    scheme = parse_scheme(a.scheme) if a.scheme else None
+    rotation = scheme.rotation if scheme else (a.rotate if a.rotate is not None else None)
+    sequential = scheme.sequential if scheme else a.sequential
     model, tok, weights = _load(a)
-    _, calib = C.split_ids(tok, 0, a.calib_tokens)
+    mixed = _mixed_text(a, tok)
     t0 = time.perf_counter()
-    cal = C.Calibrator(weights, calib, cache_dir=a.cache)
+    cal = C.Calibrator(weights, mixed.calib_ids, cache_dir=a.cache, rotation=rotation)
     emb = a.embedding
-    report: dict = {"calibration_tokens": len(calib)}
+    report: dict = {"calibration_tokens": len(mixed.calib_ids), "calibration": mixed.describe(),
+                    "sequential": bool(sequential)}
     try:
-        if a.scheme:
-            plan = scheme_plan(cal, a.scheme, lambda: C.estimated_costs(cal, calib[:512]))
+        if scheme:
+            plan = scheme_plan(cal, scheme, lambda: C.estimated_costs(cal, mixed.sens_ids))
             if emb:
                 plan[C.EMBEDDING] = emb
         else:
-            alphas = C.estimated_costs(cal, calib[:512])
+            alphas = C.estimated_costs(cal, mixed.sens_ids)
             report["sensitivity_delta_nll"] = alphas.summary()
             if a.bits_per_weight is not None:
                 plan = C.mixed_plan(cal, alphas, bits_per_weight=a.bits_per_weight, embedding=emb or C.SOURCE)
@@ -241,16 +332,19 @@ def cmd_quantize(a) -> int:
             else:
                 budgets = [int(x) for x in a.tab_budgets.split(",")]
                 opts = C.tensor_options(cal, alphas, embedding_fixed=emb)
-                layer_of = {n: (None if n == C.EMBEDDING else int(n.split(".")[1])) for n in opts}
+                layer_of = {n: (None if n in (C.EMBEDDING, C.HEAD) else int(n.split(".")[1])) for n in opts}
                 norms = weights.layers[0].attn_norm.nbytes * 2
                 tp = fit_tabs(opts, layer_of, budgets, fixed_layer_bytes=norms, head_fixed_bytes=weights.head.output_norm.nbytes)
                 plan = tp.plan
                 report["tabs"] = [{"layers": list(r), "bytes": b, "budget": bud} for r, b, bud in zip(tp.ranges, tp.tab_bytes, budgets)]
     except PrecisionError as exc:
         raise TabshardError(str(exc)) from None
-    w = cal.assemble(plan)
+    w = cal.assemble(plan, sequential)
+    plan = {n: cal._choice(plan, n) + ("+seq" if sequential and n.startswith("blk.") and "gptq" in cal._choice(plan, n) else "")
+            for n in cal.tensor_names()}
     report.update(bits_per_weight=C.linear_bits_per_weight(w), bytes=C.model_bytes(w), seconds=time.perf_counter() - t0)
-    size = qmodel.write(a.out, w, qmodel.source_fields(model), plan, report)
+    rot = None if rotation is None else qmodel.Rotation(seed=rotation, hidden=weights.config.hidden)
+    size = qmodel.write(a.out, w, qmodel.source_fields(model), plan, report, rotation=rot)
     from collections import Counter
 
     print(f"wrote {a.out}: {size:,} bytes, {report['bits_per_weight']:.3f} bits/weight on the linears, "
@@ -264,8 +358,11 @@ def cmd_quantize(a) -> int:
 def add_commands(sub) -> None:
     def common(p):
         p.add_argument("--model", metavar="PATH", help="source model: a GGUF or .tsq (default: SmolLM2-135M-Instruct)")
-        p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens from the tail of the Python docs")
-        p.add_argument("--cache", metavar="DIR", help="keep quantized tensors here, keyed by model and calibration text, to reuse across runs")
+        p.add_argument("--calib-tokens", type=int, default=6144, help="calibration tokens (Hessians), split evenly across the calibration domains")
+        p.add_argument("--sens-tokens", type=int, default=768, help="calibration-domain tokens held out from the Hessians that score mixed precision")
+        p.add_argument("--calib-domains", metavar="A,B,...", help="calibration domains (default: python-docs,docstrings,changelogs; see tabshard/calibration_text.py)")
+        p.add_argument("--seed", type=int, default=22, help="the calibration recipe's seed (which documents, in what order)")
+        p.add_argument("--cache", metavar="DIR", help="keep token ids and quantized tensors here, keyed by model and calibration text, to reuse across runs")
         p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: OpenBLAS busy-waits on a shared host; 0 leaves it)")
 
     q = sub.add_parser("quantize", help="requantize a model to fit a memory budget (writes a .tsq)")
@@ -274,16 +371,21 @@ def add_commands(sub) -> None:
     q.add_argument("--budget-bytes", type=int, help="whole-model budget; per-tensor formats chosen at least measured cost")
     q.add_argument("--bits-per-weight", type=float, help="budget for the linear layers, in bits per weight including scales")
     q.add_argument("--tab-budgets", metavar="B1,B2,...", help="bytes each tab can hold: choose formats so contiguous layer ranges fit")
-    q.add_argument("--scheme", help="one scheme for every linear, e.g. gptq:s3g32 (see quant-report)")
+    q.add_argument("--scheme", help="one scheme, e.g. gptq:s3g32+rot+seq (see quant-report)")
     q.add_argument("--embedding", help="embedding/LM head choice, e.g. clip:s4g32 or source (default: chosen within --budget-bytes, else source)")
+    q.add_argument("--rotate", type=int, nargs="?", const=ROTATION_SEED, metavar="SEED",
+                   help="quantize in a rotated residual basis (folded into the weights; seed 22 if none given)")
+    q.add_argument("--sequential", action="store_true", help="sequential GPTQ (each layer on the quantized layers' outputs)")
     q.set_defaults(func=cmd_quantize)
 
     r = sub.add_parser("quant-report", help="perplexity, size and agreement of quantization schemes")
     common(r)
-    r.add_argument("--text", metavar="PATH", help="evaluate on this UTF-8 file (default: held-out Python docs)")
-    r.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (512-token windows)")
-    r.add_argument("--scheme", action="append", help="a scheme to report (repeatable; default: the standard set)")
+    r.add_argument("--eval-domains", metavar="A,B,...", help="held-out evaluation domains (default: licenses,man-pages,readmes)")
+    r.add_argument("--text", metavar="PATH", help="also evaluate on this UTF-8 file")
+    r.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per domain (512-token windows)")
+    r.add_argument("--scheme", action="append", help="a scheme to report (repeatable; default: the full table)")
+    r.add_argument("--quick", action="store_true", help="only the recommended scheme of each class (source, 4-bit, <=4.0, <=3.0, <=2.5 bpw)")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
-    r.add_argument("--plot", metavar="OUT.png", help="write perplexity vs bytes")
+    r.add_argument("--plot", metavar="OUT.png", help="write the worst held-out ratio vs bytes")
     r.add_argument("--verbose", action="store_true", help="progress on stderr")
     r.set_defaults(func=cmd_quant_report)

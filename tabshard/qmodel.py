@@ -15,6 +15,11 @@ The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin,
 ``tensors``  JSON ``{name: {"spec": "s3g32", "n": rows, "k": inputs}}`` for every packed matrix
 ``plan``     JSON ``{tensor: choice}`` as chosen (e.g. ``"gptq:s3g32"`` or ``"source"``)
 ``report``   JSON of what the quantizer measured (optional, free-form)
+``rotation`` JSON ``{"kind": "residual", "seed": S, "hidden": d, "folded": true}`` when the
+             weights were quantized in a rotated residual basis (tabshard/rotation.py): the
+             seed rebuilds Q. Folded into the weights, so a runtime needs nothing from it; a
+             rotation a runtime had to apply would say ``"folded": false``, and a reader that
+             cannot apply it must refuse the file (this one refuses any unfolded rotation).
 
 Packed matrices (kernels/quant.py's layout, unchanged) are two U32 tensors each,
 ``{name}.qweight`` [n, words] and ``{name}.scales`` [n, scale_words]; names are the GGUF's without
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +46,16 @@ VERSION = "1"
 _ATTR_NAME = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
               "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
 _DTYPES = {"U32": np.uint32, "F32": np.float32}
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """How a .tsq's weights were rotated before quantization."""
+
+    seed: int
+    hidden: int
+    kind: str = "residual"
+    folded: bool = True
 
 
 def source_fields(model) -> dict:
@@ -57,7 +73,7 @@ def source_fields(model) -> dict:
 
 
 def write(path: str | os.PathLike, weights: ModelWeights, fields: dict, plan: dict | None = None,
-          report: dict | None = None) -> int:
+          report: dict | None = None, rotation: Rotation | None = None) -> int:
     """Write weights as a .tsq; returns the file's size in bytes."""
     arrays: dict[str, np.ndarray] = {}
     specs: dict[str, dict] = {}
@@ -84,6 +100,8 @@ def write(path: str | os.PathLike, weights: ModelWeights, fields: dict, plan: di
         "plan": json.dumps(plan or {}),
         "report": json.dumps(report or {}),
     }}
+    if rotation is not None:
+        header["__metadata__"]["rotation"] = json.dumps(asdict(rotation))
     offset = 0
     for name, a in arrays.items():
         dtype = "U32" if a.dtype == np.uint32 else "F32"
@@ -125,6 +143,10 @@ class QuantizedModel:
             self.specs = json.loads(meta["tensors"])
             self.plan = json.loads(meta.get("plan", "{}"))
             self.report = json.loads(meta.get("report", "{}"))
+            rot = json.loads(meta["rotation"]) if "rotation" in meta else None
+            self.rotation = None if rot is None else Rotation(**rot)
+            if self.rotation is not None and not self.rotation.folded:
+                raise ModelError(f"{self.path.name} needs a run-time rotation ({self.rotation.kind}), which this tabshard does not apply")
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=8 + n)
         except ModelError:
             raise

@@ -85,21 +85,31 @@ def test_mixed_plan_fits_its_budget_and_beats_uniform(cal, ids):
 
 
 def test_report_rows(weights, ids):
-    rows = run_report(weights, ids[:300], ids[-256:], [ids[:8], ids[10:20]],
-                      ["source", "rtn:s2g32", "gptq:s2g32", "mixed@3.0+emb=clip:s4g32"], gen_tokens=6, sens_tokens=128)
+    evals = {"a": ids[:300], "b": ids[300:440]}
+    rows = run_report(weights, evals, ids[-256:], [ids[:8], ids[10:20]],
+                      ["source", "rtn:s2g32", "gptq:s2g32", "mixed@3.0+emb=clip:s4g32", "gptq:s2g32+rot+seq"],
+                      gen_tokens=6, sens_ids=ids[440:568], window=128)
     by = {r["scheme"]: r for r in rows}
     assert by["source"]["agreement"] == 1.0 and by["source"]["bits_per_weight"] == 5.0  # tiny model: a4g32 like Q4_1
+    assert by["source"]["ppl_ratio"] == {"a": 1.0, "b": 1.0}
     assert by["rtn:s2g32"]["bits_per_weight"] < 3.0 and by["rtn:s2g32"]["bytes"] < by["source"]["bytes"]
-    assert by["gptq:s2g32"]["perplexity"] < by["rtn:s2g32"]["perplexity"]
+    assert by["gptq:s2g32"]["perplexity"]["a"] < by["rtn:s2g32"]["perplexity"]["a"]
     assert by["mixed@3.0+emb=clip:s4g32"]["bits_per_weight"] <= 3.0
     assert by["mixed@3.0+emb=clip:s4g32"]["embedding_bytes"] < by["source"]["embedding_bytes"]
+    rot = by["gptq:s2g32+rot+seq"]
+    # rotated: the same formats on the linears; the (already untied) head and embedding at 8 bits like the source's
+    assert rot["bits_per_weight"] == by["gptq:s2g32"]["bits_per_weight"]
+    assert rot["embedding_bytes"] == by["source"]["embedding_bytes"] and rot["formats"] == ["gptq:s2g32", "source"]
     for r in rows:
-        assert {"scheme", "bits_per_weight", "bytes", "perplexity", "agreement", "quantize_s"} <= set(r)
+        assert {"scheme", "bits_per_weight", "bytes", "perplexity", "ppl_ratio", "worst_ratio", "agreement", "quantize_s"} <= set(r)
+        assert r["worst_ratio"] == max(r["ppl_ratio"].values())
 
 
-def test_bad_schemes():
-    assert parse_scheme("gptq:s3g32+emb=clip:s4g32") == ("gptq:s3g32", "clip:s4g32")
-    for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc"):
+def test_schemes():
+    assert parse_scheme("gptq:s3g32+emb=clip:s4g32") == ("gptq:s3g32", "clip:s4g32", None, False)
+    assert parse_scheme("mixed@3.0+rot+seq") == ("mixed@3.0", "source", 22, True)
+    assert parse_scheme("gptq:a4g64+rot=5") == ("gptq:a4g64", "source", 5, False)
+    for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc", "rtn:s3g32+seq", "gptq:a4g64+rot=x", "bogus:a4g64"):
         with pytest.raises(TabshardError):
             parse_scheme(bad)
 
@@ -113,20 +123,28 @@ def tiny_tsq(tmp_path_factory, weights, smollm2_model):
 
 def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     out = tmp_path / "mixed.tsq"
-    args = ["--model", str(tiny_tsq), "--calib-tokens", "256", "--cache", str(tmp_path / "cache")]
+    args = ["--model", str(tiny_tsq), "--calib-tokens", "256", "--sens-tokens", "128", "--calib-domains", "python-docs",
+            "--cache", str(tmp_path / "cache")]
     assert main(["quantize", *args, "--out", str(out), "--bits-per-weight", "3.0", "--embedding", "clip:s4g32"]) == 0
     assert "bits/weight" in capsys.readouterr().out
     m = qmodel.QuantizedModel(out)
     assert m.report["bits_per_weight"] <= 3.0 and set(m.plan) == set(C.tensor_names(CONFIG.n_layers))
     assert main(["quantize", *args, "--out", str(tmp_path / "tabs.tsq"), "--tab-budgets", "150000,150000,4000000"]) == 0
     assert "tab 2" in capsys.readouterr().out
+    assert main(["quantize", *args, "--out", str(tmp_path / "rot.tsq"), "--scheme", "gptq:s3g64+rot=3+seq"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    r = qmodel.QuantizedModel(tmp_path / "rot.tsq")
+    assert r.rotation == qmodel.Rotation(seed=3, hidden=CONFIG.hidden) and r.plan["blk.1.ffn_up"] == "gptq:s3g64+seq"
+    assert "output" in r.plan and "calibration (seed 22)" in r.report["calibration"]
     text = tmp_path / "eval.txt"
     text.write_text("def f(x):\n    return x * 2\n" * 40, encoding="utf-8")
     png = tmp_path / "p.png"
     assert main(["quant-report", *args, "--text", str(text), "--tokens", "200", "--json", "--plot", str(png),
-                 "--scheme", "source", "--scheme", "gptq:s3g64"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["scheme"] for r in rows] == ["source", "gptq:s3g64"]
+                 "--eval-domains", "", "--scheme", "source", "--scheme", "gptq:s3g64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["scheme"] for r in out["rows"]] == ["source", "gptq:s3g64"]
+    assert list(out["rows"][0]["perplexity"]) == [f"text:{text}"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["quant-report", *args, "--quick", "--scheme", "source"]) == 2
     assert main(["quantize", *args, "--out", str(tmp_path / "x.tsq")]) == 2  # no budget given
     assert main(["quantize", *args, "--out", str(tmp_path / "y.tsq"), "--budget-bytes", "1000"]) == 2
