@@ -311,30 +311,71 @@ def variant_tuning(dev, variant: str):
         return base, {"fuse_decode": False}
     if variant == "wgpu-blocks":
         return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
-    m = re.fullmatch(r"wgpu-s(\d)o(\d)", variant)
+    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO")
-    return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2))), {}
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO[tT]")
+    tpr = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
+    return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2)), **tpr), {}
 
 
-def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> float:
-    """The device's own copy bandwidth, bytes read + written per second (GB/s): ``reps``
-    buffer-to-buffer copies of nbytes in one submission, the best of ``rounds``."""
+# a plain vec4 copy: what a compute shader moves through memory (the copy command may not use the SMs)
+COPY_WGSL = """
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+  let i = gid.x + gid.y * nw.x * 256u;
+  if (i < arrayLength(&src)) {
+    dst[i] = src[i];
+  }
+}
+"""
+
+
+def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> dict:
+    """The device's own copy bandwidth, bytes read + written per second (GB/s), by the copy
+    command and by a vec4 compute copy: ``reps`` copies of nbytes in one submission, the best
+    of ``rounds`` after a warm-up round."""
     src, dst = dev.buffer(nbytes, "copy.src"), dev.buffer(nbytes, "copy.dst")
     dev.write(src, np.arange(nbytes // 4, dtype=np.uint32))  # not zeros
-    best = float("inf")
-    for r in range(rounds + 1):
-        enc = dev.encoder()
-        for _ in range(reps):
-            enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
-        t = time.perf_counter()
-        dev.queue.submit([enc.finish()])
-        dev.read(dst, np.uint32, count=1)
-        if r:  # the first round warms up
-            best = min(best, time.perf_counter() - t)
+    pipe = dev.device.create_compute_pipeline(layout="auto", compute={
+        "module": dev.device.create_shader_module(code=COPY_WGSL), "entry_point": "main"})
+    bg = dev.bind_group(pipe, [src, dst])
+    groups = -(-nbytes // (16 * 256))
+    gx = min(groups, 65535)
+    out = {}
+    for how in ("command", "shader"):
+        best = float("inf")
+        for r in range(rounds + 1):
+            enc = dev.encoder()
+            if how == "command":
+                for _ in range(reps):
+                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+            else:
+                cpass = enc.begin_compute_pass()
+                cpass.set_pipeline(pipe)
+                cpass.set_bind_group(0, bg)
+                for _ in range(reps):
+                    cpass.dispatch_workgroups(gx, -(-groups // gx))
+                cpass.end()
+            t = time.perf_counter()
+            dev.queue.submit([enc.finish()])
+            dev.read(dst, np.uint32, count=1)
+            if r:
+                best = min(best, time.perf_counter() - t)
+        out[how] = 2 * nbytes * reps / best / 1e9
     src.destroy()
     dst.destroy()
-    return 2 * nbytes * reps / best / 1e9
+    return out
+
+
+def warm_up(dev, seconds: float) -> None:
+    """Keep the GPU busy for a while first: an idle card starts at a low clock (H200: 345 MHz)."""
+    if not dev.is_real_gpu():
+        return
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        copy_gbps(dev, 256 << 20, reps=20, rounds=1)
 
 
 def gpu_bound_ms(be, plan, reps: int = 20) -> float:
@@ -441,12 +482,15 @@ def roofline(a) -> int:
     dev = R.get_device()
     print(f"device: {dev.describe()} (real GPU: {dev.is_real_gpu()}; features: {', '.join(sorted(dev.features))})", flush=True)
     copy_bytes = min(1 << 30 if dev.is_real_gpu() else 64 << 20, dev.limits["max-buffer-size"] // 16 * 16)
-    copy = copy_gbps(dev, copy_bytes)
-    print(f"copy bandwidth: {copy:.0f} GB/s (read + write, {copy_bytes >> 20} MiB buffers)", flush=True)
+    warm_up(dev, a.warm_up)
+    copies = copy_gbps(dev, copy_bytes)
+    copy = max(copies.values())
+    print(f"copy bandwidth: {copy:.0f} GB/s (read + write, {copy_bytes >> 20} MiB buffers; copy command "
+          f"{copies['command']:.0f}, vec4 shader {copies['shader']:.0f})", flush=True)
     rows_list = [int(r) for r in a.rows.split(",")]
     variants = a.variants.split(",")
     formats = a.formats.split(",") if a.formats else [None]
-    results = {"device": dev.describe(), "copy_gbps": copy, "model": a.model, "workloads": [], "kernels": [], "hops": {}}
+    results = {"device": dev.describe(), "copy_gbps": copy, "copy_gbps_by": copies, "model": a.model, "workloads": [], "kernels": [], "hops": {}}
     rng = np.random.default_rng(1)
     for fmt in formats:
         t0 = time.perf_counter()
@@ -523,6 +567,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per workload")
     ap.add_argument("--kernels", action="store_true", help="time each linear of a layer alone per layout first")
     ap.add_argument("--json", default="", help="write every figure here too")
+    ap.add_argument("--warm-up", type=float, default=3.0, help="seconds of GPU work before measuring")
     ap.add_argument("--history", default="", help="benchmark history database (default: the repository's; 'none': skip)")
     ap.add_argument("--tokens", type=int, default=128, help="--backends mode: decode tokens")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per session (default 16; --backends mode 256)")

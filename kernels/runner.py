@@ -583,8 +583,8 @@ class MatmulTuning:
     matvec_max_tpr: int  # threads cooperating on one output (1: no reduction)
     matvec_max_rows: int  # batches up to this many rows use qmatvec, larger ones qmatmul
     tile: int  # qmatmul's output tile
-    matvec_span: int = 8  # qmatvec's SPAN: 8 walks whole blocks per lane (CPU), 1/2/4 interleave lanes (GPU)
-    matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4)
+    matvec_span: int = 8  # qmatvec's SPAN: 8 walks whole blocks per lane (CPU), 1/2/4 interleave lanes (GPU), 0 by shape
+    matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4; 0 by shape)
 
 
 def matmul_tuning(dev: Device) -> MatmulTuning:
@@ -605,9 +605,20 @@ def matmul_tuning(dev: Device) -> MatmulTuning:
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
-# qmatvec's lane layout on a real GPU (include/qmatvec_lanes.wgsl; see bench_device.py --kernels)
-GPU_MATVEC_SPAN = 1
-GPU_MATVEC_OPT = 2
+# qmatvec's lane layout on a real GPU (include/qmatvec_lanes.wgsl): 0 = by shape (matvec_layout)
+GPU_MATVEC_SPAN = 0
+GPU_MATVEC_OPT = 0
+
+
+def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
+    """(SPAN, OPT) of a matvec, where the tuning leaves them to the shape (0): long rows take
+    2 vec4s per lane step, tall matrices 4 outputs per thread; small ones (SmolLM2's) keep
+    more workgroups. From bench_device.py --kernels on an H200 (LLaMA-7B and SmolLM2 shapes)."""
+    if span == 0:
+        span = 2 if k >= 1024 else 1
+    if opt == 0:
+        opt = 4 if n >= 8192 else 2
+    return span, opt
 
 
 def matvec_threads_per_row(n: int, k: int, wg: int, max_tpr: int = 32, span: int = 8) -> int:
@@ -658,8 +669,7 @@ class QuantLinear(Launcher):
         self.wg = self.tuning.matvec_wg
         # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 ones walk whole blocks
         f32 = compute_dtype == "f32"
-        self.span = self.tuning.matvec_span if f32 else 8
-        self.opt = self.tuning.matvec_opt if f32 else 1
+        self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt) if f32 else (8, 1)
         if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
             raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)

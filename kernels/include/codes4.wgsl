@@ -6,10 +6,16 @@ fn codes4(wbase: u32, j0: u32) -> vec4<f32> {
     // words 0-1: low two bits of inputs 0-15 and 16-31; word 2: the high bit of input j at bit j
     let low = vec4<u32>(qweight[wbase + j0 / 16u]) >> (vec4<u32>(0u, 2u, 4u, 6u) + 2u * (j0 % 16u));
     let high = vec4<u32>(qweight[wbase + 2u]) >> (vec4<u32>(0u, 1u, 2u, 3u) + j0);
-    return vec4<f32>((low & vec4<u32>(3u)) | ((high & vec4<u32>(1u)) << vec4<u32>(2u)));
+    return as_f32((low & vec4<u32>(3u)) | ((high & vec4<u32>(1u)) << vec4<u32>(2u)));
   }
   // input j sits in word j*BITS/32 at bit j*BITS%32
   let word = vec4<u32>(qweight[wbase + j0 * BITS / 32u]);
   let shifts = vec4<u32>(0u, 1u, 2u, 3u) * BITS + (j0 * BITS) % 32u;
-  return vec4<f32>((word >> shifts) & vec4<u32>((1u << BITS) - 1u));
+  return as_f32((word >> shifts) & vec4<u32>((1u << BITS) - 1u));
+}
+
+// q as f32, exactly for q < 2^23: the bits of the float 2^23 + q, minus 2^23. An OR and an add
+// instead of an integer-to-float conversion, which GPUs issue at a fraction of the FMA rate.
+fn as_f32(q: vec4<u32>) -> vec4<f32> {
+  return bitcast<vec4<f32>>(q | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0);
 }
