@@ -27,7 +27,7 @@ $(NODE_DEPS): package-lock.json
 $(DASHBOARD): $(NODE_DEPS) coordinator/web/build.mjs $(wildcard coordinator/web/dashboard/*)
 	node coordinator/web/build.mjs
 
-$(TAB_ASSETS): $(NODE_DEPS) $(STAMP) tab_worker/web/build.py $(wildcard tab_worker/web/*.js tab_worker/web/*.html tab_worker/web/*.css tab_worker/web/wasm/*)
+$(TAB_ASSETS): $(NODE_DEPS) $(STAMP) tab_worker/web/build.py $(wildcard tab_worker/web/*.js tab_worker/web/*.html tab_worker/web/*.css kernels/c/*.c)
 	$(PY) tab_worker/web/build.py --require-wasm
 
 # Debian packages only where missing, and only where we are root with apt.

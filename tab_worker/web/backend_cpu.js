@@ -1,10 +1,12 @@
-// The CPU backends of a browser tab: WebAssembly SIMD (wasm/kernels.c) or, as the last
-// resort, plain JS. Same interface and behaviour as tab_worker/numpy_backend.py (whose math,
-// kernels/reference.py, is what this computes): forward(slices, hidden) -> hidden,
-// head_topk(rows, k) -> {ids, values}, sessions(), drop_session, fork_session.
+// The CPU backends of a browser tab: WebAssembly SIMD or, as the last resort, plain JS. Same
+// interface and behaviour as tab_worker/numpy_backend.py (whose math, kernels/reference.py,
+// is what this computes): forward(slices, hidden) -> hidden, head_topk(rows, k) -> {ids,
+// values}, sessions(), drop_session, fork_session.
 //
-// Weights stay packed (kernels/quant.py's words, as the WGSL reads them); only the f16
-// scales are decoded once to f32 (scale, min) pairs. The engines differ only in qmatvec.
+// Weights stay packed (kernels/quant.py's words, as the WGSL reads them). The WASM engine runs
+// kernels/c/packed_kernels.c, the same C source the Python worker compiles natively, on the
+// words and f16 scale words as they arrived; the JS engine decodes the scales once to f32
+// (scale, min) pairs. The engines differ only in qmatvec.
 
 export function f16ToF32(h) {
   const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
@@ -148,7 +150,7 @@ export class WasmEngine {
   }
 
   upload(t) {
-    return { spec: t.spec, n: t.n, k: t.k, qPtr: this.put(t.q), smPtr: this.put(decodeScales(t)), bytes: t.q.byteLength + t.s.byteLength };
+    return { spec: t.spec, n: t.n, k: t.k, qPtr: this.put(t.q), sPtr: this.put(t.s), bytes: t.q.byteLength + t.s.byteLength };
   }
 
   _scratch(bytes) {
@@ -157,16 +159,14 @@ export class WasmEngine {
   }
 
   matvec(h, x, rows, y, yStride, yCol, accumulate) {
-    const k = h.k, blocks = Math.ceil(k / 32), n = h.n;
-    const xpBytes = rows * blocks * 32 * 4, xsBytes = rows * blocks * 4, yBytes = rows * n * 4;
-    const base = this._scratch(xpBytes + xsBytes + yBytes + 64);
-    const xpPtr = base, xsPtr = (base + xpBytes + 15) & ~15, yPtr = (xsPtr + xsBytes + 15) & ~15;
-    const mem = this.memory.buffer;
-    const xp = new Float32Array(mem, xpPtr, rows * blocks * 32);
-    xp.fill(0);
-    for (let r = 0; r < rows; r++) xp.set(x.subarray(r * k, r * k + k), r * blocks * 32);
-    this.k.block_sums(xpPtr, rows, blocks, xsPtr);
-    this.k.qmatvec(h.qPtr, h.smPtr, n, k, h.spec.bits, h.spec.group, xpPtr, xsPtr, rows, yPtr, n, 0, 0);
+    const { bits, group, symmetric } = h.spec, k = h.k, n = h.n, kPad = Math.ceil(k / group) * group;
+    const xBytes = rows * kPad * 4, yBytes = rows * n * 4;
+    const xPtr = this._scratch(xBytes + yBytes + 16), yPtr = (xPtr + xBytes + 15) & ~15;
+    // the kernel reads rows of k_pad floats, zeros past k
+    const xp = new Float32Array(this.memory.buffer, xPtr, rows * kPad);
+    if (kPad !== k) xp.fill(0);
+    for (let r = 0; r < rows; r++) xp.set(x.subarray(r * k, r * k + k), r * kPad);
+    this.k.pk_matmul(h.qPtr, h.sPtr, n, k, bits, group, symmetric ? 1 : 0, xPtr, rows, kPad, yPtr, n, 0);
     const out = new Float32Array(this.memory.buffer, yPtr, rows * n);
     for (let r = 0; r < rows; r++) {
       const row = out.subarray(r * n, r * n + n), at = r * yStride + yCol;

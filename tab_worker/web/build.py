@@ -5,9 +5,10 @@ coordinator at /tab, shipped in the wheel as package data).
     python tab_worker/web/build.py          # needs clang + lld (Debian: clang lld, 14)
 
 Steps: copy the page and worker sources; copy @msgpack/msgpack's ESM build from node_modules
-into dist/vendor/msgpack/ (no bundler needed: the browser loads ES modules); compile
-wasm/*.c with clang --target=wasm32 -msimd128 into dist/kernels.wasm. A missing clang is not
-fatal (the tab then runs plain JS, and says so), a missing msgpack is.
+into dist/vendor/msgpack/ (no bundler needed: the browser loads ES modules); compile the CPU
+workers' one kernel source, kernels/c/packed_kernels.c (the same file the Python worker
+compiles natively), with clang --target=wasm32 -msimd128 into dist/kernels.wasm. A missing
+clang is not fatal (the tab then runs plain JS, and says so), a missing msgpack is.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 WEB = Path(__file__).resolve().parent
 DIST = WEB / "dist"
+KERNEL_SOURCE = WEB.parents[1] / "kernels" / "c" / "packed_kernels.c"
 SOURCES = ("*.js", "*.html", "*.css")
 
 
@@ -40,12 +42,13 @@ def find_clang() -> str | None:
 
 def build_wasm(out: Path) -> bool:
     clang = find_clang()
-    sources = sorted((WEB / "wasm").glob("*.c"))
     if clang is None:
         print("warning: clang not found: no WASM build (tabs fall back to plain JS); apt-get install clang lld", file=sys.stderr)
         return False
-    cmd = [clang, "--target=wasm32", "-O3", "-msimd128", "-nostdlib", "-Wl,--no-entry", "-Wl,--import-memory",
-           "-Wl,--export-dynamic", "-Wl,--export=__heap_base", "-o", str(out), *map(str, sources)]
+    # bulk memory: zeroed accumulators become memory.fill, not calls to a memset -nostdlib lacks;
+    # JS allocates weights and scratch from __heap_base up (below it: the C data and stack)
+    cmd = [clang, "--target=wasm32", "-O3", "-msimd128", "-mbulk-memory", "-nostdlib", "-Wl,--no-entry",
+           "-Wl,--import-memory", "-Wl,--export-dynamic", "-Wl,--export=__heap_base", "-o", str(out), str(KERNEL_SOURCE)]
     subprocess.run(cmd, check=True)
     return True
 
