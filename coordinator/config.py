@@ -45,10 +45,21 @@ _RULES = {
     "dead_workers_kept": (int, 0, 1_000_000),  # ended workers' records kept for /status
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
-    "cors_origins": (str, None, None),  # web app origins allowed to call the API from a browser ("*": any)
     "speculation": (str, ("off", "prompt-lookup", "draft-model"), None),  # drafts verified k+1 rows a trip
     "speculation_max_k": (int, 0, 16),  # the most drafts a trip carries (tab_worker.worker.DRAFT_ROWS)
     "draft_model": (str, None, None),  # the GGUF the draft-model mode runs on the coordinator
+    "probation_steps": (int, 0, 10_000),  # steps a new tab must get right and in time before it is trusted
+    "trial_deadline_ms": (int, 100, 600_000),  # a trial step unanswered this long (+ its expected cost) fails the tab
+    "backoff_base_s": (float, 0.0, 86_400.0),  # joins from an offending address refused this long, doubling per offense
+    "backoff_max_s": (float, 0.0, 86_400.0),
+    "backoff_forgive_s": (float, 0.0, 86_400.0),
+    "max_step_ms": (float, 10.0, 600_000.0),  # prompts are cut into steps expected to take at most this
+    "max_conns_per_address": (int, 1, 100_000),  # open worker/stream sockets from one address
+    "joins_per_address_per_s": (float, 0.01, 10_000.0),  # worker sockets opened per second per address (bursts of 2 s)
+    "header_timeout_s": (float, 0.5, 3600.0),  # an HTTP connection must send its request head within this
+    "body_timeout_s": (float, 0.5, 3600.0),  # and each piece of its body within this
+    "public_status": (bool, None, None),  # serve /status, the dashboard and /openapi.json without the API key off loopback
+    "cors_origins": (str, None, None),  # web app origins allowed to call the API from a browser ("*": any)
 }
 
 

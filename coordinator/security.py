@@ -113,3 +113,38 @@ class RateLimit:
             self.tokens -= 1
             return True
         return False
+
+
+class Backoff:
+    """Exponential backoff per peer key (an address): each offense (a protocol violation, a
+    failed verification, a trial or step left unanswered) doubles how long that key's joins are
+    refused, from `base_s` up to `max_s`. A key with no offense for `forgive_s` after its
+    refusal ended starts over. Keyed by address, not by the name a tab gives itself, so that
+    rejoining under fresh names does not reset it. Pure bookkeeping: the state machine owns it."""
+
+    def __init__(self, base_s: float = 1.0, max_s: float = 600.0, forgive_s: float = 600.0, max_keys: int = 10_000):
+        self.base_s, self.max_s, self.forgive_s, self.max_keys = base_s, max_s, forgive_s, max_keys
+        self.records: dict[str, dict] = {}
+
+    def offend(self, key: str, reason: str, now: float) -> float:
+        """Record an offense; returns how long joins from `key` are now refused."""
+        rec = self.records.get(key)
+        if rec is None or now > rec["until"] + self.forgive_s:
+            rec = {"offenses": 0, "until": now, "reason": reason}
+        rec["offenses"] += 1
+        wait = min(self.max_s, self.base_s * 2 ** (rec["offenses"] - 1))
+        rec["until"] = max(rec["until"], now + wait)
+        rec["reason"] = reason[:200]
+        self.records.pop(key, None)
+        self.records[key] = rec  # newest last: the oldest go first when the table is full
+        while len(self.records) > self.max_keys:
+            self.records.pop(next(iter(self.records)))
+        return wait
+
+    def wait(self, key: str, now: float) -> float:
+        rec = self.records.get(key)
+        return max(0.0, rec["until"] - now) if rec else 0.0
+
+    def snapshot(self, now: float) -> list[dict]:
+        return [{"address": k, "offenses": r["offenses"], "refused_for_s": round(max(0.0, r["until"] - now), 1),
+                 "reason": r["reason"]} for k, r in self.records.items() if now <= r["until"] + self.forgive_s]

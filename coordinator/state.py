@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
-from kernels.reference import topk
-from coordinator.speculation import Draft, decide_trip, make_speculator
+from coordinator.security import Backoff
 from tab_worker.engine_types import ModelConfig
 from tab_worker.weights import CHUNK_BYTES, blob_info, chunk, sha256
-from tabshard.sampling import CANDIDATES, Sampler, SamplingParams
+from tabshard.sampling import Sampler, SamplingParams
 from tabshard.wire import PROTOCOL_VERSION, ProtocolError
 
 LOCAL = "local"  # connection id of the coordinator's own compute worker
@@ -124,12 +123,25 @@ class CoordinatorSettings:
     dead_workers_kept: int = 64  # records of dead/quarantined workers kept for /status and the dashboard
     resume_wait_ms: int = 5000  # after a restart, wait this long for rejoining workers whose weights tile the model
     allowed_origins: str = ""  # comma-separated browser origins allowed to join besides same origin and loopback
-    cors_origins: str = ""  # comma-separated web app origins whose browsers may call the API ("*": any)
-    # speculative decoding (coordinator/speculation.py): "off" | "prompt-lookup" | "draft-model",
-    # at most speculation_max_k drafts per trip; draft_model: the GGUF the draft-model mode runs
-    speculation: str = "off"
-    speculation_max_k: int = 6
-    draft_model: str = ""
+    # trust is earned: a new tab's claims are bounds; it serves only checked steps (or none, on
+    # trial, while trusted workers hold the model) until this many of its steps came back right
+    # and in time; a trial step unanswered after trial_deadline_ms fails it
+    probation_steps: int = 8
+    trial_deadline_ms: int = 3000
+    # joins from an address are refused for backoff_base_s after its tab's first offense,
+    # doubling per offense up to backoff_max_s; forgiven after backoff_forgive_s of good conduct
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 600.0
+    backoff_forgive_s: float = 600.0
+    # a prompt is cut into steps a stage is expected to finish within this (from its measured
+    # costs), so that a step deadline stays short enough to judge a tab that never answers
+    max_step_ms: float = 2000.0
+    # costs bounded before they are paid (enforced by the adapters: server.py, app.py)
+    max_conns_per_address: int = 256
+    joins_per_address_per_s: float = 20.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    public_status: bool = False  # off loopback, /status, the dashboard and /openapi.json need the API key unless set
 
 
 # ---------------------------------------------------------------------- records
@@ -159,6 +171,14 @@ class Worker:
     local: bool = False
     load_progress: dict = field(default_factory=dict)  # the worker's last load_progress report
     corrections: list = field(default_factory=list)
+    address: str = ""  # the peer's network address: offenses are counted against it
+    probation: bool = True  # until `probation_steps` of its steps proved right and in time
+    proven_steps: int = 0
+    claimed_ms_per_layer: float | None = None  # what its calibration claimed (a bound, not a fact)
+    # a step's cost relative to `rows x ms_per_layer` (1: a prompt row costs a decode step),
+    # learned from its measured multi-row steps; deadlines and prompt chunks use it
+    row_cost: float = 1.0
+    why: str | None = None  # why it ended (dead / quarantined), for /status
 
     def move(self, new: str) -> None:
         if new != self.state and new not in WORKER_TRANSITIONS[self.state]:
@@ -185,12 +205,6 @@ class WorkItem:
     forward_from: int
     wants_token: bool  # at the last stage: sample a token from the last row
     generation: int = 0  # the session's generation when queued: a restarted session ignores older items
-    draft: Draft | None = None  # speculation: the last len(draft.tokens) rows are drafts the head verifies
-
-    @property
-    def head_rows(self) -> int:
-        """Rows whose top-k the head returns: the last one, and one per draft."""
-        return 1 + (len(self.draft.tokens) if self.draft else 0)
 
     @property
     def end(self) -> int:
@@ -259,11 +273,6 @@ class Session:
     last_by: dict = field(default_factory=dict)  # stage index -> (worker id, epoch) of its latest step for this session
     last_head: tuple | None = None  # the head's (top-k ids, logits) behind the latest token
     audited: bool = False  # the last token's steps were sent for checking (spot_check_at_finish)
-    # the API's hooks (coordinator/openai_api.py): a chooser that needs the whole vocabulary's
-    # logits (logprobs, a grammar; see sampling.FullVocabChooser), and whether sibling
-    # sessions (n > 1) will fork this one's prompt KV as soon as it is computed
-    chooser: object | None = None
-    share_prefix: bool = False
 
     @property
     def position(self) -> int:
@@ -297,10 +306,11 @@ class Coordinator:
                          "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0,
                          "prefix_hits": 0, "prefix_tokens_reused": 0,
                          "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
-                         "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0}
+                         "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0,
+                         "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0}
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
-        self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
+        self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
         self._deferred_replan = False
         self._last_tick: float | None = None
         self.degraded = False
@@ -314,15 +324,15 @@ class Coordinator:
         # (session, range, verifier) -> (positions the verifier's scratch KV holds, the session's
         # log epoch then): a later check of that session sends only the rows since
         self._verify_kv: dict[tuple, tuple[int, int]] = {}
-        # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
-        # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
-        self.head_logits = None
-        self.speculation = make_speculator(settings.speculation, settings.speculation_max_k, settings.draft_model,
-                                           min(settings.max_ctx, config.context))
-        self._trip_more: set[str] = set()  # sessions whose trip still has rows to decide (see _verify_drafts)
+        self.backoff = Backoff(settings.backoff_base_s, settings.backoff_max_s, settings.backoff_forgive_s)
+        self.conn_address: dict[str, str] = {}  # worker connection -> peer address
+        # workers on trial: worker id -> {"range", "assignment_id", "ready", "check": step id or None}
+        self._trials: dict[str, dict] = {}
+        self._trial_assign: dict[int, str] = {}  # assignment id -> worker id, for trial ranges
 
     # ================================================================== connections
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:
+        self.conn_address.pop(conn, None)
         wid = self.conn_worker.pop(conn, None)
         if wid is None:
             return []
@@ -331,14 +341,28 @@ class Coordinator:
             return []
         return self._worker_lost(w, now, f"socket {reason}")
 
+    def on_connect(self, conn: str, address: str, now: float) -> list:
+        """A worker socket opened from `address`: refused while that address is backed off."""
+        wait = self.backoff.wait(address, now)
+        if wait > 0:
+            self.counters["backoff_refusals"] += 1
+            reason = f"joins from this address are refused for {wait:.0f} more s ({self.backoff.records[address]['reason']})"
+            return [Send(conn, _msg("error", code="backoff", field=None, message=reason)), Close(conn, 1008, reason[:120])]
+        self.conn_address[conn] = address
+        return []
+
     def on_protocol_error(self, conn: str, err: ProtocolError, now: float) -> list:
-        """A frame that does not decode or validate: answer naming the field, quarantine the sender."""
+        """A frame that does not decode or validate: answer naming the field, quarantine the sender
+        and count it against its address (a sender that has not joined yet too)."""
         self.counters["protocol_errors"] += 1
         out = [Send(conn, err.to_message())]
         wid = self.conn_worker.pop(conn, None)
         out.append(Close(conn, 1008, f"protocol error: {err.code}"))
         if wid is not None and self.workers[wid].alive:
             out += self._worker_lost(self.workers[wid], now, f"quarantined: {err.code} at {err.field}", quarantine=True)
+        elif self.conn_address.get(conn):
+            self.backoff.offend(self.conn_address[conn], f"protocol error {err.code} at {err.field}", now)
+        self.conn_address.pop(conn, None)
         return out
 
     def on_message(self, conn: str, m: dict, now: float) -> list:
@@ -365,8 +389,13 @@ class Coordinator:
                     Close(conn, 1008, "bad join token")]
         if conn in self.conn_worker:
             return [Send(conn, _msg("error", code="already_joined", field="type", message="hello sent twice"))]
+        address = self.conn_address.get(conn, "")
+        if conn != LOCAL and self.backoff.wait(address, now) > 0:  # an offense on another socket since this one opened
+            return self.on_connect(conn, address, now)
         wid = LOCAL if conn == LOCAL else f"w{next(self._ids)}"
-        w = Worker(conn, wid, str(m["worker_name"]), dict(m["capabilities"]), next(self._epoch), now, now, local=conn == LOCAL)
+        # the schema bounded every field (names, sizes, numbers finite and in range): stored as is
+        w = Worker(conn, wid, m["worker_name"], dict(m["capabilities"]), next(self._epoch), now, now, local=conn == LOCAL,
+                   address=address, probation=conn != LOCAL and self.settings.probation_steps > 0)
         w.have_blobs = set((m.get("resume") or {}).get("have") or [])
         self.workers[wid] = w
         self.conn_worker[conn] = wid
@@ -381,6 +410,7 @@ class Coordinator:
 
     def _on_calibration_result(self, w: Worker, m: dict, now: float) -> list:
         w.ms_per_layer = max(float(m["step_ms"]), 1e-3)
+        w.claimed_ms_per_layer = w.ms_per_layer
         details = m.get("details") or {}
         w.caps["calibration"] = details  # e.g. a browser tab's measured engines and its choice
         if isinstance(details.get("backend"), str):
@@ -465,12 +495,15 @@ class Coordinator:
     def _replan(self, now: float) -> list:
         workers = self._live_workers()
         remote = [w for w in workers if not w.local]
+        # tabs on probation are planned only when no trusted tab is there (then every step of
+        # theirs is checked); otherwise they prove themselves on trial (see _start_trials)
+        remote = [w for w in remote if not w.probation] or remote
         if not self.settings.coordinator_compute or remote:
             workers = remote if remote else workers
         if not workers:
             return []
         try:
-            stages = self._resume_plan(workers) or plan([w.capacity() for w in workers], self.config.n_layers, self.layer_bytes,
+            stages = self._resume_plan(workers) or plan([self._capacity(w) for w in workers], self.config.n_layers, self.layer_bytes,
                                                         self.head_bytes, self.settings.replicas, self.settings.max_stages,
                                                         self._head_cost_layers())
         except PlanError as exc:
@@ -526,6 +559,50 @@ class Coordinator:
             return False
         workers = [w for w in self._live_workers() if not w.local]
         return bool(workers) and all(w.have_blobs for w in workers) and self._resume_plan(workers) is None
+
+    def _ms_per_layer(self, w: Worker) -> float:
+        """What the planner and deadlines count on: a tab on probation is taken to be no faster
+        than the slowest trusted tab (a tarpit claims 0.001 ms to be given every layer)."""
+        if not w.probation:
+            return w.ms_per_layer
+        trusted = [x.ms_per_layer for x in self.workers.values() if x.alive and not x.probation and not x.local]
+        return max([w.ms_per_layer, *trusted])
+
+    def _capacity(self, w: Worker) -> WorkerCapacity:
+        cap = w.capacity()
+        return WorkerCapacity(cap.worker_id, self._ms_per_layer(w), cap.memory_bytes, cap.expansion, cap.local)
+
+    def _ctx_scale(self) -> float:
+        """Context positions at which a row's attention costs as much as its matrices: a layer's
+        parameters per row against 2 x (query width) multiply-adds per position."""
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        return (c.hidden * (q + 2 * kv) + q * c.hidden + 3 * c.hidden * c.ffn) / (2 * q)
+
+    def _rows_equiv(self, w: Worker, spans) -> float:
+        """A step's work in decode steps: prompt rows at the worker's learned row cost, decode
+        rows batched (8 cost about one), each row weighted by the context it attends to."""
+        scale, total = self._ctx_scale(), 0.0
+        for start, length in spans:
+            weight = length * w.row_cost if length > 1 else 0.125
+            total += weight * (1 + (start + length / 2) / scale)
+        return max(1.0, total)
+
+    def _step_cost_ms(self, w: Worker, st: Stage, spans) -> float:
+        layers = st.layer_end - st.layer_start
+        return self._ms_per_layer(w) * layers * self._rows_equiv(w, spans) + (20 if st.include_head else 0)
+
+    def _prefill_rows(self, context: int) -> int:
+        """Prompt rows per step: as many as every stage's primary is expected to compute within
+        max_step_ms at this context (at most prefill_chunk, at least 16)."""
+        rows = self.settings.prefill_chunk
+        for st in self.stages:
+            w = self.workers.get(st.primary) if st.primary else None
+            if w is None:
+                continue
+            per_row = self._ms_per_layer(w) * (st.layer_end - st.layer_start) * w.row_cost * (1 + context / self._ctx_scale())
+            rows = min(rows, int(self.settings.max_step_ms / max(per_row, 1e-6)))
+        return max(16, rows)
 
     def _resume_plan(self, workers: list[Worker]) -> list[StagePlan] | None:
         """While the resume window lasts: when the live workers' held weights tile the model (each
@@ -638,10 +715,17 @@ class Coordinator:
         if key is not None:  # LOCAL loaded a range only to verify others' steps
             self._verify_ranges[key] = "ready"
             return [Send(w.conn, c) for c in self._verify_parked.pop(key, [])]
+        if self._trial_assign.get(m.get("assignment_id")) == w.worker_id:
+            return self._on_trial_ready(w, m, now)
         entry = w.loading.pop(m.get("assignment_id"), None)
         if entry is None:
             return []
         stage_index, shas = entry
+        if m["checksum"] != sha256("".join(shas).encode()):
+            # the digest of the assignment's blob digests, as the tab computed it when it
+            # assembled them: a tab that never had them answers anything ("x"). Only a weak
+            # proof alone (the digests are public); its first steps are recomputed (probation)
+            return self._worker_lost(w, now, "ready with a checksum that does not match its assignment", quarantine=True)
         w.have_blobs.update(shas)
         for c in m.get("corrections") or []:
             if c not in w.corrections:
@@ -666,7 +750,7 @@ class Coordinator:
 
     # ================================================================== requests
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams, now: float,
-               stop_at_eos: bool = True, chooser=None, share_prefix: bool = False) -> list:
+               stop_at_eos: bool = True) -> list:
         self.counters["requests"] += 1
         if request_id in self.sessions:
             return [Emit(request_id, {"type": "error", "code": "duplicate_request", "message": f"request {request_id} exists", "retriable": False})]
@@ -678,8 +762,7 @@ class Coordinator:
             self.counters["failed"] += 1
             return [Emit(request_id, {"type": "error", "code": "bad_prompt", "message": f"the prompt has {len(prompt_ids)} tokens; it must have 1 to {limit - 1}", "retriable": False})]
         max_tokens = min(max_tokens, self.settings.max_output_tokens, min(self.settings.max_ctx, self.config.context) - len(prompt_ids))
-        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos, chooser=chooser,
-                    share_prefix=share_prefix)
+        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos)
         self.sessions[request_id] = s
         if not self.stages:
             # no plan yet: the session starts when one exists (see _restart_session)
@@ -693,7 +776,7 @@ class Coordinator:
     def _enqueue_prefill(self, s: Session, ids: list[int], first: int) -> None:
         """Positions [first, len(ids)) into stage 0 in chunks; the last row yields the next token."""
         rows = self.embed(ids[first:])
-        step = self.settings.prefill_chunk
+        step = self._prefill_rows(len(ids))
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
             last = start + len(part) == len(rows)
@@ -802,7 +885,6 @@ class Coordinator:
     def _finish(self, s: Session, reason: str, now: float, emit: bool = True) -> list:
         s.finished = True
         self.sessions.pop(s.request_id, None)
-        self.speculation.forget(s.request_id)
         for st in self.stages:
             st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
         out = []
@@ -864,22 +946,17 @@ class Coordinator:
             log.append((it.start_pos, it.rows))
             s.logs[st.index] = log
             s.touched.setdefault(w.worker_id, len(s.tokens))
-        rows = sum(len(i.rows) for i in items)
-        expected_ms = w.ms_per_layer * (st.layer_end - st.layer_start) * max(1.0, rows / 8) + (20 if st.include_head else 0)
+        # from this worker's measured costs, for these rows at their context positions
+        expected_ms = self._step_cost_ms(w, st, [(i.start_pos, len(i.rows)) for i in items])
         deadline = now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
         st.inflight = {"step_id": step_id, "worker": w.worker_id, "items": items, "sent_at": now, "deadline": deadline,
                        "epoch": w.epoch}
         want = 0
-        # a session that needs the whole vocabulary's logits: the head stage returns its hidden
-        # rows instead of top-k (want_topk 0), and the coordinator computes every session's head
-        st.inflight["full_logits"] = st.include_head and self.head_logits is not None and any(
-            i.wants_token and i.session_id in self.sessions and self.sessions[i.session_id].chooser is not None for i in items)
-        if st.include_head and any(i.wants_token for i in items) and not st.inflight["full_logits"]:
+        if st.include_head and any(i.wants_token for i in items):
             want = max(self.sessions[i.session_id].params.candidates for i in items if i.session_id in self.sessions)
         hidden = np.concatenate([i.rows for i in items]) if len(items) > 1 else items[0].rows
         m = _msg("step", step_id=step_id, epoch=w.epoch, layer_start=st.layer_start, layer_end=st.layer_end,
-                 sessions=[{"session_id": i.session_id, "start_pos": i.start_pos, "length": len(i.rows),
-                            **({"topk_rows": i.head_rows} if i.head_rows > 1 else {})} for i in items],
+                 sessions=[{"session_id": i.session_id, "start_pos": i.start_pos, "length": len(i.rows)} for i in items],
                  hidden=np.ascontiguousarray(hidden, dtype=np.float32), want_topk=want)
         self.counters["steps"] += 1
         return [Send(w.conn, m)]
@@ -900,20 +977,6 @@ class Coordinator:
             return self.on_protocol_error(w.conn, err, now)
         if not np.all(np.isfinite(out_rows)):
             return self.on_protocol_error(w.conn, ProtocolError("bad_field", "step_result output holds NaN or inf", "output"), now)
-        if st.include_head and any(i.draft for i in items):
-            m = self._split_draft_rows(items, m)  # one row per item stays in m; the drafts' rows go aside
-            if m is None:
-                err = ProtocolError("bad_field", f"head stage must return topk_ids, {sum(i.head_rows for i in items)} rows", "topk_ids")
-                return self.on_protocol_error(w.conn, err, now)
-        full = None
-        if st.inflight.get("full_logits"):
-            if out_rows.shape[0] != total:
-                err = ProtocolError("bad_shape", f"step_result output has {out_rows.shape[0]} rows, expected {total}", "output")
-                return self.on_protocol_error(w.conn, err, now)
-            ends = np.cumsum([len(i.rows) for i in items]) - 1
-            full = self.head_logits(out_rows[ends])
-            m = {**m}
-            m["topk_ids"], m["topk_logits"] = topk(full, CANDIDATES)
         topk_ids = m.get("topk_ids")
         if st.include_head and any(i.wants_token for i in items):
             if topk_ids is None or topk_ids.shape[0] != len(items):
@@ -921,10 +984,14 @@ class Coordinator:
             if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= self.config.vocab):
                 return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
         w.steps += 1
-        checks = self._maybe_spot_check(st, w, items, m, now)
+        checks = self._maybe_spot_check(st, w, items, m, now) + self._maybe_trial(st, w, items, m, now)
+        if w.probation and now <= st.inflight["deadline"]:
+            w.proven_steps += 1  # a planned tab on probation: every step checked (see _maybe_spot_check)
+            if w.proven_steps >= self.settings.probation_steps:
+                self._end_probation(w, now)
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
         compute = m.get("compute_ms")
-        decode = all(len(i.rows) == i.head_rows for i in items)  # prefill steps are long by nature: decode steps set the pace
+        decode = all(len(i.rows) == 1 for i in items)  # prefill steps are long by nature: decode steps set the pace
         if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
             hop = w.last_step_ms - compute
             w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
@@ -932,6 +999,12 @@ class Coordinator:
                 w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
         if decode:
             self._adapt_batch(st, len(items), w.last_step_ms)
+        elif not w.local:  # learn what a prompt row costs this worker (deadlines, prompt chunks)
+            measured = compute if isinstance(compute, (int, float)) and 0 < compute <= w.last_step_ms else w.last_step_ms
+            unit = self._ms_per_layer(w) * (st.layer_end - st.layer_start) * self._rows_equiv(w, [(i.start_pos, len(i.rows)) for i in items])
+            observed = w.row_cost * max(0.0, measured - (20 if st.include_head else 0)) / max(unit, 1e-6)
+            observed = min(16.0, max(0.01, observed))
+            w.row_cost = observed if observed > w.row_cost else 0.8 * w.row_cost + 0.2 * observed
         if w.state == "suspect":
             w.move("ready")
         st.inflight = None
@@ -948,12 +1021,10 @@ class Coordinator:
                 skip = max(0, it.forward_from - it.start_pos)
                 if skip < len(it.rows):
                     self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
-                                                         it.wants_token, it.generation, it.draft), s)
-            elif it.wants_token and it.forward_from < it.end and it.draft:
-                out += self._verify_drafts(s, it, m["_draft_rows"][i], now)
+                                                         it.wants_token, it.generation), s)
             elif it.wants_token and it.forward_from < it.end:
                 try:
-                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now, None if full is None else full[i])
+                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
                 except Exception as exc:  # our bug (e.g. sampling parameters nobody checked): this session alone fails
                     self.counters["failed"] += 1
                     self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
@@ -980,7 +1051,7 @@ class Coordinator:
         send only the rows since the previous one: a check costs the rows it covers, not the
         whole context again; it is dropped with the session."""
         fraction = self.settings.spot_check_fraction
-        if fraction <= 0 or w.local or self._spot_rng.random() >= fraction:
+        if fraction <= 0 or w.local or (not w.probation and self._spot_rng.random() >= fraction):
             return []
         verifier = self._verifier(st, w)
         candidates = [i for i, it in enumerate(items) if it.session_id in self.sessions
@@ -991,8 +1062,8 @@ class Coordinator:
         i = candidates[self._spot_rng.randrange(len(candidates))]
         it = items[i]
         offset = sum(len(x.rows) for x in items[:i])
-        if st.include_head:  # a speculative item: every row its drafts were verified with
-            claimed = m.get("_draft_rows", {}).get(i) or (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
+        if st.include_head:
+            claimed = (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
         else:
             claimed = np.array(m["output"][offset: offset + len(it.rows)])
         return self._send_check(st, (w.worker_id, w.epoch), verifier, self.sessions[it.session_id], it.start_pos, it.end,
@@ -1036,8 +1107,7 @@ class Coordinator:
         if len(history) != end:
             self.counters["spot_checks_skipped"] += 1
             return []
-        want = claimed[0].shape[-1] if st.include_head else 0
-        head_rows = claimed[0].shape[0] if st.include_head and claimed[0].ndim == 2 else 1  # a speculative step's rows
+        want = len(claimed[0]) if st.include_head else 0
         step_id = next(self._ids)
         key = (st.layer_start, st.layer_end)
         kv_key = (s.request_id, key, verifier.worker_id)
@@ -1056,8 +1126,7 @@ class Coordinator:
                                  "worker_steps": w.steps if w is not None else 0, "kv_key": kv_key}
         self.counters["spot_checks"] += 1
         msgs = [_msg("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
-                     sessions=[{"session_id": scratch, "start_pos": first, "length": end - first,
-                                **({"topk_rows": head_rows} if head_rows > 1 else {})}],
+                     sessions=[{"session_id": scratch, "start_pos": first, "length": end - first}],
                      hidden=np.ascontiguousarray(history[first:], dtype=np.float32), want_topk=want)]
         if parked:
             self._verify_parked.setdefault(key, []).extend(msgs)
@@ -1127,13 +1196,12 @@ class Coordinator:
         claimed = check["claimed"]
         if isinstance(claimed, tuple):  # head stage: the chosen candidates and their logits
             ids, logits = m.get("topk_ids"), m.get("topk_logits")
-            c_ids, c_logits = np.atleast_2d(claimed[0]), np.atleast_2d(claimed[1])  # rows: 1, or a speculative step's
-            if ids is None or logits is None or len(ids) != len(c_ids):
+            if ids is None or logits is None or len(ids) != 1:
                 return self._release_finishes(now)
-            scale = max(1.0, float(np.max(np.abs(logits))))
-            n = min(ids.shape[1], c_ids.shape[1])
-            error = float(np.max(np.abs(logits[:, :n] - c_logits[:, :n]))) / scale if n else 0.0
-            if n and np.any(ids[:, 0] != c_ids[:, 0]):
+            scale = max(1.0, float(np.max(np.abs(logits[0]))))
+            n = min(len(ids[0]), len(claimed[0]))
+            error = float(np.max(np.abs(logits[0][:n] - claimed[1][:n]))) / scale if n else 0.0
+            if n and int(ids[0][0]) != int(claimed[0][0]):
                 error = max(error, 1.0)
         else:
             ref = m["output"][check["start"]:]
@@ -1143,9 +1211,134 @@ class Coordinator:
         # f16 tabs round where the f32 verifier does not: an honest f16 result is ~1e-2 off
         # (not measured against the verifier yet; 5e-2 is a guess kept on the safe side)
         tolerance = self.settings.spot_check_rtol if self.settings.compute_dtype == "f32" else max(self.settings.spot_check_rtol, 5e-2)
+        if check.get("trial"):  # a tab on probation recomputed a trusted worker's step
+            return self._on_trial_result(v, check, error <= tolerance, error, now)
         if error <= tolerance:
             return self._release_finishes(now)
         return self._on_liar(check, error, now)
+
+    # ================================================================== probation and trials
+    def _start_trials(self, now: float) -> list:
+        """Tabs on probation that the plan left out load one stage's range (the cheapest) and
+        recompute real steps of its trusted primary under a scratch session (_maybe_trial):
+        they earn trust without serving anyone, and a tarpit or a liar costs nobody a token."""
+        out = []
+        stages = [st for st in self.stages if st.primary and st.primary in st.ready and not self.workers[st.primary].probation]
+        if not stages:
+            return out
+        for w in list(self.workers.values()):
+            if not (w.alive and w.probation and not w.local and w.state == "idle" and not w.stages and w.worker_id not in self._trials):
+                continue
+            st = min(stages, key=lambda x: sum(self.blob_info[k].size for k in self._stage_blobs(x)))
+            aid = next(self._ids)
+            infos = [self.blob_info[k] for k in self._stage_blobs(st)]
+            self._trials[w.worker_id] = {"range": (st.layer_start, st.layer_end), "assignment_id": aid, "ready": False,
+                                         "check": None, "shas": [i.sha256 for i in infos], "best_ms": None}
+            self._trial_assign[aid] = w.worker_id
+            w.move("loading")
+            to_send = sum(i.size for i in infos if i.sha256 not in w.have_blobs)
+            w.load_deadline = now + self.settings.load_timeout_min_s + to_send / self.settings.load_min_bytes_per_s
+            self.events.append({"t": now, "kind": "trial", "worker": w.worker_id, "layers": [st.layer_start, st.layer_end]})
+            out.append(Send(w.conn, _msg("assign", assignment_id=aid, layer_start=st.layer_start, layer_end=st.layer_end,
+                                         include_head=st.include_head, model=self.config.to_dict(), max_ctx=self.settings.max_ctx,
+                                         precision=self._precision(), chunks=[i.to_dict() for i in infos])))
+            chunks = self._weight_chunks(w, infos)
+            sent = sum(len(c.msg["data"]) for c in chunks)
+            w.bytes_sent += sent
+            self.counters["weight_bytes_sent"] += sent
+            out += chunks
+        return out
+
+    def _on_trial_ready(self, w: Worker, m: dict, now: float) -> list:
+        trial = self._trials.get(w.worker_id)
+        del self._trial_assign[m["assignment_id"]]
+        if trial is None:
+            return []
+        if m["checksum"] != sha256("".join(trial["shas"]).encode()):
+            return self._worker_lost(w, now, "ready with a checksum that does not match its assignment", quarantine=True)
+        w.have_blobs.update(trial["shas"])
+        trial["ready"] = True
+        w.load_deadline = None
+        if w.state == "loading":
+            w.move("ready")
+        return []
+
+    def _maybe_trial(self, st: Stage, w: Worker, items: list, m: dict, now: float) -> list:
+        """After a trusted worker's step: each ready tab on trial over this range that is not
+        busy with one recomputes one session's rows; its answer is compared with the trusted one."""
+        if w.probation or not self._trials:
+            return []
+        key = (st.layer_start, st.layer_end)
+        out = []
+        for wid, trial in self._trials.items():
+            v = self.workers.get(wid)
+            if trial["range"] != key or not trial["ready"] or trial["check"] is not None or v is None or not v.alive:
+                continue
+            offset = 0
+            for it in items:
+                s = self.sessions.get(it.session_id)
+                if s is not None and (not st.include_head or (it.wants_token and it.forward_from < it.end)):
+                    if st.include_head:
+                        i = items.index(it)
+                        claimed = (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
+                    else:
+                        claimed = np.array(m["output"][offset: offset + len(it.rows)])
+                    before = set(self._checks)
+                    out += self._send_check(st, (w.worker_id, w.epoch), v, s, it.start_pos, it.end, claimed, now)
+                    for step_id in set(self._checks) - before:
+                        c = self._checks[step_id]
+                        c["trial"] = True
+                        c["deadline"] = now + self.settings.trial_deadline_ms / 1000 + \
+                            self._step_cost_ms(v, st, [(0, it.end)]) * self.settings.step_deadline_factor / 1000
+                        c["rows"] = it.end
+                        trial["check"] = step_id
+                        self.counters["trial_steps"] += 1
+                    break
+                offset += len(it.rows)
+        return out
+
+    def _on_trial_result(self, v: Worker, check: dict, right: bool, error: float, now: float) -> list:
+        trial = self._trials.get(v.worker_id)
+        if trial is None:
+            return []
+        trial["check"] = None
+        if not right:
+            return self._worker_lost(v, now, f"trial step wrong (relative error {error:.3g})", quarantine=True)
+        layers = check["range"][1] - check["range"][0]
+        ms = (now - check["at"]) * 1000 / max(1, layers) / max(1.0, self._rows_equiv(v, [(0, check["rows"])]))
+        trial["best_ms"] = ms if trial["best_ms"] is None else min(trial["best_ms"], ms)
+        v.proven_steps += 1
+        if v.proven_steps >= self.settings.probation_steps:
+            self._trials.pop(v.worker_id, None)
+            # its speed as seen here (the fastest trial, transport included) bounds its claim
+            v.ms_per_layer = max(v.ms_per_layer, min(trial["best_ms"], 1e4))
+            self._end_probation(v, now)
+            self._schedule_replan(now)  # it may now take layers
+        return []
+
+    def _end_probation(self, w: Worker, now: float) -> None:
+        w.probation = False
+        self.counters["probations_passed"] += 1
+        self.events.append({"t": now, "kind": "trusted", "worker": w.worker_id, "steps": w.proven_steps,
+                            "ms_per_layer": round(w.ms_per_layer, 3)})
+
+    def _trial_tick(self, now: float) -> list:
+        out = []
+        for step_id, c in list(self._checks.items()):
+            if c.get("trial") and now > c["deadline"]:
+                del self._checks[step_id]
+                v = self.workers.get(c["verifier"])
+                if v is not None and v.alive:
+                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c['at']) * 1000:.0f} ms",
+                                             quarantine=True)
+        for wid, trial in list(self._trials.items()):
+            if trial["check"] is not None and trial["check"] not in self._checks:
+                trial["check"] = None  # its answer could not be compared (e.g. a plan changed): try another
+            w = self.workers.get(wid)
+            if w is not None and w.alive and not trial["ready"] and w.load_deadline is not None and now > w.load_deadline:
+                self.counters["load_timeouts"] += 1
+                out += self._worker_lost(w, now, "still loading its trial range at the load deadline")
+        return out + self._start_trials(now)
 
     def _on_liar(self, check: dict, error: float, now: float) -> list:
         """A step's result disagreed with the recomputation: quarantine the worker (both, when
@@ -1197,12 +1390,8 @@ class Coordinator:
             out += self._finish_verified(s, s.finish_pending, now)
         return out + self._pump(now)
 
-    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float, full: np.ndarray | None = None) -> list:
-        logprob = None
-        if s.chooser is not None and full is not None:
-            token, logprob = s.chooser.choose(full, s.tokens)
-        else:
-            token = Sampler(s.params).choose(ids, logits, len(s.tokens))
+    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
+        token = Sampler(s.params).choose(ids, logits, len(s.tokens))
         s.last_head = (ids, logits)
         for stage, detected in self._awaiting_recovery:
             self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
@@ -1219,102 +1408,18 @@ class Coordinator:
                 out.append(Emit(s.request_id, {"type": "rewind", "index": len(s.tokens),
                                                "reason": f"{len(s.unconfirmed)} tokens came from a worker caught returning wrong results"}))
                 s.unconfirmed = []
-            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token,
-                                           **({"logprob": logprob} if logprob is not None else {})}))
+            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token}))
             self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
         if s.first_token_at is None:
             s.first_token_at = now
-            if s.share_prefix:  # the prompt's KV is complete on every stage: siblings fork it
-                out += self._remember_prefix(s, now)
         if s.stop_at_eos and token == self.config.eos_id:
             return out + self._finish_verified(s, "stop", now)
         if len(s.tokens) >= s.max_tokens:
             return out + self._finish_verified(s, "length", now)
         pos = len(s.prompt_ids) + len(s.tokens) - 1
-        self._enqueue_next(s, token, pos)
-        return out
-
-    # ================================================================== speculation
-    def _enqueue_next(self, s: Session, token: int, pos: int) -> None:
-        """Queue the session's next trip: the row of its new token, and k drafted rows after it
-        when speculation is on (coordinator/speculation.py); the head then returns top-k for
-        all k+1 rows and _verify_drafts keeps what the model itself would have produced."""
-        if s.request_id in self._trip_more:
-            return  # the trip's next row decides the next token
-        draft = None
-        # the whole-vocabulary path returns one row per session (a grammar's, logprobs'): no drafts then
-        full = getattr(self, "head_logits", None) is not None and any(
-            getattr(x, "chooser", None) is not None for x in self.sessions.values())
-        if self.speculation.on and not full:
-            limit = min(s.max_tokens - len(s.tokens) - 1, min(self.settings.max_ctx, self.config.context) - pos - 1)
-            d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit)
-            draft = d if d.tokens else None
-        ids = [token] + (draft.tokens if draft else [])
-        self._enqueue(0, WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
-
-    def _split_draft_rows(self, items: list[WorkItem], m: dict) -> dict | None:
-        """A head step_result with several rows per speculative item: a copy of `m` with one row
-        (the item's last) per item, as for plain steps, and the speculative items' rows under
-        "_draft_rows" (item index -> (ids, logits)); None when the rows do not add up."""
-        ids, logits = m.get("topk_ids"), m.get("topk_logits")
-        need = [it.head_rows for it in items]
-        if (ids is None or logits is None or ids.ndim != 2 or ids.shape[0] != sum(need) or logits.shape != ids.shape
-                or (ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab))):
-            return None
-        ends = np.cumsum(need)
-        aside = {i: (ids[e - n:e], logits[e - n:e]) for i, (it, n, e) in enumerate(zip(items, need, ends)) if it.draft}
-        return {**m, "topk_ids": ids[ends - 1], "topk_logits": logits[ends - 1], "_draft_rows": aside}
-
-    def _verify_drafts(self, s: Session, it: WorkItem, rows: tuple, now: float) -> list:
-        """Emit the tokens the trip decided (speculation.decide_trip: the drafts the sampler
-        agrees with, then its own choice), then roll back the KV of the rows past them on every
-        stage: the stage logs (which a rebuild and the spot checks replay) and the workers'
-        caches (truncate_session) keep only accepted positions."""
-        ids, logits = rows
-        out = []
-        try:
-            decided = decide_trip(Sampler(s.params), len(s.tokens), list(zip(ids, logits)), it.draft)
-            used = 0
-            for j, expected in enumerate(decided):
-                last = j + 1 == len(decided)
-                (self._trip_more.discard if last else self._trip_more.add)(s.request_id)
-                out += self._on_token(s, ids[j], logits[j], now)
-                used += 1
-                if (s.finished or s.finish_pending is not None or len(s.tokens) >= s.max_tokens
-                        or (s.stop_at_eos and s.tokens[-1] == self.config.eos_id)):
-                    break
-                if s.tokens[-1] != expected:  # _on_token chose otherwise (a hook of its own): the trip ends there
-                    if not last:
-                        self._trip_more.discard(s.request_id)
-                        self._enqueue_next(s, s.tokens[-1], len(s.prompt_ids) + len(s.tokens) - 1)
-                    break
-        except Exception as exc:  # our bug: this session alone fails (as in _on_step_result)
-            self.counters["failed"] += 1
-            self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
-            out.append(Emit(s.request_id, {"type": "error", "code": "internal_error", "retriable": False,
-                                           "message": f"generation failed: {type(exc).__name__}: {exc}"}))
-            return out + self._finish(s, "error", now, emit=False)
-        finally:
-            self._trip_more.discard(s.request_id)
-        self.speculation.verified(s.request_id, len(it.draft.tokens), len(decided) - 1, len(decided))
-        keep = it.end - it.head_rows + used  # inputs of the rows that decided a kept token
-        if keep < it.end:
-            out += self._roll_back(s, keep, tell=not s.finished)
-        return out
-
-    def _roll_back(self, s: Session, length: int, tell: bool = True) -> list:
-        """The session's KV keeps positions [0, length): its stage logs are cut there and (tell)
-        every stage primary holding its KV truncates its cache there."""
-        for index, log in s.logs.items():
-            s.logs[index] = [(p, r[:length - p]) for p, r in log if p < length]
-        out, told = [], set()
-        for st in self.stages if tell else []:
-            w = self.workers.get(st.primary) if st.primary else None
-            if w is not None and w.alive and w.worker_id in st.ready and w.worker_id not in told:
-                told.add(w.worker_id)
-                out.append(Send(w.conn, _msg("truncate_session", session_id=s.request_id, length=length)))
+        self._enqueue(0, WorkItem(s.request_id, pos, self.embed([token]), pos, True, s.generation), s)
         return out
 
     # ================================================================== time
@@ -1345,16 +1450,23 @@ class Coordinator:
             if not f or now <= f["deadline"]:
                 continue
             w = self.workers[f["worker"]]
-            if not w.alive:
+            if not w.alive or w.local:  # the coordinator's own compute is never evicted (nothing would replace it)
                 continue
             late = now - f["sent_at"]
             allowed = f["deadline"] - f["sent_at"]
             if late > allowed * self.settings.suspect_evict_factor:
-                out += self._worker_lost(w, now, f"step {f['step_id']} {late:.1f}s late (slow worker evicted)")
+                # a step this late counts against the address (a tarpit rejoining under new
+                # names meets a growing backoff); a tab still on probation is quarantined
+                self.counters["slow_evictions"] += 1
+                if w.address and not w.probation:
+                    self.backoff.offend(w.address, "a step far past its deadline", now)
+                out += self._worker_lost(w, now, f"step {f['step_id']} {late:.1f}s late (slow worker evicted"
+                                                 f"{' on probation' if w.probation else ''})", quarantine=w.probation)
             elif w.state == "ready":
                 w.move("suspect")
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
         self._prune_ended_workers()
+        out += self._trial_tick(now)
         expired = [k for k, c in self._checks.items() if now - c["at"] > self.settings.spot_check_timeout_s]
         for step_id in expired:
             self._verify_kv.pop(self._checks.pop(step_id)["kv_key"], None)  # the verifier died or never answered
@@ -1384,6 +1496,10 @@ class Coordinator:
         """Fence the worker (its epoch dies with it) and repair every stage it served."""
         w.move("quarantined" if quarantine else "dead")
         w.ended_at = now
+        w.why = reason[:200]
+        if quarantine and w.address:
+            self.backoff.offend(w.address, reason, now)
+        self._trials.pop(w.worker_id, None)
         for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
             del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
             self.counters["spot_checks_skipped"] += 1
@@ -1418,13 +1534,13 @@ class Coordinator:
             # the lost step's inputs are in the logs: the replay recomputes them and forwards
             # exactly the rows the lost step would have forwarded
             for it in st.inflight["items"]:
-                self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token, it.draft)
+                self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token)
             st.inflight = None
         if st.primary is None:
             need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
             candidates = [w for w in self._live_workers() if not w.local and
                           w.capacity().memory_bytes / w.capacity().expansion >= need + self._held_bytes(w)]
-            candidates.sort(key=lambda w: (len(w.stages), w.ms_per_layer))
+            candidates.sort(key=lambda w: (w.probation, len(w.stages), self._ms_per_layer(w)))
             if candidates:
                 st.holders.append(candidates[0].worker_id)
             elif self.settings.coordinator_compute and LOCAL in self.workers and self.workers[LOCAL].alive:
@@ -1459,8 +1575,8 @@ class Coordinator:
             end = log[-1][0] + len(log[-1][1])
             # without a lost step, the logged inputs' outputs were already forwarded: the
             # replay only rebuilds the cache and forwards nothing
-            forward_from, wants, draft = self._inflight_lost.pop((st.index, s.request_id), (end, False, None))
-            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants, s.generation, draft))
+            forward_from, wants = self._inflight_lost.pop((st.index, s.request_id), (end, False))
+            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants, s.generation))
         for it in reversed(replays):
             st.queue.appendleft(it)
         self.events.append({"t": now, "kind": "rebuild", "stage": st.index, "worker": st.primary, "sessions": len(replays)})
@@ -1486,12 +1602,13 @@ class Coordinator:
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),
                 "load_progress": w.load_progress, "capabilities": w.caps,
+                "probation": w.probation, "proven_steps": w.proven_steps, "row_cost": round(w.row_cost, 4),
+                "trial": list(self._trials[w.worker_id]["range"]) if w.worker_id in self._trials else None,
+                "why": w.why,
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
-                          "max_tokens": s.max_tokens, "speculation": self.speculation.session_status(s.request_id)}
-                         for s in self.sessions.values()],
-            # acceptance rate and tokens per trip, over all sessions since the start
-            "speculation": self.speculation.status(),
+                          "max_tokens": s.max_tokens} for s in self.sessions.values()],
             "counters": dict(self.counters),
+            "backoff": self.backoff.snapshot(now),  # addresses whose joins are refused, and why
             "events": list(self.events)[-50:],
         }

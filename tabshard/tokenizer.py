@@ -43,11 +43,49 @@ class GGUFTokenizer:
         self.chat_template = g.field("tokenizer.chat_template")
         self._tokens = tokens
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """special=False: control-token strings in `text` (e.g. "<|im_end|>") are encoded as the
+        plain text they are, never as the control token: what clients send is never a marker."""
+        ids = self._encode_part(text, special)
         if self.add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    def _encode_part(self, text: str, special: bool) -> list[int]:
+        self._tk.encode_special_tokens = not special
+        try:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tk.encode_special_tokens = False
+
+    def chat_roles(self) -> set[str]:
+        """The roles the chat template knows (quoted role names it compares against)."""
+        import re
+
+        found = set(re.findall(r"role'?\]?\s*==\s*['\"](\w+)['\"]", self.chat_template or ""))
+        # a ChatML template writes any role between its markers: the standard ones, never free text
+        return found | {"system", "user", "assistant", "tool"}
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat for a client's messages: the template's own markers are control
+        tokens, the messages' text is text (special tokens disabled), so a "<|im_end|>" inside
+        content cannot end a turn and forge another. Roles must be the template's."""
+        roles = self.chat_roles()
+        for i, m in enumerate(messages):
+            if m["role"] not in roles:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(sorted(roles))}, got {m['role'][:40]!r}")
+        marks = [f"\x00{i}\x01" for i in range(len(messages))]
+        text = self.render_chat([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        ids = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        for mark, m in zip(marks, messages):
+            head, found, text = text.partition(mark)
+            if not found:
+                raise ModelError("the chat template changed a message's content: cannot keep it apart from its markers")
+            # the template text after its last marker ("user\n") is encoded together with the
+            # content, as a whole-string encode would merge them ("\n\n" is one token)
+            cut = max((head.rfind(t) + len(t) for t in self.special_ids if t in head), default=0)
+            ids += self._encode_part(head[:cut], True) + self._encode_part(head[cut:] + m["content"], False)
+        return ids + self._encode_part(text, True)
 
     def decode(self, ids: list[int]) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=False)

@@ -129,7 +129,10 @@ class Net:
 
 
 def start_net(weights, n_workers: int, local: bool = False, **settings) -> Net:
-    """A coordinator with n in-process numpy workers, planned, loaded and ready to serve."""
+    """A coordinator with n in-process numpy workers, planned, loaded and ready to serve.
+    Its workers are trusted from the start unless probation_steps is given (tests of probation
+    opt in: tests/test_hostile_tabs.py)."""
+    settings.setdefault("probation_steps", 0)
     net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local)
     for _ in range(n_workers):
         net.add_worker()
