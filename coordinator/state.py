@@ -25,9 +25,11 @@ import numpy as np
 
 from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
 from coordinator.security import Backoff
+from kernels.reference import topk
+from coordinator.speculation import Draft, decide_trip, make_speculator
 from tab_worker.engine_types import ModelConfig
 from tab_worker.weights import CHUNK_BYTES, blob_info, chunk, sha256
-from tabshard.sampling import Sampler, SamplingParams
+from tabshard.sampling import CANDIDATES, Sampler, SamplingParams
 from tabshard.wire import PROTOCOL_VERSION, ProtocolError
 
 LOCAL = "local"  # connection id of the coordinator's own compute worker
@@ -142,6 +144,12 @@ class CoordinatorSettings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     public_status: bool = False  # off loopback, /status, the dashboard and /openapi.json need the API key unless set
+    cors_origins: str = ""  # comma-separated web app origins whose browsers may call the API ("*": any)
+    # speculative decoding (coordinator/speculation.py): "off" | "prompt-lookup" | "draft-model",
+    # at most speculation_max_k drafts per trip; draft_model: the GGUF the draft-model mode runs
+    speculation: str = "off"
+    speculation_max_k: int = 6
+    draft_model: str = ""
 
 
 # ---------------------------------------------------------------------- records
@@ -205,6 +213,12 @@ class WorkItem:
     forward_from: int
     wants_token: bool  # at the last stage: sample a token from the last row
     generation: int = 0  # the session's generation when queued: a restarted session ignores older items
+    draft: Draft | None = None  # speculation: the last len(draft.tokens) rows are drafts the head verifies
+
+    @property
+    def head_rows(self) -> int:
+        """Rows whose top-k the head returns: the last one, and one per draft."""
+        return 1 + (len(self.draft.tokens) if self.draft else 0)
 
     @property
     def end(self) -> int:
@@ -273,6 +287,11 @@ class Session:
     last_by: dict = field(default_factory=dict)  # stage index -> (worker id, epoch) of its latest step for this session
     last_head: tuple | None = None  # the head's (top-k ids, logits) behind the latest token
     audited: bool = False  # the last token's steps were sent for checking (spot_check_at_finish)
+    # the API's hooks (coordinator/openai_api.py): a chooser that needs the whole vocabulary's
+    # logits (logprobs, a grammar; see sampling.FullVocabChooser), and whether sibling
+    # sessions (n > 1) will fork this one's prompt KV as soon as it is computed
+    chooser: object | None = None
+    share_prefix: bool = False
 
     @property
     def position(self) -> int:
@@ -310,7 +329,7 @@ class Coordinator:
                          "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0}
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
-        self._inflight_lost: dict[tuple[int, str], tuple[int, bool]] = {}  # (stage, session) -> (forward_from, wants_token)
+        self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
         self._deferred_replan = False
         self._last_tick: float | None = None
         self.degraded = False
@@ -329,6 +348,12 @@ class Coordinator:
         # workers on trial: worker id -> {"range", "assignment_id", "ready", "check": step id or None}
         self._trials: dict[str, dict] = {}
         self._trial_assign: dict[int, str] = {}  # assignment id -> worker id, for trial ranges
+        # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
+        # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
+        self.head_logits = None
+        self.speculation = make_speculator(settings.speculation, settings.speculation_max_k, settings.draft_model,
+                                           min(settings.max_ctx, config.context))
+        self._trip_more: set[str] = set()  # sessions whose trip still has rows to decide (see _verify_drafts)
 
     # ================================================================== connections
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:
@@ -750,7 +775,7 @@ class Coordinator:
 
     # ================================================================== requests
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams, now: float,
-               stop_at_eos: bool = True) -> list:
+               stop_at_eos: bool = True, chooser=None, share_prefix: bool = False) -> list:
         self.counters["requests"] += 1
         if request_id in self.sessions:
             return [Emit(request_id, {"type": "error", "code": "duplicate_request", "message": f"request {request_id} exists", "retriable": False})]
@@ -762,7 +787,8 @@ class Coordinator:
             self.counters["failed"] += 1
             return [Emit(request_id, {"type": "error", "code": "bad_prompt", "message": f"the prompt has {len(prompt_ids)} tokens; it must have 1 to {limit - 1}", "retriable": False})]
         max_tokens = min(max_tokens, self.settings.max_output_tokens, min(self.settings.max_ctx, self.config.context) - len(prompt_ids))
-        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos)
+        s = Session(request_id, list(prompt_ids), max_tokens, params, now, stop_at_eos=stop_at_eos, chooser=chooser,
+                    share_prefix=share_prefix)
         self.sessions[request_id] = s
         if not self.stages:
             # no plan yet: the session starts when one exists (see _restart_session)
@@ -885,6 +911,7 @@ class Coordinator:
     def _finish(self, s: Session, reason: str, now: float, emit: bool = True) -> list:
         s.finished = True
         self.sessions.pop(s.request_id, None)
+        self.speculation.forget(s.request_id)
         for st in self.stages:
             st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
         out = []
@@ -952,11 +979,16 @@ class Coordinator:
         st.inflight = {"step_id": step_id, "worker": w.worker_id, "items": items, "sent_at": now, "deadline": deadline,
                        "epoch": w.epoch}
         want = 0
-        if st.include_head and any(i.wants_token for i in items):
+        # a session that needs the whole vocabulary's logits: the head stage returns its hidden
+        # rows instead of top-k (want_topk 0), and the coordinator computes every session's head
+        st.inflight["full_logits"] = st.include_head and self.head_logits is not None and any(
+            i.wants_token and i.session_id in self.sessions and self.sessions[i.session_id].chooser is not None for i in items)
+        if st.include_head and any(i.wants_token for i in items) and not st.inflight["full_logits"]:
             want = max(self.sessions[i.session_id].params.candidates for i in items if i.session_id in self.sessions)
         hidden = np.concatenate([i.rows for i in items]) if len(items) > 1 else items[0].rows
         m = _msg("step", step_id=step_id, epoch=w.epoch, layer_start=st.layer_start, layer_end=st.layer_end,
-                 sessions=[{"session_id": i.session_id, "start_pos": i.start_pos, "length": len(i.rows)} for i in items],
+                 sessions=[{"session_id": i.session_id, "start_pos": i.start_pos, "length": len(i.rows),
+                            **({"topk_rows": i.head_rows} if i.head_rows > 1 else {})} for i in items],
                  hidden=np.ascontiguousarray(hidden, dtype=np.float32), want_topk=want)
         self.counters["steps"] += 1
         return [Send(w.conn, m)]
@@ -977,6 +1009,20 @@ class Coordinator:
             return self.on_protocol_error(w.conn, err, now)
         if not np.all(np.isfinite(out_rows)):
             return self.on_protocol_error(w.conn, ProtocolError("bad_field", "step_result output holds NaN or inf", "output"), now)
+        if st.include_head and any(i.draft for i in items):
+            m = self._split_draft_rows(items, m)  # one row per item stays in m; the drafts' rows go aside
+            if m is None:
+                err = ProtocolError("bad_field", f"head stage must return topk_ids, {sum(i.head_rows for i in items)} rows", "topk_ids")
+                return self.on_protocol_error(w.conn, err, now)
+        full = None
+        if st.inflight.get("full_logits"):
+            if out_rows.shape[0] != total:
+                err = ProtocolError("bad_shape", f"step_result output has {out_rows.shape[0]} rows, expected {total}", "output")
+                return self.on_protocol_error(w.conn, err, now)
+            ends = np.cumsum([len(i.rows) for i in items]) - 1
+            full = self.head_logits(out_rows[ends])
+            m = {**m}
+            m["topk_ids"], m["topk_logits"] = topk(full, CANDIDATES)
         topk_ids = m.get("topk_ids")
         if st.include_head and any(i.wants_token for i in items):
             if topk_ids is None or topk_ids.shape[0] != len(items):
@@ -991,7 +1037,7 @@ class Coordinator:
                 self._end_probation(w, now)
         w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
         compute = m.get("compute_ms")
-        decode = all(len(i.rows) == 1 for i in items)  # prefill steps are long by nature: decode steps set the pace
+        decode = all(len(i.rows) == i.head_rows for i in items)  # prefill steps are long by nature: decode steps set the pace
         if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
             hop = w.last_step_ms - compute
             w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
@@ -1021,10 +1067,12 @@ class Coordinator:
                 skip = max(0, it.forward_from - it.start_pos)
                 if skip < len(it.rows):
                     self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
-                                                         it.wants_token, it.generation), s)
+                                                         it.wants_token, it.generation, it.draft), s)
+            elif it.wants_token and it.forward_from < it.end and it.draft:
+                out += self._verify_drafts(s, it, m["_draft_rows"][i], now)
             elif it.wants_token and it.forward_from < it.end:
                 try:
-                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now)
+                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now, None if full is None else full[i])
                 except Exception as exc:  # our bug (e.g. sampling parameters nobody checked): this session alone fails
                     self.counters["failed"] += 1
                     self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
@@ -1062,8 +1110,8 @@ class Coordinator:
         i = candidates[self._spot_rng.randrange(len(candidates))]
         it = items[i]
         offset = sum(len(x.rows) for x in items[:i])
-        if st.include_head:
-            claimed = (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
+        if st.include_head:  # a speculative item: every row its drafts were verified with
+            claimed = m.get("_draft_rows", {}).get(i) or (np.array(m["topk_ids"][i]), np.array(m["topk_logits"][i]))
         else:
             claimed = np.array(m["output"][offset: offset + len(it.rows)])
         return self._send_check(st, (w.worker_id, w.epoch), verifier, self.sessions[it.session_id], it.start_pos, it.end,
@@ -1107,7 +1155,8 @@ class Coordinator:
         if len(history) != end:
             self.counters["spot_checks_skipped"] += 1
             return []
-        want = len(claimed[0]) if st.include_head else 0
+        want = claimed[0].shape[-1] if st.include_head else 0
+        head_rows = claimed[0].shape[0] if st.include_head and claimed[0].ndim == 2 else 1  # a speculative step's rows
         step_id = next(self._ids)
         key = (st.layer_start, st.layer_end)
         kv_key = (s.request_id, key, verifier.worker_id)
@@ -1126,7 +1175,8 @@ class Coordinator:
                                  "worker_steps": w.steps if w is not None else 0, "kv_key": kv_key}
         self.counters["spot_checks"] += 1
         msgs = [_msg("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
-                     sessions=[{"session_id": scratch, "start_pos": first, "length": end - first}],
+                     sessions=[{"session_id": scratch, "start_pos": first, "length": end - first,
+                                **({"topk_rows": head_rows} if head_rows > 1 else {})}],
                      hidden=np.ascontiguousarray(history[first:], dtype=np.float32), want_topk=want)]
         if parked:
             self._verify_parked.setdefault(key, []).extend(msgs)
@@ -1196,12 +1246,13 @@ class Coordinator:
         claimed = check["claimed"]
         if isinstance(claimed, tuple):  # head stage: the chosen candidates and their logits
             ids, logits = m.get("topk_ids"), m.get("topk_logits")
-            if ids is None or logits is None or len(ids) != 1:
+            c_ids, c_logits = np.atleast_2d(claimed[0]), np.atleast_2d(claimed[1])  # rows: 1, or a speculative step's
+            if ids is None or logits is None or len(ids) != len(c_ids):
                 return self._release_finishes(now)
-            scale = max(1.0, float(np.max(np.abs(logits[0]))))
-            n = min(len(ids[0]), len(claimed[0]))
-            error = float(np.max(np.abs(logits[0][:n] - claimed[1][:n]))) / scale if n else 0.0
-            if n and int(ids[0][0]) != int(claimed[0][0]):
+            scale = max(1.0, float(np.max(np.abs(logits))))
+            n = min(ids.shape[1], c_ids.shape[1])
+            error = float(np.max(np.abs(logits[:, :n] - c_logits[:, :n]))) / scale if n else 0.0
+            if n and np.any(ids[:, 0] != c_ids[:, 0]):
                 error = max(error, 1.0)
         else:
             ref = m["output"][check["start"]:]
@@ -1390,8 +1441,12 @@ class Coordinator:
             out += self._finish_verified(s, s.finish_pending, now)
         return out + self._pump(now)
 
-    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float) -> list:
-        token = Sampler(s.params).choose(ids, logits, len(s.tokens))
+    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float, full: np.ndarray | None = None) -> list:
+        logprob = None
+        if s.chooser is not None and full is not None:
+            token, logprob = s.chooser.choose(full, s.tokens)
+        else:
+            token = Sampler(s.params).choose(ids, logits, len(s.tokens))
         s.last_head = (ids, logits)
         for stage, detected in self._awaiting_recovery:
             self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
@@ -1408,18 +1463,102 @@ class Coordinator:
                 out.append(Emit(s.request_id, {"type": "rewind", "index": len(s.tokens),
                                                "reason": f"{len(s.unconfirmed)} tokens came from a worker caught returning wrong results"}))
                 s.unconfirmed = []
-            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token}))
+            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token,
+                                           **({"logprob": logprob} if logprob is not None else {})}))
             self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
         if s.first_token_at is None:
             s.first_token_at = now
+            if s.share_prefix:  # the prompt's KV is complete on every stage: siblings fork it
+                out += self._remember_prefix(s, now)
         if s.stop_at_eos and token == self.config.eos_id:
             return out + self._finish_verified(s, "stop", now)
         if len(s.tokens) >= s.max_tokens:
             return out + self._finish_verified(s, "length", now)
         pos = len(s.prompt_ids) + len(s.tokens) - 1
-        self._enqueue(0, WorkItem(s.request_id, pos, self.embed([token]), pos, True, s.generation), s)
+        self._enqueue_next(s, token, pos)
+        return out
+
+    # ================================================================== speculation
+    def _enqueue_next(self, s: Session, token: int, pos: int) -> None:
+        """Queue the session's next trip: the row of its new token, and k drafted rows after it
+        when speculation is on (coordinator/speculation.py); the head then returns top-k for
+        all k+1 rows and _verify_drafts keeps what the model itself would have produced."""
+        if s.request_id in self._trip_more:
+            return  # the trip's next row decides the next token
+        draft = None
+        # the whole-vocabulary path returns one row per session (a grammar's, logprobs'): no drafts then
+        full = getattr(self, "head_logits", None) is not None and any(
+            getattr(x, "chooser", None) is not None for x in self.sessions.values())
+        if self.speculation.on and not full:
+            limit = min(s.max_tokens - len(s.tokens) - 1, min(self.settings.max_ctx, self.config.context) - pos - 1)
+            d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit)
+            draft = d if d.tokens else None
+        ids = [token] + (draft.tokens if draft else [])
+        self._enqueue(0, WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
+
+    def _split_draft_rows(self, items: list[WorkItem], m: dict) -> dict | None:
+        """A head step_result with several rows per speculative item: a copy of `m` with one row
+        (the item's last) per item, as for plain steps, and the speculative items' rows under
+        "_draft_rows" (item index -> (ids, logits)); None when the rows do not add up."""
+        ids, logits = m.get("topk_ids"), m.get("topk_logits")
+        need = [it.head_rows for it in items]
+        if (ids is None or logits is None or ids.ndim != 2 or ids.shape[0] != sum(need) or logits.shape != ids.shape
+                or (ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab))):
+            return None
+        ends = np.cumsum(need)
+        aside = {i: (ids[e - n:e], logits[e - n:e]) for i, (it, n, e) in enumerate(zip(items, need, ends)) if it.draft}
+        return {**m, "topk_ids": ids[ends - 1], "topk_logits": logits[ends - 1], "_draft_rows": aside}
+
+    def _verify_drafts(self, s: Session, it: WorkItem, rows: tuple, now: float) -> list:
+        """Emit the tokens the trip decided (speculation.decide_trip: the drafts the sampler
+        agrees with, then its own choice), then roll back the KV of the rows past them on every
+        stage: the stage logs (which a rebuild and the spot checks replay) and the workers'
+        caches (truncate_session) keep only accepted positions."""
+        ids, logits = rows
+        out = []
+        try:
+            decided = decide_trip(Sampler(s.params), len(s.tokens), list(zip(ids, logits)), it.draft)
+            used = 0
+            for j, expected in enumerate(decided):
+                last = j + 1 == len(decided)
+                (self._trip_more.discard if last else self._trip_more.add)(s.request_id)
+                out += self._on_token(s, ids[j], logits[j], now)
+                used += 1
+                if (s.finished or s.finish_pending is not None or len(s.tokens) >= s.max_tokens
+                        or (s.stop_at_eos and s.tokens[-1] == self.config.eos_id)):
+                    break
+                if s.tokens[-1] != expected:  # _on_token chose otherwise (a hook of its own): the trip ends there
+                    if not last:
+                        self._trip_more.discard(s.request_id)
+                        self._enqueue_next(s, s.tokens[-1], len(s.prompt_ids) + len(s.tokens) - 1)
+                    break
+        except Exception as exc:  # our bug: this session alone fails (as in _on_step_result)
+            self.counters["failed"] += 1
+            self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
+            out.append(Emit(s.request_id, {"type": "error", "code": "internal_error", "retriable": False,
+                                           "message": f"generation failed: {type(exc).__name__}: {exc}"}))
+            return out + self._finish(s, "error", now, emit=False)
+        finally:
+            self._trip_more.discard(s.request_id)
+        self.speculation.verified(s.request_id, len(it.draft.tokens), len(decided) - 1, len(decided))
+        keep = it.end - it.head_rows + used  # inputs of the rows that decided a kept token
+        if keep < it.end:
+            out += self._roll_back(s, keep, tell=not s.finished)
+        return out
+
+    def _roll_back(self, s: Session, length: int, tell: bool = True) -> list:
+        """The session's KV keeps positions [0, length): its stage logs are cut there and (tell)
+        every stage primary holding its KV truncates its cache there."""
+        for index, log in s.logs.items():
+            s.logs[index] = [(p, r[:length - p]) for p, r in log if p < length]
+        out, told = [], set()
+        for st in self.stages if tell else []:
+            w = self.workers.get(st.primary) if st.primary else None
+            if w is not None and w.alive and w.worker_id in st.ready and w.worker_id not in told:
+                told.add(w.worker_id)
+                out.append(Send(w.conn, _msg("truncate_session", session_id=s.request_id, length=length)))
         return out
 
     # ================================================================== time
@@ -1534,7 +1673,7 @@ class Coordinator:
             # the lost step's inputs are in the logs: the replay recomputes them and forwards
             # exactly the rows the lost step would have forwarded
             for it in st.inflight["items"]:
-                self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token)
+                self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token, it.draft)
             st.inflight = None
         if st.primary is None:
             need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
@@ -1575,8 +1714,8 @@ class Coordinator:
             end = log[-1][0] + len(log[-1][1])
             # without a lost step, the logged inputs' outputs were already forwarded: the
             # replay only rebuilds the cache and forwards nothing
-            forward_from, wants = self._inflight_lost.pop((st.index, s.request_id), (end, False))
-            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants, s.generation))
+            forward_from, wants, draft = self._inflight_lost.pop((st.index, s.request_id), (end, False, None))
+            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants, s.generation, draft))
         for it in reversed(replays):
             st.queue.appendleft(it)
         self.events.append({"t": now, "kind": "rebuild", "stage": st.index, "worker": st.primary, "sessions": len(replays)})
@@ -1607,7 +1746,10 @@ class Coordinator:
                 "why": w.why,
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
-                          "max_tokens": s.max_tokens} for s in self.sessions.values()],
+                          "max_tokens": s.max_tokens, "speculation": self.speculation.session_status(s.request_id)}
+                         for s in self.sessions.values()],
+            # acceptance rate and tokens per trip, over all sessions since the start
+            "speculation": self.speculation.status(),
             "counters": dict(self.counters),
             "backoff": self.backoff.snapshot(now),  # addresses whose joins are refused, and why
             "events": list(self.events)[-50:],
