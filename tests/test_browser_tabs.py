@@ -320,6 +320,37 @@ def test_tab_closed_mid_generation_recovers_identical_tokens(cluster, browser, r
     assert time.monotonic() - closed_at < 240
 
 
+def test_tab_survives_losing_its_gpu_device_mid_generation(cluster, browser, reference):
+    """device.destroy() mid-stream (what a driver reset or an out-of-memory does to a tab): the
+    tab leaves at once, the coordinator recovers the stream with the exact tokens, and the tab
+    gets a new WebGPU device and rejoins, its weights still in memory (nothing downloaded)."""
+    st = cluster.wait_for(lambda s: any(n for n in served_by(s) if n.startswith("gpu-")), 240, what="a GPU tab serving")
+    name = next(n for n in served_by(st) if n.startswith("gpu-"))
+    page = page_of(browser, name)
+    received_before = page.evaluate("window.tabState.stats.bytes_received")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(ws_tokens_async, cluster.base, PROMPT, N)
+        cluster.wait_for(lambda s: any(x["tokens"] >= 2 for x in s["sessions"]) or future.done(), 120, what="2 tokens")
+        assert not future.done(), "the generation finished before the device could be lost"
+        lost_at = time.monotonic()
+        page.evaluate("window.tabDebug.loseDevice()")
+        tokens = future.result(timeout=240)
+    assert tokens == reference
+    page.wait_for_function("(window.tabState.rejoins || 0) >= 1 && window.tabState.connection?.state === 'open'",
+                           timeout=120_000)
+    rejoined_s = time.monotonic() - lost_at
+    state = page.evaluate("window.tabState")
+    assert state["caps"]["webgpu"] is True and state["stats"]["device_losses"] == 1, state
+    st = cluster.status()
+    ids = {w["worker_id"] for w in st["workers"] if w["name"] == name}
+    assert any(e["kind"] == "death" and e["worker"] in ids for e in st["events"]), st["events"]
+    st = cluster.wait_for(lambda s: any(w["name"] == name and w["state"] not in ("dead", "quarantined")
+                                        for w in tab_workers(s)), 120, what=f"{name} back in the cluster")
+    assert page.evaluate("window.tabState.stats.bytes_received") == received_before  # no weights downloaded again
+    print(f"\n{name}: device lost -> rejoined in {rejoined_s:.1f} s")
+    assert ws_tokens(cluster.base) == reference
+
+
 def test_reloaded_tab_rejoins_from_its_cache(cluster, browser, reference):
     live = [p for p in browser._tabshard_pages if not p.is_closed()]
     page = live[0]

@@ -58,7 +58,12 @@ function start() {
   worker.onerror = (ev) => { phase("failed"); show(`The tab's worker failed to start: ${ev.message || "module error"}`, true); };
   worker.onmessage = (ev) => {
     const d = ev.data;
-    if (d.type === "caps") {
+    if (d.type === "caps" && d.rejoin) {  // after a lost WebGPU device
+      state.caps = d.caps;
+      state.rejoins = (state.rejoins || 0) + 1;
+      render(d.stats);
+      show(`${d.rejoin}; rejoining…`, !d.caps.webgpu);
+    } else if (d.type === "caps") {
       state.caps = d.caps;
       render(d.stats);
       show(`Detected ${d.caps.browser} ${d.caps.browser_version}${d.caps.mobile ? " (mobile)" : ""}: ` +
@@ -81,6 +86,8 @@ function start() {
   };
   worker.postMessage({ type: "start", url: `${scheme}//${location.host}/ws/worker`, name, options });
   state.name = name;
+  // what a GPU driver reset does to this tab, on demand (tests, and a user curious to see it)
+  window.tabDebug = { loseDevice: () => worker.postMessage({ type: "lose_device" }) };
 }
 
 start();

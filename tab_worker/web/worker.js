@@ -119,6 +119,49 @@ export class TabWorker {
     this._setBackendCaps(this.candidates()[0]);
   }
 
+  // A lost WebGPU device (driver reset, destroy(), out of memory) takes every buffer with it.
+  // `onLost` hears of it once per device; recoverDevice then drops the GPU ranges, asks for a
+  // new adapter and device (a few tries), and otherwise falls back to the CPU engines. The
+  // blobs stay in memory (and in the Cache API), so the rejoining tab reloads without a download.
+  watchDevice(onLost) {
+    const gpu = this.gpu;
+    if (!gpu) return;
+    gpu.device.lost.then((info) => {
+      if (this.gpu === gpu) onLost(`${info.reason || "unknown"}: ${info.message || "device lost"}`);
+    });
+  }
+
+  async recoverDevice(reason, tries = 3) {
+    for (const b of this.ranges.values()) { try { b.destroy?.(); } catch { /* its device is gone */ } }
+    this.ranges.clear();
+    this.range_heads.clear();
+    this._assignments.clear();
+    this.device_losses = (this.device_losses || 0) + 1;
+    this.gpu = null;
+    let why = "";
+    for (let i = 0; i < tries && !this.gpu && this.preference !== "wasm" && this.preference !== "js"; i++) {
+      try {
+        const { WebGpuDevice } = await import("./backend_webgpu.js");
+        this.gpu = await WebGpuDevice.create(this.limits_mode, this.base);
+      } catch (err) {
+        why = `${err.name || "Error"}: ${err.message}`;
+        await new Promise((r) => setTimeout(r, 250 * 2 ** i));
+      }
+    }
+    if (this.gpu) {
+      Object.assign(this.caps, this.gpu.describe());
+      this.caps.webgpu = true;
+      this.gpu_error = null;
+      delete this.caps.webgpu_error;
+      return { backend: this.backend_name, message: `WebGPU device lost (${reason}); a new device was created` };
+    }
+    this.caps.webgpu = false;
+    this.gpu_error = this.caps.webgpu_error = `WebGPU device lost (${reason}) and none came back${why ? ` (${why})` : ""}`;
+    delete this.measured.webgpu;
+    if (this.backend_name === "webgpu") this._setBackendCaps(this.candidates()[0]);
+    return { backend: this.backend_name, message: `${this.gpu_error}: falling back to ${this.backend_name}` };
+  }
+
   candidates() {
     const c = [];
     if (this.gpu && this.preference !== "wasm" && this.preference !== "js") c.push("webgpu");
@@ -420,7 +463,8 @@ export class TabWorker {
       worker_id: this.worker_id, backend: this.backend_name, measured_ms: this.measured, steps: this.steps_served,
       tokens: this.tokens_served, bytes_received: this.bytes_received, bytes_from_cache: this.bytes_from_cache,
       ranges: [...this.ranges.keys()].map((k) => k.split(",").map(Number)), heads: [...this.range_heads.values()].some(Boolean),
-      progress: this.progress, memory_bytes: this.memory_budget, adapter: this.caps?.adapter ?? null,
+      progress: this.progress, memory_bytes: this.memory_budget, adapter: this.gpu ? this.caps?.adapter ?? null : null,
+      device_losses: this.device_losses || 0,
       gpu_error: this.gpu_error, cached_blobs: this.cached.size, heartbeat_ms: this.heartbeat_ms,
     };
   }
@@ -455,14 +499,27 @@ function computeMain() {
     post({ type: "send", frames }, frames.map((f) => f.buffer));
     post({ type: "stats", stats: worker.stats() });
   };
+  // the socket role leaves at once (the coordinator covers our ranges, as for any lost worker)
+  // and rejoins once the device is back or the tab has fallen back to the CPU engines
+  const lost = (reason) => {
+    post({ type: "device_lost", message: `WebGPU device lost (${reason}): leaving while it is rebuilt` });
+    chain = chain.then(async () => {
+      const r = await worker.recoverDevice(reason);
+      worker.watchDevice(lost);
+      post({ type: "device_ready", message: r.message, caps: worker.capabilities(), stats: worker.stats() });
+    }).catch((err) => post({ type: "fatal", message: `${err.name}: ${err.message}` }));
+  };
   self.onmessage = (ev) => {
     const d = ev.data;
     if (d.type === "init") {
       chain = chain.then(async () => {
         worker = new TabWorker(d.name, d.options);
         await worker.init();
+        worker.watchDevice(lost);
         post({ type: "caps", caps: worker.capabilities(), stats: worker.stats() });
       }).catch((err) => post({ type: "fatal", message: `${err.name}: ${err.message}` }));
+    } else if (d.type === "lose_device") {  // the page's test hook: what a driver reset does
+      worker?.gpu?.device.destroy();
     } else if (d.type === "hello") {
       chain = chain.then(() => sendAll([worker.hello()]));
     } else if (d.type === "frame") {
@@ -511,13 +568,22 @@ class WorkerConnection {
     } else if (d.type === "stats") {
       this.stats = d.stats;
       this.show({ type: "stats", stats: d.stats, connected: this.ws?.readyState === WebSocket.OPEN });
+    } else if (d.type === "device_lost") {
+      this.paused = true;  // no rejoin until the compute role has a device (or a CPU engine) again
+      this.show({ type: "problem", message: d.message });
+      if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(4001, "WebGPU device lost");
+    } else if (d.type === "device_ready") {
+      this.paused = false;
+      this.stats = d.stats;
+      this.show({ type: "caps", caps: d.caps, stats: d.stats, rejoin: d.message });
+      if (!this.ws || this.ws.readyState === WebSocket.CLOSED) this.run();
     } else {
       this.show(d);  // problem / fatal
     }
   }
 
   run() {
-    if (this.stopped) return;
+    if (this.stopped || this.paused) return;
     const ws = (this.ws = new WebSocket(this.url));
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
@@ -566,6 +632,7 @@ function socketMain() {
   self.onmessage = (ev) => {
     const d = ev.data;
     if (d.type === "start") self.connection = new WorkerConnection(d.url, d.name, d.options);
+    else if (d.type === "lose_device") self.connection?.compute.postMessage({ type: "lose_device" });
   };
 }
 
