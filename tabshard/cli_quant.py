@@ -45,7 +45,7 @@ QUICK = {
     "4-bit": "gptq:a4g64+rot+seq",
     "<=4.0 bpw": "gptq:a3g32+rot+seq",
     "<=3.0 bpw": "mixed@3.0+rot+seq",
-    "<=2.5 bpw": "mixed@2.5+rot+seq",
+    "<=2.5 bpw": "gptq:s2g32+rot+seq",
 }
 PROMPTS = (
     "The capital of France is",

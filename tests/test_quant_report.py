@@ -148,3 +148,33 @@ def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     assert main(["quant-report", *args, "--quick", "--scheme", "source"]) == 2
     assert main(["quantize", *args, "--out", str(tmp_path / "x.tsq")]) == 2  # no budget given
     assert main(["quantize", *args, "--out", str(tmp_path / "y.tsq"), "--budget-bytes", "1000"]) == 2
+
+
+def test_7b_shape_fits_8_tabs_of_1_gib_at_3_bits_per_weight():
+    """The seed's promise at issue 22's budget: LLaMA-7B's shapes, linears mixed within 3.0
+    bits/weight (the same knapsack as mixed@3.0, costs by bit width: the bytes are what is
+    checked), embedding and untied head at 4 bits, packed into 8 contiguous tabs of 1 GiB."""
+    from coordinator.precision import Option, _pack, choose
+    from kernels.quant import QuantSpec, scale_words_per_row, words_per_row
+    from tabshard.synthetic import CONFIGS
+
+    c = CONFIGS["llama-7b"]
+    shapes = {"attn_q": (c.hidden, c.hidden), "attn_k": (c.hidden, c.hidden), "attn_v": (c.hidden, c.hidden),
+              "attn_output": (c.hidden, c.hidden), "ffn_gate": (c.ffn, c.hidden), "ffn_up": (c.ffn, c.hidden),
+              "ffn_down": (c.hidden, c.ffn)}
+
+    def nbytes(spec, n, k):
+        return 4 * n * (words_per_row(k, spec) + scale_words_per_row(k, spec))
+
+    formats = [QuantSpec.parse(f) for f in ("s2g32", "s3g64", "s4g64")]
+    opts = {f"blk.{i}.{t}": [Option(s.name, nbytes(s, *shapes[t]), 2.0 ** -s.bits * (1 + (t == "ffn_down"))) for s in formats]
+            for i in range(c.n_layers) for t in shapes}
+    plan = choose(opts, int(3.0 * C.linear_weight_count(c) / 8))
+    by = {n: {o.choice: o.nbytes for o in v} for n, v in opts.items()}
+    linear = sum(by[n][plan[n]] for n in plan)
+    assert 8 * linear / C.linear_weight_count(c) <= 3.0 and len(set(plan.values())) > 1
+    norms = 2 * 4 * c.hidden
+    layer_bytes = [norms + sum(by[f"blk.{i}.{t}"][plan[f"blk.{i}.{t}"]] for t in shapes) for i in range(c.n_layers)]
+    emb4 = nbytes(QuantSpec.parse("s4g32"), c.vocab, c.hidden)
+    packed = _pack([layer_bytes[0] + emb4] + layer_bytes[1:], emb4 + 4 * c.hidden, [1 << 30] * 8)
+    assert packed is not None and max(packed[1]) <= 1 << 30

@@ -1,0 +1,104 @@
+"""Decode speed of a rotated quantized SmolLM2 beside the unrotated one, same format, same run.
+
+The rotation is folded into the weights (tabshard/rotation.py), so both models run the very
+same kernels on matrices of the same shapes and formats; the only structural difference is the
+head, untied in the rotated model (one more matrix in memory, the same matvec per token). This
+measures that it costs nothing, rather than asserting it: rounds alternate unrotated/rotated on
+each backend (numpy = the CPU backend, wgpu), each round one greedy generation, and the figure
+is the median over rounds of decode tokens/s and the ratio rotated/unrotated, appended to the
+benchmark history (tabshard/bench_history.py).
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_rotation_speed.py [--backends numpy,wgpu] \\
+        [--format s3g64] [--tokens 24] [--rounds 5]
+
+Weights are round-to-nearest in ``--format`` (codes don't change speed; RTN takes seconds where
+GPTQ takes minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build(fmt: str, seed: int | None):
+    from kernels.quant import QuantSpec, quantize_rtn
+    from tab_worker.engine_types import ModelWeights
+    from tabshard.calibration import DenseModel
+    from tabshard.model import open_model
+    from tabshard.rotation import rotate_dense
+
+    src = open_model(None).load_all()
+    dense = DenseModel(src)
+    if seed is not None:
+        dense = rotate_dense(dense, seed)
+    spec = QuantSpec.parse(fmt)
+    layers = [replace(lw, attn_norm=L.attn_norm, ffn_norm=L.ffn_norm,
+                      **{a: quantize_rtn(L.mats[a], spec) for a in lw.MATRICES})
+              for lw, L in zip(src.layers, dense.layers)]
+    emb8 = QuantSpec(8, 32, True)
+    emb = quantize_rtn(dense.embedding, emb8)
+    head = emb if seed is None else quantize_rtn(dense.head, emb8)
+    return ModelWeights(config=src.config, embedding=emb, layers=layers,
+                        head=replace(src.head, output=head, output_norm=dense.head_norm))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends", default="numpy,wgpu")
+    p.add_argument("--format", default="s3g64")
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=22)
+    p.add_argument("--no-history", action="store_true")
+    a = p.parse_args(argv)
+
+    from tabshard.generate import GenerationStats, LocalGenerator
+    from tabshard.sampling import SamplingParams
+
+    models = {"unrotated": build(a.format, None), "rotated": build(a.format, a.seed)}
+    prompt = list(range(100, 140))
+    out: dict = {"format": a.format, "tokens": a.tokens, "rounds": a.rounds}
+    figures = []
+    for backend in a.backends.split(","):
+        gens = {k: LocalGenerator(w, backend=backend) for k, w in models.items()}
+        speed: dict = {k: [] for k in gens}
+        for r in range(a.rounds + 1):  # round 0 warms (pipelines, caches) and is dropped
+            for k in (("unrotated", "rotated") if r % 2 else ("rotated", "unrotated")):
+                st = GenerationStats()
+                list(gens[k].generate(prompt, a.tokens, SamplingParams(greedy=True), stats=st, stop_at_eos=False))
+                if r:
+                    speed[k].append(st.decode_tok_s)
+        ratios = [x / y for x, y in zip(speed["rotated"], speed["unrotated"])]
+        row = {k: round(statistics.median(v), 3) for k, v in speed.items()}
+        row["ratio_rotated_over_unrotated"] = round(statistics.median(ratios), 4)
+        row["ratios"] = [round(x, 4) for x in ratios]
+        out[backend] = row
+        print(f"{backend}: decode tok/s unrotated {row['unrotated']:.2f}, rotated {row['rotated']:.2f}, "
+              f"ratio {row['ratio_rotated_over_unrotated']:.3f} (rounds {row['ratios']})", flush=True)
+        from tabshard.bench_history import Figure
+
+        figures.append(Figure.of(f"rotation.{backend}.{a.format}.decode_ratio", ratios, "x", "higher"))
+        for k in speed:
+            figures.append(Figure.of(f"rotation.{backend}.{a.format}.{k}_tok_s", speed[k], "tok/s", "higher"))
+    if not a.no_history:
+        from tabshard.bench_history import DEFAULT_DB, History, machine
+
+        h = History(DEFAULT_DB)
+        try:
+            run = h.start_run(machine(adapter="wgpu" in a.backends), suite="bench_rotation_speed")
+            for f in figures:
+                print(h.add(run, f).describe())
+        finally:
+            h.close()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
