@@ -9,30 +9,30 @@ from coordinator.state import CoordinatorSettings
 from tabshard.errors import ConfigError
 
 _RULES = {
-    "heartbeat_ms": (int, 20, 10_000),
+    "heartbeat_ms": (int, 20, 10_000),  # how often workers send a heartbeat (the coordinator's clock for liveness)
     "dead_after_ms": (int, 50, 60_000),
     "step_deadline_factor": (float, 1.0, 1000.0),
-    "step_deadline_min_ms": (int, 10, 600_000),
+    "step_deadline_min_ms": (int, 10, 600_000),  # a step's deadline is never shorter than this
     "suspect_evict_factor": (float, 1.0, 1000.0),
-    "replicas": (int, 1, 16),
-    "max_stages": (int, 1, 1024),
-    "max_batch": (int, 1, 1024),
+    "replicas": (int, 1, 16),  # workers holding each stage (the primary plus hot standbys)
+    "max_stages": (int, 1, 1024),  # the most pipeline stages a plan may have (none: as many as workers warrant)
+    "max_batch": (int, 1, 1024),  # sessions a stage runs in one step at most
     "pipeline_groups": (int, 0, 1024),  # sessions split into this many micro-batches in flight (0: one per stage)
     "target_step_ms": (float, 1.0, 600_000.0),
     "prefix_cache_entries": (int, 0, 10_000),
     "prefix_min_tokens": (int, 1, 1 << 20),
-    "prefill_chunk": (int, 1, 8192),
-    "coordinator_compute": (bool, None, None),
+    "prefill_chunk": (int, 1, 8192),  # prompt rows per prefill step
+    "coordinator_compute": (bool, None, None),  # the coordinator computes stages itself when tabs cannot hold them
     "replan_delay_ms": (int, 0, 60_000),
-    "max_ctx": (int, 16, 1 << 20),
+    "max_ctx": (int, 16, 1 << 20),  # positions of context a session may reach (prompt plus answer)
     "request_timeout_s": (float, 0.1, 3600.0),
-    "calibration_tokens": (int, 2, 256),
-    "max_sessions": (int, 1, 100_000),
+    "calibration_tokens": (int, 2, 256),  # decode steps a joining worker times to measure its speed
+    "max_sessions": (int, 1, 100_000),  # generations at once; more are refused with 429
     "compute_dtype": (str, ("f32", "f16"), None),
     "workgroup_size": (int, 1, 4096),
     "spot_check_fraction": (float, 0.0, 1.0),  # steps recomputed by a trusted worker and compared
     "spot_check_rtol": (float, 1e-7, 1.0),  # allowed max |difference| / max |recomputed|
-    "spot_check_seed": (int, 0, 1 << 62),
+    "spot_check_seed": (int, 0, 1 << 62),  # seed of the spot-check sampling (reproducible runs)
     "spot_check_timeout_s": (float, 0.1, 3600.0),  # an unanswered check is dropped after this
     "spot_check_at_finish": (bool, None, None),  # check every stage's part in a session's last token before "done"
     "max_prompt_tokens": (int, 1, 1 << 20),  # longer prompts are refused (400)
@@ -41,7 +41,7 @@ _RULES = {
     "worker_max_msgs_per_s": (int, 10, 1_000_000),  # a worker sending faster is quarantined
     "client_max_msgs_per_s": (int, 1, 100_000),  # a /v1/stream client sending faster gets rate_limited errors
     "load_timeout_min_s": (float, 1.0, 86_400.0),  # a tab still loading after this (+ bytes at the rate below) loses its range
-    "load_min_bytes_per_s": (float, 1e3, 1e12),
+    "load_min_bytes_per_s": (float, 1e3, 1e12),  # the slowest weight download allowed before a loading tab loses its range
     "dead_workers_kept": (int, 0, 1_000_000),  # ended workers' records kept for /status
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)

@@ -243,8 +243,9 @@ def degraded_reason(st: dict) -> str | None:
             return f"stage {stage['index']} has no worker"
         if w is None or w["state"] in ENDED:
             return f"stage {stage['index']} is held by {holder}, which has ended"
-        if w.get("local") and any(not x.get("local") for x in st["workers"]):
-            return f"stage {stage['index']} runs on the coordinator's own compute (a tab is missing)"
+        if w.get("local"):
+            missing = "a tab is missing" if any(not x.get("local") for x in st["workers"]) else "no tab has joined"
+            return f"stage {stage['index']} runs on the coordinator's own compute ({missing})"
     return "the coordinator reports it degraded" if st.get("degraded") else None
 
 
