@@ -26,6 +26,7 @@ override TPR: u32 = 16u;          // threads per output row: a power of two divi
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override SPAN: u32 = 8u;          // vec4s of inputs a lane takes at a time: 8 (whole blocks, CPU) or 1, 2, 4 (GPU)
 override OPT: u32 = 1u;           // outputs per thread: 1, 2 or 4 (> 1 or SPAN < 8: include/qmatvec_lanes.wgsl)
+override EXACT: bool = false;     // k is a multiple of 32 (lanes loop: no masking, no tail)
 
 struct Params {
   n: u32,          // output rows of W (in this buffer)

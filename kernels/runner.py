@@ -684,7 +684,7 @@ class QuantLinear(Launcher):
             if kernel.startswith("qmatvec"):
                 consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
                 if self.span != 8 or self.opt != 1:
-                    consts.update(SPAN=self.span, OPT=self.opt)
+                    consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
                 if kernel.startswith("qmatvec_norm"):
                     buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
                 elif kernel.startswith("qmatvec_silu"):

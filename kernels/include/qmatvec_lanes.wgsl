@@ -1,6 +1,6 @@
 // Included (kernels.wgsl_source) by the f32 kernels of the qmatvec family (qmatvec, qmatvec_silu,
 // qmatvec_norm; needs `p`, `partial`, codes4, scale_min, row_starts, reduce_store, the kernel's
-// own load_x / load_quad, and the overrides SPAN and OPT): their GPU loop, chosen when SPAN < 8
+// own load_x / load_quad, and the overrides SPAN, OPT and EXACT): their GPU loop, chosen when SPAN < 8
 // or OPT > 1 (qmatvec_blocks.wgsl stays the CPU rasterisers' loop, SPAN = 8 and OPT = 1).
 //
 // Why another loop: in qmatvec_blocks each of an output's TPR lanes walks whole 32-input
@@ -52,7 +52,7 @@ fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale
   for (var u0 = lane * SPAN; u0 < units; u0 += TPR * SPAN) {
     let b = u0 / 8u;  // SPAN divides 8: the SPAN vec4s share one block and one group
     let g = b * 32u / GROUP;
-    let valid = min(32u, p.k - b * 32u);
+    let valid = select(min(32u, p.k - b * 32u), 32u, EXACT);  // EXACT: a constant, and load_x's mask folds away
     let wb = b * BITS;
     let s0 = scale_min(min(n0, last), g, groups);
     var s1 = vec2<f32>(0.0);
@@ -67,7 +67,7 @@ fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale
     }
     for (var s = 0u; s < SPAN; s++) {
       let u = u0 + s;
-      if (u < units) {
+      if (EXACT || u < units) {
         let j0 = (u % 8u) * 4u;
         if (ROWS == 1u) {
           let xv = load_x(rows_lo.x + u, j0, valid, u);
