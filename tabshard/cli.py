@@ -57,6 +57,10 @@ def cmd_generate(a) -> int:
     prompt_ids = tok.encode(text)
     check_request(model.config, prompt_ids, a.max_tokens)  # before the slow part: loading weights
     gen = LocalGenerator(load_weights(model, say), backend=a.backend)
+    if gen.backend.name == "numpy":  # which path the CPU matmuls take: the compiled kernel's ISA, or why not
+        from tab_worker.cpu_kernels import describe
+
+        say(f"compute: {describe()}")
     say("sampling: greedy" if params.greedy else f"sampling: temperature {params.temperature}, top_p {params.top_p}, "
         f"top_k {params.top_k}, seed {params.seed} (--seed {params.seed} repeats this answer)")
     stream = StreamDecoder(tok)
