@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import layer_program as LP
 from kernels import runner as R
 from kernels.quant import QuantTensor
 from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
@@ -61,6 +62,22 @@ def _fused_parts(tensors: list[QuantTensor]) -> list[tuple[QuantTensor, int]]:
         return [(fused, 0)]
     cols = np.cumsum([0] + [t.n for t in tensors])
     return [(t, int(c)) for t, c in zip(tensors, cols)]
+
+
+class _ProgramKernel(R.Launcher):
+    """A layer program's "kernel" op: its overrides and params evaluated once, its grid per rows."""
+
+    def __init__(self, dev: R.Device, op: dict, env: dict, buffers: dict):
+        wg = dev.workgroup_size(LP.workgroup(op, dev.is_real_gpu(), env))
+        self.env = {**env, "wg": wg}
+        constants = {"WG": wg, **{k: LP.evaluate(v, self.env) for k, v in op["constants"].items()}}
+        params = {k: LP.evaluate(v, self.env) for k, v in op["params"].items()}
+        self.launch = R.Launch(dev, op["kernel"], constants, [buffers[name] for name in op["buffers"]], **params)
+        self.grid = op["grid"]
+
+    def dispatches(self, rows: int) -> list:
+        env = {**self.env, "rows": rows}
+        return self.launch.at(*(int(LP.evaluate(g, env)) for g in self.grid))
 
 
 class _GpuLayer:
@@ -154,11 +171,6 @@ class WgpuBackend:
 
     def sessions(self) -> list[str]:
         return list(self._lengths)
-
-    def truncate_session(self, session_id: str, length: int) -> None:
-        """Keep positions [0, length) (a speculative step's rejected drafts go); longer is a no-op."""
-        if session_id in self._lengths:
-            self._lengths[session_id] = min(self._lengths[session_id], max(0, int(length)))
 
     def truncate_session(self, session_id: str, length: int) -> None:
         """Keep positions [0, length) (a speculative step's rejected drafts go); longer is a no-op."""
@@ -265,60 +277,61 @@ class WgpuBackend:
         return min(limit, FUSE_MAX_ROWS)
 
     def _build_layer_ops(self) -> list:
-        """Per layer, 6 dispatches when fused (norm+qkv, rope+kv_store, attention, wo,
-        norm+gate/up, silu+down) for up to _fuse_max_rows rows; the unfused 10 above."""
-        c, dev, b, s = self.config, self.dev, self._buf, self._strides
-        fuse_rows = self._fuse_max_rows
-        silu_fusable = c.ffn % 4 == 0  # qmatvec_silu reads the up half as vec4
+        """Every held layer's ops, from the layer program (kernels/layer_program.py): per layer
+        6 dispatches when fused (norm+qkv, rope+kv_store, attention, wo, norm+gate/up,
+        silu+down) for up to _fuse_max_rows rows, else the unfused 10."""
         ops = []
         for layer, (k_pool, v_pool) in zip(self._layers, self._pools):
-            attn_norm = R.RmsNorm(dev, b["h"], s["h"], layer.attn_norm, b["xn"], s["xn"], c.hidden, c.rms_eps)
-            qkv = [self._linear(w, "xn", "qkv", col) for w, col in layer.qkv]
-            qkv_fused = [self._linear(w, "h", "qkv", col, norm=(layer.attn_norm, c.rms_eps)) for w, col in layer.qkv]
-            ops.append(R.ByRows(fuse_rows, qkv_fused, [attn_norm, *qkv]))
-            rope_kv = R.RopeKvStore(dev, b["qkv"], s["qkv"], self._q_dim, self._q_dim + self._kv_dim, b["positions"],
-                                    b["slots"], self._freq_turns, k_pool, v_pool, c.n_heads, c.n_kv_heads, c.head_dim,
-                                    self._pool_ctx)
-            rope = R.Rope(dev, b["qkv"], s["qkv"], 0, c.n_heads + c.n_kv_heads, c.head_dim, b["positions"], self._freq_turns)
-            kv = R.KvStore(dev, b["qkv"], s["qkv"], self._q_dim, self._q_dim + self._kv_dim, b["positions"],
-                           b["slots"], k_pool, v_pool, c.n_kv_heads, c.head_dim, self._pool_ctx)
-            ops.append(R.ByRows(fuse_rows, [rope_kv], [rope, kv]))
-            ops.append(R.Attention(dev, b["qkv"], s["qkv"], 0, b["positions"], b["slots"], k_pool, v_pool,
-                                   b["attn"], s["attn"], c.n_heads, c.n_kv_heads, c.head_dim, self._pool_ctx))
-            ops.append(self._linear(layer.wo, "attn", "h", accumulate=True))
-            ffn_norm = R.RmsNorm(dev, b["h"], s["h"], layer.ffn_norm, b["xn"], s["xn"], c.hidden, c.rms_eps)
-            gate_up = [self._linear(w, "xn", "gate_up", col) for w, col in layer.gate_up]
-            gate_up_fused = [self._linear(w, "h", "gate_up", col, norm=(layer.ffn_norm, c.rms_eps)) for w, col in layer.gate_up]
-            ops.append(R.ByRows(fuse_rows, gate_up_fused, [ffn_norm, *gate_up]))
-            silu = R.SiluGate(dev, b["gate_up"], s["gate_up"], 0, c.ffn, b["act"], s["act"], c.ffn)
-            down = self._linear(layer.w_down, "act", "h", accumulate=True)
-            if silu_fusable:
-                down_fused = self._linear(layer.w_down, "gate_up", "h", accumulate=True, silu_up_col=c.ffn)
-                ops.append(R.ByRows(fuse_rows, [down_fused], [silu, down]))
-            else:
-                ops += [silu, down]
+            buffers = {**self._buf, "freq_turns": self._freq_turns, "attn_norm": layer.attn_norm,
+                       "ffn_norm": layer.ffn_norm, "k_pool": k_pool, "v_pool": v_pool}
+            weights = {"qkv": layer.qkv, "gate_up": layer.gate_up, "wo": [(layer.wo, 0)], "w_down": [(layer.w_down, 0)]}
+            ops += self._program_ops(LP.PROGRAM["layer"], buffers, weights)
         return ops
 
+    def _program_ops(self, program: list, buffers: dict, weights: dict) -> list:
+        """Launchers of a layer program section (kernels/layer_program.py) on these buffers and
+        weights (name -> [(GpuQuantTensor, first output column)])."""
+        dev, fuse_rows = self.dev, self._fuse_max_rows
+        env = LP.names(self.config, self._pool_ctx, 0)
+        strides = {**self._strides, "src": self._strides["h"], "head_in": self._strides["h"], "logits": self._logits_stride}
+
+        def build(op: dict) -> list:
+            kind = op["op"]
+            if kind == "kernel":
+                return [_ProgramKernel(dev, op, env, buffers)]
+            if kind == "linear":
+                prologue = {}
+                if "norm" in op:
+                    prologue["norm"] = (buffers[op["norm"]], self.config.rms_eps)
+                if "silu_up_col" in op:
+                    prologue["silu_up_col"] = int(LP.evaluate(op["silu_up_col"], env))
+                x, y = op["x"], op["y"]
+                return [R.QuantLinear(dev, w, buffers[x], strides[x], buffers[y], strides[y], col, op["accumulate"],
+                                      self.matvec_max_rows, tuning=self.tuning, compute_dtype=self.compute_dtype, **prologue)
+                        for w, col in weights[op["weight"]]]
+            if kind == "by_rows":
+                plain = [launcher for o in op["plain"] for launcher in build(o)]
+                if not fuse_rows or not LP.evaluate(op.get("fusable", 1), env):
+                    return plain
+                return [R.ByRows(fuse_rows, [launcher for o in op["fused"] for launcher in build(o)], plain)]
+            raise ValueError(f"layer program: unknown op {kind!r}")
+
+        return [launcher for op in program for launcher in build(op)]
+
     def _head_launchers(self, src: str, k: int) -> list:
-        """Final norm + head matvec (+ top-k) reading rows of scratch buffer ``src``."""
+        """Final norm + head matvec (the layer program's head section) + top-k, reading rows of
+        scratch buffer ``src``."""
         c, dev, b = self.config, self.dev, self._buf
-        s = {**self._strides, "head_in": self._strides["h"]}
         ops = self._head_ops.get(src) if self._head_ops else None
         if ops is None:
             norm_w, output = self._head
-            norm = R.RmsNorm(dev, b[src], s[src], norm_w, b["xn"], s["xn"], c.hidden, c.rms_eps)
-            plain = R.QuantLinear(dev, output, b["xn"], s["xn"], b["logits"], self._logits_stride,
-                                  matvec_max_rows=self.matvec_max_rows, tuning=self.tuning, compute_dtype=self.compute_dtype)
-            fused = R.QuantLinear(dev, output, b[src], s[src], b["logits"], self._logits_stride,
-                                  matvec_max_rows=self.matvec_max_rows, tuning=self.tuning, norm=(norm_w, c.rms_eps),
-                                  compute_dtype=self.compute_dtype)
-            ops = R.ByRows(self._fuse_max_rows, [fused], [norm, plain])
+            ops = self._program_ops(LP.PROGRAM["head"], {**b, "src": b[src], "output_norm": norm_w}, {"output": [(output, 0)]})
             self._head_ops = {**(self._head_ops or {}), src: ops}
         topk = self._topk.get(k)
         if topk is None:
             head_cap = min(self._rows_cap, self._head_max_rows)
             topk = self._topk[k] = R.TopK(dev, b["logits"], self._logits_stride, c.vocab, k, head_cap)
-        return [ops, topk]
+        return [*ops, topk]
 
     def _plan(self, key, launchers_fn, rows: int) -> list:
         """A cached plan (Device.plan) for these launchers at ``rows``: rebuilt when rows change
