@@ -167,6 +167,7 @@ class DashboardFeed:
             "stages": [{"index": s["index"], "layers": s["layers"], "head": s["head"], "holders": s["holders"],
                         "ready": s["ready"], "busy": s["busy"], "queued": s["queued"]} for s in stages],
             "sessions": sessions, "counters": status["counters"],
+            "speculation": status.get("speculation"),  # acceptance rate and tokens per trip in all
             "timeline": self.timeline(core.events, now, wall),
             "series": self.series(now, offset=wall - now),
         }

@@ -5,7 +5,7 @@ import { pathToFileURL } from "node:url";
 
 const dist = process.argv[2];
 const { TabWorker, EXPANSION } = await import(pathToFileURL(join(dist, "worker.js")));
-const { encode, decode } = await import(pathToFileURL(join(dist, "codec.js")));
+const { encode, decode, Tensor } = await import(pathToFileURL(join(dist, "codec.js")));
 const check = (cond, what) => { if (!cond) { console.log(`FAIL ${what}`); process.exitCode = 1; } };
 
 const w = new TabWorker("t", { memoryBytes: 10 << 20 });
@@ -24,4 +24,23 @@ check(hello.type === "hello" && hello.resume.worker_id === "w1" && hello.resume.
 check(decode(encode(w.heartbeat(5))).seq === 5, "heartbeat");
 const unexpected = await w.handle({ v: 1, type: "token" });
 check(unexpected[0].type === "error" && unexpected[0].code === "unexpected_type", "unexpected message type answered with an error");
+// a speculative step: the head returns the top-k of each of a session's last topk_rows rows (a
+// stand-in backend: layers are the identity, a row's top id is its first value); a rejected
+// draft's truncate_session reaches every range's backend
+const truncated = [];
+const stub = {
+  forward: async (slices, x) => x,
+  head_topk: async (rows, k) => ({ ids: Int32Array.from({ length: (rows.length / 2) * k }, (_, i) => rows[Math.floor(i / k) * 2]),
+    values: new Float32Array((rows.length / 2) * k) }),
+  truncate_session: (id, n) => truncated.push(`${id}:${n}`),
+};
+w.ranges.set("0,2", stub);
+w.range_heads.set("0,2", true);
+const [r] = await w.on_step({ step_id: 1, epoch: 3, layer_start: 0, layer_end: 2, want_topk: 1,
+  sessions: [{ session_id: "a", start_pos: 0, length: 2 }, { session_id: "b", start_pos: 7, length: 3, topk_rows: 3 }],
+  hidden: new Tensor("f32", [5, 2], Float32Array.from([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])) });
+check(r.topk_ids.shape[0] === 4 && Array.from(r.topk_ids.data).join() === "1,2,3,4", "top-k of the last row of a and of b's 3 rows");
+decode(encode(r));
+w.on_truncate_session({ session_id: "b", length: 8 });
+check(truncated.join() === "b:8", "truncate_session reaches the backend");
 console.log(process.exitCode ? "failed" : "ok");

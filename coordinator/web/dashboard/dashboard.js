@@ -64,8 +64,10 @@ function renderLayerMap(s) {
 function renderSessions(s) {
   $("#sessions tbody").innerHTML = s.sessions.length
     ? s.sessions.map((x) => `<tr><td>${esc(x.request_id)}</td><td class="num">${x.prompt_tokens}</td>
-        <td class="num">${x.tokens} / ${x.max_tokens}</td><td class="num">${x.tok_s == null ? "–" : x.tok_s.toFixed(1)}</td></tr>`).join("")
-    : `<tr><td colspan="4" class="muted">no active sessions</td></tr>`;
+        <td class="num">${x.tokens} / ${x.max_tokens}</td><td class="num">${x.tok_s == null ? "–" : x.tok_s.toFixed(1)}</td>
+        <td class="num">${x.speculation?.acceptance_rate == null ? "–" : `${Math.round(x.speculation.acceptance_rate * 100)}%`}</td>
+        <td class="num">${x.speculation?.tokens_per_trip == null ? "–" : x.speculation.tokens_per_trip.toFixed(2)}</td></tr>`).join("")
+    : `<tr><td colspan="6" class="muted">no active sessions</td></tr>`;
 }
 
 function renderTimeline(s) {
