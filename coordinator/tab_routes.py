@@ -2,6 +2,7 @@
 
     GET /tab?token=T              the tab page (403 with a clear message for a wrong token)
     GET /tab/static/PATH          tab_worker/web/dist/ (built by tab_worker/web/build.py)
+    GET /kernels/layer_program.json  kernels/layer_program.py's program: the op order both backends run
     GET /kernels/NAME.wgsl        kernels/NAME.wgsl with its includes (kernels.wgsl_source): the
                                   browser runs the very text the native wgpu path compiles
     GET /tab/qr.svg?token=T       the join URL as a QR code (for phones on the LAN)
@@ -99,6 +100,11 @@ def routes(service) -> list:
 
     async def qr_svg(request: Request):
         if not token_ok(request):
+    async def layer_program(request: Request):
+        from kernels.layer_program import program_json
+
+        return Response(program_json(), media_type="application/json", headers=NO_CACHE)
+
             return PlainTextResponse("wrong join token", status_code=403)
         import io
 
@@ -116,3 +122,4 @@ def routes(service) -> list:
         Route("/tab/static/{path:path}", static),
         Route("/kernels/{name}.wgsl", kernel),
     ]
+        Route("/kernels/layer_program.json", layer_program),

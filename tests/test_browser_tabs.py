@@ -217,10 +217,12 @@ async ({fuseRuns}) => {
     await be.init();
     const a = await be.forward([{ session_id: "s", start_pos: 0, length: T - 1 }], x.subarray(0, (T - 1) * H));
     const before = gpu.dispatches;
+    gpu.trace = [];
     const b = await be.forward([{ session_id: "s", start_pos: T - 1, length: 1 }], x.subarray((T - 1) * H));
-    const decodeDispatches = gpu.dispatches - before;
+    const decodeDispatches = gpu.dispatches - before, trace = gpu.trace;
+    gpu.trace = undefined;
     const top = await be.forward_topk([{ session_id: "t", start_pos: 0, length: T }], x, 5);
-    out[name] = { hidden: [...new Float32Array(a), ...new Float32Array(b)], decodeDispatches, ids: [...top.ids], values: [...top.values] };
+    out[name] = { hidden: [...new Float32Array(a), ...new Float32Array(b)], decodeDispatches, trace, ids: [...top.ids], values: [...top.values] };
     be.destroy();
   }
   return out;
@@ -232,10 +234,17 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     """The tab's WebGPU backend (SwiftShader here) on two real layers and the head: decode steps
     run the fused kernels (norm + q/k/v, rope + KV store, attention, wo, norm + gate/up, silu +
     down: 6 dispatches a layer), and with fusing off the 10 unfused ones; both against
-    NumpyBackend, and the head's top-k (its norm folded into its matvec) against numpy's."""
+    NumpyBackend, and the head's top-k (its norm folded into its matvec) against numpy's.
+
+    Both backends build their ops from one layer program (kernels/layer_program.py, served as
+    /kernels/layer_program.json): the native WgpuBackend on this host's adapter at the spec's
+    default limits runs the same rows, and its decode step's dispatches (kernel and grid, in
+    order) must be the browser's, its hidden states the browser's within f32 round-off."""
+    from kernels import runner as R
     from tab_worker.engine_types import SessionSlice
     from tab_worker.numpy_backend import NumpyBackend
     from tab_worker.weights import pack_head, pack_layer
+    from tab_worker.wgpu_backend import WgpuBackend
     from tabshard.generate import embed
 
     w = smollm2_weights
@@ -257,6 +266,17 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=name)
         assert e["ids"] == ids[0].tolist(), name
         np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=name)
+    try:
+        device = R.get_device("webgpu-default")
+    except R.NoAdapterError as exc:
+        pytest.skip(f"no native wgpu adapter: {exc}")
+    assert not device.is_real_gpu()  # a CPU rasteriser like SwiftShader: the same branch of the program
+    for name, fuse in (("unfused", False), ("fused", True)):
+        native = WgpuBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64, device=device, fuse_decode=fuse)
+        got = np.concatenate([native.forward([SessionSlice("s", 0, 6)], x[:6]), native.forward([SessionSlice("s", 6, 1)], x[6:])])
+        trace = [[d.launch.kernel, d.x, d.y, d.z] for op in native._layer_ops for d in op.dispatches(1)]
+        assert trace == out[name]["trace"], name
+        np.testing.assert_allclose(got, np.array(out[name]["hidden"]).reshape(want.shape), atol=1e-3, rtol=1e-4, err_msg=name)
 
 
 def test_wrong_token_gets_a_clear_403(cluster, browser):

@@ -104,6 +104,17 @@ export class WebGpuDevice {
     return this._sources.get(kernel);
   }
 
+  // kernels/layer_program.py's program, served as /kernels/layer_program.json (fetched once)
+  async layerProgram() {
+    if (!this._program) {
+      this._program = fetch(`${this.base}/kernels/layer_program.json`).then((r) => {
+        if (!r.ok) throw new Error(`layer_program.json: HTTP ${r.status}`);
+        return r.json();
+      });
+    }
+    return this._program;
+  }
+
   static key(kernel, constants) {
     return kernel + JSON.stringify(Object.entries(constants).sort());
   }
@@ -207,6 +218,7 @@ class Launch {
     pass.setBindGroup(0, this.bindGroup);
     pass.dispatchWorkgroups(x, y, z);
     this.dev.dispatches++;
+    this.dev.trace?.push([this.kernel, x, y, z]);  // set dev.trace = [] to list a step's dispatches (tests)
   }
 }
 
@@ -227,13 +239,20 @@ function uploadQuant(dev, t, label) {
   return { spec: t.spec, n: t.n, k: t.k, chunks };
 }
 
-// runner.matmul_tuning: GPUs want several threads per output; CPU rasterisers one.
+// runner.matmul_tuning: GPUs want several threads per output, in the interleaved lane layout
+// (span/opt 0: by shape, runner.matvec_layout); CPU rasterisers one thread per output, whole blocks.
 function matmulTuning(dev) {
-  if (dev.isRealGpu()) return { wg: dev.workgroupSize(256), maxTpr: 32 };
-  return { wg: dev.workgroupSize(64), maxTpr: 1 };
+  if (dev.isRealGpu()) return { wg: dev.workgroupSize(256), maxTpr: 32, span: 0, opt: 0 };
+  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1 };
 }
 
-function threadsPerRow(n, k, wg, maxTpr) {
+// runner.matvec_layout: [SPAN, OPT] of an n x k matvec
+function matvecLayout(n, k, span, opt) {
+  return [span || (k >= 1024 ? 2 : 1), opt || (n >= 8192 ? 4 : 2)];
+}
+
+function threadsPerRow(n, k, wg, maxTpr, span = 8) {
+  if (span < 8) return Math.min(wg, maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(Math.ceil(k / (4 * span))))));
   const blocks = Math.ceil(k / 32);
   let tpr = Math.min(wg, maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(blocks))));
   while (tpr > 4 && n * tpr > 2 ** 18) tpr /= 2;
@@ -255,10 +274,14 @@ class QuantLinear {
     this.extraParams = prologue.norm ? { eps: prologue.norm[1] } : prologue.siluUpCol !== undefined ? { up_col: prologue.siluUpCol } : {};
     const t = matmulTuning(dev);
     this.wg = t.wg;
-    this.tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
+    [this.span, this.opt] = matvecLayout(w.n, w.k, t.span, t.opt);
+    this.tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr, this.span);
     this._launches = new Map();
   }
-  constants(rowsPerWg) { return { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.tpr, ROWS: rowsPerWg }; }
+  constants(rowsPerWg) {
+    const c = { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.tpr, ROWS: rowsPerWg };
+    return this.span !== 8 || this.opt !== 1 ? { ...c, SPAN: this.span, OPT: this.opt, EXACT: this.w.k % 32 === 0 ? 1 : 0 } : c;
+  }
   pipelinesFor(rows) { return [[this.kernel, this.constants(rowsVariant(rows))]]; }
   record(pass, rows) {
     const r = rowsVariant(rows);
@@ -266,7 +289,7 @@ class QuantLinear {
       this._launches.set(r, this.w.chunks.map((c) => [c.n, new Launch(this.dev, this.kernel, this.constants(r), [c.q, c.s, this.x, this.y, ...this.extraBuffers],
         { n: c.n, k: this.w.k, m: 0, x_stride: this.xStride, y_stride: this.yStride, y_col: this.yCol + c.start, accumulate: this.accumulate, ...this.extraParams })]));
     }
-    const perWg = this.wg / this.tpr;
+    const perWg = this.wg / this.tpr * this.opt;
     for (const [n, launch] of this._launches.get(r)) {
       launch.set({ m: rows });
       launch.dispatch(pass, Math.ceil(n / perWg), Math.ceil(rows / r));
@@ -281,13 +304,84 @@ class ByRows {  // runner.ByRows: the `small` ops (fused decode kernels) up to m
   record(pass, rows) { for (const op of this.pick(rows)) op.record(pass, rows); }
 }
 
-class Simple {  // a one-launch kernel dispatched as (gx(rows), rows) or (rows)
-  constructor(dev, kernel, constants, buffers, params, grid) {
-    this.launch = new Launch(dev, kernel, constants, buffers, params);
-    this.grid = grid;
+// ====================================================================== the layer program
+// kernels/layer_program.py's expressions: numbers, names, + - * / // % ==, unary -, cdiv/min/max/sqrt
+const PROGRAM_FUNCTIONS = { cdiv: (a, b) => Math.ceil(a / b), min: Math.min, max: Math.max, sqrt: Math.sqrt };
+
+export function evaluate(expr, env) {
+  if (typeof expr === "number") return expr;
+  const toks = String(expr).match(/\d+(?:\.\d*)?(?:e-?\d+)?|[A-Za-z_]\w*|\/\/|==|[-+*/%(),]/g) || [];
+  let i = 0;
+  const peek = () => toks[i], next = () => toks[i++];
+  const fail = () => { throw new Error(`layer program: cannot evaluate ${expr}`); };
+  const primary = () => {
+    const t = next();
+    if (t === undefined) fail();
+    if (t === "(") { const v = compare(); if (next() !== ")") fail(); return v; }
+    if (t === "-") return -primary();
+    if (/^\d/.test(t)) return Number(t);
+    if (PROGRAM_FUNCTIONS[t]) {
+      if (next() !== "(") fail();
+      const args = [compare()];
+      while (peek() === ",") { next(); args.push(compare()); }
+      if (next() !== ")") fail();
+      return PROGRAM_FUNCTIONS[t](...args);
+    }
+    if (!(t in env)) throw new Error(`layer program: unknown name ${t} in ${expr}`);
+    return env[t];
+  };
+  const term = () => {
+    let v = primary();
+    while (["*", "/", "//", "%"].includes(peek())) {
+      const op = next(), r = primary();
+      v = op === "*" ? v * r : op === "/" ? v / r : op === "//" ? Math.floor(v / r) : v % r;
+    }
+    return v;
+  };
+  const sum = () => { let v = term(); while (peek() === "+" || peek() === "-") { const op = next(), r = term(); v = op === "+" ? v + r : v - r; } return v; };
+  const compare = () => { let v = sum(); while (peek() === "==") { next(); v = v === sum() ? 1 : 0; } return v; };
+  const v = compare();
+  if (i !== toks.length) fail();
+  return v;
+}
+
+// layer_program.names: the config's numbers, q_dim / kv_dim, scratch strides, pool_ctx, rows
+export function programNames(program, config, poolCtx, rows = 0) {
+  const env = {};
+  for (const [k, v] of Object.entries(config)) if (typeof v === "number") env[k] = v;
+  env.q_dim = env.n_heads * env.head_dim;
+  env.kv_dim = env.n_kv_heads * env.head_dim;
+  for (const [name, width] of Object.entries(program.scratch)) env[`stride_${name}`] = round4(evaluate(width, env));
+  env.stride_logits = round4(env.vocab);
+  env.stride_src = env.stride_h;
+  return Object.assign(env, { pool_ctx: poolCtx, rows });
+}
+
+function kernelConstants(dev, op, env) {
+  const wg = dev.workgroupSize(evaluate(typeof op.wg === "object" ? op.wg[dev.isRealGpu() ? "gpu" : "cpu"] : op.wg, env));
+  const out = { WG: wg };
+  for (const [k, v] of Object.entries(op.constants)) out[k] = evaluate(v, { ...env, wg });
+  return out;
+}
+
+class ProgramKernel {  // a layer program "kernel" op: overrides and params evaluated once, the grid per rows
+  constructor(dev, op, env, buffers) {
+    this.constants = kernelConstants(dev, op, env);
+    this.env = { ...env, wg: this.constants.WG };
+    this.op = op;
+    this.params = {};
+    for (const [k, v] of Object.entries(op.params)) this.params[k] = evaluate(v, this.env);
+    this.buffers = op.buffers.map((name) => { if (!buffers[name]) throw new Error(`layer program: no buffer ${name}`); return buffers[name]; });
+    this.dev = dev;
+    this.launch = null;  // built on first use, once its pipeline is prepared
   }
-  pipelinesFor() { return []; }
-  record(pass, rows) { const [x, y] = this.grid(rows); this.launch.dispatch(pass, x, y); }
+  pipelinesFor() { return [[this.op.kernel, this.constants]]; }
+  record(pass, rows) {
+    this.launch ??= new Launch(this.dev, this.op.kernel, this.constants, this.buffers, this.params);
+    const env = { ...this.env, rows };
+    const [x, y] = this.op.grid.map((g) => evaluate(g, env));
+    this.launch.dispatch(pass, x, y);
+  }
 }
 
 export function ropeFreqTurns(headDim, base) {
@@ -369,36 +463,35 @@ export class WebGpuBackend {
     this._weights = null;  // the blobs stay with the worker; the device holds its own copy
     this._freqTurns = dev.upload(ropeFreqTurns(c.head_dim, c.rope_base), "rope.freq_turns");
     if (this.maxRows < 1 || (this._head && this.headMaxRows < 1)) throw new LimitError(`one row of activations does not fit the binding limit ${dev.maxBinding}`);
+    this.program = await dev.layerProgram();
     await dev.prepare(this.pipelineList());
   }
 
+  // Every pipeline the held layers and head will use, from the layer program: its kernel ops'
+  // overrides, and each linear's matvec at 1 row (decode: the fused kernel where this backend
+  // fuses) and 8 (prefill / replay chunks). A step of 2-4 rows prepares its ROWS=4 variants
+  // when it comes.
   pipelineList() {
-    const dev = this.dev, c = this.config, real = dev.isRealGpu(), t = matmulTuning(dev), list = [];
-    const fuse = this.fuseMaxRows > 0;  // decode steps (1 row) on the fused kernels
-    const mv = (w, rowsVariants, kernel = "qmatvec") => {
-      const tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr);
-      for (const r of rowsVariants) list.push([kernel, { ...quantConstants(w.spec), WG: t.wg, TPR: tpr, ROWS: r }]);
-    };
-    if (this._layers.length) {
-      list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["rope", { WG: dev.workgroupSize(64) }],
-        ["kv_store", { WG: dev.workgroupSize(64) }], ["silu_gate", { WG: dev.workgroupSize(64) }],
-        ["attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim }]);
-      // decode (1 row: fused kernels where this backend fuses) and prefill / replay chunks (8,
-      // unfused): a step of 2-4 rows prepares its ROWS=4 variants when it comes
-      if (fuse) list.push(["rope_kv_store", { WG: dev.workgroupSize(64) }]);
-      for (const L of this._layers) {
-        const normed = [...L.qkv.map(([q]) => q), ...L.gate_up.map(([q]) => q)];  // the matvecs a norm precedes
-        for (const w of [...normed, L.wo, L.w_down]) mv(w, [8]);
-        for (const w of normed) mv(w, [1], fuse ? "qmatvec_norm" : "qmatvec");
-        mv(L.wo, [1]);
-        mv(L.w_down, [1], fuse && this.siluFusable ? "qmatvec_silu" : "qmatvec");
+    const dev = this.dev, list = [], fuse = this.fuseMaxRows > 0;
+    const env = programNames(this.program, this.config, 0);
+    const weights = (L) => ({ qkv: L.qkv.map(([q]) => q), gate_up: L.gate_up.map(([q]) => q), wo: [L.wo], w_down: [L.w_down] });
+    const walk = (ops, w, rows) => {
+      for (const op of ops) {
+        if (op.op === "kernel") list.push([op.kernel, kernelConstants(dev, op, env)]);
+        else if (op.op === "linear") {
+          for (const m of w[op.weight]) {
+            const ql = new QuantLinear(dev, m, null, 0, null, 0, 0, false, op.norm ? { norm: [null, 0] } : op.silu_up_col !== undefined ? { siluUpCol: 4 } : {});
+            for (const r of rows) list.push(...ql.pipelinesFor(r));
+          }
+        } else if (op.op !== "by_rows") throw new Error(`layer program: unknown op ${op.op}`);
+        else if (fuse && evaluate(op.fusable ?? 1, env)) { walk(op.fused, w, [1]); walk(op.plain, w, [8]); }
+        else walk(op.plain, w, [1, 8]);
       }
-    }
+    };
+    for (const L of this._layers) walk(this.program.layer, weights(L), [1, 8]);
     if (this._head) {
-      // rmsnorm: the head's own norm when it is not folded into the matvec
-      list.push(["rmsnorm", { WG: dev.workgroupSize(256) }], ["topk", { WG: dev.workgroupSize(real ? 1024 : 256), KP: TOPK_SLOTS }]);
-      // one session wanting a token; 4/8 rows are prepared when a batch needs them
-      mv(this._head.output, [1], fuse ? "qmatvec_norm" : "qmatvec");
+      list.push(["topk", { WG: dev.workgroupSize(dev.isRealGpu() ? 1024 : 256), KP: TOPK_SLOTS }]);
+      walk(this.program.head, { output: [this._head.output] }, [1]);
     }
     const seen = new Set();
     return list.filter(([k, cst]) => { const key = WebGpuDevice.key(k, cst); if (seen.has(key)) return false; seen.add(key); return true; });
@@ -526,48 +619,39 @@ export class WebGpuBackend {
     return new QuantLinear(this.dev, w, this.buf[x], this.strides[x], this.buf[y], this.strides[y], yCol, accumulate, prologue);
   }
 
+  // Every held layer's ops, from the layer program (kernels/layer_program.py, as the native
+  // backend's _build_layer_ops)
   _buildLayerOps() {
-    const c = this.config, dev = this.dev, b = this.buf, s = this.strides, ops = [];
-    const wg64 = dev.workgroupSize(64), real = dev.isRealGpu();
-    // the fused ops (built only where this backend fuses: their pipelines are prepared then) up
-    // to fuseMaxRows rows, else the unfused ones
-    const byRows = (fused, unfused) => (this.fuseMaxRows > 0 ? [new ByRows(this.fuseMaxRows, fused(), unfused)] : unfused);
-    this._layers.forEach((L, li) => {
+    return this._layers.flatMap((L, li) => {
       const [kPool, vPool] = this._pools[li];
-      const pairs = (c.n_heads + c.n_kv_heads) * c.head_dim / 2, width = c.n_kv_heads * c.head_dim;
-      const attnNorm = new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.attn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]);
-      ops.push(...byRows(() => L.qkv.map(([w, col]) => this._linear(w, "h", "qkv", col, false, { norm: [L.attn_norm, c.rms_eps] })),
-        [attnNorm, ...L.qkv.map(([w, col]) => this._linear(w, "xn", "qkv", col))]));
-      const rope = new Simple(dev, "rope", { WG: wg64 }, [b.qkv, b.positions, this._freqTurns],
-        { n_heads: c.n_heads + c.n_kv_heads, head_dim: c.head_dim, x_stride: s.qkv, x_col: 0 }, (r) => [Math.ceil(pairs / wg64), r]);
-      const kvStore = new Simple(dev, "kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, kPool, vPool],
-        { n_kv: c.n_kv_heads, head_dim: c.head_dim, ctx: this.poolCtx, src_stride: s.qkv, k_col: this.qDim, v_col: this.qDim + this.kvDim },
-        (r) => [Math.ceil(width / wg64), r]);
-      ops.push(...byRows(() => [new Simple(dev, "rope_kv_store", { WG: wg64 }, [b.qkv, b.positions, b.slots, this._freqTurns, kPool, vPool],
-        { n_heads: c.n_heads, n_kv: c.n_kv_heads, head_dim: c.head_dim, ctx: this.poolCtx, x_stride: s.qkv, k_col: this.qDim, v_col: this.qDim + this.kvDim },
-        (r) => [Math.ceil(((c.n_heads + 2 * c.n_kv_heads) * c.head_dim / 2) / wg64), r])], [rope, kvStore]));
-      ops.push(new Simple(dev, "attention", { WG: dev.workgroupSize(real ? 1024 : Math.max(64, c.head_dim)), HEAD_DIM: c.head_dim },
-        [b.qkv, b.positions, b.slots, kPool, vPool, b.attn],
-        { n_heads: c.n_heads, n_kv: c.n_kv_heads, ctx: this.poolCtx, q_stride: s.qkv, q_col: 0, out_stride: s.attn, scale: 1 / Math.sqrt(c.head_dim) },
-        (r) => [c.n_heads, r]));
-      ops.push(this._linear(L.wo, "attn", "h", 0, true));
-      const ffnNorm = new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.h, L.ffn_norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]);
-      ops.push(...byRows(() => L.gate_up.map(([w, col]) => this._linear(w, "h", "gate_up", col, false, { norm: [L.ffn_norm, c.rms_eps] })),
-        [ffnNorm, ...L.gate_up.map(([w, col]) => this._linear(w, "xn", "gate_up", col))]));
-      const silu = new Simple(dev, "silu_gate", { WG: wg64 }, [b.gate_up, b.act], { n: c.ffn, src_stride: s.gate_up, gate_col: 0, up_col: c.ffn, y_stride: s.act },
-        (r) => [Math.ceil(c.ffn / wg64), r]);
-      const down = this._linear(L.w_down, "act", "h", 0, true);
-      if (this.siluFusable) ops.push(...byRows(() => [this._linear(L.w_down, "gate_up", "h", 0, true, { siluUpCol: c.ffn })], [silu, down]));
-      else ops.push(silu, down);
+      return this._programOps(this.program.layer, { ...this.buf, freq_turns: this._freqTurns, attn_norm: L.attn_norm, ffn_norm: L.ffn_norm,
+        k_pool: kPool, v_pool: vPool }, { qkv: L.qkv, gate_up: L.gate_up, wo: [[L.wo, 0]], w_down: [[L.w_down, 0]] });
     });
-    return ops;
+  }
+
+  // The launchers of a layer program section on these buffers and weights (name -> [[matrix, first column]])
+  _programOps(program, buffers, weights) {
+    const dev = this.dev, env = programNames(this.program, this.config, this.poolCtx);
+    const strides = { ...this.strides, src: this.strides.h, head_in: this.strides.h, logits: this.logitsStride };
+    const build = (op) => {
+      if (op.op === "kernel") return [new ProgramKernel(dev, op, env, buffers)];
+      if (op.op === "linear") {
+        const prologue = op.norm ? { norm: [buffers[op.norm], this.config.rms_eps] } : op.silu_up_col !== undefined ? { siluUpCol: evaluate(op.silu_up_col, env) } : {};
+        return weights[op.weight].map(([w, col]) => new QuantLinear(dev, w, buffers[op.x], strides[op.x], buffers[op.y], strides[op.y], col, op.accumulate, prologue));
+      }
+      if (op.op === "by_rows") {
+        const plain = op.plain.flatMap(build);
+        if (!this.fuseMaxRows || !evaluate(op.fusable ?? 1, env)) return plain;
+        return [new ByRows(this.fuseMaxRows, op.fused.flatMap(build), plain)];
+      }
+      throw new Error(`layer program: unknown op ${op.op}`);
+    };
+    return program.flatMap(build);
   }
 
   _buildHeadOps() {
-    const c = this.config, dev = this.dev, b = this.buf, s = this.strides, real = dev.isRealGpu();
-    const norm = new Simple(dev, "rmsnorm", { WG: dev.workgroupSize(256) }, [b.head_in, this._head.norm, b.xn], { n: c.hidden, x_stride: s.h, y_stride: s.xn, eps: c.rms_eps }, (r) => [r, 1]);
-    return new ByRows(this.fuseMaxRows, [new QuantLinear(dev, this._head.output, b.head_in, s.h, b.logits, this.logitsStride, 0, false, { norm: [this._head.norm, c.rms_eps] })],
-      [norm, new QuantLinear(dev, this._head.output, b.xn, s.xn, b.logits, this.logitsStride)]);
+    const ops = this._programOps(this.program.head, { ...this.buf, src: this.buf.head_in, output_norm: this._head.norm }, { output: [[this._head.output, 0]] });
+    return { pipelinesFor: (rows) => ops.flatMap((op) => op.pipelinesFor(rows)), record: (pass, rows) => { for (const op of ops) op.record(pass, rows); } };
   }
 
   _topk(k) {
