@@ -98,13 +98,13 @@ def routes(service) -> list:
             return PlainTextResponse(f"no kernel {name!r}", status_code=404)
         return Response(wgsl_source(name), media_type=MEDIA_TYPES[".wgsl"], headers=NO_CACHE)
 
-    async def qr_svg(request: Request):
-        if not token_ok(request):
     async def layer_program(request: Request):
         from kernels.layer_program import program_json
 
         return Response(program_json(), media_type="application/json", headers=NO_CACHE)
 
+    async def qr_svg(request: Request):
+        if not token_ok(request):
             return PlainTextResponse("wrong join token", status_code=403)
         import io
 
@@ -121,5 +121,5 @@ def routes(service) -> list:
         Route("/tab/qr.svg", qr_svg),
         Route("/tab/static/{path:path}", static),
         Route("/kernels/{name}.wgsl", kernel),
-    ]
         Route("/kernels/layer_program.json", layer_program),
+    ]
