@@ -507,3 +507,60 @@ def test_kernels_compile_in_chromium_tint():
     finally:
         server.shutdown()
     assert not result["problems"], "\n".join(result["problems"])
+
+
+# ---------------------------------------------------------------------------- the layer program
+
+
+def test_layer_program_expressions_evaluate_alike_in_python_and_js():
+    """Every expression of the layer program (kernels/layer_program.py) under SmolLM2's and a
+    tiny model's names, by the Python evaluator and by backend_webgpu.js's (node): the two
+    backends must read one description the same way."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from kernels import layer_program as LP
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    configs = [dict(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
+                    rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2, bos_id=1),
+               dict(n_layers=2, hidden=70, n_heads=5, n_kv_heads=1, head_dim=14, ffn=131, vocab=1001,
+                    rope_base=10000.0, rms_eps=1e-6, context=64, eos_id=2, bos_id=1)]
+    exprs = set()
+
+    def collect(ops):
+        for op in ops:
+            if op["op"] == "by_rows":
+                exprs.add(str(op.get("fusable", 1)))
+                collect(op["fused"])
+                collect(op["plain"])
+            elif op["op"] == "kernel":
+                exprs.update(str(v) for v in [*op["params"].values(), *op["constants"].values(), *op["grid"]])
+                exprs.update(str(v) for v in (op["wg"].values() if isinstance(op["wg"], dict) else [op["wg"]]))
+            elif "silu_up_col" in op:
+                exprs.add(str(op["silu_up_col"]))
+
+    collect(LP.PROGRAM["layer"] + LP.PROGRAM["head"])
+    exprs = sorted(exprs) + ["-(3 + 4) * 2 // 3", "7 % 3 == 1", "cdiv(10, 4) + min(2, 3) + max(2, 3)"]
+    want = [[LP.evaluate(e, {**LP.names(c, 32, 5), "wg": 64}) for e in exprs] for c in configs]
+    script = """
+    import(process.argv[1]).then(({ evaluate, programNames }) => {
+      const [program, configs, exprs] = JSON.parse(process.argv[2]);
+      console.log(JSON.stringify(configs.map((c) => exprs.map((e) => evaluate(e, { ...programNames(program, c, 32, 5), wg: 64 })))));
+    });"""
+    src = Path(__file__).resolve().parents[1] / "tab_worker" / "web" / "backend_webgpu.js"
+    r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([LP.PROGRAM, configs, exprs])],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    for c, g, w in zip(configs, got, want):
+        for e, a, b in zip(exprs, g, w):
+            assert a == pytest.approx(b, rel=1e-12), (e, c["hidden"])
+    with pytest.raises(ValueError, match="not allowed"):
+        LP.evaluate("__import__('os')", {})
+    with pytest.raises(KeyError, match="unknown name"):
+        LP.evaluate("nope + 1", {})
