@@ -10,13 +10,13 @@ import time
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.security import AccessGuard, RateLimit
-from coordinator.server import CoordinatorService
+from coordinator.server import PRE_HELLO_LIMITS, CoordinatorService, peer_address
 from tabshard import wire
 from tabshard.errors import ConfigError
 from tabshard.sampling import CANDIDATES, SEED_MAX, USER_DEFAULTS, SamplingParams, resolve_params
@@ -94,11 +94,25 @@ async def read_body(request: Request, limits) -> bytes | None:
     if declared.isdigit() and int(declared) > limits.max_request_bytes:
         return None
     data = bytearray()
-    async for piece in request.stream():
+    pieces = request.stream().__aiter__()
+    while True:
+        try:  # a client trickling its body holds a connection: each piece has body_timeout_s
+            piece = await asyncio.wait_for(pieces.__anext__(), limits.body_timeout_s)
+        except StopAsyncIteration:
+            return bytes(data)
+        except (asyncio.TimeoutError, ClientDisconnect):  # nobody will read an answer: no traceback either
+            raise BodyUnread from None
         data += piece
         if len(data) > limits.max_request_bytes:
             return None
-    return bytes(data)
+
+
+class BodyUnread(Exception):
+    """The body did not arrive (the client left, or stalled past body_timeout_s)."""
+
+
+async def body_unread(request: Request, exc: BodyUnread) -> JSONResponse:
+    return _error("the request body did not arrive in time (body_timeout_s) or the client left", 408)
 
 
 def cors_middleware(limits) -> list:
@@ -137,7 +151,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
                              None, 429)
 
     def prompt_ids_from_chat(body: dict) -> list[int]:
-        return tok.encode(tok.render_chat(openai_api.parse_messages(body.get("messages"), [], "none")))
+        return tok.encode_chat(openai_api.parse_messages(body.get("messages"), [], "none"))  # content is text, never markers
 
     def prompt_ids_from_completion(body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -145,7 +159,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string", "prompt")
-        return tok.encode(_text(prompt, "prompt"))
+        return tok.encode(_text(prompt, "prompt"), special=False)  # "<|im_end|>" in a prompt is text
 
     async def chat_completions(request: Request):
         return await openai_api.handle(request, service, True, names, metrics)
@@ -188,12 +202,20 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
         return JSONResponse(build_spec(limits, model_id, api_key_required=bool(service.api_key), aliases=tuple(names[1:])))
 
     async def worker_socket(ws: WebSocket):
+        why = service.admit(ws, PRE_HELLO_LIMITS.max_frame_bytes)  # before accept: the first frame meets it
         await ws.accept()
+        if why is not None:
+            await ws.close(code=1013, reason=why[:120])
+            return
         await service.serve_worker(ws)
 
     async def token_stream(ws: WebSocket):
         """Client token stream: send `generate` / `cancel` (msgpack), receive `token` / `done` / `error`."""
+        why = service.admit(ws, wire.CLIENT_LIMITS.max_frame_bytes)  # a client never sends 64 MiB
         await ws.accept()
+        if why is not None:
+            await ws.close(code=1013, reason=why[:120])
+            return
         active: dict[str, asyncio.Task] = {}
         rate = RateLimit(limits.client_max_msgs_per_s)
 
@@ -222,13 +244,21 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
 
         try:
             while True:
-                data = await ws.receive_bytes()
+                frame = await ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                data = frame.get("bytes")
                 try:
+                    if data is None:
+                        raise wire.ProtocolError("malformed", "text frames are not part of the protocol; send binary msgpack", None)
                     if not rate.allow(time.monotonic()):
                         service.refusals["rate"] += 1
                         raise wire.ProtocolError("rate_limited", f"more than {limits.client_max_msgs_per_s} messages a "
                                                  "second on this socket; this one was dropped", None)
                     m = wire.decode(data, wire.CLIENT_LIMITS)
+                    if m["type"] == "generate" and m["request_id"] in active:  # would orphan the running one
+                        raise wire.ProtocolError("duplicate_request", f"request {m['request_id']!r} is running on this "
+                                                 "socket; cancel it or use another request_id", "request_id")
                     if m["type"] == "generate":
                         body = {k: m[k] for k in ("temperature", "top_p", "top_k", "seed", "greedy") if k in m}
                         params = sampling_from_body(body)
@@ -255,6 +285,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
         finally:
             for task in list(active.values()):
                 task.cancel()
+            service.address_limits.release(peer_address(ws))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -292,6 +323,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
             WebSocketRoute("/v1/stream", token_stream),
         ],
         lifespan=lifespan,
+        exception_handlers={BodyUnread: body_unread},
         # CORS outermost: a browser's preflight (OPTIONS, no credentials) is answered before the guard
         middleware=[*cors_middleware(limits), Middleware(AccessGuard, service=service)],
     )

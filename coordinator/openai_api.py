@@ -229,14 +229,14 @@ def parse(body: dict, chat: bool, tokenizer, limits, model_names: list[str]) -> 
     if schema is not None and tools and tool_choice != "none":
         raise BadRequest("'response_format' and 'tools' both constrain the answer: give one", "response_format")
     if chat:
-        ids = tokenizer.encode(tokenizer.render_chat(parse_messages(body.get("messages"), tools, tool_choice)))
+        ids = tokenizer.encode_chat(parse_messages(body.get("messages"), tools, tool_choice))  # content is text, never markers
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string (or a list of one)", "prompt")
-        ids = tokenizer.encode(_text(prompt, "prompt"))
+        ids = tokenizer.encode(_text(prompt, "prompt"), special=False)  # "<|im_end|>" in a prompt is text
     max_tokens = _num(body, "max_tokens", *api.max_tokens_field(limits))
     max_tokens = _num(body, "max_completion_tokens", int, max_tokens, *api.max_tokens_field(limits)[2:])
     n = _num(body, "n", *api.N_FIELD)

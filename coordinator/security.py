@@ -7,6 +7,8 @@
 - Browser tabs (/tab..., /ws/worker) are checked against an Origin allowlist: same origin,
   loopback origins, and the `allowed_origins` setting. A request without an Origin header is
   not a browser's; it still needs the join token (checked in the state machine's hello).
+- Off loopback, /status, /openapi.json, /metrics, /dashboard* and /ws/dashboard need the API key
+  as well (`?api_key=KEY` works for the dashboard in a browser), unless `serve --public-status`.
 - Refusals are answered in one sentence (401/403, or a WebSocket close 4401/4403 with the
   reason) and counted; nothing behind the guard runs for them.
 """
@@ -18,6 +20,9 @@ import secrets
 from urllib.parse import parse_qs, urlsplit
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+# paths that show the cluster (workers, addresses, events) or its API surface: behind the API key
+# off loopback (`serve --public-status` opens them); the dashboard's pages and socket as well
+PROTECTED = {"/status", "/openapi.json", "/metrics", "/ws/dashboard"}
 
 
 def is_loopback(host: str) -> bool:
@@ -62,7 +67,10 @@ class AccessGuard:
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = getattr(self.service, "api_key", None)
-        if key and path.startswith("/v1/") and not self._key_ok(key, headers, scope):
+        # off loopback (unless --public-status), what shows the cluster or drives it needs the key too
+        guarded = path.startswith("/v1/") or (getattr(self.service, "protect_status", False) and (
+            path in PROTECTED or path.startswith("/dashboard")))
+        if key and guarded and not self._key_ok(key, headers, scope):
             self.service.refusals["api_key"] += 1
             return await self._deny(scope, receive, send, 401, 4401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                     "invalid_api_key")
@@ -78,7 +86,7 @@ class AccessGuard:
     def _key_ok(key: str, headers: dict, scope) -> bool:
         auth = headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-        if not given and scope["type"] == "websocket":
+        if not given and (scope["type"] == "websocket" or scope.get("path", "").startswith("/dashboard")):
             given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key") or [""])[0]
         return bool(given) and secrets.compare_digest(given.encode(), key.encode())
 
@@ -148,3 +156,84 @@ class Backoff:
     def snapshot(self, now: float) -> list[dict]:
         return [{"address": k, "offenses": r["offenses"], "refused_for_s": round(max(0.0, r["until"] - now), 1),
                  "reason": r["reason"]} for k, r in self.records.items() if now <= r["until"] + self.forgive_s]
+
+
+def set_frame_limit(ws, size: int) -> bool:
+    """Set the largest WebSocket message this socket may receive from now on, before any byte
+    of a bigger one is buffered (the ASGI server checks each frame's declared length). Starlette
+    hands the app uvicorn's protocol's bound `receive`; its WebSocket protocol object (the
+    websockets sans-I/O one, or the legacy one) reads the limit again at every frame. Called
+    before `accept`, so that even the first frame meets it. False when the server is another."""
+    proto = getattr(getattr(ws, "_receive", None), "__self__", None)
+    conn = getattr(proto, "conn", None)
+    if conn is not None and hasattr(conn, "max_message_size"):  # uvicorn websockets-sansio
+        conn.max_message_size = size
+        return True
+    if proto is not None and hasattr(proto, "max_size"):  # uvicorn legacy websockets
+        proto.max_size = size
+        return True
+    return False
+
+
+class AddressLimits:
+    """Per peer address: open sockets at most `max_conns`, new ones at `per_s` a second (bursts
+    of 2 s). `admit` says why a socket is refused, or None; `release` when it closes."""
+
+    def __init__(self, max_conns: int, per_s: float, max_keys: int = 10_000):
+        self.max_conns, self.per_s, self.max_keys = max_conns, per_s, max_keys
+        self.open: dict[str, int] = {}
+        self.rates: dict[str, RateLimit] = {}
+
+    def admit(self, address: str, now: float) -> str | None:
+        if self.open.get(address, 0) >= self.max_conns:
+            return f"{self.max_conns} sockets from this address are open already"
+        rate = self.rates.pop(address, None) or RateLimit(self.per_s)
+        self.rates[address] = rate  # newest last: the least recently seen go first when full
+        while len(self.rates) > self.max_keys:
+            self.rates.pop(next(iter(self.rates)))
+        if not rate.allow(now):
+            return f"more than {self.per_s:g} new sockets a second from this address"
+        self.open[address] = self.open.get(address, 0) + 1
+        return None
+
+    def release(self, address: str) -> None:
+        n = self.open.get(address, 0) - 1
+        if n > 0:
+            self.open[address] = n
+        else:
+            self.open.pop(address, None)
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for the request head: a connection that has not
+    sent a whole request line and headers within `timeout_s` of opening (or of its previous
+    response: uvicorn's own keep-alive timeout covers the idle wait) is closed. uvicorn has no
+    such timeout of its own, so 200 slowloris connections each sending a header byte now and
+    then stayed open for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timeout)
+
+        def handle_events(self):
+            super().handle_events()
+            if self.cycle is not None and self._head_timer is not None:  # a request head arrived
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def connection_lost(self, exc):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def _head_timeout(self):
+            self._head_timer = None
+            if self.cycle is None and self.transport.get_protocol() is self and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol

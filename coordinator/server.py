@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.security import RateLimit
+from coordinator.security import AddressLimits, RateLimit, set_frame_limit
 from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
 from kernels.quant import dequantize
 from kernels.reference import rmsnorm
@@ -36,6 +36,12 @@ from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
 log = logging.getLogger("tabshard.coordinator")
 
 WORKER_LIMITS = wire.Limits(max_frame_bytes=64 << 20, max_tensor_elements=16 << 20)
+# Until its hello is accepted a worker socket is anyone's: a hello is a few KiB (capabilities
+# and resume are bounded by the schema), and nothing else may come first. The frame limit is
+# lowered before the socket is accepted (security.set_frame_limit), so a 60 MB frame is refused
+# by its header, unread; a client token stream gets CLIENT_LIMITS' 1 MiB the same way.
+PRE_HELLO_LIMITS = wire.Limits(max_frame_bytes=256 << 10, max_tensor_elements=0, allowed_dtypes=frozenset(),
+                               max_list_len=1 << 14, max_str_len=64 << 10)
 TICK_S = 0.02
 
 
@@ -48,6 +54,11 @@ class ClientStream:
     prompt_tokens: int
     tokens: list = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
+
+
+def peer_address(ws) -> str:
+    client = getattr(ws, "client", None)
+    return client.host if client is not None and client.host else ""
 
 
 class CoordinatorService:
@@ -71,7 +82,12 @@ class CoordinatorService:
         self.settings = settings
         self.api_key = api_key  # never shown by any endpoint (coordinator/security.py checks it)
         self.allowed_origins = {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
-        self.refusals = {"api_key": 0, "origin": 0, "rate": 0, "overloaded": 0}
+        self.refusals = {"api_key": 0, "origin": 0, "rate": 0, "overloaded": 0, "address": 0}
+        # per peer address: open worker / client-stream sockets and how fast new ones come
+        self.address_limits = AddressLimits(settings.max_conns_per_address, settings.joins_per_address_per_s)
+        # off loopback, /status, the dashboard and /openapi.json need the API key (serve sets
+        # this unless --public-status; see security.AccessGuard)
+        self.protect_status = False
         self._outboxes: dict[str, asyncio.Queue] = {}
         self._sockets: dict[str, object] = {}
         self._conn_ids = itertools.count(1)
@@ -184,16 +200,28 @@ class CoordinatorService:
         client.queue.put_nowait(ev)
 
     # ------------------------------------------------------------------ worker sockets
+    def admit(self, ws, frame_limit: int) -> str | None:
+        """Before a worker or client-stream socket is accepted: its frame limit, and whether its
+        address may open one more (None) or why not. A refused socket costs one handshake."""
+        set_frame_limit(ws, frame_limit)
+        why = self.address_limits.admit(peer_address(ws), time.monotonic())
+        if why is not None:
+            self.refusals["address"] += 1
+        return why
+
     async def serve_worker(self, ws) -> None:
-        """ws: a starlette WebSocket, already accepted."""
+        """ws: a starlette WebSocket, already accepted (after `admit`)."""
         conn = f"c{next(self._conn_ids)}"
+        address = peer_address(ws)
         box: asyncio.Queue = asyncio.Queue()
         self._outboxes[conn] = box
         writer = asyncio.create_task(self._writer(conn, ws, box))
         reason = "closed"
         limit = RateLimit(self.settings.worker_max_msgs_per_s)
+        limits = PRE_HELLO_LIMITS
+        self.perform(self.core.on_connect(conn, address, time.monotonic()))
         try:
-            while True:
+            while conn in self._outboxes and not writer.done():
                 frame = await ws.receive()
                 if frame["type"] == "websocket.disconnect":
                     break
@@ -212,19 +240,26 @@ class CoordinatorService:
                     self.perform(self.core.on_protocol_error(conn, err, now))
                     continue
                 try:
-                    m = wire.decode(data, WORKER_LIMITS)
+                    m = wire.decode(data, limits)
                 except wire.ProtocolError as err:
                     self.perform(self.core.on_protocol_error(conn, err, now))
                     continue
                 for fn in self.message_observers:
                     fn(conn, m, now)
                 self.perform(self.core.on_message(conn, m, now))
+                if limits is PRE_HELLO_LIMITS and conn in self.core.conn_worker:  # joined: what a worker sends
+                    limits = WORKER_LIMITS
+                    set_frame_limit(ws, WORKER_LIMITS.max_frame_bytes)
         except Exception as exc:  # the socket broke: same as a close
             reason = f"error {type(exc).__name__}"
         finally:
             self.perform(self.core.on_disconnect(conn, time.monotonic(), reason))
+            if not box.empty() and not writer.done():  # a refusal's error and close reach the peer first
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(writer), 1.0)
             writer.cancel()
             self._outboxes.pop(conn, None)
+            self.address_limits.release(address)
 
     async def _writer(self, conn: str, ws, box: asyncio.Queue) -> None:
         try:

@@ -86,6 +86,8 @@ def routes(service) -> list:
 
     async def static(request: Request):
         rel = request.path_params["path"]
+        if "\x00" in rel:  # pathlib raises on a NUL ("/tab/static/%00" answered 500 with a traceback)
+            return PlainTextResponse("not found", status_code=404)
         path = (DIST / rel).resolve()
         if DIST.resolve() not in path.parents or not path.is_file():
             return PlainTextResponse(f"not found: {rel}", status_code=404)

@@ -24,6 +24,8 @@ def _serve_args(p) -> None:
     p.add_argument("--api-key", help="key API clients must send (Authorization: Bearer KEY); default $TABSHARD_API_KEY, "
                                      "else required and random (printed) on a non-loopback --host, off on loopback")
     p.add_argument("--allowed-origins", help="extra browser origins allowed to join as tabs, comma-separated")
+    p.add_argument("--public-status", action="store_true",
+                   help="off loopback, serve /status, /metrics, /openapi.json and the dashboard without the API key")
     p.add_argument("--cors-origins", help="web app origins whose browsers may call the API (CORS, preflight included), "
                                           "comma-separated; \"*\" for any")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
@@ -65,6 +67,7 @@ def cmd_serve(a) -> int:
     from coordinator.security import api_key_for
     from tabshard.errors import ConfigError
 
+    check_listen(a.host, a.port)  # before anything is loaded or printed
     if bool(a.certfile) != bool(a.keyfile):
         raise ConfigError("--certfile and --keyfile go together: give both to serve TLS")
     for f in (a.certfile, a.keyfile):
@@ -74,6 +77,9 @@ def cmd_serve(a) -> int:
     api_key, generated = api_key_for(a.host, a.api_key or os.environ.get("TABSHARD_API_KEY"))
     names = _served_names(a.served_model_name)
     service = CoordinatorService(a.model, settings, join_token=a.token, api_key=api_key, progress=_load_progress())
+    from coordinator.security import is_loopback
+
+    service.protect_status = bool(api_key) and not is_loopback(a.host) and not (a.public_status or settings.public_status)
     app = build_app(service, served_model_names=names)
     http, ws = ("https", "wss") if a.certfile else ("http", "ws")
     host = reachable_host(a.host)
@@ -92,9 +98,35 @@ def cmd_serve(a) -> int:
     if settings.cors_origins:
         print(f"  CORS origins:    {settings.cors_origins}", flush=True)
     _print_tab_qr(a.host, a.port, service.join_token, http)
+    from coordinator.security import header_timeout_protocol
+
+    # ws_max_size is the most a joined worker may send; each socket starts far lower (server.admit)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", ws_max_size=64 << 20, ws_ping_interval=None,
-                ws_per_message_deflate=False, timeout_graceful_shutdown=1, ssl_certfile=a.certfile, ssl_keyfile=a.keyfile)
+                ws_per_message_deflate=False, timeout_graceful_shutdown=1, ssl_certfile=a.certfile, ssl_keyfile=a.keyfile,
+                http=header_timeout_protocol(settings.header_timeout_s), h11_max_incomplete_event_size=64 << 10)
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """A port out of range or an address that cannot be bound is one clear line, before the
+    model loads and the banner prints (it printed the banner, then a traceback)."""
+    import socket
+
+    from tabshard.errors import ConfigError
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be 1 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} is not an address this machine can listen on: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def _served_names(given: list[str] | None) -> list[str]:
