@@ -1,6 +1,7 @@
 """The wgpu backend: a worker's layer range (and maybe the head) on the WGSL kernels, natively
-through wgpu-py. Same interface and behaviour as NumpyBackend; the browser worker runs the
-same kernels in the same order.
+through wgpu-py. Same interface and behaviour as NumpyBackend. The op order of a layer and of
+the head is not written here: this backend and the browser's (tab_worker/web/backend_webgpu.js)
+both build their launchers from one layer program (kernels/layer_program.py).
 
 Layout on the device:
 
