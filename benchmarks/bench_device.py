@@ -12,7 +12,8 @@ device machine. Figures are appended to the benchmark history (tabshard/bench_hi
 
 --variants compares matvec lane layouts side by side in one run: "wgpu" is the device's default
 (kernels.runner.matmul_tuning), "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
-before include/qmatvec_lanes.wgsl), "wgpu-sSoO" SPAN=S and OPT=O, "wgpu-unfused" the default
+before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (at most T threads per
+output, workgroups of W), "wgpu-unfused" the default
 without the fused decode kernels. --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
@@ -311,11 +312,13 @@ def variant_tuning(dev, variant: str):
         return base, {"fuse_decode": False}
     if variant == "wgpu-blocks":
         return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
-    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?", variant)
+    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO[tT]")
-    tpr = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
-    return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2)), **tpr), {}
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO[tT][wW]")
+    extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
+    if m.group(4):
+        extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))
+    return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2)), **extra), {}
 
 
 # a plain vec4 copy: what a compute shader moves through memory (the copy command may not use the SMs)
