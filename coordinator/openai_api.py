@@ -33,7 +33,7 @@ MAX_TOP_LOGPROBS = 20
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "echo": False,
            "suffix": None, "best_of": 1, "store": False, "service_tier": "auto"}
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream",
-          "stream_options", "stop", "n", "greedy", "user", "metadata", "parallel_tool_calls", *NEUTRAL}
+          "stream_options", "stop", "n", "greedy", "ignore_eos", "user", "metadata", "parallel_tool_calls", *NEUTRAL}
 FIELDS = {"chat": COMMON | {"messages", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"},
           "completion": COMMON | {"prompt", "logprobs"}}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -55,6 +55,7 @@ class Plan:
     grammar: str | None  # an llguidance grammar, or None
     tools: list = field(default_factory=list)
     tool_choice: str = "none"  # none | auto | required
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end-of-sequence token
 
 
 # ---------------------------------------------------------------------- parsing
@@ -216,6 +217,7 @@ def parse(body: dict, chat: bool, tokenizer, limits, model_names: list[str]) -> 
         if body.get(key) is not None and not isinstance(body[key], dict):
             raise BadRequest(f"'{key}' must be an object", key)
     _flag(body, "parallel_tool_calls")
+    ignore_eos = _flag(body, "ignore_eos")
     stream = _flag(body, "stream")
     opts = body.get("stream_options")
     if opts is not None:
@@ -254,7 +256,7 @@ def parse(body: dict, chat: bool, tokenizer, limits, model_names: list[str]) -> 
         except structured.GrammarError as exc:
             raise BadRequest(str(exc), "response_format" if schema is not None else "tools") from None
     return Plan(chat, model or model_names[0], ids, max_tokens, params, stream, include_usage, _stops(body),
-                _logprobs(body, chat), grammar, tools, tool_choice)
+                _logprobs(body, chat), grammar, tools, tool_choice, ignore_eos)
 
 
 # ---------------------------------------------------------------------- one choice
@@ -451,7 +453,8 @@ class Run:
             grammar = structured.Grammar(self.service.tokenizer, plan.grammar) if plan.grammar else None
             chooser = FullVocabChooser(plan.params[i], plan.logprobs, grammar)
         c.rid, c.client = self.service.open_request(plan.prompt_ids, plan.max_tokens, plan.params[i], chooser=chooser,
-                                                    share_prefix=len(self.choices) > 1 and i == 0)
+                                                    share_prefix=len(self.choices) > 1 and i == 0,
+                                                    stop_at_eos=not plan.ignore_eos)
 
     async def _pump(self, i: int) -> None:
         c = self.choices[i]

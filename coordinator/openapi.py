@@ -87,6 +87,8 @@ def _generation_fields(limits, model_ids: list, chat: bool) -> dict:
         "user": {"type": ["string", "null"], "description": "an end-user id: accepted, not stored"},
         "metadata": {"type": ["object", "null"], "description": "accepted, not stored"},
         "parallel_tool_calls": {"type": ["boolean", "null"], "description": "at most one call is made either way"},
+        "ignore_eos": {"type": ["boolean", "null"], "description": "vLLM's extension: go on past the end-of-sequence "
+                                                                  "token up to max_tokens"},
         **{k: _neutral(v) for k, v in oa.NEUTRAL.items()},
     }
     if chat:
