@@ -51,6 +51,7 @@ def cmd_generate(a) -> int:
         raise TabshardError(f"--max-tokens must be at least 1, got {a.max_tokens}")
     params = _sampling_from_args(a)
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if not a.quiet else (lambda line: None)
+    say(f"opening {a.model or 'the default model (SmolLM2-135M-Instruct)'}")
     model = open_model(a.model)
     tok = GGUFTokenizer(model)
     text = tok.render_chat([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt

@@ -159,7 +159,7 @@ def _load_progress():
             bar = "#" * (pct // 5) + "." * (20 - pct // 5)
             end = "\n" if done >= total else ""
             print(f"\r  loading the model: [{bar}] {pct:3d}%  {what:<24}", end=end, flush=True)
-        elif pct >= state["said"] + 25 or done >= total:
+        elif state["said"] < 0 or pct >= state["said"] + 25 or done >= total:  # the first line at once
             state["said"] = pct - pct % 25
             print(f"  loading the model: {pct:3d}%  {what}", flush=True)
 
