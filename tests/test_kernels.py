@@ -390,6 +390,8 @@ def test_kernels_run_under_webgpu_default_limits(rng):
     assert small.device.limits["max-compute-invocations-per-workgroup"] == 256
     _quant_linear(small, rng, QuantSpec(4, 32, False), n=37, k=70, rows=2, matvec_max_rows=8)
     _quant_linear(small, rng, QuantSpec(3, 64, True), n=37, k=70, rows=67, matvec_max_rows=0)
+    for name in ("gpu", "gpu-span2-opt4"):  # the GPU lane layouts, 8 batch rows, norm folded in
+        _fused_linear(small, rng, QuantSpec(3, 64, True), n=45, k=576, rows=8, tuning=TUNINGS[name], prologue="norm")
     got, want, *_ = _attention_case(small, rng, 3, 1, 64, 300, [(0, 290, 3, 290)])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
     logits = randn(rng, 2, 3000)
