@@ -1010,7 +1010,7 @@ class Coordinator:
         if not np.all(np.isfinite(out_rows)):
             return self.on_protocol_error(w.conn, ProtocolError("bad_field", "step_result output holds NaN or inf", "output"), now)
         if st.include_head and any(i.draft for i in items):
-            m = self._split_draft_rows(items, m)  # one row per item stays in m; the drafts' rows go aside
+            m = self._split_draft_rows(st, items, m)  # one row per item stays in m; the drafts' rows go aside
             if m is None:
                 err = ProtocolError("bad_field", f"head stage must return topk_ids, {sum(i.head_rows for i in items)} rows", "topk_ids")
                 return self.on_protocol_error(w.conn, err, now)
@@ -1498,12 +1498,24 @@ class Coordinator:
         ids = [token] + (draft.tokens if draft else [])
         self._enqueue(0, WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
 
-    def _split_draft_rows(self, items: list[WorkItem], m: dict) -> dict | None:
+    def _split_draft_rows(self, st: Stage, items: list[WorkItem], m: dict) -> dict | None:
         """A head step_result with several rows per speculative item: a copy of `m` with one row
         (the item's last) per item, as for plain steps, and the speculative items' rows under
         "_draft_rows" (item index -> (ids, logits)); None when the rows do not add up."""
-        ids, logits = m.get("topk_ids"), m.get("topk_logits")
         need = [it.head_rows for it in items]
+        if (st.inflight or {}).get("full_logits") and getattr(self, "head_logits", None) is not None:
+            # the head sent hidden rows (a session in the step needed the whole vocabulary):
+            # every verified row's candidates are made here from them
+            from kernels.reference import topk
+            from tabshard.sampling import CANDIDATES
+
+            ends = np.cumsum([len(it.rows) for it in items])
+            rows = np.concatenate([np.arange(e - n, e) for n, e in zip(need, ends)])
+            if m["output"].shape[0] != ends[-1]:
+                return None
+            ids, logits = topk(self.head_logits(m["output"][rows]), CANDIDATES)
+            m = {**m, "topk_ids": ids, "topk_logits": logits}
+        ids, logits = m.get("topk_ids"), m.get("topk_logits")
         if (ids is None or logits is None or ids.ndim != 2 or ids.shape[0] != sum(need) or logits.shape != ids.shape
                 or (ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab))):
             return None
