@@ -22,6 +22,8 @@ import numpy as np
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", default="artifacts/q22/cache")
+    p.add_argument("--model", default=None, help="source model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--texts", default=None, help="token ids saved by quant-report --save-texts")
     p.add_argument("--layers", default="4,15,26")
     p.add_argument("--formats", default="s3g64,s2g32")
     p.add_argument("--damps", default="0.001,0.01,0.1")
@@ -37,9 +39,8 @@ def main(argv=None) -> int:
     from tabshard.tokenizer import GGUFTokenizer
 
     C.limit_blas_threads(1)
-    model = open_model(None)
-    tok = GGUFTokenizer(model)
-    mixed = T.build(tok, heldout=(), cache_dir=a.cache)
+    model = open_model(a.model)
+    mixed = T.MixedText.load(a.texts) if a.texts else T.build(GGUFTokenizer(model), heldout=(), cache_dir=a.cache)
     cal = C.Calibrator(model.load_all(), mixed.calib_ids, cache_dir=a.cache, rotation=a.rotate)
     held, _ = C.hessians(cal.dense, mixed.sens_ids)
     layers = [int(x) for x in a.layers.split(",")]

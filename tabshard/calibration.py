@@ -1,16 +1,11 @@
 """Calibration and evaluation for quantization: a numpy forward over whole windows that can tap
 the inputs of every linear layer, the Hessians X^T X GPTQ needs, perplexity and greedy agreement.
 
-Texts (disjoint by construction):
-
-* evaluation: Python's own documentation, ``pydoc_data.topics.topics`` (every topic, in the
-  module's order, joined by blank lines), tokenized; the FIRST ``eval_tokens`` tokens (8192 by
-  default), scored in non-overlapping 512-token windows. ``quant-report --text PATH`` replaces
-  it with any UTF-8 file.
-* calibration: the LAST ``calib_tokens`` tokens (4096 by default) of that same tokenized text.
-  The text is ~113k tokens long, so the two slices never meet (``split_ids`` checks); the
-  calibration slice covers topics that start late in the alphabet of topic names, the
-  evaluation slice topics that start early.
+Texts: tabshard/calibration_text.py builds them (issue 22): calibration from a mix of domains
+(Python docs, stdlib docstrings, changelogs), mixed precision scored on a slice of those
+domains held out from the Hessians, and evaluation on other domains (licenses, man pages,
+READMEs) whose text never reaches calibration, reported per domain. ``split_ids`` (head and
+tail of the Python docs) remains for callers that want one text.
 
 Perplexity is exp(mean negative log-likelihood) of every token of a window given the window's
 tokens before it (the first token of each window is context only).
@@ -18,16 +13,19 @@ tokens before it (the first token of each window is context only).
 Quantization pipeline (``Calibrator``): one pass of the source model over the calibration
 tokens collects X^T X at each linear layer's input (GPTQ's Hessian; its diagonal is the
 importance matrix); every (tensor, method, format) is then quantized independently and cached,
-so any mixed plan is assembled without re-running anything.
+so any mixed plan is assembled without re-running anything. ``assemble(plan, sequential=True)``
+re-runs GPTQ for the chosen plan layer after layer on the quantized layers' outputs.
+``Calibrator(rotation=seed)`` does all of it in a rotated residual basis (tabshard/rotation.py).
 
 Sensitivity and mixed precision: a tensor's cost is estimated as alpha * proxy, where the proxy
 is its relative output error on calibration activations, tr(dW H dW^T) / tr(W H W^T), and alpha
 (per tensor type and probe format) converts proxy into measured loss: quantize ONE type in
 every layer at the probe, keep the rest source, measure the increase in NLL per token on
-calibration text, divide by the type's summed proxies (``Costs``). Measured probes: 2-bit
-(s2g32) and 3-bit (s3g64) GPTQ for the linears, s4g32 for the embedding — 15 short forwards.
-``coordinator/precision.py`` then picks the formats (a multiple-choice knapsack). The report
-prints each mixed plan's predicted delta NLL beside its measured perplexity: the validation.
+held-out calibration-domain text, divide by the type's summed proxies (``Costs``). Measured
+probes: 2-bit (s2g32) and 3-bit (s3g64) GPTQ for the linears, s4g32 for the embedding — 15
+short forwards. ``coordinator/precision.py`` then picks the formats (a multiple-choice
+knapsack). The report prints each mixed plan's predicted delta NLL beside its measured
+perplexity: the validation.
 
 The forward here is the same math as tab_worker/numpy_backend.py (kernels/reference.py's twins)
 without a KV cache: whole windows at once, which is what calibration and scoring need.
@@ -307,8 +305,8 @@ class Calibrator:
         per_layer, head = hessians(self.dense, self.calib_ids, self.window)
         if p:
             arrays = {f"{i}|{t}": h[t] for i, h in enumerate(per_layer) for t in TAPS}
-            np.savez(p + ".part.npz", head=head, **arrays)
-            os.replace(p + ".part.npz", p)
+            np.savez(f"{p}.{os.getpid()}.part.npz", head=head, **arrays)
+            os.replace(f"{p}.{os.getpid()}.part.npz", p)
         return per_layer, head
 
     @property
@@ -427,12 +425,12 @@ class Calibrator:
             return None
 
     def _disk_save(self, name, choice, t, spent):
+        import os
+
         p = self._disk_path(name, choice)
         if p:
-            np.savez(p + ".part.npz", n=t.n, k=t.k, q=t.qweight, s=t.scales, sec=spent)
-            import os
-
-            os.replace(p + ".part.npz", p)
+            np.savez(f"{p}.{os.getpid()}.part.npz", n=t.n, k=t.k, q=t.qweight, s=t.scales, sec=spent)
+            os.replace(f"{p}.{os.getpid()}.part.npz", p)
 
     def proxy(self, name: str, choice: str) -> float:
         """Cheap cost of one tensor's quantization: its relative output error on calibration
@@ -548,8 +546,8 @@ class Calibrator:
         arrays = {"names": np.array(list(out)), "sec": sec}
         for n, t in out.items():
             arrays.update({f"{n}|spec": t.spec.name, f"{n}|n": t.n, f"{n}|k": t.k, f"{n}|q": t.qweight, f"{n}|s": t.scales})
-        np.savez(p + ".part.npz", **arrays)
-        os.replace(p + ".part.npz", p)
+        np.savez(f"{p}.{os.getpid()}.part.npz", **arrays)
+        os.replace(f"{p}.{os.getpid()}.part.npz", p)
 
     # ---------------------------------------------------------------- plans to models
 

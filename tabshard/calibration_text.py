@@ -215,6 +215,27 @@ class MixedText:
     def sens_ids(self) -> list[int]:
         return [t for d in self.sens for t in self.sens[d]]
 
+    def save(self, path: str) -> None:
+        """The token ids and notes as JSON: another machine (other docs installed, another
+        Python) evaluates on exactly these tokens with ``load``."""
+        with open(path, "w") as f:
+            json.dump({"seed": self.seed, "calib": self.calib, "sens": self.sens, "eval": self.eval, "notes": self.notes}, f)
+
+    @staticmethod
+    def load(path: str) -> "MixedText":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            m = MixedText(calib=d["calib"], sens=d["sens"], eval=d["eval"], notes=list(d["notes"]), seed=int(d["seed"]))
+            for part in (m.calib, m.sens, m.eval):
+                for name, ids in part.items():
+                    if not all(isinstance(t, int) and t >= 0 for t in ids):
+                        raise ValueError(f"{name}: token ids must be non-negative integers")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read calibration texts from {path}: {exc}") from None
+        m.notes.append(f"token ids loaded from {path}")
+        return m
+
     def describe(self) -> str:
         cal = ", ".join(f"{d} {len(v)}" for d, v in self.calib.items())
         ev = ", ".join(f"{d} {len(v)}" for d, v in self.eval.items())

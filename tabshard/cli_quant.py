@@ -253,6 +253,13 @@ def _mixed_text(a, tok):
     from tabshard import calibration_text as T
 
     try:
+        if a.texts:
+            m = T.MixedText.load(a.texts)
+            if not hasattr(a, "eval_domains"):
+                m.eval = {}
+            elif a.eval_domains is not None:
+                m.eval = {d: v for d, v in m.eval.items() if d in _domains(a.eval_domains, ())}
+            return m
         return T.build(tok, calib_tokens=a.calib_tokens, sens_tokens=a.sens_tokens,
                        eval_tokens=getattr(a, "tokens", 2048), seed=a.seed,
                        calibration=_domains(a.calib_domains, T.CALIBRATION_DOMAINS),
@@ -285,6 +292,8 @@ def cmd_quant_report(a) -> int:
         parse_scheme(s)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if (a.json or a.verbose) else (lambda m: None)
     log(mixed.describe())
+    if a.save_texts:
+        mixed.save(a.save_texts)
     rows = run_report(weights, eval_sets, mixed.calib_ids, [tok.encode(p) for p in PROMPTS], schemes,
                       sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache)
     if a.plot:
@@ -362,6 +371,7 @@ def add_commands(sub) -> None:
         p.add_argument("--sens-tokens", type=int, default=768, help="calibration-domain tokens held out from the Hessians that score mixed precision")
         p.add_argument("--calib-domains", metavar="A,B,...", help="calibration domains (default: python-docs,docstrings,changelogs; see tabshard/calibration_text.py)")
         p.add_argument("--seed", type=int, default=22, help="the calibration recipe's seed (which documents, in what order)")
+        p.add_argument("--texts", metavar="FILE.json", help="token ids saved by quant-report --save-texts (instead of building them here)")
         p.add_argument("--cache", metavar="DIR", help="keep token ids and quantized tensors here, keyed by model and calibration text, to reuse across runs")
         p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: OpenBLAS busy-waits on a shared host; 0 leaves it)")
 
@@ -382,6 +392,7 @@ def add_commands(sub) -> None:
     common(r)
     r.add_argument("--eval-domains", metavar="A,B,...", help="held-out evaluation domains (default: licenses,man-pages,readmes)")
     r.add_argument("--text", metavar="PATH", help="also evaluate on this UTF-8 file")
+    r.add_argument("--save-texts", metavar="FILE.json", help="save the calibration and evaluation token ids (for --texts on another machine)")
     r.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per domain (512-token windows)")
     r.add_argument("--scheme", action="append", help="a scheme to report (repeatable; default: the full table)")
     r.add_argument("--quick", action="store_true", help="only the recommended scheme of each class (source, 4-bit, <=4.0, <=3.0, <=2.5 bpw)")
