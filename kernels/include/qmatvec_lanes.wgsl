@@ -118,6 +118,25 @@ fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale
       }
     }
   }
+  if (ROWS == 1u && OPT > 1u) {
+    // one row: the OPT outputs' sums are one vec4 per thread, reduced together
+    partial[t] = vec4<f32>(a0.x, a1.x, a2.x, a3.x);
+    sum_partials(t, lane, TPR);
+    if (lane == 0u) {
+      for (var o = 0u; o < OPT; o++) {
+        let n = n0 + o;
+        if (n < p.n) {
+          let i = m0 * p.y_stride + p.y_col + n;
+          var previous = 0.0;
+          if (p.accumulate != 0u) {
+            previous = y[i];
+          }
+          y[i] = previous + partial[t][o] * scale_lo.x;
+        }
+      }
+    }
+    return;
+  }
   lanes_store(t, lane, n0, m0, a0, h0, scale_lo, scale_hi);
   if (OPT > 1u) {
     lanes_store(t, lane, n0 + 1u, m0, a1, h1, scale_lo, scale_hi);
