@@ -110,3 +110,14 @@ def test_mixed_text_holds_its_evaluation_domains_out(smollm2_tokenizer, tmp_path
 def test_render_man():
     page = '.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n.B ls\nlists \\fIfiles\\fR.\n.PP\nSee \\(em more.'
     assert T.render_man(page) == "NAME\nls - list directory contents\n\nDESCRIPTION\nls\nlists files.\n\nSee — more."
+
+
+def test_texts_travel_as_token_ids(tmp_path):
+    m = T.MixedText(calib={"a": [1, 2]}, sens={"a": [3]}, eval={"b": [4, 5]}, notes=["a: 1 documents"], seed=3)
+    m.save(str(tmp_path / "t.json"))
+    got = T.MixedText.load(str(tmp_path / "t.json"))
+    assert (got.calib, got.sens, got.eval, got.seed) == (m.calib, m.sens, m.eval, 3) and got.calib_ids == [1, 2]
+    (tmp_path / "bad.json").write_text('{"seed": 1, "calib": {"a": [-1]}, "sens": {}, "eval": {}, "notes": []}')
+    for bad in ("bad.json", "missing.json"):
+        with pytest.raises(ValueError, match="cannot read calibration texts"):
+            T.MixedText.load(str(tmp_path / bad))
