@@ -334,6 +334,8 @@ def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = Fa
             parameters=[token]),
         "/tab/static/{path}": get("The tab page's static files", "tabs", {"200": {"description": "the file"}, "404": not_found},
                                   parameters=[path_param("path", "a file of tab_worker/web/dist", ["page.js"])]),
+        "/kernels/layer_program.json": get("The op order of a layer that both tab backends run", "tabs", {
+            "200": _json({"type": "object"}, "kernels/layer_program.py's program")}),
         "/kernels/{name}.wgsl": get("A WGSL kernel the tabs run", "tabs", {
             "200": _text("text/plain; charset=utf-8", "the shader source"), "404": _text("text/plain", "no such kernel")},
             parameters=[path_param("name", "a kernel name (letters, digits, _)",

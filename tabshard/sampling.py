@@ -119,9 +119,10 @@ class TokenLogprob:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    m = z.max()
-    return z - (m + np.log(np.exp(z - m).sum()))
+    """log p over the whole vocabulary; the normaliser summed in float64 (49,152 terms)."""
+    z = np.asarray(logits, np.float32)
+    m = float(z.max())
+    return z.astype(np.float64) - (m + np.log(np.exp(z - m, dtype=np.float32).sum(dtype=np.float64)))
 
 
 class FullVocabChooser:
@@ -155,5 +156,6 @@ class FullVocabChooser:
             return token, None
         lp = log_softmax(logits)
         n = self.top_logprobs
-        best = np.argsort(-lp, kind="stable")[:n] if n else np.zeros(0, np.int64)
+        best = np.argpartition(-lp, n - 1)[:n] if n else np.zeros(0, np.int64)  # the n best, then only they are sorted
+        best = best[np.lexsort((best, -lp[best]))]  # best first, ties to the lower id
         return token, TokenLogprob(token, float(lp[token]), tuple((int(i), float(lp[i])) for i in best))
