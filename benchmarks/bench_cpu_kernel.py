@@ -1,16 +1,20 @@
-"""The numpy backend's compiled few-row matmul against BLAS, side by side in one run.
+"""The CPU backend's packed-weight kernel against f32 BLAS, side by side in one run.
 
-One 8-layer SmolLM2-135M stage of f32 weights in their [out, in] layout (fused q/k/v 960x576,
-o 576x576, fused gate/up 3072x576, down 576x1536: 113 MB, the bytes a decode step streams),
-timed for batches of M rows:
+An 8-layer SmolLM2-135M stage in the real GGUF's format (a4g32, i.e. Q4_1: fused q/k/v 960x576,
+o 576x576, fused gate/up 3072x576, down 576x1536), timed for batches of M rows:
 
-* kernel: tab_worker.cpu_kernels.kernel_rows_matmul (each path this CPU has: avx2, avx512);
-* blas:   x @ W.T, what NumpyBackend runs without the kernel (and for M > MAX_KERNEL_ROWS).
+* kernel ISA:   tab_worker.cpu_kernels.kernel_matmul on the packed words (each compiled path
+                this CPU has: scalar, avx2, avx512);
+* deq+blas:     what the CPU backend runs for chunks over MAX_KERNEL_ROWS: a block of rows
+                dequantized by the kernel library, then x @ W.T (PackedMatrix._blas);
+* f32 blas:     x @ W.T over f32 weights dequantized once at load: the old numpy backend, which
+                held an f32 copy of every matrix (~7x the packed bytes).
 
-Medians of --repeats passes, each on fresh inputs; ms per stage and GB/s of weights read.
-The figures are appended to the benchmark history unless --no-history.
+Rounds alternate the paths (each round times every path once on fresh inputs) so they see the
+same host load; the figures are medians over rounds. ms per stage and GB/s of the bytes each
+path streams. Appended to the benchmark history unless --no-history.
 
-    .venv/bin/python benchmarks/bench_cpu_kernel.py [--rows 1,2,4,8,16,32,64] [--repeats 7]
+    .venv/bin/python benchmarks/bench_cpu_kernel.py [--rows 1,4,8,16,32,64,128] [--rounds 7]
 """
 from __future__ import annotations
 
@@ -26,56 +30,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from kernels.quant import QuantSpec, dequantize, quantize_rtn  # noqa: E402
 from tab_worker import cpu_kernels  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 LAYERS = 8
 
 
-def stage_ms(weights, rows: int, matmul, repeats: int, rng) -> float:
-    times = []
-    for _ in range(repeats):
-        x576 = rng.standard_normal((rows, 576)).astype(np.float32)
-        x1536 = rng.standard_normal((rows, 1536)).astype(np.float32)
-        t = time.perf_counter()
-        for layer in weights:
-            for w in layer:
-                matmul(x1536 if w.shape[1] == 1536 else x576, w)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rows", default="1,4,8,16,32,64,128")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--spec", default="a4g32")
     ap.add_argument("--no-history", action="store_true")
     a = ap.parse_args()
     status = cpu_kernels.status()
-    print(f"rows kernel: {status['rows_kernel'] or 'none'} ({status['reason'] or 'built'}); used for steps of <= {status['max_rows']} rows")
+    print(f"CPU backend: {cpu_kernels.describe()}")
     rng = np.random.default_rng(0)
-    weights = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(LAYERS)]
-    gbytes = sum(w.nbytes for layer in weights for w in layer) / 1e9
-    paths = {f"kernel {isa}": (lambda x, w, isa=isa: cpu_kernels.kernel_rows_matmul(x, w, isa)) for isa in cpu_kernels.kernel_isas()}
-    paths["blas x @ W.T"] = lambda x, w: x @ w.T
-    print(f"{LAYERS}-layer stage, {gbytes * 1000:.0f} MB of f32 weights; ms per stage (GB/s of weights), median of {a.repeats}")
-    print(f"{'rows':>5} " + " ".join(f"{name:>22}" for name in paths) + "   blas / best kernel")
+    spec = QuantSpec.parse(a.spec)
+    packed = [quantize_rtn(rng.standard_normal(s).astype(np.float32) * 0.05, spec) for _ in range(a.layers) for s in SHAPES]
+    mats = [cpu_kernels.PackedMatrix([t]) for t in packed]
+    dense = [dequantize(t) for t in packed]
+    pbytes, fbytes = sum(t.nbytes for t in packed) / 1e9, sum(w.nbytes for w in dense) / 1e9
+
+    def run(fn, rows):
+        xs = {k: rng.standard_normal((rows, k)).astype(np.float32) for k in (576, 1536)}
+        t = time.perf_counter()
+        for i in range(len(packed)):
+            fn(i, xs[packed[i].k])
+        return (time.perf_counter() - t) * 1000
+
+    paths = {f"kernel {isa}": (lambda i, x, isa=isa: cpu_kernels.kernel_matmul(x, packed[i], isa), pbytes)
+             for isa in cpu_kernels.kernel_isas() if isa != "scalar"}
+    paths["deq+blas"] = (lambda i, x: mats[i]._blas(x), pbytes)
+    paths["f32 blas"] = (lambda i, x: x @ dense[i].T, fbytes)
+    best = f"kernel {status['kernel']}"
+    print(f"{a.layers}-layer {spec.name} stage: {pbytes * 1000:.0f} MB packed, {fbytes * 1000:.0f} MB as f32; "
+          f"ms per stage (GB/s streamed), median of {a.rounds} alternating rounds")
+    print(f"{'rows':>5} " + " ".join(f"{name:>20}" for name in paths) + f"   f32 blas / {best}   deq+blas / {best}")
     figures = []
     for rows in [int(r) for r in a.rows.split(",")]:
-        ms = {name: stage_ms(weights, rows, fn, a.repeats, rng) for name, fn in paths.items()}
-        kernels = [v for k, v in ms.items() if k.startswith("kernel")]
-        ratio = ms["blas x @ W.T"] / min(kernels) if kernels else float("nan")
-        print(f"{rows:>5} " + " ".join(f"{v:>12.2f} ({gbytes / v * 1000:5.1f})" for v in ms.values()) + f"   {ratio:.2f}x", flush=True)
-        figures += [(f"cpu_kernel.stage_ms.{name.split()[0]}_{rows}_rows", v) for name, v in ms.items()
-                    if name in ("blas x @ W.T", f"kernel {status['rows_kernel']}")]
+        times = {name: [] for name in paths}
+        for _ in range(a.rounds):
+            for name, (fn, _) in paths.items():
+                times[name].append(run(fn, rows))
+        ms = {name: statistics.median(v) for name, v in times.items()}
+        cols = " ".join(f"{ms[n]:>11.2f} ({paths[n][1] / ms[n] * 1000:5.1f})" for n in paths)
+        k = ms.get(best, float("nan"))
+        print(f"{rows:>5} {cols}   {ms['f32 blas'] / k:>13.2f}x   {ms['deq+blas'] / k:>13.2f}x", flush=True)
+        figures += [(f"cpu_kernel.packed_stage_ms.{name.split()[0].replace('+', '_')}_{rows}_rows", v)
+                    for name, v in ms.items() if name in (best, "deq+blas", "f32 blas")]
     if not a.no_history:
         from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
 
         h = History(DEFAULT_DB)
         try:
-            run = h.start_run(machine(adapter=False), suite="bench_cpu_kernel")
+            run_ = h.start_run(machine(adapter=False), suite="bench_cpu_kernel")
             for metric, v in figures:
-                h.add(run, Figure.of(metric, [v], "ms", "lower"))
+                h.add(run_, Figure.of(metric, [v], "ms", "lower"))
         finally:
             h.close()
         print(f"history: {len(figures)} figures appended to {DEFAULT_DB}")

@@ -40,9 +40,11 @@
 
 typedef struct {
   const uint32_t *q, *s;  // code words [n, wpr], scale words [n, spr]
-  size_t n, k_pad, wpr, spr;
+  size_t n, k_pad, wpr, spr, pf_rows;
   int bits, group, sym;
 } Mat;
+
+#define PF_BYTES 4096
 
 INLINE Mat mat_of(const uint32_t *q, const uint32_t *s, size_t n, size_t k, int bits, int group, int sym) {
   Mat w;
@@ -51,6 +53,7 @@ INLINE Mat mat_of(const uint32_t *q, const uint32_t *s, size_t n, size_t k, int 
   w.wpr = w.k_pad / 32 * bits;
   const size_t groups = w.k_pad / group;
   w.spr = sym ? (groups + 1) / 2 : groups;
+  w.pf_rows = PF_BYTES / (4 * w.wpr) < 8 ? 8 : PF_BYTES / (4 * w.wpr);
   return w;
 }
 
@@ -159,6 +162,19 @@ static const int32_t SHIFT[9][16] = {
     [8] = {0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24, 0, 8, 16, 24},
 };
 
+// While a tile computes block b of its rows, it prefetches block b of the rows pf_rows further
+// on (PF_BYTES of code words ahead; the scale words once per cache line). Measured on the
+// 2-core EPYC, 66 MB of a4g32 weights, CPU time of one pass: the AVX-512 path streamed 2.7 GB/s
+// without it and 9.8 GB/s with it (its masked loads do not train the hardware prefetcher);
+// the AVX2 path, 7.2 GB/s, is unchanged. Prefetches never fault past the matrix's end.
+#define PREFETCH_AHEAD(w, row, b)                                                                  \
+  do {                                                                                             \
+    const char *pq_ = (const char *)((w)->q + ((row) + (w)->pf_rows) * (w)->wpr + (b) * (w)->bits); \
+    _mm_prefetch(pq_, _MM_HINT_T0);                                                                \
+    if ((w)->bits == 8) _mm_prefetch(pq_ + 31, _MM_HINT_T0);                                       \
+    if (((b) & 15) == 0) _mm_prefetch((const char *)((w)->s + ((row) + (w)->pf_rows) * (w)->spr + (b)), _MM_HINT_T0); \
+  } while (0)
+
 // ---- AVX2: a 16-lane value is two __m256 (lanes 0-7, 8-15)
 typedef struct { __m256 lo, hi; } V2;
 typedef struct { __m256i idx[2][2], sh[2], hsh[2][2], mask; } Unpack2;
@@ -230,6 +246,7 @@ T_AVX2 INLINE void scale2(const Mat *w, const uint32_t *srow, size_t g, float *s
         float s_, m_;                                                                                  \
         scale2(w, w->s + (o0 + c) * w->spr, g, &s_, &m_);                                              \
         sc[c] = _mm256_set1_ps(s_), mn[c] = _mm256_set1_ps(m_);                                        \
+        PREFETCH_AHEAD(w, o0 + c, b);                                                                  \
       }                                                                                                \
       for (int h = 0; h < 2; h++) {                                                                    \
         V2 wt[NG];                                                                                     \
@@ -344,6 +361,7 @@ T_AVX512 INLINE __m512 codes5(const uint32_t *wb, const int bits, int h, const U
         float s_, m_;                                                                                  \
         scale2(w, w->s + (o0 + c) * w->spr, g, &s_, &m_);                                              \
         sc[c] = _mm512_set1_ps(s_), mn[c] = _mm512_set1_ps(m_);                                        \
+        PREFETCH_AHEAD(w, o0 + c, b);                                                                  \
       }                                                                                                \
       for (int h = 0; h < 2; h++) {                                                                    \
         __m512 wt[NG];                                                                                 \
