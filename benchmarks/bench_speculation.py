@@ -12,8 +12,9 @@ same prompts, the same cluster, in alternating rounds, at simulated per-hop late
   with nothing to look up. Greedy; each prompt's tokens must be identical with and without
   speculation (checked: a mismatch is reported and fails the run).
 * Figures: decode tok/s (tokens after the first / time from the first to the last) summed over
-  the prompts of a set, per round; the ratio on/off of each round; the median over rounds. Also
-  the acceptance rate and tokens per trip. Appended to the benchmark history (--no-history: not).
+  the prompts of a set, per round, the two arms paired prompt by prompt (alternating which goes
+  first); the ratio on/off of each round; the median over rounds. Also the acceptance rate and
+  tokens per trip (speculation on). Appended to the benchmark history (--no-history: not).
 """
 from __future__ import annotations
 
@@ -125,40 +126,40 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
                 raise RuntimeError(f"cluster of {n_workers} not ready: {json.dumps(st)[:1500]}")
             await asyncio.sleep(0.2)
         tok = service.tokenizer
-        encoded = {name: [tok.encode_chat([{"role": "user", "content": p}]) for p in ps] for name, ps in prompts.items()}
+        encoded = {name: [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in ps] for name, ps in prompts.items()}
         await generate(service, encoded["free"][0], 8)  # warm-up
-        arms = {"off": lambda: Speculator("off", max_k), "on": lambda: Speculator("prompt-lookup", max_k)}
         result = {"workers": n_workers, "stages": len(service.core.stages), "hops": {}}
         for hop in hops:
             service.hop_ms = hop
-            per = {name: {"off": [], "on": []} for name in encoded}
-            spec_stats = {name: [] for name in encoded}
+            # arms paired prompt by prompt (off then on, then on then off for the next): on a
+            # shared 2-vCPU host the load moves over seconds, and a pair sees the same load
+            per = {name: {"off": [], "on": []} for name in encoded}  # per round: (tokens, seconds, outputs)
+            spec = {name: Speculator("prompt-lookup", max_k) for name in encoded}  # stats per prompt set
             mismatches = []
             for r in range(rounds):
-                for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    for name, ids_list in encoded.items():
-                        service.core.speculation = arms[arm]()
-                        n_tok, secs, outs = 0, 0.0, []
-                        for ids in ids_list:
+                for name, ids_list in encoded.items():
+                    acc = {"off": [0, 0.0, []], "on": [0, 0.0, []]}
+                    for i, ids in enumerate(ids_list):
+                        for arm in (("off", "on") if (i + r) % 2 == 0 else ("on", "off")):
+                            service.core.speculation = spec[name] if arm == "on" else Speculator("off", max_k)
                             tokens, t = await generate(service, ids, max_tokens)
-                            outs.append(tokens)
-                            n_tok += len(tokens) - 1
-                            secs += t
-                        per[name][arm].append((n_tok / secs if secs else 0.0, outs))
-                        if arm == "on":
-                            spec_stats[name].append(service.core.speculation.status())
+                            acc[arm][0] += len(tokens) - 1
+                            acc[arm][1] += t
+                            acc[arm][2].append(tokens)
+                    for arm in acc:
+                        per[name][arm].append(acc[arm])
             for name in encoded:
-                off = [x for x, _ in per[name]["off"]]
-                on = [x for x, _ in per[name]["on"]]
-                same = all(a == b for (_, oa), (_, ob) in zip(per[name]["off"], per[name]["on"]) for a, b in zip(oa, ob))
+                off = [n / t for n, t, _ in per[name]["off"]]
+                on = [n / t for n, t, _ in per[name]["on"]]
+                same = all(a[2] == b[2] for a, b in zip(per[name]["off"], per[name]["on"]))
                 if not same:
                     mismatches.append(name)
-                last = spec_stats[name][-1]
+                st = spec[name].status()
                 result["hops"].setdefault(str(hop), {})[name] = {
                     "off_tok_s": statistics.median(off), "on_tok_s": statistics.median(on),
                     "ratio": statistics.median(b / a for a, b in zip(off, on)), "ratio_rounds": [b / a for a, b in zip(off, on)],
-                    "tokens_identical": same, "acceptance_rate": last["acceptance_rate"],
-                    "tokens_per_trip": last["tokens_per_trip"], "tokens": sum(len(t) for t in per[name]["on"][0][1])}
+                    "tokens_identical": same, "acceptance_rate": st["acceptance_rate"], "tokens_per_trip": st["tokens_per_trip"],
+                    "tokens": sum(len(t) for t in per[name]["on"][0][2])}
                 h = result["hops"][str(hop)][name]
                 print(f"  {n_workers} worker(s), hop {hop:g} ms, {name:8s}: off {h['off_tok_s']:6.2f} tok/s | on {h['on_tok_s']:6.2f} tok/s | "
                       f"ratio {h['ratio']:.2f} (rounds {', '.join(f'{x:.2f}' for x in h['ratio_rounds'])}) | "
@@ -198,6 +199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round, 32 tokens, 4 grounded and 2 free prompts")
     ap.add_argument("--workers", default="4,1", help="cluster sizes, comma-separated (default 4,1)")
     ap.add_argument("--hops", default="0,5,20", help="simulated per-hop latencies in ms (default 0,5,20)")
+    ap.add_argument("--hops-1", default=None, help="latencies for the 1-worker cluster (default: --hops)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating off/on rounds (default 3; --quick 1)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per prompt (default 64; --quick 32)")
     ap.add_argument("--max-k", type=int, default=6)
@@ -214,7 +216,8 @@ def main() -> None:
     for n in (int(x) for x in a.workers.split(",")):
         print(f"cluster of {n} worker(s): {rounds} rounds, {max_tokens} tokens a prompt, "
               f"{len(prompts['grounded'])} grounded + {len(prompts['free'])} free prompts, max k {a.max_k}", flush=True)
-        results.append(asyncio.run(run_cluster(n, hops, rounds, max_tokens, a.max_k, prompts)))
+        hop_list = [float(x) for x in a.hops_1.split(",")] if n == 1 and a.hops_1 else hops
+        results.append(asyncio.run(run_cluster(n, hop_list, rounds, max_tokens, a.max_k, prompts)))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     if not a.no_history:
