@@ -228,6 +228,7 @@ def _schemas(limits, model_ids: list) -> dict:
             "properties": {"model": {"type": "object"}, "plan_version": {"type": "integer"}, "degraded": {"type": "boolean"},
                            "stages": {"type": "array"}, "workers": {"type": "array"}, "sessions": {"type": "array"},
                            "counters": {"type": "object"}, "events": {"type": "array"},
+                           "speculation": {"type": ["object", "null"], "description": "speculative decoding in all: mode, max_k, trips, drafted, accepted, tokens, rollbacks, acceptance_rate, tokens_per_trip (each session carries its own)"},
                            "access": {"type": "object", "required": ["api_key_required", "join_token_required", "allowed_origins"],
                                       "properties": {"api_key_required": {"type": "boolean"},
                                                      "join_token_required": {"type": "boolean"},
@@ -239,7 +240,7 @@ def _schemas(limits, model_ids: list) -> dict:
             "properties": {"t": {"type": "number"}, "model": {"type": "object"}, "plan_version": {"type": "integer"},
                            "degraded": {"type": "boolean"}, "workers": {"type": "array"}, "stages": {"type": "array"},
                            "sessions": {"type": "array"}, "counters": {"type": "object"}, "timeline": {"type": "array"},
-                           "series": {"type": "object"}},
+                           "series": {"type": "object"}, "speculation": {"type": ["object", "null"], "description": "speculative decoding in all: mode, max_k, trips, drafted, accepted, tokens, rollbacks, acceptance_rate, tokens_per_trip (each session carries its own)"}},
         },
         "CompatMatrix": {"type": "object", "required": ["rows"], "properties": {"rows": {"type": "array"}}},
     }
