@@ -96,6 +96,9 @@ def test_logprobs_are_exact_log_softmax_over_the_vocabulary(client, smollm2_weig
     best = np.argsort(-lp)[:20]
     assert [t.bytes for t in first.top_logprobs[:5]] == [token_bytes(smollm2_tokenizer, int(i)) for i in best[:5]]
     np.testing.assert_allclose([t.logprob for t in first.top_logprobs], lp[best], atol=2e-3)
+    streamed = [lp for c in chat(client, max_tokens=3, temperature=0, logprobs=True, top_logprobs=20, stream=True)
+                if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in r.choices[0].logprobs.content]
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=5)
     lps = text.choices[0].logprobs
     assert len(lps.tokens) == len(lps.token_logprobs) == len(lps.top_logprobs) == 3
@@ -189,3 +192,22 @@ def test_every_parameter_is_honoured_or_refused_by_name(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, max_tokens=2, extra_body=extra)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_choice_holds_back_what_may_start_a_stop_and_rewinds_only_what_was_sent(smollm2_tokenizer):
+    """The stop/rewind logic alone (no server): events in, what the client gets out."""
+    from coordinator.openai_api import Choice
+
+    c = Choice(0, ["END", "\n\n"], smollm2_tokenizer, eos_id=2)
+    tok = lambda i, text: c.feed({"type": "token", "index": i, "token_id": 100 + i, "text": text})  # noqa: E731
+    assert tok(0, "one E")["text"] == "one "  # "E" may begin "END": held
+    assert tok(1, "N")["text"] == ""  # "EN" still may
+    out = c.feed({"type": "rewind", "index": 1, "retract_chars": 1, "reason": "liar"})
+    assert out["retract"] == 0 and c.text == "one E"  # only held text was withdrawn: the client hears nothing
+    assert tok(1, "ND two")["text"] == "" and c.finish_reason == "stop" and c.text == "one "  # the stop is cut, never sent
+    c = Choice(0, ["\n\n"], smollm2_tokenizer, eos_id=2)
+    assert tok(0, "a\n")["text"] == "a"
+    out = c.feed({"type": "rewind", "index": 0, "retract_chars": 2, "reason": "liar"})
+    assert out["retract"] == 1 and c.sent == 0  # "a" had been sent: the client drops one character
+    assert tok(0, "b")["text"] == "b"
+    assert c.feed({"type": "done", "finish_reason": "length"})["text"] == "" and c.finish_reason == "length"
