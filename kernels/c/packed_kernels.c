@@ -16,8 +16,10 @@
 // bytes and the code unpacking, not by the multiply-adds, and f32 keeps the logits within
 // 1e-5 of the numpy reference so greedy tokens equal Hugging Face's fixtures.
 //
-// Determinism: every output is 16 accumulator lanes (input j of a 32-block goes to lane j % 16),
-// fma for each weight and each product, the blocks in order, then one fixed reduction tree
+// Determinism: every output is 16 accumulator lanes (lane t takes inputs 16h + t of a 32-block,
+// h = 0 then 1; for 4 bits inputs 2t + h, the nibble order of the block's bytes, so one byte
+// unpack gives a whole vector), fma for each weight and each product, the blocks in order,
+// then one fixed reduction tree
 // (lanes j + 8, then j + 4, j + 2, j + 1). The scalar, AVX2 and AVX-512 paths do exactly
 // these operations, so they give the same bits, and a row's result never depends on which
 // other rows share the call (batch invariance: concurrency never changes a greedy token).
@@ -95,6 +97,9 @@ INLINE uint32_t code_at(const uint32_t *wb, int bits, int i) {
   return (wb[(i * bits) >> 5] >> ((i * bits) & 31)) & ((1u << bits) - 1u);
 }
 
+// the input of a 32-block that lane t of half h takes (see Determinism above)
+INLINE int lane_input(int bits, int h, int t) { return bits == 4 ? 2 * t + h : 16 * h + t; }
+
 // the reduction tree every path uses: lanes j + 8, j + 4, j + 2, j + 1
 INLINE float reduce16(const float *a) {
   float t8[8], t4[4], t2[2];
@@ -115,10 +120,11 @@ static void matmul_scalar(const Mat *w, const float *x, size_t m, size_t ldx, fl
         float sc, mn;
         group_scale(w, srow, b * 32 / w->group, &sc, &mn);
         const uint32_t *wb = qrow + b * w->bits;
-        for (int i = 0; i < 32; i++) {
-          const float wt = fmaf((float)code_at(wb, w->bits, i), sc, mn);
-          acc[i & 15] = fmaf(wt, xr[b * 32 + i], acc[i & 15]);
-        }
+        for (int h = 0; h < 2; h++)
+          for (int t = 0; t < 16; t++) {
+            const int i = lane_input(w->bits, h, t);
+            acc[t] = fmaf(fmaf((float)code_at(wb, w->bits, i), sc, mn), xr[b * 32 + i], acc[t]);
+          }
       }
       const float s = reduce16(acc);
       float *dst = y + r * ldy + o;
@@ -194,6 +200,18 @@ T_AVX2 INLINE Unpack2 unpack2_init(int bits) {
 
 // the 16 codes of half h of the block at wb, as f32
 T_AVX2 INLINE V2 codes2(const uint32_t *wb, const int bits, int h, const Unpack2 *u) {
+  if (bits == 8 || bits == 4) {  // one byte per lane: zero-extend, then (4 bits) the nibble of half h
+    const uint8_t *bytes = (const uint8_t *)wb + (bits == 8 ? 16 * h : 0);
+    __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+    __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + 8)));
+    if (bits == 4) {
+      const __m256i nib = _mm256_set1_epi32(15);
+      c0 = h ? _mm256_srli_epi32(c0, 4) : _mm256_and_si256(c0, nib);
+      c1 = h ? _mm256_srli_epi32(c1, 4) : _mm256_and_si256(c1, nib);
+    }
+    V2 v = {_mm256_cvtepi32_ps(c0), _mm256_cvtepi32_ps(c1)};
+    return v;
+  }
   // a block has bits <= 8 words: one 256-bit load (masked for fewer, so no read past a row)
   __m256i words;
   if (bits == 8) words = _mm256_loadu_si256((const __m256i *)wb);
@@ -209,6 +227,22 @@ T_AVX2 INLINE V2 codes2(const uint32_t *wb, const int bits, int h, const Unpack2
     }
   }
   V2 v = {_mm256_cvtepi32_ps(c[0]), _mm256_cvtepi32_ps(c[1])};
+  return v;
+}
+
+// the activations lane-matched to codes2 (4 bits: the even inputs for h = 0, the odd for h = 1)
+T_AVX2 INLINE V2 xs2(const float *xb, const int bits, int h) {
+  if (bits != 4) {
+    V2 v = {_mm256_loadu_ps(xb + 16 * h), _mm256_loadu_ps(xb + 16 * h + 8)};
+    return v;
+  }
+  V2 v;
+  for (int p = 0; p < 2; p++) {
+    const __m256 a = _mm256_loadu_ps(xb + 16 * p), b = _mm256_loadu_ps(xb + 16 * p + 8);
+    const __m256 sh = h ? _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)) : _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 r = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sh), _MM_SHUFFLE(3, 1, 2, 0)));
+    if (p) v.hi = r; else v.lo = r;
+  }
   return v;
 }
 
@@ -256,8 +290,8 @@ T_AVX2 INLINE void scale2(const Mat *w, const uint32_t *srow, size_t g, float *s
           wt[c].hi = _mm256_fmadd_ps(cd.hi, sc[c], mn[c]);                                             \
         }                                                                                              \
         for (int r = 0; r < RG; r++) {                                                                 \
-          const float *xp = x + r * ldx + b * 32 + 16 * h;                                             \
-          const __m256 xlo = _mm256_loadu_ps(xp), xhi = _mm256_loadu_ps(xp + 8);                       \
+          const V2 xv = xs2(x + r * ldx + b * 32, bits, h);                                            \
+          const __m256 xlo = xv.lo, xhi = xv.hi;                                                       \
           for (int c = 0; c < NG; c++) {                                                               \
             lo[r][c] = _mm256_fmadd_ps(wt[c].lo, xlo, lo[r][c]);                                       \
             hi[r][c] = _mm256_fmadd_ps(wt[c].hi, xhi, hi[r][c]);                                       \
@@ -313,10 +347,23 @@ T_AVX2 static void dequantize_avx2(const Mat *w, size_t r0, size_t r1, float *ou
       float s_, m_;
       scale2(w, w->s + o * w->spr, b * 32 / w->group, &s_, &m_);
       const __m256 sc = _mm256_set1_ps(s_), mn = _mm256_set1_ps(m_);
+      V2 wt[2];
       for (int h = 0; h < 2; h++) {
         const V2 cd = codes2(w->q + o * w->wpr + b * w->bits, w->bits, h, &u);
-        _mm256_storeu_ps(dst + b * 32 + 16 * h, _mm256_fmadd_ps(cd.lo, sc, mn));
-        _mm256_storeu_ps(dst + b * 32 + 16 * h + 8, _mm256_fmadd_ps(cd.hi, sc, mn));
+        wt[h].lo = _mm256_fmadd_ps(cd.lo, sc, mn), wt[h].hi = _mm256_fmadd_ps(cd.hi, sc, mn);
+      }
+      if (w->bits == 4) {  // even and odd inputs back into input order
+        for (int p = 0; p < 2; p++) {
+          const __m256 e = p ? wt[0].hi : wt[0].lo, od = p ? wt[1].hi : wt[1].lo;
+          const __m256 lo = _mm256_unpacklo_ps(e, od), hi = _mm256_unpackhi_ps(e, od);
+          _mm256_storeu_ps(dst + b * 32 + 16 * p, _mm256_permute2f128_ps(lo, hi, 0x20));
+          _mm256_storeu_ps(dst + b * 32 + 16 * p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+      } else {
+        for (int h = 0; h < 2; h++) {
+          _mm256_storeu_ps(dst + b * 32 + 16 * h, wt[h].lo);
+          _mm256_storeu_ps(dst + b * 32 + 16 * h + 8, wt[h].hi);
+        }
       }
     }
   }
@@ -338,6 +385,11 @@ T_AVX512 INLINE Unpack5 unpack5_init(int bits) {
 }
 
 T_AVX512 INLINE __m512 codes5(const uint32_t *wb, const int bits, int h, const Unpack5 *u) {
+  if (bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb + h)));
+  if (bits == 4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb));
+    return _mm512_cvtepi32_ps(h ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15)));
+  }
   const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << bits) - 1u), wb);
   __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(u->idx[h], words), u->sh), u->mask);
   if (bits == 3) {
@@ -345,6 +397,13 @@ T_AVX512 INLINE __m512 codes5(const uint32_t *wb, const int bits, int h, const U
     c = _mm512_or_si512(c, _mm512_slli_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), 2));
   }
   return _mm512_cvtepi32_ps(c);
+}
+
+T_AVX512 INLINE __m512 xs5(const float *xb, const int bits, int h) {
+  if (bits != 4) return _mm512_loadu_ps(xb + 16 * h);
+  const __m512i idx = _mm512_setr_epi32(h, 2 + h, 4 + h, 6 + h, 8 + h, 10 + h, 12 + h, 14 + h, 16 + h, 18 + h, 20 + h,
+                                        22 + h, 24 + h, 26 + h, 28 + h, 30 + h);
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
 }
 
 #define TILE5(RG, NG)                                                                                  \
@@ -368,7 +427,7 @@ T_AVX512 INLINE __m512 codes5(const uint32_t *wb, const int bits, int h, const U
         for (int c = 0; c < NG; c++)                                                                   \
           wt[c] = _mm512_fmadd_ps(codes5(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u), sc[c], mn[c]); \
         for (int r = 0; r < RG; r++) {                                                                 \
-          const __m512 xv = _mm512_loadu_ps(x + r * ldx + b * 32 + 16 * h);                            \
+          const __m512 xv = xs5(x + r * ldx + b * 32, bits, h);                                        \
           for (int c = 0; c < NG; c++) acc[r][c] = _mm512_fmadd_ps(wt[c], xv, acc[r][c]);              \
         }                                                                                              \
       }                                                                                                \
