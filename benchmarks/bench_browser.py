@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="webgpu,webgpu-fused,wasm,js",
                     help="tab engines: webgpu (fused decode kernels on a real GPU only), webgpu-fused, webgpu-unfused, wasm, js")
     ap.add_argument("--no-native", action="store_true")
+    ap.add_argument("--native", default="wgpu,wgpu-fused,numpy", help="native backends to time (numpy: the CPU packed kernel)")
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args(argv)
     start, end = map(int, a.layers.split(":"))
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     adapter = results.pop("adapter", "?")
     rows = {f"tab {k}": v for k, v in results.items()}
     if not a.no_native:
-        for backend in ("wgpu", "wgpu-fused", "numpy"):
+        for backend in [b for b in a.native.split(",") if b]:
             try:
                 rows[f"native {backend}"] = native(weights, range(start, end), x, a.tokens, backend)
             except Exception as exc:  # no Vulkan/lavapipe: report, do not die

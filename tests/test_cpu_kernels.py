@@ -142,3 +142,42 @@ def test_failed_build_takes_the_portable_path_with_the_reason(tmp_path):
     assert first.startswith("None | build failed: false failed on packed_kernels.c"), first
     assert second == str([[64.0] * 3] * 2)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+def test_the_tabs_wasm_build_of_the_same_source_reads_every_format(tmp_path):
+    """kernels/c/packed_kernels.c compiled to WASM SIMD (the tab's engine) and the tab's plain JS
+    engine, in node, on every packed format: within f32 rounding of the numpy reference (the
+    WASM build has no fused multiply-add, so not bit-equal to the native paths)."""
+    import json
+    import shutil
+
+    node = shutil.which("node")
+    dist = ROOT / "tab_worker" / "web" / "dist"
+    if node is None:
+        pytest.skip("node is not installed")
+    wasm = dist / "kernels.wasm"
+    if not wasm.exists() or wasm.stat().st_mtime < cpu_kernels.SOURCE.stat().st_mtime:
+        if not (ROOT / "node_modules" / "@msgpack" / "msgpack").exists():
+            pytest.skip("node_modules missing: run `npm ci` at the repo root")
+        subprocess.run([sys.executable, str(ROOT / "tab_worker" / "web" / "build.py"), "--require-wasm"], check=True)
+    cases, want = [], {}
+    for i, spec in enumerate(SPECS):
+        m, k, n = 1 + i % 3, 100 + 32 * (i % 5), 11
+        t = _tensor(spec, n, k, i)
+        x = np.random.default_rng(i).standard_normal((m, k)).astype(np.float32)
+        name = spec.name
+        t.qweight.astype("<u4").tofile(tmp_path / f"{name}.q")
+        t.scales.astype("<u4").tofile(tmp_path / f"{name}.s")
+        x.astype("<f4").tofile(tmp_path / f"{name}.x")
+        cases.append({"name": name, "spec": name, "n": n, "k": k, "m": m})
+        want[name] = (x.astype(np.float64) @ dequantize(t).astype(np.float64).T, k)
+    (tmp_path / "formats.json").write_text(json.dumps(cases))
+    r = subprocess.run([node, str(ROOT / "tests" / "js" / "cpu_backend_parity.mjs"), str(dist), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted((g["case"], g["engine"]) for g in got) == sorted((c["name"], e) for c in cases for e in ("wasm", "js"))
+    for g in got:
+        exact, k = want[g["case"]]
+        y = np.array(g["y"], np.float64).reshape(exact.shape)
+        assert np.abs(y - exact).max() <= 2e-6 * np.sqrt(k) * np.abs(exact).max(), (g["case"], g["engine"])
