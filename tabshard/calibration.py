@@ -449,105 +449,27 @@ class Calibrator:
     # ---------------------------------------------------------------- sequential GPTQ
 
     def sequential(self, plan: dict) -> dict:
-        """{tensor: QuantTensor} for the plan with GPTQ run layer after layer: each layer's
-        Hessians come from the calibration text passed through the already-quantized layers
-        before it (and, inside a layer, through its already-quantized matrices: q/k/v, then o,
-        then gate/up, then down), so a layer's GPTQ also compensates the error the layers
-        before it made. Embedding and head are quantized as in ``quantized``. Cached per plan
-        (memory and disk)."""
-        import time
-
-        from kernels.quant import dequantize as deq
+        """{tensor: QuantTensor} for the plan with GPTQ run layer after layer on the quantized
+        layers' outputs (tabshard/sequential_gptq.py), cached per plan in memory and on disk."""
+        from tabshard import sequential_gptq
 
         key = self.plan_key(plan)
-        if key in self._sequential:
-            return self._sequential[key]
-        loaded = self._seq_load(key)
-        if loaded is not None:
-            self._sequential[key] = loaded
-            return loaded
-        c = self.config
-        t0 = time.perf_counter()
-        out = {n: self.quantized(n, self._choice(plan, n)) for n in ([EMBEDDING] + ([HEAD] if self.rotated else []))}
-        emb = self.dense.embedding if self._choice(plan, EMBEDDING) == SOURCE else deq(out[EMBEDDING])
-        xs = [emb[w] for w in windows(self.calib_ids, self.window)]
-        for li, src in enumerate(self.dense.layers):
-            mats = dict(src.mats)
-
-            def run(group, tap_inputs):
-                h = sum((x.T @ x).astype(np.float64) for x in tap_inputs)
-                prepared = None
-                for attr in group:
-                    name = f"blk.{li}.{TYPE_OF[attr]}"
-                    choice = self._choice(plan, name)
-                    if choice == SOURCE:
-                        out[name] = self.source_tensor(name)
-                    else:
-                        if parse_choice(choice)[0] in ("gptq", "clip") and prepared is None:
-                            prepared = self._GPTQHessian.of(h, self.damp, self.act_order)
-                        out[name] = self._quantize(name, choice, mats[attr], prepared)
-                    mats[attr] = deq(out[name])
-
-            hs = [ref.rmsnorm(x, src.attn_norm, c.rms_eps) for x in xs]
-            run(("wq", "wk", "wv"), hs)
-            attn = []
-            for h in hs:
-                t = h.shape[0]
-                pos = np.arange(t)
-                q = ref.rope((h @ mats["wq"].T).reshape(t, c.n_heads, c.head_dim), pos, c.rope_base)
-                k = ref.rope((h @ mats["wk"].T).reshape(t, c.n_kv_heads, c.head_dim), pos, c.rope_base)
-                v = (h @ mats["wv"].T).reshape(t, c.n_kv_heads, c.head_dim)
-                attn.append(ref.attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0).reshape(t, -1))
-            run(("wo",), attn)
-            xs = [x + a @ mats["wo"].T for x, a in zip(xs, attn)]
-            hs = [ref.rmsnorm(x, src.ffn_norm, c.rms_eps) for x in xs]
-            run(("w_gate", "w_up"), hs)
-            gs = [ref.silu_gate(h @ mats["w_gate"].T, h @ mats["w_up"].T) for h in hs]
-            run(("w_down",), gs)
-            xs = [x + g @ mats["w_down"].T for x, g in zip(xs, gs)]
-        self.seconds[f"sequential:{key}"] = time.perf_counter() - t0
-        self._seq_save(key, out, self.seconds[f"sequential:{key}"])
-        self._sequential[key] = out
-        return out
+        if key not in self._sequential:
+            path = None if not self.cache_dir else f"{self.cache_dir}/sequential_{key}.npz"
+            out, sec = sequential_gptq.load(path) if path else (None, 0.0)
+            if out is None:
+                out, sec = sequential_gptq.run(self, plan)
+                if path:
+                    sequential_gptq.save(path, out, sec)
+            self.seconds[f"sequential:{key}"] = sec
+            self._sequential[key] = out
+        return self._sequential[key]
 
     def plan_key(self, plan: dict) -> str:
         import hashlib
         import json
 
         return hashlib.sha256(json.dumps(sorted((n, self._choice(plan, n)) for n in self.tensor_names())).encode()).hexdigest()[:16]
-
-    def _seq_path(self, key):
-        import os
-
-        return None if not self.cache_dir else os.path.join(self.cache_dir, f"sequential_{key}.npz")
-
-    def _seq_load(self, key):
-        from kernels.quant import QuantSpec, QuantTensor
-
-        p = self._seq_path(key)
-        if not p:
-            return None
-        try:
-            with np.load(p) as z:
-                names = [str(x) for x in z["names"]]
-                out = {n: QuantTensor(QuantSpec.parse(str(z[f"{n}|spec"])), int(z[f"{n}|n"]), int(z[f"{n}|k"]),
-                                      z[f"{n}|q"], z[f"{n}|s"]) for n in names}
-                self.seconds[f"sequential:{key}"] = float(z["sec"])
-                return out
-        except (OSError, KeyError, ValueError):
-            return None
-
-    def _seq_save(self, key, out, sec):
-        import os
-
-        p = self._seq_path(key)
-        if not p:
-            return
-        arrays = {"names": np.array(list(out)), "sec": sec}
-        for n, t in out.items():
-            arrays.update({f"{n}|spec": t.spec.name, f"{n}|n": t.n, f"{n}|k": t.k, f"{n}|q": t.qweight, f"{n}|s": t.scales})
-        np.savez(f"{p}.{os.getpid()}.part.npz", **arrays)
-        os.replace(f"{p}.{os.getpid()}.part.npz", p)
 
     # ---------------------------------------------------------------- plans to models
 
