@@ -8,6 +8,7 @@ import contextlib
 import time
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -113,6 +114,22 @@ class BodyUnread(Exception):
 
 async def body_unread(request: Request, exc: BodyUnread) -> JSONResponse:
     return _error("the request body did not arrive in time (body_timeout_s) or the client left", 408)
+
+
+class ModelName(Convertor):
+    """A model name in a path: any characters, slashes ("org/model") and control characters
+    included (Starlette's `path` stops at a newline, and that request would get a plain-text 404)."""
+
+    regex = "[\\s\\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model_name", ModelName())
 
 
 def cors_middleware(limits) -> list:
@@ -313,7 +330,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", text_completions, methods=["POST"]),
             Route("/v1/models", models),
-            Route("/v1/models/{model:path}", model_detail),
+            Route("/v1/models/{model:model_name}", model_detail),
             Route("/", root),
             Route("/metrics", prometheus),
             Route("/health", health),

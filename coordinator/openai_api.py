@@ -59,10 +59,16 @@ class Plan:
 
 
 # ---------------------------------------------------------------------- parsing
+def _same_kind(a, b) -> bool:
+    """JSON's kinds: 0 and 0.0 are one number, false is not a number."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return type(a) is type(b) or (number(a) and number(b))
+
+
 def _neutral(body: dict) -> None:
     for key, neutral in NEUTRAL.items():
         v = body.get(key)
-        if v is None or v == neutral or (key == "best_of" and v == body.get("n", 1)):
+        if v is None or (_same_kind(v, neutral) and v == neutral):  # 0 or 0.0 for 0, but never false for 0
             continue
         raise BadRequest(f"'{key}' = {v!r} is not supported here (only {neutral!r}, which asks for nothing)", key)
 
@@ -119,6 +125,10 @@ def parse_messages(messages, tools: list, tool_choice: str) -> list[dict]:
         role = m["role"]
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(sorted(ROLES))}", f"messages.{i}.role")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise BadRequest(f"messages[{i}].tool_calls must be a list", f"messages.{i}.tool_calls")
+        if m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+            raise BadRequest(f"messages[{i}].tool_call_id must be a string", f"messages.{i}.tool_call_id")
         content = _content(m, i)
         if role == "assistant" and m.get("tool_calls"):
             content = (content + "\n" if content else "") + _tool_calls_text(m, i)
@@ -158,6 +168,8 @@ def _tools(body: dict) -> tuple[list, str]:
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise BadRequest(f"tools[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", f"tools.{j}")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise BadRequest(f"tools[{j}].function.description must be a string", f"tools.{j}.function.description")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise BadRequest(f"tools[{j}].function.parameters must be a JSON schema object", f"tools.{j}.function.parameters")
     if choice is None:

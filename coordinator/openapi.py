@@ -107,7 +107,7 @@ def _generation_fields(limits, model_ids: list, chat: bool) -> dict:
                 "properties": {"type": {"const": "function"},
                                "function": {"type": "object", "required": ["name"],
                                             "properties": {"name": {"type": "string", "minLength": 1},
-                                                           "description": {"type": "string"},
+                                                           "description": {"type": ["string", "null"]},
                                                            "parameters": {"type": ["object", "null"]}}}}}},
             "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required", None]},
                                       {"type": "object", "required": ["type", "function"]}],

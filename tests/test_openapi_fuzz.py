@@ -9,6 +9,7 @@ schemathesis's pytest plugin (`schemathesis.pytest.from_fixture`) fails under py
 ('Function' object has no attribute '_nodeid').
 """
 import json
+import re
 from unittest.mock import MagicMock
 
 import pytest
@@ -72,7 +73,7 @@ def _http_routes(routes) -> set[tuple[str, str]]:
         if isinstance(r, Mount):
             out.add(("GET", r.path + "/{path}"))
         elif isinstance(r, Route):
-            out |= {(m, r.path.replace(":path}", "}")) for m in r.methods - {"HEAD"}}
+            out |= {(m, re.sub(r":\w+}", "}", r.path)) for m in r.methods - {"HEAD"}}  # {name:convertor} -> {name}
         else:
             raise AssertionError(f"a route of a kind this test does not know: {r!r}")
     return out
