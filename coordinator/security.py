@@ -124,9 +124,9 @@ class RateLimit:
 
 
 class Backoff:
-    """Exponential backoff per peer key (an address): each offense (a protocol violation, a
-    failed verification, a trial or step left unanswered) doubles how long that key's joins are
-    refused, from `base_s` up to `max_s`. A key with no offense for `forgive_s` after its
+    """Exponential backoff per peer key (an address): past two offenses (a protocol violation,
+    a failed verification, a trial or step left unanswered), each one doubles how long that
+    key's joins are refused, from `base_s` up to `max_s`. A key with no offense for `forgive_s` after its
     refusal ended starts over. Keyed by address, not by the name a tab gives itself, so that
     rejoining under fresh names does not reset it. Pure bookkeeping: the state machine owns it."""
 
@@ -140,7 +140,9 @@ class Backoff:
         if rec is None or now > rec["until"] + self.forgive_s:
             rec = {"offenses": 0, "until": now, "reason": reason}
         rec["offenses"] += 1
-        wait = min(self.max_s, self.base_s * 2 ** (rec["offenses"] - 1))
+        # two offenses are free (a tab with a bug, a retry after it); from the third on, joins
+        # wait, doubling each time
+        wait = 0.0 if rec["offenses"] <= 2 else min(self.max_s, self.base_s * 2 ** (rec["offenses"] - 3))
         rec["until"] = max(rec["until"], now + wait)
         rec["reason"] = reason[:200]
         self.records.pop(key, None)

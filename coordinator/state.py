@@ -187,6 +187,7 @@ class Worker:
     # learned from its measured multi-row steps; deadlines and prompt chunks use it
     row_cost: float = 1.0
     why: str | None = None  # why it ended (dead / quarantined), for /status
+    checked_left: int = 0  # after probation: this many more of its steps are all spot-checked
 
     def move(self, new: str) -> None:
         if new != self.state and new not in WORKER_TRANSITIONS[self.state]:
@@ -348,6 +349,7 @@ class Coordinator:
         # workers on trial: worker id -> {"range", "assignment_id", "ready", "check": step id or None}
         self._trials: dict[str, dict] = {}
         self._trial_assign: dict[int, str] = {}  # assignment id -> worker id, for trial ranges
+        self._synthetic: dict[int, dict] = {}  # step id -> a synthetic trial step in flight
         # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
         # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
         self.head_logits = None
@@ -994,6 +996,8 @@ class Coordinator:
         return [Send(w.conn, m)]
 
     def _on_step_result(self, w: Worker, m: dict, now: float) -> list:
+        if m["step_id"] in self._synthetic:
+            return self._on_synthetic_result(w, m, now)
         if m["step_id"] in self._checks:
             return self._on_check_result(w, m, now)
         st = next((s for s in self.stages if s.inflight and s.inflight["step_id"] == m["step_id"]), None)
@@ -1099,7 +1103,11 @@ class Coordinator:
         send only the rows since the previous one: a check costs the rows it covers, not the
         whole context again; it is dropped with the session."""
         fraction = self.settings.spot_check_fraction
-        if fraction <= 0 or w.local or (not w.probation and self._spot_rng.random() >= fraction):
+        if fraction <= 0 or w.local:
+            return []
+        if w.probation or w.checked_left > 0:  # trust not earned yet: every step is checked
+            w.checked_left = max(0, w.checked_left - 1)
+        elif self._spot_rng.random() >= fraction:
             return []
         verifier = self._verifier(st, w)
         candidates = [i for i, it in enumerate(items) if it.session_id in self.sessions
@@ -1357,6 +1365,49 @@ class Coordinator:
             return self._worker_lost(v, now, f"trial step wrong (relative error {error:.3g})", quarantine=True)
         layers = check["range"][1] - check["range"][0]
         ms = (now - check["at"]) * 1000 / max(1, layers) / max(1.0, self._rows_equiv(v, [(0, check["rows"])]))
+        return self._trial_passed(v, trial, ms, now)
+
+    def _end_probation(self, w: Worker, now: float) -> None:
+        w.probation = False
+        w.checked_left = self.settings.probation_steps  # its first steps in the plan are all checked
+        self.counters["probations_passed"] += 1
+        self.events.append({"t": now, "kind": "trusted", "worker": w.worker_id, "steps": w.proven_steps,
+                            "ms_per_layer": round(w.ms_per_layer, 3)})
+
+    def _send_synthetic(self, w: Worker, trial: dict, now: float) -> list:
+        """A trial step with no traffic to recompute: 8 rows (fixed token embeddings) through the
+        tab's trial range. It proves the tab answers, in time and in shape; its values are
+        proven by real trials and, once planned, by checking all its first steps."""
+        step_id = next(self._ids)
+        key = trial["range"]
+        rows = np.ascontiguousarray(self.embed(list(range(1, 9))), dtype=np.float32)
+        layers = key[1] - key[0]
+        cost = self._ms_per_layer(w) * layers * self._rows_equiv(w, [(0, len(rows))])
+        self._synthetic[step_id] = {"worker": w.worker_id, "at": now, "rows": len(rows), "range": key,
+                                    "deadline": now + (self.settings.trial_deadline_ms + self.settings.step_deadline_factor * cost) / 1000}
+        trial["check"] = -step_id  # busy (negative: synthetic)
+        trial["last"] = now
+        self.counters["trial_steps"] += 1
+        st = next((x for x in self.stages if (x.layer_start, x.layer_end) == key), None)
+        head = bool(st and st.include_head)
+        return [Send(w.conn, _msg("step", step_id=step_id, epoch=w.epoch, layer_start=key[0], layer_end=key[1],
+                                  sessions=[{"session_id": f"trial-{w.worker_id}", "start_pos": 0, "length": len(rows)}],
+                                  hidden=rows, want_topk=1 if head else 0))]
+
+    def _on_synthetic_result(self, w: Worker, m: dict, now: float) -> list:
+        c = self._synthetic.pop(m["step_id"])
+        trial = self._trials.get(w.worker_id)
+        if c["worker"] != w.worker_id or trial is None:
+            return []
+        trial["check"] = None
+        out = m["output"]
+        if out.ndim != 2 or out.shape[1] != self.config.hidden or not np.all(np.isfinite(out)):
+            return self._worker_lost(w, now, f"trial step answered with output of shape {tuple(out.shape)}", quarantine=True)
+        layers = c["range"][1] - c["range"][0]
+        ms = (now - c["at"]) * 1000 / max(1, layers) / self._rows_equiv(w, [(0, c["rows"])])
+        return self._trial_passed(w, trial, ms, now)
+
+    def _trial_passed(self, v: Worker, trial: dict, ms: float, now: float) -> list:
         trial["best_ms"] = ms if trial["best_ms"] is None else min(trial["best_ms"], ms)
         v.proven_steps += 1
         if v.proven_steps >= self.settings.probation_steps:
@@ -1367,14 +1418,20 @@ class Coordinator:
             self._schedule_replan(now)  # it may now take layers
         return []
 
-    def _end_probation(self, w: Worker, now: float) -> None:
-        w.probation = False
-        self.counters["probations_passed"] += 1
-        self.events.append({"t": now, "kind": "trusted", "worker": w.worker_id, "steps": w.proven_steps,
-                            "ms_per_layer": round(w.ms_per_layer, 3)})
-
     def _trial_tick(self, now: float) -> list:
         out = []
+        for step_id, c in list(self._synthetic.items()):
+            if now > c["deadline"]:
+                del self._synthetic[step_id]
+                v = self.workers.get(c["worker"])
+                if v is not None and v.alive:
+                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c['at']) * 1000:.0f} ms",
+                                             quarantine=True)
+        for wid, trial in list(self._trials.items()):
+            v = self.workers.get(wid)
+            if (v is not None and v.alive and trial["ready"] and trial["check"] is None
+                    and now - trial.get("last", 0.0) > self.settings.heartbeat_ms / 1000):
+                out += self._send_synthetic(v, trial, now)
         for step_id, c in list(self._checks.items()):
             if c.get("trial") and now > c["deadline"]:
                 del self._checks[step_id]
@@ -1383,7 +1440,7 @@ class Coordinator:
                     out += self._worker_lost(v, now, f"trial step unanswered after {(now - c['at']) * 1000:.0f} ms",
                                              quarantine=True)
         for wid, trial in list(self._trials.items()):
-            if trial["check"] is not None and trial["check"] not in self._checks:
+            if trial["check"] is not None and trial["check"] > 0 and trial["check"] not in self._checks:
                 trial["check"] = None  # its answer could not be compared (e.g. a plan changed): try another
             w = self.workers.get(wid)
             if w is not None and w.alive and not trial["ready"] and w.load_deadline is not None and now > w.load_deadline:
@@ -1651,6 +1708,8 @@ class Coordinator:
         if quarantine and w.address:
             self.backoff.offend(w.address, reason, now)
         self._trials.pop(w.worker_id, None)
+        for step_id in [k for k, c in self._synthetic.items() if c["worker"] == w.worker_id]:
+            del self._synthetic[step_id]
         for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
             del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
             self.counters["spot_checks_skipped"] += 1
