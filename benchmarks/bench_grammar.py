@@ -48,6 +48,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from coordinator import structured
+    from coordinator.server import full_head
     from kernels import reference as ref
     from kernels.quant import dequantize
     from tab_worker.backends import make_backend
@@ -94,10 +95,12 @@ def main() -> None:
 
     masks = [m for _ in range(a.repeats) for m in walk_masks()]
 
-    head = np.ascontiguousarray(dequantize(w.head.output).T)
+    head = full_head(w.head, w.config.rms_eps)  # what the coordinator runs
+    dense = np.ascontiguousarray(dequantize(w.head.output).T)  # the same head dequantized, for comparison
     row = np.random.default_rng(0).standard_normal((1, w.config.hidden)).astype(np.float32)
-    head_ms = ms(lambda: ref.rmsnorm(row, w.head.output_norm, w.config.rms_eps) @ head, a.repeats * 4)
-    logits = (ref.rmsnorm(row, w.head.output_norm, w.config.rms_eps) @ head)[0]
+    head_ms = ms(lambda: head(row), a.repeats * 4)
+    dense_ms = ms(lambda: ref.rmsnorm(row, w.head.output_norm, w.config.rms_eps) @ dense, a.repeats * 4)
+    logits = head(row)[0]
     chooser = FullVocabChooser(SamplingParams(greedy=False, seed=1), top_logprobs=5, grammar=structured.Grammar(tok, grammar))
     choose_ms = ms(lambda: chooser.choose(logits, ids[:5]), a.repeats * 4)
 
@@ -131,6 +134,7 @@ def main() -> None:
             ("llguidance: vocabulary mask, per token (median)", med(masks)),
             ("llguidance: vocabulary mask, per token (p95)", float(np.percentile(masks, 95))),
             ("coordinator head, one row over 49,152 tokens", med(head_ms)),
+            ("  the same head dequantized (f32 matmul)", med(dense_ms)),
             ("choice: mask + top-k + sample + logprobs", med(choose_ms))]
     if outlines_ms:
         rows.append(("outlines-core: index for the schema, per schema", med(outlines_ms)))
@@ -150,6 +154,7 @@ def main() -> None:
                    Figure.of("grammar.llguidance_compile_ms", compile_ms, "ms", "lower"),
                    Figure.of("grammar.llguidance_mask_ms", masks, "ms", "lower"),
                    Figure.of("grammar.head_full_vocab_ms", head_ms, "ms", "lower"),
+                   Figure.of("grammar.head_dequantized_ms", dense_ms, "ms", "lower"),
                    Figure.of("grammar.choice_ms", choose_ms, "ms", "lower"),
                    Figure.of("grammar.mask_over_decode", [mask_ratio], "x", "lower"),
                    Figure.of("grammar.head_choice_over_decode", [full_ratio], "x", "lower")]
