@@ -335,3 +335,21 @@ def test_real_model_greedy_tokens_identical_with_prompt_lookup(smollm2_weights, 
     assert net.tokens("r") == reference_of(smollm2_weights, ids, n)
     t = net.core.speculation.totals
     assert t["accepted"] / t["drafted"] > 0.5 and t["tokens"] / t["trips"] > 2
+
+
+def test_draft_model_from_settings_drafts_for_the_served_model(weights, reference, tmp_path):
+    """speculation = "draft-model" with a model file (here the tiny model as a .tsq): the
+    coordinator loads it and its drafts, the served model's own, are all kept."""
+    from coordinator.config import load_settings
+    from tabshard import qmodel
+
+    path = tmp_path / "draft.tsq"
+    qmodel.write(path, weights, {})
+    s = load_settings(None, {"speculation": "draft-model", "draft_model": str(path), "speculation_max_k": 3, "max_ctx": 256})
+    net = start_net(weights, 2, speculation=s.speculation, draft_model=s.draft_model, speculation_max_k=s.speculation_max_k)
+    assert isinstance(net.core.speculation.source, DraftModel)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    t = net.core.speculation.totals
+    assert t["accepted"] == t["drafted"] > 0 and t["tokens"] / t["trips"] == pytest.approx(4, abs=0.5)
