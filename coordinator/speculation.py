@@ -177,6 +177,8 @@ class AdaptiveK:
         self.tokens += tokens
 
     def to_dict(self) -> dict:
+        """/status: k now; over the trips that carried drafts, the share of drafts kept and the
+        tokens each trip decided (trips without drafts decide one token each)."""
         return {"k": self.k(), "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
                 "tokens_per_trip": round(self.tokens / self.trips, 3) if self.trips else None,
                 "trips": self.trips, "drafted": self.drafted, "accepted": self.accepted}
