@@ -1,8 +1,9 @@
 """The seed's "7B model in tabs of 4 GB" made real: a synthetic Llama with LLaMA-7B dimensions
 (hidden 4096, 32 layers, FFN 11008, 32 heads, vocab 32000), 3-bit (s3g64) weights generated on
-the fly, spread over 8 lean simulated tabs each capped at 1 GiB of weights; greedy tokens
-compared with a single-process numpy run of the same weights. Not CI: minutes on 2 cores
-(every token dequantizes ~2.7 GB of codes); tests/test_synthetic_tabs.py is its CI twin.
+the fly, spread over 8 simulated tabs each capped at 1 GiB of weights; greedy tokens compared
+with a single-process run of the same weights in the same CPU backend. Not CI: minutes on 2
+cores (every token streams ~2.7 GB of packed codes through the packed-weight kernel);
+tests/test_synthetic_tabs.py is its CI twin.
 
     python benchmarks/bench_7b.py [--tokens 3] [--tabs 8] [--tab-gb 1] [--model synthetic:llama-7b]
                                   [--skip-reference]

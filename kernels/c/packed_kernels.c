@@ -59,17 +59,15 @@ INLINE Mat mat_of(const uint32_t *q, const uint32_t *s, size_t n, size_t k, int 
   return w;
 }
 
-// IEEE half to float, exact for every input (subnormals, inf, NaN).
+// IEEE half to float, exact for every input: exponent and mantissa moved to f32's places and
+// rebiased by a multiply by 2^112 (exact, subnormals included), inf and NaN patched; no branch.
 INLINE float f16_to_f32(uint32_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  union { uint32_t u; float f; } v;
-  if (e == 0) {
-    v.f = (float)man * 5.9604644775390625e-8f;  // man * 2^-24, exact
-    v.u |= sign;
-  } else {
-    v.u = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112) << 23) | (man << 13));
-  }
-  return v.f;
+  union { uint32_t u; float f; } v, mag;
+  v.u = (h & 0x7fffu) << 13;
+  mag.f = v.f * 5.192296858534828e+33f;  // 2^112
+  mag.u |= ((h & 0x7c00u) == 0x7c00u) ? 0x7f800000u : 0u;
+  mag.u |= (h & 0x8000u) << 16;
+  return mag.f;
 }
 
 // (scale, min) of group g of one row: w = scale * code + min; symmetric formats store only the
@@ -533,60 +531,106 @@ void pk_dequantize(int isa, const uint32_t *q, const uint32_t *s, size_t n, size
 
 // ------------------------------------------------------------------ WebAssembly SIMD (the tab)
 #if defined(__wasm__)
-// 4 lanes at a time: the 4 codes of lanes j..j+3 sit in one word for 2/4/8 bits (and in one
-// low-plane word for 3 bits), so splat the word, mask each lane's field in place and convert:
-// (code << shift) is exact in f32 and scaling by 2^-shift is exact too.
-INLINE v128_t codes4(const uint32_t *wb, int bits, int i0) {
-  if (bits == 3) {
-    const int sh = 2 * (i0 & 15);
-    v128_t lo = wasm_v128_and(wasm_u32x4_splat(wb[i0 >> 4] >> sh), wasm_u32x4_make(3, 3 << 2, 3 << 4, 3 << 6));
-    v128_t hi = wasm_v128_and(wasm_u32x4_splat(wb[2] >> i0), wasm_u32x4_make(1, 2, 4, 8));
-    return wasm_f32x4_add(wasm_f32x4_mul(wasm_f32x4_convert_u32x4(lo), wasm_f32x4_make(1.f, 0.25f, 0.0625f, 0.015625f)),
-                          wasm_f32x4_mul(wasm_f32x4_convert_u32x4(hi), wasm_f32x4_make(4.f, 2.f, 1.f, 0.5f)));
-  }
-  const int sh = (i0 * bits) & 31;
-  const uint32_t m = (1u << bits) - 1u;
-  const v128_t word = wasm_u32x4_splat(wb[(i0 * bits) >> 5] >> sh);
-  const v128_t mask = wasm_u32x4_make(m, m << bits, m << 2 * bits, m << 3 * bits);
-  const float s1 = 1.0f / (float)(1 << bits), s2 = s1 * s1, s3 = s2 * s1;
-  return wasm_f32x4_mul(wasm_f32x4_convert_u32x4(wasm_v128_and(word, mask)), wasm_f32x4_make(1.f, s1, s2, s3));
-}
+// 4 lanes at a time. The codes of lanes j..j+3 sit in one word (2/4/8 bits; for 3 bits one
+// low-plane word and the high-bit word): splat the word once, mask each lane's field where it
+// lies and convert: lane l holds code << shift(l), exact in f32, and the shifts of a vector
+// depend only on its place p in the word, so a block's products with x are summed per p and
+// scaled by 2^-shift (exact) once per block, then by the group's scale; the min term is
+// min * (the block's sum of x, computed once per call). Per 4 weights and row: a mask, a
+// convert (shared by the rows), a multiply and an add. Without fused multiply-add or variable
+// shifts in WASM SIMD this is what measured fastest in headless Chromium (bench_wasm_ab.py).
+#define WASM_ROWS 4
+#define WASM_MAX_BLOCKS 4096  // k up to 131072
+static float xsum_buf[WASM_ROWS * WASM_MAX_BLOCKS];
 
-INLINE float reduce16_wasm(v128_t a0, v128_t a1, v128_t a2, v128_t a3) {  // lanes j + 8, j + 4, j + 2, j + 1
-  const v128_t t = wasm_f32x4_add(wasm_f32x4_add(a0, a2), wasm_f32x4_add(a1, a3));
+INLINE float hsum4_wasm(v128_t t) {
   return (wasm_f32x4_extract_lane(t, 0) + wasm_f32x4_extract_lane(t, 2)) +
          (wasm_f32x4_extract_lane(t, 1) + wasm_f32x4_extract_lane(t, 3));
 }
 
-#define WASM_ROWS 4
-INLINE void matmul_wasm_bits(const Mat *w, const int bits, const float *x, int m, int ldx, float *y, int ldy,
-                             int accumulate) {
+// 2^-(shift of lane l) for place p of a word (3 bits: p 0-3 the low plane, 4-7 the high bit)
+INLINE v128_t lane_scale(int bits, int p) {
+  if (bits == 3) {
+    const float b = p < 4 ? 1.0f / (float)(1u << (8 * p)) : 4.0f / (float)(1u << (4 * (p - 4)));
+    return p < 4 ? wasm_f32x4_make(b, b / 4, b / 16, b / 64) : wasm_f32x4_make(b, b / 2, b / 4, b / 8);
+  }
+  const float b = 1.0f / (float)(1u << (4 * bits * p)) , s = 1.0f / (float)(1u << bits);
+  return wasm_f32x4_make(b, b * s, b * s * s, b * s * s * s);
+}
+
+INLINE v128_t field_mask(int bits, int p) {
+  if (bits == 3) return p < 4 ? wasm_u32x4_make(3u << 8 * p, 3u << (8 * p + 2), 3u << (8 * p + 4), 3u << (8 * p + 6))
+                              : wasm_u32x4_make(1u << 4 * (p - 4), 2u << 4 * (p - 4), 4u << 4 * (p - 4), 8u << 4 * (p - 4));
+  const uint32_t m = (1u << bits) - 1u, sh = 4 * bits * p;
+  return wasm_u32x4_make(m << sh, m << (sh + bits), m << (sh + 2 * bits), m << (sh + 3 * bits));
+}
+
+// rows [r0, r0 + RG) of x (RG a constant, so every per-row value stays in a local, not in memory)
+INLINE void rows_wasm(const Mat *w, const int bits, const int RG, const float *x, int r0, int ldx, float *y, int ldy,
+                      int accumulate) {
   const size_t blocks = w->k_pad / 32;
-  for (int r0 = 0; r0 < m; r0 += WASM_ROWS) {
-    const int rg = m - r0 < WASM_ROWS ? m - r0 : WASM_ROWS;
+  const int places = bits == 3 ? 8 : 8 / bits;  // vectors per word (3 bits: 4 low-plane + 4 high-bit per half)
+  v128_t ls[8], fm[8];
+  for (int p = 0; p < places; p++) ls[p] = lane_scale(bits, p), fm[p] = field_mask(bits, p);
+  {
+    const int rg = RG;
+    for (int r = 0; r < rg; r++)
+      for (size_t b = 0; b < blocks; b++) {
+        const float *xb = x + (size_t)(r0 + r) * ldx + b * 32;
+        v128_t t = wasm_v128_load(xb);
+        for (int i = 4; i < 32; i += 4) t = wasm_f32x4_add(t, wasm_v128_load(xb + i));
+        xsum_buf[r * blocks + b] = hsum4_wasm(t);
+      }
     for (size_t o = 0; o < w->n; o++) {
       const uint32_t *qrow = w->q + o * w->wpr, *srow = w->s + o * w->spr;
-      v128_t acc[WASM_ROWS][4];
-      for (int r = 0; r < WASM_ROWS; r++)
-        for (int l = 0; l < 4; l++) acc[r][l] = wasm_f32x4_splat(0.f);
+      v128_t acc[WASM_ROWS];
+      float macc[WASM_ROWS];
+      for (int r = 0; r < rg; r++) acc[r] = wasm_f32x4_splat(0.f), macc[r] = 0.f;
       for (size_t b = 0; b < blocks; b++) {
         float sc_, mn_;
         group_scale(w, srow, b * 32 / w->group, &sc_, &mn_);
-        const v128_t sc = wasm_f32x4_splat(sc_), mn = wasm_f32x4_splat(mn_);
         const uint32_t *wb = qrow + b * bits;
+        v128_t d[WASM_ROWS][8];
+        for (int r = 0; r < rg; r++)
+          for (int p = 0; p < places; p++) d[r][p] = wasm_f32x4_splat(0.f);
         for (int i = 0; i < 32; i += 4) {
-          const v128_t wt = wasm_f32x4_add(wasm_f32x4_mul(codes4(wb, bits, i), sc), mn);
+          // the word holding inputs i..i+3 and their place in it
+          const int p = bits == 3 ? ((i & 15) >> 2) : ((i * bits) & 31) / (4 * bits);
+          const v128_t word = wasm_u32x4_splat(bits == 3 ? wb[i >> 4] : wb[(i * bits) >> 5]);
+          const v128_t lo = wasm_f32x4_convert_u32x4(wasm_v128_and(word, fm[p]));
+          v128_t hi = lo;
+          if (bits == 3) hi = wasm_f32x4_convert_u32x4(wasm_v128_and(wasm_u32x4_splat(wb[2] >> (i & 16)), fm[4 + p]));
           for (int r = 0; r < rg; r++) {
             const v128_t xv = wasm_v128_load(x + (size_t)(r0 + r) * ldx + b * 32 + i);
-            acc[r][(i & 15) >> 2] = wasm_f32x4_add(acc[r][(i & 15) >> 2], wasm_f32x4_mul(wt, xv));
+            d[r][p] = wasm_f32x4_add(d[r][p], wasm_f32x4_mul(lo, xv));
+            if (bits == 3) d[r][4 + p] = wasm_f32x4_add(d[r][4 + p], wasm_f32x4_mul(hi, xv));
           }
+        }
+        const v128_t sc = wasm_f32x4_splat(sc_);
+        for (int r = 0; r < rg; r++) {
+          v128_t t = wasm_f32x4_mul(d[r][0], ls[0]);
+          for (int p = 1; p < places; p++) t = wasm_f32x4_add(t, wasm_f32x4_mul(d[r][p], ls[p]));
+          acc[r] = wasm_f32x4_add(acc[r], wasm_f32x4_mul(t, sc));
+          macc[r] += mn_ * xsum_buf[r * blocks + b];
         }
       }
       for (int r = 0; r < rg; r++) {
-        const float s = reduce16_wasm(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        const float s = hsum4_wasm(acc[r]) + macc[r];
         float *dst = y + (size_t)(r0 + r) * ldy + o;
         *dst = accumulate ? *dst + s : s;
       }
+    }
+  }
+}
+
+INLINE void matmul_wasm_bits(const Mat *w, const int bits, const float *x, int m, int ldx, float *y, int ldy,
+                             int accumulate) {
+  for (int r0 = 0; r0 < m; r0 += WASM_ROWS) {
+    switch (m - r0 < WASM_ROWS ? m - r0 : WASM_ROWS) {
+      case 1: rows_wasm(w, bits, 1, x, r0, ldx, y, ldy, accumulate); break;
+      case 2: rows_wasm(w, bits, 2, x, r0, ldx, y, ldy, accumulate); break;
+      case 3: rows_wasm(w, bits, 3, x, r0, ldx, y, ldy, accumulate); break;
+      default: rows_wasm(w, bits, 4, x, r0, ldx, y, ldy, accumulate); break;
     }
   }
 }
