@@ -74,7 +74,9 @@ class AccessGuard:
             self.service.refusals["api_key"] += 1
             return await self._deny(scope, receive, send, 401, 4401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                     "invalid_api_key")
-        if path == "/ws/worker" or path == "/tab" or path.startswith("/tab/"):
+        # browser pages that may open these: the tab's, and (for the dashboard's socket, which
+        # streams the cluster's state) no page of a foreign origin either
+        if path in ("/ws/worker", "/ws/dashboard") or path == "/tab" or path.startswith("/tab/"):
             extra = set(getattr(self.service, "allowed_origins", ()) or ())
             if not origin_allowed(headers.get("origin"), headers.get("host"), extra):
                 self.service.refusals["origin"] += 1
