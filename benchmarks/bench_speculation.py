@@ -179,7 +179,7 @@ def record(results: list[dict]) -> None:
     figures = []
     for res in results:
         for hop, sets in res["hops"].items():
-            for name in ("grounded", "free"):
+            for name in [k for k in ("grounded", "free") if k in sets]:
                 h = sets[name]
                 tag = f"speculation.{name}.w{res['workers']}.hop{hop}ms"
                 figures += [Figure.of(f"{tag}.ratio_on_over_off", h["ratio_rounds"], "×", "higher"),
@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="alternating off/on rounds (default 3; --quick 1)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per prompt (default 64; --quick 32)")
     ap.add_argument("--max-k", type=int, default=6)
+    ap.add_argument("--sets", default="grounded,free", help="prompt sets to run (default grounded,free)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     a = ap.parse_args()
@@ -211,11 +212,12 @@ def main() -> None:
     prompts = {"grounded": grounded_prompts(), "free": FREE}
     if a.quick:
         prompts = {"grounded": prompts["grounded"][::3], "free": FREE[:2]}
+    prompts = {name: prompts[name] for name in a.sets.split(",")}
     hops = [float(x) for x in a.hops.split(",")]
     results = []
     for n in (int(x) for x in a.workers.split(",")):
         print(f"cluster of {n} worker(s): {rounds} rounds, {max_tokens} tokens a prompt, "
-              f"{len(prompts['grounded'])} grounded + {len(prompts['free'])} free prompts, max k {a.max_k}", flush=True)
+              f"{' + '.join(f'{len(v)} {k}' for k, v in prompts.items())} prompts, max k {a.max_k}", flush=True)
         hop_list = [float(x) for x in a.hops_1.split(",")] if n == 1 and a.hops_1 else hops
         results.append(asyncio.run(run_cluster(n, hop_list, rounds, max_tokens, a.max_k, prompts)))
     if a.json:
