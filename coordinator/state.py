@@ -897,7 +897,8 @@ class Coordinator:
             if checks:
                 s.finish_pending = reason
                 return checks
-        if self._holding_finishes or any(c["worker"] in s.touched for c in self._checks.values()):
+        # (a trial check tests the tab on trial, not the worker it copies: it holds nothing back)
+        if self._holding_finishes or any(c["worker"] in s.touched and not c.get("trial") for c in self._checks.values()):
             s.finish_pending = reason
             return []
         s.finish_pending = None

@@ -561,6 +561,32 @@ class HostileCluster(RuleBasedStateMachine):
                 assert last["code"] and len(last["message"]) > 10, last  # a clear error
 
 
+def test_a_tab_on_trial_holds_no_request_back(references):
+    """A request's "done" waits for pending spot checks of the workers that computed for it; a
+    trial check (a tarpit on trial recomputing a trusted step) must not be one of those: every
+    request waited for the tarpit's trial deadline (bench_hostile: p99 2.9x alone)."""
+    from coordinator.state import CoordinatorSettings
+    from tests.harness import Net
+
+    net = Net(_tiny(), CoordinatorSettings(max_ctx=256, probation_steps=3, trial_deadline_ms=5000), local=True)
+    conn = net.add_worker()
+    net.run()
+    net.advance(0.3)
+    net.submit("warm", PROMPTS[0], 6)  # the first tab earns trust
+    net.advance(1.0)
+    assert not net.core.workers[net.core.conn_worker[conn]].probation
+    pit = TarpitTab("tarpit", backend="numpy")
+    net.workers["pit"] = pit
+    net.to_coordinator("pit", pit.hello())
+    net.run()
+    net.advance(0.6)  # calibrated, its trial range loaded
+    assert net.core.status(net.now)["workers"][-1]["trial"] is not None
+    net.submit("r", PROMPTS[0], 6)
+    net.advance(0.05)  # answers come at once on this fake clock: done, not held for the trial
+    assert net.done("r") and net.tokens("r") == references[0]
+    assert net.core.counters["trial_steps"] >= 1
+
+
 def test_hostile_mix_state_machine(references):
     HostileCluster.refs = references
     run = hsettings(max_examples=8, stateful_step_count=10, deadline=None, derandomize=True,
