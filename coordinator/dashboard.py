@@ -256,6 +256,9 @@ def routes(service) -> list:
         return JSONResponse(await asyncio.to_thread(_compat))
 
     async def socket(ws: WebSocket):
+        from coordinator.security import set_frame_limit
+
+        set_frame_limit(ws, 4096)  # the page sends nothing: no 64 MiB frame is buffered for it either
         await ws.accept()
         changed = feed.waiter()
         receiver = asyncio.create_task(ws.receive())  # the page sends nothing; this sees it leave
