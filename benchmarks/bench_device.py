@@ -13,7 +13,7 @@ device machine. Figures are appended to the benchmark history (tabshard/bench_hi
 --variants compares matvec lane layouts side by side in one run: "wgpu" is the device's default
 (kernels.runner.matmul_tuning), "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
 before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (at most T threads per
-output, workgroups of W), "wgpu-unfused" the default
+output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels. --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
@@ -312,6 +312,9 @@ def variant_tuning(dev, variant: str):
         return base, {"fuse_decode": False}
     if variant == "wgpu-blocks":
         return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
+    m = re.fullmatch(r"wgpu-mm(\d+)", variant)
+    if m:  # qmatmul (tiled) above this many rows
+        return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
         raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO[tT][wW]")
