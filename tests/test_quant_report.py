@@ -146,6 +146,10 @@ def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     assert list(out["rows"][0]["perplexity"]) == [f"text:{text}"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["quant-report", *args, "--quick", "--scheme", "source"]) == 2
+    assert main(["quant-report", *args, "--quick", "--text", str(text), "--tokens", "200", "--eval-domains", "", "--json"]) == 0
+    from tabshard.cli_quant import QUICK
+
+    assert [r["scheme"] for r in json.loads(capsys.readouterr().out)["rows"]] == list(QUICK.values())
     assert main(["quantize", *args, "--out", str(tmp_path / "x.tsq")]) == 2  # no budget given
     assert main(["quantize", *args, "--out", str(tmp_path / "y.tsq"), "--budget-bytes", "1000"]) == 2
 
