@@ -181,3 +181,17 @@ def test_the_tabs_wasm_build_of_the_same_source_reads_every_format(tmp_path):
         exact, k = want[g["case"]]
         y = np.array(g["y"], np.float64).reshape(exact.shape)
         assert np.abs(y - exact).max() <= 2e-6 * np.sqrt(k) * np.abs(exact).max(), (g["case"], g["engine"])
+
+
+def test_generate_says_which_path_and_works_without_a_compiler(tmp_path):
+    """A host whose compiler cannot build the kernel still generates (the portable path), and
+    `tabshard generate` says which path it took and why."""
+    env = dict(os.environ, CC="false", TABSHARD_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "tabshard.cli", "generate", "--prompt", "The capital of France is",
+                        "--max-tokens", "2", "--greedy", "--backend", "numpy", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "compute: portable numpy path" in r.stderr and "build failed: false failed on packed_kernels.c" in r.stderr, r.stderr
+    import json
+
+    assert len(json.loads(r.stdout.splitlines()[-1])["tokens"]) == 2
