@@ -260,13 +260,13 @@ class Calibrator:
     plan names it). Its ``source`` is ``ROTATED_SOURCE``: no packed source exists there."""
 
     def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW, cache_dir: str | None = None,
-                 rotation: int | None = None, damp: float = 0.01, act_order: bool = True):
-        from kernels.quantizers import GPTQHessian
+                 rotation: int | None = None, damp: float | None = None, act_order: bool = True):
+        from kernels.quantizers import DAMP, GPTQHessian
 
         self.source = weights
         self.config = weights.config
         self.rotation = rotation
-        self.damp, self.act_order = damp, act_order
+        self.damp, self.act_order = (DAMP if damp is None else damp), act_order
         self.window = window
         self.dense = DenseModel(weights)
         if rotation is not None:
@@ -287,7 +287,7 @@ class Calibrator:
             key = hashlib.sha256(np.asarray(self.calib_ids, np.int64).tobytes())
             for lw in weights.layers[:2]:
                 key.update(lw.wq.qweight.tobytes())
-            key.update(repr((rotation, damp, act_order, window)).encode())
+            key.update(repr((rotation, self.damp, act_order, window)).encode())
             self.cache_dir = os.path.join(cache_dir, key.hexdigest()[:16])
             os.makedirs(self.cache_dir, exist_ok=True)
         self.hessians, self.head_hessian = self._hessians()
