@@ -134,6 +134,20 @@ class Tarpit:
         asyncio.run(loop())
 
 
+def incidents(st: dict, since: float) -> list[str]:
+    """What happened to the honest workers (and the coordinator's own) after `since` (the
+    coordinator's clock): deaths, quarantines, suspects, rebuilds; a latency figure with one of
+    these in its phase is explained by it, not by the hostile tab."""
+    honest = {w["worker_id"] for w in st["workers"] if w["name"].startswith("worker-") or w["local"]}
+    return [f"{e['kind']} {e.get('worker', e.get('stage', ''))}: {e.get('reason', '')}".strip()
+            for e in st["events"] if e["t"] > since and e.get("kind") in ("death", "quarantine", "suspect", "rebuild")
+            and (e.get("worker") in honest or e.get("kind") == "rebuild")]
+
+
+def clock(st: dict) -> float:
+    return max((e["t"] for e in st["events"]), default=float("-inf"))
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -186,7 +200,10 @@ def main() -> None:
         c.wait_for(lambda st: all(not w.get("probation") for w in st["workers"] if not w["local"] and w["state"] != "dead"),
                    60, what="honest tabs trusted")
 
+        mark = clock(c.status())
         alone = requests_for(c.base, phase_s)
+        st = c.status()
+        out["alone_incidents"], mark = incidents(st, mark), clock(st)
         reference = alone[0][2]
         lat = [ms for _, ms, _ in alone]
         out["alone"] = {"n": len(lat), "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 99)}
@@ -198,6 +215,8 @@ def main() -> None:
         with_pit = requests_for(c.base, learn_s + phase_s)
         pit.stop = True
         thread.join(5)
+        st = c.status()
+        out["tarpit_incidents"], mark = incidents(st, mark), clock(st)
         after = [ms for start, ms, _ in with_pit if start >= learn_s]
         first = [ms for start, ms, _ in with_pit if start < learn_s]
         out["tarpit"] = {"n": len(after), "p50_ms": statistics.median(after), "p99_ms": pct(after, 99),
@@ -206,7 +225,8 @@ def main() -> None:
         out["tarpit"]["p99_ratio"] = out["tarpit"]["p99_ms"] / out["alone"]["p99_ms"]
         print(f"tarpit: {len(after)} requests after {learn_s} s  p50 {out['tarpit']['p50_ms']:.0f} ms  "
               f"p99 {out['tarpit']['p99_ms']:.0f} ms  ({out['tarpit']['p99_ratio']:.2f}x alone; target <= 2)  "
-              f"joins {pit.joins}, refused {pit.refused}, first {learn_s} s p99 {out['tarpit']['p99_first_10s_ms']:.0f} ms",
+              f"joins {pit.joins}, refused {pit.refused}, first {learn_s} s p99 {out['tarpit']['p99_first_10s_ms']:.0f} ms"
+              f"\n  honest incidents: alone {out['alone_incidents'] or 'none'}; with the tarpit {out['tarpit_incidents'] or 'none'}",
               flush=True)
 
         # a process of its own, like the honest tabs: a TabWorker computing with noise
@@ -258,7 +278,14 @@ def main() -> None:
                 ids = tok.encode(text, special=False)
         ids = tok.encode(text, special=False)
         before_st = c.status()
-        code, body, ttft = post(c.base, "/v1/completions", {"prompt": text, "max_tokens": 1, "temperature": 0})
+        try:
+            code, body, ttft = post(c.base, "/v1/completions", {"prompt": text, "max_tokens": 1, "temperature": 0})
+        except OSError as exc:  # no answer in 300 s: say what the cluster was doing, then fail
+            st = c.status()
+            print(f"prompt: no answer ({exc}); stages {[(s['layers'], s['holders'], s['queued'], s['busy']) for s in st['stages']]}; "
+                  f"sessions {st['sessions']}; workers {[(w['worker_id'], w['name'], w['state'], w['probation']) for w in st['workers']]}; "
+                  f"last events {st['events'][-12:]}", flush=True)
+            raise
         st = c.status()
         evictions = st["counters"].get("slow_evictions", 0) - before_st["counters"].get("slow_evictions", 0)
         honest = {w["worker_id"] for w in st["workers"] if w["name"].startswith("worker-") or w["local"]}
