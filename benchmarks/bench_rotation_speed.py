@@ -3,10 +3,10 @@
 The rotation is folded into the weights (tabshard/rotation.py), so both models run the very
 same kernels on matrices of the same shapes and formats; the only structural difference is the
 head, untied in the rotated model (one more matrix in memory, the same matvec per token). This
-measures that it costs nothing, rather than asserting it: rounds alternate unrotated/rotated on
-each backend (numpy = the CPU backend, wgpu), each round one greedy generation, and the figure
-is the median over rounds of decode tokens/s and the ratio rotated/unrotated, appended to the
-benchmark history (tabshard/bench_history.py).
+measures that it costs nothing, rather than asserting it: on each backend (numpy = the CPU
+backend, wgpu) the two models decode in lockstep, one token each in turn, and the figure is the
+median over all token pairs of the ratio rotated/unrotated speed (with each model's median
+decode tokens/s), appended to the benchmark history (tabshard/bench_history.py).
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_rotation_speed.py [--backends numpy,wgpu] \\
         [--format s3g64] [--tokens 24] [--rounds 5]
@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-history", action="store_true")
     a = p.parse_args(argv)
 
-    from tabshard.generate import GenerationStats, LocalGenerator
+    from tabshard.generate import LocalGenerator
     from tabshard.sampling import SamplingParams
 
     models = {"unrotated": build(a.format, None), "rotated": build(a.format, a.seed)}
@@ -68,16 +69,29 @@ def main(argv=None) -> int:
     for backend in a.backends.split(","):
         gens = {k: LocalGenerator(w, backend=backend) for k, w in models.items()}
         speed: dict = {k: [] for k in gens}
+        step_ratios: list = []
         for r in range(a.rounds + 1):  # round 0 warms (pipelines, caches) and is dropped
-            for k in (("unrotated", "rotated") if r % 2 else ("rotated", "unrotated")):
-                st = GenerationStats()
-                list(gens[k].generate(prompt, a.tokens, SamplingParams(greedy=True), stats=st, stop_at_eos=False))
-                if r:
-                    speed[k].append(st.decode_tok_s)
-        ratios = [x / y for x, y in zip(speed["rotated"], speed["unrotated"])]
+            # the two models step in lockstep, one token each in turn (order swapped every
+            # round): on a host whose speed swings by 2x within a minute, per-token pairs are
+            # the only comparison that drift does not decide
+            its = {k: gens[k].generate(prompt, a.tokens, SamplingParams(greedy=True), stop_at_eos=False) for k in gens}
+            order = ("unrotated", "rotated") if r % 2 else ("rotated", "unrotated")
+            times: dict = {k: [] for k in gens}
+            for _ in range(a.tokens):
+                for k in order:
+                    t0 = time.perf_counter()
+                    next(its[k])
+                    times[k].append(time.perf_counter() - t0)
+            for k in gens:
+                its[k].close()
+            if r:
+                for k in gens:  # the first step is the prompt's prefill
+                    speed[k].append(1.0 / statistics.median(times[k][1:]))
+                step_ratios += [u / v for u, v in zip(times["unrotated"][1:], times["rotated"][1:])]
+        ratios = step_ratios  # rotated speed / unrotated speed = unrotated time / rotated time, per token pair
         row = {k: round(statistics.median(v), 3) for k, v in speed.items()}
         row["ratio_rotated_over_unrotated"] = round(statistics.median(ratios), 4)
-        row["ratios"] = [round(x, 4) for x in ratios]
+        row["ratios"] = [round(x, 3) for x in sorted(ratios)[:: max(1, len(ratios) // 8)]]
         out[backend] = row
         print(f"{backend}: decode tok/s unrotated {row['unrotated']:.2f}, rotated {row['rotated']:.2f}, "
               f"ratio {row['ratio_rotated_over_unrotated']:.3f} (rounds {row['ratios']})", flush=True)
