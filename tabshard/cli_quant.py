@@ -44,7 +44,7 @@ DEFAULT_SCHEMES = (
 # least bad is listed so the class is reported, as issue 22 asks.
 QUICK = {
     "source": "source",
-    "4-bit": "gptq:a4g64+seq",
+    "4-bit": "gptq:a4g64",
     "<=4.0 bpw": "gptq:a3g32+rot+seq",
     "<=3.0 bpw": "mixed@3.0+rot+seq",
     "<=2.5 bpw": "gptq:s2g32+seq",
