@@ -308,10 +308,13 @@ def test_mixed_pool_of_tabs_and_python_workers(cluster, browser, reference):
     names = {p.evaluate("window.tabState.name") for p in browser._tabshard_pages if not p.is_closed()} | {"py-0"}
     st = wait_plan(cluster, names)
     kinds = {w["name"]: w["kind"] for w in st["workers"]}
-    assert {kinds[n] for n in served_by(st)} == {"browser", "python"}
+    # every worker primary on a stage of the plan computes steps (the CPU backend holds packed
+    # weights, expansion 1.2 not 8, so the Python worker takes more layers and a tab may stay spare)
+    serving = set(served_by(st))
+    assert {kinds[n] for n in serving} == {"browser", "python"}
     assert ws_tokens(cluster.base) == reference
     st = cluster.status()
-    assert all(w["steps"] > 0 for w in st["workers"] if w["name"] in names and w["state"] == "ready")
+    assert all(w["steps"] > 0 for w in st["workers"] if w["name"] in serving)
     loads = [w["load_progress"] for w in tab_workers(st)]
     assert loads and all(p.get("total_bytes") and p["received_bytes"] == p["total_bytes"] for p in loads), loads
 
