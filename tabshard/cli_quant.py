@@ -96,16 +96,17 @@ def parse_scheme(scheme: str) -> Scheme:
     return Scheme(linears, emb, rotation, sequential)
 
 
-def scheme_plan(cal, scheme: Scheme, alphas_fn) -> dict:
-    from tabshard.calibration import mixed_plan, uniform_plan
+def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
+    from tabshard.calibration import MIXED_FORMATS, mixed_plan, uniform_plan
 
     if scheme.linears.startswith("mixed@"):
-        return mixed_plan(cal, alphas_fn(), bits_per_weight=float(scheme.linears[6:]), embedding=scheme.embedding)
+        return mixed_plan(cal, alphas_fn(), bits_per_weight=float(scheme.linears[6:]), embedding=scheme.embedding,
+                          formats=tuple(formats or MIXED_FORMATS))
     return uniform_plan(cal.config.n_layers, scheme.linears, scheme.embedding)
 
 
 def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_ids=None, gen_tokens: int = 24,
-               log=None, cache_dir: str | None = None, window: int | None = None) -> list[dict]:
+               log=None, cache_dir: str | None = None, window: int | None = None, mixed_formats=None) -> list[dict]:
     """One row per scheme: bits/weight (linears), bytes (whole model), perplexity per evaluation
     domain and its ratio to the source's, the worst ratio, agreement, seconds to quantize.
     ``source`` is ModelWeights; ``eval_sets`` {domain: ids}; ``sens_ids`` (text held out from
@@ -143,7 +144,7 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
         if text == C.SOURCE:
             plan, w, dense = {}, source, src_dense
         else:
-            plan = scheme_plan(cal, scheme, alphas)
+            plan = scheme_plan(cal, scheme, alphas, mixed_formats)
             w = cal.assemble(plan, scheme.sequential)
             dense = cal.dense_of(plan, scheme.sequential)
         ppl = {d: round(dense.perplexity(ids, window), 4) for d, ids in eval_sets.items()}
@@ -272,6 +273,22 @@ def _mixed_text(a, tok):
         raise TabshardError(str(exc)) from None
 
 
+def _mixed_formats(a):
+    """--mixed-formats A,B,...: the formats mixed@B chooses among (default MIXED_FORMATS)."""
+    from tabshard.calibration import SOURCE, parse_choice
+
+    if not a.mixed_formats:
+        return None
+    out = tuple(f for f in a.mixed_formats.split(",") if f)
+    try:
+        for f in out:
+            if f != SOURCE and parse_choice(f)[0] != "gptq":
+                raise ValueError(f"{f!r} is not a GPTQ format")
+    except ValueError as exc:
+        raise TabshardError(f"bad --mixed-formats: {exc}") from None
+    return out
+
+
 def cmd_quant_report(a) -> int:
     if a.quick and a.scheme:
         raise TabshardError("give --quick or --scheme, not both")
@@ -297,7 +314,7 @@ def cmd_quant_report(a) -> int:
     if a.save_texts:
         mixed.save(a.save_texts)
     rows = run_report(weights, eval_sets, mixed.calib_ids, [tok.encode(p) for p in PROMPTS], schemes,
-                      sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache)
+                      sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache, mixed_formats=_mixed_formats(a))
     if a.plot:
         plot(rows, a.plot)
     if a.json:
@@ -397,6 +414,7 @@ def add_commands(sub) -> None:
     r.add_argument("--save-texts", metavar="FILE.json", help="save the calibration and evaluation token ids (for --texts on another machine)")
     r.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per domain (512-token windows)")
     r.add_argument("--scheme", action="append", help="a scheme to report (repeatable; default: the full table)")
+    r.add_argument("--mixed-formats", metavar="A,B,...", help="formats mixed@B chooses among, e.g. gptq:a2g64,gptq:s3g64,gptq:s4g64,source")
     r.add_argument("--quick", action="store_true", help="only the recommended scheme of each class (source, 4-bit, <=4.0, <=3.0, <=2.5 bpw)")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
     r.add_argument("--plot", metavar="OUT.png", help="write the worst held-out ratio vs bytes")

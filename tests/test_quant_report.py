@@ -146,6 +146,12 @@ def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     assert list(out["rows"][0]["perplexity"]) == [f"text:{text}"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["quant-report", *args, "--quick", "--scheme", "source"]) == 2
+    assert main(["quant-report", *args, "--mixed-formats", "rtn:s2g32", "--scheme", "mixed@3.0", "--eval-domains", "",
+                 "--text", str(text)]) == 2
+    assert main(["quant-report", *args, "--mixed-formats", "gptq:a2g64,gptq:s4g64", "--scheme", "mixed@3.0",
+                 "--eval-domains", "", "--text", str(text), "--tokens", "200", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert set(row["formats"]) <= {"gptq:a2g64", "gptq:s4g64", "source"} and row["bits_per_weight"] <= 3.0
     assert main(["quant-report", *args, "--quick", "--text", str(text), "--tokens", "200", "--eval-domains", "", "--json"]) == 0
     from tabshard.cli_quant import QUICK
 
