@@ -40,14 +40,13 @@ DEFAULT_SCHEMES = (
     "mixed@3.0+rot+seq+emb=clip:s4g32",
 )
 # The recommended scheme of each class: the best measured on the held-out domains
-# (benchmarks/quant_report_full.md). At <= 2.5 bits every scheme measured is unusable; the
-# least bad is listed so the class is reported, as issue 22 asks.
+# (benchmarks/quant_report_full.md).
 QUICK = {
     "source": "source",
     "4-bit": "gptq:a4g64",
     "<=4.0 bpw": "gptq:a3g32+rot+seq",
     "<=3.0 bpw": "mixed@3.0+rot+seq",
-    "<=2.5 bpw": "gptq:s2g32+seq",
+    "<=2.5 bpw": "gptq:a2g64+rot+seq",
 }
 PROMPTS = (
     "The capital of France is",
