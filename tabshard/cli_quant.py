@@ -44,9 +44,9 @@ DEFAULT_SCHEMES = (
 QUICK = {
     "source": "source",
     "4-bit": "gptq:a4g64",
-    "<=4.0 bpw": "gptq:a3g32+rot+seq",
+    "<=4.0 bpw": "mixed@4.0+rot+seq",
     "<=3.0 bpw": "mixed@3.0+rot+seq",
-    "<=2.5 bpw": "gptq:a2g64+rot+seq",
+    "<=2.5 bpw": "gptq:a2g64+seq",
 }
 PROMPTS = (
     "The capital of France is",
