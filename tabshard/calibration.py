@@ -555,11 +555,11 @@ def linear_bits_per_weight(w: ModelWeights) -> float:
 
 # ------------------------------------------------------------------ plans
 
-# Every format offered costs one GPTQ of every tensor; these are the two probes' formats, the
-# 4-bit step above them, and source (a rotated model's 8-bit stand-in). s3g32 and s4g32 were
-# offered too until issue 22: on the held-out domains they bought less per byte than moving a
-# tensor one step up, and each cost minutes of GPTQ on the 2-core host.
-MIXED_FORMATS = ("gptq:s2g32", "gptq:s3g64", "gptq:s4g64", SOURCE)
+# Every format offered costs one GPTQ of every tensor. The 2-bit one is asymmetric a2g64 (2.5
+# bpw, a min per 64): on the held-out domains mixed@3.0+rot+seq measured 2.28/2.07/2.04x source
+# with it against 2.87/2.30/2.49x with symmetric s2g32 (benchmarks/quant_report_full.md); then
+# the 3-bit probe's format, the 4-bit step above it, and source (a rotated model's 8-bit stand-in).
+MIXED_FORMATS = ("gptq:a2g64", "gptq:s3g64", "gptq:s4g64", SOURCE)
 EMBEDDING_FORMATS = ("clip:s4g32", "clip:s4g64", SOURCE)
 
 
