@@ -122,14 +122,16 @@ def test_client_disconnect_cancels_within_a_second(cluster4):
 
 def test_bad_messages_are_refused_and_other_sessions_unharmed(cluster4, reference):
     async def attack():
+        # each attack from a loopback address of its own: the coordinator backs off an address
+        # past two offenses, and the honest workers (127.0.0.1) must not share the penalty
         url = cluster4.worker_url
         results = {}
         # 1) garbage bytes before joining
-        async with websockets.connect(url, compression=None) as ws:
+        async with websockets.connect(url, compression=None, local_addr=("127.0.0.71", 0)) as ws:
             await ws.send(b"\xc1\xff garbage")
             results["garbage"] = wire.decode(await ws.recv())
         # 2) a joined worker sends a wrong-shape step result
-        async with websockets.connect(url, compression=None) as ws:
+        async with websockets.connect(url, compression=None, local_addr=("127.0.0.72", 0)) as ws:
             await ws.send(wire.encode(wire.make("hello", worker_name="liar", token=cluster4.token, capabilities={"memory_bytes": 1})))
             while True:
                 m = wire.decode(await ws.recv())
@@ -140,7 +142,7 @@ def test_bad_messages_are_refused_and_other_sessions_unharmed(cluster4, referenc
             await ws.send(wire.encode(bad, validate=False))
             results["wrong_type"] = wire.decode(await ws.recv())
         # 3) an oversized frame
-        async with websockets.connect(url, compression=None, max_size=None) as ws:
+        async with websockets.connect(url, compression=None, max_size=None, local_addr=("127.0.0.73", 0)) as ws:
             try:
                 await ws.send(b"\x80" + b"\0" * (65 << 20))
                 results["oversized"] = await asyncio.wait_for(ws.recv(), 10)
