@@ -1773,9 +1773,10 @@ class Coordinator:
         return sum(sum(self.blob_info[k].size for k in self._stage_blobs(self.stages[i])) for i in w.stages if i < len(self.stages))
 
     def _rebuild(self, st: Stage, now: float) -> list:
-        """The named rebuild step: replay every session's stored inputs for this stage, in one
-        batched step, so the new holder's KV cache equals the lost one. Rows that were in
-        flight when the stage died are forwarded as if nothing had happened."""
+        """The named rebuild step: replay every session's stored inputs for this stage, in
+        chunks of the rows a prompt step may have (a long session's history in one step would
+        outlast what its deadline can judge), so the new holder's KV cache equals the lost one.
+        Rows that were in flight when the stage died are forwarded as if nothing had happened."""
         st.needs_rebuild = False
         replays = []
         for s in self.sessions.values():
@@ -1787,7 +1788,15 @@ class Coordinator:
             # without a lost step, the logged inputs' outputs were already forwarded: the
             # replay only rebuilds the cache and forwards nothing
             forward_from, wants, draft = self._inflight_lost.pop((st.index, s.request_id), (end, False, None))
-            replays.append(WorkItem(s.request_id, 0, rows, forward_from, wants, s.generation, draft))
+            step = self._prefill_rows(end)
+            # the last chunk holds every row the head verifies (the token's and the drafts')
+            tail = min(len(rows), max(step, 1 + (len(draft.tokens) if draft else 0)))
+            cuts = list(range(0, len(rows) - tail, step)) + [len(rows) - tail]
+            for j, start in enumerate(cuts):
+                last = j == len(cuts) - 1
+                stop = len(rows) if last else cuts[j + 1]
+                replays.append(WorkItem(s.request_id, start, rows[start:stop], forward_from,
+                                        wants and last, s.generation, draft if last else None))
         for it in reversed(replays):
             st.queue.appendleft(it)
         self.events.append({"t": now, "kind": "rebuild", "stage": st.index, "worker": st.primary, "sessions": len(replays)})

@@ -128,6 +128,31 @@ def test_killed_worker_mid_decode_gives_identical_tokens(weights, reference, vic
     assert "death" in kinds and "rebuild" in kinds and "recovered" in kinds
 
 
+def test_a_long_history_is_rebuilt_in_prompt_sized_steps(weights):
+    """A stage lost after a long prompt replays that history in steps no larger than a prompt
+    step (all of it in one step would outlast what a deadline can judge); the tokens are those
+    of an uninterrupted run."""
+    prompt = [1 + (i * 7) % 250 for i in range(200)]
+    calm = start(weights, 3, prefill_chunk=32)
+    calm.submit("r", prompt, 12, stop_at_eos=False)
+    run_until_done(calm, ["r"])
+    net = start(weights, 3, prefill_chunk=32)
+    net.submit("r", prompt, 12, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    rows = []
+    for w in net.workers.values():
+        def spy(m, handle=w.handle):
+            if m["type"] == "step":
+                rows.append(sum(int(x["length"]) for x in m["sessions"]))
+            return handle(m)
+        w.handle = spy
+    net.kill(net.stage_conn(1))
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == calm.tokens("r") and len(calm.tokens("r")) == 12
+    assert "rebuild" in [e["kind"] for e in net.core.events]
+    assert sum(rows) >= len(prompt) and max(rows) <= 32, rows  # the whole history, in chunks
+
+
 def test_silent_worker_detected_within_a_second_and_fenced(weights, reference):
     net = start(weights, 3)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
