@@ -187,7 +187,7 @@ def _peak_rss() -> tuple[int, int]:
 # ---------------------------------------------------------------------- the private actor
 class _TabActor:
     def __init__(self, name: str, url: str, token: str, profile: dict, backend: str, memory_bytes: int,
-                 hidden: bool, device_options: dict, seed: int, lean: bool = False):
+                 hidden: bool, device_options: dict, seed: int):
         if not os.environ.get("XDG_RUNTIME_DIR") or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
         self.name = name
@@ -201,8 +201,6 @@ class _TabActor:
             limits = profile.get("limits") or "adapter"
             device_options.setdefault("limits", limits)
             _enforce_pipeline_limits(get_device(device_options["limits"]))
-        if lean and backend == "numpy":
-            device_options["lean"] = True
         speed = float(profile.get("speed", 1.0)) * (HIDDEN["speed_factor"] if hidden else 1.0)
         self.base_slow = 1.0 / max(speed, 1e-3)
         self.worker = SimTabWorker(name, backend=backend, token=token, memory_bytes=memory_bytes,
@@ -308,7 +306,7 @@ class SimulatedTab:
 
     def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
                  backend: str | None = None, hidden: bool | None = None, memory_bytes: int | None = None,
-                 device_options: dict | None = None, seed: int = 0, lean: bool = False, actor_options: dict | None = None,
+                 device_options: dict | None = None, seed: int = 0, actor_options: dict | None = None,
                  num_gpus: float = 0.0, adapter: str | int | None = None):
         prof = get_profile(profile) if isinstance(profile, str) else profile
         self.name = name
@@ -322,7 +320,7 @@ class SimulatedTab:
         options = {**(actor_options or {}), **({"num_gpus": float(num_gpus)} if num_gpus else {})}
         device_options = {**(device_options or {}), **({"adapter": adapter} if adapter is not None else {})}
         self._actor = _remote().options(**options).remote(
-            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed, lean)
+            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed)
         self.killed = False
 
     def _call(self, method: str, *args, timeout: float = 30.0):

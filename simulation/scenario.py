@@ -8,7 +8,7 @@ returns the report (simulation/report.py renders it).
     max_stages = 3             # (coordinator_compute defaults to false here: tabs do the work)
     replicas = 1
     spot_check_fraction = 0.2
-    [[tabs]]                   # repeated: profile and count (+ backend, hidden, memory_mb, lean,
+    [[tabs]]                   # repeated: profile and count (+ backend, hidden, memory_mb,
     profile = "cpu-wasm"       #   num_gpus: a GPU (or a share: 0.25) reserved by Ray for each tab,
     count = 4                  #   whose adapter the tab then computes on; adapter: an index or name)
     [ray]                      # the local Ray's resources (ignored with --address): num_cpus (2),
@@ -206,7 +206,7 @@ class ScenarioRun:
         mem = int(spec["memory_mb"] * (1 << 20)) if spec.get("memory_mb") else None
         tab = SimulatedTab(name, self.coord.worker_url, self.coord.token, profile=spec["profile"],
                            backend=spec.get("backend"), hidden=spec.get("hidden"), memory_bytes=mem,
-                           seed=self._n_tabs, lean=bool(spec.get("lean")),
+                           seed=self._n_tabs,
                            num_gpus=float(spec.get("num_gpus", 0)), adapter=spec.get("adapter"))
         self._specs[name] = spec
         self.tabs[name] = tab
@@ -502,7 +502,7 @@ class ScenarioRun:
         tab = self.tabs[name]
         spec = self._specs.get(name, {})
         return {"profile": tab.profile.name, "backend": tab.backend, "hidden": tab.hidden,
-                **{k: spec[k] for k in ("num_gpus", "adapter", "lean", "memory_mb") if k in spec}}
+                **{k: spec[k] for k in ("num_gpus", "adapter", "memory_mb") if k in spec}}
 
 
 def _proc_rss(pid: int, field: str = "VmHWM") -> int:

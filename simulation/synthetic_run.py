@@ -1,4 +1,4 @@
-"""A synthetic model (tabshard/synthetic.py) served by memory-capped lean simulated tabs, and the
+"""A synthetic model (tabshard/synthetic.py) served by memory-capped numpy simulated tabs, and the
 same weights run in one process: the 7B-in-tabs benchmark (benchmarks/bench_7b.py) and its CI
 twin at small size (tests/test_synthetic_tabs.py) share this code path.
 
@@ -26,8 +26,8 @@ def _rss(pid: int | None = None) -> tuple[int, int]:
 
 
 def reference_tokens(model_path: str, prompt: str, max_tokens: int) -> dict:
-    """Greedy tokens of a single-process run of the same weights, on the lean numpy backend
-    (the tabs' backend; 7B in dense f32 would be 27 GB)."""
+    """Greedy tokens of a single-process run of the same weights, on the numpy backend,
+    which holds only the packed weights like the tabs (7B in dense f32 would be 27 GB)."""
     from tab_worker.engine_types import ModelWeights
     from tabshard.generate import GenerationStats, LocalGenerator
     from tabshard.model import open_model
@@ -38,7 +38,7 @@ def reference_tokens(model_path: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     w = model.load_all()
     weights = ModelWeights(config=w.config, embedding=w.embedding, layers=list(w.layers), head=w.head)
-    gen = LocalGenerator(weights, backend="numpy", max_ctx=len(prompt_ids) + max_tokens + 1, lean=True)
+    gen = LocalGenerator(weights, backend="numpy", max_ctx=len(prompt_ids) + max_tokens + 1)
     load_s = time.perf_counter() - t0
     stats = GenerationStats()
     ids = [int(t) for t in gen.generate(prompt_ids, max_tokens, stats=stats, stop_at_eos=False)]
@@ -51,7 +51,7 @@ def reference_tokens(model_path: str, prompt: str, max_tokens: int) -> dict:
 def run_in_tabs(model_path: str, tabs: int, tab_memory_bytes: int, prompt: str, max_tokens: int,
                 heartbeat_ms: int = 250, request_timeout_s: float = 3600, log_dir: str | None = None,
                 progress=lambda line: None) -> dict:
-    """Serve `model_path` from `tabs` lean numpy simulated tabs of `tab_memory_bytes` each (Ray
+    """Serve `model_path` from `tabs` numpy simulated tabs of `tab_memory_bytes` each (Ray
     actors; the coordinator never computes) and stream one greedy request."""
     from actors.tab import SimulatedTab
     from simulation.runtime import CoordinatorProcess, plan_served, ray_session
@@ -74,7 +74,7 @@ def run_in_tabs(model_path: str, tabs: int, tab_memory_bytes: int, prompt: str, 
         sim = []
         try:
             sim = [SimulatedTab(f"tab-{i}", coord.worker_url, coord.token, profile="cpu-wasm", backend="numpy",
-                                memory_bytes=tab_memory_bytes, lean=True, seed=i) for i in range(tabs)]
+                                memory_bytes=tab_memory_bytes, seed=i) for i in range(tabs)]
             for t in sim:
                 t.wait_connected(timeout=600)
             out["tabs_joined_s"] = round(time.monotonic() - t0, 1)

@@ -1,5 +1,6 @@
-"""The CPU backend holds only the packed weights (the old `lean` option builds the same backend):
-no f32 copy of any weight matrix, and the same results either way."""
+"""The CPU backend holds only the packed weights: no f32 copy of any weight matrix, and the
+results of a prompt step and a batched decode step equal a second backend built from the same
+weights (nothing it holds is shared state between backends)."""
 import sys
 from pathlib import Path
 
@@ -31,20 +32,19 @@ def _arrays(obj, seen=None):
         yield from _arrays(vars(obj), seen)
 
 
-def test_lean_option_builds_the_packed_backend_with_the_same_results():
+def test_cpu_backend_holds_no_f32_weight_matrix():
     w = tiny_weights()
     layers = {i: w.layers[i] for i in range(2, 5)}
-    plain = make_backend("numpy", TINY, layers, w.head, 64)
-    lean = make_backend("numpy", TINY, layers, w.head, 64, lean=True)
-    assert type(plain) is type(lean) is NumpyBackend
+    backends = [make_backend("numpy", TINY, layers, w.head, 64) for _ in range(2)]
+    assert all(type(b) is NumpyBackend for b in backends)
     x = np.random.default_rng(0).standard_normal((5, TINY.hidden)).astype(np.float32)
-    out = {}
-    for name, b in (("plain", plain), ("lean", lean)):
+    out = []
+    for b in backends:
         first = b.forward([SessionSlice("s", 0, 5)], x)
         second = b.forward([SessionSlice("s", 5, 1), SessionSlice("t", 0, 1)], x[:2])
-        out[name] = (first, second, b.head_topk(second, 4)[0])
-    for a, b in zip(out["plain"], out["lean"]):
+        out.append((first, second, b.head_topk(second, 4)[0]))
+    for a, b in zip(*out):
         assert np.array_equal(a, b)
-    # no f32 weight matrix: the largest f32 array it holds is a norm vector or a KV cache
-    f32 = [a for a in _arrays(lean) if a.dtype == np.float32 and a.ndim == 2]
+    # the largest f32 arrays it holds are norm vectors and KV caches, never a [n, k] weight
+    f32 = [a for a in _arrays(backends[0]) if a.dtype == np.float32 and a.ndim == 2]
     assert not f32, [a.shape for a in f32]
