@@ -267,7 +267,7 @@ def main() -> None:
 def record(out: dict, tag: str = "") -> None:
     """Append this run's figures to the benchmark history (the database `tabshard bench` keeps);
     `tag` suffixes the cluster metrics of a run under non-default serve settings."""
-    from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+    from tabshard.bench_history import Figure, append_figures
 
     figures = [Figure.of("hop.rtt_p50_ms", [out["hop_rtt_p50_ms"]], "ms", "lower"),
                Figure.of(f"cluster.sharding_ratio_4_over_1{tag}", out["sharding_ratio_rounds"], "×", "higher"),
@@ -277,14 +277,7 @@ def record(out: dict, tag: str = "") -> None:
         if name in out:
             figures += [Figure.of(f"faults.{name}_detect_p99_ms", [out[name]["detect_p99_s"] * 1000], "ms", "lower"),
                         Figure.of(f"faults.{name}_recover_p99_ms", [out[name]["recover_p99_s"] * 1000], "ms", "lower")]
-    h = History(DEFAULT_DB)
-    try:
-        run = h.start_run(machine(adapter=False), suite="bench_cluster")
-        verdicts = [h.add(run, f) for f in figures]
-    finally:
-        h.close()
-    flagged = [v.describe() for v in verdicts if v.verdict in ("regression", "improvement")]
-    print(f"history: {len(figures)} figures appended to {DEFAULT_DB}" + "".join(f"\n  {d}" for d in flagged), flush=True)
+    append_figures(figures, "bench_cluster")
 
 
 if __name__ == "__main__":

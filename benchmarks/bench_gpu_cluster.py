@@ -154,7 +154,7 @@ def main() -> None:
                 result[f"ratio_tabs_{n}_over_1_streams_{s}"] = round(r["tok_s"] / b["tok_s"], 3)
     print(json.dumps(result, indent=1))
     if not a.no_history:
-        from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+        from tabshard.bench_history import Figure, append_figures
 
         figures = [Figure.of(f"gpu_cluster.in_process_tok_s_{s}", [result["in_process"][s]["tok_s"]], "tok/s", "higher")
                    for s in streams]
@@ -163,14 +163,7 @@ def main() -> None:
                 v = result[f"tabs_{n}"].get(s, {}).get("tok_s")
                 if v:
                     figures.append(Figure.of(f"gpu_cluster.tabs_{n}_tok_s_{s}", [v], "tok/s", "higher"))
-        h = History(DEFAULT_DB)
-        try:
-            run = h.start_run(machine(), suite="bench_gpu_cluster")
-            verdicts = [h.add(run, f) for f in figures]
-        finally:
-            h.close()
-        print(f"history: {len(figures)} figures appended to {DEFAULT_DB}"
-              + "".join(f"\n  {v.describe()}" for v in verdicts if v.verdict in ("regression", "improvement")))
+        append_figures(figures, "bench_gpu_cluster", adapter=True)
 
 
 if __name__ == "__main__":

@@ -312,20 +312,13 @@ def main() -> None:
 
 
 def record(out: dict) -> None:
-    from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+    from tabshard.bench_history import Figure, append_figures
 
     figures = [Figure.of("hostile.alone_p99_ms", [out["alone"]["p99_ms"]], "ms", "lower"),
                Figure.of("hostile.tarpit_p99_ratio", [out["tarpit"]["p99_ratio"]], "×", "lower"),
                Figure.of("hostile.garbage_rss_delta_mb", [out["garbage"]["delta_mb"]], "MB", "lower"),
                Figure.of("hostile.prompt_2000_ttft_ratio", [out["prompt"]["ratio"]], "×", "lower")]
-    h = History(DEFAULT_DB)
-    try:
-        run = h.start_run(machine(adapter=False), suite="bench_hostile")
-        verdicts = [h.add(run, f) for f in figures]
-    finally:
-        h.close()
-    flagged = [v.describe() for v in verdicts if v.verdict in ("regression", "improvement")]
-    print(f"history: {len(figures)} figures appended to {DEFAULT_DB}" + "".join(f"\n  {d}" for d in flagged), flush=True)
+    append_figures(figures, "bench_hostile")
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
 
 
 def record(results: list[dict]) -> None:
-    from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+    from tabshard.bench_history import Figure, append_figures
 
     figures = []
     for res in results:
@@ -184,14 +184,7 @@ def record(results: list[dict]) -> None:
                 tag = f"speculation.{name}.w{res['workers']}.hop{hop}ms"
                 figures += [Figure.of(f"{tag}.ratio_on_over_off", h["ratio_rounds"], "×", "higher"),
                             Figure.of(f"{tag}.on_tok_s", [h["on_tok_s"]], "tok/s", "higher")]
-    hist = History(DEFAULT_DB)
-    try:
-        run = hist.start_run(machine(adapter=False), suite="bench_speculation")
-        verdicts = [hist.add(run, f) for f in figures]
-    finally:
-        hist.close()
-    flagged = [v.describe() for v in verdicts if v.verdict in ("regression", "improvement")]
-    print(f"history: {len(figures)} figures appended to {DEFAULT_DB}" + "".join(f"\n  {d}" for d in flagged), flush=True)
+    append_figures(figures, "bench_speculation")
 
 
 def main() -> None:

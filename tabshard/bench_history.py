@@ -271,3 +271,17 @@ class History:
 
     def verdicts(self, run_id: int) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM figures WHERE run_id=? ORDER BY id", (run_id,))]
+
+
+def append_figures(figures: list[Figure], suite: str, adapter: bool = False, db: str | Path = DEFAULT_DB) -> list[Verdict]:
+    """A benchmark script's figures appended to the history as one run of `suite`; prints how
+    many, and every figure the history flags as a regression or an improvement."""
+    h = History(db)
+    try:
+        run = h.start_run(machine(adapter=adapter), suite=suite)
+        verdicts = [h.add(run, f) for f in figures]
+    finally:
+        h.close()
+    flagged = [v.describe() for v in verdicts if v.verdict in ("regression", "improvement")]
+    print(f"history: {len(figures)} figures appended to {db}" + "".join(f"\n  {d}" for d in flagged), flush=True)
+    return verdicts
