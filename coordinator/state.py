@@ -1289,7 +1289,9 @@ class Coordinator:
         for w in list(self.workers.values()):
             if not (w.alive and w.probation and not w.local and w.state == "idle" and not w.stages and w.worker_id not in self._trials):
                 continue
-            st = min(stages, key=lambda x: sum(self.blob_info[k].size for k in self._stage_blobs(x)))
+            if w.have_blobs and self._in_resume_window(now):
+                continue  # a restarted coordinator's rejoining holder: the resume plan gives it what it holds
+            st = min(stages, key=lambda x: (self._bytes_missing(w, x), sum(self.blob_info[k].size for k in self._stage_blobs(x))))
             aid = next(self._ids)
             infos = [self.blob_info[k] for k in self._stage_blobs(st)]
             self._trials[w.worker_id] = {"range": (st.layer_start, st.layer_end), "assignment_id": aid, "ready": False,
@@ -1308,6 +1310,9 @@ class Coordinator:
             self.counters["weight_bytes_sent"] += sent
             out += chunks
         return out
+
+    def _bytes_missing(self, w: Worker, st: Stage) -> int:
+        return sum(self.blob_info[k].size for k in self._stage_blobs(st) if self.blob_info[k].sha256 not in w.have_blobs)
 
     def _on_trial_ready(self, w: Worker, m: dict, now: float) -> list:
         trial = self._trials.get(w.worker_id)
