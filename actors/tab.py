@@ -29,9 +29,9 @@ import time
 import numpy as np
 
 from tab_worker.client import WorkerConnection
-from tab_worker.engine_types import SessionSlice
+from protocol.model_types import SessionSlice
 from tab_worker.worker import TabWorker, msg
-from tabshard.errors import TabshardError
+from protocol.errors import TabshardError
 
 from simulation.profiles import HIDDEN, Profile, get_profile
 

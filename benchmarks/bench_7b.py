@@ -51,7 +51,7 @@ def main() -> None:
     a = p.parse_args()
 
     from simulation.synthetic_run import reference_tokens, run_in_tabs
-    from tabshard.model import open_model
+    from model.loader import open_model
 
     m = open_model(a.model)
     out = {"model": a.model, "config": m.config.to_dict(), "format": m.spec.name,

@@ -32,11 +32,11 @@ if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):  # Mesa complains w
 sys.path.insert(0, str(ROOT))
 
 from coordinator.tab_routes import routes  # noqa: E402
-from tab_worker.engine_types import SessionSlice  # noqa: E402
-from tab_worker.weights import pack_layer  # noqa: E402
+from protocol.model_types import SessionSlice  # noqa: E402
+from protocol.blobs import pack_layer  # noqa: E402
 from tabshard.cluster import free_port  # noqa: E402
-from tabshard.generate import embed  # noqa: E402
-from tabshard.model import open_model  # noqa: E402
+from model.embedding import embed  # noqa: E402
+from model.loader import open_model  # noqa: E402
 
 FLAGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import websockets  # noqa: E402
 
-from tabshard import wire  # noqa: E402
+from protocol import wire  # noqa: E402
 from tabshard.cluster import LocalCluster, free_port  # noqa: E402
 
 PROMPT = "Write a short paragraph about the history of the printing press."

@@ -1,4 +1,4 @@
-"""Wire codec speed: tabshard.wire against plain msgpack ways of sending numpy tensors.
+"""Wire codec speed: protocol.wire against plain msgpack ways of sending numpy tensors.
 
     .venv/bin/python benchmarks/bench_codec.py
 
@@ -6,7 +6,7 @@ Prints
   * GB/s of encode, decode and both for one float32 tensor of 16 MB and 64 MB (a step_result),
   * microseconds per message for a `step` carrying one token's hidden state (576 float32),
 for these codecs:
-  wire, copying     tabshard.wire as it was: encode joins the pieces into one bytes (one copy),
+  wire, copying     protocol.wire as it was: encode joins the pieces into one bytes (one copy),
                     decode through msgpack's C unpacker (one copy, msgpack's own bin -> bytes)
   wire              encode as above, decode zero-copy (the default for frames >= 1 MiB): the
                     pure-Python reader returns the tensor as a view of the frame
@@ -42,7 +42,7 @@ import time
 import msgpack
 import numpy as np
 
-from tabshard import wire
+from protocol import format, wire
 
 
 TUNED_GLIBC = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432"
@@ -81,7 +81,7 @@ def per_call_seconds(fn, seconds: float = 0.3) -> float:
 # -- the two plain-msgpack codecs to compare with --------------------------------------------
 
 def _tensor_map(array: np.ndarray, data) -> dict:
-    return {"__t": wire._wire_name(array.dtype), "s": list(array.shape), "b": data}
+    return {"__t": format.wire_name(array.dtype), "s": list(array.shape), "b": data}
 
 
 def _to_array(obj: dict):

@@ -37,7 +37,7 @@ os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="xdg-"))
 import numpy as np  # noqa: E402
 
 from kernels.quant import QuantSpec, quantize_rtn  # noqa: E402
-from tab_worker.engine_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
+from protocol.model_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
 from tab_worker.worker import synthetic_layer  # noqa: E402
 
 SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
@@ -281,7 +281,7 @@ def model_weights(model: str, fmt: str | None) -> ModelWeights:
     ("synthetic:llama-7b") with every linear and the head in ``fmt`` (default s3g64)."""
     if model == "smollm2":
         return synthetic_model(SMOLLM2)
-    from tabshard.synthetic import _HEAD, CONFIGS, PREFIX, random_layer, random_matrix
+    from model.synthetic import _HEAD, CONFIGS, PREFIX, random_layer, random_matrix
 
     name = model[len(PREFIX):] if model.startswith(PREFIX) else model
     if name not in CONFIGS:

@@ -33,9 +33,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from tabshard.generate import GenerationStats, LocalGenerator  # noqa: E402
-from tabshard.model import GGUFModel  # noqa: E402
-from tabshard.tokenizer import GGUFTokenizer  # noqa: E402
+from tab_worker.generate import GenerationStats, LocalGenerator  # noqa: E402
+from model.loader import GGUFModel  # noqa: E402
+from model.tokenizer import GGUFTokenizer  # noqa: E402
 
 LONG_PROMPT = ("Distributed systems split work across many machines so that no single machine has to hold "
                "everything. ") * 12
@@ -107,8 +107,8 @@ import json, sys
 sys.path.insert(0, {root!r})
 def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) * 1024
-from tabshard.generate import LocalGenerator
-from tabshard.model import GGUFModel
+from tab_worker.generate import LocalGenerator
+from model.loader import GGUFModel
 import numpy as np
 from tab_worker import cpu_kernels
 cpu_kernels.status()  # the kernel library loaded: runtime, not weights

@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     from kernels.quantizers import GPTQHessian, gptq, output_error
     from tabshard import calibration as C
     from tabshard import calibration_text as T
-    from tabshard.model import open_model
-    from tabshard.tokenizer import GGUFTokenizer
+    from model.loader import open_model
+    from model.tokenizer import GGUFTokenizer
 
     C.limit_blas_threads(1)
     model = open_model(a.model)

@@ -46,10 +46,10 @@ def _aggregate(results) -> dict:
 def in_process(model: str, streams: list[int], tokens: int) -> dict:
     """The model's layers and head in one wgpu backend of this process: the ceiling for a cluster."""
     from tab_worker.backends import forward_topk, make_backend
-    from tab_worker.engine_types import SessionSlice
-    from tabshard.generate import embed
-    from tabshard.model import open_model
-    from tabshard.tokenizer import GGUFTokenizer
+    from protocol.model_types import SessionSlice
+    from model.embedding import embed
+    from model.loader import open_model
+    from model.tokenizer import GGUFTokenizer
 
     m = open_model(model)
     w = m.load_all()

@@ -52,11 +52,11 @@ def main() -> None:
     from kernels import reference as ref
     from kernels.quant import dequantize
     from tab_worker.backends import make_backend
-    from tab_worker.engine_types import SessionSlice
-    from tabshard.generate import embed
-    from tabshard.model import open_model
-    from tabshard.sampling import FullVocabChooser, SamplingParams
-    from tabshard.tokenizer import GGUFTokenizer
+    from protocol.model_types import SessionSlice
+    from model.embedding import embed
+    from model.loader import open_model
+    from model.sampling import FullVocabChooser, SamplingParams
+    from model.tokenizer import GGUFTokenizer
 
     model = open_model(None)
     tok = GGUFTokenizer(model)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import websockets  # noqa: E402
 
-from tabshard import wire  # noqa: E402
+from protocol import wire  # noqa: E402
 from tabshard.cluster import LocalCluster  # noqa: E402
 
 JOIN = "bench-hostile"
@@ -264,8 +264,8 @@ def main() -> None:
               f"(+{peak - before:.1f}; target <= 50)  back within 10 MB after "
               f"{back_s if back_s is not None else '>60'} s", flush=True)
 
-        from tabshard.model import open_model
-        from tabshard.tokenizer import GGUFTokenizer
+        from model.loader import open_model
+        from model.tokenizer import GGUFTokenizer
 
         tok = GGUFTokenizer(open_model(None))
         words = "the river carried stones down to the valley where the old mill stood".split()
@@ -293,8 +293,8 @@ def main() -> None:
         deaths = [e for e in st["events"] if e.get("kind") in ("death", "quarantine") and e.get("worker") in honest
                   and e["t"] > since]
 
-    from tabshard.generate import LocalGenerator
-    from tabshard.sampling import SamplingParams
+    from tab_worker.generate import LocalGenerator
+    from model.sampling import SamplingParams
 
     gen = LocalGenerator(open_model(None).load_all(), backend="numpy")
     t0 = time.perf_counter()

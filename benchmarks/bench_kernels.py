@@ -88,7 +88,7 @@ def numpy_seconds(fn, min_time: float) -> float:
 
 
 def bench_model(dev: R.Device, layers: int, batches: list[int]) -> None:
-    from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+    from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
     from tab_worker.numpy_backend import NumpyBackend
     from tab_worker.wgpu_backend import WgpuBackend
 

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tab_worker import cpu_kernels  # noqa: E402
-from tab_worker.engine_types import SessionSlice  # noqa: E402
-from tabshard.generate import LocalGenerator, embed  # noqa: E402
-from tabshard.model import GGUFModel  # noqa: E402
+from protocol.model_types import SessionSlice  # noqa: E402
+from model.embedding import embed  # noqa: E402
+from tab_worker.generate import LocalGenerator  # noqa: E402
+from model.loader import GGUFModel  # noqa: E402
 
 GOLDEN = json.loads((ROOT / "tests" / "fixtures" / "smollm2_golden.json").read_text())
 orig = cpu_kernels.PackedMatrix.apply

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build(fmt: str, seed: int | None):
     from kernels.quant import QuantSpec, quantize_rtn
-    from tab_worker.engine_types import ModelWeights
+    from protocol.model_types import ModelWeights
     from tabshard.calibration import DenseModel
-    from tabshard.model import open_model
+    from model.loader import open_model
     from tabshard.rotation import rotate_dense
 
     src = open_model(None).load_all()
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-history", action="store_true")
     a = p.parse_args(argv)
 
-    from tabshard.generate import LocalGenerator
-    from tabshard.sampling import SamplingParams
+    from tab_worker.generate import LocalGenerator
+    from model.sampling import SamplingParams
 
     models = {"unrotated": build(a.format, None), "rotated": build(a.format, a.seed)}
     prompt = list(range(100, 140))

@@ -64,7 +64,7 @@ def _client_proc(url: str, token: str, first: int, count: int, seconds: float, r
     coordinator rightly declared them dead (counted as false detections before)."""
     import websockets
 
-    from tabshard import wire
+    from protocol import wire
 
     stats = {"connected": 0, "closed_by_coordinator": 0, "close_reasons": [], "heartbeats": 0, "late_beats": 0}
 

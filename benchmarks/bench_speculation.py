@@ -71,7 +71,7 @@ FREE = [
 
 async def generate(service, ids: list[int], max_tokens: int) -> tuple[list[int], float]:
     """Greedy tokens of one request, and its decode time (first token to last)."""
-    from tabshard.sampling import SamplingParams
+    from model.sampling import SamplingParams
 
     rid, client = service.open_request(ids, max_tokens, SamplingParams())
     tokens, stamps = [], []

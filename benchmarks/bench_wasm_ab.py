@@ -111,10 +111,10 @@ def main() -> int:
     rev = a.rev or subprocess.run(["git", "rev-list", "-1", "HEAD", "--", "tab_worker/web/wasm/kernels.c"], cwd=ROOT,
                                   capture_output=True, text=True, check=True).stdout.strip() + "^"
     from tab_worker.backends import make_backend
-    from tab_worker.engine_types import SessionSlice
-    from tab_worker.weights import pack_layer
-    from tabshard.generate import embed
-    from tabshard.model import open_model
+    from protocol.model_types import SessionSlice
+    from protocol.blobs import pack_layer
+    from model.embedding import embed
+    from model.loader import open_model
 
     start, end = map(int, a.layers.split(":"))
     weights = open_model(None).load_all()

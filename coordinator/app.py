@@ -18,9 +18,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.security import AccessGuard, RateLimit
 from coordinator.server import PRE_HELLO_LIMITS, CoordinatorService, peer_address
-from tabshard import wire
-from tabshard.errors import ConfigError
-from tabshard.sampling import CANDIDATES, SEED_MAX, USER_DEFAULTS, SamplingParams, resolve_params
+from protocol import wire
+from protocol.errors import ConfigError
+from model.sampling import CANDIDATES, SEED_MAX, USER_DEFAULTS, SamplingParams, resolve_params
 
 MODEL_ID = "smollm2-135m-instruct"
 # numeric request fields: (type, default, lowest, highest), checked by `_num`; null means the

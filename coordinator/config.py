@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 from coordinator.state import CoordinatorSettings
-from tabshard.errors import ConfigError
+from protocol.errors import ConfigError
 
 _RULES = {
     "heartbeat_ms": (int, 20, 10_000),  # how often workers send a heartbeat (the coordinator's clock for liveness)

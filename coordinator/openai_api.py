@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from coordinator import app as api
 from coordinator.app import BadRequest, _flag, _num, _text
-from tabshard.sampling import SEED_MAX, FullVocabChooser, SamplingParams
+from model.sampling import SEED_MAX, FullVocabChooser, SamplingParams
 
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20

@@ -24,14 +24,14 @@ from coordinator.security import AddressLimits, RateLimit, set_frame_limit
 from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
 from kernels.reference import rmsnorm
 from tab_worker.cpu_kernels import PackedMatrix
-from tab_worker.engine_types import ModelWeights
-from tab_worker.weights import pack_head, pack_layer
+from protocol.model_types import ModelWeights
+from protocol.blobs import pack_head, pack_layer
 from tab_worker.worker import TabWorker
-from tabshard import wire
-from tabshard.generate import embed
-from tabshard.model import open_model
-from tabshard.sampling import SamplingParams
-from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
+from protocol import wire
+from model.embedding import embed
+from model.loader import open_model
+from model.sampling import SamplingParams
+from model.tokenizer import GGUFTokenizer, StreamDecoder
 
 log = logging.getLogger("tabshard.coordinator")
 

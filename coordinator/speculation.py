@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tabshard.sampling import Sampler
+from model.sampling import Sampler
 
 MODES = ("off", "prompt-lookup", "draft-model")
 
@@ -92,7 +92,7 @@ class DraftModel:
 
     def __init__(self, weights, backend: str = "numpy", max_ctx: int | None = None):
         from tab_worker.backends import make_backend
-        from tabshard.generate import embed
+        from model.embedding import embed
 
         self.config = weights.config
         self.embedding = weights.embedding
@@ -103,7 +103,7 @@ class DraftModel:
 
     def propose(self, session_id: str, context: list[int], k: int, sampler: Sampler | None = None, step: int = 0) -> Draft:
         from tab_worker.backends import forward_topk
-        from tab_worker.engine_types import SessionSlice
+        from protocol.model_types import SessionSlice
 
         k = min(k, self.max_ctx - len(context))
         if k <= 0:
@@ -270,7 +270,7 @@ def make_speculator(mode: str, max_k: int, draft_model: str = "", max_ctx: int |
     served model's vocabulary, run by the coordinator's own numpy compute)."""
     source = None
     if mode == "draft-model":
-        from tabshard.model import open_model
+        from model.loader import open_model
 
         source = DraftModel(open_model(draft_model).load_all(), max_ctx=max_ctx)
     return Speculator(mode, max_k, source)

@@ -27,10 +27,10 @@ from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
 from coordinator.security import Backoff
 from kernels.reference import topk
 from coordinator.speculation import Draft, decide_trip, make_speculator
-from tab_worker.engine_types import ModelConfig
-from tab_worker.weights import CHUNK_BYTES, blob_info, chunk, sha256
-from tabshard.sampling import CANDIDATES, Sampler, SamplingParams
-from tabshard.wire import PROTOCOL_VERSION, ProtocolError
+from protocol.model_types import ModelConfig
+from protocol.blobs import CHUNK_BYTES, blob_info, chunk, sha256
+from model.sampling import CANDIDATES, Sampler, SamplingParams
+from protocol.format import PROTOCOL_VERSION, ProtocolError
 
 LOCAL = "local"  # connection id of the coordinator's own compute worker
 
@@ -1570,7 +1570,7 @@ class Coordinator:
             # the head sent hidden rows (a session in the step needed the whole vocabulary):
             # every verified row's candidates are made here from them
             from kernels.reference import topk
-            from tabshard.sampling import CANDIDATES
+            from model.sampling import CANDIDATES
 
             ends = np.cumsum([len(it.rows) for it in items])
             rows = np.concatenate([np.arange(e - n, e) for n, e in zip(need, ends)])

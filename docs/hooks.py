@@ -2,7 +2,7 @@
 cannot drift. `{{ settings_table }}` becomes the table of every `serve` setting (from
 coordinator/config.py's rules, the defaults of coordinator/state.py's CoordinatorSettings and
 the comments beside each); `{{ browser_table }}` the browser profiles of simulation/profiles.py
-with where each figure comes from; `{{ sampling_defaults }}` tabshard/sampling.py's defaults."""
+with where each figure comes from; `{{ sampling_defaults }}` model/sampling.py's defaults."""
 from __future__ import annotations
 
 import dataclasses
@@ -87,7 +87,7 @@ def browser_table() -> str:
 
 
 def sampling_defaults() -> str:
-    from tabshard.sampling import CANDIDATES, USER_DEFAULTS
+    from model.sampling import CANDIDATES, USER_DEFAULTS
 
     d = USER_DEFAULTS
     return "\n".join([

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tabshard.errors import ConfigError
+from protocol.errors import ConfigError
 
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -56,7 +56,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tabshard.errors import ConfigError
+from protocol.errors import ConfigError
 
 from simulation.profiles import get_profile
 

@@ -1,4 +1,4 @@
-"""A synthetic model (tabshard/synthetic.py) served by memory-capped numpy simulated tabs, and the
+"""A synthetic model (model/synthetic.py) served by memory-capped numpy simulated tabs, and the
 same weights run in one process: the 7B-in-tabs benchmark (benchmarks/bench_7b.py) and its CI
 twin at small size (tests/test_synthetic_tabs.py) share this code path.
 
@@ -28,10 +28,10 @@ def _rss(pid: int | None = None) -> tuple[int, int]:
 def reference_tokens(model_path: str, prompt: str, max_tokens: int) -> dict:
     """Greedy tokens of a single-process run of the same weights, on the numpy backend,
     which holds only the packed weights like the tabs (7B in dense f32 would be 27 GB)."""
-    from tab_worker.engine_types import ModelWeights
-    from tabshard.generate import GenerationStats, LocalGenerator
-    from tabshard.model import open_model
-    from tabshard.tokenizer import GGUFTokenizer
+    from protocol.model_types import ModelWeights
+    from tab_worker.generate import GenerationStats, LocalGenerator
+    from model.loader import open_model
+    from model.tokenizer import GGUFTokenizer
 
     model = open_model(model_path)
     prompt_ids = GGUFTokenizer(model).encode(prompt)

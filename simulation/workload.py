@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import websockets
 
-from tabshard import wire
+from protocol import wire
 
 WORDS = ("the of and to in is for with on as by that it from at are this be or an which uses can each "
          "table hash list value key tab shard model token layer worker stage browser memory").split()
@@ -102,9 +102,9 @@ class Reference:
     cluster tests prove a fault-free cluster gives exactly these)."""
 
     def __init__(self, model_path: str | None = None):
-        from tabshard.generate import LocalGenerator
-        from tabshard.model import open_model
-        from tabshard.tokenizer import GGUFTokenizer
+        from tab_worker.generate import LocalGenerator
+        from model.loader import open_model
+        from model.tokenizer import GGUFTokenizer
 
         model = open_model(model_path)
         self.tokenizer = GGUFTokenizer(model)

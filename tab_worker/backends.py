@@ -2,7 +2,7 @@
 where numpy is several times faster than wgpu on lavapipe; see PLATFORM.md)."""
 from __future__ import annotations
 
-from tabshard.errors import ConfigError, TabshardError
+from protocol.errors import ConfigError, TabshardError
 
 
 class BackendUnavailable(TabshardError):

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import websockets
 
 from tab_worker.worker import TabWorker
-from tabshard import wire
-from tabshard.errors import TabshardError
+from protocol import wire
+from protocol.errors import TabshardError
 
 log = logging.getLogger("tabshard.worker")
 MAX_FRAME = 64 << 20

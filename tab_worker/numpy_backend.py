@@ -13,7 +13,7 @@ import numpy as np
 
 from kernels import reference as ref
 from tab_worker.cpu_kernels import PackedMatrix
-from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
 class _KVCache:

@@ -41,7 +41,7 @@ import numpy as np
 from kernels import layer_program as LP
 from kernels import runner as R
 from kernels.quant import QuantTensor
-from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 MAX_TOPK = R.TopK.MAX_K
 SUBMIT_EVERY = 64  # dispatches per command buffer: the GPU starts while the rest is recorded

@@ -15,10 +15,10 @@ import numpy as np
 
 from kernels.quant import QuantSpec, quantize_rtn
 from tab_worker.backends import forward_topk, make_backend, resolve_backend_name
-from tab_worker.engine_types import LayerWeights, ModelConfig, SessionSlice
-from tab_worker.weights import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
-from tabshard.synthetic import random_layer
-from tabshard.wire import PROTOCOL_VERSION
+from protocol.model_types import LayerWeights, ModelConfig, SessionSlice
+from protocol.blobs import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
+from model.synthetic import random_layer
+from protocol.format import PROTOCOL_VERSION
 
 # bytes a backend holds per byte of packed weights: numpy (the CPU backend) computes on the
 # packed words, its tensors views of the kept blob (tab_worker/cpu_kernels.py); wgpu uploads

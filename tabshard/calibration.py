@@ -38,7 +38,7 @@ import numpy as np
 
 from kernels import reference as ref
 from kernels.quant import dequantize
-from tab_worker.engine_types import LayerWeights, ModelConfig, ModelWeights
+from protocol.model_types import LayerWeights, ModelConfig, ModelWeights
 
 EVAL_TOKENS = 8192
 CALIB_TOKENS = 4096

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from tabshard.errors import TabshardError
+from protocol.errors import TabshardError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -16,13 +16,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _sampling_from_args(a):
     """The API's rules and defaults (sampling.resolve_params): temperature 1, top_p 1, top_k 0,
     a fresh seed; temperature 0 or --greedy is greedy; --greedy with another temperature is refused."""
-    from tabshard.sampling import resolve_params
+    from model.sampling import resolve_params
 
     return resolve_params(a.temperature, a.top_p, a.top_k, a.seed, greedy=a.greedy)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from tabshard.sampling import USER_DEFAULTS as D
+    from model.sampling import USER_DEFAULTS as D
 
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (as --temperature 0)")
     p.add_argument("--temperature", type=float, help=f"sampling temperature, 0 to 2; 0 is greedy (default {D['temperature']})")
@@ -43,9 +43,10 @@ def _private_runtime_dir() -> None:
 
 
 def cmd_generate(a) -> int:
-    from tabshard.generate import LocalGenerator, check_request
-    from tabshard.model import open_model
-    from tabshard.tokenizer import GGUFTokenizer, StreamDecoder
+    from model.embedding import check_request
+    from tab_worker.generate import LocalGenerator
+    from model.loader import open_model
+    from model.tokenizer import GGUFTokenizer, StreamDecoder
 
     if a.max_tokens < 1:
         raise TabshardError(f"--max-tokens must be at least 1, got {a.max_tokens}")
@@ -81,7 +82,7 @@ def cmd_generate(a) -> int:
 
 def load_weights(model, say):
     """model.load_all() layer by layer, with a progress line on stderr (a few lines when not a terminal)."""
-    from tab_worker.engine_types import ModelWeights
+    from protocol.model_types import ModelWeights
 
     n = model.config.n_layers
     emb = model.embedding()
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a single local worker")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    from tabshard.sampling import USER_DEFAULTS
+    from model.sampling import USER_DEFAULTS
 
     g.add_argument("--max-tokens", type=int, default=USER_DEFAULTS["max_tokens"],
                    help=f"tokens to generate at most (default {USER_DEFAULTS['max_tokens']}, as the API)")

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
-from tabshard.errors import TabshardError
+from protocol.errors import TabshardError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,8 @@ class Ctx:
 
     def weights(self):
         if self._weights is None:
-            from tabshard.model import GGUFModel
-            from tabshard.tokenizer import GGUFTokenizer
+            from model.loader import GGUFModel
+            from model.tokenizer import GGUFTokenizer
 
             model = GGUFModel()
             self._weights = (model, GGUFTokenizer(model), model.load_all())
@@ -81,7 +81,7 @@ def bench_kernels(ctx: Ctx) -> list[Figure]:
 
 def bench_worker(ctx: Ctx) -> list[Figure]:
     """One worker, the whole model: prefill tok/s and decode step time (numpy; wgpu in full)."""
-    from tabshard.generate import GenerationStats, LocalGenerator
+    from tab_worker.generate import GenerationStats, LocalGenerator
 
     _, tok, weights = ctx.weights()
     out = []
@@ -110,10 +110,10 @@ def bench_hop(ctx: Ctx) -> list[Figure]:
 
 
 def bench_codec(ctx: Ctx) -> list[Figure]:
-    """tabshard.wire: encode+decode GB/s of a large tensor, and µs per step message."""
+    """protocol.wire: encode+decode GB/s of a large tensor, and µs per step message."""
     import numpy as np
 
-    from tabshard import wire
+    from protocol import wire
 
     bc = _script("bench_codec")
     mb = 64 if ctx.full else 16
@@ -220,7 +220,7 @@ def bench_anchors(ctx: Ctx) -> list[Figure]:
     import os
     import subprocess
 
-    from tabshard.model import default_model_path
+    from model.loader import default_model_path
 
     threads = len(os.sched_getaffinity(0))
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_generate as g; "

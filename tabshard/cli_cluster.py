@@ -65,7 +65,7 @@ def cmd_serve(a) -> int:
     import os
 
     from coordinator.security import api_key_for
-    from tabshard.errors import ConfigError
+    from protocol.errors import ConfigError
 
     check_listen(a.host, a.port)  # before anything is loaded or printed
     if bool(a.certfile) != bool(a.keyfile):
@@ -112,7 +112,7 @@ def check_listen(host: str, port: int) -> None:
     model loads and the banner prints (it printed the banner, then a traceback)."""
     import socket
 
-    from tabshard.errors import ConfigError
+    from protocol.errors import ConfigError
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be 1 to 65535, got {port}")
@@ -131,7 +131,7 @@ def check_listen(host: str, port: int) -> None:
 
 def _served_names(given: list[str] | None) -> list[str]:
     from coordinator.app import MODEL_ID
-    from tabshard.errors import ConfigError
+    from protocol.errors import ConfigError
 
     names = list(dict.fromkeys(given or [MODEL_ID]))
     for n in names:
@@ -187,7 +187,7 @@ def cmd_worker(a) -> int:
 
     from tab_worker.client import check_url, run_worker
     from tab_worker.worker import TabWorker
-    from tabshard.errors import ConfigError
+    from protocol.errors import ConfigError
 
     if a.list_adapters:
         return _list_adapters()
@@ -238,7 +238,7 @@ def cmd_status(a) -> int:
     import os
     import sys
 
-    from tabshard.errors import TabshardError
+    from protocol.errors import TabshardError
 
     key = a.api_key or os.environ.get("TABSHARD_API_KEY")
     req = urllib.request.Request(f"{a.url.rstrip('/')}/status", headers={"Authorization": f"Bearer {key}"} if key else {})

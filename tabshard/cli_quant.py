@@ -26,7 +26,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from tabshard.errors import TabshardError
+from protocol.errors import TabshardError
 
 # The full table (the default): each lever with and without, on the classes the targets name.
 DEFAULT_SCHEMES = (
@@ -238,8 +238,8 @@ def format_table(rows: list[dict], classes: dict | None = None) -> str:
 
 def _load(a):
     from tabshard.calibration import limit_blas_threads
-    from tabshard.model import open_model
-    from tabshard.tokenizer import GGUFTokenizer
+    from model.loader import open_model
+    from model.tokenizer import GGUFTokenizer
 
     if a.threads:
         limit_blas_threads(a.threads)

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tabshard.errors import TabshardError
+from protocol.errors import TabshardError
 
 
 def free_port() -> int:

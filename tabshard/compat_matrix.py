@@ -83,7 +83,7 @@ def measure_native(profile, layers: int = 2, steps: int = 5) -> dict:
     import numpy as np
 
     from tab_worker.backends import make_backend
-    from tab_worker.engine_types import ModelConfig, SessionSlice
+    from protocol.model_types import ModelConfig, SessionSlice
     from tab_worker.worker import synthetic_layer
 
     cfg = ModelConfig(**SMOLLM2)

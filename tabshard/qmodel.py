@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from kernels.quant import QuantSpec, QuantTensor, scale_words_per_row, words_per_row
-from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, ModelWeights
-from tabshard.errors import ModelError
+from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, ModelWeights
+from protocol.errors import ModelError
 
 FORMAT = "tabshard-quantized"
 VERSION = "1"

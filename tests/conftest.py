@@ -17,14 +17,14 @@ if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNT
 
 @pytest.fixture(scope="session")
 def smollm2_model():
-    from tabshard.model import GGUFModel
+    from model.loader import GGUFModel
 
     return GGUFModel()
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_model):
-    from tabshard.tokenizer import GGUFTokenizer
+    from model.tokenizer import GGUFTokenizer
 
     return GGUFTokenizer(smollm2_model)
 

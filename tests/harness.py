@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import deque
 
 from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
-from tab_worker.weights import pack_head, pack_layer
+from protocol.blobs import pack_head, pack_layer
 from tab_worker.worker import TabWorker
-from tabshard import wire
-from tabshard.generate import embed
+from protocol import wire
+from model.embedding import embed
 
 
 class Net:
@@ -100,7 +100,7 @@ class Net:
             self.perform(self.core.on_disconnect(conn, self.now))
 
     def submit(self, rid, prompt_ids, max_tokens, params=None, **kw):
-        from tabshard.sampling import SamplingParams
+        from model.sampling import SamplingParams
 
         self.perform(self.core.submit(rid, prompt_ids, max_tokens, params or SamplingParams(), self.now, **kw))
 

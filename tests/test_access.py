@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from coordinator.security import api_key_for, origin_allowed
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import LocalCluster, free_port
 
 JOIN = "join-SECRET-7f3a9c"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tab_worker.backends import BackendUnavailable, make_backend
-from tabshard.errors import ModelError
-from tabshard.model import GGUFModel, default_model_path
+from protocol.errors import ModelError
+from model.loader import GGUFModel, default_model_path
 from tests.tiny_model import TINY, tiny_weights
 
 

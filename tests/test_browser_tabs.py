@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import websockets
 
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import LocalCluster
-from tabshard.generate import LocalGenerator
+from tab_worker.generate import LocalGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "tab_worker" / "web" / "dist"
@@ -169,10 +169,10 @@ def test_tab_refuses_an_assignment_beyond_its_budget():
 
 def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
     """WASM SIMD and plain JS (in node) against NumpyBackend on two real layers and the head."""
-    from tab_worker.engine_types import SessionSlice
+    from protocol.model_types import SessionSlice
     from tab_worker.numpy_backend import NumpyBackend
-    from tab_worker.weights import pack_head, pack_layer
-    from tabshard.generate import embed
+    from protocol.blobs import pack_head, pack_layer
+    from model.embedding import embed
 
     build_assets()
     node = shutil.which("node")
@@ -241,11 +241,11 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     default limits runs the same rows, and its decode step's dispatches (kernel and grid, in
     order) must be the browser's, its hidden states the browser's within f32 round-off."""
     from kernels import runner as R
-    from tab_worker.engine_types import SessionSlice
+    from protocol.model_types import SessionSlice
     from tab_worker.numpy_backend import NumpyBackend
-    from tab_worker.weights import pack_head, pack_layer
+    from protocol.blobs import pack_head, pack_layer
     from tab_worker.wgpu_backend import WgpuBackend
-    from tabshard.generate import embed
+    from model.embedding import embed
 
     w = smollm2_weights
     files = {f"layer{i}.blob": pack_layer(i, w.layers[i]) for i in (0, 1)}

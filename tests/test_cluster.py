@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import websockets
 
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import LocalCluster
-from tabshard.generate import LocalGenerator
+from tab_worker.generate import LocalGenerator
 
 PROMPT = "List three uses of a hash table."
 N = 24

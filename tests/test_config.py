@@ -2,7 +2,7 @@
 import pytest
 
 from coordinator.config import load_settings
-from tabshard.errors import ConfigError
+from protocol.errors import ConfigError
 
 
 def test_toml_and_overrides(tmp_path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from coordinator.state import CoordinatorSettings
-from tabshard import wire
-from tabshard.generate import LocalGenerator
-from tabshard.sampling import SamplingParams
+from protocol import wire
+from tab_worker.generate import LocalGenerator
+from model.sampling import SamplingParams
 from tests.harness import Net, start_net
 from tests.harness import run_until_done as run_until_done_in
 from tests.tiny_model import tiny_weights

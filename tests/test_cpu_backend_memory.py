@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import TINY, tiny_weights  # noqa: E402
 
 from tab_worker.backends import make_backend  # noqa: E402
-from tab_worker.engine_types import SessionSlice  # noqa: E402
+from protocol.model_types import SessionSlice  # noqa: E402
 from tab_worker.numpy_backend import NumpyBackend  # noqa: E402
 
 

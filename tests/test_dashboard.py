@@ -58,7 +58,7 @@ def _stream(base: str, max_tokens: int, on_token) -> list[int]:
 
     import websockets
 
-    from tabshard import wire
+    from protocol import wire
 
     async def go():
         async with websockets.connect(base.replace("http", "ws") + "/v1/stream", compression=None) as ws:

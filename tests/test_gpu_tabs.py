@@ -10,7 +10,7 @@ import pytest
 
 from kernels.adapters import AdapterChoiceError, AdapterInfo, gpu_adapters, index_for_gpu, resolve
 from simulation.scenario import check_gpus, validate
-from tabshard.errors import ConfigError
+from protocol.errors import ConfigError
 
 FOUR_H200 = ([AdapterInfo(i, "NVIDIA H200", "DiscreteGPU", "Vulkan", 0x10DE, 0x2335) for i in range(4)]
              + [AdapterInfo(4, "llvmpipe (LLVM 15)", "CPU", "Vulkan", 0x10005, 0)]

@@ -16,10 +16,10 @@ import websockets
 
 from tab_worker.client import WorkerConnection
 from tab_worker.worker import TabWorker
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import LocalCluster
 from tabshard.demo import stream_chat
-from tabshard.generate import LocalGenerator
+from tab_worker.generate import LocalGenerator
 
 PROMPT = "Write a short poem about the sea."
 N = 32

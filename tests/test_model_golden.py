@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tab_worker.engine_types import SessionSlice
-from tabshard.generate import LocalGenerator, embed
+from protocol.model_types import SessionSlice
+from model.embedding import embed
+from tab_worker.generate import LocalGenerator
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "smollm2_golden.json").read_text())
 CASES = {c["name"]: c for c in GOLDEN["cases"]}

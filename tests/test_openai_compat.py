@@ -79,9 +79,9 @@ def test_n_choices_share_the_prompt_prefix(client, cluster):
 def test_logprobs_are_exact_log_softmax_over_the_vocabulary(client, smollm2_weights, smollm2_tokenizer):
     from kernels import reference as ref
     from tab_worker.backends import make_backend
-    from tab_worker.engine_types import SessionSlice
-    from tabshard.generate import embed
-    from tabshard.sampling import log_softmax
+    from protocol.model_types import SessionSlice
+    from model.embedding import embed
+    from model.sampling import log_softmax
 
     r = chat(client, max_tokens=3, temperature=0, logprobs=True, top_logprobs=20)
     first = r.choices[0].logprobs.content[0]

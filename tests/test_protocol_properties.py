@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coordinator.state import CoordinatorSettings
-from tabshard.generate import LocalGenerator
+from tab_worker.generate import LocalGenerator
 from tests.harness import Net
 from tests.tiny_model import tiny_weights
 

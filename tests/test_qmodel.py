@@ -9,11 +9,11 @@ import pytest
 from kernels.quant import QuantSpec
 from kernels.quantizers import quantize_clip
 from tabshard import qmodel
-from tabshard.errors import ModelError
-from tabshard.generate import LocalGenerator
-from tabshard.model import open_model
-from tabshard.sampling import SamplingParams
-from tabshard.tokenizer import GGUFTokenizer
+from protocol.errors import ModelError
+from tab_worker.generate import LocalGenerator
+from model.loader import open_model
+from model.sampling import SamplingParams
+from model.tokenizer import GGUFTokenizer
 from tests.tiny_model import TINY, tiny_weights
 
 

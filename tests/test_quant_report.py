@@ -10,7 +10,7 @@ from tabshard import calibration as C
 from tabshard import qmodel
 from tabshard.cli import main
 from tabshard.cli_quant import parse_scheme, run_report
-from tabshard.errors import TabshardError
+from protocol.errors import TabshardError
 from tests.tiny_model import TINY, tiny_weights
 
 CONFIG = replace(TINY, vocab=49152, n_layers=3)
@@ -33,9 +33,9 @@ def cal(weights, ids):
 
 
 def test_forward_matches_the_numpy_backend(weights, ids):
-    from tab_worker.engine_types import SessionSlice
+    from protocol.model_types import SessionSlice
     from tab_worker.numpy_backend import NumpyBackend
-    from tabshard.generate import embed
+    from model.embedding import embed
 
     seq = ids[:40]
     backend = NumpyBackend(CONFIG, dict(enumerate(weights.layers)), weights.head, 64)
@@ -166,7 +166,7 @@ def test_7b_shape_fits_8_tabs_of_1_gib_at_3_bits_per_weight():
     checked), embedding and untied head at 4 bits, packed into 8 contiguous tabs of 1 GiB."""
     from coordinator.precision import Option, _pack, choose
     from kernels.quant import QuantSpec, scale_words_per_row, words_per_row
-    from tabshard.synthetic import CONFIGS
+    from model.synthetic import CONFIGS
 
     c = CONFIGS["llama-7b"]
     shapes = {"attn_q": (c.hidden, c.hidden), "attn_k": (c.hidden, c.hidden), "attn_v": (c.hidden, c.hidden),

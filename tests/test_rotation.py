@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from kernels import reference as ref
-from tab_worker.engine_types import SessionSlice
+from protocol.model_types import SessionSlice
 from tab_worker.numpy_backend import NumpyBackend
 from tabshard import calibration as C
 from tabshard import calibration_text as T
 from tabshard import qmodel
-from tabshard.generate import embed
+from model.embedding import embed
 from tabshard.rotation import hadamard, orthogonal, rotate_dense
 from tests.tiny_model import TINY, tiny_weights
 

@@ -8,7 +8,7 @@ pytest.importorskip("ray")
 
 from simulation.report import format_table  # noqa: E402
 from simulation.scenario import fault_schedule, load_scenario, run_scenario  # noqa: E402
-from tabshard.errors import ConfigError  # noqa: E402
+from protocol.errors import ConfigError  # noqa: E402
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "simulation" / "scenarios"
 

@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 from simulation.report import format_table  # noqa: E402
 from simulation.scenario import FAULT_KINDS, detects, fault_schedule, load_scenario, run_scenario  # noqa: E402
 from simulation.workload import stream_request  # noqa: E402
-from tabshard import wire  # noqa: E402
+from protocol import wire  # noqa: E402
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "simulation" / "scenarios"
 CRITERIA = {"no_lost_requests", "no_failed_requests", "no_wrong_tokens", "all_faults_detected", "memory_flat"}

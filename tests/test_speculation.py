@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from coordinator.speculation import AdaptiveK, Draft, DraftModel, PromptLookup, Speculator, decide_trip, lookup
-from tab_worker.engine_types import SessionSlice
+from protocol.model_types import SessionSlice
 from tab_worker.worker import TabWorker
-from tabshard.generate import LocalGenerator, embed
-from tabshard.sampling import Sampler, SamplingParams
+from model.embedding import embed
+from tab_worker.generate import LocalGenerator
+from model.sampling import Sampler, SamplingParams
 from tests.harness import run_until_done, start_net
 from tests.tiny_model import tiny_weights
 
@@ -99,7 +100,7 @@ def test_draft_model_rolls_its_cache_back_to_the_context(weights):
 
 # ---------------------------------------------------------------------- the worker's side
 def test_worker_returns_topk_for_a_speculative_slice_and_truncates(weights):
-    from tabshard import wire
+    from protocol import wire
 
     net = start_net(weights, 1)
     w = net.workers[net.stage_conn(0)]
@@ -299,7 +300,7 @@ def test_settings_from_toml_and_flags(tmp_path):
 
     from coordinator.config import load_settings
     from tabshard.cli_cluster import _serve_args, settings_from_args
-    from tabshard.errors import ConfigError
+    from protocol.errors import ConfigError
 
     toml = tmp_path / "serve.toml"
     toml.write_text('[serve]\nspeculation = "prompt-lookup"\nspeculation_max_k = 3\n')

@@ -5,7 +5,7 @@ from its tokens, so the streamed tokens stay exactly those of a single honest wo
 import numpy as np
 import pytest
 
-from tabshard.generate import LocalGenerator
+from tab_worker.generate import LocalGenerator
 from tests.harness import start_net
 from tests.harness import run_until_done as run_until_done_in
 from tests.tiny_model import tiny_weights

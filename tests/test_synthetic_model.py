@@ -1,12 +1,12 @@
-"""Synthetic models (tabshard/synthetic.py): deterministic per tensor, byte-level tokenizer, and the
+"""Synthetic models (model/synthetic.py): deterministic per tensor, byte-level tokenizer, and the
 CPU kernels' dequantizer (the BLAS path's blocks) is bit-identical to the reference one on them."""
 import numpy as np
 
 from kernels.quant import QuantSpec, dequantize
 from tab_worker.cpu_kernels import dequantize_rows
-from tabshard.model import open_model
-from tabshard.synthetic import random_matrix
-from tabshard.tokenizer import GGUFTokenizer
+from model.loader import open_model
+from model.synthetic import random_matrix
+from model.tokenizer import GGUFTokenizer
 
 
 def test_tensors_regenerate_identically_and_are_normalised():

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import websockets
 
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import free_port
 from tests.test_access import self_signed
 
@@ -156,7 +156,7 @@ def test_certificate_for_another_name_says_so(tmp_path):
 
     from tab_worker.client import WorkerConnection
     from tab_worker.worker import TabWorker
-    from tabshard.errors import TabshardError
+    from protocol.errors import TabshardError
 
     certfile, keyfile = tmp_path / "other.pem", tmp_path / "other.key"
     subprocess.run([shutil.which("openssl") or pytest.skip("no openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",

@@ -1,4 +1,4 @@
-"""Weight blobs go through the wire codec (tabshard/wire.py) and keep their format: the bytes are
+"""Weight blobs go through the wire codec (protocol/wire.py) and keep their format: the bytes are
 the msgpack map of the wire's tensor encoding spelled out by hand here (a blob's sha256 is its
 identity: tabs cache blobs by it), zero-copy unpacking views every tensor, and bad blobs are
 BlobErrors."""
@@ -6,8 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from tab_worker.engine_types import LayerWeights
-from tab_worker.weights import BlobError, pack_head, pack_layer, unpack_blob
+from protocol.model_types import LayerWeights
+from protocol.blobs import BlobError, pack_head, pack_layer, unpack_blob
 from tests.tiny_model import tiny_weights
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from kernels import runner as R
 from kernels.quant import QuantSpec, quantize_rtn
-from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 from tab_worker.numpy_backend import NumpyBackend
 
 HIDDEN_TOL = dict(atol=2e-4, rtol=2e-4)
@@ -229,7 +229,7 @@ def test_smollm2_teacher_forced_matches_transformers(smollm2_weights, device):
     import json
     from pathlib import Path
 
-    from tabshard.generate import embed
+    from model.embedding import embed
     from tab_worker.wgpu_backend import WgpuBackend
 
     golden = json.loads((Path(__file__).parent / "fixtures" / "smollm2_golden.json").read_text())
@@ -344,7 +344,7 @@ def test_smollm2_f16_greedy_tokens_match_numpy(smollm2_weights, f16_device):
     from pathlib import Path
 
     from tab_worker.backends import forward_topk
-    from tabshard.generate import embed
+    from model.embedding import embed
     from tab_worker.wgpu_backend import WgpuBackend
 
     golden = json.loads((Path(__file__).parent / "fixtures" / "smollm2_golden.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests for tabshard.wire: round trips, bad input -> ProtocolError, golden vectors, and the two
+"""Tests for protocol/wire.py: round trips, bad input -> ProtocolError, golden vectors, and the two
 decoders (msgpack's C unpacker, the zero-copy reader) agreeing.
 
 Every test here runs twice (the module-wide fixture ``decoder``): once as decode picks by frame
@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from tabshard import wire
-from tabshard.wire import DEFAULT_LIMITS, Limits, ProtocolError, decode, encode, make
+from protocol import format, messages, msgpack_reader, wire
+from protocol.format import DEFAULT_LIMITS, Limits, ProtocolError
+from protocol.wire import decode, encode, make
 
 VECTORS_DIR = Path(__file__).parent / "vectors"
 
@@ -114,7 +115,7 @@ def assert_same(actual, expected, path="message"):
 
 
 def test_samples_cover_every_message_type():
-    assert set(SAMPLES) == set(wire.MESSAGES)
+    assert set(SAMPLES) == set(messages.MESSAGES)
 
 
 @pytest.mark.parametrize("type_", sorted(SAMPLES))
@@ -128,10 +129,10 @@ def test_round_trip_every_message_type(type_):
 
 
 def test_required_and_optional_fields_follow_the_table():
-    step_result = wire.MESSAGES["step_result"]
+    step_result = messages.MESSAGES["step_result"]
     assert step_result.required == ("step_id", "epoch", "output")
     assert step_result.optional == ("topk_ids", "topk_logits", "compute_ms")
-    assert wire.MESSAGES["error"].sender == "any"
+    assert messages.MESSAGES["error"].sender == "any"
 
 
 def test_optional_fields_may_be_missing_or_nil():
@@ -433,7 +434,7 @@ def test_frame_size_is_checked_before_unpacking(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("unpacked an oversized frame")
     monkeypatch.setattr(msgpack, "unpackb", fail)
-    monkeypatch.setattr(wire, "_read_msgpack", fail)
+    monkeypatch.setattr(wire, "read_msgpack", fail)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         decode(bytes(101), Limits(max_frame_bytes=100))
 
@@ -448,7 +449,7 @@ def test_validate_false_skips_the_schema_but_not_the_format():
 
 
 def test_validate_returns_the_message():
-    assert wire.validate(SAMPLES["step"]) is SAMPLES["step"]
+    assert messages.validate(SAMPLES["step"]) is SAMPLES["step"]
 
 
 def test_error_to_message_is_a_valid_error_message():
@@ -462,12 +463,12 @@ def test_error_to_message_is_a_valid_error_message():
 
 
 def test_schema_table_is_extensible(monkeypatch):
-    schema = wire.MessageSchema("ping", wire.ANY, {
+    schema = messages.MessageSchema("ping", messages.ANY, {
         "seq": int,
-        "points": wire.ListOf(wire.Struct({"x": float, "label": wire.opt(str)})),
-        "grid": wire.opt(wire.Tensor(("f32",), rank=2)),
+        "points": messages.ListOf(messages.Struct({"x": float, "label": messages.opt(str)})),
+        "grid": messages.opt(messages.Tensor(("f32",), rank=2)),
     })
-    monkeypatch.setitem(wire.MESSAGES, "ping", schema)
+    monkeypatch.setitem(messages.MESSAGES, "ping", schema)
     good = make("ping", seq=1, points=[{"x": 1.5}], grid=np.zeros((2, 2), np.float32))
     assert_same(decode(encode(good)), good)
     with pytest.raises(ProtocolError) as caught:
@@ -475,7 +476,7 @@ def test_schema_table_is_extensible(monkeypatch):
     assert (caught.value.code, caught.value.field) == ("bad_field", "grid")
     assert "rank 2" in caught.value.message
     with pytest.raises(ProtocolError) as caught:
-        wire.validate(dict(good, points=[{"x": 1.0, "label": 3}]))
+        messages.validate(dict(good, points=[{"x": 1.0, "label": 3}]))
     assert caught.value.field == "points.0.label"
 
 
@@ -583,9 +584,9 @@ def test_zero_copy_views_of_a_bytearray_frame_are_read_only():
 def test_reader_hands_frames_of_many_small_items_to_c(monkeypatch):
     msg = make("ready", layers=list(range(2_000)), checksum="x")
     frame = encode(msg)
-    with pytest.raises(wire._TooManyItems):
-        wire._read_msgpack(memoryview(frame), DEFAULT_LIMITS, max_items=1_000)
-    assert wire._read_msgpack(memoryview(frame), DEFAULT_LIMITS, max_items=2_010) == msgpack.unpackb(frame)
+    with pytest.raises(msgpack_reader.TooManyItems):
+        msgpack_reader.read_msgpack(memoryview(frame), DEFAULT_LIMITS, max_items=1_000)
+    assert msgpack_reader.read_msgpack(memoryview(frame), DEFAULT_LIMITS, max_items=2_010) == msgpack.unpackb(frame)
     c_unpackb, calls = msgpack.unpackb, []
     monkeypatch.setattr(msgpack, "unpackb", lambda *args, **kwargs: calls.append(1) or c_unpackb(
         *args, **kwargs))
@@ -603,7 +604,7 @@ def test_reader_and_c_agree_past_msgpacks_stack_limit():
         # each unpacker itself returns or raises.
         outcomes = set()
         for unpack in (lambda: wire._unpack_copying(frame, limits),
-                       lambda: wire._read_msgpack(memoryview(frame), limits, max_items=1 << 20)):
+                       lambda: msgpack_reader.read_msgpack(memoryview(frame), limits, max_items=1 << 20)):
             try:
                 value = unpack()
                 depth = 0
@@ -960,7 +961,7 @@ def test_decoders_agree_on_mutated_frames(frame, data):
 
 def to_json(value):
     if isinstance(value, np.ndarray):
-        return {"$tensor": {"dtype": wire._wire_name(value.dtype), "shape": list(value.shape),
+        return {"$tensor": {"dtype": format.wire_name(value.dtype), "shape": list(value.shape),
                             "values": value.reshape(-1).tolist()}}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": bytes(value).hex()}
@@ -1084,7 +1085,7 @@ def build_vectors() -> tuple[dict, dict[str, bytes]]:
     files: dict[str, bytes] = {}
     index = {
         "protocol_version": wire.PROTOCOL_VERSION,
-        "about": "Frames of the tabshard wire format (tabshard/wire.py). For each 'valid' entry, "
+        "about": "Frames of the tabshard wire format (protocol/wire.py). For each 'valid' entry, "
                  "encoding 'message' must give exactly the bytes of 'file', and decoding the file "
                  "must give 'message'. Each 'invalid' file must be refused with 'error'. In "
                  "'message', {\"$tensor\": {dtype, shape, values}} is a tensor (values flat, C "

@@ -14,7 +14,7 @@ import time
 import pytest
 import websockets
 
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import LocalCluster, free_port
 
 TOKEN = "cli-token"

@@ -10,7 +10,7 @@ import numpy as np
 import websockets
 
 from tab_worker.client import WorkerConnection
-from tabshard import wire
+from protocol import wire
 from tabshard.cluster import free_port
 from tests.harness import start_net
 from tests.tiny_model import tiny_weights

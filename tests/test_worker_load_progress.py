@@ -7,12 +7,12 @@ import itertools
 import pytest
 
 import coordinator.state
-import tab_worker.weights
+import protocol.blobs
 from coordinator.dashboard import DashboardFeed
 from coordinator.state import CoordinatorSettings
-from tab_worker.weights import blob_info, chunk, pack_head, pack_layer, sha256
+from protocol.blobs import blob_info, chunk, pack_head, pack_layer, sha256
 from tab_worker.worker import PROGRESS_S, TabWorker
-from tabshard import wire
+from protocol import wire
 from tests.harness import Net
 from tests.tiny_model import TINY, tiny_weights
 
@@ -21,7 +21,7 @@ CHUNK = 512
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(tab_worker.weights, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(protocol.blobs, "CHUNK_BYTES", CHUNK)
     monkeypatch.setattr(coordinator.state, "CHUNK_BYTES", CHUNK)  # the coordinator's chunk offsets
 
 

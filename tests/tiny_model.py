@@ -3,7 +3,7 @@ run in milliseconds. (Real-model behaviour is covered against SmolLM2 elsewhere.
 import numpy as np
 
 from kernels.quant import QuantSpec, quantize_rtn
-from tab_worker.engine_types import HeadWeights, ModelConfig, ModelWeights
+from protocol.model_types import HeadWeights, ModelConfig, ModelWeights
 from tab_worker.worker import synthetic_layer
 
 TINY = ModelConfig(n_layers=6, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=300,

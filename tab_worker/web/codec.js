@@ -1,4 +1,4 @@
-// The wire format of tabshard/wire.py, in JS, on @msgpack/msgpack (bundled by build.py into
+// The wire format of protocol/wire.py, in JS, on @msgpack/msgpack (bundled by build.py into
 // dist/vendor/msgpack). One message = one msgpack map with "v" and "type" first; tensors are
 // {"__t": dtype, "s": shape, "b": raw little-endian bytes}. Here a tensor is a `Tensor`
 // {dtype, shape, data}, data a typed array (f16 as raw Uint16Array bits, i64 as BigInt64Array).
@@ -298,7 +298,7 @@ export function f16ToNumber(h) {
 }
 
 // Any msgpack value with tensor maps turned into Tensors, without message validation: the
-// weight blobs (tab_worker/weights.py) are such maps.
+// weight blobs (protocol/blobs.py) are such maps.
 export function decodeValue(bytes, limits = { ...Limits, maxFrameBytes: 2 ** 31 - 1, maxTensorElements: 2 ** 31 - 1 }) {
   let decoder = decoders.get(limits);
   if (!decoder) decoders.set(limits, (decoder = makeDecoder(limits)));

@@ -1,4 +1,4 @@
-// Weight blobs, as tab_worker/weights.py makes them: one msgpack map per layer (or head),
+// Weight blobs, as protocol/blobs.py makes them: one msgpack map per layer (or head),
 // tensors in the wire encoding, identified by their sha256; they arrive in chunks of
 // CHUNK_BYTES, each with its own sha256. Same names as weights.py.
 import { decodeValue } from "./codec.js";

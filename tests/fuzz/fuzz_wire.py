@@ -6,7 +6,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from tabshard import wire
+    from protocol import messages, wire
 
 LIMITS = [wire.DEFAULT_LIMITS, wire.CLIENT_LIMITS, wire.Limits(max_frame_bytes=4096, max_tensor_elements=64)]
 
@@ -18,7 +18,7 @@ def one_input(data: bytes) -> None:
     except wire.ProtocolError:
         return
     try:
-        wire.validate(m)
+        messages.validate(m)
     except wire.ProtocolError:
         return
     again = wire.decode(wire.encode(m), wire.DEFAULT_LIMITS)  # a valid message survives a round trip

@@ -1,6 +1,6 @@
 """Weight blobs: one self-describing, checksummed byte string per layer (and one for the head).
 
-A blob is a plain msgpack map that the wire codec writes and reads (tabshard/wire.py: its
+A blob is a plain msgpack map that the wire codec writes and reads (protocol/wire.py: its
 tensor encoding, its zero-copy reader), so the browser decodes it with the same codec as every
 message. Its sha256 is its identity: a tab that already holds a blob with that hash (in memory,
 or in the browser's Cache API) skips the download. Blobs travel in chunks of CHUNK_BYTES, each
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.quant import QuantSpec, QuantTensor
-from tab_worker.engine_types import HeadWeights, LayerWeights
-from tabshard import wire
+from protocol.model_types import HeadWeights, LayerWeights
+from protocol import wire
 
 CHUNK_BYTES = 1 << 20
 # What a blob may hold: wire's limits, with tensors of any size (a 7B head is 32000 x 4096) in

@@ -26,8 +26,8 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from kernels.quant import QuantSpec, QuantTensor, padded_k, scale_words_per_row, words_per_row
-from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, ModelWeights
-from tabshard.errors import ModelError
+from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, ModelWeights
+from protocol.errors import ModelError
 
 PREFIX = "synthetic:"
 SPEC = QuantSpec(3, 64, True)

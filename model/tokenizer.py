@@ -11,7 +11,7 @@ import os
 import jinja2
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from tabshard.errors import ModelError
+from protocol.errors import ModelError
 
 _CONTROL = 3
 _USER_DEFINED = 4

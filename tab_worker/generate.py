@@ -1,36 +1,15 @@
-"""Single-worker generation: embedding and sampling here, every layer and the head in one backend."""
+"""Single-process generation: embedding and sampling as the coordinator does them, every layer and the
+head in one backend (the reference that cluster runs are checked against, and the benchmarks' baseline)."""
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from kernels.quant import QuantTensor, dequantize
+from model.embedding import check_request, embed
+from model.sampling import Sampler, SamplingParams
+from protocol.model_types import ModelConfig, SessionSlice
 from tab_worker.backends import forward_topk, make_backend
-from tab_worker.engine_types import ModelConfig, SessionSlice
-from tabshard.errors import TabshardError
-from tabshard.sampling import Sampler, SamplingParams
-
-
-def embed(embedding: QuantTensor, token_ids) -> np.ndarray:
-    """f32 rows of the quantized embedding for the given ids (the numpy twin of embedding.wgsl
-    applied on the coordinator, which embeds tokens for every pipeline)."""
-    ids = np.asarray(token_ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= embedding.n):
-        raise TabshardError(f"token id out of range [0, {embedding.n})")
-    rows = QuantTensor(embedding.spec, len(ids), embedding.k, embedding.qweight[ids], embedding.scales[ids])
-    return dequantize(rows)
-
-
-def check_request(config: ModelConfig, prompt_ids: list[int], max_tokens: int) -> None:
-    if max_tokens < 1:
-        raise TabshardError(f"max tokens must be at least 1, got {max_tokens}")
-    if not prompt_ids:
-        raise TabshardError("the prompt is empty after tokenization")
-    if len(prompt_ids) >= config.context:
-        raise TabshardError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {config.context}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tabshard.errors import ConfigError
+from protocol.errors import ConfigError
 
 CANDIDATES = 64
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from kernels.quant import QuantSpec, QuantTensor, from_codes, import_q4_1, import_q8_0, quantize_rtn
-from tab_worker.engine_types import HeadWeights, LayerWeights, ModelConfig, ModelWeights
-from tabshard.errors import ModelError
+from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, ModelWeights
+from protocol.errors import ModelError
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -55,9 +55,9 @@ QUANTIZED_SUFFIX = ".tsq"  # tabshard's own quantized model files (tabshard quan
 
 def open_model(path: str | os.PathLike | None = None):
     """A GGUF, one of our quantized model files, or a synthetic model ("synthetic:llama-7b",
-    tabshard/synthetic.py); all expose config, tokenizer fields and load_all()."""
+    model/synthetic.py); all expose config, tokenizer fields and load_all()."""
     if path is not None and str(path).startswith("synthetic:"):
-        from tabshard.synthetic import SyntheticModel
+        from model.synthetic import SyntheticModel
 
         return SyntheticModel(str(path))
     if path is not None and str(path).endswith(QUANTIZED_SUFFIX):
