@@ -87,9 +87,11 @@ def test_four_workers_match_single_worker(cluster4, reference, smollm2_tokenizer
     st = cluster4.status()
     assert len(st["stages"]) == 4 and not st["degraded"]
     assert ws_tokens(cluster4.base) == reference
-    # each tab's decode step, split into the compute it reports and the hop around it
-    tabs = [w for w in cluster4.status()["workers"] if not w["local"] and w["state"] == "ready"]
-    assert tabs and all(w["compute_ms"] > 0 and w["transport_ms"] >= 0 for w in tabs)
+    # each tab's decode step, split into the compute it reports and the hop around it (kept when a
+    # tab reloads: the tabs' probation may end during the request, and the re-plan that follows
+    # can have every tab loading its new range right now)
+    tabs = [w for w in cluster4.status()["workers"] if not w["local"] and w["state"] not in ("dead", "quarantined")]
+    assert len(tabs) == 4 and all(w["compute_ms"] > 0 and w["transport_ms"] >= 0 for w in tabs), tabs
     text = chat(cluster4.base)
     assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
 
