@@ -33,7 +33,7 @@ from protocol.model_types import SessionSlice
 from tab_worker.worker import TabWorker, msg
 from protocol.errors import TabshardError
 
-from simulation.profiles import HIDDEN, Profile, get_profile
+from actors.profiles import HIDDEN, Profile, get_profile
 
 
 class TabGone(TabshardError):

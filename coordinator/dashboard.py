@@ -218,10 +218,12 @@ class DashboardFeed:
         self._waiters.discard(ev)
 
 
-def _compat() -> dict:
+def _compat(matrix) -> dict:
+    """The browser compatibility matrix from the benchmark history: `serve` hands in the function
+    that reads it (service.compat_matrix, tabshard/compat_matrix.py), None when there is none."""
+    if matrix is None:
+        return {"rows": [], "error": "this coordinator was started without a compatibility matrix"}
     try:
-        from tabshard.compat_matrix import matrix
-
         return matrix()
     except Exception as exc:  # the matrix is a nicety: never break the live view for it
         return {"rows": [], "error": f"{type(exc).__name__}: {exc}"}
@@ -253,7 +255,7 @@ def routes(service) -> list:
         return JSONResponse(snapshot())
 
     async def compat_json(request):
-        return JSONResponse(await asyncio.to_thread(_compat))
+        return JSONResponse(await asyncio.to_thread(_compat, service.compat_matrix))
 
     async def socket(ws: WebSocket):
         from coordinator.security import set_frame_limit

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from coordinator import app as api
-from coordinator.app import BadRequest, _flag, _num, _text
+from coordinator import request_fields as api
+from coordinator.request_fields import BadRequest, _flag, _num, _text
 from model.sampling import SEED_MAX, FullVocabChooser, SamplingParams
 
 MAX_STOPS = 16

@@ -3,8 +3,8 @@
 One event loop owns the `Coordinator`; every socket's frames are decoded here (wire.decode)
 and fed in with the time; the returned actions are carried out without awaiting inside the
 state machine: each connection has its own ordered outbox drained by a writer task. The
-coordinator's own compute (used when tabs cannot hold the model) is an in-process TabWorker
-on a single worker thread that speaks the same messages, minus the bytes.
+coordinator's own compute (used when tabs cannot hold the model) is an in-process worker, handed
+in by `serve`, on a single worker thread that speaks the same messages, minus the bytes.
 """
 from __future__ import annotations
 
@@ -22,16 +22,12 @@ import numpy as np
 
 from coordinator.security import AddressLimits, RateLimit, set_frame_limit
 from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
-from kernels.reference import rmsnorm
-from tab_worker.cpu_kernels import PackedMatrix
-from protocol.model_types import ModelWeights
-from protocol.blobs import pack_head, pack_layer
-from tab_worker.worker import TabWorker
-from protocol import wire
 from model.embedding import embed
-from model.loader import open_model
 from model.sampling import SamplingParams
 from model.tokenizer import GGUFTokenizer, StreamDecoder
+from protocol import wire
+from protocol.blobs import pack_head, pack_layer
+from protocol.model_types import ModelWeights
 
 log = logging.getLogger("tabshard.coordinator")
 
@@ -43,15 +39,6 @@ WORKER_LIMITS = wire.Limits(max_frame_bytes=64 << 20, max_tensor_elements=16 << 
 PRE_HELLO_LIMITS = wire.Limits(max_frame_bytes=256 << 10, max_tensor_elements=0, allowed_dtypes=frozenset(),
                                max_list_len=1 << 14, max_str_len=64 << 10)
 TICK_S = 0.02
-
-
-def full_head(head, eps: float):
-    """rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
-    as a numpy worker's head computes them, on the packed weights: not dequantized, SmolLM2's
-    49,152 x 576 head reads 28 MB a row instead of 113 MB (benchmarks/bench_grammar.py times it)."""
-    matrix = PackedMatrix([head.output], ["output"])
-    norm = np.asarray(head.output_norm, np.float32)
-    return lambda rows: matrix.apply(np.ascontiguousarray(rmsnorm(np.asarray(rows, np.float32), norm, eps)))
 
 
 @dataclass
@@ -71,20 +58,25 @@ def peer_address(ws) -> str:
 
 
 class CoordinatorService:
-    def __init__(self, model_path: str | None = None, settings: CoordinatorSettings = CoordinatorSettings(),
-                 join_token: str | None = None, local_backend: str = "numpy", api_key: str | None = None,
-                 progress=None):
-        """progress(what, done, total): told as the model loads (serve draws a bar from it)."""
+    def __init__(self, model, settings: CoordinatorSettings = CoordinatorSettings(),
+                 join_token: str | None = None, compute=None, api_key: str | None = None,
+                 progress=None, draft=None):
+        """model: an opened model (model.loader.open_model or tabshard.models.open_model);
+        compute: the coordinator's own compute (tab_worker.local.LocalCompute, injected by `serve`:
+        its worker, when settings.coordinator_compute, and the whole-vocabulary head), None for
+        none; draft: the speculation's DraftModel, when settings ask for the draft-model mode;
+        progress(what, done, total): told as the model loads (serve draws a bar from it)."""
         progress = progress or (lambda what, done, total: None)
-        progress("opening the GGUF", 0, 1)
-        self.model = open_model(model_path)
+        self.model = model
+        self.compute = compute
         self.tokenizer = GGUFTokenizer(self.model)
         weights = self._load_weights(progress)
         self.weights = weights
         blobs = {f"layer:{i}": pack_layer(i, lw) for i, lw in enumerate(weights.layers)}
         blobs["head"] = pack_head(weights.head)
         self.join_token = join_token if join_token is not None else secrets.token_urlsafe(16)
-        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, self.join_token)
+        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, self.join_token,
+                                draft=draft)
         self.core.head_logits = self._head_logits
         self._head_matrix = None  # full_head(), made on the first request that needs it
         self.bytes_to_workers = 0  # every frame sent on worker sockets (/metrics)
@@ -97,6 +89,7 @@ class CoordinatorService:
         # off loopback, /status, the dashboard and /openapi.json need the API key (serve sets
         # this unless --public-status; see security.AccessGuard)
         self.protect_status = False
+        self.compat_matrix = None  # () -> the dashboard's browser compatibility matrix (serve sets it)
         self._outboxes: dict[str, asyncio.Queue] = {}
         self._sockets: dict[str, object] = {}
         self._conn_ids = itertools.count(1)
@@ -113,10 +106,8 @@ class CoordinatorService:
         # up to 5 ms for it at every wake-up, and each pipeline hop goes through this loop.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._local = None
-        if settings.coordinator_compute:
-            # the coordinator's own worker holds every blob already (hashed once, by the core)
-            store = {info.sha256: blobs[key] for key, info in self.core.blob_info.items()}
-            self._local = TabWorker("coordinator", backend=local_backend, blob_store=store, memory_bytes=64 << 30)
+        if settings.coordinator_compute and compute is not None:
+            self._local = compute.worker({info.sha256: blobs[key] for key, info in self.core.blob_info.items()})
 
     def _load_weights(self, progress) -> ModelWeights:
         """The model's weights, layer by layer with progress (as GGUFModel.load_all reads them)."""
@@ -134,7 +125,9 @@ class CoordinatorService:
     def _head_logits(self, rows: np.ndarray) -> np.ndarray:
         """Coordinator.head_logits (sessions with logprobs or a grammar), built on first use."""
         if self._head_matrix is None:
-            self._head_matrix = full_head(self.weights.head, self.core.config.rms_eps)
+            if self.compute is None:
+                raise RuntimeError("this coordinator has no compute of its own for whole-vocabulary logits")
+            self._head_matrix = self.compute.full_head(self.weights.head, self.core.config.rms_eps)
         return self._head_matrix(rows)
 
     # ------------------------------------------------------------------ lifecycle

@@ -23,11 +23,12 @@ matched against the prompt and the text so far, proposing what followed them) an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from model.embedding import embed
 from model.sampling import Sampler
 
 MODES = ("off", "prompt-lookup", "draft-model")
@@ -90,21 +91,17 @@ class DraftModel:
     keeps a KV cache here; rejected drafts are rolled back by starting the next feed at the
     first token that differs from what the cache holds."""
 
-    def __init__(self, weights, backend: str = "numpy", max_ctx: int | None = None):
-        from tab_worker.backends import make_backend
-        from model.embedding import embed
-
+    def __init__(self, weights, compute, max_ctx: int | None = None):
+        """compute: the coordinator's own compute (tab_worker.local.LocalCompute, from `serve`),
+        which makes the backend and runs it."""
         self.config = weights.config
         self.embedding = weights.embedding
-        self._embed = embed
         self.max_ctx = min(max_ctx or self.config.context, self.config.context)
-        self.backend = make_backend(backend, self.config, dict(enumerate(weights.layers)), weights.head, self.max_ctx)
+        self.backend = compute.draft_backend(weights, self.max_ctx)
+        self._next_token = compute.next_token
         self._fed: dict[str, list[int]] = {}  # session -> tokens whose KV the draft cache holds
 
     def propose(self, session_id: str, context: list[int], k: int, sampler: Sampler | None = None, step: int = 0) -> Draft:
-        from tab_worker.backends import forward_topk
-        from protocol.model_types import SessionSlice
-
         k = min(k, self.max_ctx - len(context))
         if k <= 0:
             return Draft([])
@@ -118,10 +115,8 @@ class DraftModel:
         self.backend.truncate_session(session_id, common)
         tokens, feed, pos = [], context[common:], common
         for _ in range(k):
-            ids, _logits = forward_topk(self.backend, [SessionSlice(session_id, pos, len(feed))],
-                                        self._embed(self.embedding, feed), 1)
+            tokens.append(self._next_token(self.backend, session_id, pos, embed(self.embedding, feed)))
             pos += len(feed)
-            tokens.append(int(ids[0][0]))
             feed = tokens[-1:]
         self._fed[session_id] = list(context) + tokens[:-1]  # the last draft's KV is not computed
         return Draft(tokens)
@@ -265,12 +260,9 @@ class Speculator:
                 "tokens_per_trip": round(t["tokens"] / t["trips"], 3) if t["trips"] else None}
 
 
-def make_speculator(mode: str, max_k: int, draft_model: str = "", max_ctx: int | None = None) -> Speculator:
-    """The Speculator `serve` settings ask for; a draft model is loaded here (any GGUF of the
-    served model's vocabulary, run by the coordinator's own numpy compute)."""
-    source = None
-    if mode == "draft-model":
-        from model.loader import open_model
-
-        source = DraftModel(open_model(draft_model).load_all(), max_ctx=max_ctx)
-    return Speculator(mode, max_k, source)
+def make_speculator(mode: str, max_k: int, draft: DraftModel | None = None) -> Speculator:
+    """The Speculator `serve` settings ask for; the draft-model mode drafts with `draft`, which
+    `serve` loads (any GGUF of the served model's vocabulary, on the coordinator's own compute)."""
+    if mode == "draft-model" and draft is None:
+        raise ValueError("speculation 'draft-model' needs a DraftModel")
+    return Speculator(mode, max_k, draft if mode == "draft-model" else None)

@@ -303,8 +303,9 @@ class Session:
 # ---------------------------------------------------------------------- coordinator
 class Coordinator:
     def __init__(self, config: ModelConfig, blobs: dict[str, bytes], embed_fn, settings: CoordinatorSettings = CoordinatorSettings(),
-                 join_token: str | None = None):
-        """blobs: "layer:i" / "head" -> packed weight blob; embed_fn(ids) -> f32 rows."""
+                 join_token: str | None = None, draft=None):
+        """blobs: "layer:i" / "head" -> packed weight blob; embed_fn(ids) -> f32 rows; draft: the
+        DraftModel of settings.speculation "draft-model" (coordinator/speculation.py)."""
         self.config = config
         self.settings = settings
         self.join_token = join_token
@@ -353,8 +354,7 @@ class Coordinator:
         # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
         # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
         self.head_logits = None
-        self.speculation = make_speculator(settings.speculation, settings.speculation_max_k, settings.draft_model,
-                                           min(settings.max_ctx, config.context))
+        self.speculation = make_speculator(settings.speculation, settings.speculation_max_k, draft)
         self._trip_more: set[str] = set()  # sessions whose trip still has rows to decide (see _verify_drafts)
 
     # ================================================================== connections

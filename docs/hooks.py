@@ -1,7 +1,7 @@
 """MkDocs hook: the pages whose facts live in code are generated from it at build time, so they
 cannot drift. `{{ settings_table }}` becomes the table of every `serve` setting (from
 coordinator/config.py's rules, the defaults of coordinator/state.py's CoordinatorSettings and
-the comments beside each); `{{ browser_table }}` the browser profiles of simulation/profiles.py
+the comments beside each); `{{ browser_table }}` the browser profiles of actors/profiles.py
 with where each figure comes from; `{{ sampling_defaults }}` model/sampling.py's defaults."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def settings_table() -> str:
 
 
 def browser_table() -> str:
-    from simulation.profiles import PROFILES
+    from actors.profiles import PROFILES
 
     rows = ["| profile | browser / device | runs on | f16 | largest buffer | invocations | tab memory | sources |",
             "|---|---|---|---|---|---|---|---|"]

@@ -54,16 +54,15 @@ QUANTIZED_SUFFIX = ".tsq"  # tabshard's own quantized model files (tabshard quan
 
 
 def open_model(path: str | os.PathLike | None = None):
-    """A GGUF, one of our quantized model files, or a synthetic model ("synthetic:llama-7b",
-    model/synthetic.py); all expose config, tokenizer fields and load_all()."""
+    """A GGUF or a synthetic model ("synthetic:llama-7b", model/synthetic.py); both expose config,
+    tokenizer fields and load_all(). Our quantized files (.tsq) are written and read by the
+    quantization tools on the top floor: tabshard.models.open_model opens every kind."""
     if path is not None and str(path).startswith("synthetic:"):
         from model.synthetic import SyntheticModel
 
         return SyntheticModel(str(path))
     if path is not None and str(path).endswith(QUANTIZED_SUFFIX):
-        from tabshard.qmodel import QuantizedModel
-
-        return QuantizedModel(path)
+        raise ModelError(f"{str(path)!r} is a quantized model file: open it with tabshard.models.open_model")
     return GGUFModel(path)
 
 

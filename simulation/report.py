@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulation.scenario import DETECTION_EVENTS, detects
+from simulation.faults import DETECTION_EVENTS, detects
 
 # criterion -> the rule, as the report states it
 CRITERIA = {

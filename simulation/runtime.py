@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
-from tabshard.cluster import fetch_status, wait_for_status
+from protocol.errors import TabshardError
 
 # before ray.init: Ray's raylet (and so every actor) inherits this environment
 ACTOR_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -53,6 +55,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fetch_status(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_for_status(base: str, coordinator: subprocess.Popen | None, pred, timeout: float, what: str = "condition") -> dict:
+    """Poll a coordinator's /status until pred(status) holds; fail early if its process exits."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if coordinator is not None and coordinator.poll() is not None:
+            raise TabshardError(f"the coordinator exited with code {coordinator.returncode}")
+        try:
+            last = fetch_status(base)
+            if pred(last):
+                return last
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TabshardError(f"timed out after {timeout:.0f}s waiting for {what}; last status: {json.dumps(last)[:2000]}")
 
 
 def node_ip() -> str:

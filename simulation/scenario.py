@@ -58,19 +58,11 @@ from pathlib import Path
 
 from protocol.errors import ConfigError
 
-from simulation.profiles import get_profile
+from actors.profiles import get_profile
+from simulation.faults import detects
 
 FAULT_KINDS = ("crash", "freeze", "slow", "partition", "evict", "memory", "liar")
-DETECTION_EVENTS = {"death", "quarantine", "refused", "suspect"}
 LIAR_FACTOR = 0.05  # default noise of a liar, relative to each result's RMS
-
-
-def detects(kind: str, event: dict) -> bool:
-    """Whether a coordinator event (about the faulty tab's worker) detects a fault of `kind`."""
-    if kind == "liar":
-        return event["kind"] == "liar_detected" or (
-            event["kind"] == "quarantine" and str(event.get("reason", "")).startswith("spot check"))
-    return event["kind"] in DETECTION_EVENTS
 
 
 def load_scenario(path: str | Path) -> dict:

@@ -45,7 +45,7 @@ def _private_runtime_dir() -> None:
 def cmd_generate(a) -> int:
     from model.embedding import check_request
     from tab_worker.generate import LocalGenerator
-    from model.loader import open_model
+    from tabshard.models import open_model
     from model.tokenizer import GGUFTokenizer, StreamDecoder
 
     if a.max_tokens < 1:
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     # each area registers its own subcommands; a module that is not there yet adds none
     import importlib
 
-    for module in ("tabshard.cli_cluster", "tabshard.cli_quant", "tabshard.cli_simulate", "tabshard.cli_bench"):
+    for module in ("tabshard.cli_cluster", "tabshard.demo", "tabshard.cli_quant", "tabshard.cli_simulate", "tabshard.cli_bench"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

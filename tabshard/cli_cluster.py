@@ -61,6 +61,10 @@ def cmd_serve(a) -> int:
 
     from coordinator.app import build_app
     from coordinator.server import CoordinatorService
+    from coordinator.speculation import DraftModel
+    from tab_worker.local import LocalCompute
+    from tabshard import compat_matrix
+    from tabshard.models import open_model
 
     import os
 
@@ -76,7 +80,15 @@ def cmd_serve(a) -> int:
     settings = settings_from_args(a)
     api_key, generated = api_key_for(a.host, a.api_key or os.environ.get("TABSHARD_API_KEY"))
     names = _served_names(a.served_model_name)
-    service = CoordinatorService(a.model, settings, join_token=a.token, api_key=api_key, progress=_load_progress())
+    progress = _load_progress()
+    progress("opening the model", 0, 1)
+    compute = LocalCompute()
+    draft = None
+    if settings.speculation == "draft-model":
+        draft = DraftModel(open_model(settings.draft_model).load_all(), compute, max_ctx=settings.max_ctx)
+    service = CoordinatorService(open_model(a.model), settings, join_token=a.token, compute=compute, api_key=api_key,
+                                 progress=progress, draft=draft)
+    service.compat_matrix = compat_matrix.matrix
     from coordinator.security import is_loopback
 
     service.protect_status = bool(api_key) and not is_loopback(a.host) and not (a.public_status or settings.public_status)
@@ -326,7 +338,3 @@ def add_commands(sub) -> None:
     st.add_argument("--all", action="store_true", help="also list ended (dead, quarantined) workers")
     st.add_argument("--api-key", help="the API key, when the coordinator asks one for /status (default $TABSHARD_API_KEY)")
     st.set_defaults(func=cmd_status)
-
-    from tabshard.demo import add_demo_command
-
-    add_demo_command(sub)

@@ -4,45 +4,13 @@ Every process is ours by PID: stop() ends exactly those, nothing else.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from protocol.errors import TabshardError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fetch_status(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def wait_for_status(base: str, coordinator: subprocess.Popen | None, pred, timeout: float, what: str = "condition") -> dict:
-    """Poll a coordinator's /status until pred(status) holds; fail early if its process exits."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if coordinator is not None and coordinator.poll() is not None:
-            raise TabshardError(f"the coordinator exited with code {coordinator.returncode}")
-        try:
-            last = fetch_status(base)
-            if pred(last):
-                return last
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TabshardError(f"timed out after {timeout:.0f}s waiting for {what}; last status: {json.dumps(last)[:2000]}")
+from simulation.runtime import fetch_status, free_port, wait_for_status
 
 
 class LocalCluster:

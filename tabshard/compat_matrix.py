@@ -11,7 +11,7 @@ Three sources, best first, per profile:
 * static         no run recorded: each kernel's workgroup (as the runner would size it under
                  the profile's limits) checked against those limits, read from the WGSL.
 
-Profiles come from simulation.profiles; without it the matrix holds recorded runs only.
+Profiles come from actors.profiles; without it the matrix holds recorded runs only.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def static_check(limits: dict) -> tuple[list[str], list[str]]:
 
 def _profiles() -> dict:
     try:
-        from simulation.profiles import PROFILES
+        from actors.profiles import PROFILES
 
         return dict(PROFILES)
     except Exception:  # the simulation package is optional here
@@ -302,7 +302,7 @@ def matrix(db: str | Path | None = DEFAULT_DB) -> dict:
     rows.sort(key=lambda r: (order.index(r["profile"]), r["source"]))
     note = ("native-limits: wgpu on this host with the profile's limits (speed is this host's, not the device's); "
             "real-browser: measured in that browser; static: workgroups checked against the limits, nothing run."
-            + ("" if profiles else " simulation.profiles not importable: recorded runs only."))
+            + ("" if profiles else " actors.profiles not importable: recorded runs only."))
     return {"columns": [{"key": k, "label": v} for k, v in COLUMNS], "rows": rows, "note": note}
 
 

@@ -91,7 +91,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def add_demo_command(sub) -> None:
+def add_commands(sub) -> None:
     d = sub.add_parser("demo", help="start a local coordinator with 4 workers and stream an answer")
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("--max-tokens", type=int, default=64)

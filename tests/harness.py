@@ -12,11 +12,12 @@ from model.embedding import embed
 
 
 class Net:
-    def __init__(self, weights, settings: CoordinatorSettings = CoordinatorSettings(), local: bool = False, token=None):
+    def __init__(self, weights, settings: CoordinatorSettings = CoordinatorSettings(), local: bool = False, token=None,
+                 draft=None):
         self.weights = weights
         blobs = {f"layer:{i}": pack_layer(i, lw) for i, lw in enumerate(weights.layers)}
         blobs["head"] = pack_head(weights.head)
-        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, token)
+        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, token, draft=draft)
         self.now = 0.0
         self.workers: dict[str, TabWorker] = {}
         self.dead: set[str] = set()  # conns whose process is gone: messages vanish
@@ -128,12 +129,12 @@ class Net:
         return self.core.workers[wid].conn
 
 
-def start_net(weights, n_workers: int, local: bool = False, **settings) -> Net:
+def start_net(weights, n_workers: int, local: bool = False, draft=None, **settings) -> Net:
     """A coordinator with n in-process numpy workers, planned, loaded and ready to serve.
     Its workers are trusted from the start unless probation_steps is given (tests of probation
     opt in: tests/test_hostile_tabs.py)."""
     settings.setdefault("probation_steps", 0)
-    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local)
+    net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local, draft=draft)
     for _ in range(n_workers):
         net.add_worker()
     net.run()

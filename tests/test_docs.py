@@ -18,7 +18,7 @@ def test_guide_builds_strict_with_generated_reference(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     from coordinator.config import _RULES
-    from simulation.profiles import PROFILES
+    from actors.profiles import PROFILES
 
     config = html.unescape((site / "configuration" / "index.html").read_text())
     for key in _RULES:

@@ -11,7 +11,7 @@ from kernels.quantizers import quantize_clip
 from tabshard import qmodel
 from protocol.errors import ModelError
 from tab_worker.generate import LocalGenerator
-from model.loader import open_model
+from tabshard.models import open_model
 from model.sampling import SamplingParams
 from model.tokenizer import GGUFTokenizer
 from tests.tiny_model import TINY, tiny_weights

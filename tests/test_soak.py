@@ -13,7 +13,8 @@ import websockets
 pytest.importorskip("ray")
 
 from simulation.report import format_table  # noqa: E402
-from simulation.scenario import FAULT_KINDS, detects, fault_schedule, load_scenario, run_scenario  # noqa: E402
+from simulation.faults import detects  # noqa: E402
+from simulation.scenario import FAULT_KINDS, fault_schedule, load_scenario, run_scenario  # noqa: E402
 from simulation.workload import stream_request  # noqa: E402
 from protocol import wire  # noqa: E402
 

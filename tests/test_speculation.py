@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.speculation import AdaptiveK, Draft, DraftModel, PromptLookup, Speculator, decide_trip, lookup
 from protocol.model_types import SessionSlice
+from tab_worker.local import LocalCompute
 from tab_worker.worker import TabWorker
 from model.embedding import embed
 from tab_worker.generate import LocalGenerator
@@ -88,7 +89,7 @@ def test_draft_model_rolls_its_cache_back_to_the_context(weights):
     """Proposals from a draft model that is the target itself are what greedy decoding makes,
     also after a context that departs from its last drafts."""
     ref = reference_of(weights, PROMPT, 10)
-    dm = DraftModel(weights, max_ctx=256)
+    dm = DraftModel(weights, LocalCompute(), max_ctx=256)
     greedy = Sampler(SamplingParams())
     assert dm.propose("s", PROMPT, 4, greedy, 0).tokens == ref[:4]
     assert dm.propose("s", PROMPT + ref[:2], 3, greedy, 2).tokens == ref[2:5]  # 2 of its drafts kept
@@ -125,7 +126,7 @@ def test_worker_returns_topk_for_a_speculative_slice_and_truncates(weights):
 @pytest.mark.parametrize("n_workers", [1, 4])
 @pytest.mark.parametrize("draft", ["same-model", "other-model"])
 def test_greedy_tokens_identical_with_draft_models(weights, other_weights, reference, n_workers, draft):
-    source = DraftModel(weights if draft == "same-model" else other_weights, max_ctx=256)
+    source = DraftModel(weights if draft == "same-model" else other_weights, LocalCompute(), max_ctx=256)
     net = speculating_net(weights, n_workers, source)
     sent = truncates(net)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
@@ -161,7 +162,7 @@ def test_prompt_lookup_on_a_repeating_prompt_keeps_tokens_and_rolls_back(weights
 def test_sampled_tokens_identical_seed_for_seed(weights, other_weights):
     want = reference_of(weights, PROMPT, N_TOKENS, SAMPLED)
     for w in (weights, other_weights):
-        net = speculating_net(weights, 2, DraftModel(w, max_ctx=256))
+        net = speculating_net(weights, 2, DraftModel(w, LocalCompute(), max_ctx=256))
         net.submit("r", PROMPT, N_TOKENS, SAMPLED, stop_at_eos=False)
         run_until_done(net, ["r"])
         assert net.tokens("r") == want
@@ -170,7 +171,7 @@ def test_sampled_tokens_identical_seed_for_seed(weights, other_weights):
 def test_speculative_steps_mix_sessions(weights, reference):
     """Two sessions' trips (one greedy, one sampled: their drafts are kept for different spans)
     share stage steps: a step carries one session's draft rows beside the other's rows."""
-    net = speculating_net(weights, 1, DraftModel(weights, max_ctx=256))
+    net = speculating_net(weights, 1, DraftModel(weights, LocalCompute(), max_ctx=256))
     steps, perform = [], net.perform
 
     def watch(actions):
@@ -188,7 +189,7 @@ def test_speculative_steps_mix_sessions(weights, reference):
 # ---------------------------------------------------------------------- failures and liars
 @pytest.mark.parametrize("victim_stage", [0, 3])
 def test_worker_killed_mid_trip_gives_identical_tokens(weights, other_weights, reference, victim_stage):
-    net = speculating_net(weights, 4, DraftModel(other_weights, max_ctx=256))
+    net = speculating_net(weights, 4, DraftModel(other_weights, LocalCompute(), max_ctx=256))
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     # kill while a speculative item is in flight
     net.run(until=lambda: len(net.tokens("r")) >= 6 and any(
@@ -201,7 +202,7 @@ def test_worker_killed_mid_trip_gives_identical_tokens(weights, other_weights, r
 
 
 def test_liar_at_the_head_is_caught_in_speculative_steps(weights, reference):
-    net = speculating_net(weights, 3, DraftModel(weights, max_ctx=256), local=True, spot_check_fraction=1.0)
+    net = speculating_net(weights, 3, DraftModel(weights, LocalCompute(), max_ctx=256), local=True, spot_check_fraction=1.0)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     net.run(until=lambda: len(net.tokens("r")) >= 3)
     victim = net.stage_conn(2)
@@ -214,7 +215,7 @@ def test_liar_at_the_head_is_caught_in_speculative_steps(weights, reference):
 
 
 def test_honest_speculative_steps_pass_checks_of_all_their_rows(weights, reference):
-    net = speculating_net(weights, 3, DraftModel(weights, max_ctx=256), local=True, spot_check_fraction=1.0)
+    net = speculating_net(weights, 3, DraftModel(weights, LocalCompute(), max_ctx=256), local=True, spot_check_fraction=1.0)
     checks, perform = [], net.perform
 
     def watch(actions):
@@ -339,15 +340,19 @@ def test_real_model_greedy_tokens_identical_with_prompt_lookup(smollm2_weights, 
 
 
 def test_draft_model_from_settings_drafts_for_the_served_model(weights, reference, tmp_path):
-    """speculation = "draft-model" with a model file (here the tiny model as a .tsq): the
-    coordinator loads it and its drafts, the served model's own, are all kept."""
+    """speculation = "draft-model" with a model file (here the tiny model as a .tsq): serve's
+    opener loads it on the coordinator's own compute and its drafts, the served model's own, are
+    all kept."""
     from coordinator.config import load_settings
     from tabshard import qmodel
+    from tabshard.models import open_model
 
     path = tmp_path / "draft.tsq"
     qmodel.write(path, weights, {})
     s = load_settings(None, {"speculation": "draft-model", "draft_model": str(path), "speculation_max_k": 3, "max_ctx": 256})
-    net = start_net(weights, 2, speculation=s.speculation, draft_model=s.draft_model, speculation_max_k=s.speculation_max_k)
+    draft = DraftModel(open_model(s.draft_model).load_all(), LocalCompute(), max_ctx=s.max_ctx)
+    net = start_net(weights, 2, speculation=s.speculation, draft_model=s.draft_model, speculation_max_k=s.speculation_max_k,
+                    draft=draft)
     assert isinstance(net.core.speculation.source, DraftModel)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["r"])

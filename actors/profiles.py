@@ -3,7 +3,7 @@
 Every value says where it comes from. Three kinds of source:
 
 * [spec]      the WebGPU specification's default limits (https://www.w3.org/TR/webgpu/#limits,
-              "Limit" table, default column) -- also kernels.runner.WEBGPU_DEFAULT_LIMITS.
+              "Limit" table, default column), as kernels.runner.WEBGPU_DEFAULT_LIMITS holds them.
 * [measured]  seen on this project's machines (/work/shared/notes/PLATFORM.md: headless Chromium 156
               with SwiftShader; lavapipe; an H100 through wgpu/Vulkan).
 * [report]    published adapter reports (webgpureport.org entries for the named browser and GPU
@@ -25,21 +25,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from kernels.runner import WEBGPU_DEFAULT_LIMITS
 from protocol.errors import ConfigError
 
 MiB, GiB = 1 << 20, 1 << 30
 
-# [spec] WebGPU default limits, the floor every conformant browser grants
-SPEC_DEFAULTS = {
-    "max-storage-buffer-binding-size": 128 * MiB,
-    "max-buffer-size": 256 * MiB,
-    "max-compute-workgroup-storage-size": 16384,
-    "max-compute-invocations-per-workgroup": 256,
-    "max-compute-workgroup-size-x": 256,
-    "max-compute-workgroup-size-y": 256,
-    "max-compute-workgroup-size-z": 64,
-    "max-compute-workgroups-per-dimension": 65535,
-}
+# [spec] WebGPU default limits, the floor every conformant browser grants: the ones a profile
+# varies (the kernels' buffer and workgroup sizes)
+SPEC_DEFAULTS = {name: WEBGPU_DEFAULT_LIMITS[name] for name in (
+    "max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
+    "max-compute-invocations-per-workgroup", "max-compute-workgroup-size-x", "max-compute-workgroup-size-y",
+    "max-compute-workgroup-size-z", "max-compute-workgroups-per-dimension")}
 
 
 @dataclass(frozen=True)
