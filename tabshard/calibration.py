@@ -23,8 +23,9 @@ is its relative output error on calibration activations, tr(dW H dW^T) / tr(W H 
 every layer at the probe, keep the rest source, measure the increase in NLL per token on
 held-out calibration-domain text, divide by the type's summed proxies (``Costs``). Measured
 probes: 2-bit (s2g32) and 3-bit (s3g64) GPTQ for the linears, s4g32 for the embedding — 15
-short forwards. ``coordinator/precision.py`` then picks the formats (a multiple-choice
-knapsack). The report prints each mixed plan's predicted delta NLL beside its measured
+short forwards. ``tabshard/mixed_precision.py`` turns them into costs and
+``coordinator/precision.py`` picks the formats (a multiple-choice knapsack). The report prints
+each mixed plan's predicted delta NLL beside its measured
 perplexity: the validation.
 
 The forward here is the same math as tab_worker/numpy_backend.py (kernels/reference.py's twins)
@@ -261,12 +262,13 @@ class Calibrator:
 
     def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW, cache_dir: str | None = None,
                  rotation: int | None = None, damp: float | None = None, act_order: bool = True):
-        from kernels.quantizers import DAMP, GPTQHessian
+        from kernels.quantizers import GPTQHessian
 
         self.source = weights
         self.config = weights.config
         self.rotation = rotation
-        self.damp, self.act_order = (DAMP if damp is None else damp), act_order
+        # None: GPTQ's damping by code width (kernels/quantizers.DAMP_BY_BITS)
+        self.damp, self.act_order = damp, act_order
         self.window = window
         self.dense = DenseModel(weights)
         if rotation is not None:
@@ -284,11 +286,17 @@ class Calibrator:
             import hashlib
             import os
 
+            from kernels import quantizers as Q
+
             key = hashlib.sha256(np.asarray(self.calib_ids, np.int64).tobytes())
             for lw in weights.layers[:2]:
                 key.update(lw.wq.qweight.tobytes())
-            key.update(repr((rotation, self.damp, act_order, window)).encode())
-            self.cache_dir = os.path.join(cache_dir, key.hexdigest()[:16])
+            key.update(repr((rotation, window)).encode())
+            # the Hessians depend on the text, model and basis; the quantized tensors also on
+            # the quantizers' settings, so those live one folder down
+            self.hessian_dir = os.path.join(cache_dir, key.hexdigest()[:16])
+            settings = repr((damp, Q.DAMP, sorted(Q.DAMP_BY_BITS.items()), act_order, Q.VERSION)).encode()
+            self.cache_dir = os.path.join(self.hessian_dir, "q-" + hashlib.sha256(settings).hexdigest()[:12])
             os.makedirs(self.cache_dir, exist_ok=True)
         self.hessians, self.head_hessian = self._hessians()
 
@@ -297,7 +305,7 @@ class Calibrator:
         the calibration text: minutes on a loaded 2-core host)."""
         import os
 
-        p = os.path.join(self.cache_dir, "hessians.npz") if self.cache_dir else None
+        p = os.path.join(self.hessian_dir, "hessians.npz") if self.cache_dir else None
         if p and os.path.exists(p):
             with np.load(p) as z:
                 per_layer = [{t: z[f"{i}|{t}"] for t in TAPS} for i in range(self.config.n_layers)]
@@ -347,14 +355,20 @@ class Calibrator:
         attr = {v: k for k, v in TYPE_OF.items()}[t]
         return self.hessians[int(i)][TAP_OF[attr]]
 
-    def _prepared_hessian(self, name: str):
+    def prepare(self, h: np.ndarray, bits: int):
+        """GPTQ's view of Hessian ``h`` for codes of ``bits``: damped as measured for that width."""
+        from kernels.quantizers import damping
+
+        return self._GPTQHessian.of(h, damping(bits) if self.damp is None else self.damp, self.act_order)
+
+    def _prepared_hessian(self, name: str, bits: int):
         if name in (EMBEDDING, HEAD):
-            key = EMBEDDING
+            key = (EMBEDDING, bits)
         else:
             _, i, t = name.split(".")
-            key = (int(i), TAP_OF[{v: k for k, v in TYPE_OF.items()}[t]])
+            key = (int(i), TAP_OF[{v: k for k, v in TYPE_OF.items()}[t]], bits)
         if key not in self._prepared:
-            self._prepared[key] = self._GPTQHessian.of(self.hessian(name), self.damp, self.act_order)
+            self._prepared[key] = self.prepare(self.hessian(name), bits)
         return self._prepared[key]
 
     def embedding_importance(self) -> np.ndarray:
@@ -378,7 +392,7 @@ class Calibrator:
         if name == HEAD and method == "gptq":
             method = "clip"  # the head's 49k rows: importance-weighted clip, GPTQ's gain is small there
         if method == "gptq":
-            return Q.gptq(w, hessian if hessian is not None else self._prepared_hessian(name), spec)
+            return Q.gptq_refined(w, hessian if hessian is not None else self._prepared_hessian(name, spec.bits), spec)
         if method == "clip":  # importance-weighted (diag of the Hessian)
             h = self.hessian(name) if hessian is None else None
             imp = np.diag(h) if h is not None else hessian.importance
@@ -533,10 +547,6 @@ class Calibrator:
         return out
 
 
-def plan_bytes(cal: "Calibrator", plan: dict) -> int:
-    return model_bytes(cal.assemble(plan))
-
-
 def model_bytes(w: ModelWeights) -> int:
     """The whole model as packed: every matrix (the tied head counted once) and norm vector."""
     total = w.embedding.nbytes + sum(lw.nbytes for lw in w.layers) + w.head.output_norm.nbytes
@@ -551,106 +561,3 @@ def linear_bits_per_weight(w: ModelWeights) -> float:
     nbytes = sum(getattr(lw, m).nbytes for lw in w.layers for m in LayerWeights.MATRICES)
     count = sum(getattr(lw, m).n * getattr(lw, m).k for lw in w.layers for m in LayerWeights.MATRICES)
     return 8.0 * nbytes / count
-
-
-# ------------------------------------------------------------------ plans
-
-# Every format offered costs one GPTQ of every tensor. The 2-bit one is asymmetric a2g64 (2.5
-# bpw, a min per 64): on the held-out domains mixed@3.0+rot+seq measured 2.28/2.07/2.04x source
-# with it against 2.87/2.30/2.49x with symmetric s2g32 (benchmarks/quant_report_full.md); then
-# the 3-bit probe's format, the 4-bit step above it, and source (a rotated model's 8-bit stand-in).
-MIXED_FORMATS = ("gptq:a2g64", "gptq:s3g64", "gptq:s4g64", SOURCE)
-EMBEDDING_FORMATS = ("clip:s4g32", "clip:s4g64", SOURCE)
-
-
-def uniform_plan(n_layers: int, linears: str, embedding: str = SOURCE) -> dict:
-    plan = {f"blk.{i}.{t}": linears for i in range(n_layers) for t in LINEAR_TYPES}
-    plan[EMBEDDING] = embedding
-    return plan
-
-
-PROBES = ("gptq:s2g32", "gptq:s3g64")
-EMBEDDING_PROBE = "clip:s4g32"
-
-
-class Costs:
-    """Estimated cost of a tensor's quantization (increase in mean NLL per token, nats):
-    alpha[type, probe] * proxy(tensor, choice). Each alpha is measured once per tensor type and
-    probe format: delta NLL with that type alone at the probe (everything else source), divided
-    by the sum of the type's proxies there. A choice uses the probe nearest its bit width
-    (2-bit choices the 2-bit probe, 3- and 4-bit ones the 3-bit probe): the proxy-to-loss ratio
-    is not the same at 2 bits as at 3, and a 3-bit probe can be too small to see at all."""
-
-    def __init__(self, measured: dict):
-        self.measured = measured  # {type: {probe: (delta_nll, proxy_sum)}}
-
-    def alpha(self, t: str, choice: str) -> float:
-        probes = self.measured.get(t, {})
-        if not probes or choice == SOURCE:
-            return 0.0
-        bits = parse_choice(choice)[1].bits
-        probe = min(probes, key=lambda p: (abs(parse_choice(p)[1].bits - bits), parse_choice(p)[1].bits))
-        d, p = probes[probe]
-        return max(d, 0.0) / p if p > 0 else 0.0
-
-    def cost(self, cal: "Calibrator", name: str, choice: str) -> float:
-        t = EMBEDDING if name in (EMBEDDING, HEAD) else name.split(".")[2]
-        return self.alpha(t, choice) * cal.proxy(name, choice)
-
-    def summary(self) -> dict:
-        return {t: {p: round(d, 4) for p, (d, _) in v.items()} for t, v in self.measured.items()}
-
-
-def estimated_costs(cal: Calibrator, sens_ids, probes=PROBES, embedding_probe: str = EMBEDDING_PROBE) -> Costs:
-    """Measure every type's sensitivity at each probe on ``sens_ids`` (calibration text)."""
-    measured: dict = {}
-    for i, probe in enumerate(probes):
-        types = LINEAR_TYPES + ((EMBEDDING,) if i == 0 else ())
-        for t, v in cal.sensitivity(probe, sens_ids, types=types, embedding_probe=embedding_probe).items():
-            measured.setdefault(t, {})[embedding_probe if t == EMBEDDING else probe] = v
-    return Costs(measured)
-
-
-def tensor_options(cal: Calibrator, costs: Costs, formats=MIXED_FORMATS, embedding_formats=EMBEDDING_FORMATS,
-                   embedding_fixed: str | None = None) -> dict:
-    """{tensor: [Option]} for coordinator.precision (embedding options too unless fixed)."""
-    from coordinator.precision import Option
-
-    opts = {}
-    for name in cal.tensor_names():
-        if name in (EMBEDDING, HEAD):
-            choices = (embedding_fixed,) if embedding_fixed else embedding_formats
-        else:
-            choices = formats
-        opts[name] = [Option(c, cal.quantized(name, c).nbytes, costs.cost(cal, name, c)) for c in choices]
-    return opts
-
-
-def fixed_bytes(w: ModelWeights) -> int:
-    """Bytes no plan changes: the norm vectors, and an untied LM head (kept as loaded)."""
-    untied = 0 if w.head.output is w.embedding else w.head.output.nbytes
-    return sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in w.layers) + w.head.output_norm.nbytes + untied
-
-
-def linear_weight_count(config: ModelConfig) -> int:
-    c = config
-    per = c.hidden * (c.n_heads * c.head_dim) * 2 + c.hidden * (c.n_kv_heads * c.head_dim) * 2 + 3 * c.hidden * c.ffn
-    return per * c.n_layers
-
-
-def mixed_plan(cal: Calibrator, costs: Costs, *, budget_bytes: int | None = None, bits_per_weight: float | None = None,
-               embedding: str | None = None, formats=MIXED_FORMATS) -> dict:
-    """The least-cost plan within a whole-model byte budget, or within bits_per_weight on the
-    linear layers (then the embedding is ``embedding``, default source)."""
-    from coordinator.precision import choose
-
-    if (budget_bytes is None) == (bits_per_weight is None):
-        raise ValueError("give exactly one of budget_bytes and bits_per_weight")
-    if bits_per_weight is not None:
-        opts = tensor_options(cal, costs, formats, embedding_fixed=embedding or SOURCE)
-        fixed = {n: opts.pop(n)[0].choice for n in (EMBEDDING, HEAD) if n in opts}
-        plan = choose(opts, int(bits_per_weight * linear_weight_count(cal.config) / 8))
-        plan.update(fixed)
-        return plan
-    opts = tensor_options(cal, costs, formats, embedding_fixed=embedding)
-    return choose(opts, budget_bytes, fixed_bytes(cal.source))

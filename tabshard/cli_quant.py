@@ -96,7 +96,7 @@ def parse_scheme(scheme: str) -> Scheme:
 
 
 def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
-    from tabshard.calibration import MIXED_FORMATS, mixed_plan, uniform_plan
+    from tabshard.mixed_precision import MIXED_FORMATS, mixed_plan, uniform_plan
 
     if scheme.linears.startswith("mixed@"):
         return mixed_plan(cal, alphas_fn(), bits_per_weight=float(scheme.linears[6:]), embedding=scheme.embedding,
@@ -111,6 +111,7 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
     ``source`` is ModelWeights; ``eval_sets`` {domain: ids}; ``sens_ids`` (text held out from
     the Hessians) scores mixed precision, default the first 512 calibration ids."""
     from tabshard import calibration as C
+    from tabshard import mixed_precision as M
 
     log = log or (lambda msg: None)
     window = window or C.WINDOW
@@ -136,7 +137,7 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
         def alphas(cal=cal, rotation=scheme.rotation):
             if rotation not in costs:
                 t = time.perf_counter()
-                costs[rotation] = C.estimated_costs(cal, sens_ids)
+                costs[rotation] = M.estimated_costs(cal, sens_ids)
                 log(f"sensitivity probes in {time.perf_counter() - t:.1f}s (delta NLL per token): {costs[rotation].summary()}")
             return costs[rotation]
 
@@ -238,7 +239,7 @@ def format_table(rows: list[dict], classes: dict | None = None) -> str:
 
 def _load(a):
     from tabshard.calibration import limit_blas_threads
-    from model.loader import open_model
+    from tabshard.models import open_model
     from model.tokenizer import GGUFTokenizer
 
     if a.threads:
@@ -327,6 +328,7 @@ def cmd_quant_report(a) -> int:
 def cmd_quantize(a) -> int:
     from coordinator.precision import PrecisionError, fit_tabs
     from tabshard import calibration as C
+    from tabshard import mixed_precision as M
     from tabshard import qmodel
 
     given = [x is not None for x in (a.budget_bytes, a.bits_per_weight, a.scheme, a.tab_budgets)]
@@ -346,19 +348,19 @@ def cmd_quantize(a) -> int:
                     "sequential": bool(sequential)}
     try:
         if scheme:
-            plan = scheme_plan(cal, scheme, lambda: C.estimated_costs(cal, mixed.sens_ids))
+            plan = scheme_plan(cal, scheme, lambda: M.estimated_costs(cal, mixed.sens_ids))
             if emb:
                 plan[C.EMBEDDING] = emb
         else:
-            alphas = C.estimated_costs(cal, mixed.sens_ids)
+            alphas = M.estimated_costs(cal, mixed.sens_ids)
             report["sensitivity_delta_nll"] = alphas.summary()
             if a.bits_per_weight is not None:
-                plan = C.mixed_plan(cal, alphas, bits_per_weight=a.bits_per_weight, embedding=emb or C.SOURCE)
+                plan = M.mixed_plan(cal, alphas, bits_per_weight=a.bits_per_weight, embedding=emb or C.SOURCE)
             elif a.budget_bytes is not None:
-                plan = C.mixed_plan(cal, alphas, budget_bytes=a.budget_bytes, embedding=emb)
+                plan = M.mixed_plan(cal, alphas, budget_bytes=a.budget_bytes, embedding=emb)
             else:
                 budgets = [int(x) for x in a.tab_budgets.split(",")]
-                opts = C.tensor_options(cal, alphas, embedding_fixed=emb)
+                opts = M.tensor_options(cal, alphas, embedding_fixed=emb)
                 layer_of = {n: (None if n in (C.EMBEDDING, C.HEAD) else int(n.split(".")[1])) for n in opts}
                 norms = weights.layers[0].attn_norm.nbytes * 2
                 tp = fit_tabs(opts, layer_of, budgets, fixed_layer_bytes=norms, head_fixed_bytes=weights.head.output_norm.nbytes)

@@ -37,16 +37,17 @@ def run(cal, plan: dict) -> tuple[dict, float]:
 
         def quantize_group(group, tap_inputs):
             h = sum((x.T @ x).astype(np.float64) for x in tap_inputs)
-            prepared = None
+            prepared = {}  # by code width: GPTQ's damping depends on it
             for attr in group:
                 name = f"blk.{li}.{TYPE_OF[attr]}"
                 choice = cal._choice(plan, name)
                 if choice == SOURCE:
                     out[name] = cal.source_tensor(name)
                 else:
-                    if parse_choice(choice)[0] in ("gptq", "clip") and prepared is None:
-                        prepared = cal._GPTQHessian.of(h, cal.damp, cal.act_order)
-                    out[name] = cal._quantize(name, choice, mats[attr], prepared)
+                    bits = parse_choice(choice)[1].bits
+                    if parse_choice(choice)[0] in ("gptq", "clip") and bits not in prepared:
+                        prepared[bits] = cal.prepare(h, bits)
+                    out[name] = cal._quantize(name, choice, mats[attr], prepared.get(bits))
                 mats[attr] = deq(out[name])
 
         hs = [ref.rmsnorm(x, src.attn_norm, c.rms_eps) for x in xs]

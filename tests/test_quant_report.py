@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tabshard import calibration as C
+from tabshard import mixed_precision as M
 from tabshard import qmodel
 from tabshard.cli import main
 from tabshard.cli_quant import parse_scheme, run_report
@@ -71,15 +72,15 @@ def test_hessians_and_sensitivity(cal):
 
 
 def test_mixed_plan_fits_its_budget_and_beats_uniform(cal, ids):
-    alphas = C.estimated_costs(cal, cal.calib_ids[:128])
-    n = C.linear_weight_count(CONFIG)
+    alphas = M.estimated_costs(cal, cal.calib_ids[:128])
+    n = M.linear_weight_count(CONFIG)
     for bpw in (3.0, 4.0):
-        plan = C.mixed_plan(cal, alphas, bits_per_weight=bpw)
+        plan = M.mixed_plan(cal, alphas, bits_per_weight=bpw)
         w = cal.assemble(plan)
         assert C.linear_bits_per_weight(w) <= bpw + 1e-9
         assert plan[C.EMBEDDING] == C.SOURCE
-    budget = C.model_bytes(cal.assemble(C.uniform_plan(CONFIG.n_layers, "gptq:s3g32", "clip:s4g32")))
-    plan = C.mixed_plan(cal, alphas, budget_bytes=budget)
+    budget = C.model_bytes(cal.assemble(M.uniform_plan(CONFIG.n_layers, "gptq:s3g32", "clip:s4g32")))
+    plan = M.mixed_plan(cal, alphas, budget_bytes=budget)
     assert C.model_bytes(cal.assemble(plan)) <= budget
     assert n > 0
 
@@ -179,10 +180,10 @@ def test_7b_shape_fits_8_tabs_of_1_gib_at_3_bits_per_weight():
     formats = [QuantSpec.parse(f) for f in ("s2g32", "s3g64", "s4g64")]
     opts = {f"blk.{i}.{t}": [Option(s.name, nbytes(s, *shapes[t]), 2.0 ** -s.bits * (1 + (t == "ffn_down"))) for s in formats]
             for i in range(c.n_layers) for t in shapes}
-    plan = choose(opts, int(3.0 * C.linear_weight_count(c) / 8))
+    plan = choose(opts, int(3.0 * M.linear_weight_count(c) / 8))
     by = {n: {o.choice: o.nbytes for o in v} for n, v in opts.items()}
     linear = sum(by[n][plan[n]] for n in plan)
-    assert 8 * linear / C.linear_weight_count(c) <= 3.0 and len(set(plan.values())) > 1
+    assert 8 * linear / M.linear_weight_count(c) <= 3.0 and len(set(plan.values())) > 1
     norms = 2 * 4 * c.hidden
     layer_bytes = [norms + sum(by[f"blk.{i}.{t}"][plan[f"blk.{i}.{t}"]] for t in shapes) for i in range(c.n_layers)]
     emb4 = nbytes(QuantSpec.parse("s4g32"), c.vocab, c.hidden)

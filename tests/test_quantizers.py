@@ -74,6 +74,28 @@ def test_gptq_prepared_hessian_dead_inputs_and_ragged_k():
         Q.quantize(w, QuantSpec(3, 32, True), "gptq")
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64, False), QuantSpec(3, 64, True), QuantSpec(2, 32, False)], ids=lambda s: s.name)
+def test_scale_refit_is_the_least_squares_fit_of_the_output(problem, spec):
+    w, h = problem
+    t = Q.gptq(w, h, spec)
+    s, m = Q.refit_scales(w, t, h)
+    refit = Q._retile(t, (s, m))
+    # the same codes with the refit scales: output error no worse (f16 rounding aside) ...
+    assert Q.output_error(w, refit, h) <= Q.output_error(w, t, h) * 1.001
+    # ... and, per row, the solution of the normal equations built the slow way
+    codes = Q._codes_of(t).astype(np.float64)[:, : w.shape[1]]
+    off = (1 << (spec.bits - 1)) if spec.symmetric else 0
+    for r in (0, 7):
+        cols = [np.where(np.arange(w.shape[1]) // spec.group == g, codes[r] - off, 0.0) for g in range(t.groups)]
+        if not spec.symmetric:
+            cols += [(np.arange(w.shape[1]) // spec.group == g).astype(float) for g in range(t.groups)]
+        a = np.stack(cols, 1)
+        theta = np.linalg.lstsq(a.T @ h @ a, a.T @ h @ w[r].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(s[r], theta[: t.groups].astype(np.float16), rtol=2e-3, atol=1e-3)
+    # alternating refit and GPTQ never ends worse on the calibration activations than GPTQ
+    assert Q.output_error(w, Q.gptq_refined(w, h, spec), h) <= Q.output_error(w, t, h)
+
+
 def test_scales_are_f16_exact_and_codes_optimal_for_them(problem):
     w, _ = problem
     spec = QuantSpec(3, 32, False)

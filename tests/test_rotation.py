@@ -10,6 +10,7 @@ from kernels import reference as ref
 from protocol.model_types import SessionSlice
 from tab_worker.numpy_backend import NumpyBackend
 from tabshard import calibration as C
+from tabshard import mixed_precision as M
 from tabshard import calibration_text as T
 from tabshard import qmodel
 from model.embedding import embed
@@ -55,7 +56,7 @@ def test_rotation_folds_into_the_weights(weights, ids):
 def test_rotated_quantized_model_runs_on_the_runtime_and_in_a_tsq(weights, ids, tmp_path):
     cal = C.Calibrator(weights, ids[-256:], window=128, rotation=9)
     assert cal.tensor_names()[-1] == C.HEAD
-    plan = C.uniform_plan(CONFIG.n_layers, "gptq:s3g64", "clip:s4g32")
+    plan = M.uniform_plan(CONFIG.n_layers, "gptq:s3g64", "clip:s4g32")
     w = cal.assemble(plan, sequential=True)
     assert w.head.output is not w.embedding and w.head.output.spec.name == "s4g32"
     path = tmp_path / "rot.tsq"
@@ -78,7 +79,7 @@ def test_rotated_quantized_model_runs_on_the_runtime_and_in_a_tsq(weights, ids, 
 
 def test_sequential_gptq_calibrates_on_the_quantized_layers(weights, ids):
     cal = C.Calibrator(weights, ids[-256:], window=128)
-    plan = C.uniform_plan(CONFIG.n_layers, "gptq:s2g32")
+    plan = M.uniform_plan(CONFIG.n_layers, "gptq:s2g32")
     seq = cal.sequential(plan)
     # layer 0 reads the (source) embedding either way: its q/k/v are the independent GPTQ's
     for t in ("attn_q", "attn_k", "attn_v"):
