@@ -8,13 +8,20 @@ DASHBOARD := coordinator/web/dist/dashboard/index.html
 TAB_ASSETS := tab_worker/web/dist/index.html
 NODE_DEPS := node_modules/.package-lock.json
 
-.PHONY: demo test setup system-packages bench
+.PHONY: demo test test-fast setup system-packages bench
 
 demo: setup
 	$(VENV)/bin/tabshard demo
 
+# the floors first (import-linter contracts in pyproject.toml), then every test
 test: setup
+	$(VENV)/bin/lint-imports
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x --durations=15 tests
+
+# the inner loop: unit tests only (markers by file: tests/conftest.py)
+test-fast: setup
+	$(VENV)/bin/lint-imports
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x -m unit tests
 
 setup: system-packages $(STAMP) $(DASHBOARD) $(TAB_ASSETS)
 	@$(PY) -m tab_worker.cpu_kernels
@@ -27,7 +34,7 @@ $(NODE_DEPS): package-lock.json
 $(DASHBOARD): $(NODE_DEPS) coordinator/web/build.mjs $(wildcard coordinator/web/dashboard/*)
 	node coordinator/web/build.mjs
 
-$(TAB_ASSETS): $(NODE_DEPS) $(STAMP) tab_worker/web/build.py $(wildcard tab_worker/web/*.js tab_worker/web/*.html tab_worker/web/*.css kernels/c/*.c)
+$(TAB_ASSETS): $(NODE_DEPS) $(STAMP) tab_worker/web/build.py protocol/messages.py $(wildcard tab_worker/web/*.js tab_worker/web/*.html tab_worker/web/*.css kernels/c/*.c)
 	$(PY) tab_worker/web/build.py --require-wasm
 
 # Debian packages only where missing, and only where we are root with apt.

@@ -10,6 +10,25 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import pytest  # noqa: E402
 
+# Each test file's kind (markers registered in pyproject.toml): `make test-fast` runs the unit
+# tests, `make test` every kind. A file not listed here is a unit test: in-process, no sockets
+# to other processes, no browser, no Ray.
+KIND_OF_FILE = {
+    "browser": ("test_browser_tabs.py", "test_dashboard.py"),
+    "ray": ("test_simulation_tabs.py", "test_simulation_scenario.py", "test_synthetic_tabs.py", "test_gpu_tabs.py"),
+    "soak": ("test_soak.py",),
+    "cluster": ("test_access.py", "test_bad_input.py", "test_cluster.py", "test_coordinator_restart.py",
+                "test_hostile_tabs.py", "test_liar_stream.py", "test_metrics.py", "test_openai_compat.py",
+                "test_openapi_fuzz.py", "test_tls_worker.py", "test_worker_cli.py", "test_worker_connection.py",
+                "test_docs.py"),
+}
+_KIND = {name: kind for kind, names in KIND_OF_FILE.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, _KIND.get(item.path.name, "unit")))
+
 # Mesa prints an error at every start without a private runtime dir (PLATFORM.md)
 if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
