@@ -276,10 +276,15 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "chunk_id": COUNT,
         "ok": bool,
         "error": opt(TEXT),
+        "blob": opt(Str(128)),  # the sha256 of the blob the chunk belongs to
     }),
+    # corrections: the assign's precision settings this worker could not honour, each a map of
+    # setting, asked, used, reason
     ("ready", WORKER, {
+        "assignment_id": opt(COUNT),
         "layers": ListOf(Int(0, MAX_LAYER)),
         "checksum": Str(128),
+        "corrections": opt(ListOf(PEER_MAP, max_len=64)),
     }),
     ("step_result", WORKER, {
         "step_id": COUNT,
@@ -326,6 +331,7 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "total": int,
         "data": bytes,
         "sha256": str,
+        "blob": opt(str),  # the sha256 of the whole blob this chunk is a piece of
     }),
     ("step", COORDINATOR, {
         "step_id": int,
@@ -347,8 +353,11 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "session_id": str,
         "length": int,
     }),
+    # one range [layer_start, layer_end) goes; without them, every range held
     ("unload", COORDINATOR, {
         "reason": opt(str),
+        "layer_start": opt(int),
+        "layer_end": opt(int),
     }),
     # -- client <-> coordinator (token stream) -----------------------------------------------
     ("generate", CLIENT, {
@@ -435,3 +444,38 @@ def _describe(value: Any) -> str:
     if isinstance(value, (str, bytes, bytearray, list, tuple, dict)):  # never repr a huge value
         return f"{type(value).__name__} of length {len(value)}"
     return f"{type(value).__name__} {value!r:.60}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The same table for the browser's codec (tab_worker/web/codec.js validates with it): written
+# into the tab's dist/messages.js by tab_worker/web/build.py, so the two sides cannot drift. A
+# spec there is "int" "float" "str" "bool" "bytes" "dict" "list", {tensor: [dtypes], rank},
+# {listOf: spec, maxLen}, {struct: {...}, maxBytes}, {int: [lo, hi]}, {float: [lo, hi]},
+# {str: maxLen}, and {opt: spec} for an optional field.
+
+def js_schema() -> dict:
+    """MESSAGES as JSON-able data in the JS codec's spec form: type -> field -> spec."""
+    return {name: {field: _js_field(f) for field, f in schema.fields.items()} for name, schema in MESSAGES.items()}
+
+
+def _js_field(f: Field) -> Any:
+    return _js_spec(f.spec) if f.required else {"opt": _js_spec(f.spec)}
+
+
+def _js_spec(spec: Spec) -> Any:
+    if isinstance(spec, Tensor):
+        return {"tensor": list(spec.dtypes), **({} if spec.rank is None else {"rank": spec.rank})}
+    if isinstance(spec, ListOf):
+        return {"listOf": _js_spec(spec.item), **({} if spec.max_len is None else {"maxLen": spec.max_len})}
+    if isinstance(spec, Struct):
+        return {"struct": {name: _js_field(f) for name, f in spec.fields.items()},
+                **({} if spec.max_bytes is None else {"maxBytes": spec.max_bytes})}
+    if isinstance(spec, Int):
+        return {"int": [spec.lo, spec.hi]}
+    if isinstance(spec, Float):
+        if math.isinf(spec.lo) and math.isinf(spec.hi):
+            return "float"
+        return {"float": [spec.lo, spec.hi]}
+    if isinstance(spec, Str):
+        return {"str": spec.max_len}
+    return spec.__name__

@@ -10,6 +10,7 @@
 // decode() throws only ProtocolError {code, field, message}, with the same codes and fields
 // as Python's decode for every frame in tests/vectors.
 import { Encoder, Decoder, ExtData } from "./vendor/msgpack/index.mjs";
+import { MESSAGES } from "./messages.js";
 
 export const PROTOCOL_VERSION = 1;
 export const TENSOR_TAG = "__t";
@@ -49,60 +50,9 @@ export const Limits = {
 };
 
 // ------------------------------------------------------------------------------- schemas
-// Same table as wire.py's _SCHEMA_TABLE. Spec: "int" "float" "str" "bool" "bytes" "dict"
-// "list", {tensor: [dtypes]}, {listOf: spec, maxLen}, {struct: {...}, maxBytes}, {int: [lo, hi]},
-// {float: [lo, hi]}, {str: maxLen}; {opt: spec} marks an optional field. Fields not listed pass
-// through. A "float" is finite. The bounds are wire.py's (tests/vectors holds frames that break
-// each kind, which both codecs refuse with the same code and field).
-const SESSION = { struct: { session_id: "str", start_pos: "int", length: "int", topk_rows: { opt: "int" } } };
-const opt = (spec) => ({ opt: spec });
-const I64_MAX = 2 ** 63 - 1, MAX_BYTES_FIELD = 2 ** 50, MAX_LAYER = 2 ** 20, MAX_STEP_MS = 3_600_000;
-const MAX_PEER_MAP_BYTES = 16 * 1024, MAX_BLOBS = 4096;
-const NAME = { str: 128 }, TEXT = { str: 4096 }, COUNT = { int: [0, I64_MAX] };
-const PEER_MAP = { struct: {}, maxBytes: MAX_PEER_MAP_BYTES };
-const CAPABILITIES = {
-  struct: { memory_bytes: opt({ int: [0, MAX_BYTES_FIELD] }), expansion: opt({ float: [0.01, 1000] }), backend: opt({ str: 64 }),
-    kind: opt({ str: 64 }) },
-  maxBytes: MAX_PEER_MAP_BYTES,
-};
-const RESUME = { struct: { have: opt({ listOf: { str: 128 }, maxLen: MAX_BLOBS }), worker_id: opt(NAME) }, maxBytes: MAX_BLOBS * 80 };
-export const MESSAGES = {
-  hello: { worker_name: NAME, token: opt({ str: 256 }), capabilities: CAPABILITIES, resume: opt(RESUME) },
-  calibration_result: {
-    step_ms: { float: [0, MAX_STEP_MS] },
-    details: opt({ struct: { expansion: opt({ float: [0.01, 1000] }), backend: opt({ str: 64 }) }, maxBytes: MAX_PEER_MAP_BYTES }),
-  },
-  load_progress: { layer: { int: [0, MAX_LAYER] }, received_bytes: { int: [0, MAX_BYTES_FIELD] }, total_bytes: { int: [0, MAX_BYTES_FIELD] } },
-  weights_ack: { chunk_id: COUNT, ok: "bool", error: opt(TEXT) },
-  ready: { layers: { listOf: { int: [0, MAX_LAYER] } }, checksum: { str: 128 } },
-  step_result: {
-    step_id: COUNT, epoch: COUNT, output: { tensor: ["f32", "f16"] }, topk_ids: opt({ tensor: ["i32"] }),
-    topk_logits: opt({ tensor: ["f32"] }), compute_ms: opt({ float: [0, MAX_STEP_MS] }),
-  },
-  heartbeat: { seq: "int", load: opt(PEER_MAP) },
-  refuse: { reason: NAME, detail: opt({ struct: { budget: opt({ int: [0, MAX_BYTES_FIELD] }) }, maxBytes: MAX_PEER_MAP_BYTES }) },
-  bye: { reason: { str: 256 } },
-  welcome: { worker_id: "str", heartbeat_ms: "int", epoch: "int" },
-  calibrate: { layers: opt("int"), tokens: opt("int") },
-  assign: {
-    assignment_id: "int", layer_start: "int", layer_end: "int", include_head: "bool", precision: opt("dict"),
-    model: "dict", chunks: "list",
-  },
-  weights_chunk: { chunk_id: "int", name: "str", offset: "int", total: "int", data: "bytes", sha256: "str" },
-  step: { step_id: "int", epoch: "int", sessions: { listOf: SESSION }, hidden: { tensor: ["f32"] }, want_topk: opt("int") },
-  drop_session: { session_id: "str" },
-  fork_session: { source_id: "str", session_id: "str", length: "int" },
-  truncate_session: { session_id: "str", length: "int" },
-  unload: { reason: opt("str") },
-  generate: {
-    request_id: NAME, prompt: opt("str"), messages: opt("list"), max_tokens: opt("int"), temperature: opt("float"),
-    top_p: opt("float"), top_k: opt("int"), seed: opt("int"), greedy: opt("bool"),
-  },
-  cancel: { request_id: NAME },
-  token: { request_id: "str", index: "int", token_id: "int", text: "str" },
-  done: { request_id: "str", finish_reason: "str", usage: opt("dict") },
-  error: { code: { str: 64 }, field: opt({ str: 256 }), message: TEXT },
-};
+// MESSAGES is protocol/messages.py's table, written into dist/messages.js by build.py (the spec
+// form is described there). Fields not listed pass through; a "float" is finite.
+export { MESSAGES };
 
 const isInt = (v) => (typeof v === "number" && Number.isInteger(v)) || typeof v === "bigint";
 const isDict = (v) => v !== null && typeof v === "object" && !Array.isArray(v) && !(v instanceof Tensor) && !ArrayBuffer.isView(v);
@@ -119,7 +69,7 @@ const SIMPLE = {
 function specName(spec) {
   if (spec === "float") return "a finite float";
   if (typeof spec === "string") return spec;
-  if (spec.tensor) return `a tensor of ${spec.tensor.join("|")}`;
+  if (spec.tensor) return `a tensor of ${spec.tensor.join("|")}${spec.rank === undefined ? "" : `, rank ${spec.rank}`}`;
   if (spec.listOf) return `list[${specName(spec.listOf)}]${spec.maxLen === undefined ? "" : ` of at most ${spec.maxLen} items`}`;
   if (spec.struct) {
     const keys = Object.keys(spec.struct);
@@ -138,7 +88,10 @@ const strLen = (v) => { let n = 0; for (const _ of v) n++; return n; };
 // null when value fits spec, else [path, expected (null: missing), value]
 function check(spec, value) {
   if (typeof spec === "string") return SIMPLE[spec](value) ? null : [[], spec, value];
-  if (spec.tensor) return value instanceof Tensor && spec.tensor.includes(value.dtype) ? null : [[], specName(spec), value];
+  if (spec.tensor) {
+    const fits = value instanceof Tensor && spec.tensor.includes(value.dtype) && (spec.rank === undefined || value.shape.length === spec.rank);
+    return fits ? null : [[], specName(spec), value];
+  }
   if (spec.int) return isInt(value) && inRange(value, spec.int) ? null : [[], specName(spec), value];
   if (spec.float) return SIMPLE.float(value) && inRange(value, spec.float) ? null : [[], specName(spec), value];
   if (spec.str !== undefined) return typeof value === "string" && strLen(value) <= spec.str ? null : [[], specName(spec), value];
