@@ -98,7 +98,7 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
 
     from coordinator.app import build_app
     from coordinator.speculation import Speculator
-    from coordinator.state import CoordinatorSettings
+    from coordinator.records import CoordinatorSettings
     from simulation.network import LatencyService
     from tabshard.cluster import LocalCluster, free_port
 

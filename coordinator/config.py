@@ -5,7 +5,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from coordinator.state import CoordinatorSettings
+from coordinator.records import CoordinatorSettings
 from protocol.errors import ConfigError
 
 _RULES = {

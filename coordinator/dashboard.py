@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from coordinator.state import Close, Emit
+from coordinator.records import Close, Emit
 
 WEB = Path(__file__).resolve().parent / "web"
 BUILT = WEB / "dist" / "dashboard"

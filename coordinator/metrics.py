@@ -21,7 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from coordinator.state import WORKER_TRANSITIONS, Emit
+from coordinator.lifecycle import STATES
+
+from coordinator.records import Emit
 
 # the *_created series would double the output, and nothing here reads them
 disable_created_metrics()
@@ -132,7 +134,7 @@ class _CoreCollector:
         states = Tally(w.state for w in core.workers.values())
         workers = GaugeMetricFamily("tabshard_workers", "workers by state (ended ones as long as they are kept)",
                                     labels=["state"])
-        for state in WORKER_TRANSITIONS:
+        for state in STATES:
             workers.add_metric([state], states.get(state, 0))
         yield workers
         degraded = core.degraded or not core.stages or any(not s.holders for s in core.stages)
@@ -159,7 +161,7 @@ class _CoreCollector:
 def _on_coordinator(core) -> bool:
     """Whether a stage runs on the coordinator's own compute although tabs have joined (one
     left, and the coordinator took its layers over), or is held by a worker no longer alive."""
-    from coordinator.state import LOCAL
+    from coordinator.records import LOCAL
 
     tabs_joined = any(not w.local for w in core.workers.values())
     held_by_dead = any(not (core.workers.get(h) and core.workers[h].alive) for st in core.stages for h in st.holders[:1])

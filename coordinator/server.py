@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.security import AddressLimits, RateLimit, set_frame_limit
-from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
+from coordinator.records import LOCAL, Close, CoordinatorSettings, Emit, Send
+from coordinator.state import Coordinator
 from model.embedding import embed
 from model.sampling import SamplingParams
 from model.tokenizer import GGUFTokenizer, StreamDecoder

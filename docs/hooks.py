@@ -1,6 +1,6 @@
 """MkDocs hook: the pages whose facts live in code are generated from it at build time, so they
 cannot drift. `{{ settings_table }}` becomes the table of every `serve` setting (from
-coordinator/config.py's rules, the defaults of coordinator/state.py's CoordinatorSettings and
+coordinator/config.py's rules, the defaults of coordinator/records.py's CoordinatorSettings and
 the comments beside each); `{{ browser_table }}` the browser profiles of actors/profiles.py
 with where each figure comes from; `{{ sampling_defaults }}` model/sampling.py's defaults."""
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _cell(text: str) -> str:
 
 def settings_table() -> str:
     from coordinator.config import _RULES
-    from coordinator.state import CoordinatorSettings
+    from coordinator.records import CoordinatorSettings
 
     rule_notes = _comments(ROOT / "coordinator/config.py", r'\s*"(\w+)":')
-    field_notes = _comments(ROOT / "coordinator/state.py", r"\s*(\w+): [\w |\[\],.]+ = ")
+    field_notes = _comments(ROOT / "coordinator/records.py", r"\s*(\w+): [\w |\[\],.]+ = ")
     defaults = {f.name: f.default for f in dataclasses.fields(CoordinatorSettings)}
-    blocks = _comment_blocks(ROOT / "coordinator/state.py")  # a comment above a group of settings names them
+    blocks = _comment_blocks(ROOT / "coordinator/records.py")  # a comment above a group of settings names them
     rows = ["| setting | type | allowed | default | what it does |", "|---|---|---|---|---|"]
     for key, (kind, lo, hi) in _RULES.items():
         if isinstance(lo, tuple):

@@ -8,7 +8,7 @@ the coordinator knows about it.
 from __future__ import annotations
 
 from coordinator.server import CoordinatorService
-from coordinator.state import LOCAL, Close, Send
+from coordinator.records import LOCAL, Close, Send
 
 
 class LatencyService(CoordinatorService):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from coordinator.state import LOCAL, Close, Coordinator, CoordinatorSettings, Emit, Send
+from coordinator.records import LOCAL, Close, CoordinatorSettings, Emit, Send
+
+from coordinator.state import Coordinator
 from protocol.blobs import pack_head, pack_layer
 from tab_worker.worker import TabWorker
 from protocol import wire

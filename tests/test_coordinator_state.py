@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from coordinator.state import CoordinatorSettings
+from coordinator.records import CoordinatorSettings
 from protocol import wire
 from tab_worker.generate import LocalGenerator
 from model.sampling import SamplingParams
@@ -521,3 +521,14 @@ def test_records_of_ended_workers_are_bounded(weights, reference):
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
+
+
+def test_a_move_outside_the_lifecycle_table_is_a_named_local_protocol_error():
+    from coordinator.lifecycle import TRANSITIONS, LocalProtocolError, next_state
+    from protocol.format import ProtocolError
+
+    assert next_state("w1", "ready", "missed_deadline") == "suspect"
+    assert ("dead", "hello") not in TRANSITIONS
+    with pytest.raises(LocalProtocolError, match="no move from 'dead' on 'hello'") as err:
+        next_state("w1", "dead", "hello")
+    assert isinstance(err.value, ProtocolError) and err.value.code == "illegal_transition"

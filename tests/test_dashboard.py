@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.dashboard import DashboardFeed
-from coordinator.state import Close, Emit
+from coordinator.records import Close, Emit
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-background-networking", "--disable-component-update",

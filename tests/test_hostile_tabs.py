@@ -137,7 +137,7 @@ def test_deadline_scales_with_rows_and_context_and_own_compute_stays():
     prompt step at context ~1000 gets a deadline from the rows and positions it computes (was
     max(1, rows / 8) x an 8-token calibration's step), and the coordinator's own compute, when
     late, is never evicted (it was, and never came back)."""
-    from coordinator.state import LOCAL, CoordinatorSettings
+    from coordinator.records import LOCAL, CoordinatorSettings
     from tests.harness import Net
     from tests.tiny_model import TINY, tiny_weights
 
@@ -469,7 +469,7 @@ def _tiny():
 
 @pytest.fixture(scope="module")
 def references():
-    from coordinator.state import CoordinatorSettings
+    from coordinator.records import CoordinatorSettings
     from tests.harness import Net, run_until_done
 
     net = Net(_tiny(), CoordinatorSettings(max_ctx=256, probation_steps=0))
@@ -487,7 +487,7 @@ class HostileCluster(RuleBasedStateMachine):
 
     @initialize()
     def start(self):
-        from coordinator.state import CoordinatorSettings
+        from coordinator.records import CoordinatorSettings
         from tests.harness import Net
 
         self.net = Net(_tiny(), CoordinatorSettings(max_ctx=256, probation_steps=3, spot_check_fraction=0.5,
@@ -565,7 +565,7 @@ def test_a_tab_on_trial_holds_no_request_back(references):
     """A request's "done" waits for pending spot checks of the workers that computed for it; a
     trial check (a tarpit on trial recomputing a trusted step) must not be one of those: every
     request waited for the tarpit's trial deadline (bench_hostile: p99 2.9x alone)."""
-    from coordinator.state import CoordinatorSettings
+    from coordinator.records import CoordinatorSettings
     from tests.harness import Net
 
     net = Net(_tiny(), CoordinatorSettings(max_ctx=256, probation_steps=3, trial_deadline_ms=5000), local=True)

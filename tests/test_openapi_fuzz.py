@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route, WebSocketRoute  # noqa: E402
 
 from coordinator.app import build_app  # noqa: E402
 from coordinator.openapi import build_spec  # noqa: E402
-from coordinator.state import CoordinatorSettings  # noqa: E402
+from coordinator.records import CoordinatorSettings  # noqa: E402
 from tabshard.cluster import LocalCluster  # noqa: E402
 
 KEY = "fuzz-SECRET-9d41c7"

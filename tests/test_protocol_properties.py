@@ -7,7 +7,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from coordinator.state import CoordinatorSettings
+from coordinator.records import CoordinatorSettings
 from tab_worker.generate import LocalGenerator
 from tests.harness import Net
 from tests.tiny_model import tiny_weights

@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-import coordinator.state
+import coordinator.machine.weights
 import protocol.blobs
 from coordinator.dashboard import DashboardFeed
-from coordinator.state import CoordinatorSettings
+from coordinator.records import CoordinatorSettings
 from protocol.blobs import blob_info, chunk, pack_head, pack_layer, sha256
 from tab_worker.worker import PROGRESS_S, TabWorker
 from protocol import wire
@@ -22,7 +22,7 @@ CHUNK = 512
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(protocol.blobs, "CHUNK_BYTES", CHUNK)
-    monkeypatch.setattr(coordinator.state, "CHUNK_BYTES", CHUNK)  # the coordinator's chunk offsets
+    monkeypatch.setattr(coordinator.machine.weights, "CHUNK_BYTES", CHUNK)  # the coordinator's chunk offsets
 
 
 @pytest.fixture(scope="module")

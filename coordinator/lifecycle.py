@@ -1,0 +1,50 @@
+"""A worker's lifecycle, as the coordinator sees it: one table of (state, event) -> next state.
+
+    joining -(hello)-> calibrating -(calibrated)-> idle -(assign)-> loading -(loaded)-> ready
+    ready -(missed_deadline)-> suspect -(answered | loaded)-> ready
+    loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
+    any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)
+
+dead and quarantined are terminal: a worker that comes back is a new worker (its late results
+carry a stale epoch and are ignored). `suspect` is transient (heartbeats still arrive), `dead`
+permanent. A move the table does not list is the coordinator's own bug, never a peer's fault:
+LocalProtocolError (h11's name for "we broke it").
+"""
+from __future__ import annotations
+
+from protocol.format import ProtocolError
+
+STATES = ("joining", "calibrating", "idle", "loading", "ready", "suspect", "dead", "quarantined")
+LIVE = STATES[:6]
+
+TRANSITIONS: dict[tuple[str, str], str] = {
+    ("joining", "hello"): "calibrating",
+    ("calibrating", "calibrated"): "idle",
+    ("idle", "assign"): "loading",
+    ("loading", "assign"): "loading",
+    ("ready", "assign"): "loading",
+    ("loading", "loaded"): "ready",
+    ("ready", "loaded"): "ready",
+    ("suspect", "loaded"): "ready",
+    ("loading", "refused"): "idle",
+    ("loading", "refused_holding"): "ready",
+    ("ready", "missed_deadline"): "suspect",
+    ("suspect", "answered"): "ready",
+    **{(state, "lost"): "dead" for state in LIVE},
+    **{(state, "quarantined"): "quarantined" for state in LIVE},
+    ("dead", "lost"): "dead",  # lost twice (its socket closed after its deadline passed)
+}
+
+
+class LocalProtocolError(ProtocolError):
+    """The coordinator tried a move its lifecycle table does not allow: a bug here, not the peer's."""
+
+    def __init__(self, worker_id: str, state: str, event: str):
+        super().__init__("illegal_transition", f"worker {worker_id}: no move from {state!r} on {event!r}")
+
+
+def next_state(worker_id: str, state: str, event: str) -> str:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise LocalProtocolError(worker_id, state, event) from None

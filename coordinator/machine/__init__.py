@@ -1,0 +1,1 @@
+"""The coordinator's sub-machines, one owner each (coordinator/state.py composes them)."""

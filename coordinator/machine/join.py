@@ -1,0 +1,106 @@
+"""Joins: a worker's hello (token, resume), its calibration, heartbeats, its refusals, its
+leaving, and the errors it reports. Owns the worker registry's entries (Worker records).
+
+A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
+from __future__ import annotations
+
+from coordinator.records import LOCAL, Close, Send, Worker
+from protocol import wire
+
+
+class Join:
+    # -- join
+    def _on_hello(self, conn: str, m: dict, now: float) -> list:
+        if self.join_token and m.get("token") != self.join_token and conn != LOCAL:
+            self.counters["rejected_joins"] += 1
+            return [Send(conn, wire.make("error", code="bad_token", field="token", message="wrong or missing join token")),
+                    Close(conn, 1008, "bad join token")]
+        if conn in self.conn_worker:
+            return [Send(conn, wire.make("error", code="already_joined", field="type", message="hello sent twice"))]
+        address = self.conn_address.get(conn, "")
+        if conn != LOCAL and self.backoff.wait(address, now) > 0:  # an offense on another socket since this one opened
+            return self.on_connect(conn, address, now)
+        wid = LOCAL if conn == LOCAL else f"w{next(self._ids)}"
+        # the schema bounded every field (names, sizes, numbers finite and in range): stored as is
+        w = Worker(conn, wid, m["worker_name"], dict(m["capabilities"]), next(self._epoch), now, now, local=conn == LOCAL,
+                   address=address, probation=conn != LOCAL and self.settings.probation_steps > 0)
+        w.have_blobs = set((m.get("resume") or {}).get("have") or [])
+        self.workers[wid] = w
+        self.conn_worker[conn] = wid
+        if self._first_join_at is None and conn != LOCAL:
+            self._first_join_at = now
+        w.move("hello")
+        self.events.append({"t": now, "kind": "join", "worker": wid, "name": w.name})
+        return [
+            Send(conn, wire.make("welcome", worker_id=wid, heartbeat_ms=self.settings.heartbeat_ms, epoch=w.epoch)),
+            Send(conn, wire.make("calibrate", model=self.config.to_dict(), tokens=self.settings.calibration_tokens, layers=1)),
+        ]
+
+    def _on_calibration_result(self, w: Worker, m: dict, now: float) -> list:
+        w.ms_per_layer = max(float(m["step_ms"]), 1e-3)
+        w.claimed_ms_per_layer = w.ms_per_layer
+        details = m.get("details") or {}
+        w.caps["calibration"] = details  # e.g. a browser tab's measured engines and its choice
+        if isinstance(details.get("backend"), str):
+            w.caps["backend"] = details["backend"]
+        if isinstance(details.get("expansion"), (int, float)):
+            w.caps["expansion"] = float(details["expansion"])
+        if w.state == "calibrating":
+            w.move("calibrated")
+        self._schedule_replan(now)
+        return []
+
+    def _on_heartbeat(self, w: Worker, m: dict, now: float) -> list:
+        return []
+
+    def _on_bye(self, w: Worker, m: dict, now: float) -> list:
+        self.conn_worker.pop(w.conn, None)
+        return self._worker_lost(w, now, f"left: {m['reason']}") + [Close(w.conn, 1000, "bye")]
+
+    def _on_error(self, w: Worker, m: dict, now: float) -> list:
+        self.events.append({"t": now, "kind": "worker_error", "worker": w.worker_id, "code": m["code"], "message": m["message"]})
+        check = self._checks.pop(m.get("step_id"), None)
+        if check is not None:  # the verifier could not run the check (e.g. its range was unloaded)
+            self.counters["spot_checks_skipped"] += 1
+            self._verify_kv.pop(check["kv_key"], None)  # the next check of it starts from position 0
+            if m.get("code") == "not_assigned":
+                self._verify_ranges.pop(check["range"], None)
+            return self._release_finishes(now)
+        # an error about a step means that step will never be answered: treat the stage as failed
+        for st in self.stages:
+            if st.inflight and st.inflight["worker"] == w.worker_id and m.get("step_id") == st.inflight["step_id"]:
+                return self._worker_lost(w, now, f"step failed: {m['message']}")
+        return []
+
+    def _on_refuse(self, w: Worker, m: dict, now: float) -> list:
+        self.events.append({"t": now, "kind": "refused", "worker": w.worker_id, "reason": m["reason"], "detail": m.get("detail")})
+        detail = m.get("detail") or {}
+        aid = detail.get("assignment_id")
+        if aid in w.loading:
+            stage_index, _ = w.loading.pop(aid)
+            if stage_index < len(self.stages):
+                st = self.stages[stage_index]
+                if w.worker_id in st.holders:
+                    st.holders.remove(w.worker_id)
+                w.stages.discard(stage_index)
+                # the planner now knows this worker's real limit
+                w.caps["memory_bytes"] = int((m.get("detail") or {}).get("budget", 0))
+                if w.state == "loading" and not w.loading:
+                    w.move("refused" if not w.stages else "refused_holding")
+                return self._repair_stage(st, now)
+        span = (detail.get("layer_start"), detail.get("layer_end"))
+        if m["reason"] == "memory_pressure" and "budget" in detail:
+            w.caps["memory_bytes"] = int(detail["budget"])
+        st = next((s for s in self.stages if (s.layer_start, s.layer_end) == span and w.worker_id in s.holders), None)
+        if st is None:
+            return []
+        # a ready worker handed a range back (memory pressure): move it like a failed stage,
+        # replaying its inputs into the new holder
+        was_primary = st.primary == w.worker_id
+        st.holders.remove(w.worker_id)
+        st.ready.discard(w.worker_id)
+        w.stages.discard(st.index)
+        if not was_primary:
+            return []
+        self._awaiting_recovery.append((st.index, now))
+        return self._forget_prefixes() + self._repair_stage(st, now)

@@ -1,0 +1,190 @@
+"""The plan: which worker holds which contiguous layer range (coordinator/planner.py's pure
+planner, fed measured costs), re-planned when workers come and go, resumed after a restart.
+
+A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
+from __future__ import annotations
+
+from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
+from coordinator.records import LOCAL, Send, Stage, Worker
+from protocol import wire
+
+
+class Planning:
+    # -- planning and loading
+    def _schedule_replan(self, now: float) -> None:
+        self._replan_at = now + self.settings.replan_delay_ms / 1000
+
+    def _live_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.alive and w.state not in ("joining", "calibrating")]
+
+    def _head_cost_layers(self) -> float:
+        """The head's decode cost in layers: decode streams every weight once per token, so
+        cost goes with parameter count (vocab x hidden against a layer's matrices)."""
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        layer = c.hidden * (q + 2 * kv) + q * c.hidden + 3 * c.hidden * c.ffn
+        return c.vocab * c.hidden / layer
+
+    def _replan(self, now: float) -> list:
+        workers = self._live_workers()
+        remote = [w for w in workers if not w.local]
+        # tabs on probation are planned only when no trusted tab is there (then every step of
+        # theirs is checked); otherwise they prove themselves on trial (see _start_trials)
+        remote = [w for w in remote if not w.probation] or remote
+        if not self.settings.coordinator_compute or remote:
+            workers = remote if remote else workers
+        if not workers:
+            return []
+        try:
+            stages = self._resume_plan(workers) or plan([self._capacity(w) for w in workers], self.config.n_layers, self.layer_bytes,
+                                                        self.head_bytes, self.settings.replicas, self.settings.max_stages,
+                                                        self._head_cost_layers())
+        except PlanError as exc:
+            self.degraded = True
+            self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
+            return []
+        self._prefer_held_blobs(stages)
+        out = self._forget_prefixes()
+        old = {(s.layer_start, s.layer_end): s for s in self.stages}
+        self.plan_version += 1
+        self.stages = []
+        for w in self.workers.values():
+            w.stages = set()
+        for i, sp in enumerate(stages):
+            prev = old.get((sp.layer_start, sp.layer_end))
+            st = Stage(i, sp.layer_start, sp.layer_end, sp.include_head, list(sp.workers), batch_limit=self.settings.max_batch)
+            if prev is not None:
+                st.ready = {h for h in prev.ready if h in st.holders}
+            self.stages.append(st)
+            for wid in st.holders:
+                self.workers[wid].stages.add(i)
+                if wid not in st.ready:
+                    out += self._assign(self.workers[wid], st, now)
+        # the verifier loads every stage's range now, while it may still hold an older range
+        # over the same layers (their dequantized matrices are reused), not at the first check
+        if self.settings.spot_check_fraction > 0:
+            for st in self.stages:
+                if LOCAL not in st.holders:
+                    out += self._load_verify_range(st)
+        # ranges a worker held but no longer does are unloaded to free its memory
+        for key, prev in old.items():
+            for wid in prev.ready:
+                w = self.workers.get(wid)
+                if w and w.alive and not any((s.layer_start, s.layer_end) == key and wid in s.holders for s in self.stages):
+                    out.append(Send(w.conn, wire.make("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
+                    if wid == LOCAL:
+                        self._verify_ranges.pop(key, None)
+                        self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)  # unloaded with the range
+        self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
+        self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages]})
+        self._inflight_lost.clear()  # it described stages of the old plan
+        for sess in self.sessions.values():
+            self._restart_session(sess)
+        return out
+
+    def _in_resume_window(self, now: float) -> bool:
+        return self._first_join_at is not None and now - self._first_join_at <= self.settings.resume_wait_ms / 1000
+
+    def _awaiting_resume(self, now: float) -> bool:
+        """The first plans of a (restarted) coordinator wait a little while workers arrive holding
+        weights that do not tile the model yet: the rest of the old pool is reconnecting."""
+        if not self._in_resume_window(now):
+            return False
+        workers = [w for w in self._live_workers() if not w.local]
+        return bool(workers) and all(w.have_blobs for w in workers) and self._resume_plan(workers) is None
+
+    def _ms_per_layer(self, w: Worker) -> float:
+        """What the planner and deadlines count on: a tab on probation is taken to be no faster
+        than the slowest trusted tab (a tarpit claims 0.001 ms to be given every layer)."""
+        if not w.probation:
+            return w.ms_per_layer
+        trusted = [x.ms_per_layer for x in self.workers.values() if x.alive and not x.probation and not x.local]
+        return max([w.ms_per_layer, *trusted])
+
+    def _capacity(self, w: Worker) -> WorkerCapacity:
+        cap = w.capacity()
+        return WorkerCapacity(cap.worker_id, self._ms_per_layer(w), cap.memory_bytes, cap.expansion, cap.local)
+
+    def _ctx_scale(self) -> float:
+        """Context positions at which a row's attention costs as much as its matrices: a layer's
+        parameters per row against 2 x (query width) multiply-adds per position."""
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        return (c.hidden * (q + 2 * kv) + q * c.hidden + 3 * c.hidden * c.ffn) / (2 * q)
+
+    def _rows_equiv(self, w: Worker, spans) -> float:
+        """A step's work in decode steps: prompt rows at the worker's learned row cost, decode
+        rows batched (8 cost about one), each row weighted by the context it attends to."""
+        scale, total = self._ctx_scale(), 0.0
+        for start, length in spans:
+            weight = length * w.row_cost if length > 1 else 0.125
+            total += weight * (1 + (start + length / 2) / scale)
+        return max(1.0, total)
+
+    def _step_cost_ms(self, w: Worker, st: Stage, spans) -> float:
+        layers = st.layer_end - st.layer_start
+        return self._ms_per_layer(w) * layers * self._rows_equiv(w, spans) + (20 if st.include_head else 0)
+
+    def _prefill_rows(self, context: int) -> int:
+        """Prompt rows per step: as many as every stage's primary is expected to compute within
+        max_step_ms at this context (at most prefill_chunk, at least 16)."""
+        rows = self.settings.prefill_chunk
+        for st in self.stages:
+            w = self.workers.get(st.primary) if st.primary else None
+            if w is None:
+                continue
+            per_row = self._ms_per_layer(w) * (st.layer_end - st.layer_start) * w.row_cost * (1 + context / self._ctx_scale())
+            rows = min(rows, int(self.settings.max_step_ms / max(per_row, 1e-6)))
+        return max(16, rows)
+
+    def _resume_plan(self, workers: list[Worker]) -> list[StagePlan] | None:
+        """While the resume window lasts: when the live workers' held weights tile the model (each
+        holds a contiguous range, the last one the head: a restarted coordinator's rejoining
+        pool), give each a part of what it holds, so nothing is downloaded again."""
+        workers = [w for w in workers if not w.local]
+        if self.settings.replicas != 1 or not workers or self._last_tick is None or not self._in_resume_window(self._last_tick):
+            return None
+        by_sha = {i.sha256: k for k, i in self.blob_info.items()}
+        ranges = []
+        for w in workers:
+            keys = {by_sha[h] for h in w.have_blobs if h in by_sha}
+            layers = sorted(int(k.split(":")[1]) for k in keys if k.startswith("layer:"))
+            if not layers or layers != list(range(layers[0], layers[-1] + 1)):
+                return None
+            ranges.append((layers[0], layers[-1] + 1, "head" in keys, w.worker_id))
+        ranges.sort()
+        if ranges[0][0] != 0 or ranges[-1][1] != self.config.n_layers or not ranges[-1][2]:
+            return None
+        starts = [0]
+        for prev, cur in zip(ranges, ranges[1:]):
+            b = cur[0] if cur[0] > starts[-1] else prev[1]  # the previous worker keeps all it holds
+            if not (starts[-1] < b <= prev[1] and b < cur[1]):
+                return None
+            starts.append(b)
+        if self.settings.max_stages and len(ranges) > self.settings.max_stages:
+            return None
+        ends = starts[1:] + [self.config.n_layers]
+        return [StagePlan(a, b, r is ranges[-1], [r[3]]) for a, b, r in zip(starts, ends, ranges)]
+
+    def _prefer_held_blobs(self, stages: list[StagePlan]) -> None:
+        """Swap primaries between stages when both fit and more of the weights are already held
+        (workers that rejoin a restarted coordinator keep their ranges: nothing re-downloads)."""
+        def held(wid, sp):
+            w = self.workers[wid]
+            keys = [f"layer:{i}" for i in range(sp.layer_start, sp.layer_end)] + (["head"] if sp.include_head else [])
+            return sum(self.blob_info[k].size for k in keys if self.blob_info[k].sha256 in w.have_blobs)
+
+        def fits(wid, sp):
+            cap = self.workers[wid].capacity()
+            need = sp.layers * self.layer_bytes + (self.head_bytes if sp.include_head else 0)
+            return cap.memory_bytes / cap.expansion >= need
+
+        for a in stages:
+            for b in stages:
+                if a is b or not a.workers or not b.workers:
+                    continue
+                wa, wb = a.workers[0], b.workers[0]
+                if wb in a.workers or wa in b.workers:
+                    continue
+                if held(wb, a) + held(wa, b) > held(wa, a) + held(wb, b) and fits(wb, a) and fits(wa, b):
+                    a.workers[0], b.workers[0] = wb, wa

@@ -1,0 +1,182 @@
+"""Time and failure: deadlines and heartbeats (tick), a lost worker fenced by its epoch, a
+stage repaired by the explicit rebuild that replays its stored inputs.
+
+A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.records import LOCAL, Close, Emit, Stage, Worker, WorkItem
+
+
+class Recovery:
+    # -- time
+    def tick(self, now: float) -> list:
+        out = []
+        silence = self.settings.dead_after_ms / 1000
+        # If this loop itself stalled (GC, a long synchronous step, an overloaded host), the
+        # heartbeats of that stall are still queued in the sockets, unread: credit the stall
+        # to every worker instead of declaring them all dead at once.
+        stall = now - self._last_tick if self._last_tick is not None else 0.0
+        self._last_tick = now
+        if stall > self.settings.heartbeat_ms / 1000:
+            for w in self.workers.values():
+                w.last_seen = min(now, w.last_seen + stall)
+        for w in list(self.workers.values()):
+            if w.alive and not w.local and now - w.last_seen > silence:
+                self.events.append({"t": now, "kind": "silent", "worker": w.worker_id, "silent_s": now - w.last_seen})
+                out += self._worker_lost(w, now, f"silent for {int((now - w.last_seen) * 1000)} ms")
+        for w in list(self.workers.values()):
+            if w.alive and not w.local and w.loading and w.load_deadline is not None and now > w.load_deadline:
+                self.counters["load_timeouts"] += 1
+                self.events.append({"t": now, "kind": "load_timeout", "worker": w.worker_id,
+                                    "progress": dict(w.load_progress)})
+                out += self._worker_lost(w, now, "still loading its layers at the load deadline "
+                                                 f"(last progress: {w.load_progress or 'none'})")
+        for st in self.stages:
+            f = st.inflight
+            if not f or now <= f["deadline"]:
+                continue
+            w = self.workers[f["worker"]]
+            if not w.alive or w.local:  # the coordinator's own compute is never evicted (nothing would replace it)
+                continue
+            late = now - f["sent_at"]
+            allowed = f["deadline"] - f["sent_at"]
+            if late > allowed * self.settings.suspect_evict_factor:
+                # a step this late counts against the address (a tarpit rejoining under new
+                # names meets a growing backoff); a tab still on probation is quarantined
+                self.counters["slow_evictions"] += 1
+                if w.address and not w.probation:
+                    self.backoff.offend(w.address, "a step far past its deadline", now)
+                out += self._worker_lost(w, now, f"step {f['step_id']} {late:.1f}s late (slow worker evicted"
+                                                 f"{' on probation' if w.probation else ''})", quarantine=w.probation)
+            elif w.state == "ready":
+                w.move("missed_deadline")
+                self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
+        self._prune_ended_workers()
+        out += self._trial_tick(now)
+        expired = [k for k, c in self._checks.items() if now - c["at"] > self.settings.spot_check_timeout_s]
+        for step_id in expired:
+            self._verify_kv.pop(self._checks.pop(step_id)["kv_key"], None)  # the verifier died or never answered
+            self.counters["spot_checks_skipped"] += 1
+        if expired:
+            out += self._release_finishes(now)
+        if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
+            if self.sessions and self.stages and all(s.primary for s in self.stages):
+                self._deferred_replan = True  # running sessions keep their plan
+                self._replan_at = None
+            else:
+                self._replan_at = None
+                self._deferred_replan = False
+                out += self._replan(now)
+        # requests that cannot be served fail after a bound, with a retriable error
+        if not self.stages or any(not st.holders for st in self.stages):
+            for s in list(self.sessions.values()):
+                if now - (s.last_token_at or s.created) > self.settings.request_timeout_s:
+                    self.counters["failed"] += 1
+                    out.append(Emit(s.request_id, {"type": "error", "code": "no_capacity", "retriable": True,
+                                                   "message": "no workers can serve the model right now; retry later"}))
+                    out += self._finish(s, "error", now, emit=False)
+        return out + self._pump(now)
+
+    # -- failure and recovery
+    def _worker_lost(self, w: Worker, now: float, reason: str, quarantine: bool = False) -> list:
+        """Fence the worker (its epoch dies with it) and repair every stage it served."""
+        w.move("quarantined" if quarantine else "lost")
+        w.ended_at = now
+        w.why = reason[:200]
+        if quarantine and w.address:
+            self.backoff.offend(w.address, reason, now)
+        self._trials.pop(w.worker_id, None)
+        for step_id in [k for k, c in self._synthetic.items() if c["worker"] == w.worker_id]:
+            del self._synthetic[step_id]
+        for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
+            del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
+            self.counters["spot_checks_skipped"] += 1
+        self._forget_verify_kv(lambda k: k[2] == w.worker_id)
+        self.events.append({"t": now, "kind": "quarantine" if quarantine else "death", "worker": w.worker_id,
+                            "reason": reason, "last_seen_s": now - w.last_seen})
+        out = []
+        if w.conn in self.conn_worker:
+            self.conn_worker.pop(w.conn, None)
+            out.append(Close(w.conn, 4000, f"fenced: {reason}"[:120]))
+        for st in self.stages:
+            if w.worker_id not in st.holders:
+                continue
+            was_primary = st.primary == w.worker_id
+            st.holders.remove(w.worker_id)
+            st.ready.discard(w.worker_id)
+            if was_primary:
+                self._awaiting_recovery.append((st.index, now))
+                out += self._forget_prefixes()  # part of their KV died with this stage
+                out += self._repair_stage(st, now)
+        w.stages = set()
+        if not any(x.alive and not x.local for x in self.workers.values()):
+            self.degraded = True
+        self._schedule_replan(now)
+        return out + self._release_finishes(now)
+
+    def _repair_stage(self, st: Stage, now: float) -> list:
+        """Give the stage a new primary (a warm standby if any, else the least loaded live
+        worker that can hold it, else the coordinator itself) and rebuild its KV caches."""
+        st.needs_rebuild = True
+        if st.inflight is not None:
+            # the lost step's inputs are in the logs: the replay recomputes them and forwards
+            # exactly the rows the lost step would have forwarded
+            for it in st.inflight["items"]:
+                self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token, it.draft)
+            st.inflight = None
+        if st.primary is None:
+            need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
+            candidates = [w for w in self._live_workers() if not w.local and
+                          w.capacity().memory_bytes / w.capacity().expansion >= need + self._held_bytes(w)]
+            candidates.sort(key=lambda w: (w.probation, len(w.stages), self._ms_per_layer(w)))
+            if candidates:
+                st.holders.append(candidates[0].worker_id)
+            elif self.settings.coordinator_compute and LOCAL in self.workers and self.workers[LOCAL].alive:
+                st.holders.append(LOCAL)
+                self.degraded = True
+            else:
+                self.degraded = True
+                self.events.append({"t": now, "kind": "stage_unserved", "stage": st.index})
+                return []
+        w = self.workers[st.primary]
+        w.stages.add(st.index)
+        if st.primary in st.ready:
+            return self._rebuild(st, now)
+        if not any(e[0] == st.index for e in w.loading.values()):
+            return self._assign(w, st, now)
+        return []
+
+    def _held_bytes(self, w: Worker) -> int:
+        return sum(sum(self.blob_info[k].size for k in self._stage_blobs(self.stages[i])) for i in w.stages if i < len(self.stages))
+
+    def _rebuild(self, st: Stage, now: float) -> list:
+        """The named rebuild step: replay every session's stored inputs for this stage, in
+        chunks of the rows a prompt step may have (a long session's history in one step would
+        outlast what its deadline can judge), so the new holder's KV cache equals the lost one.
+        Rows that were in flight when the stage died are forwarded as if nothing had happened."""
+        st.needs_rebuild = False
+        replays = []
+        for s in self.sessions.values():
+            log = s.logs.get(st.index)
+            if not log:
+                continue
+            rows = np.concatenate([r for _, r in log])
+            end = log[-1][0] + len(log[-1][1])
+            # without a lost step, the logged inputs' outputs were already forwarded: the
+            # replay only rebuilds the cache and forwards nothing
+            forward_from, wants, draft = self._inflight_lost.pop((st.index, s.request_id), (end, False, None))
+            step = self._prefill_rows(end)
+            # the last chunk holds every row the head verifies (the token's and the drafts')
+            tail = min(len(rows), max(step, 1 + (len(draft.tokens) if draft else 0)))
+            cuts = list(range(0, len(rows) - tail, step)) + [len(rows) - tail]
+            for j, start in enumerate(cuts):
+                last = j == len(cuts) - 1
+                stop = len(rows) if last else cuts[j + 1]
+                replays.append(WorkItem(s.request_id, start, rows[start:stop], forward_from,
+                                        wants and last, s.generation, draft if last else None))
+        for it in reversed(replays):
+            st.queue.appendleft(it)
+        self.events.append({"t": now, "kind": "rebuild", "stage": st.index, "worker": st.primary, "sessions": len(replays)})
+        return self._pump(now)

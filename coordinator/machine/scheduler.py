@@ -1,0 +1,314 @@
+"""The pipelined scheduler: batching work items across sessions per stage, sending steps,
+taking their results, a token's sampling and emission, speculative trips' drafts.
+
+A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from coordinator.records import Emit, Send, Session, Stage, Worker, WorkItem
+from coordinator.speculation import decide_trip
+from kernels.reference import topk
+from model.sampling import CANDIDATES, Sampler
+from protocol import wire
+from protocol.format import ProtocolError
+
+
+class Scheduler:
+    # -- the scheduler
+    def _pump(self, now: float) -> list:
+        out = []
+        # pipeline micro-batches: sessions go in at most `pipeline_groups` groups (0: one per
+        # stage), so a stage works on one group while the next works on another instead of one
+        # big batch walking the stages together with all but one stage idle
+        groups = self.settings.pipeline_groups or len(self.stages)
+        group = max(1, -(-len(self.sessions) // max(1, min(groups, len(self.stages)))))
+        for st in self.stages:
+            if st.inflight is not None or not st.queue or st.needs_rebuild:
+                continue
+            wid = st.primary
+            if wid is None or wid not in st.ready:
+                continue
+            w = self.workers[wid]
+            if not w.alive:
+                continue
+            items, seen, rows = [], set(), 0
+            rest = deque()
+            while st.queue and len(items) < min(st.batch_limit, group):
+                it = st.queue.popleft()
+                # one slice per session per step (KV order); prompt rows only up to one prefill
+                # chunk per step, so a burst of new prompts cannot make a step of decode rows slow
+                if it.session_id in seen or (items and len(it.rows) > 1 and rows + len(it.rows) > self.settings.prefill_chunk):
+                    seen.add(it.session_id)
+                    rest.append(it)
+                    continue
+                seen.add(it.session_id)
+                rows += len(it.rows)
+                items.append(it)
+            st.queue.extendleft(reversed(rest))
+            out += self._send_step(st, w, items, now)
+        return out
+
+    def _send_step(self, st: Stage, w: Worker, items: list[WorkItem], now: float) -> list:
+        step_id = next(self._ids)
+        for it in items:
+            s = self.sessions.get(it.session_id)
+            if s is None:
+                continue
+            log = [e for e in s.logs.get(st.index, []) if e[0] < it.start_pos]
+            log.append((it.start_pos, it.rows))
+            s.logs[st.index] = log
+            s.touched.setdefault(w.worker_id, len(s.tokens))
+        # from this worker's measured costs, for these rows at their context positions
+        expected_ms = self._step_cost_ms(w, st, [(i.start_pos, len(i.rows)) for i in items])
+        deadline = now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
+        st.inflight = {"step_id": step_id, "worker": w.worker_id, "items": items, "sent_at": now, "deadline": deadline,
+                       "epoch": w.epoch}
+        want = 0
+        # a session that needs the whole vocabulary's logits: the head stage returns its hidden
+        # rows instead of top-k (want_topk 0), and the coordinator computes every session's head
+        st.inflight["full_logits"] = st.include_head and self.head_logits is not None and any(
+            i.wants_token and i.session_id in self.sessions and self.sessions[i.session_id].chooser is not None for i in items)
+        if st.include_head and any(i.wants_token for i in items) and not st.inflight["full_logits"]:
+            want = max(self.sessions[i.session_id].params.candidates for i in items if i.session_id in self.sessions)
+        hidden = np.concatenate([i.rows for i in items]) if len(items) > 1 else items[0].rows
+        m = wire.make("step", step_id=step_id, epoch=w.epoch, layer_start=st.layer_start, layer_end=st.layer_end,
+                 sessions=[{"session_id": i.session_id, "start_pos": i.start_pos, "length": len(i.rows),
+                            **({"topk_rows": i.head_rows} if i.head_rows > 1 else {})} for i in items],
+                 hidden=np.ascontiguousarray(hidden, dtype=np.float32), want_topk=want)
+        self.counters["steps"] += 1
+        return [Send(w.conn, m)]
+
+    def _on_step_result(self, w: Worker, m: dict, now: float) -> list:
+        if m["step_id"] in self._synthetic:
+            return self._on_synthetic_result(w, m, now)
+        if m["step_id"] in self._checks:
+            return self._on_check_result(w, m, now)
+        st = next((s for s in self.stages if s.inflight and s.inflight["step_id"] == m["step_id"]), None)
+        if st is None or st.inflight["worker"] != w.worker_id or m["epoch"] != w.epoch:
+            self.counters["late_results_ignored"] += 1
+            return []
+        items: list[WorkItem] = st.inflight["items"]
+        total = sum(len(i.rows) for i in items)
+        out_rows = m["output"]
+        # a head stage's hidden output is not needed (its top-k is): any row count is accepted
+        if out_rows.ndim != 2 or out_rows.shape[1] != self.config.hidden or (not st.include_head and out_rows.shape[0] != total):
+            err = ProtocolError("bad_shape", f"step_result output has shape {tuple(out_rows.shape)}, expected ({total}, {self.config.hidden})", "output")
+            return self.on_protocol_error(w.conn, err, now)
+        if not np.all(np.isfinite(out_rows)):
+            return self.on_protocol_error(w.conn, ProtocolError("bad_field", "step_result output holds NaN or inf", "output"), now)
+        if st.include_head and any(i.draft for i in items):
+            m = self._split_draft_rows(st, items, m)  # one row per item stays in m; the drafts' rows go aside
+            if m is None:
+                err = ProtocolError("bad_field", f"head stage must return topk_ids, {sum(i.head_rows for i in items)} rows", "topk_ids")
+                return self.on_protocol_error(w.conn, err, now)
+        full = None
+        if st.inflight.get("full_logits"):
+            if out_rows.shape[0] != total:
+                err = ProtocolError("bad_shape", f"step_result output has {out_rows.shape[0]} rows, expected {total}", "output")
+                return self.on_protocol_error(w.conn, err, now)
+            ends = np.cumsum([len(i.rows) for i in items]) - 1
+            full = self.head_logits(out_rows[ends])
+            m = {**m}
+            m["topk_ids"], m["topk_logits"] = topk(full, CANDIDATES)
+        topk_ids = m.get("topk_ids")
+        if st.include_head and any(i.wants_token for i in items):
+            if topk_ids is None or topk_ids.shape[0] != len(items):
+                return self.on_protocol_error(w.conn, ProtocolError("bad_field", "head stage must return topk_ids, one row per session", "topk_ids"), now)
+            if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= self.config.vocab):
+                return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
+        w.steps += 1
+        checks = self._maybe_spot_check(st, w, items, m, now) + self._maybe_trial(st, w, items, m, now)
+        if w.probation and now <= st.inflight["deadline"]:
+            w.proven_steps += 1  # a planned tab on probation: every step checked (see _maybe_spot_check)
+            if w.proven_steps >= self.settings.probation_steps:
+                self._end_probation(w, now)
+        w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
+        compute = m.get("compute_ms")
+        decode = all(len(i.rows) == i.head_rows for i in items)  # prefill steps are long by nature: decode steps set the pace
+        if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
+            hop = w.last_step_ms - compute
+            w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
+            if decode:
+                w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
+        if decode:
+            self._adapt_batch(st, len(items), w.last_step_ms)
+        elif not w.local:  # learn what a prompt row costs this worker (deadlines, prompt chunks)
+            measured = compute if isinstance(compute, (int, float)) and 0 < compute <= w.last_step_ms else w.last_step_ms
+            unit = self._ms_per_layer(w) * (st.layer_end - st.layer_start) * self._rows_equiv(w, [(i.start_pos, len(i.rows)) for i in items])
+            observed = w.row_cost * max(0.0, measured - (20 if st.include_head else 0)) / max(unit, 1e-6)
+            observed = min(16.0, max(0.01, observed))
+            w.row_cost = observed if observed > w.row_cost else 0.8 * w.row_cost + 0.2 * observed
+        if w.state == "suspect":
+            w.move("answered")
+        st.inflight = None
+        out = []
+        offset = 0
+        for i, it in enumerate(items):
+            rows = None if st.include_head else out_rows[offset: offset + len(it.rows)]
+            offset += len(it.rows)
+            s = self.sessions.get(it.session_id)
+            if s is None or s.finished or it.generation != s.generation:
+                continue
+            s.last_by[st.index] = (w.worker_id, w.epoch)
+            if not st.include_head:
+                skip = max(0, it.forward_from - it.start_pos)
+                if skip < len(it.rows):
+                    self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
+                                                         it.wants_token, it.generation, it.draft), s)
+            elif it.wants_token and it.forward_from < it.end and it.draft:
+                out += self._verify_drafts(s, it, m["_draft_rows"][i], now)
+            elif it.wants_token and it.forward_from < it.end:
+                try:
+                    out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now, None if full is None else full[i])
+                except Exception as exc:  # our bug (e.g. sampling parameters nobody checked): this session alone fails
+                    self.counters["failed"] += 1
+                    self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
+                    out.append(Emit(s.request_id, {"type": "error", "code": "internal_error", "retriable": False,
+                                                   "message": f"generation failed: {type(exc).__name__}: {exc}"}))
+                    out += self._finish(s, "error", now, emit=False)
+        return checks + out + self._pump(now)
+
+    def _adapt_batch(self, st: Stage, batch: int, step_ms: float) -> None:
+        """Multiplicative decrease when a step overran the latency target, additive increase
+        while full batches stay well under it: sessions share steps without any one of them
+        waiting behind a huge batch."""
+        target = self.settings.target_step_ms
+        if step_ms > target and batch > 1:
+            st.batch_limit = max(1, min(st.batch_limit, batch) // 2)
+        elif step_ms < target / 2 and batch >= st.batch_limit:
+            st.batch_limit = min(self.settings.max_batch, st.batch_limit + 1)
+
+    def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float, full: np.ndarray | None = None) -> list:
+        logprob = None
+        if s.chooser is not None and full is not None:
+            token, logprob = s.chooser.choose(full, s.tokens)
+        else:
+            token = Sampler(s.params).choose(ids, logits, len(s.tokens))
+        s.last_head = (ids, logits)
+        for stage, detected in self._awaiting_recovery:
+            self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
+        self._awaiting_recovery = []
+        out = []
+        if s.unconfirmed and s.unconfirmed[0] == token:
+            s.unconfirmed.pop(0)  # recomputed, and the client already has it
+            self.counters["tokens_confirmed"] += 1
+        else:
+            if s.unconfirmed:  # a liar changed this token: the client drops it and what followed
+                self.counters["tokens_retracted"] += len(s.unconfirmed)
+                self.events.append({"t": now, "kind": "rewind", "request_id": s.request_id, "index": len(s.tokens),
+                                    "retracted": len(s.unconfirmed)})
+                out.append(Emit(s.request_id, {"type": "rewind", "index": len(s.tokens),
+                                               "reason": f"{len(s.unconfirmed)} tokens came from a worker caught returning wrong results"}))
+                s.unconfirmed = []
+            out.append(Emit(s.request_id, {"type": "token", "index": len(s.tokens), "token_id": token,
+                                           **({"logprob": logprob} if logprob is not None else {})}))
+            self.counters["tokens"] += 1
+        s.tokens.append(token)
+        s.last_token_at = now
+        if s.first_token_at is None:
+            s.first_token_at = now
+            if s.share_prefix:  # the prompt's KV is complete on every stage: siblings fork it
+                out += self._remember_prefix(s, now)
+        if s.stop_at_eos and token == self.config.eos_id:
+            return out + self._finish_verified(s, "stop", now)
+        if len(s.tokens) >= s.max_tokens:
+            return out + self._finish_verified(s, "length", now)
+        pos = len(s.prompt_ids) + len(s.tokens) - 1
+        self._enqueue_next(s, token, pos)
+        return out
+
+    # -- speculation
+    def _enqueue_next(self, s: Session, token: int, pos: int) -> None:
+        """Queue the session's next trip: the row of its new token, and k drafted rows after it
+        when speculation is on (coordinator/speculation.py); the head then returns top-k for
+        all k+1 rows and _verify_drafts keeps what the model itself would have produced."""
+        if s.request_id in self._trip_more:
+            return  # the trip's next row decides the next token
+        draft = None
+        # the whole-vocabulary path returns one row per session (a grammar's, logprobs'): no drafts then
+        full = getattr(self, "head_logits", None) is not None and any(
+            getattr(x, "chooser", None) is not None for x in self.sessions.values())
+        if self.speculation.on and not full:
+            limit = min(s.max_tokens - len(s.tokens) - 1, min(self.settings.max_ctx, self.config.context) - pos - 1)
+            d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit)
+            draft = d if d.tokens else None
+        ids = [token] + (draft.tokens if draft else [])
+        self._enqueue(0, WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
+
+    def _split_draft_rows(self, st: Stage, items: list[WorkItem], m: dict) -> dict | None:
+        """A head step_result with several rows per speculative item: a copy of `m` with one row
+        (the item's last) per item, as for plain steps, and the speculative items' rows under
+        "_draft_rows" (item index -> (ids, logits)); None when the rows do not add up."""
+        need = [it.head_rows for it in items]
+        if (st.inflight or {}).get("full_logits") and getattr(self, "head_logits", None) is not None:
+            # the head sent hidden rows (a session in the step needed the whole vocabulary):
+            # every verified row's candidates are made here from them
+            from kernels.reference import topk
+            from model.sampling import CANDIDATES
+
+            ends = np.cumsum([len(it.rows) for it in items])
+            rows = np.concatenate([np.arange(e - n, e) for n, e in zip(need, ends)])
+            if m["output"].shape[0] != ends[-1]:
+                return None
+            ids, logits = topk(self.head_logits(m["output"][rows]), CANDIDATES)
+            m = {**m, "topk_ids": ids, "topk_logits": logits}
+        ids, logits = m.get("topk_ids"), m.get("topk_logits")
+        if (ids is None or logits is None or ids.ndim != 2 or ids.shape[0] != sum(need) or logits.shape != ids.shape
+                or (ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab))):
+            return None
+        ends = np.cumsum(need)
+        aside = {i: (ids[e - n:e], logits[e - n:e]) for i, (it, n, e) in enumerate(zip(items, need, ends)) if it.draft}
+        return {**m, "topk_ids": ids[ends - 1], "topk_logits": logits[ends - 1], "_draft_rows": aside}
+
+    def _verify_drafts(self, s: Session, it: WorkItem, rows: tuple, now: float) -> list:
+        """Emit the tokens the trip decided (speculation.decide_trip: the drafts the sampler
+        agrees with, then its own choice), then roll back the KV of the rows past them on every
+        stage: the stage logs (which a rebuild and the spot checks replay) and the workers'
+        caches (truncate_session) keep only accepted positions."""
+        ids, logits = rows
+        out = []
+        try:
+            decided = decide_trip(Sampler(s.params), len(s.tokens), list(zip(ids, logits)), it.draft)
+            used = 0
+            for j, expected in enumerate(decided):
+                last = j + 1 == len(decided)
+                (self._trip_more.discard if last else self._trip_more.add)(s.request_id)
+                out += self._on_token(s, ids[j], logits[j], now)
+                used += 1
+                if (s.finished or s.finish_pending is not None or len(s.tokens) >= s.max_tokens
+                        or (s.stop_at_eos and s.tokens[-1] == self.config.eos_id)):
+                    break
+                if s.tokens[-1] != expected:  # _on_token chose otherwise (a hook of its own): the trip ends there
+                    if not last:
+                        self._trip_more.discard(s.request_id)
+                        self._enqueue_next(s, s.tokens[-1], len(s.prompt_ids) + len(s.tokens) - 1)
+                    break
+        except Exception as exc:  # our bug: this session alone fails (as in _on_step_result)
+            self.counters["failed"] += 1
+            self.events.append({"t": now, "kind": "session_error", "request_id": s.request_id, "error": repr(exc)})
+            out.append(Emit(s.request_id, {"type": "error", "code": "internal_error", "retriable": False,
+                                           "message": f"generation failed: {type(exc).__name__}: {exc}"}))
+            return out + self._finish(s, "error", now, emit=False)
+        finally:
+            self._trip_more.discard(s.request_id)
+        self.speculation.verified(s.request_id, len(it.draft.tokens), len(decided) - 1, len(decided))
+        keep = it.end - it.head_rows + used  # inputs of the rows that decided a kept token
+        if keep < it.end:
+            out += self._roll_back(s, keep, tell=not s.finished)
+        return out
+
+    def _roll_back(self, s: Session, length: int, tell: bool = True) -> list:
+        """The session's KV keeps positions [0, length): its stage logs are cut there and (tell)
+        every stage primary holding its KV truncates its cache there."""
+        for index, log in s.logs.items():
+            s.logs[index] = [(p, r[:length - p]) for p, r in log if p < length]
+        out, told = [], set()
+        for st in self.stages if tell else []:
+            w = self.workers.get(st.primary) if st.primary else None
+            if w is not None and w.alive and w.worker_id in st.ready and w.worker_id not in told:
+                told.add(w.worker_id)
+                out.append(Send(w.conn, wire.make("truncate_session", session_id=s.request_id, length=length)))
+        return out

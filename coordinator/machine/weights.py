@@ -1,0 +1,103 @@
+"""Weight streaming: assigning a stage to a worker, its blobs in CHUNK_BYTES chunks, progress,
+and the worker's ready.
+
+A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
+from __future__ import annotations
+
+from coordinator.records import Send, Stage, Worker
+from protocol import wire
+from protocol.blobs import CHUNK_BYTES, chunk, sha256
+
+
+class WeightStreaming:
+    def _stage_blobs(self, st: Stage) -> list[str]:
+        keys = [f"layer:{i}" for i in range(st.layer_start, st.layer_end)]
+        return keys + (["head"] if st.include_head else [])
+
+    def _assign(self, w: Worker, st: Stage, now: float) -> list:
+        aid = next(self._ids)
+        keys = self._stage_blobs(st)
+        infos = [self.blob_info[k] for k in keys]
+        w.loading[aid] = (st.index, [i.sha256 for i in infos])
+        w.load_progress = {}  # this assignment's reports start afresh (the last one stays after ready)
+        if w.state in ("idle", "ready"):
+            w.move("assign")
+        to_send = sum(i.size for i in infos if i.sha256 not in w.have_blobs)
+        allowed = self.settings.load_timeout_min_s + to_send / self.settings.load_min_bytes_per_s
+        w.load_deadline = max(w.load_deadline or now, now + allowed)
+        out = [Send(w.conn, wire.make("assign", assignment_id=aid, layer_start=st.layer_start, layer_end=st.layer_end,
+                                 include_head=st.include_head, model=self.config.to_dict(), max_ctx=self.settings.max_ctx,
+                                 precision=self._precision(),
+                                 chunks=[i.to_dict() for i in infos]))]
+        chunks = self._weight_chunks(w, infos)
+        sent = sum(len(c.msg["data"]) for c in chunks)
+        w.bytes_sent += sent
+        self.counters["weight_bytes_sent"] += sent
+        return out + chunks
+
+    def _weight_chunks(self, w: Worker, infos: list) -> list:
+        """The weights_chunk messages of the blobs `w` does not hold yet, in layer order (the
+        earliest layers first)."""
+        out = []
+        for info in infos:
+            if info.sha256 in w.have_blobs:
+                continue
+            data = self.blob_bytes[info.key]
+            for c in range(info.chunks):
+                piece = chunk(data, c)
+                out.append(Send(w.conn, wire.make("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256, offset=c * CHUNK_BYTES,
+                                             total=info.size, data=piece, sha256=sha256(piece))))
+        return out
+
+    def _precision(self) -> dict:
+        p = {"compute": self.settings.compute_dtype}
+        if self.settings.workgroup_size:
+            p["workgroup_size"] = self.settings.workgroup_size
+        return p
+
+    def _on_weights_ack(self, w: Worker, m: dict, now: float) -> list:
+        if not m["ok"]:
+            return self._worker_lost(w, now, f"weights rejected: {m.get('error')}", quarantine=True)
+        return []
+
+    def _on_load_progress(self, w: Worker, m: dict, now: float) -> list:
+        w.load_progress = {"layer": m["layer"], "received_bytes": m["received_bytes"], "total_bytes": m["total_bytes"]}
+        return []
+
+    def _on_ready(self, w: Worker, m: dict, now: float) -> list:
+        key = self._verify_assign.pop(m.get("assignment_id"), None)
+        if key is not None:  # LOCAL loaded a range only to verify others' steps
+            self._verify_ranges[key] = "ready"
+            return [Send(w.conn, c) for c in self._verify_parked.pop(key, [])]
+        if self._trial_assign.get(m.get("assignment_id")) == w.worker_id:
+            return self._on_trial_ready(w, m, now)
+        entry = w.loading.pop(m.get("assignment_id"), None)
+        if entry is None:
+            return []
+        stage_index, shas = entry
+        if m["checksum"] != sha256("".join(shas).encode()):
+            # the digest of the assignment's blob digests, as the tab computed it when it
+            # assembled them: a tab that never had them answers anything ("x"). Only a weak
+            # proof alone (the digests are public); its first steps are recomputed (probation)
+            return self._worker_lost(w, now, "ready with a checksum that does not match its assignment", quarantine=True)
+        w.have_blobs.update(shas)
+        for c in m.get("corrections") or []:
+            if c not in w.corrections:
+                w.corrections.append(c)
+                self.events.append({"t": now, "kind": "correction", "worker": w.worker_id, **c})
+        if not w.loading:
+            w.move("loaded")
+            w.load_deadline = None
+        st = self.stages[stage_index] if stage_index < len(self.stages) else None
+        layers = tuple(m.get("layers") or ())
+        if st is None or w.worker_id not in st.holders or (layers and layers != (st.layer_start, st.layer_end)):
+            # loaded for a plan replaced meanwhile (joins re-plan while others still load): the
+            # index may now name other layers. Free the range, or tabs pile up orphan ranges
+            # (seen with 32 tabs joining: 1 GB held each, for a 100 MB model)
+            if layers and not any((s.layer_start, s.layer_end) == layers and w.worker_id in s.holders for s in self.stages):
+                return [Send(w.conn, wire.make("unload", reason="re-plan", layer_start=layers[0], layer_end=layers[1]))]
+            return []
+        st.ready.add(w.worker_id)
+        if st.needs_rebuild and st.primary == w.worker_id:
+            return self._rebuild(st, now)
+        return self._pump(now)
