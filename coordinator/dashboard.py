@@ -119,7 +119,7 @@ class DashboardFeed:
         Coordinator itself, read only (capabilities, weight sizes, in-flight steps)."""
         to_wall = lambda t: round(wall - (now - t), 3)  # noqa: E731 - monotonic -> epoch seconds
         stages = status["stages"]
-        busy = {st.inflight["worker"] for st in core.stages if st.inflight}
+        busy = {st.inflight.worker for st in core.stages if st.inflight}
         blob = core.blob_info
         workers = []
         for w in status["workers"]:

@@ -191,6 +191,50 @@ class WorkItem:
 
 
 @dataclass
+class CheckRecord:
+    """A spot check in flight: a verifier recomputes what a worker answered for one session's rows
+    over one layer range (or, on a trial, a worker on probation recomputes a trusted one's)."""
+
+    worker: str  # the checked worker
+    epoch: int  # its epoch when it answered
+    verifier: str
+    stage: int
+    range: tuple  # (layer_start, layer_end)
+    start: int  # the first of the answered rows the check's output covers
+    claimed: object  # np.ndarray: the rows the checked worker returned
+    at: float  # sent at
+    worker_steps: int  # the checked worker's step count then (for the liar's event)
+    kv_key: tuple  # the verifier's scratch KV this check extends
+    trial: bool = False  # a probation trial's check
+    deadline: float | None = None  # a trial check's
+    rows: int = 0  # a trial check's rows (its cost)
+
+
+@dataclass
+class SyntheticStep:
+    """A trial step of random rows sent to a worker on probation, to time it on a stage's shape."""
+
+    worker: str
+    at: float
+    rows: int
+    range: tuple
+    deadline: float
+
+
+@dataclass
+class InFlightStep:
+    """A step sent to a stage's primary and not yet answered (a stage has at most one)."""
+
+    step_id: int
+    worker: str
+    items: list  # WorkItem, in the order their rows are stacked
+    sent_at: float
+    deadline: float  # past it the worker is suspect; far past it, evicted
+    epoch: int  # the worker's epoch when sent: a result of another epoch is fenced off
+    full_logits: bool = False  # the head returns hidden rows; the coordinator computes every logit
+
+
+@dataclass
 class Stage:
     index: int
     layer_start: int
@@ -199,7 +243,7 @@ class Stage:
     holders: list[str]  # worker ids: primary first, then warm standbys
     ready: set = field(default_factory=set)  # holders that have loaded the range
     queue: deque = field(default_factory=deque)
-    inflight: dict | None = None  # {"step_id", "worker", "items", "sent_at", "deadline"}
+    inflight: InFlightStep | None = None  # the step this stage's primary is computing
     needs_rebuild: bool = False
     batch_limit: int = 16  # adapted to measured step latency (see _adapt_batch)
 

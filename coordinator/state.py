@@ -29,7 +29,8 @@ from coordinator.machine.sessions import Sessions
 from coordinator.machine.trials import Trials
 from coordinator.machine.verify import Verification
 from coordinator.machine.weights import WeightStreaming
-from coordinator.records import Close, CoordinatorSettings, PrefixEntry, Send, Session, Stage, Worker
+from coordinator.records import (CheckRecord, Close, CoordinatorSettings, PrefixEntry, Send, Session, Stage,
+                                SyntheticStep, Worker)
 from coordinator.security import Backoff
 from coordinator.speculation import make_speculator
 from protocol import wire
@@ -75,7 +76,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self.prefix_cache: dict[str, PrefixEntry] = {}
         self._first_join_at: float | None = None
         self._spot_rng = random.Random(settings.spot_check_seed)
-        self._checks: dict[int, dict] = {}  # verification step id -> what the checked worker answered
+        self._checks: dict[int, CheckRecord] = {}  # verification step id -> what the checked worker answered
         self._verify_ranges: dict[tuple, str] = {}  # (layer_start, layer_end) on LOCAL -> loading | ready
         self._verify_assign: dict[int, tuple] = {}  # assignment id -> range, for LOCAL's verify ranges
         self._verify_parked: dict[tuple, list] = {}  # range -> check messages waiting for LOCAL to load it
@@ -87,7 +88,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         # workers on trial: worker id -> {"range", "assignment_id", "ready", "check": step id or None}
         self._trials: dict[str, dict] = {}
         self._trial_assign: dict[int, str] = {}  # assignment id -> worker id, for trial ranges
-        self._synthetic: dict[int, dict] = {}  # step id -> a synthetic trial step in flight
+        self._synthetic: dict[int, SyntheticStep] = {}  # step id -> a synthetic trial step in flight
         # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
         # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
         self.head_logits = None

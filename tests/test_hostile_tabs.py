@@ -155,8 +155,8 @@ def test_deadline_scales_with_rows_and_context_and_own_compute_stays():
     core = net.core
     st, w = core.stages[0], core.workers[core.stages[0].primary]
     net.submit("long", [1 + i % 250 for i in range(1200)], 1)
-    prefill = st.inflight["deadline"] - st.inflight["sent_at"]
-    rows = sum(len(i.rows) for i in st.inflight["items"])
+    prefill = st.inflight.deadline - st.inflight.sent_at
+    rows = sum(len(i.rows) for i in st.inflight.items)
     net.run()
     assert rows == 256
     # what it was: max(1, rows / 8) decode steps of the calibrated speed (+ 20 ms for the head)

@@ -193,7 +193,7 @@ def test_worker_killed_mid_trip_gives_identical_tokens(weights, other_weights, r
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     # kill while a speculative item is in flight
     net.run(until=lambda: len(net.tokens("r")) >= 6 and any(
-        st.inflight and any(i.draft for i in st.inflight["items"]) for st in net.core.stages))
+        st.inflight and any(i.draft for i in st.inflight.items) for st in net.core.stages))
     net.kill(net.stage_conn(victim_stage))
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference

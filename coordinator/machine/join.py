@@ -62,13 +62,13 @@ class Join:
         check = self._checks.pop(m.get("step_id"), None)
         if check is not None:  # the verifier could not run the check (e.g. its range was unloaded)
             self.counters["spot_checks_skipped"] += 1
-            self._verify_kv.pop(check["kv_key"], None)  # the next check of it starts from position 0
+            self._verify_kv.pop(check.kv_key, None)  # the next check of it starts from position 0
             if m.get("code") == "not_assigned":
-                self._verify_ranges.pop(check["range"], None)
+                self._verify_ranges.pop(check.range, None)
             return self._release_finishes(now)
         # an error about a step means that step will never be answered: treat the stage as failed
         for st in self.stages:
-            if st.inflight and st.inflight["worker"] == w.worker_id and m.get("step_id") == st.inflight["step_id"]:
+            if st.inflight and st.inflight.worker == w.worker_id and m.get("step_id") == st.inflight.step_id:
                 return self._worker_lost(w, now, f"step failed: {m['message']}")
         return []
 

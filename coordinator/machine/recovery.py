@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.records import LOCAL, Close, Emit, Stage, Worker, WorkItem
+from coordinator.records import LOCAL, Close, Emit, Stage, WorkItem, Worker
 
 
 class Recovery:
@@ -35,27 +35,27 @@ class Recovery:
                                                  f"(last progress: {w.load_progress or 'none'})")
         for st in self.stages:
             f = st.inflight
-            if not f or now <= f["deadline"]:
+            if not f or now <= f.deadline:
                 continue
-            w = self.workers[f["worker"]]
+            w = self.workers[f.worker]
             if not w.alive or w.local:  # the coordinator's own compute is never evicted (nothing would replace it)
                 continue
-            late = now - f["sent_at"]
-            allowed = f["deadline"] - f["sent_at"]
+            late = now - f.sent_at
+            allowed = f.deadline - f.sent_at
             if late > allowed * self.settings.suspect_evict_factor:
                 # a step this late counts against the address (a tarpit rejoining under new
                 # names meets a growing backoff); a tab still on probation is quarantined
                 self.counters["slow_evictions"] += 1
                 if w.address and not w.probation:
                     self.backoff.offend(w.address, "a step far past its deadline", now)
-                out += self._worker_lost(w, now, f"step {f['step_id']} {late:.1f}s late (slow worker evicted"
+                out += self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
                                                  f"{' on probation' if w.probation else ''})", quarantine=w.probation)
             elif w.state == "ready":
                 w.move("missed_deadline")
-                self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f["step_id"]})
+                self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
         self._prune_ended_workers()
         out += self._trial_tick(now)
-        expired = [k for k, c in self._checks.items() if now - c["at"] > self.settings.spot_check_timeout_s]
+        expired = [k for k, c in self._checks.items() if now - c.at > self.settings.spot_check_timeout_s]
         for step_id in expired:
             self._verify_kv.pop(self._checks.pop(step_id)["kv_key"], None)  # the verifier died or never answered
             self.counters["spot_checks_skipped"] += 1
@@ -88,9 +88,9 @@ class Recovery:
         if quarantine and w.address:
             self.backoff.offend(w.address, reason, now)
         self._trials.pop(w.worker_id, None)
-        for step_id in [k for k, c in self._synthetic.items() if c["worker"] == w.worker_id]:
+        for step_id in [k for k, c in self._synthetic.items() if c.worker == w.worker_id]:
             del self._synthetic[step_id]
-        for step_id in [k for k, c in self._checks.items() if c["verifier"] == w.worker_id]:
+        for step_id in [k for k, c in self._checks.items() if c.verifier == w.worker_id]:
             del self._checks[step_id]  # it will not answer: its checks stop holding sessions back
             self.counters["spot_checks_skipped"] += 1
         self._forget_verify_kv(lambda k: k[2] == w.worker_id)
@@ -123,7 +123,7 @@ class Recovery:
         if st.inflight is not None:
             # the lost step's inputs are in the logs: the replay recomputes them and forwards
             # exactly the rows the lost step would have forwarded
-            for it in st.inflight["items"]:
+            for it in st.inflight.items:
                 self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token, it.draft)
             st.inflight = None
         if st.primary is None:

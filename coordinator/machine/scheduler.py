@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from coordinator.records import Emit, Send, Session, Stage, Worker, WorkItem
+from coordinator.records import Emit, InFlightStep, Send, Session, Stage, WorkItem, Worker
 from coordinator.speculation import decide_trip
 from kernels.reference import topk
 from model.sampling import CANDIDATES, Sampler
@@ -64,14 +64,13 @@ class Scheduler:
         # from this worker's measured costs, for these rows at their context positions
         expected_ms = self._step_cost_ms(w, st, [(i.start_pos, len(i.rows)) for i in items])
         deadline = now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
-        st.inflight = {"step_id": step_id, "worker": w.worker_id, "items": items, "sent_at": now, "deadline": deadline,
-                       "epoch": w.epoch}
+        st.inflight = InFlightStep(step_id, w.worker_id, items, now, deadline, w.epoch)
         want = 0
         # a session that needs the whole vocabulary's logits: the head stage returns its hidden
         # rows instead of top-k (want_topk 0), and the coordinator computes every session's head
-        st.inflight["full_logits"] = st.include_head and self.head_logits is not None and any(
+        st.inflight.full_logits = st.include_head and self.head_logits is not None and any(
             i.wants_token and i.session_id in self.sessions and self.sessions[i.session_id].chooser is not None for i in items)
-        if st.include_head and any(i.wants_token for i in items) and not st.inflight["full_logits"]:
+        if st.include_head and any(i.wants_token for i in items) and not st.inflight.full_logits:
             want = max(self.sessions[i.session_id].params.candidates for i in items if i.session_id in self.sessions)
         hidden = np.concatenate([i.rows for i in items]) if len(items) > 1 else items[0].rows
         m = wire.make("step", step_id=step_id, epoch=w.epoch, layer_start=st.layer_start, layer_end=st.layer_end,
@@ -86,11 +85,11 @@ class Scheduler:
             return self._on_synthetic_result(w, m, now)
         if m["step_id"] in self._checks:
             return self._on_check_result(w, m, now)
-        st = next((s for s in self.stages if s.inflight and s.inflight["step_id"] == m["step_id"]), None)
-        if st is None or st.inflight["worker"] != w.worker_id or m["epoch"] != w.epoch:
+        st = next((s for s in self.stages if s.inflight and s.inflight.step_id == m["step_id"]), None)
+        if st is None or st.inflight.worker != w.worker_id or m["epoch"] != w.epoch:
             self.counters["late_results_ignored"] += 1
             return []
-        items: list[WorkItem] = st.inflight["items"]
+        items: list[WorkItem] = st.inflight.items
         total = sum(len(i.rows) for i in items)
         out_rows = m["output"]
         # a head stage's hidden output is not needed (its top-k is): any row count is accepted
@@ -105,7 +104,7 @@ class Scheduler:
                 err = ProtocolError("bad_field", f"head stage must return topk_ids, {sum(i.head_rows for i in items)} rows", "topk_ids")
                 return self.on_protocol_error(w.conn, err, now)
         full = None
-        if st.inflight.get("full_logits"):
+        if st.inflight.full_logits:
             if out_rows.shape[0] != total:
                 err = ProtocolError("bad_shape", f"step_result output has {out_rows.shape[0]} rows, expected {total}", "output")
                 return self.on_protocol_error(w.conn, err, now)
@@ -121,11 +120,11 @@ class Scheduler:
                 return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
         w.steps += 1
         checks = self._maybe_spot_check(st, w, items, m, now) + self._maybe_trial(st, w, items, m, now)
-        if w.probation and now <= st.inflight["deadline"]:
+        if w.probation and now <= st.inflight.deadline:
             w.proven_steps += 1  # a planned tab on probation: every step checked (see _maybe_spot_check)
             if w.proven_steps >= self.settings.probation_steps:
                 self._end_probation(w, now)
-        w.last_step_ms = (now - st.inflight["sent_at"]) * 1000
+        w.last_step_ms = (now - st.inflight.sent_at) * 1000
         compute = m.get("compute_ms")
         decode = all(len(i.rows) == i.head_rows for i in items)  # prefill steps are long by nature: decode steps set the pace
         if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
@@ -243,7 +242,7 @@ class Scheduler:
         (the item's last) per item, as for plain steps, and the speculative items' rows under
         "_draft_rows" (item index -> (ids, logits)); None when the rows do not add up."""
         need = [it.head_rows for it in items]
-        if (st.inflight or {}).get("full_logits") and getattr(self, "head_logits", None) is not None:
+        if st.inflight is not None and st.inflight.full_logits and getattr(self, "head_logits", None) is not None:
             # the head sent hidden rows (a session in the step needed the whole vocabulary):
             # every verified row's candidates are made here from them
             from kernels.reference import topk

@@ -137,7 +137,7 @@ class Sessions:
                 s.finish_pending = reason
                 return checks
         # (a trial check tests the tab on trial, not the worker it copies: it holds nothing back)
-        if self._holding_finishes or any(c["worker"] in s.touched and not c.get("trial") for c in self._checks.values()):
+        if self._holding_finishes or any(c.worker in s.touched and not c.trial for c in self._checks.values()):
             s.finish_pending = reason
             return []
         s.finish_pending = None

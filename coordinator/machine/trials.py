@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from coordinator.records import LOCAL, Send, Stage, Worker
+from coordinator.records import LOCAL, Send, Stage, SyntheticStep, Worker
 from protocol import wire
 from protocol.blobs import sha256
 
@@ -89,10 +89,10 @@ class Trials:
                     out += self._send_check(st, (w.worker_id, w.epoch), v, s, it.start_pos, it.end, claimed, now)
                     for step_id in set(self._checks) - before:
                         c = self._checks[step_id]
-                        c["trial"] = True
-                        c["deadline"] = now + self.settings.trial_deadline_ms / 1000 + \
+                        c.trial = True
+                        c.deadline = now + self.settings.trial_deadline_ms / 1000 + \
                             self._step_cost_ms(v, st, [(0, it.end)]) * self.settings.step_deadline_factor / 1000
-                        c["rows"] = it.end
+                        c.rows = it.end
                         trial["check"] = step_id
                         self.counters["trial_steps"] += 1
                     break
@@ -106,8 +106,8 @@ class Trials:
         trial["check"] = None
         if not right:
             return self._worker_lost(v, now, f"trial step wrong (relative error {error:.3g})", quarantine=True)
-        layers = check["range"][1] - check["range"][0]
-        ms = (now - check["at"]) * 1000 / max(1, layers) / max(1.0, self._rows_equiv(v, [(0, check["rows"])]))
+        layers = check.range[1] - check.range[0]
+        ms = (now - check.at) * 1000 / max(1, layers) / max(1.0, self._rows_equiv(v, [(0, check.rows)]))
         return self._trial_passed(v, trial, ms, now)
 
     def _end_probation(self, w: Worker, now: float) -> None:
@@ -126,8 +126,8 @@ class Trials:
         rows = np.ascontiguousarray(self.embed(list(range(1, 9))), dtype=np.float32)
         layers = key[1] - key[0]
         cost = self._ms_per_layer(w) * layers * self._rows_equiv(w, [(0, len(rows))])
-        self._synthetic[step_id] = {"worker": w.worker_id, "at": now, "rows": len(rows), "range": key,
-                                    "deadline": now + (self.settings.trial_deadline_ms + self.settings.step_deadline_factor * cost) / 1000}
+        self._synthetic[step_id] = SyntheticStep(w.worker_id, now, len(rows), key,
+                                                 now + (self.settings.trial_deadline_ms + self.settings.step_deadline_factor * cost) / 1000)
         trial["check"] = -step_id  # busy (negative: synthetic)
         trial["last"] = now
         self.counters["trial_steps"] += 1
@@ -140,14 +140,14 @@ class Trials:
     def _on_synthetic_result(self, w: Worker, m: dict, now: float) -> list:
         c = self._synthetic.pop(m["step_id"])
         trial = self._trials.get(w.worker_id)
-        if c["worker"] != w.worker_id or trial is None:
+        if c.worker != w.worker_id or trial is None:
             return []
         trial["check"] = None
         out = m["output"]
         if out.ndim != 2 or out.shape[1] != self.config.hidden or not np.all(np.isfinite(out)):
             return self._worker_lost(w, now, f"trial step answered with output of shape {tuple(out.shape)}", quarantine=True)
-        layers = c["range"][1] - c["range"][0]
-        ms = (now - c["at"]) * 1000 / max(1, layers) / self._rows_equiv(w, [(0, c["rows"])])
+        layers = c.range[1] - c.range[0]
+        ms = (now - c.at) * 1000 / max(1, layers) / self._rows_equiv(w, [(0, c.rows)])
         return self._trial_passed(w, trial, ms, now)
 
     def _trial_passed(self, v: Worker, trial: dict, ms: float, now: float) -> list:
@@ -164,11 +164,11 @@ class Trials:
     def _trial_tick(self, now: float) -> list:
         out = []
         for step_id, c in list(self._synthetic.items()):
-            if now > c["deadline"]:
+            if now > c.deadline:
                 del self._synthetic[step_id]
-                v = self.workers.get(c["worker"])
+                v = self.workers.get(c.worker)
                 if v is not None and v.alive:
-                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c['at']) * 1000:.0f} ms",
+                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c.at) * 1000:.0f} ms",
                                              quarantine=True)
         for wid, trial in list(self._trials.items()):
             v = self.workers.get(wid)
@@ -176,11 +176,11 @@ class Trials:
                     and now - trial.get("last", 0.0) > self.settings.heartbeat_ms / 1000):
                 out += self._send_synthetic(v, trial, now)
         for step_id, c in list(self._checks.items()):
-            if c.get("trial") and now > c["deadline"]:
+            if c.trial and now > c.deadline:
                 del self._checks[step_id]
-                v = self.workers.get(c["verifier"])
+                v = self.workers.get(c.verifier)
                 if v is not None and v.alive:
-                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c['at']) * 1000:.0f} ms",
+                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c.at) * 1000:.0f} ms",
                                              quarantine=True)
         for wid, trial in list(self._trials.items()):
             if trial["check"] is not None and trial["check"] > 0 and trial["check"] not in self._checks:
@@ -201,14 +201,14 @@ class Trials:
         that come out the same are not sent again; at the first that differs the client gets
         a `rewind` to that index, then the right tokens (see _on_token)."""
         self.counters["spot_check_mismatches"] += 1
-        suspects = [check["worker"]] + ([check["verifier"]] if check["verifier"] != LOCAL else [])
+        suspects = [check.worker] + ([check.verifier] if check.verifier != LOCAL else [])
         out = []
         self._holding_finishes = True  # none may finish before _recompute_sessions has looked at it
         for wid in suspects:
             w = self.workers.get(wid)
-            self.events.append({"t": now, "kind": "liar_detected", "worker": wid, "stage": check["stage"], "error": error,
-                                "worker_steps": check["worker_steps"], "verifier": check["verifier"]})
-            if w is not None and w.alive and (wid != check["worker"] or w.epoch == check["epoch"]):
+            self.events.append({"t": now, "kind": "liar_detected", "worker": wid, "stage": check.stage, "error": error,
+                                "worker_steps": check.worker_steps, "verifier": check.verifier})
+            if w is not None and w.alive and (wid != check.worker or w.epoch == check.epoch):
                 out += self._worker_lost(w, now, f"spot check: outputs off by {error:.3g} (relative)", quarantine=True)
         self._holding_finishes = False
         return out + self._recompute_sessions(now, suspects)

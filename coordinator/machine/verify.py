@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.records import LOCAL, Send, Session, Stage, Worker, WorkItem, check_session
+from coordinator.records import LOCAL, CheckRecord, Send, Session, Stage, WorkItem, Worker, check_session
 from protocol import wire
 
 
@@ -94,9 +94,8 @@ class Verification:
         self._verify_kv[kv_key] = (end, s.log_epoch)
         scratch = check_session(s.request_id, key)
         w = self.workers.get(by[0])
-        self._checks[step_id] = {"worker": by[0], "epoch": by[1], "verifier": verifier.worker_id, "stage": st.index,
-                                 "range": key, "start": start_pos - first, "claimed": claimed, "at": now,
-                                 "worker_steps": w.steps if w is not None else 0, "kv_key": kv_key}
+        self._checks[step_id] = CheckRecord(by[0], by[1], verifier.worker_id, st.index, key, start_pos - first, claimed, now,
+                                            w.steps if w is not None else 0, kv_key)
         self.counters["spot_checks"] += 1
         msgs = [wire.make("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
                      sessions=[{"session_id": scratch, "start_pos": first, "length": end - first,
@@ -133,8 +132,8 @@ class Verification:
         ended = [w for w in self.workers.values() if not w.alive and w.ended_at is not None]
         if len(ended) <= self.settings.dead_workers_kept:
             return
-        busy = {st.inflight["worker"] for st in self.stages if st.inflight} | {h for st in self.stages for h in st.holders}
-        busy |= {c["worker"] for c in self._checks.values()} | {c["verifier"] for c in self._checks.values()}
+        busy = {st.inflight.worker for st in self.stages if st.inflight} | {h for st in self.stages for h in st.holders}
+        busy |= {c.worker for c in self._checks.values()} | {c.verifier for c in self._checks.values()}
         busy |= set(self.conn_worker.values())
         ended.sort(key=lambda w: w.ended_at)
         for w in ended[: len(ended) - self.settings.dead_workers_kept]:
@@ -165,9 +164,9 @@ class Verification:
 
     def _on_check_result(self, v: Worker, m: dict, now: float) -> list:
         check = self._checks.pop(m["step_id"])
-        if v.worker_id != check["verifier"]:
+        if v.worker_id != check.verifier:
             return self._release_finishes(now)
-        claimed = check["claimed"]
+        claimed = check.claimed
         if isinstance(claimed, tuple):  # head stage: the chosen candidates and their logits
             ids, logits = m.get("topk_ids"), m.get("topk_logits")
             c_ids, c_logits = np.atleast_2d(claimed[0]), np.atleast_2d(claimed[1])  # rows: 1, or a speculative step's
@@ -179,14 +178,14 @@ class Verification:
             if n and np.any(ids[:, 0] != c_ids[:, 0]):
                 error = max(error, 1.0)
         else:
-            ref = m["output"][check["start"]:]
+            ref = m["output"][check.start:]
             if ref.shape != claimed.shape:
                 return self._release_finishes(now)
             error = float(np.max(np.abs(ref - claimed))) / max(float(np.max(np.abs(ref))), 1e-6)
         # f16 tabs round where the f32 verifier does not: an honest f16 result is ~1e-2 off
         # (not measured against the verifier yet; 5e-2 is a guess kept on the safe side)
         tolerance = self.settings.spot_check_rtol if self.settings.compute_dtype == "f32" else max(self.settings.spot_check_rtol, 5e-2)
-        if check.get("trial"):  # a tab on probation recomputed a trusted worker's step
+        if check.trial:  # a tab on probation recomputed a trusted worker's step
             return self._on_trial_result(v, check, error <= tolerance, error, now)
         if error <= tolerance:
             return self._release_finishes(now)
