@@ -1,6 +1,6 @@
 """The coordinator's HTTP API as an OpenAPI 3.1 document, served at GET /openapi.json.
 
-Built per server from the tables coordinator/request_fields.py and coordinator/openai_api.py validate
+Built per server from the tables coordinator/request_fields.py and coordinator/openai_request.py validate
 requests with (SAMPLING_FIELDS, N_FIELD, FLAGS, max_tokens_field, FIELDS, NEUTRAL) and the
 server's own limits (max_output_tokens, max_prompt_tokens), so the ranges it states are the
 ones enforced; a field not described is refused (400 naming it). WebSocket endpoints
@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from coordinator import request_fields as api
-from coordinator import openai_api as oa
+from coordinator import openai_request as oa
 from coordinator.tab_routes import KERNEL_DIR
 
 JSON = "application/json"
