@@ -303,9 +303,10 @@ def variant_tuning(dev, variant: str):
     import dataclasses
     import re
 
-    from kernels import runner as R
 
-    base = R.matmul_tuning(dev)
+    from kernels import launchers as KL
+
+    base = KL.matmul_tuning(dev)
     if variant == "wgpu":
         return base, {}
     if variant == "wgpu-unfused":
@@ -442,7 +443,8 @@ def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: lis
     the timing reads memory, not L2."""
     import dataclasses
 
-    from kernels import runner as R
+
+    from kernels import launchers as KL
     from tab_worker.wgpu_backend import _fused_parts
 
     layer = weights.layers[0]
@@ -451,8 +453,8 @@ def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: lis
     out = []
     for name, w in mats.items():
         copies = max(1, min(32, -(-(256 << 20) // w.nbytes)))
-        gw = R.upload_quant(dev, w, name)
-        bufs = [gw] + [R.upload_quant(dev, w, f"{name}.{i}") for i in range(1, copies)]
+        gw = KL.upload_quant(dev, w, name)
+        bufs = [gw] + [KL.upload_quant(dev, w, f"{name}.{i}") for i in range(1, copies)]
         rmax = max(rows_list)
         xb = dev.upload(np.random.default_rng(5).standard_normal((rmax, w.k)).astype(np.float32))
         yb = dev.buffer(rmax * w.n * 4)
@@ -461,7 +463,7 @@ def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: lis
             if options:
                 continue
             tuning = dataclasses.replace(tuning, matvec_max_rows=1 << 30)
-            ops = [R.QuantLinear(dev, g, xb, w.k, yb, w.n, tuning=tuning) for g in bufs]
+            ops = [KL.QuantLinear(dev, g, xb, w.k, yb, w.n, tuning=tuning) for g in bufs]
             for rows in rows_list:
                 plan = dev.plan(ops, rows)
                 dev.execute(plan)

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="xdg-"))  # quiets Mesa (PLATFORM.md)
 
 from kernels import runner as R  # noqa: E402
+
+from kernels import launchers as KL  # noqa: E402
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, QuantTensor, dequantize, scale_words_per_row, words_per_row  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # wo/wq, wk/wv, gate/up, down, head
@@ -59,7 +61,7 @@ def timed(fn, min_time: float) -> float:
         reps = max(reps * 2, int(reps * min_time / max(elapsed, 1e-6)))
 
 
-def wgpu_seconds(dev: R.Device, op: R.QuantLinear, rows: int, y, min_time: float) -> float:
+def wgpu_seconds(dev: R.Device, op: KL.QuantLinear, rows: int, y, min_time: float) -> float:
     def run(reps: int) -> float:
         enc = dev.encoder()
         cpass = enc.begin_compute_pass()
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     except R.NoAdapterError as exc:
         print(f"no wgpu adapter: {exc}")
         return 1
-    tuning = R.matmul_tuning(dev)
+    tuning = KL.matmul_tuning(dev)
     kernel = "qmatvec" if args.rows <= tuning.matvec_max_rows else "qmatmul"
     print(f"wgpu adapter: {dev.describe()}  real GPU: {dev.is_real_gpu()}  limits: {args.limits}")
     if args.model:
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
         for name in formats:
             spec = QuantSpec.parse(name)
             w = random_quant(rng, n, k, spec)
-            op = R.QuantLinear(dev, R.upload_quant(dev, w), xb, x_stride, yb, n, tuning=tuning)
+            op = KL.QuantLinear(dev, KL.upload_quant(dev, w), xb, x_stride, yb, n, tuning=tuning)
             t_gpu = wgpu_seconds(dev, op, args.rows, yb, args.min_time)
             w_t = np.ascontiguousarray(dequantize(w).T)  # NumpyBackend's layout
             t_np = numpy_seconds(lambda: x @ w_t, args.min_time)

@@ -16,7 +16,6 @@ recorded) and reads back once, through a persistent mappable buffer in the same 
 """
 from __future__ import annotations
 
-import math
 import re
 import struct
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from kernels import wgsl_source
-from kernels.quant import QuantTensor
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
@@ -321,9 +319,9 @@ class Device:
         (np.uint8, each part at a 4-byte-aligned offset) - one submit and one wait in all."""
         enc = self.device.create_command_encoder()
         cpass = enc.begin_compute_pass()
-        raw = _RAW_PASS_CALLS is not None and getattr(cpass, "_internal", None) is not None
+        raw = RAW_PASS_CALLS is not None and getattr(cpass, "_internal", None) is not None
         if raw:
-            set_pipeline, set_bind_group, dispatch, null = _RAW_PASS_CALLS
+            set_pipeline, set_bind_group, dispatch, null = RAW_PASS_CALLS
             handle = cpass._internal
         count = 0
         for item in plan:
@@ -419,7 +417,7 @@ def describe_device(limits: str | dict = "adapter", power_preference: str = "hig
     }
 
 
-# ====================================================================== launchers
+# ====================================================================== what a plan records
 
 
 def _raw_pass_calls():
@@ -437,7 +435,7 @@ def _raw_pass_calls():
         return None
 
 
-_RAW_PASS_CALLS = _raw_pass_calls()
+RAW_PASS_CALLS = _raw_pass_calls()
 
 
 @dataclass(frozen=True)
@@ -456,7 +454,7 @@ class BufferCopy:
 
 @dataclass(frozen=True)
 class Dispatch:
-    launch: "Launch"
+    launch: object  # a launchers.Launch: its native pipeline and bind group
     x: int
     y: int
     z: int
@@ -465,394 +463,3 @@ class Dispatch:
         """(native pipeline, native bind group, x, y, z, pipeline, bind group) for Device.execute."""
         raw = self.launch._raw or (None, None)
         return (raw[0], raw[1], self.x, self.y, self.z, self.launch.pipeline, self.launch.bind_group)
-
-
-class Launcher:
-    """Something recorded into a pass: ``dispatches(rows)`` lists its Dispatch (and
-    BufferCopy) items at that many rows, setting any rows-dependent params on the way."""
-
-    def dispatches(self, rows: int) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def record(self, cpass, rows: int) -> None:
-        for d in self.dispatches(rows):
-            d.launch.dispatch(cpass, d.x, d.y, d.z)
-
-
-class ByRows(Launcher):
-    """``small`` launchers up to ``max_rows`` rows, else ``large`` (a fused decode kernel that
-    has no batched counterpart, and the unfused ops that replace it for prefill)."""
-
-    def __init__(self, max_rows: int, small: list, large: list):
-        self.max_rows, self.small, self.large = max_rows, small, large
-
-    def dispatches(self, rows: int) -> list:
-        items = []
-        for launcher in (self.small if rows <= self.max_rows else self.large):
-            items += launcher.dispatches(rows)
-        return items
-
-
-class Launch:
-    """One kernel with its buffers bound and its params in its own small uniform buffer."""
-
-    def __init__(self, dev: Device, kernel: str, constants: dict, buffers: list, **params):
-        self.dev, self.kernel = dev, kernel
-        self.pipeline = dev.pipeline(kernel, **constants)
-        self.params = params
-        self._packed = dev.pack_params(kernel, params)
-        self.params_buffer = dev.buffer(len(self._packed), f"{kernel}.params", uniform=True)
-        dev.queue.write_buffer(self.params_buffer, 0, self._packed)
-        self.bind_group = dev.bind_group(self.pipeline, [self.params_buffer, *buffers])
-        self._max_groups = dev.limits["max-compute-workgroups-per-dimension"]
-        self._raw = None
-        if _RAW_PASS_CALLS is not None and hasattr(self.pipeline, "_internal") and hasattr(self.bind_group, "_internal"):
-            self._raw = (self.pipeline._internal, self.bind_group._internal)
-
-    def set(self, **changes) -> None:
-        """Change params (rewrites the uniform buffer only when a value differs)."""
-        if all(self.params.get(k) == v for k, v in changes.items()):
-            return
-        params = {**self.params, **changes}
-        packed = self.dev.pack_params(self.kernel, params)
-        self.params, self._packed = params, packed
-        self.dev.queue.write_buffer(self.params_buffer, 0, packed)
-
-    def at(self, x: int, y: int = 1, z: int = 1) -> list:
-        """[Dispatch] of this launch over (x, y, z) workgroups ([] when any is 0)."""
-        if x > self._max_groups or y > self._max_groups or z > self._max_groups:
-            raise LimitError(f"{self.kernel}: dispatch {(x, y, z)} exceeds {self._max_groups} workgroups per dimension")
-        return [Dispatch(self, x, y, z)] if x and y and z else []
-
-    def dispatch(self, cpass, x: int, y: int = 1, z: int = 1) -> None:
-        if x > self._max_groups or y > self._max_groups or z > self._max_groups:
-            raise LimitError(f"{self.kernel}: dispatch {(x, y, z)} exceeds {self._max_groups} workgroups per dimension")
-        if not (x and y and z):
-            return
-        pass_handle = getattr(cpass, "_internal", None)
-        if self._raw is not None and pass_handle is not None:
-            set_pipeline, set_bind_group, dispatch, null = _RAW_PASS_CALLS
-            set_pipeline(pass_handle, self._raw[0])
-            set_bind_group(pass_handle, 0, self._raw[1], 0, null)
-            dispatch(pass_handle, x, y, z)
-        else:
-            cpass.set_pipeline(self.pipeline)
-            cpass.set_bind_group(0, self.bind_group)
-            cpass.dispatch_workgroups(x, y, z)
-
-
-def quant_constants(t) -> dict:
-    return {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric}
-
-
-@dataclass
-class GpuQuantTensor:
-    """A QuantTensor on the device, split by rows into chunks that each fit one binding:
-    chunks are (first row, rows, qweight buffer, scales buffer)."""
-
-    spec: object
-    n: int
-    k: int
-    chunks: list
-
-    @property
-    def nbytes(self) -> int:
-        return sum(q.size + s.size for _, _, q, s in self.chunks)
-
-
-def upload_quant(dev: Device, t: QuantTensor, label: str = "") -> GpuQuantTensor:
-    row_bytes = max(t.qweight[0].nbytes, t.scales[0].nbytes) if t.n else 1
-    rows_per_chunk = min(max(t.n, 1), dev.max_binding // row_bytes, dev.limits["max-compute-workgroups-per-dimension"])
-    if rows_per_chunk < 1:
-        raise LimitError(f"one row of {label or 'a tensor'} ({row_bytes} bytes) exceeds the binding limit {dev.max_binding}")
-    chunks = []
-    for start in range(0, t.n, rows_per_chunk):
-        part = t.rows(start, min(t.n, start + rows_per_chunk))
-        chunks.append((start, part.n, dev.upload(part.qweight, f"{label}.q[{start}]"), dev.upload(part.scales, f"{label}.s[{start}]")))
-    return GpuQuantTensor(t.spec, t.n, t.k, chunks)
-
-
-MATVEC_ROWS = (1, 4, 8)  # qmatvec's ROWS variants: batch rows sharing each decoded weight
-
-
-@dataclass(frozen=True)
-class MatmulTuning:
-    """How QuantLinear shapes its dispatches on one device (see bench_kernels.py)."""
-
-    matvec_wg: int
-    matvec_max_tpr: int  # threads cooperating on one output (1: no reduction)
-    matvec_max_rows: int  # batches up to this many rows use qmatvec, larger ones qmatmul
-    tile: int  # qmatmul's output tile
-    matvec_span: int = 8  # qmatvec's SPAN: 8 walks whole blocks per lane (CPU), 1/2/4 interleave lanes (GPU), 0 by shape
-    matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4; 0 by shape)
-
-
-def matmul_tuning(dev: Device) -> MatmulTuning:
-    """GPUs want several threads per output (a workgroup reduction); CPU rasterisers
-    (lavapipe, SwiftShader) run one invocation per SIMD lane with costly barriers: one
-    thread per output, no reduction.
-
-    Both use the row-blocked qmatvec at every batch size: at SmolLM2's shapes it beat the
-    tiled qmatmul at every M measured (H200, a4g32, M = 4..512: 1536x576 at M=32 0.037 vs
-    0.083 ms, 49152x576 at M=512 7.4 vs 12.9 ms; lavapipe, 3072x576: 2.3 vs <= 1.9 GFLOP/s).
-    qmatmul (64x64 tiles, 24 workgroups for 1536 outputs) wants larger matrices; pass
-    matvec_max_rows to QuantLinear to use it."""
-    wg = dev.workgroup_size(256)
-    tile = 64 if wg >= 256 else 32
-    if dev.is_real_gpu():
-        return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
-                            matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT)
-    return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
-
-
-# qmatvec's lane layout on a real GPU (include/qmatvec_lanes.wgsl): 0 = by shape (matvec_layout)
-GPU_MATVEC_SPAN = 0
-GPU_MATVEC_OPT = 0
-
-
-def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
-    """(SPAN, OPT) of a matvec, where the tuning leaves them to the shape (0): long rows take
-    2 vec4s per lane step, tall matrices 4 outputs per thread; small ones (SmolLM2's) keep
-    more workgroups. From bench_device.py --kernels on an H200 (LLaMA-7B and SmolLM2 shapes)."""
-    if span == 0:
-        span = 2 if k >= 1024 else 1
-    if opt == 0:
-        opt = 4 if n >= 8192 else 2
-    return span, opt
-
-
-def matvec_threads_per_row(n: int, k: int, wg: int, max_tpr: int = 32, span: int = 8) -> int:
-    """Threads sharing one output of qmatvec: about one per 32-input block, at most max_tpr,
-    and fewer for very tall matrices, which have parallelism enough in their rows (H200,
-    49152 x 576: 33 us at 4 threads per row, 45 at 8, 56 at 16)."""
-    if span < 8:  # interleaved lanes: a warp per output, as many lanes as there are steps
-        steps = -(-k // (4 * span))
-        return min(wg, max_tpr, 1 << max(0, steps.bit_length() - 1))
-    blocks = -(-k // 32)
-    tpr = min(wg, max_tpr, 1 << max(0, blocks.bit_length() - 1))
-    while tpr > 4 and n * tpr > 1 << 18:
-        tpr //= 2
-    return tpr
-
-
-class QuantLinear(Launcher):
-    """y[:, y_col : y_col+n] (+)= x @ W.T for ``rows`` rows of x: qmatvec.wgsl up to
-    ``matvec_max_rows`` rows (decode; ROWS batch rows per workgroup share each decoded
-    weight), qmatmul.wgsl above (prefill). One dispatch per chunk of a split W.
-
-    ``norm=(weight buffer, eps)``: x is first RMS-normalised (qmatvec_norm.wgsl);
-    ``silu_up_col=c``: the input is silu(x[:, :k]) * x[:, c : c+k] (qmatvec_silu.wgsl). Both
-    exist for qmatvec only: such a linear serves up to ``matvec_max_rows`` rows (see ByRows).
-
-    ``compute_dtype="f16"``: the matvecs run their ``_f16`` variants (f16 weights, inputs and
-    products, f32 sums; the device needs shader-f16); qmatmul (prefill) stays f32."""
-
-    def __init__(self, dev: Device, w: GpuQuantTensor, x, x_stride: int, y, y_stride: int,
-                 y_col: int = 0, accumulate: bool = False, matvec_max_rows: int | None = None,
-                 tuning: MatmulTuning | None = None, norm: tuple | None = None, silu_up_col: int | None = None,
-                 compute_dtype: str = "f32"):
-        if x_stride % 4:
-            raise ValueError(f"x_stride {x_stride} must be a multiple of 4 (qmatvec reads vec4)")
-        if norm is not None and silu_up_col is not None:
-            raise ValueError("one prologue at a time: norm or silu_up_col")
-        if silu_up_col is not None and silu_up_col % 4:
-            raise ValueError(f"silu_up_col {silu_up_col} must be a multiple of 4")
-        self.dev, self.w = dev, w
-        self.tuning = tuning or matmul_tuning(dev)
-        self.matvec_max_rows = self.tuning.matvec_max_rows if matvec_max_rows is None else matvec_max_rows
-        self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
-        self.norm, self.silu_up_col = norm, silu_up_col
-        if compute_dtype not in ("f32", "f16"):
-            raise ValueError(f"compute_dtype must be 'f32' or 'f16', got {compute_dtype!r}")
-        self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
-        self.matvec_kernel += "_f16" if compute_dtype == "f16" else ""
-        self.wg = self.tuning.matvec_wg
-        # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 ones walk whole blocks
-        f32 = compute_dtype == "f32"
-        self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt) if f32 else (8, 1)
-        if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
-            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
-        self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
-        self.tile = self.tuning.tile
-        self._launches: dict[tuple, list] = {}
-
-    def _chunk_launches(self, kernel: str, rows_per_wg: int) -> list:
-        key = (kernel, rows_per_wg)
-        if key not in self._launches:
-            x, x_stride, y, y_stride, y_col, acc = self._args
-            buffers, extra = [], {}
-            if kernel.startswith("qmatvec"):
-                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
-                if self.span != 8 or self.opt != 1:
-                    consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
-                if kernel.startswith("qmatvec_norm"):
-                    buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
-                elif kernel.startswith("qmatvec_silu"):
-                    extra = {"up_col": int(self.silu_up_col)}
-            else:
-                consts = {**quant_constants(self.w), "TILE": self.tile}
-            self._launches[key] = [
-                (n, Launch(self.dev, kernel, consts, [qweight, scales, x, y, *buffers], n=n, k=self.w.k, m=0,
-                           x_stride=x_stride, y_stride=y_stride, y_col=y_col + start, accumulate=acc, **extra))
-                for start, n, qweight, scales in self.w.chunks]
-        return self._launches[key]
-
-    def dispatches(self, rows: int) -> list:
-        items = []
-        if rows <= self.matvec_max_rows:
-            rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
-            outputs_per_wg = self.wg // self.tpr * self.opt
-            for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg):
-                launch.set(m=rows)
-                items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))
-        elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16"):
-            raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
-        else:
-            for n, launch in self._chunk_launches("qmatmul", 0):
-                launch.set(m=rows)
-                items += launch.at(-(-n // self.tile), -(-rows // self.tile))
-        return items
-
-
-class RmsNorm(Launcher):
-    def __init__(self, dev: Device, x, x_stride: int, weight, y, y_stride: int, n: int, eps: float):
-        self.launch = Launch(dev, "rmsnorm", {"WG": dev.workgroup_size(256)}, [x, weight, y],
-                             n=n, x_stride=x_stride, y_stride=y_stride, eps=float(eps))
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(rows)
-
-
-def _leading_bits(v: np.ndarray, bits: int) -> np.ndarray:
-    mantissa, exponent = np.frexp(v)
-    return np.ldexp(np.floor(mantissa * 2.0**bits), exponent - bits)
-
-
-def rope_freq_turns(head_dim: int, base: float) -> np.ndarray:
-    """rope.wgsl's table, f32 [head_dim/2, 4]: freq = base**(-2i/head_dim) / (2*pi) in turns
-    per position (float64), split as (hi, mid, lo, 0) with 8-bit hi and mid so that the
-    shader's pos * hi and pos * mid are exact f32 products for positions below 2**16."""
-    freq = float(base) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * math.pi)
-    hi = _leading_bits(freq, 8)
-    mid = _leading_bits(freq - hi, 8)
-    table = np.stack([hi, mid, freq - hi - mid, np.zeros_like(freq)], axis=-1)
-    return table.astype(np.float32)
-
-
-class Rope(Launcher):
-    def __init__(self, dev: Device, x, x_stride: int, x_col: int, n_heads: int, head_dim: int, positions, freq_turns):
-        self.wg = dev.workgroup_size(64)
-        self.pairs = n_heads * head_dim // 2
-        self.launch = Launch(dev, "rope", {"WG": self.wg}, [x, positions, freq_turns],
-                             n_heads=n_heads, head_dim=head_dim, x_stride=x_stride, x_col=x_col)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(-(-self.pairs // self.wg), rows)
-
-
-class KvStore(Launcher):
-    def __init__(self, dev: Device, src, src_stride: int, k_col: int, v_col: int, positions, slots,
-                 k_cache, v_cache, n_kv: int, head_dim: int, ctx: int):
-        self.wg = dev.workgroup_size(64)
-        self.width = n_kv * head_dim
-        self.launch = Launch(dev, "kv_store", {"WG": self.wg}, [src, positions, slots, k_cache, v_cache],
-                             n_kv=n_kv, head_dim=head_dim, ctx=ctx, src_stride=src_stride, k_col=k_col, v_col=v_col)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(-(-self.width // self.wg), rows)
-
-
-class RopeKvStore(Launcher):
-    """Rope on the q heads (from column 0) and k heads (from k_col) of each x row, and the
-    turned keys and the values (from v_col) into the KV caches: rope_kv_store.wgsl."""
-
-    def __init__(self, dev: Device, x, x_stride: int, k_col: int, v_col: int, positions, slots, freq_turns,
-                 k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int, ctx: int):
-        if head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
-        self.wg = dev.workgroup_size(64)
-        self.pairs = (n_heads + 2 * n_kv) * head_dim // 2
-        self.launch = Launch(dev, "rope_kv_store", {"WG": self.wg}, [x, positions, slots, freq_turns, k_cache, v_cache],
-                             n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, ctx=ctx, x_stride=x_stride,
-                             k_col=k_col, v_col=v_col)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(-(-self.pairs // self.wg), rows)
-
-
-class Attention(Launcher):
-    def __init__(self, dev: Device, q, q_stride: int, q_col: int, positions, slots, k_cache, v_cache,
-                 out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int, wg: int | None = None):
-        if head_dim % 4 or n_heads % n_kv:
-            raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
-        # keys scored per chunk: a GPU wants many threads; a CPU rasteriser pays for every
-        # invocation, and short contexts leave most of a wide workgroup idle. On a GPU the
-        # serial part is one walk of up to WG / PARTS = head_dim keys per chunk, each waiting
-        # on a V load: 1024 threads make one chunk (and one walk) of the first 1024 positions
-        # instead of one per 256 (H100 decode at 256-384 positions: 2 walks -> 1 per layer)
-        wg = wg or dev.workgroup_size(1024 if dev.is_real_gpu() else max(64, head_dim))
-        if head_dim // 4 > wg:
-            raise LimitError(f"head_dim {head_dim} needs {head_dim // 4} invocations; the workgroup size is {wg}")
-        self.n_heads = n_heads
-        self.launch = Launch(dev, "attention", {"WG": wg, "HEAD_DIM": head_dim},
-                             [q, positions, slots, k_cache, v_cache, out],
-                             n_heads=n_heads, n_kv=n_kv, ctx=ctx, q_stride=q_stride, q_col=q_col,
-                             out_stride=out_stride, scale=1.0 / math.sqrt(head_dim))
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(self.n_heads, rows)
-
-
-class SiluGate(Launcher):
-    def __init__(self, dev: Device, src, src_stride: int, gate_col: int, up_col: int, y, y_stride: int, n: int):
-        self.wg, self.n = dev.workgroup_size(64), n
-        self.launch = Launch(dev, "silu_gate", {"WG": self.wg}, [src, y],
-                             n=n, src_stride=src_stride, gate_col=gate_col, up_col=up_col, y_stride=y_stride)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(-(-self.n // self.wg), rows)
-
-
-class ResidualAdd(Launcher):
-    def __init__(self, dev: Device, x, x_stride: int, y, y_stride: int, n: int):
-        self.wg, self.n = dev.workgroup_size(64), n
-        self.launch = Launch(dev, "residual_add", {"WG": self.wg}, [x, y], n=n, x_stride=x_stride, y_stride=y_stride)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(-(-self.n // self.wg), rows)
-
-
-class Embedding(Launcher):
-    """y[r] = row ids[r] of a (row-split) quantized table; one dispatch per chunk."""
-
-    def __init__(self, dev: Device, table: GpuQuantTensor, ids, y, y_stride: int):
-        consts = {**quant_constants(table), "WG": dev.workgroup_size(64)}
-        self.launches = [Launch(dev, "embedding", consts, [ids, qweight, scales, y],
-                                k=table.k, row_start=start, n_rows=n, y_stride=y_stride)
-                         for start, n, qweight, scales in table.chunks]
-
-    def dispatches(self, rows: int) -> list:
-        return [d for launch in self.launches for d in launch.at(rows)]
-
-
-class TopK(Launcher):
-    """Per row, the k best of ``count`` logits, best first: ids u32 and values f32 [rows, k]
-    in ``ids`` and ``values`` (for up to rows_cap rows). One topk.wgsl dispatch."""
-
-    MAX_K = 1024
-
-    def __init__(self, dev: Device, logits, logits_stride: int, count: int, k: int, rows_cap: int, wg: int | None = None):
-        if not 1 <= k <= min(count, self.MAX_K):
-            raise ValueError(f"top-k needs 1 <= k <= min(count, {self.MAX_K}); got k={k}, count={count}")
-        self.k = k
-        self.values = dev.buffer(rows_cap * k * 4, "topk.values")
-        self.ids = dev.buffer(rows_cap * k * 4, "topk.ids")
-        slots = 1 << (k - 1).bit_length()
-        # one workgroup walks a whole row: as wide as allowed on a GPU; on a CPU rasteriser
-        # width buys nothing (lavapipe: same time at 64 and 256)
-        wg = wg or dev.workgroup_size(1024 if dev.is_real_gpu() else 256)
-        self.launch = Launch(dev, "topk", {"WG": wg, "KP": slots}, [logits, self.values, self.ids],
-                             count=count, in_stride=logits_stride, k=k, out_stride=k)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(rows)

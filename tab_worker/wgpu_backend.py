@@ -40,10 +40,11 @@ import numpy as np
 
 from kernels import layer_program as LP
 from kernels import runner as R
+from kernels import launchers as KL
 from kernels.quant import QuantTensor
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
-MAX_TOPK = R.TopK.MAX_K
+MAX_TOPK = KL.TopK.MAX_K
 SUBMIT_EVERY = 64  # dispatches per command buffer: the GPU starts while the rest is recorded
 FUSE_MAX_ROWS = 16  # batches up to this many rows may use the fused decode kernels; prefill keeps the plain ops
 
@@ -65,7 +66,7 @@ def _fused_parts(tensors: list[QuantTensor]) -> list[tuple[QuantTensor, int]]:
     return [(t, int(c)) for t, c in zip(tensors, cols)]
 
 
-class _ProgramKernel(R.Launcher):
+class _ProgramKernel(KL.Launcher):
     """A layer program's "kernel" op: its overrides and params evaluated once, its grid per rows."""
 
     def __init__(self, dev: R.Device, op: dict, env: dict, buffers: dict):
@@ -73,7 +74,7 @@ class _ProgramKernel(R.Launcher):
         self.env = {**env, "wg": wg}
         constants = {"WG": wg, **{k: LP.evaluate(v, self.env) for k, v in op["constants"].items()}}
         params = {k: LP.evaluate(v, self.env) for k, v in op["params"].items()}
-        self.launch = R.Launch(dev, op["kernel"], constants, [buffers[name] for name in op["buffers"]], **params)
+        self.launch = KL.Launch(dev, op["kernel"], constants, [buffers[name] for name in op["buffers"]], **params)
         self.grid = op["grid"]
 
     def dispatches(self, rows: int) -> list:
@@ -83,8 +84,8 @@ class _ProgramKernel(R.Launcher):
 
 class _GpuLayer:
     def __init__(self, dev: R.Device, index: int, w: LayerWeights):
-        def up(t: QuantTensor, name: str) -> R.GpuQuantTensor:
-            return R.upload_quant(dev, t, f"layer{index}.{name}")
+        def up(t: QuantTensor, name: str) -> KL.GpuQuantTensor:
+            return KL.upload_quant(dev, t, f"layer{index}.{name}")
 
         self.attn_norm = dev.upload(np.asarray(w.attn_norm, np.float32), f"layer{index}.attn_norm")
         self.ffn_norm = dev.upload(np.asarray(w.ffn_norm, np.float32), f"layer{index}.ffn_norm")
@@ -100,7 +101,7 @@ class WgpuBackend:
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
                  device: R.Device | None = None, limits: str | dict = "adapter",
                  power_preference: str = "high-performance", matvec_max_rows: int | None = None,
-                 compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: R.MatmulTuning | None = None):
+                 compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: KL.MatmulTuning | None = None):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
@@ -120,7 +121,7 @@ class WgpuBackend:
         self.max_ctx = int(max_ctx)
         self.matvec_max_rows = matvec_max_rows
         self.dev = dev = device or R.get_device(limits, power_preference)
-        self.tuning = tuning or R.matmul_tuning(dev)
+        self.tuning = tuning or KL.matmul_tuning(dev)
         self.fuse_decode = dev.is_real_gpu() if fuse_decode is None else bool(fuse_decode)
         if compute_dtype == "auto":
             compute_dtype = "f16" if "shader-f16" in dev.features else "f32"
@@ -133,8 +134,8 @@ class WgpuBackend:
         self._head = None
         if head is not None:
             self._head = (dev.upload(np.asarray(head.output_norm, np.float32), "output_norm"),
-                          R.upload_quant(dev, head.output, "output"))
-        self._freq_turns = dev.upload(R.rope_freq_turns(c.head_dim, c.rope_base), "rope.freq_turns")
+                          KL.upload_quant(dev, head.output, "output"))
+        self._freq_turns = dev.upload(KL.rope_freq_turns(c.head_dim, c.rope_base), "rope.freq_turns")
 
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         self._strides = {  # f32 per row of each scratch buffer
@@ -162,7 +163,7 @@ class WgpuBackend:
         self._buf: dict[str, object] = {}
         self._layer_ops: list | None = None
         self._head_ops: dict | None = None  # scratch buffer name -> head launcher
-        self._topk: dict[int, R.TopK] = {}
+        self._topk: dict[int, KL.TopK] = {}
         self._plans: dict = {}  # key -> (rows, layer ops, plan), all for rows _plan_rows
         self._plan_rows = 0
 
@@ -262,9 +263,9 @@ class WgpuBackend:
         self._rows_cap = cap
         self._layer_ops, self._head_ops, self._topk, self._plans = None, None, {}, {}
 
-    def _linear(self, w: R.GpuQuantTensor, x: str, y: str, y_col: int = 0, accumulate: bool = False, **prologue) -> R.QuantLinear:
+    def _linear(self, w: KL.GpuQuantTensor, x: str, y: str, y_col: int = 0, accumulate: bool = False, **prologue) -> KL.QuantLinear:
         b, s = self._buf, self._strides
-        return R.QuantLinear(self.dev, w, b[x], s[x], b[y], s[y], y_col, accumulate, self.matvec_max_rows,
+        return KL.QuantLinear(self.dev, w, b[x], s[x], b[y], s[y], y_col, accumulate, self.matvec_max_rows,
                              tuning=self.tuning, compute_dtype=self.compute_dtype, **prologue)
 
     @property
@@ -307,14 +308,14 @@ class WgpuBackend:
                 if "silu_up_col" in op:
                     prologue["silu_up_col"] = int(LP.evaluate(op["silu_up_col"], env))
                 x, y = op["x"], op["y"]
-                return [R.QuantLinear(dev, w, buffers[x], strides[x], buffers[y], strides[y], col, op["accumulate"],
+                return [KL.QuantLinear(dev, w, buffers[x], strides[x], buffers[y], strides[y], col, op["accumulate"],
                                       self.matvec_max_rows, tuning=self.tuning, compute_dtype=self.compute_dtype, **prologue)
                         for w, col in weights[op["weight"]]]
             if kind == "by_rows":
                 plain = [launcher for o in op["plain"] for launcher in build(o)]
                 if not fuse_rows or not LP.evaluate(op.get("fusable", 1), env):
                     return plain
-                return [R.ByRows(fuse_rows, [launcher for o in op["fused"] for launcher in build(o)], plain)]
+                return [KL.ByRows(fuse_rows, [launcher for o in op["fused"] for launcher in build(o)], plain)]
             raise ValueError(f"layer program: unknown op {kind!r}")
 
         return [launcher for op in program for launcher in build(op)]
@@ -331,7 +332,7 @@ class WgpuBackend:
         topk = self._topk.get(k)
         if topk is None:
             head_cap = min(self._rows_cap, self._head_max_rows)
-            topk = self._topk[k] = R.TopK(dev, b["logits"], self._logits_stride, c.vocab, k, head_cap)
+            topk = self._topk[k] = KL.TopK(dev, b["logits"], self._logits_stride, c.vocab, k, head_cap)
         return [*ops, topk]
 
     def _plan(self, key, launchers_fn, rows: int) -> list:

@@ -53,11 +53,13 @@ def bench_kernels(ctx: Ctx) -> list[Figure]:
     import numpy as np
 
     from kernels import runner as R
+
+    from kernels import launchers as KL
     from kernels.quant import QuantSpec, dequantize
 
     bk = _script("bench_kernels")
     dev = R.Device()
-    tuning = R.matmul_tuning(dev)
+    tuning = KL.matmul_tuning(dev)
     shapes = bk.SHAPES if ctx.full else [(1536, 576), (576, 1536)]
     formats = bk.DEFAULT_FORMATS if ctx.full else ["a4g32"]
     reps = 5 if ctx.full else 3
@@ -70,7 +72,7 @@ def bench_kernels(ctx: Ctx) -> list[Figure]:
         yb = dev.buffer(n * 4)
         for name in formats:
             w = bk.random_quant(rng, n, k, QuantSpec.parse(name))
-            op = R.QuantLinear(dev, R.upload_quant(dev, w), xb, x_stride, yb, n, tuning=tuning)
+            op = KL.QuantLinear(dev, KL.upload_quant(dev, w), xb, x_stride, yb, n, tuning=tuning)
             gbps = [w.nbytes / bk.wgpu_seconds(dev, op, 1, yb, 0.1) / 1e9 for _ in range(reps)]
             out.append(Figure.of(f"kernels.qmatvec.{name}.{n}x{k}.wgpu_gbps", gbps, "GB/s", "higher"))
         w_t = np.ascontiguousarray(dequantize(w).T)

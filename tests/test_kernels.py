@@ -14,6 +14,7 @@ import pytest
 
 from kernels import reference as ref
 from kernels import runner as R
+from kernels import launchers as KL
 from kernels import wgsl_source
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, quantize_rtn
 
@@ -22,12 +23,12 @@ MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
 # both shapes of qmatvec run on every adapter, whichever one matmul_tuning would pick here
 # (the GPU's lane layouts too: include/qmatvec_lanes.wgsl, SPAN vec4s per lane step, OPT outputs per thread)
 TUNINGS = {
-    "gpu": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
-                          matvec_span=R.GPU_MATVEC_SPAN, matvec_opt=R.GPU_MATVEC_OPT),
-    "gpu-blocks": R.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64),
-    "gpu-span2-opt4": R.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+    "gpu": KL.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+                          matvec_span=KL.GPU_MATVEC_SPAN, matvec_opt=KL.GPU_MATVEC_OPT),
+    "gpu-blocks": KL.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64),
+    "gpu-span2-opt4": KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
                                      matvec_span=2, matvec_opt=4),
-    "cpu": R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=64),
+    "cpu": KL.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=64),
 }
 
 
@@ -96,7 +97,7 @@ def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False,
     y_stride, y_col = n + 3, 2  # output lands in a column range of a wider buffer
     y0 = randn(rng, rows, y_stride)
     xb, yb = dev.upload(padded(x, x_stride)), dev.upload(y0)
-    op = R.QuantLinear(dev, R.upload_quant(dev, w), xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows, tuning)
+    op = KL.QuantLinear(dev, KL.upload_quant(dev, w), xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows, tuning)
     dev.run([op], rows)
     got = dev.read(yb, count=rows * y_stride).reshape(rows, y_stride)
     want = ref.qmatvec(x, w, y0[:, y_col : y_col + n] if accumulate else None)
@@ -127,7 +128,7 @@ def test_qmatmul(dev, rng, spec):
 
 @pytest.mark.parametrize("tile", [16, 32])
 def test_qmatmul_smaller_tiles(dev, rng, tile):
-    tuning = R.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=0, tile=tile)
+    tuning = KL.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=0, tile=tile)
     _quant_linear(dev, rng, QuantSpec(2, 32, False), n=37, k=70, rows=35, matvec_max_rows=0, tuning=tuning)
 
 
@@ -158,14 +159,14 @@ def _fused_linear(dev, rng, spec, n, k, rows, tuning, prologue, accumulate=True)
         x_stride = -(-k // 4) * 4
         xpad = padded(x, x_stride)
         xpad[:, k:] = 7.0  # padding past k must not enter the norm
-        op = R.QuantLinear(dev, R.upload_quant(dev, w), dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate,
+        op = KL.QuantLinear(dev, KL.upload_quant(dev, w), dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate,
                            tuning=tuning, norm=(dev.upload(nw), 1e-5))
         want = ref.qmatvec_norm(x, w, nw, 1e-5, y0[:, y_col : y_col + n] if accumulate else None)
     else:
         up_col = -(-k // 4) * 4 + 4
         x_stride = up_col + -(-k // 4) * 4
         src = randn(rng, rows, x_stride, scale=3.0)
-        op = R.QuantLinear(dev, R.upload_quant(dev, w), dev.upload(src), x_stride, yb, y_stride, y_col, accumulate,
+        op = KL.QuantLinear(dev, KL.upload_quant(dev, w), dev.upload(src), x_stride, yb, y_stride, y_col, accumulate,
                            tuning=tuning, silu_up_col=up_col)
         want = ref.qmatvec_silu(src[:, :k], src[:, up_col : up_col + k], w, y0[:, y_col : y_col + n] if accumulate else None)
     dev.run([op], rows)
@@ -190,14 +191,14 @@ def test_qmatvec_fused_formats_and_overwrite(dev, rng, prologue, spec):
 
 
 def test_fused_linear_refuses_batches_above_matvec_max_rows(dev, rng):
-    w = R.upload_quant(dev, quantize_rtn(randn(rng, 8, 32), QuantSpec(4, 32)))
+    w = KL.upload_quant(dev, quantize_rtn(randn(rng, 8, 32), QuantSpec(4, 32)))
     xb, yb, nw = dev.buffer(16 * 32 * 4), dev.buffer(16 * 8 * 4), dev.buffer(32 * 4)
-    op = R.QuantLinear(dev, w, xb, 32, yb, 8, matvec_max_rows=4, norm=(nw, 1e-5))
+    op = KL.QuantLinear(dev, w, xb, 32, yb, 8, matvec_max_rows=4, norm=(nw, 1e-5))
     with pytest.raises(ValueError, match="qmatvec_norm serves up to 4 rows"):
         dev.run([op], 5)
     # ByRows picks the unfused ops above the limit
-    plain = R.QuantLinear(dev, w, xb, 32, yb, 8, matvec_max_rows=4)
-    assert len(dev.plan([R.ByRows(4, [op], [R.RmsNorm(dev, xb, 32, nw, xb, 32, 32, 1e-5), plain])], 5)) == 2
+    plain = KL.QuantLinear(dev, w, xb, 32, yb, 8, matvec_max_rows=4)
+    assert len(dev.plan([KL.ByRows(4, [op], [KL.RmsNorm(dev, xb, 32, nw, xb, 32, 32, 1e-5), plain])], 5)) == 2
 
 
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(4, 2, 8), (9, 3, 64)])
@@ -212,16 +213,16 @@ def test_rope_kv_store(dev, rng, n_heads, n_kv, head_dim):
     stride = q_dim + 2 * kv_dim + 4
     x = randn(rng, rows, stride)
     caches = randn(rng, 2, n_slots, n_kv, ctx, head_dim)
-    freq = dev.upload(R.rope_freq_turns(head_dim, base))
+    freq = dev.upload(KL.rope_freq_turns(head_dim, base))
     pb, sb = dev.upload(positions), dev.upload(slots)
     results = []
     for fused in (True, False):
         xb, kb, vb = dev.upload(x), dev.upload(caches[0]), dev.upload(caches[1])
         if fused:
-            ops = [R.RopeKvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, freq, kb, vb, n_heads, n_kv, head_dim, ctx)]
+            ops = [KL.RopeKvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, freq, kb, vb, n_heads, n_kv, head_dim, ctx)]
         else:
-            ops = [R.Rope(dev, xb, stride, 0, n_heads + n_kv, head_dim, pb, freq),
-                   R.KvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx)]
+            ops = [KL.Rope(dev, xb, stride, 0, n_heads + n_kv, head_dim, pb, freq),
+                   KL.KvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx)]
         dev.run(ops, rows)
         results.append([dev.read(b, count=n).reshape(shape) for b, n, shape in
                         ((xb, x.size, x.shape), (kb, caches[0].size, caches[0].shape), (vb, caches[1].size, caches[1].shape))])
@@ -251,7 +252,7 @@ def test_embedding(dev, rng, spec):
     table = quantize_rtn(randn(rng, 50, 70), spec)
     ids = np.array([3, 49, 0, 3, 17], np.uint32)
     yb = dev.buffer(len(ids) * 72 * 4)
-    dev.run([R.Embedding(dev, R.upload_quant(dev, table), dev.upload(ids), yb, 72)], len(ids))
+    dev.run([KL.Embedding(dev, KL.upload_quant(dev, table), dev.upload(ids), yb, 72)], len(ids))
     np.testing.assert_allclose(read_rows(dev, yb, len(ids), 72, 70), ref.embedding(ids, table), atol=1e-6, rtol=0)
 
 
@@ -260,7 +261,7 @@ def test_rmsnorm(dev, rng, n):
     rows, stride = 5, n + 6
     x, w = randn(rng, rows, n, scale=3.0), randn(rng, n)
     yb = dev.buffer(rows * stride * 4)
-    dev.run([R.RmsNorm(dev, dev.upload(padded(x, stride)), stride, dev.upload(w), yb, stride, n, 1e-5)], rows)
+    dev.run([KL.RmsNorm(dev, dev.upload(padded(x, stride)), stride, dev.upload(w), yb, stride, n, 1e-5)], rows)
     np.testing.assert_allclose(read_rows(dev, yb, rows, stride, n), ref.rmsnorm(x, w, 1e-5), atol=1e-5, rtol=1e-5)
 
 
@@ -279,7 +280,7 @@ def test_rope(dev, rng, head_dim):
     rows, stride = len(positions), x_col + n_heads * head_dim + 4
     x = randn(rng, rows, stride)
     xb = dev.upload(x)
-    dev.run([R.Rope(dev, xb, stride, x_col, n_heads, head_dim, dev.upload(positions), dev.upload(R.rope_freq_turns(head_dim, base)))], rows)
+    dev.run([KL.Rope(dev, xb, stride, x_col, n_heads, head_dim, dev.upload(positions), dev.upload(KL.rope_freq_turns(head_dim, base)))], rows)
     got = dev.read(xb, count=x.size).reshape(rows, stride)
     heads = x[:, x_col : x_col + n_heads * head_dim].reshape(rows, n_heads, head_dim)
     got_heads = got[:, x_col : x_col + n_heads * head_dim]
@@ -305,8 +306,8 @@ def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions, wg=None):
     qkv = randn(rng, rows, stride)
     kb, vb, out = dev.upload(k_cache), dev.upload(v_cache), dev.buffer(rows * q_dim * 4)
     pb, sb, qb = dev.upload(positions), dev.upload(slots), dev.upload(qkv)
-    ops = [R.KvStore(dev, qb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx),
-           R.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx, wg=wg)]
+    ops = [KL.KvStore(dev, qb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx),
+           KL.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx, wg=wg)]
     dev.run(ops, rows)
     got = dev.read(out, count=rows * q_dim).reshape(rows, q_dim)
     want, r = [], 0
@@ -340,11 +341,11 @@ def test_silu_gate_and_residual_add(dev, rng):
     rows, n = 3, 70
     src = randn(rng, rows, 2 * n + 2, scale=4.0)
     yb = dev.buffer(rows * n * 4)
-    dev.run([R.SiluGate(dev, dev.upload(src), 2 * n + 2, 1, n + 2, yb, n, n)], rows)
+    dev.run([KL.SiluGate(dev, dev.upload(src), 2 * n + 2, 1, n + 2, yb, n, n)], rows)
     np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.silu_gate(src[:, 1 : n + 1], src[:, n + 2 :]), atol=1e-5, rtol=1e-5)
     x, y = randn(rng, rows, n + 2), randn(rng, rows, n)
     yb = dev.upload(y)
-    dev.run([R.ResidualAdd(dev, dev.upload(x), n + 2, yb, n, n)], rows)
+    dev.run([KL.ResidualAdd(dev, dev.upload(x), n + 2, yb, n, n)], rows)
     np.testing.assert_allclose(read_rows(dev, yb, rows, n, n), ref.residual_add(y, x[:, :n]), atol=1e-6, rtol=0)
 
 
@@ -371,7 +372,7 @@ def test_topk(dev, rng, vocab, k, wg):
     logits[4, :] = -np.inf  # all rank as the lowest finite value
     logits[4, vocab - 1] = np.nan
     logits[5] = np.float32(2.0) ** rng.integers(-20, 20, vocab)  # keys differing in high bits only
-    op = R.TopK(dev, dev.upload(logits), vocab, vocab, k, rows, wg=min(wg, dev.workgroup_size(wg)))
+    op = KL.TopK(dev, dev.upload(logits), vocab, vocab, k, rows, wg=min(wg, dev.workgroup_size(wg)))
     dev.run([op], rows)
     ids = dev.read(op.ids, np.uint32, count=rows * k).reshape(rows, k)
     values = dev.read(op.values, count=rows * k).reshape(rows, k)
@@ -395,7 +396,7 @@ def test_kernels_run_under_webgpu_default_limits(rng):
     got, want, *_ = _attention_case(small, rng, 3, 1, 64, 300, [(0, 290, 3, 290)])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
     logits = randn(rng, 2, 3000)
-    op = R.TopK(small, small.upload(logits), 3000, 3000, 64, 2)
+    op = KL.TopK(small, small.upload(logits), 3000, 3000, 64, 2)
     small.run([op], 2)
     np.testing.assert_array_equal(small.read(op.ids, np.uint32, count=128).reshape(2, 64), ref.topk(logits, 64)[0])
 
@@ -419,21 +420,21 @@ def test_small_binding_limit_splits_the_head_and_embedding(rng):
     vocab, hidden, rows, k = 300, 64, 3, 10
     head = quantize_rtn(randn(rng, vocab, hidden), QuantSpec(4, 32, False))
     norm = randn(rng, hidden)
-    gpu_head = R.upload_quant(tiny, head, "head")
+    gpu_head = KL.upload_quant(tiny, head, "head")
     assert len(gpu_head.chunks) >= 3 and all(q.size <= 4096 and s.size <= 4096 for _, _, q, s in gpu_head.chunks)
     x = randn(rng, rows, hidden)
     xb, xn, logits = tiny.upload(x), tiny.buffer(rows * hidden * 4), tiny.buffer(rows * vocab * 4)
     for matvec_max_rows in (8, 0):
-        ops = [R.RmsNorm(tiny, xb, hidden, tiny.upload(norm), xn, hidden, hidden, 1e-5),
-               R.QuantLinear(tiny, gpu_head, xn, hidden, logits, vocab, matvec_max_rows=matvec_max_rows),
-               R.TopK(tiny, logits, vocab, vocab, k, rows)]
+        ops = [KL.RmsNorm(tiny, xb, hidden, tiny.upload(norm), xn, hidden, hidden, 1e-5),
+               KL.QuantLinear(tiny, gpu_head, xn, hidden, logits, vocab, matvec_max_rows=matvec_max_rows),
+               KL.TopK(tiny, logits, vocab, vocab, k, rows)]
         tiny.run(ops, rows)
         want_ids, want_values = ref.head_topk(x, norm, 1e-5, head, k)
         np.testing.assert_array_equal(tiny.read(ops[2].ids, np.uint32, count=rows * k).reshape(rows, k), want_ids)
         np.testing.assert_allclose(tiny.read(ops[2].values, count=rows * k).reshape(rows, k), want_values, atol=1e-4, rtol=1e-4)
     ids = np.array([0, 299, 150, 77], np.uint32)
     yb = tiny.buffer(len(ids) * hidden * 4)
-    tiny.run([R.Embedding(tiny, gpu_head, tiny.upload(ids), yb, hidden)], len(ids))
+    tiny.run([KL.Embedding(tiny, gpu_head, tiny.upload(ids), yb, hidden)], len(ids))
     np.testing.assert_allclose(read_rows(tiny, yb, len(ids), hidden, hidden), ref.embedding(ids, head), atol=1e-6, rtol=0)
 
 

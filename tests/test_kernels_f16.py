@@ -17,6 +17,7 @@ import pytest
 
 from kernels import reference as ref
 from kernels import runner as R
+from kernels import launchers as KL
 from kernels.quant import QuantSpec, quantize_rtn
 from tests.test_kernels import SPECS, TUNINGS, padded, randn
 
@@ -53,12 +54,12 @@ def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tr
     y0 = randn(rng, rows, y_stride)
     yb = dev.upload(y0)
     prev = y0[:, y_col : y_col + n] if accumulate else None
-    gw = R.upload_quant(dev, w)
+    gw = KL.upload_quant(dev, w)
     if prologue == "silu":
         up_col = -(-k // 4) * 4 + 4
         x_stride = up_col + -(-k // 4) * 4
         src = randn(rng, rows, x_stride, scale=3.0)
-        op = R.QuantLinear(dev, gw, dev.upload(src), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
+        op = KL.QuantLinear(dev, gw, dev.upload(src), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
                            silu_up_col=up_col, compute_dtype="f16")
         gate, up = src[:, :k], src[:, up_col : up_col + k]
         want16, want32 = ref.qmatvec_silu_f16(gate, up, w, prev), ref.qmatvec_silu(gate, up, w, prev)
@@ -74,7 +75,7 @@ def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tr
             want16, want32 = ref.qmatvec_norm_f16(x, w, nw, 1e-5, prev), ref.qmatvec_norm(x, w, nw, 1e-5, prev)
         else:
             want16, want32 = ref.qmatvec_f16(x, w, prev), ref.qmatvec(x, w, prev)
-        op = R.QuantLinear(dev, gw, dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
+        op = KL.QuantLinear(dev, gw, dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
                            compute_dtype="f16", **norm)
     assert op.matvec_kernel == {None: "qmatvec_f16", "norm": "qmatvec_norm_f16", "silu": "qmatvec_silu_f16"}[prologue]
     dev.run([op], rows)

@@ -174,7 +174,7 @@ RECOMMENDED = ["a3g32", "s3g32", "s3g64", "s2g32", "s4g64", "a4g64", "s4g32"]
 def test_wgsl_qmatvec_runs_the_recommended_formats_as_quantized_by_gptq_and_clip(problem):
     """Symmetric clip/GPTQ output uses code 0 (-2**(bits-1) * scale), which round-to-nearest never
     produces; check the shader decodes it (and every recommended format) like its numpy twin."""
-    from kernels import runner as R
+    from kernels import launchers as R  # Device, QuantLinear, upload_quant
 
     w, h = problem
     dev = R.Device()
