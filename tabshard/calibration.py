@@ -399,6 +399,28 @@ class Calibrator:
             return Q.quantize_clip(w, spec, imp)
         return Q.quantize(w, spec, method)
 
+    def quantize_many(self, pairs, workers: int) -> None:
+        """Quantize every (tensor, choice) of ``pairs`` not yet cached, in ``workers`` forked
+        processes that write the disk cache (each tensor is independent of the others); this
+        process then reads them back. Needs a cache folder; with none, or one worker, nothing
+        happens here and ``quantized`` computes each when asked."""
+        import multiprocessing as mp
+
+        todo = sorted({(n, c) for n, c in pairs if c != SOURCE and (n, c) not in self._cache
+                       and self._disk_load(n, c, parse_choice(c)[1]) is None})
+        if not todo or workers <= 1 or not self.cache_dir:
+            return
+        # the biggest first, so the pool does not end waiting on one long GPTQ
+        todo.sort(key=lambda nc: -self.source_dense(nc[0]).size)
+        global _POOL_CALIBRATOR
+        _POOL_CALIBRATOR = self  # forked workers inherit it: only (tensor, choice) names travel
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for name, choice, spent in pool.imap_unordered(_quantize_in_worker, todo):
+                    self.seconds[choice] = self.seconds.get(choice, 0.0) + spent
+        finally:
+            _POOL_CALIBRATOR = None
+
     def quantized(self, name: str, choice: str):
         """The tensor under one choice ('source' or 'method:spec'), cached."""
         import time
@@ -545,6 +567,23 @@ class Calibrator:
             total, _ = self.dense_of(plan).nll(windows(ids))
             out[t] = ((total - base) / count, sum(self.proxy(n, choice) for n in names))
         return out
+
+
+_POOL_CALIBRATOR = None
+
+
+def _quantize_in_worker(job):
+    """One (tensor, choice) quantized in a pool worker; the disk cache carries the result."""
+    import time
+
+    name, choice = job
+    cal = _POOL_CALIBRATOR
+    limit_blas_threads(1)
+    t0 = time.perf_counter()
+    t = cal._quantize(name, choice, cal.source_dense(name))
+    spent = time.perf_counter() - t0
+    cal._disk_save(name, choice, t, spent)
+    return name, choice, spent
 
 
 def model_bytes(w: ModelWeights) -> int:

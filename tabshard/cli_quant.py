@@ -1,7 +1,7 @@
 """`tabshard quantize` and `tabshard quant-report`: requantize a model below its source precision.
 
 Schemes (the report's rows, and ``quantize --scheme``) are written
-``LINEARS[+rot[=SEED]][+seq][+emb=CHOICE]``:
+``LINEARS[+rot[=SEED]][+seq][+emb=CHOICE][+fmt=A/B/...]``:
 
 ``source``                 the model as loaded (SmolLM2: Q4_1 linears, Q8_0 embedding)
 ``METHOD:SPEC``            every linear matrix with one quantizer and format, e.g. ``gptq:s3g32``
@@ -13,6 +13,8 @@ Schemes (the report's rows, and ``quantize --scheme``) are written
                            unless ``+rot=SEED``): folded into the weights, the same kernels run it
 ``+seq``                   sequential GPTQ: each layer calibrated on the quantized layers' outputs
 ``+emb=CHOICE``            the embedding/LM head too, e.g. ``+emb=clip:s4g32``
+``+fmt=A/B/...``           the GPTQ formats (and ``source``) a mixed@B chooses among, e.g.
+                           ``+fmt=s3g64/s4g128/a4g64/source`` (default: mixed_precision.MIXED_FORMATS)
 
 Calibration is a mixed-domain text and evaluation is per held-out domain, none of it seen in
 calibration (tabshard/calibration_text.py); ``--text PATH`` adds a domain of your own.
@@ -62,6 +64,7 @@ class Scheme(NamedTuple):
     embedding: str
     rotation: int | None = None
     sequential: bool = False
+    formats: tuple | None = None  # what a mixed@B chooses among (None: the default set)
 
 
 def parse_scheme(scheme: str) -> Scheme:
@@ -69,10 +72,12 @@ def parse_scheme(scheme: str) -> Scheme:
     from tabshard.calibration import SOURCE, parse_choice
 
     linears, *opts = scheme.split("+")
-    emb, rotation, sequential = SOURCE, None, False
+    emb, rotation, sequential, formats = SOURCE, None, False, None
     for o in opts:
         if o.startswith("emb="):
             emb = o[4:]
+        elif o.startswith("fmt=") and linears.startswith("mixed@"):
+            formats = tuple(f if f == SOURCE else f"gptq:{f}" for f in o[4:].split("/") if f)
         elif o == "rot" or o.startswith("rot="):
             try:
                 rotation = int(o[4:]) if "=" in o else ROTATION_SEED
@@ -81,9 +86,10 @@ def parse_scheme(scheme: str) -> Scheme:
         elif o == "seq":
             sequential = True
         else:
-            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, seq or emb=CHOICE, got {o!r}")
+            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, seq, emb=CHOICE "
+                                f"or (mixed) fmt=A/B/..., got {o!r}")
     try:
-        for c in ([] if linears.startswith("mixed@") else [linears]) + [emb]:
+        for c in ([] if linears.startswith("mixed@") else [linears]) + [emb] + list(formats or ()):
             if c != SOURCE and parse_choice(c)[0] not in ("rtn", "clip", "gptq", "hqq"):
                 raise ValueError(f"unknown method in {c!r}")
         if linears.startswith("mixed@"):
@@ -92,10 +98,11 @@ def parse_scheme(scheme: str) -> Scheme:
         raise TabshardError(f"bad scheme {scheme!r}: {exc}") from None
     if sequential and (linears == SOURCE or (not linears.startswith("mixed@") and parse_choice(linears)[0] != "gptq")):
         raise TabshardError(f"bad scheme {scheme!r}: +seq is sequential GPTQ; the linears here are not GPTQ")
-    return Scheme(linears, emb, rotation, sequential)
+    return Scheme(linears, emb, rotation, sequential, formats)
 
 
 def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
+    formats = scheme.formats or formats
     from tabshard.mixed_precision import MIXED_FORMATS, mixed_plan, uniform_plan
 
     if scheme.linears.startswith("mixed@"):
@@ -104,8 +111,30 @@ def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
     return uniform_plan(cal.config.n_layers, scheme.linears, scheme.embedding)
 
 
+def needed_choices(cal, scheme: Scheme, formats=None) -> set:
+    """(tensor, choice) pairs that scheme's plan may draw on from the independent cache."""
+    from tabshard import calibration as C
+    from tabshard import mixed_precision as M
+
+    formats = scheme.formats or formats
+    linears = [n for n in cal.tensor_names() if n.startswith("blk.")]
+    pairs = set()
+    if scheme.linears.startswith("mixed@"):
+        formats = tuple(formats or M.MIXED_FORMATS)
+        pairs |= {(n, c) for n in linears for c in formats + M.probes_for(formats)}
+        pairs.add((C.EMBEDDING, M.EMBEDDING_PROBE))
+    elif scheme.linears != C.SOURCE and not scheme.sequential:
+        pairs |= {(n, scheme.linears) for n in linears}
+    if cal.rotated:
+        pairs |= {(n, C.ROTATED_SOURCE) for n in cal.tensor_names()}
+    if scheme.embedding != C.SOURCE:
+        pairs |= {(n, scheme.embedding) for n in (C.EMBEDDING, C.HEAD) if n in cal.tensor_names()}
+    return {(n, c) for n, c in pairs if c != C.SOURCE}
+
+
 def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_ids=None, gen_tokens: int = 24,
-               log=None, cache_dir: str | None = None, window: int | None = None, mixed_formats=None) -> list[dict]:
+               log=None, cache_dir: str | None = None, window: int | None = None, mixed_formats=None,
+               workers: int = 1) -> list[dict]:
     """One row per scheme: bits/weight (linears), bytes (whole model), perplexity per evaluation
     domain and its ratio to the source's, the worst ratio, agreement, seconds to quantize.
     ``source`` is ModelWeights; ``eval_sets`` {domain: ids}; ``sens_ids`` (text held out from
@@ -127,6 +156,13 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
                 f"Hessians in {time.perf_counter() - t0:.1f}s")
         return cals[rotation]
 
+    if workers > 1 and cache_dir:
+        t0 = time.perf_counter()
+        for rotation in dict.fromkeys(parse_scheme(s).rotation for s in schemes):
+            cal = calibrator(rotation)
+            cal.quantize_many(set().union(*(needed_choices(cal, parse_scheme(s), mixed_formats) for s in schemes
+                                            if parse_scheme(s).rotation == rotation)), workers)
+        log(f"quantized in {workers} processes in {time.perf_counter() - t0:.1f}s")
     src_dense = C.DenseModel(source)
     targets = [src_dense.greedy(p, gen_tokens) for p in prompt_ids]
     rows = []
@@ -134,10 +170,13 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
         scheme = parse_scheme(text)
         cal = calibrator(scheme.rotation)
 
-        def alphas(cal=cal, rotation=scheme.rotation):
-            if rotation not in costs:
+        def alphas(cal=cal, rotation=scheme.rotation, formats=scheme.formats or mixed_formats or M.MIXED_FORMATS):
+            probes = M.probes_for(formats)
+            have = costs.get(rotation)
+            if have is None or not set(probes) <= set(have.probes):
                 t = time.perf_counter()
-                costs[rotation] = M.estimated_costs(cal, sens_ids)
+                probes = tuple(sorted(set(probes) | set(have.probes if have else ())))
+                costs[rotation] = M.estimated_costs(cal, sens_ids, probes)
                 log(f"sensitivity probes in {time.perf_counter() - t:.1f}s (delta NLL per token): {costs[rotation].summary()}")
             return costs[rotation]
 
@@ -314,7 +353,8 @@ def cmd_quant_report(a) -> int:
     if a.save_texts:
         mixed.save(a.save_texts)
     rows = run_report(weights, eval_sets, mixed.calib_ids, [tok.encode(p) for p in PROMPTS], schemes,
-                      sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache, mixed_formats=_mixed_formats(a))
+                      sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache, mixed_formats=_mixed_formats(a),
+                      workers=a.workers)
     if a.plot:
         plot(rows, a.plot)
     if a.json:
@@ -416,6 +456,7 @@ def add_commands(sub) -> None:
     r.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per domain (512-token windows)")
     r.add_argument("--scheme", action="append", help="a scheme to report (repeatable; default: the full table)")
     r.add_argument("--mixed-formats", metavar="A,B,...", help="formats mixed@B chooses among, e.g. gptq:a2g64,gptq:s3g64,gptq:s4g64,source")
+    r.add_argument("--workers", type=int, default=1, help="processes that quantize the tensors (with --cache): each tensor is independent")
     r.add_argument("--quick", action="store_true", help="only the recommended scheme of each class (source, 4-bit, <=4.0, <=3.0, <=2.5 bpw)")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
     r.add_argument("--plot", metavar="OUT.png", help="write the worst held-out ratio vs bytes")

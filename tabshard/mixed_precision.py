@@ -22,9 +22,11 @@ def plan_bytes(cal: Calibrator, plan: dict) -> int:
 
 # Every format offered costs one GPTQ of every tensor. The 2-bit one is asymmetric a2g64 (2.5
 # bpw, a min per 64): on the held-out domains mixed@3.0+rot+seq measured 2.28/2.07/2.04x source
-# with it against 2.87/2.30/2.49x with symmetric s2g32 (benchmarks/quant_report_full.md); then
-# the 3-bit probe's format, the 4-bit step above it, and source (a rotated model's 8-bit stand-in).
-MIXED_FORMATS = ("gptq:a2g64", "gptq:s3g64", "gptq:s4g64", SOURCE)
+# with it against 2.87/2.30/2.49x with symmetric s2g32 (benchmarks/quant_report_full.md). Then
+# 3-bit at 3.25 and 3.5 bpw, 4-bit at 4.125, 4.25 and 4.5 bpw (a budget of 4.0 bpw can keep
+# most tensors 4-bit with the larger groups), and source (a rotated model's 8-bit stand-in).
+MIXED_FORMATS = ("gptq:a2g64", "gptq:s3g64", "gptq:a3g64", "gptq:s4g128", "gptq:s4g64", "gptq:a4g128",
+                 "gptq:a4g64", SOURCE)
 EMBEDDING_FORMATS = ("clip:s4g32", "clip:s4g64", SOURCE)
 
 
@@ -38,6 +40,15 @@ PROBES = ("gptq:s2g32", "gptq:s3g64")
 EMBEDDING_PROBE = "clip:s4g32"
 
 
+def probes_for(formats) -> tuple:
+    """The probes the offered formats' costs are read from (``Costs.alpha``: the probe nearest
+    each format's width); a probe no format uses is a GPTQ pass and 8 forwards saved."""
+    widths = [parse_choice(f)[1].bits for f in formats if f != SOURCE]
+    bits = {p: parse_choice(p)[1].bits for p in PROBES}
+    used = {min(PROBES, key=lambda p: (abs(bits[p] - b), bits[p])) for b in widths}
+    return tuple(p for p in PROBES if p in used) or PROBES[-1:]
+
+
 class Costs:
     """Estimated cost of a tensor's quantization (increase in mean NLL per token, nats):
     alpha[type, probe] * proxy(tensor, choice). Each alpha is measured once per tensor type and
@@ -48,6 +59,10 @@ class Costs:
 
     def __init__(self, measured: dict):
         self.measured = measured  # {type: {probe: (delta_nll, proxy_sum)}}
+
+    @property
+    def probes(self) -> tuple:
+        return tuple(sorted({p for v in self.measured.values() for p in v} - {EMBEDDING_PROBE}))
 
     def alpha(self, t: str, choice: str) -> float:
         probes = self.measured.get(t, {})

@@ -85,6 +85,19 @@ def test_mixed_plan_fits_its_budget_and_beats_uniform(cal, ids):
     assert n > 0
 
 
+def test_quantize_many_in_worker_processes_equals_one_by_one(weights, ids, tmp_path):
+    """The pool fills the disk cache with exactly what the calibrator computes itself."""
+    names = ["blk.0.attn_v", "blk.2.ffn_down", "blk.1.attn_q"]
+    par = C.Calibrator(weights, ids[-256:], window=128, cache_dir=str(tmp_path / "a"))
+    par.quantize_many([(n, "gptq:a4g64") for n in names] + [(names[0], C.SOURCE)], workers=2)
+    assert par._cache == {}  # all from the workers' files
+    one = C.Calibrator(weights, ids[-256:], window=128)
+    for n in names:
+        a, b = par.quantized(n, "gptq:a4g64"), one.quantized(n, "gptq:a4g64")
+        np.testing.assert_array_equal(a.qweight, b.qweight)
+        np.testing.assert_array_equal(a.scales, b.scales)
+
+
 def test_report_rows(weights, ids):
     evals = {"a": ids[:300], "b": ids[300:440]}
     rows = run_report(weights, evals, ids[-256:], [ids[:8], ids[10:20]],
@@ -107,10 +120,12 @@ def test_report_rows(weights, ids):
 
 
 def test_schemes():
-    assert parse_scheme("gptq:s3g32+emb=clip:s4g32") == ("gptq:s3g32", "clip:s4g32", None, False)
-    assert parse_scheme("mixed@3.0+rot+seq") == ("mixed@3.0", "source", 22, True)
-    assert parse_scheme("gptq:a4g64+rot=5") == ("gptq:a4g64", "source", 5, False)
-    for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc", "rtn:s3g32+seq", "gptq:a4g64+rot=x", "bogus:a4g64"):
+    assert parse_scheme("gptq:s3g32+emb=clip:s4g32")[:4] == ("gptq:s3g32", "clip:s4g32", None, False)
+    assert parse_scheme("mixed@3.0+rot+seq")[:4] == ("mixed@3.0", "source", 22, True)
+    assert parse_scheme("gptq:a4g64+rot=5")[:4] == ("gptq:a4g64", "source", 5, False)
+    assert parse_scheme("mixed@4.0+fmt=s3g64/s4g128/source").formats == ("gptq:s3g64", "gptq:s4g128", "source")
+    for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc", "rtn:s3g32+seq", "gptq:a4g64+rot=x", "bogus:a4g64",
+                "mixed@4.0+fmt=s3g65", "gptq:a4g64+fmt=s3g64"):
         with pytest.raises(TabshardError):
             parse_scheme(bad)
 
