@@ -214,6 +214,22 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
     return rows
 
 
+def history_figures(rows: list[dict]) -> list:
+    """The rows as benchmark-history figures (tabshard/bench_history.py): per scheme, each held-out
+    domain's perplexity ratio to the source, the worst of them, and bits/weight on the linears."""
+    from tabshard.bench_history import Figure
+
+    out = []
+    for r in rows:
+        if r["scheme"] == "source" or "ppl_ratio" not in r:
+            continue
+        key = f"quant.{r['scheme']}"
+        out += [Figure(f"{key}.{d}.ppl_ratio", v, "x", "lower") for d, v in r["ppl_ratio"].items()]
+        out += [Figure(f"{key}.worst_ratio", r["worst_ratio"], "x", "lower"),
+                Figure(f"{key}.bits_per_weight", r["bits_per_weight"], "bpw", "lower")]
+    return out
+
+
 def geomean_perplexity(row: dict) -> float:
     v = list(row["perplexity"].values())
     return math.exp(sum(math.log(x) for x in v) / len(v))
@@ -357,12 +373,24 @@ def cmd_quant_report(a) -> int:
                       workers=a.workers)
     if a.plot:
         plot(rows, a.plot)
+    if a.history:
+        from tabshard.bench_history import append_figures
+
+        with _stdout_to_stderr():
+            append_figures(history_figures(rows), suite="quant-report")
     if a.json:
         print(json.dumps({"text": mixed.describe(), "rows": rows}, indent=1))
     else:
         print(mixed.describe())
         print(format_table(rows, QUICK if a.quick else None))
     return 0
+
+
+def _stdout_to_stderr():
+    """The history's one-line summary must not interleave with --json on stdout."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def cmd_quantize(a) -> int:
@@ -460,5 +488,6 @@ def add_commands(sub) -> None:
     r.add_argument("--quick", action="store_true", help="only the recommended scheme of each class (source, 4-bit, <=4.0, <=3.0, <=2.5 bpw)")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
     r.add_argument("--plot", metavar="OUT.png", help="write the worst held-out ratio vs bytes")
+    r.add_argument("--history", action="store_true", help="append each row's ratios to the benchmark history (needs the source row)")
     r.add_argument("--verbose", action="store_true", help="progress on stderr")
     r.set_defaults(func=cmd_quant_report)

@@ -204,3 +204,13 @@ def test_7b_shape_fits_8_tabs_of_1_gib_at_3_bits_per_weight():
     emb4 = nbytes(QuantSpec.parse("s4g32"), c.vocab, c.hidden)
     packed = _pack([layer_bytes[0] + emb4] + layer_bytes[1:], emb4 + 4 * c.hidden, [1 << 30] * 8)
     assert packed is not None and max(packed[1]) <= 1 << 30
+
+
+def test_rows_become_history_figures():
+    from tabshard.cli_quant import history_figures
+
+    rows = [{"scheme": "source", "perplexity": {"a": 10.0}, "ppl_ratio": {"a": 1.0}, "worst_ratio": 1.0, "bits_per_weight": 5.0},
+            {"scheme": "gptq:a4g64", "perplexity": {"a": 11.0}, "ppl_ratio": {"a": 1.1}, "worst_ratio": 1.1, "bits_per_weight": 4.5}]
+    got = {f.metric: (f.value, f.better) for f in history_figures(rows)}
+    assert got == {"quant.gptq:a4g64.a.ppl_ratio": (1.1, "lower"), "quant.gptq:a4g64.worst_ratio": (1.1, "lower"),
+                   "quant.gptq:a4g64.bits_per_weight": (4.5, "lower")}
