@@ -132,7 +132,9 @@ def test_eviction_closes_the_socket_with_a_reason(sim, reference):
     res, t0, wid, tab, ev = _run_with_fault(coord, tabs, lambda t: t.evict("tab discarded (memory saver)"))
     assert res.error is None and res.ids == reference
     death = _first(ev, t0, {"death"}, wid)
-    assert death and "socket" in death["reason"] and death["t"] - t0 < 0.15
+    # seen as the socket closing (its reason), hence before silence could be (dead_after_ms 800);
+    # how fast it is seen under no load is bench_simulation's figure, not this test's
+    assert death and "socket" in death["reason"] and death["t"] - t0 < 0.8
     time.sleep(0.5)
     assert not tab.info()["connected"]  # an evicted tab does not come back
 
@@ -142,7 +144,9 @@ def test_crash_is_a_closed_socket_and_tokens_are_exact(sim, reference):
     res, t0, wid, tab, ev = _run_with_fault(coord, tabs, lambda t: t.crash(), stage=0)
     assert res.error is None and res.ids == reference
     death = _first(ev, t0, {"death"}, wid)
-    assert death and "socket" in death["reason"] and death["t"] - t0 < 0.15
+    # seen as the socket closing (its reason), hence before silence could be (dead_after_ms 800);
+    # how fast it is seen under no load is bench_simulation's figure, not this test's
+    assert death and "socket" in death["reason"] and death["t"] - t0 < 0.8
     with pytest.raises(TabGone):
         tab.info()
 
