@@ -57,6 +57,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
     """served_model_names: the names clients may ask for (vLLM's --served-model-name): the first
     is the model's id, the others aliases; default [model_id]."""
     from coordinator import openai_api
+    from coordinator.openai_request import parse_messages
     from coordinator.metrics import Metrics
 
     names = list(dict.fromkeys(served_model_names or [model_id]))
@@ -78,7 +79,7 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
                              None, 429)
 
     def prompt_ids_from_chat(body: dict) -> list[int]:
-        return tok.encode_chat(openai_api.parse_messages(body.get("messages"), [], "none"))  # content is text, never markers
+        return tok.encode_chat(parse_messages(body.get("messages"), [], "none"))  # content is text, never markers
 
     def prompt_ids_from_completion(body: dict) -> list[int]:
         prompt = body.get("prompt")

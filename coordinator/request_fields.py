@@ -1,5 +1,5 @@
 """What an HTTP request may carry and how its fields are read: the numeric tables (type, default,
-bounds) that coordinator/app.py and coordinator/openai_api.py check and coordinator/openapi.py
+bounds) that coordinator/app.py and coordinator/openai_request.py check and coordinator/openapi.py
 documents, the body reader, and the error every endpoint answers a bad field with."""
 from __future__ import annotations
 
