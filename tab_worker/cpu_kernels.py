@@ -7,6 +7,13 @@ kernel, which reads each packed word once for every row and gives each row the s
 whatever the batch; longer chunks dequantize DEQUANT_BLOCK_BYTES of W at a time and hand them
 to BLAS, which is faster there (benchmarks/bench_cpu_kernel.py measures the crossover).
 
+`apply(x, threads=T)` splits W's rows across T threads: the kernel's own pool of C threads,
+and on the BLAS path T Python threads, each dequantizing and multiplying its share of the
+rows (both drop the GIL; the workers run single-threaded BLAS, so this is where a long chunk
+gets its cores). Each output is computed by one thread with the same operations whatever T,
+so results are bit-identical for every thread count. `default_threads()` is what a CPU
+backend takes when not told: `$TABSHARD_CPU_THREADS`, else the cores this process may use.
+
 The library is compiled on first use with the host's C compiler into a cache folder
 (`$TABSHARD_CACHE_DIR`, else `$XDG_CACHE_HOME/tabshard`, else `~/.cache/tabshard`), named by a
 hash of the source and the compiler, so an edited source or another compiler builds anew and
@@ -37,10 +44,47 @@ SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "c" / "packed_kernels
 MAX_KERNEL_ROWS = 32
 # f32 bytes of one dequantized block of W on the BLAS path (a 7B layer's gate/up would be 360 MB)
 DEQUANT_BLOCK_BYTES = 4 << 20
-CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off"]
+# ...and at most this many rows, so that a SmolLM2 matrix has blocks for two threads and more
+# (its 576-row o and down projections were one block)
+BLAS_BLOCK_ROWS = 256
+CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-fno-fast-math", "-ffp-contract=off"]
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _state: dict = {}
+
+
+def default_threads() -> int:
+    """Threads a CPU backend uses unless told: $TABSHARD_CPU_THREADS, else the cores this process
+    may run on (its affinity mask: a worker pinned to one core gets one)."""
+    env = os.environ.get("TABSHARD_CPU_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"TABSHARD_CPU_THREADS must be a whole number of threads, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"TABSHARD_CPU_THREADS must be at least 1, got {n}")
+        return n
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    return threads
+
+
+_executor: dict = {}
+
+
+def _blas_pool(threads: int):
+    """Python threads for the BLAS path's shares (numpy's matmul and the dequantize drop the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = _executor.get("pool")
+    if ex is None or ex._max_workers < threads - 1:
+        _executor["pool"] = ex = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="tabshard-blas")
+    return ex
 
 
 class UnsupportedFormat(ValueError):
@@ -102,10 +146,9 @@ def _load():
             lib = ctypes.CDLL(str(build()))
             P, Z, I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
             lib.pk_best_isa.restype = I
-            lib.pk_matmul.argtypes = [I, P, P, Z, Z, I, I, I, P, Z, Z, P, Z, I]
-            lib.pk_matmul_parts.argtypes = [I, P, I, P, Z, Z, P, Z, I]
+            lib.pk_matmul_parts.argtypes = [I, P, I, P, Z, Z, P, Z, I, I]
             lib.pk_dequantize.argtypes = [I, P, P, Z, Z, I, I, I, Z, Z, P, Z]
-            for f in (lib.pk_matmul, lib.pk_matmul_parts, lib.pk_dequantize):
+            for f in (lib.pk_matmul_parts, lib.pk_dequantize):
                 f.restype = None
             _state["isa"] = lib.pk_best_isa()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -178,16 +221,15 @@ def _padded(x: np.ndarray, k_pad: int) -> np.ndarray:
     return out
 
 
-def kernel_matmul(x: np.ndarray, t: QuantTensor, isa: str | None = None) -> np.ndarray:
-    """x @ dequantize(t).T by the compiled kernel on one path, for any M (tests, benchmarks)."""
+def kernel_matmul(x: np.ndarray, t: QuantTensor, isa: str | None = None, threads: int = 1) -> np.ndarray:
+    """x @ dequantize(t).T by the compiled kernel on one path and thread count, for any M
+    (tests, benchmarks)."""
     level = _isa_level(isa)
     if x.ndim != 2 or x.shape[1] != t.k:
         raise ValueError(f"x has shape {x.shape}; expected (rows, {t.k})")
-    xp = _padded(x, t.k_pad)
-    q, s = _rows_contiguous(t.qweight), _rows_contiguous(t.scales)
+    pm = PackedMatrix([t])
     y = np.empty((x.shape[0], t.n), np.float32)
-    _state["lib"].pk_matmul(level, q.ctypes.data, s.ctypes.data, t.n, t.k, t.spec.bits, t.spec.group, int(t.spec.symmetric),
-                            xp.ctypes.data, xp.shape[0], xp.shape[1], y.ctypes.data, t.n, 0)
+    pm._kernel(_padded(x, t.k_pad), y, False, level, check_threads(threads))
     return y
 
 
@@ -220,37 +262,53 @@ class PackedMatrix:
         self.starts = np.cumsum([0] + [p.n for p in parts])
         self._c_parts = (_Part * len(parts))(*[
             _Part(p.qweight.ctypes.data, p.scales.ctypes.data, p.n, p.k, _fmt(p), int(s)) for p, s in zip(self.parts, self.starts)])
-        self.block_rows = max(16, DEQUANT_BLOCK_BYTES // (4 * self.k_pad))
+        self.block_rows = max(16, min(BLAS_BLOCK_ROWS, DEQUANT_BLOCK_BYTES // (4 * self.k_pad)))
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """x @ W.T as f32 [M, n]; with out (f32 C-contiguous [M, n]) it is added onto out in place
-        (the residual update: the same one rounding as out + x @ W.T)."""
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+        """x @ W.T as f32 [M, n] on `threads` threads (the same bits for any number); with out
+        (f32 C-contiguous [M, n]) it is added onto out in place (the residual update: the same
+        one rounding as out + x @ W.T)."""
         m = x.shape[0]
         lib = _load()
         if lib is not None and 0 < m <= MAX_KERNEL_ROWS:
-            xp = _padded(x, self.k_pad)
             y = out if out is not None else np.empty((m, self.n), np.float32)
-            lib.pk_matmul_parts(_state["isa"], ctypes.addressof(self._c_parts), len(self.parts), xp.ctypes.data, m,
-                                xp.shape[1], y.ctypes.data, self.n, int(out is not None))
+            self._kernel(_padded(x, self.k_pad), y, out is not None, _state["isa"], threads)
             return y
-        y = self._blas(np.asarray(x, np.float32))
+        y = self._blas(np.asarray(x, np.float32), threads)
         if out is not None:
             out += y
             return out
         return y
 
-    def _blas(self, x: np.ndarray) -> np.ndarray:
-        """Long chunks: W a block of rows at a time dequantized into one reused buffer, then BLAS."""
+    def _kernel(self, xp: np.ndarray, y: np.ndarray, accumulate: bool, level: int, threads: int) -> None:
+        _state["lib"].pk_matmul_parts(level, ctypes.addressof(self._c_parts), len(self.parts), xp.ctypes.data,
+                                      xp.shape[0], xp.shape[1], y.ctypes.data, self.n, int(accumulate), threads)
+
+    def _blas(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Long chunks: W a block of rows at a time dequantized into a reused buffer, then BLAS;
+        with threads > 1 each thread takes every threads-th block with a buffer of its own."""
         y = np.empty((x.shape[0], self.n), np.float32)
-        buf = np.empty((self.block_rows, self.k_pad), np.float32)
-        for p, s in zip(self.parts, self.starts):
-            for a in range(0, p.n, self.block_rows):
-                b = min(p.n, a + self.block_rows)
+        # the blocks never depend on the thread count (the same BLAS calls, the same bits)
+        blocks = [(p, s, a, min(p.n, a + self.block_rows)) for p, s in zip(self.parts, self.starts)
+                  for a in range(0, p.n, self.block_rows)]
+
+        def run(i: int) -> None:
+            buf = np.empty((self.block_rows, self.k_pad), np.float32)
+            for p, s, a, b in blocks[i::threads]:
                 y[:, s + a : s + b] = x @ dequantize_rows(p, a, b, buf).T
+
+        threads = min(threads, len(blocks))
+        if threads <= 1:
+            run(0)
+            return y
+        futures = [_blas_pool(threads).submit(run, i) for i in range(1, threads)]
+        run(0)
+        for f in futures:
+            f.result()
         return y
 
 

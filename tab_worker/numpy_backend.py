@@ -5,14 +5,16 @@ it keeps) and computes on them: every matmul is a tab_worker.cpu_kernels.PackedM
 and gate/up each one matrix of parts. Decode steps and short chunks run the compiled
 packed-weight kernel (kernels/c/packed_kernels.c: reads each packed word once for all rows,
 batch-invariant); long prefill chunks dequantize a block of rows at a time for BLAS. No f32
-copy of a weight matrix is ever kept. The per-kernel math is the numpy twins in kernels.reference.
+copy of a weight matrix is ever kept. `threads` matmul threads share each step's weight rows
+(default: cpu_kernels.default_threads(), the cores this process may use); the results are the
+same bits for any thread count. The per-kernel math is the numpy twins in kernels.reference.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from kernels import reference as ref
-from tab_worker.cpu_kernels import PackedMatrix
+from tab_worker.cpu_kernels import PackedMatrix, check_threads, default_threads
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
@@ -51,13 +53,15 @@ class NumpyBackend:
     name = "numpy"
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
-                 shared: dict | None = None, shared_keys: dict | None = None, **_device_options):
+                 shared: dict | None = None, shared_keys: dict | None = None, threads: int | None = None,
+                 **_device_options):
         """shared / shared_keys: a dict the owner keeps across backends, and each layer index's
         (and "head"'s) key in it (the blob's sha256): ranges overlapping one already built reuse
         its prepared layers (the coordinator's verifier holds every stage's range at once; a
         tab re-planned onto a neighbouring range keeps the layers it had).
         A tensor in a format the kernels cannot read raises UnsupportedFormat naming it."""
         self.config = config
+        self.threads = default_threads() if threads is None else check_threads(threads)
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
             raise ValueError(f"layers must be a contiguous range, got {self.layer_ids}")
@@ -135,7 +139,7 @@ class NumpyBackend:
         n_qk = c.n_heads + c.n_kv_heads
         for li, layer in enumerate(self._layers):
             h = ref.rmsnorm(x, layer.attn_norm, c.rms_eps)
-            qkv = layer.w_qkv.apply(h)
+            qkv = layer.w_qkv.apply(h, threads=self.threads)
             # q and k heads side by side: one rope over both, with the forward's tables
             qk = ref.rope(qkv[:, : self._q_dim + self._kv_dim].reshape(-1, n_qk, c.head_dim), positions, c.rope_base, tables)
             q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
@@ -147,10 +151,10 @@ class NumpyBackend:
                 cache.k[li, :, sl.start_pos:end] = k[rows].transpose(1, 0, 2)
                 cache.v[li, :, sl.start_pos:end] = v[rows].transpose(1, 0, 2)
                 attn[rows] = ref.attention(q[rows], cache.k[li, :, :end], cache.v[li, :, :end], sl.start_pos)
-            layer.wo.apply(attn.reshape(x.shape[0], -1), out=x)  # the residual add, in place
+            layer.wo.apply(attn.reshape(x.shape[0], -1), out=x, threads=self.threads)  # the residual add, in place
             h = ref.rmsnorm(x, layer.ffn_norm, c.rms_eps)
-            gate_up = layer.w_gate_up.apply(h)
-            layer.w_down.apply(ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]), out=x)
+            gate_up = layer.w_gate_up.apply(h, threads=self.threads)
+            layer.w_down.apply(ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]), out=x, threads=self.threads)
         for sl, cache in zip(slices, caches):
             # a replay (start_pos < length) truncates whatever came after it
             cache.length = sl.start_pos + sl.length
@@ -160,4 +164,4 @@ class NumpyBackend:
         if self._head is None:
             raise ValueError("this backend holds no head")
         h = ref.rmsnorm(np.asarray(hidden, np.float32), self._head_norm, self.config.rms_eps)
-        return ref.topk(self._head.apply(h), k)
+        return ref.topk(self._head.apply(h, threads=self.threads), k)

@@ -17,7 +17,7 @@ import pytest
 from kernels import reference as ref
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, dequantize, quantize_rtn
 from tab_worker import cpu_kernels
-from tab_worker.engine_types import SessionSlice
+from protocol.model_types import SessionSlice
 
 ROOT = Path(__file__).resolve().parents[1]
 ISAS = cpu_kernels.kernel_isas()
@@ -63,6 +63,78 @@ def test_a_row_gives_the_same_bits_alone_or_in_a_batch_of_32(isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_same_bits_for_every_thread_count(isa):
+    """Output rows split across the pool's threads (chunks claimed one at a time, some spanning
+    two parts of different formats): each output still computed alone, so any thread count and
+    any batch give the bits of one thread."""
+    a, b = _tensor(QuantSpec(4, 32, False), 1100, 256, 1), _tensor(QuantSpec(3, 64, True), 900, 256, 2)
+    pm = cpu_kernels.PackedMatrix([a, b])
+    x = np.random.default_rng(5).standard_normal((32, 256)).astype(np.float32)
+    level = cpu_kernels._isa_level(isa)
+
+    def run(rows, threads, out=None):
+        y = np.zeros((rows, pm.n), np.float32) if out is None else out.copy()
+        pm._kernel(cpu_kernels._padded(x[:rows], pm.k_pad), y, out is not None, level, threads)
+        return y
+
+    one = run(32, 1)
+    np.testing.assert_allclose(one, x @ np.concatenate([dequantize(a), dequantize(b)]).T, rtol=1e-4, atol=1e-3)
+    for threads in (2, 3, 8):
+        for rows in (1, 3, 32):
+            assert np.array_equal(run(rows, threads), one[:rows]), (threads, rows)
+    base = np.random.default_rng(6).standard_normal((4, pm.n)).astype(np.float32)
+    assert np.array_equal(run(4, 3, out=base), run(4, 1, out=base))  # the residual add, threaded
+
+
+@needs_kernel
+def test_threads_on_the_blas_path_and_from_concurrent_callers():
+    """Long chunks: each Python thread takes whole dequantized blocks (fixed by the matrix, not
+    the thread count), so the same BLAS calls and bits. Two Python threads calling at once:
+    one finds the C pool busy and computes alone, both right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = _tensor(QuantSpec(4, 64, False), 1200, 576, 3)
+    pm = cpu_kernels.PackedMatrix([t])
+    long_x = np.random.default_rng(8).standard_normal((cpu_kernels.MAX_KERNEL_ROWS + 8, 576)).astype(np.float32)
+    assert len(range(0, t.n, pm.block_rows)) >= 2
+    assert np.array_equal(pm.apply(long_x, threads=3), pm.apply(long_x, threads=1))
+    xs = [np.random.default_rng(i).standard_normal((2, 576)).astype(np.float32) for i in range(8)]
+    want = [pm.apply(x, threads=1) for x in xs]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda x: pm.apply(x, threads=2), xs * 4))
+    assert all(np.array_equal(g, w) for g, w in zip(got, want * 4))
+
+
+@needs_kernel
+def test_a_forked_child_computes_with_threads_of_its_own():
+    """Pool threads do not survive fork: a child of a process that used them starts its own."""
+    t = _tensor(QuantSpec(8, 32, True), 600, 256, 4)
+    pm = cpu_kernels.PackedMatrix([t])
+    x = np.random.default_rng(9).standard_normal((2, 256)).astype(np.float32)
+    want = pm.apply(x, threads=2)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status says whether it got the same bits
+        ok = np.array_equal(pm.apply(x, threads=2), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_default_threads_is_the_affinity_or_the_environment(monkeypatch):
+    monkeypatch.delenv("TABSHARD_CPU_THREADS", raising=False)
+    assert cpu_kernels.default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("TABSHARD_CPU_THREADS", "3")
+    assert cpu_kernels.default_threads() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("TABSHARD_CPU_THREADS", bad)
+        with pytest.raises(ValueError, match="TABSHARD_CPU_THREADS"):
+            cpu_kernels.default_threads()
+    with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+        cpu_kernels.check_threads(0)
+
+
+@needs_kernel
 def test_fused_parts_and_the_residual_add():
     """q/k/v as one matrix of parts (formats may differ), and apply(out=y) adding in place."""
     a, b = _tensor(QuantSpec(4, 32, False), 24, 96, 1), _tensor(QuantSpec(3, 64, True), 8, 96, 2)
@@ -93,8 +165,8 @@ def test_a_format_the_kernels_cannot_read_is_refused_naming_the_tensor():
 
 @needs_kernel
 def test_cpu_backend_decode_is_batch_invariant_over_32_sessions():
-    """A session's decode step gives the same bits alone and batched with 31 others, so
-    concurrency never changes its tokens."""
+    """A session's decode step gives the same bits alone and batched with 31 others, and on 1
+    or 3 threads, so neither concurrency nor the thread count changes its tokens."""
     from tab_worker.numpy_backend import NumpyBackend
     from tests.tiny_model import tiny_weights
 
@@ -103,8 +175,8 @@ def test_cpu_backend_decode_is_batch_invariant_over_32_sessions():
     rng = np.random.default_rng(3)
     prompts = {f"s{i}": rng.standard_normal((2 + i % 5, cfg.hidden)).astype(np.float32) for i in range(32)}
 
-    def prefilled():
-        be = NumpyBackend(cfg, layers, head, max_ctx=64)
+    def prefilled(threads=1):
+        be = NumpyBackend(cfg, layers, head, max_ctx=64, threads=threads)
         for sid, h in prompts.items():
             be.forward([SessionSlice(sid, 0, len(h))], h)
         return be
@@ -113,6 +185,8 @@ def test_cpu_backend_decode_is_batch_invariant_over_32_sessions():
     batched_be = prefilled()
     batched = batched_be.forward([SessionSlice(sid, len(h), 1) for sid, h in prompts.items()], step)
     top_batched = batched_be.head_topk(batched, 3)
+    threaded_be = prefilled(threads=3)  # and on 3 threads
+    assert np.array_equal(threaded_be.forward([SessionSlice(sid, len(h), 1) for sid, h in prompts.items()], step), batched)
     alone_backend = prefilled()
     for i, (sid, h) in enumerate(prompts.items()):
         alone = alone_backend.forward([SessionSlice(sid, len(h), 1)], step[i : i + 1])

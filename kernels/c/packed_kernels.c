@@ -492,29 +492,240 @@ int pk_best_isa(void) {
 #endif
 }
 
-// y[r * ldy + o] (+)= sum_k x[r * ldx + k] * W[o, k] for r < m, o < n; isa at most pk_best_isa().
-void pk_matmul(int isa, const uint32_t *q, const uint32_t *s, size_t n, size_t k, int bits, int group, int sym,
-               const float *x, size_t m, size_t ldx, float *y, size_t ldy, int accumulate) {
-  const Mat w = mat_of(q, s, n, k, bits, group, sym);
-#if defined(__x86_64__)
-  if (isa == 2) return matmul_avx512(&w, x, m, ldx, y, ldy, accumulate);
-  if (isa == 1) return matmul_avx2(&w, x, m, ldx, y, ldy, accumulate);
-#endif
-  (void)isa;
-  matmul_scalar(&w, x, m, ldx, y, ldy, accumulate);
+// ------------------------------------------------------------------ threads (native only)
+// A step's output rows are cut into chunks of CHUNK_BYTES of packed words (boundaries a
+// multiple of 4 rows, a tile's width, and fixed by the matrix alone), and the threads of the
+// call claim chunks one at a time. Each output is still computed alone by the same operations
+// in the same order, so the bits never depend on the thread count, nor on which thread took
+// which chunk (nor on the batch).
+//
+// Claiming, not a fixed half per thread: on a shared host a helper may not get a core for a
+// while, and the caller then computes the chunks itself instead of waiting (it waits only for
+// chunks a helper has begun). At worst a call costs one thread's time plus one chunk.
+//
+// The threads are a small persistent pool, not threads started per call: a SmolLM2 decode
+// token is 121 matmuls of 0.02-0.5 ms, and the Python between them (norms, rope, attention)
+// takes tens of microseconds. A helper that has just worked spins for up to SPIN_NS on the job
+// word (so the token's next matmul starts at once), then sleeps on a condition variable (an
+// idle worker costs no CPU). The caller computes too.
+// The WASM build has no threads: WebAssembly threads need a SharedArrayBuffer, so a
+// crossOriginIsolated page (COOP/COEP headers) and one Web Worker per thread; the tab runs its
+// engine in a single Web Worker.
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+#define POOL_MAX 64
+#define SPIN_NS 200000L
+#define CHUNK_BYTES 32768
+
+typedef void (*JobFn)(const void *ctx, size_t chunk);
+
+// job word: generation (32 bits) | chunks claimed (16) | chunks in the job (16)
+#define JOB_GEN(w) ((uint32_t)((w) >> 32))
+#define JOB_NEXT(w) ((uint32_t)(((w) >> 16) & 0xffff))
+#define JOB_TOTAL(w) ((uint32_t)((w)&0xffff))
+
+static struct {
+  pthread_mutex_t mu, caller;
+  pthread_cond_t wake, done;
+  int size;  // helper threads started; helper i takes part when the job allows more than i threads
+  JobFn fn;
+  const void *ctx;
+  int threads;
+  _Atomic uint64_t job;
+  _Atomic uint32_t finished;  // chunks of the current job computed
+  _Atomic int sleepers;       // helpers blocked on `wake`
+  _Atomic int waiting;        // the caller blocked on `done`
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .caller = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .done = PTHREAD_COND_INITIALIZER};
+
+INLINE long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-// One fused matrix as several packed parts side by side in y (q/k/v, gate/up): parts[i] =
-// {q, s, n, k, bits | group << 8 | sym << 16, y column}, read in one call.
+INLINE void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+// Claim and compute chunks of the job of generation gen until none is left (or the word has
+// moved on to a later job). fn and ctx were read after the word showed gen: a successful claim
+// proves the job is still that one, and it cannot end before the claimed chunk is finished.
+static void take_chunks(uint32_t gen, JobFn fn, const void *ctx) {
+  uint64_t w = atomic_load(&pool.job);
+  for (;;) {
+    if (JOB_GEN(w) != gen || JOB_NEXT(w) >= JOB_TOTAL(w)) return;
+    if (!atomic_compare_exchange_weak(&pool.job, &w, w + (1u << 16))) continue;
+    fn(ctx, JOB_NEXT(w));
+    if (atomic_fetch_add(&pool.finished, 1) + 1 == JOB_TOTAL(w) && atomic_load(&pool.waiting)) {
+      pthread_mutex_lock(&pool.mu);
+      pthread_cond_signal(&pool.done);
+      pthread_mutex_unlock(&pool.mu);
+    }
+    w = atomic_load(&pool.job);
+  }
+}
+
+static void *pool_helper(void *arg) {
+  // its index, and the generation when it was started (before the job it was started for)
+  const int me = (int)((uintptr_t)arg & 0xffff);
+  uint32_t seen = (uint32_t)((uintptr_t)arg >> 16);
+  int spin = 1;  // spin only after a job this helper took part in: an unused one just sleeps
+  const long spin_ns = SPIN_NS;
+  for (;;) {
+    uint64_t w = atomic_load(&pool.job);
+    if (JOB_GEN(w) == seen && spin) {
+      const long end = now_ns() + spin_ns;
+      for (unsigned i = 1; JOB_GEN(w = atomic_load_explicit(&pool.job, memory_order_acquire)) == seen; i++) {
+        cpu_relax();
+        if ((i & 63) == 0 && now_ns() > end) break;
+      }
+    }
+    if (JOB_GEN(w) == seen) {
+      pthread_mutex_lock(&pool.mu);
+      atomic_fetch_add(&pool.sleepers, 1);
+      while (JOB_GEN(w = atomic_load(&pool.job)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+      atomic_fetch_sub(&pool.sleepers, 1);
+      pthread_mutex_unlock(&pool.mu);
+    }
+    seen = JOB_GEN(w);
+    const JobFn fn = pool.fn;
+    const void *ctx = pool.ctx;
+    spin = me < pool.threads;
+    if (spin) take_chunks(seen, fn, ctx);
+  }
+  return NULL;
+}
+
+// A forked child has none of the helpers (only the forking thread survives fork), and the
+// locks and condition variables may be in the state the parent's threads left them in:
+// start afresh.
+static void pool_after_fork(void) {
+  pthread_mutex_init(&pool.mu, NULL);
+  pthread_mutex_init(&pool.caller, NULL);
+  pthread_cond_init(&pool.wake, NULL);
+  pthread_cond_init(&pool.done, NULL);
+  pool.size = 0;
+  atomic_store(&pool.job, (uint64_t)JOB_GEN(atomic_load(&pool.job)) << 32);  // no chunks outstanding
+  atomic_store(&pool.finished, 0);
+  atomic_store(&pool.sleepers, 0);
+  atomic_store(&pool.waiting, 0);
+}
+
+static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+// fn(ctx, c) for every chunk c < chunks, on up to `threads` threads (the caller one of them);
+// returns when all are done. A caller finding the pool busy (another Python thread inside a
+// call) computes every chunk itself: the same bits, one thread.
+static void pool_run(JobFn fn, const void *ctx, size_t chunks, int threads) {
+  if (threads > POOL_MAX) threads = POOL_MAX;
+  if ((size_t)threads > chunks) threads = (int)chunks;
+  if (threads <= 1 || chunks > 0xffff || pthread_mutex_trylock(&pool.caller) != 0) {
+    for (size_t c = 0; c < chunks; c++) fn(ctx, c);
+    return;
+  }
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, pool_register_fork);
+  const uint32_t gen = JOB_GEN(atomic_load(&pool.job));
+  while (pool.size < threads - 1) {
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 1 << 16);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    const int failed = pthread_create(&t, &attr, pool_helper, (void *)(((uintptr_t)gen << 16) | (uintptr_t)(pool.size + 1)));
+    pthread_attr_destroy(&attr);
+    if (failed) break;
+    pool.size++;
+  }
+  pool.fn = fn, pool.ctx = ctx, pool.threads = threads;
+  atomic_store(&pool.finished, 0);
+  const uint32_t next = gen + 1;
+  atomic_store(&pool.job, (uint64_t)next << 32 | (uint64_t)chunks);  // publishes the job (seq_cst, before the sleepers check)
+  if (atomic_load(&pool.sleepers) > 0) {
+    pthread_mutex_lock(&pool.mu);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+  }
+  take_chunks(next, fn, ctx);
+  const long end = now_ns() + SPIN_NS;
+  for (unsigned i = 1; atomic_load_explicit(&pool.finished, memory_order_acquire) < chunks; i++) {
+    cpu_relax();
+    if ((i & 63) == 0 && now_ns() > end) {
+      pthread_mutex_lock(&pool.mu);
+      atomic_store(&pool.waiting, 1);
+      while (atomic_load(&pool.finished) < chunks) pthread_cond_wait(&pool.done, &pool.mu);
+      atomic_store(&pool.waiting, 0);
+      pthread_mutex_unlock(&pool.mu);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&pool.caller);
+}
+
+// y[r * ldy + col_i + o] (+)= sum_k x[r * ldx + k] * W_i[o, k] for r < m, o < n_i: one fused
+// matrix as several packed parts side by side in y (q/k/v, gate/up; formats may differ),
+// parts[i] = {q, s, n, k, bits | group << 8 | sym << 16, y column}; isa at most pk_best_isa().
 typedef struct { const uint32_t *q, *s; size_t n, k; uint32_t fmt; uint32_t y_col; } Part;
 
-void pk_matmul_parts(int isa, const Part *parts, int nparts, const float *x, size_t m, size_t ldx, float *y,
-                     size_t ldy, int accumulate) {
-  for (int i = 0; i < nparts; i++) {
-    const Part *p = &parts[i];
-    pk_matmul(isa, p->q, p->s, p->n, p->k, p->fmt & 0xff, (p->fmt >> 8) & 0xff, (p->fmt >> 16) & 1, x, m, ldx,
-              y + p->y_col, ldy, accumulate);
+typedef struct {
+  int isa, nparts, accumulate;
+  const Part *parts;
+  const float *x;
+  float *y;
+  size_t m, ldx, ldy, rows, chunk_rows;
+} PartsJob;
+
+static void matmul_isa(int isa, const Mat *w, const float *x, size_t m, size_t ldx, float *y, size_t ldy, int accumulate) {
+#if defined(__x86_64__)
+  if (isa == 2) return matmul_avx512(w, x, m, ldx, y, ldy, accumulate);
+  if (isa == 1) return matmul_avx2(w, x, m, ldx, y, ldy, accumulate);
+#endif
+  (void)isa;
+  matmul_scalar(w, x, m, ldx, y, ldy, accumulate);
+}
+
+// chunk c: rows [c * chunk_rows, (c + 1) * chunk_rows) of the fused matrix, in each part they cover
+static void parts_chunk(const void *ctx, size_t c) {
+  const PartsJob *j = (const PartsJob *)ctx;
+  const size_t a = c * j->chunk_rows, b = a + j->chunk_rows < j->rows ? a + j->chunk_rows : j->rows;
+  size_t base = 0;
+  for (int pi = 0; pi < j->nparts; base += j->parts[pi].n, pi++) {
+    const Part *p = &j->parts[pi];
+    if (b <= base || a >= base + p->n) continue;
+    const size_t lo = a > base ? a - base : 0, hi = b < base + p->n ? b - base : p->n;
+    Mat w = mat_of(p->q, p->s, p->n, p->k, p->fmt & 0xff, (p->fmt >> 8) & 0xff, (p->fmt >> 16) & 1);
+    w.q += lo * w.wpr, w.s += lo * w.spr, w.n = hi - lo;
+    matmul_isa(j->isa, &w, j->x, j->m, j->ldx, j->y + p->y_col + lo, j->ldy, j->accumulate);
   }
+}
+
+// threads: how many threads may share the call (1: the caller alone).
+void pk_matmul_parts(int isa, const Part *parts, int nparts, const float *x, size_t m, size_t ldx, float *y,
+                     size_t ldy, int accumulate, int threads) {
+  PartsJob j = {isa, nparts, accumulate, parts, x, y, m, ldx, ldy, 0, 0};
+  size_t row_bytes = 4;
+  for (int i = 0; i < nparts; i++) {
+    const Mat w = mat_of(parts[i].q, parts[i].s, parts[i].n, parts[i].k, parts[i].fmt & 0xff, (parts[i].fmt >> 8) & 0xff,
+                         (parts[i].fmt >> 16) & 1);
+    j.rows += parts[i].n;
+    if (4 * (w.wpr + w.spr) > row_bytes) row_bytes = 4 * (w.wpr + w.spr);
+  }
+  if (j.rows == 0) return;
+  j.chunk_rows = (CHUNK_BYTES / row_bytes + 3) & ~(size_t)3;
+  if (j.chunk_rows < 16) j.chunk_rows = 16;
+  if (threads <= 1) {  // the caller alone: the whole matrix as one chunk
+    j.chunk_rows = j.rows;
+    return parts_chunk(&j, 0);
+  }
+  pool_run(parts_chunk, &j, (j.rows + j.chunk_rows - 1) / j.chunk_rows, threads);
 }
 
 // f32 rows [r0, r1) of W (k_pad columns each) into out (rows of ldo floats): for BLAS on long
