@@ -394,7 +394,7 @@ def _stdout_to_stderr():
 
 
 def cmd_quantize(a) -> int:
-    from coordinator.precision import PrecisionError, fit_tabs
+    from tabshard.precision import PrecisionError, fit_tabs
     from tabshard import calibration as C
     from tabshard import mixed_precision as M
     from tabshard import qmodel

@@ -94,7 +94,7 @@ def estimated_costs(cal: Calibrator, sens_ids, probes=PROBES, embedding_probe: s
 def tensor_options(cal: Calibrator, costs: Costs, formats=MIXED_FORMATS, embedding_formats=EMBEDDING_FORMATS,
                    embedding_fixed: str | None = None) -> dict:
     """{tensor: [Option]} for coordinator.precision (embedding options too unless fixed)."""
-    from coordinator.precision import Option
+    from tabshard.precision import Option
 
     opts = {}
     for name in cal.tensor_names():
@@ -122,7 +122,7 @@ def mixed_plan(cal: Calibrator, costs: Costs, *, budget_bytes: int | None = None
                embedding: str | None = None, formats=MIXED_FORMATS) -> dict:
     """The least-cost plan within a whole-model byte budget, or within bits_per_weight on the
     linear layers (then the embedding is ``embedding``, default source)."""
-    from coordinator.precision import choose
+    from tabshard.precision import choose
 
     if (budget_bytes is None) == (bits_per_weight is None):
         raise ValueError("give exactly one of budget_bytes and bits_per_weight")

@@ -180,7 +180,7 @@ def test_7b_shape_fits_8_tabs_of_1_gib_at_3_bits_per_weight():
     """The seed's promise at issue 22's budget: LLaMA-7B's shapes, linears mixed within 3.0
     bits/weight (the same knapsack as mixed@3.0, costs by bit width: the bytes are what is
     checked), embedding and untied head at 4 bits, packed into 8 contiguous tabs of 1 GiB."""
-    from coordinator.precision import Option, _pack, choose
+    from tabshard.precision import Option, _pack, choose
     from kernels.quant import QuantSpec, scale_words_per_row, words_per_row
     from model.synthetic import CONFIGS
 

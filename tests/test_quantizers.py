@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from coordinator.precision import Option, PrecisionError, choose, fit_tabs, plan_cost
+from tabshard.precision import Option, PrecisionError, choose, fit_tabs, plan_cost
 from kernels import quantizers as Q
 from kernels import reference as ref
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, dequantize, group_scales, quantize_rtn, unpack_codes
