@@ -5,14 +5,16 @@
 * prefill tok/s (one batched pass over a ~200-token prompt) and decode tok/s per backend;
 * the packed bound: one bare pass of the packed-weight kernel over every matrix of a token (what
   decode would cost if attention, norms and Python were free), timed after each decode step;
-* llama.cpp (llama-cpp-python, when importable) on the same GGUF, at 1 thread and at the host's
-  thread count: our CPU backend computes decode steps on one thread (its prefill's BLAS on the
-  host's), so the 1-thread pair is the same-thread comparison;
+* each at 1 thread and at the host's thread count (the cores this process may use, what a
+  worker runs with by default), ours and llama.cpp (llama-cpp-python, when importable) on the
+  same GGUF: ratios pair the same thread counts;
 * memory: RSS of a fresh Python process holding all of SmolLM2 in the CPU backend, against the
   packed bytes plus the runtime's own RSS (the process before loading).
 
 Rounds alternate ours and llama.cpp (prefill, then decode) so both see the same host load; the
-figures are medians over rounds. Appended to the benchmark history unless --no-history.
+figures are medians over rounds, printed with the load average before and after (a shared
+host's other work takes cores from the 2-thread runs first). Appended to the benchmark history
+unless --no-history.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# one BLAS thread, as the workers run it (tabshard/cluster.py): the 1-thread llama.cpp is the
-# same-thread comparison, and a spinning second BLAS thread on a shared 2-core host stalls both
+# one BLAS thread, as the workers run it (tabshard/cluster.py): the CPU backend's threads are
+# its own (the kernel's pool; on long chunks Python threads each running BLAS on its blocks)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -54,9 +56,9 @@ def packed_pass_ms(gen) -> float:
 
 
 class Ours:
-    def __init__(self, weights, tok, backend: str):
-        self.name = backend
-        self.gen = LocalGenerator(weights, backend=backend, max_ctx=1024)
+    def __init__(self, weights, tok, backend: str, threads: int):
+        self.name = f"{backend} {threads}t" if backend == "numpy" else backend
+        self.gen = LocalGenerator(weights, backend=backend, max_ctx=1024, **({"threads": threads} if backend == "numpy" else {}))
         self.long, self.short = tok.encode(LONG_PROMPT), tok.encode(SHORT_PROMPT)
         list(self.gen.generate(self.long[:16], 4))  # warm-up: pipelines, caches, the kernel library
 
@@ -68,7 +70,7 @@ class Ours:
     def decode(self, tokens: int, bound: list | None = None) -> float:
         st = GenerationStats()
         for _ in self.gen.generate(self.short, tokens, stats=st, stop_at_eos=False):
-            if bound is not None and self.name == "numpy":
+            if bound is not None and self.name == "numpy 1t":
                 bound.append(packed_pass_ms(self.gen))
         # steps only: the bound passes interleaved between them are not decode time
         return 1000 / (statistics.median(st.step_times) * 1000)
@@ -149,12 +151,13 @@ def main() -> None:
     tok = GGUFTokenizer(model)
     weights = model.load_all()
     engines = []
-    for b in a.backends.split(","):
-        try:
-            engines.append(Ours(weights, tok, b))
-        except Exception as exc:
-            print(f"{b}: unavailable ({type(exc).__name__}: {exc})")
     threads = len(os.sched_getaffinity(0))
+    for b in a.backends.split(","):
+        for t in sorted({1, threads}) if b == "numpy" else [1]:
+            try:
+                engines.append(Ours(weights, tok, b, t))
+            except Exception as exc:
+                print(f"{b}: unavailable ({type(exc).__name__}: {exc})")
     try:
         engines += [LlamaCpp(str(model.path), t) for t in sorted({1, threads})]
     except ImportError:
@@ -169,20 +172,22 @@ def main() -> None:
         print(f"round {r + 1}: " + "; ".join(f"{n} prefill {v['prefill'][-1]:.0f} decode {v['decode'][-1]:.1f}" for n, v in res.items()),
               flush=True)
     out = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in res.items()}
-    print(f"medians of {a.rounds} alternating rounds (tok/s), load after: {os.getloadavg()[0]:.1f}")
+    print(f"medians of {a.rounds} alternating rounds (tok/s), load after: {os.getloadavg()[0]:.1f} "
+          f"(1/5/15 min: {' '.join(f'{v:.1f}' for v in os.getloadavg())})")
     for n, v in out.items():
         print(f"  {n:>14}: prefill {v['prefill']:7.1f} ({len(tok.encode(LONG_PROMPT))} tokens) | decode {v['decode']:6.1f}")
     figures = []
-    if bound and "numpy" in out:
+    if bound and "numpy 1t" in out:
         b = statistics.median(bound)
         out["packed_bound_ms"] = b
-        print(f"  packed kernel pass per token: {b:.1f} ms -> bound {1000 / b:.0f} tok/s; decode is "
-              f"{out['numpy']['decode'] / (1000 / b):.2f}x the bound")
+        print(f"  packed kernel pass per token (1 thread): {b:.1f} ms -> bound {1000 / b:.0f} tok/s; decode is "
+              f"{out['numpy 1t']['decode'] / (1000 / b):.2f}x the bound")
     for n in [e.name for e in engines if e.name.startswith("llama.cpp")]:
-        if "numpy" in out:
-            pr, dr = out["numpy"]["prefill"] / out[n]["prefill"], out["numpy"]["decode"] / out[n]["decode"]
+        ours = f"numpy {n.split()[-1]}"  # the same thread count
+        if ours in out:
+            pr, dr = out[ours]["prefill"] / out[n]["prefill"], out[ours]["decode"] / out[n]["decode"]
             out[f"ratio_vs_{n}"] = {"prefill": pr, "decode": dr}
-            print(f"  ours (numpy) / {n}: decode {dr:.2f}x, prefill {pr:.2f}x")
+            print(f"  ours ({ours}) / {n}: decode {dr:.2f}x, prefill {pr:.2f}x")
             figures += [(f"generate.decode_ratio_vs_{n.replace(' ', '_').replace('.', '')}", dr, "x", "higher"),
                         (f"generate.prefill_ratio_vs_{n.replace(' ', '_').replace('.', '')}", pr, "x", "higher")]
     mem = memory()

@@ -29,6 +29,57 @@ def _meminfo_used_mb() -> float:
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
+ROLLUP_FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous", "Shared_Clean", "Private_Dirty")
+
+
+def _tab_pids() -> list[int]:
+    """The simulated tabs' processes: Ray titles an actor's worker process `ray::_TabActor...`."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if f.read(64).startswith(b"ray::_TabActor"):
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def _rollup_kb(pid: int) -> dict:
+    """RSS, PSS (shared pages divided among the processes mapping them) and their parts, kB."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ROLLUP_FIELDS:
+                    out[k] = int(v.split()[0])
+    except OSError:
+        return {}
+    return out
+
+
+def _smaps_by_mapping(pid: int, top: int = 12) -> list[dict]:
+    """One process's RSS and PSS per mapping (shared libraries by file name, anonymous memory
+    as one line): what a tab's memory is made of."""
+    rows: dict[str, dict] = {}
+    name = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and not line[0].isupper():  # a mapping's header line
+                    path = head[5] if len(head) > 5 else "[anonymous]"
+                    name = os.path.basename(path) if path.startswith("/") else path
+                elif head[0] in ("Rss:", "Pss:") and name is not None:
+                    r = rows.setdefault(name, {"mapping": name, "rss_kb": 0, "pss_kb": 0})
+                    r["rss_kb" if head[0] == "Rss:" else "pss_kb"] += int(head[1])
+    except OSError:
+        return []
+    return sorted(rows.values(), key=lambda r: -r["rss_kb"])[:top]
+
+
 def tabs32(args) -> dict:
     from simulation.scenario import run_scenario
 
@@ -38,10 +89,21 @@ def tabs32(args) -> dict:
            "tabs": [{"profile": "cpu-wasm", "count": args.tabs}],
            "workload": {"streams": 2, "requests": 4, "arrival_rate": 0.5, "prompt_tokens": 10, "output_tokens": 12,
                         "request_timeout_s": 600}}
-    peak = {"used_mb": used0}
+    peak = {"used_mb": used0, "sampled": 0.0, "tabs": {}, "rss_kb": 0}
+
+    def sample_tabs():
+        """Every tab's smaps_rollup; kept when the tabs' total RSS is the highest seen."""
+        roll = {pid: r for pid in _tab_pids() if (r := _rollup_kb(pid))}
+        total = sum(r.get("Rss", 0) for r in roll.values())
+        if total > peak["rss_kb"]:
+            biggest = max(roll, key=lambda p: roll[p].get("Rss", 0))
+            peak.update(rss_kb=total, tabs=roll, biggest=_smaps_by_mapping(biggest))
 
     def progress(line, end="\n"):
         peak["used_mb"] = max(peak["used_mb"], _meminfo_used_mb())
+        if time.monotonic() - peak["sampled"] > 2.0:
+            sample_tabs()
+            peak["sampled"] = time.monotonic()
         print(line, end=end, file=sys.stderr, flush=True)
 
     rep = run_scenario(scn, out_dir="sim-out/tabs32", progress=progress)
@@ -53,7 +115,17 @@ def tabs32(args) -> dict:
                                 "total": round(sum(t["peak_rss_mb"] for t in per_tab), 1)},
             "host_used_mb": {"before": round(used0), "peak_during": round(peak["used_mb"]),
                              "delta": round(peak["used_mb"] - used0)},
-            "coordinator_peak_rss_mb": rep["coordinator"]["peak_rss_mb"]}
+            "coordinator_peak_rss_mb": rep["coordinator"]["peak_rss_mb"],
+            # sampled while serving (every ~2 s): the sample with the highest total RSS of the tabs.
+            # RSS counts every shared library page in every process; PSS divides shared pages
+            # among the processes mapping them, so the PSS total is the memory the tabs take.
+            "tabs_smaps_at_peak": {
+                "tabs": len(peak["tabs"]),
+                **{f"total_{k.lower()}_mb": round(sum(r.get(k, 0) for r in peak["tabs"].values()) / 1024, 1)
+                   for k in ROLLUP_FIELDS},
+                **{f"median_{k.lower()}_mb": round(sorted(r.get(k, 0) for r in peak["tabs"].values())[len(peak["tabs"]) // 2] / 1024, 1)
+                   for k in ("Rss", "Pss", "Pss_Anon", "Pss_File") if peak["tabs"]},
+                "biggest_tab_by_mapping_kb": peak.get("biggest", [])}}
 
 
 # ---------------------------------------------------------------------- 1,000 heartbeat-only connections

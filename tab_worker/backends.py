@@ -26,7 +26,7 @@ def resolve_backend_name(name: str) -> str:
 
 def make_backend(name: str, config, layers, head, max_ctx: int, **device_options):
     name = resolve_backend_name(name)
-    shared = {k: device_options.pop(k) for k in ("shared", "shared_keys") if k in device_options}  # numpy only
+    shared = {k: device_options.pop(k) for k in ("shared", "shared_keys", "threads") if k in device_options}  # numpy only
     if name == "numpy":
         from tab_worker.numpy_backend import NumpyBackend
 

@@ -512,6 +512,7 @@ int pk_best_isa(void) {
 // crossOriginIsolated page (COOP/COEP headers) and one Web Worker per thread; the tab runs its
 // engine in a single Web Worker.
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
@@ -547,12 +548,16 @@ INLINE long now_ns(void) {
   return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+// A spinning thread yields the core at every turn: on a host with more runnable threads than
+// cores (a shared machine, several workers), a spinner that held its core would take it from
+// the very thread it waits for (the caller's Python, or a helper's chunk) for a whole time slice.
 INLINE void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #elif defined(__aarch64__)
   __asm__ __volatile__("yield");
 #endif
+  sched_yield();
 }
 
 // Claim and compute chunks of the job of generation gen until none is left (or the word has
@@ -585,7 +590,7 @@ static void *pool_helper(void *arg) {
       const long end = now_ns() + spin_ns;
       for (unsigned i = 1; JOB_GEN(w = atomic_load_explicit(&pool.job, memory_order_acquire)) == seen; i++) {
         cpu_relax();
-        if ((i & 63) == 0 && now_ns() > end) break;
+        if ((i & 7) == 0 && now_ns() > end) break;
       }
     }
     if (JOB_GEN(w) == seen) {
@@ -658,7 +663,7 @@ static void pool_run(JobFn fn, const void *ctx, size_t chunks, int threads) {
   const long end = now_ns() + SPIN_NS;
   for (unsigned i = 1; atomic_load_explicit(&pool.finished, memory_order_acquire) < chunks; i++) {
     cpu_relax();
-    if ((i & 63) == 0 && now_ns() > end) {
+    if ((i & 7) == 0 && now_ns() > end) {
       pthread_mutex_lock(&pool.mu);
       atomic_store(&pool.waiting, 1);
       while (atomic_load(&pool.finished) < chunks) pthread_cond_wait(&pool.done, &pool.mu);
