@@ -4,8 +4,8 @@ Every value says where it comes from. Three kinds of source:
 
 * [spec]      the WebGPU specification's default limits (https://www.w3.org/TR/webgpu/#limits,
               "Limit" table, default column), as kernels.runner.WEBGPU_DEFAULT_LIMITS holds them.
-* [measured]  seen on this project's machines (/work/shared/notes/PLATFORM.md: headless Chromium 156
-              with SwiftShader; lavapipe; an H100 through wgpu/Vulkan).
+* [measured]  seen on this project's machines (headless Chromium 156 with SwiftShader; lavapipe;
+              an H100 through wgpu/Vulkan).
 * [report]    published adapter reports (webgpureport.org entries for the named browser and GPU
               family) and browser release notes; quoted from memory of those pages, not re-fetched
               here -- re-check before relying on an exact value.
@@ -17,7 +17,7 @@ the profile or the adapter (lavapipe: 1024 invocations, 128 MiB bindings), so a 
 would break on that browser breaks here. Features are reported in the tab's capabilities; the
 kernels request none (no shader-f16, no subgroups), so a feature gap cannot break them.
 Memory caps the tab's weight budget (TabWorker.memory_bytes). Speed scales step time
-(TabWorker.slow_factor = 1 / speed; 1.0 = this host's full speed). `hidden` tabs compute slower
+(actors/faults.slow_down by 1 / speed; 1.0 = this host's full speed). `hidden` tabs compute slower
 and send heartbeats with a background tab's timer jitter (see HIDDEN below).
 """
 from __future__ import annotations
@@ -136,8 +136,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         limits=_limits(max_storage_buffer_binding_size=1 * GiB, max_buffer_size=1 * GiB),
         features=("subgroups", "timestamp-query"),
         memory_bytes=2 * GiB, speed=0.3,
-        sources={"limits": "[measured] PLATFORM.md: 1 GiB bindings, 256 invocations, no shader-f16",
-                 "speed": "[measured] PLATFORM.md: 1-1.5 GFLOP/s matvec vs 3.5-4 on lavapipe (x0.3)",
+        sources={"limits": "[measured] headless Chromium with SwiftShader: 1 GiB bindings, 256 invocations, no shader-f16",
+                 "speed": "[measured] SwiftShader: 1-1.5 GFLOP/s matvec vs 3.5-4 on lavapipe (x0.3)",
                  "memory": "[assumption]"}),
     Profile(
         "cpu-wasm", "any browser without WebGPU: WASM SIMD fallback",
@@ -145,13 +145,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         memory_bytes=2 * GiB, speed=0.25,
         sources={"limits": "no WebGPU adapter: the tab runs the CPU path (numpy stands in for WASM SIMD)",
                  "memory": "[report] wasm32 linear memory tops out at 4 GiB; [assumption] 2 GiB of weights",
-                 "speed": "[report] ANCHORS.md: wllama WASM ~3-4x slower than native CPU -> 0.25"}),
+                 "speed": "[report] wllama: WASM ~3-4x slower than native CPU -> 0.25"}),
 ]}
 
 # Hidden tabs. Chrome throttles a hidden page's main-thread timers (1/s after 5 min; once a
 # minute under intensive throttling: https://developer.chrome.com/blog/timer-throttling-in-chrome-88)
 # but not a dedicated Web Worker's, which is where the browser tab keeps its socket, heartbeat
-# and compute (PLATFORM.md). What remains is timer jitter and slower, lower-priority compute:
+# and compute (tab_worker/web/client.js). What remains is timer jitter and slower, lower-priority compute:
 HIDDEN = {
     "heartbeat_jitter_ms": 200,  # [assumption] each heartbeat up to this late (background scheduling)
     "speed_factor": 0.5,  # [assumption] a background tab's GPU/CPU work gets half the throughput

@@ -12,7 +12,7 @@ Fault hooks, callable while the tab serves: crash (the process exits), freeze (S
 seconds, then SIGCONT), slow (compute time x factor), partition (both directions dropped for D
 seconds, and no rejoin until it heals), evict (the socket closes with a reason; no reconnect),
 memory_pressure (the budget shrinks; the worker hands layers back with `refuse`), lie (every
-result gets relative noise of `factor` times its RMS -- TabWorker.liar -- until the coordinator's
+result gets relative noise of `factor` times its RMS -- actors/faults.py -- until the coordinator's
 spot check fences the tab; a fenced liar then leaves like an evicted tab instead of rejoining
 under a new worker id and lying again).
 """
@@ -28,12 +28,12 @@ import time
 
 import numpy as np
 
-from tab_worker.client import WorkerConnection
-from protocol.model_types import SessionSlice
-from tab_worker.worker import TabWorker, msg
-from protocol.errors import TabshardError
-
+from actors.faults import lie, lying, slow_down
 from actors.profiles import HIDDEN, Profile, get_profile
+from protocol.errors import TabshardError
+from protocol.model_types import SessionSlice
+from tab_worker.client import WorkerConnection
+from tab_worker.worker import TabWorker
 
 
 class TabGone(TabshardError):
@@ -45,72 +45,44 @@ class TabUnresponsive(TabshardError):
 
 
 # ---------------------------------------------------------------------- the worker as a browser would run it
-class SimTabWorker(TabWorker):
-    """TabWorker plus what a browser tab adds: pipelines built (and validated) at load, so a
-    kernel beyond the device's limits fails there and is refused back to the coordinator; a
-    hidden tab's heartbeat jitter."""
-
-    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, force_workgroup: int | None = None, **kw):
-        self._hb_base = 250
-        self.force_workgroup = force_workgroup
-        self.heartbeat_jitter_ms = heartbeat_jitter_ms
-        self._rng = random.Random(seed)
-        super().__init__(*a, **kw)
-        self.load_failures: list[str] = []
-
-    @property
-    def heartbeat_ms(self) -> float:  # the adapter's heartbeat loop reads this before every beat
-        return self._hb_base + (self._rng.random() * self.heartbeat_jitter_ms if self.heartbeat_jitter_ms else 0.0)
-
-    @heartbeat_ms.setter
-    def heartbeat_ms(self, value) -> None:
-        self._hb_base = value
-
-    def _finish_ready_assignments(self) -> list[dict]:
-        if self.force_workgroup and self.backend_name == "wgpu":
-            # the forced size applies to the kernels built for assigned ranges (calibration ran
-            # with the device's own tuning, so the tab joins and is planned first)
-            from kernels.runner import get_device
-
-            _force_workgroup(get_device(self.device_options.get("limits", "adapter")), int(self.force_workgroup))
-        out = []
-        for m in super()._finish_ready_assignments():
-            if m["type"] != "ready":
-                out.append(m)
-                continue
-            key = tuple(m["layers"])
-            try:  # the browser creates its pipelines at load: run one throwaway position
-                backend = self.ranges[key]
-                backend.forward([SessionSlice("__probe__", 0, 1)], np.zeros((1, backend.config.hidden), np.float32))
-                backend.drop_session("__probe__")
-                out.append(m)
-            except Exception as exc:
-                self.ranges.pop(key, None)
-                self.range_heads.pop(key, None)
-                self.range_blobs.pop(key, None)
-                self.load_failures.append(f"{type(exc).__name__}: {exc}"[:300])
-                # budget 0: the coordinator moves the stage and never plans this tab again
-                out.append(msg("refuse", reason="device_limits",
-                               detail={"assignment_id": m["assignment_id"], "budget": 0, "error": self.load_failures[-1]}))
-        return out
+def _build_pipelines_at_load(backend) -> None:
+    """A load check (TabWorker.load_checks): the browser creates its pipelines at load, so run
+    one throwaway position; a kernel beyond the device's limits fails here and the range is
+    refused back to the coordinator."""
+    backend.forward([SessionSlice("__probe__", 0, 1)], np.zeros((1, backend.config.hidden), np.float32))
+    backend.drop_session("__probe__")
 
 
 class _SimConnection(WorkerConnection):
-    """A partitioned tab does not rejoin until the partition heals: its hello would not get through.
-    A lying tab that the coordinator fences (close code 4000) does not rejoin at all."""
+    """The connection of a simulated tab, through WorkerConnection's hooks: a partitioned tab
+    drops every frame both ways and does not rejoin until the partition heals (its hello would
+    not get through); a lying tab that the coordinator fences (close code 4000) does not rejoin
+    at all; a hidden tab's heartbeats come with a background timer's jitter."""
 
     FENCED = 4000
     caught_at: float | None = None  # time.monotonic() when a lying tab was fenced
 
-    async def _session(self, ws) -> None:
+    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, **kw):
+        super().__init__(*a, **kw)
+        self.partitioned = threading.Event()
+        self.heartbeat_jitter_ms = heartbeat_jitter_ms
+        self._rng = random.Random(seed)
+
+    def delivers(self) -> bool:
+        return not self.partitioned.is_set()
+
+    async def before_hello(self) -> None:
         while self.partitioned.is_set():
             await asyncio.sleep(0.02)
-        try:
-            await super()._session(ws)
-        finally:
-            if self.worker.liar and ws.close_code == self.FENCED:
-                self.caught_at = time.monotonic()
-                self._stop.set()
+
+    def session_ended(self, close_code: int | None) -> None:
+        if lying(self.worker) and close_code == self.FENCED:
+            self.caught_at = time.monotonic()
+            self.stop()
+
+    def heartbeat_interval(self) -> float:
+        jitter = self._rng.random() * self.heartbeat_jitter_ms if self.heartbeat_jitter_ms else 0.0
+        return (self.worker.heartbeat_ms + jitter) / 1000
 
 
 def _enforce_pipeline_limits(dev) -> None:
@@ -203,14 +175,21 @@ class _TabActor:
             _enforce_pipeline_limits(get_device(device_options["limits"]))
         speed = float(profile.get("speed", 1.0)) * (HIDDEN["speed_factor"] if hidden else 1.0)
         self.base_slow = 1.0 / max(speed, 1e-3)
-        self.worker = SimTabWorker(name, backend=backend, token=token, memory_bytes=memory_bytes,
-                                   device_options=device_options,
-                                   profile={"name": profile.get("name"), "browser": profile.get("browser"),
-                                            "features": list(profile.get("features", ())), "hidden": hidden,
-                                            "speed": speed},
-                                   heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0, seed=seed,
-                                   force_workgroup=force_wg)
-        self.worker.slow_factor = self.base_slow
+        self.slow_factor = self.base_slow
+        self.worker = TabWorker(name, backend=backend, token=token, memory_bytes=memory_bytes, device_options=device_options,
+                                extra_capabilities={"profile": {
+                                    "name": profile.get("name"), "browser": profile.get("browser"),
+                                    "features": list(profile.get("features", ())), "hidden": hidden, "speed": speed}})
+        slow_down(self.worker, self.slow_factor)
+        self.worker.load_checks.append(_build_pipelines_at_load)
+        if force_wg and backend == "wgpu":
+            # the forced size applies to the kernels built for assigned ranges (the speed measurement ran
+            # with the device's own tuning, so the tab joins and is planned first)
+            def force() -> None:
+                from kernels.runner import get_device
+
+                _force_workgroup(get_device(self.worker.device_options.get("limits", "adapter")), int(force_wg))
+            self.worker.before_build.append(force)
         self.started = time.monotonic()
         self.loop = asyncio.new_event_loop()
         self.conn: _SimConnection | None = None
@@ -218,7 +197,8 @@ class _TabActor:
 
         def run():
             asyncio.set_event_loop(self.loop)
-            self.conn = _SimConnection(self.worker, url, reconnect=True)
+            self.conn = _SimConnection(self.worker, url, reconnect=True, seed=seed,
+                                       heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0)
             ready.set()
             self.loop.run_until_complete(self.conn.run())
 
@@ -236,7 +216,7 @@ class _TabActor:
                 "connected": self.conn.connected.is_set(), "sessions_joined": self.conn.sessions_joined,
                 "ranges": [list(r) for r in w.ranges], "held_bytes": w.held_bytes(), "memory_bytes": w.memory_bytes,
                 "steps": w.steps_served, "tokens": w.tokens_served, "bytes_received": w.bytes_received,
-                "slow_factor": w.slow_factor, "liar": w.liar, "caught_at": self.conn.caught_at,
+                "slow_factor": self.slow_factor, "liar": lying(w), "caught_at": self.conn.caught_at,
                 "rss_bytes": rss, "peak_rss_bytes": hwm,
                 "load_failures": list(w.load_failures), "backend": w.backend_name, "adapter": self.adapter_note}
 
@@ -251,12 +231,14 @@ class _TabActor:
                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def slow(self, factor: float, seconds: float | None = None) -> None:
-        self.worker.slow_factor = self.base_slow * float(factor)
+        self.slow_factor = self.base_slow * float(factor)
+        slow_down(self.worker, self.slow_factor)
         if seconds:
             threading.Timer(seconds, self._unslow).start()
 
     def _unslow(self) -> None:
-        self.worker.slow_factor = self.base_slow
+        self.slow_factor = self.base_slow
+        slow_down(self.worker, self.slow_factor)
 
     def partition(self, seconds: float) -> None:
         self.conn.partitioned.set()
@@ -276,11 +258,11 @@ class _TabActor:
             return refusals
 
         # on the compute thread, after any step in progress
-        return [m["detail"] for m in self.conn._exec.submit(shrink).result(60)]
+        return [m["detail"] for m in self.conn.in_compute_thread(shrink).result(60)]
 
     def lie(self, factor: float = 0.05) -> int:
         # read by the compute thread at the end of every step: the next result is already wrong
-        self.worker.liar = float(factor)
+        lie(self.worker, float(factor))
         return self.worker.steps_served
 
     def stop(self) -> None:

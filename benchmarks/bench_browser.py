@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):  # Mesa complains without one (PLATFORM.md)
+if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):  # Mesa complains without one
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
 sys.path.insert(0, str(ROOT))
 
@@ -46,7 +46,8 @@ PAGE_JS = """
 async ({cfg, keys, tokens, prompt, engines}) => {
   const { unpack_blob } = await import("/tab/static/weights.js");
   const { CpuBackend, JsEngine, WasmEngine } = await import("/tab/static/backend_cpu.js");
-  const { WebGpuDevice, WebGpuBackend, FUSE_MAX_ROWS } = await import("/tab/static/backend_webgpu.js");
+  const { WebGpuDevice, FUSE_MAX_ROWS } = await import("/tab/static/webgpu_device.js");
+  const { WebGpuBackend } = await import("/tab/static/backend_webgpu.js");
   const layers = {};
   for (const k of keys) {
     const b = unpack_blob(new Uint8Array(await (await fetch(`/bench/blob/${k}`)).arrayBuffer()));

@@ -12,19 +12,10 @@
   and N freezes (SIGSTOP), each replaced by a fresh worker.
 
 Reading the hop figures on a small VM: a process that has been idle for a while wakes slowly
-there (the 2-vCPU Firecracker VM this project is built on halts an idle vCPU). The echo hop
-measured 0.18 ms back to back but 1.06 ms when the worker had slept 20 ms first, and 0.36 ms
-with both pinned to one CPU kept busy by the sender; in a 4-stage pipeline each stage sleeps
-for the other three, so every hop pays two such wakes (coordinator and worker).
-Traced per hop in a 4-stage pipeline (medians, after the worker stopped handing quick decode
-steps to a thread): coordinator queues -> worker has the frame 0.30 ms, decode 0.08 ms, result
-computed -> coordinator has it 0.42 ms (encode + send + wake), coordinator's own processing
-0.24 ms: ~1.1 ms a hop beyond compute (was ~1.7 ms).
-Reading the sharding ratio: what moves it from round to round (0.80-0.99 within one run) is
-compute, not hops. The two vCPUs are unequal (the same 8-layer stage pinned: 8.3 ms on cpu0
-against 7.2 ms on cpu1, medians of four sittings) and the scheduler decides who runs where
-(one sampled 64-token stream each: the single worker ran 66 % of its time on cpu1, the four
-stages together 27 %); the summed stage compute of one token varies by +-4 ms between runs.
+there (a VM may halt an idle vCPU), and in a 4-stage pipeline each stage sleeps while the other
+three compute, so every hop pays two such wakes (coordinator and worker). Reading the sharding
+ratio: what moves it from round to round is compute, not hops (unequal vCPUs, and where the
+scheduler puts each stage). The figures themselves go to the benchmark history.
 """
 from __future__ import annotations
 
@@ -177,7 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--faults", type=int, default=20)
-    # one round's sharding ratio moves by +-0.07 on the 2-vCPU host (see the docstring): the
+    # one round's sharding ratio moves from round to round on a small host (see the docstring): the
     # median of 7 is the figure, and every round is printed and kept in the history
     ap.add_argument("--rounds", type=int, default=7, help="alternating rounds per ratio; the figure is their median")
     ap.add_argument("--json", action="store_true")

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from kernels.quant import QuantSpec, quantize_rtn  # noqa: E402
 from protocol.model_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
-from tab_worker.worker import synthetic_layer  # noqa: E402
+from model.synthetic import random_layer  # noqa: E402
 
 SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
                       rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2, bos_id=1)
@@ -47,7 +47,7 @@ SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim
 def synthetic_model(cfg: ModelConfig) -> ModelWeights:
     rng = np.random.default_rng(0)
     emb = quantize_rtn(rng.standard_normal((cfg.vocab, cfg.hidden), dtype=np.float32) * 0.05, QuantSpec(8, 32, True))
-    layers = [synthetic_layer(cfg, seed=i) for i in range(cfg.n_layers)]
+    layers = [random_layer(cfg, i) for i in range(cfg.n_layers)]
     return ModelWeights(cfg, emb, layers, HeadWeights(np.ones(cfg.hidden, np.float32), emb))
 
 

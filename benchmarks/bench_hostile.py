@@ -8,7 +8,7 @@ warm-up requests first), then, in this order:
             `ready` with the right digest, never answers a step) rejoins in a loop under fresh
             names from its own address; the first 10 s are its "learning" window, the figure is
             p50/p99 after them. Target: p99 <= 2x alone.
-  liar      the same requests while a tab that computes with noise (TabWorker.liar) is
+  liar      the same requests while a tab that computes with noise (actors.faults.lie) is
             connected: every answer's tokens must equal the alone ones.
   garbage   coordinator RSS before and after 1,000 oversized or garbage connection attempts
             (2 MB frames before a hello, 2 MB frames on /v1/stream, msgpack garbage, raw
@@ -46,10 +46,11 @@ from tabshard.cluster import LocalCluster  # noqa: E402
 JOIN = "bench-hostile"
 LIAR = f"""
 import asyncio, sys
+from actors.faults import lie
 from tab_worker.client import run_worker
 from tab_worker.worker import TabWorker
 w = TabWorker("liar", backend="numpy", token={JOIN!r})
-w.liar = 3.0  # noise of 3x the RMS of every result
+lie(w, 3.0)  # noise of 3x the RMS of every result
 asyncio.run(run_worker(sys.argv[1], w, reconnect=False))
 """
 
@@ -112,8 +113,8 @@ class Tarpit:
                     self.joins += 1
                 elif m["type"] == "error" and m["code"] == "backoff":
                     self.refused += 1
-                elif m["type"] == "calibrate":
-                    await ws.send(wire.encode(wire.make("calibration_result", step_ms=0.001)))
+                elif m["type"] == "measure":
+                    await ws.send(wire.encode(wire.make("measurement", step_ms=0.001)))
                 elif m["type"] == "assign":
                     shas = [c["sha256"] for c in m["chunks"]]
                     self.shas = sorted(set(self.shas) | set(shas))

@@ -77,7 +77,7 @@ async def generate(service, ids: list[int], max_tokens: int) -> tuple[list[int],
     tokens, stamps = [], []
     try:
         while True:
-            ev = await asyncio.wait_for(client.queue.get(), 900)  # a loaded 2-vCPU host has stalled minutes
+            ev = await asyncio.wait_for(client.queue.get(), 900)  # a loaded small host has stalled minutes
             if ev["type"] == "token":
                 tokens.append(ev["token_id"])
                 stamps.append(time.perf_counter())
@@ -132,7 +132,7 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
         for hop in hops:
             service.hop_ms = hop
             # arms paired prompt by prompt (off then on, then on then off for the next): on a
-            # shared 2-vCPU host the load moves over seconds, and a pair sees the same load
+            # shared small host the load moves over seconds, and a pair sees the same load
             per = {name: {"off": [], "on": []} for name in encoded}  # per round: (tokens, seconds, outputs)
             spec = {name: Speculator("prompt-lookup", max_k) for name in encoded}  # stats per prompt set
             mismatches = []

@@ -26,7 +26,7 @@ _RULES = {
     "replan_delay_ms": (int, 0, 60_000),
     "max_ctx": (int, 16, 1 << 20),  # positions of context a session may reach (prompt plus answer)
     "request_timeout_s": (float, 0.1, 3600.0),
-    "calibration_tokens": (int, 2, 256),  # decode steps a joining worker times to measure its speed
+    "measure_tokens": (int, 2, 256),  # decode steps a joining worker times to measure its speed
     "max_sessions": (int, 1, 100_000),  # generations at once; more are refused with 429
     "compute_dtype": (str, ("f32", "f16"), None),
     "workgroup_size": (int, 1, 4096),

@@ -1,6 +1,6 @@
 """A worker's lifecycle, as the coordinator sees it: one table of (state, event) -> next state.
 
-    joining -(hello)-> calibrating -(calibrated)-> idle -(assign)-> loading -(loaded)-> ready
+    joining -(hello)-> measuring -(measured)-> idle -(assign)-> loading -(loaded)-> ready
     ready -(missed_deadline)-> suspect -(answered | loaded)-> ready
     loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
     any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from protocol.format import ProtocolError
 
-STATES = ("joining", "calibrating", "idle", "loading", "ready", "suspect", "dead", "quarantined")
+STATES = ("joining", "measuring", "idle", "loading", "ready", "suspect", "dead", "quarantined")
 LIVE = STATES[:6]
 
 TRANSITIONS: dict[tuple[str, str], str] = {
-    ("joining", "hello"): "calibrating",
-    ("calibrating", "calibrated"): "idle",
+    ("joining", "hello"): "measuring",
+    ("measuring", "measured"): "idle",
     ("idle", "assign"): "loading",
     ("loading", "assign"): "loading",
     ("ready", "assign"): "loading",

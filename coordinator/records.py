@@ -12,6 +12,7 @@ from coordinator.lifecycle import next_state
 from coordinator.planner import WorkerCapacity
 from coordinator.speculation import Draft
 from model.sampling import SamplingParams
+from protocol.messages import DEFAULT_HEARTBEAT_MS
 
 LOCAL = "local"  # connection id of the coordinator's own compute worker
 
@@ -45,7 +46,7 @@ def check_session(session_id: str, layers: tuple) -> str:
 # ---------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class CoordinatorSettings:
-    heartbeat_ms: int = 250
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     dead_after_ms: int = 800  # silence before a worker is declared dead (<= 1 s detection)
     step_deadline_factor: float = 8.0  # x the worker's measured time for that step
     step_deadline_min_ms: int = 1500
@@ -60,7 +61,7 @@ class CoordinatorSettings:
     replan_delay_ms: int = 300  # let a burst of joins settle before re-planning
     max_ctx: int = 2048
     request_timeout_s: float = 30.0  # a request with no way to be served fails after this
-    calibration_tokens: int = 8
+    measure_tokens: int = 8
     max_sessions: int = 64
     prefix_cache_entries: int = 16  # prompts whose KV stays on the stages for reuse (0: off)
     prefix_min_tokens: int = 16  # shorter shared prefixes are not worth a fork
@@ -147,7 +148,7 @@ class Worker:
     address: str = ""  # the peer's network address: offenses are counted against it
     probation: bool = True  # until `probation_steps` of its steps proved right and in time
     proven_steps: int = 0
-    claimed_ms_per_layer: float | None = None  # what its calibration claimed (a bound, not a fact)
+    claimed_ms_per_layer: float | None = None  # what its measurement claimed (a bound, not a fact)
     # a step's cost relative to `rows x ms_per_layer` (1: a prompt row costs a decode step),
     # learned from its measured multi-row steps; deadlines and prompt chunks use it
     row_cost: float = 1.0

@@ -1,6 +1,6 @@
 """The coordinator as a pure state machine: fed decoded messages and the time, it returns actions.
 
-Everything that decides anything lives in this machine: joins and calibration, the plan, weight
+Everything that decides anything lives in this machine: joins and speed measurement, the plan, weight
 streaming, the pipelined scheduler (batching across sessions), spot checks and probation, failure
 detection, fencing and the explicit rebuild of a dead stage by replaying its stored inputs. The
 asyncio server (server.py) only moves bytes and clocks in and out; tests drive this class directly.

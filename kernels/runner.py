@@ -8,7 +8,7 @@ storage buffers in binding order. The Python side reads the Params field list fr
 itself, so a launcher passes ``name=value`` pairs and the layout lives in one place; a
 browser worker loads the very same files the same way.
 
-Hot path (PLATFORM.md): pipelines are built once per (kernel, overrides); bind groups and
+Hot path: pipelines are built once per (kernel, overrides); bind groups and
 params buffers once per launcher; a caller plans its launchers at a row count once
 (``Device.plan``: a list of native handles and grid sizes), replays the plan into one compute
 pass (``Device.execute``, which may cut it into a few command buffers submitted as they are

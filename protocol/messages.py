@@ -225,12 +225,16 @@ def _spec_name(spec: Spec) -> str:
 
 WORKER, COORDINATOR, CLIENT, ANY = "worker", "coordinator", "client", "any"
 
+# How often a worker sends a heartbeat until its welcome names the coordinator's own setting
+# (CoordinatorSettings.heartbeat_ms defaults to it too)
+DEFAULT_HEARTBEAT_MS = 250
+
 # Bounds on what peers send. Every number a worker reports feeds the planner, deadlines or
 # /status, every str and map may be stored for as long as the worker's record is kept: each has
 # a range or a size, so that a token holder can neither poison arithmetic nor fill memory.
 MAX_NAME = 128           # names, ids, codes, reasons
 MAX_TEXT = 4096          # an error's message
-MAX_PEER_MAP_BYTES = 16 << 10   # free-form maps (capabilities, calibration details, load...)
+MAX_PEER_MAP_BYTES = 16 << 10   # free-form maps (capabilities, measurement details, load...)
 MAX_BYTES_FIELD = 1 << 50       # byte counts and memory sizes
 MAX_LAYER = 1 << 20
 MAX_STEP_MS = 3_600_000.0       # an hour: any claim beyond is not a measurement
@@ -262,7 +266,7 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "capabilities": _CAPABILITIES,
         "resume": opt(_RESUME),
     }),
-    ("calibration_result", WORKER, {
+    ("measurement", WORKER, {
         "step_ms": Float(0.0, MAX_STEP_MS),
         "details": opt(Struct({"expansion": opt(Float(0.01, 1000.0)), "backend": opt(Str(64))},
                               max_bytes=MAX_PEER_MAP_BYTES)),
@@ -311,7 +315,7 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "heartbeat_ms": int,
         "epoch": int,
     }),
-    ("calibrate", COORDINATOR, {
+    ("measure", COORDINATOR, {
         "layers": opt(int),
         "tokens": opt(int),
     }),

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from protocol.messages import DEFAULT_HEARTBEAT_MS
+
 
 def _rss(pid: int | None = None) -> tuple[int, int]:
     rss = hwm = 0
@@ -49,7 +51,7 @@ def reference_tokens(model_path: str, prompt: str, max_tokens: int) -> dict:
 
 
 def run_in_tabs(model_path: str, tabs: int, tab_memory_bytes: int, prompt: str, max_tokens: int,
-                heartbeat_ms: int = 250, request_timeout_s: float = 3600, log_dir: str | None = None,
+                heartbeat_ms: int = DEFAULT_HEARTBEAT_MS, request_timeout_s: float = 3600, log_dir: str | None = None,
                 progress=lambda line: None) -> dict:
     """Serve `model_path` from `tabs` numpy simulated tabs of `tab_memory_bytes` each (Ray
     actors; the coordinator never computes) and stream one greedy request."""
@@ -61,7 +63,7 @@ def run_in_tabs(model_path: str, tabs: int, tab_memory_bytes: int, prompt: str, 
     log_dir.mkdir(parents=True, exist_ok=True)
     # slow steps are this run's nature, not a fault: a 7B stage takes seconds on a shared 2-core host
     (log_dir / "serve.toml").write_text(f"[serve]\nheartbeat_ms = {heartbeat_ms}\nstep_deadline_min_ms = 600000\n"
-                                        f"calibration_tokens = 2\nrequest_timeout_s = {request_timeout_s}\n")
+                                        f"measure_tokens = 2\nrequest_timeout_s = {request_timeout_s}\n")
     out: dict = {"model": model_path, "tabs": tabs, "tab_memory_mb": round(tab_memory_bytes / 2**20, 1),
                  "heartbeat_ms": heartbeat_ms}
     with ray_session():

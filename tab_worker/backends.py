@@ -1,5 +1,5 @@
 """Backend selection: `numpy`, `wgpu`, or `auto` (wgpu on a real GPU, numpy on CPU-only hosts,
-where numpy is several times faster than wgpu on lavapipe; see PLATFORM.md)."""
+where numpy is several times faster than wgpu on lavapipe: benchmarks/bench_kernels.py)."""
 from __future__ import annotations
 
 from protocol.errors import ConfigError, TabshardError

@@ -5,8 +5,8 @@ Heartbeats come from the event loop, not the compute thread, so a long step neve
 like a death. The exception is a decode step known to be quick (its range's last one took
 under a fifth of the heartbeat interval) arriving while the compute thread is idle: it runs
 on the event loop and its result is sent from there, because the two thread hand-offs (wake
-the compute thread, then wake the loop with the result) cost ~0.4 ms a hop, measured in a
-4-stage pipeline on this 2-vCPU host: a third of what a hop cost beyond compute.
+the compute thread, then wake the loop with the result) cost a sizeable part of what a hop
+costs beyond compute (benchmarks/bench_cluster.py measures the hop).
 
 The connection is re-made with backoff when it drops (a coordinator restart, or fencing after
 a freeze): the worker keeps its weight blobs and reports them in `hello`, so nothing is
@@ -26,7 +26,6 @@ import logging
 import random
 import signal
 import ssl
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import websockets
@@ -83,9 +82,28 @@ class WorkerConnection:
         self._stop = asyncio.Event()
         self.connected = asyncio.Event()
         self.sessions_joined = 0
-        # fault hooks (simulation): drop everything both ways while set
-        self.partitioned = threading.Event()
         self._ws = None
+
+    # ------------------------------------------------------------------ hooks
+    # Whoever runs this connection may override these (actors/tab.py's simulated tabs do: a
+    # network partition, a fenced liar that stays away, a hidden tab's timer jitter).
+    def delivers(self) -> bool:
+        """Whether frames get through now, both ways."""
+        return True
+
+    async def before_hello(self) -> None:
+        """Called on a fresh socket before the hello goes out."""
+
+    def session_ended(self, close_code: int | None) -> None:
+        """Called when a socket's session ends, with the coordinator's close code."""
+
+    def heartbeat_interval(self) -> float:
+        """Seconds until the next heartbeat: the coordinator's heartbeat_ms."""
+        return self.worker.heartbeat_ms / 1000
+
+    def in_compute_thread(self, fn):
+        """Run fn() on the thread that runs the worker's steps (so it never races one): a future."""
+        return self._exec.submit(fn)
 
     async def run(self) -> None:
         backoff = 0.1
@@ -191,6 +209,7 @@ class WorkerConnection:
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
         self._ws = ws
+        await self.before_hello()
         await ws.send(wire.encode(self.worker.hello()))
         self.sessions_joined += 1
 
@@ -217,21 +236,21 @@ class WorkerConnection:
             while True:
                 m = await outbox.get()
                 self._observe_out(m)
-                if not self.partitioned.is_set():
+                if self.delivers():
                     await ws.send(wire.encode(m, validate=False))
 
         async def heartbeats():
             seq = 0
             while True:
-                await asyncio.sleep(self.worker.heartbeat_ms / 1000)
+                await asyncio.sleep(self.heartbeat_interval())
                 seq += 1
-                if not self.partitioned.is_set():
+                if self.delivers():
                     outbox.put_nowait(self.worker.heartbeat(seq))
 
         tasks = [asyncio.create_task(writer()), asyncio.create_task(heartbeats())]
         try:
             async for data in ws:
-                if self.partitioned.is_set():
+                if not self.delivers():
                     continue
                 m = wire.decode(data)
                 self._observe_in(m)
@@ -239,7 +258,7 @@ class WorkerConnection:
                     self.connected.set()
                 if not in_thread and self.worker.is_quick_step(m, self.worker.heartbeat_ms / 5):
                     for r in answer(m):
-                        if outbox.empty() and not self.partitioned.is_set():
+                        if outbox.empty() and self.delivers():
                             await ws.send(wire.encode(r, validate=False))  # nothing queued would go first
                         else:
                             outbox.put_nowait(r)
@@ -251,6 +270,7 @@ class WorkerConnection:
         finally:
             for t in tasks:
                 t.cancel()
+            self.session_ended(ws.close_code)
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,22 +13,19 @@ import time
 
 import numpy as np
 
-from kernels.quant import QuantSpec, quantize_rtn
-from tab_worker.backends import forward_topk, make_backend, resolve_backend_name
-from protocol.model_types import LayerWeights, ModelConfig, SessionSlice
-from protocol.blobs import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
+from kernels.quant import QuantSpec
 from model.synthetic import random_layer
-from protocol.format import PROTOCOL_VERSION
+from protocol import wire
+from protocol.blobs import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
+from protocol.messages import DEFAULT_HEARTBEAT_MS
+from protocol.model_types import ModelConfig, SessionSlice
+from tab_worker.backends import forward_topk, make_backend, resolve_backend_name
 
 # bytes a backend holds per byte of packed weights: numpy (the CPU backend) computes on the
 # packed words, its tensors views of the kept blob (tab_worker/cpu_kernels.py); wgpu uploads
 # the packed words as they are
 EXPANSION = {"numpy": 1.2, "wgpu": 1.2}
 PROGRESS_S = 0.25  # the most often load_progress goes out while a blob is still arriving
-
-
-def msg(type_: str, **fields) -> dict:
-    return {"v": PROTOCOL_VERSION, "type": type_, **fields}
 
 
 def _is_decode_step(m: dict) -> bool:
@@ -44,16 +41,17 @@ def _is_decode_step(m: dict) -> bool:
 class TabWorker:
     def __init__(self, name: str, backend: str = "auto", token: str | None = None,
                  memory_bytes: int | None = None, device_options: dict | None = None,
-                 profile: dict | None = None, blob_store: dict[str, bytes] | None = None):
+                 extra_capabilities: dict | None = None, blob_store: dict[str, bytes] | None = None):
+        """extra_capabilities: more to report in hello's capabilities (a simulated tab's profile)."""
         self.name = name
         self.backend_name = resolve_backend_name(backend)
         self.token = token
         self.memory_bytes = memory_bytes or 4 << 30
         self.device_options = device_options or {}
-        self.profile = profile or {}
+        self.extra_capabilities = extra_capabilities or {}
         self.worker_id: str | None = None
         self.epoch = 0
-        self.heartbeat_ms = 250
+        self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
         self.blobs: dict[str, bytes] = blob_store if blob_store is not None else {}  # sha256 -> blob
         self._assembling: dict[str, BlobAssembler] = {}
         self._assignments: dict[int, dict] = {}  # assignment_id -> assign message, while loading
@@ -64,8 +62,18 @@ class TabWorker:
         self.steps_served = 0
         self.tokens_served = 0
         self.bytes_received = 0
-        self.slow_factor = 1.0  # fault injection and profiles scale compute time with this
-        self.liar = 0.0  # fault injection: noise added to every result, relative to its RMS (0: honest)
+        # Hooks for whoever runs this worker (actors/ wraps it as a simulated tab through them):
+        # result_filters: fn(step, reply) may change a step's reply before it is sent;
+        # compute_delay: fn(compute_s) -> seconds more each step (and speed measurement) takes, as on a
+        # slower device (steps then never run inline: is_quick_step);
+        # before_build: fn() runs before an assigned range's backend is built;
+        # load_checks: fn(backend) runs on a range just built; an exception refuses the range
+        # (a browser creates its pipelines at load, and a kernel beyond its limits fails there)
+        self.result_filters: list = []
+        self.compute_delay = None
+        self.before_build: list = []
+        self.load_checks: list = []
+        self.load_failures: list[str] = []
         self.decode_ms: dict[tuple[int, int], float] = {}  # range -> compute time of its last decode-sized step
         # load_progress goes out on an accepted assignment, on each completed blob, and between
         # those at most every PROGRESS_S of `clock` (never per chunk: a chunk is 1 MiB)
@@ -82,7 +90,7 @@ class TabWorker:
             "expansion": self.expansion,
             "platform": f"{platform.system()} {platform.machine()}",
             "cpus": os.cpu_count() or 1,
-            "profile": self.profile,
+            **self.extra_capabilities,
         }
         if self.backend_name == "numpy":  # which path its decode matmuls take (status() says why not compiled)
             from tab_worker.cpu_kernels import status
@@ -108,17 +116,17 @@ class TabWorker:
 
     def hello(self) -> dict:
         partial = {a.info.sha256: sorted(a.have) for a in self._assembling.values()}
-        return msg("hello", worker_name=self.name, token=self.token or "", capabilities=self.capabilities(),
+        return wire.make("hello", worker_name=self.name, token=self.token or "", capabilities=self.capabilities(),
                    resume={"have": sorted(self.blobs), "partial": partial, "worker_id": self.worker_id})
 
     def heartbeat(self, seq: int) -> dict:
-        return msg("heartbeat", seq=seq, load={"steps": self.steps_served, "ranges": [list(r) for r in self.ranges]})
+        return wire.make("heartbeat", seq=seq, load={"steps": self.steps_served, "ranges": [list(r) for r in self.ranges]})
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, m: dict) -> list[dict]:
         handler = getattr(self, f"on_{m['type']}", None)
         if handler is None:
-            return [msg("error", code="unexpected_type", field="type", message=f"a worker does not accept {m['type']!r}")]
+            return [wire.make("error", code="unexpected_type", field="type", message=f"a worker does not accept {m['type']!r}")]
         return handler(m) or []
 
     def on_welcome(self, m):
@@ -132,7 +140,7 @@ class TabWorker:
     def on_error(self, m):
         return None
 
-    def on_calibrate(self, m):
+    def on_measure(self, m):
         """Time one synthetic layer of the model's shape: the planner's measure of this worker."""
         cfg = ModelConfig.from_dict(m["model"])
         tokens = int(m.get("tokens") or 4)
@@ -141,23 +149,23 @@ class TabWorker:
         layer = random_layer(cfg, 0, spec=QuantSpec(4, 32, False))
         backend = make_backend(self.backend_name, cfg, {0: layer}, None, tokens + 1, **self.device_options)
         x = np.random.default_rng(0).standard_normal((1, cfg.hidden)).astype(np.float32)
-        backend.forward([SessionSlice("calibration", 0, 1)], x)  # warm-up (pipelines, caches)
+        backend.forward([SessionSlice("measure", 0, 1)], x)  # warm-up (pipelines, caches)
         steps = []
         for pos in range(1, max(tokens, 2)):
             t0 = time.perf_counter()
-            backend.forward([SessionSlice("calibration", pos, 1)], x)
+            backend.forward([SessionSlice("measure", pos, 1)], x)
             steps.append(time.perf_counter() - t0)
         # the fastest step: tabs of one host join together and preempt each other's steps (a
         # mean over a few 1-ms steps measured 1.4 to 8.9 ms/layer for 4 equal workers on 2 cores,
         # and the plan gave one of them 17 of 30 layers)
-        ms = min(steps) * 1000 * self.slow_factor
-        return [msg("calibration_result", step_ms=ms, details={"backend": self.backend_name, "tokens": tokens})]
+        ms = (min(steps) + (self.compute_delay(min(steps)) if self.compute_delay else 0.0)) * 1000
+        return [wire.make("measurement", step_ms=ms, details={"backend": self.backend_name, "tokens": tokens})]
 
     def on_assign(self, m):
         infos = [BlobInfo(**c) for c in m["chunks"]]
         need = sum(i.size for i in infos) * self.expansion
         if need > self.memory_bytes:
-            return [msg("refuse", reason="memory", detail={"assignment_id": m["assignment_id"], "needed": int(need), "budget": int(self.memory_bytes)})]
+            return [wire.make("refuse", reason="memory", detail={"assignment_id": m["assignment_id"], "needed": int(need), "budget": int(self.memory_bytes)})]
         self._assignments[m["assignment_id"]] = m
         for info in infos:
             if info.sha256 not in self.blobs and info.sha256 not in self._assembling:
@@ -168,12 +176,12 @@ class TabWorker:
     def on_weights_chunk(self, m):
         asm = self._assembling.get(m.get("blob") or "")
         if asm is None:
-            return [msg("weights_ack", chunk_id=m["chunk_id"], ok=True)]  # already complete: a resend
+            return [wire.make("weights_ack", chunk_id=m["chunk_id"], ok=True)]  # already complete: a resend
         try:
             data = bytes(m["data"])
             asm.add(m["chunk_id"], m["offset"], data, m["sha256"])
             self.bytes_received += len(data)
-            out = [msg("weights_ack", chunk_id=m["chunk_id"], ok=True, blob=asm.info.sha256)]
+            out = [wire.make("weights_ack", chunk_id=m["chunk_id"], ok=True, blob=asm.info.sha256)]
             if asm.info.key.startswith("layer:"):
                 self._progress_layer = int(asm.info.key[6:])
             if asm.complete:
@@ -184,7 +192,7 @@ class TabWorker:
                 out += self._load_progress()
             return out
         except BlobError as exc:
-            return [msg("weights_ack", chunk_id=m["chunk_id"], ok=False, error=str(exc), blob=asm.info.sha256)]
+            return [wire.make("weights_ack", chunk_id=m["chunk_id"], ok=False, error=str(exc), blob=asm.info.sha256)]
 
     def _load_progress(self) -> list[dict]:
         """Bytes held of the blobs that the pending assignments need (all of them, each counted
@@ -195,7 +203,7 @@ class TabWorker:
         got = sum(size if sha in self.blobs else self._assembling[sha].received_bytes if sha in self._assembling else 0
                   for sha, size in infos.items())
         self._progress_at = self.clock()
-        return [msg("load_progress", layer=self._progress_layer, received_bytes=got, total_bytes=sum(infos.values()))]
+        return [wire.make("load_progress", layer=self._progress_layer, received_bytes=got, total_bytes=sum(infos.values()))]
 
     def _finish_ready_assignments(self) -> list[dict]:
         out = []
@@ -219,10 +227,22 @@ class TabWorker:
             if self.backend_name == "numpy":
                 self._prune_dense()
                 options.update(shared=self._dense, shared_keys=keys)
-            self.ranges[key] = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **options)
+            for hook in self.before_build:
+                hook()
+            backend = make_backend(self.backend_name, cfg, layers, head, int(m.get("max_ctx") or cfg.context), **options)
+            try:
+                for check in self.load_checks:
+                    check(backend)
+            except Exception as exc:
+                self.load_failures.append(f"{type(exc).__name__}: {exc}"[:300])
+                # budget 0: the coordinator moves the stage and never plans this worker again
+                out.append(wire.make("refuse", reason="device_limits",
+                               detail={"assignment_id": aid, "budget": 0, "error": self.load_failures[-1]}))
+                continue
+            self.ranges[key] = backend
             self.range_heads[key] = head is not None
             self.range_blobs[key] = shas
-            out.append(msg("ready", assignment_id=aid, layers=list(key), checksum=sha256("".join(shas).encode()),
+            out.append(wire.make("ready", assignment_id=aid, layers=list(key), checksum=sha256("".join(shas).encode()),
                            corrections=corrections))
         return out
 
@@ -270,10 +290,10 @@ class TabWorker:
         key = (m["layer_start"], m["layer_end"])
         backend = self.ranges.get(key)
         if backend is None:
-            return [msg("error", code="not_assigned", field="layer_start", message=f"layers {key} are not held here", step_id=m["step_id"])]
+            return [wire.make("error", code="not_assigned", field="layer_start", message=f"layers {key} are not held here", step_id=m["step_id"])]
         slices = [SessionSlice(s["session_id"], int(s["start_pos"]), int(s["length"])) for s in m["sessions"]]
         t0 = time.perf_counter()
-        reply = msg("step_result", step_id=m["step_id"], epoch=m["epoch"])
+        reply = wire.make("step_result", step_id=m["step_id"], epoch=m["epoch"])
         want = int(m.get("want_topk") or 0)
         try:
             if self.range_heads.get(key) and want:
@@ -286,12 +306,11 @@ class TabWorker:
             else:
                 reply["output"] = backend.forward(slices, m["hidden"])
         except ValueError as exc:
-            return [msg("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
-        if self.liar:
-            self._lie(reply)
-        elapsed = time.perf_counter() - t0
-        if self.slow_factor > 1:
-            time.sleep(elapsed * (self.slow_factor - 1))
+            return [wire.make("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
+        for result_filter in self.result_filters:
+            result_filter(m, reply)
+        if self.compute_delay is not None:
+            time.sleep(self.compute_delay(time.perf_counter() - t0))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
         if _is_decode_step(m):
             self.decode_ms[key] = reply["compute_ms"]
@@ -301,23 +320,12 @@ class TabWorker:
     def is_quick_step(self, m: dict, budget_ms: float) -> bool:
         """Whether `m` is a decode step on a range whose last decode step took under budget_ms,
         so that an adapter may run it where it received it (no hand-off to a compute thread) and
-        still keep its heartbeats on time. Never under simulated slowness: that sleeps inside the
+        still keep its heartbeats on time. Never with a compute_delay: that sleeps inside the
         step, and a slow tab's heartbeats must keep flowing while it sleeps."""
-        if m.get("type") != "step" or self.slow_factor != 1.0 or not _is_decode_step(m):
+        if m.get("type") != "step" or self.compute_delay is not None or not _is_decode_step(m):
             return False
         last = self.decode_ms.get((m.get("layer_start"), m.get("layer_end")))
         return last is not None and last < budget_ms
-
-    def _lie(self, reply: dict) -> None:
-        """The "liar" fault: subtly wrong activations (or logits), of the right shape, finite:
-        noise of `liar` times the result's RMS."""
-        rng = np.random.default_rng(self.steps_served)
-        for key in ("topk_logits", "output"):
-            x = reply.get(key)
-            if x is not None and x.size:
-                scale = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
-                reply[key] = (x + self.liar * scale * rng.standard_normal(x.shape)).astype(np.float32)
-                return
 
     def on_drop_session(self, m):
         for backend in self.ranges.values():
@@ -343,7 +351,7 @@ class TabWorker:
             self.range_heads.pop(key, None)
             self.range_blobs.pop(key, None)
             self._prune_dense()
-            out.append(msg("refuse", reason="memory_pressure",
+            out.append(wire.make("refuse", reason="memory_pressure",
                            detail={"layer_start": key[0], "layer_end": key[1], "budget": self.memory_bytes}))
         return out
 
@@ -364,18 +372,3 @@ class TabWorker:
         used = {sha for key in self.ranges for sha in self.range_blobs.get(key, ())}
         for sha in [s for s in self._dense if s not in used]:
             del self._dense[sha]
-
-
-def synthetic_layer(cfg: ModelConfig, seed: int, spec: QuantSpec = QuantSpec(4, 32, False)) -> LayerWeights:
-    """A layer of the model's shape with deterministic pseudo-random weights."""
-    rng = np.random.default_rng(seed)
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-
-    def mat(n, k):
-        return quantize_rtn((rng.standard_normal((n, k), dtype=np.float32) * (1.0 / np.sqrt(k))), spec)
-
-    return LayerWeights(
-        attn_norm=np.ones(cfg.hidden, np.float32), wq=mat(q, cfg.hidden), wk=mat(kv, cfg.hidden), wv=mat(kv, cfg.hidden),
-        wo=mat(cfg.hidden, q), ffn_norm=np.ones(cfg.hidden, np.float32), w_gate=mat(cfg.ffn, cfg.hidden),
-        w_up=mat(cfg.ffn, cfg.hidden), w_down=mat(cfg.hidden, cfg.ffn),
-    )

@@ -84,10 +84,10 @@ def measure_native(profile, layers: int = 2, steps: int = 5) -> dict:
 
     from tab_worker.backends import make_backend
     from protocol.model_types import ModelConfig, SessionSlice
-    from tab_worker.worker import synthetic_layer
+    from model.synthetic import random_layer
 
     cfg = ModelConfig(**SMOLLM2)
-    weights = {i: synthetic_layer(cfg, seed=i) for i in range(layers)}
+    weights = {i: random_layer(cfg, i) for i in range(layers)}
     row = {"profile": profile.name, "browser": profile.browser, "source": "native-limits", "backend": profile.backend,
            "limits": dict(profile.limits)}
     try:

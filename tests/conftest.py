@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(getattr(pytest.mark, _KIND.get(item.path.name, "unit")))
 
-# Mesa prints an error at every start without a private runtime dir (PLATFORM.md)
+# Mesa prints an error at every start without a private runtime dir
 if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
 

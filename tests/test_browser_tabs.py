@@ -201,7 +201,8 @@ def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
 
 WEBGPU_PARITY_JS = """
 async ({fuseRuns}) => {
-  const { WebGpuDevice, WebGpuBackend } = await import("/tab/static/backend_webgpu.js");
+  const { WebGpuDevice } = await import("/tab/static/webgpu_device.js");
+  const { WebGpuBackend } = await import("/tab/static/backend_webgpu.js");
   const { unpack_blob } = await import("/tab/static/weights.js");
   const get = async (name) => new Uint8Array(await (await fetch(`/parity-files/${name}`)).arrayBuffer());
   const layers = {};
@@ -413,7 +414,7 @@ def test_wasm_fallback_without_unsafe_webgpu(cluster, playwright, browser, refer
 
 KERNEL_JS = """
 async ({cases}) => {
-  const { WebGpuDevice, runKernel } = await import("/tab/static/backend_webgpu.js");
+  const { WebGpuDevice, runKernel } = await import("/tab/static/webgpu_device.js");
   const gpu = await WebGpuDevice.create("default", location.origin);
   const T = {f32: Float32Array, u32: Uint32Array};
   const out = {limits: gpu.limits};

@@ -137,7 +137,7 @@ def test_bad_messages_are_refused_and_other_sessions_unharmed(cluster4, referenc
             await ws.send(wire.encode(wire.make("hello", worker_name="liar", token=cluster4.token, capabilities={"memory_bytes": 1})))
             while True:
                 m = wire.decode(await ws.recv())
-                if m["type"] == "calibrate":
+                if m["type"] == "measure":
                     break
             bad = wire.make("step_result", step_id=1, epoch=1, output=np.zeros((2, 3), np.float64).astype(np.float32))
             bad["output"] = "not a tensor"

@@ -78,7 +78,7 @@ def test_coordinator_weighs_the_head_by_its_parameters(smollm2_model):
     assert Coordinator._head_cost_layers(SimpleNamespace(config=smollm2_model.config)) == pytest.approx(8.0, abs=0.01)
 
 
-def test_calibration_reports_the_fastest_step(monkeypatch):
+def test_speed_measurement_reports_the_fastest_step(monkeypatch):
     """Sibling tabs preempt some of a joining tab's timed steps: the planner gets its own speed."""
     from tab_worker import worker as worker_module
     from tab_worker.worker import TabWorker
@@ -100,9 +100,9 @@ def test_calibration_reports_the_fastest_step(monkeypatch):
         return backend
 
     monkeypatch.setattr(worker_module, "make_backend", with_a_preempted_step)
-    [result] = TabWorker("t", backend="numpy").on_calibrate({"model": cfg.to_dict(), "tokens": 8})
+    [result] = TabWorker("t", backend="numpy").on_measure({"model": cfg.to_dict(), "tokens": 8})
     # a step of the tiny layer takes well under a millisecond; the mean of 7 would be over 40 ms
-    assert result["type"] == "calibration_result" and 0 < result["step_ms"] < 20
+    assert result["type"] == "measurement" and 0 < result["step_ms"] < 20
 
 
 def test_many_sessions_batch_and_stay_exact(weights, reference):

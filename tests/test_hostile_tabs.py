@@ -15,6 +15,7 @@ import msgpack
 import pytest
 import websockets
 
+from actors.faults import lie
 from protocol import wire
 from tabshard.cluster import LocalCluster
 
@@ -105,7 +106,7 @@ def test_bad_values_are_refused_at_the_edge_and_status_stays_json(cluster):
         assert got and got[0]["type"] == "error" and got[0]["field"] == field, got
         assert code == 1008 and "protocol error" in reason
     for step_ms in (float("nan"), float("inf"), -1.0):
-        got, code, _ = asyncio.run(exchange(worker_url(cluster), [hello(), wire.make("calibration_result", step_ms=step_ms)]))
+        got, code, _ = asyncio.run(exchange(worker_url(cluster), [hello(), wire.make("measurement", step_ms=step_ms)]))
         assert any(m["type"] == "error" and m["field"] == "step_ms" for m in got), got
     st = status_ok(cluster.base)
     json.dumps(st, allow_nan=False)  # what /status promises: strict JSON
@@ -119,7 +120,7 @@ def test_bad_values_are_refused_at_the_edge_and_status_stays_json(cluster):
 
 def test_long_prompt_evicts_nobody(cluster):
     """A 1,000-word prompt ended in 503 with 8 'slow worker evicted' (the coordinator's own
-    compute among them): deadlines came from an 8-token calibration."""
+    compute among them): deadlines came from an 8-token measurement."""
     before = status_ok(cluster.base)
     vocabulary = "apple river stone cloud green house music paper light water".split()
     words = " ".join(vocabulary[i % 10] for i in range(1000))
@@ -135,7 +136,7 @@ def test_long_prompt_evicts_nobody(cluster):
 def test_deadline_scales_with_rows_and_context_and_own_compute_stays():
     """The mechanism behind the test above, deterministic (state machine, fake clock): a 256-row
     prompt step at context ~1000 gets a deadline from the rows and positions it computes (was
-    max(1, rows / 8) x an 8-token calibration's step), and the coordinator's own compute, when
+    max(1, rows / 8) x an 8-token measurement's step), and the coordinator's own compute, when
     late, is never evicted (it was, and never came back)."""
     from coordinator.records import LOCAL, CoordinatorSettings
     from tests.harness import Net
@@ -159,7 +160,7 @@ def test_deadline_scales_with_rows_and_context_and_own_compute_stays():
     rows = sum(len(i.rows) for i in st.inflight.items)
     net.run()
     assert rows == 256
-    # what it was: max(1, rows / 8) decode steps of the calibrated speed (+ 20 ms for the head)
+    # what it was: max(1, rows / 8) decode steps of the measured speed (+ 20 ms for the head)
     old = core.settings.step_deadline_factor * (w.ms_per_layer * 6 * 256 / 8 + 20) / 1000
     assert prefill > 4 * old
 
@@ -205,8 +206,8 @@ class Tarpit:
                     self.joins += 1
                 elif m["type"] == "error" and m["code"] == "backoff":
                     self.refused += 1
-                elif m["type"] == "calibrate":
-                    await ws.send(wire.encode(wire.make("calibration_result", step_ms=0.001)))
+                elif m["type"] == "measure":
+                    await ws.send(wire.encode(wire.make("measurement", step_ms=0.001)))
                 elif m["type"] == "assign":
                     shas = [c["sha256"] for c in m["chunks"]]
                     self.shas = sorted(set(self.shas) | set(shas))
@@ -431,7 +432,7 @@ PROMPTS = ([5, 6, 7, 8], [9, 10, 11])
 
 class AbsurdTab(TabWorker):
     """Schema-valid but absurd claims: zero or a petabyte of memory, a 0 ms or an hour-long
-    calibration, an expansion of 0.01 or 1000; it computes honestly."""
+    measurement, an expansion of 0.01 or 1000; it computes honestly."""
 
     def __init__(self, name, memory, step_ms, expansion):
         super().__init__(name, backend="numpy")
@@ -440,8 +441,8 @@ class AbsurdTab(TabWorker):
     def capabilities(self):
         return {**super().capabilities(), "memory_bytes": self.absurd[0], "expansion": self.absurd[2]}
 
-    def on_calibrate(self, m):
-        out = super().on_calibrate(m)
+    def on_measure(self, m):
+        out = super().on_measure(m)
         out[0]["step_ms"] = self.absurd[1]
         return out
 
@@ -452,8 +453,8 @@ class TarpitTab(TabWorker):
     def capabilities(self):
         return {**super().capabilities(), "memory_bytes": 1 << 40}
 
-    def on_calibrate(self, m):
-        out = super().on_calibrate(m)
+    def on_measure(self, m):
+        out = super().on_measure(m)
         out[0]["step_ms"] = 0.001
         return out
 
@@ -505,7 +506,7 @@ class HostileCluster(RuleBasedStateMachine):
         self.net.workers[conn] = tab
         self.net.to_coordinator(conn, tab.hello())
         self.net.run()
-        self.net.advance(0.3)  # calibrated; planned or on trial
+        self.net.advance(0.3)  # measured; planned or on trial
 
     @rule()
     def honest(self):
@@ -523,7 +524,7 @@ class HostileCluster(RuleBasedStateMachine):
     @rule()
     def liar(self):
         tab = TabWorker(f"liar-{self.n}", backend="numpy")
-        tab.liar = 3.0
+        lie(tab, 3.0)
         self._join(tab)
 
     @rule(which=hs.integers(0, len(PROMPTS) - 1))
@@ -579,7 +580,7 @@ def test_a_tab_on_trial_holds_no_request_back(references):
     net.workers["pit"] = pit
     net.to_coordinator("pit", pit.hello())
     net.run()
-    net.advance(0.6)  # calibrated, its trial range loaded
+    net.advance(0.6)  # measured, its trial range loaded
     assert net.core.status(net.now)["workers"][-1]["trial"] is not None
     net.submit("r", PROMPTS[0], 6)
     net.advance(0.05)  # answers come at once on this fake clock: done, not held for the trial

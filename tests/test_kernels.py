@@ -517,7 +517,7 @@ def test_kernels_compile_in_chromium_tint():
 
 def test_layer_program_expressions_evaluate_alike_in_python_and_js():
     """Every expression of the layer program (kernels/layer_program.py) under SmolLM2's and a
-    tiny model's names, by the Python evaluator and by backend_webgpu.js's (node): the two
+    tiny model's names, by the Python evaluator and by webgpu_device.js's (node): the two
     backends must read one description the same way."""
     import json
     import shutil
@@ -555,7 +555,7 @@ def test_layer_program_expressions_evaluate_alike_in_python_and_js():
       const [program, configs, exprs] = JSON.parse(process.argv[2]);
       console.log(JSON.stringify(configs.map((c) => exprs.map((e) => evaluate(e, { ...programNames(program, c, 32, 5), wg: 64 })))));
     });"""
-    src = Path(__file__).resolve().parents[1] / "tab_worker" / "web" / "backend_webgpu.js"
+    src = Path(__file__).resolve().parents[1] / "tab_worker" / "web" / "webgpu_device.js"
     r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([LP.PROGRAM, configs, exprs])],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

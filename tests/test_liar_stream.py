@@ -1,6 +1,6 @@
 """A tab that lies, end to end over real sockets: a `tabshard serve` process on 127.0.0.1 and
 two Python tab workers joined over WebSocket (in this process, so the test can turn one into a
-liar mid-stream: TabWorker.liar, the same hook the simulation uses). The client streams over
+liar mid-stream: actors.faults.lie, the same hook the simulation uses). The client streams over
 /v1/stream; the tokens the liar changed come back withdrawn by a `rewind`, and what the client
 ends with is exactly the single-worker `generate` result, also when the liar is caught only
 after the last token went out ("done" waits for pending checks). A non-streaming request
@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 import websockets
 
+from actors.faults import lie
 from tab_worker.client import WorkerConnection
 from tab_worker.worker import TabWorker
 from protocol import wire
@@ -90,7 +91,7 @@ def test_liar_tokens_are_rewound_and_the_client_ends_exact(tmp_path, reference, 
                         ids.append(m["token_id"])
                         text += m["text"]
                         if len(ids) == 3:
-                            liar.liar = 3.0  # from here on, every result it returns is wrong
+                            lie(liar, 3.0)  # from here on, every result it returns is wrong
                     elif m["type"] == "rewind":
                         assert m["index"] < len(ids) and m["retract_chars"] <= len(text)
                         del ids[m["index"]:]
@@ -124,7 +125,7 @@ def test_liar_tokens_are_rewound_in_the_sse_stream(tmp_path, reference, smollm2_
         def on_text(piece):
             pieces.append(piece)
             if len(pieces) == 3:
-                liar.liar = 3.0
+                lie(liar, 3.0)
 
         # the demo's SSE reader (tabshard demo prints what it returns)
         text, usage = stream_chat(cluster.base, PROMPT, N, on_text, rewinds.append)

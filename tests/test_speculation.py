@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from actors.faults import lie
 from coordinator.speculation import AdaptiveK, Draft, DraftModel, PromptLookup, Speculator, decide_trip, lookup
 from protocol.model_types import SessionSlice
 from tab_worker.local import LocalCompute
@@ -207,7 +208,7 @@ def test_liar_at_the_head_is_caught_in_speculative_steps(weights, reference):
     net.run(until=lambda: len(net.tokens("r")) >= 3)
     victim = net.stage_conn(2)
     victim_id = net.core.conn_worker[victim]
-    net.workers[victim].liar = 0.01
+    lie(net.workers[victim], 0.01)
     run_until_done(net, ["r"], seconds=60)
     assert net.tokens("r") == reference
     assert net.core.workers[victim_id].state == "quarantined"

@@ -1,10 +1,11 @@
 """Untrusted results: spot-check verification of workers' steps (socket-free, tests/harness.py).
-A "liar" worker (TabWorker.liar: subtly perturbed activations of the right shape) is caught by
+A "liar" worker (actors.faults.lie: subtly perturbed activations of the right shape) is caught by
 recomputation on the coordinator's own worker, quarantined, and every session's KV recomputed
 from its tokens, so the streamed tokens stay exactly those of a single honest worker."""
 import numpy as np
 import pytest
 
+from actors.faults import lie
 from tab_worker.generate import LocalGenerator
 from tests.harness import start_net
 from tests.harness import run_until_done as run_until_done_in
@@ -69,7 +70,7 @@ def test_liar_is_caught_quarantined_and_tokens_stay_exact(weights, reference, vi
     net.run(until=lambda: len(net.tokens("r")) >= 5)
     victim = net.stage_conn(victim_stage)
     victim_id = net.core.conn_worker[victim]
-    net.workers[victim].liar = 0.01
+    lie(net.workers[victim], 0.01)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
     assert net.core.workers[victim_id].state == "quarantined"
@@ -87,7 +88,7 @@ def test_tokens_a_liar_changed_are_rewound_and_recomputed(weights, reference):
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     net.run(until=lambda: len(net.tokens("r")) >= 4)
     victim = net.stage_conn(1)
-    net.workers[victim].liar = 3.0
+    lie(net.workers[victim], 3.0)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
     rewinds = net.rewinds("r")
@@ -104,7 +105,7 @@ def test_done_waits_for_pending_checks_so_a_last_lie_is_rewound(weights, referen
     net = start(weights, 3, spot_check_fraction=1.0)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     net.run(until=lambda: len(net.tokens("r")) >= N_TOKENS - 1)
-    net.workers[net.stage_conn(1)].liar = 50.0
+    lie(net.workers[net.stage_conn(1)], 50.0)
     net.frozen.add("local")  # the verifier answers late (the coordinator's compute thread is busy)
     net.run()
     assert len(net.tokens("r")) == N_TOKENS and not net.done("r")  # the wrong last token is out, "done" is not
@@ -128,7 +129,7 @@ def test_finish_audit_catches_a_liar_no_sample_hit(weights, reference, victim_st
         net.run(until=lambda: len(net.tokens("r")) >= N_TOKENS - 1)
         victim = net.stage_conn(victim_stage)
         victim_id = net.core.conn_worker[victim]
-        net.workers[victim].liar = 50.0
+        lie(net.workers[victim], 50.0)
         run_until_done(net, ["r"])
         if not audit:  # the lie goes unnoticed (the head's noisy logits leave a greedy token as it was)
             assert net.core.counters["spot_checks"] == 0 and not any(e["kind"] == "liar_detected" for e in net.core.events)
@@ -161,7 +162,7 @@ def test_tokens_before_the_liar_joined_stay_confirmed(weights, reference):
     s = net.core.sessions["r"]
     assert s.touched[vid] == 0  # it computed the prompt: everything it touched is suspect
     s.touched[vid] = 6  # pretend it joined the session at token 6
-    net.workers[victim].liar = 0.01
+    lie(net.workers[victim], 0.01)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
     recompute = next(e for e in net.core.events if e["kind"] == "recompute")
@@ -173,7 +174,7 @@ def detection_delay(weights, seed, fraction=0.02, liar=0.01, sessions=4):
     net = start(weights, 3, spot_check_fraction=fraction, spot_check_seed=seed)
     victim = net.stage_conn(1)
     victim_id = net.core.conn_worker[victim]
-    net.workers[victim].liar = liar
+    lie(net.workers[victim], liar)
     lied_from = net.core.workers[victim_id].steps
     for round_ in range(40):
         rids = [f"r{round_}-{i}" for i in range(sessions)]
@@ -202,7 +203,7 @@ def test_replica_verifies_when_no_trusted_worker(weights, reference):
     net.run(until=lambda: len(net.tokens("r")) >= 3)
     st = next(s for s in net.core.stages if len(s.ready) > 1)
     victim = net.core.workers[st.primary].conn
-    net.workers[victim].liar = 0.01
+    lie(net.workers[victim], 0.01)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
     assert net.core.counters["spot_check_mismatches"] >= 1

@@ -42,7 +42,7 @@ def test_optional_fields_may_be_missing_or_nil():
 
 
 def test_float_fields_accept_ints_because_js_encodes_2_0_as_2():
-    assert decode(encode(make("calibration_result", step_ms=2)))["step_ms"] == 2
+    assert decode(encode(make("measurement", step_ms=2)))["step_ms"] == 2
 
 
 def test_unknown_extra_fields_pass_through():

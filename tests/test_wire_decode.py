@@ -90,7 +90,7 @@ BAD_FRAMES = [
     ("int_as_str", pack(make("heartbeat", seq="1")), None, "bad_field", "seq"),
     ("bool_as_int", pack(make("heartbeat", seq=True)), None, "bad_field", "seq"),
     ("int_as_bool", pack(make("weights_ack", chunk_id=1, ok=1)), None, "bad_field", "ok"),
-    ("float_as_str", pack(make("calibration_result", step_ms="3")), None, "bad_field", "step_ms"),
+    ("float_as_str", pack(make("measurement", step_ms="3")), None, "bad_field", "step_ms"),
     ("str_as_bin", pack(make("bye", reason=b"x")), None, "bad_field", "reason"),
     ("bytes_as_str", pack(make("weights_chunk", chunk_id=0, name="n", offset=0, total=1,
                                data="x", sha256="")), None, "bad_field", "data"),

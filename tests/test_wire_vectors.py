@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 
-from protocol import format, wire
+if __name__ == "__main__":  # run as a script (--write-vectors): the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from protocol import format, wire  # noqa: E402
 from protocol.format import ProtocolError
 from protocol.wire import decode, encode, make
 from tests.wire_samples import NUMPY_DTYPES, SAMPLES, VECTORS_DIR, assert_same, f32, hb, pack, sample_array
@@ -120,12 +124,12 @@ def vector_definitions():
         ("ext_type", "msgpack ext types are not part of the protocol",
          pack(hb(x=msgpack.ExtType(1, b"\x00"))), "malformed", None),
         # values a hostile tab sent (issue 16): each type-correct or storable, each refused
-        ("calibration_nan", "step_ms NaN: floats are finite",
-         pack(make("calibration_result", step_ms=float("nan"))), "bad_field", "step_ms"),
-        ("calibration_inf", "step_ms inf", pack(make("calibration_result", step_ms=float("inf"))),
+        ("measurement_nan", "step_ms NaN: floats are finite",
+         pack(make("measurement", step_ms=float("nan"))), "bad_field", "step_ms"),
+        ("measurement_inf", "step_ms inf", pack(make("measurement", step_ms=float("inf"))),
          "bad_field", "step_ms"),
-        ("calibration_negative", "step_ms below its range",
-         pack(make("calibration_result", step_ms=-1.0)), "bad_field", "step_ms"),
+        ("measurement_negative", "step_ms below its range",
+         pack(make("measurement", step_ms=-1.0)), "bad_field", "step_ms"),
         ("hello_memory_str", "capabilities.memory_bytes a str",
          pack(make("hello", worker_name="t", capabilities={"memory_bytes": "lots"})),
          "bad_field", "capabilities.memory_bytes"),

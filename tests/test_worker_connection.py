@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import websockets
 
+from actors.faults import slow_down
 from tab_worker.client import WorkerConnection
 from protocol import wire
 from tabshard.cluster import free_port
@@ -42,7 +43,7 @@ def test_quick_decode_steps_run_on_the_loop_and_answer_exactly():
     def recording(m):
         ran_on.append(threading.current_thread().name)
         if m["step_id"] == 4:  # from the next step on, this tab is slowed (the simulation's fault)
-            worker.slow_factor = 1.5
+            slow_down(worker, 1.5)
         return on_step(m)
 
     worker.on_step = recording
@@ -99,5 +100,5 @@ def test_is_quick_step_needs_a_measured_decode_step_under_budget():
     assert not worker.is_quick_step(prefill, 1e9)  # prefill rows
     other = dict(decode, layer_start=layers[0], layer_end=layers[1] + 1)
     assert not worker.is_quick_step(other, 1e9)  # another range
-    worker.slow_factor = 2.0
+    slow_down(worker, 2.0)
     assert not worker.is_quick_step(decode, 1e9)

@@ -3,8 +3,8 @@ run in milliseconds. (Real-model behaviour is covered against SmolLM2 elsewhere.
 import numpy as np
 
 from kernels.quant import QuantSpec, quantize_rtn
+from model.synthetic import random_layer
 from protocol.model_types import HeadWeights, ModelConfig, ModelWeights
-from tab_worker.worker import synthetic_layer
 
 TINY = ModelConfig(n_layers=6, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=96, vocab=300,
                    rope_base=10000.0, rms_eps=1e-5, context=256, eos_id=2, bos_id=1)
@@ -13,7 +13,7 @@ TINY = ModelConfig(n_layers=6, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, 
 def tiny_weights(config: ModelConfig = TINY, seed: int = 0) -> ModelWeights:
     rng = np.random.default_rng(seed)
     emb = quantize_rtn(rng.standard_normal((config.vocab, config.hidden)).astype(np.float32), QuantSpec(8, 32, True))
-    layers = [synthetic_layer(config, seed=seed * 1000 + i) for i in range(config.n_layers)]
+    layers = [random_layer(config, i, seed=seed) for i in range(config.n_layers)]
     for lw in layers:
         lw.attn_norm = (1 + 0.1 * rng.standard_normal(config.hidden)).astype(np.float32)
         lw.ffn_norm = (1 + 0.1 * rng.standard_normal(config.hidden)).astype(np.float32)

@@ -39,7 +39,7 @@ def f32(*values, shape=None):
 SAMPLES: dict[str, dict] = {
     "hello": make("hello", worker_name="tab-3", token="s3cret", capabilities={"f16": False,
                   "max_buffer": 1 << 30, "adapter": "SwiftShader"}, resume={"worker_id": "w7"}),
-    "calibration_result": make("calibration_result", step_ms=3.25, details={"gflops": 1.5}),
+    "measurement": make("measurement", step_ms=3.25, details={"gflops": 1.5}),
     "load_progress": make("load_progress", layer=4, received_bytes=1 << 20, total_bytes=3 << 20),
     "weights_ack": make("weights_ack", chunk_id=12, ok=False, error="sha256 mismatch"),
     "ready": make("ready", layers=[0, 1, 2, 3], checksum="ab12"),
@@ -52,7 +52,7 @@ SAMPLES: dict[str, dict] = {
     "bye": make("bye", reason="tab closed"),
     "error": make("error", code="bad_field", field="hidden", message="hidden must be f32"),
     "welcome": make("welcome", worker_id="w7", heartbeat_ms=1000, epoch=3),
-    "calibrate": make("calibrate", layers=2, tokens=8),
+    "measure": make("measure", layers=2, tokens=8),
     "assign": make("assign", assignment_id=1, layer_start=0, layer_end=15, include_head=False,
                    precision={"weights": "q4_1"}, model={"name": "SmolLM2-135M", "hidden": 576},
                    chunks=[{"chunk_id": 0, "name": "blk.0.attn_q.weight", "bytes": 1024}]),

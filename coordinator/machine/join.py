@@ -1,4 +1,4 @@
-"""Joins: a worker's hello (token, resume), its calibration, heartbeats, its refusals, its
+"""Joins: a worker's hello (token, resume), its speed measurement, heartbeats, its refusals, its
 leaving, and the errors it reports. Owns the worker registry's entries (Worker records).
 
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
@@ -33,20 +33,20 @@ class Join:
         self.events.append({"t": now, "kind": "join", "worker": wid, "name": w.name})
         return [
             Send(conn, wire.make("welcome", worker_id=wid, heartbeat_ms=self.settings.heartbeat_ms, epoch=w.epoch)),
-            Send(conn, wire.make("calibrate", model=self.config.to_dict(), tokens=self.settings.calibration_tokens, layers=1)),
+            Send(conn, wire.make("measure", model=self.config.to_dict(), tokens=self.settings.measure_tokens, layers=1)),
         ]
 
-    def _on_calibration_result(self, w: Worker, m: dict, now: float) -> list:
+    def _on_measurement(self, w: Worker, m: dict, now: float) -> list:
         w.ms_per_layer = max(float(m["step_ms"]), 1e-3)
         w.claimed_ms_per_layer = w.ms_per_layer
         details = m.get("details") or {}
-        w.caps["calibration"] = details  # e.g. a browser tab's measured engines and its choice
+        w.caps["measurement"] = details  # e.g. a browser tab's measured engines and its choice
         if isinstance(details.get("backend"), str):
             w.caps["backend"] = details["backend"]
         if isinstance(details.get("expansion"), (int, float)):
             w.caps["expansion"] = float(details["expansion"])
-        if w.state == "calibrating":
-            w.move("calibrated")
+        if w.state == "measuring":
+            w.move("measured")
         self._schedule_replan(now)
         return []
 

@@ -15,7 +15,7 @@ class Planning:
         self._replan_at = now + self.settings.replan_delay_ms / 1000
 
     def _live_workers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.alive and w.state not in ("joining", "calibrating")]
+        return [w for w in self.workers.values() if w.alive and w.state not in ("joining", "measuring")]
 
     def _head_cost_layers(self) -> float:
         """The head's decode cost in layers: decode streams every weight once per token, so

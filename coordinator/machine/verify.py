@@ -154,7 +154,7 @@ class Verification:
     def _verifier(self, st: Stage, w: Worker) -> Worker | None:
         """The coordinator's own worker (trusted, can load any range), else another ready holder."""
         local = self.workers.get(LOCAL)
-        if local is not None and local.alive and local.state not in ("joining", "calibrating"):
+        if local is not None and local.alive and local.state not in ("joining", "measuring"):
             return local
         for wid in st.holders:
             other = self.workers.get(wid)

@@ -1,4 +1,4 @@
-// The tab's page: starts the dedicated worker (worker.js, which owns the socket, the
+// The tab's page: starts the dedicated worker (client.js, which owns the socket, the
 // heartbeats and the compute) and shows what it reports. Nothing here is on the hot path,
 // so a hidden, throttled page does not slow the tab's serving.
 const params = new URLSearchParams(location.search);
@@ -54,7 +54,7 @@ function start() {
     memoryBytes: params.get("memory_mb") ? Math.round(Number(params.get("memory_mb")) * 2 ** 20) : null, base: location.origin,
   };
   const name = params.get("name") || `tab-${Math.random().toString(36).slice(2, 8)}`;
-  const worker = new Worker("/tab/static/worker.js", { type: "module" });
+  const worker = new Worker("/tab/static/client.js", { type: "module" });
   worker.onerror = (ev) => { phase("failed"); show(`The tab's worker failed to start: ${ev.message || "module error"}`, true); };
   worker.onmessage = (ev) => {
     const d = ev.data;
@@ -74,7 +74,7 @@ function start() {
       if (state.phase === "ready") show(`Serving layers ${$("layers").textContent} on ${d.stats.backend}.`);
     } else if (d.type === "connection") {
       state.connection = d;
-      if (d.state === "open") { phase("joined"); show("Connected; calibrating and waiting for an assignment…"); }
+      if (d.state === "open") { phase("joined"); show("Connected; measuring and waiting for an assignment…"); }
       else if (d.fatal) { phase("failed"); show(`The coordinator refused this tab: ${d.reason}. Check the join URL's token.`, true); }
       else { phase("reconnecting"); show(`Connection lost (${d.code}${d.reason ? `: ${d.reason}` : ""}); reconnecting…`, true); }
     } else if (d.type === "problem") {

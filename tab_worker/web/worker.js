@@ -1,16 +1,10 @@
 // The browser tab's worker: the same protocol steps, in the same order and with the same
-// names, as tab_worker/worker.py (TabWorker) and tab_worker/client.py (WorkerConnection).
-//
-// This file runs twice, as two dedicated workers, like client.py's event loop and compute
-// thread: role "socket" (started by the page) owns the WebSocket, the heartbeat timer and
-// reconnects; role "compute" (started by the socket worker) runs TabWorker.handle for each
-// message in arrival order. Heartbeats never wait for compute, so a long step is not a
-// death, and neither runs on the page's main thread, so a hidden tab is not throttled.
-import { decode, encode, make, Tensor, ProtocolError } from "./codec.js";
+// names, as tab_worker/worker.py (TabWorker). client.js runs it, as client.py runs that.
+import { make, Tensor } from "./codec.js";
+import { DEFAULT_HEARTBEAT_MS } from "./messages.js";
 import { BlobAssembler, BlobError, CHUNK_BYTES, sha256, unpack_blob } from "./weights.js";
 import { CpuBackend, JsEngine, WasmEngine } from "./backend_cpu.js";
 
-const ROLE = new URL(import.meta.url).searchParams.get("role") || "socket";
 // bytes a tab holds per byte of packed weights: the blob itself (kept for re-assignment)
 // plus the packed words again (WASM memory or GPU buffers) and f32 scales
 export const EXPANSION = { webgpu: 2.3, wasm: 2.5, js: 2.5 };
@@ -43,13 +37,13 @@ export class TabWorker {
     this.name = name;
     this.token = token;
     this.preference = backend;  // auto | webgpu | wasm | js
-    this.backend_name = null;  // chosen at calibration
+    this.backend_name = null;  // chosen when measuring its speed
     this.memory_budget = memoryBytes;
     this.limits_mode = limits;  // "adapter" or "default" (the spec's defaults: any conformant browser)
     this.base = base;
     this.worker_id = null;
     this.epoch = 0;
-    this.heartbeat_ms = 250;
+    this.heartbeat_ms = DEFAULT_HEARTBEAT_MS;
     this.blobs = new Map();  // sha256 -> Uint8Array
     this.cached = new Set();  // sha256 of blobs in the Cache API
     this._assembling = new Map();
@@ -92,7 +86,7 @@ export class TabWorker {
     };
     if (this.preference !== "wasm" && this.preference !== "js" && navigator.gpu) {
       try {
-        const { WebGpuDevice } = await import("./backend_webgpu.js");
+        const { WebGpuDevice } = await import("./webgpu_device.js");
         this.gpu = await WebGpuDevice.create(this.limits_mode, this.base);
         Object.assign(caps, this.gpu.describe());
         caps.webgpu = true;
@@ -141,7 +135,7 @@ export class TabWorker {
     let why = "";
     for (let i = 0; i < tries && !this.gpu && this.preference !== "wasm" && this.preference !== "js"; i++) {
       try {
-        const { WebGpuDevice } = await import("./backend_webgpu.js");
+        const { WebGpuDevice } = await import("./webgpu_device.js");
         this.gpu = await WebGpuDevice.create(this.limits_mode, this.base);
       } catch (err) {
         why = `${err.name || "Error"}: ${err.message}`;
@@ -250,20 +244,20 @@ export class TabWorker {
 
   // Time one synthetic layer of the model's shape on every engine this tab has; keep the
   // fastest. The measured figures go to the coordinator (details.measured_ms).
-  async on_calibrate(m) {
+  async on_measure(m) {
     const cfg = m.model, tokens = Number(m.tokens || 4);
     const layer = synthetic_layer(cfg);
     const x = new Float32Array(cfg.hidden).map((_, i) => Math.sin(i));
     for (const name of this.candidates()) {
       try {
         const be = await this.make_backend(name, cfg, { 0: layer }, null, tokens + 1);
-        await be.forward([{ session_id: "calibration", start_pos: 0, length: 1 }], x);  // warm-up
+        await be.forward([{ session_id: "measure", start_pos: 0, length: 1 }], x);  // warm-up
         // the fastest step, as the Python worker takes it: sibling tabs joining at once
         // preempt some steps, and the planner wants this engine's own speed
         let fastest = Infinity;
         for (let pos = 1; pos < Math.max(tokens, 2); pos++) {
           const t0 = performance.now();
-          await be.forward([{ session_id: "calibration", start_pos: pos, length: 1 }], x);
+          await be.forward([{ session_id: "measure", start_pos: pos, length: 1 }], x);
           fastest = Math.min(fastest, performance.now() - t0);
         }
         this.measured[name] = fastest;
@@ -276,7 +270,7 @@ export class TabWorker {
     const ok = Object.entries(this.measured).filter(([, ms]) => ms != null).sort((a, b) => a[1] - b[1]);
     if (!ok.length) throw new Error(`no compute engine works here: ${JSON.stringify(this.caps)}`);
     this._setBackendCaps(ok[0][0]);
-    return [make("calibration_result", { step_ms: ok[0][1], details: { backend: this.backend_name, tokens, measured_ms: this.measured,
+    return [make("measurement", { step_ms: ok[0][1], details: { backend: this.backend_name, tokens, measured_ms: this.measured,
       expansion: EXPANSION[this.backend_name], adapter: this.caps.adapter ?? null } })];
   }
 
@@ -471,7 +465,7 @@ export class TabWorker {
 }
 
 // A layer of the model's shape, packed a4g32 (the format of SmolLM2's layers), with
-// deterministic pseudo-random codes: calibration times it; its values do not matter.
+// deterministic pseudo-random codes: the speed measurement times it; its values do not matter.
 export function synthetic_layer(cfg) {
   let seed = 12345;
   const rnd = () => (seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0);
@@ -487,156 +481,4 @@ export function synthetic_layer(cfg) {
     wq: mat(qd, cfg.hidden), wk: mat(kv, cfg.hidden), wv: mat(kv, cfg.hidden), wo: mat(cfg.hidden, qd),
     w_gate: mat(cfg.ffn, cfg.hidden), w_up: mat(cfg.ffn, cfg.hidden), w_down: mat(cfg.hidden, cfg.ffn),
   };
-}
-
-// ====================================================================== compute role
-function computeMain() {
-  let worker = null;
-  let chain = Promise.resolve();
-  const post = (msg, transfer = []) => self.postMessage(msg, transfer);
-  const sendAll = (replies) => {
-    const frames = replies.map((r) => encode(r, { validate: false }));
-    post({ type: "send", frames }, frames.map((f) => f.buffer));
-    post({ type: "stats", stats: worker.stats() });
-  };
-  // the socket role leaves at once (the coordinator covers our ranges, as for any lost worker)
-  // and rejoins once the device is back or the tab has fallen back to the CPU engines
-  const lost = (reason) => {
-    post({ type: "device_lost", message: `WebGPU device lost (${reason}): leaving while it is rebuilt` });
-    chain = chain.then(async () => {
-      const r = await worker.recoverDevice(reason);
-      worker.watchDevice(lost);
-      post({ type: "device_ready", message: r.message, caps: worker.capabilities(), stats: worker.stats() });
-    }).catch((err) => post({ type: "fatal", message: `${err.name}: ${err.message}` }));
-  };
-  self.onmessage = (ev) => {
-    const d = ev.data;
-    if (d.type === "init") {
-      chain = chain.then(async () => {
-        worker = new TabWorker(d.name, d.options);
-        await worker.init();
-        worker.watchDevice(lost);
-        post({ type: "caps", caps: worker.capabilities(), stats: worker.stats() });
-      }).catch((err) => post({ type: "fatal", message: `${err.name}: ${err.message}` }));
-    } else if (d.type === "lose_device") {  // the page's test hook: what a driver reset does
-      worker?.gpu?.device.destroy();
-    } else if (d.type === "hello") {
-      chain = chain.then(() => sendAll([worker.hello()]));
-    } else if (d.type === "frame") {
-      chain = chain.then(async () => {
-        const m = decode(new Uint8Array(d.frame));
-        let replies;
-        try {
-          replies = await worker.handle(m);
-        } catch (err) {  // our bug: report it as an error message, keep serving
-          console.error(err);
-          replies = [make("error", { code: "worker_failure", field: null, message: `${err.name}: ${err.message}`, step_id: m.step_id ?? -1 })];
-          post({ type: "problem", message: `${m.type} failed: ${err.name}: ${err.message}` });
-        }
-        sendAll(replies);
-      }).catch((err) => post({ type: "problem", message: `${err.name}: ${err.message}` }));
-    }
-  };
-}
-
-// ====================================================================== socket role
-class WorkerConnection {
-  constructor(url, name, options) {
-    Object.assign(this, { url, name, options });
-    this.ws = null;
-    this.backoff = 100;
-    this.seq = 0;
-    this.timer = null;
-    this.stats = {};
-    this.stopped = false;
-    this.sessions_joined = 0;
-    this.compute = new Worker(new URL("./worker.js?role=compute", import.meta.url), { type: "module" });
-    this.compute.onmessage = (ev) => this.from_compute(ev.data);
-    this.compute.onerror = (ev) => this.show({ type: "fatal", message: `compute worker failed: ${ev.message || "error"}` });
-    this.compute.postMessage({ type: "init", name, options });
-  }
-
-  show(msg) { self.postMessage(msg); }
-
-  from_compute(d) {
-    if (d.type === "caps") {
-      this.stats = d.stats;
-      this.show({ type: "caps", caps: d.caps, stats: d.stats });
-      this.run();
-    } else if (d.type === "send") {
-      for (const f of d.frames) if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(f);
-    } else if (d.type === "stats") {
-      this.stats = d.stats;
-      this.show({ type: "stats", stats: d.stats, connected: this.ws?.readyState === WebSocket.OPEN });
-    } else if (d.type === "device_lost") {
-      this.paused = true;  // no rejoin until the compute role has a device (or a CPU engine) again
-      this.show({ type: "problem", message: d.message });
-      if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(4001, "WebGPU device lost");
-    } else if (d.type === "device_ready") {
-      this.paused = false;
-      this.stats = d.stats;
-      this.show({ type: "caps", caps: d.caps, stats: d.stats, rejoin: d.message });
-      if (!this.ws || this.ws.readyState === WebSocket.CLOSED) this.run();
-    } else {
-      this.show(d);  // problem / fatal
-    }
-  }
-
-  run() {
-    if (this.stopped || this.paused) return;
-    const ws = (this.ws = new WebSocket(this.url));
-    ws.binaryType = "arraybuffer";
-    ws.onopen = () => {
-      this.backoff = 100;
-      this.sessions_joined += 1;
-      this.compute.postMessage({ type: "hello" });
-      this.show({ type: "connection", state: "open", joins: this.sessions_joined });
-    };
-    ws.onmessage = (ev) => this.on_frame(ev.data);
-    ws.onclose = (ev) => {
-      clearInterval(this.timer);
-      this.timer = null;
-      const fatal = ev.code === 1008 && /token/.test(ev.reason);
-      this.show({ type: "connection", state: "closed", code: ev.code, reason: ev.reason, fatal });
-      if (fatal) { this.stopped = true; return; }  // a wrong token does not get better by retrying
-      setTimeout(() => this.run(), this.backoff * (1 + Math.random() * 0.2));
-      this.backoff = Math.min(this.backoff * 2, 5000);
-    };
-  }
-
-  on_frame(data) {
-    let m;
-    try {
-      m = decode(new Uint8Array(data));
-    } catch (err) {
-      if (err instanceof ProtocolError) { this.ws.send(encode(err.toMessage())); return; }
-      throw err;
-    }
-    if (m.type === "welcome") this.start_heartbeats(m.heartbeat_ms);
-    if (m.type === "error") this.show({ type: "problem", message: `coordinator: ${m.code}: ${m.message}` });
-    this.compute.postMessage({ type: "frame", frame: data }, [data]);
-  }
-
-  start_heartbeats(ms) {
-    clearInterval(this.timer);
-    this.timer = setInterval(() => {
-      if (this.ws?.readyState !== WebSocket.OPEN) return;
-      this.seq += 1;
-      const ranges = this.stats.ranges || [];
-      this.ws.send(encode(make("heartbeat", { seq: this.seq, load: { steps: this.stats.steps || 0, ranges } })));
-    }, ms);
-  }
-}
-
-function socketMain() {
-  self.onmessage = (ev) => {
-    const d = ev.data;
-    if (d.type === "start") self.connection = new WorkerConnection(d.url, d.name, d.options);
-    else if (d.type === "lose_device") self.connection?.compute.postMessage({ type: "lose_device" });
-  };
-}
-
-if (typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope) {
-  if (ROLE === "compute") computeMain();
-  else socketMain();
 }
