@@ -95,9 +95,9 @@ class CoordinatorProcess:
     """`tabshard serve` in a subprocess; every process is ours by PID."""
 
     def __init__(self, serve_args: list[str] | None = None, token: str = "sim-token", host: str = "127.0.0.1",
-                 log_path: str | None = None, model: str | None = None):
+                 log_path: str | None = None, model: str | None = None, port: int | None = None):
         self.host = host
-        self.port = free_port()
+        self.port = port or free_port()
         self.token = token
         self.serve_args = list(serve_args or [])
         self.model = model

@@ -1,4 +1,5 @@
-"""Start a coordinator and worker processes on 127.0.0.1 (demo, tests, benchmarks).
+"""Start a coordinator and worker processes on 127.0.0.1 (demo, tests, benchmarks): the
+coordinator is simulation.runtime.CoordinatorProcess, the workers `tabshard worker` processes.
 
 Every process is ours by PID: stop() ends exactly those, nothing else.
 """
@@ -10,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simulation.runtime import fetch_status, free_port, wait_for_status
+from simulation.runtime import CoordinatorProcess, free_port
 
 
 class LocalCluster:
@@ -23,9 +24,21 @@ class LocalCluster:
         self.serve_args = serve_args or []
         self.model = model
         self.log_dir = Path(log_dir) if log_dir else None
-        self.coordinator: subprocess.Popen | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.coord = CoordinatorProcess(self.serve_args, token, log_path=str(self.log_dir / "coordinator.log") if self.log_dir else None,
+                                        model=model, port=self.port)
         self.workers: list[subprocess.Popen] = []
         self._env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    @property
+    def coordinator(self) -> subprocess.Popen | None:
+        """The coordinator's process (a test may replace it with a restarted one)."""
+        return self.coord.proc
+
+    @coordinator.setter
+    def coordinator(self, proc: subprocess.Popen) -> None:
+        self.coord.proc = proc
 
     @property
     def base(self) -> str:
@@ -42,11 +55,7 @@ class LocalCluster:
         return open(self.log_dir / f"{name}.log", "wb")
 
     def start(self, timeout: float = 120) -> "LocalCluster":
-        cmd = [sys.executable, "-m", "tabshard.cli", "serve", "--port", str(self.port), "--token", self.token, *self.serve_args]
-        if self.model:
-            cmd += ["--model", self.model]
-        self.coordinator = subprocess.Popen(cmd, env=self._env, stdout=self._out("coordinator"), stderr=subprocess.STDOUT)
-        self.wait_for(lambda st: True, timeout, what="coordinator up")
+        self.coord.start(timeout)
         for _ in range(self.n_workers):
             self.add_worker()
         self.wait_for(lambda st: st["stages"] and all(s["holders"] and s["holders"][0] in s["ready"] for s in st["stages"])
@@ -66,10 +75,10 @@ class LocalCluster:
         return p
 
     def status(self) -> dict:
-        return fetch_status(self.base)
+        return self.coord.status()
 
     def wait_for(self, pred, timeout: float, what: str = "condition") -> dict:
-        return wait_for_status(self.base, self.coordinator, pred, timeout, what)
+        return self.coord.wait_for(pred, timeout, what)
 
     def stage_worker_pid(self, stage: int) -> int:
         """The PID of the worker process serving a stage (matched by the worker's name)."""
