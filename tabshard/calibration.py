@@ -4,8 +4,7 @@ the inputs of every linear layer, the Hessians X^T X GPTQ needs, perplexity and 
 Texts: tabshard/calibration_text.py builds them (issue 22): calibration from a mix of domains
 (Python docs, stdlib docstrings, changelogs), mixed precision scored on a slice of those
 domains held out from the Hessians, and evaluation on other domains (licenses, man pages,
-READMEs) whose text never reaches calibration, reported per domain. ``split_ids`` (head and
-tail of the Python docs) remains for callers that want one text.
+READMEs) whose text never reaches calibration, reported per domain.
 
 Perplexity is exp(mean negative log-likelihood) of every token of a window given the window's
 tokens before it (the first token of each window is context only).
@@ -18,7 +17,8 @@ re-runs GPTQ for the chosen plan layer after layer on the quantized layers' outp
 ``Calibrator(rotation=seed)`` does all of it in a rotated residual basis (tabshard/rotation.py).
 
 Sensitivity and mixed precision: a tensor's cost is estimated as alpha * proxy, where the proxy
-is its relative output error on calibration activations, tr(dW H dW^T) / tr(W H W^T), and alpha
+is its relative output error, tr(dW H dW^T) / tr(W H W^T), on the activations of calibration-
+domain text held out from the Hessians (``score_on``; GPTQ fits its own tokens), and alpha
 (per tensor type and probe format) converts proxy into measured loss: quantize ONE type in
 every layer at the probe, keep the rest source, measure the increase in NLL per token on
 held-out calibration-domain text, divide by the type's summed proxies (``Costs``). Measured
@@ -41,42 +41,11 @@ from kernels import reference as ref
 from kernels.quant import dequantize
 from protocol.model_types import LayerWeights, ModelConfig, ModelWeights
 
-EVAL_TOKENS = 8192
-CALIB_TOKENS = 4096
 WINDOW = 512
 # where each linear layer reads its input: the Hessian it is calibrated with
 TAP_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
           "w_gate": "ffn_in", "w_up": "ffn_in", "w_down": "down_in"}
 TAPS = ("attn_in", "o_in", "ffn_in", "down_in")
-
-
-def docs_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics.values())
-
-
-def split_ids(tokenizer, eval_tokens: int = EVAL_TOKENS, calib_tokens: int = CALIB_TOKENS,
-              text: str | None = None) -> tuple[list[int], list[int]]:
-    """(evaluation ids, calibration ids) from the Python docs: head and tail, disjoint."""
-    ids = _encode_cached(tokenizer, text if text is not None else docs_text())
-    if eval_tokens + calib_tokens > len(ids):
-        raise ValueError(f"the text has {len(ids)} tokens; {eval_tokens} + {calib_tokens} do not fit disjointly")
-    return ids[:eval_tokens], ids[len(ids) - calib_tokens:]
-
-
-_ENCODED: dict = {}
-
-
-def _encode_cached(tokenizer, text: str) -> list[int]:
-    """The docs are ~470k characters (seconds to tokenize): encode them once per process and
-    tokenizer (told apart by a probe encoding)."""
-    key = (type(tokenizer).__name__, getattr(tokenizer, "vocab_size", None),
-           tuple(tokenizer.encode("tabshard probe: def f(x): return ünï")), hash(text))
-    if key not in _ENCODED:
-        _ENCODED.clear()
-        _ENCODED[key] = tokenizer.encode(text)
-    return _ENCODED[key]
 
 
 def windows(ids, window: int = WINDOW) -> list[np.ndarray]:
@@ -280,6 +249,7 @@ class Calibrator:
         self._GPTQHessian = GPTQHessian
         self._cache: dict = {}
         self._sequential: dict = {}
+        self._scoring = None  # (per-layer, head) Hessians the proxy is measured on (score_on)
         self.seconds: dict = {}  # choice -> quantization seconds spent (summed over tensors)
         self.cache_dir = None
         if cache_dir:
@@ -468,9 +438,18 @@ class Calibrator:
             np.savez(f"{p}.{os.getpid()}.part.npz", n=t.n, k=t.k, q=t.qweight, s=t.scales, sec=spent)
             os.replace(f"{p}.{os.getpid()}.part.npz", p)
 
+    def score_on(self, ids) -> None:
+        """Measure ``proxy`` on the activations of ``ids`` (text held out from the Hessians)
+        instead of the calibration text's. GPTQ fits its own calibration tokens: there a 3-bit
+        tensor's error looks far smaller, next to a 4-bit one's, than on any other text, and a
+        plan scored so buys 3 bits where they cost most elsewhere."""
+        per_layer, head = hessians(self.dense, ids, self.window)
+        self._scoring = (per_layer, head)
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != "proxy"}
+
     def proxy(self, name: str, choice: str) -> float:
-        """Cheap cost of one tensor's quantization: its relative output error on calibration
-        activations, tr(dW H dW^T) / tr(W H W^T)."""
+        """Cheap cost of one tensor's quantization: its relative output error on the scoring
+        activations (``score_on``; by default the calibration text's), tr(dW H dW^T) / tr(W H W^T)."""
         from kernels.quantizers import output_error
 
         if choice == SOURCE and not self.rotated:
@@ -479,8 +458,17 @@ class Calibrator:
         if key not in self._cache:
             w = self.source_dense(name)
             t = self.quantized(name, choice)
-            self._cache[key] = output_error(w, t, self.hessian(name))
+            self._cache[key] = output_error(w, t, self._scoring_hessian(name))
         return self._cache[key]
+
+    def _scoring_hessian(self, name: str) -> np.ndarray:
+        scoring = self._scoring
+        if scoring is None:
+            return self.hessian(name)
+        if name in (EMBEDDING, HEAD):
+            return scoring[1]
+        _, i, t = name.split(".")
+        return scoring[0][int(i)][TAP_OF[{v: k for k, v in TYPE_OF.items()}[t]]]
 
     # ---------------------------------------------------------------- sequential GPTQ
 

@@ -1,10 +1,10 @@
 """Mixed precision: per-tensor formats chosen within a byte budget from measured sensitivity.
 
 A tensor's cost under a format is estimated as alpha * proxy (tabshard/calibration.py's
-``Calibrator.proxy``: its relative output error on calibration activations), where alpha, per
-tensor type and probe format, converts proxy into measured loss: quantize ONE type in every
-layer at the probe, keep the rest source, measure the increase in NLL per token on text held
-out from the Hessians (``Calibrator.sensitivity``). ``coordinator/precision.py`` then picks the
+``Calibrator.proxy``: its relative output error on the activations of text held out from the
+Hessians), where alpha, per tensor type and probe format, converts proxy into measured loss:
+quantize ONE type in every layer at the probe, keep the rest source, measure the increase in
+NLL per token on the same held-out text (``Calibrator.sensitivity``). ``coordinator/precision.py`` then picks the
 formats (a multiple-choice knapsack).
 """
 from __future__ import annotations
@@ -82,7 +82,9 @@ class Costs:
 
 
 def estimated_costs(cal: Calibrator, sens_ids, probes=PROBES, embedding_probe: str = EMBEDDING_PROBE) -> Costs:
-    """Measure every type's sensitivity at each probe on ``sens_ids`` (calibration text)."""
+    """Measure every type's sensitivity at each probe on ``sens_ids`` (calibration-domain text
+    held out from the Hessians), the proxies on the same text."""
+    cal.score_on(sens_ids)
     measured: dict = {}
     for i, probe in enumerate(probes):
         types = LINEAR_TYPES + ((EMBEDDING,) if i == 0 else ())
