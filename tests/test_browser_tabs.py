@@ -404,7 +404,7 @@ def test_wasm_fallback_without_unsafe_webgpu(cluster, playwright, browser, refer
         names = {p.evaluate("window.tabState.name") for p in browser._tabshard_pages if not p.is_closed()} | {"wasm-0", "py-0"}
         st = wait_plan(cluster, names)
         me = next(w for w in tab_workers(st) if w["name"] == "wasm-0")
-        assert me["backend"] == "wasm" and "wasm" in me["capabilities"]["calibration"]["measured_ms"]
+        assert me["backend"] == "wasm" and "wasm" in me["capabilities"]["measurement"]["measured_ms"]
         assert ws_tokens(cluster.base) == reference
         assert next(w for w in tab_workers(cluster.status()) if w["name"] == "wasm-0")["steps"] > 0
     finally:
