@@ -121,7 +121,7 @@ def needed_choices(cal, scheme: Scheme, formats=None) -> set:
     pairs = set()
     if scheme.linears.startswith("mixed@"):
         formats = tuple(formats or M.MIXED_FORMATS)
-        pairs |= {(n, c) for n in linears for c in formats + M.probes_for(formats)}
+        pairs |= {(n, c) for n in linears for c in formats + tuple(M.scored(f) for f in formats) + M.probes_for(formats)}
         pairs.add((C.EMBEDDING, M.EMBEDDING_PROBE))
     elif scheme.linears != C.SOURCE and not scheme.sequential:
         pairs |= {(n, scheme.linears) for n in linears}
