@@ -10,6 +10,13 @@ o 576x576, fused gate/up 3072x576, down 576x1536), timed for batches of M rows:
 * f32 blas:     x @ W.T over f32 weights dequantized once at load: the old numpy backend, which
                 held an f32 copy of every matrix (~7x the packed bytes).
 
+With --threads N (> 1) two more paths on N threads, and the same two ways of getting them:
+* kernel Nt:    PackedMatrix.apply(threads=N): the C pool (chunks of rows claimed by the caller
+                and persistent pthreads, what the CPU backend runs);
+* pyth Nt:      N Python threads (a ThreadPoolExecutor, ctypes dropping the GIL), each running
+                the 1-thread kernel on its contiguous 1/N of the rows;
+and deq+blas Nt (PackedMatrix._blas on N threads) for the long chunks.
+
 Rounds alternate the paths (each round times every path once on fresh inputs) so they see the
 same host load; the figures are medians over rounds. ms per stage and GB/s of the bytes each
 path streams. Appended to the benchmark history unless --no-history.
@@ -43,10 +50,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--spec", default="a4g32")
+    ap.add_argument("--threads", type=int, default=1, help="also time the threaded paths on this many threads")
     ap.add_argument("--no-history", action="store_true")
     a = ap.parse_args()
     status = cpu_kernels.status()
-    print(f"CPU backend: {cpu_kernels.describe()}")
+    print(f"CPU backend: {cpu_kernels.describe()}; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rng = np.random.default_rng(0)
     spec = QuantSpec.parse(a.spec)
     packed = [quantize_rtn(rng.standard_normal(s).astype(np.float32) * 0.05, spec) for _ in range(a.layers) for s in SHAPES]
@@ -65,6 +73,22 @@ def main() -> int:
              for isa in cpu_kernels.kernel_isas() if isa != "scalar"}
     paths["deq+blas"] = (lambda i, x: mats[i]._blas(x), pbytes)
     paths["f32 blas"] = (lambda i, x: x @ dense[i].T, fbytes)
+    n_t = a.threads
+    if n_t > 1 and status["kernel"]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = ThreadPoolExecutor(n_t - 1)
+        shares = [[cpu_kernels.PackedMatrix([t.rows(t.n * j // n_t, t.n * (j + 1) // n_t)]) for j in range(n_t)] for t in packed]
+
+        def py_threads(i, x):
+            futures = [ex.submit(m.apply, x, None, 1) for m in shares[i][1:]]
+            ys = [shares[i][0].apply(x, None, 1)] + [f.result() for f in futures]
+            return np.concatenate(ys, axis=1)
+
+        paths[f"kernel {n_t}t"] = (lambda i, x: mats[i].apply(x, threads=n_t) if x.shape[0] <= cpu_kernels.MAX_KERNEL_ROWS
+                                   else cpu_kernels.kernel_matmul(x, packed[i], threads=n_t), pbytes)
+        paths[f"pyth {n_t}t"] = (py_threads, pbytes)
+        paths[f"deq+blas {n_t}t"] = (lambda i, x: mats[i]._blas(x, n_t), pbytes)
     best = f"kernel {status['kernel']}"
     print(f"{a.layers}-layer {spec.name} stage: {pbytes * 1000:.0f} MB packed, {fbytes * 1000:.0f} MB as f32; "
           f"ms per stage (GB/s streamed), median of {a.rounds} alternating rounds")
@@ -81,6 +105,11 @@ def main() -> int:
         print(f"{rows:>5} {cols}   {ms['f32 blas'] / k:>13.2f}x   {ms['deq+blas'] / k:>13.2f}x", flush=True)
         figures += [(f"cpu_kernel.packed_stage_ms.{name.split()[0].replace('+', '_')}_{rows}_rows", v)
                     for name, v in ms.items() if name in (best, "deq+blas", "f32 blas")]
+        if n_t > 1 and f"kernel {n_t}t" in ms:
+            print(f"{'':>5} {n_t} threads: kernel (C pool) {k / ms[f'kernel {n_t}t']:.2f}x one thread, Python threads "
+                  f"{k / ms[f'pyth {n_t}t']:.2f}x; deq+blas {ms['deq+blas'] / ms[f'deq+blas {n_t}t']:.2f}x one thread")
+            figures += [(f"cpu_kernel.packed_stage_ms.{kind}_{n_t}t_{rows}_rows", ms[f"{name} {n_t}t"])
+                        for kind, name in (("kernel_pool", "kernel"), ("kernel_pythreads", "pyth"), ("deq_blas", "deq+blas"))]
     if not a.no_history:
         from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
 

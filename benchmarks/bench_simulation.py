@@ -1,6 +1,8 @@
 """Scale figures for simulated tabs (not CI: each takes minutes).
 
-    python benchmarks/bench_simulation.py tabs32              # 32 Ray-actor tabs joined and serving; memory
+    python benchmarks/bench_simulation.py tabs32 [--env K=V]  # 32 Ray-actor tabs joined and serving; memory:
+                                                            # peak RSS per tab, and RSS/PSS of all tabs sampled
+                                                            # while serving with the biggest tab by mapping
     python benchmarks/bench_simulation.py conns1000 [--seconds 300] [--conns 1000] [--procs 4]
                                                             # heartbeat-only connections; false detections,
                                                             # coordinator CPU and memory
@@ -60,7 +62,7 @@ def _rollup_kb(pid: int) -> dict:
     return out
 
 
-def _smaps_by_mapping(pid: int, top: int = 12) -> list[dict]:
+def _smaps_by_mapping(pid: int, top: int = 16) -> list[dict]:
     """One process's RSS and PSS per mapping (shared libraries by file name, anonymous memory
     as one line): what a tab's memory is made of."""
     rows: dict[str, dict] = {}
@@ -70,7 +72,11 @@ def _smaps_by_mapping(pid: int, top: int = 12) -> list[dict]:
             for line in f:
                 head = line.split()
                 if "-" in head[0] and not line[0].isupper():  # a mapping's header line
-                    path = head[5] if len(head) > 5 else "[anonymous]"
+                    path = head[5] if len(head) > 5 else ""
+                    if not path:  # anonymous regions by size: malloc arenas (64 MiB), BLAS buffers, arrays
+                        lo, hi = (int(v, 16) for v in head[0].split("-"))
+                        size = (hi - lo) >> 20
+                        path = f"[anonymous {size} MiB regions]" if size >= 8 else "[anonymous < 8 MiB regions]"
                     name = os.path.basename(path) if path.startswith("/") else path
                 elif head[0] in ("Rss:", "Pss:") and name is not None:
                     r = rows.setdefault(name, {"mapping": name, "rss_kb": 0, "pss_kb": 0})
@@ -81,6 +87,11 @@ def _smaps_by_mapping(pid: int, top: int = 12) -> list[dict]:
 
 
 def tabs32(args) -> dict:
+    for kv in args.env:  # before Ray starts: its raylet, and so every tab's process, inherits these
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--env takes KEY=VALUE, got {kv!r}")
+        os.environ[k] = v
     from simulation.scenario import run_scenario
 
     used0 = _meminfo_used_mb()
@@ -109,7 +120,7 @@ def tabs32(args) -> dict:
     rep = run_scenario(scn, out_dir="sim-out/tabs32", progress=progress)
     per_tab = [t for t in rep["tabs"]["per_tab"].values() if "peak_rss_mb" in t]
     serving = sum(1 for t in per_tab if t["held_weights_mb"] > 0)
-    return {"tabs": args.tabs, "alive": rep["tabs"]["alive_at_end"], "tabs_holding_layers": serving,
+    return {"tabs": args.tabs, "env": args.env, "alive": rep["tabs"]["alive_at_end"], "tabs_holding_layers": serving,
             "startup_s": rep["startup_s"], "passed": rep["passed"], "tokens_per_s": rep["tokens"]["per_s"],
             "tab_peak_rss_mb": {"min": min(t["peak_rss_mb"] for t in per_tab), "max": max(t["peak_rss_mb"] for t in per_tab),
                                 "total": round(sum(t["peak_rss_mb"] for t in per_tab), 1)},
@@ -273,6 +284,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("tabs32")
     a.add_argument("--tabs", type=int, default=32)
+    a.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set in this process before Ray starts, so every tab inherits it (e.g. MALLOC_ARENA_MAX=2, "
+                        "TABSHARD_CPU_THREADS=1); repeatable")
     b = sub.add_parser("conns1000")
     b.add_argument("--conns", type=int, default=1000)
     b.add_argument("--procs", type=int, default=4)

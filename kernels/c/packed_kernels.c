@@ -507,7 +507,10 @@ int pk_best_isa(void) {
 // token is 121 matmuls of 0.02-0.5 ms, and the Python between them (norms, rope, attention)
 // takes tens of microseconds. A helper that has just worked spins for up to SPIN_NS on the job
 // word (so the token's next matmul starts at once), then sleeps on a condition variable (an
-// idle worker costs no CPU). The caller computes too.
+// idle worker costs no CPU). The caller computes too. The alternative, Python threads each
+// running the one-thread kernel on a share of the rows (ctypes drops the GIL), pays a future and
+// two thread switches per matmul: at decode sizes it was slower than one thread, where the pool
+// was faster (benchmarks/bench_cpu_kernel.py --threads 2 times both, side by side).
 // The WASM build has no threads: WebAssembly threads need a SharedArrayBuffer, so a
 // crossOriginIsolated page (COOP/COEP headers) and one Web Worker per thread; the tab runs its
 // engine in a single Web Worker.
