@@ -22,12 +22,18 @@ KIND_OF_FILE = {
                 "test_openapi_fuzz.py", "test_tls_worker.py", "test_worker_cli.py", "test_worker_connection.py",
                 "test_docs.py"),
 }
+# single tests of another kind than their file's
+KIND_OF_TEST = {
+    "test_kernels.py::test_kernels_compile_in_chromium_tint": "browser",
+    "test_cpu_kernels.py::test_generate_says_which_path_and_works_without_a_compiler": "cluster",  # the CLI, twice
+}
 _KIND = {name: kind for kind, names in KIND_OF_FILE.items() for name in names}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        item.add_marker(getattr(pytest.mark, _KIND.get(item.path.name, "unit")))
+        kind = KIND_OF_TEST.get(f"{item.path.name}::{item.originalname}") or _KIND.get(item.path.name, "unit")
+        item.add_marker(getattr(pytest.mark, kind))
 
 # Mesa prints an error at every start without a private runtime dir
 if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
