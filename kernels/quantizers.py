@@ -74,10 +74,11 @@ def _sym_min(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return -scale * np.float32(1 << (spec.bits - 1))
 
 
-def fit_groups(g: np.ndarray, d: np.ndarray, spec: QuantSpec, refit: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def fit_groups(g: np.ndarray, d: np.ndarray, spec: QuantSpec, refit: int = 2, extra=()) -> tuple[np.ndarray, np.ndarray]:
     """Per-group (scale, min) for groups g [n, G, group] minimising sum_j d_j (w_j - ŵ_j)^2,
-    d [G, group] (or broadcastable) >= 0. Grid over shrink factors of the range, then
-    ``refit`` rounds of weighted least squares on the chosen codes. Returns f16-exact f32."""
+    d [G, group] (or broadcastable) >= 0. Grid over shrink factors of the range and the
+    ``extra`` (scale, min) [n, G] candidates, then ``refit`` rounds of weighted least squares on
+    the chosen codes. Returns f16-exact f32."""
     levels = (1 << spec.bits) - 1
     d = np.broadcast_to(np.asarray(d, np.float32), g.shape)
     best_err = np.full(g.shape[:2], np.inf, np.float32)
@@ -100,6 +101,8 @@ def fit_groups(g: np.ndarray, d: np.ndarray, spec: QuantSpec, refit: int = 2) ->
             m = _f16(lo * r)
             s = _f16((hi * r - m) / levels)
             cands.append((s, m))
+        if r == _SHRINK[0]:
+            cands += [(_f16(s), _sym_min(_f16(s), spec) if spec.symmetric else _f16(m)) for s, m in extra]
         for s, m in cands:
             q = _codes(g, s, m, spec)
             err = (d * (g - (s[..., None] * q + m[..., None])) ** 2).sum(-1)
@@ -218,7 +221,7 @@ class GPTQHessian:
         return GPTQHessian(hinv, order, _importance(np.maximum(diag, 0), k), dead, raw)
 
 
-def gptq(w: np.ndarray, h, spec: QuantSpec, block: int = 128, scales: tuple | None = None) -> QuantTensor:
+def gptq(w: np.ndarray, h, spec: QuantSpec, block: int = 128, scales: tuple | None = None, extra=()) -> QuantTensor:
     """GPTQ. ``h`` is X^T X [k, k] over calibration rows, or a prepared ``GPTQHessian``.
 
     Columns are visited in decreasing diag(H) ("act order": the most used inputs are quantized
@@ -233,7 +236,7 @@ def gptq(w: np.ndarray, h, spec: QuantSpec, block: int = 128, scales: tuple | No
     w[:, hs.dead] = 0
     g0 = _groups(w.astype(np.float32), spec.group)
     if scales is None:
-        scale, minimum = fit_groups(g0, _groups(hs.importance[None], spec.group)[0], spec)
+        scale, minimum = fit_groups(g0, _groups(hs.importance[None], spec.group)[0], spec, extra=extra)
     else:
         scale, minimum = scales
     s_cols = np.repeat(scale, spec.group, axis=1)[:, :k][:, hs.order].astype(np.float64)
@@ -349,13 +352,13 @@ def refit_scales(w: np.ndarray, t: QuantTensor, h: np.ndarray, ridge: float = 1e
     return s.astype(np.float32), (_sym_min(s, spec) if spec.symmetric else m).astype(np.float32)
 
 
-def gptq_refined(w: np.ndarray, h, spec: QuantSpec, rounds: int = 2) -> QuantTensor:
+def gptq_refined(w: np.ndarray, h, spec: QuantSpec, rounds: int = 2, extra=()) -> QuantTensor:
     """GPTQ, then ``rounds`` of: refit every group's scale/min to GPTQ's codes against the full
     H (``refit_scales``), and GPTQ again with those scales fixed (new codes, new error
     feedback). Each round is kept only if it lowers the output error on the calibration H."""
     hs = h if isinstance(h, GPTQHessian) else GPTQHessian.of(h, damping(spec.bits))
     w = np.asarray(w, np.float32)
-    best = gptq(w, hs, spec)
+    best = gptq(w, hs, spec, extra=extra)
     hraw = hs.h
 
     def err(t):
@@ -380,3 +383,22 @@ def _retile(t: QuantTensor, scales) -> QuantTensor:
     """``t``'s codes with other (scale, min)."""
     s, m = scales
     return from_codes(_codes_of(t), s, None if t.spec.symmetric else m, t.spec, t.k)
+
+
+def source_grid(src: QuantTensor, spec: QuantSpec) -> list:
+    """(scale, min) [n, groups of ``spec``] candidates that keep one source block exact: for a
+    group spanning several blocks of a finer asymmetric source (Q4_1 is a4g32), each block's
+    own grid. Empty when the source's blocks do not tile the target's groups."""
+    from kernels.quant import group_scales
+
+    if spec.symmetric or src.spec.symmetric or spec.group % src.spec.group or spec.bits != src.spec.bits:
+        return []
+    d, m = group_scales(src)
+    r = spec.group // src.spec.group
+    G = -(-src.k // spec.group)
+    pad = G * r - d.shape[1]
+    if pad > 0:
+        d = np.concatenate([d, d[:, -1:].repeat(pad, 1)], 1)
+        m = np.concatenate([m, m[:, -1:].repeat(pad, 1)], 1)
+    d, m = d[:, : G * r].reshape(src.n, G, r), m[:, : G * r].reshape(src.n, G, r)
+    return [(d[..., j], m[..., j]) for j in range(r)]

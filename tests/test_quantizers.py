@@ -96,6 +96,28 @@ def test_scale_refit_is_the_least_squares_fit_of_the_output(problem, spec):
     assert Q.output_error(w, Q.gptq_refined(w, h, spec), h) <= Q.output_error(w, t, h)
 
 
+def test_source_grid_candidates_keep_a_finer_source_exact():
+    """Requantizing a4g32 (Q4_1) to a4g64: where both 32-blocks of a group share one grid, that
+    grid is a candidate and the group comes out exact; elsewhere the candidates only add options."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    src = quantize_rtn(w, QuantSpec(4, 32, False))
+    d, m = group_scales(src)
+    codes = unpack_codes(src.qweight, 4).reshape(8, 4, 32)
+    codes[:4, 1] = codes[:4, 0][:, ::-1]  # rows 0-3: block 1 on block 0's grid
+    d[:4, 1], m[:4, 1] = d[:4, 0], m[:4, 0]
+    from kernels.quant import from_codes
+    src = from_codes(codes.reshape(8, 128), d, m, QuantSpec(4, 32, False), 128)
+    ws = dequantize(src)
+    spec = QuantSpec(4, 64, False)
+    g, ones = Q._groups(ws, 64), np.ones((2, 64), np.float32)
+    plain = Q._assemble(g, *Q.fit_groups(g, ones, spec), spec, 128)
+    grid = Q._assemble(g, *Q.fit_groups(g, ones, spec, extra=Q.source_grid(src, spec)), spec, 128)
+    np.testing.assert_array_equal(grid.dequantize()[:4, :64], ws[:4, :64])
+    assert werr(ws, grid, 1.0) <= werr(ws, plain, 1.0)
+    assert Q.source_grid(src, QuantSpec(3, 64, False)) == [] and Q.source_grid(src, QuantSpec(4, 64, True)) == []
+
+
 def test_scales_are_f16_exact_and_codes_optimal_for_them(problem):
     w, _ = problem
     spec = QuantSpec(3, 32, False)
