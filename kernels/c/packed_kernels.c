@@ -566,12 +566,14 @@ INLINE void cpu_relax(void) {
 // Claim and compute chunks of the job of generation gen until none is left (or the word has
 // moved on to a later job). fn and ctx were read after the word showed gen: a successful claim
 // proves the job is still that one, and it cannot end before the claimed chunk is finished.
-static void take_chunks(uint32_t gen, JobFn fn, const void *ctx) {
+static int take_chunks(uint32_t gen, JobFn fn, const void *ctx) {
   uint64_t w = atomic_load(&pool.job);
+  int taken = 0;
   for (;;) {
-    if (JOB_GEN(w) != gen || JOB_NEXT(w) >= JOB_TOTAL(w)) return;
-    if (!atomic_compare_exchange_weak(&pool.job, &w, w + (1u << 16))) continue;
+    if (JOB_GEN(w) != gen || JOB_NEXT(w) >= JOB_TOTAL(w)) return taken;
+    if (!atomic_compare_exchange_weak(&pool.job, &w, w + (1u << 16))) continue;  // w reloaded
     fn(ctx, JOB_NEXT(w));
+    taken++;
     if (atomic_fetch_add(&pool.finished, 1) + 1 == JOB_TOTAL(w) && atomic_load(&pool.waiting)) {
       pthread_mutex_lock(&pool.mu);
       pthread_cond_signal(&pool.done);
@@ -585,7 +587,10 @@ static void *pool_helper(void *arg) {
   // its index, and the generation when it was started (before the job it was started for)
   const int me = (int)((uintptr_t)arg & 0xffff);
   uint32_t seen = (uint32_t)((uintptr_t)arg >> 16);
-  int spin = 1;  // spin only after a job this helper took part in: an unused one just sleeps
+  // Spin only after a job in which this helper computed a chunk. One that found every chunk
+  // taken when it got a core (the host has no core to spare: its spinning would only take
+  // time from other work) sleeps until the next job instead, and so does an unused one.
+  int spin = 1;
   const long spin_ns = SPIN_NS;
   for (;;) {
     uint64_t w = atomic_load(&pool.job);
@@ -606,8 +611,7 @@ static void *pool_helper(void *arg) {
     seen = JOB_GEN(w);
     const JobFn fn = pool.fn;
     const void *ctx = pool.ctx;
-    spin = me < pool.threads;
-    if (spin) take_chunks(seen, fn, ctx);
+    spin = me < pool.threads && take_chunks(seen, fn, ctx) > 0;
   }
   return NULL;
 }
