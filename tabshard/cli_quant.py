@@ -47,7 +47,7 @@ DEFAULT_SCHEMES = (
 QUICK = {
     "source": "source",
     "4-bit": "gptq:a4g64",
-    "<=4.0 bpw": "mixed@4.0+fmt=s3g64/s4g64/s4g128/a4g64/source",
+    "<=4.0 bpw": "mixed@4.0+fmt=s3g64/a3g64/s4g64/s4g128/a4g64/source",
     "<=3.0 bpw": "mixed@3.0+rot+seq+fmt=a2g64/s3g64/s4g64/source",
     "<=2.5 bpw": "gptq:a2g64+seq",
 }

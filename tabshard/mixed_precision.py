@@ -23,9 +23,11 @@ def plan_bytes(cal: Calibrator, plan: dict) -> int:
 # Every format offered costs one GPTQ of every tensor. The 2-bit one is asymmetric a2g64 (2.5
 # bpw, a min per 64): on the held-out domains mixed@3.0+rot+seq measured 2.28/2.07/2.04x source
 # with it against 2.87/2.30/2.49x with symmetric s2g32 (benchmarks/quant_report_full.md). Then
-# 3-bit at 3.25 and 3.5 bpw, 4-bit at 4.25 and 4.5, and source (a rotated model's 8-bit
-# stand-in). No g128: SmolLM2's 576-wide inputs pad to 640, so s4g128 costs 4.58 bpw there.
-MIXED_FORMATS = ("gptq:a2g64", "gptq:s3g64", "gptq:a3g64", "gptq:s4g64", "gptq:a4g64", SOURCE)
+# 3-bit at 3.25 and 3.5 bpw (a3g64 took mixed@4.0 from 1.30x to 1.23x source on licenses),
+# 4-bit at 4.125 (s4g128: for 1536-wide ffn_down inputs; SmolLM2's 576-wide ones pad to 640,
+# 4.58 bpw, and the planner sees those bytes), 4.25 and 4.5, and source (a rotated model's
+# 8-bit stand-in).
+MIXED_FORMATS = ("gptq:a2g64", "gptq:s3g64", "gptq:a3g64", "gptq:s4g64", "gptq:s4g128", "gptq:a4g64", SOURCE)
 EMBEDDING_FORMATS = ("clip:s4g32", "clip:s4g64", SOURCE)
 
 
