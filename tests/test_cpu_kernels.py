@@ -132,6 +132,15 @@ def test_default_threads_is_the_affinity_or_the_environment(monkeypatch):
             cpu_kernels.default_threads()
     with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
         cpu_kernels.check_threads(0)
+    from tab_worker.backends import make_backend
+    from tests.tiny_model import tiny_weights
+
+    w = tiny_weights()
+    monkeypatch.setenv("TABSHARD_CPU_THREADS", "3")
+    assert make_backend("numpy", w.config, {0: w.layers[0]}, None, 16).threads == 3  # a CPU backend's default
+    assert make_backend("numpy", w.config, {0: w.layers[0]}, None, 16, threads=1).threads == 1
+    with pytest.raises(ValueError, match="threads must be"):
+        make_backend("numpy", w.config, {0: w.layers[0]}, None, 16, threads=0)
 
 
 @needs_kernel
