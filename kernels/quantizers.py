@@ -41,7 +41,7 @@ METHODS = ("rtn", "clip", "gptq", "hqq")
 DAMP = 0.01
 DAMP_BY_BITS = {4: 0.3}
 # what a cached quantized tensor depends on beyond its Hessian: bump when a quantizer changes
-VERSION = "refit2"
+VERSION = "refit2-grid"
 
 
 def damping(bits: int) -> float:
@@ -143,13 +143,14 @@ def _assemble(g: np.ndarray, scale: np.ndarray, minimum: np.ndarray, spec: Quant
     return from_codes(codes, scale, None if spec.symmetric else minimum, spec, k)
 
 
-def quantize_clip(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None) -> QuantTensor:
-    """Clipping/scale search per group; ``importance`` [k] weights the input columns."""
+def quantize_clip(w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None, extra=()) -> QuantTensor:
+    """Clipping/scale search per group; ``importance`` [k] weights the input columns; ``extra``:
+    more (scale, min) candidates (``source_grid``)."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
     g = _groups(w, spec.group)
     d = np.ones(g.shape[1:], np.float32) if importance is None else _groups(_importance(importance, k)[None], spec.group)[0]
-    s, m = fit_groups(g, d, spec)
+    s, m = fit_groups(g, d, spec, extra=extra)
     return _assemble(g, s, m, spec, k)
 
 

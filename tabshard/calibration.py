@@ -361,12 +361,14 @@ class Calibrator:
             return Q.quantize_rtn(w, spec) if method == "rtn" else Q.quantize_clip(w, spec, self.embedding_importance())
         if name == HEAD and method == "gptq":
             method = "clip"  # the head's 49k rows: importance-weighted clip, GPTQ's gain is small there
+        # a finer source's block grids as scale candidates (Q4_1 blocks inside an a4g64 group)
+        grid = [] if self.rotated or name == HEAD else Q.source_grid(self.source_tensor(name), spec)
         if method == "gptq":
-            return Q.gptq_refined(w, hessian if hessian is not None else self._prepared_hessian(name, spec.bits), spec)
+            return Q.gptq_refined(w, hessian if hessian is not None else self._prepared_hessian(name, spec.bits), spec, extra=grid)
         if method == "clip":  # importance-weighted (diag of the Hessian)
             h = self.hessian(name) if hessian is None else None
             imp = np.diag(h) if h is not None else hessian.importance
-            return Q.quantize_clip(w, spec, imp)
+            return Q.quantize_clip(w, spec, imp, extra=grid)
         return Q.quantize(w, spec, method)
 
     def quantize_many(self, pairs, workers: int) -> None:
