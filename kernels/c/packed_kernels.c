@@ -523,6 +523,7 @@ int pk_best_isa(void) {
 #define POOL_MAX 64
 #define SPIN_NS 200000L
 #define CHUNK_BYTES 32768
+#define MISSES_BEFORE_SLEEP 4
 
 typedef void (*JobFn)(const void *ctx, size_t chunk);
 
@@ -587,10 +588,11 @@ static void *pool_helper(void *arg) {
   // its index, and the generation when it was started (before the job it was started for)
   const int me = (int)((uintptr_t)arg & 0xffff);
   uint32_t seen = (uint32_t)((uintptr_t)arg >> 16);
-  // Spin only after a job in which this helper computed a chunk. One that found every chunk
-  // taken when it got a core (the host has no core to spare: its spinning would only take
-  // time from other work) sleeps until the next job instead, and so does an unused one.
-  int spin = 1;
+  // Spin only while this helper computes chunks: one that found every chunk taken when it
+  // got a core, MISSES_BEFORE_SLEEP jobs in a row (the host has no core to spare: its spinning
+  // would only take time from other work), sleeps until the next job instead, and so does an
+  // unused one. One miss alone (a preempted moment) does not stop it.
+  int spin = 1, misses = 0;
   const long spin_ns = SPIN_NS;
   for (;;) {
     uint64_t w = atomic_load(&pool.job);
@@ -611,7 +613,12 @@ static void *pool_helper(void *arg) {
     seen = JOB_GEN(w);
     const JobFn fn = pool.fn;
     const void *ctx = pool.ctx;
-    spin = me < pool.threads && take_chunks(seen, fn, ctx) > 0;
+    if (me >= pool.threads) {
+      spin = 0;
+      continue;
+    }
+    misses = take_chunks(seen, fn, ctx) > 0 ? 0 : misses + 1;
+    spin = misses < MISSES_BEFORE_SLEEP;
   }
   return NULL;
 }
