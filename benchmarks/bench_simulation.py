@@ -34,14 +34,33 @@ def _meminfo_used_mb() -> float:
 ROLLUP_FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous", "Shared_Clean", "Private_Dirty")
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _descends_from_us(pid: int) -> bool:
+    """This run's Ray (its raylet a child of this process) started the process: other Rays on a
+    shared host run tabs of their own."""
+    me = os.getpid()
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == me:
+                return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _tab_pids() -> list[int]:
-    """The simulated tabs' processes: Ray titles an actor's worker process `ray::_TabActor...`."""
+    """This run's simulated tabs: Ray titles an actor's worker process `ray::_TabActor...`."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if f.read(64).startswith(b"ray::_TabActor"):
+                    if f.read(64).startswith(b"ray::_TabActor") and _descends_from_us(int(d)):
                         pids.append(int(d))
             except OSError:
                 pass
