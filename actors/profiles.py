@@ -3,7 +3,7 @@
 Every value says where it comes from. Three kinds of source:
 
 * [spec]      the WebGPU specification's default limits (https://www.w3.org/TR/webgpu/#limits,
-              "Limit" table, default column), as kernels.runner.WEBGPU_DEFAULT_LIMITS holds them.
+              "Limit" table, default column), as kernels.limits.WEBGPU_DEFAULT_LIMITS holds them.
 * [measured]  seen on this project's machines (headless Chromium 156 with SwiftShader; lavapipe;
               an H100 through wgpu/Vulkan).
 * [report]    published adapter reports (webgpureport.org entries for the named browser and GPU
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from kernels.runner import WEBGPU_DEFAULT_LIMITS
+from kernels.limits import WEBGPU_DEFAULT_LIMITS
 from protocol.errors import ConfigError
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -301,6 +301,10 @@ class SimulatedTab:
         # a GPU tab: Ray reserves (a share of) a GPU, and the actor computes on that GPU's adapter
         options = {**(actor_options or {}), **({"num_gpus": float(num_gpus)} if num_gpus else {})}
         device_options = {**(device_options or {}), **({"adapter": adapter} if adapter is not None else {})}
+        if self.backend == "numpy":
+            # one thread, as a tab's WASM engine has (one Web Worker); dozens of simulated tabs share
+            # a few cores, where the packed kernel's thread pool would only contend
+            device_options.setdefault("threads", 1)
         self._actor = _remote().options(**options).remote(
             name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed)
         self.killed = False

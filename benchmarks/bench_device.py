@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from kernels.quant import QuantSpec, quantize_rtn  # noqa: E402
 from protocol.model_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
 from model.synthetic import random_layer  # noqa: E402
+from device_measures import copy_gbps, gpu_bound_ms, variant_tuning, warm_up  # noqa: E402  (beside this file)
 
 SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
                       rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2, bos_id=1)
@@ -296,106 +297,6 @@ def weight_bytes(weights: ModelWeights) -> int:
     """Packed bytes a decode step reads: every layer's linears and the head."""
     total = sum(getattr(layer, m).nbytes for layer in weights.layers for m in type(layer).MATRICES)
     return total + (weights.head.output.nbytes if weights.head else 0)
-
-
-def variant_tuning(dev, variant: str):
-    """(MatmulTuning, backend options) of a --variants name."""
-    import dataclasses
-    import re
-
-
-    from kernels import launchers as KL
-
-    base = KL.matmul_tuning(dev)
-    if variant == "wgpu":
-        return base, {}
-    if variant == "wgpu-unfused":
-        return base, {"fuse_decode": False}
-    if variant == "wgpu-blocks":
-        return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
-    m = re.fullmatch(r"wgpu-mm(\d+)", variant)
-    if m:  # qmatmul (tiled) above this many rows
-        return base, {"matvec_max_rows": int(m.group(1))}
-    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
-    if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO[tT][wW]")
-    extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
-    if m.group(4):
-        extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))
-    return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2)), **extra), {}
-
-
-# a plain vec4 copy: what a compute shader moves through memory (the copy command may not use the SMs)
-COPY_WGSL = """
-@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
-@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-  let i = gid.x + gid.y * nw.x * 256u;
-  if (i < arrayLength(&src)) {
-    dst[i] = src[i];
-  }
-}
-"""
-
-
-def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> dict:
-    """The device's own copy bandwidth, bytes read + written per second (GB/s), by the copy
-    command and by a vec4 compute copy: ``reps`` copies of nbytes in one submission, the best
-    of ``rounds`` after a warm-up round."""
-    src, dst = dev.buffer(nbytes, "copy.src"), dev.buffer(nbytes, "copy.dst")
-    dev.write(src, np.arange(nbytes // 4, dtype=np.uint32))  # not zeros
-    pipe = dev.device.create_compute_pipeline(layout="auto", compute={
-        "module": dev.device.create_shader_module(code=COPY_WGSL), "entry_point": "main"})
-    bg = dev.bind_group(pipe, [src, dst])
-    groups = -(-nbytes // (16 * 256))
-    gx = min(groups, 65535)
-    out = {}
-    for how in ("command", "shader"):
-        best = float("inf")
-        for r in range(rounds + 1):
-            enc = dev.encoder()
-            if how == "command":
-                for _ in range(reps):
-                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
-            else:
-                cpass = enc.begin_compute_pass()
-                cpass.set_pipeline(pipe)
-                cpass.set_bind_group(0, bg)
-                for _ in range(reps):
-                    cpass.dispatch_workgroups(gx, -(-groups // gx))
-                cpass.end()
-            t = time.perf_counter()
-            dev.queue.submit([enc.finish()])
-            dev.read(dst, np.uint32, count=1)
-            if r:
-                best = min(best, time.perf_counter() - t)
-        out[how] = 2 * nbytes * reps / best / 1e9
-    src.destroy()
-    dst.destroy()
-    return out
-
-
-def warm_up(dev, seconds: float) -> None:
-    """Keep the GPU busy for a while first: an idle card starts at a low clock (H200: 345 MHz)."""
-    if not dev.is_real_gpu():
-        return
-    t = time.perf_counter()
-    while time.perf_counter() - t < seconds:
-        copy_gbps(dev, 256 << 20, reps=20, rounds=1)
-
-
-def gpu_bound_ms(be, plan, reps: int = 20) -> float:
-    """A cached plan replayed ``reps`` times back to back with one wait: GPU time per step
-    (recording overlaps the GPU), free of the per-step readback and host work."""
-    dev = be.dev
-    dev.execute(plan)
-    dev.device._poll_wait()
-    t = time.perf_counter()
-    for _ in range(reps):
-        dev.execute(plan)
-    dev.device._poll_wait()
-    return (time.perf_counter() - t) * 1000 / reps
 
 
 def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rng, warm_s: float = 0.5) -> dict:

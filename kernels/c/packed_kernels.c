@@ -2,6 +2,8 @@
 // 32/64/128, symmetric or asymmetric), the one C source of the CPU workers: compiled natively
 // by tab_worker/cpu_kernels.py (scalar, AVX2+FMA+F16C and AVX-512 paths, chosen at run time)
 // and to WebAssembly SIMD by tab_worker/web/build.py for the browser tab.
+// Longer than the house's ~600 lines on purpose: it is the one source both builds compile, and
+// its paths must stay side by side so that they read each format the same way (bit-identical).
 //
 //   y[r, o] (+)= sum_k x[r, k] * W[o, k],  W[o, k] = scale(o, g) * code(o, k) + min(o, g)
 //
