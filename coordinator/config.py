@@ -62,6 +62,9 @@ _RULES = {
     "cors_origins": (str, None, None),  # web app origins allowed to call the API from a browser ("*": any)
 }
 
+# settings whose names changed: a config file that uses the old one is told the new name
+_RENAMED = {"calibration_tokens": "measure_tokens"}
+
 
 def load_settings(path: str | None, overrides: dict | None = None) -> CoordinatorSettings:
     values: dict = {}
@@ -76,6 +79,8 @@ def load_settings(path: str | None, overrides: dict | None = None) -> Coordinato
         values.update(data.get("serve", data))
     values.update(overrides or {})
     for key, value in values.items():
+        if key in _RENAMED:
+            raise ConfigError(f"setting {key!r} is now called {_RENAMED[key]!r}")
         if key not in _RULES:
             raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(sorted(_RULES))}")
         kind, lo, hi = _RULES[key]

@@ -16,6 +16,7 @@ def test_toml_and_overrides(tmp_path):
     ("replicas = 0", "'replicas' = 0: allowed range is 1 to 16"),
     ("heartbeat_ms = 'fast'", "'heartbeat_ms' = 'fast': expected int"),
     ("colour = 3", "unknown setting 'colour'"),
+    ("calibration_tokens = 8", "'calibration_tokens' is now called 'measure_tokens'"),
     ("coordinator_compute = 1", "'coordinator_compute' = 1: expected bool"),
     ("heartbeat_ms = 500\ndead_after_ms = 600", "must be at least twice heartbeat_ms"),
     ("this is not toml", "not valid TOML"),
