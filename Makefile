@@ -21,7 +21,7 @@ test: setup
 # the inner loop: unit tests only (markers by file: tests/conftest.py)
 test-fast: setup
 	$(VENV)/bin/lint-imports
-	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x -m unit tests
+	TABSHARD_FUZZ_EXAMPLES=50 XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)} $(PY) -m pytest -q -x -m unit tests
 
 setup: system-packages $(STAMP) $(DASHBOARD) $(TAB_ASSETS)
 	@$(PY) -m tab_worker.cpu_kernels

@@ -4,6 +4,7 @@ and the two decoders (C unpacker, zero-copy reader) return the same messages and
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 import msgpack
@@ -19,7 +20,8 @@ from tests.wire_samples import decoder  # noqa: F401 (autouse: every test here r
 # ---------------------------------------------------------------------------------------------
 # Property tests: decode raises ProtocolError and nothing else, for any bytes
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `make test-fast` (the inner loop) draws fewer examples; `make test` the full 400
+FUZZ = settings(max_examples=int(os.environ.get("TABSHARD_FUZZ_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def decode_or_protocol_error(data: bytes, **kwargs):
