@@ -318,7 +318,7 @@ def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rn
     plan = cached[2] if cached else []
     out = {"rows": rows, "step_ms": [t * 1000 for t in times],
            "dispatches": sum(1 for item in plan if item.__class__ is tuple),
-           "gpu_ms": gpu_bound_ms(be, plan) if plan else float("nan")}
+           "gpu_ms": gpu_bound_ms(be.dev, plan) if plan else float("nan")}
     for s in ids:
         be.drop_session(s)
     return out
@@ -366,14 +366,7 @@ def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: lis
             tuning = dataclasses.replace(tuning, matvec_max_rows=1 << 30)
             ops = [KL.QuantLinear(dev, g, xb, w.k, yb, w.n, tuning=tuning) for g in bufs]
             for rows in rows_list:
-                plan = dev.plan(ops, rows)
-                dev.execute(plan)
-                dev.device._poll_wait()
-                t = time.perf_counter()
-                for _ in range(reps):
-                    dev.execute(plan)
-                dev.device._poll_wait()
-                ms = (time.perf_counter() - t) * 1000 / (reps * copies)
+                ms = gpu_bound_ms(dev, dev.plan(ops, rows), reps) / copies
                 row = {"matrix": name, "n": w.n, "k": w.k, "variant": variant, "rows": rows, "ms": ms,
                        "gbps": w.nbytes / ms / 1e6}
                 out.append(row)

@@ -94,10 +94,9 @@ def warm_up(dev, seconds: float) -> None:
         copy_gbps(dev, 256 << 20, reps=20, rounds=1)
 
 
-def gpu_bound_ms(be, plan, reps: int = 20) -> float:
+def gpu_bound_ms(dev, plan, reps: int = 20) -> float:
     """A cached plan replayed ``reps`` times back to back with one wait: GPU time per step
     (recording overlaps the GPU), free of the per-step readback and host work."""
-    dev = be.dev
     dev.execute(plan)
     dev.device._poll_wait()
     t = time.perf_counter()

@@ -42,29 +42,38 @@ def test_decode_arbitrary_bytes_raises_only_protocol_error(data):
     decode_or_protocol_error(b"\x83\xa1v\x01\xa4type\xa9heartbeat" + data)  # get past the header
 
 
-MUTABLE_FRAMES = [encode(msg) for name, msg in sorted(SAMPLES.items()) if name != "weights_chunk"]
+SET_BYTES = [0x00, 0x7F, 0x80, 0xC1, 0xC6, 0xCF, 0xD9, 0xDC, 0xDF, 0xFF, 0x90, 0xA3, 0xC0, 0xD6, 0xC5]
 
 
-@FUZZ
-@given(st.sampled_from(MUTABLE_FRAMES), st.data())
-def test_decode_mutated_frames_raises_only_protocol_error(frame, data):
+def mutate(frame: bytes, data, positions) -> bytes:
+    """1-4 mutations of a frame (flip a bit, set a byte to a msgpack marker, cut, insert, truncate)
+    at positions drawn from `positions(frame as it is now)`."""
     frame = bytearray(frame)
     for _ in range(data.draw(st.integers(1, 4))):
         kind = data.draw(st.sampled_from(["flip", "set", "cut", "insert", "truncate"]))
-        at = data.draw(st.integers(0, max(len(frame) - 1, 0)))
+        at = data.draw(positions(frame))
         if kind == "flip" and frame:
             frame[at] ^= 1 << data.draw(st.integers(0, 7))
         elif kind == "set" and frame:
-            frame[at] = data.draw(st.sampled_from([0x00, 0x7F, 0x80, 0xC1, 0xC6, 0xCF, 0xD9, 0xDC,
-                                                   0xDF, 0xFF, 0x90, 0xA3]))
+            frame[at] = data.draw(st.sampled_from(SET_BYTES))
         elif kind == "cut":
             del frame[at:at + data.draw(st.integers(1, 8))]
         elif kind == "insert":
             frame[at:at] = data.draw(st.binary(min_size=1, max_size=8))
         else:
             del frame[at:]
-    decode_or_protocol_error(bytes(frame))
-    decode_or_protocol_error(bytes(frame), validate=False)
+    return bytes(frame)
+
+
+MUTABLE_FRAMES = [encode(msg) for name, msg in sorted(SAMPLES.items()) if name != "weights_chunk"]
+
+
+@FUZZ
+@given(st.sampled_from(MUTABLE_FRAMES), st.data())
+def test_decode_mutated_frames_raises_only_protocol_error(frame, data):
+    frame = mutate(frame, data, lambda f: st.integers(0, max(len(f) - 1, 0)))
+    decode_or_protocol_error(frame)
+    decode_or_protocol_error(frame, validate=False)
 
 
 native_values = st.recursive(
@@ -237,23 +246,7 @@ AGREEMENT_FRAMES = MUTABLE_FRAMES + [encode(make("weights_chunk", chunk_id=1, na
 @FUZZ
 @given(st.sampled_from(AGREEMENT_FRAMES), st.data())
 def test_decoders_agree_on_mutated_frames(frame, data):
-    frame = bytearray(frame)
-    for _ in range(data.draw(st.integers(1, 4))):
-        kind = data.draw(st.sampled_from(["flip", "set", "cut", "insert", "truncate"]))
-        # Half of the mutations hit the first bytes, where the headers are.
-        at = data.draw(st.integers(0, max(min(len(frame), 96) - 1, 0))
-                       | st.integers(0, max(len(frame) - 1, 0)))
-        if kind == "flip" and frame:
-            frame[at] ^= 1 << data.draw(st.integers(0, 7))
-        elif kind == "set" and frame:
-            frame[at] = data.draw(st.sampled_from([0x00, 0x7F, 0x80, 0xC1, 0xC6, 0xCF, 0xD9, 0xDC,
-                                                   0xDF, 0xFF, 0x90, 0xA3, 0xC0, 0xD6, 0xC5]))
-        elif kind == "cut":
-            del frame[at:at + data.draw(st.integers(1, 8))]
-        elif kind == "insert":
-            frame[at:at] = data.draw(st.binary(min_size=1, max_size=8))
-        else:
-            del frame[at:]
-    frame = bytes(frame)
+    # half of the mutations hit the first bytes, where the headers are
+    frame = mutate(frame, data, lambda f: st.integers(0, max(min(len(f), 96) - 1, 0)) | st.integers(0, max(len(f) - 1, 0)))
     for validate in (True, False):
         assert outcome(frame, True, validate=validate) == outcome(frame, False, validate=validate)
