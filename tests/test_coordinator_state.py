@@ -532,3 +532,29 @@ def test_a_move_outside_the_lifecycle_table_is_a_named_local_protocol_error():
     with pytest.raises(LocalProtocolError, match="no move from 'dead' on 'hello'") as err:
         next_state("w1", "dead", "hello")
     assert isinstance(err.value, ProtocolError) and err.value.code == "illegal_transition"
+
+
+def test_a_replan_over_the_same_workers_moves_weights_only_for_a_material_gain(weights, reference):
+    """Re-plans come with measurements (a tab's probation ending replaces its claimed speed by
+    the measured one): over the same workers, noise keeps the plan and its loaded weights; a
+    worker that became 3x slower moves layers away from it."""
+    net = start(weights, 2)
+    core = net.core
+    net.advance(core.settings.resume_wait_ms / 1000)  # past a restart's resume window (plans keep held ranges)
+    version, ranges = core.plan_version, [(s.layer_start, s.layer_end) for s in core.stages]
+    sent = net.sent_bytes
+    first = core.workers[core.stages[0].primary]
+    first.ms_per_layer *= 1.1  # noise
+    core._schedule_replan(net.now)
+    net.advance(0.6)
+    assert core.plan_version == version and [(s.layer_start, s.layer_end) for s in core.stages] == ranges
+    assert any(e["kind"] == "plan_kept" for e in core.events)
+    assert net.sent_bytes - sent < 100_000  # heartbeats only: no weights moved
+    first.ms_per_layer *= 3  # material
+    core._schedule_replan(net.now)
+    net.advance(0.6)
+    assert core.plan_version == version + 1
+    assert core.stages[0].primary != first.worker_id or core.stages[0].layer_end < ranges[0][1]
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference

@@ -9,6 +9,10 @@ from coordinator.records import LOCAL, Send, Stage, Worker
 from protocol import wire
 
 
+# a re-plan over the same workers moves weights: worth it only for a predicted step this much faster
+REPLAN_MIN_GAIN = 0.15
+
+
 class Planning:
     # -- planning and loading
     def _schedule_replan(self, now: float) -> None:
@@ -44,6 +48,10 @@ class Planning:
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
             return []
         self._prefer_held_blobs(stages)
+        kept = self._keep_current_plan(stages)
+        if kept is not None:
+            self.events.append({"t": now, "kind": "plan_kept", "reason": kept})
+            return []
         out = self._forget_prefixes()
         old = {(s.layer_start, s.layer_end): s for s in self.stages}
         self.plan_version += 1
@@ -81,6 +89,33 @@ class Planning:
         for sess in self.sessions.values():
             self._restart_session(sess)
         return out
+
+    def _plan_step_ms(self, ranges) -> float:
+        """A plan's predicted decode step: its slowest stage, (layers + the head's cost) x its
+        primary's cost per layer."""
+        head = self._head_cost_layers()
+        return max(self._ms_per_layer(self.workers[wid]) * (end - start + (head if has_head else 0))
+                   for start, end, has_head, wid in ranges)
+
+    def _keep_current_plan(self, stages: list[StagePlan]) -> str | None:
+        """Why the current plan stays (None: take the new one). A new plan moves weights, so
+        while the same workers hold a whole plan of live remote primaries, it is taken only
+        when its predicted step is materially faster (REPLAN_MIN_GAIN), not on measurement
+        noise (e.g. when tabs' probation ends and their measured speeds replace claimed ones)."""
+        if not self.stages or any(LOCAL in s.holders or not s.holders for s in self.stages):
+            return None
+        holders = {wid for s in self.stages for wid in s.holders}
+        if holders != {wid for sp in stages for wid in sp.workers}:
+            return None
+        if any(not self.workers[wid].alive for wid in holders):
+            return None
+        if not all(self._fits(wid, s.layer_start, s.layer_end, s.include_head) for s in self.stages for wid in s.holders):
+            return None  # a worker's memory shrank (a memory-pressure report): the plan must change
+        now_ms = self._plan_step_ms([(s.layer_start, s.layer_end, s.include_head, s.holders[0]) for s in self.stages])
+        new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in stages])
+        if now_ms > new_ms * (1 + REPLAN_MIN_GAIN):
+            return None
+        return f"same workers; predicted step {new_ms:.3g} ms against {now_ms:.3g} ms now: not {REPLAN_MIN_GAIN:.0%} faster"
 
     def _in_resume_window(self, now: float) -> bool:
         return self._first_join_at is not None and now - self._first_join_at <= self.settings.resume_wait_ms / 1000
@@ -166,18 +201,22 @@ class Planning:
         ends = starts[1:] + [self.config.n_layers]
         return [StagePlan(a, b, r is ranges[-1], [r[3]]) for a, b, r in zip(starts, ends, ranges)]
 
+    def _fits(self, wid: str, start: int, end: int, has_head: bool) -> bool:
+        cap = self.workers[wid].capacity()
+        need = (end - start) * self.layer_bytes + (self.head_bytes if has_head else 0)
+        return cap.memory_bytes / cap.expansion >= need
+
     def _prefer_held_blobs(self, stages: list[StagePlan]) -> None:
-        """Swap primaries between stages when both fit and more of the weights are already held
-        (workers that rejoin a restarted coordinator keep their ranges: nothing re-downloads)."""
+        """Swap primaries between stages when both fit, more of the weights are already held and
+        the plan's predicted step stays within REPLAN_MIN_GAIN (workers that rejoin a restarted
+        coordinator keep their ranges: nothing re-downloads)."""
         def held(wid, sp):
             w = self.workers[wid]
             keys = [f"layer:{i}" for i in range(sp.layer_start, sp.layer_end)] + (["head"] if sp.include_head else [])
             return sum(self.blob_info[k].size for k in keys if self.blob_info[k].sha256 in w.have_blobs)
 
-        def fits(wid, sp):
-            cap = self.workers[wid].capacity()
-            need = sp.layers * self.layer_bytes + (self.head_bytes if sp.include_head else 0)
-            return cap.memory_bytes / cap.expansion >= need
+        def step_ms():
+            return self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in stages if sp.workers])
 
         for a in stages:
             for b in stages:
@@ -186,5 +225,9 @@ class Planning:
                 wa, wb = a.workers[0], b.workers[0]
                 if wb in a.workers or wa in b.workers:
                     continue
-                if held(wb, a) + held(wa, b) > held(wa, a) + held(wb, b) and fits(wb, a) and fits(wa, b):
+                if (held(wb, a) + held(wa, b) > held(wa, a) + held(wb, b) and self._fits(wb, a.layer_start, a.layer_end, a.include_head)
+                        and self._fits(wa, b.layer_start, b.layer_end, b.include_head)):
+                    before = step_ms()
                     a.workers[0], b.workers[0] = wb, wa
+                    if step_ms() > before * (1 + REPLAN_MIN_GAIN):  # the planner gave a faster worker more layers
+                        a.workers[0], b.workers[0] = wa, wb
