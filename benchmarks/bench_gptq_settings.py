@@ -2,7 +2,8 @@
 
 For a sample of SmolLM2's matrices (every type, a few layers), GPTQ runs with each damping
 (fraction of mean(diag H) added to the diagonal), with and without the scale refit
-(kernels/quantizers.gptq_refined), and the importance-weighted clip search alone as the floor.
+(kernels/quantizers.gptq_refined), with and without the source's block grids as candidates
+(quantizers.source_grid), and the importance-weighted clip search alone as the floor.
 Leave one calibration domain out: the Hessians GPTQ uses come from two of the three calibration
 domains, the score is each matrix's relative output error tr(dW H' dW^T) / tr(W H' W^T) with H'
 from the third, each domain held out in turn; the geometric mean over matrices and folds is
@@ -47,12 +48,13 @@ def main(argv=None) -> int:
     C.limit_blas_threads(1)
     model = open_model(a.model)
     mixed = T.MixedText.load(a.texts) if a.texts else T.build(GGUFTokenizer(model), heldout=(), cache_dir=a.cache)
-    dense = C.DenseModel(model.load_all())
+    weights = model.load_all()
+    dense = C.DenseModel(weights)
     domains = list(mixed.calib)
     hess = {d: C.hessians(dense, mixed.calib[d])[0] for d in domains}
     layers = [int(x) for x in a.layers.split(",")]
     attr_of = {v: k for k, v in C.TYPE_OF.items()}
-    variants = ["clip"] + [f"damp {d} {r}" for d in a.damps.split(",") for r in ("plain", "refit")]
+    variants = ["clip", "clip+grid"] + [f"damp {d} {r}" for d in a.damps.split(",") for r in ("plain", "refit", "refit+grid")]
     results = []
     for fmt in a.formats.split(","):
         spec = QuantSpec.parse(fmt)
@@ -64,15 +66,19 @@ def main(argv=None) -> int:
                 for t in C.LINEAR_TYPES:
                     tap = C.TAP_OF[attr_of[t]]
                     w = dense.layers[i].mats[attr_of[t]]
+                    grid = Q.source_grid(getattr(weights.layers[i], attr_of[t]), spec)
                     h_train = sum(hess[d][i][tap] for d in train)
                     h_held = hess[held][i][tap]
                     for v in variants:
-                        if v == "clip":
-                            q = Q.quantize_clip(w, spec, np.diag(h_train))
+                        if v.startswith("clip"):
+                            q = Q.quantize_clip(w, spec, np.diag(h_train), extra=grid if v.endswith("grid") else ())
                         else:
                             _, damp, how = v.split()
                             hs = Q.GPTQHessian.of(h_train, float(damp))
-                            q = Q.gptq_refined(w, hs, spec) if how == "refit" else Q.gptq(w, hs, spec)
+                            if how == "plain":
+                                q = Q.gptq(w, hs, spec)
+                            else:
+                                q = Q.gptq_refined(w, hs, spec, extra=grid if how.endswith("grid") else ())
                         errs[v].append(Q.output_error(w, q, h_held))
         for v in variants:
             g = geomean(errs[v])
