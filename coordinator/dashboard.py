@@ -31,7 +31,7 @@ SOURCES = WEB / "dashboard"
 MAX_PUSH_HZ = 4.0
 REFRESH_S = 1.0  # heartbeat ages change continuously: refresh at most this often when idle
 WINDOW_S = 300  # seconds of rolling series kept and charted
-TIMELINE_KINDS = {"join", "death", "quarantine", "silent", "suspect", "rebuild", "recovered", "plan", "plan_failed",
+TIMELINE_KINDS = {"join", "death", "quarantine", "silent", "suspect", "rebuild", "recovered", "plan", "plan_kept", "plan_failed",
                   "refused", "worker_error", "stage_unserved"}
 
 
