@@ -31,13 +31,11 @@ from kernels.quant import QuantSpec, QuantTensor, from_codes, padded_k, quantize
 
 METHODS = ("rtn", "clip", "gptq", "hqq")
 # GPTQ's damping (a fraction of mean(diag H) added to H's diagonal) by code width, and its column
-# order, measured by benchmarks/bench_gptq_settings.py ACROSS domains: Hessians from two of the
+# order, chosen by benchmarks/bench_gptq_settings.py ACROSS domains: Hessians from two of the
 # three calibration domains, the error on the third (each in turn), so what is rewarded is what
-# carries to text the Hessians never saw. Act-order wins at every damping (7 % at 3 bits) and is
-# always on. 4 bits (a4g64, 21 SmolLM2 matrices of layers 4/15/26, geomean over the 3 folds):
-# relative output error 0.00268 at damping 0.01, and with the scale refit 0.00257 / 0.00223 /
-# 0.00217 / 0.00223 at 0.01 / 0.1 / 0.3 / 1.0 (the clip search alone, no GPTQ: 0.00285). A
-# damped H trusts the calibration text's input correlations less, and those differ by domain.
+# carries to text the Hessians never saw (its figures are in the benchmark history). Act-order
+# wins at every damping and is always on. A damped H trusts the calibration text's input
+# correlations less, and those differ by domain.
 DAMP = 0.01
 DAMP_BY_BITS = {4: 0.3}
 # what a cached quantized tensor depends on beyond its Hessian: bump when a quantizer changes
@@ -390,10 +388,9 @@ def source_grid(src: QuantTensor, spec: QuantSpec, shifts=range(-3, 4)) -> list:
     """(scale, min) [n, groups of ``spec``] candidates on one source block's grid: for a group
     spanning several blocks of a finer asymmetric source (Q4_1 is a4g32), each block's own scale
     with its min moved by ``shifts`` steps (0 keeps the block exact; a shift trades its extreme
-    codes for room for the other block). Across calibration domains (a4g64, 21 matrices, the
-    bench_gptq_settings folds, damping 0.3, refit on) the relative output error went 0.00217 ->
-    0.00202 with the unshifted grids and -> 0.00193 with shifts -3..3 (damping 0.1: 0.00207 and
-    0.00198). Empty when the blocks do not tile the target's groups."""
+    codes for room for the other block); both lower the error across calibration domains
+    (bench_gptq_settings, figures in the benchmark history). Empty when the blocks do not tile
+    the target's groups."""
     from kernels.quant import group_scales
 
     if spec.symmetric or src.spec.symmetric or spec.group % src.spec.group or spec.bits != src.spec.bits:

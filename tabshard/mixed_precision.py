@@ -4,7 +4,7 @@ A tensor's cost under a format is estimated as alpha * proxy (tabshard/calibrati
 ``Calibrator.proxy``: its relative output error on the activations of text held out from the
 Hessians), where alpha, per tensor type and probe format, converts proxy into measured loss:
 quantize ONE type in every layer at the probe, keep the rest source, measure the increase in
-NLL per token on the same held-out text (``Calibrator.sensitivity``). ``coordinator/precision.py`` then picks the
+NLL per token on the same held-out text (``Calibrator.sensitivity``). ``tabshard/precision.py`` then picks the
 formats (a multiple-choice knapsack).
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def estimated_costs(cal: Calibrator, sens_ids, probes=PROBES, embedding_probe: s
 
 def tensor_options(cal: Calibrator, costs: Costs, formats=MIXED_FORMATS, embedding_formats=EMBEDDING_FORMATS,
                    embedding_fixed: str | None = None) -> dict:
-    """{tensor: [Option]} for coordinator.precision (embedding options too unless fixed)."""
+    """{tensor: [Option]} for tabshard.precision (embedding options too unless fixed)."""
     from tabshard.precision import Option
 
     opts = {}

@@ -9,7 +9,7 @@ The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin,
 (offsets into the data section) plus ``"__metadata__"``, a map of strings to strings:
 
 ``format``   ``"tabshard-quantized"``;  ``version``  ``"1"``
-``config``   JSON of tab_worker.engine_types.ModelConfig
+``config``   JSON of protocol.model_types.ModelConfig
 ``fields``   JSON of the source GGUF's metadata (``general.*``, ``{arch}.*``, ``tokenizer.*``),
              so ``.field(key)`` and tabshard.tokenizer.GGUFTokenizer work as on the GGUF
 ``tensors``  JSON ``{name: {"spec": "s3g32", "n": rows, "k": inputs}}`` for every packed matrix
@@ -120,7 +120,7 @@ def write(path: str | os.PathLike, weights: ModelWeights, fields: dict, plan: di
 
 
 class QuantizedModel:
-    """An opened .tsq: the same interface as tabshard.model.GGUFModel (path, config, field,
+    """An opened .tsq: the same interface as model.loader.GGUFModel (path, config, field,
     layer, embedding, head, load_all)."""
 
     def __init__(self, path: str | os.PathLike):

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tabshard.dense_model import DenseLayer, DenseModel
+
 
 def hadamard(n: int) -> np.ndarray:
     """Sylvester Hadamard matrix of order n (a power of two), entries +-1."""
@@ -62,9 +64,7 @@ def orthogonal(n: int, seed: int) -> np.ndarray:
 
 def rotate_dense(model, seed: int):
     """A DenseModel computing the same function in a rotated residual basis (norm weights folded,
-    set to one; head untied). ``model`` is a tabshard.calibration.DenseModel; returns a new one."""
-    from tabshard.calibration import DenseLayer, DenseModel
-
+    set to one; head untied). ``model`` is a tabshard.dense_model.DenseModel; returns a new one."""
     d = model.config.hidden
     q = orthogonal(d, seed)
 

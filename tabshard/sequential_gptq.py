@@ -21,12 +21,11 @@ import numpy as np
 from kernels import reference as ref
 from kernels.quant import QuantSpec, QuantTensor
 from kernels.quant import dequantize as deq
+from tabshard.dense_model import EMBEDDING, HEAD, SOURCE, TYPE_OF, parse_choice, windows
 
 
 def run(cal, plan: dict) -> tuple[dict, float]:
     """({tensor: QuantTensor}, seconds) for ``plan`` on Calibrator ``cal``."""
-    from tabshard.calibration import EMBEDDING, HEAD, SOURCE, TYPE_OF, parse_choice, windows
-
     c = cal.config
     t0 = time.perf_counter()
     out = {n: cal.quantized(n, cal._choice(plan, n)) for n in ([EMBEDDING] + ([HEAD] if cal.rotated else []))}

@@ -1,5 +1,5 @@
 """Quantizers beyond round-to-nearest (kernels/quantizers.py) and the precision planner
-(coordinator/precision.py): every format round-trips through our packing, the better methods
+(tabshard/precision.py): every format round-trips through our packing, the better methods
 really reduce the error they target, and plans respect their budgets."""
 import itertools
 
