@@ -163,7 +163,7 @@ class DashboardFeed:
             sessions.append({**s, "tok_s": round(rate, 2) if rate else None})
         return {
             "t": round(wall, 3), "model": status["model"], "plan_version": status["plan_version"],
-            "degraded": status["degraded"], "workers": workers,
+            "degraded": status["degraded"], "unserved_reason": status.get("unserved_reason"), "workers": workers,
             "stages": [{"index": s["index"], "layers": s["layers"], "head": s["head"], "holders": s["holders"],
                         "ready": s["ready"], "busy": s["busy"], "queued": s["queued"]} for s in stages],
             "sessions": sessions, "counters": status["counters"],

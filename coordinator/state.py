@@ -73,6 +73,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._deferred_replan = False
         self._last_tick: float | None = None
         self.degraded = False
+        self.plan_error: str | None = None  # the last plan's failure (a resource short), until a plan succeeds
         self.prefix_cache: dict[str, PrefixEntry] = {}
         self._first_join_at: float | None = None
         self._spot_rng = random.Random(settings.spot_check_seed)
@@ -152,6 +153,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
             "model": {"layers": self.config.n_layers, "hidden": self.config.hidden, "vocab": self.config.vocab},
             "plan_version": self.plan_version,
             "degraded": self.degraded or any(not s.holders for s in self.stages) or not self.stages,
+            "unserved_reason": self.unserved_reason(),  # the resource short (memory, workers), or None
             "stages": [s.to_dict() for s in self.stages],
             # ranges the coordinator's own worker holds to recompute sampled steps: loading | ready
             "verifier_ranges": [[k[0], k[1], v] for k, v in sorted(self._verify_ranges.items())],

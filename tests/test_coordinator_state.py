@@ -287,6 +287,25 @@ def test_no_capacity_fails_with_retriable_error(weights):
     net.advance(1.5)
     err = net.events["r"][-1]
     assert err["type"] == "error" and err["retriable"] is True
+    assert "workers: none has joined" in err["message"]
+    assert net.core.status(net.now)["unserved_reason"].startswith("workers: none has joined")
+
+
+def test_a_plan_short_of_memory_says_so_to_status_and_clients(weights):
+    net = Net(weights, CoordinatorSettings(max_ctx=256, request_timeout_s=1.0, coordinator_compute=False, probation_steps=0))
+    net.add_worker(memory_bytes=4096)  # not one layer of the tiny model
+    net.run()
+    net.advance(0.6)
+    reason = net.core.status(net.now)["unserved_reason"]
+    assert reason.startswith("memory: ") and "cannot hold" in reason
+    net.submit("r", PROMPT, 4)
+    net.advance(1.5)
+    err = net.events["r"][-1]
+    assert err["type"] == "error" and err["code"] == "no_capacity" and "memory: " in err["message"]
+    net.add_worker()  # one that can hold the model: the plan is made and the reason goes
+    net.run()
+    net.advance(0.6)
+    assert net.core.status(net.now)["unserved_reason"] is None
 
 
 def test_coordinator_compute_serves_when_every_worker_dies(weights, reference):

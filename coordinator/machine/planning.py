@@ -45,8 +45,10 @@ class Planning:
                                                         self._head_cost_layers())
         except PlanError as exc:
             self.degraded = True
+            self.plan_error = f"memory: {exc}"
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
             return []
+        self.plan_error = None
         self._prefer_held_blobs(stages)
         kept = self._keep_current_plan(stages)
         if kept is not None:
@@ -116,6 +118,22 @@ class Planning:
         if now_ms > new_ms * (1 + REPLAN_MIN_GAIN):
             return None
         return f"same workers; predicted step {new_ms:.3g} ms against {now_ms:.3g} ms now: not {REPLAN_MIN_GAIN:.0%} faster"
+
+    def unserved_reason(self) -> str | None:
+        """Why the model cannot be served now, naming the resource that is short (None: it can)."""
+        if self.stages and all(s.holders for s in self.stages):
+            return None
+        if self.plan_error:
+            return self.plan_error
+        if not self._live_workers():
+            joining = sum(1 for w in self.workers.values() if w.alive and not w.local)
+            if joining:
+                return f"workers: {joining} joining, none ready to hold layers yet"
+            return "workers: none has joined" + ("" if self.settings.coordinator_compute else " (the coordinator's own compute is off)")
+        missing = [f"{s.layer_start}-{s.layer_end - 1}" for s in self.stages if not s.holders]
+        if missing:
+            return f"workers: no live worker can hold layers {', '.join(missing)}"
+        return "workers: the plan is being made"
 
     def _in_resume_window(self, now: float) -> bool:
         return self._first_join_at is not None and now - self._first_join_at <= self.settings.resume_wait_ms / 1000

@@ -75,7 +75,8 @@ class Recovery:
                 if now - (s.last_token_at or s.created) > self.settings.request_timeout_s:
                     self.counters["failed"] += 1
                     out.append(Emit(s.request_id, {"type": "error", "code": "no_capacity", "retriable": True,
-                                                   "message": "no workers can serve the model right now; retry later"}))
+                                                   "message": f"no workers can serve the model right now ({self.unserved_reason()}); "
+                                                              "retry later"}))
                     out += self._finish(s, "error", now, emit=False)
         return out + self._pump(now)
 

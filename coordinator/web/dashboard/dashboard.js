@@ -16,7 +16,10 @@ function renderSummary(s) {
     `<span>model <b>${s.model.layers}</b> layers</span><span>plan <b>v${s.plan_version}</b></span>` +
     `<span>workers <b>${alive}</b> live</span><span>stages <b>${s.stages.length}</b></span>` +
     `<span>tokens <b>${c.tokens}</b></span><span>requests <b>${c.completed}</b>/${c.requests} done, <b>${c.failed}</b> failed</span>` +
-    (s.degraded ? `<span class="badge degraded">degraded</span>` : "");
+    (s.degraded ? `<span class="badge degraded">degraded</span>` : "") +
+    (s.unserved_reason ? `<span class="unserved"></span>` : "");
+  // the reason is text from the coordinator: set as text, never parsed as markup
+  if (s.unserved_reason) $("#summary .unserved").textContent = `cannot serve: ${s.unserved_reason}`;
 }
 
 function renderWorkers(s) {
