@@ -153,7 +153,7 @@ class DashboardFeed:
                 "adapter": w["adapter"] or caps.get("platform") or "", "state": state, "progress": progress,
                 "layers": [st["layers"] + ([True] if st["head"] else []) for st in held],
                 "primary_of": [st["index"] for st in held if st["holders"][:1] == [w["worker_id"]]],
-                "memory_used": used, "memory_budget": w["memory_bytes"], "step_ms": w["last_step_ms"],
+                "memory_used": used, "memory_budget": w["memory_bytes"], "step_ms": w["last_step_ms"], "rtt_ms": w.get("rtt_ms"),
                 "heartbeat_age_ms": None if w["local"] else w["heartbeat_age_ms"], "steps": w["steps"], "local": w["local"],
             })
         sessions = []

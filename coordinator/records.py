@@ -142,6 +142,11 @@ class Worker:
     # sockets, event loops, queueing) both ways, smoothed; what pipelining over tabs costs
     transport_ms: float | None = None
     compute_ms: float | None = None  # smoothed compute time it reports for decode steps
+    # the round trip of a ping to it and its pong, timed here (a tab can delay a pong, not hasten
+    # it: the nonce is random), smoothed; measured while idle too
+    rtt_ms: float | None = None
+    ping: tuple[int, float] | None = None  # (nonce, sent at) of the ping awaiting its pong
+    pinged_at: float = float("-inf")
     local: bool = False
     load_progress: dict = field(default_factory=dict)  # the worker's last load_progress report
     corrections: list = field(default_factory=list)

@@ -73,6 +73,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._deferred_replan = False
         self._last_tick: float | None = None
         self.degraded = False
+        self._nonces = random.Random()  # seeded from the OS: a tab cannot guess its next ping
         self.plan_error: str | None = None  # the last plan's failure (a resource short), until a plan succeeds
         self.prefix_cache: dict[str, PrefixEntry] = {}
         self._first_join_at: float | None = None
@@ -164,6 +165,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
                 "ms_per_layer": round(w.ms_per_layer, 3), "stages": sorted(w.stages), "steps": w.steps,
                 "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
                 "transport_ms": None if w.transport_ms is None else round(w.transport_ms, 3),
+                "rtt_ms": None if w.rtt_ms is None else round(w.rtt_ms, 3),
                 "compute_ms": None if w.compute_ms is None else round(w.compute_ms, 3),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),

@@ -309,6 +309,9 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     ("bye", WORKER, {
         "reason": Str(256),
     }),
+    ("pong", WORKER, {  # answers a ping at once, from the socket's side (the round trip, not the compute queue)
+        "nonce": COUNT,
+    }),
     # -- coordinator -> worker --------------------------------------------------------------
     ("welcome", COORDINATOR, {
         "worker_id": str,
@@ -343,6 +346,9 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "sessions": ListOf(_SESSION),
         "hidden": Tensor(("f32",)),
         "want_topk": opt(int),
+    }),
+    ("ping", COORDINATOR, {  # the coordinator times each worker's round trip with these
+        "nonce": COUNT,
     }),
     ("drop_session", COORDINATOR, {
         "session_id": str,

@@ -256,6 +256,9 @@ class WorkerConnection:
                 self._observe_in(m)
                 if m["type"] == "welcome":
                     self.connected.set()
+                if m["type"] == "ping":  # answered here, ahead of any compute: it times the round trip
+                    outbox.put_nowait(self.worker.on_ping(m)[0])
+                    continue
                 if not in_thread and self.worker.is_quick_step(m, self.worker.heartbeat_ms / 5):
                     for r in answer(m):
                         if outbox.empty() and self.delivers():

@@ -140,6 +140,9 @@ class TabWorker:
     def on_error(self, m):
         return None
 
+    def on_ping(self, m):
+        return [wire.make("pong", nonce=m["nonce"])]
+
     def on_measure(self, m):
         """Time one synthetic layer of the model's shape: the planner's measure of this worker."""
         cfg = ModelConfig.from_dict(m["model"])

@@ -299,6 +299,8 @@ def test_three_webgpu_tabs_on_default_limits_serve_identical_tokens(cluster, bro
     st = cluster.status()
     caps = {w["name"]: w for w in tab_workers(st)}
     assert all(caps[f"gpu-{i}"]["steps"] > 0 for i in range(3))
+    # each tab's socket answered the coordinator's pings (its round trip is timed there)
+    cluster.wait_for(lambda s: all(w["rtt_ms"] is not None and w["rtt_ms"] > 0 for w in tab_workers(s)), 10, what="tabs' round trips")
     state = pages[0].evaluate("window.tabState")
     assert state["caps"]["webgpu"] and state["caps"]["limits_mode"] == "default"
     assert state["caps"]["limits"]["maxComputeInvocationsPerWorkgroup"] == 256

@@ -92,6 +92,9 @@ def test_four_workers_match_single_worker(cluster4, reference, smollm2_tokenizer
     # can have every tab loading its new range right now)
     tabs = [w for w in cluster4.status()["workers"] if not w["local"] and w["state"] not in ("dead", "quarantined")]
     assert len(tabs) == 4 and all(w["compute_ms"] > 0 and w["transport_ms"] >= 0 for w in tabs), tabs
+    # and each tab's round trip, timed by the coordinator's pings over the real sockets
+    cluster4.wait_for(lambda s: all(w["rtt_ms"] is not None and w["rtt_ms"] > 0 for w in s["workers"] if not w["local"]
+                                    and w["state"] not in ("dead", "quarantined")), 10, what="the tabs' round trips")
     text = chat(cluster4.base)
     assert text == smollm2_tokenizer.decode([t for t in reference if t != 2])
 

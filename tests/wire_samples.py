@@ -63,6 +63,8 @@ SAMPLES: dict[str, dict] = {
                            {"session_id": "s2", "start_pos": 17, "length": 1}],
                  hidden=np.arange(2 * 576, dtype=np.float32).reshape(2, 576), want_topk=4),
     "drop_session": make("drop_session", session_id="s1"),
+    "ping": make("ping", nonce=1234567),
+    "pong": make("pong", nonce=1234567),
     "fork_session": make("fork_session", source_id="s1", session_id="s3", length=17),
     "truncate_session": make("truncate_session", session_id="s1", length=12),
     "unload": make("unload", reason="rebalance"),

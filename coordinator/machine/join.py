@@ -8,6 +8,10 @@ from coordinator.records import LOCAL, Close, Send, Worker
 from protocol import wire
 
 
+# how often each worker's round trip is timed (a ping is ~20 bytes each way)
+PING_INTERVAL_S = 1.0
+
+
 class Join:
     # -- join
     def _on_hello(self, conn: str, m: dict, now: float) -> list:
@@ -51,6 +55,25 @@ class Join:
         return []
 
     def _on_heartbeat(self, w: Worker, m: dict, now: float) -> list:
+        return []
+
+    def _ping_tick(self, now: float) -> list:
+        """A ping to each joined remote worker every PING_INTERVAL_S, one outstanding at a time
+        (one that is never answered is replaced: silence is the heartbeats' to judge)."""
+        out = []
+        for w in self.workers.values():
+            if w.alive and not w.local and w.state not in ("joining",) and now - w.pinged_at >= PING_INTERVAL_S:
+                w.ping = (self._nonces.getrandbits(31), now)
+                w.pinged_at = now
+                out.append(Send(w.conn, wire.make("ping", nonce=w.ping[0])))
+        return out
+
+    def _on_pong(self, w: Worker, m: dict, now: float) -> list:
+        if w.ping is None or m["nonce"] != w.ping[0]:
+            return []  # not the ping outstanding (a late or made-up pong): nothing to time
+        rtt = (now - w.ping[1]) * 1000
+        w.ping = None
+        w.rtt_ms = rtt if w.rtt_ms is None else 0.8 * w.rtt_ms + 0.2 * rtt
         return []
 
     def _on_bye(self, w: Worker, m: dict, now: float) -> list:

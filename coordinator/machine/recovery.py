@@ -22,6 +22,7 @@ class Recovery:
         if stall > self.settings.heartbeat_ms / 1000:
             for w in self.workers.values():
                 w.last_seen = min(now, w.last_seen + stall)
+        out += self._ping_tick(now)
         for w in list(self.workers.values()):
             if w.alive and not w.local and now - w.last_seen > silence:
                 self.events.append({"t": now, "kind": "silent", "worker": w.worker_id, "silent_s": now - w.last_seen})

@@ -133,6 +133,10 @@ class WorkerConnection {
       if (err instanceof ProtocolError) { this.ws.send(encode(err.toMessage())); return; }
       throw err;
     }
+    if (m.type === "ping") {  // answered here, ahead of any compute: it times the round trip
+      this.ws.send(encode(make("pong", { nonce: m.nonce })));
+      return;
+    }
     if (m.type === "welcome") this.start_heartbeats(m.heartbeat_ms);
     if (m.type === "error") this.show({ type: "problem", message: `coordinator: ${m.code}: ${m.message}` });
     this.compute.postMessage({ type: "frame", frame: data }, [data]);
