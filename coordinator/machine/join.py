@@ -62,7 +62,7 @@ class Join:
         (one that is never answered is replaced: silence is the heartbeats' to judge)."""
         out = []
         for w in self.workers.values():
-            if w.alive and not w.local and w.state not in ("joining",) and now - w.pinged_at >= PING_INTERVAL_S:
+            if w.alive and not w.local and w.state != "joining" and now - w.pinged_at >= PING_INTERVAL_S:
                 w.ping = (self._nonces.getrandbits(31), now)
                 w.pinged_at = now
                 out.append(Send(w.conn, wire.make("ping", nonce=w.ping[0])))

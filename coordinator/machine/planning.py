@@ -106,10 +106,8 @@ class Planning:
         noise (e.g. when tabs' probation ends and their measured speeds replace claimed ones)."""
         if not self.stages or any(LOCAL in s.holders or not s.holders for s in self.stages):
             return None
-        holders = {wid for s in self.stages for wid in s.holders}
-        if holders != {wid for sp in stages for wid in sp.workers}:
-            return None
-        if any(not self.workers[wid].alive for wid in holders):
+        # the new plan is made of live workers only: the same holders are live holders
+        if {wid for s in self.stages for wid in s.holders} != {wid for sp in stages for wid in sp.workers}:
             return None
         if not all(self._fits(wid, s.layer_start, s.layer_end, s.include_head) for s in self.stages for wid in s.holders):
             return None  # a worker's memory shrank (a memory-pressure report): the plan must change

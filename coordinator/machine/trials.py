@@ -161,15 +161,18 @@ class Trials:
             self._schedule_replan(now)  # it may now take layers
         return []
 
+    def _trial_unanswered(self, wid: str, sent_at: float, now: float) -> list:
+        v = self.workers.get(wid)
+        if v is None or not v.alive:
+            return []
+        return self._worker_lost(v, now, f"trial step unanswered after {(now - sent_at) * 1000:.0f} ms", quarantine=True)
+
     def _trial_tick(self, now: float) -> list:
         out = []
         for step_id, c in list(self._synthetic.items()):
             if now > c.deadline:
                 del self._synthetic[step_id]
-                v = self.workers.get(c.worker)
-                if v is not None and v.alive:
-                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c.at) * 1000:.0f} ms",
-                                             quarantine=True)
+                out += self._trial_unanswered(c.worker, c.at, now)
         for wid, trial in list(self._trials.items()):
             v = self.workers.get(wid)
             if (v is not None and v.alive and trial["ready"] and trial["check"] is None
@@ -178,10 +181,7 @@ class Trials:
         for step_id, c in list(self._checks.items()):
             if c.trial and now > c.deadline:
                 del self._checks[step_id]
-                v = self.workers.get(c.verifier)
-                if v is not None and v.alive:
-                    out += self._worker_lost(v, now, f"trial step unanswered after {(now - c.at) * 1000:.0f} ms",
-                                             quarantine=True)
+                out += self._trial_unanswered(c.verifier, c.at, now)
         for wid, trial in list(self._trials.items()):
             if trial["check"] is not None and trial["check"] > 0 and trial["check"] not in self._checks:
                 trial["check"] = None  # its answer could not be compared (e.g. a plan changed): try another
