@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import websockets  # noqa: E402
 
-from protocol import wire  # noqa: E402
+from simulation.hostile import ScriptedTarpit  # noqa: E402
 from tabshard.cluster import LocalCluster  # noqa: E402
 
 JOIN = "bench-hostile"
@@ -86,53 +85,6 @@ def requests_for(base: str, seconds: float) -> list[tuple[float, float, str]]:
         ms, text = ask(base)
         out.append((start, ms, text))
     return out
-
-
-class Tarpit:
-    def __init__(self, url: str, src: str):
-        self.url, self.src = url, src
-        self.joins = self.refused = 0
-        self.shas: list[str] = []
-        self.stop = False
-
-    async def once(self, n: int) -> None:
-        async with websockets.connect(self.url, compression=None, max_size=None, open_timeout=10,
-                                      local_addr=(self.src, 0)) as ws:
-            await ws.send(wire.encode(wire.make("hello", worker_name=f"tarpit-{n}", token=JOIN,
-                                                capabilities={"kind": "python", "memory_bytes": 1 << 40},
-                                                resume={"have": self.shas})))
-            seq = 0
-            while not self.stop:
-                try:
-                    m = wire.decode(await asyncio.wait_for(ws.recv(), 0.2))
-                except asyncio.TimeoutError:
-                    seq += 1
-                    await ws.send(wire.encode(wire.make("heartbeat", seq=seq)))
-                    continue
-                if m["type"] == "welcome":
-                    self.joins += 1
-                elif m["type"] == "error" and m["code"] == "backoff":
-                    self.refused += 1
-                elif m["type"] == "measure":
-                    await ws.send(wire.encode(wire.make("measurement", step_ms=0.001)))
-                elif m["type"] == "assign":
-                    shas = [c["sha256"] for c in m["chunks"]]
-                    self.shas = sorted(set(self.shas) | set(shas))
-                    digest = hashlib.sha256("".join(shas).encode()).hexdigest()
-                    await ws.send(wire.encode(wire.make("ready", assignment_id=m["assignment_id"],
-                                                        layers=[m["layer_start"], m["layer_end"]], checksum=digest)))
-
-    def run(self) -> None:
-        async def loop():
-            n = 0
-            while not self.stop:
-                n += 1
-                try:
-                    await self.once(n)
-                except (websockets.ConnectionClosed, OSError, asyncio.TimeoutError):
-                    pass
-                await asyncio.sleep(0.1)
-        asyncio.run(loop())
 
 
 def incidents(st: dict, since: float) -> list[str]:
@@ -210,8 +162,8 @@ def main() -> None:
         out["alone"] = {"n": len(lat), "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 99)}
         print(f"alone:  {len(lat)} requests  p50 {out['alone']['p50_ms']:.0f} ms  p99 {out['alone']['p99_ms']:.0f} ms", flush=True)
 
-        pit = Tarpit(c.worker_url, "127.0.0.77")
-        thread = threading.Thread(target=pit.run, daemon=True)
+        pit = ScriptedTarpit(c.worker_url, JOIN, "127.0.0.77")
+        thread = threading.Thread(target=asyncio.run, args=(pit.run(),), daemon=True)
         thread.start()
         with_pit = requests_for(c.base, learn_s + phase_s)
         pit.stop = True

@@ -17,11 +17,13 @@ import websockets
 
 from actors.faults import lie
 from protocol import wire
+from simulation.hostile import ScriptedTarpit
 from tabshard.cluster import LocalCluster
 
 JOIN = "join-hostile-7c1"
 SETTINGS = {"probation_steps": 4, "backoff_base_s": 2.0, "trial_deadline_ms": 1500, "header_timeout_s": 1.0,
-            "body_timeout_s": 1.0, "max_prompt_tokens": 2048, "max_ctx": 2048}
+            "body_timeout_s": 1.0, "max_prompt_tokens": 2048, "max_ctx": 2048,
+            "stages": 2}  # both honest tabs on the critical path, as when these findings were made
 
 
 @pytest.fixture(scope="module")
@@ -178,67 +180,14 @@ def test_deadline_scales_with_rows_and_context_and_own_compute_stays():
 # ------------------------------------------------------------------ the tarpit
 
 
-class Tarpit:
-    """Claims 0.001 ms/layer and every blob, answers `ready` (a right digest of the assignment's
-    blob digests: the smart tarpit), never answers a step, heartbeats, and rejoins under a
-    fresh name whenever it is dropped."""
-
-    def __init__(self, url, checksum_ok=True):
-        self.url, self.checksum_ok, self.src = url, checksum_ok, next(ADDRESSES)
-        self.joins = self.refused = self.quarantined = 0
-        self.shas: list[str] = []
-
-    async def once(self, n):
-        async with websockets.connect(self.url, compression=None, max_size=None, open_timeout=10,
-                                      local_addr=(self.src, 0)) as ws:
-            await ws.send(wire.encode(wire.make("hello", worker_name=f"tarpit-{n}", token=JOIN,
-                                                capabilities={"kind": "python", "memory_bytes": 1 << 40},
-                                                resume={"have": self.shas})))
-            beat = 0
-            while True:
-                try:
-                    m = wire.decode(await asyncio.wait_for(ws.recv(), 0.2))
-                except asyncio.TimeoutError:
-                    beat += 1
-                    await ws.send(wire.encode(wire.make("heartbeat", seq=beat)))
-                    continue
-                if m["type"] == "welcome":
-                    self.joins += 1
-                elif m["type"] == "error" and m["code"] == "backoff":
-                    self.refused += 1
-                elif m["type"] == "measure":
-                    await ws.send(wire.encode(wire.make("measurement", step_ms=0.001)))
-                elif m["type"] == "assign":
-                    shas = [c["sha256"] for c in m["chunks"]]
-                    self.shas = sorted(set(self.shas) | set(shas))
-                    digest = wire_sha("".join(shas)) if self.checksum_ok else "x"
-                    await ws.send(wire.encode(wire.make("ready", assignment_id=m["assignment_id"],
-                                                        layers=[m["layer_start"], m["layer_end"]], checksum=digest)))
-
-    async def run(self, seconds):
-        end, n = time.monotonic() + seconds, 0
-        while time.monotonic() < end:
-            n += 1
-            try:
-                await asyncio.wait_for(self.once(n), max(0.1, end - time.monotonic()))
-            except (websockets.ConnectionClosed, asyncio.TimeoutError, OSError):
-                pass
-            await asyncio.sleep(0.1)
-
-
-def wire_sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 @pytest.mark.parametrize("checksum_ok", [False, True], ids=["ready-x", "ready-right-digest"])
 def test_tarpit_is_quarantined_and_backed_off(cluster, checksum_ok):
     """A tarpit claiming 0.001 ms and every blob, answering ready "x", never answering a step
     and rejoining under fresh names made every request ~20x slower, 10 joins a minute. Now it
     never serves (trial first), is quarantined, and its address meets a growing backoff."""
     reference = json.loads(chat(cluster.base, "Count to five.", 6)[1])["choices"][0]["message"]["content"]
-    pit = Tarpit(worker_url(cluster), checksum_ok)
+    # the scripted tarpit (simulation/hostile.py) rejoins in a loop from an address of its own
+    pit = ScriptedTarpit(worker_url(cluster), JOIN, next(ADDRESSES), checksum_ok)
 
     async def both():
         task = asyncio.create_task(pit.run(12.0))
