@@ -211,3 +211,38 @@ def test_choice_holds_back_what_may_start_a_stop_and_rewinds_only_what_was_sent(
     assert out["retract"] == 1 and c.sent == 0  # "a" had been sent: the client drops one character
     assert tok(0, "b")["text"] == "b"
     assert c.feed({"type": "done", "finish_reason": "length"})["text"] == "" and c.finish_reason == "length"
+
+
+def test_tool_choice_auto_is_a_call_or_plain_text(client, smollm2_tokenizer):
+    """tool_choice "auto": the grammar admits a well-formed call of a listed tool, or text that
+    does not start with "{" (so an answer is never a malformed call); the API returns whichever
+    the model wrote, as tool_calls or as content."""
+    from coordinator.structured import Grammar, GrammarError, tools_grammar
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+        "additionalProperties": False}}}]
+    grammar = tools_grammar(tools, required=False)
+
+    def admits(text):
+        g = Grammar(smollm2_tokenizer, grammar)
+        try:
+            g.allowed(smollm2_tokenizer.encode(text, special=False))
+            return True
+        except GrammarError:
+            return False
+
+    assert admits("It is sunny in Paris.")
+    assert admits('{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    assert not admits('{"name": "get_time", "arguments": {}}')  # not a listed tool
+    assert not admits('{"city": "Paris"}')  # JSON that is not a call
+    for prompt in ("What is the weather in Paris?", "Say hello."):
+        r = chat(client, messages=[{"role": "user", "content": prompt}], max_tokens=30, temperature=0, tools=tools,
+                 tool_choice="auto")
+        m, finish = r.choices[0].message, r.choices[0].finish_reason
+        if m.tool_calls:
+            assert finish == "tool_calls" and m.content is None
+            assert m.tool_calls[0].function.name == "get_weather"
+            assert set(json.loads(m.tool_calls[0].function.arguments)) == {"city"}
+        else:
+            assert finish in ("stop", "length") and m.content and not m.content.lstrip().startswith("{")
