@@ -15,7 +15,8 @@ _RULES = {
     "step_deadline_min_ms": (int, 10, 600_000),  # a step's deadline is never shorter than this
     "suspect_evict_factor": (float, 1.0, 1000.0),
     "replicas": (int, 1, 16),  # workers holding each stage (the primary plus hot standbys)
-    "max_stages": (int, 1, 1024),  # the most pipeline stages a plan may have (none: as many as workers warrant)
+    "max_stages": (int, 1, 1024),  # the most pipeline stages a plan may have (none: as many as the predicted latency warrants)
+    "stages": (int, 1, 1024),  # an exact pipeline depth, as far as workers allow (none: the planner's choice by predicted latency)
     "max_batch": (int, 1, 1024),  # sessions a stage runs in one step at most
     "pipeline_groups": (int, 0, 1024),  # sessions split into this many micro-batches in flight (0: one per stage)
     "target_step_ms": (float, 1.0, 600_000.0),

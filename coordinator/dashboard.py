@@ -155,6 +155,8 @@ class DashboardFeed:
                 "primary_of": [st["index"] for st in held if st["holders"][:1] == [w["worker_id"]]],
                 "memory_used": used, "memory_budget": w["memory_bytes"], "step_ms": w["last_step_ms"], "rtt_ms": w.get("rtt_ms"),
                 "heartbeat_age_ms": None if w["local"] else w["heartbeat_age_ms"], "steps": w["steps"], "local": w["local"],
+                # its place in the plan, or why it is off the critical path; measurements clamped
+                "plan": w.get("plan"), "flagged": w.get("flagged"),
             })
         sessions = []
         for s in status["sessions"]:
@@ -165,7 +167,7 @@ class DashboardFeed:
             "t": round(wall, 3), "model": status["model"], "plan_version": status["plan_version"],
             "degraded": status["degraded"], "unserved_reason": status.get("unserved_reason"), "workers": workers,
             "stages": [{"index": s["index"], "layers": s["layers"], "head": s["head"], "holders": s["holders"],
-                        "ready": s["ready"], "busy": s["busy"], "queued": s["queued"]} for s in stages],
+                        "ready": s["ready"], "busy": s["busy"], "queued": s["queued"], "pipeline": s.get("pipeline", 0)} for s in stages],
             "sessions": sessions, "counters": status["counters"],
             "speculation": status.get("speculation"),  # acceptance rate and tokens per trip in all
             "timeline": self.timeline(core.events, now, wall),

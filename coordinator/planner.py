@@ -1,20 +1,44 @@
-"""Who holds which layers: contiguous ranges in proportion to measured speed, within memory.
+"""Who holds which layers: the pipeline depth that minimises a token's predicted latency, contiguous
+ranges in proportion to measured speed within memory, and serving replicas over the same ranges.
 
-Pure functions over worker descriptions; the coordinator re-plans when membership changes
-while no session is running, and replaces single stages on failure (see state.py).
+Pure functions over worker descriptions. A token's predicted latency through one pipeline is the sum
+over its stages of (layers + the head's cost) x the primary's measured cost per layer, plus each
+hop: the worker's measured round trip (DEFAULT_RTT_MS before its first pong) and the hidden state's
+transfer both ways at DEFAULT_BYTES_PER_MS. The depth is the fewest stages memory allows unless a
+deeper pipeline is predicted faster (by DEPTH_MIN_GAIN); workers beyond it form more pipelines over
+the same ranges (data parallelism: each session runs on one), and every pipeline's primary is a
+warm standby for the same range in the others. The coordinator re-plans when membership changes
+(coordinator/machine/planning.py) and replaces single stages on failure (machine/recovery.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# before a worker's first pong: a LAN's round trip through two event loops
+DEFAULT_RTT_MS = 2.0
+# the hidden state's transfer estimate when nothing better is known: 100 Mbit/s
+DEFAULT_BYTES_PER_MS = 12_500.0
+# a deeper pipeline (more hops) must be predicted this much faster than the shallowest one
+DEPTH_MIN_GAIN = 0.05
 
 
 @dataclass(frozen=True)
 class WorkerCapacity:
     worker_id: str
-    ms_per_layer: float  # measured when it joined, per layer per decode token
+    ms_per_layer: float  # measured when it joined (then from its steps), per layer per decode token
     memory_bytes: int  # budget for weights as the worker will hold them
     expansion: float = 1.0  # bytes held per byte of packed weights (numpy dequantizes to f32)
     local: bool = False  # the coordinator's own compute: last resort only
+    rtt_ms: float | None = None  # its measured round trip (None: not measured yet)
+    flagged: str | None = None  # why its measurements are not trusted: never a primary while others can serve
+
+    def hop_ms(self, hidden_bytes: int, bytes_per_ms: float = DEFAULT_BYTES_PER_MS) -> float:
+        """A step's hop to it and back: its round trip and the hidden state's transfer both ways."""
+        if self.local:
+            return 0.0
+        rtt = DEFAULT_RTT_MS if self.rtt_ms is None else self.rtt_ms
+        return rtt + 2 * hidden_bytes / bytes_per_ms
 
 
 @dataclass
@@ -23,36 +47,66 @@ class StagePlan:
     layer_end: int  # exclusive
     include_head: bool
     workers: list[str] = field(default_factory=list)  # primary first, then standbys
+    pipeline: int = 0
 
     @property
     def layers(self) -> int:
         return self.layer_end - self.layer_start
 
     def to_dict(self) -> dict:
-        return {"layers": [self.layer_start, self.layer_end], "head": self.include_head, "workers": list(self.workers)}
+        return {"layers": [self.layer_start, self.layer_end], "head": self.include_head, "workers": list(self.workers),
+                "pipeline": self.pipeline}
+
+
+@dataclass
+class Plan:
+    pipelines: list[list[StagePlan]]  # the first is predicted fastest
+    predicted_ms: list[float]  # a token's predicted latency through each pipeline, alone
+    notes: dict[str, str] = field(default_factory=dict)  # worker -> its role, or why it is off the critical path
+
+    @property
+    def stages(self) -> list[StagePlan]:
+        return [sp for p in self.pipelines for sp in p]
+
+    @property
+    def depth(self) -> int:
+        return len(self.pipelines[0]) if self.pipelines else 0
 
 
 class PlanError(Exception):
     """Not enough capacity for the model."""
 
 
+@dataclass(frozen=True)
+class Model:
+    """What a plan is made for: layer count, sizes, the head's decode cost in layers and the hidden
+    state's bytes per token."""
+    n_layers: int
+    layer_bytes: int
+    head_bytes: int
+    head_cost_layers: float = 0.0
+    hidden_bytes: int = 0
+
+
 def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_bytes: int,
-         replicas: int = 1, max_stages: int | None = None, head_cost_layers: float = 0.0) -> list[StagePlan]:
-    """Split [0, n_layers) into stages. Every remote worker is used (pipeline parallelism pools
-    them) unless `max_stages` caps the hops; with replicas R, workers are grouped into R
-    pipelines' worth of stages and each stage gets R holders. The local compute is used only
-    when remote workers cannot hold the model.
+         replicas: int = 1, max_stages: int | None = None, head_cost_layers: float = 0.0,
+         stages: int | None = None, hidden_bytes: int = 0, bytes_per_ms: float = DEFAULT_BYTES_PER_MS) -> Plan:
+    """The plan with the lowest predicted token latency: `stages` fixes the depth (as far as there are
+    workers), `max_stages` caps it; `replicas`: holders each range gets at least (a pipeline's
+    primaries count for the same range in the others; workers left over fill the rest). The
+    coordinator's compute (local) is planned only when the remote workers cannot hold the model.
 
     head_cost_layers: the final norm + LM head's decode cost in layers (SmolLM2-135M's 49152 x
     576 head weighs as much as 8 of its layers): the head stage takes that many fewer layers,
     so that it is not the pipeline's bottleneck."""
-    remote = sorted((w for w in workers if not w.local), key=lambda w: (w.ms_per_layer, w.worker_id))
+    model = Model(n_layers, layer_bytes, head_bytes, head_cost_layers, hidden_bytes)
+    remote = [w for w in workers if not w.local]
     local = [w for w in workers if w.local]
     for pool in (remote, remote + local, local):
         if not pool:
             continue
         try:
-            return _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages, head_cost_layers)
+            return _plan_pool(pool, model, replicas, max_stages, stages, bytes_per_ms)
         except PlanError:
             continue
     raise PlanError(f"the {len(workers)} worker(s) cannot hold {n_layers} layers of {layer_bytes} bytes plus a {head_bytes}-byte head")
@@ -62,19 +116,128 @@ def _capacity_layers(w: WorkerCapacity, layer_bytes: int, head: int) -> int:
     return int((w.memory_bytes / w.expansion - head) // max(layer_bytes, 1))
 
 
-def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages, head_cost_layers=0.0) -> list[StagePlan]:
+def _alone_ms(w: WorkerCapacity, m: Model, bytes_per_ms: float) -> float:
+    """A token's latency were `w` to hold the whole model (memory aside): how workers are ranked."""
+    return _finite(w.ms_per_layer) * (m.n_layers + m.head_cost_layers) + w.hop_ms(m.hidden_bytes, bytes_per_ms)
+
+
+def _finite(x: float) -> float:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) and x > 0 else 1e9
+
+
+def predict_ms(pipeline: list[tuple[WorkerCapacity, int, bool]], m: Model, bytes_per_ms: float = DEFAULT_BYTES_PER_MS) -> float:
+    """A token's predicted latency through stages of (primary, layers, holds the head)."""
+    return sum(_finite(w.ms_per_layer) * (n + (m.head_cost_layers if head else 0)) + w.hop_ms(m.hidden_bytes, bytes_per_ms)
+               for w, n, head in pipeline)
+
+
+def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Plan:
     # a worker that cannot hold even one layer serves no stage
-    pool = [w for w in pool if _capacity_layers(w, layer_bytes, 0) >= 1]
+    notes = {w.worker_id: "cannot hold a single layer" for w in pool if _capacity_layers(w, m.layer_bytes, 0) < 1}
+    pool = [w for w in pool if _capacity_layers(w, m.layer_bytes, 0) >= 1]
     if not pool:
         raise PlanError("no worker can hold a single layer")
-    replicas = max(1, min(replicas, len(pool)))
-    n_stages = max(1, len(pool) // replicas)
-    if max_stages:
-        n_stages = min(n_stages, max_stages)
-    n_stages = min(n_stages, n_layers)
-    primaries = pool[:n_stages]
-    standbys = pool[n_stages:]
-    speed = [1.0 / max(w.ms_per_layer, 1e-6) for w in primaries]
+    # untrusted measurements last: they are never on the critical path while others can serve
+    ranked = sorted(pool, key=lambda w: (w.flagged is not None, _alone_ms(w, m, bytes_per_ms), w.worker_id))
+    trusted = [w for w in ranked if w.flagged is None] or ranked
+    top = min(len(trusted), m.n_layers, max_stages or len(trusted))
+    depths = [min(stages, top)] if stages else range(1, top + 1)
+    best = None  # (predicted ms, depth, primaries, counts)
+    tried: dict[int, float] = {}  # depth -> its best predicted latency
+    for d in depths:
+        # the d fastest, and (when memory is what is short) the d with the most memory
+        roomy = sorted(trusted, key=lambda w: (-_capacity_layers(w, m.layer_bytes, 0), _alone_ms(w, m, bytes_per_ms)))[:d]
+        for chosen in (trusted[:d], sorted(roomy, key=lambda w: ranked.index(w))):
+            try:
+                counts = _split(chosen, m)
+            except PlanError:
+                continue
+            ms = predict_ms([(w, c, i == d - 1) for i, (w, c) in enumerate(zip(chosen, counts))], m, bytes_per_ms)
+            tried[d] = min(ms, tried.get(d, ms))
+            # the fewest stages unless a deeper pipeline is predicted materially faster
+            if best is None or ms < best[0] * (1 - DEPTH_MIN_GAIN if d > best[1] else 1):
+                best = (ms, d, list(chosen), counts)
+    if best is None:
+        raise PlanError("not enough memory")
+    first_ms, depth, primaries, counts = best
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append((start, start + c))
+        start += c
+    pipelines = [[StagePlan(a, b, i == depth - 1, [w.worker_id]) for i, ((a, b), w) in enumerate(zip(bounds, primaries))]]
+    predicted = [first_ms]
+    for i, w in enumerate(primaries):
+        notes[w.worker_id] = f"pipeline 0, stage {i}"
+    free = [w for w in ranked if w not in primaries]
+    need = [(b - a) * m.layer_bytes + (m.head_bytes if i == depth - 1 else 0) for i, (a, b) in enumerate(bounds)]
+
+    def fits(w, i):
+        return w.memory_bytes / w.expansion >= need[i]
+
+    # serving replicas: more pipelines over the same ranges, from trusted workers only
+    while True:
+        chosen, rest = [], [w for w in free if w.flagged is None]
+        for i in range(depth):
+            # the fastest worker that fits this range (the head's range, the roomiest, is filled last)
+            w = next((x for x in rest if fits(x, i)), None)
+            if w is None:
+                break
+            chosen.append(w)
+            rest.remove(w)
+        if len(chosen) < depth:
+            break
+        p = len(pipelines)
+        pipelines.append([StagePlan(a, b, i == depth - 1, [w.worker_id], p) for i, ((a, b), w) in enumerate(zip(bounds, chosen))])
+        predicted.append(predict_ms([(w, b - a, i == depth - 1) for i, ((a, b), w) in enumerate(zip(bounds, chosen))], m, bytes_per_ms))
+        for i, w in enumerate(chosen):
+            notes[w.worker_id] = (f"replica: pipeline {p}, stage {i} (predicted {predicted[-1]:.3g} ms a token "
+                                  f"against {first_ms:.3g} ms for pipeline 0)")
+            free.remove(w)
+    # every pipeline's primary is a warm standby for the same range in the others
+    for i in range(depth):
+        primaries_i = [p[i].workers[0] for p in pipelines]
+        for p in pipelines:
+            p[i].workers += [wid for wid in primaries_i if wid != p[i].workers[0]]
+    # left over: standbys where a range has fewer than `replicas` holders, else where the fewest are
+    for w in free:
+        room = [i for i in range(depth) if fits(w, i)]
+        why = _why_left_out(w, primaries, m, bytes_per_ms, depth, len(pipelines), tried)
+        if not room:
+            notes[w.worker_id] = f"unused: cannot hold any range of this plan; {why}"
+            continue
+        i = min(room, key=lambda i: len(pipelines[0][i].workers))
+        if replicas > 1 and len(pipelines[0][i].workers) >= replicas:
+            notes[w.worker_id] = f"unused: every range has {replicas} holders; {why}"
+            continue
+        for p in pipelines:
+            p[i].workers.append(w.worker_id)
+        notes[w.worker_id] = f"standby for layers {bounds[i][0]}-{bounds[i][1] - 1}: {why}"
+    return Plan(pipelines, predicted, notes)
+
+
+def _why_left_out(w: WorkerCapacity, primaries: list[WorkerCapacity], m: Model, bytes_per_ms: float, depth: int,
+                  n_pipelines: int, tried: dict[int, float]) -> str:
+    if w.flagged:
+        return f"measurements not trusted ({w.flagged})"
+    fastest = primaries[0]
+    mine, theirs = _alone_ms(w, m, bytes_per_ms), _alone_ms(fastest, m, bytes_per_ms)
+    hop = w.hop_ms(m.hidden_bytes, bytes_per_ms)
+    far = f", rtt {hop:.3g} ms a hop" if hop > _finite(w.ms_per_layer) * m.n_layers else ""
+    if mine > theirs:
+        return f"slower than {fastest.worker_id} ({mine:.3g} ms a token alone against {theirs:.3g}{far})"
+    deeper = {d: ms for d, ms in tried.items() if d > depth}
+    if deeper:
+        d = min(deeper, key=deeper.get)
+        return (f"too little memory to hold the model alone; a {d}-stage pipeline was predicted {deeper[d]:.3g} ms "
+                f"a token against {tried[depth]:.3g} for {depth}{far}")
+    return f"{n_pipelines} pipeline(s) of {depth} stage(s) are full"
+
+
+def _split(primaries: list[WorkerCapacity], m: Model) -> list[int]:
+    """Layers per stage, in proportion to the primaries' speeds (the head's stage carrying the
+    head's cost too), moved within memory; PlanError when they cannot hold the model."""
+    n_stages, n_layers, head_cost_layers = len(primaries), m.n_layers, m.head_cost_layers
+    speed = [1.0 / max(_finite(w.ms_per_layer), 1e-6) for w in primaries]
     # proportional split of the work (layers + the head's cost, which the last stage carries),
     # then fix rounding so counts sum to n_layers and each >= 1
     raw = [(n_layers + head_cost_layers) * s / sum(speed) for s in speed]
@@ -93,7 +256,7 @@ def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages, he
         counts[i] -= 1
     # respect memory: move layers from stages over budget to stages with room (the last
     # stage also holds the head)
-    caps = [max(0, _capacity_layers(w, layer_bytes, head_bytes if i == n_stages - 1 else 0)) for i, w in enumerate(primaries)]
+    caps = [max(0, _capacity_layers(w, m.layer_bytes, m.head_bytes if i == n_stages - 1 else 0)) for i, w in enumerate(primaries)]
     for i in range(n_stages):
         while counts[i] > caps[i]:
             room = [j for j in range(n_stages) if counts[j] < caps[j]]
@@ -102,21 +265,6 @@ def _plan_pool(pool, n_layers, layer_bytes, head_bytes, replicas, max_stages, he
             j = max(room, key=lambda j: caps[j] - counts[j])
             counts[i] -= 1
             counts[j] += 1
-    if counts[-1] == 0:
+    if counts[-1] < 1 or min(counts) < 1:
         raise PlanError("the worker for the head has no room for it")
-    stages, start = [], 0
-    for i, c in enumerate(counts):
-        if c > 0:
-            stages.append(StagePlan(start, start + c, i == n_stages - 1, [primaries[i].worker_id]))
-            start += c
-    # standbys: each stage gets replicas-1 more holders that can fit it
-    free = list(standbys)
-    for st in stages:
-        need = st.layers * layer_bytes + (head_bytes if st.include_head else 0)
-        while len(st.workers) < replicas:
-            fit = [w for w in free if w.memory_bytes / w.expansion >= need]
-            if not fit:
-                break
-            free.remove(fit[0])
-            st.workers.append(fit[0].worker_id)
-    return stages
+    return counts

@@ -53,6 +53,7 @@ class CoordinatorSettings:
     suspect_evict_factor: float = 4.0  # a step this many deadlines late: evict the worker
     replicas: int = 1
     max_stages: int | None = None
+    stages: int | None = None  # an exact depth (None: the fewest stages unless a deeper pipeline is predicted faster)
     max_batch: int = 16
     pipeline_groups: int = 1
     target_step_ms: float = 200.0  # a stage's batch shrinks when its steps take longer than this
@@ -145,6 +146,9 @@ class Worker:
     # the round trip of a ping to it and its pong, timed here (a tab can delay a pong, not hasten
     # it: the nonce is random), smoothed; measured while idle too
     rtt_ms: float | None = None
+    # a decode step's round trip seen here per layer computed (the head counted as its cost in
+    # layers), smoothed: what a claimed speed is held against (see Planning._trusted_costs)
+    step_ms_per_layer: float | None = None
     ping: tuple[int, float] | None = None  # (nonce, sent at) of the ping awaiting its pong
     pinged_at: float = float("-inf")
     local: bool = False
@@ -252,6 +256,7 @@ class Stage:
     inflight: InFlightStep | None = None  # the step this stage's primary is computing
     needs_rebuild: bool = False
     batch_limit: int = 16  # adapted to measured step latency (see _adapt_batch)
+    pipeline: int = 0  # the serving replica it belongs to: a session's rows stay in one pipeline
 
     @property
     def primary(self) -> str | None:
@@ -260,7 +265,7 @@ class Stage:
     def to_dict(self) -> dict:
         return {"index": self.index, "layers": [self.layer_start, self.layer_end], "head": self.include_head,
                 "holders": list(self.holders), "ready": sorted(self.ready), "queued": len(self.queue),
-                "busy": self.inflight is not None, "batch_limit": self.batch_limit}
+                "busy": self.inflight is not None, "batch_limit": self.batch_limit, "pipeline": self.pipeline}
 
 
 @dataclass
@@ -273,6 +278,7 @@ class PrefixEntry:
     logs: dict  # stage index -> f32 rows [len(tokens), hidden]
     last_used: float
     workers: frozenset = frozenset()  # who computed it: a session forked from it trusts them from token 0
+    pipeline: int = 0  # whose stages hold it: only a session on that pipeline can fork it
 
 
 @dataclass
@@ -307,6 +313,7 @@ class Session:
     # sessions (n > 1) will fork this one's prompt KV as soon as it is computed
     chooser: object | None = None
     share_prefix: bool = False
+    pipeline: int = 0  # the serving replica its rows go through (see Planning._place)
 
     @property
     def position(self) -> int:

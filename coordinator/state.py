@@ -74,6 +74,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._last_tick: float | None = None
         self.degraded = False
         self._nonces = random.Random()  # seeded from the OS: a tab cannot guess its next ping
+        self.plan_notes: dict[str, str] = {}  # worker -> its place in the plan, or why it is off the critical path
         self.plan_error: str | None = None  # the last plan's failure (a resource short), until a plan succeeds
         self.prefix_cache: dict[str, PrefixEntry] = {}
         self._first_join_at: float | None = None
@@ -173,6 +174,8 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
                 "probation": w.probation, "proven_steps": w.proven_steps, "row_cost": round(w.row_cost, 4),
                 "trial": list(self._trials[w.worker_id]["range"]) if w.worker_id in self._trials else None,
                 "why": w.why,
+                "plan": self.plan_notes.get(w.worker_id),  # its role, or why it is off the critical path
+                "flagged": self._trusted_costs(w)[2] if w.alive else None,  # measurements clamped, and why
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
                           "max_tokens": s.max_tokens, "speculation": self.speculation.session_status(s.request_id)}

@@ -15,6 +15,7 @@ def _serve_args(p) -> None:
     p.add_argument("--replicas", type=int, default=None)
     p.add_argument("--heartbeat-ms", type=int, default=None)
     p.add_argument("--max-stages", type=int, default=None)
+    p.add_argument("--stages", type=int, default=None, help="an exact pipeline depth (default: the planner's, by predicted latency)")
     p.add_argument("--no-coordinator-compute", action="store_true", help="never run layers on the coordinator itself")
     p.add_argument("--config", metavar="TOML", help="settings file; flags override it")
     p.add_argument("--speculation", choices=["off", "prompt-lookup", "draft-model"], default=None,
@@ -44,6 +45,8 @@ def settings_from_args(a):
         overrides["heartbeat_ms"] = a.heartbeat_ms
     if a.max_stages is not None:
         overrides["max_stages"] = a.max_stages
+    if getattr(a, "stages", None) is not None:
+        overrides["stages"] = a.stages
     if a.no_coordinator_compute:
         overrides["coordinator_compute"] = False
     for flag in ("speculation", "speculation_max_k", "draft_model"):

@@ -134,8 +134,10 @@ class Net:
 def start_net(weights, n_workers: int, local: bool = False, draft=None, **settings) -> Net:
     """A coordinator with n in-process numpy workers, planned, loaded and ready to serve.
     Its workers are trusted from the start unless probation_steps is given (tests of probation
-    opt in: tests/test_hostile_tabs.py)."""
+    opt in: tests/test_hostile_tabs.py), and planned as one stage each unless stages is given
+    (tests of the planner's own depth choice pass stages=None: tests/test_replicas.py)."""
     settings.setdefault("probation_steps", 0)
+    settings.setdefault("stages", n_workers or None)
     net = Net(weights, CoordinatorSettings(max_ctx=256, **settings), local=local, draft=draft)
     for _ in range(n_workers):
         net.add_worker()

@@ -88,7 +88,7 @@ def reference(smollm2_weights, smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     build_assets()
-    c = LocalCluster(workers=0, token=TOKEN, log_dir=str(tmp_path_factory.mktemp("tabs")))
+    c = LocalCluster(workers=0, token=TOKEN, serve_args=["--stages", "16"], log_dir=str(tmp_path_factory.mktemp("tabs")))
     c.start(timeout=180)
     yield c
     c.stop()

@@ -70,14 +70,14 @@ def ws_tokens(base, prompt=PROMPT, max_tokens=N):
 
 @pytest.mark.parametrize("n_workers", [1, 2])
 def test_small_clusters_match_single_worker(reference, n_workers):
-    with LocalCluster(workers=n_workers) as cluster:
+    with LocalCluster(workers=n_workers, serve_args=["--stages", str(n_workers)]) as cluster:
         assert len(cluster.status()["stages"]) == n_workers
         assert ws_tokens(cluster.base) == reference
 
 
 @pytest.fixture(scope="module")
 def cluster4(tmp_path_factory):
-    c = LocalCluster(workers=4, log_dir=str(tmp_path_factory.mktemp("cluster4")))
+    c = LocalCluster(workers=4, serve_args=["--stages", "4"], log_dir=str(tmp_path_factory.mktemp("cluster4")))
     c.start()
     yield c
     c.stop()

@@ -86,7 +86,7 @@ def test_dashboard_in_chromium_shows_a_killed_worker(tmp_path):
     from tabshard.cluster import LocalCluster
 
     ARTIFACTS.mkdir(exist_ok=True)
-    cluster = LocalCluster(workers=3, backend="numpy", log_dir=str(tmp_path / "logs"), serve_args=["--max-stages", "3"])
+    cluster = LocalCluster(workers=3, backend="numpy", log_dir=str(tmp_path / "logs"), serve_args=["--stages", "3"])
     cluster.start(timeout=90)
     try:
         with urllib.request.urlopen(f"{cluster.base}/dashboard/snapshot.json", timeout=5) as r:

@@ -63,7 +63,7 @@ def two_tabs_one_to_lie(tmp_path):
     # trusted from the start (no probation): what is tested here is a sampled spot check that
     # catches a liar after its tokens went out; on probation every step of a new tab is checked,
     # which can catch it before a wrong token is sent, and then there is nothing to rewind
-    cfg.write_text("spot_check_fraction = 0.3\nspot_check_seed = 5\nprefix_cache_entries = 0\nprobation_steps = 0\n")
+    cfg.write_text("spot_check_fraction = 0.3\nspot_check_seed = 5\nprefix_cache_entries = 0\nprobation_steps = 0\nstages = 2\n")
     with LocalCluster(workers=0, serve_args=["--config", str(cfg)], log_dir=str(tmp_path / "logs")) as cluster:
         pool = InProcessWorkers(cluster.worker_url, cluster.token, ["tab-a", "tab-b"])
         try:

@@ -26,7 +26,7 @@ def reference():
 @pytest.fixture(scope="module")
 def sim(ray_rt, tmp_path_factory):
     log = tmp_path_factory.mktemp("simtabs") / "coordinator.log"
-    coord = CoordinatorProcess(["--no-coordinator-compute", "--max-stages", "2"], log_path=str(log)).start()
+    coord = CoordinatorProcess(["--no-coordinator-compute", "--stages", "2"], log_path=str(log)).start()
     tabs = {f"tab-{i}": SimulatedTab(f"tab-{i}", coord.worker_url, coord.token, profile="cpu-wasm",
                                      hidden=(i == 0), seed=i) for i in range(6)}
     for t in tabs.values():

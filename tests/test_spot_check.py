@@ -198,7 +198,7 @@ def test_detection_delay_in_steps(weights, capsys):
 def test_replica_verifies_when_no_trusted_worker(weights, reference):
     """No coordinator compute: a warm standby of the stage recomputes; a mismatch quarantines
     both (neither is trusted) and the rest of the pool serves the exact tokens."""
-    net = start(weights, 4, local=False, spot_check_fraction=0.5, replicas=2)
+    net = start(weights, 4, local=False, spot_check_fraction=0.5, replicas=2, stages=2)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     net.run(until=lambda: len(net.tokens("r")) >= 3)
     st = next(s for s in net.core.stages if len(s.ready) > 1)

@@ -102,15 +102,21 @@ class Join:
         if aid in w.loading:
             stage_index, _ = w.loading.pop(aid)
             if stage_index < len(self.stages):
-                st = self.stages[stage_index]
-                if w.worker_id in st.holders:
+                key = (self.stages[stage_index].layer_start, self.stages[stage_index].layer_end)
+                # the range is refused in every pipeline it was to serve
+                refused = [st for st in self.stages if (st.layer_start, st.layer_end) == key and w.worker_id in st.holders]
+                for st in refused:
                     st.holders.remove(w.worker_id)
+                    w.stages.discard(st.index)
                 w.stages.discard(stage_index)
                 # the planner now knows this worker's real limit
                 w.caps["memory_bytes"] = int((m.get("detail") or {}).get("budget", 0))
                 if w.state == "loading" and not w.loading:
                     w.move("refused" if not w.stages else "refused_holding")
-                return self._repair_stage(st, now)
+                out = []
+                for st in refused or [self.stages[stage_index]]:
+                    out += self._repair_stage(st, now) if st.primary is None or st.primary not in st.ready else []
+                return out
         span = (detail.get("layer_start"), detail.get("layer_end"))
         if m["reason"] == "memory_pressure" and "budget" in detail:
             w.caps["memory_bytes"] = int(detail["budget"])

@@ -4,13 +4,23 @@ planner, fed measured costs), re-planned when workers come and go, resumed after
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
 from __future__ import annotations
 
-from coordinator.planner import PlanError, StagePlan, WorkerCapacity, plan
-from coordinator.records import LOCAL, Send, Stage, Worker
+import math
+from types import SimpleNamespace
+
+from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
+from coordinator.records import LOCAL, Send, Session, Stage, Worker
 from protocol import wire
 
 
-# a re-plan over the same workers moves weights: worth it only for a predicted step this much faster
+# a re-plan over the same workers moves weights: worth it only for a predicted token this much faster
 REPLAN_MIN_GAIN = 0.15
+# a claimed speed or a ping's round trip this many times off what the worker's own steps show is
+# absurd: clamped to what the steps show, and the worker is kept off the critical path
+ABSURD_FACTOR = 100.0
+# placement's price of one more stream on a pipeline, in one-stream steps: a decode step of n rows
+# costs about 1 + (n - 1) / 4 of a one-row step where compute is per row (a tab's WASM or a CPU);
+# a GPU batches nearly for free, so this errs towards spreading streams over replicas
+STREAM_COST = 0.25
 
 
 class Planning:
@@ -30,45 +40,43 @@ class Planning:
         return c.vocab * c.hidden / layer
 
     def _replan(self, now: float) -> list:
-        workers = self._live_workers()
-        remote = [w for w in workers if not w.local]
-        # tabs on probation are planned only when no trusted tab is there (then every step of
-        # theirs is checked); otherwise they prove themselves on trial (see _start_trials)
-        remote = [w for w in remote if not w.probation] or remote
-        if not self.settings.coordinator_compute or remote:
-            workers = remote if remote else workers
+        workers = self._planned_workers()
         if not workers:
             return []
         try:
-            stages = self._resume_plan(workers) or plan([self._capacity(w) for w in workers], self.config.n_layers, self.layer_bytes,
-                                                        self.head_bytes, self.settings.replicas, self.settings.max_stages,
-                                                        self._head_cost_layers())
+            made = self._resume_plan(workers) or self._make_plan(workers)
         except PlanError as exc:
             self.degraded = True
             self.plan_error = f"memory: {exc}"
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
             return []
         self.plan_error = None
-        self._prefer_held_blobs(stages)
-        kept = self._keep_current_plan(stages)
+        self.plan_notes = dict(made.notes)
+        if len(made.pipelines) == 1:
+            self._prefer_held_blobs(made.pipelines[0])  # (a swap in one pipeline would leave the others' standbys behind)
+        kept = self._keep_current_plan(made)
         if kept is not None:
             self.events.append({"t": now, "kind": "plan_kept", "reason": kept})
             return []
         out = self._forget_prefixes()
-        old = {(s.layer_start, s.layer_end): s for s in self.stages}
+        old: dict[tuple, set] = {}  # range -> holders that have it loaded
+        for s in self.stages:
+            old.setdefault((s.layer_start, s.layer_end), set()).update(s.ready)
         self.plan_version += 1
         self.stages = []
         for w in self.workers.values():
             w.stages = set()
-        for i, sp in enumerate(stages):
-            prev = old.get((sp.layer_start, sp.layer_end))
-            st = Stage(i, sp.layer_start, sp.layer_end, sp.include_head, list(sp.workers), batch_limit=self.settings.max_batch)
-            if prev is not None:
-                st.ready = {h for h in prev.ready if h in st.holders}
+        assigned = set()  # (worker, range): a worker loads a range once, whatever pipelines it serves in
+        for i, sp in enumerate(made.stages):
+            key = (sp.layer_start, sp.layer_end)
+            st = Stage(i, sp.layer_start, sp.layer_end, sp.include_head, list(sp.workers), batch_limit=self.settings.max_batch,
+                       pipeline=sp.pipeline)
+            st.ready = {h for h in old.get(key, ()) if h in st.holders}
             self.stages.append(st)
             for wid in st.holders:
                 self.workers[wid].stages.add(i)
-                if wid not in st.ready:
+                if wid not in st.ready and (wid, key) not in assigned:
+                    assigned.add((wid, key))
                     out += self._assign(self.workers[wid], st, now)
         # the verifier loads every stage's range now, while it may still hold an older range
         # over the same layers (their dequantized matrices are reused), not at the first check
@@ -77,8 +85,8 @@ class Planning:
                 if LOCAL not in st.holders:
                     out += self._load_verify_range(st)
         # ranges a worker held but no longer does are unloaded to free its memory
-        for key, prev in old.items():
-            for wid in prev.ready:
+        for key, ready in old.items():
+            for wid in ready:
                 w = self.workers.get(wid)
                 if w and w.alive and not any((s.layer_start, s.layer_end) == key and wid in s.holders for s in self.stages):
                     out.append(Send(w.conn, wire.make("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
@@ -86,20 +94,118 @@ class Planning:
                         self._verify_ranges.pop(key, None)
                         self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)  # unloaded with the range
         self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
-        self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages]})
+        self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages],
+                            "pipelines": len(made.pipelines), "predicted_ms": [round(x, 3) for x in made.predicted_ms]})
         self._inflight_lost.clear()  # it described stages of the old plan
         for sess in self.sessions.values():
             self._restart_session(sess)
         return out
 
-    def _plan_step_ms(self, ranges) -> float:
-        """A plan's predicted decode step: its slowest stage, (layers + the head's cost) x its
-        primary's cost per layer."""
-        head = self._head_cost_layers()
-        return max(self._ms_per_layer(self.workers[wid]) * (end - start + (head if has_head else 0))
-                   for start, end, has_head, wid in ranges)
+    def _planned_workers(self) -> list[Worker]:
+        workers = self._live_workers()
+        remote = [w for w in workers if not w.local]
+        # tabs on probation are planned only when no trusted tab is there (then every step of
+        # theirs is checked); otherwise they prove themselves on trial (see _start_trials)
+        remote = [w for w in remote if not w.probation] or remote
+        if not self.settings.coordinator_compute or remote:
+            workers = remote if remote else workers
+        return workers
 
-    def _keep_current_plan(self, stages: list[StagePlan]) -> str | None:
+    def _extend_plan(self, now: float) -> list | None:
+        """While sessions run, a new plan that only adds serving replicas (every running
+        pipeline stays as it is: the same ranges, the same primaries) is applied at once: the new
+        pipelines load while the running ones keep serving, and sessions placed later use them.
+        None: the new plan changes a running pipeline (it waits until no session runs)."""
+        workers = self._planned_workers()
+        try:
+            made = self._make_plan(workers) if workers else None
+        except PlanError:
+            return None
+        pipes = self._pipelines()
+        if made is None or not pipes:
+            return None
+        shape = lambda sts: [(st.layer_start, st.layer_end, st.primary) for st in sts]  # noqa: E731
+        current = [shape(sts) for sts in pipes.values()]
+        new = [[(sp.layer_start, sp.layer_end, sp.workers[0]) for sp in pl] for pl in made.pipelines]
+        ranges = [(a, b) for a, b, _ in current[0]]
+        added = [pl for pl, n in zip(made.pipelines, new) if n not in current]
+        if any(c not in new for c in current) or not added or any([(sp.layer_start, sp.layer_end) for sp in pl] != ranges for pl in added):
+            return None
+        out, number = [], max(pipes) + 1
+        for k, pl in enumerate(added):
+            for sp in pl:
+                wid, key = sp.workers[0], (sp.layer_start, sp.layer_end)
+                same = [st for st in self.stages if (st.layer_start, st.layer_end) == key]
+                st = Stage(len(self.stages), sp.layer_start, sp.layer_end, sp.include_head,
+                           [wid] + [x.primary for x in same if x.primary != wid], batch_limit=self.settings.max_batch, pipeline=number + k)
+                st.ready = {h for x in same for h in x.ready if h in st.holders}
+                for x in same:  # the new primary is a warm standby for the running pipelines' same range
+                    if wid not in x.holders:
+                        x.holders.append(wid)
+                        self.workers[wid].stages.add(x.index)
+                self.stages.append(st)
+                self.workers[wid].stages.add(st.index)
+                loading = any(e[0] < len(self.stages) and (self.stages[e[0]].layer_start, self.stages[e[0]].layer_end) == key
+                              for e in self.workers[wid].loading.values())
+                if wid not in st.ready and not loading:
+                    out += self._assign(self.workers[wid], st, now)
+                self.plan_notes[wid] = made.notes.get(wid, f"replica: pipeline {st.pipeline}")
+        self.plan_version += 1
+        self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "extended": True,
+                            "stages": [s.to_dict() for s in self.stages], "pipelines": len(self._pipelines())})
+        return out
+
+    # -- serving replicas
+    def _pipelines(self) -> dict[int, list[Stage]]:
+        out: dict[int, list[Stage]] = {}
+        for st in self.stages:
+            out.setdefault(st.pipeline, []).append(st)
+        return out
+
+    def _entry(self, s: Session) -> int:
+        """The index of the first stage of the session's pipeline."""
+        return next((st.index for st in self.stages if st.pipeline == s.pipeline), 0)
+
+    def _session_stages(self, s: Session) -> list[Stage]:
+        return [st for st in self.stages if st.pipeline == s.pipeline]
+
+    def _place(self, s: Session) -> None:
+        """Bind a session to the pipeline with the lowest predicted token latency given its load:
+        a pipeline's predicted latency (planner.predict_ms over its primaries now) x (1 +
+        STREAM_COST x the streams it already runs), ready pipelines first, the less loaded on a
+        tie. A single stream goes to the fastest; equal replicas share streams evenly."""
+        pipes = self._pipelines()
+        if not pipes:
+            s.pipeline = 0
+            return
+        primaries = {p: {st.primary for st in sts} for p, sts in pipes.items()}
+        bound = [x.pipeline for x in self.sessions.values() if x is not s and not x.finished]
+
+        def key(p):
+            sts = pipes[p]
+            ready = all(st.primary and st.primary in st.ready and not st.needs_rebuild for st in sts)
+            # sessions on any pipeline that shares a primary with this one (after a failover) load it too
+            load = sum(1 for q in bound if q in primaries and primaries[q] & primaries[p])
+            if not all(st.primary for st in sts):
+                return (2, 0.0, load, p)
+            ms = self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts])
+            return (0 if ready else 1, ms * (1 + STREAM_COST * load), load, p)
+
+        s.pipeline = min(pipes, key=key)
+
+    def _make_plan(self, workers: list[Worker]) -> Plan:
+        c = self.config
+        return plan([self._capacity(w) for w in workers], c.n_layers, self.layer_bytes, self.head_bytes, self.settings.replicas,
+                    self.settings.max_stages, self._head_cost_layers(), stages=self.settings.stages, hidden_bytes=4 * c.hidden)
+
+    def _plan_step_ms(self, ranges) -> float:
+        """A plan's predicted token latency (coordinator/planner.py's predict_ms): each stage's
+        (layers + the head's cost) x its primary's cost per layer, plus its hop."""
+        c = self.config
+        model = SimpleNamespace(head_cost_layers=self._head_cost_layers(), hidden_bytes=4 * c.hidden)
+        return predict_ms([(self._capacity(self.workers[wid]), end - start, has_head) for start, end, has_head, wid in ranges], model)
+
+    def _keep_current_plan(self, made: Plan) -> str | None:
         """Why the current plan stays (None: take the new one). A new plan moves weights, so
         while the same workers hold a whole plan of live remote primaries, it is taken only
         when its predicted step is materially faster (REPLAN_MIN_GAIN), not on measurement
@@ -107,12 +213,18 @@ class Planning:
         if not self.stages or any(LOCAL in s.holders or not s.holders for s in self.stages):
             return None
         # the new plan is made of live workers only: the same holders are live holders
+        stages = made.stages
         if {wid for s in self.stages for wid in s.holders} != {wid for sp in stages for wid in sp.workers}:
             return None
         if not all(self._fits(wid, s.layer_start, s.layer_end, s.include_head) for s in self.stages for wid in s.holders):
             return None  # a worker's memory shrank (a memory-pressure report): the plan must change
-        now_ms = self._plan_step_ms([(s.layer_start, s.layer_end, s.include_head, s.holders[0]) for s in self.stages])
-        new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in stages])
+        if any(self._trusted_costs(self.workers[s.primary])[2] for s in self.stages):
+            return None  # a primary's measurements turned out absurd: off the critical path
+        if len(self._pipelines()) != len(made.pipelines):
+            return None  # serving replicas come or go: throughput, not one token's latency, changes
+        now_ms = min(self._plan_step_ms([(s.layer_start, s.layer_end, s.include_head, s.holders[0]) for s in sts])
+                     for sts in self._pipelines().values())
+        new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]])
         if now_ms > new_ms * (1 + REPLAN_MIN_GAIN):
             return None
         return f"same workers; predicted step {new_ms:.3g} ms against {now_ms:.3g} ms now: not {REPLAN_MIN_GAIN:.0%} faster"
@@ -154,7 +266,29 @@ class Planning:
 
     def _capacity(self, w: Worker) -> WorkerCapacity:
         cap = w.capacity()
-        return WorkerCapacity(cap.worker_id, self._ms_per_layer(w), cap.memory_bytes, cap.expansion, cap.local)
+        ms, rtt, flag = self._trusted_costs(w)
+        return WorkerCapacity(cap.worker_id, ms, cap.memory_bytes, cap.expansion, cap.local, rtt, flag)
+
+    def _trusted_costs(self, w: Worker) -> tuple[float, float | None, str | None]:
+        """(ms a layer, round trip ms, why they were clamped or None) as the planner may count on
+        them: a speed or round trip that is not a positive finite number, or one ABSURD_FACTOR
+        off what the worker's own steps show, is replaced by what the steps show and flagged."""
+        ms, rtt, flags = self._ms_per_layer(w), w.rtt_ms, []
+        trusted = [x.ms_per_layer for x in self.workers.values() if x.alive and not x.probation and not x.local and x is not w]
+        if not (isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0):
+            flags.append(f"speed {ms!r} ms a layer")
+            ms = max(trusted, default=1000.0)
+        seen = w.step_ms_per_layer  # from its decode steps' round trips, timed here
+        if seen is not None and ms * ABSURD_FACTOR < seen:
+            flags.append(f"claims {ms:.3g} ms a layer, its steps take {seen:.3g}")
+            ms = seen
+        if rtt is not None and not (math.isfinite(rtt) and rtt >= 0):
+            flags.append(f"rtt {rtt!r} ms")
+            rtt = None
+        elif rtt is not None and w.last_step_ms is not None and rtt > ABSURD_FACTOR * max(w.last_step_ms, 0.1):
+            flags.append(f"rtt {rtt:.3g} ms, its steps answered in {w.last_step_ms:.3g} ms")
+            rtt = w.transport_ms if w.transport_ms is not None else w.last_step_ms
+        return ms, rtt, ("; ".join(flags) or None)
 
     def _ctx_scale(self) -> float:
         """Context positions at which a row's attention costs as much as its matrices: a layer's
@@ -188,7 +322,7 @@ class Planning:
             rows = min(rows, int(self.settings.max_step_ms / max(per_row, 1e-6)))
         return max(16, rows)
 
-    def _resume_plan(self, workers: list[Worker]) -> list[StagePlan] | None:
+    def _resume_plan(self, workers: list[Worker]) -> Plan | None:
         """While the resume window lasts: when the live workers' held weights tile the model (each
         holds a contiguous range, the last one the head: a restarted coordinator's rejoining
         pool), give each a part of what it holds, so nothing is downloaded again."""
@@ -215,7 +349,10 @@ class Planning:
         if self.settings.max_stages and len(ranges) > self.settings.max_stages:
             return None
         ends = starts[1:] + [self.config.n_layers]
-        return [StagePlan(a, b, r is ranges[-1], [r[3]]) for a, b, r in zip(starts, ends, ranges)]
+        stages = [StagePlan(a, b, r is ranges[-1], [r[3]]) for a, b, r in zip(starts, ends, ranges)]
+        return Plan([stages], [self._plan_step_ms([(a, b, h, wid) for a, b, h, wid in
+                                                  ((sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in stages)])],
+                    {sp.workers[0]: f"pipeline 0, stage {i} (resumed: the layers it held)" for i, sp in enumerate(stages)})
 
     def _fits(self, wid: str, start: int, end: int, has_head: bool) -> bool:
         cap = self.workers[wid].capacity()

@@ -64,8 +64,12 @@ class Recovery:
             out += self._release_finishes(now)
         if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
             if self.sessions and self.stages and all(s.primary for s in self.stages):
-                self._deferred_replan = True  # running sessions keep their plan
                 self._replan_at = None
+                extended = self._extend_plan(now)  # new serving replicas join at once
+                if extended is None:
+                    self._deferred_replan = True  # running sessions keep their plan
+                else:
+                    out += extended
             else:
                 self._replan_at = None
                 self._deferred_replan = False
@@ -146,12 +150,15 @@ class Recovery:
         w.stages.add(st.index)
         if st.primary in st.ready:
             return self._rebuild(st, now)
-        if not any(e[0] == st.index for e in w.loading.values()):
+        key = (st.layer_start, st.layer_end)
+        if not any(e[0] < len(self.stages) and (self.stages[e[0]].layer_start, self.stages[e[0]].layer_end) == key
+                   for e in w.loading.values()):  # (it may be loading this range for another pipeline already)
             return self._assign(w, st, now)
         return []
 
     def _held_bytes(self, w: Worker) -> int:
-        return sum(sum(self.blob_info[k].size for k in self._stage_blobs(self.stages[i])) for i in w.stages if i < len(self.stages))
+        held = {(self.stages[i].layer_start, self.stages[i].layer_end): self.stages[i] for i in w.stages if i < len(self.stages)}
+        return sum(sum(self.blob_info[k].size for k in self._stage_blobs(st)) for st in held.values())
 
     def _rebuild(self, st: Stage, now: float) -> list:
         """The named rebuild step: replay every session's stored inputs for this stage, in

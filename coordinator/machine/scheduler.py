@@ -23,9 +23,14 @@ class Scheduler:
         # pipeline micro-batches: sessions go in at most `pipeline_groups` groups (0: one per
         # stage), so a stage works on one group while the next works on another instead of one
         # big batch walking the stages together with all but one stage idle
-        groups = self.settings.pipeline_groups or len(self.stages)
-        group = max(1, -(-len(self.sessions) // max(1, min(groups, len(self.stages)))))
+        pipes = self._pipelines()
+        bound: dict[int, int] = {}
+        for s in self.sessions.values():
+            bound[s.pipeline] = bound.get(s.pipeline, 0) + 1
         for st in self.stages:
+            depth = len(pipes[st.pipeline])
+            groups = self.settings.pipeline_groups or depth
+            group = max(1, -(-bound.get(st.pipeline, 0) // max(1, min(groups, depth))))
             if st.inflight is not None or not st.queue or st.needs_rebuild:
                 continue
             wid = st.primary
@@ -134,6 +139,10 @@ class Scheduler:
                 w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
         if decode:
             self._adapt_batch(st, len(items), w.last_step_ms)
+            per_layer = w.last_step_ms / (st.layer_end - st.layer_start + (self._head_cost_layers() if st.include_head else 0))
+            w.step_ms_per_layer = per_layer if w.step_ms_per_layer is None else 0.8 * w.step_ms_per_layer + 0.2 * per_layer
+            if self._trusted_costs(w)[2] and st.primary == w.worker_id:
+                self._schedule_replan(now)  # its claims are absurd against its steps: off the critical path
         elif not w.local:  # learn what a prompt row costs this worker (deadlines, prompt chunks)
             measured = compute if isinstance(compute, (int, float)) and 0 < compute <= w.last_step_ms else w.last_step_ms
             unit = self._ms_per_layer(w) * (st.layer_end - st.layer_start) * self._rows_equiv(w, [(i.start_pos, len(i.rows)) for i in items])
@@ -235,7 +244,7 @@ class Scheduler:
             d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit)
             draft = d if d.tokens else None
         ids = [token] + (draft.tokens if draft else [])
-        self._enqueue(0, WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
+        self._enqueue(self._entry(s), WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
 
     def _split_draft_rows(self, st: Stage, items: list[WorkItem], m: dict) -> dict | None:
         """A head step_result with several rows per speculative item: a copy of `m` with one row
@@ -305,7 +314,7 @@ class Scheduler:
         for index, log in s.logs.items():
             s.logs[index] = [(p, r[:length - p]) for p, r in log if p < length]
         out, told = [], set()
-        for st in self.stages if tell else []:
+        for st in self._session_stages(s) if tell else []:
             w = self.workers.get(st.primary) if st.primary else None
             if w is not None and w.alive and w.worker_id in st.ready and w.worker_id not in told:
                 told.add(w.worker_id)

@@ -35,6 +35,7 @@ class Sessions:
             # no plan yet: the session starts when one exists (see _restart_session)
             self._replan_at = min(self._replan_at or now, now)
             return []
+        self._place(s)
         out = self._reuse_prefix(s, now)
         first = s.logs[0][0][1].shape[0] if s.logs else 0
         self._enqueue_prefill(s, s.prompt_ids, first)
@@ -47,7 +48,7 @@ class Sessions:
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
             last = start + len(part) == len(rows)
-            self._enqueue(0, WorkItem(s.request_id, first + start, part, first + start, last, s.generation), s)
+            self._enqueue(self._entry(s), WorkItem(s.request_id, first + start, part, first + start, last, s.generation), s)
 
     def _restart_session(self, s: Session) -> None:
         """A new plan holds none of this session's KV: run its whole history (prompt and the
@@ -55,15 +56,21 @@ class Sessions:
         s.logs = {}
         s.log_epoch += 1  # the verifiers' scratch KV of it no longer matches what stages receive
         s.audited = False
+        s.last_by = {}
+        self._place(s)
         self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
 
     # -- prefix cache
     def _reuse_prefix(self, s: Session, now: float) -> list:
-        """Fork the longest cached prefix of this prompt on every stage instead of recomputing it."""
-        if not self.prefix_cache or not self.stages or any(st.primary not in st.ready or st.needs_rebuild for st in self.stages):
+        """Fork the longest cached prefix of this prompt on every stage of its pipeline instead of
+        recomputing it."""
+        stages = self._session_stages(s)
+        if not self.prefix_cache or not stages or any(st.primary not in st.ready or st.needs_rebuild for st in stages):
             return []
         best, best_len = None, 0
         for e in self.prefix_cache.values():
+            if e.pipeline != s.pipeline:
+                continue
             n = min(len(e.tokens), len(s.prompt_ids) - 1)  # the last prompt token must be computed
             common = next((i for i in range(n) if e.tokens[i] != s.prompt_ids[i]), n)
             if common > best_len:
@@ -76,7 +83,7 @@ class Sessions:
         self.counters["prefix_hits"] += 1
         self.counters["prefix_tokens_reused"] += best_len
         out = []
-        for st in self.stages:
+        for st in stages:
             s.logs[st.index] = [(0, best.logs[st.index][:best_len])]
             out.append(Send(self.workers[st.primary].conn, wire.make("fork_session", source_id=best.cache_id,
                                                                session_id=s.request_id, length=best_len)))
@@ -84,16 +91,17 @@ class Sessions:
 
     def _remember_prefix(self, s: Session, now: float) -> list:
         n = len(s.prompt_ids)
-        if (self.settings.prefix_cache_entries <= 0 or n < self.settings.prefix_min_tokens or not self.stages
-                or any(st.primary not in st.ready for st in self.stages)
-                or any(sum(len(r) for _, r in s.logs.get(st.index, [])) < n for st in self.stages)
-                or any(e.tokens == s.prompt_ids for e in self.prefix_cache.values())):
+        stages = self._session_stages(s)
+        if (self.settings.prefix_cache_entries <= 0 or n < self.settings.prefix_min_tokens or not stages
+                or any(st.primary not in st.ready for st in stages)
+                or any(sum(len(r) for _, r in s.logs.get(st.index, [])) < n for st in stages)
+                or any(e.tokens == s.prompt_ids and e.pipeline == s.pipeline for e in self.prefix_cache.values())):
             return []
         cache_id = f"prefix-{next(self._ids)}"
-        logs = {st.index: np.concatenate([r for _, r in s.logs[st.index]])[:n] for st in self.stages}
-        self.prefix_cache[cache_id] = PrefixEntry(cache_id, list(s.prompt_ids), logs, now, frozenset(s.touched))
+        logs = {st.index: np.concatenate([r for _, r in s.logs[st.index]])[:n] for st in stages}
+        self.prefix_cache[cache_id] = PrefixEntry(cache_id, list(s.prompt_ids), logs, now, frozenset(s.touched), s.pipeline)
         out = [Send(self.workers[st.primary].conn, wire.make("fork_session", source_id=s.request_id, session_id=cache_id, length=n))
-               for st in self.stages]
+               for st in stages]
         while len(self.prefix_cache) > self.settings.prefix_cache_entries:
             old = min(self.prefix_cache.values(), key=lambda e: e.last_used)
             out += self._drop_everywhere(old.cache_id)

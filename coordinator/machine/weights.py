@@ -97,7 +97,11 @@ class WeightStreaming:
             if layers and not any((s.layer_start, s.layer_end) == layers and w.worker_id in s.holders for s in self.stages):
                 return [Send(w.conn, wire.make("unload", reason="re-plan", layer_start=layers[0], layer_end=layers[1]))]
             return []
-        st.ready.add(w.worker_id)
-        if st.needs_rebuild and st.primary == w.worker_id:
-            return self._rebuild(st, now)
-        return self._pump(now)
+        out = []
+        # one load serves every pipeline it holds this range in (a replica's standby duty too)
+        for same in self.stages:
+            if (same.layer_start, same.layer_end) == (st.layer_start, st.layer_end) and w.worker_id in same.holders:
+                same.ready.add(w.worker_id)
+                if same.needs_rebuild and same.primary == w.worker_id:
+                    out += self._rebuild(same, now)
+        return out + self._pump(now)

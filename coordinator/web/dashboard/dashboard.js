@@ -33,7 +33,8 @@ function renderWorkers(s) {
       <td class="adapter" title="${esc(w.adapter)}">${esc(w.adapter)}</td><td>${layers}</td>
       <td><span class="mem"><i style="width:${pct.toFixed(1)}%"></i></span>${fmtBytes(w.memory_used)} / ${fmtBytes(w.memory_budget)}</td>
       <td class="num">${fmtMs(w.step_ms)}</td><td class="num">${w.rtt_ms == null || gone ? "–" : fmtMs(w.rtt_ms)}</td><td class="num">${w.heartbeat_age_ms == null ? "–" : gone ? "–" : fmtMs(w.heartbeat_age_ms)}</td>
-      <td><span class="badge state s-${esc(w.state)}">${esc(state)}</span></td></tr>`;
+      <td><span class="badge state s-${esc(w.state)}">${esc(state)}</span></td>
+      <td class="plan">${esc(w.plan || "–")}${w.flagged ? ` <span class="unserved">(clamped: ${esc(w.flagged)})</span>` : ""}</td></tr>`;
   });
   $("#workers tbody").innerHTML = rows.join("");
 }

@@ -1,0 +1,107 @@
+"""The pure planner (coordinator/planner.py): the depth by predicted latency, ranges within memory,
+serving replicas, and why each worker left off the critical path is there."""
+from __future__ import annotations
+
+import pytest
+
+from coordinator.planner import PlanError, WorkerCapacity, plan
+
+GB = 1 << 30
+
+
+def spans(stages):
+    return [s.layer_end - s.layer_start for s in stages]
+
+
+def W(wid, ms=1.0, mem=GB, rtt=None, flagged=None, local=False):
+    return WorkerCapacity(wid, ms, mem, rtt_ms=rtt, flagged=flagged, local=local)
+
+
+def test_head_stage_takes_fewer_layers_by_the_heads_cost():
+    """The head streams as many weights per token as several layers (SmolLM2-135M: 8), so the
+    stage that holds it gets that many fewer layers; equal workers' stages then cost alike."""
+    workers = [W(f"w{i}") for i in range(4)]
+    four = lambda **kw: plan(workers, 30, 1000, 8000, stages=4, **kw).pipelines[0]  # noqa: E731
+    assert spans(four()) == [8, 8, 7, 7]  # head ignored: last stage costs 15
+    balanced = four(head_cost_layers=8.0)
+    assert spans(balanced) == [10, 10, 9, 1] and balanced[-1].include_head  # costs 10, 10, 9, 9
+    assert spans(four(head_cost_layers=2.0)) == [8, 8, 8, 6]
+    assert spans(plan(workers[:1], 30, 1000, 8000, head_cost_layers=8.0).pipelines[0]) == [30]
+    # a head costlier than a whole share still leaves its stage one layer
+    assert spans(four(head_cost_layers=50.0))[-1] == 1
+
+
+def test_a_model_that_fits_one_worker_runs_on_one_and_the_rest_are_replicas():
+    p = plan([W("slow", 5.0), W("a", 1.0), W("b", 1.1), W("c", 1.2)], 30, 1000, 8000)
+    assert p.depth == 1 and [pl[0].workers[0] for pl in p.pipelines] == ["a", "b", "c", "slow"]
+    assert p.predicted_ms == sorted(p.predicted_ms)
+    # every pipeline's primary is the warm standby of the same range in the others
+    assert all(sorted(pl[0].workers) == ["a", "b", "c", "slow"] for pl in p.pipelines)
+    assert p.notes["a"] == "pipeline 0, stage 0" and p.notes["slow"].startswith("replica: pipeline 3")
+
+
+def test_the_fewest_stages_memory_allows():
+    # each worker holds 12 of 30 layers (of 1000 bytes) beside nothing: three stages, not four
+    p = plan([W(f"w{i}", mem=12_500) for i in range(4)], 30, 1000, 500)
+    assert p.depth == 3 and sum(spans(p.pipelines[0])) == 30 and len(p.pipelines) == 1
+    assert p.notes["w3"].startswith("standby for layers")
+    with pytest.raises(PlanError):
+        plan([W("w0", mem=12_500)], 30, 1000, 500)
+
+
+def test_a_deeper_pipeline_only_when_predicted_faster():
+    # a slow worker holds the model alone; two fast ones need each other (15 layers each)
+    roomy, f1, f2 = W("roomy", 3.0), W("f1", 1.0, mem=16_000), W("f2", 1.0, mem=16_000)
+    near = plan([roomy, f1, f2], 30, 1000, 500)
+    assert [s.workers[0] for s in near.pipelines[0]] == ["f1", "f2"]  # 2 x 15 ms + hops against 90 ms
+    assert near.notes["roomy"].startswith("standby") and "slower than f1" in near.notes["roomy"]
+    # the same fast pair behind 50 ms round trips: the slow worker alone is faster
+    far = plan([roomy, W("f1", 1.0, 16_000, rtt=50.0), W("f2", 1.0, 16_000, rtt=50.0)], 30, 1000, 500)
+    assert far.depth == 1 and far.pipelines[0][0].workers[0] == "roomy"
+    assert "rtt" in far.notes["f1"] and far.predicted_ms[0] == pytest.approx(90.0 + 2.0 + 2 * 0 / 12_500)
+
+
+def test_stages_sets_the_depth_and_max_stages_caps_it():
+    workers = [W(f"w{i}") for i in range(5)]
+    assert plan(workers, 30, 1000, 8000, stages=3).depth == 3
+    assert plan(workers, 30, 1000, 8000, stages=9).depth == 5  # as far as workers allow
+    assert plan(workers, 30, 1000, 8000, stages=2).pipelines[1][0].workers[0] == "w2"  # 2 pipelines + a standby
+    tight = [W(f"w{i}", mem=12_500) for i in range(4)]
+    with pytest.raises(PlanError):
+        plan(tight, 30, 1000, 500, max_stages=2)
+
+
+def test_untrusted_measurements_stay_off_the_critical_path():
+    liar = W("liar", 0.001, flagged="claims 0.001 ms a layer, its steps take 9")
+    p = plan([liar, W("honest", 2.0)], 30, 1000, 8000)
+    assert [pl[0].workers[0] for pl in p.pipelines] == ["honest"]
+    assert p.notes["liar"].startswith("standby") and "not trusted" in p.notes["liar"]
+    # alone, it still serves (every step of a tab on probation is checked)
+    assert plan([liar], 30, 1000, 8000).pipelines[0][0].workers == ["liar"]
+
+
+def test_the_coordinators_compute_only_when_tabs_cannot_hold_the_model():
+    p = plan([W("local", 0.1, local=True), W("tab", 5.0)], 30, 1000, 8000)
+    assert [s.workers for s in p.stages] == [["tab"]]
+    assert plan([W("local", 0.1, local=True), W("tab", 5.0, mem=5000)], 30, 1000, 8000).stages[0].workers[0] == "local"
+
+
+# ---------------------------------------------------------------- the coordinator's use of it
+def test_absurd_speed_or_rtt_is_clamped_flagged_and_kept_off_the_critical_path():
+    from tests.harness import start_net
+    from tests.tiny_model import tiny_weights
+
+    net = start_net(tiny_weights(), 3, stages=None)
+    core = net.core
+    primary = core.stages[0].primary
+    far, honest = [w for w in core.workers if w != primary]
+    w = core.workers[primary]
+    w.ms_per_layer, w.step_ms_per_layer = 1e-4, 5.0  # claims 50,000x faster than its steps show
+    core.workers[far].rtt_ms = float("nan")
+    assert core._trusted_costs(w) == (5.0, w.rtt_ms, "claims 0.0001 ms a layer, its steps take 5")
+    net.perform(core._replan(net.now))
+    net.advance(0.3)
+    by_id = {x["worker_id"]: x for x in core.status(net.now)["workers"]}
+    assert core.stages[0].primary == honest and by_id[honest]["plan"] == "pipeline 0, stage 0"
+    assert by_id[primary]["flagged"].startswith("claims") and "not trusted" in by_id[primary]["plan"]
+    assert by_id[far]["flagged"] == "rtt nan ms" and "not trusted" in by_id[far]["plan"]

@@ -1,0 +1,122 @@
+"""Serving replicas (coordinator/machine/planning.py: _place, _extend_plan): workers beyond the
+chosen depth form more pipelines over the same ranges, each session bound to one; their primaries
+are warm standbys for each other. Driven without sockets (tests/harness.py), tokens checked
+against a single worker's."""
+from collections import Counter
+
+import pytest
+
+from model.sampling import SamplingParams
+from tab_worker.generate import LocalGenerator
+from tests.harness import run_until_done, start_net
+from tests.tiny_model import tiny_weights
+
+PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
+N_TOKENS = 16
+SEEDED = SamplingParams(greedy=False, temperature=0.8, top_p=0.95, seed=7)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights()
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    gen = LocalGenerator(weights, backend="numpy", max_ctx=256)
+    return list(gen.generate(PROMPT, N_TOKENS, stop_at_eos=False))
+
+
+def replicas(weights, n, **kw):
+    """n workers, the planner's own depth: the tiny model fits one, so n pipelines of one stage."""
+    net = start_net(weights, n, stages=None, **kw)
+    assert len(net.core._pipelines()) == n and all(len(p) == 1 for p in net.core._pipelines().values())
+    return net
+
+
+def test_streams_spread_over_equal_replicas_with_a_single_workers_tokens(weights, reference):
+    net = replicas(weights, 4)
+    for i in range(8):
+        net.submit(f"r{i}", PROMPT, N_TOKENS, stop_at_eos=False)
+    assert sorted(Counter(s.pipeline for s in net.core.sessions.values()).values()) == [2, 2, 2, 2]
+    run_until_done(net, [f"r{i}" for i in range(8)])
+    assert all(net.tokens(f"r{i}") == reference for i in range(8))
+    assert all(w.steps > 0 for w in net.core.workers.values() if not w.local)
+    assert net.core.status(net.now)["stages"][3]["pipeline"] == 3
+
+
+def test_a_single_stream_goes_to_the_fastest_replica(weights, reference):
+    net = replicas(weights, 3)
+    core = net.core
+    fast = sorted(core.workers)[1]
+    for wid, w in core.workers.items():
+        w.ms_per_layer = 0.2 if wid == fast else 1.0  # as measured
+    net.submit("one", PROMPT, N_TOKENS, stop_at_eos=False)
+    assert core.stages[core.sessions["one"].pipeline].primary == fast
+    run_until_done(net, ["one"])
+    assert net.tokens("one") == reference and all(w.steps == 0 for wid, w in core.workers.items() if wid != fast)
+
+
+@pytest.mark.parametrize("params", [None, SEEDED], ids=["greedy", "seeded"])
+def test_a_replicas_death_resumes_its_sessions_exactly_without_a_download(weights, params):
+    want = start_net(weights, 1)
+    want.submit("ref", PROMPT, N_TOKENS, params, stop_at_eos=False)
+    run_until_done(want, ["ref"])
+    net = replicas(weights, 2)
+    for i in range(4):
+        net.submit(f"r{i}", PROMPT, N_TOKENS, params, stop_at_eos=False)
+    net.run(until=lambda: all(len(net.tokens(f"r{i}")) >= 5 for i in range(4)))
+    sent = net.core.counters["weight_bytes_sent"]
+    victim = net.core.stages[1].primary
+    net.kill(net.core.workers[victim].conn)
+    # the other replica's primary, already holding the range, serves both pipelines now
+    assert net.core.stages[1].primary == net.core.stages[0].primary
+    run_until_done(net, [f"r{i}" for i in range(4)])
+    assert all(net.tokens(f"r{i}") == want.tokens("ref") for i in range(4))
+    assert net.core.counters["weight_bytes_sent"] == sent
+
+
+def test_a_tab_joining_during_streams_becomes_a_replica_without_pausing_them(weights, reference):
+    net = replicas(weights, 1)
+    for i in range(4):
+        net.submit(f"r{i}", PROMPT, 3 * N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: all(len(net.tokens(f"r{i}")) >= 3 for i in range(4)))
+    generations = {rid: s.generation for rid, s in net.core.sessions.items()}
+    late = net.add_worker()
+    for _ in range(12):  # time passes while the streams decode, a token each per 0.05 s
+        least = min(len(net.tokens(f"r{i}")) for i in range(4))
+        net.advance(0.05, until=lambda: min(len(net.tokens(f"r{i}")) for i in range(4)) > least)
+    assert not any(net.done(f"r{i}") for i in range(4))
+    assert len(net.core._pipelines()) == 2 and any(e.get("extended") for e in net.core.events if e["kind"] == "plan")
+    # the running sessions were not restarted: nothing replayed, no generation bumped
+    assert {rid: s.generation for rid, s in net.core.sessions.items()} == generations
+    run_until_done(net, [f"r{i}" for i in range(4)])
+    for i in range(4):
+        assert net.tokens(f"r{i}")[:N_TOKENS] == reference
+    # a later session goes to the new replica (the old one is busy with nothing: a tie goes to the less loaded)
+    net.submit("a", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.submit("b", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["a", "b"])
+    assert net.tokens("a") == net.tokens("b") == reference
+    assert net.core.workers[net.core.conn_worker[late]].steps > 0
+
+
+def test_prefix_cache_speculation_and_truncation_work_per_pipeline(weights):
+    long_prompt = PROMPT * 3  # 24 tokens: over prefix_min_tokens
+    solo = start_net(weights, 1, speculation="prompt-lookup")
+    solo.submit("ref", long_prompt, N_TOKENS, stop_at_eos=False)
+    run_until_done(solo, ["ref"])
+    net = replicas(weights, 2, speculation="prompt-lookup")
+    net.submit("warm", long_prompt, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["warm"])
+    for i in range(4):
+        net.submit(f"r{i}", long_prompt + [i + 1], N_TOKENS, stop_at_eos=False)
+    run_until_done(net, [f"r{i}" for i in range(4)])
+    assert net.tokens("warm") == solo.tokens("ref")
+    # the prefix is forked on the pipeline that holds it, recomputed on the other
+    assert net.core.counters["prefix_hits"] >= 1
+    solo2 = start_net(weights, 1, speculation="prompt-lookup")
+    for i in range(4):
+        solo2.submit(f"r{i}", long_prompt + [i + 1], N_TOKENS, stop_at_eos=False)
+    run_until_done(solo2, [f"r{i}" for i in range(4)])
+    assert all(net.tokens(f"r{i}") == solo2.tokens(f"r{i}") for i in range(4))
