@@ -257,6 +257,9 @@ class Stage:
     needs_rebuild: bool = False
     batch_limit: int = 16  # adapted to measured step latency (see _adapt_batch)
     pipeline: int = 0  # the serving replica it belongs to: a session's rows stay in one pipeline
+    # a pipeline of the previous plan, kept serving while the new plan's holders load (see
+    # Planning._retire): it takes sessions only while no pipeline of the new plan is ready
+    retiring: bool = False
 
     @property
     def primary(self) -> str | None:
@@ -265,7 +268,8 @@ class Stage:
     def to_dict(self) -> dict:
         return {"index": self.index, "layers": [self.layer_start, self.layer_end], "head": self.include_head,
                 "holders": list(self.holders), "ready": sorted(self.ready), "queued": len(self.queue),
-                "busy": self.inflight is not None, "batch_limit": self.batch_limit, "pipeline": self.pipeline}
+                "busy": self.inflight is not None, "batch_limit": self.batch_limit, "pipeline": self.pipeline,
+                "retiring": self.retiring}
 
 
 @dataclass

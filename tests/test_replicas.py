@@ -36,6 +36,8 @@ def replicas(weights, n, **kw):
 
 def test_streams_spread_over_equal_replicas_with_a_single_workers_tokens(weights, reference):
     net = replicas(weights, 4)
+    for w in net.core.workers.values():
+        w.ms_per_layer, w.rtt_ms = 1.0, 1.0  # equal, as measured on a quiet host (this one is shared: its timings vary)
     for i in range(8):
         net.submit(f"r{i}", PROMPT, N_TOKENS, stop_at_eos=False)
     assert sorted(Counter(s.pipeline for s in net.core.sessions.values()).values()) == [2, 2, 2, 2]
@@ -93,7 +95,9 @@ def test_a_tab_joining_during_streams_becomes_a_replica_without_pausing_them(wei
     run_until_done(net, [f"r{i}" for i in range(4)])
     for i in range(4):
         assert net.tokens(f"r{i}")[:N_TOKENS] == reference
-    # a later session goes to the new replica (the old one is busy with nothing: a tie goes to the less loaded)
+    # later sessions use the new replica too (equal workers: the second goes to the less loaded)
+    for w in net.core.workers.values():
+        w.ms_per_layer, w.rtt_ms = 1.0, 1.0
     net.submit("a", PROMPT, N_TOKENS, stop_at_eos=False)
     net.submit("b", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["a", "b"])
@@ -120,3 +124,62 @@ def test_prefix_cache_speculation_and_truncation_work_per_pipeline(weights):
         solo2.submit(f"r{i}", long_prompt + [i + 1], N_TOKENS, stop_at_eos=False)
     run_until_done(solo2, [f"r{i}" for i in range(4)])
     assert all(net.tokens(f"r{i}") == solo2.tokens(f"r{i}") for i in range(4))
+
+
+# ---------------------------------------------------------------- serving while tabs load
+def coordinator_alone(weights, **kw):
+    from coordinator.records import CoordinatorSettings
+    from tests.harness import Net
+
+    return Net(weights, CoordinatorSettings(max_ctx=256, probation_steps=0, spot_check_fraction=0.0, **kw), local=True)
+
+
+def test_the_first_request_is_answered_by_the_coordinators_compute_with_no_tab(weights, reference):
+    net = coordinator_alone(weights)
+    net.submit("first", PROMPT, N_TOKENS, stop_at_eos=False)  # before anything is planned
+    run_until_done(net, ["first"])
+    assert net.tokens("first") == reference and net.core.workers["local"].steps > 0
+
+
+def test_the_old_plan_serves_while_the_new_holder_loads_then_hands_over(weights, reference):
+    net = coordinator_alone(weights)
+    net.run()
+    net.advance(0.5)
+    assert net.core.stages[0].primary == "local"
+    tab = net.add_worker()
+    net.run()  # it joined and measured; its range is assigned at the re-plan
+    net.frozen.add(tab)  # ... and it is slow to load: nothing it is sent is handled yet
+    net.advance(0.35)
+    core = net.core
+    assert core.stages[0].primary == core.conn_worker[tab] and core.conn_worker[tab] not in core.stages[0].ready
+    assert [st.retiring for st in core.stages] == [False, True] and core.stages[1].primary == "local"
+    assert core.status(net.now)["unserved_reason"] is None
+    net.submit("during", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: net.done("during"))  # no time passes: served by the old plan at once
+    assert net.tokens("during") == reference
+    net.thaw(tab)  # loaded: the new plan takes over, the old pipeline retires
+    assert [st.retiring for st in core.stages] == [False] and any(e["kind"] == "retired" for e in core.events)
+    net.submit("after", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["after"])
+    assert net.tokens("after") == reference and core.workers[core.conn_worker[tab]].steps > 0
+
+
+def test_a_retiring_holders_death_moves_its_sessions_to_the_new_plan(weights, reference):
+    net = coordinator_alone(weights, stages=2)
+    net.run()
+    net.advance(0.5)
+    a = net.add_worker()
+    net.advance(0.5)  # a serves alone now
+    b = net.add_worker()
+    net.run()
+    net.frozen.add(b)
+    net.advance(0.35)  # the new plan (a and b, two stages) loads while a's whole-model pipeline serves
+    core = net.core
+    assert [st.retiring for st in core.stages] == [False, False, True] and core.stages[2].primary == core.conn_worker[a]
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    assert core.sessions["s"].pipeline == core.stages[2].pipeline
+    net.run(until=lambda: len(net.tokens("s")) >= 3)
+    net.kill(a)
+    net.thaw(b)
+    run_until_done(net, ["s"])
+    assert net.tokens("s") == reference and not any(st.retiring for st in core.stages)

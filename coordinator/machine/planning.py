@@ -14,9 +14,9 @@ from protocol import wire
 
 # a re-plan over the same workers moves weights: worth it only for a predicted token this much faster
 REPLAN_MIN_GAIN = 0.15
-# a claimed speed or a ping's round trip this many times off what the worker's own steps show is
-# absurd: clamped to what the steps show, and the worker is kept off the critical path
-ABSURD_FACTOR = 100.0
+# a claimed speed this many times faster than the worker's own steps show is absurd: clamped to
+# what the steps show, and the worker is kept off the critical path
+ABSURD_FACTOR = 1000.0
 # placement's price of one more stream on a pipeline, in one-stream steps: a decode step of n rows
 # costs about 1 + (n - 1) / 4 of a one-row step where compute is per row (a tab's WASM or a CPU);
 # a GPU batches nearly for free, so this errs towards spreading streams over replicas
@@ -62,6 +62,7 @@ class Planning:
         old: dict[tuple, set] = {}  # range -> holders that have it loaded
         for s in self.stages:
             old.setdefault((s.layer_start, s.layer_end), set()).update(s.ready)
+        serving = [sts for sts in self._pipelines().values() if self._pipeline_ready(sts)]
         self.plan_version += 1
         self.stages = []
         for w in self.workers.values():
@@ -78,6 +79,7 @@ class Planning:
                 if wid not in st.ready and (wid, key) not in assigned:
                     assigned.add((wid, key))
                     out += self._assign(self.workers[wid], st, now)
+        out += self._keep_serving(serving)
         # the verifier loads every stage's range now, while it may still hold an older range
         # over the same layers (their dequantized matrices are reused), not at the first check
         if self.settings.spot_check_fraction > 0:
@@ -93,7 +95,7 @@ class Planning:
                     if wid == LOCAL:
                         self._verify_ranges.pop(key, None)
                         self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)  # unloaded with the range
-        self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
+        self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1] if not s.retiring)
         self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages],
                             "pipelines": len(made.pipelines), "predicted_ms": [round(x, 3) for x in made.predicted_ms]})
         self._inflight_lost.clear()  # it described stages of the old plan
@@ -155,6 +157,66 @@ class Planning:
                             "stages": [s.to_dict() for s in self.stages], "pipelines": len(self._pipelines())})
         return out
 
+    # -- serving while the new plan loads
+    def _pipeline_ready(self, sts: list[Stage]) -> bool:
+        return bool(sts) and all(st.primary and st.primary in st.ready and not st.needs_rebuild
+                                 and self.workers[st.primary].alive for st in sts)
+
+    def _keep_serving(self, serving: list[list[Stage]]) -> list:
+        """After a re-plan: while no pipeline of the new plan is ready (its holders load their
+        ranges), the old plan's ready pipelines keep serving, as retiring pipelines appended
+        after the new ones (their holders only: what they hold is loaded). New sessions go to
+        them until a new pipeline is ready (_place); _retire drops them once every new pipeline
+        is ready and no session runs on them. The first request after `serve` starts is then
+        answered by the coordinator's own compute while the first tabs load."""
+        if not serving or any(self._pipeline_ready(sts) for sts in self._pipelines().values()):
+            return []
+        number = max(st.pipeline for st in self.stages) + 1
+        for k, sts in enumerate(serving):
+            for st in sts:
+                st.index, st.pipeline, st.retiring = len(self.stages), number + k, True
+                st.holders = [h for h in st.holders if h in st.ready]
+                st.queue.clear()  # every session restarts on the new plan (_replan), placed afresh
+                st.inflight = None  # its late result is ignored (no stage waits on its step id)
+                self.stages.append(st)
+                for h in st.holders:
+                    self.workers[h].stages.add(st.index)
+        return []
+
+    def _retire(self, now: float, lost: bool = False) -> list:
+        """Drop the retiring pipelines once every pipeline of the new plan is ready and no
+        session runs on them; the ranges their holders no longer hold are unloaded. lost: a
+        holder of one died, so they go now, and their sessions restart on the new plan."""
+        gone = [st for st in self.stages if st.retiring]
+        if not gone:
+            return []
+        pipes = self._pipelines()
+        moved = [s for s in self.sessions.values() if s.pipeline in {st.pipeline for st in gone}]
+        if not lost and (moved or not all(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring)):
+            return []
+        self.stages = [st for st in self.stages if not st.retiring]
+        for s in moved:
+            self._restart_session(s)
+        out = []
+        for st in gone:
+            for wid in st.holders:
+                w = self.workers.get(wid)
+                if w is None:
+                    continue
+                w.stages.discard(st.index)
+                key = (st.layer_start, st.layer_end)
+                if w.alive and not any((x.layer_start, x.layer_end) == key and wid in x.holders for x in self.stages):
+                    out.append(Send(w.conn, wire.make("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
+                    if wid == LOCAL:
+                        self._verify_ranges.pop(key, None)
+                        self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)
+        for cache_id in [k for k, e in self.prefix_cache.items() if e.pipeline in {st.pipeline for st in gone}]:
+            out += self._drop_everywhere(cache_id)
+            del self.prefix_cache[cache_id]
+        self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
+        self.events.append({"t": now, "kind": "retired", "stages": [st.to_dict() for st in gone]})
+        return out
+
     # -- serving replicas
     def _pipelines(self) -> dict[int, list[Stage]]:
         out: dict[int, list[Stage]] = {}
@@ -181,9 +243,13 @@ class Planning:
         primaries = {p: {st.primary for st in sts} for p, sts in pipes.items()}
         bound = [x.pipeline for x in self.sessions.values() if x is not s and not x.finished]
 
+        fresh_ready = any(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring)
+
         def key(p):
             sts = pipes[p]
-            ready = all(st.primary and st.primary in st.ready and not st.needs_rebuild for st in sts)
+            ready = self._pipeline_ready(sts) and not (sts[0].retiring and fresh_ready)
+            if sts[0].retiring and not ready:
+                return (3, 0.0, 0, p)  # a retiring pipeline takes sessions only while nothing new is ready
             # sessions on any pipeline that shares a primary with this one (after a failover) load it too
             load = sum(1 for q in bound if q in primaries and primaries[q] & primaries[p])
             if not all(st.primary for st in sts):
@@ -271,8 +337,11 @@ class Planning:
 
     def _trusted_costs(self, w: Worker) -> tuple[float, float | None, str | None]:
         """(ms a layer, round trip ms, why they were clamped or None) as the planner may count on
-        them: a speed or round trip that is not a positive finite number, or one ABSURD_FACTOR
-        off what the worker's own steps show, is replaced by what the steps show and flagged."""
+        them: a speed or round trip that is not a positive finite number, or a speed ABSURD_FACTOR
+        faster than the worker's own steps show, is replaced and flagged (a flagged worker is
+        never a primary while others can serve). A round trip longer than its steps' (a ping
+        answered late while the worker's loop loaded weights) is clamped to theirs, not flagged:
+        a step carries the hop too, and a slow pong can only make the worker look farther."""
         ms, rtt, flags = self._ms_per_layer(w), w.rtt_ms, []
         trusted = [x.ms_per_layer for x in self.workers.values() if x.alive and not x.probation and not x.local and x is not w]
         if not (isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0):
@@ -285,9 +354,8 @@ class Planning:
         if rtt is not None and not (math.isfinite(rtt) and rtt >= 0):
             flags.append(f"rtt {rtt!r} ms")
             rtt = None
-        elif rtt is not None and w.last_step_ms is not None and rtt > ABSURD_FACTOR * max(w.last_step_ms, 0.1):
-            flags.append(f"rtt {rtt:.3g} ms, its steps answered in {w.last_step_ms:.3g} ms")
-            rtt = w.transport_ms if w.transport_ms is not None else w.last_step_ms
+        elif rtt is not None and w.last_step_ms is not None and rtt > w.last_step_ms:
+            rtt = w.last_step_ms
         return ms, rtt, ("; ".join(flags) or None)
 
     def _ctx_scale(self) -> float:

@@ -106,6 +106,8 @@ class Recovery:
         if w.conn in self.conn_worker:
             self.conn_worker.pop(w.conn, None)
             out.append(Close(w.conn, 4000, f"fenced: {reason}"[:120]))
+        if any(st.retiring and w.worker_id in st.holders for st in self.stages):
+            out += self._retire(now, lost=True)  # the old plan's pipelines go; their sessions restart on the new one
         for st in self.stages:
             if w.worker_id not in st.holders:
                 continue

@@ -104,4 +104,4 @@ class WeightStreaming:
                 same.ready.add(w.worker_id)
                 if same.needs_rebuild and same.primary == w.worker_id:
                     out += self._rebuild(same, now)
-        return out + self._pump(now)
+        return out + self._retire(now) + self._pump(now)
