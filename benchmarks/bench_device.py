@@ -11,9 +11,10 @@ device machine. Figures are appended to the benchmark history (tabshard/bench_hi
         [--variants wgpu-blocks,wgpu] [--rows 1,8,32,64] [--steps 20] [--kernels] [--history PATH]
 
 --variants compares matvec lane layouts side by side in one run: "wgpu" is the device's default
-(kernels.runner.matmul_tuning), "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
-before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (at most T threads per
-output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
+(kernels.runner.matmul_tuning), "wgpu-lanes" the default without staging x for one row
+(include/qmatvec_staged.wgsl), "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
+before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW][bB]" SPAN=S and OPT=O (0: by shape; at most T threads
+per output, workgroups of W, B blocks a lane at a time when staged), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels. --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
@@ -249,7 +250,7 @@ def profile(weights: ModelWeights, steps: int = 100) -> None:
     kernel_breakdown(be, rows_plan)
 
 
-def kernel_breakdown(be, rows_plan: list, reps: int = 30) -> None:
+def kernel_breakdown(be, rows_plan: list, reps: int = 30, label: str = "") -> dict:
     """GPU time of each kernel's share of a decode step: that kernel's dispatches alone, `reps`
     steps' worth submitted back to back, one wait (in-stream copies left out). The shares add
     up to more than a full step when dispatches overlap in the full one."""
@@ -259,20 +260,17 @@ def kernel_breakdown(be, rows_plan: list, reps: int = 30) -> None:
             groups.setdefault(item[5].label or "?", []).append(item)
 
     def gpu_ms(plan):
-        be.dev.execute(plan)
-        be.dev.device._poll_wait()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            be.dev.execute(plan)
-        be.dev.device._poll_wait()
-        return (time.perf_counter() - t0) * 1000 / reps
+        return gpu_bound_ms(be.dev, plan, reps, warm_s=0.1)
 
     empty = gpu_ms([])
     full = gpu_ms([i for i in rows_plan if i.__class__ is tuple])
-    print(f"profile: kernels: full step {full:.3f} ms GPU-bound, empty submit {empty:.3f} ms", flush=True)
-    for label, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    print(f"profile:{label} kernels: full step {full:.3f} ms GPU-bound, empty submit {empty:.3f} ms", flush=True)
+    out = {"full_ms": full, "empty_ms": empty, "kernels": {}}
+    for name, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         t = gpu_ms(items)
-        print(f"profile: kernel {label:40s} x{len(items):3d}  {t:.3f} ms/step  {1000 * (t - empty) / len(items):.1f} us each", flush=True)
+        out["kernels"][name] = {"count": len(items), "ms": t}
+        print(f"profile:{label} kernel {name:60s} x{len(items):3d}  {t:.3f} ms/step  {1000 * (t - empty) / len(items):.1f} us each", flush=True)
+    return out
 
 
 
@@ -318,7 +316,7 @@ def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rn
     plan = cached[2] if cached else []
     out = {"rows": rows, "step_ms": [t * 1000 for t in times],
            "dispatches": sum(1 for item in plan if item.__class__ is tuple),
-           "gpu_ms": gpu_bound_ms(be.dev, plan) if plan else float("nan")}
+           "gpu_ms": gpu_bound_ms(be.dev, plan) if plan else float("nan"), "plan": plan}
     for s in ids:
         be.drop_session(s)
     return out
@@ -418,6 +416,8 @@ def roofline(a) -> int:
                        "gbps": gbps, "copy_fraction": gbps / copy, "gpu_ms": r["gpu_ms"], "dispatches": r["dispatches"],
                        "load_s": load_s, "samples_ms": r["step_ms"]}
                 results["workloads"].append(row)
+                if a.breakdown and rows == rows_list[0]:
+                    row["breakdown"] = kernel_breakdown(be, r["plan"], label=f" {label} {variant} rows {rows}")
                 print(f"{label:>24} {variant:>14} rows {rows:>2}: step {step:7.2f} ms (GPU-bound {r['gpu_ms']:7.2f}) "
                       f"{row['tok_s']:8.0f} tok/s | weights {gbps:6.0f} GB/s = {100 * row['copy_fraction']:5.1f}% of copy "
                       f"| {r['dispatches']} dispatches/step", flush=True)
@@ -470,6 +470,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,32,64", help="sessions decoding together, per workload")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per workload")
     ap.add_argument("--kernels", action="store_true", help="time each linear of a layer alone per layout first")
+    ap.add_argument("--breakdown", action="store_true", help="GPU time of each kernel's dispatches in the first --rows workload")
     ap.add_argument("--json", default="", help="write every figure here too")
     ap.add_argument("--warm-up", type=float, default=3.0, help="seconds of GPU work before measuring")
     ap.add_argument("--history", default="", help="benchmark history database (default: the repository's; 'none': skip)")

@@ -20,17 +20,21 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-unfused":
         return base, {"fuse_decode": False}
+    if variant == "wgpu-lanes":  # one row without staging x (the lanes loop at every row count)
+        return dataclasses.replace(base, matvec_stage=0), {}
     if variant == "wgpu-blocks":
         return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
     m = re.fullmatch(r"wgpu-mm(\d+)", variant)
     if m:  # qmatmul (tiled) above this many rows
         return base, {"matvec_max_rows": int(m.group(1))}
-    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
+    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?(?:b(\d))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks, wgpu-lanes or wgpu-sSoO[tT][wW][bB]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))
+    if m.group(5):
+        extra["matvec_bps"] = int(m.group(5))
     return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2)), **extra), {}
 
 
@@ -94,11 +98,17 @@ def warm_up(dev, seconds: float) -> None:
         copy_gbps(dev, 256 << 20, reps=20, rounds=1)
 
 
-def gpu_bound_ms(dev, plan, reps: int = 20) -> float:
+def gpu_bound_ms(dev, plan, reps: int = 20, warm_s: float = 0.25) -> float:
     """A cached plan replayed ``reps`` times back to back with one wait: GPU time per step
-    (recording overlaps the GPU), free of the per-step readback and host work."""
-    dev.execute(plan)
-    dev.device._poll_wait()
+    (recording overlaps the GPU), free of the per-step readback and host work. The plan is
+    first replayed for ``warm_s`` seconds: an H200 left idle for seconds (a model's upload)
+    ran the same kernels 2-3x slower until its clock came back up."""
+    t = time.perf_counter()
+    while True:
+        dev.execute(plan)
+        dev.device._poll_wait()
+        if time.perf_counter() - t >= warm_s:
+            break
     t = time.perf_counter()
     for _ in range(reps):
         dev.execute(plan)

@@ -130,6 +130,8 @@ class MatmulTuning:
     tile: int  # qmatmul's output tile
     matvec_span: int = 8  # qmatvec's SPAN: 8 walks whole blocks per lane (CPU), 1/2/4 interleave lanes (GPU), 0 by shape
     matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4; 0 by shape)
+    matvec_stage: int = 0  # qmatvec's XT for one row: vec4s of x staged in workgroup memory (0: none)
+    matvec_bps: int = 1  # staged: blocks a lane loads at a time (BPS, 1 or 2)
 
 
 def matmul_tuning(dev: Device) -> MatmulTuning:
@@ -146,13 +148,16 @@ def matmul_tuning(dev: Device) -> MatmulTuning:
     tile = 64 if wg >= 256 else 32
     if dev.is_real_gpu():
         return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
-                            matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT)
+                            matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE)
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
 # qmatvec's lane layout on a real GPU (include/qmatvec_lanes.wgsl): 0 = by shape (matvec_layout)
 GPU_MATVEC_SPAN = 0
 GPU_MATVEC_OPT = 0
+# single-row matvecs on a real GPU: lanes take whole blocks, x staged in workgroup memory
+# (include/qmatvec_staged.wgsl), 512 vec4s (8 KiB) a chunk
+GPU_MATVEC_STAGE = 512
 
 
 def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
@@ -218,6 +223,12 @@ class QuantLinear(Launcher):
         if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
             raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
+        # one row, staged (lanes path only): a lane per block, at least two blocks a lane
+        self.stage = self.tuning.matvec_stage if f32 and (self.span != 8 or self.opt != 1) else 0
+        if self.stage % 8 or self.stage < 0:
+            raise ValueError(f"matvec_stage {self.stage} must be a non-negative multiple of 8")
+        blocks = -(-w.k // 32)
+        self.stage_tpr = min(self.wg, self.tuning.matvec_max_tpr, 1 << max(0, (blocks // 2).bit_length() - 1))
         self.tile = self.tuning.tile
         self._launches: dict[tuple, list] = {}
 
@@ -227,9 +238,11 @@ class QuantLinear(Launcher):
             x, x_stride, y, y_stride, y_col, acc = self._args
             buffers, extra = [], {}
             if kernel.startswith("qmatvec"):
-                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self.tpr, "ROWS": rows_per_wg}
+                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self._tpr(rows_per_wg), "ROWS": rows_per_wg}
                 if self.span != 8 or self.opt != 1:
                     consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
+                if self.stage and rows_per_wg == 1:
+                    consts.update(XT=self.stage, BPS=self.tuning.matvec_bps)
                 if kernel.startswith("qmatvec_norm"):
                     buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
                 elif kernel.startswith("qmatvec_silu"):
@@ -242,11 +255,14 @@ class QuantLinear(Launcher):
                 for start, n, qweight, scales in self.w.chunks]
         return self._launches[key]
 
+    def _tpr(self, rows_per_wg: int) -> int:
+        return self.stage_tpr if self.stage and rows_per_wg == 1 else self.tpr
+
     def dispatches(self, rows: int) -> list:
         items = []
         if rows <= self.matvec_max_rows:
             rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
-            outputs_per_wg = self.wg // self.tpr * self.opt
+            outputs_per_wg = self.wg // self._tpr(rows_per_wg) * self.opt
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg):
                 launch.set(m=rows)
                 items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))

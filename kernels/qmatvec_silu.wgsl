@@ -29,6 +29,8 @@ override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override SPAN: u32 = 8u;          // vec4s of inputs a lane takes at a time: 8 (whole blocks, CPU) or 1, 2, 4 (GPU)
 override OPT: u32 = 1u;           // outputs per thread: 1, 2 or 4 (> 1 or SPAN < 8: include/qmatvec_lanes.wgsl)
 override EXACT: bool = false;     // k is a multiple of 32 (lanes loop: no masking, no tail)
+override XT: u32 = 0u;            // one row: vec4s of x staged per chunk (include/qmatvec_staged.wgsl; 0: none)
+override BPS: u32 = 1u;           // staged: blocks a lane loads at a time (1 or 2)
 
 struct Params {
   n: u32,          // output rows of W (in this buffer)
@@ -78,5 +80,7 @@ fn load_quad(r: vec4<u32>, xi: u32, j0: u32, valid: u32) -> mat4x4<f32> {
 // #include "qmatvec_blocks.wgsl"
 
 // #include "qmatvec_lanes.wgsl"
+
+// #include "qmatvec_staged.wgsl"
 
 // #include "qmatvec_main.wgsl"

@@ -24,7 +24,10 @@ MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
 # (the GPU's lane layouts too: include/qmatvec_lanes.wgsl, SPAN vec4s per lane step, OPT outputs per thread)
 TUNINGS = {
     "gpu": KL.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
-                          matvec_span=KL.GPU_MATVEC_SPAN, matvec_opt=KL.GPU_MATVEC_OPT),
+                          matvec_span=KL.GPU_MATVEC_SPAN, matvec_opt=KL.GPU_MATVEC_OPT, matvec_stage=KL.GPU_MATVEC_STAGE),
+    # one row staged 8 vec4s (one block) a chunk: k = 70 takes three chunks, the last one short
+    "gpu-staged8": KL.MatmulTuning(matvec_wg=64, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+                                  matvec_span=2, matvec_opt=4, matvec_stage=8),
     "gpu-blocks": KL.MatmulTuning(matvec_wg=256, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64),
     "gpu-span2-opt4": KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
                                      matvec_span=2, matvec_opt=4),
@@ -111,6 +114,17 @@ def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False,
 def test_qmatvec(dev, rng, spec, tuning):
     # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
     _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8, tuning=TUNINGS[tuning])
+
+
+@pytest.mark.parametrize("stage,bps", [(0, 1), (8, 2), (512, 1), (512, 2)])
+@pytest.mark.parametrize("spec", [QuantSpec(b, 64, s) for b in SUPPORTED_BITS for s in (False, True)], ids=lambda s: s.name)
+def test_qmatvec_one_row_long_k(dev, rng, spec, stage, bps):
+    # the GPU's single-row layouts over several of XT's chunks (k = 4200: three chunks of 2048
+    # inputs, the last one 104 long and its last block short), staged (a block or two a lane
+    # at a time) or not
+    tuning = KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+                             matvec_span=2, matvec_opt=4, matvec_stage=stage, matvec_bps=bps)
+    _quant_linear(dev, rng, spec, n=9, k=4200, rows=1, matvec_max_rows=8, tuning=tuning)
 
 
 @pytest.mark.parametrize("tuning", list(TUNINGS))

@@ -26,6 +26,10 @@ fn lanes_term1(sm: vec2<f32>, q: vec4<f32>, xv: vec4<f32>, xs: f32) -> f32 {
 // (reduce_store, scaling row r by scale_lo / scale_hi as qmatvec_blocks' callers do). Called
 // from main in uniform control flow.
 fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) {
+  if (XT > 0u && ROWS == 1u) {
+    qmatvec_staged(t, lane, n0, m0, scale_lo.x);
+    return;
+  }
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let units = (p.k + 3u) / 4u;  // vec4s of inputs; the last one's tail is masked by load_x
@@ -119,22 +123,7 @@ fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale
     }
   }
   if (ROWS == 1u && OPT > 1u) {
-    // one row: the OPT outputs' sums are one vec4 per thread, reduced together
-    partial[t] = vec4<f32>(a0.x, a1.x, a2.x, a3.x);
-    sum_partials(t, lane, TPR);
-    if (lane == 0u) {
-      for (var o = 0u; o < OPT; o++) {
-        let n = n0 + o;
-        if (n < p.n) {
-          let i = m0 * p.y_stride + p.y_col + n;
-          var previous = 0.0;
-          if (p.accumulate != 0u) {
-            previous = y[i];
-          }
-          y[i] = previous + partial[t][o] * scale_lo.x;
-        }
-      }
-    }
+    store_outputs(t, lane, n0, m0, vec4<f32>(a0.x, a1.x, a2.x, a3.x), scale_lo.x);
     return;
   }
   lanes_store(t, lane, n0, m0, a0, h0, scale_lo, scale_hi);
@@ -156,4 +145,24 @@ fn lanes_store(t: u32, lane: u32, n: u32, m0: u32, lo: vec4<f32>, hi: vec4<f32>,
     partial[WG + t] = hi;
   }
   reduce_store(t, lane, n, m0, scale_lo, scale_hi);
+}
+
+// One row's OPT outputs n0.. (this lane's sums in acc): reduced together, one vec4 per thread,
+// then stored times scale (1, or the row's inverse RMS), added to y when p.accumulate.
+fn store_outputs(t: u32, lane: u32, n0: u32, m0: u32, acc: vec4<f32>, scale: f32) {
+  partial[t] = acc;
+  sum_partials(t, lane, TPR);
+  if (lane == 0u) {
+    for (var o = 0u; o < OPT; o++) {
+      let n = n0 + o;
+      if (n < p.n) {
+        let i = m0 * p.y_stride + p.y_col + n;
+        var previous = 0.0;
+        if (p.accumulate != 0u) {
+          previous = y[i];
+        }
+        y[i] = previous + partial[t][o] * scale;
+      }
+    }
+  }
 }
