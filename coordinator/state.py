@@ -50,6 +50,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self.embed = embed_fn
         self.blob_bytes = blobs
         self.blob_info = {k: blob_info(k, v) for k, v in blobs.items()}
+        self._chunk_digests: dict[str, list[str]] = {}  # blob sha256 -> its chunks' (see _weight_chunks)
         self.layer_bytes = max(self.blob_info[f"layer:{i}"].size for i in range(config.n_layers))
         self.head_bytes = self.blob_info["head"].size
         self.workers: dict[str, Worker] = {}  # worker_id -> record

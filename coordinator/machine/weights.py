@@ -43,10 +43,14 @@ class WeightStreaming:
             if info.sha256 in w.have_blobs:
                 continue
             data = self.blob_bytes[info.key]
+            # each chunk's digest is computed once: hashing the whole model again for every tab
+            # that loads it held the event loop (and every running stream) for ~70 ms a tab here
+            digests = self._chunk_digests.get(info.sha256)
+            if digests is None:
+                digests = self._chunk_digests[info.sha256] = [sha256(chunk(data, c)) for c in range(info.chunks)]
             for c in range(info.chunks):
-                piece = chunk(data, c)
                 out.append(Send(w.conn, wire.make("weights_chunk", chunk_id=c, name=info.key, blob=info.sha256, offset=c * CHUNK_BYTES,
-                                             total=info.size, data=piece, sha256=sha256(piece))))
+                                             total=info.size, data=chunk(data, c), sha256=digests[c])))
         return out
 
     def _precision(self) -> dict:
@@ -97,6 +101,7 @@ class WeightStreaming:
             if layers and not any((s.layer_start, s.layer_end) == layers and w.worker_id in s.holders for s in self.stages):
                 return [Send(w.conn, wire.make("unload", reason="re-plan", layer_start=layers[0], layer_end=layers[1]))]
             return []
+        self.events.append({"t": now, "kind": "loaded", "worker": w.worker_id, "layers": [st.layer_start, st.layer_end]})
         out = []
         # one load serves every pipeline it holds this range in (a replica's standby duty too)
         for same in self.stages:

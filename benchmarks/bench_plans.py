@@ -1,0 +1,338 @@
+"""Plans over unequal workers (issue #18), real processes on 127.0.0.1, each ratio measured side by
+side in one run (the two clusters up at once, their streams alternating; the figure is the median
+round):
+
+    .venv/bin/python benchmarks/bench_plans.py [--quick] [--rounds N] [--no-history]
+
+* mixed: single-stream decode tok/s, a numpy worker alone against a numpy worker beside a wgpu
+  worker on lavapipe (a CPU rasteriser: much slower) in one cluster (target >= 0.95x);
+* one_slow: single stream, 4 numpy workers of which one is slowed 5x, against one numpy worker
+  alone (target >= 0.95x the best single worker's);
+* replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
+  tokens equal to the single worker's. Here every worker is slowed 10x, and the slowing SLEEPS
+  (actors/faults.slow_down: each step takes its compute time plus 9x that asleep), so that five
+  workers and two coordinators on this 2-core host are not measuring the cores;
+* join: 4 streams on one worker while a second joins: the longest pause between two tokens, in
+  median inter-token gaps (target <= 2 steps' time);
+* cold start: from starting `serve` to the first token of a request sent as soon as the
+  coordinator answers, with no tab joined (the coordinator's own compute serves it).
+
+Serve settings for every cluster: probation_steps = 0 and spot_check_fraction = 0 (a tab on
+probation has every step recomputed on the coordinator's cores, which would be measured instead
+of the plan). The figures go to the benchmark history (tabshard/bench_history.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import websockets  # noqa: E402
+
+from protocol import wire  # noqa: E402
+from simulation.runtime import CoordinatorProcess  # noqa: E402
+
+PROMPT = "Write a short paragraph about the history of the printing press."
+TOKEN = "bench-plans"
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+# ---------------------------------------------------------------- workers
+def worker_main(url: str, name: str, slow: float) -> None:
+    """A Python tab (numpy) whose steps take `slow` x their compute time, the rest asleep."""
+    from actors.faults import slow_down
+    from tab_worker.client import run_worker
+    from tab_worker.worker import TabWorker
+
+    w = TabWorker(name, backend="numpy", token=TOKEN)
+    if slow != 1.0:
+        slow_down(w, slow)
+    asyncio.run(run_worker(url, w))
+
+
+class Cluster:
+    """`tabshard serve` and its workers, every process ours by PID."""
+
+    def __init__(self, name: str, log_dir: Path, settings: str):
+        self.name, self.log_dir = name, log_dir
+        cfg = log_dir / f"{name}.toml"
+        cfg.write_text(settings)
+        self.coord = CoordinatorProcess(["--config", str(cfg)], TOKEN, log_path=str(log_dir / f"{name}-coordinator.log"))
+        self.procs: list[subprocess.Popen] = []
+        self.names: list[str] = []
+
+    def start(self) -> "Cluster":
+        self.coord.start(180)
+        return self
+
+    @property
+    def base(self) -> str:
+        return self.coord.base
+
+    def add(self, name: str, backend: str = "numpy", slow: float = 1.0) -> None:
+        if slow != 1.0:
+            cmd = [sys.executable, __file__, "--worker", self.coord.worker_url, name, str(slow)]
+        else:
+            cmd = [sys.executable, "-m", "tabshard.cli", "worker", "--connect", self.coord.worker_url, "--token", TOKEN,
+                   "--backend", backend, "--name", name]
+        log = open(self.log_dir / f"{self.name}-{name}.log", "wb")
+        self.procs.append(subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT))
+        self.names.append(name)
+
+    def wait_ready(self, timeout: float = 600) -> dict:
+        """Every worker joined and holds its part, every stage's primary loaded, nothing retiring."""
+        def ok(st):
+            tabs = {w["name"]: w for w in st["workers"] if not w["local"] and w["state"] not in ("dead", "quarantined")}
+            return (set(self.names) <= set(tabs) and all(tabs[n]["stages"] and tabs[n]["state"] == "ready" for n in self.names)
+                    and st["stages"] and all(s["holders"] and s["holders"][0] in s["ready"] and not s.get("retiring")
+                                             for s in st["stages"]))
+        return self.coord.wait_for(ok, timeout, f"{self.name}: every worker ready")
+
+    def status(self) -> dict:
+        return self.coord.status()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.coord.stop()
+
+
+# ---------------------------------------------------------------- clients
+def stream(base: str, prompt=PROMPT, max_tokens=48, stamps_out: list | None = None) -> dict:
+    async def go():
+        async with websockets.connect(base.replace("http", "ws") + "/v1/stream", compression=None, max_size=None) as ws:
+            t0 = time.perf_counter()
+            await ws.send(wire.encode(wire.make("generate", request_id="b", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, greedy=True)))
+            stamps, ids = stamps_out if stamps_out is not None else [], []
+            while True:
+                m = wire.decode(await ws.recv())
+                if m["type"] == "token":
+                    stamps.append(time.perf_counter())
+                    ids.append(m["token_id"])
+                elif m["type"] == "done":
+                    break
+                else:
+                    raise RuntimeError(m)
+            return {"t0": t0, "ttft_s": stamps[0] - t0, "ids": ids, "stamps": stamps,
+                    "decode_tok_s": (len(ids) - 1) / (stamps[-1] - stamps[0]) if len(ids) > 1 else 0.0}
+
+    return asyncio.run(go())
+
+
+def concurrent(base: str, n: int, max_tokens: int, stamps: list | None = None, started: threading.Event | None = None) -> dict:
+    results = [None] * n
+    stamps = stamps if stamps is not None else [[] for _ in range(n)]
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(base, f"{PROMPT} ({i})", max_tokens, stamps[i])))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    if started is not None:
+        started.set()
+    for t in threads:
+        t.join()
+    return {"tok_s": sum(len(r["ids"]) for r in results) / (time.perf_counter() - t0), "ids": [r["ids"] for r in results]}
+
+
+def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure) -> dict:
+    """Rounds alternating the two clusters; the ratio many/solo of each round, and their median."""
+    measure(solo), measure(many)  # first requests pay one-off costs
+    a, b, same = [], [], True
+    for _ in range(rounds):
+        x, y = measure(solo), measure(many)
+        a.append(x[0])
+        b.append(y[0])
+        same = same and x[1] == y[1]
+    ratios = [y / x for x, y in zip(a, b)]
+    out = {"solo": statistics.median(a), "many": statistics.median(b), "ratio": statistics.median(ratios),
+           "ratio_rounds": [round(r, 4) for r in ratios], "tokens_identical": same}
+    print(f"{name}: {out['many']:.2f} against {out['solo']:.2f} -> {out['ratio']:.3f}x (rounds {out['ratio_rounds']}), "
+          f"tokens identical: {same}", flush=True)
+    return out
+
+
+def single(c: Cluster, max_tokens: int):
+    r = stream(c.base, max_tokens=max_tokens)
+    return r["decode_tok_s"], r["ids"]
+
+
+def plan_of(c: Cluster) -> list:
+    st = c.status()
+    names = {w["worker_id"]: w["name"] for w in st["workers"]}
+    return [{"pipeline": s.get("pipeline"), "layers": s["layers"], "primary": names.get(s["holders"][0]) if s["holders"] else None}
+            for s in st["stages"]]
+
+
+# ---------------------------------------------------------------- the figures
+def bench_mixed(log: Path, settings: str, rounds: int, tokens: int) -> tuple[dict, dict]:
+    solo, mixed = Cluster("numpy-alone", log, settings), Cluster("numpy-and-wgpu", log, settings)
+    try:
+        solo.start(), mixed.start()
+        solo.add("numpy-0")
+        mixed.add("numpy-0")
+        mixed.add("wgpu-0", backend="wgpu")
+        solo.wait_ready(), mixed.wait_ready()
+        print(f"mixed plan: {plan_of(mixed)}", flush=True)
+        out = pair("mixed (numpy + wgpu/lavapipe vs numpy alone), single stream tok/s", solo, mixed, rounds,
+                   lambda c: single(c, tokens))
+        out["plan"] = plan_of(mixed)
+        mixed.stop()
+        # 4 workers, one 5x slower, against the same single numpy worker
+        four = Cluster("one-slow", log, settings)
+        four.start()
+        for i in range(3):
+            four.add(f"numpy-{i}")
+        four.add("slow-5x", slow=5.0)
+        four.wait_ready()
+        print(f"one_slow plan: {plan_of(four)}", flush=True)
+        slow = pair("one_slow (3 numpy + 1 slowed 5x vs numpy alone), single stream tok/s", solo, four, rounds,
+                    lambda c: single(c, tokens))
+        slow["plan"] = plan_of(four)
+        four.stop()
+        return out, slow
+    finally:
+        solo.stop(), mixed.stop()
+
+
+def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
+    one, four = Cluster("replicas-1", log, settings), Cluster("replicas-4", log, settings)
+    try:
+        one.start(), four.start()
+        one.add("slow10-0", slow=10.0)
+        for i in range(4):
+            four.add(f"slow10-{i}", slow=10.0)
+        one.wait_ready(), four.wait_ready()
+        print(f"replicas plan: {plan_of(four)}", flush=True)
+
+        def eight(c):
+            r = concurrent(c.base, 8, tokens)
+            return r["tok_s"], r["ids"]
+
+        out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep), 8 streams aggregate tok/s", one, four, rounds, eight)
+        out["plan"] = plan_of(four)
+        return out
+    finally:
+        one.stop(), four.stop()
+
+
+def bench_join(log: Path, settings: str, tokens: int) -> dict:
+    c = Cluster("join", log, settings)
+    try:
+        c.start()
+        c.add("numpy-0")
+        c.wait_ready()
+        stream(c.base, max_tokens=8)
+        stamps = [[] for _ in range(4)]
+        started = threading.Event()
+        result = {}
+        t = threading.Thread(target=lambda: result.update(concurrent(c.base, 4, tokens, stamps, started)))
+        t.start()
+        started.wait()
+        while min(len(s) for s in stamps) < 8:
+            time.sleep(0.01)
+        joined_at = time.perf_counter()
+        c.add("numpy-late")
+        t.join()
+        st = c.status()
+        served = [e for e in st["events"] if e["kind"] == "plan"]
+        gaps = np.concatenate([np.diff(s) for s in stamps])
+        ends = np.concatenate([s[1:] for s in stamps])
+        after = [[x for x in s if x >= joined_at] for s in stamps]
+        during = np.concatenate([np.diff(x) for x in after])
+        during_ends = np.concatenate([x[1:] for x in after])
+        med = float(np.median(gaps))
+        out = {"median_gap_ms": med * 1000, "max_gap_ms": float(gaps.max() * 1000),
+               "max_gap_after_join_ms": float(during.max() * 1000) if len(during) else None,
+               "max_gap_steps": float(gaps.max() / med), "tokens_per_stream": [len(s) for s in stamps],
+               "max_gap_ended_s_after_join": float(ends[gaps.argmax()] - joined_at),
+               "max_gap_after_join_steps": float(during.max() / med) if len(during) else None,
+               "max_gap_after_join_ended_s": float(during_ends[during.argmax()] - joined_at) if len(during) else None,
+               "plans": len(served), "late_worker_joined_a_pipeline": any(e.get("extended") for e in served),
+               # the late worker's way in, s after it was started (the coordinator's clock is this one: CLOCK_MONOTONIC)
+               "late_events_s": [(e["kind"], round(e["t"] - joined_at, 3)) for e in st["events"]
+                                 if e["t"] >= joined_at and e["kind"] in ("join", "plan", "loaded", "retired")]}
+        print(f"join during 4 streams: longest pause {out['max_gap_ms']:.1f} ms = {out['max_gap_steps']:.2f} median gaps "
+              f"({out['median_gap_ms']:.1f} ms); extended plan: {out['late_worker_joined_a_pipeline']}", flush=True)
+        return out
+    finally:
+        c.stop()
+
+
+def bench_cold_start(log: Path, settings: str) -> dict:
+    c = Cluster("cold", log, settings)
+    t0 = time.perf_counter()
+    try:
+        c.start()
+        up = time.perf_counter()
+        r = stream(c.base, max_tokens=8)
+        out = {"serve_answers_s": up - t0, "request_to_first_token_s": r["ttft_s"],
+               "serve_start_to_first_token_s": r["t0"] + r["ttft_s"] - t0}
+        print(f"cold start, no tab: serve answers after {out['serve_answers_s']:.2f} s, first token "
+              f"{out['request_to_first_token_s']:.2f} s after the request: {out['serve_start_to_first_token_s']:.2f} s in all",
+              flush=True)
+        return out
+    finally:
+        c.stop()
+
+
+def record(out: dict) -> None:
+    from tabshard.bench_history import Figure, append_figures
+
+    figures = [Figure.of("plans.mixed_numpy_wgpu_over_numpy", out["mixed"]["ratio_rounds"], "×", "higher"),
+               Figure.of("plans.one_slow_of_4_over_best_single", out["one_slow"]["ratio_rounds"], "×", "higher"),
+               Figure.of("plans.replicas_8_streams_4_over_1", out["replicas"]["ratio_rounds"], "×", "higher"),
+               Figure.of("plans.join_max_pause_steps", [out["join"]["max_gap_steps"]], "steps", "lower"),
+               Figure.of("plans.cold_start_to_first_token_s", [out["cold_start"]["serve_start_to_first_token_s"]], "s", "lower")]
+    append_figures(figures, "bench_plans")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, cold")
+    ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
+    a = ap.parse_args()
+    rounds, tokens = (2, 24) if a.quick else (a.rounds, 48)
+    only = set((a.only or "mixed,replicas,join,cold").split(","))
+    settings = "probation_steps = 0\nspot_check_fraction = 0.0\n"
+    log = Path(tempfile.mkdtemp(prefix="bench-plans-"))
+    print(f"logs in {log}", flush=True)
+    out = {}
+    if "mixed" in only:
+        out["mixed"], out["one_slow"] = bench_mixed(log, settings, rounds, tokens)
+    if "replicas" in only:
+        out["replicas"] = bench_replicas(log, settings, rounds, tokens)
+    if "join" in only:
+        out["join"] = bench_join(log, settings, 96)
+    if "cold" in only:
+        out["cold_start"] = bench_cold_start(log, settings)
+    print(json.dumps(out))
+    if not a.no_history and only == {"mixed", "replicas", "join", "cold"}:
+        record(out)
+
+
+if __name__ == "__main__":
+    main()
