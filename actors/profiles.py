@@ -18,11 +18,16 @@ would break on that browser breaks here. Features are reported in the tab's capa
 kernels request none (no shader-f16, no subgroups), so a feature gap cannot break them.
 Memory caps the tab's weight budget (TabWorker.memory_bytes). Speed scales step time
 (actors/faults.slow_down by 1 / speed; 1.0 = this host's full speed). `hidden` tabs compute slower
-and send heartbeats with a background tab's timer jitter (see HIDDEN below).
+and send heartbeats with a background tab's timer jitter (see HIDDEN below). `network` is the
+link between the tab and the coordinator (NETWORKS below: one-way latency, jitter, bandwidth),
+applied to every frame the tab sends and receives (actors/network.py); a device profile's
+default is `loopback` (no delay: the tab on the coordinator's host), and a scenario's tab group
+or a SimulatedTab names another.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from kernels.limits import WEBGPU_DEFAULT_LIMITS
@@ -39,6 +44,73 @@ SPEC_DEFAULTS = {name: WEBGPU_DEFAULT_LIMITS[name] for name in (
 
 
 @dataclass(frozen=True)
+class NetworkProfile:
+    """The link between a tab and the coordinator, the same both ways."""
+    name: str
+    latency_ms: float = 0.0  # one way, at rest
+    jitter_ms: float = 0.0  # each frame up to this much later (uniform draw); order is kept
+    bandwidth_mbps: float | None = None  # megabits per second each way (None: unlimited)
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def delays(self) -> bool:
+        return bool(self.latency_ms or self.jitter_ms or self.bandwidth_mbps)
+
+
+NETWORKS: dict[str, NetworkProfile] = {n.name: n for n in [
+    NetworkProfile("loopback", sources={"all": "the tab on the coordinator's host: no delay added"}),
+    NetworkProfile("wired-lan", latency_ms=0.25, jitter_ms=0.1, bandwidth_mbps=940,
+                   sources={"latency": "[assumption] gigabit Ethernet through one switch: 0.3-0.6 ms ping (RTT)",
+                            "bandwidth": "[report] TCP goodput on 1000BASE-T tops out near 940 Mbit/s"}),
+    NetworkProfile("wifi-laptop", latency_ms=2.0, jitter_ms=3.0, bandwidth_mbps=300,
+                   sources={"latency": "[assumption] a laptop near a Wi-Fi 5/6 access point: 3-10 ms ping, "
+                                       "spikes when the channel is busy",
+                            "bandwidth": "[assumption] 300 Mbit/s of TCP at a few metres (802.11ac 2x2)"}),
+    NetworkProfile("phone-wifi", latency_ms=6.0, jitter_ms=8.0, bandwidth_mbps=80,
+                   sources={"latency": "[assumption] a phone on Wi-Fi: Wi-Fi power save holds frames for the next "
+                                       "beacon or wake; 12-30 ms ping typical, so >= 12 ms RTT",
+                            "bandwidth": "[assumption] 80 Mbit/s: a 1x1 phone radio through walls"}),
+    NetworkProfile("phone-lte", latency_ms=25.0, jitter_ms=15.0, bandwidth_mbps=20,
+                   sources={"latency": "[report] LTE round trips of 40-80 ms in operators' published medians",
+                            "bandwidth": "[assumption] 20 Mbit/s uplink and downlink"}),
+]}
+LOOPBACK = NETWORKS["loopback"]
+
+
+def get_network(spec) -> NetworkProfile:
+    """A network by name (NETWORKS), or a table of latency_ms, jitter_ms and bandwidth_mbps
+    (an optional name): values checked here, once, with the field named in the error."""
+    if isinstance(spec, NetworkProfile):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return NETWORKS[spec]
+        except KeyError:
+            raise ConfigError(f"unknown network {spec!r}; known networks: {', '.join(sorted(NETWORKS))}, "
+                              f"or a table of latency_ms, jitter_ms, bandwidth_mbps") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"network must be a name or a table of latency_ms, jitter_ms, bandwidth_mbps; got {spec!r}")
+    unknown = set(spec) - {"name", "latency_ms", "jitter_ms", "bandwidth_mbps"}
+    if unknown:
+        raise ConfigError(f"network: unknown setting(s) {', '.join(sorted(unknown))}; "
+                          f"known: name, latency_ms, jitter_ms, bandwidth_mbps")
+    values = {}
+    for key, lo, limit in (("latency_ms", 0.0, 60_000.0), ("jitter_ms", 0.0, 60_000.0), ("bandwidth_mbps", 0.0, 1e6)):
+        v = spec.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= limit \
+                or (key == "bandwidth_mbps" and v == 0):
+            bound = "> 0" if key == "bandwidth_mbps" else ">= 0"
+            raise ConfigError(f"network.{key} must be a number {bound} and at most {limit:g}, got {v!r}")
+        values[key] = float(v)
+    name = spec.get("name", "custom")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"network.name must be a non-empty string, got {name!r}")
+    return NetworkProfile(name, **values)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     browser: str
@@ -49,6 +121,7 @@ class Profile:
     hidden: bool = False
     backend: str = "wgpu"  # what the browser would run: wgpu (WebGPU) or numpy (the WASM/CPU stand-in)
     sources: dict = field(default_factory=dict)
+    network: NetworkProfile = LOOPBACK
 
     @property
     def webgpu(self) -> bool:

@@ -15,10 +15,15 @@ memory_pressure (the budget shrinks; the worker hands layers back with `refuse`)
 result gets relative noise of `factor` times its RMS -- actors/faults.py -- until the coordinator's
 spot check fences the tab; a fenced liar then leaves like an evicted tab instead of rejoining
 under a new worker id and lying again).
+
+The tab's network (the profile's, or `network=`: a name from actors/profiles.NETWORKS or a table
+of latency_ms, jitter_ms, bandwidth_mbps) delays every frame it sends and receives
+(actors/network.py); info()["loads"] says how long each assigned range took to arrive.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import subprocess
@@ -29,7 +34,8 @@ import time
 import numpy as np
 
 from actors.faults import lie, lying, slow_down
-from actors.profiles import HIDDEN, Profile, get_profile
+from actors.network import NetworkedSocket
+from actors.profiles import HIDDEN, NetworkProfile, Profile, get_network, get_profile
 from protocol.errors import TabshardError
 from protocol.model_types import SessionSlice
 from tab_worker.client import WorkerConnection
@@ -57,16 +63,38 @@ class _SimConnection(WorkerConnection):
     """The connection of a simulated tab, through WorkerConnection's hooks: a partitioned tab
     drops every frame both ways and does not rejoin until the partition heals (its hello would
     not get through); a lying tab that the coordinator fences (close code 4000) does not rejoin
-    at all; a hidden tab's heartbeats come with a background timer's jitter."""
+    at all; a hidden tab's heartbeats come with a background timer's jitter; every frame crosses
+    the tab's network (link); each assigned range's arrival is timed (loads)."""
 
     FENCED = 4000
     caught_at: float | None = None  # time.monotonic() when a lying tab was fenced
 
-    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, **kw):
+    def __init__(self, *a, heartbeat_jitter_ms: float = 0.0, seed: int = 0, network: NetworkProfile | None = None, **kw):
         super().__init__(*a, **kw)
         self.partitioned = threading.Event()
         self.heartbeat_jitter_ms = heartbeat_jitter_ms
         self._rng = random.Random(seed)
+        self.seed = seed
+        self.network = network
+        self.loads: list[dict] = []  # per assigned range: layers, bytes received, seconds from assign to ready
+        self._assigned: dict = {}  # layer_start -> (time.monotonic() at assign, worker.bytes_received then)
+
+    def link(self, ws):
+        if self.network is None or not self.network.delays:
+            return ws
+        return NetworkedSocket(ws, self.network, seed=self.seed + self.sessions_joined)
+
+    def _observe_in(self, m: dict) -> None:
+        super()._observe_in(m)
+        if m.get("type") == "assign":
+            self._assigned[m["layer_start"]] = (time.monotonic(), self.worker.bytes_received)
+
+    def _observe_out(self, m: dict) -> None:
+        super()._observe_out(m)
+        if m.get("type") == "ready" and m.get("layers") and m["layers"][0] in self._assigned:
+            t0, b0 = self._assigned.pop(m["layers"][0])
+            self.loads.append({"layers": list(m["layers"]), "bytes": self.worker.bytes_received - b0,
+                               "seconds": round(time.monotonic() - t0, 4)})
 
     def delivers(self) -> bool:
         return not self.partitioned.is_set()
@@ -159,7 +187,7 @@ def _peak_rss() -> tuple[int, int]:
 # ---------------------------------------------------------------------- the private actor
 class _TabActor:
     def __init__(self, name: str, url: str, token: str, profile: dict, backend: str, memory_bytes: int,
-                 hidden: bool, device_options: dict, seed: int):
+                 hidden: bool, device_options: dict, seed: int, network: dict | None = None):
         if not os.environ.get("XDG_RUNTIME_DIR") or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
         self.name = name
@@ -198,7 +226,8 @@ class _TabActor:
         def run():
             asyncio.set_event_loop(self.loop)
             self.conn = _SimConnection(self.worker, url, reconnect=True, seed=seed,
-                                       heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0)
+                                       heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0,
+                                       network=get_network(network) if network else None)
             ready.set()
             self.loop.run_until_complete(self.conn.run())
 
@@ -218,7 +247,8 @@ class _TabActor:
                 "steps": w.steps_served, "tokens": w.tokens_served, "bytes_received": w.bytes_received,
                 "slow_factor": self.slow_factor, "liar": lying(w), "caught_at": self.conn.caught_at,
                 "rss_bytes": rss, "peak_rss_bytes": hwm,
-                "load_failures": list(w.load_failures), "backend": w.backend_name, "adapter": self.adapter_note}
+                "load_failures": list(w.load_failures), "backend": w.backend_name, "adapter": self.adapter_note,
+                "network": self.conn.network.name if self.conn.network else None, "loads": list(self.conn.loads)}
 
     # ------------------------------------------------------------------ faults
     def crash(self, code: int = 137) -> None:
@@ -289,8 +319,10 @@ class SimulatedTab:
     def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
                  backend: str | None = None, hidden: bool | None = None, memory_bytes: int | None = None,
                  device_options: dict | None = None, seed: int = 0, actor_options: dict | None = None,
-                 num_gpus: float = 0.0, adapter: str | int | None = None):
+                 num_gpus: float = 0.0, adapter: str | int | None = None, network: str | dict | NetworkProfile | None = None):
         prof = get_profile(profile) if isinstance(profile, str) else profile
+        if network is not None:  # checked here, before any process starts
+            prof = prof.with_(network=get_network(network))
         self.name = name
         self.profile = prof
         self.backend = backend or prof.backend
@@ -306,7 +338,8 @@ class SimulatedTab:
             # a few cores, where the packed kernel's thread pool would only contend
             device_options.setdefault("threads", 1)
         self._actor = _remote().options(**options).remote(
-            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed)
+            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed,
+            {k: v for k, v in dataclasses.asdict(prof.network).items() if k != "sources"})
         self.killed = False
 
     def _call(self, method: str, *args, timeout: float = 30.0):

@@ -10,7 +10,10 @@ returns the report (simulation/report.py renders it).
     spot_check_fraction = 0.2
     [[tabs]]                   # repeated: profile and count (+ backend, hidden, memory_mb,
     profile = "cpu-wasm"       #   num_gpus: a GPU (or a share: 0.25) reserved by Ray for each tab,
-    count = 4                  #   whose adapter the tab then computes on; adapter: an index or name)
+    count = 4                  #   whose adapter the tab then computes on; adapter: an index or name;
+    network = "phone-wifi"     #   network: a name from actors/profiles.NETWORKS or a table
+                               #   {latency_ms, jitter_ms, bandwidth_mbps}: every frame the tab
+                               #   sends and receives crosses it; default loopback, no delay)
     [ray]                      # the local Ray's resources (ignored with --address): num_cpus (2),
                                #   num_gpus (detected when absent; declare them to test on a CPU host)
     [workload]
@@ -58,7 +61,7 @@ from pathlib import Path
 
 from protocol.errors import ConfigError
 
-from actors.profiles import get_profile
+from actors.profiles import get_network, get_profile
 from simulation.faults import detects
 
 FAULT_KINDS = ("crash", "freeze", "slow", "partition", "evict", "memory", "liar")
@@ -82,6 +85,8 @@ def validate(scn: dict) -> dict:
         raise ConfigError("a scenario needs at least one [[tabs]] entry")
     for t in scn["tabs"]:
         get_profile(t.get("profile", ""))
+        if "network" in t:
+            get_network(t["network"])
         if int(t.get("count", 1)) < 1:
             raise ConfigError(f"tabs.count must be >= 1, got {t.get('count')}")
         gpus = t.get("num_gpus", 0)
@@ -198,7 +203,7 @@ class ScenarioRun:
         mem = int(spec["memory_mb"] * (1 << 20)) if spec.get("memory_mb") else None
         tab = SimulatedTab(name, self.coord.worker_url, self.coord.token, profile=spec["profile"],
                            backend=spec.get("backend"), hidden=spec.get("hidden"), memory_bytes=mem,
-                           seed=self._n_tabs,
+                           seed=self._n_tabs, network=spec.get("network"),
                            num_gpus=float(spec.get("num_gpus", 0)), adapter=spec.get("adapter"))
         self._specs[name] = spec
         self.tabs[name] = tab

@@ -101,6 +101,11 @@ class WorkerConnection:
         """Seconds until the next heartbeat: the coordinator's heartbeat_ms."""
         return self.worker.heartbeat_ms / 1000
 
+    def link(self, ws):
+        """The socket as this connection uses it, wrapped around each fresh one (a simulated tab
+        puts its network's latency, jitter and bandwidth there: actors/network.py)."""
+        return ws
+
     def in_compute_thread(self, fn):
         """Run fn() on the thread that runs the worker's steps (so it never races one): a future."""
         return self._exec.submit(fn)
@@ -112,8 +117,9 @@ class WorkerConnection:
             self.say(f"connecting to {self.url}")
             try:
                 async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
-                                              open_timeout=10, **self._tls) as ws:
+                                              open_timeout=10, **self._tls) as raw:
                     backoff = 0.1
+                    ws = self.link(raw)
                     await self._session(ws)
                     why = self._closed(ws)
             except ssl.SSLCertVerificationError as exc:  # permanent: retrying cannot fix trust
