@@ -183,3 +183,21 @@ def test_a_retiring_holders_death_moves_its_sessions_to_the_new_plan(weights, re
     net.thaw(b)
     run_until_done(net, ["s"])
     assert net.tokens("s") == reference and not any(st.retiring for st in core.stages)
+
+
+def test_a_cached_prefix_is_reused_on_whichever_pipeline_a_session_lands(weights):
+    """A prompt cached on pipeline 1 (whose stages are not index 0) is forked there for the next
+    session placed on it; the session used to look its forked length up under stage 0 and fail."""
+    prompt = PROMPT * 5  # over prefix_min_tokens
+    solo = start_net(weights, 1)
+    solo.submit("ref", prompt, N_TOKENS, stop_at_eos=False)
+    run_until_done(solo, ["ref"])
+    net = replicas(weights, 2)
+    ids = sorted(w for w in net.core.workers if w != "local")
+    for i in range(4):  # each pipeline's primary fastest in turn, two sessions each
+        for k, wid in enumerate(ids):
+            net.core.workers[wid].ms_per_layer = 0.2 if (i // 2 + k) % 2 else 1.0
+        net.submit(f"r{i}", prompt, N_TOKENS, stop_at_eos=False)
+        run_until_done(net, [f"r{i}"])
+    assert [net.tokens(f"r{i}") for i in range(4)] == [solo.tokens("ref")] * 4
+    assert net.core.counters["prefix_hits"] == 2  # the second session on each pipeline

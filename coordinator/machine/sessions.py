@@ -37,7 +37,8 @@ class Sessions:
             return []
         self._place(s)
         out = self._reuse_prefix(s, now)
-        first = s.logs[0][0][1].shape[0] if s.logs else 0
+        # the positions forked from a cached prefix, as held by the first stage of the session's pipeline
+        first = s.logs[self._entry(s)][0][1].shape[0] if s.logs else 0
         self._enqueue_prefill(s, s.prompt_ids, first)
         return out + self._pump(now)
 
