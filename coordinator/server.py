@@ -281,7 +281,15 @@ class CoordinatorService:
         rid = request_id or f"req-{next(self._request_ids)}-{secrets.token_hex(4)}"
         client = ClientStream(asyncio.Queue(), StreamDecoder(self.tokenizer), len(prompt_ids))
         self.clients[rid] = client
-        self.perform(self.core.submit(rid, prompt_ids, max_tokens, params, time.monotonic(), **session_options))
+        try:
+            self.perform(self.core.submit(rid, prompt_ids, max_tokens, params, time.monotonic(), **session_options))
+        except Exception:
+            # a bug in the state machine must fail this request at once, not leave it waiting
+            # for a session that will never be scheduled
+            log.exception("submit failed for %s", rid)
+            self.clients.pop(rid, None)
+            self.perform(self.core.cancel(rid, time.monotonic()))
+            raise
         return rid, client
 
     def close_request(self, rid: str, cancelled: bool) -> None:
