@@ -20,7 +20,8 @@ class Trials:
         recompute real steps of its trusted primary under a scratch session (_maybe_trial):
         they earn trust without serving anyone, and a tarpit or a liar costs nobody a token."""
         out = []
-        stages = [st for st in self.stages if st.primary and st.primary in st.ready and not self.workers[st.primary].probation]
+        stages = [st for st in self.stages if st.primary and st.primary in st.ready and not self.workers[st.primary].probation
+                  and not st.retiring]  # a retiring pipeline's range may have no steps left to copy
         if not stages:
             return out
         for w in list(self.workers.values()):
