@@ -32,7 +32,7 @@ MAX_PUSH_HZ = 4.0
 REFRESH_S = 1.0  # heartbeat ages change continuously: refresh at most this often when idle
 WINDOW_S = 300  # seconds of rolling series kept and charted
 TIMELINE_KINDS = {"join", "death", "quarantine", "silent", "suspect", "rebuild", "recovered", "plan", "plan_kept", "plan_failed",
-                  "refused", "worker_error", "stage_unserved"}
+                  "refused", "worker_error", "stage_unserved", "retired"}
 
 
 def asset_dir() -> Path:
@@ -200,7 +200,13 @@ class DashboardFeed:
             elif kind == "rebuild":
                 item["text"] = f"stage {e['stage']} rebuilt on {e.get('worker')} ({e.get('sessions', 0)} sessions replayed)"
             elif kind == "plan":
-                item["text"] = f"plan v{e.get('version')}: {len(e.get('stages', []))} stages"
+                pipes = {st.get("pipeline", 0) for st in e.get("stages", []) if not st.get("retiring")}
+                depth = sum(1 for st in e.get("stages", []) if st.get("pipeline", 0) == 0 and not st.get("retiring"))
+                item["text"] = (f"plan v{e.get('version')}: " + (f"{len(pipes)} pipelines of {depth} stage(s)" if len(pipes) > 1
+                                else f"{depth} stages") + (" (a replica added)" if e.get("extended") else "")
+                                + (", the old plan serving while it loads" if any(st.get("retiring") for st in e.get("stages", [])) else ""))
+            elif kind == "retired":
+                item["text"] = f"the old plan's {len({st.get('pipeline') for st in e.get('stages', [])})} pipeline(s) handed over"
             elif kind == "join":
                 item["text"] = f"{e.get('name')} joined"
             elif kind == "suspect":

@@ -90,6 +90,10 @@ def test_a_tab_joining_during_streams_becomes_a_replica_without_pausing_them(wei
         net.advance(0.05, until=lambda: min(len(net.tokens(f"r{i}")) for i in range(4)) > least)
     assert not any(net.done(f"r{i}") for i in range(4))
     assert len(net.core._pipelines()) == 2 and any(e.get("extended") for e in net.core.events if e["kind"] == "plan")
+    from coordinator.dashboard import DashboardFeed
+
+    assert "plan v2: 2 pipelines of 1 stage(s) (a replica added)" in [
+        i["text"] for i in DashboardFeed.timeline(net.core.events, net.now, net.now)]
     # the running sessions were not restarted: nothing replayed, no generation bumped
     assert {rid: s.generation for rid, s in net.core.sessions.items()} == generations
     run_until_done(net, [f"r{i}" for i in range(4)])
@@ -159,6 +163,11 @@ def test_the_old_plan_serves_while_the_new_holder_loads_then_hands_over(weights,
     assert net.tokens("during") == reference
     net.thaw(tab)  # loaded: the new plan takes over, the old pipeline retires
     assert [st.retiring for st in core.stages] == [False] and any(e["kind"] == "retired" for e in core.events)
+    from coordinator.dashboard import DashboardFeed
+
+    timeline = [i["text"] for i in DashboardFeed.timeline(core.events, net.now, net.now)]
+    assert "plan v2: 1 stages, the old plan serving while it loads" in timeline
+    assert "the old plan's 1 pipeline(s) handed over" in timeline
     net.submit("after", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["after"])
     assert net.tokens("after") == reference and core.workers[core.conn_worker[tab]].steps > 0
