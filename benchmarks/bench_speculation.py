@@ -102,7 +102,9 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
     from simulation.network import LatencyService
     from tabshard.cluster import LocalCluster, free_port
 
-    settings = CoordinatorSettings(max_ctx=2048)
+    # one stage per worker: the case is a single stream crossing every tab of a pipeline
+    # (the planner alone would give SmolLM2, which fits in one worker, one stage and replicas)
+    settings = CoordinatorSettings(max_ctx=2048, stages=n_workers)
     service = LatencyService(None, settings, join_token=TOKEN)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning",
