@@ -189,7 +189,10 @@ def main() -> None:
         cfg = Path(tempfile.mkdtemp(prefix="bench-cluster-")) / "serve.toml"
         cfg.write_text(f"spot_check_fraction = {a.spot_check_fraction}\n")
         serve_args = ["--config", str(cfg)]
-    with LocalCluster(workers=1, serve_args=serve_args) as c1, LocalCluster(workers=4, serve_args=serve_args) as c4:
+    # four workers as four pipeline stages (--stages 4), as these figures have always meant: the
+    # planner's own choice for a model that fits one worker is four serving replicas (bench_plans.py)
+    pipeline = ["--stages", "4"]
+    with LocalCluster(workers=1, serve_args=serve_args) as c1, LocalCluster(workers=4, serve_args=serve_args + pipeline) as c4:
         for c in (c1, c4):  # a first request pays one-off costs (first steps, lazily built state)
             stream(c.base, max_tokens=8)
         ones, fours = [], []
@@ -231,7 +234,7 @@ def main() -> None:
     if a.compare_blas:  # the same concurrency figure with the numpy backend's compiled kernel off
         os.environ["TABSHARD_ROWS_KERNEL"] = "0"
         try:
-            with LocalCluster(workers=4) as cb:
+            with LocalCluster(workers=4, serve_args=pipeline) as cb:
                 blas = [(concurrent(cb.base, 1), concurrent(cb.base, 8)) for _ in range(rounds)]
         finally:
             del os.environ["TABSHARD_ROWS_KERNEL"]
@@ -241,7 +244,7 @@ def main() -> None:
               f"8 streams {out['blas_aggregate_tok_s_8_streams']:.1f} tok/s | ratio {out['blas_concurrency_ratio_8_over_1']:.2f}", flush=True)
 
     if a.faults:
-        with LocalCluster(workers=4, serve_args=[]) as c:
+        with LocalCluster(workers=4, serve_args=pipeline) as c:
             kills = faults(c, a.faults, signal.SIGKILL)
             freezes = faults(c, a.faults, signal.SIGSTOP)
         out["kills"], out["freezes"] = kills, freezes
