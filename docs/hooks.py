@@ -2,7 +2,8 @@
 cannot drift. `{{ settings_table }}` becomes the table of every `serve` setting (from
 coordinator/config.py's rules, the defaults of coordinator/records.py's CoordinatorSettings and
 the comments beside each); `{{ browser_table }}` the browser profiles of actors/profiles.py
-with where each figure comes from; `{{ sampling_defaults }}` model/sampling.py's defaults."""
+with where each figure comes from, `{{ network_table }}` its networks of simulated tabs;
+`{{ sampling_defaults }}` model/sampling.py's defaults."""
 from __future__ import annotations
 
 import dataclasses
@@ -86,6 +87,17 @@ def browser_table() -> str:
     return "\n".join(rows)
 
 
+def network_table() -> str:
+    from actors.profiles import NETWORKS
+
+    rows = ["| network | one-way latency | jitter (up to) | bandwidth each way | sources |", "|---|---|---|---|---|"]
+    for n in NETWORKS.values():
+        bw = f"{n.bandwidth_mbps:g} Mbit/s" if n.bandwidth_mbps else "unlimited"
+        src = "; ".join(f"{k}: {v}" for k, v in n.sources.items())
+        rows.append(f"| `{n.name}` | {n.latency_ms:g} ms | {n.jitter_ms:g} ms | {bw} | {_cell(src)} |")
+    return "\n".join(rows)
+
+
 def sampling_defaults() -> str:
     from model.sampling import CANDIDATES, USER_DEFAULTS
 
@@ -100,7 +112,8 @@ def sampling_defaults() -> str:
         "| greedy | `greedy` | `--greedy` | false (with a temperature other than 0: refused) |"])
 
 
-GENERATED = {"settings_table": settings_table, "browser_table": browser_table, "sampling_defaults": sampling_defaults}
+GENERATED = {"settings_table": settings_table, "browser_table": browser_table, "network_table": network_table,
+             "sampling_defaults": sampling_defaults}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

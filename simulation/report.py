@@ -138,6 +138,11 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
             for n, i in run.tab_info.items()}
     for n in run.tabs:
         tabs.setdefault(n, {"profile": run.tabs[n].profile.name, "gone": True})
+    # as the coordinator saw each tab at the end: its round trip (its network, both ways) and its place in the plan
+    seen = {w["name"]: w for w in final.get("workers", []) if w.get("state") not in ("dead", "quarantined")}
+    for n, t in tabs.items():
+        if n in seen:
+            t["rtt_ms"], t["plan"] = seen[n].get("rtt_ms"), seen[n].get("plan")
     t_end = max([r.finished for r in results if r.finished] + [t0]) - t0
     memory = _memory(run, t_end, float(crit.get("memory_warmup_s", 60)), float(crit.get("memory_growth_ratio", 1.15)),
                      float(crit.get("memory_growth_mb", 50)))
