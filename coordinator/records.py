@@ -149,6 +149,7 @@ class Worker:
     # a decode step's round trip seen here per layer computed (the head counted as its cost in
     # layers), smoothed: what a claimed speed is held against (see Planning._trusted_costs)
     step_ms_per_layer: float | None = None
+    planned_rtt_ms: float | None = None  # its round trip when the plan was last made (a material change re-plans)
     ping: tuple[int, float] | None = None  # (nonce, sent at) of the ping awaiting its pong
     pinged_at: float = float("-inf")
     local: bool = False

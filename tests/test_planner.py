@@ -105,3 +105,22 @@ def test_absurd_speed_or_rtt_is_clamped_flagged_and_kept_off_the_critical_path()
     assert core.stages[0].primary == honest and by_id[honest]["plan"] == "pipeline 0, stage 0"
     assert by_id[primary]["flagged"].startswith("claims") and "not trusted" in by_id[primary]["plan"]
     assert by_id[far]["flagged"] == "rtt nan ms" and "not trusted" in by_id[far]["plan"]
+
+
+def test_a_planned_workers_round_trip_growing_materially_re_plans_around_it():
+    from tests.harness import start_net
+    from tests.tiny_model import tiny_weights
+
+    net = start_net(tiny_weights(), 3, stages=2)  # one pipeline of two stages, the third worker a standby
+    core = net.core
+    far = core.stages[0].primary
+    w = core.workers[far]
+    for nonce in range(10):  # its pongs take 80 ms now: Wi-Fi far
+        w.ping = (nonce, net.now - 0.08)
+        core._on_pong(w, {"nonce": nonce}, net.now)
+    assert w.rtt_ms > 60 and core._replan_at is not None
+    net.advance(5.5)  # (past the first join's resume window, in which re-plans wait for rejoining holders)
+    assert far not in [st.primary for st in core.stages]
+    note = next(x["plan"] for x in core.status(net.now)["workers"] if x["worker_id"] == far)
+    assert note.startswith("standby") and "rtt" in note, note
+    assert any(e["kind"] == "plan" for e in core.events if e["t"] > 0.2)

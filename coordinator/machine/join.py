@@ -4,6 +4,7 @@ leaving, and the errors it reports. Owns the worker registry's entries (Worker r
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
 from __future__ import annotations
 
+from coordinator.planner import DEFAULT_RTT_MS
 from coordinator.records import LOCAL, Close, Send, Worker
 from protocol import wire
 
@@ -74,7 +75,18 @@ class Join:
         rtt = (now - w.ping[1]) * 1000
         w.ping = None
         w.rtt_ms = rtt if w.rtt_ms is None else 0.8 * w.rtt_ms + 0.2 * rtt
+        if self._rtt_moved(w):
+            w.planned_rtt_ms = w.rtt_ms  # (once per move: the re-plan keeps the plan unless it gains)
+            self._schedule_replan(now)
         return []
+
+    def _rtt_moved(self, w) -> bool:
+        """A material change of a planned worker's round trip since the plan was made: twice or
+        half what the plan counted on (its default before the first pong), and 5 ms apart."""
+        if not w.stages or w.local:
+            return False
+        was = w.planned_rtt_ms if w.planned_rtt_ms is not None else DEFAULT_RTT_MS
+        return abs(w.rtt_ms - was) > 5.0 and not (was / 2 <= w.rtt_ms <= was * 2)
 
     def _on_bye(self, w: Worker, m: dict, now: float) -> list:
         self.conn_worker.pop(w.conn, None)

@@ -52,6 +52,8 @@ class Planning:
             return []
         self.plan_error = None
         self.plan_notes = dict(made.notes)
+        for w in workers:
+            w.planned_rtt_ms = w.rtt_ms
         if len(made.pipelines) == 1:
             self._prefer_held_blobs(made.pipelines[0])  # (a swap in one pipeline would leave the others' standbys behind)
         kept = self._keep_current_plan(made)
