@@ -99,13 +99,14 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
     from coordinator.app import build_app
     from coordinator.speculation import Speculator
     from coordinator.records import CoordinatorSettings
+    from model.loader import open_model
     from simulation.network import LatencyService
     from tabshard.cluster import LocalCluster, free_port
 
     # one stage per worker: the case is a single stream crossing every tab of a pipeline
     # (the planner alone would give SmolLM2, which fits in one worker, one stage and replicas)
     settings = CoordinatorSettings(max_ctx=2048, stages=n_workers)
-    service = LatencyService(None, settings, join_token=TOKEN)
+    service = LatencyService(open_model(None), settings, join_token=TOKEN)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning",
                                            ws_max_size=64 << 20, ws_ping_interval=None, ws_per_message_deflate=False))

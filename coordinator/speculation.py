@@ -137,7 +137,7 @@ class AdaptiveK:
     paying and comes back when the lookup starts hitting again."""
 
     max_k: int
-    row_cost: float = 0.15  # a drafted row's cost relative to a whole trip (extra rows, rollback messages)
+    row_cost: float = 0.15  # a drafted row's cost relative to a whole trip (Speculator measures it)
     rate: float = 0.5
     memory: float = 0.8  # weight of the past in `rate`
     trips: int = 0
@@ -201,24 +201,38 @@ class Speculator:
     the head kept of them."""
 
     def __init__(self, mode: str = "off", max_k: int = 6, source: DraftSource | None = None, row_cost: float = 0.15):
+        """row_cost: a drafted row's cost relative to a plain trip until trips measure it (see
+        `trip_done`): on a CPU tab an extra row costs a good part of a layer's compute, on a GPU
+        tab or behind a Wi-Fi hop next to nothing."""
         if mode not in MODES:
             raise ValueError(f"speculation must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode, self.max_k, self.row_cost = mode, max_k, row_cost
         self.source = source if source is not None else (PromptLookup() if mode == "prompt-lookup" else None)
         self.sessions: dict[str, AdaptiveK] = {}
         self._shadow: dict[str, int] = {}  # session -> the token a draft not sent guessed next
+        self._started: dict[str, tuple[float, int]] = {}  # session -> (its trip's start, drafted rows)
+        self.plain_trip_ms: float | None = None  # a trip without drafts, smoothed
         self.totals = {"trips": 0, "drafted": 0, "accepted": 0, "tokens": 0, "rollbacks": 0}
 
     @property
     def on(self) -> bool:
         return self.mode != "off" and self.source is not None and self.max_k > 0
 
-    def draft(self, session_id: str, context: list[int], sampler: Sampler, step: int, limit: int) -> Draft:
+    def draft(self, session_id: str, context: list[int], sampler: Sampler, step: int, limit: int,
+              now: float | None = None) -> Draft:
         """Drafts to follow `context` (its last token is the one the trip carries), at most
-        `limit` (the room left in the session's output and context)."""
+        `limit` (the room left in the session's output and context); `now`: the trip starts (its
+        cost is measured when `trip_done` is told)."""
         if not self.on:
             return Draft([])
+        d = self._draft(session_id, context, sampler, step, limit)
+        if now is not None:
+            self._started[session_id] = (now, len(d.tokens))
+        return d
+
+    def _draft(self, session_id: str, context: list[int], sampler: Sampler, step: int, limit: int) -> Draft:
         a = self.sessions.setdefault(session_id, AdaptiveK(self.max_k, self.row_cost))
+        a.row_cost = self.row_cost
         guess = self._shadow.pop(session_id, None)
         if guess is not None:
             a.observe(0, 0, context[-1] == guess)
@@ -231,6 +245,24 @@ class Speculator:
                     self._shadow[session_id] = guess.tokens[0]
             return Draft([])
         return self.source.propose(session_id, context, k, sampler, step)
+
+    def trip_done(self, session_id: str, now: float) -> None:
+        """The trip `draft` started for this session came back from the head: its time teaches
+        what a trip costs without drafts and what each drafted row adds to it (relative), which
+        AdaptiveK weighs against the acceptance. Trips far slower than plain ones (a recovery
+        replayed in between) teach nothing."""
+        started = self._started.pop(session_id, None)
+        if started is None:
+            return
+        t0, drafted = started
+        ms = (now - t0) * 1000
+        plain = self.plain_trip_ms
+        if drafted == 0:
+            if ms > 0 and (plain is None or ms < 10 * plain):
+                self.plain_trip_ms = ms if plain is None else 0.8 * plain + 0.2 * ms
+        elif plain and ms < 10 * plain * (1 + drafted):
+            observed = min(4.0, max(0.0, (ms / plain - 1) / drafted))
+            self.row_cost = 0.7 * self.row_cost + 0.3 * observed
 
     def verified(self, session_id: str, sent: int, kept: int, tokens: int) -> None:
         a = self.sessions.setdefault(session_id, AdaptiveK(self.max_k, self.row_cost))
@@ -246,6 +278,7 @@ class Speculator:
     def forget(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
         self._shadow.pop(session_id, None)
+        self._started.pop(session_id, None)
         if self.source is not None:
             self.source.forget(session_id)
 
@@ -255,7 +288,8 @@ class Speculator:
 
     def status(self) -> dict:
         t = self.totals
-        return {"mode": self.mode, "max_k": self.max_k, **t,
+        return {"mode": self.mode, "max_k": self.max_k, **t, "row_cost": round(self.row_cost, 4),
+                "plain_trip_ms": None if self.plain_trip_ms is None else round(self.plain_trip_ms, 3),
                 "acceptance_rate": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
                 "tokens_per_trip": round(t["tokens"] / t["trips"], 3) if t["trips"] else None}
 

@@ -360,3 +360,31 @@ def test_draft_model_from_settings_drafts_for_the_served_model(weights, referenc
     assert net.tokens("r") == reference
     t = net.core.speculation.totals
     assert t["accepted"] == t["drafted"] > 0 and t["tokens"] / t["trips"] == pytest.approx(4, abs=0.5)
+
+
+def test_the_cost_of_a_drafted_row_is_measured_and_switches_drafts_off_where_rows_are_dear():
+    """A trip's drafted rows are not free on a CPU tab: the speculator times trips with and
+    without drafts and weighs the measured cost against the acceptance, so drafts that rarely
+    come true stop where rows are dear and go on where a trip is mostly hops."""
+    from coordinator.speculation import AdaptiveK, Speculator
+
+    def run(plain_ms, per_row_ms):
+        spec = Speculator("prompt-lookup", max_k=6)
+        ctx = [1, 2, 3, 9, 1, 2, 3]  # the lookup drafts what followed "1 2 3" before
+        t, sent = 0.0, []
+        for trip in range(40):
+            d = spec.draft("s", ctx if trip % 2 else [5, 6, 7, 8], Sampler(SamplingParams()), trip, 6, now=t)
+            t += (plain_ms + per_row_ms * len(d.tokens)) / 1000
+            spec.trip_done("s", t)
+            sent.append(len(d.tokens))
+        return spec, sent
+
+    (dear, dear_sent), (cheap, cheap_sent) = run(10.0, 6.0), run(40.0, 0.4)
+    assert dear.plain_trip_ms == pytest.approx(10.0) and cheap.plain_trip_ms == pytest.approx(40.0)
+    # a drafted row costs 0.6 of a plain trip there: learned until drafts stopped paying (at the
+    # starting acceptance estimate of 0.5), and none sent since
+    assert dear.row_cost > 0.4 and sum(dear_sent[-20:]) == 0 and sum(dear_sent) > 0
+    assert dear.status()["row_cost"] == pytest.approx(dear.row_cost, abs=1e-4)
+    # 0.01 of a trip: drafts go on, also at a 30 % acceptance
+    assert cheap.row_cost == pytest.approx(0.01, abs=0.01) and sum(cheap_sent[-20:]) > 0
+    assert AdaptiveK(6, cheap.row_cost, rate=0.3).k() >= 1

@@ -169,8 +169,10 @@ class Scheduler:
                     self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
                                                          it.wants_token, it.generation, it.draft), s)
             elif it.wants_token and it.forward_from < it.end and it.draft:
+                self.speculation.trip_done(s.request_id, now)
                 out += self._verify_drafts(s, it, m["_draft_rows"][i], now)
             elif it.wants_token and it.forward_from < it.end:
+                self.speculation.trip_done(s.request_id, now)
                 try:
                     out += self._on_token(s, m["topk_ids"][i], m["topk_logits"][i], now, None if full is None else full[i])
                 except Exception as exc:  # our bug (e.g. sampling parameters nobody checked): this session alone fails
@@ -227,11 +229,11 @@ class Scheduler:
         if len(s.tokens) >= s.max_tokens:
             return out + self._finish_verified(s, "length", now)
         pos = len(s.prompt_ids) + len(s.tokens) - 1
-        self._enqueue_next(s, token, pos)
+        self._enqueue_next(s, token, pos, now)
         return out
 
     # -- speculation
-    def _enqueue_next(self, s: Session, token: int, pos: int) -> None:
+    def _enqueue_next(self, s: Session, token: int, pos: int, now: float | None = None) -> None:
         """Queue the session's next trip: the row of its new token, and k drafted rows after it
         when speculation is on (coordinator/speculation.py); the head then returns top-k for
         all k+1 rows and _verify_drafts keeps what the model itself would have produced."""
@@ -243,7 +245,7 @@ class Scheduler:
             getattr(x, "chooser", None) is not None for x in self.sessions.values())
         if self.speculation.on and not full:
             limit = min(s.max_tokens - len(s.tokens) - 1, min(self.settings.max_ctx, self.config.context) - pos - 1)
-            d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit)
+            d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit, now)
             draft = d if d.tokens else None
         ids = [token] + (draft.tokens if draft else [])
         self._enqueue(self._entry(s), WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
@@ -294,7 +296,7 @@ class Scheduler:
                 if s.tokens[-1] != expected:  # _on_token chose otherwise (a hook of its own): the trip ends there
                     if not last:
                         self._trip_more.discard(s.request_id)
-                        self._enqueue_next(s, s.tokens[-1], len(s.prompt_ids) + len(s.tokens) - 1)
+                        self._enqueue_next(s, s.tokens[-1], len(s.prompt_ids) + len(s.tokens) - 1, now)
                     break
         except Exception as exc:  # our bug: this session alone fails (as in _on_step_result)
             self.counters["failed"] += 1
