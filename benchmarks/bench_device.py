@@ -8,13 +8,16 @@ model depends on its shapes and formats, not its values; the real GGUF does not 
 device machine. Figures are appended to the benchmark history (tabshard/bench_history.py).
 
     python benchmarks/bench_device.py [--model smollm2|synthetic:llama-7b] [--formats s3g64,s4g64,s2g64]
-        [--variants wgpu-blocks,wgpu] [--rows 1,8,32,64] [--steps 20] [--kernels] [--history PATH]
+        [--variants wgpu-lanes,wgpu] [--rows 1,8,32,64] [--steps 20] [--kernels] [--breakdown] [--history PATH]
+        [--json FILE]
+    python benchmarks/bench_device.py --append-json FILE   # a device machine's --json into this history
 
 --variants compares matvec lane layouts side by side in one run: "wgpu" is the device's default
-(kernels.runner.matmul_tuning), "wgpu-lanes" the default without staging x for one row
-(include/qmatvec_staged.wgsl), "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
-before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW][bB]" SPAN=S and OPT=O (0: by shape; at most T threads
-per output, workgroups of W, B blocks a lane at a time when staged), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
+(kernels.runner.matmul_tuning), "wgpu-lanes" the default without staging x
+(include/qmatvec_staged.wgsl), "wgpu-stage1" staging for one row only,
+"wgpu-stage-all" staging batches whatever their k, "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
+before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by shape; at most T threads
+per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels. --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
@@ -392,7 +395,9 @@ def roofline(a) -> int:
     rows_list = [int(r) for r in a.rows.split(",")]
     variants = a.variants.split(",")
     formats = a.formats.split(",") if a.formats else [None]
-    results = {"device": dev.describe(), "copy_gbps": copy, "copy_gbps_by": copies, "model": a.model, "workloads": [], "kernels": [], "hops": {}}
+    from tabshard.bench_history import machine
+
+    results = {"device": dev.describe(), "machine": {**machine(adapter=False), "adapter": dev.describe()}, "copy_gbps": copy, "copy_gbps_by": copies, "model": a.model, "workloads": [], "kernels": [], "hops": {}}
     rng = np.random.default_rng(1)
     for fmt in formats:
         t0 = time.perf_counter()
@@ -442,11 +447,15 @@ def roofline(a) -> int:
 
 
 def append_history(results: dict, path: str) -> None:
-    from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+    from tabshard.bench_history import DEFAULT_DB, Figure, History
 
     h = History(path or DEFAULT_DB)
     try:
-        run = h.start_run(machine(), suite="bench_device")
+        # the machine that measured: recorded there (a device machine's history stays there, so
+        # its --json is appended here with --append-json); older JSONs name only the adapter
+        measured_on = results.get("machine") or {"cpu": "not recorded", "cores": 0, "memory_gib": 0,
+                                                  "adapter": results["device"], "os": "not recorded"}
+        run = h.start_run(measured_on, suite="bench_device")
         h.add(run, Figure.of("device.copy_gbps", [results["copy_gbps"]], "GB/s", "higher"))
         model = results["model"].replace("synthetic:", "")
         for w in results["workloads"]:
@@ -454,6 +463,7 @@ def append_history(results: dict, path: str) -> None:
             h.add(run, Figure.of(f"{base}.tok_s", [w["rows"] * 1000 / t for t in w["samples_ms"]], "tok/s", "higher"))
             h.add(run, Figure.of(f"{base}.copy_fraction", [w["copy_fraction"]], "fraction", "higher"))
             h.add(run, Figure.of(f"{base}.dispatches", [w["dispatches"]], "dispatches", "lower"))
+            h.add(run, Figure.of(f"{base}.gpu_ms", [w["gpu_ms"]], "ms", "lower"))
         for label, hops in results["hops"].items():
             for rows, ms in hops.items():
                 h.add(run, Figure.of(f"device.{label.replace(' ', '.').replace('synthetic:', '')}.hop_ms.rows{rows}", [ms], "ms", "lower"))
@@ -474,12 +484,16 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write every figure here too")
     ap.add_argument("--warm-up", type=float, default=3.0, help="seconds of GPU work before measuring")
     ap.add_argument("--history", default="", help="benchmark history database (default: the repository's; 'none': skip)")
+    ap.add_argument("--append-json", default="", help="append a --json file of another machine's run to the history, then exit")
     ap.add_argument("--tokens", type=int, default=128, help="--backends mode: decode tokens")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per session (default 16; --backends mode 256)")
     ap.add_argument("--backends", default="", help="the older comparison (e.g. wgpu,numpy) instead of the workloads")
     ap.add_argument("--check", action="store_true", help="compare wgpu with numpy first (SmolLM2 shape)")
     ap.add_argument("--profile", action="store_true", help="break a wgpu decode step down, then exit")
     a = ap.parse_args()
+    if a.append_json:
+        append_history(json.loads(Path(a.append_json).read_text()), a.history)
+        return
     if not (a.backends or a.check or a.profile):
         a.prompt = 16 if a.prompt is None else a.prompt
         sys.exit(roofline(a))

@@ -20,21 +20,23 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-unfused":
         return base, {"fuse_decode": False}
-    if variant == "wgpu-lanes":  # one row without staging x (the lanes loop at every row count)
+    if variant == "wgpu-lanes":  # without staging x (the lanes loop at every row count)
         return dataclasses.replace(base, matvec_stage=0), {}
+    if variant == "wgpu-stage1":  # x staged for one row only, batches on the lanes loop
+        return dataclasses.replace(base, matvec_stage_rows_min_k=1 << 30), {}
+    if variant == "wgpu-stage-all":  # x staged for batches of any k too
+        return dataclasses.replace(base, matvec_stage_rows_min_k=0), {}
     if variant == "wgpu-blocks":
         return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
     m = re.fullmatch(r"wgpu-mm(\d+)", variant)
     if m:  # qmatmul (tiled) above this many rows
         return base, {"matvec_max_rows": int(m.group(1))}
-    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?(?:b(\d))?", variant)
+    m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks, wgpu-lanes or wgpu-sSoO[tT][wW][bB]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))
-    if m.group(5):
-        extra["matvec_bps"] = int(m.group(5))
     return dataclasses.replace(base, matvec_span=int(m.group(1)), matvec_opt=int(m.group(2)), **extra), {}
 
 

@@ -130,8 +130,8 @@ class MatmulTuning:
     tile: int  # qmatmul's output tile
     matvec_span: int = 8  # qmatvec's SPAN: 8 walks whole blocks per lane (CPU), 1/2/4 interleave lanes (GPU), 0 by shape
     matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4; 0 by shape)
-    matvec_stage: int = 0  # qmatvec's XT for one row: vec4s of x staged in workgroup memory (0: none)
-    matvec_bps: int = 1  # staged: blocks a lane loads at a time (BPS, 1 or 2)
+    matvec_stage: int = 0  # qmatvec: vec4s of each row of x staged in workgroup memory a chunk (0: none)
+    matvec_stage_rows_min_k: int = 0  # staged: batches of rows too when k >= this (else the lanes loop)
 
 
 def matmul_tuning(dev: Device) -> MatmulTuning:
@@ -148,16 +148,21 @@ def matmul_tuning(dev: Device) -> MatmulTuning:
     tile = 64 if wg >= 256 else 32
     if dev.is_real_gpu():
         return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
-                            matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE)
+                            matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE,
+                            matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K)
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
 # qmatvec's lane layout on a real GPU (include/qmatvec_lanes.wgsl): 0 = by shape (matvec_layout)
 GPU_MATVEC_SPAN = 0
 GPU_MATVEC_OPT = 0
-# single-row matvecs on a real GPU: lanes take whole blocks, x staged in workgroup memory
-# (include/qmatvec_staged.wgsl), 512 vec4s (8 KiB) a chunk
+# matvecs on a real GPU: lanes take whole blocks, x staged in workgroup memory
+# (include/qmatvec_staged.wgsl), 512 vec4s (8 KiB) of one row a chunk, less of each row when
+# several share the workgroup memory
 GPU_MATVEC_STAGE = 512
+# ... and for batches only of long rows: H200, 7B shape, 8 rows, k = 11008 (down) 5.07 -> 3.19 ms a
+# step, k = 4096 (qkv, gate_up, wo) no better, SmolLM2's k <= 1536 10% slower (bench_device --breakdown)
+GPU_MATVEC_STAGE_ROWS_MIN_K = 8192
 
 
 def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
@@ -223,26 +228,24 @@ class QuantLinear(Launcher):
         if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
             raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
-        # one row, staged (lanes path only): a lane per block, at least two blocks a lane
+        # staged (lanes path only): a lane per block, at least two blocks a lane and chunk
         self.stage = self.tuning.matvec_stage if f32 and (self.span != 8 or self.opt != 1) else 0
         if self.stage % 8 or self.stage < 0:
             raise ValueError(f"matvec_stage {self.stage} must be a non-negative multiple of 8")
-        blocks = -(-w.k // 32)
-        self.stage_tpr = min(self.wg, self.tuning.matvec_max_tpr, 1 << max(0, (blocks // 2).bit_length() - 1))
         self.tile = self.tuning.tile
         self._launches: dict[tuple, list] = {}
 
-    def _chunk_launches(self, kernel: str, rows_per_wg: int) -> list:
-        key = (kernel, rows_per_wg)
+    def _chunk_launches(self, kernel: str, rows_per_wg: int, ch: int = 0) -> list:
+        key = (kernel, rows_per_wg, ch)
         if key not in self._launches:
             x, x_stride, y, y_stride, y_col, acc = self._args
             buffers, extra = [], {}
             if kernel.startswith("qmatvec"):
-                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self._tpr(rows_per_wg), "ROWS": rows_per_wg}
+                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self._tpr(ch), "ROWS": rows_per_wg}
                 if self.span != 8 or self.opt != 1:
                     consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
-                if self.stage and rows_per_wg == 1:
-                    consts.update(XT=self.stage, BPS=self.tuning.matvec_bps)
+                if ch:
+                    consts.update(XT=ch * rows_per_wg)
                 if kernel.startswith("qmatvec_norm"):
                     buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
                 elif kernel.startswith("qmatvec_silu"):
@@ -255,15 +258,32 @@ class QuantLinear(Launcher):
                 for start, n, qweight, scales in self.w.chunks]
         return self._launches[key]
 
-    def _tpr(self, rows_per_wg: int) -> int:
-        return self.stage_tpr if self.stage and rows_per_wg == 1 else self.tpr
+    def _staged(self, rows_per_wg: int, rows: int) -> int:
+        """vec4s of each row staged a chunk for ``rows`` rows at ROWS = rows_per_wg (0: not
+        staged): what the workgroup memory holds (less 64 bytes: qmatvec_norm's inv_rms), a
+        multiple of 8. Batches are staged only when long-rowed (matvec_stage_rows_min_k) and
+        in one workgroup row: H200, 7B shape, 64 rows in 8 workgroup rows ran 2.7% slower staged."""
+        if not self.stage:
+            return 0
+        if rows_per_wg > 1 and (self.w.k < self.tuning.matvec_stage_rows_min_k or rows > rows_per_wg):
+            return 0
+        room = (self.dev.limits["max-compute-workgroup-storage-size"] - 64) // 16
+        return min(self.stage, room // rows_per_wg // 8 * 8)
+
+    def _tpr(self, ch: int) -> int:
+        """Threads per output: the lanes loop's, or staged ``ch`` vec4s a row a chunk, at least two blocks a lane."""
+        if not ch:
+            return self.tpr
+        blocks = min(ch // 8, -(-self.w.k // 32))
+        return min(self.wg, self.tuning.matvec_max_tpr, 1 << max(0, (blocks // 2).bit_length() - 1))
 
     def dispatches(self, rows: int) -> list:
         items = []
         if rows <= self.matvec_max_rows:
             rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
-            outputs_per_wg = self.wg // self._tpr(rows_per_wg) * self.opt
-            for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg):
+            ch = self._staged(rows_per_wg, rows)
+            outputs_per_wg = self.wg // self._tpr(ch) * self.opt
+            for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg, ch):
                 launch.set(m=rows)
                 items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))
         elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16"):

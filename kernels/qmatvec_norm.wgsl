@@ -27,8 +27,7 @@ override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override SPAN: u32 = 8u;          // vec4s of inputs a lane takes at a time: 8 (whole blocks, CPU) or 1, 2, 4 (GPU)
 override OPT: u32 = 1u;           // outputs per thread: 1, 2 or 4 (> 1 or SPAN < 8: include/qmatvec_lanes.wgsl)
 override EXACT: bool = false;     // k is a multiple of 32 (lanes loop: no masking, no tail)
-override XT: u32 = 0u;            // one row: vec4s of x staged per chunk (include/qmatvec_staged.wgsl; 0: none)
-override BPS: u32 = 1u;           // staged: blocks a lane loads at a time (1 or 2)
+override XT: u32 = 0u;            // vec4s of x staged a chunk, XT / ROWS of each row (include/qmatvec_staged.wgsl; 0: none)
 
 struct Params {
   n: u32,          // output rows of W (in this buffer)
@@ -49,7 +48,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read> norm_weight: array<vec4<f32>>;  // k floats (buffer padded to 16 bytes)
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
-var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
+// [quad of rows][thread]; in the staged loop first, the chunk of x (include/qmatvec_staged.wgsl)
+var<workgroup> partial: array<vec4<f32>, max(WG * QUADS, XT)>;
 var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
 // #include "scale_min.wgsl"

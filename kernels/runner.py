@@ -44,17 +44,17 @@ class LimitError(ValueError):
 
 
 def _eval_wgsl_int(expr: str, names: dict) -> int:
-    """An integer override expression of our kernels (literals, names, + - * / % ( ))."""
+    """An integer override expression of our kernels (literals, names, + - * / % ( ), max, min)."""
     py = re.sub(r"\b(\d+)[ui]\b", r"\1", expr.strip()).replace("/", "//")
     py = re.sub(r"\btrue\b", "1", re.sub(r"\bfalse\b", "0", py))
-    if not re.fullmatch(r"[\w\s+\-*/%()]*", py):
+    if not re.fullmatch(r"[\w\s+\-*/%(),]*", py):
         raise ValueError(f"cannot evaluate WGSL expression {expr!r}")
-    return int(eval(py, {"__builtins__": {}}, dict(names)))
+    return int(eval(py, {"__builtins__": {}, "max": max, "min": min}, dict(names)))
 
 
 def _wgsl_type_size(type_: str, names: dict) -> int:
     """Bytes of a WGSL type as our workgroup variables use them (host-shareable layout)."""
-    m = re.fullmatch(r"array<\s*(.+)\s*,\s*([^,<>]+)>", type_)
+    m = re.fullmatch(r"array<\s*(\w+(?:<[^<>]*>)?)\s*,\s*(.+)>", type_)
     if m:
         elem = m.group(1).strip()
         align = 16 if elem.startswith(("vec3", "vec4", "mat")) else (8 if elem.startswith("vec2") else 4)

@@ -116,15 +116,24 @@ def test_qmatvec(dev, rng, spec, tuning):
     _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8, tuning=TUNINGS[tuning])
 
 
-@pytest.mark.parametrize("stage,bps", [(0, 1), (8, 2), (512, 1), (512, 2)])
+@pytest.mark.parametrize("stage", [0, 8, 512])
 @pytest.mark.parametrize("spec", [QuantSpec(b, 64, s) for b in SUPPORTED_BITS for s in (False, True)], ids=lambda s: s.name)
-def test_qmatvec_one_row_long_k(dev, rng, spec, stage, bps):
+def test_qmatvec_one_row_long_k(dev, rng, spec, stage):
     # the GPU's single-row layouts over several of XT's chunks (k = 4200: three chunks of 2048
-    # inputs, the last one 104 long and its last block short), staged (a block or two a lane
-    # at a time) or not
+    # inputs, the last one 104 long and its last block short), staged or not
     tuning = KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
-                             matvec_span=2, matvec_opt=4, matvec_stage=stage, matvec_bps=bps)
+                             matvec_span=2, matvec_opt=4, matvec_stage=stage)
     _quant_linear(dev, rng, spec, n=9, k=4200, rows=1, matvec_max_rows=8, tuning=tuning)
+
+
+@pytest.mark.parametrize("rows", [3, 5])
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64, True), QuantSpec(4, 32, False), QuantSpec(8, 128, False)], ids=lambda s: s.name)
+def test_qmatvec_rows_staged_long_k(dev, rng, spec, rows):
+    # several batch rows staged together (ROWS = 4 and 8: 248 and 120 vec4s of each row a chunk)
+    # over many chunks, the last one short
+    tuning = KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
+                             matvec_span=2, matvec_opt=4, matvec_stage=512)
+    _quant_linear(dev, rng, spec, n=9, k=4200, rows=rows, matvec_max_rows=8, tuning=tuning)
 
 
 @pytest.mark.parametrize("tuning", list(TUNINGS))

@@ -2,6 +2,7 @@
 // qmatvec_norm; needs `p`, `partial`, codes4, scale_min, row_starts, reduce_store, the kernel's
 // own load_x / load_quad, and the overrides SPAN, OPT and EXACT): their GPU loop, chosen when SPAN < 8
 // or OPT > 1 (qmatvec_blocks.wgsl stays the CPU rasterisers' loop, SPAN = 8 and OPT = 1).
+// With XT > 0 it hands over to qmatvec_staged.wgsl (whole blocks a lane, x staged in workgroup memory).
 //
 // Why another loop: in qmatvec_blocks each of an output's TPR lanes walks whole 32-input
 // blocks, so neighbouring lanes read x 128 bytes apart: on a GPU every x load of a warp touches
@@ -26,8 +27,8 @@ fn lanes_term1(sm: vec2<f32>, q: vec4<f32>, xv: vec4<f32>, xs: f32) -> f32 {
 // (reduce_store, scaling row r by scale_lo / scale_hi as qmatvec_blocks' callers do). Called
 // from main in uniform control flow.
 fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) {
-  if (XT > 0u && ROWS == 1u) {
-    qmatvec_staged(t, lane, n0, m0, scale_lo.x);
+  if (XT > 0u) {
+    qmatvec_staged(t, lane, n0, m0, scale_lo, scale_hi);
     return;
   }
   let groups = (p.k + GROUP - 1u) / GROUP;

@@ -7,13 +7,12 @@
 // to cover DRAM latency (H200, 7B shape: ~0.35 TB/s of the card's ~3.7). Here a lane takes whole
 // 32-input blocks, all of their BITS words for each of its OPT outputs, so a warp's step asks
 // for 32 lanes x OPT rows x BITS words. The price, x read 128 bytes apart by neighbouring
-// lanes, is paid once per workgroup instead: the threads copy XT vec4s of x (through load_x,
-// so the norm and silu prologues run once per input, not once per lane and output) into
-// workgroup memory, each block's 8 vec4s rotated by the block's index, so that the 8 lanes of a
-// quarter-warp reading vec4 i of 8 consecutive blocks hit 8 different bank groups.
-// The codes of a block are unpacked from registers with constant shifts (q4 below).
-
-var<workgroup> xtile: array<vec4<f32>, XT + 1u>;  // XT: the kernel's override
+// lanes, is paid once per workgroup instead: the threads copy XT vec4s of x (XT / ROWS of each
+// batch row, through load_x, so the norm and silu prologues run once per input, not once per
+// lane and output) into workgroup memory, each block's 8 vec4s rotated by the block's index, so
+// that the 8 lanes of a quarter-warp reading vec4 i of 8 consecutive blocks hit 8 different bank
+// groups. The chunk lives in `partial`, which the reduction reuses after the loop. The codes of
+// a block are unpacked from registers with constant shifts (q4 below), once for all ROWS rows.
 
 // The workgroup-memory slot of the chunk's vec4 v: block v / 8, rotated by the block.
 fn xslot(v: u32) -> u32 {
@@ -65,23 +64,30 @@ fn q4(wa: vec4<u32>, wb: vec4<u32>, j0: u32) -> vec4<f32> {
   return placed(bytes, inv, -8388608.0 * inv);
 }
 
-// One output's term for one block: scale * (q . x) + min * (sum x), x the block's 8 vec4s
-// (columns of xa, xb) and their sum xs.
-fn staged_term(wbase: u32, sm: vec2<f32>, xa: mat4x4<f32>, xb: mat4x4<f32>, xs: f32) -> f32 {
-  var wa = vec4<u32>(qweight[wbase], 0u, 0u, 0u);
-  var wb = vec4<u32>(0u);
-  if (BITS >= 2u) {
-    wa.y = qweight[wbase + 1u];
-  }
+// Words 0-3 and 4-7 (8-bit only) of the block at qweight[wbase]; words past BITS read as 0.
+fn words_a(wbase: u32) -> vec4<u32> {
+  var wa = vec4<u32>(qweight[wbase], qweight[wbase + 1u], 0u, 0u);  // BITS >= 2
   if (BITS >= 3u) {
     wa.z = qweight[wbase + 2u];
   }
   if (BITS >= 4u) {
     wa.w = qweight[wbase + 3u];
   }
+  return wa;
+}
+
+fn words_b(wbase: u32) -> vec4<u32> {
   if (BITS == 8u) {
-    wb = vec4<u32>(qweight[wbase + 4u], qweight[wbase + 5u], qweight[wbase + 6u], qweight[wbase + 7u]);
+    return vec4<u32>(qweight[wbase + 4u], qweight[wbase + 5u], qweight[wbase + 6u], qweight[wbase + 7u]);
   }
+  return vec4<u32>(0u);
+}
+
+// One output's term for one block: scale * (q . x) + min * (sum x), x the block's 8 vec4s
+// (columns of xa, xb) and their sum xs.
+fn staged_term(wbase: u32, sm: vec2<f32>, xa: mat4x4<f32>, xb: mat4x4<f32>, xs: f32) -> f32 {
+  let wa = words_a(wbase);
+  let wb = words_b(wbase);
   let d = dot(q4(wa, wb, 0u), xa[0]) + dot(q4(wa, wb, 4u), xa[1]) + dot(q4(wa, wb, 8u), xa[2])
         + dot(q4(wa, wb, 12u), xa[3]) + dot(q4(wa, wb, 16u), xb[0]) + dot(q4(wa, wb, 20u), xb[1])
         + dot(q4(wa, wb, 24u), xb[2]) + dot(q4(wa, wb, 28u), xb[3]);
@@ -91,10 +97,10 @@ fn staged_term(wbase: u32, sm: vec2<f32>, xa: mat4x4<f32>, xb: mat4x4<f32>, xs: 
 // The OPT outputs' terms (rows n, words from w) for block bt of the chunk staged from block first.
 fn staged_block(bt: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<u32>) -> vec4<f32> {
   let s = bt * 8u;
-  let xa = mat4x4<f32>(xtile[s + bt % 8u], xtile[s + (bt + 1u) % 8u], xtile[s + (bt + 2u) % 8u],
-                       xtile[s + (bt + 3u) % 8u]);
-  let xb = mat4x4<f32>(xtile[s + (bt + 4u) % 8u], xtile[s + (bt + 5u) % 8u], xtile[s + (bt + 6u) % 8u],
-                       xtile[s + (bt + 7u) % 8u]);
+  let xa = mat4x4<f32>(partial[s + bt % 8u], partial[s + (bt + 1u) % 8u], partial[s + (bt + 2u) % 8u],
+                       partial[s + (bt + 3u) % 8u]);
+  let xb = mat4x4<f32>(partial[s + (bt + 4u) % 8u], partial[s + (bt + 5u) % 8u], partial[s + (bt + 6u) % 8u],
+                       partial[s + (bt + 7u) % 8u]);
   let xs = dot(xa[0] + xa[1] + xa[2] + xa[3] + xb[0] + xb[1] + xb[2] + xb[3], vec4<f32>(1.0));
   let b = first + bt;
   let g = b * 32u / GROUP;
@@ -111,47 +117,154 @@ fn staged_block(bt: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<u32>) ->
   return out;
 }
 
-// Outputs n0..n0+OPT-1 of batch row m0 (ROWS == 1), stored as the lanes loop stores them.
-fn qmatvec_staged(t: u32, lane: u32, n0: u32, m0: u32, scale: f32) {
+// Several batch rows: OPT outputs' sums, rows m0..m0+3 (lo<o>) and m0+4..m0+7 (hi<o>).
+struct RowSums {
+  lo0: vec4<f32>, hi0: vec4<f32>,
+  lo1: vec4<f32>, hi1: vec4<f32>,
+  lo2: vec4<f32>, hi2: vec4<f32>,
+  lo3: vec4<f32>, hi3: vec4<f32>,
+}
+
+// The OPT outputs' words of one block (words 0-3 in a<o>, 4-7 in b<o>).
+struct BlockWords {
+  a0: vec4<u32>, b0: vec4<u32>,
+  a1: vec4<u32>, b1: vec4<u32>,
+  a2: vec4<u32>, b2: vec4<u32>,
+  a3: vec4<u32>, b3: vec4<u32>,
+}
+
+// Block bt of each row's chunk (ch vec4s a row) for the OPT outputs (rows n, words at w): their
+// words loaded first, then per vec4 of inputs the rows' x read once from workgroup memory for
+// all outputs, each output's four codes once for all rows (q * X: X's columns the rows), and
+// scale * (q . x) + min * (sum x) per output and row added to acc.
+fn staged_rows(bt: u32, ch: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<u32>, acc: ptr<function, RowSums>) {
+  let b = first + bt;
+  let g = b * 32u / GROUP;
+  let wb = b * BITS;
+  var q = BlockWords(words_a(w.x + wb), words_b(w.x + wb), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u),
+                     vec4<u32>(0u), vec4<u32>(0u));
+  if (OPT > 1u) {
+    q.a1 = words_a(w.y + wb);
+    q.b1 = words_b(w.y + wb);
+  }
+  if (OPT > 2u) {
+    q.a2 = words_a(w.z + wb);
+    q.b2 = words_b(w.z + wb);
+    q.a3 = words_a(w.w + wb);
+    q.b3 = words_b(w.w + wb);
+  }
+  let zero = vec4<f32>(0.0);
+  var d = RowSums(zero, zero, zero, zero, zero, zero, zero, zero);
+  var sx = RowSums(zero, zero, zero, zero, zero, zero, zero, zero);  // lo0 / hi0: the rows' sums of x
+  rows_at(0u, bt, ch, &q, &d, &sx);
+  rows_at(1u, bt, ch, &q, &d, &sx);
+  rows_at(2u, bt, ch, &q, &d, &sx);
+  rows_at(3u, bt, ch, &q, &d, &sx);
+  rows_at(4u, bt, ch, &q, &d, &sx);
+  rows_at(5u, bt, ch, &q, &d, &sx);
+  rows_at(6u, bt, ch, &q, &d, &sx);
+  rows_at(7u, bt, ch, &q, &d, &sx);
+  let s0 = scale_min(n.x, g, groups);
+  (*acc).lo0 += s0.x * d.lo0 + s0.y * sx.lo0;
+  (*acc).hi0 += s0.x * d.hi0 + s0.y * sx.hi0;
+  if (OPT > 1u) {
+    let s1 = scale_min(n.y, g, groups);
+    (*acc).lo1 += s1.x * d.lo1 + s1.y * sx.lo0;
+    (*acc).hi1 += s1.x * d.hi1 + s1.y * sx.hi0;
+  }
+  if (OPT > 2u) {
+    let s2 = scale_min(n.z, g, groups);
+    (*acc).lo2 += s2.x * d.lo2 + s2.y * sx.lo0;
+    (*acc).hi2 += s2.x * d.hi2 + s2.y * sx.hi0;
+    let s3 = scale_min(n.w, g, groups);
+    (*acc).lo3 += s3.x * d.lo3 + s3.y * sx.lo0;
+    (*acc).hi3 += s3.x * d.hi3 + s3.y * sx.hi0;
+  }
+}
+
+// vec4 i of block bt of rows 0..ROWS-1 of the chunk times each output's codes, added to d;
+// the rows' x to sx. Called with i a literal: the codes' shifts are constants.
+fn rows_at(i: u32, bt: u32, ch: u32, q: ptr<function, BlockWords>, d: ptr<function, RowSums>, sx: ptr<function, RowSums>) {
+  let slot = bt * 8u + (i + bt) % 8u;
+  let j0 = i * 4u;
+  let xl = mat4x4<f32>(partial[slot], partial[ch + slot], partial[2u * ch + slot], partial[3u * ch + slot]);
+  var xh = mat4x4<f32>();
+  if (ROWS > 4u) {
+    xh = mat4x4<f32>(partial[4u * ch + slot], partial[5u * ch + slot], partial[6u * ch + slot], partial[7u * ch + slot]);
+  }
+  (*sx).lo0 += vec4<f32>(1.0) * xl;
+  (*sx).hi0 += vec4<f32>(1.0) * xh;
+  let q0 = q4((*q).a0, (*q).b0, j0);
+  (*d).lo0 += q0 * xl;
+  (*d).hi0 += q0 * xh;
+  if (OPT > 1u) {
+    let q1 = q4((*q).a1, (*q).b1, j0);
+    (*d).lo1 += q1 * xl;
+    (*d).hi1 += q1 * xh;
+  }
+  if (OPT > 2u) {
+    let q2 = q4((*q).a2, (*q).b2, j0);
+    (*d).lo2 += q2 * xl;
+    (*d).hi2 += q2 * xh;
+    let q3 = q4((*q).a3, (*q).b3, j0);
+    (*d).lo3 += q3 * xl;
+    (*d).hi3 += q3 * xh;
+  }
+}
+
+// Outputs n0..n0+OPT-1 of batch rows m0..m0+ROWS-1, stored as the lanes loop stores them.
+fn qmatvec_staged(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let units = (p.k + 3u) / 4u;
   let blocks = (p.k + 31u) / 32u;
-  let row = row_starts(m0).x;
+  let ch = XT / ROWS;  // vec4s of each row a chunk (a multiple of 8)
+  let rows_lo = row_starts(m0);
+  let rows_hi = row_starts(m0 + 4u);
   let last = max(p.n, 1u) - 1u;  // outputs past n read the last row (never stored)
-  let n1 = min(n0 + 1u, last);
-  let n2 = min(n0 + 2u, last);
-  let n3 = min(n0 + 3u, last);
-  let w0 = min(n0, last) * words_per_row;
-  let w1 = n1 * words_per_row;
-  let w2 = n2 * words_per_row;
-  let w3 = n3 * words_per_row;
-  var acc = vec4<f32>(0.0);
-  for (var c0 = 0u; c0 < units; c0 += XT) {
-    workgroupBarrier();  // the previous chunk is read
+  let n = vec4<u32>(min(n0, last), min(n0 + 1u, last), min(n0 + 2u, last), min(n0 + 3u, last));
+  let w = n * words_per_row;
+  var acc = vec4<f32>(0.0);  // one row: the OPT outputs
+  let zero = vec4<f32>(0.0);
+  var rows = RowSums(zero, zero, zero, zero, zero, zero, zero, zero);  // several rows
+  for (var c0 = 0u; c0 < units; c0 += ch) {
+    workgroupBarrier();  // the previous chunk (or inverse_rms's sums) is read
     for (var v = t; v < XT; v += WG) {
-      let u = c0 + v;
+      let r = v / ch;
+      let cv = v % ch;
+      let u = c0 + cv;
       var xv = vec4<f32>(0.0);
       if (u < units) {
         let b = u / 8u;
-        xv = load_x(row + u, (u % 8u) * 4u, select(min(32u, p.k - b * 32u), 32u, EXACT), u);
+        let start = select(rows_lo[r % 4u], rows_hi[r % 4u], r >= 4u);
+        xv = load_x(start + u, (u % 8u) * 4u, select(min(32u, p.k - b * 32u), 32u, EXACT), u);
       }
-      xtile[xslot(v)] = xv;
+      partial[r * ch + xslot(cv)] = xv;
     }
     workgroupBarrier();
     let first = c0 / 8u;
-    let count = min(XT / 8u, blocks - first);
-    // BPS blocks a lane step, all loaded before any is summed: more of each lane's weight
-    // words in flight (a block past the chunk re-reads the last one and adds nothing)
-    for (var bt = lane; bt < count; bt += TPR * BPS) {
-      acc += staged_block(bt, first, groups, vec4<u32>(min(n0, last), n1, n2, n3), vec4<u32>(w0, w1, w2, w3));
-      if (BPS > 1u) {
-        let more = bt + TPR < count;
-        let b2 = staged_block(min(bt + TPR, count - 1u), first, groups, vec4<u32>(min(n0, last), n1, n2, n3),
-                              vec4<u32>(w0, w1, w2, w3));
-        acc += select(vec4<f32>(0.0), b2, more);
+    let count = min(ch / 8u, blocks - first);
+    if (ROWS == 1u) {
+      for (var bt = lane; bt < count; bt += TPR) {
+        acc += staged_block(bt, first, groups, n, w);
+      }
+    } else {
+      for (var bt = lane; bt < count; bt += TPR) {
+        staged_rows(bt, ch, first, groups, n, w, &rows);
       }
     }
   }
-  store_outputs(t, lane, n0, m0, acc, scale);
+  workgroupBarrier();  // the chunk in partial is read: the reduction reuses it
+  if (ROWS == 1u) {
+    store_outputs(t, lane, n0, m0, acc, scale_lo.x);
+    return;
+  }
+  lanes_store(t, lane, n0, m0, rows.lo0, rows.hi0, scale_lo, scale_hi);
+  if (OPT > 1u) {
+    lanes_store(t, lane, n0 + 1u, m0, rows.lo1, rows.hi1, scale_lo, scale_hi);
+  }
+  if (OPT > 2u) {
+    lanes_store(t, lane, n0 + 2u, m0, rows.lo2, rows.hi2, scale_lo, scale_hi);
+    lanes_store(t, lane, n0 + 3u, m0, rows.lo3, rows.hi3, scale_lo, scale_hi);
+  }
 }

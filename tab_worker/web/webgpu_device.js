@@ -232,10 +232,11 @@ export function uploadQuant(dev, t, label) {
 }
 
 // runner.matmul_tuning: GPUs want several threads per output, in the interleaved lane layout
-// (span/opt 0: by shape, runner.matvec_layout); CPU rasterisers one thread per output, whole blocks.
+// (span/opt 0: by shape, runner.matvec_layout), x staged in workgroup memory (stage: vec4s of a
+// row a chunk; batches only where k >= stageRowsMinK); CPU rasterisers one thread per output, whole blocks.
 function matmulTuning(dev) {
-  if (dev.isRealGpu()) return { wg: dev.workgroupSize(256), maxTpr: 32, span: 0, opt: 0 };
-  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1 };
+  if (dev.isRealGpu()) return { wg: dev.workgroupSize(256), maxTpr: 32, span: 0, opt: 0, stage: 512, stageRowsMinK: 8192 };
+  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1, stage: 0, stageRowsMinK: 0 };
 }
 
 // runner.matvec_layout: [SPAN, OPT] of an n x k matvec
@@ -265,24 +266,38 @@ export class QuantLinear {
     this.extraBuffers = prologue.norm ? [prologue.norm[0]] : [];
     this.extraParams = prologue.norm ? { eps: prologue.norm[1] } : prologue.siluUpCol !== undefined ? { up_col: prologue.siluUpCol } : {};
     const t = matmulTuning(dev);
+    this.tuning = t;
     this.wg = t.wg;
     [this.span, this.opt] = matvecLayout(w.n, w.k, t.span, t.opt);
     this.tpr = threadsPerRow(w.n, w.k, t.wg, t.maxTpr, this.span);
+    this.stage = this.span !== 8 || this.opt !== 1 ? t.stage : 0;
     this._launches = new Map();
   }
-  constants(rowsPerWg) {
-    const c = { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.tpr, ROWS: rowsPerWg };
-    return this.span !== 8 || this.opt !== 1 ? { ...c, SPAN: this.span, OPT: this.opt, EXACT: this.w.k % 32 === 0 ? 1 : 0 } : c;
+  // runner.QuantLinear._staged / _tpr: vec4s of each row staged a chunk for `rows` rows (0: not staged), threads per output
+  staged(rowsPerWg, rows) {
+    if (!this.stage || (rowsPerWg > 1 && (this.w.k < this.tuning.stageRowsMinK || rows > rowsPerWg))) return 0;
+    const room = Math.floor((this.dev.limits.maxComputeWorkgroupStorageSize - 64) / 16);
+    return Math.min(this.stage, Math.floor(room / rowsPerWg / 8) * 8);
   }
-  pipelinesFor(rows) { return [[this.kernel, this.constants(rowsVariant(rows))]]; }
+  threads(ch) {
+    if (!ch) return this.tpr;
+    const blocks = Math.min(ch / 8, Math.ceil(this.w.k / 32));
+    return Math.min(this.wg, this.tuning.maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(Math.max(1, Math.floor(blocks / 2))))));
+  }
+  constants(rowsPerWg, ch) {
+    const c = { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.threads(ch), ROWS: rowsPerWg };
+    if (this.span === 8 && this.opt === 1) return c;
+    return { ...c, SPAN: this.span, OPT: this.opt, EXACT: this.w.k % 32 === 0 ? 1 : 0, ...(ch ? { XT: ch * rowsPerWg } : {}) };
+  }
+  pipelinesFor(rows) { const r = rowsVariant(rows); return [[this.kernel, this.constants(r, this.staged(r, rows))]]; }
   record(pass, rows) {
-    const r = rowsVariant(rows);
-    if (!this._launches.has(r)) {
-      this._launches.set(r, this.w.chunks.map((c) => [c.n, new Launch(this.dev, this.kernel, this.constants(r), [c.q, c.s, this.x, this.y, ...this.extraBuffers],
+    const r = rowsVariant(rows), ch = this.staged(r, rows), key = `${r}:${ch}`;
+    if (!this._launches.has(key)) {
+      this._launches.set(key, this.w.chunks.map((c) => [c.n, new Launch(this.dev, this.kernel, this.constants(r, ch), [c.q, c.s, this.x, this.y, ...this.extraBuffers],
         { n: c.n, k: this.w.k, m: 0, x_stride: this.xStride, y_stride: this.yStride, y_col: this.yCol + c.start, accumulate: this.accumulate, ...this.extraParams })]));
     }
-    const perWg = this.wg / this.tpr * this.opt;
-    for (const [n, launch] of this._launches.get(r)) {
+    const perWg = this.wg / this.threads(ch) * this.opt;
+    for (const [n, launch] of this._launches.get(key)) {
       launch.set({ m: rows });
       launch.dispatch(pass, Math.ceil(n / perWg), Math.ceil(rows / r));
     }
