@@ -14,6 +14,9 @@ round):
   workers and two coordinators on this 2-core host are not measuring the cores;
 * join: 4 streams on one worker while a second joins: the longest pause between two tokens, in
   median inter-token gaps (target <= 2 steps' time);
+* network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
+  ways): the chosen plan's single-stream ms a token against the best of every depth tried
+  (stages = 1..4; target <= 1.10x);
 * cold start: from starting `serve` to the first token of a request sent as soon as the
   coordinator answers, with no tab joined (the coordinator's own compute serves it).
 
@@ -49,16 +52,25 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_T
 
 
 # ---------------------------------------------------------------- workers
-def worker_main(url: str, name: str, slow: float) -> None:
-    """A Python tab (numpy) whose steps take `slow` x their compute time, the rest asleep."""
+def worker_main(url: str, name: str, slow: float, network: str | None = None) -> None:
+    """A Python tab (numpy) whose steps take `slow` x their compute time, the rest asleep, and
+    whose every frame crosses `network` (actors/profiles.NETWORKS, both ways) when one is named."""
     from actors.faults import slow_down
-    from tab_worker.client import run_worker
+    from tab_worker.client import WorkerConnection
     from tab_worker.worker import TabWorker
 
     w = TabWorker(name, backend="numpy", token=TOKEN)
     if slow != 1.0:
         slow_down(w, slow)
-    asyncio.run(run_worker(url, w))
+
+    class Networked(WorkerConnection):
+        def link(self, ws):
+            from actors.network import NetworkedSocket
+            from actors.profiles import get_network
+
+            return NetworkedSocket(ws, get_network(network)) if network else ws
+
+    asyncio.run(Networked(w, url).run())
 
 
 class Cluster:
@@ -80,9 +92,9 @@ class Cluster:
     def base(self) -> str:
         return self.coord.base
 
-    def add(self, name: str, backend: str = "numpy", slow: float = 1.0, nice: int = 0) -> None:
-        if slow != 1.0:
-            cmd = [sys.executable, __file__, "--worker", self.coord.worker_url, name, str(slow)]
+    def add(self, name: str, backend: str = "numpy", slow: float = 1.0, nice: int = 0, network: str | None = None) -> None:
+        if slow != 1.0 or network:
+            cmd = [sys.executable, __file__, "--worker", self.coord.worker_url, name, str(slow), *([network] if network else [])]
         else:
             cmd = [sys.executable, "-m", "tabshard.cli", "worker", "--connect", self.coord.worker_url, "--token", TOKEN,
                    "--backend", backend, "--name", name]
@@ -180,8 +192,9 @@ def single(c: Cluster, max_tokens: int):
 def plan_of(c: Cluster) -> list:
     st = c.status()
     names = {w["worker_id"]: w["name"] for w in st["workers"]}
-    return [{"pipeline": s.get("pipeline"), "layers": s["layers"], "primary": names.get(s["holders"][0]) if s["holders"] else None}
-            for s in st["stages"]]
+    steps = {w["name"]: w["steps"] for w in st["workers"]}
+    return [{"pipeline": s.get("pipeline"), "layers": s["layers"], "primary": names.get(s["holders"][0]) if s["holders"] else None,
+             "steps": steps.get(names.get(s["holders"][0])) if s["holders"] else None} for s in st["stages"]]
 
 
 # ---------------------------------------------------------------- the figures
@@ -231,6 +244,7 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
 
         out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep), 8 streams aggregate tok/s", one, four, rounds, eight)
         out["plan"] = plan_of(four)
+        print(f"replicas: steps each primary served {[(p['primary'], p['steps']) for p in out['plan']]}", flush=True)
         return out
     finally:
         one.stop(), four.stop()
@@ -317,6 +331,50 @@ def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
         c.stop(), quiet.stop()
 
 
+def bench_network_mix(log: Path, settings: str, rounds: int, tokens: int) -> dict:
+    """2 wired tabs and 2 phones on Wi-Fi (actors/profiles.NETWORKS wired-lan, phone-wifi: each
+    frame delayed both ways, ~12-28 ms a round trip): the planner's own plan against the plan of
+    every depth (stages = 1..4), five clusters up at once, single streams in alternation; the
+    chosen plan's ms a token over the best depth's (target <= 1.10)."""
+    names = ["chosen"] + [f"depth{d}" for d in range(1, 5)]
+    clusters = {n: Cluster(f"mix-{n}", log, settings + (f"stages = {n[5:]}\n" if n != "chosen" else "")) for n in names}
+    try:
+        for c in clusters.values():
+            c.start()
+            for i in range(2):
+                c.add(f"wired-{i}", network="wired-lan")
+                c.add(f"phone-{i}", network="phone-wifi")
+        for c in clusters.values():
+            c.wait_ready()
+        # the round trips measured (a ping a second) and any re-plan they call for made
+        for c in clusters.values():
+            c.coord.wait_for(lambda st: all(w["rtt_ms"] is not None for w in st["workers"] if not w["local"]), 60, "round trips")
+        time.sleep(3.0)
+        for c in clusters.values():
+            c.wait_ready()
+        for c in clusters.values():
+            stream(c.base, max_tokens=8)
+        ms = {n: [] for n in names}
+        for _ in range(rounds):
+            for n, c in clusters.items():
+                ms[n].append(1000.0 / single(c, tokens)[0])
+        med = {n: statistics.median(v) for n, v in ms.items()}
+        best = min((n for n in names if n != "chosen"), key=med.get)
+        st = clusters["chosen"].status()
+        out = {"ms_per_token": med, "best_depth": best, "ratio": med["chosen"] / med[best],
+               "ratio_rounds": [round(c / b, 4) for c, b in zip(ms["chosen"], ms[best])],
+               "plans": {n: plan_of(c) for n, c in clusters.items()},
+               "rtt_ms": {w["name"]: w["rtt_ms"] for w in st["workers"] if not w["local"]},
+               "why": {w["name"]: w["plan"] for w in st["workers"] if not w["local"]}}
+        print(f"network mix (2 wired + 2 phones on Wi-Fi): chosen plan {med['chosen']:.1f} ms a token, best depth "
+              f"{best} {med[best]:.1f} ms -> {out['ratio']:.3f}x; every depth {({n: round(v, 1) for n, v in med.items()})}; "
+              f"rtt {({k: round(v, 1) for k, v in out['rtt_ms'].items()})}", flush=True)
+        return out
+    finally:
+        for c in clusters.values():
+            c.stop()
+
+
 def bench_cold_start(log: Path, settings: str) -> dict:
     c = Cluster("cold", log, settings)
     t0 = time.perf_counter()
@@ -342,22 +400,23 @@ def record(out: dict) -> None:
                Figure.of("plans.replicas_8_streams_4_over_1", out["replicas"]["ratio_rounds"], "×", "higher"),
                Figure.of("plans.join_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
                Figure.of("plans.no_join_max_pause_steps", [r["no_join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
+               Figure.of("plans.network_mix_chosen_over_best_depth", out["network_mix"]["ratio_rounds"], "×", "lower"),
                Figure.of("plans.cold_start_to_first_token_s", [out["cold_start"]["serve_start_to_first_token_s"]], "s", "lower")]
     append_figures(figures, "bench_plans")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker_main(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        worker_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, cold")
+    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, mix, cold")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     a = ap.parse_args()
     rounds, tokens = (2, 24) if a.quick else (a.rounds, 48)
-    only = set((a.only or "mixed,replicas,join,cold").split(","))
+    only = set((a.only or "mixed,replicas,join,mix,cold").split(","))
     settings = "probation_steps = 0\nspot_check_fraction = 0.0\n"
     log = Path(tempfile.mkdtemp(prefix="bench-plans-"))
     print(f"logs in {log}", flush=True)
@@ -368,10 +427,12 @@ def main() -> None:
         out["replicas"] = bench_replicas(log, settings, rounds, tokens)
     if "join" in only:
         out["join"] = bench_join(log, settings, 48, 1 if a.quick else 3)
+    if "mix" in only:
+        out["network_mix"] = bench_network_mix(log, settings, rounds, tokens)
     if "cold" in only:
         out["cold_start"] = bench_cold_start(log, settings)
     print(json.dumps(out))
-    if not a.no_history and only == {"mixed", "replicas", "join", "cold"}:
+    if not a.no_history and only == {"mixed", "replicas", "join", "mix", "cold"}:
         record(out)
 
 

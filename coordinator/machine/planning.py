@@ -17,10 +17,13 @@ REPLAN_MIN_GAIN = 0.15
 # a claimed speed this many times faster than the worker's own steps show is absurd: clamped to
 # what the steps show, and the worker is kept off the critical path
 ABSURD_FACTOR = 1000.0
-# placement's price of one more stream on a pipeline, in one-stream steps: a decode step of n rows
-# costs about 1 + (n - 1) / 4 of a one-row step where compute is per row (a tab's WASM or a CPU);
-# a GPU batches nearly for free, so this errs towards spreading streams over replicas
-STREAM_COST = 0.25
+# placement's price of one more stream on a pipeline, in one-stream steps. A GPU batches rows
+# nearly for free, a tab's WASM or a CPU pays for each row's head and attention (numpy here: a
+# step of 8 rows ~2-3x one row's); and speeds measured at join differ by tens of percent between
+# equal tabs on a busy host. Half a step per stream spreads streams over replicas that are about
+# equal and keeps them off one that is much slower (a 5x slower replica gets a stream once the
+# fastest runs 8)
+STREAM_COST = 0.5
 
 
 class Planning:
