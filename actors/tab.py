@@ -301,6 +301,7 @@ class _TabActor:
 
 # ---------------------------------------------------------------------- the public facade
 _remote_cls = None
+_spawned_count = 0  # tabs started as processes by this driver (round robin over the nodes' hosts)
 
 
 def _remote():
@@ -313,8 +314,9 @@ def _remote():
 
 
 class SimulatedTab:
-    """A browser tab simulated by a Ray actor. Ray errors never leak: a dead actor raises
-    TabGone, a control call that times out raises TabUnresponsive."""
+    """A browser tab simulated by a process that Ray places: a CPU tab a plain process under its
+    node's tab host (actors/tab_process.py), a WebGPU or GPU tab a Ray actor. Ray errors never
+    leak: a dead tab raises TabGone, a control call that times out raises TabUnresponsive."""
 
     def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
                  backend: str | None = None, hidden: bool | None = None, memory_bytes: int | None = None,
@@ -337,9 +339,21 @@ class SimulatedTab:
             # one thread, as a tab's WASM engine has (one Web Worker); dozens of simulated tabs share
             # a few cores, where the packed kernel's thread pool would only contend
             device_options.setdefault("threads", 1)
-        self._actor = _remote().options(**options).remote(
-            name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed,
-            {k: v for k, v in dataclasses.asdict(prof.network).items() if k != "sources"})
+        args = [name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed,
+                {k: v for k, v in dataclasses.asdict(prof.network).items() if k != "sources"}]
+        self._actor = self._host = self._spawned = None
+        if self.backend == "numpy" and not options:
+            # a CPU tab runs as a plain process started by its node's tab host (actors/tab_process.py):
+            # without Ray's runtime in it, a tab takes about half the memory
+            from actors import tab_process
+
+            global _spawned_count
+            self._host = tab_process.host_for(_spawned_count)
+            _spawned_count += 1
+            self._key = f"{name}#{os.getpid()}-{_spawned_count}"
+            self._spawned = self._host.spawn.remote(self._key, args)
+        else:  # GPU tabs (Ray assigns their GPU) and WebGPU tabs stay Ray actors
+            self._actor = _remote().options(**options).remote(*args)
         self.killed = False
 
     def _call(self, method: str, *args, timeout: float = 30.0):
@@ -347,11 +361,23 @@ class SimulatedTab:
         from ray.exceptions import GetTimeoutError, RayActorError
 
         try:
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=timeout)
+            if self._host is None:
+                return ray.get(getattr(self._actor, method).remote(*args), timeout=timeout)
+            if self._spawned is not None:  # the host's calls run concurrently: the spawn first
+                ray.get(self._spawned, timeout=60)
+                self._spawned = None
+            kind, value = ray.get(self._host.call.remote(self._key, method, list(args), timeout), timeout=timeout + 10)
         except RayActorError as exc:
             raise TabGone(f"tab {self.name}: its process is gone ({type(exc).__name__})") from None
         except GetTimeoutError:
             raise TabUnresponsive(f"tab {self.name}: no answer to {method} within {timeout:.0f}s") from None
+        if kind == "ok":
+            return value
+        if kind == "gone":
+            raise TabGone(f"tab {self.name}: its process is gone ({value})")
+        if kind == "timeout":
+            raise TabUnresponsive(f"tab {self.name}: no answer to {method} ({value})")
+        raise TabshardError(f"tab {self.name}: {method} failed: {value}")
 
     def pid(self) -> int:
         return self._call("pid")
@@ -392,12 +418,15 @@ class SimulatedTab:
         return self._call("lie", float(factor))
 
     def kill(self) -> None:
-        """End the actor through Ray (cleanup; not a fault hook -- use crash for that)."""
+        """End the tab's process (cleanup; not a fault hook -- use crash for that)."""
         import ray
 
         if not self.killed:
             self.killed = True
             try:
-                ray.kill(self._actor, no_restart=True)
+                if self._host is not None:
+                    ray.get(self._host.kill.remote(self._key), timeout=30)
+                else:
+                    ray.kill(self._actor, no_restart=True)
             except Exception:
                 pass

@@ -3,6 +3,13 @@
     python benchmarks/bench_simulation.py tabs32 [--env K=V]  # 32 Ray-actor tabs joined and serving; memory:
                                                             # peak RSS per tab, and RSS/PSS of all tabs sampled
                                                             # while serving with the biggest tab by mapping
+    python benchmarks/bench_simulation.py tabs32 --baseline REV [--rounds 2]
+                                                            # the same measurement of the checkout REV (a git
+                                                            # worktree) and of this one, alternating, one process
+                                                            # each; ratios this/REV per metric, appended to the
+                                                            # benchmark history (suite bench_simulation)
+A tabs32 run stops (and says so) when the host's available memory falls below
+--min-available-mb (4096): a checkout whose tabs hold f32 weights peaks above 1 GB a tab.
     python benchmarks/bench_simulation.py conns1000 [--seconds 300] [--conns 1000] [--procs 4]
                                                             # heartbeat-only connections; false detections,
                                                             # coordinator CPU and memory
@@ -16,19 +23,31 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import tempfile
+import threading
 import time
+import _thread
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _meminfo_used_mb() -> float:
+def _meminfo() -> dict:
     info = {}
     with open("/proc/meminfo") as f:
         for line in f:
             k, v = line.split(":")
             info[k] = int(v.split()[0])
+    return info
+
+
+def _meminfo_used_mb() -> float:
+    info = _meminfo()
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def _meminfo_total_mb() -> float:
+    return _meminfo()["MemTotal"] / 1024
 
 
 ROLLUP_FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous", "Shared_Clean", "Private_Dirty")
@@ -53,15 +72,31 @@ def _descends_from_us(pid: int) -> bool:
     return False
 
 
-def _tab_pids() -> list[int]:
-    """This run's simulated tabs: Ray titles an actor's worker process `ray::_TabActor...`."""
+def _host_pids() -> list[int]:
+    """This run's tab hosts (actors/tab_process.py: one Ray actor a node starting the tab processes)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if f.read(64).startswith(b"ray::_TabActor") and _descends_from_us(int(d)):
+                    if f.read(64).startswith(b"ray::_TabHost") and _descends_from_us(int(d)):
                         pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def _tab_pids() -> list[int]:
+    """This run's simulated tabs: a tab actor's process (Ray titles it `ray::_TabActor...`) or a
+    tab process under its node's tab host (`python -m actors.tab_process`)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read(512)
+                if (cmd.startswith(b"ray::_TabActor") or b"\0actors.tab_process" in cmd) and _descends_from_us(int(d)):
+                    pids.append(int(d))
             except OSError:
                 pass
     return pids
@@ -105,13 +140,41 @@ def _smaps_by_mapping(pid: int, top: int = 16) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["rss_kb"])[:top]
 
 
+class _Provenance:
+    """A throwaway actor started like the tabs (same Ray, same environment): which checkout its
+    process imports the tab and the coordinator from."""
+
+    def files(self) -> dict:
+        import actors.tab
+        import coordinator
+
+        return {"actors.tab": actors.tab.__file__, "coordinator": coordinator.__file__}
+
+
+def _use_tree(tree: str) -> None:
+    """Run the measurement on the checkout at `tree`: its packages ahead of this one's on this
+    process's path, and (PYTHONPATH, cwd) on the path of every process Ray and the scenario start."""
+    tree = str(Path(tree).resolve())
+    sys.path.insert(0, tree)
+    os.environ["PYTHONPATH"] = tree + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    os.chdir(tree)
+
+
 def tabs32(args) -> dict:
     for kv in args.env:  # before Ray starts: its raylet, and so every tab's process, inherits these
         k, sep, v = kv.partition("=")
         if not sep or not k:
             raise SystemExit(f"--env takes KEY=VALUE, got {kv!r}")
         os.environ[k] = v
+    if args.baseline:
+        return tabs32_against(args)
+    if args.tree:
+        _use_tree(args.tree)
+    import coordinator
+    from simulation.runtime import ray_session
     from simulation.scenario import run_scenario
+
+    load0 = os.getloadavg()
 
     used0 = _meminfo_used_mb()
     scn = {"name": "tabs32", "seed": 5, "duration_s": 20,
@@ -119,7 +182,15 @@ def tabs32(args) -> dict:
            "tabs": [{"profile": "cpu-wasm", "count": args.tabs}],
            "workload": {"streams": 2, "requests": 4, "arrival_rate": 0.5, "prompt_tokens": 10, "output_tokens": 12,
                         "request_timeout_s": 600}}
-    peak = {"used_mb": used0, "sampled": 0.0, "tabs": {}, "rss_kb": 0}
+    try:  # one pipeline of 16 stages, as before the planner chose depths: the same work in either checkout
+        from coordinator.config import load_settings
+
+        load_settings(None, {"stages": 16})
+        scn["coordinator"]["stages"] = 16
+    except Exception:  # a checkout older than the setting: 16 stages was what max_stages gave
+        pass
+    peak = {"used_mb": used0, "tabs": {}, "rss_kb": 0, "hwm_kb": {}, "host_hwm_kb": {}, "aborted": None}
+    done = threading.Event()
 
     def sample_tabs():
         """Every tab's smaps_rollup; kept when the tabs' total RSS is the highest seen."""
@@ -128,34 +199,162 @@ def tabs32(args) -> dict:
         if total > peak["rss_kb"]:
             biggest = max(roll, key=lambda p: roll[p].get("Rss", 0))
             peak.update(rss_kb=total, tabs=roll, biggest=_smaps_by_mapping(biggest))
+        return roll
+
+    def watch():
+        """Every 0.5 s: the host's used memory and each tab's high-water mark (VmHWM, so a peak
+        between samples is not missed, and a run cut short still has each tab's peak so far);
+        the tabs' smaps every 2 s. Below --min-available-mb the run is stopped: on a shared host
+        the tabs must not take the others' memory (a checkout whose tabs grow without bound)."""
+        last_smaps = 0.0
+        while not done.wait(0.5):
+            used = _meminfo_used_mb()
+            peak["used_mb"] = max(peak["used_mb"], used)
+            pids = _tab_pids() if time.monotonic() - last_smaps < 2.0 else list(sample_tabs())
+            if pids and time.monotonic() - last_smaps >= 2.0:
+                last_smaps = time.monotonic()
+            for pid in pids:
+                try:
+                    hwm = _rss_mb(pid)[1]
+                except OSError:  # gone since listed
+                    continue
+                peak["hwm_kb"][pid] = max(peak["hwm_kb"].get(pid, 0), int(hwm * 1024))
+            for pid in _host_pids():
+                try:
+                    peak["host_hwm_kb"][pid] = int(_rss_mb(pid)[1] * 1024)
+                except OSError:
+                    pass
+            available = _meminfo_total_mb() - used
+            if available < args.min_available_mb and peak["aborted"] is None:
+                peak["aborted"] = (f"host memory available {available:.0f} MB < {args.min_available_mb} MB "
+                                   f"with {len(pids)} tabs up: stopped")
+                print(f"[tabs32] {peak['aborted']}", file=sys.stderr, flush=True)
+                _thread.interrupt_main()
 
     def progress(line, end="\n"):
-        peak["used_mb"] = max(peak["used_mb"], _meminfo_used_mb())
-        if time.monotonic() - peak["sampled"] > 2.0:
-            sample_tabs()
-            peak["sampled"] = time.monotonic()
         print(line, end=end, file=sys.stderr, flush=True)
 
-    rep = run_scenario(scn, out_dir="sim-out/tabs32", progress=progress)
-    per_tab = [t for t in rep["tabs"]["per_tab"].values() if "peak_rss_mb" in t]
-    serving = sum(1 for t in per_tab if t["held_weights_mb"] > 0)
-    return {"tabs": args.tabs, "env": args.env, "alive": rep["tabs"]["alive_at_end"], "tabs_holding_layers": serving,
-            "startup_s": rep["startup_s"], "passed": rep["passed"], "tokens_per_s": rep["tokens"]["per_s"],
-            "tab_peak_rss_mb": {"min": min(t["peak_rss_mb"] for t in per_tab), "max": max(t["peak_rss_mb"] for t in per_tab),
-                                "total": round(sum(t["peak_rss_mb"] for t in per_tab), 1)},
-            "host_used_mb": {"before": round(used0), "peak_during": round(peak["used_mb"]),
-                             "delta": round(peak["used_mb"] - used0)},
-            "coordinator_peak_rss_mb": rep["coordinator"]["peak_rss_mb"],
-            # sampled while serving (every ~2 s): the sample with the highest total RSS of the tabs.
-            # RSS counts every shared library page in every process; PSS divides shared pages
-            # among the processes mapping them, so the PSS total is the memory the tabs take.
-            "tabs_smaps_at_peak": {
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rep, imported = None, {}
+    try:
+        with ray_session() as ray:  # the scenario runs in this Ray (the same settings as its own)
+            probe = ray.remote(num_cpus=0)(_Provenance).remote()
+            imported = {"driver": {"coordinator": coordinator.__file__}, "actor": ray.get(probe.files.remote(), timeout=120)}
+            ray.kill(probe)
+            rep = run_scenario(scn, out_dir="sim-out/tabs32", progress=progress)
+    except KeyboardInterrupt:
+        if peak["aborted"] is None:
+            raise
+    finally:
+        done.set()
+        watcher.join()
+    hwm_mb = sorted(v / 1024 for v in peak["hwm_kb"].values())
+    sampled = {"tabs": len(hwm_mb), "total": round(sum(hwm_mb), 1),
+               "median": round(hwm_mb[len(hwm_mb) // 2], 1) if hwm_mb else None,
+               "max": round(hwm_mb[-1], 1) if hwm_mb else None}
+    out = {"tabs": args.tabs, "env": args.env, "coordinator_settings": scn["coordinator"], "tree": os.getcwd() if args.tree else str(Path(__file__).resolve().parents[1]),
+           "imported_from": imported, "load_avg": {"start": [round(x, 2) for x in load0],
+                                                   "end": [round(x, 2) for x in os.getloadavg()]},
+           "aborted": peak["aborted"],
+           # each tab's VmHWM as sampled by this process (every 0.5 s): the same figure as the
+           # report's, and there even when the run was stopped (then a lower bound)
+           "tab_peak_rss_mb_sampled": sampled,
+           # the tab hosts' own peak RSS (a Ray actor a node when tabs are processes; none when tabs are actors)
+           "tab_hosts_peak_rss_mb": round(sum(peak["host_hwm_kb"].values()) / 1024, 1),
+           "host_used_mb": {"before": round(used0), "peak_during": round(peak["used_mb"]),
+                            "delta": round(peak["used_mb"] - used0)},
+           "tabs_smaps_at_peak": {
                 "tabs": len(peak["tabs"]),
                 **{f"total_{k.lower()}_mb": round(sum(r.get(k, 0) for r in peak["tabs"].values()) / 1024, 1)
                    for k in ROLLUP_FIELDS},
                 **{f"median_{k.lower()}_mb": round(sorted(r.get(k, 0) for r in peak["tabs"].values())[len(peak["tabs"]) // 2] / 1024, 1)
                    for k in ("Rss", "Pss", "Pss_Anon", "Pss_File") if peak["tabs"]},
                 "biggest_tab_by_mapping_kb": peak.get("biggest", [])}}
+    if rep is None:
+        return out
+    per_tab = [t for t in rep["tabs"]["per_tab"].values() if "peak_rss_mb" in t]
+    serving = sum(1 for t in per_tab if t["held_weights_mb"] > 0)
+    return {**out, "alive": rep["tabs"]["alive_at_end"], "tabs_holding_layers": serving,
+            "startup_s": rep["startup_s"], "passed": rep["passed"], "tokens_per_s": rep["tokens"]["per_s"],
+            "tab_peak_rss_mb": {"min": min(t["peak_rss_mb"] for t in per_tab), "max": max(t["peak_rss_mb"] for t in per_tab),
+                                "median": sorted(t["peak_rss_mb"] for t in per_tab)[len(per_tab) // 2],
+                                "total": round(sum(t["peak_rss_mb"] for t in per_tab), 1)},
+            "coordinator_peak_rss_mb": rep["coordinator"]["peak_rss_mb"],
+            # the weights the tabs downloaded: the model's bytes x replicas when the plan never
+            # changed; more when early plans (few tabs trusted yet) gave tabs larger ranges first
+            "weight_mb_sent": round(rep["coordinator"]["counters"].get("weight_bytes_sent", 0) / 2**20, 1)}
+
+
+# the figures compared between two checkouts: (name, how to read it from tabs32's result)
+COMPARED = {
+    # sum of each tab's VmHWM (sampled: there for a run stopped at --min-available-mb, then a lower bound)
+    "tabs_peak_rss_total_mb": lambda r: r["tab_peak_rss_mb_sampled"]["total"],
+    "tab_peak_rss_median_mb": lambda r: r["tab_peak_rss_mb_sampled"]["median"],
+    "tabs_and_hosts_peak_rss_total_mb": lambda r: r["tab_peak_rss_mb_sampled"]["total"] + r.get("tab_hosts_peak_rss_mb", 0),
+    "tabs_rss_at_peak_mb": lambda r: r["tabs_smaps_at_peak"]["total_rss_mb"],
+    "tabs_pss_at_peak_mb": lambda r: r["tabs_smaps_at_peak"]["total_pss_mb"],
+    "tab_pss_at_peak_median_mb": lambda r: r["tabs_smaps_at_peak"]["median_pss_mb"],
+    "host_used_delta_mb": lambda r: r["host_used_mb"]["delta"],  # MemTotal-MemAvailable, before vs peak
+}
+
+
+def _worktree(rev: str) -> tuple[Path, bool]:
+    """A detached git worktree of `rev` beside this checkout (made here unless it exists)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    path = Path(tempfile.gettempdir()) / f"tabshard-baseline-{sha}"
+    if path.exists():
+        return path, False
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(path), sha], check=True,
+                   capture_output=True)
+    return path, True
+
+
+def tabs32_against(args) -> dict:
+    """tabs32 on the checkout `args.baseline` and on this one, alternating (baseline first), each
+    run its own process and its own Ray, one at a time (32 tabs of each at once would not fit a
+    small host); the ratio this/baseline per metric of each round, and their median."""
+    import statistics
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    tree, made = _worktree(args.baseline)
+    runs: dict[str, list[dict]] = {"baseline": [], "this": []}
+    try:
+        for rnd in range(args.rounds):
+            for side, path in (("baseline", tree), ("this", root)):
+                out = Path(tempfile.gettempdir()) / f"bench-tabs32-{side}-{os.getpid()}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "tabs32", "--tabs", str(args.tabs), "--tree", str(path),
+                       "--json-out", str(out), *[f"--env={kv}" for kv in args.env]]
+                print(f"round {rnd + 1}/{args.rounds}, {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                runs[side].append(json.loads(out.read_text()))
+                out.unlink()
+    finally:
+        if made:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    figures = {}
+    for name, get in COMPARED.items():
+        old = [get(r) for r in runs["baseline"]]
+        new = [get(r) for r in runs["this"]]
+        ratios = [n / o for n, o in zip(new, old) if o]
+        figures[name] = {"baseline": old, "this": new, "ratio_this_over_baseline": [round(x, 3) for x in ratios],
+                         "ratio_median": round(statistics.median(ratios), 3) if ratios else None}
+    out = {"baseline": args.baseline, "tabs": args.tabs, "rounds": args.rounds, "figures": figures,
+           "weight_mb_sent": {side: [r.get("weight_mb_sent") for r in runs[side]] for side in runs},
+           "load_avg": [r["load_avg"] for side in ("baseline", "this") for r in runs[side]],
+           "imported_from": {side: runs[side][0]["imported_from"] for side in runs}, "runs": runs}
+    from tabshard.bench_history import Figure, append_figures
+
+    append_figures([Figure.of(f"sim.tabs{args.tabs}.{name}_over_{args.baseline}", f["ratio_this_over_baseline"], "×", "lower")
+                    for name, f in figures.items() if f["ratio_this_over_baseline"]]
+                   + [Figure.of(f"sim.tabs{args.tabs}.{name}", f["this"], "MB", "lower") for name, f in figures.items()],
+                   "bench_simulation")
+    return out
 
 
 # ---------------------------------------------------------------------- 1,000 heartbeat-only connections
@@ -306,6 +505,13 @@ def main() -> None:
     a.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in this process before Ray starts, so every tab inherits it (e.g. MALLOC_ARENA_MAX=2, "
                         "TABSHARD_CPU_THREADS=1); repeatable")
+    a.add_argument("--baseline", metavar="REV", help="also measure this git revision (a worktree), alternating with this "
+                   "checkout, and report the ratios")
+    a.add_argument("--rounds", type=int, default=2, help="with --baseline: runs of each checkout")
+    a.add_argument("--tree", metavar="PATH", help="measure the checkout at PATH (used by --baseline)")
+    a.add_argument("--json-out", metavar="PATH", help="write the result here instead of sim-out/")
+    a.add_argument("--min-available-mb", type=int, default=4096,
+                   help="stop the run when the host's available memory falls below this (a shared host)")
     b = sub.add_parser("conns1000")
     b.add_argument("--conns", type=int, default=1000)
     b.add_argument("--procs", type=int, default=4)
@@ -313,8 +519,11 @@ def main() -> None:
     b.add_argument("--ramp", type=float, default=60)
     args = p.parse_args()
     out = {"tabs32": tabs32, "conns1000": conns1000}[args.cmd](args)
-    Path("sim-out").mkdir(exist_ok=True)
-    Path(f"sim-out/bench-{args.cmd}.json").write_text(json.dumps(out, indent=2))
+    if getattr(args, "json_out", None):
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    else:
+        Path("sim-out").mkdir(exist_ok=True)
+        Path(f"sim-out/bench-{args.cmd}.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 

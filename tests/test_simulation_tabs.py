@@ -39,33 +39,42 @@ def sim(ray_rt, tmp_path_factory):
 
 
 def _idle_and_served(coord):
-    # two stages (--max-stages 2): a tab that rejoined after an earlier test's fault is on probation
-    # until its trial ends, and while a single tab is trusted the plan is that tab alone
-    return coord.wait_for(lambda st: not st["sessions"] and plan_served(st) and len(st["stages"]) == 2, 60,
+    # two stages (--stages 2; the tabs beyond form more pipelines over the same two ranges): a tab
+    # that rejoined after an earlier test's fault is on probation until its trial ends, and while a
+    # single tab is trusted the plan is that tab alone
+    return coord.wait_for(lambda st: not st["sessions"] and plan_served(st)
+                          and len({tuple(s["layers"]) for s in st["stages"]}) == 2, 60,
                           "an idle plan of two stages served by tabs")
 
 
-def _stage_tab(st, tabs, stage):
-    wid = st["stages"][stage]["holders"][0]
+def _serving_tab(coord, tabs, stage, steps_before):
+    """The primary of the stage's range in the pipeline that serves the stream (its steps grew)."""
+    st = coord.status()
+    layers = sorted({tuple(s["layers"]) for s in st["stages"]})[stage]
+    primaries = {s["holders"][0] for s in st["stages"] if tuple(s["layers"]) == layers and s["holders"]}
+    steps = {w["worker_id"]: w["steps"] for w in st["workers"]}
+    wid = max(sorted(primaries), key=lambda w: steps.get(w, 0) - steps_before.get(w, 0))
     name = next(w["name"] for w in st["workers"] if w["worker_id"] == wid)
     return tabs[name], wid
 
 
 def _run_with_fault(coord, tabs, inject, at_token=4, stage=1):
-    """Stream the reference request; at `at_token` inject the fault into the stage's primary tab."""
+    """Stream the reference request; at `at_token` inject the fault into the primary tab of the
+    stage serving it."""
     st = _idle_and_served(coord)
-    tab, wid = _stage_tab(st, tabs, stage)
+    steps_before = {w["worker_id"]: w["steps"] for w in st["workers"]}
     fired = {}
 
     def on_token(n):
         if n == at_token and not fired:
+            fired["tab"], fired["wid"] = _serving_tab(coord, tabs, stage, steps_before)
             fired["t"] = time.monotonic()
-            inject(tab)
+            inject(fired["tab"])
 
     res = asyncio.run(stream_request(coord.base, f"r-{time.monotonic_ns()}", PROMPT, N, on_token=on_token))
     log = EventLog()
     log.absorb(coord.status())
-    return res, fired["t"], wid, tab, log.sorted()
+    return res, fired["t"], fired["wid"], fired["tab"], log.sorted()
 
 
 def _first(events, t0, kinds, worker=None):
