@@ -1,7 +1,9 @@
-"""A simulated browser tab as a Ray actor: the Python tab worker on the WebSocket protocol.
+"""A simulated browser tab placed by Ray: the Python tab worker on the WebSocket protocol.
 
-`SimulatedTab` is the public facade; `_TabActor` the private actor it drives. Ray places, runs
-and kills the tab; tensors never travel over Ray calls -- the tab talks to the coordinator over
+`SimulatedTab` is the public facade; `_TabActor` the private tab it drives: a plain process under
+its node's tab host for a CPU tab (actors/tab_process.py: no Ray runtime in the tab), a Ray
+actor for a WebGPU or GPU tab. Ray places, runs and kills the tab; tensors never travel over
+Ray calls -- the tab talks to the coordinator over
 the same WebSocket protocol as a browser tab, so every fault is detected by the coordinator's
 own mechanisms (socket close, heartbeat silence, step deadlines), never by Ray.
 
