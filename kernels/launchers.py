@@ -134,7 +134,7 @@ class MatmulTuning:
     matvec_stage_rows_min_k: int = 0  # staged: batches of rows too when k >= this (else the lanes loop)
 
 
-def matmul_tuning(dev: Device) -> MatmulTuning:
+def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
     """GPUs want several threads per output (a workgroup reduction); CPU rasterisers
     (lavapipe, SwiftShader) run one invocation per SIMD lane with costly barriers: one
     thread per output, no reduction.
@@ -143,10 +143,11 @@ def matmul_tuning(dev: Device) -> MatmulTuning:
     tiled qmatmul at every M measured (H200, a4g32, M = 4..512: 1536x576 at M=32 0.037 vs
     0.083 ms, 49152x576 at M=512 7.4 vs 12.9 ms; lavapipe, 3072x576: 2.3 vs <= 1.9 GFLOP/s).
     qmatmul (64x64 tiles, 24 workgroups for 1536 outputs) wants larger matrices; pass
-    matvec_max_rows to QuantLinear to use it."""
+    matvec_max_rows to QuantLinear to use it. ``real_gpu``: the GPU's (True) or the CPU
+    rasterisers' (False) tuning at this device's limits, whatever the adapter is."""
     wg = dev.workgroup_size(256)
     tile = 64 if wg >= 256 else 32
-    if dev.is_real_gpu():
+    if dev.is_real_gpu() if real_gpu is None else real_gpu:
         return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
                             matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE,
                             matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K)
@@ -241,11 +242,7 @@ class QuantLinear(Launcher):
             x, x_stride, y, y_stride, y_col, acc = self._args
             buffers, extra = [], {}
             if kernel.startswith("qmatvec"):
-                consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self._tpr(ch), "ROWS": rows_per_wg}
-                if self.span != 8 or self.opt != 1:
-                    consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
-                if ch:
-                    consts.update(XT=ch * rows_per_wg)
+                consts = self.matvec_constants(rows_per_wg, ch)
                 if kernel.startswith("qmatvec_norm"):
                     buffers, extra = [self.norm[0]], {"eps": float(self.norm[1])}
                 elif kernel.startswith("qmatvec_silu"):
@@ -257,6 +254,21 @@ class QuantLinear(Launcher):
                            x_stride=x_stride, y_stride=y_stride, y_col=y_col + start, accumulate=acc, **extra))
                 for start, n, qweight, scales in self.w.chunks]
         return self._launches[key]
+
+    def matvec_constants(self, rows_per_wg: int, ch: int) -> dict:
+        """qmatvec's overrides at ROWS = rows_per_wg, ``ch`` vec4s of each row staged (0: none)."""
+        consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self._tpr(ch), "ROWS": rows_per_wg}
+        if self.span != 8 or self.opt != 1:
+            consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
+        if ch:
+            consts.update(XT=ch * rows_per_wg)
+        return consts
+
+    def matvec_grid(self, rows: int) -> tuple[dict, int, int]:
+        """(overrides, outputs per workgroup, rows per workgroup) of qmatvec at ``rows`` rows."""
+        rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
+        ch = self._staged(rows_per_wg, rows)
+        return self.matvec_constants(rows_per_wg, ch), self.wg // self._tpr(ch) * self.opt, rows_per_wg
 
     def _staged(self, rows_per_wg: int, rows: int) -> int:
         """vec4s of each row staged a chunk for ``rows`` rows at ROWS = rows_per_wg (0: not

@@ -590,3 +590,56 @@ def test_layer_program_expressions_evaluate_alike_in_python_and_js():
         LP.evaluate("__import__('os')", {})
     with pytest.raises(KeyError, match="unknown name"):
         LP.evaluate("nope + 1", {})
+
+
+def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev):
+    """A real-GPU tab and the native backend choose one qmatvec layout (overrides, workgroups)
+    for every shape and row count: runner.QuantLinear and webgpu_device.js's QuantLinear (node)
+    at the WebGPU default limits, staged or not (one row; batches of long rows in one workgroup row)."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    from kernels.limits import WEBGPU_DEFAULT_LIMITS
+
+    limits = dict(WEBGPU_DEFAULT_LIMITS)
+    base = _device(limits="webgpu-default")
+    tuning = KL.matmul_tuning(base, real_gpu=True)
+    shapes = [(12288, 4096), (4096, 11008), (1536, 576), (49152, 576), (37, 70), (8192, 8192)]
+    rows_list = [1, 3, 8, 9, 64]
+    want = []
+    for n, k in shapes:
+        op = KL.QuantLinear(base, KL.GpuQuantTensor(QuantSpec(3, 64, True), n, k, []), None, 4 * -(-k // 4), None, n, tuning=tuning)
+        for rows in rows_list:
+            consts, per_wg, rows_per_wg = op.matvec_grid(rows)
+            want.append([{k2: int(v) for k2, v in consts.items()}, per_wg, rows_per_wg])
+    js_limits = {"maxComputeWorkgroupStorageSize": limits["max-compute-workgroup-storage-size"],
+                 "maxComputeInvocationsPerWorkgroup": limits["max-compute-invocations-per-workgroup"],
+                 "maxComputeWorkgroupSizeX": limits["max-compute-workgroup-size-x"]}
+    script = """
+    import(process.argv[1]).then(({ QuantLinear, MATVEC_ROWS }) => {
+      const [limits, shapes, rowsList] = JSON.parse(process.argv[2]);
+      const dev = { limits, isRealGpu: () => true,
+                    workgroupSize: (p) => 2 ** Math.floor(Math.log2(Math.min(p, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX))) };
+      const out = [];
+      for (const [n, k] of shapes) {
+        const op = new QuantLinear(dev, { n, k, spec: { bits: 3, group: 64, symmetric: true }, chunks: [] }, null, 4 * Math.ceil(k / 4), null, n);
+        for (const rows of rowsList) {
+          const r = MATVEC_ROWS.find((m) => m >= rows) ?? MATVEC_ROWS[MATVEC_ROWS.length - 1];
+          const ch = op.staged(r, rows);
+          out.push([op.constants(r, ch), op.wg / op.threads(ch) * op.opt, r]);
+        }
+      }
+      console.log(JSON.stringify(out));
+    });"""
+    src = Path(__file__).resolve().parents[1] / "tab_worker" / "web" / "webgpu_device.js"
+    r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([js_limits, shapes, rows_list])],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got == want
+    assert any("XT" in c for c, _, rpw in want if rpw == 1) and any("XT" in c for c, _, rpw in want if rpw == 8)
