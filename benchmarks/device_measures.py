@@ -26,6 +26,9 @@ def variant_tuning(dev, variant: str):
         return dataclasses.replace(base, matvec_stage_rows_min_k=1 << 30), {}
     if variant == "wgpu-stage-all":  # x staged for batches of any k too
         return dataclasses.replace(base, matvec_stage_rows_min_k=0), {}
+    m = re.fullmatch(r"wgpu-x(\d+)", variant)
+    if m:  # the default with this many vec4s of each row staged a chunk (at most what the limits hold)
+        return dataclasses.replace(base, matvec_stage=int(m.group(1))), {}
     if variant == "wgpu-blocks":
         return dataclasses.replace(base, matvec_span=8, matvec_opt=1), {}
     m = re.fullmatch(r"wgpu-mm(\d+)", variant)
@@ -33,7 +36,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all, wgpu-xN or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))
