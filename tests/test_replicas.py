@@ -37,7 +37,7 @@ def replicas(weights, n, **kw):
 def test_streams_spread_over_equal_replicas_with_a_single_workers_tokens(weights, reference):
     net = replicas(weights, 4)
     for w in net.core.workers.values():
-        w.ms_per_layer, w.rtt_ms = 1.0, 1.0  # equal, as measured on a quiet host (this one is shared: its timings vary)
+        w.ms_per_layer, w.rtt_ms, w.step_ms_per_layer = 1.0, 1.0, None  # equal, as measured on a quiet host (this one is shared: its timings vary)
     for i in range(8):
         net.submit(f"r{i}", PROMPT, N_TOKENS, stop_at_eos=False)
     assert sorted(Counter(s.pipeline for s in net.core.sessions.values()).values()) == [2, 2, 2, 2]
@@ -101,7 +101,7 @@ def test_a_tab_joining_during_streams_becomes_a_replica_without_pausing_them(wei
         assert net.tokens(f"r{i}")[:N_TOKENS] == reference
     # later sessions use the new replica too (equal workers: the second goes to the less loaded)
     for w in net.core.workers.values():
-        w.ms_per_layer, w.rtt_ms = 1.0, 1.0
+        w.ms_per_layer, w.rtt_ms, w.step_ms_per_layer = 1.0, 1.0, None
     net.submit("a", PROMPT, N_TOKENS, stop_at_eos=False)
     net.submit("b", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["a", "b"])
@@ -206,7 +206,18 @@ def test_a_cached_prefix_is_reused_on_whichever_pipeline_a_session_lands(weights
     for i in range(4):  # each pipeline's primary fastest in turn, two sessions each
         for k, wid in enumerate(ids):
             net.core.workers[wid].ms_per_layer = 0.2 if (i // 2 + k) % 2 else 1.0
+            net.core.workers[wid].step_ms_per_layer = None  # (this harness's clock times no step)
         net.submit(f"r{i}", prompt, N_TOKENS, stop_at_eos=False)
         run_until_done(net, [f"r{i}"])
     assert [net.tokens(f"r{i}") for i in range(4)] == [solo.tokens("ref")] * 4
     assert net.core.counters["prefix_hits"] == 2  # the second session on each pipeline
+
+
+def test_placement_counts_on_the_speed_steps_show_not_the_one_measured_at_join(weights):
+    net = replicas(weights, 2)
+    a, b = sorted(w for w in net.core.workers if w != "local")
+    for wid, w in net.core.workers.items():
+        w.ms_per_layer, w.rtt_ms = (0.5 if wid == a else 1.0), 1.0  # a measured twice as fast when it joined...
+    net.core.workers[a].step_ms_per_layer, net.core.workers[b].step_ms_per_layer = 5.0, 1.0  # ...its steps say otherwise
+    net.submit("s", PROMPT, 4, stop_at_eos=False)
+    assert net.core.stages[net.core.sessions["s"].pipeline].primary == b

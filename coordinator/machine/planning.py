@@ -4,6 +4,7 @@ planner, fed measured costs), re-planned when workers come and go, resumed after
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -259,7 +260,7 @@ class Planning:
             load = sum(1 for q in bound if q in primaries and primaries[q] & primaries[p])
             if not all(st.primary for st in sts):
                 return (2, 0.0, load, p)
-            ms = self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts])
+            ms = self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=True)
             return (0 if ready else 1, ms * (1 + STREAM_COST * load), load, p)
 
         s.pipeline = min(pipes, key=key)
@@ -269,12 +270,22 @@ class Planning:
         return plan([self._capacity(w) for w in workers], c.n_layers, self.layer_bytes, self.head_bytes, self.settings.replicas,
                     self.settings.max_stages, self._head_cost_layers(), stages=self.settings.stages, hidden_bytes=4 * c.hidden)
 
-    def _plan_step_ms(self, ranges) -> float:
+    def _plan_step_ms(self, ranges, serving: bool = False) -> float:
         """A plan's predicted token latency (coordinator/planner.py's predict_ms): each stage's
-        (layers + the head's cost) x its primary's cost per layer, plus its hop."""
+        (layers + the head's cost) x its primary's cost per layer, plus its hop. serving: a
+        trusted primary's cost per layer as its decode steps show it now (step_ms_per_layer,
+        timed here) where it has served: what placement counts on (a speed measured at join, on
+        a busy host, can be far off)."""
         c = self.config
         model = SimpleNamespace(head_cost_layers=self._head_cost_layers(), hidden_bytes=4 * c.hidden)
-        return predict_ms([(self._capacity(self.workers[wid]), end - start, has_head) for start, end, has_head, wid in ranges], model)
+        caps = []
+        for start, end, has_head, wid in ranges:
+            w = self.workers[wid]
+            cap = self._capacity(w)
+            if serving and w.step_ms_per_layer and not w.probation and not cap.flagged:  # (a zero: no time seen)
+                cap = dataclasses.replace(cap, ms_per_layer=w.step_ms_per_layer)
+            caps.append((cap, end - start, has_head))
+        return predict_ms(caps, model)
 
     def _keep_current_plan(self, made: Plan) -> str | None:
         """Why the current plan stays (None: take the new one). A new plan moves weights, so

@@ -8,6 +8,7 @@ from collections import deque
 
 import numpy as np
 
+from coordinator.machine.planning import STREAM_COST
 from coordinator.records import Emit, InFlightStep, Send, Session, Stage, WorkItem, Worker
 from coordinator.speculation import decide_trip
 from kernels.reference import topk
@@ -139,9 +140,11 @@ class Scheduler:
                 w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
         if decode:
             self._adapt_batch(st, len(items), w.last_step_ms)
-            # the step's round trip less the hop (its ping's), per layer computed
+            # the step's round trip less the hop (its ping's), per layer computed, as one stream's
+            # (a step of n rows counted as 1 + STREAM_COST x (n - 1) one-row steps, as placement does)
             hop = min(w.rtt_ms or 0.0, w.last_step_ms)
             per_layer = (w.last_step_ms - hop) / (st.layer_end - st.layer_start + (self._head_cost_layers() if st.include_head else 0))
+            per_layer /= 1 + STREAM_COST * (len(items) - 1)
             w.step_ms_per_layer = per_layer if w.step_ms_per_layer is None else 0.8 * w.step_ms_per_layer + 0.2 * per_layer
             if self._trusted_costs(w)[2] and st.primary == w.worker_id:
                 self._schedule_replan(now)  # its claims are absurd against its steps: off the critical path
