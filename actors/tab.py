@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import random
 import subprocess
@@ -303,7 +304,7 @@ class _TabActor:
 
 # ---------------------------------------------------------------------- the public facade
 _remote_cls = None
-_spawned_count = 0  # tabs started as processes by this driver (round robin over the nodes' hosts)
+_spawn_ids = itertools.count()  # tabs started as processes by this driver (round robin over the nodes' hosts)
 
 
 def _remote():
@@ -349,10 +350,9 @@ class SimulatedTab:
             # without Ray's runtime in it, a tab takes about half the memory
             from actors import tab_process
 
-            global _spawned_count
-            self._host = tab_process.host_for(_spawned_count)
-            _spawned_count += 1
-            self._key = f"{name}#{os.getpid()}-{_spawned_count}"
+            n = next(_spawn_ids)
+            self._host = tab_process.host_for(n)
+            self._key = f"{name}#{os.getpid()}-{n}"
             self._spawned = self._host.spawn.remote(self._key, args)
         else:  # GPU tabs (Ray assigns their GPU) and WebGPU tabs stay Ray actors
             self._actor = _remote().options(**options).remote(*args)

@@ -147,6 +147,7 @@ class _TabHost:
 
 
 _hosts: dict = {}
+_hosts_lock = threading.Lock()  # tabs are started from several threads (a scenario's pool): one host a node
 
 
 def host_for(index: int):
@@ -158,11 +159,12 @@ def host_for(index: int):
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     node = nodes[index % len(nodes)]
     key = (ray.get_runtime_context().get_job_id(), node)
-    if key not in _hosts:
-        cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=256)(_TabHost)
-        _hosts[key] = cls.options(name=f"tabshard-tab-host-{node[:12]}", get_if_exists=True,
-                                  scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-    return _hosts[key]
+    with _hosts_lock:
+        if key not in _hosts:
+            cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=256)(_TabHost)
+            _hosts[key] = cls.options(name=f"tabshard-tab-host-{node[:12]}", get_if_exists=True,
+                                      scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        return _hosts[key]
 
 
 if __name__ == "__main__":
