@@ -178,7 +178,7 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
     while True:
         chosen, rest = [], [w for w in free if w.flagged is None]
         for i in range(depth):
-            # the fastest worker that fits this range (the head's range, the roomiest, is filled last)
+            # the fastest worker left that fits this range (ranges in order: the head's, the roomiest, last)
             w = next((x for x in rest if fits(x, i)), None)
             if w is None:
                 break
