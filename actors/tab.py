@@ -1,7 +1,7 @@
 """A simulated browser tab placed by Ray: the Python tab worker on the WebSocket protocol.
 
 `SimulatedTab` is the public facade; `_TabActor` the private tab it drives: a plain process under
-its node's tab host for a CPU tab (actors/tab_process.py: no Ray runtime in the tab), a Ray
+its node's tab host for a CPU tab (actors/tab_host.py: no Ray runtime in the tab), a Ray
 actor for a WebGPU or GPU tab. Ray places, runs and kills the tab; tensors never travel over
 Ray calls -- the tab talks to the coordinator over
 the same WebSocket protocol as a browser tab, so every fault is detected by the coordinator's
@@ -318,7 +318,7 @@ def _remote():
 
 class SimulatedTab:
     """A browser tab simulated by a process that Ray places: a CPU tab a plain process under its
-    node's tab host (actors/tab_process.py), a WebGPU or GPU tab a Ray actor. Ray errors never
+    node's tab host (actors/tab_host.py), a WebGPU or GPU tab a Ray actor. Ray errors never
     leak: a dead tab raises TabGone, a control call that times out raises TabUnresponsive."""
 
     def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
@@ -346,12 +346,12 @@ class SimulatedTab:
                 {k: v for k, v in dataclasses.asdict(prof.network).items() if k != "sources"}]
         self._actor = self._host = self._spawned = None
         if self.backend == "numpy" and not options:
-            # a CPU tab runs as a plain process started by its node's tab host (actors/tab_process.py):
+            # a CPU tab runs as a plain process started by its node's tab host (actors/tab_host.py):
             # without Ray's runtime in it, a tab takes about half the memory
-            from actors import tab_process
+            from actors import tab_host
 
             n = next(_spawn_ids)
-            self._host = tab_process.host_for(n)
+            self._host = tab_host.host_for(n)
             self._key = f"{name}#{os.getpid()}-{n}"
             self._spawned = self._host.spawn.remote(self._key, args)
         else:  # GPU tabs (Ray assigns their GPU) and WebGPU tabs stay Ray actors

@@ -73,7 +73,7 @@ def _descends_from_us(pid: int) -> bool:
 
 
 def _host_pids() -> list[int]:
-    """This run's tab hosts (actors/tab_process.py: one Ray actor a node starting the tab processes)."""
+    """This run's tab hosts (actors/tab_host.py: one Ray actor a node starting the tab processes)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
