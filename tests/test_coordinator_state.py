@@ -11,7 +11,7 @@ from tab_worker.generate import LocalGenerator
 from model.sampling import SamplingParams
 from tests.harness import Net, start_net
 from tests.harness import run_until_done as run_until_done_in
-from tests.tiny_model import tiny_weights
+from tests.tiny_model import greedy_tokens, tiny_weights
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 24
@@ -24,8 +24,7 @@ def weights():
 
 @pytest.fixture(scope="module")
 def reference(weights):
-    gen = LocalGenerator(weights, backend="numpy", max_ctx=256)
-    return list(gen.generate(PROMPT, N_TOKENS, stop_at_eos=False))
+    return greedy_tokens(weights, PROMPT, N_TOKENS)
 
 
 start = start_net

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from actors.faults import lie
-from tab_worker.generate import LocalGenerator
 from tests.harness import start_net
 from tests.harness import run_until_done as run_until_done_in
-from tests.tiny_model import tiny_weights
+from tests.tiny_model import greedy_tokens, tiny_weights
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 40
@@ -22,8 +21,7 @@ def weights():
 
 @pytest.fixture(scope="module")
 def reference(weights):
-    gen = LocalGenerator(weights, backend="numpy", max_ctx=256)
-    return list(gen.generate(PROMPT, N_TOKENS, stop_at_eos=False))
+    return greedy_tokens(weights, PROMPT, N_TOKENS)
 
 
 def start(weights, n_workers, local=True, **settings):

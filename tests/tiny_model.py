@@ -22,3 +22,10 @@ def tiny_weights(config: ModelConfig = TINY, seed: int = 0) -> ModelWeights:
     out = quantize_rtn(rng.standard_normal((config.vocab, config.hidden)).astype(np.float32), QuantSpec(8, 32, True))
     head = HeadWeights(output_norm=np.ones(config.hidden, np.float32), output=out)
     return ModelWeights(config=config, embedding=emb, layers=layers, head=head)
+
+
+def greedy_tokens(weights: ModelWeights, prompt: list[int], n: int, max_ctx: int = 256) -> list[int]:
+    """What one process computing alone produces: the reference a sharded run must equal."""
+    from tab_worker.generate import LocalGenerator
+
+    return list(LocalGenerator(weights, backend="numpy", max_ctx=max_ctx).generate(prompt, n, stop_at_eos=False))
