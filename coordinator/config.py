@@ -47,8 +47,11 @@ _RULES = {
     "resume_wait_ms": (int, 0, 600_000),  # first plan after a restart waits for rejoining weight holders
     "allowed_origins": (str, None, None),  # extra tab origins, comma-separated ("*": any)
     "speculation": (str, ("off", "prompt-lookup", "draft-model"), None),  # drafts verified k+1 rows a trip
-    "speculation_max_k": (int, 0, 16),  # the most drafts a trip carries (tab_worker.worker.DRAFT_ROWS)
-    "draft_model": (str, None, None),  # the GGUF the draft-model mode runs on the coordinator
+    "speculation_max_k": (int, 0, 16),  # the most drafts a trip carries (protocol.messages.MAX_DRAFT_K)
+    # the GGUF the draft-model mode runs on the coordinator; without it, a worker started with
+    # --draft-model drafts (the trusted one of the served vocabulary with the lowest round trip)
+    "draft_model": (str, None, None),
+    "draft_deadline_ms": (float, 1.0, 60_000.0),  # a worker's drafts later than this (+ its rtt): the trip goes without
     "probation_steps": (int, 0, 10_000),  # steps a new tab must get right and in time before it is trusted
     "trial_deadline_ms": (int, 100, 600_000),  # a trial step unanswered this long (+ its expected cost) fails the tab
     "backoff_base_s": (float, 0.0, 86_400.0),  # joins from an offending address refused this long, doubling per offense
@@ -97,8 +100,6 @@ def load_settings(path: str | None, overrides: dict | None = None) -> Coordinato
             raise ConfigError(f"setting {key!r} = {value!r}: allowed range is {lo} to {hi}")
     if "dead_after_ms" not in values and "heartbeat_ms" in values:
         values["dead_after_ms"] = int(values["heartbeat_ms"] * 3.2)
-    if values.get("speculation") == "draft-model" and not values.get("draft_model"):
-        raise ConfigError("setting 'speculation' = 'draft-model' needs 'draft_model' (--draft-model PATH), a GGUF of the same vocabulary")
     if values.get("draft_model") and not Path(values["draft_model"]).is_file():
         raise ConfigError(f"setting 'draft_model' = {values['draft_model']!r}: no such file")
     settings = CoordinatorSettings(**values)

@@ -114,12 +114,29 @@ class CoordinatorSettings:
     cors_origins: str = ""  # comma-separated web app origins whose browsers may call the API ("*": any)
     # speculative decoding (coordinator/speculation.py): "off" | "prompt-lookup" | "draft-model",
     # at most speculation_max_k drafts per trip; draft_model: the GGUF the draft-model mode runs
+    # (none: a worker started with --draft-model drafts, its answer awaited draft_deadline_ms
+    # past its measured round trip before the trip goes without drafts)
     speculation: str = "off"
     speculation_max_k: int = 6
     draft_model: str = ""
+    draft_deadline_ms: float = 50.0
 
 
 # ---------------------------------------------------------------------- records
+@dataclass
+class ParkedTrip:
+    """A session's next trip waiting for a worker's drafts (speculation by a worker's draft model):
+    its token goes through the pipeline when the drafts come, or without them at the deadline."""
+
+    session_id: str
+    token: int
+    pos: int
+    generation: int
+    k: int
+    drafter: str  # worker id asked
+    deadline: float
+
+
 @dataclass
 class Worker:
     conn: str

@@ -18,7 +18,9 @@ the tokens of plain decoding:
 
 Draft sources sit behind ``DraftSource``: ``PromptLookup`` (no second model: the last n tokens
 matched against the prompt and the text so far, proposing what followed them) and
-``DraftModel`` (a small GGUF of the same vocabulary run by the coordinator's own compute).
+``DraftModel`` (a small GGUF of the same vocabulary run by the coordinator's own compute); or,
+in the draft-model mode without a DraftModel here, a worker holding one drafts (the scheduler
+sends `draft` and parks the trip until `draft_result` or a deadline).
 ``AdaptiveK`` picks each session's k from its recent acceptance; k = 0 when drafts stop paying.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model.embedding import embed
+from model.drafting import DraftRunner
 from model.sampling import Sampler
 
 MODES = ("off", "prompt-lookup", "draft-model")
@@ -87,43 +89,27 @@ def lookup(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -
 
 class DraftModel:
     """Drafts with a small model of the same vocabulary, run on the coordinator's own compute:
-    its argmax at each position (a point-mass q, whatever the session's sampling). Each session
-    keeps a KV cache here; rejected drafts are rolled back by starting the next feed at the
-    first token that differs from what the cache holds."""
+    its argmax at each position (a point-mass q, whatever the session's sampling). The loop --
+    each session's KV cache here, rolled back to the context's common prefix -- is
+    model/drafting.py's DraftRunner, the one a worker holding a draft model runs too."""
 
     def __init__(self, weights, compute, max_ctx: int | None = None):
         """compute: the coordinator's own compute (tab_worker.local.LocalCompute, from `serve`),
         which makes the backend and runs it."""
         self.config = weights.config
-        self.embedding = weights.embedding
         self.max_ctx = min(max_ctx or self.config.context, self.config.context)
-        self.backend = compute.draft_backend(weights, self.max_ctx)
-        self._next_token = compute.next_token
-        self._fed: dict[str, list[int]] = {}  # session -> tokens whose KV the draft cache holds
+        self.runner = DraftRunner(compute.draft_backend(weights, self.max_ctx), weights.embedding,
+                                  compute.next_token, self.max_ctx)
+
+    @property
+    def backend(self):
+        return self.runner.backend
 
     def propose(self, session_id: str, context: list[int], k: int, sampler: Sampler | None = None, step: int = 0) -> Draft:
-        k = min(k, self.max_ctx - len(context))
-        if k <= 0:
-            return Draft([])
-        fed = self._fed.get(session_id, [])
-        common = 0
-        for a, b in zip(fed, context):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(context) - 1)  # the last context token is fed again: its row drafts
-        self.backend.truncate_session(session_id, common)
-        tokens, feed, pos = [], context[common:], common
-        for _ in range(k):
-            tokens.append(self._next_token(self.backend, session_id, pos, embed(self.embedding, feed)))
-            pos += len(feed)
-            feed = tokens[-1:]
-        self._fed[session_id] = list(context) + tokens[:-1]  # the last draft's KV is not computed
-        return Draft(tokens)
+        return Draft(self.runner.propose(session_id, context, k))
 
     def forget(self, session_id: str) -> None:
-        self._fed.pop(session_id, None)
-        self.backend.drop_session(session_id)
+        self.runner.forget(session_id)
 
 
 # ---------------------------------------------------------------------- how many drafts
@@ -213,10 +199,16 @@ class Speculator:
         self._started: dict[str, tuple[float, int]] = {}  # session -> (its trip's start, drafted rows)
         self.plain_trip_ms: float | None = None  # a trip without drafts, smoothed
         self.totals = {"trips": 0, "drafted": 0, "accepted": 0, "tokens": 0, "rollbacks": 0}
+        # the draft-model mode without a model here: a worker holding one drafts (the scheduler
+        # asks it with a `draft` message and waits for its `draft_result` up to a deadline)
+        self.remote = mode == "draft-model" and self.source is None
+        self.drafter: str | None = "coordinator" if self.source is not None else None  # who drafted last (/status)
+        self.remote_sessions: dict[str, str] = {}  # session -> the worker holding its draft cache
+        self.dropped: list[tuple[str, str]] = []  # (worker, session): ended sessions whose draft cache it should drop
 
     @property
     def on(self) -> bool:
-        return self.mode != "off" and self.source is not None and self.max_k > 0
+        return self.mode != "off" and (self.source is not None or self.remote) and self.max_k > 0
 
     def draft(self, session_id: str, context: list[int], sampler: Sampler, step: int, limit: int,
               now: float | None = None) -> Draft:
@@ -231,20 +223,28 @@ class Speculator:
         return d
 
     def _draft(self, session_id: str, context: list[int], sampler: Sampler, step: int, limit: int) -> Draft:
+        k = self.draft_k(session_id, context, limit)
+        return self.source.propose(session_id, context, k, sampler, step) if k > 0 else Draft([])
+
+    def draft_k(self, session_id: str, context: list[int], limit: int) -> int:
+        """How many drafts the session's next trip should carry (its AdaptiveK, at most `limit`)."""
         a = self.sessions.setdefault(session_id, AdaptiveK(self.max_k, self.row_cost))
         a.row_cost = self.row_cost
         guess = self._shadow.pop(session_id, None)
         if guess is not None:
             a.observe(0, 0, context[-1] == guess)
         k = min(a.k(), limit)
-        if k <= 0:
+        if k <= 0 and limit > 0 and isinstance(self.source, PromptLookup):
             # a draft not sent costs a lookup, not a row: learn from it whether drafts pay again
-            if limit > 0 and isinstance(self.source, PromptLookup):
-                guess = self.source.propose(session_id, context, 1)
-                if guess.tokens:
-                    self._shadow[session_id] = guess.tokens[0]
-            return Draft([])
-        return self.source.propose(session_id, context, k, sampler, step)
+            guess = self.source.propose(session_id, context, 1)
+            if guess.tokens:
+                self._shadow[session_id] = guess.tokens[0]
+        return max(0, k)
+
+    def started(self, session_id: str, now: float, drafted: int) -> None:
+        """A trip of the session left with `drafted` drafts (a worker's, which `draft` did not
+        make): `trip_done` times it."""
+        self._started[session_id] = (now, drafted)
 
     def trip_done(self, session_id: str, now: float) -> None:
         """The trip `draft` started for this session came back from the head: its time teaches
@@ -281,6 +281,9 @@ class Speculator:
         self._started.pop(session_id, None)
         if self.source is not None:
             self.source.forget(session_id)
+        wid = self.remote_sessions.pop(session_id, None)
+        if wid is not None:
+            self.dropped.append((wid, session_id))
 
     def session_status(self, session_id: str) -> dict | None:
         a = self.sessions.get(session_id)
@@ -288,7 +291,7 @@ class Speculator:
 
     def status(self) -> dict:
         t = self.totals
-        return {"mode": self.mode, "max_k": self.max_k, **t, "row_cost": round(self.row_cost, 4),
+        return {"mode": self.mode, "max_k": self.max_k, "drafter": self.drafter, **t, "row_cost": round(self.row_cost, 4),
                 "plain_trip_ms": None if self.plain_trip_ms is None else round(self.plain_trip_ms, 3),
                 "acceptance_rate": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
                 "tokens_per_trip": round(t["tokens"] / t["trips"], 3) if t["trips"] else None}
@@ -296,7 +299,6 @@ class Speculator:
 
 def make_speculator(mode: str, max_k: int, draft: DraftModel | None = None) -> Speculator:
     """The Speculator `serve` settings ask for; the draft-model mode drafts with `draft`, which
-    `serve` loads (any GGUF of the served model's vocabulary, on the coordinator's own compute)."""
-    if mode == "draft-model" and draft is None:
-        raise ValueError("speculation 'draft-model' needs a DraftModel")
+    `serve` loads (any GGUF of the served model's vocabulary, on the coordinator's own compute),
+    or without one, with a worker's draft model (`tabshard worker --draft-model`)."""
     return Speculator(mode, max_k, draft if mode == "draft-model" else None)

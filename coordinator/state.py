@@ -29,8 +29,8 @@ from coordinator.machine.sessions import Sessions
 from coordinator.machine.trials import Trials
 from coordinator.machine.verify import Verification
 from coordinator.machine.weights import WeightStreaming
-from coordinator.records import (CheckRecord, Close, CoordinatorSettings, PrefixEntry, Send, Session, Stage,
-                                SyntheticStep, Worker)
+from coordinator.records import (CheckRecord, Close, CoordinatorSettings, ParkedTrip, PrefixEntry, Send, Session,
+                                Stage, SyntheticStep, Worker)
 from coordinator.security import Backoff
 from coordinator.speculation import make_speculator
 from protocol import wire
@@ -67,7 +67,10 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
                          "prefix_hits": 0, "prefix_tokens_reused": 0,
                          "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
                          "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0,
-                         "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0}
+                         "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0,
+                         # speculation by a worker's draft model: trips that waited for its drafts, went
+                         # without them (its deadline or death), and its answers after the deadline
+                         "drafts_asked": 0, "drafts_missed": 0, "late_drafts_ignored": 0}
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
@@ -96,8 +99,12 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         # rows [n, hidden] of the last stage's output -> the whole vocabulary's logits [n, vocab],
         # computed here for sessions whose chooser needs them (the adapter sets it; None: none can)
         self.head_logits = None
+        # draft: the DraftModel of settings.speculation "draft-model"; without one, a worker's drafts
         self.speculation = make_speculator(settings.speculation, settings.speculation_max_k, draft)
         self._trip_more: set[str] = set()  # sessions whose trip still has rows to decide (see _verify_drafts)
+        self._parked: dict[int, ParkedTrip] = {}  # trip id -> a trip waiting for a worker's drafts
+        self._late_trips: dict[int, str] = {}  # trip id -> drafter, trips that went without its drafts (recent)
+        self._draft_sends: list[Send] = []  # `draft` requests for the next pump to send
 
     # -- connections
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:

@@ -239,6 +239,8 @@ MAX_BYTES_FIELD = 1 << 50       # byte counts and memory sizes
 MAX_LAYER = 1 << 20
 MAX_STEP_MS = 3_600_000.0       # an hour: any claim beyond is not a measurement
 MAX_BLOBS = 4096                # blob digests a worker may claim to hold
+MAX_DRAFT_K = 16                # the most drafts one speculative trip carries
+MAX_CONTEXT = 1 << 17           # tokens of a session's context (prompt + output) a draft request carries
 NAME, TEXT, COUNT = Str(MAX_NAME), Str(MAX_TEXT), Int(0, I64_MAX)
 PEER_MAP = Struct({}, max_bytes=MAX_PEER_MAP_BYTES)
 
@@ -252,6 +254,9 @@ _CAPABILITIES = Struct({
     "expansion": opt(Float(0.01, 1000.0)),  # weight bytes in memory per byte on the wire
     "backend": opt(Str(64)),
     "kind": opt(Str(64)),
+    # a worker holding a draft model (tabshard worker --draft-model) drafts for speculation
+    "draft_model": opt(Struct({"vocab": Int(1, 1 << 24), "layers": Int(0, MAX_LAYER), "name": opt(NAME)},
+                              max_bytes=1024)),
 }, max_bytes=MAX_PEER_MAP_BYTES)
 _RESUME = Struct({
     "have": opt(ListOf(Str(128), max_len=MAX_BLOBS)),
@@ -309,6 +314,12 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     ("bye", WORKER, {
         "reason": Str(256),
     }),
+    # the draft tokens a `draft` asked for (its trip), at most its k: the draft model's argmax each
+    ("draft_result", WORKER, {
+        "session_id": NAME,
+        "trip": COUNT,
+        "tokens": ListOf(Int(0, I64_MAX), max_len=MAX_DRAFT_K),
+    }),
     ("pong", WORKER, {  # answers a ping at once, from the socket's side (the round trip, not the compute queue)
         "nonce": COUNT,
     }),
@@ -362,6 +373,14 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     ("truncate_session", COORDINATOR, {
         "session_id": str,
         "length": int,
+    }),
+    # speculation by a worker's draft model: up to k tokens to follow the session's context
+    # (prompt and tokens so far); the worker keeps a draft KV cache per session until drop_session
+    ("draft", COORDINATOR, {
+        "session_id": NAME,
+        "context": ListOf(Int(0, I64_MAX), max_len=MAX_CONTEXT),
+        "k": Int(1, MAX_DRAFT_K),
+        "trip": COUNT,
     }),
     # one range [layer_start, layer_end) goes; without them, every range held
     ("unload", COORDINATOR, {

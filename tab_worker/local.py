@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.reference import rmsnorm
-from protocol.model_types import HeadWeights, ModelWeights, SessionSlice
-from tab_worker.backends import forward_topk, make_backend
+from protocol.model_types import HeadWeights
 from tab_worker.cpu_kernels import PackedMatrix
-from tab_worker.worker import TabWorker
+from tab_worker.worker import TabWorker, argmax_next, draft_backend
 
 
 class LocalCompute:
@@ -29,13 +28,7 @@ class LocalCompute:
         norm = np.asarray(head.output_norm, np.float32)
         return lambda rows: matrix.apply(np.ascontiguousarray(rmsnorm(np.asarray(rows, np.float32), norm, eps)))
 
-    @staticmethod
-    def draft_backend(weights: ModelWeights, max_ctx: int):
-        """A numpy backend holding a whole draft model (coordinator/speculation.py's DraftModel)."""
-        return make_backend("numpy", weights.config, dict(enumerate(weights.layers)), weights.head, max_ctx)
-
-    @staticmethod
-    def next_token(backend, session_id: str, pos: int, rows: np.ndarray) -> int:
-        """The argmax token after `rows` fed at `pos` of the session (a draft's next token)."""
-        ids, _logits = forward_topk(backend, [SessionSlice(session_id, pos, len(rows))], rows, 1)
-        return int(ids[0][0])
+    # coordinator/speculation.py's DraftModel: a numpy backend holding a whole draft model, and
+    # its argmax next token (the same two a worker holding a draft model drafts with)
+    draft_backend = staticmethod(draft_backend)
+    next_token = staticmethod(argmax_next)

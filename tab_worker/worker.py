@@ -14,11 +14,12 @@ import time
 import numpy as np
 
 from kernels.quant import QuantSpec
+from model.drafting import DraftRunner
 from model.synthetic import random_layer
 from protocol import wire
 from protocol.blobs import BlobAssembler, BlobError, BlobInfo, sha256, unpack_blob
-from protocol.messages import DEFAULT_HEARTBEAT_MS
-from protocol.model_types import ModelConfig, SessionSlice
+from protocol.messages import DEFAULT_HEARTBEAT_MS, MAX_DRAFT_K
+from protocol.model_types import ModelConfig, ModelWeights, SessionSlice
 from tab_worker.backends import forward_topk, make_backend, resolve_backend_name
 
 # bytes a backend holds per byte of packed weights: numpy (the CPU backend) computes on the
@@ -38,11 +39,27 @@ def _is_decode_step(m: dict) -> bool:
     return hidden.shape[0] == sum(r if type(r) is int and r > 0 else 1 for r in rows)
 
 
+def draft_backend(weights: ModelWeights, max_ctx: int):
+    """A numpy backend holding a whole draft model: every layer and the head."""
+    return make_backend("numpy", weights.config, dict(enumerate(weights.layers)), weights.head, max_ctx)
+
+
+def argmax_next(backend, session_id: str, pos: int, rows: np.ndarray) -> int:
+    """The argmax token after `rows` fed at `pos` of the session (a draft's next token)."""
+    ids, _logits = forward_topk(backend, [SessionSlice(session_id, pos, len(rows))], rows, 1)
+    return int(ids[0][0])
+
+
 class TabWorker:
     def __init__(self, name: str, backend: str = "auto", token: str | None = None,
                  memory_bytes: int | None = None, device_options: dict | None = None,
-                 extra_capabilities: dict | None = None, blob_store: dict[str, bytes] | None = None):
-        """extra_capabilities: more to report in hello's capabilities (a simulated tab's profile)."""
+                 extra_capabilities: dict | None = None, blob_store: dict[str, bytes] | None = None,
+                 draft_weights: ModelWeights | None = None, draft_name: str = "draft"):
+        """extra_capabilities: more to report in hello's capabilities (a simulated tab's profile);
+        draft_weights: a small model of the served vocabulary (`tabshard worker --draft-model`)
+        this worker drafts with for the coordinator's speculation, on the CPU whatever `backend`
+        is (a draft model is small, and its one-row steps would wait behind the range's on a GPU
+        queue). The browser tab holds no draft model: it never advertises one."""
         self.name = name
         self.backend_name = resolve_backend_name(backend)
         self.token = token
@@ -80,6 +97,12 @@ class TabWorker:
         self.clock = time.monotonic
         self._progress_at = float("-inf")
         self._progress_layer = 0
+        self.draft: DraftRunner | None = None
+        self.draft_info: dict | None = None
+        if draft_weights is not None:
+            cfg = draft_weights.config
+            self.draft = DraftRunner(draft_backend(draft_weights, cfg.context), draft_weights.embedding, argmax_next, cfg.context)
+            self.draft_info = {"vocab": int(cfg.vocab), "layers": int(cfg.n_layers), "name": str(draft_name)[:128]}
 
     # ------------------------------------------------------------------ join
     def capabilities(self) -> dict:
@@ -92,6 +115,8 @@ class TabWorker:
             "cpus": os.cpu_count() or 1,
             **self.extra_capabilities,
         }
+        if self.draft_info is not None:
+            caps["draft_model"] = dict(self.draft_info)
         if self.backend_name == "numpy":  # which path its decode matmuls take (status() says why not compiled)
             from tab_worker.cpu_kernels import status
 
@@ -135,6 +160,9 @@ class TabWorker:
         self.ranges.clear()
         self.range_heads.clear()
         self._assignments.clear()
+        if self.draft is not None:  # sessions start over with the new membership
+            for sid in list(self.draft.session_ids()):
+                self.draft.forget(sid)
         self.worker_id, self.epoch, self.heartbeat_ms = m["worker_id"], m["epoch"], m["heartbeat_ms"]
 
     def on_error(self, m):
@@ -333,6 +361,21 @@ class TabWorker:
     def on_drop_session(self, m):
         for backend in self.ranges.values():
             backend.drop_session(m["session_id"])
+        if self.draft is not None:
+            self.draft.forget(m["session_id"])
+
+    def on_draft(self, m):
+        """Speculation's drafts: the draft model's argmax for up to k positions after the context
+        (its cache for the session rolled back to what the context still shares with it)."""
+        if self.draft is None:
+            return [wire.make("error", code="no_draft_model", field="type", message="this worker holds no draft model")]
+        k = min(int(m["k"]), MAX_DRAFT_K)
+        context = [int(t) for t in m["context"]]
+        if any(t >= self.draft_info["vocab"] for t in context):
+            tokens = []  # not this draft model's vocabulary: nothing to propose, the trip goes plain
+        else:
+            tokens = self.draft.propose(m["session_id"], context, k)
+        return [wire.make("draft_result", session_id=m["session_id"], trip=m["trip"], tokens=tokens)]
 
     def on_truncate_session(self, m):
         for backend in self.ranges.values():

@@ -87,7 +87,7 @@ def cmd_serve(a) -> int:
     progress("opening the model", 0, 1)
     compute = LocalCompute()
     draft = None
-    if settings.speculation == "draft-model":
+    if settings.speculation == "draft-model" and settings.draft_model:  # else a worker's --draft-model drafts
         draft = DraftModel(open_model(settings.draft_model).load_all(), compute, max_ctx=settings.max_ctx)
     service = CoordinatorService(open_model(a.model), settings, join_token=a.token, compute=compute, api_key=api_key,
                                  progress=progress, draft=draft)
@@ -199,6 +199,7 @@ def _print_tab_qr(host: str, port: int, token: str, scheme: str = "http") -> Non
 
 def cmd_worker(a) -> int:
     import os
+    from pathlib import Path
 
     from tab_worker.client import check_url, run_worker
     from tab_worker.worker import TabWorker
@@ -227,8 +228,16 @@ def cmd_worker(a) -> int:
     def say(line: str) -> None:  # one line per lifecycle event; refusals exit 2 via TabshardError
         print(f"worker {name}: {line}", flush=True)
 
-    worker = TabWorker(name, backend=a.backend, token=a.token, memory_bytes=int(a.memory_mb * (1 << 20)) if a.memory_mb else None)
-    say(f"backend {worker.backend_name}")
+    draft = None
+    if a.draft_model:
+        from tabshard.models import open_model
+
+        if not Path(a.draft_model).is_file():
+            raise ConfigError(f"--draft-model {a.draft_model!r}: no such file")
+        draft = open_model(a.draft_model).load_all()
+    worker = TabWorker(name, backend=a.backend, token=a.token, memory_bytes=int(a.memory_mb * (1 << 20)) if a.memory_mb else None,
+                       draft_weights=draft, draft_name=Path(a.draft_model).name if a.draft_model else "draft")
+    say(f"backend {worker.backend_name}" + (f", drafting with {a.draft_model} ({draft.config.n_layers} layers)" if draft else ""))
     try:
         asyncio.run(run_worker(url, worker, cafile=a.cafile, say=say))  # SIGTERM/SIGINT: a clean leave, exit 0
     except KeyboardInterrupt:
@@ -333,6 +342,8 @@ def add_commands(sub) -> None:
     w.add_argument("--backend", default="auto", choices=["auto", "numpy", "wgpu"])
     w.add_argument("--name")
     w.add_argument("--memory-mb", type=float)
+    w.add_argument("--draft-model", metavar="PATH", help="a small GGUF (or .tsq) of the served model's vocabulary: this worker "
+                   "drafts for a coordinator serving --speculation draft-model without a --draft-model of its own")
     w.set_defaults(func=cmd_worker)
 
     st = sub.add_parser("status", help="print the shard map of a running coordinator")

@@ -67,6 +67,8 @@ SAMPLES: dict[str, dict] = {
     "pong": make("pong", nonce=1234567),
     "fork_session": make("fork_session", source_id="s1", session_id="s3", length=17),
     "truncate_session": make("truncate_session", session_id="s1", length=12),
+    "draft": make("draft", session_id="s1", context=[5, 17, 42, 99], k=3, trip=7),
+    "draft_result": make("draft_result", session_id="s1", trip=7, tokens=[12, 12, 300]),
     "unload": make("unload", reason="rebalance"),
     "generate": make("generate", request_id="r1", messages=[{"role": "user", "content": "Hi"}],
                      max_tokens=16, temperature=0.7, top_p=0.9, top_k=40, seed=1, greedy=False),

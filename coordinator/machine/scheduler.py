@@ -9,18 +9,19 @@ from collections import deque
 import numpy as np
 
 from coordinator.machine.planning import STREAM_COST
-from coordinator.records import Emit, InFlightStep, Send, Session, Stage, WorkItem, Worker
-from coordinator.speculation import decide_trip
+from coordinator.records import Emit, InFlightStep, ParkedTrip, Send, Session, Stage, WorkItem, Worker
+from coordinator.speculation import Draft, decide_trip
 from kernels.reference import topk
 from model.sampling import CANDIDATES, Sampler
 from protocol import wire
 from protocol.format import ProtocolError
+from protocol.messages import MAX_CONTEXT
 
 
 class Scheduler:
     # -- the scheduler
     def _pump(self, now: float) -> list:
-        out = []
+        out = self._draft_traffic(now)
         # pipeline micro-batches: sessions go in at most `pipeline_groups` groups (0: one per
         # stage), so a stage works on one group while the next works on another instead of one
         # big batch walking the stages together with all but one stage idle
@@ -248,10 +249,104 @@ class Scheduler:
             getattr(x, "chooser", None) is not None for x in self.sessions.values())
         if self.speculation.on and not full:
             limit = min(s.max_tokens - len(s.tokens) - 1, min(self.settings.max_ctx, self.config.context) - pos - 1)
-            d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit, now)
-            draft = d if d.tokens else None
+            if self.speculation.remote:
+                if self._ask_drafts(s, token, pos, limit, now):
+                    return  # the trip waits for a worker's drafts (or its deadline)
+            else:
+                d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit, now)
+                draft = d if d.tokens else None
         ids = [token] + (draft.tokens if draft else [])
         self._enqueue(self._entry(s), WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
+
+    # -- drafts by a worker's draft model
+    def _drafter(self) -> Worker | None:
+        """The worker to ask for drafts: live, trusted (past probation, not suspect), holding a
+        draft model of the served vocabulary; the lowest round trip of those. (A browser tab
+        never advertises a draft model: only `tabshard worker --draft-model` does.)"""
+        best = None
+        for w in self.workers.values():
+            info = w.caps.get("draft_model")
+            if (not w.alive or w.local or w.probation or w.state not in ("idle", "loading", "ready")
+                    or not isinstance(info, dict) or info.get("vocab") != self.config.vocab):
+                continue
+            if best is None or (w.rtt_ms if w.rtt_ms is not None else float("inf")) < (best.rtt_ms if best.rtt_ms is not None else float("inf")):
+                best = w
+        return best
+
+    def _ask_drafts(self, s: Session, token: int, pos: int, limit: int, now: float | None) -> bool:
+        """Send the drafter a `draft` for the session's next trip and park the trip (True); False
+        when the trip goes now without drafts (no drafter, k 0, no clock)."""
+        drafter = self._drafter()
+        self.speculation.drafter = drafter.worker_id if drafter else None
+        context = s.prompt_ids + s.tokens
+        if drafter is None or now is None or len(context) > MAX_CONTEXT:
+            return False
+        k = self.speculation.draft_k(s.request_id, context, limit)
+        if k <= 0:
+            self.speculation.started(s.request_id, now, 0)
+            return False
+        trip = next(self._ids)
+        wait_ms = self.settings.draft_deadline_ms + (drafter.rtt_ms or 0.0)
+        self._parked[trip] = ParkedTrip(s.request_id, token, pos, s.generation, k, drafter.worker_id, now + wait_ms / 1000)
+        self.speculation.remote_sessions[s.request_id] = drafter.worker_id
+        self.counters["drafts_asked"] += 1
+        self._draft_sends.append(Send(drafter.conn, wire.make("draft", session_id=s.request_id, context=context, k=k, trip=trip)))
+        return True
+
+    def _release_trip(self, trip: int, tokens: list[int], now: float) -> None:
+        """A parked trip goes into the pipeline with `tokens` as its drafts (none: a plain trip),
+        unless its session ended or started over meanwhile."""
+        p = self._parked.pop(trip)
+        s = self.sessions.get(p.session_id)
+        if s is None or s.finished or s.generation != p.generation or len(s.prompt_ids) + len(s.tokens) - 1 != p.pos:
+            return
+        draft = Draft(list(tokens)) if tokens else None
+        self.speculation.started(s.request_id, now, len(tokens))
+        self._enqueue(self._entry(s), WorkItem(s.request_id, p.pos, self.embed([p.token] + list(tokens)), p.pos, True,
+                                               s.generation, draft), s)
+
+    def _draft_traffic(self, now: float) -> list:
+        """The `draft` requests made since the last pump; parked trips whose drafter died or
+        missed the deadline go without drafts; drafters drop the draft caches of ended sessions."""
+        out, self._draft_sends = self._draft_sends, []
+        for trip, p in list(self._parked.items()):
+            w = self.workers.get(p.drafter)
+            if now > p.deadline or w is None or not w.alive:
+                self.counters["drafts_missed"] += 1
+                self._late_trips[trip] = p.drafter
+                self._release_trip(trip, [], now)
+        while len(self._late_trips) > 1024:
+            self._late_trips.pop(next(iter(self._late_trips)))
+        for wid, sid in self.speculation.dropped:
+            w = self.workers.get(wid)
+            if w is not None and w.alive:
+                out.append(Send(w.conn, wire.make("drop_session", session_id=sid)))
+        self.speculation.dropped = []
+        return out
+
+    def _on_draft_result(self, w: Worker, m: dict, now: float) -> list:
+        """A drafter's answer: checked against what was asked (its session, trip and k, ids of the
+        served vocabulary); a wrong one is a protocol error against the drafter, and the trip goes
+        on without drafts. An answer after the deadline is ignored (the trip went without)."""
+        trip = m["trip"]
+        p = self._parked.get(trip)
+        if p is None and self._late_trips.get(trip) == w.worker_id:
+            self.counters["late_drafts_ignored"] += 1
+            return []
+        tokens = m["tokens"]
+        err = None
+        if p is None or p.drafter != w.worker_id:
+            err = ProtocolError("bad_field", f"draft_result for trip {trip}, which this worker was not asked", "trip")
+        elif p.session_id != m["session_id"]:
+            err = ProtocolError("bad_field", f"draft_result for trip {trip} names another session", "session_id")
+        elif len(tokens) > p.k:
+            err = ProtocolError("bad_field", f"draft_result has {len(tokens)} tokens, {p.k} were asked", "tokens")
+        elif any(t >= self.config.vocab for t in tokens):
+            err = ProtocolError("bad_field", f"draft_result tokens outside the vocabulary of {self.config.vocab}", "tokens")
+        if err is not None:
+            return self.on_protocol_error(w.conn, err, now) + self._pump(now)
+        self._release_trip(trip, tokens, now)
+        return self._pump(now)
 
     def _split_draft_rows(self, st: Stage, items: list[WorkItem], m: dict) -> dict | None:
         """A head step_result with several rows per speculative item: a copy of `m` with one row
