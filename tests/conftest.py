@@ -27,6 +27,7 @@ KIND_OF_TEST = {
     "test_kernels.py::test_kernels_compile_in_chromium_tint": "browser",
     "test_cpu_kernels.py::test_generate_says_which_path_and_works_without_a_compiler": "cluster",  # the CLI, twice
     "test_quant_report.py::test_cli_quantize_and_report": "cluster",  # the quant CLI end to end, seven runs
+    "test_tab_draft.py::test_real_worker_process_with_draft_model_drafts_for_serve": "cluster",  # serve + worker processes
 }
 _KIND = {name: kind for kind, names in KIND_OF_FILE.items() for name in names}
 

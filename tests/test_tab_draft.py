@@ -149,3 +149,30 @@ def test_a_drafter_answering_what_it_was_not_asked_is_an_error_against_it(weight
     assert net.core.workers[net.core.conn_worker.get(conn) or next(
         x.worker_id for x in net.core.workers.values() if x.conn == conn)].state == "quarantined"
     assert net.core.speculation.totals["drafted"] == 0
+
+
+def test_real_worker_process_with_draft_model_drafts_for_serve(smollm2_model, smollm2_weights, smollm2_tokenizer, tmp_path):
+    """`tabshard serve --speculation draft-model` (no draft model of its own) and `tabshard worker
+    --draft-model` over real sockets: the worker (SmolLM2 drafting for itself) is the drafter, its
+    drafts are kept, and the tokens are plain decoding's. The deadline is generous here: on a
+    busy 2-core host the 135M draft model takes as long as the served model's trip."""
+    from tabshard.cluster import LocalCluster
+    from tab_worker.generate import LocalGenerator
+    from tests.test_cluster import PROMPT as CHAT, ws_tokens
+
+    n = 24
+    ids = smollm2_tokenizer.encode(smollm2_tokenizer.render_chat([{"role": "user", "content": CHAT}]))
+    want = list(LocalGenerator(smollm2_weights, backend="numpy", max_ctx=512).generate(ids, n))
+    toml = tmp_path / "serve.toml"
+    toml.write_text('[serve]\nspeculation = "draft-model"\nspeculation_max_k = 4\ndraft_deadline_ms = 10000.0\nprobation_steps = 0\n')
+    with LocalCluster(workers=0, serve_args=["--config", str(toml)]) as c:
+        c.add_worker(name="drafter", extra=["--draft-model", str(smollm2_model.path)])
+        c.wait_for(lambda st: st["stages"] and all(s["ready"] and s["holders"][0] != "local" for s in st["stages"]), 120,
+                   "the worker serving")
+        assert ws_tokens(c.base, max_tokens=n) == want
+        st = c.status()
+    drafter = next(w for w in st["workers"] if w["name"] == "drafter")
+    assert drafter["capabilities"]["draft_model"] == {"vocab": 49152, "layers": 30, "name": smollm2_model.path.name}
+    spec = st["speculation"]
+    assert spec["drafter"] == drafter["worker_id"] and spec["accepted"] == spec["drafted"] > 0, spec
+    assert st["counters"]["drafts_asked"] > 0 and st["counters"]["drafts_missed"] == 0, st["counters"]
