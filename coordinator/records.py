@@ -135,6 +135,7 @@ class ParkedTrip:
     k: int
     drafter: str  # worker id asked
     deadline: float
+    asked_at: float
 
 
 @dataclass

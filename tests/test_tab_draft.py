@@ -176,3 +176,22 @@ def test_real_worker_process_with_draft_model_drafts_for_serve(smollm2_model, sm
     spec = st["speculation"]
     assert spec["drafter"] == drafter["worker_id"] and spec["accepted"] == spec["drafted"] > 0, spec
     assert st["counters"]["drafts_asked"] > 0 and st["counters"]["drafts_missed"] == 0, st["counters"]
+
+
+def test_a_stage_worker_killed_while_a_trip_waits_for_drafts(weights, reference):
+    """The parked trip is in no stage's queue or step: the rebuild replays the stage's log, and
+    the trip goes in when its drafts come, with exactly plain decoding's tokens."""
+    net, conn = drafting_net(weights, weights, spare_drafter=True)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    waiting = lambda: bool(net.core._parked) and len(net.tokens("r")) >= 6  # noqa: E731
+    for _ in range(40):
+        net.advance(0.05, until=waiting)  # stops delivering messages the moment a trip waits
+        if waiting():
+            break
+    assert waiting() and len(net.tokens("r")) < N_TOKENS - 4
+    victim = net.stage_conn(1)
+    assert victim != conn
+    net.kill(victim)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert net.core.speculation.totals["accepted"] > 0

@@ -287,7 +287,7 @@ class Scheduler:
             return False
         trip = next(self._ids)
         wait_ms = self.settings.draft_deadline_ms + (drafter.rtt_ms or 0.0)
-        self._parked[trip] = ParkedTrip(s.request_id, token, pos, s.generation, k, drafter.worker_id, now + wait_ms / 1000)
+        self._parked[trip] = ParkedTrip(s.request_id, token, pos, s.generation, k, drafter.worker_id, now + wait_ms / 1000, now)
         self.speculation.remote_sessions[s.request_id] = drafter.worker_id
         self.counters["drafts_asked"] += 1
         self._draft_sends.append(Send(drafter.conn, wire.make("draft", session_id=s.request_id, context=context, k=k, trip=trip)))
@@ -301,7 +301,9 @@ class Scheduler:
         if s is None or s.finished or s.generation != p.generation or len(s.prompt_ids) + len(s.tokens) - 1 != p.pos:
             return
         draft = Draft(list(tokens)) if tokens else None
-        self.speculation.started(s.request_id, now, len(tokens))
+        # the wait for the drafts is part of what drafted rows cost (AdaptiveK weighs it against
+        # the acceptance); a trip that went without them is timed as a plain one
+        self.speculation.started(s.request_id, p.asked_at if tokens else now, len(tokens))
         self._enqueue(self._entry(s), WorkItem(s.request_id, p.pos, self.embed([p.token] + list(tokens)), p.pos, True,
                                                s.generation, draft), s)
 
