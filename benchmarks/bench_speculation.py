@@ -93,7 +93,8 @@ async def generate(service, ids: list[int], max_tokens: int) -> tuple[list[int],
     return tokens, (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
 
 
-async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens: int, max_k: int, prompts: dict) -> dict:
+async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens: int, max_k: int, prompts: dict,
+                      drafter: str = "lookup", draft_deadline_ms: float = 50.0) -> dict:
     import uvicorn
 
     from coordinator.app import build_app
@@ -105,7 +106,7 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
 
     # one stage per worker: the case is a single stream crossing every tab of a pipeline
     # (the planner alone would give SmolLM2, which fits in one worker, one stage and replicas)
-    settings = CoordinatorSettings(max_ctx=2048, stages=n_workers)
+    settings = CoordinatorSettings(max_ctx=2048, stages=n_workers, draft_deadline_ms=draft_deadline_ms)
     service = LatencyService(open_model(None), settings, join_token=TOKEN)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning",
@@ -115,8 +116,11 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
     try:
         while not server.started:
             await asyncio.sleep(0.05)
-        for _ in range(n_workers):
-            cluster.add_worker()
+        for i in range(n_workers):
+            # --drafter tab: the last worker drafts with a draft model of its own (SmolLM2 itself:
+            # the one model of its vocabulary here, so a draft costs what a token of the target does)
+            tab = drafter == "tab" and i == n_workers - 1
+            cluster.add_worker(extra=["--draft-model", str(service.model.path)] if tab else None)
         deadline = time.monotonic() + 300
         while True:
             st = service.status()
@@ -130,14 +134,15 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
             await asyncio.sleep(0.2)
         tok = service.tokenizer
         encoded = {name: [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in ps] for name, ps in prompts.items()}
-        await generate(service, encoded["free"][0], 8)  # warm-up
-        result = {"workers": n_workers, "stages": len(service.core.stages), "hops": {}}
+        await generate(service, next(iter(encoded.values()))[0], 8)  # warm-up (the free set may not run)
+        result = {"workers": n_workers, "stages": len(service.core.stages), "drafter": drafter, "hops": {}}
         for hop in hops:
             service.hop_ms = hop
             # arms paired prompt by prompt (off then on, then on then off for the next): on a
             # shared small host the load moves over seconds, and a pair sees the same load
             per = {name: {"off": [], "on": []} for name in encoded}  # per round: (tokens, seconds, outputs)
-            spec = {name: Speculator("prompt-lookup", max_k) for name in encoded}  # stats per prompt set
+            mode = "draft-model" if drafter == "tab" else "prompt-lookup"  # draft-model with no source here: a worker's
+            spec = {name: Speculator(mode, max_k) for name in encoded}  # stats per prompt set
             mismatches = []
             for r in range(rounds):
                 for name, ids_list in encoded.items():
@@ -164,9 +169,11 @@ async def run_cluster(n_workers: int, hops: list[float], rounds: int, max_tokens
                     "tokens_identical": same, "acceptance_rate": st["acceptance_rate"], "tokens_per_trip": st["tokens_per_trip"],
                     "tokens": sum(len(t) for t in per[name]["on"][0][2])}
                 h = result["hops"][str(hop)][name]
-                print(f"  {n_workers} worker(s), hop {hop:g} ms, {name:8s}: off {h['off_tok_s']:6.2f} tok/s | on {h['on_tok_s']:6.2f} tok/s | "
+                h["drafts_missed"] = service.core.counters["drafts_missed"]
+                print(f"  {n_workers} worker(s), drafter {drafter}, hop {hop:g} ms, {name:8s}: off {h['off_tok_s']:6.2f} tok/s | on {h['on_tok_s']:6.2f} tok/s | "
                       f"ratio {h['ratio']:.2f} (rounds {', '.join(f'{x:.2f}' for x in h['ratio_rounds'])}) | "
-                      f"acceptance {h['acceptance_rate']} | tokens/trip {h['tokens_per_trip']} | identical {same}", flush=True)
+                      f"acceptance {h['acceptance_rate']} | tokens/trip {h['tokens_per_trip']} | identical {same}"
+                      + (f" | drafts missed so far {h['drafts_missed']}" if drafter == "tab" else ""), flush=True)
             result["hops"][str(hop)]["mismatches"] = mismatches
         return result
     finally:
@@ -184,7 +191,7 @@ def record(results: list[dict]) -> None:
         for hop, sets in res["hops"].items():
             for name in [k for k in ("grounded", "free") if k in sets]:
                 h = sets[name]
-                tag = f"speculation.{name}.w{res['workers']}.hop{hop}ms"
+                tag = f"speculation{'.tabdraft' if res.get('drafter') == 'tab' else ''}.{name}.w{res['workers']}.hop{hop}ms"
                 figures += [Figure.of(f"{tag}.ratio_on_over_off", h["ratio_rounds"], "×", "higher"),
                             Figure.of(f"{tag}.on_tok_s", [h["on_tok_s"]], "tok/s", "higher")]
     append_figures(figures, "bench_speculation")
@@ -200,6 +207,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per prompt (default 64; --quick 32)")
     ap.add_argument("--max-k", type=int, default=6)
     ap.add_argument("--sets", default="grounded,free", help="prompt sets to run (default grounded,free)")
+    ap.add_argument("--drafter", choices=["lookup", "tab"], default="lookup",
+                    help="who drafts: the coordinator's prompt lookup, or a worker's draft model (tabshard worker --draft-model)")
+    ap.add_argument("--draft-deadline-ms", type=float, default=50.0, help="how long a trip waits for a worker's drafts (+ its rtt)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     a = ap.parse_args()
@@ -215,7 +225,7 @@ def main() -> None:
         print(f"cluster of {n} worker(s): {rounds} rounds, {max_tokens} tokens a prompt, "
               f"{' + '.join(f'{len(v)} {k}' for k, v in prompts.items())} prompts, max k {a.max_k}", flush=True)
         hop_list = [float(x) for x in a.hops_1.split(",")] if n == 1 and a.hops_1 else hops
-        results.append(asyncio.run(run_cluster(n, hop_list, rounds, max_tokens, a.max_k, prompts)))
+        results.append(asyncio.run(run_cluster(n, hop_list, rounds, max_tokens, a.max_k, prompts, a.drafter, a.draft_deadline_ms)))
         if a.json:  # after each cluster: a later one failing keeps these
             Path(a.json).write_text(json.dumps(results, indent=1))
     if not a.no_history:

@@ -229,7 +229,7 @@ def _schemas(limits, model_ids: list) -> dict:
                            "unserved_reason": {"type": ["string", "null"], "description": "why the model cannot be served now, naming the resource that is short ('memory: ...', 'workers: ...'); null when it can"},
                            "stages": {"type": "array"}, "workers": {"type": "array"}, "sessions": {"type": "array"},
                            "counters": {"type": "object"}, "events": {"type": "array"},
-                           "speculation": {"type": ["object", "null"], "description": "speculative decoding in all: mode, max_k, trips, drafted, accepted, tokens, rollbacks, acceptance_rate, tokens_per_trip (each session carries its own)"},
+                           "speculation": {"type": ["object", "null"], "description": "speculative decoding in all: mode, max_k, drafter (\"coordinator\", the drafting worker's id, or null), trips, drafted, accepted, tokens, rollbacks, acceptance_rate, tokens_per_trip (each session carries its own)"},
                            "access": {"type": "object", "required": ["api_key_required", "join_token_required", "allowed_origins"],
                                       "properties": {"api_key_required": {"type": "boolean"},
                                                      "join_token_required": {"type": "boolean"},
@@ -242,7 +242,7 @@ def _schemas(limits, model_ids: list) -> dict:
                            "degraded": {"type": "boolean"}, "unserved_reason": {"type": ["string", "null"]},
                            "workers": {"type": "array"}, "stages": {"type": "array"},
                            "sessions": {"type": "array"}, "counters": {"type": "object"}, "timeline": {"type": "array"},
-                           "series": {"type": "object"}, "speculation": {"type": ["object", "null"], "description": "speculative decoding in all: mode, max_k, trips, drafted, accepted, tokens, rollbacks, acceptance_rate, tokens_per_trip (each session carries its own)"}},
+                           "series": {"type": "object"}, "speculation": {"type": ["object", "null"], "description": "speculative decoding in all: mode, max_k, drafter (\"coordinator\", the drafting worker's id, or null), trips, drafted, accepted, tokens, rollbacks, acceptance_rate, tokens_per_trip (each session carries its own)"}},
         },
         "CompatMatrix": {"type": "object", "required": ["rows"], "properties": {"rows": {"type": "array"}}},
     }
