@@ -21,7 +21,8 @@ def _serve_args(p) -> None:
     p.add_argument("--speculation", choices=["off", "prompt-lookup", "draft-model"], default=None,
                    help="verify drafted tokens several per trip through the tabs (default off)")
     p.add_argument("--speculation-max-k", type=int, default=None, metavar="K", help="the most drafts per trip (default 6)")
-    p.add_argument("--draft-model", metavar="PATH", help="GGUF of the same vocabulary drafting for --speculation draft-model")
+    p.add_argument("--draft-model", metavar="PATH", help="GGUF of the same vocabulary drafting for --speculation draft-model "
+                   "on the coordinator (without it, a `tabshard worker --draft-model` drafts)")
     p.add_argument("--api-key", help="key API clients must send (Authorization: Bearer KEY); default $TABSHARD_API_KEY, "
                                      "else required and random (printed) on a non-loopback --host, off on loopback")
     p.add_argument("--allowed-origins", help="extra browser origins allowed to join as tabs, comma-separated")
