@@ -192,6 +192,33 @@ def test_a_retiring_holders_death_moves_its_sessions_to_the_new_plan(weights, re
     assert net.tokens("s") == reference and not any(st.retiring for st in core.stages)
 
 
+def test_a_retiring_primary_outside_the_new_plan_dying_reports_its_recovery(weights, reference):
+    """The dead worker is no primary of the new plan: its session restarts there, and the next
+    token still says how long recovery took (a `recovered` event, as for any primary lost)."""
+    net = coordinator_alone(weights, stages=2)
+    net.run()
+    net.advance(0.5)
+    a = net.add_worker()
+    net.advance(0.5)
+    core = net.core
+    core.workers[core.conn_worker[a]].ms_per_layer = 50.0  # measured slow: the next plan leaves it out
+    b, c = net.add_worker(), net.add_worker()
+    net.run()
+    net.frozen.update({b, c})
+    net.advance(0.35)
+    old = next(st for st in core.stages if st.retiring)
+    assert old.primary == core.conn_worker[a] and all(st.primary != core.conn_worker[a] for st in core.stages if not st.retiring)
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 3)
+    killed_at = net.now
+    net.kill(a)
+    net.thaw(b)
+    net.thaw(c)
+    run_until_done(net, ["s"])
+    assert net.tokens("s") == reference
+    assert any(e["kind"] == "recovered" and e["t"] >= killed_at for e in core.events)
+
+
 def test_a_cached_prefix_is_reused_on_whichever_pipeline_a_session_lands(weights):
     """A prompt cached on pipeline 1 (whose stages are not index 0) is forked there for the next
     session placed on it; the session used to look its forked length up under stage 0 and fail."""

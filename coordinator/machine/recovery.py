@@ -107,7 +107,10 @@ class Recovery:
             self.conn_worker.pop(w.conn, None)
             out.append(Close(w.conn, 4000, f"fenced: {reason}"[:120]))
         if any(st.retiring and w.worker_id in st.holders for st in self.stages):
-            out += self._retire(now, lost=True)  # the old plan's pipelines go; their sessions restart on the new one
+            # the old plan's pipelines go; their sessions restart on the new one, and the next
+            # token says how long that recovery took, as for any primary lost
+            self._awaiting_recovery += [(st.index, now) for st in self.stages if st.retiring and st.primary == w.worker_id]
+            out += self._retire(now, lost=True)
         for st in self.stages:
             if w.worker_id not in st.holders:
                 continue
