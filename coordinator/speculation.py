@@ -181,6 +181,11 @@ def decide_trip(sampler: Sampler, step: int, rows: list[tuple[np.ndarray, np.nda
 
 
 # ---------------------------------------------------------------------- per-session bookkeeping
+# one trip in this many goes the other way: a plain trip re-times the baseline while drafts pay
+# (load and batch sizes move it), a one-draft trip re-measures drafts while they do not
+CALIBRATE_EVERY = 32
+
+
 class Speculator:
     """The coordinator's speculation: a draft source, each session's AdaptiveK, and the totals
     /status shows. The scheduler asks ``draft`` for a trip's drafts and tells ``verified`` what
@@ -198,6 +203,8 @@ class Speculator:
         self._shadow: dict[str, int] = {}  # session -> the token a draft not sent guessed next
         self._started: dict[str, tuple[float, int]] = {}  # session -> (its trip's start, drafted rows)
         self.plain_trip_ms: float | None = None  # a trip without drafts, smoothed
+        self._timed_plain = 0  # plain trips timed so far
+        self._asked = 0  # trips whose k was chosen (every CALIBRATE_EVERY-th goes the other way)
         self.totals = {"trips": 0, "drafted": 0, "accepted": 0, "tokens": 0, "rollbacks": 0}
         # the draft-model mode without a model here: a worker holding one drafts (the scheduler
         # asks it with a `draft` message and waits for its `draft_result` up to a deadline)
@@ -234,6 +241,12 @@ class Speculator:
         if guess is not None:
             a.observe(0, 0, context[-1] == guess)
         k = min(a.k(), limit)
+        self._asked += 1
+        probe = self._asked % CALIBRATE_EVERY == 0
+        if k > 0 and (self._timed_plain == 0 or probe):
+            return 0  # a plain trip: what drafts cost is measured against it
+        if k <= 0 and probe and limit > 0 and not isinstance(self.source, PromptLookup):
+            return 1  # a draft model has no free guess to learn from: one draft re-measures whether drafts pay
         if k <= 0 and limit > 0 and isinstance(self.source, PromptLookup):
             # a draft not sent costs a lookup, not a row: learn from it whether drafts pay again
             guess = self.source.propose(session_id, context, 1)
@@ -258,6 +271,7 @@ class Speculator:
         ms = (now - t0) * 1000
         plain = self.plain_trip_ms
         if drafted == 0:
+            self._timed_plain += 1
             if ms > 0 and (plain is None or ms < 10 * plain):
                 self.plain_trip_ms = ms if plain is None else 0.8 * plain + 0.2 * ms
         elif plain and ms < 10 * plain * (1 + drafted):

@@ -135,7 +135,9 @@ def test_greedy_tokens_identical_with_draft_models(weights, other_weights, refer
     assert net.tokens("r") == reference
     t = net.core.speculation.totals
     if draft == "same-model":  # every draft kept: max_k + 1 tokens a trip, no rollback
-        assert t["tokens"] == N_TOKENS - 1  # all but the prompt trip's token came from speculative trips
+        # all but the prompt trip's token and one plain trip's (what drafts cost is measured
+        # against it: Speculator.draft_k) came from speculative trips
+        assert t["tokens"] == N_TOKENS - 2
         assert t["accepted"] == t["drafted"] and t["trips"] <= 7 and not sent
     else:  # mostly rejected: rolled back on every stage's worker
         assert t["accepted"] < t["drafted"] and t["rollbacks"] >= 1
@@ -390,3 +392,30 @@ def test_the_cost_of_a_drafted_row_is_measured_and_switches_drafts_off_where_row
     # 0.01 of a trip: drafts go on, also at a 30 % acceptance
     assert cheap.row_cost == pytest.approx(0.01, abs=0.01) and sum(cheap_sent[-20:]) > 0
     assert AdaptiveK(6, cheap.row_cost, rate=0.3).k() >= 1
+
+
+def test_a_plain_trip_times_the_baseline_and_a_draft_model_is_re_measured_while_it_does_not_pay():
+    """A draft model's drafts may be taken every trip, so no plain trip would ever time what a
+    trip costs without them: the first is plain, and one in CALIBRATE_EVERY after it. Once drafts
+    stop paying, one trip in CALIBRATE_EVERY carries a single draft (a model has no free guess to
+    learn from, as prompt lookup has)."""
+    from coordinator.speculation import CALIBRATE_EVERY
+
+    class Echo:  # a draft source proposing k copies of the last token
+        def propose(self, session_id, context, k, sampler=None, step=0):
+            return Draft([context[-1]] * k)
+
+        def forget(self, session_id):
+            pass
+
+    spec = Speculator("draft-model", max_k=4, source=Echo())
+    t, sent = 0.0, []
+    for trip in range(3 * CALIBRATE_EVERY):
+        d = spec.draft("s", [1, 2, 3], Sampler(SamplingParams()), trip, 4, now=t)
+        t += (10.0 + 30.0 * len(d.tokens)) / 1000  # each drafted row costs 3 plain trips: drafts never pay
+        spec.trip_done("s", t)
+        sent.append(len(d.tokens))
+    assert sent[0] == 0 and sent[1] > 0  # the baseline first, then drafts at the starting estimate
+    assert spec.plain_trip_ms == pytest.approx(10.0) and spec.row_cost > 1.0
+    late = sent[CALIBRATE_EVERY:]
+    assert sorted(set(late)) == [0, 1] and late.count(1) == 2  # drafts off, but re-measured once per CALIBRATE_EVERY
