@@ -42,6 +42,22 @@ if "XDG_RUNTIME_DIR" not in os.environ or not os.path.isdir(os.environ["XDG_RUNT
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
 
 
+@pytest.fixture(scope="module")
+def weights():
+    """The tiny synthetic model (tests/tiny_model.py), one copy a module (tests may change it)."""
+    from tests.tiny_model import tiny_weights
+
+    return tiny_weights()
+
+
+@pytest.fixture(scope="module")
+def other_weights():
+    """A tiny model that mostly disagrees with `weights` (a draft model that is often wrong)."""
+    from tests.tiny_model import tiny_weights
+
+    return tiny_weights(seed=1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_model():
     from model.loader import GGUFModel

@@ -18,11 +18,6 @@ N_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
-
-
-@pytest.fixture(scope="module")
 def reference(weights):
     return greedy_tokens(weights, PROMPT, N_TOKENS)
 

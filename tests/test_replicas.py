@@ -8,16 +8,11 @@ import pytest
 
 from model.sampling import SamplingParams
 from tests.harness import run_until_done, start_net
-from tests.tiny_model import greedy_tokens, tiny_weights
+from tests.tiny_model import greedy_tokens
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 16
 SEEDED = SamplingParams(greedy=False, temperature=0.8, top_p=0.95, seed=7)
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,14 @@ from actors.faults import lie
 from coordinator.speculation import AdaptiveK, Draft, DraftModel, PromptLookup, Speculator, decide_trip, lookup
 from protocol.model_types import SessionSlice
 from tab_worker.local import LocalCompute
-from tab_worker.worker import TabWorker
 from model.embedding import embed
 from tab_worker.generate import LocalGenerator
 from model.sampling import Sampler, SamplingParams
 from tests.harness import run_until_done, start_net
-from tests.tiny_model import tiny_weights
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 24
 SAMPLED = SamplingParams(greedy=False, temperature=0.8, seed=11)
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
-
-
-@pytest.fixture(scope="module")
-def other_weights():
-    return tiny_weights(seed=1)  # a draft model that mostly disagrees with the target
 
 
 def reference_of(weights, prompt, n, params=SamplingParams()):

@@ -8,15 +8,10 @@ import pytest
 from actors.faults import lie
 from tests.harness import start_net
 from tests.harness import run_until_done as run_until_done_in
-from tests.tiny_model import greedy_tokens, tiny_weights
+from tests.tiny_model import greedy_tokens
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 40
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,12 @@ import pytest
 
 from coordinator.records import CoordinatorSettings
 from coordinator.speculation import DraftModel
-from model.sampling import SamplingParams
 from protocol import wire
 from protocol.format import ProtocolError
 from tab_worker.local import LocalCompute
 from tab_worker.worker import TabWorker
 from tests.harness import Net, run_until_done
 from tests.test_speculation import N_TOKENS, PROMPT, SAMPLED, reference_of
-from tests.tiny_model import tiny_weights
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
-
-
-@pytest.fixture(scope="module")
-def other_weights():
-    return tiny_weights(seed=1)  # a draft model that mostly disagrees with the target
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 
 from protocol.model_types import LayerWeights
 from protocol.blobs import BlobError, pack_head, pack_layer, unpack_blob
-from tests.tiny_model import tiny_weights
 
 
 def by_hand(a: np.ndarray) -> dict:
@@ -18,11 +17,6 @@ def by_hand(a: np.ndarray) -> dict:
 
 def quant_by_hand(t) -> dict:
     return {"spec": t.spec.name, "n": t.n, "k": t.k, "q": by_hand(t.qweight), "s": by_hand(t.scales)}
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
 
 
 def test_blob_bytes_are_the_wire_tensor_maps(weights):

@@ -14,7 +14,7 @@ from protocol.blobs import blob_info, chunk, pack_head, pack_layer, sha256
 from tab_worker.worker import PROGRESS_S, TabWorker
 from protocol import wire
 from tests.harness import Net
-from tests.tiny_model import TINY, tiny_weights
+from tests.tiny_model import TINY
 
 CHUNK = 512
 
@@ -23,11 +23,6 @@ CHUNK = 512
 def small_chunks(monkeypatch):
     monkeypatch.setattr(protocol.blobs, "CHUNK_BYTES", CHUNK)
     monkeypatch.setattr(coordinator.machine.weights, "CHUNK_BYTES", CHUNK)  # the coordinator's chunk offsets
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return tiny_weights()
 
 
 def assignment(blobs: dict[str, bytes]) -> tuple[dict, list[dict]]:
