@@ -9,8 +9,7 @@ import math
 from types import SimpleNamespace
 
 from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
-from coordinator.records import LOCAL, Send, Session, Stage, Worker
-from protocol import wire
+from coordinator.records import LOCAL, Session, Stage, Worker
 
 
 # a re-plan over the same workers moves weights: worth it only for a predicted token this much faster
@@ -95,12 +94,8 @@ class Planning:
         # ranges a worker held but no longer does are unloaded to free its memory
         for key, ready in old.items():
             for wid in ready:
-                w = self.workers.get(wid)
-                if w and w.alive and not any((s.layer_start, s.layer_end) == key and wid in s.holders for s in self.stages):
-                    out.append(Send(w.conn, wire.make("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
-                    if wid == LOCAL:
-                        self._verify_ranges.pop(key, None)
-                        self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)  # unloaded with the range
+                if wid in self.workers:
+                    out += self._unload_unheld(self.workers[wid], key)
         self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1] if not s.retiring)
         self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "stages": [s.to_dict() for s in self.stages],
                             "pipelines": len(made.pipelines), "predicted_ms": [round(x, 3) for x in made.predicted_ms]})
@@ -153,9 +148,7 @@ class Planning:
                         self.workers[wid].stages.add(x.index)
                 self.stages.append(st)
                 self.workers[wid].stages.add(st.index)
-                loading = any(e[0] < len(self.stages) and (self.stages[e[0]].layer_start, self.stages[e[0]].layer_end) == key
-                              for e in self.workers[wid].loading.values())
-                if wid not in st.ready and not loading:
+                if wid not in st.ready and not self._loading_range(self.workers[wid], key):
                     out += self._assign(self.workers[wid], st, now)
                 self.plan_notes[wid] = made.notes.get(wid, f"replica: pipeline {st.pipeline}")
         self.plan_version += 1
@@ -210,12 +203,7 @@ class Planning:
                 if w is None:
                     continue
                 w.stages.discard(st.index)
-                key = (st.layer_start, st.layer_end)
-                if w.alive and not any((x.layer_start, x.layer_end) == key and wid in x.holders for x in self.stages):
-                    out.append(Send(w.conn, wire.make("unload", reason="re-plan", layer_start=key[0], layer_end=key[1])))
-                    if wid == LOCAL:
-                        self._verify_ranges.pop(key, None)
-                        self._forget_verify_kv(lambda k, key=key: k[1] == key and k[2] == LOCAL)
+                out += self._unload_unheld(w, (st.layer_start, st.layer_end))
         for cache_id in [k for k, e in self.prefix_cache.items() if e.pipeline in {st.pipeline for st in gone}]:
             out += self._drop_everywhere(cache_id)
             del self.prefix_cache[cache_id]

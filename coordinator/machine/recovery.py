@@ -155,9 +155,7 @@ class Recovery:
         w.stages.add(st.index)
         if st.primary in st.ready:
             return self._rebuild(st, now)
-        key = (st.layer_start, st.layer_end)
-        if not any(e[0] < len(self.stages) and (self.stages[e[0]].layer_start, self.stages[e[0]].layer_end) == key
-                   for e in w.loading.values()):  # (it may be loading this range for another pipeline already)
+        if not self._loading_range(w, (st.layer_start, st.layer_end)):  # (maybe for another pipeline already)
             return self._assign(w, st, now)
         return []
 

@@ -263,15 +263,10 @@ class Scheduler:
         """The worker to ask for drafts: live, trusted (past probation, not suspect), holding a
         draft model of the served vocabulary; the lowest round trip of those. (A browser tab
         never advertises a draft model: only `tabshard worker --draft-model` does.)"""
-        best = None
-        for w in self.workers.values():
-            info = w.caps.get("draft_model")
-            if (not w.alive or w.local or w.probation or w.state not in ("idle", "loading", "ready")
-                    or not isinstance(info, dict) or info.get("vocab") != self.config.vocab):
-                continue
-            if best is None or (w.rtt_ms if w.rtt_ms is not None else float("inf")) < (best.rtt_ms if best.rtt_ms is not None else float("inf")):
-                best = w
-        return best
+        able = [w for w in self.workers.values()
+                if w.alive and not w.local and not w.probation and w.state in ("idle", "loading", "ready")
+                and isinstance(w.caps.get("draft_model"), dict) and w.caps["draft_model"].get("vocab") == self.config.vocab]
+        return min(able, key=lambda w: w.rtt_ms if w.rtt_ms is not None else float("inf"), default=None)
 
     def _ask_drafts(self, s: Session, token: int, pos: int, limit: int, now: float | None) -> bool:
         """Send the drafter a `draft` for the session's next trip and park the trip (True); False

@@ -4,12 +4,32 @@ and the worker's ready.
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
 from __future__ import annotations
 
-from coordinator.records import Send, Stage, Worker
+from coordinator.records import LOCAL, Send, Stage, Worker
 from protocol import wire
 from protocol.blobs import CHUNK_BYTES, chunk, sha256
 
 
 class WeightStreaming:
+    def _holds_range(self, wid: str, key: tuple[int, int]) -> bool:
+        """Whether some stage of the plan (any pipeline, retiring ones too) has `wid` holding layers `key`."""
+        return any((s.layer_start, s.layer_end) == key and wid in s.holders for s in self.stages)
+
+    def _loading_range(self, w: Worker, key: tuple[int, int]) -> bool:
+        """Whether one of `w`'s assignments in flight loads layers `key` (for some pipeline): one
+        load serves every pipeline it holds the range in."""
+        return any(e[0] < len(self.stages) and (self.stages[e[0]].layer_start, self.stages[e[0]].layer_end) == key
+                   for e in w.loading.values())
+
+    def _unload_unheld(self, w: Worker, key: tuple[int, int]) -> list:
+        """A range the live worker held but no stage has it hold any more: unloaded, to free its
+        memory (on the coordinator's own compute its verify state goes with it)."""
+        if not w.alive or self._holds_range(w.worker_id, key):
+            return []
+        if w.worker_id == LOCAL:
+            self._verify_ranges.pop(key, None)
+            self._forget_verify_kv(lambda k: k[1] == key and k[2] == LOCAL)
+        return [Send(w.conn, wire.make("unload", reason="re-plan", layer_start=key[0], layer_end=key[1]))]
+
     def _stage_blobs(self, st: Stage) -> list[str]:
         keys = [f"layer:{i}" for i in range(st.layer_start, st.layer_end)]
         return keys + (["head"] if st.include_head else [])
@@ -98,7 +118,7 @@ class WeightStreaming:
             # loaded for a plan replaced meanwhile (joins re-plan while others still load): the
             # index may now name other layers. Free the range, or tabs pile up orphan ranges
             # (seen with 32 tabs joining: 1 GB held each, for a 100 MB model)
-            if layers and not any((s.layer_start, s.layer_end) == layers and w.worker_id in s.holders for s in self.stages):
+            if layers and not self._holds_range(w.worker_id, layers):
                 return [Send(w.conn, wire.make("unload", reason="re-plan", layer_start=layers[0], layer_end=layers[1]))]
             return []
         self.events.append({"t": now, "kind": "loaded", "worker": w.worker_id, "layers": [st.layer_start, st.layer_end]})
