@@ -59,7 +59,9 @@ def cmd_demo(a) -> int:
     console = Console()
     console.print(f"[bold]tabshard demo[/]: a coordinator and {a.workers} worker processes ({a.backend}) on 127.0.0.1")
     t0 = time.perf_counter()
-    with LocalCluster(workers=a.workers, backend=a.backend, log_dir=a.logs) as cluster:
+    # one stage per worker: the demo shows the model sharded over its workers (the planner alone
+    # would give SmolLM2, which fits in one, one stage and replicas)
+    with LocalCluster(workers=a.workers, backend=a.backend, log_dir=a.logs, serve_args=["--stages", str(a.workers)]) as cluster:
         console.print(f"cluster ready in {time.perf_counter() - t0:.1f}s at {cluster.base}\n")
         console.print(format_status(cluster.status()) + "\n")
         console.print(f"[bold]user:[/] {a.prompt}\n[bold]assistant:[/] ", end="")
