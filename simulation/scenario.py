@@ -66,6 +66,10 @@ from simulation.faults import detects
 
 FAULT_KINDS = ("crash", "freeze", "slow", "partition", "evict", "memory", "liar")
 LIAR_FACTOR = 0.05  # default noise of a liar, relative to each result's RMS
+# How long after its window an earlier fault may still act on a tab, by kind: a step begun while
+# slowed sleeps compute x factor (seconds at factor 2000) and may get the tab evicted when it ends;
+# a frozen or partitioned tab is declared dead and rejoins under a new id.
+AFTERMATH_S = {"slow": 12.0, "freeze": 3.0, "partition": 3.0}
 
 
 def load_scenario(path: str | Path) -> dict:
@@ -190,6 +194,7 @@ class ScenarioRun:
         self._events_read = 0
         self._pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="sim-control")
         self._n_tabs = 0
+        self._disturbed: dict = {}  # tab name -> monotonic time until which an earlier fault may still act
         self._specs: dict = {}  # tab name -> the [[tabs]] entry it was spawned from
         self._lock = threading.Lock()
 
@@ -224,16 +229,25 @@ class ScenarioRun:
             return None
         if target == "random":
             # prefer tabs that serve a stage: a fault on an idle tab tests little (a liar that
-            # serves nothing is never checked: only serving tabs); leave undetected liars be
+            # serves nothing is never checked: only serving tabs); leave undetected liars be.
+            # A tab still under an earlier fault is no target either: a step begun while slowed
+            # can run on for compute x factor seconds after the fault's window, and the
+            # coordinator may evict the tab for it a while later, taking a new fault with it
+            # (a liar placed there is never caught, its tab went first).
+            now = time.monotonic()
             alive = [n for n in alive if n not in self.liars]
-            serving = {w["name"] for w in st["workers"] if w["stages"] and w["state"] not in ("dead", "quarantined")}
-            pool = [n for n in alive if n in serving] or ([] if f["kind"] == "liar" else alive)
+            calm = [n for n in alive if self._disturbed.get(n, 0.0) <= now]
+            serving = {w["name"] for w in st["workers"]
+                       if w["stages"] and w["state"] not in ("dead", "quarantined", "suspect")}
+            pool = [n for n in calm if n in serving] or ([] if f["kind"] == "liar" else calm or alive)
             return self.rng.choice(pool) if pool else None
         return target if target in alive else None
 
     def _inject(self, f: dict, name: str):
         tab = self.tabs[name]
         kind, d = f["kind"], float(f.get("duration", 2.0))
+        if kind in AFTERMATH_S:
+            self._disturbed[name] = time.monotonic() + d + AFTERMATH_S[kind]
         if kind == "crash":
             tab.crash()
         elif kind == "freeze":

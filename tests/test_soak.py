@@ -87,3 +87,29 @@ def test_soak_ci_scenario_passes(ray_rt, tmp_path):
     assert rss["flat"], rss
     assert report["passed"], table
     assert (tmp_path / "timeline.png").stat().st_size > 1000 and (tmp_path / "run.json").exists()
+
+
+def test_a_tab_still_under_a_fault_is_no_target_for_a_new_one(tmp_path):
+    """A liar placed on a tab that an earlier slow fault left mid-step is never caught: the
+    coordinator evicts the tab for that step first (CI saw it once). Random targets are calm
+    serving tabs; a suspect tab or one inside a fault's aftermath is passed over."""
+    from simulation.scenario import AFTERMATH_S, ScenarioRun
+
+    run = ScenarioRun({"seed": 11}, out_dir=tmp_path, progress=lambda *a, **k: None)
+
+    class Tab:
+        def slow(self, factor, seconds):
+            pass
+
+    run.tabs = {"a": Tab(), "b": Tab(), "c": Tab()}
+    st = {"stages": [], "workers": [
+        {"name": "a", "worker_id": "w-a", "stages": [0], "state": "ready"},
+        {"name": "b", "worker_id": "w-b", "stages": [1], "state": "ready"},
+        {"name": "c", "worker_id": "w-c", "stages": [2], "state": "suspect"},
+    ]}
+    run._inject({"kind": "slow", "duration": 1.2, "factor": 2000}, "a")
+    assert AFTERMATH_S["slow"] > 6.0  # longer than the soak's slowed step (6 s) that got a tab evicted
+    assert {run._target({"kind": "liar", "target": "random"}, st) for _ in range(20)} == {"b"}
+    run._disturbed["b"] = run._disturbed["a"]
+    assert run._target({"kind": "liar", "target": "random"}, st) is None  # no calm serving tab: skipped
+    assert run._target({"kind": "crash", "target": "random"}, st) == "c"  # other kinds take a calm one
