@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import time
 
 from starlette.applications import Starlette
@@ -21,6 +23,9 @@ from coordinator.server import PRE_HELLO_LIMITS, CoordinatorService, peer_addres
 from protocol import wire
 from coordinator.request_fields import (MODEL_ID, BadRequest, BodyUnread, _error, _num, _text, max_tokens_field,
                                         sampling_from_body)
+
+JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
 
 async def body_unread(request: Request, exc: BodyUnread) -> JSONResponse:
     return _error("the request body did not arrive in time (body_timeout_s) or the client left", 408)
@@ -122,7 +127,15 @@ def build_app(service: CoordinatorService, model_id: str = MODEL_ID, served_mode
         return JSONResponse({"ok": ok, "workers": sum(w.alive for w in st.workers.values())}, status_code=200 if ok else 503)
 
     async def status(request: Request):
-        return JSONResponse(service.status())
+        since = request.query_params.get("events_since")
+        if since is None:
+            return JSONResponse(service.status())
+        # a JSON number only, as the spec says (Python's float() also takes "1_0", " 1", "nan")
+        t = float(since) if JSON_NUMBER.fullmatch(since) else float("nan")
+        if not math.isfinite(t):
+            return _error(f"events_since must be a finite number (a coordinator event time), got {since[:40]!r}",
+                          400, "events_since")
+        return JSONResponse(service.status(events_since=t))
 
     async def openapi(request: Request):
         from coordinator.openapi import build_spec

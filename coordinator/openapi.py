@@ -317,7 +317,12 @@ def build_spec(limits, model_id: str = api.MODEL_ID, api_key_required: bool = Fa
             "200": _json(_ref("Health"), "every stage is served"),
             "503": _json(_ref("Health"), "some stage has no serving worker (or no plan yet)", None)}),
         "/status": get("The shard map: stages, workers, sessions, counters", "operations",
-                       {"200": _json(_ref("Status"), "the coordinator's state")}),
+                       {"200": _json(_ref("Status"), "the coordinator's state"),
+                        "400": _json(_ref("Error"), "events_since is not a finite number")},
+                       parameters=[{"name": "events_since", "in": "query", "required": False,
+                                    "schema": {"type": "number"},
+                                    "description": "every retained event after this coordinator time "
+                                                   "(events' `t`) instead of the last 50"}]),
         "/openapi.json": get("This document", "operations", {"200": _json({"type": "object"}, "OpenAPI 3.1")}),
         "/dashboard": get("The live dashboard page", "dashboard", {
             "200": _text(html, "the page"), "503": _text(html, "the dashboard's assets are not built")}),

@@ -297,8 +297,12 @@ class CoordinatorService:
             self.perform(self.core.cancel(rid, time.monotonic()))
         self.clients.pop(rid, None)
 
-    def status(self) -> dict:
+    def status(self, events_since: float | None = None) -> dict:
+        """/status: the last 50 events, or every retained one after `events_since` (a poller that
+        must not miss one, e.g. a test that reads the events after a burst)."""
         st = self.core.status(time.monotonic())
+        if events_since is not None:
+            st["events"] = [e for e in self.core.events if e["t"] > events_since]
         st["model"]["name"] = self.model.path.name
         st["counters"].update({f"refused_{k}": v for k, v in self.refusals.items()})
         st["access"] = {"api_key_required": bool(self.api_key), "join_token_required": bool(self.join_token),

@@ -57,8 +57,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fetch_status(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/status", timeout=5) as r:
+def fetch_status(base: str, events_since: float | None = None) -> dict:
+    """/status; with `events_since`, every event the coordinator retains after that time instead
+    of the last 50 (a burst of events between two polls is then not lost)."""
+    query = "" if events_since is None else f"?events_since={events_since!r}"
+    with urllib.request.urlopen(f"{base}/status{query}", timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -123,8 +126,8 @@ class CoordinatorProcess:
         self.wait_for(lambda st: True, timeout, "the coordinator to answer")
         return self
 
-    def status(self) -> dict:
-        return fetch_status(self.base)
+    def status(self, events_since: float | None = None) -> dict:
+        return fetch_status(self.base, events_since)
 
     def wait_for(self, pred, timeout: float, what: str = "condition") -> dict:
         return wait_for_status(self.base, self.proc, pred, timeout, what)
@@ -157,6 +160,12 @@ class EventLog:
     def __init__(self):
         self.events: list[dict] = []
         self._seen: set = set()
+
+    @property
+    def since(self) -> float | None:
+        """A time to poll /status?events_since= with so that nothing after the last absorbed
+        event is missed (a little before it: events of the same instant are deduplicated)."""
+        return max(e["t"] for e in self.events) - 0.01 if self.events else None
 
     def absorb(self, st: dict) -> None:
         for e in st.get("events", []):

@@ -314,7 +314,7 @@ class ScenarioRun:
                 self.events = EventLog()
                 asyncio.run(self._drive(t_ready))
                 self._sample_rss(t_ready)  # the end: every request answered, before any teardown
-                self.events.absorb(self.coord.status())
+                self.events.absorb(self.coord.status(self.events.since))
                 for name in self._alive():
                     try:
                         self.tab_info[name] = self.tabs[name].info(timeout=10)
@@ -398,7 +398,7 @@ class ScenarioRun:
             """/status, retried: an overloaded host may miss the 5 s timeout now and then."""
             for attempt in range(5):
                 try:
-                    return await loop.run_in_executor(self._pool, self.coord.status)
+                    return await loop.run_in_executor(self._pool, self.coord.status, self.events.since)
                 except Exception as exc:
                     self.status_errors.append(f"{type(exc).__name__}: {exc}"[:200])
                     await asyncio.sleep(0.5 * (attempt + 1))

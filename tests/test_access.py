@@ -140,6 +140,23 @@ def test_no_endpoint_reveals_a_secret(cluster):
         assert JOIN not in body and KEY not in body, path
 
 
+def test_status_events_since_returns_every_retained_event_after_a_time(cluster):
+    """/status shows the last 50 events; ?events_since=T every retained one after T, so a poller
+    that fell behind a burst misses none. A value that is not a finite number is refused."""
+    base, auth = cluster.base, {"Authorization": f"Bearer {KEY}"}
+    last50 = json.loads(get(f"{base}/status", auth)[1])["events"]
+    assert last50, "the coordinator's own compute joined and was planned: there are events"
+    every = json.loads(get(f"{base}/status?events_since=-1e9", auth)[1])["events"]
+    assert every[-len(last50):] == last50
+    t = last50[0]["t"]
+    assert json.loads(get(f"{base}/status?events_since={t!r}", auth)[1])["events"] == [e for e in every if e["t"] > t]
+    assert json.loads(get(f"{base}/status?events_since=1e18", auth)[1])["events"] == []
+    for bad in ("abc", "nan", "inf"):
+        code, body = get(f"{base}/status?events_since={bad}", auth)
+        err = json.loads(body)["error"]
+        assert code == 400 and err["param"] == "events_since" and "finite" in err["message"], body
+
+
 def test_limits_refuse_clearly(cluster):
     base, auth = cluster.base, {"Authorization": f"Bearer {KEY}"}
     chat = lambda content, n: post(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": content}],  # noqa: E731

@@ -71,9 +71,10 @@ def _run_with_fault(coord, tabs, inject, at_token=4, stage=1):
             fired["t"] = time.monotonic()
             inject(fired["tab"])
 
+    t_start = time.monotonic()
     res = asyncio.run(stream_request(coord.base, f"r-{time.monotonic_ns()}", PROMPT, N, on_token=on_token))
     log = EventLog()
-    log.absorb(coord.status())
+    log.absorb(coord.status(events_since=t_start))  # every event of the run, not only the last 50
     return res, fired["t"], fired["wid"], fired["tab"], log.sorted()
 
 
