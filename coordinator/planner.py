@@ -4,7 +4,7 @@ ranges in proportion to measured speed within memory, and serving replicas over 
 Pure functions over worker descriptions. A token's predicted latency through one pipeline is the sum
 over its stages of (layers + the head's cost) x the primary's measured cost per layer, plus each
 hop: the worker's measured round trip (DEFAULT_RTT_MS before its first pong) and the hidden state's
-transfer both ways at DEFAULT_BYTES_PER_MS. The depth is the fewest stages memory allows unless a
+transfer both ways at its measured transfer rate (DEFAULT_BYTES_PER_MS until it has one). The depth is the fewest stages memory allows unless a
 deeper pipeline is predicted faster (by DEPTH_MIN_GAIN); workers beyond it form more pipelines over
 the same ranges (data parallelism: each session runs on one), and every pipeline's primary is a
 warm standby for the same range in the others. The coordinator re-plans when membership changes
@@ -32,13 +32,15 @@ class WorkerCapacity:
     local: bool = False  # the coordinator's own compute: last resort only
     rtt_ms: float | None = None  # its measured round trip (None: not measured yet)
     flagged: str | None = None  # why its measurements are not trusted: never a primary while others can serve
+    bytes_per_ms: float | None = None  # its measured transfer rate (None: not measured yet, the default is assumed)
 
     def hop_ms(self, hidden_bytes: int, bytes_per_ms: float = DEFAULT_BYTES_PER_MS) -> float:
-        """A step's hop to it and back: its round trip and the hidden state's transfer both ways."""
+        """A step's hop to it and back: its round trip and the hidden state's transfer both ways
+        (at its own measured rate where there is one, else at bytes_per_ms)."""
         if self.local:
             return 0.0
         rtt = DEFAULT_RTT_MS if self.rtt_ms is None else self.rtt_ms
-        return rtt + 2 * hidden_bytes / bytes_per_ms
+        return rtt + 2 * hidden_bytes / (self.bytes_per_ms or bytes_per_ms)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Plan:
     pipelines: list[list[StagePlan]]  # the first is predicted fastest
     predicted_ms: list[float]  # a token's predicted latency through each pipeline, alone
     notes: dict[str, str] = field(default_factory=dict)  # worker -> its role, or why it is off the critical path
+    why: dict[str, str] = field(default_factory=dict)  # worker off every pipeline's critical path -> why, alone
 
     @property
     def stages(self) -> list[StagePlan]:
@@ -134,6 +137,7 @@ def predict_ms(pipeline: list[tuple[WorkerCapacity, int, bool]], m: Model, bytes
 def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Plan:
     # a worker that cannot hold even one layer serves no stage
     notes = {w.worker_id: "cannot hold a single layer" for w in pool if _capacity_layers(w, m.layer_bytes, 0) < 1}
+    why = dict(notes)
     pool = [w for w in pool if _capacity_layers(w, m.layer_bytes, 0) >= 1]
     if not pool:
         raise PlanError("no worker can hold a single layer")
@@ -201,18 +205,18 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
     # left over: standbys where a range has fewer than `replicas` holders, else where the fewest are
     for w in free:
         room = [i for i in range(depth) if fits(w, i)]
-        why = _why_left_out(w, primaries, m, bytes_per_ms, depth, len(pipelines), tried)
+        why[w.worker_id] = _why_left_out(w, primaries, m, bytes_per_ms, depth, len(pipelines), tried)
         if not room:
-            notes[w.worker_id] = f"unused: cannot hold any range of this plan; {why}"
+            notes[w.worker_id] = f"unused: cannot hold any range of this plan; {why[w.worker_id]}"
             continue
         i = min(room, key=lambda i: len(pipelines[0][i].workers))
         if replicas > 1 and len(pipelines[0][i].workers) >= replicas:
-            notes[w.worker_id] = f"unused: every range has {replicas} holders; {why}"
+            notes[w.worker_id] = f"unused: every range has {replicas} holders; {why[w.worker_id]}"
             continue
         for p in pipelines:
             p[i].workers.append(w.worker_id)
-        notes[w.worker_id] = f"standby for layers {bounds[i][0]}-{bounds[i][1] - 1}: {why}"
-    return Plan(pipelines, predicted, notes)
+        notes[w.worker_id] = f"standby for layers {bounds[i][0]}-{bounds[i][1] - 1}: {why[w.worker_id]}"
+    return Plan(pipelines, predicted, notes, why)
 
 
 def _why_left_out(w: WorkerCapacity, primaries: list[WorkerCapacity], m: Model, bytes_per_ms: float, depth: int,

@@ -138,6 +138,43 @@ class ParkedTrip:
     asked_at: float
 
 
+# a measured transfer rate is bounded to what a link can carry (100 kbit/s .. 10 Gbit/s, in bytes a
+# ms): a step answered in less time than its bytes take on any link is codec noise, not a faster link
+MIN_BYTES_PER_MS, MAX_BYTES_PER_MS = 12.5, 1.25e6
+
+
+@dataclass
+class TransferFit:
+    """A worker's transfer rate from its steps, timed here: each step's time beyond its reported
+    compute and its ping's round trip, against the bytes it moved both ways, fitted as a line
+    (slope: ms a byte; intercept: a step's fixed cost beyond the ping's, e.g. its codec) over
+    exponentially decayed sums. Only steps of different sizes (decode rows, prompt chunks) tell
+    the slope from the intercept: until they spread, no rate (the planner assumes its default)."""
+
+    decay: float = 0.97
+    n: float = 0.0
+    sb: float = 0.0  # bytes
+    se: float = 0.0  # excess ms
+    sbb: float = 0.0
+    sbe: float = 0.0
+
+    def add(self, nbytes: float, excess_ms: float) -> None:
+        d = self.decay
+        self.n, self.sb, self.se = d * self.n + 1, d * self.sb + nbytes, d * self.se + excess_ms
+        self.sbb, self.sbe = d * self.sbb + nbytes * nbytes, d * self.sbe + nbytes * excess_ms
+
+    @property
+    def bytes_per_ms(self) -> float | None:
+        if self.n < 3:
+            return None
+        mean_b = self.sb / self.n
+        var = self.sbb / self.n - mean_b * mean_b
+        if mean_b <= 0 or var < (0.25 * mean_b) ** 2:  # sizes too alike to separate the two terms
+            return None
+        slope = (self.sbe / self.n - mean_b * self.se / self.n) / var
+        return MAX_BYTES_PER_MS if slope <= 1 / MAX_BYTES_PER_MS else max(MIN_BYTES_PER_MS, 1 / slope)
+
+
 @dataclass
 class Worker:
     conn: str
@@ -168,6 +205,7 @@ class Worker:
     # layers), smoothed: what a claimed speed is held against (see Planning._trusted_costs)
     step_ms_per_layer: float | None = None
     planned_rtt_ms: float | None = None  # its round trip when the plan was last made (a material change re-plans)
+    transfer: TransferFit = field(default_factory=TransferFit)  # its transfer rate, from its steps
     ping: tuple[int, float] | None = None  # (nonce, sent at) of the ping awaiting its pong
     pinged_at: float = float("-inf")
     local: bool = False

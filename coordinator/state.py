@@ -78,7 +78,8 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._last_tick: float | None = None
         self.degraded = False
         self._nonces = random.Random()  # seeded from the OS: a tab cannot guess its next ping
-        self.plan_notes: dict[str, str] = {}  # worker -> its place in the plan, or why it is off the critical path
+        self.plan_notes: dict[str, str] = {}  # worker -> its place in the last plan made, or why it is off the critical path
+        self.plan_why: dict[str, str] = {}  # worker -> why the last plan left it off every critical path (see plan_role)
         self.plan_error: str | None = None  # the last plan's failure (a resource short), until a plan succeeds
         self.prefix_cache: dict[str, PrefixEntry] = {}
         self._first_join_at: float | None = None
@@ -175,6 +176,8 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
                 "last_step_ms": w.last_step_ms, "heartbeat_age_ms": int((now - w.last_seen) * 1000),
                 "transport_ms": None if w.transport_ms is None else round(w.transport_ms, 3),
                 "rtt_ms": None if w.rtt_ms is None else round(w.rtt_ms, 3),
+                # its transfer rate as its steps show it (None: not measured yet: the planner assumes 100 Mbit/s)
+                "bandwidth_mbit_s": None if w.transfer.bytes_per_ms is None else round(w.transfer.bytes_per_ms * 8e-3, 1),
                 "compute_ms": None if w.compute_ms is None else round(w.compute_ms, 3),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),
@@ -182,7 +185,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
                 "probation": w.probation, "proven_steps": w.proven_steps, "row_cost": round(w.row_cost, 4),
                 "trial": list(self._trials[w.worker_id]["range"]) if w.worker_id in self._trials else None,
                 "why": w.why,
-                "plan": self.plan_notes.get(w.worker_id),  # its role, or why it is off the critical path
+                "plan": self.plan_role(w),  # its role, or why it is off the critical path
                 "flagged": self._trusted_costs(w)[2] if w.alive else None,  # measurements clamped, and why
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),

@@ -13,8 +13,8 @@ def spans(stages):
     return [s.layer_end - s.layer_start for s in stages]
 
 
-def W(wid, ms=1.0, mem=GB, rtt=None, flagged=None, local=False):
-    return WorkerCapacity(wid, ms, mem, rtt_ms=rtt, flagged=flagged, local=local)
+def W(wid, ms=1.0, mem=GB, rtt=None, flagged=None, local=False, bytes_per_ms=None):
+    return WorkerCapacity(wid, ms, mem, rtt_ms=rtt, flagged=flagged, local=local, bytes_per_ms=bytes_per_ms)
 
 
 def test_head_stage_takes_fewer_layers_by_the_heads_cost():
@@ -124,3 +124,81 @@ def test_a_planned_workers_round_trip_growing_materially_re_plans_around_it():
     note = next(x["plan"] for x in core.status(net.now)["workers"] if x["worker_id"] == far)
     assert note.startswith("standby") and "rtt" in note, note
     assert any(e["kind"] == "plan" for e in core.events if e["t"] > 0.2)
+
+
+def test_every_live_worker_says_its_place_or_why_it_is_off_the_critical_path():
+    """/status "plan" is never empty for a live worker: joining, loading, a replica, a standby
+    with the planner's reason, flagged, waiting for the next plan, on probation."""
+    from model.sampling import SamplingParams
+    from tests.harness import run_until_done, start_net
+    from tests.tiny_model import tiny_weights
+
+    net = start_net(tiny_weights(), 2, stages=None, max_stages=1, replicas=1)
+    core = net.core
+    seen: dict[str, set] = {}
+
+    def look():
+        for x in core.status(net.now)["workers"]:
+            if x["state"] not in ("dead", "quarantined"):
+                assert x["plan"], x
+                seen.setdefault(x["worker_id"], set()).add(x["plan"].split(":")[0].split(",")[0])
+
+    look()
+    assert all(x["plan"].startswith("pipeline") for x in core.status(net.now)["workers"] if not x["local"])
+    net.submit("r", [5, 17, 42, 99], 12, SamplingParams(), stop_at_eos=False)
+    net.add_worker()  # joins while a session runs
+    for _ in range(40):
+        net.run()
+        net.advance(0.05)
+        look()
+    run_until_done(net, ["r"])
+    net.advance(1.0)
+    look()
+    late = next(wid for wid, w in core.workers.items() if w.conn == list(net.workers)[-1])
+    assert "waiting for the next plan" in seen[late] and core.plan_role(core.workers[late]).startswith("pipeline"), seen[late]
+    # a worker whose claims its steps belie: flagged, a standby with the reason
+    w = core.workers[late]
+    w.ms_per_layer, w.step_ms_per_layer = 1e-4, 5.0
+    net.perform(core._replan(net.now))
+    net.advance(0.5)
+    role = core.plan_role(w)
+    assert role.startswith("flagged: claims") and "standby for layers" in role and "not trusted" in role, role
+    # a newcomer on probation while trusted workers hold the model
+    core.settings = type(core.settings)(**{**core.settings.__dict__, "probation_steps": 4})
+    conn = net.add_worker()
+    net.run()
+    newcomer = next(wid for wid, x in core.workers.items() if x.conn == conn)
+    w = core.workers[newcomer]
+    state, w.state = w.state, "measuring"  # (in-process, its measurement came at once)
+    assert core.plan_role(w).startswith("joining")
+    w.state = state
+    net.advance(0.5)
+    assert core.plan_role(core.workers[newcomer]).startswith("on probation"), core.plan_role(core.workers[newcomer])
+
+
+def test_a_workers_transfer_rate_is_fitted_from_its_steps_and_counted_in_its_hop():
+    """Steps' time beyond compute and the ping's round trip, against the bytes they move: the
+    slope is the link's rate (a step's fixed codec cost is the intercept, not a slower link)."""
+    import random
+
+    from coordinator.records import MAX_BYTES_PER_MS, TransferFit
+
+    rng, fit = random.Random(3), TransferFit()
+    for i in range(60):  # 80 Mbit/s = 10,000 bytes a ms, 0.4 ms of codec a step, 1 ms of jitter
+        nbytes = 4608 if i % 4 else 92_160  # decode rows, and now and then a prompt chunk
+        fit.add(nbytes, 0.4 + nbytes / 10_000 + rng.uniform(0, 1.0))
+    assert fit.bytes_per_ms == pytest.approx(10_000, rel=0.15)
+    same = TransferFit()
+    for _ in range(20):
+        same.add(4608, 3.0)  # one size only: rate and fixed cost cannot be told apart
+    assert same.bytes_per_ms is None
+    fast = TransferFit()
+    for i in range(20):
+        fast.add(4608 * (1 + i % 5), 0.2)  # no time grows with size: bounded, not infinite
+    assert fast.bytes_per_ms == MAX_BYTES_PER_MS
+    # the planner counts a worker's own rate: a 1 Mbit/s link costs a 2,304-byte hidden state ~37 ms a hop
+    slow_link = W("phone", 1.0, bytes_per_ms=125.0)
+    assert slow_link.hop_ms(2304) == pytest.approx(2.0 + 2 * 2304 / 125.0)
+    p = plan([W("near", 1.0, mem=20_000), W("phone", 1.0, mem=20_000, bytes_per_ms=125.0), W("other", 1.2, mem=20_000)],
+             30, 1000, 8000, hidden_bytes=2304)
+    assert "phone" not in [sp.workers[0] for sp in p.pipelines[0]], p.notes

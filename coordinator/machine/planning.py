@@ -54,15 +54,16 @@ class Planning:
             self.events.append({"t": now, "kind": "plan_failed", "reason": str(exc)})
             return []
         self.plan_error = None
-        self.plan_notes = dict(made.notes)
         for w in workers:
             w.planned_rtt_ms = w.rtt_ms
         if len(made.pipelines) == 1:
             self._prefer_held_blobs(made.pipelines[0])  # (a swap in one pipeline would leave the others' standbys behind)
         kept = self._keep_current_plan(made)
         if kept is not None:
+            self.plan_why = {**self.plan_why, **made.why}  # the same workers: why each is left out, as measured now
             self.events.append({"t": now, "kind": "plan_kept", "reason": kept})
             return []
+        self.plan_notes, self.plan_why = dict(made.notes), dict(made.why)
         out = self._forget_prefixes()
         old: dict[tuple, set] = {}  # range -> holders that have it loaded
         for s in self.stages:
@@ -151,6 +152,7 @@ class Planning:
                 if wid not in st.ready and not self._loading_range(self.workers[wid], key):
                     out += self._assign(self.workers[wid], st, now)
                 self.plan_notes[wid] = made.notes.get(wid, f"replica: pipeline {st.pipeline}")
+        self.plan_why = dict(made.why)
         self.plan_version += 1
         self.events.append({"t": now, "kind": "plan", "version": self.plan_version, "extended": True,
                             "stages": [s.to_dict() for s in self.stages], "pipelines": len(self._pipelines())})
@@ -299,6 +301,46 @@ class Planning:
             return None
         return f"same workers; predicted step {new_ms:.3g} ms against {now_ms:.3g} ms now: not {REPLAN_MIN_GAIN:.0%} faster"
 
+    def plan_role(self, w: Worker) -> str | None:
+        """A live worker's place in the plan as it runs now, or why it is off the critical path
+        (/status "plan"): a primary's pipeline and stage, else standby / loading / joining /
+        on probation / left out, with the planner's reason (planner.Plan.why) and any clamped
+        measurement (flagged)."""
+        if not w.alive:
+            return None
+        flag = self._trusted_costs(w)[2]
+        flagged = f"flagged: {flag}; " if flag else ""
+        if w.state in ("joining", "measuring"):
+            return "joining: its speed is being measured"
+        held = [st for st in self.stages if w.worker_id in st.holders]
+        loading = "" if all(w.worker_id in st.ready for st in held) else " (loading its layers)"
+        primary = [st for st in held if st.primary == w.worker_id and not st.retiring]
+        if primary:
+            pipes = self._pipelines()
+            return "; ".join(f"pipeline {st.pipeline}, stage {pipes[st.pipeline].index(st)}" for st in primary) + loading
+        why = self.plan_why.get(w.worker_id)
+        if any(st.primary == w.worker_id for st in held):
+            return f"{flagged}retiring: serves its sessions until the new plan's pipelines are ready"
+        if held:
+            ranges = ", ".join(sorted({f"{st.layer_start}-{st.layer_end - 1}" for st in held}))
+            note = self.plan_notes.get(w.worker_id, "")
+            why = why or (note.split(": ", 1)[1] if note.startswith("standby") and ": " in note else None)
+            return f"{flagged}standby for layers {ranges}{loading}: {why or 'a warm spare for its primary'}"
+        trial = self._trials.get(w.worker_id)
+        if trial is not None:
+            a, b = trial["range"]
+            return (f"{flagged}on probation: on trial over layers {a}-{b - 1} "
+                    f"({w.proven_steps} of {self.settings.probation_steps} steps proven{'' if trial['ready'] else ', loading'})")
+        if w.probation and not w.local:
+            return f"{flagged}on probation: waits for a trial (trusted workers hold the model)"
+        if w.local:
+            return "the coordinator's own compute: serves only while no tab can" + (f" ({why})" if why else "")
+        if why:
+            return f"{flagged}unused: {why}"
+        if self._deferred_replan or self._replan_at is not None:
+            return f"{flagged}waiting for the next plan" + (" (sessions run on the current one)" if self._deferred_replan else "")
+        return f"{flagged}unused: not in the plan"
+
     def unserved_reason(self) -> str | None:
         """Why the model cannot be served now, naming the resource that is short (None: it can)."""
         if self.stages and all(s.holders for s in self.stages):
@@ -337,7 +379,7 @@ class Planning:
     def _capacity(self, w: Worker) -> WorkerCapacity:
         cap = w.capacity()
         ms, rtt, flag = self._trusted_costs(w)
-        return WorkerCapacity(cap.worker_id, ms, cap.memory_bytes, cap.expansion, cap.local, rtt, flag)
+        return WorkerCapacity(cap.worker_id, ms, cap.memory_bytes, cap.expansion, cap.local, rtt, flag, w.transfer.bytes_per_ms)
 
     def _trusted_costs(self, w: Worker) -> tuple[float, float | None, str | None]:
         """(ms a layer, round trip ms, why they were clamped or None) as the planner may count on

@@ -125,6 +125,8 @@ class Scheduler:
                 return self.on_protocol_error(w.conn, ProtocolError("bad_field", "head stage must return topk_ids, one row per session", "topk_ids"), now)
             if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= self.config.vocab):
                 return self.on_protocol_error(w.conn, ProtocolError("bad_field", "topk_ids outside the vocabulary", "topk_ids"), now)
+        # bytes this step moved both ways, as sent: the hidden rows out, the rows or top-k back
+        moved = 4 * self.config.hidden * total + sum(m[k].nbytes for k in ("output", "topk_ids", "topk_logits") if m.get(k) is not None)
         w.steps += 1
         checks = self._maybe_spot_check(st, w, items, m, now) + self._maybe_trial(st, w, items, m, now)
         if w.probation and now <= st.inflight.deadline:
@@ -137,6 +139,8 @@ class Scheduler:
         if isinstance(compute, (int, float)) and 0 <= compute <= w.last_step_ms:
             hop = w.last_step_ms - compute
             w.transport_ms = hop if w.transport_ms is None else 0.9 * w.transport_ms + 0.1 * hop
+            if w.rtt_ms is not None and not w.local:
+                w.transfer.add(moved, hop - w.rtt_ms)
             if decode:
                 w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
         if decode:
