@@ -6,11 +6,13 @@
 // reads KV head h / (n_heads / n_kv). Scores are scaled by 1/sqrt(head_dim) (p.scale).
 //
 // Keys go in chunks of WG: each thread scores one key of the chunk into workgroup memory;
-// then the threads split into PARTS parts of LANES = HEAD_DIM / 4 threads, part j taking a
-// 1/PARTS slice of the chunk and lane l of it output dimensions 4l..4l+3 (V read as vec4),
-// with an online softmax (running max and sum, rescaled when the max grows). The walk over a
-// part's keys is the serial path (each step waits on a V load): vec4 lanes make parts 4x
-// more numerous and walks 4x shorter than a thread per dimension would. At the end the parts'
+// then the threads split into PARTS parts of LANES = HEAD_DIM / 4 threads, part j taking
+// keys j, j + PARTS, j + 2 PARTS... of the chunk and lane l of it output dimensions 4l..4l+3
+// (V read as vec4), with an online softmax (running max and sum, rescaled when the max grows).
+// The walk over a part's keys is the serial path (each step waits on a V load): vec4 lanes
+// make parts 4x more numerous than a thread per dimension would, and taking keys in turn
+// (not a contiguous 1/PARTS slice each) spreads a short context over all parts: at 20 keys
+// 20 parts walk one key each instead of one part walking 20. At the end the parts'
 // partial results fold pairwise in workgroup memory (half the parts at a time: the folding
 // buffer is half the size a one-shot combine would need, which keeps WG = 1024 inside
 // WebGPU's default 16 KiB of workgroup storage).
@@ -20,7 +22,6 @@ override WG: u32 = 256u;                // keys per chunk; at least HEAD_DIM / 4
 override HEAD_DIM: u32 = 64u;           // a multiple of 4
 override LANES: u32 = HEAD_DIM / 4u;
 override PARTS: u32 = WG / LANES;
-override KEYS_PER_PART: u32 = (WG + PARTS - 1u) / PARTS;
 
 struct Params {
   n_heads: u32,
@@ -81,18 +82,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     scores[t] = s;
     workgroupBarrier();
-    let lo = part * KEYS_PER_PART;
-    let hi = min(lo + KEYS_PER_PART, min(WG, n_keys - chunk_start));
-    if (part < PARTS && lo < hi) {
+    let count = min(WG, n_keys - chunk_start);
+    if (part < PARTS && part < count) {
       var chunk_max = NONE;
-      for (var j = lo; j < hi; j++) {
+      for (var j = part; j < count; j += PARTS) {
         chunk_max = max(chunk_max, scores[j]);
       }
       let new_max = max(run_max, chunk_max);
       let rescale = exp(run_max - new_max);
       run_sum *= rescale;
       acc *= rescale;
-      for (var j = lo; j < hi; j++) {
+      for (var j = part; j < count; j += PARTS) {
         let w = exp(scores[j] - new_max);
         run_sum += w;
         acc += w * v_cache[(first_key + chunk_start + j) * LANES + lane];
