@@ -17,7 +17,9 @@ A program is a list of ops, each one of:
   norm of weight N, or silu(gate) * up, folded into its input;
 * ``{"op": "by_rows", "fusable": expr?, "fused": [...], "plain": [...]}``: the fused ops for a
   decode batch of up to the backend's fuse limit rows (where it fuses, and where ``fusable``
-  is nonzero), else the plain ones.
+  is nonzero), else the plain ones;
+* ``{"op": "when", "if": expr, "then": [...], "else": [...]}``: the ``then`` ops where ``if``
+  is nonzero for this model, else the ``else`` ops (chosen once, when the ops are built).
 
 Expressions are strings (or numbers) over the names in ``names()``: integers and floats,
 + - * / // %, ==, unary -, and cdiv(a, b), min, max, sqrt. Strides of the scratch buffers
@@ -69,6 +71,10 @@ def _layer() -> list:
     silu = _kernel("silu_gate", 64, ["gate_up", "act"],
                    {"n": "ffn", "src_stride": "stride_gate_up", "gate_col": 0, "up_col": "ffn", "y_stride": "stride_act"},
                    ["cdiv(ffn, wg)", "rows"])
+    silu_hadamard = _kernel("silu_hadamard", 64, ["gate_up", "act"],
+                            {"src_stride": "stride_gate_up", "gate_col": 0, "up_col": "ffn", "y_stride": "stride_act",
+                             "scale": "1 / sqrt(ffn_hadamard)"},
+                            ["ffn // ffn_hadamard", "rows"], BLOCK="ffn_hadamard")
     return [
         {"op": "by_rows", "fused": [_linear("qkv", "h", "qkv", norm="attn_norm")],
          "plain": [_rmsnorm("h", "attn_norm"), _linear("qkv", "xn", "qkv")]},
@@ -77,10 +83,14 @@ def _layer() -> list:
         _linear("wo", "attn", "h", accumulate=True),
         {"op": "by_rows", "fused": [_linear("gate_up", "h", "gate_up", norm="ffn_norm")],
          "plain": [_rmsnorm("h", "ffn_norm"), _linear("gate_up", "xn", "gate_up")]},
-        # qmatvec_silu reads the up half as vec4
-        {"op": "by_rows", "fusable": "ffn % 4 == 0",
-         "fused": [_linear("w_down", "gate_up", "h", accumulate=True, silu_up_col="ffn")],
-         "plain": [silu, _linear("w_down", "act", "h", accumulate=True)]},
+        # a rotated FFN hidden space (tabshard/rotation.py): ffn_down reads the Walsh-Hadamard
+        # transform of the activation, fused with the SiLU gate that writes it
+        {"op": "when", "if": "ffn_hadamard",
+         "then": [silu_hadamard, _linear("w_down", "act", "h", accumulate=True)],
+         # qmatvec_silu reads the up half as vec4
+         "else": [{"op": "by_rows", "fusable": "ffn % 4 == 0",
+                   "fused": [_linear("w_down", "gate_up", "h", accumulate=True, silu_up_col="ffn")],
+                   "plain": [silu, _linear("w_down", "act", "h", accumulate=True)]}]},
     ]
 
 

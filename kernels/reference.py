@@ -87,6 +87,45 @@ def silu_gate(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
 
 
+# silu_hadamard.wgsl holds a block in workgroup memory: WebGPU's default limit is 16 KiB
+MAX_HADAMARD_BLOCK = 4096
+
+
+def check_hadamard_block(block: int, n: int) -> None:
+    """A rotated FFN's block size must be a power of two dividing n that the kernels can hold."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1) \
+            or n % block or block > MAX_HADAMARD_BLOCK:
+        raise ValueError(f"ffn_hadamard {block!r} must be a power of two from 2 to {MAX_HADAMARD_BLOCK} dividing ffn {n}")
+
+
+def hadamard(x: np.ndarray, block: int) -> np.ndarray:
+    """The normalized Walsh-Hadamard transform of each ``block`` consecutive entries of x's rows
+    (block a power of two dividing x.shape[-1]): x @ H_b / sqrt(b), block-diagonal over the
+    row. In-place butterflies, stage h pairs (i, i + h) for h = 1, 2, 4, ..., then one scale:
+    the order silu_hadamard.wgsl and pk_hadamard (kernels/c/packed_kernels.c) use."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[-1]
+    if block < 1 or block & (block - 1) or n % block:
+        raise ValueError(f"hadamard block {block} must be a power of two dividing {n}")
+    if block == 1:
+        return x.copy()
+    y = x.reshape(-1, n // block, block).copy()
+    h = 1
+    while h < block:
+        v = y.reshape(y.shape[0], y.shape[1], block // (2 * h), 2, h)
+        a, b = v[..., 0, :].copy(), v[..., 1, :]
+        v[..., 0, :] = a + b
+        v[..., 1, :] = a - b
+        h *= 2
+    return (y * np.float32(1.0 / np.sqrt(block))).astype(np.float32).reshape(x.shape)
+
+
+def silu_hadamard(gate: np.ndarray, up: np.ndarray, block: int) -> np.ndarray:
+    """silu_gate, then hadamard: the activation ffn_down reads in a model whose FFN hidden space
+    is rotated (tabshard/rotation.py's rotate_ffn)."""
+    return hadamard(silu_gate(gate, up), block)
+
+
 def kv_store(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> None:
     """Write one session's rows k, v f32[T, n_kv, hd] into its caches f32[n_kv, capacity, hd]
     at positions [start_pos, start_pos+T), in place."""

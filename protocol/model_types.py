@@ -27,6 +27,10 @@ class ModelConfig:
     context: int
     eos_id: int
     bos_id: int | None = None
+    # > 0: each FFN's hidden space is rotated (tabshard/rotation.py's rotate_ffn) and ffn_down
+    # reads the activation after a normalized Walsh-Hadamard transform of blocks of this size
+    # (kernels/silu_hadamard.wgsl and its twins); a .tsq's config carries it
+    ffn_hadamard: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

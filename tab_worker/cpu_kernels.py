@@ -148,7 +148,8 @@ def _load():
             lib.pk_best_isa.restype = I
             lib.pk_matmul_parts.argtypes = [I, P, I, P, Z, Z, P, Z, I, I]
             lib.pk_dequantize.argtypes = [I, P, P, Z, Z, I, I, I, Z, Z, P, Z]
-            for f in (lib.pk_matmul_parts, lib.pk_dequantize):
+            lib.pk_hadamard.argtypes = [P, I, I, I, I, ctypes.c_float]
+            for f in (lib.pk_matmul_parts, lib.pk_dequantize, lib.pk_hadamard):
                 f.restype = None
             _state["isa"] = lib.pk_best_isa()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -244,6 +245,23 @@ def dequantize_rows(t: QuantTensor, a: int, b: int, out: np.ndarray | None = Non
     lib.pk_dequantize(_state["isa"], q.ctypes.data, s.ctypes.data, t.n, t.k, t.spec.bits, t.spec.group,
                       int(t.spec.symmetric), a, b, out.ctypes.data, out.shape[1])
     return out[: b - a, : t.k]
+
+
+def hadamard(x: np.ndarray, block: int) -> np.ndarray:
+    """In place on f32 C-contiguous rows x [M, n]: each ``block`` entries' normalized
+    Walsh-Hadamard transform (kernels/reference.py's hadamard, the same bits), by the compiled
+    kernel, else by the numpy twin. Returns x."""
+    lib = _load()
+    n = x.shape[-1]
+    if block < 1 or block & (block - 1) or n % block:
+        raise ValueError(f"hadamard block {block} must be a power of two dividing {n}")
+    if lib is None or x.dtype != np.float32 or not x.flags.c_contiguous:
+        from kernels.reference import hadamard as twin
+
+        x[...] = twin(x, block)
+        return x
+    lib.pk_hadamard(x.ctypes.data, int(x.size // n), n, n, block, float(np.float32(1.0 / np.sqrt(block))))
+    return x
 
 
 class PackedMatrix:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import reference as ref
-from tab_worker.cpu_kernels import PackedMatrix, check_threads, default_threads
+from tab_worker.cpu_kernels import PackedMatrix, check_threads, default_threads, hadamard
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
@@ -61,6 +61,8 @@ class NumpyBackend:
         tab re-planned onto a neighbouring range keeps the layers it had).
         A tensor in a format the kernels cannot read raises UnsupportedFormat naming it."""
         self.config = config
+        if config.ffn_hadamard:
+            ref.check_hadamard_block(config.ffn_hadamard, config.ffn)
         self.threads = default_threads() if threads is None else check_threads(threads)
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
@@ -154,7 +156,10 @@ class NumpyBackend:
             layer.wo.apply(attn.reshape(x.shape[0], -1), out=x, threads=self.threads)  # the residual add, in place
             h = ref.rmsnorm(x, layer.ffn_norm, c.rms_eps)
             gate_up = layer.w_gate_up.apply(h, threads=self.threads)
-            layer.w_down.apply(ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :]), out=x, threads=self.threads)
+            act = ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :])
+            if c.ffn_hadamard:  # ffn_down's input side was rotated offline (tabshard/rotation.py)
+                hadamard(act, c.ffn_hadamard)
+            layer.w_down.apply(act, out=x, threads=self.threads)
         for sl, cache in zip(slices, caches):
             # a replay (start_pos < length) truncates whatever came after it
             cache.length = sl.start_pos + sl.length

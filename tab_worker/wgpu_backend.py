@@ -115,6 +115,10 @@ class WgpuBackend:
         None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
         matvecs' shapes (kernels.runner.MatmulTuning; default: by device)."""
         self.config = c = config
+        if c.ffn_hadamard:  # silu_hadamard.wgsl holds a block in workgroup memory
+            from kernels.reference import check_hadamard_block
+
+            check_hadamard_block(c.ffn_hadamard, c.ffn)
         self.layer_ids = sorted(layers)
         if self.layer_ids and self.layer_ids != list(range(self.layer_ids[0], self.layer_ids[-1] + 1)):
             raise ValueError(f"layers must be a contiguous range, got {self.layer_ids}")
@@ -316,6 +320,8 @@ class WgpuBackend:
                 if not fuse_rows or not LP.evaluate(op.get("fusable", 1), env):
                     return plain
                 return [KL.ByRows(fuse_rows, [launcher for o in op["fused"] for launcher in build(o)], plain)]
+            if kind == "when":
+                return [launcher for o in op["then" if LP.evaluate(op["if"], env) else "else"] for launcher in build(o)]
             raise ValueError(f"layer program: unknown op {kind!r}")
 
         return [launcher for op in program for launcher in build(op)]

@@ -14,7 +14,9 @@ tokens collects X^T X at each linear layer's input (GPTQ's Hessian; its diagonal
 importance matrix); every (tensor, method, format) is then quantized independently and cached,
 so any mixed plan is assembled without re-running anything. ``assemble(plan, sequential=True)``
 re-runs GPTQ for the chosen plan layer after layer on the quantized layers' outputs.
-``Calibrator(rotation=seed)`` does all of it in a rotated residual basis (tabshard/rotation.py).
+``Calibrator(rotation=seed)`` does all of it in a rotated residual basis (tabshard/rotation.py);
+``ffn_rotation=seed`` also rotates each FFN's hidden space (a Walsh-Hadamard transform the
+runtime applies before ffn_down: rotation.rotate_ffn), alone or with the residual rotation.
 
 Sensitivity and mixed precision: a tensor's cost is estimated as alpha * proxy, where the proxy
 is its relative output error, tr(dW H dW^T) / tr(W H W^T), on the activations of calibration-
@@ -39,7 +41,7 @@ from protocol.model_types import LayerWeights, ModelWeights
 from tabshard import sequential_gptq
 from tabshard.dense_model import (EMBEDDING, HEAD, LINEAR_TYPES, SOURCE, TAP_OF, TAPS, TYPE_OF, WINDOW, DenseLayer,
                                   DenseModel, hessians, parse_choice, tensor_names, windows)
-from tabshard.rotation import rotate_dense
+from tabshard.rotation import rotate_dense, rotate_ffn
 
 
 def limit_blas_threads(n: int) -> bool:
@@ -78,10 +80,14 @@ class Calibrator:
 
     ``rotation`` (a seed) works in a rotated residual basis (tabshard/rotation.py): norms folded
     and set to one, the head untied (tensor ``output``, quantized like the embedding unless the
-    plan names it). Its ``source`` is ``ROTATED_SOURCE``: no packed source exists there."""
+    plan names it). Its ``source`` is ``ROTATED_SOURCE``: no packed source exists there.
+    ``ffn_rotation`` (a seed) rotates each FFN's hidden space (rotation.rotate_ffn): ffn_up and
+    ffn_down change, so their ``source`` is ``ROTATED_SOURCE`` too; the config the assembled
+    weights carry says ffn_hadamard, which every runtime applies."""
 
     def __init__(self, weights: ModelWeights, calib_ids, window: int = WINDOW, cache_dir: str | None = None,
-                 rotation: int | None = None, damp: float | None = None, act_order: bool = True):
+                 rotation: int | None = None, damp: float | None = None, act_order: bool = True,
+                 ffn_rotation: int | None = None):
         from kernels.quantizers import GPTQHessian
 
         self.source = weights
@@ -90,9 +96,13 @@ class Calibrator:
         # None: GPTQ's damping by code width (kernels/quantizers.DAMP_BY_BITS)
         self.damp, self.act_order = damp, act_order
         self.window = window
+        self.ffn_rotation = ffn_rotation
         self.dense = DenseModel(weights)
         if rotation is not None:
             self.dense = rotate_dense(self.dense, rotation)
+        if ffn_rotation is not None:
+            self.dense = rotate_ffn(self.dense, ffn_rotation)
+        self.config = self.dense.config  # ffn_hadamard set when the FFNs are rotated
         self.calib_ids = list(calib_ids)
         self._prepared: dict = {}
         self._GPTQHessian = GPTQHessian
@@ -111,6 +121,8 @@ class Calibrator:
             for lw in weights.layers[:2]:
                 key.update(lw.wq.qweight.tobytes())
             key.update(repr((rotation, window)).encode())
+            if ffn_rotation is not None:
+                key.update(repr(("ffn", ffn_rotation, self.config.ffn_hadamard)).encode())
             # the Hessians depend on the text, model and basis; the quantized tensors also on
             # the quantizers' settings, so those live one folder down
             self.hessian_dir = os.path.join(cache_dir, key.hexdigest()[:16])
@@ -140,6 +152,10 @@ class Calibrator:
     def rotated(self) -> bool:
         return self.rotation is not None
 
+    def ffn_rotated(self, name: str) -> bool:
+        """Whether a tensor's source changed under the FFN rotation (ffn_up, ffn_down)."""
+        return self.ffn_rotation is not None and name.endswith((".ffn_up", ".ffn_down"))
+
     def tensor_names(self) -> list[str]:
         return tensor_names(self.config.n_layers) + ([HEAD] if self.rotated else [])
 
@@ -147,10 +163,10 @@ class Calibrator:
         """The plan's choice for a tensor: the rotated head follows the embedding unless named;
         'source' in a rotated basis is its 8-bit stand-in."""
         c = plan.get(name, plan.get(EMBEDDING, SOURCE) if name == HEAD else SOURCE)
-        return ROTATED_SOURCE if (c == SOURCE and self.rotated) else c
+        return ROTATED_SOURCE if (c == SOURCE and (self.rotated or self.ffn_rotated(name))) else c
 
     def source_tensor(self, name: str):
-        if self.rotated:
+        if self.rotated or self.ffn_rotated(name):
             return self.quantized(name, ROTATED_SOURCE)
         if name == EMBEDDING:
             return self.source.embedding
@@ -211,7 +227,7 @@ class Calibrator:
         if name == HEAD and method == "gptq":
             method = "clip"  # the head's 49k rows: importance-weighted clip, GPTQ's gain is small there
         # a finer source's block grids as scale candidates (Q4_1 blocks inside an a4g64 group)
-        grid = [] if self.rotated or name == HEAD else Q.source_grid(self.source_tensor(name), spec)
+        grid = [] if self.rotated or name == HEAD or self.ffn_rotated(name) else Q.source_grid(self.source_tensor(name), spec)
         if method == "gptq":
             return Q.gptq_refined(w, hessian if hessian is not None else self._prepared_hessian(name, spec.bits), spec, extra=grid)
         if method == "clip":  # importance-weighted (diag of the Hessian)
@@ -376,7 +392,8 @@ class Calibrator:
         keep = not self.rotated  # a rotated model's 'source' is 8-bit: dequantize it too
         layers = []
         for i, (lw, src) in enumerate(zip(w.layers, self.dense.layers)):
-            mats = {attr: (src.mats[attr] if keep and plan.get(f"blk.{i}.{t}", SOURCE) == SOURCE else dequantize(getattr(lw, attr)))
+            mats = {attr: (src.mats[attr] if keep and plan.get(f"blk.{i}.{t}", SOURCE) == SOURCE
+                           and not self.ffn_rotated(f"blk.{i}.{t}") else dequantize(getattr(lw, attr)))
                     for attr, t in TYPE_OF.items()}
             layers.append(DenseLayer(src.attn_norm, src.ffn_norm, mats))
         emb = self.dense.embedding if keep and plan.get(EMBEDDING, SOURCE) == SOURCE else dequantize(w.embedding)
@@ -393,7 +410,7 @@ class Calibrator:
         held out from the Hessians) when that type alone is quantized with ``probe`` and
         everything else is source. Returns {type: (delta_nll, sum of the type's proxies under
         the probe)}."""
-        base, count = (self.dense_of({}) if self.rotated else self.dense).nll(windows(ids))
+        base, count = (self.dense_of({}) if self.rotated or self.ffn_rotation is not None else self.dense).nll(windows(ids))
         out = {}
         for t in types:
             choice = embedding_probe if t == EMBEDDING else probe

@@ -1,7 +1,7 @@
 """`tabshard quantize` and `tabshard quant-report`: requantize a model below its source precision.
 
 Schemes (the report's rows, and ``quantize --scheme``) are written
-``LINEARS[+rot[=SEED]][+seq][+emb=CHOICE][+fmt=A/B/...]``:
+``LINEARS[+rot[=SEED]][+had[=SEED]][+seq][+emb=CHOICE][+fmt=A/B/...]``:
 
 ``source``                 the model as loaded (SmolLM2: Q4_1 linears, Q8_0 embedding)
 ``METHOD:SPEC``            every linear matrix with one quantizer and format, e.g. ``gptq:s3g32``
@@ -11,6 +11,9 @@ Schemes (the report's rows, and ``quantize --scheme``) are written
                            scored on calibration-domain text held out from the Hessians
 ``+rot``                   quantize in a rotated residual basis (tabshard/rotation.py; seed 22
                            unless ``+rot=SEED``): folded into the weights, the same kernels run it
+``+had``                   rotate each FFN's hidden space (random signs and a block Walsh-Hadamard,
+                           seed 22 unless ``+had=SEED``): the runtime transforms the activation
+                           before ffn_down (config.ffn_hadamard); with or without ``+rot``
 ``+seq``                   sequential GPTQ: each layer calibrated on the quantized layers' outputs
 ``+emb=CHOICE``            the embedding/LM head too, e.g. ``+emb=clip:s4g32``
 ``+fmt=A/B/...``           the GPTQ formats (and ``source``) a mixed@B chooses among, e.g.
@@ -66,6 +69,12 @@ class Scheme(NamedTuple):
     rotation: int | None = None
     sequential: bool = False
     formats: tuple | None = None  # what a mixed@B chooses among (None: the default set)
+    ffn_rotation: int | None = None  # +had: the FFN rotation's seed
+
+    @property
+    def basis(self) -> tuple:
+        """What a Calibrator is built for: (residual rotation seed, FFN rotation seed)."""
+        return self.rotation, self.ffn_rotation
 
 
 def parse_scheme(scheme: str) -> Scheme:
@@ -73,7 +82,7 @@ def parse_scheme(scheme: str) -> Scheme:
     from tabshard.calibration import SOURCE, parse_choice
 
     linears, *opts = scheme.split("+")
-    emb, rotation, sequential, formats = SOURCE, None, False, None
+    emb, rotation, sequential, formats, ffn_rotation = SOURCE, None, False, None, None
     for o in opts:
         if o.startswith("emb="):
             emb = o[4:]
@@ -84,10 +93,15 @@ def parse_scheme(scheme: str) -> Scheme:
                 rotation = int(o[4:]) if "=" in o else ROTATION_SEED
             except ValueError:
                 raise TabshardError(f"bad scheme {scheme!r}: rotation seed must be an integer") from None
+        elif o == "had" or o.startswith("had="):
+            try:
+                ffn_rotation = int(o[4:]) if "=" in o else ROTATION_SEED
+            except ValueError:
+                raise TabshardError(f"bad scheme {scheme!r}: FFN rotation seed must be an integer") from None
         elif o == "seq":
             sequential = True
         else:
-            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, seq, emb=CHOICE "
+            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, had, had=SEED, seq, emb=CHOICE "
                                 f"or (mixed) fmt=A/B/..., got {o!r}")
     try:
         for c in ([] if linears.startswith("mixed@") else [linears]) + [emb] + list(formats or ()):
@@ -99,7 +113,7 @@ def parse_scheme(scheme: str) -> Scheme:
         raise TabshardError(f"bad scheme {scheme!r}: {exc}") from None
     if sequential and (linears == SOURCE or (not linears.startswith("mixed@") and parse_choice(linears)[0] != "gptq")):
         raise TabshardError(f"bad scheme {scheme!r}: +seq is sequential GPTQ; the linears here are not GPTQ")
-    return Scheme(linears, emb, rotation, sequential, formats)
+    return Scheme(linears, emb, rotation, sequential, formats, ffn_rotation)
 
 
 def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
@@ -128,6 +142,7 @@ def needed_choices(cal, scheme: Scheme, formats=None) -> set:
         pairs |= {(n, scheme.linears) for n in linears}
     if cal.rotated:
         pairs |= {(n, C.ROTATED_SOURCE) for n in cal.tensor_names()}
+    pairs |= {(n, C.ROTATED_SOURCE) for n in cal.tensor_names() if cal.ffn_rotated(n)}
     if scheme.embedding != C.SOURCE:
         pairs |= {(n, scheme.embedding) for n in (C.EMBEDDING, C.HEAD) if n in cal.tensor_names()}
     return {(n, c) for n, c in pairs if c != C.SOURCE}
@@ -149,29 +164,32 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
     cals: dict = {}
     costs: dict = {}
 
-    def calibrator(rotation):
-        if rotation not in cals:
+    def calibrator(basis):
+        if basis not in cals:
             t0 = time.perf_counter()
-            cals[rotation] = C.Calibrator(source, calib_ids, window=window, cache_dir=cache_dir, rotation=rotation)
-            log(f"calibration{'' if rotation is None else f' (rotation seed {rotation})'}: {len(calib_ids)} tokens, "
+            rotation, ffn_rotation = basis
+            cals[basis] = C.Calibrator(source, calib_ids, window=window, cache_dir=cache_dir, rotation=rotation,
+                                       ffn_rotation=ffn_rotation)
+            log(f"calibration{'' if rotation is None else f' (rotation seed {rotation})'}"
+                f"{'' if ffn_rotation is None else f' (FFN rotation seed {ffn_rotation})'}: {len(calib_ids)} tokens, "
                 f"Hessians in {time.perf_counter() - t0:.1f}s")
-        return cals[rotation]
+        return cals[basis]
 
     if workers > 1 and cache_dir:
         t0 = time.perf_counter()
-        for rotation in dict.fromkeys(parse_scheme(s).rotation for s in schemes):
-            cal = calibrator(rotation)
+        for basis in dict.fromkeys(parse_scheme(s).basis for s in schemes):
+            cal = calibrator(basis)
             cal.quantize_many(set().union(*(needed_choices(cal, parse_scheme(s), mixed_formats) for s in schemes
-                                            if parse_scheme(s).rotation == rotation)), workers)
+                                            if parse_scheme(s).basis == basis)), workers)
         log(f"quantized in {workers} processes in {time.perf_counter() - t0:.1f}s")
     src_dense = C.DenseModel(source)
     targets = [src_dense.greedy(p, gen_tokens) for p in prompt_ids]
     rows = []
     for text in schemes:
         scheme = parse_scheme(text)
-        cal = calibrator(scheme.rotation)
+        cal = calibrator(scheme.basis)
 
-        def alphas(cal=cal, rotation=scheme.rotation, formats=scheme.formats or mixed_formats or M.MIXED_FORMATS):
+        def alphas(cal=cal, rotation=scheme.basis, formats=scheme.formats or mixed_formats or M.MIXED_FORMATS):
             probes = M.probes_for(formats)
             have = costs.get(rotation)
             if have is None or not set(probes) <= set(have.probes):
@@ -407,11 +425,12 @@ def cmd_quantize(a) -> int:
         raise TabshardError(f"--out must end in .tsq, got {a.out!r}")
     scheme = parse_scheme(a.scheme) if a.scheme else None
     rotation = scheme.rotation if scheme else (a.rotate if a.rotate is not None else None)
+    ffn_rotation = scheme.ffn_rotation if scheme else None
     sequential = scheme.sequential if scheme else a.sequential
     model, tok, weights = _load(a)
     mixed = _mixed_text(a, tok)
     t0 = time.perf_counter()
-    cal = C.Calibrator(weights, mixed.calib_ids, cache_dir=a.cache, rotation=rotation)
+    cal = C.Calibrator(weights, mixed.calib_ids, cache_dir=a.cache, rotation=rotation, ffn_rotation=ffn_rotation)
     emb = a.embedding
     report: dict = {"calibration_tokens": len(mixed.calib_ids), "calibration": mixed.describe(),
                     "sequential": bool(sequential)}
@@ -441,7 +460,7 @@ def cmd_quantize(a) -> int:
     plan = {n: cal._choice(plan, n) + ("+seq" if sequential and n.startswith("blk.") and "gptq" in cal._choice(plan, n) else "")
             for n in cal.tensor_names()}
     report.update(bits_per_weight=C.linear_bits_per_weight(w), bytes=C.model_bytes(w), seconds=time.perf_counter() - t0)
-    rot = None if rotation is None else qmodel.Rotation(seed=rotation, hidden=weights.config.hidden)
+    rot = None if rotation is None and ffn_rotation is None else qmodel.Rotation.of(rotation, cal.config, ffn_rotation)
     size = qmodel.write(a.out, w, qmodel.source_fields(model), plan, report, rotation=rot)
     from collections import Counter
 

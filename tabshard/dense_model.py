@@ -75,6 +75,8 @@ class DenseModel:
         if tap:
             tap(li, "ffn_in", h)
         g = ref.silu_gate(h @ L.mats["w_gate"].T, h @ L.mats["w_up"].T)
+        if c.ffn_hadamard:  # a rotated FFN hidden space (tabshard/rotation.py): as the runtime does
+            g = ref.hadamard(g, c.ffn_hadamard)
         if tap:
             tap(li, "down_in", g)
         return x + g @ L.mats["w_down"].T

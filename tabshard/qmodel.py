@@ -15,11 +15,16 @@ The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin,
 ``tensors``  JSON ``{name: {"spec": "s3g32", "n": rows, "k": inputs}}`` for every packed matrix
 ``plan``     JSON ``{tensor: choice}`` as chosen (e.g. ``"gptq:s3g32"`` or ``"source"``)
 ``report``   JSON of what the quantizer measured (optional, free-form)
-``rotation`` JSON ``{"kind": "residual", "seed": S, "hidden": d, "folded": true}`` when the
-             weights were quantized in a rotated residual basis (tabshard/rotation.py): the
-             seed rebuilds Q. Folded into the weights, so a runtime needs nothing from it; a
-             rotation a runtime had to apply would say ``"folded": false``, and a reader that
-             cannot apply it must refuse the file (this one refuses any unfolded rotation).
+``rotation`` JSON ``{"kind": "residual", "seed": S, "hidden": d, "folded": true, ...}`` when the
+             weights were quantized in a rotated basis (tabshard/rotation.py). ``residual``:
+             the seed rebuilds Q, folded into the weights, so a runtime needs nothing from it.
+             ``ffn`` (kind ``"ffn"`` or ``"residual+ffn"``): each FFN's hidden space rotated
+             with ``ffn_seed``'s signs (folded into ffn_up) and a block Walsh-Hadamard of
+             ``ffn_block`` whose transpose is folded into the input side of the tensors in
+             ``ffn_tensors`` (every ``blk.{i}.ffn_down``); the runtime applies the transform
+             itself, told by the config's ``ffn_hadamard`` (= ffn_block), which the reader
+             checks against this record. A rotation a runtime had to apply and that no
+             config field names would say ``"folded": false``: this reader refuses it.
 
 Packed matrices (kernels/quant.py's layout, unchanged) are two U32 tensors each,
 ``{name}.qweight`` [n, words] and ``{name}.scales`` [n, scale_words]; names are the GGUF's without
@@ -52,10 +57,25 @@ _DTYPES = {"U32": np.uint32, "F32": np.float32}
 class Rotation:
     """How a .tsq's weights were rotated before quantization."""
 
-    seed: int
+    seed: int | None  # the residual rotation's (None: the residual basis is the source's)
     hidden: int
     kind: str = "residual"
     folded: bool = True
+    ffn_seed: int | None = None
+    ffn_block: int | None = None
+    ffn_tensors: tuple = ()
+
+    @staticmethod
+    def of(seed: int | None, config: ModelConfig, ffn_seed: int | None = None) -> "Rotation":
+        """The record of a residual rotation (seed) and/or an FFN rotation (ffn_seed, whose block
+        is config.ffn_hadamard) of a model of this config."""
+        kind = "+".join(k for k, on in (("residual", seed is not None), ("ffn", ffn_seed is not None)) if on)
+        if not kind:
+            raise ValueError("a rotation needs a residual seed, an FFN seed or both")
+        ffn = ffn_seed is not None
+        return Rotation(seed=seed, hidden=config.hidden, kind=kind, ffn_seed=ffn_seed,
+                        ffn_block=config.ffn_hadamard if ffn else None,
+                        ffn_tensors=tuple(f"blk.{i}.ffn_down" for i in range(config.n_layers)) if ffn else ())
 
 
 def source_fields(model) -> dict:
@@ -144,15 +164,36 @@ class QuantizedModel:
             self.plan = json.loads(meta.get("plan", "{}"))
             self.report = json.loads(meta.get("report", "{}"))
             rot = json.loads(meta["rotation"]) if "rotation" in meta else None
-            self.rotation = None if rot is None else Rotation(**rot)
+            self.rotation = None if rot is None else Rotation(**{**rot, "ffn_tensors": tuple(rot.get("ffn_tensors", ()))})
             if self.rotation is not None and not self.rotation.folded:
                 raise ModelError(f"{self.path.name} needs a run-time rotation ({self.rotation.kind}), which this tabshard does not apply")
+            self._check_ffn_rotation()
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=8 + n)
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"{self.path.name} is not a readable .tsq file ({type(exc).__name__}: {exc})") from None
         self._header = header
+
+    def _check_ffn_rotation(self) -> None:
+        """The config's ffn_hadamard (what runtimes apply) must be what the rotation record says
+        was folded, on every layer's ffn_down, in a block the kernels can run."""
+        from kernels.reference import check_hadamard_block
+
+        c, r = self.config, self.rotation
+        block = (r.ffn_block or 0) if r is not None else 0
+        if c.ffn_hadamard != block:
+            raise ModelError(f"{self.path.name}: config ffn_hadamard {c.ffn_hadamard} disagrees with the rotation record's "
+                             f"FFN block {block or None}")
+        if not block:
+            return
+        try:
+            check_hadamard_block(block, c.ffn)
+        except ValueError as exc:
+            raise ModelError(f"{self.path.name}: {exc}") from None
+        want = [f"blk.{i}.ffn_down" for i in range(c.n_layers)]
+        if list(r.ffn_tensors) != want:
+            raise ModelError(f"{self.path.name}: the FFN rotation must cover every layer's ffn_down, not {list(r.ffn_tensors)[:4]}...")
 
     def field(self, key: str, default=None):
         return self.fields.get(key, default)

@@ -64,6 +64,8 @@ def run(cal, plan: dict) -> tuple[dict, float]:
         hs = [ref.rmsnorm(x, src.ffn_norm, c.rms_eps) for x in xs]
         quantize_group(("w_gate", "w_up"), hs)
         gs = [ref.silu_gate(h @ mats["w_gate"].T, h @ mats["w_up"].T) for h in hs]
+        if c.ffn_hadamard:  # ffn_down reads the rotated activation (tabshard/rotation.py)
+            gs = [ref.hadamard(g, c.ffn_hadamard) for g in gs]
         quantize_group(("w_down",), gs)
         xs = [x + g @ mats["w_down"].T for x, g in zip(xs, gs)]
     return out, time.perf_counter() - t0

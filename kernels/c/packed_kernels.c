@@ -479,6 +479,31 @@ T_AVX512 static void matmul_avx512(const Mat *w, const float *x, size_t m, size_
 }
 #endif  // x86
 
+// ------------------------------------------------------------------ Walsh-Hadamard (both builds)
+// In place on rows r < m of x (ldx floats apart, n used): each `block` consecutive entries
+// (block a power of two dividing n) become their normalized Walsh-Hadamard transform,
+// x_blk @ H_block * scale (scale = 1 / sqrt(block), passed in so every side rounds it alike).
+// The activation ffn_down reads in a model whose FFN hidden space is rotated
+// (tabshard/rotation.py). Butterfly stages pair (i, i + h) for h = 1, 2, 4, ..., then one
+// multiply: the order of the numpy twin and of silu_hadamard.wgsl, so all three agree bit for
+// bit (adds, subtracts and one multiply: nothing here for a fused multiply-add to change).
+EXPORT("pk_hadamard")
+void pk_hadamard(float *x, int m, int n, int ldx, int block, float scale) {
+  for (int r = 0; r < m; r++) {
+    for (int base = 0; base + block <= n; base += block) {
+      float *v = x + (size_t)r * ldx + base;
+      for (int h = 1; h < block; h <<= 1)
+        for (int i0 = 0; i0 < block; i0 += 2 * h)
+          for (int i = i0; i < i0 + h; i++) {
+            const float a = v[i], b = v[i + h];
+            v[i] = a + b;
+            v[i + h] = a - b;
+          }
+      for (int i = 0; i < block; i++) v[i] *= scale;
+    }
+  }
+}
+
 // ------------------------------------------------------------------ native entry points
 #if !defined(__wasm__)
 

@@ -63,8 +63,24 @@ function padRows(x, rows, k, blocks, xp, xsum) {
 }
 
 // ------------------------------------------------------------------ plain JS engine
+// In place on rows of n floats: each `block` entries' normalized Walsh-Hadamard transform (the
+// numpy twin kernels/reference.py:hadamard, butterflies (i, i + h) for h = 1, 2, 4, ..., then one
+// scale): a rotated FFN's activation before ffn_down (config.ffn_hadamard).
+export function hadamard(x, rows, n, block) {
+  const scale = Math.fround(1 / Math.sqrt(block));
+  for (let base = 0; base < rows * n; base += block) {
+    for (let h = 1; h < block; h <<= 1) {
+      for (let i0 = base; i0 < base + block; i0 += 2 * h) {
+        for (let i = i0; i < i0 + h; i++) { const a = x[i], b = x[i + h]; x[i] = a + b; x[i + h] = a - b; }
+      }
+    }
+    for (let i = base; i < base + block; i++) x[i] *= scale;
+  }
+}
+
 export class JsEngine {
   constructor() { this.name = "js"; }
+  hadamard(x, rows, n, block) { hadamard(x, rows, n, block); }
   upload(t) { return { spec: t.spec, n: t.n, k: t.k, q: t.q, sm: decodeScales(t), bytes: t.q.byteLength + t.s.byteLength }; }
   matvec(h, x, rows, y, yStride, yCol, accumulate) {
     const { bits, group } = h.spec, k = h.k, n = h.n;
@@ -151,6 +167,14 @@ export class WasmEngine {
 
   upload(t) {
     return { spec: t.spec, n: t.n, k: t.k, qPtr: this.put(t.q), sPtr: this.put(t.s), bytes: t.q.byteLength + t.s.byteLength };
+  }
+
+  // pk_hadamard of packed_kernels.c on a copy of x in the module's memory
+  hadamard(x, rows, n, block) {
+    const ptr = this._scratch(rows * n * 4), view = new Float32Array(this.memory.buffer, ptr, rows * n);
+    view.set(x.subarray(0, rows * n));
+    this.k.pk_hadamard(ptr, rows, n, n, block, Math.fround(1 / Math.sqrt(block)));
+    x.set(new Float32Array(this.memory.buffer, ptr, rows * n));
   }
 
   _scratch(bytes) {
@@ -347,6 +371,7 @@ export class CpuBackend {
           act[r * c.ffn + i] = (g / (1 + Math.exp(-g))) * u;
         }
       }
+      if (c.ffn_hadamard) e.hadamard(act, total, c.ffn, c.ffn_hadamard);  // ffn_down's input side was rotated offline
       e.matvec(L.w_down, act, total, x, H, 0, true);
     }
     slices.forEach((s, i) => { caches[i].length = s.start_pos + s.length; });

@@ -92,7 +92,8 @@ export class WebGpuBackend {
             const ql = new QuantLinear(dev, m, null, 0, null, 0, 0, false, op.norm ? { norm: [null, 0] } : op.silu_up_col !== undefined ? { siluUpCol: 4 } : {});
             for (const r of rows) list.push(...ql.pipelinesFor(r));
           }
-        } else if (op.op !== "by_rows") throw new Error(`layer program: unknown op ${op.op}`);
+        } else if (op.op === "when") walk(evaluate(op.if, env) ? op.then : op.else, w, rows);
+        else if (op.op !== "by_rows") throw new Error(`layer program: unknown op ${op.op}`);
         else if (fuse && evaluate(op.fusable ?? 1, env)) { walk(op.fused, w, [1]); walk(op.plain, w, [8]); }
         else walk(op.plain, w, [1, 8]);
       }
@@ -253,6 +254,7 @@ export class WebGpuBackend {
         if (!this.fuseMaxRows || !evaluate(op.fusable ?? 1, env)) return plain;
         return [new ByRows(this.fuseMaxRows, op.fused.flatMap(build), plain)];
       }
+      if (op.op === "when") return (evaluate(op.if, env) ? op.then : op.else).flatMap(build);
       throw new Error(`layer program: unknown op ${op.op}`);
     };
     return program.flatMap(build);
