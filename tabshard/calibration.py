@@ -121,14 +121,19 @@ class Calibrator:
             for lw in weights.layers[:2]:
                 key.update(lw.wq.qweight.tobytes())
             key.update(repr((rotation, window)).encode())
-            if ffn_rotation is not None:
-                key.update(repr(("ffn", ffn_rotation, self.config.ffn_hadamard)).encode())
             # the Hessians depend on the text, model and basis; the quantized tensors also on
             # the quantizers' settings, so those live one folder down
+            settings = "q-" + hashlib.sha256(repr((damp, Q.DAMP, sorted(Q.DAMP_BY_BITS.items()), act_order,
+                                                   Q.VERSION)).encode()).hexdigest()[:12]
             self.hessian_dir = os.path.join(cache_dir, key.hexdigest()[:16])
-            settings = repr((damp, Q.DAMP, sorted(Q.DAMP_BY_BITS.items()), act_order, Q.VERSION)).encode()
-            self.cache_dir = os.path.join(self.hessian_dir, "q-" + hashlib.sha256(settings).hexdigest()[:12])
+            # the FFN rotation changes ffn_up and ffn_down (and ffn_down's Hessian) only: every
+            # other tensor is the same as in the basis without it, and is shared with it on disk
+            self.shared_cache_dir = os.path.join(self.hessian_dir, settings)
+            if ffn_rotation is not None:
+                self.hessian_dir += f"-ffn{ffn_rotation}-{self.config.ffn_hadamard}"
+            self.cache_dir = os.path.join(self.hessian_dir, settings)
             os.makedirs(self.cache_dir, exist_ok=True)
+            os.makedirs(self.shared_cache_dir, exist_ok=True)
         self.hessians, self.head_hessian = self._hessians()
 
     def _hessians(self):
@@ -283,7 +288,10 @@ class Calibrator:
     def _disk_path(self, name: str, choice: str):
         import os
 
-        return None if not self.cache_dir else os.path.join(self.cache_dir, f"{name}__{choice.replace(':', '_')}.npz")
+        if not self.cache_dir:
+            return None
+        folder = self.cache_dir if self.ffn_rotation is None or self.ffn_rotated(name) else self.shared_cache_dir
+        return os.path.join(folder, f"{name}__{choice.replace(':', '_')}.npz")
 
     def _disk_load(self, name, choice, spec):
         from kernels.quant import QuantTensor

@@ -188,3 +188,17 @@ def test_tab_cpu_engines_apply_the_rotation(weights, tmp_path):
     assert [e["engine"] for e in results] == ["wasm", "js"]
     for e in results:
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-4, rtol=1e-4, err_msg=e["engine"])
+
+
+def test_ffn_rotation_shares_the_unchanged_tensors_cache(weights, ids, tmp_path):
+    """Only ffn_up and ffn_down change under the FFN rotation: the others are quantized once,
+    on disk, for the basis with and without it."""
+    base = C.Calibrator(weights, ids[-256:], window=128, cache_dir=str(tmp_path))
+    had = C.Calibrator(weights, ids[-256:], window=128, cache_dir=str(tmp_path), ffn_rotation=4)
+    assert had.shared_cache_dir == base.cache_dir != had.cache_dir
+    t = base.quantized("blk.1.attn_q", "gptq:s3g64")
+    np.testing.assert_array_equal(had._disk_load("blk.1.attn_q", "gptq:s3g64", t.spec)[0].qweight, t.qweight)
+    assert had._disk_load("blk.1.ffn_down", "gptq:s3g64", t.spec) is None
+    down = had.quantized("blk.1.ffn_down", "gptq:s3g64")
+    assert base._disk_load("blk.1.ffn_down", "gptq:s3g64", t.spec) is None
+    assert not np.array_equal(down.qweight, base.quantized("blk.1.ffn_down", "gptq:s3g64").qweight)
