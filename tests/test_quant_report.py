@@ -207,6 +207,10 @@ def test_7b_shape_fits_8_tabs_of_1_gib_at_3_bits_per_weight():
     emb4 = nbytes(QuantSpec.parse("s4g32"), c.vocab, c.hidden)
     packed = _pack([layer_bytes[0] + emb4] + layer_bytes[1:], emb4 + 4 * c.hidden, [1 << 30] * 8)
     assert packed is not None and max(packed[1]) <= 1 << 30
+    # the FFN rotation (+had) adds no bytes (its signs fold into ffn_up); 11008 = 43 x 256
+    from tabshard.rotation import ffn_block
+
+    assert ffn_block(c.ffn) == 256
 
 
 def test_rows_become_history_figures():
