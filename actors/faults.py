@@ -3,6 +3,7 @@ worker's public hooks (tab_worker/worker.py: result_filters, compute_delay): the
 knows nothing of them."""
 from __future__ import annotations
 
+import time
 import weakref
 
 import numpy as np
@@ -44,8 +45,11 @@ def lying(worker) -> float:
     return liar.factor if liar is not None else 0.0
 
 
-def slow_down(worker, factor: float) -> None:
+def slow_down(worker, factor: float, cpu_time: bool = False) -> None:
     """Every step (and speed measurement) of `worker` takes `factor` times its compute time, as on a
-    device that much slower (1: full speed)."""
+    device that much slower (1: full speed). cpu_time: the compute is timed as the CPU time of
+    the thread that computes (run the worker on one thread), so that processes sharing this
+    host's cores do not make a simulated device of its own slower still."""
     factor = float(factor)
+    worker.compute_clock = time.thread_time if cpu_time else time.perf_counter
     worker.compute_delay = None if factor == 1.0 else (lambda compute_s: compute_s * (factor - 1))

@@ -11,7 +11,11 @@ round):
 * replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
   tokens equal to the single worker's. Here every worker is slowed 10x, and the slowing SLEEPS
   (actors/faults.slow_down: each step takes its compute time plus 9x that asleep), so that five
-  workers and two coordinators on this 2-core host are not measuring the cores;
+  workers and two coordinators on this 2-core host are not measuring the cores; the compute is
+  timed as the worker's one thread's CPU time (wall time counted the sharing of the cores, four
+  replicas computing at once, into each one's device). Reported beside it: the coordinators'
+  share of a core, steps per worker, and the kernel's T(8 rows)/T(2 rows), which bounds the
+  decode part of the ratio (a single worker batches 8 rows, each replica 2);
 * join: 4 streams on one worker while a second joins: the longest pause between two tokens, in
   median inter-token gaps (target <= 2 steps' time);
 * network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
@@ -61,7 +65,10 @@ def worker_main(url: str, name: str, slow: float, network: str | None = None) ->
 
     w = TabWorker(name, backend="numpy", token=TOKEN)
     if slow != 1.0:
-        slow_down(w, slow)
+        # a device of its own: its compute timed as this thread's CPU time (the worker runs on one
+        # thread: TABSHARD_CPU_THREADS=1), so that the other processes on this host's cores do not
+        # slow it further (wall time made replicas, four computing at once, pay for the sharing)
+        slow_down(w, slow, cpu_time=True)
 
     class Networked(WorkerConnection):
         def link(self, ws):
@@ -101,7 +108,8 @@ class Cluster:
         if nice:
             cmd = ["nice", "-n", str(nice), *cmd]
         log = open(self.log_dir / f"{self.name}-{name}.log", "wb")
-        self.procs.append(subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT))
+        env = dict(ENV, TABSHARD_CPU_THREADS="1") if slow != 1.0 else ENV
+        self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         self.names.append(name)
 
     def wait_ready(self, timeout: float = 600) -> dict:
@@ -242,12 +250,57 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
             r = concurrent(c.base, 8, tokens)
             return r["tok_s"], r["ids"]
 
+        cpu0 = {c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)}
+        t0 = time.perf_counter()
         out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep), 8 streams aggregate tok/s", one, four, rounds, eight)
+        wall = time.perf_counter() - t0
+        # the coordinators' own share of a core over the rounds (both run for all of them: one of
+        # them near 1.0 would be a serial bottleneck), and the decode step's compute each worker
+        # reports (its sleep included): one worker's 8-row step over a replica's 2-row step is
+        # what the ratio can reach with a kernel whose batched step costs that
+        out["coordinator_cpu_share"] = {c.name: round((_cpu_s(c.coord.proc.pid) - cpu0[c.name]) / wall, 3) for c in (one, four)}
+        out["steps"] = {c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)}
         out["plan"] = plan_of(four)
-        print(f"replicas: steps each primary served {[(p['primary'], p['steps']) for p in out['plan']]}", flush=True)
+        one.stop(), four.stop()
+        out["kernel"] = kernel_rows_ratio()
+        print(f"replicas: steps each worker served {out['steps']}; coordinators' CPU share {out['coordinator_cpu_share']}; "
+              f"the kernel's decode step, one thread's CPU: {({n: round(v, 1) for n, v in out['kernel']['cpu_ms'].items()})} ms "
+              f"for 1/2/8 rows: T8/T2 {out['kernel']['t8_over_t2']:.2f}", flush=True)
         return out
     finally:
         one.stop(), four.stop()
+
+
+def kernel_rows_ratio(context: int = 60, repeats: int = 5) -> dict:
+    """What one worker's 8-row decode step costs against a replica's 2-row step on this kernel:
+    the numpy backend over the whole model on one thread (as the slowed workers run), each step
+    timed as that thread's CPU time (what their slowing multiplies), best of `repeats`."""
+    from model.loader import GGUFModel, default_model_path
+    from protocol.model_types import SessionSlice
+    from tab_worker.backends import forward_topk, make_backend
+
+    weights = GGUFModel(default_model_path()).load_all()
+    cfg = weights.config
+    backend = make_backend("numpy", cfg, dict(enumerate(weights.layers)), weights.head, context + 8, threads=1)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        forward_topk(backend, [SessionSlice(f"s{i}", 0, context)], rng.standard_normal((context, cfg.hidden)).astype(np.float32), 8)
+    ms = {}
+    for n in (1, 2, 8):
+        x = rng.standard_normal((n, cfg.hidden)).astype(np.float32)
+        for _ in range(repeats):
+            c0 = time.thread_time()
+            forward_topk(backend, [SessionSlice(f"s{i}", context, 1) for i in range(n)], x, 8)
+            ms[n] = min(ms.get(n, float("inf")), (time.thread_time() - c0) * 1000)
+            for i in range(n):
+                backend.truncate_session(f"s{i}", context)
+    return {"cpu_ms": ms, "t8_over_t2": ms[8] / ms[2], "t8_over_t1": ms[8] / ms[1]}
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (user + system, /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_join(log: Path, settings: str, tokens: int, repeats: int) -> dict:
@@ -260,7 +313,9 @@ def bench_join(log: Path, settings: str, tokens: int, repeats: int) -> dict:
     take the cores the running streams need on this 2-core host."""
     runs = [_join_once(log, settings, tokens, k) for k in range(repeats)]
     out = {"max_gap_steps_join": statistics.median(r["join"]["max_gap_steps"] for r in runs),
-           "max_gap_steps_no_join": statistics.median(r["no_join"]["max_gap_steps"] for r in runs), "runs": runs}
+           "max_gap_steps_no_join": statistics.median(r["no_join"]["max_gap_steps"] for r in runs),
+           "max_gap_steps_join_unshared": statistics.median(r["join"]["max_gap_steps_unshared"] for r in runs),
+           "max_gap_steps_no_join_unshared": statistics.median(r["no_join"]["max_gap_steps_unshared"] for r in runs), "runs": runs}
     print(f"join during 4 streams: the longest pause from the join on, median of {repeats}: "
           f"{out['max_gap_steps_join']:.2f} median gaps with the join, {out['max_gap_steps_no_join']:.2f} without it "
           f"(side by side; {[(round(r['join']['max_gap_steps'], 2), round(r['no_join']['max_gap_steps'], 2)) for r in runs]})",
@@ -284,15 +339,31 @@ def _clients(c: Cluster, tokens: int, stop: threading.Event, requests: list) -> 
     return threads
 
 
-def _pauses(requests: list, since: float) -> dict:
+def _gaps(requests: list) -> tuple[np.ndarray, np.ndarray]:
     # inter-token gaps once a stream decodes (its 8th token on): its prompt's steps excluded
     decode = [r[7:] for r in requests if len(r) > 8]
-    gaps = np.concatenate([np.diff(r) for r in decode])
-    ends = np.concatenate([r[1:] for r in decode])
+    return np.concatenate([np.diff(r) for r in decode]), np.concatenate([r[1:] for r in decode])
+
+
+def _pauses(requests: list, since: float, twin: list | None = None) -> dict:
+    """The longest gap between two tokens of a stream from `since` on, in median gaps. twin: the
+    other cluster's requests over the same seconds; a gap of ours that overlaps a gap of more
+    than 1.5 median gaps of theirs is a stall of the host (both clusters, their clients in this
+    one process, and the other engineers' work share its 2 cores), and the longest gap that no
+    such stall overlaps is reported beside it."""
+    gaps, ends = _gaps(requests)
     during, during_ends = gaps[ends > since], ends[ends > since]
     med = float(np.median(gaps))
-    return {"median_gap_ms": med * 1000, "max_gap_ms": float(during.max() * 1000), "max_gap_steps": float(during.max() / med),
-            "max_gap_ended_s": float(during_ends[during.argmax()] - since), "requests": len(requests)}
+    out = {"median_gap_ms": med * 1000, "max_gap_ms": float(during.max() * 1000), "max_gap_steps": float(during.max() / med),
+           "max_gap_ended_s": float(during_ends[during.argmax()] - since), "requests": len(requests)}
+    if twin is not None:
+        tg, te = _gaps(twin)
+        long = tg > 1.5 * np.median(tg)
+        stalls = list(zip(te[long] - tg[long], te[long]))
+        own = [g for g, e in zip(during, during_ends) if not any(a < e and e - g < b for a, b in stalls)]
+        out["max_gap_steps_unshared"] = float(max(own) / med) if own else 0.0
+        out["shared_with_twin"] = len(during) - len(own)
+    return out
 
 
 def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
@@ -316,7 +387,7 @@ def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
         for t in threads:
             t.join()
         st = c.status()
-        out = {"join": _pauses(with_join, joined_at), "no_join": _pauses(without, joined_at),
+        out = {"join": _pauses(with_join, joined_at, without), "no_join": _pauses(without, joined_at, with_join),
                "late_worker_joined_a_pipeline": any(e.get("extended") for e in st["events"] if e["kind"] == "plan"),
                # the late worker's way in, s after it was started (the coordinator's clock is this one: CLOCK_MONOTONIC)
                "late_events_s": [(e["kind"], round(e["t"] - joined_at, 3)) for e in st["events"]
@@ -325,7 +396,8 @@ def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
         print(f"  join {k}: longest pause from the join on {j['max_gap_ms']:.1f} ms = {j['max_gap_steps']:.2f} median gaps "
               f"({j['median_gap_ms']:.1f} ms), ended {j['max_gap_ended_s']:.2f} s after the worker started; side by side "
               f"without a join {q['max_gap_ms']:.1f} ms = {q['max_gap_steps']:.2f} ({q['median_gap_ms']:.1f} ms), ended "
-              f"{q['max_gap_ended_s']:.2f} s; {out['late_events_s']}", flush=True)
+              f"{q['max_gap_ended_s']:.2f} s; not overlapping a stall of the twin: {j['max_gap_steps_unshared']:.2f} with the join, "
+              f"{q['max_gap_steps_unshared']:.2f} without; {out['late_events_s']}", flush=True)
         return out
     finally:
         c.stop(), quiet.stop()

@@ -21,6 +21,10 @@ DEFAULT_RTT_MS = 2.0
 DEFAULT_BYTES_PER_MS = 12_500.0
 # a deeper pipeline (more hops) must be predicted this much faster than the shallowest one
 DEPTH_MIN_GAIN = 0.05
+# a plan re-made from scratch moves weights: the running plan's ranges, split or merged to the new
+# depth (a joining tab takes half of one range, nobody else loads anything), are kept unless the
+# fresh plan is predicted this much faster
+STICKY_MAX_LOSS = 0.15
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,20 @@ class Model:
     head_bytes: int
     head_cost_layers: float = 0.0
     hidden_bytes: int = 0
+    current: tuple = ()  # the running plan's first pipeline: (layer_start, layer_end, primary)
+    held: dict = field(default_factory=dict, hash=False, compare=False)  # worker -> layers it holds (n_layers: the head)
+
+    def missing(self, wid: str, a: int, b: int, head: bool) -> int:
+        """Bytes `wid` must load to hold layers [a, b) (and the head)."""
+        have = self.held.get(wid, frozenset())
+        return (sum(self.layer_bytes for i in range(a, b) if i not in have)
+                + (self.head_bytes if head and self.n_layers not in have else 0))
 
 
 def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_bytes: int,
          replicas: int = 1, max_stages: int | None = None, head_cost_layers: float = 0.0,
-         stages: int | None = None, hidden_bytes: int = 0, bytes_per_ms: float = DEFAULT_BYTES_PER_MS) -> Plan:
+         stages: int | None = None, hidden_bytes: int = 0, bytes_per_ms: float = DEFAULT_BYTES_PER_MS,
+         current: list[tuple[int, int, str]] | None = None, held: dict[str, frozenset] | None = None) -> Plan:
     """The plan with the lowest predicted token latency: `stages` fixes the depth (as far as there are
     workers), `max_stages` caps it; `replicas`: holders each range gets at least (a pipeline's
     primaries count for the same range in the others; workers left over fill the rest). The
@@ -101,8 +114,13 @@ def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_by
 
     head_cost_layers: the final norm + LM head's decode cost in layers (SmolLM2-135M's 49152 x
     576 head weighs as much as 8 of its layers): the head stage takes that many fewer layers,
-    so that it is not the pipeline's bottleneck."""
-    model = Model(n_layers, layer_bytes, head_bytes, head_cost_layers, hidden_bytes)
+    so that it is not the pipeline's bottleneck.
+
+    current: the running plan's first pipeline as (layer_start, layer_end, primary); held: the
+    layers each worker holds now (n_layers standing for the head). A plan that moves few weights
+    is preferred (STICKY_MAX_LOSS): the running ranges split or merged to the new depth, each
+    replica's and standby's range one it already holds where there is a choice."""
+    model = Model(n_layers, layer_bytes, head_bytes, head_cost_layers, hidden_bytes, tuple(current or ()), held or {})
     remote = [w for w in workers if not w.local]
     local = [w for w in workers if w.local]
     for pool in (remote, remote + local, local):
@@ -163,6 +181,9 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
                 best = (ms, d, list(chosen), counts)
     if best is None:
         raise PlanError("not enough memory")
+    sticky = _sticky(best[1], trusted, m, bytes_per_ms) if m.current else None
+    if sticky is not None and sticky[0] <= best[0] * (1 + STICKY_MAX_LOSS):
+        best = sticky
     first_ms, depth, primaries, counts = best
     bounds, start = [], 0
     for c in counts:
@@ -182,8 +203,10 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
     while True:
         chosen, rest = [], [w for w in free if w.flagged is None]
         for i in range(depth):
-            # the fastest worker left that fits this range (ranges in order: the head's, the roomiest, last)
-            w = next((x for x in rest if fits(x, i)), None)
+            # the fastest worker left that fits this range and has the least of it to load
+            # (ranges in order: the head's, the roomiest, last)
+            a, b = bounds[i]
+            w = min((x for x in rest if fits(x, i)), key=lambda x: m.missing(x.worker_id, a, b, i == depth - 1), default=None)
             if w is None:
                 break
             chosen.append(w)
@@ -203,13 +226,15 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
         for p in pipelines:
             p[i].workers += [wid for wid in primaries_i if wid != p[i].workers[0]]
     # left over: standbys where a range has fewer than `replicas` holders, else where the fewest are
-    for w in free:
+    # (those that already hold a range of this plan first: a newcomer takes what is left, so a join
+    # does not reshuffle the standbys)
+    for w in sorted(free, key=lambda w: min(m.missing(w.worker_id, *bounds[i], i == depth - 1) for i in range(depth))):
         room = [i for i in range(depth) if fits(w, i)]
         why[w.worker_id] = _why_left_out(w, primaries, m, bytes_per_ms, depth, len(pipelines), tried)
         if not room:
             notes[w.worker_id] = f"unused: cannot hold any range of this plan; {why[w.worker_id]}"
             continue
-        i = min(room, key=lambda i: len(pipelines[0][i].workers))
+        i = min(room, key=lambda i: (len(pipelines[0][i].workers), m.missing(w.worker_id, *bounds[i], i == depth - 1)))
         if replicas > 1 and len(pipelines[0][i].workers) >= replicas:
             notes[w.worker_id] = f"unused: every range has {replicas} holders; {why[w.worker_id]}"
             continue
@@ -217,6 +242,53 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
             p[i].workers.append(w.worker_id)
         notes[w.worker_id] = f"standby for layers {bounds[i][0]}-{bounds[i][1] - 1}: {why[w.worker_id]}"
     return Plan(pipelines, predicted, notes, why)
+
+
+def _sticky(depth: int, trusted: list[WorkerCapacity], m: Model, bytes_per_ms: float):
+    """The running plan's ranges brought to `depth` (the costliest range split in two, or the
+    cheapest adjacent pair merged, until it has that many), each kept by its primary where it is
+    still trusted, the others given to the fastest free worker with the least to load: (predicted
+    ms, depth, primaries, layer counts), or None when they do not fit."""
+    by_id = {w.worker_id: w for w in trusted}
+    stages = [[a, b, by_id.get(p)] for a, b, p in m.current]
+    if not stages or stages[0][0] != 0 or stages[-1][1] != m.n_layers:
+        return None
+
+    def cost(st):
+        return (st[1] - st[0]) * (_finite(st[2].ms_per_layer) if st[2] else 1.0)
+
+    while len(stages) > depth:
+        i = min(range(len(stages) - 1), key=lambda i: cost(stages[i]) + cost(stages[i + 1]))
+        a, b = stages[i], stages[i + 1]
+        keep = min((x for x in (a[2], b[2]) if x), key=lambda x: _finite(x.ms_per_layer), default=None)
+        stages[i:i + 2] = [[a[0], b[1], keep]]
+    while len(stages) < depth:
+        i = max((i for i in range(len(stages)) if stages[i][1] - stages[i][0] > 1), key=lambda i: cost(stages[i]), default=None)
+        if i is None:
+            return None
+        a, b, p = stages[i]
+        mid = (a + b) // 2
+        # the primary keeps the half with the head (the newcomer loads less), else the first half
+        stages[i:i + 1] = [[a, mid, None], [mid, b, p]] if i == len(stages) - 1 else [[a, mid, p], [mid, b, None]]
+    used = {st[2].worker_id for st in stages if st[2]}
+    for i, st in enumerate(stages):
+        head = i == len(stages) - 1
+        if st[2] is not None and st[2].memory_bytes / st[2].expansion < (st[1] - st[0]) * m.layer_bytes + (m.head_bytes if head else 0):
+            used.discard(st[2].worker_id)
+            st[2] = None
+    for i, st in enumerate(stages):
+        if st[2] is not None:
+            continue
+        head = i == len(stages) - 1
+        need = (st[1] - st[0]) * m.layer_bytes + (m.head_bytes if head else 0)
+        free = [w for w in trusted if w.worker_id not in used and w.memory_bytes / w.expansion >= need]
+        if not free:
+            return None
+        st[2] = min(free, key=lambda w: (m.missing(w.worker_id, st[0], st[1], head), _alone_ms(w, m, bytes_per_ms)))
+        used.add(st[2].worker_id)
+    primaries, counts = [st[2] for st in stages], [st[1] - st[0] for st in stages]
+    ms = predict_ms([(w, c, i == len(stages) - 1) for i, (w, c) in enumerate(zip(primaries, counts))], m, bytes_per_ms)
+    return ms, len(stages), primaries, counts
 
 
 def _why_left_out(w: WorkerCapacity, primaries: list[WorkerCapacity], m: Model, bytes_per_ms: float, depth: int,

@@ -56,7 +56,7 @@ class CoordinatorSettings:
     stages: int | None = None  # an exact depth (None: the fewest stages unless a deeper pipeline is predicted faster)
     max_batch: int = 16
     pipeline_groups: int = 1
-    target_step_ms: float = 200.0  # a stage's batch shrinks when its steps take longer than this
+    target_step_ms: float = 200.0  # a stage's batch shrinks when its steps take longer than this and batching stopped paying
     prefill_chunk: int = 256
     coordinator_compute: bool = True
     replan_delay_ms: int = 300  # let a burst of joins settle before re-planning
@@ -313,6 +313,7 @@ class Stage:
     inflight: InFlightStep | None = None  # the step this stage's primary is computing
     needs_rebuild: bool = False
     batch_limit: int = 16  # adapted to measured step latency (see _adapt_batch)
+    decode_ms: dict = field(default_factory=dict)  # decode rows in a step -> its time, smoothed (see _adapt_batch)
     pipeline: int = 0  # the serving replica it belongs to: a session's rows stay in one pipeline
     # a pipeline of the previous plan, kept serving while the new plan's holders load (see
     # Planning._retire): it takes sessions only while no pipeline of the new plan is ready

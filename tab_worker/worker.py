@@ -82,12 +82,15 @@ class TabWorker:
         # Hooks for whoever runs this worker (actors/ wraps it as a simulated tab through them):
         # result_filters: fn(step, reply) may change a step's reply before it is sent;
         # compute_delay: fn(compute_s) -> seconds more each step (and speed measurement) takes, as on a
-        # slower device (steps then never run inline: is_quick_step);
+        # slower device (steps then never run inline: is_quick_step); compute_s is timed by
+        # compute_clock (wall time; a simulation of devices of their own may pass the thread's CPU
+        # time, which other processes sharing this host's cores do not inflate);
         # before_build: fn() runs before an assigned range's backend is built;
         # load_checks: fn(backend) runs on a range just built; an exception refuses the range
         # (a browser creates its pipelines at load, and a kernel beyond its limits fails there)
         self.result_filters: list = []
         self.compute_delay = None
+        self.compute_clock = time.perf_counter
         self.before_build: list = []
         self.load_checks: list = []
         self.load_failures: list[str] = []
@@ -181,15 +184,16 @@ class TabWorker:
         backend = make_backend(self.backend_name, cfg, {0: layer}, None, tokens + 1, **self.device_options)
         x = np.random.default_rng(0).standard_normal((1, cfg.hidden)).astype(np.float32)
         backend.forward([SessionSlice("measure", 0, 1)], x)  # warm-up (pipelines, caches)
-        steps = []
+        steps, used = [], []
         for pos in range(1, max(tokens, 2)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), self.compute_clock()
             backend.forward([SessionSlice("measure", pos, 1)], x)
             steps.append(time.perf_counter() - t0)
+            used.append(self.compute_clock() - c0)
         # the fastest step: tabs of one host join together and preempt each other's steps (a
         # mean over a few 1-ms steps measured 1.4 to 8.9 ms/layer for 4 equal workers on 2 cores,
         # and the plan gave one of them 17 of 30 layers)
-        ms = (min(steps) + (self.compute_delay(min(steps)) if self.compute_delay else 0.0)) * 1000
+        ms = (min(steps) + (self.compute_delay(min(used)) if self.compute_delay else 0.0)) * 1000
         return [wire.make("measurement", step_ms=ms, details={"backend": self.backend_name, "tokens": tokens})]
 
     def on_assign(self, m):
@@ -323,7 +327,7 @@ class TabWorker:
         if backend is None:
             return [wire.make("error", code="not_assigned", field="layer_start", message=f"layers {key} are not held here", step_id=m["step_id"])]
         slices = [SessionSlice(s["session_id"], int(s["start_pos"]), int(s["length"])) for s in m["sessions"]]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.compute_clock()
         reply = wire.make("step_result", step_id=m["step_id"], epoch=m["epoch"])
         want = int(m.get("want_topk") or 0)
         try:
@@ -341,7 +345,7 @@ class TabWorker:
         for result_filter in self.result_filters:
             result_filter(m, reply)
         if self.compute_delay is not None:
-            time.sleep(self.compute_delay(time.perf_counter() - t0))
+            time.sleep(self.compute_delay(self.compute_clock() - c0))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
         if _is_decode_step(m):
             self.decode_ms[key] = reply["compute_ms"]

@@ -362,16 +362,20 @@ def test_prefix_cache_is_bounded_lru(weights):
     assert held == set(net.core.prefix_cache)
 
 
-def test_batch_limit_adapts_to_step_latency(weights):
+def test_batch_limit_shrinks_only_when_long_steps_stop_paying_for_their_rows(weights):
     net = start(weights, 1, max_batch=8, target_step_ms=100)
     st = net.core.stages[0]
-    net.core._adapt_batch(st, 8, 400.0)
-    assert st.batch_limit == 4
-    net.core._adapt_batch(st, 4, 10.0)
-    assert st.batch_limit == 5
-    for _ in range(10):
-        net.core._adapt_batch(st, st.batch_limit, 10.0)
+    net.core._adapt_batch(st, 2, 150.0)
+    net.core._adapt_batch(st, 8, 400.0)  # over the target, yet 50 ms a row against 75: batching pays
     assert st.batch_limit == 8
+    net.core._adapt_batch(st, 8, 1000.0)  # smoothed to 520 ms: 65 a row, still cheaper than 75
+    assert st.batch_limit == 8
+    for _ in range(5):
+        net.core._adapt_batch(st, 8, 2000.0)  # 8 rows now cost more each than 2 did: the batch halves
+    assert st.batch_limit < 8
+    limit = st.batch_limit
+    net.core._adapt_batch(st, limit, 10.0)  # a full batch that pays again: it grows back, one at a time
+    assert st.batch_limit == limit + 1
 
 
 def test_memory_pressure_hands_layers_back_and_they_move_exactly(weights, reference):

@@ -256,9 +256,18 @@ class Planning:
         s.pipeline = min(pipes, key=key)
 
     def _make_plan(self, workers: list[Worker]) -> Plan:
+        """The planner's plan for `workers`, told what runs now and what each already holds, so
+        that a join or a changed measurement moves as few weights as the prediction allows."""
         c = self.config
+        first = [st for st in self.stages if not st.retiring and st.pipeline == min((x.pipeline for x in self.stages if not x.retiring), default=0)]
+        current = [(st.layer_start, st.layer_end, st.primary) for st in first if st.primary and st.primary != LOCAL]
+        by_sha = {i.sha256: k for k, i in self.blob_info.items()}
+        held = {w.worker_id: frozenset(c.n_layers if k == "head" else int(k.split(":")[1])
+                                       for k in (by_sha.get(h) for h in w.have_blobs) if k and (k == "head" or k.startswith("layer:")))
+                for w in workers}
         return plan([self._capacity(w) for w in workers], c.n_layers, self.layer_bytes, self.head_bytes, self.settings.replicas,
-                    self.settings.max_stages, self._head_cost_layers(), stages=self.settings.stages, hidden_bytes=4 * c.hidden)
+                    self.settings.max_stages, self._head_cost_layers(), stages=self.settings.stages, hidden_bytes=4 * c.hidden,
+                    current=current if len(current) == len(first) else None, held=held)
 
     def _plan_step_ms(self, ranges, serving: bool = False) -> float:
         """A plan's predicted token latency (coordinator/planner.py's predict_ms): each stage's

@@ -192,13 +192,19 @@ class Scheduler:
         return checks + out + self._pump(now)
 
     def _adapt_batch(self, st: Stage, batch: int, step_ms: float) -> None:
-        """Multiplicative decrease when a step overran the latency target, additive increase
-        while full batches stay well under it: sessions share steps without any one of them
-        waiting behind a huge batch."""
-        target = self.settings.target_step_ms
-        if step_ms > target and batch > 1:
+        """A decode step of n rows gives each of its n sessions a token; split in two, half of
+        them wait a whole step more. So a long step alone is no reason to shrink the batch (a
+        slow tab's 8 rows in 1.5 s beat 8 one-row steps of 0.15 s, and shrinking cut a slowed
+        worker's 8 streams to ~2 rows a step): the batch halves only when it overran the latency
+        target AND its rows cost more each than a smaller batch's did (batching stopped paying:
+        a device out of its fast memory), and grows back one at a time while full batches pay."""
+        seen = st.decode_ms
+        seen[batch] = step_ms if batch not in seen else 0.8 * seen[batch] + 0.2 * step_ms
+        smaller = [b for b in seen if b < batch]
+        pays = not smaller or seen[batch] / batch <= min(seen[b] / b for b in smaller)
+        if step_ms > self.settings.target_step_ms and batch > 1 and not pays:
             st.batch_limit = max(1, min(st.batch_limit, batch) // 2)
-        elif step_ms < target / 2 and batch >= st.batch_limit:
+        elif batch >= st.batch_limit and pays:
             st.batch_limit = min(self.settings.max_batch, st.batch_limit + 1)
 
     def _on_token(self, s: Session, ids: np.ndarray, logits: np.ndarray, now: float, full: np.ndarray | None = None) -> list:
