@@ -126,9 +126,10 @@ def test_schemes():
     assert parse_scheme("gptq:s3g32+emb=clip:s4g32")[:4] == ("gptq:s3g32", "clip:s4g32", None, False)
     assert parse_scheme("mixed@3.0+rot+seq")[:4] == ("mixed@3.0", "source", 22, True)
     assert parse_scheme("gptq:a4g64+rot=5")[:4] == ("gptq:a4g64", "source", 5, False)
+    assert parse_scheme("gptq:a2g64+had+seq").basis == (None, 22) and parse_scheme("mixed@3.0+rot+had=4").basis == (22, 4)
     assert parse_scheme("mixed@4.0+fmt=s3g64/s4g128/source").formats == ("gptq:s3g64", "gptq:s4g128", "source")
     for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc", "rtn:s3g32+seq", "gptq:a4g64+rot=x", "bogus:a4g64",
-                "mixed@4.0+fmt=s3g65", "gptq:a4g64+fmt=s3g64"):
+                "mixed@4.0+fmt=s3g65", "gptq:a4g64+fmt=s3g64", "gptq:a4g64+had=x"):
         with pytest.raises(TabshardError):
             parse_scheme(bad)
 
@@ -155,6 +156,11 @@ def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     r = qmodel.QuantizedModel(tmp_path / "rot.tsq")
     assert r.rotation == qmodel.Rotation(seed=3, hidden=CONFIG.hidden) and r.plan["blk.1.ffn_up"] == "gptq:s3g64+seq"
     assert "output" in r.plan and "calibration (seed 22)" in r.report["calibration"]
+    assert main(["quantize", *args, "--out", str(tmp_path / "had.tsq"), "--scheme", "gptq:s3g64+had=5"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    h = qmodel.QuantizedModel(tmp_path / "had.tsq")
+    assert h.config.ffn_hadamard == 32 and h.rotation.kind == "ffn" and h.rotation.seed is None and h.rotation.ffn_seed == 5
+    assert h.plan["blk.1.ffn_down"] == "gptq:s3g64" and "output" not in h.plan  # the residual basis and tied head unchanged
     text = tmp_path / "eval.txt"
     text.write_text("def f(x):\n    return x * 2\n" * 40, encoding="utf-8")
     png = tmp_path / "p.png"
