@@ -241,3 +241,44 @@ def test_placement_counts_on_the_speed_steps_show_not_the_one_measured_at_join(w
     net.core.workers[a].step_ms_per_layer, net.core.workers[b].step_ms_per_layer = 5.0, 1.0  # ...its steps say otherwise
     net.submit("s", PROMPT, 4, stop_at_eos=False)
     assert net.core.stages[net.core.sessions["s"].pipeline].primary == b
+
+
+def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_one_is_loaded(weights):
+    """A much faster tab joins while a session runs: the new plan is made at once (not when the
+    session ends), the running pipeline serves the session while the new one loads, tokens keep
+    coming, and the session moves over between steps once the new plan is ready, exactly."""
+    ref = greedy_tokens(weights, PROMPT, 40)
+    net = start_net(weights, 2, stages=2)
+    core = net.core
+    net.submit("s", PROMPT, 40, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 5)
+    version = core.plan_version
+    fast = net.add_worker()
+    net.run(until=lambda: core.workers.get(core.conn_worker.get(fast, ""), None) is not None
+            and core.workers[core.conn_worker[fast]].state == "idle")
+    for wid, w in core.workers.items():
+        w.ms_per_layer, w.step_ms_per_layer = (0.1 if w.conn == fast else 1.0), None
+    net.frozen.add(fast)  # slow to load (for 0.7 s: silent 0.8 s, it would be dead): the new plan cannot take over yet
+    stamps = []  # (scheduler steps so far, tokens so far) at each token
+    def note():  # a token a tick at most: the harness's compute takes no time
+        n = len(net.tokens("s"))
+        if not stamps or stamps[-1][1] != n:
+            stamps.append((core.counters["steps"], n))
+            return True
+        return False
+    for _ in range(14):
+        net.advance(0.05, until=note)
+    assert core.plan_version > version and not net.done("s")  # re-planned mid-session
+    assert any(st.retiring for st in core.stages) and core.stages[core._entry(core.sessions["s"])].retiring
+    during = len(net.tokens("s"))
+    assert during >= 5 + 5  # the stream went on while the new plan loads
+    net.thaw(fast)
+    for _ in range(200):
+        if net.done("s"):
+            break
+        net.advance(0.05, until=note)
+    assert net.tokens("s") == ref and not any(st.retiring for st in core.stages)
+    assert core.workers[core.conn_worker[fast]].steps > 0  # the session moved to the new plan
+    # the move replays the session's history on the new stages: a few steps, never a lost token
+    gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) <= 3 * len([st for st in core.stages if st.pipeline == core.stages[0].pipeline]) + 2, gaps

@@ -63,17 +63,11 @@ class Recovery:
         if expired:
             out += self._release_finishes(now)
         if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
-            if self.sessions and self.stages and all(s.primary for s in self.stages):
-                self._replan_at = None
-                extended = self._extend_plan(now)  # new serving replicas join at once
-                if extended is None:
-                    self._deferred_replan = True  # running sessions keep their plan
-                else:
-                    out += extended
-            else:
-                self._replan_at = None
-                self._deferred_replan = False
-                out += self._replan(now)
+            self._replan_at = None
+            # new serving replicas join at once; any other new plan is made between steps, the
+            # running pipelines serving their sessions until it is loaded (_keep_serving, _retire)
+            extended = self._extend_plan(now) if self.sessions and self.stages and all(s.primary for s in self.stages) else None
+            out += extended if extended is not None else self._replan(now)
         # requests that cannot be served fail after a bound, with a retriable error
         if not self.stages or any(not st.holders for st in self.stages):
             for s in list(self.sessions.values()):

@@ -173,10 +173,4 @@ class Sessions:
         out += self._drop_everywhere(s.request_id)
         out += self._forget_verify_kv(lambda k: k[0] == s.request_id)
         out += self._retire(now)  # the last session on the old plan's pipelines is done
-        if not self.sessions and self._replan_pending():
-            self._replan_at = now
         return out
-
-    def _replan_pending(self) -> bool:
-        """Membership changed while sessions ran: apply the new plan once they finish."""
-        return self._deferred_replan
