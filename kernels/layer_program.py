@@ -71,7 +71,9 @@ def _layer() -> list:
     silu = _kernel("silu_gate", 64, ["gate_up", "act"],
                    {"n": "ffn", "src_stride": "stride_gate_up", "gate_col": 0, "up_col": "ffn", "y_stride": "stride_act"},
                    ["cdiv(ffn, wg)", "rows"])
-    silu_hadamard = _kernel("silu_hadamard", 64, ["gate_up", "act"],
+    # a CPU rasteriser pays most for barriers: 16 threads own 32 of a 512 block each, and the
+    # transform needs one barrier (kernels/silu_hadamard.wgsl); a GPU wants more threads
+    silu_hadamard = _kernel("silu_hadamard", {"gpu": 64, "cpu": 16}, ["gate_up", "act"],
                             {"src_stride": "stride_gate_up", "gate_col": 0, "up_col": "ffn", "y_stride": "stride_act",
                              "scale": "1 / sqrt(ffn_hadamard)"},
                             ["ffn // ffn_hadamard", "rows"], BLOCK="ffn_hadamard")
