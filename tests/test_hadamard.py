@@ -204,3 +204,19 @@ def test_ffn_rotation_shares_the_unchanged_tensors_cache(weights, ids, tmp_path)
     down = had.quantized("blk.1.ffn_down", "gptq:s3g64")
     assert base._disk_load("blk.1.ffn_down", "gptq:s3g64", t.spec) is None
     assert not np.array_equal(down.qweight, base.quantized("blk.1.ffn_down", "gptq:s3g64").qweight)
+
+
+def test_a_served_ffn_rotated_tsq_gives_the_local_tokens(smollm2_model, smollm2_weights, smollm2_tokenizer, tmp_path):
+    """SmolLM2 with rotated FFNs as a .tsq, served by two worker processes over the wire: the
+    config's ffn_hadamard reaches every stage, whose tokens are the single-process ones."""
+    from tabshard.cluster import LocalCluster
+    from tab_worker.generate import LocalGenerator
+    from tests.test_cluster import PROMPT, ws_tokens
+
+    w = rotate_ffn_weights(smollm2_weights, seed=22, spec=QuantSpec.parse("s4g64"))
+    path = tmp_path / "had.tsq"
+    qmodel.write(path, w, qmodel.source_fields(smollm2_model), rotation=qmodel.Rotation.of(None, w.config, 22))
+    ids = smollm2_tokenizer.encode(smollm2_tokenizer.render_chat([{"role": "user", "content": PROMPT}]))
+    want = list(LocalGenerator(qmodel.QuantizedModel(path).load_all(), backend="numpy", max_ctx=256).generate(ids, 6))
+    with LocalCluster(workers=2, serve_args=["--stages", "2"], model=str(path)) as cluster:
+        assert ws_tokens(cluster.base, max_tokens=6) == want
