@@ -13,6 +13,10 @@
 // that the 8 lanes of a quarter-warp reading vec4 i of 8 consecutive blocks hit 8 different bank
 // groups. The chunk lives in `partial`, which the reduction reuses after the loop. The codes of
 // a block are unpacked from registers with constant shifts (q4 below), once for all ROWS rows.
+//
+// Symmetric formats (w = scale * (q - 2^(BITS-1))) get their codes already offset from q4 (the
+// offset rides in the fma's addend, still exact), so their terms are scale * ((q - 2^(BITS-1)) . x):
+// no sum of x and no min term per block and output (H200, 7B s3g64: see bench_device --breakdown).
 
 // The workgroup-memory slot of the chunk's vec4 v: block v / 8, rotated by the block.
 fn xslot(v: u32) -> u32 {
@@ -31,9 +35,11 @@ fn pow2(e: vec4<i32>) -> vec4<f32> {
   return ldexp(vec4<f32>(1.0), e);
 }
 
-// The codes of inputs j0..j0+3 of a block whose words are wa (words 0-3) and wb (4-7, 8-bit);
+// The codes of inputs j0..j0+3 of a block whose words are wa (words 0-3) and wb (4-7, 8-bit),
+// less 2^(BITS-1) when SYMMETRIC (every addend below stays an integer under 2^24: exact);
 // called with j0 a literal, so that every shift and mask below is a constant.
 fn q4(wa: vec4<u32>, wb: vec4<u32>, j0: u32) -> vec4<f32> {
+  let off = vec4<f32>(select(0.0, f32(1u << (BITS - 1u)), SYMMETRIC));
   let lo_inv = pow2(vec4<i32>(0, -2, -4, -6));
   if (BITS == 3u) {
     // words 0-1: low two bits of inputs 0-15 and 16-31; word 2: the high bit of input j at bit j,
@@ -45,23 +51,23 @@ fn q4(wa: vec4<u32>, wb: vec4<u32>, j0: u32) -> vec4<f32> {
     let hi = vec4<u32>((wa.z >> down) << up) & (vec4<u32>(1u, 2u, 4u, 8u) << vec4<u32>(pos));
     let hi_inv = pow2(vec4<i32>(2) - vec4<i32>(i32(pos)) - vec4<i32>(0, 1, 2, 3));
     // lo - 2^23 * hi_inv, then + 4 * high: every partial result an integer below 2^24, exact
-    let low = placed(lo, lo_inv, -8388608.0 * (lo_inv + hi_inv));
+    let low = placed(lo, lo_inv, -8388608.0 * (lo_inv + hi_inv) - off);
     return fma(bitcast<vec4<f32>>(hi | vec4<u32>(0x4B000000u)), hi_inv, low);
   }
   if (BITS == 2u) {
     let lo = vec4<u32>(wa[j0 / 16u] >> (2u * (j0 % 16u))) & vec4<u32>(3u, 12u, 48u, 192u);
-    return placed(lo, lo_inv, -8388608.0 * lo_inv);
+    return placed(lo, lo_inv, -8388608.0 * lo_inv - off);
   }
   if (BITS == 4u) {
     let nib = vec4<u32>(wa[j0 / 8u] >> (4u * (j0 % 8u))) & vec4<u32>(0xFu, 0xF0u, 0xF00u, 0xF000u);
     let inv = pow2(vec4<i32>(0, -4, -8, -12));
-    return placed(nib, inv, -8388608.0 * inv);
+    return placed(nib, inv, -8388608.0 * inv - off);
   }
   // 8 bits: word j0 / 4, whose top byte would reach the float's exponent: halves moved down
   let w = select(wb[(j0 / 4u) % 4u], wa[(j0 / 4u) % 4u], j0 < 16u);
   let bytes = vec4<u32>(w, w, w >> 16u, w >> 16u) & vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u);
   let inv = pow2(vec4<i32>(0, -8, 0, -8));
-  return placed(bytes, inv, -8388608.0 * inv);
+  return placed(bytes, inv, -8388608.0 * inv - off);
 }
 
 // Words 0-3 and 4-7 (8-bit only) of the block at qweight[wbase]; words past BITS read as 0.
@@ -91,7 +97,18 @@ fn staged_term(wbase: u32, sm: vec2<f32>, xa: mat4x4<f32>, xb: mat4x4<f32>, xs: 
   let d = dot(q4(wa, wb, 0u), xa[0]) + dot(q4(wa, wb, 4u), xa[1]) + dot(q4(wa, wb, 8u), xa[2])
         + dot(q4(wa, wb, 12u), xa[3]) + dot(q4(wa, wb, 16u), xb[0]) + dot(q4(wa, wb, 20u), xb[1])
         + dot(q4(wa, wb, 24u), xb[2]) + dot(q4(wa, wb, 28u), xb[3]);
+  if (SYMMETRIC) {
+    return sm.x * d;  // q4's codes are offset: no min term
+  }
   return sm.x * d + sm.y * xs;
+}
+
+// A batch's min terms: min * (sum of x) per row, none when SYMMETRIC (q4's codes are offset).
+fn min_terms(m: f32, sx: vec4<f32>) -> vec4<f32> {
+  if (SYMMETRIC) {
+    return vec4<f32>(0.0);
+  }
+  return m * sx;
 }
 
 // The OPT outputs' terms (rows n, words from w) for block bt of the chunk staged from block first.
@@ -165,20 +182,20 @@ fn staged_rows(bt: u32, ch: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<
   rows_at(6u, bt, ch, &q, &d, &sx);
   rows_at(7u, bt, ch, &q, &d, &sx);
   let s0 = scale_min(n.x, g, groups);
-  (*acc).lo0 += s0.x * d.lo0 + s0.y * sx.lo0;
-  (*acc).hi0 += s0.x * d.hi0 + s0.y * sx.hi0;
+  (*acc).lo0 += s0.x * d.lo0 + min_terms(s0.y, sx.lo0);
+  (*acc).hi0 += s0.x * d.hi0 + min_terms(s0.y, sx.hi0);
   if (OPT > 1u) {
     let s1 = scale_min(n.y, g, groups);
-    (*acc).lo1 += s1.x * d.lo1 + s1.y * sx.lo0;
-    (*acc).hi1 += s1.x * d.hi1 + s1.y * sx.hi0;
+    (*acc).lo1 += s1.x * d.lo1 + min_terms(s1.y, sx.lo0);
+    (*acc).hi1 += s1.x * d.hi1 + min_terms(s1.y, sx.hi0);
   }
   if (OPT > 2u) {
     let s2 = scale_min(n.z, g, groups);
-    (*acc).lo2 += s2.x * d.lo2 + s2.y * sx.lo0;
-    (*acc).hi2 += s2.x * d.hi2 + s2.y * sx.hi0;
+    (*acc).lo2 += s2.x * d.lo2 + min_terms(s2.y, sx.lo0);
+    (*acc).hi2 += s2.x * d.hi2 + min_terms(s2.y, sx.hi0);
     let s3 = scale_min(n.w, g, groups);
-    (*acc).lo3 += s3.x * d.lo3 + s3.y * sx.lo0;
-    (*acc).hi3 += s3.x * d.hi3 + s3.y * sx.hi0;
+    (*acc).lo3 += s3.x * d.lo3 + min_terms(s3.y, sx.lo0);
+    (*acc).hi3 += s3.x * d.hi3 + min_terms(s3.y, sx.hi0);
   }
 }
 
