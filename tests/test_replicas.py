@@ -244,13 +244,14 @@ def test_placement_counts_on_the_speed_steps_show_not_the_one_measured_at_join(w
 
 
 def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_one_is_loaded(weights):
-    """A much faster tab joins while a session runs: the new plan is made at once (not when the
-    session ends), the running pipeline serves the session while the new one loads, tokens keep
-    coming, and the session moves over between steps once the new plan is ready, exactly."""
+    """A much faster tab joins while sessions run: the new plan is made at once (not when they
+    end), the running pipeline serves them while the new one loads, tokens keep coming, and the
+    sessions move over one at a time between steps once the new plan is ready, exactly."""
     ref = greedy_tokens(weights, PROMPT, 40)
     net = start_net(weights, 2, stages=2)
     core = net.core
     net.submit("s", PROMPT, 40, stop_at_eos=False)
+    net.submit("t", PROMPT[:5], 40, stop_at_eos=False)  # a second session: they move over one after the other
     net.run(until=lambda: len(net.tokens("s")) >= 5)
     version = core.plan_version
     fast = net.add_worker()
@@ -273,12 +274,33 @@ def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_on
     during = len(net.tokens("s"))
     assert during >= 5 + 5  # the stream went on while the new plan loads
     net.thaw(fast)
-    for _ in range(200):
-        if net.done("s"):
+    for _ in range(400):
+        if net.done("s") and net.done("t"):
             break
         net.advance(0.05, until=note)
     assert net.tokens("s") == ref and not any(st.retiring for st in core.stages)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:5], 40)
     assert core.workers[core.conn_worker[fast]].steps > 0  # the session moved to the new plan
     # the move replays the session's history on the new stages: a few steps, never a lost token
     gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     assert max(gaps) <= 3 * len([st for st in core.stages if st.pipeline == core.stages[0].pipeline]) + 2, gaps
+
+
+def test_a_re_plan_that_keeps_a_running_pipeline_goes_on_without_a_replay(weights, reference):
+    """The other replica's worker dies while a session runs on the first: the re-plan's pipeline
+    of the same ranges and primaries is the running one, its session goes on with its KV where
+    it is (no restart, no retiring pipeline)."""
+    net = replicas(weights, 2)
+    core = net.core
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 4)
+    epoch, version = core.sessions["s"].log_epoch, core.plan_version
+    mine = core.stages[core._entry(core.sessions["s"])].primary
+    net.kill(next(w.conn for wid, w in core.workers.items() if wid != mine and not w.local))
+    for _ in range(10):
+        n = len(net.tokens("s"))
+        net.advance(0.05, until=lambda: len(net.tokens("s")) > n)  # (a token a tick: the session is still running)
+    assert core.plan_version > version and not net.done("s")
+    assert core.sessions["s"].log_epoch == epoch and not any(st.retiring for st in core.stages)
+    run_until_done(net, ["s"])
+    assert net.tokens("s") == reference

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from types import SimpleNamespace
 
 from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
@@ -85,7 +86,8 @@ class Planning:
                 if wid not in st.ready and (wid, key) not in assigned:
                     assigned.add((wid, key))
                     out += self._assign(self.workers[wid], st, now)
-        kept = self._keep_serving(serving)
+        kept = self._continue_pipelines(serving)
+        kept.update(self._keep_serving([sts for sts in serving if sts[0].pipeline not in kept]))
         # the verifier loads every stage's range now, while it may still hold an older range
         # over the same layers (their dequantized matrices are reused), not at the first check
         if self.settings.spot_check_fraction > 0:
@@ -170,6 +172,28 @@ class Planning:
         return bool(sts) and all(st.primary and st.primary in st.ready and not st.needs_rebuild
                                  and self.workers[st.primary].alive for st in sts)
 
+    def _continue_pipelines(self, serving: list[list[Stage]]) -> dict[int, tuple[int, dict]]:
+        """A pipeline of the new plan made of the same ranges and primaries as a ready one of the
+        old plan IS that pipeline: its stages go on (queues, steps in flight, sessions' KV on its
+        workers) under their new numbers. Returns {old pipeline: (its number now, {old stage
+        index: new index})}, as _keep_serving does."""
+        shape = lambda sts: tuple((st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts)  # noqa: E731
+        busy = {x.pipeline for x in self.sessions.values()}
+        old = {shape(sts): sts for sts in sorted(serving, key=lambda sts: sts[0].pipeline in busy)}  # a busy one wins a tie
+        out = {}
+        for number, sts in self._pipelines().items():
+            prev = old.pop(shape(sts), None)
+            if prev is None:
+                continue
+            old_number, index = prev[0].pipeline, {}
+            for new, st in zip(sts, prev):
+                index[st.index] = new.index
+                st.index, st.pipeline, st.retiring = new.index, new.pipeline, False
+                st.holders, st.ready = new.holders, set(new.ready) | (st.ready & set(new.holders))
+                self.stages[new.index] = st
+            out[old_number] = (number, index)
+        return out
+
     def _keep_serving(self, serving: list[list[Stage]]) -> dict[int, tuple[int, dict]]:
         """After a re-plan, the old plan's ready pipelines that sessions run on keep serving
         them, as retiring pipelines appended after the new ones (their holders only: what they
@@ -213,9 +237,19 @@ class Planning:
             return []
         pipes = self._pipelines()
         moved = [s for s in self.sessions.values() if s.pipeline in {st.pipeline for st in gone}]
-        # every new pipeline ready: the sessions still on retiring ones move over (their history
-        # replayed there, as after any restart: the next token follows exactly)
+        # every new pipeline ready: the sessions still on retiring ones move over, one at a time
+        # (the next when the one before has its first token there: each replays only its own
+        # history while the others go on decoding), as after any restart the next token exact
         if not lost and not all(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring):
+            return []
+        if not lost and moved:
+            if self._migrating not in self.sessions:
+                s = min(moved, key=lambda x: len(x.prompt_ids) + len(x.tokens))
+                s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
+                for st in gone:
+                    st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+                self._restart_session(s)
+                self._migrating = s.request_id
             return []
         self.stages = [st for st in self.stages if not st.retiring]
         for s in moved:
