@@ -28,7 +28,10 @@ fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32) {
           qx += codes4(wbase, j0) * xv;
           xs += xv;
         }
-        acc_lo.x += sm.x * dot(qx, ones) + sm.y * dot(xs, ones);
+        acc_lo.x += sm.x * dot(qx, ones);
+        if (!SYMMETRIC) {  // symmetric codes come offset from codes4: no min term
+          acc_lo.x += sm.y * dot(xs, ones);
+        }
       } else {
         var qx_lo = vec4<f32>(0.0);
         var xs_lo = vec4<f32>(0.0);
@@ -45,8 +48,12 @@ fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32) {
             xs_hi += ones * x_hi;
           }
         }
-        acc_lo += sm.x * qx_lo + sm.y * xs_lo;
-        acc_hi += sm.x * qx_hi + sm.y * xs_hi;
+        acc_lo += sm.x * qx_lo;
+        acc_hi += sm.x * qx_hi;
+        if (!SYMMETRIC) {
+          acc_lo += sm.y * xs_lo;
+          acc_hi += sm.y * xs_hi;
+        }
       }
     }
   }

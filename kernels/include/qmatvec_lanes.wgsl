@@ -16,10 +16,16 @@
 
 // Output n's (rows m0..m0+3) share of one vec4 of inputs: q . X per row, scaled, plus min * sum x.
 fn lanes_term(sm: vec2<f32>, q: vec4<f32>, xq: mat4x4<f32>, xs: vec4<f32>) -> vec4<f32> {
+  if (SYMMETRIC) {
+    return sm.x * (q * xq);  // codes4's codes are offset: no min term (nor sums of x)
+  }
   return sm.x * (q * xq) + sm.y * xs;
 }
 
 fn lanes_term1(sm: vec2<f32>, q: vec4<f32>, xv: vec4<f32>, xs: f32) -> f32 {
+  if (SYMMETRIC) {
+    return sm.x * dot(q, xv);
+  }
   return sm.x * dot(q, xv) + sm.y * xs;
 }
 
