@@ -301,10 +301,16 @@ def weight_bytes(weights: ModelWeights) -> int:
     return total + (weights.head.output.nbytes if weights.head else 0)
 
 
+# untimed decode steps at most before the timed ones: the KV context a workload needs is
+# prompt + WARM_STEPS + steps (a long --prompt ran past the backend's 1024 positions)
+WARM_STEPS = 256
+
+
 def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rng, warm_s: float = 0.5) -> dict:
     """``rows`` sessions (a prompt of ``prompt`` tokens each, prefilled together) decoding
     together: forward_topk steps of one row each, after untimed ones for at least 2 steps and
-    ``warm_s`` seconds (right after a 7B upload an H200 ran 1-row steps 3x slower for ~0.2 s)."""
+    ``warm_s`` seconds or WARM_STEPS steps (right after a 7B upload an H200 ran 1-row steps 3x
+    slower for ~0.2 s)."""
     ids = [f"r{rows}.{j}" for j in range(rows)]
     x = (rng.standard_normal((rows * prompt, cfg.hidden)) * 0.5).astype(np.float32)
     be.forward_topk([SessionSlice(s, 0, prompt) for s in ids], x, 1)
@@ -314,7 +320,7 @@ def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rn
         t = time.perf_counter()
         be.forward_topk([SessionSlice(s, pos, 1) for s in ids], one, 1)
         pos += 1
-        if pos - prompt > 2 and t - t0 >= warm_s:
+        if pos - prompt > 2 and (t - t0 >= warm_s or pos - prompt > WARM_STEPS):
             times.append(time.perf_counter() - t)
     cached = be._plans.get(("forward_topk", "h", 1, None))
     plan = cached[2] if cached else []
@@ -412,7 +418,8 @@ def roofline(a) -> int:
         for variant in variants:
             tuning, options = variant_tuning(dev, variant)
             t0 = time.perf_counter()
-            be = WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, 1024, device=dev, tuning=tuning, **options)
+            ctx = max(1024, a.prompt + WARM_STEPS + a.steps + 8)
+            be = WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, ctx, device=dev, tuning=tuning, **options)
             load_s = time.perf_counter() - t0
             for rows in rows_list:
                 r = decode_workload(be, cfg, rows, a.steps, a.prompt, rng)
