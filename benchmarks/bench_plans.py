@@ -18,8 +18,6 @@ round):
   decode part of the ratio (a single worker batches 8 rows, each replica 2);
 * join: 4 streams on one worker while a second joins: the longest pause between two tokens, in
   median inter-token gaps (target <= 2 steps' time);
-* replan: the same with `stages = 2`, so that the join re-plans the running pipeline (its range
-  split): the longest pause until the streams moved to the new plan;
 * network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
   ways): the chosen plan's single-stream ms a token against the best of every depth tried
   (stages = 1..4; target <= 1.10x);
@@ -368,22 +366,6 @@ def _pauses(requests: list, since: float, twin: list | None = None) -> dict:
     return out
 
 
-def bench_replan(log: Path, settings: str, tokens: int, repeats: int) -> dict:
-    """As bench_join, with `stages = 2`: the joining worker makes the planner split the running
-    pipeline's range (a re-plan that changes it, not a replica added): the running pipeline
-    serves its streams while the new one loads, then they move over between steps, each
-    replaying its history there. The longest pause from the join until a second after the
-    old pipeline retired, in median gaps, side by side with a twin that has no join."""
-    runs = [_join_once(log, settings + "stages = 2\n", tokens, k, name="replan", until="retired") for k in range(repeats)]
-    out = {"max_gap_steps_replan": statistics.median(r["join"]["max_gap_steps"] for r in runs),
-           "max_gap_steps_no_replan": statistics.median(r["no_join"]["max_gap_steps"] for r in runs),
-           "max_gap_steps_replan_unshared": statistics.median(r["join"]["max_gap_steps_unshared"] for r in runs), "runs": runs}
-    print(f"re-plan during 4 streams (stages = 2, a second worker joins): the longest pause, median of {repeats}: "
-          f"{out['max_gap_steps_replan']:.2f} median gaps with it, {out['max_gap_steps_no_replan']:.2f} without "
-          f"({out['max_gap_steps_replan_unshared']:.2f} not overlapping a stall of the twin)", flush=True)
-    return out
-
-
 def _renice_when_loaded(c: Cluster, since: float, pid: int) -> None:
     """The joining worker starts at nice 19 (its process start would otherwise take the cores the
     running streams need), and serves at nice 0 once it has loaded, as a tab on its own device
@@ -402,8 +384,8 @@ def _renice_when_loaded(c: Cluster, since: float, pid: int) -> None:
         time.sleep(0.05)
 
 
-def _join_once(log: Path, settings: str, tokens: int, k: int, name: str = "join", until: str = "loaded") -> dict:
-    c, quiet = Cluster(f"{name}{k}", log, settings), Cluster(f"no{name}{k}", log, settings)
+def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
+    c, quiet = Cluster(f"join{k}", log, settings), Cluster(f"nojoin{k}", log, settings)
     try:
         c.start(), quiet.start()
         c.add("numpy-0")
@@ -418,7 +400,7 @@ def _join_once(log: Path, settings: str, tokens: int, k: int, name: str = "join"
         joined_at = time.perf_counter()
         c.add("numpy-late", nice=19)
         threading.Thread(target=_renice_when_loaded, args=(c, joined_at, c.procs[-1].pid), daemon=True).start()
-        c.coord.wait_for(lambda st: any(e["kind"] == until and e["t"] >= joined_at for e in st["events"]), 120, f"the late worker's {until}")
+        c.coord.wait_for(lambda st: any(e["kind"] == "loaded" and e["t"] >= joined_at for e in st["events"]), 120, "the late worker loaded")
         time.sleep(1.0)
         stop.set()
         for t in threads:
@@ -509,7 +491,6 @@ def record(out: dict) -> None:
                Figure.of("plans.replicas_8_streams_4_over_1", out["replicas"]["ratio_rounds"], "×", "higher"),
                Figure.of("plans.join_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
                Figure.of("plans.no_join_max_pause_steps", [r["no_join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
-               Figure.of("plans.replan_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["replan"]["runs"]], "steps", "lower"),
                Figure.of("plans.network_mix_chosen_over_best_depth", out["network_mix"]["ratio_rounds"], "×", "lower"),
                Figure.of("plans.cold_start_to_first_token_s", [out["cold_start"]["serve_start_to_first_token_s"]], "s", "lower")]
     append_figures(figures, "bench_plans")
@@ -522,11 +503,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, replan, mix, cold")
+    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, mix, cold")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     a = ap.parse_args()
     rounds, tokens = (2, 24) if a.quick else (a.rounds, 48)
-    only = set((a.only or "mixed,replicas,join,replan,mix,cold").split(","))
+    only = set((a.only or "mixed,replicas,join,mix,cold").split(","))
     settings = "probation_steps = 0\nspot_check_fraction = 0.0\n"
     log = Path(tempfile.mkdtemp(prefix="bench-plans-"))
     print(f"logs in {log}", flush=True)
@@ -537,14 +518,12 @@ def main() -> None:
         out["replicas"] = bench_replicas(log, settings, rounds, tokens)
     if "join" in only:
         out["join"] = bench_join(log, settings, 48, 1 if a.quick else 3)
-    if "replan" in only:
-        out["replan"] = bench_replan(log, settings, 48, 1 if a.quick else 3)
     if "mix" in only:
         out["network_mix"] = bench_network_mix(log, settings, rounds, tokens)
     if "cold" in only:
         out["cold_start"] = bench_cold_start(log, settings)
     print(json.dumps(out))
-    if not a.no_history and only == {"mixed", "replicas", "join", "replan", "mix", "cold"}:
+    if not a.no_history and only == {"mixed", "replicas", "join", "mix", "cold"}:
         record(out)
 
 

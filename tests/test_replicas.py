@@ -244,8 +244,9 @@ def test_placement_counts_on_the_speed_steps_show_not_the_one_measured_at_join(w
 
 
 def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_one_is_loaded(weights):
-    """A much faster tab joins while sessions run: the new plan is made at once (not when they
-    end), the running pipeline serves them while the new one loads, tokens keep coming, and the
+    """A new plan made while sessions run (here directly: the tick still defers one that changes
+    a running pipeline until no session runs; a stage left without a primary re-plans at once):
+    the running pipeline serves them while the new one loads, tokens keep coming, and the
     sessions move over one at a time between steps once the new plan is ready, exactly."""
     ref = greedy_tokens(weights, PROMPT, 40)
     net = start_net(weights, 2, stages=2)
@@ -260,6 +261,7 @@ def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_on
     for wid, w in core.workers.items():
         w.ms_per_layer, w.step_ms_per_layer = (0.1 if w.conn == fast else 1.0), None
     net.frozen.add(fast)  # slow to load (for 0.7 s: silent 0.8 s, it would be dead): the new plan cannot take over yet
+    net.perform(core._replan(net.now))  # (the tick defers a plan that changes a running pipeline: made here directly)
     stamps = []  # (scheduler steps so far, tokens so far) at each token
     def note():  # a token a tick at most: the harness's compute takes no time
         n = len(net.tokens("s"))
@@ -287,7 +289,7 @@ def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_on
 
 
 def test_a_re_plan_that_keeps_a_running_pipeline_goes_on_without_a_replay(weights, reference):
-    """The other replica's worker dies while a session runs on the first: the re-plan's pipeline
+    """The other replica's worker dies while a session runs on the first: a re-plan's pipeline
     of the same ranges and primaries is the running one, its session goes on with its KV where
     it is (no restart, no retiring pipeline)."""
     net = replicas(weights, 2)
@@ -297,6 +299,7 @@ def test_a_re_plan_that_keeps_a_running_pipeline_goes_on_without_a_replay(weight
     epoch, version = core.sessions["s"].log_epoch, core.plan_version
     mine = core.stages[core._entry(core.sessions["s"])].primary
     net.kill(next(w.conn for wid, w in core.workers.items() if wid != mine and not w.local))
+    net.perform(core._replan(net.now))  # (as when a stage is left without a primary)
     for _ in range(10):
         n = len(net.tokens("s"))
         net.advance(0.05, until=lambda: len(net.tokens("s")) > n)  # (a token a tick: the session is still running)

@@ -402,8 +402,8 @@ class Planning:
             return "the coordinator's own compute: serves only while no tab can" + (f" ({why})" if why else "")
         if why:
             return f"{flagged}unused: {why}"
-        if self._replan_at is not None:
-            return f"{flagged}waiting for the next plan"
+        if self._deferred_replan or self._replan_at is not None:
+            return f"{flagged}waiting for the next plan" + (" (sessions run on the current one)" if self._deferred_replan else "")
         return f"{flagged}unused: not in the plan"
 
     def unserved_reason(self) -> str | None:
