@@ -270,7 +270,14 @@ def _sticky(depth: int, trusted: list[WorkerCapacity], m: Model, bytes_per_ms: f
         mid = (a + b) // 2
         # the primary keeps the half with the head (the newcomer loads less), else the first half
         stages[i:i + 1] = [[a, mid, None], [mid, b, p]] if i == len(stages) - 1 else [[a, mid, p], [mid, b, None]]
-    used = {st[2].worker_id for st in stages if st[2]}
+    # a worker is primary on one stage only: after a failover the running pipeline may have one
+    # worker serving two ranges (it covered a dead tab's); it keeps the first, the others go free
+    used = set()
+    for st in stages:
+        if st[2] is not None and st[2].worker_id in used:
+            st[2] = None
+        elif st[2] is not None:
+            used.add(st[2].worker_id)
     for i, st in enumerate(stages):
         head = i == len(stages) - 1
         if st[2] is not None and st[2].memory_bytes / st[2].expansion < (st[1] - st[0]) * m.layer_bytes + (m.head_bytes if head else 0):

@@ -256,3 +256,15 @@ def test_a_join_sends_weights_to_the_newcomer_only():
     for w in core.workers.values():
         assert w.bytes_sent == sum(sizes[h] for h in w.have_blobs)  # nothing sent twice
     assert {wid for st in core.stages for wid in st.holders} == set(core.workers)
+
+
+def test_a_worker_primary_on_two_running_stages_keeps_one():
+    """After a failover one worker may serve two ranges of the running pipeline (it covered a
+    dead tab's). A plan that keeps the running ranges gives each stage its own primary: with
+    one stage per worker asked for, every worker is a primary (a browser test once saw one
+    worker on stages 0 and 3 and a fourth worker left out)."""
+    workers = [W(f"w{i}", 1.0, 200_000_000) for i in range(4)]
+    current = [(0, 13, "w0"), (13, 17, "w1"), (17, 21, "w2"), (21, 30, "w0")]
+    p = plan(workers, 30, 3_000_000, 30_000_000, 1, stages=16, current=current)
+    primaries = [sp.workers[0] for sp in p.pipelines[0]]
+    assert sorted(primaries) == ["w0", "w1", "w2", "w3"], p
