@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -254,25 +253,11 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     order) must be the browser's, its hidden states the browser's within f32 round-off."""
     from kernels import runner as R
     from protocol.model_types import SessionSlice
-    from tab_worker.numpy_backend import NumpyBackend
-    from protocol.blobs import pack_head, pack_layer
     from tab_worker.wgpu_backend import WgpuBackend
-    from model.embedding import embed
 
     w = smollm2_weights
-    files = {f"layer{i}.blob": pack_layer(i, w.layers[i]) for i in (0, 1)}
-    files["head.blob"] = pack_head(w.head)
-    files["config.json"] = json.dumps(w.config.to_dict()).encode()
-    x = embed(w.embedding, [504, 3575, 282, 4649, 314, 7042, 30])
-    files["x.f32"] = x.astype("<f4").tobytes()
-    be = NumpyBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64)
-    want = np.concatenate([be.forward([SessionSlice("s", 0, 6)], x[:6]), be.forward([SessionSlice("s", 6, 1)], x[6:])])
+    x, be, want, out = _two_layers_in_a_tab(cluster, browser, w, [["unfused", 0], ["fused", 16]])
     ids, values = be.head_topk(want[-1:], 5)
-    page = browser.new_page()
-    page.route("**/parity-files/*", lambda route: route.fulfill(status=200, body=files[route.request.url.rsplit("/", 1)[1]]))
-    page.goto(f"{cluster.base}/tab/static/index.html")  # any page of the origin: the modules load from it
-    out = page.evaluate(WEBGPU_PARITY_JS, {"fuseRuns": [["unfused", 0], ["fused", 16]]})
-    page.close()
     assert out["fused"]["decodeDispatches"] == 2 * 6 and out["unfused"]["decodeDispatches"] == 2 * 10, out
     for name, e in out.items():
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=name)
@@ -291,21 +276,14 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
         np.testing.assert_allclose(got, np.array(out[name]["hidden"]).reshape(want.shape), atol=1e-3, rtol=1e-4, err_msg=name)
 
 
-def test_webgpu_tab_backend_runs_a_rotated_ffn(cluster, browser, smollm2_weights):
-    """A model whose FFN hidden spaces are rotated (tabshard/rotation.py, issue 22): the tab's
-    WebGPU backend takes the layer program's silu_hadamard branch (silu_hadamard then ffn_down
-    instead of the fused silu + down) and matches NumpyBackend."""
-    from dataclasses import replace
-
-    from kernels.quant import QuantSpec
+def _two_layers_in_a_tab(cluster, browser, w, fuse_runs):
+    """Layers 0-1 and the head of `w` run by NumpyBackend and by the tab's WebGPU backend
+    (WEBGPU_PARITY_JS, files served to the page): (x, the numpy backend, its hidden states,
+    the tab's output by fuse run)."""
     from model.embedding import embed
-    from protocol.blobs import pack_head, pack_layer
     from protocol.model_types import SessionSlice
     from tab_worker.numpy_backend import NumpyBackend
-    from tabshard.rotation import rotate_ffn_weights
 
-    w = rotate_ffn_weights(replace(smollm2_weights, layers=smollm2_weights.layers[:2]), seed=22, spec=QuantSpec.parse("s4g64"))
-    assert w.config.ffn_hadamard == 512
     files = {f"layer{i}.blob": pack_layer(i, w.layers[i]) for i in (0, 1)}
     files["head.blob"] = pack_head(w.head)
     files["config.json"] = json.dumps(w.config.to_dict()).encode()
@@ -315,9 +293,25 @@ def test_webgpu_tab_backend_runs_a_rotated_ffn(cluster, browser, smollm2_weights
     want = np.concatenate([be.forward([SessionSlice("s", 0, 6)], x[:6]), be.forward([SessionSlice("s", 6, 1)], x[6:])])
     page = browser.new_page()
     page.route("**/parity-files/*", lambda route: route.fulfill(status=200, body=files[route.request.url.rsplit("/", 1)[1]]))
-    page.goto(f"{cluster.base}/tab/static/index.html")
-    out = page.evaluate(WEBGPU_PARITY_JS, {"fuseRuns": [["fused", 16]]})["fused"]
+    page.goto(f"{cluster.base}/tab/static/index.html")  # any page of the origin: the modules load from it
+    out = page.evaluate(WEBGPU_PARITY_JS, {"fuseRuns": fuse_runs})
     page.close()
+    return x, be, want, out
+
+
+def test_webgpu_tab_backend_runs_a_rotated_ffn(cluster, browser, smollm2_weights):
+    """A model whose FFN hidden spaces are rotated (tabshard/rotation.py, issue 22): the tab's
+    WebGPU backend takes the layer program's silu_hadamard branch (silu_hadamard then ffn_down
+    instead of the fused silu + down) and matches NumpyBackend."""
+    from dataclasses import replace
+
+    from kernels.quant import QuantSpec
+    from tabshard.rotation import rotate_ffn_weights
+
+    w = rotate_ffn_weights(replace(smollm2_weights, layers=smollm2_weights.layers[:2]), seed=22, spec=QuantSpec.parse("s4g64"))
+    assert w.config.ffn_hadamard == 512
+    _, _, want, out = _two_layers_in_a_tab(cluster, browser, w, [["fused", 16]])
+    out = out["fused"]
     kernels = [d[0] for d in out["trace"]]
     assert kernels.count("silu_hadamard") == 2 and "qmatvec_silu" not in kernels, kernels
     np.testing.assert_allclose(np.array(out["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4)
