@@ -63,18 +63,15 @@ class Recovery:
         if expired:
             out += self._release_finishes(now)
         if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
-            self._replan_at = None
             if self.sessions and self.stages and all(s.primary for s in self.stages):
+                self._replan_at = None
                 extended = self._extend_plan(now)  # new serving replicas join at once
                 if extended is None:
-                    # a plan that changes a running pipeline waits until no session runs: made
-                    # mid-session (the running pipelines serving on, their sessions moving over
-                    # once it loaded) it made honest tabs fail spot checks in test_cluster
-                    # under load (cause not found yet), and the move paused streams for seconds
-                    self._deferred_replan = True
+                    self._deferred_replan = True  # running sessions keep their plan
                 else:
                     out += extended
             else:
+                self._replan_at = None
                 self._deferred_replan = False
                 out += self._replan(now)
         # requests that cannot be served fail after a bound, with a retriable error

@@ -173,6 +173,10 @@ class Sessions:
         out += self._drop_everywhere(s.request_id)
         out += self._forget_verify_kv(lambda k: k[0] == s.request_id)
         out += self._retire(now)  # the last session on the old plan's pipelines is done
-        if not self.sessions and self._deferred_replan:
-            self._replan_at = now  # membership changed while sessions ran: the new plan now
+        if not self.sessions and self._replan_pending():
+            self._replan_at = now
         return out
+
+    def _replan_pending(self) -> bool:
+        """Membership changed while sessions ran: apply the new plan once they finish."""
+        return self._deferred_replan
