@@ -29,6 +29,7 @@ import websockets
 
 from protocol import wire
 from protocol.blobs import pack_head, pack_layer
+from tests.layer_parity import run_tab_cpu_engines, two_layer_case
 from tabshard.cluster import LocalCluster
 from tab_worker.generate import LocalGenerator
 
@@ -38,6 +39,7 @@ CHROMIUM = "/usr/bin/chromium"
 PROMPT = "What is the capital of France?"
 N = 6
 TOKEN = "tab-test-token"
+PARITY_TOKENS = [504, 3575, 282, 4649, 314, 7042, 30]  # the two-layer parity case's prompt
 BASE_FLAGS = ["--headless=new", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
               "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
 WEBGPU_FLAGS = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-webgpu-adapter=swiftshader"]
@@ -179,31 +181,13 @@ def test_tab_refuses_an_assignment_beyond_its_budget():
 
 def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
     """WASM SIMD and plain JS (in node) against NumpyBackend on two real layers and the head."""
-    from protocol.model_types import SessionSlice
-    from tab_worker.numpy_backend import NumpyBackend
-    from protocol.blobs import pack_head, pack_layer
-    from model.embedding import embed
-
     build_assets()
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
-    w = smollm2_weights
-    for i in (0, 1):
-        (tmp_path / f"layer{i}.blob").write_bytes(pack_layer(i, w.layers[i]))
-    (tmp_path / "head.blob").write_bytes(pack_head(w.head))
-    (tmp_path / "config.json").write_text(json.dumps(w.config.to_dict()))
-    x = embed(w.embedding, [504, 3575, 282, 4649, 314, 7042, 30])
-    x.astype("<f4").tofile(tmp_path / "x.f32")
-    be = NumpyBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64)
-    want = np.concatenate([be.forward([SessionSlice("s", 0, 6)], x[:6]), be.forward([SessionSlice("s", 6, 1)], x[6:])])
+    files, _, be, want = two_layer_case(smollm2_weights, PARITY_TOKENS)
     ids, values = be.head_topk(want[-1:], 5)
-    r = subprocess.run([node, str(ROOT / "tests" / "js" / "cpu_backend_parity.mjs"), str(DIST), str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    results = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [e["engine"] for e in results] == ["wasm", "js"]
-    for e in results:
+    for e in run_tab_cpu_engines(node, DIST, files, tmp_path):
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=e["engine"])
         assert e["ids"] == ids[0].tolist(), e["engine"]
         np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=e["engine"])
@@ -280,17 +264,7 @@ def _two_layers_in_a_tab(cluster, browser, w, fuse_runs):
     """Layers 0-1 and the head of `w` run by NumpyBackend and by the tab's WebGPU backend
     (WEBGPU_PARITY_JS, files served to the page): (x, the numpy backend, its hidden states,
     the tab's output by fuse run)."""
-    from model.embedding import embed
-    from protocol.model_types import SessionSlice
-    from tab_worker.numpy_backend import NumpyBackend
-
-    files = {f"layer{i}.blob": pack_layer(i, w.layers[i]) for i in (0, 1)}
-    files["head.blob"] = pack_head(w.head)
-    files["config.json"] = json.dumps(w.config.to_dict()).encode()
-    x = embed(w.embedding, [504, 3575, 282, 4649, 314, 7042, 30])
-    files["x.f32"] = x.astype("<f4").tobytes()
-    be = NumpyBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64)
-    want = np.concatenate([be.forward([SessionSlice("s", 0, 6)], x[:6]), be.forward([SessionSlice("s", 6, 1)], x[6:])])
+    files, x, be, want = two_layer_case(w, PARITY_TOKENS)
     page = browser.new_page()
     page.route("**/parity-files/*", lambda route: route.fulfill(status=200, body=files[route.request.url.rsplit("/", 1)[1]]))
     page.goto(f"{cluster.base}/tab/static/index.html")  # any page of the origin: the modules load from it
@@ -383,6 +357,21 @@ def test_tab_closed_mid_generation_recovers_identical_tokens(cluster, browser, r
     assert time.monotonic() - closed_at < 240
 
 
+def _loaded_and_never_held(page, before: dict, w):
+    """Once the tab's ranges are loaded (a tab the plan keeps as a spare gets none: then nothing
+    may come), (its stats, the layers it held in `before`'s stats, the layers it holds now, the
+    bytes of the blobs it did not hold before: all it may have been sent since)."""
+    with contextlib.suppress(playwright_api.TimeoutError):
+        page.wait_for_function("window.tabState.stats.ranges.length > 0 && window.tabState.stats.progress.received"
+                               " >= window.tabState.stats.progress.total", timeout=60_000)
+    after = page.evaluate("window.tabState.stats")
+    held = {i for a, b in before["ranges"] for i in range(a, b)}
+    now = {i for a, b in after["ranges"] for i in range(a, b)}
+    allowed = sum(len(pack_layer(i, w.layers[i])) for i in now - held)
+    allowed += len(pack_head(w.head)) if after["heads"] and not before["heads"] else 0
+    return after, held, now, allowed
+
+
 def test_tab_survives_losing_its_gpu_device_mid_generation(cluster, browser, reference, smollm2_weights):
     """device.destroy() mid-stream (what a driver reset or an out-of-memory does to a tab): the
     tab leaves at once, the coordinator recovers the stream with the exact tokens, and the tab
@@ -414,16 +403,8 @@ def test_tab_survives_losing_its_gpu_device_mid_generation(cluster, browser, ref
                for _, state, why in mine if why), mine
     st = cluster.wait_for(lambda s: any(w["name"] == name and w["state"] not in ("dead", "quarantined")
                                         for w in tab_workers(s)), 120, what=f"{name} back in the cluster")
-    # once its new ranges are loaded: bytes downloaded since the loss <= the blobs it never held
-    # (a tab the new plan keeps as a spare gets no range: then nothing may have been downloaded)
-    with contextlib.suppress(playwright_api.TimeoutError):
-        page.wait_for_function("window.tabState.stats.ranges.length > 0 && window.tabState.stats.progress.received"
-                               " >= window.tabState.stats.progress.total", timeout=60_000)
-    after = page.evaluate("window.tabState.stats")
-    held = {i for a, b in before["ranges"] for i in range(a, b)}
-    new = {i for a, b in after["ranges"] for i in range(a, b)} - held
-    allowed = sum(len(pack_layer(i, smollm2_weights.layers[i])) for i in new)
-    allowed += len(pack_head(smollm2_weights.head)) if after["heads"] and not before["heads"] else 0
+    # bytes downloaded since the loss <= the blobs it never held
+    after, held, _, allowed = _loaded_and_never_held(page, before, smollm2_weights)
     downloaded = after["bytes_received"] - before["bytes_received"]
     assert downloaded <= allowed, (before["ranges"], after["ranges"], downloaded, allowed)
     assert held, before
@@ -444,14 +425,7 @@ def test_reloaded_tab_rejoins_from_its_cache(cluster, browser, reference, smollm
     cluster.wait_for(lambda s: sum(1 for w in tab_workers(s) if w["name"] == name) == 1
                      and any(w["name"] == name and w["state"] in ("ready", "idle") for w in tab_workers(s)), 240,
                      what=f"{name} rejoined")
-    with contextlib.suppress(playwright_api.TimeoutError):
-        page.wait_for_function("window.tabState.stats.ranges.length > 0 && window.tabState.stats.progress.received"
-                               " >= window.tabState.stats.progress.total", timeout=60_000)
-    after = page.evaluate("window.tabState.stats")
-    held = {i for a, b in before["ranges"] for i in range(a, b)}
-    now = {i for a, b in after["ranges"] for i in range(a, b)}
-    allowed = sum(len(pack_layer(i, smollm2_weights.layers[i])) for i in now - held)
-    allowed += len(pack_head(smollm2_weights.head)) if after["heads"] and not before["heads"] else 0
+    after, held, now, allowed = _loaded_and_never_held(page, before, smollm2_weights)
     assert held and after["bytes_received"] <= allowed, (before["ranges"], after["ranges"], after["bytes_received"], allowed)
     if now & held:
         assert after["bytes_from_cache"] > 0, after  # what it held came from its cache

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tabshard import calibration as C
 from tabshard import mixed_precision as M
 from tabshard import qmodel
 from tabshard.rotation import ffn_block, hadamard, rotate_ffn, rotate_ffn_weights
+from tests.layer_parity import run_tab_cpu_engines, two_layer_case
 from tests.tiny_model import TINY, tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,28 +167,13 @@ def test_tsq_refuses_an_ffn_rotation_record_the_config_contradicts(rotated, tmp_
 def test_tab_cpu_engines_apply_the_rotation(weights, tmp_path):
     """The tab's WASM (pk_hadamard of packed_kernels.c) and plain-JS engines, in node, on a
     rotated model's blobs against NumpyBackend."""
-    from model.embedding import embed
-    from protocol.blobs import pack_head, pack_layer
-
     dist = ROOT / "tab_worker" / "web" / "dist"
     node = shutil.which("node")
     if node is None or not (dist / "kernels.wasm").exists():
         pytest.skip("node or the built tab assets (tab_worker/web/build.py) are missing")
     w = rotate_ffn_weights(weights, seed=6, spec=QuantSpec.parse("a4g32"))
-    for i in (0, 1):
-        (tmp_path / f"layer{i}.blob").write_bytes(pack_layer(i, w.layers[i]))
-    (tmp_path / "head.blob").write_bytes(pack_head(w.head))
-    (tmp_path / "config.json").write_text(json.dumps(w.config.to_dict()))
-    x = embed(w.embedding, [5, 17, 200, 33, 9])
-    x.astype("<f4").tofile(tmp_path / "x.f32")
-    be = NumpyBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64)
-    want = np.concatenate([be.forward([SessionSlice("s", 0, 4)], x[:4]), be.forward([SessionSlice("s", 4, 1)], x[4:])])
-    r = subprocess.run([node, str(ROOT / "tests" / "js" / "cpu_backend_parity.mjs"), str(dist), str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    results = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [e["engine"] for e in results] == ["wasm", "js"]
-    for e in results:
+    files, _, _, want = two_layer_case(w, [5, 17, 200, 33, 9])
+    for e in run_tab_cpu_engines(node, dist, files, tmp_path):
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-4, rtol=1e-4, err_msg=e["engine"])
 
 
