@@ -1,7 +1,8 @@
 """GPTQ's damping and scale refit, chosen by measurement across domains.
 
 For a sample of SmolLM2's matrices (every type, a few layers), GPTQ runs with each damping
-(fraction of mean(diag H) added to the diagonal), with and without the scale refit
+(fraction of mean(diag H) added to the diagonal), with and without act-order (``--act-order
+on,off``), with and without the scale refit
 (kernels/quantizers.gptq_refined), with and without the source's block grids as candidates
 (quantizers.source_grid), and the importance-weighted clip search alone as the floor.
 Leave one calibration domain out: the Hessians GPTQ uses come from two of the three calibration
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="4,15,26")
     p.add_argument("--formats", default="a4g64")
     p.add_argument("--damps", default="0.01,0.1,0.3,1.0")
+    p.add_argument("--how", default="plain,refit,refit+grid", help="GPTQ variants: plain, refit, refit+grid")
+    p.add_argument("--act-order", default="on", help="on, off or on,off: GPTQ's column order by diag H")
+    p.add_argument("--no-clip", action="store_true", help="leave out the clip-search floor")
     p.add_argument("--json", default="artifacts/q22/gptq_settings.json")
     a = p.parse_args(argv)
 
@@ -54,7 +58,9 @@ def main(argv=None) -> int:
     hess = {d: C.hessians(dense, mixed.calib[d])[0] for d in domains}
     layers = [int(x) for x in a.layers.split(",")]
     attr_of = {v: k for k, v in C.TYPE_OF.items()}
-    variants = ["clip", "clip+grid"] + [f"damp {d} {r}" for d in a.damps.split(",") for r in ("plain", "refit", "refit+grid")]
+    orders = {"on": "", "off": " no-act-order"}
+    variants = ([] if a.no_clip else ["clip", "clip+grid"]) + \
+        [f"damp {d} {r}{orders[o]}" for o in a.act_order.split(",") for d in a.damps.split(",") for r in a.how.split(",")]
     results = []
     for fmt in a.formats.split(","):
         spec = QuantSpec.parse(fmt)
@@ -73,8 +79,8 @@ def main(argv=None) -> int:
                         if v.startswith("clip"):
                             q = Q.quantize_clip(w, spec, np.diag(h_train), extra=grid if v.endswith("grid") else ())
                         else:
-                            _, damp, how = v.split()
-                            hs = Q.GPTQHessian.of(h_train, float(damp))
+                            _, damp, how, *no_act = v.split()
+                            hs = Q.GPTQHessian.of(h_train, float(damp), act_order=not no_act)
                             if how == "plain":
                                 q = Q.gptq(w, hs, spec)
                             else:
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
         for v in variants:
             g = geomean(errs[v])
             results.append({"format": fmt, "variant": v, "geomean_rel_error": g, "folds": domains})
-            print(f"{fmt} {v:18s} cross-domain rel. output error {g:.5f}", flush=True)
+            print(f"{fmt} {v:32s} cross-domain rel. output error {g:.5f}", flush=True)
         print(f"{fmt}: {time.perf_counter() - t0:.0f}s", flush=True)
     with open(a.json, "w") as f:
         json.dump({"layers": layers, "results": results}, f, indent=1)

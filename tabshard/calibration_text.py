@@ -245,10 +245,16 @@ class MixedText:
 
 def build(tokenizer, *, calib_tokens: int = 6144, sens_tokens: int = 768, eval_tokens: int = 2048,
           window: int = 512, seed: int = SEED, calibration=CALIBRATION_DOMAINS, heldout=HELDOUT_DOMAINS,
-          cache_dir: str | None = None) -> MixedText:
+          cache_dir: str | None = None, selection: tuple[int, int] | None = None) -> MixedText:
     """The calibration mix and the held-out domains as token ids. ``calib_tokens`` and
     ``sens_tokens`` are totals split evenly across the calibration domains (each domain's
-    calibration share rounded down to whole windows); ``eval_tokens`` is per held-out domain."""
+    calibration share rounded down to whole windows); ``eval_tokens`` is per held-out domain.
+
+    ``selection=(start, n)`` evaluates instead on each calibration domain's tokens
+    [start, start + n), named ``sel:DOMAIN``: text of the calibration domains in no Hessian and
+    no sensitivity score, where choices between schemes are made (the held-out domains are
+    then not built, so nothing chosen there has seen them). One ``start`` past the largest
+    calibration size compared gives every candidate the same selection tokens."""
     overlap = set(calibration) & set(heldout)
     if overlap:
         raise ValueError(f"domains both calibrated on and held out: {sorted(overlap)}")
@@ -266,7 +272,15 @@ def build(tokenizer, *, calib_tokens: int = 6144, sens_tokens: int = 768, eval_t
         out.calib[name] = ids[:per_calib]
         out.sens[name] = ids[per_calib:per_calib + per_sens]
         out.notes.append(f"{name}: {ndocs} documents")
-    for name in heldout:
+        if selection is not None:
+            start, n = selection
+            if start < per_calib + per_sens:
+                raise ValueError(f"selection tokens from {start} overlap {name}'s calibration and sensitivity "
+                                 f"tokens (the first {per_calib + per_sens})")
+            if len(ids) < start + n:
+                raise ValueError(f"{name}: {len(ids)} tokens, fewer than the selection's {start + n}")
+            out.eval[f"sel:{name}"] = ids[start:start + n]
+    for name in (heldout if selection is None else ()):
         ids, ndocs = _domain_ids(tokenizer, name, seed, cache_dir)
         if len(ids) < min(eval_tokens, 4 * window):
             out.notes.append(f"{name}: {len(ids)} tokens from {ndocs} documents: too few to evaluate, left out")

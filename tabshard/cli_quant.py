@@ -15,6 +15,8 @@ Schemes (the report's rows, and ``quantize --scheme``) are written
                            seed 22 unless ``+had=SEED``): the runtime transforms the activation
                            before ffn_down (config.ffn_hadamard); with or without ``+rot``
 ``+seq``                   sequential GPTQ: each layer calibrated on the quantized layers' outputs
+``+damp=D``                GPTQ's damping D (fraction of mean diag H) for every code width, instead
+                           of kernels/quantizers.DAMP_BY_BITS: a setting to compare, not a format
 ``+emb=CHOICE``            the embedding/LM head too, e.g. ``+emb=clip:s4g32``
 ``+fmt=A/B/...``           the GPTQ formats (and ``source``) a mixed@B chooses among, e.g.
                            ``+fmt=s3g64/s4g128/a4g64/source`` (default: mixed_precision.MIXED_FORMATS)
@@ -72,11 +74,12 @@ class Scheme(NamedTuple):
     sequential: bool = False
     formats: tuple | None = None  # what a mixed@B chooses among (None: the default set)
     ffn_rotation: int | None = None  # +had: the FFN rotation's seed
+    damp: float | None = None  # +damp=D: GPTQ's damping (None: quantizers.DAMP_BY_BITS)
 
     @property
     def basis(self) -> tuple:
-        """What a Calibrator is built for: (residual rotation seed, FFN rotation seed)."""
-        return self.rotation, self.ffn_rotation
+        """What a Calibrator is built for: (residual rotation seed, FFN rotation seed, damping)."""
+        return self.rotation, self.ffn_rotation, self.damp
 
 
 def parse_scheme(scheme: str) -> Scheme:
@@ -84,7 +87,7 @@ def parse_scheme(scheme: str) -> Scheme:
     from tabshard.calibration import SOURCE, parse_choice
 
     linears, *opts = scheme.split("+")
-    emb, rotation, sequential, formats, ffn_rotation = SOURCE, None, False, None, None
+    emb, rotation, sequential, formats, ffn_rotation, damp = SOURCE, None, False, None, None, None
     for o in opts:
         if o.startswith("emb="):
             emb = o[4:]
@@ -102,8 +105,15 @@ def parse_scheme(scheme: str) -> Scheme:
                 raise TabshardError(f"bad scheme {scheme!r}: FFN rotation seed must be an integer") from None
         elif o == "seq":
             sequential = True
+        elif o.startswith("damp="):
+            try:
+                damp = float(o[5:])
+            except ValueError:
+                damp = -1.0
+            if not 0 < damp < 100:
+                raise TabshardError(f"bad scheme {scheme!r}: damp=D needs a positive number, got {o[5:]!r}")
         else:
-            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, had, had=SEED, seq, emb=CHOICE "
+            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, had, had=SEED, seq, damp=D, emb=CHOICE "
                                 f"or (mixed) fmt=A/B/..., got {o!r}")
     try:
         for c in ([] if linears.startswith("mixed@") else [linears]) + [emb] + list(formats or ()):
@@ -115,7 +125,7 @@ def parse_scheme(scheme: str) -> Scheme:
         raise TabshardError(f"bad scheme {scheme!r}: {exc}") from None
     if sequential and (linears == SOURCE or (not linears.startswith("mixed@") and parse_choice(linears)[0] != "gptq")):
         raise TabshardError(f"bad scheme {scheme!r}: +seq is sequential GPTQ; the linears here are not GPTQ")
-    return Scheme(linears, emb, rotation, sequential, formats, ffn_rotation)
+    return Scheme(linears, emb, rotation, sequential, formats, ffn_rotation, damp)
 
 
 def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
@@ -169,9 +179,9 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
     def calibrator(basis):
         if basis not in cals:
             t0 = time.perf_counter()
-            rotation, ffn_rotation = basis
+            rotation, ffn_rotation, damp = basis
             cals[basis] = C.Calibrator(source, calib_ids, window=window, cache_dir=cache_dir, rotation=rotation,
-                                       ffn_rotation=ffn_rotation)
+                                       ffn_rotation=ffn_rotation, damp=damp)
             log(f"calibration{'' if rotation is None else f' (rotation seed {rotation})'}"
                 f"{'' if ffn_rotation is None else f' (FFN rotation seed {ffn_rotation})'}: {len(calib_ids)} tokens, "
                 f"Hessians in {time.perf_counter() - t0:.1f}s")
@@ -332,6 +342,8 @@ def _mixed_text(a, tok):
     from tabshard import calibration_text as T
 
     try:
+        if a.texts and getattr(a, "selection", None):
+            raise ValueError("give --texts or --selection, not both (the saved ids say what they evaluate)")
         if a.texts:
             m = T.MixedText.load(a.texts)
             if not hasattr(a, "eval_domains"):
@@ -344,9 +356,22 @@ def _mixed_text(a, tok):
                        calibration=_domains(a.calib_domains, T.CALIBRATION_DOMAINS),
                        # quantize evaluates nothing: no held-out domain to build
                        heldout=_domains(a.eval_domains, T.HELDOUT_DOMAINS) if hasattr(a, "eval_domains") else (),
-                       cache_dir=a.cache)
+                       cache_dir=a.cache, selection=_selection(getattr(a, "selection", None)))
     except ValueError as exc:
         raise TabshardError(str(exc)) from None
+
+
+def _selection(arg: str | None):
+    """--selection START:N -> (START, N)."""
+    if arg is None:
+        return None
+    try:
+        start, n = (int(x) for x in arg.split(":"))
+    except ValueError:
+        raise TabshardError(f"bad --selection {arg!r}: expected START:N, e.g. 4352:4096") from None
+    if start < 0 or n < 2:
+        raise TabshardError(f"bad --selection {arg!r}: START >= 0 and N >= 2")
+    return start, n
 
 
 def _mixed_formats(a):
@@ -432,7 +457,8 @@ def cmd_quantize(a) -> int:
     model, tok, weights = _load(a)
     mixed = _mixed_text(a, tok)
     t0 = time.perf_counter()
-    cal = C.Calibrator(weights, mixed.calib_ids, cache_dir=a.cache, rotation=rotation, ffn_rotation=ffn_rotation)
+    cal = C.Calibrator(weights, mixed.calib_ids, cache_dir=a.cache, rotation=rotation, ffn_rotation=ffn_rotation,
+                       damp=scheme.damp if scheme else None)
     emb = a.embedding
     report: dict = {"calibration_tokens": len(mixed.calib_ids), "calibration": mixed.describe(),
                     "sequential": bool(sequential)}
@@ -501,6 +527,9 @@ def add_commands(sub) -> None:
     r = sub.add_parser("quant-report", help="perplexity, size and agreement of quantization schemes")
     common(r)
     r.add_argument("--eval-domains", metavar="A,B,...", help="held-out evaluation domains (default: licenses,man-pages,readmes)")
+    r.add_argument("--selection", metavar="START:N",
+                   help="evaluate on each calibration domain's tokens START..START+N (after its calibration and "
+                        "sensitivity tokens) instead of the held-out domains: where schemes are chosen")
     r.add_argument("--text", metavar="PATH", help="also evaluate on this UTF-8 file")
     r.add_argument("--save-texts", metavar="FILE.json", help="save the calibration and evaluation token ids (for --texts on another machine)")
     r.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per domain (512-token windows)")

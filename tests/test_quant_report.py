@@ -103,7 +103,8 @@ def test_quantize_many_in_worker_processes_equals_one_by_one(weights, ids, tmp_p
 def test_report_rows(weights, ids):
     evals = {"a": ids[:300], "b": ids[300:440]}
     rows = run_report(weights, evals, ids[-256:], [ids[:8], ids[10:20]],
-                      ["source", "rtn:s2g32", "gptq:s2g32", "mixed@3.0+emb=clip:s4g32", "gptq:s2g32+rot+seq"],
+                      ["source", "rtn:s2g32", "gptq:s2g32", "mixed@3.0+emb=clip:s4g32", "gptq:s2g32+rot+seq",
+                       "gptq:s2g32+damp=50"],
                       gen_tokens=6, sens_ids=ids[440:568], window=128)
     by = {r["scheme"]: r for r in rows}
     assert by["source"]["agreement"] == 1.0
@@ -113,6 +114,9 @@ def test_report_rows(weights, ids):
     assert by["gptq:s2g32"]["perplexity"]["a"] < by["rtn:s2g32"]["perplexity"]["a"]
     assert by["mixed@3.0+emb=clip:s4g32"]["bits_per_weight"] <= 3.0
     assert by["mixed@3.0+emb=clip:s4g32"]["embedding_bytes"] < by["source"]["embedding_bytes"]
+    # +damp=D reaches GPTQ: the same format, other codes
+    assert by["gptq:s2g32+damp=50"]["bits_per_weight"] == by["gptq:s2g32"]["bits_per_weight"]
+    assert by["gptq:s2g32+damp=50"]["perplexity"] != by["gptq:s2g32"]["perplexity"]
     rot = by["gptq:s2g32+rot+seq"]
     # rotated: the same formats on the linears; the (already untied) head and embedding at 8 bits like the source's
     assert rot["bits_per_weight"] == by["gptq:s2g32"]["bits_per_weight"]
@@ -126,10 +130,12 @@ def test_schemes():
     assert parse_scheme("gptq:s3g32+emb=clip:s4g32")[:4] == ("gptq:s3g32", "clip:s4g32", None, False)
     assert parse_scheme("mixed@3.0+rot+seq")[:4] == ("mixed@3.0", "source", 22, True)
     assert parse_scheme("gptq:a4g64+rot=5")[:4] == ("gptq:a4g64", "source", 5, False)
-    assert parse_scheme("gptq:a2g64+had+seq").basis == (None, 22) and parse_scheme("mixed@3.0+rot+had=4").basis == (22, 4)
+    assert parse_scheme("gptq:a2g64+had+seq").basis == (None, 22, None) and parse_scheme("mixed@3.0+rot+had=4").basis == (22, 4, None)
+    assert parse_scheme("gptq:a4g64+seq+damp=0.1").basis == (None, None, 0.1)
     assert parse_scheme("mixed@4.0+fmt=s3g64/s4g128/source").formats == ("gptq:s3g64", "gptq:s4g128", "source")
     for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc", "rtn:s3g32+seq", "gptq:a4g64+rot=x", "bogus:a4g64",
-                "mixed@4.0+fmt=s3g65", "gptq:a4g64+fmt=s3g64", "gptq:a4g64+had=x"):
+                "mixed@4.0+fmt=s3g65", "gptq:a4g64+fmt=s3g64", "gptq:a4g64+had=x",
+                "gptq:a4g64+damp=x", "gptq:a4g64+damp=0", "gptq:a4g64+damp=-1"):
         with pytest.raises(TabshardError):
             parse_scheme(bad)
 

@@ -106,6 +106,17 @@ def test_mixed_text_holds_its_evaluation_domains_out(smollm2_tokenizer, tmp_path
         T.build(smollm2_tokenizer, calibration=("licenses",), heldout=("licenses",))
 
 
+def test_selection_is_calibration_domain_text_in_no_hessian_nor_sensitivity_score(smollm2_tokenizer, tmp_path):
+    kw = dict(calib_tokens=512, sens_tokens=128, window=256, cache_dir=str(tmp_path), calibration=("python-docs", "docstrings"))
+    m = T.build(smollm2_tokenizer, selection=(400, 300), **kw)
+    assert set(m.eval) == {"sel:python-docs", "sel:docstrings"}  # no held-out domain built
+    for d in m.calib:
+        ids = T._domain_ids(smollm2_tokenizer, d, T.SEED, str(tmp_path))[0]
+        assert m.calib[d] + m.sens[d] == ids[:320] and m.eval[f"sel:{d}"] == ids[400:700]
+    with pytest.raises(ValueError, match="overlap"):
+        T.build(smollm2_tokenizer, selection=(319, 300), **kw)
+
+
 def test_render_man():
     page = '.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n.B ls\nlists \\fIfiles\\fR.\n.PP\nSee \\(em more.'
     assert T.render_man(page) == "NAME\nls - list directory contents\n\nDESCRIPTION\nls\nlists files.\n\nSee — more."
