@@ -17,7 +17,11 @@ round):
   share of a core, steps per worker, and the kernel's T(8 rows)/T(2 rows), which bounds the
   decode part of the ratio (a single worker batches 8 rows, each replica 2);
 * join: 4 streams on one worker while a second joins: the longest pause between two tokens, in
-  median inter-token gaps (target <= 2 steps' time);
+  median inter-token gaps (target <= 2 steps' time). Every worker here is slowed 5x asleep, as
+  in replicas: with full-speed numpy workers two clusters' compute filled this host's 2 cores, and
+  a twin cluster that saw no join already paused 3-9 median gaps, so the figure measured the host;
+  asleep, the joining worker's start and load take cores the running worker is not using, as a tab
+  joining from its own device would (`--join-slow 1` measures the old way);
 * network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
   ways): the chosen plan's single-stream ms a token against the best of every depth tried
   (stages = 1..4; target <= 1.10x);
@@ -303,7 +307,7 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_join(log: Path, settings: str, tokens: int, repeats: int) -> dict:
+def bench_join(log: Path, settings: str, tokens: int, repeats: int, slow: float = 5.0) -> dict:
     """Each repeat: two fresh one-worker clusters side by side, 4 clients streaming back to back
     on each; a second worker joins one of them. The longest pause between two tokens from the
     join on, in the median inter-token gap of its own cluster, with the join and without it
@@ -311,8 +315,8 @@ def bench_join(log: Path, settings: str, tokens: int, repeats: int) -> dict:
     the host's. The joining worker runs at nice 19: a tab joins from its own device, and here
     its process start (imports, the speed measurement, dequantizing its range) would otherwise
     take the cores the running streams need on this 2-core host."""
-    runs = [_join_once(log, settings, tokens, k) for k in range(repeats)]
-    out = {"max_gap_steps_join": statistics.median(r["join"]["max_gap_steps"] for r in runs),
+    runs = [_join_once(log, settings, tokens, k, slow) for k in range(repeats)]
+    out = {"worker_slowed": slow, "max_gap_steps_join": statistics.median(r["join"]["max_gap_steps"] for r in runs),
            "max_gap_steps_no_join": statistics.median(r["no_join"]["max_gap_steps"] for r in runs),
            "max_gap_steps_join_unshared": statistics.median(r["join"]["max_gap_steps_unshared"] for r in runs),
            "max_gap_steps_no_join_unshared": statistics.median(r["no_join"]["max_gap_steps_unshared"] for r in runs), "runs": runs}
@@ -384,12 +388,12 @@ def _renice_when_loaded(c: Cluster, since: float, pid: int) -> None:
         time.sleep(0.05)
 
 
-def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
+def _join_once(log: Path, settings: str, tokens: int, k: int, slow: float = 5.0) -> dict:
     c, quiet = Cluster(f"join{k}", log, settings), Cluster(f"nojoin{k}", log, settings)
     try:
         c.start(), quiet.start()
-        c.add("numpy-0")
-        quiet.add("numpy-0")
+        c.add("numpy-0", slow=slow)
+        quiet.add("numpy-0", slow=slow)
         c.wait_ready(), quiet.wait_ready()
         stream(c.base, max_tokens=8), stream(quiet.base, max_tokens=8)
         # the streams run through every phase of the join (process start, hello, speed
@@ -398,7 +402,7 @@ def _join_once(log: Path, settings: str, tokens: int, k: int) -> dict:
         threads = _clients(c, tokens, stop, with_join) + _clients(quiet, tokens, stop, without)
         time.sleep(1.5)
         joined_at = time.perf_counter()
-        c.add("numpy-late", nice=19)
+        c.add("numpy-late", slow=slow, nice=19)
         threading.Thread(target=_renice_when_loaded, args=(c, joined_at, c.procs[-1].pid), daemon=True).start()
         c.coord.wait_for(lambda st: any(e["kind"] == "loaded" and e["t"] >= joined_at for e in st["events"]), 120, "the late worker loaded")
         time.sleep(1.0)
@@ -486,11 +490,13 @@ def bench_cold_start(log: Path, settings: str) -> dict:
 def record(out: dict) -> None:
     from tabshard.bench_history import Figure, append_figures
 
+    # the join's figures measured with workers slowed asleep are not comparable with the full-speed ones before
+    join = "plans.join" if out["join"]["worker_slowed"] == 1.0 else f"plans.join_slowed{out['join']['worker_slowed']:g}x"
     figures = [Figure.of("plans.mixed_numpy_wgpu_over_numpy", out["mixed"]["ratio_rounds"], "×", "higher"),
                Figure.of("plans.one_slow_of_4_over_best_single", out["one_slow"]["ratio_rounds"], "×", "higher"),
                Figure.of("plans.replicas_8_streams_4_over_1", out["replicas"]["ratio_rounds"], "×", "higher"),
-               Figure.of("plans.join_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
-               Figure.of("plans.no_join_max_pause_steps", [r["no_join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
+               Figure.of(f"{join}_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
+               Figure.of(f"{join.replace('join', 'no_join', 1)}_max_pause_steps", [r["no_join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
                Figure.of("plans.network_mix_chosen_over_best_depth", out["network_mix"]["ratio_rounds"], "×", "lower"),
                Figure.of("plans.cold_start_to_first_token_s", [out["cold_start"]["serve_start_to_first_token_s"]], "s", "lower")]
     append_figures(figures, "bench_plans")
@@ -504,6 +510,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, mix, cold")
+    ap.add_argument("--join-slow", type=float, default=5.0,
+                    help="join: every worker's steps take this many times their compute, the rest asleep (1: full speed)")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     a = ap.parse_args()
     rounds, tokens = (2, 24) if a.quick else (a.rounds, 48)
@@ -517,7 +525,7 @@ def main() -> None:
     if "replicas" in only:
         out["replicas"] = bench_replicas(log, settings, rounds, tokens)
     if "join" in only:
-        out["join"] = bench_join(log, settings, 48, 1 if a.quick else 3)
+        out["join"] = bench_join(log, settings, 48, 1 if a.quick else 3, a.join_slow)
     if "mix" in only:
         out["network_mix"] = bench_network_mix(log, settings, rounds, tokens)
     if "cold" in only:
