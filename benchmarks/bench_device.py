@@ -19,7 +19,8 @@ device machine. Figures are appended to the benchmark history (tabshard/bench_hi
 each row a chunk, "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
 before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by shape; at most T threads
 per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
-without the fused decode kernels. --kernels first times each matvec of the model's shapes alone
+without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, "wgpu-planes3"
+3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes. --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
 --backends runs the older comparison instead (decode = forward() then head_topk(); "fused" =
@@ -421,6 +422,7 @@ def roofline(a) -> int:
             ctx = max(1024, a.prompt + WARM_STEPS + a.steps + 8)
             be = WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, ctx, device=dev, tuning=tuning, **options)
             load_s = time.perf_counter() - t0
+            warm_up(dev, min(1.0, a.warm_up))  # the clock fell while the host built the weights (H200: the first workload 2x slow)
             for rows in rows_list:
                 r = decode_workload(be, cfg, rows, a.steps, a.prompt, rng)
                 step = float(np.median(r["step_ms"]))

@@ -20,6 +20,10 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-unfused":
         return base, {"fuse_decode": False}
+    if variant == "wgpu-planes3":  # 3-bit codes uploaded as the blobs' bit planes (not contiguous)
+        return base, {"contiguous3": False}
+    if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
+        return base, {"compute_dtype": "f16"}
     if variant == "wgpu-lanes":  # without staging x (the lanes loop at every row count)
         return dataclasses.replace(base, matvec_stage=0), {}
     if variant == "wgpu-stage1":  # x staged for one row only, batches on the lanes loop
@@ -36,7 +40,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all, wgpu-xN or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-f16, wgpu-planes3, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all, wgpu-xN or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

@@ -7,6 +7,7 @@
 override BITS: u32 = 8u;          // 2, 3, 4 or 8
 override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
 override SYMMETRIC: bool = true;  // w = scale*(q - 2^(BITS-1)) instead of scale*q + min
+override CONTIG3: bool = false;   // BITS = 3: codes contiguous (input j at bit 3j of its block's 96 bits), not bit planes
 override WG: u32 = 64u;
 
 struct Params {

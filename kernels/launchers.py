@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.quant import QuantTensor
+from kernels.quant import QuantTensor, contiguous_3bit
 from kernels.runner import RAW_PASS_CALLS, Device, Dispatch, LimitError
 
 
@@ -86,26 +86,33 @@ class Launch:
             cpass.dispatch_workgroups(x, y, z)
 
 
-def quant_constants(t) -> dict:
-    return {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric}
+def quant_constants(t: "GpuQuantTensor") -> dict:
+    return {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric, "CONTIG3": t.contiguous3}
 
 
 @dataclass
 class GpuQuantTensor:
     """A QuantTensor on the device, split by rows into chunks that each fit one binding:
-    chunks are (first row, rows, qweight buffer, scales buffer)."""
+    chunks are (first row, rows, qweight buffer, scales buffer); ``contiguous3``: 3-bit codes
+    uploaded contiguous (kernels.quant.contiguous_3bit; the kernels' CONTIG3)."""
 
     spec: object
     n: int
     k: int
     chunks: list
+    contiguous3: bool = False
 
     @property
     def nbytes(self) -> int:
         return sum(q.size + s.size for _, _, q, s in self.chunks)
 
 
-def upload_quant(dev: Device, t: QuantTensor, label: str = "") -> GpuQuantTensor:
+def upload_quant(dev: Device, t: QuantTensor, label: str = "", contiguous3: bool = True) -> GpuQuantTensor:
+    """``contiguous3``: a 3-bit tensor's codes repacked contiguous on the way (kernels.quant.
+    contiguous_3bit): its kernels unpack four codes as 4-bit ones do, with no bit planes to merge
+    (H200, 7B s3g64: see bench_device's wgpu-planes3); False keeps the bit planes, the layout
+    the blobs carry and the browser's backend uploads as it is."""
+    contiguous3 = contiguous3 and t.spec.bits == 3
     row_bytes = max(t.qweight[0].nbytes, t.scales[0].nbytes) if t.n else 1
     rows_per_chunk = min(max(t.n, 1), dev.max_binding // row_bytes, dev.limits["max-compute-workgroups-per-dimension"])
     if rows_per_chunk < 1:
@@ -113,8 +120,9 @@ def upload_quant(dev: Device, t: QuantTensor, label: str = "") -> GpuQuantTensor
     chunks = []
     for start in range(0, t.n, rows_per_chunk):
         part = t.rows(start, min(t.n, start + rows_per_chunk))
-        chunks.append((start, part.n, dev.upload(part.qweight, f"{label}.q[{start}]"), dev.upload(part.scales, f"{label}.s[{start}]")))
-    return GpuQuantTensor(t.spec, t.n, t.k, chunks)
+        qweight = contiguous_3bit(part.qweight) if contiguous3 else part.qweight
+        chunks.append((start, part.n, dev.upload(qweight, f"{label}.q[{start}]"), dev.upload(part.scales, f"{label}.s[{start}]")))
+    return GpuQuantTensor(t.spec, t.n, t.k, chunks, contiguous3)
 
 
 MATVEC_ROWS = (1, 4, 8)  # qmatvec's ROWS variants: batch rows sharing each decoded weight

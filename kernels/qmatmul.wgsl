@@ -10,6 +10,7 @@
 override BITS: u32 = 4u;          // 2, 3, 4 or 8
 override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
 override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale*q + min
+override CONTIG3: bool = false;   // BITS = 3: codes contiguous (input j at bit 3j of its block's 96 bits), not bit planes
 override TILE: u32 = 64u;         // 64 needs 256 threads and 16 KiB of workgroup memory
 override THREADS: u32 = TILE * TILE / 16u;
 override PER_THREAD: u32 = 32u * TILE / THREADS;  // staged values per thread and block

@@ -16,6 +16,7 @@ enable f16;
 override BITS: u32 = 4u;          // 2, 3, 4 or 8
 override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
 override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale*q + min
+override CONTIG3: bool = false;   // BITS = 3: codes contiguous (input j at bit 3j of its block's 96 bits), not bit planes
 override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8

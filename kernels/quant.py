@@ -156,6 +156,33 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
     return codes.reshape(n, -1).astype(np.uint8)
 
 
+def _contiguous_table() -> np.ndarray:
+    """12-bit values of four 3-bit codes, code i at bit 3i, indexed by their low bits (a byte:
+    code i's at bit 2i) | their high bits (a nibble: code i's at bit i) << 8."""
+    idx = np.arange(1 << 12, dtype=np.uint32)
+    i = np.arange(4, dtype=np.uint32)[:, None]
+    codes = ((idx >> (2 * i)) & 3) | (((idx >> (8 + i)) & 1) << 2)
+    return (codes << (3 * i)).sum(0).astype(np.uint16)
+
+
+_CONTIGUOUS = _contiguous_table()
+
+
+def contiguous_3bit(words: np.ndarray) -> np.ndarray:
+    """3-bit ``qweight`` (bit planes, pack_codes) -> the same codes contiguous, the layout a GPU
+    upload takes (kernels.launchers.upload_quant): input j of a block at bit 3j of its three
+    little-endian words, so a shader's four codes are one word, a shift and a mask (two words
+    for inputs 8-11 and 20-23). u32 [n, w] -> u32 [n, w]."""
+    n, w = words.shape
+    b = np.ascontiguousarray(words).view(np.uint8).reshape(n, w // 3, 12)
+    high = b[..., 8:12]  # the high plane: nibble g holds inputs 4g..4g+3
+    nibbles = np.stack([high & 15, high >> 4], axis=-1).reshape(n, -1, 8).astype(np.uint16)
+    v = _CONTIGUOUS[b[..., :8].astype(np.uint16) | (nibbles << 8)].astype(np.uint32)  # 12 bits per 4 inputs
+    pairs = v[..., 0::2] | (v[..., 1::2] << 12)  # 24 bits per 8 inputs: three bytes
+    out = np.stack([pairs & 255, (pairs >> 8) & 255, pairs >> 16], axis=-1).astype(np.uint8)
+    return out.reshape(n, -1).view(np.uint32)
+
+
 def _pack_f16_pairs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return lo.astype(np.float16).view(np.uint16).astype(np.uint32) | (
         hi.astype(np.float16).view(np.uint16).astype(np.uint32) << 16

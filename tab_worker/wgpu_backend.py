@@ -83,9 +83,9 @@ class _ProgramKernel(KL.Launcher):
 
 
 class _GpuLayer:
-    def __init__(self, dev: R.Device, index: int, w: LayerWeights):
+    def __init__(self, dev: R.Device, index: int, w: LayerWeights, contiguous3: bool):
         def up(t: QuantTensor, name: str) -> KL.GpuQuantTensor:
-            return KL.upload_quant(dev, t, f"layer{index}.{name}")
+            return KL.upload_quant(dev, t, f"layer{index}.{name}", contiguous3)
 
         self.attn_norm = dev.upload(np.asarray(w.attn_norm, np.float32), f"layer{index}.attn_norm")
         self.ffn_norm = dev.upload(np.asarray(w.ffn_norm, np.float32), f"layer{index}.ffn_norm")
@@ -101,7 +101,8 @@ class WgpuBackend:
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights], head: HeadWeights | None, max_ctx: int,
                  device: R.Device | None = None, limits: str | dict = "adapter",
                  power_preference: str = "high-performance", matvec_max_rows: int | None = None,
-                 compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: KL.MatmulTuning | None = None):
+                 compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: KL.MatmulTuning | None = None,
+                 contiguous3: bool = True):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
@@ -113,7 +114,9 @@ class WgpuBackend:
         0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet.
         ``fuse_decode``: run decode batches on the fused kernels (see the module docstring);
         None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
-        matvecs' shapes (kernels.runner.MatmulTuning; default: by device)."""
+        matvecs' shapes (kernels.runner.MatmulTuning; default: by device). ``contiguous3``:
+        3-bit weights uploaded with their codes contiguous (kernels.launchers.upload_quant);
+        False keeps the blobs' bit planes, as the browser's backend does."""
         self.config = c = config
         if c.ffn_hadamard:  # silu_hadamard.wgsl holds a block in workgroup memory
             from kernels.reference import check_hadamard_block
@@ -134,11 +137,11 @@ class WgpuBackend:
         if compute_dtype == "f16" and "shader-f16" not in dev.features:
             raise ValueError(f"compute_dtype 'f16' needs the shader-f16 feature, which {dev.describe()} lacks")
         self.compute_dtype = compute_dtype
-        self._layers = [_GpuLayer(dev, i, layers[i]) for i in self.layer_ids]
+        self._layers = [_GpuLayer(dev, i, layers[i], contiguous3) for i in self.layer_ids]
         self._head = None
         if head is not None:
             self._head = (dev.upload(np.asarray(head.output_norm, np.float32), "output_norm"),
-                          KL.upload_quant(dev, head.output, "output"))
+                          KL.upload_quant(dev, head.output, "output", contiguous3))
         self._freq_turns = dev.upload(KL.rope_freq_turns(c.head_dim, c.rope_base), "rope.freq_turns")
 
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim

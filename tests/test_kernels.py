@@ -16,9 +16,12 @@ from kernels import reference as ref
 from kernels import runner as R
 from kernels import launchers as KL
 from kernels import wgsl_source
-from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, quantize_rtn
+from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantSpec, contiguous_3bit, pack_codes, quantize_rtn
 
 SPECS = [QuantSpec(b, g, s) for b, g, s in itertools.product(SUPPORTED_BITS, SUPPORTED_GROUPS, (False, True))]
+# 3-bit tensors upload with contiguous codes (kernels.quant.contiguous_3bit, the kernels' CONTIG3)
+# by default; these run the bit planes the blobs carry and the browser's backend uploads
+SPECS_3BIT = [s for s in SPECS if s.bits == 3]
 MATMUL_TOL = dict(atol=2e-4, rtol=1e-4)
 # both shapes of qmatvec run on every adapter, whichever one matmul_tuning would pick here
 # (the GPU's lane layouts too: include/qmatvec_lanes.wgsl, SPAN vec4s per lane step, OPT outputs per thread)
@@ -93,14 +96,16 @@ def test_device_reports_adapter_and_caches_pipelines(dev):
 # ---------------------------------------------------------------------------- matmuls
 
 
-def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False, tuning=None):
+def _quant_linear(dev, rng, spec, n, k, rows, matvec_max_rows, accumulate=False, tuning=None, contiguous3=True):
     w = quantize_rtn(randn(rng, n, k), spec)
     x = randn(rng, rows, k)
     x_stride = -(-k // 4) * 4
     y_stride, y_col = n + 3, 2  # output lands in a column range of a wider buffer
     y0 = randn(rng, rows, y_stride)
     xb, yb = dev.upload(padded(x, x_stride)), dev.upload(y0)
-    op = KL.QuantLinear(dev, KL.upload_quant(dev, w), xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows, tuning)
+    gw = KL.upload_quant(dev, w, contiguous3=contiguous3)
+    assert gw.contiguous3 == (contiguous3 and spec.bits == 3)
+    op = KL.QuantLinear(dev, gw, xb, x_stride, yb, y_stride, y_col, accumulate, matvec_max_rows, tuning)
     dev.run([op], rows)
     got = dev.read(yb, count=rows * y_stride).reshape(rows, y_stride)
     want = ref.qmatvec(x, w, y0[:, y_col : y_col + n] if accumulate else None)
@@ -116,14 +121,35 @@ def test_qmatvec(dev, rng, spec, tuning):
     _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8, tuning=TUNINGS[tuning])
 
 
+def test_contiguous_3bit_puts_input_j_at_bit_3j(rng):
+    codes = rng.integers(0, 8, (5, 128), dtype=np.uint8)
+    words = contiguous_3bit(pack_codes(codes, 3))
+    assert words.dtype == np.uint32 and words.shape == (5, 12)
+    for r, b in itertools.product(range(5), range(4)):
+        block = sum(int(words[r, 3 * b + i]) << (32 * i) for i in range(3))
+        assert [(block >> (3 * j)) & 7 for j in range(32)] == codes[r, 32 * b : 32 * b + 32].tolist()
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+@pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
+def test_qmatvec_3bit_planes(dev, rng, spec, tuning):
+    _quant_linear(dev, rng, spec, n=37, k=70, rows=3, matvec_max_rows=8, tuning=TUNINGS[tuning], contiguous3=False)
+
+
+@pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
+def test_qmatmul_3bit_planes(dev, rng, spec):
+    _quant_linear(dev, rng, spec, n=37, k=70, rows=67, matvec_max_rows=0, contiguous3=False)
+
+
 @pytest.mark.parametrize("stage", [0, 8, 512])
-@pytest.mark.parametrize("spec", [QuantSpec(b, 64, s) for b in SUPPORTED_BITS for s in (False, True)], ids=lambda s: s.name)
-def test_qmatvec_one_row_long_k(dev, rng, spec, stage):
+@pytest.mark.parametrize("spec,contiguous3", [(QuantSpec(b, 64, s), True) for b in SUPPORTED_BITS for s in (False, True)]
+                         + [(QuantSpec(3, 64, s), False) for s in (False, True)], ids=str)
+def test_qmatvec_one_row_long_k(dev, rng, spec, contiguous3, stage):
     # the GPU's single-row layouts over several of XT's chunks (k = 4200: three chunks of 2048
     # inputs, the last one 104 long and its last block short), staged or not
     tuning = KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64,
                              matvec_span=2, matvec_opt=4, matvec_stage=stage)
-    _quant_linear(dev, rng, spec, n=9, k=4200, rows=1, matvec_max_rows=8, tuning=tuning)
+    _quant_linear(dev, rng, spec, n=9, k=4200, rows=1, matvec_max_rows=8, tuning=tuning, contiguous3=contiguous3)
 
 
 @pytest.mark.parametrize("rows", [3, 5])
@@ -170,10 +196,11 @@ def test_qmatvec_k_edge_cases(dev, rng, k):
 # ---------------------------------------------------------------------------- fused decode matvecs
 
 
-def _fused_linear(dev, rng, spec, n, k, rows, tuning, prologue, accumulate=True):
+def _fused_linear(dev, rng, spec, n, k, rows, tuning, prologue, accumulate=True, contiguous3=True):
     """qmatvec_norm (prologue "norm") or qmatvec_silu ("silu") against their twins, output
     in a column range of a wider buffer."""
     w = quantize_rtn(randn(rng, n, k), spec)
+    gw = KL.upload_quant(dev, w, contiguous3=contiguous3)
     y_stride, y_col = n + 3, 2
     y0 = randn(rng, rows, y_stride)
     yb = dev.upload(y0)
@@ -182,14 +209,14 @@ def _fused_linear(dev, rng, spec, n, k, rows, tuning, prologue, accumulate=True)
         x_stride = -(-k // 4) * 4
         xpad = padded(x, x_stride)
         xpad[:, k:] = 7.0  # padding past k must not enter the norm
-        op = KL.QuantLinear(dev, KL.upload_quant(dev, w), dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate,
+        op = KL.QuantLinear(dev, gw, dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate,
                            tuning=tuning, norm=(dev.upload(nw), 1e-5))
         want = ref.qmatvec_norm(x, w, nw, 1e-5, y0[:, y_col : y_col + n] if accumulate else None)
     else:
         up_col = -(-k // 4) * 4 + 4
         x_stride = up_col + -(-k // 4) * 4
         src = randn(rng, rows, x_stride, scale=3.0)
-        op = KL.QuantLinear(dev, KL.upload_quant(dev, w), dev.upload(src), x_stride, yb, y_stride, y_col, accumulate,
+        op = KL.QuantLinear(dev, gw, dev.upload(src), x_stride, yb, y_stride, y_col, accumulate,
                            tuning=tuning, silu_up_col=up_col)
         want = ref.qmatvec_silu(src[:, :k], src[:, up_col : up_col + k], w, y0[:, y_col : y_col + n] if accumulate else None)
     dev.run([op], rows)
@@ -211,6 +238,14 @@ def test_qmatvec_fused_prologues(dev, rng, prologue, tuning, rows):
 @pytest.mark.parametrize("spec", [QuantSpec(3, 64, True), QuantSpec(8, 32, True), QuantSpec(2, 128, False)], ids=lambda s: s.name)
 def test_qmatvec_fused_formats_and_overwrite(dev, rng, prologue, spec):
     _fused_linear(dev, rng, spec, n=45, k=576, rows=2, tuning=TUNINGS["gpu"], prologue=prologue, accumulate=False)
+
+
+@pytest.mark.parametrize("prologue", ["norm", "silu"])
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+@pytest.mark.parametrize("rows", [1, 8])
+def test_qmatvec_fused_3bit_planes(dev, rng, prologue, tuning, rows):
+    _fused_linear(dev, rng, QuantSpec(3, 64, False), n=37, k=70, rows=rows, tuning=TUNINGS[tuning], prologue=prologue,
+                  contiguous3=False)
 
 
 def test_fused_linear_refuses_batches_above_matvec_max_rows(dev, rng):
@@ -270,12 +305,12 @@ def test_rope_kv_store(dev, rng, n_heads, n_kv, head_dim):
 # ---------------------------------------------------------------------------- the rest
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_embedding(dev, rng, spec):
+@pytest.mark.parametrize("spec,contiguous3", [(s, True) for s in SPECS] + [(s, False) for s in SPECS_3BIT], ids=str)
+def test_embedding(dev, rng, spec, contiguous3):
     table = quantize_rtn(randn(rng, 50, 70), spec)
     ids = np.array([3, 49, 0, 3, 17], np.uint32)
     yb = dev.buffer(len(ids) * 72 * 4)
-    dev.run([KL.Embedding(dev, KL.upload_quant(dev, table), dev.upload(ids), yb, 72)], len(ids))
+    dev.run([KL.Embedding(dev, KL.upload_quant(dev, table, contiguous3=contiguous3), dev.upload(ids), yb, 72)], len(ids))
     np.testing.assert_allclose(read_rows(dev, yb, len(ids), 72, 70), ref.embedding(ids, table), atol=1e-6, rtol=0)
 
 

@@ -19,7 +19,7 @@ from kernels import reference as ref
 from kernels import runner as R
 from kernels import launchers as KL
 from kernels.quant import QuantSpec, quantize_rtn
-from tests.test_kernels import SPECS, TUNINGS, padded, randn
+from tests.test_kernels import SPECS, SPECS_3BIT, TUNINGS, padded, randn
 
 F16_TOL = dict(atol=1e-3, rtol=0)
 F16_TOL_WIDE = dict(atol=1e-2, rtol=0)
@@ -46,7 +46,7 @@ def _check(got, want16, want32, tol):
     assert np.abs(got - want16).max() < 0.25 * np.abs(want32 - want16).max(), "nearer f32 than its f16 twin"
 
 
-def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=F16_TOL):
+def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=F16_TOL, contiguous3=True):
     """qmatvec_f16 (prologue None), qmatvec_norm_f16 ("norm") or qmatvec_silu_f16 ("silu")
     against their twins, output in a column range of a wider buffer."""
     w = quantize_rtn(randn(rng, n, k), spec)
@@ -54,7 +54,7 @@ def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tr
     y0 = randn(rng, rows, y_stride)
     yb = dev.upload(y0)
     prev = y0[:, y_col : y_col + n] if accumulate else None
-    gw = KL.upload_quant(dev, w)
+    gw = KL.upload_quant(dev, w, contiguous3=contiguous3)
     if prologue == "silu":
         up_col = -(-k // 4) * 4 + 4
         x_stride = up_col + -(-k // 4) * 4
@@ -90,6 +90,13 @@ def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tr
 def test_qmatvec_f16(dev, rng, spec, tuning):
     # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
     _linear_f16(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
+
+
+@pytest.mark.parametrize("prologue", [None, "norm", "silu"])
+@pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
+def test_qmatvec_f16_3bit_planes(dev, rng, spec, prologue):
+    # the bit planes the browser's backend uploads (the default upload repacks 3-bit codes contiguous)
+    _linear_f16(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS["gpu"], prologue=prologue, contiguous3=False)
 
 
 @pytest.mark.parametrize("tuning", list(TUNINGS))

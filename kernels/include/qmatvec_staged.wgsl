@@ -41,6 +41,19 @@ fn pow2(e: vec4<i32>) -> vec4<f32> {
 fn q4(wa: vec4<u32>, wb: vec4<u32>, j0: u32) -> vec4<f32> {
   let off = vec4<f32>(select(0.0, f32(1u << (BITS - 1u)), SYMMETRIC));
   let lo_inv = pow2(vec4<i32>(0, -2, -4, -6));
+  if (BITS == 3u && CONTIG3) {
+    // contiguous codes (kernels.quant.contiguous_3bit): 12 bits from bit 3 * j0, one word but
+    // for j0 = 8 and 20 (bits 24-35 and 60-71: the next word's low bits ORed in), 3-bit fields
+    // placed as the 4-bit ones are: one shift, then a mask, an OR and an fma a code
+    let s = 3u * j0 % 32u;
+    var v = wa[3u * j0 / 32u] >> s;
+    if (s > 20u) {
+      v |= wa[3u * j0 / 32u + 1u] << (32u - s);
+    }
+    let f = vec4<u32>(v) & vec4<u32>(7u, 56u, 448u, 3584u);
+    let inv = pow2(vec4<i32>(0, -3, -6, -9));
+    return placed(f, inv, -8388608.0 * inv - off);
+  }
   if (BITS == 3u) {
     // words 0-1: low two bits of inputs 0-15 and 16-31; word 2: the high bit of input j at bit j,
     // moved to bits pos..pos+3 with pos >= 2 so that 4 * 2^-pos <= 1 (see the sum below)
