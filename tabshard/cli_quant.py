@@ -217,7 +217,10 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
             plan = scheme_plan(cal, scheme, alphas, mixed_formats)
             w = cal.assemble(plan, scheme.sequential)
             dense = cal.dense_of(plan, scheme.sequential)
-        ppl = {d: round(dense.perplexity(ids, window), 4) for d, ids in eval_sets.items()}
+        # per window (mean NLL per token): two schemes compared window by window on the same
+        # tokens give the spread of their difference, which one perplexity per domain hides
+        by_window = {d: [dense.nll([w]) for w in C.windows(ids, window)] for d, ids in eval_sets.items()}
+        ppl = {d: round(math.exp(sum(t for t, _ in v) / max(sum(n for _, n in v), 1)), 4) for d, v in by_window.items()}
         agree = sum(dense.agreement(p, tg) for p, tg in zip(prompt_ids, targets)) / max(len(prompt_ids), 1)
         row = {
             "scheme": text,
@@ -228,6 +231,7 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
             "agreement": round(agree, 4),
             "quantize_s": round(_scheme_seconds(cal, plan, scheme.sequential), 2) if plan else 0.0,
             "formats": sorted(set(plan.values())) if plan else ["source"],
+            "window_nll": {d: [round(t / n, 5) for t, n in v] for d, v in by_window.items()},
         }
         if scheme.linears.startswith("mixed@"):
             from collections import Counter

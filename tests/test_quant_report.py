@@ -110,6 +110,8 @@ def test_report_rows(weights, ids):
     assert by["source"]["agreement"] == 1.0
     assert by["source"]["bits_per_weight"] == pytest.approx(C.linear_bits_per_weight(weights), abs=1e-4)
     assert by["source"]["ppl_ratio"] == {"a": 1.0, "b": 1.0}
+    per_window = [C.DenseModel(weights).nll([w]) for w in C.windows(evals["b"], 128)]
+    assert by["source"]["window_nll"]["b"] == pytest.approx([t / n for t, n in per_window], abs=1e-5)
     assert by["rtn:s2g32"]["bits_per_weight"] < 3.0 and by["rtn:s2g32"]["bytes"] < by["source"]["bytes"]
     assert by["gptq:s2g32"]["perplexity"]["a"] < by["rtn:s2g32"]["perplexity"]["a"]
     assert by["mixed@3.0+emb=clip:s4g32"]["bits_per_weight"] <= 3.0
