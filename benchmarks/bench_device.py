@@ -20,7 +20,8 @@ each row a chunk, "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
 before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by shape; at most T threads
 per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, "wgpu-planes3"
-3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes. --kernels first times each matvec of the model's shapes alone
+3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes,
+"wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT). --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
 --backends runs the older comparison instead (decode = forward() then head_topk(); "fused" =
@@ -418,6 +419,7 @@ def roofline(a) -> int:
             results["kernels"] += [{"format": fmt, **r} for r in kernel_table(dev, weights, variants, [1, 8])]
         for variant in variants:
             tuning, options = variant_tuning(dev, variant)
+            R.SPIN_WAIT = variant != "wgpu-blockwait"
             t0 = time.perf_counter()
             ctx = max(1024, a.prompt + WARM_STEPS + a.steps + 8)
             be = WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, ctx, device=dev, tuning=tuning, **options)

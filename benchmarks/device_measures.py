@@ -20,6 +20,8 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-unfused":
         return base, {"fuse_decode": False}
+    if variant == "wgpu-blockwait":  # readbacks wait blocking in the driver (bench_device sets runner.SPIN_WAIT off)
+        return base, {}
     if variant == "wgpu-planes3":  # 3-bit codes uploaded as the blobs' bit planes (not contiguous)
         return base, {"contiguous3": False}
     if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
@@ -40,7 +42,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-f16, wgpu-planes3, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all, wgpu-xN or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all, wgpu-xN or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

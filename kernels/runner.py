@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def _worse(key: str, a: int, b: int) -> int:
 
 
 WAIT_IN_CALLER = True  # Device.execute's readback: wgpuDevicePoll(wait) in the caller before mapping
+# ... on a real GPU, by polling without waiting until the queue is empty instead: the blocking wait
+# woke late on an H200 machine (7B, 1 row: steps of 5-13 ms for ~4 ms of GPU work); a CPU
+# rasteriser needs the core a spinning caller would take
+SPIN_WAIT = True
 
 
 class Device:
@@ -344,7 +349,11 @@ class Device:
             return None
         if not total:
             return np.zeros(0, np.uint8)
-        if WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
+        if SPIN_WAIT and RAW_POLL is not None and self._spin_ok():
+            poll, null = RAW_POLL
+            while not poll(self.device._internal, False, null):  # True once the queue is empty
+                time.sleep(0)  # let other threads have the GIL
+        elif WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
             # block in this thread (the GIL released) until the GPU is done, so that the map
             # below resolves at once instead of after hand-offs to wgpu-py's poll thread
             self.device._poll_wait()
@@ -353,6 +362,12 @@ class Device:
             return np.frombuffer(staging.read_mapped(0, total, copy=True), np.uint8)
         finally:
             staging.unmap()
+
+    def _spin_ok(self) -> bool:
+        """A real GPU (asked once): the spinning wait's condition."""
+        if getattr(self, "_real_gpu", None) is None:
+            self._real_gpu = self.is_real_gpu()
+        return self._real_gpu
 
     def _staging_buffer(self, nbytes: int):
         """A MAP_READ buffer of at least nbytes, kept for the next readback (grows by doubling)."""
@@ -417,6 +432,19 @@ def _raw_pass_calls():
 
 
 RAW_PASS_CALLS = _raw_pass_calls()
+
+
+def _raw_poll():
+    """wgpuDevicePoll and NULL, for Device.execute's spinning wait (None: another wgpu-py)."""
+    try:
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+        return lib.wgpuDevicePoll, ffi.NULL
+    except (ImportError, AttributeError):  # pragma: no cover - other wgpu-py versions
+        return None
+
+
+RAW_POLL = _raw_poll()
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,24 @@ def test_embedding(dev, rng, spec, contiguous3):
     np.testing.assert_allclose(read_rows(dev, yb, len(ids), 72, 70), ref.embedding(ids, table), atol=1e-6, rtol=0)
 
 
+def test_readback_by_spinning_wait(dev, rng):
+    # a real GPU's readback polls without waiting until the queue is empty (runner.SPIN_WAIT):
+    # the same bytes as the blocking wait's, here forced on whatever adapter this is
+    n, stride = 576, 580
+    x, w = randn(rng, 3, n), randn(rng, n)
+    yb = dev.buffer(3 * stride * 4)
+    op = KL.RmsNorm(dev, dev.upload(padded(x, stride)), stride, dev.upload(w), yb, stride, n, 1e-5)
+    got = []
+    for spin in (False, True):
+        dev._real_gpu = spin
+        try:
+            got.append(dev.execute(dev.plan([op], 3), readback=[(yb, 0, 3 * stride * 4)]).view(np.float32))
+        finally:
+            dev._real_gpu = None
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_allclose(got[1].reshape(3, stride)[:, :n], ref.rmsnorm(x, w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 70, 576])
 def test_rmsnorm(dev, rng, n):
     rows, stride = 5, n + 6
