@@ -190,6 +190,34 @@ class WgpuBackend:
         self._lengths.pop(session_id, None)
         self._slots.pop(session_id, None)  # the slot's stale contents are never read again
 
+    def fork_session(self, src: str, dst: str, length: int) -> None:
+        """dst starts as a copy of src's first ``length`` positions (a shared prompt prefix):
+        each layer's (slot, kv head) runs of keys and values copied on the GPU, through a
+        scratch buffer (WebGPU copies nothing from a buffer into itself)."""
+        length = int(length)
+        if length > self._lengths.get(src, 0):
+            raise ValueError(f"session {src} holds {self._lengths.get(src, 0)} positions, cannot fork {length}")
+        self._check([SessionSlice(dst, 0, length)])
+        self._assign_slots([SessionSlice(dst, 0, length)])
+        n_kv = self.config.n_kv_heads
+        per_position = self._position_bytes // n_kv  # one kv head's key (or value) at one position
+        run = length * per_position
+        if self._layers and run:
+            scratch = self.dev.buffer(n_kv * run, "fork.scratch")
+            enc = self.dev.encoder()
+            for pair in self._pools:
+                for buf in pair:
+                    for step in (0, 1):  # pool -> scratch, then scratch -> pool (copies run in order)
+                        for h in range(n_kv):
+                            off = (self._slots[(src, dst)[step]] * n_kv + h) * self._pool_ctx * per_position
+                            if step == 0:
+                                enc.copy_buffer_to_buffer(buf, off, scratch, h * run, run)
+                            else:
+                                enc.copy_buffer_to_buffer(scratch, h * run, buf, off, run)
+            self.dev.queue.submit([enc.finish()])
+            scratch.destroy()
+        self._lengths[dst] = length
+
     def _check(self, slices: list[SessionSlice]) -> None:
         seen = set()
         for sl in slices:

@@ -81,6 +81,21 @@ def _check_head(backends, hidden, k):
     np.testing.assert_allclose(gpu_logits, ref_logits, **LOGIT_TOL)
 
 
+def test_fork_session_shares_a_prefix_as_numpy_does(model, device):
+    # the coordinator's prefix cache forks a cached prompt into a new session (fork_session):
+    # the fork's next steps see the source's keys and values up to the fork, not past it
+    backends = _pair(model, device)
+    rng = np.random.default_rng(3)
+    _step(backends, [SessionSlice("src", 0, 9)], rng)
+    for b in backends:
+        b.fork_session("src", "dst", 6)
+    assert backends[0].session_length("dst") == 6 and backends[0].session_length("src") == 9
+    _step(backends, [SessionSlice("dst", 6, 2), SessionSlice("src", 9, 1)], rng)
+    _step(backends, [SessionSlice("dst", 8, 1)], rng)
+    with pytest.raises(ValueError, match="cannot fork"):
+        backends[0].fork_session("src", "more", 11)
+
+
 # "fused": the fused decode kernels, which the default leaves to real GPUs (this is lavapipe)
 OPTIONS = {"default": {}, "qmatmul-above-4-rows": {"matvec_max_rows": 4}, "fused": {"fuse_decode": True}}
 
