@@ -5,12 +5,15 @@
     by Ray and computing on that GPU's adapter; with fewer GPUs than tabs they share them),
 
 each at a single stream and at 32 concurrent streams (greedy, same prompts), into the benchmark
-history. The multi-GPU figures need a host with as many GPUs as tabs (e.g. nvidia-h200-x4); on a
+history. --processes runs the clusters as `tabshard serve` with N `tabshard worker --backend wgpu`
+processes instead (tabshard.cluster.LocalCluster, one pipeline stage each: --stages N), for a host
+without Ray (the device machine). The multi-GPU figures need a host with as many GPUs as tabs (e.g. nvidia-h200-x4); on a
 one-GPU host the tabs share the GPU (time-sliced by the driver: a floor, not a pipeline's speed),
 and the output says so.
 
     python benchmarks/bench_gpu_cluster.py [--model synthetic:llama-7b] [--tabs 1,2,4]
-        [--streams 1,32] [--tokens 32] [--gpus N] [--no-history]
+        [--streams 1,32] [--tokens 32] [--gpus N] [--processes] [--json FILE] [--no-history]
+    python benchmarks/bench_gpu_cluster.py --append-json FILE   # a device machine's --json into this history
 
 Aggregate tok/s of a batch of streams = decode tokens of all streams (each one's tokens after its
 first) / (last token of any stream - first token of any stream).
@@ -86,7 +89,7 @@ def cluster(model: str, tabs: int, gpus: float, streams: list[int], tokens: int,
     from simulation.workload import stream_request
 
     share = 1.0 if gpus >= tabs else gpus / tabs
-    (log_dir / "serve.toml").write_text("[serve]\nheartbeat_ms = 250\ncalibration_tokens = 4\n")
+    (log_dir / "serve.toml").write_text("[serve]\nheartbeat_ms = 250\nmeasure_tokens = 4\n")
     coord = CoordinatorProcess(["--no-coordinator-compute", "--config", str(log_dir / "serve.toml")], model=model,
                                log_path=str(log_dir / f"coordinator-{tabs}.log"))
     coord.start(timeout=900)
@@ -114,6 +117,28 @@ def cluster(model: str, tabs: int, gpus: float, streams: list[int], tokens: int,
     return out
 
 
+def processes(model: str, workers: int, streams: list[int], tokens: int, log_dir: Path) -> dict:
+    """`tabshard serve` and ``workers`` wgpu worker processes on 127.0.0.1, one stage each."""
+    from simulation.workload import stream_request
+    from tabshard.cluster import LocalCluster
+
+    cfg = log_dir / "serve.toml"
+    cfg.write_text("[serve]\nheartbeat_ms = 250\nmeasure_tokens = 4\n")
+    cluster = LocalCluster(workers, backend="wgpu", model=model, log_dir=str(log_dir / f"workers-{workers}"),
+                           serve_args=["--no-coordinator-compute", "--stages", str(workers), "--config", str(cfg)])
+    out: dict = {"workers": workers}
+    with cluster.start(timeout=900):
+        out["stages"] = [s["layers"] + (["head"] if s["head"] else []) for s in cluster.status()["stages"]]
+        for n in streams:
+            async def batch(n=n):
+                return await asyncio.gather(*(stream_request(cluster.base, f"p{workers}-{n}-{i}", PROMPTS[i], tokens,
+                                                             timeout=900) for i in range(n)))
+            asyncio.run(batch())  # warm: kernels built, buffers sized for this batch
+            out[n] = _aggregate(asyncio.run(batch()))
+            print(json.dumps({"workers": workers, "result": out[n]}), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="synthetic:llama-7b")
@@ -121,20 +146,40 @@ def main() -> None:
     p.add_argument("--streams", default="1,32")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--gpus", type=float, default=None, help="GPUs to declare to the local Ray (default: detected)")
+    p.add_argument("--processes", action="store_true", help="serve + worker processes, no Ray (one stage a worker)")
+    p.add_argument("--json", default="", help="write the result here too")
     p.add_argument("--no-history", action="store_true")
+    p.add_argument("--append-json", default="", help="append a --json file of another machine's run to the history, then exit")
     a = p.parse_args()
     tabs = [int(x) for x in a.tabs.split(",")]
     streams = [int(x) for x in a.streams.split(",")]
+    if a.append_json:
+        result = json.loads(Path(a.append_json).read_text())
+        for key in [k for k in result if k == "in_process" or k.startswith("tabs_")]:  # JSON made the stream counts strings
+            result[key] = {int(k) if k.isdigit() else k: v for k, v in result[key].items()}
+        a.json = ""
+        report(result, result["tabs"], result["streams"], a)
+        return
     if not os.environ.get("XDG_RUNTIME_DIR") or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
         os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
 
     from kernels.adapters import gpu_adapters, list_adapters
-    from simulation.runtime import ray_session
 
     adapters = list_adapters()
-    result = {"model": a.model, "tokens": a.tokens, "adapters": [x.describe() for x in adapters],
-              "in_process": in_process(a.model, streams, a.tokens)}
+    from tabshard.bench_history import machine
+
+    result = {"model": a.model, "tokens": a.tokens, "tabs": tabs, "streams": streams, "kind": "processes_" if a.processes else "",
+              "adapters": [x.describe() for x in adapters], "in_process": in_process(a.model, streams, a.tokens)}
+    shown = gpu_adapters(adapters) or adapters
+    result["machine"] = {**machine(adapter=False), "adapter": shown[0].describe() if shown else "none"}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-gpu-cluster-"))
+    if a.processes:
+        for n in tabs:
+            result[f"tabs_{n}"] = processes(a.model, n, streams, a.tokens, log_dir)
+        report(result, tabs, streams, a)
+        return
+    from simulation.runtime import ray_session
+
     with ray_session(num_cpus=max(2, os.cpu_count() or 2), num_gpus=a.gpus) as ray:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         result["ray_gpus"] = gpus
@@ -146,6 +191,11 @@ def main() -> None:
                               f"multi-tab figures are a floor, not a pipeline over separate GPUs")
         for n in tabs:
             result[f"tabs_{n}"] = cluster(a.model, n, gpus, streams, a.tokens, log_dir)
+    report(result, tabs, streams, a)
+
+
+def report(result: dict, tabs: list[int], streams: list[int], a) -> None:
+    """Ratios to one tab, the JSON, and the figures into the history (process clusters named so)."""
     base = result.get("tabs_1", {})
     for n in tabs:
         for s in streams:
@@ -153,8 +203,10 @@ def main() -> None:
             if r.get("tok_s") and b.get("tok_s"):
                 result[f"ratio_tabs_{n}_over_1_streams_{s}"] = round(r["tok_s"] / b["tok_s"], 3)
     print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result))
     if not a.no_history:
-        from tabshard.bench_history import Figure, append_figures
+        from tabshard.bench_history import Figure, History
 
         figures = [Figure.of(f"gpu_cluster.in_process_tok_s_{s}", [result["in_process"][s]["tok_s"]], "tok/s", "higher")
                    for s in streams]
@@ -162,8 +214,18 @@ def main() -> None:
             for s in streams:
                 v = result[f"tabs_{n}"].get(s, {}).get("tok_s")
                 if v:
-                    figures.append(Figure.of(f"gpu_cluster.tabs_{n}_tok_s_{s}", [v], "tok/s", "higher"))
-        append_figures(figures, "bench_gpu_cluster", adapter=True)
+                    figures.append(Figure.of(f"gpu_cluster.{result['kind']}tabs_{n}_tok_s_{s}", [v], "tok/s", "higher"))
+        # the machine that measured (a device machine's --json is appended elsewhere with --append-json)
+        measured_on = result.get("machine") or {"cpu": "not recorded", "cores": 0, "memory_gib": 0,
+                                                 "adapter": result["adapters"][0], "os": "not recorded"}
+        h = History()
+        try:
+            run = h.start_run(measured_on, suite="bench_gpu_cluster")
+            for f in figures:
+                h.add(run, f)
+        finally:
+            h.close()
+        print(f"history: {len(figures)} figures appended", flush=True)
 
 
 if __name__ == "__main__":
