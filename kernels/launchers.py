@@ -87,7 +87,11 @@ class Launch:
 
 
 def quant_constants(t: "GpuQuantTensor") -> dict:
-    return {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric, "CONTIG3": t.contiguous3}
+    """The format's overrides; CONTIG3 only where set (the bit planes' overrides are the browser's)."""
+    consts = {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric}
+    if t.contiguous3:
+        consts["CONTIG3"] = True
+    return consts
 
 
 @dataclass
