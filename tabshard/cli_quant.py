@@ -17,6 +17,9 @@ Schemes (the report's rows, and ``quantize --scheme``) are written
 ``+seq``                   sequential GPTQ: each layer calibrated on the quantized layers' outputs
 ``+damp=D``                GPTQ's damping D (fraction of mean diag H) for every code width, instead
                            of kernels/quantizers.DAMP_BY_BITS: a setting to compare, not a format
+``+calib=N``               Hessians from N calibration tokens (the recipe's first N / domains of each
+                           calibration domain) instead of ``--calib-tokens``; uniform schemes only
+                           (a mixed plan's sensitivity slice follows the run's own calibration)
 ``+emb=CHOICE``            the embedding/LM head too, e.g. ``+emb=clip:s4g32``
 ``+fmt=A/B/...``           the GPTQ formats (and ``source``) a mixed@B chooses among, e.g.
                            ``+fmt=s3g64/s4g128/a4g64/source`` (default: mixed_precision.MIXED_FORMATS)
@@ -75,11 +78,13 @@ class Scheme(NamedTuple):
     formats: tuple | None = None  # what a mixed@B chooses among (None: the default set)
     ffn_rotation: int | None = None  # +had: the FFN rotation's seed
     damp: float | None = None  # +damp=D: GPTQ's damping (None: quantizers.DAMP_BY_BITS)
+    calib_tokens: int | None = None  # +calib=N: Hessians from N calibration tokens (None: the run's)
 
     @property
     def basis(self) -> tuple:
-        """What a Calibrator is built for: (residual rotation seed, FFN rotation seed, damping)."""
-        return self.rotation, self.ffn_rotation, self.damp
+        """What a Calibrator is built for: (residual rotation seed, FFN rotation seed, damping,
+        calibration tokens)."""
+        return self.rotation, self.ffn_rotation, self.damp, self.calib_tokens
 
 
 def parse_scheme(scheme: str) -> Scheme:
@@ -87,7 +92,7 @@ def parse_scheme(scheme: str) -> Scheme:
     from tabshard.calibration import SOURCE, parse_choice
 
     linears, *opts = scheme.split("+")
-    emb, rotation, sequential, formats, ffn_rotation, damp = SOURCE, None, False, None, None, None
+    emb, rotation, sequential, formats, ffn_rotation, damp, calib = SOURCE, None, False, None, None, None, None
     for o in opts:
         if o.startswith("emb="):
             emb = o[4:]
@@ -112,8 +117,12 @@ def parse_scheme(scheme: str) -> Scheme:
                 damp = -1.0
             if not 0 < damp < 100:
                 raise TabshardError(f"bad scheme {scheme!r}: damp=D needs a positive number, got {o[5:]!r}")
+        elif o.startswith("calib="):
+            if not o[6:].isdigit() or int(o[6:]) < 2 or linears.startswith("mixed@"):
+                raise TabshardError(f"bad scheme {scheme!r}: calib=N needs a token count, on a uniform scheme")
+            calib = int(o[6:])
         else:
-            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, had, had=SEED, seq, damp=D, emb=CHOICE "
+            raise TabshardError(f"bad scheme {scheme!r}: after '+' expected rot, rot=SEED, had, had=SEED, seq, damp=D, calib=N, emb=CHOICE "
                                 f"or (mixed) fmt=A/B/..., got {o!r}")
     try:
         for c in ([] if linears.startswith("mixed@") else [linears]) + [emb] + list(formats or ()):
@@ -125,7 +134,7 @@ def parse_scheme(scheme: str) -> Scheme:
         raise TabshardError(f"bad scheme {scheme!r}: {exc}") from None
     if sequential and (linears == SOURCE or (not linears.startswith("mixed@") and parse_choice(linears)[0] != "gptq")):
         raise TabshardError(f"bad scheme {scheme!r}: +seq is sequential GPTQ; the linears here are not GPTQ")
-    return Scheme(linears, emb, rotation, sequential, formats, ffn_rotation, damp)
+    return Scheme(linears, emb, rotation, sequential, formats, ffn_rotation, damp, calib)
 
 
 def scheme_plan(cal, scheme: Scheme, alphas_fn, formats=None) -> dict:
@@ -162,11 +171,12 @@ def needed_choices(cal, scheme: Scheme, formats=None) -> set:
 
 def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_ids=None, gen_tokens: int = 24,
                log=None, cache_dir: str | None = None, window: int | None = None, mixed_formats=None,
-               workers: int = 1) -> list[dict]:
+               workers: int = 1, more_calib: dict | None = None) -> list[dict]:
     """One row per scheme: bits/weight (linears), bytes (whole model), perplexity per evaluation
     domain and its ratio to the source's, the worst ratio, agreement, seconds to quantize.
     ``source`` is ModelWeights; ``eval_sets`` {domain: ids}; ``sens_ids`` (text held out from
-    the Hessians) scores mixed precision, default the first 512 calibration ids."""
+    the Hessians) scores mixed precision, default the first 512 calibration ids. ``more_calib``
+    {tokens: ids}: the calibration ids of schemes with ``+calib=N``."""
     from tabshard import calibration as C
     from tabshard import mixed_precision as M
 
@@ -179,11 +189,12 @@ def run_report(source, eval_sets: dict, calib_ids, prompt_ids, schemes, *, sens_
     def calibrator(basis):
         if basis not in cals:
             t0 = time.perf_counter()
-            rotation, ffn_rotation, damp = basis
-            cals[basis] = C.Calibrator(source, calib_ids, window=window, cache_dir=cache_dir, rotation=rotation,
+            rotation, ffn_rotation, damp, n = basis
+            ids = calib_ids if n is None else (more_calib or {})[n]
+            cals[basis] = C.Calibrator(source, ids, window=window, cache_dir=cache_dir, rotation=rotation,
                                        ffn_rotation=ffn_rotation, damp=damp)
             log(f"calibration{'' if rotation is None else f' (rotation seed {rotation})'}"
-                f"{'' if ffn_rotation is None else f' (FFN rotation seed {ffn_rotation})'}: {len(calib_ids)} tokens, "
+                f"{'' if ffn_rotation is None else f' (FFN rotation seed {ffn_rotation})'}: {len(ids)} tokens, "
                 f"Hessians in {time.perf_counter() - t0:.1f}s")
         return cals[basis]
 
@@ -342,12 +353,14 @@ def _domains(arg: str | None, default):
     return default if arg is None else tuple(d for d in arg.split(",") if d)
 
 
-def _mixed_text(a, tok):
+def _mixed_text(a, tok, calib_tokens: int | None = None):
     from tabshard import calibration_text as T
 
     try:
         if a.texts and getattr(a, "selection", None):
             raise ValueError("give --texts or --selection, not both (the saved ids say what they evaluate)")
+        if a.texts and calib_tokens:
+            raise ValueError(f"+calib={calib_tokens} builds its calibration by the recipe: give no --texts")
         if a.texts:
             m = T.MixedText.load(a.texts)
             if not hasattr(a, "eval_domains"):
@@ -355,7 +368,7 @@ def _mixed_text(a, tok):
             elif a.eval_domains is not None:
                 m.eval = {d: v for d, v in m.eval.items() if d in _domains(a.eval_domains, ())}
             return m
-        return T.build(tok, calib_tokens=a.calib_tokens, sens_tokens=a.sens_tokens,
+        return T.build(tok, calib_tokens=calib_tokens or a.calib_tokens, sens_tokens=a.sens_tokens,
                        eval_tokens=getattr(a, "tokens", 2048), seed=a.seed,
                        calibration=_domains(a.calib_domains, T.CALIBRATION_DOMAINS),
                        # quantize evaluates nothing: no held-out domain to build
@@ -418,9 +431,11 @@ def cmd_quant_report(a) -> int:
     log(mixed.describe())
     if a.save_texts:
         mixed.save(a.save_texts)
+    # +calib=N schemes: the same recipe with N calibration tokens
+    more_calib = {n: _mixed_text(a, tok, n).calib_ids for n in {parse_scheme(s).calib_tokens for s in schemes} - {None}}
     rows = run_report(weights, eval_sets, mixed.calib_ids, [tok.encode(p) for p in PROMPTS], schemes,
                       sens_ids=mixed.sens_ids, log=log, cache_dir=a.cache, mixed_formats=_mixed_formats(a),
-                      workers=a.workers)
+                      workers=a.workers, more_calib=more_calib)
     if a.plot:
         plot(rows, a.plot)
     if a.history:
@@ -459,7 +474,7 @@ def cmd_quantize(a) -> int:
     ffn_rotation = scheme.ffn_rotation if scheme else None
     sequential = scheme.sequential if scheme else a.sequential
     model, tok, weights = _load(a)
-    mixed = _mixed_text(a, tok)
+    mixed = _mixed_text(a, tok, scheme.calib_tokens if scheme else None)
     t0 = time.perf_counter()
     cal = C.Calibrator(weights, mixed.calib_ids, cache_dir=a.cache, rotation=rotation, ffn_rotation=ffn_rotation,
                        damp=scheme.damp if scheme else None)

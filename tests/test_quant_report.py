@@ -132,12 +132,14 @@ def test_schemes():
     assert parse_scheme("gptq:s3g32+emb=clip:s4g32")[:4] == ("gptq:s3g32", "clip:s4g32", None, False)
     assert parse_scheme("mixed@3.0+rot+seq")[:4] == ("mixed@3.0", "source", 22, True)
     assert parse_scheme("gptq:a4g64+rot=5")[:4] == ("gptq:a4g64", "source", 5, False)
-    assert parse_scheme("gptq:a2g64+had+seq").basis == (None, 22, None) and parse_scheme("mixed@3.0+rot+had=4").basis == (22, 4, None)
-    assert parse_scheme("gptq:a4g64+seq+damp=0.1").basis == (None, None, 0.1)
+    assert parse_scheme("gptq:a2g64+had+seq").basis == (None, 22, None, None)
+    assert parse_scheme("mixed@3.0+rot+had=4").basis == (22, 4, None, None)
+    assert parse_scheme("gptq:a4g64+seq+damp=0.1+calib=12288").basis == (None, None, 0.1, 12288)
     assert parse_scheme("mixed@4.0+fmt=s3g64/s4g128/source").formats == ("gptq:s3g64", "gptq:s4g128", "source")
     for bad in ("gptq:s5g32", "gptq:x", "source+foo", "mixed@abc", "rtn:s3g32+seq", "gptq:a4g64+rot=x", "bogus:a4g64",
                 "mixed@4.0+fmt=s3g65", "gptq:a4g64+fmt=s3g64", "gptq:a4g64+had=x",
-                "gptq:a4g64+damp=x", "gptq:a4g64+damp=0", "gptq:a4g64+damp=-1"):
+                "gptq:a4g64+damp=x", "gptq:a4g64+damp=0", "gptq:a4g64+damp=-1", "gptq:a4g64+calib=x",
+                "mixed@3.0+calib=1024"):
         with pytest.raises(TabshardError):
             parse_scheme(bad)
 
@@ -173,9 +175,10 @@ def test_cli_quantize_and_report(tiny_tsq, tmp_path, capsys):
     text.write_text("def f(x):\n    return x * 2\n" * 40, encoding="utf-8")
     png = tmp_path / "p.png"
     assert main(["quant-report", *args, "--text", str(text), "--tokens", "200", "--json", "--plot", str(png),
-                 "--eval-domains", "", "--scheme", "source", "--scheme", "gptq:s3g64"]) == 0
+                 "--eval-domains", "", "--scheme", "source", "--scheme", "gptq:s3g64", "--scheme", "gptq:s3g64+calib=1024"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["scheme"] for r in out["rows"]] == ["source", "gptq:s3g64"]
+    assert [r["scheme"] for r in out["rows"]] == ["source", "gptq:s3g64", "gptq:s3g64+calib=1024"]
+    assert out["rows"][1]["perplexity"] != out["rows"][2]["perplexity"]  # other Hessians, other codes
     assert list(out["rows"][0]["perplexity"]) == [f"text:{text}"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["quant-report", *args, "--quick", "--scheme", "source"]) == 2
