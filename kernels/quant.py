@@ -175,12 +175,16 @@ def contiguous_3bit(words: np.ndarray) -> np.ndarray:
     for inputs 8-11 and 20-23). u32 [n, w] -> u32 [n, w]."""
     n, w = words.shape
     b = np.ascontiguousarray(words).view(np.uint8).reshape(n, w // 3, 12)
-    high = b[..., 8:12]  # the high plane: nibble g holds inputs 4g..4g+3
-    nibbles = np.stack([high & 15, high >> 4], axis=-1).reshape(n, -1, 8).astype(np.uint16)
-    v = _CONTIGUOUS[b[..., :8].astype(np.uint16) | (nibbles << 8)].astype(np.uint32)  # 12 bits per 4 inputs
-    pairs = v[..., 0::2] | (v[..., 1::2] << 12)  # 24 bits per 8 inputs: three bytes
-    out = np.stack([pairs & 255, (pairs >> 8) & 255, pairs >> 16], axis=-1).astype(np.uint8)
-    return out.reshape(n, -1).view(np.uint32)
+    high = b[..., 8:12].astype(np.uint16)  # the high plane: nibble g holds inputs 4g..4g+3
+    idx = b[..., :8].astype(np.uint16)  # byte g of the low planes: inputs 4g..4g+3
+    idx[..., 0::2] |= (high & 15) << 8
+    idx[..., 1::2] |= (high >> 4) << 8
+    v = _CONTIGUOUS[idx].astype(np.uint32)  # 12 bits per 4 inputs, v[..., g] from bit 12g
+    out = np.empty((n, w // 3, 3), np.uint32)
+    out[..., 0] = v[..., 0] | (v[..., 1] << 12) | (v[..., 2] << 24)
+    out[..., 1] = (v[..., 2] >> 8) | (v[..., 3] << 4) | (v[..., 4] << 16) | (v[..., 5] << 28)
+    out[..., 2] = (v[..., 5] >> 4) | (v[..., 6] << 8) | (v[..., 7] << 20)
+    return out.reshape(n, w)
 
 
 def _pack_f16_pairs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
