@@ -216,8 +216,12 @@ async ({fuseRuns}) => {
     const b = await be.forward([{ session_id: "s", start_pos: T - 1, length: 1 }], x.subarray((T - 1) * H));
     const decodeDispatches = gpu.dispatches - before, trace = gpu.trace;
     gpu.trace = undefined;
+    // the prefix cache's fork: "f" gets s's prompt positions, then decodes the last token as s did
+    be.fork_session("s", "f", T - 1);
+    const forked = await be.forward([{ session_id: "f", start_pos: T - 1, length: 1 }], x.subarray((T - 1) * H));
     const top = await be.forward_topk([{ session_id: "t", start_pos: 0, length: T }], x, 5);
-    out[name] = { hidden: [...new Float32Array(a), ...new Float32Array(b)], decodeDispatches, trace, ids: [...top.ids], values: [...top.values] };
+    out[name] = { hidden: [...new Float32Array(a), ...new Float32Array(b)], forked: [...new Float32Array(forked)], decodeDispatches, trace,
+                  ids: [...top.ids], values: [...top.values] };
     be.destroy();
   }
   return out;
@@ -245,6 +249,8 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     assert out["fused"]["decodeDispatches"] == 2 * 6 and out["unfused"]["decodeDispatches"] == 2 * 10, out
     for name, e in out.items():
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=name)
+        # a forked session's decode is the source's, bit for bit (the same keys and values, the same kernels)
+        assert e["forked"] == e["hidden"][-want.shape[1]:], name
         assert e["ids"] == ids[0].tolist(), name
         np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=name)
     try:

@@ -122,15 +122,23 @@ export class WebGpuBackend {
   fork_session(src, dst, length) {
     if (length > (this._lengths.get(src) ?? 0)) throw new Error(`session ${src} cannot fork ${length} positions`);
     this._assignSlots([{ session_id: dst, start_pos: 0, length }]);
-    const from = this._slots.get(src), to = this._slots.get(dst), run = length * this.positionBytes / this.config.n_kv_heads;
-    const enc = this.dev.device.createCommandEncoder();
-    for (const [k, v] of this._pools) {
-      for (let h = 0; h < this.config.n_kv_heads; h++) {
-        const off = (s) => ((s * this.config.n_kv_heads + h) * this.poolCtx) * this.positionBytes / this.config.n_kv_heads;
-        if (run) { enc.copyBufferToBuffer(k, off(from), k, off(to), run); enc.copyBufferToBuffer(v, off(from), v, off(to), run); }
+    const nKv = this.config.n_kv_heads, from = this._slots.get(src), to = this._slots.get(dst);
+    const run = length * this.positionBytes / nKv;  // one kv head's keys (or values) over the forked positions
+    if (run && this._pools.length) {
+      // through a scratch buffer: WebGPU copies nothing from a buffer into itself (a validation
+      // error); copies in one encoder run in order, so one scratch serves every pool in turn
+      const scratch = this.dev.buffer(nKv * run, "fork.scratch");
+      const off = (slot, h) => ((slot * nKv + h) * this.poolCtx) * this.positionBytes / nKv;
+      const enc = this.dev.device.createCommandEncoder();
+      for (const pool of this._pools) {
+        for (const buf of pool) {
+          for (let h = 0; h < nKv; h++) enc.copyBufferToBuffer(buf, off(from, h), scratch, h * run, run);
+          for (let h = 0; h < nKv; h++) enc.copyBufferToBuffer(scratch, h * run, buf, off(to, h), run);
+        }
       }
+      this.dev.queue.submit([enc.finish()]);
+      scratch.destroy();  // after submit: destroy waits for queued use
     }
-    this.dev.queue.submit([enc.finish()]);
     this._lengths.set(dst, length);
   }
 
