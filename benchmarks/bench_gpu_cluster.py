@@ -46,6 +46,22 @@ def _aggregate(results) -> dict:
             if all(r.ttft is not None for r in results) else None}
 
 
+def _streams(base: str, tag: str, label: dict, streams: list[int], tokens: int) -> dict:
+    """For each n in streams: n concurrent requests, once to warm (kernels built, buffers sized
+    for this batch), then measured: {n: aggregate}."""
+    from simulation.workload import stream_request
+
+    out = {}
+    for n in streams:
+        async def batch(n=n):
+            return await asyncio.gather(*(stream_request(base, f"{tag}-{n}-{i}", PROMPTS[i], tokens, timeout=900)
+                                          for i in range(n)))
+        asyncio.run(batch())
+        out[n] = _aggregate(asyncio.run(batch()))
+        print(json.dumps({**label, "result": out[n]}), file=sys.stderr, flush=True)
+    return out
+
+
 def in_process(model: str, streams: list[int], tokens: int) -> dict:
     """The model's layers and head in one wgpu backend of this process: the ceiling for a cluster."""
     from tab_worker.backends import forward_topk, make_backend
@@ -86,7 +102,6 @@ def in_process(model: str, streams: list[int], tokens: int) -> dict:
 def cluster(model: str, tabs: int, gpus: float, streams: list[int], tokens: int, log_dir: Path) -> dict:
     from actors.tab import SimulatedTab
     from simulation.runtime import CoordinatorProcess, plan_served
-    from simulation.workload import stream_request
 
     share = 1.0 if gpus >= tabs else gpus / tabs
     (log_dir / "serve.toml").write_text("[serve]\nheartbeat_ms = 250\nmeasure_tokens = 4\n")
@@ -103,13 +118,7 @@ def cluster(model: str, tabs: int, gpus: float, streams: list[int], tokens: int,
         st = coord.wait_for(plan_served, 1800, "a plan served by the GPU tabs")
         out["stages"] = [s["layers"] + (["head"] if s["head"] else []) for s in st["stages"]]
         out["adapters"] = [t.info().get("adapter") for t in sim]
-        for n in streams:
-            async def batch(n=n):
-                return await asyncio.gather(*(stream_request(coord.base, f"b{tabs}-{n}-{i}", PROMPTS[i], tokens,
-                                                             timeout=900) for i in range(n)))
-            asyncio.run(batch())  # warm: kernels built, buffers sized for this batch
-            out[n] = _aggregate(asyncio.run(batch()))
-            print(json.dumps({"tabs": tabs, "result": out[n]}), file=sys.stderr, flush=True)
+        out.update(_streams(coord.base, f"b{tabs}", {"tabs": tabs}, streams, tokens))
     finally:
         for t in sim:
             t.kill()
@@ -119,7 +128,6 @@ def cluster(model: str, tabs: int, gpus: float, streams: list[int], tokens: int,
 
 def processes(model: str, workers: int, streams: list[int], tokens: int, log_dir: Path) -> dict:
     """`tabshard serve` and ``workers`` wgpu worker processes on 127.0.0.1, one stage each."""
-    from simulation.workload import stream_request
     from tabshard.cluster import LocalCluster
 
     cfg = log_dir / "serve.toml"
@@ -129,13 +137,7 @@ def processes(model: str, workers: int, streams: list[int], tokens: int, log_dir
     out: dict = {"workers": workers}
     with cluster.start(timeout=900):
         out["stages"] = [s["layers"] + (["head"] if s["head"] else []) for s in cluster.status()["stages"]]
-        for n in streams:
-            async def batch(n=n):
-                return await asyncio.gather(*(stream_request(cluster.base, f"p{workers}-{n}-{i}", PROMPTS[i], tokens,
-                                                             timeout=900) for i in range(n)))
-            asyncio.run(batch())  # warm: kernels built, buffers sized for this batch
-            out[n] = _aggregate(asyncio.run(batch()))
-            print(json.dumps({"workers": workers, "result": out[n]}), file=sys.stderr, flush=True)
+        out.update(_streams(cluster.base, f"p{workers}", {"workers": workers}, streams, tokens))
     return out
 
 
