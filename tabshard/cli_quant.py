@@ -51,12 +51,12 @@ DEFAULT_SCHEMES = (
 )
 # The recommended scheme of each class (benchmarks/quant_report_full.md), chosen between
 # candidates on calibration-domain text held out from the Hessians and from the sensitivity
-# slice, never on the evaluation domains: the FFN rotation (+had) won there at <=3.0 and <=2.5
-# bpw, not at 4 bits (gptq:a4g64+had measures lower on the evaluation domains, but not on
-# the calibration domains, nor in ffn_down's error). Formats pinned to those measured.
+# slice (--selection), never on the evaluation domains: the FFN rotation (+had) won there at
+# <=3.0 and <=2.5 bpw, not at 4 bits; at 4 bits twice the calibration tokens won over +seq,
+# +had+seq, damping 0.1 and 1.0 (session 10). Formats pinned to those measured.
 QUICK = {
     "source": "source",
-    "4-bit": "gptq:a4g64",
+    "4-bit": "gptq:a4g64+calib=12288",
     "<=4.0 bpw": "mixed@4.0+fmt=s3g64/a3g64/s4g64/s4g128/a4g64/source",
     "<=3.0 bpw": "mixed@3.0+rot+had+seq+fmt=a2g64/s3g64/s4g64/source",
     "<=2.5 bpw": "gptq:a2g64+had+seq",
