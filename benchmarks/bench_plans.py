@@ -5,7 +5,9 @@ round):
     .venv/bin/python benchmarks/bench_plans.py [--quick] [--rounds N] [--no-history]
 
 * mixed: single-stream decode tok/s, a numpy worker alone against a numpy worker beside a wgpu
-  worker on lavapipe (a CPU rasteriser: much slower) in one cluster (target >= 0.95x);
+  worker on lavapipe (a CPU rasteriser: much slower) in one cluster (target >= 0.95x); a third
+  cluster identical to the lone worker's runs in the same rounds, and its ratio (an A/A control)
+  says how far two equal clusters differ on this shared host;
 * one_slow: single stream, 4 numpy workers of which one is slowed 5x, against one numpy worker
   alone (target >= 0.95x the best single worker's);
 * replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
@@ -179,20 +181,31 @@ def concurrent(base: str, n: int, max_tokens: int, stamps: list | None = None, s
     return {"tok_s": sum(len(r["ids"]) for r in results) / (time.perf_counter() - t0), "ids": [r["ids"] for r in results]}
 
 
-def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure) -> dict:
-    """Rounds alternating the two clusters; the ratio many/solo of each round, and their median."""
+def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure, twin: Cluster | None = None) -> dict:
+    """Rounds alternating the two clusters; the ratio many/solo of each round, and their median.
+    twin: a cluster identical to solo, measured in the same rounds: its ratio to solo (an A/A
+    control) shows how far two equal clusters differ on this shared host."""
     measure(solo), measure(many)  # first requests pay one-off costs
-    a, b, same = [], [], True
+    if twin is not None:
+        measure(twin)
+    a, b, c, same = [], [], [], True
     for _ in range(rounds):
         x, y = measure(solo), measure(many)
         a.append(x[0])
         b.append(y[0])
         same = same and x[1] == y[1]
+        if twin is not None:
+            c.append(measure(twin)[0])
     ratios = [y / x for x, y in zip(a, b)]
     out = {"solo": statistics.median(a), "many": statistics.median(b), "ratio": statistics.median(ratios),
            "ratio_rounds": [round(r, 4) for r in ratios], "tokens_identical": same}
+    control = ""
+    if twin is not None:
+        out["control_rounds"] = [round(z / x, 4) for x, z in zip(a, c)]
+        out["control_ratio"] = statistics.median(out["control_rounds"])
+        control = f"; A/A control (an identical cluster / the same) {out['control_ratio']:.3f}x (rounds {out['control_rounds']})"
     print(f"{name}: {out['many']:.2f} against {out['solo']:.2f} -> {out['ratio']:.3f}x (rounds {out['ratio_rounds']}), "
-          f"tokens identical: {same}", flush=True)
+          f"tokens identical: {same}{control}", flush=True)
     return out
 
 
@@ -212,15 +225,18 @@ def plan_of(c: Cluster) -> list:
 # ---------------------------------------------------------------- the figures
 def bench_mixed(log: Path, settings: str, rounds: int, tokens: int) -> tuple[dict, dict]:
     solo, mixed = Cluster("numpy-alone", log, settings), Cluster("numpy-and-wgpu", log, settings)
+    twin = Cluster("numpy-alone-twin", log, settings)
     try:
-        solo.start(), mixed.start()
+        solo.start(), mixed.start(), twin.start()
         solo.add("numpy-0")
+        twin.add("numpy-0")
         mixed.add("numpy-0")
         mixed.add("wgpu-0", backend="wgpu")
-        solo.wait_ready(), mixed.wait_ready()
+        solo.wait_ready(), mixed.wait_ready(), twin.wait_ready()
         print(f"mixed plan: {plan_of(mixed)}", flush=True)
         out = pair("mixed (numpy + wgpu/lavapipe vs numpy alone), single stream tok/s", solo, mixed, rounds,
-                   lambda c: single(c, tokens))
+                   lambda c: single(c, tokens), twin)
+        twin.stop()
         out["plan"] = plan_of(mixed)
         mixed.stop()
         # 4 workers, one 5x slower, against the same single numpy worker
@@ -237,7 +253,7 @@ def bench_mixed(log: Path, settings: str, rounds: int, tokens: int) -> tuple[dic
         four.stop()
         return out, slow
     finally:
-        solo.stop(), mixed.stop()
+        solo.stop(), mixed.stop(), twin.stop()
 
 
 def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
@@ -493,6 +509,7 @@ def record(out: dict) -> None:
     # the join's figures measured with workers slowed asleep are not comparable with the full-speed ones before
     join = "plans.join" if out["join"]["worker_slowed"] == 1.0 else f"plans.join_slowed{out['join']['worker_slowed']:g}x"
     figures = [Figure.of("plans.mixed_numpy_wgpu_over_numpy", out["mixed"]["ratio_rounds"], "×", "higher"),
+               Figure.of("plans.mixed_control_twin_over_numpy", out["mixed"]["control_rounds"], "×", "higher"),
                Figure.of("plans.one_slow_of_4_over_best_single", out["one_slow"]["ratio_rounds"], "×", "higher"),
                Figure.of("plans.replicas_8_streams_4_over_1", out["replicas"]["ratio_rounds"], "×", "higher"),
                Figure.of(f"{join}_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["join"]["runs"]], "steps", "lower"),
