@@ -55,6 +55,11 @@ class LocalCluster:
         return open(self.log_dir / f"{name}.log", "wb")
 
     def start(self, timeout: float = 120) -> "LocalCluster":
+        """Start the coordinator and the workers, and wait for a plan served by them. Once only:
+        `with LocalCluster(...).start(timeout=...)` enters a started cluster (a second start
+        would have doubled the workers on the first coordinator and orphaned it at stop)."""
+        if self.coord.proc is not None and self.coord.proc.poll() is None:
+            return self
         self.coord.start(timeout)
         for _ in range(self.n_workers):
             self.add_worker()

@@ -75,6 +75,17 @@ def test_small_clusters_match_single_worker(reference, n_workers):
         assert ws_tokens(cluster.base) == reference
 
 
+def test_a_started_cluster_enters_as_it_is(reference):
+    """`with LocalCluster(...).start(timeout=...)`: entering a started cluster starts nothing
+    again (it doubled the workers on the first coordinator, and stop() left that one running)."""
+    with LocalCluster(workers=1).start(timeout=120) as cluster:
+        st = cluster.status()
+        assert len(cluster.workers) == 1 and [w["name"] for w in st["workers"] if not w["local"]] == ["worker-0"], st["workers"]
+        assert ws_tokens(cluster.base) == reference
+        procs = [cluster.coordinator, *cluster.workers]
+    assert all(p.poll() is not None for p in procs)
+
+
 @pytest.fixture(scope="module")
 def cluster4(tmp_path_factory):
     c = LocalCluster(workers=4, serve_args=["--stages", "4"], log_dir=str(tmp_path_factory.mktemp("cluster4")))
