@@ -459,29 +459,22 @@ def roofline(a) -> int:
 
 
 def append_history(results: dict, path: str) -> None:
-    from tabshard.bench_history import DEFAULT_DB, Figure, History
+    from tabshard.bench_history import DEFAULT_DB, Figure, append_figures, recorded_machine
 
-    h = History(path or DEFAULT_DB)
-    try:
-        # the machine that measured: recorded there (a device machine's history stays there, so
-        # its --json is appended here with --append-json); older JSONs name only the adapter
-        measured_on = results.get("machine") or {"cpu": "not recorded", "cores": 0, "memory_gib": 0,
-                                                  "adapter": results["device"], "os": "not recorded"}
-        run = h.start_run(measured_on, suite="bench_device")
-        h.add(run, Figure.of("device.copy_gbps", [results["copy_gbps"]], "GB/s", "higher"))
-        model = results["model"].replace("synthetic:", "")
-        for w in results["workloads"]:
-            base = f"device.{model}.{w['format'] or 'default'}.{w['variant']}.rows{w['rows']}"
-            h.add(run, Figure.of(f"{base}.tok_s", [w["rows"] * 1000 / t for t in w["samples_ms"]], "tok/s", "higher"))
-            h.add(run, Figure.of(f"{base}.copy_fraction", [w["copy_fraction"]], "fraction", "higher"))
-            h.add(run, Figure.of(f"{base}.dispatches", [w["dispatches"]], "dispatches", "lower"))
-            h.add(run, Figure.of(f"{base}.gpu_ms", [w["gpu_ms"]], "ms", "lower"))
-        for label, hops in results["hops"].items():
-            for rows, ms in hops.items():
-                h.add(run, Figure.of(f"device.{label.replace(' ', '.').replace('synthetic:', '')}.hop_ms.rows{rows}", [ms], "ms", "lower"))
-    finally:
-        h.close()
-    print(f"history: appended to {path or DEFAULT_DB}", flush=True)
+    figures = [Figure.of("device.copy_gbps", [results["copy_gbps"]], "GB/s", "higher")]
+    model = results["model"].replace("synthetic:", "")
+    for w in results["workloads"]:
+        base = f"device.{model}.{w['format'] or 'default'}.{w['variant']}.rows{w['rows']}"
+        figures += [Figure.of(f"{base}.tok_s", [w["rows"] * 1000 / t for t in w["samples_ms"]], "tok/s", "higher"),
+                    Figure.of(f"{base}.copy_fraction", [w["copy_fraction"]], "fraction", "higher"),
+                    Figure.of(f"{base}.dispatches", [w["dispatches"]], "dispatches", "lower"),
+                    Figure.of(f"{base}.gpu_ms", [w["gpu_ms"]], "ms", "lower")]
+    for label, hops in results["hops"].items():
+        for rows, ms in hops.items():
+            figures.append(Figure.of(f"device.{label.replace(' ', '.').replace('synthetic:', '')}.hop_ms.rows{rows}", [ms], "ms", "lower"))
+    # the machine that measured: recorded there (a device machine's history stays there, so its
+    # --json is appended here with --append-json)
+    append_figures(figures, "bench_device", db=path or DEFAULT_DB, measured_on=recorded_machine(results.get("machine"), results["device"]))
 
 
 def main() -> None:

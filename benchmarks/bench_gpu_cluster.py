@@ -208,7 +208,7 @@ def report(result: dict, tabs: list[int], streams: list[int], a) -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(result))
     if not a.no_history:
-        from tabshard.bench_history import Figure, History
+        from tabshard.bench_history import Figure, append_figures, recorded_machine
 
         figures = [Figure.of(f"gpu_cluster.in_process_tok_s_{s}", [result["in_process"][s]["tok_s"]], "tok/s", "higher")
                    for s in streams]
@@ -218,16 +218,7 @@ def report(result: dict, tabs: list[int], streams: list[int], a) -> None:
                 if v:
                     figures.append(Figure.of(f"gpu_cluster.{result['kind']}tabs_{n}_tok_s_{s}", [v], "tok/s", "higher"))
         # the machine that measured (a device machine's --json is appended elsewhere with --append-json)
-        measured_on = result.get("machine") or {"cpu": "not recorded", "cores": 0, "memory_gib": 0,
-                                                 "adapter": result["adapters"][0], "os": "not recorded"}
-        h = History()
-        try:
-            run = h.start_run(measured_on, suite="bench_gpu_cluster")
-            for f in figures:
-                h.add(run, f)
-        finally:
-            h.close()
-        print(f"history: {len(figures)} figures appended", flush=True)
+        append_figures(figures, "bench_gpu_cluster", measured_on=recorded_machine(result.get("machine"), result["adapters"][0]))
 
 
 if __name__ == "__main__":

@@ -151,18 +151,11 @@ def main(argv=None) -> int:
 
 
 def append_history(results: dict, path: str) -> None:
-    from tabshard.bench_history import DEFAULT_DB, Figure, History
+    from tabshard.bench_history import DEFAULT_DB, Figure, append_figures
 
-    h = History(path or DEFAULT_DB)
-    try:
-        run = h.start_run(results["machine"], suite="bench_matvec_anatomy")
-        for name, row in results["us"].items():
-            for v, ts in row.items():
-                if isinstance(ts, list):
-                    h.add(run, Figure.of(f"anatomy.{results['shapes']}.{results['format']}.{name}.{v}_us", ts, "us", "lower"))
-    finally:
-        h.close()
-    print(f"history: appended to {path or DEFAULT_DB}", flush=True)
+    figures = [Figure.of(f"anatomy.{results['shapes']}.{results['format']}.{name}.{v}_us", ts, "us", "lower")
+               for name, row in results["us"].items() for v, ts in row.items() if isinstance(ts, list)]
+    append_figures(figures, "bench_matvec_anatomy", db=path or DEFAULT_DB, measured_on=results["machine"])
 
 
 if __name__ == "__main__":

@@ -273,12 +273,20 @@ class History:
         return [dict(r) for r in self.db.execute("SELECT * FROM figures WHERE run_id=? ORDER BY id", (run_id,))]
 
 
-def append_figures(figures: list[Figure], suite: str, adapter: bool = False, db: str | Path = DEFAULT_DB) -> list[Verdict]:
+def recorded_machine(recorded: dict | None, adapter: str) -> dict:
+    """The machine another machine's JSON says measured it (a device machine's history stays
+    there, so its JSON is appended here); older JSONs name only the adapter."""
+    return recorded or {"cpu": "not recorded", "cores": 0, "memory_gib": 0, "adapter": adapter, "os": "not recorded"}
+
+
+def append_figures(figures: list[Figure], suite: str, adapter: bool = False, db: str | Path = DEFAULT_DB,
+                   measured_on: dict | None = None) -> list[Verdict]:
     """A benchmark script's figures appended to the history as one run of `suite`; prints how
-    many, and every figure the history flags as a regression or an improvement."""
+    many, and every figure the history flags as a regression or an improvement. measured_on:
+    the machine that measured them (recorded_machine), when it is not this one."""
     h = History(db)
     try:
-        run = h.start_run(machine(adapter=adapter), suite=suite)
+        run = h.start_run(measured_on or machine(adapter=adapter), suite=suite)
         verdicts = [h.add(run, f) for f in figures]
     finally:
         h.close()
