@@ -203,17 +203,17 @@ class WgpuBackend:
         per_position = self._position_bytes // n_kv  # one kv head's key (or value) at one position
         run = length * per_position
         if self._layers and run:
+            def off(session: str, h: int) -> int:  # its slot's run of kv head h
+                return (self._slots[session] * n_kv + h) * self._pool_ctx * per_position
+
             scratch = self.dev.buffer(n_kv * run, "fork.scratch")
             enc = self.dev.encoder()
             for pair in self._pools:
-                for buf in pair:
-                    for step in (0, 1):  # pool -> scratch, then scratch -> pool (copies run in order)
-                        for h in range(n_kv):
-                            off = (self._slots[(src, dst)[step]] * n_kv + h) * self._pool_ctx * per_position
-                            if step == 0:
-                                enc.copy_buffer_to_buffer(buf, off, scratch, h * run, run)
-                            else:
-                                enc.copy_buffer_to_buffer(scratch, h * run, buf, off, run)
+                for buf in pair:  # pool -> scratch, then scratch -> pool (copies in one encoder run in order)
+                    for h in range(n_kv):
+                        enc.copy_buffer_to_buffer(buf, off(src, h), scratch, h * run, run)
+                    for h in range(n_kv):
+                        enc.copy_buffer_to_buffer(scratch, h * run, buf, off(dst, h), run)
             self.dev.queue.submit([enc.finish()])
             scratch.destroy()
         self._lengths[dst] = length

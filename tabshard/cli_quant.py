@@ -53,7 +53,7 @@ DEFAULT_SCHEMES = (
 # candidates on calibration-domain text held out from the Hessians and from the sensitivity
 # slice (--selection), never on the evaluation domains: the FFN rotation (+had) won there at
 # <=3.0 and <=2.5 bpw, not at 4 bits; at 4 bits twice the calibration tokens won over +seq,
-# +had+seq, damping 0.1 and 1.0 (session 10). Formats pinned to those measured.
+# +had+seq, damping 0.1 and 1.0. Formats pinned to those measured.
 QUICK = {
     "source": "source",
     "4-bit": "gptq:a4g64+calib=12288",
