@@ -81,6 +81,10 @@ class CoordinatorService:
         self.core.head_logits = self._head_logits
         self._head_matrix = None  # full_head(), made on the first request that needs it
         self.bytes_to_workers = 0  # every frame sent on worker sockets (/metrics)
+        # time this loop spent on worker frames: decoding them and the state machine's handling
+        # (a token's sampling and embedding included), and encoding and sending frames to them
+        self.worker_frames_ms = 0.0
+        self.worker_sends_ms = 0.0
         self.settings = settings
         self.api_key = api_key  # never shown by any endpoint (coordinator/security.py checks it)
         self.allowed_origins = {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
@@ -227,6 +231,7 @@ class CoordinatorService:
                     break
                 data = frame.get("bytes")
                 now = time.monotonic()
+                t0 = time.perf_counter()
                 if not limit.allow(now):
                     self.refusals["rate"] += 1
                     err = wire.ProtocolError("rate_limited", f"more than {self.settings.worker_max_msgs_per_s} messages "
@@ -247,6 +252,7 @@ class CoordinatorService:
                 for fn in self.message_observers:
                     fn(conn, m, now)
                 self.perform(self.core.on_message(conn, m, now))
+                self.worker_frames_ms += (time.perf_counter() - t0) * 1000
                 if limits is PRE_HELLO_LIMITS and conn in self.core.conn_worker:  # joined: what a worker sends
                     limits = WORKER_LIMITS
                     set_frame_limit(ws, WORKER_LIMITS.max_frame_bytes)
@@ -268,9 +274,11 @@ class CoordinatorService:
                 if isinstance(item, Close):
                     await ws.close(code=item.code, reason=item.reason)
                     return
+                t0 = time.perf_counter()
                 frame = wire.encode(item, validate=False)
                 self.bytes_to_workers += len(frame)
                 await ws.send_bytes(frame)
+                self.worker_sends_ms += (time.perf_counter() - t0) * 1000
         except Exception:
             return
 
@@ -305,6 +313,7 @@ class CoordinatorService:
             st["events"] = [e for e in self.core.events if e["t"] > events_since]
         st["model"]["name"] = self.model.path.name
         st["counters"].update({f"refused_{k}": v for k, v in self.refusals.items()})
+        st["counters"].update(worker_frames_ms=round(self.worker_frames_ms, 3), worker_sends_ms=round(self.worker_sends_ms, 3))
         st["access"] = {"api_key_required": bool(self.api_key), "join_token_required": bool(self.join_token),
                         "allowed_origins": sorted(self.allowed_origins)}
         return st

@@ -70,7 +70,9 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
                          "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0,
                          # speculation by a worker's draft model: trips that waited for its drafts, went
                          # without them (its deadline or death), and its answers after the deadline
-                         "drafts_asked": 0, "drafts_missed": 0, "late_drafts_ignored": 0}
+                         "drafts_asked": 0, "drafts_missed": 0, "late_drafts_ignored": 0,
+                         # decode steps' round trips seen here and the compute their workers report (ms)
+                         "decode_step_ms": 0.0, "decode_compute_ms": 0.0}
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)

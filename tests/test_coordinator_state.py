@@ -583,3 +583,23 @@ def test_each_workers_round_trip_is_timed_by_the_coordinator(weights):
     assert w.rtt_ms == pytest.approx(0.2 * 300, abs=0.2 * 60)
     shown = next(x for x in net.core.status(net.now)["workers"] if x["worker_id"] == w.worker_id)
     assert shown["rtt_ms"] == round(w.rtt_ms, 3)
+
+
+def test_decode_steps_round_trips_and_compute_are_summed(weights):
+    """/status counters decode_step_ms and decode_compute_ms: every decode step's round trip and
+    the compute its worker reported, unsmoothed (benchmarks/bench_hop.py splits a token by them)."""
+    net = start(weights, 2)
+    for w in net.workers.values():
+        def timed(m, handle=w.handle):
+            out = handle(m)
+            if m["type"] == "step":  # each step takes 3 ms, 1 of them computing
+                net.now += 0.003
+                for r in out:
+                    r["compute_ms"] = 1.0
+            return out
+        w.handle = timed
+    net.submit("r", PROMPT, 5, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    decode_steps = 4 * 2  # the first token comes from the prompt's steps; 4 decode trips over 2 stages
+    assert net.core.counters["decode_compute_ms"] == pytest.approx(1.0 * decode_steps)
+    assert net.core.counters["decode_step_ms"] == pytest.approx(3.0 * decode_steps)

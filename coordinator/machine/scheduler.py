@@ -143,6 +143,9 @@ class Scheduler:
                 w.transfer.add(moved, hop - w.rtt_ms)
             if decode:
                 w.compute_ms = compute if w.compute_ms is None else 0.9 * w.compute_ms + 0.1 * compute
+                # unsmoothed sums: a stream's step round trips split exactly into compute and hop
+                self.counters["decode_step_ms"] += w.last_step_ms
+                self.counters["decode_compute_ms"] += compute
         if decode:
             self._adapt_batch(st, len(items), w.last_step_ms)
             # the step's round trip less the hop (its ping's), per layer computed, as one stream's
