@@ -190,11 +190,16 @@ def test_tarpit_is_quarantined_and_backed_off(cluster, checksum_ok):
     pit = ScriptedTarpit(worker_url(cluster), JOIN, next(ADDRESSES), checksum_ok)
 
     async def both():
-        task = asyncio.create_task(pit.run(12.0))
+        # at least 12 s of requests beside it, and on until its address has been refused once:
+        # each offense takes a trial and an eviction, slower on a loaded host (a fixed 12 s saw
+        # 3 joins and no refusal on a 2-core host at load 5); 60 s bounds the wait
+        task = asyncio.create_task(pit.run(60.0))
         answers = []
         t0 = time.monotonic()
         while not task.done():
             answers.append(await asyncio.to_thread(chat, cluster.base, "Count to five.", 6))
+            if pit.refused and time.monotonic() - t0 >= 12.0:
+                pit.stop = True
         return answers, time.monotonic() - t0, await task
 
     answers, _, _ = asyncio.run(both())
