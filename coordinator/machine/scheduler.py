@@ -64,9 +64,13 @@ class Scheduler:
             s = self.sessions.get(it.session_id)
             if s is None:
                 continue
-            log = [e for e in s.logs.get(st.index, []) if e[0] < it.start_pos]
+            # a stage's log is in position order: rows sent again from a position (a rebuild's
+            # replay, a rolled-back trip) replace the entries from there on, popped from its end
+            # (a copy of the whole log at every step cost a stream's length each token)
+            log = s.logs.setdefault(st.index, [])
+            while log and log[-1][0] >= it.start_pos:
+                log.pop()
             log.append((it.start_pos, it.rows))
-            s.logs[st.index] = log
             s.touched.setdefault(w.worker_id, len(s.tokens))
         # from this worker's measured costs, for these rows at their context positions
         expected_ms = self._step_cost_ms(w, st, [(i.start_pos, len(i.rows)) for i in items])
