@@ -40,6 +40,7 @@ WORKER_LIMITS = wire.Limits(max_frame_bytes=64 << 20, max_tensor_elements=16 << 
 PRE_HELLO_LIMITS = wire.Limits(max_frame_bytes=256 << 10, max_tensor_elements=0, allowed_dtypes=frozenset(),
                                max_list_len=1 << 14, max_str_len=64 << 10)
 TICK_S = 0.02
+EMBED_CACHE_BYTES = 64 << 20  # decode rows kept dequantized (see CoordinatorService._embed)
 
 
 @dataclass
@@ -76,8 +77,9 @@ class CoordinatorService:
         blobs = {f"layer:{i}": pack_layer(i, lw) for i, lw in enumerate(weights.layers)}
         blobs["head"] = pack_head(weights.head)
         self.join_token = join_token if join_token is not None else secrets.token_urlsafe(16)
-        self.core = Coordinator(weights.config, blobs, lambda ids: embed(weights.embedding, ids), settings, self.join_token,
-                                draft=draft)
+        self._rows: dict[int, np.ndarray] = {}  # token id -> its embedded row, read-only
+        self._rows_max = max(1, EMBED_CACHE_BYTES // (4 * weights.config.hidden))
+        self.core = Coordinator(weights.config, blobs, self._embed, settings, self.join_token, draft=draft)
         self.core.head_logits = self._head_logits
         self._head_matrix = None  # full_head(), made on the first request that needs it
         self.bytes_to_workers = 0  # every frame sent on worker sockets (/metrics)
@@ -126,6 +128,21 @@ class CoordinatorService:
         weights = ModelWeights(config=m.config, embedding=emb, layers=layers, head=m.head(emb))
         progress("weights loaded", n + 1, n + 1)
         return weights
+
+    def _embed(self, ids) -> np.ndarray:
+        """Coordinator.embed: every decode step of every stream embeds one token here, on the
+        event loop every hop goes through, so a single token's row is dequantized once and kept
+        (up to EMBED_CACHE_BYTES; read-only, as it is shared); prompts and drafts are embedded whole."""
+        if len(ids) != 1:
+            return embed(self.weights.embedding, ids)
+        token = int(ids[0])
+        row = self._rows.get(token)
+        if row is None:
+            row = embed(self.weights.embedding, ids)
+            row.flags.writeable = False
+            if len(self._rows) < self._rows_max:
+                self._rows[token] = row
+        return row
 
     def _head_logits(self, rows: np.ndarray) -> np.ndarray:
         """Coordinator.head_logits (sessions with logprobs or a grammar), built on first use."""

@@ -603,3 +603,21 @@ def test_decode_steps_round_trips_and_compute_are_summed(weights):
     decode_steps = 4 * 2  # the first token comes from the prompt's steps; 4 decode trips over 2 stages
     assert net.core.counters["decode_compute_ms"] == pytest.approx(1.0 * decode_steps)
     assert net.core.counters["decode_step_ms"] == pytest.approx(3.0 * decode_steps)
+
+
+def test_the_service_embeds_a_decode_token_once_and_as_embed_does():
+    """CoordinatorService._embed keeps a single token's row (every decode step embeds one): the
+    same values as embed(), shared read-only; several ids and bad ids go through embed()."""
+    from coordinator.server import CoordinatorService
+    from model.embedding import embed
+    from model.loader import open_model
+    from protocol.errors import TabshardError
+
+    svc = CoordinatorService(open_model("synthetic:llama-mini"))
+    table = svc.weights.embedding
+    row = svc._embed([17])
+    assert np.array_equal(row, embed(table, [17])) and svc._embed([17]) is row
+    assert not row.flags.writeable
+    assert np.array_equal(svc._embed([17, 3]), embed(table, [17, 3]))
+    with pytest.raises(TabshardError):
+        svc._embed([table.n])
