@@ -7,8 +7,8 @@
 one greedy stream at a time, the variants alternating round by round, into the benchmark history.
 
     python benchmarks/bench_hop.py [--model synthetic:llama-mini] [--backend numpy|wgpu]
-        [--workers 1,2,4] [--tokens 128] [--rounds 5] [--baseline-tree DIR]
-        [--json FILE] [--no-history]
+        [--workers 1,2,4] [--tokens 128] [--rounds 5] [--setting KEY=VALUE ...]
+        [--baseline-tree DIR] [--baseline-setting KEY=VALUE ...] [--json FILE] [--no-history]
     python benchmarks/bench_hop.py --append-json FILE   # a device machine's --json into this history
 
 For each variant: ms a token (a stream's decode tokens: last token's time - first's, / tokens - 1),
@@ -31,9 +31,11 @@ split of a token's time:
   * CPU ms a token of each process (coordinator, workers together, this client), from /proc:
     on a host with fewer cores than processes, CPU is what a hop competes for.
 
---baseline-tree DIR (a `git worktree add DIR <commit>` of another commit) serves the same clusters
-from DIR's code as well, in the same rounds, for an A/B of a change (its figures are printed and
-kept in the JSON, not added to the history). The device machine has no Ray: this needs none.
+--setting KEY=VALUE adds a serve setting (serve.toml's [serve], e.g. spot_check_fraction=0) to the
+clusters. A baseline serves the same clusters again in the same rounds, for an A/B: from another
+commit's code with --baseline-tree DIR (a `git worktree add DIR <commit>`), under other settings
+with --baseline-setting KEY=VALUE (instead of --setting's), or both; its figures are printed and kept
+in the JSON, not added to the history. The device machine has no Ray: this needs none.
 """
 from __future__ import annotations
 
@@ -103,13 +105,13 @@ class Served:
     """`tabshard serve` and `workers` worker processes on 127.0.0.1, one stage each, started from
     `tree` (this checkout, or a baseline worktree)."""
 
-    def __init__(self, model: str, backend: str, workers: int, tree: Path, log_dir: Path):
+    def __init__(self, model: str, backend: str, workers: int, tree: Path, log_dir: Path, settings: list[str]):
         from tabshard.cluster import LocalCluster
 
         self.workers = workers
         log_dir.mkdir(parents=True, exist_ok=True)
         cfg = log_dir / "serve.toml"
-        cfg.write_text("[serve]\nheartbeat_ms = 250\nmeasure_tokens = 4\n")
+        cfg.write_text("[serve]\nheartbeat_ms = 250\nmeasure_tokens = 4\n" + "".join(f"{kv}\n" for kv in settings))
         self.cluster = LocalCluster(workers, backend=backend, model=model, log_dir=str(log_dir),
                                     serve_args=["--no-coordinator-compute", "--stages", str(workers), "--config", str(cfg)])
         here = Path.cwd()
@@ -224,6 +226,8 @@ def record(result: dict) -> None:
     from tabshard.bench_history import Figure, append_figures, recorded_machine
 
     tag = f"hop.{result['model'].split(':')[-1]}.{result['backend']}"
+    if result.get("settings"):  # figures under other serve settings are not the defaults' history
+        tag += "." + ".".join(kv.replace(" ", "").replace("=", "_") for kv in result["settings"])
     raw = result["rounds_raw"]
     figures = [Figure.of(f"{tag}.in_process_ms_per_token", [r["ms_per_token"] for r in raw["in_process"]], "ms", "lower"),
                Figure.of(f"{tag}.codec_us_per_hop", [result["codec"]["per_hop_us"]], "µs", "lower")]
@@ -244,7 +248,9 @@ def main() -> None:
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--setting", action="append", default=[], help="KEY=VALUE for serve.toml's [serve] (repeatable)")
     p.add_argument("--baseline-tree", default="", help="a worktree of the commit to compare with, served in the same rounds")
+    p.add_argument("--baseline-setting", action="append", default=[], help="KEY=VALUE for the baseline's clusters (repeatable)")
     p.add_argument("--json", default="", help="write the result here too")
     p.add_argument("--no-history", action="store_true")
     p.add_argument("--append-json", default="", help="append a --json file of another machine's run to the history, then exit")
@@ -262,16 +268,18 @@ def main() -> None:
     if 1 not in workers:
         raise SystemExit("--workers must include 1: the extra ms per stage is against the 1-worker cluster")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-hop-"))
-    trees = {"": Path(__file__).resolve().parents[1]}
-    if a.baseline_tree:
-        trees["base_"] = Path(a.baseline_tree).resolve()
+    here = Path(__file__).resolve().parents[1]
+    trees = {"": (here, a.setting)}
+    if a.baseline_tree or a.baseline_setting:
+        trees["base_"] = (Path(a.baseline_tree).resolve() if a.baseline_tree else here, a.baseline_setting)
     result = {"model": a.model, "backend": a.backend, "tokens": a.tokens, "rounds": a.rounds, "workers": workers,
-              "baseline_tree": a.baseline_tree, "machine": machine(adapter=False), "codec": codec_us(a.model)}
+              "settings": a.setting, "baseline_tree": a.baseline_tree, "baseline_settings": a.baseline_setting,
+              "machine": machine(adapter=False), "codec": codec_us(a.model)}
     variants: dict = {"in_process": InProcess(a.model, a.backend, a.tokens)}
     try:
-        for tree, path in trees.items():
+        for tree, (path, settings) in trees.items():
             for n in workers:
-                variants[f"{tree}serve_{n}"] = Served(a.model, a.backend, n, path, log_dir / f"{tree}serve_{n}")
+                variants[f"{tree}serve_{n}"] = Served(a.model, a.backend, n, path, log_dir / f"{tree}serve_{n}", settings)
         for v in variants.values():  # warm: kernels built, buffers sized, costs measured
             v.stream(16)
         rows: dict[str, list[dict]] = {name: [] for name in variants}
