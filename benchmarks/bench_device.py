@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from kernels.quant import QuantSpec, quantize_rtn  # noqa: E402
 from protocol.model_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
 from model.synthetic import random_layer  # noqa: E402
-from device_measures import copy_gbps, gpu_bound_ms, variant_tuning, warm_up  # noqa: E402  (beside this file)
+from device_measures import SmClock, copy_gbps, gpu_bound_ms, variant_tuning, warm_up  # noqa: E402  (beside this file)
 
 SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
                       rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2, bos_id=1)
@@ -318,15 +318,19 @@ def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rn
     be.forward_topk([SessionSlice(s, 0, prompt) for s in ids], x, 1)
     one = x[:rows]
     times, pos, t0 = [], prompt, time.perf_counter()
+    clock = SmClock()  # sampled over the timed steps
     while len(times) < steps:
         t = time.perf_counter()
         be.forward_topk([SessionSlice(s, pos, 1) for s in ids], one, 1)
         pos += 1
         if pos - prompt > 2 and (t - t0 >= warm_s or pos - prompt > WARM_STEPS):
+            if not times:
+                clock.__enter__()
             times.append(time.perf_counter() - t)
+    clock.__exit__()
     cached = be._plans.get(("forward_topk", "h", 1, None))
     plan = cached[2] if cached else []
-    out = {"rows": rows, "step_ms": [t * 1000 for t in times],
+    out = {"rows": rows, "step_ms": [t * 1000 for t in times], "sm_mhz": clock.median,
            "dispatches": sum(1 for item in plan if item.__class__ is tuple),
            "gpu_ms": gpu_bound_ms(be.dev, plan) if plan else float("nan"), "plan": plan}
     for s in ids:
@@ -431,13 +435,13 @@ def roofline(a) -> int:
                 gbps = wbytes / step / 1e6
                 row = {"format": fmt, "variant": variant, "rows": rows, "step_ms": step, "tok_s": rows * 1000 / step,
                        "gbps": gbps, "copy_fraction": gbps / copy, "gpu_ms": r["gpu_ms"], "dispatches": r["dispatches"],
-                       "load_s": load_s, "samples_ms": r["step_ms"]}
+                       "load_s": load_s, "samples_ms": r["step_ms"], "sm_mhz": r["sm_mhz"]}
                 results["workloads"].append(row)
                 if a.breakdown and rows == rows_list[0]:
                     row["breakdown"] = kernel_breakdown(be, r["plan"], label=f" {label} {variant} rows {rows}")
                 print(f"{label:>24} {variant:>14} rows {rows:>2}: step {step:7.2f} ms (GPU-bound {r['gpu_ms']:7.2f}) "
                       f"{row['tok_s']:8.0f} tok/s | weights {gbps:6.0f} GB/s = {100 * row['copy_fraction']:5.1f}% of copy "
-                      f"| {r['dispatches']} dispatches/step", flush=True)
+                      f"| {r['dispatches']} dispatches/step" + (f" | SM {r['sm_mhz']:.0f} MHz" if r["sm_mhz"] else ""), flush=True)
             if variant == variants[0]:
                 hops = {rows: hop_ms(be, rows) for rows in (1, 8, 64) if rows <= be._rows_cap}
                 results["hops"][label] = hops
@@ -469,6 +473,8 @@ def append_history(results: dict, path: str) -> None:
                     Figure.of(f"{base}.copy_fraction", [w["copy_fraction"]], "fraction", "higher"),
                     Figure.of(f"{base}.dispatches", [w["dispatches"]], "dispatches", "lower"),
                     Figure.of(f"{base}.gpu_ms", [w["gpu_ms"]], "ms", "lower")]
+        if w.get("sm_mhz"):
+            figures.append(Figure.of(f"{base}.sm_mhz", [w["sm_mhz"]], "MHz", "higher"))
     for label, hops in results["hops"].items():
         for rows, ms in hops.items():
             figures.append(Figure.of(f"device.{label.replace(' ', '.').replace('synthetic:', '')}.hop_ms.rows{rows}", [ms], "ms", "lower"))

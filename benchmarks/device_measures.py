@@ -100,6 +100,35 @@ def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> dict:
     return out
 
 
+class SmClock:
+    """The GPU's SM clock (MHz) sampled by ``nvidia-smi`` every ``interval_ms`` while in a
+    ``with`` block; ``median`` is None where there is no nvidia-smi. Why: on an H200 the 1-row
+    decode steps jump between a few durations for one GPU-bound time, and a clock the driver
+    lowers while the GPU waits on the host is the lead to test."""
+
+    def __init__(self, interval_ms: int = 50):
+        self.interval_ms, self.samples, self._proc = interval_ms, [], None
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
+                                           f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate()
+            self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+
+    @property
+    def median(self) -> float | None:
+        return float(np.median(self.samples)) if self.samples else None
+
+
 def warm_up(dev, seconds: float) -> None:
     """Keep the GPU busy for a while first: an idle card starts at a low clock (H200: 345 MHz)."""
     if not dev.is_real_gpu():
