@@ -76,8 +76,8 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
-        self._deferred_replan = False
         self._last_tick: float | None = None
+        self._migrating: str | None = None  # the session moving from a retiring pipeline to the new plan (see _retire)
         self.degraded = False
         self._nonces = random.Random()  # seeded from the OS: a tab cannot guess its next ping
         self.plan_notes: dict[str, str] = {}  # worker -> its place in the last plan made, or why it is off the critical path

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from model.sampling import SamplingParams
-from tests.harness import run_until_done, start_net
+from coordinator.records import CoordinatorSettings
+from tests.harness import Net, run_until_done, start_net
 from tests.tiny_model import greedy_tokens
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
@@ -241,3 +242,106 @@ def test_placement_counts_on_the_speed_steps_show_not_the_one_measured_at_join(w
     net.core.workers[a].step_ms_per_layer, net.core.workers[b].step_ms_per_layer = 5.0, 1.0  # ...its steps say otherwise
     net.submit("s", PROMPT, 4, stop_at_eos=False)
     assert net.core.stages[net.core.sessions["s"].pipeline].primary == b
+
+
+def test_a_re_plan_mid_session_keeps_the_stream_on_its_pipeline_until_the_new_one_is_loaded(weights):
+    """A much faster tab joins while sessions run: the new plan is made at once (between steps,
+    not when they end), the running pipeline serves them while the new one loads, tokens keep
+    coming, and the sessions move over one at a time between steps once it is ready, exactly."""
+    ref = greedy_tokens(weights, PROMPT, 40)
+    net = start_net(weights, 2, stages=2)
+    core = net.core
+    net.submit("s", PROMPT, 40, stop_at_eos=False)
+    net.submit("t", PROMPT[:5], 40, stop_at_eos=False)  # a second session: they move over one after the other
+    net.run(until=lambda: len(net.tokens("s")) >= 5)
+    version = core.plan_version
+    fast = net.add_worker()
+    net.run(until=lambda: core.workers.get(core.conn_worker.get(fast, ""), None) is not None
+            and core.workers[core.conn_worker[fast]].state == "idle")
+    for wid, w in core.workers.items():
+        w.ms_per_layer, w.step_ms_per_layer = (0.1 if w.conn == fast else 1.0), None
+    net.frozen.add(fast)  # slow to load (for 0.7 s: silent 0.8 s, it would be dead): the new plan cannot take over yet
+    stamps = []  # (scheduler steps so far, tokens so far) at each token
+    def note():  # a token a tick at most: the harness's compute takes no time
+        n = len(net.tokens("s"))
+        if not stamps or stamps[-1][1] != n:
+            stamps.append((core.counters["steps"], n))
+            return True
+        return False
+    for _ in range(14):
+        net.advance(0.05, until=note)
+    assert core.plan_version > version and not net.done("s")  # re-planned mid-session
+    assert any(st.retiring for st in core.stages) and core.stages[core._entry(core.sessions["s"])].retiring
+    during = len(net.tokens("s"))
+    assert during >= 5 + 5  # the stream went on while the new plan loads
+    net.thaw(fast)
+    for _ in range(400):
+        if net.done("s") and net.done("t"):
+            break
+        net.advance(0.05, until=note)
+    assert net.tokens("s") == ref and not any(st.retiring for st in core.stages)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:5], 40)
+    assert core.workers[core.conn_worker[fast]].steps > 0  # the session moved to the new plan
+    # the move replays the session's history on the new stages: a few steps, never a lost token
+    gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) <= 3 * len([st for st in core.stages if st.pipeline == core.stages[0].pipeline]) + 2, gaps
+
+
+def test_a_re_plan_that_keeps_a_running_pipeline_goes_on_without_a_replay(weights, reference):
+    """The other replica's worker dies while a session runs on the first: a re-plan's pipeline
+    of the same ranges and primaries is the running one, its session goes on with its KV where
+    it is (no restart, no retiring pipeline)."""
+    net = replicas(weights, 2)
+    core = net.core
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 4)
+    epoch, version = core.sessions["s"].log_epoch, core.plan_version
+    mine = core.stages[core._entry(core.sessions["s"])].primary
+    net.kill(next(w.conn for wid, w in core.workers.items() if wid != mine and not w.local))  # (the tick re-plans)
+    for _ in range(10):
+        n = len(net.tokens("s"))
+        net.advance(0.05, until=lambda: len(net.tokens("s")) > n)  # (a token a tick: the session is still running)
+    assert core.plan_version > version and not net.done("s")
+    assert core.sessions["s"].log_epoch == epoch and not any(st.retiring for st in core.stages)
+    run_until_done(net, ["s"])
+    assert net.tokens("s") == reference
+
+
+def test_a_re_plan_back_to_a_retiring_pipeline_takes_it_up_once(weights):
+    """Plans A, B, A while sessions run: B is made (a faster tab joined) while A serves them, one
+    session moves to B once it is loaded, then the tab turns out slow and the next plan is A's
+    shape again. A's running pipeline goes on as the new plan's, once: it was also kept again as
+    a retiring copy of itself under the number of B's pipeline (its stages listed twice, the
+    new plan left with no pipeline, B's sessions' logs renumbered onto A's stages: steps and
+    spot checks of the wrong inputs, or an IndexError that a server's tick logs and serves on
+    from). B retires, and every spot check of the honest tabs passes."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, stages=2, probation_steps=0, spot_check_fraction=1.0), local=True)
+    net.add_worker(), net.add_worker()
+    net.run()  # joined and measured; the plan is made after replan_delay_ms
+    core = net.core
+    for w in core.workers.values():
+        w.ms_per_layer, w.rtt_ms = 1.0, 1.0  # equal, as measured on a quiet host: A splits the layers evenly
+    net.advance(0.5)
+    net.submit("a", PROMPT, 60, stop_at_eos=False)
+    net.submit("b", PROMPT[:5], 60, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("a")) >= 5)
+    shape_a = [(st.layer_start, st.layer_end, st.primary) for st in core.stages]
+    fast = net.add_worker()
+    net.run(until=lambda: core.conn_worker.get(fast) in core.workers and core.workers[core.conn_worker[fast]].state == "idle")
+    tab = core.workers[core.conn_worker[fast]]
+    tab.ms_per_layer = 0.1
+    net.perform(core._replan(net.now))  # B (between steps, as the tick makes it)
+    assert [st.retiring for st in core.stages] == [False, False, True, True]
+    net.run(until=lambda: sorted(s.pipeline for s in core.sessions.values()) == [0, 1])  # one session moved to B
+    tab.ms_per_layer = 50.0
+    net.perform(core._replan(net.now))  # A again
+    assert [(st.layer_start, st.layer_end, st.primary) for st in core.stages if not st.retiring] == shape_a
+    assert [st.index for st in core.stages] == list(range(len(core.stages)))  # each stage once, at its index
+    for s in core.sessions.values():  # each session's logs name its own pipeline's stages
+        assert set(s.logs) <= {st.index for st in core._session_stages(s)}
+    net.kill(fast)
+    run_until_done(net, ["a", "b"])
+    assert net.tokens("a") == greedy_tokens(weights, PROMPT, 60)
+    assert net.tokens("b") == greedy_tokens(weights, PROMPT[:5], 60)
+    assert core.counters["spot_checks"] > 100 and core.counters["spot_check_mismatches"] == 0
+    assert not any(st.retiring for st in core.stages)

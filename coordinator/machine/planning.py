@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from types import SimpleNamespace
 
 from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
@@ -85,7 +86,9 @@ class Planning:
                 if wid not in st.ready and (wid, key) not in assigned:
                     assigned.add((wid, key))
                     out += self._assign(self.workers[wid], st, now)
-        out += self._keep_serving(serving)
+        numbered = [(sts[0].pipeline, sts) for sts in serving]  # (their numbers before _continue_pipelines renumbers some)
+        kept = self._continue_pipelines(serving)
+        kept.update(self._keep_serving([sts for number, sts in numbered if number not in kept]))
         # the verifier loads every stage's range now, while it may still hold an older range
         # over the same layers (their dequantized matrices are reused), not at the first check
         if self.settings.spot_check_fraction > 0:
@@ -102,8 +105,14 @@ class Planning:
                             "pipelines": len(made.pipelines), "predicted_ms": [round(x, 3) for x in made.predicted_ms]})
         self._inflight_lost.clear()  # it described stages of the old plan
         for sess in self.sessions.values():
-            self._restart_session(sess)
-        return out
+            if sess.pipeline in kept:  # it goes on where it runs: its stages kept serving, renumbered
+                number, index = kept[sess.pipeline]
+                sess.pipeline = number
+                sess.logs = {index[k]: v for k, v in sess.logs.items() if k in index}
+                sess.last_by = {index[k]: v for k, v in sess.last_by.items() if k in index}
+            else:
+                self._restart_session(sess)
+        return out + self._retire(now)  # (every new pipeline may be ready at once: the moves start)
 
     def _planned_workers(self) -> list[Worker]:
         workers = self._live_workers()
@@ -119,15 +128,16 @@ class Planning:
         """While sessions run, a new plan that only adds serving replicas (every running
         pipeline stays as it is: the same ranges, the same primaries) is applied at once: the new
         pipelines load while the running ones keep serving, and sessions placed later use them.
-        None: the new plan changes a running pipeline (it waits until no session runs)."""
+        None: the new plan changes a running pipeline (then _replan: the running pipelines serve
+        their sessions until the new one is loaded)."""
         workers = self._planned_workers()
         try:
             made = self._make_plan(workers) if workers else None
         except PlanError:
             return None
         pipes = self._pipelines()
-        if made is None or not pipes:
-            return None
+        if made is None or not pipes or any(st.retiring for st in self.stages):
+            return None  # (while the last plan's pipelines retire, stage indexes move: a new plan)
         shape = lambda sts: [(st.layer_start, st.layer_end, st.primary) for st in sts]  # noqa: E731
         current = [shape(sts) for sts in pipes.values()]
         new = [[(sp.layer_start, sp.layer_end, sp.workers[0]) for sp in pl] for pl in made.pipelines]
@@ -163,26 +173,61 @@ class Planning:
         return bool(sts) and all(st.primary and st.primary in st.ready and not st.needs_rebuild
                                  and self.workers[st.primary].alive for st in sts)
 
-    def _keep_serving(self, serving: list[list[Stage]]) -> list:
-        """After a re-plan: while no pipeline of the new plan is ready (its holders load their
-        ranges), the old plan's ready pipelines keep serving, as retiring pipelines appended
-        after the new ones (their holders only: what they hold is loaded). New sessions go to
-        them until a new pipeline is ready (_place); _retire drops them once every new pipeline
-        is ready and no session runs on them. The first request after `serve` starts is then
-        answered by the coordinator's own compute while the first tabs load."""
-        if not serving or any(self._pipeline_ready(sts) for sts in self._pipelines().values()):
-            return []
-        number = max(st.pipeline for st in self.stages) + 1
-        for k, sts in enumerate(serving):
+    def _continue_pipelines(self, serving: list[list[Stage]]) -> dict[int, tuple[int, dict]]:
+        """A pipeline of the new plan made of the same ranges and primaries as a ready one of the
+        old plan IS that pipeline: its stages go on (queues, steps in flight, sessions' KV on its
+        workers) under their new numbers. Returns {old pipeline: (its number now, {old stage
+        index: new index})}, as _keep_serving does."""
+        shape = lambda sts: tuple((st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts)  # noqa: E731
+        busy = {x.pipeline for x in self.sessions.values()}
+        old = {shape(sts): sts for sts in sorted(serving, key=lambda sts: sts[0].pipeline in busy)}  # a busy one wins a tie
+        out = {}
+        for number, sts in self._pipelines().items():
+            prev = old.pop(shape(sts), None)
+            if prev is None:
+                continue
+            old_number, index = prev[0].pipeline, {}
+            for new, st in zip(sts, prev):
+                index[st.index] = new.index
+                st.index, st.pipeline, st.retiring = new.index, new.pipeline, False
+                st.holders, st.ready = new.holders, set(new.ready) | (st.ready & set(new.holders))
+                self.stages[new.index] = st
+            out[old_number] = (number, index)
+        return out
+
+    def _keep_serving(self, serving: list[list[Stage]]) -> dict[int, tuple[int, dict]]:
+        """After a re-plan, the old plan's ready pipelines that sessions run on keep serving
+        them, as retiring pipelines appended after the new ones (their holders only: what they
+        hold is loaded), queues and steps in flight as they were: a re-plan pauses no stream.
+        While no pipeline of the new plan is ready (its holders load their ranges), the others
+        are kept too, and new sessions go to them (_place): the first request after `serve`
+        starts is answered by the coordinator's own compute while the first tabs load. _retire
+        drops them and moves their sessions over once every new pipeline is ready.
+        Returns {old pipeline: (its number now, {old stage index: new index})} for those kept
+        with their sessions."""
+        busy = {s.pipeline for s in self.sessions.values()}
+        idle_too = not any(self._pipeline_ready(sts) for sts in self._pipelines().values())
+        number = max(st.pipeline for st in self.stages) + 1 if self.stages else 0
+        kept = {}
+        for sts in serving:
+            old = sts[0].pipeline
+            if old not in busy and not idle_too:
+                continue
+            index = {}
             for st in sts:
-                st.index, st.pipeline, st.retiring = len(self.stages), number + k, True
+                index[st.index] = len(self.stages)
+                st.index, st.pipeline, st.retiring = len(self.stages), number, True
                 st.holders = [h for h in st.holders if h in st.ready]
-                st.queue.clear()  # every session restarts on the new plan (_replan), placed afresh
-                st.inflight = None  # its late result is ignored (no stage waits on its step id)
+                if old not in busy:
+                    st.queue.clear()
+                    st.inflight = None  # its late result is ignored (no stage waits on its step id)
                 self.stages.append(st)
                 for h in st.holders:
                     self.workers[h].stages.add(st.index)
-        return []
+            if old in busy:
+                kept[old] = (number, index)
+            number += 1
+        return kept
 
     def _retire(self, now: float, lost: bool = False) -> list:
         """Drop the retiring pipelines once every pipeline of the new plan is ready and no
@@ -193,7 +238,22 @@ class Planning:
             return []
         pipes = self._pipelines()
         moved = [s for s in self.sessions.values() if s.pipeline in {st.pipeline for st in gone}]
-        if not lost and (moved or not all(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring)):
+        # every new pipeline ready: the sessions still on retiring ones move over, one at a time
+        # (the next when the one before has its first token there: each replays only its own
+        # history while the others go on decoding), as after any restart the next token exact
+        if not lost and not all(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring):
+            return []
+        # (a session waiting only for spot checks to finish has nothing left to run: it stays)
+        running = [s for s in moved if s.finish_pending is None]
+        if not lost and running:
+            mover = self.sessions.get(self._migrating)
+            if mover is None or mover.finish_pending is not None:
+                s = min(running, key=lambda x: len(x.prompt_ids) + len(x.tokens))
+                s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
+                for st in gone:
+                    st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+                self._restart_session(s)
+                self._migrating = s.request_id
             return []
         self.stages = [st for st in self.stages if not st.retiring]
         for s in moved:
@@ -346,8 +406,8 @@ class Planning:
             return "the coordinator's own compute: serves only while no tab can" + (f" ({why})" if why else "")
         if why:
             return f"{flagged}unused: {why}"
-        if self._deferred_replan or self._replan_at is not None:
-            return f"{flagged}waiting for the next plan" + (" (sessions run on the current one)" if self._deferred_replan else "")
+        if self._replan_at is not None:
+            return f"{flagged}waiting for the next plan"
         return f"{flagged}unused: not in the plan"
 
     def unserved_reason(self) -> str | None:

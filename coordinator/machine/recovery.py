@@ -63,17 +63,12 @@ class Recovery:
         if expired:
             out += self._release_finishes(now)
         if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
-            if self.sessions and self.stages and all(s.primary for s in self.stages):
-                self._replan_at = None
-                extended = self._extend_plan(now)  # new serving replicas join at once
-                if extended is None:
-                    self._deferred_replan = True  # running sessions keep their plan
-                else:
-                    out += extended
-            else:
-                self._replan_at = None
-                self._deferred_replan = False
-                out += self._replan(now)
+            self._replan_at = None
+            # new serving replicas join at once; any other new plan is made here, between steps:
+            # the running pipelines serve their sessions until it is loaded, then they move over
+            # one at a time (_keep_serving, _continue_pipelines, _retire)
+            extended = self._extend_plan(now) if self.sessions and self.stages and all(s.primary for s in self.stages) else None
+            out += extended if extended is not None else self._replan(now)
         # requests that cannot be served fail after a bound, with a retriable error
         if not self.stages or any(not st.holders for st in self.stages):
             for s in list(self.sessions.values()):
@@ -153,11 +148,18 @@ class Recovery:
                 return []
         w = self.workers[st.primary]
         w.stages.add(st.index)
+        key = (st.layer_start, st.layer_end)
+        if any(w.worker_id in x.ready for x in self.stages if (x.layer_start, x.layer_end) == key):
+            # it serves these layers in another pipeline (a replica, or a retiring one): loaded
+            # again, its backend would be replaced, and the sessions it runs there lose their KV
+            st.ready.add(w.worker_id)
         if st.primary in st.ready:
             return self._rebuild(st, now)
-        if not self._loading_range(w, (st.layer_start, st.layer_end)):  # (maybe for another pipeline already)
-            return self._assign(w, st, now)
-        return []
+        if self._loading_range(w, key):  # (maybe for another pipeline already)
+            return []
+        if w.local:  # a fresh backend of the range holds none of the verifier's scratch KV of it
+            self._forget_verify_kv(lambda k: k[1] == key and k[2] == LOCAL)
+        return self._assign(w, st, now)
 
     def _held_bytes(self, w: Worker) -> int:
         held = {(self.stages[i].layer_start, self.stages[i].layer_end): self.stages[i] for i in w.stages if i < len(self.stages)}

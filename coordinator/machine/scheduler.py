@@ -241,6 +241,9 @@ class Scheduler:
             self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
+        if s.request_id == self._migrating:  # it moved to the new plan: the next session on a retiring pipeline follows
+            self._migrating = None
+            out += self._retire(now)
         if s.first_token_at is None:
             s.first_token_at = now
             if s.share_prefix:  # the prompt's KV is complete on every stage: siblings fork it

@@ -53,13 +53,16 @@ class Sessions:
 
     def _restart_session(self, s: Session) -> None:
         """A new plan holds none of this session's KV: run its whole history (prompt and the
-        tokens already streamed) through the new stages; the next token follows exactly."""
+        tokens already streamed) through the new stages; the next token follows exactly. A
+        session whose last token is out, waiting only for spot checks (finish_pending), has
+        nothing left to compute: run again, it would stream a token past its end."""
         s.logs = {}
         s.log_epoch += 1  # the verifiers' scratch KV of it no longer matches what stages receive
-        s.audited = False
         s.last_by = {}
         self._place(s)
-        self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
+        if s.finish_pending is None:
+            s.audited = False
+            self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
 
     # -- prefix cache
     def _reuse_prefix(self, s: Session, now: float) -> list:
@@ -173,10 +176,4 @@ class Sessions:
         out += self._drop_everywhere(s.request_id)
         out += self._forget_verify_kv(lambda k: k[0] == s.request_id)
         out += self._retire(now)  # the last session on the old plan's pipelines is done
-        if not self.sessions and self._replan_pending():
-            self._replan_at = now
         return out
-
-    def _replan_pending(self) -> bool:
-        """Membership changed while sessions ran: apply the new plan once they finish."""
-        return self._deferred_replan

@@ -26,7 +26,10 @@ class Verification:
         elif self._spot_rng.random() >= fraction:
             return []
         verifier = self._verifier(st, w)
+        # (an item of an older generation — its session moved or restarted since — is not
+        # compared: the session's logs describe its new history, not what this step computed)
         candidates = [i for i, it in enumerate(items) if it.session_id in self.sessions
+                      and it.generation == self.sessions[it.session_id].generation
                       and (not st.include_head or (it.wants_token and it.forward_from < it.end))]
         if verifier is None or not candidates:
             self.counters["spot_checks_skipped"] += 1
@@ -112,6 +115,11 @@ class Verification:
         key = (st.layer_start, st.layer_end)
         local = self.workers.get(LOCAL)
         if key in self._verify_ranges or local is None or not local.alive:
+            return []
+        if any(LOCAL in x.ready for x in self.stages if (x.layer_start, x.layer_end) == key):
+            # it serves the range itself: assigned again, its backend would be replaced and the
+            # sessions it runs lose their KV (checks run beside them, under scratch sessions)
+            self._verify_ranges[key] = "ready"
             return []
         self._forget_verify_kv(lambda k: k[1] == key and k[2] == LOCAL)  # a fresh range holds no scratch KV
         self._verify_ranges[key] = "loading"
