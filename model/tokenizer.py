@@ -114,14 +114,20 @@ class StreamDecoder:
         self.tok = tokenizer
         self.ids: list[int] = []
         self.emitted = ""
+        # Each push decodes a window, not the whole stream (the coordinator pushes every token of
+        # every stream): the ids from the last token given out, whose own text is held, so the
+        # new text is the window's beyond it (a first token's leading space is dropped alike in both)
+        self._start = 0
+        self._held = ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids[self._start:])
         if text.endswith("\ufffd"):
             return ""
-        delta = text[len(self.emitted):]
-        self.emitted = text
+        delta = text[len(self._held):]
+        self.emitted += delta
+        self._start, self._held = len(self.ids) - 1, self.tok.decode(self.ids[-1:])
         return delta
 
     def rewind(self, n: int) -> int:
@@ -131,4 +137,5 @@ class StreamDecoder:
         keep = len(os.path.commonprefix([self.tok.decode(self.ids), self.emitted]))
         retracted = len(self.emitted) - keep
         self.emitted = self.emitted[:keep]
+        self._start, self._held = 0, self.emitted  # the next push decodes the whole stream once
         return retracted

@@ -69,3 +69,39 @@ def test_free_running_greedy_tokens(generator, name):
     case = CASES[name]
     out = list(generator.generate(case["prompt_ids"], len(case["greedy_ids"])))
     assert out == case["greedy_ids"]
+
+
+def _whole_stream_deltas(tok, ids):
+    """What a stream decoder gives out, from decoding the whole stream at every token."""
+    out, emitted = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tok.decode(ids[:k])
+        out.append("" if text.endswith("\ufffd") else text[len(emitted):])
+        emitted = emitted if text.endswith("\ufffd") else text
+    return out
+
+
+def test_stream_decoder_gives_the_whole_streams_text_token_by_token(smollm2_tokenizer):
+    """StreamDecoder decodes a window from the last token it gave out: each push gives what
+    decoding the whole stream would (characters split over byte tokens held back until whole,
+    leading spaces kept), and after a rewind the text goes on from the kept tokens."""
+    import random
+
+    from model.tokenizer import StreamDecoder
+
+    tok = smollm2_tokenizer
+    rng = random.Random(0)
+    text_ids = tok.encode("Héllo wörld, ünïcödé 你好世界 🤖🚀 and more. " * 3)
+    streams = [text_ids[rng.randrange(len(text_ids)):][:40] for _ in range(30)]
+    streams += [[rng.randrange(300) for _ in range(40)] for _ in range(30)]  # byte tokens and their merges
+    streams += [[rng.randrange(tok.vocab_size) for _ in range(40)] for _ in range(10)]
+    for ids in streams:
+        d = StreamDecoder(tok)
+        assert [d.push(t) for t in ids] == _whole_stream_deltas(tok, ids)
+    d = StreamDecoder(tok)
+    for t in text_ids[:30]:
+        d.push(t)
+    d.rewind(12)
+    given = [d.push(t) for t in text_ids[40:60]]
+    assert d.emitted == "".join(_whole_stream_deltas(tok, text_ids[:12] + text_ids[40:60]))
+    assert d.emitted.endswith("".join(given))
