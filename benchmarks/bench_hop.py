@@ -184,6 +184,9 @@ def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
 
+SPLIT = ("compute_ms", "coordinator_frames_ms", "coordinator_sends_ms", "between_ms", "cpu_coordinator_ms", "cpu_workers_ms")
+
+
 def summarise(rows: dict[str, list[dict]], workers: list[int]) -> dict:
     """Per variant: medians over rounds; the extra ms per added stage against the 1-worker cluster
     of the same tree, round by round."""
@@ -200,6 +203,8 @@ def summarise(rows: dict[str, list[dict]], workers: list[int]) -> dict:
                 out[f"{tree}serve_{n}"]["extra_ms_per_stage"] = _med(extra)
                 out[f"{tree}serve_{n}"]["extra_ms_per_stage_rounds"] = [round(x, 3) for x in extra]
                 out[f"{tree}serve_{n}"]["speed_over_1"] = _med([o["ms_per_token"] / r["ms_per_token"] for r, o in zip(runs, one)])
+                out[f"{tree}serve_{n}"]["per_stage"] = {k: _med([(r[k] - o[k]) / (n - 1) for r, o in zip(runs, one)])
+                                                        for k in SPLIT}
     if "base_serve_1" in rows:
         for n in workers:
             a, b = rows[f"serve_{n}"], rows[f"base_serve_{n}"]
@@ -211,7 +216,7 @@ def show(result: dict) -> None:
     s = result["summary"]
     print(f"{result['model']} on {result['backend']}, {result['tokens']} tokens a stream, {result['rounds']} rounds "
           f"(medians, ms a token); wire codec per hop {result['codec']['per_hop_us']} µs")
-    cols = [("ms_per_token", "ms/token"), ("extra_ms_per_stage", "extra/stage"), ("compute_ms", "compute"),
+    cols = [("ms_per_token", "ms/token"), ("speed_over_1", "x 1 worker"), ("extra_ms_per_stage", "extra/stage"), ("compute_ms", "compute"),
             ("coordinator_frames_ms", "coord frames"), ("coordinator_sends_ms", "coord sends"), ("between_ms", "between"),
             ("outside_steps_ms", "outside"), ("cpu_coordinator_ms", "cpu coord"), ("cpu_workers_ms", "cpu workers"),
             ("cpu_client_ms", "cpu client")]
@@ -220,6 +225,10 @@ def show(result: dict) -> None:
         cells = "".join(f"{v[k]:>13.3f}" if k in v else f"{'':>13}" for k, _ in cols)
         extra = f"  {v['speed_over_baseline']:.3f}x baseline" if "speed_over_baseline" in v else ""
         print(f"{name:<16}{cells}{extra}")
+    print("each added stage (ms a token, against 1 worker, medians over rounds):")
+    for name, v in s.items():
+        if "per_stage" in v:
+            print(f"{name:<16}" + "  ".join(f"{k.removesuffix('_ms')} {x:.3f}" for k, x in v["per_stage"].items()))
 
 
 def record(result: dict) -> None:
@@ -238,6 +247,9 @@ def record(result: dict) -> None:
         if n > 1:
             figures.append(Figure.of(f"{tag}.serve_{n}_extra_ms_per_stage",
                                      result["summary"][f"serve_{n}"]["extra_ms_per_stage_rounds"], "ms", "lower"))
+            one = raw["serve_1"]  # the #15 target: 4 workers >= 0.8x the 1-worker cluster
+            figures.append(Figure.of(f"{tag}.serve_{n}_over_1", [o["ms_per_token"] / r["ms_per_token"] for r, o in zip(runs, one)],
+                                     "×", "higher"))
     append_figures(figures, "bench_hop", measured_on=recorded_machine(result.get("machine"), result["backend"]))
 
 
