@@ -24,6 +24,12 @@ round):
   a twin cluster that saw no join already paused 3-9 median gaps, so the figure measured the host;
   asleep, the joining worker's start and load take cores the running worker is not using, as a tab
   joining from its own device would (`--join-slow 1` measures the old way);
+* replan: the same with `stages = 2` and a joining worker twice as fast as the running one, so
+  that the join re-plans the running pipeline (its one stage split in two) instead of adding a
+  replica, between steps (it pays for moving the sessions): the running pipeline serves the 4 streams
+  while the new one loads, then they move over one at a time between steps, each replaying its
+  history there. The longest pause from the join until a second after the old pipeline retired,
+  in median gaps, beside a twin cluster without the join in the same seconds (target: a few steps);
 * network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
   ways): the chosen plan's single-stream ms a token against the best of every depth tried
   (stages = 1..4; target <= 1.10x);
@@ -343,6 +349,27 @@ def bench_join(log: Path, settings: str, tokens: int, repeats: int, slow: float 
     return out
 
 
+def bench_replan(log: Path, settings: str, tokens: int, repeats: int, slow: float = 5.0) -> dict:
+    """As bench_join, with `stages = 2`: a worker twice as fast as the running one (slowed `slow`
+    x against 2 x `slow`) joins, and the planner splits the running one-stage pipeline in two
+    (a re-plan that changes it, not a replica added; predicted faster by more than
+    REPLAN_MIN_GAIN, so it is made between steps while the 4 streams run); they move to the new
+    pipeline once it has loaded. The longest pause from the join until a second after the old
+    pipeline retired, side by side with a twin cluster (also `stages = 2`, one worker slowed
+    2 x `slow`) that sees no join."""
+    runs = [_join_once(log, settings + "stages = 2\n", tokens, k, 2 * slow, name="replan", until="retired", late_slow=slow)
+            for k in range(repeats)]
+    out = {"worker_slowed": slow, "max_gap_steps_replan": statistics.median(r["join"]["max_gap_steps"] for r in runs),
+           "max_gap_steps_no_replan": statistics.median(r["no_join"]["max_gap_steps"] for r in runs),
+           "max_gap_steps_replan_unshared": statistics.median(r["join"]["max_gap_steps_unshared"] for r in runs),
+           "max_gap_steps_no_replan_unshared": statistics.median(r["no_join"]["max_gap_steps_unshared"] for r in runs), "runs": runs}
+    print(f"re-plan during 4 streams (stages = 2, a second worker joins and the pipeline is split): the longest pause, "
+          f"median of {repeats}: {out['max_gap_steps_replan']:.2f} median gaps with it, {out['max_gap_steps_no_replan']:.2f} "
+          f"without (side by side; {[(round(r['join']['max_gap_steps'], 2), round(r['no_join']['max_gap_steps'], 2)) for r in runs]})",
+          flush=True)
+    return out
+
+
 def _clients(c: Cluster, tokens: int, stop: threading.Event, requests: list) -> list[threading.Thread]:
     """4 clients back to back on `c` (a request that ends is followed by the next) until `stop`."""
     def client(i):
@@ -404,8 +431,11 @@ def _renice_when_loaded(c: Cluster, since: float, pid: int) -> None:
         time.sleep(0.05)
 
 
-def _join_once(log: Path, settings: str, tokens: int, k: int, slow: float = 5.0) -> dict:
-    c, quiet = Cluster(f"join{k}", log, settings), Cluster(f"nojoin{k}", log, settings)
+def _join_once(log: Path, settings: str, tokens: int, k: int, slow: float = 5.0, name: str = "join", until: str = "loaded",
+               late_slow: float | None = None) -> dict:
+    """until: the event (after the join) a second after which the streams stop: the late worker
+    "loaded", or the old pipeline "retired" (its sessions moved to a re-plan's pipeline)."""
+    c, quiet = Cluster(f"{name}{k}", log, settings), Cluster(f"no{name}{k}", log, settings)
     try:
         c.start(), quiet.start()
         c.add("numpy-0", slow=slow)
@@ -418,9 +448,9 @@ def _join_once(log: Path, settings: str, tokens: int, k: int, slow: float = 5.0)
         threads = _clients(c, tokens, stop, with_join) + _clients(quiet, tokens, stop, without)
         time.sleep(1.5)
         joined_at = time.perf_counter()
-        c.add("numpy-late", slow=slow, nice=19)
+        c.add("numpy-late", slow=slow if late_slow is None else late_slow, nice=19)
         threading.Thread(target=_renice_when_loaded, args=(c, joined_at, c.procs[-1].pid), daemon=True).start()
-        c.coord.wait_for(lambda st: any(e["kind"] == "loaded" and e["t"] >= joined_at for e in st["events"]), 120, "the late worker loaded")
+        c.coord.wait_for(lambda st: any(e["kind"] == until and e["t"] >= joined_at for e in st["events"]), 120, f"the late worker's {until}")
         time.sleep(1.0)
         stop.set()
         for t in threads:
@@ -432,7 +462,7 @@ def _join_once(log: Path, settings: str, tokens: int, k: int, slow: float = 5.0)
                "late_events_s": [(e["kind"], round(e["t"] - joined_at, 3)) for e in st["events"]
                                  if e["t"] >= joined_at and e["kind"] in ("join", "plan", "loaded", "retired")]}
         j, q = out["join"], out["no_join"]
-        print(f"  join {k}: longest pause from the join on {j['max_gap_ms']:.1f} ms = {j['max_gap_steps']:.2f} median gaps "
+        print(f"  {name} {k}: longest pause from the join on {j['max_gap_ms']:.1f} ms = {j['max_gap_steps']:.2f} median gaps "
               f"({j['median_gap_ms']:.1f} ms), ended {j['max_gap_ended_s']:.2f} s after the worker started; side by side "
               f"without a join {q['max_gap_ms']:.1f} ms = {q['max_gap_steps']:.2f} ({q['median_gap_ms']:.1f} ms), ended "
               f"{q['max_gap_ended_s']:.2f} s; not overlapping a stall of the twin: {j['max_gap_steps_unshared']:.2f} with the join, "
@@ -519,6 +549,15 @@ def record(out: dict) -> None:
     append_figures(figures, "bench_plans")
 
 
+def record_replan(out: dict) -> None:
+    from tabshard.bench_history import Figure, append_figures
+
+    name = "plans.replan" if out["worker_slowed"] == 1.0 else f"plans.replan_slowed{out['worker_slowed']:g}x"
+    append_figures([Figure.of(f"{name}_max_pause_steps", [r["join"]["max_gap_steps"] for r in out["runs"]], "steps", "lower"),
+                    Figure.of(f"{name.replace('replan', 'no_replan', 1)}_max_pause_steps",
+                              [r["no_join"]["max_gap_steps"] for r in out["runs"]], "steps", "lower")], "bench_plans")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
@@ -526,13 +565,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, mix, cold")
+    ap.add_argument("--only", help="comma-separated subset of: mixed, replicas, join, replan, mix, cold")
     ap.add_argument("--join-slow", type=float, default=5.0,
-                    help="join: every worker's steps take this many times their compute, the rest asleep (1: full speed)")
+                    help="join, replan: every worker's steps take this many times their compute, the rest asleep (1: full speed)")
     ap.add_argument("--no-history", action="store_true", help="do not append the figures to the benchmark history")
     a = ap.parse_args()
     rounds, tokens = (2, 24) if a.quick else (a.rounds, 48)
-    only = set((a.only or "mixed,replicas,join,mix,cold").split(","))
+    only = set((a.only or "mixed,replicas,join,replan,mix,cold").split(","))
     settings = "probation_steps = 0\nspot_check_fraction = 0.0\n"
     log = Path(tempfile.mkdtemp(prefix="bench-plans-"))
     print(f"logs in {log}", flush=True)
@@ -543,13 +582,17 @@ def main() -> None:
         out["replicas"] = bench_replicas(log, settings, rounds, tokens)
     if "join" in only:
         out["join"] = bench_join(log, settings, 48, 1 if a.quick else 3, a.join_slow)
+    if "replan" in only:
+        out["replan"] = bench_replan(log, settings, 48, 1 if a.quick else 3, a.join_slow)
     if "mix" in only:
         out["network_mix"] = bench_network_mix(log, settings, rounds, tokens)
     if "cold" in only:
         out["cold_start"] = bench_cold_start(log, settings)
     print(json.dumps(out))
-    if not a.no_history and only == {"mixed", "replicas", "join", "mix", "cold"}:
+    if not a.no_history and {"mixed", "replicas", "join", "mix", "cold"} <= only:
         record(out)
+    if not a.no_history and "replan" in only:  # (its own figures: measured alone or with the rest)
+        record_replan(out["replan"])
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
         self._last_tick: float | None = None
         self._migrating: str | None = None  # the session moving from a retiring pipeline to the new plan (see _retire)
+        self._deferred_replan = False  # a new plan that did not pay for moving running sessions (see Recovery.tick)
         self.degraded = False
         self._nonces = random.Random()  # seeded from the OS: a tab cannot guess its next ping
         self.plan_notes: dict[str, str] = {}  # worker -> its place in the last plan made, or why it is off the critical path

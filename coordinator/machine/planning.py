@@ -124,6 +124,33 @@ class Planning:
             workers = remote if remote else workers
         return workers
 
+    def _replan_pays(self) -> bool:
+        """While sessions run, whether a new plan is made now rather than when none runs: moving
+        a session replays its history and loading a pipeline takes its holders' time, so only a
+        plan the running one cannot go on without (a primary that is the coordinator's own
+        compute, gone, flagged or out of memory) or one predicted REPLAN_MIN_GAIN faster than the
+        fastest running pipeline (as its steps show it: a much faster tab joined, a slow one
+        turned out slow). Membership churn that changes little (tabs coming back from faults,
+        probation ending) waits for a moment without sessions."""
+        pipes = [sts for sts in self._pipelines().values() if not sts[0].retiring]
+        if not pipes or any(st.primary is None or st.primary == LOCAL or not self.workers[st.primary].alive
+                            or self._trusted_costs(self.workers[st.primary])[2]
+                            or not self._fits(st.primary, st.layer_start, st.layer_end, st.include_head)
+                            for sts in pipes for st in sts):
+            return True
+        workers = self._planned_workers()
+        try:
+            made = self._make_plan(workers) if workers else None
+        except PlanError:
+            return True  # (_replan says which resource is short)
+        if made is None:
+            return True
+        now_ms = min(self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=True)
+                     for sts in pipes)
+        new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]],
+                                    serving=True)
+        return now_ms > new_ms * (1 + REPLAN_MIN_GAIN)
+
     def _extend_plan(self, now: float) -> list | None:
         """While sessions run, a new plan that only adds serving replicas (every running
         pipeline stays as it is: the same ranges, the same primaries) is applied at once: the new
@@ -350,21 +377,25 @@ class Planning:
         """Why the current plan stays (None: take the new one). A new plan moves weights, so
         while the same workers hold a whole plan of live remote primaries, it is taken only
         when its predicted step is materially faster (REPLAN_MIN_GAIN), not on measurement
-        noise (e.g. when tabs' probation ends and their measured speeds replace claimed ones)."""
-        if not self.stages or any(LOCAL in s.holders or not s.holders for s in self.stages):
+        noise (e.g. when tabs' probation ends and their measured speeds replace claimed ones).
+        The current plan is the last one made: pipelines still retiring from an older one are
+        on their way out (counted in, a plan would be remade at every trigger until they go)."""
+        current = [s for s in self.stages if not s.retiring]
+        if not current or any(LOCAL in s.holders or not s.holders for s in current):
             return None
         # the new plan is made of live workers only: the same holders are live holders
         stages = made.stages
-        if {wid for s in self.stages for wid in s.holders} != {wid for sp in stages for wid in sp.workers}:
+        if {wid for s in current for wid in s.holders} != {wid for sp in stages for wid in sp.workers}:
             return None
-        if not all(self._fits(wid, s.layer_start, s.layer_end, s.include_head) for s in self.stages for wid in s.holders):
+        if not all(self._fits(wid, s.layer_start, s.layer_end, s.include_head) for s in current for wid in s.holders):
             return None  # a worker's memory shrank (a memory-pressure report): the plan must change
-        if any(self._trusted_costs(self.workers[s.primary])[2] for s in self.stages):
+        if any(self._trusted_costs(self.workers[s.primary])[2] for s in current):
             return None  # a primary's measurements turned out absurd: off the critical path
-        if len(self._pipelines()) != len(made.pipelines):
+        pipes = [sts for sts in self._pipelines().values() if not sts[0].retiring]
+        if len(pipes) != len(made.pipelines):
             return None  # serving replicas come or go: throughput, not one token's latency, changes
         now_ms = min(self._plan_step_ms([(s.layer_start, s.layer_end, s.include_head, s.holders[0]) for s in sts])
-                     for sts in self._pipelines().values())
+                     for sts in pipes)
         new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]])
         if now_ms > new_ms * (1 + REPLAN_MIN_GAIN):
             return None
@@ -406,8 +437,8 @@ class Planning:
             return "the coordinator's own compute: serves only while no tab can" + (f" ({why})" if why else "")
         if why:
             return f"{flagged}unused: {why}"
-        if self._replan_at is not None:
-            return f"{flagged}waiting for the next plan"
+        if self._deferred_replan or self._replan_at is not None:
+            return f"{flagged}waiting for the next plan" + (" (sessions run on the current one)" if self._deferred_replan else "")
         return f"{flagged}unused: not in the plan"
 
     def unserved_reason(self) -> str | None:

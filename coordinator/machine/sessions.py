@@ -176,4 +176,6 @@ class Sessions:
         out += self._drop_everywhere(s.request_id)
         out += self._forget_verify_kv(lambda k: k[0] == s.request_id)
         out += self._retire(now)  # the last session on the old plan's pipelines is done
+        if not self.sessions and self._deferred_replan:
+            self._replan_at = now  # a plan that did not pay for moving sessions: made now
         return out
