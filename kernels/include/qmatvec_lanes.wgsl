@@ -14,12 +14,19 @@
 // divided by OPT), and each output's group scale and min are applied per vec4 of inputs:
 // sum_j (scale*q_j + min) x_j = scale*(q . x) + min*(sum x), with sum x shared by the OPT outputs.
 
-// Output n's (rows m0..m0+3) share of one vec4 of inputs: q . X per row, scaled, plus min * sum x.
-fn lanes_term(sm: vec2<f32>, q: vec4<f32>, xq: mat4x4<f32>, xs: vec4<f32>) -> vec4<f32> {
-  if (SYMMETRIC) {
-    return sm.x * (q * xq);  // codes4's codes are offset: no min term (nor sums of x)
+// acc plus output n's (rows m0..m0+3) share of one vec4 of inputs: qs . x per row (qs: the codes
+// times the group's scale, once for all rows), plus min * sum x; every product fused into the
+// running sums (16 fmas for 4 rows: scaling each row's q . x instead took 8 more operations).
+fn lanes_acc(acc: vec4<f32>, sm: vec2<f32>, qs: vec4<f32>, xq: mat4x4<f32>, xs: vec4<f32>) -> vec4<f32> {
+  let xt = transpose(xq);  // xt[i]: input i of the four rows
+  var a = acc;
+  if (!SYMMETRIC) {
+    a = fma(vec4<f32>(sm.y), xs, a);  // codes4's codes are offset when SYMMETRIC: no min term
   }
-  return sm.x * (q * xq) + sm.y * xs;
+  a = fma(vec4<f32>(qs.x), xt[0], a);
+  a = fma(vec4<f32>(qs.y), xt[1], a);
+  a = fma(vec4<f32>(qs.z), xt[2], a);
+  return fma(vec4<f32>(qs.w), xt[3], a);
 }
 
 fn lanes_term1(sm: vec2<f32>, q: vec4<f32>, xv: vec4<f32>, xs: f32) -> f32 {
@@ -92,37 +99,37 @@ fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale
             a3.x += lanes_term1(s3, codes4(w3 + wb, j0), xv, xs);
           }
         } else {
-          let q0 = codes4(w0 + wb, j0);
+          let q0 = s0.x * codes4(w0 + wb, j0);
           var q1 = vec4<f32>(0.0);
           var q2 = vec4<f32>(0.0);
           var q3 = vec4<f32>(0.0);
           if (OPT > 1u) {
-            q1 = codes4(w1 + wb, j0);
+            q1 = s1.x * codes4(w1 + wb, j0);
           }
           if (OPT > 2u) {
-            q2 = codes4(w2 + wb, j0);
-            q3 = codes4(w3 + wb, j0);
+            q2 = s2.x * codes4(w2 + wb, j0);
+            q3 = s3.x * codes4(w3 + wb, j0);
           }
           let xl = load_quad(rows_lo, u, j0, valid);
           let xsl = ones * xl;
-          a0 += lanes_term(s0, q0, xl, xsl);
+          a0 = lanes_acc(a0, s0, q0, xl, xsl);
           if (OPT > 1u) {
-            a1 += lanes_term(s1, q1, xl, xsl);
+            a1 = lanes_acc(a1, s1, q1, xl, xsl);
           }
           if (OPT > 2u) {
-            a2 += lanes_term(s2, q2, xl, xsl);
-            a3 += lanes_term(s3, q3, xl, xsl);
+            a2 = lanes_acc(a2, s2, q2, xl, xsl);
+            a3 = lanes_acc(a3, s3, q3, xl, xsl);
           }
           if (ROWS > 4u) {
             let xh = load_quad(rows_hi, u, j0, valid);
             let xsh = ones * xh;
-            h0 += lanes_term(s0, q0, xh, xsh);
+            h0 = lanes_acc(h0, s0, q0, xh, xsh);
             if (OPT > 1u) {
-              h1 += lanes_term(s1, q1, xh, xsh);
+              h1 = lanes_acc(h1, s1, q1, xh, xsh);
             }
             if (OPT > 2u) {
-              h2 += lanes_term(s2, q2, xh, xsh);
-              h3 += lanes_term(s3, q3, xh, xsh);
+              h2 = lanes_acc(h2, s2, q2, xh, xsh);
+              h3 = lanes_acc(h3, s3, q3, xh, xsh);
             }
           }
         }
