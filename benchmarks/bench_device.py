@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from kernels.quant import QuantSpec, quantize_rtn  # noqa: E402
 from protocol.model_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
 from model.synthetic import random_layer  # noqa: E402
-from device_measures import SmClock, copy_gbps, gpu_bound_ms, variant_tuning, warm_up  # noqa: E402  (beside this file)
+from device_measures import SmClock, copy_gbps, gpu_bound_ms, saturate, variant_tuning, warm_up  # noqa: E402  (beside this file)
 
 SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
                       rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2, bos_id=1)
@@ -312,24 +312,33 @@ def decode_workload(be, cfg: ModelConfig, rows: int, steps: int, prompt: int, rn
     """``rows`` sessions (a prompt of ``prompt`` tokens each, prefilled together) decoding
     together: forward_topk steps of one row each, after untimed ones for at least 2 steps and
     ``warm_s`` seconds or WARM_STEPS steps (right after a 7B upload an H200 ran 1-row steps 3x
-    slower for ~0.2 s)."""
+    slower for ~0.2 s), then the step's plan replayed back to back for 0.25 s: an H200 decoding
+    one row of SmolLM2 stayed at its idle 345 MHz clock through the warm-up steps (6.3 ms a
+    step, 2.4 ms at 1980 MHz after an 8-row workload), so a lone row's load does not raise it."""
     ids = [f"r{rows}.{j}" for j in range(rows)]
     x = (rng.standard_normal((rows * prompt, cfg.hidden)) * 0.5).astype(np.float32)
     be.forward_topk([SessionSlice(s, 0, prompt) for s in ids], x, 1)
     one = x[:rows]
-    times, pos, t0 = [], prompt, time.perf_counter()
-    clock = SmClock()  # sampled over the timed steps
-    while len(times) < steps:
-        t = time.perf_counter()
+    pos = prompt
+
+    def step():
+        nonlocal pos
         be.forward_topk([SessionSlice(s, pos, 1) for s in ids], one, 1)
         pos += 1
-        if pos - prompt > 2 and (t - t0 >= warm_s or pos - prompt > WARM_STEPS):
-            if not times:
-                clock.__enter__()
-            times.append(time.perf_counter() - t)
-    clock.__exit__()
+
+    t0 = time.perf_counter()
+    while pos - prompt < 2 or (time.perf_counter() - t0 < warm_s and pos - prompt < WARM_STEPS):
+        step()
     cached = be._plans.get(("forward_topk", "h", 1, None))
     plan = cached[2] if cached else []
+    if plan:
+        saturate(be.dev, plan, 0.25)
+    times = []
+    with SmClock() as clock:  # sampled over the timed steps
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
     out = {"rows": rows, "step_ms": [t * 1000 for t in times], "sm_mhz": clock.median,
            "dispatches": sum(1 for item in plan if item.__class__ is tuple),
            "gpu_ms": gpu_bound_ms(be.dev, plan) if plan else float("nan"), "plan": plan}

@@ -138,17 +138,23 @@ def warm_up(dev, seconds: float) -> None:
         copy_gbps(dev, 256 << 20, reps=20, rounds=1)
 
 
+def saturate(dev, plan, seconds: float) -> None:
+    """Replay ``plan`` back to back for ``seconds`` (at least once), waiting after each: the GPU
+    busy, so that its clock is up before what is measured next."""
+    t = time.perf_counter()
+    while True:
+        dev.execute(plan)
+        dev.device._poll_wait()
+        if time.perf_counter() - t >= seconds:
+            break
+
+
 def gpu_bound_ms(dev, plan, reps: int = 20, warm_s: float = 0.25) -> float:
     """A cached plan replayed ``reps`` times back to back with one wait: GPU time per step
     (recording overlaps the GPU), free of the per-step readback and host work. The plan is
     first replayed for ``warm_s`` seconds: an H200 left idle for seconds (a model's upload)
     ran the same kernels 2-3x slower until its clock came back up."""
-    t = time.perf_counter()
-    while True:
-        dev.execute(plan)
-        dev.device._poll_wait()
-        if time.perf_counter() - t >= warm_s:
-            break
+    saturate(dev, plan, warm_s)
     t = time.perf_counter()
     for _ in range(reps):
         dev.execute(plan)
