@@ -30,8 +30,10 @@ def variant_tuning(dev, variant: str):
         return dataclasses.replace(base, matvec_stage=0), {}
     if variant == "wgpu-stage1":  # x staged for one row only, batches on the lanes loop
         return dataclasses.replace(base, matvec_stage_rows_min_k=1 << 30), {}
-    if variant == "wgpu-stage-all":  # x staged for batches of any k too
-        return dataclasses.replace(base, matvec_stage_rows_min_k=0), {}
+    m = re.fullmatch(r"wgpu-stage-all(?:w(\d+))?", variant)
+    if m:  # x staged for batches of any k too (in workgroups of N threads)
+        wg = {"matvec_wg": dev.workgroup_size(int(m.group(1)))} if m.group(1) else {}
+        return dataclasses.replace(base, matvec_stage_rows_min_k=0, **wg), {}
     m = re.fullmatch(r"wgpu-x(\d+)", variant)
     if m:  # the default with this many vec4s of each row staged a chunk (at most what the limits hold)
         return dataclasses.replace(base, matvec_stage=int(m.group(1))), {}
@@ -42,7 +44,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all, wgpu-xN or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-blocks, wgpu-lanes, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))
