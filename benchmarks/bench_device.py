@@ -14,7 +14,8 @@ device machine. Figures are appended to the benchmark history (tabshard/bench_hi
 
 --variants compares matvec lane layouts side by side in one run: "wgpu" is the device's default
 (kernels.runner.matmul_tuning), "wgpu-lanes" the default without staging x
-(include/qmatvec_staged.wgsl), "wgpu-stage1" staging for one row only,
+(include/qmatvec_staged.wgsl), "wgpu-stage1" staging for one row only, "wgpu-notall" batches of tall matrices not staged
+(no MatmulTuning.matvec_tall_batch_wg),
 "wgpu-stage-all[wW]" staging batches whatever their k (in workgroups of W), "wgpu-xN" staging N vec4s of
 each row a chunk, "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
 before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by shape; at most T threads

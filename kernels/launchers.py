@@ -144,6 +144,7 @@ class MatmulTuning:
     matvec_opt: int = 1  # qmatvec's OPT: outputs per thread (1, 2 or 4; 0 by shape)
     matvec_stage: int = 0  # qmatvec: vec4s of each row of x staged in workgroup memory a chunk (0: none)
     matvec_stage_rows_min_k: int = 0  # staged: batches of rows too when k >= this (else the lanes loop)
+    matvec_tall_batch_wg: int = 0  # staged: batches of tall long-rowed matrices too, in workgroups of this many threads (0: no)
 
 
 def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
@@ -160,9 +161,11 @@ def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
     wg = dev.workgroup_size(256)
     tile = 64 if wg >= 256 else 32
     if dev.is_real_gpu() if real_gpu is None else real_gpu:
+        tall = dev.workgroup_size(GPU_MATVEC_TALL_BATCH_WG)
         return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
                             matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE,
-                            matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K)
+                            matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K,
+                            matvec_tall_batch_wg=tall if tall > wg else 0)
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
@@ -176,6 +179,11 @@ GPU_MATVEC_STAGE = 512
 # ... and for batches only of long rows: H200, 7B shape, 8 rows, k = 11008 (down) 5.07 -> 3.19 ms a
 # step, k = 4096 (qkv, gate_up, wo) no better, SmolLM2's k <= 1536 10% slower (bench_device --breakdown)
 GPU_MATVEC_STAGE_ROWS_MIN_K = 8192
+# ... and for batches of tall matrices with long rows (n >= 8192, k >= 4096), in workgroups of 512
+# threads where the device allows more than matvec_wg: on an H200 the 7B shape's qkv and gate_up
+# matvecs ran faster at 8 rows so, slower staged in 256 threads, and its n = 4096 ones slower in 512
+GPU_MATVEC_TALL_BATCH_WG = 512
+TALL_N, TALL_K = 8192, 4096
 
 
 def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
@@ -269,7 +277,8 @@ class QuantLinear(Launcher):
 
     def matvec_constants(self, rows_per_wg: int, ch: int) -> dict:
         """qmatvec's overrides at ROWS = rows_per_wg, ``ch`` vec4s of each row staged (0: none)."""
-        consts = {**quant_constants(self.w), "WG": self.wg, "TPR": self._tpr(ch), "ROWS": rows_per_wg}
+        consts = {**quant_constants(self.w), "WG": self._wg(rows_per_wg, ch), "TPR": self._tpr(rows_per_wg, ch),
+                  "ROWS": rows_per_wg}
         if self.span != 8 or self.opt != 1:
             consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
         if ch:
@@ -280,33 +289,45 @@ class QuantLinear(Launcher):
         """(overrides, outputs per workgroup, rows per workgroup) of qmatvec at ``rows`` rows."""
         rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
         ch = self._staged(rows_per_wg, rows)
-        return self.matvec_constants(rows_per_wg, ch), self.wg // self._tpr(ch) * self.opt, rows_per_wg
+        return self.matvec_constants(rows_per_wg, ch), self._outputs_per_wg(rows_per_wg, ch), rows_per_wg
+
+    def _tall_batch(self, rows_per_wg: int) -> bool:
+        """Batches of this (tall, long-rowed) matrix staged in matvec_tall_batch_wg threads."""
+        return bool(self.tuning.matvec_tall_batch_wg) and rows_per_wg > 1 and self.w.n >= TALL_N and self.w.k >= TALL_K
+
+    def _wg(self, rows_per_wg: int, ch: int) -> int:
+        return self.tuning.matvec_tall_batch_wg if ch and self._tall_batch(rows_per_wg) else self.wg
+
+    def _outputs_per_wg(self, rows_per_wg: int, ch: int) -> int:
+        return self._wg(rows_per_wg, ch) // self._tpr(rows_per_wg, ch) * self.opt
 
     def _staged(self, rows_per_wg: int, rows: int) -> int:
         """vec4s of each row staged a chunk for ``rows`` rows at ROWS = rows_per_wg (0: not
         staged): what the workgroup memory holds (less 64 bytes: qmatvec_norm's inv_rms), a
-        multiple of 8. Batches are staged only when long-rowed (matvec_stage_rows_min_k) and
-        in one workgroup row: H200, 7B shape, 64 rows in 8 workgroup rows ran 2.7% slower staged."""
+        multiple of 8. Batches are staged only when long-rowed (matvec_stage_rows_min_k) or tall
+        (_tall_batch), and in one workgroup row: H200, 7B shape, 64 rows in 8 workgroup rows ran
+        2.7% slower staged."""
         if not self.stage:
             return 0
-        if rows_per_wg > 1 and (self.w.k < self.tuning.matvec_stage_rows_min_k or rows > rows_per_wg):
+        long_rows = self.w.k >= self.tuning.matvec_stage_rows_min_k or self._tall_batch(rows_per_wg)
+        if rows_per_wg > 1 and (not long_rows or rows > rows_per_wg):
             return 0
         room = (self.dev.limits["max-compute-workgroup-storage-size"] - 64) // 16
         return min(self.stage, room // rows_per_wg // 8 * 8)
 
-    def _tpr(self, ch: int) -> int:
+    def _tpr(self, rows_per_wg: int, ch: int) -> int:
         """Threads per output: the lanes loop's, or staged ``ch`` vec4s a row a chunk, at least two blocks a lane."""
         if not ch:
             return self.tpr
         blocks = min(ch // 8, -(-self.w.k // 32))
-        return min(self.wg, self.tuning.matvec_max_tpr, 1 << max(0, (blocks // 2).bit_length() - 1))
+        return min(self._wg(rows_per_wg, ch), self.tuning.matvec_max_tpr, 1 << max(0, (blocks // 2).bit_length() - 1))
 
     def dispatches(self, rows: int) -> list:
         items = []
         if rows <= self.matvec_max_rows:
             rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
             ch = self._staged(rows_per_wg, rows)
-            outputs_per_wg = self.wg // self._tpr(ch) * self.opt
+            outputs_per_wg = self._outputs_per_wg(rows_per_wg, ch)
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg, ch):
                 launch.set(m=rows)
                 items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))

@@ -162,6 +162,40 @@ def test_qmatvec_rows_staged_long_k(dev, rng, spec, rows):
     _quant_linear(dev, rng, spec, n=9, k=4200, rows=rows, matvec_max_rows=8, tuning=tuning)
 
 
+# batches of tall matrices staged in larger workgroups (MatmulTuning.matvec_tall_batch_wg): the
+# thresholds lowered so that small matrices take the path; 128 threads for the others, 256 for them
+TALL_TUNING = KL.MatmulTuning(matvec_wg=128, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=64, matvec_span=2,
+                              matvec_opt=4, matvec_stage=512, matvec_stage_rows_min_k=1 << 30, matvec_tall_batch_wg=256)
+
+
+@pytest.fixture
+def tall_at_64(monkeypatch):
+    monkeypatch.setattr(KL, "TALL_N", 64)
+    monkeypatch.setattr(KL, "TALL_K", 256)
+
+
+def _assert_tall_batch(dev, n, k, rows, spec=QuantSpec(4, 32, False)):
+    op = KL.QuantLinear(dev, KL.GpuQuantTensor(spec, n, k, []), None, 4 * -(-k // 4), None, n, tuning=TALL_TUNING)
+    consts, _, _ = op.matvec_grid(rows)
+    assert consts["WG"] == 256 and consts.get("XT"), consts
+
+
+@pytest.mark.parametrize("rows", [3, 8])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_qmatvec_tall_batches_staged(dev, rng, tall_at_64, spec, rows):
+    # k = 1000: a ragged last block and group; 3 rows masked in a ROWS=4 workgroup
+    _assert_tall_batch(dev, 70, 1000, rows, spec)
+    _quant_linear(dev, rng, spec, n=70, k=1000, rows=rows, matvec_max_rows=8, tuning=TALL_TUNING)
+
+
+@pytest.mark.parametrize("prologue", ["norm", "silu"])
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64, True), QuantSpec(4, 32, False), QuantSpec(8, 128, True)], ids=lambda s: s.name)
+def test_qmatvec_tall_batches_staged_fused(dev, rng, tall_at_64, prologue, spec):
+    # k = 4200: several chunks of x, the last one short
+    _assert_tall_batch(dev, 65, 4200, 8, spec)
+    _fused_linear(dev, rng, spec, n=65, k=4200, rows=8, tuning=TALL_TUNING, prologue=prologue)
+
+
 @pytest.mark.parametrize("tuning", list(TUNINGS))
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 11, 19])
 def test_qmatvec_batch_rows(dev, rng, rows, tuning):
@@ -646,10 +680,13 @@ def test_layer_program_expressions_evaluate_alike_in_python_and_js():
         LP.evaluate("nope + 1", {})
 
 
-def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev):
+# the WebGPU default limits, and a device granting 1024 invocations and 32 KiB (batches of tall
+# matrices staged in 512-thread workgroups: MatmulTuning.matvec_tall_batch_wg)
+@pytest.mark.parametrize("raised", [False, True], ids=["default-limits", "raised-limits"])
+def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
     """A real-GPU tab and the native backend choose one qmatvec layout (overrides, workgroups)
     for every shape and row count: runner.QuantLinear and webgpu_device.js's QuantLinear (node)
-    at the WebGPU default limits, staged or not (one row; batches of long rows in one workgroup row)."""
+    at these limits, staged or not (one row; batches of long or tall rows in one workgroup row)."""
     import json
     import shutil
     import subprocess
@@ -661,8 +698,14 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev):
     from kernels.limits import WEBGPU_DEFAULT_LIMITS
 
     limits = dict(WEBGPU_DEFAULT_LIMITS)
-    base = _device(limits="webgpu-default")
+    if raised:
+        limits.update({"max-compute-invocations-per-workgroup": 1024, "max-compute-workgroup-size-x": 1024,
+                       "max-compute-workgroup-storage-size": 32768})
+    base = _device(limits=limits if raised else "webgpu-default")
+    if base.limits != limits:
+        pytest.skip(f"the adapter grants less than {limits}")
     tuning = KL.matmul_tuning(base, real_gpu=True)
+    assert bool(tuning.matvec_tall_batch_wg) == raised
     shapes = [(12288, 4096), (4096, 11008), (1536, 576), (49152, 576), (37, 70), (8192, 8192)]
     rows_list = [1, 3, 8, 9, 64]
     want = []
@@ -685,7 +728,7 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev):
         for (const rows of rowsList) {
           const r = MATVEC_ROWS.find((m) => m >= rows) ?? MATVEC_ROWS[MATVEC_ROWS.length - 1];
           const ch = op.staged(r, rows);
-          out.push([op.constants(r, ch), op.wg / op.threads(ch) * op.opt, r]);
+          out.push([op.constants(r, ch), op.wgFor(r, ch) / op.threads(r, ch) * op.opt, r]);
         }
       }
       console.log(JSON.stringify(out));

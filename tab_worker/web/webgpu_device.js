@@ -233,10 +233,15 @@ export function uploadQuant(dev, t, label) {
 
 // runner.matmul_tuning: GPUs want several threads per output, in the interleaved lane layout
 // (span/opt 0: by shape, runner.matvec_layout), x staged in workgroup memory (stage: vec4s of a
-// row a chunk; batches only where k >= stageRowsMinK); CPU rasterisers one thread per output, whole blocks.
+// row a chunk; batches only where k >= stageRowsMinK, or tall (TALL_N, TALL_K) in tallBatchWg threads where
+// the limits allow more than wg); CPU rasterisers one thread per output, whole blocks.
+const TALL_N = 8192, TALL_K = 4096;
 function matmulTuning(dev) {
-  if (dev.isRealGpu()) return { wg: dev.workgroupSize(256), maxTpr: 32, span: 0, opt: 0, stage: 512, stageRowsMinK: 8192 };
-  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1, stage: 0, stageRowsMinK: 0 };
+  if (dev.isRealGpu()) {
+    const wg = dev.workgroupSize(256), tall = dev.workgroupSize(512);
+    return { wg, maxTpr: 32, span: 0, opt: 0, stage: 512, stageRowsMinK: 8192, tallBatchWg: tall > wg ? tall : 0 };
+  }
+  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1, stage: 0, stageRowsMinK: 0, tallBatchWg: 0 };
 }
 
 // runner.matvec_layout: [SPAN, OPT] of an n x k matvec
@@ -274,18 +279,21 @@ export class QuantLinear {
     this._launches = new Map();
   }
   // runner.QuantLinear._staged / _tpr: vec4s of each row staged a chunk for `rows` rows (0: not staged), threads per output
+  tallBatch(rowsPerWg) { return !!this.tuning.tallBatchWg && rowsPerWg > 1 && this.w.n >= TALL_N && this.w.k >= TALL_K; }
+  wgFor(rowsPerWg, ch) { return ch && this.tallBatch(rowsPerWg) ? this.tuning.tallBatchWg : this.wg; }
   staged(rowsPerWg, rows) {
-    if (!this.stage || (rowsPerWg > 1 && (this.w.k < this.tuning.stageRowsMinK || rows > rowsPerWg))) return 0;
+    const longRows = this.w.k >= this.tuning.stageRowsMinK || this.tallBatch(rowsPerWg);
+    if (!this.stage || (rowsPerWg > 1 && (!longRows || rows > rowsPerWg))) return 0;
     const room = Math.floor((this.dev.limits.maxComputeWorkgroupStorageSize - 64) / 16);
     return Math.min(this.stage, Math.floor(room / rowsPerWg / 8) * 8);
   }
-  threads(ch) {
+  threads(rowsPerWg, ch) {
     if (!ch) return this.tpr;
     const blocks = Math.min(ch / 8, Math.ceil(this.w.k / 32));
-    return Math.min(this.wg, this.tuning.maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(Math.max(1, Math.floor(blocks / 2))))));
+    return Math.min(this.wgFor(rowsPerWg, ch), this.tuning.maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(Math.max(1, Math.floor(blocks / 2))))));
   }
   constants(rowsPerWg, ch) {
-    const c = { ...quantConstants(this.w.spec), WG: this.wg, TPR: this.threads(ch), ROWS: rowsPerWg };
+    const c = { ...quantConstants(this.w.spec), WG: this.wgFor(rowsPerWg, ch), TPR: this.threads(rowsPerWg, ch), ROWS: rowsPerWg };
     if (this.span === 8 && this.opt === 1) return c;
     return { ...c, SPAN: this.span, OPT: this.opt, EXACT: this.w.k % 32 === 0 ? 1 : 0, ...(ch ? { XT: ch * rowsPerWg } : {}) };
   }
@@ -296,7 +304,7 @@ export class QuantLinear {
       this._launches.set(key, this.w.chunks.map((c) => [c.n, new Launch(this.dev, this.kernel, this.constants(r, ch), [c.q, c.s, this.x, this.y, ...this.extraBuffers],
         { n: c.n, k: this.w.k, m: 0, x_stride: this.xStride, y_stride: this.yStride, y_col: this.yCol + c.start, accumulate: this.accumulate, ...this.extraParams })]));
     }
-    const perWg = this.wg / this.threads(ch) * this.opt;
+    const perWg = this.wgFor(r, ch) / this.threads(r, ch) * this.opt;
     for (const [n, launch] of this._launches.get(key)) {
       launch.set({ m: rows });
       launch.dispatch(pass, Math.ceil(n / perWg), Math.ceil(rows / r));
