@@ -16,8 +16,9 @@ CRITERIA = {
     "no_lost_requests": "every request got an answer (completed or failed): lost = 0",
     "no_failed_requests": "no request ended in an error: failed = 0",
     "no_wrong_tokens": "the final stream of every request (rewinds applied) equals the fault-free reference",
-    "all_faults_detected": "every injected fault detected by the coordinator (a liar: by a spot check), "
-                           "none skipped, at least pass.min_faults injected",
+    "all_faults_detected": "every injected fault detected by the coordinator (a liar: by a spot check; one "
+                           "whose tab served no step while lying told no lie and is counted apart), none "
+                           "skipped, at least pass.min_faults injected and exercised",
     "memory_flat": "coordinator RSS at the end <= start x {ratio} + {mb} MiB (start: pass.memory_warmup_s "
                    "after streaming began)",
 }
@@ -55,7 +56,11 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
             info = run.tab_info.get(f.get("tab"), {})
             if "steps" in info and f.get("steps_before") is not None:
                 rec["lying_steps"] = info["steps"] - f["steps_before"]
-            if not det and "skipped" not in f and "inject_error" not in f:
+            if not det and rec.get("lying_steps") == 0:
+                # its tab answered no step after the lie was planted (a re-plan made between steps
+                # can take a tab off the critical path right after): no lie was told, none to catch
+                rec["unexercised"] = "its tab served no step while lying"
+            elif not det and "skipped" not in f and "inject_error" not in f:
                 gone = next((e for e in events if e["t"] >= f["t"] and e["kind"] in DETECTION_EVENTS
                              and e.get("worker") in wids), None)
                 rec["undetected"] = (f"its tab went first ({gone['kind']}: {gone.get('reason')})" if gone else
@@ -147,6 +152,7 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
     memory = _memory(run, t_end, float(crit.get("memory_warmup_s", 60)), float(crit.get("memory_growth_ratio", 1.15)),
                      float(crit.get("memory_growth_mb", 50)))
     injected = [f for f in faults if "skipped" not in f]
+    exercised = [f for f in injected if "unexercised" not in f]
     report = {
         "scenario": scn["name"],
         "seed": scn["seed"],
@@ -162,8 +168,9 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
         "latency_ms": {"ttft": _pct([r.ttft for r in results if r.ttft is not None]),
                        "itl": _pct([x for r in results for x in r.itl])},
         "faults": {"injected": len(injected), "skipped": len(faults) - len(injected),
+                   "unexercised": len(injected) - len(exercised),
                    "detected": len(det), "undetected": [{k: f.get(k) for k in ("at", "kind", "tab", "undetected")}
-                                                        for f in injected if not f.get("detected_by")],
+                                                        for f in exercised if not f.get("detected_by")],
                    "detection_ms": _pct(det), "recovery_ms": _pct(recov), "by_kind": by_kind, "list": faults},
         "coordinator": {"peak_rss_mb": round(coord_rss / 2**20, 1), "rss": memory, "counters": final["counters"],
                         "status_errors": len(run.status_errors)},
@@ -178,9 +185,11 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
         "no_lost_requests": (lost == 0, f"lost {lost}"),
         "no_failed_requests": (not failed, f"failed {len(failed)}"),
         "no_wrong_tokens": (differ == 0, f"differing tokens {differ}"),
-        "all_faults_detected": (len(det) == len(injected) and len(faults) == len(injected)
-                                and len(injected) >= int(crit.get("min_faults", 0)),
-                                f"{len(det)} of {len(injected)} injected detected, {len(faults) - len(injected)} skipped"),
+        "all_faults_detected": (len(det) == len(exercised) and len(faults) == len(injected)
+                                and len(exercised) >= int(crit.get("min_faults", 0)),
+                                f"{len(det)} of {len(exercised)} injected detected, {len(faults) - len(injected)} skipped"
+                                + (f", {len(injected) - len(exercised)} liar(s) served no step while lying"
+                                   if len(exercised) < len(injected) else "")),
         "memory_flat": (memory["flat"], f"start {memory['start_mb']} MiB, end {memory['end_mb']} MiB, "
                                         f"peak {memory['peak_mb']} MiB"),
     }
@@ -253,7 +262,9 @@ def format_table(r: dict) -> str:
         ("rewinds (tokens retracted)", f"{r['tokens'].get('rewinds', 0)} ({r['tokens'].get('retracted', 0)})"),
         ("TTFT p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["ttft"].values())),
         ("ITL p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["itl"].values())),
-        ("faults injected / detected", f"{r['faults']['injected']} / {r['faults']['detected']}"),
+        ("faults injected / detected", f"{r['faults']['injected']} / {r['faults']['detected']}"
+                                       + (f" ({r['faults']['unexercised']} liar(s) served no step while lying)"
+                                          if r["faults"].get("unexercised") else "")),
         ("  by kind (detected/injected)", ", ".join(f"{k} {v['detected']}/{v['injected']}"
                                                     for k, v in sorted(r["faults"].get("by_kind", {}).items()))),
         ("detection p50/p90/p99 ms", "/".join(str(v) for v in r["faults"]["detection_ms"].values())),

@@ -77,9 +77,11 @@ def test_soak_ci_scenario_passes(ray_rt, tmp_path):
     assert report["tokens"]["differing_from_reference"] == 0, table
     faults = report["faults"]
     assert faults["skipped"] == 0 and faults["injected"] >= 14, table
-    assert faults["detected"] == faults["injected"], faults["undetected"]
+    # a liar whose tab served no step after it was planted (a re-plan took the tab off the
+    # critical path) told no lie: every other fault is detected
+    assert faults["detected"] == faults["injected"] - faults["unexercised"], faults["undetected"]
     assert set(faults["by_kind"]) == set(FAULT_KINDS)
-    liars = [f for f in faults["list"] if f["kind"] == "liar"]
+    liars = [f for f in faults["list"] if f["kind"] == "liar" and "unexercised" not in f]
     assert liars and all(f["detected_by"].startswith(("liar_detected", "quarantine (spot check")) for f in liars)
     assert report["coordinator"]["counters"]["spot_check_mismatches"] >= len(liars)
     rss = report["coordinator"]["rss"]
@@ -113,3 +115,22 @@ def test_a_tab_still_under_a_fault_is_no_target_for_a_new_one(tmp_path):
     run._disturbed["b"] = run._disturbed["a"]
     assert run._target({"kind": "liar", "target": "random"}, st) is None  # no calm serving tab: skipped
     assert run._target({"kind": "crash", "target": "random"}, st) == "c"  # other kinds take a calm one
+
+
+def test_a_liar_whose_tab_served_no_step_while_lying_is_counted_apart():
+    """A re-plan made between steps can take a tab off the critical path right after a liar is
+    planted in it: it tells no lie, so no spot check can catch it (soak CI saw it once). Counted
+    apart as unexercised; a liar that served steps and was not caught stays undetected."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "liar", "tab": "a", "t": 10.0, "at": 5.0, "worker_ids": ["w1"], "steps_before": 7},
+                  {"kind": "liar", "tab": "b", "t": 11.0, "at": 6.0, "worker_ids": ["w2"], "steps_before": 3}]
+        tab_info = {"a": {"steps": 7}, "b": {"steps": 5}}
+
+    events = [{"t": 1.0, "kind": "join", "name": "a", "worker": "w1"},
+              {"t": 1.0, "kind": "join", "name": "b", "worker": "w2"}]
+    silent, lied = _fault_metrics(Run(), events)
+    assert silent["lying_steps"] == 0 and silent["unexercised"] and "undetected" not in silent
+    assert lied["lying_steps"] == 2 and lied["undetected"] and "unexercised" not in lied
+    assert silent["detected_by"] is None and lied["detected_by"] is None
