@@ -329,14 +329,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _pause_medians(runs: list[dict], name: str, twin: str) -> dict:
+def _pause_figures(runs: list[dict], slow: float, name: str, twin: str, what: str) -> dict:
     """The medians over repeats of the longest pause (in median gaps, and its unshared part) of
-    the cluster that saw the event (`name`) and of its twin that did not (`twin`)."""
-    out = {}
+    the cluster that saw the event (`name`) and of its twin that did not (`twin`), printed."""
+    out = {"worker_slowed": slow}
     for label, side in ((name, "join"), (twin, "no_join")):
         out[f"max_gap_steps_{label}"] = statistics.median(r[side]["max_gap_steps"] for r in runs)
         out[f"max_gap_steps_{label}_unshared"] = statistics.median(r[side]["max_gap_steps_unshared"] for r in runs)
-    return out
+    print(f"{what}, median of {len(runs)}: {out[f'max_gap_steps_{name}']:.2f} median gaps with it, "
+          f"{out[f'max_gap_steps_{twin}']:.2f} without it "
+          f"(side by side; {[(round(r['join']['max_gap_steps'], 2), round(r['no_join']['max_gap_steps'], 2)) for r in runs]})",
+          flush=True)
+    return {**out, "runs": runs}
 
 
 def bench_join(log: Path, settings: str, tokens: int, repeats: int, slow: float = 5.0) -> dict:
@@ -348,12 +352,7 @@ def bench_join(log: Path, settings: str, tokens: int, repeats: int, slow: float 
     its process start (imports, the speed measurement, dequantizing its range) would otherwise
     take the cores the running streams need on this 2-core host."""
     runs = [_join_once(log, settings, tokens, k, slow) for k in range(repeats)]
-    out = {"worker_slowed": slow, **_pause_medians(runs, "join", "no_join"), "runs": runs}
-    print(f"join during 4 streams: the longest pause from the join on, median of {repeats}: "
-          f"{out['max_gap_steps_join']:.2f} median gaps with the join, {out['max_gap_steps_no_join']:.2f} without it "
-          f"(side by side; {[(round(r['join']['max_gap_steps'], 2), round(r['no_join']['max_gap_steps'], 2)) for r in runs]})",
-          flush=True)
-    return out
+    return _pause_figures(runs, slow, "join", "no_join", "join during 4 streams: the longest pause from the join on")
 
 
 def bench_replan(log: Path, settings: str, tokens: int, repeats: int, slow: float = 5.0) -> dict:
@@ -366,12 +365,8 @@ def bench_replan(log: Path, settings: str, tokens: int, repeats: int, slow: floa
     2 x `slow`) that sees no join."""
     runs = [_join_once(log, settings + "stages = 2\n", tokens, k, 2 * slow, name="replan", until="retired", late_slow=slow)
             for k in range(repeats)]
-    out = {"worker_slowed": slow, **_pause_medians(runs, "replan", "no_replan"), "runs": runs}
-    print(f"re-plan during 4 streams (stages = 2, a second worker joins and the pipeline is split): the longest pause, "
-          f"median of {repeats}: {out['max_gap_steps_replan']:.2f} median gaps with it, {out['max_gap_steps_no_replan']:.2f} "
-          f"without (side by side; {[(round(r['join']['max_gap_steps'], 2), round(r['no_join']['max_gap_steps'], 2)) for r in runs]})",
-          flush=True)
-    return out
+    return _pause_figures(runs, slow, "replan", "no_replan",
+                          "re-plan during 4 streams (stages = 2, a second worker joins and the pipeline is split): the longest pause")
 
 
 def _clients(c: Cluster, tokens: int, stop: threading.Event, requests: list) -> list[threading.Thread]:
