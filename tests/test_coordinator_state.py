@@ -378,6 +378,22 @@ def test_batch_limit_shrinks_only_when_long_steps_stop_paying_for_their_rows(wei
     assert st.batch_limit == limit + 1
 
 
+def test_batch_limit_keeps_a_full_batch_whose_neighbour_costs_a_little_less_a_row(weights):
+    """One slowed worker with 8 streams: a step of 8 rows a few percent dearer a row than one of
+    7 (noise: the sizes cost nearly the same) halved the batch, and its limit then wandered
+    between 2 and 5 (bench_plans' single worker ran ~4 rows a step). Only a batch of at most
+    half the rows, what halving would make, is compared."""
+    net = start(weights, 1, max_batch=16, target_step_ms=100)
+    st = net.core.stages[0]
+    net.core._adapt_batch(st, 2, 2 * 250.0)
+    net.core._adapt_batch(st, 7, 7 * 150.0)
+    net.core._adapt_batch(st, 8, 8 * 155.0)  # over the target; dearer a row than 7 by 3 %, far cheaper than 2
+    assert st.batch_limit == 16
+    for _ in range(5):
+        net.core._adapt_batch(st, 8, 8 * 300.0)  # dearer a row than 2 rows' steps: batching stopped paying
+    assert st.batch_limit == 4
+
+
 def test_memory_pressure_hands_layers_back_and_they_move_exactly(weights, reference):
     net = start(weights, 3)
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
