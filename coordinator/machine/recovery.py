@@ -157,9 +157,7 @@ class Recovery:
         w = self.workers[st.primary]
         w.stages.add(st.index)
         key = (st.layer_start, st.layer_end)
-        if any(w.worker_id in x.ready for x in self.stages if (x.layer_start, x.layer_end) == key):
-            # it serves these layers in another pipeline (a replica, or a retiring one): loaded
-            # again, its backend would be replaced, and the sessions it runs there lose their KV
+        if self._serves_range(w.worker_id, key):  # in another pipeline (a replica, or a retiring one)
             st.ready.add(w.worker_id)
         if st.primary in st.ready:
             return self._rebuild(st, now)

@@ -116,9 +116,7 @@ class Verification:
         local = self.workers.get(LOCAL)
         if key in self._verify_ranges or local is None or not local.alive:
             return []
-        if any(LOCAL in x.ready for x in self.stages if (x.layer_start, x.layer_end) == key):
-            # it serves the range itself: assigned again, its backend would be replaced and the
-            # sessions it runs lose their KV (checks run beside them, under scratch sessions)
+        if self._serves_range(LOCAL, key):  # (checks run beside its sessions, under scratch sessions)
             self._verify_ranges[key] = "ready"
             return []
         self._forget_verify_kv(lambda k: k[1] == key and k[2] == LOCAL)  # a fresh range holds no scratch KV

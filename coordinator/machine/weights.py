@@ -20,6 +20,11 @@ class WeightStreaming:
         return any(e[0] < len(self.stages) and (self.stages[e[0]].layer_start, self.stages[e[0]].layer_end) == key
                    for e in w.loading.values())
 
+    def _serves_range(self, wid: str, key: tuple[int, int]) -> bool:
+        """Whether worker `wid` has layers `key` loaded for some stage (of any pipeline): assigned
+        them again, its backend would be replaced and the sessions it runs there lose their KV."""
+        return any(wid in x.ready for x in self.stages if (x.layer_start, x.layer_end) == key)
+
     def _unload_unheld(self, w: Worker, key: tuple[int, int]) -> list:
         """A range the live worker held but no stage has it hold any more: unloaded, to free its
         memory (on the coordinator's own compute its verify state goes with it)."""
