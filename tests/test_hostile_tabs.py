@@ -542,6 +542,38 @@ def test_a_tab_on_trial_holds_no_request_back(references):
     assert net.core.counters["trial_steps"] >= 1
 
 
+def test_a_tab_left_out_of_a_plan_while_on_probation_gets_a_trial():
+    """Tabs on probation are planned while no tab is trusted; once one is, a plan leaves the
+    others out, "ready" with no stages. They must go on trial and earn trust: they waited for a
+    trial forever (CI: test_freeze_is_detected_... found one such tab and the plan never came
+    back to two stages)."""
+    from coordinator.records import CoordinatorSettings
+    from tests.harness import Net
+
+    net = Net(_tiny(), CoordinatorSettings(max_ctx=256, probation_steps=2, stages=1))
+    for _ in range(3):
+        net.add_worker()
+    net.run()
+    net.advance(0.5)
+    assert all(w.probation and w.stages for w in net.core.workers.values())  # nobody trusted: all planned
+    net.submit("a", PROMPTS[0], 6)
+    net.advance(1.0)  # one pipeline serves it: its tab earns trust, the other two prove nothing
+    assert sum(not w.probation for w in net.core.workers.values()) == 1
+    net.core._schedule_replan(net.now)
+    left_out = []
+    for _ in range(100):  # the re-plan (after a fresh coordinator's resume window) leaves them out; trials start a tick later
+        net.perform(net.core.tick(net.now))
+        net.run()
+        left_out = [w for w in net.core.workers.values() if w.probation and not w.stages]
+        if left_out:
+            break
+        net.advance(0.05)
+    assert len(left_out) == 2 and all(w.state == "ready" for w in left_out)
+    net.advance(3.0)
+    assert all(not w.probation for w in net.core.workers.values())
+    assert net.core.counters["trial_steps"] >= 2 * len(left_out)
+
+
 def test_hostile_mix_state_machine(references):
     HostileCluster.refs = references
     run = hsettings(max_examples=8, stateful_step_count=10, deadline=None, derandomize=True,

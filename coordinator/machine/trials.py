@@ -25,7 +25,9 @@ class Trials:
         if not stages:
             return out
         for w in list(self.workers.values()):
-            if not (w.alive and w.probation and not w.local and w.state == "idle" and not w.stages and w.worker_id not in self._trials):
+            # "ready" with no stages: it was planned while no tab was trusted and a later plan left it out
+            if not (w.alive and w.probation and not w.local and w.state in ("idle", "ready") and not w.stages
+                    and not w.loading and w.worker_id not in self._trials):
                 continue
             if w.have_blobs and self._in_resume_window(now):
                 continue  # a restarted coordinator's rejoining holder: the resume plan gives it what it holds
