@@ -376,6 +376,17 @@ class Session:
     chooser: object | None = None
     share_prefix: bool = False
     pipeline: int = 0  # the serving replica its rows go through (see Planning._place)
+    # a move off a retiring pipeline (Planning._start_move): the new pipeline its history is
+    # replayed on in the background while it decodes where it runs, positions [0, move_sent)
+    # queued there, [0, moved) through its head stage; catch_up: the first position its next
+    # trip carries (the switch: the positions decoded while the replay ran go with the token)
+    moving_to: int | None = None
+    move_sent: int = 0
+    moved: int = 0
+    catch_up: int | None = None
+    # a move under way or called off left part of its history's KV in another range of a
+    # worker: no prefix is forked from it (a worker's fork_session copies it in every range)
+    partial_kv: bool = False
 
     @property
     def position(self) -> int:

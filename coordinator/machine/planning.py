@@ -10,7 +10,7 @@ from collections import deque
 from types import SimpleNamespace
 
 from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
-from coordinator.records import LOCAL, Session, Stage, Worker
+from coordinator.records import LOCAL, Session, Stage, WorkItem, Worker
 
 
 # a re-plan over the same workers moves weights: worth it only for a predicted token this much faster
@@ -25,6 +25,10 @@ ABSURD_FACTOR = 1000.0
 # equal and keeps them off one that is much slower (a 5x slower replica gets a stream once the
 # fastest runs 8)
 STREAM_COST = 0.5
+# a session moving off a retiring pipeline switches to the new one when at most this many of its
+# positions, decoded while its history was replayed there, are still missing: they go with its
+# next trip (one step of that many rows); more are replayed in the background first
+MOVE_CATCH_UP_ROWS = 8
 
 
 class Planning:
@@ -110,6 +114,7 @@ class Planning:
                 sess.pipeline = number
                 sess.logs = {index[k]: v for k, v in sess.logs.items() if k in index}
                 sess.last_by = {index[k]: v for k, v in sess.last_by.items() if k in index}
+                self._call_off_move(sess)  # (a move's pipeline is renumbered or gone)
             else:
                 self._restart_session(sess)
         return out + self._retire(now)  # (every new pipeline may be ready at once: the moves start)
@@ -266,8 +271,8 @@ class Planning:
         pipes = self._pipelines()
         moved = [s for s in self.sessions.values() if s.pipeline in {st.pipeline for st in gone}]
         # every new pipeline ready: the sessions still on retiring ones move over, one at a time
-        # (the next when the one before has its first token there: each replays only its own
-        # history while the others go on decoding), as after any restart the next token exact
+        # (the next when the one before has its first token there), each without a pause
+        # (_start_move), as after any restart the next token exact
         if not lost and not all(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring):
             return []
         # (a session waiting only for spot checks to finish has nothing left to run: it stays)
@@ -276,11 +281,8 @@ class Planning:
             mover = self.sessions.get(self._migrating)
             if mover is None or mover.finish_pending is not None:
                 s = min(running, key=lambda x: len(x.prompt_ids) + len(x.tokens))
-                s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
-                for st in gone:
-                    st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
-                self._restart_session(s)
                 self._migrating = s.request_id
+                self._start_move(s)
             return []
         self.stages = [st for st in self.stages if not st.retiring]
         for s in moved:
@@ -299,6 +301,83 @@ class Planning:
         self.degraded = any(h == LOCAL for s in self.stages for h in s.holders[:1])
         self.events.append({"t": now, "kind": "retired", "stages": [st.to_dict() for st in gone]})
         return out
+
+    def _start_move(self, s: Session) -> None:
+        """Move a session off its retiring pipeline without a pause: its history is replayed on
+        the new pipeline in the background (_send_move) while it goes on decoding where it
+        runs; once the replay is through the new head, its next trip goes there carrying the
+        few positions decoded meanwhile (_switch_move). A new stage that is one of its current
+        pipeline's (the same range on the same worker) holds a single KV cache of it, which a
+        replay from position 0 would cut while the retiring pipeline decodes on it: then it
+        restarts there (its history replayed before its next token)."""
+        here = s.pipeline
+        self._place(s)
+        dest, s.pipeline = s.pipeline, here
+        pipes = self._pipelines()
+        shape = lambda st: (st.layer_start, st.layer_end, st.primary)  # noqa: E731
+        if any(shape(st) in {shape(x) for x in pipes[here]} for st in pipes[dest]):
+            s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
+            for st in pipes[here]:
+                st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+            self._restart_session(s)
+            return
+        s.moving_to, s.move_sent, s.moved = dest, 0, 0
+        self._send_move(s)
+
+    def _send_move(self, s: Session) -> None:
+        """Queue the session's history that the new pipeline lacks (all but its last token,
+        whose row is the next step where it runs) into that pipeline's first stage, in chunks
+        that cost a stage about one decode step (_move_rows): each goes in one step beside
+        the decode rows there, and a worker both pipelines share delays the retiring one's
+        decode by one such chunk at most. Its head stage answers no token for them."""
+        end = len(s.prompt_ids) + len(s.tokens) - 1
+        if end <= s.move_sent:
+            return
+        entry = next(st.index for st in self.stages if st.pipeline == s.moving_to)
+        rows = self.embed((s.prompt_ids + s.tokens)[s.move_sent:end])
+        step = self._move_rows(s.moving_to, end)
+        for start in range(0, len(rows), step):
+            pos = s.move_sent + start
+            self._enqueue(entry, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
+        s.move_sent = end
+
+    def _move_rows(self, pipeline: int, context: int) -> int:
+        """Rows of a background replay per step: as many as each of the pipeline's primaries
+        is expected to compute in about one decode step (_rows_equiv: a decode step of up to
+        8 rows counts 1), at most a prompt chunk, at least 1."""
+        rows = self._prefill_rows(context)
+        for st in self.stages:
+            w = self.workers.get(st.primary) if st.pipeline == pipeline and st.primary else None
+            if w is not None:
+                rows = min(rows, int(1 / max(w.row_cost * (1 + context / self._ctx_scale()), 1e-6)))
+        return max(1, rows)
+
+    def _switch_move(self, s: Session, pos: int) -> None:
+        """At a moving session's next trip (its input row at `pos`): once the background replay
+        is through the new pipeline's head, the session switches there (the trip carries the
+        positions decoded since, from s.catch_up); while more than MOVE_CATCH_UP_ROWS
+        positions lag, those are replayed in the background first."""
+        if s.moving_to is None or s.moved < s.move_sent:
+            return
+        if pos - s.moved > MOVE_CATCH_UP_ROWS:
+            self._send_move(s)
+            return
+        dest = {st.index for st in self.stages if st.pipeline == s.moving_to}
+        s.logs = {k: v for k, v in s.logs.items() if k in dest}
+        s.last_by = {}
+        s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, s.moved
+
+    def _call_off_move(self, s: Session) -> None:
+        """The session stays where it runs (a re-plan renumbered the pipelines, or it restarts):
+        its replay's queued rows go; the results of those in flight are ignored (their stage is
+        not of its pipeline nor of a move)."""
+        if s.moving_to is None:
+            return
+        for st in self.stages:
+            if st.pipeline != s.pipeline:
+                st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+        s.partial_kv = s.partial_kv or s.move_sent > 0
+        s.moving_to, s.move_sent, s.moved = None, 0, 0
 
     # -- serving replicas
     def _pipelines(self) -> dict[int, list[Stage]]:

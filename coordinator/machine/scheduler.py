@@ -29,6 +29,8 @@ class Scheduler:
         bound: dict[int, int] = {}
         for s in self.sessions.values():
             bound[s.pipeline] = bound.get(s.pipeline, 0) + 1
+            if s.moving_to is not None:  # its replay's rows go beside the decode rows there
+                bound[s.moving_to] = bound.get(s.moving_to, 0) + 1
         for st in self.stages:
             depth = len(pipes[st.pipeline])
             groups = self.settings.pipeline_groups or depth
@@ -177,12 +179,18 @@ class Scheduler:
             s = self.sessions.get(it.session_id)
             if s is None or s.finished or it.generation != s.generation:
                 continue
-            s.last_by[st.index] = (w.worker_id, w.epoch)
+            moving = st.pipeline != s.pipeline  # a move's background replay (Planning._send_move)
+            if moving and st.pipeline != s.moving_to:
+                continue  # a move called off
+            if not moving:
+                s.last_by[st.index] = (w.worker_id, w.epoch)
             if not st.include_head:
                 skip = max(0, it.forward_from - it.start_pos)
                 if skip < len(it.rows):
                     self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
                                                          it.wants_token, it.generation, it.draft), s)
+            elif moving:
+                s.moved = max(s.moved, it.end)
             elif it.wants_token and it.forward_from < it.end and it.draft:
                 self.speculation.trip_done(s.request_id, now)
                 out += self._verify_drafts(s, it, m["_draft_rows"][i], now)
@@ -244,7 +252,7 @@ class Scheduler:
             self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
-        if s.request_id == self._migrating:  # it moved to the new plan: the next session on a retiring pipeline follows
+        if s.request_id == self._migrating and s.moving_to is None:  # its first token on the new plan: the next session follows
             self._migrating = None
             out += self._retire(now)
         if s.first_token_at is None:
@@ -266,6 +274,7 @@ class Scheduler:
         all k+1 rows and _verify_drafts keeps what the model itself would have produced."""
         if s.request_id in self._trip_more:
             return  # the trip's next row decides the next token
+        self._switch_move(s, pos)
         draft = None
         # the whole-vocabulary path returns one row per session (a grammar's, logprobs'): no drafts then
         full = getattr(self, "head_logits", None) is not None and any(
@@ -278,8 +287,14 @@ class Scheduler:
             else:
                 d = self.speculation.draft(s.request_id, s.prompt_ids + s.tokens, Sampler(s.params), len(s.tokens), limit, now)
                 draft = d if d.tokens else None
-        ids = [token] + (draft.tokens if draft else [])
-        self._enqueue(self._entry(s), WorkItem(s.request_id, pos, self.embed(ids), pos, True, s.generation, draft), s)
+        self._enqueue(self._entry(s), self._trip(s, pos, [token] + (draft.tokens if draft else []), draft), s)
+
+    def _trip(self, s: Session, pos: int, ids: list[int], draft: Draft | None) -> WorkItem:
+        """The work item of a trip whose rows (`ids`: the token, then any drafts) start at `pos`;
+        the first trip after a move also carries the positions from s.catch_up on."""
+        first, s.catch_up = (pos if s.catch_up is None else s.catch_up), None
+        rows = self.embed((s.prompt_ids + s.tokens)[first:pos] + list(ids))
+        return WorkItem(s.request_id, first, rows, first, True, s.generation, draft)
 
     # -- drafts by a worker's draft model
     def _drafter(self) -> Worker | None:
@@ -322,8 +337,7 @@ class Scheduler:
         # the wait for the drafts is part of what drafted rows cost (AdaptiveK weighs it against
         # the acceptance); a trip that went without them is timed as a plain one
         self.speculation.started(s.request_id, p.asked_at if tokens else now, len(tokens))
-        self._enqueue(self._entry(s), WorkItem(s.request_id, p.pos, self.embed([p.token] + list(tokens)), p.pos, True,
-                                               s.generation, draft), s)
+        self._enqueue(self._entry(s), self._trip(s, p.pos, [p.token] + list(tokens), draft), s)
 
     def _draft_traffic(self, now: float) -> list:
         """The `draft` requests made since the last pump; parked trips whose drafter died or

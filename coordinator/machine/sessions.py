@@ -55,7 +55,12 @@ class Sessions:
         """A new plan holds none of this session's KV: run its whole history (prompt and the
         tokens already streamed) through the new stages; the next token follows exactly. A
         session whose last token is out, waiting only for spot checks (finish_pending), has
-        nothing left to compute: run again, it would stream a token past its end."""
+        nothing left to compute: run again, it would stream a token past its end. A move under
+        way is called off: its replay's items are ignored (a new generation)."""
+        if s.moving_to is not None:
+            s.generation += 1
+            self._call_off_move(s)
+        s.catch_up = None
         s.logs = {}
         s.log_epoch += 1  # the verifiers' scratch KV of it no longer matches what stages receive
         s.last_by = {}
@@ -97,6 +102,7 @@ class Sessions:
         n = len(s.prompt_ids)
         stages = self._session_stages(s)
         if (self.settings.prefix_cache_entries <= 0 or n < self.settings.prefix_min_tokens or not stages
+                or s.moving_to is not None or s.partial_kv
                 or any(st.primary not in st.ready for st in stages)
                 or any(sum(len(r) for _, r in s.logs.get(st.index, [])) < n for st in stages)
                 or any(e.tokens == s.prompt_ids and e.pipeline == s.pipeline for e in self.prefix_cache.values())):

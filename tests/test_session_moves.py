@@ -1,0 +1,86 @@
+"""A session moving off a retiring pipeline (coordinator/machine/planning.py: _start_move,
+_send_move, _switch_move): its history is replayed on the new pipeline in the background while
+it decodes on the old one, then it switches between steps. Driven without sockets
+(tests/harness.py), tokens checked against a single worker's."""
+from coordinator.records import Emit
+from tests.harness import run_until_done, start_net
+from tests.tiny_model import greedy_tokens
+
+PROMPT = [5, 17, 42, 99, 7, 123, 250, 11] * 15  # a long history: replayed, it takes many prompt steps
+N_TOKENS = 60
+
+
+def replanned_mid_session(weights, tokens_before: int):
+    """Two workers in two stages serve "s" (and "t"); a third, much faster, joins once "s" has
+    streamed `tokens_before` tokens, and the re-plan is made while it loads (it is frozen):
+    the old pipeline retires once it is thawed. Prompt steps of 16 rows: a replay of the
+    history takes about ten."""
+    net = start_net(weights, 2, stages=2, prefill_chunk=16)
+    core = net.core
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.submit("t", PROMPT[:100], N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= tokens_before)
+    fast = net.add_worker()
+    net.run(until=lambda: core.workers.get(core.conn_worker.get(fast, ""), None) is not None
+            and core.workers[core.conn_worker[fast]].state == "idle")
+    for w in core.workers.values():
+        w.ms_per_layer, w.step_ms_per_layer = (0.1 if w.conn == fast else 1.0), None
+    net.frozen.add(fast)
+    for _ in range(10):  # a token a tick at most (the harness's compute takes no time)
+        n = len(net.tokens("s"))
+        net.advance(0.05, until=lambda: len(net.tokens("s")) > n)
+    assert any(st.retiring for st in core.stages) and core.stages[core._entry(core.sessions["s"])].retiring
+    return net, fast
+
+
+def thaw(net, conn):
+    """The frozen worker handles what it was sent (net.thaw without running the rest to the end)."""
+    net.frozen.discard(conn)
+    for m in net.held.pop(conn, []):
+        for r in net.workers[conn].handle(m):
+            net.to_coordinator(conn, r)
+
+
+def test_a_moving_session_keeps_decoding_while_its_history_replays_on_the_new_pipeline(weights):
+    """Both sessions move (one after the other) and neither pauses: between two of a session's
+    tokens the other streams 2 at most (1 here). Replayed before its next token (a restart),
+    its history of ~150 positions in prompt steps of 16 rows held "s" while "t" streamed 5."""
+    net, fast = replanned_mid_session(weights, 30)
+    core = net.core
+    order = []  # the sessions' tokens as they are streamed, by request id
+    perform = net.perform
+
+    def recording(actions):
+        order.extend(a.request_id for a in actions if isinstance(a, Emit) and a.event["type"] == "token")
+        perform(actions)
+
+    net.perform = recording
+    thaw(net, fast)
+    run_until_done(net, ["s", "t"])
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    assert not any(st.retiring for st in core.stages) and core.workers[core.conn_worker[fast]].steps > 0
+    assert any(e["kind"] == "retired" for e in core.events)
+    both = order[:min(len(order) - order[::-1].index(r) for r in ("s", "t"))]  # until the first of them ends
+    for rid in ("s", "t"):
+        mine = [i for i, r in enumerate(both) if r == rid]
+        others = [b - a - 1 for a, b in zip(mine, mine[1:])]
+        assert max(others) <= 2, (rid, max(others), both)
+
+
+def test_a_worker_lost_while_a_session_moves_resumes_it_exactly(weights):
+    """A worker that is a primary of the old pipeline and of the new one (another range) dies
+    while a session replays its history on the new pipeline: the retiring pipeline goes, its
+    sessions restart on the new plan (its stage there rebuilt on a standby), and every token is
+    still a single worker's."""
+    net, fast = replanned_mid_session(weights, 20)
+    core = net.core
+    both = {st.primary for st in core.stages if st.retiring} & {st.primary for st in core.stages if not st.retiring}
+    assert both
+    thaw(net, fast)
+    net.run(until=lambda: any(s.moving_to is not None and 0 < s.moved < s.move_sent for s in core.sessions.values()))
+    assert any(s.moving_to is not None for s in core.sessions.values())  # a replay is under way
+    net.kill(core.workers[both.pop()].conn)
+    run_until_done(net, ["s", "t"], seconds=60)
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
