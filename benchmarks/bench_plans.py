@@ -27,9 +27,10 @@ round):
 * replan: the same with `stages = 2` and a joining worker twice as fast as the running one, so
   that the join re-plans the running pipeline (its one stage split in two) instead of adding a
   replica, between steps (it pays for moving the sessions): the running pipeline serves the 4 streams
-  while the new one loads, then they move over one at a time between steps, each replaying its
-  history there. The longest pause from the join until a second after the old pipeline retired,
-  in median gaps, beside a twin cluster without the join in the same seconds (target: a few steps);
+  while the new one loads, then they move over one at a time, each replaying its history there
+  in the background while it decodes on the old one. The longest pause from the join until a
+  second after the old pipeline retired, in median gaps, beside a twin cluster without the join
+  in the same seconds (target: a few steps);
 * network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
   ways): the chosen plan's single-stream ms a token against the best of every depth tried
   (stages = 1..4; target <= 1.10x);
