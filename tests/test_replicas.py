@@ -313,6 +313,26 @@ def test_a_re_plan_that_keeps_a_running_pipeline_goes_on_without_a_replay(weight
     assert net.tokens("s") == reference
 
 
+def test_a_re_plan_tick_makes_the_plan_once(weights):
+    """A much faster tab joins while a session runs: the tick asks whether the new plan only
+    adds replicas (_extend_plan), whether it pays for moving the session (_replan_pays), and
+    applies it (_replan), all from one plan made once (it was made three times)."""
+    net = start_net(weights, 2, stages=2)
+    core = net.core
+    net.submit("s", PROMPT, 40, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 4)
+    fast = net.add_worker()
+    net.run(until=lambda: core.workers.get(core.conn_worker.get(fast, ""), None) is not None
+            and core.workers[core.conn_worker[fast]].state == "idle")
+    for w in core.workers.values():
+        w.ms_per_layer, w.step_ms_per_layer = (0.1 if w.conn == fast else 1.0), None
+    made, make = [], core._make_plan
+    core._make_plan = lambda workers: made.append(len(workers)) or make(workers)
+    version = core.plan_version
+    net.perform(core.tick(core._replan_at))
+    assert core.plan_version == version + 1 and not net.done("s") and made == [3]
+
+
 def test_a_re_plan_back_to_a_retiring_pipeline_takes_it_up_once(weights):
     """Plans A, B, A while sessions run: B is made (a faster tab joined) while A serves them, one
     session moves to B once it is loaded, then the tab turns out slow and the next plan is A's

@@ -47,12 +47,41 @@ class Planning:
         layer = c.hidden * (q + 2 * kv) + q * c.hidden + 3 * c.hidden * c.ffn
         return c.vocab * c.hidden / layer
 
-    def _replan(self, now: float) -> list:
+    def _replan_tick(self, now: float) -> list:
+        """The tick's re-plan, the plan made once: new serving replicas join at once; a new
+        plan that changes a running pipeline is made now, between steps, when it pays for
+        moving the sessions (_replan_pays): the running pipelines serve them until it is
+        loaded, then they move over one at a time (_keep_serving, _continue_pipelines,
+        _retire); otherwise it waits until none runs."""
+        made = self._fresh_plan(self._planned_workers())
+        if self.sessions and self.stages and all(s.primary for s in self.stages):
+            extended = self._extend_plan(now, made)
+            if extended is not None:
+                return extended
+            if not self._replan_pays(made):
+                self._deferred_replan = True
+                return []
+        self._deferred_replan = False
+        return self._replan(now, made)  # (last: it may swap the plan's primaries, _prefer_held_blobs)
+
+    def _fresh_plan(self, workers: list[Worker]) -> Plan | PlanError | None:
+        """The planner's plan for `workers` now, the error that says which resource is short,
+        or None without workers."""
+        try:
+            return self._make_plan(workers) if workers else None
+        except PlanError as exc:
+            return exc
+
+    def _replan(self, now: float, fresh: Plan | PlanError | None = None) -> list:
+        """Make the plan (`fresh`: as _fresh_plan made it this tick; by default made here) and
+        apply it: new ranges assigned, pipelines kept serving or retiring, sessions moved."""
         workers = self._planned_workers()
         if not workers:
             return []
         try:
-            made = self._resume_plan(workers) or self._make_plan(workers)
+            made = self._resume_plan(workers) or (fresh if fresh is not None else self._make_plan(workers))
+            if isinstance(made, PlanError):
+                raise made
         except PlanError as exc:
             self.degraded = True
             self.plan_error = f"memory: {exc}"
@@ -129,7 +158,7 @@ class Planning:
             workers = remote if remote else workers
         return workers
 
-    def _replan_pays(self) -> bool:
+    def _replan_pays(self, made: Plan | PlanError | None) -> bool:
         """While sessions run, whether a new plan is made now rather than when none runs: moving
         a session replays its history and loading a pipeline takes its holders' time, so only a
         plan the running one cannot go on without (a primary that is the coordinator's own
@@ -143,32 +172,22 @@ class Planning:
                             or not self._fits(st.primary, st.layer_start, st.layer_end, st.include_head)
                             for sts in pipes for st in sts):
             return True
-        workers = self._planned_workers()
-        try:
-            made = self._make_plan(workers) if workers else None
-        except PlanError:
+        if not isinstance(made, Plan):
             return True  # (_replan says which resource is short)
-        if made is None:
-            return True
         now_ms = min(self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=True)
                      for sts in pipes)
         new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]],
                                     serving=True)
         return now_ms > new_ms * (1 + REPLAN_MIN_GAIN)
 
-    def _extend_plan(self, now: float) -> list | None:
+    def _extend_plan(self, now: float, made: Plan | PlanError | None) -> list | None:
         """While sessions run, a new plan that only adds serving replicas (every running
         pipeline stays as it is: the same ranges, the same primaries) is applied at once: the new
         pipelines load while the running ones keep serving, and sessions placed later use them.
         None: the new plan changes a running pipeline (then _replan: the running pipelines serve
         their sessions until the new one is loaded)."""
-        workers = self._planned_workers()
-        try:
-            made = self._make_plan(workers) if workers else None
-        except PlanError:
-            return None
         pipes = self._pipelines()
-        if made is None or not pipes or any(st.retiring for st in self.stages):
+        if not isinstance(made, Plan) or not pipes or any(st.retiring for st in self.stages):
             return None  # (while the last plan's pipelines retire, stage indexes move: a new plan)
         shape = lambda sts: [(st.layer_start, st.layer_end, st.primary) for st in sts]  # noqa: E731
         current = [shape(sts) for sts in pipes.values()]

@@ -64,19 +64,7 @@ class Recovery:
             out += self._release_finishes(now)
         if self._replan_at is not None and now >= self._replan_at and not self._awaiting_resume(now):
             self._replan_at = None
-            # new serving replicas join at once; a new plan that changes a running pipeline is
-            # made here, between steps, when it pays for moving the sessions (_replan_pays): the
-            # running pipelines serve them until it is loaded, then they move over one at a time
-            # (_keep_serving, _continue_pipelines, _retire); otherwise it waits until none runs
-            running = self.sessions and self.stages and all(s.primary for s in self.stages)
-            extended = self._extend_plan(now) if running else None
-            if extended is not None:
-                out += extended
-            elif running and not self._replan_pays():
-                self._deferred_replan = True
-            else:
-                self._deferred_replan = False
-                out += self._replan(now)
+            out += self._replan_tick(now)
         # requests that cannot be served fail after a bound, with a retriable error
         if not self.stages or any(not st.holders for st in self.stages):
             for s in list(self.sessions.values()):
