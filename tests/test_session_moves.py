@@ -84,3 +84,21 @@ def test_a_worker_lost_while_a_session_moves_resumes_it_exactly(weights):
     run_until_done(net, ["s", "t"], seconds=60)
     assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
     assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+
+
+def test_a_new_pipelines_worker_lost_while_a_session_moves_calls_the_move_off(weights):
+    """The joining worker, primary of the new pipeline only, dies while a session replays its
+    history there: the move is called off (its stage may be repaired on a warm standby that
+    holds the range the session decodes on, whose one KV cache the replay would cut), the
+    session goes on where it runs and moves again later; every token is a single worker's."""
+    net, fast = replanned_mid_session(weights, 20)
+    core = net.core
+    thaw(net, fast)
+    net.run(until=lambda: any(s.moving_to is not None and 0 < s.moved < s.move_sent for s in core.sessions.values()))
+    mover = next(s for s in core.sessions.values() if s.moving_to is not None)
+    net.kill(fast)
+    assert mover.moving_to is None and not any(i.session_id == mover.request_id for st in core.stages
+                                               if st.pipeline != mover.pipeline for i in st.queue)
+    run_until_done(net, ["s", "t"], seconds=60)
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)

@@ -387,14 +387,16 @@ class Planning:
         s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, s.moved
 
     def _call_off_move(self, s: Session) -> None:
-        """The session stays where it runs (a re-plan renumbered the pipelines, or it restarts):
-        its replay's queued rows go; the results of those in flight are ignored (their stage is
-        not of its pipeline nor of a move)."""
+        """The session stays where it runs (a re-plan renumbered the pipelines, a worker was
+        lost, or it restarts): its replay's queued rows and logs go (no rebuild replays them);
+        the results of those in flight are ignored (their stage is not of its pipeline nor of a
+        move). _retire moves it again."""
         if s.moving_to is None:
             return
         for st in self.stages:
             if st.pipeline != s.pipeline:
                 st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+                s.logs.pop(st.index, None)
         s.partial_kv = s.partial_kv or s.move_sent > 0
         s.moving_to, s.move_sent, s.moved = None, 0, 0
 

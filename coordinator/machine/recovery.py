@@ -102,6 +102,10 @@ class Recovery:
             # token says how long that recovery took, as for any primary lost
             self._awaiting_recovery += [(st.index, now) for st in self.stages if st.retiring and st.primary == w.worker_id]
             out += self._retire(now, lost=True)
+        for s in self.sessions.values():
+            # a stage repaired on a warm standby that holds a moving session's range for the
+            # pipeline it decodes on would replay the move's rows there (one KV cache a range)
+            self._call_off_move(s)
         for st in self.stages:
             if w.worker_id not in st.holders:
                 continue
