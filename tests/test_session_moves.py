@@ -2,7 +2,10 @@
 _send_move, _switch_move): its history is replayed on the new pipeline in the background while
 it decodes on the old one, then it switches between steps. Driven without sockets
 (tests/harness.py), tokens checked against a single worker's."""
-from coordinator.records import Emit
+import pytest
+
+from actors.faults import lie
+from coordinator.records import LOCAL, Emit
 from tests.harness import run_until_done, start_net
 from tests.tiny_model import greedy_tokens
 
@@ -10,12 +13,12 @@ PROMPT = [5, 17, 42, 99, 7, 123, 250, 11] * 15  # a long history: replayed, it t
 N_TOKENS = 60
 
 
-def replanned_mid_session(weights, tokens_before: int):
+def replanned_mid_session(weights, tokens_before: int, **settings):
     """Two workers in two stages serve "s" (and "t"); a third, much faster, joins once "s" has
     streamed `tokens_before` tokens, and the re-plan is made while it loads (it is frozen):
     the old pipeline retires once it is thawed. Prompt steps of 16 rows: a replay of the
     history takes about ten."""
-    net = start_net(weights, 2, stages=2, prefill_chunk=16)
+    net = start_net(weights, 2, stages=2, prefill_chunk=16, **settings)
     core = net.core
     net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
     net.submit("t", PROMPT[:100], N_TOKENS, stop_at_eos=False)
@@ -102,3 +105,24 @@ def test_a_new_pipelines_worker_lost_while_a_session_moves_calls_the_move_off(we
     run_until_done(net, ["s", "t"], seconds=60)
     assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
     assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+
+
+@pytest.mark.parametrize("liar", [False, True])
+def test_a_moving_sessions_replay_is_spot_checked(weights, liar):
+    """Every step checked by the coordinator's own compute: the replay's steps on the new
+    pipeline pass when honest; when the joining worker starts lying mid-replay, it is caught,
+    the sessions it touched are recomputed, and what each client ends with is a single
+    worker's tokens."""
+    net, fast = replanned_mid_session(weights, 20, local=True, spot_check_fraction=1.0)
+    core = net.core
+    thaw(net, fast)
+    net.run(until=lambda: any(s.moving_to is not None and 0 < s.moved < s.move_sent for s in core.sessions.values()))
+    fast_id = core.conn_worker[fast]
+    if liar:
+        lie(net.workers[fast], 50.0)
+    run_until_done(net, ["s", "t"], seconds=60)
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    caught = [e["worker"] for e in core.events if e["kind"] == "liar_detected"]
+    assert caught == ([fast_id] if liar else []) and core.counters["spot_checks"] > 0
+    assert all(e["verifier"] == LOCAL for e in core.events if e["kind"] == "liar_detected")
