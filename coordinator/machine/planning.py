@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 from types import SimpleNamespace
 
 from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
@@ -336,8 +335,7 @@ class Planning:
         shape = lambda st: (st.layer_start, st.layer_end, st.primary)  # noqa: E731
         if any(shape(st) in {shape(x) for x in pipes[here]} for st in pipes[dest]):
             s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
-            for st in pipes[here]:
-                st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+            self._drop_queued({s.request_id}, pipes[here])
             self._restart_session(s)
             return
         s.moving_to, s.move_sent, s.moved = dest, 0, 0
@@ -393,10 +391,10 @@ class Planning:
         move). _retire moves it again."""
         if s.moving_to is None:
             return
-        for st in self.stages:
-            if st.pipeline != s.pipeline:
-                st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
-                s.logs.pop(st.index, None)
+        elsewhere = [st for st in self.stages if st.pipeline != s.pipeline]
+        self._drop_queued({s.request_id}, elsewhere)
+        for st in elsewhere:
+            s.logs.pop(st.index, None)
         s.partial_kv = s.partial_kv or s.move_sent > 0
         s.moving_to, s.move_sent, s.moved = None, 0, 0
 

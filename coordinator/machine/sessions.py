@@ -5,10 +5,11 @@ A part of the Coordinator (coordinator/state.py): its methods run on the one sta
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection, Iterable
 
 import numpy as np
 
-from coordinator.records import Emit, PrefixEntry, Send, Session, WorkItem
+from coordinator.records import Emit, PrefixEntry, Send, Session, Stage, WorkItem
 from model.sampling import SamplingParams
 from protocol import wire
 
@@ -146,6 +147,12 @@ class Sessions:
     def _enqueue(self, stage_index: int, item: WorkItem, s: Session) -> None:
         self.stages[stage_index].queue.append(item)
 
+    def _drop_queued(self, session_ids: Collection[str], stages: Iterable[Stage]) -> None:
+        """Take these sessions' queued items off these stages' queues (their steps in flight
+        are left to the generation or pipeline checks that ignore their results)."""
+        for st in stages:
+            st.queue = deque(i for i in st.queue if i.session_id not in session_ids)
+
     def _finish_verified(self, s: Session, reason: str, now: float) -> list:
         """Finish once no spot check of a worker that computed for the session is pending."""
         if self.settings.spot_check_at_finish and not s.audited and not self._holding_finishes:
@@ -172,8 +179,7 @@ class Sessions:
         s.finished = True
         self.sessions.pop(s.request_id, None)
         self.speculation.forget(s.request_id)
-        for st in self.stages:
-            st.queue = deque(i for i in st.queue if i.session_id != s.request_id)
+        self._drop_queued({s.request_id}, self.stages)
         out = []
         if emit:
             out.append(Emit(s.request_id, {"type": "done", "finish_reason": reason, "tokens": len(s.tokens),

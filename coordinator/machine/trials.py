@@ -4,8 +4,6 @@ and the recomputation after a liar is caught.
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from coordinator.records import LOCAL, Send, Stage, SyntheticStep, Worker
@@ -220,8 +218,7 @@ class Trials:
         """Every live session starts over (a new generation: queued and in-flight items of the
         old one are ignored) from its prompt and the tokens no suspect had a hand in. A session
         whose last token was out, waiting on checks, finishes if no suspect touched it."""
-        for st in self.stages:
-            st.queue = deque(i for i in st.queue if i.session_id not in self.sessions)
+        self._drop_queued(self.sessions, self.stages)
         unconfirmed, clean_finished = 0, []
         for s in self.sessions.values():
             s.generation += 1
