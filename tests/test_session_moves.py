@@ -107,6 +107,36 @@ def test_a_new_pipelines_worker_lost_while_a_session_moves_calls_the_move_off(we
     assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
 
 
+def test_a_worker_outside_a_moves_pipelines_lost_mid_replay_leaves_the_move_under_way(weights):
+    """A worker that holds no stage of the pipeline a session moves to nor of the one it
+    decodes on (it joined while the sessions ran, slower: no plan was made for it) dies while
+    the session replays its history on the new pipeline: the move goes on (its queued rows
+    stay), the session switches over to the new pipeline, and every token is a single
+    worker's."""
+    net, fast = replanned_mid_session(weights, 20)
+    core = net.core
+    spare = net.add_worker()
+    net.run(until=lambda: core.conn_worker.get(spare) in core.workers and core.workers[core.conn_worker[spare]].state == "idle")
+    spare_id = core.conn_worker[spare]
+    core.workers[spare_id].ms_per_layer = 5.0  # (no re-plan pays for it)
+    # the joining worker's prompt rows cost what the others' do (they learned theirs): the
+    # replay goes in chunks of several rows and is through before the sessions end
+    core.workers[core.conn_worker[fast]].row_cost = max(w.row_cost for w in core.workers.values() if w.steps)
+    thaw(net, fast)
+    net.run(until=lambda: any(s.moving_to is not None and 0 < s.moved < s.move_sent for s in core.sessions.values()))
+    mover = next(s for s in core.sessions.values() if s.moving_to is not None)
+    here, dest = mover.pipeline, mover.moving_to
+    assert not any(spare_id in st.holders for st in core.stages if st.pipeline in (here, dest))
+    net.kill(spare)
+    assert mover.moving_to == dest and any(i.session_id == mover.request_id for st in core.stages
+                                           if st.pipeline == dest for i in st.queue)
+    net.run(until=lambda: mover.moving_to is None)
+    assert mover.pipeline == dest and not mover.partial_kv  # switched over, not called off
+    run_until_done(net, ["s", "t"], seconds=60)
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+
+
 @pytest.mark.parametrize("liar", [False, True])
 def test_a_moving_sessions_replay_is_spot_checked(weights, liar):
     """Every step checked by the coordinator's own compute: the replay's steps on the new

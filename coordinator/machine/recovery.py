@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.records import LOCAL, Close, Emit, Stage, WorkItem, Worker
+from coordinator.records import LOCAL, Close, Emit, Session, Stage, WorkItem, Worker
 
 
 class Recovery:
@@ -103,9 +103,8 @@ class Recovery:
             self._awaiting_recovery += [(st.index, now) for st in self.stages if st.retiring and st.primary == w.worker_id]
             out += self._retire(now, lost=True)
         for s in self.sessions.values():
-            # a stage repaired on a warm standby that holds a moving session's range for the
-            # pipeline it decodes on would replay the move's rows there (one KV cache a range)
-            self._call_off_move(s)
+            if self._move_at_risk(s, w):
+                self._call_off_move(s)
         for st in self.stages:
             if w.worker_id not in st.holders:
                 continue
@@ -121,6 +120,18 @@ class Recovery:
             self.degraded = True
         self._schedule_replan(now)
         return out + self._release_finishes(now)
+
+    def _move_at_risk(self, s: Session, w: Worker) -> bool:
+        """Whether losing `w` harms the session's move (then _worker_lost calls it off before
+        repairing stages): `w` is a primary of the pipeline it moves to or decodes on. That
+        stage's repair (_rebuild) replays the session's log there, the move's rows among them,
+        from position 0 on a new primary, maybe a warm standby that holds the same range for
+        the other of the two pipelines: its one KV cache of the range would be cut. A worker
+        that holds a stage of a retiring pipeline has had them all retired already, their
+        sessions restarted (_retire, lost); a standby's loss takes it off the holders only; a
+        stage of another pipeline replays other sessions' logs."""
+        return s.moving_to is not None and any(st.primary == w.worker_id for st in self.stages
+                                               if st.pipeline in (s.pipeline, s.moving_to))
 
     def _repair_stage(self, st: Stage, now: float) -> list:
         """Give the stage a new primary (a warm standby if any, else the least loaded live
