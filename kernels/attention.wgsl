@@ -9,7 +9,8 @@
 // then the threads split into PARTS parts of LANES = HEAD_DIM / 4 threads, part j taking
 // keys j, j + PARTS, j + 2 PARTS... of the chunk and lane l of it output dimensions 4l..4l+3
 // (V read as vec4), with an online softmax (running max and sum, rescaled when the max grows).
-// The walk over a part's keys is the serial path (each step waits on a V load): vec4 lanes
+// The walk over a part's keys is the serial path (each step waits on its V loads: a part
+// takes KEYS_AT_ONCE keys a step, their loads in flight together): vec4 lanes
 // make parts 4x more numerous than a thread per dimension would, and taking keys in turn
 // (not a contiguous 1/PARTS slice each) spreads a short context over all parts: at 20 keys
 // 20 parts walk one key each instead of one part walking 20. At the end the parts'
@@ -22,6 +23,7 @@ override WG: u32 = 256u;                // keys per chunk; at least HEAD_DIM / 4
 override HEAD_DIM: u32 = 64u;           // a multiple of 4
 override LANES: u32 = HEAD_DIM / 4u;
 override PARTS: u32 = WG / LANES;
+override KEYS_AT_ONCE: u32 = 4u;      // keys a part walks per step: 4 (V loads in flight together) or 1
 
 struct Params {
   n_heads: u32,
@@ -92,7 +94,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       let rescale = exp(run_max - new_max);
       run_sum *= rescale;
       acc *= rescale;
-      for (var j = part; j < count; j += PARTS) {
+      var j = part;
+      if (KEYS_AT_ONCE == 4u) {
+        // four keys a step: their V loads issue together instead of each waiting on the one
+        // before (the same sums in the same order as one key a step: the same bits)
+        for (; j + 3u * PARTS < count; j += 4u * PARTS) {
+          let at = (first_key + chunk_start + j) * LANES + lane;
+          let v0 = v_cache[at];
+          let v1 = v_cache[at + PARTS * LANES];
+          let v2 = v_cache[at + 2u * PARTS * LANES];
+          let v3 = v_cache[at + 3u * PARTS * LANES];
+          let w0 = exp(scores[j] - new_max);
+          let w1 = exp(scores[j + PARTS] - new_max);
+          let w2 = exp(scores[j + 2u * PARTS] - new_max);
+          let w3 = exp(scores[j + 3u * PARTS] - new_max);
+          run_sum += w0;
+          acc += w0 * v0;
+          run_sum += w1;
+          acc += w1 * v1;
+          run_sum += w2;
+          acc += w2 * v2;
+          run_sum += w3;
+          acc += w3 * v3;
+        }
+      }
+      for (; j < count; j += PARTS) {
         let w = exp(scores[j] - new_max);
         run_sum += w;
         acc += w * v_cache[(first_key + chunk_start + j) * LANES + lane];

@@ -69,10 +69,10 @@ def _fused_parts(tensors: list[QuantTensor]) -> list[tuple[QuantTensor, int]]:
 class _ProgramKernel(KL.Launcher):
     """A layer program's "kernel" op: its overrides and params evaluated once, its grid per rows."""
 
-    def __init__(self, dev: R.Device, op: dict, env: dict, buffers: dict):
+    def __init__(self, dev: R.Device, op: dict, env: dict, buffers: dict, extra_constants: dict | None = None):
         wg = dev.workgroup_size(LP.workgroup(op, dev.is_real_gpu(), env))
         self.env = {**env, "wg": wg}
-        constants = {"WG": wg, **{k: LP.evaluate(v, self.env) for k, v in op["constants"].items()}}
+        constants = {"WG": wg, **{k: LP.evaluate(v, self.env) for k, v in op["constants"].items()}, **(extra_constants or {})}
         params = {k: LP.evaluate(v, self.env) for k, v in op["params"].items()}
         self.launch = KL.Launch(dev, op["kernel"], constants, [buffers[name] for name in op["buffers"]], **params)
         self.grid = op["grid"]
@@ -102,7 +102,7 @@ class WgpuBackend:
                  device: R.Device | None = None, limits: str | dict = "adapter",
                  power_preference: str = "high-performance", matvec_max_rows: int | None = None,
                  compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: KL.MatmulTuning | None = None,
-                 contiguous3: bool = True):
+                 contiguous3: bool = True, kernel_constants: dict[str, dict] | None = None):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
@@ -116,7 +116,9 @@ class WgpuBackend:
         None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
         matvecs' shapes (kernels.runner.MatmulTuning; default: by device). ``contiguous3``:
         3-bit weights uploaded with their codes contiguous (kernels.launchers.upload_quant);
-        False keeps the blobs' bit planes, as the browser's backend does."""
+        False keeps the blobs' bit planes, as the browser's backend does. ``kernel_constants``:
+        {kernel: {override: value}} set on the layer program's kernel ops of that name, over
+        the program's own (benchmarks/bench_device.py's variants compare kernel options so)."""
         self.config = c = config
         if c.ffn_hadamard:  # silu_hadamard.wgsl holds a block in workgroup memory
             from kernels.reference import check_hadamard_block
@@ -137,6 +139,7 @@ class WgpuBackend:
         if compute_dtype == "f16" and "shader-f16" not in dev.features:
             raise ValueError(f"compute_dtype 'f16' needs the shader-f16 feature, which {dev.describe()} lacks")
         self.compute_dtype = compute_dtype
+        self._kernel_constants = dict(kernel_constants or {})
         self._layers = [_GpuLayer(dev, i, layers[i], contiguous3) for i in self.layer_ids]
         self._head = None
         if head is not None:
@@ -335,7 +338,7 @@ class WgpuBackend:
         def build(op: dict) -> list:
             kind = op["op"]
             if kind == "kernel":
-                return [_ProgramKernel(dev, op, env, buffers)]
+                return [_ProgramKernel(dev, op, env, buffers, self._kernel_constants.get(op["kernel"]))]
             if kind == "linear":
                 prologue = {}
                 if "norm" in op:
