@@ -22,7 +22,8 @@ before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by 
 per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, "wgpu-planes3"
 3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes,
-"wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1),
+"wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-kvN" split-K attention in N
+key runs a row whatever the KV pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),
 "wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT). --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 

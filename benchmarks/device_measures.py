@@ -28,6 +28,9 @@ def variant_tuning(dev, variant: str):
         return base, {"compute_dtype": "f16"}
     if variant == "wgpu-attn1":  # attention's parts walk one key a step (KEYS_AT_ONCE = 1, the walk before four)
         return base, {"kernel_constants": {"attention": {"KEYS_AT_ONCE": 1}}}
+    m = re.fullmatch(r"wgpu-kv(\d+)", variant)
+    if m:  # split-K attention with this many key runs a row (1: unsplit), whatever the pools' length
+        return base, {"kv_splits": int(m.group(1))}
     if variant == "wgpu-lanes":  # without staging x (the lanes loop at every row count)
         return dataclasses.replace(base, matvec_stage=0), {}
     if variant == "wgpu-notall":  # batches of tall matrices on the lanes loop (no matvec_tall_batch_wg)
@@ -48,7 +51,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

@@ -18,6 +18,12 @@
 // buffer is half the size a one-shot combine would need, which keeps WG = 1024 inside
 // WebGPU's default 16 KiB of workgroup storage).
 // Only finite sentinels are used (-3e38, not -inf): shader compilers may assume no infinities.
+//
+// Split-K (flash decoding): with p.splits > 1 the grid has a third dimension, and workgroup
+// (head, r, s) takes only split s of the row's keys (runs of cdiv(keys, splits), the last
+// shorter or empty), so a long context is walked by many workgroups at once instead of one per
+// head. Each leaves its unnormalised partial (V sum, running max and sum) in `parts`;
+// attention_combine.wgsl folds them. With p.splits = 1 the workgroup writes `out` itself.
 
 override WG: u32 = 256u;                // keys per chunk; at least HEAD_DIM / 4
 override HEAD_DIM: u32 = 64u;           // a multiple of 4
@@ -33,6 +39,7 @@ struct Params {
   q_col: u32,       // column of head 0 in q
   out_stride: u32,  // out row stride in f32
   scale: f32,       // 1 / sqrt(head_dim)
+  splits: u32,      // key splits per row and head (the grid's z); 1: no partials
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -42,6 +49,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> v_cache: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
+// [row][head][split]: LANES vec4s of the split's V sum, then (max, sum, 0, 0)
+@group(0) @binding(7) var<storage, read_write> parts: array<vec4<f32>>;
 
 const NONE = -3.0e38;
 
@@ -55,9 +64,13 @@ var<workgroup> fold_acc: array<vec4<f32>, (PARTS + 1u) / 2u * LANES>;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let head = wid.x;
   let r = wid.y;
+  let split = wid.z;
   let kv_head = head / (p.n_heads / p.n_kv);
-  let n_keys = positions[r] + 1u;
-  let first_key = (slots[r] * p.n_kv + kv_head) * p.ctx;  // cache row of position 0
+  let row_keys = positions[r] + 1u;
+  let per_split = (row_keys + p.splits - 1u) / p.splits;
+  let split_start = min(row_keys, split * per_split);
+  let n_keys = min(row_keys - split_start, per_split);  // this split's keys (0 for a split past the end)
+  let first_key = (slots[r] * p.n_kv + kv_head) * p.ctx + split_start;  // cache row of the split's first key
   if (t < LANES) {
     let at = r * p.q_stride + p.q_col + head * HEAD_DIM + 4u * t;
     q_head[t] = vec4<f32>(q[at], q[at + 1u], q[at + 2u], q[at + 3u]) * p.scale;
@@ -156,7 +169,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     n = half;
   }
-  if (part == 0u) {
+  if (part == 0u && p.splits > 1u) {
+    let at = ((r * p.n_heads + head) * p.splits + split) * (LANES + 1u);
+    parts[at + lane] = acc;
+    if (lane == 0u) {
+      parts[at + LANES] = vec4<f32>(run_max, run_sum, 0.0, 0.0);
+    }
+  } else if (part == 0u) {
     let o = acc / run_sum;
     let at = r * p.out_stride + head * HEAD_DIM + 4u * lane;
     out[at] = o.x;

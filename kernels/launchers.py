@@ -407,10 +407,17 @@ class RopeKvStore(Launcher):
 
 
 class Attention(Launcher):
+    """attention.wgsl over a batch's rows; with ``splits`` > 1 split-K: each row's keys cut
+    into ``splits`` runs walked by separate workgroups, their partials (in ``parts``, room for
+    ``max_rows`` rows) folded by attention_combine.wgsl, a second dispatch."""
+
     def __init__(self, dev: Device, q, q_stride: int, q_col: int, positions, slots, k_cache, v_cache,
-                 out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int, wg: int | None = None):
+                 out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int, wg: int | None = None,
+                 splits: int = 1, max_rows: int = 1):
         if head_dim % 4 or n_heads % n_kv:
             raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
+        if splits < 1:
+            raise ValueError(f"attention splits must be >= 1, got {splits}")
         # keys scored per chunk: a GPU wants many threads; a CPU rasteriser pays for every
         # invocation, and short contexts leave most of a wide workgroup idle. On a GPU the
         # serial part is one walk of up to WG / PARTS = head_dim keys per chunk, each waiting
@@ -419,14 +426,29 @@ class Attention(Launcher):
         wg = wg or dev.workgroup_size(1024 if dev.is_real_gpu() else max(64, head_dim))
         if head_dim // 4 > wg:
             raise LimitError(f"head_dim {head_dim} needs {head_dim // 4} invocations; the workgroup size is {wg}")
-        self.n_heads = n_heads
+        self.n_heads, self.splits, self.max_rows = n_heads, splits, max_rows
+        # attention.wgsl binds the partials whether or not it splits
+        self.parts = dev.buffer(attention_parts_bytes(n_heads, head_dim, splits, max_rows) if splits > 1 else 16,
+                                "attention.parts")
         self.launch = Launch(dev, "attention", {"WG": wg, "HEAD_DIM": head_dim},
-                             [q, positions, slots, k_cache, v_cache, out],
+                             [q, positions, slots, k_cache, v_cache, out, self.parts],
                              n_heads=n_heads, n_kv=n_kv, ctx=ctx, q_stride=q_stride, q_col=q_col,
-                             out_stride=out_stride, scale=1.0 / math.sqrt(head_dim))
+                             out_stride=out_stride, scale=1.0 / math.sqrt(head_dim), splits=splits)
+        self.combine = Launch(dev, "attention_combine", {"WG": dev.workgroup_size(head_dim // 4), "HEAD_DIM": head_dim},
+                              [self.parts, out], n_heads=n_heads, splits=splits, out_stride=out_stride)
 
     def dispatches(self, rows: int) -> list:
-        return self.launch.at(self.n_heads, rows)
+        if self.splits == 1:
+            return self.launch.at(self.n_heads, rows)
+        if rows > self.max_rows:
+            raise ValueError(f"attention: {rows} rows, partials have room for {self.max_rows}")
+        return self.launch.at(self.n_heads, rows, self.splits) + self.combine.at(self.n_heads, rows)
+
+
+def attention_parts_bytes(n_heads: int, head_dim: int, splits: int, rows: int) -> int:
+    """Bytes of split-K attention's partials for ``rows`` rows: per row, head and split, head_dim
+    floats of V sum and a vec4 (max, sum, 0, 0)."""
+    return 16 * (head_dim // 4 + 1) * n_heads * splits * rows
 
 
 class SiluGate(Launcher):

@@ -62,12 +62,18 @@ def _layer() -> list:
                        {"n_kv": "n_kv_heads", "head_dim": "head_dim", "ctx": "pool_ctx", "src_stride": "stride_qkv",
                         "k_col": "q_dim", "v_col": "q_dim + kv_dim"}, ["cdiv(kv_dim, wg)", "rows"])
     # keys scored per chunk: a GPU wants many threads (one walk of the first 1024 positions); a
-    # CPU rasteriser pays for every invocation, and short contexts leave a wide workgroup idle
+    # CPU rasteriser pays for every invocation, and short contexts leave a wide workgroup idle.
+    # kv_splits > 1 (split-K, see KV_SPLITS): each row's keys in kv_splits runs walked by their
+    # own workgroups (the grid's z), their partials in attn_parts folded by attention_combine,
+    # which dispatches nothing (no rows) when there is one run
     attention = _kernel("attention", {"gpu": 1024, "cpu": "max(64, head_dim)"},
-                        ["qkv", "positions", "slots", "k_pool", "v_pool", "attn"],
+                        ["qkv", "positions", "slots", "k_pool", "v_pool", "attn", "attn_parts"],
                         {"n_heads": "n_heads", "n_kv": "n_kv_heads", "ctx": "pool_ctx", "q_stride": "stride_qkv",
-                         "q_col": 0, "out_stride": "stride_attn", "scale": "1 / sqrt(head_dim)"},
-                        ["n_heads", "rows"], HEAD_DIM="head_dim")
+                         "q_col": 0, "out_stride": "stride_attn", "scale": "1 / sqrt(head_dim)", "splits": "kv_splits"},
+                        ["n_heads", "rows", "kv_splits"], HEAD_DIM="head_dim")
+    attention_combine = _kernel("attention_combine", "head_dim // 4", ["attn_parts", "attn"],
+                                {"n_heads": "n_heads", "splits": "kv_splits", "out_stride": "stride_attn"},
+                                ["n_heads", "rows * min(1, kv_splits - 1)"], HEAD_DIM="head_dim")
     silu = _kernel("silu_gate", 64, ["gate_up", "act"],
                    {"n": "ffn", "src_stride": "stride_gate_up", "gate_col": 0, "up_col": "ffn", "y_stride": "stride_act"},
                    ["cdiv(ffn, wg)", "rows"])
@@ -82,6 +88,7 @@ def _layer() -> list:
          "plain": [_rmsnorm("h", "attn_norm"), _linear("qkv", "xn", "qkv")]},
         {"op": "by_rows", "fused": [rope_kv], "plain": [rope, kv_store]},
         attention,
+        attention_combine,
         _linear("wo", "attn", "h", accumulate=True),
         {"op": "by_rows", "fused": [_linear("gate_up", "h", "gate_up", norm="ffn_norm")],
          "plain": [_rmsnorm("h", "ffn_norm"), _linear("gate_up", "xn", "gate_up")]},
@@ -103,7 +110,14 @@ def _head() -> list:
              "plain": [_rmsnorm("src", "output_norm"), _linear("output", "xn", "logits")]}]
 
 
-PROGRAM = {"version": 1, "scratch": SCRATCH, "layer": _layer(), "head": _head()}
+# split-K attention's key runs per row (the name kv_splits): on a GPU one per 1024 positions of
+# the KV pools (pool_ctx, a power of two that grows with the longest session), so a long
+# context is walked by many workgroups and a short one (<= 2047) keeps one dispatch; on a CPU
+# rasteriser, where every workgroup costs, one. A backend may take fewer (its partials must fit
+# a binding).
+KV_SPLITS = {"gpu": "max(1, min(64, pool_ctx // 1024))", "cpu": 1}
+
+PROGRAM = {"version": 1, "scratch": SCRATCH, "kv_splits": KV_SPLITS, "layer": _layer(), "head": _head()}
 
 
 def program_json() -> str:
@@ -111,9 +125,10 @@ def program_json() -> str:
     return json.dumps(PROGRAM, indent=1)
 
 
-def names(config, pool_ctx: int, rows: int) -> dict:
+def names(config, pool_ctx: int, rows: int, real_gpu: bool = False, kv_splits: int | None = None) -> dict:
     """The names expressions may use: the model config's fields, q_dim / kv_dim, the scratch
-    strides, the KV pools' positions per slot and the batch rows."""
+    strides, the KV pools' positions per slot, the batch rows, and kv_splits (KV_SPLITS for
+    this adapter kind, unless given)."""
     c = config if isinstance(config, dict) else config.to_dict()
     env = {k: v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     env["q_dim"] = env["n_heads"] * env["head_dim"]
@@ -123,6 +138,7 @@ def names(config, pool_ctx: int, rows: int) -> dict:
     env["stride_logits"] = -(-env["vocab"] // 4) * 4
     env["stride_src"] = env["stride_h"]  # the head's input rows have the residual stream's stride
     env.update(pool_ctx=pool_ctx, rows=rows)
+    env["kv_splits"] = int(evaluate(KV_SPLITS["gpu" if real_gpu else "cpu"], env)) if kv_splits is None else kv_splits
     return env
 
 

@@ -5,6 +5,8 @@ math the numpy backend (tab_worker/numpy_backend.py) runs. Signatures used by Nu
 rmsnorm(x, weight, eps), rope(x[T, heads, head_dim], positions[T], base),
 attention(q[T, n_heads, hd], k[n_kv, L, hd], v[n_kv, L, hd], start_pos), silu_gate(gate, up),
 topk(logits[rows, vocab], k) -> (ids i32, logits f32) sorted by logit desc, ties by lower id.
+Split-K attention (a GPU's long contexts) is attention_partials(q, k, v, start_pos, splits),
+attention.wgsl's partials with p.splits > 1, then attention_combine(acc, maxes, sums).
 
 The twins use the kernels' logical view: no row strides, column offsets or buffer splits.
 A kernel that serves several sessions at once (kv_store, attention) gives each row its own
@@ -81,6 +83,39 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     p /= p.sum(-1, keepdims=True)
     out = np.matmul(p.astype(np.float32), v[:, None])  # [kv, group, T, hd]
     return out.transpose(2, 0, 1, 3).reshape(t, n_heads, hd).astype(np.float32)
+
+
+def attention_partials(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, splits: int):
+    """What attention.wgsl leaves with p.splits > 1 (split-K): row i's keys [0, start_pos+i] cut
+    into runs of cdiv(keys, splits) (the last shorter, some maybe empty), and for each run its
+    V sum weighted by exp(score - m_s) (acc[T, heads, splits, hd]), its max score m_s and its sum
+    of weights l_s ([T, heads, splits]); an empty run has m_s = -3e38, l_s = 0, acc 0."""
+    t, n_heads, hd = q.shape
+    group = n_heads // k.shape[0]
+    acc = np.zeros((t, n_heads, splits, hd), np.float32)
+    maxes = np.full((t, n_heads, splits), -3.0e38, np.float32)
+    sums = np.zeros((t, n_heads, splits), np.float32)
+    for i in range(t):
+        keys = start_pos + i + 1
+        per = -(-keys // splits)
+        for h in range(n_heads):
+            kv = h // group
+            scores = (k[kv, :keys] @ q[i, h]) * np.float32(1.0 / np.sqrt(hd))
+            for s in range(splits):
+                lo, hi = min(keys, s * per), min(keys, s * per + per)
+                if lo < hi:
+                    maxes[i, h, s] = scores[lo:hi].max()
+                    w = np.exp(scores[lo:hi] - maxes[i, h, s])
+                    sums[i, h, s] = w.sum()
+                    acc[i, h, s] = w @ v[kv, lo:hi]
+    return acc, maxes, sums
+
+
+def attention_combine(acc: np.ndarray, maxes: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """attention_combine.wgsl: the splits' partials (attention_partials) folded into the
+    attention output [T, heads, hd]: sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max m_s."""
+    fold = np.exp(maxes - maxes.max(-1, keepdims=True))  # [T, heads, splits]
+    return (np.einsum("ths,thsd->thd", fold, acc) / (fold * sums).sum(-1)[..., None]).astype(np.float32)
 
 
 def silu_gate(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -102,7 +102,8 @@ class WgpuBackend:
                  device: R.Device | None = None, limits: str | dict = "adapter",
                  power_preference: str = "high-performance", matvec_max_rows: int | None = None,
                  compute_dtype: str = "f32", fuse_decode: bool | None = None, tuning: KL.MatmulTuning | None = None,
-                 contiguous3: bool = True, kernel_constants: dict[str, dict] | None = None):
+                 contiguous3: bool = True, kernel_constants: dict[str, dict] | None = None,
+                 kv_splits: int | None = None):
         """``device``: a Device to share; else one (per process) for ``limits`` and
         ``power_preference`` (see kernels.runner.Device). ``matvec_max_rows``: batches up
         to this many rows use qmatvec, larger ones qmatmul (default: by device, see
@@ -118,7 +119,9 @@ class WgpuBackend:
         3-bit weights uploaded with their codes contiguous (kernels.launchers.upload_quant);
         False keeps the blobs' bit planes, as the browser's backend does. ``kernel_constants``:
         {kernel: {override: value}} set on the layer program's kernel ops of that name, over
-        the program's own (benchmarks/bench_device.py's variants compare kernel options so)."""
+        the program's own (benchmarks/bench_device.py's variants compare kernel options so).
+        ``kv_splits``: split-K attention's key runs per row (default: the layer program's
+        KV_SPLITS for this adapter kind), fewer where their partials would not fit a binding."""
         self.config = c = config
         if c.ffn_hadamard:  # silu_hadamard.wgsl holds a block in workgroup memory
             from kernels.reference import check_hadamard_block
@@ -140,6 +143,11 @@ class WgpuBackend:
             raise ValueError(f"compute_dtype 'f16' needs the shader-f16 feature, which {dev.describe()} lacks")
         self.compute_dtype = compute_dtype
         self._kernel_constants = dict(kernel_constants or {})
+        if kv_splits is not None and (isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1):
+            raise ValueError(f"kv_splits must be a positive integer, got {kv_splits!r}")
+        self._kv_splits_wanted = kv_splits
+        self._kv_splits = 1
+        self._attn_parts = None
         self._layers = [_GpuLayer(dev, i, layers[i], contiguous3) for i in self.layer_ids]
         self._head = None
         if head is not None:
@@ -319,11 +327,19 @@ class WgpuBackend:
     def _build_layer_ops(self) -> list:
         """Every held layer's ops, from the layer program (kernels/layer_program.py): per layer
         6 dispatches when fused (norm+qkv, rope+kv_store, attention, wo, norm+gate/up,
-        silu+down) for up to _fuse_max_rows rows, else the unfused 10."""
+        silu+down) for up to _fuse_max_rows rows, else the unfused 10; one more (the partials'
+        fold) where attention splits the keys."""
+        c = self.config
+        env = LP.names(c, self._pool_ctx, 0, self.dev.is_real_gpu(), self._kv_splits_wanted)
+        per_split = KL.attention_parts_bytes(c.n_heads, c.head_dim, 1, self._rows_cap)
+        self._kv_splits = max(1, min(env["kv_splits"], self.dev.max_binding // per_split))
+        need = per_split * self._kv_splits if self._kv_splits > 1 else 16  # attention binds them even unsplit
+        if self._attn_parts is None or self._attn_parts.size < need:
+            self._attn_parts = self.dev.buffer(need, "attention.parts")
         ops = []
         for layer, (k_pool, v_pool) in zip(self._layers, self._pools):
             buffers = {**self._buf, "freq_turns": self._freq_turns, "attn_norm": layer.attn_norm,
-                       "ffn_norm": layer.ffn_norm, "k_pool": k_pool, "v_pool": v_pool}
+                       "ffn_norm": layer.ffn_norm, "k_pool": k_pool, "v_pool": v_pool, "attn_parts": self._attn_parts}
             weights = {"qkv": layer.qkv, "gate_up": layer.gate_up, "wo": [(layer.wo, 0)], "w_down": [(layer.w_down, 0)]}
             ops += self._program_ops(LP.PROGRAM["layer"], buffers, weights)
         return ops
@@ -332,7 +348,7 @@ class WgpuBackend:
         """Launchers of a layer program section (kernels/layer_program.py) on these buffers and
         weights (name -> [(GpuQuantTensor, first output column)])."""
         dev, fuse_rows = self.dev, self._fuse_max_rows
-        env = LP.names(self.config, self._pool_ctx, 0)
+        env = LP.names(self.config, self._pool_ctx, 0, kv_splits=self._kv_splits)
         strides = {**self._strides, "src": self._strides["h"], "head_in": self._strides["h"], "logits": self._logits_stride}
 
         def build(op: dict) -> list:

@@ -207,8 +207,8 @@ async ({fuseRuns}) => {
   const H = cfg.hidden, T = x.length / H;
   const gpu = await WebGpuDevice.create("default", location.origin);
   const out = {};
-  for (const [name, fuseMaxRows] of fuseRuns) {
-    const be = new WebGpuBackend(gpu, cfg, layers, head, 64, fuseMaxRows);
+  for (const [name, fuseMaxRows, kvSplits] of fuseRuns) {
+    const be = new WebGpuBackend(gpu, cfg, layers, head, 64, fuseMaxRows, kvSplits);
     await be.init();
     const a = await be.forward([{ session_id: "s", start_pos: 0, length: T - 1 }], x.subarray(0, (T - 1) * H));
     const before = gpu.dispatches;
@@ -232,8 +232,10 @@ async ({fuseRuns}) => {
 def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smollm2_weights, tmp_path):
     """The tab's WebGPU backend (SwiftShader here) on two real layers and the head: decode steps
     run the fused kernels (norm + q/k/v, rope + KV store, attention, wo, norm + gate/up, silu +
-    down: 6 dispatches a layer), and with fusing off the 10 unfused ones; both against
-    NumpyBackend, and the head's top-k (its norm folded into its matvec) against numpy's.
+    down: 6 dispatches a layer), and with fusing off the 10 unfused ones, and fused with
+    split-K attention (3 key runs a row: 7 dispatches, the partials' fold added), which a real
+    GPU's long contexts take; all against NumpyBackend, and the head's top-k (its norm folded
+    into its matvec) against numpy's.
 
     Both backends build their ops from one layer program (kernels/layer_program.py, served as
     /kernels/layer_program.json): the native WgpuBackend on this host's adapter at the spec's
@@ -244,9 +246,10 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     from tab_worker.wgpu_backend import WgpuBackend
 
     w = smollm2_weights
-    x, be, want, out = _two_layers_in_a_tab(cluster, browser, w, [["unfused", 0], ["fused", 16]])
+    x, be, want, out = _two_layers_in_a_tab(cluster, browser, w, [["unfused", 0], ["fused", 16], ["split", 16, 3]])
     ids, values = be.head_topk(want[-1:], 5)
     assert out["fused"]["decodeDispatches"] == 2 * 6 and out["unfused"]["decodeDispatches"] == 2 * 10, out
+    assert out["split"]["decodeDispatches"] == 2 * 7 and [3] * 2 == [d[3] for d in out["split"]["trace"] if d[0] == "attention"]
     for name, e in out.items():
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=name)
         # a forked session's decode is the source's, bit for bit (the same keys and values, the same kernels)
@@ -258,8 +261,9 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     except R.NoAdapterError as exc:
         pytest.skip(f"no native wgpu adapter: {exc}")
     assert not device.is_real_gpu()  # a CPU rasteriser like SwiftShader: the same branch of the program
-    for name, fuse in (("unfused", False), ("fused", True)):
-        native = WgpuBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64, device=device, fuse_decode=fuse)
+    for name, fuse, kv_splits in (("unfused", False, None), ("fused", True, None), ("split", True, 3)):
+        native = WgpuBackend(w.config, {0: w.layers[0], 1: w.layers[1]}, w.head, 64, device=device, fuse_decode=fuse,
+                             kv_splits=kv_splits)
         got = np.concatenate([native.forward([SessionSlice("s", 0, 6)], x[:6]), native.forward([SessionSlice("s", 6, 1)], x[6:])])
         trace = [[d.launch.kernel, d.x, d.y, d.z] for op in native._layer_ops for d in op.dispatches(1)]
         assert trace == out[name]["trace"], name

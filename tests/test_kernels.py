@@ -404,9 +404,10 @@ def test_rope(dev, rng, head_dim):
     np.testing.assert_array_equal(got[:, :x_col], x[:, :x_col])
 
 
-def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions, wg=None):
+def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions, wg=None, splits=1, parts_out=None):
     """sessions: [(slot, start_pos, length, cached)]: each writes rows at [start, start+length)
-    into its slot over `cached` random positions already there; returns got, want."""
+    into its slot over `cached` random positions already there; returns got, want. With
+    ``splits`` > 1 (split-K), ``parts_out`` (a list) gets the partials read back and their twin's."""
     n_slots = max(s for s, *_ in sessions) + 1
     k_cache, v_cache = randn(rng, n_slots, n_kv, ctx, head_dim), randn(rng, n_slots, n_kv, ctx, head_dim)
     slots = np.concatenate([[s] * n for s, _, n, _ in sessions]).astype(np.uint32)
@@ -418,9 +419,12 @@ def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions, wg=None):
     kb, vb, out = dev.upload(k_cache), dev.upload(v_cache), dev.buffer(rows * q_dim * 4)
     pb, sb, qb = dev.upload(positions), dev.upload(slots), dev.upload(qkv)
     ops = [KL.KvStore(dev, qb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx),
-           KL.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx, wg=wg)]
+           KL.Attention(dev, qb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx, wg=wg,
+                        splits=splits, max_rows=rows)]
     dev.run(ops, rows)
     got = dev.read(out, count=rows * q_dim).reshape(rows, q_dim)
+    if parts_out is not None:
+        parts_out.append(dev.read(ops[1].parts).reshape(rows, n_heads, splits, head_dim // 4 + 1, 4))
     want, r = [], 0
     for slot, start, n, _ in sessions:
         k_new = qkv[r : r + n, q_dim : q_dim + kv_dim].reshape(n, n_kv, head_dim)
@@ -429,6 +433,8 @@ def _attention_case(dev, rng, n_heads, n_kv, head_dim, ctx, sessions, wg=None):
         ref.kv_store(k_new, v_new, kc, vc, start)
         q = qkv[r : r + n, :q_dim].reshape(n, n_heads, head_dim)
         want.append(ref.attention(q, kc[:, : start + n], vc[:, : start + n], start).reshape(n, q_dim))
+        if parts_out is not None:
+            parts_out.append(ref.attention_partials(q, kc[:, : start + n], vc[:, : start + n], start, splits))
         r += n
     kv_got = dev.read(kb, count=k_cache.size).reshape(k_cache.shape)
     return got, np.concatenate(want), kv_got, k_cache, qkv, slots, positions
@@ -468,6 +474,27 @@ def test_attention_every_workgroup_size(dev, rng, wg, head_dim):
     sessions = [(1, 0, 3, 0), (0, 1500, 1, 1500), (2, 37, 2, 40)]
     got, want, *_ = _attention_case(dev, rng, 6, 2, head_dim, 1600, sessions, wg=min(wg, dev.workgroup_size(wg)))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("wg", [16, 64, 1024])
+def test_split_attention_matches_its_twins(dev, rng, splits, wg):
+    """Split-K: each split's partials are attention_partials', folded they are attention's.
+    Rows of 1 and 2 keys leave splits empty (max -3e38, sum 0); 1500 keys take several chunks
+    a split at small workgroups."""
+    sessions = [(1, 0, 3, 0), (0, 1500, 1, 1500), (2, 37, 2, 40)]
+    parts = []
+    got, want, *_ = _attention_case(dev, rng, 6, 2, 64, 1600, sessions, wg=min(wg, dev.workgroup_size(wg)),
+                                    splits=splits, parts_out=parts)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    raw, twins = parts[0], parts[1:]
+    acc, maxes, sums = (np.concatenate(x) for x in zip(*twins))
+    np.testing.assert_allclose(raw[..., :-1, :].reshape(acc.shape), acc, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(raw[..., -1, 0], maxes, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(raw[..., -1, 1], sums, atol=1e-4, rtol=1e-4)
+    assert (sums == 0).any() and (raw[..., -1, 1] == 0).any(), "no empty split exercised"
+    combined = ref.attention_combine(acc, maxes, sums).reshape(got.shape)
+    np.testing.assert_allclose(combined, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("wg", [64, 1024])
@@ -629,7 +656,8 @@ def test_kernels_compile_in_chromium_tint():
 def test_layer_program_expressions_evaluate_alike_in_python_and_js():
     """Every expression of the layer program (kernels/layer_program.py) under SmolLM2's and a
     tiny model's names, by the Python evaluator and by webgpu_device.js's (node): the two
-    backends must read one description the same way."""
+    backends must read one description the same way. Names for a CPU rasteriser's short pools
+    and a GPU's long ones (kv_splits 1 and 4: split-K attention's grid and fold)."""
     import json
     import shutil
     import subprocess
@@ -659,21 +687,27 @@ def test_layer_program_expressions_evaluate_alike_in_python_and_js():
                 exprs.add(str(op["silu_up_col"]))
 
     collect(LP.PROGRAM["layer"] + LP.PROGRAM["head"])
+    exprs.update(str(v) for v in LP.PROGRAM["kv_splits"].values())
     exprs = sorted(exprs) + ["-(3 + 4) * 2 // 3", "7 % 3 == 1", "cdiv(10, 4) + min(2, 3) + max(2, 3)"]
-    want = [[LP.evaluate(e, {**LP.names(c, 32, 5), "wg": 64}) for e in exprs] for c in configs]
+    pools = [(32, False), (4096, True)]
+    names = [LP.names(c, pool_ctx, 5, real_gpu) for c in configs for pool_ctx, real_gpu in pools]
+    assert [n["kv_splits"] for n in names] == [1, 4, 1, 4]
+    want = [[LP.evaluate(e, {**n, "wg": 64}) for e in exprs] for n in names]
     script = """
     import(process.argv[1]).then(({ evaluate, programNames }) => {
-      const [program, configs, exprs] = JSON.parse(process.argv[2]);
-      console.log(JSON.stringify(configs.map((c) => exprs.map((e) => evaluate(e, { ...programNames(program, c, 32, 5), wg: 64 })))));
+      const [program, configs, pools, exprs] = JSON.parse(process.argv[2]);
+      console.log(JSON.stringify(configs.flatMap((c) => pools.map(([ctx, gpu]) =>
+        exprs.map((e) => evaluate(e, { ...programNames(program, c, ctx, 5, gpu), wg: 64 }))))));
     });"""
     src = Path(__file__).resolve().parents[1] / "tab_worker" / "web" / "webgpu_device.js"
-    r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([LP.PROGRAM, configs, exprs])],
+    r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([LP.PROGRAM, configs, pools, exprs])],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    for c, g, w in zip(configs, got, want):
+    assert len(got) == len(want)
+    for case, g, w in zip([(c["hidden"], *pool) for c in configs for pool in pools], got, want):
         for e, a, b in zip(exprs, g, w):
-            assert a == pytest.approx(b, rel=1e-12), (e, c["hidden"])
+            assert a == pytest.approx(b, rel=1e-12), (e, case)
     with pytest.raises(ValueError, match="not allowed"):
         LP.evaluate("__import__('os')", {})
     with pytest.raises(KeyError, match="unknown name"):

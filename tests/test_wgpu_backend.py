@@ -96,8 +96,26 @@ def test_fork_session_shares_a_prefix_as_numpy_does(model, device):
         backends[0].fork_session("src", "more", 11)
 
 
-# "fused": the fused decode kernels, which the default leaves to real GPUs (this is lavapipe)
-OPTIONS = {"default": {}, "qmatmul-above-4-rows": {"matvec_max_rows": 4}, "fused": {"fuse_decode": True}}
+# "fused": the fused decode kernels, which the default leaves to real GPUs (this is lavapipe);
+# "split-attention": split-K attention, which the default leaves to real GPUs' long contexts
+OPTIONS = {"default": {}, "qmatmul-above-4-rows": {"matvec_max_rows": 4}, "fused": {"fuse_decode": True},
+           "split-attention": {"kv_splits": 3, "fuse_decode": True}}
+
+
+def test_split_attention_adds_the_fold_only_where_it_splits(model, device):
+    """kv_splits > 1: each layer's attention has z = kv_splits workgroups a head and row, and
+    its partials' fold (attention_combine) dispatches; unsplit, the fold dispatches nothing."""
+    rng = np.random.default_rng(5)
+    for splits in (3, 1):
+        backends = _pair(model, device, kv_splits=splits)
+        _step(backends, [SessionSlice("a", 0, 5), SessionSlice("b", 0, 2)], rng)
+        dispatches = [item for item in device.plan(backends[0]._layer_ops, 7) if item.__class__ is tuple]
+        kernels = [pipeline.label.split("(")[0] for *_, pipeline, _bind_group in dispatches]
+        attention_z = [d[4] for d, kernel in zip(dispatches, kernels) if kernel == "attention"]
+        assert attention_z == [splits] * CONFIG.n_layers
+        assert kernels.count("attention_combine") == (CONFIG.n_layers if splits > 1 else 0)
+    with pytest.raises(ValueError, match="kv_splits"):
+        _pair(model, device, kv_splits=0)
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())

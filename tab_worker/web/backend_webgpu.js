@@ -17,9 +17,13 @@ import { ByRows, FUSE_MAX_ROWS, Launch, LimitError, ProgramKernel, QuantLinear, 
 export class WebGpuBackend {
   // fuseMaxRows: steps of up to this many rows run the fused kernels (0: never); by default
   // FUSE_MAX_ROWS on a real GPU, 0 on a CPU rasteriser
-  constructor(gpu, config, layers, head, maxCtx, fuseMaxRows = undefined) {
+  // kvSplits: split-K attention's key runs per row (default: the layer program's kv_splits rule)
+  constructor(gpu, config, layers, head, maxCtx, fuseMaxRows = undefined, kvSplits = undefined) {
     this.name = "webgpu";
     this.dev = gpu;
+    this.kvSplitsWanted = kvSplits;
+    this.kvSplits = 1;
+    this._attnParts = null;
     this.fuseMaxRows = fuseMaxRows ?? (gpu.isRealGpu() ? FUSE_MAX_ROWS : 0);
     this.config = config;
     this.layerIds = Object.keys(layers).map(Number).sort((a, b) => a - b);
@@ -109,6 +113,7 @@ export class WebGpuBackend {
 
   destroy() {
     for (const b of Object.values(this.buf)) b.destroy?.();
+    this._attnParts?.destroy();
     for (const [k, v] of this._pools) { k.destroy(); v.destroy(); }
   }
 
@@ -238,18 +243,26 @@ export class WebGpuBackend {
   }
 
   // Every held layer's ops, from the layer program (kernels/layer_program.py, as the native
-  // backend's _build_layer_ops)
+  // backend's _build_layer_ops); split-K attention's partials fit one binding (fewer splits if not)
   _buildLayerOps() {
+    const c = this.config, env = programNames(this.program, c, this.poolCtx, 0, this.dev.isRealGpu(), this.kvSplitsWanted);
+    const perSplit = 16 * (c.head_dim / 4 + 1) * c.n_heads * this.rowsCap;
+    this.kvSplits = Math.max(1, Math.min(env.kv_splits, Math.floor(this.dev.maxBinding / perSplit)));
+    const need = this.kvSplits > 1 ? perSplit * this.kvSplits : 16;  // attention binds them even unsplit
+    if (!this._attnParts || this._attnParts.size < need) {
+      this._attnParts?.destroy();
+      this._attnParts = this.dev.buffer(need, "attention.parts");
+    }
     return this._layers.flatMap((L, li) => {
       const [kPool, vPool] = this._pools[li];
       return this._programOps(this.program.layer, { ...this.buf, freq_turns: this._freqTurns, attn_norm: L.attn_norm, ffn_norm: L.ffn_norm,
-        k_pool: kPool, v_pool: vPool }, { qkv: L.qkv, gate_up: L.gate_up, wo: [[L.wo, 0]], w_down: [[L.w_down, 0]] });
+        k_pool: kPool, v_pool: vPool, attn_parts: this._attnParts }, { qkv: L.qkv, gate_up: L.gate_up, wo: [[L.wo, 0]], w_down: [[L.w_down, 0]] });
     });
   }
 
   // The launchers of a layer program section on these buffers and weights (name -> [[matrix, first column]])
   _programOps(program, buffers, weights) {
-    const dev = this.dev, env = programNames(this.program, this.config, this.poolCtx);
+    const dev = this.dev, env = programNames(this.program, this.config, this.poolCtx, 0, dev.isRealGpu(), this.kvSplits);
     const strides = { ...this.strides, src: this.strides.h, head_in: this.strides.h, logits: this.logitsStride };
     const build = (op) => {
       if (op.op === "kernel") return [new ProgramKernel(dev, op, env, buffers)];

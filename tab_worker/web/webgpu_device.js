@@ -361,7 +361,8 @@ export function evaluate(expr, env) {
 }
 
 // layer_program.names: the config's numbers, q_dim / kv_dim, scratch strides, pool_ctx, rows
-export function programNames(program, config, poolCtx, rows = 0) {
+// kernels/layer_program.py's names(): kv_splits by the program's rule for this adapter kind unless given
+export function programNames(program, config, poolCtx, rows = 0, realGpu = false, kvSplits = undefined) {
   const env = {};
   for (const [k, v] of Object.entries(config)) if (typeof v === "number") env[k] = v;
   env.q_dim = env.n_heads * env.head_dim;
@@ -369,7 +370,9 @@ export function programNames(program, config, poolCtx, rows = 0) {
   for (const [name, width] of Object.entries(program.scratch)) env[`stride_${name}`] = round4(evaluate(width, env));
   env.stride_logits = round4(env.vocab);
   env.stride_src = env.stride_h;
-  return Object.assign(env, { pool_ctx: poolCtx, rows });
+  Object.assign(env, { pool_ctx: poolCtx, rows });
+  env.kv_splits = kvSplits ?? Math.trunc(evaluate(program.kv_splits[realGpu ? "gpu" : "cpu"], env));
+  return env;
 }
 
 export function kernelConstants(dev, op, env) {
@@ -394,8 +397,8 @@ export class ProgramKernel {  // a layer program "kernel" op: overrides and para
   record(pass, rows) {
     this.launch ??= new Launch(this.dev, this.op.kernel, this.constants, this.buffers, this.params);
     const env = { ...this.env, rows };
-    const [x, y] = this.op.grid.map((g) => evaluate(g, env));
-    this.launch.dispatch(pass, x, y);
+    const [x, y, z = 1] = this.op.grid.map((g) => evaluate(g, env));
+    this.launch.dispatch(pass, x, y, z);
   }
 }
 
