@@ -422,7 +422,7 @@ def roofline(a) -> int:
     formats = a.formats.split(",") if a.formats else [None]
     from tabshard.bench_history import machine
 
-    results = {"device": dev.describe(), "machine": {**machine(adapter=False), "adapter": dev.describe()}, "copy_gbps": copy, "copy_gbps_by": copies, "model": a.model, "workloads": [], "kernels": [], "hops": {}}
+    results = {"device": dev.describe(), "machine": {**machine(adapter=False), "adapter": dev.describe()}, "copy_gbps": copy, "copy_gbps_by": copies, "model": a.model, "prompt": a.prompt, "workloads": [], "kernels": [], "hops": {}}
     rng = np.random.default_rng(1)
     for fmt in formats:
         t0 = time.perf_counter()
@@ -479,6 +479,8 @@ def append_history(results: dict, path: str) -> None:
 
     figures = [Figure.of("device.copy_gbps", [results["copy_gbps"]], "GB/s", "higher")]
     model = results["model"].replace("synthetic:", "")
+    if results.get("prompt", 16) != 16:  # a longer context is another workload (attention reads its keys)
+        model += f".prompt{results['prompt']}"
     for w in results["workloads"]:
         base = f"device.{model}.{w['format'] or 'default'}.{w['variant']}.rows{w['rows']}"
         figures += [Figure.of(f"{base}.tok_s", [w["rows"] * 1000 / t for t in w["samples_ms"]], "tok/s", "higher"),
