@@ -24,7 +24,8 @@ without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, 
 3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes,
 "wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-kvN" split-K attention in N
 key runs a row whatever the KV pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),
-"wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT). --kernels first times each matvec of the model's shapes alone
+"wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT),
+"wgpu-noahead" no decode step's command buffer recorded ahead (runner.ENCODE_AHEAD). --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
 --backends runs the older comparison instead (decode = forward() then head_topk(); "fused" =
@@ -436,24 +437,28 @@ def roofline(a) -> int:
         for variant in variants:
             tuning, options = variant_tuning(dev, variant)
             R.SPIN_WAIT = variant != "wgpu-blockwait"
+            R.ENCODE_AHEAD = variant != "wgpu-noahead"
             t0 = time.perf_counter()
             ctx = max(1024, a.prompt + WARM_STEPS + a.steps + 8)
             be = WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, ctx, device=dev, tuning=tuning, **options)
             load_s = time.perf_counter() - t0
             warm_up(dev, min(1.0, a.warm_up))  # the clock fell while the host built the weights (H200: the first workload 2x slow)
             for rows in rows_list:
+                ahead = dev.encoded_ahead_used
                 r = decode_workload(be, cfg, rows, a.steps, a.prompt, rng)
                 step = float(np.median(r["step_ms"]))
                 gbps = wbytes / step / 1e6
                 row = {"format": fmt, "variant": variant, "rows": rows, "step_ms": step, "tok_s": rows * 1000 / step,
                        "gbps": gbps, "copy_fraction": gbps / copy, "gpu_ms": r["gpu_ms"], "dispatches": r["dispatches"],
-                       "load_s": load_s, "samples_ms": r["step_ms"], "sm_mhz": r["sm_mhz"]}
+                       "load_s": load_s, "samples_ms": r["step_ms"], "sm_mhz": r["sm_mhz"],
+                       "encoded_ahead": dev.encoded_ahead_used - ahead}
                 results["workloads"].append(row)
                 if a.breakdown and rows == rows_list[0]:
                     row["breakdown"] = kernel_breakdown(be, r["plan"], label=f" {label} {variant} rows {rows}")
                 print(f"{label:>24} {variant:>14} rows {rows:>2}: step {step:7.2f} ms (GPU-bound {r['gpu_ms']:7.2f}) "
                       f"{row['tok_s']:8.0f} tok/s | weights {gbps:6.0f} GB/s = {100 * row['copy_fraction']:5.1f}% of copy "
-                      f"| {r['dispatches']} dispatches/step" + (f" | SM {r['sm_mhz']:.0f} MHz" if r["sm_mhz"] else ""), flush=True)
+                      f"| {r['dispatches']} dispatches/step | {row['encoded_ahead']} recorded ahead"
+                      + (f" | SM {r['sm_mhz']:.0f} MHz" if r["sm_mhz"] else ""), flush=True)
             if variant == variants[0]:
                 hops = {rows: hop_ms(be, rows) for rows in (1, 8, 64) if rows <= be._rows_cap}
                 results["hops"][label] = hops

@@ -22,6 +22,8 @@ def variant_tuning(dev, variant: str):
         return base, {"fuse_decode": False}
     if variant == "wgpu-blockwait":  # readbacks wait blocking in the driver (bench_device sets runner.SPIN_WAIT off)
         return base, {}
+    if variant == "wgpu-noahead":  # no command buffer recorded ahead (bench_device sets runner.ENCODE_AHEAD off)
+        return base, {}
     if variant == "wgpu-planes3":  # 3-bit codes uploaded as the blobs' bit planes (not contiguous)
         return base, {"contiguous3": False}
     if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
@@ -51,7 +53,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW]")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

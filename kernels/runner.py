@@ -85,6 +85,10 @@ WAIT_IN_CALLER = True  # Device.execute's readback: wgpuDevicePoll(wait) in the 
 # woke late on an H200 machine (7B, 1 row: steps of 5-13 ms for ~4 ms of GPU work); a CPU
 # rasteriser needs the core a spinning caller would take
 SPIN_WAIT = True
+# ... and on a real GPU, a step that repeats the last one's plan has the next repeat's command
+# buffer recorded while the GPU runs it (Device.execute): decode steps repeat one plan, and its
+# recording costs host time a token would otherwise wait for
+ENCODE_AHEAD = True
 
 
 class Device:
@@ -136,6 +140,10 @@ class Device:
         self._modules: dict[str, object] = {}
         self._pipelines: dict[tuple, object] = {}
         self._params: dict[str, list[tuple[str, str]]] = {}
+        self._real_gpu: bool | None = None  # is_real_gpu(), asked once (_on_real_gpu)
+        self._last_plan: list | None = None  # execute's: a call with the same plan repeats it
+        self._ahead: tuple | None = None  # (plan, key, command buffer, readback bytes) recorded ahead
+        self.encoded_ahead_used = 0  # command buffers recorded ahead and submitted
 
     # ------------------------------------------------------------------ description
     @property
@@ -302,7 +310,46 @@ class Device:
         dispatches, each submitted once recorded), then copies (src, dst, nbytes[, dst_offset]).
         ``readback`` [(src, src_offset, nbytes)]: also copied, in the same command buffer, into
         a persistent mappable buffer; then this waits and returns those bytes concatenated
-        (np.uint8, each part at a 4-byte-aligned offset) - one submit and one wait in all."""
+        (np.uint8, each part at a 4-byte-aligned offset) - one submit and one wait in all.
+
+        On a real GPU (ENCODE_AHEAD), a readback step whose plan is the last call's has the
+        command buffer of its repeat recorded (whole: nothing to start the GPU on meanwhile)
+        while the GPU runs it, before the wait; a call with that plan, copies and readback
+        submits it instead of recording (nothing in a command buffer depends on buffer
+        contents, which writes before the submit set)."""
+        key = (tuple(tuple(c) for c in copies), tuple(tuple(r) for r in readback))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is plan and ahead[1] == key:
+            command_buffer, total = ahead[2], ahead[3]
+            self.encoded_ahead_used += 1
+        else:
+            command_buffer, total = self._record(plan, copies, submit_every, readback)
+        self.queue.submit([command_buffer])
+        repeat = plan is self._last_plan
+        self._last_plan = plan
+        if not readback:
+            return None
+        if ENCODE_AHEAD and repeat and self._on_real_gpu():
+            self._ahead = (plan, key, *self._record(plan, copies, 0, readback))
+        if not total:
+            return np.zeros(0, np.uint8)
+        staging = self._staging_buffer(total)
+        if SPIN_WAIT and RAW_POLL is not None and self._on_real_gpu():
+            poll, null = RAW_POLL
+            while not poll(self.device._internal, False, null):  # True once the queue is empty
+                time.sleep(0)  # let other threads have the GIL
+        elif WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
+            # block in this thread (the GIL released) until the GPU is done, so that the map
+            # below resolves at once instead of after hand-offs to wgpu-py's poll thread
+            self.device._poll_wait()
+        staging.map_sync(self._wgpu.MapMode.READ, 0, total)
+        try:
+            return np.frombuffer(staging.read_mapped(0, total, copy=True), np.uint8)
+        finally:
+            staging.unmap()
+
+    def _record(self, plan: list, copies, submit_every: int, readback) -> tuple:
+        """(command buffer, readback bytes) of execute's work, the last part unsubmitted."""
         enc = self.device.create_command_encoder()
         cpass = enc.begin_compute_pass()
         raw = RAW_PASS_CALLS is not None and getattr(cpass, "_internal", None) is not None
@@ -344,28 +391,11 @@ class Device:
                 if size:
                     enc.copy_buffer_to_buffer(src, src_offset, staging, total, size)
                 total += size
-        self.queue.submit([enc.finish()])
-        if not readback:
-            return None
-        if not total:
-            return np.zeros(0, np.uint8)
-        if SPIN_WAIT and RAW_POLL is not None and self._spin_ok():
-            poll, null = RAW_POLL
-            while not poll(self.device._internal, False, null):  # True once the queue is empty
-                time.sleep(0)  # let other threads have the GIL
-        elif WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
-            # block in this thread (the GIL released) until the GPU is done, so that the map
-            # below resolves at once instead of after hand-offs to wgpu-py's poll thread
-            self.device._poll_wait()
-        staging.map_sync(self._wgpu.MapMode.READ, 0, total)
-        try:
-            return np.frombuffer(staging.read_mapped(0, total, copy=True), np.uint8)
-        finally:
-            staging.unmap()
+        return enc.finish(), total
 
-    def _spin_ok(self) -> bool:
-        """A real GPU (asked once): the spinning wait's condition."""
-        if getattr(self, "_real_gpu", None) is None:
+    def _on_real_gpu(self) -> bool:
+        """A real GPU (asked once): the spinning wait's and the recording ahead's condition."""
+        if self._real_gpu is None:
             self._real_gpu = self.is_real_gpu()
         return self._real_gpu
 

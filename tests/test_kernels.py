@@ -367,6 +367,30 @@ def test_readback_by_spinning_wait(dev, rng):
     np.testing.assert_allclose(got[1].reshape(3, stride)[:, :n], ref.rmsnorm(x, w, 1e-5), atol=1e-5, rtol=1e-5)
 
 
+def test_a_repeated_plan_is_recorded_ahead(dev, rng):
+    # on a real GPU (forced here) a readback step that repeats the last call's plan records the
+    # next repeat's command buffer while the GPU runs (runner.ENCODE_AHEAD), and the next call
+    # submits it: inputs written between the calls are still the ones computed on
+    n, stride = 576, 580
+    w = randn(rng, n)
+    xb, yb = dev.buffer(3 * stride * 4), dev.buffer(3 * stride * 4)
+    op = KL.RmsNorm(dev, xb, stride, dev.upload(w), yb, stride, n, 1e-5)
+    plan = dev.plan([op], 3)
+    dev._real_gpu = True
+    try:
+        used = dev.encoded_ahead_used
+        for rows_plan, rows in ((plan, 3), (plan, 3), (plan, 3), (plan, 3), (dev.plan([op], 2), 2)):
+            x = randn(rng, 3, n)
+            dev.write(xb, padded(x, stride))
+            # submit_every as the wgpu backend's steps: what is recorded ahead is one command buffer
+            got = dev.execute(rows_plan, submit_every=1, readback=[(yb, 0, rows * stride * 4)]).view(np.float32)
+            np.testing.assert_allclose(got.reshape(rows, stride)[:, :n], ref.rmsnorm(x[:rows], w, 1e-5), atol=1e-5, rtol=1e-5)
+        # the 3rd and 4th calls submitted what the 2nd and 3rd recorded; the last, another plan, recorded its own
+        assert dev.encoded_ahead_used - used == 2
+    finally:
+        dev._real_gpu = None
+
+
 @pytest.mark.parametrize("n", [1, 70, 576])
 def test_rmsnorm(dev, rng, n):
     rows, stride = 5, n + 6
