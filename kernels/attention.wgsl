@@ -54,6 +54,8 @@ struct Params {
 
 const NONE = -3.0e38;
 
+// #include "store_head.wgsl"
+
 var<workgroup> q_head: array<vec4<f32>, LANES>;
 var<workgroup> scores: array<f32, WG>;
 var<workgroup> fold_max: array<f32, (PARTS + 1u) / 2u>;
@@ -176,11 +178,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       parts[at + LANES] = vec4<f32>(run_max, run_sum, 0.0, 0.0);
     }
   } else if (part == 0u) {
-    let o = acc / run_sum;
-    let at = r * p.out_stride + head * HEAD_DIM + 4u * lane;
-    out[at] = o.x;
-    out[at + 1u] = o.y;
-    out[at + 2u] = o.z;
-    out[at + 3u] = o.w;
+    store_head(r, head, lane, acc / run_sum);
   }
 }

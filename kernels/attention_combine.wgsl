@@ -21,6 +21,8 @@ struct Params {
 
 const NONE = -3.0e38;
 
+// #include "store_head.wgsl"
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let head = wid.x;
@@ -40,11 +42,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       sum += info.y * w;
       acc += parts[at + lane] * w;
     }
-    let o = acc / sum;
-    let at = r * p.out_stride + head * HEAD_DIM + 4u * lane;
-    out[at] = o.x;
-    out[at + 1u] = o.y;
-    out[at + 2u] = o.z;
-    out[at + 3u] = o.w;
+    store_head(r, head, lane, acc / sum);
   }
 }
