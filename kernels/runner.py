@@ -142,7 +142,7 @@ class Device:
         self._params: dict[str, list[tuple[str, str]]] = {}
         self._real_gpu: bool | None = None  # is_real_gpu(), asked once (_on_real_gpu)
         self._last_plan: list | None = None  # execute's: a call with the same plan repeats it
-        self._ahead: tuple | None = None  # (plan, key, command buffer, readback bytes) recorded ahead
+        self._ahead: tuple | None = None  # (plan, key, command buffer, readback bytes, staging) recorded ahead
         self.encoded_ahead_used = 0  # command buffers recorded ahead and submitted
 
     # ------------------------------------------------------------------ description
@@ -320,10 +320,10 @@ class Device:
         key = (tuple(tuple(c) for c in copies), tuple(tuple(r) for r in readback))
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is plan and ahead[1] == key:
-            command_buffer, total = ahead[2], ahead[3]
+            command_buffer, total, staging = ahead[2:]
             self.encoded_ahead_used += 1
         else:
-            command_buffer, total = self._record(plan, copies, submit_every, readback)
+            command_buffer, total, staging = self._record(plan, copies, submit_every, readback)
         self.queue.submit([command_buffer])
         repeat = plan is self._last_plan
         self._last_plan = plan
@@ -333,7 +333,6 @@ class Device:
             self._ahead = (plan, key, *self._record(plan, copies, 0, readback))
         if not total:
             return np.zeros(0, np.uint8)
-        staging = self._staging_buffer(total)
         if SPIN_WAIT and RAW_POLL is not None and self._on_real_gpu():
             poll, null = RAW_POLL
             while not poll(self.device._internal, False, null):  # True once the queue is empty
@@ -349,7 +348,8 @@ class Device:
             staging.unmap()
 
     def _record(self, plan: list, copies, submit_every: int, readback) -> tuple:
-        """(command buffer, readback bytes) of execute's work, the last part unsubmitted."""
+        """(command buffer, readback bytes, the staging buffer they go to) of execute's work, the
+        last part unsubmitted."""
         enc = self.device.create_command_encoder()
         cpass = enc.begin_compute_pass()
         raw = RAW_PASS_CALLS is not None and getattr(cpass, "_internal", None) is not None
@@ -383,7 +383,7 @@ class Device:
         cpass.end()
         for src, dst, nbytes, *dst_offset in copies:
             enc.copy_buffer_to_buffer(src, 0, dst, dst_offset[0] if dst_offset else 0, -(-nbytes // 4) * 4)
-        total = 0
+        total, staging = 0, None
         if readback:
             sizes = [-(-nbytes // 4) * 4 for _, _, nbytes in readback]
             staging = self._staging_buffer(sum(sizes))
@@ -391,7 +391,7 @@ class Device:
                 if size:
                     enc.copy_buffer_to_buffer(src, src_offset, staging, total, size)
                 total += size
-        return enc.finish(), total
+        return enc.finish(), total, staging
 
     def _on_real_gpu(self) -> bool:
         """A real GPU (asked once): the spinning wait's and the recording ahead's condition."""
