@@ -360,8 +360,8 @@ export function evaluate(expr, env) {
   return v;
 }
 
-// layer_program.names: the config's numbers, q_dim / kv_dim, scratch strides, pool_ctx, rows
-// kernels/layer_program.py's names(): kv_splits by the program's rule for this adapter kind unless given
+// kernels/layer_program.py's names(): the config's numbers, q_dim / kv_dim, scratch strides,
+// pool_ctx, rows, and kv_splits (the program's rule for this adapter kind, unless given)
 export function programNames(program, config, poolCtx, rows = 0, realGpu = false, kvSplits = undefined) {
   const env = {};
   for (const [k, v] of Object.entries(config)) if (typeof v === "number") env[k] = v;
