@@ -176,6 +176,36 @@ def test_forward_topk_matches_forward_then_head(model, device, options):
         backends[0].forward_topk([SessionSlice("a", 12, 0)], np.zeros((0, CONFIG.hidden), np.float32), 3)
 
 
+def test_decode_steps_recorded_ahead_match_numpy(model, device):
+    """A real GPU's host path forced on this adapter (kernels.runner: the spinning wait, and a
+    repeated step's command buffer recorded while the GPU runs the step before): decode steps
+    that submit what the step before recorded, across KV pools grown mid-run (16 -> 32
+    positions: the plan is rebuilt, what was recorded for the old one must not run), with a
+    forward, a fork and another row count between them, all against numpy."""
+    backends = _pair(model, device, fuse_decode=True)
+    rng = np.random.default_rng(9)
+    used = device.encoded_ahead_used
+    device._real_gpu = True
+    try:
+        _check_forward_topk(backends, [SessionSlice("a", 0, 6), SessionSlice("b", 0, 3)], rng, 10)
+        for pos in range(12):  # "a" reaches position 16 at the 11th step: the pools grow
+            _check_forward_topk(backends, [SessionSlice("a", 6 + pos, 1), SessionSlice("b", 3 + pos, 1)], rng, 5)
+        assert backends[0]._pool_ctx == 32
+        _step(backends, [SessionSlice("b", 15, 1)], rng)
+        for b in backends:
+            b.fork_session("a", "f", 8)
+        for pos in range(3):
+            _check_forward_topk(backends, [SessionSlice("a", 18 + pos, 1), SessionSlice("f", 8 + pos, 1),
+                                           SessionSlice("b", 16 + pos, 1)], rng, 5)
+        for pos in range(3):
+            _check_forward_topk(backends, [SessionSlice("a", 21 + pos, 1), SessionSlice("b", 19 + pos, 1)], rng, 5)
+    finally:
+        device._real_gpu = None
+    # in a run of decode steps of one plan, the 3rd and later submit what the one before recorded:
+    # steps 3-10 of the first (the 11th has the grown pools' new plan), the 3rd of the other two
+    assert device.encoded_ahead_used - used == 8 + 1 + 1
+
+
 def test_forward_topk_without_layers_or_head(model, device):
     from tab_worker.wgpu_backend import WgpuBackend
 
