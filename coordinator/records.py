@@ -384,6 +384,13 @@ class Session:
     move_sent: int = 0
     moved: int = 0
     catch_up: int | None = None
+    # the move's stages whose worker holds the session's KV of their layers in a stage of the
+    # pipeline it leaves (new stage index -> that stage's index): a copy_kv gives it to them,
+    # the replay stops before them (Planning._kv_copies); copies_pending: new stage index ->
+    # the positions a copy_kv asked, not answered yet; copy_failed: one was refused
+    move_copied: dict = field(default_factory=dict)
+    copies_pending: dict = field(default_factory=dict)
+    copy_failed: bool = False
     # a move under way or called off left part of its history's KV in another range of a
     # worker: no prefix is forked from it (a worker's fork_session copies it in every range)
     partial_kv: bool = False

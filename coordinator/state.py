@@ -64,7 +64,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self.events: deque = deque(maxlen=500)  # failure/detection/recovery timeline
         self.counters = {"steps": 0, "tokens": 0, "weight_bytes_sent": 0, "protocol_errors": 0, "rejected_joins": 0,
                          "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0,
-                         "prefix_hits": 0, "prefix_tokens_reused": 0,
+                         "prefix_hits": 0, "prefix_tokens_reused": 0, "kv_copies": 0, "kv_copies_failed": 0,
                          "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
                          "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0,
                          "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0,
@@ -109,6 +109,7 @@ class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verifica
         self._parked: dict[int, ParkedTrip] = {}  # trip id -> a trip waiting for a worker's drafts
         self._late_trips: dict[int, str] = {}  # trip id -> drafter, trips that went without its drafts (recent)
         self._draft_sends: list[Send] = []  # `draft` requests for the next pump to send
+        self._copy_sends: list[Send] = []  # a move's `copy_kv` requests for the next pump to send
 
     # -- connections
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:

@@ -320,6 +320,15 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "trip": COUNT,
         "tokens": ListOf(Int(0, I64_MAX), max_len=MAX_DRAFT_K),
     }),
+    # a copy_kv done (ok) or not (error: the coordinator replays those positions instead)
+    ("kv_copied", WORKER, {
+        "session_id": NAME,
+        "layer_start": Int(0, MAX_LAYER),
+        "layer_end": Int(0, MAX_LAYER),
+        "length": Int(0, MAX_CONTEXT),
+        "ok": bool,
+        "error": opt(TEXT),
+    }),
     ("pong", WORKER, {  # answers a ping at once, from the socket's side (the round trip, not the compute queue)
         "nonce": COUNT,
     }),
@@ -367,6 +376,18 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
     ("fork_session", COORDINATOR, {
         "source_id": str,
         "session_id": str,
+        "length": int,
+    }),
+    # the session's KV of layers [layer_start, layer_end), positions [0, length), as the range
+    # [source_start, source_end) held here has it, becomes that session's whole KV in the range
+    # [layer_start, layer_end) held here (a session moving to a pipeline whose stage this worker
+    # serves, from one whose wider stage it serves, needs no replay there); answered by kv_copied
+    ("copy_kv", COORDINATOR, {
+        "session_id": str,
+        "source_start": int,
+        "source_end": int,
+        "layer_start": int,
+        "layer_end": int,
         "length": int,
     }),
     # the session's KV keeps positions [0, length) on every range held here (rejected drafts go)

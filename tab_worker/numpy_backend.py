@@ -18,6 +18,23 @@ from tab_worker.cpu_kernels import PackedMatrix, check_threads, default_threads,
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
+def held_layers(layer_ids: list[int], layer_start: int, layer_end: int) -> tuple[int, int]:
+    """Layers [layer_start, layer_end) as indexes into a backend holding `layer_ids` (contiguous)."""
+    if not layer_ids or layer_start < layer_ids[0] or layer_end > layer_ids[-1] + 1 or layer_start >= layer_end:
+        held = f"[{layer_ids[0]}, {layer_ids[-1] + 1})" if layer_ids else "none"
+        raise ValueError(f"layers [{layer_start}, {layer_end}) are not within the layers held, {held}")
+    return layer_start - layer_ids[0], layer_end - layer_ids[0]
+
+
+def check_kv(k: np.ndarray, v: np.ndarray, n_layers: int, n_kv: int, head_dim: int, max_ctx: int) -> None:
+    """k and v fit a backend of n_layers layers: f32 [n_layers, n_kv, positions, head_dim]."""
+    want = (n_layers, n_kv, head_dim)
+    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[1], k.shape[3]) != want:
+        raise ValueError(f"KV of shape {k.shape} and {v.shape} does not fit layers x kv heads x head_dim {want}")
+    if k.shape[2] > max_ctx:
+        raise ValueError(f"{k.shape[2]} positions exceed the context of {max_ctx}")
+
+
 class _KVCache:
     """One session's keys and values for every held layer: f32 [layers, kv_heads, capacity, head_dim]."""
 
@@ -112,6 +129,27 @@ class NumpyBackend:
         new.v[:, :, :length] = cache.v[:, :, :length]
         new.length = length
         self._sessions[dst] = new
+
+    def export_kv(self, session_id: str, layer_start: int, layer_end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The session's keys and values of layers [layer_start, layer_end) (absolute indexes,
+        within the held range), positions [0, length): f32 [layers, kv_heads, length, head_dim] each."""
+        lo, hi = held_layers(self.layer_ids, layer_start, layer_end)
+        cache = self._sessions.get(session_id)
+        held = 0 if cache is None else cache.length
+        if length > held:
+            raise ValueError(f"session {session_id} holds {held} positions, cannot copy {length}")
+        return cache.k[lo:hi, :, :length].copy(), cache.v[lo:hi, :, :length].copy()
+
+    def import_kv(self, session_id: str, k: np.ndarray, v: np.ndarray) -> None:
+        """The session's KV becomes k and v (every held layer, positions [0, k.shape[2])), as
+        export_kv gives them; whatever it held here before goes."""
+        c = self.config
+        check_kv(k, v, len(self._layers), c.n_kv_heads, c.head_dim, self.max_ctx)
+        cache = _KVCache(len(self._layers), c.n_kv_heads, c.head_dim, max(16, k.shape[2]))
+        cache.k[:, :, :k.shape[2]] = k
+        cache.v[:, :, :k.shape[2]] = v
+        cache.length = k.shape[2]
+        self._sessions[session_id] = cache
 
     def _cache_for(self, sl: SessionSlice) -> _KVCache:
         end = sl.start_pos + sl.length

@@ -43,6 +43,7 @@ from kernels import runner as R
 from kernels import launchers as KL
 from kernels.quant import QuantTensor
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
+from tab_worker.numpy_backend import check_kv, held_layers
 
 MAX_TOPK = KL.TopK.MAX_K
 SUBMIT_EVERY = 64  # dispatches per command buffer: the GPU starts while the rest is recorded
@@ -228,6 +229,41 @@ class WgpuBackend:
             self.dev.queue.submit([enc.finish()])
             scratch.destroy()
         self._lengths[dst] = length
+
+    def export_kv(self, session_id: str, layer_start: int, layer_end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """As NumpyBackend.export_kv: each layer's slot read back from its pools (after the
+        work queued before)."""
+        lo, hi = held_layers(self.layer_ids, layer_start, layer_end)
+        held = self._lengths.get(session_id, 0)
+        if length > held:
+            raise ValueError(f"session {session_id} holds {held} positions, cannot copy {length}")
+        c = self.config
+        slot_floats = c.n_kv_heads * self._pool_ctx * c.head_dim
+        shape = (hi - lo, c.n_kv_heads, length, c.head_dim)
+        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        for i, pair in enumerate(self._pools[lo:hi]):
+            for out, buf in zip((k, v), pair):
+                whole = self.dev.read(buf, count=slot_floats, offset=self._slots[session_id] * slot_floats * 4)
+                out[i] = whole.reshape(c.n_kv_heads, self._pool_ctx, c.head_dim)[:, :length]
+        return k, v
+
+    def import_kv(self, session_id: str, k: np.ndarray, v: np.ndarray) -> None:
+        """As NumpyBackend.import_kv: written into the session's slot, each (layer, kv head)
+        run of positions where the kernels read it."""
+        c = self.config
+        check_kv(k, v, len(self._layers), c.n_kv_heads, c.head_dim, self.max_ctx)
+        length = k.shape[2]
+        self.drop_session(session_id)
+        self._check([SessionSlice(session_id, 0, length)])
+        self._assign_slots([SessionSlice(session_id, 0, length)])
+        run = self._pool_ctx * self._position_bytes // c.n_kv_heads  # bytes of one kv head's positions in a slot
+        slot = self._slots[session_id]
+        for (k_pool, v_pool), layer_k, layer_v in zip(self._pools, k, v):
+            for h in range(c.n_kv_heads):
+                offset = (slot * c.n_kv_heads + h) * run
+                self.dev.write(k_pool, np.ascontiguousarray(layer_k[h], np.float32), offset)
+                self.dev.write(v_pool, np.ascontiguousarray(layer_v[h], np.float32), offset)
+        self._lengths[session_id] = length
 
     def _check(self, slices: list[SessionSlice]) -> None:
         seen = set()

@@ -390,6 +390,23 @@ class TabWorker:
             if m["source_id"] in backend.sessions():
                 backend.fork_session(m["source_id"], m["session_id"], int(m["length"]))
 
+    def on_copy_kv(self, m):
+        """The session's KV of a range held here, from the wider range held here that has it
+        (the same worker serving a stage of two pipelines keeps a backend, and a KV cache, per
+        range): answered either way, so that the coordinator replays what was not copied."""
+        sid, length = m["session_id"], int(m["length"])
+        target = (m["layer_start"], m["layer_end"])
+        reply = dict(session_id=sid, layer_start=target[0], layer_end=target[1], length=length)
+        source = self.ranges.get((m["source_start"], m["source_end"]))
+        try:
+            if source is None or target not in self.ranges:
+                raise ValueError(f"layers {(m['source_start'], m['source_end'])} and {target} are not both held here")
+            k, v = source.export_kv(sid, target[0], target[1], length)
+            self.ranges[target].import_kv(sid, k, v)
+        except ValueError as exc:
+            return [wire.make("kv_copied", **reply, ok=False, error=str(exc)[:4000])]
+        return [wire.make("kv_copied", **reply, ok=True)]
+
     def shrink_budget(self, memory_bytes: int) -> list[dict]:
         """Memory pressure: the budget shrinks; hand back ranges (largest first) until what is
         held fits, telling the coordinator which ones so it can move them."""

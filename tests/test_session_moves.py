@@ -5,7 +5,8 @@ it decodes on the old one, then it switches between steps. Driven without socket
 import pytest
 
 from actors.faults import lie
-from coordinator.records import LOCAL, Emit
+from coordinator.records import LOCAL, Emit, Send
+from protocol import wire
 from tests.harness import run_until_done, start_net
 from tests.tiny_model import greedy_tokens
 
@@ -156,3 +157,86 @@ def test_a_moving_sessions_replay_is_spot_checked(weights, liar):
     caught = [e["worker"] for e in core.events if e["kind"] == "liar_detected"]
     assert caught == ([fast_id] if liar else []) and core.counters["spot_checks"] > 0
     assert all(e["verifier"] == LOCAL for e in core.events if e["kind"] == "liar_detected")
+
+
+def split_onto_a_joiner(weights, refuse_copies: bool = False):
+    """One worker serves "s" and "t" in one stage; a much faster one joins and the re-plan
+    splits it in two: the joiner's first layers, the old worker's last layers and the head (a
+    sub-range of the stage it serves on the old pipeline, so it holds their KV already).
+    refuse_copies: the old worker answers every copy_kv with a refusal."""
+    net = start_net(weights, 1, stages=2, prefill_chunk=16)
+    core = net.core
+    old = next(iter(net.workers))
+    if refuse_copies:
+        worker = net.workers[old]
+        worker.on_copy_kv = lambda m: [wire.make("kv_copied", session_id=m["session_id"], layer_start=m["layer_start"],
+                                                 layer_end=m["layer_end"], length=m["length"], ok=False, error="refused")]
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.submit("t", PROMPT[:100], N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 10)
+    fast = net.add_worker()
+    net.run(until=lambda: core.conn_worker.get(fast) in core.workers and core.workers[core.conn_worker[fast]].state == "idle")
+    for w in core.workers.values():
+        w.ms_per_layer, w.step_ms_per_layer = (0.1 if w.conn == fast else 1.0), None
+    # the joiner's prompt rows cost what the old worker's do (it learned its own): the replay
+    # goes in chunks of several rows, which this harness's instant compute needs to catch up
+    core.workers[core.conn_worker[fast]].row_cost = core.workers[core.conn_worker[old]].row_cost
+    net.frozen.add(fast)  # the re-plan is made while it loads
+    for _ in range(10):
+        n = len(net.tokens("s"))
+        net.advance(0.05, until=lambda: len(net.tokens("s")) > n)
+    assert any(st.retiring for st in core.stages) and not net.done("s")
+    return net, old, fast
+
+
+def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_only_elsewhere(weights):
+    """The old worker is given the moving session's KV of its new range (copy_kv from the
+    range it serves on the old pipeline): no replay row reaches that stage, only the joiner's
+    stage replays, the session switches over before it ends, the old pipeline retires, and
+    every token is a single worker's."""
+    net, old, fast = split_onto_a_joiner(weights)
+    core = net.core
+    split = [(core.conn_worker[fast], False), (core.conn_worker[old], True)]
+    copies, replayed, switched = [], [], {}
+    perform = net.perform
+
+    def recording(actions):
+        for a in actions:
+            if not isinstance(a, Send):
+                continue
+            if a.msg["type"] == "copy_kv":
+                copies.append((a.conn, a.msg, [(st.primary, st.layer_start > 0) for st in core.stages if not st.retiring]))
+            if a.msg["type"] == "step":
+                for x in a.msg["sessions"]:
+                    s = core.sessions.get(x["session_id"])
+                    if s is None:
+                        continue
+                    if a.conn == old and a.msg["layer_start"] > 0 and s.moving_to is not None:
+                        replayed.append(s.request_id)  # history computed on the old worker's new stage
+                    if a.conn == fast and s.moving_to is None:  # decoding on the new pipeline
+                        switched.setdefault(s.request_id, len(s.tokens))
+        perform(actions)
+
+    net.perform = recording
+    thaw(net, fast)
+    run_until_done(net, ["s", "t"])
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    assert copies and all(c == old and m["source_start"] == 0 and plan == split for c, m, plan in copies)
+    assert core.counters["kv_copies_failed"] == 0 and not replayed  # the old worker's new stage computed no history
+    assert {m["session_id"] for _, m, _ in copies} <= set(switched) and all(n < N_TOKENS for n in switched.values())
+    assert any(e["kind"] == "retired" for e in core.events)
+
+
+def test_a_refused_kv_copy_falls_back_to_a_replay_on_every_stage(weights):
+    """The old worker refuses the copies: each move replays the whole history on both stages
+    of the new pipeline instead, and every token is still a single worker's."""
+    net, old, fast = split_onto_a_joiner(weights, refuse_copies=True)
+    core = net.core
+    thaw(net, fast)
+    run_until_done(net, ["s", "t"], seconds=60)
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    assert core.counters["kv_copies_failed"] >= 1
+    assert any(e["kind"] == "kv_copy_failed" and e["error"] == "refused" for e in core.events)
+    assert any(e["kind"] == "retired" for e in core.events)

@@ -437,3 +437,37 @@ def test_wgpu_tab_honours_f16_only_with_shader_f16(device):
     else:
         assert "compute_dtype" not in options and corrections[0]["reason"] == "its adapter lacks shader-f16"
     assert tab.honour_precision({"compute": "f32"}) == ({}, [])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "wgpu"])
+def test_copy_kv_into_a_sub_range_decodes_as_a_replay_there(model, device, kind):
+    # a worker serving layers [0, 3) of one pipeline and [1, 3) of the next (copy_kv): the
+    # session's KV of layers 1-2 copied from the wider range, then its next positions on the
+    # sub-range, give exactly what replaying its history there gives
+    from tab_worker.wgpu_backend import WgpuBackend
+
+    layers, head = model
+
+    def backend(ids):
+        part = {i: layers[i] for i in ids}
+        if kind == "numpy":
+            return NumpyBackend(CONFIG, part, head, MAX_CTX)
+        return WgpuBackend(CONFIG, part, head, MAX_CTX, device=device)
+
+    wide, first, replayed, copied = backend([0, 1, 2]), backend([0]), backend([1, 2]), backend([1, 2])
+    rng = np.random.default_rng(11)
+    history = rng.standard_normal((9, CONFIG.hidden)).astype(np.float32)
+    wide.forward([SessionSlice("s", 0, 9)], history)
+    replayed.forward([SessionSlice("s", 0, 9)], first.forward([SessionSlice("s", 0, 9)], history))
+    copied.import_kv("s", *wide.export_kv("s", 1, 3, 9))
+    assert copied.session_length("s") == 9 and wide.session_length("s") == 9
+    for pos in (9, 10):
+        h = first.forward([SessionSlice("s", pos, 1)], rng.standard_normal((1, CONFIG.hidden)).astype(np.float32))
+        np.testing.assert_array_equal(copied.forward([SessionSlice("s", pos, 1)], h),
+                                      replayed.forward([SessionSlice("s", pos, 1)], h))
+    with pytest.raises(ValueError, match="cannot copy 12"):
+        wide.export_kv("s", 1, 3, 12)
+    with pytest.raises(ValueError, match="not within the layers held"):
+        copied.export_kv("s", 0, 2, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        copied.import_kv("t", *wide.export_kv("s", 0, 3, 4))

@@ -8,8 +8,11 @@ import dataclasses
 import math
 from types import SimpleNamespace
 
+import numpy as np
+
 from coordinator.planner import Plan, PlanError, StagePlan, WorkerCapacity, plan, predict_ms
-from coordinator.records import LOCAL, Session, Stage, WorkItem, Worker
+from coordinator.records import LOCAL, Send, Session, Stage, WorkItem, Worker
+from protocol import wire
 
 
 # a re-plan over the same workers moves weights: worth it only for a predicted token this much faster
@@ -339,24 +342,77 @@ class Planning:
             self._restart_session(s)
             return
         s.moving_to, s.move_sent, s.moved = dest, 0, 0
+        s.move_copied = self._kv_copies(pipes[here], pipes[dest])
         self._send_move(s)
+
+    def _kv_copies(self, old: list[Stage], new: list[Stage]) -> dict[int, int]:
+        """The new pipeline's last stages whose primary holds their layers' KV in a stage of
+        the old one (new stage index -> that stage's index): a copy_kv there stands for the
+        replay, which then stops before them. Each but the first of them needs its input rows
+        logged for a rebuild without running its predecessor: only where an old stage starts
+        at the same layer (its log holds them); the first gets its predecessor's replayed
+        outputs (or the embeddings, when every stage copies)."""
+        def source(st: Stage) -> Stage | None:
+            return next((o for o in old if o.primary == st.primary and st.primary in st.ready and o.primary in o.ready
+                         and o.layer_start <= st.layer_start and st.layer_end <= o.layer_end), None)
+
+        copies: dict[int, int] = {}
+        for i in range(len(new) - 1, -1, -1):
+            held = source(new[i])
+            if held is None:
+                break
+            if copies and self._old_input_stage(old, new[i + 1]) is None:
+                break
+            copies[new[i].index] = held.index
+        return copies
+
+    @staticmethod
+    def _old_input_stage(old: list[Stage], st: Stage) -> Stage | None:
+        """The old pipeline's stage whose inputs are `st`'s (it starts at the same layer)."""
+        return next((o for o in old if o.layer_start == st.layer_start), None)
 
     def _send_move(self, s: Session) -> None:
         """Queue the session's history that the new pipeline lacks (all but its last token,
         whose row is the next step where it runs) into that pipeline's first stage, in chunks
         that cost a stage about one decode step (_move_rows): each goes in one step beside
         the decode rows there, and a worker both pipelines share delays the retiring one's
-        decode by one such chunk at most. Its head stage answers no token for them."""
+        decode by one such chunk at most. Its head stage answers no token for them. Stages
+        whose worker holds those positions' KV in the old pipeline get a copy_kv instead
+        (s.move_copied): the replay stops before them."""
         end = len(s.prompt_ids) + len(s.tokens) - 1
         if end <= s.move_sent:
             return
-        entry = next(st.index for st in self.stages if st.pipeline == s.moving_to)
+        new = [st for st in self.stages if st.pipeline == s.moving_to]
         rows = self.embed((s.prompt_ids + s.tokens)[s.move_sent:end])
-        step = self._move_rows(s.moving_to, end)
-        for start in range(0, len(rows), step):
-            pos = s.move_sent + start
-            self._enqueue(entry, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
+        for st in new:
+            if st.index in s.move_copied:
+                self._send_copy(s, st, end, rows if st is new[0] else None)
+        if new[0].index in s.move_copied:  # every stage copies: nothing to replay
+            s.moved = end
+        else:
+            step = self._move_rows(s.moving_to, end)
+            for start in range(0, len(rows), step):
+                pos = s.move_sent + start
+                self._enqueue(new[0].index, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
         s.move_sent = end
+
+    def _send_copy(self, s: Session, st: Stage, end: int, embedded) -> None:
+        """Ask st's primary for a copy_kv of the session's positions [0, end) and log st's
+        inputs [s.move_sent, end) that no replayed stage before it logs: the embeddings on the
+        first stage, else the old pipeline's stage starting at its layer has them."""
+        held = self.stages[s.move_copied[st.index]]
+        s.copies_pending[st.index] = end
+        self.counters["kv_copies"] += 1
+        self._copy_sends.append(Send(self.workers[st.primary].conn, wire.make(
+            "copy_kv", session_id=s.request_id, source_start=held.layer_start, source_end=held.layer_end,
+            layer_start=st.layer_start, layer_end=st.layer_end, length=end)))
+        if embedded is not None:
+            self._log_input(s, st.index, s.move_sent, embedded)
+            return
+        before = next(x for x in self.stages if x.pipeline == st.pipeline and x.layer_end == st.layer_start)
+        if before.index in s.move_copied:
+            log = s.logs.get(self._old_input_stage([x for x in self.stages if x.pipeline == s.pipeline], st).index, [])
+            self._log_input(s, st.index, s.move_sent, np.concatenate([r for _, r in log])[s.move_sent:end])
 
     def _move_rows(self, pipeline: int, context: int) -> int:
         """Rows of a background replay per step: as many as each of the pipeline's primaries
@@ -374,7 +430,11 @@ class Planning:
         is through the new pipeline's head, the session switches there (the trip carries the
         positions decoded since, from s.catch_up); while more than MOVE_CATCH_UP_ROWS
         positions lag, those are replayed in the background first."""
-        if s.moving_to is None or s.moved < s.move_sent:
+        if s.moving_to is None or s.moved < s.move_sent or s.copies_pending:
+            return
+        if s.copy_failed:  # the refused copy's positions are replayed: every stage's, from 0
+            s.move_copied, s.copy_failed, s.move_sent, s.moved = {}, False, 0, 0
+            self._send_move(s)
             return
         if pos - s.moved > MOVE_CATCH_UP_ROWS:
             self._send_move(s)
@@ -397,6 +457,25 @@ class Planning:
             s.logs.pop(st.index, None)
         s.partial_kv = s.partial_kv or s.move_sent > 0
         s.moving_to, s.move_sent, s.moved = None, 0, 0
+        s.move_copied, s.copies_pending, s.copy_failed = {}, {}, False
+
+    def _on_kv_copied(self, w: Worker, m: dict, now: float) -> list:
+        """A move's copy_kv answered: done, or refused (then the move replays those positions
+        there instead: _switch_move). An answer no move waits for (called off, superseded by a
+        longer copy) is ignored."""
+        s = self.sessions.get(m["session_id"])
+        st = None if s is None or s.moving_to is None else next(
+            (x for x in self.stages if x.pipeline == s.moving_to and x.primary == w.worker_id
+             and (x.layer_start, x.layer_end) == (m["layer_start"], m["layer_end"])), None)
+        if st is None or s.copies_pending.get(st.index) != m["length"]:
+            return []
+        del s.copies_pending[st.index]
+        if not m["ok"]:
+            s.copy_failed = True
+            self.counters["kv_copies_failed"] += 1
+            self.events.append({"t": now, "kind": "kv_copy_failed", "worker": w.worker_id, "request_id": s.request_id,
+                                "stage": st.index, "error": m.get("error")})
+        return []
 
     # -- serving replicas
     def _pipelines(self) -> dict[int, list[Stage]]:

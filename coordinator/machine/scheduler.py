@@ -21,7 +21,8 @@ from protocol.messages import MAX_CONTEXT
 class Scheduler:
     # -- the scheduler
     def _pump(self, now: float) -> list:
-        out = self._draft_traffic(now)
+        out, self._copy_sends = self._copy_sends, []  # a move's copy_kv requests (Planning._send_copy)
+        out += self._draft_traffic(now)
         # pipeline micro-batches: sessions go in at most `pipeline_groups` groups (0: one per
         # stage), so a stage works on one group while the next works on another instead of one
         # big batch walking the stages together with all but one stage idle
@@ -60,19 +61,24 @@ class Scheduler:
             out += self._send_step(st, w, items, now)
         return out
 
+    @staticmethod
+    def _log_input(s: Session, stage: int, start_pos: int, rows: np.ndarray) -> None:
+        """Log rows as the stage's input from start_pos on. A stage's log is in position order:
+        rows sent again from a position (a rebuild's replay, a rolled-back trip) replace the
+        entries from there on, popped from its end (a copy of the whole log at every step cost
+        a stream's length each token)."""
+        log = s.logs.setdefault(stage, [])
+        while log and log[-1][0] >= start_pos:
+            log.pop()
+        log.append((start_pos, rows))
+
     def _send_step(self, st: Stage, w: Worker, items: list[WorkItem], now: float) -> list:
         step_id = next(self._ids)
         for it in items:
             s = self.sessions.get(it.session_id)
             if s is None:
                 continue
-            # a stage's log is in position order: rows sent again from a position (a rebuild's
-            # replay, a rolled-back trip) replace the entries from there on, popped from its end
-            # (a copy of the whole log at every step cost a stream's length each token)
-            log = s.logs.setdefault(st.index, [])
-            while log and log[-1][0] >= it.start_pos:
-                log.pop()
-            log.append((it.start_pos, it.rows))
+            self._log_input(s, st.index, it.start_pos, it.rows)
             s.touched.setdefault(w.worker_id, len(s.tokens))
         # from this worker's measured costs, for these rows at their context positions
         expected_ms = self._step_cost_ms(w, st, [(i.start_pos, len(i.rows)) for i in items])
@@ -184,7 +190,10 @@ class Scheduler:
                 continue  # a move called off
             if not moving:
                 s.last_by[st.index] = (w.worker_id, w.epoch)
-            if not st.include_head:
+            if moving and st.index + 1 in s.move_copied:  # a copy_kv gives the next stages these positions
+                self._log_input(s, st.index + 1, it.start_pos, rows)
+                s.moved = max(s.moved, it.end)
+            elif not st.include_head:
                 skip = max(0, it.forward_from - it.start_pos)
                 if skip < len(it.rows):
                     self._enqueue(st.index + 1, WorkItem(it.session_id, it.start_pos + skip, rows[skip:], it.start_pos + skip,
