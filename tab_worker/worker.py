@@ -403,8 +403,8 @@ class TabWorker:
                 raise ValueError(f"layers {(m['source_start'], m['source_end'])} and {target} are not both held here")
             k, v = source.export_kv(sid, target[0], target[1], length)
             self.ranges[target].import_kv(sid, k, v)
-        except ValueError as exc:
-            return [wire.make("kv_copied", **reply, ok=False, error=str(exc)[:4000])]
+        except Exception as exc:  # whatever failed, the coordinator replays these positions instead
+            return [wire.make("kv_copied", **reply, ok=False, error=f"{type(exc).__name__}: {exc}"[:4000])]
         return [wire.make("kv_copied", **reply, ok=True)]
 
     def shrink_budget(self, memory_bytes: int) -> list[dict]:

@@ -180,7 +180,9 @@ def test_tab_refuses_an_assignment_beyond_its_budget():
 
 
 def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
-    """WASM SIMD and plain JS (in node) against NumpyBackend on two real layers and the head."""
+    """WASM SIMD and plain JS (in node) against NumpyBackend on two real layers and the head;
+    and a session's KV of the last layer copied to a backend of it alone (copy_kv) decodes as
+    a replay of the history there does."""
     build_assets()
     node = shutil.which("node")
     if node is None:
@@ -191,6 +193,8 @@ def test_tab_cpu_backends_match_numpy(smollm2_weights, tmp_path):
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=e["engine"])
         assert e["ids"] == ids[0].tolist(), e["engine"]
         np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=e["engine"])
+        # copy_kv: a decode step after the KV was copied from the wider range is the replay's, bit for bit
+        assert e["copied"] == e["replayed"] and len(e["copied"]) == want.shape[1], e["engine"]
 
 
 WEBGPU_PARITY_JS = """
@@ -220,9 +224,22 @@ async ({fuseRuns}) => {
     be.fork_session("s", "f", T - 1);
     const forked = await be.forward([{ session_id: "f", start_pos: T - 1, length: 1 }], x.subarray((T - 1) * H));
     const top = await be.forward_topk([{ session_id: "t", start_pos: 0, length: T }], x, 5);
+    // copy_kv: layer 1's KV of s copied into a backend of layer 1 alone, then a decode step
+    // there, against the same step after replaying s's history on such a backend
+    const only = async (i, withHead) => { const b = new WebGpuBackend(gpu, cfg, { [i]: layers[i] }, withHead ? head : null, 64, fuseMaxRows, kvSplits); await b.init(); return b; };
+    const lead = await only(0, false), copied = await only(1, true), replayed = await only(1, true);
+    for (const [pos, len] of [[0, T - 1], [T - 1, 1]]) {
+      const sl = [{ session_id: "s", start_pos: pos, length: len }];
+      await replayed.forward(sl, new Float32Array(await lead.forward(sl, x.subarray(pos * H, (pos + len) * H))));
+    }
+    const { k, v } = await be.export_kv("s", 1, 2, T);
+    copied.import_kv("s", k, v, T);
+    const next = [{ session_id: "s", start_pos: T, length: 1 }];
+    const h = new Float32Array(await lead.forward(next, x.subarray(0, H)));
+    const afterCopy = new Float32Array(await copied.forward(next, h)), afterReplay = new Float32Array(await replayed.forward(next, h));
     out[name] = { hidden: [...new Float32Array(a), ...new Float32Array(b)], forked: [...new Float32Array(forked)], decodeDispatches, trace,
-                  ids: [...top.ids], values: [...top.values] };
-    be.destroy();
+                  ids: [...top.ids], values: [...top.values], copied: [...afterCopy], replayed: [...afterReplay] };
+    for (const x of [be, lead, copied, replayed]) x.destroy();
   }
   return out;
 }
@@ -235,7 +252,8 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
     down: 6 dispatches a layer), and with fusing off the 10 unfused ones, and fused with
     split-K attention (3 key runs a row: 7 dispatches, the partials' fold added), which a real
     GPU's long contexts take; all against NumpyBackend, and the head's top-k (its norm folded
-    into its matvec) against numpy's.
+    into its matvec) against numpy's. A session's KV of layer 1 copied into a backend of that
+    layer alone (copy_kv) decodes as a replay of its history there does.
 
     Both backends build their ops from one layer program (kernels/layer_program.py, served as
     /kernels/layer_program.json): the native WgpuBackend on this host's adapter at the spec's
@@ -254,6 +272,8 @@ def test_webgpu_tab_backend_fused_and_unfused_match_numpy(cluster, browser, smol
         np.testing.assert_allclose(np.array(e["hidden"]).reshape(want.shape), want, atol=2e-3, rtol=1e-4, err_msg=name)
         # a forked session's decode is the source's, bit for bit (the same keys and values, the same kernels)
         assert e["forked"] == e["hidden"][-want.shape[1]:], name
+        # copy_kv: a decode step after the KV was copied from the wider range is the replay's, bit for bit
+        assert e["copied"] == e["replayed"] and len(e["copied"]) == want.shape[1], name
         assert e["ids"] == ids[0].tolist(), name
         np.testing.assert_allclose(e["values"], values[0], atol=1e-3, rtol=1e-4, err_msg=name)
     try:

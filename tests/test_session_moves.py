@@ -45,17 +45,14 @@ def thaw(net, conn):
             net.to_coordinator(conn, r)
 
 
-def test_a_moving_session_keeps_decoding_while_its_history_replays_on_the_new_pipeline(weights):
-    """Both sessions move (one after the other) and neither pauses: between two of a session's
-    tokens the other streams 2 at most (1 here). Replayed before its next token (a restart),
-    its history of ~150 positions in prompt steps of 16 rows held "s" while "t" streamed 5."""
-    net, fast = replanned_mid_session(weights, 30)
-    core = net.core
-    order = []  # the sessions' tokens as they are streamed, by request id
+def run_watched(net, fast, weights, see) -> None:
+    """The frozen joiner thawed, both sessions run to their end, `see(action)` told of every
+    action the coordinator takes; every token is a single worker's."""
     perform = net.perform
 
     def recording(actions):
-        order.extend(a.request_id for a in actions if isinstance(a, Emit) and a.event["type"] == "token")
+        for a in actions:
+            see(a)
         perform(actions)
 
     net.perform = recording
@@ -63,6 +60,16 @@ def test_a_moving_session_keeps_decoding_while_its_history_replays_on_the_new_pi
     run_until_done(net, ["s", "t"])
     assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
     assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+
+
+def test_a_moving_session_keeps_decoding_while_its_history_replays_on_the_new_pipeline(weights):
+    """Both sessions move (one after the other) and neither pauses: between two of a session's
+    tokens the other streams 2 at most (1 here). Replayed before its next token (a restart),
+    its history of ~150 positions in prompt steps of 16 rows held "s" while "t" streamed 5."""
+    net, fast = replanned_mid_session(weights, 30)
+    core = net.core
+    order = []  # the sessions' tokens as they are streamed, by request id
+    run_watched(net, fast, weights, lambda a: order.append(a.request_id) if isinstance(a, Emit) and a.event["type"] == "token" else None)
     assert not any(st.retiring for st in core.stages) and core.workers[core.conn_worker[fast]].steps > 0
     assert any(e["kind"] == "retired" for e in core.events)
     both = order[:min(len(order) - order[::-1].index(r) for r in ("s", "t"))]  # until the first of them ends
@@ -198,34 +205,29 @@ def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_
     core = net.core
     split = [(core.conn_worker[fast], False), (core.conn_worker[old], True)]
     copies, replayed, switched = [], [], {}
-    perform = net.perform
 
-    def recording(actions):
-        for a in actions:
-            if not isinstance(a, Send):
-                continue
-            if a.msg["type"] == "copy_kv":
-                copies.append((a.conn, a.msg, [(st.primary, st.layer_start > 0) for st in core.stages if not st.retiring]))
-            if a.msg["type"] == "step":
-                for x in a.msg["sessions"]:
-                    s = core.sessions.get(x["session_id"])
-                    if s is None:
-                        continue
-                    if a.conn == old and a.msg["layer_start"] > 0 and s.moving_to is not None:
-                        replayed.append(s.request_id)  # history computed on the old worker's new stage
-                    if a.conn == fast and s.moving_to is None:  # decoding on the new pipeline
-                        switched.setdefault(s.request_id, len(s.tokens))
-        perform(actions)
+    def see(a):
+        if isinstance(a, Send) and a.msg["type"] == "copy_kv":
+            copies.append((a.conn, a.msg, [(st.primary, st.layer_start > 0) for st in core.stages if not st.retiring]))
+        if isinstance(a, Send) and a.msg["type"] == "step":
+            for s in filter(None, (core.sessions.get(x["session_id"]) for x in a.msg["sessions"])):
+                if a.conn == old and a.msg["layer_start"] > 0 and s.moving_to is not None:
+                    replayed.append(s.request_id)  # history computed on the old worker's new stage
+                if a.conn == fast and s.moving_to is None:  # decoding on the new pipeline
+                    switched.setdefault(s.request_id, len(s.tokens))
 
-    net.perform = recording
-    thaw(net, fast)
-    run_until_done(net, ["s", "t"])
-    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
-    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    run_watched(net, fast, weights, see)
     assert copies and all(c == old and m["source_start"] == 0 and plan == split for c, m, plan in copies)
     assert core.counters["kv_copies_failed"] == 0 and not replayed  # the old worker's new stage computed no history
     assert {m["session_id"] for _, m, _ in copies} <= set(switched) and all(n < N_TOKENS for n in switched.values())
     assert any(e["kind"] == "retired" for e in core.events)
+    # a copy the worker cannot make is answered with the reason (the coordinator replays instead)
+    held = next(iter(net.workers[old].ranges))
+    for source, why in ((0, "not both held"), (held[0], "holds 0 positions, cannot copy 3")):
+        ask = wire.make("copy_kv", session_id="s", source_start=source, source_end=held[1], layer_start=held[0],
+                        layer_end=held[1], length=3)
+        [answer] = net.workers[old].handle(wire.decode(wire.encode(ask)))
+        assert answer["type"] == "kv_copied" and not answer["ok"] and why in answer["error"], answer
 
 
 def test_a_refused_kv_copy_falls_back_to_a_replay_on_every_stage(weights):

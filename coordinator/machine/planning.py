@@ -390,7 +390,7 @@ class Planning:
         if new[0].index in s.move_copied:  # every stage copies: nothing to replay
             s.moved = end
         else:
-            step = self._move_rows(s.moving_to, end)
+            step = self._move_rows(s.moving_to, end, set(s.move_copied))
             for start in range(0, len(rows), step):
                 pos = s.move_sent + start
                 self._enqueue(new[0].index, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
@@ -414,13 +414,15 @@ class Planning:
             log = s.logs.get(self._old_input_stage([x for x in self.stages if x.pipeline == s.pipeline], st).index, [])
             self._log_input(s, st.index, s.move_sent, np.concatenate([r for _, r in log])[s.move_sent:end])
 
-    def _move_rows(self, pipeline: int, context: int) -> int:
-        """Rows of a background replay per step: as many as each of the pipeline's primaries
-        is expected to compute in about one decode step (_rows_equiv: a decode step of up to
-        8 rows counts 1), at most a prompt chunk, at least 1."""
+    def _move_rows(self, pipeline: int, context: int, copied: set = frozenset()) -> int:
+        """Rows of a background replay per step: as many as each primary of the pipeline's
+        stages that replay it (not the `copied` stages) is expected to compute in about one
+        decode step (_rows_equiv: a decode step of up to 8 rows counts 1), at most a prompt
+        chunk, at least 1."""
         rows = self._prefill_rows(context)
         for st in self.stages:
-            w = self.workers.get(st.primary) if st.pipeline == pipeline and st.primary else None
+            replays = st.pipeline == pipeline and st.primary and st.index not in copied
+            w = self.workers.get(st.primary) if replays else None
             if w is not None:
                 rows = min(rows, int(1 / max(w.row_cost * (1 + context / self._ctx_scale()), 1e-6)))
         return max(1, rows)

@@ -1,7 +1,7 @@
 // The CPU backends of a browser tab: WebAssembly SIMD or, as the last resort, plain JS. Same
 // interface and behaviour as tab_worker/numpy_backend.py (whose math, kernels/reference.py,
 // is what this computes): forward(slices, hidden) -> hidden, head_topk(rows, k) -> {ids,
-// values}, sessions(), drop_session, fork_session.
+// values}, sessions(), drop_session, fork_session, export_kv, import_kv.
 //
 // Weights stay packed (kernels/quant.py's words, as the WGSL reads them). The WASM engine runs
 // kernels/c/packed_kernels.c, the same C source the Python worker compiles natively, on the
@@ -231,6 +231,12 @@ function rope(x, rows, stride, col, nHeads, headDim, positions, invFreq) {
   }
 }
 
+// k and v hold `floats` values each, and `length` positions fit the context (import_kv)
+export function checkKv(k, v, floats, length, maxCtx) {
+  if (k.length !== floats || v.length !== floats) throw new RangeError(`KV of ${k.length} and ${v.length} values does not fit the ${floats} of the layers held`);
+  if (length > maxCtx) throw new RangeError(`${length} positions exceed the context of ${maxCtx}`);
+}
+
 class KVCache {
   constructor(nLayers, nKv, headDim, capacity) {
     Object.assign(this, { nLayers, nKv, headDim, capacity, length: 0 });
@@ -290,6 +296,39 @@ export class CpuBackend {
     copy.v.set(cache.v);
     copy.length = length;
     this._sessions.set(dst, copy);
+  }
+
+  // the session's keys and values of layers [layerStart, layerEnd) (within the held range),
+  // positions [0, length): {k, v} f32 [layers][kv heads][length][head_dim] (copy_kv)
+  export_kv(id, layerStart, layerEnd, length) {
+    const cache = this._sessions.get(id), held = cache?.length ?? 0;
+    if (length > held) throw new RangeError(`session ${id} holds ${held} positions, cannot copy ${length}`);
+    const c = this.config, lo = layerStart - this.layerIds[0], run = length * c.head_dim;
+    const k = new Float32Array((layerEnd - layerStart) * c.n_kv_heads * run), v = new Float32Array(k.length);
+    for (let l = 0; l < layerEnd - layerStart; l++) {
+      for (let h = 0; h < c.n_kv_heads; h++) {
+        const at = cache.at(lo + l, h, 0), to = (l * c.n_kv_heads + h) * run;
+        k.set(cache.k.subarray(at, at + run), to);
+        v.set(cache.v.subarray(at, at + run), to);
+      }
+    }
+    return { k, v };
+  }
+
+  // the session's KV becomes {k, v} (every held layer, `length` positions, as export_kv gives them)
+  import_kv(id, k, v, length) {
+    const c = this.config, n = this._layers.length, run = length * c.head_dim;
+    checkKv(k, v, n * c.n_kv_heads * run, length, this.maxCtx);
+    const cache = new KVCache(n, c.n_kv_heads, c.head_dim, Math.max(16, length));
+    for (let l = 0; l < n; l++) {
+      for (let h = 0; h < c.n_kv_heads; h++) {
+        const from = (l * c.n_kv_heads + h) * run, at = cache.at(l, h, 0);
+        cache.k.set(k.subarray(from, from + run), at);
+        cache.v.set(v.subarray(from, from + run), at);
+      }
+    }
+    cache.length = length;
+    this._sessions.set(id, cache);
   }
 
   _cacheFor(sl) {

@@ -11,6 +11,7 @@
 // per output row, which a CPU rasteriser pays in full (benchmarks/bench_browser.py measures
 // both).
 
+import { checkKv } from "./backend_cpu.js";
 import { ByRows, FUSE_MAX_ROWS, Launch, LimitError, ProgramKernel, QuantLinear, TOPK_SLOTS, WebGpuDevice, evaluate, kernelConstants, programNames, ropeFreqTurns, round4, uploadQuant } from "./webgpu_device.js";
 
 // ====================================================================== backend
@@ -145,6 +146,54 @@ export class WebGpuBackend {
       scratch.destroy();  // after submit: destroy waits for queued use
     }
     this._lengths.set(dst, length);
+  }
+
+  // As CpuBackend.export_kv: each layer's slot copied into a buffer read back once
+  async export_kv(id, layerStart, layerEnd, length) {
+    const held = this._lengths.get(id) ?? 0;
+    if (length > held) throw new RangeError(`session ${id} holds ${held} positions, cannot copy ${length}`);
+    const nKv = this.config.n_kv_heads, lo = layerStart - this.layerIds[0], n = layerEnd - layerStart;
+    const run = length * this.positionBytes / nKv, floats = run / 4;  // one kv head's keys (or values) over the positions
+    const k = new Float32Array(n * nKv * floats), v = new Float32Array(k.length);
+    if (!run) return { k, v };
+    const slot = this._slots.get(id), off = (h) => (slot * nKv + h) * this.poolCtx * this.positionBytes / nKv;
+    const staging = this.dev.device.createBuffer({ size: 2 * n * nKv * run, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST, label: "copy_kv.readback" });
+    const enc = this.dev.device.createCommandEncoder();
+    for (let l = 0; l < n; l++) {
+      this._pools[lo + l].forEach((buf, j) => { for (let h = 0; h < nKv; h++) enc.copyBufferToBuffer(buf, off(h), staging, ((l * 2 + j) * nKv + h) * run, run); });
+    }
+    this.dev.queue.submit([enc.finish()]);
+    await staging.mapAsync(GPUMapMode.READ);
+    const all = new Float32Array(staging.getMappedRange().slice(0));
+    staging.destroy();
+    if (this.dev.lost) throw new Error(`the WebGPU device was lost: ${this.dev.lost}`);
+    for (let l = 0; l < n; l++) {
+      for (let h = 0; h < nKv; h++) {
+        const to = (l * nKv + h) * floats;
+        k.set(all.subarray(((l * 2) * nKv + h) * floats, ((l * 2) * nKv + h + 1) * floats), to);
+        v.set(all.subarray(((l * 2 + 1) * nKv + h) * floats, ((l * 2 + 1) * nKv + h + 1) * floats), to);
+      }
+    }
+    return { k, v };
+  }
+
+  // As CpuBackend.import_kv: written into the session's slot, each (layer, kv head) run where the kernels read it
+  import_kv(id, k, v, length) {
+    const nKv = this.config.n_kv_heads, floats = length * this.config.head_dim;
+    checkKv(k, v, this._layers.length * nKv * floats, length, this.maxCtx);
+    this.drop_session(id);
+    const sl = [{ session_id: id, start_pos: 0, length }];
+    this._check(sl);
+    this._assignSlots(sl);
+    const slot = this._slots.get(id), run = this.poolCtx * this.positionBytes / nKv;
+    this._pools.forEach(([kPool, vPool], l) => {
+      for (let h = 0; h < nKv; h++) {
+        const from = (l * nKv + h) * floats;
+        this.dev.write(kPool, k.subarray(from, from + floats), (slot * nKv + h) * run);
+        this.dev.write(vPool, v.subarray(from, from + floats), (slot * nKv + h) * run);
+      }
+    });
+    this._lengths.set(id, length);
   }
 
   _check(slices) {

@@ -441,6 +441,24 @@ export class TabWorker {
     for (const b of this.ranges.values()) if (b.sessions().includes(m.source_id)) b.fork_session(m.source_id, m.session_id, Number(m.length));
   }
 
+  // the session's KV of a range held here, from the wider range held here that has it (a
+  // backend, and a KV cache, per range): answered either way, so that the coordinator replays
+  // what was not copied (the same step as tab_worker/worker.py's on_copy_kv)
+  async on_copy_kv(m) {
+    const [from, to, start, end, length] = [m.source_start, m.source_end, m.layer_start, m.layer_end, m.length].map(Number);
+    const reply = { session_id: m.session_id, layer_start: start, layer_end: end, length };
+    const source = this.ranges.get(`${from},${to}`), target = this.ranges.get(`${start},${end}`);
+    try {
+      if (!source || !target) throw new RangeError(`layers [${from},${to}] and [${start},${end}] are not both held here`);
+      if (start < from || end > to || start >= end) throw new RangeError(`layers [${start}, ${end}) are not within [${from}, ${to})`);
+      const { k, v } = await source.export_kv(m.session_id, start, end, length);
+      target.import_kv(m.session_id, k, v, length);
+    } catch (err) {
+      return [make("kv_copied", { ...reply, ok: false, error: String(err.message ?? err).slice(0, 4000) })];
+    }
+    return [make("kv_copied", { ...reply, ok: true })];
+  }
+
   on_unload(m) {
     if ("layer_start" in m) {
       const key = `${m.layer_start},${m.layer_end}`;

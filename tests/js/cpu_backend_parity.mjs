@@ -38,5 +38,21 @@ for (const engine of engines()) {
   const a = await be.forward([{ session_id: "s", start_pos: 0, length: T - 1 }], x.subarray(0, (T - 1) * H));
   const b = await be.forward([{ session_id: "s", start_pos: T - 1, length: 1 }], x.subarray((T - 1) * H));
   const top = await be.head_topk(b, 5);
-  console.log(JSON.stringify({ engine: engine.name, hidden: [...a, ...b], ids: [...top.ids], values: [...top.values] }));
+  // copy_kv: the last layer's KV copied from `be` into a backend of that layer alone, then a
+  // decode step there, against the same step after replaying the history on such a backend
+  const [first, last] = [layers[0], layers[1]];
+  const ids = Object.keys(layers).map(Number).sort((p, q) => p - q);
+  const only = (i, withHead) => new CpuBackend(cfg, { [ids[i]]: i ? last : first }, withHead ? head : null, 64, engine);
+  const lead = only(0, false), copied = only(1, true), replayed = only(1, true);
+  for (const [pos, len] of [[0, T - 1], [T - 1, 1]]) {
+    const sl = [{ session_id: "s", start_pos: pos, length: len }];
+    await replayed.forward(sl, await lead.forward(sl, x.subarray(pos * H, (pos + len) * H)));
+  }
+  const { k, v } = be.export_kv("s", ids[1], ids[1] + 1, T);
+  copied.import_kv("s", k, v, T);
+  const next = [{ session_id: "s", start_pos: T, length: 1 }];
+  const h = await lead.forward(next, x.subarray(0, H));
+  const afterCopy = await copied.forward(next, h), afterReplay = await replayed.forward(next, h);
+  console.log(JSON.stringify({ engine: engine.name, hidden: [...a, ...b], ids: [...top.ids], values: [...top.values],
+                               copied: [...afterCopy], replayed: [...afterReplay] }));
 }

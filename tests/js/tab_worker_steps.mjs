@@ -1,5 +1,6 @@
 // TabWorker's protocol steps without a browser (node): memory-aware refusal of an assignment,
-// hello/heartbeat shapes, and the message names worker.py uses. Usage: node THIS DIST
+// hello/heartbeat shapes, the message names worker.py uses, and copy_kv's routing between
+// the ranges held. Usage: node THIS DIST
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
@@ -43,4 +44,21 @@ check(r.topk_ids.shape[0] === 4 && Array.from(r.topk_ids.data).join() === "1,2,3
 decode(encode(r));
 w.on_truncate_session({ session_id: "b", length: 8 });
 check(truncated.join() === "b:8", "truncate_session reaches the backend");
+// copy_kv: layers [1, 2) of a session's KV go from the range [0, 2) held here to the range
+// [1, 2) held here (stand-ins that record what they were asked); a copy that fails, or names
+// a range not held, is answered ok: false (the coordinator replays those positions instead)
+const imported = [];
+stub.export_kv = async (id, start, end, n) => {
+  if (n > 9) throw new RangeError(`session ${id} holds 9 positions, cannot copy ${n}`);
+  return { k: new Float32Array([start, end, n]), v: new Float32Array([n]) };
+};
+w.ranges.set("1,2", { import_kv: (id, k, v, n) => imported.push(`${id}:${[...k]}:${[...v]}:${n}`) });
+const copy = (n, sourceEnd = 2) => w.handle({ v: 1, type: "copy_kv", session_id: "a", source_start: 0, source_end: sourceEnd, layer_start: 1, layer_end: 2, length: n });
+const [done] = await copy(9);
+check(done.type === "kv_copied" && done.ok && done.length === 9 && imported.join() === "a:1,2,9:9:9", "copy_kv copies between the ranges held");
+const [refused] = await copy(12);
+check(!refused.ok && refused.error.includes("cannot copy 12") && imported.length === 1, "a failed copy_kv is answered ok: false");
+const [unheld] = await copy(4, 3);
+check(!unheld.ok && unheld.error.includes("not both held"), "copy_kv from a range not held is refused");
+for (const m of [done, refused, unheld]) decode(encode(m));
 console.log(process.exitCode ? "failed" : "ok");
