@@ -25,6 +25,8 @@ without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, 
 "wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-kvN" split-K attention in N
 key runs a row whatever the KV pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),
 "wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT),
+"wgpu-mapwait" readbacks left to map_sync (wgpu-py's poll thread; what the spinning wait amounted to
+before it spun on the map),
 "wgpu-noahead" no decode step's command buffer recorded ahead (runner.ENCODE_AHEAD). --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
@@ -436,7 +438,8 @@ def roofline(a) -> int:
             results["kernels"] += [{"format": fmt, **r} for r in kernel_table(dev, weights, variants, [1, 8])]
         for variant in variants:
             tuning, options = variant_tuning(dev, variant)
-            R.SPIN_WAIT = variant != "wgpu-blockwait"
+            R.SPIN_WAIT = variant not in ("wgpu-blockwait", "wgpu-mapwait")
+            R.WAIT_IN_CALLER = variant != "wgpu-mapwait"
             R.ENCODE_AHEAD = variant != "wgpu-noahead"
             t0 = time.perf_counter()
             ctx = max(1024, a.prompt + WARM_STEPS + a.steps + 8)

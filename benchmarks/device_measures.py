@@ -22,6 +22,8 @@ def variant_tuning(dev, variant: str):
         return base, {"fuse_decode": False}
     if variant == "wgpu-blockwait":  # readbacks wait blocking in the driver (bench_device sets runner.SPIN_WAIT off)
         return base, {}
+    if variant == "wgpu-mapwait":  # readbacks left to map_sync (bench_device sets runner.SPIN_WAIT and WAIT_IN_CALLER off)
+        return base, {}
     if variant == "wgpu-noahead":  # no command buffer recorded ahead (bench_device sets runner.ENCODE_AHEAD off)
         return base, {}
     if variant == "wgpu-planes3":  # 3-bit codes uploaded as the blobs' bit planes (not contiguous)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +80,10 @@ def _worse(key: str, a: int, b: int) -> int:
 
 
 WAIT_IN_CALLER = True  # Device.execute's readback: wgpuDevicePoll(wait) in the caller before mapping
-# ... on a real GPU, by polling without waiting until the queue is empty instead: the blocking wait
-# woke late on an H200 machine (7B, 1 row: steps of 5-13 ms for ~4 ms of GPU work); a CPU
+# ... on a real GPU, by mapping the readback buffer and polling without waiting until its map
+# resolves instead: the blocking wait woke late on an H200 machine (7B, 1 row: steps of 5-13 ms
+# for ~4 ms of GPU work), and wgpuDevicePoll's own answer ("the queue is empty") came back true at
+# once there, leaving the wait to map_sync's hand-offs with wgpu-py's poll thread; a CPU
 # rasteriser needs the core a spinning caller would take
 SPIN_WAIT = True
 # ... and on a real GPU, a step that repeats the last one's plan has the next repeat's command
@@ -334,14 +335,18 @@ class Device:
         if not total:
             return np.zeros(0, np.uint8)
         if SPIN_WAIT and RAW_POLL is not None and self._on_real_gpu():
+            # the map's callback runs inside a poll, this thread's or wgpu-py's poll thread's
             poll, null = RAW_POLL
-            while not poll(self.device._internal, False, null):  # True once the queue is empty
-                time.sleep(0)  # let other threads have the GIL
-        elif WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
-            # block in this thread (the GIL released) until the GPU is done, so that the map
-            # below resolves at once instead of after hand-offs to wgpu-py's poll thread
-            self.device._poll_wait()
-        staging.map_sync(self._wgpu.MapMode.READ, 0, total)
+            mapped = staging.map_async(self._wgpu.MapMode.READ, 0, total)
+            while _pending(mapped):
+                poll(self.device._internal, False, null)
+            mapped.sync_wait()
+        else:
+            if WAIT_IN_CALLER and hasattr(self.device, "_poll_wait"):
+                # block in this thread (the GIL released) until the GPU is done, so that the map
+                # below resolves at once instead of after hand-offs to wgpu-py's poll thread
+                self.device._poll_wait()
+            staging.map_sync(self._wgpu.MapMode.READ, 0, total)
         try:
             return np.frombuffer(staging.read_mapped(0, total, copy=True), np.uint8)
         finally:
@@ -475,6 +480,12 @@ def _raw_poll():
 
 
 RAW_POLL = _raw_poll()
+
+
+def _pending(promise) -> bool:
+    """Whether a wgpu-py promise is still waiting for its callback (False where this wgpu-py's
+    promises do not say: the caller's sync_wait then waits as map_sync does)."""
+    return getattr(promise, "_state", None) == "pending"
 
 
 @dataclass(frozen=True)

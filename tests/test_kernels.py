@@ -349,8 +349,8 @@ def test_embedding(dev, rng, spec, contiguous3):
 
 
 def test_readback_by_spinning_wait(dev, rng):
-    # a real GPU's readback polls without waiting until the queue is empty (runner.SPIN_WAIT):
-    # the same bytes as the blocking wait's, here forced on whatever adapter this is
+    # a real GPU's readback maps and polls without waiting until the map resolves
+    # (runner.SPIN_WAIT): the same bytes as the blocking wait's, here forced on whatever adapter this is
     assert R.RAW_POLL is not None  # else the spinning branch never runs and this compares the blocking wait with itself
     n, stride = 576, 580
     x, w = randn(rng, 3, n), randn(rng, n)
