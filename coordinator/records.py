@@ -376,7 +376,7 @@ class Session:
     chooser: object | None = None
     share_prefix: bool = False
     pipeline: int = 0  # the serving replica its rows go through (see Planning._place)
-    # a move off a retiring pipeline (Planning._start_move): the new pipeline its history is
+    # a move off a retiring pipeline (Moves._start_move): the new pipeline its history is
     # replayed on in the background while it decodes where it runs, positions [0, move_sent)
     # queued there, [0, moved) through its head stage; catch_up: the first position its next
     # trip carries (the switch: the positions decoded while the replay ran go with the token)
@@ -386,7 +386,7 @@ class Session:
     catch_up: int | None = None
     # the move's stages whose worker holds the session's KV of their layers in a stage of the
     # pipeline it leaves (new stage index -> that stage's index): a copy_kv gives it to them,
-    # the replay stops before them (Planning._kv_copies); copies_pending: new stage index ->
+    # the replay stops before them (Moves._kv_copies); copies_pending: new stage index ->
     # the positions a copy_kv asked, not answered yet; copy_failed: one was refused
     move_copied: dict = field(default_factory=dict)
     copies_pending: dict = field(default_factory=dict)

@@ -6,7 +6,7 @@ detection, fencing and the explicit rebuild of a dead stage by replaying its sto
 asyncio server (server.py) only moves bytes and clocks in and out; tests drive this class directly.
 
 One Coordinator, composed of sub-machines with one owner each (coordinator/machine/): Join,
-Planning, WeightStreaming, Sessions (and the prefix cache), Scheduler (and speculation),
+Planning, Moves (sessions moving off a retiring pipeline), WeightStreaming, Sessions (and the prefix cache), Scheduler (and speculation),
 Verification (spot checks), Trials (probation, liar recomputation), Recovery (time, failure,
 rebuild). Their records are typed (coordinator/records.py); a worker's lifecycle is one
 (state, event) table (coordinator/lifecycle.py). Here: the records they share, the connections
@@ -22,6 +22,7 @@ import random
 from collections import deque
 
 from coordinator.machine.join import Join
+from coordinator.machine.moves import Moves
 from coordinator.machine.planning import Planning
 from coordinator.machine.recovery import Recovery
 from coordinator.machine.scheduler import Scheduler
@@ -39,7 +40,7 @@ from protocol.format import ProtocolError
 from protocol.model_types import ModelConfig
 
 
-class Coordinator(Join, Planning, WeightStreaming, Sessions, Scheduler, Verification, Trials, Recovery):
+class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, Verification, Trials, Recovery):
     def __init__(self, config: ModelConfig, blobs: dict[str, bytes], embed_fn, settings: CoordinatorSettings = CoordinatorSettings(),
                  join_token: str | None = None, draft=None):
         """blobs: "layer:i" / "head" -> packed weight blob; embed_fn(ids) -> f32 rows; draft: the

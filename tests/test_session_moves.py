@@ -1,4 +1,4 @@
-"""A session moving off a retiring pipeline (coordinator/machine/planning.py: _start_move,
+"""A session moving off a retiring pipeline (coordinator/machine/moves.py: _start_move,
 _send_move, _switch_move): its history is replayed on the new pipeline in the background while
 it decodes on the old one, then it switches between steps. Driven without sockets
 (tests/harness.py), tokens checked against a single worker's."""

@@ -21,7 +21,7 @@ from protocol.messages import MAX_CONTEXT
 class Scheduler:
     # -- the scheduler
     def _pump(self, now: float) -> list:
-        out, self._copy_sends = self._copy_sends, []  # a move's copy_kv requests (Planning._send_copy)
+        out, self._copy_sends = self._copy_sends, []  # a move's copy_kv requests (Moves._send_copy)
         out += self._draft_traffic(now)
         # pipeline micro-batches: sessions go in at most `pipeline_groups` groups (0: one per
         # stage), so a stage works on one group while the next works on another instead of one
@@ -185,7 +185,7 @@ class Scheduler:
             s = self.sessions.get(it.session_id)
             if s is None or s.finished or it.generation != s.generation:
                 continue
-            moving = st.pipeline != s.pipeline  # a move's background replay (Planning._send_move)
+            moving = st.pipeline != s.pipeline  # a move's background replay (Moves._send_move)
             if moving and st.pipeline != s.moving_to:
                 continue  # a move called off
             if not moving:
