@@ -78,7 +78,9 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
         self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
         self._last_tick: float | None = None
-        self._migrating: str | None = None  # the session moving from a retiring pipeline to the new plan (see _retire)
+        # sessions moving from a retiring pipeline to the new plan -> whether the move computes
+        # nothing on a retiring pipeline's worker (see _retire)
+        self._migrating: dict[str, bool] = {}
         self._deferred_replan = False  # a new plan that did not pay for moving running sessions (see Recovery.tick)
         self.degraded = False
         self._nonces = random.Random()  # seeded from the OS: a tab cannot guess its next ping

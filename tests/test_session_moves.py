@@ -197,16 +197,18 @@ def split_onto_a_joiner(weights, refuse_copies: bool = False):
 
 
 def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_only_elsewhere(weights):
-    """The old worker is given the moving session's KV of its new range (copy_kv from the
+    """The old worker is given the moving sessions' KV of its new range (copy_kv from the
     range it serves on the old pipeline): no replay row reaches that stage, only the joiner's
-    stage replays, the session switches over before it ends, the old pipeline retires, and
-    every token is a single worker's."""
+    stage replays (for both sessions at once: their moves compute nothing on the old worker),
+    the sessions switch over before they end, the old pipeline retires, and every token is a
+    single worker's."""
     net, old, fast = split_onto_a_joiner(weights)
     core = net.core
     split = [(core.conn_worker[fast], False), (core.conn_worker[old], True)]
-    copies, replayed, switched = [], [], {}
+    copies, replayed, switched, together = [], [], {}, []
 
     def see(a):
+        together.append(sum(1 for x in core.sessions.values() if x.moving_to is not None))
         if isinstance(a, Send) and a.msg["type"] == "copy_kv":
             copies.append((a.conn, a.msg, [(st.primary, st.layer_start > 0) for st in core.stages if not st.retiring]))
         if isinstance(a, Send) and a.msg["type"] == "step":
@@ -219,6 +221,7 @@ def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_
     run_watched(net, fast, weights, see)
     assert copies and all(c == old and m["source_start"] == 0 and plan == split for c, m, plan in copies)
     assert core.counters["kv_copies_failed"] == 0 and not replayed  # the old worker's new stage computed no history
+    assert max(together) == 2  # the moves go at once: neither computes on the old worker
     assert {m["session_id"] for _, m, _ in copies} <= set(switched) and all(n < N_TOKENS for n in switched.values())
     assert any(e["kind"] == "retired" for e in core.events)
     # a copy the worker cannot make is answered with the reason (the coordinator replays instead)

@@ -25,19 +25,39 @@ class Moves:
         pipeline's (the same range on the same worker) holds a single KV cache of it, which a
         replay from position 0 would cut while the retiring pipeline decodes on it: then it
         restarts there (its history replayed before its next token)."""
+        here, (dest, copies) = s.pipeline, self._move_target(s)
+        pipes = self._pipelines()
+        if copies is None:
+            s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
+            self._drop_queued({s.request_id}, pipes[here])
+            self._restart_session(s)
+            return
+        s.moving_to, s.move_sent, s.moved = dest, 0, 0
+        s.move_copied = copies
+        self._send_move(s)
+
+    def _move_target(self, s: Session) -> tuple[int, dict | None]:
+        """The pipeline the session would move to (Planning._place) and its stages a copy_kv
+        serves (_kv_copies); None instead of those when one of its stages is one of the
+        session's current pipeline (the same range on the same worker): then it restarts."""
         here = s.pipeline
         self._place(s)
         dest, s.pipeline = s.pipeline, here
         pipes = self._pipelines()
         shape = lambda st: (st.layer_start, st.layer_end, st.primary)  # noqa: E731
         if any(shape(st) in {shape(x) for x in pipes[here]} for st in pipes[dest]):
-            s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
-            self._drop_queued({s.request_id}, pipes[here])
-            self._restart_session(s)
-            return
-        s.moving_to, s.move_sent, s.moved = dest, 0, 0
-        s.move_copied = self._kv_copies(pipes[here], pipes[dest])
-        self._send_move(s)
+            return dest, None
+        return dest, self._kv_copies(pipes[here], pipes[dest])
+
+    def _moves_apart(self, s: Session) -> bool:
+        """Whether the session's move computes nothing on a worker that serves a retiring stage
+        (its replay runs on other workers; a copy_kv is no step): it cannot delay the decode of
+        the sessions still on the retiring pipelines, so it need not wait for other moves."""
+        dest, copies = self._move_target(s)
+        if copies is None:
+            return False
+        retiring = {st.primary for st in self.stages if st.retiring}
+        return not any(st.primary in retiring for st in self.stages if st.pipeline == dest and st.index not in copies)
 
     def _kv_copies(self, old: list[Stage], new: list[Stage]) -> dict[int, int]:
         """The new pipeline's last stages whose primary holds their layers' KV in a stage of

@@ -284,19 +284,26 @@ class Planning:
             return []
         pipes = self._pipelines()
         moved = [s for s in self.sessions.values() if s.pipeline in {st.pipeline for st in gone}]
-        # every new pipeline ready: the sessions still on retiring ones move over, one at a time
-        # (the next when the one before has its first token there), each without a pause
-        # (_start_move), as after any restart the next token exact
+        # every new pipeline ready: the sessions still on retiring ones move over, each without
+        # a pause (_start_move), as after any restart the next token exact: at once where the
+        # move computes nothing on a worker of a retiring pipeline (Moves._moves_apart), else
+        # one at a time (the next when the one before has its first token there)
         if not lost and not all(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring):
             return []
         # (a session waiting only for spot checks to finish has nothing left to run: it stays)
         running = [s for s in moved if s.finish_pending is None]
         if not lost and running:
-            mover = self.sessions.get(self._migrating)
-            if mover is None or mover.finish_pending is not None:
-                s = min(running, key=lambda x: len(x.prompt_ids) + len(x.tokens))
-                self._migrating = s.request_id
-                self._start_move(s)
+            for r in [r for r in self._migrating if r not in self.sessions or self.sessions[r].finish_pending is not None]:
+                del self._migrating[r]
+            alone = not all(self._migrating.values())  # a move under way that is not apart
+            for s in sorted(running, key=lambda x: len(x.prompt_ids) + len(x.tokens)):
+                if s.request_id in self._migrating:
+                    continue
+                apart = self._moves_apart(s)
+                if apart or not alone:
+                    self._migrating[s.request_id] = apart
+                    alone = alone or not apart
+                    self._start_move(s)
             return []
         self.stages = [st for st in self.stages if not st.retiring]
         for s in moved:
@@ -340,7 +347,8 @@ class Planning:
             s.pipeline = 0
             return
         primaries = {p: {st.primary for st in sts} for p, sts in pipes.items()}
-        bound = [x.pipeline for x in self.sessions.values() if x is not s and not x.finished]
+        # (a moving session loads the pipeline it moves to)
+        bound = [x.pipeline if x.moving_to is None else x.moving_to for x in self.sessions.values() if x is not s and not x.finished]
 
         fresh_ready = any(self._pipeline_ready(sts) for sts in pipes.values() if not sts[0].retiring)
 

@@ -261,8 +261,8 @@ class Scheduler:
             self.counters["tokens"] += 1
         s.tokens.append(token)
         s.last_token_at = now
-        if s.request_id == self._migrating and s.moving_to is None:  # its first token on the new plan: the next session follows
-            self._migrating = None
+        if s.request_id in self._migrating and s.moving_to is None:  # its first token on the new plan: the next session follows
+            del self._migrating[s.request_id]
             out += self._retire(now)
         if s.first_token_at is None:
             s.first_token_at = now
