@@ -12,8 +12,10 @@ from protocol import wire
 
 # a session moving off a retiring pipeline switches to the new one when at most this many of its
 # positions, decoded while its history was replayed there, are still missing: they go with its
-# next trip (one step of that many rows); more are replayed in the background first
-MOVE_CATCH_UP_ROWS = 8
+# next trip (one step of that many rows more), which every stage of the new pipeline computes
+# before its token (a worker serving both pipelines between their steps): the fewer, the shorter
+# that token's wait; more are replayed in the background first
+MOVE_CATCH_UP_ROWS = 2
 
 
 class Moves:
@@ -150,6 +152,8 @@ class Moves:
             return
         if s.copy_failed:  # the refused copy's positions are replayed: every stage's, from 0
             s.move_copied, s.copy_failed, s.move_sent, s.moved = {}, False, 0, 0
+            if s.request_id in self._migrating:  # (its replay may now compute on a retiring pipeline's worker)
+                self._migrating[s.request_id] = False
             self._send_move(s)
             return
         if pos - s.moved > MOVE_CATCH_UP_ROWS:
