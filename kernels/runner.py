@@ -81,10 +81,9 @@ def _worse(key: str, a: int, b: int) -> int:
 
 WAIT_IN_CALLER = True  # Device.execute's readback: wgpuDevicePoll(wait) in the caller before mapping
 # ... on a real GPU, by mapping the readback buffer and polling without waiting until its map
-# resolves instead: the blocking wait woke late on an H200 machine (7B, 1 row: steps of 5-13 ms
-# for ~4 ms of GPU work), and wgpuDevicePoll's own answer ("the queue is empty") came back true at
-# once there, leaving the wait to map_sync's hand-offs with wgpu-py's poll thread; a CPU
-# rasteriser needs the core a spinning caller would take
+# resolves instead: the blocking wait woke late on an H200 machine, and wgpuDevicePoll's own answer
+# ("the queue is empty") came back true at once there, leaving the wait to map_sync's hand-offs
+# with wgpu-py's poll thread; a CPU rasteriser needs the core a spinning caller would take
 SPIN_WAIT = True
 # ... and on a real GPU, a step that repeats the last one's plan has the next repeat's command
 # buffer recorded while the GPU runs it (Device.execute): decode steps repeat one plan, and its
