@@ -14,6 +14,10 @@ from coordinator.records import LOCAL, Session, Stage, Worker
 
 # a re-plan over the same workers moves weights: worth it only for a predicted token this much faster
 REPLAN_MIN_GAIN = 0.15
+# a re-plan deferred while sessions run is judged again this often: what it was judged on moves
+# (round trips, a newcomer's first pongs answered while it was still starting, steps' costs) and
+# sessions back to back may never leave a moment without one
+REPLAN_RETRY_S = 5.0
 # a claimed speed this many times faster than the worker's own steps show is absurd: clamped to
 # what the steps show, and the worker is kept off the critical path
 ABSURD_FACTOR = 1000.0
@@ -47,7 +51,7 @@ class Planning:
         plan that changes a running pipeline is made now, between steps, when it pays for
         moving the sessions (_replan_pays): the running pipelines serve them until it is
         loaded, then they move over one at a time (_keep_serving, _continue_pipelines,
-        _retire); otherwise it waits until none runs."""
+        _retire); otherwise it is judged again every REPLAN_RETRY_S, and made once none runs."""
         made = self._fresh_plan(self._planned_workers())
         if self.sessions and self.stages and all(s.primary for s in self.stages):
             extended = self._extend_plan(now, made)
@@ -55,6 +59,7 @@ class Planning:
                 return extended
             if not self._replan_pays(made):
                 self._deferred_replan = True
+                self._replan_at = now + REPLAN_RETRY_S
                 return []
         self._deferred_replan = False
         return self._replan(now, made)  # (last: it may swap the plan's primaries, _prefer_held_blobs)
@@ -159,8 +164,9 @@ class Planning:
         plan the running one cannot go on without (a primary that is the coordinator's own
         compute, gone, flagged or out of memory) or one predicted REPLAN_MIN_GAIN faster than the
         fastest running pipeline (as its steps show it: a much faster tab joined, a slow one
-        turned out slow). Membership churn that changes little (tabs coming back from faults,
-        probation ending) waits for a moment without sessions."""
+        turned out slow; a tab with no steps yet is judged on join measurements alone).
+        Membership churn that changes little (tabs coming back from faults, probation ending)
+        waits for a moment without sessions."""
         pipes = [sts for sts in self._pipelines().values() if not sts[0].retiring]
         if not pipes or any(st.primary is None or st.primary == LOCAL or not self.workers[st.primary].alive
                             or self._trusted_costs(self.workers[st.primary])[2]
@@ -169,11 +175,15 @@ class Planning:
             return True
         if not isinstance(made, Plan):
             return True  # (_replan says which resource is short)
-        now_ms = min(self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=True)
+        new = [(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]]
+        # like for like: a primary with no decode steps yet (a newcomer) is priced at its join
+        # measurement (one row), and the running primaries' steps batch their streams' rows, each
+        # counted as STREAM_COST of a step, which a CPU computes for far less: their steps then
+        # show them faster than their measurement says, and the newcomer's gain shrinks to noise
+        serving = all(self.workers[wid].step_ms_per_layer for *_, wid in new)
+        now_ms = min(self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=serving)
                      for sts in pipes)
-        new_ms = self._plan_step_ms([(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]],
-                                    serving=True)
-        return now_ms > new_ms * (1 + REPLAN_MIN_GAIN)
+        return now_ms > self._plan_step_ms(new, serving=serving) * (1 + REPLAN_MIN_GAIN)
 
     def _extend_plan(self, now: float, made: Plan | PlanError | None) -> list | None:
         """While sessions run, a new plan that only adds serving replicas (every running
