@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from model.sampling import SamplingParams
-from coordinator.machine import join as join_module, planning as planning_module
+from coordinator.machine.join import REMEASURE_AFTER_S
+from coordinator.machine.planning import REPLAN_RETRY_S
 from coordinator.records import CoordinatorSettings, TransferFit
 from tests.harness import Net, run_until_done, start_net
 from tests.tiny_model import greedy_tokens
@@ -15,16 +16,6 @@ from tests.tiny_model import greedy_tokens
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 16
 SEEDED = SamplingParams(greedy=False, temperature=0.8, top_p=0.95, seed=7)
-
-
-@pytest.fixture
-def intervals(monkeypatch):
-    """The deferred re-plan's retry and the re-measure's age, shortened in the same ratio (every
-    third retry): the same decisions over fewer simulated seconds, each of which computes the
-    streams' real steps here."""
-    monkeypatch.setattr(planning_module, "REPLAN_RETRY_S", 1.0)
-    monkeypatch.setattr(join_module, "REMEASURE_AFTER_S", 3.0)
-    return planning_module, join_module
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +353,7 @@ def _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=1, measure_de
     return net, advance, version, conn, core.workers[core.conn_worker[conn]]
 
 
-def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measured_later(weights, monkeypatch, intervals):
+def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measured_later(weights, monkeypatch):
     """A tab joins while sessions stream back to back and its first pongs came late (answered
     while it was still starting): the new plan's extra hop makes it no faster, and the re-plan
     is deferred. Its round trip settles, and the deferred plan, judged again REPLAN_RETRY_S on
@@ -376,7 +367,7 @@ def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measur
     back_to_back(core.settings.replan_delay_ms / 1000)
     assert core.plan_version == version and core._deferred_replan
     joined.rtt_ms = 1.0  # as its next pongs show it
-    back_to_back(planning_module.REPLAN_RETRY_S + 0.5)
+    back_to_back(REPLAN_RETRY_S + 0.5)
     assert core.plan_version == version + 1 and [st.primary for st in core.stages if not st.retiring] == [joined.worker_id, running]
 
 
@@ -466,7 +457,7 @@ def test_a_re_plan_back_to_a_retiring_pipeline_takes_it_up_once(weights):
     assert not any(st.retiring for st in core.stages)
 
 
-def test_a_newcomer_measured_slow_on_a_busy_host_is_measured_again_and_planned(weights, monkeypatch, intervals):
+def test_a_newcomer_measured_slow_on_a_busy_host_is_measured_again_and_planned(weights, monkeypatch):
     """A tab joins while sessions stream back to back and its host is busy: its join measurement
     counts others' work and says it is 5x slower than the running one, and the re-plan that would
     use it does not pay. Left out of the plan, it is measured again once that figure is
@@ -480,15 +471,15 @@ def test_a_newcomer_measured_slow_on_a_busy_host_is_measured_again_and_planned(w
     running.ms_per_layer = 40.0  # as measured at its join
     assert joined.ms_per_layer > 5 * running.ms_per_layer
     net.workers[fast].compute_delay = None  # its host quiet now
-    advance(core.settings.replan_delay_ms / 1000 + planning_module.REPLAN_RETRY_S)
+    advance(core.settings.replan_delay_ms / 1000 + REPLAN_RETRY_S)
     assert core.plan_version == version and core._deferred_replan and not joined.stages
-    advance(join_module.REMEASURE_AFTER_S)
+    advance(REMEASURE_AFTER_S)
     assert [e["worker"] for e in core.events if e["kind"] == "remeasure"] == [joined.worker_id]
     assert joined.ms_per_layer < running.ms_per_layer / 4
     assert core.plan_version == version + 1 and [st.primary for st in core.stages if not st.retiring] == [joined.worker_id, running.worker_id]
 
 
-def test_workers_serving_or_being_measured_are_never_measured_again(weights, monkeypatch, intervals):
+def test_workers_serving_or_being_measured_are_never_measured_again(weights, monkeypatch):
     """While a deferred re-plan is judged again and again, only the tab it leaves out is measured
     again, every REMEASURE_AFTER_S: the workers of the running plan (primaries computing streams'
     steps, or holding their range) never are, and a tab whose measurement is still awaited is not
@@ -498,15 +489,14 @@ def test_workers_serving_or_being_measured_are_never_measured_again(weights, mon
     core = net.core
     planned = {wid: w.measured_at for wid, w in core.workers.items() if w.stages}
     assert len(planned) == 2
-    remeasure_after, retry = join_module.REMEASURE_AFTER_S, planning_module.REPLAN_RETRY_S
-    advance(2 * remeasure_after + retry)
+    advance(2 * REMEASURE_AFTER_S + REPLAN_RETRY_S)
     assert core.plan_version == version and core._deferred_replan and not joined.stages
     times = [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == joined.worker_id]
-    assert len(times) == 2 and times[1] - times[0] >= remeasure_after
+    assert len(times) == 2 and times[1] - times[0] >= REMEASURE_AFTER_S
     assert all(e["worker"] == joined.worker_id for e in core.events if e["kind"] == "remeasure")
     assert {wid: core.workers[wid].measured_at for wid in planned} == planned and all(core.workers[wid].stages for wid in planned)
     # its next measure sent and not answered yet: the retries after it send no other
-    at = joined.measured_at + remeasure_after
-    sent = [a.msg["type"] for t in (at, at + retry, at + 2 * retry)
+    at = joined.measured_at + REMEASURE_AFTER_S
+    sent = [a.msg["type"] for t in (at, at + REPLAN_RETRY_S, at + 2 * REPLAN_RETRY_S)
             for a in (core._replan_tick(t) if core._deferred_replan else []) if a.conn == slow]
     assert sent == ["measure"] and joined.state == "measuring"
