@@ -3,7 +3,6 @@
     joining -(hello)-> measuring -(measured)-> idle -(assign)-> loading -(loaded)-> ready
     ready -(missed_deadline)-> suspect -(answered | loaded)-> ready
     loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
-    idle, or ready holding nothing -(remeasure)-> measuring (left out of the plan, measured again)
     any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)
 
 dead and quarantined are terminal: a worker that comes back is a new worker (its late results
@@ -21,8 +20,6 @@ LIVE = STATES[:6]
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("joining", "hello"): "measuring",
     ("measuring", "measured"): "idle",
-    ("idle", "remeasure"): "measuring",
-    ("ready", "remeasure"): "measuring",
     ("idle", "assign"): "loading",
     ("loading", "assign"): "loading",
     ("ready", "assign"): "loading",

@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 
 from model.sampling import SamplingParams
-from coordinator.machine.join import REMEASURE_AFTER_S
 from coordinator.machine.planning import REPLAN_RETRY_S
 from coordinator.records import CoordinatorSettings, TransferFit
 from tests.harness import Net, run_until_done, start_net
@@ -316,54 +315,35 @@ def test_a_join_re_plans_running_sessions_on_speeds_measured_alike(weights):
     assert [st.primary for st in core.stages if not st.retiring] == [joined, running]
 
 
-def _streams_back_to_back(net, streams):
-    """`streams` submitted and decoding; returns advance(seconds): the clock moves while they
-    decode, each one done replaced at once (no moment without a session: a deferred re-plan is
-    made only then)."""
-    submitted = iter(range(1 << 30))
-
-    def advance(seconds):
-        for _ in range(round(seconds / 0.05)):
-            net.advance(0.05, until=lambda: any(net.done(rid) for rid in streams))
-            assert net.core.sessions  # (a moment without one would make the deferred plan)
-            for k, rid in enumerate(streams):
-                if net.done(rid):
-                    streams[k] = f"s{k}.{next(submitted)}"
-                    net.submit(streams[k], PROMPT[:5 + k], 40, stop_at_eos=False)
-
-    for k, rid in enumerate(streams):
-        net.submit(rid, PROMPT[:5 + k], 40, stop_at_eos=False)
-    net.run(until=lambda: all(len(net.tokens(rid)) >= 3 for rid in streams))
-    return advance
-
-
-def _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=1, measure_delay_s=None):
-    """n_workers in a plan of two stages serve 4 streams back to back, and a tab joins (its
-    measured step `measure_delay_s` longer: its host busy). Returns (net, advance as
-    _streams_back_to_back's, the plan's version before the join, its conn, its Worker record)."""
-    monkeypatch.setattr("coordinator.machine.join.PING_INTERVAL_S", 1e9)  # round trips as set here (this clock times no pong)
-    net = start_net(weights, n_workers, stages=2)
-    core = net.core
-    advance = _streams_back_to_back(net, [f"s{i}" for i in range(4)])
-    version = core.plan_version
-    conn = net.add_worker()
-    if measure_delay_s is not None:
-        net.workers[conn].compute_delay = lambda used: measure_delay_s
-    net.run(until=lambda: core.conn_worker.get(conn) in core.workers and core.workers[core.conn_worker[conn]].state == "idle")
-    return net, advance, version, conn, core.workers[core.conn_worker[conn]]
-
-
 def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measured_later(weights, monkeypatch):
     """A tab joins while sessions stream back to back and its first pongs came late (answered
     while it was still starting): the new plan's extra hop makes it no faster, and the re-plan
     is deferred. Its round trip settles, and the deferred plan, judged again REPLAN_RETRY_S on
     while the sessions still run, is made (it waited for a moment without sessions, which
     streams back to back may never leave)."""
-    net, back_to_back, version, _, joined = _a_tab_joins_while_streams_run(weights, monkeypatch)
+    monkeypatch.setattr("coordinator.machine.join.PING_INTERVAL_S", 1e9)  # round trips as set here (this clock times no pong)
+    net = start_net(weights, 1, stages=2)
     core = net.core
-    running = core.stages[0].primary
+    streams = [f"s{i}" for i in range(4)]
+    for k, rid in enumerate(streams):
+        net.submit(rid, PROMPT[:5 + k], 40, stop_at_eos=False)
+    net.run(until=lambda: all(len(net.tokens(rid)) >= 3 for rid in streams))
+    version = core.plan_version
+    fast = net.add_worker()
+    net.run(until=lambda: core.conn_worker.get(fast) in core.workers and core.workers[core.conn_worker[fast]].state == "idle")
+    running, joined = core.stages[0].primary, core.workers[core.conn_worker[fast]]
     core.workers[running].ms_per_layer, core.workers[running].rtt_ms, core.workers[running].transfer = 40.0, 1.0, TransferFit()
     joined.ms_per_layer, joined.rtt_ms = 10.0, 200.0  # 4x faster, measured at join; its first pongs late
+
+    def back_to_back(seconds):
+        for _ in range(round(seconds / 0.05)):
+            net.advance(0.05, until=lambda: any(net.done(rid) for rid in streams))
+            assert core.sessions  # (a moment without one would make the deferred plan)
+            for k, rid in enumerate(streams):
+                if net.done(rid):
+                    streams[k] = f"{rid}+"
+                    net.submit(streams[k], PROMPT[:5 + k], 40, stop_at_eos=False)
+
     back_to_back(core.settings.replan_delay_ms / 1000)
     assert core.plan_version == version and core._deferred_replan
     joined.rtt_ms = 1.0  # as its next pongs show it
@@ -455,48 +435,3 @@ def test_a_re_plan_back_to_a_retiring_pipeline_takes_it_up_once(weights):
     assert net.tokens("b") == greedy_tokens(weights, PROMPT[:5], 60)
     assert core.counters["spot_checks"] > 100 and core.counters["spot_check_mismatches"] == 0
     assert not any(st.retiring for st in core.stages)
-
-
-def test_a_newcomer_measured_slow_on_a_busy_host_is_measured_again_and_planned(weights, monkeypatch):
-    """A tab joins while sessions stream back to back and its host is busy: its join measurement
-    counts others' work and says it is 5x slower than the running one, and the re-plan that would
-    use it does not pay. Left out of the plan, it is measured again once that figure is
-    REMEASURE_AFTER_S old (the host quiet by then): over 4x faster, and the re-plan judged on it is
-    made while the sessions still run (before issue #18 it was never measured again)."""
-    net, advance, version, fast, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, measure_delay_s=0.2)  # (a busy host)
-    core = net.core
-    running = core.workers[core.stages[0].primary]
-    for w in (running, joined):
-        w.rtt_ms, w.transfer = 1.0, TransferFit()
-    running.ms_per_layer = 40.0  # as measured at its join
-    assert joined.ms_per_layer > 5 * running.ms_per_layer
-    net.workers[fast].compute_delay = None  # its host quiet now
-    advance(core.settings.replan_delay_ms / 1000 + REPLAN_RETRY_S)
-    assert core.plan_version == version and core._deferred_replan and not joined.stages
-    advance(REMEASURE_AFTER_S)
-    assert [e["worker"] for e in core.events if e["kind"] == "remeasure"] == [joined.worker_id]
-    assert joined.ms_per_layer < running.ms_per_layer / 4
-    assert core.plan_version == version + 1 and [st.primary for st in core.stages if not st.retiring] == [joined.worker_id, running.worker_id]
-
-
-def test_workers_serving_or_being_measured_are_never_measured_again(weights, monkeypatch):
-    """While a deferred re-plan is judged again and again, only the tab it leaves out is measured
-    again, every REMEASURE_AFTER_S: the workers of the running plan (primaries computing streams'
-    steps, or holding their range) never are, and a tab whose measurement is still awaited is not
-    sent another."""
-    # measured slow every time: left out
-    net, advance, version, slow, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=0.2)
-    core = net.core
-    planned = {wid: w.measured_at for wid, w in core.workers.items() if w.stages}
-    assert len(planned) == 2
-    advance(2 * REMEASURE_AFTER_S + REPLAN_RETRY_S)
-    assert core.plan_version == version and core._deferred_replan and not joined.stages
-    times = [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == joined.worker_id]
-    assert len(times) == 2 and times[1] - times[0] >= REMEASURE_AFTER_S
-    assert all(e["worker"] == joined.worker_id for e in core.events if e["kind"] == "remeasure")
-    assert {wid: core.workers[wid].measured_at for wid in planned} == planned and all(core.workers[wid].stages for wid in planned)
-    # its next measure sent and not answered yet: the retries after it send no other
-    at = joined.measured_at + REMEASURE_AFTER_S
-    sent = [a.msg["type"] for t in (at, at + REPLAN_RETRY_S, at + 2 * REPLAN_RETRY_S)
-            for a in (core._replan_tick(t) if core._deferred_replan else []) if a.conn == slow]
-    assert sent == ["measure"] and joined.state == "measuring"

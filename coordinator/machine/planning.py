@@ -51,8 +51,7 @@ class Planning:
         plan that changes a running pipeline is made now, between steps, when it pays for
         moving the sessions (_replan_pays): the running pipelines serve them until it is
         loaded, then they move over one at a time (_keep_serving, _continue_pipelines,
-        _retire); otherwise it is judged again every REPLAN_RETRY_S (the workers it left out
-        measured again: Join._remeasure_left_out), and made once none runs."""
+        _retire); otherwise it is judged again every REPLAN_RETRY_S, and made once none runs."""
         made = self._fresh_plan(self._planned_workers())
         if self.sessions and self.stages and all(s.primary for s in self.stages):
             extended = self._extend_plan(now, made)
@@ -61,7 +60,7 @@ class Planning:
             if not self._replan_pays(made):
                 self._deferred_replan = True
                 self._replan_at = now + REPLAN_RETRY_S
-                return self._remeasure_left_out(now)  # (a stale slow figure may be why it does not pay)
+                return []
         self._deferred_replan = False
         return self._replan(now, made)  # (last: it may swap the plan's primaries, _prefer_held_blobs)
 
@@ -446,7 +445,7 @@ class Planning:
         flag = self._trusted_costs(w)[2]
         flagged = f"flagged: {flag}; " if flag else ""
         if w.state in ("joining", "measuring"):
-            return "joining: its speed is being measured" if w.measured_at is None else "its speed is being measured again"
+            return "joining: its speed is being measured"
         held = [st for st in self.stages if w.worker_id in st.holders]
         loading = "" if all(w.worker_id in st.ready for st in held) else " (loading its layers)"
         primary = [st for st in held if st.primary == w.worker_id and not st.retiring]
