@@ -231,21 +231,32 @@ class WgpuBackend:
         self._lengths[dst] = length
 
     def export_kv(self, session_id: str, layer_start: int, layer_end: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """As NumpyBackend.export_kv: each layer's slot read back from its pools (after the
-        work queued before)."""
+        """As NumpyBackend.export_kv: each layer's (slot, kv head) runs of keys and values copied
+        on the GPU into one scratch buffer (after the work queued before), read back once."""
         lo, hi = held_layers(self.layer_ids, layer_start, layer_end)
         held = self._lengths.get(session_id, 0)
         if length > held:
             raise ValueError(f"session {session_id} holds {held} positions, cannot copy {length}")
         c = self.config
-        slot_floats = c.n_kv_heads * self._pool_ctx * c.head_dim
-        shape = (hi - lo, c.n_kv_heads, length, c.head_dim)
-        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        n_kv = c.n_kv_heads
+        per_position = self._position_bytes // n_kv  # one kv head's key (or value) at one position
+        run = length * per_position
+        if not run:
+            empty = np.zeros((hi - lo, n_kv, length, c.head_dim), np.float32)
+            return empty, empty.copy()
+        slot = self._slots[session_id]
+        scratch = self.dev.buffer(2 * (hi - lo) * n_kv * run, "copy_kv.scratch")
+        enc = self.dev.encoder()
         for i, pair in enumerate(self._pools[lo:hi]):
-            for out, buf in zip((k, v), pair):
-                whole = self.dev.read(buf, count=slot_floats, offset=self._slots[session_id] * slot_floats * 4)
-                out[i] = whole.reshape(c.n_kv_heads, self._pool_ctx, c.head_dim)[:, :length]
-        return k, v
+            for j, buf in enumerate(pair):  # keys, then values
+                for h in range(n_kv):
+                    enc.copy_buffer_to_buffer(buf, (slot * n_kv + h) * self._pool_ctx * per_position,
+                                              scratch, ((i * 2 + j) * n_kv + h) * run, run)
+        self.dev.queue.submit([enc.finish()])
+        data = self.dev.read(scratch, count=2 * (hi - lo) * n_kv * length * c.head_dim)
+        scratch.destroy()
+        data = data.reshape(hi - lo, 2, n_kv, length, c.head_dim)
+        return data[:, 0].copy(), data[:, 1].copy()
 
     def import_kv(self, session_id: str, k: np.ndarray, v: np.ndarray) -> None:
         """As NumpyBackend.import_kv: written into the session's slot, each (layer, kv head)
