@@ -113,6 +113,50 @@ def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> dict:
     return out
 
 
+# a read of a whole buffer and nothing else: what one dispatch of a matrix's size can take from
+# memory on this device (grid-stride vec4 loads, folded so the loads are not dropped)
+READ_WGSL = """
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+  var acc = vec4<u32>(0u);
+  for (var i = gid.x; i < arrayLength(&src); i += nw.x * 256u) {
+    acc ^= src[i];
+  }
+  dst[gid.x] = acc.x ^ acc.y ^ acc.z ^ acc.w;
+}
+"""
+READ_GROUPS = 1024  # workgroups of the read at most (H200: near the best grid at 7-1000 MB)
+
+
+def read_ms(dev, buffers: list, reps: int = 10, rounds: int = 3) -> float:
+    """ms to read one of ``buffers`` (each a whole binding, a multiple of 16 bytes) in its own
+    dispatch, every buffer once per rep in one pass (cycled, so that the reads come from memory
+    when the buffers together outgrow L2): the best of ``rounds`` after a warm-up round."""
+    pipe = dev.device.create_compute_pipeline(layout="auto", compute={
+        "module": dev.device.create_shader_module(code=READ_WGSL), "entry_point": "main"})
+    dst = dev.buffer(4 * 256 * READ_GROUPS, "read.dst")
+    groups = [(dev.bind_group(pipe, [b, dst]), min(READ_GROUPS, -(-b.size // (16 * 256)))) for b in buffers]
+    best = float("inf")
+    for r in range(rounds + 1):
+        enc = dev.encoder()
+        cpass = enc.begin_compute_pass()
+        cpass.set_pipeline(pipe)
+        for _ in range(reps):
+            for bg, n in groups:
+                cpass.set_bind_group(0, bg)
+                cpass.dispatch_workgroups(n)
+        cpass.end()
+        t = time.perf_counter()
+        dev.queue.submit([enc.finish()])
+        dev.read(dst, np.uint32, count=1)
+        if r:
+            best = min(best, time.perf_counter() - t)
+    dst.destroy()
+    return best * 1000 / (reps * len(buffers))
+
+
 class SmClock:
     """The GPU's SM clock (MHz) sampled by ``nvidia-smi`` every ``interval_ms`` while in a
     ``with`` block; ``median`` is None where there is no nvidia-smi. Why: on an H200 the 1-row
