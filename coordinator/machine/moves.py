@@ -19,15 +19,15 @@ MOVE_CATCH_UP_ROWS = 2
 
 
 class Moves:
-    def _start_move(self, s: Session) -> None:
+    def _start_move(self, s: Session, target: tuple[int, dict | None]) -> None:
         """Move a session off its retiring pipeline without a pause: its history is replayed on
         the new pipeline in the background (_send_move) while it goes on decoding where it
         runs; once the replay is through the new head, its next trip goes there carrying the
         few positions decoded meanwhile (_switch_move). A new stage that is one of its current
         pipeline's (the same range on the same worker) holds a single KV cache of it, which a
         replay from position 0 would cut while the retiring pipeline decodes on it: then it
-        restarts there (its history replayed before its next token)."""
-        here, (dest, copies) = s.pipeline, self._move_target(s)
+        restarts there (its history replayed before its next token). target: _move_target's."""
+        here, (dest, copies) = s.pipeline, target
         pipes = self._pipelines()
         if copies is None:
             s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
@@ -51,11 +51,12 @@ class Moves:
             return dest, None
         return dest, self._kv_copies(pipes[here], pipes[dest])
 
-    def _moves_apart(self, s: Session) -> bool:
-        """Whether the session's move computes nothing on a worker that serves a retiring stage
-        (its replay runs on other workers; a copy_kv is no step): it cannot delay the decode of
-        the sessions still on the retiring pipelines, so it need not wait for other moves."""
-        dest, copies = self._move_target(s)
+    def _moves_apart(self, target: tuple[int, dict | None]) -> bool:
+        """Whether a session's move to `target` (_move_target's) computes nothing on a worker
+        that serves a retiring stage (its replay runs on other workers; a copy_kv is no step):
+        it cannot delay the decode of the sessions still on the retiring pipelines, so it need
+        not wait for other moves."""
+        dest, copies = target
         if copies is None:
             return False
         retiring = {st.primary for st in self.stages if st.retiring}

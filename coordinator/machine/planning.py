@@ -309,11 +309,12 @@ class Planning:
             for s in sorted(running, key=lambda x: len(x.prompt_ids) + len(x.tokens)):
                 if s.request_id in self._migrating:
                     continue
-                apart = self._moves_apart(s)
+                target = self._move_target(s)  # (placed once: _place weighs every session's pipeline)
+                apart = self._moves_apart(target)
                 if apart or not alone:
                     self._migrating[s.request_id] = apart
                     alone = alone or not apart
-                    self._start_move(s)
+                    self._start_move(s, target)
             return []
         self.stages = [st for st in self.stages if not st.retiring]
         for s in moved:
