@@ -1,8 +1,9 @@
 """A worker's lifecycle, as the coordinator sees it: one table of (state, event) -> next state.
 
     joining -(hello)-> measuring -(measured)-> idle -(assign)-> loading -(loaded)-> ready
-    ready -(missed_deadline)-> suspect -(answered | loaded)-> ready
+    ready or loading -(missed_deadline)-> suspect -(answered | loaded)-> ready
     loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
+    idle, or ready holding nothing -(remeasure)-> measuring (left out of the plan, measured again)
     any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)
 
 dead and quarantined are terminal: a worker that comes back is a new worker (its late results
@@ -20,6 +21,8 @@ LIVE = STATES[:6]
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("joining", "hello"): "measuring",
     ("measuring", "measured"): "idle",
+    ("idle", "remeasure"): "measuring",
+    ("ready", "remeasure"): "measuring",
     ("idle", "assign"): "loading",
     ("loading", "assign"): "loading",
     ("ready", "assign"): "loading",
@@ -29,6 +32,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("loading", "refused"): "idle",
     ("loading", "refused_holding"): "ready",
     ("ready", "missed_deadline"): "suspect",
+    ("loading", "missed_deadline"): "suspect",  # a step sent before it was given a range to load
     ("suspect", "answered"): "ready",
     **{(state, "lost"): "dead" for state in LIVE},
     **{(state, "quarantined"): "quarantined" for state in LIVE},

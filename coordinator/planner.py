@@ -30,7 +30,7 @@ STICKY_MAX_LOSS = 0.15
 @dataclass(frozen=True)
 class WorkerCapacity:
     worker_id: str
-    ms_per_layer: float  # measured when it joined (then from its steps), per layer per decode token
+    ms_per_layer: float  # measured when it joined or again while left out (then from its steps), per layer per decode token
     memory_bytes: int  # budget for weights as the worker will hold them
     expansion: float = 1.0  # bytes held per byte of packed weights (numpy dequantizes to f32)
     local: bool = False  # the coordinator's own compute: last resort only

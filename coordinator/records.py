@@ -215,6 +215,7 @@ class Worker:
     probation: bool = True  # until `probation_steps` of its steps proved right and in time
     proven_steps: int = 0
     claimed_ms_per_layer: float | None = None  # what its measurement claimed (a bound, not a fact)
+    measured_at: float | None = None  # when its last measurement came (at join, or again while left out)
     # a step's cost relative to `rows x ms_per_layer` (1: a prompt row costs a decode step),
     # learned from its measured multi-row steps; deadlines and prompt chunks use it
     row_cost: float = 1.0

@@ -169,8 +169,11 @@ def test_every_live_worker_says_its_place_or_why_it_is_off_the_critical_path():
     net.run()
     newcomer = next(wid for wid, x in core.workers.items() if x.conn == conn)
     w = core.workers[newcomer]
-    state, w.state = w.state, "measuring"  # (in-process, its measurement came at once)
+    state, at = w.state, w.measured_at
+    w.state, w.measured_at = "measuring", None  # (in-process, its measurement came at once)
     assert core.plan_role(w).startswith("joining")
+    w.measured_at = at  # measured once: measuring again
+    assert core.plan_role(w) == "its speed is being measured again"
     w.state = state
     net.advance(0.5)
     assert core.plan_role(core.workers[newcomer]).startswith("on probation"), core.plan_role(core.workers[newcomer])

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from model.sampling import SamplingParams
-from coordinator.machine.planning import REPLAN_RETRY_S
+from coordinator.machine import join as join_module, planning as planning_module
 from coordinator.records import CoordinatorSettings, TransferFit
 from tests.harness import Net, run_until_done, start_net
 from tests.tiny_model import greedy_tokens
@@ -15,6 +15,16 @@ from tests.tiny_model import greedy_tokens
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11]
 N_TOKENS = 16
 SEEDED = SamplingParams(greedy=False, temperature=0.8, top_p=0.95, seed=7)
+
+
+@pytest.fixture
+def intervals(monkeypatch):
+    """The deferred re-plan's retry and the re-measure's age, shortened in the same ratio (every
+    third retry): the same decisions over fewer simulated seconds, each of which computes the
+    streams' real steps here."""
+    monkeypatch.setattr(planning_module, "REPLAN_RETRY_S", 1.0)
+    monkeypatch.setattr(join_module, "REMEASURE_AFTER_S", 3.0)
+    return planning_module, join_module
 
 
 @pytest.fixture(scope="module")
@@ -315,39 +325,71 @@ def test_a_join_re_plans_running_sessions_on_speeds_measured_alike(weights):
     assert [st.primary for st in core.stages if not st.retiring] == [joined, running]
 
 
-def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measured_later(weights, monkeypatch):
+def _streams_back_to_back(net, streams):
+    """`streams` submitted and decoding; returns advance(seconds): the clock moves while they
+    decode, each one done replaced at once (no moment without a session: a deferred re-plan is
+    made only then)."""
+    submitted = iter(range(1 << 30))
+
+    def advance(seconds):
+        for _ in range(round(seconds / 0.05)):
+            for conn in net.frozen:  # (a frozen worker's loop still runs: its step is slow, its answer held)
+                net.to_coordinator(conn, net.workers[conn].heartbeat(0))
+            net.advance(0.05, until=lambda: any(net.done(rid) for rid in streams))
+            # (replaced before the next tick: a tick without a session would make the deferred plan)
+            for k, rid in enumerate(streams):
+                if net.done(rid):
+                    streams[k] = f"s{k}.{next(submitted)}"
+                    net.submit(streams[k], PROMPT[:5 + k], 40, stop_at_eos=False)
+
+    for k, rid in enumerate(streams):
+        net.submit(rid, PROMPT[:5 + k], 40, stop_at_eos=False)
+    net.run(until=lambda: all(len(net.tokens(rid)) >= 3 for rid in streams))
+    def thaw(conn):
+        """A frozen worker handles what was held for it; its answers go in with the next advance
+        (net.thaw would run the streams to their end: a tick without a session would follow)."""
+        net.frozen.discard(conn)
+        for m in net.held.pop(conn, []):
+            for r in net.workers[conn].handle(m):
+                net.to_coordinator(conn, r)
+        advance(0.05)
+
+    advance.streams = streams  # (the requests decoding now: stream k is PROMPT[:5 + k], 40 tokens)
+    advance.thaw = thaw
+    return advance
+
+
+def _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=1, measure_delay_s=None):
+    """n_workers in a plan of two stages serve 4 streams back to back, and a tab joins (its
+    measured step `measure_delay_s` longer: its host busy). Returns (net, advance as
+    _streams_back_to_back's, the plan's version before the join, its conn, its Worker record)."""
+    monkeypatch.setattr("coordinator.machine.join.PING_INTERVAL_S", 1e9)  # round trips as set here (this clock times no pong)
+    net = start_net(weights, n_workers, stages=2)
+    core = net.core
+    advance = _streams_back_to_back(net, [f"s{i}" for i in range(4)])
+    version = core.plan_version
+    conn = net.add_worker()
+    if measure_delay_s is not None:
+        net.workers[conn].compute_delay = lambda used: measure_delay_s
+    net.run(until=lambda: core.conn_worker.get(conn) in core.workers and core.workers[core.conn_worker[conn]].state == "idle")
+    return net, advance, version, conn, core.workers[core.conn_worker[conn]]
+
+
+def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measured_later(weights, monkeypatch, intervals):
     """A tab joins while sessions stream back to back and its first pongs came late (answered
     while it was still starting): the new plan's extra hop makes it no faster, and the re-plan
     is deferred. Its round trip settles, and the deferred plan, judged again REPLAN_RETRY_S on
     while the sessions still run, is made (it waited for a moment without sessions, which
     streams back to back may never leave)."""
-    monkeypatch.setattr("coordinator.machine.join.PING_INTERVAL_S", 1e9)  # round trips as set here (this clock times no pong)
-    net = start_net(weights, 1, stages=2)
+    net, back_to_back, version, _, joined = _a_tab_joins_while_streams_run(weights, monkeypatch)
     core = net.core
-    streams = [f"s{i}" for i in range(4)]
-    for k, rid in enumerate(streams):
-        net.submit(rid, PROMPT[:5 + k], 40, stop_at_eos=False)
-    net.run(until=lambda: all(len(net.tokens(rid)) >= 3 for rid in streams))
-    version = core.plan_version
-    fast = net.add_worker()
-    net.run(until=lambda: core.conn_worker.get(fast) in core.workers and core.workers[core.conn_worker[fast]].state == "idle")
-    running, joined = core.stages[0].primary, core.workers[core.conn_worker[fast]]
+    running = core.stages[0].primary
     core.workers[running].ms_per_layer, core.workers[running].rtt_ms, core.workers[running].transfer = 40.0, 1.0, TransferFit()
     joined.ms_per_layer, joined.rtt_ms = 10.0, 200.0  # 4x faster, measured at join; its first pongs late
-
-    def back_to_back(seconds):
-        for _ in range(round(seconds / 0.05)):
-            net.advance(0.05, until=lambda: any(net.done(rid) for rid in streams))
-            assert core.sessions  # (a moment without one would make the deferred plan)
-            for k, rid in enumerate(streams):
-                if net.done(rid):
-                    streams[k] = f"{rid}+"
-                    net.submit(streams[k], PROMPT[:5 + k], 40, stop_at_eos=False)
-
     back_to_back(core.settings.replan_delay_ms / 1000)
     assert core.plan_version == version and core._deferred_replan
     joined.rtt_ms = 1.0  # as its next pongs show it
-    back_to_back(REPLAN_RETRY_S + 0.5)
+    back_to_back(planning_module.REPLAN_RETRY_S + 0.5)
     assert core.plan_version == version + 1 and [st.primary for st in core.stages if not st.retiring] == [joined.worker_id, running]
 
 
@@ -435,3 +477,243 @@ def test_a_re_plan_back_to_a_retiring_pipeline_takes_it_up_once(weights):
     assert net.tokens("b") == greedy_tokens(weights, PROMPT[:5], 60)
     assert core.counters["spot_checks"] > 100 and core.counters["spot_check_mismatches"] == 0
     assert not any(st.retiring for st in core.stages)
+
+
+def test_a_newcomer_measured_slow_on_a_busy_host_is_measured_again_and_planned(weights, monkeypatch, intervals):
+    """A tab joins while sessions stream back to back and its host is busy: its join measurement
+    counts others' work and says it is 5x slower than the running one, and the re-plan that would
+    use it does not pay. Left out of the plan, it is measured again once that figure is
+    REMEASURE_AFTER_S old (the host quiet by then): over 4x faster, and the re-plan judged on it is
+    made while the sessions still run (before issue #18 it was never measured again)."""
+    net, advance, version, fast, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, measure_delay_s=0.2)  # (a busy host)
+    core = net.core
+    running = core.workers[core.stages[0].primary]
+    for w in (running, joined):
+        w.rtt_ms, w.transfer = 1.0, TransferFit()
+    running.ms_per_layer = 40.0  # as measured at its join
+    assert joined.ms_per_layer > 5 * running.ms_per_layer
+    net.workers[fast].compute_delay = None  # its host quiet now
+    advance(core.settings.replan_delay_ms / 1000 + planning_module.REPLAN_RETRY_S)
+    assert core.plan_version == version and core._deferred_replan and not joined.stages
+    advance(join_module.REMEASURE_AFTER_S)
+    assert [e["worker"] for e in core.events if e["kind"] == "remeasure"] == [joined.worker_id]
+    assert joined.ms_per_layer < running.ms_per_layer / 4
+    assert core.plan_version == version + 1 and [st.primary for st in core.stages if not st.retiring] == [joined.worker_id, running.worker_id]
+
+
+def test_workers_serving_or_being_measured_are_never_measured_again(weights, monkeypatch, intervals):
+    """While a deferred re-plan is judged again and again, only the tab it leaves out is measured
+    again, every REMEASURE_AFTER_S: the workers of the running plan (primaries computing streams'
+    steps, or holding their range) never are, and a tab whose measurement is still awaited is not
+    sent another."""
+    # measured slow every time: left out
+    net, advance, version, slow, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=0.2)
+    core = net.core
+    planned = {wid: w.measured_at for wid, w in core.workers.items() if w.stages}
+    assert len(planned) == 2
+    remeasure_after, retry = join_module.REMEASURE_AFTER_S, planning_module.REPLAN_RETRY_S
+    advance(2 * remeasure_after + retry)
+    assert core.plan_version == version and core._deferred_replan and not joined.stages
+    times = [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == joined.worker_id]
+    assert len(times) == 2 and times[1] - times[0] >= remeasure_after
+    assert all(e["worker"] == joined.worker_id for e in core.events if e["kind"] == "remeasure")
+    assert {wid: core.workers[wid].measured_at for wid in planned} == planned and all(core.workers[wid].stages for wid in planned)
+    # its next measure not answered yet (its host busy): the retries meanwhile send no other
+    net.frozen.add(slow)
+    advance(remeasure_after + 2 * retry)
+    assert [m["type"] for m in net.held[slow] if m["type"] != "ping"] == ["measure"] and joined.state == "measuring"
+    advance.thaw(slow)
+    assert joined.state == "idle" and joined.measured_at == net.now
+
+
+def _remeasures(core, worker_id, since=float("-inf"), until=float("inf")) -> list[float]:
+    return [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == worker_id and since <= e["t"] <= until]
+
+
+def _advance_to_a_remeasure(advance, core, worker_id, answered=True):
+    """The clock on until `worker_id` is sent `measure` again (a retry past REMEASURE_AFTER_S)
+    and, if `answered`, its answer is in."""
+    for _ in range(round((join_module.REMEASURE_AFTER_S + 2 * planning_module.REPLAN_RETRY_S) / 0.05)):
+        if _remeasures(core, worker_id) and not (answered and core.workers[worker_id].state == "measuring"):
+            return
+        advance(0.05)
+    raise AssertionError(f"{worker_id} was never measured again")
+
+
+def _fits_only_the_smaller_range(core, w):
+    """`w`'s memory set (as a memory report would set it) to hold the plan's smaller stage only:
+    the larger one's repair goes to the other stage's primary, and `w` stays left out. Returns
+    (the larger stage, the smaller)."""
+    need = {st.index: sum(core.blob_info[k].size for k in core._stage_blobs(st)) for st in core.stages}
+    larger, smaller = sorted(core.stages, key=lambda st: need[st.index], reverse=True)
+    assert need[larger.index] > need[smaller.index]
+    w.caps["memory_bytes"] = int(w.capacity().expansion * need[smaller.index])
+    return larger, smaller
+
+
+def test_no_worker_is_measured_again_while_a_worker_is_suspected(weights, monkeypatch, intervals):
+    """A stage's primary turns slow (its steps held, its heartbeats on time) while the tab the
+    deferred re-plan leaves out falls due for a measurement: no `measure` goes out while the
+    slow worker is suspected (its answer would re-plan in the middle of the fault's handling),
+    and one goes out at the first retry after the worker answers."""
+    # measured far slower than the planned workers every time: left out (a late step of theirs
+    # does not make a plan with it pay)
+    net, advance, version, slow, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=1.0)
+    core, retry = net.core, planning_module.REPLAN_RETRY_S
+    _advance_to_a_remeasure(advance, core, joined.worker_id)
+    due = joined.measured_at + join_module.REMEASURE_AFTER_S
+    advance(due - 2.0 - net.now)  # (its step's deadline passes 0.5 s before the measure is due)
+    victim = core.workers[core.stages[1].primary]
+    net.frozen.add(victim.conn)
+    frozen_at = net.now
+    advance(3.0)
+    suspect = [e["t"] for e in core.events if e["kind"] == "suspect" and e["worker"] == victim.worker_id]
+    assert victim.state == "suspect" and suspect and suspect[0] < due < net.now
+    assert _remeasures(core, joined.worker_id, since=frozen_at) == []
+    answered_at = net.now
+    advance.thaw(victim.conn)  # its late answers come: ready again
+    assert victim.state == "ready" and core._fault_in_hand(net.now) is None
+    advance(retry + 0.1)
+    after = _remeasures(core, joined.worker_id, since=answered_at)
+    assert len(after) == 1 and after[0] - answered_at <= retry + 0.05
+
+
+def test_no_worker_is_measured_again_while_a_lost_stage_is_recovered(weights, monkeypatch, intervals):
+    """A stage's primary is lost while a tab is left out that can hold only the other stage's
+    range: the other stage's primary takes the lost range too and loads it slowly (its
+    messages held). The re-plan the loss schedules does not pay and is deferred, and the
+    left-out tab is due a measurement, but none goes out while the stage waits, nor at the
+    retries after; one does at the first retry after the stage is rebuilt."""
+    # measured far slower than the planned workers every time: left out (a late step of theirs
+    # does not make a plan with it pay)
+    net, advance, version, slow, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=1.0)
+    core, retry = net.core, planning_module.REPLAN_RETRY_S
+    lost, kept = _fits_only_the_smaller_range(core, joined)
+    _advance_to_a_remeasure(advance, core, joined.worker_id)
+    # as after a plan made or kept without it, no re-plan pending: its figure falls due, and the
+    # re-plan the loss schedules is deferred for the first time inside the fault
+    # (Join._remeasure_left_out's own guard, not Planning._replan_tick's for a deferred one)
+    core._deferred_replan, core._replan_at = False, None
+    advance(join_module.REMEASURE_AFTER_S)
+    assert not _remeasures(core, joined.worker_id, since=joined.measured_at + 0.1)
+    takes_over = core.workers[kept.primary]
+    net.kill(core.workers[lost.primary].conn)
+    assert lost.primary == takes_over.worker_id and not joined.stages
+    net.frozen.add(takes_over.conn)  # (its assignment held: the stage waits for it)
+    killed_at = net.now
+    advance(join_module.REMEASURE_AFTER_S + 1.5)
+    assert core._awaiting_recovery and core._fault_in_hand(net.now)
+    assert joined.measured_at + join_module.REMEASURE_AFTER_S < net.now - retry  # (due, and a retry since)
+    assert _remeasures(core, joined.worker_id, since=killed_at) == []
+    advance.thaw(takes_over.conn)
+    for _ in range(40):  # (its range loads over a few ticks, then the stage is rebuilt)
+        if core._fault_in_hand(net.now) is None:
+            break
+        advance(0.05)
+    handled_at = net.now
+    assert not lost.needs_rebuild and lost.primary in lost.ready and core._fault_in_hand(net.now) is None
+    assert _remeasures(core, joined.worker_id, since=killed_at) == []
+    advance(retry + 0.1)
+    after = _remeasures(core, joined.worker_id, since=killed_at)
+    assert len(after) == 1 and after[0] - handled_at <= retry + 0.05
+
+
+def test_a_worker_emptied_by_memory_pressure_is_not_measured_again(weights, monkeypatch, intervals):
+    """A stage's primary hands its range back under memory pressure (its budget now 0); the other
+    stage's primary takes it over, and the re-plan stays deferred. The emptied worker is left
+    out, trusted and idle like the tab the plan left out at its join, but no range of the plan
+    fits its memory: that tab is measured again, the emptied worker never is (a new figure could
+    not plan it in, and measuring it takes a host's cores for nothing)."""
+    net, advance, version, slow, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=1.0)
+    core = net.core
+    larger, smaller = _fits_only_the_smaller_range(core, joined)
+    emptied = core.workers[larger.primary]
+    for m in net.workers[emptied.conn].shrink_budget(0):
+        net.to_coordinator(emptied.conn, m)
+    advance(join_module.REMEASURE_AFTER_S + 3 * planning_module.REPLAN_RETRY_S)
+    assert larger.primary == smaller.primary and core._deferred_replan
+    assert emptied.alive and not emptied.stages and emptied.caps["memory_bytes"] == 0 and emptied.state in ("idle", "ready")
+    assert _remeasures(core, joined.worker_id) and _remeasures(core, emptied.worker_id) == []
+
+
+def _a_newcomer_faster_than_measured(weights, monkeypatch):
+    """Two workers serve 4 streams back to back in two stages (measured 40 ms a layer at their
+    join, on a busy host) and a tab joins, measured slow (its host busy then, quiet now): left
+    out, the re-plan deferred; measured again, it is far faster and a plan with it pays.
+    Returns _a_tab_joins_while_streams_run's."""
+    net, advance, version, fast, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=0.2)
+    for st in net.core.stages:
+        w = net.core.workers[st.primary]
+        w.ms_per_layer, w.rtt_ms, w.transfer = 40.0, 1.0, TransferFit()
+    joined.rtt_ms, joined.transfer = 1.0, TransferFit()
+    net.workers[fast].compute_delay = None
+    return net, advance, version, fast, joined
+
+
+def test_a_re_measure_answered_while_a_worker_is_suspected_re_plans_after_it(weights, monkeypatch, intervals):
+    """A left-out tab is sent its `measure` before anything is late, and answers (far faster)
+    while a stage's primary is suspected: its figure is taken, but the re-plan it pays for waits
+    until the suspected worker answers (Planning._replan_tick judges a deferred re-plan after a
+    fault), then is made at the next retry."""
+    net, advance, version, fast, joined = _a_newcomer_faster_than_measured(weights, monkeypatch)
+    core, retry = net.core, planning_module.REPLAN_RETRY_S
+    net.frozen.add(fast)  # (its answer held until the fault below is under way)
+    _advance_to_a_remeasure(advance, core, joined.worker_id, answered=False)
+    assert [m["type"] for m in net.held[fast] if m["type"] != "ping"] == ["measure"] and core._fault_in_hand(net.now) is None
+    victim = core.workers[core.stages[1].primary]
+    net.frozen.add(victim.conn)
+    for _ in range(40):
+        if victim.state == "suspect":
+            break
+        advance(0.05)
+    assert victim.state == "suspect" and core.plan_version == version
+    net.held[fast] = [m for m in net.held[fast] if m["type"] != "ping"]  # (answered now, it would time the hold as a round trip)
+    advance.thaw(fast)
+    answered_at = net.now
+    assert joined.measured_at == answered_at and joined.ms_per_layer < 40.0 / 4  # (the running primaries: 40)
+    advance(2 * retry)
+    assert victim.state == "suspect" and core.plan_version == version and not joined.stages
+    advance.thaw(victim.conn)
+    recovered_at = net.now
+    advance(retry + 0.1)
+    plan = [e["t"] for e in core.events if e["kind"] == "plan" and e["t"] > answered_at]
+    assert plan and recovered_at < plan[0] <= recovered_at + retry + 0.05
+    assert joined.worker_id in [st.primary for st in core.stages if not st.retiring]
+
+
+def test_a_slow_step_as_a_left_out_worker_falls_due_is_suspected_and_evicted_on_time(weights, monkeypatch, intervals):
+    """The shape of a failure seen with real tabs: a stream's stage turns slow just before the tab
+    the deferred re-plan leaves out is due a measurement. Measured again before the slow step's
+    deadline (nothing is known late yet), it is fast, and the re-plan judged on it gives the
+    slow worker a new range to load while its step is in flight. The step's worker is still
+    suspected at the first tick past that step's deadline and evicted at the first past
+    suspect_evict_factor deadlines (a worker loading was exempt from suspicion, and the tab was
+    found only by its eviction), and the streams' tokens are exact."""
+    net, advance, version, fast, joined = _a_newcomer_faster_than_measured(weights, monkeypatch)
+    core = net.core
+    advance(joined.measured_at + join_module.REMEASURE_AFTER_S - 0.6 - net.now)
+    assert core._deferred_replan and not _remeasures(core, joined.worker_id)
+    victim = core.workers[core.stages[1].primary]
+    net.frozen.add(victim.conn)
+    streams = list(advance.streams)
+    advance(0.05)
+    step = next(st.inflight for st in core.stages if st.inflight and st.inflight.worker == victim.worker_id)
+    allowed = step.deadline - step.sent_at
+    advance(step.sent_at + core.settings.suspect_evict_factor * allowed + 0.1 - net.now)
+    # the failure's shape: measured again and re-planned before the deadline, the victim given
+    # a range that it did not hold ready
+    remeasured = _remeasures(core, joined.worker_id)
+    assert remeasured and step.sent_at < remeasured[0] < step.deadline
+    plan = next(e for e in core.events if e["kind"] == "plan" and e["t"] > remeasured[0])
+    assert plan["t"] < step.deadline and any(victim.worker_id in st["holders"] and victim.worker_id not in st["ready"]
+                                             for st in plan["stages"])
+    suspect = [e["t"] for e in core.events if e["kind"] == "suspect" and e["worker"] == victim.worker_id]
+    death = [e for e in core.events if e["kind"] == "death" and e["worker"] == victim.worker_id]
+    assert suspect and step.deadline < suspect[0] <= step.deadline + 0.05 + 1e-9
+    assert death and f"step {step.step_id} " in death[0]["reason"]
+    evict_at = step.sent_at + core.settings.suspect_evict_factor * allowed
+    assert evict_at < death[0]["t"] <= evict_at + 0.05 + 1e-9
+    advance(1.0)
+    for k, rid in enumerate(streams):
+        run_until_done(net, [rid])
+        assert net.tokens(rid) == greedy_tokens(weights, PROMPT[:5 + k], 40)

@@ -11,6 +11,12 @@ from protocol import wire
 
 # how often each worker's round trip is timed (a ping is ~20 bytes each way)
 PING_INTERVAL_S = 1.0
+# a worker left out of the plan is measured again, while a re-plan waits to be judged, once its
+# last measurement is this old: a busy host only ever inflates a measurement (others' work counted
+# in its wall time), and a stale slow figure would keep a faster tab unused for good; each one builds
+# a layer and times measure_tokens steps on a host that may share cores with serving tabs, so not at
+# every retry (planning.REPLAN_RETRY_S)
+REMEASURE_AFTER_S = 15.0
 
 
 class Join:
@@ -38,11 +44,18 @@ class Join:
         self.events.append({"t": now, "kind": "join", "worker": wid, "name": w.name})
         return [
             Send(conn, wire.make("welcome", worker_id=wid, heartbeat_ms=self.settings.heartbeat_ms, epoch=w.epoch)),
-            Send(conn, wire.make("measure", model=self.config.to_dict(), tokens=self.settings.measure_tokens, layers=1)),
+            Send(conn, self._measure_message()),
         ]
 
+    def _measure_message(self) -> dict:
+        return wire.make("measure", model=self.config.to_dict(), tokens=self.settings.measure_tokens, layers=1)
+
     def _on_measurement(self, w: Worker, m: dict, now: float) -> list:
+        # a measurement again replaces the last one, not combined with it: the planner counts on
+        # the speed now (a host can get busier too: a minimum would keep the luckiest figure for
+        # good), and within one measurement the fastest step already drops preempted ones
         w.ms_per_layer = max(float(m["step_ms"]), 1e-3)
+        w.measured_at = now
         w.claimed_ms_per_layer = w.ms_per_layer
         details = m.get("details") or {}
         w.caps["measurement"] = details  # e.g. a browser tab's measured engines and its choice
@@ -54,6 +67,29 @@ class Join:
             w.move("measured")
         self._schedule_replan(now)
         return []
+
+    def _remeasure_left_out(self, now: float) -> list:
+        """`measure` again to each trusted remote worker the plan left out (it holds no range,
+        loads none, is on no trial, verifies no check) whose last measurement is
+        REMEASURE_AFTER_S old: it computes for no stream, so a running one pays nothing. It is
+        out of plans until it answers (measuring), and the answer re-plans. None while a fault
+        is handled (_fault_in_hand): the answer's re-plan would land in it. Not a worker whose
+        figures are flagged as absurd, nor one whose memory (shrunk by a memory-pressure
+        report) holds none of the running plan's ranges: a new figure would not plan it in."""
+        if self._fault_in_hand(now):
+            return []
+        verifying = {c.verifier for c in self._checks.values()}
+        ranges = {(st.layer_start, st.layer_end, st.include_head) for st in self.stages if not st.retiring}
+        out = []
+        for w in self.workers.values():
+            if (w.alive and not w.local and not w.probation and w.state in ("idle", "ready") and not w.stages and not w.loading
+                    and w.worker_id not in self._trials and w.worker_id not in verifying and not self._trusted_costs(w)[2]
+                    and any(self._fits(w.worker_id, *r) for r in ranges)
+                    and w.measured_at is not None and now - w.measured_at >= REMEASURE_AFTER_S):
+                w.move("remeasure")
+                self.events.append({"t": now, "kind": "remeasure", "worker": w.worker_id, "ms_per_layer": w.ms_per_layer})
+                out.append(Send(w.conn, self._measure_message()))
+        return out
 
     def _on_heartbeat(self, w: Worker, m: dict, now: float) -> list:
         return []

@@ -51,16 +51,24 @@ class Planning:
         plan that changes a running pipeline is made now, between steps, when it pays for
         moving the sessions (_replan_pays): the running pipelines serve them until it is
         loaded, then they move over one at a time (_keep_serving, _continue_pipelines,
-        _retire); otherwise it is judged again every REPLAN_RETRY_S, and made once none runs."""
+        _retire); otherwise it is judged again every REPLAN_RETRY_S (the workers it left out
+        measured again: Join._remeasure_left_out), not while a fault is handled unless the
+        running plan cannot go on (_fault_in_hand), and made once none runs."""
+        running = self.sessions and self.stages and all(s.primary for s in self.stages)
+        if running and self._deferred_replan and self._fault_in_hand(now) and not self._running_plan_broken():
+            # a plan made now would reassign the workers the fault's handling judges (a
+            # suspect's deadline, a rebuild's new primary, a move's target): after it
+            self._replan_at = now + REPLAN_RETRY_S
+            return []
         made = self._fresh_plan(self._planned_workers())
-        if self.sessions and self.stages and all(s.primary for s in self.stages):
+        if running:
             extended = self._extend_plan(now, made)
             if extended is not None:
                 return extended
             if not self._replan_pays(made):
                 self._deferred_replan = True
                 self._replan_at = now + REPLAN_RETRY_S
-                return []
+                return self._remeasure_left_out(now)  # (a stale slow figure may be why it does not pay)
         self._deferred_replan = False
         return self._replan(now, made)  # (last: it may swap the plan's primaries, _prefer_held_blobs)
 
@@ -167,12 +175,9 @@ class Planning:
         turned out slow; a tab with no steps yet is judged on join measurements alone).
         Membership churn that changes little (tabs coming back from faults, probation ending)
         waits for a moment without sessions."""
-        pipes = [sts for sts in self._pipelines().values() if not sts[0].retiring]
-        if not pipes or any(st.primary is None or st.primary == LOCAL or not self.workers[st.primary].alive
-                            or self._trusted_costs(self.workers[st.primary])[2]
-                            or not self._fits(st.primary, st.layer_start, st.layer_end, st.include_head)
-                            for sts in pipes for st in sts):
+        if self._running_plan_broken():
             return True
+        pipes = [sts for sts in self._pipelines().values() if not sts[0].retiring]
         if not isinstance(made, Plan):
             return True  # (_replan says which resource is short)
         new = [(sp.layer_start, sp.layer_end, sp.include_head, sp.workers[0]) for sp in made.pipelines[0]]
@@ -184,6 +189,15 @@ class Planning:
         now_ms = min(self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=serving)
                      for sts in pipes)
         return now_ms > self._plan_step_ms(new, serving=serving) * (1 + REPLAN_MIN_GAIN)
+
+    def _running_plan_broken(self) -> bool:
+        """Whether the running plan cannot go on: no pipeline that is not retiring, or a primary
+        of one that is the coordinator's own compute, gone, flagged or out of memory."""
+        pipes = [sts for sts in self._pipelines().values() if not sts[0].retiring]
+        return not pipes or any(st.primary is None or st.primary == LOCAL or not self.workers[st.primary].alive
+                                or self._trusted_costs(self.workers[st.primary])[2]
+                                or not self._fits(st.primary, st.layer_start, st.layer_end, st.include_head)
+                                for sts in pipes for st in sts)
 
     def _extend_plan(self, now: float, made: Plan | PlanError | None) -> list | None:
         """While sessions run, a new plan that only adds serving replicas (every running
@@ -446,7 +460,7 @@ class Planning:
         flag = self._trusted_costs(w)[2]
         flagged = f"flagged: {flag}; " if flag else ""
         if w.state in ("joining", "measuring"):
-            return "joining: its speed is being measured"
+            return "joining: its speed is being measured" if w.measured_at is None else "its speed is being measured again"
         held = [st for st in self.stages if w.worker_id in st.holders]
         loading = "" if all(w.worker_id in st.ready for st in held) else " (loading its layers)"
         primary = [st for st in held if st.primary == w.worker_id and not st.retiring]

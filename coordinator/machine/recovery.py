@@ -51,7 +51,7 @@ class Recovery:
                     self.backoff.offend(w.address, "a step far past its deadline", now)
                 out += self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
                                                  f"{' on probation' if w.probation else ''})", quarantine=w.probation)
-            elif w.state == "ready":
+            elif w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
                 w.move("missed_deadline")
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
         self._prune_ended_workers()
@@ -77,6 +77,26 @@ class Recovery:
         return out + self._pump(now)
 
     # -- failure and recovery
+    def _fault_in_hand(self, now: float) -> str | None:
+        """The fault this machine is handling now, or None: a suspected worker, a step past its
+        deadline (suspicion or eviction comes at the next tick), a stage lost and not yet
+        rebuilt or no token yet since (_awaiting_recovery), a session moving between pipelines
+        or not yet past its first token on the new one, a liar's tokens being recomputed. Work
+        that may wait (a deferred re-plan judged again, a left-out worker measured again) waits
+        for it to end: a re-plan in the middle of one reassigns the workers it is judging."""
+        if any(w.alive and w.state == "suspect" for w in self.workers.values()):
+            return "a suspected worker"
+        if any(st.inflight is not None and now > st.inflight.deadline for st in self.stages):
+            return "a step past its deadline"
+        if self._awaiting_recovery or any(st.needs_rebuild for st in self.stages):
+            return "a stage being recovered"
+        # (_migrating may still name a session that ended on the way: its own sessions only)
+        if any(s.moving_to is not None or s.request_id in self._migrating for s in self.sessions.values()):
+            return "a session moving"
+        if any(s.unconfirmed for s in self.sessions.values()):
+            return "a liar's tokens being recomputed"
+        return None
+
     def _worker_lost(self, w: Worker, now: float, reason: str, quarantine: bool = False) -> list:
         """Fence the worker (its epoch dies with it) and repair every stage it served."""
         w.move("quarantined" if quarantine else "lost")
