@@ -76,6 +76,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 """
 
 
+def best_run_s(dev, record, done, rounds: int) -> float:
+    """Seconds of the fastest of ``rounds`` submissions of what ``record(encoder)`` records, each
+    waited for by reading a word of the buffer ``done``, after one warm-up submission."""
+    best = float("inf")
+    for r in range(rounds + 1):
+        enc = dev.encoder()
+        record(enc)
+        t = time.perf_counter()
+        dev.queue.submit([enc.finish()])
+        dev.read(done, np.uint32, count=1)
+        if r:
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
 def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> dict:
     """The device's own copy bandwidth, bytes read + written per second (GB/s), by the copy
     command and by a vec4 compute copy: ``reps`` copies of nbytes in one submission, the best
@@ -87,27 +102,20 @@ def copy_gbps(dev, nbytes: int, reps: int = 10, rounds: int = 5) -> dict:
     bg = dev.bind_group(pipe, [src, dst])
     groups = -(-nbytes // (16 * 256))
     gx = min(groups, 65535)
-    out = {}
-    for how in ("command", "shader"):
-        best = float("inf")
-        for r in range(rounds + 1):
-            enc = dev.encoder()
-            if how == "command":
-                for _ in range(reps):
-                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
-            else:
-                cpass = enc.begin_compute_pass()
-                cpass.set_pipeline(pipe)
-                cpass.set_bind_group(0, bg)
-                for _ in range(reps):
-                    cpass.dispatch_workgroups(gx, -(-groups // gx))
-                cpass.end()
-            t = time.perf_counter()
-            dev.queue.submit([enc.finish()])
-            dev.read(dst, np.uint32, count=1)
-            if r:
-                best = min(best, time.perf_counter() - t)
-        out[how] = 2 * nbytes * reps / best / 1e9
+    def by_command(enc):
+        for _ in range(reps):
+            enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+
+    def by_shader(enc):
+        cpass = enc.begin_compute_pass()
+        cpass.set_pipeline(pipe)
+        cpass.set_bind_group(0, bg)
+        for _ in range(reps):
+            cpass.dispatch_workgroups(gx, -(-groups // gx))
+        cpass.end()
+
+    out = {how: 2 * nbytes * reps / best_run_s(dev, record, dst, rounds) / 1e9
+           for how, record in (("command", by_command), ("shader", by_shader))}
     src.destroy()
     dst.destroy()
     return out
@@ -138,9 +146,7 @@ def read_ms(dev, buffers: list, reps: int = 10, rounds: int = 3) -> float:
         "module": dev.device.create_shader_module(code=READ_WGSL), "entry_point": "main"})
     dst = dev.buffer(4 * 256 * READ_GROUPS, "read.dst")
     groups = [(dev.bind_group(pipe, [b, dst]), min(READ_GROUPS, -(-b.size // (16 * 256)))) for b in buffers]
-    best = float("inf")
-    for r in range(rounds + 1):
-        enc = dev.encoder()
+    def record(enc):
         cpass = enc.begin_compute_pass()
         cpass.set_pipeline(pipe)
         for _ in range(reps):
@@ -148,11 +154,8 @@ def read_ms(dev, buffers: list, reps: int = 10, rounds: int = 3) -> float:
                 cpass.set_bind_group(0, bg)
                 cpass.dispatch_workgroups(n)
         cpass.end()
-        t = time.perf_counter()
-        dev.queue.submit([enc.finish()])
-        dev.read(dst, np.uint32, count=1)
-        if r:
-            best = min(best, time.perf_counter() - t)
+
+    best = best_run_s(dev, record, dst, rounds)
     dst.destroy()
     return best * 1000 / (reps * len(buffers))
 
