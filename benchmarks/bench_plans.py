@@ -358,6 +358,10 @@ def bench_join(log: Path, settings: str, tokens: int, repeats: int, slow: float 
     return _pause_figures(runs, slow, "join", "no_join", "join during 4 streams: the longest pause from the join on")
 
 
+def _first_and_last(items: list) -> list:
+    return items[:1] + items[-1:] if len(items) > 1 else items
+
+
 def bench_replan(log: Path, settings: str, tokens: int, repeats: int, slow: float = 5.0) -> dict:
     """As bench_join, with `stages = 2`: a worker twice as fast as the running one (slowed `slow`
     x against 2 x `slow`) joins, and the planner splits the running one-stage pipeline in two
@@ -462,13 +466,16 @@ def _join_once(log: Path, settings: str, tokens: int, k: int, slow: float = 5.0,
                "late_worker_joined_a_pipeline": any(e.get("extended") for e in st["events"] if e["kind"] == "plan"),
                # the late worker's way in, s after it was started (the coordinator's clock is this one: CLOCK_MONOTONIC)
                "late_events_s": [(e["kind"], round(e["t"] - joined_at, 3)) for e in st["events"]
-                                 if e["t"] >= joined_at and e["kind"] in ("join", "plan", "loaded", "retired")]}
+                                 if e["t"] >= joined_at and e["kind"] in ("join", "plan", "plan_kept", "remeasure", "loaded", "retired")],
+               # why a re-plan waited, when one did: the planner's own words, the first and last time
+               "kept_reasons": _first_and_last([e["reason"] for e in st["events"] if e["t"] >= joined_at and e["kind"] == "plan_kept"])}
         j, q = out["join"], out["no_join"]
         print(f"  {name} {k}: longest pause from the join on {j['max_gap_ms']:.1f} ms = {j['max_gap_steps']:.2f} median gaps "
               f"({j['median_gap_ms']:.1f} ms), ended {j['max_gap_ended_s']:.2f} s after the worker started; side by side "
               f"without a join {q['max_gap_ms']:.1f} ms = {q['max_gap_steps']:.2f} ({q['median_gap_ms']:.1f} ms), ended "
               f"{q['max_gap_ended_s']:.2f} s; not overlapping a stall of the twin: {j['max_gap_steps_unshared']:.2f} with the join, "
-              f"{q['max_gap_steps_unshared']:.2f} without; {out['late_events_s']}", flush=True)
+              f"{q['max_gap_steps_unshared']:.2f} without; {out['late_events_s']}"
+              + (f"; plan kept: {out['kept_reasons']}" if out["kept_reasons"] else ""), flush=True)
         return out
     finally:
         c.stop(), quiet.stop()
