@@ -212,20 +212,16 @@ class WgpuBackend:
         self._check([SessionSlice(dst, 0, length)])
         self._assign_slots([SessionSlice(dst, 0, length)])
         n_kv = self.config.n_kv_heads
-        per_position = self._position_bytes // n_kv  # one kv head's key (or value) at one position
-        run = length * per_position
+        run = length * self._position_bytes // n_kv
         if self._layers and run:
-            def off(session: str, h: int) -> int:  # its slot's run of kv head h
-                return (self._slots[session] * n_kv + h) * self._pool_ctx * per_position
-
             scratch = self.dev.buffer(n_kv * run, "fork.scratch")
             enc = self.dev.encoder()
             for pair in self._pools:
                 for buf in pair:  # pool -> scratch, then scratch -> pool (copies in one encoder run in order)
                     for h in range(n_kv):
-                        enc.copy_buffer_to_buffer(buf, off(src, h), scratch, h * run, run)
+                        enc.copy_buffer_to_buffer(buf, self._head_run_offset(src, h), scratch, h * run, run)
                     for h in range(n_kv):
-                        enc.copy_buffer_to_buffer(scratch, h * run, buf, off(dst, h), run)
+                        enc.copy_buffer_to_buffer(scratch, h * run, buf, self._head_run_offset(dst, h), run)
             self.dev.queue.submit([enc.finish()])
             scratch.destroy()
         self._lengths[dst] = length
@@ -239,18 +235,16 @@ class WgpuBackend:
             raise ValueError(f"session {session_id} holds {held} positions, cannot copy {length}")
         c = self.config
         n_kv = c.n_kv_heads
-        per_position = self._position_bytes // n_kv  # one kv head's key (or value) at one position
-        run = length * per_position
+        run = length * self._position_bytes // n_kv
         if not run:
             empty = np.zeros((hi - lo, n_kv, length, c.head_dim), np.float32)
             return empty, empty.copy()
-        slot = self._slots[session_id]
         scratch = self.dev.buffer(2 * (hi - lo) * n_kv * run, "copy_kv.scratch")
         enc = self.dev.encoder()
         for i, pair in enumerate(self._pools[lo:hi]):
             for j, buf in enumerate(pair):  # keys, then values
                 for h in range(n_kv):
-                    enc.copy_buffer_to_buffer(buf, (slot * n_kv + h) * self._pool_ctx * per_position,
+                    enc.copy_buffer_to_buffer(buf, self._head_run_offset(session_id, h),
                                               scratch, ((i * 2 + j) * n_kv + h) * run, run)
         self.dev.queue.submit([enc.finish()])
         data = self.dev.read(scratch, count=2 * (hi - lo) * n_kv * length * c.head_dim)
@@ -267,14 +261,17 @@ class WgpuBackend:
         self.drop_session(session_id)
         self._check([SessionSlice(session_id, 0, length)])
         self._assign_slots([SessionSlice(session_id, 0, length)])
-        run = self._pool_ctx * self._position_bytes // c.n_kv_heads  # bytes of one kv head's positions in a slot
-        slot = self._slots[session_id]
         for (k_pool, v_pool), layer_k, layer_v in zip(self._pools, k, v):
             for h in range(c.n_kv_heads):
-                offset = (slot * c.n_kv_heads + h) * run
+                offset = self._head_run_offset(session_id, h)
                 self.dev.write(k_pool, np.ascontiguousarray(layer_k[h], np.float32), offset)
                 self.dev.write(v_pool, np.ascontiguousarray(layer_v[h], np.float32), offset)
         self._lengths[session_id] = length
+
+    def _head_run_offset(self, session_id: str, h: int) -> int:
+        """Byte offset in a KV pool of the session's slot's run of kv head h (layout [slot][kv head][ctx][head_dim])."""
+        n_kv = self.config.n_kv_heads
+        return (self._slots[session_id] * n_kv + h) * self._pool_ctx * (self._position_bytes // n_kv)
 
     def _check(self, slices: list[SessionSlice]) -> None:
         seen = set()
