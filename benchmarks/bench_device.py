@@ -442,7 +442,6 @@ def roofline(a) -> int:
         print(f"{label}: {wbytes / 1e9:.3f} GB of packed weights per step, generated in {time.perf_counter() - t0:.1f}s",
               flush=True)
         if a.kernels:
-            warm_up(dev, min(1.0, a.warm_up))  # the clock fell while the host built the weights
             results["kernels"] += [{"format": fmt, **r} for r in kernel_table(dev, weights, variants, [1, 8])]
         for variant in variants:
             tuning, options = variant_tuning(dev, variant)
