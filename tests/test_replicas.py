@@ -479,6 +479,10 @@ def test_a_re_plan_back_to_a_retiring_pipeline_takes_it_up_once(weights):
     assert not any(st.retiring for st in core.stages)
 
 
+def _remeasures(core, worker_id, since=float("-inf"), until=float("inf")) -> list[float]:
+    return [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == worker_id and since <= e["t"] <= until]
+
+
 def test_a_newcomer_measured_slow_on_a_busy_host_is_measured_again_and_planned(weights, monkeypatch, intervals):
     """A tab joins while sessions stream back to back and its host is busy: its join measurement
     counts others' work and says it is 5x slower than the running one, and the re-plan that would
@@ -514,7 +518,7 @@ def test_workers_serving_or_being_measured_are_never_measured_again(weights, mon
     remeasure_after, retry = join_module.REMEASURE_AFTER_S, planning_module.REPLAN_RETRY_S
     advance(2 * remeasure_after + retry)
     assert core.plan_version == version and core._deferred_replan and not joined.stages
-    times = [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == joined.worker_id]
+    times = _remeasures(core, joined.worker_id)
     assert len(times) == 2 and times[1] - times[0] >= remeasure_after
     assert all(e["worker"] == joined.worker_id for e in core.events if e["kind"] == "remeasure")
     assert {wid: core.workers[wid].measured_at for wid in planned} == planned and all(core.workers[wid].stages for wid in planned)
@@ -524,10 +528,6 @@ def test_workers_serving_or_being_measured_are_never_measured_again(weights, mon
     assert [m["type"] for m in net.held[slow] if m["type"] != "ping"] == ["measure"] and joined.state == "measuring"
     advance.thaw(slow)
     assert joined.state == "idle" and joined.measured_at == net.now
-
-
-def _remeasures(core, worker_id, since=float("-inf"), until=float("inf")) -> list[float]:
-    return [e["t"] for e in core.events if e["kind"] == "remeasure" and e["worker"] == worker_id and since <= e["t"] <= until]
 
 
 def _advance_to_a_remeasure(advance, core, worker_id, answered=True):
