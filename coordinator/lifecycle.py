@@ -1,7 +1,8 @@
 """A worker's lifecycle, as the coordinator sees it: one table of (state, event) -> next state.
 
     joining -(hello)-> measuring -(measured)-> idle -(assign)-> loading -(loaded)-> ready
-    ready or loading -(missed_deadline)-> suspect -(answered | loaded)-> ready
+    ready or loading -(missed_deadline)-> suspect -(answered | loaded)-> ready,
+        or -(answered_loading)-> loading when it answers while a load of its is still out
     loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
     idle, or ready holding nothing -(remeasure)-> measuring (left out of the plan, measured again)
     any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)
@@ -34,6 +35,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("ready", "missed_deadline"): "suspect",
     ("loading", "missed_deadline"): "suspect",  # a step sent before it was given a range to load
     ("suspect", "answered"): "ready",
+    ("suspect", "answered_loading"): "loading",  # (`ready` would say it serves every range it holds)
     **{(state, "lost"): "dead" for state in LIVE},
     **{(state, "quarantined"): "quarantined" for state in LIVE},
     ("dead", "lost"): "dead",  # lost twice (its socket closed after its deadline passed)

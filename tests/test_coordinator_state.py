@@ -176,6 +176,55 @@ def test_slow_worker_is_suspect_not_dead(weights):
     assert net.core.workers[net.core.conn_worker[victim]].state == "ready"
 
 
+@pytest.mark.parametrize("order", ["assigned_then_suspected", "suspected_then_assigned"])
+def test_a_suspect_that_answers_while_its_load_is_out_is_loading_until_loaded(weights, reference, order):
+    """A stage's primary is late with a step (suspect) while it loads the range of the other
+    stage, whose primary died: its late answer comes before its `ready`. It is `loading` then,
+    not `ready` (which would say it serves everything it holds), and `ready` once loaded; the
+    lost stage is rebuilt on it and the tokens are exact."""
+    net = start(weights, 2, step_deadline_min_ms=100, step_deadline_factor=1.0, suspect_evict_factor=1000)
+    core = net.core
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    late_conn, lost_conn = net.stage_conn(0), net.stage_conn(1)
+    late = core.workers[core.conn_worker[late_conn]]
+    net.frozen.add(late_conn)  # its messages held (its step among them); it heartbeats below
+    net.run(until=lambda: late_conn in net.held)
+
+    def tick_until(done):
+        for _ in range(20):
+            if done():
+                return
+            net.now += 0.05
+            for c in net.workers:
+                if c != lost_conn:
+                    net.to_coordinator(c, net.workers[c].heartbeat(1))
+            net.run()
+            net.perform(core.tick(net.now))
+        raise AssertionError(f"{late.worker_id} is {late.state}")
+
+    if order == "suspected_then_assigned":
+        tick_until(lambda: late.state == "suspect")
+    net.kill(lost_conn)  # its stage goes to the late worker, the only one left
+    net.run()
+    assert late.loading and core.stages[1].primary == late.worker_id and late.worker_id not in core.stages[1].ready
+    tick_until(lambda: late.state == "suspect")
+    held = net.held[late_conn]
+    answered = next(i for i, m in enumerate(held) if m["type"] == "assign")  # (its step came before the assignment)
+    assert any(m["type"] == "step" for m in held[:answered])
+    for m in held[:answered]:
+        for r in net.workers[late_conn].handle(m):
+            net.to_coordinator(late_conn, r)
+    net.held[late_conn] = held[answered:]
+    net.run()
+    assert late.steps and late.loading and late.state == "loading"
+    assert next(w for w in core.status(net.now)["workers"] if w["worker_id"] == late.worker_id)["state"] == "loading"
+    net.thaw(late_conn)  # the assignment and its weights: loaded
+    assert late.state == "ready" and not late.loading and late.worker_id in core.stages[1].ready
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
 def test_replica_standby_takes_over_without_download(weights, reference):
     net = start(weights, 4, replicas=2, stages=2)
     assert all(len(s.holders) == 2 for s in net.core.stages)
