@@ -5,6 +5,7 @@
         or -(answered_loading)-> loading when it answers while a load of its is still out
     loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
     idle, or ready holding nothing -(remeasure)-> measuring (left out of the plan, measured again)
+        -(assign)-> loading when a lost range needs it before its answer (on its last figure)
     any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)
 
 dead and quarantined are terminal: a worker that comes back is a new worker (its late results
@@ -25,6 +26,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("idle", "remeasure"): "measuring",
     ("ready", "remeasure"): "measuring",
     ("idle", "assign"): "loading",
+    ("measuring", "assign"): "loading",  # measured again only (Worker.remeasuring): Recovery._repair_stage
     ("loading", "assign"): "loading",
     ("ready", "assign"): "loading",
     ("loading", "loaded"): "ready",

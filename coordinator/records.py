@@ -230,6 +230,11 @@ class Worker:
     def alive(self) -> bool:
         return self.state not in ("dead", "quarantined")
 
+    @property
+    def remeasuring(self) -> bool:
+        """Being measured again (left out of the plan): it has a figure from before to plan on."""
+        return self.state == "measuring" and self.measured_at is not None
+
     def capacity(self) -> WorkerCapacity:
         return WorkerCapacity(self.worker_id, self.ms_per_layer, int(self.caps.get("memory_bytes", 1 << 30)),
                               float(self.caps.get("expansion", 1.0)), self.local)

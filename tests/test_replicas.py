@@ -618,6 +618,38 @@ def test_no_worker_is_measured_again_while_a_lost_stage_is_recovered(weights, mo
     assert len(after) == 1 and after[0] - handled_at <= retry + 0.05
 
 
+def test_a_worker_being_measured_again_takes_over_a_lost_range_at_once(weights, monkeypatch, intervals):
+    """A stage's primary dies while the tab the deferred re-plan leaves out is being measured
+    again (its `measure` held: its host busy), and the other primary has no room for the lost
+    range: the tab, the only candidate, is given the range at once on its last figure, not
+    after its answer (`measuring`, it was none, and the stage went unserved until then). Its
+    answer comes before its `ready` and is taken; the stage is rebuilt on it and the streams
+    that ran through the loss get exact tokens."""
+    net, advance, version, slow, joined = _a_tab_joins_while_streams_run(weights, monkeypatch, n_workers=2, measure_delay_s=1.0)
+    core = net.core
+    net.frozen.add(slow)
+    _advance_to_a_remeasure(advance, core, joined.worker_id, answered=False)
+    assert joined.state == "measuring" and [m["type"] for m in net.held[slow] if m["type"] != "ping"] == ["measure"]
+    figure, measured_at = joined.ms_per_layer, joined.measured_at
+    lost, kept = core.stages
+    survivor = core.workers[kept.primary]
+    need = sum(core.blob_info[k].size for k in core._stage_blobs(lost))
+    survivor.caps["memory_bytes"] = int(survivor.capacity().expansion * (core._held_bytes(survivor) + need - 1))
+    streams = list(advance.streams)
+    net.kill(core.workers[lost.primary].conn)
+    assert lost.primary == joined.worker_id and joined.state == "loading" and joined.ms_per_layer == figure
+    advance(0.5)  # (its answer still held)
+    assert [m["type"] for m in net.held[slow] if m["type"] not in ("ping", "weights_chunk")] == ["measure", "assign"]
+    assert joined.measured_at == measured_at and lost.primary == joined.worker_id and lost.needs_rebuild
+    net.workers[slow].compute_delay = None  # its host quiet now (each step of its would sleep a second)
+    advance.thaw(slow)
+    assert joined.measured_at > measured_at and joined.ms_per_layer < figure  # its answer taken
+    assert joined.state == "ready" and joined.worker_id in lost.ready
+    for k, rid in enumerate(streams):
+        run_until_done(net, [rid])
+        assert net.tokens(rid) == greedy_tokens(weights, PROMPT[:5 + k], 40)
+
+
 def test_a_worker_emptied_by_memory_pressure_is_not_measured_again(weights, monkeypatch, intervals):
     """A stage's primary hands its range back under memory pressure (its budget now 0); the other
     stage's primary takes it over, and the re-plan stays deferred. The emptied worker is left

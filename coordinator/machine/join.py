@@ -72,7 +72,8 @@ class Join:
         """`measure` again to each trusted remote worker the plan left out (it holds no range,
         loads none, is on no trial, verifies no check) whose last measurement is
         REMEASURE_AFTER_S old: it computes for no stream, so a running one pays nothing. It is
-        out of plans until it answers (measuring), and the answer re-plans. None while a fault
+        out of plans until it answers (measuring), and the answer re-plans; a stage lost
+        meanwhile may take it at once (Recovery._repair_stage). None while a fault
         is handled (_fault_in_hand): the answer's re-plan would land in it. Not a worker whose
         figures are flagged as absurd, nor one whose memory (shrunk by a memory-pressure
         report) holds none of the running plan's ranges: a new figure would not plan it in."""

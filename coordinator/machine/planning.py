@@ -35,8 +35,11 @@ class Planning:
     def _schedule_replan(self, now: float) -> None:
         self._replan_at = now + self.settings.replan_delay_ms / 1000
 
-    def _live_workers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.alive and w.state not in ("joining", "measuring")]
+    def _live_workers(self, remeasuring: bool = False) -> list[Worker]:
+        """Live workers with a measured speed; with `remeasuring`, those being measured again too
+        (on their last figure)."""
+        return [w for w in self.workers.values()
+                if w.alive and (w.state not in ("joining", "measuring") or remeasuring and w.remeasuring)]
 
     def _head_cost_layers(self) -> float:
         """The head's decode cost in layers: decode streams every weight once per token, so
@@ -460,7 +463,7 @@ class Planning:
         flag = self._trusted_costs(w)[2]
         flagged = f"flagged: {flag}; " if flag else ""
         if w.state in ("joining", "measuring"):
-            return "joining: its speed is being measured" if w.measured_at is None else "its speed is being measured again"
+            return "its speed is being measured again" if w.remeasuring else "joining: its speed is being measured"
         held = [st for st in self.stages if w.worker_id in st.holders]
         loading = "" if all(w.worker_id in st.ready for st in held) else " (loading its layers)"
         primary = [st for st in held if st.primary == w.worker_id and not st.retiring]

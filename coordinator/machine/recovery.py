@@ -165,7 +165,9 @@ class Recovery:
             st.inflight = None
         if st.primary is None:
             need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
-            candidates = [w for w in self._live_workers() if not w.local and
+            # a worker being measured again is one too, on its last figure: its answer (which it
+            # sends before it loads) is taken when it comes, and the stage does not wait for it
+            candidates = [w for w in self._live_workers(remeasuring=True) if not w.local and
                           w.capacity().memory_bytes / w.capacity().expansion >= need + self._held_bytes(w)]
             candidates.sort(key=lambda w: (w.probation, len(w.stages), self._ms_per_layer(w)))
             if candidates:

@@ -45,7 +45,7 @@ class WeightStreaming:
         infos = [self.blob_info[k] for k in keys]
         w.loading[aid] = (st.index, [i.sha256 for i in infos])
         w.load_progress = {}  # this assignment's reports start afresh (the last one stays after ready)
-        if w.state in ("idle", "ready"):
+        if w.state in ("idle", "ready") or w.remeasuring:
             w.move("assign")
         to_send = sum(i.size for i in infos if i.sha256 not in w.have_blobs)
         allowed = self.settings.load_timeout_min_s + to_send / self.settings.load_min_bytes_per_s
