@@ -221,7 +221,9 @@ class QuantLinear(Launcher):
     exist for qmatvec only: such a linear serves up to ``matvec_max_rows`` rows (see ByRows).
 
     ``compute_dtype="f16"``: the matvecs run their ``_f16`` variants (f16 weights, inputs and
-    products, f32 sums; the device needs shader-f16); qmatmul (prefill) stays f32."""
+    products, f32 sums; the device needs shader-f16); ``"i8"``: their ``_i8`` variants (inputs
+    quantized per 32-input block to int8, integer dot products; 3-bit weights in bit planes,
+    not contiguous); qmatmul (prefill) stays f32."""
 
     def __init__(self, dev: Device, w: GpuQuantTensor, x, x_stride: int, y, y_stride: int,
                  y_col: int = 0, accumulate: bool = False, matvec_max_rows: int | None = None,
@@ -238,12 +240,15 @@ class QuantLinear(Launcher):
         self.matvec_max_rows = self.tuning.matvec_max_rows if matvec_max_rows is None else matvec_max_rows
         self._args = (x, x_stride, y, y_stride, y_col, int(accumulate))
         self.norm, self.silu_up_col = norm, silu_up_col
-        if compute_dtype not in ("f32", "f16"):
-            raise ValueError(f"compute_dtype must be 'f32' or 'f16', got {compute_dtype!r}")
+        if compute_dtype not in ("f32", "f16", "i8"):
+            raise ValueError(f"compute_dtype must be 'f32', 'f16' or 'i8', got {compute_dtype!r}")
+        if compute_dtype == "i8" and w.contiguous3:
+            raise ValueError("the i8 matvecs read 3-bit codes in bit planes: upload_quant(..., contiguous3=False)")
+        self.compute_dtype = compute_dtype
         self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
-        self.matvec_kernel += "_f16" if compute_dtype == "f16" else ""
+        self.matvec_kernel += "" if compute_dtype == "f32" else f"_{compute_dtype}"
         self.wg = self.tuning.matvec_wg
-        # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 ones walk whole blocks
+        # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 and i8 ones walk whole blocks
         f32 = compute_dtype == "f32"
         self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt) if f32 else (8, 1)
         if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
@@ -279,6 +284,8 @@ class QuantLinear(Launcher):
         """qmatvec's overrides at ROWS = rows_per_wg, ``ch`` vec4s of each row staged (0: none)."""
         consts = {**quant_constants(self.w), "WG": self._wg(rows_per_wg, ch), "TPR": self._tpr(rows_per_wg, ch),
                   "ROWS": rows_per_wg}
+        if self.compute_dtype == "i8":
+            return {**consts, "XB": self._i8_blocks(rows_per_wg)}
         if self.span != 8 or self.opt != 1:
             consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
         if ch:
@@ -315,6 +322,17 @@ class QuantLinear(Launcher):
         room = (self.dev.limits["max-compute-workgroup-storage-size"] - 64) // 16
         return min(self.stage, room // rows_per_wg // 8 * 8)
 
+    def _i8_blocks(self, rows_per_wg: int) -> int:
+        """qmatvec_i8's XB: 32-input blocks of each row quantized a chunk, as many as the
+        workgroup memory holds beside the reduction's partial sums and qmatvec_norm_i8's
+        inv_rms (40 bytes a block and row), a multiple of TPR where that is at least one."""
+        room = self.dev.limits["max-compute-workgroup-storage-size"] - 64
+        room -= 16 * self.wg * -(-rows_per_wg // 4)
+        fit = min(room // (40 * rows_per_wg), -(-self.w.k // 32))
+        if fit < 1:
+            raise LimitError(f"qmatvec_i8 at {rows_per_wg} rows does not fit {room + 64} bytes of workgroup memory")
+        return fit // self.tpr * self.tpr if fit >= self.tpr else fit
+
     def _tpr(self, rows_per_wg: int, ch: int) -> int:
         """Threads per output: the lanes loop's, or staged ``ch`` vec4s a row a chunk, at least two blocks a lane."""
         if not ch:
@@ -331,7 +349,7 @@ class QuantLinear(Launcher):
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg, ch):
                 launch.set(m=rows)
                 items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))
-        elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16"):
+        elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16", "qmatvec_i8"):
             raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
         else:
             for n, launch in self._chunk_launches("qmatmul", 0):

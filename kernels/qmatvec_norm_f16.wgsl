@@ -16,13 +16,7 @@ override TPR: u32 = 16u;          // threads per output row: a power of two divi
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 
 struct Params {
-  n: u32,          // output rows of W (in this buffer)
-  k: u32,          // logical inputs; W rows are padded to a multiple of GROUP
-  m: u32,          // batch rows
-  x_stride: u32,   // x row stride in f32, a multiple of 4
-  y_stride: u32,   // y row stride in f32
-  y_col: u32,      // first column of y written
-  accumulate: u32, // 1: add onto y (the residual stream), 0: overwrite
+// #include "qmatvec_params.wgsl"
   eps: f32,        // RMSNorm epsilon
 }
 

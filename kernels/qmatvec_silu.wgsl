@@ -33,13 +33,7 @@ override EXACT: bool = false;     // k is a multiple of 32 (lanes loop: no maski
 override XT: u32 = 0u;            // vec4s of x staged a chunk, XT / ROWS of each row (include/qmatvec_staged.wgsl; 0: none)
 
 struct Params {
-  n: u32,          // output rows of W (in this buffer)
-  k: u32,          // logical inputs; W rows are padded to a multiple of GROUP
-  m: u32,          // batch rows
-  x_stride: u32,   // x row stride in f32, a multiple of 4
-  y_stride: u32,   // y row stride in f32
-  y_col: u32,      // first column of y written
-  accumulate: u32, // 1: add onto y (the residual stream), 0: overwrite
+// #include "qmatvec_params.wgsl"
   up_col: u32,     // column of the up projection in each x row, a multiple of 4
 }
 

@@ -251,3 +251,48 @@ def qmatvec_norm_f16(x: np.ndarray, w: QuantTensor, norm_weight: np.ndarray, eps
 def qmatvec_silu_f16(gate: np.ndarray, up: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
     """silu_gate (f32) folded into qmatvec_f16's input."""
     return qmatvec_f16(silu_gate(gate, up), w, y)
+
+
+# ---------------------------------------------------------------------------- i8 variants
+# The NAME_i8.wgsl kernels: the inputs quantized per 32-input block to int8 (scale = max |x| /
+# 127 in f32, codes round(x * (1 / scale)) to nearest even), the weights' codes times those
+# integers summed exactly, and each block's sum scaled in f32. Computed here on the dequantized
+# int8 inputs in float64: only the kernel's f32 sums of block terms differ.
+
+
+def quantize_blocks_i8(x: np.ndarray) -> np.ndarray:
+    """f32 [rows, k] -> the int8 inputs dequantized (f32 [rows, k]): what the i8 kernels multiply."""
+    x = np.asarray(x, np.float32)
+    rows, k = x.shape
+    blocks = np.zeros((rows, -(-k // 32) * 32), np.float32)
+    blocks[:, :k] = x
+    blocks = blocks.reshape(rows, -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(1.0) / scale, np.float32(0.0)).astype(np.float32)
+    codes = np.rint(blocks * inv)
+    return (codes * scale).reshape(rows, -1)[:, :k].astype(np.float32)
+
+
+def qmatvec_i8(x: np.ndarray, w: QuantTensor, y: np.ndarray | None = None, row_scale: np.ndarray | None = None) -> np.ndarray:
+    """qmatvec on int8-quantized inputs; each row's result times ``row_scale`` (qmatvec_norm_i8's
+    inverse RMS) before it is added onto ``y``."""
+    out = quantize_blocks_i8(x).astype(np.float64) @ w.dequantize().T.astype(np.float64)
+    if row_scale is not None:
+        out = out * np.asarray(row_scale, np.float64).reshape(-1, 1)
+    out = out.astype(np.float32)
+    return out if y is None else (y + out).astype(np.float32)
+
+
+def qmatvec_norm_i8(x: np.ndarray, w: QuantTensor, norm_weight: np.ndarray, eps: float, y: np.ndarray | None = None) -> np.ndarray:
+    """qmatvec_norm with int8 inputs: x * norm_weight is what is quantized, the inverse RMS
+    scales the result (as qmatvec_norm.wgsl folds the norm)."""
+    x = np.asarray(x, np.float32)
+    inv = 1.0 / np.sqrt(np.add.reduce(x * x, axis=-1) / np.float32(x.shape[-1]) + np.float32(eps))
+    return qmatvec_i8(x * np.asarray(norm_weight, np.float32), w, y, row_scale=inv)
+
+
+def qmatvec_silu_i8(gate: np.ndarray, up: np.ndarray, w: QuantTensor, y: np.ndarray | None = None) -> np.ndarray:
+    """silu_gate (f32) folded into qmatvec_i8's input."""
+    return qmatvec_i8(silu_gate(gate, up), w, y)

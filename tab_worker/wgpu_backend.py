@@ -113,7 +113,10 @@ class WgpuBackend:
         device's shader-f16 (f16 weights, inputs and products, f32 sums; activations, the
         KV cache, attention, norms and prefill's qmatmul stay f32); "auto", f16 where the
         device has shader-f16. The default is f32: on lavapipe the f16 matvecs run at
-        0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet.
+        0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet; "i8", the
+        matvecs on their NAME_i8.wgsl variants (inputs quantized per 32-input block to int8,
+        integer dot products: faster on a GPU, see bench_device's wgpu-i8; 3-bit weights
+        then stay in the blobs' bit planes).
         ``fuse_decode``: run decode batches on the fused kernels (see the module docstring);
         None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
         matvecs' shapes (kernels.runner.MatmulTuning; default: by device). ``contiguous3``:
@@ -138,8 +141,8 @@ class WgpuBackend:
         self.fuse_decode = dev.is_real_gpu() if fuse_decode is None else bool(fuse_decode)
         if compute_dtype == "auto":
             compute_dtype = "f16" if "shader-f16" in dev.features else "f32"
-        if compute_dtype not in ("f32", "f16"):
-            raise ValueError(f"compute_dtype must be 'f32', 'f16' or 'auto', got {compute_dtype!r}")
+        if compute_dtype not in ("f32", "f16", "i8"):
+            raise ValueError(f"compute_dtype must be 'f32', 'f16', 'i8' or 'auto', got {compute_dtype!r}")
         if compute_dtype == "f16" and "shader-f16" not in dev.features:
             raise ValueError(f"compute_dtype 'f16' needs the shader-f16 feature, which {dev.describe()} lacks")
         self.compute_dtype = compute_dtype
@@ -149,6 +152,7 @@ class WgpuBackend:
         self._kv_splits_wanted = kv_splits
         self._kv_splits = 1
         self._attn_parts = None
+        contiguous3 = contiguous3 and compute_dtype != "i8"  # the i8 matvecs read bit planes
         self._layers = [_GpuLayer(dev, i, layers[i], contiguous3) for i in self.layer_ids]
         self._head = None
         if head is not None:

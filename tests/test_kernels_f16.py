@@ -41,48 +41,55 @@ def rng():
     return np.random.default_rng(1234)
 
 
-def _check(got, want16, want32, tol):
-    np.testing.assert_allclose(got, want16, **tol)
-    assert np.abs(got - want16).max() < 0.25 * np.abs(want32 - want16).max(), "nearer f32 than its f16 twin"
+def _check(got, want_low, want32, tol):
+    np.testing.assert_allclose(got, want_low, **tol)
+    assert np.abs(got - want_low).max() < 0.25 * np.abs(want32 - want_low).max(), "nearer f32 than its twin"
 
 
-def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=F16_TOL, contiguous3=True):
-    """qmatvec_f16 (prologue None), qmatvec_norm_f16 ("norm") or qmatvec_silu_f16 ("silu")
-    against their twins, output in a column range of a wider buffer."""
+def linear_vs_twins(dev, rng, spec, n, k, rows, tuning, compute_dtype, prologue=None, accumulate=True, tol=F16_TOL,
+                    contiguous3=True, prepare=None):
+    """The matvec of ``compute_dtype`` ("f16": qmatvec_f16, qmatvec_norm_f16 for prologue "norm",
+    qmatvec_silu_f16 for "silu"; "i8" likewise) against its twin of the same name, output in a
+    column range of a wider buffer, and nearer that twin than the f32 reference. ``prepare``:
+    called with the QuantLinear before it runs."""
     w = quantize_rtn(randn(rng, n, k), spec)
     y_stride, y_col = n + 3, 2
     y0 = randn(rng, rows, y_stride)
     yb = dev.upload(y0)
     prev = y0[:, y_col : y_col + n] if accumulate else None
     gw = KL.upload_quant(dev, w, contiguous3=contiguous3)
+    kernel = {None: "qmatvec", "norm": "qmatvec_norm", "silu": "qmatvec_silu"}[prologue]
+    twin, twin32 = getattr(ref, f"{kernel}_{compute_dtype}"), getattr(ref, kernel)
     if prologue == "silu":
         up_col = -(-k // 4) * 4 + 4
         x_stride = up_col + -(-k // 4) * 4
         src = randn(rng, rows, x_stride, scale=3.0)
         op = KL.QuantLinear(dev, gw, dev.upload(src), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
-                           silu_up_col=up_col, compute_dtype="f16")
-        gate, up = src[:, :k], src[:, up_col : up_col + k]
-        want16, want32 = ref.qmatvec_silu_f16(gate, up, w, prev), ref.qmatvec_silu(gate, up, w, prev)
+                            silu_up_col=up_col, compute_dtype=compute_dtype)
+        args = (src[:, :k], src[:, up_col : up_col + k], w)
     else:
         x = randn(rng, rows, k, scale=3.0 if prologue else 1.0)
         x_stride = -(-k // 4) * 4
         xpad = padded(x, x_stride)
         xpad[:, k:] = 7.0  # padding past k must enter neither the norm nor the sums
-        norm = {}
+        norm, args = {}, (x, w)
         if prologue == "norm":
             nw = randn(rng, k)
-            norm = {"norm": (dev.upload(nw), 1e-5)}
-            want16, want32 = ref.qmatvec_norm_f16(x, w, nw, 1e-5, prev), ref.qmatvec_norm(x, w, nw, 1e-5, prev)
-        else:
-            want16, want32 = ref.qmatvec_f16(x, w, prev), ref.qmatvec(x, w, prev)
+            norm, args = {"norm": (dev.upload(nw), 1e-5)}, (x, w, nw, 1e-5)
         op = KL.QuantLinear(dev, gw, dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
-                           compute_dtype="f16", **norm)
-    assert op.matvec_kernel == {None: "qmatvec_f16", "norm": "qmatvec_norm_f16", "silu": "qmatvec_silu_f16"}[prologue]
+                            compute_dtype=compute_dtype, **norm)
+    assert op.matvec_kernel == f"{kernel}_{compute_dtype}"
+    if prepare is not None:
+        prepare(op)
     dev.run([op], rows)
     got = dev.read(yb, count=rows * y_stride).reshape(rows, y_stride)
-    _check(got[:, y_col : y_col + n], want16, want32, tol)
+    _check(got[:, y_col : y_col + n], twin(*args, prev), twin32(*args, prev), tol)
     np.testing.assert_array_equal(got[:, :y_col], y0[:, :y_col])  # nothing outside the range
     np.testing.assert_array_equal(got[:, y_col + n :], y0[:, y_col + n :])
+
+
+def _linear_f16(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=F16_TOL, contiguous3=True):
+    linear_vs_twins(dev, rng, spec, n, k, rows, tuning, "f16", prologue, accumulate, tol, contiguous3)
 
 
 @pytest.mark.parametrize("tuning", list(TUNINGS))

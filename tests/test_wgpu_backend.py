@@ -329,31 +329,38 @@ def f16_device(device):
 
 
 def test_f16_compute_matches_numpy_within_half_precision(model, f16_device):
+    _matvecs_in(model, f16_device, "f16", F16_HIDDEN_TOL, F16_LOGIT_TOL)
+
+
+def _matvecs_in(model, device, compute_dtype, hidden_tol, logit_tol):
+    """The backend with its matvecs in ``compute_dtype`` against NumpyBackend's f32: prefill
+    and fused decode steps within hidden_tol (and changed: not the f32 kernels), the head's
+    logits within logit_tol, the same best ids."""
     from tab_worker.backends import forward_topk
 
-    gpu, ref = _pair(model, f16_device, compute_dtype="f16", fuse_decode=True)
-    f32 = _pair(model, f16_device)[0]
-    assert gpu.compute_dtype == "f16"
+    gpu, ref = _pair(model, device, compute_dtype=compute_dtype, fuse_decode=True)
+    f32 = _pair(model, device)[0]
+    assert gpu.compute_dtype == compute_dtype
     rng = np.random.default_rng(0)
-    # prefill of two sessions (qmatvec_f16 at 9 rows), then decode (the fused f16 kernels)
+    # prefill of two sessions (the plain matvec at 9 rows), then decode (the fused kernels)
     for slices in ([SessionSlice("a", 0, 6), SessionSlice("b", 0, 3)], [SessionSlice("a", 6, 1), SessionSlice("b", 3, 1)],
                    [SessionSlice("a", 7, 1), SessionSlice("b", 4, 1)]):
         hidden = rng.standard_normal((sum(s.length for s in slices), CONFIG.hidden)).astype(np.float32)
         got, want, full = gpu.forward(slices, hidden), ref.forward(slices, hidden), f32.forward(slices, hidden)
-        np.testing.assert_allclose(got, want, **F16_HIDDEN_TOL)
-        assert np.abs(got - want).max() > 10 * np.abs(full - want).max(), "f16 changed nothing: still the f32 kernels?"
+        np.testing.assert_allclose(got, want, **hidden_tol)
+        assert np.abs(got - want).max() > 10 * np.abs(full - want).max(), f"{compute_dtype} changed nothing: still the f32 kernels?"
     # the head: every returned logit against numpy's logit of that id, and the same best id
     ids, logits = gpu.head_topk(got, 8)
     all_ids, all_logits = ref.head_topk(got, CONFIG.vocab)
     for row in range(len(got)):
         by_id = dict(zip(all_ids[row], all_logits[row]))
-        np.testing.assert_allclose(logits[row], [by_id[i] for i in ids[row]], **F16_LOGIT_TOL)
+        np.testing.assert_allclose(logits[row], [by_id[i] for i in ids[row]], **logit_tol)
     np.testing.assert_array_equal(ids[:, 0], all_ids[:, 0])
     slices = [SessionSlice("a", 8, 1), SessionSlice("b", 5, 1)]
     hidden = rng.standard_normal((2, CONFIG.hidden)).astype(np.float32)
     (gi, gl), (ri, rl) = gpu.forward_topk(slices, hidden, 1), forward_topk(ref, slices, hidden, 1)
     np.testing.assert_array_equal(gi, ri)
-    np.testing.assert_allclose(gl, rl, **F16_LOGIT_TOL)
+    np.testing.assert_allclose(gl, rl, **logit_tol)
 
 
 def test_decode_fusing_follows_the_device(model, device, rng=np.random.default_rng(3)):
@@ -471,3 +478,17 @@ def test_copy_kv_into_a_sub_range_decodes_as_a_replay_there(model, device, kind)
         copied.export_kv("s", 0, 2, 4)
     with pytest.raises(ValueError, match="does not fit"):
         copied.import_kv("t", *wide.export_kv("s", 0, 3, 4))
+
+
+# ---------------------------------------------------------------------------- compute_dtype="i8"
+# The matvecs on their i8 variants (inputs quantized per 32-input block to int8, integer dot
+# products; see kernels/include/qmatvec_i8.wgsl): each input moves by up to half a step of
+# 1/127 of its block's largest. On this model the hidden states (|h| <= ~10) moved by <= 0.1 and
+# the logits by <= 0.09 from NumpyBackend's f32 on lavapipe (f16: 5e-3 and 1e-2); the tolerances
+# allow 4x that. The kernels themselves are held to their twins in tests/test_kernels_i8.py.
+I8_HIDDEN_TOL = dict(atol=0.4, rtol=0)
+I8_LOGIT_TOL = dict(atol=0.35, rtol=0)
+
+
+def test_i8_compute_matches_numpy_within_int8_inputs(model, device):
+    _matvecs_in(model, device, "i8", I8_HIDDEN_TOL, I8_LOGIT_TOL)

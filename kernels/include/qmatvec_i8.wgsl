@@ -1,0 +1,221 @@
+// Included (kernels.wgsl_source) by the i8 kernels of the qmatvec family (qmatvec_i8,
+// qmatvec_norm_i8, qmatvec_silu_i8): everything but their Params, load_x and two hooks,
+// prologue(t, m0) (before the loop, in uniform control flow) and row_scale(quad) (each row's
+// result times it: 1, or qmatvec_norm_i8's inverse RMS).
+//
+// Why: on a GPU the f32 matvecs spend their time on instructions, not on bytes (H200, 7B shape,
+// one row: 2-, 3- and 4-bit steps take the same time; bench_device --breakdown). Here the inputs
+// are quantized to int8 per 32-input block (scale = max |x| / 127, as llama.cpp's q8_1), and
+// four codes times four inputs is one dot4I8Packed: a 4-bit block of 32 codes is 8 of them and
+// 12 bit operations, where the f32 loop spends ~4 instructions a code.
+//
+// Each workgroup quantizes XB blocks of each of its ROWS rows at a time into workgroup memory
+// (xq: a block's 32 codes as 8 words, packed in the order the weights' codes come out of their
+// words; xd: the block's x scale and the sum of its codes), then every lane takes whole blocks
+// of its output, TPR lanes an output, and decodes each block's codes once for all rows.
+
+override BITS: u32 = 4u;          // 2, 3 (bit planes), 4 or 8
+override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
+override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale*q + min
+override WG: u32 = 256u;          // threads per workgroup
+override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
+override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
+override XB: u32 = 32u;           // 32-input blocks of each row quantized into workgroup memory a chunk
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> qweight: array<vec4<u32>>;  // the words of every row, 4 at a time
+@group(0) @binding(2) var<storage, read> scales: array<u32>;
+@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+override QUADS: u32 = (ROWS + 3u) / 4u;
+var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
+var<workgroup> xq: array<vec4<u32>, 2u * XB * ROWS>;   // [row][block]: 32 int8 inputs in 8 words
+var<workgroup> xd: array<vec2<f32>, XB * ROWS>;        // [row][block]: (x scale, sum of the int8 inputs)
+
+// #include "scale_min.wgsl"
+
+// #include "reduce_store.wgsl"
+
+// #include "row_starts.wgsl"
+
+// v (block inputs j0..j0+3) with inputs at or past `valid` as 0 (the last block of a row whose k
+// is not a multiple of 32).
+fn masked(v: vec4<f32>, j0: u32, valid: u32) -> vec4<f32> {
+  if (valid >= 32u) {
+    return v;
+  }
+  return select(vec4<f32>(0.0), v, vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(valid));
+}
+
+// Input j of a block (0..31) goes to byte j_byte of word j_word of the packed block: the
+// weights' byte lanes (code_word below) hold inputs 8w + h + 2b (4-bit: word w, nibble half h,
+// byte b), 16w + s + 4b (2- and 3-bit: word w, 2-bit field s) or 4i + b (8-bit).
+fn packed_slot(j: u32) -> vec2<u32> {  // (word 0..7, byte 0..3)
+  if (BITS == 4u) {
+    return vec2<u32>(2u * (j / 8u) + j % 2u, (j % 8u) / 2u);
+  }
+  if (BITS == 8u) {
+    return vec2<u32>(j / 4u, j % 4u);
+  }
+  return vec2<u32>(4u * (j / 16u) + j % 4u, (j % 16u) / 4u);
+}
+
+// Codes i*4.. of a block as four bytes (the inputs packed_slot sends to word i), from its words
+// a (0-3) and b (4-7, 8-bit); 8-bit codes are offset by 128 to fit a signed byte.
+fn code_word(a: vec4<u32>, b: vec4<u32>, i: u32) -> u32 {
+  if (BITS == 4u) {
+    return (a[i / 2u] >> (4u * (i % 2u))) & 0x0F0F0F0Fu;
+  }
+  if (BITS == 8u) {
+    return select(b[i % 4u], a[i], i < 4u) ^ 0x80808080u;
+  }
+  let lo = (a[i / 4u] >> (2u * (i % 4u))) & 0x03030303u;
+  if (BITS == 2u) {
+    return lo;
+  }
+  // 3-bit bit planes: the high bits of inputs 16w + s + 4b sit at bits 16w + s + 4b of word 2;
+  // spread from 4 apart to 8 apart and lifted to bit 2 of each byte
+  let h = (a.z >> (16u * (i / 4u) + i % 4u)) & 0x1111u;
+  let h01 = h & 0x11u;
+  let h23 = h & 0x1100u;
+  let spread = ((h01 | (h01 << 4u)) & 0x101u) | (((h23 << 8u) | (h23 << 12u)) & 0x01010000u);
+  return lo | (spread << 2u);
+}
+
+// The block at word offset w of qweight: words 0-3 (a) and 4-7 (b), from aligned vec4 loads
+// (a 2- or 3-bit block shares its vec4s with its neighbours: the cache serves the overlap).
+struct Block {
+  a: vec4<u32>,
+  b: vec4<u32>,
+}
+
+fn load_block(w: u32) -> Block {
+  let v = qweight[w / 4u];
+  if (BITS == 4u) {
+    return Block(v, vec4<u32>(0u));
+  }
+  if (BITS == 8u) {
+    return Block(v, qweight[w / 4u + 1u]);
+  }
+  if (BITS == 2u) {
+    return Block(select(v.xyxy, v.zwzw, (w % 4u) == 2u), vec4<u32>(0u));
+  }
+  let next = qweight[w / 4u + 1u];  // 3-bit: three words from offset w % 4
+  let s = w % 4u;
+  let words = array<u32, 8>(v.x, v.y, v.z, v.w, next.x, next.y, next.z, next.w);
+  return Block(vec4<u32>(words[s], words[s + 1u], words[s + 2u], 0u), vec4<u32>(0u));
+}
+
+// Quantize block u (0..XB*ROWS-1: row u / XB, block first + u % XB) of the chunk into xq / xd.
+fn quantize_block(u: u32, first: u32, blocks: u32, rows_lo: vec4<u32>, rows_hi: vec4<u32>) {
+  let r = u / XB;
+  let b = first + u % XB;
+  var v: array<vec4<f32>, 8>;
+  var amax = 0.0;
+  if (b < blocks) {
+    let start = select(rows_lo[r % 4u], rows_hi[r % 4u], r >= 4u);
+    let valid = min(32u, p.k - b * 32u);
+    for (var i = 0u; i < 8u; i++) {
+      v[i] = load_x(start + b * 8u + i, i * 4u, valid, b * 8u + i);
+      let a = abs(v[i]);
+      amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
+    }
+  }
+  let scale = amax / 127.0;
+  let inv = select(0.0, 1.0 / scale, amax > 0.0);
+  var words = array<u32, 8>(0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u);
+  var sum = 0i;
+  for (var i = 0u; i < 8u; i++) {
+    let q = vec4<i32>(round(v[i] * inv));
+    sum += q.x + q.y + q.z + q.w;
+    for (var c = 0u; c < 4u; c++) {
+      let slot = packed_slot(4u * i + c);
+      words[slot.x] |= (u32(q[c]) & 0xFFu) << (8u * slot.y);
+    }
+  }
+  xq[2u * u] = vec4<u32>(words[0], words[1], words[2], words[3]);
+  xq[2u * u + 1u] = vec4<u32>(words[4], words[5], words[6], words[7]);
+  xd[u] = vec2<f32>(scale, f32(sum));
+}
+
+// The sum of code * x code over one block for chunk slot u (row r's block), from its 8 code words.
+fn block_dot(c: array<u32, 8>, u: u32) -> i32 {
+  let xa = xq[2u * u];
+  let xb = xq[2u * u + 1u];
+  var d = dot4I8Packed(c[0], xa.x) + dot4I8Packed(c[1], xa.y) + dot4I8Packed(c[2], xa.z)
+        + dot4I8Packed(c[3], xa.w) + dot4I8Packed(c[4], xb.x) + dot4I8Packed(c[5], xb.y)
+        + dot4I8Packed(c[6], xb.z) + dot4I8Packed(c[7], xb.w);
+  return d;
+}
+
+// One row's term of a block: x scale * (w scale * sum(q x) + w min * sum(x)) in the block's
+// integers, symmetric codes offset by 2^(BITS-1) in integers first (exact).
+fn block_term(c: array<u32, 8>, u: u32, sm: vec2<f32>) -> f32 {
+  var d = block_dot(c, u);
+  let xs = xd[u];
+  let sx = i32(xs.y);
+  if (BITS == 8u) {
+    d += 128i * sx;  // code_word's bytes are q - 128
+  }
+  if (SYMMETRIC) {
+    return xs.x * sm.x * f32(d - i32(1u << (BITS - 1u)) * sx);
+  }
+  return xs.x * (sm.x * f32(d) + sm.y * xs.y);
+}
+
+// Output n (clamped to the last row; never stored past n) of rows m0..m0+ROWS-1: partial[t]
+// and partial[WG + t] hold this lane's sums for rows m0..m0+3 and m0+4..m0+7.
+fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32) {
+  let groups = (p.k + GROUP - 1u) / GROUP;
+  let words_per_row = groups * GROUP / 32u * BITS;
+  let blocks = (p.k + 31u) / 32u;
+  let rows_lo = row_starts(m0);
+  let rows_hi = row_starts(m0 + 4u);
+  let row = min(n, max(p.n, 1u) - 1u);
+  var lo = vec4<f32>(0.0);
+  var hi = vec4<f32>(0.0);
+  for (var first = 0u; first < blocks; first += XB) {
+    workgroupBarrier();  // the previous chunk is read
+    for (var u = t; u < XB * ROWS; u += WG) {
+      quantize_block(u, first, blocks, rows_lo, rows_hi);
+    }
+    workgroupBarrier();
+    let count = min(XB, blocks - first);
+    for (var bt = lane; bt < count; bt += TPR) {
+      let b = first + bt;
+      let blk = load_block(row * words_per_row + b * BITS);
+      let c = array<u32, 8>(code_word(blk.a, blk.b, 0u), code_word(blk.a, blk.b, 1u), code_word(blk.a, blk.b, 2u),
+                            code_word(blk.a, blk.b, 3u), code_word(blk.a, blk.b, 4u), code_word(blk.a, blk.b, 5u),
+                            code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
+      let sm = scale_min(row, b * 32u / GROUP, groups);
+      lo.x += block_term(c, bt, sm);
+      if (ROWS > 1u) {
+        lo.y += block_term(c, XB + bt, sm);
+        lo.z += block_term(c, 2u * XB + bt, sm);
+        lo.w += block_term(c, 3u * XB + bt, sm);
+      }
+      if (ROWS > 4u) {
+        hi.x += block_term(c, 4u * XB + bt, sm);
+        hi.y += block_term(c, 5u * XB + bt, sm);
+        hi.z += block_term(c, 6u * XB + bt, sm);
+        hi.w += block_term(c, 7u * XB + bt, sm);
+      }
+    }
+  }
+  workgroupBarrier();
+  partial[t] = lo;
+  if (ROWS > 4u) {
+    partial[WG + t] = hi;
+  }
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+  let lane = t % TPR;
+  let n = wid.x * (WG / TPR) + t / TPR;
+  let m0 = wid.y * ROWS;
+  prologue(t, m0);
+  qmatvec_i8(t, lane, n, m0);
+  reduce_store(t, lane, n, m0, row_scale(0u), row_scale(1u));
+}

@@ -1,0 +1,121 @@
+"""Parity of the int8-input matvec kernels (NAME_i8.wgsl) with their numpy twins of the same
+names, over every quant format, the awkward shapes of test_kernels.py, both tunings and chunks
+of workgroup memory smaller than a row.
+
+Tolerances: the twin quantizes the inputs as the shader does and sums the dequantized products
+in float64; the shader's integer block sums are exact, so only its f32 sums of block terms
+differ (unit-scale data: ~1e-6). WGSL does not promise a correctly rounded 1 / scale, so another
+device may put an input that lies within an ulp of a rounding tie on the other code: one code
+step is scale / 127 of the block's largest input times one weight, which atol 2e-3 (unit data)
+and 2e-2 (k = 576, inputs of scale 3) admit. Int8 inputs themselves move these outputs by ~1e-2
+from the f32 results, so each case also checks that the kernel sits much nearer its twin than
+the f32 reference: a kernel that silently computed in f32 would fail.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kernels import launchers as KL
+from kernels import reference as ref
+from kernels import runner as R
+from kernels.quant import QuantSpec, quantize_rtn
+from tests.test_kernels import SPECS, TUNINGS, dev, randn, rng  # noqa: F401 (fixtures)
+from tests.test_kernels_f16 import linear_vs_twins
+
+I8_TOL = dict(atol=2e-3, rtol=0)
+I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
+
+
+def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=I8_TOL, x_blocks=None):
+    """tests.test_kernels_f16.linear_vs_twins on the i8 kernels (3-bit weights in bit planes);
+    ``x_blocks`` caps the blocks of x quantized a chunk (more chunks than the workgroup memory
+    would need)."""
+    def prepare(op):
+        if x_blocks is not None:
+            op._i8_blocks = lambda rows_per_wg: x_blocks
+
+    linear_vs_twins(dev, rng, spec, n, k, rows, tuning, "i8", prologue, accumulate, tol, contiguous3=False,
+                    prepare=prepare)
+
+
+@pytest.mark.parametrize("tuning", ["gpu", "cpu"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_qmatvec_i8(dev, rng, spec, tuning):
+    # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
+    _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
+
+
+@pytest.mark.parametrize("tuning", ["gpu", "cpu"])
+@pytest.mark.parametrize("rows", [1, 8, 11])
+def test_qmatvec_i8_batch_rows(dev, rng, rows, tuning):
+    # ROWS = 1, 8, and two workgroup rows of 8 with masked rows; k = 200: a ragged last block
+    _linear_i8(dev, rng, QuantSpec(4, 64, True), n=70, k=200, rows=rows, tuning=TUNINGS[tuning], accumulate=False)
+
+
+@pytest.mark.parametrize("prologue", ["norm", "silu"])
+@pytest.mark.parametrize("rows", [1, 3, 11])
+def test_qmatvec_fused_i8(dev, rng, prologue, rows):
+    _linear_i8(dev, rng, QuantSpec(4, 32, False), n=37, k=70, rows=rows, tuning=TUNINGS["gpu"], prologue=prologue)
+
+
+@pytest.mark.parametrize("prologue", [None, "norm", "silu"])
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64, True), QuantSpec(8, 32, False), QuantSpec(2, 128, False),
+                                  QuantSpec(4, 64, True)], ids=lambda s: s.name)
+@pytest.mark.parametrize("x_blocks", [None, 3])
+def test_qmatvec_i8_formats_at_model_width(dev, rng, prologue, spec, x_blocks):
+    # k = 576 (SmolLM2's hidden size: 18 blocks), rows 5: ROWS = 8 with three masked rows; with
+    # x_blocks 3 the row is quantized in 6 chunks, each lane taking at most one block of each
+    _linear_i8(dev, rng, spec, n=45, k=576, rows=5, tuning=TUNINGS["gpu"], prologue=prologue, accumulate=False,
+               tol=I8_TOL_WIDE, x_blocks=x_blocks)
+
+
+def test_i8_chunk_fits_the_webgpu_default_workgroup_memory(dev):
+    """At the spec's 16 KiB the 8-row chunk is what is left beside the reduction's partial sums."""
+    w = KL.upload_quant(dev, quantize_rtn(np.ones((8, 4096), np.float32), QuantSpec(4, 64, True)))
+    tuning = dataclasses.replace(TUNINGS["gpu"])
+    x, y = dev.buffer(8 * 4096 * 4), dev.buffer(8 * 8 * 4)
+    op = KL.QuantLinear(dev, w, x, 4096, y, 8, tuning=tuning, compute_dtype="i8")
+    saved = dev.limits
+    dev.limits = {**saved, "max-compute-workgroup-storage-size": 16384}
+    try:
+        blocks_8, blocks_1 = op._i8_blocks(8), op._i8_blocks(1)
+    finally:
+        dev.limits = saved
+    assert 40 * 8 * blocks_8 + 16 * op.wg * 2 + 64 <= 16384 and blocks_8 >= 1
+    assert 40 * blocks_1 + 16 * op.wg + 64 <= 16384 and blocks_1 > blocks_8
+
+
+def test_i8_twin_quantizes_each_block_to_127_steps(rng):
+    x = randn(rng, 2, 70)
+    x[1, 32:64] = 0.0  # an all-zero block stays zero
+    xq = ref.quantize_blocks_i8(x)
+    for r in range(2):
+        for b0 in range(0, 70, 32):
+            blk, got = x[r, b0 : b0 + 32], xq[r, b0 : b0 + 32]
+            step = np.abs(blk).max() / 127
+            if step == 0:
+                assert not got.any()
+                continue
+            codes = got / step
+            np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+            assert np.abs(got - blk).max() <= step / 2 * (1 + 1e-5)
+
+
+def test_i8_refuses_contiguous_3bit(dev):
+    w = KL.upload_quant(dev, quantize_rtn(np.ones((4, 64), np.float32), QuantSpec(3, 64, True)))
+    assert w.contiguous3
+    with pytest.raises(ValueError, match="bit planes"):
+        KL.QuantLinear(dev, w, dev.buffer(256), 64, dev.buffer(16), 4, compute_dtype="i8")
+
+
+def test_i8_kernels_take_their_f32_siblings_params():
+    """QuantLinear launches an i8 kernel as its f32 sibling (same Params; W bound as vec4 words)."""
+    dev_free = R.Device.__new__(R.Device)  # params_fields reads sources only
+    dev_free._params = {}
+    paths = sorted(R.KERNEL_DIR.glob("*_i8.wgsl"))
+    assert [p.stem for p in paths] == ["qmatvec_i8", "qmatvec_norm_i8", "qmatvec_silu_i8"]
+    for path in paths:
+        assert dev_free.params_fields(path.stem) == dev_free.params_fields(path.stem[: -len("_i8")]), path.name
