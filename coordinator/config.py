@@ -29,7 +29,7 @@ _RULES = {
     "request_timeout_s": (float, 0.1, 3600.0),
     "measure_tokens": (int, 2, 256),  # decode steps a joining worker times to measure its speed
     "max_sessions": (int, 1, 100_000),  # generations at once; more are refused with 429
-    "compute_dtype": (str, ("f32", "f16"), None),
+    "compute_dtype": (str, ("f32", "f16", "i8"), None),
     "workgroup_size": (int, 1, 4096),
     "spot_check_fraction": (float, 0.0, 1.0),  # steps recomputed by a trusted worker and compared
     "spot_check_rtol": (float, 1e-7, 1.0),  # allowed max |difference| / max |recomputed|

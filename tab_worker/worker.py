@@ -292,6 +292,8 @@ class TabWorker:
         compute = precision.get("compute")
         if compute == "f16" and self.backend_name == "wgpu" and self._has_feature("shader-f16"):
             options["compute_dtype"] = "f16"  # the matvecs' NAME_f16.wgsl variants
+        elif compute == "i8" and self.backend_name == "wgpu":
+            options["compute_dtype"] = "i8"  # the matvecs' NAME_i8.wgsl variants (any adapter)
         elif compute not in (None, "f32"):
             why = ("the numpy backend computes in f32" if self.backend_name == "numpy"
                    else "its adapter lacks shader-f16")

@@ -39,4 +39,4 @@ def test_choice_settings(tmp_path):
     f.write_text("compute_dtype = 'f64'\n")
     with pytest.raises(ConfigError) as e:
         load_settings(str(f))
-    assert "'compute_dtype' = 'f64': allowed values are f32, f16" in str(e.value)
+    assert "'compute_dtype' = 'f64': allowed values are f32, f16, i8" in str(e.value)

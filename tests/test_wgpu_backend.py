@@ -446,6 +446,15 @@ def test_wgpu_tab_honours_f16_only_with_shader_f16(device):
     assert tab.honour_precision({"compute": "f32"}) == ({}, [])
 
 
+def test_wgpu_tab_honours_i8_on_any_adapter_and_numpy_corrects_it():
+    from tab_worker.worker import TabWorker
+
+    assert TabWorker("t", backend="wgpu").honour_precision({"compute": "i8"}) == ({"compute_dtype": "i8"}, [])
+    options, corrections = TabWorker("n", backend="numpy").honour_precision({"compute": "i8"})
+    assert "compute_dtype" not in options
+    assert corrections == [{"setting": "compute", "asked": "i8", "used": "f32", "reason": "the numpy backend computes in f32"}]
+
+
 @pytest.mark.parametrize("kind", ["numpy", "wgpu"])
 def test_copy_kv_into_a_sub_range_decodes_as_a_replay_there(model, device, kind):
     # a worker serving layers [0, 3) of one pipeline and [1, 3) of the next (copy_kv): the
