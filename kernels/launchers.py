@@ -145,6 +145,7 @@ class MatmulTuning:
     matvec_stage: int = 0  # qmatvec: vec4s of each row of x staged in workgroup memory a chunk (0: none)
     matvec_stage_rows_min_k: int = 0  # staged: batches of rows too when k >= this (else the lanes loop)
     matvec_tall_batch_wg: int = 0  # staged: batches of tall long-rowed matrices too, in workgroups of this many threads (0: no)
+    matvec_i8_wg: int = 0  # qmatvec_i8's workgroups (more outputs share each quantized x); 0: matvec_wg
 
 
 def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
@@ -247,7 +248,7 @@ class QuantLinear(Launcher):
         self.compute_dtype = compute_dtype
         self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
         self.matvec_kernel += "" if compute_dtype == "f32" else f"_{compute_dtype}"
-        self.wg = self.tuning.matvec_wg
+        self.wg = self.tuning.matvec_i8_wg if compute_dtype == "i8" and self.tuning.matvec_i8_wg else self.tuning.matvec_wg
         # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 and i8 ones walk whole blocks
         f32 = compute_dtype == "f32"
         self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt) if f32 else (8, 1)

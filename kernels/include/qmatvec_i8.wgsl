@@ -48,20 +48,20 @@ fn masked(v: vec4<f32>, j0: u32, valid: u32) -> vec4<f32> {
   return select(vec4<f32>(0.0), v, vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(valid));
 }
 
-// Input j of a block (0..31) goes to byte j_byte of word j_word of the packed block: the
-// weights' byte lanes (code_word below) hold inputs 8w + h + 2b (4-bit: word w, nibble half h,
-// byte b), 16w + s + 4b (2- and 3-bit: word w, 2-bit field s) or 4i + b (8-bit).
-fn packed_slot(j: u32) -> vec2<u32> {  // (word 0..7, byte 0..3)
-  if (BITS == 4u) {
-    return vec2<u32>(2u * (j / 8u) + j % 2u, (j % 8u) / 2u);
-  }
-  if (BITS == 8u) {
-    return vec2<u32>(j / 4u, j % 4u);
-  }
-  return vec2<u32>(4u * (j / 16u) + j % 4u, (j % 16u) / 4u);
+// How a block's 32 int8 inputs are packed: word i of the block holds, byte b, the input whose
+// weight code code_word puts in byte b of its word i: 8w + h + 2b for 4-bit (i = 2w + h: word w,
+// nibble half h), 16w + s + 4b for 2- and 3-bit (i = 4w + s: word w, 2-bit field s), 4i + b for
+// 8-bit. q0..q7 are the block's inputs 4j..4j+3 as integers; every index below is a constant.
+fn pack_halves(a: vec4<i32>, b: vec4<i32>) -> vec2<u32> {  // 4-bit: inputs 8w + h + 2b of q[2w], q[2w+1]
+  return vec2<u32>(pack4xI8(vec4<i32>(a.x, a.z, b.x, b.z)), pack4xI8(vec4<i32>(a.y, a.w, b.y, b.w)));
 }
 
-// Codes i*4.. of a block as four bytes (the inputs packed_slot sends to word i), from its words
+fn pack_fields(a: vec4<i32>, b: vec4<i32>, c: vec4<i32>, d: vec4<i32>) -> vec4<u32> {  // 2/3-bit: the transpose
+  return vec4<u32>(pack4xI8(vec4<i32>(a.x, b.x, c.x, d.x)), pack4xI8(vec4<i32>(a.y, b.y, c.y, d.y)),
+                   pack4xI8(vec4<i32>(a.z, b.z, c.z, d.z)), pack4xI8(vec4<i32>(a.w, b.w, c.w, d.w)));
+}
+
+// Codes of a block as four bytes, those of word i of the packed inputs, from its words
 // a (0-3) and b (4-7, 8-bit); 8-bit codes are offset by 128 to fit a signed byte.
 fn code_word(a: vec4<u32>, b: vec4<u32>, i: u32) -> u32 {
   if (BITS == 4u) {
@@ -107,36 +107,49 @@ fn load_block(w: u32) -> Block {
   return Block(vec4<u32>(words[s], words[s + 1u], words[s + 2u], 0u), vec4<u32>(0u));
 }
 
-// Quantize block u (0..XB*ROWS-1: row u / XB, block first + u % XB) of the chunk into xq / xd.
+// Quantize block u (0..XB*ROWS-1: row u / XB, block first + u % XB) of the chunk into xq / xd,
+// all in registers (a private array indexed in a loop may not stay there).
 fn quantize_block(u: u32, first: u32, blocks: u32, rows_lo: vec4<u32>, rows_hi: vec4<u32>) {
   let r = u / XB;
   let b = first + u % XB;
-  var v: array<vec4<f32>, 8>;
-  var amax = 0.0;
-  if (b < blocks) {
-    let start = select(rows_lo[r % 4u], rows_hi[r % 4u], r >= 4u);
-    let valid = min(32u, p.k - b * 32u);
-    for (var i = 0u; i < 8u; i++) {
-      v[i] = load_x(start + b * 8u + i, i * 4u, valid, b * 8u + i);
-      let a = abs(v[i]);
-      amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
-    }
-  }
+  let start = select(rows_lo[r % 4u], rows_hi[r % 4u], r >= 4u) + b * 8u;
+  let valid = select(0u, min(32u, p.k - min(b * 32u, p.k)), b < blocks);  // past the row: all 0
+  let v0 = load_x(start, 0u, valid, b * 8u);
+  let v1 = load_x(start + 1u, 4u, valid, b * 8u + 1u);
+  let v2 = load_x(start + 2u, 8u, valid, b * 8u + 2u);
+  let v3 = load_x(start + 3u, 12u, valid, b * 8u + 3u);
+  let v4 = load_x(start + 4u, 16u, valid, b * 8u + 4u);
+  let v5 = load_x(start + 5u, 20u, valid, b * 8u + 5u);
+  let v6 = load_x(start + 6u, 24u, valid, b * 8u + 6u);
+  let v7 = load_x(start + 7u, 28u, valid, b * 8u + 7u);
+  let m = max(max(max(abs(v0), abs(v1)), max(abs(v2), abs(v3))), max(max(abs(v4), abs(v5)), max(abs(v6), abs(v7))));
+  let amax = max(max(m.x, m.y), max(m.z, m.w));
   let scale = amax / 127.0;
   let inv = select(0.0, 1.0 / scale, amax > 0.0);
-  var words = array<u32, 8>(0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u);
-  var sum = 0i;
-  for (var i = 0u; i < 8u; i++) {
-    let q = vec4<i32>(round(v[i] * inv));
-    sum += q.x + q.y + q.z + q.w;
-    for (var c = 0u; c < 4u; c++) {
-      let slot = packed_slot(4u * i + c);
-      words[slot.x] |= (u32(q[c]) & 0xFFu) << (8u * slot.y);
-    }
+  let q0 = vec4<i32>(round(v0 * inv));
+  let q1 = vec4<i32>(round(v1 * inv));
+  let q2 = vec4<i32>(round(v2 * inv));
+  let q3 = vec4<i32>(round(v3 * inv));
+  let q4 = vec4<i32>(round(v4 * inv));
+  let q5 = vec4<i32>(round(v5 * inv));
+  let q6 = vec4<i32>(round(v6 * inv));
+  let q7 = vec4<i32>(round(v7 * inv));
+  let qs = q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7;
+  var lo: vec4<u32>;
+  var hi: vec4<u32>;
+  if (BITS == 4u) {
+    lo = vec4<u32>(pack_halves(q0, q1), pack_halves(q2, q3));
+    hi = vec4<u32>(pack_halves(q4, q5), pack_halves(q6, q7));
+  } else if (BITS == 8u) {
+    lo = vec4<u32>(pack4xI8(q0), pack4xI8(q1), pack4xI8(q2), pack4xI8(q3));
+    hi = vec4<u32>(pack4xI8(q4), pack4xI8(q5), pack4xI8(q6), pack4xI8(q7));
+  } else {
+    lo = pack_fields(q0, q1, q2, q3);
+    hi = pack_fields(q4, q5, q6, q7);
   }
-  xq[2u * u] = vec4<u32>(words[0], words[1], words[2], words[3]);
-  xq[2u * u + 1u] = vec4<u32>(words[4], words[5], words[6], words[7]);
-  xd[u] = vec2<f32>(scale, f32(sum));
+  xq[2u * u] = lo;
+  xq[2u * u + 1u] = hi;
+  xd[u] = vec2<f32>(scale, f32(qs.x + qs.y + qs.z + qs.w));
 }
 
 // The sum of code * x code over one block for chunk slot u (row r's block), from its 8 code words.
