@@ -146,6 +146,7 @@ class MatmulTuning:
     matvec_stage_rows_min_k: int = 0  # staged: batches of rows too when k >= this (else the lanes loop)
     matvec_tall_batch_wg: int = 0  # staged: batches of tall long-rowed matrices too, in workgroups of this many threads (0: no)
     matvec_i8_wg: int = 0  # qmatvec_i8's workgroups (more outputs share each quantized x); 0: matvec_wg
+    matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
 
 
 def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
@@ -329,10 +330,20 @@ class QuantLinear(Launcher):
         inv_rms (40 bytes a block and row), a multiple of TPR where that is at least one."""
         room = self.dev.limits["max-compute-workgroup-storage-size"] - 64
         room -= 16 * self.wg * -(-rows_per_wg // 4)
-        fit = min(room // (40 * rows_per_wg), -(-self.w.k // 32))
+        blocks = -(-self.w.k // 32)
+        fit = min(room // (40 * rows_per_wg), blocks)
         if fit < 1:
             raise LimitError(f"qmatvec_i8 at {rows_per_wg} rows does not fit {room + 64} bytes of workgroup memory")
-        return fit // self.tpr * self.tpr if fit >= self.tpr else fit
+        return fit if fit == blocks or fit < self.tpr else fit // self.tpr * self.tpr
+
+    def _groups_x(self, n: int, rows_per_wg: int, ch: int) -> int:
+        """Workgroups along the outputs: one per output group, or for qmatvec_i8 with whole rows
+        in one chunk at most matvec_i8_max_groups (each then takes several groups, x quantized once)."""
+        groups = -(-n // self._outputs_per_wg(rows_per_wg, ch))
+        cap = self.tuning.matvec_i8_max_groups
+        if self.compute_dtype == "i8" and cap and self._i8_blocks(rows_per_wg) >= -(-self.w.k // 32):
+            return min(groups, cap)
+        return groups
 
     def _tpr(self, rows_per_wg: int, ch: int) -> int:
         """Threads per output: the lanes loop's, or staged ``ch`` vec4s a row a chunk, at least two blocks a lane."""
@@ -346,10 +357,9 @@ class QuantLinear(Launcher):
         if rows <= self.matvec_max_rows:
             rows_per_wg = next((r for r in MATVEC_ROWS if r >= rows), MATVEC_ROWS[-1])
             ch = self._staged(rows_per_wg, rows)
-            outputs_per_wg = self._outputs_per_wg(rows_per_wg, ch)
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg, ch):
                 launch.set(m=rows)
-                items += launch.at(-(-n // outputs_per_wg), -(-rows // rows_per_wg))
+                items += launch.at(self._groups_x(n, rows_per_wg, ch), -(-rows // rows_per_wg))
         elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16", "qmatvec_i8"):
             raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
         else:

@@ -119,3 +119,17 @@ def test_i8_kernels_take_their_f32_siblings_params():
     assert [p.stem for p in paths] == ["qmatvec_i8", "qmatvec_norm_i8", "qmatvec_silu_i8"]
     for path in paths:
         assert dev_free.params_fields(path.stem) == dev_free.params_fields(path.stem[: -len("_i8")]), path.name
+
+
+@pytest.mark.parametrize("max_groups", [1, 3])
+@pytest.mark.parametrize("prologue", [None, "norm"])
+@pytest.mark.parametrize("rows", [1, 8, 11])
+def test_qmatvec_i8_narrow_grid_takes_every_output_group(dev, rng, max_groups, prologue, rows):
+    # whole rows in one chunk (k = 200: 7 blocks), x quantized once: a grid of 1 or 3 workgroups
+    # a batch row walks all of n = 300's output groups (64 outputs a group: the last one ragged)
+    tuning = dataclasses.replace(TUNINGS["gpu"], matvec_i8_max_groups=max_groups)
+    def prepare(op):
+        assert op._groups_x(op.w.n, 8 if rows > 4 else 1, 0) == max_groups
+
+    linear_vs_twins(dev, rng, QuantSpec(4, 64, True), 300, 200, rows, tuning, "i8", prologue, True, I8_TOL,
+                    contiguous3=False, prepare=prepare)

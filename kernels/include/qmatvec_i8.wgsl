@@ -177,58 +177,90 @@ fn block_term(c: array<u32, 8>, u: u32, sm: vec2<f32>) -> f32 {
   return xs.x * (sm.x * f32(d) + sm.y * xs.y);
 }
 
-// Output n (clamped to the last row; never stored past n) of rows m0..m0+ROWS-1: partial[t]
-// and partial[WG + t] hold this lane's sums for rows m0..m0+3 and m0+4..m0+7.
-fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32) {
-  let groups = (p.k + GROUP - 1u) / GROUP;
-  let words_per_row = groups * GROUP / 32u * BITS;
-  let blocks = (p.k + 31u) / 32u;
+// Quantize chunk blocks first.. of the workgroup's rows into xq / xd (all threads, in uniform
+// control flow).
+fn quantize_chunk(t: u32, first: u32, blocks: u32, m0: u32) {
   let rows_lo = row_starts(m0);
   let rows_hi = row_starts(m0 + 4u);
-  let row = min(n, max(p.n, 1u) - 1u);
-  var lo = vec4<f32>(0.0);
-  var hi = vec4<f32>(0.0);
-  for (var first = 0u; first < blocks; first += XB) {
-    workgroupBarrier();  // the previous chunk is read
-    for (var u = t; u < XB * ROWS; u += WG) {
-      quantize_block(u, first, blocks, rows_lo, rows_hi);
-    }
-    workgroupBarrier();
-    let count = min(XB, blocks - first);
-    for (var bt = lane; bt < count; bt += TPR) {
-      let b = first + bt;
-      let blk = load_block(row * words_per_row + b * BITS);
-      let c = array<u32, 8>(code_word(blk.a, blk.b, 0u), code_word(blk.a, blk.b, 1u), code_word(blk.a, blk.b, 2u),
-                            code_word(blk.a, blk.b, 3u), code_word(blk.a, blk.b, 4u), code_word(blk.a, blk.b, 5u),
-                            code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
-      let sm = scale_min(row, b * 32u / GROUP, groups);
-      lo.x += block_term(c, bt, sm);
-      if (ROWS > 1u) {
-        lo.y += block_term(c, XB + bt, sm);
-        lo.z += block_term(c, 2u * XB + bt, sm);
-        lo.w += block_term(c, 3u * XB + bt, sm);
-      }
-      if (ROWS > 4u) {
-        hi.x += block_term(c, 4u * XB + bt, sm);
-        hi.y += block_term(c, 5u * XB + bt, sm);
-        hi.z += block_term(c, 6u * XB + bt, sm);
-        hi.w += block_term(c, 7u * XB + bt, sm);
-      }
-    }
+  workgroupBarrier();  // the previous chunk is read
+  for (var u = t; u < XB * ROWS; u += WG) {
+    quantize_block(u, first, blocks, rows_lo, rows_hi);
   }
   workgroupBarrier();
+}
+
+// Weight row `row`'s terms over the chunk's blocks first..first+count-1 (this lane's share), for
+// rows m0..m0+3 (lo) and m0+4..m0+7 (hi) of the workgroup.
+fn chunk_terms(lane: u32, row: u32, first: u32, count: u32, lo: ptr<function, vec4<f32>>, hi: ptr<function, vec4<f32>>) {
+  let groups = (p.k + GROUP - 1u) / GROUP;
+  let words_per_row = groups * GROUP / 32u * BITS;
+  for (var bt = lane; bt < count; bt += TPR) {
+    let b = first + bt;
+    let blk = load_block(row * words_per_row + b * BITS);
+    let c = array<u32, 8>(code_word(blk.a, blk.b, 0u), code_word(blk.a, blk.b, 1u), code_word(blk.a, blk.b, 2u),
+                          code_word(blk.a, blk.b, 3u), code_word(blk.a, blk.b, 4u), code_word(blk.a, blk.b, 5u),
+                          code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
+    let sm = scale_min(row, b * 32u / GROUP, groups);
+    (*lo).x += block_term(c, bt, sm);
+    if (ROWS > 1u) {
+      (*lo).y += block_term(c, XB + bt, sm);
+      (*lo).z += block_term(c, 2u * XB + bt, sm);
+      (*lo).w += block_term(c, 3u * XB + bt, sm);
+    }
+    if (ROWS > 4u) {
+      (*hi).x += block_term(c, 4u * XB + bt, sm);
+      (*hi).y += block_term(c, 5u * XB + bt, sm);
+      (*hi).z += block_term(c, 6u * XB + bt, sm);
+      (*hi).w += block_term(c, 7u * XB + bt, sm);
+    }
+  }
+}
+
+// This lane's sums into partial (rows m0..m0+3 at partial[t], m0+4..m0+7 at partial[WG + t]).
+fn store_partial(t: u32, lo: vec4<f32>, hi: vec4<f32>) {
+  workgroupBarrier();  // the last output's reduction is read
   partial[t] = lo;
   if (ROWS > 4u) {
     partial[WG + t] = hi;
   }
 }
 
+// Output n (its weight row clamped to the last; never stored past n) of rows m0..m0+ROWS-1,
+// XB blocks of x quantized at a time, the chunk's terms after each.
+fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32, blocks: u32) {
+  let row = min(n, max(p.n, 1u) - 1u);
+  var lo = vec4<f32>(0.0);
+  var hi = vec4<f32>(0.0);
+  for (var first = 0u; first < blocks; first += XB) {
+    quantize_chunk(t, first, blocks, m0);
+    chunk_terms(lane, row, first, min(XB, blocks - first), &lo, &hi);
+  }
+  store_partial(t, lo, hi);
+}
+
+// Where a row's blocks all fit one chunk (XB >= blocks), x is quantized once and the workgroup
+// takes output groups wid.x, wid.x + the grid's width, ...: a grid narrower than the outputs
+// (QuantLinear's i8_max_groups) quantizes x fewer times; else one output group a workgroup.
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
   let lane = t % TPR;
-  let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
+  let blocks = (p.k + 31u) / 32u;
   prologue(t, m0);
-  qmatvec_i8(t, lane, n, m0);
-  reduce_store(t, lane, n, m0, row_scale(0u), row_scale(1u));
+  if (XB < blocks) {
+    let n = wid.x * (WG / TPR) + t / TPR;
+    qmatvec_i8(t, lane, n, m0, blocks);
+    reduce_store(t, lane, n, m0, row_scale(0u), row_scale(1u));
+    return;
+  }
+  quantize_chunk(t, 0u, blocks, m0);
+  for (var g = wid.x; g * (WG / TPR) < p.n; g += grid.x) {
+    let n = g * (WG / TPR) + t / TPR;
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    chunk_terms(lane, min(n, p.n - 1u), 0u, blocks, &lo, &hi);
+    store_partial(t, lo, hi);
+    reduce_store(t, lane, n, m0, row_scale(0u), row_scale(1u));
+  }
 }
