@@ -167,7 +167,8 @@ def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
         return MatmulTuning(matvec_wg=wg, matvec_max_tpr=32, matvec_max_rows=1 << 30, tile=tile,
                             matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE,
                             matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K,
-                            matvec_tall_batch_wg=tall if tall > wg else 0)
+                            matvec_tall_batch_wg=tall if tall > wg else 0,
+                            matvec_i8_wg=dev.workgroup_size(GPU_MATVEC_I8_WG), matvec_i8_max_groups=GPU_MATVEC_I8_MAX_GROUPS)
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
@@ -186,6 +187,12 @@ GPU_MATVEC_STAGE_ROWS_MIN_K = 8192
 # matvecs ran faster at 8 rows so, slower staged in 256 threads, and its n = 4096 ones slower in 512
 GPU_MATVEC_TALL_BATCH_WG = 512
 TALL_N, TALL_K = 8192, 4096
+# qmatvec_i8 (compute_dtype "i8") on a real GPU: workgroups of 1024 threads where the device
+# allows (32 outputs share each quantized x), at most 132 workgroups a batch row where whole rows
+# fit one chunk. H200, 7B shape s4g64 and SmolLM2: the best of 256/512/1024 threads and 132/264/528
+# workgroups at 1 and 8 rows, but for SmolLM2 at 8 rows (bench_device's wgpu-i8wWgG variants)
+GPU_MATVEC_I8_WG = 1024
+GPU_MATVEC_I8_MAX_GROUPS = 132
 
 
 def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:

@@ -128,6 +128,17 @@ def test_qmatvec_i8_narrow_grid_takes_every_output_group(dev, rng, max_groups, p
     # whole rows in one chunk (k = 200: 7 blocks), x quantized once: a grid of 1 or 3 workgroups
     # a batch row walks all of n = 300's output groups (64 outputs a group: the last one ragged)
     tuning = dataclasses.replace(TUNINGS["gpu"], matvec_i8_max_groups=max_groups)
+    _narrow_grid(dev, rng, tuning, max_groups, prologue, rows)
+
+
+def test_qmatvec_i8_in_the_gpu_tunings_workgroups(dev, rng):
+    # the real GPU's i8 tuning (workgroups of up to 1024 threads, a capped grid) on this adapter
+    tuning = KL.matmul_tuning(dev, real_gpu=True)
+    assert tuning.matvec_i8_wg == dev.workgroup_size(KL.GPU_MATVEC_I8_WG) and tuning.matvec_i8_max_groups
+    _narrow_grid(dev, rng, dataclasses.replace(tuning, matvec_i8_max_groups=2), 2, "norm", 5)
+
+
+def _narrow_grid(dev, rng, tuning, max_groups, prologue, rows):
     def prepare(op):
         assert op._groups_x(op.w.n, 8 if rows > 4 else 1, 0) == max_groups
 
