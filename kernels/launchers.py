@@ -312,6 +312,8 @@ class QuantLinear(Launcher):
         return bool(self.tuning.matvec_tall_batch_wg) and rows_per_wg > 1 and self.w.n >= TALL_N and self.w.k >= TALL_K
 
     def _wg(self, rows_per_wg: int, ch: int) -> int:
+        if self.compute_dtype == "i8":
+            return self._i8_wg(rows_per_wg)
         return self.tuning.matvec_tall_batch_wg if ch and self._tall_batch(rows_per_wg) else self.wg
 
     def _outputs_per_wg(self, rows_per_wg: int, ch: int) -> int:
@@ -331,12 +333,24 @@ class QuantLinear(Launcher):
         room = (self.dev.limits["max-compute-workgroup-storage-size"] - 64) // 16
         return min(self.stage, room // rows_per_wg // 8 * 8)
 
+    def _i8_room(self, wg: int, rows_per_wg: int) -> int:
+        """Bytes of workgroup memory qmatvec_i8 has for x beside the reduction's partial sums
+        (16 bytes a thread and quad of rows) and qmatvec_norm_i8's inv_rms."""
+        return self.dev.limits["max-compute-workgroup-storage-size"] - 64 - 16 * wg * -(-rows_per_wg // 4)
+
+    def _i8_wg(self, rows_per_wg: int) -> int:
+        """qmatvec_i8's threads a workgroup at ROWS = rows_per_wg: the tuning's, halved (not
+        below matvec_wg) until 8 blocks of each row (or the whole row) fit beside the partial sums."""
+        wg, want = self.wg, 40 * rows_per_wg * min(8, -(-self.w.k // 32))
+        while wg > self.tuning.matvec_wg and self._i8_room(wg, rows_per_wg) < want:
+            wg //= 2
+        return wg
+
     def _i8_blocks(self, rows_per_wg: int) -> int:
         """qmatvec_i8's XB: 32-input blocks of each row quantized a chunk, as many as the
-        workgroup memory holds beside the reduction's partial sums and qmatvec_norm_i8's
-        inv_rms (40 bytes a block and row), a multiple of TPR where that is at least one."""
-        room = self.dev.limits["max-compute-workgroup-storage-size"] - 64
-        room -= 16 * self.wg * -(-rows_per_wg // 4)
+        workgroup memory holds (40 bytes a block and row), a multiple of TPR where that is at
+        least one."""
+        room = self._i8_room(self._i8_wg(rows_per_wg), rows_per_wg)
         blocks = -(-self.w.k // 32)
         fit = min(room // (40 * rows_per_wg), blocks)
         if fit < 1:
