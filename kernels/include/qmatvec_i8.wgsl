@@ -7,7 +7,10 @@
 // one row: 2-, 3- and 4-bit steps take the same time; bench_device --breakdown). Here the inputs
 // are quantized to int8 per 32-input block (scale = max |x| / 127, as llama.cpp's q8_1), and
 // four codes times four inputs is one dot4I8Packed: a 4-bit block of 32 codes is 8 of them and
-// 12 bit operations, where the f32 loop spends ~4 instructions a code.
+// 12 bit operations, where the f32 loop spends several instructions a code.
+//
+// The 3-bit bit planes cost more: each code word's high bits are spread with ten more bit
+// operations (a layout made for this loop, written on upload, would save them).
 //
 // Each workgroup quantizes XB blocks of each of its ROWS rows at a time into workgroup memory
 // (xq: a block's 32 codes as 8 words, packed in the order the weights' codes come out of their
@@ -101,10 +104,13 @@ fn load_block(w: u32) -> Block {
   if (BITS == 2u) {
     return Block(select(v.xyxy, v.zwzw, (w % 4u) == 2u), vec4<u32>(0u));
   }
-  let next = qweight[w / 4u + 1u];  // 3-bit: three words from offset w % 4
+  // 3-bit: three words from offset w % 4 of v and the vec4 after it, by selects (a private
+  // array indexed by w % 4 may not stay in registers)
+  let next = qweight[w / 4u + 1u];
   let s = w % 4u;
-  let words = array<u32, 8>(v.x, v.y, v.z, v.w, next.x, next.y, next.z, next.w);
-  return Block(vec4<u32>(words[s], words[s + 1u], words[s + 2u], 0u), vec4<u32>(0u));
+  let early = select(v.xyz, v.yzw, s == 1u);                                        // s = 0, 1
+  let late = select(vec3<u32>(v.zw, next.x), vec3<u32>(v.w, next.xy), s == 3u);    // s = 2, 3
+  return Block(vec4<u32>(select(early, late, s >= 2u), 0u), vec4<u32>(0u));
 }
 
 // Quantize block u (0..XB*ROWS-1: row u / XB, block first + u % XB) of the chunk into xq / xd,
