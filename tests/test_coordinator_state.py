@@ -225,6 +225,56 @@ def test_a_suspect_that_answers_while_its_load_is_out_is_loading_until_loaded(we
     assert net.tokens("r") == reference
 
 
+def test_a_tab_on_trial_picked_by_a_repair_is_loading_until_its_stage_is_loaded(weights, reference):
+    """A tab on trial, still loading its trial range, is the only tab left when the trusted
+    primary dies: the repair assigns it the stage too. Its trial's `ready` comes first; it is
+    `loading` then (the stage's load is still out), not `ready`, and `ready` once the stage is
+    loaded; the trial goes on, and the stage is rebuilt on it with exact tokens."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, stages=1, probation_steps=3), local=True)
+    core = net.core
+    trusted_conn = net.add_worker()
+    net.run()
+    net.advance(0.5)
+    net.submit("warm", PROMPT, 6)
+    net.advance(1.0)  # its first steps checked by the coordinator's compute: trusted
+    assert not core.workers[core.conn_worker[trusted_conn]].probation
+    trial_conn = net.add_worker()
+    net.run()
+    for _ in range(20):  # measured, then a tick puts it on trial
+        net.now += 0.05
+        for c in (trusted_conn, trial_conn):
+            net.to_coordinator(c, net.workers[c].heartbeat(0))
+        net.run()
+        net.perform(core.tick(net.now))
+        if core._trials:
+            break
+        net.run()
+    net.frozen.add(trial_conn)  # its trial assignment and weights held: its trial load is out
+    net.run()
+    w = core.workers[core.conn_worker[trial_conn]]
+    assert w.probation and w.state == "loading" and not core._trials[w.worker_id]["ready"]
+    net.kill(trusted_conn)  # the stage goes to the tab on trial, the only tab left
+    net.run()
+    st = core.stages[0]
+    assert st.primary == w.worker_id and w.loading and w.worker_id not in st.ready
+    held = net.held[trial_conn]
+    stage_assign = [i for i, m in enumerate(held) if m["type"] == "assign"][1]
+    for m in held[:stage_assign]:  # the trial's assignment and weights: its trial `ready`
+        for r in net.workers[trial_conn].handle(m):
+            net.to_coordinator(trial_conn, r)
+    net.held[trial_conn] = held[stage_assign:]
+    net.run()
+    assert core._trials[w.worker_id]["ready"] and w.loading and w.state == "loading"
+    assert w.load_deadline is not None  # the stage's load still has its deadline
+    assert next(x for x in core.status(net.now)["workers"] if x["worker_id"] == w.worker_id)["state"] == "loading"
+    net.thaw(trial_conn)  # the stage's assignment: loaded
+    assert w.state == "ready" and not w.loading and w.worker_id in st.ready and w.load_deadline is None
+    assert w.worker_id in core._trials
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
 def test_replica_standby_takes_over_without_download(weights, reference):
     net = start(weights, 4, replicas=2, stages=2)
     assert all(len(s.holders) == 2 for s in net.core.stages)

@@ -61,9 +61,10 @@ class Trials:
             return self._worker_lost(w, now, "ready with a checksum that does not match its assignment", quarantine=True)
         w.have_blobs.update(trial["shas"])
         trial["ready"] = True
-        w.load_deadline = None
-        if w.state == "loading":
-            w.move("loaded")
+        if not w.loading:  # a repair may have given it a stage while on trial: that load keeps its state and deadline
+            w.load_deadline = None
+            if w.state == "loading":
+                w.move("loaded")
         return []
 
     def _maybe_trial(self, st: Stage, w: Worker, items: list, m: dict, now: float) -> list:
