@@ -115,8 +115,9 @@ class WgpuBackend:
         device has shader-f16. The default is f32: on lavapipe the f16 matvecs run at
         0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet; "i8", the
         matvecs on their NAME_i8.wgsl variants (inputs quantized per 32-input block to int8,
-        integer dot products: faster on a GPU, see bench_device's wgpu-i8; 3-bit weights
-        then stay in the blobs' bit planes).
+        integer dot products; 3-bit weights then stay in the blobs' bit planes): faster than
+        f32 on an H200 for the 7B shape's 2- and 4-bit matrices, not for 3-bit bit planes nor
+        at SmolLM2's sizes for one row (bench_device's wgpu-i8 variants).
         ``fuse_decode``: run decode batches on the fused kernels (see the module docstring);
         None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
         matvecs' shapes (kernels.runner.MatmulTuning; default: by device). ``contiguous3``:
