@@ -75,9 +75,8 @@ def test_qmatvec_i8_formats_at_model_width(dev, rng, prologue, spec, x_blocks):
 def test_i8_chunk_fits_the_webgpu_default_workgroup_memory(dev):
     """At the spec's 16 KiB the 8-row chunk is what is left beside the reduction's partial sums."""
     w = KL.upload_quant(dev, quantize_rtn(np.ones((8, 4096), np.float32), QuantSpec(4, 64, True)))
-    tuning = dataclasses.replace(TUNINGS["gpu"])
     x, y = dev.buffer(8 * 4096 * 4), dev.buffer(8 * 8 * 4)
-    op = KL.QuantLinear(dev, w, x, 4096, y, 8, tuning=tuning, compute_dtype="i8")
+    op = KL.QuantLinear(dev, w, x, 4096, y, 8, tuning=TUNINGS["gpu"], compute_dtype="i8")
     saved = dev.limits
     dev.limits = {**saved, "max-compute-workgroup-storage-size": 16384}
     try:

@@ -162,10 +162,9 @@ fn quantize_block(u: u32, first: u32, blocks: u32, rows_lo: vec4<u32>, rows_hi: 
 fn block_dot(c: array<u32, 8>, u: u32) -> i32 {
   let xa = xq[2u * u];
   let xb = xq[2u * u + 1u];
-  var d = dot4I8Packed(c[0], xa.x) + dot4I8Packed(c[1], xa.y) + dot4I8Packed(c[2], xa.z)
-        + dot4I8Packed(c[3], xa.w) + dot4I8Packed(c[4], xb.x) + dot4I8Packed(c[5], xb.y)
-        + dot4I8Packed(c[6], xb.z) + dot4I8Packed(c[7], xb.w);
-  return d;
+  return dot4I8Packed(c[0], xa.x) + dot4I8Packed(c[1], xa.y) + dot4I8Packed(c[2], xa.z)
+       + dot4I8Packed(c[3], xa.w) + dot4I8Packed(c[4], xb.x) + dot4I8Packed(c[5], xb.y)
+       + dot4I8Packed(c[6], xb.z) + dot4I8Packed(c[7], xb.w);
 }
 
 // One row's term of a block: x scale * (w scale * sum(q x) + w min * sum(x)) in the block's
