@@ -5,9 +5,9 @@ it decodes on the old one, then it switches between steps. Driven without socket
 import pytest
 
 from actors.faults import lie
-from coordinator.records import LOCAL, Emit, Send
+from coordinator.records import LOCAL, CoordinatorSettings, Emit, Send
 from protocol import wire
-from tests.harness import run_until_done, start_net
+from tests.harness import Net, run_until_done, start_net
 from tests.tiny_model import greedy_tokens
 
 PROMPT = [5, 17, 42, 99, 7, 123, 250, 11] * 15  # a long history: replayed, it takes many prompt steps
@@ -245,3 +245,51 @@ def test_a_refused_kv_copy_falls_back_to_a_replay_on_every_stage(weights):
     assert core.counters["kv_copies_failed"] >= 1
     assert any(e["kind"] == "kv_copy_failed" and e["error"] == "refused" for e in core.events)
     assert any(e["kind"] == "retired" for e in core.events)
+
+def test_a_retirement_places_each_moving_session_once(weights):
+    """Three workers in three stages serve "s" and "t" (their speeds set, so the plans are
+    known); a much faster one joins and the new plan keeps the old last stage (the same range on
+    the same worker), so each session restarts there (_start_move): every _retire places each
+    session once (Planning._place weighs every pipeline's load), and every token is a single
+    worker's."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, probation_steps=0, stages=3, prefill_chunk=16))
+    core = net.core
+    for _ in range(3):
+        net.add_worker()
+    net.run()  # measured, not planned yet
+    for w, ms in zip(core.workers.values(), (2.0, 1.0, 1.0)):
+        w.ms_per_layer = ms
+    net.advance(0.5)
+    net.submit("s", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.submit("t", PROMPT[:100], N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("s")) >= 10)
+    fast = net.add_worker()
+    net.run(until=lambda: core.conn_worker.get(fast) in core.workers and core.workers[core.conn_worker[fast]].state == "idle")
+    for w, ms in zip(core.workers.values(), (0.8, 1.0, 1.0, 0.1)):  # the old last stage's worker the fastest left
+        w.ms_per_layer, w.step_ms_per_layer = ms, None
+    net.frozen.add(fast)
+    for _ in range(10):
+        n = len(net.tokens("s"))
+        net.advance(0.05, until=lambda: len(net.tokens("s")) > n)
+    shape = lambda st: (st.layer_start, st.layer_end, st.primary)  # noqa: E731
+    retiring = {shape(st) for st in core.stages if st.retiring}
+    assert retiring and any(shape(st) in retiring for st in core.stages if not st.retiring), [shape(st) for st in core.stages]
+    place, retire, placed = core._place, core._retire, []  # sessions placed, by _retire call
+
+    def counting_place(s):
+        if placed:
+            placed[-1].append(s.request_id)
+        place(s)
+
+    def counting_retire(now, lost=False):
+        placed.append([])
+        return retire(now, lost)
+
+    core._place, core._retire = counting_place, counting_retire
+    thaw(net, fast)
+    run_until_done(net, ["s", "t"])
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    assert any(e["kind"] == "retired" for e in core.events) and not any(st.retiring for st in core.stages)
+    assert sorted({r for p in placed for r in p}) == ["s", "t"]
+    assert all(len(p) == len(set(p)) for p in placed), placed

@@ -32,7 +32,7 @@ class Moves:
         if copies is None:
             s.generation += 1  # its step in flight on the retiring pipeline, if any, is ignored
             self._drop_queued({s.request_id}, pipes[here])
-            self._restart_session(s)
+            self._restart_session(s, dest)  # (placed once per retirement: _move_target placed it)
             return
         s.moving_to, s.move_sent, s.moved = dest, 0, 0
         s.move_copied = copies

@@ -52,12 +52,13 @@ class Sessions:
             last = start + len(part) == len(rows)
             self._enqueue(self._entry(s), WorkItem(s.request_id, first + start, part, first + start, last, s.generation), s)
 
-    def _restart_session(self, s: Session) -> None:
+    def _restart_session(self, s: Session, pipeline: int | None = None) -> None:
         """A new plan holds none of this session's KV: run its whole history (prompt and the
         tokens already streamed) through the new stages; the next token follows exactly. A
         session whose last token is out, waiting only for spot checks (finish_pending), has
         nothing left to compute: run again, it would stream a token past its end. A move under
-        way is called off: its replay's items are ignored (a new generation)."""
+        way is called off: its replay's items are ignored (a new generation). pipeline: where
+        it restarts when the caller placed it already (_start_move), else _place picks."""
         if s.moving_to is not None:
             s.generation += 1
             self._call_off_move(s)
@@ -65,7 +66,10 @@ class Sessions:
         s.logs = {}
         s.log_epoch += 1  # the verifiers' scratch KV of it no longer matches what stages receive
         s.last_by = {}
-        self._place(s)
+        if pipeline is None:
+            self._place(s)
+        else:
+            s.pipeline = pipeline
         if s.finish_pending is None:
             s.audited = False
             self._enqueue_prefill(s, s.prompt_ids + s.tokens, 0)
