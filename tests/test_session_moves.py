@@ -233,18 +233,28 @@ def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_
         assert answer["type"] == "kv_copied" and not answer["ok"] and why in answer["error"], answer
 
 
-def test_a_refused_kv_copy_falls_back_to_a_replay_on_every_stage(weights):
+def test_a_refused_kv_copy_falls_back_to_a_replay_on_every_stage_one_move_at_a_time(weights):
     """The old worker refuses the copies: each move replays the whole history on both stages
-    of the new pipeline instead, and every token is still a single worker's."""
+    of the new pipeline instead, and every token is still a single worker's. That replay
+    computes on the old worker, which both sessions still decode on: like any move that is not
+    apart, it waits until the move before it has its first token on the new pipeline, so the
+    old worker computes one session's history at a time."""
     net, old, fast = split_onto_a_joiner(weights, refuse_copies=True)
     core = net.core
-    thaw(net, fast)
-    run_until_done(net, ["s", "t"], seconds=60)
-    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
-    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+    replayed = []  # the moving session of each step of history on the old worker's new stage
+
+    def see(a):
+        if isinstance(a, Send) and a.msg["type"] == "step" and a.conn == old and a.msg["layer_start"] > 0:
+            moving = (core.sessions.get(x["session_id"]) for x in a.msg["sessions"])
+            replayed.extend(m.request_id for m in moving if m is not None and m.moving_to is not None)
+
+    run_watched(net, fast, weights, see)
+    runs = [r for i, r in enumerate(replayed) if i == 0 or replayed[i - 1] != r]
+    assert sorted(runs) == ["s", "t"], "".join(replayed)  # each session's replay there in one run, not interleaved
     assert core.counters["kv_copies_failed"] >= 1
     assert any(e["kind"] == "kv_copy_failed" and e["error"] == "refused" for e in core.events)
     assert any(e["kind"] == "retired" for e in core.events)
+
 
 def test_a_retirement_places_each_moving_session_once(weights):
     """Three workers in three stages serve "s" and "t" (their speeds set, so the plans are

@@ -148,13 +148,18 @@ class Moves:
         """At a moving session's next trip (its input row at `pos`): once the background replay
         is through the new pipeline's head, the session switches there (the trip carries the
         positions decoded since, from s.catch_up); while more than MOVE_CATCH_UP_ROWS
-        positions lag, those are replayed in the background first."""
+        positions lag, those are replayed in the background first. After a refused copy the
+        whole history is replayed, once no other move that is not apart is under way."""
         if s.moving_to is None or s.moved < s.move_sent or s.copies_pending:
             return
         if s.copy_failed:  # the refused copy's positions are replayed: every stage's, from 0
-            s.move_copied, s.copy_failed, s.move_sent, s.moved = {}, False, 0, 0
-            if s.request_id in self._migrating:  # (its replay may now compute on a retiring pipeline's worker)
+            # on the worker that refused, which serves a retiring stage: the move is no longer
+            # apart (later ones wait for it), and its replay waits its turn like any such move
+            if s.request_id in self._migrating:
                 self._migrating[s.request_id] = False
+            if self._replaying_beside_retiring(s):
+                return
+            s.move_copied, s.copy_failed, s.move_sent, s.moved = {}, False, 0, 0
             self._send_move(s)
             return
         if pos - s.moved > MOVE_CATCH_UP_ROWS:
@@ -164,6 +169,13 @@ class Moves:
         s.logs = {k: v for k, v in s.logs.items() if k in dest}
         s.last_by = {}
         s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, s.moved
+
+    def _replaying_beside_retiring(self, s: Session) -> bool:
+        """Whether another move that is not apart (_migrating) is under way: one whose
+        replay computes on a worker of a retiring pipeline until its session has its first
+        token on the new one (a move waiting to replay a refused copy is not under way yet)."""
+        return any(not apart and r != s.request_id and r in self.sessions and not self.sessions[r].copy_failed
+                   and self.sessions[r].finish_pending is None for r, apart in self._migrating.items())
 
     def _call_off_move(self, s: Session) -> None:
         """The session stays where it runs (a re-plan renumbered the pipelines, a worker was
