@@ -22,8 +22,9 @@ before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by 
 per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, "wgpu-planes3"
 3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes,
-"wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-kvN" split-K attention in N
-key runs a row whatever the KV pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),
+"wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-attnwN" attention
+in workgroups of N threads, "wgpu-kvN" split-K attention in N key runs a row whatever the KV
+pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),
 "wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT),
 "wgpu-mapwait" readbacks left to map_sync (wgpu-py's poll thread; what the spinning wait amounted to
 before it spun on the map),
@@ -52,7 +53,7 @@ import numpy as np  # noqa: E402
 from kernels.quant import QuantSpec, quantize_rtn  # noqa: E402
 from protocol.model_types import HeadWeights, ModelConfig, ModelWeights, SessionSlice  # noqa: E402
 from model.synthetic import random_layer  # noqa: E402
-from device_measures import SmClock, copy_gbps, gpu_bound_ms, read_ms, saturate, variant_tuning, warm_up  # noqa: E402  (beside this file)
+from device_measures import SmClock, copy_gbps, dispatch_floor_us, gpu_bound_ms, read_ms, saturate, variant_tuning, warm_up  # noqa: E402  (beside this file)
 
 SMOLLM2 = ModelConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
                       rope_base=100000.0, rms_eps=1e-5, context=8192, eos_id=2, bos_id=1)
@@ -427,12 +428,15 @@ def roofline(a) -> int:
     copy = max(copies.values())
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write, {copy_bytes >> 20} MiB buffers; copy command "
           f"{copies['command']:.0f}, vec4 shader {copies['shader']:.0f})", flush=True)
+    floor_us = dispatch_floor_us(dev)
+    print(f"dispatch floor: {floor_us:.2f} us a dispatch (a chain of one-workgroup dispatches, each on the one before)",
+          flush=True)
     rows_list = [int(r) for r in a.rows.split(",")]
     variants = a.variants.split(",")
     formats = a.formats.split(",") if a.formats else [None]
     from tabshard.bench_history import machine
 
-    results = {"device": dev.describe(), "machine": {**machine(adapter=False), "adapter": dev.describe()}, "copy_gbps": copy, "copy_gbps_by": copies, "model": a.model, "prompt": a.prompt, "workloads": [], "kernels": [], "hops": {}}
+    results = {"device": dev.describe(), "machine": {**machine(adapter=False), "adapter": dev.describe()}, "copy_gbps": copy, "copy_gbps_by": copies, "dispatch_floor_us": floor_us, "model": a.model, "prompt": a.prompt, "workloads": [], "kernels": [], "hops": {}}
     rng = np.random.default_rng(1)
     for fmt in formats:
         t0 = time.perf_counter()
@@ -493,6 +497,8 @@ def append_history(results: dict, path: str) -> None:
     from tabshard.bench_history import DEFAULT_DB, Figure, append_figures, recorded_machine
 
     figures = [Figure.of("device.copy_gbps", [results["copy_gbps"]], "GB/s", "higher")]
+    if "dispatch_floor_us" in results:  # (runs before it was measured have none)
+        figures.append(Figure.of("device.dispatch_floor_us", [results["dispatch_floor_us"]], "us", "lower"))
     model = results["model"].replace("synthetic:", "")
     if results.get("prompt", 16) != 16:  # a longer context is another workload (attention reads its keys)
         model += f".prompt{results['prompt']}"

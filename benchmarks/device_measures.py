@@ -38,7 +38,11 @@ def variant_tuning(dev, variant: str):
             i8["matvec_i8_max_groups"] = int(m.group(2))
         return dataclasses.replace(base, **i8), {"compute_dtype": "i8"}
     if variant == "wgpu-attn1":  # attention's parts walk one key a step (KEYS_AT_ONCE = 1, the walk before four)
-        return base, {"kernel_constants": {"attention": {"KEYS_AT_ONCE": 1}}}
+        return base, {"kernel_constants": {k: {"KEYS_AT_ONCE": 1} for k in ("attention", "attention_rope")}}
+    m = re.fullmatch(r"wgpu-attnw(\d+)", variant)
+    if m:  # attention in workgroups of N threads (keys scored a chunk) instead of the program's
+        wg = {"WG": dev.workgroup_size(int(m.group(1)))}
+        return base, {"kernel_constants": {"attention": wg, "attention_rope": wg}}
     m = re.fullmatch(r"wgpu-kv(\d+)", variant)
     if m:  # split-K attention with this many key runs a row (1: unsplit), whatever the pools' length
         return base, {"kv_splits": int(m.group(1))}
@@ -227,3 +231,15 @@ def gpu_bound_ms(dev, plan, reps: int = 20, warm_s: float = 0.25) -> float:
         dev.execute(plan)
     dev.device._poll_wait()
     return (time.perf_counter() - t) * 1000 / reps
+
+
+def dispatch_floor_us(dev, n: int = 200) -> float:
+    """What one dispatch costs on this device when it does next to nothing: ``n`` one-workgroup
+    residual_add dispatches, each reading and writing the buffers of the one before (so each
+    waits on it, as a layer's chain does), replayed GPU-bound (gpu_bound_ms); microseconds a
+    dispatch. A step of D dispatches cannot take less than D times this."""
+    from kernels import launchers as KL
+
+    x, y = dev.upload(np.ones(64, np.float32)), dev.upload(np.zeros(64, np.float32))
+    plan = dev.plan([KL.ResidualAdd(dev, x, 64, y, 64, 64)] * n, 1)
+    return gpu_bound_ms(dev, plan) * 1000 / n

@@ -438,32 +438,17 @@ class KvStore(Launcher):
         return self.launch.at(-(-self.width // self.wg), rows)
 
 
-class RopeKvStore(Launcher):
-    """Rope on the q heads (from column 0) and k heads (from k_col) of each x row, and the
-    turned keys and the values (from v_col) into the KV caches: rope_kv_store.wgsl."""
-
-    def __init__(self, dev: Device, x, x_stride: int, k_col: int, v_col: int, positions, slots, freq_turns,
-                 k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int, ctx: int):
-        if head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
-        self.wg = dev.workgroup_size(64)
-        self.pairs = (n_heads + 2 * n_kv) * head_dim // 2
-        self.launch = Launch(dev, "rope_kv_store", {"WG": self.wg}, [x, positions, slots, freq_turns, k_cache, v_cache],
-                             n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, ctx=ctx, x_stride=x_stride,
-                             k_col=k_col, v_col=v_col)
-
-    def dispatches(self, rows: int) -> list:
-        return self.launch.at(-(-self.pairs // self.wg), rows)
-
-
 class Attention(Launcher):
     """attention.wgsl over a batch's rows; with ``splits`` > 1 split-K: each row's keys cut
     into ``splits`` runs walked by separate workgroups, their partials (in ``parts``, room for
-    ``max_rows`` rows) folded by attention_combine.wgsl, a second dispatch."""
+    ``max_rows`` rows) folded by attention_combine.wgsl, a second dispatch. With ``rope`` =
+    (freq_turns, k_col, v_col): attention_rope.wgsl, which first turns the query heads and the
+    keys (from k_col of the same fused qkv rows) by RoPE and stores keys and values (from
+    v_col) into the caches, as rope.wgsl + kv_store.wgsl before attention.wgsl would."""
 
     def __init__(self, dev: Device, q, q_stride: int, q_col: int, positions, slots, k_cache, v_cache,
                  out, out_stride: int, n_heads: int, n_kv: int, head_dim: int, ctx: int, wg: int | None = None,
-                 splits: int = 1, max_rows: int = 1):
+                 splits: int = 1, max_rows: int = 1, rope: tuple | None = None):
         if head_dim % 4 or n_heads % n_kv:
             raise ValueError(f"attention needs head_dim % 4 == 0 and n_heads % n_kv == 0 (got {head_dim}, {n_heads}/{n_kv})")
         if splits < 1:
@@ -480,10 +465,16 @@ class Attention(Launcher):
         # attention.wgsl binds the partials whether or not it splits
         self.parts = dev.buffer(attention_parts_bytes(n_heads, head_dim, splits, max_rows) if splits > 1 else 16,
                                 "attention.parts")
-        self.launch = Launch(dev, "attention", {"WG": wg, "HEAD_DIM": head_dim},
-                             [q, positions, slots, k_cache, v_cache, out, self.parts],
-                             n_heads=n_heads, n_kv=n_kv, ctx=ctx, q_stride=q_stride, q_col=q_col,
-                             out_stride=out_stride, scale=1.0 / math.sqrt(head_dim), splits=splits)
+        params = dict(n_heads=n_heads, n_kv=n_kv, ctx=ctx, q_stride=q_stride, q_col=q_col, out_stride=out_stride,
+                      scale=1.0 / math.sqrt(head_dim), splits=splits)
+        if rope is None:
+            self.launch = Launch(dev, "attention", {"WG": wg, "HEAD_DIM": head_dim},
+                                 [q, positions, slots, k_cache, v_cache, out, self.parts], **params)
+        else:
+            freq_turns, k_col, v_col = rope
+            self.launch = Launch(dev, "attention_rope", {"WG": wg, "HEAD_DIM": head_dim},
+                                 [q, positions, slots, freq_turns, k_cache, v_cache, out, self.parts],
+                                 **params, k_col=k_col, v_col=v_col)
         self.combine = Launch(dev, "attention_combine", {"WG": dev.workgroup_size(head_dim // 4), "HEAD_DIM": head_dim},
                               [self.parts, out], n_heads=n_heads, splits=splits, out_stride=out_stride)
 

@@ -51,10 +51,6 @@ def _rmsnorm(src: str, weight: str) -> dict:
 
 
 def _layer() -> list:
-    rope_kv = _kernel("rope_kv_store", 64, ["qkv", "positions", "slots", "freq_turns", "k_pool", "v_pool"],
-                      {"n_heads": "n_heads", "n_kv": "n_kv_heads", "head_dim": "head_dim", "ctx": "pool_ctx",
-                       "x_stride": "stride_qkv", "k_col": "q_dim", "v_col": "q_dim + kv_dim"},
-                      ["cdiv((n_heads + 2 * n_kv_heads) * head_dim // 2, wg)", "rows"])
     rope = _kernel("rope", 64, ["qkv", "positions", "freq_turns"],
                    {"n_heads": "n_heads + n_kv_heads", "head_dim": "head_dim", "x_stride": "stride_qkv", "x_col": 0},
                    ["cdiv((n_heads + n_kv_heads) * head_dim // 2, wg)", "rows"])
@@ -66,11 +62,17 @@ def _layer() -> list:
     # kv_splits > 1 (split-K, see KV_SPLITS): each row's keys in kv_splits runs walked by their
     # own workgroups (the grid's z), their partials in attn_parts folded by attention_combine,
     # which dispatches nothing (no rows) when there is one run
-    attention = _kernel("attention", {"gpu": 1024, "cpu": "max(64, head_dim)"},
-                        ["qkv", "positions", "slots", "k_pool", "v_pool", "attn", "attn_parts"],
-                        {"n_heads": "n_heads", "n_kv": "n_kv_heads", "ctx": "pool_ctx", "q_stride": "stride_qkv",
-                         "q_col": 0, "out_stride": "stride_attn", "scale": "1 / sqrt(head_dim)", "splits": "kv_splits"},
-                        ["n_heads", "rows", "kv_splits"], HEAD_DIM="head_dim")
+    attention_wg = {"gpu": 1024, "cpu": "max(64, head_dim)"}
+    attention_params = {"n_heads": "n_heads", "n_kv": "n_kv_heads", "ctx": "pool_ctx", "q_stride": "stride_qkv",
+                        "q_col": 0, "out_stride": "stride_attn", "scale": "1 / sqrt(head_dim)", "splits": "kv_splits"}
+    attention = _kernel("attention", attention_wg, ["qkv", "positions", "slots", "k_pool", "v_pool", "attn", "attn_parts"],
+                        attention_params, ["n_heads", "rows", "kv_splits"], HEAD_DIM="head_dim")
+    # decode batches: rope + the KV store folded into attention, one dispatch fewer a layer
+    # (attention_rope.wgsl: every workgroup stores the keys and values it reads itself)
+    attention_rope = _kernel("attention_rope", attention_wg,
+                             ["qkv", "positions", "slots", "freq_turns", "k_pool", "v_pool", "attn", "attn_parts"],
+                             {**attention_params, "k_col": "q_dim", "v_col": "q_dim + kv_dim"},
+                             ["n_heads", "rows", "kv_splits"], HEAD_DIM="head_dim")
     attention_combine = _kernel("attention_combine", "head_dim // 4", ["attn_parts", "attn"],
                                 {"n_heads": "n_heads", "splits": "kv_splits", "out_stride": "stride_attn"},
                                 ["n_heads", "rows * min(1, kv_splits - 1)"], HEAD_DIM="head_dim")
@@ -86,8 +88,7 @@ def _layer() -> list:
     return [
         {"op": "by_rows", "fused": [_linear("qkv", "h", "qkv", norm="attn_norm")],
          "plain": [_rmsnorm("h", "attn_norm"), _linear("qkv", "xn", "qkv")]},
-        {"op": "by_rows", "fused": [rope_kv], "plain": [rope, kv_store]},
-        attention,
+        {"op": "by_rows", "fused": [attention_rope], "plain": [rope, kv_store, attention]},
         attention_combine,
         _linear("wo", "attn", "h", accumulate=True),
         {"op": "by_rows", "fused": [_linear("gate_up", "h", "gate_up", norm="ffn_norm")],

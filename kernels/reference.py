@@ -216,6 +216,15 @@ def rope_kv_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.nda
     return q_rot, k_rot
 
 
+def attention_rope(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, base: float,
+                   k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> np.ndarray:
+    """attention_rope.wgsl's twin for one session's rows: rope_kv_store (the caches written in
+    place), then attention of the turned queries over the caches up to the last row."""
+    q_rot, _ = rope_kv_store(q, k, v, positions, base, k_cache, v_cache, start_pos)
+    end = start_pos + q.shape[0]
+    return attention(q_rot, k_cache[:, :end], v_cache[:, :end], start_pos)
+
+
 # ---------------------------------------------------------------------------- f16 variants
 # The NAME_f16.wgsl kernels (devices with shader-f16): each weight dequantized to f16 (one
 # rounding of the exact scale * q + min), each input rounded from f32 to f16, their product

@@ -18,15 +18,12 @@ command buffers, submitted as they are recorded so the GPU need not wait for Pyt
 reads the hidden rows back once. Batches larger than the scratch can bind are run as
 consecutive row chunks: each session's rows stay in order, so this is chunked prefill.
 
-On a real GPU, decode batches (up to FUSE_MAX_ROWS rows) run 6 dispatches per layer instead
+On a real GPU, decode batches (up to FUSE_MAX_ROWS rows) run 5 dispatches per layer instead
 of 10: the norms fold into the following matvec (qmatvec_norm.wgsl), silu_gate into the down
-projection's input (qmatvec_silu.wgsl), rope and kv_store into one kernel
-(rope_kv_store.wgsl). CPU rasterisers keep the 10: the fused matvecs redo the norm in every
+projection's input (qmatvec_silu.wgsl), rope and kv_store into attention
+(attention_rope.wgsl). CPU rasterisers keep the 10: the fused matvecs redo the norm in every
 workgroup and silu for every output row, which a GPU hides behind dispatch costs and a CPU
-pays in full. `benchmarks/bench_device.py --backends wgpu-unfused,wgpu-fused,wgpu-unfused,
-wgpu-fused` (whole SmolLM2-135M shape, forward_topk decode): lavapipe (--tokens 16 --prompt
-32) 4.3 and 4.7 tok/s unfused against 2.4 and 2.5 fused; H100 (defaults) 323 and 317 tok/s
-unfused against 365 and 351 fused.
+pays in full (`benchmarks/bench_device.py --variants wgpu-unfused,wgpu` measures both sides).
 
 The dispatches of a call are planned once per row count (runner.Device.plan) and replayed as
 native calls. ``forward_topk`` runs layers, final norm, head and
@@ -375,7 +372,7 @@ class WgpuBackend:
 
     def _build_layer_ops(self) -> list:
         """Every held layer's ops, from the layer program (kernels/layer_program.py): per layer
-        6 dispatches when fused (norm+qkv, rope+kv_store, attention, wo, norm+gate/up,
+        5 dispatches when fused (norm+qkv, rope+kv_store+attention, wo, norm+gate/up,
         silu+down) for up to _fuse_max_rows rows, else the unfused 10; one more (the partials'
         fold) where attention splits the keys."""
         c = self.config

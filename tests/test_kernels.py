@@ -293,47 +293,60 @@ def test_fused_linear_refuses_batches_above_matvec_max_rows(dev, rng):
     assert len(dev.plan([KL.ByRows(4, [op], [KL.RmsNorm(dev, xb, 32, nw, xb, 32, 32, 1e-5), plain])], 5)) == 2
 
 
-@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(4, 2, 8), (9, 3, 64)])
-def test_rope_kv_store(dev, rng, n_heads, n_kv, head_dim):
-    """One dispatch = rope.wgsl on q and k + kv_store.wgsl of the turned k and v: compared
-    with exactly those two kernels run on the same inputs (bit for bit) and with the twin."""
-    base, ctx, n_slots = 100000.0, 300, 3
-    positions = np.array([0, 1, 299, 5, 6, 100], np.uint32)
-    slots = np.array([2, 2, 0, 1, 1, 0], np.uint32)
-    rows = len(positions)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,wg", [(4, 2, 8, 16), (9, 3, 64, 1024), (3, 1, 64, 64), (2, 2, 16, 256)])
+def test_attention_rope(dev, rng, n_heads, n_kv, head_dim, wg, splits):
+    """One dispatch = rope.wgsl on q and k + kv_store.wgsl + attention.wgsl: the output, the
+    caches and split-K's partials bit for bit those three kernels' on the same inputs, the
+    fused qkv rows left untouched, and the twin. Rows: a 5-row prefill (each row reads keys
+    that rows before it in the batch bring), a decode row at 300 over a full cache (two chunks
+    at small workgroups), a 2-row replay over a cache that held more (the stale tail unread).
+    The batch holds them out of order, the prefill's later rows first: a rasteriser runs
+    workgroups in order, and a row that read only the keys its own workgroups wrote would
+    otherwise find its predecessors' already stored."""
+    base, ctx = 100000.0, 320
+    sessions = [(2, 0, 5), (0, 300, 1), (1, 3, 2)]
+    n_slots = 3
+    slots = np.concatenate([[s] * n for s, _, n in sessions]).astype(np.uint32)
+    positions = np.concatenate([np.arange(p, p + n) for _, p, n in sessions]).astype(np.uint32)
+    rows = len(slots)
     q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
     stride = q_dim + 2 * kv_dim + 4
-    x = randn(rng, rows, stride)
+    qkv = randn(rng, rows, stride)
     caches = randn(rng, 2, n_slots, n_kv, ctx, head_dim)
-    freq = dev.upload(KL.rope_freq_turns(head_dim, base))
-    pb, sb = dev.upload(positions), dev.upload(slots)
+    order = np.array([4, 5, 3, 2, 6, 1, 0, 7])  # batch row b holds row order[b]
+    freq, pb, sb = (dev.upload(a) for a in (KL.rope_freq_turns(head_dim, base), positions[order], slots[order]))
+    wg = min(wg, dev.workgroup_size(wg))
     results = []
     for fused in (True, False):
-        xb, kb, vb = dev.upload(x), dev.upload(caches[0]), dev.upload(caches[1])
-        if fused:
-            ops = [KL.RopeKvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, freq, kb, vb, n_heads, n_kv, head_dim, ctx)]
-        else:
-            ops = [KL.Rope(dev, xb, stride, 0, n_heads + n_kv, head_dim, pb, freq),
-                   KL.KvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx)]
+        xb, kb, vb, out = dev.upload(qkv[order]), dev.upload(caches[0]), dev.upload(caches[1]), dev.buffer(rows * q_dim * 4)
+        attend = KL.Attention(dev, xb, stride, 0, pb, sb, kb, vb, out, q_dim, n_heads, n_kv, head_dim, ctx, wg=wg,
+                              splits=splits, max_rows=rows, rope=(freq, q_dim, q_dim + kv_dim) if fused else None)
+        ops = [attend] if fused else [KL.Rope(dev, xb, stride, 0, n_heads + n_kv, head_dim, pb, freq),
+                                      KL.KvStore(dev, xb, stride, q_dim, q_dim + kv_dim, pb, sb, kb, vb, n_kv, head_dim, ctx),
+                                      attend]
+        assert len(dev.plan(ops, rows)) == (1 if fused else 3) + (splits > 1)
         dev.run(ops, rows)
         results.append([dev.read(b, count=n).reshape(shape) for b, n, shape in
-                        ((xb, x.size, x.shape), (kb, caches[0].size, caches[0].shape), (vb, caches[1].size, caches[1].shape))])
-    for got, want in zip(*results):
+                        ((out, rows * q_dim, (rows, q_dim)), (kb, caches[0].size, caches[0].shape),
+                         (vb, caches[1].size, caches[1].shape), (attend.parts, None, (-1,)), (xb, qkv.size, qkv.shape))])
+    for got, want in zip(results[0][:4], results[1][:4]):
         np.testing.assert_array_equal(got, want)
-    got_x, got_k, got_v = results[0]
-    np.testing.assert_array_equal(got_x[:, q_dim + kv_dim :], x[:, q_dim + kv_dim :])  # values and padding untouched
-    # the twin, per session (rows of one slot are consecutive positions here)
-    for slot, idx in ((2, [0, 1]), (1, [3, 4]), (0, [5]), (0, [2])):
-        idx = np.array(idx)
-        start = int(positions[idx[0]])
-        q = x[idx, :q_dim].reshape(len(idx), n_heads, head_dim)
-        k = x[idx, q_dim : q_dim + kv_dim].reshape(len(idx), n_kv, head_dim)
-        v = x[idx, q_dim + kv_dim : q_dim + 2 * kv_dim].reshape(len(idx), n_kv, head_dim)
+    got_batch, got_k, got_v, _, got_qkv = results[0]
+    np.testing.assert_array_equal(got_qkv, qkv[order])  # the fused kernel only reads the qkv rows
+    got = np.empty_like(got_batch)
+    got[order] = got_batch
+    r = 0
+    for slot, start, n in sessions:
+        q = qkv[r : r + n, :q_dim].reshape(n, n_heads, head_dim)
+        k = qkv[r : r + n, q_dim : q_dim + kv_dim].reshape(n, n_kv, head_dim)
+        v = qkv[r : r + n, q_dim + kv_dim : q_dim + 2 * kv_dim].reshape(n, n_kv, head_dim)
         kc, vc = caches[0][slot].copy(), caches[1][slot].copy()
-        q_rot, k_rot = ref.rope_kv_store(q, k, v, positions[idx], base, kc, vc, start)
-        np.testing.assert_allclose(got_x[idx, :q_dim], q_rot.reshape(len(idx), -1), atol=2e-4, rtol=0)
-        np.testing.assert_allclose(got_k[slot][:, start : start + len(idx)], kc[:, start : start + len(idx)], atol=2e-4, rtol=0)
-        np.testing.assert_array_equal(got_v[slot][:, start : start + len(idx)], vc[:, start : start + len(idx)])
+        want = ref.attention_rope(q, k, v, positions[r : r + n], base, kc, vc, start)
+        np.testing.assert_allclose(got[r : r + n], want.reshape(n, q_dim), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(got_k[slot], kc, atol=2e-4, rtol=0)  # the turned keys; the rest unchanged
+        np.testing.assert_array_equal(got_v[slot], vc)
+        r += n
 
 
 # ---------------------------------------------------------------------------- the rest
@@ -610,7 +623,7 @@ TINT_VARIANTS = [
     ("qmatvec_norm", {"BITS": 4, "GROUP": 32, "SYMMETRIC": 0, "WG": 64, "TPR": 1, "ROWS": 1}),
     ("qmatvec_silu", {"BITS": 3, "GROUP": 64, "SYMMETRIC": 1, "WG": 256, "TPR": 16, "ROWS": 8}),
     ("qmatvec_silu", {"BITS": 4, "GROUP": 32, "SYMMETRIC": 0, "WG": 64, "TPR": 1, "ROWS": 1}),
-    ("rope_kv_store", {"WG": 64}),
+    ("attention_rope", {"WG": 256, "HEAD_DIM": 128}),
     ("qmatmul", {"BITS": 2, "GROUP": 128, "SYMMETRIC": 0, "TILE": 64}),
     ("embedding", {"BITS": 8, "GROUP": 32, "SYMMETRIC": 1, "WG": 64}),
     ("attention", {"WG": 256, "HEAD_DIM": 64}),

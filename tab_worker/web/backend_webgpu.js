@@ -5,7 +5,7 @@
 // step records every layer (and the head, for the last stage: forward_topk, as the native
 // backend's) into ONE command encoder and reads back once. On a real GPU, decode-sized steps
 // (up to FUSE_MAX_ROWS rows) run the native decode path's fused kernels (norm + q/k/v, rope +
-// KV store, attention, wo, norm + gate/up, silu + down: 6 dispatches a layer, the head's norm
+// KV store + attention, wo, norm + gate/up, silu + down: 5 dispatches a layer, the head's norm
 // folded into its matvec); longer ones (prefill, replay) and every step on a CPU rasteriser
 // the unfused 10, as wgpu_backend.py: the fused matvecs redo the norm per workgroup and silu
 // per output row, which a CPU rasteriser pays in full (benchmarks/bench_browser.py measures
