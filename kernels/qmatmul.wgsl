@@ -4,8 +4,9 @@
 // A workgroup computes a TILE x TILE block of y (TILE batch rows x TILE weight rows), each
 // of its TILE*TILE/16 threads a 4x4 piece. The k loop steps one 32-input block at a time:
 // the threads stage that block of x and of W (dequantized once, here) in workgroup memory,
-// stored k-major so a thread reads its 4 rows and 4 columns as consecutive floats; so each
-// weight is decoded once per workgroup instead of once per output.
+// stored k-major so a thread reads its 4 rows and its 4 columns as one vec4 each (two loads
+// of workgroup memory for 16 multiply-adds); so each weight is decoded once per workgroup
+// instead of once per output.
 
 override BITS: u32 = 4u;          // 2, 3, 4 or 8
 override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
@@ -31,8 +32,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> x: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-var<workgroup> x_tile: array<f32, 32u * TILE>;  // [input of the block][batch row]
-var<workgroup> w_tile: array<f32, 32u * TILE>;  // [input of the block][weight row]
+var<workgroup> x_tile: array<vec4<f32>, 8u * TILE>;  // [input of the block][batch row / 4][batch row % 4]
+var<workgroup> w_tile: array<vec4<f32>, 8u * TILE>;  // [input of the block][weight row / 4][weight row % 4]
 
 // #include "scale_min.wgsl"
 
@@ -70,22 +71,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       if (xm < p.m && k0 + j < p.k) {
         xv = x[xm * p.x_stride + k0 + j];
       }
-      x_tile[j * TILE + stage_row] = xv;
+      let at = j * TILE + stage_row;
+      x_tile[at / 4u][at % 4u] = xv;
       var wv = 0.0;
       if (wn < p.n) {
         wv = sm.x * f32(code_at(wn * words_per_row + b * BITS, j)) + sm.y;
       }
-      w_tile[j * TILE + stage_row] = wv;
+      w_tile[at / 4u][at % 4u] = wv;
     }
     workgroupBarrier();
     for (var j = 0u; j < 32u; j++) {
-      let xr = j * TILE + ty * 4u;
-      let wr = j * TILE + tx * 4u;
-      let wv = vec4<f32>(w_tile[wr], w_tile[wr + 1u], w_tile[wr + 2u], w_tile[wr + 3u]);
-      acc[0] += x_tile[xr] * wv;
-      acc[1] += x_tile[xr + 1u] * wv;
-      acc[2] += x_tile[xr + 2u] * wv;
-      acc[3] += x_tile[xr + 3u] * wv;
+      let xv = x_tile[j * (TILE / 4u) + ty];
+      let wv = w_tile[j * (TILE / 4u) + tx];
+      acc[0] += xv.x * wv;
+      acc[1] += xv.y * wv;
+      acc[2] += xv.z * wv;
+      acc[3] += xv.w * wv;
     }
     workgroupBarrier();
   }
