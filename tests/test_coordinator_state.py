@@ -225,12 +225,12 @@ def test_a_suspect_that_answers_while_its_load_is_out_is_loading_until_loaded(we
     assert net.tokens("r") == reference
 
 
-def test_a_tab_on_trial_picked_by_a_repair_is_loading_until_its_stage_is_loaded(weights, reference):
-    """A tab on trial, still loading its trial range, is the only tab left when the trusted
-    primary dies: the repair assigns it the stage too. Its trial's `ready` comes first; it is
-    `loading` then (the stage's load is still out), not `ready`, and `ready` once the stage is
-    loaded; the trial goes on, and the stage is rebuilt on it with exact tokens."""
-    net = Net(weights, CoordinatorSettings(max_ctx=256, stages=1, probation_steps=3), local=True)
+def _tab_on_trial_picked_by_a_repair(weights, **settings):
+    """A trusted tab, a second tab on trial whose messages are held (its trial assignment and
+    weights), the trusted tab killed: the repair gives the stage to the tab on trial, the only
+    tab left. Returns the net, the tab's conn, its Worker record, the stage, and the held
+    messages split at the stage's assignment (the trial's, then the stage's)."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, stages=1, probation_steps=3, **settings), local=True)
     core = net.core
     trusted_conn = net.add_worker()
     net.run()
@@ -259,17 +259,96 @@ def test_a_tab_on_trial_picked_by_a_repair_is_loading_until_its_stage_is_loaded(
     assert st.primary == w.worker_id and w.loading and w.worker_id not in st.ready
     held = net.held[trial_conn]
     stage_assign = [i for i, m in enumerate(held) if m["type"] == "assign"][1]
-    for m in held[:stage_assign]:  # the trial's assignment and weights: its trial `ready`
-        for r in net.workers[trial_conn].handle(m):
-            net.to_coordinator(trial_conn, r)
-    net.held[trial_conn] = held[stage_assign:]
+    del net.held[trial_conn]
+    return net, trial_conn, w, st, held[:stage_assign], held[stage_assign:]
+
+
+def _deliver(net, conn, messages):
+    """`messages` handled by the worker at `conn`, its answers sent up and handled."""
+    for m in messages:
+        for r in net.workers[conn].handle(m):
+            net.to_coordinator(conn, r)
     net.run()
+
+
+def test_a_tab_on_trial_picked_by_a_repair_is_loading_until_its_stage_is_loaded(weights, reference):
+    """A tab on trial, still loading its trial range, is the only tab left when the trusted
+    primary dies: the repair assigns it the stage too. Its trial's `ready` comes first; it is
+    `loading` then (the stage's load is still out), not `ready`, and `ready` once the stage is
+    loaded; the trial goes on, and the stage is rebuilt on it with exact tokens."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(weights)
+    core = net.core
+    _deliver(net, trial_conn, trial_msgs)  # its trial `ready`
+    net.held[trial_conn] = stage_msgs
     assert core._trials[w.worker_id]["ready"] and w.loading and w.state == "loading"
     assert w.load_deadline is not None  # the stage's load still has its deadline
     assert next(x for x in core.status(net.now)["workers"] if x["worker_id"] == w.worker_id)["state"] == "loading"
     net.thaw(trial_conn)  # the stage's assignment: loaded
     assert w.state == "ready" and not w.loading and w.worker_id in st.ready and w.load_deadline is None
     assert w.worker_id in core._trials
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
+def test_a_tab_on_trial_that_answers_its_stage_first_is_loading_until_its_trial_is_ready(weights, reference):
+    """The opposite order, which a hostile or buggy tab may send: the stage's `ready` before
+    its trial's. The stage is rebuilt on the tab and it serves with exact tokens, but it stays
+    `loading`, its trial's load deadline kept, until its trial's `ready`; then `ready`."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(weights)
+    core = net.core
+    _deliver(net, trial_conn, stage_msgs)  # the stage's `ready`; its trial's messages stay held
+    assert w.worker_id in st.ready and not w.loading and not core._trials[w.worker_id]["ready"]
+    assert w.state == "loading" and w.load_deadline is not None
+    net.frozen.discard(trial_conn)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference and w.steps > 0 and w.alive
+    assert w.state == "loading" and w.load_deadline is not None
+    _deliver(net, trial_conn, trial_msgs)
+    assert core._trials[w.worker_id]["ready"] and w.state == "ready" and w.load_deadline is None
+
+
+def test_a_tab_on_trial_suspected_while_its_trial_loads_is_loading_when_it_answers(weights, reference):
+    """The tab on trial serves the stage (its stage's `ready` came first), misses a step's
+    deadline and answers it late while its trial's load is still out: `loading` again, not
+    `ready`, until its trial's `ready`."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(
+        weights, step_deadline_min_ms=100, step_deadline_factor=1.0, suspect_evict_factor=1000)
+    core = net.core
+    _deliver(net, trial_conn, stage_msgs)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: trial_conn in net.held)  # its first step held
+    for _ in range(20):
+        net.now += 0.05
+        net.to_coordinator(trial_conn, net.workers[trial_conn].heartbeat(1))
+        net.run()
+        net.perform(core.tick(net.now))
+        if w.state == "suspect":
+            break
+    assert w.state == "suspect" and not core._trials[w.worker_id]["ready"]
+    net.thaw(trial_conn)  # its step answered late
+    assert w.steps and w.alive and w.state == "loading" and w.load_deadline is not None
+    _deliver(net, trial_conn, trial_msgs)
+    assert w.state == "ready" and w.load_deadline is None
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
+def test_a_tab_on_trial_that_answers_its_stage_but_never_its_trial_is_lost_at_the_load_deadline(weights, reference):
+    """A tab on trial serves the stage a repair gave it but never answers its trial's load:
+    the trial's load deadline still holds, and the tab is lost at it; the stage goes back to
+    the coordinator's compute and a stream after it keeps exact tokens."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(weights)
+    _deliver(net, trial_conn, stage_msgs)
+    net.frozen.discard(trial_conn)  # it heartbeats and serves; its trial's messages never reach it
+    deadline = w.load_deadline
+    assert deadline is not None and w.worker_id in st.ready
+    net.advance(deadline - net.now - 0.5, step=0.25)
+    assert w.alive and w.state == "loading"
+    net.advance(1.0, step=0.25)
+    assert not w.alive and "trial range at the load deadline" in w.why
+    assert w.worker_id not in net.core._trials and w.worker_id not in st.ready
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference

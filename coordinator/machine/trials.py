@@ -52,6 +52,11 @@ class Trials:
     def _bytes_missing(self, w: Worker, st: Stage) -> int:
         return sum(self.blob_info[k].size for k in self._stage_blobs(st) if self.blob_info[k].sha256 not in w.have_blobs)
 
+    def _trial_loading(self, w: Worker) -> bool:
+        """Whether `w`'s trial range is still loading: its trial's `ready` has not come."""
+        trial = self._trials.get(w.worker_id)
+        return trial is not None and not trial["ready"]
+
     def _on_trial_ready(self, w: Worker, m: dict, now: float) -> list:
         trial = self._trials.get(w.worker_id)
         del self._trial_assign[m["assignment_id"]]

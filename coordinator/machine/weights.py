@@ -114,7 +114,9 @@ class WeightStreaming:
             if c not in w.corrections:
                 w.corrections.append(c)
                 self.events.append({"t": now, "kind": "correction", "worker": w.worker_id, **c})
-        if not w.loading:
+        # a tab on trial that a repair gave a stage may answer the stage's load before its trial's:
+        # it stays loading, the trial's load deadline kept, until _on_trial_ready
+        if not w.loading and not self._trial_loading(w):
             w.move("loaded")
             w.load_deadline = None
         st = self.stages[stage_index] if stage_index < len(self.stages) else None
