@@ -175,7 +175,7 @@ class Scheduler:
             observed = min(16.0, max(0.01, observed))
             w.row_cost = observed if observed > w.row_cost else 0.8 * w.row_cost + 0.2 * observed
         if w.state == "suspect":
-            w.move("answered_loading" if w.loading or self._trial_loading(w) else "answered")
+            w.move("answered_loading" if self._loads_out(w) else "answered")
         st.inflight = None
         out = []
         offset = 0

@@ -52,10 +52,11 @@ class Trials:
     def _bytes_missing(self, w: Worker, st: Stage) -> int:
         return sum(self.blob_info[k].size for k in self._stage_blobs(st) if self.blob_info[k].sha256 not in w.have_blobs)
 
-    def _trial_loading(self, w: Worker) -> bool:
-        """Whether `w`'s trial range is still loading: its trial's `ready` has not come."""
+    def _loads_out(self, w: Worker) -> bool:
+        """Whether a load of `w`'s is still out (coordinator/lifecycle.py): a stage's, or for a
+        tab on trial its trial range's (its trial's `ready` has not come)."""
         trial = self._trials.get(w.worker_id)
-        return trial is not None and not trial["ready"]
+        return bool(w.loading) or (trial is not None and not trial["ready"])
 
     def _on_trial_ready(self, w: Worker, m: dict, now: float) -> list:
         trial = self._trials.get(w.worker_id)
@@ -66,7 +67,7 @@ class Trials:
             return self._worker_lost(w, now, "ready with a checksum that does not match its assignment", quarantine=True)
         w.have_blobs.update(trial["shas"])
         trial["ready"] = True
-        if not w.loading:  # a repair may have given it a stage while on trial: that load keeps its state and deadline
+        if not self._loads_out(w):  # a repair may have given it a stage while on trial: that load keeps its state and deadline
             w.load_deadline = None
             if w.state == "loading":
                 w.move("loaded")

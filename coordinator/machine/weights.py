@@ -116,7 +116,7 @@ class WeightStreaming:
                 self.events.append({"t": now, "kind": "correction", "worker": w.worker_id, **c})
         # a tab on trial that a repair gave a stage may answer the stage's load before its trial's:
         # it stays loading, the trial's load deadline kept, until _on_trial_ready
-        if not w.loading and not self._trial_loading(w):
+        if not self._loads_out(w):
             w.move("loaded")
             w.load_deadline = None
         st = self.stages[stage_index] if stage_index < len(self.stages) else None
