@@ -4,7 +4,7 @@
     ready or loading -(missed_deadline)-> suspect -(answered | loaded)-> ready,
         or -(answered_loading)-> loading when it answers while a load of its is still out
     (a load out is a stage's or, for a tab on trial, its trial range's: `loaded` comes with the last of them)
-    loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage
+    loading -(refused)-> idle, or -(refused_holding)-> ready when it still holds a stage, once no load of its is out
     idle, or ready holding nothing -(remeasure)-> measuring (left out of the plan, measured again)
         -(assign)-> loading when a lost range needs it before its answer (on its last figure)
     any live state -(lost)-> dead, -(quarantined)-> quarantined (it broke the protocol or lied)

@@ -354,6 +354,51 @@ def test_a_tab_on_trial_that_answers_its_stage_but_never_its_trial_is_lost_at_th
     assert net.tokens("r") == reference
 
 
+def _refuse_the_stage(net, trial_conn, stage_msgs):
+    """The tab on trial refuses the stage's assignment (no room for a second copy of the range
+    while its trial's is on the way); its trial's messages stay held. Its memory is back after."""
+    tab = net.workers[trial_conn]
+    memory, tab.memory_bytes = tab.memory_bytes, 1
+    _deliver(net, trial_conn, stage_msgs)
+    tab.memory_bytes = memory
+
+
+def test_a_tab_on_trial_that_refuses_its_stage_is_loading_until_its_trial_is_ready(weights, reference):
+    """A tab on trial refuses the stage a repair gave it while its trial still loads: the stage
+    goes elsewhere (the coordinator's compute) as any refused one does, but the tab stays
+    `loading`, its load deadline kept, until its trial's `ready`; then `ready`."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(weights)
+    core = net.core
+    _refuse_the_stage(net, trial_conn, stage_msgs)
+    assert any(e["kind"] == "refused" and e["worker"] == w.worker_id for e in core.events)
+    assert st.primary != w.worker_id and w.worker_id not in st.holders and not w.stages and not w.loading
+    assert w.state == "loading" and w.load_deadline is not None and not core._trials[w.worker_id]["ready"]
+    net.frozen.discard(trial_conn)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert w.state == "loading" and w.load_deadline is not None
+    _deliver(net, trial_conn, trial_msgs)
+    assert core._trials[w.worker_id]["ready"] and w.state == "ready" and w.load_deadline is None
+
+
+def test_a_tab_on_trial_that_refuses_its_stage_and_never_answers_its_trial_is_lost_at_the_load_deadline(weights, reference):
+    """The same refusal, and its trial's load never answered: `loading` up to the load
+    deadline, lost at it; the stage stays on the coordinator's compute with exact tokens."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(weights)
+    _refuse_the_stage(net, trial_conn, stage_msgs)
+    net.frozen.discard(trial_conn)  # it heartbeats; its trial's messages never reach it
+    deadline = w.load_deadline
+    assert deadline is not None
+    net.advance(deadline - net.now - 0.5, step=0.25)
+    assert w.alive and w.state == "loading"
+    net.advance(1.0, step=0.25)
+    assert not w.alive and "trial range at the load deadline" in w.why and w.worker_id not in net.core._trials
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
 def test_replica_standby_takes_over_without_download(weights, reference):
     net = start(weights, 4, replicas=2, stages=2)
     assert all(len(s.holders) == 2 for s in net.core.stages)

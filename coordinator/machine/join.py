@@ -160,8 +160,12 @@ class Join:
                 w.stages.discard(stage_index)
                 # the planner now knows this worker's real limit
                 w.caps["memory_bytes"] = int((m.get("detail") or {}).get("budget", 0))
-                if w.state == "loading" and not w.loading:
-                    w.move("refused" if not w.stages else "refused_holding")
+                # a tab on trial still loading its trial range stays loading, that load's deadline
+                # kept, until _on_trial_ready (as a stage's `ready` before its trial's leaves it)
+                if not self._loads_out(w):
+                    w.load_deadline = None
+                    if w.state == "loading":
+                        w.move("refused" if not w.stages else "refused_holding")
                 out = []
                 for st in refused or [self.stages[stage_index]]:
                     out += self._repair_stage(st, now) if st.primary is None or st.primary not in st.ready else []
