@@ -28,7 +28,9 @@ pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),
 "wgpu-blockwait" readbacks waited for blocking in the driver instead of spinning (runner.SPIN_WAIT),
 "wgpu-mapwait" readbacks left to map_sync (wgpu-py's poll thread; what the spinning wait amounted to
 before it spun on the map),
-"wgpu-noahead" no decode step's command buffer recorded ahead (runner.ENCODE_AHEAD). --kernels first times each matvec of the model's shapes alone
+"wgpu-noahead" no decode step's command buffer recorded ahead (runner.ENCODE_AHEAD); any of
+them + "-nosg" (e.g. "wgpu-nosg", "wgpu-i8-nosg") with the matvecs' lanes summed in workgroup
+memory instead of by subgroup shuffles (MatmulTuning.matvec_subgroup = 0). --kernels first times each matvec of the model's shapes alone
 per layout (several copies of each matrix cycled so that L2 does not hold them).
 
 --backends runs the older comparison instead (decode = forward() then head_topk(); "fused" =

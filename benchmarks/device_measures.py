@@ -16,6 +16,9 @@ def variant_tuning(dev, variant: str):
     from kernels import launchers as KL
 
     base = KL.matmul_tuning(dev)
+    if variant.endswith("-nosg"):  # any variant with its matvecs' lanes summed in workgroup memory, not by subgroup shuffles
+        tuning, options = variant_tuning(dev, variant[: -len("-nosg")])
+        return dataclasses.replace(tuning, matvec_subgroup=0), options
     if variant == "wgpu":
         return base, {}
     if variant == "wgpu-unfused":
@@ -66,7 +69,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-i8[wW][gG], wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW]")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-i8[wW][gG], wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW], each also with -nosg")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

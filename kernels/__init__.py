@@ -8,14 +8,29 @@ KERNEL_DIR = Path(__file__).resolve().parent
 _INCLUDE = re.compile(r'^// #include "(\w+)\.wgsl"$', re.M)
 
 
+# Kernel variants: NAME+VARIANT is kernels/NAME.wgsl with these includes swapped for their twins.
+VARIANT_INCLUDES = {"subgroup": {"sum_partials": "sum_partials_subgroup"}}
+
+
 def wgsl_source(name: str) -> str:
     """kernels/NAME.wgsl with each `// #include "X.wgsl"` line replaced by kernels/include/X.wgsl
     (WGSL has no include; the kernels that share helpers or a whole body keep them there). The
     native runner compiles this and the coordinator serves it to the browser tabs, so both run
-    the same text."""
-    text = (KERNEL_DIR / f"{name}.wgsl").read_text()
+    the same text. NAME+VARIANT (VARIANT_INCLUDES) is NAME with the variant's includes swapped:
+    ``qmatvec+subgroup`` sums its lanes with subgroup shuffles."""
+    base, *variants = name.split("+")
+    swaps: dict[str, str] = {}
+    for variant in variants:
+        if variant not in VARIANT_INCLUDES:
+            raise ValueError(f"kernel {name!r}: unknown variant {variant!r} (known: {sorted(VARIANT_INCLUDES)})")
+        swaps.update(VARIANT_INCLUDES[variant])
+
+    def include(m: re.Match) -> str:
+        return (KERNEL_DIR / "include" / f"{swaps.get(m.group(1), m.group(1))}.wgsl").read_text()
+
+    text = (KERNEL_DIR / f"{base}.wgsl").read_text()
     for _ in range(8):  # an include may include another (each once: a loop would stop here)
-        expanded = _INCLUDE.sub(lambda m: (KERNEL_DIR / "include" / f"{m.group(1)}.wgsl").read_text(), text)
+        expanded = _INCLUDE.sub(include, text)
         if expanded == text:
             return text
         text = expanded

@@ -147,6 +147,7 @@ class MatmulTuning:
     matvec_tall_batch_wg: int = 0  # staged: batches of tall long-rowed matrices too, in workgroups of this many threads (0: no)
     matvec_i8_wg: int = 0  # qmatvec_i8's workgroups (more outputs share each quantized x); 0: matvec_wg
     matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
+    matvec_subgroup: int = 0  # lanes of a subgroup: the matvecs sum their lanes by shuffles (their K+subgroup variants; 0: in workgroup memory)
 
 
 def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
@@ -168,7 +169,8 @@ def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
                             matvec_span=GPU_MATVEC_SPAN, matvec_opt=GPU_MATVEC_OPT, matvec_stage=GPU_MATVEC_STAGE,
                             matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K,
                             matvec_tall_batch_wg=tall if tall > wg else 0,
-                            matvec_i8_wg=dev.workgroup_size(GPU_MATVEC_I8_WG), matvec_i8_max_groups=GPU_MATVEC_I8_MAX_GROUPS)
+                            matvec_i8_wg=dev.workgroup_size(GPU_MATVEC_I8_WG), matvec_i8_max_groups=GPU_MATVEC_I8_MAX_GROUPS,
+                            matvec_subgroup=dev.subgroup_size())
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
 
@@ -256,6 +258,12 @@ class QuantLinear(Launcher):
         self.compute_dtype = compute_dtype
         self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
         self.matvec_kernel += "" if compute_dtype == "f32" else f"_{compute_dtype}"
+        if self.tuning.matvec_subgroup:
+            lanes = dev.subgroup_size()
+            if not lanes or lanes % self.tuning.matvec_subgroup:
+                raise LimitError(f"matvec_subgroup {self.tuning.matvec_subgroup}: this device's subgroups "
+                                 f"({lanes or 'none usable'}) are not runs of that many lanes")
+            self.matvec_kernel += "+subgroup"
         self.wg = self.tuning.matvec_i8_wg if compute_dtype == "i8" and self.tuning.matvec_i8_wg else self.tuning.matvec_wg
         # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 and i8 ones walk whole blocks
         f32 = compute_dtype == "f32"
@@ -293,6 +301,8 @@ class QuantLinear(Launcher):
         """qmatvec's overrides at ROWS = rows_per_wg, ``ch`` vec4s of each row staged (0: none)."""
         consts = {**quant_constants(self.w), "WG": self._wg(rows_per_wg, ch), "TPR": self._tpr(rows_per_wg, ch),
                   "ROWS": rows_per_wg}
+        if self.tuning.matvec_subgroup:
+            consts["SG"] = self.tuning.matvec_subgroup
         if self.compute_dtype == "i8":
             return {**consts, "XB": self._i8_blocks(rows_per_wg)}
         if self.span != 8 or self.opt != 1:
@@ -381,7 +391,7 @@ class QuantLinear(Launcher):
             for n, launch in self._chunk_launches(self.matvec_kernel, rows_per_wg, ch):
                 launch.set(m=rows)
                 items += launch.at(self._groups_x(n, rows_per_wg, ch), -(-rows // rows_per_wg))
-        elif self.matvec_kernel not in ("qmatvec", "qmatvec_f16", "qmatvec_i8"):
+        elif self.matvec_kernel.split("+")[0] not in ("qmatvec", "qmatvec_f16", "qmatvec_i8"):
             raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
         else:
             for n, launch in self._chunk_launches("qmatmul", 0):

@@ -28,6 +28,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> norm_weight: array<vec4<f32>>;  // k floats (buffer padded to 16 bytes)
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
+override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
 var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 

@@ -24,6 +24,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
+override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
 var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 
 // #include "scale_min.wgsl"

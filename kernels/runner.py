@@ -29,7 +29,19 @@ from kernels.limits import WEBGPU_DEFAULT_LIMITS
 KERNEL_DIR = Path(__file__).resolve().parent
 
 # Features a Device asks for where its adapter has them.
-OPTIONAL_FEATURES = ("shader-f16",)
+OPTIONAL_FEATURES = ("shader-f16", "subgroup")
+
+# Device.subgroup_size's probe: each invocation of one workgroup writes its subgroup lane and
+# the subgroup's size (wgpu-native's WGSL takes the subgroup builtins without `enable subgroups;`)
+SUBGROUP_PROBE = """
+override WG: u32 = 64u;
+@group(0) @binding(0) var<storage, read_write> out: array<vec2<u32>>;
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) t: u32, @builtin(subgroup_invocation_id) lane: u32,
+        @builtin(subgroup_size) size: u32) {
+  out[t] = vec2<u32>(lane, size);
+}
+"""
 
 # Words in an adapter's description that mean "a CPU rasteriser, not a GPU".
 SOFTWARE_ADAPTERS = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render")
@@ -132,7 +144,8 @@ class Device:
         required = {k: _worse(k, _better(k, v, WEBGPU_DEFAULT_LIMITS[k]), adapter_limits.get(k, v))
                     for k, v in self.limits.items() if k in WEBGPU_DEFAULT_LIMITS}
         # shader-f16 wherever the adapter has it: the NAME_f16.wgsl kernels need it, and asking
-        # costs the f32 kernels nothing (Chromium's SwiftShader lacks it: browsers stay f32)
+        # costs the f32 kernels nothing (Chromium's SwiftShader lacks it: browsers stay f32);
+        # subgroup likewise, for the K+subgroup kernels
         features = [f for f in OPTIONAL_FEATURES if f in self.adapter.features]
         self.device = self.adapter.request_device_sync(required_features=features, required_limits=required)
         self.queue = self.device.queue
@@ -141,6 +154,7 @@ class Device:
         self._pipelines: dict[tuple, object] = {}
         self._params: dict[str, list[tuple[str, str]]] = {}
         self._real_gpu: bool | None = None  # is_real_gpu(), asked once (_on_real_gpu)
+        self._subgroup_size: int | None = None  # subgroup_size(), probed once
         self._last_plan: list | None = None  # execute's: a call with the same plan repeats it
         self._ahead: tuple | None = None  # (plan, key, command buffer, readback bytes, staging) recorded ahead
         self.encoded_ahead_used = 0  # command buffers recorded ahead and submitted
@@ -173,6 +187,37 @@ class Device:
                   self.limits["max-compute-workgroup-size-x"])
         return 1 << (cap.bit_length() - 1)
 
+    def subgroup_size(self) -> int:
+        """Lanes of a subgroup that the K+subgroup kernels may count on, 0 where they cannot run:
+        no subgroup feature, or subgroups that are not runs of consecutive invocations of a
+        workgroup (the shuffles of include/sum_partials_subgroup.wgsl assume they are; WGSL does
+        not promise it), or sizes that differ across the workgroup. Probed once, in a workgroup
+        as wide as the limits allow; the smallest size seen is the one to count on."""
+        if self._subgroup_size is None:
+            self._subgroup_size = self._probe_subgroups() if "subgroup" in self.features else 0
+        return self._subgroup_size
+
+    def _probe_subgroups(self) -> int:
+        wg = self.workgroup_size(1024)
+        module = self.device.create_shader_module(code=SUBGROUP_PROBE, label="subgroup_probe")
+        pipe = self.device.create_compute_pipeline(layout="auto", label="subgroup_probe",
+                                                   compute={"module": module, "entry_point": "main", "constants": {"WG": wg}})
+        out = self.buffer(8 * wg, "subgroup_probe")
+        group = self.device.create_bind_group(layout=pipe.get_bind_group_layout(0),
+                                              entries=[{"binding": 0, "resource": {"buffer": out}}])
+        encoder = self.device.create_command_encoder()
+        compute = encoder.begin_compute_pass()
+        compute.set_pipeline(pipe)
+        compute.set_bind_group(0, group)
+        compute.dispatch_workgroups(1)
+        compute.end()
+        self.queue.submit([encoder.finish()])
+        lane, size = np.frombuffer(self.queue.read_buffer(out), np.uint32).reshape(wg, 2).T
+        sg = int(size[0])
+        if sg < 1 or sg & (sg - 1) or (size != sg).any() or (lane != np.arange(wg) % sg).any():
+            return 0
+        return sg
+
     # ------------------------------------------------------------------ kernels
     def source(self, kernel: str) -> str:
         return wgsl_source(kernel)
@@ -185,6 +230,8 @@ class Device:
         if pipe is None:
             if self.source(kernel).startswith("enable f16;") and "shader-f16" not in self.features:
                 raise LimitError(f"{kernel} needs the shader-f16 feature, which this device lacks")
+            if "+subgroup" in kernel and not self.subgroup_size():
+                raise LimitError(f"{kernel} needs subgroups of consecutive invocations, which this device lacks")
             self.check_workgroup(kernel, constants)
             module = self._modules.get(kernel)
             if module is None:

@@ -7,6 +7,7 @@ a few ulp of its partial sums, hence atol around 1e-5 * sqrt(k) and rtol 1e-4 th
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -36,6 +37,12 @@ TUNINGS = {
                                      matvec_span=2, matvec_opt=4),
     "cpu": KL.MatmulTuning(matvec_wg=64, matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=64),
 }
+# the lanes summed by subgroup shuffles (the K+subgroup kernels) in runs of 4: at most any
+# lavapipe's subgroup (4, 8 or 16 lanes by the CPU's vector width), and runs of 4 lanes of a wider
+# subgroup sum alike; whole outputs in one run (TPR <= 4), several runs an output, and the inverse
+# RMS over 64 (two rounds of shuffles) and 256 threads (shuffles, then the tree)
+TUNINGS.update({f"{name}-subgroup": dataclasses.replace(TUNINGS[name], matvec_subgroup=4)
+                for name in ("gpu", "gpu-staged8", "gpu-blocks")})
 
 
 def _device(**kwargs) -> R.Device:
@@ -775,7 +782,8 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
     base = _device(limits=limits if raised else "webgpu-default")
     if base.limits != limits:
         pytest.skip(f"the adapter grants less than {limits}")
-    tuning = KL.matmul_tuning(base, real_gpu=True)
+    # webgpu_device.js has no subgroup variants (QuantLinear's K+subgroup): compare the plain layout
+    tuning = dataclasses.replace(KL.matmul_tuning(base, real_gpu=True), matvec_subgroup=0)
     assert bool(tuning.matvec_tall_batch_wg) == raised
     shapes = [(12288, 4096), (4096, 11008), (1536, 576), (49152, 576), (37, 70), (8192, 8192)]
     rows_list = [1, 3, 8, 9, 64]

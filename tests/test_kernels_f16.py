@@ -78,7 +78,7 @@ def linear_vs_twins(dev, rng, spec, n, k, rows, tuning, compute_dtype, prologue=
             norm, args = {"norm": (dev.upload(nw), 1e-5)}, (x, w, nw, 1e-5)
         op = KL.QuantLinear(dev, gw, dev.upload(xpad), x_stride, yb, y_stride, y_col, accumulate, tuning=tuning,
                             compute_dtype=compute_dtype, **norm)
-    assert op.matvec_kernel == f"{kernel}_{compute_dtype}"
+    assert op.matvec_kernel == f"{kernel}_{compute_dtype}" + ("+subgroup" if tuning.matvec_subgroup else "")
     if prepare is not None:
         prepare(op)
     dev.run([op], rows)

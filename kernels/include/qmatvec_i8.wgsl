@@ -32,6 +32,7 @@ override XB: u32 = 32u;           // 32-input blocks of each row quantized into 
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
+override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
 var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
 var<workgroup> xq: array<vec4<u32>, 2u * XB * ROWS>;   // [row][block]: 32 int8 inputs in 8 words
 var<workgroup> xd: array<vec2<f32>, XB * ROWS>;        // [row][block]: (x scale, sum of the int8 inputs)

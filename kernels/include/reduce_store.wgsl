@@ -23,18 +23,4 @@ fn reduce_store(t: u32, lane: u32, n: u32, m0: u32, scale_lo: vec4<f32>, scale_h
   }
 }
 
-// Tree-sum partial[] over groups of `span` consecutive threads (span a power of two; i: this
-// thread's index in its group): the group's first thread ends with the sum, for rows m0..m0+3
-// (partial[t]) and m0+4..m0+7 (partial[WG + t]). Called in uniform control flow.
-fn sum_partials(t: u32, i: u32, span: u32) {
-  workgroupBarrier();
-  for (var stride = span / 2u; stride > 0u; stride >>= 1u) {
-    if (i < stride) {
-      partial[t] += partial[t + stride];
-      if (QUADS > 1u) {
-        partial[WG + t] += partial[WG + t + stride];
-      }
-    }
-    workgroupBarrier();
-  }
-}
+// #include "sum_partials.wgsl"
