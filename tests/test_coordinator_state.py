@@ -399,6 +399,26 @@ def test_a_tab_on_trial_that_refuses_its_stage_and_never_answers_its_trial_is_lo
     assert net.tokens("r") == reference
 
 
+def test_a_tab_trusted_by_its_own_steps_whose_trial_passes_later_passes_probation_once(weights, reference):
+    """A tab on trial serves the stage a repair gave it (its stage's `ready` first): its checked
+    steps earn it trust while its trial still loads. Its trial then loads and passes its steps
+    too: the probation was passed once (one `trusted` event, counted once), and the trial ends."""
+    net, trial_conn, w, st, trial_msgs, stage_msgs = _tab_on_trial_picked_by_a_repair(weights)
+    core = net.core
+    passed = core.counters["probations_passed"]
+    _deliver(net, trial_conn, stage_msgs)
+    net.frozen.discard(trial_conn)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+    assert not w.probation and core.counters["probations_passed"] == passed + 1 and w.worker_id in core._trials
+    _deliver(net, trial_conn, trial_msgs)
+    net.advance(3.0)
+    assert w.worker_id not in core._trials and w.state == "ready" and w.proven_steps > core.settings.probation_steps
+    assert core.counters["probations_passed"] == passed + 1
+    assert [e["worker"] for e in core.events if e["kind"] == "trusted"].count(w.worker_id) == 1
+
+
 def test_replica_standby_takes_over_without_download(weights, reference):
     net = start(weights, 4, replicas=2, stages=2)
     assert all(len(s.holders) == 2 for s in net.core.stages)

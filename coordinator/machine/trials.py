@@ -163,6 +163,8 @@ class Trials:
         v.proven_steps += 1
         if v.proven_steps >= self.settings.probation_steps:
             self._trials.pop(v.worker_id, None)
+            if not v.probation:  # a repair planned it while on trial and its own checked steps proved it first
+                return []
             # its speed as seen here (the fastest trial, transport included) bounds its claim
             v.ms_per_layer = max(v.ms_per_layer, min(trial["best_ms"], 1e4))
             self._end_probation(v, now)
