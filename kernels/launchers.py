@@ -345,8 +345,10 @@ class QuantLinear(Launcher):
 
     def _i8_room(self, wg: int, rows_per_wg: int) -> int:
         """Bytes of workgroup memory qmatvec_i8 has for x beside the reduction's partial sums
-        (16 bytes a thread and quad of rows) and qmatvec_norm_i8's inv_rms."""
-        return self.dev.limits["max-compute-workgroup-storage-size"] - 64 - 16 * wg * -(-rows_per_wg // 4)
+        (16 bytes a thread and quad of rows; a subgroup and quad where subgroups sum the lanes)
+        and qmatvec_norm_i8's inv_rms."""
+        sums = wg // (self.tuning.matvec_subgroup or 1) * -(-rows_per_wg // 4)
+        return self.dev.limits["max-compute-workgroup-storage-size"] - 64 - 16 * sums
 
     def _i8_wg(self, rows_per_wg: int) -> int:
         """qmatvec_i8's threads a workgroup at ROWS = rows_per_wg: the tuning's, halved (not

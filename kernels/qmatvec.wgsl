@@ -39,9 +39,9 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
-override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
+override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
 // [quad of rows][thread]; in the staged loop first, the chunk of x (include/qmatvec_staged.wgsl)
-var<workgroup> partial: array<vec4<f32>, max(WG * QUADS, XT)>;
+var<workgroup> partial: array<vec4<f32>, max(WG * QUADS / SG, XT)>;
 
 // #include "scale_min.wgsl"
 

@@ -43,9 +43,9 @@ struct Params {
 @group(0) @binding(5) var<storage, read> norm_weight: array<vec4<f32>>;  // k floats (buffer padded to 16 bytes)
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
-override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
+override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
 // [quad of rows][thread]; in the staged loop first, the chunk of x (include/qmatvec_staged.wgsl)
-var<workgroup> partial: array<vec4<f32>, max(WG * QUADS, XT)>;
+var<workgroup> partial: array<vec4<f32>, max(WG * QUADS / SG, XT)>;
 var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
 // #include "scale_min.wgsl"
@@ -87,8 +87,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let m0 = wid.y * ROWS;
   inverse_rms(t, m0);
   if (SPAN == 8u && OPT == 1u) {
-    qmatvec_blocks(t, lane, n, m0);
-    reduce_store(t, lane, n, m0, inv_rms[0], inv_rms[1]);
+    reduce_store(t, lane, n, m0, qmatvec_blocks(t, lane, n, m0), inv_rms[0], inv_rms[1]);
   } else {
     qmatvec_lanes(t, lane, n * OPT, m0, inv_rms[0], inv_rms[1]);
   }

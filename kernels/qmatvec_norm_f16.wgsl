@@ -28,8 +28,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read> norm_weight: array<vec4<f32>>;  // k floats (buffer padded to 16 bytes)
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
-override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
-var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
+override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
+var<workgroup> partial: array<vec4<f32>, WG * QUADS / SG>;  // [quad of rows][thread, or subgroup where SG > 1]
 var<workgroup> inv_rms: array<vec4<f32>, 2>;  // rows m0..m0+3, m0+4..m0+7
 
 // #include "scale_min.wgsl"
@@ -68,6 +68,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
   inverse_rms(t, m0);
-  qmatvec_blocks(t, lane, n, m0, inv_rms[0], inv_rms[1]);
-  reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
+  reduce_store(t, lane, n, m0, qmatvec_blocks(t, lane, n, m0, inv_rms[0], inv_rms[1]), vec4<f32>(1.0), vec4<f32>(1.0));
 }

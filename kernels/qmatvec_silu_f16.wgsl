@@ -24,8 +24,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
-override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
-var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
+override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
+var<workgroup> partial: array<vec4<f32>, WG * QUADS / SG>;  // [quad of rows][thread, or subgroup where SG > 1]
 
 // #include "scale_min.wgsl"
 

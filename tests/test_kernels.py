@@ -819,3 +819,19 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
     got = json.loads(r.stdout)
     assert got == want
     assert any("XT" in c for c, _, rpw in want if rpw == 1) and any("XT" in c for c, _, rpw in want if rpw == 8)
+
+
+def test_subgroup_lanes_are_probed_and_a_tuning_beyond_them_is_refused(dev):
+    """Device.subgroup_size: the lanes the K+subgroup kernels may count on (lavapipe: its vector
+    width in floats), and QuantLinear refuses a tuning whose runs of lanes do not divide them:
+    shuffles across subgroups would sum the wrong lanes, silently."""
+    if "subgroup" not in dev.features:
+        pytest.skip(f"{dev.describe()} has no subgroups")
+    lanes = dev.subgroup_size()
+    assert lanes >= 4 and lanes & (lanes - 1) == 0
+    assert "subgroupShuffleXor" in wgsl_source("qmatvec+subgroup") and "subgroupShuffleXor" not in wgsl_source("qmatvec")
+    with pytest.raises(ValueError, match="unknown variant"):
+        wgsl_source("qmatvec+nope")
+    w = KL.GpuQuantTensor(QuantSpec(4, 32, False), 64, 64, [])
+    with pytest.raises(R.LimitError, match="not runs of that many lanes"):
+        KL.QuantLinear(dev, w, None, 64, None, 64, tuning=dataclasses.replace(TUNINGS["gpu"], matvec_subgroup=2 * lanes))

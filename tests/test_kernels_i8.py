@@ -143,3 +143,17 @@ def _narrow_grid(dev, rng, tuning, max_groups, prologue, rows):
 
     linear_vs_twins(dev, rng, QuantSpec(4, 64, True), 300, 200, rows, tuning, "i8", prologue, True, I8_TOL,
                     contiguous3=False, prepare=prepare)
+
+
+def test_qmatvec_i8_subgroup_sums_leave_workgroup_memory_to_x(dev):
+    """Where subgroups sum the lanes, qmatvec_i8's partial sums take a slot a subgroup instead of a
+    thread: 8 rows of k = 4096 quantize in fewer chunks (more blocks a chunk) at these limits."""
+    if not dev.subgroup_size():
+        pytest.skip(f"{dev.describe()} has no usable subgroups")
+    w = KL.GpuQuantTensor(QuantSpec(4, 64, True), 256, 4096, [])
+    wide = {"matvec_i8_wg": dev.workgroup_size(KL.GPU_MATVEC_I8_WG)}  # the GPU tuning's workgroups
+    plain = KL.QuantLinear(dev, w, None, 4096, None, 256, tuning=dataclasses.replace(TUNINGS["gpu"], **wide),
+                           compute_dtype="i8")
+    shuffled = KL.QuantLinear(dev, w, None, 4096, None, 256, tuning=dataclasses.replace(TUNINGS["gpu-subgroup"], **wide),
+                              compute_dtype="i8")
+    assert shuffled.matvec_constants(8, 0)["XB"] > plain.matvec_constants(8, 0)["XB"]

@@ -30,16 +30,12 @@ fn inverse_rms(t: u32, m0: u32) {
       sq_hi += vec4<f32>(dot(a4, a4), dot(a5, a5), dot(a6, a6), dot(a7, a7));
     }
   }
-  partial[t] = sq_lo;
-  if (QUADS > 1u) {
-    partial[WG + t] = sq_hi;
-  }
-  sum_partials(t, t, WG);
+  let s = sum_partials(t, t, WG, sq_lo, sq_hi);
   if (t == 0u) {
-    inv_rms[0] = inverseSqrt(partial[0] / f32(p.k) + vec4<f32>(p.eps));
+    inv_rms[0] = inverseSqrt(s.lo / f32(p.k) + vec4<f32>(p.eps));
     if (QUADS > 1u) {
-      inv_rms[1] = inverseSqrt(partial[(QUADS - 1u) * WG] / f32(p.k) + vec4<f32>(p.eps));  // partial[WG], indexed so that it stays in bounds when QUADS == 1
+      inv_rms[1] = inverseSqrt(s.hi / f32(p.k) + vec4<f32>(p.eps));
     }
   }
-  workgroupBarrier();  // partial is reused after
+  workgroupBarrier();  // inv_rms is read after, and partial reused
 }

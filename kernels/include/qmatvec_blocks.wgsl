@@ -2,11 +2,10 @@
 // qmatvec_norm; needs `p`, `partial`, codes4, scale_min, row_starts and the kernel's own load_x /
 // load_quad, which say what the "x" of x . w is: x itself, silu(gate) * up, or x * norm_weight).
 
-// This thread's share of output n's dot products with batch rows m0..m0+ROWS-1, left in
-// partial[t] (rows m0..m0+3; just .x when ROWS == 1) and partial[WG + t] (rows m0+4..m0+7)
-// for reduce_store. Per block the thread accumulates (q . x, sum x) per row and applies the
+// This thread's share of output n's dot products with batch rows m0..m0+ROWS-1 (rows m0..m0+3 in
+// .lo, just .lo.x when ROWS == 1; m0+4..m0+7 in .hi), for reduce_store. Per block the thread accumulates (q . x, sum x) per row and applies the
 // group's scale and min once: sum_j (scale*q_j + min) x_j = scale*(q . x) + min*(sum x).
-fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32) {
+fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32) -> RowSums {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let blocks = (p.k + 31u) / 32u;  // blocks made only of padding are skipped
@@ -57,8 +56,5 @@ fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32) {
       }
     }
   }
-  partial[t] = acc_lo;
-  if (QUADS > 1u) {
-    partial[WG + t] = acc_hi;
-  }
+  return RowSums(acc_lo, acc_hi);
 }

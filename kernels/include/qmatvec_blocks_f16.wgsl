@@ -2,11 +2,10 @@
 // qmatvec_silu_f16, qmatvec_norm_f16; needs `p`, `partial`, weights4 / products, scale_min,
 // row_starts and the kernel's own load_x / load_quad, which say what the "x" of x . w is).
 
-// This thread's share of output n's dot products with batch rows m0..m0+ROWS-1, left in
-// partial[t] (rows m0..m0+3; just .x when ROWS == 1) and partial[WG + t] (rows m0+4..m0+7)
-// for reduce_store. Each row's inputs are multiplied by its entry of scale_lo / scale_hi before
+// This thread's share of output n's dot products with batch rows m0..m0+ROWS-1 (rows m0..m0+3 in
+// .lo, just .lo.x when ROWS == 1; m0+4..m0+7 in .hi), for reduce_store. Each row's inputs are multiplied by its entry of scale_lo / scale_hi before
 // they are rounded to f16 (qmatvec_norm_f16: the row's inverse RMS; 1 for the others).
-fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) {
+fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32, scale_lo: vec4<f32>, scale_hi: vec4<f32>) -> RowSums {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let blocks = (p.k + 31u) / 32u;  // blocks made only of padding are skipped
@@ -35,11 +34,7 @@ fn qmatvec_blocks(t: u32, lane: u32, n: u32, m0: u32, scale_lo: vec4<f32>, scale
     }
   }
   if (ROWS == 1u) {
-    partial[t] = vec4<f32>(dot(acc, ones), 0.0, 0.0, 0.0);
-  } else {
-    partial[t] = ones * acc_lo;  // row r's sum in component r
+    return RowSums(vec4<f32>(dot(acc, ones), 0.0, 0.0, 0.0), vec4<f32>(0.0));
   }
-  if (QUADS > 1u) {
-    partial[WG + t] = ones * acc_hi;
-  }
+  return RowSums(ones * acc_lo, ones * acc_hi);  // row r's sum in component r
 }

@@ -32,8 +32,8 @@ override XB: u32 = 32u;           // 32-input blocks of each row quantized into 
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
-override SG: u32 = 32u;  // lanes of a subgroup, in the K+subgroup variant (include/sum_partials_subgroup.wgsl)
-var<workgroup> partial: array<vec4<f32>, WG * QUADS>;  // [quad of rows][thread]
+override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
+var<workgroup> partial: array<vec4<f32>, WG * QUADS / SG>;  // [quad of rows][thread, or subgroup where SG > 1]
 var<workgroup> xq: array<vec4<u32>, 2u * XB * ROWS>;   // [row][block]: 32 int8 inputs in 8 words
 var<workgroup> xd: array<vec2<f32>, XB * ROWS>;        // [row][block]: (x scale, sum of the int8 inputs)
 
@@ -222,18 +222,9 @@ fn chunk_terms(lane: u32, row: u32, first: u32, count: u32, lo: ptr<function, ve
   }
 }
 
-// This lane's sums into partial (rows m0..m0+3 at partial[t], m0+4..m0+7 at partial[WG + t]).
-fn store_partial(t: u32, lo: vec4<f32>, hi: vec4<f32>) {
-  workgroupBarrier();  // the last output's reduction is read
-  partial[t] = lo;
-  if (ROWS > 4u) {
-    partial[WG + t] = hi;
-  }
-}
-
 // Output n (its weight row clamped to the last; never stored past n) of rows m0..m0+ROWS-1,
 // XB blocks of x quantized at a time, the chunk's terms after each.
-fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32, blocks: u32) {
+fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32, blocks: u32) -> RowSums {
   let row = min(n, max(p.n, 1u) - 1u);
   var lo = vec4<f32>(0.0);
   var hi = vec4<f32>(0.0);
@@ -241,7 +232,7 @@ fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32, blocks: u32) {
     quantize_chunk(t, first, blocks, m0);
     chunk_terms(lane, row, first, min(XB, blocks - first), &lo, &hi);
   }
-  store_partial(t, lo, hi);
+  return RowSums(lo, hi);
 }
 
 // Where a row's blocks all fit one chunk (XB >= blocks), x is quantized once and the workgroup
@@ -256,8 +247,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
   prologue(t, m0);
   if (XB < blocks) {
     let n = wid.x * (WG / TPR) + t / TPR;
-    qmatvec_i8(t, lane, n, m0, blocks);
-    reduce_store(t, lane, n, m0, row_scale(0u), row_scale(1u));
+    reduce_store(t, lane, n, m0, qmatvec_i8(t, lane, n, m0, blocks), row_scale(0u), row_scale(1u));
     return;
   }
   quantize_chunk(t, 0u, blocks, m0);
@@ -266,7 +256,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
     chunk_terms(lane, min(n, p.n - 1u), 0u, blocks, &lo, &hi);
-    store_partial(t, lo, hi);
-    reduce_store(t, lane, n, m0, row_scale(0u), row_scale(1u));
+    reduce_store(t, lane, n, m0, RowSums(lo, hi), row_scale(0u), row_scale(1u));
   }
 }

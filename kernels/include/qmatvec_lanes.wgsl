@@ -140,32 +140,20 @@ fn qmatvec_lanes(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scale
     store_outputs(t, lane, n0, m0, vec4<f32>(a0.x, a1.x, a2.x, a3.x), scale_lo.x);
     return;
   }
-  lanes_store(t, lane, n0, m0, a0, h0, scale_lo, scale_hi);
+  reduce_store(t, lane, n0, m0, RowSums(a0, h0), scale_lo, scale_hi);
   if (OPT > 1u) {
-    lanes_store(t, lane, n0 + 1u, m0, a1, h1, scale_lo, scale_hi);
+    reduce_store(t, lane, n0 + 1u, m0, RowSums(a1, h1), scale_lo, scale_hi);
   }
   if (OPT > 2u) {
-    lanes_store(t, lane, n0 + 2u, m0, a2, h2, scale_lo, scale_hi);
-    lanes_store(t, lane, n0 + 3u, m0, a3, h3, scale_lo, scale_hi);
+    reduce_store(t, lane, n0 + 2u, m0, RowSums(a2, h2), scale_lo, scale_hi);
+    reduce_store(t, lane, n0 + 3u, m0, RowSums(a3, h3), scale_lo, scale_hi);
   }
-}
-
-// One output's lane sums into partial, then reduce_store (its tree sum begins with a barrier,
-// and reads another thread's slot only before its last barrier: the next output may refill).
-fn lanes_store(t: u32, lane: u32, n: u32, m0: u32, lo: vec4<f32>, hi: vec4<f32>, scale_lo: vec4<f32>,
-               scale_hi: vec4<f32>) {
-  partial[t] = lo;
-  if (QUADS > 1u) {
-    partial[WG + t] = hi;
-  }
-  reduce_store(t, lane, n, m0, scale_lo, scale_hi);
 }
 
 // One row's OPT outputs n0.. (this lane's sums in acc): reduced together, one vec4 per thread,
 // then stored times scale (1, or the row's inverse RMS), added to y when p.accumulate.
 fn store_outputs(t: u32, lane: u32, n0: u32, m0: u32, acc: vec4<f32>, scale: f32) {
-  partial[t] = acc;
-  sum_partials(t, lane, TPR);
+  let s = sum_partials(t, lane, TPR, acc, vec4<f32>(0.0));
   if (lane == 0u) {
     for (var o = 0u; o < OPT; o++) {
       let n = n0 + o;
@@ -175,7 +163,7 @@ fn store_outputs(t: u32, lane: u32, n0: u32, m0: u32, acc: vec4<f32>, scale: f32
         if (p.accumulate != 0u) {
           previous = y[i];
         }
-        y[i] = previous + partial[t][o] * scale;
+        y[i] = previous + s.lo[o] * scale;
       }
     }
   }

@@ -7,8 +7,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
   if (SPAN == 8u && OPT == 1u) {
-    qmatvec_blocks(t, lane, n, m0);
-    reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
+    reduce_store(t, lane, n, m0, qmatvec_blocks(t, lane, n, m0), vec4<f32>(1.0), vec4<f32>(1.0));
   } else {
     qmatvec_lanes(t, lane, n * OPT, m0, vec4<f32>(1.0), vec4<f32>(1.0));
   }

@@ -7,6 +7,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let lane = t % TPR;
   let n = wid.x * (WG / TPR) + t / TPR;
   let m0 = wid.y * ROWS;
-  qmatvec_blocks(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
-  reduce_store(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0));
+  reduce_store(t, lane, n, m0, qmatvec_blocks(t, lane, n, m0, vec4<f32>(1.0), vec4<f32>(1.0)), vec4<f32>(1.0),
+               vec4<f32>(1.0));
 }

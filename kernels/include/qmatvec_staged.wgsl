@@ -148,7 +148,7 @@ fn staged_block(bt: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<u32>) ->
 }
 
 // Several batch rows: OPT outputs' sums, rows m0..m0+3 (lo<o>) and m0+4..m0+7 (hi<o>).
-struct RowSums {
+struct OutputSums {
   lo0: vec4<f32>, hi0: vec4<f32>,
   lo1: vec4<f32>, hi1: vec4<f32>,
   lo2: vec4<f32>, hi2: vec4<f32>,
@@ -167,7 +167,7 @@ struct BlockWords {
 // words loaded first, then per vec4 of inputs the rows' x read once from workgroup memory for
 // all outputs, each output's four codes once for all rows (q * X: X's columns the rows), and
 // scale * (q . x) + min * (sum x) per output and row added to acc.
-fn staged_rows(bt: u32, ch: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<u32>, acc: ptr<function, RowSums>) {
+fn staged_rows(bt: u32, ch: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<u32>, acc: ptr<function, OutputSums>) {
   let b = first + bt;
   let g = b * 32u / GROUP;
   let wb = b * BITS;
@@ -184,8 +184,8 @@ fn staged_rows(bt: u32, ch: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<
     q.b3 = words_b(w.w + wb);
   }
   let zero = vec4<f32>(0.0);
-  var d = RowSums(zero, zero, zero, zero, zero, zero, zero, zero);
-  var sx = RowSums(zero, zero, zero, zero, zero, zero, zero, zero);  // lo0 / hi0: the rows' sums of x
+  var d = OutputSums(zero, zero, zero, zero, zero, zero, zero, zero);
+  var sx = OutputSums(zero, zero, zero, zero, zero, zero, zero, zero);  // lo0 / hi0: the rows' sums of x
   rows_at(0u, bt, ch, &q, &d, &sx);
   rows_at(1u, bt, ch, &q, &d, &sx);
   rows_at(2u, bt, ch, &q, &d, &sx);
@@ -214,7 +214,7 @@ fn staged_rows(bt: u32, ch: u32, first: u32, groups: u32, n: vec4<u32>, w: vec4<
 
 // vec4 i of block bt of rows 0..ROWS-1 of the chunk times each output's codes, added to d;
 // the rows' x to sx. Called with i a literal: the codes' shifts are constants.
-fn rows_at(i: u32, bt: u32, ch: u32, q: ptr<function, BlockWords>, d: ptr<function, RowSums>, sx: ptr<function, RowSums>) {
+fn rows_at(i: u32, bt: u32, ch: u32, q: ptr<function, BlockWords>, d: ptr<function, OutputSums>, sx: ptr<function, OutputSums>) {
   let slot = bt * 8u + (i + bt) % 8u;
   let j0 = i * 4u;
   let xl = mat4x4<f32>(partial[slot], partial[ch + slot], partial[2u * ch + slot], partial[3u * ch + slot]);
@@ -256,7 +256,7 @@ fn qmatvec_staged(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scal
   let w = n * words_per_row;
   var acc = vec4<f32>(0.0);  // one row: the OPT outputs
   let zero = vec4<f32>(0.0);
-  var rows = RowSums(zero, zero, zero, zero, zero, zero, zero, zero);  // several rows
+  var rows = OutputSums(zero, zero, zero, zero, zero, zero, zero, zero);  // several rows
   for (var c0 = 0u; c0 < units; c0 += ch) {
     workgroupBarrier();  // the previous chunk (or inverse_rms's sums) is read
     for (var v = t; v < XT; v += WG) {
@@ -289,12 +289,12 @@ fn qmatvec_staged(t: u32, lane: u32, n0: u32, m0: u32, scale_lo: vec4<f32>, scal
     store_outputs(t, lane, n0, m0, acc, scale_lo.x);
     return;
   }
-  lanes_store(t, lane, n0, m0, rows.lo0, rows.hi0, scale_lo, scale_hi);
+  reduce_store(t, lane, n0, m0, RowSums(rows.lo0, rows.hi0), scale_lo, scale_hi);
   if (OPT > 1u) {
-    lanes_store(t, lane, n0 + 1u, m0, rows.lo1, rows.hi1, scale_lo, scale_hi);
+    reduce_store(t, lane, n0 + 1u, m0, RowSums(rows.lo1, rows.hi1), scale_lo, scale_hi);
   }
   if (OPT > 2u) {
-    lanes_store(t, lane, n0 + 2u, m0, rows.lo2, rows.hi2, scale_lo, scale_hi);
-    lanes_store(t, lane, n0 + 3u, m0, rows.lo3, rows.hi3, scale_lo, scale_hi);
+    reduce_store(t, lane, n0 + 2u, m0, RowSums(rows.lo2, rows.hi2), scale_lo, scale_hi);
+    reduce_store(t, lane, n0 + 3u, m0, RowSums(rows.lo3, rows.hi3), scale_lo, scale_hi);
   }
 }

@@ -1,11 +1,23 @@
 // Included (kernels.wgsl_source) by reduce_store.wgsl: the lane sums of the qmatvec family and
 // inverse_rms.wgsl, in workgroup memory (needs `partial`, WG, QUADS). Where the device has
-// subgroups, kernels named K+subgroup get sum_partials_subgroup.wgsl instead.
+// subgroups, kernels named K+subgroup get sum_partials_subgroup.wgsl instead, whose `partial`
+// holds one slot a subgroup: the kernels size it WG * QUADS / SG, SG = 1 here.
 
-// Tree-sum partial[] over groups of `span` consecutive threads (span a power of two; i: this
-// thread's index in its group): the group's first thread ends with the sum, for rows m0..m0+3
-// (partial[t]) and m0+4..m0+7 (partial[WG + t]). Called in uniform control flow.
-fn sum_partials(t: u32, i: u32, span: u32) {
+// A thread's sums for batch rows m0..m0+3 (lo) and m0+4..m0+7 (hi).
+struct RowSums {
+  lo: vec4<f32>,
+  hi: vec4<f32>,
+}
+
+// lo and hi summed over groups of `span` consecutive threads (span a power of two; i: this
+// thread's index in its group) by a tree in partial[], a barrier a halving: the group's first
+// thread gets the sums. Called in uniform control flow, once no thread still reads partial[]
+// but from its own slot (each sum reads others' slots only before its last barrier).
+fn sum_partials(t: u32, i: u32, span: u32, lo: vec4<f32>, hi: vec4<f32>) -> RowSums {
+  partial[t] = lo;
+  if (QUADS > 1u) {
+    partial[WG + t] = hi;
+  }
   workgroupBarrier();
   for (var stride = span / 2u; stride > 0u; stride >>= 1u) {
     if (i < stride) {
@@ -16,4 +28,5 @@ fn sum_partials(t: u32, i: u32, span: u32) {
     }
     workgroupBarrier();
   }
+  return RowSums(partial[t], partial[(QUADS - 1u) * WG + t]);  // partial[WG + t], in bounds when QUADS == 1
 }

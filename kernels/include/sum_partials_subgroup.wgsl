@@ -1,17 +1,24 @@
 // Included (kernels.wgsl_source) by reduce_store.wgsl in the kernels named K+subgroup, for devices
 // with subgroups: sum_partials.wgsl's sums without a barrier a step. The lanes of one subgroup
 // add their sums by shuffles; where a group of lanes spans several subgroups, the subgroups' sums
-// meet once in workgroup memory. Needs `partial`, WG, QUADS.
+// meet once in workgroup memory, one slot a subgroup (`partial`: WG * QUADS / SG slots). Needs
+// `partial`, WG, QUADS, SG.
 //
 // Why: the tree in workgroup memory waits on a barrier for each halving (10 for a 1024-thread
 // inverse RMS, 4-5 for an output's lanes), and a decode matvec is short enough for those waits
-// to show; shuffles are register moves.
-
+// to show; shuffles are register moves. And qmatvec_i8 gets the workgroup memory the tree took
+// (16 bytes a thread and quad of rows) for quantized x.
+//
 // SG: lanes of a subgroup, as Device.subgroup_size() measured them (a divisor of them works too);
 // that probe also checked that subgroups are runs of consecutive local_invocation_index, which
 // the shuffles below rely on (WGSL does not promise it; Vulkan, Metal and D3D12 drivers lay 1-D
 // workgroups out so). Each kernel declares SG beside its other overrides: naga 29 panics on an
 // override declared after a workgroup array sized by overrides.
+
+struct RowSums {
+  lo: vec4<f32>,
+  hi: vec4<f32>,
+}
 
 // v summed over each run of `lanes` consecutive lanes of the subgroup (lanes a power of two, at
 // most SG): every lane of the run ends with the run's sum.
@@ -23,51 +30,49 @@ fn butterfly(v: vec4<f32>, lanes: u32) -> vec4<f32> {
   return s;
 }
 
-// As sum_partials.wgsl: partial[] summed over groups of `span` consecutive threads (span a power
-// of two; i: this thread's index in its group), the group's first thread ending with the sum
-// (partial[t]: rows m0..m0+3, partial[WG + t]: rows m0+4..m0+7). Called in uniform control flow.
-fn sum_partials(t: u32, i: u32, span: u32) {
+// As sum_partials.wgsl: lo and hi summed over groups of `span` consecutive threads (span a power
+// of two; i: this thread's index in its group), the group's first thread getting the sums.
+// Called in uniform control flow.
+fn sum_partials(t: u32, i: u32, span: u32, lo: vec4<f32>, hi: vec4<f32>) -> RowSums {
   let lanes = min(span, SG);
-  let lo = butterfly(partial[t], lanes);
-  var hi = vec4<f32>(0.0);
+  var s = RowSums(butterfly(lo, lanes), vec4<f32>(0.0));
   if (QUADS > 1u) {
-    hi = butterfly(partial[WG + t], lanes);
-  }
-  partial[t] = lo;  // each thread reads and writes only its own slot so far: no barrier
-  if (QUADS > 1u) {
-    partial[WG + t] = hi;
+    s.hi = butterfly(hi, lanes);
   }
   if (span <= SG) {
-    return;
+    return s;
   }
-  workgroupBarrier();  // every subgroup's sum is in its lanes' slots
-  let subgroups = span / SG;
-  if (subgroups > SG) {  // too many for one subgroup (small subgroups, wide groups): the tree, from SG apart
-    for (var stride = span / 2u; stride >= SG; stride >>= 1u) {
-      if (i < stride) {
-        partial[t] += partial[t + stride];
-        if (QUADS > 1u) {
-          partial[WG + t] += partial[WG + t + stride];
-        }
-      }
-      workgroupBarrier();
-    }
-    return;
-  }
-  // lane j of each subgroup takes the group's subgroup j's sum, and one more butterfly adds them
-  let j = i % SG;
-  let src = t - i + min(j, subgroups - 1u) * SG;
-  let total_lo = butterfly(select(vec4<f32>(0.0), partial[src], j < subgroups), subgroups);
-  var total_hi = vec4<f32>(0.0);
-  if (QUADS > 1u) {
-    total_hi = butterfly(select(vec4<f32>(0.0), partial[WG + src], j < subgroups), subgroups);
-  }
-  workgroupBarrier();  // every subgroup's sum is read before the first thread's slot takes the total
-  if (i == 0u) {
-    partial[t] = total_lo;
+  // several subgroups a group: each subgroup's sums to its slot
+  let slots = WG / SG;
+  workgroupBarrier();  // the slots' last readers (an earlier sum, a staged chunk of x) are done
+  if (t % SG == 0u) {
+    partial[t / SG] = s.lo;
     if (QUADS > 1u) {
-      partial[WG + t] = total_hi;
+      partial[slots + t / SG] = s.hi;
     }
   }
   workgroupBarrier();
+  let count = span / SG;  // slots of a group
+  let first = (t - i) / SG;
+  if (count <= SG) {  // lane j of every subgroup takes the group's slot j: one more butterfly
+    let j = t % SG;
+    let src = first + min(j, count - 1u);
+    s.lo = butterfly(select(vec4<f32>(0.0), partial[src], j < count), count);
+    if (QUADS > 1u) {
+      s.hi = butterfly(select(vec4<f32>(0.0), partial[slots + src], j < count), count);
+    }
+    return s;
+  }
+  // more slots than lanes (small subgroups, wide groups): a tree over the slots, thread t taking slot t
+  let c = t % count;
+  for (var stride = count / 2u; stride > 0u; stride >>= 1u) {
+    if (t < slots && c < stride) {
+      partial[t] += partial[t + stride];
+      if (QUADS > 1u) {
+        partial[slots + t] += partial[slots + t + stride];
+      }
+    }
+    workgroupBarrier();
+  }
+  return RowSums(partial[first], partial[(QUADS - 1u) * slots + first]);
 }
