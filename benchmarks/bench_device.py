@@ -21,7 +21,8 @@ each row a chunk, "wgpu-blocks" the whole-block walk (SPAN=8, OPT=1: the layout
 before include/qmatvec_lanes.wgsl), "wgpu-sSoO[tT][wW]" SPAN=S and OPT=O (0: by shape; at most T threads
 per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-unfused" the default
 without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, "wgpu-planes3"
-3-bit weights uploaded as bit planes (the blobs' layout) instead of contiguous codes,
+3-bit weights uploaded as bit planes (the blobs' layout) instead of repacked for the matvecs (contiguous
+codes; the high plane spread for i8: "wgpu-i8-planes3"),
 "wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-attnwN" attention
 in workgroups of N threads, "wgpu-kvN" split-K attention in N key runs a row whatever the KV
 pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),

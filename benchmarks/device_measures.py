@@ -19,6 +19,9 @@ def variant_tuning(dev, variant: str):
     if variant.endswith("-nosg"):  # any variant with its matvecs' lanes summed in workgroup memory, not by subgroup shuffles
         tuning, options = variant_tuning(dev, variant[: -len("-nosg")])
         return dataclasses.replace(tuning, matvec_subgroup=0), options
+    if variant.endswith("-planes3"):  # any variant with 3-bit codes uploaded as the blobs' bit planes (not repacked)
+        tuning, options = variant_tuning(dev, variant[: -len("-planes3")])
+        return tuning, {**options, "contiguous3": False}
     if variant == "wgpu":
         return base, {}
     if variant == "wgpu-unfused":
@@ -29,8 +32,6 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-noahead":  # no command buffer recorded ahead (bench_device sets runner.ENCODE_AHEAD off)
         return base, {}
-    if variant == "wgpu-planes3":  # 3-bit codes uploaded as the blobs' bit planes (not contiguous)
-        return base, {"contiguous3": False}
     if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
         return base, {"compute_dtype": "f16"}
     m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?", variant)
@@ -69,7 +70,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-i8[wW][gG], wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW], each also with -nosg")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-i8[wW][gG], wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW], each also with -nosg and/or -planes3")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.quant import QuantTensor, contiguous_3bit
+from kernels.quant import QuantTensor, contiguous_3bit, spread_3bit
 from kernels.runner import RAW_PASS_CALLS, Device, Dispatch, LimitError
 
 
@@ -87,10 +87,12 @@ class Launch:
 
 
 def quant_constants(t: "GpuQuantTensor") -> dict:
-    """The format's overrides; CONTIG3 only where set (the bit planes' overrides are the browser's)."""
+    """The format's overrides; CONTIG3 and SPREAD3 only where set (the bit planes' overrides are the browser's)."""
     consts = {"BITS": t.spec.bits, "GROUP": t.spec.group, "SYMMETRIC": t.spec.symmetric}
     if t.contiguous3:
         consts["CONTIG3"] = True
+    if t.spread3:
+        consts["SPREAD3"] = True
     return consts
 
 
@@ -98,25 +100,32 @@ def quant_constants(t: "GpuQuantTensor") -> dict:
 class GpuQuantTensor:
     """A QuantTensor on the device, split by rows into chunks that each fit one binding:
     chunks are (first row, rows, qweight buffer, scales buffer); ``contiguous3``: 3-bit codes
-    uploaded contiguous (kernels.quant.contiguous_3bit; the kernels' CONTIG3)."""
+    uploaded contiguous (kernels.quant.contiguous_3bit; the kernels' CONTIG3); ``spread3``:
+    3-bit bit planes with the high plane spread for the i8 matvecs (kernels.quant.spread_3bit;
+    SPREAD3, which only the _i8 kernels read)."""
 
     spec: object
     n: int
     k: int
     chunks: list
     contiguous3: bool = False
+    spread3: bool = False
 
     @property
     def nbytes(self) -> int:
         return sum(q.size + s.size for _, _, q, s in self.chunks)
 
 
-def upload_quant(dev: Device, t: QuantTensor, label: str = "", contiguous3: bool = True) -> GpuQuantTensor:
+def upload_quant(dev: Device, t: QuantTensor, label: str = "", contiguous3: bool = True,
+                 spread3: bool = False) -> GpuQuantTensor:
     """``contiguous3``: a 3-bit tensor's codes repacked contiguous on the way (kernels.quant.
     contiguous_3bit): its kernels unpack four codes as 4-bit ones do, with no bit planes to merge
     (H200, 7B s3g64: see bench_device's wgpu-planes3); False keeps the bit planes, the layout
-    the blobs carry and the browser's backend uploads as it is."""
-    contiguous3 = contiguous3 and t.spec.bits == 3
+    the blobs carry and the browser's backend uploads as it is. ``spread3``: instead, the bit
+    planes with the high plane spread for the i8 matvecs (kernels.quant.spread_3bit), which
+    only they read."""
+    spread3 = spread3 and t.spec.bits == 3
+    contiguous3 = contiguous3 and t.spec.bits == 3 and not spread3
     row_bytes = max(t.qweight[0].nbytes, t.scales[0].nbytes) if t.n else 1
     rows_per_chunk = min(max(t.n, 1), dev.max_binding // row_bytes, dev.limits["max-compute-workgroups-per-dimension"])
     if rows_per_chunk < 1:
@@ -124,9 +133,9 @@ def upload_quant(dev: Device, t: QuantTensor, label: str = "", contiguous3: bool
     chunks = []
     for start in range(0, t.n, rows_per_chunk):
         part = t.rows(start, min(t.n, start + rows_per_chunk))
-        qweight = contiguous_3bit(part.qweight) if contiguous3 else part.qweight
+        qweight = contiguous_3bit(part.qweight) if contiguous3 else spread_3bit(part.qweight) if spread3 else part.qweight
         chunks.append((start, part.n, dev.upload(qweight, f"{label}.q[{start}]"), dev.upload(part.scales, f"{label}.s[{start}]")))
-    return GpuQuantTensor(t.spec, t.n, t.k, chunks, contiguous3)
+    return GpuQuantTensor(t.spec, t.n, t.k, chunks, contiguous3, spread3)
 
 
 MATVEC_ROWS = (1, 4, 8)  # qmatvec's ROWS variants: batch rows sharing each decoded weight
@@ -255,6 +264,8 @@ class QuantLinear(Launcher):
             raise ValueError(f"compute_dtype must be 'f32', 'f16' or 'i8', got {compute_dtype!r}")
         if compute_dtype == "i8" and w.contiguous3:
             raise ValueError("the i8 matvecs read 3-bit codes in bit planes: upload_quant(..., contiguous3=False)")
+        if compute_dtype != "i8" and w.spread3:
+            raise ValueError(f"only the i8 matvecs read spread 3-bit planes, not the {compute_dtype} ones: upload_quant(..., spread3=False)")
         self.compute_dtype = compute_dtype
         self.matvec_kernel = "qmatvec_norm" if norm is not None else "qmatvec_silu" if silu_up_col is not None else "qmatvec"
         self.matvec_kernel += "" if compute_dtype == "f32" else f"_{compute_dtype}"
@@ -395,6 +406,8 @@ class QuantLinear(Launcher):
                 items += launch.at(self._groups_x(n, rows_per_wg, ch), -(-rows // rows_per_wg))
         elif self.matvec_kernel.split("+")[0] not in ("qmatvec", "qmatvec_f16", "qmatvec_i8"):
             raise ValueError(f"{self.matvec_kernel} serves up to {self.matvec_max_rows} rows, not {rows}")
+        elif self.w.spread3:
+            raise ValueError(f"qmatmul reads no spread 3-bit planes: {rows} rows need matvec_max_rows >= {rows} for the i8 matvecs")
         else:
             for n, launch in self._chunk_launches("qmatmul", 0):
                 launch.set(m=rows)

@@ -187,6 +187,25 @@ def contiguous_3bit(words: np.ndarray) -> np.ndarray:
     return out.reshape(n, w)
 
 
+def spread_3bit(words: np.ndarray) -> np.ndarray:
+    """3-bit ``qweight`` (bit planes, pack_codes) -> the same planes with each block's high plane
+    (its third word) rearranged for the i8 matvecs (include/qmatvec_i8.wgsl, SPREAD3): the high
+    bit of input j = 16w + s + 4b (w < 2, s < 4, b < 4) moves from bit j to bit 8b + 4w + s, so
+    that the four inputs whose low bits one shift and mask of word w put in the bytes of a code
+    word (i = 4w + s) find their high bits at bit i of those bytes: a shift and a mask more,
+    instead of spreading bits 4 apart to 8 apart. The low planes stay. u32 [n, w] -> u32 [n, w]."""
+    n, w = words.shape
+    blocks = np.ascontiguousarray(words).reshape(n, w // 3, 3)
+    high = blocks[..., 2]
+    spread = np.zeros_like(high)
+    for j in range(32):
+        word, s, b = j // 16, j % 4, (j % 16) // 4
+        spread |= ((high >> np.uint32(j)) & np.uint32(1)) << np.uint32(8 * b + 4 * word + s)
+    out = blocks.copy()
+    out[..., 2] = spread
+    return out.reshape(n, w)
+
+
 def _pack_f16_pairs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return lo.astype(np.float16).view(np.uint16).astype(np.uint32) | (
         hi.astype(np.float16).view(np.uint16).astype(np.uint32) << 16

@@ -81,9 +81,9 @@ class _ProgramKernel(KL.Launcher):
 
 
 class _GpuLayer:
-    def __init__(self, dev: R.Device, index: int, w: LayerWeights, contiguous3: bool):
+    def __init__(self, dev: R.Device, index: int, w: LayerWeights, layout3: dict):
         def up(t: QuantTensor, name: str) -> KL.GpuQuantTensor:
-            return KL.upload_quant(dev, t, f"layer{index}.{name}", contiguous3)
+            return KL.upload_quant(dev, t, f"layer{index}.{name}", **layout3)
 
         self.attn_norm = dev.upload(np.asarray(w.attn_norm, np.float32), f"layer{index}.attn_norm")
         self.ffn_norm = dev.upload(np.asarray(w.ffn_norm, np.float32), f"layer{index}.ffn_norm")
@@ -112,14 +112,14 @@ class WgpuBackend:
         device has shader-f16. The default is f32: on lavapipe the f16 matvecs run at
         0.4-0.5x the f32 ones' speed, and no GPU has measured them faster yet; "i8", the
         matvecs on their NAME_i8.wgsl variants (inputs quantized per 32-input block to int8,
-        integer dot products; 3-bit weights then stay in the blobs' bit planes): faster than
-        f32 on an H200 for the 7B shape's 2- and 4-bit matrices, not for 3-bit bit planes nor
-        at SmolLM2's sizes for one row (bench_device's wgpu-i8 variants).
+        integer dot products; 3-bit weights in bit planes, the high plane spread for them:
+        kernels.quant.spread_3bit) (bench_device's wgpu-i8 variants compare them with f32).
         ``fuse_decode``: run decode batches on the fused kernels (see the module docstring);
         None (the default) does on a real GPU and not on a CPU rasteriser. ``tuning``: the
         matvecs' shapes (kernels.runner.MatmulTuning; default: by device). ``contiguous3``:
-        3-bit weights uploaded with their codes contiguous (kernels.launchers.upload_quant);
-        False keeps the blobs' bit planes, as the browser's backend does. ``kernel_constants``:
+        3-bit weights repacked for the matvecs on upload: codes contiguous for f32 and f16,
+        the high plane spread for i8 (kernels.launchers.upload_quant); False keeps the blobs'
+        bit planes, as the browser's backend does. ``kernel_constants``:
         {kernel: {override: value}} set on the layer program's kernel ops of that name, over
         the program's own (benchmarks/bench_device.py's variants compare kernel options so).
         ``kv_splits``: split-K attention's key runs per row (default: the layer program's
@@ -150,12 +150,14 @@ class WgpuBackend:
         self._kv_splits_wanted = kv_splits
         self._kv_splits = 1
         self._attn_parts = None
-        contiguous3 = contiguous3 and compute_dtype != "i8"  # the i8 matvecs read bit planes
-        self._layers = [_GpuLayer(dev, i, layers[i], contiguous3) for i in self.layer_ids]
+        # 3-bit weights repacked for the matvecs that read them: contiguous codes for f32 and
+        # f16, bit planes with the high plane spread for i8
+        layout3 = {"contiguous3": contiguous3 and compute_dtype != "i8", "spread3": contiguous3 and compute_dtype == "i8"}
+        self._layers = [_GpuLayer(dev, i, layers[i], layout3) for i in self.layer_ids]
         self._head = None
         if head is not None:
             self._head = (dev.upload(np.asarray(head.output_norm, np.float32), "output_norm"),
-                          KL.upload_quant(dev, head.output, "output", contiguous3))
+                          KL.upload_quant(dev, head.output, "output", **layout3))
         self._freq_turns = dev.upload(KL.rope_freq_turns(c.head_dim, c.rope_base), "rope.freq_turns")
 
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim

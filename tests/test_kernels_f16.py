@@ -47,7 +47,7 @@ def _check(got, want_low, want32, tol):
 
 
 def linear_vs_twins(dev, rng, spec, n, k, rows, tuning, compute_dtype, prologue=None, accumulate=True, tol=F16_TOL,
-                    contiguous3=True, prepare=None):
+                    contiguous3=True, prepare=None, spread3=False):
     """The matvec of ``compute_dtype`` ("f16": qmatvec_f16, qmatvec_norm_f16 for prologue "norm",
     qmatvec_silu_f16 for "silu"; "i8" likewise) against its twin of the same name, output in a
     column range of a wider buffer, and nearer that twin than the f32 reference. ``prepare``:
@@ -57,7 +57,7 @@ def linear_vs_twins(dev, rng, spec, n, k, rows, tuning, compute_dtype, prologue=
     y0 = randn(rng, rows, y_stride)
     yb = dev.upload(y0)
     prev = y0[:, y_col : y_col + n] if accumulate else None
-    gw = KL.upload_quant(dev, w, contiguous3=contiguous3)
+    gw = KL.upload_quant(dev, w, contiguous3=contiguous3, spread3=spread3)
     kernel = {None: "qmatvec", "norm": "qmatvec_norm", "silu": "qmatvec_silu"}[prologue]
     twin, twin32 = getattr(ref, f"{kernel}_{compute_dtype}"), getattr(ref, kernel)
     if prologue == "silu":

@@ -21,24 +21,25 @@ import pytest
 from kernels import launchers as KL
 from kernels import reference as ref
 from kernels import runner as R
-from kernels.quant import QuantSpec, quantize_rtn
-from tests.test_kernels import SPECS, TUNINGS, dev, randn, rng  # noqa: F401 (fixtures)
+from kernels.quant import QuantSpec, quantize_rtn, spread_3bit
+from tests.test_kernels import SPECS, SPECS_3BIT, TUNINGS, dev, randn, rng  # noqa: F401 (fixtures)
 from tests.test_kernels_f16 import linear_vs_twins
 
 I8_TOL = dict(atol=2e-3, rtol=0)
 I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
 
 
-def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=I8_TOL, x_blocks=None):
-    """tests.test_kernels_f16.linear_vs_twins on the i8 kernels (3-bit weights in bit planes);
-    ``x_blocks`` caps the blocks of x quantized a chunk (more chunks than the workgroup memory
-    would need)."""
+def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=True, tol=I8_TOL, x_blocks=None,
+               spread3=False):
+    """tests.test_kernels_f16.linear_vs_twins on the i8 kernels (3-bit weights in bit planes, the
+    high plane spread where ``spread3``); ``x_blocks`` caps the blocks of x quantized a chunk
+    (more chunks than the workgroup memory would need)."""
     def prepare(op):
         if x_blocks is not None:
             op._i8_blocks = lambda rows_per_wg: x_blocks
 
     linear_vs_twins(dev, rng, spec, n, k, rows, tuning, "i8", prologue, accumulate, tol, contiguous3=False,
-                    prepare=prepare)
+                    prepare=prepare, spread3=spread3)
 
 
 @pytest.mark.parametrize("tuning", ["gpu", "cpu"])
@@ -70,6 +71,45 @@ def test_qmatvec_i8_formats_at_model_width(dev, rng, prologue, spec, x_blocks):
     # x_blocks 3 the row is quantized in 6 chunks, each lane taking at most one block of each
     _linear_i8(dev, rng, spec, n=45, k=576, rows=5, tuning=TUNINGS["gpu"], prologue=prologue, accumulate=False,
                tol=I8_TOL_WIDE, x_blocks=x_blocks)
+
+
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup"])
+@pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
+def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
+    # 3-bit weights with the high plane spread (kernels.quant.spread_3bit, SPREAD3), as the
+    # backend uploads them for the i8 matvecs
+    _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning], spread3=True)
+
+
+@pytest.mark.parametrize("prologue", [None, "norm", "silu"])
+@pytest.mark.parametrize("x_blocks", [None, 3])
+def test_qmatvec_i8_spread_3bit_at_model_width(dev, rng, prologue, x_blocks):
+    _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=576, rows=5, tuning=TUNINGS["gpu"], prologue=prologue,
+               accumulate=False, tol=I8_TOL_WIDE, x_blocks=x_blocks, spread3=True)
+
+
+def test_spread_3bit_moves_each_high_bit_to_its_code_words_byte(rng):
+    """Input j = 16w + s + 4b's high bit goes from bit j of a block's third word to bit 8b + 4w + s
+    (code word 4w + s, byte b: the byte its low bits take); the low planes stay."""
+    words = rng.integers(0, 1 << 32, size=(3, 12), dtype=np.uint64).astype(np.uint32)
+    got = spread_3bit(words)
+    np.testing.assert_array_equal(got.reshape(3, 4, 3)[..., :2], words.reshape(3, 4, 3)[..., :2])
+    high, spread = words.reshape(3, 4, 3)[..., 2], got.reshape(3, 4, 3)[..., 2]
+    for j in range(32):
+        w, s, b = j // 16, j % 4, (j % 16) // 4
+        np.testing.assert_array_equal((spread >> (8 * b + 4 * w + s)) & 1, (high >> j) & 1)
+
+
+def test_only_the_i8_matvecs_take_spread_3bit(dev):
+    t = quantize_rtn(np.ones((4, 64), np.float32), QuantSpec(3, 64, True))
+    w = KL.upload_quant(dev, t, spread3=True)  # spread, not contiguous too
+    assert w.spread3 and not w.contiguous3
+    for dtype in ("f32", "f16"):
+        with pytest.raises(ValueError, match="spread"):
+            KL.QuantLinear(dev, w, dev.buffer(256), 64, dev.buffer(16), 4, compute_dtype=dtype)
+    op = KL.QuantLinear(dev, w, dev.buffer(4 * 64 * 4), 64, dev.buffer(4 * 4 * 4), 4, compute_dtype="i8", matvec_max_rows=2)
+    with pytest.raises(ValueError, match="qmatmul reads no spread"):
+        op.dispatches(3)
 
 
 def test_i8_chunk_fits_the_webgpu_default_workgroup_memory(dev):

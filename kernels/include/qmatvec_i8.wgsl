@@ -20,6 +20,7 @@
 override BITS: u32 = 4u;          // 2, 3 (bit planes), 4 or 8
 override GROUP: u32 = 32u;        // inputs per scale: 32, 64 or 128
 override SYMMETRIC: bool = false; // w = scale*(q - 2^(BITS-1)) instead of scale*q + min
+override SPREAD3: bool = false;   // BITS = 3: the high plane spread to the code words' bytes (kernels.quant.spread_3bit)
 override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
@@ -77,6 +78,10 @@ fn code_word(a: vec4<u32>, b: vec4<u32>, i: u32) -> u32 {
   let lo = (a[i / 4u] >> (2u * (i % 4u))) & 0x03030303u;
   if (BITS == 2u) {
     return lo;
+  }
+  if (SPREAD3) {
+    // the high bits of code word i's four inputs sit at bit i of word 2's bytes: to bit 2
+    return lo | (select(a.z >> (max(i, 2u) - 2u), a.z << (2u - min(i, 2u)), i < 2u) & 0x04040404u);
   }
   // 3-bit bit planes: the high bits of inputs 16w + s + 4b sit at bits 16w + s + 4b of word 2;
   // spread from 4 apart to 8 apart and lifted to bit 2 of each byte
