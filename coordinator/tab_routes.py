@@ -4,7 +4,10 @@
     GET /tab/static/PATH          tab_worker/web/dist/ (built by tab_worker/web/build.py)
     GET /kernels/layer_program.json  kernels/layer_program.py's program: the op order both backends run
     GET /kernels/NAME.wgsl        kernels/NAME.wgsl with its includes (kernels.wgsl_source): the
-                                  browser runs the very text the native wgpu path compiles
+                                  browser runs the very text the native wgpu path compiles (but
+                                  for `enable subgroups;`, which Tint needs and naga refuses);
+                                  NAME+VARIANT a kernel's variant (qmatvec+subgroup), and
+                                  probes/NAME the device probes (probes/subgroup_size)
     GET /tab/qr.svg?token=T       the join URL as a QR code (for phones on the LAN)
 
 The page's worker then joins at /ws/worker like any Python worker.
@@ -95,10 +98,13 @@ def routes(service) -> list:
 
     async def kernel(request: Request):
         name = request.path_params["name"]
-        path = KERNEL_DIR / f"{name}.wgsl"
-        if not re.fullmatch(r"\w+", name) or not path.is_file():
+        if not re.fullmatch(r"(?:probes/)?\w+(?:\+\w+)*", name) or not (KERNEL_DIR / f"{name.split('+')[0]}.wgsl").is_file():
             return PlainTextResponse(f"no kernel {name!r}", status_code=404)
-        return Response(wgsl_source(name), media_type=MEDIA_TYPES[".wgsl"], headers=NO_CACHE)
+        try:
+            source = wgsl_source(name, for_browser=True)
+        except ValueError as exc:  # an unknown variant
+            return PlainTextResponse(str(exc), status_code=404)
+        return Response(source, media_type=MEDIA_TYPES[".wgsl"], headers=NO_CACHE)
 
     async def layer_program(request: Request):
         from kernels.layer_program import program_json
@@ -122,6 +128,6 @@ def routes(service) -> list:
         Route("/tab", tab_page),
         Route("/tab/qr.svg", qr_svg),
         Route("/tab/static/{path:path}", static),
-        Route("/kernels/{name}.wgsl", kernel),
+        Route("/kernels/{name:path}.wgsl", kernel),
         Route("/kernels/layer_program.json", layer_program),
     ]

@@ -31,17 +31,8 @@ KERNEL_DIR = Path(__file__).resolve().parent
 # Features a Device asks for where its adapter has them.
 OPTIONAL_FEATURES = ("shader-f16", "subgroup")
 
-# Device.subgroup_size's probe: each invocation of one workgroup writes its subgroup lane and
-# the subgroup's size (wgpu-native's WGSL takes the subgroup builtins without `enable subgroups;`)
-SUBGROUP_PROBE = """
-override WG: u32 = 64u;
-@group(0) @binding(0) var<storage, read_write> out: array<vec2<u32>>;
-@compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_index) t: u32, @builtin(subgroup_invocation_id) lane: u32,
-        @builtin(subgroup_size) size: u32) {
-  out[t] = vec2<u32>(lane, size);
-}
-"""
+# Device.subgroup_size's probe, the one webgpu_device.js's subgroupSize runs too
+SUBGROUP_PROBE = "probes/subgroup_size"
 
 # Words in an adapter's description that mean "a CPU rasteriser, not a GPU".
 SOFTWARE_ADAPTERS = ("llvmpipe", "lavapipe", "swiftshader", "softpipe", "microsoft basic render")
@@ -199,7 +190,7 @@ class Device:
 
     def _probe_subgroups(self) -> int:
         wg = self.workgroup_size(1024)
-        module = self.device.create_shader_module(code=SUBGROUP_PROBE, label="subgroup_probe")
+        module = self.device.create_shader_module(code=wgsl_source(SUBGROUP_PROBE), label="subgroup_probe")
         pipe = self.device.create_compute_pipeline(layout="auto", label="subgroup_probe",
                                                    compute={"module": module, "entry_point": "main", "constants": {"WG": wg}})
         out = self.buffer(8 * wg, "subgroup_probe")

@@ -542,6 +542,68 @@ def test_kernels_outside_the_serving_path_run_on_default_limits(cluster, browser
     np.testing.assert_allclose(np.array(out["residual_add"][1]).reshape(3, 44), ref.residual_add(ra_y, ra_x), **tol)
 
 
+SUBGROUP_JS = """
+async ({n, k, q, s, x, normWeight, runs}) => {
+  const { QuantLinear, WebGpuDevice, uploadQuant } = await import("/tab/static/webgpu_device.js");
+  const gpu = await WebGpuDevice.create("default", location.origin);
+  // the tab as on a real GPU: the GPU tuning, with this adapter's probed subgroups
+  const dev = Object.create(gpu, { isRealGpu: { value: () => true } });
+  const w = uploadQuant(dev, { n, k, q: Uint32Array.from(q), s: Uint32Array.from(s), spec: { bits: 4, group: 32, symmetric: false } }, "w");
+  const xb = dev.upload(Float32Array.from(x), "x"), nw = dev.upload(Float32Array.from(normWeight), "norm_weight");
+  const out = { subgroupSize: gpu.subgroupSize(), features: gpu.features };
+  for (const [name, rows, norm] of runs) {
+    const yb = dev.buffer(4 * rows * n, "y");
+    const op = new QuantLinear(dev, w, xb, k, yb, n, 0, false, norm ? { norm: [nw, 1e-5] } : {});
+    await dev.prepare(op.pipelinesFor(rows));
+    const enc = dev.device.createCommandEncoder(), pass = enc.beginComputePass();
+    op.record(pass, rows);
+    pass.end();
+    const rb = dev.device.createBuffer({ size: yb.size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    enc.copyBufferToBuffer(yb, 0, rb, 0, yb.size);
+    dev.queue.submit([enc.finish()]);
+    await rb.mapAsync(GPUMapMode.READ);
+    out[name] = { kernel: op.kernel, constants: op.pipelinesFor(rows)[0][1], y: [...new Float32Array(rb.getMappedRange().slice(0, 4 * rows * n))] };
+    rb.unmap();
+  }
+  return out;
+}
+"""
+
+
+def test_tab_sums_matvec_lanes_by_subgroup_shuffles_on_the_gpu_tuning(cluster, browser):
+    """A tab whose adapter has subgroups (SwiftShader's: 4 lanes) requests them, probes them with
+    the native probe (kernels/probes/subgroup_size.wgsl, `enable subgroups;` added by the route),
+    and on the GPU tuning (forced here: SwiftShader is a CPU rasteriser) runs the K+subgroup matvecs
+    with SG = that size, as runner.QuantLinear would: outputs of 16 lanes (several subgroups each),
+    one row and a batch, and the inverse RMS summed over the workgroup; against the numpy twins."""
+    from kernels import reference as ref
+    from kernels.quant import QuantSpec, quantize_rtn
+
+    rng = np.random.default_rng(15)
+    n, k = 64, 1024
+    w = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), QuantSpec(4, 32, False))
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    nw = rng.standard_normal(k).astype(np.float32)
+    runs = [["one_row", 1, False], ["batch", 5, False], ["norm", 1, True]]
+    page = browser.new_page()
+    page.goto(f"{cluster.base}/tab/static/index.html")  # any page of the origin: the modules load from it
+    assert page.request.get(f"{cluster.base}/kernels/qmatvec+nope.wgsl").status == 404
+    out = page.evaluate(SUBGROUP_JS, {"n": n, "k": k, "q": w.qweight.ravel().tolist(), "s": w.scales.ravel().tolist(),
+                                      "x": x.ravel().tolist(), "normWeight": nw.tolist(), "runs": runs})
+    page.close()
+    if "subgroups" not in out["features"]:
+        pytest.skip("this Chromium's adapter has no subgroups")
+    sg = out["subgroupSize"]
+    assert sg >= 4 and sg & (sg - 1) == 0, out["subgroupSize"]
+    tol = dict(atol=2e-4, rtol=1e-4)
+    for name, rows, norm in runs:
+        got = out[name]
+        assert got["kernel"] == ("qmatvec_norm" if norm else "qmatvec") + "+subgroup", got["kernel"]
+        assert got["constants"]["SG"] == sg and got["constants"]["TPR"] > sg, got["constants"]
+        want = ref.qmatvec_norm(x[:rows], w, nw, 1e-5) if norm else ref.qmatvec(x[:rows], w)
+        np.testing.assert_allclose(np.array(got["y"]).reshape(rows, n), want, **tol, err_msg=name)
+
+
 def test_compat_matrix_chromium_row_compiles_every_kernel():
     """`tabshard bench`'s compatibility row for real Chromium compiles each kernel as a tab gets
     it (includes resolved); it once compiled the raw files and failed qmatvec, qmatmul and embedding."""

@@ -637,10 +637,17 @@ TINT_VARIANTS = [
     ("topk", {"WG": 256, "KP": 64}),
     ("rmsnorm", {"WG": 256}), ("rope", {"WG": 64}), ("kv_store", {"WG": 64}), ("silu_gate", {"WG": 64}), ("residual_add", {"WG": 64}),
 ]
+# the K+subgroup variants (lanes summed by shuffles) at the same overrides, subgroups of 4 lanes
+# or of 64 (the widest subgroups of real GPUs, AMD's wave64: a whole 64-thread workgroup); and the probe
+TINT_SUBGROUP_VARIANTS = [(f"{name}+subgroup", {**c, "SG": sg}) for name, c in TINT_VARIANTS if name.startswith("qmatvec")
+                          for sg in (4, 64)] + [("probes/subgroup_size", {"WG": 256})]
 TINT_JS = """
-async ({sources, variants}) => {
+async ({sources, variants, subgroupSources, subgroupVariants}) => {
   const adapter = await navigator.gpu.requestAdapter();
-  const device = await adapter.requestDevice();  // the spec's default limits
+  const subgroups = adapter.features.has('subgroups');
+  // the spec's default limits; subgroups where the adapter has them (as webgpu_device.js asks)
+  const device = await adapter.requestDevice({requiredFeatures: subgroups ? ['subgroups'] : []});
+  if (subgroups) { sources = {...sources, ...subgroupSources}; variants = [...variants, ...subgroupVariants]; }
   const problems = [], modules = {};
   for (const [name, code] of Object.entries(sources)) {
     modules[name] = device.createShaderModule({code});
@@ -655,14 +662,17 @@ async ({sources, variants}) => {
     const error = await device.popErrorScope();
     if (error) problems.push(`${name} ${JSON.stringify(constants)}: ${error.message}`);
   }));
-  return {adapter: (adapter.info && adapter.info.architecture) || '?', problems};
+  return {adapter: (adapter.info && adapter.info.architecture) || '?', subgroups, compiled: Object.keys(modules), problems};
 }
 """
 
 
 def test_kernels_compile_in_chromium_tint():
     """Chromium's WebGPU compiler (Tint) is stricter than wgpu's naga in places (it rejected
-    an f32 literal one ulp out of range that naga rounded): compile every kernel there."""
+    an f32 literal one ulp out of range that naga rounded): compile every kernel there, as the
+    coordinator serves it to tabs (wgsl_source(..., for_browser=True)), and where the adapter has
+    subgroups (SwiftShader's does) every K+subgroup variant and the subgroup probe, which Tint
+    takes only after `enable subgroups;` (naga refuses that line: native sources lack it)."""
     import http.server
     import shutil
     import threading
@@ -685,13 +695,23 @@ def test_kernels_compile_in_chromium_tint():
                 if not page.evaluate("!!navigator.gpu && navigator.gpu.requestAdapter().then(a => !!a)"):
                     pytest.skip("this Chromium has no WebGPU adapter")
                 # the f16 variants need shader-f16, which SwiftShader lacks: tabs never load them
-                sources = {p.stem: wgsl_source(p.stem) for p in sorted(R.KERNEL_DIR.glob("*.wgsl")) if not p.stem.endswith("_f16")}
-                result = page.evaluate(TINT_JS, {"sources": sources, "variants": TINT_VARIANTS})
+                names = [p.stem for p in sorted(R.KERNEL_DIR.glob("*.wgsl")) if not p.stem.endswith("_f16")]
+                sources = {name: wgsl_source(name, for_browser=True) for name in names}
+                # every kernel whose lanes a variant sums by subgroup shuffles
+                subgroup_names = [f"{n}+subgroup" for n in names if wgsl_source(f"{n}+subgroup") != wgsl_source(n)]
+                subgroup_names.append(R.SUBGROUP_PROBE)
+                subgroup_sources = {name: wgsl_source(name, for_browser=True) for name in subgroup_names}
+                result = page.evaluate(TINT_JS, {"sources": sources, "variants": TINT_VARIANTS, "subgroupSources": subgroup_sources,
+                                                 "subgroupVariants": TINT_SUBGROUP_VARIANTS})
             finally:
                 browser.close()
     finally:
         server.shutdown()
     assert not result["problems"], "\n".join(result["problems"])
+    assert all(not source.startswith("enable subgroups;") for source in sources.values())
+    if result["subgroups"]:
+        assert {"qmatvec_norm_i8+subgroup", "qmatvec+subgroup", R.SUBGROUP_PROBE} <= set(result["compiled"])
+        assert all(source.startswith("enable subgroups;") for source in subgroup_sources.values())
 
 
 # ---------------------------------------------------------------------------- the layer program
@@ -759,12 +779,16 @@ def test_layer_program_expressions_evaluate_alike_in_python_and_js():
 
 
 # the WebGPU default limits, and a device granting 1024 invocations and 32 KiB (batches of tall
-# matrices staged in 512-thread workgroups: MatmulTuning.matvec_tall_batch_wg)
+# matrices staged in 512-thread workgroups: MatmulTuning.matvec_tall_batch_wg); on a device whose
+# subgroups the lanes' sums may count on (this adapter's probed size: the K+subgroup kernels, SG)
+# and on one without
+@pytest.mark.parametrize("subgroups", [False, True], ids=["no-subgroups", "subgroups"])
 @pytest.mark.parametrize("raised", [False, True], ids=["default-limits", "raised-limits"])
-def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
-    """A real-GPU tab and the native backend choose one qmatvec layout (overrides, workgroups)
-    for every shape and row count: runner.QuantLinear and webgpu_device.js's QuantLinear (node)
-    at these limits, staged or not (one row; batches of long or tall rows in one workgroup row)."""
+def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised, subgroups):
+    """A real-GPU tab and the native backend choose one qmatvec layout (kernel, overrides,
+    workgroups) for every shape and row count: runner.QuantLinear and webgpu_device.js's
+    QuantLinear (node) at these limits, staged or not (one row; batches of long or tall rows in
+    one workgroup row), with or without subgroups."""
     import json
     import shutil
     import subprocess
@@ -782,8 +806,11 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
     base = _device(limits=limits if raised else "webgpu-default")
     if base.limits != limits:
         pytest.skip(f"the adapter grants less than {limits}")
-    # webgpu_device.js has no subgroup variants (QuantLinear's K+subgroup): compare the plain layout
-    tuning = dataclasses.replace(KL.matmul_tuning(base, real_gpu=True), matvec_subgroup=0)
+    tuning = KL.matmul_tuning(base, real_gpu=True)
+    if subgroups and not tuning.matvec_subgroup:
+        pytest.skip(f"{base.describe()} has no usable subgroups")
+    sg = tuning.matvec_subgroup if subgroups else 0
+    tuning = dataclasses.replace(tuning, matvec_subgroup=sg)
     assert bool(tuning.matvec_tall_batch_wg) == raised
     shapes = [(12288, 4096), (4096, 11008), (1536, 576), (49152, 576), (37, 70), (8192, 8192)]
     rows_list = [1, 3, 8, 9, 64]
@@ -792,14 +819,14 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
         op = KL.QuantLinear(base, KL.GpuQuantTensor(QuantSpec(3, 64, True), n, k, []), None, 4 * -(-k // 4), None, n, tuning=tuning)
         for rows in rows_list:
             consts, per_wg, rows_per_wg = op.matvec_grid(rows)
-            want.append([{k2: int(v) for k2, v in consts.items()}, per_wg, rows_per_wg])
+            want.append([op.matvec_kernel, {k2: int(v) for k2, v in consts.items()}, per_wg, rows_per_wg])
     js_limits = {"maxComputeWorkgroupStorageSize": limits["max-compute-workgroup-storage-size"],
                  "maxComputeInvocationsPerWorkgroup": limits["max-compute-invocations-per-workgroup"],
                  "maxComputeWorkgroupSizeX": limits["max-compute-workgroup-size-x"]}
     script = """
     import(process.argv[1]).then(({ QuantLinear, MATVEC_ROWS }) => {
-      const [limits, shapes, rowsList] = JSON.parse(process.argv[2]);
-      const dev = { limits, isRealGpu: () => true,
+      const [limits, shapes, rowsList, sg] = JSON.parse(process.argv[2]);
+      const dev = { limits, isRealGpu: () => true, subgroupSize: () => sg,
                     workgroupSize: (p) => 2 ** Math.floor(Math.log2(Math.min(p, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX))) };
       const out = [];
       for (const [n, k] of shapes) {
@@ -807,18 +834,19 @@ def test_gpu_matvec_layout_is_the_same_in_python_and_js(dev, raised):
         for (const rows of rowsList) {
           const r = MATVEC_ROWS.find((m) => m >= rows) ?? MATVEC_ROWS[MATVEC_ROWS.length - 1];
           const ch = op.staged(r, rows);
-          out.push([op.constants(r, ch), op.wgFor(r, ch) / op.threads(r, ch) * op.opt, r]);
+          out.push([op.kernel, op.constants(r, ch), op.wgFor(r, ch) / op.threads(r, ch) * op.opt, r]);
         }
       }
       console.log(JSON.stringify(out));
     });"""
     src = Path(__file__).resolve().parents[1] / "tab_worker" / "web" / "webgpu_device.js"
-    r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([js_limits, shapes, rows_list])],
+    r = subprocess.run([node, "--input-type=module", "-e", script, src.as_uri(), json.dumps([js_limits, shapes, rows_list, sg])],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got == want
-    assert any("XT" in c for c, _, rpw in want if rpw == 1) and any("XT" in c for c, _, rpw in want if rpw == 8)
+    assert any("XT" in c for _, c, _, rpw in want if rpw == 1) and any("XT" in c for _, c, _, rpw in want if rpw == 8)
+    assert all(kernel.endswith("+subgroup") == subgroups and c.get("SG") == (sg or None) for kernel, c, _, _ in want)
 
 
 def test_subgroup_lanes_are_probed_and_a_tuning_beyond_them_is_refused(dev):

@@ -27,8 +27,12 @@ export class WebGpuDevice {
     // none requested, i.e. the spec's defaults, as any conformant browser grants (Safari, phones)
     const requiredLimits = {};
     if (limitsMode !== "default") for (const k of LIMIT_KEYS) if (!k.startsWith("min")) requiredLimits[k] = adapter.limits[k];
-    const device = await adapter.requestDevice({ requiredLimits });
-    return new WebGpuDevice(adapter, device, limitsMode, base);
+    // subgroups wherever the adapter has them, for the K+subgroup kernels (runner.Device likewise)
+    const requiredFeatures = adapter.features.has("subgroups") ? ["subgroups"] : [];
+    const device = await adapter.requestDevice({ requiredLimits, requiredFeatures });
+    const gpu = new WebGpuDevice(adapter, device, limitsMode, base);
+    gpu._subgroupSize = requiredFeatures.length ? await gpu.probeSubgroups() : 0;
+    return gpu;
   }
 
   constructor(adapter, device, limitsMode, base) {
@@ -67,6 +71,7 @@ export class WebGpuDevice {
       adapter_info: i, is_fallback: i.is_fallback, is_real_gpu: this.isRealGpu(), features: this.features,
       adapter_features: this.adapterFeatures, limits: this.limits, limits_mode: this.limitsMode,
       f16: this.adapterFeatures.includes("shader-f16"), subgroups: this.adapterFeatures.includes("subgroups"),
+      subgroup_size: this.subgroupSize(),
     };
   }
 
@@ -83,6 +88,37 @@ export class WebGpuDevice {
   workgroupSize(preferred) {
     const cap = Math.min(preferred, this.limits.maxComputeInvocationsPerWorkgroup, this.limits.maxComputeWorkgroupSizeX);
     return 2 ** Math.floor(Math.log2(cap));
+  }
+
+  // runner.Device.subgroup_size: lanes of a subgroup that the K+subgroup kernels may count on, 0
+  // where they cannot run (no subgroups, or subgroups that are not runs of consecutive invocations
+  // of one size); probed once, at create
+  subgroupSize() { return this._subgroupSize ?? 0; }
+
+  // runner.Device._probe_subgroups, with the same probe (kernels/probes/subgroup_size.wgsl)
+  async probeSubgroups() {
+    const wg = this.workgroupSize(1024);
+    const module = this.device.createShaderModule({ code: await this.source("probes/subgroup_size"), label: "subgroup_probe" });
+    const pipe = await this.device.createComputePipelineAsync({ layout: "auto", label: "subgroup_probe",
+      compute: { module, entryPoint: "main", constants: { WG: wg } } });
+    const out = this.buffer(8 * wg, "subgroup_probe");
+    const read = this.device.createBuffer({ size: out.size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const enc = this.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(pipe);
+    pass.setBindGroup(0, this.bindGroup(pipe, [out]));
+    pass.dispatchWorkgroups(1);
+    pass.end();
+    enc.copyBufferToBuffer(out, 0, read, 0, out.size);
+    this.queue.submit([enc.finish()]);
+    await read.mapAsync(GPUMapMode.READ);
+    const words = new Uint32Array(read.getMappedRange().slice(0, 8 * wg));
+    read.unmap();
+    read.destroy();
+    out.destroy();
+    const sg = words[1];
+    for (let t = 0; t < wg; t++) if (words[2 * t + 1] !== sg || words[2 * t] !== t % sg) return 0;
+    return sg >= 1 && (sg & (sg - 1)) === 0 ? sg : 0;
   }
 
   // ------------------------------------------------------------------ kernels
@@ -234,14 +270,16 @@ export function uploadQuant(dev, t, label) {
 // runner.matmul_tuning: GPUs want several threads per output, in the interleaved lane layout
 // (span/opt 0: by shape, runner.matvec_layout), x staged in workgroup memory (stage: vec4s of a
 // row a chunk; batches only where k >= stageRowsMinK, or tall (TALL_N, TALL_K) in tallBatchWg threads where
-// the limits allow more than wg); CPU rasterisers one thread per output, whole blocks.
+// the limits allow more than wg), lanes summed by subgroup shuffles where the device has usable
+// subgroups (subgroup: their size); CPU rasterisers one thread per output, whole blocks.
 const TALL_N = 8192, TALL_K = 4096;
 function matmulTuning(dev) {
   if (dev.isRealGpu()) {
     const wg = dev.workgroupSize(256), tall = dev.workgroupSize(512);
-    return { wg, maxTpr: 32, span: 0, opt: 0, stage: 512, stageRowsMinK: 8192, tallBatchWg: tall > wg ? tall : 0 };
+    return { wg, maxTpr: 32, span: 0, opt: 0, stage: 512, stageRowsMinK: 8192, tallBatchWg: tall > wg ? tall : 0,
+      subgroup: dev.subgroupSize() };
   }
-  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1, stage: 0, stageRowsMinK: 0, tallBatchWg: 0 };
+  return { wg: dev.workgroupSize(64), maxTpr: 1, span: 8, opt: 1, stage: 0, stageRowsMinK: 0, tallBatchWg: 0, subgroup: 0 };
 }
 
 // runner.matvec_layout: [SPAN, OPT] of an n x k matvec
@@ -271,6 +309,7 @@ export class QuantLinear {
     this.extraBuffers = prologue.norm ? [prologue.norm[0]] : [];
     this.extraParams = prologue.norm ? { eps: prologue.norm[1] } : prologue.siluUpCol !== undefined ? { up_col: prologue.siluUpCol } : {};
     const t = matmulTuning(dev);
+    if (t.subgroup) this.kernel += "+subgroup";
     this.tuning = t;
     this.wg = t.wg;
     [this.span, this.opt] = matvecLayout(w.n, w.k, t.span, t.opt);
@@ -293,7 +332,8 @@ export class QuantLinear {
     return Math.min(this.wgFor(rowsPerWg, ch), this.tuning.maxTpr, 2 ** Math.max(0, Math.floor(Math.log2(Math.max(1, Math.floor(blocks / 2))))));
   }
   constants(rowsPerWg, ch) {
-    const c = { ...quantConstants(this.w.spec), WG: this.wgFor(rowsPerWg, ch), TPR: this.threads(rowsPerWg, ch), ROWS: rowsPerWg };
+    const c = { ...quantConstants(this.w.spec), WG: this.wgFor(rowsPerWg, ch), TPR: this.threads(rowsPerWg, ch), ROWS: rowsPerWg,
+      ...(this.tuning.subgroup ? { SG: this.tuning.subgroup } : {}) };
     if (this.span === 8 && this.opt === 1) return c;
     return { ...c, SPAN: this.span, OPT: this.opt, EXACT: this.w.k % 32 === 0 ? 1 : 0, ...(ch ? { XT: ch * rowsPerWg } : {}) };
   }
