@@ -46,7 +46,7 @@ struct Params {
 override QUADS: u32 = (ROWS + 3u) / 4u;
 override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
 // [quad of rows][thread]; in the staged loop first, the chunk of x (include/qmatvec_staged.wgsl)
-var<workgroup> partial: array<vec4<f32>, max(WG * QUADS / SG, XT)>;
+var<workgroup> partial: array<vec4<f32>, max(max(WG * QUADS / SG, XT), 1u)>;  // at least 1: SG may exceed WG
 
 // #include "scale_min.wgsl"
 

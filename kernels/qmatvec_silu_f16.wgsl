@@ -25,7 +25,7 @@ struct Params {
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
 override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
-var<workgroup> partial: array<vec4<f32>, WG * QUADS / SG>;  // [quad of rows][thread, or subgroup where SG > 1]
+var<workgroup> partial: array<vec4<f32>, max(WG * QUADS / SG, 1u)>;  // [quad of rows][thread, or subgroup where SG > 1]; SG may exceed WG
 
 // #include "scale_min.wgsl"
 

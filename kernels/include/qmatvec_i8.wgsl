@@ -34,7 +34,7 @@ override XB: u32 = 32u;           // 32-input blocks of each row quantized into 
 
 override QUADS: u32 = (ROWS + 3u) / 4u;
 override SG: u32 = 1u;   // lanes a subgroup sums by shuffles before the sums meet in `partial` (K+subgroup: include/sum_partials_subgroup.wgsl)
-var<workgroup> partial: array<vec4<f32>, WG * QUADS / SG>;  // [quad of rows][thread, or subgroup where SG > 1]
+var<workgroup> partial: array<vec4<f32>, max(WG * QUADS / SG, 1u)>;  // [quad of rows][thread, or subgroup where SG > 1]; SG may exceed WG
 var<workgroup> xq: array<vec4<u32>, 2u * XB * ROWS>;   // [row][block]: 32 int8 inputs in 8 words
 var<workgroup> xd: array<vec2<f32>, XB * ROWS>;        // [row][block]: (x scale, sum of the int8 inputs)
 
