@@ -156,6 +156,8 @@ class MatmulTuning:
     matvec_tall_batch_wg: int = 0  # staged: batches of tall long-rowed matrices too, in workgroups of this many threads (0: no)
     matvec_i8_wg: int = 0  # qmatvec_i8's workgroups (more outputs share each quantized x); 0: matvec_wg
     matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
+    matvec_i8_opt: int = 1  # qmatvec_i8's outputs a thread (1 or 2: two share each load of quantized x) ...
+    matvec_i8_opt_min_k: int = 0  # ... for rows of at least this many inputs (shorter ones: 1)
     matvec_subgroup: int = 0  # lanes of a subgroup: the matvecs sum their lanes by shuffles (their K+subgroup variants; 0: in workgroup memory)
 
 
@@ -179,6 +181,7 @@ def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
                             matvec_stage_rows_min_k=GPU_MATVEC_STAGE_ROWS_MIN_K,
                             matvec_tall_batch_wg=tall if tall > wg else 0,
                             matvec_i8_wg=dev.workgroup_size(GPU_MATVEC_I8_WG), matvec_i8_max_groups=GPU_MATVEC_I8_MAX_GROUPS,
+                            matvec_i8_opt=GPU_MATVEC_I8_OPT, matvec_i8_opt_min_k=GPU_MATVEC_I8_OPT_MIN_K,
                             matvec_subgroup=dev.subgroup_size())
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
@@ -204,6 +207,12 @@ TALL_N, TALL_K = 8192, 4096
 # workgroups at 1 and 8 rows, but for SmolLM2 at 8 rows (bench_device's wgpu-i8wWgG variants)
 GPU_MATVEC_I8_WG = 1024
 GPU_MATVEC_I8_MAX_GROUPS = 132
+# ... and 2 outputs a thread for long rows: at 8 rows a lane loads 40 bytes of quantized x a block
+# and row from workgroup memory against the block's 12-16 bytes of weights, and two outputs halve
+# those loads; the short rows of small models keep 1, their matrices filling too few workgroups
+# at 2 (H200: 7B shape faster at 8 and 64 rows, SmolLM2 slower; bench_device's wgpu-i8oN)
+GPU_MATVEC_I8_OPT = 2
+GPU_MATVEC_I8_OPT_MIN_K = 4096
 
 
 def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
@@ -276,11 +285,17 @@ class QuantLinear(Launcher):
                                  f"({lanes or 'none usable'}) are not runs of that many lanes")
             self.matvec_kernel += "+subgroup"
         self.wg = self.tuning.matvec_i8_wg if compute_dtype == "i8" and self.tuning.matvec_i8_wg else self.tuning.matvec_wg
-        # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 and i8 ones walk whole blocks
+        # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 and i8 ones walk whole
+        # blocks, the i8 ones for 1 or 2 outputs a thread
         f32 = compute_dtype == "f32"
-        self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt) if f32 else (8, 1)
-        if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
-            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
+        if f32:
+            self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt)
+        else:
+            i8_opt = self.tuning.matvec_i8_opt if w.k >= self.tuning.matvec_i8_opt_min_k else 1
+            self.span, self.opt = 8, i8_opt if compute_dtype == "i8" else 1
+        if self.span not in (1, 2, 4, 8) or self.opt not in ((1, 2, 4) if f32 else (1, 2)):
+            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4 "
+                             "(1 or 2 for i8)")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
         # staged (lanes path only): a lane per block, at least two blocks a lane and chunk
         self.stage = self.tuning.matvec_stage if f32 and (self.span != 8 or self.opt != 1) else 0
@@ -315,7 +330,7 @@ class QuantLinear(Launcher):
         if self.tuning.matvec_subgroup:
             consts["SG"] = self.tuning.matvec_subgroup
         if self.compute_dtype == "i8":
-            return {**consts, "XB": self._i8_blocks(rows_per_wg)}
+            return {**consts, "XB": self._i8_blocks(rows_per_wg), "OPT": self.opt}
         if self.span != 8 or self.opt != 1:
             consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
         if ch:

@@ -25,6 +25,9 @@ from kernels.quant import QuantSpec, quantize_rtn, spread_3bit
 from tests.test_kernels import SPECS, SPECS_3BIT, TUNINGS, dev, randn, rng  # noqa: F401 (fixtures)
 from tests.test_kernels_f16 import linear_vs_twins
 
+# two outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup sums
+TUNINGS = {**TUNINGS, "gpu-opt2": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=2),
+           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2)}
 I8_TOL = dict(atol=2e-3, rtol=0)
 I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
 
@@ -42,24 +45,25 @@ def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tru
                     prepare=prepare, spread3=spread3)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_qmatvec_i8(dev, rng, spec, tuning):
     # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
     _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
 def test_qmatvec_i8_batch_rows(dev, rng, rows, tuning):
     # ROWS = 1, 8, and two workgroup rows of 8 with masked rows; k = 200: a ragged last block
     _linear_i8(dev, rng, QuantSpec(4, 64, True), n=70, k=200, rows=rows, tuning=TUNINGS[tuning], accumulate=False)
 
 
+@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2"])
 @pytest.mark.parametrize("prologue", ["norm", "silu"])
 @pytest.mark.parametrize("rows", [1, 3, 11])
-def test_qmatvec_fused_i8(dev, rng, prologue, rows):
-    _linear_i8(dev, rng, QuantSpec(4, 32, False), n=37, k=70, rows=rows, tuning=TUNINGS["gpu"], prologue=prologue)
+def test_qmatvec_fused_i8(dev, rng, prologue, rows, tuning):
+    _linear_i8(dev, rng, QuantSpec(4, 32, False), n=37, k=70, rows=rows, tuning=TUNINGS[tuning], prologue=prologue)
 
 
 @pytest.mark.parametrize("prologue", [None, "norm", "silu"])
@@ -73,7 +77,7 @@ def test_qmatvec_i8_formats_at_model_width(dev, rng, prologue, spec, x_blocks):
                tol=I8_TOL_WIDE, x_blocks=x_blocks)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup", "gpu-subgroup-opt2"])
 @pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
 def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
     # 3-bit weights with the high plane spread (kernels.quant.spread_3bit, SPREAD3), as the
@@ -84,7 +88,7 @@ def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
 @pytest.mark.parametrize("prologue", [None, "norm", "silu"])
 @pytest.mark.parametrize("x_blocks", [None, 3])
 def test_qmatvec_i8_spread_3bit_at_model_width(dev, rng, prologue, x_blocks):
-    _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=576, rows=5, tuning=TUNINGS["gpu"], prologue=prologue,
+    _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=576, rows=5, tuning=TUNINGS["gpu-opt2"], prologue=prologue,
                accumulate=False, tol=I8_TOL_WIDE, x_blocks=x_blocks, spread3=True)
 
 
@@ -160,13 +164,14 @@ def test_i8_kernels_take_their_f32_siblings_params():
         assert dev_free.params_fields(path.stem) == dev_free.params_fields(path.stem[: -len("_i8")]), path.name
 
 
+@pytest.mark.parametrize("opt", [1, 2])
 @pytest.mark.parametrize("max_groups", [1, 3])
 @pytest.mark.parametrize("prologue", [None, "norm"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
-def test_qmatvec_i8_narrow_grid_takes_every_output_group(dev, rng, max_groups, prologue, rows):
+def test_qmatvec_i8_narrow_grid_takes_every_output_group(dev, rng, max_groups, prologue, rows, opt):
     # whole rows in one chunk (k = 200: 7 blocks), x quantized once: a grid of 1 or 3 workgroups
-    # a batch row walks all of n = 300's output groups (64 outputs a group: the last one ragged)
-    tuning = dataclasses.replace(TUNINGS["gpu"], matvec_i8_max_groups=max_groups)
+    # a batch row walks all of n = 300's output groups (64 or 128 outputs a group: the last one ragged)
+    tuning = dataclasses.replace(TUNINGS["gpu"], matvec_i8_max_groups=max_groups, matvec_i8_opt=opt)
     _narrow_grid(dev, rng, tuning, max_groups, prologue, rows)
 
 
@@ -174,14 +179,15 @@ def test_qmatvec_i8_in_the_gpu_tunings_workgroups(dev, rng):
     # the real GPU's i8 tuning (workgroups of up to 1024 threads, a capped grid) on this adapter
     tuning = KL.matmul_tuning(dev, real_gpu=True)
     assert tuning.matvec_i8_wg == dev.workgroup_size(KL.GPU_MATVEC_I8_WG) and tuning.matvec_i8_max_groups
-    _narrow_grid(dev, rng, dataclasses.replace(tuning, matvec_i8_max_groups=2), 2, "norm", 5)
+    # n = 1100: more output groups than 2 even at 1024 threads, 2 outputs a thread
+    _narrow_grid(dev, rng, dataclasses.replace(tuning, matvec_i8_max_groups=2), 2, "norm", 5, n=1100)
 
 
-def _narrow_grid(dev, rng, tuning, max_groups, prologue, rows):
+def _narrow_grid(dev, rng, tuning, max_groups, prologue, rows, n=300):
     def prepare(op):
         assert op._groups_x(op.w.n, 8 if rows > 4 else 1, 0) == max_groups
 
-    linear_vs_twins(dev, rng, QuantSpec(4, 64, True), 300, 200, rows, tuning, "i8", prologue, True, I8_TOL,
+    linear_vs_twins(dev, rng, QuantSpec(4, 64, True), n, 200, rows, tuning, "i8", prologue, True, I8_TOL,
                     contiguous3=False, prepare=prepare)
 
 
@@ -197,3 +203,15 @@ def test_qmatvec_i8_subgroup_sums_leave_workgroup_memory_to_x(dev):
     shuffled = KL.QuantLinear(dev, w, None, 4096, None, 256, tuning=dataclasses.replace(TUNINGS["gpu-subgroup"], **wide),
                               compute_dtype="i8")
     assert shuffled.matvec_constants(8, 0)["XB"] > plain.matvec_constants(8, 0)["XB"]
+
+
+def test_gpu_tuning_gives_long_rows_two_outputs_a_thread(dev):
+    """MatmulTuning.matvec_i8_opt applies from matvec_i8_opt_min_k inputs a row: the 7B shape's
+    matrices take 2 outputs a thread, SmolLM2's (k <= 1536) 1."""
+    tuning = KL.matmul_tuning(dev, real_gpu=True)
+    opts = {}
+    for k in (576, 1536, 4096, 11008):
+        op = KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 256, k, []), None, k, None, 256,
+                            tuning=tuning, compute_dtype="i8")
+        opts[k] = op.matvec_constants(1, 0)["OPT"]
+    assert opts == {576: 1, 1536: 1, 4096: 2, 11008: 2}

@@ -25,6 +25,7 @@ override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override XB: u32 = 32u;           // 32-input blocks of each row quantized into workgroup memory a chunk
+override OPT: u32 = 1u;           // outputs a thread: 1 or 2 (two share each load of x from workgroup memory)
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> qweight: array<vec4<u32>>;  // the words of every row, 4 at a time
@@ -164,20 +165,19 @@ fn quantize_block(u: u32, first: u32, blocks: u32, rows_lo: vec4<u32>, rows_hi: 
   xd[u] = vec2<f32>(scale, f32(qs.x + qs.y + qs.z + qs.w));
 }
 
-// The sum of code * x code over one block for chunk slot u (row r's block), from its 8 code words.
-fn block_dot(c: array<u32, 8>, u: u32) -> i32 {
-  let xa = xq[2u * u];
-  let xb = xq[2u * u + 1u];
+// The sum of code * x code over one block, from its 8 code words and the block's x codes (xa, xb:
+// chunk slot u's xq[2u], xq[2u + 1]).
+fn block_dot(c: array<u32, 8>, xa: vec4<u32>, xb: vec4<u32>) -> i32 {
   return dot4I8Packed(c[0], xa.x) + dot4I8Packed(c[1], xa.y) + dot4I8Packed(c[2], xa.z)
        + dot4I8Packed(c[3], xa.w) + dot4I8Packed(c[4], xb.x) + dot4I8Packed(c[5], xb.y)
        + dot4I8Packed(c[6], xb.z) + dot4I8Packed(c[7], xb.w);
 }
 
-// One row's term of a block: x scale * (w scale * sum(q x) + w min * sum(x)) in the block's
-// integers, symmetric codes offset by 2^(BITS-1) in integers first (exact).
-fn block_term(c: array<u32, 8>, u: u32, sm: vec2<f32>) -> f32 {
-  var d = block_dot(c, u);
-  let xs = xd[u];
+// One row's term of a block from its dot product qx: x scale * (w scale * sum(q x) + w min * sum(x))
+// in the block's integers (xs: the slot's xd), symmetric codes offset by 2^(BITS-1) in integers
+// first (exact).
+fn block_term(qx: i32, xs: vec2<f32>, sm: vec2<f32>) -> f32 {
+  var d = qx;
   let sx = i32(xs.y);
   if (BITS == 8u) {
     d += 128i * sx;  // code_word's bytes are q - 128
@@ -200,44 +200,90 @@ fn quantize_chunk(t: u32, first: u32, blocks: u32, m0: u32) {
   workgroupBarrier();
 }
 
-// Weight row `row`'s terms over the chunk's blocks first..first+count-1 (this lane's share), for
-// rows m0..m0+3 (lo) and m0+4..m0+7 (hi) of the workgroup.
-fn chunk_terms(lane: u32, row: u32, first: u32, count: u32, lo: ptr<function, vec4<f32>>, hi: ptr<function, vec4<f32>>) {
+// A block's 8 code words (code_word) from weight row `row`'s words at w.
+fn block_codes(w: u32) -> array<u32, 8> {
+  let blk = load_block(w);
+  return array<u32, 8>(code_word(blk.a, blk.b, 0u), code_word(blk.a, blk.b, 1u), code_word(blk.a, blk.b, 2u),
+                       code_word(blk.a, blk.b, 3u), code_word(blk.a, blk.b, 4u), code_word(blk.a, blk.b, 5u),
+                       code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
+}
+
+// The terms of a block of one batch row (chunk slot u) for the thread's outputs: .x the first's
+// (codes c0, scale and min sm0), .y the second's where OPT = 2; the slot's x is loaded once.
+fn slot_terms(c0: array<u32, 8>, c1: array<u32, 8>, u: u32, sm0: vec2<f32>, sm1: vec2<f32>) -> vec2<f32> {
+  let xa = xq[2u * u];
+  let xb = xq[2u * u + 1u];
+  let xs = xd[u];
+  var terms = vec2<f32>(block_term(block_dot(c0, xa, xb), xs, sm0), 0.0);
+  if (OPT > 1u) {
+    terms.y = block_term(block_dot(c1, xa, xb), xs, sm1);
+  }
+  return terms;
+}
+
+// A thread's sums: its first output's (a) and, where OPT = 2, its second's (b).
+struct OutputPair {
+  a: RowSums,
+  b: RowSums,
+}
+
+// Weight rows row0 and (OPT = 2) row1's terms over the chunk's blocks first..first+count-1 (this
+// lane's share), for rows m0..m0+3 (.lo) and m0+4..m0+7 (.hi) of the workgroup, added to *acc.
+fn chunk_terms(lane: u32, row0: u32, row1: u32, first: u32, count: u32, acc: ptr<function, OutputPair>) {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   for (var bt = lane; bt < count; bt += TPR) {
     let b = first + bt;
-    let blk = load_block(row * words_per_row + b * BITS);
-    let c = array<u32, 8>(code_word(blk.a, blk.b, 0u), code_word(blk.a, blk.b, 1u), code_word(blk.a, blk.b, 2u),
-                          code_word(blk.a, blk.b, 3u), code_word(blk.a, blk.b, 4u), code_word(blk.a, blk.b, 5u),
-                          code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
-    let sm = scale_min(row, b * 32u / GROUP, groups);
-    (*lo).x += block_term(c, bt, sm);
-    if (ROWS > 1u) {
-      (*lo).y += block_term(c, XB + bt, sm);
-      (*lo).z += block_term(c, 2u * XB + bt, sm);
-      (*lo).w += block_term(c, 3u * XB + bt, sm);
+    let c0 = block_codes(row0 * words_per_row + b * BITS);
+    let sm0 = scale_min(row0, b * 32u / GROUP, groups);
+    var c1 = c0;
+    var sm1 = sm0;
+    if (OPT > 1u) {
+      c1 = block_codes(row1 * words_per_row + b * BITS);
+      sm1 = scale_min(row1, b * 32u / GROUP, groups);
     }
+    let r0 = slot_terms(c0, c1, bt, sm0, sm1);
+    var lo0 = vec4<f32>(r0.x, 0.0, 0.0, 0.0);
+    var lo1 = vec4<f32>(r0.y, 0.0, 0.0, 0.0);
+    if (ROWS > 1u) {
+      let r1 = slot_terms(c0, c1, XB + bt, sm0, sm1);
+      let r2 = slot_terms(c0, c1, 2u * XB + bt, sm0, sm1);
+      let r3 = slot_terms(c0, c1, 3u * XB + bt, sm0, sm1);
+      lo0 = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
+      lo1 = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
+    }
+    (*acc).a.lo += lo0;
+    (*acc).b.lo += lo1;
     if (ROWS > 4u) {
-      (*hi).x += block_term(c, 4u * XB + bt, sm);
-      (*hi).y += block_term(c, 5u * XB + bt, sm);
-      (*hi).z += block_term(c, 6u * XB + bt, sm);
-      (*hi).w += block_term(c, 7u * XB + bt, sm);
+      let r4 = slot_terms(c0, c1, 4u * XB + bt, sm0, sm1);
+      let r5 = slot_terms(c0, c1, 5u * XB + bt, sm0, sm1);
+      let r6 = slot_terms(c0, c1, 6u * XB + bt, sm0, sm1);
+      let r7 = slot_terms(c0, c1, 7u * XB + bt, sm0, sm1);
+      (*acc).a.hi += vec4<f32>(r4.x, r5.x, r6.x, r7.x);
+      (*acc).b.hi += vec4<f32>(r4.y, r5.y, r6.y, r7.y);
     }
   }
 }
 
-// Output n (its weight row clamped to the last; never stored past n) of rows m0..m0+ROWS-1,
-// XB blocks of x quantized at a time, the chunk's terms after each.
-fn qmatvec_i8(t: u32, lane: u32, n: u32, m0: u32, blocks: u32) -> RowSums {
-  let row = min(n, max(p.n, 1u) - 1u);
-  var lo = vec4<f32>(0.0);
-  var hi = vec4<f32>(0.0);
+// Outputs n0 and (OPT = 2) n0 + 1 (their weight rows clamped to the last; never stored past n) of
+// rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the chunk's terms after each.
+fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> OutputPair {
+  let last = max(p.n, 1u) - 1u;
+  let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+  var acc = OutputPair(zero, zero);
   for (var first = 0u; first < blocks; first += XB) {
     quantize_chunk(t, first, blocks, m0);
-    chunk_terms(lane, row, first, min(XB, blocks - first), &lo, &hi);
+    chunk_terms(lane, min(n0, last), min(n0 + 1u, last), first, min(XB, blocks - first), &acc);
   }
-  return RowSums(lo, hi);
+  return acc;
+}
+
+// Reduce and store the thread's outputs n0 (and n0 + 1 where OPT = 2).
+fn store_pair(t: u32, lane: u32, n0: u32, m0: u32, acc: OutputPair) {
+  reduce_store(t, lane, n0, m0, acc.a, row_scale(0u), row_scale(1u));
+  if (OPT > 1u) {
+    reduce_store(t, lane, n0 + 1u, m0, acc.b, row_scale(0u), row_scale(1u));
+  }
 }
 
 // Where a row's blocks all fit one chunk (XB >= blocks), x is quantized once and the workgroup
@@ -249,18 +295,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
   let lane = t % TPR;
   let m0 = wid.y * ROWS;
   let blocks = (p.k + 31u) / 32u;
+  let per_group = WG / TPR * OPT;  // outputs of a group
   prologue(t, m0);
   if (XB < blocks) {
-    let n = wid.x * (WG / TPR) + t / TPR;
-    reduce_store(t, lane, n, m0, qmatvec_i8(t, lane, n, m0, blocks), row_scale(0u), row_scale(1u));
+    let n0 = wid.x * per_group + t / TPR * OPT;
+    store_pair(t, lane, n0, m0, qmatvec_i8(t, lane, n0, m0, blocks));
     return;
   }
   quantize_chunk(t, 0u, blocks, m0);
-  for (var g = wid.x; g * (WG / TPR) < p.n; g += grid.x) {
-    let n = g * (WG / TPR) + t / TPR;
-    var lo = vec4<f32>(0.0);
-    var hi = vec4<f32>(0.0);
-    chunk_terms(lane, min(n, p.n - 1u), 0u, blocks, &lo, &hi);
-    reduce_store(t, lane, n, m0, RowSums(lo, hi), row_scale(0u), row_scale(1u));
+  let last = max(p.n, 1u) - 1u;
+  for (var g = wid.x; g * per_group < p.n; g += grid.x) {
+    let n0 = g * per_group + t / TPR * OPT;
+    let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = OutputPair(zero, zero);
+    chunk_terms(lane, min(n0, last), min(n0 + 1u, last), 0u, blocks, &acc);
+    store_pair(t, lane, n0, m0, acc);
   }
 }
