@@ -14,6 +14,9 @@ struct RowSums {
 // thread gets the sums. Called in uniform control flow, once no thread still reads partial[]
 // but from its own slot (each sum reads others' slots only before its last barrier).
 fn sum_partials(t: u32, i: u32, span: u32, lo: vec4<f32>, hi: vec4<f32>) -> RowSums {
+  if (span == 1u) {  // one thread an output (the CPU rasterisers' tuning): nothing to add, no barrier
+    return RowSums(lo, hi);
+  }
   partial[t] = lo;
   if (QUADS > 1u) {
     partial[WG + t] = hi;
