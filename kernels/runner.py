@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,10 +183,15 @@ class Device:
         """Lanes of a subgroup that the K+subgroup kernels may count on, 0 where they cannot run:
         no subgroup feature, or subgroups that are not runs of consecutive invocations of a
         workgroup (the shuffles of include/sum_partials_subgroup.wgsl assume they are; WGSL does
-        not promise it), or sizes that differ across the workgroup. Probed once, in a workgroup
-        as wide as the limits allow; the smallest size seen is the one to count on."""
+        not promise it), or sizes that differ across the workgroup, or a probe that fails (a
+        warning says so). Probed once, in a workgroup as wide as the limits allow."""
         if self._subgroup_size is None:
-            self._subgroup_size = self._probe_subgroups() if "subgroup" in self.features else 0
+            self._subgroup_size = 0
+            if "subgroup" in self.features:
+                try:
+                    self._subgroup_size = self._probe_subgroups()
+                except Exception as exc:  # noqa: BLE001 - a driver that offers subgroups but fails the probe: plain kernels, as without
+                    warnings.warn(f"subgroup probe failed on {self.describe()}, plain kernels: {exc}", RuntimeWarning, stacklevel=2)
         return self._subgroup_size
 
     def _probe_subgroups(self) -> int:

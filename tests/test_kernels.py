@@ -864,3 +864,20 @@ def test_subgroup_lanes_are_probed_and_a_tuning_beyond_them_is_refused(dev):
     w = KL.GpuQuantTensor(QuantSpec(4, 32, False), 64, 64, [])
     with pytest.raises(R.LimitError, match="not runs of that many lanes"):
         KL.QuantLinear(dev, w, None, 64, None, 64, tuning=dataclasses.replace(TUNINGS["gpu"], matvec_subgroup=2 * lanes))
+
+
+def test_a_failing_subgroup_probe_leaves_the_plain_kernels(monkeypatch):
+    """A driver that offers subgroups but fails the probe (none does here: the probe's failure is
+    forced) gets the plain kernels, with a warning, as a device without subgroups would."""
+    fresh = _device()
+    if "subgroup" not in fresh.features:
+        pytest.skip(f"{fresh.describe()} has no subgroups")
+
+    def refuse():
+        raise RuntimeError("the shader compiler refused the probe")
+
+    monkeypatch.setattr(fresh, "_subgroup_size", None)
+    monkeypatch.setattr(fresh, "_probe_subgroups", refuse)
+    with pytest.warns(RuntimeWarning, match="subgroup probe failed"):
+        assert fresh.subgroup_size() == 0
+    assert KL.matmul_tuning(fresh, real_gpu=True).matvec_subgroup == 0

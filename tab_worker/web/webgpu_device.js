@@ -31,7 +31,12 @@ export class WebGpuDevice {
     const requiredFeatures = adapter.features.has("subgroups") ? ["subgroups"] : [];
     const device = await adapter.requestDevice({ requiredLimits, requiredFeatures });
     const gpu = new WebGpuDevice(adapter, device, limitsMode, base);
-    gpu._subgroupSize = requiredFeatures.length ? await gpu.probeSubgroups() : 0;
+    // a probe that fails (a driver or compiler that offers subgroups but will not build it) leaves
+    // the plain kernels, as no subgroups would: the tab still serves
+    gpu._subgroupSize = requiredFeatures.length ? await gpu.probeSubgroups().catch((e) => {
+      console.warn(`subgroup probe failed, plain kernels: ${e}`);
+      return 0;
+    }) : 0;
     return gpu;
   }
 
