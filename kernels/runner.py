@@ -196,20 +196,16 @@ class Device:
 
     def _probe_subgroups(self) -> int:
         wg = self.workgroup_size(1024)
-        module = self.device.create_shader_module(code=wgsl_source(SUBGROUP_PROBE), label="subgroup_probe")
-        pipe = self.device.create_compute_pipeline(layout="auto", label="subgroup_probe",
-                                                   compute={"module": module, "entry_point": "main", "constants": {"WG": wg}})
+        pipe = self.pipeline(SUBGROUP_PROBE, WG=wg)
         out = self.buffer(8 * wg, "subgroup_probe")
-        group = self.device.create_bind_group(layout=pipe.get_bind_group_layout(0),
-                                              entries=[{"binding": 0, "resource": {"buffer": out}}])
-        encoder = self.device.create_command_encoder()
+        encoder = self.encoder()
         compute = encoder.begin_compute_pass()
         compute.set_pipeline(pipe)
-        compute.set_bind_group(0, group)
+        compute.set_bind_group(0, self.bind_group(pipe, [out]))
         compute.dispatch_workgroups(1)
         compute.end()
         self.queue.submit([encoder.finish()])
-        lane, size = np.frombuffer(self.queue.read_buffer(out), np.uint32).reshape(wg, 2).T
+        lane, size = self.read(out, np.uint32, 2 * wg).reshape(wg, 2).T
         sg = int(size[0])
         if sg < 1 or sg & (sg - 1) or (size != sg).any() or (lane != np.arange(wg) % sg).any():
             return 0

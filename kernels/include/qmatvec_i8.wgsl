@@ -227,11 +227,20 @@ struct OutputPair {
   b: RowSums,
 }
 
-// Weight rows row0 and (OPT = 2) row1's terms over the chunk's blocks first..first+count-1 (this
-// lane's share), for rows m0..m0+3 (.lo) and m0+4..m0+7 (.hi) of the workgroup, added to *acc.
-fn chunk_terms(lane: u32, row0: u32, row1: u32, first: u32, count: u32, acc: ptr<function, OutputPair>) {
+fn no_sums() -> OutputPair {
+  let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+  return OutputPair(zero, zero);
+}
+
+// Outputs n0 and (OPT = 2) n0 + 1's terms over the chunk's blocks first..first+count-1 (this
+// lane's share; weight rows past the last read the last, never stored), for rows m0..m0+3 (.lo)
+// and m0+4..m0+7 (.hi) of the workgroup, added to *acc.
+fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, OutputPair>) {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
+  let last = max(p.n, 1u) - 1u;
+  let row0 = min(n0, last);
+  let row1 = min(n0 + 1u, last);
   for (var bt = lane; bt < count; bt += TPR) {
     let b = first + bt;
     let c0 = block_codes(row0 * words_per_row + b * BITS);
@@ -265,15 +274,13 @@ fn chunk_terms(lane: u32, row0: u32, row1: u32, first: u32, count: u32, acc: ptr
   }
 }
 
-// Outputs n0 and (OPT = 2) n0 + 1 (their weight rows clamped to the last; never stored past n) of
-// rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the chunk's terms after each.
+// Outputs n0 and (OPT = 2) n0 + 1 of rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the
+// chunk's terms after each.
 fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> OutputPair {
-  let last = max(p.n, 1u) - 1u;
-  let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-  var acc = OutputPair(zero, zero);
+  var acc = no_sums();
   for (var first = 0u; first < blocks; first += XB) {
     quantize_chunk(t, first, blocks, m0);
-    chunk_terms(lane, min(n0, last), min(n0 + 1u, last), first, min(XB, blocks - first), &acc);
+    chunk_terms(lane, n0, first, min(XB, blocks - first), &acc);
   }
   return acc;
 }
@@ -303,12 +310,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
     return;
   }
   quantize_chunk(t, 0u, blocks, m0);
-  let last = max(p.n, 1u) - 1u;
   for (var g = wid.x; g * per_group < p.n; g += grid.x) {
     let n0 = g * per_group + t / TPR * OPT;
-    let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-    var acc = OutputPair(zero, zero);
-    chunk_terms(lane, min(n0, last), min(n0 + 1u, last), 0u, blocks, &acc);
+    var acc = no_sums();
+    chunk_terms(lane, n0, 0u, blocks, &acc);
     store_pair(t, lane, n0, m0, acc);
   }
 }

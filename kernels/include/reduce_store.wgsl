@@ -2,6 +2,12 @@
 // (qmatvec, qmatvec_silu, qmatvec_norm and their f16 twins; needs `partial`, `p`, `y`, WG, TPR,
 // ROWS, QUADS). Called from main in uniform control flow, with each thread's sums.
 
+// A thread's sums for batch rows m0..m0+3 (lo) and m0+4..m0+7 (hi).
+struct RowSums {
+  lo: vec4<f32>,
+  hi: vec4<f32>,
+}
+
 // Add the TPR lanes of each output together (this thread's sums in `sums`) and store row r's sum
 // times scale[r / 4][r % 4] (1 except in qmatvec_norm: each row's inverse RMS) at y, added to y
 // when p.accumulate.

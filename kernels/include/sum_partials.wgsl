@@ -1,13 +1,7 @@
 // Included (kernels.wgsl_source) by reduce_store.wgsl: the lane sums of the qmatvec family and
-// inverse_rms.wgsl, in workgroup memory (needs `partial`, WG, QUADS). Where the device has
+// inverse_rms.wgsl, in workgroup memory (needs `partial`, WG, QUADS, and reduce_store.wgsl's RowSums). Where the device has
 // subgroups, kernels named K+subgroup get sum_partials_subgroup.wgsl instead, whose `partial`
 // holds one slot a subgroup: the kernels size it WG * QUADS / SG, SG = 1 here.
-
-// A thread's sums for batch rows m0..m0+3 (lo) and m0+4..m0+7 (hi).
-struct RowSums {
-  lo: vec4<f32>,
-  hi: vec4<f32>,
-}
 
 // lo and hi summed over groups of `span` consecutive threads (span a power of two; i: this
 // thread's index in its group) by a tree in partial[], a barrier a halving: the group's first

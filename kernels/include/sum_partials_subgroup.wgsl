@@ -2,7 +2,7 @@
 // with subgroups: sum_partials.wgsl's sums without a barrier a step. The lanes of one subgroup
 // add their sums by shuffles; where a group of lanes spans several subgroups, the subgroups' sums
 // meet once in workgroup memory, one slot a subgroup (`partial`: WG * QUADS / SG slots). Needs
-// `partial`, WG, QUADS, SG.
+// `partial`, WG, QUADS, SG and reduce_store.wgsl's RowSums.
 //
 // Why: the tree in workgroup memory waits on a barrier for each halving (10 for a 1024-thread
 // inverse RMS, 4-5 for an output's lanes), and a decode matvec is short enough for those waits
@@ -14,11 +14,6 @@
 // the shuffles below rely on (WGSL does not promise it; Vulkan, Metal and D3D12 drivers lay 1-D
 // workgroups out so). Each kernel declares SG beside its other overrides: naga 29 panics on an
 // override declared after a workgroup array sized by overrides.
-
-struct RowSums {
-  lo: vec4<f32>,
-  hi: vec4<f32>,
-}
 
 // v summed over each run of `lanes` consecutive lanes of the subgroup (lanes a power of two, at
 // most SG): every lane of the run ends with the run's sum.
