@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.quant import QuantTensor, contiguous_3bit, quads_3bit, spread_3bit
+from kernels.quant import QuantTensor, contiguous_3bit, spread_3bit
 from kernels.runner import RAW_PASS_CALLS, Device, Dispatch, LimitError
 
 
@@ -133,7 +133,7 @@ def upload_quant(dev: Device, t: QuantTensor, label: str = "", contiguous3: bool
     chunks = []
     for start in range(0, t.n, rows_per_chunk):
         part = t.rows(start, min(t.n, start + rows_per_chunk))
-        qweight = contiguous_3bit(part.qweight) if contiguous3 else quads_3bit(spread_3bit(part.qweight)) if spread3 else part.qweight
+        qweight = contiguous_3bit(part.qweight) if contiguous3 else spread_3bit(part.qweight) if spread3 else part.qweight
         chunks.append((start, part.n, dev.upload(qweight, f"{label}.q[{start}]"), dev.upload(part.scales, f"{label}.s[{start}]")))
     return GpuQuantTensor(t.spec, t.n, t.k, chunks, contiguous3, spread3)
 
@@ -156,7 +156,7 @@ class MatmulTuning:
     matvec_tall_batch_wg: int = 0  # staged: batches of tall long-rowed matrices too, in workgroups of this many threads (0: no)
     matvec_i8_wg: int = 0  # qmatvec_i8's workgroups (more outputs share each quantized x); 0: matvec_wg
     matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
-    matvec_i8_opt: int = 1  # qmatvec_i8's outputs a thread (1, 2 or 4: they share each load of quantized x) ...
+    matvec_i8_opt: int = 1  # qmatvec_i8's outputs a thread (1 or 2: two share each load of quantized x) ...
     matvec_i8_opt_min_k: int = 0  # ... for rows of at least this many inputs (shorter ones: 1)
     matvec_subgroup: int = 0  # lanes of a subgroup: the matvecs sum their lanes by shuffles (their K+subgroup variants; 0: in workgroup memory)
 
@@ -286,15 +286,16 @@ class QuantLinear(Launcher):
             self.matvec_kernel += "+subgroup"
         self.wg = self.tuning.matvec_i8_wg if compute_dtype == "i8" and self.tuning.matvec_i8_wg else self.tuning.matvec_wg
         # the lane layout (SPAN, OPT) exists in the f32 matvecs; the f16 and i8 ones walk whole
-        # blocks, the i8 ones for 1, 2 or 4 outputs a thread
+        # blocks, the i8 ones for 1 or 2 outputs a thread
         f32 = compute_dtype == "f32"
         if f32:
             self.span, self.opt = matvec_layout(w.n, w.k, self.tuning.matvec_span, self.tuning.matvec_opt)
         else:
             i8_opt = self.tuning.matvec_i8_opt if w.k >= self.tuning.matvec_i8_opt_min_k else 1
             self.span, self.opt = 8, i8_opt if compute_dtype == "i8" else 1
-        if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
-            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
+        if self.span not in (1, 2, 4, 8) or self.opt not in ((1, 2, 4) if f32 else (1, 2)):
+            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4 "
+                             "(1 or 2 for i8)")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
         # staged (lanes path only): a lane per block, at least two blocks a lane and chunk
         self.stage = self.tuning.matvec_stage if f32 and (self.span != 8 or self.opt != 1) else 0

@@ -206,19 +206,6 @@ def spread_3bit(words: np.ndarray) -> np.ndarray:
     return out.reshape(n, w)
 
 
-def quads_3bit(words: np.ndarray) -> np.ndarray:
-    """Spread 3-bit ``qweight`` (spread_3bit) -> each run of four blocks (12 words, three vec4)
-    as their low planes, two blocks a vec4, then their four high words in the third vec4, where
-    a row's blocks are a multiple of 4 (else unchanged). The i8 matvecs (SPREAD3) then read a
-    block from two aligned vec4s that its neighbours share lane by lane, where a 12-byte block
-    read as the two vec4s around it loads twice its bytes. u32 [n, w] -> u32 [n, w]."""
-    n, w = words.shape
-    if (w // 3) % 4:
-        return words
-    quads = np.ascontiguousarray(words).reshape(n, w // 12, 4, 3)
-    return np.concatenate([quads[..., :2].reshape(n, w // 12, 8), quads[..., 2]], axis=-1).reshape(n, w)
-
-
 def _pack_f16_pairs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return lo.astype(np.float16).view(np.uint16).astype(np.uint32) | (
         hi.astype(np.float16).view(np.uint16).astype(np.uint32) << 16

@@ -21,15 +21,13 @@ import pytest
 from kernels import launchers as KL
 from kernels import reference as ref
 from kernels import runner as R
-from kernels.quant import QuantSpec, quads_3bit, quantize_rtn, spread_3bit
+from kernels.quant import QuantSpec, quantize_rtn, spread_3bit
 from tests.test_kernels import SPECS, SPECS_3BIT, TUNINGS, dev, randn, rng  # noqa: F401 (fixtures)
 from tests.test_kernels_f16 import linear_vs_twins
 
-# two or four outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup sums
+# two outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup sums
 TUNINGS = {**TUNINGS, "gpu-opt2": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=2),
-           "gpu-opt4": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=4),
-           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2),
-           "gpu-subgroup-opt4": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=4)}
+           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2)}
 I8_TOL = dict(atol=2e-3, rtol=0)
 I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
 
@@ -47,21 +45,21 @@ def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tru
                     prepare=prepare, spread3=spread3)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-opt4"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_qmatvec_i8(dev, rng, spec, tuning):
     # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
     _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2", "gpu-subgroup-opt4"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
 def test_qmatvec_i8_batch_rows(dev, rng, rows, tuning):
     # ROWS = 1, 8, and two workgroup rows of 8 with masked rows; k = 200: a ragged last block
     _linear_i8(dev, rng, QuantSpec(4, 64, True), n=70, k=200, rows=rows, tuning=TUNINGS[tuning], accumulate=False)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2", "gpu-opt4"])
+@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2"])
 @pytest.mark.parametrize("prologue", ["norm", "silu"])
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_qmatvec_fused_i8(dev, rng, prologue, rows, tuning):
@@ -89,10 +87,8 @@ def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
 
 @pytest.mark.parametrize("prologue", [None, "norm", "silu"])
 @pytest.mark.parametrize("x_blocks", [None, 3])
-@pytest.mark.parametrize("k", [576, 512])
-def test_qmatvec_i8_spread_3bit_at_model_width(dev, rng, prologue, x_blocks, k):
-    # k = 576: 18 blocks a row, read as they are; k = 512: 16, in runs of four (quads_3bit)
-    _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=k, rows=5, tuning=TUNINGS["gpu-opt2"], prologue=prologue,
+def test_qmatvec_i8_spread_3bit_at_model_width(dev, rng, prologue, x_blocks):
+    _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=576, rows=5, tuning=TUNINGS["gpu-opt2"], prologue=prologue,
                accumulate=False, tol=I8_TOL_WIDE, x_blocks=x_blocks, spread3=True)
 
 
@@ -106,16 +102,6 @@ def test_spread_3bit_moves_each_high_bit_to_its_code_words_byte(rng):
     for j in range(32):
         w, s, b = j // 16, j % 4, (j % 16) // 4
         np.testing.assert_array_equal((spread >> (8 * b + 4 * w + s)) & 1, (high >> j) & 1)
-
-
-def test_quads_3bit_puts_four_blocks_low_planes_first_then_their_high_words(rng):
-    words = rng.integers(0, 1 << 32, size=(2, 24), dtype=np.uint64).astype(np.uint32)  # 8 blocks a row
-    got = quads_3bit(words).reshape(2, 2, 12)
-    blocks = words.reshape(2, 2, 4, 3)
-    np.testing.assert_array_equal(got[..., :8], blocks[..., :2].reshape(2, 2, 8))
-    np.testing.assert_array_equal(got[..., 8:], blocks[..., 2])
-    odd = words[:, :18]  # 6 blocks a row: no whole runs of four, unchanged
-    np.testing.assert_array_equal(quads_3bit(odd), odd)
 
 
 def test_only_the_i8_matvecs_take_spread_3bit(dev):
@@ -178,16 +164,15 @@ def test_i8_kernels_take_their_f32_siblings_params():
         assert dev_free.params_fields(path.stem) == dev_free.params_fields(path.stem[: -len("_i8")]), path.name
 
 
-@pytest.mark.parametrize("opt", [1, 2, 4])
+@pytest.mark.parametrize("opt", [1, 2])
 @pytest.mark.parametrize("max_groups", [1, 3])
 @pytest.mark.parametrize("prologue", [None, "norm"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
 def test_qmatvec_i8_narrow_grid_takes_every_output_group(dev, rng, max_groups, prologue, rows, opt):
     # whole rows in one chunk (k = 200: 7 blocks), x quantized once: a grid of 1 or 3 workgroups
-    # a batch row walks all of n = 300's output groups (64 or 128 outputs a group: the last one
-    # ragged), or n = 1100's at 4 outputs a thread (256 a group)
+    # a batch row walks all of n = 300's output groups (64 or 128 outputs a group: the last one ragged)
     tuning = dataclasses.replace(TUNINGS["gpu"], matvec_i8_max_groups=max_groups, matvec_i8_opt=opt)
-    _narrow_grid(dev, rng, tuning, max_groups, prologue, rows, n=1100 if opt == 4 else 300)
+    _narrow_grid(dev, rng, tuning, max_groups, prologue, rows)
 
 
 def test_qmatvec_i8_in_the_gpu_tunings_workgroups(dev, rng):

@@ -25,7 +25,7 @@ override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override XB: u32 = 32u;           // 32-input blocks of each row quantized into workgroup memory a chunk
-override OPT: u32 = 1u;           // outputs a thread: 1, 2 or 4 (they share each load of x from workgroup memory)
+override OPT: u32 = 1u;           // outputs a thread: 1 or 2 (two share each load of x from workgroup memory)
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> qweight: array<vec4<u32>>;  // the words of every row, 4 at a time
@@ -101,17 +101,6 @@ struct Block {
 }
 
 fn load_block(w: u32) -> Block {
-  if (BITS == 3u && SPREAD3 && (p.k + GROUP - 1u) / GROUP * GROUP / 32u % 4u == 0u) {
-    // rows of whole runs of four blocks (kernels.quant.quads_3bit): the run's low planes, two
-    // blocks a vec4, then its four high words
-    let blk = w / 3u;
-    let base = blk / 4u * 3u;
-    let j = blk % 4u;
-    let lows = qweight[base + j / 2u];
-    let highs = qweight[base + 2u];
-    let high = select(select(highs.x, highs.y, j == 1u), select(highs.z, highs.w, j == 3u), j >= 2u);
-    return Block(vec4<u32>(select(lows.xy, lows.zw, (j & 1u) == 1u), high, 0u), vec4<u32>(0u));
-  }
   let v = qweight[w / 4u];
   if (BITS == 4u) {
     return Block(v, vec4<u32>(0u));
@@ -219,108 +208,75 @@ fn block_codes(w: u32) -> array<u32, 8> {
                        code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
 }
 
-// A thread's outputs' codes (c: up to OPT of them) and scales and mins (sm) of one block.
-struct BlockCodes {
-  c0: array<u32, 8>,
-  c1: array<u32, 8>,
-  c2: array<u32, 8>,
-  c3: array<u32, 8>,
-  sm0: vec2<f32>,
-  sm1: vec2<f32>,
-  sm2: vec2<f32>,
-  sm3: vec2<f32>,
-}
-
-// The terms of a block of one batch row (chunk slot u) for the thread's outputs: .x the first's,
-// .y the second's where OPT >= 2, .z and .w the third's and fourth's where OPT = 4; the slot's x
-// is loaded once for all of them.
-fn slot_terms(w: BlockCodes, u: u32) -> vec4<f32> {
+// The terms of a block of one batch row (chunk slot u) for the thread's outputs: .x the first's
+// (codes c0, scale and min sm0), .y the second's where OPT = 2; the slot's x is loaded once.
+fn slot_terms(c0: array<u32, 8>, c1: array<u32, 8>, u: u32, sm0: vec2<f32>, sm1: vec2<f32>) -> vec2<f32> {
   let xa = xq[2u * u];
   let xb = xq[2u * u + 1u];
   let xs = xd[u];
-  var terms = vec4<f32>(block_term(block_dot(w.c0, xa, xb), xs, w.sm0), 0.0, 0.0, 0.0);
+  var terms = vec2<f32>(block_term(block_dot(c0, xa, xb), xs, sm0), 0.0);
   if (OPT > 1u) {
-    terms.y = block_term(block_dot(w.c1, xa, xb), xs, w.sm1);
-  }
-  if (OPT > 2u) {
-    terms.z = block_term(block_dot(w.c2, xa, xb), xs, w.sm2);
-    terms.w = block_term(block_dot(w.c3, xa, xb), xs, w.sm3);
+    terms.y = block_term(block_dot(c1, xa, xb), xs, sm1);
   }
   return terms;
 }
 
-// A thread's sums: its first output's (a) and, where OPT >= 2, its second's (b), where OPT = 4
-// its third's (c) and fourth's (d).
-struct Outputs {
+// A thread's sums: its first output's (a) and, where OPT = 2, its second's (b).
+struct OutputPair {
   a: RowSums,
   b: RowSums,
-  c: RowSums,
-  d: RowSums,
 }
 
-fn no_sums() -> Outputs {
+fn no_sums() -> OutputPair {
   let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-  return Outputs(zero, zero, zero, zero);
+  return OutputPair(zero, zero);
 }
 
-// Terms t0..t3 (slot_terms of four batch rows) as each output's four rows.
-fn by_output(t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>) -> mat4x4<f32> {
-  return transpose(mat4x4<f32>(t0, t1, t2, t3));
-}
-
-// Outputs n0..n0+OPT-1's terms over the chunk's blocks first..first+count-1 (this lane's share;
-// weight rows past the last read the last, never stored), for rows m0..m0+3 (.lo) and
-// m0+4..m0+7 (.hi) of the workgroup, added to *acc.
-fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, Outputs>) {
+// Outputs n0 and (OPT = 2) n0 + 1's terms over the chunk's blocks first..first+count-1 (this
+// lane's share; weight rows past the last read the last, never stored), for rows m0..m0+3 (.lo)
+// and m0+4..m0+7 (.hi) of the workgroup, added to *acc.
+fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, OutputPair>) {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let last = max(p.n, 1u) - 1u;
   let row0 = min(n0, last);
   let row1 = min(n0 + 1u, last);
-  let row2 = min(n0 + 2u, last);
-  let row3 = min(n0 + 3u, last);
   for (var bt = lane; bt < count; bt += TPR) {
     let b = first + bt;
-    var w: BlockCodes;
-    w.c0 = block_codes(row0 * words_per_row + b * BITS);
-    w.sm0 = scale_min(row0, b * 32u / GROUP, groups);
+    let c0 = block_codes(row0 * words_per_row + b * BITS);
+    let sm0 = scale_min(row0, b * 32u / GROUP, groups);
+    var c1 = c0;
+    var sm1 = sm0;
     if (OPT > 1u) {
-      w.c1 = block_codes(row1 * words_per_row + b * BITS);
-      w.sm1 = scale_min(row1, b * 32u / GROUP, groups);
+      c1 = block_codes(row1 * words_per_row + b * BITS);
+      sm1 = scale_min(row1, b * 32u / GROUP, groups);
     }
-    if (OPT > 2u) {
-      w.c2 = block_codes(row2 * words_per_row + b * BITS);
-      w.sm2 = scale_min(row2, b * 32u / GROUP, groups);
-      w.c3 = block_codes(row3 * words_per_row + b * BITS);
-      w.sm3 = scale_min(row3, b * 32u / GROUP, groups);
+    let r0 = slot_terms(c0, c1, bt, sm0, sm1);
+    var lo0 = vec4<f32>(r0.x, 0.0, 0.0, 0.0);
+    var lo1 = vec4<f32>(r0.y, 0.0, 0.0, 0.0);
+    if (ROWS > 1u) {
+      let r1 = slot_terms(c0, c1, XB + bt, sm0, sm1);
+      let r2 = slot_terms(c0, c1, 2u * XB + bt, sm0, sm1);
+      let r3 = slot_terms(c0, c1, 3u * XB + bt, sm0, sm1);
+      lo0 = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
+      lo1 = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
     }
-    let r0 = slot_terms(w, bt);
-    if (ROWS == 1u) {
-      (*acc).a.lo.x += r0.x;
-      (*acc).b.lo.x += r0.y;
-      (*acc).c.lo.x += r0.z;
-      (*acc).d.lo.x += r0.w;
-      continue;
-    }
-    let lo = by_output(r0, slot_terms(w, XB + bt), slot_terms(w, 2u * XB + bt), slot_terms(w, 3u * XB + bt));
-    (*acc).a.lo += lo[0];
-    (*acc).b.lo += lo[1];
-    (*acc).c.lo += lo[2];
-    (*acc).d.lo += lo[3];
+    (*acc).a.lo += lo0;
+    (*acc).b.lo += lo1;
     if (ROWS > 4u) {
-      let hi = by_output(slot_terms(w, 4u * XB + bt), slot_terms(w, 5u * XB + bt), slot_terms(w, 6u * XB + bt),
-                         slot_terms(w, 7u * XB + bt));
-      (*acc).a.hi += hi[0];
-      (*acc).b.hi += hi[1];
-      (*acc).c.hi += hi[2];
-      (*acc).d.hi += hi[3];
+      let r4 = slot_terms(c0, c1, 4u * XB + bt, sm0, sm1);
+      let r5 = slot_terms(c0, c1, 5u * XB + bt, sm0, sm1);
+      let r6 = slot_terms(c0, c1, 6u * XB + bt, sm0, sm1);
+      let r7 = slot_terms(c0, c1, 7u * XB + bt, sm0, sm1);
+      (*acc).a.hi += vec4<f32>(r4.x, r5.x, r6.x, r7.x);
+      (*acc).b.hi += vec4<f32>(r4.y, r5.y, r6.y, r7.y);
     }
   }
 }
 
-// Outputs n0..n0+OPT-1 of rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the chunk's
-// terms after each.
-fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> Outputs {
+// Outputs n0 and (OPT = 2) n0 + 1 of rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the
+// chunk's terms after each.
+fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> OutputPair {
   var acc = no_sums();
   for (var first = 0u; first < blocks; first += XB) {
     quantize_chunk(t, first, blocks, m0);
@@ -329,15 +285,11 @@ fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> Outputs {
   return acc;
 }
 
-// Reduce and store the thread's outputs n0..n0+OPT-1.
-fn store_outputs(t: u32, lane: u32, n0: u32, m0: u32, acc: Outputs) {
+// Reduce and store the thread's outputs n0 (and n0 + 1 where OPT = 2).
+fn store_pair(t: u32, lane: u32, n0: u32, m0: u32, acc: OutputPair) {
   reduce_store(t, lane, n0, m0, acc.a, row_scale(0u), row_scale(1u));
   if (OPT > 1u) {
     reduce_store(t, lane, n0 + 1u, m0, acc.b, row_scale(0u), row_scale(1u));
-  }
-  if (OPT > 2u) {
-    reduce_store(t, lane, n0 + 2u, m0, acc.c, row_scale(0u), row_scale(1u));
-    reduce_store(t, lane, n0 + 3u, m0, acc.d, row_scale(0u), row_scale(1u));
   }
 }
 
@@ -354,7 +306,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
   prologue(t, m0);
   if (XB < blocks) {
     let n0 = wid.x * per_group + t / TPR * OPT;
-    store_outputs(t, lane, n0, m0, qmatvec_i8(t, lane, n0, m0, blocks));
+    store_pair(t, lane, n0, m0, qmatvec_i8(t, lane, n0, m0, blocks));
     return;
   }
   quantize_chunk(t, 0u, blocks, m0);
@@ -362,6 +314,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
     let n0 = g * per_group + t / TPR * OPT;
     var acc = no_sums();
     chunk_terms(lane, n0, 0u, blocks, &acc);
-    store_outputs(t, lane, n0, m0, acc);
+    store_pair(t, lane, n0, m0, acc);
   }
 }
