@@ -27,7 +27,7 @@ returns the report (simulation/report.py renders it).
     # [[workload.phases]]      # closed loop only: from `at` seconds on, `streams` clients run
     # at = 20                  #   (e.g. 1 stream, then 32)
     # streams = 32
-    [[faults]]                 # timed: at (s), kind, target ("random", "stage:N", a tab name), duration, factor
+    [[faults]]                 # timed: at (s), kind, target ("random", "stage:N", "profile:NAME", a tab name), duration, factor
     at = 6.0
     kind = "freeze"
     [random_faults]            # random: count, kinds, start, end, duration, factor (slow), liar_factor,
@@ -107,6 +107,9 @@ def validate(scn: dict) -> dict:
     for f in scn.get("faults", []):
         if f.get("kind") not in FAULT_KINDS:
             raise ConfigError(f"fault kind {f.get('kind')!r}; known: {', '.join(FAULT_KINDS)}")
+        target = f.get("target", "random")
+        if isinstance(target, str) and target.startswith("profile:"):
+            get_profile(target.split(":", 1)[1])  # an unknown profile: ConfigError
     c = scn.get("coordinator", {})
     if c:
         from coordinator.config import load_settings
@@ -227,14 +230,17 @@ class ScenarioRun:
                 name = next((w["name"] for w in st["workers"] if w["worker_id"] == wid), None)
                 return name if name in alive else None
             return None
-        if target == "random":
+        if target == "random" or target.startswith("profile:"):
             # prefer tabs that serve a stage: a fault on an idle tab tests little (a liar that
             # serves nothing is never checked: only serving tabs); leave undetected liars be.
             # A tab still under an earlier fault is no target either: a step begun while slowed
             # can run on for compute x factor seconds after the fault's window, and the
             # coordinator may evict the tab for it a while later, taking a new fault with it
-            # (a liar placed there is never caught, its tab went first).
+            # (a liar placed there is never caught, its tab went first). "profile:NAME": only
+            # tabs of that profile (a crash that must spare the one WebGPU tab, say).
             now = time.monotonic()
+            if target.startswith("profile:"):
+                alive = [n for n in alive if self.tabs[n].profile.name == target.split(":", 1)[1]]
             alive = [n for n in alive if n not in self.liars]
             calm = [n for n in alive if self._disturbed.get(n, 0.0) <= now]
             serving = {w["name"] for w in st["workers"]

@@ -19,6 +19,8 @@ def test_shipped_scenarios_parse_and_chaos_has_100_faults():
     assert len(fault_schedule(load_scenario(SCENARIOS / "chaos.toml"))) >= 100
     with pytest.raises(ConfigError, match="unknown profile"):
         run_scenario({"tabs": [{"profile": "netscape"}]})
+    with pytest.raises(ConfigError, match="unknown profile"):
+        run_scenario({"tabs": [{"profile": "cpu-wasm"}], "faults": [{"at": 1, "kind": "crash", "target": "profile:netscape"}]})
 
 
 def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
@@ -29,6 +31,8 @@ def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     assert report["tokens"]["differing_from_reference"] == 0
     faults = report["faults"]["list"]
     assert len(faults) == 4 and all(f.get("detected_by") for f in faults)
+    crashed = next(f for f in faults if f["kind"] == "crash")["tab"]
+    assert report["tabs"]["per_tab"][crashed]["profile"] == "cpu-wasm"  # target "profile:cpu-wasm"
     assert all(f["detection_s"] < 1.2 for f in faults)
     assert json.loads((tmp_path / "report.json").read_text())["passed"]
     assert (tmp_path / "timeline.png").stat().st_size > 1000
