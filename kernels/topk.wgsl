@@ -11,6 +11,7 @@
 //    of it or, when its keys are equal and too many, the lowest ids: each thread walks a
 //    contiguous range of ids, so an exclusive scan of per-thread counts ranks them by id.
 // 3. A bitonic sort of the k candidates (KP slots) orders them.
+// KP = 1 (k = 1) takes argmax's one pass instead.
 
 override WG: u32 = 256u;   // a power of two; a GPU wants many (one workgroup does a whole row)
 override KP: u32 = 64u;    // candidate slots: a power of two >= k
@@ -56,10 +57,55 @@ fn before(a: u32, b: u32) -> bool {
   return va > vb || (va == vb && cand_ids[a] < cand_ids[b]);
 }
 
+// k = 1 (greedy decoding): the largest key in one pass, no select rounds nor sort. Each thread
+// walks ids t, t + WG, ... (eight loads in flight a step), keeping its largest key and, among
+// equal keys, its lowest id; the workgroup then takes the largest key (atomicMax) and the lowest
+// id holding it (atomicMin), in histogram[0] and histogram[1].
+fn argmax(r: u32, t: u32) {
+  let row = r * p.in_stride;
+  let n = p.count;
+  if (t == 0u) {
+    atomicStore(&histogram[0], 0u);
+    atomicStore(&histogram[1], NO_ID);
+  }
+  workgroupBarrier();
+  var best = 0u;
+  var best_id = NO_ID;
+  for (var i0 = t; i0 < n; i0 += 8u * WG) {
+    var keys: array<u32, 8>;
+    for (var j = 0u; j < 8u; j++) {
+      let i = min(i0 + j * WG, n - 1u);  // past the row: the last logit again, its id never lower
+      keys[j] = key_of(logits[row + i]);
+    }
+    for (var j = 0u; j < 8u; j++) {
+      let i = i0 + j * WG;
+      if (i < n && (keys[j] > best || best_id == NO_ID)) {
+        best = keys[j];
+        best_id = i;
+      }
+    }
+  }
+  atomicMax(&histogram[0], best);
+  workgroupBarrier();
+  if (best_id != NO_ID && best == atomicLoad(&histogram[0])) {
+    atomicMin(&histogram[1], best_id);
+  }
+  workgroupBarrier();
+  if (t == 0u) {
+    let id = atomicLoad(&histogram[1]);
+    out_values[r * p.out_stride] = logits[row + id];
+    out_ids[r * p.out_stride] = id;
+  }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
   let row = wid.x * p.in_stride;
   let n = p.count;
+  if (KP == 1u) {
+    argmax(wid.x, t);
+    return;
+  }
   if (t == 0u) {
     bucket = vec4<u32>(0u, p.k, n, 32u);
     atomicStore(&n_above, 0u);

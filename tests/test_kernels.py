@@ -543,7 +543,7 @@ def test_split_attention_matches_its_twins(dev, rng, splits, wg):
 
 
 @pytest.mark.parametrize("wg", [64, 1024])
-@pytest.mark.parametrize("vocab,k", [(300, 1), (300, 64), (64, 64), (1024, 5), (3000, 40), (49152, 64), (5000, 700)])
+@pytest.mark.parametrize("vocab,k", [(300, 1), (70, 1), (49152, 1), (300, 64), (64, 64), (1024, 5), (3000, 40), (49152, 64), (5000, 700)])
 def test_topk(dev, rng, vocab, k, wg):
     rows = 6
     logits = randn(rng, rows, vocab)
