@@ -158,7 +158,6 @@ class MatmulTuning:
     matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
     matvec_i8_opt: int = 1  # qmatvec_i8's outputs a thread (1 or 2: two share each load of quantized x) ...
     matvec_i8_opt_min_k: int = 0  # ... for rows of at least this many inputs (shorter ones: 1)
-    matvec_i8_unroll: int = 1  # qmatvec_i8's blocks a lane step at one batch row (1 or 2: the next block's loads in flight)
     matvec_subgroup: int = 0  # lanes of a subgroup: the matvecs sum their lanes by shuffles (their K+subgroup variants; 0: in workgroup memory)
 
 
@@ -331,10 +330,7 @@ class QuantLinear(Launcher):
         if self.tuning.matvec_subgroup:
             consts["SG"] = self.tuning.matvec_subgroup
         if self.compute_dtype == "i8":
-            consts.update(XB=self._i8_blocks(rows_per_wg), OPT=self.opt)
-            if rows_per_wg == 1 and self.tuning.matvec_i8_unroll > 1:
-                consts["UNROLL"] = self.tuning.matvec_i8_unroll
-            return consts
+            return {**consts, "XB": self._i8_blocks(rows_per_wg), "OPT": self.opt}
         if self.span != 8 or self.opt != 1:
             consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
         if ch:

@@ -27,9 +27,7 @@ from tests.test_kernels_f16 import linear_vs_twins
 
 # two outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup sums
 TUNINGS = {**TUNINGS, "gpu-opt2": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=2),
-           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2),
-           # a lane's next block loaded before this one is used (one batch row)
-           "gpu-opt2-unroll2": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=2, matvec_i8_unroll=2)}
+           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2)}
 I8_TOL = dict(atol=2e-3, rtol=0)
 I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
 
@@ -54,7 +52,7 @@ def test_qmatvec_i8(dev, rng, spec, tuning):
     _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2", "gpu-opt2-unroll2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
 def test_qmatvec_i8_batch_rows(dev, rng, rows, tuning):
     # ROWS = 1, 8, and two workgroup rows of 8 with masked rows; k = 200: a ragged last block
@@ -92,9 +90,6 @@ def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
 def test_qmatvec_i8_spread_3bit_at_model_width(dev, rng, prologue, x_blocks):
     _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=576, rows=5, tuning=TUNINGS["gpu-opt2"], prologue=prologue,
                accumulate=False, tol=I8_TOL_WIDE, x_blocks=x_blocks, spread3=True)
-    # one row, two blocks a lane step: 18 blocks in 3-block chunks leave a lane's second block past the chunk
-    _linear_i8(dev, rng, QuantSpec(3, 64, False), n=45, k=576, rows=1, tuning=TUNINGS["gpu-opt2-unroll2"],
-               prologue=prologue, accumulate=False, tol=I8_TOL_WIDE, x_blocks=x_blocks, spread3=True)
 
 
 def test_spread_3bit_moves_each_high_bit_to_its_code_words_byte(rng):

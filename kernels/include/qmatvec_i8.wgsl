@@ -26,7 +26,6 @@ override TPR: u32 = 16u;          // threads per output row: a power of two divi
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override XB: u32 = 32u;           // 32-input blocks of each row quantized into workgroup memory a chunk
 override OPT: u32 = 1u;           // outputs a thread: 1 or 2 (two share each load of x from workgroup memory)
-override UNROLL: u32 = 1u;        // a lane's blocks a loop step: 1 or 2 (the second's loads issued before the first is used)
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> qweight: array<vec4<u32>>;  // the words of every row, 4 at a time
@@ -233,73 +232,44 @@ fn no_sums() -> OutputPair {
   return OutputPair(zero, zero);
 }
 
-// A block's codes and scale and min for the thread's first output (c0, sm0) and, where OPT = 2,
-// its second (c1, sm1).
-struct BlockWeights {
-  c0: array<u32, 8>,
-  c1: array<u32, 8>,
-  sm0: vec2<f32>,
-  sm1: vec2<f32>,
-}
-
-fn block_weights(row0: u32, row1: u32, b: u32, groups: u32, words_per_row: u32) -> BlockWeights {
-  let c0 = block_codes(row0 * words_per_row + b * BITS);
-  let sm0 = scale_min(row0, b * 32u / GROUP, groups);
-  var c1 = c0;
-  var sm1 = sm0;
-  if (OPT > 1u) {
-    c1 = block_codes(row1 * words_per_row + b * BITS);
-    sm1 = scale_min(row1, b * 32u / GROUP, groups);
-  }
-  return BlockWeights(c0, c1, sm0, sm1);
-}
-
-// Block w's terms (chunk slot bt) for rows m0..m0+3 (.lo) and m0+4..m0+7 (.hi), added to *acc.
-fn add_block(w: BlockWeights, bt: u32, acc: ptr<function, OutputPair>) {
-  let r0 = slot_terms(w.c0, w.c1, bt, w.sm0, w.sm1);
-  var lo0 = vec4<f32>(r0.x, 0.0, 0.0, 0.0);
-  var lo1 = vec4<f32>(r0.y, 0.0, 0.0, 0.0);
-  if (ROWS > 1u) {
-    let r1 = slot_terms(w.c0, w.c1, XB + bt, w.sm0, w.sm1);
-    let r2 = slot_terms(w.c0, w.c1, 2u * XB + bt, w.sm0, w.sm1);
-    let r3 = slot_terms(w.c0, w.c1, 3u * XB + bt, w.sm0, w.sm1);
-    lo0 = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
-    lo1 = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
-  }
-  (*acc).a.lo += lo0;
-  (*acc).b.lo += lo1;
-  if (ROWS > 4u) {
-    let r4 = slot_terms(w.c0, w.c1, 4u * XB + bt, w.sm0, w.sm1);
-    let r5 = slot_terms(w.c0, w.c1, 5u * XB + bt, w.sm0, w.sm1);
-    let r6 = slot_terms(w.c0, w.c1, 6u * XB + bt, w.sm0, w.sm1);
-    let r7 = slot_terms(w.c0, w.c1, 7u * XB + bt, w.sm0, w.sm1);
-    (*acc).a.hi += vec4<f32>(r4.x, r5.x, r6.x, r7.x);
-    (*acc).b.hi += vec4<f32>(r4.y, r5.y, r6.y, r7.y);
-  }
-}
-
 // Outputs n0 and (OPT = 2) n0 + 1's terms over the chunk's blocks first..first+count-1 (this
-// lane's share; weight rows past the last read the last, never stored), added to *acc. UNROLL = 2:
-// a lane loads its next block's weights before it uses this one's (more loads in flight where a
-// lane has few blocks and the workgroups are few: one batch row).
+// lane's share; weight rows past the last read the last, never stored), for rows m0..m0+3 (.lo)
+// and m0+4..m0+7 (.hi) of the workgroup, added to *acc.
 fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, OutputPair>) {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let last = max(p.n, 1u) - 1u;
   let row0 = min(n0, last);
   let row1 = min(n0 + 1u, last);
-  for (var bt = lane; bt < count; bt += TPR * UNROLL) {
-    let w0 = block_weights(row0, row1, first + bt, groups, words_per_row);
-    if (UNROLL > 1u) {
-      let bt1 = bt + TPR;
-      // past the chunk: its last block again, loaded but not added
-      let w1 = block_weights(row0, row1, first + min(bt1, count - 1u), groups, words_per_row);
-      add_block(w0, bt, acc);
-      if (bt1 < count) {
-        add_block(w1, bt1, acc);
-      }
-    } else {
-      add_block(w0, bt, acc);
+  for (var bt = lane; bt < count; bt += TPR) {
+    let b = first + bt;
+    let c0 = block_codes(row0 * words_per_row + b * BITS);
+    let sm0 = scale_min(row0, b * 32u / GROUP, groups);
+    var c1 = c0;
+    var sm1 = sm0;
+    if (OPT > 1u) {
+      c1 = block_codes(row1 * words_per_row + b * BITS);
+      sm1 = scale_min(row1, b * 32u / GROUP, groups);
+    }
+    let r0 = slot_terms(c0, c1, bt, sm0, sm1);
+    var lo0 = vec4<f32>(r0.x, 0.0, 0.0, 0.0);
+    var lo1 = vec4<f32>(r0.y, 0.0, 0.0, 0.0);
+    if (ROWS > 1u) {
+      let r1 = slot_terms(c0, c1, XB + bt, sm0, sm1);
+      let r2 = slot_terms(c0, c1, 2u * XB + bt, sm0, sm1);
+      let r3 = slot_terms(c0, c1, 3u * XB + bt, sm0, sm1);
+      lo0 = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
+      lo1 = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
+    }
+    (*acc).a.lo += lo0;
+    (*acc).b.lo += lo1;
+    if (ROWS > 4u) {
+      let r4 = slot_terms(c0, c1, 4u * XB + bt, sm0, sm1);
+      let r5 = slot_terms(c0, c1, 5u * XB + bt, sm0, sm1);
+      let r6 = slot_terms(c0, c1, 6u * XB + bt, sm0, sm1);
+      let r7 = slot_terms(c0, c1, 7u * XB + bt, sm0, sm1);
+      (*acc).a.hi += vec4<f32>(r4.x, r5.x, r6.x, r7.x);
+      (*acc).b.hi += vec4<f32>(r4.y, r5.y, r6.y, r7.y);
     }
   }
 }
