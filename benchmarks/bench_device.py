@@ -372,7 +372,7 @@ def hop_ms(be, rows: int, reps: int = 30) -> float:
 
 
 def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: list[int], reps: int = 5) -> list[dict]:
-    """Each distinct linear of the model's layer alone, per lane layout and row count: ms per
+    """Each distinct linear of the model's layer, and the head's, alone, per lane layout and row count: ms per
     matvec and GB/s of packed weights. Copies of the matrix are cycled (>= 256 MB in all) so
     the timing reads memory, not L2."""
     import dataclasses
@@ -384,6 +384,8 @@ def kernel_table(dev, weights: ModelWeights, variants: list[str], rows_list: lis
     layer = weights.layers[0]
     mats = {"qkv": _fused_parts([layer.wq, layer.wk, layer.wv])[0][0], "wo": layer.wo,
             "gate_up": _fused_parts([layer.w_gate, layer.w_up])[0][0], "down": layer.w_down}
+    if weights.head is not None:  # the output matvec (SmolLM2's: the largest matrix, 8-bit)
+        mats["head"] = weights.head.output
     out = []
     for name, w in mats.items():
         copies = max(1, min(32, -(-(256 << 20) // w.nbytes)))
