@@ -131,7 +131,8 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
         if wait > 0:
             self.counters["backoff_refusals"] += 1
             reason = f"joins from this address are refused for {wait:.0f} more s ({self.backoff.records[address]['reason']})"
-            return [Send(conn, wire.make("error", code="backoff", field=None, message=reason)), Close(conn, 1008, reason[:120])]
+            return [Send(conn, wire.make("error", code="backoff", field=None, message=reason, retry_after_s=round(wait, 3))),
+                    Close(conn, 1008, reason[:120])]
         self.conn_address[conn] = address
         return []
 

@@ -244,7 +244,8 @@ MAX_CONTEXT = 1 << 17           # tokens of a session's context (prompt + output
 NAME, TEXT, COUNT = Str(MAX_NAME), Str(MAX_TEXT), Int(0, I64_MAX)
 PEER_MAP = Struct({}, max_bytes=MAX_PEER_MAP_BYTES)
 
-_ERROR_FIELDS = {"code": Str(64), "field": opt(Str(256)), "message": TEXT}
+# retry_after_s: a refusal that lifts (code "backoff"): when the sender may try again
+_ERROR_FIELDS = {"code": Str(64), "field": opt(Str(256)), "message": TEXT, "retry_after_s": opt(Float(0.0, 1e6))}
 # topk_rows: the session's last rows that are one decode trip's (default 1; a speculative step
 # carries a session's token and its k drafts: k+1 rows); a head stage returns the top-k of each
 # of them (topk_ids: one row per such row, sessions in order)

@@ -72,6 +72,8 @@ class WorkerConnection:
         self.url = url
         self.say = say or (lambda line: None)
         self.fatal: str | None = None  # set by a refusal that retrying cannot fix
+        self.welcomed = False  # the current connection was welcomed (joined): the reconnect backoff starts over
+        self.retry_after_s = 0.0  # a backoff refusal's wait before the next try
         self._loading: dict = {}  # layer_start -> (layer_end, last percent said)
         self.reconnect = reconnect
         try:
@@ -111,14 +113,17 @@ class WorkerConnection:
         return self._exec.submit(fn)
 
     async def run(self) -> None:
+        # the wait before a reconnect doubles (to 5 s) until a connection is welcomed: a socket
+        # that opens and is refused at once (an address backed off or over its rate) must not
+        # reconnect ten times a second, using up its address's joins for the others there
         backoff = 0.1
         while not self._stop.is_set():
             why = "the connection closed"
             self.say(f"connecting to {self.url}")
+            self.welcomed, self.retry_after_s = False, 0.0
             try:
                 async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
                                               open_timeout=10, **self._tls) as raw:
-                    backoff = 0.1
                     ws = self.link(raw)
                     await self._session(ws)
                     why = self._closed(ws)
@@ -139,7 +144,9 @@ class WorkerConnection:
                 raise TabshardError(self.fatal)
             if not self.reconnect or self._stop.is_set():
                 return
-            wait = backoff * (1 + random.random() * 0.2)
+            if self.welcomed:
+                backoff = 0.1
+            wait = max(backoff * (1 + random.random() * 0.2), self.retry_after_s)
             self.say(f"reconnecting in {wait:.1f} s because {why}")
             await asyncio.sleep(wait)
             backoff = min(backoff * 2, 5.0)
@@ -159,11 +166,13 @@ class WorkerConnection:
         """Lifecycle lines (and fatal refusals) from what the coordinator sends."""
         kind = m.get("type")
         if kind == "welcome":
+            self.welcomed = True
             self.say(f"joined as {m['worker_id']} (heartbeat every {m['heartbeat_ms']} ms)")
         elif kind == "error" and m.get("code") in FATAL:
             token = repr(self.worker.token) if self.worker.token else "(none given)"
             self.fatal = FATAL[m["code"]].format(token=token, message=m.get("message", ""))
         elif kind == "error" and m.get("code") == "backoff":
+            self.retry_after_s = float(m.get("retry_after_s") or 0.0)  # the next try waits for it
             self.say(f"refused for now: {m.get('message')}")
         elif kind == "assign":
             self._loading[m["layer_start"]] = (m["layer_end"], -1)

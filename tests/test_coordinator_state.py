@@ -887,3 +887,17 @@ def test_the_service_embeds_a_decode_token_once_and_as_embed_does():
     assert np.array_equal(svc._embed([17, 3]), embed(table, [17, 3]))
     with pytest.raises(TabshardError):
         svc._embed([table.n])
+
+
+def test_a_backed_off_address_is_told_when_to_try_again(weights):
+    """A join from an address under backoff is refused with the wait left (retry_after_s), which
+    the tab's reconnect honours (tab_worker/client.py), and the socket closed."""
+    net = start(weights, 1)
+    now = time.monotonic()
+    for _ in range(4):  # two offenses are free, then 1 s, then 2 s
+        net.core.backoff.offend("10.0.0.9", "lied", now)
+    out = net.core.on_connect("c-new", "10.0.0.9", now + 0.5)
+    error = wire.decode(wire.encode(out[0].msg))  # valid on the wire, the new field included
+    assert error["code"] == "backoff" and error["retry_after_s"] == pytest.approx(1.5, abs=0.01)
+    assert out[1].__class__.__name__ == "Close"
+    assert net.core.on_connect("c-other", "10.0.0.10", now) == []  # another address joins

@@ -102,3 +102,38 @@ def test_is_quick_step_needs_a_measured_decode_step_under_budget():
     assert not worker.is_quick_step(other, 1e9)  # another range
     slow_down(worker, 2.0)
     assert not worker.is_quick_step(decode, 1e9)
+
+
+def test_refused_sockets_reconnect_ever_more_slowly_and_honour_a_backoffs_retry_after():
+    """A socket that opens and is refused before any welcome (an address backed off, or over its
+    joins a second) reconnects after waits that double, not every 0.1 s: ten tabs of one host
+    retrying so would use up the address's joins for its other tabs and clients. A backoff
+    refusal's retry_after_s is waited out."""
+    worker, _, _ = loaded_worker()
+    port = free_port()
+    opened = []
+
+    async def coordinator(ws):
+        opened.append(asyncio.get_running_loop().time())
+        assert wire.decode(await ws.recv())["type"] == "hello"
+        if len(opened) == 1:
+            await ws.send(wire.encode(wire.make("error", code="backoff", field=None, message="backed off",
+                                                retry_after_s=0.8)))
+            await ws.close(1008, "backed off")
+        else:
+            await ws.close(1013, "more than 20 new sockets a second from this address")
+
+    async def main():
+        conn = WorkerConnection(worker, f"ws://127.0.0.1:{port}")
+        async with websockets.serve(coordinator, "127.0.0.1", port, compression=None, max_size=None):
+            task = asyncio.create_task(conn.run())
+            await asyncio.sleep(2.5)
+            conn.stop()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    gaps = np.diff(opened)
+    # 0.8 s asked after the backoff; then 0.2, 0.4, 0.8 s (+ up to 20 % jitter): at most 5 sockets
+    # in 2.5 s, where waits started over at each open made about twenty
+    assert gaps[0] >= 0.8 and len(opened) <= 5, gaps
+    assert all(b > a for a, b in zip(gaps[1:], gaps[2:])), gaps

@@ -107,8 +107,8 @@ class WorkerConnection {
     if (this.stopped || this.paused) return;
     const ws = (this.ws = new WebSocket(this.url));
     ws.binaryType = "arraybuffer";
+    this.retryAfter = 0;
     ws.onopen = () => {
-      this.backoff = 100;
       this.sessions_joined += 1;
       this.compute.postMessage({ type: "hello" });
       this.show({ type: "connection", state: "open", joins: this.sessions_joined });
@@ -120,7 +120,9 @@ class WorkerConnection {
       const fatal = ev.code === 1008 && /token/.test(ev.reason);
       this.show({ type: "connection", state: "closed", code: ev.code, reason: ev.reason, fatal });
       if (fatal) { this.stopped = true; return; }  // a wrong token does not get better by retrying
-      setTimeout(() => this.run(), this.backoff * (1 + Math.random() * 0.2));
+      // the wait doubles (to 5 s) until a connection is welcomed (client.py's run: a socket
+      // refused at once must not reconnect ten times a second), and honours a backoff's retry_after_s
+      setTimeout(() => this.run(), Math.max(this.backoff * (1 + Math.random() * 0.2), this.retryAfter));
       this.backoff = Math.min(this.backoff * 2, 5000);
     };
   }
@@ -137,8 +139,14 @@ class WorkerConnection {
       this.ws.send(encode(make("pong", { nonce: m.nonce })));
       return;
     }
-    if (m.type === "welcome") this.start_heartbeats(m.heartbeat_ms);
-    if (m.type === "error") this.show({ type: "problem", message: `coordinator: ${m.code}: ${m.message}` });
+    if (m.type === "welcome") {
+      this.backoff = 100;
+      this.start_heartbeats(m.heartbeat_ms);
+    }
+    if (m.type === "error") {
+      if (m.code === "backoff") this.retryAfter = (m.retry_after_s || 0) * 1000;
+      this.show({ type: "problem", message: `coordinator: ${m.code}: ${m.message}` });
+    }
     this.compute.postMessage({ type: "frame", frame: data }, [data]);
   }
 
