@@ -201,3 +201,28 @@ def test_replica_verifies_when_no_trusted_worker(weights, reference):
     assert net.tokens("r") == reference
     assert net.core.counters["spot_check_mismatches"] >= 1
     assert any(e["kind"] == "liar_detected" and net.core.workers[e["worker"]].conn == victim for e in net.core.events)
+
+
+def test_a_second_liar_on_the_restarted_session_is_rewound_from_the_restart(weights, reference):
+    """A liar's recompute restarts each session from the first token a suspect touched, and every
+    worker that goes on computing it does so from there. In a soak run the stage's new holder was
+    sent the old history (the suspect's loss rebuilt the stage) before the tokens were cut back,
+    so it counted from token 9; it lied too, was caught, and nothing was rewound: 16 wrong tokens
+    reached the client. Here a worker counted at the old length lies after the first liar's
+    recompute: the stream still ends exact. (Four stages: both liars in middle ranges, whose
+    lies change tokens; with seed 3 the second's wrong tokens reach the client before its
+    catch, so without the restart's count the stream ends wrong, not only the count.)"""
+    net = start(weights, 4, spot_check_fraction=0.1, spot_check_seed=3)
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 6)
+    first, second = net.stage_conn(1), net.stage_conn(2)
+    first_id, second_id = net.core.conn_worker[first], net.core.conn_worker[second]
+    s = net.core.sessions["r"]
+    s.touched[second_id] = len(s.tokens)  # as the rebuild's replay, sent before the cut, counted it
+    lie(net.workers[first], 3.0)
+    net.run(until=lambda: net.core.workers[first_id].state == "quarantined")
+    assert s.touched[second_id] == 0  # the restart's point: the prompt
+    lie(net.workers[second], 3.0)
+    run_until_done(net, ["r"])
+    assert net.core.workers[second_id].state == "quarantined"
+    assert net.tokens("r") == reference

@@ -234,7 +234,11 @@ class Trials:
             for st in self.stages:
                 self._inflight_lost.pop((st.index, s.request_id), None)
             trusted = min((s.touched[w] for w in suspects if w in s.touched), default=len(s.tokens))
-            s.touched = {w: n for w, n in s.touched.items() if w not in suspects}
+            # the session restarts from token `trusted`: every worker that goes on computing for
+            # it does so from there, also one first counted later (a stage's new holder that the
+            # suspect's own loss, just before this, sent the old history to counted at the old
+            # length; caught lying next, its tokens from `trusted` on must be rewound)
+            s.touched = {w: min(n, trusted) for w, n in s.touched.items() if w not in suspects}
             if trusted < len(s.tokens):
                 s.unconfirmed = s.tokens[trusted:] + s.unconfirmed
                 del s.tokens[trusted:]
