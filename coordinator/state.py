@@ -197,7 +197,8 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
                 "flagged": self._trusted_costs(w)[2] if w.alive else None,  # measurements clamped, and why
             } for w in self.workers.values()],
             "sessions": [{"request_id": s.request_id, "prompt_tokens": len(s.prompt_ids), "tokens": len(s.tokens),
-                          "max_tokens": s.max_tokens, "speculation": self.speculation.session_status(s.request_id)}
+                          "max_tokens": s.max_tokens, "pipeline": s.pipeline,
+                          "speculation": self.speculation.session_status(s.request_id)}
                          for s in self.sessions.values()],
             # acceptance rate and tokens per trip, over all sessions since the start
             "speculation": self.speculation.status(),

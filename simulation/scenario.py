@@ -239,6 +239,10 @@ class ScenarioRun:
             # (a liar placed there is never caught, its tab went first). "profile:NAME": only
             # tabs of that profile (a crash that must spare the one WebGPU tab, say).
             now = time.monotonic()
+            # a tab the coordinator does not know yet (a respawn still starting) has nothing to
+            # detect a fault by: seed 14 of soak_ci crashed one such, and no one could notice
+            known = {w["name"] for w in st["workers"] if w["state"] not in ("dead", "quarantined")}
+            alive = [n for n in alive if n in known] or alive
             if target.startswith("profile:"):
                 alive = [n for n in alive if self.tabs[n].profile.name == target.split(":", 1)[1]]
             alive = [n for n in alive if n not in self.liars]
@@ -246,6 +250,14 @@ class ScenarioRun:
             serving = {w["name"] for w in st["workers"]
                        if w["stages"] and w["state"] not in ("dead", "quarantined", "suspect")}
             pool = [n for n in calm if n in serving] or ([] if f["kind"] == "liar" else calm or alive)
+            if f["kind"] in ("slow", "liar"):
+                # these show only in steps: prefer a primary of a pipeline that carries a session
+                # (a standby, or a replica pipeline with no session, computes nothing to slow or
+                # to check: seed 13 of soak_ci slowed such a tab, and nothing could detect it)
+                names = {w["worker_id"]: w["name"] for w in st["workers"]}
+                busy = {s.get("pipeline") for s in st.get("sessions", [])}
+                computing = {names.get(x["holders"][0]) for x in st["stages"] if x["holders"] and x.get("pipeline") in busy}
+                pool = [n for n in pool if n in computing] or pool
             return self.rng.choice(pool) if pool else None
         return target if target in alive else None
 

@@ -44,3 +44,29 @@ def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     # numpy and wgpu (lavapipe here) tabs both served a stage
     backends = {t.get("backend") for t in report["tabs"]["per_tab"].values() if t.get("steps", 0) > 0}
     assert {"numpy", "wgpu"} <= backends, report["tabs"]
+
+
+def test_random_fault_targets_are_tabs_that_can_show_the_fault(tmp_path):
+    """A random target is a tab the coordinator knows (a respawn still starting has nothing to
+    detect a crash by) and, for a slow-down or a lie, a primary of a pipeline carrying a session
+    (a standby or an idle replica computes nothing to slow or to check); profile:NAME keeps to
+    that profile. From /status as the runner polls it, no Ray needed."""
+    from types import SimpleNamespace
+
+    from simulation.scenario import ScenarioRun
+
+    run = ScenarioRun({"seed": 3}, out_dir=tmp_path)
+    profiles = {"idle-0": "cpu-wasm", "busy-1": "cpu-wasm", "standby-2": "cpu-wasm", "new-3": "cpu-wasm", "gpu-4": "chromium-swiftshader"}
+    run.tabs = {n: SimpleNamespace(profile=SimpleNamespace(name=p)) for n, p in profiles.items()}
+    st = {"workers": [{"worker_id": "w0", "name": "idle-0", "stages": [0], "state": "ready"},
+                      {"worker_id": "w1", "name": "busy-1", "stages": [1], "state": "ready"},
+                      {"worker_id": "w2", "name": "standby-2", "stages": [1], "state": "ready"},
+                      {"worker_id": "w4", "name": "gpu-4", "stages": [2], "state": "ready"}],
+          "stages": [{"holders": ["w0"], "pipeline": 0}, {"holders": ["w1", "w2"], "pipeline": 1},
+                     {"holders": ["w4"], "pipeline": 1}],
+          "sessions": [{"request_id": "r", "pipeline": 1}]}
+    for kind in ("slow", "liar"):
+        assert {run._target({"kind": kind, "target": "random"}, st) for _ in range(20)} == {"busy-1", "gpu-4"}
+    crashed = {run._target({"kind": "crash", "target": "random"}, st) for _ in range(40)}
+    assert "new-3" not in crashed and crashed == {"idle-0", "busy-1", "standby-2", "gpu-4"}
+    assert {run._target({"kind": "slow", "target": "profile:cpu-wasm"}, st) for _ in range(20)} == {"busy-1"}
