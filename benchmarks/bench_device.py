@@ -201,14 +201,17 @@ def check(weights: ModelWeights) -> bool:
     return ok
 
 
-def profile(weights: ModelWeights, steps: int = 100) -> None:
-    """Where a forward_topk decode step's time goes (wgpu): host-side phases, GPU-bound
-    throughput (steps submitted back to back, one wait), and the wait strategies."""
+def profile(weights: ModelWeights, steps: int = 100, variant: str = "wgpu") -> None:
+    """Where a forward_topk decode step's time goes (wgpu, the --variants name's tuning and
+    options): host-side phases, GPU-bound throughput (steps submitted back to back, one wait),
+    and the wait strategies."""
     from kernels import runner as R
     from tab_worker import wgpu_backend as W
 
     cfg = weights.config
-    be = W.WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, 4096)
+    dev = R.shared_device()
+    tuning, options = variant_tuning(dev, variant)
+    be = W.WgpuBackend(cfg, dict(enumerate(weights.layers)), weights.head, 4096, device=dev, tuning=tuning, **options)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((64, cfg.hidden)).astype(np.float32)
     be.forward_topk([SessionSlice("s", 0, 64)], x, 1)
@@ -556,7 +559,8 @@ def main() -> None:
         print("wgpu and numpy disagree", flush=True)
         sys.exit(1)
     if a.profile:
-        profile(weights)
+        fmt = (a.formats.split(",")[0] or None) if a.model != "smollm2" else None
+        profile(weights if a.model == "smollm2" else model_weights(a.model, fmt), variant=a.variants.split(",")[0])
         return
     rows = []
     for b in (a.backends or "wgpu,numpy").split(","):

@@ -19,6 +19,15 @@ def variant_tuning(dev, variant: str):
     if variant.endswith("-nosg"):  # any variant with its matvecs' lanes summed in workgroup memory, not by subgroup shuffles
         tuning, options = variant_tuning(dev, variant[: -len("-nosg")])
         return dataclasses.replace(tuning, matvec_subgroup=0), options
+    m = re.fullmatch(r"(.+)-kv(\d+)", variant)
+    if m:  # any variant with split-K attention in this many key runs a row, whatever the pools' length
+        tuning, options = variant_tuning(dev, m.group(1))
+        return tuning, {**options, "kv_splits": int(m.group(2))}
+    m = re.fullmatch(r"(.+)-aw(\d+)", variant)
+    if m:  # any variant with attention in workgroups of N threads, whatever the layer program's rule
+        tuning, options = variant_tuning(dev, m.group(1))
+        wg = {"WG": dev.workgroup_size(int(m.group(2)))}
+        return tuning, {**options, "kernel_constants": {"attention": wg, "attention_rope": wg}}
     if variant.endswith("-planes3"):  # any variant with 3-bit codes uploaded as the blobs' bit planes (not repacked)
         tuning, options = variant_tuning(dev, variant[: -len("-planes3")])
         return tuning, {**options, "contiguous3": False}
@@ -34,14 +43,17 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
         return base, {"compute_dtype": "f16"}
-    m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?(?:o(\d))?", variant)
+    m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?(?:o(\d))?(?:t(\d+))?", variant)
     if m:  # the matvecs on their _i8 kernels (int8 inputs, integer dot products), in workgroups of
-        # W threads, at most G workgroups a batch row where whole rows fit one chunk, O outputs a thread
+        # W threads, at most G workgroups a batch row where whole rows fit one chunk, O outputs a
+        # thread, at most T threads an output
         i8 = {"matvec_i8_wg": dev.workgroup_size(int(m.group(1)))} if m.group(1) else {}
         if m.group(2):
             i8["matvec_i8_max_groups"] = int(m.group(2))
         if m.group(3):
             i8["matvec_i8_opt"] = int(m.group(3))
+        if m.group(4):
+            i8["matvec_i8_max_tpr"] = int(m.group(4))
         return dataclasses.replace(base, **i8), {"compute_dtype": "i8"}
     if variant == "wgpu-attn1":  # attention's parts walk one key a step (KEYS_AT_ONCE = 1, the walk before four)
         return base, {"kernel_constants": {k: {"KEYS_AT_ONCE": 1} for k in ("attention", "attention_rope")}}
@@ -72,7 +84,7 @@ def variant_tuning(dev, variant: str):
         return base, {"matvec_max_rows": int(m.group(1))}
     m = re.fullmatch(r"wgpu-s(\d)o(\d)(?:t(\d+))?(?:w(\d+))?", variant)
     if not m:
-        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-i8[wW][gG][oO], wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW], each also with -nosg and/or -planes3")
+        raise SystemExit(f"unknown variant {variant!r}: wgpu, wgpu-unfused, wgpu-attn1, wgpu-kvN, wgpu-f16, wgpu-i8[wW][gG][oO][tT], wgpu-planes3, wgpu-blockwait, wgpu-noahead, wgpu-blocks, wgpu-lanes, wgpu-notall, wgpu-stage1, wgpu-stage-all[wW], wgpu-xN or wgpu-sSoO[tT][wW], each also with -nosg and/or -planes3 and/or -awN (attention's workgroup) and/or -kvN (split-K runs)")
     extra = {"matvec_max_tpr": int(m.group(3))} if m.group(3) else {}
     if m.group(4):
         extra["matvec_wg"] = dev.workgroup_size(int(m.group(4)))

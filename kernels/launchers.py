@@ -158,6 +158,7 @@ class MatmulTuning:
     matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
     matvec_i8_opt: int = 1  # qmatvec_i8's outputs a thread (1 or 2: two share each load of quantized x) ...
     matvec_i8_opt_min_k: int = 0  # ... for rows of at least this many inputs (shorter ones: 1)
+    matvec_i8_max_tpr: int = 0  # qmatvec_i8's threads cooperating on one output at most at one batch row (0: matvec_max_tpr)
     matvec_subgroup: int = 0  # lanes of a subgroup: the matvecs sum their lanes by shuffles (their K+subgroup variants; 0: in workgroup memory)
 
 
@@ -182,6 +183,7 @@ def matmul_tuning(dev: Device, real_gpu: bool | None = None) -> MatmulTuning:
                             matvec_tall_batch_wg=tall if tall > wg else 0,
                             matvec_i8_wg=dev.workgroup_size(GPU_MATVEC_I8_WG), matvec_i8_max_groups=GPU_MATVEC_I8_MAX_GROUPS,
                             matvec_i8_opt=GPU_MATVEC_I8_OPT, matvec_i8_opt_min_k=GPU_MATVEC_I8_OPT_MIN_K,
+                            matvec_i8_max_tpr=GPU_MATVEC_I8_MAX_TPR,
                             matvec_subgroup=dev.subgroup_size())
     return MatmulTuning(matvec_wg=dev.workgroup_size(64), matvec_max_tpr=1, matvec_max_rows=1 << 30, tile=tile)
 
@@ -213,6 +215,12 @@ GPU_MATVEC_I8_MAX_GROUPS = 132
 # at 2 (H200: 7B shape faster at 8 and 64 rows, SmolLM2 slower; bench_device's wgpu-i8oN)
 GPU_MATVEC_I8_OPT = 2
 GPU_MATVEC_I8_OPT_MIN_K = 4096
+# ... and at one batch row up to 64 threads an output (two subgroups, their sums meeting in
+# workgroup memory): at 32 the 7B shape's n = 4096 matrices (wo, down) made 64 output groups,
+# half of an H200's 132 SMs idle; at 64 they make 128 (bench_device --breakdown, wgpu-i8t32
+# against wgpu-i8t64; the taller matrices keep fewer by matvec_threads_per_row's cap on n * tpr).
+# Batches keep 32: at 64 rows 64 threads an output were slower
+GPU_MATVEC_I8_MAX_TPR = 64
 
 
 def matvec_layout(n: int, k: int, span: int, opt: int) -> tuple[int, int]:
@@ -297,6 +305,9 @@ class QuantLinear(Launcher):
             raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4 "
                              "(1 or 2 for i8)")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
+        # qmatvec_i8 at one batch row (ROWS = 1) may take more threads an output (matvec_i8_max_tpr)
+        one_row = self.tuning.matvec_i8_max_tpr if compute_dtype == "i8" else 0
+        self.tpr_one_row = matvec_threads_per_row(w.n, w.k, self.wg, one_row, self.span) if one_row else self.tpr
         # staged (lanes path only): a lane per block, at least two blocks a lane and chunk
         self.stage = self.tuning.matvec_stage if f32 and (self.span != 8 or self.opt != 1) else 0
         if self.stage % 8 or self.stage < 0:
@@ -393,7 +404,8 @@ class QuantLinear(Launcher):
         fit = min(room // (40 * rows_per_wg), blocks)
         if fit < 1:
             raise LimitError(f"qmatvec_i8 at {rows_per_wg} rows does not fit {room + 64} bytes of workgroup memory")
-        return fit if fit == blocks or fit < self.tpr else fit // self.tpr * self.tpr
+        tpr = self._tpr(rows_per_wg, 0)
+        return fit if fit == blocks or fit < tpr else fit // tpr * tpr
 
     def _groups_x(self, n: int, rows_per_wg: int, ch: int) -> int:
         """Workgroups along the outputs: one per output group, or for qmatvec_i8 with whole rows
@@ -405,9 +417,10 @@ class QuantLinear(Launcher):
         return groups
 
     def _tpr(self, rows_per_wg: int, ch: int) -> int:
-        """Threads per output: the lanes loop's, or staged ``ch`` vec4s a row a chunk, at least two blocks a lane."""
+        """Threads per output: the lanes loop's (the one-row tuning's at ROWS = 1), or staged ``ch``
+        vec4s a row a chunk, at least two blocks a lane."""
         if not ch:
-            return self.tpr
+            return self.tpr_one_row if rows_per_wg == 1 else self.tpr
         blocks = min(ch // 8, -(-self.w.k // 32))
         return min(self._wg(rows_per_wg, ch), self.tuning.matvec_max_tpr, 1 << max(0, (blocks // 2).bit_length() - 1))
 

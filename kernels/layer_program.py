@@ -111,12 +111,15 @@ def _head() -> list:
              "plain": [_rmsnorm("src", "output_norm"), _linear("output", "xn", "logits")]}]
 
 
-# split-K attention's key runs per row (the name kv_splits): on a GPU one per 1024 positions of
-# the KV pools (pool_ctx, a power of two that grows with the longest session), so a long
-# context is walked by many workgroups and a short one (<= 2047) keeps one dispatch; on a CPU
-# rasteriser, where every workgroup costs, one. A backend may take fewer (its partials must fit
-# a binding).
-KV_SPLITS = {"gpu": "max(1, min(64, pool_ctx // 1024))", "cpu": 1}
+# split-K attention's key runs per row (the name kv_splits): on a GPU one per 64 Ki floats of a
+# KV head's keys in the pools (pool_ctx positions of head_dim: pool_ctx, a power of two, grows
+# with the longest session), so a long context is walked by many workgroups and a short one keeps
+# one dispatch; with 128-float heads (LLaMA-7B's) from 1024 positions, with 64-float ones
+# (SmolLM2's) from 2048: a workgroup's parts each walk keys * head_dim / (4 WG) keys, and a run
+# is worth its fold's dispatch once that walk is long (H200, bench_device -kvN variants at
+# 200 and 900 prompt tokens). On a CPU rasteriser, where every workgroup costs, one. A backend
+# may take fewer (its partials must fit a binding).
+KV_SPLITS = {"gpu": "max(1, min(64, pool_ctx * head_dim // 65536))", "cpu": 1}
 
 PROGRAM = {"version": 1, "scratch": SCRATCH, "kv_splits": KV_SPLITS, "layer": _layer(), "head": _head()}
 

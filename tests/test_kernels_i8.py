@@ -183,6 +183,36 @@ def test_qmatvec_i8_in_the_gpu_tunings_workgroups(dev, rng):
     _narrow_grid(dev, rng, dataclasses.replace(tuning, matvec_i8_max_groups=2), 2, "norm", 5, n=1100)
 
 
+@pytest.mark.parametrize("prologue", [None, "silu"])
+def test_qmatvec_i8_at_the_gpu_tunings_64_threads_an_output(dev, rng, prologue):
+    # one row of 4096 inputs (128 blocks) takes the GPU tuning's widest lanes: 64 threads an
+    # output, their sums meeting across subgroups (or in the tree where the adapter has none)
+    tuning = KL.matmul_tuning(dev, real_gpu=True)
+
+    def prepare(op):
+        assert op.matvec_constants(1, 0)["TPR"] == KL.GPU_MATVEC_I8_MAX_TPR == 64
+
+    linear_vs_twins(dev, rng, QuantSpec(3, 64, True), 70, 4096, 1, tuning, "i8", prologue, True, I8_TOL,
+                    contiguous3=False, prepare=prepare, spread3=True)
+
+
+def test_gpu_tuning_gives_short_long_rowed_matrices_64_threads_an_output(dev):
+    """At one batch row the 7B shape's n = 4096 matrices fill 128 workgroups of 1024 threads (64
+    threads an output, 2 outputs a thread), the taller ones keep fewer threads an output
+    (matvec_threads_per_row's cap on n * tpr); batches and the f32 matvecs keep matvec_max_tpr."""
+    tuning = dataclasses.replace(KL.matmul_tuning(dev, real_gpu=True), matvec_i8_wg=1024)
+    one, batch = {}, {}
+    for n, k in ((4096, 4096), (4096, 11008), (12288, 4096), (22016, 4096)):
+        w = KL.GpuQuantTensor(QuantSpec(3, 64, True), n, k, [], spread3=True)
+        op = KL.QuantLinear(dev, w, None, k, None, n, tuning=tuning, compute_dtype="i8")
+        one[n, k], batch[n, k] = op._tpr(1, 0), op._tpr(8, 0)
+    assert one == {(4096, 4096): 64, (4096, 11008): 64, (12288, 4096): 16, (22016, 4096): 8}
+    assert batch == {(4096, 4096): 32, (4096, 11008): 32, (12288, 4096): 16, (22016, 4096): 8}
+    f32 = KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 4096, 4096, []), None, 4096, None, 4096,
+                         tuning=tuning)
+    assert f32._tpr(1, 0) <= tuning.matvec_max_tpr == 32
+
+
 def _narrow_grid(dev, rng, tuning, max_groups, prologue, rows, n=300):
     def prepare(op):
         assert op._groups_x(op.w.n, 8 if rows > 4 else 1, 0) == max_groups
