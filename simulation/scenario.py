@@ -196,6 +196,8 @@ class ScenarioRun:
         self.status_errors: list[str] = []  # /status polls that failed (retried)
         self._events_read = 0
         self._pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="sim-control")
+        # fault injections apart: one that waits on its tab must hold up neither the others nor /status
+        self._fault_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sim-faults")
         self._n_tabs = 0
         self._disturbed: dict = {}  # tab name -> monotonic time until which an earlier fault may still act
         self._specs: dict = {}  # tab name -> the [[tabs]] entry it was spawned from
@@ -261,11 +263,15 @@ class ScenarioRun:
             return self.rng.choice(pool) if pool else None
         return target if target in alive else None
 
+    def _mark_disturbed(self, f: dict, name: str) -> None:
+        """The tab counts as under fault ``f`` until its window and aftermath are over (_target)."""
+        if f["kind"] in AFTERMATH_S:
+            self._disturbed[name] = time.monotonic() + float(f.get("duration", 2.0)) + AFTERMATH_S[f["kind"]]
+
     def _inject(self, f: dict, name: str):
         tab = self.tabs[name]
         kind, d = f["kind"], float(f.get("duration", 2.0))
-        if kind in AFTERMATH_S:
-            self._disturbed[name] = time.monotonic() + d + AFTERMATH_S[kind]
+        self._mark_disturbed(f, name)  # again: the fault's window runs from when it acts
         if kind == "crash":
             tab.crash()
         elif kind == "freeze":
@@ -345,6 +351,7 @@ class ScenarioRun:
                     tab.kill()
                 self.coord.stop()
                 self._pool.shutdown(wait=False, cancel_futures=True)
+                self._fault_pool.shutdown(wait=False, cancel_futures=True)
         from simulation.report import build_report
         from simulation.runtime import write_json
 
@@ -422,32 +429,6 @@ class ScenarioRun:
                     await asyncio.sleep(0.5 * (attempt + 1))
             return None
 
-        async def faults():
-            for f in fault_schedule(scn):
-                await asyncio.sleep(max(0.0, t0 + float(f["at"]) - time.monotonic()))
-                st = await status()
-                name = self._target(f, st) if st is not None else None
-                if name is None:
-                    self.faults.append({**f, "tab": None, "t": time.monotonic(),
-                                        "skipped": "no target" if st is not None else "no /status"})
-                    continue
-                wids = [x["worker_id"] for x in st["workers"] if x["name"] == name and x["state"] not in ("dead", "quarantined")]
-                rec = {**f, "tab": name, "worker_ids": wids, "t": time.monotonic(),
-                       "stages": sorted({s for x in st["workers"] if x["worker_id"] in wids for s in x["stages"]})}
-                if f["kind"] == "liar":
-                    self.liars[name] = rec  # before the first lie can be caught
-                try:
-                    got = await loop.run_in_executor(self._pool, self._inject, f, name)
-                    if f["kind"] == "liar":
-                        rec["steps_before"] = got
-                except Exception as exc:
-                    rec["inject_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                    self.liars.pop(name, None)
-                self.faults.append(rec)
-                if f["kind"] in ("crash", "evict", "memory"):
-                    # a tab that lost its budget is closed and replaced like a crashed one
-                    self._respawn_later(loop, name)
-
         async def churn():
             ch = scn.get("churn")
             if not ch:
@@ -484,7 +465,7 @@ class ScenarioRun:
                 await asyncio.sleep(0.2)
 
         poller = asyncio.create_task(poll())
-        side = [asyncio.create_task(faults()), asyncio.create_task(churn())]
+        side = [asyncio.create_task(self._faults_on_schedule(loop, t0, status)), asyncio.create_task(churn())]
         await (closed_loop() if w.get("closed_loop") else arrivals())
         await asyncio.gather(*side)
         await asyncio.gather(*tasks)
@@ -495,6 +476,45 @@ class ScenarioRun:
             self.events.absorb(st)
             self._watch_events(loop)
         self.progress("")
+
+    async def _faults_on_schedule(self, loop, t0: float, status) -> None:
+        """Inject the scenario's faults at their times (``status``: a coroutine giving /status,
+        or None). An injection may wait on its tab -- memory pressure runs after the tab's step
+        in progress, which a slow-down can stretch past a minute -- so each runs on its own, on
+        its own threads, and the schedule never waits for one (chaos at seed 4 once held every
+        later fault back by up to 114 s behind one such wait, most of them past the workload's
+        end, where nothing could detect them). Returns once every injection has finished."""
+        injections = []
+
+        async def inject(f: dict, rec: dict, name: str):
+            try:
+                got = await loop.run_in_executor(self._fault_pool, self._inject, f, name)
+                if f["kind"] == "liar":
+                    rec["steps_before"] = got
+            except Exception as exc:
+                rec["inject_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                self.liars.pop(name, None)
+            if f["kind"] in ("crash", "evict", "memory"):
+                # a tab that lost its budget is closed and replaced like a crashed one
+                self._respawn_later(loop, name)
+
+        for f in fault_schedule(self.scn):
+            await asyncio.sleep(max(0.0, t0 + float(f["at"]) - time.monotonic()))
+            st = await status()
+            name = self._target(f, st) if st is not None else None
+            if name is None:
+                self.faults.append({**f, "tab": None, "t": time.monotonic(),
+                                    "skipped": "no target" if st is not None else "no /status"})
+                continue
+            wids = [x["worker_id"] for x in st["workers"] if x["name"] == name and x["state"] not in ("dead", "quarantined")]
+            rec = {**f, "tab": name, "worker_ids": wids, "t": time.monotonic(),
+                   "stages": sorted({s for x in st["workers"] if x["worker_id"] in wids for s in x["stages"]})}
+            if f["kind"] == "liar":
+                self.liars[name] = rec  # before the first lie can be caught
+            self._mark_disturbed(f, name)  # now, before the next fault picks its target
+            self.faults.append(rec)
+            injections.append(asyncio.create_task(inject(f, rec, name)))
+        await asyncio.gather(*injections)
 
     def _respawn_later(self, loop, name: str) -> None:
         """With [respawn]: replace the tab after delay_s (a new tab of the same kind joins)."""

@@ -1,5 +1,7 @@
 """The CI smoke scenario on real (local) Ray: 5 simulated tabs, 4 faults, exact tokens, a report."""
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,58 @@ def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     # numpy and wgpu (lavapipe here) tabs both served a stage
     backends = {t.get("backend") for t in report["tabs"]["per_tab"].values() if t.get("steps", 0) > 0}
     assert {"numpy", "wgpu"} <= backends, report["tabs"]
+
+
+def test_a_fault_whose_injection_waits_on_its_tab_holds_back_no_later_fault(tmp_path):
+    """Memory pressure runs after its tab's step in progress, which a slow-down can stretch past
+    a minute: the schedule goes on meanwhile (the next fault lands at its time), a failed
+    injection is recorded on its fault, and the schedule ends once every injection has."""
+    import threading
+    from types import SimpleNamespace
+
+    from simulation.scenario import ScenarioRun
+
+    scn = {"seed": 3, "faults": [{"at": 0.0, "kind": "memory", "target": "busy-0"},
+                                 {"at": 0.2, "kind": "crash", "target": "idle-1"},
+                                 {"at": 0.3, "kind": "partition", "target": "busy-0", "duration": 1.0}]}
+    run = ScenarioRun(scn, out_dir=tmp_path)
+    run.tabs = {n: SimpleNamespace(profile=SimpleNamespace(name="cpu-wasm")) for n in ("busy-0", "idle-1")}
+    st = {"workers": [{"worker_id": "w0", "name": "busy-0", "stages": [0], "state": "ready"},
+                      {"worker_id": "w1", "name": "idle-1", "stages": [], "state": "ready"}],
+          "stages": [{"holders": ["w0"], "pipeline": 0}], "sessions": []}
+    release, injected = threading.Event(), {}
+
+    def inject(f, name):
+        injected[f["kind"]] = time.monotonic()
+        if f["kind"] == "memory":  # the tab's compute thread is busy: no answer for a while, then a timeout
+            release.wait(10)
+            raise TimeoutError("no answer within 60 s")
+
+    run._inject = inject
+
+    async def status():
+        return st
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        schedule = asyncio.create_task(run._faults_on_schedule(loop, t0, status))
+        await asyncio.sleep(1.0)
+        assert not schedule.done()  # the memory injection still waits on its tab
+        late = {k: round(v - t0, 2) for k, v in injected.items()}
+        release.set()
+        await asyncio.wait_for(schedule, 5)
+        return t0, late
+
+    t0, late = asyncio.run(main())
+    assert late["crash"] < 0.6 and late["partition"] < 0.7, late
+    recs = {f["kind"]: f for f in run.faults}
+    assert [f["kind"] for f in run.faults] == ["memory", "crash", "partition"]
+    assert recs["memory"]["inject_error"].startswith("TimeoutError") and "inject_error" not in recs["crash"]
+    assert recs["crash"]["t"] - t0 < 0.6 and recs["crash"]["worker_ids"] == ["w1"]
+    # marked before the next fault picks its target, not when its injection got round to it
+    assert run._disturbed["busy-0"] >= recs["partition"]["t"] + 1.0
+    run._pool.shutdown(), run._fault_pool.shutdown()
 
 
 def test_random_fault_targets_are_tabs_that_can_show_the_fault(tmp_path):
