@@ -207,6 +207,7 @@ class _TabActor:
         speed = float(profile.get("speed", 1.0)) * (HIDDEN["speed_factor"] if hidden else 1.0)
         self.base_slow = 1.0 / max(speed, 1e-3)
         self.slow_factor = self.base_slow
+        self.slowed_steps: list[int] = []  # per slow() call: the steps (and measurements) that ran slowed
         self.worker = TabWorker(name, backend=backend, token=token, memory_bytes=memory_bytes, device_options=device_options,
                                 extra_capabilities={"profile": {
                                     "name": profile.get("name"), "browser": profile.get("browser"),
@@ -248,7 +249,8 @@ class _TabActor:
                 "connected": self.conn.connected.is_set(), "sessions_joined": self.conn.sessions_joined,
                 "ranges": [list(r) for r in w.ranges], "held_bytes": w.held_bytes(), "memory_bytes": w.memory_bytes,
                 "steps": w.steps_served, "tokens": w.tokens_served, "bytes_received": w.bytes_received,
-                "slow_factor": self.slow_factor, "liar": lying(w), "caught_at": self.conn.caught_at,
+                "slow_factor": self.slow_factor, "slowed_steps": list(self.slowed_steps), "liar": lying(w),
+                "caught_at": self.conn.caught_at,
                 "rss_bytes": rss, "peak_rss_bytes": hwm,
                 "load_failures": list(w.load_failures), "backend": w.backend_name, "adapter": self.adapter_note,
                 "network": self.conn.network.name if self.conn.network else None, "loads": list(self.conn.loads)}
@@ -263,11 +265,24 @@ class _TabActor:
         subprocess.Popen(["/bin/sh", "-c", f"kill -STOP {pid}; sleep {float(seconds)}; kill -CONT {pid}"],
                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def slow(self, factor: float, seconds: float | None = None) -> None:
+    def slow(self, factor: float, seconds: float | None = None) -> int:
+        """Slow every step ending from now on (for ``seconds``); returns this slow-down's index in
+        info()["slowed_steps"], which counts the steps that ran slowed by it (none: a tab whose
+        pipeline sent it no step in the window was slowed to no effect)."""
         self.slow_factor = self.base_slow * float(factor)
         slow_down(self.worker, self.slow_factor)
+        window = len(self.slowed_steps)
+        self.slowed_steps.append(0)
+        delay = self.worker.compute_delay
+
+        def counted(compute_s: float) -> float:
+            self.slowed_steps[window] += 1
+            return delay(compute_s)
+
+        self.worker.compute_delay = counted
         if seconds:
             threading.Timer(seconds, self._unslow).start()
+        return window
 
     def _unslow(self) -> None:
         self.slow_factor = self.base_slow
@@ -402,8 +417,9 @@ class SimulatedTab:
     def freeze(self, seconds: float) -> None:
         self._call("freeze", seconds)
 
-    def slow(self, factor: float, seconds: float | None = None) -> None:
-        self._call("slow", factor, seconds)
+    def slow(self, factor: float, seconds: float | None = None) -> int:
+        """See _TabActor.slow: returns the slow-down's index in info()["slowed_steps"]."""
+        return self._call("slow", factor, seconds)
 
     def partition(self, seconds: float) -> None:
         self._call("partition", seconds)

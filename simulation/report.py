@@ -17,8 +17,9 @@ CRITERIA = {
     "no_failed_requests": "no request ended in an error: failed = 0",
     "no_wrong_tokens": "the final stream of every request (rewinds applied) equals the fault-free reference",
     "all_faults_detected": "every injected fault detected by the coordinator (a liar: by a spot check; one "
-                           "whose tab served no step while lying told no lie and is counted apart), none "
-                           "skipped, at least pass.min_faults injected and exercised",
+                           "whose tab served no step while lying told no lie, and a slow-down whose tab ran "
+                           "no step while slowed slowed nothing: both counted apart), none skipped, at least "
+                           "pass.min_faults injected and exercised",
     "memory_flat": "coordinator RSS at the end <= start x {ratio} + {mb} MiB (start: pass.memory_warmup_s "
                    "after streaming began)",
 }
@@ -51,6 +52,14 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
         else:
             # a tab that served no stage (or a slow-down with no step in flight) changes nothing to detect
             rec["detected_by"] = None
+        if f["kind"] == "slow" and f.get("slow_window") is not None:
+            slowed = run.tab_info.get(f.get("tab"), {}).get("slowed_steps") or []
+            if f["slow_window"] < len(slowed):
+                rec["slowed_steps"] = slowed[f["slow_window"]]
+            if not det and rec.get("slowed_steps") == 0:
+                # its pipeline sent it no step in the window (stalled behind another fault, say):
+                # the slow-down slowed nothing, and nothing could show it
+                rec["unexercised"] = "its tab ran no step while slowed"
         if f["kind"] == "liar":
             rec["until_s"] = round(det["t"] - f["t"], 4) if det else None  # lying window (None: to the end)
             info = run.tab_info.get(f.get("tab"), {})
@@ -188,8 +197,8 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
         "all_faults_detected": (len(det) == len(exercised) and len(faults) == len(injected)
                                 and len(exercised) >= int(crit.get("min_faults", 0)),
                                 f"{len(det)} of {len(exercised)} injected detected, {len(faults) - len(injected)} skipped"
-                                + (f", {len(injected) - len(exercised)} liar(s) served no step while lying"
-                                   if len(exercised) < len(injected) else "")),
+                                + (f", {len(injected) - len(exercised)} unexercised (a liar that served no step "
+                                   "while lying, a slow-down that slowed no step)" if len(exercised) < len(injected) else "")),
         "memory_flat": (memory["flat"], f"start {memory['start_mb']} MiB, end {memory['end_mb']} MiB, "
                                         f"peak {memory['peak_mb']} MiB"),
     }
@@ -263,8 +272,8 @@ def format_table(r: dict) -> str:
         ("TTFT p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["ttft"].values())),
         ("ITL p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["itl"].values())),
         ("faults injected / detected", f"{r['faults']['injected']} / {r['faults']['detected']}"
-                                       + (f" ({r['faults']['unexercised']} liar(s) served no step while lying)"
-                                          if r["faults"].get("unexercised") else "")),
+                                       + (f" ({r['faults']['unexercised']} unexercised: a liar that served no step "
+                                          "while lying, a slow-down that slowed no step)" if r["faults"].get("unexercised") else "")),
         ("  by kind (detected/injected)", ", ".join(f"{k} {v['detected']}/{v['injected']}"
                                                     for k, v in sorted(r["faults"].get("by_kind", {}).items()))),
         ("detection p50/p90/p99 ms", "/".join(str(v) for v in r["faults"]["detection_ms"].values())),

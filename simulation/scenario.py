@@ -277,7 +277,7 @@ class ScenarioRun:
         elif kind == "freeze":
             tab.freeze(d)
         elif kind == "slow":
-            tab.slow(float(f.get("factor", 2000)), d)
+            return tab.slow(float(f.get("factor", 2000)), d)
         elif kind == "partition":
             tab.partition(d)
         elif kind == "evict":
@@ -491,6 +491,8 @@ class ScenarioRun:
                 got = await loop.run_in_executor(self._fault_pool, self._inject, f, name)
                 if f["kind"] == "liar":
                     rec["steps_before"] = got
+                elif f["kind"] == "slow":
+                    rec["slow_window"] = got  # its tab's count of slowed steps: info()["slowed_steps"][got]
             except Exception as exc:
                 rec["inject_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 self.liars.pop(name, None)

@@ -134,3 +134,39 @@ def test_a_liar_whose_tab_served_no_step_while_lying_is_counted_apart():
     assert silent["lying_steps"] == 0 and silent["unexercised"] and "undetected" not in silent
     assert lied["lying_steps"] == 2 and lied["undetected"] and "unexercised" not in lied
     assert silent["detected_by"] is None and lied["detected_by"] is None
+
+
+def test_a_slow_down_whose_tab_ran_no_step_while_slowed_is_counted_apart():
+    """A slow-down lands on a tab whose pipeline sends it no step in the window (stalled behind
+    another slowed tab: soak_ci at seed 20 once): it slows nothing, and nothing can detect it.
+    Counted apart as unexercised; one that slowed steps and was not detected stays undetected."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "slow", "tab": "a", "t": 10.0, "at": 5.0, "worker_ids": ["w1"], "slow_window": 1},
+                  {"kind": "slow", "tab": "b", "t": 11.0, "at": 6.0, "worker_ids": ["w2"], "slow_window": 0},
+                  {"kind": "slow", "tab": "c", "t": 12.0, "at": 7.0, "worker_ids": ["w3"], "slow_window": 0}]
+        tab_info = {"a": {"slowed_steps": [4, 0]}, "b": {"slowed_steps": [2]}, "c": {"slowed_steps": [0]}}
+
+    events = [{"t": 12.5, "kind": "suspect", "worker": "w3"}]
+    idle, slowed, caught = _fault_metrics(Run(), events)
+    assert idle["slowed_steps"] == 0 and idle["unexercised"] and "undetected" not in idle
+    assert slowed["slowed_steps"] == 2 and "unexercised" not in slowed and slowed["detected_by"] is None
+    # detected, though its count says no step ran slowed (the step was still asleep at the end)
+    assert caught["detected_by"] == "suspect" and "unexercised" not in caught
+
+
+def test_a_simulated_tabs_slow_down_counts_the_steps_it_slowed():
+    from types import SimpleNamespace
+
+    from actors.tab import _TabActor
+
+    tab = object.__new__(_TabActor)  # the fault hooks only, no process or socket
+    tab.worker, tab.base_slow, tab.slowed_steps = SimpleNamespace(), 1.0, []
+    first = tab.slow(10.0)
+    assert tab.worker.compute_delay(0.01) == pytest.approx(0.09)
+    tab.worker.compute_delay(0.02)
+    tab._unslow()
+    assert tab.worker.compute_delay is None  # back to full speed: nothing more counted
+    second = tab.slow(3.0)
+    assert (first, second) == (0, 1) and tab.slowed_steps == [2, 0]
