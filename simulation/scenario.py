@@ -255,10 +255,16 @@ class ScenarioRun:
             if f["kind"] in ("slow", "liar"):
                 # these show only in steps: prefer a primary of a pipeline that carries a session
                 # (a standby, or a replica pipeline with no session, computes nothing to slow or
-                # to check: seed 13 of soak_ci slowed such a tab, and nothing could detect it)
+                # to check: seed 13 of soak_ci slowed such a tab, and nothing could detect it) and
+                # that no earlier fault holds up (a primary of it disturbed or suspected: seed 20
+                # slowed a tab whose pipeline waited on one slowed 4.6 s before, and no step came)
                 names = {w["worker_id"]: w["name"] for w in st["workers"]}
+                suspect = {w["name"] for w in st["workers"] if w["state"] == "suspect"}
+                held = {n for n, until in self._disturbed.items() if until > now} | suspect
                 busy = {s.get("pipeline") for s in st.get("sessions", [])}
-                computing = {names.get(x["holders"][0]) for x in st["stages"] if x["holders"] and x.get("pipeline") in busy}
+                stalled = {x.get("pipeline") for x in st["stages"] if x["holders"] and names.get(x["holders"][0]) in held}
+                computing = {names.get(x["holders"][0]) for x in st["stages"]
+                             if x["holders"] and x.get("pipeline") in busy and x.get("pipeline") not in stalled}
                 pool = [n for n in pool if n in computing] or pool
             return self.rng.choice(pool) if pool else None
         return target if target in alive else None

@@ -124,6 +124,17 @@ def test_random_fault_targets_are_tabs_that_can_show_the_fault(tmp_path):
     crashed = {run._target({"kind": "crash", "target": "random"}, st) for _ in range(40)}
     assert "new-3" not in crashed and crashed == {"idle-0", "busy-1", "standby-2", "gpu-4"}
     assert {run._target({"kind": "slow", "target": "profile:cpu-wasm"}, st) for _ in range(20)} == {"busy-1"}
+    # a pipeline held up by an earlier fault (its other primary slowed, or suspected) sends no
+    # step to slow: a slow-down or a lie goes to a pipeline that computes
+    st2 = {"workers": [{"worker_id": f"w{i}", "name": n, "stages": [i], "state": "ready"}
+                       for i, n in enumerate(["idle-0", "busy-1", "standby-2", "gpu-4"])],
+           "stages": [{"holders": ["w0"], "pipeline": 0}, {"holders": ["w1"], "pipeline": 0},
+                      {"holders": ["w2"], "pipeline": 1}, {"holders": ["w3"], "pipeline": 1}],
+           "sessions": [{"request_id": "r", "pipeline": 0}, {"request_id": "q", "pipeline": 1}]}
+    run._disturbed = {"busy-1": time.monotonic() + 60}
+    assert {run._target({"kind": "slow", "target": "random"}, st2) for _ in range(20)} == {"standby-2", "gpu-4"}
+    run._disturbed, st2["workers"][3]["state"] = {}, "suspect"
+    assert {run._target({"kind": "liar", "target": "random"}, st2) for _ in range(20)} == {"idle-0", "busy-1"}
     # every known tab still under an earlier fault: the choice falls back past the calm ones,
     # but never to the tab the coordinator has not seen
     run._disturbed = {n: float("inf") for n in profiles if n != "new-3"}
