@@ -440,7 +440,7 @@ def roofline(a) -> int:
     print(f"dispatch floor: {floor_us:.2f} us a dispatch (a chain of one-workgroup dispatches, each on the one before)",
           flush=True)
     rows_list = [int(r) for r in a.rows.split(",")]
-    variants = a.variants.split(",")
+    variants = (a.variants or "wgpu-blocks,wgpu").split(",")
     formats = a.formats.split(",") if a.formats else [None]
     from tabshard.bench_history import machine
 
@@ -530,7 +530,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 or synthetic:llama-7b")
     ap.add_argument("--formats", default="", help="packed formats of a synthetic model's linears, e.g. s3g64,s4g64,s2g64")
-    ap.add_argument("--variants", default="wgpu-blocks,wgpu", help="matvec layouts side by side (see the docstring)")
+    ap.add_argument("--variants", default=None,
+                    help="matvec layouts side by side (see the docstring; default wgpu-blocks,wgpu; --profile: wgpu)")
     ap.add_argument("--rows", default="1,8,32,64", help="sessions decoding together, per workload")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per workload")
     ap.add_argument("--kernels", action="store_true", help="time each linear of a layer alone per layout first")
@@ -560,7 +561,7 @@ def main() -> None:
         sys.exit(1)
     if a.profile:
         fmt = (a.formats.split(",")[0] or None) if a.model != "smollm2" else None
-        profile(weights if a.model == "smollm2" else model_weights(a.model, fmt), variant=a.variants.split(",")[0])
+        profile(weights if a.model == "smollm2" else model_weights(a.model, fmt), variant=(a.variants or "wgpu").split(",")[0])
         return
     rows = []
     for b in (a.backends or "wgpu,numpy").split(","):

@@ -20,11 +20,13 @@ def variant_tuning(dev, variant: str):
         tuning, options = variant_tuning(dev, variant[: -len("-nosg")])
         return dataclasses.replace(tuning, matvec_subgroup=0), options
     m = re.fullmatch(r"(.+)-kv(\d+)", variant)
-    if m:  # any variant with split-K attention in this many key runs a row, whatever the pools' length
+    if m:  # any variant (wgpu-kvN: the default) with split-K attention in this many key runs a row (1:
+        # unsplit), whatever the pools' length
         tuning, options = variant_tuning(dev, m.group(1))
         return tuning, {**options, "kv_splits": int(m.group(2))}
     m = re.fullmatch(r"(.+)-aw(\d+)", variant)
-    if m:  # any variant with attention in workgroups of N threads, whatever the layer program's rule
+    if m:  # any variant with attention in workgroups of N threads (keys scored a chunk), whatever the
+        # layer program's rule
         tuning, options = variant_tuning(dev, m.group(1))
         wg = {"WG": dev.workgroup_size(int(m.group(2)))}
         return tuning, {**options, "kernel_constants": {"attention": wg, "attention_rope": wg}}
@@ -58,12 +60,8 @@ def variant_tuning(dev, variant: str):
     if variant == "wgpu-attn1":  # attention's parts walk one key a step (KEYS_AT_ONCE = 1, the walk before four)
         return base, {"kernel_constants": {k: {"KEYS_AT_ONCE": 1} for k in ("attention", "attention_rope")}}
     m = re.fullmatch(r"wgpu-attnw(\d+)", variant)
-    if m:  # attention in workgroups of N threads (keys scored a chunk) instead of the program's
-        wg = {"WG": dev.workgroup_size(int(m.group(1)))}
-        return base, {"kernel_constants": {"attention": wg, "attention_rope": wg}}
-    m = re.fullmatch(r"wgpu-kv(\d+)", variant)
-    if m:  # split-K attention with this many key runs a row (1: unsplit), whatever the pools' length
-        return base, {"kv_splits": int(m.group(1))}
+    if m:  # the older name of wgpu-awN: attention in workgroups of N threads (keys scored a chunk)
+        return variant_tuning(dev, f"wgpu-aw{m.group(1)}")
     if variant == "wgpu-lanes":  # without staging x (the lanes loop at every row count)
         return dataclasses.replace(base, matvec_stage=0), {}
     if variant == "wgpu-notall":  # batches of tall matrices on the lanes loop (no matvec_tall_batch_wg)
