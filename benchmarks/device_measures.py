@@ -45,10 +45,11 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
         return base, {"compute_dtype": "f16"}
-    m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?(?:o(\d))?(?:t(\d+))?", variant)
+    m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?(?:o(\d))?(?:t(\d+))?(?:b(\d))?(?:l(\d))?(?:k(\d+))?", variant)
     if m:  # the matvecs on their _i8 kernels (int8 inputs, integer dot products), in workgroups of
         # W threads, at most G workgroups a batch row where whole rows fit one chunk, O outputs a
-        # thread, at most T threads an output
+        # thread (B at more than one row a workgroup) for rows of at least K inputs, at most T threads
+        # an output at one row, L blocks a lane loads before using them
         i8 = {"matvec_i8_wg": dev.workgroup_size(int(m.group(1)))} if m.group(1) else {}
         if m.group(2):
             i8["matvec_i8_max_groups"] = int(m.group(2))
@@ -56,6 +57,12 @@ def variant_tuning(dev, variant: str):
             i8["matvec_i8_opt"] = int(m.group(3))
         if m.group(4):
             i8["matvec_i8_max_tpr"] = int(m.group(4))
+        if m.group(5):
+            i8["matvec_i8_batch_opt"] = int(m.group(5))
+        if m.group(6):
+            i8["matvec_i8_loads"] = int(m.group(6))
+        if m.group(7):
+            i8["matvec_i8_opt_min_k"] = int(m.group(7))
         return dataclasses.replace(base, **i8), {"compute_dtype": "i8"}
     if variant == "wgpu-attn1":  # attention's parts walk one key a step (KEYS_AT_ONCE = 1, the walk before four)
         return base, {"kernel_constants": {k: {"KEYS_AT_ONCE": 1} for k in ("attention", "attention_rope")}}

@@ -25,9 +25,13 @@ from kernels.quant import QuantSpec, quantize_rtn, spread_3bit
 from tests.test_kernels import SPECS, SPECS_3BIT, TUNINGS, dev, randn, rng  # noqa: F401 (fixtures)
 from tests.test_kernels_f16 import linear_vs_twins
 
-# two outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup sums
+# two outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup
+# sums; four; and two at one row, four in batches, each lane loading two blocks before using them
 TUNINGS = {**TUNINGS, "gpu-opt2": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=2),
-           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2)}
+           "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2),
+           "gpu-opt4": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=4),
+           "gpu-subgroup-batch4-loads2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2,
+                                                             matvec_i8_batch_opt=4, matvec_i8_loads=2)}
 I8_TOL = dict(atol=2e-3, rtol=0)
 I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
 
@@ -45,21 +49,21 @@ def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tru
                     prepare=prepare, spread3=spread3)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-opt4", "gpu-subgroup-batch4-loads2"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_qmatvec_i8(dev, rng, spec, tuning):
     # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
     _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2", "gpu-opt4", "gpu-subgroup-batch4-loads2"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
 def test_qmatvec_i8_batch_rows(dev, rng, rows, tuning):
     # ROWS = 1, 8, and two workgroup rows of 8 with masked rows; k = 200: a ragged last block
     _linear_i8(dev, rng, QuantSpec(4, 64, True), n=70, k=200, rows=rows, tuning=TUNINGS[tuning], accumulate=False)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2"])
+@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2", "gpu-subgroup-batch4-loads2"])
 @pytest.mark.parametrize("prologue", ["norm", "silu"])
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_qmatvec_fused_i8(dev, rng, prologue, rows, tuning):
@@ -77,7 +81,7 @@ def test_qmatvec_i8_formats_at_model_width(dev, rng, prologue, spec, x_blocks):
                tol=I8_TOL_WIDE, x_blocks=x_blocks)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup", "gpu-subgroup-opt2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup", "gpu-subgroup-opt2", "gpu-subgroup-batch4-loads2"])
 @pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
 def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
     # 3-bit weights with the high plane spread (kernels.quant.spread_3bit, SPREAD3), as the
@@ -164,7 +168,7 @@ def test_i8_kernels_take_their_f32_siblings_params():
         assert dev_free.params_fields(path.stem) == dev_free.params_fields(path.stem[: -len("_i8")]), path.name
 
 
-@pytest.mark.parametrize("opt", [1, 2])
+@pytest.mark.parametrize("opt", [1, 2, 4])
 @pytest.mark.parametrize("max_groups", [1, 3])
 @pytest.mark.parametrize("prologue", [None, "norm"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
@@ -172,7 +176,7 @@ def test_qmatvec_i8_narrow_grid_takes_every_output_group(dev, rng, max_groups, p
     # whole rows in one chunk (k = 200: 7 blocks), x quantized once: a grid of 1 or 3 workgroups
     # a batch row walks all of n = 300's output groups (64 or 128 outputs a group: the last one ragged)
     tuning = dataclasses.replace(TUNINGS["gpu"], matvec_i8_max_groups=max_groups, matvec_i8_opt=opt)
-    _narrow_grid(dev, rng, tuning, max_groups, prologue, rows)
+    _narrow_grid(dev, rng, tuning, max_groups, prologue, rows, n=300 if opt < 4 else 1100)  # 1100: 5 groups of 256
 
 
 def test_qmatvec_i8_in_the_gpu_tunings_workgroups(dev, rng):
@@ -245,3 +249,23 @@ def test_gpu_tuning_gives_long_rows_two_outputs_a_thread(dev):
                             tuning=tuning, compute_dtype="i8")
         opts[k] = op.matvec_constants(1, 0)["OPT"]
     assert opts == {576: 1, 1536: 1, 4096: 2, 11008: 2}
+
+
+def test_batch_outputs_a_thread_apply_to_long_rows_at_more_than_one_row(dev):
+    """MatmulTuning.matvec_i8_batch_opt sets OPT at ROWS = 4 and 8 for rows of at least
+    matvec_i8_opt_min_k inputs; one row keeps matvec_i8_opt, short rows 1; the workgroup's
+    outputs (its grid) follow."""
+    tuning = dataclasses.replace(KL.matmul_tuning(dev, real_gpu=True), matvec_i8_opt=2, matvec_i8_batch_opt=4,
+                                 matvec_i8_opt_min_k=4096, matvec_i8_loads=2)
+    got = {}
+    for k in (1536, 4096):
+        op = KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 256, k, []), None, k, None, 256,
+                            tuning=tuning, compute_dtype="i8")
+        for rows in (1, 4, 8):
+            consts, outputs, _ = op.matvec_grid(rows)
+            assert outputs == consts["WG"] // consts["TPR"] * consts["OPT"] and consts["LOADS"] == 2
+            got[k, rows] = consts["OPT"]
+    assert got == {(1536, 1): 1, (1536, 4): 1, (1536, 8): 1, (4096, 1): 2, (4096, 4): 4, (4096, 8): 4}
+    with pytest.raises(ValueError, match="matvec_i8_loads"):
+        KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 256, 4096, []), None, 4096, None, 256,
+                       tuning=dataclasses.replace(tuning, matvec_i8_loads=3), compute_dtype="i8")

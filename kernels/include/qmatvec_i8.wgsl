@@ -25,7 +25,8 @@ override WG: u32 = 256u;          // threads per workgroup
 override TPR: u32 = 16u;          // threads per output row: a power of two dividing WG
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override XB: u32 = 32u;           // 32-input blocks of each row quantized into workgroup memory a chunk
-override OPT: u32 = 1u;           // outputs a thread: 1 or 2 (two share each load of x from workgroup memory)
+override OPT: u32 = 1u;           // outputs a thread: 1, 2 or 4 (they share each load of x from workgroup memory)
+override LOADS: u32 = 1u;         // blocks a lane loads before using them: 1 or 2
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> qweight: array<vec4<u32>>;  // the words of every row, 4 at a time
@@ -200,83 +201,138 @@ fn quantize_chunk(t: u32, first: u32, blocks: u32, m0: u32) {
   workgroupBarrier();
 }
 
-// A block's 8 code words (code_word) from weight row `row`'s words at w.
-fn block_codes(w: u32) -> array<u32, 8> {
-  let blk = load_block(w);
+// A block's 8 code words (code_word) from its loaded words.
+fn block_codes(blk: Block) -> array<u32, 8> {
   return array<u32, 8>(code_word(blk.a, blk.b, 0u), code_word(blk.a, blk.b, 1u), code_word(blk.a, blk.b, 2u),
                        code_word(blk.a, blk.b, 3u), code_word(blk.a, blk.b, 4u), code_word(blk.a, blk.b, 5u),
                        code_word(blk.a, blk.b, 6u), code_word(blk.a, blk.b, 7u));
 }
 
-// The terms of a block of one batch row (chunk slot u) for the thread's outputs: .x the first's
-// (codes c0, scale and min sm0), .y the second's where OPT = 2; the slot's x is loaded once.
-fn slot_terms(c0: array<u32, 8>, c1: array<u32, 8>, u: u32, sm0: vec2<f32>, sm1: vec2<f32>) -> vec2<f32> {
+// A block of the thread's OPT outputs as loaded: their words (w0..w3) and scale/min (s0..s3);
+// outputs past OPT repeat the first (never used).
+struct Loaded {
+  w0: Block, w1: Block, w2: Block, w3: Block,
+  s0: vec2<f32>, s1: vec2<f32>, s2: vec2<f32>, s3: vec2<f32>,
+}
+
+// Load block b of weight rows `rows` (the thread's outputs, clamped to the last row).
+fn load_outputs(rows: vec4<u32>, b: u32, groups: u32, words_per_row: u32) -> Loaded {
+  let g = b * 32u / GROUP;
+  var l: Loaded;
+  l.w0 = load_block(rows.x * words_per_row + b * BITS);
+  l.s0 = scale_min(rows.x, g, groups);
+  l.w1 = l.w0; l.w2 = l.w0; l.w3 = l.w0;
+  l.s1 = l.s0; l.s2 = l.s0; l.s3 = l.s0;
+  if (OPT > 1u) {
+    l.w1 = load_block(rows.y * words_per_row + b * BITS);
+    l.s1 = scale_min(rows.y, g, groups);
+  }
+  if (OPT > 2u) {
+    l.w2 = load_block(rows.z * words_per_row + b * BITS);
+    l.s2 = scale_min(rows.z, g, groups);
+    l.w3 = load_block(rows.w * words_per_row + b * BITS);
+    l.s3 = scale_min(rows.w, g, groups);
+  }
+  return l;
+}
+
+// A block's codes of the thread's outputs.
+struct Codes {
+  c0: array<u32, 8>, c1: array<u32, 8>, c2: array<u32, 8>, c3: array<u32, 8>,
+}
+
+// The terms of a block of one batch row (chunk slot u) for the thread's outputs (.x the first,
+// .y .z .w the others where OPT > 1, 0 past OPT); the slot's x is loaded once for all of them.
+fn slot_terms(c: Codes, l: Loaded, u: u32) -> vec4<f32> {
   let xa = xq[2u * u];
   let xb = xq[2u * u + 1u];
   let xs = xd[u];
-  var terms = vec2<f32>(block_term(block_dot(c0, xa, xb), xs, sm0), 0.0);
+  var terms = vec4<f32>(block_term(block_dot(c.c0, xa, xb), xs, l.s0), 0.0, 0.0, 0.0);
   if (OPT > 1u) {
-    terms.y = block_term(block_dot(c1, xa, xb), xs, sm1);
+    terms.y = block_term(block_dot(c.c1, xa, xb), xs, l.s1);
+  }
+  if (OPT > 2u) {
+    terms.z = block_term(block_dot(c.c2, xa, xb), xs, l.s2);
+    terms.w = block_term(block_dot(c.c3, xa, xb), xs, l.s3);
   }
   return terms;
 }
 
-// A thread's sums: its first output's (a) and, where OPT = 2, its second's (b).
-struct OutputPair {
+// A thread's sums, one RowSums an output (a the first; b, c, d where OPT > 1).
+struct OutputSums {
   a: RowSums,
   b: RowSums,
+  c: RowSums,
+  d: RowSums,
 }
 
-fn no_sums() -> OutputPair {
+fn no_sums() -> OutputSums {
   let zero = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-  return OutputPair(zero, zero);
+  return OutputSums(zero, zero, zero, zero);
 }
 
-// Outputs n0 and (OPT = 2) n0 + 1's terms over the chunk's blocks first..first+count-1 (this
-// lane's share; weight rows past the last read the last, never stored), for rows m0..m0+3 (.lo)
-// and m0+4..m0+7 (.hi) of the workgroup, added to *acc.
-fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, OutputPair>) {
-  let groups = (p.k + GROUP - 1u) / GROUP;
-  let words_per_row = groups * GROUP / 32u * BITS;
-  let last = max(p.n, 1u) - 1u;
-  let row0 = min(n0, last);
-  let row1 = min(n0 + 1u, last);
-  for (var bt = lane; bt < count; bt += TPR) {
-    let b = first + bt;
-    let c0 = block_codes(row0 * words_per_row + b * BITS);
-    let sm0 = scale_min(row0, b * 32u / GROUP, groups);
-    var c1 = c0;
-    var sm1 = sm0;
-    if (OPT > 1u) {
-      c1 = block_codes(row1 * words_per_row + b * BITS);
-      sm1 = scale_min(row1, b * 32u / GROUP, groups);
-    }
-    let r0 = slot_terms(c0, c1, bt, sm0, sm1);
-    var lo0 = vec4<f32>(r0.x, 0.0, 0.0, 0.0);
-    var lo1 = vec4<f32>(r0.y, 0.0, 0.0, 0.0);
-    if (ROWS > 1u) {
-      let r1 = slot_terms(c0, c1, XB + bt, sm0, sm1);
-      let r2 = slot_terms(c0, c1, 2u * XB + bt, sm0, sm1);
-      let r3 = slot_terms(c0, c1, 3u * XB + bt, sm0, sm1);
-      lo0 = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
-      lo1 = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
-    }
-    (*acc).a.lo += lo0;
-    (*acc).b.lo += lo1;
-    if (ROWS > 4u) {
-      let r4 = slot_terms(c0, c1, 4u * XB + bt, sm0, sm1);
-      let r5 = slot_terms(c0, c1, 5u * XB + bt, sm0, sm1);
-      let r6 = slot_terms(c0, c1, 6u * XB + bt, sm0, sm1);
-      let r7 = slot_terms(c0, c1, 7u * XB + bt, sm0, sm1);
-      (*acc).a.hi += vec4<f32>(r4.x, r5.x, r6.x, r7.x);
-      (*acc).b.hi += vec4<f32>(r4.y, r5.y, r6.y, r7.y);
-    }
+// Add a loaded block's terms (chunk block bt) for rows m0..m0+3 (.lo) and m0+4..m0+7 (.hi) of
+// the workgroup to *acc: r0..r3 hold each row's terms by output, and the transposes go to the
+// outputs' sums.
+fn add_terms(l: Loaded, bt: u32, acc: ptr<function, OutputSums>) {
+  var c: Codes;
+  c.c0 = block_codes(l.w0);
+  c.c1 = c.c0; c.c2 = c.c0; c.c3 = c.c0;
+  if (OPT > 1u) {
+    c.c1 = block_codes(l.w1);
+  }
+  if (OPT > 2u) {
+    c.c2 = block_codes(l.w2);
+    c.c3 = block_codes(l.w3);
+  }
+  let r0 = slot_terms(c, l, bt);
+  if (ROWS == 1u) {
+    (*acc).a.lo.x += r0.x;
+    (*acc).b.lo.x += r0.y;
+    (*acc).c.lo.x += r0.z;
+    (*acc).d.lo.x += r0.w;
+    return;
+  }
+  let lo = transpose(mat4x4<f32>(r0, slot_terms(c, l, XB + bt), slot_terms(c, l, 2u * XB + bt), slot_terms(c, l, 3u * XB + bt)));
+  (*acc).a.lo += lo[0];
+  (*acc).b.lo += lo[1];
+  (*acc).c.lo += lo[2];
+  (*acc).d.lo += lo[3];
+  if (ROWS > 4u) {
+    let hi = transpose(mat4x4<f32>(slot_terms(c, l, 4u * XB + bt), slot_terms(c, l, 5u * XB + bt),
+                                   slot_terms(c, l, 6u * XB + bt), slot_terms(c, l, 7u * XB + bt)));
+    (*acc).a.hi += hi[0];
+    (*acc).b.hi += hi[1];
+    (*acc).c.hi += hi[2];
+    (*acc).d.hi += hi[3];
   }
 }
 
-// Outputs n0 and (OPT = 2) n0 + 1 of rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the
-// chunk's terms after each.
-fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> OutputPair {
+// The thread's outputs n0..n0+OPT-1's terms over the chunk's blocks first..first+count-1 (this
+// lane's share; weight rows past the last read the last, never stored), added to *acc. Where
+// LOADS = 2 a lane loads two of its blocks before using either: more loads in flight.
+fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, OutputSums>) {
+  let groups = (p.k + GROUP - 1u) / GROUP;
+  let words_per_row = groups * GROUP / 32u * BITS;
+  let last = max(p.n, 1u) - 1u;
+  let rows = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last));
+  var bt = lane;
+  if (LOADS > 1u) {
+    for (; bt + TPR < count; bt += 2u * TPR) {
+      let l0 = load_outputs(rows, first + bt, groups, words_per_row);
+      let l1 = load_outputs(rows, first + bt + TPR, groups, words_per_row);
+      add_terms(l0, bt, acc);
+      add_terms(l1, bt + TPR, acc);
+    }
+  }
+  for (; bt < count; bt += TPR) {
+    add_terms(load_outputs(rows, first + bt, groups, words_per_row), bt, acc);
+  }
+}
+
+// Outputs n0..n0+OPT-1 of rows m0..m0+ROWS-1, XB blocks of x quantized at a time, the chunk's
+// terms after each.
+fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> OutputSums {
   var acc = no_sums();
   for (var first = 0u; first < blocks; first += XB) {
     quantize_chunk(t, first, blocks, m0);
@@ -285,11 +341,15 @@ fn qmatvec_i8(t: u32, lane: u32, n0: u32, m0: u32, blocks: u32) -> OutputPair {
   return acc;
 }
 
-// Reduce and store the thread's outputs n0 (and n0 + 1 where OPT = 2).
-fn store_pair(t: u32, lane: u32, n0: u32, m0: u32, acc: OutputPair) {
+// Reduce and store the thread's outputs n0..n0+OPT-1.
+fn store_outputs(t: u32, lane: u32, n0: u32, m0: u32, acc: OutputSums) {
   reduce_store(t, lane, n0, m0, acc.a, row_scale(0u), row_scale(1u));
   if (OPT > 1u) {
     reduce_store(t, lane, n0 + 1u, m0, acc.b, row_scale(0u), row_scale(1u));
+  }
+  if (OPT > 2u) {
+    reduce_store(t, lane, n0 + 2u, m0, acc.c, row_scale(0u), row_scale(1u));
+    reduce_store(t, lane, n0 + 3u, m0, acc.d, row_scale(0u), row_scale(1u));
   }
 }
 
@@ -306,7 +366,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
   prologue(t, m0);
   if (XB < blocks) {
     let n0 = wid.x * per_group + t / TPR * OPT;
-    store_pair(t, lane, n0, m0, qmatvec_i8(t, lane, n0, m0, blocks));
+    store_outputs(t, lane, n0, m0, qmatvec_i8(t, lane, n0, m0, blocks));
     return;
   }
   quantize_chunk(t, 0u, blocks, m0);
@@ -314,6 +374,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) grid: ve
     let n0 = g * per_group + t / TPR * OPT;
     var acc = no_sums();
     chunk_terms(lane, n0, 0u, blocks, &acc);
-    store_pair(t, lane, n0, m0, acc);
+    store_outputs(t, lane, n0, m0, acc);
   }
 }
