@@ -190,11 +190,12 @@ def _peak_rss() -> tuple[int, int]:
 # ---------------------------------------------------------------------- the private actor
 class _TabActor:
     def __init__(self, name: str, url: str, token: str, profile: dict, backend: str, memory_bytes: int,
-                 hidden: bool, device_options: dict, seed: int, network: dict | None = None):
+                 hidden: bool, device_options: dict, seed: int, network: dict | None = None, address: str | None = None):
         if not os.environ.get("XDG_RUNTIME_DIR") or not os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="xdg-")
         self.name = name
         self.profile = profile
+        self.address = address
         device_options = dict(device_options or {})
         force_wg = device_options.pop("force_workgroup", None)
         self.adapter_note = _choose_adapter(device_options.pop("adapter", None)) if backend == "wgpu" else None
@@ -231,7 +232,7 @@ class _TabActor:
             asyncio.set_event_loop(self.loop)
             self.conn = _SimConnection(self.worker, url, reconnect=True, seed=seed,
                                        heartbeat_jitter_ms=HIDDEN["heartbeat_jitter_ms"] if hidden else 0.0,
-                                       network=get_network(network) if network else None)
+                                       network=get_network(network) if network else None, source_address=address)
             ready.set()
             self.loop.run_until_complete(self.conn.run())
 
@@ -253,7 +254,8 @@ class _TabActor:
                 "caught_at": self.conn.caught_at,
                 "rss_bytes": rss, "peak_rss_bytes": hwm,
                 "load_failures": list(w.load_failures), "backend": w.backend_name, "adapter": self.adapter_note,
-                "network": self.conn.network.name if self.conn.network else None, "loads": list(self.conn.loads)}
+                "network": self.conn.network.name if self.conn.network else None, "loads": list(self.conn.loads),
+                "address": self.address}
 
     # ------------------------------------------------------------------ faults
     def crash(self, code: int = 137) -> None:
@@ -334,16 +336,20 @@ def _remote():
 class SimulatedTab:
     """A browser tab simulated by a process that Ray places: a CPU tab a plain process under its
     node's tab host (actors/tab_host.py), a WebGPU or GPU tab a Ray actor. Ray errors never
-    leak: a dead tab raises TabGone, a control call that times out raises TabUnresponsive."""
+    leak: a dead tab raises TabGone, a control call that times out raises TabUnresponsive.
+    `address`: the local address its socket is bound to (its device's, somewhere in 127/8; None:
+    the system's choice, 127.0.0.1): the coordinator backs joins off per address."""
 
     def __init__(self, name: str, url: str, token: str, profile: str | Profile = "chrome-desktop-discrete",
                  backend: str | None = None, hidden: bool | None = None, memory_bytes: int | None = None,
                  device_options: dict | None = None, seed: int = 0, actor_options: dict | None = None,
-                 num_gpus: float = 0.0, adapter: str | int | None = None, network: str | dict | NetworkProfile | None = None):
+                 num_gpus: float = 0.0, adapter: str | int | None = None, network: str | dict | NetworkProfile | None = None,
+                 address: str | None = None):
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if network is not None:  # checked here, before any process starts
             prof = prof.with_(network=get_network(network))
         self.name = name
+        self.address = address
         self.profile = prof
         self.backend = backend or prof.backend
         if self.backend == "wgpu" and not prof.webgpu:
@@ -358,7 +364,7 @@ class SimulatedTab:
             # a few cores, where the packed kernel's thread pool would only contend
             device_options.setdefault("threads", 1)
         args = [name, url, token, prof.to_dict(), self.backend, self.memory_bytes, self.hidden, device_options, seed,
-                {k: v for k, v in dataclasses.asdict(prof.network).items() if k != "sources"}]
+                {k: v for k, v in dataclasses.asdict(prof.network).items() if k != "sources"}, address]
         self._actor = self._host = self._spawned = None
         if self.backend == "numpy" and not options:
             # a CPU tab runs as a plain process started by its node's tab host (actors/tab_host.py):

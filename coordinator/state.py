@@ -178,6 +178,7 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
             "verifier_ranges": [[k[0], k[1], v] for k, v in sorted(self._verify_ranges.items())],
             "workers": [{
                 "worker_id": w.worker_id, "name": w.name, "state": w.state, "local": w.local,
+                "address": w.address,  # where its socket came from: joins are backed off per address
                 "backend": w.caps.get("backend"), "kind": w.caps.get("kind"), "adapter": w.caps.get("adapter"),
                 "profile": w.caps.get("profile"), "memory_bytes": w.caps.get("memory_bytes"),
                 "ms_per_layer": round(w.ms_per_layer, 3), "stages": sorted(w.stages), "steps": w.steps,

@@ -145,13 +145,13 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
     for k in by_kind.values():
         k["detection_ms"] = _pct(k.pop("_d"), (50, 99))
     tabs = {n: {"profile": run.tabs[n].profile.name, "backend": run.tabs[n].backend, "hidden": run.tabs[n].hidden,
-                "network": run.tabs[n].profile.network.name, "memory_budget_mb": round(run.tabs[n].memory_bytes / 2**20, 1),
+                "network": run.tabs[n].profile.network.name, "address": run.tabs[n].address, "memory_budget_mb": round(run.tabs[n].memory_bytes / 2**20, 1),
                 **({"peak_rss_mb": round(i["peak_rss_bytes"] / 2**20, 1), "held_weights_mb": round(i["held_bytes"] / 2**20, 1),
                     "steps": i["steps"], "rejoins": max(0, i["sessions_joined"] - 1),
                     **({"gone": True} if i.get("gone") else {})} if "peak_rss_bytes" in i else i)}
             for n, i in run.tab_info.items()}
     for n in run.tabs:
-        tabs.setdefault(n, {"profile": run.tabs[n].profile.name, "gone": True})
+        tabs.setdefault(n, {"profile": run.tabs[n].profile.name, "address": run.tabs[n].address, "gone": True})
     # as the coordinator saw each tab at the end: its round trip (its network, both ways) and its place in the plan
     seen = {w["name"]: w for w in final.get("workers", []) if w.get("state") not in ("dead", "quarantined")}
     for n, t in tabs.items():

@@ -13,7 +13,9 @@ returns the report (simulation/report.py renders it).
     count = 4                  #   whose adapter the tab then computes on; adapter: an index or name;
     network = "phone-wifi"     #   network: a name from actors/profiles.NETWORKS or a table
                                #   {latency_ms, jitter_ms, bandwidth_mbps}: every frame the tab
-                               #   sends and receives crosses it; default loopback, no delay)
+                               #   sends and receives crosses it; default loopback, no delay;
+                               #   same_device = true: the entry's tabs are tabs of one device,
+                               #   connecting from one address, else each tab is its own device)
     [ray]                      # the local Ray's resources (ignored with --address): num_cpus (2),
                                #   num_gpus (detected when absent; declare them to test on a CPU host)
     [workload]
@@ -93,6 +95,8 @@ def validate(scn: dict) -> dict:
             get_network(t["network"])
         if int(t.get("count", 1)) < 1:
             raise ConfigError(f"tabs.count must be >= 1, got {t.get('count')}")
+        if not isinstance(t.get("same_device", False), bool):
+            raise ConfigError(f"tabs.same_device must be true or false, got {t['same_device']!r}")
         gpus = t.get("num_gpus", 0)
         if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 64:
             raise ConfigError(f"tabs.num_gpus must be a number of GPUs from 0 to 64 (0.25: a quarter), got {gpus!r}")
@@ -201,20 +205,36 @@ class ScenarioRun:
         self._n_tabs = 0
         self._disturbed: dict = {}  # tab name -> monotonic time until which an earlier fault may still act
         self._specs: dict = {}  # tab name -> the [[tabs]] entry it was spawned from
+        # Each tab connects from its device's own loopback address, as the devices of a LAN do (the
+        # coordinator backs joins off per address: tabs all on 127.0.0.1 would share one device's
+        # backoff); a replacement is the same device's next tab, a same_device entry one device
+        self._addresses: dict = {}  # tab name -> its device's address
+        self._entry_address: dict = {}  # id of a same_device [[tabs]] entry -> its one address
+        self._devices = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ tabs
-    def _spawn(self, spec: dict):
+    def _spawn(self, spec: dict, address: str | None = None):
+        """A new tab of the [[tabs]] entry ``spec``, on the device at ``address`` (None: a new
+        device, or the entry's one device where same_device)."""
         from actors.tab import SimulatedTab
 
         with self._lock:
             name = f"{spec['profile']}-{self._n_tabs}"
             self._n_tabs += 1
+            if address is None and spec.get("same_device"):
+                address = self._entry_address.get(id(spec))
+            if address is None:
+                address = device_address(self._devices)
+                self._devices += 1
+                if spec.get("same_device"):
+                    self._entry_address[id(spec)] = address
+            self._addresses[name] = address
         mem = int(spec["memory_mb"] * (1 << 20)) if spec.get("memory_mb") else None
         tab = SimulatedTab(name, self.coord.worker_url, self.coord.token, profile=spec["profile"],
                            backend=spec.get("backend"), hidden=spec.get("hidden"), memory_bytes=mem,
                            seed=self._n_tabs, network=spec.get("network"),
-                           num_gpus=float(spec.get("num_gpus", 0)), adapter=spec.get("adapter"))
+                           num_gpus=float(spec.get("num_gpus", 0)), adapter=spec.get("adapter"), address=address)
         self._specs[name] = spec
         self.tabs[name] = tab
         return tab
@@ -543,7 +563,7 @@ class ScenarioRun:
                 self.tabs[name].evict("replaced after memory pressure")
             except Exception:
                 pass
-        self._spawn(spec)
+        self._spawn(spec, address=self._addresses.get(name))  # the same device opens its next tab
 
     def _retire(self, name: str) -> None:
         """Record a gone tab's last figures, then end its actor (an evicted or caught tab's
@@ -559,7 +579,16 @@ class ScenarioRun:
         tab = self.tabs[name]
         spec = self._specs.get(name, {})
         return {"profile": tab.profile.name, "backend": tab.backend, "hidden": tab.hidden,
-                **{k: spec[k] for k in ("num_gpus", "adapter", "memory_mb") if k in spec}}
+                **{k: spec[k] for k in ("num_gpus", "adapter", "memory_mb", "network", "same_device") if k in spec}}
+
+
+def device_address(index: int) -> str:
+    """The loopback address of a scenario's device ``index`` (0, 1, ...): 127.1.0.1, 127.1.0.2,
+    ... (all of 127/8 reaches the coordinator on 127.0.0.1; the tests' hand-picked sources are
+    127.0.0.x)."""
+    if not 0 <= index < 254 * 256:
+        raise ConfigError(f"a scenario has at most {254 * 256} devices")
+    return f"127.1.{index // 254}.{index % 254 + 1}"
 
 
 def _proc_rss(pid: int, field: str = "VmHWM") -> int:

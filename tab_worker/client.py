@@ -63,13 +63,17 @@ def check_url(url: str) -> None:
 
 
 class WorkerConnection:
-    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True, cafile: str | None = None, say=None):
+    def __init__(self, worker: TabWorker, url: str, reconnect: bool = True, cafile: str | None = None, say=None,
+                 source_address: str | None = None):
         """cafile: a PEM certificate (bundle) to trust for a wss:// coordinator, e.g. its own
         self-signed certificate; without it the system's trust store decides. say: called with
-        one line per lifecycle event (None: silent, as simulated tabs are)."""
+        one line per lifecycle event (None: silent, as simulated tabs are). source_address: the
+        local address the socket is bound to (None: the system's choice); a simulated tab
+        connects from its own device's loopback address, as each device of a LAN has its own."""
         check_url(url)
         self.worker = worker
         self.url = url
+        self._source = {"local_addr": (source_address, 0)} if source_address else {}
         self.say = say or (lambda line: None)
         self.fatal: str | None = None  # set by a refusal that retrying cannot fix
         self.welcomed = False  # the current connection was welcomed (joined): the reconnect backoff starts over
@@ -123,7 +127,7 @@ class WorkerConnection:
             self.welcomed, self.retry_after_s = False, 0.0
             try:
                 async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
-                                              open_timeout=10, **self._tls) as raw:
+                                              open_timeout=10, **self._tls, **self._source) as raw:
                     ws = self.link(raw)
                     await self._session(ws)
                     why = self._closed(ws)

@@ -46,6 +46,12 @@ def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     # numpy and wgpu (lavapipe here) tabs both served a stage
     backends = {t.get("backend") for t in report["tabs"]["per_tab"].values() if t.get("steps", 0) > 0}
     assert {"numpy", "wgpu"} <= backends, report["tabs"]
+    # each tab is its own device: the coordinator saw each connect from its own address
+    tabs = report["tabs"]["per_tab"]
+    seen = {w["name"]: w["address"] for w in json.loads((tmp_path / "run.json").read_text())["final_status"]["workers"]
+            if not w["local"]}
+    assert seen and all(seen[n] == tabs[n]["address"] for n in seen), (seen, tabs)
+    assert len({t["address"] for t in tabs.values()}) == len(tabs) == 6, tabs
 
 
 def test_a_fault_whose_injection_waits_on_its_tab_holds_back_no_later_fault(tmp_path):
@@ -139,3 +145,39 @@ def test_random_fault_targets_are_tabs_that_can_show_the_fault(tmp_path):
     # but never to the tab the coordinator has not seen
     run._disturbed = {n: float("inf") for n in profiles if n != "new-3"}
     assert "new-3" not in {run._target({"kind": "crash", "target": "random"}, st) for _ in range(20)}
+
+
+def test_each_tab_is_a_device_with_its_own_address(tmp_path, monkeypatch):
+    """A scenario's tabs connect from their devices' loopback addresses (the coordinator backs
+    joins off per address): one each, one for a same_device entry's tabs, and a replacement
+    from its predecessor's device, with its network. No Ray: the tabs are stand-ins."""
+    from types import SimpleNamespace
+
+    import actors.tab
+    from simulation.scenario import ScenarioRun, device_address
+
+    made = []
+
+    class StandIn:
+        def __init__(self, name, url, token, **kw):
+            self.name, self.kw = name, kw
+            self.profile, self.backend, self.hidden = SimpleNamespace(name=kw["profile"]), kw["backend"], kw["hidden"]
+            made.append(self)
+
+        def evict(self, reason):
+            pass
+
+    monkeypatch.setattr(actors.tab, "SimulatedTab", StandIn)
+    run = ScenarioRun({"seed": 1}, out_dir=tmp_path)
+    run.coord = SimpleNamespace(worker_url="ws://127.0.0.1:9/ws/worker", token="t")
+    alone, shared = {"profile": "cpu-wasm", "network": "phone-wifi"}, {"profile": "cpu-wasm", "same_device": True}
+    tabs = [run._spawn(alone), run._spawn(alone), run._spawn(shared), run._spawn(shared)]
+    assert [t.kw["address"] for t in tabs] == ["127.1.0.1", "127.1.0.2", "127.1.0.3", "127.1.0.3"]
+    run._replace(tabs[1].name, run._spec_of(tabs[1].name))
+    assert made[-1].name not in {t.name for t in tabs}
+    assert made[-1].kw["address"] == "127.1.0.2" and made[-1].kw["network"] == "phone-wifi"
+    assert run._spawn(shared).kw["address"] == "127.1.0.3" and run._spawn(alone).kw["address"] == "127.1.0.4"
+    assert (device_address(253), device_address(254)) == ("127.1.0.254", "127.1.1.1")
+    with pytest.raises(ConfigError, match="same_device"):
+        run_scenario({"tabs": [{"profile": "cpu-wasm", "same_device": "yes"}]})
+    run._pool.shutdown(), run._fault_pool.shutdown()
