@@ -72,6 +72,11 @@ LIAR_FACTOR = 0.05  # default noise of a liar, relative to each result's RMS
 # slowed sleeps compute x factor (seconds at factor 2000) and may get the tab evicted when it ends;
 # a frozen or partitioned tab is declared dead and rejoins under a new id.
 AFTERMATH_S = {"slow": 12.0, "freeze": 3.0, "partition": 3.0}
+# How long after its injection a fault is given to be seen before the run ends: a frozen or
+# partitioned tab's silence (dead_after_ms 800), a slowed step's deadline (step_deadline_min_ms
+# 1500), each on the coordinator's tick (chaos at seed 6 injected a freeze 20 ms before the run
+# stopped watching, and reported it undetected)
+DETECTION_WINDOW_S = 3.0
 
 
 def load_scenario(path: str | Path) -> dict:
@@ -495,6 +500,7 @@ class ScenarioRun:
         await (closed_loop() if w.get("closed_loop") else arrivals())
         await asyncio.gather(*side)
         await asyncio.gather(*tasks)
+        await asyncio.sleep(self._detection_wait(time.monotonic()))  # the poller reads on meanwhile
         # no step runs once the workload is done: a liar not caught by now is reported undetected
         poller.cancel()
         st = await status()
@@ -502,6 +508,12 @@ class ScenarioRun:
             self.events.absorb(st)
             self._watch_events(loop)
         self.progress("")
+
+    def _detection_wait(self, now: float) -> float:
+        """Seconds until the last injected fault has had DETECTION_WINDOW_S to be seen (0: none
+        left to wait for)."""
+        last = max((f["t"] for f in self.faults if "skipped" not in f and "inject_error" not in f), default=None)
+        return 0.0 if last is None else max(0.0, last + DETECTION_WINDOW_S - now)
 
     async def _faults_on_schedule(self, loop, t0: float, status) -> None:
         """Inject the scenario's faults at their times (``status``: a coroutine giving /status,
