@@ -162,6 +162,66 @@ class Backoff:
                  "reason": r["reason"]} for k, r in self.records.items() if now <= r["until"] + self.forgive_s]
 
 
+class Standing:
+    """Passes for tabs in good standing: the per-address backoff (Backoff) holds back every tab of
+    a machine, and every machine behind one NAT, for one tab's offenses; a pass lets a tab that
+    proved itself rejoin meanwhile. Each worker is issued a secret at `welcome`; it is earned when
+    the worker passes probation, revoked when the worker offends, and presented when the tab
+    reconnects (the worker socket's `?standing=` query, so that the refusal still comes before any
+    frame is read). It admits only from the address it was issued to, and lapses `ttl_s` after
+    its worker was last seen in good standing. A rejoining tab carries its pass on: the new
+    worker inherits it, earned, until it offends. Pure bookkeeping: the state machine owns it.
+
+    A tarpit gets nothing from it: a pass is earned only by passing probation (trial steps
+    recomputed against a trusted worker), and the worker's first offense revokes it."""
+
+    def __init__(self, ttl_s: float = 600.0, max_passes: int = 10_000):
+        self.ttl_s, self.max_passes = ttl_s, max_passes
+        self.passes: dict[str, dict] = {}  # secret -> {worker, address, earned, revoked, at}
+        self.of_worker: dict[str, str] = {}  # worker id -> its secret
+
+    def admits(self, secret: str | None, address: str, now: float) -> bool:
+        """Whether `secret` lets a tab from `address` join while the address is backed off."""
+        rec = self.passes.get(secret or "")
+        return (rec is not None and rec["earned"] and not rec["revoked"] and rec["address"] == address
+                and now - rec["at"] <= self.ttl_s)
+
+    def issue(self, worker_id: str, address: str, now: float, presented: str | None = None) -> str:
+        """The pass `worker_id` is welcomed with: the one its tab presented where that is still
+        good for this address (carried on: earned stays earned), else a new one."""
+        rec = self.passes.get(presented or "")
+        if rec is None or rec["revoked"] or rec["address"] != address or now - rec["at"] > self.ttl_s:
+            presented = secrets.token_urlsafe(24)
+            rec = {"earned": False, "revoked": False, "address": address}
+        self.of_worker.pop(rec.get("worker", ""), None)
+        rec.update(worker=worker_id, at=now)
+        self.passes.pop(presented, None)
+        self.passes[presented] = rec  # newest last: the oldest go first when the table is full
+        self.of_worker[worker_id] = presented
+        while len(self.passes) > self.max_passes:
+            old = next(iter(self.passes))
+            self.of_worker.pop(self.passes.pop(old)["worker"], None)
+        return presented
+
+    def earn(self, worker_id: str, now: float) -> None:
+        """The worker passed probation: its pass admits from now on."""
+        rec = self.passes.get(self.of_worker.get(worker_id, ""))
+        if rec is not None and not rec["revoked"]:
+            rec.update(earned=True, at=now)
+
+    def revoke(self, worker_id: str) -> None:
+        """The worker offended: its pass admits no more."""
+        rec = self.passes.get(self.of_worker.get(worker_id, ""))
+        if rec is not None:
+            rec["revoked"] = True
+
+    def seen(self, worker_id: str, now: float) -> None:
+        """The worker is gone (or still here) in good standing at `now`: its pass lapses ttl_s on."""
+        rec = self.passes.get(self.of_worker.get(worker_id, ""))
+        if rec is not None and not rec["revoked"]:
+            rec["at"] = now
+
+
 def set_frame_limit(ws, size: int) -> bool:
     """Set the largest WebSocket message this socket may receive from now on, before any byte
     of a bigger one is buffered (the ASGI server checks each frame's declared length). Starlette

@@ -240,7 +240,10 @@ class CoordinatorService:
         reason = "closed"
         limit = RateLimit(self.settings.worker_max_msgs_per_s)
         limits = PRE_HELLO_LIMITS
-        self.perform(self.core.on_connect(conn, address, time.monotonic()))
+        standing = ws.query_params.get("standing") or None  # the tab's pass (welcome's `standing`)
+        if standing is not None and len(standing) > 64:
+            standing = None  # no pass is that long
+        self.perform(self.core.on_connect(conn, address, time.monotonic(), standing))
         try:
             while conn in self._outboxes and not writer.done():
                 frame = await ws.receive()

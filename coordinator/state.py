@@ -32,7 +32,7 @@ from coordinator.machine.verify import Verification
 from coordinator.machine.weights import WeightStreaming
 from coordinator.records import (CheckRecord, Close, CoordinatorSettings, ParkedTrip, PrefixEntry, Send, Session,
                                 Stage, SyntheticStep, Worker)
-from coordinator.security import Backoff
+from coordinator.security import Backoff, Standing
 from coordinator.speculation import make_speculator
 from protocol import wire
 from protocol.blobs import blob_info
@@ -68,7 +68,7 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
                          "prefix_hits": 0, "prefix_tokens_reused": 0, "kv_copies": 0, "kv_copies_failed": 0,
                          "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
                          "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0,
-                         "backoff_refusals": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0,
+                         "backoff_refusals": 0, "standing_admits": 0, "passes_carried": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0,
                          # speculation by a worker's draft model: trips that waited for its drafts, went
                          # without them (its deadline or death), and its answers after the deadline
                          "drafts_asked": 0, "drafts_missed": 0, "late_drafts_ignored": 0,
@@ -99,6 +99,10 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
         self._verify_kv: dict[tuple, tuple[int, int]] = {}
         self.backoff = Backoff(settings.backoff_base_s, settings.backoff_max_s, settings.backoff_forgive_s)
         self.conn_address: dict[str, str] = {}  # worker connection -> peer address
+        # passes of tabs in good standing (security.Standing): they rejoin while their address is
+        # backed off for another tab's offenses; a connection's presented pass, until its hello
+        self.standing = Standing(settings.backoff_forgive_s)
+        self.conn_standing: dict[str, str] = {}
         # workers on trial: worker id -> {"range", "assignment_id", "ready", "check": step id or None}
         self._trials: dict[str, dict] = {}
         self._trial_assign: dict[int, str] = {}  # assignment id -> worker id, for trial ranges
@@ -117,6 +121,7 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
     # -- connections
     def on_disconnect(self, conn: str, now: float, reason: str = "closed") -> list:
         self.conn_address.pop(conn, None)
+        self.conn_standing.pop(conn, None)
         wid = self.conn_worker.pop(conn, None)
         if wid is None:
             return []
@@ -125,15 +130,21 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
             return []
         return self._worker_lost(w, now, f"socket {reason}")
 
-    def on_connect(self, conn: str, address: str, now: float) -> list:
-        """A worker socket opened from `address`: refused while that address is backed off."""
+    def on_connect(self, conn: str, address: str, now: float, standing: str | None = None) -> list:
+        """A worker socket opened from `address`, presenting the pass `standing` (or None):
+        refused while that address is backed off, unless the pass is of a tab in good standing
+        there (security.Standing)."""
         wait = self.backoff.wait(address, now)
-        if wait > 0:
+        if wait > 0 and self.standing.admits(standing, address, now):
+            self.counters["standing_admits"] += 1
+        elif wait > 0:
             self.counters["backoff_refusals"] += 1
             reason = f"joins from this address are refused for {wait:.0f} more s ({self.backoff.records[address]['reason']})"
             return [Send(conn, wire.make("error", code="backoff", field=None, message=reason, retry_after_s=round(wait, 3))),
                     Close(conn, 1008, reason[:120])]
         self.conn_address[conn] = address
+        if standing:
+            self.conn_standing[conn] = standing
         return []
 
     def on_protocol_error(self, conn: str, err: ProtocolError, now: float) -> list:

@@ -338,6 +338,10 @@ _SCHEMA_TABLE: list[tuple[str, str, dict[str, Any]]] = [
         "worker_id": str,
         "heartbeat_ms": int,
         "epoch": int,
+        # the tab's pass (coordinator/security.Standing): presented as the worker socket's
+        # `?standing=` query when it reconnects, it lets the tab rejoin while its address is backed
+        # off for another tab's offenses, once this worker has passed probation
+        "standing": opt(str),
     }),
     ("measure", COORDINATOR, {
         "layers": opt(int),

@@ -27,6 +27,7 @@ import random
 import signal
 import ssl
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlencode
 
 import websockets
 
@@ -74,6 +75,9 @@ class WorkerConnection:
         self.worker = worker
         self.url = url
         self._source = {"local_addr": (source_address, 0)} if source_address else {}
+        # the pass the coordinator welcomed this tab with (coordinator/security.Standing),
+        # presented when it reconnects: once proven, it rejoins while its address is backed off
+        self.standing: str | None = None
         self.say = say or (lambda line: None)
         self.fatal: str | None = None  # set by a refusal that retrying cannot fix
         self.welcomed = False  # the current connection was welcomed (joined): the reconnect backoff starts over
@@ -126,7 +130,7 @@ class WorkerConnection:
             self.say(f"connecting to {self.url}")
             self.welcomed, self.retry_after_s = False, 0.0
             try:
-                async with websockets.connect(self.url, max_size=MAX_FRAME, compression=None, ping_interval=None,
+                async with websockets.connect(self._url_with_pass(), max_size=MAX_FRAME, compression=None, ping_interval=None,
                                               open_timeout=10, **self._tls, **self._source) as raw:
                     ws = self.link(raw)
                     await self._session(ws)
@@ -166,11 +170,18 @@ class WorkerConnection:
             return "the coordinator closed the connection"
         return f"the coordinator closed the connection ({code} {reason})".rstrip()
 
+    def _url_with_pass(self) -> str:
+        """The coordinator's URL, with this tab's pass as the `standing` query where it has one."""
+        if not self.standing:
+            return self.url
+        return f"{self.url}{'&' if '?' in self.url else '?'}{urlencode({'standing': self.standing})}"
+
     def _observe_in(self, m: dict) -> None:
         """Lifecycle lines (and fatal refusals) from what the coordinator sends."""
         kind = m.get("type")
         if kind == "welcome":
             self.welcomed = True
+            self.standing = m.get("standing") or self.standing
             self.say(f"joined as {m['worker_id']} (heartbeat every {m['heartbeat_ms']} ms)")
         elif kind == "error" and m.get("code") in FATAL:
             token = repr(self.worker.token) if self.worker.token else "(none given)"

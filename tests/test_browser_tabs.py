@@ -451,6 +451,9 @@ def test_reloaded_tab_rejoins_from_its_cache(cluster, browser, reference, smollm
     name = page.evaluate("window.tabState.name")
     cluster.wait_for(lambda s: name in served_by(s), 240, what=f"{name} serving")
     before = page.evaluate("window.tabState.stats")
+    # the pass it was welcomed with (coordinator/security.Standing) survives the reload
+    assert page.evaluate("sessionStorage.getItem('tabshard-standing')")
+    carried = cluster.status()["counters"]["passes_carried"]
     page.reload()
     cluster.wait_for(lambda s: sum(1 for w in tab_workers(s) if w["name"] == name) == 1
                      and any(w["name"] == name and w["state"] in ("ready", "idle") for w in tab_workers(s)), 240,
@@ -459,6 +462,7 @@ def test_reloaded_tab_rejoins_from_its_cache(cluster, browser, reference, smollm
     assert held and after["bytes_received"] <= allowed, (before["ranges"], after["ranges"], after["bytes_received"], allowed)
     if now & held:
         assert after["bytes_from_cache"] > 0, after  # what it held came from its cache
+    assert cluster.status()["counters"]["passes_carried"] > carried  # it rejoined with its pass
     assert ws_tokens(cluster.base) == reference
 
 

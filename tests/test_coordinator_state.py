@@ -901,3 +901,74 @@ def test_a_backed_off_address_is_told_when_to_try_again(weights):
     assert error["code"] == "backoff" and error["retry_after_s"] == pytest.approx(1.5, abs=0.01)
     assert out[1].__class__.__name__ == "Close"
     assert net.core.on_connect("c-other", "10.0.0.10", now) == []  # another address joins
+
+
+def test_a_pass_admits_its_proven_tab_while_its_address_is_backed_off():
+    """security.Standing: a pass admits once its worker passed probation, only from its own
+    address, until revoked (the worker offended) or ttl_s after it was last seen in good standing;
+    a tab rejoining with a good pass carries it on, earned, and a stale one gets a new pass."""
+    from coordinator.security import Standing
+
+    st = Standing(ttl_s=60.0, max_passes=3)
+    a = st.issue("w1", "10.0.0.9", 0.0)
+    assert len(a) >= 32 and not st.admits(a, "10.0.0.9", 1.0)  # not earned yet: a tarpit's first join
+    st.earn("w1", 2.0)
+    assert st.admits(a, "10.0.0.9", 3.0) and not st.admits(a, "10.0.0.8", 3.0) and not st.admits(None, "10.0.0.9", 3.0)
+    assert not st.admits(a + "x", "10.0.0.9", 3.0)
+    st.seen("w1", 10.0)  # its socket dropped in good standing
+    assert st.admits(a, "10.0.0.9", 70.0) and not st.admits(a, "10.0.0.9", 70.1)
+    assert st.issue("w2", "10.0.0.9", 20.0, presented=a) == a and st.admits(a, "10.0.0.9", 21.0)  # carried on
+    st.revoke("w1")  # the pass moved on to w2: w1's end no longer touches it
+    assert st.admits(a, "10.0.0.9", 22.0)
+    st.revoke("w2")
+    assert not st.admits(a, "10.0.0.9", 22.0)
+    assert st.issue("w3", "10.0.0.9", 23.0, presented=a) != a  # a revoked pass is not carried on
+    b = st.issue("w4", "10.0.0.7", 24.0)
+    st.issue("w5", "10.0.0.7", 25.0), st.issue("w6", "10.0.0.7", 26.0)
+    assert len(st.passes) == 3 and b in st.passes and "w3" not in st.of_worker  # the oldest went
+
+
+def test_a_proven_tab_rejoins_with_its_pass_while_another_tab_of_its_address_is_backed_off(weights):
+    """A tab that passed probation rejoins from an address that another tab's offenses backed off,
+    presenting the pass it was welcomed with; a tab without one is refused, as is a pass whose
+    worker has not passed probation, the pass once its worker offends, and from another address."""
+    net = Net(weights, CoordinatorSettings(max_ctx=256, stages=1, probation_steps=3), local=True)
+    welcomes = {}
+
+    def join(conn):
+        assert net.core.on_connect(conn, "10.0.0.9", net.now) == []
+        net.add_worker(conn=conn)
+        hello = net.queue.pop()[2]
+        actions = net.core.on_message(conn, hello, net.now)
+        welcomes[conn] = next(a.msg for a in actions if a.msg["type"] == "welcome")
+        net.perform(actions)
+
+    join("c-a")
+    net.run()
+    net.advance(0.5)
+    net.submit("warm", PROMPT, 6)
+    net.advance(1.0)  # its first steps checked by the coordinator's compute: trusted
+    join("c-p")
+    net.frozen.add("c-p")  # answers nothing: stays on probation
+    net.run()
+    now = net.now
+    wid, unproven = net.core.conn_worker["c-a"], net.core.conn_worker["c-p"]
+    assert not net.core.workers[wid].probation and net.core.workers[unproven].probation
+    secret = welcomes["c-a"]["standing"]
+    assert net.core.standing.of_worker[wid] == secret != welcomes["c-p"]["standing"]
+    for _ in range(4):  # another tab of 10.0.0.9 offends: joins from there wait 4 s
+        net.core.backoff.offend("10.0.0.9", "protocol error", now)
+    assert net.core.on_connect("c-b", "10.0.0.9", now, None)[0].msg["code"] == "backoff"
+    assert net.core.on_connect("c-b", "10.0.0.9", now, welcomes["c-p"]["standing"])[0].msg["code"] == "backoff"
+    assert net.core.on_connect("c-b", "10.0.0.9", now, secret) == [] and net.core.counters["standing_admits"] == 1
+    net.kill("c-a")  # its old socket went (a dropped connection: no offense)
+    net.add_worker(conn="c-b")
+    net.run()
+    new = net.core.conn_worker["c-b"]
+    assert new != wid and net.core.workers[new].state not in ("dead", "quarantined")
+    assert net.core.standing.of_worker[new] == secret and net.core.counters["passes_carried"] == 1  # carried on
+    for _ in range(3):
+        net.core.backoff.offend("10.0.0.10", "protocol error", now)
+    assert net.core.on_connect("c-c", "10.0.0.10", now, secret)[0].msg["code"] == "backoff"  # another address
+    net.perform(net.core._worker_lost(net.core.workers[new], now, "a lie", quarantine=True))
+    assert net.core.on_connect("c-d", "10.0.0.9", now, secret)[0].msg["code"] == "backoff"  # revoked

@@ -137,3 +137,31 @@ def test_refused_sockets_reconnect_ever_more_slowly_and_honour_a_backoffs_retry_
     # in 2.5 s, where waits started over at each open made about twenty
     assert gaps[0] >= 0.8 and len(opened) <= 5, gaps
     assert all(b > a for a, b in zip(gaps[1:], gaps[2:])), gaps
+
+
+def test_a_tab_reconnects_with_the_pass_it_was_welcomed_with():
+    """The pass a welcome carries (coordinator/security.Standing) goes with every later socket as
+    its `?standing=` query: a proven tab so rejoins while its address is backed off."""
+    worker, _, _ = loaded_worker()
+    port = free_port()
+    paths = []
+
+    async def coordinator(ws):
+        paths.append(ws.request.path)
+        assert wire.decode(await ws.recv())["type"] == "hello"
+        await ws.send(wire.encode(wire.make("welcome", worker_id=f"w{len(paths)}", heartbeat_ms=1000, epoch=len(paths),
+                                            standing="p/ss+1" if len(paths) == 1 else None)))
+        await ws.close(1001, "going away")
+
+    async def main():
+        conn = WorkerConnection(worker, f"ws://127.0.0.1:{port}/ws/worker")
+        async with websockets.serve(coordinator, "127.0.0.1", port, compression=None, max_size=None):
+            task = asyncio.create_task(conn.run())
+            while len(paths) < 3:
+                await asyncio.sleep(0.05)
+            conn.stop()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    # the first socket has none; later ones keep the pass (a welcome without one leaves it)
+    assert paths[0] == "/ws/worker" and paths[1] == paths[2] == "/ws/worker?standing=p%2Fss%2B1", paths

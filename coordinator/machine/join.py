@@ -29,8 +29,9 @@ class Join:
         if conn in self.conn_worker:
             return [Send(conn, wire.make("error", code="already_joined", field="type", message="hello sent twice"))]
         address = self.conn_address.get(conn, "")
-        if conn != LOCAL and self.backoff.wait(address, now) > 0:  # an offense on another socket since this one opened
-            return self.on_connect(conn, address, now)
+        presented = self.conn_standing.pop(conn, None)
+        if conn != LOCAL and self.backoff.wait(address, now) > 0 and not self.standing.admits(presented, address, now):
+            return self.on_connect(conn, address, now)  # an offense on another socket since this one opened
         wid = LOCAL if conn == LOCAL else f"w{next(self._ids)}"
         # the schema bounded every field (names, sizes, numbers finite and in range): stored as is
         w = Worker(conn, wid, m["worker_name"], dict(m["capabilities"]), next(self._epoch), now, now, local=conn == LOCAL,
@@ -42,8 +43,15 @@ class Join:
             self._first_join_at = now
         w.move("hello")
         self.events.append({"t": now, "kind": "join", "worker": wid, "name": w.name})
+        welcome = {}
+        if conn != LOCAL:
+            welcome["standing"] = self.standing.issue(wid, address, now, presented)
+            if presented and welcome["standing"] == presented:
+                self.counters["passes_carried"] += 1  # a tab rejoined with the pass it had
+            if not w.probation:  # no probation here (probation_steps 0): every worker is in good standing
+                self.standing.earn(wid, now)
         return [
-            Send(conn, wire.make("welcome", worker_id=wid, heartbeat_ms=self.settings.heartbeat_ms, epoch=w.epoch)),
+            Send(conn, wire.make("welcome", worker_id=wid, heartbeat_ms=self.settings.heartbeat_ms, epoch=w.epoch, **welcome)),
             Send(conn, self._measure_message()),
         ]
 

@@ -49,6 +49,7 @@ class Recovery:
                 self.counters["slow_evictions"] += 1
                 if w.address and not w.probation:
                     self.backoff.offend(w.address, "a step far past its deadline", now)
+                    self.standing.revoke(w.worker_id)
                 out += self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
                                                  f"{' on probation' if w.probation else ''})", quarantine=w.probation)
             elif w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
@@ -104,6 +105,10 @@ class Recovery:
         w.why = reason[:200]
         if quarantine and w.address:
             self.backoff.offend(w.address, reason, now)
+        if quarantine:
+            self.standing.revoke(w.worker_id)
+        else:
+            self.standing.seen(w.worker_id, now)  # gone in good standing (unless revoked above)
         self._trials.pop(w.worker_id, None)
         for step_id in [k for k, c in self._synthetic.items() if c.worker == w.worker_id]:
             del self._synthetic[step_id]

@@ -122,6 +122,7 @@ class Trials:
         w.probation = False
         w.checked_left = self.settings.probation_steps  # its first steps in the plan are all checked
         self.counters["probations_passed"] += 1
+        self.standing.earn(w.worker_id, now)  # its tab may rejoin while its address is backed off
         self.events.append({"t": now, "kind": "trusted", "worker": w.worker_id, "steps": w.proven_steps,
                             "ms_per_layer": round(w.ms_per_layer, 3)})
 

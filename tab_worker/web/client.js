@@ -71,6 +71,10 @@ class WorkerConnection {
     this.stats = {};
     this.stopped = false;
     this.sessions_joined = 0;
+    // the pass the coordinator welcomed this tab with (coordinator/security.py's Standing), kept
+    // by the page in sessionStorage across reloads: once proven, the tab rejoins while its
+    // address is backed off for another tab's offenses
+    this.standing = options.standing || null;
     this.compute = new Worker(new URL("./client.js?role=compute", import.meta.url), { type: "module" });
     this.compute.onmessage = (ev) => this.from_compute(ev.data);
     this.compute.onerror = (ev) => this.show({ type: "fatal", message: `compute worker failed: ${ev.message || "error"}` });
@@ -105,7 +109,8 @@ class WorkerConnection {
 
   run() {
     if (this.stopped || this.paused) return;
-    const ws = (this.ws = new WebSocket(this.url));
+    const pass = this.standing ? `${this.url.includes("?") ? "&" : "?"}standing=${encodeURIComponent(this.standing)}` : "";
+    const ws = (this.ws = new WebSocket(this.url + pass));
     ws.binaryType = "arraybuffer";
     this.retryAfter = 0;
     ws.onopen = () => {
@@ -141,6 +146,10 @@ class WorkerConnection {
     }
     if (m.type === "welcome") {
       this.backoff = 100;
+      if (m.standing) {
+        this.standing = m.standing;
+        this.show({ type: "standing", standing: m.standing });  // the page keeps it
+      }
       this.start_heartbeats(m.heartbeat_ms);
     }
     if (m.type === "error") {

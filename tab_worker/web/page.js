@@ -37,6 +37,13 @@ function render(stats) {
   else if (p.total && p.received < p.total) phase("loading");
 }
 
+// The tab's pass (welcome's `standing`), kept in sessionStorage: a reloaded tab rejoins with it.
+const PASS_KEY = "tabshard-standing";
+
+function storedPass() {
+  try { return sessionStorage.getItem(PASS_KEY); } catch { return null; }
+}
+
 function start() {
   if (!params.get("token")) {
     phase("failed");
@@ -52,6 +59,7 @@ function start() {
   const options = {
     token: params.get("token"), backend: params.get("backend") || "auto", limits: params.get("limits") || "adapter",
     memoryBytes: params.get("memory_mb") ? Math.round(Number(params.get("memory_mb")) * 2 ** 20) : null, base: location.origin,
+    standing: storedPass(),
   };
   const name = params.get("name") || `tab-${Math.random().toString(36).slice(2, 8)}`;
   const worker = new Worker("/tab/static/client.js", { type: "module" });
@@ -77,6 +85,8 @@ function start() {
       if (d.state === "open") { phase("joined"); show("Connected; measuring and waiting for an assignment…"); }
       else if (d.fatal) { phase("failed"); show(`The coordinator refused this tab: ${d.reason}. Check the join URL's token.`, true); }
       else { phase("reconnecting"); show(`Connection lost (${d.code}${d.reason ? `: ${d.reason}` : ""}); reconnecting…`, true); }
+    } else if (d.type === "standing") {  // the coordinator's pass for this tab: kept across reloads
+      try { sessionStorage.setItem(PASS_KEY, d.standing); } catch { /* storage off: the pass lasts this page */ }
     } else if (d.type === "problem") {
       show(d.message, true);
     } else if (d.type === "fatal") {
