@@ -78,6 +78,13 @@ def _run_with_fault(coord, tabs, inject, at_token=4, stage=1):
     return res, fired["t"], fired["wid"], fired["tab"], log.sorted()
 
 
+def _since(events, t0):
+    """The run's events from t0 on, short (kind, time after t0, worker, stage, reason): what an
+    assertion on them prints."""
+    return [(e["kind"], round(e["t"] - t0, 3), e.get("worker"), e.get("stage"), str(e.get("reason", ""))[:60])
+            for e in events if e["t"] >= t0 - 0.05 and e["kind"] not in ("plan", "plan_kept", "loaded", "trusted")]
+
+
 def _first(events, t0, kinds, worker=None):
     return next((e for e in events if e["t"] >= t0 - 0.05 and e["kind"] in kinds
                  and (worker is None or e.get("worker") == worker)), None)
@@ -114,7 +121,7 @@ def test_slow_tab_is_suspected_by_step_deadline_and_tokens_are_exact(sim, refere
     res, t0, wid, tab, ev = _run_with_fault(coord, tabs, lambda t: t.slow(3000, seconds=2.5))
     assert res.error is None and res.ids == reference
     suspect = _first(ev, t0, {"suspect", "death"}, wid)
-    assert suspect and suspect["t"] - t0 < 2.5  # step_deadline_min_ms 1500 + a tick
+    assert suspect and suspect["t"] - t0 < 2.5, (wid, _since(ev, t0))  # step_deadline_min_ms 1500 + a tick
 
 
 def test_freeze_is_detected_by_heartbeat_silence_and_the_tab_rejoins(sim, reference):
@@ -122,8 +129,8 @@ def test_freeze_is_detected_by_heartbeat_silence_and_the_tab_rejoins(sim, refere
     res, t0, wid, tab, ev = _run_with_fault(coord, tabs, lambda t: t.freeze(2.0))
     assert res.error is None and res.ids == reference
     death = _first(ev, t0, {"death"}, wid)
-    assert death and "silent" in death["reason"] and death["t"] - t0 <= 1.0 + 0.1
-    assert _first(ev, t0, {"recovered"})
+    assert death and "silent" in death["reason"] and death["t"] - t0 <= 1.0 + 0.1, (wid, _since(ev, t0))
+    assert _first(ev, t0, {"recovered"}), (wid, _since(ev, t0))
     joined = tab.info()["sessions_joined"]
     coord.wait_for(lambda st: any(w["name"] == tab.name and w["worker_id"] != wid and w["state"] not in ("dead", "quarantined")
                                   for w in st["workers"]), 20, "the thawed tab to rejoin")
