@@ -48,8 +48,9 @@ def lying(worker) -> float:
 def slow_down(worker, factor: float, cpu_time: bool = False) -> None:
     """Every step (and speed measurement) of `worker` takes `factor` times its compute time, as on a
     device that much slower (1: full speed). cpu_time: the compute is timed as the CPU time of
-    the thread that computes (run the worker on one thread), so that processes sharing this
-    host's cores do not make a simulated device of its own slower still."""
+    the thread that computes (run the worker on one thread), and a step takes `factor` times that
+    whatever its wall time, so that processes sharing this host's cores do not make a simulated
+    device of its own slower still."""
     factor = float(factor)
     worker.compute_clock = time.thread_time if cpu_time else time.perf_counter
     worker.compute_delay = None if factor == 1.0 else (lambda compute_s: compute_s * (factor - 1))

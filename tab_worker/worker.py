@@ -84,7 +84,8 @@ class TabWorker:
         # compute_delay: fn(compute_s) -> seconds more each step (and speed measurement) takes, as on a
         # slower device (steps then never run inline: is_quick_step); compute_s is timed by
         # compute_clock (wall time; a simulation of devices of their own may pass the thread's CPU
-        # time, which other processes sharing this host's cores do not inflate);
+        # time, which other processes sharing this host's cores do not inflate: a step then takes
+        # its CPU time plus compute_delay of it, however long the shared cores made it in wall time);
         # before_build: fn() runs before an assigned range's backend is built;
         # load_checks: fn(backend) runs on a range just built; an exception refuses the range
         # (a browser creates its pipelines at load, and a kernel beyond its limits fails there)
@@ -193,7 +194,8 @@ class TabWorker:
         # the fastest step: tabs of one host join together and preempt each other's steps (a
         # mean over a few 1-ms steps measured 1.4 to 8.9 ms/layer for 4 equal workers on 2 cores,
         # and the plan gave one of them 17 of 30 layers)
-        ms = (min(steps) + (self.compute_delay(min(used)) if self.compute_delay else 0.0)) * 1000
+        own = self.compute_clock is not time.perf_counter  # a device of its own: its CPU time is its step
+        ms = ((min(used) if own else min(steps)) + (self.compute_delay(min(used)) if self.compute_delay else 0.0)) * 1000
         return [wire.make("measurement", step_ms=ms, details={"backend": self.backend_name, "tokens": tokens})]
 
     def on_assign(self, m):
@@ -347,7 +349,14 @@ class TabWorker:
         for result_filter in self.result_filters:
             result_filter(m, reply)
         if self.compute_delay is not None:
-            time.sleep(self.compute_delay(self.compute_clock() - c0))
+            used = self.compute_clock() - c0
+            delay = self.compute_delay(used)
+            if self.compute_clock is not time.perf_counter:
+                # a device of its own takes its CPU time and the delay: what the host's other
+                # processes added to the wall time is taken off the sleep (four replicas computing
+                # at once on two cores made each step up to twice its compute longer)
+                delay -= (time.perf_counter() - t0) - used
+            time.sleep(max(0.0, delay))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
         if _is_decode_step(m):
             self.decode_ms[key] = reply["compute_ms"]

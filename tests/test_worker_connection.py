@@ -165,3 +165,18 @@ def test_a_tab_reconnects_with_the_pass_it_was_welcomed_with():
     asyncio.run(main())
     # the first socket has none; later ones keep the pass (a welcome without one leaves it)
     assert paths[0] == "/ws/worker" and paths[1] == paths[2] == "/ws/worker?standing=p%2Fss%2B1", paths
+
+
+def test_a_device_of_its_own_takes_its_cpu_time_times_the_factor_whatever_the_wall_time():
+    """slow_down(cpu_time=True), as bench_plans' replicas run: a step takes factor x its CPU time;
+    wall time the host's other processes added (here 50 ms more, with 10 ms of CPU) comes off
+    the sleep instead of adding to the step, as it did (50 + 9 x 10 = 140 ms)."""
+    import itertools
+    import time
+
+    worker, layers, hidden = loaded_worker()
+    slow_down(worker, 10.0, cpu_time=True)
+    worker.compute_clock = itertools.cycle([0.0, 0.010]).__next__  # 10 ms of CPU a step
+    worker.result_filters.append(lambda m, reply: time.sleep(0.05))
+    reply = worker.on_step(steps(layers, hidden)[0])[0]
+    assert 98 <= reply["compute_ms"] <= 125, reply["compute_ms"]
