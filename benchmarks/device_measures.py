@@ -50,19 +50,11 @@ def variant_tuning(dev, variant: str):
         # W threads, at most G workgroups a batch row where whole rows fit one chunk, O outputs a
         # thread (B at more than one row a workgroup) for rows of at least K inputs, at most T threads
         # an output at one row, L blocks a lane loads before using them
-        i8 = {"matvec_i8_wg": dev.workgroup_size(int(m.group(1)))} if m.group(1) else {}
-        if m.group(2):
-            i8["matvec_i8_max_groups"] = int(m.group(2))
-        if m.group(3):
-            i8["matvec_i8_opt"] = int(m.group(3))
-        if m.group(4):
-            i8["matvec_i8_max_tpr"] = int(m.group(4))
-        if m.group(5):
-            i8["matvec_i8_batch_opt"] = int(m.group(5))
-        if m.group(6):
-            i8["matvec_i8_loads"] = int(m.group(6))
-        if m.group(7):
-            i8["matvec_i8_opt_min_k"] = int(m.group(7))
+        fields = ("matvec_i8_wg", "matvec_i8_max_groups", "matvec_i8_opt", "matvec_i8_max_tpr", "matvec_i8_batch_opt",
+                  "matvec_i8_loads", "matvec_i8_opt_min_k")  # the letters' order in the name
+        i8 = {f: int(v) for f, v in zip(fields, m.groups()) if v}
+        if "matvec_i8_wg" in i8:
+            i8["matvec_i8_wg"] = dev.workgroup_size(i8["matvec_i8_wg"])
         return dataclasses.replace(base, **i8), {"compute_dtype": "i8"}
     if variant == "wgpu-attn1":  # attention's parts walk one key a step (KEYS_AT_ONCE = 1, the walk before four)
         return base, {"kernel_constants": {k: {"KEYS_AT_ONCE": 1} for k in ("attention", "attention_rope")}}
