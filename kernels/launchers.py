@@ -308,9 +308,9 @@ class QuantLinear(Launcher):
         self.batch_opt = self.opt
         if compute_dtype == "i8" and self.tuning.matvec_i8_batch_opt and long_rows:
             self.batch_opt = self.tuning.matvec_i8_batch_opt
-        if self.span not in (1, 2, 4, 8) or {self.opt, self.batch_opt} - {1, 2, 4} or (not f32 and compute_dtype != "i8" and self.opt != 1):
+        if self.span not in (1, 2, 4, 8) or {self.opt, self.batch_opt} - {1, 2, 4}:
             raise ValueError(f"matvec span {self.span} / opt {self.opt} / {self.batch_opt}: span must be 1, 2, 4 or 8 and "
-                             "opt 1, 2 or 4 (1 for f16)")
+                             "opt 1, 2 or 4")
         if self.tuning.matvec_i8_loads not in (1, 2):
             raise ValueError(f"matvec_i8_loads {self.tuning.matvec_i8_loads} must be 1 or 2")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)

@@ -194,8 +194,7 @@ class TabWorker:
         # the fastest step: tabs of one host join together and preempt each other's steps (a
         # mean over a few 1-ms steps measured 1.4 to 8.9 ms/layer for 4 equal workers on 2 cores,
         # and the plan gave one of them 17 of 30 layers)
-        own = self.compute_clock is not time.perf_counter  # a device of its own: its CPU time is its step
-        ms = ((min(used) if own else min(steps)) + (self.compute_delay(min(used)) if self.compute_delay else 0.0)) * 1000
+        ms = ((min(used) if self._own_device else min(steps)) + (self.compute_delay(min(used)) if self.compute_delay else 0.0)) * 1000
         return [wire.make("measurement", step_ms=ms, details={"backend": self.backend_name, "tokens": tokens})]
 
     def on_assign(self, m):
@@ -325,6 +324,12 @@ class TabWorker:
         except Exception:
             return False
 
+    @property
+    def _own_device(self) -> bool:
+        """Compute timed by a clock other than the wall's (a simulated device of its own): a step,
+        and a speed measurement, take that clock's time plus compute_delay of it."""
+        return self.compute_clock is not time.perf_counter
+
     def on_step(self, m):
         key = (m["layer_start"], m["layer_end"])
         backend = self.ranges.get(key)
@@ -351,10 +356,10 @@ class TabWorker:
         if self.compute_delay is not None:
             used = self.compute_clock() - c0
             delay = self.compute_delay(used)
-            if self.compute_clock is not time.perf_counter:
-                # a device of its own takes its CPU time and the delay: what the host's other
-                # processes added to the wall time is taken off the sleep (four replicas computing
-                # at once on two cores made each step up to twice its compute longer)
+            if self._own_device:
+                # what the host's other processes added to the wall time is taken off the sleep
+                # (four replicas computing at once on two cores made each step up to twice its
+                # compute longer)
                 delay -= (time.perf_counter() - t0) - used
             time.sleep(max(0.0, delay))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000

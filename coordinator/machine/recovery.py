@@ -48,8 +48,7 @@ class Recovery:
                 # names meets a growing backoff); a tab still on probation is quarantined
                 self.counters["slow_evictions"] += 1
                 if w.address and not w.probation:
-                    self.backoff.offend(w.address, "a step far past its deadline", now)
-                    self.standing.revoke(w.worker_id)
+                    self._offend(w, "a step far past its deadline", now)
                 out += self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
                                                  f"{' on probation' if w.probation else ''})", quarantine=w.probation)
             elif w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
@@ -98,17 +97,22 @@ class Recovery:
             return "a liar's tokens being recomputed"
         return None
 
+    def _offend(self, w: Worker, reason: str, now: float) -> None:
+        """An offense of a joined worker: it counts against its address (Backoff) and revokes its
+        pass (Standing), together, wherever it is found."""
+        if w.address:
+            self.backoff.offend(w.address, reason, now)
+        self.standing.revoke(w.worker_id)
+
     def _worker_lost(self, w: Worker, now: float, reason: str, quarantine: bool = False) -> list:
         """Fence the worker (its epoch dies with it) and repair every stage it served."""
         w.move("quarantined" if quarantine else "lost")
         w.ended_at = now
         w.why = reason[:200]
-        if quarantine and w.address:
-            self.backoff.offend(w.address, reason, now)
         if quarantine:
-            self.standing.revoke(w.worker_id)
+            self._offend(w, reason, now)
         else:
-            self.standing.seen(w.worker_id, now)  # gone in good standing (unless revoked above)
+            self.standing.seen(w.worker_id, now)  # gone in good standing (unless revoked before)
         self._trials.pop(w.worker_id, None)
         for step_id in [k for k, c in self._synthetic.items() if c.worker == w.worker_id]:
             del self._synthetic[step_id]
