@@ -269,3 +269,16 @@ def test_batch_outputs_a_thread_apply_to_long_rows_at_more_than_one_row(dev):
     with pytest.raises(ValueError, match="matvec_i8_loads"):
         KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 256, 4096, []), None, 4096, None, 256,
                        tuning=dataclasses.replace(tuning, matvec_i8_loads=3), compute_dtype="i8")
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_qmatvec_i8_lanes_loading_two_blocks_ahead_walk_every_block(dev, rng, rows):
+    # LOADS = 2 over many blocks a lane: k = 4000 (125 blocks) at 8 lanes an output gives each lane
+    # 15 or 16 blocks, pairs and an odd one left; at 8 rows x comes in chunks
+    tuning = dataclasses.replace(TUNINGS["gpu-subgroup-batch4-loads2"], matvec_max_tpr=8, matvec_i8_max_tpr=8)
+
+    def prepare(op):
+        assert op.matvec_constants(rows, 0)["TPR"] == 8 and op.matvec_constants(rows, 0)["LOADS"] == 2
+
+    linear_vs_twins(dev, rng, QuantSpec(3, 64, True), 37, 4000, rows, tuning, "i8", None, True, I8_TOL,
+                    contiguous3=False, prepare=prepare, spread3=True)
