@@ -12,7 +12,7 @@ def cmd_simulate(a) -> int:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     from simulation.report import format_table
-    from simulation.scenario import run_scenario
+    from simulation.scenario import load_scenario, run_scenario
 
     def progress(line: str, end: str = "\n") -> None:
         if not a.quiet:
@@ -20,7 +20,11 @@ def cmd_simulate(a) -> int:
             sys.stderr.flush()
 
     out = a.out or f"sim-out/{__import__('pathlib').Path(a.scenario).stem}"
-    report = run_scenario(a.scenario, address=a.address, out_dir=out, progress=progress)
+    scenario = a.scenario
+    if a.seed is not None:  # the same scenario at another seed: other fault times, targets and prompts
+        scenario = load_scenario(a.scenario)
+        scenario["seed"] = a.seed
+    report = run_scenario(scenario, address=a.address, out_dir=out, progress=progress)
     print(format_table(report))
     print(f"report: {out}/report.json  plots: {report.get('plots')}")
     return 0 if report["passed"] else 1
@@ -31,5 +35,6 @@ def add_commands(sub) -> None:
     s.add_argument("scenario", metavar="SCENARIO", help="a scenario TOML (see simulation/scenarios/)")
     s.add_argument("--address", metavar="RAY_ADDRESS", help="an existing Ray cluster (default: start a local Ray)")
     s.add_argument("--out", metavar="DIR", help="where report.json and the PNG go (default sim-out/NAME)")
+    s.add_argument("--seed", type=int, help="run at this seed instead of the scenario's own")
     s.add_argument("--quiet", action="store_true", help="no progress display")
     s.set_defaults(func=cmd_simulate)

@@ -196,3 +196,23 @@ def test_the_run_ends_once_its_last_fault_has_had_time_to_be_seen(tmp_path):
     assert run._detection_wait(100.0) == pytest.approx(99.5 + DETECTION_WINDOW_S - 100.0)
     assert run._detection_wait(99.5 + DETECTION_WINDOW_S + 1) == 0.0
     run._pool.shutdown(), run._fault_pool.shutdown()
+
+
+def test_simulate_runs_a_scenario_at_the_seed_asked(tmp_path, monkeypatch):
+    """`tabshard simulate SCENARIO --seed N` runs the scenario at seed N; without it, at its own."""
+    import simulation.scenario
+    from tabshard.cli import build_parser
+
+    ran = []
+
+    def stand_in(scenario, address=None, out_dir=None, progress=None):
+        ran.append(load_scenario(scenario) if isinstance(scenario, (str, Path)) else scenario)
+        return {"passed": True}
+
+    monkeypatch.setattr(simulation.scenario, "run_scenario", stand_in)
+    monkeypatch.setattr("simulation.report.format_table", lambda report: "")
+    for extra in (["--seed", "6"], []):
+        a = build_parser().parse_args(["simulate", str(SCENARIOS / "chaos.toml"), "--out", str(tmp_path), "--quiet", *extra])
+        assert a.func(a) == 0
+    assert [r["seed"] for r in ran] == [6, load_scenario(SCENARIOS / "chaos.toml")["seed"]] == [6, 4]
+    assert ran[0]["random_faults"] == ran[1]["random_faults"]  # the same scenario otherwise
