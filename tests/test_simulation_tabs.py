@@ -47,13 +47,16 @@ def _idle_and_served(coord):
                           "an idle plan of two stages served by tabs")
 
 
-def _serving_tab(coord, tabs, stage, steps_before):
-    """The primary of the stage's range in the pipeline that serves the stream (its steps grew)."""
+def _serving_tab(coord, tabs, stage):
+    """The primary of the stage's range in the pipeline that serves the stream (the one session
+    running: /status says its pipeline). Picking by steps grown instead could take a tab whose
+    own steps (a trial, an earlier stream) outgrew the stream's; freezing it then froze nothing
+    the stream used, and the stream could end before its death was seen."""
     st = coord.status()
+    (session,) = st["sessions"]
     layers = sorted({tuple(s["layers"]) for s in st["stages"]})[stage]
-    primaries = {s["holders"][0] for s in st["stages"] if tuple(s["layers"]) == layers and s["holders"]}
-    steps = {w["worker_id"]: w["steps"] for w in st["workers"]}
-    wid = max(sorted(primaries), key=lambda w: steps.get(w, 0) - steps_before.get(w, 0))
+    (wid,) = [s["holders"][0] for s in st["stages"]
+              if s.get("pipeline") == session["pipeline"] and tuple(s["layers"]) == layers and s["holders"]]
     name = next(w["name"] for w in st["workers"] if w["worker_id"] == wid)
     return tabs[name], wid
 
@@ -61,13 +64,12 @@ def _serving_tab(coord, tabs, stage, steps_before):
 def _run_with_fault(coord, tabs, inject, at_token=4, stage=1):
     """Stream the reference request; at `at_token` inject the fault into the primary tab of the
     stage serving it."""
-    st = _idle_and_served(coord)
-    steps_before = {w["worker_id"]: w["steps"] for w in st["workers"]}
+    _idle_and_served(coord)
     fired = {}
 
     def on_token(n):
         if n == at_token and not fired:
-            fired["tab"], fired["wid"] = _serving_tab(coord, tabs, stage, steps_before)
+            fired["tab"], fired["wid"] = _serving_tab(coord, tabs, stage)
             fired["t"] = time.monotonic()
             inject(fired["tab"])
 
