@@ -185,7 +185,8 @@ def concurrent(base: str, n: int, max_tokens: int, stamps: list | None = None, s
         started.set()
     for t in threads:
         t.join()
-    return {"tok_s": sum(len(r["ids"]) for r in results) / (time.perf_counter() - t0), "ids": [r["ids"] for r in results]}
+    return {"tok_s": sum(len(r["ids"]) for r in results) / (time.perf_counter() - t0), "ids": [r["ids"] for r in results],
+            "ttft_s": [r["ttft_s"] for r in results], "decode_tok_s": [r["decode_tok_s"] for r in results]}
 
 
 def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure, twin: Cluster | None = None) -> dict:
@@ -275,8 +276,12 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
         one.wait_ready(), four.wait_ready()
         print(f"replicas plan: {plan_of(four)}", flush=True)
 
+        parts = {c.name: {"ttft_s": [], "decode_tok_s": []} for c in (one, four)}
+
         def eight(c):
             r = concurrent(c.base, 8, tokens)
+            parts[c.name]["ttft_s"].append(statistics.median(r["ttft_s"]))
+            parts[c.name]["decode_tok_s"].append(sum(r["decode_tok_s"]))
             return r["tok_s"], r["ids"]
 
         cpu0 = {c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)}
@@ -290,11 +295,18 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
         out["coordinator_cpu_share"] = {c.name: round((_cpu_s(c.coord.proc.pid) - cpu0[c.name]) / wall, 3) for c in (one, four)}
         out["steps"] = {c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)}
         out["plan"] = plan_of(four)
+        # the ratio taken apart (rounds after the first, as pair's): the 8 streams' decode rates
+        # summed (tokens after each stream's first over the time between its first and last) and
+        # the median time to a stream's first token (the prompts' prefill and the wait for it)
+        dec = [b / a for a, b in zip(parts[one.name]["decode_tok_s"][1:], parts[four.name]["decode_tok_s"][1:])]
+        out["decode_ratio"] = statistics.median(dec)
+        out["ttft_s"] = {n: round(statistics.median(p["ttft_s"][1:]), 3) for n, p in parts.items()}
         one.stop(), four.stop()
         out["kernel"] = kernel_rows_ratio()
         print(f"replicas: steps each worker served {out['steps']}; coordinators' CPU share {out['coordinator_cpu_share']}; "
               f"the kernel's decode step, one thread's CPU: {({n: round(v, 1) for n, v in out['kernel']['cpu_ms'].items()})} ms "
-              f"for 1/2/8 rows: T8/T2 {out['kernel']['t8_over_t2']:.2f}", flush=True)
+              f"for 1/2/8 rows: T8/T2 {out['kernel']['t8_over_t2']:.2f}; decode rates alone {out['decode_ratio']:.3f}x "
+              f"(rounds {[round(r, 3) for r in dec]}); median time to first token {out['ttft_s']} s", flush=True)
         return out
     finally:
         one.stop(), four.stop()
