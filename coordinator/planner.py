@@ -94,6 +94,7 @@ class Model:
     head_cost_layers: float = 0.0
     hidden_bytes: int = 0
     current: tuple = ()  # the running plan's first pipeline: (layer_start, layer_end, primary)
+    running: tuple = ()  # the running plan's other pipelines, each a tuple of (layer_start, layer_end, primary)
     held: dict = field(default_factory=dict, hash=False, compare=False)  # worker -> layers it holds (n_layers: the head)
 
     def missing(self, wid: str, a: int, b: int, head: bool) -> int:
@@ -106,7 +107,8 @@ class Model:
 def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_bytes: int,
          replicas: int = 1, max_stages: int | None = None, head_cost_layers: float = 0.0,
          stages: int | None = None, hidden_bytes: int = 0, bytes_per_ms: float = DEFAULT_BYTES_PER_MS,
-         current: list[tuple[int, int, str]] | None = None, held: dict[str, frozenset] | None = None) -> Plan:
+         current: list[tuple[int, int, str]] | None = None, held: dict[str, frozenset] | None = None,
+         running: list[list[tuple[int, int, str]]] | None = None) -> Plan:
     """The plan with the lowest predicted token latency: `stages` fixes the depth (as far as there are
     workers), `max_stages` caps it; `replicas`: holders each range gets at least (a pipeline's
     primaries count for the same range in the others; workers left over fill the rest). The
@@ -119,8 +121,12 @@ def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_by
     current: the running plan's first pipeline as (layer_start, layer_end, primary); held: the
     layers each worker holds now (n_layers standing for the head). A plan that moves few weights
     is preferred (STICKY_MAX_LOSS): the running ranges split or merged to the new depth, each
-    replica's and standby's range one it already holds where there is a choice."""
-    model = Model(n_layers, layer_bytes, head_bytes, head_cost_layers, hidden_bytes, tuple(current or ()), held or {})
+    replica's and standby's range one it already holds where there is a choice. running: the
+    running plan's other pipelines, as `current`: a replica whose ranges the new plan keeps and
+    whose primaries are all free and trusted stays as it is (its sessions' KV stays where it is:
+    a join that only adds a replica moves no session)."""
+    model = Model(n_layers, layer_bytes, head_bytes, head_cost_layers, hidden_bytes, tuple(current or ()),
+                  tuple(tuple(p) for p in running or ()), held or {})
     remote = [w for w in workers if not w.local]
     local = [w for w in workers if w.local]
     for pool in (remote, remote + local, local):
@@ -199,7 +205,28 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
     def fits(w, i):
         return w.memory_bytes / w.expansion >= need[i]
 
-    # serving replicas: more pipelines over the same ranges, from trusted workers only
+    def add_replica(chosen):
+        p = len(pipelines)
+        pipelines.append([StagePlan(a, b, i == depth - 1, [w.worker_id], p) for i, ((a, b), w) in enumerate(zip(bounds, chosen))])
+        predicted.append(predict_ms([(w, b - a, i == depth - 1) for i, ((a, b), w) in enumerate(zip(bounds, chosen))], m, bytes_per_ms))
+        for i, w in enumerate(chosen):
+            notes[w.worker_id] = (f"replica: pipeline {p}, stage {i} (predicted {predicted[-1]:.3g} ms a token "
+                                  f"against {first_ms:.3g} ms for pipeline 0)")
+            free.remove(w)
+
+    # serving replicas: more pipelines over the same ranges, from trusted workers only; first the
+    # running replicas that fit the new ranges whole (choosing afresh among workers that hold a
+    # range already, the fastest first, re-paired them whenever two tabs' measured speeds swapped
+    # places: every session on them moved, for nothing)
+    by_id = {w.worker_id: w for w in free}
+    for running in m.running:
+        kept = [by_id.get(wid) for _, _, wid in running]
+        if ([(a, b) for a, b, _ in running] != bounds or any(w is None or w.flagged is not None for w in kept)
+                or len({w.worker_id for w in kept}) < depth or not all(fits(w, i) for i, w in enumerate(kept))):
+            continue
+        add_replica(kept)
+        for w in kept:
+            del by_id[w.worker_id]
     while True:
         chosen, rest = [], [w for w in free if w.flagged is None]
         for i in range(depth):
@@ -213,13 +240,7 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
             rest.remove(w)
         if len(chosen) < depth:
             break
-        p = len(pipelines)
-        pipelines.append([StagePlan(a, b, i == depth - 1, [w.worker_id], p) for i, ((a, b), w) in enumerate(zip(bounds, chosen))])
-        predicted.append(predict_ms([(w, b - a, i == depth - 1) for i, ((a, b), w) in enumerate(zip(bounds, chosen))], m, bytes_per_ms))
-        for i, w in enumerate(chosen):
-            notes[w.worker_id] = (f"replica: pipeline {p}, stage {i} (predicted {predicted[-1]:.3g} ms a token "
-                                  f"against {first_ms:.3g} ms for pipeline 0)")
-            free.remove(w)
+        add_replica(chosen)
     # every pipeline's primary is a warm standby for the same range in the others
     for i in range(depth):
         primaries_i = [p[i].workers[0] for p in pipelines]

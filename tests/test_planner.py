@@ -271,3 +271,29 @@ def test_a_worker_primary_on_two_running_stages_keeps_one():
     p = plan(workers, 30, 3_000_000, 30_000_000, 1, stages=16, current=current)
     primaries = [sp.workers[0] for sp in p.pipelines[0]]
     assert sorted(primaries) == ["w0", "w1", "w2", "w3"], p
+
+
+def test_running_replicas_stay_whole_unless_a_tab_of_theirs_is_gone_or_flagged():
+    """running: the plan's other pipelines as they run. Each range's fastest free holder, chosen
+    afresh, would pair c with f and e with d here (e is now faster than c, d than f); the
+    running pairs stay, in their order, and the newcomers g and h form a third replica."""
+    L, H = 1000, 8000
+    speeds = {"a": 1.0, "b": 1.0, "c": 1.3, "d": 1.1, "e": 1.2, "f": 1.4, "g": 1.5, "h": 1.5}
+    held = {"a": frozenset(range(15)), "b": frozenset([*range(15, 30), 30]), "c": frozenset(range(15)),
+            "d": frozenset([*range(15, 30), 30]), "e": frozenset(range(15)), "f": frozenset([*range(15, 30), 30])}
+    current = [(0, 15, "a"), (15, 30, "b")]
+    running = [current, [(0, 15, "c"), (15, 30, "d")], [(0, 15, "e"), (15, 30, "f")]]
+
+    def primaries(workers, **kw):
+        p = plan(workers, 30, L, H, stages=2, current=current, held=held, **kw)
+        return [[sp.workers[0] for sp in pl] for pl in p.pipelines]
+
+    workers = [W(k, ms, GB) for k, ms in speeds.items()]
+    assert primaries(workers)[1:3] == [["e", "d"], ["c", "f"]]  # re-paired: both replicas' sessions would move
+    assert primaries(workers, running=running) == [["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]]
+    # a replica with a tab gone, or whose measurements are flagged, is chosen afresh
+    assert primaries([w for w in workers if w.worker_id != "d"], running=running)[:3] == [["a", "b"], ["e", "f"], ["c", "g"]]
+    flagged = [W(k, ms, GB, flagged="claims 0.001 ms a layer" if k == "c" else None) for k, ms in speeds.items()]
+    assert ["c", "d"] not in primaries(flagged, running=running)
+    # ranges of another depth: nothing of the running replicas applies
+    assert primaries(workers, running=[[(0, 10, "c"), (10, 30, "d")]])[1:3] == [["e", "d"], ["c", "f"]]

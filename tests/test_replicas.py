@@ -749,3 +749,40 @@ def test_a_slow_step_as_a_left_out_worker_falls_due_is_suspected_and_evicted_on_
     for k, rid in enumerate(streams):
         run_until_done(net, [rid])
         assert net.tokens(rid) == greedy_tokens(weights, PROMPT[:5 + k], 40)
+
+
+def test_a_join_keeps_running_replicas_whole_when_their_tabs_speeds_swap_places(weights):
+    """Three pipelines of two stages; since they were planned, one range's tabs of pipelines 1
+    and 2 swapped places by measured speed and the other range's did not. Two tabs join: the new
+    plan keeps every running pipeline as it is and adds the newcomers as a fourth (choosing each
+    range's fastest holder afresh re-paired pipelines 1 and 2: a plan that would move their
+    sessions, put off while they ran, so that the newcomers idled until the streams ended)."""
+    net = start_net(weights, 6, stages=2)
+    core = net.core
+    pipes = [[st.primary for st in sts] for _, sts in sorted(core._pipelines().items())]
+    assert len(pipes) == 3 and all(len(p) == 2 for p in pipes), pipes
+    (a, b), (c, d), (e, f) = pipes
+    speeds = {a: 1.0, b: 1.0, c: 1.3, d: 1.1, e: 1.2, f: 1.4}  # e now beats c, d still beats f
+
+    def measured():
+        for wid, w in core.workers.items():
+            w.ms_per_layer, w.rtt_ms, w.step_ms_per_layer = speeds.get(wid, 1.5), 1.0, None
+
+    measured()
+    for i in range(6):
+        net.submit(f"r{i}", PROMPT, 220, stop_at_eos=False)
+    net.run(until=lambda: all(len(net.tokens(f"r{i}")) >= 3 for i in range(6)))
+    assert sorted(Counter(s.pipeline for s in core.sessions.values()).values()) == [2, 2, 2]
+    generations = {rid: s.generation for rid, s in core.sessions.items()}
+    net.add_worker(), net.add_worker()
+    net.run(until=lambda: len(core.workers) == 8)
+    for _ in range(12):  # time passes while the streams decode, a token each per 0.05 s
+        measured()  # (the newcomers' own calibration, in-process, would make them the fastest)
+        least = min(len(net.tokens(f"r{i}")) for i in range(6))
+        net.advance(0.05, until=lambda: min(len(net.tokens(f"r{i}")) for i in range(6)) > least)
+    assert len(core.sessions) == 6  # still decoding
+    now = [[st.primary for st in sts] for _, sts in sorted(core._pipelines().items())]
+    assert now[:3] == pipes and len(now) == 4, (pipes, now)
+    assert not [e for e in core.events if e["kind"] == "retired"]
+    assert {rid: s.generation for rid, s in core.sessions.items()} == generations  # no session restarted or moved
+    run_until_done(net, [f"r{i}" for i in range(6)])

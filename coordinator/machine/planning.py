@@ -404,9 +404,12 @@ class Planning:
         held = {w.worker_id: frozenset(c.n_layers if k == "head" else int(k.split(":")[1])
                                        for k in (by_sha.get(h) for h in w.have_blobs) if k and (k == "head" or k.startswith("layer:")))
                 for w in workers}
+        # every running pipeline (the first too: a new first pipeline may leave it whole as a replica)
+        running = [[(st.layer_start, st.layer_end, st.primary) for st in sts] for _, sts in sorted(self._pipelines().items())
+                   if not sts[0].retiring and all(st.primary and st.primary != LOCAL for st in sts)]
         return plan([self._capacity(w) for w in workers], c.n_layers, self.layer_bytes, self.head_bytes, self.settings.replicas,
                     self.settings.max_stages, self._head_cost_layers(), stages=self.settings.stages, hidden_bytes=4 * c.hidden,
-                    current=current if len(current) == len(first) else None, held=held)
+                    current=current if len(current) == len(first) else None, held=held, running=running)
 
     def _plan_step_ms(self, ranges, serving: bool = False) -> float:
         """A plan's predicted token latency (coordinator/planner.py's predict_ms): each stage's
