@@ -245,6 +245,38 @@ def test_a_cached_prefix_is_reused_on_whichever_pipeline_a_session_lands(weights
     assert net.core.counters["prefix_hits"] == 2  # the second session on each pipeline
 
 
+def test_a_conversations_next_turn_goes_to_the_replica_holding_its_history(weights):
+    """Two equal replicas, both idle: a conversation's second turn (its first turn's prompt, the
+    reply, a new question) is placed on the pipeline that cached the first turn's prompt and
+    forks it there, though the other pipeline comes first on an even tie; a prompt cached on
+    neither goes to the first. Tokens as a single worker's."""
+    first = PROMPT * 3  # 24 tokens: over prefix_min_tokens
+    net = replicas(weights, 2)
+    core = net.core
+
+    def equal():
+        for w in core.workers.values():
+            w.ms_per_layer, w.rtt_ms, w.step_ms_per_layer = 1.0, 1.0, None
+
+    equal()
+    net.submit("busy", PROMPT, 4 * N_TOKENS, stop_at_eos=False)  # pipeline 0 runs a stream...
+    net.submit("turn1", first, N_TOKENS, stop_at_eos=False)  # ...so the first turn goes to pipeline 1
+    assert (core.sessions["busy"].pipeline, core.sessions["turn1"].pipeline) == (0, 1)
+    run_until_done(net, ["busy", "turn1"])
+    second = first + net.tokens("turn1") + [3, 4, 5]
+    hits = core.counters["prefix_hits"]
+    equal()
+    net.submit("turn2", second, N_TOKENS, stop_at_eos=False)
+    assert core.sessions["turn2"].pipeline == 1 and core.counters["prefix_hits"] == hits + 1
+    net.submit("other", [9] * 24, N_TOKENS, stop_at_eos=False)  # nothing cached: the tie goes by load
+    assert core.sessions["other"].pipeline == 0
+    run_until_done(net, ["turn2", "other"])
+    solo = start_net(weights, 1)
+    solo.submit("ref", second, N_TOKENS, stop_at_eos=False)
+    run_until_done(solo, ["ref"])
+    assert net.tokens("turn2") == solo.tokens("ref")
+
+
 def test_placement_counts_on_the_speed_steps_show_not_the_one_measured_at_join(weights):
     net = replicas(weights, 2)
     a, b = sorted(w for w in net.core.workers if w != "local")

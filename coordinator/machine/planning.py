@@ -28,6 +28,10 @@ ABSURD_FACTOR = 1000.0
 # equal and keeps them off one that is much slower (a 5x slower replica gets a stream once the
 # fastest runs 8)
 STREAM_COST = 0.5
+# placement: pipelines predicted within this fraction of the cheapest count as equal, and the
+# one holding the longest cached prefix of the prompt takes the session (equal replicas'
+# measured speeds differ by a few percent; one more stream costs STREAM_COST, far beyond it)
+PREFIX_AFFINITY = 0.1
 
 
 class Planning:
@@ -368,8 +372,11 @@ class Planning:
     def _place(self, s: Session) -> None:
         """Bind a session to the pipeline with the lowest predicted token latency given its load:
         a pipeline's predicted latency (planner.predict_ms over its primaries now) x (1 +
-        STREAM_COST x the streams it already runs), ready pipelines first, the less loaded on a
-        tie. A single stream goes to the fastest; equal replicas share streams evenly."""
+        STREAM_COST x the streams it already runs), ready pipelines first; among those within
+        PREFIX_AFFINITY of the lowest, the one holding the longest cached prefix of its prompt
+        (a conversation's next turn goes where its history's KV is, and is not prefilled
+        again), then the lowest, the less loaded. A single stream goes to the fastest; equal
+        replicas share streams evenly."""
         pipes = self._pipelines()
         if not pipes:
             s.pipeline = 0
@@ -392,7 +399,13 @@ class Planning:
             ms = self._plan_step_ms([(st.layer_start, st.layer_end, st.include_head, st.primary) for st in sts], serving=True)
             return (0 if ready else 1, ms * (1 + STREAM_COST * load), load, p)
 
-        s.pipeline = min(pipes, key=key)
+        keys = {p: key(p) for p in pipes}
+        best = min(keys.values())
+        near = [p for p, k in keys.items() if k[0] == best[0] and k[1] <= best[1] * (1 + PREFIX_AFFINITY)]
+        if self.prefix_cache and len(near) > 1:
+            s.pipeline = min(near, key=lambda p: (-self._cached_prefix(s.prompt_ids, p)[1], keys[p]))
+        else:
+            s.pipeline = min(pipes, key=keys.__getitem__)
 
     def _make_plan(self, workers: list[Worker]) -> Plan:
         """The planner's plan for `workers`, told what runs now and what each already holds, so

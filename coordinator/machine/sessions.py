@@ -81,15 +81,8 @@ class Sessions:
         stages = self._session_stages(s)
         if not self.prefix_cache or not stages or any(st.primary not in st.ready or st.needs_rebuild for st in stages):
             return []
-        best, best_len = None, 0
-        for e in self.prefix_cache.values():
-            if e.pipeline != s.pipeline:
-                continue
-            n = min(len(e.tokens), len(s.prompt_ids) - 1)  # the last prompt token must be computed
-            common = next((i for i in range(n) if e.tokens[i] != s.prompt_ids[i]), n)
-            if common > best_len:
-                best, best_len = e, common
-        if best is None or best_len < self.settings.prefix_min_tokens:
+        best, best_len = self._cached_prefix(s.prompt_ids, s.pipeline)
+        if best is None:
             return []
         best.last_used = now
         for wid in best.workers:
@@ -102,6 +95,19 @@ class Sessions:
             out.append(Send(self.workers[st.primary].conn, wire.make("fork_session", source_id=best.cache_id,
                                                                session_id=s.request_id, length=best_len)))
         return out
+
+    def _cached_prefix(self, prompt_ids: list[int], pipeline: int) -> tuple[PrefixEntry | None, int]:
+        """The cached prefix of this prompt on this pipeline that would be forked (the longest,
+        of at least prefix_min_tokens) and its length, or (None, 0)."""
+        best, best_len = None, 0
+        for e in self.prefix_cache.values():
+            if e.pipeline != pipeline:
+                continue
+            n = min(len(e.tokens), len(prompt_ids) - 1)  # the last prompt token must be computed
+            common = next((i for i in range(n) if e.tokens[i] != prompt_ids[i]), n)
+            if common > best_len:
+                best, best_len = e, common
+        return (best, best_len) if best_len >= self.settings.prefix_min_tokens else (None, 0)
 
     def _remember_prefix(self, s: Session, now: float) -> list:
         n = len(s.prompt_ids)
