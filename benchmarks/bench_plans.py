@@ -285,6 +285,7 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
             return r["tok_s"], r["ids"]
 
         cpu0 = {c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)}
+        workers0 = {(c.name, n): _cpu_s(p.pid) for c in (one, four) for n, p in zip(c.names, c.procs)}
         t0 = time.perf_counter()
         out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep), 8 streams aggregate tok/s", one, four, rounds, eight)
         wall = time.perf_counter() - t0
@@ -294,6 +295,11 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
         # what the ratio can reach with a kernel whose batched step costs that
         out["coordinator_cpu_share"] = {c.name: round((_cpu_s(c.coord.proc.pid) - cpu0[c.name]) / wall, 3) for c in (one, four)}
         out["steps"] = {c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)}
+        # each worker process's CPU a step over the rounds (its messages' handling included), to
+        # read against the kernel's alone below: what sharing this host's cores added to the
+        # compute that the slowing multiplies
+        out["worker_cpu_ms_a_step"] = {c.name: {n: round((_cpu_s(p.pid) - workers0[(c.name, n)]) * 1000 / max(1, out["steps"][c.name][n]), 2)
+                                                for n, p in zip(c.names, c.procs)} for c in (one, four)}
         out["plan"] = plan_of(four)
         # the ratio taken apart (rounds after the first, as pair's): the 8 streams' decode rates
         # summed (tokens after each stream's first over the time between its first and last) and
@@ -306,7 +312,8 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
         print(f"replicas: steps each worker served {out['steps']}; coordinators' CPU share {out['coordinator_cpu_share']}; "
               f"the kernel's decode step, one thread's CPU: {({n: round(v, 1) for n, v in out['kernel']['cpu_ms'].items()})} ms "
               f"for 1/2/8 rows: T8/T2 {out['kernel']['t8_over_t2']:.2f}; decode rates alone {out['decode_ratio']:.3f}x "
-              f"(rounds {[round(r, 3) for r in dec]}); median time to first token {out['ttft_s']} s", flush=True)
+              f"(rounds {[round(r, 3) for r in dec]}); median time to first token {out['ttft_s']} s; "
+              f"worker processes' CPU a step (ms) {out['worker_cpu_ms_a_step']}", flush=True)
         return out
     finally:
         one.stop(), four.stop()
