@@ -247,9 +247,10 @@ def test_a_cached_prefix_is_reused_on_whichever_pipeline_a_session_lands(weights
 
 def test_a_conversations_next_turn_goes_to_the_replica_holding_its_history(weights):
     """Two equal replicas, both idle: a conversation's second turn (its first turn's prompt, the
-    reply, a new question) is placed on the pipeline that cached the first turn's prompt and
-    forks it there, though the other pipeline comes first on an even tie; a prompt cached on
-    neither goes to the first. Tokens as a single worker's."""
+    reply, a new question) is placed on the pipeline that cached the first turn (its prompt and
+    reply, kept when it finished) and forks all of it there, though the other pipeline comes
+    first on an even tie; a prompt cached on neither goes to the first. Tokens as a single
+    worker's."""
     first = PROMPT * 3  # 24 tokens: over prefix_min_tokens
     net = replicas(weights, 2)
     core = net.core
@@ -264,10 +265,12 @@ def test_a_conversations_next_turn_goes_to_the_replica_holding_its_history(weigh
     assert (core.sessions["busy"].pipeline, core.sessions["turn1"].pipeline) == (0, 1)
     run_until_done(net, ["busy", "turn1"])
     second = first + net.tokens("turn1") + [3, 4, 5]
-    hits = core.counters["prefix_hits"]
+    hits, reused = core.counters["prefix_hits"], core.counters["prefix_tokens_reused"]
     equal()
     net.submit("turn2", second, N_TOKENS, stop_at_eos=False)
     assert core.sessions["turn2"].pipeline == 1 and core.counters["prefix_hits"] == hits + 1
+    # the whole first turn is forked: its prompt and every token fed back (the last was only streamed)
+    assert core.counters["prefix_tokens_reused"] - reused == len(first) + N_TOKENS - 1
     net.submit("other", [9] * 24, N_TOKENS, stop_at_eos=False)  # nothing cached: the tie goes by load
     assert core.sessions["other"].pipeline == 0
     run_until_done(net, ["turn2", "other"])

@@ -131,8 +131,12 @@ def test_greedy_tokens_identical_with_draft_models(weights, other_weights, refer
         assert t["accepted"] < t["drafted"] and t["rollbacks"] >= 1
         assert len(sent) == t["rollbacks"] * n_workers
         assert len({c for c, _, _ in sent}) == n_workers
-    # the workers' KV holds no position past the tokens the session kept
-    assert not any(b.sessions() for w in net.workers.values() for b in w.ranges.values())
+    # the workers' KV holds no position past the tokens the session kept: what is left is the
+    # finished conversation kept for a next turn (the prompt and the tokens fed back), nothing more
+    cache = net.core.prefix_cache
+    assert [len(e.tokens) for e in cache.values()] == [len(PROMPT) + N_TOKENS - 1]
+    assert all(set(b.sessions()) <= set(cache) and all(b.session_length(c) == len(cache[c].tokens) for c in b.sessions())
+               for w in net.workers.values() for b in w.ranges.values())
 
 
 def test_prompt_lookup_on_a_repeating_prompt_keeps_tokens_and_rolls_back(weights):

@@ -109,20 +109,29 @@ class Sessions:
                 best, best_len = e, common
         return (best, best_len) if best_len >= self.settings.prefix_min_tokens else (None, 0)
 
-    def _remember_prefix(self, s: Session, now: float) -> list:
-        n = len(s.prompt_ids)
+    def _remember_prefix(self, s: Session, now: float, ids: list[int] | None = None) -> list:
+        """Keep the KV of `ids` (the prompt unless given: a finished session passes its prompt and
+        every token it fed back, so that a conversation's next turn forks its whole history) on
+        the session's stages under a new cache id; an entry of the same pipeline that it extends
+        is dropped (this one serves every prompt that one does, as far or further)."""
+        ids = list(s.prompt_ids if ids is None else ids)
+        n = len(ids)
         stages = self._session_stages(s)
         if (self.settings.prefix_cache_entries <= 0 or n < self.settings.prefix_min_tokens or not stages
                 or s.moving_to is not None or s.partial_kv
                 or any(st.primary not in st.ready for st in stages)
                 or any(sum(len(r) for _, r in s.logs.get(st.index, [])) < n for st in stages)
-                or any(e.tokens == s.prompt_ids and e.pipeline == s.pipeline for e in self.prefix_cache.values())):
+                or any(e.pipeline == s.pipeline and e.tokens[:n] == ids for e in self.prefix_cache.values())):
             return []
+        out = []
+        for e in [e for e in self.prefix_cache.values() if e.pipeline == s.pipeline and ids[:len(e.tokens)] == e.tokens]:
+            out += self._drop_everywhere(e.cache_id)
+            del self.prefix_cache[e.cache_id]
         cache_id = f"prefix-{next(self._ids)}"
         logs = {st.index: np.concatenate([r for _, r in s.logs[st.index]])[:n] for st in stages}
-        self.prefix_cache[cache_id] = PrefixEntry(cache_id, list(s.prompt_ids), logs, now, frozenset(s.touched), s.pipeline)
-        out = [Send(self.workers[st.primary].conn, wire.make("fork_session", source_id=s.request_id, session_id=cache_id, length=n))
-               for st in stages]
+        self.prefix_cache[cache_id] = PrefixEntry(cache_id, ids, logs, now, frozenset(s.touched), s.pipeline)
+        out += [Send(self.workers[st.primary].conn, wire.make("fork_session", source_id=s.request_id, session_id=cache_id, length=n))
+                for st in stages]
         while len(self.prefix_cache) > self.settings.prefix_cache_entries:
             old = min(self.prefix_cache.values(), key=lambda e: e.last_used)
             out += self._drop_everywhere(old.cache_id)
@@ -194,7 +203,9 @@ class Sessions:
         if emit:
             out.append(Emit(s.request_id, {"type": "done", "finish_reason": reason, "tokens": len(s.tokens),
                                            "prompt_tokens": len(s.prompt_ids)}))
-            out += self._remember_prefix(s, now)
+            # every position whose KV the stages hold: the prompt and the tokens fed back (the
+            # last token was streamed, never fed)
+            out += self._remember_prefix(s, now, s.prompt_ids + s.tokens[:-1])
         out += self._drop_everywhere(s.request_id)
         out += self._forget_verify_kv(lambda k: k[0] == s.request_id)
         out += self._retire(now)  # the last session on the old plan's pipelines is done
