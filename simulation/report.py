@@ -41,7 +41,11 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
         if (not f.get("churn") and not wids and f.get("tab")) or f["kind"] == "liar":
             # a liar lies under every id its tab joins as until it is caught
             wids |= {e.get("worker") for e in events if e["kind"] == "join" and e.get("name") == f["tab"]}
-        det = next((e for e in events if e["t"] >= f["t"] - 0.05 and detects(f["kind"], e)
+        # what the coordinator saw of this tab once its next fault went in is that fault's doing
+        # (a slow-down that slowed nothing was "detected" 56 s later by a memory fault's refusal)
+        until = min((g["t"] for g in run.faults if g is not f and g.get("tab") == f.get("tab") and g["t"] > f["t"]),
+                    default=float("inf"))
+        det = next((e for e in events if f["t"] - 0.05 <= e["t"] < until and detects(f["kind"], e)
                     and e.get("worker") in wids), None) if wids else None
         if det:
             rec["detected_by"] = det["kind"] + (f" ({det['reason']})" if det.get("reason") else "")

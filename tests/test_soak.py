@@ -170,3 +170,24 @@ def test_a_simulated_tabs_slow_down_counts_the_steps_it_slowed():
     assert tab.worker.compute_delay is None  # back to full speed: nothing more counted
     second = tab.slow(3.0)
     assert (first, second) == (0, 1) and tab.slowed_steps == [2, 0]
+
+
+def test_what_befell_a_tab_after_its_next_fault_detects_that_fault_not_the_earlier_one():
+    """chaos at seed 7: a slow-down that slowed no step was reported detected 56 s later, by the
+    refusal that a memory fault injected into the same tab caused, and the detection p99 read 33
+    s. An event after the tab's next fault belongs to that fault."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "slow", "tab": "a", "t": 10.0, "at": 5.0, "worker_ids": ["w1"], "slow_window": 0},
+                  {"kind": "memory", "tab": "a", "t": 60.0, "at": 55.0, "worker_ids": ["w1"]},
+                  {"kind": "slow", "tab": "b", "t": 11.0, "at": 6.0, "worker_ids": ["w2"], "slow_window": 0}]
+        tab_info = {"a": {"slowed_steps": [0]}, "b": {"slowed_steps": [1]}}
+
+    events = [{"t": 60.2, "kind": "refused", "worker": "w1", "reason": "memory_pressure"},
+              {"t": 70.0, "kind": "death", "worker": "w2", "reason": "socket closed"}]
+    slow, memory, late = _fault_metrics(Run(), events)
+    assert slow["detected_by"] is None and slow["unexercised"] and "detection_s" not in slow
+    assert memory["detected_by"] == "refused (memory_pressure)" and memory["detection_s"] == 0.2
+    # with no later fault on its tab the first event after it is still taken (a slowed step's deadline can come long after)
+    assert late["detection_s"] == 59.0
