@@ -17,9 +17,9 @@ CRITERIA = {
     "no_failed_requests": "no request ended in an error: failed = 0",
     "no_wrong_tokens": "the final stream of every request (rewinds applied) equals the fault-free reference",
     "all_faults_detected": "every injected fault detected by the coordinator (a liar: by a spot check; one "
-                           "whose tab served no step while lying told no lie, and a slow-down whose tab ran "
-                           "no step while slowed slowed nothing: both counted apart), none skipped, at least "
-                           "pass.min_faults injected and exercised",
+                           "whose tab served no step while lying told no lie, a slow-down whose tab ran no "
+                           "step while slowed slowed nothing, and an injection that failed did nothing: all "
+                           "counted apart), none skipped, at least pass.min_faults injected and exercised",
     "memory_flat": "coordinator RSS at the end <= start x {ratio} + {mb} MiB (start: pass.memory_warmup_s "
                    "after streaming began)",
 }
@@ -78,6 +78,9 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
                              and e.get("worker") in wids), None)
                 rec["undetected"] = (f"its tab went first ({gone['kind']}: {gone.get('reason')})" if gone else
                                      "no spot check caught it before the workload ended")
+        if not det and "inject_error" in f and "unexercised" not in rec:
+            # the injection failed (its tab's process already gone, say): nothing was done to detect
+            rec["unexercised"] = f"its injection failed ({f['inject_error']})"
         out.append(rec)
     return out
 
@@ -202,7 +205,7 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
                                 and len(exercised) >= int(crit.get("min_faults", 0)),
                                 f"{len(det)} of {len(exercised)} injected detected, {len(faults) - len(injected)} skipped"
                                 + (f", {len(injected) - len(exercised)} unexercised (a liar that served no step "
-                                   "while lying, a slow-down that slowed no step)" if len(exercised) < len(injected) else "")),
+                                   "while lying, a slow-down that slowed no step, an injection that failed)" if len(exercised) < len(injected) else "")),
         "memory_flat": (memory["flat"], f"start {memory['start_mb']} MiB, end {memory['end_mb']} MiB, "
                                         f"peak {memory['peak_mb']} MiB"),
     }
@@ -277,7 +280,7 @@ def format_table(r: dict) -> str:
         ("ITL p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["itl"].values())),
         ("faults injected / detected", f"{r['faults']['injected']} / {r['faults']['detected']}"
                                        + (f" ({r['faults']['unexercised']} unexercised: a liar that served no step "
-                                          "while lying, a slow-down that slowed no step)" if r["faults"].get("unexercised") else "")),
+                                          "while lying, a slow-down that slowed no step, an injection that failed)" if r["faults"].get("unexercised") else "")),
         ("  by kind (detected/injected)", ", ".join(f"{k} {v['detected']}/{v['injected']}"
                                                     for k, v in sorted(r["faults"].get("by_kind", {}).items()))),
         ("detection p50/p90/p99 ms", "/".join(str(v) for v in r["faults"]["detection_ms"].values())),

@@ -191,3 +191,17 @@ def test_what_befell_a_tab_after_its_next_fault_detects_that_fault_not_the_earli
     assert memory["detected_by"] == "refused (memory_pressure)" and memory["detection_s"] == 0.2
     # with no later fault on its tab the first event after it is still taken (a slowed step's deadline can come long after)
     assert late["detection_s"] == 59.0
+
+
+def test_a_fault_whose_injection_failed_is_counted_apart():
+    """chaos at seed 7: a memory fault's injection found its tab's process gone (TabGone): nothing
+    was done to the tab, so nothing was there to detect."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "memory", "tab": "a", "t": 10.0, "at": 5.0, "worker_ids": ["w1"],
+                   "inject_error": "TabGone: tab a: its process is gone (exit code 137)"}]
+        tab_info = {}
+
+    (gone,) = _fault_metrics(Run(), [])
+    assert gone["detected_by"] is None and gone["unexercised"].startswith("its injection failed (TabGone")
