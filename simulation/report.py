@@ -60,6 +60,8 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
             slowed = run.tab_info.get(f.get("tab"), {}).get("slowed_steps") or []
             if f["slow_window"] < len(slowed):
                 rec["slowed_steps"] = slowed[f["slow_window"]]
+            elif f.get("slowed_steps") is not None:  # as read after its window (its tab gone by the end)
+                rec["slowed_steps"] = f["slowed_steps"]
             if not det and rec.get("slowed_steps") == 0:
                 # its pipeline sent it no step in the window (stalled behind another fault, say):
                 # the slow-down slowed nothing, and nothing could show it

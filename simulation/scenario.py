@@ -531,6 +531,15 @@ class ScenarioRun:
                     rec["steps_before"] = got
                 elif f["kind"] == "slow":
                     rec["slow_window"] = got  # its tab's count of slowed steps: info()["slowed_steps"][got]
+                    # the count once the window has closed and its slowed step has begun its sleep,
+                    # read now: a tab that crashes later takes its figures with it (chaos at seed 7
+                    # left two slow-downs of such tabs neither counted nor detected)
+                    await asyncio.sleep(float(f.get("duration", 2.0)) + DETECTION_WINDOW_S)
+                    try:
+                        info = await loop.run_in_executor(self._fault_pool, lambda: self.tabs[name].info(timeout=5))
+                        rec["slowed_steps"] = info["slowed_steps"][got]
+                    except Exception:
+                        pass  # gone already: the figures it left at the end, if any, say
             except Exception as exc:
                 rec["inject_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 self.liars.pop(name, None)

@@ -205,3 +205,18 @@ def test_a_fault_whose_injection_failed_is_counted_apart():
 
     (gone,) = _fault_metrics(Run(), [])
     assert gone["detected_by"] is None and gone["unexercised"].startswith("its injection failed (TabGone")
+
+
+def test_a_slow_down_of_a_tab_gone_by_the_end_is_judged_by_the_count_read_after_its_window():
+    """A tab that crashed later leaves no figures at the end; the runner reads its slowed-step
+    count once the slow-down's window has closed, and the report judges by that."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "slow", "tab": "a", "t": 10.0, "at": 5.0, "worker_ids": ["w1"], "slow_window": 0, "slowed_steps": 0},
+                  {"kind": "slow", "tab": "b", "t": 11.0, "at": 6.0, "worker_ids": ["w2"], "slow_window": 0, "slowed_steps": 3}]
+        tab_info = {"a": {"profile": "cpu-wasm", "gone": True}}
+
+    idle, slowed = _fault_metrics(Run(), [])
+    assert idle["slowed_steps"] == 0 and idle["unexercised"]
+    assert slowed["slowed_steps"] == 3 and "unexercised" not in slowed and slowed["detected_by"] is None
