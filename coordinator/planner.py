@@ -94,7 +94,7 @@ class Model:
     head_cost_layers: float = 0.0
     hidden_bytes: int = 0
     current: tuple = ()  # the running plan's first pipeline: (layer_start, layer_end, primary)
-    running: tuple = ()  # the running plan's other pipelines, each a tuple of (layer_start, layer_end, primary)
+    running: tuple = ()  # every running pipeline (the first too), each a tuple of (layer_start, layer_end, primary)
     held: dict = field(default_factory=dict, hash=False, compare=False)  # worker -> layers it holds (n_layers: the head)
 
     def missing(self, wid: str, a: int, b: int, head: bool) -> int:
@@ -121,10 +121,10 @@ def plan(workers: list[WorkerCapacity], n_layers: int, layer_bytes: int, head_by
     current: the running plan's first pipeline as (layer_start, layer_end, primary); held: the
     layers each worker holds now (n_layers standing for the head). A plan that moves few weights
     is preferred (STICKY_MAX_LOSS): the running ranges split or merged to the new depth, each
-    replica's and standby's range one it already holds where there is a choice. running: the
-    running plan's other pipelines, as `current`: a replica whose ranges the new plan keeps and
-    whose primaries are all free and trusted stays as it is (its sessions' KV stays where it is:
-    a join that only adds a replica moves no session)."""
+    replica's and standby's range one it already holds where there is a choice. running: every
+    running pipeline (the first too), as `current`: one whose ranges the new plan keeps and
+    whose primaries are all free and trusted stays as it is, as a replica (its sessions' KV
+    stays where it is: a join that only adds a replica moves no session)."""
     model = Model(n_layers, layer_bytes, head_bytes, head_cost_layers, hidden_bytes, tuple(current or ()),
                   tuple(tuple(p) for p in running or ()), held or {})
     remote = [w for w in workers if not w.local]
