@@ -23,9 +23,9 @@ per output, workgroups of W), "wgpu-mmN" the tiled qmatmul above N rows, "wgpu-u
 without the fused decode kernels, "wgpu-f16" the matvecs on their _f16 kernels, "wgpu-planes3"
 3-bit weights uploaded as bit planes (the blobs' layout) instead of repacked for the matvecs (contiguous
 codes; the high plane spread for i8: "wgpu-i8-planes3"),
-"wgpu-i8[wW][gG][oO][tT][bB][lL][kK]" the matvecs on their _i8 kernels (workgroups of W threads, at most G
-workgroups a batch row, O outputs a thread, B in batches, for rows of at least K inputs, at most T threads an
-output at one row, L blocks a lane loads before using them: benchmarks/device_measures.variant_tuning),
+"wgpu-i8[wW][gG][oO][tT][kK]" the matvecs on their _i8 kernels (workgroups of W threads, at most G
+workgroups a batch row, O outputs a thread for rows of at least K inputs, at most T threads an
+output at one row: benchmarks/device_measures.variant_tuning),
 "wgpu-attn1" attention's parts walking one key a step (KEYS_AT_ONCE = 1), "wgpu-attnwN" attention
 in workgroups of N threads, "wgpu-kvN" split-K attention in N key runs a row whatever the KV
 pools' length (wgpu-kv1: unsplit; the default splits by the pools' length),

@@ -45,13 +45,12 @@ def variant_tuning(dev, variant: str):
         return base, {}
     if variant == "wgpu-f16":  # the matvecs on their _f16 kernels (the device needs shader-f16)
         return base, {"compute_dtype": "f16"}
-    m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?(?:o(\d))?(?:t(\d+))?(?:b(\d))?(?:l(\d))?(?:k(\d+))?", variant)
+    m = re.fullmatch(r"wgpu-i8(?:w(\d+))?(?:g(\d+))?(?:o(\d))?(?:t(\d+))?(?:k(\d+))?", variant)
     if m:  # the matvecs on their _i8 kernels (int8 inputs, integer dot products), in workgroups of
         # W threads, at most G workgroups a batch row where whole rows fit one chunk, O outputs a
-        # thread (B at more than one row a workgroup) for rows of at least K inputs, at most T threads
-        # an output at one row, L blocks a lane loads before using them
-        fields = ("matvec_i8_wg", "matvec_i8_max_groups", "matvec_i8_opt", "matvec_i8_max_tpr", "matvec_i8_batch_opt",
-                  "matvec_i8_loads", "matvec_i8_opt_min_k")  # the letters' order in the name
+        # thread for rows of at least K inputs, at most T threads an output at one row
+        fields = ("matvec_i8_wg", "matvec_i8_max_groups", "matvec_i8_opt", "matvec_i8_max_tpr",
+                  "matvec_i8_opt_min_k")  # the letters' order in the name
         i8 = {f: int(v) for f, v in zip(fields, m.groups()) if v}
         if "matvec_i8_wg" in i8:
             i8["matvec_i8_wg"] = dev.workgroup_size(i8["matvec_i8_wg"])

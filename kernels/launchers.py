@@ -158,8 +158,6 @@ class MatmulTuning:
     matvec_i8_max_groups: int = 0  # qmatvec_i8 with whole rows in one chunk: at most this many workgroups a batch row, each taking several output groups (0: one group each)
     matvec_i8_opt: int = 1  # qmatvec_i8's outputs a thread (1, 2 or 4: they share each load of quantized x) ...
     matvec_i8_opt_min_k: int = 0  # ... for rows of at least this many inputs (shorter ones: 1)
-    matvec_i8_batch_opt: int = 0  # ... and at more than one batch row a workgroup (0: matvec_i8_opt)
-    matvec_i8_loads: int = 1  # qmatvec_i8's blocks a lane loads before using them (1 or 2)
     matvec_i8_max_tpr: int = 0  # qmatvec_i8's threads cooperating on one output at most at one batch row (0: matvec_max_tpr)
     matvec_subgroup: int = 0  # lanes of a subgroup: the matvecs sum their lanes by shuffles (their K+subgroup variants; 0: in workgroup memory)
 
@@ -304,15 +302,8 @@ class QuantLinear(Launcher):
         else:
             i8_opt = self.tuning.matvec_i8_opt if long_rows else 1
             self.span, self.opt = 8, i8_opt if compute_dtype == "i8" else 1
-        # qmatvec_i8's outputs a thread at more than one batch row a workgroup
-        self.batch_opt = self.opt
-        if compute_dtype == "i8" and self.tuning.matvec_i8_batch_opt and long_rows:
-            self.batch_opt = self.tuning.matvec_i8_batch_opt
-        if self.span not in (1, 2, 4, 8) or {self.opt, self.batch_opt} - {1, 2, 4}:
-            raise ValueError(f"matvec span {self.span} / opt {self.opt} / {self.batch_opt}: span must be 1, 2, 4 or 8 and "
-                             "opt 1, 2 or 4")
-        if self.tuning.matvec_i8_loads not in (1, 2):
-            raise ValueError(f"matvec_i8_loads {self.tuning.matvec_i8_loads} must be 1 or 2")
+        if self.span not in (1, 2, 4, 8) or self.opt not in (1, 2, 4):
+            raise ValueError(f"matvec span {self.span} / opt {self.opt}: span must be 1, 2, 4 or 8 and opt 1, 2 or 4")
         self.tpr = matvec_threads_per_row(w.n, w.k, self.wg, self.tuning.matvec_max_tpr, self.span)
         # qmatvec_i8 at one batch row (ROWS = 1) may take more threads an output (matvec_i8_max_tpr)
         one_row = self.tuning.matvec_i8_max_tpr if compute_dtype == "i8" else 0
@@ -350,8 +341,7 @@ class QuantLinear(Launcher):
         if self.tuning.matvec_subgroup:
             consts["SG"] = self.tuning.matvec_subgroup
         if self.compute_dtype == "i8":
-            return {**consts, "XB": self._i8_blocks(rows_per_wg), "OPT": self._opt(rows_per_wg),
-                    "LOADS": self.tuning.matvec_i8_loads}
+            return {**consts, "XB": self._i8_blocks(rows_per_wg), "OPT": self.opt}
         if self.span != 8 or self.opt != 1:
             consts.update(SPAN=self.span, OPT=self.opt, EXACT=self.w.k % 32 == 0)
         if ch:
@@ -374,11 +364,7 @@ class QuantLinear(Launcher):
         return self.tuning.matvec_tall_batch_wg if ch and self._tall_batch(rows_per_wg) else self.wg
 
     def _outputs_per_wg(self, rows_per_wg: int, ch: int) -> int:
-        return self._wg(rows_per_wg, ch) // self._tpr(rows_per_wg, ch) * self._opt(rows_per_wg)
-
-    def _opt(self, rows_per_wg: int) -> int:
-        """Outputs a thread at ROWS = rows_per_wg (the i8 matvecs' batches may take more)."""
-        return self.batch_opt if rows_per_wg > 1 else self.opt
+        return self._wg(rows_per_wg, ch) // self._tpr(rows_per_wg, ch) * self.opt
 
     def _staged(self, rows_per_wg: int, rows: int) -> int:
         """vec4s of each row staged a chunk for ``rows`` rows at ROWS = rows_per_wg (0: not

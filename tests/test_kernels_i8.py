@@ -26,12 +26,11 @@ from tests.test_kernels import SPECS, SPECS_3BIT, TUNINGS, dev, randn, rng  # no
 from tests.test_kernels_f16 import linear_vs_twins
 
 # two outputs a thread (MatmulTuning.matvec_i8_opt, the GPU tuning's), with and without subgroup
-# sums; four; and two at one row, four in batches, each lane loading two blocks before using them
+# sums; four, with and without
 TUNINGS = {**TUNINGS, "gpu-opt2": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=2),
            "gpu-subgroup-opt2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2),
            "gpu-opt4": dataclasses.replace(TUNINGS["gpu"], matvec_i8_opt=4),
-           "gpu-subgroup-batch4-loads2": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=2,
-                                                             matvec_i8_batch_opt=4, matvec_i8_loads=2)}
+           "gpu-subgroup-opt4": dataclasses.replace(TUNINGS["gpu-subgroup"], matvec_i8_opt=4)}
 I8_TOL = dict(atol=2e-3, rtol=0)
 I8_TOL_WIDE = dict(atol=2e-2, rtol=0)
 
@@ -49,21 +48,21 @@ def _linear_i8(dev, rng, spec, n, k, rows, tuning, prologue=None, accumulate=Tru
                     prepare=prepare, spread3=spread3)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-opt4", "gpu-subgroup-batch4-loads2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-opt4", "gpu-subgroup-opt4"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_qmatvec_i8(dev, rng, spec, tuning):
     # odd n; k = 70 is a multiple of no group size (nor of 4); 3 batch rows in a ROWS=4 workgroup
     _linear_i8(dev, rng, spec, n=37, k=70, rows=3, tuning=TUNINGS[tuning])
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2", "gpu-opt4", "gpu-subgroup-batch4-loads2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-opt2", "gpu-subgroup-opt2", "gpu-opt4", "gpu-subgroup-opt4"])
 @pytest.mark.parametrize("rows", [1, 8, 11])
 def test_qmatvec_i8_batch_rows(dev, rng, rows, tuning):
     # ROWS = 1, 8, and two workgroup rows of 8 with masked rows; k = 200: a ragged last block
     _linear_i8(dev, rng, QuantSpec(4, 64, True), n=70, k=200, rows=rows, tuning=TUNINGS[tuning], accumulate=False)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2", "gpu-subgroup-batch4-loads2"])
+@pytest.mark.parametrize("tuning", ["gpu", "gpu-opt2", "gpu-subgroup-opt4"])
 @pytest.mark.parametrize("prologue", ["norm", "silu"])
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_qmatvec_fused_i8(dev, rng, prologue, rows, tuning):
@@ -81,7 +80,7 @@ def test_qmatvec_i8_formats_at_model_width(dev, rng, prologue, spec, x_blocks):
                tol=I8_TOL_WIDE, x_blocks=x_blocks)
 
 
-@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup", "gpu-subgroup-opt2", "gpu-subgroup-batch4-loads2"])
+@pytest.mark.parametrize("tuning", ["gpu", "cpu", "gpu-subgroup", "gpu-subgroup-opt2", "gpu-subgroup-opt4"])
 @pytest.mark.parametrize("spec", SPECS_3BIT, ids=lambda s: s.name)
 def test_qmatvec_i8_spread_3bit(dev, rng, spec, tuning):
     # 3-bit weights with the high plane spread (kernels.quant.spread_3bit, SPREAD3), as the
@@ -251,34 +250,14 @@ def test_gpu_tuning_gives_long_rows_two_outputs_a_thread(dev):
     assert opts == {576: 1, 1536: 1, 4096: 2, 11008: 2}
 
 
-def test_batch_outputs_a_thread_apply_to_long_rows_at_more_than_one_row(dev):
-    """MatmulTuning.matvec_i8_batch_opt sets OPT at ROWS = 4 and 8 for rows of at least
-    matvec_i8_opt_min_k inputs; one row keeps matvec_i8_opt, short rows 1; the workgroup's
-    outputs (its grid) follow."""
-    tuning = dataclasses.replace(KL.matmul_tuning(dev, real_gpu=True), matvec_i8_opt=2, matvec_i8_batch_opt=4,
-                                 matvec_i8_opt_min_k=4096, matvec_i8_loads=2)
-    got = {}
-    for k in (1536, 4096):
-        op = KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 256, k, []), None, k, None, 256,
-                            tuning=tuning, compute_dtype="i8")
-        for rows in (1, 4, 8):
-            consts, outputs, _ = op.matvec_grid(rows)
-            assert outputs == consts["WG"] // consts["TPR"] * consts["OPT"] and consts["LOADS"] == 2
-            got[k, rows] = consts["OPT"]
-    assert got == {(1536, 1): 1, (1536, 4): 1, (1536, 8): 1, (4096, 1): 2, (4096, 4): 4, (4096, 8): 4}
-    with pytest.raises(ValueError, match="matvec_i8_loads"):
-        KL.QuantLinear(dev, KL.GpuQuantTensor(QuantSpec(3, 64, True), 256, 4096, []), None, 4096, None, 256,
-                       tuning=dataclasses.replace(tuning, matvec_i8_loads=3), compute_dtype="i8")
-
-
 @pytest.mark.parametrize("rows", [1, 8])
-def test_qmatvec_i8_lanes_loading_two_blocks_ahead_walk_every_block(dev, rng, rows):
-    # LOADS = 2 over many blocks a lane: k = 4000 (125 blocks) at 8 lanes an output gives each lane
-    # 15 or 16 blocks, pairs and an odd one left; at 8 rows x comes in chunks
-    tuning = dataclasses.replace(TUNINGS["gpu-subgroup-batch4-loads2"], matvec_max_tpr=8, matvec_i8_max_tpr=8)
+def test_qmatvec_i8_lanes_walk_every_block_of_long_rows(dev, rng, rows):
+    # many blocks a lane: k = 4000 (125 blocks) at 8 lanes an output gives each lane 15 or 16
+    # blocks; at 8 rows x comes in chunks
+    tuning = dataclasses.replace(TUNINGS["gpu-subgroup-opt4"], matvec_max_tpr=8, matvec_i8_max_tpr=8)
 
     def prepare(op):
-        assert op.matvec_constants(rows, 0)["TPR"] == 8 and op.matvec_constants(rows, 0)["LOADS"] == 2
+        assert op.matvec_constants(rows, 0)["TPR"] == 8
 
     linear_vs_twins(dev, rng, QuantSpec(3, 64, True), 37, 4000, rows, tuning, "i8", None, True, I8_TOL,
                     contiguous3=False, prepare=prepare, spread3=True)

@@ -26,7 +26,6 @@ override TPR: u32 = 16u;          // threads per output row: a power of two divi
 override ROWS: u32 = 1u;          // batch rows per workgroup: 1, 4 or 8
 override XB: u32 = 32u;           // 32-input blocks of each row quantized into workgroup memory a chunk
 override OPT: u32 = 1u;           // outputs a thread: 1, 2 or 4 (they share each load of x from workgroup memory)
-override LOADS: u32 = 1u;         // blocks a lane loads before using them: 1 or 2
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> qweight: array<vec4<u32>>;  // the words of every row, 4 at a time
@@ -309,23 +308,13 @@ fn add_terms(l: Loaded, bt: u32, acc: ptr<function, OutputSums>) {
 }
 
 // The thread's outputs n0..n0+OPT-1's terms over the chunk's blocks first..first+count-1 (this
-// lane's share; weight rows past the last read the last, never stored), added to *acc. Where
-// LOADS = 2 a lane loads two of its blocks before using either: more loads in flight.
+// lane's share; weight rows past the last read the last, never stored), added to *acc.
 fn chunk_terms(lane: u32, n0: u32, first: u32, count: u32, acc: ptr<function, OutputSums>) {
   let groups = (p.k + GROUP - 1u) / GROUP;
   let words_per_row = groups * GROUP / 32u * BITS;
   let last = max(p.n, 1u) - 1u;
   let rows = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last));
-  var bt = lane;
-  if (LOADS > 1u) {
-    for (; bt + TPR < count; bt += 2u * TPR) {
-      let l0 = load_outputs(rows, first + bt, groups, words_per_row);
-      let l1 = load_outputs(rows, first + bt + TPR, groups, words_per_row);
-      add_terms(l0, bt, acc);
-      add_terms(l1, bt + TPR, acc);
-    }
-  }
-  for (; bt < count; bt += TPR) {
+  for (var bt = lane; bt < count; bt += TPR) {
     add_terms(load_outputs(rows, first + bt, groups, words_per_row), bt, acc);
   }
 }
