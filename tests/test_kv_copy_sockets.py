@@ -74,7 +74,10 @@ def test_a_move_onto_the_old_workers_sub_range_copies_its_kv_over_real_sockets(t
         retired = [e["t"] for e in st["events"] if e["kind"] == "retired"]
         assert retired, [e["kind"] for e in st["events"]]
         after = [sum(t > retired[0] for t in r.times) for r in results.values()]
-        assert min(after) >= 10, after
+        # (seen failing now and then with the retirement at the streams' end: the events say
+        # whether the re-plan came late, or the moves did)
+        assert min(after) >= 10, (after, [(e["kind"], round(e["t"] - retired[0], 2), e.get("worker"), str(e.get("reason", ""))[:50])
+                                          for e in st["events"] if e["kind"] not in ("trusted", "loaded")])
     finally:
         for p in procs:
             p.terminate()
