@@ -218,15 +218,13 @@ def _plan_pool(pool, m: Model, replicas, max_stages, stages, bytes_per_ms) -> Pl
     # running replicas that fit the new ranges whole (choosing afresh among workers that hold a
     # range already, the fastest first, re-paired them whenever two tabs' measured speeds swapped
     # places: every session on them moved, for nothing)
-    by_id = {w.worker_id: w for w in free}
     for running in m.running:
+        by_id = {w.worker_id: w for w in free}
         kept = [by_id.get(wid) for _, _, wid in running]
         if ([(a, b) for a, b, _ in running] != bounds or any(w is None or w.flagged is not None for w in kept)
                 or len({w.worker_id for w in kept}) < depth or not all(fits(w, i) for i, w in enumerate(kept))):
             continue
         add_replica(kept)
-        for w in kept:
-            del by_id[w.worker_id]
     while True:
         chosen, rest = [], [w for w in free if w.flagged is None]
         for i in range(depth):

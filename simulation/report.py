@@ -24,6 +24,9 @@ CRITERIA = {
                    "after streaming began)",
 }
 
+# what the report counts apart as unexercised, in its summary and its table
+UNEXERCISED = "a liar that served no step while lying, a slow-down that slowed no step, an injection that failed"
+
 
 def _pct(values, qs=(50, 90, 99)) -> dict:
     if not values:
@@ -206,8 +209,8 @@ def build_report(run, t0: float, startup_s: float, final: dict, coord_rss: int) 
         "all_faults_detected": (len(det) == len(exercised) and len(faults) == len(injected)
                                 and len(exercised) >= int(crit.get("min_faults", 0)),
                                 f"{len(det)} of {len(exercised)} injected detected, {len(faults) - len(injected)} skipped"
-                                + (f", {len(injected) - len(exercised)} unexercised (a liar that served no step "
-                                   "while lying, a slow-down that slowed no step, an injection that failed)" if len(exercised) < len(injected) else "")),
+                                + (f", {len(injected) - len(exercised)} unexercised ({UNEXERCISED})"
+                                   if len(exercised) < len(injected) else "")),
         "memory_flat": (memory["flat"], f"start {memory['start_mb']} MiB, end {memory['end_mb']} MiB, "
                                         f"peak {memory['peak_mb']} MiB"),
     }
@@ -281,8 +284,8 @@ def format_table(r: dict) -> str:
         ("TTFT p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["ttft"].values())),
         ("ITL p50/p90/p99 ms", "/".join(str(v) for v in r["latency_ms"]["itl"].values())),
         ("faults injected / detected", f"{r['faults']['injected']} / {r['faults']['detected']}"
-                                       + (f" ({r['faults']['unexercised']} unexercised: a liar that served no step "
-                                          "while lying, a slow-down that slowed no step, an injection that failed)" if r["faults"].get("unexercised") else "")),
+                                       + (f" ({r['faults']['unexercised']} unexercised: {UNEXERCISED})"
+                                          if r["faults"].get("unexercised") else "")),
         ("  by kind (detected/injected)", ", ".join(f"{k} {v['detected']}/{v['injected']}"
                                                     for k, v in sorted(r["faults"].get("by_kind", {}).items()))),
         ("detection p50/p90/p99 ms", "/".join(str(v) for v in r["faults"]["detection_ms"].values())),
