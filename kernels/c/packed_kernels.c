@@ -9,7 +9,8 @@
 //
 // W stays packed: the u32 code words and f16 scale words exactly as quant.py lays them out
 // (the same words the WGSL reads). Each 16 codes are unpacked in registers to f32, turned into
-// weights with one fma(code, scale, min) and multiplied into f32 activations. Each packed word
+// weights with one fma(code, scale, min) (AVX-512, 4 bits: picked from the block's 16 such
+// weights, see IOTA16) and multiplied into f32 activations. Each packed word
 // is read once per call for all rows of the step: a tile holds up to 4 activation rows and
 // NG weight rows, and the dequantized weights are used for every row before moving on.
 //
@@ -407,6 +408,11 @@ T_AVX512 INLINE __m512 xs5(const float *xb, const int bits, int h) {
   return _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
 }
 
+// 4-bit codes: a block's 16 possible weights fma(c, scale, min), c = 0..15, made once (the same
+// fma as for each code, so the same bits), and each code picks its weight with one permute
+// (vpermps reads an index's low 4 bits: the low nibble needs no mask) instead of a convert and
+// an fma per 16 codes; the byte unpack is shared by both halves of the block.
+#define IOTA16 _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 #define TILE5(RG, NG)                                                                                  \
   T_AVX512 INLINE void tile5_##RG##_##NG(const Mat *w, const int bits, const Unpack5 *u, size_t o0,     \
                                           const float *x, size_t ldx, float *y, size_t ldy, int accumulate) { \
@@ -423,10 +429,18 @@ T_AVX512 INLINE __m512 xs5(const float *xb, const int bits, int h) {
         sc[c] = _mm512_set1_ps(s_), mn[c] = _mm512_set1_ps(m_);                                        \
         PREFETCH_AHEAD(w, o0 + c, b);                                                                  \
       }                                                                                                \
+      __m512 tab[NG];                                                                                  \
+      __m512i nib[NG];                                                                                 \
+      if (bits == 4)                                                                                   \
+        for (int c = 0; c < NG; c++) {                                                                 \
+          tab[c] = _mm512_fmadd_ps(IOTA16, sc[c], mn[c]);                                             \
+          nib[c] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->q + (o0 + c) * w->wpr + b * 4))); \
+        }                                                                                              \
       for (int h = 0; h < 2; h++) {                                                                    \
         __m512 wt[NG];                                                                                 \
         for (int c = 0; c < NG; c++)                                                                   \
-          wt[c] = _mm512_fmadd_ps(codes5(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u), sc[c], mn[c]); \
+          wt[c] = bits == 4 ? _mm512_permutexvar_ps(h ? _mm512_srli_epi32(nib[c], 4) : nib[c], tab[c])  \
+                            : _mm512_fmadd_ps(codes5(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u), sc[c], mn[c]); \
         for (int r = 0; r < RG; r++) {                                                                 \
           const __m512 xv = xs5(x + r * ldx + b * 32, bits, h);                                        \
           for (int c = 0; c < NG; c++) acc[r][c] = _mm512_fmadd_ps(wt[c], xv, acc[r][c]);              \
