@@ -25,7 +25,8 @@ CRITERIA = {
 }
 
 # what the report counts apart as unexercised, in its summary and its table
-UNEXERCISED = "a liar that served no step while lying, a slow-down that slowed no step, an injection that failed"
+UNEXERCISED = ("a liar that served no step while lying, a slow-down that slowed no step, memory pressure on a tab "
+               "that had nothing to hand back, an injection that failed")
 
 
 def _pct(values, qs=(50, 90, 99)) -> dict:
@@ -83,6 +84,12 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
                              and e.get("worker") in wids), None)
                 rec["undetected"] = (f"its tab went first ({gone['kind']}: {gone.get('reason')})" if gone else
                                      "no spot check caught it before the workload ended")
+        if f["kind"] == "memory" and f.get("refused") is not None:
+            rec["refused"] = f["refused"]
+            if not det and f["refused"] == 0:
+                # its tab held nothing over the new budget (an idle tab, say): it handed nothing
+                # back, so the coordinator had nothing to see (chaos at seed 9: an idle tab's)
+                rec["unexercised"] = "its tab handed nothing back"
         if not det and "inject_error" in f and "unexercised" not in rec:
             # the injection failed (its tab's process already gone, say): nothing was done to detect
             rec["unexercised"] = f"its injection failed ({f['inject_error']})"

@@ -195,6 +195,10 @@ class ScenarioRun:
         self.rng = random.Random(scn["seed"])
         self.tabs: dict = {}  # name -> SimulatedTab (alive or not)
         self.gone: set = set()
+        # tabs a crash, an eviction or (replaced after it) a memory fault was aimed at: no target
+        # for another fault, even before that injection has run (chaos at seed 9 slowed a tab
+        # 1 ms after crashing it, and the crash's death was counted the slow-down's)
+        self.ending: set = set()
         self.faults: list[dict] = []
         self.results: list = []
         self.requested = 0
@@ -249,7 +253,7 @@ class ScenarioRun:
 
     def _target(self, f: dict, st: dict) -> str | None:
         target = f.get("target", "random")
-        alive = self._alive()
+        alive = [n for n in self._alive() if n not in self.ending]
         if target.startswith("stage:"):
             i = int(target.split(":")[1])
             if i < len(st["stages"]) and st["stages"][i]["holders"]:
@@ -529,6 +533,8 @@ class ScenarioRun:
                 got = await loop.run_in_executor(self._fault_pool, self._inject, f, name)
                 if f["kind"] == "liar":
                     rec["steps_before"] = got
+                elif f["kind"] == "memory":
+                    rec["refused"] = len(got)  # ranges it handed back: none, nothing for anyone to see
                 elif f["kind"] == "slow":
                     rec["slow_window"] = got  # its tab's count of slowed steps: info()["slowed_steps"][got]
                     # the count once the window has closed and its slowed step has begun its sleep,
@@ -561,6 +567,8 @@ class ScenarioRun:
             if f["kind"] == "liar":
                 self.liars[name] = rec  # before the first lie can be caught
             self._mark_disturbed(f, name)  # now, before the next fault picks its target
+            if f["kind"] in ("crash", "evict") or (f["kind"] == "memory" and self.scn.get("respawn")):
+                self.ending.add(name)
             self.faults.append(rec)
             injections.append(asyncio.create_task(inject(f, rec, name)))
         await asyncio.gather(*injections)

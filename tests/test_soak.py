@@ -220,3 +220,57 @@ def test_a_slow_down_of_a_tab_gone_by_the_end_is_judged_by_the_count_read_after_
     idle, slowed = _fault_metrics(Run(), [])
     assert idle["slowed_steps"] == 0 and idle["unexercised"]
     assert slowed["slowed_steps"] == 3 and "unexercised" not in slowed and slowed["detected_by"] is None
+
+
+def test_memory_pressure_on_a_tab_that_had_nothing_to_hand_back_is_counted_apart():
+    """chaos at seed 9 put memory pressure on a tab that held no stage: it refused nothing, and
+    the coordinator had nothing to see. Counted apart as unexercised; one that handed ranges
+    back and was not detected stays undetected."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "memory", "tab": "a", "t": 10.0, "at": 5.0, "worker_ids": ["w1"], "refused": 0},
+                  {"kind": "memory", "tab": "b", "t": 11.0, "at": 6.0, "worker_ids": ["w2"], "refused": 1},
+                  {"kind": "memory", "tab": "c", "t": 12.0, "at": 7.0, "worker_ids": ["w3"], "refused": 1}]
+        tab_info = {}
+
+    events = [{"t": 12.01, "kind": "refused", "worker": "w3", "reason": "memory_pressure"}]
+    idle, missed, caught = _fault_metrics(Run(), events)
+    assert idle["refused"] == 0 and idle["unexercised"] == "its tab handed nothing back" and idle["detected_by"] is None
+    assert missed["refused"] == 1 and "unexercised" not in missed and missed["detected_by"] is None
+    assert caught["detected_by"].startswith("refused") and "unexercised" not in caught
+
+
+def test_a_tab_a_crash_was_aimed_at_is_no_target_for_the_next_fault(tmp_path, monkeypatch):
+    """chaos at seed 9 slowed a tab 1 ms after crashing it, before the crash's injection had
+    marked it gone: the death was counted the slow-down's, the crash undetected. A tab a crash,
+    an eviction or (when tabs are replaced) a memory fault was aimed at is no target from then."""
+    import time
+    from types import SimpleNamespace
+
+    from simulation import scenario
+    from simulation.scenario import ScenarioRun
+
+    monkeypatch.setattr(scenario, "DETECTION_WINDOW_S", 0.0)  # a slow-down's count is read this long after
+    for seed in range(6):
+        scn = {"seed": seed, "respawn": {"delay_s": 30.0},
+               "faults": [{"at": 0.0, "kind": k, "target": "random", "duration": 0.01} for k in ("crash", "slow", "memory", "evict", "slow")]}
+        run = ScenarioRun(scn, out_dir=tmp_path)
+        names = ("a", "b", "c", "d")
+        run.tabs = {n: SimpleNamespace(profile=SimpleNamespace(name="cpu-wasm")) for n in names}
+        st = {"workers": [{"worker_id": f"w-{n}", "name": n, "stages": [i], "state": "ready"} for i, n in enumerate(names)],
+              "stages": [{"holders": [f"w-{n}"], "pipeline": i} for i, n in enumerate(names)], "sessions": []}
+        run._inject = lambda f, name: None  # never marks a tab gone: only the choice of targets is tested
+        run._respawn_later = lambda loop, name: None
+
+        async def status():
+            return st
+
+        async def main():
+            await run._faults_on_schedule(asyncio.get_running_loop(), time.monotonic(), status)
+
+        asyncio.run(main())
+        tabs = {f["kind"] + str(i): f["tab"] for i, f in enumerate(run.faults)}
+        ended = [tabs["crash0"], tabs["memory2"], tabs["evict3"]]
+        assert len(set(ended)) == 3 and tabs["slow1"] not in ended[:1] and tabs["slow4"] not in ended, (seed, tabs)
+        run._pool.shutdown(), run._fault_pool.shutdown()
