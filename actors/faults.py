@@ -3,6 +3,9 @@ worker's public hooks (tab_worker/worker.py: result_filters, compute_delay): the
 knows nothing of them."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
 import weakref
 
@@ -43,6 +46,25 @@ def lying(worker) -> float:
     """The noise factor `worker` lies with (0: honest)."""
     liar = _LIARS.get(worker)
     return liar.factor if liar is not None else 0.0
+
+
+def host_turns(path: str):
+    """A compute_turn for TabWorker (tab_worker/worker.py): an exclusive lock on the file at
+    `path`, so that the simulated devices of one host given the same path compute one at a time
+    (each then sleeps its slowing outside it). Computing at once, they shared this host's memory
+    bandwidth, and a step's CPU time, the compute the slowing multiplies, grew with its
+    neighbours' traffic, as separate devices' would not."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+
+    @contextlib.contextmanager
+    def turn():
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    return turn
 
 
 def slow_down(worker, factor: float, cpu_time: bool = False) -> None:

@@ -15,7 +15,10 @@ round):
   (actors/faults.slow_down: each step takes its compute time plus 9x that asleep), so that five
   workers and two coordinators on this 2-core host are not measuring the cores; the compute is
   timed as the worker's one thread's CPU time (wall time counted the sharing of the cores, four
-  replicas computing at once, into each one's device). Reported beside it: the coordinators'
+  replicas computing at once, into each one's device), and a cluster's slowed workers take turns
+  to compute (actors/faults.host_turns; each sleeps its slowing outside its turn): computing at
+  once they shared the host's memory bandwidth, which separate devices do not, and a replica's
+  2-row step, half of it streaming the weights, took more CPU time than alone. Reported beside it: the coordinators'
   share of a core, steps per worker, and the kernel's T(8 rows)/T(2 rows), which bounds the
   decode part of the ratio (a single worker batches 8 rows, each replica 2);
 * join: 4 streams on one worker while a second joins: the longest pause between two tokens, in
@@ -72,7 +75,7 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_T
 def worker_main(url: str, name: str, slow: float, network: str | None = None) -> None:
     """A Python tab (numpy) whose steps take `slow` x their compute time, the rest asleep, and
     whose every frame crosses `network` (actors/profiles.NETWORKS, both ways) when one is named."""
-    from actors.faults import slow_down
+    from actors.faults import host_turns, slow_down
     from tab_worker.client import WorkerConnection
     from tab_worker.worker import TabWorker
 
@@ -82,6 +85,9 @@ def worker_main(url: str, name: str, slow: float, network: str | None = None) ->
         # thread: TABSHARD_CPU_THREADS=1), so that the other processes on this host's cores do not
         # slow it further (wall time made replicas, four computing at once, pay for the sharing)
         slow_down(w, slow, cpu_time=True)
+        # and the slowed workers of its cluster compute one at a time (host_turns): four replicas
+        # computing at once shared this host's memory bandwidth, and each step's CPU time grew
+        w.compute_turn = host_turns(os.environ["BENCH_PLANS_TURNS"])
 
     class Networked(WorkerConnection):
         def link(self, ws):
@@ -121,7 +127,7 @@ class Cluster:
         if nice:
             cmd = ["nice", "-n", str(nice), *cmd]
         log = open(self.log_dir / f"{self.name}-{name}.log", "wb")
-        env = dict(ENV, TABSHARD_CPU_THREADS="1") if slow != 1.0 else ENV
+        env = dict(ENV, TABSHARD_CPU_THREADS="1", BENCH_PLANS_TURNS=str(self.log_dir / f"{self.name}.turns")) if slow != 1.0 else ENV
         self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         self.names.append(name)
 

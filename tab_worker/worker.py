@@ -7,6 +7,7 @@ computes, which is why the adapter runs it off the event loop.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -86,12 +87,16 @@ class TabWorker:
         # compute_clock (wall time; a simulation of devices of their own may pass the thread's CPU
         # time, which other processes sharing this host's cores do not inflate: a step then takes
         # its CPU time plus compute_delay of it, however long the shared cores made it in wall time);
+        # compute_turn: fn() -> a context manager held while a step computes (not while it sleeps
+        # its compute_delay): simulated devices of one host take turns through it, so that none
+        # computes slower for another's memory traffic (separate devices share no memory bus);
         # before_build: fn() runs before an assigned range's backend is built;
         # load_checks: fn(backend) runs on a range just built; an exception refuses the range
         # (a browser creates its pipelines at load, and a kernel beyond its limits fails there)
         self.result_filters: list = []
         self.compute_delay = None
         self.compute_clock = time.perf_counter
+        self.compute_turn = contextlib.nullcontext
         self.before_build: list = []
         self.load_checks: list = []
         self.load_failures: list[str] = []
@@ -336,25 +341,27 @@ class TabWorker:
         if backend is None:
             return [wire.make("error", code="not_assigned", field="layer_start", message=f"layers {key} are not held here", step_id=m["step_id"])]
         slices = [SessionSlice(s["session_id"], int(s["start_pos"]), int(s["length"])) for s in m["sessions"]]
-        t0, c0 = time.perf_counter(), self.compute_clock()
+        t0 = time.perf_counter()  # a wait for the compute turn is wall time the delay's sleep absorbs
         reply = wire.make("step_result", step_id=m["step_id"], epoch=m["epoch"])
         want = int(m.get("want_topk") or 0)
-        try:
-            if self.range_heads.get(key) and want:
-                # the head stage returns k candidates per session, not hidden rows
-                rows = [int(s.get("topk_rows") or 1) for s in m["sessions"]]
-                ids, logits = forward_topk(backend, slices, m["hidden"], want, rows)
-                reply.update(topk_ids=ids.astype(np.int32), topk_logits=logits.astype(np.float32),
-                             output=np.zeros((0, m["hidden"].shape[1]), np.float32))
-                self.tokens_served += len(ids)
-            else:
-                reply["output"] = backend.forward(slices, m["hidden"])
-        except ValueError as exc:
-            return [wire.make("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
-        for result_filter in self.result_filters:
-            result_filter(m, reply)
-        if self.compute_delay is not None:
+        with self.compute_turn():
+            c0 = self.compute_clock()
+            try:
+                if self.range_heads.get(key) and want:
+                    # the head stage returns k candidates per session, not hidden rows
+                    rows = [int(s.get("topk_rows") or 1) for s in m["sessions"]]
+                    ids, logits = forward_topk(backend, slices, m["hidden"], want, rows)
+                    reply.update(topk_ids=ids.astype(np.int32), topk_logits=logits.astype(np.float32),
+                                 output=np.zeros((0, m["hidden"].shape[1]), np.float32))
+                    self.tokens_served += len(ids)
+                else:
+                    reply["output"] = backend.forward(slices, m["hidden"])
+            except ValueError as exc:
+                return [wire.make("error", code="bad_step", field="sessions", message=str(exc), step_id=m["step_id"])]
+            for result_filter in self.result_filters:
+                result_filter(m, reply)
             used = self.compute_clock() - c0
+        if self.compute_delay is not None:
             delay = self.compute_delay(used)
             if self._own_device:
                 # what the host's other processes added to the wall time is taken off the sleep

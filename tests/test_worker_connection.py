@@ -4,7 +4,11 @@ A decode step known to be quick runs on the event loop (no hand-off to the compu
 back) and answers bit for bit what the compute thread would; the first step of a range, a
 prefill and a slowed tab's step go to the compute thread; heartbeats keep flowing."""
 import asyncio
+import contextlib
+import fcntl
+import os
 import threading
+import time
 
 import numpy as np
 import websockets
@@ -180,3 +184,53 @@ def test_a_device_of_its_own_takes_its_cpu_time_times_the_factor_whatever_the_wa
     worker.result_filters.append(lambda m, reply: time.sleep(0.05))
     reply = worker.on_step(steps(layers, hidden)[0])[0]
     assert 98 <= reply["compute_ms"] <= 125, reply["compute_ms"]
+
+
+def test_slowed_workers_of_one_host_take_turns_to_compute_and_sleep_outside_their_turn(tmp_path):
+    """host_turns: simulated devices given the same lock file compute one at a time (computing
+    at once they shared the host's memory bandwidth, which separate devices do not); a worker
+    holds its turn while it computes a step, not while it sleeps its slowing."""
+    from actors.faults import host_turns
+
+    path = str(tmp_path / "turns")
+    first, second = host_turns(path), host_turns(path)
+    order = []
+
+    def hold(turn, name, seconds):
+        with turn():
+            order.append(f"{name} in")
+            time.sleep(seconds)
+            order.append(f"{name} out")
+
+    a = threading.Thread(target=hold, args=(first, "a", 0.3))
+    a.start()
+    time.sleep(0.05)
+    hold(second, "b", 0.0)
+    a.join()
+    assert order == ["a in", "a out", "b in", "b out"]
+
+    worker, layers, hidden = loaded_worker()
+    slow_down(worker, 20.0, cpu_time=True)
+    worker.compute_turn = host_turns(path)
+    held = []
+    turn = worker.compute_turn
+
+    @contextlib.contextmanager
+    def watched():
+        with turn():
+            held.append(time.perf_counter())
+            yield
+            held.append(time.perf_counter())
+
+    worker.compute_turn = watched
+    t0 = time.perf_counter()
+    (reply,) = worker.on_step(steps(layers, hidden)[0])
+    wall = time.perf_counter() - t0
+    assert reply["type"] == "step_result" and len(held) == 2
+    # the turn was held for the compute alone: the step's wall time is 20x that, the rest asleep
+    assert wall > 5 * (held[1] - held[0]), (wall, held[1] - held[0])
+    fd = os.open(path, os.O_RDWR)  # and given back: another device of the host may take its turn at once
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
