@@ -42,8 +42,9 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
         rec = {k: f.get(k) for k in ("at", "kind", "tab", "duration", "factor", "stages", "skipped", "inject_error", "churn")
                if f.get(k) is not None}
         wids = set(f.get("worker_ids") or [])
-        if (not f.get("churn") and not wids and f.get("tab")) or f["kind"] == "liar":
-            # a liar lies under every id its tab joins as until it is caught
+        if (not wids and f.get("tab")) or f["kind"] == "liar":
+            # a liar lies under every id its tab joins as until it is caught (and a tab closed by
+            # churn before the runner had read its join is known by its name)
             wids |= {e.get("worker") for e in events if e["kind"] == "join" and e.get("name") == f["tab"]}
         # what the coordinator saw of this tab once its next fault went in is that fault's doing
         # (a slow-down that slowed nothing was "detected" 56 s later by a memory fault's refusal)

@@ -106,6 +106,22 @@ def test_killed_worker_mid_decode_gives_identical_tokens(weights, reference, vic
     assert "death" in kinds and "rebuild" in kinds and "recovered" in kinds
 
 
+def test_a_stage_lost_while_no_session_runs_awaits_no_recovery(weights, reference):
+    """The time from a primary's loss to the next token is a recovery only when a session
+    waited on it: lost while the cluster idled, the next token comes whenever a client next
+    asks (churn at seed 21 reported 12.9 s of no request as a recovery)."""
+    net = start(weights, 3)
+    net.submit("r0", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r0"])
+    net.kill(net.stage_conn(1))
+    net.run(until=lambda: not any(st.needs_rebuild for st in net.core.stages))
+    assert not net.core._awaiting_recovery
+    net.submit("r1", PROMPT, N_TOKENS, stop_at_eos=False)
+    run_until_done(net, ["r1"])
+    assert net.tokens("r1") == reference
+    assert "death" in [e["kind"] for e in net.core.events] and "recovered" not in [e["kind"] for e in net.core.events]
+
+
 def test_a_long_history_is_rebuilt_in_prompt_sized_steps(weights):
     """A stage lost after a long prompt replays that history in steps no larger than a prompt
     step (all of it in one step would outlast what a deadline can judge); the tokens are those

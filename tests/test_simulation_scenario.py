@@ -216,3 +216,31 @@ def test_simulate_runs_a_scenario_at_the_seed_asked(tmp_path, monkeypatch):
         assert a.func(a) == 0
     assert [r["seed"] for r in ran] == [6, load_scenario(SCENARIOS / "chaos.toml")["seed"]] == [6, 4]
     assert ran[0]["random_faults"] == ran[1]["random_faults"]  # the same scenario otherwise
+
+
+def test_open_loop_arrivals_are_the_requests_sent_within_the_window():
+    """churn at seed 21: the seeded arrivals of 20 requests outran the 60 s window, 16 were sent,
+    and the report counted the other 4 lost. Only the requests sent are requested."""
+    from simulation.scenario import arrival_offsets
+
+    w = {"requests": 20, "arrival_rate": 0.4}
+    sent = arrival_offsets(w, 21, 60.0)
+    assert 0 < len(sent) < 20 and sent[0] == 0.0 and sent == sorted(sent) and sent[-1] <= 60.0, sent
+    assert arrival_offsets(w, 21, 1e9)[: len(sent)] == sent and len(arrival_offsets(w, 21, 1e9)) == 20
+
+
+def test_a_tab_closed_by_churn_is_seen_go_like_any_eviction():
+    """Churn's evictions were counted injected and never detected (no worker ids recorded): the
+    ids its tab joined as are its, and its socket's close detects it."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "evict", "target": "churn", "tab": "a", "t": 10.0, "at": 4.0, "worker_ids": [], "churn": True},
+                  {"kind": "evict", "target": "churn", "tab": "b", "t": 14.0, "at": 8.0, "worker_ids": ["w7"], "churn": True}]
+        tab_info = {}
+
+    events = [{"t": 1.0, "kind": "join", "worker": "w3", "name": "a"},
+              {"t": 10.01, "kind": "death", "worker": "w3", "reason": "socket closed"},
+              {"t": 14.02, "kind": "death", "worker": "w7", "reason": "socket closed"}]
+    a, b = _fault_metrics(Run(), events)
+    assert a["detected_by"] == "death (socket closed)" and b["detected_by"] == "death (socket closed)", (a, b)

@@ -192,5 +192,6 @@ class Join:
         w.stages.discard(st.index)
         if not was_primary:
             return []
-        self._awaiting_recovery.append((st.index, now))
+        if self._holds_up_a_session(st):
+            self._awaiting_recovery.append((st.index, now))
         return self._forget_prefixes() + self._repair_stage(st, now)
