@@ -192,6 +192,43 @@ def test_slow_worker_is_suspect_not_dead(weights):
     assert net.core.workers[net.core.conn_worker[victim]].state == "ready"
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weights, reference, stage):
+    """Chaos at seeds 9 and 10: each slowed tab stalled its pipeline 6 to 20 s, until its step was
+    suspect_evict_factor deadlines late. Stage 0 here has a standby holding its range ready: at
+    suspect_takeover_factor deadlines the late primary is evicted and the standby replays the
+    stage at once; stage 1 has none, and waits suspect_evict_factor deadlines as before. The
+    tokens are exact either way."""
+    net = start(weights, 3, stages=2, step_deadline_min_ms=100, step_deadline_factor=1.0)
+    core = net.core
+    assert len(core.stages) == 2 and len(core.stages[0].holders) == 2 and core.stages[1].holders == [core.stages[1].primary]
+    standby = core.stages[0].holders[1]
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    victim = net.stage_conn(stage)
+    victim_id = core.conn_worker[victim]
+    net.frozen.add(victim)  # its steps held, its heartbeats below
+    net.run(until=lambda: core.stages[stage].inflight is not None and core.stages[stage].inflight.worker == victim_id)
+    step = core.stages[stage].inflight
+    allowed = step.deadline - step.sent_at
+    while core.workers[victim_id].alive and net.now < step.sent_at + 10 * allowed:
+        net.now += 0.01
+        for c in net.workers:
+            net.to_coordinator(c, net.workers[c].heartbeat(1))
+        net.run()
+        net.perform(core.tick(net.now))
+    death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
+    factor = core.settings.suspect_takeover_factor if stage == 0 else core.settings.suspect_evict_factor
+    assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
+    assert ("a warm standby takes its stage" in death["reason"]) == (stage == 0), death
+    if stage == 0:
+        assert core.stages[0].primary == standby
+    net.frozen.discard(victim)
+    net.held.pop(victim, None)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
 @pytest.mark.parametrize("order", ["assigned_then_suspected", "suspected_then_assigned"])
 def test_a_suspect_that_answers_while_its_load_is_out_is_loading_until_loaded(weights, reference, order):
     """A stage's primary is late with a step (suspect) while it loads the range of the other
