@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulation.faults import DETECTION_EVENTS, detects
+from simulation.faults import DETECTION_EVENTS, DETECTION_WINDOW_S, detects
 
 # criterion -> the rule, as the report states it
 CRITERIA = {
@@ -26,7 +26,7 @@ CRITERIA = {
 
 # what the report counts apart as unexercised, in its summary and its table
 UNEXERCISED = ("a liar that served no step while lying, a slow-down that slowed no step, memory pressure on a tab "
-               "that had nothing to hand back, an injection that failed")
+               "that had nothing to hand back, a fault its tab's next one cut short, an injection that failed")
 
 
 def _pct(values, qs=(50, 90, 99)) -> dict:
@@ -71,6 +71,10 @@ def _fault_metrics(run, events: list[dict]) -> list[dict]:
                 # its pipeline sent it no step in the window (stalled behind another fault, say):
                 # the slow-down slowed nothing, and nothing could show it
                 rec["unexercised"] = "its tab ran no step while slowed"
+        if not det and f["kind"] != "liar" and "unexercised" not in rec and until - f["t"] < DETECTION_WINDOW_S:
+            # its tab's next fault (a crash, say) came before this one could show (a slowed step
+            # is seen at its deadline, 1.5 s or more): what the coordinator saw then is the next's
+            rec["unexercised"] = f"its tab's next fault came {until - f['t']:.1f} s after it, before it could be seen"
         if f["kind"] == "liar":
             rec["until_s"] = round(det["t"] - f["t"], 4) if det else None  # lying window (None: to the end)
             info = run.tab_info.get(f.get("tab"), {})

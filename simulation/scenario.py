@@ -64,7 +64,7 @@ from pathlib import Path
 from protocol.errors import ConfigError
 
 from actors.profiles import get_network, get_profile
-from simulation.faults import detects
+from simulation.faults import DETECTION_WINDOW_S, detects
 
 FAULT_KINDS = ("crash", "freeze", "slow", "partition", "evict", "memory", "liar")
 LIAR_FACTOR = 0.05  # default noise of a liar, relative to each result's RMS
@@ -72,11 +72,6 @@ LIAR_FACTOR = 0.05  # default noise of a liar, relative to each result's RMS
 # slowed sleeps compute x factor (seconds at factor 2000) and may get the tab evicted when it ends;
 # a frozen or partitioned tab is declared dead and rejoins under a new id.
 AFTERMATH_S = {"slow": 12.0, "freeze": 3.0, "partition": 3.0}
-# How long after its injection a fault is given to be seen before the run ends: a frozen or
-# partitioned tab's silence (dead_after_ms 800), a slowed step's deadline (step_deadline_min_ms
-# 1500), each on the coordinator's tick (chaos at seed 6 injected a freeze 20 ms before the run
-# stopped watching, and reported it undetected)
-DETECTION_WINDOW_S = 3.0
 
 
 def load_scenario(path: str | Path) -> dict:

@@ -274,3 +274,25 @@ def test_a_tab_a_crash_was_aimed_at_is_no_target_for_the_next_fault(tmp_path, mo
         ended = [tabs["crash0"], tabs["memory2"], tabs["evict3"]]
         assert len(set(ended)) == 3 and tabs["slow1"] not in ended[:1] and tabs["slow4"] not in ended, (seed, tabs)
         run._pool.shutdown(), run._fault_pool.shutdown()
+
+
+def test_a_fault_its_tabs_next_fault_cut_short_is_counted_apart():
+    """chaos at seed 10: a tab slowed at 65.7 s was crashed 1.3 s later, before its slowed step's
+    deadline (1.5 s at least) could show it; the crash's death is the crash's. Counted apart as
+    unexercised; one whose next fault came after the detection window stays undetected."""
+    from simulation.faults import DETECTION_WINDOW_S
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "slow", "tab": "a", "t": 65.7, "at": 60.0, "worker_ids": ["w1"], "slow_window": 0},
+                  {"kind": "crash", "tab": "a", "t": 67.0, "at": 61.3, "worker_ids": ["w1"]},
+                  {"kind": "freeze", "tab": "b", "t": 10.0, "at": 5.0, "worker_ids": ["w2"]},
+                  {"kind": "crash", "tab": "b", "t": 10.0 + DETECTION_WINDOW_S + 1, "at": 9.0, "worker_ids": ["w2"]}]
+        tab_info = {}
+
+    events = [{"t": 67.03, "kind": "death", "worker": "w1", "reason": "socket closed"},
+              {"t": 14.05, "kind": "death", "worker": "w2", "reason": "socket closed"}]
+    slow, crash, freeze, crash_b = _fault_metrics(Run(), events)
+    assert slow["detected_by"] is None and slow["unexercised"].startswith("its tab's next fault came 1.3 s"), slow
+    assert crash["detected_by"] == "death (socket closed)"
+    assert freeze["detected_by"] is None and "unexercised" not in freeze and crash_b["detected_by"]
