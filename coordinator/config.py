@@ -14,7 +14,7 @@ _RULES = {
     "step_deadline_factor": (float, 1.0, 1000.0),
     "step_deadline_min_ms": (int, 10, 600_000),  # a step's deadline is never shorter than this
     "suspect_evict_factor": (float, 1.0, 1000.0),
-    "suspect_takeover_factor": (float, 1.0, 1000.0),  # as suspect_evict_factor, when a standby holds the stage ready
+    "suspect_takeover_factor": (float, 1.0, 1000.0),  # as suspect_evict_factor, when a standby or a replica holds the range ready
     "replicas": (int, 1, 16),  # holders each range gets at least (serving replicas' primaries count; left-over workers fill the rest as standbys)
     "max_stages": (int, 1, 1024),  # the most pipeline stages a plan may have (none: as many as the predicted latency warrants)
     "stages": (int, 1, 1024),  # an exact pipeline depth, as far as workers allow (none: the planner's choice by predicted latency)

@@ -51,8 +51,9 @@ class CoordinatorSettings:
     step_deadline_factor: float = 8.0  # x the worker's measured time for that step
     step_deadline_min_ms: int = 1500
     suspect_evict_factor: float = 4.0  # a step this many deadlines late: evict the worker
-    # this many deadlines late, its stage held ready by a standby: evict it already (the standby
-    # replays the stage's sessions at once; waiting out suspect_evict_factor stalled them 6-20 s)
+    # this many deadlines late, its range held ready by a standby or a replica: evict it already
+    # (that worker replays the stage's sessions at once; waiting out suspect_evict_factor stalled
+    # them 6-20 s)
     suspect_takeover_factor: float = 2.0
     replicas: int = 1
     max_stages: int | None = None

@@ -220,11 +220,37 @@ def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weig
     death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
     factor = core.settings.suspect_takeover_factor if stage == 0 else core.settings.suspect_evict_factor
     assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
-    assert ("a warm standby takes its stage" in death["reason"]) == (stage == 0), death
+    assert ("a worker holding its range ready takes its stage" in death["reason"]) == (stage == 0), death
     if stage == 0:
         assert core.stages[0].primary == standby
     net.frozen.discard(victim)
     net.held.pop(victim, None)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
+def test_a_lost_primary_whose_range_a_replica_serves_goes_to_that_replica_with_nothing_to_load(weights, reference):
+    """#18's "serving while tabs load" on a loss: a stage whose primary dies with no standby of
+    its own goes to a worker that serves the same range in another pipeline (a replica): it
+    replays the stage's sessions at once, where a free worker would first load the range (and a
+    stalled primary is evicted at suspect_takeover_factor deadlines, as with a standby)."""
+    net = start(weights, 4, stages=2)
+    core = net.core
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    # the first stage of the stream's pipeline, and the same range in the other pipeline
+    first = min((st for st in core.stages if st.pipeline == core.sessions["r"].pipeline), key=lambda st: st.layer_start)
+    twin = next(st for st in core.stages if st.pipeline != first.pipeline and (st.layer_start, st.layer_end) == (first.layer_start, first.layer_end))
+    replica = twin.primary
+    for wid in first.holders[1:]:  # no standby of its own: only the other pipeline holds the range
+        first.holders.remove(wid)
+        first.ready.discard(wid)
+    assert replica not in first.holders and replica in twin.ready
+    lost_at = net.now
+    net.kill(net.stage_conn(first.index))
+    assert first.primary == replica and replica in first.ready
+    rebuild = next(e for e in core.events if e["kind"] == "rebuild" and e["stage"] == first.index and e["t"] >= lost_at)
+    assert rebuild["worker"] == replica and rebuild["t"] == lost_at  # at once: nothing to load
     run_until_done(net, ["r"])
     assert net.tokens("r") == reference
 

@@ -43,7 +43,7 @@ class Recovery:
                 continue
             late = now - f.sent_at
             allowed = f.deadline - f.sent_at
-            takeover = late > allowed * self.settings.suspect_takeover_factor and self._warm_standby(st, w) is not None
+            takeover = late > allowed * self.settings.suspect_takeover_factor and self._warm_holder(st, w.worker_id) is not None
             if late > allowed * self.settings.suspect_evict_factor or takeover:
                 # a step this late counts against the address (a tarpit rejoining under new
                 # names meets a growing backoff); a tab still on probation is quarantined
@@ -52,7 +52,7 @@ class Recovery:
                     self._offend(w, "a step far past its deadline", now)
                 out += self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
                                                  f"{' on probation' if w.probation else ''}"
-                                                 f"{'; a warm standby takes its stage' if takeover else ''})", quarantine=w.probation)
+                                                 f"{'; a worker holding its range ready takes its stage' if takeover else ''})", quarantine=w.probation)
             elif w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
                 w.move("missed_deadline")
                 self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
@@ -153,16 +153,22 @@ class Recovery:
         self._schedule_replan(now)
         return out + self._release_finishes(now)
 
-    def _warm_standby(self, st: Stage, late: Worker) -> str | None:
-        """A standby of the stage that holds its range ready and is in good health (alive, not
-        suspected, trusted): losing `late`, the primary, the stage goes to the first such holder
-        (_repair_stage) and replays its sessions there at once, with nothing to load."""
-        for wid in st.holders:
+    def _warm_holder(self, st: Stage, besides: str | None = None) -> str | None:
+        """A worker in good health (alive, not suspected, trusted; not `besides`) that holds the
+        stage's range ready: a standby of the stage first, else a primary of another pipeline
+        serving the same range (a replica). Losing the primary, the stage goes to it
+        (_repair_stage) and replays its sessions there at once, with nothing to load: "serving
+        while tabs load" (a fresh holder the re-plan that follows chooses loads meanwhile)."""
+        def healthy(wid: str) -> bool:
             w = self.workers.get(wid)
-            if (wid != late.worker_id and wid in st.ready and w is not None and w.alive and not w.local
-                    and w.state != "suspect" and not w.probation):
-                return wid
-        return None
+            return (wid != besides and w is not None and w.alive and not w.local and w.state != "suspect"
+                    and not w.probation)
+
+        standby = next((wid for wid in st.holders if wid in st.ready and healthy(wid)), None)
+        if standby is not None:
+            return standby
+        key = (st.layer_start, st.layer_end)
+        return next((wid for wid in self.workers if healthy(wid) and self._serves_range(wid, key)), None)
 
     def _holds_up_a_session(self, st: Stage) -> bool:
         """Whether a session waits on the stage's pipeline (decodes on it or moves to it): only
@@ -187,11 +193,12 @@ class Recovery:
         """Give the stage a new primary (a warm standby if any, else the least loaded live
         worker that can hold it, else the coordinator itself) and rebuild its KV caches."""
         st.needs_rebuild = True
-        if st.primary is not None and st.primary not in st.ready:
-            # a standby holding the range ready goes first: nothing to load before the replay
-            warm = next((h for h in st.holders if h in st.ready and h in self.workers and self.workers[h].alive), None)
+        if st.primary not in st.ready:
+            # a worker holding the range ready goes first: nothing to load before the replay
+            warm = self._warm_holder(st)
             if warm is not None:
-                st.holders.remove(warm)
+                if warm in st.holders:
+                    st.holders.remove(warm)
                 st.holders.insert(0, warm)
         if st.inflight is not None:
             # the lost step's inputs are in the logs: the replay recomputes them and forwards
