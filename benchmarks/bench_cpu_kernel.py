@@ -17,23 +17,30 @@ With --threads N (> 1) two more paths on N threads, and the same two ways of get
                 the 1-thread kernel on its contiguous 1/N of the rows;
 and deq+blas Nt (PackedMatrix._blas on N threads) for the long chunks.
 
+With --against REV one more path: the kernel compiled from packed_kernels.c as it was at git
+revision REV (its best ISA here), and the ratio of today's to it: a change to the kernel measured
+side by side with what it replaced.
+
 Rounds alternate the paths (each round times every path once on fresh inputs) so they see the
 same host load; the figures are medians over rounds. ms per stage and GB/s of the bytes each
 path streams. Appended to the benchmark history unless --no-history.
 
-    .venv/bin/python benchmarks/bench_cpu_kernel.py [--rows 1,4,8,16,32,64,128] [--rounds 7]
+    .venv/bin/python benchmarks/bench_cpu_kernel.py [--rows 1,4,8,16,32,64,128] [--rounds 7] [--against REV]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the workers run it (tabshard/cluster.py)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
@@ -44,6 +51,36 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 LAYERS = 8
 
 
+def _library_at(rev: str):
+    """The kernel library built from packed_kernels.c as it was at git revision `rev` (built and
+    cached as `make setup` builds the current one), for a side-by-side run against it."""
+    source = Path(tempfile.mkdtemp()) / "packed_kernels.c"
+    source.write_bytes(subprocess.run(["git", "show", f"{rev}:kernels/c/packed_kernels.c"], cwd=ROOT, check=True,
+                                      capture_output=True).stdout)
+    current = cpu_kernels.SOURCE
+    try:
+        cpu_kernels._state.clear()
+        cpu_kernels.SOURCE = source
+        lib = cpu_kernels._load()
+    finally:
+        cpu_kernels.SOURCE = current
+        cpu_kernels._state.clear()
+    if lib is None:
+        raise SystemExit(f"the kernel at {rev} did not build")
+    return lib
+
+
+def _with_library(lib, fn, *args):
+    """fn(*args) with `lib` as the kernel library (the current one put back after)."""
+    cpu_kernels._load()
+    current = cpu_kernels._state["lib"]
+    cpu_kernels._state["lib"] = lib
+    try:
+        return fn(*args)
+    finally:
+        cpu_kernels._state["lib"] = current
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,8,16,32,64,128")
@@ -51,8 +88,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--spec", default="a4g32")
     ap.add_argument("--threads", type=int, default=1, help="also time the threaded paths on this many threads")
+    ap.add_argument("--against", metavar="REV",
+                    help="also time the kernel as packed_kernels.c was at git revision REV (its best ISA), side by side")
     ap.add_argument("--no-history", action="store_true")
     a = ap.parse_args()
+    earlier = _library_at(a.against) if a.against else None
     status = cpu_kernels.status()
     print(f"CPU backend: {cpu_kernels.describe()}; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rng = np.random.default_rng(0)
@@ -71,6 +111,8 @@ def main() -> int:
 
     paths = {f"kernel {isa}": (lambda i, x, isa=isa: cpu_kernels.kernel_matmul(x, packed[i], isa), pbytes)
              for isa in cpu_kernels.kernel_isas() if isa != "scalar"}
+    if earlier is not None:
+        paths[f"kernel {a.against[:10]}"] = (lambda i, x: _with_library(earlier, cpu_kernels.kernel_matmul, x, packed[i]), pbytes)
     paths["deq+blas"] = (lambda i, x: mats[i]._blas(x), pbytes)
     paths["f32 blas"] = (lambda i, x: x @ dense[i].T, fbytes)
     n_t = a.threads
@@ -102,7 +144,9 @@ def main() -> int:
         ms = {name: statistics.median(v) for name, v in times.items()}
         cols = " ".join(f"{ms[n]:>11.2f} ({paths[n][1] / ms[n] * 1000:5.1f})" for n in paths)
         k = ms.get(best, float("nan"))
-        print(f"{rows:>5} {cols}   {ms['f32 blas'] / k:>13.2f}x   {ms['deq+blas'] / k:>13.2f}x", flush=True)
+        print(f"{rows:>5} {cols}   {ms['f32 blas'] / k:>13.2f}x   {ms['deq+blas'] / k:>13.2f}x"
+              + (f"   {best} / kernel {a.against[:10]} {k / ms[f'kernel {a.against[:10]}']:.3f}x" if earlier is not None else ""),
+              flush=True)
         figures += [(f"cpu_kernel.packed_stage_ms.{name.split()[0].replace('+', '_')}_{rows}_rows", v)
                     for name, v in ms.items() if name in (best, "deq+blas", "f32 blas")]
         if n_t > 1 and f"kernel {n_t}t" in ms:
