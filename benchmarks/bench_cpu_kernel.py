@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--no-history", action="store_true")
     a = ap.parse_args()
     earlier = _library_at(a.against) if a.against else None
+    earlier_path = f"kernel {(a.against or '')[:10]}"
     status = cpu_kernels.status()
     print(f"CPU backend: {cpu_kernels.describe()}; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rng = np.random.default_rng(0)
@@ -112,7 +113,7 @@ def main() -> int:
     paths = {f"kernel {isa}": (lambda i, x, isa=isa: cpu_kernels.kernel_matmul(x, packed[i], isa), pbytes)
              for isa in cpu_kernels.kernel_isas() if isa != "scalar"}
     if earlier is not None:
-        paths[f"kernel {a.against[:10]}"] = (lambda i, x: _with_library(earlier, cpu_kernels.kernel_matmul, x, packed[i]), pbytes)
+        paths[earlier_path] = (lambda i, x: _with_library(earlier, cpu_kernels.kernel_matmul, x, packed[i]), pbytes)
     paths["deq+blas"] = (lambda i, x: mats[i]._blas(x), pbytes)
     paths["f32 blas"] = (lambda i, x: x @ dense[i].T, fbytes)
     n_t = a.threads
@@ -145,7 +146,7 @@ def main() -> int:
         cols = " ".join(f"{ms[n]:>11.2f} ({paths[n][1] / ms[n] * 1000:5.1f})" for n in paths)
         k = ms.get(best, float("nan"))
         print(f"{rows:>5} {cols}   {ms['f32 blas'] / k:>13.2f}x   {ms['deq+blas'] / k:>13.2f}x"
-              + (f"   {best} / kernel {a.against[:10]} {k / ms[f'kernel {a.against[:10]}']:.3f}x" if earlier is not None else ""),
+              + (f"   {best} / {earlier_path} {k / ms[earlier_path]:.3f}x" if earlier is not None else ""),
               flush=True)
         figures += [(f"cpu_kernel.packed_stage_ms.{name.split()[0].replace('+', '_')}_{rows}_rows", v)
                     for name, v in ms.items() if name in (best, "deq+blas", "f32 blas")]

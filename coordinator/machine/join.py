@@ -192,6 +192,5 @@ class Join:
         w.stages.discard(st.index)
         if not was_primary:
             return []
-        if self._holds_up_a_session(st):
-            self._awaiting_recovery.append((st.index, now))
+        self._await_recovery(st, now)
         return self._forget_prefixes() + self._repair_stage(st, now)

@@ -143,8 +143,7 @@ class Recovery:
             st.holders.remove(w.worker_id)
             st.ready.discard(w.worker_id)
             if was_primary:
-                if self._holds_up_a_session(st):
-                    self._awaiting_recovery.append((st.index, now))
+                self._await_recovery(st, now)
                 out += self._forget_prefixes()  # part of their KV died with this stage
                 out += self._repair_stage(st, now)
         w.stages = set()
@@ -170,12 +169,13 @@ class Recovery:
         key = (st.layer_start, st.layer_end)
         return next((wid for wid in self.workers if healthy(wid) and self._serves_range(wid, key)), None)
 
-    def _holds_up_a_session(self, st: Stage) -> bool:
-        """Whether a session waits on the stage's pipeline (decodes on it or moves to it): only
-        then is the loss of its primary recovered by a next token. With none, the next token came
-        whenever a client next sent a request (churn at seed 21 counted 12.9 s in which no
-        request ran as a stage's recovery, in the report and in tabshard_recovery_seconds)."""
-        return any(not s.finished and st.pipeline in (s.pipeline, s.moving_to) for s in self.sessions.values())
+    def _await_recovery(self, st: Stage, now: float) -> None:
+        """The stage lost its primary: the next token recovers it, if a session waits on its
+        pipeline (decodes on it or moves to it). With none, the next token came whenever a client
+        next sent a request (churn at seed 21 counted 12.9 s in which no request ran as a stage's
+        recovery, in the report and in tabshard_recovery_seconds)."""
+        if any(not s.finished and st.pipeline in (s.pipeline, s.moving_to) for s in self.sessions.values()):
+            self._awaiting_recovery.append((st.index, now))
 
     def _move_at_risk(self, s: Session, w: Worker) -> bool:
         """Whether losing `w` harms the session's move (then _worker_lost calls it off before
