@@ -39,8 +39,10 @@ def test_kernel_is_built_where_a_compiler_exists():
 @needs_kernel
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_every_format_matches_the_reference_on_every_path(spec):
-    """k past the last group (zero padding), tails of weight rows and activation rows on every tile."""
-    for m, k, n in [(1, 100, 13), (5, 256, 9), (33, 160, 7)]:
+    """k past the last group (zero padding), tails of weight rows and activation rows on every tile,
+    and rows of more than 16 blocks (the AVX-512 tile converts scales 16 blocks at a time: 600
+    inputs are 19 blocks at group 32 and 20 at group 128, a part chunk after a whole one)."""
+    for m, k, n in [(1, 100, 13), (5, 256, 9), (33, 160, 7), (3, 600, 6)]:
         t = _tensor(spec, n, k, m * 100 + k)
         x = np.random.default_rng(k).standard_normal((m, k)).astype(np.float32)
         exact = x.astype(np.float64) @ dequantize(t).astype(np.float64).T

@@ -47,7 +47,7 @@
 typedef struct {
   const uint32_t *q, *s;  // code words [n, wpr], scale words [n, spr]
   size_t n, k_pad, wpr, spr, pf_rows;
-  int bits, group, sym;
+  int bits, group, sym, group_shift;  // group_shift: log2 of the 32-blocks in a group
 } Mat;
 
 #define PF_BYTES 4096
@@ -60,6 +60,7 @@ INLINE Mat mat_of(const uint32_t *q, const uint32_t *s, size_t n, size_t k, int 
   const size_t groups = w.k_pad / group;
   w.spr = sym ? (groups + 1) / 2 : groups;
   w.pf_rows = PF_BYTES / (4 * w.wpr) < 8 ? 8 : PF_BYTES / (4 * w.wpr);
+  w.group_shift = group == 128 ? 2 : group == 64 ? 1 : 0;
   return w;
 }
 
@@ -408,6 +409,24 @@ T_AVX512 INLINE __m512 xs5(const float *xb, const int bits, int h) {
   return _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
 }
 
+// (scale, min) of up to 16 groups of one row from group g0 (even: a chunk starts at a multiple of
+// 16 blocks), converted together, for a tile's blocks to read as broadcasts from memory where
+// each block and weight row converted its own scale words and broadcast them from registers.
+// The same exact conversion and (symmetric) the same exact product as group_scale: the same bits.
+T_AVX512 INLINE void scales16(const Mat *w, const uint32_t *srow, size_t g0, size_t ng, float *sc, float *mn) {
+  if (w->sym) {
+    const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << ((ng + 1) / 2)) - 1u), srow + g0 / 2);
+    const __m512 s = _mm512_cvtph_ps(_mm512_castsi512_si256(words));
+    _mm512_storeu_ps(sc, s);
+    _mm512_storeu_ps(mn, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), _mm512_set1_epi32((int)0x80000000u))),
+                                     _mm512_set1_ps((float)(1 << (w->bits - 1)))));
+  } else {
+    const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << ng) - 1u), srow + g0);
+    _mm512_storeu_ps(sc, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words)));
+    _mm512_storeu_ps(mn, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16))));
+  }
+}
+
 // 4-bit codes: a block's 16 possible weights fma(c, scale, min), c = 0..15, made once (the same
 // fma as for each code, so the same bits), and each code picks its weight with one permute
 // (vpermps reads an index's low 4 bits: the low nibble needs no mask) instead of a convert and
@@ -420,30 +439,33 @@ T_AVX512 INLINE __m512 xs5(const float *xb, const int bits, int h) {
     for (int r = 0; r < RG; r++)                                                                       \
       for (int c = 0; c < NG; c++) acc[r][c] = _mm512_setzero_ps();                                    \
     const size_t blocks = w->k_pad / 32;                                                               \
-    for (size_t b = 0; b < blocks; b++) {                                                              \
-      const size_t g = b * 32 / w->group;                                                              \
-      __m512 sc[NG], mn[NG];                                                                           \
-      for (int c = 0; c < NG; c++) {                                                                   \
-        float s_, m_;                                                                                  \
-        scale2(w, w->s + (o0 + c) * w->spr, g, &s_, &m_);                                              \
-        sc[c] = _mm512_set1_ps(s_), mn[c] = _mm512_set1_ps(m_);                                        \
-        PREFETCH_AHEAD(w, o0 + c, b);                                                                  \
-      }                                                                                                \
-      __m512 tab[NG];                                                                                  \
-      __m512i nib[NG];                                                                                 \
-      if (bits == 4)                                                                                   \
-        for (int c = 0; c < NG; c++) {                                                                 \
-          tab[c] = _mm512_fmadd_ps(IOTA16, sc[c], mn[c]);                                             \
-          nib[c] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->q + (o0 + c) * w->wpr + b * 4))); \
-        }                                                                                              \
-      for (int h = 0; h < 2; h++) {                                                                    \
-        __m512 wt[NG];                                                                                 \
-        for (int c = 0; c < NG; c++)                                                                   \
-          wt[c] = bits == 4 ? _mm512_permutexvar_ps(h ? _mm512_srli_epi32(nib[c], 4) : nib[c], tab[c])  \
-                            : _mm512_fmadd_ps(codes5(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u), sc[c], mn[c]); \
-        for (int r = 0; r < RG; r++) {                                                                 \
-          const __m512 xv = xs5(x + r * ldx + b * 32, bits, h);                                        \
-          for (int c = 0; c < NG; c++) acc[r][c] = _mm512_fmadd_ps(wt[c], xv, acc[r][c]);              \
+    float sbuf[NG][16], mbuf[NG][16];                                                                  \
+    for (size_t b0 = 0; b0 < blocks; b0 += 16) {                                                       \
+      /* the scales of the next 16 blocks, converted before the loop over them: converted */      \
+      /* inside it, on a branch, the 4-row tile's accumulators went to the stack every block */     \
+      const size_t b1 = b0 + 16 < blocks ? b0 + 16 : blocks, g0 = b0 >> w->group_shift;               \
+      for (int c = 0; c < NG; c++)                                                                     \
+        scales16(w, w->s + (o0 + c) * w->spr, g0, ((b1 - 1) >> w->group_shift) - g0 + 1, sbuf[c], mbuf[c]); \
+      for (size_t b = b0; b < b1; b++) {                                                               \
+        const size_t gi = (b - b0) >> w->group_shift;                                                  \
+        for (int c = 0; c < NG; c++) PREFETCH_AHEAD(w, o0 + c, b);                                     \
+        __m512 tab[NG];                                                                                \
+        __m512i nib[NG];                                                                               \
+        if (bits == 4)                                                                                 \
+          for (int c = 0; c < NG; c++) {                                                               \
+            tab[c] = _mm512_fmadd_ps(IOTA16, _mm512_set1_ps(sbuf[c][gi]), _mm512_set1_ps(mbuf[c][gi])); \
+            nib[c] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->q + (o0 + c) * w->wpr + b * 4))); \
+          }                                                                                            \
+        for (int h = 0; h < 2; h++) {                                                                  \
+          __m512 wt[NG];                                                                               \
+          for (int c = 0; c < NG; c++)                                                                 \
+            wt[c] = bits == 4 ? _mm512_permutexvar_ps(h ? _mm512_srli_epi32(nib[c], 4) : nib[c], tab[c]) \
+                              : _mm512_fmadd_ps(codes5(w->q + (o0 + c) * w->wpr + b * bits, bits, h, u), \
+                                                _mm512_set1_ps(sbuf[c][gi]), _mm512_set1_ps(mbuf[c][gi])); \
+          for (int r = 0; r < RG; r++) {                                                               \
+            const __m512 xv = xs5(x + r * ldx + b * 32, bits, h);                                      \
+            for (int c = 0; c < NG; c++) acc[r][c] = _mm512_fmadd_ps(wt[c], xv, acc[r][c]);            \
+          }                                                                                            \
         }                                                                                              \
       }                                                                                                \
     }                                                                                                  \
