@@ -212,13 +212,15 @@ def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure, twin: Cl
             c.append(measure(twin)[0])
     ratios = [y / x for x, y in zip(a, b)]
     out = {"solo": statistics.median(a), "many": statistics.median(b), "ratio": statistics.median(ratios),
-           "ratio_rounds": [round(r, 4) for r in ratios], "tokens_identical": same}
+           "ratio_rounds": [round(r, 4) for r in ratios], "solo_rounds": [round(x, 3) for x in a],
+           "many_rounds": [round(y, 3) for y in b], "tokens_identical": same}
     control = ""
     if twin is not None:
         out["control_rounds"] = [round(z / x, 4) for x, z in zip(a, c)]
         out["control_ratio"] = statistics.median(out["control_rounds"])
         control = f"; A/A control (an identical cluster / the same) {out['control_ratio']:.3f}x (rounds {out['control_rounds']})"
-    print(f"{name}: {out['many']:.2f} against {out['solo']:.2f} -> {out['ratio']:.3f}x (rounds {out['ratio_rounds']}), "
+    print(f"{name}: {out['many']:.2f} against {out['solo']:.2f} -> {out['ratio']:.3f}x (rounds {out['ratio_rounds']}: "
+          f"{out['many_rounds']} against {out['solo_rounds']}), "
           f"tokens identical: {same}{control}", flush=True)
     return out
 
