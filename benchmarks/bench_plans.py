@@ -85,6 +85,7 @@ def worker_main(url: str, name: str, slow: float, network: str | None = None) ->
         # thread: TABSHARD_CPU_THREADS=1), so that the other processes on this host's cores do not
         # slow it further (wall time made replicas, four computing at once, pay for the sharing)
         slow_down(w, slow, cpu_time=True)
+    if os.environ.get("BENCH_PLANS_TURNS"):
         # and the slowed workers of its cluster compute one at a time (host_turns): four replicas
         # computing at once shared this host's memory bandwidth, and each step's CPU time grew
         w.compute_turn = host_turns(os.environ["BENCH_PLANS_TURNS"])
@@ -100,10 +101,14 @@ def worker_main(url: str, name: str, slow: float, network: str | None = None) ->
 
 
 class Cluster:
-    """`tabshard serve` and its workers, every process ours by PID."""
+    """`tabshard serve` and its workers, every process ours by PID. turns: its slowed workers
+    compute one at a time (replicas: every step a short decode step, whose wait for a turn the
+    slowing's sleep absorbs; a joining worker's replay of the moved sessions held the turn longer
+    than the running worker slept, and the running stream paused on a simulated other device's
+    work, which separate devices never wait for)."""
 
-    def __init__(self, name: str, log_dir: Path, settings: str):
-        self.name, self.log_dir = name, log_dir
+    def __init__(self, name: str, log_dir: Path, settings: str, turns: bool = False):
+        self.name, self.log_dir, self.turns = name, log_dir, turns
         cfg = log_dir / f"{name}.toml"
         cfg.write_text(settings)
         self.coord = CoordinatorProcess(["--config", str(cfg)], TOKEN, log_path=str(log_dir / f"{name}-coordinator.log"))
@@ -127,7 +132,9 @@ class Cluster:
         if nice:
             cmd = ["nice", "-n", str(nice), *cmd]
         log = open(self.log_dir / f"{self.name}-{name}.log", "wb")
-        env = dict(ENV, TABSHARD_CPU_THREADS="1", BENCH_PLANS_TURNS=str(self.log_dir / f"{self.name}.turns")) if slow != 1.0 else ENV
+        env = dict(ENV, TABSHARD_CPU_THREADS="1") if slow != 1.0 else ENV
+        if slow != 1.0 and self.turns:
+            env["BENCH_PLANS_TURNS"] = str(self.log_dir / f"{self.name}.turns")
         self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         self.names.append(name)
 
@@ -275,7 +282,7 @@ def bench_mixed(log: Path, settings: str, rounds: int, tokens: int) -> tuple[dic
 
 
 def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
-    one, four = Cluster("replicas-1", log, settings), Cluster("replicas-4", log, settings)
+    one, four = Cluster("replicas-1", log, settings, turns=True), Cluster("replicas-4", log, settings, turns=True)
     try:
         one.start(), four.start()
         one.add("slow10-0", slow=10.0)
