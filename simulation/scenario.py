@@ -61,7 +61,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, TabshardError
 
 from actors.profiles import get_network, get_profile
 from simulation.faults import DETECTION_WINDOW_S, detects
@@ -328,7 +328,7 @@ class ScenarioRun:
         elif kind == "evict":
             tab.evict(f.get("reason", "tab discarded by the browser"))
         elif kind == "memory":
-            tab.memory_pressure(int(f.get("budget_mb", 0) * (1 << 20)))
+            return tab.memory_pressure(int(f.get("budget_mb", 0) * (1 << 20)))  # the ranges it handed back
         elif kind == "liar":
             return tab.lie(float(f.get("factor", LIAR_FACTOR)))
         if kind in ("crash", "evict"):
@@ -555,7 +555,11 @@ class ScenarioRun:
                         rec["slowed_steps"] = info["slowed_steps"][got]
                     except Exception:
                         pass  # gone already: the figures it left at the end, if any, say
-            except Exception as exc:
+            except (TabshardError, TimeoutError, OSError) as exc:
+                # the tab's failure (gone, unresponsive, its hook refused): the fault is counted
+                # unexercised. The runner's own error goes on up: caught here it hid that every
+                # memory fault's injection failed on the runner's side (the count of ranges
+                # refused read from a hook that returned nothing), each counted unexercised
                 rec["inject_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 self.liars.pop(name, None)
             if f["kind"] in ("crash", "evict", "memory"):

@@ -40,7 +40,10 @@ def test_smoke_scenario_passes_with_exact_tokens(ray_rt, tmp_path):
     # 2-core host a lavapipe step can take a second), so its refusal's time is the tab's, not
     # the coordinator's detection
     assert all(f["detection_s"] < 1.2 for f in faults if f["kind"] != "memory"), faults
-    assert next(f for f in faults if f["kind"] == "memory")["detected_by"].startswith("refused"), faults
+    memory = next(f for f in faults if f["kind"] == "memory")
+    # injected (an injection that failed is counted, and passed, as unexercised), and the tab
+    # handed back the range the coordinator saw refused
+    assert "inject_error" not in memory and memory["refused"] >= 1 and memory["detected_by"].startswith("refused"), faults
     assert json.loads((tmp_path / "report.json").read_text())["passed"]
     assert (tmp_path / "timeline.png").stat().st_size > 1000
     # numpy and wgpu (lavapipe here) tabs both served a stage
