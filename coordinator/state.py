@@ -75,7 +75,7 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
                          # decode steps' round trips seen here and the compute their workers report (ms)
                          "decode_step_ms": 0.0, "decode_compute_ms": 0.0}
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
-        self._awaiting_recovery: list[tuple[int, float]] = []  # (stage, detected at) until the next token
+        self._awaiting_recovery: list[tuple[int, float, str]] = []  # (stage, detected at, the primary lost) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
         self._last_tick: float | None = None
         # sessions moving from a retiring pipeline to the new plan -> whether the move computes

@@ -104,6 +104,9 @@ def test_killed_worker_mid_decode_gives_identical_tokens(weights, reference, vic
     assert net.tokens("r") == reference
     kinds = [e["kind"] for e in net.core.events]
     assert "death" in kinds and "rebuild" in kinds and "recovered" in kinds
+    # the recovery names the primary lost (the scenario report matches a fault to its tab's)
+    dead = next(e["worker"] for e in net.core.events if e["kind"] == "death")
+    assert [e["worker"] for e in net.core.events if e["kind"] == "recovered"] == [dead]
 
 
 def test_a_stage_lost_while_no_session_runs_awaits_no_recovery(weights, reference):

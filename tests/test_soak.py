@@ -298,3 +298,22 @@ def test_a_fault_its_tabs_next_fault_cut_short_is_counted_apart():
     assert slow["detected_by"] is None and slow["unexercised"].startswith("its tab's next fault came 1.3 s"), slow
     assert crash["detected_by"] == "death (socket closed)"
     assert freeze["detected_by"] is None and "unexercised" not in freeze and crash_b["detected_by"]
+
+
+def test_a_fault_is_recovered_by_its_own_tabs_recovery_not_the_next_one_of_any_tab():
+    """churn at seed 22: nine evictions whose losses awaited no recovery (no session waited on
+    their stages) were each given the one recovery at 40 s, the first after them of any stage:
+    36 s, 32 s, ... down to 0.1 s. A recovery names the primary lost; a fault takes its tab's."""
+    from simulation.report import _fault_metrics
+
+    class Run:
+        faults = [{"kind": "evict", "tab": "a", "t": 4.0, "at": 4.0, "worker_ids": ["w1"]},
+                  {"kind": "evict", "tab": "b", "t": 8.0, "at": 8.0, "worker_ids": ["w2"]}]
+        tab_info = {}
+
+    events = [{"t": 4.01, "kind": "death", "worker": "w1", "reason": "socket closed"},
+              {"t": 8.01, "kind": "death", "worker": "w2", "reason": "socket closed"},
+              {"t": 8.5, "kind": "recovered", "stage": 1, "worker": "w2", "recovery_s": 0.49}]
+    idle, busy = _fault_metrics(Run(), events)
+    assert idle["detected_by"].startswith("death") and "recovery_s" not in idle
+    assert busy["recovery_s"] == 0.49

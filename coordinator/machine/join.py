@@ -192,5 +192,5 @@ class Join:
         w.stages.discard(st.index)
         if not was_primary:
             return []
-        self._await_recovery(st, now)
+        self._await_recovery(st, now, w.worker_id)
         return self._forget_prefixes() + self._repair_stage(st, now)

@@ -131,7 +131,7 @@ class Recovery:
         if any(st.retiring and w.worker_id in st.holders for st in self.stages):
             # the old plan's pipelines go; their sessions restart on the new one, and the next
             # token says how long that recovery took, as for any primary lost
-            self._awaiting_recovery += [(st.index, now) for st in self.stages if st.retiring and st.primary == w.worker_id]
+            self._awaiting_recovery += [(st.index, now, w.worker_id) for st in self.stages if st.retiring and st.primary == w.worker_id]
             out += self._retire(now, lost=True)
         for s in self.sessions.values():
             if self._move_at_risk(s, w):
@@ -143,7 +143,7 @@ class Recovery:
             st.holders.remove(w.worker_id)
             st.ready.discard(w.worker_id)
             if was_primary:
-                self._await_recovery(st, now)
+                self._await_recovery(st, now, w.worker_id)
                 out += self._forget_prefixes()  # part of their KV died with this stage
                 out += self._repair_stage(st, now)
         w.stages = set()
@@ -169,13 +169,14 @@ class Recovery:
         key = (st.layer_start, st.layer_end)
         return next((wid for wid in self.workers if healthy(wid) and self._serves_range(wid, key)), None)
 
-    def _await_recovery(self, st: Stage, now: float) -> None:
+    def _await_recovery(self, st: Stage, now: float, lost: str) -> None:
         """The stage lost its primary: the next token recovers it, if a session waits on its
         pipeline (decodes on it or moves to it). With none, the next token came whenever a client
         next sent a request (churn at seed 21 counted 12.9 s in which no request ran as a stage's
-        recovery, in the report and in tabshard_recovery_seconds)."""
+        recovery, in the report and in tabshard_recovery_seconds). `lost`: the primary lost, which
+        the "recovered" event names (a fault is matched to its own tab's recovery)."""
         if any(not s.finished and st.pipeline in (s.pipeline, s.moving_to) for s in self.sessions.values()):
-            self._awaiting_recovery.append((st.index, now))
+            self._awaiting_recovery.append((st.index, now, lost))
 
     def _move_at_risk(self, s: Session, w: Worker) -> bool:
         """Whether losing `w` harms the session's move (then _worker_lost calls it off before

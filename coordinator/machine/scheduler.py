@@ -241,8 +241,8 @@ class Scheduler:
         else:
             token = Sampler(s.params).choose(ids, logits, len(s.tokens))
         s.last_head = (ids, logits)
-        for stage, detected in self._awaiting_recovery:
-            self.events.append({"t": now, "kind": "recovered", "stage": stage, "recovery_s": now - detected})
+        for stage, detected, lost in self._awaiting_recovery:
+            self.events.append({"t": now, "kind": "recovered", "stage": stage, "worker": lost, "recovery_s": now - detected})
         self._awaiting_recovery = []
         out = []
         if s.unconfirmed and s.unconfirmed[0] == token:
