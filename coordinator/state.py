@@ -30,8 +30,8 @@ from coordinator.machine.sessions import Sessions
 from coordinator.machine.trials import Trials
 from coordinator.machine.verify import Verification
 from coordinator.machine.weights import WeightStreaming
-from coordinator.records import (CheckRecord, Close, CoordinatorSettings, ParkedTrip, PrefixEntry, Send, Session,
-                                Stage, SyntheticStep, Worker)
+from coordinator.records import (CheckRecord, Close, CoordinatorSettings, InFlightStep, ParkedTrip, PrefixEntry, Send,
+                                Session, Stage, SyntheticStep, Worker)
 from coordinator.security import Backoff, Standing
 from coordinator.speculation import make_speculator
 from protocol import wire
@@ -77,6 +77,9 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
         self._holding_finishes = False  # set while a liar is being fenced (see _on_liar)
         self._awaiting_recovery: list[tuple[int, float, str]] = []  # (stage, detected at, the primary lost) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
+        # steps still computing on a live worker whose stage no longer waits for them (a re-plan
+        # or a retirement dropped it): judged late like any step (Recovery._dropped_step_tick)
+        self._dropped_steps: dict[int, InFlightStep] = {}
         self._last_tick: float | None = None
         # sessions moving from a retiring pipeline to the new plan -> whether the move computes
         # nothing on a retiring pipeline's worker (see _retire)

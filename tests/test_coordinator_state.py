@@ -232,6 +232,38 @@ def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weig
     assert net.tokens("r") == reference
 
 
+def test_a_step_no_stage_waits_on_any_more_still_gets_its_worker_evicted_when_far_late(weights, reference):
+    """Chaos at seed 12: a re-plan dropped a step in flight on a tab slowed 2000x (no stage
+    waited on it, so no deadline judged it), the tab stayed "healthy", the next plan made it a
+    standby, and when the stage's primary died the stage waited 43 s for a load queued behind the
+    step, the whole cluster with it. A dropped step's worker is judged by the step's deadline:
+    suspect past it, evicted at suspect_evict_factor deadlines; one that answers is cleared."""
+    net = start(weights, 3, stages=2, step_deadline_min_ms=100, step_deadline_factor=1.0)
+    core = net.core
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    victim = net.stage_conn(1)
+    victim_id = core.conn_worker[victim]
+    net.frozen.add(victim)  # its steps held, its heartbeats below
+    net.run(until=lambda: core.stages[1].inflight is not None and core.stages[1].inflight.worker == victim_id)
+    step = core.stages[1].inflight
+    allowed = step.deadline - step.sent_at
+    core._drop_inflight(core.stages[1])  # as a re-plan or a retirement does
+    assert core.stages[1].inflight is None
+    while core.workers[victim_id].alive and net.now < step.sent_at + 10 * allowed:
+        net.now += 0.01
+        for c in net.workers:
+            net.to_coordinator(c, net.workers[c].heartbeat(1))
+        net.run()
+        net.perform(core.tick(net.now))
+    kinds = [(e["kind"], e.get("worker")) for e in core.events]
+    assert ("suspect", victim_id) in kinds
+    death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
+    factor = core.settings.suspect_evict_factor
+    assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
+    assert not core._dropped_steps
+
+
 def test_a_lost_primary_whose_range_a_replica_serves_goes_to_that_replica_with_nothing_to_load(weights, reference):
     """#18's "serving while tabs load" on a loss: a stage whose primary dies with no standby of
     its own goes to a worker that serves the same range in another pipeline (a replica): it

@@ -297,7 +297,7 @@ class Planning:
                 st.holders = [h for h in st.holders if h in st.ready]
                 if old not in busy:
                     st.queue.clear()
-                    st.inflight = None  # its late result is ignored (no stage waits on its step id)
+                    self._drop_inflight(st)  # its late result is ignored (no stage waits on its step id)
                 self.stages.append(st)
                 for h in st.holders:
                     self.workers[h].stages.add(st.index)
@@ -338,6 +338,8 @@ class Planning:
                     self._start_move(s, target)
             return []
         self.stages = [st for st in self.stages if not st.retiring]
+        for st in gone:
+            self._drop_inflight(st)
         for s in moved:
             self._restart_session(s)
         out = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.records import LOCAL, Close, Emit, Session, Stage, WorkItem, Worker
+from coordinator.records import LOCAL, Close, Emit, InFlightStep, Session, Stage, WorkItem, Worker
 
 
 class Recovery:
@@ -35,27 +35,14 @@ class Recovery:
                 out += self._worker_lost(w, now, "still loading its layers at the load deadline "
                                                  f"(last progress: {w.load_progress or 'none'})")
         for st in self.stages:
-            f = st.inflight
-            if not f or now <= f.deadline:
-                continue
-            w = self.workers[f.worker]
-            if not w.alive or w.local:  # the coordinator's own compute is never evicted (nothing would replace it)
-                continue
-            late = now - f.sent_at
-            allowed = f.deadline - f.sent_at
-            takeover = late > allowed * self.settings.suspect_takeover_factor and self._warm_holder(st, w.worker_id) is not None
-            if late > allowed * self.settings.suspect_evict_factor or takeover:
-                # a step this late counts against the address (a tarpit rejoining under new
-                # names meets a growing backoff); a tab still on probation is quarantined
-                self.counters["slow_evictions"] += 1
-                if w.address and not w.probation:
-                    self._offend(w, "a step far past its deadline", now)
-                out += self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
-                                                 f"{' on probation' if w.probation else ''}"
-                                                 f"{'; a worker holding its range ready takes its stage' if takeover else ''})", quarantine=w.probation)
-            elif w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
-                w.move("missed_deadline")
-                self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
+            if st.inflight and now > st.inflight.deadline:
+                out += self._judge_late_step(st.inflight, st, now)
+        for f in list(self._dropped_steps.values()):
+            w = self.workers.get(f.worker)
+            if w is None or not w.alive or w.epoch != f.epoch:
+                del self._dropped_steps[f.step_id]
+            elif now > f.deadline:
+                out += self._judge_late_step(f, None, now)
         self._prune_ended_workers()
         out += self._trial_tick(now)
         expired = [k for k, c in self._checks.items() if now - c.at > self.settings.spot_check_timeout_s]
@@ -77,6 +64,43 @@ class Recovery:
                                                               "retry later"}))
                     out += self._finish(s, "error", now, emit=False)
         return out + self._pump(now)
+
+    def _judge_late_step(self, f: InFlightStep, st: Stage | None, now: float) -> list:
+        """A step past its deadline: its worker is suspect, and evicted once the step is
+        suspect_evict_factor deadlines late (suspect_takeover_factor when a healthy worker holds
+        the stage's range ready). st: the stage waiting on it, or None for a step no stage waits
+        on any more (a re-plan or a retirement dropped it), whose worker is still computing it:
+        chaos at seed 12 slowed such a step's tab 2000x, no deadline judged it, and a re-plan
+        made the stuck tab the standby of a stage whose primary died later: the stage waited 43 s
+        for a load queued behind the step, and every stream with it."""
+        w = self.workers[f.worker]
+        if not w.alive or w.local:  # the coordinator's own compute is never evicted (nothing would replace it)
+            return []
+        late = now - f.sent_at
+        allowed = f.deadline - f.sent_at
+        takeover = (st is not None and late > allowed * self.settings.suspect_takeover_factor
+                    and self._warm_holder(st, w.worker_id) is not None)
+        if late > allowed * self.settings.suspect_evict_factor or takeover:
+            # a step this late counts against the address (a tarpit rejoining under new
+            # names meets a growing backoff); a tab still on probation is quarantined
+            self.counters["slow_evictions"] += 1
+            self._dropped_steps.pop(f.step_id, None)
+            if w.address and not w.probation:
+                self._offend(w, "a step far past its deadline", now)
+            return self._worker_lost(w, now, f"step {f.step_id} {late:.1f}s late (slow worker evicted"
+                                             f"{' on probation' if w.probation else ''}"
+                                             f"{'; a worker holding its range ready takes its stage' if takeover else ''})", quarantine=w.probation)
+        if w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
+            w.move("missed_deadline")
+            self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
+        return []
+
+    def _drop_inflight(self, st: Stage) -> None:
+        """The stage stops waiting for its step in flight (its late result is ignored); the step's
+        worker, still computing it, stays judged by its deadline (_judge_late_step)."""
+        if st.inflight is not None and self.workers.get(st.inflight.worker) is not None and self.workers[st.inflight.worker].alive:
+            self._dropped_steps[st.inflight.step_id] = st.inflight
+        st.inflight = None
 
     # -- failure and recovery
     def _fault_in_hand(self, now: float) -> str | None:

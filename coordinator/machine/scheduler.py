@@ -104,6 +104,12 @@ class Scheduler:
             return self._on_synthetic_result(w, m, now)
         if m["step_id"] in self._checks:
             return self._on_check_result(w, m, now)
+        dropped = self._dropped_steps.get(m["step_id"])
+        if dropped is not None and dropped.worker == w.worker_id:
+            # no stage waits on it any more: answered, its worker is no longer judged by it
+            del self._dropped_steps[m["step_id"]]
+            if w.state == "suspect" and not any(f.worker == w.worker_id for f in self._dropped_steps.values()):
+                w.move("answered_loading" if self._loads_out(w) else "answered")
         st = next((s for s in self.stages if s.inflight and s.inflight.step_id == m["step_id"]), None)
         if st is None or st.inflight.worker != w.worker_id or m["epoch"] != w.epoch:
             self.counters["late_results_ignored"] += 1
