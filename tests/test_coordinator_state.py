@@ -195,6 +195,17 @@ def test_slow_worker_is_suspect_not_dead(weights):
     assert net.core.workers[net.core.conn_worker[victim]].state == "ready"
 
 
+def _tick_heartbeating_until_gone(net, worker_id: str, until: float) -> None:
+    """Advance the clock 10 ms at a time, every worker heartbeating (a frozen one's steps held),
+    ticking the coordinator, until `worker_id` is gone or `until`."""
+    while net.core.workers[worker_id].alive and net.now < until:
+        net.now += 0.01
+        for c in net.workers:
+            net.to_coordinator(c, net.workers[c].heartbeat(1))
+        net.run()
+        net.perform(net.core.tick(net.now))
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weights, reference, stage):
     """Chaos at seeds 9 and 10: each slowed tab stalled its pipeline 6 to 20 s, until its step was
@@ -214,12 +225,7 @@ def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weig
     net.run(until=lambda: core.stages[stage].inflight is not None and core.stages[stage].inflight.worker == victim_id)
     step = core.stages[stage].inflight
     allowed = step.deadline - step.sent_at
-    while core.workers[victim_id].alive and net.now < step.sent_at + 10 * allowed:
-        net.now += 0.01
-        for c in net.workers:
-            net.to_coordinator(c, net.workers[c].heartbeat(1))
-        net.run()
-        net.perform(core.tick(net.now))
+    _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 10 * allowed)
     death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
     factor = core.settings.suspect_takeover_factor if stage == 0 else core.settings.suspect_evict_factor
     assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
@@ -250,12 +256,7 @@ def test_a_step_no_stage_waits_on_any_more_still_gets_its_worker_evicted_when_fa
     allowed = step.deadline - step.sent_at
     core._drop_inflight(core.stages[1])  # as a re-plan or a retirement does
     assert core.stages[1].inflight is None
-    while core.workers[victim_id].alive and net.now < step.sent_at + 10 * allowed:
-        net.now += 0.01
-        for c in net.workers:
-            net.to_coordinator(c, net.workers[c].heartbeat(1))
-        net.run()
-        net.perform(core.tick(net.now))
+    _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 10 * allowed)
     kinds = [(e["kind"], e.get("worker")) for e in core.events]
     assert ("suspect", victim_id) in kinds
     death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
