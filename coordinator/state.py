@@ -78,7 +78,7 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
         self._awaiting_recovery: list[tuple[int, float, str]] = []  # (stage, detected at, the primary lost) until the next token
         self._inflight_lost: dict[tuple[int, str], tuple] = {}  # (stage, session) -> (forward_from, wants_token, draft)
         # steps still computing on a live worker whose stage no longer waits for them (a re-plan
-        # or a retirement dropped it): judged late like any step (Recovery._dropped_step_tick)
+        # or a retirement dropped it): judged late like any step (Recovery._judge_late_step)
         self._dropped_steps: dict[int, InFlightStep] = {}
         self._last_tick: float | None = None
         # sessions moving from a retiring pipeline to the new plan -> whether the move computes

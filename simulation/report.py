@@ -35,22 +35,22 @@ def _pct(values, qs=(50, 90, 99)) -> dict:
     return {f"p{q}": round(float(np.percentile(a, q)), 2) for q in qs}
 
 
-def _longest_gap(results, t0: float) -> dict | None:
-    """The longest gap between two tokens of one stream (ms) and the stream time it began (s)."""
-    gaps = [(b - a, a) for r in results for a, b in zip(r.times, r.times[1:])]
-    if not gaps:
+def _longest(spans: list[tuple[float, float]], t0: float) -> dict | None:
+    """The longest of (duration s, start) spans: its ms and its start in run time (s)."""
+    if not spans:
         return None
-    gap, at = max(gaps)
-    return {"ms": round(gap * 1000, 1), "from_s": round(at - t0, 2)}
+    length, at = max(spans)
+    return {"ms": round(length * 1000, 1), "from_s": round(at - t0, 2)}
+
+
+def _longest_gap(results, t0: float) -> dict | None:
+    """The longest gap between two tokens of one stream, and when it began."""
+    return _longest([(b - a, a) for r in results for a, b in zip(r.times, r.times[1:])], t0)
 
 
 def _longest_end_wait(results, t0: float) -> dict | None:
-    """The longest wait from a stream's last token to its end (ms) and when its last token came (s)."""
-    waits = [(r.finished - r.times[-1], r.times[-1]) for r in results if r.times and r.finished]
-    if not waits:
-        return None
-    wait, at = max(waits)
-    return {"ms": round(wait * 1000, 1), "from_s": round(at - t0, 2)}
+    """The longest wait from a stream's last token to its end, and when that token came."""
+    return _longest([(r.finished - r.times[-1], r.times[-1]) for r in results if r.times and r.finished], t0)
 
 
 def _fault_metrics(run, events: list[dict]) -> list[dict]:

@@ -238,24 +238,33 @@ def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weig
     assert net.tokens("r") == reference
 
 
-def test_a_step_no_stage_waits_on_any_more_still_gets_its_worker_evicted_when_far_late(weights, reference):
-    """Chaos at seed 12: a re-plan dropped a step in flight on a tab slowed 2000x (no stage
-    waited on it, so no deadline judged it), the tab stayed "healthy", the next plan made it a
-    standby, and when the stage's primary died the stage waited 43 s for a load queued behind the
-    step, the whole cluster with it. A dropped step's worker is judged by the step's deadline:
-    suspect past it, evicted at suspect_evict_factor deadlines; one that answers is cleared."""
+def _drop_a_frozen_workers_step(weights):
+    """Two stages; stage 1's primary frozen (its steps held, its heartbeats sent by the caller)
+    with a step in flight, which the stage then drops as a re-plan or a retirement does.
+    Returns (net, its conn, its worker id, the step)."""
     net = start(weights, 3, stages=2, step_deadline_min_ms=100, step_deadline_factor=1.0)
     core = net.core
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     net.run(until=lambda: len(net.tokens("r")) >= 4)
     victim = net.stage_conn(1)
     victim_id = core.conn_worker[victim]
-    net.frozen.add(victim)  # its steps held, its heartbeats below
+    net.frozen.add(victim)
     net.run(until=lambda: core.stages[1].inflight is not None and core.stages[1].inflight.worker == victim_id)
     step = core.stages[1].inflight
-    allowed = step.deadline - step.sent_at
-    core._drop_inflight(core.stages[1])  # as a re-plan or a retirement does
+    core._drop_inflight(core.stages[1])
     assert core.stages[1].inflight is None
+    return net, victim, victim_id, step
+
+
+def test_a_step_no_stage_waits_on_any_more_still_gets_its_worker_evicted_when_far_late(weights):
+    """Chaos at seed 12: a re-plan dropped a step in flight on a tab slowed 2000x (no stage
+    waited on it, so no deadline judged it); the tab stayed "healthy", held the spot checks it was
+    sent (three streams' ends waited 61 s for them) and, made a standby, left a stage whose
+    primary died waiting 43 s for a load queued behind the step. A dropped step's worker is judged
+    by the step's deadline: suspect past it, evicted at suspect_evict_factor deadlines."""
+    net, _, victim_id, step = _drop_a_frozen_workers_step(weights)
+    core = net.core
+    allowed = step.deadline - step.sent_at
     _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 10 * allowed)
     kinds = [(e["kind"], e.get("worker")) for e in core.events]
     assert ("suspect", victim_id) in kinds
@@ -263,6 +272,20 @@ def test_a_step_no_stage_waits_on_any_more_still_gets_its_worker_evicted_when_fa
     factor = core.settings.suspect_evict_factor
     assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
     assert not core._dropped_steps
+
+
+def test_a_dropped_step_answered_late_clears_its_worker_of_suspicion(weights):
+    """The other half: a worker suspected over a step no stage waits on any more, and that then
+    answers it, is ready again and judged by it no longer (not evicted later)."""
+    net, victim, victim_id, step = _drop_a_frozen_workers_step(weights)
+    core = net.core
+    allowed = step.deadline - step.sent_at
+    _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 2 * allowed)
+    assert core.workers[victim_id].state == "suspect"
+    net.thaw(victim)  # it answers the dropped step
+    assert core.workers[victim_id].state != "suspect" and not core._dropped_steps
+    _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 10 * allowed)
+    assert core.workers[victim_id].alive
 
 
 def test_a_lost_primary_whose_range_a_replica_serves_goes_to_that_replica_with_nothing_to_load(weights, reference):

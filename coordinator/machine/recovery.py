@@ -70,9 +70,9 @@ class Recovery:
         suspect_evict_factor deadlines late (suspect_takeover_factor when a healthy worker holds
         the stage's range ready). st: the stage waiting on it, or None for a step no stage waits
         on any more (a re-plan or a retirement dropped it), whose worker is still computing it:
-        chaos at seed 12 slowed such a step's tab 2000x, no deadline judged it, and a re-plan
-        made the stuck tab the standby of a stage whose primary died later: the stage waited 43 s
-        for a load queued behind the step, and every stream with it."""
+        chaos at seed 12 slowed such a step's tab 2000x and no deadline judged it: the stuck tab
+        held the spot checks it was sent (streams' ends waited 61 s) and, made a standby, left a
+        stage whose primary died waiting 43 s for a load queued behind the step."""
         w = self.workers[f.worker]
         if not w.alive or w.local:  # the coordinator's own compute is never evicted (nothing would replace it)
             return []

@@ -99,6 +99,11 @@ class Scheduler:
         self.counters["steps"] += 1
         return [Send(w.conn, m)]
 
+    def _answered(self, w: Worker) -> None:
+        """A suspected worker answered the step it was late with: no longer suspect."""
+        if w.state == "suspect":
+            w.move("answered_loading" if self._loads_out(w) else "answered")
+
     def _on_step_result(self, w: Worker, m: dict, now: float) -> list:
         if m["step_id"] in self._synthetic:
             return self._on_synthetic_result(w, m, now)
@@ -108,8 +113,8 @@ class Scheduler:
         if dropped is not None and dropped.worker == w.worker_id:
             # no stage waits on it any more: answered, its worker is no longer judged by it
             del self._dropped_steps[m["step_id"]]
-            if w.state == "suspect" and not any(f.worker == w.worker_id for f in self._dropped_steps.values()):
-                w.move("answered_loading" if self._loads_out(w) else "answered")
+            if not any(f.worker == w.worker_id for f in self._dropped_steps.values()):
+                self._answered(w)
         st = next((s for s in self.stages if s.inflight and s.inflight.step_id == m["step_id"]), None)
         if st is None or st.inflight.worker != w.worker_id or m["epoch"] != w.epoch:
             self.counters["late_results_ignored"] += 1
@@ -180,8 +185,7 @@ class Scheduler:
             observed = w.row_cost * max(0.0, measured - (20 if st.include_head else 0)) / max(unit, 1e-6)
             observed = min(16.0, max(0.01, observed))
             w.row_cost = observed if observed > w.row_cost else 0.8 * w.row_cost + 0.2 * observed
-        if w.state == "suspect":
-            w.move("answered_loading" if self._loads_out(w) else "answered")
+        self._answered(w)
         st.inflight = None
         out = []
         offset = 0
