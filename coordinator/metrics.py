@@ -34,6 +34,7 @@ CORE_COUNTERS = {
     "steps": ("tabshard_steps", "pipeline steps sent to workers"),
     "spot_checks": ("tabshard_spot_checks", "steps recomputed by a trusted worker and compared"),
     "spot_checks_skipped": ("tabshard_spot_checks_skipped", "sampled steps that could not be checked"),
+    "spot_checks_late": ("tabshard_spot_checks_late", "spot checks a verifying tab left past their deadline (also skipped)"),
     "spot_check_mismatches": ("tabshard_spot_check_mismatches", "spot checks that caught a wrong result"),
     "tokens_retracted": ("tabshard_tokens_retracted", "streamed tokens withdrawn by a rewind"),
     "tokens_confirmed": ("tabshard_tokens_confirmed", "streamed tokens recomputed and found the same"),

@@ -283,7 +283,7 @@ class CheckRecord:
     worker_steps: int  # the checked worker's step count then (for the liar's event)
     kv_key: tuple  # the verifier's scratch KV this check extends
     trial: bool = False  # a probation trial's check
-    deadline: float | None = None  # a trial check's
+    deadline: float | None = None  # a tab verifier's (None: the coordinator's own worker verifies)
     rows: int = 0  # a trial check's rows (its cost)
 
 

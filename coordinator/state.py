@@ -66,7 +66,7 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
         self.counters = {"steps": 0, "tokens": 0, "weight_bytes_sent": 0, "protocol_errors": 0, "rejected_joins": 0,
                          "requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "late_results_ignored": 0,
                          "prefix_hits": 0, "prefix_tokens_reused": 0, "kv_copies": 0, "kv_copies_failed": 0,
-                         "spot_checks": 0, "spot_checks_skipped": 0, "spot_check_mismatches": 0,
+                         "spot_checks": 0, "spot_checks_skipped": 0, "spot_checks_late": 0, "spot_check_mismatches": 0,
                          "tokens_confirmed": 0, "tokens_retracted": 0, "load_timeouts": 0,
                          "backoff_refusals": 0, "standing_admits": 0, "passes_carried": 0, "trial_steps": 0, "probations_passed": 0, "slow_evictions": 0,
                          # speculation by a worker's draft model: trips that waited for its drafts, went

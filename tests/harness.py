@@ -77,14 +77,16 @@ class Net:
                     continue
                 self.perform(self.core.on_message(conn, m, self.now))
 
-    def advance(self, seconds: float, step: float = 0.05, heartbeats: bool = True, until=None):
-        """Move the clock; live, unfrozen workers heartbeat every 250 ms."""
+    def advance(self, seconds: float, step: float = 0.05, heartbeats: bool = True, until=None, tarpits: bool = False):
+        """Move the clock; live, unfrozen workers heartbeat every `step`. tarpits: frozen ones
+        heartbeat too (a tarpit tab: alive on its socket, answering nothing else)."""
         end = self.now + seconds
         while self.now < end - 1e-9:
             self.now = min(end, self.now + step)
             if heartbeats:
                 for conn, w in self.workers.items():
-                    if conn not in self.dead and conn not in self.frozen and conn not in self.closed and conn != LOCAL:
+                    if (conn not in self.dead and (tarpits or conn not in self.frozen) and conn not in self.closed
+                            and conn != LOCAL):
                         self.to_coordinator(conn, w.heartbeat(0))
             self.perform(self.core.tick(self.now))
             self.run(until=until)

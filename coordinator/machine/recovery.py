@@ -37,6 +37,9 @@ class Recovery:
         for st in self.stages:
             if st.inflight and now > st.inflight.deadline:
                 out += self._judge_late_step(st.inflight, st, now)
+        for step_id, c in list(self._checks.items()):
+            if not c.trial and c.deadline is not None and now > c.deadline:
+                out += self._check_late(step_id, now)
         for f in list(self._dropped_steps.values()):
             w = self.workers.get(f.worker)
             if w is None or not w.alive or w.epoch != f.epoch:
@@ -47,7 +50,7 @@ class Recovery:
         out += self._trial_tick(now)
         expired = [k for k, c in self._checks.items() if now - c.at > self.settings.spot_check_timeout_s]
         for step_id in expired:
-            self._verify_kv.pop(self._checks.pop(step_id)["kv_key"], None)  # the verifier died or never answered
+            self._verify_kv.pop(self._checks.pop(step_id).kv_key, None)  # the verifier died or never answered
             self.counters["spot_checks_skipped"] += 1
         if expired:
             out += self._release_finishes(now)
@@ -94,6 +97,22 @@ class Recovery:
             w.move("missed_deadline")
             self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
         return []
+
+    def _check_late(self, step_id: int, now: float) -> list:
+        """A tab's spot check past its deadline: the check is given up (a sample skipped; it stops
+        holding sessions' "done" back) and its verifier, still computing it or never to, is
+        judged by that deadline as a dropped step's worker is (_judge_late_step: suspect now,
+        evicted at suspect_evict_factor deadlines, cleared by an answer). A tarpit tab made a
+        verifier held every session the checked worker touched for spot_check_timeout_s."""
+        c = self._checks.pop(step_id)
+        self._verify_kv.pop(c.kv_key, None)  # its scratch KV may not hold these rows: the next check starts over
+        self.counters["spot_checks_skipped"] += 1
+        self.counters["spot_checks_late"] += 1
+        self.events.append({"t": now, "kind": "check_late", "worker": c.verifier, "step_id": step_id, "checked": c.worker})
+        v = self.workers.get(c.verifier)
+        if v is not None and v.alive:
+            self._dropped_steps[step_id] = InFlightStep(step_id, v.worker_id, [], c.at, c.deadline, v.epoch)
+        return self._release_finishes(now)
 
     def _drop_inflight(self, st: Stage) -> None:
         """The stage stops waiting for its step in flight (its late result is ignored); the step's

@@ -80,9 +80,7 @@ class Scheduler:
                 continue
             self._log_input(s, st.index, it.start_pos, it.rows)
             s.touched.setdefault(w.worker_id, len(s.tokens))
-        # from this worker's measured costs, for these rows at their context positions
-        expected_ms = self._step_cost_ms(w, st, [(i.start_pos, len(i.rows)) for i in items])
-        deadline = now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
+        deadline = self._step_deadline(w, st, [(i.start_pos, len(i.rows)) for i in items], now)
         st.inflight = InFlightStep(step_id, w.worker_id, items, now, deadline, w.epoch)
         want = 0
         # a session that needs the whole vocabulary's logits: the head stage returns its hidden
@@ -98,6 +96,12 @@ class Scheduler:
                  hidden=np.ascontiguousarray(hidden, dtype=np.float32), want_topk=want)
         self.counters["steps"] += 1
         return [Send(w.conn, m)]
+
+    def _step_deadline(self, w: Worker, st: Stage, spans, now: float) -> float:
+        """When a step of `spans` (start position, rows) over st's range, sent to w now, is late:
+        from this worker's measured costs, for these rows at their context positions."""
+        expected_ms = self._step_cost_ms(w, st, spans)
+        return now + max(self.settings.step_deadline_min_ms, self.settings.step_deadline_factor * expected_ms) / 1000
 
     def _answered(self, w: Worker) -> None:
         """A suspected worker answered the step it was late with: no longer suspect."""

@@ -97,8 +97,12 @@ class Verification:
         self._verify_kv[kv_key] = (end, s.log_epoch)
         scratch = check_session(s.request_id, key)
         w = self.workers.get(by[0])
+        # a tab verifying is judged by a deadline as its steps are (Recovery._check_late): one
+        # that never answers would hold every session the checked worker touched from its
+        # "done" for spot_check_timeout_s (the coordinator's own worker is trusted to answer)
+        deadline = None if verifier.worker_id == LOCAL else self._step_deadline(verifier, st, [(first, end - first)], now)
         self._checks[step_id] = CheckRecord(by[0], by[1], verifier.worker_id, st.index, key, start_pos - first, claimed, now,
-                                            w.steps if w is not None else 0, kv_key)
+                                            w.steps if w is not None else 0, kv_key, deadline=deadline)
         self.counters["spot_checks"] += 1
         msgs = [wire.make("step", step_id=step_id, epoch=verifier.epoch, layer_start=key[0], layer_end=key[1],
                      sessions=[{"session_id": scratch, "start_pos": first, "length": end - first,
@@ -158,13 +162,14 @@ class Verification:
         return out
 
     def _verifier(self, st: Stage, w: Worker) -> Worker | None:
-        """The coordinator's own worker (trusted, can load any range), else another ready holder."""
+        """The coordinator's own worker (trusted, can load any range), else another ready holder
+        (not one suspected of a late step or check: its answer would come late, if at all)."""
         local = self.workers.get(LOCAL)
         if local is not None and local.alive and local.state not in ("joining", "measuring"):
             return local
         for wid in st.holders:
             other = self.workers.get(wid)
-            if wid != w.worker_id and wid in st.ready and other is not None and other.alive:
+            if wid != w.worker_id and wid in st.ready and other is not None and other.alive and other.state != "suspect":
                 return other
         return None
 
