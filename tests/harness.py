@@ -13,6 +13,22 @@ from protocol import wire
 from model.embedding import embed
 
 
+# what each in-process worker's compute takes by its clock (Net.add_worker)
+COMPUTE_S = 0.001
+
+
+def _fixed_compute_clock():
+    """A compute clock that advances COMPUTE_S at every reading, whatever the wall time between
+    two: a compute timed from its start to its end took COMPUTE_S."""
+    readings = [0]
+
+    def clock() -> float:
+        readings[0] += 1
+        return readings[0] * COMPUTE_S
+
+    return clock
+
+
 class Net:
     def __init__(self, weights, settings: CoordinatorSettings = CoordinatorSettings(), local: bool = False, token=None,
                  draft=None):
@@ -37,6 +53,10 @@ class Net:
         self._n += 1
         conn = conn or f"c{self._n}"
         w = TabWorker(f"tab-{self._n}", backend="numpy", **kw)
+        # a device of its own whose every compute takes COMPUTE_S: its speed measurement, and
+        # so the plan, are the same on a busy host as on a quiet one (timed by the wall, four
+        # workers measured 4x apart under a loaded CI run, and a test's plan came out other)
+        w.compute_clock = _fixed_compute_clock()
         self.workers[conn] = w
         self.to_coordinator(conn, w.hello())
         return conn
