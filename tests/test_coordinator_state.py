@@ -206,19 +206,25 @@ def _tick_heartbeating_until_gone(net, worker_id: str, until: float) -> None:
         net.perform(net.core.tick(net.now))
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weights, reference, stage):
+@pytest.mark.parametrize("case", ["standby", "preloaded", "nobody"])
+def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weights, reference, case):
     """Chaos at seeds 9 and 10: each slowed tab stalled its pipeline 6 to 20 s, until its step was
     suspect_evict_factor deadlines late. Stage 0 here has a standby holding its range ready: at
     suspect_takeover_factor deadlines the late primary is evicted and the standby replays the
-    stage at once; stage 1 has none, and waits suspect_evict_factor deadlines as before. The
-    tokens are exact either way."""
+    stage at once. Stage 1 has none: at the suspicion a worker that is no primary (stage 0's
+    standby) loads its range (chaos at seed 12: four slowed primaries waited 6 s each with free
+    tabs about) and takes it at suspect_takeover_factor deadlines too; with no such worker
+    (stage 0's standby gone) the stage waits suspect_evict_factor deadlines. The tokens are
+    exact in every case."""
     net = start(weights, 3, stages=2, step_deadline_min_ms=100, step_deadline_factor=1.0)
     core = net.core
     assert len(core.stages) == 2 and len(core.stages[0].holders) == 2 and core.stages[1].holders == [core.stages[1].primary]
     standby = core.stages[0].holders[1]
+    stage = 0 if case == "standby" else 1
     net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
     net.run(until=lambda: len(net.tokens("r")) >= 4)
+    if case == "nobody":
+        net.kill(core.workers[standby].conn)
     victim = net.stage_conn(stage)
     victim_id = core.conn_worker[victim]
     net.frozen.add(victim)  # its steps held, its heartbeats below
@@ -227,11 +233,14 @@ def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weig
     allowed = step.deadline - step.sent_at
     _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 10 * allowed)
     death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
-    factor = core.settings.suspect_takeover_factor if stage == 0 else core.settings.suspect_evict_factor
+    factor = core.settings.suspect_evict_factor if case == "nobody" else core.settings.suspect_takeover_factor
     assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
-    assert ("a worker holding its range ready takes its stage" in death["reason"]) == (stage == 0), death
-    if stage == 0:
-        assert core.stages[0].primary == standby
+    assert ("a worker holding its range ready takes its stage" in death["reason"]) == (case != "nobody"), death
+    preloads = [e for e in core.events if e["kind"] == "preload"]
+    assert preloads == ([] if case != "preloaded" else [{"t": preloads[0]["t"], "kind": "preload", "worker": standby, "stage": 1,
+                                                          "suspect": victim_id}])
+    if case != "nobody":
+        assert core.stages[stage].primary == standby
     net.frozen.discard(victim)
     net.held.pop(victim, None)
     run_until_done(net, ["r"])

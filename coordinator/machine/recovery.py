@@ -9,6 +9,10 @@ import numpy as np
 from coordinator.records import LOCAL, Close, Emit, InFlightStep, Session, Stage, WorkItem, Worker
 
 
+# a free worker pre-loads a suspected primary's range only if at most this many times slower a layer
+PRELOAD_SLOWER_MAX = 2.0
+
+
 class Recovery:
     # -- time
     def tick(self, now: float) -> list:
@@ -96,7 +100,43 @@ class Recovery:
         if w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
             w.move("missed_deadline")
             self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
+            if st is not None:
+                return self._preload_standby(st, w, now)
         return []
+
+    def _preload_standby(self, st: Stage, suspect: Worker, now: float) -> list:
+        """The stage's primary is suspect and no healthy worker holds its range ready or loads
+        it: a worker that serves no stage (else a standby of another stage; never a primary),
+        at most PRELOAD_SLOWER_MAX times slower, with the memory for it loads the range now, as the stage's standby. Ready in time, it
+        takes the stage at suspect_takeover_factor deadlines (_judge_late_step) where the stage
+        would otherwise wait out suspect_evict_factor ones (chaos at seed 12: four slowed
+        primaries, 6 s each, while free tabs waited). If the primary answers, the stage keeps
+        a standby."""
+        key = (st.layer_start, st.layer_end)
+        if self._warm_holder(st, suspect.worker_id) is not None:
+            return []
+        for wid in st.holders:
+            x = self.workers.get(wid)
+            if wid != suspect.worker_id and x is not None and x.alive and self._loading_range(x, key):
+                return []  # one is on its way
+        need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
+        primaries = {s.primary for s in self.stages}
+        # (a much slower worker is not sent: taking the stage of a primary that then answers
+        # late, it would slow the stage until the next plan)
+        slowest = self._trusted_costs(suspect)[0] * PRELOAD_SLOWER_MAX
+        candidates = [x for x in self.workers.values()
+                      if x.alive and not x.local and not x.probation and x.state in ("idle", "ready") and not x.remeasuring
+                      and not x.loading and x.worker_id not in primaries and x.worker_id not in st.holders
+                      and x.worker_id not in self._trials and not self._trusted_costs(x)[2]
+                      and self._trusted_costs(x)[0] <= slowest
+                      and x.capacity().memory_bytes / x.capacity().expansion >= need + self._held_bytes(x)]
+        if not candidates:
+            return []
+        x = min(candidates, key=lambda c: (len(c.stages), self._ms_per_layer(c)))
+        st.holders.append(x.worker_id)
+        x.stages.add(st.index)
+        self.events.append({"t": now, "kind": "preload", "worker": x.worker_id, "stage": st.index, "suspect": suspect.worker_id})
+        return self._assign(x, st, now)
 
     def _check_late(self, step_id: int, now: float) -> list:
         """A tab's spot check past its deadline: the check is given up (a sample skipped; it stops
