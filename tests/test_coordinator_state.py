@@ -247,6 +247,42 @@ def test_a_late_primary_whose_stage_a_standby_holds_ready_is_evicted_sooner(weig
     assert net.tokens("r") == reference
 
 
+def test_a_suspected_primarys_range_is_preloaded_again_when_its_first_preloader_dies(weights, reference):
+    """Chaos at seed 12: the worker pre-loading a suspected primary's range died before it was
+    ready, and the stage waited out suspect_evict_factor deadlines. Each tick of the suspicion
+    looks again: a worker that joins meanwhile loads the range and takes the stage at
+    suspect_takeover_factor deadlines."""
+    net = start(weights, 3, stages=2, step_deadline_min_ms=100, step_deadline_factor=1.0)
+    core = net.core
+    st1 = core.stages[1]
+    assert st1.holders == [st1.primary]
+    first = core.stages[0].holders[1]  # stage 0's standby: the one candidate
+    net.frozen.add(core.workers[first].conn)  # its load will be held
+    net.submit("r", PROMPT, N_TOKENS, stop_at_eos=False)
+    net.run(until=lambda: len(net.tokens("r")) >= 4)
+    victim = net.stage_conn(1)
+    victim_id = core.conn_worker[victim]
+    net.frozen.add(victim)
+    net.run(until=lambda: st1.inflight is not None and st1.inflight.worker == victim_id)
+    step = st1.inflight
+    allowed = step.deadline - step.sent_at
+    _tick_heartbeating_until_gone(net, victim_id, step.deadline + 0.015)
+    assert [e["worker"] for e in core.events if e["kind"] == "preload"] == [first]
+    net.kill(core.workers[first].conn)
+    joined = net.add_worker()
+    _tick_heartbeating_until_gone(net, victim_id, step.sent_at + 10 * allowed)
+    second = core.conn_worker[joined]
+    assert [e["worker"] for e in core.events if e["kind"] == "preload"] == [first, second]
+    death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == victim_id)
+    factor = core.settings.suspect_takeover_factor
+    assert step.sent_at + factor * allowed < death["t"] <= step.sent_at + factor * allowed + 0.02 + 1e-9, (death, allowed)
+    assert st1.primary == second
+    net.frozen.discard(victim)
+    net.held.pop(victim, None)
+    run_until_done(net, ["r"])
+    assert net.tokens("r") == reference
+
+
 def _drop_a_frozen_workers_step(weights):
     """Two stages; stage 1's primary frozen (its steps held, its heartbeats sent by the caller)
     with a step in flight, which the stage then drops as a re-plan or a retirement does.

@@ -100,8 +100,8 @@ class Recovery:
         if w.state in ("ready", "loading"):  # (a re-plan may have given it a range to load since it was sent)
             w.move("missed_deadline")
             self.events.append({"t": now, "kind": "suspect", "worker": w.worker_id, "step_id": f.step_id})
-            if st is not None:
-                return self._preload_standby(st, w, now)
+        if st is not None and w.state == "suspect":  # (each tick: a worker pre-loading may have died since)
+            return self._preload_standby(st, w, now)
         return []
 
     def _preload_standby(self, st: Stage, suspect: Worker, now: float) -> list:
