@@ -719,9 +719,10 @@ def _a_newcomer_faster_than_measured(weights, monkeypatch):
 
 def test_a_re_measure_answered_while_a_worker_is_suspected_re_plans_after_it(weights, monkeypatch, intervals):
     """A left-out tab is sent its `measure` before anything is late, and answers (far faster)
-    while a stage's primary is suspected: its figure is taken, but the re-plan it pays for waits
-    until the suspected worker answers (Planning._replan_tick judges a deferred re-plan after a
-    fault), then is made at the next retry."""
+    while a stage's primary is suspected: its figure is taken, and it pre-loads the suspect's
+    range as a standby (Recovery._preload_standby), but the re-plan it pays for waits until the
+    suspected worker answers (Planning._replan_tick judges a deferred re-plan after a fault),
+    then is made at the next retry."""
     net, advance, version, fast, joined = _a_newcomer_faster_than_measured(weights, monkeypatch)
     core, retry = net.core, planning_module.REPLAN_RETRY_S
     net.frozen.add(fast)  # (its answer held until the fault below is under way)
@@ -738,10 +739,13 @@ def test_a_re_measure_answered_while_a_worker_is_suspected_re_plans_after_it(wei
     advance.thaw(fast)
     answered_at = net.now
     assert joined.measured_at == answered_at and joined.ms_per_layer < 40.0 / 4  # (the running primaries: 40)
-    advance(2 * retry)
-    assert victim.state == "suspect" and core.plan_version == version and not joined.stages
-    advance.thaw(victim.conn)
+    # free and fast, it pre-loads the suspect's range (Recovery._preload_standby) as its standby
+    advance(0.5)
+    assert [e["worker"] for e in core.events if e["kind"] == "preload" and e["t"] >= answered_at] == [joined.worker_id]
+    assert victim.state == "suspect" and core.plan_version == version
+    advance.thaw(victim.conn)  # it answers before the standby would take its stage
     recovered_at = net.now
+    assert victim.alive and victim.state != "suspect"
     advance(retry + 0.1)
     plan = [e["t"] for e in core.events if e["kind"] == "plan" and e["t"] > answered_at]
     assert plan and recovered_at < plan[0] <= recovered_at + retry + 0.05
