@@ -149,7 +149,11 @@ def _load():
             lib.pk_matmul_parts.argtypes = [I, P, I, P, Z, Z, P, Z, I, I]
             lib.pk_dequantize.argtypes = [I, P, P, Z, Z, I, I, I, Z, Z, P, Z]
             lib.pk_hadamard.argtypes = [P, I, I, I, I, ctypes.c_float]
-            for f in (lib.pk_matmul_parts, lib.pk_dequantize, lib.pk_hadamard):
+            F = ctypes.c_float
+            lib.pk_matmul_parts_rmsnorm.argtypes = [I, P, I, P, Z, Z, Z, Z, P, F, P, Z, I, I]
+            lib.pk_attention_decode.argtypes = [I, I, I, P, Z, P, Z, P, Z, P, P, P, P, I, I, I, F, P, Z, P]
+            for f in (lib.pk_matmul_parts, lib.pk_dequantize, lib.pk_hadamard, lib.pk_matmul_parts_rmsnorm,
+                      lib.pk_attention_decode):
                 f.restype = None
             _state["isa"] = lib.pk_best_isa()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -264,6 +268,41 @@ def hadamard(x: np.ndarray, block: int) -> np.ndarray:
     return x
 
 
+class DecodeAttention:
+    """A decode step's attention by the compiled kernel (pk_attention_decode): every session's one
+    row stored into its KV caches and attended over them, one call a layer. Built once a step
+    for its sessions' caches (f32 C-contiguous [layers, n_kv, capacity, head_dim], not
+    reallocated during the step); None from `for_step` where the kernel cannot run it."""
+
+    def __init__(self, caches: list, positions, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
+        self.n, self.n_heads, self.n_kv, self.hd = len(caches), n_heads, n_kv, head_dim
+        self.k_base = np.array([c.k.ctypes.data for c in caches], np.int64)
+        self.v_base = np.array([c.v.ctypes.data for c in caches], np.int64)
+        self.cap = np.array([c.k.shape[2] for c in caches], np.int64)
+        self.pos = np.asarray(positions, np.int64)
+        self.scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+        self.scores = np.empty(4 * (max_ctx + 8), np.float32)  # (up to 4 query heads a KV head at once)
+
+    @classmethod
+    def for_step(cls, slices, caches, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
+        if _load() is None or head_dim % 8 or not slices or any(s.length != 1 for s in slices):
+            return None
+        return cls(caches, [s.start_pos for s in slices], n_heads, n_kv, head_dim, max_ctx)
+
+    def __call__(self, layer: int, qk: np.ndarray, qkv: np.ndarray, v_col: int) -> np.ndarray:
+        """qk: f32 C-contiguous [n, n_heads + n_kv, hd], the roped queries then keys; qkv's
+        columns from v_col the values. Returns the attention rows [n, n_heads * hd]."""
+        out = np.empty((self.n, self.n_heads * self.hd), np.float32)
+        row = qk.shape[1] * self.hd
+        q = qk.ctypes.data
+        _state["lib"].pk_attention_decode(_state["isa"], self.n, layer, q, row, q + 4 * self.n_heads * self.hd, row,
+                                          qkv.ctypes.data + 4 * v_col, qkv.shape[1], self.k_base.ctypes.data,
+                                          self.v_base.ctypes.data, self.cap.ctypes.data, self.pos.ctypes.data,
+                                          self.n_heads, self.n_kv, self.hd, self.scale, out.ctypes.data, out.shape[1],
+                                          self.scores.ctypes.data)
+        return out
+
+
 class PackedMatrix:
     """The row-concatenation W (sum n_i, k) of packed matrices of one k: apply(x) = x @ W.T, the
     packed words read in place (parts may differ in format)."""
@@ -300,6 +339,23 @@ class PackedMatrix:
         if out is not None:
             out += y
             return out
+        return y
+
+    def apply_rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float, threads: int = 1) -> np.ndarray:
+        """apply(rmsnorm(x, weight, eps)) (kernels/reference.py), on the kernel's path with the
+        norm made in its call (the same to rounding: it sums the squares in double)."""
+        m = x.shape[0]
+        if x.shape[1] != self.k:
+            raise ValueError(f"x has shape {x.shape}; expected (rows, {self.k})")
+        if _load() is None or not 0 < m <= MAX_KERNEL_ROWS:
+            from kernels.reference import rmsnorm
+
+            return self.apply(rmsnorm(x, weight, eps), threads=threads)
+        x = x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, np.float32)
+        y = np.empty((m, self.n), np.float32)
+        _state["lib"].pk_matmul_parts_rmsnorm(_state["isa"], ctypes.addressof(self._c_parts), len(self.parts), x.ctypes.data,
+                                              m, x.shape[1], self.k, self.k_pad, np.ascontiguousarray(weight, np.float32).ctypes.data,
+                                              eps, y.ctypes.data, self.n, 0, threads)
         return y
 
     def _kernel(self, xp: np.ndarray, y: np.ndarray, accumulate: bool, level: int, threads: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import reference as ref
-from tab_worker.cpu_kernels import PackedMatrix, check_threads, default_threads, hadamard
+from tab_worker.cpu_kernels import DecodeAttention, PackedMatrix, check_threads, default_threads, hadamard
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
@@ -177,23 +177,27 @@ class NumpyBackend:
         offsets = np.cumsum([0] + [s.length for s in slices])
         tables = ref.rope_tables(positions, c.head_dim, c.rope_base)
         n_qk = c.n_heads + c.n_kv_heads
+        # a decode step's attention (one row a session): stored and attended in one kernel call a
+        # layer, where the loop below pays numpy's per-call costs for every session
+        decode = DecodeAttention.for_step(slices, caches, c.n_heads, c.n_kv_heads, c.head_dim, self.max_ctx)
         for li, layer in enumerate(self._layers):
-            h = ref.rmsnorm(x, layer.attn_norm, c.rms_eps)
-            qkv = layer.w_qkv.apply(h, threads=self.threads)
+            qkv = layer.w_qkv.apply_rmsnorm(x, layer.attn_norm, c.rms_eps, threads=self.threads)
             # q and k heads side by side: one rope over both, with the forward's tables
             qk = ref.rope(qkv[:, : self._q_dim + self._kv_dim].reshape(-1, n_qk, c.head_dim), positions, c.rope_base, tables)
             q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
             v = qkv[:, self._q_dim + self._kv_dim :].reshape(-1, c.n_kv_heads, c.head_dim)
-            attn = np.empty((x.shape[0], c.n_heads, c.head_dim), np.float32)
-            for si, (sl, cache) in enumerate(zip(slices, caches)):
-                rows = slice(offsets[si], offsets[si + 1])
-                end = sl.start_pos + sl.length
-                cache.k[li, :, sl.start_pos:end] = k[rows].transpose(1, 0, 2)
-                cache.v[li, :, sl.start_pos:end] = v[rows].transpose(1, 0, 2)
-                attn[rows] = ref.attention(q[rows], cache.k[li, :, :end], cache.v[li, :, :end], sl.start_pos)
+            if decode is not None:
+                attn = decode(li, qk, qkv, self._q_dim + self._kv_dim)
+            else:
+                attn = np.empty((x.shape[0], c.n_heads, c.head_dim), np.float32)
+                for si, (sl, cache) in enumerate(zip(slices, caches)):
+                    rows = slice(offsets[si], offsets[si + 1])
+                    end = sl.start_pos + sl.length
+                    cache.k[li, :, sl.start_pos:end] = k[rows].transpose(1, 0, 2)
+                    cache.v[li, :, sl.start_pos:end] = v[rows].transpose(1, 0, 2)
+                    attn[rows] = ref.attention(q[rows], cache.k[li, :, :end], cache.v[li, :, :end], sl.start_pos)
             layer.wo.apply(attn.reshape(x.shape[0], -1), out=x, threads=self.threads)  # the residual add, in place
-            h = ref.rmsnorm(x, layer.ffn_norm, c.rms_eps)
-            gate_up = layer.w_gate_up.apply(h, threads=self.threads)
+            gate_up = layer.w_gate_up.apply_rmsnorm(x, layer.ffn_norm, c.rms_eps, threads=self.threads)
             act = ref.silu_gate(gate_up[:, : c.ffn], gate_up[:, c.ffn :])
             if c.ffn_hadamard:  # ffn_down's input side was rotated offline (tabshard/rotation.py)
                 hadamard(act, c.ffn_hadamard)
@@ -206,5 +210,5 @@ class NumpyBackend:
     def head_topk(self, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._head is None:
             raise ValueError("this backend holds no head")
-        h = ref.rmsnorm(np.asarray(hidden, np.float32), self._head_norm, self.config.rms_eps)
-        return ref.topk(self._head.apply(h, threads=self.threads), k)
+        return ref.topk(self._head.apply_rmsnorm(np.asarray(hidden, np.float32), self._head_norm, self.config.rms_eps,
+                                                 threads=self.threads), k)

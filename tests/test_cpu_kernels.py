@@ -158,6 +158,70 @@ def test_fused_parts_and_the_residual_add():
 
 
 @needs_kernel
+def test_the_norm_made_in_the_kernels_call_matches_its_numpy_twin():
+    """apply_rmsnorm(x) = apply(rmsnorm(x)) to rounding, on the kernel's rows and past them (the
+    twin itself, then BLAS); each row's bits the same alone or in a batch."""
+    k = 96
+    pm = cpu_kernels.PackedMatrix([_tensor(QuantSpec(4, 32, False), 40, k, 1), _tensor(QuantSpec(3, 64, True), 8, k, 2)])
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal(k).astype(np.float32)
+    for m in (1, 5, cpu_kernels.MAX_KERNEL_ROWS + 3):
+        x = (3 * rng.standard_normal((m, k))).astype(np.float32)
+        normed = pm.apply_rmsnorm(x, weight, 1e-5)
+        want = pm.apply(ref.rmsnorm(x, weight, 1e-5))
+        np.testing.assert_allclose(normed, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        if m <= cpu_kernels.MAX_KERNEL_ROWS:
+            assert np.array_equal(pm.apply_rmsnorm(x[-1:], weight, 1e-5), normed[-1:])
+
+
+class _Cache:
+    def __init__(self, layers, n_kv, capacity, hd, rng):
+        self.k = rng.standard_normal((layers, n_kv, capacity, hd)).astype(np.float32)
+        self.v = rng.standard_normal((layers, n_kv, capacity, hd)).astype(np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n_heads,n_kv", [(9, 3), (4, 4), (8, 2), (10, 2)])
+def test_decode_attention_matches_its_numpy_twin_and_stores_the_new_rows(monkeypatch, isa, n_heads, n_kv):
+    """The compiled decode attention (one row a session, one call a layer) stores each session's
+    new key and value at its position and attends as kernels/reference.py's attention does, to
+    rounding, for groups of query heads a KV head of 1 to 5 (the last on the generic path), at
+    positions that end a vector of 8 and that do not; a session's bits are the same alone or in
+    the batch."""
+    monkeypatch.setitem(cpu_kernels._state, "isa", cpu_kernels._isa_level(isa))
+    rng = np.random.default_rng(n_heads)
+    hd, layers, layer = 16, 3, 1
+    positions = [0, 7, 8, 37, 200]
+    caches = [_Cache(layers, n_kv, p + 5, hd, rng) for p in positions]
+    before = [(c.k.copy(), c.v.copy()) for c in caches]
+    slices = [SessionSlice(f"s{i}", p, 1) for i, p in enumerate(positions)]
+    qk = rng.standard_normal((len(slices), n_heads + n_kv, hd)).astype(np.float32)
+    qkv = rng.standard_normal((len(slices), (n_heads + 2 * n_kv) * hd)).astype(np.float32)
+    v_col = (n_heads + n_kv) * hd
+    out = cpu_kernels.DecodeAttention.for_step(slices, caches, n_heads, n_kv, hd, 256)(layer, qk, qkv, v_col)
+    for i, (c, p) in enumerate(zip(caches, positions)):
+        k_want, v_want = before[i][0].copy(), before[i][1].copy()
+        k_want[layer, :, p] = qk[i, n_heads:]
+        v_want[layer, :, p] = qkv[i, v_col:].reshape(n_kv, hd)
+        assert np.array_equal(c.k, k_want) and np.array_equal(c.v, v_want)  # that row, nothing else
+        want = ref.attention(qk[i:i + 1, :n_heads], c.k[layer, :, :p + 1], c.v[layer, :, :p + 1], p).reshape(-1)
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
+        alone = cpu_kernels.DecodeAttention.for_step(slices[i:i + 1], [c], n_heads, n_kv, hd, 256)(layer, qk[i:i + 1], qkv[i:i + 1], v_col)
+        assert np.array_equal(alone[0], out[i])
+
+
+@needs_kernel
+def test_decode_attention_is_only_for_steps_it_can_run():
+    """Rows of a prompt (a slice longer than one), or a head size not a multiple of 8: the numpy
+    loop (None here)."""
+    caches = [_Cache(1, 1, 8, 16, np.random.default_rng(0))]
+    assert cpu_kernels.DecodeAttention.for_step([SessionSlice("s", 0, 2)], caches, 2, 1, 16, 8) is None
+    assert cpu_kernels.DecodeAttention.for_step([SessionSlice("s", 0, 1)], caches, 2, 1, 12, 8) is None
+    assert cpu_kernels.DecodeAttention.for_step([], [], 2, 1, 16, 8) is None
+
+
+@needs_kernel
 def test_long_chunks_take_blas_on_dequantized_blocks(monkeypatch):
     t = _tensor(QuantSpec(4, 64, False), 300, 100, 5)
     x = np.random.default_rng(6).standard_normal((cpu_kernels.MAX_KERNEL_ROWS + 3, 100)).astype(np.float32)

@@ -578,6 +578,7 @@ int pk_best_isa(void) {
 // crossOriginIsolated page (COOP/COEP headers) and one Web Worker per thread; the tab runs its
 // engine in a single Web Worker.
 #include <pthread.h>
+#include <stdlib.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -808,6 +809,182 @@ void pk_matmul_parts(int isa, const Part *parts, int nparts, const float *x, siz
     return parts_chunk(&j, 0);
   }
   pool_run(parts_chunk, &j, (j.rows + j.chunk_rows - 1) / j.chunk_rows, threads);
+}
+
+// pk_matmul_parts on the RMS norm of x's rows: x * (1 / sqrt(mean(x^2) + eps)) * w
+// (kernels/reference.py's rmsnorm; the sum of squares taken in double, so it agrees to
+// rounding), made in this call into a buffer of k_pad floats a row (zeros past k): at decode
+// sizes the numpy calls for the norm cost more than its arithmetic, twice a layer. Each row is
+// normalized alone, so its bits never depend on the other rows of the call.
+void pk_matmul_parts_rmsnorm(int isa, const Part *parts, int nparts, const float *x, size_t m, size_t ldx, size_t k,
+                             size_t k_pad, const float *w, float eps, float *y, size_t ldy, int accumulate, int threads) {
+  float *in = (float *)calloc(m * k_pad, sizeof(float));
+  if (in == NULL) return;
+  for (size_t r = 0; r < m; r++) {
+    const float *xr = x + r * ldx;
+    float *h = in + r * k_pad;
+    double ss = 0.0;
+    for (size_t i = 0; i < k; i++) ss += (double)xr[i] * (double)xr[i];
+    const float inv = 1.0f / sqrtf((float)ss / (float)k + eps);
+    for (size_t i = 0; i < k; i++) h[i] = xr[i] * inv * w[i];
+  }
+  pk_matmul_parts(isa, parts, nparts, in, m, k_pad, y, ldy, accumulate, threads);
+  free(in);
+}
+
+// A decode step's attention, every session's one row in one call (the numpy backend paid ~15 us
+// of numpy calls per session and layer for it: more than its arithmetic). Session i: its row's
+// roped query (n_heads x hd floats at q + i * ldq), roped key and value (n_kv x hd at k_new + i *
+// ldk, v_new + i * ldv) are stored at position pos[i] of its caches, layer `layer` of
+// [layers, n_kv, cap[i], hd] floats at k_base[i] and v_base[i]; then each head attends over
+// positions [0, pos[i]]: softmax(q . K / sqrt(hd)) V into out + i * ldo (kernels/reference.py's
+// attention, to rounding: its own summation order and exp). Each session is computed alone, so
+// its bits never depend on the others; they do depend on the path (AVX2 or the portable one).
+// 8 floats at a time in GCC's vector extension, hd a multiple of 8.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#pragma GCC diagnostic ignored "-Wpsabi"  // (the inline helpers' 32-byte vectors: no call crosses a built ABI)
+
+INLINE v8f v8_load(const float *p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+INLINE float v8_sum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+INLINE v8f v8_select(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+// e^x for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
+// 2^n in the exponent bits; within 2 ulp of expf; below -87 it is 0, as expf's underflow)
+INLINE v8f v8_exp(v8f x) {
+  const v8f zero = {0}, one = zero + 1.0f;
+  const v8i under = x < -87.0f;
+  const v8f c = v8_select(under, zero - 87.0f, x);
+  const v8f fx = c * 1.44269504088896341f + 0.5f;
+  v8f n = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);  // (truncated toward 0: floor below)
+  n = n - v8_select(n > fx, one, zero);
+  const v8f r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
+  v8f p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r) * r + r + 1.0f;
+  const v8f two_n = (v8f)((__builtin_convertvector(n, v8i) + 127) << 23);
+  return v8_select(under, zero, p * two_n);
+}
+
+// one KV head's `group` query heads (GQA) over keys and values [0, len): each key and value row
+// is read once for all of them. sc: group rows of `stride` floats (len rounded up to 8).
+INLINE void attend_group(const int group, const float *qg, const float *K, const float *V, size_t len, int hd,
+                         float scale, float *o, float *sc, size_t stride) {
+  const int vecs = hd / 8;
+  float top[8];
+  for (int j = 0; j < group; j++) top[j] = -INFINITY;
+  for (size_t t = 0; t < len; t++) {
+    const float *kt = K + t * hd;
+    v8f acc[8];
+    for (int j = 0; j < group; j++) acc[j] = (v8f){0};
+    for (int d = 0; d < vecs; d++) {
+      const v8f kv = v8_load(kt + 8 * d);
+      for (int j = 0; j < group; j++) acc[j] += v8_load(qg + (size_t)j * hd + 8 * d) * kv;
+    }
+    for (int j = 0; j < group; j++) {
+      const float x = v8_sum(acc[j]) * scale;
+      sc[j * stride + t] = x;
+      top[j] = x > top[j] ? x : top[j];
+    }
+  }
+  float inv[8];
+  for (int j = 0; j < group; j++) {
+    float *row = sc + j * stride;
+    for (size_t t = len; t < stride; t++) row[t] = -INFINITY;  // (a whole last vector: e^-inf = 0)
+    v8f sums = {0};
+    for (size_t t = 0; t < stride; t += 8) {
+      const v8f e = v8_exp(v8_load(row + t) - top[j]);
+      __builtin_memcpy(row + t, &e, sizeof e);
+      sums += e;
+    }
+    inv[j] = 1.0f / v8_sum(sums);
+  }
+  // the values dv vectors of a row at a time for every head: group x dv accumulators stay in
+  // registers, and each value row is read once over the passes
+  const int dv = group <= 3 ? 4 : group <= 6 ? 2 : 1;
+  for (int d0 = 0; d0 < vecs; d0 += dv) {
+    const int w = vecs - d0 < dv ? vecs - d0 : dv;
+    v8f acc[8][4];
+    for (int j = 0; j < group; j++)
+      for (int d = 0; d < dv; d++) acc[j][d] = (v8f){0};
+    for (size_t t = 0; t < len; t++) {
+      const float *vt = V + t * hd + 8 * d0;
+      for (int d = 0; d < dv; d++) {
+        if (d >= w) break;
+        const v8f vv = v8_load(vt + 8 * d);
+        for (int j = 0; j < group; j++) acc[j][d] += sc[j * stride + t] * vv;
+      }
+    }
+    for (int j = 0; j < group; j++)
+      for (int d = 0; d < w; d++) {
+        const v8f r = acc[j][d] * inv[j];
+        __builtin_memcpy(o + (size_t)j * hd + 8 * (d0 + d), &r, sizeof r);
+      }
+  }
+}
+
+INLINE void attention_decode_body(int n, int layer, const float *q, size_t ldq, const float *k_new, size_t ldk,
+                                  const float *v_new, size_t ldv, const int64_t *k_base, const int64_t *v_base,
+                                  const int64_t *cap, const int64_t *pos, int n_heads, int n_kv, int hd, float scale,
+                                  float *out, size_t ldo, float *scores) {
+  const int group = n_heads / n_kv;
+  for (int i = 0; i < n; i++) {
+    const size_t plane = (size_t)cap[i] * hd, len = (size_t)pos[i] + 1, stride = (len + 7) & ~(size_t)7;
+    float *kc = (float *)(intptr_t)k_base[i] + (size_t)layer * n_kv * plane;
+    float *vc = (float *)(intptr_t)v_base[i] + (size_t)layer * n_kv * plane;
+    for (int g = 0; g < n_kv; g++) {
+      __builtin_memcpy(kc + g * plane + (size_t)pos[i] * hd, k_new + i * ldk + (size_t)g * hd, hd * sizeof(float));
+      __builtin_memcpy(vc + g * plane + (size_t)pos[i] * hd, v_new + i * ldv + (size_t)g * hd, hd * sizeof(float));
+    }
+    for (int g = 0; g < n_kv; g++) {
+      const float *qg = q + i * ldq + (size_t)g * group * hd, *K = kc + g * plane, *V = vc + g * plane;
+      float *o = out + i * ldo + (size_t)g * group * hd;
+      switch (group) {  // (a constant group: its loops unrolled, its accumulators in registers)
+        case 1: attend_group(1, qg, K, V, len, hd, scale, o, scores, stride); break;
+        case 2: attend_group(2, qg, K, V, len, hd, scale, o, scores, stride); break;
+        case 3: attend_group(3, qg, K, V, len, hd, scale, o, scores, stride); break;
+        case 4: attend_group(4, qg, K, V, len, hd, scale, o, scores, stride); break;
+        default:
+          for (int j = 0; j < group; j++)
+            attend_group(1, qg + (size_t)j * hd, K, V, len, hd, scale, o + (size_t)j * hd, scores, stride);
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+T_AVX2 static void attention_decode_avx2(int n, int layer, const float *q, size_t ldq, const float *k_new, size_t ldk,
+                                         const float *v_new, size_t ldv, const int64_t *k_base, const int64_t *v_base,
+                                         const int64_t *cap, const int64_t *pos, int n_heads, int n_kv, int hd,
+                                         float scale, float *out, size_t ldo, float *scores) {
+  attention_decode_body(n, layer, q, ldq, k_new, ldk, v_new, ldv, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale,
+                        out, ldo, scores);
+}
+#endif
+
+// scores: a buffer of at least 4 x (max(pos) + 8) floats
+void pk_attention_decode(int isa, int n, int layer, const float *q, size_t ldq, const float *k_new, size_t ldk,
+                         const float *v_new, size_t ldv, const int64_t *k_base, const int64_t *v_base, const int64_t *cap,
+                         const int64_t *pos, int n_heads, int n_kv, int hd, float scale, float *out, size_t ldo,
+                         float *scores) {
+#if defined(__x86_64__)
+  if (isa >= 1)
+    return attention_decode_avx2(n, layer, q, ldq, k_new, ldk, v_new, ldv, k_base, v_base, cap, pos, n_heads, n_kv, hd,
+                                 scale, out, ldo, scores);
+#endif
+  (void)isa;
+  attention_decode_body(n, layer, q, ldq, k_new, ldk, v_new, ldv, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale, out,
+                        ldo, scores);
 }
 
 // f32 rows [r0, r1) of W (k_pad columns each) into out (rows of ldo floats): for BLAS on long
