@@ -146,15 +146,18 @@ def _load():
             lib = ctypes.CDLL(str(build()))
             P, Z, I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
             lib.pk_best_isa.restype = I
-            lib.pk_matmul_parts.argtypes = [I, P, I, P, Z, Z, P, Z, I, I]
-            lib.pk_dequantize.argtypes = [I, P, P, Z, Z, I, I, I, Z, Z, P, Z]
-            lib.pk_hadamard.argtypes = [P, I, I, I, I, ctypes.c_float]
             F = ctypes.c_float
-            lib.pk_matmul_parts_rmsnorm.argtypes = [I, P, I, P, Z, Z, Z, Z, P, F, P, Z, I, I]
-            lib.pk_attention_decode.argtypes = [I, I, I, P, Z, P, Z, P, Z, P, P, P, P, I, I, I, F, P, Z, P]
-            for f in (lib.pk_matmul_parts, lib.pk_dequantize, lib.pk_hadamard, lib.pk_matmul_parts_rmsnorm,
-                      lib.pk_attention_decode):
-                f.restype = None
+            signatures = {"pk_matmul_parts": [I, P, I, P, Z, Z, P, Z, I, I],
+                          "pk_dequantize": [I, P, P, Z, Z, I, I, I, Z, Z, P, Z],
+                          "pk_hadamard": [P, I, I, I, I, F],
+                          "pk_matmul_parts_rmsnorm": [I, P, I, P, Z, Z, Z, Z, P, F, P, Z, I, I],
+                          "pk_attention_decode": [I, I, I, P, Z, P, Z, P, Z, P, P, P, P, I, I, I, F, P, Z, P]}
+            for name, argtypes in signatures.items():
+                # (a library built from an older source, as benchmarks --against REV load, lacks
+                # the entry points added since: only those it has are declared)
+                f = getattr(lib, name, None)
+                if f is not None:
+                    f.argtypes, f.restype = argtypes, None
             _state["isa"] = lib.pk_best_isa()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             lib, reason = None, f"build failed: {exc}"
