@@ -151,7 +151,7 @@ def _load():
                           "pk_dequantize": [I, P, P, Z, Z, I, I, I, Z, Z, P, Z],
                           "pk_hadamard": [P, I, I, I, I, F],
                           "pk_matmul_parts_rmsnorm": [I, P, I, P, Z, Z, Z, Z, P, F, P, Z, I, I],
-                          "pk_attention_decode": [I, I, I, P, Z, P, Z, P, Z, P, P, P, P, I, I, I, F, P, Z, P]}
+                          "pk_attention_decode": [I, I, I, P, Z, P, P, P, P, P, P, I, I, I, F, P, Z, P, P]}
             for name, argtypes in signatures.items():
                 # (a library built from an older source, as benchmarks --against REV load, lacks
                 # the entry points added since: only those it has are declared)
@@ -273,36 +273,39 @@ def hadamard(x: np.ndarray, block: int) -> np.ndarray:
 
 class DecodeAttention:
     """A decode step's attention by the compiled kernel (pk_attention_decode): every session's one
-    row stored into its KV caches and attended over them, one call a layer. Built once a step
-    for its sessions' caches (f32 C-contiguous [layers, n_kv, capacity, head_dim], not
-    reallocated during the step); None from `for_step` where the kernel cannot run it."""
+    row of q/k/v roped, its key and value stored into its KV caches, its queries attended over
+    them, one call a layer. Built once a step for its sessions' caches (f32 C-contiguous
+    [layers, n_kv, capacity, head_dim], not reallocated during the step) and rope tables;
+    None from `for_step` where the kernel cannot run it."""
 
-    def __init__(self, caches: list, positions, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
+    def __init__(self, caches: list, positions, tables, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
         self.n, self.n_heads, self.n_kv, self.hd = len(caches), n_heads, n_kv, head_dim
         self.k_base = np.array([c.k.ctypes.data for c in caches], np.int64)
         self.v_base = np.array([c.v.ctypes.data for c in caches], np.int64)
         self.cap = np.array([c.k.shape[2] for c in caches], np.int64)
         self.pos = np.asarray(positions, np.int64)
+        # cos and sin [n, hd / 2] (reference.rope_tables gives them [n, 1, hd / 2])
+        self.cos, self.sin = (np.ascontiguousarray(t, np.float32).reshape(self.n, head_dim // 2) for t in tables)
         self.scale = float(np.float32(1.0 / np.sqrt(head_dim)))
         self.scores = np.empty(4 * (max_ctx + 8), np.float32)  # (up to 4 query heads a KV head at once)
+        self.q_rot = np.empty(n_heads * head_dim, np.float32)
+        self.ptrs = [a.ctypes.data for a in (self.cos, self.sin, self.k_base, self.v_base, self.cap, self.pos, self.scores,
+                                             self.q_rot)]
 
     @classmethod
-    def for_step(cls, slices, caches, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
+    def for_step(cls, slices, caches, tables, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
         if _load() is None or head_dim % 8 or not slices or any(s.length != 1 for s in slices):
             return None
-        return cls(caches, [s.start_pos for s in slices], n_heads, n_kv, head_dim, max_ctx)
+        return cls(caches, [s.start_pos for s in slices], tables, n_heads, n_kv, head_dim, max_ctx)
 
-    def __call__(self, layer: int, qk: np.ndarray, qkv: np.ndarray, v_col: int) -> np.ndarray:
-        """qk: f32 C-contiguous [n, n_heads + n_kv, hd], the roped queries then keys; qkv's
-        columns from v_col the values. Returns the attention rows [n, n_heads * hd]."""
+    def __call__(self, layer: int, qkv: np.ndarray) -> np.ndarray:
+        """qkv: f32 C-contiguous [n, (n_heads + 2 n_kv) hd], the rows as the q/k/v matmul gives
+        them (unroped). Returns the attention rows [n, n_heads * hd]."""
         out = np.empty((self.n, self.n_heads * self.hd), np.float32)
-        row = qk.shape[1] * self.hd
-        q = qk.ctypes.data
-        _state["lib"].pk_attention_decode(_state["isa"], self.n, layer, q, row, q + 4 * self.n_heads * self.hd, row,
-                                          qkv.ctypes.data + 4 * v_col, qkv.shape[1], self.k_base.ctypes.data,
-                                          self.v_base.ctypes.data, self.cap.ctypes.data, self.pos.ctypes.data,
-                                          self.n_heads, self.n_kv, self.hd, self.scale, out.ctypes.data, out.shape[1],
-                                          self.scores.ctypes.data)
+        cos, sin, k_base, v_base, cap, pos, scores, q_rot = self.ptrs
+        _state["lib"].pk_attention_decode(_state["isa"], self.n, layer, qkv.ctypes.data, qkv.shape[1], cos, sin, k_base,
+                                          v_base, cap, pos, self.n_heads, self.n_kv, self.hd, self.scale, out.ctypes.data,
+                                          out.shape[1], scores, q_rot)
         return out
 
 

@@ -177,18 +177,18 @@ class NumpyBackend:
         offsets = np.cumsum([0] + [s.length for s in slices])
         tables = ref.rope_tables(positions, c.head_dim, c.rope_base)
         n_qk = c.n_heads + c.n_kv_heads
-        # a decode step's attention (one row a session): stored and attended in one kernel call a
+        # a decode step (one row a session): rope, the KV store and attention in one kernel call a
         # layer, where the loop below pays numpy's per-call costs for every session
-        decode = DecodeAttention.for_step(slices, caches, c.n_heads, c.n_kv_heads, c.head_dim, self.max_ctx)
+        decode = DecodeAttention.for_step(slices, caches, tables, c.n_heads, c.n_kv_heads, c.head_dim, self.max_ctx)
         for li, layer in enumerate(self._layers):
             qkv = layer.w_qkv.apply_rmsnorm(x, layer.attn_norm, c.rms_eps, threads=self.threads)
-            # q and k heads side by side: one rope over both, with the forward's tables
-            qk = ref.rope(qkv[:, : self._q_dim + self._kv_dim].reshape(-1, n_qk, c.head_dim), positions, c.rope_base, tables)
-            q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
-            v = qkv[:, self._q_dim + self._kv_dim :].reshape(-1, c.n_kv_heads, c.head_dim)
             if decode is not None:
-                attn = decode(li, qk, qkv, self._q_dim + self._kv_dim)
+                attn = decode(li, qkv)
             else:
+                # q and k heads side by side: one rope over both, with the forward's tables
+                qk = ref.rope(qkv[:, : self._q_dim + self._kv_dim].reshape(-1, n_qk, c.head_dim), positions, c.rope_base, tables)
+                q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
+                v = qkv[:, self._q_dim + self._kv_dim :].reshape(-1, c.n_kv_heads, c.head_dim)
                 attn = np.empty((x.shape[0], c.n_heads, c.head_dim), np.float32)
                 for si, (sl, cache) in enumerate(zip(slices, caches)):
                     rows = slice(offsets[si], offsets[si + 1])

@@ -183,31 +183,33 @@ class _Cache:
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n_heads,n_kv", [(9, 3), (4, 4), (8, 2), (10, 2)])
-def test_decode_attention_matches_its_numpy_twin_and_stores_the_new_rows(monkeypatch, isa, n_heads, n_kv):
-    """The compiled decode attention (one row a session, one call a layer) stores each session's
-    new key and value at its position and attends as kernels/reference.py's attention does, to
-    rounding, for groups of query heads a KV head of 1 to 5 (the last on the generic path), at
-    positions that end a vector of 8 and that do not; a session's bits are the same alone or in
-    the batch."""
+def test_decode_attention_matches_its_numpy_twins_and_stores_the_new_rows(monkeypatch, isa, n_heads, n_kv):
+    """The compiled decode step (one row a session, one call a layer) ropes each session's query
+    and key as kernels/reference.py's rope does (the same bits: the stored key), stores its key
+    and value at its position and attends as reference.attention does, to rounding, for groups
+    of query heads a KV head of 1 to 5 (the last on the generic path), at positions that end a
+    vector of 8 and that do not; a session's bits are the same alone or in the batch."""
     monkeypatch.setitem(cpu_kernels._state, "isa", cpu_kernels._isa_level(isa))
     rng = np.random.default_rng(n_heads)
     hd, layers, layer = 16, 3, 1
-    positions = [0, 7, 8, 37, 200]
+    positions = np.array([0, 7, 8, 37, 200])
     caches = [_Cache(layers, n_kv, p + 5, hd, rng) for p in positions]
     before = [(c.k.copy(), c.v.copy()) for c in caches]
-    slices = [SessionSlice(f"s{i}", p, 1) for i, p in enumerate(positions)]
-    qk = rng.standard_normal((len(slices), n_heads + n_kv, hd)).astype(np.float32)
+    slices = [SessionSlice(f"s{i}", int(p), 1) for i, p in enumerate(positions)]
     qkv = rng.standard_normal((len(slices), (n_heads + 2 * n_kv) * hd)).astype(np.float32)
-    v_col = (n_heads + n_kv) * hd
-    out = cpu_kernels.DecodeAttention.for_step(slices, caches, n_heads, n_kv, hd, 256)(layer, qk, qkv, v_col)
+    tables = ref.rope_tables(positions, hd, 10000.0)
+    step = cpu_kernels.DecodeAttention.for_step(slices, caches, tables, n_heads, n_kv, hd, 256)
+    out = step(layer, qkv)
+    turned = ref.rope(qkv[:, : (n_heads + n_kv) * hd].reshape(-1, n_heads + n_kv, hd), positions, 10000.0, tables)
     for i, (c, p) in enumerate(zip(caches, positions)):
         k_want, v_want = before[i][0].copy(), before[i][1].copy()
-        k_want[layer, :, p] = qk[i, n_heads:]
-        v_want[layer, :, p] = qkv[i, v_col:].reshape(n_kv, hd)
+        k_want[layer, :, p] = turned[i, n_heads:]
+        v_want[layer, :, p] = qkv[i, (n_heads + n_kv) * hd:].reshape(n_kv, hd)
         assert np.array_equal(c.k, k_want) and np.array_equal(c.v, v_want)  # that row, nothing else
-        want = ref.attention(qk[i:i + 1, :n_heads], c.k[layer, :, :p + 1], c.v[layer, :, :p + 1], p).reshape(-1)
+        want = ref.attention(turned[i:i + 1, :n_heads], c.k[layer, :, :p + 1], c.v[layer, :, :p + 1], p).reshape(-1)
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
-        alone = cpu_kernels.DecodeAttention.for_step(slices[i:i + 1], [c], n_heads, n_kv, hd, 256)(layer, qk[i:i + 1], qkv[i:i + 1], v_col)
+        one = [t[i:i + 1] for t in tables]
+        alone = cpu_kernels.DecodeAttention.for_step(slices[i:i + 1], [c], one, n_heads, n_kv, hd, 256)(layer, qkv[i:i + 1])
         assert np.array_equal(alone[0], out[i])
 
 
@@ -216,9 +218,10 @@ def test_decode_attention_is_only_for_steps_it_can_run():
     """Rows of a prompt (a slice longer than one), or a head size not a multiple of 8: the numpy
     loop (None here)."""
     caches = [_Cache(1, 1, 8, 16, np.random.default_rng(0))]
-    assert cpu_kernels.DecodeAttention.for_step([SessionSlice("s", 0, 2)], caches, 2, 1, 16, 8) is None
-    assert cpu_kernels.DecodeAttention.for_step([SessionSlice("s", 0, 1)], caches, 2, 1, 12, 8) is None
-    assert cpu_kernels.DecodeAttention.for_step([], [], 2, 1, 16, 8) is None
+    tables = ref.rope_tables(np.arange(2), 16, 10000.0)
+    assert cpu_kernels.DecodeAttention.for_step([SessionSlice("s", 0, 2)], caches, tables, 2, 1, 16, 8) is None
+    assert cpu_kernels.DecodeAttention.for_step([SessionSlice("s", 0, 1)], caches, tables, 2, 1, 12, 8) is None
+    assert cpu_kernels.DecodeAttention.for_step([], [], tables, 2, 1, 16, 8) is None
 
 
 @needs_kernel

@@ -832,15 +832,12 @@ void pk_matmul_parts_rmsnorm(int isa, const Part *parts, int nparts, const float
   free(in);
 }
 
-// A decode step's attention, every session's one row in one call (the numpy backend paid ~15 us
-// of numpy calls per session and layer for it: more than its arithmetic). Session i: its row's
-// roped query (n_heads x hd floats at q + i * ldq), roped key and value (n_kv x hd at k_new + i *
-// ldk, v_new + i * ldv) are stored at position pos[i] of its caches, layer `layer` of
-// [layers, n_kv, cap[i], hd] floats at k_base[i] and v_base[i]; then each head attends over
-// positions [0, pos[i]]: softmax(q . K / sqrt(hd)) V into out + i * ldo (kernels/reference.py's
-// attention, to rounding: its own summation order and exp). Each session is computed alone, so
-// its bits never depend on the others; they do depend on the path (AVX2 or the portable one).
-// 8 floats at a time in GCC's vector extension, hd a multiple of 8.
+// A decode step's attention (pk_attention_decode below), every session's one row in one call:
+// the numpy backend paid ~15 us of numpy calls per session and layer for it, more than its
+// arithmetic. Rope as kernels/reference.py's (the same bits); attention softmax(q . K / sqrt(hd)) V
+// as its attention to rounding (its own summation order and exp). Each session is computed
+// alone, so its bits never depend on the others; they do depend on the path (AVX2 or the
+// portable one). 8 floats at a time in GCC's vector extension, hd a multiple of 8.
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 #pragma GCC diagnostic ignored "-Wpsabi"  // (the inline helpers' 32-byte vectors: no call crosses a built ABI)
@@ -933,21 +930,34 @@ INLINE void attend_group(const int group, const float *qg, const float *K, const
   }
 }
 
-INLINE void attention_decode_body(int n, int layer, const float *q, size_t ldq, const float *k_new, size_t ldk,
-                                  const float *v_new, size_t ldv, const int64_t *k_base, const int64_t *v_base,
-                                  const int64_t *cap, const int64_t *pos, int n_heads, int n_kv, int hd, float scale,
-                                  float *out, size_t ldo, float *scores) {
+// rope on one head's hd floats (llama.cpp's "normal" rope: pairs (2p, 2p + 1) turned by the
+// angle whose cos and sin are c[p], s[p]): the products and sums of kernels/reference.py's rope
+// in its order, so the same bits
+INLINE void rope_head(const float *x, const float *c, const float *s, int hd, float *out) {
+  for (int p = 0; p < hd / 2; p++) {
+    const float e = x[2 * p], o = x[2 * p + 1];
+    out[2 * p] = e * c[p] - o * s[p];
+    out[2 * p + 1] = e * s[p] + o * c[p];
+  }
+}
+
+INLINE void attention_decode_body(int n, int layer, const float *qkv, size_t ldqkv, const float *cos_, const float *sin_,
+                                  const int64_t *k_base, const int64_t *v_base, const int64_t *cap, const int64_t *pos,
+                                  int n_heads, int n_kv, int hd, float scale, float *out, size_t ldo, float *scores,
+                                  float *q_rot) {
   const int group = n_heads / n_kv;
   for (int i = 0; i < n; i++) {
     const size_t plane = (size_t)cap[i] * hd, len = (size_t)pos[i] + 1, stride = (len + 7) & ~(size_t)7;
+    const float *row = qkv + i * ldqkv, *c = cos_ + (size_t)i * (hd / 2), *s = sin_ + (size_t)i * (hd / 2);
     float *kc = (float *)(intptr_t)k_base[i] + (size_t)layer * n_kv * plane;
     float *vc = (float *)(intptr_t)v_base[i] + (size_t)layer * n_kv * plane;
+    for (int h = 0; h < n_heads; h++) rope_head(row + (size_t)h * hd, c, s, hd, q_rot + (size_t)h * hd);
     for (int g = 0; g < n_kv; g++) {
-      __builtin_memcpy(kc + g * plane + (size_t)pos[i] * hd, k_new + i * ldk + (size_t)g * hd, hd * sizeof(float));
-      __builtin_memcpy(vc + g * plane + (size_t)pos[i] * hd, v_new + i * ldv + (size_t)g * hd, hd * sizeof(float));
+      rope_head(row + (size_t)(n_heads + g) * hd, c, s, hd, kc + g * plane + (size_t)pos[i] * hd);
+      __builtin_memcpy(vc + g * plane + (size_t)pos[i] * hd, row + (size_t)(n_heads + n_kv + g) * hd, hd * sizeof(float));
     }
     for (int g = 0; g < n_kv; g++) {
-      const float *qg = q + i * ldq + (size_t)g * group * hd, *K = kc + g * plane, *V = vc + g * plane;
+      const float *qg = q_rot + (size_t)g * group * hd, *K = kc + g * plane, *V = vc + g * plane;
       float *o = out + i * ldo + (size_t)g * group * hd;
       switch (group) {  // (a constant group: its loops unrolled, its accumulators in registers)
         case 1: attend_group(1, qg, K, V, len, hd, scale, o, scores, stride); break;
@@ -963,28 +973,33 @@ INLINE void attention_decode_body(int n, int layer, const float *q, size_t ldq, 
 }
 
 #if defined(__x86_64__)
-T_AVX2 static void attention_decode_avx2(int n, int layer, const float *q, size_t ldq, const float *k_new, size_t ldk,
-                                         const float *v_new, size_t ldv, const int64_t *k_base, const int64_t *v_base,
+T_AVX2 static void attention_decode_avx2(int n, int layer, const float *qkv, size_t ldqkv, const float *cos_,
+                                         const float *sin_, const int64_t *k_base, const int64_t *v_base,
                                          const int64_t *cap, const int64_t *pos, int n_heads, int n_kv, int hd,
-                                         float scale, float *out, size_t ldo, float *scores) {
-  attention_decode_body(n, layer, q, ldq, k_new, ldk, v_new, ldv, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale,
-                        out, ldo, scores);
+                                         float scale, float *out, size_t ldo, float *scores, float *q_rot) {
+  attention_decode_body(n, layer, qkv, ldqkv, cos_, sin_, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale, out, ldo,
+                        scores, q_rot);
 }
 #endif
 
-// scores: a buffer of at least 4 x (max(pos) + 8) floats
-void pk_attention_decode(int isa, int n, int layer, const float *q, size_t ldq, const float *k_new, size_t ldk,
-                         const float *v_new, size_t ldv, const int64_t *k_base, const int64_t *v_base, const int64_t *cap,
-                         const int64_t *pos, int n_heads, int n_kv, int hd, float scale, float *out, size_t ldo,
-                         float *scores) {
+// A decode step's attention, every session's one row in one call: session i's row of qkv
+// ([q heads | k heads | v heads] x hd floats, unroped, at qkv + i * ldqkv) has its query and
+// key roped by the angles of its position (cos_, sin_: hd / 2 floats a row), its key and value
+// stored at position pos[i] of its caches (layer `layer` of [layers, n_kv, cap[i], hd] floats at
+// k_base[i], v_base[i]), and its query heads attend over positions [0, pos[i]] into out + i * ldo.
+// scores: at least 4 x (max(pos) + 8) floats; q_rot: n_heads x hd floats.
+void pk_attention_decode(int isa, int n, int layer, const float *qkv, size_t ldqkv, const float *cos_, const float *sin_,
+                         const int64_t *k_base, const int64_t *v_base, const int64_t *cap, const int64_t *pos,
+                         int n_heads, int n_kv, int hd, float scale, float *out, size_t ldo, float *scores,
+                         float *q_rot) {
 #if defined(__x86_64__)
   if (isa >= 1)
-    return attention_decode_avx2(n, layer, q, ldq, k_new, ldk, v_new, ldv, k_base, v_base, cap, pos, n_heads, n_kv, hd,
-                                 scale, out, ldo, scores);
+    return attention_decode_avx2(n, layer, qkv, ldqkv, cos_, sin_, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale,
+                                 out, ldo, scores, q_rot);
 #endif
   (void)isa;
-  attention_decode_body(n, layer, q, ldq, k_new, ldk, v_new, ldv, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale, out,
-                        ldo, scores);
+  attention_decode_body(n, layer, qkv, ldqkv, cos_, sin_, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale, out, ldo,
+                        scores, q_rot);
 }
 
 // f32 rows [r0, r1) of W (k_pad columns each) into out (rows of ldo floats): for BLAS on long
