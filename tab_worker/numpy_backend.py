@@ -7,7 +7,11 @@ packed-weight kernel (kernels/c/packed_kernels.c: reads each packed word once fo
 batch-invariant); long prefill chunks dequantize a block of rows at a time for BLAS. No f32
 copy of a weight matrix is ever kept. `threads` matmul threads share each step's weight rows
 (default: cpu_kernels.default_threads(), the cores this process may use); the results are the
-same bits for any thread count. The per-kernel math is the numpy twins in kernels.reference.
+same bits for any thread count. With the compiled library, the RMS norms before q/k/v, gate/up
+and the head are made in their matmul's call, and a decode step (one row a session) ropes,
+stores its keys and values and attends in one call a layer (cpu_kernels.DecodeAttention);
+prompt rows take the numpy twins. The per-kernel math is the numpy twins in kernels.reference
+(the compiled norm and attention agree with them to rounding; rope bit for bit).
 """
 from __future__ import annotations
 
