@@ -104,16 +104,9 @@ def main() -> int:
               f"logits differ by {diff:.2e} at most", flush=True)
         figures += [(f"decode_step.ctx{a.context}.{r}_rows_ms", now), (f"decode_step.ctx{a.context}.{r}_rows_ratio_to_then", now / was)]
     if not a.no_history:
-        from tabshard.bench_history import DEFAULT_DB, Figure, History, machine
+        from tabshard.bench_history import Figure, append_figures
 
-        h = History(DEFAULT_DB)
-        try:
-            run = h.start_run(machine(adapter=False), suite="bench_decode_step")
-            for metric, v in figures:
-                h.add(run, Figure.of(metric, [v], "ms" if metric.endswith("_ms") else "x", "lower"))
-        finally:
-            h.close()
-        print(f"history: {len(figures)} figures appended to {DEFAULT_DB}")
+        append_figures([Figure.of(m, [v], "ms" if m.endswith("_ms") else "x", "lower") for m, v in figures], "bench_decode_step")
     return 0
 
 
