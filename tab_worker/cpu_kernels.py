@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantTensor, dequantize
+from kernels.reference import rmsnorm
 
 SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "c" / "packed_kernels.c"
 # Rows up to which the kernel beats dequantize-a-block + BLAS (bench_cpu_kernel.py); a decode
@@ -354,8 +355,6 @@ class PackedMatrix:
         if x.shape[1] != self.k:
             raise ValueError(f"x has shape {x.shape}; expected (rows, {self.k})")
         if _load() is None or not 0 < m <= MAX_KERNEL_ROWS:
-            from kernels.reference import rmsnorm
-
             return self.apply(rmsnorm(x, weight, eps), threads=threads)
         x = x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, np.float32)
         y = np.empty((m, self.n), np.float32)

@@ -54,8 +54,9 @@ class Net:
         conn = conn or f"c{self._n}"
         w = TabWorker(f"tab-{self._n}", backend="numpy", **kw)
         # a device of its own whose every compute takes COMPUTE_S: its speed measurement, and
-        # so the plan, are the same on a busy host as on a quiet one (timed by the wall, four
-        # workers measured 4x apart under a loaded CI run, and a test's plan came out other)
+        # so the plan, are the same on a busy host as on a quiet one (timed by the wall, a CI run
+        # beside other work failed a test whose plan depends on it; two workers measured 4x
+        # apart fail it every time)
         w.compute_clock = _fixed_compute_clock()
         self.workers[conn] = w
         self.to_coordinator(conn, w.hello())
@@ -110,6 +111,14 @@ class Net:
                         self.to_coordinator(conn, w.heartbeat(0))
             self.perform(self.core.tick(self.now))
             self.run(until=until)
+
+    def advance_until(self, done, seconds: float, step: float = 0.05) -> float:
+        """advance `step` at a time, every live worker heartbeating, frozen ones too (a tarpit is
+        alive on its socket), until done() or `seconds`; returns the clock then."""
+        end = self.now + seconds
+        while not done() and self.now < end - 1e-9:
+            self.advance(step, step=step, tarpits=True)
+        return self.now
 
     def thaw(self, conn: str):
         """A frozen worker wakes: it handles every message held for it, in order."""

@@ -197,13 +197,8 @@ def test_slow_worker_is_suspect_not_dead(weights):
 
 def _tick_heartbeating_until_gone(net, worker_id: str, until: float) -> None:
     """Advance the clock 10 ms at a time, every worker heartbeating (a frozen one's steps held),
-    ticking the coordinator, until `worker_id` is gone or `until`."""
-    while net.core.workers[worker_id].alive and net.now < until:
-        net.now += 0.01
-        for c in net.workers:
-            net.to_coordinator(c, net.workers[c].heartbeat(1))
-        net.run()
-        net.perform(net.core.tick(net.now))
+    until `worker_id` is gone or `until`."""
+    net.advance_until(lambda: not net.core.workers[worker_id].alive, until - net.now, step=0.01)
 
 
 @pytest.mark.parametrize("case", ["standby", "preloaded", "nobody"])

@@ -228,15 +228,6 @@ def test_a_second_liar_on_the_restarted_session_is_rewound_from_the_restart(weig
     assert net.tokens("r") == reference
 
 
-def _advance_until(net, done, seconds: float, step: float = 0.05) -> float:
-    """Move the clock `step` at a time (every worker heartbeating, frozen ones too: a tarpit is
-    alive on its socket) until done() or `seconds`; returns the clock then."""
-    end = net.now + seconds
-    while not done() and net.now < end:
-        net.advance(step, step=step, tarpits=True)
-    return net.now
-
-
 def test_a_tab_verifier_that_never_answers_holds_no_done_back_and_is_evicted(weights, reference):
     """No coordinator compute: a stage's checks go to a tab holding its range. That tab, a
     tarpit (heartbeats, answers nothing), held the "done" of every session the checked worker
@@ -256,13 +247,13 @@ def test_a_tab_verifier_that_never_answers_holds_no_done_back_and_is_evicted(wei
     assert len(net.tokens("r")) == N_TOKENS and not net.done("r")  # decoded; "done" waits on the checks
     late = [c for c in core._checks.values() if c.verifier == verifier_id]
     assert late and all(c.deadline is not None for c in late)
-    done_at = _advance_until(net, lambda: net.done("r"), 20)
+    done_at = net.advance_until(lambda: net.done("r"), 20)
     assert net.done("r") and done_at <= max(c.deadline for c in late) + 0.05 + 1e-9, (done_at, frozen_at)
     assert net.tokens("r") == reference
     assert any(e["kind"] == "check_late" and e["worker"] == verifier_id for e in core.events)
     assert core.counters["spot_checks_late"] >= 1
     allowed = min(c.deadline - c.at for c in late)
-    _advance_until(net, lambda: not core.workers[verifier_id].alive, 10 * allowed)
+    net.advance_until(lambda: not core.workers[verifier_id].alive, 10 * allowed)
     death = next(e for e in core.events if e["kind"] == "death" and e["worker"] == verifier_id)
     assert "late" in death["reason"]
     assert death["t"] <= min(c.at for c in late) + core.settings.suspect_evict_factor * allowed + 0.05 + 1e-9, (death, allowed)
@@ -279,7 +270,7 @@ def test_a_check_the_coordinators_own_worker_never_answers_expires_and_releases_
     net.run()
     assert len(net.tokens("r")) == N_TOKENS and not net.done("r") and core._checks
     skipped, sent = core.counters["spot_checks_skipped"], max(c.at for c in core._checks.values())
-    done_at = _advance_until(net, lambda: net.done("r"), 10, step=0.25)
+    done_at = net.advance_until(lambda: net.done("r"), 10, step=0.25)
     assert net.done("r") and sent + 5.0 < done_at <= sent + 5.25 + 1e-9
     assert net.tokens("r") == reference and core.counters["spot_checks_skipped"] > skipped
     assert all(w.alive for w in core.workers.values())

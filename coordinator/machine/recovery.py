@@ -107,7 +107,8 @@ class Recovery:
     def _preload_standby(self, st: Stage, suspect: Worker, now: float) -> list:
         """The stage's primary is suspect and no healthy worker holds its range ready or loads
         it: a worker that serves no stage (else a standby of another stage; never a primary),
-        at most PRELOAD_SLOWER_MAX times slower, with the memory for it loads the range now, as the stage's standby. Ready in time, it
+        at most PRELOAD_SLOWER_MAX times slower, with the memory for it loads the range now, as
+        the stage's standby. Ready in time, it
         takes the stage at suspect_takeover_factor deadlines (_judge_late_step) where the stage
         would otherwise wait out suspect_evict_factor ones (chaos at seed 12: four slowed
         primaries, 6 s each, while free tabs waited). If the primary answers, the stage keeps
@@ -119,17 +120,20 @@ class Recovery:
             x = self.workers.get(wid)
             if wid != suspect.worker_id and x is not None and x.alive and self._loading_range(x, key):
                 return []  # one is on its way
-        need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
+        need = self._stage_bytes(st)
         primaries = {s.primary for s in self.stages}
         # (a much slower worker is not sent: taking the stage of a primary that then answers
         # late, it would slow the stage until the next plan)
         slowest = self._trusted_costs(suspect)[0] * PRELOAD_SLOWER_MAX
+
+        def trusted_and_fast(x: Worker) -> bool:
+            ms, _, flagged = self._trusted_costs(x)
+            return not flagged and ms <= slowest
+
         candidates = [x for x in self.workers.values()
                       if x.alive and not x.local and not x.probation and x.state in ("idle", "ready") and not x.remeasuring
                       and not x.loading and x.worker_id not in primaries and x.worker_id not in st.holders
-                      and x.worker_id not in self._trials and not self._trusted_costs(x)[2]
-                      and self._trusted_costs(x)[0] <= slowest
-                      and x.capacity().memory_bytes / x.capacity().expansion >= need + self._held_bytes(x)]
+                      and x.worker_id not in self._trials and trusted_and_fast(x) and self._has_room(x, need)]
         if not candidates:
             return []
         x = min(candidates, key=lambda c: (len(c.stages), self._ms_per_layer(c)))
@@ -291,11 +295,10 @@ class Recovery:
                 self._inflight_lost[(st.index, it.session_id)] = (it.forward_from, it.wants_token, it.draft)
             st.inflight = None
         if st.primary is None:
-            need = sum(self.blob_info[k].size for k in self._stage_blobs(st))
+            need = self._stage_bytes(st)
             # a worker being measured again is one too, on its last figure: its answer (which it
             # sends before it loads) is taken when it comes, and the stage does not wait for it
-            candidates = [w for w in self._live_workers(remeasuring=True) if not w.local and
-                          w.capacity().memory_bytes / w.capacity().expansion >= need + self._held_bytes(w)]
+            candidates = [w for w in self._live_workers(remeasuring=True) if not w.local and self._has_room(w, need)]
             candidates.sort(key=lambda w: (w.probation, len(w.stages), self._ms_per_layer(w)))
             if candidates:
                 st.holders.append(candidates[0].worker_id)
@@ -319,9 +322,17 @@ class Recovery:
             self._forget_verify_kv(lambda k: k[1] == key and k[2] == LOCAL)
         return self._assign(w, st, now)
 
+    def _stage_bytes(self, st: Stage) -> int:
+        return sum(self.blob_info[k].size for k in self._stage_blobs(st))
+
     def _held_bytes(self, w: Worker) -> int:
         held = {(self.stages[i].layer_start, self.stages[i].layer_end): self.stages[i] for i in w.stages if i < len(self.stages)}
-        return sum(sum(self.blob_info[k].size for k in self._stage_blobs(st)) for st in held.values())
+        return sum(self._stage_bytes(st) for st in held.values())
+
+    def _has_room(self, w: Worker, need: int) -> bool:
+        """Whether `w`'s memory holds `need` more bytes of packed weights beside its stages' ranges."""
+        cap = w.capacity()
+        return cap.memory_bytes / cap.expansion >= need + self._held_bytes(w)
 
     def _rebuild(self, st: Stage, now: float) -> list:
         """The named rebuild step: replay every session's stored inputs for this stage, in

@@ -29,7 +29,7 @@ class Trials:
                 continue
             if w.have_blobs and self._in_resume_window(now):
                 continue  # a restarted coordinator's rejoining holder: the resume plan gives it what it holds
-            st = min(stages, key=lambda x: (self._bytes_missing(w, x), sum(self.blob_info[k].size for k in self._stage_blobs(x))))
+            st = min(stages, key=lambda x: (self._bytes_missing(w, x), self._stage_bytes(x)))
             aid = next(self._ids)
             infos = [self.blob_info[k] for k in self._stage_blobs(st)]
             self._trials[w.worker_id] = {"range": (st.layer_start, st.layer_end), "assignment_id": aid, "ready": False,
