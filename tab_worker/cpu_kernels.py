@@ -152,7 +152,9 @@ def _load():
                           "pk_dequantize": [I, P, P, Z, Z, I, I, I, Z, Z, P, Z],
                           "pk_hadamard": [P, I, I, I, I, F],
                           "pk_matmul_parts_rmsnorm": [I, P, I, P, Z, Z, Z, Z, P, F, P, Z, I, I],
-                          "pk_attention_decode": [I, I, I, P, Z, P, P, P, P, P, P, I, I, I, F, P, Z, P, P]}
+                          "pk_attention_decode": [I, I, I, P, Z, P, P, P, P, P, P, I, I, I, F, P, Z, P, P],
+                          "pk_silu_gate": [I, P, Z, Z, Z, P, Z],
+                          "pk_decode_layers": [I, P, I, I, P, Z, Z, F, Z, I, F, P, P, P, P, P, P, I, I, I, F, P, P, I]}
             for name, argtypes in signatures.items():
                 # (a library built from an older source, as benchmarks --against REV load, lacks
                 # the entry points added since: only those it has are declared)
@@ -272,12 +274,55 @@ def hadamard(x: np.ndarray, block: int) -> np.ndarray:
     return x
 
 
+class _DecodeLayer(ctypes.Structure):
+    # (packed_kernels.c's DecodeLayer)
+    _fields_ = [("qkv", ctypes.c_void_p), ("wo", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("n_qkv", ctypes.c_int), ("n_wo", ctypes.c_int), ("n_gate_up", ctypes.c_int), ("n_down", ctypes.c_int),
+                ("qkv_rows", ctypes.c_size_t), ("gate_up_rows", ctypes.c_size_t), ("wo_k_pad", ctypes.c_size_t),
+                ("down_k_pad", ctypes.c_size_t), ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p)]
+
+
+def silu_gate(gate_up: np.ndarray, ffn: int) -> np.ndarray:
+    """SiLU(gate) * up of f32 rows [gate | up] (2 ffn floats each) by the compiled kernel: the
+    one a decode step's layers use (DecodeLayers), kernels/reference.py's silu_gate to rounding."""
+    gate_up = np.ascontiguousarray(gate_up, np.float32)
+    out = np.empty((gate_up.shape[0], ffn), np.float32)
+    _state["lib"].pk_silu_gate(_state["isa"], gate_up.ctypes.data, gate_up.shape[0], gate_up.shape[1], ffn, out.ctypes.data, ffn)
+    return out
+
+
+class DecodeLayers:
+    """A range's layers for pk_decode_layers: a decode step through all of them in one call
+    (DecodeAttention.through). Each layer is (w_qkv, wo, w_gate_up, w_down, attn_norm, ffn_norm):
+    four PackedMatrix and two f32 norm weights, held here so the pointers stay valid. None from
+    `of` where the library has no such entry point (one built from an older source)."""
+
+    def __init__(self, layers: list[tuple], hidden: int, ffn: int):
+        self.hidden, self.ffn = hidden, ffn
+        self.norms = [(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(f, np.float32)) for *_, a, f in layers]
+        self.hidden_pad = max([max(q.k_pad, g.k_pad) for q, _, g, *_ in layers], default=hidden)
+        self.table = (_DecodeLayer * len(layers))(*[
+            _DecodeLayer(ctypes.addressof(q._c_parts), ctypes.addressof(o._c_parts), ctypes.addressof(g._c_parts),
+                         ctypes.addressof(d._c_parts), len(q.parts), len(o.parts), len(g.parts), len(d.parts), q.n, g.n,
+                         o.k_pad, d.k_pad, an.ctypes.data, fn.ctypes.data)
+            for (q, o, g, d, *_), (an, fn) in zip(layers, self.norms)])
+        self.matrices = [m for layer in layers for m in layer[:4]]  # (their _c_parts back the table)
+
+    @classmethod
+    def of(cls, layers: list[tuple], hidden: int, ffn: int) -> "DecodeLayers | None":
+        lib = _load()
+        if lib is None or getattr(lib, "pk_decode_layers", None) is None:
+            return None
+        return cls(layers, hidden, ffn)
+
+
 class DecodeAttention:
     """A decode step's attention by the compiled kernel (pk_attention_decode): every session's one
     row of q/k/v roped, its key and value stored into its KV caches, its queries attended over
-    them, one call a layer. Built once a step for its sessions' caches (f32 C-contiguous
-    [layers, n_kv, capacity, head_dim], not reallocated during the step) and rope tables;
-    None from `for_step` where the kernel cannot run it."""
+    them, one call a layer (or, with `through`, the whole step through a range's layers in one
+    call). Built once a step for its sessions' caches (f32 C-contiguous [layers, n_kv, capacity,
+    head_dim], not reallocated during the step) and rope tables; None from `for_step` where the
+    kernel cannot run it."""
 
     def __init__(self, caches: list, positions, tables, n_heads: int, n_kv: int, head_dim: int, max_ctx: int):
         self.n, self.n_heads, self.n_kv, self.hd = len(caches), n_heads, n_kv, head_dim
@@ -308,6 +353,19 @@ class DecodeAttention:
                                           v_base, cap, pos, self.n_heads, self.n_kv, self.hd, self.scale, out.ctypes.data,
                                           out.shape[1], scores, q_rot)
         return out
+
+    def through(self, layers: DecodeLayers, x: np.ndarray, eps: float, hadamard_block: int = 0, threads: int = 1) -> np.ndarray:
+        """The step through every layer of `layers` in one call (pk_decode_layers), x (f32
+        C-contiguous [n, hidden]) updated in place and returned: the same bits as the layer loop
+        of numpy_backend.forward with this attention, the matmuls' norms in their calls and
+        silu_gate."""
+        cos, sin, k_base, v_base, cap, pos, scores, q_rot = self.ptrs
+        _state["lib"].pk_decode_layers(_state["isa"], ctypes.addressof(layers.table), len(layers.table), self.n, x.ctypes.data,
+                                       layers.hidden, layers.hidden_pad, eps, layers.ffn, hadamard_block,
+                                       float(np.float32(1.0 / np.sqrt(hadamard_block))) if hadamard_block else 0.0,
+                                       cos, sin, k_base, v_base, cap, pos, self.n_heads, self.n_kv, self.hd, self.scale,
+                                       scores, q_rot, threads)
+        return x
 
 
 class PackedMatrix:

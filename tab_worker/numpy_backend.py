@@ -8,17 +8,18 @@ batch-invariant); long prefill chunks dequantize a block of rows at a time for B
 copy of a weight matrix is ever kept. `threads` matmul threads share each step's weight rows
 (default: cpu_kernels.default_threads(), the cores this process may use); the results are the
 same bits for any thread count. With the compiled library, the RMS norms before q/k/v, gate/up
-and the head are made in their matmul's call, and a decode step (one row a session) ropes,
-stores its keys and values and attends in one call a layer (cpu_kernels.DecodeAttention);
-prompt rows take the numpy twins. The per-kernel math is the numpy twins in kernels.reference
-(the compiled norm and attention agree with them to rounding; rope bit for bit).
+and the head are made in their matmul's call, and a decode step (one row a session) goes
+through all of the range's layers in one call (cpu_kernels.DecodeLayers: the norms, matmuls,
+rope, KV store, attention and SiLU, with no return to Python between them); prompt rows take
+the numpy twins. The per-kernel math is the numpy twins in kernels.reference (the compiled norm,
+attention and SiLU agree with them to rounding; rope bit for bit).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from kernels import reference as ref
-from tab_worker.cpu_kernels import DecodeAttention, PackedMatrix, check_threads, default_threads, hadamard
+from tab_worker.cpu_kernels import DecodeAttention, DecodeLayers, PackedMatrix, check_threads, default_threads, hadamard
 from protocol.model_types import HeadWeights, LayerWeights, ModelConfig, SessionSlice
 
 
@@ -104,6 +105,9 @@ class NumpyBackend:
         self._head = None if head is None else built(keys.get("head"), lambda: PackedMatrix([head.output], ["output"]))
         self._sessions: dict[str, _KVCache] = {}
         c = config
+        # (None where the compiled library cannot take a step through the layers at once)
+        self._decode_layers = DecodeLayers.of([(la.w_qkv, la.wo, la.w_gate_up, la.w_down, la.attn_norm, la.ffn_norm)
+                                               for la in self._layers], c.hidden, c.ffn)
         self._q_dim, self._kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
 
     # ------------------------------------------------------------------ sessions
@@ -181,10 +185,16 @@ class NumpyBackend:
         offsets = np.cumsum([0] + [s.length for s in slices])
         tables = ref.rope_tables(positions, c.head_dim, c.rope_base)
         n_qk = c.n_heads + c.n_kv_heads
-        # a decode step (one row a session): rope, the KV store and attention in one kernel call a
-        # layer, where the loop below pays numpy's per-call costs for every session
+        # a decode step (one row a session) through every layer in one kernel call, where the loop
+        # below pays Python's and numpy's per-call costs for every layer (and, in its attention,
+        # every session); with an older library, one attention call a layer
         decode = DecodeAttention.for_step(slices, caches, tables, c.n_heads, c.n_kv_heads, c.head_dim, self.max_ctx)
-        for li, layer in enumerate(self._layers):
+        if decode is not None and self._decode_layers is not None:
+            decode.through(self._decode_layers, x, c.rms_eps, c.ffn_hadamard or 0, self.threads)
+            layers = []
+        else:
+            layers = self._layers
+        for li, layer in enumerate(layers):
             qkv = layer.w_qkv.apply_rmsnorm(x, layer.attn_norm, c.rms_eps, threads=self.threads)
             if decode is not None:
                 attn = decode(li, qkv)

@@ -225,6 +225,87 @@ def test_decode_attention_is_only_for_steps_it_can_run():
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_kernels_silu_matches_its_numpy_twin(monkeypatch, isa):
+    """SiLU(gate) * up as reference.silu_gate to rounding, over the whole float range (a large
+    negative gate gives 0 as the twin's e^inf does), in a row's full vectors of 8 and its last
+    few alike; a row's bits the same alone or in a batch."""
+    monkeypatch.setitem(cpu_kernels._state, "isa", cpu_kernels._isa_level(isa))
+    rng = np.random.default_rng(9)
+    ffn = 45  # (five vectors and five more)
+    gate = (8 * rng.standard_normal((6, ffn))).astype(np.float32)
+    gate[0, :12] = [-1e4, -200, -104, -88.5, -87.2, -30, -1e-30, -0.0, 0.0, 1e-30, 90, 1e4]
+    gate[1, -5:] = [-120, -3, 0, 3, 120]  # (the last few: the padded vector)
+    up = rng.standard_normal((6, ffn)).astype(np.float32)
+    got = cpu_kernels.silu_gate(np.concatenate([gate, up], axis=1), ffn)
+    with np.errstate(over="ignore"):
+        want = ref.silu_gate(gate, up)
+    # (below -87 the kernel's e^x is 0, as in its attention: the twin's products there are < 1e-35)
+    np.testing.assert_allclose(got, want, rtol=4e-7, atol=1e-35)
+    assert np.all(got[0, :3] == 0) and np.all(np.isfinite(got))
+    for r in range(len(gate)):
+        assert np.array_equal(cpu_kernels.silu_gate(np.concatenate([gate[r:r + 1], up[r:r + 1]], axis=1), ffn)[0], got[r])
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", ["tiny", "ffn_not_a_multiple_of_the_group", "hadamard"])
+def test_a_decode_step_through_every_layer_in_one_call_is_the_layer_loop(monkeypatch, isa, shape):
+    """NumpyBackend's decode step in one call (cpu_kernels.DecodeLayers) gives the bits of the
+    same kernels called a layer at a time (the matmuls with their norms, the decode attention,
+    the kernel's SiLU, the Hadamard rotation where the model has one) and stores the same keys
+    and values; against the numpy twins' layer loop (no DecodeLayers) it agrees to rounding and
+    picks the same top tokens."""
+    from dataclasses import replace
+
+    from tab_worker.numpy_backend import NumpyBackend
+    from tests.tiny_model import TINY, tiny_weights
+
+    monkeypatch.setitem(cpu_kernels._state, "isa", cpu_kernels._isa_level(isa))
+    cfg = {"tiny": TINY, "ffn_not_a_multiple_of_the_group": replace(TINY, ffn=100),
+           "hadamard": replace(TINY, ffn_hadamard=32)}[shape]
+    weights = tiny_weights(cfg)
+    layers, head = dict(enumerate(weights.layers)), weights.head
+    rng = np.random.default_rng(4)
+    prompts = [rng.standard_normal((3 + 4 * i, cfg.hidden)).astype(np.float32) for i in range(5)]
+    step = rng.standard_normal((5, cfg.hidden)).astype(np.float32)
+    slices = [SessionSlice(f"s{i}", len(h), 1) for i, h in enumerate(prompts)]
+
+    def prefilled(one_call: bool):
+        be = NumpyBackend(cfg, layers, head, max_ctx=64)
+        assert be._decode_layers is not None
+        if not one_call:
+            be._decode_layers = None
+        for i, h in enumerate(prompts):
+            be.forward([SessionSlice(f"s{i}", 0, len(h))], h)
+        return be
+
+    be = prefilled(True)
+    got = be.forward(slices, step)
+    # the same kernels a layer at a time, on a backend prefilled alike
+    by_layer = prefilled(False)
+    caches = [by_layer._cache_for(s) for s in slices]
+    tables = ref.rope_tables(np.array([s.start_pos for s in slices]), cfg.head_dim, cfg.rope_base)
+    attention = cpu_kernels.DecodeAttention.for_step(slices, caches, tables, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 64)
+    x = step.copy()
+    for li, layer in enumerate(by_layer._layers):
+        layer.wo.apply(attention(li, layer.w_qkv.apply_rmsnorm(x, layer.attn_norm, cfg.rms_eps)), out=x)
+        act = cpu_kernels.silu_gate(layer.w_gate_up.apply_rmsnorm(x, layer.ffn_norm, cfg.rms_eps), cfg.ffn)
+        if cfg.ffn_hadamard:
+            cpu_kernels.hadamard(act, cfg.ffn_hadamard)
+        layer.w_down.apply(act, out=x)
+    assert np.array_equal(got, x)
+    for s, c in zip(slices, caches):
+        mine = be._sessions[s.session_id]
+        assert np.array_equal(mine.k[:, :, : s.start_pos + 1], c.k[:, :, : s.start_pos + 1])
+        assert np.array_equal(mine.v[:, :, : s.start_pos + 1], c.v[:, :, : s.start_pos + 1])
+    # and the numpy twins' loop
+    twins = prefilled(False).forward(slices, step)
+    np.testing.assert_allclose(got, twins, rtol=1e-4, atol=1e-4 * np.abs(twins).max())
+    assert np.array_equal(be.head_topk(got, 3)[0], be.head_topk(twins, 3)[0])
+
+
+@needs_kernel
 def test_long_chunks_take_blas_on_dequantized_blocks(monkeypatch):
     t = _tensor(QuantSpec(4, 64, False), 300, 100, 5)
     x = np.random.default_rng(6).standard_normal((cpu_kernels.MAX_KERNEL_ROWS + 3, 100)).astype(np.float32)

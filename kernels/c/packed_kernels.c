@@ -811,6 +811,20 @@ void pk_matmul_parts(int isa, const Part *parts, int nparts, const float *x, siz
   pool_run(parts_chunk, &j, (j.rows + j.chunk_rows - 1) / j.chunk_rows, threads);
 }
 
+// the RMS norm of x's m rows (k floats, ldx apart) into out's rows of k_pad floats, whose
+// columns past k the caller has zeroed
+static void rmsnorm_rows(const float *x, size_t m, size_t ldx, size_t k, size_t k_pad, const float *w, float eps,
+                         float *out) {
+  for (size_t r = 0; r < m; r++) {
+    const float *xr = x + r * ldx;
+    float *h = out + r * k_pad;
+    double ss = 0.0;
+    for (size_t i = 0; i < k; i++) ss += (double)xr[i] * (double)xr[i];
+    const float inv = 1.0f / sqrtf((float)ss / (float)k + eps);
+    for (size_t i = 0; i < k; i++) h[i] = xr[i] * inv * w[i];
+  }
+}
+
 // pk_matmul_parts on the RMS norm of x's rows: x * (1 / sqrt(mean(x^2) + eps)) * w
 // (kernels/reference.py's rmsnorm; the sum of squares taken in double, so it agrees to
 // rounding), made in this call into a buffer of k_pad floats a row (zeros past k): at decode
@@ -820,14 +834,7 @@ void pk_matmul_parts_rmsnorm(int isa, const Part *parts, int nparts, const float
                              size_t k_pad, const float *w, float eps, float *y, size_t ldy, int accumulate, int threads) {
   float *in = (float *)calloc(m * k_pad, sizeof(float));
   if (in == NULL) return;
-  for (size_t r = 0; r < m; r++) {
-    const float *xr = x + r * ldx;
-    float *h = in + r * k_pad;
-    double ss = 0.0;
-    for (size_t i = 0; i < k; i++) ss += (double)xr[i] * (double)xr[i];
-    const float inv = 1.0f / sqrtf((float)ss / (float)k + eps);
-    for (size_t i = 0; i < k; i++) h[i] = xr[i] * inv * w[i];
-  }
+  rmsnorm_rows(x, m, ldx, k, k_pad, w, eps, in);
   pk_matmul_parts(isa, parts, nparts, in, m, k_pad, y, ldy, accumulate, threads);
   free(in);
 }
@@ -1000,6 +1007,107 @@ void pk_attention_decode(int isa, int n, int layer, const float *qkv, size_t ldq
   (void)isa;
   attention_decode_body(n, layer, qkv, ldqkv, cos_, sin_, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale, out, ldo,
                         scores, q_rot);
+}
+
+// SiLU(gate) * up on m rows (kernels/reference.py's silu_gate to rounding: its own exp): gate and
+// up are the halves of each row of gu (2 ffn floats, ldgu apart), the product goes to out (ldo
+// apart). gate / (1 + e^-gate) is taken as gate * e / (1 + e) with e = e^gate where gate < 0, so
+// that v8_exp only ever sees x <= 0 (and a large negative gate gives -0, as the twin's inf).
+INLINE v8f silu_gate8(v8f x, v8f up) {
+  const v8i neg = x < 0.0f;
+  const v8f e = v8_exp(v8_select(neg, x, -x));
+  return v8_select(neg, x * e, x) / ((v8f){0} + 1.0f + e) * up;
+}
+
+INLINE void silu_gate_body(const float *gu, size_t m, size_t ldgu, size_t ffn, float *out, size_t ldo) {
+  for (size_t r = 0; r < m; r++) {
+    const float *g = gu + r * ldgu, *u = g + ffn;
+    float *o = out + r * ldo;
+    size_t i = 0;
+    for (; i + 8 <= ffn; i += 8) {
+      const v8f y = silu_gate8(v8_load(g + i), v8_load(u + i));
+      __builtin_memcpy(o + i, &y, sizeof y);
+    }
+    if (i < ffn) {  // the last few: the same arithmetic on a vector padded with zeros
+      float gt[8] = {0}, ut[8] = {0}, yt[8];
+      __builtin_memcpy(gt, g + i, (ffn - i) * sizeof(float));
+      __builtin_memcpy(ut, u + i, (ffn - i) * sizeof(float));
+      const v8f y = silu_gate8(v8_load(gt), v8_load(ut));
+      __builtin_memcpy(yt, &y, sizeof y);
+      __builtin_memcpy(o + i, yt, (ffn - i) * sizeof(float));
+    }
+  }
+}
+
+#if defined(__x86_64__)
+T_AVX2 static void silu_gate_avx2(const float *gu, size_t m, size_t ldgu, size_t ffn, float *out, size_t ldo) {
+  silu_gate_body(gu, m, ldgu, ffn, out, ldo);
+}
+#endif
+
+static void silu_gate_rows(int isa, const float *gu, size_t m, size_t ldgu, size_t ffn, float *out, size_t ldo) {
+#if defined(__x86_64__)
+  if (isa >= 1) return silu_gate_avx2(gu, m, ldgu, ffn, out, ldo);
+#endif
+  (void)isa;
+  silu_gate_body(gu, m, ldgu, ffn, out, ldo);
+}
+
+// pk_silu_gate: silu_gate_rows for the tests (the twin's parity) and any caller on its own
+void pk_silu_gate(int isa, const float *gu, size_t m, size_t ldgu, size_t ffn, float *out, size_t ldo) {
+  silu_gate_rows(isa, gu, m, ldgu, ffn, out, ldo);
+}
+
+// One layer's packed matrices and norms (tab_worker/cpu_kernels.py's DecodeLayer mirrors it):
+// q/k/v fused, the output projection, gate/up fused, down; each with the k_pad of its input rows.
+typedef struct {
+  const Part *qkv, *wo, *gate_up, *down;
+  int n_qkv, n_wo, n_gate_up, n_down;
+  size_t qkv_rows, gate_up_rows, wo_k_pad, down_k_pad;
+  const float *attn_norm, *ffn_norm;
+} DecodeLayer;
+
+// A decode step through `count` layers in one call: what numpy_backend.forward's layer loop does
+// for a step of one row a session (norm, q/k/v, pk_attention_decode's rope, KV store and
+// attention, the output projection added onto x, norm, gate/up, SiLU, the Hadamard rotation
+// where the model has one, down added onto x), with no per-layer return to Python, whose call
+// costs were a sixth of a small step. x: n rows of `hidden` floats, updated in place; the layer
+// l of this call is layer l of the sessions' caches. The attention arguments are
+// pk_attention_decode's. Each row's bits are those of the same calls made one layer at a time.
+void pk_decode_layers(int isa, const DecodeLayer *layers, int count, int n, float *x, size_t hidden, size_t hidden_pad,
+                      float eps, size_t ffn, int hadamard_block, float hadamard_scale, const float *cos_,
+                      const float *sin_, const int64_t *k_base, const int64_t *v_base, const int64_t *cap,
+                      const int64_t *pos, int n_heads, int n_kv, int hd, float scale, float *scores, float *q_rot,
+                      int threads) {
+  if (count <= 0 || n <= 0) return;
+  size_t qkv_max = 0, gu_max = 0, wo_kp = 0, down_kp = 0;
+  for (int l = 0; l < count; l++) {
+    const DecodeLayer *L = &layers[l];
+    if (L->qkv_rows > qkv_max) qkv_max = L->qkv_rows;
+    if (L->gate_up_rows > gu_max) gu_max = L->gate_up_rows;
+    if (L->wo_k_pad > wo_kp) wo_kp = L->wo_k_pad;
+    if (L->down_k_pad > down_kp) down_kp = L->down_k_pad;
+  }
+  // one block: the normed rows, q/k/v, the attention (wo's input), gate/up and the SiLU product
+  // (down's input); zeros past each input's width, which no layer writes
+  const size_t sizes[5] = {n * hidden_pad, n * qkv_max, n * wo_kp, n * gu_max, n * down_kp};
+  float *block = (float *)calloc(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4], sizeof(float));
+  if (block == NULL) return;
+  float *normed = block, *qkv = normed + sizes[0], *attn = qkv + sizes[1], *gu = attn + sizes[2], *act = gu + sizes[3];
+  for (int l = 0; l < count; l++) {
+    const DecodeLayer *L = &layers[l];
+    rmsnorm_rows(x, n, hidden, hidden, hidden_pad, L->attn_norm, eps, normed);
+    pk_matmul_parts(isa, L->qkv, L->n_qkv, normed, n, hidden_pad, qkv, L->qkv_rows, 0, threads);
+    pk_attention_decode(isa, n, l, qkv, L->qkv_rows, cos_, sin_, k_base, v_base, cap, pos, n_heads, n_kv, hd, scale, attn,
+                        wo_kp, scores, q_rot);
+    pk_matmul_parts(isa, L->wo, L->n_wo, attn, n, wo_kp, x, hidden, 1, threads);
+    rmsnorm_rows(x, n, hidden, hidden, hidden_pad, L->ffn_norm, eps, normed);
+    pk_matmul_parts(isa, L->gate_up, L->n_gate_up, normed, n, hidden_pad, gu, L->gate_up_rows, 0, threads);
+    silu_gate_rows(isa, gu, n, L->gate_up_rows, ffn, act, down_kp);
+    if (hadamard_block > 0) pk_hadamard(act, n, (int)ffn, (int)down_kp, hadamard_block, hadamard_scale);
+    pk_matmul_parts(isa, L->down, L->n_down, act, n, down_kp, x, hidden, 1, threads);
+  }
+  free(block);
 }
 
 // f32 rows [r0, r1) of W (k_pad columns each) into out (rows of ldo floats): for BLAS on long
