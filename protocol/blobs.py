@@ -99,21 +99,33 @@ def chunk(data: bytes, index: int) -> memoryview:
 
 class BlobAssembler:
     """Collects a blob's chunks (in any order, each checked), resumable: `have` says which
-    chunk indices already arrived so a reconnecting worker can ask only for the rest."""
+    chunk indices already arrived so a reconnecting worker can ask only for the rest.
+
+    The buffer is not zeroed up front and the whole blob is not copied at the end: each page is
+    first touched by the chunk that fills it, as the download goes, and the finished blob is a
+    read-only view of that one buffer. A zero fill at the assignment touched a range's every page
+    at once (a burst of page faults that, on a host shared with running workers, lengthened
+    their steps: see bench_plans' join), and the copy held each blob twice while loading."""
 
     def __init__(self, info: BlobInfo):
         self.info = info
-        self.buf = bytearray(info.size)
+        self.buf = np.empty(info.size, np.uint8)
         self.have: set[int] = set()
 
-    def add(self, index: int, offset: int, data: bytes, digest: str) -> bool:
+    def add(self, index: int, offset: int, data, digest: str) -> bool:
+        """data: the chunk's bytes (bytes, or any buffer of bytes: a view into the frame)."""
         if not (0 <= index < self.info.chunks) or offset != index * CHUNK_BYTES:
             raise BlobError(f"chunk {index} at offset {offset} does not belong to blob {self.info.key}")
-        if offset + len(data) > self.info.size:
+        data = memoryview(data).cast("B")
+        if offset + data.nbytes > self.info.size:
             raise BlobError(f"chunk {index} of {self.info.key} overruns the blob size {self.info.size}")
+        if index < self.info.chunks - 1 and data.nbytes != CHUNK_BYTES or index == self.info.chunks - 1 \
+                and offset + data.nbytes != self.info.size:
+            # (every byte of the blob is written by exactly one chunk: none is left unset)
+            raise BlobError(f"chunk {index} of {self.info.key} has {data.nbytes} bytes, not the chunk's size")
         if sha256(data) != digest:
             raise BlobError(f"chunk {index} of {self.info.key} fails its checksum")
-        self.buf[offset : offset + len(data)] = data
+        self.buf[offset : offset + data.nbytes] = np.frombuffer(data, np.uint8)
         self.have.add(index)
         return self.complete
 
@@ -126,8 +138,9 @@ class BlobAssembler:
         last = self.info.chunks - 1  # the only chunk that may be short
         return len(self.have) * CHUNK_BYTES - (CHUNK_BYTES * self.info.chunks - self.info.size if last in self.have else 0)
 
-    def result(self) -> bytes:
-        data = bytes(self.buf)
+    def result(self) -> memoryview:
+        """The whole blob, checked: a read-only view of the buffer the chunks filled."""
+        data = memoryview(self.buf).toreadonly()
         if sha256(data) != self.info.sha256:
             raise BlobError(f"blob {self.info.key} fails its checksum after assembly")
         return data

@@ -285,9 +285,10 @@ class _DecodeLayer(ctypes.Structure):
 def silu_gate(gate_up: np.ndarray, ffn: int) -> np.ndarray:
     """SiLU(gate) * up of f32 rows [gate | up] (2 ffn floats each) by the compiled kernel: the
     one a decode step's layers use (DecodeLayers), kernels/reference.py's silu_gate to rounding."""
+    level = _isa_level(None)
     gate_up = np.ascontiguousarray(gate_up, np.float32)
     out = np.empty((gate_up.shape[0], ffn), np.float32)
-    _state["lib"].pk_silu_gate(_state["isa"], gate_up.ctypes.data, gate_up.shape[0], gate_up.shape[1], ffn, out.ctypes.data, ffn)
+    _state["lib"].pk_silu_gate(level, gate_up.ctypes.data, gate_up.shape[0], gate_up.shape[1], ffn, out.ctypes.data, ffn)
     return out
 
 

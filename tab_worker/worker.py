@@ -70,7 +70,8 @@ class TabWorker:
         self.worker_id: str | None = None
         self.epoch = 0
         self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
-        self.blobs: dict[str, bytes] = blob_store if blob_store is not None else {}  # sha256 -> blob
+        # sha256 -> blob (bytes, or a read-only view of the buffer its chunks were assembled in)
+        self.blobs: dict[str, bytes | memoryview] = blob_store if blob_store is not None else {}
         self._assembling: dict[str, BlobAssembler] = {}
         self._assignments: dict[int, dict] = {}  # assignment_id -> assign message, while loading
         self.ranges: dict[tuple[int, int], object] = {}  # (layer_start, layer_end) -> backend
@@ -219,9 +220,9 @@ class TabWorker:
         if asm is None:
             return [wire.make("weights_ack", chunk_id=m["chunk_id"], ok=True)]  # already complete: a resend
         try:
-            data = bytes(m["data"])
+            data = memoryview(m["data"]).cast("B")  # (no copy: the assembler's buffer is the one it goes to)
             asm.add(m["chunk_id"], m["offset"], data, m["sha256"])
-            self.bytes_received += len(data)
+            self.bytes_received += data.nbytes
             out = [wire.make("weights_ack", chunk_id=m["chunk_id"], ok=True, blob=asm.info.sha256)]
             if asm.info.key.startswith("layer:"):
                 self._progress_layer = int(asm.info.key[6:])

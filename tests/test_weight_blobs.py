@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from protocol.model_types import LayerWeights
-from protocol.blobs import BlobError, pack_head, pack_layer, unpack_blob
+from protocol.blobs import CHUNK_BYTES, BlobAssembler, BlobError, blob_info, chunk, pack_head, pack_layer, sha256, unpack_blob
 
 
 def by_hand(a: np.ndarray) -> dict:
@@ -54,3 +54,26 @@ def test_bad_blobs_are_blob_errors(weights, zero_copy):
     for bad in (b"", b"\x80", good[:-3], good + b"\x00", f64, not_tensor, msgpack.packb({"kind": "tail"})):
         with pytest.raises(BlobError):
             unpack_blob(bad, zero_copy=zero_copy)
+
+
+def test_chunks_assemble_in_any_order_into_one_buffer_the_blob_views():
+    """A blob's chunks (any order, as a resumed download sends them) fill one buffer, and the
+    finished blob is a read-only view of it (each blob held once while loading, not copied at
+    the end); a chunk of the wrong length or bytes is refused naming the blob, and the blob is
+    not complete without it."""
+    data = np.random.default_rng(1).integers(0, 256, 3 * CHUNK_BYTES + 1234, np.uint8).tobytes()
+    info = blob_info("layer:7", data)
+    asm = BlobAssembler(info)
+    for i in (3, 1, 0):
+        assert not asm.add(i, i * CHUNK_BYTES, chunk(data, i), sha256(chunk(data, i)))
+    short = chunk(data, 2)[:-1]
+    with pytest.raises(BlobError, match="chunk 2 of layer:7 has"):
+        asm.add(2, 2 * CHUNK_BYTES, short, sha256(short))
+    with pytest.raises(BlobError, match="chunk 2 of layer:7 fails its checksum"):
+        asm.add(2, 2 * CHUNK_BYTES, chunk(data, 1), sha256(chunk(data, 2)))
+    assert not asm.complete and asm.received_bytes == 2 * CHUNK_BYTES + 1234
+    assert asm.add(2, 2 * CHUNK_BYTES, chunk(data, 2), sha256(chunk(data, 2)))
+    blob = asm.result()
+    assert blob == data and blob.readonly and np.shares_memory(np.frombuffer(blob, np.uint8), asm.buf)
+    empty = BlobAssembler(blob_info("head", b""))
+    assert empty.add(0, 0, b"", sha256(b"")) and empty.result() == b""
