@@ -15,7 +15,9 @@ round):
   (actors/faults.slow_down: each step takes its compute time plus 9x that asleep), so that five
   workers and two coordinators on this 2-core host are not measuring the cores; the compute is
   timed as the worker's one thread's CPU time (wall time counted the sharing of the cores, four
-  replicas computing at once, into each one's device), and a cluster's slowed workers take turns
+  replicas computing at once, into each one's device), each step charged the least CPU time of
+  the last few steps of its shape (TabWorker._charged_compute: the host's other processes still
+  made single steps take 2-3x their CPU time), and a cluster's slowed workers take turns
   to compute (actors/faults.host_turns; each sleeps its slowing outside its turn): computing at
   once they shared the host's memory bandwidth, which separate devices do not, and a replica's
   2-row step, half of it streaming the weights, took more CPU time than alone. Reported beside it: the coordinators'

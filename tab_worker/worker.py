@@ -7,6 +7,7 @@ computes, which is why the adapter runs it off the event loop.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import platform
@@ -28,6 +29,7 @@ from tab_worker.backends import forward_topk, make_backend, resolve_backend_name
 # the packed words as they are
 EXPANSION = {"numpy": 1.2, "wgpu": 1.2}
 PROGRESS_S = 0.25  # the most often load_progress goes out while a blob is still arriving
+OWN_DEVICE_STEPS = 8  # a simulated device of its own is charged the least compute of this many steps (_charged_compute)
 
 
 def _is_decode_step(m: dict) -> bool:
@@ -87,7 +89,9 @@ class TabWorker:
         # slower device (steps then never run inline: is_quick_step); compute_s is timed by
         # compute_clock (wall time; a simulation of devices of their own may pass the thread's CPU
         # time, which other processes sharing this host's cores do not inflate: a step then takes
-        # its CPU time plus compute_delay of it, however long the shared cores made it in wall time);
+        # its CPU time plus compute_delay of it, however long the shared cores made it in wall time,
+        # and a step is charged the least CPU time of the last OWN_DEVICE_STEPS steps of its shape:
+        # see _charged_compute);
         # compute_turn: fn() -> a context manager held while a step computes (not while it sleeps
         # its compute_delay): simulated devices of one host take turns through it, so that none
         # computes slower for another's memory traffic (separate devices share no memory bus);
@@ -98,6 +102,7 @@ class TabWorker:
         self.compute_delay = None
         self.compute_clock = time.perf_counter
         self.compute_turn = contextlib.nullcontext
+        self._recent_compute: dict[tuple, collections.deque] = {}
         self.before_build: list = []
         self.load_checks: list = []
         self.load_failures: list[str] = []
@@ -363,18 +368,38 @@ class TabWorker:
                 result_filter(m, reply)
             used = self.compute_clock() - c0
         if self.compute_delay is not None:
-            delay = self.compute_delay(used)
             if self._own_device:
+                used = self._charged_compute(m, used)
                 # what the host's other processes added to the wall time is taken off the sleep
                 # (four replicas computing at once on two cores made each step up to twice its
                 # compute longer)
-                delay -= (time.perf_counter() - t0) - used
+                delay = self.compute_delay(used) - ((time.perf_counter() - t0) - used)
+            else:
+                delay = self.compute_delay(used)
             time.sleep(max(0.0, delay))
         reply["compute_ms"] = (time.perf_counter() - t0) * 1000
         if _is_decode_step(m):
             self.decode_ms[key] = reply["compute_ms"]
         self.steps_served += 1
         return [reply]
+
+    def _charged_compute(self, m: dict, used: float) -> float:
+        """The compute a simulated device of its own is charged for step m: the least CPU time
+        that a step of m's shape (range, sessions, rows, head or not) took among its last
+        OWN_DEVICE_STEPS, this one included. The host's other processes still reach a step's CPU
+        time through the memory system: while a worker joined (its process start and its
+        download), steps of workers of other clusters took 2-3x their usual CPU time, which a
+        device of its own would not; the least of a few recent steps is what this device takes
+        for such a step (the context grows a position a step: the recent ones differ little)."""
+        key = (m["layer_start"], m["layer_end"], len(m["sessions"]), sum(int(s["length"]) for s in m["sessions"]),
+               bool(m.get("want_topk")))
+        recent = self._recent_compute.get(key)
+        if recent is None:
+            if len(self._recent_compute) >= 64:  # (shapes seen once, prompts of every length: forget them)
+                self._recent_compute.clear()
+            recent = self._recent_compute[key] = collections.deque(maxlen=OWN_DEVICE_STEPS)
+        recent.append(used)
+        return min(recent)
 
     def is_quick_step(self, m: dict, budget_ms: float) -> bool:
         """Whether `m` is a decode step on a range whose last decode step took under budget_ms,

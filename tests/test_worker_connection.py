@@ -186,6 +186,21 @@ def test_a_device_of_its_own_takes_its_cpu_time_times_the_factor_whatever_the_wa
     assert 98 <= reply["compute_ms"] <= 125, reply["compute_ms"]
 
 
+def test_a_device_of_its_own_is_charged_the_least_recent_compute_of_a_steps_shape():
+    """A step whose CPU time the host inflated (another process's load, through the memory
+    system) is charged, on a device of its own, the least CPU time of the recent steps of its
+    shape; a step of another shape (a prompt's rows) is charged its own."""
+    worker, layers, hidden = loaded_worker()
+    slow_down(worker, 10.0, cpu_time=True)
+    cpu = iter([0.0, 0.030, 0.0, 0.004, 0.0, 0.005, 0.0, 0.012, 0.0, 0.004])  # (c0, c1) a step
+    worker.compute_clock = lambda: next(cpu)
+    prefill, *decode = steps(layers, hidden)
+    assert 295 <= worker.on_step(prefill)[0]["compute_ms"] <= 330  # a prompt's step: its own 30 ms
+    charged = [worker.on_step(m)[0]["compute_ms"] for m in decode]
+    # 4 ms, 5 -> 4, 12 -> 4 (the inflated step), 4
+    assert all(38 <= ms <= 60 for ms in charged), charged
+
+
 def test_slowed_workers_of_one_host_take_turns_to_compute_and_sleep_outside_their_turn(tmp_path):
     """host_turns: simulated devices given the same lock file compute one at a time (computing
     at once they shared the host's memory bandwidth, which separate devices do not); a worker
