@@ -7,7 +7,9 @@ round):
 * mixed: single-stream decode tok/s, a numpy worker alone against a numpy worker beside a wgpu
   worker on lavapipe (a CPU rasteriser: much slower) in one cluster (target >= 0.95x); a third
   cluster identical to the lone worker's runs in the same rounds, and its ratio (an A/A control)
-  says how far two equal clusters differ on this shared host;
+  says how far two equal clusters differ on this shared host (its rounds spread +-5%, and a
+  figure of five rounds read 0.94 and 1.00 in two runs of one commit: these two figures take
+  2 x rounds - 1 rounds, each a second or so);
 * one_slow: single stream, 4 numpy workers of which one is slowed 5x, against one numpy worker
   alone (target >= 0.95x the best single worker's);
 * replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
@@ -35,8 +37,9 @@ round):
   while the new one loads, then they move over one at a time, each replaying its history there
   in the background while it decodes on the old one. The longest pause from the join until a
   second after the old pipeline retired, in median gaps, beside a twin cluster without the join
-  in the same seconds (target: a few steps), and in the median gap of the streams before the
-  join (the run's median gap is mostly the faster new pipeline's);
+  in the same seconds (target: a few steps), and in the twin's median gap (the pace of the
+  pipeline the streams ran on before the join: the run's median gap is mostly the faster new
+  pipeline's);
 * network mix: 2 wired tabs + 2 phones on Wi-Fi (actors/profiles.NETWORKS, each frame delayed both
   ways): the chosen plan's single-stream ms a token against the best of every depth tried
   (stages = 1..4; target <= 1.10x);
@@ -376,13 +379,14 @@ def _pause_figures(runs: list[dict], slow: float, name: str, twin: str, what: st
     for label, side in ((name, "join"), (twin, "no_join")):
         out[f"max_gap_steps_{label}"] = statistics.median(r[side]["max_gap_steps"] for r in runs)
         out[f"max_gap_steps_{label}_unshared"] = statistics.median(r[side]["max_gap_steps_unshared"] for r in runs)
-        befores = [r[side]["max_gap_steps_before"] for r in runs if r[side]["max_gap_steps_before"] is not None]
-        out[f"max_gap_steps_{label}_before"] = statistics.median(befores) if befores else None
-    before = out[f"max_gap_steps_{name}_before"]
+    # the event's pause in the twin's median gap: the pace the streams ran at before it (the
+    # twin runs the pipeline the event's cluster had), where a re-plan that speeds the streams
+    # up makes its own run's median gap mostly the faster new pipeline's
+    out[f"max_gap_steps_{name}_in_twin_gaps"] = statistics.median(r["join"]["max_gap_ms"] / r["no_join"]["median_gap_ms"] for r in runs)
     print(f"{what}, median of {len(runs)}: {out[f'max_gap_steps_{name}']:.2f} median gaps with it, "
           f"{out[f'max_gap_steps_{twin}']:.2f} without it "
           f"(side by side; {[(round(r['join']['max_gap_steps'], 2), round(r['no_join']['max_gap_steps'], 2)) for r in runs]})"
-          + (f"; with it, in the median gap before it: {before:.2f}" if before is not None else ""), flush=True)
+          + f"; with it, in the twin's median gap: {out[f'max_gap_steps_{name}_in_twin_gaps']:.2f}", flush=True)
     return {**out, "runs": runs}
 
 
@@ -443,17 +447,12 @@ def _pauses(requests: list, since: float, twin: list | None = None) -> dict:
     other cluster's requests over the same seconds; a gap of ours that overlaps a gap of more
     than 1.5 median gaps of theirs is a stall of the host (both clusters, their clients in this
     one process, and the other engineers' work share its 2 cores), and the longest gap that no
-    such stall overlaps is reported beside it. Beside it too: the longest gap over the median
-    gap before `since` (the pace the streams ran at: a re-plan that speeds them up makes the
-    whole run's median gap the faster pipeline's, and its switch is counted in those steps)."""
+    such stall overlaps is reported beside it."""
     gaps, ends = _gaps(requests)
     during, during_ends = gaps[ends > since], ends[ends > since]
     med = float(np.median(gaps))
-    before = gaps[ends <= since]
     out = {"median_gap_ms": med * 1000, "max_gap_ms": float(during.max() * 1000), "max_gap_steps": float(during.max() / med),
-           "max_gap_ended_s": float(during_ends[during.argmax()] - since), "requests": len(requests),
-           "median_gap_before_ms": float(np.median(before) * 1000) if len(before) else None,
-           "max_gap_steps_before": float(during.max() / np.median(before)) if len(before) else None}
+           "max_gap_ended_s": float(during_ends[during.argmax()] - since), "requests": len(requests)}
     if twin is not None:
         tg, te = _gaps(twin)
         long = tg > 1.5 * np.median(tg)
@@ -631,7 +630,7 @@ def main() -> None:
     print(f"logs in {log}", flush=True)
     out = {}
     if "mixed" in only:
-        out["mixed"], out["one_slow"] = bench_mixed(log, settings, rounds, tokens)
+        out["mixed"], out["one_slow"] = bench_mixed(log, settings, 2 * rounds - 1, tokens)
     if "replicas" in only:
         out["replicas"] = bench_replicas(log, settings, rounds, tokens)
     if "join" in only:
