@@ -14,6 +14,11 @@ from coordinator.speculation import Draft
 from model.sampling import SamplingParams
 from protocol.messages import DEFAULT_HEARTBEAT_MS
 
+# pongs a worker's round trip is the median of: one late pong (its event loop busy loading, a
+# speed measurement) does not move it, where a smoothed mean kept a 54 ms pong of a 1 ms link for
+# seconds, and the steps' compute, their round trip less it, read as near nothing
+RTT_WINDOW = 5
+
 LOCAL = "local"  # connection id of the coordinator's own compute worker
 
 
@@ -203,8 +208,10 @@ class Worker:
     transport_ms: float | None = None
     compute_ms: float | None = None  # smoothed compute time it reports for decode steps
     # the round trip of a ping to it and its pong, timed here (a tab can delay a pong, not hasten
-    # it: the nonce is random), smoothed; measured while idle too
+    # it: the nonce is random): the median (the lower of the middle two) of the last RTT_WINDOW
+    # pongs (rtt_samples), measured while idle too
     rtt_ms: float | None = None
+    rtt_samples: deque = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
     # a decode step's round trip seen here per layer computed (the head counted as its cost in
     # layers), smoothed: what a claimed speed is held against (see Planning._trusted_costs)
     step_ms_per_layer: float | None = None

@@ -202,6 +202,8 @@ class Coordinator(Join, Planning, Moves, WeightStreaming, Sessions, Scheduler, V
                 # its transfer rate as its steps show it (None: not measured yet: the planner assumes 100 Mbit/s)
                 "bandwidth_mbit_s": None if w.transfer.bytes_per_ms is None else round(w.transfer.bytes_per_ms * 8e-3, 1),
                 "compute_ms": None if w.compute_ms is None else round(w.compute_ms, 3),
+                # its decode steps' round trip per layer as one stream's (what placement counts on)
+                "step_ms_per_layer": None if w.step_ms_per_layer is None else round(w.step_ms_per_layer, 3),
                 "weight_bytes_sent": w.bytes_sent, "loading": len(w.loading), "epoch": w.epoch,
                 "corrections": list(w.corrections),
                 "load_progress": w.load_progress, "capabilities": w.caps,

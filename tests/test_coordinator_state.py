@@ -1008,23 +1008,36 @@ def test_a_replan_over_the_same_workers_moves_weights_only_for_a_material_gain(w
 
 
 def test_each_workers_round_trip_is_timed_by_the_coordinator(weights):
-    """Pings go out every second, idle or not; a pong's delay is the worker's round trip (here a
-    worker frozen for 0.3 s with a ping held); a pong that answers no outstanding ping is ignored."""
+    """Pings go out every second, idle or not; a pong's delay is a round trip (here a worker
+    frozen for 0.3 s with a ping held), and the worker's round trip is the median of its last
+    RTT_WINDOW: one late pong (a busy event loop) does not move it, late pongs in a row do; a
+    pong that answers no outstanding ping is ignored."""
+    from coordinator.records import RTT_WINDOW
+
     net = start(weights, 1)
     conn = next(iter(net.workers))
     w = net.core.workers[net.core.conn_worker[conn]]
     net.advance(1.2)
     assert w.rtt_ms == 0.0  # the harness delivers at once
-    net.advance(w.pinged_at + 1.0 - net.now - 0.05)  # just before the next ping
-    net.frozen.add(conn)
-    net.advance(0.35, heartbeats=False)  # the ping goes out and is held with the worker
-    assert w.ping is not None
-    net.thaw(conn)
-    net.run()
-    assert w.rtt_ms == pytest.approx(0.2 * 300, abs=0.2 * 60)  # smoothed: 0.8 x 0 + 0.2 x ~300 ms
+
+    def late_pong():
+        net.advance(w.pinged_at + 1.0 - net.now - 0.05)  # just before the next ping
+        net.frozen.add(conn)
+        net.advance(0.35, heartbeats=False)  # the ping goes out and is held with the worker
+        assert w.ping is not None
+        net.thaw(conn)
+        net.run()
+
+    for _ in range(3):  # on time
+        net.advance(1.0)
+    late_pong()
+    assert w.rtt_samples[-1] == pytest.approx(300, abs=60) and w.rtt_ms < 1.0
+    for _ in range(RTT_WINDOW):  # the link slows: every pong late
+        late_pong()
+    assert w.rtt_ms == pytest.approx(300, abs=60)
     net.to_coordinator(conn, wire.make("pong", nonce=(w.ping or (1, 0))[0] ^ 1))  # made up
     net.run()
-    assert w.rtt_ms == pytest.approx(0.2 * 300, abs=0.2 * 60)
+    assert w.rtt_ms == pytest.approx(300, abs=60) and len(w.rtt_samples) == RTT_WINDOW
     shown = next(x for x in net.core.status(net.now)["workers"] if x["worker_id"] == w.worker_id)
     assert shown["rtt_ms"] == round(w.rtt_ms, 3)
 

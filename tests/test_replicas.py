@@ -421,6 +421,7 @@ def test_a_re_plan_deferred_while_sessions_run_is_judged_again_on_what_is_measur
     running = core.stages[0].primary
     core.workers[running].ms_per_layer, core.workers[running].rtt_ms, core.workers[running].transfer = 40.0, 1.0, TransferFit()
     joined.ms_per_layer, joined.rtt_ms = 10.0, 200.0  # 4x faster, measured at join; its first pongs late
+    joined.rtt_samples.extend([200.0] * joined.rtt_samples.maxlen)
     back_to_back(core.settings.replan_delay_ms / 1000)
     assert core.plan_version == version and core._deferred_replan
     joined.rtt_ms = 1.0  # as its next pongs show it

@@ -4,6 +4,8 @@ leaving, and the errors it reports. Owns the worker registry's entries (Worker r
 A part of the Coordinator (coordinator/state.py): its methods run on the one state machine's records."""
 from __future__ import annotations
 
+import statistics
+
 from coordinator.planner import DEFAULT_RTT_MS
 from coordinator.records import LOCAL, Close, Send, Worker
 from protocol import wire
@@ -119,7 +121,8 @@ class Join:
             return []  # not the ping outstanding (a late or made-up pong): nothing to time
         rtt = (now - w.ping[1]) * 1000
         w.ping = None
-        w.rtt_ms = rtt if w.rtt_ms is None else 0.8 * w.rtt_ms + 0.2 * rtt
+        w.rtt_samples.append(rtt)
+        w.rtt_ms = statistics.median_low(w.rtt_samples)
         if self._rtt_moved(w):
             w.planned_rtt_ms = w.rtt_ms  # (once per move: the re-plan keeps the plan unless it gains)
             self._schedule_replan(now)
