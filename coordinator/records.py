@@ -408,6 +408,7 @@ class Session:
     move_copied: dict = field(default_factory=dict)
     copies_pending: dict = field(default_factory=dict)
     copy_failed: bool = False
+    copied_to: int = 0  # the copies' positions [0, copied_to): the old pipeline had computed them
     # a move under way or called off left part of its history's KV in another range of a
     # worker: no prefix is forked from it (a worker's fork_session copies it in every range)
     partial_kv: bool = False

@@ -201,11 +201,13 @@ def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_
     range it serves on the old pipeline): no replay row reaches that stage, only the joiner's
     stage replays (for both sessions at once: their moves compute nothing on the old worker),
     the sessions switch over before they end, the old pipeline retires, and every token is a
-    single worker's."""
+    single worker's. The replay computes each trip's own row beside the old pipeline, so a
+    switched session's steps on the new pipeline carry one row each: its switch's trip no more
+    than any other (the copied stage takes the row replayed after its copy in a step before it)."""
     net, old, fast = split_onto_a_joiner(weights)
     core = net.core
     split = [(core.conn_worker[fast], False), (core.conn_worker[old], True)]
-    copies, replayed, switched, together = [], [], {}, []
+    copies, replayed, switched, together, rows_after = [], [], {}, [], []
 
     def see(a):
         together.append(sum(1 for x in core.sessions.values() if x.moving_to is not None))
@@ -217,12 +219,15 @@ def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_
                     replayed.append(s.request_id)  # history computed on the old worker's new stage
                 if a.conn == fast and s.moving_to is None:  # decoding on the new pipeline
                     switched.setdefault(s.request_id, len(s.tokens))
+                if s.request_id in switched and (a.conn == fast or a.msg["layer_start"] > 0):
+                    rows_after.extend(x["length"] for x in a.msg["sessions"] if x["session_id"] == s.request_id)
 
     run_watched(net, fast, weights, see)
     assert copies and all(c == old and m["source_start"] == 0 and plan == split for c, m, plan in copies)
     assert core.counters["kv_copies_failed"] == 0 and not replayed  # the old worker's new stage computed no history
     assert max(together) == 2  # the moves go at once: neither computes on the old worker
     assert {m["session_id"] for _, m, _ in copies} <= set(switched) and all(n < N_TOKENS for n in switched.values())
+    assert rows_after and set(rows_after) == {1}, rows_after
     assert any(e["kind"] == "retired" for e in core.events)
     # a copy the worker cannot make is answered with the reason (the coordinator replays instead)
     held = next(iter(net.workers[old].ranges))

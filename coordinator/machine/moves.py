@@ -14,8 +14,9 @@ from protocol import wire
 # positions, decoded while its history was replayed there, are still missing: they go with its
 # next trip (one step of that many rows more), which every stage of the new pipeline computes
 # before its token (a worker serving both pipelines between their steps): the fewer, the shorter
-# that token's wait; more are replayed in the background first
-MOVE_CATCH_UP_ROWS = 2
+# that token's wait; more are replayed in the background first. The replay takes each trip's own
+# row too (computed beside the old pipeline's), so that a replay keeping pace leaves none
+MOVE_CATCH_UP_ROWS = 1
 
 
 class Moves:
@@ -34,7 +35,7 @@ class Moves:
             self._drop_queued({s.request_id}, pipes[here])
             self._restart_session(s, dest)  # (placed once per retirement: _move_target placed it)
             return
-        s.moving_to, s.move_sent, s.moved = dest, 0, 0
+        s.moving_to, s.move_sent, s.moved, s.copied_to = dest, 0, 0, 0
         s.move_copied = copies
         self._send_move(s)
 
@@ -96,26 +97,35 @@ class Moves:
         decode by one such chunk at most. Its head stage answers no token for them. Stages
         whose worker holds those positions' KV in the old pipeline get a copy_kv instead
         (s.move_copied): the replay stops before them."""
+        # end: the position of its last token, whose row the old pipeline computes now (its
+        # trip). A copy_kv takes what the old stages hold, [0, end); the replay takes that row
+        # too, so that the new stages compute it beside the old ones and the switch's trip
+        # carries its own row alone (the copied stages get it at the switch: _switch_move)
         end = len(s.prompt_ids) + len(s.tokens) - 1
-        if end <= s.move_sent:
-            return
         new = [st for st in self.stages if st.pipeline == s.moving_to]
-        rows = self.embed((s.prompt_ids + s.tokens)[s.move_sent:end])
-        for st in new:
-            if st.index in s.move_copied:
-                self._send_copy(s, st, end, rows if st is new[0] else None)
-        if new[0].index in s.move_copied:  # every stage copies: nothing to replay
+        every_copied = new[0].index in s.move_copied
+        replay_end = end if every_copied else end + 1
+        if replay_end <= s.move_sent:
+            return
+        ids = s.prompt_ids + s.tokens
+        if end > s.copied_to:
+            for st in new:
+                if st.index in s.move_copied:
+                    self._send_copy(s, st, end, self.embed(ids[s.copied_to:end]) if st is new[0] else None)
+            s.copied_to = end
+        if every_copied:  # every stage copies: nothing to replay
             s.moved = end
         else:
+            rows = self.embed(ids[s.move_sent:replay_end])
             step = self._move_rows(s.moving_to, end, set(s.move_copied))
             for start in range(0, len(rows), step):
                 pos = s.move_sent + start
                 self._enqueue(new[0].index, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
-        s.move_sent = end
+        s.move_sent = replay_end
 
     def _send_copy(self, s: Session, st: Stage, end: int, embedded) -> None:
         """Ask st's primary for a copy_kv of the session's positions [0, end) and log st's
-        inputs [s.move_sent, end) that no replayed stage before it logs: the embeddings on the
+        inputs [s.copied_to, end) that no replayed stage before it logs: the embeddings on the
         first stage, else the old pipeline's stage starting at its layer has them."""
         held = self.stages[s.move_copied[st.index]]
         s.copies_pending[st.index] = end
@@ -124,12 +134,12 @@ class Moves:
             "copy_kv", session_id=s.request_id, source_start=held.layer_start, source_end=held.layer_end,
             layer_start=st.layer_start, layer_end=st.layer_end, length=end)))
         if embedded is not None:
-            self._log_input(s, st.index, s.move_sent, embedded)
+            self._log_input(s, st.index, s.copied_to, embedded)
             return
         before = next(x for x in self.stages if x.pipeline == st.pipeline and x.layer_end == st.layer_start)
         if before.index in s.move_copied:
             log = s.logs.get(self._old_input_stage([x for x in self.stages if x.pipeline == s.pipeline], st).index, [])
-            self._log_input(s, st.index, s.move_sent, np.concatenate([r for _, r in log])[s.move_sent:end])
+            self._log_input(s, st.index, s.copied_to, np.concatenate([r for _, r in log])[s.copied_to:end])
 
     def _move_rows(self, pipeline: int, context: int, copied: set = frozenset()) -> int:
         """Rows of a background replay per step: as many as each primary of the pipeline's
@@ -159,16 +169,25 @@ class Moves:
                 self._migrating[s.request_id] = False
             if self._replaying_beside_retiring(s):
                 return
-            s.move_copied, s.copy_failed, s.move_sent, s.moved = {}, False, 0, 0
+            s.move_copied, s.copy_failed, s.move_sent, s.moved, s.copied_to = {}, False, 0, 0, 0
             self._send_move(s)
             return
         if pos - s.moved > MOVE_CATCH_UP_ROWS:
             self._send_move(s)
             return
-        dest = {st.index for st in self.stages if st.pipeline == s.moving_to}
-        s.logs = {k: v for k, v in s.logs.items() if k in dest}
+        new = [st for st in self.stages if st.pipeline == s.moving_to]
+        s.logs = {k: v for k, v in s.logs.items() if k in {st.index for st in new}}
         s.last_by = {}
-        s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, s.moved
+        # (the replay may have taken the row of this very trip, computed beside the old pipeline)
+        have = min(s.moved, pos)
+        first_copied = next((st for st in new if st.index in s.move_copied), None)
+        if first_copied is not None and s.copied_to < have:
+            # the copies hold [0, copied_to); the replayed positions after them go through the
+            # copied stages ahead of the trip, from the replayed stages' outputs (logged as the
+            # first copied stage's inputs)
+            rows = np.concatenate([r for _, r in s.logs[first_copied.index]])[s.copied_to:have]
+            self._enqueue(first_copied.index, WorkItem(s.request_id, s.copied_to, rows, s.copied_to, False, s.generation), s)
+        s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, have
 
     def _replaying_beside_retiring(self, s: Session) -> bool:
         """Whether another move that is not apart (_migrating) is under way: one whose
@@ -189,7 +208,7 @@ class Moves:
         for st in elsewhere:
             s.logs.pop(st.index, None)
         s.partial_kv = s.partial_kv or s.move_sent > 0
-        s.moving_to, s.move_sent, s.moved = None, 0, 0
+        s.moving_to, s.move_sent, s.moved, s.copied_to = None, 0, 0, 0
         s.move_copied, s.copies_pending, s.copy_failed = {}, {}, False
 
     def _on_kv_copied(self, w: Worker, m: dict, now: float) -> list:
