@@ -8,8 +8,10 @@ round):
   worker on lavapipe (a CPU rasteriser: much slower) in one cluster (target >= 0.95x); a third
   cluster identical to the lone worker's runs in the same rounds, and its ratio (an A/A control)
   says how far two equal clusters differ on this shared host (its rounds spread +-5%, and a
-  figure of five rounds read 0.94 and 1.00 in two runs of one commit: these two figures take
-  2 x rounds - 1 rounds, each a second or so);
+  figure of five rounds read 0.94 and 1.00 in two runs of one commit; of nine rounds of 48
+  tokens, 0.95 and 1.03 in two runs of another: these two figures take 4 x rounds - 1 rounds
+  of 2 x the tokens, a decode of half a second or so each, where a stall of the host of 20 ms
+  moved a round of 48 tokens by 7%);
 * one_slow: single stream, 4 numpy workers of which one is slowed 5x, against one numpy worker
   alone (target >= 0.95x the best single worker's);
 * replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
@@ -630,7 +632,7 @@ def main() -> None:
     print(f"logs in {log}", flush=True)
     out = {}
     if "mixed" in only:
-        out["mixed"], out["one_slow"] = bench_mixed(log, settings, 2 * rounds - 1, tokens)
+        out["mixed"], out["one_slow"] = bench_mixed(log, settings, 4 * rounds - 1, 2 * tokens)
     if "replicas" in only:
         out["replicas"] = bench_replicas(log, settings, rounds, tokens)
     if "join" in only:
