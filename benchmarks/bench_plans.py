@@ -15,7 +15,9 @@ round):
 * one_slow: single stream, 4 numpy workers of which one is slowed 5x, against one numpy worker
   alone (target >= 0.95x the best single worker's);
 * replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
-  tokens equal to the single worker's. Here every worker is slowed 10x, and the slowing SLEEPS
+  tokens equal to the single worker's. Each round after the first runs on fresh worker processes
+  (Cluster.respawn): a process's speed is partly its own, and one worker's figure is one draw of
+  it where four replicas average four. Here every worker is slowed 10x, and the slowing SLEEPS
   (actors/faults.slow_down: each step takes its compute time plus 9x that asleep), so that five
   workers and two coordinators on this 2-core host are not measuring the cores; the compute is
   timed as the worker's one thread's CPU time (wall time counted the sharing of the cores, four
@@ -122,6 +124,7 @@ class Cluster:
         self.coord = CoordinatorProcess(["--config", str(cfg)], TOKEN, log_path=str(log_dir / f"{name}-coordinator.log"))
         self.procs: list[subprocess.Popen] = []
         self.names: list[str] = []
+        self.specs: list[tuple] = []  # add()'s arguments, for respawn()
 
     def start(self) -> "Cluster":
         self.coord.start(180)
@@ -132,6 +135,7 @@ class Cluster:
         return self.coord.base
 
     def add(self, name: str, backend: str = "numpy", slow: float = 1.0, nice: int = 0, network: str | None = None) -> None:
+        self.specs.append((name, backend, slow, nice, network))
         if slow != 1.0 or network:
             cmd = [sys.executable, __file__, "--worker", self.coord.worker_url, name, str(slow), *([network] if network else [])]
         else:
@@ -146,6 +150,18 @@ class Cluster:
         self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         self.names.append(name)
 
+    def respawn(self, tag: str) -> None:
+        """Each worker replaced by a fresh process of the same kind (named `tag` more), once the
+        old ones have left: a process's compute speed is partly its own (where its weights and
+        caches landed in memory), so a figure of one worker is one draw of it."""
+        specs = self.specs
+        self.stop_workers()
+        self.procs, self.names, self.specs = [], [], []
+        for name, backend, slow, nice, network in specs:
+            self.add(f"{name}-{tag}", backend, slow, nice, network)
+        self.specs = specs
+        self.wait_ready()
+
     def wait_ready(self, timeout: float = 600) -> dict:
         """Every worker joined and holds its part, every stage's primary loaded, nothing retiring."""
         def ok(st):
@@ -159,6 +175,10 @@ class Cluster:
         return self.coord.status()
 
     def stop(self) -> None:
+        self.stop_workers()
+        self.coord.stop()
+
+    def stop_workers(self) -> None:
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -168,7 +188,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        self.coord.stop()
 
 
 # ---------------------------------------------------------------- clients
@@ -210,15 +229,19 @@ def concurrent(base: str, n: int, max_tokens: int, stamps: list | None = None, s
             "ttft_s": [r["ttft_s"] for r in results], "decode_tok_s": [r["decode_tok_s"] for r in results]}
 
 
-def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure, twin: Cluster | None = None) -> dict:
+def pair(name: str, solo: Cluster, many: Cluster, rounds: int, measure, twin: Cluster | None = None,
+         between=None) -> dict:
     """Rounds alternating the two clusters; the ratio many/solo of each round, and their median.
     twin: a cluster identical to solo, measured in the same rounds: its ratio to solo (an A/A
-    control) shows how far two equal clusters differ on this shared host."""
+    control) shows how far two equal clusters differ on this shared host. between(k): called
+    before each round k after the first."""
     measure(solo), measure(many)  # first requests pay one-off costs
     if twin is not None:
         measure(twin)
     a, b, c, same = [], [], [], True
-    for _ in range(rounds):
+    for k in range(rounds):
+        if between is not None and k:
+            between(k)
         x, y = measure(solo), measure(many)
         a.append(x[0])
         b.append(y[0])
@@ -307,21 +330,33 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
             parts[c.name]["decode_tok_s"].append(sum(r["decode_tok_s"]))
             return r["tok_s"], r["ids"]
 
-        cpu0 = {c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)}
-        workers0 = {(c.name, n): _cpu_s(p.pid) for c in (one, four) for n, p in zip(c.names, c.procs)}
-        t0 = time.perf_counter()
-        out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep), 8 streams aggregate tok/s", one, four, rounds, eight)
-        wall = time.perf_counter() - t0
-        # the coordinators' own share of a core over the rounds (both run for all of them: one of
-        # them near 1.0 would be a serial bottleneck), and the decode step's compute each worker
-        # reports (its sleep included): one worker's 8-row step over a replica's 2-row step is
-        # what the ratio can reach with a kernel whose batched step costs that
-        out["coordinator_cpu_share"] = {c.name: round((_cpu_s(c.coord.proc.pid) - cpu0[c.name]) / wall, 3) for c in (one, four)}
-        out["steps"] = {c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)}
-        # each worker process's CPU a step over the rounds (its messages' handling included), to
-        # read against the kernel's alone below: what sharing this host's cores added to the
-        # compute that the slowing multiplies
-        out["worker_cpu_ms_a_step"] = {c.name: {n: round((_cpu_s(p.pid) - workers0[(c.name, n)]) * 1000 / max(1, out["steps"][c.name][n]), 2)
+        # each round after the first runs on fresh worker processes in both clusters: a
+        # process's speed is partly its own (six fresh processes' 8-row step, one thread's CPU,
+        # spread 8%), and the single worker's figure is one process where the replicas' is four
+        since = {}
+
+        def fresh(k):
+            for c in (one, four):
+                c.respawn(f"r{k}")
+                concurrent(c.base, 8, 4)  # (its first requests pay one-off costs)
+            since.update({"t": time.perf_counter(), **{c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)},
+                          **{(c.name, n): (_cpu_s(p.pid), 0) for c in (one, four) for n, p in zip(c.names, c.procs)}},
+                         steps={c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)})
+
+        since.update({"t": time.perf_counter(), **{c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)},
+                      **{(c.name, n): (_cpu_s(p.pid), 0) for c in (one, four) for n, p in zip(c.names, c.procs)}},
+                     steps={c.name: {} for c in (one, four)})
+        out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep, fresh processes each round), 8 streams aggregate tok/s",
+                   one, four, rounds, eight, between=fresh)
+        wall = time.perf_counter() - since["t"]
+        # over the last round: the coordinators' own share of a core (one of them near 1.0 would
+        # be a serial bottleneck), the steps each worker served, and each worker process's CPU a
+        # step (its messages' handling included), to read against the kernel's alone below: what
+        # sharing this host's cores added to the compute that the slowing multiplies
+        out["coordinator_cpu_share"] = {c.name: round((_cpu_s(c.coord.proc.pid) - since[c.name]) / wall, 3) for c in (one, four)}
+        out["steps"] = {c.name: {w["name"]: w["steps"] - since["steps"][c.name].get(w["name"], 0) for w in c.status()["workers"]
+                                 if not w["local"] and w["name"] in c.names} for c in (one, four)}
+        out["worker_cpu_ms_a_step"] = {c.name: {n: round((_cpu_s(p.pid) - since[(c.name, n)][0]) * 1000 / max(1, out["steps"][c.name][n]), 2)
                                                 for n, p in zip(c.names, c.procs)} for c in (one, four)}
         out["plan"] = plan_of(four)
         # the ratio taken apart (rounds after the first, as pair's): the 8 streams' decode rates
