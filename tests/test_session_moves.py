@@ -238,6 +238,35 @@ def test_a_move_onto_a_stage_of_the_same_worker_copies_its_kv_there_and_replays_
         assert answer["type"] == "kv_copied" and not answer["ok"] and why in answer["error"], answer
 
 
+def test_a_trips_own_row_joins_its_replay_still_queued_on_the_new_pipeline(weights):
+    """While a moving session's replay waits at the new pipeline's first stage (its worker
+    busy: here frozen), each trip on the old pipeline sends its own row after it, joined to
+    the rows still queued there (a step takes one slice a session: one step for them, not one
+    each); once the worker goes on, the session switches and every token is a single worker's."""
+    net, old, fast = split_onto_a_joiner(weights)
+    core = net.core
+    s = core.sessions["s"]
+    thaw(net, fast)  # it loads; the sessions' moves start
+    net.run(until=lambda: s.moving_to is not None)
+    net.frozen.add(fast)
+    first = next(st for st in core.stages if st.pipeline == s.moving_to)
+    queued = lambda: [it for it in first.queue if it.session_id == "s"]  # noqa: E731
+    sent, items = [], []
+    for _ in range(4):  # trips on the old pipeline while the replay waits
+        n = len(net.tokens("s"))
+        net.advance(0.05, until=lambda: len(net.tokens("s")) > n)
+        sent.append(s.move_sent)
+        items.append(len(queued()))
+    # every trip's row sent (its copy answered, where one was on its way: then two at the next)
+    assert s.moving_to is not None and sent == sorted(set(sent)) and sent[-1] == len(s.prompt_ids) + len(s.tokens), sent
+    assert len(set(items)) == 1 and queued()[-1].end == s.move_sent, items  # joined, not queued one each
+    thaw(net, fast)
+    run_until_done(net, ["s", "t"])
+    assert s.moving_to is None and s.pipeline == first.pipeline
+    assert net.tokens("s") == greedy_tokens(weights, PROMPT, N_TOKENS)
+    assert net.tokens("t") == greedy_tokens(weights, PROMPT[:100], N_TOKENS)
+
+
 def test_a_refused_kv_copy_falls_back_to_a_replay_on_every_stage_one_move_at_a_time(weights):
     """The old worker refuses the copies: each move replays the whole history on both stages
     of the new pipeline instead, and every token is still a single worker's. That replay

@@ -117,10 +117,19 @@ class Moves:
             s.moved = end
         else:
             rows = self.embed(ids[s.move_sent:replay_end])
-            step = self._move_rows(s.moving_to, end, set(s.move_copied))
-            for start in range(0, len(rows), step):
-                pos = s.move_sent + start
-                self._enqueue(new[0].index, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
+            queue = new[0].queue
+            waiting = next((i for i in range(len(queue) - 1, -1, -1) if queue[i].session_id == s.request_id), None)
+            if (waiting is not None and not queue[waiting].wants_token and queue[waiting].end == s.move_sent
+                    and queue[waiting].generation == s.generation):
+                # rows sent while its replay's last ones still wait there go with them: one step
+                # (a step takes one slice a session), not one step each
+                it = queue[waiting]
+                queue[waiting] = WorkItem(s.request_id, it.start_pos, np.concatenate([it.rows, rows]), it.start_pos, False, s.generation)
+            else:
+                step = self._move_rows(s.moving_to, end, set(s.move_copied))
+                for start in range(0, len(rows), step):
+                    pos = s.move_sent + start
+                    self._enqueue(new[0].index, WorkItem(s.request_id, pos, rows[start:start + step], pos, False, s.generation), s)
         s.move_sent = replay_end
 
     def _send_copy(self, s: Session, st: Stage, end: int, embedded) -> None:
@@ -155,39 +164,42 @@ class Moves:
         return max(1, rows)
 
     def _switch_move(self, s: Session, pos: int) -> None:
-        """At a moving session's next trip (its input row at `pos`): once the background replay
-        is through the new pipeline's head, the session switches there (the trip carries the
-        positions decoded since, from s.catch_up); while more than MOVE_CATCH_UP_ROWS
-        positions lag, those are replayed in the background first. After a refused copy the
-        whole history is replayed, once no other move that is not apart is under way."""
-        if s.moving_to is None or s.moved < s.move_sent or s.copies_pending:
+        """At a moving session's next trip (its input row at `pos`): once its replay has sent all
+        but at most MOVE_CATCH_UP_ROWS of its positions and has no more than a row a replaying
+        stage still on its way (a step of the replay in flight or queued, which every new stage
+        computes ahead of this trip), the session switches (the trip carries the positions not
+        sent yet, from s.catch_up); else the missing ones, this trip's own row included, go on
+        replaying. After a refused copy the whole history is replayed, once
+        what was under way is through and no other move that is not apart is under way."""
+        if s.moving_to is None or s.copies_pending:
             return
         if s.copy_failed:  # the refused copy's positions are replayed: every stage's, from 0
             # on the worker that refused, which serves a retiring stage: the move is no longer
             # apart (later ones wait for it), and its replay waits its turn like any such move
             if s.request_id in self._migrating:
                 self._migrating[s.request_id] = False
-            if self._replaying_beside_retiring(s):
+            if s.moved < s.move_sent or self._replaying_beside_retiring(s):
                 return
             s.move_copied, s.copy_failed, s.move_sent, s.moved, s.copied_to = {}, False, 0, 0, 0
             self._send_move(s)
             return
-        if pos - s.moved > MOVE_CATCH_UP_ROWS:
+        new = [st for st in self.stages if st.pipeline == s.moving_to]
+        # (a replay that keeps pace has a row a stage on its way: each trip sends its own)
+        on_the_way = sum(1 for st in new if st.index not in s.move_copied)
+        if pos - s.move_sent > MOVE_CATCH_UP_ROWS or pos - s.moved > MOVE_CATCH_UP_ROWS + on_the_way:
             self._send_move(s)
             return
-        new = [st for st in self.stages if st.pipeline == s.moving_to]
         s.logs = {k: v for k, v in s.logs.items() if k in {st.index for st in new}}
         s.last_by = {}
-        # (the replay may have taken the row of this very trip, computed beside the old pipeline)
-        have = min(s.moved, pos)
         first_copied = next((st for st in new if st.index in s.move_copied), None)
-        if first_copied is not None and s.copied_to < have:
+        if first_copied is not None and s.copied_to < s.moved:
             # the copies hold [0, copied_to); the replayed positions after them go through the
             # copied stages ahead of the trip, from the replayed stages' outputs (logged as the
-            # first copied stage's inputs)
-            rows = np.concatenate([r for _, r in s.logs[first_copied.index]])[s.copied_to:have]
+            # first copied stage's inputs); those still on their way reach them as any step's
+            # outputs now that the session runs there
+            rows = np.concatenate([r for _, r in s.logs[first_copied.index]])[s.copied_to:s.moved]
             self._enqueue(first_copied.index, WorkItem(s.request_id, s.copied_to, rows, s.copied_to, False, s.generation), s)
-        s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, have
+        s.pipeline, s.moving_to, s.catch_up = s.moving_to, None, min(s.move_sent, pos)
 
     def _replaying_beside_retiring(self, s: Session) -> bool:
         """Whether another move that is not apart (_migrating) is under way: one whose
