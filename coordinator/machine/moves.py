@@ -169,8 +169,8 @@ class Moves:
         stage still on its way (a step of the replay in flight or queued, which every new stage
         computes ahead of this trip), the session switches (the trip carries the positions not
         sent yet, from s.catch_up); else the missing ones, this trip's own row included, go on
-        replaying. After a refused copy the whole history is replayed, once
-        what was under way is through and no other move that is not apart is under way."""
+        replaying. After a refused copy the whole history is replayed, once what was under way
+        is through and no other move that is not apart is under way."""
         if s.moving_to is None or s.copies_pending:
             return
         if s.copy_failed:  # the refused copy's positions are replayed: every stage's, from 0
