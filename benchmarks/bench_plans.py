@@ -7,11 +7,10 @@ round):
 * mixed: single-stream decode tok/s, a numpy worker alone against a numpy worker beside a wgpu
   worker on lavapipe (a CPU rasteriser: much slower) in one cluster (target >= 0.95x); a third
   cluster identical to the lone worker's runs in the same rounds, and its ratio (an A/A control)
-  says how far two equal clusters differ on this shared host (its rounds spread +-5%, and a
-  figure of five rounds read 0.94 and 1.00 in two runs of one commit; of nine rounds of 48
-  tokens, 0.95 and 1.03 in two runs of another: these two figures take 4 x rounds - 1 rounds
-  of 2 x the tokens, a decode of half a second or so each, where a stall of the host of 20 ms
-  moved a round of 48 tokens by 7%);
+  says how far two equal clusters differ on this shared host (its rounds spread a few percent
+  either way, and a figure of a few short rounds moved across the target between two runs of
+  one commit: these two figures take 4 x rounds - 1 rounds of 2 x the tokens, so that one
+  stall of the host moves a round less and the median stands on more rounds);
 * one_slow: single stream, 4 numpy workers of which one is slowed 5x, against one numpy worker
   alone (target >= 0.95x the best single worker's);
 * replicas: aggregate tok/s of 8 concurrent streams, 4 equal workers against one (target >= 3x),
@@ -23,7 +22,7 @@ round):
   timed as the worker's one thread's CPU time (wall time counted the sharing of the cores, four
   replicas computing at once, into each one's device), each step charged the least CPU time of
   the last few steps of its shape (TabWorker._charged_compute: the host's other processes still
-  made single steps take 2-3x their CPU time), and a cluster's slowed workers take turns
+  made single steps take several times their CPU time), and a cluster's slowed workers take turns
   to compute (actors/faults.host_turns; each sleeps its slowing outside its turn): computing at
   once they shared the host's memory bandwidth, which separate devices do not, and a replica's
   2-row step, half of it streaming the weights, took more CPU time than alone. Reported beside it: the coordinators'
@@ -331,21 +330,23 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
             return r["tok_s"], r["ids"]
 
         # each round after the first runs on fresh worker processes in both clusters: a
-        # process's speed is partly its own (six fresh processes' 8-row step, one thread's CPU,
-        # spread 8%), and the single worker's figure is one process where the replicas' is four
+        # process's speed is partly its own, and the single worker's figure is one process where
+        # the replicas' is four
         since = {}
+
+        def mark():
+            """The clocks the last round's figures below count from."""
+            since.update({"t": time.perf_counter(), **{c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)},
+                          **{(c.name, n): _cpu_s(p.pid) for c in (one, four) for n, p in zip(c.names, c.procs)}},
+                         steps={c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)})
 
         def fresh(k):
             for c in (one, four):
                 c.respawn(f"r{k}")
                 concurrent(c.base, 8, 4)  # (its first requests pay one-off costs)
-            since.update({"t": time.perf_counter(), **{c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)},
-                          **{(c.name, n): (_cpu_s(p.pid), 0) for c in (one, four) for n, p in zip(c.names, c.procs)}},
-                         steps={c.name: {w["name"]: w["steps"] for w in c.status()["workers"] if not w["local"]} for c in (one, four)})
+            mark()
 
-        since.update({"t": time.perf_counter(), **{c.name: _cpu_s(c.coord.proc.pid) for c in (one, four)},
-                      **{(c.name, n): (_cpu_s(p.pid), 0) for c in (one, four) for n, p in zip(c.names, c.procs)}},
-                     steps={c.name: {} for c in (one, four)})
+        mark()
         out = pair("replicas (4 equal workers vs 1, each slowed 10x asleep, fresh processes each round), 8 streams aggregate tok/s",
                    one, four, rounds, eight, between=fresh)
         wall = time.perf_counter() - since["t"]
@@ -356,7 +357,7 @@ def bench_replicas(log: Path, settings: str, rounds: int, tokens: int) -> dict:
         out["coordinator_cpu_share"] = {c.name: round((_cpu_s(c.coord.proc.pid) - since[c.name]) / wall, 3) for c in (one, four)}
         out["steps"] = {c.name: {w["name"]: w["steps"] - since["steps"][c.name].get(w["name"], 0) for w in c.status()["workers"]
                                  if not w["local"] and w["name"] in c.names} for c in (one, four)}
-        out["worker_cpu_ms_a_step"] = {c.name: {n: round((_cpu_s(p.pid) - since[(c.name, n)][0]) * 1000 / max(1, out["steps"][c.name][n]), 2)
+        out["worker_cpu_ms_a_step"] = {c.name: {n: round((_cpu_s(p.pid) - since[(c.name, n)]) * 1000 / max(1, out["steps"][c.name][n]), 2)
                                                 for n, p in zip(c.names, c.procs)} for c in (one, four)}
         out["plan"] = plan_of(four)
         # the ratio taken apart (rounds after the first, as pair's): the 8 streams' decode rates

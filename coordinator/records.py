@@ -15,8 +15,8 @@ from model.sampling import SamplingParams
 from protocol.messages import DEFAULT_HEARTBEAT_MS
 
 # pongs a worker's round trip is the median of: one late pong (its event loop busy loading, a
-# speed measurement) does not move it, where a smoothed mean kept a 54 ms pong of a 1 ms link for
-# seconds, and the steps' compute, their round trip less it, read as near nothing
+# speed measurement) does not move it, where a smoothed mean kept it for seconds, and the steps'
+# compute, their round trip less it, read as near nothing (placement then piled streams on it)
 RTT_WINDOW = 5
 
 LOCAL = "local"  # connection id of the coordinator's own compute worker

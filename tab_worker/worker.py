@@ -388,7 +388,7 @@ class TabWorker:
         that a step of m's shape (range, sessions, rows, head or not) took among its last
         OWN_DEVICE_STEPS, this one included. The host's other processes still reach a step's CPU
         time through the memory system: while a worker joined (its process start and its
-        download), steps of workers of other clusters took 2-3x their usual CPU time, which a
+        download), steps of workers of other clusters took several times their usual CPU time, which a
         device of its own would not; the least of a few recent steps is what this device takes
         for such a step (the context grows a position a step: the recent ones differ little)."""
         key = (m["layer_start"], m["layer_end"], len(m["sessions"]), sum(int(s["length"]) for s in m["sessions"]),
